@@ -1,0 +1,102 @@
+"""qrelay's own named settings: every limit qmail lacks, each with a safe default.
+
+They live in `ROOT/qrelay.toml` (optional; a missing file means all defaults):
+
+    [smtp]
+    max_line_length = 4096
+
+An unknown section or key, or a value of the wrong type, is a SettingsError
+with a message naming it — the CLI prints it as a one-line error.
+Each section is a frozen dataclass so a snapshot can be swapped whole on reload.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SETTINGS_FILE = "qrelay.toml"
+
+
+class SettingsError(Exception):
+    """qrelay.toml is unreadable or names an unknown or mistyped setting."""
+
+
+@dataclass(slots=True, frozen=True)
+class SmtpSettings:
+    # RFC 5321 4.5.3.1.4 allows 512 for a command line; extensions (and
+    # qmail's leniency) make a little more friendly. Memory per connection
+    # is bounded by this, whatever the client sends.
+    max_line_length: int = 4096
+    # Largest message kept when control/databytes is 0 (unlimited in qmail):
+    # without it one client could make a receiver hold any amount of memory.
+    max_message_bytes: int = 64 * 1024 * 1024
+    # RFC 5321 4.5.3.1.8 requires accepting at least 100.
+    max_recipients: int = 1000
+    # Hops (Received:/Delivered-To: lines) before a message is refused as looping.
+    max_hops: int = 100
+    # tcpserver -c: simultaneous connections; control/concurrencyincoming overrides.
+    max_connections: int = 500
+    # Per client IP; 0 = off, as tcpserver has no such limit.
+    max_connections_per_ip: int = 0
+    # Seconds to let transactions in flight finish on SIGTERM.
+    shutdown_grace: float = 8.0
+    # tcpserver -H: no reverse lookup of clients unless asked for.
+    reverse_dns: bool = False
+
+
+@dataclass(slots=True, frozen=True)
+class SpoolSettings:
+    # Seconds before a message file with no committed index record is removed.
+    orphan_grace: int = 129600
+
+
+@dataclass(slots=True, frozen=True)
+class Settings:
+    smtp: SmtpSettings = field(default_factory=SmtpSettings)
+    spool: SpoolSettings = field(default_factory=SpoolSettings)
+
+
+def _build(cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise SettingsError(f"{where}: expected a table")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise SettingsError(f"{where}: unknown setting {key!r}")
+        f = known[key]
+        default = getattr(cls(), key)
+        if dataclasses.is_dataclass(default):
+            kwargs[key] = _build(type(default), value, f"{where}.{key}" if where else key)
+            continue
+        expected = type(default)
+        ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            raise SettingsError(
+                f"{where}.{key}: expected {expected.__name__}, got {type(value).__name__}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            raise SettingsError(f"{where}.{key}: must not be negative")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def load_settings(root: Path | str) -> Settings:
+    """Read ROOT/qrelay.toml into a Settings snapshot (defaults if absent)."""
+    path = Path(root) / SETTINGS_FILE
+    try:
+        data = tomllib.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        return Settings()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"{path}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"{path}: {exc}") from exc
+    top = {f.name for f in dataclasses.fields(Settings)}
+    for key in data:
+        if key not in top:
+            raise SettingsError(f"{path}: unknown section [{key}]")
+    return _build(Settings, data, "")

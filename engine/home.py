@@ -1,0 +1,71 @@
+"""Creating a qmail-style home (`qrelay init ROOT`).
+
+The layout is qmail's, so an operator can point qrelay at an existing
+/var/qmail and keep every file:
+
+    ROOT/control/   me, rcpthosts, defaultdomain, locals, concurrencyremote,
+                    queuelifetime, databytes, smtproutes, tcp.smtp
+    ROOT/users/     users/assign (local delivery)
+    ROOT/queue/     qrelay's spool
+    ROOT/log/       qmail-send style log (multilog layout)
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+# Values qmail uses when a file is absent; written out so an operator sees them.
+DEFAULT_CONTROLS = {
+    "concurrencyremote": "20",
+    "queuelifetime": "604800",
+    "databytes": "0",
+    "smtproutes": "",
+}
+
+# tcprules text: loopback may relay, everyone else may connect (rcpthosts applies).
+DEFAULT_TCP_SMTP = '127.:allow,RELAYCLIENT=""\n:allow\n'
+
+
+class HomeError(Exception):
+    """The root cannot be created as asked."""
+
+
+def default_me() -> str:
+    # gethostname() asks no resolver: `init` must never touch DNS.
+    return socket.gethostname() or "localhost"
+
+
+def init_home(root: Path | str, me: str | None = None, force: bool = False) -> Path:
+    """Create ROOT with qmail's control files; refuse an existing root unless force."""
+    root = Path(root)
+    me = me or default_me()
+    if not me or any(c in me for c in "\r\n\0/") or me != me.strip():
+        raise HomeError(f"invalid host name for --me: {me!r}")
+    if root.exists() and not root.is_dir():
+        raise HomeError(f"{root} exists and is not a directory")
+    if (root / "control").exists() and not force:
+        raise HomeError(f"{root} is already a qrelay/qmail home (control/ exists); use --force to overwrite")
+    control = root / "control"
+    for d in (control, root / "users", root / "queue", root / "log"):
+        d.mkdir(parents=True, exist_ok=True)
+    files = {
+        "me": me,
+        "rcpthosts": me,
+        "defaultdomain": me.split(".", 1)[1] if "." in me else me,
+        "locals": me,
+        **DEFAULT_CONTROLS,
+    }
+    for name, value in files.items():
+        _write(control / name, value + "\n" if value else "")
+    _write(control / "tcp.smtp", DEFAULT_TCP_SMTP)
+    return root
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,32 @@
+"""Shared fixtures: real temp dirs, real subprocesses, each stopped by its own pid."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run `qrelay ARGS` as a real subprocess of this interpreter."""
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli", *args],
+        cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+
+@pytest.fixture
+def qrelay_cli():
+    return run_cli
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """A fresh qrelay home made by the real `init` code."""
+    from engine.home import init_home
+    return init_home(tmp_path / "qrelay", me="mx.example.com")
