@@ -1,0 +1,228 @@
+"""qmail-send's activity log: its line formats, TAI64N stamps, multilog rotation.
+
+Owns `ROOT/log/` (the directory `multilog t s<max_bytes> n<max_files>` would
+own under qmail): the file `current` and the rotated `@<tai64n>.s` files.
+Every line is stamped `@<24 hex digits> ` as multilog's `t` action does, and
+the variable parts of each line go through qmail's "logsafe" (spec §6.6) so
+one address or remote reply can never forge a line.
+
+Lines are buffered and written when `flush()` is called (the scheduler
+flushes once per pass of its loop): 20,000 messages make ~120,000 lines and
+neither a write nor an fsync per line is affordable. Rotation happens at a
+line boundary, so a rotated file always ends with a whole line; it is
+fsync'd before it is renamed, as multilog does.
+
+This module must never raise into the scheduler because the disk is full: a
+failed write is retried at the next flush, and lines beyond the buffer bound
+are dropped and counted (delivery matters more than its log).
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+# TAI64 label of the Unix epoch: 2^62 + 10 (the TAI-UTC offset in 1970;
+# multilog ignores later leap seconds, and so do we to match its output).
+TAI64_EPOCH = (1 << 62) + 10
+
+# logsafe (qmail-send qsutil.c): LF -> '/', bytes < 33, > 126 and '%' -> '_'.
+_LOGSAFE = bytes(
+    0x2F if b == 0x0A else 0x5F if (b < 33 or b > 126 or b == 0x25) else b
+    for b in range(256)
+)
+
+CURRENT = "current"
+
+
+def tai64n_label_ns(t_ns: int) -> str:
+    """`@` + TAI64N of a Unix time in nanoseconds, with multilog's +500 ns."""
+    sec, ns = divmod(t_ns, 1_000_000_000)
+    # multilog stamps usec*1000 + 500: keep that rounding so lines look alike.
+    nano = (ns // 1000) * 1000 + 500
+    return f"@{TAI64_EPOCH + sec:016x}{nano:08x}"
+
+
+def tai64n_label(t: float) -> str:
+    """`@` + TAI64N label of Unix time `t` (seconds, float), as multilog writes it."""
+    sec = int(t // 1)
+    usec = int(round((t - sec) * 1_000_000))
+    if usec >= 1_000_000:
+        sec, usec = sec + 1, usec - 1_000_000
+    return tai64n_label_ns(sec * 1_000_000_000 + usec * 1000)
+
+
+def logsafe(value: str | bytes) -> str:
+    """qmail's logsafe of a variable part of a line (address, remote text)."""
+    raw = value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
+    return raw.translate(_LOGSAFE).decode("ascii")
+
+
+def format_line(t: float, text: str) -> str:
+    """One complete log line as it lands in `current` (text must already be logsafe)."""
+    return f"{tai64n_label(t)} {text}\n"
+
+
+class QmailSendLog:
+    """qmail-send's log lines, written to `log_dir/current` with multilog rotation.
+
+    max_bytes: multilog's `s` (a file is rotated at the first line end once it
+    holds max_bytes - 2000 bytes, or before a line that would take it past
+    max_bytes); max_files: multilog's `n` (at most n - 1 rotated files kept).
+    """
+
+    def __init__(self, log_dir: Path | str, *, max_bytes: int = 99999, max_files: int = 10,
+                 max_buffered_lines: int = 200_000,
+                 clock_ns: Callable[[], int] = time.time_ns) -> None:
+        self.dir = Path(log_dir)
+        # multilog's own bounds on s and n.
+        self.max_bytes = min(max(max_bytes, 4096), 16_777_215)
+        self.max_files = max(max_files, 2)
+        self.max_buffered_lines = max_buffered_lines
+        self.clock_ns = clock_ns
+        self.dropped = 0
+        self._lines: list[bytes] = []
+        self._fd: int | None = None
+        self._size = 0
+        self._last_label_ns = 0
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    # --- generic ---------------------------------------------------------
+    def line(self, text: str) -> None:
+        """Buffer one line whose variable parts are already logsafe."""
+        if len(self._lines) >= self.max_buffered_lines:
+            self.dropped += 1
+            return
+        self._lines.append(f"{tai64n_label_ns(self.clock_ns())} {text}\n".encode("ascii", "replace"))
+
+    # --- qmail-send's lines (spec §6.6) ----------------------------------
+    def new_msg(self, msgid: int) -> None:
+        self.line(f"new msg {msgid}")
+
+    def info_msg(self, msgid: int, size: int, sender: str, qp: int, uid: int) -> None:
+        self.line(f"info msg {msgid}: bytes {size} from <{logsafe(sender)}> qp {qp} uid {uid}")
+
+    def starting_delivery(self, number: int, msgid: int, channel: str, recipient: str) -> None:
+        self.line(f"starting delivery {number}: msg {msgid} to {channel} {logsafe(recipient)}")
+
+    def delivery(self, number: int, status: str, text: str) -> None:
+        """status is K, Z or D (qmail's report letters)."""
+        word = {"K": "success", "Z": "deferral", "D": "failure"}[status]
+        self.line(f"delivery {number}: {word}: {logsafe(text)}")
+
+    def status(self, local: int, local_max: int, remote: int, remote_max: int,
+               exiting: bool = False) -> None:
+        tail = " exitasap" if exiting else ""
+        self.line(f"status: local {local}/{local_max} remote {remote}/{remote_max}{tail}")
+
+    def bounce_msg(self, msgid: int, qp: int) -> None:
+        self.line(f"bounce msg {msgid} qp {qp}")
+
+    def end_msg(self, msgid: int) -> None:
+        self.line(f"end msg {msgid}")
+
+    def triple_bounce(self, msgid: int) -> None:
+        self.line(f"triple bounce: discarding bounce/{msgid}")
+
+    def double_bounce_discarded(self, msgid: int) -> None:
+        self.line(f"double bounce: discarding bounce/{msgid}")
+
+    def warning(self, text: str) -> None:
+        self.line(f"warning: {logsafe(text)}")
+
+    def alert(self, text: str) -> None:
+        self.line(f"alert: {logsafe(text)}")
+
+    def exiting(self) -> None:
+        self.line("status: exiting")
+
+    # --- output ----------------------------------------------------------
+    def flush(self) -> None:
+        """Write every buffered line, rotating at line ends; never raises OSError."""
+        if not self._lines:
+            return
+        try:
+            self._write_lines()
+        except OSError:
+            # Disk full or similar: keep the lines (bounded) and retry next flush.
+            pass
+
+    def close(self) -> None:
+        self.flush()
+        if self._fd is not None:
+            try:
+                os.fsync(self._fd)
+            except OSError:
+                pass
+            os.close(self._fd)
+            self._fd = None
+
+    def _open(self) -> None:
+        path = self.dir / CURRENT
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._size = os.fstat(self._fd).st_size
+
+    def _write_lines(self) -> None:
+        if self._fd is None:
+            self._open()
+        lines = self._lines
+        soft_limit = self.max_bytes - 2000
+        size = self._size
+        n = len(lines)
+        chunk_start = done = i = 0
+        try:
+            while i < n:
+                line = lines[i]
+                if size > 0 and size + len(line) > self.max_bytes:
+                    self._emit(lines[chunk_start:i])
+                    done = i
+                    self._rotate()
+                    size, chunk_start = 0, i
+                    continue
+                size += len(line)
+                i += 1
+                if size >= soft_limit:
+                    self._emit(lines[chunk_start:i])
+                    done = i
+                    self._rotate()
+                    size, chunk_start = 0, i
+            self._emit(lines[chunk_start:n])
+            done = n
+        finally:
+            # Only lines known to be written leave the buffer.
+            del lines[:done]
+
+    def _emit(self, chunk: list[bytes]) -> None:
+        if not chunk:
+            return
+        view = memoryview(b"".join(chunk))
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+            self._size += written
+
+    def _rotate(self) -> None:
+        assert self._fd is not None
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+        now = self.clock_ns()
+        # Labels must be unique and increasing even within one nanosecond tick.
+        if now <= self._last_label_ns:
+            now = self._last_label_ns + 1000
+        self._last_label_ns = now
+        name = f"{tai64n_label_ns(now)}.s"
+        current = self.dir / CURRENT
+        os.rename(current, self.dir / name)
+        os.chmod(self.dir / name, 0o744)
+        self._open()
+        self._prune()
+
+    def _prune(self) -> None:
+        rotated = sorted(p for p in os.listdir(self.dir) if p.startswith("@"))
+        while len(rotated) >= self.max_files:
+            try:
+                os.unlink(self.dir / rotated.pop(0))
+            except FileNotFoundError:
+                pass

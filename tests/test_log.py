@@ -1,0 +1,121 @@
+"""engine/log.py: TAI64N labels, logsafe, qmail-send line formats, multilog rotation."""
+from __future__ import annotations
+
+import os
+import re
+
+from engine.log import QmailSendLog, format_line, logsafe, tai64n_label, tai64n_label_ns
+
+STAMP = re.compile(r"^@[0-9a-f]{24} ")
+
+
+def test_tai64n_label_matches_spec_example():
+    # spec §6.7: 1700000000 s + 123456 us -> @400000006553f10a075bcbf4
+    assert tai64n_label(1700000000.123456) == "@400000006553f10a075bcbf4"
+    assert tai64n_label_ns(1700000000_123456_000) == "@400000006553f10a075bcbf4"
+
+
+def test_tai64n_label_epoch_and_whole_seconds():
+    assert tai64n_label(0) == "@400000000000000a000001f4"
+    assert tai64n_label(1.9999999) == "@400000000000000c000001f4"
+
+
+def test_format_line_example():
+    assert format_line(1700000000.123456, "new msg 42") == "@400000006553f10a075bcbf4 new msg 42\n"
+
+
+def test_logsafe_maps_like_qmail():
+    assert logsafe("a b\nc%d\te\x7f\xff") == "a_b/c_d_e___"  # U+00FF is 2 UTF-8 bytes
+    assert logsafe(b"Remote host said: 250 ok\n") == "Remote_host_said:_250_ok/"
+    # wire bytes decoded with surrogateescape come back as the same bytes, then '_'
+    assert logsafe(b"\xe9t\xe9".decode("utf-8", "surrogateescape")) == "_t_"
+
+
+def _lines(path):
+    return path.read_text().splitlines()
+
+
+def test_qmail_send_lines(tmp_path):
+    log = QmailSendLog(tmp_path, clock_ns=lambda: 1700000000_123456_000)
+    log.status(0, 10, 0, 20)
+    log.new_msg(1458518)
+    log.info_msg(1458518, 430, "a@bench.local", 9508, 995)
+    log.starting_delivery(1, 1458518, "remote", "x@sink.test")
+    log.delivery(1, "K", "127.0.0.1 accepted message.\nRemote host said: 250 2.0.0 Ok\n")
+    log.delivery(2, "Z", "Sorry, I wasn't able to establish an SMTP connection. (#4.4.1)\n")
+    log.delivery(3, "D", "Sorry, no mailbox here by that name. (#5.1.1)\n")
+    log.bounce_msg(1458518, 29209)
+    log.end_msg(1458518)
+    log.triple_bounce(7)
+    log.status(0, 10, 1, 20, exiting=True)
+    log.exiting()
+    assert not (tmp_path / "current").exists() or (tmp_path / "current").read_text() == ""
+    log.close()
+    got = _lines(tmp_path / "current")
+    assert all(line.startswith("@400000006553f10a075bcbf4 ") for line in got)
+    texts = [line[26:] for line in got]
+    assert texts == [
+        "status: local 0/10 remote 0/20",
+        "new msg 1458518",
+        "info msg 1458518: bytes 430 from <a@bench.local> qp 9508 uid 995",
+        "starting delivery 1: msg 1458518 to remote x@sink.test",
+        "delivery 1: success: 127.0.0.1_accepted_message./Remote_host_said:_250_2.0.0_Ok/",
+        "delivery 2: deferral: Sorry,_I_wasn't_able_to_establish_an_SMTP_connection._(#4.4.1)/",
+        "delivery 3: failure: Sorry,_no_mailbox_here_by_that_name._(#5.1.1)/",
+        "bounce msg 1458518 qp 29209",
+        "end msg 1458518",
+        "triple bounce: discarding bounce/7",
+        "status: local 0/10 remote 1/20 exitasap",
+        "status: exiting",
+    ]
+
+
+def test_forged_newline_cannot_make_a_line(tmp_path):
+    log = QmailSendLog(tmp_path)
+    log.info_msg(1, 10, "evil\nend msg 1@x", 1, 1)
+    log.close()
+    got = _lines(tmp_path / "current")
+    assert len(got) == 1 and STAMP.match(got[0])
+    assert got[0].endswith("from <evil/end_msg_1@x> qp 1 uid 1")
+
+
+def test_rotation_keeps_whole_lines_and_at_most_n_minus_1_files(tmp_path):
+    ticks = iter(range(1700000000_000000000, 1800000000_000000000, 1_000_000))
+    log = QmailSendLog(tmp_path, max_bytes=4096, max_files=3, clock_ns=lambda: next(ticks))
+    for i in range(2000):
+        log.new_msg(i)
+        if i % 100 == 0:
+            log.flush()
+    log.close()
+    names = sorted(os.listdir(tmp_path))
+    rotated = [n for n in names if n.startswith("@")]
+    assert "current" in names
+    assert len(rotated) == 2               # n - 1
+    assert all(n.endswith(".s") for n in rotated)
+    for name in rotated:
+        data = (tmp_path / name).read_bytes()
+        assert data.endswith(b"\n")
+        assert 4096 - 2000 <= len(data) <= 4096
+        assert oct(os.stat(tmp_path / name).st_mode & 0o777) == "0o744"
+    # newest lines survive in order: the last rotated file then current
+    tail = _lines(tmp_path / rotated[-1]) + _lines(tmp_path / "current")
+    nums = [int(line.rsplit(" ", 1)[1]) for line in tail]
+    assert nums == list(range(nums[0], 2000))
+
+
+def test_appends_to_existing_current(tmp_path):
+    (tmp_path / "current").write_text("@400000006553f10a075bcbf4 old line\n")
+    log = QmailSendLog(tmp_path)
+    log.end_msg(5)
+    log.close()
+    got = _lines(tmp_path / "current")
+    assert got[0].endswith("old line") and got[1].endswith("end msg 5")
+
+
+def test_buffer_is_bounded(tmp_path):
+    log = QmailSendLog(tmp_path, max_buffered_lines=10)
+    for i in range(25):
+        log.new_msg(i)
+    assert log.dropped == 15
+    log.close()
+    assert len(_lines(tmp_path / "current")) == 10
