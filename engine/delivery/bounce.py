@@ -1,0 +1,256 @@
+"""Bounce and double-bounce messages (spec §6.4), as RFC 3464 delivery status notifications.
+
+Owns the *text* of a bounce: given the original envelope sender, the
+recipients that failed with their qmail-style reports, and the stored
+message, it decides whether to bounce, double-bounce or discard, and builds
+the bytes to enqueue. It never touches the spool or the network itself.
+
+Format chosen (documented here because it is qrelay's, not qmail's):
+
+- Headers as qmail-send writes them (`Date`, `From: MAILER-DAEMON@bouncehost`,
+  `To`, `Subject: failure notice`, no Message-ID), plus `MIME-Version` and
+  `Content-Type: multipart/report; report-type=delivery-status`.
+- Part 1, `text/plain`: qmail's QSBMF text byte for byte (the `Hi. This is the
+  qmail-send program at ...` paragraph, one `<address>:` paragraph per failed
+  recipient, and the `--- Below this line is a copy of the message.` break
+  paragraph), so QSBMF parsers that read the first text part still work.
+- Part 2, `message/delivery-status`: Reporting-MTA, Arrival-Date, and per
+  recipient Final-Recipient, Action: failed, Status (the `#x.y.z` code of the
+  report, else the remote's enhanced code, else from its reply code, always
+  as 5.x.x since the delivery has failed; 5.4.7 for queuelifetime expiry) and
+  Diagnostic-Code when the remote host said something.
+- Part 3: the original, prefixed `Return-Path: <sender>` as qmail does, as
+  `message/rfc822` when it is at most `max_copy_bytes`, else only its header
+  as `text/rfc822-headers` (a bounce of a 50 MB message must not cost 50 MB).
+- The whole bounce gets qmail-queue's `Received: (qmail <qp> invoked for
+  bounce)` line on top, since it does not pass through the SMTP receiver.
+
+Double bounces: qmail gives them the envelope sender `#@[]`; qrelay keeps that
+marker *in the spool* (so a failure of a double bounce is recognised and
+discarded with qmail's `triple bounce: discarding bounce/N`), and the
+scheduler sends it as the null sender `<>` on the wire (see
+`wire_sender`), since `MAIL FROM:<#@[]>` is refused by many servers.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.config.control import read_line
+
+DOUBLE_BOUNCE_SENDER = "#@[]"
+
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun",
+           "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_DSN_CODE = re.compile(r"\(#([245])\.(\d{1,3})\.(\d{1,3})\)")
+_REMOTE_SAID = re.compile(r"Remote host said: (\d{3})(?:[ -]([245])\.(\d{1,3})\.(\d{1,3}))?([^\n]*)")
+# RFC 5322 specials that force a quoted local part (qmail quote.c's idea).
+_NEEDS_QUOTE = re.compile(r'[\x00-\x20()<>@,;:\\".\[\]\x7f-\U0010ffff]')
+
+
+@dataclass(slots=True, frozen=True)
+class BounceConfig:
+    """qmail-send's bounce controls (spec §2), read once at start."""
+
+    bouncefrom: str = "MAILER-DAEMON"
+    bouncehost: str = "bouncehost"
+    doublebounceto: str = "postmaster"
+    doublebouncehost: str = "doublebouncehost"
+    # Larger originals are returned as their header only (text/rfc822-headers).
+    max_copy_bytes: int = 1024 * 1024
+
+
+def load_bounce_config(root: Path | str, max_copy_bytes: int = 1024 * 1024) -> BounceConfig:
+    """Read bouncefrom, bouncehost, doublebounceto, doublebouncehost with qmail's defaults."""
+    control = Path(root) / "control"
+    me = read_line(control / "me")
+    return BounceConfig(
+        bouncefrom=read_line(control / "bouncefrom", "MAILER-DAEMON") or "",
+        bouncehost=read_line(control / "bouncehost", me or "bouncehost") or "",
+        doublebounceto=read_line(control / "doublebounceto", "postmaster") or "",
+        doublebouncehost=read_line(control / "doublebouncehost", me or "doublebouncehost") or "",
+        max_copy_bytes=max_copy_bytes,
+    )
+
+
+@dataclass(slots=True, frozen=True)
+class Failure:
+    """One recipient that failed permanently, with its qmail-style report."""
+
+    recipient: str
+    text: str
+
+
+@dataclass(slots=True, frozen=True)
+class Bounce:
+    """A bounce ready to enqueue: the spool envelope sender, its one recipient, its bytes."""
+
+    sender: str          # "" for a bounce, DOUBLE_BOUNCE_SENDER for a double bounce
+    recipient: str
+    message: bytes       # CRLF line ends, Received line included
+    double: bool
+
+
+def wire_sender(spool_sender: str) -> str:
+    """The MAIL FROM address to send for a stored envelope sender."""
+    return "" if spool_sender == DOUBLE_BOUNCE_SENDER else spool_sender
+
+
+def bounce_kind(sender: str, config: BounceConfig) -> str:
+    """"bounce", "double", or a discard reason: "triple" / "double-discard"."""
+    if sender == DOUBLE_BOUNCE_SENDER:
+        return "triple"
+    if sender == "":
+        return "double" if config.doublebounceto else "double-discard"
+    return "bounce"
+
+
+def date822(t: float) -> str:
+    """qmail's date822fmt: `5 Jan 2024 09:03:07 -0000` (UTC)."""
+    tm = time.gmtime(t)
+    return (f"{tm.tm_mday} {_MONTHS[tm.tm_mon - 1]} {tm.tm_year} "
+            f"{tm.tm_hour:02d}:{tm.tm_min:02d}:{tm.tm_sec:02d} -0000")
+
+
+def quote_address(addr: str) -> str:
+    """Quote the local part when it needs it, as qmail's quote2 does."""
+    local, at, domain = addr.rpartition("@")
+    if not at:
+        local, domain = addr, ""
+    if (local == "" or _NEEDS_QUOTE.search(local.replace(".", "a")) or local.startswith(".")
+            or local.endswith(".") or ".." in local):
+        local = '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return f"{local}@{domain}" if at else local
+
+
+def _report_paragraph(f: Failure) -> str:
+    """`<addr>:\\n<report>\\n` + `\\n` with qmail's escaping of the two parts."""
+    addr = f.recipient.replace("\n", "_")
+    text = f.text if f.text.endswith("\n") else f.text + "\n"
+    text = text.replace("\n\n", "\n/")
+    return f"<{addr}>:\n{text}\n"
+
+
+def dsn_status(text: str) -> str:
+    """RFC 3463 status for a failed recipient, from its qmail report."""
+    if "this message has been in the queue too long" in text:
+        return "5.4.7"
+    m = None
+    for m in _DSN_CODE.finditer(text):
+        pass
+    if m:
+        return f"5.{m.group(2)}.{m.group(3)}"
+    said = _REMOTE_SAID.search(text)
+    if said:
+        if said.group(2):
+            return f"5.{said.group(3)}.{said.group(4)}"
+        return "5.0.0"
+    return "5.0.0"
+
+
+def diagnostic_code(text: str) -> str | None:
+    said = _REMOTE_SAID.search(text)
+    if not said:
+        return None
+    line = text[said.start() + len("Remote host said: "):].split("\n", 1)[0]
+    return "smtp; " + "".join(c if 32 <= ord(c) < 127 else "?" for c in line)
+
+
+def _crlf(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape").replace(b"\n", b"\r\n")
+
+
+def _header_block(message: bytes) -> bytes:
+    end = message.find(b"\r\n\r\n")
+    if end < 0:
+        return message if message.endswith(b"\r\n") else message + b"\r\n"
+    return message[:end + 2]
+
+
+def queue_received_line(qp: int, when: float) -> bytes:
+    """qmail-queue's line for a message it was handed by qmail-send."""
+    return f"Received: (qmail {qp} invoked for bounce); {date822(when)}\r\n".encode()
+
+
+def build_bounce(config: BounceConfig, *, sender: str, failures: Sequence[Failure],
+                 original: bytes, now: float, qp: int | None = None,
+                 arrival: float | None = None, boundary: str | None = None) -> Bounce | None:
+    """The bounce (or double bounce) for a finished message; None = discard (triple bounce).
+
+    sender: the original message's envelope sender as stored in the spool.
+    original: the stored message bytes (CRLF wire form).
+    """
+    kind = bounce_kind(sender, config)
+    if kind not in ("bounce", "double") or not failures:
+        return None
+    double = kind == "double"
+    qp = os.getpid() if qp is None else qp
+    if double:
+        recipient = f"{config.doublebounceto}@{config.doublebouncehost}"
+        env_sender = DOUBLE_BOUNCE_SENDER
+    else:
+        # A VERP sender `pre@host-@[]` is answered at `pre@host`.
+        recipient = sender[:-4] if sender.endswith("-@[]") else sender
+        env_sender = ""
+    boundary = boundary or f"qrelay-{int(now)}-{os.urandom(8).hex()}"
+
+    head = (f"Date: {date822(now)}\n"
+            f"From: {quote_address(config.bouncefrom + '@' + config.bouncehost)}\n"
+            f"To: {quote_address(recipient)}\n"
+            "Subject: failure notice\n"
+            "MIME-Version: 1.0\n"
+            f'Content-Type: multipart/report; report-type=delivery-status;\n\tboundary="{boundary}"\n'
+            "\n"
+            "This is a MIME-encapsulated message.\n"
+            "\n")
+
+    qsbmf = [f"Hi. This is the qmail-send program at {config.bouncehost}.\n"]
+    if double:
+        qsbmf.append("I tried to deliver a bounce message to this address, but the bounce bounced!\n\n")
+    else:
+        qsbmf.append("I'm afraid I wasn't able to deliver your message to the following addresses.\n"
+                     "This is a permanent error; I've given up. Sorry it didn't work out.\n\n")
+    qsbmf.extend(_report_paragraph(f) for f in failures)
+    qsbmf.append("--- Below this line is the original bounce.\n" if double
+                 else "--- Below this line is a copy of the message.\n")
+
+    dsn = [f"Reporting-MTA: dns; {config.bouncehost}\n"]
+    if arrival is not None:
+        dsn.append(f"Arrival-Date: {date822(arrival)}\n")
+    for f in failures:
+        dsn.append("\n")
+        dsn.append(f"Final-Recipient: rfc822; {f.recipient.replace(chr(10), '_')}\n")
+        dsn.append("Action: failed\n")
+        dsn.append(f"Status: {dsn_status(f.text)}\n")
+        diag = diagnostic_code(f.text)
+        if diag:
+            dsn.append(f"Diagnostic-Code: {diag}\n")
+
+    copy = f"Return-Path: <{wire_sender(sender)}>\n".encode().replace(b"\n", b"\r\n") + original
+    if len(copy) <= config.max_copy_bytes:
+        copy_type = "message/rfc822"
+    else:
+        copy_type = "text/rfc822-headers"
+        copy = _header_block(copy)
+    if not copy.endswith(b"\r\n"):
+        copy += b"\r\n"
+
+    parts = [
+        queue_received_line(qp, now),
+        _crlf(head),
+        _crlf(f"--{boundary}\nContent-Type: text/plain; charset=utf-8\n"
+              "Content-Transfer-Encoding: 8bit\nContent-Description: Notification\n\n"),
+        _crlf("".join(qsbmf)),
+        _crlf(f"\n--{boundary}\nContent-Type: message/delivery-status\n"
+              "Content-Description: Delivery report\n\n"),
+        _crlf("".join(dsn)),
+        _crlf(f"\n--{boundary}\nContent-Type: {copy_type}\n"
+              "Content-Description: Undelivered message\n\n"),
+        copy,
+        _crlf(f"\n--{boundary}--\n"),
+    ]
+    return Bounce(sender=env_sender, recipient=recipient, message=b"".join(parts), double=double)

@@ -1,0 +1,167 @@
+"""engine/delivery/bounce.py: QSBMF text inside an RFC 3464 multipart/report."""
+from __future__ import annotations
+
+import email
+import email.policy
+import calendar
+
+import pytest
+
+from engine.delivery.bounce import (
+    DOUBLE_BOUNCE_SENDER, BounceConfig, Failure, bounce_kind, build_bounce, date822,
+    dsn_status, load_bounce_config, quote_address, wire_sender,
+)
+from engine.delivery.retry import DYING_TEXT
+
+CFG = BounceConfig(bouncehost="bench.local", doublebouncehost="bench.local")
+NOW = calendar.timegm((2026, 11, 27, 2, 20, 28))
+ORIGINAL = (b"Received: (qmail 29203 invoked from network); 27 Nov 2026 02:20:28 -0000\r\n"
+            b"From: a@bench.local\r\nSubject: hi\r\n\r\nbody line\r\n")
+
+
+def _parse(raw: bytes):
+    return email.message_from_bytes(raw, policy=email.policy.compat32)
+
+
+def test_date822():
+    assert date822(NOW) == "27 Nov 2026 02:20:28 -0000"
+    assert date822(calendar.timegm((2024, 1, 5, 9, 3, 7))) == "5 Jan 2024 09:03:07 -0000"
+
+
+def test_bounce_matches_captured_qmail_text():
+    b = build_bounce(CFG, sender="a@bench.local", original=ORIGINAL, now=NOW, qp=29209,
+                     failures=[Failure("z@elsewhere.test",
+                                       "Sorry, I couldn't find any host named elsewhere.test. (#5.1.2)\n")],
+                     boundary="BOUNDARY")
+    assert b is not None and b.sender == "" and b.recipient == "a@bench.local" and not b.double
+    raw = b.message
+    assert b"\n" not in raw.replace(b"\r\n", b"")       # CRLF wire form throughout
+    assert raw.startswith(b"Received: (qmail 29209 invoked for bounce); 27 Nov 2026 02:20:28 -0000\r\n"
+                          b"Date: 27 Nov 2026 02:20:28 -0000\r\n"
+                          b"From: MAILER-DAEMON@bench.local\r\n"
+                          b"To: a@bench.local\r\n"
+                          b"Subject: failure notice\r\n")
+    msg = _parse(raw)
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
+    assert msg["Message-ID"] is None
+    text, status, copy = msg.get_payload()
+    assert text.get_content_type() == "text/plain"
+    assert text.get_payload().replace("\r\n", "\n") == (
+        "Hi. This is the qmail-send program at bench.local.\n"
+        "I'm afraid I wasn't able to deliver your message to the following addresses.\n"
+        "This is a permanent error; I've given up. Sorry it didn't work out.\n"
+        "\n"
+        "<z@elsewhere.test>:\n"
+        "Sorry, I couldn't find any host named elsewhere.test. (#5.1.2)\n"
+        "\n"
+        "--- Below this line is a copy of the message.\n")
+    assert status.get_content_type() == "message/delivery-status"
+    per_msg, per_rcpt = status.get_payload()
+    assert per_msg["Reporting-MTA"] == "dns; bench.local"
+    assert per_rcpt["Final-Recipient"] == "rfc822; z@elsewhere.test"
+    assert per_rcpt["Action"] == "failed"
+    assert per_rcpt["Status"] == "5.1.2"
+    assert per_rcpt["Diagnostic-Code"] is None
+    assert copy.get_content_type() == "message/rfc822"
+    inner = copy.get_payload()[0]
+    assert inner["Return-Path"] == "<a@bench.local>"
+    assert inner["Subject"] == "hi"
+    assert raw.endswith(b"\r\n--BOUNDARY--\r\n")
+
+
+def test_remote_reply_gives_status_and_diagnostic_and_multiple_recipients():
+    fails = [
+        Failure("x@example.net", "192.0.2.1 does not like recipient.\n"
+                "Remote host said: 550 5.1.1 no such user\nGiving up on 192.0.2.1.\n"),
+        Failure("y@example.net", "192.0.2.1 does not like recipient.\n"
+                "Remote host said: 554 go away\nGiving up on 192.0.2.1.\n"),
+    ]
+    b = build_bounce(CFG, sender="s@a.test", original=ORIGINAL, now=NOW, arrival=NOW - 60,
+                     failures=fails)
+    msg = _parse(b.message)
+    text, status, _ = msg.get_payload()
+    body = text.get_payload().replace("\r\n", "\n")
+    assert "<x@example.net>:\n192.0.2.1 does not like recipient.\nRemote host said: 550 5.1.1 no such user\n" \
+           "Giving up on 192.0.2.1.\n\n<y@example.net>:\n" in body
+    blocks = status.get_payload()
+    assert blocks[0]["Arrival-Date"] == "27 Nov 2026 02:19:28 -0000"
+    assert [(p["Status"], p["Diagnostic-Code"]) for p in blocks[1:]] == [
+        ("5.1.1", "smtp; 550 5.1.1 no such user"), ("5.0.0", "smtp; 554 go away")]
+
+
+def test_status_codes():
+    assert dsn_status("Sorry, I wasn't able to establish an SMTP connection. (#4.4.1)\n" + DYING_TEXT) == "5.4.7"
+    assert dsn_status("Sorry, no mailbox here by that name. (#5.1.1)\n") == "5.1.1"
+    assert dsn_status("Connected to 1.2.3.4 but sender was rejected.\nRemote host said: 553 5.7.1 no\n") == "5.7.1"
+    assert dsn_status("weird") == "5.0.0"
+
+
+def test_double_bounce():
+    bounce_bytes = build_bounce(CFG, sender="a@x.test", original=ORIGINAL, now=NOW,
+                                failures=[Failure("q@y.test", "nope (#5.1.1)\n")]).message
+    b = build_bounce(CFG, sender="", original=bounce_bytes, now=NOW,
+                     failures=[Failure("a@x.test", "a.x.test does not like recipient.\n\nodd\n")])
+    assert b.double and b.sender == DOUBLE_BOUNCE_SENDER and b.recipient == "postmaster@bench.local"
+    msg = _parse(b.message)
+    assert msg["To"] == "postmaster@bench.local"
+    text = msg.get_payload()[0].get_payload().replace("\r\n", "\n")
+    assert text == ("Hi. This is the qmail-send program at bench.local.\n"
+                    "I tried to deliver a bounce message to this address, but the bounce bounced!\n\n"
+                    "<a@x.test>:\na.x.test does not like recipient.\n/odd\n\n"
+                    "--- Below this line is the original bounce.\n")
+    inner = msg.get_payload()[2].get_payload()[0]
+    assert inner["Return-Path"] == "<>"
+    assert wire_sender(b.sender) == ""
+
+
+def test_triple_bounce_and_discard():
+    assert build_bounce(CFG, sender=DOUBLE_BOUNCE_SENDER, original=ORIGINAL, now=NOW,
+                        failures=[Failure("p@x", "no (#5.1.1)\n")]) is None
+    assert bounce_kind(DOUBLE_BOUNCE_SENDER, CFG) == "triple"
+    no_db = BounceConfig(bouncehost="h", doublebounceto="")
+    assert bounce_kind("", no_db) == "double-discard"
+    assert build_bounce(no_db, sender="", original=ORIGINAL, now=NOW,
+                        failures=[Failure("p@x", "no (#5.1.1)\n")]) is None
+    assert build_bounce(CFG, sender="a@b", original=ORIGINAL, now=NOW, failures=[]) is None
+
+
+def test_verp_sender_loses_suffix():
+    b = build_bounce(CFG, sender="list-@lists.test-@[]", original=ORIGINAL, now=NOW,
+                     failures=[Failure("p@x", "no (#5.1.1)\n")])
+    assert b.recipient == "list-@lists.test"
+
+
+def test_big_original_returns_headers_only():
+    cfg = BounceConfig(bouncehost="h", max_copy_bytes=1000)
+    big = b"Subject: big\r\nX-A: 1\r\n\r\n" + b"x" * 5000 + b"\r\n"
+    b = build_bounce(cfg, sender="a@b.test", original=big, now=NOW,
+                     failures=[Failure("p@x", "no (#5.1.1)\n")])
+    copy = _parse(b.message).get_payload()[2]
+    assert copy.get_content_type() == "text/rfc822-headers"
+    assert b"xxxx" not in b.message
+    assert b"Return-Path: <a@b.test>\r\nSubject: big\r\nX-A: 1\r\n" in b.message
+
+
+def test_quote_address():
+    assert quote_address("MAILER-DAEMON@h.test") == "MAILER-DAEMON@h.test"
+    assert quote_address("a b@h") == '"a b"@h'
+    assert quote_address("a..b@h") == '"a..b"@h'
+    assert quote_address("first.last@h") == "first.last@h"
+
+
+def test_load_bounce_config_defaults_and_files(root):
+    cfg = load_bounce_config(root)
+    assert (cfg.bouncefrom, cfg.bouncehost, cfg.doublebounceto, cfg.doublebouncehost) == (
+        "MAILER-DAEMON", "mx.example.com", "postmaster", "mx.example.com")
+    (root / "control" / "bouncehost").write_text("b.example.com\n")
+    (root / "control" / "doublebounceto").write_text("abuse\n")
+    cfg = load_bounce_config(root)
+    assert cfg.bouncehost == "b.example.com" and cfg.doublebounceto == "abuse"
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_every_failure_listed(n):
+    fails = [Failure(f"u{i}@d.test", f"bad {i} (#5.1.1)\n") for i in range(n)]
+    msg = _parse(build_bounce(CFG, sender="a@b", original=ORIGINAL, now=NOW, failures=fails).message)
+    assert len(msg.get_payload()[1].get_payload()) == n + 1
