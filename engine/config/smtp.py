@@ -1,0 +1,125 @@
+"""The receiver's configuration snapshot: qmail-smtpd's control files + tcp.smtp.
+
+Owns reading, once, everything qmail-smtpd reads per connection (spec §1.1,
+§2) into a frozen `SmtpConfig`, and a cheap fingerprint so a receiver can poll
+for changes and swap the snapshot whole. Nothing here runs per command.
+
+    control/me              required (qmail-smtpd refuses without it too)
+    control/smtpgreeting    default me
+    control/localiphost     default me
+    control/databytes       default 0 = unlimited (negative = 0)
+    control/timeoutsmtpd    default 1200; <= 0 becomes 1
+    control/concurrencyincoming   default settings.smtp.max_connections
+    control/rcpthosts       REQUIRED — deliberate difference: qmail without it
+                            is an open relay; qrelay refuses to start
+    control/morercpthosts.cdb     optional (the text file is only the source
+                            for qmail-newmrh, as in qmail)
+    control/badmailfrom     optional
+    control/tcp.smtp.cdb, else control/tcp.smtp, else every client allowed
+    ROOT/qrelay.toml        qrelay's own settings
+
+Every problem is a ConfigError with a one-line reason naming the file.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.config.cdb import CdbError
+from engine.config.control import ControlError, read_int, read_line
+from engine.config.settings import Settings, SettingsError, load_settings
+from engine.config.tcprules import RULES_CDB, RULES_TEXT, TcpRules, TcpRulesError
+from engine.smtp.policy import RecipientPolicy
+
+DEFAULT_TIMEOUT = 1200
+
+# Every file load_smtp_config reads (relative to ROOT), for the fingerprint.
+WATCHED_FILES = (
+    "control/me", "control/smtpgreeting", "control/localiphost", "control/databytes",
+    "control/timeoutsmtpd", "control/concurrencyincoming", "control/rcpthosts",
+    "control/morercpthosts.cdb", "control/badmailfrom",
+    f"control/{RULES_CDB}", f"control/{RULES_TEXT}", "qrelay.toml",
+)
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message is one line naming the file."""
+
+
+@dataclass(slots=True, frozen=True)
+class SmtpConfig:
+    root: Path
+    me: str
+    greeting: str
+    localiphost: str
+    databytes: int             # 0 = unlimited (then settings.smtp.max_message_bytes bounds memory)
+    timeout: int               # timeoutsmtpd, default 1200, <=0 -> 1
+    concurrencyincoming: int   # control/concurrencyincoming else settings.smtp.max_connections
+    rules: TcpRules
+    settings: Settings
+    policy: RecipientPolicy
+
+
+def load_smtp_config(root: os.PathLike | str) -> SmtpConfig:
+    """Read the snapshot; raises ConfigError with a one-line reason."""
+    root = Path(root)
+    control = root / "control"
+    try:
+        settings = load_settings(root)
+    except SettingsError as exc:
+        raise ConfigError(str(exc)) from exc
+    try:
+        me = read_line(control / "me")
+        if me is None:
+            raise ConfigError("control/me is missing")
+        if not me:
+            raise ConfigError("control/me is empty")
+        greeting = read_line(control / "smtpgreeting", me) or me
+        localiphost = read_line(control / "localiphost", me) or me
+        databytes = max(read_int(control / "databytes", 0), 0)
+        timeout = read_int(control / "timeoutsmtpd", DEFAULT_TIMEOUT)
+        if timeout <= 0:
+            timeout = 1
+        concurrency = read_int(control / "concurrencyincoming", settings.smtp.max_connections)
+        if concurrency <= 0:
+            raise ConfigError(f"control/concurrencyincoming must be a positive number, not {concurrency}")
+        try:
+            policy = RecipientPolicy.load(control)
+        except FileNotFoundError:
+            raise ConfigError("control/rcpthosts is missing: refusing to run as an open relay") from None
+        except CdbError as exc:
+            raise ConfigError(f"control/morercpthosts.cdb: {exc}") from exc
+        try:
+            rules = TcpRules.load(control)
+        except TcpRulesError as exc:
+            raise ConfigError(f"control/{_rules_name(control)}: {exc}") from exc
+    except ControlError as exc:
+        raise ConfigError(str(exc)) from exc
+    return SmtpConfig(
+        root=root, me=me, greeting=greeting, localiphost=localiphost, databytes=databytes,
+        timeout=timeout, concurrencyincoming=concurrency, rules=rules, settings=settings,
+        policy=policy,
+    )
+
+
+def _rules_name(control: Path) -> str:
+    return RULES_CDB if (control / RULES_CDB).exists() else RULES_TEXT
+
+
+def config_fingerprint(root: os.PathLike | str) -> tuple:
+    """(path, inode, size, mtime_ns) of each watched file, None where absent.
+
+    A few stat() calls: cheap enough to poll every second. The inode catches
+    an atomic rename that keeps size and mtime.
+    """
+    root = Path(root)
+    out = []
+    for name in WATCHED_FILES:
+        try:
+            st = os.stat(root / name)
+        except OSError:
+            out.append((name, None))
+            continue
+        out.append((name, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)

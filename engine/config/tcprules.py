@@ -1,0 +1,271 @@
+"""Connection rules in ucspi-tcp's tcprules format (`control/tcp.smtp[.cdb]`).
+
+Owns parsing the text format exactly as `tcprules` does (spec §4.1), reading a
+compiled `tcp.smtp.cdb`, and matching a client the way tcpserver does
+(spec §4.2). It decides nothing about SMTP: a matching rule only says allow or
+deny and which environment variables to set. The receiver applies them:
+`RELAYCLIENT` (relaying allowed, value appended to recipients), `RBLSMTPD`
+(rblsmtpd's block text, spec §1.8), `DATABYTES`, `TCPLOCALHOST`, ...
+
+Text format, one rule per line (`#` lines and lines without `:` ignored):
+
+    127.0.0.1:allow,RELAYCLIENT=""
+    10.2-3.:allow,RELAYCLIENT=//         (any quote character)
+    =.example.com:deny
+    joe@=host.example.com:allow
+    :allow                               (the default)
+
+A rule `127.0.0.` is a prefix and matches 127.0.0.1; `127.0.0` (no trailing
+dot) is an exact-address key and matches only a client whose address is
+literally "127.0.0", i.e. never.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+from engine.config.cdb import CdbError, CdbFile, write_cdb
+
+RULES_TEXT = "tcp.smtp"
+RULES_CDB = "tcp.smtp.cdb"
+
+_EMPTY_ENV: Mapping[str, str] = MappingProxyType({})
+
+
+class TcpRulesError(Exception):
+    """A rules file cannot be parsed or read (message as tcprules prints it)."""
+
+
+@dataclass(slots=True, frozen=True)
+class Rule:
+    """What tcpserver does with a matching client: allow or deny, and env to set."""
+
+    allow: bool
+    env: Mapping[str, str] = field(default_factory=lambda: _EMPTY_ENV)
+
+    def encode(self) -> bytes:
+        """tcprules' cdb value: `D\\0` for deny, then `+VAR=value\\0` per variable."""
+        out = bytearray() if self.allow else bytearray(b"D\0")
+        for name, value in self.env.items():
+            out += b"+" + _b(name) + b"=" + _b(value) + b"\0"
+        return bytes(out)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Rule:
+        """Read a tcprules cdb value as tcpserver's found() does."""
+        allow = True
+        env: dict[str, str] = {}
+        # tcpserver walks NUL-terminated items; trailing bytes without a NUL are ignored.
+        for item in data.split(b"\0")[:-1]:
+            if item[:1] == b"D":
+                allow = False
+            elif item[:1] == b"+" and b"=" in item:
+                name, value = item[1:].split(b"=", 1)
+                env[_s(name)] = _s(value)
+        return cls(allow, MappingProxyType(env))
+
+
+ALLOW_ALL = Rule(True, _EMPTY_ENV)
+
+
+def _b(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _s(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _printable(line: str) -> str:
+    # The message goes on one terminal line: show control bytes (a CRLF file's \r) escaped.
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in line)
+
+
+def parse_rule_line(line: str) -> tuple[list[str], Rule] | None:
+    """Parse one text line into (keys, rule); None for lines tcprules skips.
+
+    Several keys come out of a range (`1.2.3.37-53`). Raises TcpRulesError with
+    tcprules' text `unable to parse this line: <line>`.
+    """
+    if not line or line[0] == "#":
+        return None
+    line = line.rstrip("\n \t")
+    # The address ends at the first ':' that starts `allow`/`deny` (the IPv6-aware
+    # tcprules); with no ':' at all, tcprules 0.88 ignores the line.
+    if ":" not in line:
+        return None
+    colon = -1
+    search = 0
+    while True:
+        colon = line.find(":", search)
+        if colon < 0:
+            # No ':' is followed by allow/deny: tcprules 0.88 splits at the first ':'.
+            colon = line.index(":")
+            break
+        rest = line[colon + 1:]
+        if rest.startswith("deny") or rest.startswith("allow"):
+            break
+        search = colon + 1
+    address = line[:colon]
+    rest = line[colon + 1:]
+    bad = TcpRulesError(f"unable to parse this line: {_printable(line)}")
+    if rest.startswith("deny"):
+        allow, rest = False, rest[4:]
+    elif rest.startswith("allow"):
+        allow, rest = True, rest[5:]
+    else:
+        raise bad
+    env: dict[str, str] = {}
+    while rest:
+        if rest[0] != ",":
+            raise bad
+        eq = rest.find("=")
+        if eq < 0:
+            raise bad
+        name = rest[1:eq]
+        rest = rest[eq + 1:]
+        if not rest:
+            raise bad
+        quote, rest = rest[0], rest[1:]
+        end = rest.find(quote)
+        if end < 0:
+            raise bad
+        # A repeated variable: tcpserver sets them in order, so the last one wins.
+        env[name] = rest[:end]
+        rest = rest[end + 1:]
+    rule = Rule(allow, MappingProxyType(env))
+    return _expand_address(address, bad), rule
+
+
+def _expand_address(address: str, bad: TcpRulesError) -> list[str]:
+    """tcprules' range expansion: `1.2.3.37-53` / `10.2-3.` → one key per value."""
+    if "=" in address or "@" in address or "-" not in address:
+        return [address]
+    dash = address.index("-")
+    left = address.rfind(".", 0, dash) + 1
+    right = address.find(".", dash + 1)
+    if right < 0:
+        right = len(address)
+    bot_text, top_text = address[left:dash], address[dash + 1:right]
+    for text in (bot_text, top_text):
+        if text and not (text.isascii() and text.isdigit()):
+            raise bad
+    bot = int(bot_text) if bot_text else 0
+    top = min(int(top_text) if top_text else 0, 255)
+    return [f"{address[:left]}{n}{address[right:]}" for n in range(bot, top + 1)]
+
+
+class TcpRules:
+    """A snapshot of connection rules, matched in tcpserver's order."""
+
+    __slots__ = ("_rules", "source")
+
+    def __init__(self, rules: Mapping[str, Rule], source: str = "") -> None:
+        self._rules = MappingProxyType(dict(rules))
+        self.source = source
+
+    @classmethod
+    def from_text(cls, text: str, source: str = "tcp.smtp") -> TcpRules:
+        """Rules from tcprules text; the first rule for a key wins, as in the cdb."""
+        rules: dict[str, Rule] = {}
+        for line in text.split("\n"):
+            parsed = parse_rule_line(line)
+            if parsed is None:
+                continue
+            keys, rule = parsed
+            for key in keys:
+                rules.setdefault(key, rule)
+        return cls(rules, source)
+
+    @classmethod
+    def from_cdb(cls, cdb: CdbFile) -> TcpRules:
+        rules: dict[str, Rule] = {}
+        for key, value in cdb.items():
+            rules.setdefault(_s(key), Rule.decode(value))
+        return cls(rules, cdb.name)
+
+    @classmethod
+    def load(cls, control_dir: os.PathLike | str) -> TcpRules:
+        """tcp.smtp.cdb if present (as tcpserver -x), else tcp.smtp text, else allow-all."""
+        control_dir = Path(control_dir)
+        try:
+            return cls.from_cdb(CdbFile.open(control_dir / RULES_CDB))
+        except FileNotFoundError:
+            pass
+        except CdbError as exc:
+            raise TcpRulesError(str(exc)) from exc
+        path = control_dir / RULES_TEXT
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return cls({}, "")
+        except OSError as exc:
+            raise TcpRulesError(f"unable to read {path}: {exc.strerror}") from exc
+        return cls.from_text(_s(raw), str(path))
+
+    def __len__(self) -> int:
+        return len(self._rules)
+
+    def items(self) -> Iterable[tuple[str, Rule]]:
+        return self._rules.items()
+
+    def match(self, ip: str, host: str | None = None, info: str | None = None) -> Rule:
+        """The rule tcpserver would apply (spec §4.2); no match at all = allow, no env."""
+        rules = self._rules
+        if not rules:
+            return ALLOW_ALL
+        if host is not None:
+            # tcpserver lower-cases the name it got from DNS.
+            host = host.lower()
+        if info is not None:
+            rule = rules.get(f"{info}@{ip}")
+            if rule is not None:
+                return rule
+            if host is not None:
+                rule = rules.get(f"{info}@={host}")
+                if rule is not None:
+                    return rule
+        rule = rules.get(ip)
+        if rule is not None:
+            return rule
+        if host is not None:
+            rule = rules.get("=" + host)
+            if rule is not None:
+                return rule
+        for end in range(len(ip), 0, -1):
+            if ip[end - 1] == ".":
+                rule = rules.get(ip[:end])
+                if rule is not None:
+                    return rule
+        if host is not None:
+            for i, ch in enumerate(host):
+                if ch == ".":
+                    rule = rules.get("=" + host[i:])
+                    if rule is not None:
+                        return rule
+            rule = rules.get("=")
+            if rule is not None:
+                return rule
+        rule = rules.get("")
+        return rule if rule is not None else ALLOW_ALL
+
+
+def compile_rules(text: str, cdb_path: os.PathLike | str) -> int:
+    """tcprules: compile rules text into a cdb (atomic). Returns the number of keys.
+
+    Keeps every key in input order (duplicates too, as tcprules does; lookups
+    return the first).
+    """
+    records: list[tuple[bytes, bytes]] = []
+    for line in text.split("\n"):
+        parsed = parse_rule_line(line)
+        if parsed is None:
+            continue
+        keys, rule = parsed
+        value = rule.encode()
+        records.extend((_b(key), value) for key in keys)
+    write_cdb(cdb_path, records)
+    return len(records)
