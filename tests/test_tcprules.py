@@ -1,0 +1,225 @@
+"""tcprules text format (spec §4.1), cdb encoding, tcpserver's matching order (§4.2)."""
+from __future__ import annotations
+
+import pytest
+
+from engine.config.cdb import CdbFile
+from engine.config.tcprules import (
+    ALLOW_ALL, Rule, TcpRules, TcpRulesError, compile_rules, parse_rule_line,
+)
+
+
+def env(rule: Rule) -> dict:
+    return dict(rule.env)
+
+
+# -- parsing ---------------------------------------------------------------------
+
+def test_allow_deny_and_variables():
+    keys, rule = parse_rule_line('127.0.0.1:allow,RELAYCLIENT="",TCPLOCALHOST="movie.edu"')
+    assert keys == ["127.0.0.1"]
+    assert rule.allow is True
+    assert env(rule) == {"RELAYCLIENT": "", "TCPLOCALHOST": "movie.edu"}
+    keys, rule = parse_rule_line("10.:deny")
+    assert keys == ["10."] and rule.allow is False and env(rule) == {}
+
+
+def test_any_quote_character():
+    _, rule = parse_rule_line("1.2.3.4:allow,RELAYCLIENT=//,RBLSMTPD='-go away',X=|a\"b|")
+    assert env(rule) == {"RELAYCLIENT": "", "RBLSMTPD": "-go away", "X": 'a"b'}
+
+
+def test_value_may_contain_commas_colons_and_equals():
+    _, rule = parse_rule_line(':allow,RELAYCLIENT="@fix,me:x=y"')
+    assert env(rule) == {"RELAYCLIENT": "@fix,me:x=y"}
+
+
+def test_repeated_variable_last_wins():
+    _, rule = parse_rule_line(':allow,A="1",A="2"')
+    assert env(rule) == {"A": "2"}
+
+
+def test_skipped_lines():
+    assert parse_rule_line("") is None
+    assert parse_rule_line("# 1.2.3.4:deny") is None
+    assert parse_rule_line("no colon here") is None
+    assert parse_rule_line("   ") is None
+
+
+def test_trailing_whitespace_stripped():
+    keys, rule = parse_rule_line("1.2.3.4:deny \t ")
+    assert keys == ["1.2.3.4"] and rule.allow is False
+
+
+@pytest.mark.parametrize("line", [
+    "1.2.3.4:permit",
+    "1.2.3.4:allowed",
+    "1.2.3.4:allow,",
+    "1.2.3.4:allow,X",
+    "1.2.3.4:allow,X=",
+    '1.2.3.4:allow,X="unterminated',
+    '1.2.3.4:allow X="1"',
+    "1.2.3.a-5:allow",
+    "1.2.3.4-x:allow",
+])
+def test_parse_errors_use_tcprules_text(line):
+    with pytest.raises(TcpRulesError) as info:
+        parse_rule_line(line)
+    assert str(info.value) == f"unable to parse this line: {line}"
+
+
+def test_crlf_line_is_an_error_shown_escaped():
+    with pytest.raises(TcpRulesError) as info:
+        TcpRules.from_text("1.2.3.4:allow\r\n")
+    assert str(info.value) == "unable to parse this line: 1.2.3.4:allow\\r"
+
+
+def test_ranges_expand_like_tcprules():
+    keys, _ = parse_rule_line("1.2.3.37-53:allow")
+    assert keys == [f"1.2.3.{n}" for n in range(37, 54)]
+    keys, _ = parse_rule_line("10.2-3.:allow")
+    assert keys == ["10.2.", "10.3."]
+    keys, _ = parse_rule_line("1.2.250-300.:allow")
+    assert keys == [f"1.2.{n}." for n in range(250, 256)]  # top capped at 255
+    keys, _ = parse_rule_line("1.2.3.9-5:allow")
+    assert keys == []
+    keys, _ = parse_rule_line("-2.:allow")
+    assert keys == ["0.", "1.", "2."]
+    # no expansion for host names or info@ forms
+    assert parse_rule_line("=a-b.example.com:allow")[0] == ["=a-b.example.com"]
+    assert parse_rule_line("jo-e@1.2.3.4:allow")[0] == ["jo-e@1.2.3.4"]
+
+
+def test_address_with_colons_ends_at_allow_or_deny():
+    keys, rule = parse_rule_line('::1:allow,RELAYCLIENT=""')
+    assert keys == ["::1"] and env(rule) == {"RELAYCLIENT": ""}
+
+
+def test_first_rule_for_a_key_wins():
+    rules = TcpRules.from_text("1.2.3.4:deny\n1.2.3.4:allow\n")
+    assert rules.match("1.2.3.4").allow is False
+
+
+# -- matching order (spec §4.2) ----------------------------------------------------------
+
+def test_prefix_needs_trailing_dot():
+    rules = TcpRules.from_text('127.0.0.:allow,RELAYCLIENT=""\n:deny\n')
+    assert env(rules.match("127.0.0.1")) == {"RELAYCLIENT": ""}
+    assert rules.match("127.0.0.10").allow is True
+    assert rules.match("127.0.1.1").allow is False
+    rules = TcpRules.from_text('127.0.0:allow,RELAYCLIENT=""\n:deny\n')
+    assert rules.match("127.0.0.1").allow is False  # `127.0.0` is an exact key
+    rules = TcpRules.from_text('127.0.0.10:allow,RELAYCLIENT=""\n:deny\n')
+    assert rules.match("127.0.0.1").allow is False
+    assert rules.match("127.0.0.10").allow is True
+    assert rules.match("127.0.0.100").allow is False
+
+
+def test_full_order():
+    text = "\n".join([
+        'joe@1.2.3.4:allow,K="info@ip"',
+        'joe@=host.example.com:allow,K="info@=host"',
+        '1.2.3.4:allow,K="ip"',
+        '=host.example.com:allow,K="=host"',
+        '1.2.3.:allow,K="1.2.3."',
+        '1.2.:allow,K="1.2."',
+        '1.:allow,K="1."',
+        '=.example.com:allow,K="=.example.com"',
+        '=.com:allow,K="=.com"',
+        '=:allow,K="="',
+        ':deny,K=""',
+    ])
+    rules = TcpRules.from_text(text)
+    k = lambda *a, **kw: rules.match(*a, **kw).env["K"]  # noqa: E731
+    assert k("1.2.3.4", "host.example.com", "joe") == "info@ip"
+    assert k("1.2.3.5", "host.example.com", "joe") == "info@=host"
+    assert k("1.2.3.4", "host.example.com", "ann") == "ip"
+    assert k("1.2.3.4", "host.example.com") == "ip"
+    assert k("1.2.3.5", "HOST.example.com") == "=host"   # names are lower-cased
+    assert k("1.2.3.5", "other.example.com") == "1.2.3."
+    assert k("1.2.4.5", "other.example.com") == "1.2."
+    assert k("1.9.9.9") == "1."
+    assert k("9.9.9.9", "x.y.example.com") == "=.example.com"
+    assert k("9.9.9.9", "example.com") == "=.com"        # `=.example.com` is subdomains only
+    assert k("9.9.9.9", "localhost") == "="
+    assert k("9.9.9.9") == ""
+    assert rules.match("9.9.9.9").allow is False
+    # info@ keys need info; info@=host needs a host
+    assert k("1.2.3.5", None, "joe") == "1.2.3."
+
+
+def test_no_match_is_allow_without_env():
+    rules = TcpRules.from_text("10.:deny\n")
+    assert rules.match("192.0.2.1") == Rule(True, {})
+    assert TcpRules({}).match("192.0.2.1") is ALLOW_ALL
+
+
+def test_deny_rule_keeps_env():
+    rules = TcpRules.from_text(':deny,RBLSMTPD="-no"\n')
+    rule = rules.match("1.1.1.1")
+    assert rule.allow is False and env(rule) == {"RBLSMTPD": "-no"}
+
+
+def test_rule_is_immutable():
+    rule = TcpRules.from_text(':allow,X="1"\n').match("1.1.1.1")
+    with pytest.raises(TypeError):
+        rule.env["X"] = "2"  # type: ignore[index]
+
+
+# -- files and cdb --------------------------------------------------------------------
+
+RULES_TEXT = """\
+# loopback relays
+127.0.0.1:allow,RELAYCLIENT=""
+10.2-3.:allow,RELAYCLIENT="@relay.example"
+192.0.2.37-39:deny
+=.trusted.example:allow,RBLSMTPD=""
+:allow
+"""
+
+
+def test_cdb_encoding_is_tcprules_format(tmp_path):
+    cdb_path = tmp_path / "tcp.smtp.cdb"
+    assert compile_rules(RULES_TEXT, cdb_path) == 1 + 2 + 3 + 1 + 1
+    cdb = CdbFile.open(cdb_path)
+    assert cdb.get(b"127.0.0.1") == b"+RELAYCLIENT=\0"
+    assert cdb.get(b"10.3.") == b"+RELAYCLIENT=@relay.example\0"
+    assert cdb.get(b"192.0.2.38") == b"D\0"
+    assert cdb.get(b"") == b""
+    assert Rule(False, {"A": "1", "B": ""}).encode() == b"D\0+A=1\0+B=\0"
+    assert Rule.decode(b"D\0+A=1\0+B=\0junk-without-nul") == Rule(False, {"A": "1", "B": ""})
+
+
+def test_cdb_and_text_match_the_same(tmp_path):
+    compile_rules(RULES_TEXT, tmp_path / "tcp.smtp.cdb")
+    from_cdb = TcpRules.load(tmp_path)
+    from_text = TcpRules.from_text(RULES_TEXT)
+    for ip, host in [("127.0.0.1", None), ("10.2.9.9", None), ("10.4.0.1", None),
+                     ("192.0.2.38", None), ("192.0.2.40", None), ("8.8.8.8", "a.trusted.example")]:
+        assert from_cdb.match(ip, host) == from_text.match(ip, host), ip
+
+
+def test_load_prefers_cdb_then_text_then_allow_all(tmp_path):
+    assert TcpRules.load(tmp_path).match("1.2.3.4") == Rule(True, {})
+    (tmp_path / "tcp.smtp").write_text("1.2.3.4:deny\n")
+    assert TcpRules.load(tmp_path).match("1.2.3.4").allow is False
+    compile_rules('1.2.3.4:allow,RELAYCLIENT=""\n', tmp_path / "tcp.smtp.cdb")
+    assert env(TcpRules.load(tmp_path).match("1.2.3.4")) == {"RELAYCLIENT": ""}
+
+
+def test_load_errors(tmp_path):
+    (tmp_path / "tcp.smtp").write_text("1.2.3.4:maybe\n")
+    with pytest.raises(TcpRulesError, match="unable to parse this line: 1.2.3.4:maybe"):
+        TcpRules.load(tmp_path)
+    (tmp_path / "tcp.smtp.cdb").write_bytes(b"short")
+    with pytest.raises(TcpRulesError, match="truncated"):
+        TcpRules.load(tmp_path)
+
+
+def test_compile_parse_error_leaves_old_cdb(tmp_path):
+    cdb_path = tmp_path / "tcp.smtp.cdb"
+    compile_rules(":allow\n", cdb_path)
+    before = cdb_path.read_bytes()
+    with pytest.raises(TcpRulesError):
+        compile_rules(":allow\n1.2.3.4:nope\n", cdb_path)
+    assert cdb_path.read_bytes() == before
