@@ -44,18 +44,69 @@ class SmtpSettings:
     shutdown_grace: float = 8.0
     # tcpserver -H: no reverse lookup of clients unless asked for.
     reverse_dns: bool = False
+    # A CR not followed by LF inside DATA: qmail keeps it, but a relay that passes
+    # it on lets a client smuggle a second message past a next hop that ends DATA
+    # at <CR>.<CR>; refused with a 554 unless turned off.
+    refuse_bare_cr: bool = True
+    # rblsmtpd -t: seconds before a client blocked by RBLSMTPD is dropped.
+    rblsmtpd_timeout: int = 60
+    # Seconds between checks of the control files' mtimes (reload without SIGHUP).
+    reload_poll_seconds: float = 5.0
 
 
 @dataclass(slots=True, frozen=True)
 class SpoolSettings:
     # Seconds before a message file with no committed index record is removed.
     orphan_grace: int = 129600
+    # A writer starts a new segment file past this size, so a finished
+    # segment (all its messages gone) can be deleted whole.
+    segment_bytes: int = 64 * 1024 * 1024
+    # ...or past this age (seconds), so one long-deferred message never pins
+    # an ever-growing segment. Must stay below orphan_grace.
+    segment_max_age: int = 3600
+    # Group commit: most messages / bytes made durable by one fsync.
+    max_batch_messages: int = 512
+    max_batch_bytes: int = 32 * 1024 * 1024
+    # Address space reserved for the LMDB index (the file grows as used);
+    # a full map makes enqueue fail with a 451, never corrupt anything.
+    index_map_bytes: int = 16 * 1024 * 1024 * 1024
+    # Message ids are taken from the index counter in blocks of this many,
+    # so the id allocation costs one commit per block, not per message.
+    id_block: int = 1024
+    # Segment files a process keeps open for reading.
+    max_open_segments: int = 32
+
+
+@dataclass(slots=True, frozen=True)
+class DeliverySettings:
+    # DNS servers for remote delivery, "host:port" (port optional); empty =
+    # the system's resolv.conf. Tests point this at a fake DNS server.
+    dns_servers: tuple = ()
+    # Seconds per DNS try, and tries per server, before a #4.1.2 deferral.
+    dns_timeout: float = 5.0
+    dns_tries: int = 2
+    # Longest time (seconds) an NXDOMAIN / no-records answer is cached.
+    dns_negative_ttl: int = 300
+    # Port used for MX (and A-fallback) deliveries; smtproutes give their own.
+    mx_port: int = 25
+    # One connection carries at most this many messages, then QUIT.
+    max_messages_per_connection: int = 100
+    # Connections open at once to one destination (ip, port).
+    max_connections_per_host: int = 20
+    # Seconds an unused connection is kept for the next message (0 = never reuse).
+    idle_timeout: float = 30.0
+    # Our own addresses for qmail's ipme rule (0.0.0.0 is always included):
+    # an MX at or after our own preference is never tried (mail loop).
+    my_addresses: tuple = ()
+    # Also resolve and try AAAA addresses (after the A addresses).
+    ipv6: bool = True
 
 
 @dataclass(slots=True, frozen=True)
 class Settings:
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
     spool: SpoolSettings = field(default_factory=SpoolSettings)
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
 
 
 def _build(cls, values: dict, where: str):
@@ -72,6 +123,11 @@ def _build(cls, values: dict, where: str):
             kwargs[key] = _build(type(default), value, f"{where}.{key}" if where else key)
             continue
         expected = type(default)
+        if expected is tuple and isinstance(value, list):
+            # TOML arrays are lists; tuple settings hold strings.
+            if not all(isinstance(v, str) for v in value):
+                raise SettingsError(f"{where}.{key}: expected a list of strings")
+            value = tuple(value)
         ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value, ok = float(value), True

@@ -1,0 +1,113 @@
+"""engine.queue — the spool: crash-safe, group-committed, O(log n) per operation.
+
+What it owns: every file under ROOT/queue/ —
+
+    queue/index/        LMDB environment (data.mdb, lock.mdb): the truth about
+                        every message (envelope, per-recipient state, due times)
+    queue/segments/     <segid>.seg: message bytes, appended in batches by each
+                        writer process to its own segment (engine.queue.segments)
+    queue/quarantine/   <msgid>.<time>.info/.seg: what was left of corrupt messages
+
+Nothing else may read or write these; other parts go through `Spool`.
+
+Receiver API (contract B)
+-------------------------
+    spool = Spool(queue_dir)                       # open or create; one per process, after fork
+    msgid = spool.enqueue(Envelope(...), data)     # blocking; durable on return
+    msgid = await spool.submit(Envelope(...), data)  # asyncio; group commit
+    spool.close()
+SpoolWriteError (disk full, write/commit error) means nothing was committed.
+
+Write path and commit point
+---------------------------
+A committer thread per process (engine.queue.committer) takes every request
+that arrived while the previous batch was syncing, and for the batch:
+  1. appends each message as a typed record (header with magic, format
+     version, msgid, length, crc32 | bytes | END marker + msgid) to this
+     process's segment with ONE pwrite, then ONE fdatasync;
+  2. commits ONE LMDB write transaction (sync + metasync on) holding every
+     message record, recipient record and todo entry of the batch and the
+     segment's live count.  **This commit is the commit point.**
+  3. resolves the callers' futures: only now does enqueue/submit return.
+Message ids come from an index counter, reserved in blocks (setting id_block)
+so allocation costs one commit per block; ids are unique, increasing per
+process, with gaps.
+
+Crash states and recovery (cf. qmail, spec §5.4)
+------------------------------------------------
+| # | segment bytes | index record | meaning | recovery |
+|---|---|---|---|---|
+| C1 | torn tail (partial record) | none | crash during step 1 | ignored: no record points at it; the next batch of a new writer uses a new segment; the bytes go when the segment is deleted. Caller never got an id (SMTP client got no 250, retries). |
+| C2 | complete + fdatasync'd | none | crash between step 1 and 2, or the commit failed | garbage, as C1 (also truncated back on a write error). |
+| C3 | new segment file, no `segments` entry | none | crash before the first commit into it | orphan: cleanup()/recover() remove it once older than orphan_grace (36 h). |
+| C4 | complete | committed, todo entry | crash after step 2, before the caller heard | queued ("not yet preprocessed"); a client that got no 250 may resend: at-least-once, as qmail. |
+| C5 | complete | preprocessed, due entries | normal | due() finds it; deliveries retried after restart. |
+| C6 | complete | delivered remotely but mark not committed | crash during delivery | redelivered (at least once, as qmail's T→D). |
+| C7 | complete | last recipient marked, no failures | message records deleted and segment live count decremented in the same txn | segment file unlinked after commit when live = 0 and sealed; a crash before the unlink leaves a segment with no entry: removed after orphan_grace. |
+| C8 | complete | finished with failures: `bounces` entry | waiting for the bounce to be queued | bouncing() lists it again after restart; release() after the bounce is queued (a crash in between = the bounce is queued twice at worst). |
+| C9 | unsealed segment, writer died | `segments` entry, sealed = 0 | writer killed | recover() seals it (pid gone); it is deleted when its last message finishes. |
+| C10 | any | record with bad crc / unknown version / inconsistent fields, or bytes whose header, crc or END marker do not match | disk corruption, bug | the message is copied to quarantine/ and dropped from the index with a `warning: quarantined #N` log line; the engine goes on. Found lazily by due()/read_message()/apply(), or all at once by recover(verify_bytes=True). |
+LMDB itself is copy-on-write with a double meta page: a crash leaves the index
+at the last committed transaction, never torn.
+
+Faults: an OSError while writing/syncing the segment truncates it back to the
+batch start (else the segment is abandoned) and raises SpoolWriteError; an
+LMDB error (e.g. MapFullError) aborts the transaction and raises
+SpoolWriteError. Opening a spool whose meta/format is newer than
+FORMAT_VERSION raises SpoolVersionError.
+
+Scheduler API (all in Spool; durable on return; O(log n) each)
+--------------------------------------------------------------
+    todo(limit) -> [msgid]                 # queued, not preprocessed (oldest first)
+    envelope(msgid) -> Envelope
+    preprocess(msgid, channels, addresses=None, now=None) -> Finished | None
+        # channels[i] in {"local","remote"}; addresses[i] optionally rewritten;
+        # every recipient becomes due `now`; leaves todo in the same txn
+    due(now, limit, channel=None, exclude=()) -> [Job]   # earliest first
+        # Job: msgid, index, address, channel, attempts, next_try, birth,
+        #      sender, size, origin, last_error. Due entries stay until marked:
+        #      pass in-flight (msgid, index) pairs as `exclude`.
+    next_due(channel=None) -> float | None  # earliest due time, for sleeping
+    read_message(msgid) -> bytes            # MessageQuarantined if corrupt
+    apply([Delivered(m,i) | Deferred(m,i,next_try,error) | Failed(m,i,reason)])
+        -> [Finished | None]                # many results, ONE durable txn
+    mark_delivered(m,i) / mark_failed(m,i,reason) -> Finished | None
+    mark_deferred(m,i,next_try,error)
+    bouncing(limit) -> [Finished]           # finished with failures, not released
+    release(msgid)                          # after the bounce is queued
+    reschedule_all(now) -> int              # ALRM / flush: all deferred due now
+    recover(verify_bytes=False) -> RecoveryReport   # at scheduler start
+    cleanup(now) -> [names]                 # orphan segments (also in recover)
+Finished(msgid, sender, failed=((addr, reason),...), delivered, size, birth,
+origin, released). When a message finishes with no failures its records and
+bytes are released at once (released=True). With failures it stays (qread
+shows "bouncing") until release(): this deviates from "released at once" so a
+crash between the last mark and queueing the bounce cannot lose the bounce —
+qmail likewise keeps info/N until the bounce is injected.
+
+Counts and tools: stats() -> SpoolStats(messages, not_preprocessed) reads the
+entry counts of the `messages` and `todo` tables (O(1)). "Not yet
+preprocessed" = in `todo`: enqueued, recipients not yet classified local /
+remote by the scheduler (qmail's todo/). iter_messages() yields
+QueuedMessage for qread; Spool(path, readonly=True) is for tools.
+
+Several processes: LMDB's writer lock vs a single writer process
+----------------------------------------------------------------
+(see bench/bench_spool.py::test_multiprocess_writers and the figures in
+bench/spool_writer_proto.py.) Every receiver process opens the spool and
+commits its own batches; LMDB serialises their write transactions with its
+cross-process mutex, while the segment fdatasyncs of different processes run
+in parallel (they happen before the transaction). Measured against a single
+writer process fed over a unix socket — see the module docstring of
+bench/spool_writer_proto.py for the numbers — direct LMDB locking was chosen.
+"""
+from engine.queue.records import FORMAT_VERSION
+from engine.queue.spool import (Deferred, Delivered, Envelope, Failed, Finished, Job,
+                                MessageNotFound, MessageQuarantined, QueuedMessage,
+                                RecipientView, RecoveryReport, Result, Spool, SpoolError,
+                                SpoolStats, SpoolVersionError, SpoolWriteError)
+
+__all__ = ["FORMAT_VERSION", "Deferred", "Delivered", "Envelope", "Failed", "Finished", "Job",
+           "MessageNotFound", "MessageQuarantined", "QueuedMessage", "RecipientView",
+           "RecoveryReport", "Result", "Spool", "SpoolError", "SpoolStats",
+           "SpoolVersionError", "SpoolWriteError"]

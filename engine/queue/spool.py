@@ -1,0 +1,1091 @@
+"""The Spool: message bytes in segment files, all state in an LMDB index.
+
+This module owns every file under ROOT/queue/ and every transaction on the
+index. Nothing else may read or write them. See the package docstring
+(engine/queue/__init__.py) for the crash-state table and the scheduler API.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import heapq
+import logging
+import os
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Container, Iterable, Iterator, NamedTuple, Sequence
+
+import lmdb
+
+from engine.config.settings import SpoolSettings
+from engine.queue import records as R
+from engine.queue.committer import CommitRequest, GroupCommitter
+from engine.queue.records import (FORMAT_VERSION, MessageRecord, RecipientRecord, RecordError,
+                                  SegmentRecord)
+from engine.queue.segments import (SegmentError, SegmentIO, SegmentReader, SegmentWriter,
+                                   encode_record, parse_segment_name, segment_name)
+
+log = logging.getLogger("qrelay.queue")
+
+INDEX_DIR = "index"
+SEGMENT_DIR = "segments"
+QUARANTINE_DIR = "quarantine"
+_DB_NAMES = (b"meta", b"messages", b"recipients", b"due", b"todo", b"bounces", b"segments")
+
+
+# --------------------------------------------------------------------------- errors
+
+class SpoolError(Exception):
+    """Any spool failure."""
+
+
+class SpoolWriteError(SpoolError):
+    """Disk full or write error during enqueue; nothing was committed (451)."""
+
+
+class SpoolVersionError(SpoolError):
+    """The spool was written by a newer qrelay (format version too high)."""
+
+
+class MessageNotFound(SpoolError, KeyError):
+    """No such message in the spool (finished, released or quarantined)."""
+
+
+class MessageQuarantined(SpoolError):
+    """The message's records or bytes were corrupt; it was moved to quarantine."""
+
+
+# --------------------------------------------------------------------------- values
+
+@dataclass(slots=True, frozen=True)
+class Envelope:
+    sender: str                    # "" = null sender <>
+    recipients: tuple[str, ...]
+    pid: int = 0                   # qmail's "qp": pid of the process that queued it
+    uid: int = 0
+    origin: str = "network"        # "network" | "bounce" | "local"
+
+
+@dataclass(slots=True, frozen=True)
+class Job:
+    """One recipient of one message that is due for a delivery attempt."""
+    msgid: int
+    index: int                     # recipient index within the message
+    address: str
+    channel: str                   # "local" | "remote"
+    attempts: int                  # attempts made so far (0 = first try)
+    next_try: float                # when it became due
+    birth: float                   # when the message was queued
+    sender: str
+    size: int                      # message bytes
+    origin: str
+    last_error: str = ""
+
+
+@dataclass(slots=True, frozen=True)
+class Finished:
+    """A message all of whose recipients are delivered or failed."""
+    msgid: int
+    sender: str
+    failed: tuple[tuple[str, str], ...]    # (address, reason) for the bounce
+    delivered: tuple[str, ...]
+    size: int
+    birth: float
+    origin: str
+    released: bool    # False: kept until release() — the bounce must be queued first
+
+
+@dataclass(slots=True, frozen=True)
+class Delivered:
+    msgid: int
+    index: int
+
+
+@dataclass(slots=True, frozen=True)
+class Deferred:
+    msgid: int
+    index: int
+    next_try: float
+    error: str = ""
+
+
+@dataclass(slots=True, frozen=True)
+class Failed:
+    msgid: int
+    index: int
+    reason: str = ""
+
+
+Result = Delivered | Deferred | Failed
+
+
+class SpoolStats(NamedTuple):
+    messages: int           # qstat "messages in queue"
+    not_preprocessed: int   # qstat "... but not yet preprocessed" (the todo table)
+
+
+@dataclass(slots=True, frozen=True)
+class RecipientView:
+    address: str
+    channel: str            # "local" | "remote" | "todo" (not yet preprocessed)
+    state: str              # "todo" | "pending" | "deferred" | "delivered" | "failed"
+    done: bool
+    attempts: int
+    next_try: float
+    text: str
+
+
+@dataclass(slots=True, frozen=True)
+class QueuedMessage:
+    msgid: int
+    birth: float
+    size: int
+    sender: str
+    origin: str
+    pid: int
+    uid: int
+    preprocessed: bool
+    bouncing: bool          # some recipient failed: a bounce is (or will be) pending
+    recipients: tuple[RecipientView, ...]
+
+
+@dataclass(slots=True)
+class RecoveryReport:
+    messages: int = 0
+    quarantined: list[int] = field(default_factory=list)
+    dangling_removed: int = 0
+    segments_fixed: int = 0
+    orphan_segments_removed: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- the spool
+
+class Spool:
+    """Open (or create) the spool at `queue_dir`. One per process, after fork.
+
+    Writers (receivers) use `enqueue` / `submit`; the scheduler uses the
+    methods under "scheduler API"; tools use `stats` / `iter_messages`
+    with `readonly=True`, which works whether or not `qrelay run` is running.
+    """
+
+    def __init__(self, queue_dir: Path | str, settings: SpoolSettings | None = None, *,
+                 readonly: bool = False, io: SegmentIO | None = None,
+                 clock: Callable[[], float] = time.time):
+        self.path = Path(queue_dir)
+        settings = settings or SpoolSettings()
+        if settings.segment_max_age >= settings.orphan_grace:
+            # cleanup() relies on a writer rotating an idle segment before
+            # the orphan grace period could declare it abandoned.
+            settings = dataclasses.replace(settings,
+                                           segment_max_age=settings.orphan_grace // 2)
+        self.settings = settings
+        self.readonly = readonly
+        self._clock = clock
+        self._io = io or SegmentIO()
+        self._pid = os.getpid()
+        self._index_dir = self.path / INDEX_DIR
+        self._seg_dir = self.path / SEGMENT_DIR
+        self._quarantine_dir = self.path / QUARANTINE_DIR
+        self._committer: GroupCommitter | None = None
+        self._writer: SegmentWriter | None = None
+        self._to_seal: list[int] = []
+        self._next_id = 0
+        self._id_limit = 0
+        self._closed = False
+        self.env = self._open_env()
+        self._dbs = {name: self.env.open_db(name, create=not readonly) for name in _DB_NAMES}
+        self._check_format()
+        self._reader = SegmentReader(self._seg_dir, self.settings.max_open_segments)
+
+    # ---------------------------------------------------------------- opening
+
+    def _open_env(self) -> lmdb.Environment:
+        if self.readonly:
+            if not (self._index_dir / "data.mdb").is_file():
+                raise SpoolError(f"{self.path}: no spool here")
+            # With a lock file we can read consistently beside a running
+            # writer; without write access to it, read lock-free (a snapshot
+            # that may be torn by a concurrent writer, good enough for a tool).
+            lock = os.access(self._index_dir / "lock.mdb", os.W_OK)
+            try:
+                return lmdb.open(str(self._index_dir), readonly=True, lock=lock,
+                                 max_dbs=len(_DB_NAMES), readahead=False, subdir=True,
+                                 map_size=self.settings.index_map_bytes)
+            except lmdb.Error as exc:
+                raise SpoolError(f"{self.path}: cannot open spool index: {exc}") from None
+        try:
+            for d in (self.path, self._index_dir, self._seg_dir, self._quarantine_dir):
+                d.mkdir(mode=0o700, parents=(d == self.path), exist_ok=True)
+            return lmdb.open(str(self._index_dir), map_size=self.settings.index_map_bytes,
+                             max_dbs=len(_DB_NAMES), sync=True, metasync=True,
+                             readahead=False, subdir=True, max_readers=256)
+        except (OSError, lmdb.Error) as exc:
+            raise SpoolError(f"{self.path}: cannot open spool: {exc}") from None
+
+    def _check_format(self) -> None:
+        meta = self._dbs[b"meta"]
+        with self.env.begin(write=not self.readonly) as txn:
+            raw = txn.get(b"format", db=meta)
+            if raw is None:
+                if self.readonly:
+                    raise SpoolError(f"{self.path}: spool index has no format record")
+                txn.put(b"format", R.u32(FORMAT_VERSION), db=meta)
+                txn.put(b"next_id", R.u64(1), db=meta)
+                return
+        version = R.read_u32(raw)
+        if version > FORMAT_VERSION:
+            self.env.close()
+            raise SpoolVersionError(
+                f"{self.path}: spool format version {version} was written by a newer qrelay; "
+                f"this one understands up to {FORMAT_VERSION}")
+
+    def _check_process(self) -> None:
+        if self._closed:
+            raise SpoolError("spool is closed")
+        if os.getpid() != self._pid:
+            raise SpoolError("spool was opened in another process; open it after fork")
+        if self.readonly:
+            raise SpoolError("spool is open read-only")
+
+    def close(self) -> None:
+        """Commit what was submitted, seal this process's segment, close files."""
+        if self._closed:
+            return
+        if os.getpid() == self._pid and not self.readonly:
+            if self._committer is not None:
+                self._committer.close()
+            if self._writer is not None:
+                self._to_seal.append(self._writer.segid)
+                self._writer.close()
+                self._writer = None
+            if self._to_seal:
+                try:
+                    with self.env.begin(write=True) as txn:
+                        unlink = self._seal_segments(txn)
+                    self._unlink_segments(unlink)
+                except lmdb.Error as exc:
+                    log.warning("warning: cannot seal segments on close: %s", exc)
+        self._closed = True
+        self._reader.close()
+        self.env.close()
+
+    def __enter__(self) -> "Spool":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- enqueue
+
+    def _get_committer(self) -> GroupCommitter:
+        self._check_process()
+        if self._committer is None:
+            self._committer = GroupCommitter(self._commit_batch,
+                                             self.settings.max_batch_messages,
+                                             self.settings.max_batch_bytes)
+        return self._committer
+
+    def enqueue(self, envelope: Envelope, message: bytes) -> int:
+        """Queue a message; returns its id once message and index record are durable.
+
+        Blocking; concurrent callers (threads) share fsyncs. Raises
+        SpoolWriteError when nothing could be committed.
+        """
+        return self._get_committer().put(envelope, bytes(message)).result()
+
+    async def submit(self, envelope: Envelope, message: bytes) -> int:
+        """asyncio form of enqueue: group commit with every concurrent submit."""
+        future = self._get_committer().put(envelope, bytes(message))
+        return await asyncio.wrap_future(future)
+
+    def _take_ids(self, n: int) -> int:
+        """First of n consecutive fresh ids (ids come from the index counter in blocks)."""
+        if self._next_id + n > self._id_limit:
+            block = max(n, self.settings.id_block)
+            meta = self._dbs[b"meta"]
+            try:
+                with self.env.begin(write=True) as txn:
+                    first = R.read_u64(txn.get(b"next_id", db=meta))
+                    txn.put(b"next_id", R.u64(first + block), db=meta)
+            except lmdb.Error as exc:
+                raise SpoolWriteError(f"cannot allocate message ids: {exc}") from None
+            self._next_id, self._id_limit = first, first + block
+        first = self._next_id
+        self._next_id += n
+        return first
+
+    def _writer_for(self, nbytes: int, now: float) -> SegmentWriter:
+        w = self._writer
+        if w is not None and not w.broken and (
+                w.size + nbytes <= self.settings.segment_bytes or w.size <= 64) \
+                and now - w.created < self.settings.segment_max_age:
+            return w
+        if w is not None:
+            self._to_seal.append(w.segid)
+            w.close()
+            self._writer = None
+        segid = self._take_ids(1)
+        try:
+            self._writer = SegmentWriter(self._seg_dir, segid, self._io, now)
+        except OSError as exc:
+            raise SpoolWriteError(f"cannot create spool segment: {exc.strerror or exc}") from None
+        return self._writer
+
+    def _commit_batch(self, batch: Sequence[CommitRequest]) -> None:
+        """Write, fdatasync, and commit one batch; resolve its futures."""
+        try:
+            ids = self._write_batch([(r.envelope, r.message) for r in batch])
+        except SpoolError as exc:
+            for r in batch:
+                r.future.set_exception(exc)
+            return
+        for r, msgid in zip(batch, ids):
+            r.future.set_result(msgid)
+
+    def _write_batch(self, items: Sequence[tuple[Envelope, bytes]]) -> list[int]:
+        """The group-commit step (also used directly by bulk loaders and benches)."""
+        now = self._clock()
+        for env, _msg in items:
+            if env.origin not in R.ORIGIN_CODES:
+                raise SpoolError(f"unknown origin {env.origin!r}")
+        first = self._take_ids(len(items))
+        ids = list(range(first, first + len(items)))
+        chunks = [encode_record(msgid, msg) for msgid, (_e, msg) in zip(ids, items)]
+        data = b"".join(chunks)
+        writer = self._writer_for(len(data), now)
+        try:
+            base = writer.append(data)
+        except OSError as exc:
+            if writer.broken:
+                self._to_seal.append(writer.segid)
+                writer.close()
+                self._writer = None
+            raise SpoolWriteError(f"cannot write to spool: {exc.strerror or exc}") from None
+        # Commit point: one LMDB transaction for the whole batch.
+        try:
+            with self.env.begin(write=True) as txn:
+                dbs = self._dbs
+                offset = base
+                for msgid, (envelope, message), chunk in zip(ids, items, chunks):
+                    rec = MessageRecord(now, writer.segid, offset, len(message),
+                                        zlib.crc32(message), envelope.pid, envelope.uid,
+                                        envelope.origin, len(envelope.recipients),
+                                        len(envelope.recipients), 0, envelope.sender)
+                    offset += len(chunk)
+                    key = R.u64(msgid)
+                    txn.put(key, rec.encode(), db=dbs[b"messages"])
+                    for i, addr in enumerate(envelope.recipients):
+                        txn.put(R.rcpt_key(msgid, i),
+                                RecipientRecord(R.TODO, R.NO_CHANNEL, 0, 0.0, addr).encode(),
+                                db=dbs[b"recipients"])
+                    txn.put(key, b"", db=dbs[b"todo"])
+                segkey = R.u64(writer.segid)
+                raw = txn.get(segkey, db=dbs[b"segments"])
+                seg = SegmentRecord.decode(raw) if raw is not None else \
+                    SegmentRecord(0, False, self._pid, writer.created)
+                txn.put(segkey, SegmentRecord(seg.live + len(items), False, self._pid,
+                                              seg.created).encode(), db=dbs[b"segments"])
+                unlink = self._seal_segments(txn)
+        except (lmdb.Error, RecordError) as exc:
+            raise SpoolWriteError(f"cannot commit to spool index: {exc}") from None
+        self._unlink_segments(unlink)
+        return ids
+
+    # ---------------------------------------------------------------- segments
+
+    def _seal_segments(self, txn: lmdb.Transaction) -> list[int]:
+        """Mark segments this process moved away from as sealed (inside txn).
+        Returns those now empty, to unlink after the commit."""
+        unlink = []
+        segdb = self._dbs[b"segments"]
+        for segid in self._to_seal:
+            key = R.u64(segid)
+            raw = txn.get(key, db=segdb)
+            try:
+                seg = SegmentRecord.decode(raw) if raw is not None else None
+            except RecordError:
+                seg = None
+            if seg is None or seg.live <= 0:
+                txn.delete(key, db=segdb)
+                unlink.append(segid)
+            else:
+                txn.put(key, SegmentRecord(seg.live, True, seg.pid, seg.created).encode(),
+                        db=segdb)
+        self._to_seal = []
+        return unlink
+
+    def _unlink_segments(self, segids: Iterable[int]) -> None:
+        for segid in segids:
+            self._reader.forget(segid)
+            try:
+                os.unlink(self._seg_dir / segment_name(segid))
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("warning: cannot remove segment %s: %s", segid, exc)
+
+    def _release_segment(self, txn: lmdb.Transaction, segid: int, unlink: list[int]) -> None:
+        segdb = self._dbs[b"segments"]
+        key = R.u64(segid)
+        raw = txn.get(key, db=segdb)
+        if raw is None:
+            return
+        try:
+            seg = SegmentRecord.decode(raw)
+        except RecordError:
+            return  # recover() rebuilds segment records from the message records
+        live = max(0, seg.live - 1)
+        if live == 0 and seg.sealed:
+            txn.delete(key, db=segdb)
+            unlink.append(segid)
+        else:
+            txn.put(key, SegmentRecord(live, seg.sealed, seg.pid, seg.created).encode(),
+                    db=segdb)
+
+    # ---------------------------------------------------------------- counts & reading
+
+    def stats(self) -> SpoolStats:
+        """(messages in queue, not yet preprocessed) — O(1), for qstat."""
+        with self.env.begin() as txn:
+            return SpoolStats(txn.stat(self._dbs[b"messages"])["entries"],
+                              txn.stat(self._dbs[b"todo"])["entries"])
+
+    def _message(self, txn: lmdb.Transaction, msgid: int) -> MessageRecord:
+        raw = txn.get(R.u64(msgid), db=self._dbs[b"messages"])
+        if raw is None:
+            raise MessageNotFound(msgid)
+        return MessageRecord.decode(raw)
+
+    def _recipients(self, txn: lmdb.Transaction, msgid: int,
+                    nrcpt: int) -> list[RecipientRecord]:
+        rdb = self._dbs[b"recipients"]
+        out = []
+        for i in range(nrcpt):
+            raw = txn.get(R.rcpt_key(msgid, i), db=rdb)
+            if raw is None:
+                raise RecordError(f"recipient {i} of #{msgid} is missing")
+            out.append(RecipientRecord.decode(raw))
+        return out
+
+    def read_message(self, msgid: int) -> bytes:
+        """The message bytes. MessageNotFound if gone; MessageQuarantined if corrupt."""
+        try:
+            with self.env.begin() as txn:
+                rec = self._message(txn, msgid)
+            return self._reader.read(rec.segid, rec.offset, msgid, rec.length)
+        except (RecordError, SegmentError, OSError) as exc:
+            self._quarantine_after_error(msgid, exc)
+            raise MessageQuarantined(f"#{msgid}: {exc}") from None
+
+    def iter_messages(self, chunk: int = 1000) -> Iterator[QueuedMessage]:
+        """Every queued message in id order (for qread); corrupt ones are skipped
+        with a warning (read-only: quarantining is left to the scheduler)."""
+        mdb = self._dbs[b"messages"]
+        start = b""
+        while True:
+            batch: list[QueuedMessage] = []
+            with self.env.begin() as txn:
+                cur = txn.cursor(db=mdb)
+                if not cur.set_range(start):
+                    return
+                for key, value in cur:
+                    msgid = R.read_u64(key)
+                    try:
+                        batch.append(self._view(txn, msgid, value))
+                    except RecordError as exc:
+                        log.warning("warning: trouble with #%d: %s", msgid, exc)
+                    if len(batch) >= chunk:
+                        break
+                start = R.u64(msgid + 1)
+                more = len(batch) >= chunk
+            yield from batch
+            if not more:
+                return
+
+    def _view(self, txn: lmdb.Transaction, msgid: int, value: bytes) -> QueuedMessage:
+        rec = MessageRecord.decode(value)
+        rcpts = self._recipients(txn, msgid, rec.nrcpt)
+        preprocessed = txn.get(R.u64(msgid), db=self._dbs[b"todo"]) is None
+        views = tuple(RecipientView(r.address, R.CHANNEL_NAMES[r.channel], R.STATE_NAMES[r.state],
+                                    r.state in R.FINISHED_STATES, r.attempts, r.next_try, r.text)
+                      for r in rcpts)
+        return QueuedMessage(msgid, rec.birth, rec.length, rec.sender, rec.origin, rec.pid,
+                             rec.uid, preprocessed, rec.nfailed > 0, views)
+
+    def message_info(self, msgid: int) -> QueuedMessage:
+        """One message's envelope and recipient states."""
+        with self.env.begin() as txn:
+            raw = txn.get(R.u64(msgid), db=self._dbs[b"messages"])
+            if raw is None:
+                raise MessageNotFound(msgid)
+            try:
+                return self._view(txn, msgid, raw)
+            except RecordError as exc:
+                err = exc
+        self._quarantine_after_error(msgid, err)
+        raise MessageQuarantined(f"#{msgid}: {err}")
+
+    # ---------------------------------------------------------------- scheduler API
+
+    def todo(self, limit: int = 100) -> list[int]:
+        """Ids of messages queued but not yet preprocessed, oldest first."""
+        out = []
+        with self.env.begin() as txn:
+            for key in txn.cursor(db=self._dbs[b"todo"]).iternext(values=False):
+                out.append(R.read_u64(key))
+                if len(out) >= limit:
+                    break
+        return out
+
+    def envelope(self, msgid: int) -> Envelope:
+        """The envelope as queued (recipients as rewritten by preprocess, if any)."""
+        info = self.message_info(msgid)
+        return Envelope(info.sender, tuple(r.address for r in info.recipients), info.pid,
+                        info.uid, info.origin)
+
+    def preprocess(self, msgid: int, channels: Sequence[str],
+                   addresses: Sequence[str] | None = None,
+                   now: float | None = None) -> Finished | None:
+        """Classify each recipient 'local' or 'remote' and make it due `now`.
+
+        `channels[i]` is recipient i's channel; `addresses[i]`, if given,
+        replaces its address (qmail rewrites at this step: virtualdomains…).
+        Removes the message from todo in the same transaction. A message
+        with no recipients finishes here (returns its Finished record).
+        """
+        now = self._clock() if now is None else now
+        unlink: list[int] = []
+        try:
+            with self.env.begin(write=True) as txn:
+                dbs = self._dbs
+                key = R.u64(msgid)
+                if txn.get(key, db=dbs[b"todo"]) is None:
+                    if txn.get(key, db=dbs[b"messages"]) is None:
+                        raise MessageNotFound(msgid)
+                    raise SpoolError(f"#{msgid} is already preprocessed")
+                rec = self._message(txn, msgid)
+                rcpts = self._recipients(txn, msgid, rec.nrcpt)
+                if len(channels) != rec.nrcpt or (addresses is not None
+                                                  and len(addresses) != rec.nrcpt):
+                    raise SpoolError(f"#{msgid} has {rec.nrcpt} recipients, "
+                                     f"got {len(channels)} channels")
+                for i, r in enumerate(rcpts):
+                    code = R.CHANNEL_CODES.get(channels[i])
+                    if code is None:
+                        raise SpoolError(f"unknown channel {channels[i]!r}")
+                    addr = addresses[i] if addresses is not None else r.address
+                    txn.put(R.rcpt_key(msgid, i),
+                            RecipientRecord(R.PENDING, code, 0, now, addr).encode(),
+                            db=dbs[b"recipients"])
+                    txn.put(R.due_key(code, now, msgid, i), b"", db=dbs[b"due"])
+                txn.delete(key, db=dbs[b"todo"])
+                finished = None
+                if rec.nrcpt == 0:
+                    finished = self._finish(txn, msgid, rec, [], unlink)
+        except RecordError as exc:
+            self._quarantine_after_error(msgid, exc)
+            raise MessageQuarantined(f"#{msgid}: {exc}") from None
+        except lmdb.Error as exc:
+            raise SpoolError(f"cannot update spool index: {exc}") from None
+        self._unlink_segments(unlink)
+        return finished
+
+    def due(self, now: float | None = None, limit: int = 100, channel: str | None = None,
+            exclude: Container[tuple[int, int]] = ()) -> list[Job]:
+        """Up to `limit` jobs due at or before `now`, earliest first.
+
+        `channel` restricts to 'local' or 'remote'. `exclude` holds
+        (msgid, index) pairs the caller already has in flight: they are
+        skipped without counting toward the limit. Due work stays in the
+        index until marked, so a crash mid-delivery means a retry.
+        Cost: O(log n + limit + len(skipped)).
+        """
+        now = self._clock() if now is None else now
+        codes = [R.LOCAL, R.REMOTE] if channel is None else [R.CHANNEL_CODES[channel]]
+        per_channel: list[list[Job]] = []
+        corrupt: set[int] = set()
+        dangling: list[bytes] = []
+        with self.env.begin() as txn:
+            msg_cache: dict[int, MessageRecord] = {}
+            rdb = self._dbs[b"recipients"]
+            for code in codes:
+                jobs: list[Job] = []
+                cur = txn.cursor(db=self._dbs[b"due"])
+                upper = R.due_upper(code, now)
+                if not cur.set_range(R.due_prefix(code)):
+                    per_channel.append(jobs)
+                    continue
+                for key in cur.iternext(values=False):
+                    if key >= upper:
+                        break
+                    _c, _t, msgid, idx = R.split_due_key(key)
+                    if (msgid, idx) in exclude or msgid in corrupt:
+                        continue
+                    try:
+                        rec = msg_cache.get(msgid)
+                        if rec is None:
+                            rec = msg_cache[msgid] = self._message(txn, msgid)
+                        raw = txn.get(R.rcpt_key(msgid, idx), db=rdb)
+                        if raw is None:
+                            raise RecordError(f"recipient {idx} missing")
+                        r = RecipientRecord.decode(raw)
+                    except MessageNotFound:
+                        dangling.append(bytes(key))
+                        continue
+                    except RecordError:
+                        corrupt.add(msgid)
+                        continue
+                    if r.state not in (R.PENDING, R.DEFERRED) or \
+                            R.due_key(r.channel, r.next_try, msgid, idx) != key:
+                        dangling.append(bytes(key))
+                        continue
+                    jobs.append(Job(msgid, idx, r.address, R.CHANNEL_NAMES[r.channel],
+                                    r.attempts, r.next_try, rec.birth, rec.sender, rec.length,
+                                    rec.origin, r.text))
+                    if len(jobs) >= limit:
+                        break
+                per_channel.append(jobs)
+        if dangling:
+            self._drop_due(dangling)
+        for msgid in corrupt:
+            self._quarantine_after_error(msgid, RecordError("corrupt record found by due()"))
+        if len(per_channel) == 1:
+            return per_channel[0]
+        merged = heapq.merge(*per_channel, key=lambda j: (j.next_try, j.msgid, j.index))
+        return [j for _, j in zip(range(limit), merged)]
+
+    def next_due(self, channel: str | None = None) -> float | None:
+        """Time of the earliest due recipient (to know how long to sleep), or None."""
+        codes = [R.LOCAL, R.REMOTE] if channel is None else [R.CHANNEL_CODES[channel]]
+        best = None
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self._dbs[b"due"])
+            for code in codes:
+                if cur.set_range(R.due_prefix(code)) and cur.key()[0] == code:
+                    t = R.split_due_key(cur.key())[1] / 1000
+                    best = t if best is None else min(best, t)
+        return best
+
+    def _drop_due(self, keys: list[bytes]) -> None:
+        try:
+            with self.env.begin(write=True) as txn:
+                for key in keys:
+                    txn.delete(key, db=self._dbs[b"due"])
+        except lmdb.Error as exc:
+            log.warning("warning: cannot drop stale due entries: %s", exc)
+
+    def mark_delivered(self, msgid: int, index: int) -> Finished | None:
+        return self.apply([Delivered(msgid, index)])[0]
+
+    def mark_deferred(self, msgid: int, index: int, next_try: float, error: str = "") -> None:
+        self.apply([Deferred(msgid, index, next_try, error)])
+
+    def mark_failed(self, msgid: int, index: int, reason: str = "") -> Finished | None:
+        return self.apply([Failed(msgid, index, reason)])[0]
+
+    def apply(self, results: Sequence[Result]) -> list[Finished | None]:
+        """Record many delivery results in ONE durable transaction.
+
+        Returns, per result, the Finished record if that result finished
+        its message, else None. A result for a recipient that is already
+        finished, or a message that is gone, is ignored (None): marks are
+        idempotent, so a scheduler may replay them after a crash.
+        """
+        out: list[Finished | None] = []
+        unlink: list[int] = []
+        corrupt: dict[int, RecordError] = {}
+        try:
+            with self.env.begin(write=True) as txn:
+                for res in results:
+                    try:
+                        out.append(self._apply_one(txn, res, unlink))
+                    except RecordError as exc:
+                        corrupt[res.msgid] = exc
+                        out.append(None)
+        except lmdb.Error as exc:
+            raise SpoolError(f"cannot update spool index: {exc}") from None
+        self._unlink_segments(unlink)
+        for msgid, exc in corrupt.items():
+            self._quarantine_after_error(msgid, exc)
+        return out
+
+    def _apply_one(self, txn: lmdb.Transaction, res: Result,
+                   unlink: list[int]) -> Finished | None:
+        dbs = self._dbs
+        try:
+            rec = self._message(txn, res.msgid)
+        except MessageNotFound:
+            return None
+        if not 0 <= res.index < rec.nrcpt:
+            raise SpoolError(f"#{res.msgid} has no recipient {res.index}")
+        rkey = R.rcpt_key(res.msgid, res.index)
+        raw = txn.get(rkey, db=dbs[b"recipients"])
+        if raw is None:
+            raise RecordError(f"recipient {res.index} missing")
+        r = RecipientRecord.decode(raw)
+        if r.state not in (R.PENDING, R.DEFERRED):
+            return None
+        txn.delete(R.due_key(r.channel, r.next_try, res.msgid, res.index), db=dbs[b"due"])
+        if isinstance(res, Deferred):
+            nr = RecipientRecord(R.DEFERRED, r.channel, r.attempts + 1, res.next_try,
+                                 r.address, res.error)
+            txn.put(rkey, nr.encode(), db=dbs[b"recipients"])
+            txn.put(R.due_key(r.channel, res.next_try, res.msgid, res.index), b"",
+                    db=dbs[b"due"])
+            return None
+        failed = isinstance(res, Failed)
+        nr = RecipientRecord(R.FAILED if failed else R.DELIVERED, r.channel, r.attempts + 1,
+                             0.0, r.address, res.reason if failed else "")
+        txn.put(rkey, nr.encode(), db=dbs[b"recipients"])
+        rec = MessageRecord(rec.birth, rec.segid, rec.offset, rec.length, rec.crc, rec.pid,
+                            rec.uid, rec.origin, rec.nrcpt, rec.remaining - 1,
+                            rec.nfailed + int(failed), rec.sender)
+        if rec.remaining > 0:
+            txn.put(R.u64(res.msgid), rec.encode(), db=dbs[b"messages"])
+            return None
+        rcpts = self._recipients(txn, res.msgid, rec.nrcpt)
+        return self._finish(txn, res.msgid, rec, rcpts, unlink)
+
+    def _finish(self, txn: lmdb.Transaction, msgid: int, rec: MessageRecord,
+                rcpts: list[RecipientRecord], unlink: list[int]) -> Finished:
+        failed = tuple((r.address, r.text) for r in rcpts if r.state == R.FAILED)
+        delivered = tuple(r.address for r in rcpts if r.state == R.DELIVERED)
+        key = R.u64(msgid)
+        if failed:
+            # Keep the message (and its bytes) until the bounce is queued:
+            # a crash before release() makes the scheduler bounce again.
+            txn.put(key, rec.encode(), db=self._dbs[b"messages"])
+            txn.put(key, b"", db=self._dbs[b"bounces"])
+        else:
+            self._delete_message(txn, msgid, rec, unlink)
+        return Finished(msgid, rec.sender, failed, delivered, rec.length, rec.birth,
+                        rec.origin, released=not failed)
+
+    def _delete_message(self, txn: lmdb.Transaction, msgid: int, rec: MessageRecord,
+                        unlink: list[int]) -> None:
+        dbs = self._dbs
+        key = R.u64(msgid)
+        txn.delete(key, db=dbs[b"messages"])
+        txn.delete(key, db=dbs[b"todo"])
+        txn.delete(key, db=dbs[b"bounces"])
+        for i in range(rec.nrcpt):
+            rkey = R.rcpt_key(msgid, i)
+            raw = txn.get(rkey, db=dbs[b"recipients"])
+            if raw is not None:
+                try:
+                    r = RecipientRecord.decode(raw)
+                    if r.state in (R.PENDING, R.DEFERRED):
+                        txn.delete(R.due_key(r.channel, r.next_try, msgid, i), db=dbs[b"due"])
+                except RecordError:
+                    pass  # its due entry, if any, is dropped lazily as dangling
+                txn.delete(rkey, db=dbs[b"recipients"])
+        self._release_segment(txn, rec.segid, unlink)
+
+    def bouncing(self, limit: int = 100) -> list[Finished]:
+        """Finished messages with failures whose bounce is not yet released
+        (after a restart the scheduler queues their bounce again)."""
+        out = []
+        with self.env.begin() as txn:
+            for key in txn.cursor(db=self._dbs[b"bounces"]).iternext(values=False):
+                msgid = R.read_u64(key)
+                try:
+                    rec = self._message(txn, msgid)
+                    rcpts = self._recipients(txn, msgid, rec.nrcpt)
+                except (MessageNotFound, RecordError):
+                    continue
+                out.append(Finished(msgid, rec.sender,
+                                    tuple((r.address, r.text) for r in rcpts
+                                          if r.state == R.FAILED),
+                                    tuple(r.address for r in rcpts if r.state == R.DELIVERED),
+                                    rec.length, rec.birth, rec.origin, released=False))
+                if len(out) >= limit:
+                    break
+        return out
+
+    def release(self, msgid: int) -> None:
+        """Remove a finished message (call after its bounce is queued)."""
+        unlink: list[int] = []
+        try:
+            with self.env.begin(write=True) as txn:
+                rec = self._message(txn, msgid)
+                if rec.remaining > 0:
+                    raise SpoolError(f"#{msgid} still has {rec.remaining} recipients to do")
+                self._delete_message(txn, msgid, rec, unlink)
+        except MessageNotFound:
+            return
+        except RecordError as exc:
+            self._quarantine_after_error(msgid, exc)
+            return
+        except lmdb.Error as exc:
+            raise SpoolError(f"cannot update spool index: {exc}") from None
+        self._unlink_segments(unlink)
+
+    def reschedule_all(self, now: float | None = None) -> int:
+        """Make every deferred recipient due `now` (qmail's ALRM / flush).
+        Returns how many were moved. One transaction, O(number deferred)."""
+        now = self._clock() if now is None else now
+        moved = 0
+        with self.env.begin(write=True) as txn:
+            dbs = self._dbs
+            for code in (R.LOCAL, R.REMOTE):
+                cur = txn.cursor(db=dbs[b"due"])
+                start = R.due_upper(code, now)
+                keys = []
+                if cur.set_range(start):
+                    for key in cur.iternext(values=False):
+                        if key[0] != code:
+                            break
+                        keys.append(bytes(key))
+                for key in keys:
+                    _c, _t, msgid, idx = R.split_due_key(key)
+                    rkey = R.rcpt_key(msgid, idx)
+                    raw = txn.get(rkey, db=dbs[b"recipients"])
+                    txn.delete(key, db=dbs[b"due"])
+                    if raw is None:
+                        continue
+                    try:
+                        r = RecipientRecord.decode(raw)
+                    except RecordError:
+                        continue
+                    if r.state not in (R.PENDING, R.DEFERRED):
+                        continue
+                    txn.put(rkey, RecipientRecord(r.state, r.channel, r.attempts, now,
+                                                  r.address, r.text).encode(),
+                            db=dbs[b"recipients"])
+                    txn.put(R.due_key(code, now, msgid, idx), b"", db=dbs[b"due"])
+                    moved += 1
+        return moved
+
+    # ---------------------------------------------------------------- quarantine & recovery
+
+    def _quarantine_after_error(self, msgid: int, exc: BaseException) -> None:
+        if self.readonly:
+            log.warning("warning: trouble with #%d: %s", msgid, exc)
+            return
+        try:
+            with self.env.begin(write=True) as txn:
+                unlink: list[int] = []
+                self._quarantine(txn, msgid, str(exc), unlink)
+            self._unlink_segments(unlink)
+        except (lmdb.Error, OSError) as err:
+            log.warning("warning: cannot quarantine #%d: %s", msgid, err)
+
+    def _quarantine(self, txn: lmdb.Transaction, msgid: int, reason: str,
+                    unlink: list[int]) -> None:
+        """Copy what is left of a corrupt message into quarantine/ and drop it
+        from the index (inside txn). Never raises for bad data."""
+        dbs = self._dbs
+        key = R.u64(msgid)
+        raw_msg = txn.get(key, db=dbs[b"messages"])
+        parts = [f"reason: {reason}\n".encode()]
+        rec = None
+        if raw_msg is not None:
+            parts.append(b"message-record: " + bytes(raw_msg).hex().encode() + b"\n")
+            try:
+                rec = MessageRecord.decode(raw_msg)
+            except RecordError:
+                rec = None
+        rkeys = []
+        cur = txn.cursor(db=dbs[b"recipients"])
+        if cur.set_range(key):
+            for rkey, rval in cur:
+                if bytes(rkey[:8]) != key:
+                    break
+                rkeys.append(bytes(rkey))
+                parts.append(b"recipient-record: " + bytes(rval).hex().encode() + b"\n")
+                try:
+                    r = RecipientRecord.decode(rval)
+                    if r.state in (R.PENDING, R.DEFERRED):
+                        txn.delete(R.due_key(r.channel, r.next_try, msgid,
+                                             R.split_rcpt_key(rkey)[1]), db=dbs[b"due"])
+                except RecordError:
+                    pass
+        body = b""
+        if rec is not None:
+            body = self._reader.raw(rec.segid, rec.offset, rec.length)
+        self._quarantine_dir.mkdir(mode=0o700, exist_ok=True)
+        name = f"{msgid}.{int(self._clock())}"
+        with open(self._quarantine_dir / (name + ".info"), "wb") as f:
+            f.write(b"".join(parts))
+        if body:
+            with open(self._quarantine_dir / (name + ".seg"), "wb") as f:
+                f.write(body)
+        for rkey in rkeys:
+            txn.delete(rkey, db=dbs[b"recipients"])
+        txn.delete(key, db=dbs[b"messages"])
+        txn.delete(key, db=dbs[b"todo"])
+        txn.delete(key, db=dbs[b"bounces"])
+        if rec is not None:
+            self._release_segment(txn, rec.segid, unlink)
+        log.warning("warning: quarantined #%d to %s: %s", msgid,
+                    self._quarantine_dir / name, reason)
+
+    def quarantined(self) -> list[str]:
+        """Names of quarantined items (one .info file per message)."""
+        try:
+            return sorted(p.name for p in self._quarantine_dir.iterdir()
+                          if p.suffix == ".info")
+        except FileNotFoundError:
+            return []
+
+    def recover(self, verify_bytes: bool = False, now: float | None = None) -> RecoveryReport:
+        """Check the whole index (and with verify_bytes every message's bytes),
+        quarantine what is corrupt, drop dangling entries, rebuild segment live
+        counts, remove orphan segment files. Run by the scheduler at start;
+        O(messages). Safe while receivers enqueue."""
+        self._check_process()
+        now = self._clock() if now is None else now
+        report = RecoveryReport()
+        dbs = self._dbs
+        bad: dict[int, str] = {}
+        live: dict[int, int] = {}
+        good: list[tuple[int, MessageRecord]] = []
+        with self.env.begin() as txn:
+            for key, value in txn.cursor(db=dbs[b"messages"]):
+                msgid = R.read_u64(key)
+                report.messages += 1
+                try:
+                    rec = MessageRecord.decode(value)
+                    rcpts = self._recipients(txn, msgid, rec.nrcpt)
+                    done = sum(r.state in R.FINISHED_STATES for r in rcpts)
+                    if rec.nrcpt - done != rec.remaining:
+                        raise RecordError("remaining count disagrees with recipients")
+                except RecordError as exc:
+                    bad[msgid] = str(exc)
+                    continue
+                good.append((msgid, rec))
+            if verify_bytes:
+                for msgid, rec in good:
+                    try:
+                        self._reader.read(rec.segid, rec.offset, msgid, rec.length)
+                    except (SegmentError, OSError) as exc:
+                        bad[msgid] = str(exc)
+            for msgid, rec in good:
+                if msgid not in bad:
+                    live[rec.segid] = live.get(rec.segid, 0) + 1
+            dangling = []
+            for name in (b"todo", b"bounces"):
+                for key in txn.cursor(db=dbs[name]).iternext(values=False):
+                    if txn.get(key, db=dbs[b"messages"]) is None:
+                        dangling.append((name, bytes(key)))
+            for key in txn.cursor(db=dbs[b"due"]).iternext(values=False):
+                _c, _t, msgid, idx = R.split_due_key(key)
+                raw = txn.get(R.rcpt_key(msgid, idx), db=dbs[b"recipients"])
+                ok = False
+                if raw is not None and txn.get(R.u64(msgid), db=dbs[b"messages"]) is not None:
+                    try:
+                        r = RecipientRecord.decode(raw)
+                        ok = r.state in (R.PENDING, R.DEFERRED) and \
+                            R.due_key(r.channel, r.next_try, msgid, idx) == key
+                    except RecordError:
+                        ok = False
+                if not ok:
+                    dangling.append((b"due", bytes(key)))
+            # Recipient records whose message record is gone.
+            prev = None
+            for key in txn.cursor(db=dbs[b"recipients"]).iternext(values=False):
+                msgid = R.split_rcpt_key(key)[0]
+                if msgid != prev and txn.get(R.u64(msgid), db=dbs[b"messages"]) is None:
+                    dangling.append((b"recipients", bytes(key)))
+                elif msgid == prev and dangling and dangling[-1][0] == b"recipients" and \
+                        R.split_rcpt_key(dangling[-1][1])[0] == msgid:
+                    dangling.append((b"recipients", bytes(key)))
+                prev = msgid
+            segs = {R.read_u64(k): bytes(v) for k, v in txn.cursor(db=dbs[b"segments"])}
+        unlink: list[int] = []
+        with self.env.begin(write=True) as txn:
+            for msgid, reason in bad.items():
+                self._quarantine(txn, msgid, reason, unlink)
+                report.quarantined.append(msgid)
+            for name, key in dangling:
+                if txn.delete(key, db=dbs[name]):
+                    report.dangling_removed += 1
+            own = self._writer.segid if self._writer is not None else None
+            for segid, raw in segs.items():
+                try:
+                    seg = SegmentRecord.decode(raw)
+                except RecordError:
+                    seg = SegmentRecord(-1, False, 0, now)
+                # Re-read: messages committed since our snapshot count too.
+                cur = txn.get(R.u64(segid), db=dbs[b"segments"])
+                if cur is not None and cur != raw:
+                    continue
+                want = live.get(segid, 0)
+                sealed = seg.sealed or (segid != own and not _pid_alive(seg.pid))
+                if want == 0 and sealed:
+                    txn.delete(R.u64(segid), db=dbs[b"segments"])
+                    unlink.append(segid)
+                    report.segments_fixed += 1
+                elif seg.live != want or sealed != seg.sealed:
+                    if seg.live != want and segid != own and seg.pid != self._pid \
+                            and _pid_alive(seg.pid):
+                        continue  # a live writer may have committed since our snapshot
+                    txn.put(R.u64(segid),
+                            SegmentRecord(want, sealed, seg.pid, seg.created).encode(),
+                            db=dbs[b"segments"])
+                    report.segments_fixed += 1
+        self._unlink_segments(unlink)
+        report.orphan_segments_removed = self.cleanup(now)
+        return report
+
+    def cleanup(self, now: float | None = None) -> list[str]:
+        """Remove segment files that no index record knows about and that are
+        older than orphan_grace (bytes of enqueues that never committed), and
+        abandoned empty segments of dead writers. Returns the names removed."""
+        self._check_process()
+        now = self._clock() if now is None else now
+        grace = self.settings.orphan_grace
+        own = self._writer.segid if self._writer is not None else None
+        removed = []
+        try:
+            names = os.listdir(self._seg_dir)
+        except FileNotFoundError:
+            return removed
+        with self.env.begin() as txn:
+            known = {R.read_u64(k): bytes(v) for k, v in txn.cursor(db=self._dbs[b"segments"])}
+        for name in names:
+            segid = parse_segment_name(name)
+            if segid is None or segid == own:
+                continue
+            path = self._seg_dir / name
+            try:
+                age = now - path.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            raw = known.get(segid)
+            if raw is not None:
+                try:
+                    seg = SegmentRecord.decode(raw)
+                except RecordError:
+                    continue
+                # An empty, unsealed segment whose writer is gone (or idle past
+                # orphan_grace, longer than segment_max_age, so it will rotate
+                # rather than append again).
+                if seg.live > 0 or seg.sealed or (_pid_alive(seg.pid) and age < grace):
+                    continue
+                with self.env.begin(write=True) as txn:
+                    cur = txn.get(R.u64(segid), db=self._dbs[b"segments"])
+                    if cur != raw:
+                        continue
+                    txn.delete(R.u64(segid), db=self._dbs[b"segments"])
+            elif age < grace:
+                continue
+            self._unlink_segments([segid])
+            removed.append(name)
+            log.info("removed orphan segment %s", name)
+        return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
