@@ -30,6 +30,57 @@ def init(root: str, me: str | None, force: bool) -> None:
     click.echo(f"qrelay: initialised {path}")
 
 
+def _open_spool_readonly(root: str):
+    """The spool of ROOT opened read-only, or a one-line CLI error."""
+    from pathlib import Path
+
+    from engine.config.settings import SettingsError, load_settings
+    from engine.queue import Spool, SpoolError
+    base = Path(root)
+    if not base.is_dir():
+        raise click.ClickException(f"{root}: no such qrelay root")
+    if not (base / "queue").is_dir():
+        raise click.ClickException(f"{root}: not a qrelay root (no queue/ directory)")
+    if not (base / "queue" / "index" / "data.mdb").exists():
+        return None  # nothing was ever queued here
+    try:
+        settings = load_settings(base)
+        return Spool(base / "queue", settings.spool, readonly=True)
+    except (SpoolError, SettingsError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@cli.command()
+@click.argument("root", type=click.Path(file_okay=False))
+def qstat(root: str) -> None:
+    """Count queued messages (qmail-qstat's two lines)."""
+    from engine.queue.tools import format_qstat
+    from engine.queue import SpoolStats
+    spool = _open_spool_readonly(root)
+    if spool is None:
+        click.echo(format_qstat(SpoolStats(0, 0)), nl=False)
+        return
+    try:
+        click.echo(format_qstat(spool.stats()), nl=False)
+    finally:
+        spool.close()
+
+
+@cli.command()
+@click.argument("root", type=click.Path(file_okay=False))
+def qread(root: str) -> None:
+    """List queued messages and recipients (qmail-qread's format)."""
+    from engine.queue.tools import format_qread
+    spool = _open_spool_readonly(root)
+    if spool is None:
+        return
+    try:
+        for block in format_qread(spool.iter_messages()):
+            click.echo(block, nl=False)
+    finally:
+        spool.close()
+
+
 def main() -> None:
     cli(prog_name="qrelay")
 
