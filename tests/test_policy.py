@@ -1,0 +1,232 @@
+"""Relay policy: rcpthosts (+ .suffix, morercpthosts.cdb), badmailfrom, anti-relay tricks."""
+from __future__ import annotations
+
+import pytest
+
+from engine.config.cdb import CdbFile, newmrh, write_cdb
+from engine.smtp.policy import (
+    BADMAILFROM_REFUSED, RCPTHOSTS_REFUSED, SYNTAX_ERROR, RecipientPolicy, rewrite_local_ip_literal,
+    split_address, unquote_address,
+)
+
+RELAY_553 = "553 sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)"
+
+
+@pytest.fixture
+def control(tmp_path):
+    (tmp_path / "rcpthosts").write_text("local.test\n.sub.test\n# comment\nMixed.Case.TEST\n")
+    (tmp_path / "morercpthosts").write_text("more.test\n.moresub.test\n")
+    newmrh(tmp_path)
+    (tmp_path / "badmailfrom").write_text("spammer@bad.test\n@evil.test\n")
+    return tmp_path
+
+
+@pytest.fixture
+def policy(control):
+    return RecipientPolicy.load(control)
+
+
+def test_reply_texts_are_qmails():
+    assert RCPTHOSTS_REFUSED == RELAY_553
+    assert BADMAILFROM_REFUSED == "553 sorry, your envelope sender is in my badmailfrom list (#5.7.1)"
+    assert SYNTAX_ERROR == "555 syntax error (#5.5.4)"
+
+
+# -- rcpthosts ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rcpt", [
+    "user@local.test",
+    "User@LOCAL.Test",
+    "user@mixed.case.test",
+    "user@a.sub.test",
+    "user@a.b.sub.test",
+    "user@more.test",
+    "user@x.moresub.test",
+    "user@MORE.TEST",
+    "postmaster",             # @-less: qmail qualifies it with envnoathost later
+    "@local.test",            # empty local part: qmail accepts it too
+    '"john smith"@local.test',
+    "john\\ smith@local.test",
+    "user+tag@local.test",
+])
+def test_allowed_recipients(policy, rcpt):
+    assert policy.check_rcpt(rcpt, None) is None
+
+
+@pytest.mark.parametrize("rcpt", [
+    "user@foreign.test",
+    "user@sub.test",               # `.sub.test` is subdomains only
+    "user@moresub.test",
+    "user@local.test.evil",
+    "user@notlocal.test",
+    "user@xlocal.test",
+    # the relay tricks of issue #4
+    "user%foreign.test@local.test",
+    "user%foreign.test@LOCAL.TEST",
+    "foreign.test!user@local.test",
+    '"user@foreign.test"@local.test',
+    '"user%foreign.test"@local.test',
+    "user\\@foreign.test@local.test",
+    "user@foreign.test@local.test",
+    "user@foreign.test",           # what `@local.test:user@foreign.test` is after parse_path
+    "@local.test:user@foreign.test",  # in case a source route arrives unstripped
+    "user@[1.2.3.4]",
+    "user@[127.0.0.1]",
+    "user@local.test.",            # trailing dot
+    "user@LOCAL.TEST.",
+    "user@local.test..",
+    "user@.local.test",
+    "user@a..sub.test",
+    "user@",                       # empty domain
+    "",                            # <> as a recipient
+    "user@local.test ",
+    "user@local.test,foreign.test",
+    "user@local.test>",
+    "user%foreign.test",           # @-less but not plain
+    "foreign.test!user",
+    '"user@foreign.test"',
+    "user\\@foreign.test",
+    "user@\u212a.test",            # Kelvin sign: Unicode lower() would make it k.test
+])
+def test_refused_for_non_relay_client(rcpt, control):
+    (control / "rcpthosts").write_text("local.test\n.sub.test\nk.test\n")
+    policy = RecipientPolicy.load(control)
+    assert policy.check_rcpt(rcpt, None) == RELAY_553
+
+
+@pytest.mark.parametrize("rcpt", [
+    "user%foreign.test@local.test",
+    "foreign.test!user@local.test",
+    '"user@foreign.test"@local.test',
+    "user@foreign.test@local.test",
+    "user@foreign.test",
+    "user@[1.2.3.4]",
+    "user@local.test.",
+    "USER@FOREIGN.TEST",
+    "joe",
+])
+@pytest.mark.parametrize("relayclient", ["", "@fixme"])
+def test_relay_client_accepted_and_value_appended(policy, rcpt, relayclient):
+    assert policy.check_rcpt(rcpt, relayclient) is None
+    assert policy.final_rcpt(rcpt, relayclient) == rcpt + relayclient
+
+
+def test_final_rcpt_without_relayclient_is_unchanged(policy):
+    assert policy.final_rcpt("user@local.test", None) == "user@local.test"
+    assert policy.final_rcpt("joe", "@fixme") == "joe@fixme"
+
+
+@pytest.mark.parametrize("rcpt", ["a\0b@local.test", "a@local.test\r\nRCPT TO:<x@y>", "a\n@local.test"])
+def test_nul_cr_lf_are_syntax_errors_for_everyone(policy, rcpt):
+    assert policy.check_rcpt(rcpt, None) == SYNTAX_ERROR
+    assert policy.check_rcpt(rcpt, "") == SYNTAX_ERROR
+
+
+def test_undecodable_bytes_compare_exactly(tmp_path):
+    raw_domain = b"caf\xe9.test".decode("utf-8", "surrogateescape")
+    (tmp_path / "rcpthosts").write_bytes(b"caf\xe9.test\n")
+    policy = RecipientPolicy.load(tmp_path)
+    assert policy.check_rcpt("u@" + raw_domain, None) is None
+    assert policy.check_rcpt("u@CAF" + raw_domain[3:], None) is None
+    assert policy.check_rcpt("u@café.test", None) == RELAY_553
+
+
+def test_morercpthosts_cdb_only_and_text_ignored(tmp_path):
+    (tmp_path / "rcpthosts").write_text("local.test\n")
+    (tmp_path / "morercpthosts").write_text("text-only.test\n")  # not compiled: qmail ignores it
+    policy = RecipientPolicy.load(tmp_path)
+    assert policy.check_rcpt("u@text-only.test", None) == RELAY_553
+    write_cdb(tmp_path / "morercpthosts.cdb", [(b"cdb.test", b""), (b".cdbsub.test", b"")])
+    policy = RecipientPolicy.load(tmp_path)
+    assert policy.check_rcpt("u@cdb.test", None) is None
+    assert policy.check_rcpt("u@x.cdbsub.test", None) is None
+    assert policy.check_rcpt("u@cdbsub.test", None) == RELAY_553
+
+
+def test_many_morercpthosts(tmp_path):
+    (tmp_path / "rcpthosts").write_text("")
+    write_cdb(tmp_path / "morercpthosts.cdb", [(f"d{i}.test".encode(), b"") for i in range(5000)])
+    policy = RecipientPolicy("", CdbFile.open(tmp_path / "morercpthosts.cdb"))
+    assert all(policy.check_rcpt(f"u@D{i}.test", None) is None for i in range(0, 5000, 7))
+    assert policy.check_rcpt("u@d5000.test", None) == RELAY_553
+
+
+def test_empty_rcpthosts_accepts_no_domain(tmp_path):
+    (tmp_path / "rcpthosts").write_text("")
+    policy = RecipientPolicy.load(tmp_path)
+    assert policy.check_rcpt("u@anything.test", None) == RELAY_553
+    assert policy.check_rcpt("postmaster", None) is None
+
+
+def test_missing_rcpthosts_raises(tmp_path):
+    with pytest.raises(FileNotFoundError, match="rcpthosts"):
+        RecipientPolicy.load(tmp_path)
+
+
+def test_crlf_rcpthosts_kept_as_qmail_does(tmp_path):
+    # qmail keeps the CR, so the line never matches: same here (README: CRLF files).
+    (tmp_path / "rcpthosts").write_bytes(b"local.test\r\n")
+    policy = RecipientPolicy.load(tmp_path)
+    assert policy.check_rcpt("u@local.test", None) == RELAY_553
+
+
+# -- badmailfrom --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sender", [
+    "spammer@bad.test",
+    "SPAMMER@Bad.Test",
+    '"spammer"@bad.test',
+    "anyone@evil.test",
+    "anyone@EVIL.TEST",
+    "anyone@evil.test.",
+    '"x@good.test"@evil.test',
+])
+def test_badmailfrom_refused(policy, sender):
+    assert policy.sender_refused(sender) is True
+
+
+@pytest.mark.parametrize("sender", [
+    "",
+    "other@bad.test",
+    "spammer@bad.test.org",
+    "anyone@sub.evil.test",     # `@domain` is exact, no subdomains (qmail)
+    "anyone@evil.test.org",
+    "evil.test",
+    "x@good.test",
+])
+def test_badmailfrom_not_refused(policy, sender):
+    assert policy.sender_refused(sender) is False
+
+
+def test_no_badmailfrom_file(tmp_path):
+    (tmp_path / "rcpthosts").write_text("local.test\n")
+    assert RecipientPolicy.load(tmp_path).sender_refused("a@b.test") is False
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+def test_split_address():
+    assert split_address("a@b") == ("a", "b")
+    assert split_address("a") == ("a", None)
+    assert split_address("a@b@c") == ("a@b", "c")
+    assert split_address('"a@b"@c') == ('"a@b"', "c")
+    assert split_address('"a@b"') == ('"a@b"', None)
+    assert split_address("a\\@b") == ("a\\@b", None)
+    assert split_address('"a\\"@b"@c') == ('"a\\"@b"', "c")
+    assert split_address("") == ("", None)
+
+
+def test_unquote_address():
+    assert unquote_address('"a b"@c') == "a b@c"
+    assert unquote_address("a\\@b@c") == "a@b@c"
+    assert unquote_address("plain@c") == "plain@c"
+
+
+def test_rewrite_local_ip_literal():
+    ips = {"192.0.2.1"}
+    assert rewrite_local_ip_literal("postmaster@[192.0.2.1]", ips, "mx.test") == "postmaster@mx.test"
+    assert rewrite_local_ip_literal("postmaster@[0.0.0.0]", ips, "mx.test") == "postmaster@mx.test"
+    assert rewrite_local_ip_literal("postmaster@[192.0.2.2]", ips, "mx.test") == "postmaster@[192.0.2.2]"
+    assert rewrite_local_ip_literal("postmaster@[not.an.ip.x]", ips, "mx.test") == "postmaster@[not.an.ip.x]"
+    assert rewrite_local_ip_literal("postmaster@192.0.2.1", ips, "mx.test") == "postmaster@192.0.2.1"
+    assert rewrite_local_ip_literal("postmaster", ips, "mx.test") == "postmaster"
