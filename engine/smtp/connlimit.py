@@ -1,0 +1,98 @@
+"""Connection counts shared by the receiver processes (tcpserver -c, and a per-IP cap).
+
+The supervisor creates one `ConnectionTable` in shared memory before it forks the
+receivers; each receiver writes only its own row (one total and a fixed number of
+per-IP buckets), and a check sums the rows. Single-writer rows need no lock, and
+when a receiver dies the supervisor zeroes its row before restarting it, so a
+kill -9 cannot leak connection slots.
+
+A check and the increment that follows are not atomic across processes: at most
+one connection per receiver process can slip over a cap in a race, which bounds
+the overshoot by the process count. Per-IP counts share buckets by CRC-32 of the
+address; a collision can only make a cap stricter, never looser.
+
+This module owns no policy text: the session turns a refusal into the 421 reply.
+"""
+from __future__ import annotations
+
+import zlib
+from multiprocessing.sharedctypes import RawArray
+from typing import Any
+
+# Buckets per receiver row for per-IP counts: 4096 * 8 bytes = 32 KiB per row.
+IP_BUCKETS = 4096
+_ROW = 1 + IP_BUCKETS
+
+
+class ConnectionTable:
+    """Shared-memory counters: one row per receiver slot."""
+
+    __slots__ = ("rows", "_array")
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+        self._array: Any = RawArray("q", rows * _ROW)
+
+    def clear_row(self, slot: int) -> None:
+        """Forget every connection of a receiver that died (called by the supervisor)."""
+        base = slot * _ROW
+        a = self._array
+        for i in range(base, base + _ROW):
+            a[i] = 0
+
+    def total(self) -> int:
+        a = self._array
+        return sum(a[r * _ROW] for r in range(self.rows))
+
+    def counter(self, slot: int) -> "ConnectionCounter":
+        return ConnectionCounter(self, slot)
+
+
+class ConnectionCounter:
+    """One receiver's view: admits or refuses a new connection and counts it."""
+
+    __slots__ = ("_array", "_rows", "_base")
+
+    def __init__(self, table: ConnectionTable, slot: int) -> None:
+        if not 0 <= slot < table.rows:
+            raise ValueError(f"slot {slot} out of range 0..{table.rows - 1}")
+        self._array = table._array
+        self._rows = table.rows
+        self._base = slot * _ROW
+
+    @staticmethod
+    def _bucket(ip: str) -> int:
+        return 1 + zlib.crc32(ip.encode("ascii", "replace")) % IP_BUCKETS
+
+    def admit(self, ip: str, max_total: int, max_per_ip: int) -> str | None:
+        """Count the connection and return None, or return why it is refused
+        ("total" or "ip") without counting it. A cap of 0 means no cap."""
+        a = self._array
+        bucket = self._bucket(ip)
+        if max_total > 0:
+            total = 0
+            for r in range(self._rows):
+                total += a[r * _ROW]
+            if total >= max_total:
+                return "total"
+        if max_per_ip > 0:
+            n = 0
+            for r in range(self._rows):
+                n += a[r * _ROW + bucket]
+            if n >= max_per_ip:
+                return "ip"
+        a[self._base] += 1
+        a[self._base + bucket] += 1
+        return None
+
+    def release(self, ip: str) -> None:
+        a = self._array
+        bucket = self._base + self._bucket(ip)
+        if a[self._base] > 0:
+            a[self._base] -= 1
+        if a[bucket] > 0:
+            a[bucket] -= 1
+
+    def mine(self) -> int:
+        """Connections counted by this receiver."""
+        return int(self._array[self._base])

@@ -1,0 +1,167 @@
+"""One receiver process: an event loop serving SMTP sessions on inherited sockets.
+
+A `Receiver` owns what the sessions of one process share: the current config
+snapshot (swapped whole on reload; a connection keeps the snapshot it started
+with), the process's `Spool` (opened after the fork), this process's row of the
+shared connection counts, the commit tasks in flight, and the graceful stop.
+It never reads a control file on the hot path and never forks.
+
+`receiver_main` is the body of a receiver process started by the supervisor:
+uvloop loop, signal handlers (TERM = graceful stop, HUP = reload, ALRM =
+harmless), sessions until stopped. Every commit started before the stop is
+awaited before the spool is closed, so no accepted message is lost.
+"""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from engine.smtp.connlimit import ConnectionCounter
+from engine.smtp.session import SmtpSession
+
+log = logging.getLogger("qrelay.receiver")
+
+_PR_SET_PDEATHSIG = 1
+
+
+class Receiver:
+    """The process-wide side of the SMTP sessions (see the module docstring)."""
+
+    def __init__(self, config: Any, spool: Any, counter: ConnectionCounter,
+                 *, load_config: Callable[[], Any] | None = None) -> None:
+        self.config = config
+        self.spool = spool
+        self.counter = counter
+        self.load_config = load_config
+        self.pid = os.getpid()
+        self.uid = os.getuid()
+        self.sessions: set[SmtpSession] = set()
+        self.tasks: set[asyncio.Task] = set()
+        self.servers: list[asyncio.AbstractServer] = []
+        self.closing = False
+        self.sweeper: asyncio.Task | None = None
+        self.stopped = asyncio.Event()
+
+    # --- used by sessions -------------------------------------------------------------
+
+    def remote_host(self, ip: str) -> str | None:
+        # tcpserver -H: no reverse lookup. (settings.smtp.reverse_dns is not
+        # implemented yet; the name then comes only from a rule's TCPREMOTEHOST.)
+        return None
+
+    def start_commit(self, session: SmtpSession, envelope: Any, message: bytes) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(session.commit(envelope, message))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    # --- serving --------------------------------------------------------------------
+
+    async def serve(self, sockets: Iterable[socket.socket]) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in sockets:
+            server = await loop.create_server(lambda: SmtpSession(self), sock=sock, backlog=1024)
+            self.servers.append(server)
+        self.sweeper = loop.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        # One timer for all sessions instead of one per read: timeoutsmtpd has
+        # second granularity in qmail too.
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for session in list(self.sessions):
+                session.check_idle(now)
+
+    def reload(self) -> bool:
+        """Swap in a fresh config snapshot; keep the old one if the new is broken."""
+        if self.load_config is None:
+            return False
+        try:
+            config = self.load_config()
+        except Exception as exc:  # ConfigError or SettingsError: keep serving
+            log.warning("reload failed, keeping the previous configuration: %s", exc)
+            return False
+        self.config = config
+        log.info("configuration reloaded")
+        return True
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop accepting, let messages in flight finish (at most `grace` seconds),
+        then close the rest; every commit started is awaited."""
+        self.closing = True
+        for server in self.servers:
+            server.close()
+        for session in list(self.sessions):
+            session.begin_shutdown()
+        deadline = time.monotonic() + grace
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for session in list(self.sessions):
+            if not session.busy() or time.monotonic() >= deadline:
+                session.abort()
+        if self.tasks:
+            # A commit the spool has started must complete: its message may be
+            # durable already, and closing the spool under it could tear it.
+            await asyncio.gather(*list(self.tasks), return_exceptions=True)
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+        self.stopped.set()
+
+
+def set_parent_death_signal(sig: int = signal.SIGTERM) -> None:
+    """Ask Linux to send `sig` to this process when its parent dies, so killing the
+    supervisor alone never leaves receivers holding the port."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def receiver_main(root: str, sockets: list[socket.socket], counter: ConnectionCounter,
+                  parent_pid: int) -> None:
+    """Body of one receiver process (called in the forked child)."""
+    import uvloop
+
+    from engine.config.smtp import load_smtp_config
+    from engine.queue import Spool
+
+    set_parent_death_signal()
+    if os.getppid() != parent_pid:
+        return  # the supervisor died before we could ask to follow it
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    rootp = Path(root)
+    try:
+        config = load_smtp_config(rootp)
+        spool = Spool(rootp / "queue")
+    except Exception as exc:
+        log.error("receiver %d cannot start: %s", os.getpid(), exc)
+        raise SystemExit(1) from None
+    receiver = Receiver(config, spool, counter, load_config=lambda: load_smtp_config(rootp))
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, receiver.reload)
+    # SIGALRM means "flush the queue" to qmail-send; a receiver has nothing to flush,
+    # but the default action (terminate) must never apply.
+    loop.add_signal_handler(signal.SIGALRM, lambda: log.debug("receiver %d: SIGALRM ignored", receiver.pid))
+
+    async def main() -> None:
+        await receiver.serve(sockets)
+        await stop.wait()
+        await receiver.shutdown(receiver.config.settings.smtp.shutdown_grace)
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        spool.close()
+        loop.close()

@@ -1,0 +1,64 @@
+"""`qrelay run`: bind the listeners, then supervise the receiver processes.
+
+This module only composes: the sockets come from `engine.smtp.listeners`, the
+processes from `engine.supervisor`, the per-process work from
+`engine.smtp.receiver`. Services other than the receivers (scheduler, delivery
+workers) are added in `service_specs`.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from engine.smtp.connlimit import ConnectionTable
+from engine.smtp.listeners import ListenAddress, bind_listeners, bound_address
+from engine.smtp.receiver import receiver_main
+from engine.supervisor import ChildSpec, Supervisor
+
+
+def service_specs(root: Path, config: Any) -> list[ChildSpec]:
+    """Children `run` starts besides the receivers (the delivery issue adds the
+    scheduler and delivery workers here)."""
+    return []
+
+
+def serve(root: Path, listen: list[ListenAddress], procs: int,
+          announce: Callable[[list[ListenAddress]], None]) -> int:
+    """Run qrelay in the foreground until TERM/INT; returns the exit status.
+    Raises ConfigError / ListenError before anything starts."""
+    from engine.config.smtp import config_fingerprint, load_smtp_config
+
+    config = load_smtp_config(root)
+    smtp = config.settings.smtp
+    sockets = bind_listeners(listen)
+    try:
+        table = ConnectionTable(procs)
+        supervisor_pid = os.getpid()
+        receivers = ChildSpec(
+            "receiver",
+            target=lambda slot: receiver_main(str(root), sockets, table.counter(slot), supervisor_pid),
+            count=procs,
+            on_exit=table.clear_row,
+        )
+        fingerprint = [config_fingerprint(root)]
+
+        def control_files_changed() -> bool:
+            now = config_fingerprint(root)
+            if now != fingerprint[0]:
+                fingerprint[0] = now
+                return True
+            return False
+
+        supervisor = Supervisor(
+            [receivers, *service_specs(root, config)],
+            stop_grace=smtp.shutdown_grace + 2.0,
+            reload_check=control_files_changed,
+            reload_poll=smtp.reload_poll_seconds,
+        )
+        announce([bound_address(s) for s in sockets])
+        return supervisor.run()
+    finally:
+        for sock in sockets:
+            sock.close()

@@ -1,0 +1,498 @@
+"""One SMTP connection: qmail-smtpd's dialogue as an asyncio Protocol.
+
+A `SmtpSession` owns the state of one connection — HELO name, the transaction
+(sender, recipients), the line reader and the DATA scanner — and nothing else.
+Policy (rcpthosts, badmailfrom, RELAYCLIENT) comes from the config snapshot the
+connection started with; the spool commits the message; the receiver
+(`engine.smtp.receiver`) owns the process-wide parts (config swaps, connection
+counts, shutdown). A session must never reply 250 to DATA before the spool has
+committed the message, and never queue anything of a message that was refused.
+
+Hot path: every complete command in one `data_received` chunk is handled in one
+batch and the replies go out in one `transport.write` (qmail flushes only when
+it would block on input, so pipelined clients get their replies together).
+While the spool commits a message, reading is paused; the pipelined commands
+that followed the end marker wait in the line reader until the 250 is written.
+
+Replies are qmail-smtpd's texts (spec §1.3, §1.6) where qmail has one; the
+hardening replies qrelay adds are listed in `README.md`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from engine._smtpcore import TOO_LONG, DataScanner, LineReader, parse_command, parse_params, parse_path
+from engine.queue import Envelope, SpoolError, SpoolWriteError
+from engine.smtp.policy import rewrite_local_ip_literal
+from engine.smtp.received import queue_received_line, received_line
+
+if TYPE_CHECKING:
+    from engine.smtp.receiver import Receiver
+
+log = logging.getLogger("qrelay.smtpd")
+
+# Session states. RBL = rblsmtpd's blocking dialogue (spec §1.8).
+CMD, DATA, COMMIT, CLOSED, RBL = 0, 1, 2, 3, 4
+
+R_MAIL_OK = b"250 ok\r\n"
+R_RCPT_OK = b"250 ok\r\n"
+R_FLUSHED = b"250 flushed\r\n"
+R_NOOP = b"250 ok\r\n"
+R_VRFY = b"252 send some mail, i'll try my best\r\n"
+R_HELP = b"214 qrelay home page: https://notqmail.org (qmail-compatible)\r\n"
+R_UNIMPL = b"502 unimplemented (#5.5.1)\r\n"
+R_MAIL_FIRST = b"503 MAIL first (#5.5.1)\r\n"
+R_RCPT_FIRST = b"503 RCPT first (#5.5.1)\r\n"
+R_SYNTAX = b"555 syntax error (#5.5.4)\r\n"
+R_BADMAILFROM = b"553 sorry, your envelope sender is in my badmailfrom list (#5.7.1)\r\n"
+R_GO_AHEAD = b"354 go ahead\r\n"
+R_BARE_LF = b"451 See https://cr.yp.to/docs/smtplf.html.\r\n"
+R_TOO_BIG = b"552 sorry, that message size exceeds my databytes limit (#5.3.4)\r\n"
+R_HOPS = b"554 too many hops, this message is looping (#5.4.6)\r\n"
+R_NUL_DATA = b"554 sorry, message contains NUL bytes (#5.6.0)\r\n"
+R_BARE_CR = b"554 sorry, message contains a bare CR, which is not allowed (#5.6.0)\r\n"
+R_QQ_WRITE = b"451 qq write error or disk full (#4.3.0)\r\n"
+R_QQ_TEMP = b"451 qq temporary problem (#4.3.0)\r\n"
+R_TOO_MANY_RCPTS = b"452 sorry, too many recipients (#4.5.3)\r\n"
+R_LINE_TOO_LONG = b"500 sorry, that command line is too long (#5.5.2)\r\n"
+R_NUL_CMD = b"501 sorry, NUL bytes are not allowed in commands (#5.5.2)\r\n"
+R_TIMEOUT = b"451 timeout (#4.4.2)\r\n"
+
+_NUL = b"\0"
+
+
+def _text(b: bytes) -> str:
+    return b.decode("utf-8", "surrogateescape")
+
+
+class SmtpSession(asyncio.Protocol):
+    """qmail-smtpd for one connection (see the module docstring)."""
+
+    __slots__ = (
+        "receiver", "config", "transport", "state", "reader", "scanner", "out",
+        "remoteip", "remotehost", "remoteinfo", "localip", "local", "relayclient",
+        "databytes", "helo", "mail", "sender", "sender_refused", "rcpts",
+        "last_activity", "timeout", "counted", "paused_for_commit", "paused_for_write",
+        "write_paused", "greeting", "me", "max_rcpts", "max_hops", "refuse_bare_cr",
+        "task", "in_transaction", "connected_at", "rbl_reply",
+    )
+
+    def __init__(self, receiver: "Receiver") -> None:
+        self.receiver = receiver
+        self.config = receiver.config  # the snapshot this connection keeps
+        self.transport: Any = None
+        self.state = CMD
+        self.out: list[bytes] = []
+        self.counted = False
+        self.paused_for_commit = False
+        self.paused_for_write = False
+        self.write_paused = False
+        self.task: asyncio.Task | None = None
+        self.mail = False
+        self.sender = ""
+        self.sender_refused = False
+        self.rcpts: list[str] = []
+        self.helo: str | None = None
+        self.in_transaction = False
+
+    # --- connection lifecycle -------------------------------------------------------
+
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        self.transport = transport
+        cfg = self.config
+        st = cfg.settings.smtp
+        peer = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("sockname")
+        self.remoteip = peer[0] if peer else "unknown"
+        self.localip = sock[0] if sock else "unknown"
+        self.last_activity = self.connected_at = time.monotonic()
+        receiver = self.receiver
+        refused = receiver.counter.admit(self.remoteip, cfg.concurrencyincoming, st.max_connections_per_ip)
+        if refused is not None:
+            why = "too many connections" if refused == "total" else "too many connections from your address"
+            transport.write(f"421 {cfg.me} {why}, try again later\r\n".encode())
+            transport.close()
+            self.state = CLOSED
+            return
+        self.counted = True
+        receiver.sessions.add(self)
+        rule = cfg.rules.match(self.remoteip)
+        if not rule.allow:
+            # tcpserver closes a denied connection without running qmail-smtpd.
+            transport.close()
+            self.state = CLOSED
+            return
+        env = rule.env
+        self.relayclient = env.get("RELAYCLIENT")
+        self.remotehost = env.get("TCPREMOTEHOST") or receiver.remote_host(self.remoteip) or "unknown"
+        self.remoteinfo = env.get("TCPREMOTEINFO")
+        self.local = env.get("TCPLOCALHOST") or cfg.me
+        databytes = cfg.databytes
+        if "DATABYTES" in env:
+            # qmail: the DATABYTES variable wins over control/databytes.
+            digits = ""
+            for c in env["DATABYTES"]:
+                if not c.isdigit():
+                    break
+                digits += c
+            databytes = int(digits) if digits else 0
+        self.databytes = databytes
+        self.timeout = cfg.timeout if cfg.timeout > 0 else 1
+        self.me = cfg.me
+        self.greeting = cfg.greeting
+        self.max_rcpts = st.max_recipients
+        self.max_hops = st.max_hops
+        self.refuse_bare_cr = st.refuse_bare_cr
+        self.reader = LineReader(st.max_line_length)
+        self.scanner = DataScanner(databytes if databytes > 0 else st.max_message_bytes)
+        rbl = env.get("RBLSMTPD")
+        if rbl:
+            self._start_rbl_block(rbl)
+            return
+        transport.write(f"220 {self.greeting} ESMTP\r\n".encode())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.state = CLOSED
+        if self.counted:
+            self.counted = False
+            self.receiver.counter.release(self.remoteip)
+        self.receiver.sessions.discard(self)
+        # A commit in flight finishes on its own (the message is then queued although
+        # the client never saw the 250: the same as qmail, delivery at least once).
+
+    def pause_writing(self) -> None:
+        # The client does not read its replies: stop reading its commands so the
+        # write buffer cannot grow without bound.
+        self.write_paused = True
+        if not self.paused_for_write and self.transport is not None:
+            self.paused_for_write = True
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.paused_for_write:
+            self.paused_for_write = False
+            if not self.paused_for_commit and self.state in (CMD, DATA):
+                self.transport.resume_reading()
+
+    def eof_received(self) -> bool:
+        return False  # close; qmail exits silently on EOF
+
+    # --- input ----------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = time.monotonic()
+        state = self.state
+        if state == DATA:
+            self._feed_data(data)
+            if self.state == CMD:
+                self._run_commands()
+        elif state == CMD:
+            self.reader.feed(data)
+            self._run_commands()
+        elif state == RBL:
+            self.reader.feed(data)
+            self._run_rbl_commands()
+        else:
+            return  # COMMIT (reading paused; stray bytes from a racing read) or CLOSED
+        if self.receiver.closing and self.state == CMD and not self.in_transaction:
+            self.out.append(self.shutdown_reply())
+            self._close_after_flush()
+        elif self.out:
+            self._flush()
+
+    def _flush(self) -> None:
+        out = self.out
+        if len(out) == 1:
+            self.transport.write(out[0])
+        else:
+            self.transport.write(b"".join(out))
+        out.clear()
+
+    def _close_after_flush(self) -> None:
+        if self.out:
+            self._flush()
+        self.state = CLOSED
+        self.transport.close()
+
+    def _run_commands(self) -> None:
+        reader = self.reader
+        while self.state == CMD:
+            line = reader.next_line()
+            if line is None:
+                return
+            if line is TOO_LONG:
+                self.out.append(R_LINE_TOO_LONG)
+                continue
+            self._command(line)
+
+    def _command(self, line: bytes) -> None:
+        out = self.out
+        if _NUL in line:
+            out.append(R_NUL_CMD)
+            return
+        verb, arg = parse_command(line)
+        if verb == b"RCPT":
+            self._rcpt(arg)
+        elif verb == b"MAIL":
+            self._mail(arg)
+        elif verb == b"DATA":
+            self._data()
+        elif verb == b"EHLO":
+            self._helo(arg)
+            out.append(f"250-{self.greeting}\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE {self.databytes}\r\n".encode())
+        elif verb == b"HELO":
+            self._helo(arg)
+            out.append(f"250 {self.greeting}\r\n".encode())
+        elif verb == b"RSET":
+            self._reset_transaction()
+            out.append(R_FLUSHED)
+        elif verb == b"NOOP":
+            out.append(R_NOOP)
+        elif verb == b"QUIT":
+            out.append(f"221 {self.greeting}\r\n".encode())
+            self._close_after_flush()
+        elif verb == b"VRFY":
+            out.append(R_VRFY)
+        elif verb == b"HELP":
+            out.append(R_HELP)
+        else:
+            out.append(R_UNIMPL)
+
+    # --- commands -------------------------------------------------------------------
+
+    def _helo(self, arg: bytes) -> None:
+        self.helo = _text(arg)
+        self._reset_transaction()
+
+    def _reset_transaction(self) -> None:
+        self.mail = False
+        self.sender = ""
+        self.sender_refused = False
+        self.rcpts = []
+        self.in_transaction = False
+
+    def _mail(self, arg: bytes) -> None:
+        parsed = parse_path(arg)
+        if parsed is None:
+            self.out.append(R_SYNTAX)
+            return
+        addr, rest = parsed
+        if rest and self.databytes > 0:
+            params = parse_params(rest)
+            if params:
+                for key, value in params:
+                    if key == b"SIZE" and value is not None and value.isdigit() and int(value) > self.databytes:
+                        self.out.append(R_TOO_BIG)
+                        return
+        # A second MAIL restarts the transaction (qmail).
+        sender = self._address(addr)
+        self.mail = True
+        self.in_transaction = True
+        self.sender = sender
+        self.rcpts = []
+        self.sender_refused = self.config.policy.sender_refused(sender)
+        self.out.append(R_MAIL_OK)
+
+    def _address(self, addr: bytes) -> str:
+        # qmail replaces a bracketed literal of one of this host's addresses by
+        # control/localiphost (spec §1.4 step 4); ours = the address the client
+        # connected to (and 0.0.0.0).
+        text = _text(addr)
+        if text.endswith("]"):
+            text = rewrite_local_ip_literal(text, (self.localip,), self.config.localiphost)
+        return text
+
+    def _rcpt(self, arg: bytes) -> None:
+        out = self.out
+        if not self.mail:
+            out.append(R_MAIL_FIRST)
+            return
+        parsed = parse_path(arg)
+        if parsed is None:
+            out.append(R_SYNTAX)
+            return
+        if self.sender_refused:
+            out.append(R_BADMAILFROM)
+            return
+        if len(self.rcpts) >= self.max_rcpts:
+            out.append(R_TOO_MANY_RCPTS)
+            return
+        rcpt = self._address(parsed[0])
+        policy = self.config.policy
+        refusal = policy.check_rcpt(rcpt, self.relayclient)
+        if refusal is not None:
+            out.append(refusal.encode("utf-8", "surrogateescape") + b"\r\n")
+            return
+        self.rcpts.append(policy.final_rcpt(rcpt, self.relayclient))
+        out.append(R_RCPT_OK)
+
+    def _data(self) -> None:
+        if not self.mail:
+            self.out.append(R_MAIL_FIRST)
+            return
+        if not self.rcpts:
+            self.out.append(R_RCPT_FIRST)
+            return
+        self.out.append(R_GO_AHEAD)
+        self.state = DATA
+        self.scanner.reset()
+        rest = self.reader.take_buffer()
+        if rest:
+            self._feed_data(rest)
+
+    # --- DATA -----------------------------------------------------------------------
+
+    def _feed_data(self, data: bytes) -> None:
+        scanner = self.scanner
+        used = scanner.feed(data)
+        if scanner.bare_lf:
+            # qmail answers the first bare LF at once and drops the connection:
+            # nothing of the message is queued and nothing after it is read.
+            self.out.append(R_BARE_LF)
+            self._reset_transaction()
+            self._close_after_flush()
+            return
+        if not scanner.done:
+            return
+        if used < len(data):
+            self.reader.feed(data[used:])
+        self._end_data()
+
+    def _end_data(self) -> None:
+        scanner = self.scanner
+        sender, rcpts = self.sender, self.rcpts
+        self._reset_transaction()  # DATA ends the transaction whatever the outcome
+        self.state = CMD
+        if scanner.hops > self.max_hops:
+            self.out.append(R_HOPS)
+        elif scanner.too_big:
+            self.out.append(R_TOO_BIG)
+        elif scanner.has_nul:
+            self.out.append(R_NUL_DATA)
+        elif scanner.bare_cr and self.refuse_bare_cr:
+            self.out.append(R_BARE_CR)
+        else:
+            self._start_commit(sender, rcpts, scanner.message)
+        scanner.reset()
+
+    def _start_commit(self, sender: str, rcpts: list[str], body: bytes) -> None:
+        receiver = self.receiver
+        now = time.time()
+        pid = receiver.pid
+        message = b"".join((
+            queue_received_line(pid=pid, origin="network", uid=receiver.uid, when=now),
+            received_line(remotehost=self.remotehost, helo=self.helo, remoteip=self.remoteip,
+                          remoteinfo=self.remoteinfo, local=self.local, when=now),
+            body,
+        ))
+        envelope = Envelope(sender=sender, recipients=tuple(rcpts), pid=pid, uid=receiver.uid, origin="network")
+        self.state = COMMIT
+        if not self.paused_for_write:
+            self.transport.pause_reading()
+        self.paused_for_commit = True
+        self.task = receiver.start_commit(self, envelope, message)
+
+    async def commit(self, envelope: Envelope, message: bytes) -> None:
+        """Queue the message; reply 250 only once the spool says it is durable."""
+        try:
+            msgid = await self.receiver.spool.submit(envelope, message)
+        except SpoolWriteError as exc:
+            log.warning("smtpd %s: spool write error: %s", self.remoteip, exc)
+            reply = R_QQ_WRITE
+        except SpoolError as exc:
+            log.warning("smtpd %s: spool error: %s", self.remoteip, exc)
+            reply = R_QQ_TEMP
+        except Exception:  # never let one message kill the receiver
+            log.exception("smtpd %s: unexpected error while queueing", self.remoteip)
+            reply = R_QQ_TEMP
+        else:
+            reply = f"250 ok {int(time.time())} qp {msgid}\r\n".encode()
+        self.task = None
+        self.paused_for_commit = False
+        if self.state == CLOSED:
+            return
+        self.last_activity = time.monotonic()
+        self.state = CMD
+        self.out.append(reply)
+        if self.receiver.closing:
+            self.out.append(self.shutdown_reply())
+            self._close_after_flush()
+            return
+        self._run_commands()
+        if self.state == CLOSED:
+            return
+        if self.out:
+            self._flush()
+        if self.state in (CMD, DATA) and not self.paused_for_write and not self.paused_for_commit:
+            self.transport.resume_reading()
+
+    # --- rblsmtpd ---------------------------------------------------------------------
+
+    def _start_rbl_block(self, text: str) -> None:
+        # RBLSMTPD set and non-empty (spec §1.8): "-text" blocks permanently (553),
+        # anything else temporarily (451); the text is cut to 200 bytes and made printable.
+        code = "451"
+        if text.startswith("-"):
+            code, text = "553", text[1:]
+        raw = text.encode("utf-8", "surrogateescape")[:200]
+        clean = bytes(c if 32 <= c <= 126 else 63 for c in raw)
+        self.rbl_reply = code.encode() + b" " + clean + b"\r\n"
+        self.state = RBL
+        log.info("rblsmtpd: %s pid %d: %s", self.remoteip, self.receiver.pid, self.rbl_reply[:-2].decode("ascii"))
+        self.transport.write(b"220 rblsmtpd.local\r\n")
+
+    def _run_rbl_commands(self) -> None:
+        reader = self.reader
+        while self.state == RBL:
+            line = reader.next_line()
+            if line is None:
+                return
+            if line is TOO_LONG:
+                self.out.append(self.rbl_reply)
+                continue
+            verb = parse_command(line)[0]
+            if verb in (b"HELO", b"EHLO", b"MAIL", b"RSET", b"NOOP"):
+                self.out.append(b"250 rblsmtpd.local\r\n")
+            elif verb == b"QUIT":
+                self.out.append(b"221 rblsmtpd.local\r\n")
+                self._close_after_flush()
+            else:
+                self.out.append(self.rbl_reply)
+
+    # --- called by the receiver -----------------------------------------------------
+
+    def shutdown_reply(self) -> bytes:
+        return f"421 {self.me} service shutting down, try again later (#4.3.2)\r\n".encode()
+
+    def busy(self) -> bool:
+        """True while a message is being received or committed (shutdown waits for it)."""
+        return self.state in (DATA, COMMIT)
+
+    def begin_shutdown(self) -> None:
+        """Close now unless a message is in flight; then close after its reply."""
+        if self.state in (CMD,) and not self.in_transaction:
+            self.out.append(self.shutdown_reply())
+            self._close_after_flush()
+
+    def check_idle(self, now: float) -> None:
+        """Called about once a second: qmail's timeoutsmtpd (451, then close);
+        rblsmtpd drops a blocked client after its own timeout (-t)."""
+        if self.state == RBL:
+            if now - self.connected_at >= self.config.settings.smtp.rblsmtpd_timeout:
+                self.state = CLOSED
+                self.transport.close()
+            return
+        if self.state in (CMD, DATA) and now - self.last_activity >= self.timeout:
+            self.out.clear()
+            self.out.append(R_TIMEOUT)
+            self._close_after_flush()
+
+    def abort(self) -> None:
+        self.state = CLOSED
+        if self.transport is not None:
+            self.transport.abort()

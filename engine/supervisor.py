@@ -1,0 +1,191 @@
+"""The process tree of `qrelay run`: start named children, restart them, stop them.
+
+The supervisor is the foreground process. It never daemonises and every process
+it starts is its child (forked, so listening sockets and shared memory are
+inherited), so a service manager — or kill -9 of the process group — sees all of
+them. It owns only process lifetimes and signals:
+
+- a child that exits or is killed is restarted, with a backoff that grows while
+  it keeps dying quickly (0.1 s doubling to 10 s) and resets once it has run a while;
+- TERM/INT: forward TERM to every child, wait up to `stop_grace` seconds, then KILL;
+- HUP: forwarded to the children whose spec asks for it (the receivers reload);
+- ALRM: forwarded likewise (qmail's "flush now"; the delivery side will use it);
+- `reload_check`, polled every `reload_poll` seconds, may ask for a HUP round
+  (control files changed).
+
+It must never do a child's work itself, so a bug in a service can kill only that
+service's process. Other services (scheduler, delivery workers) join by adding a
+`ChildSpec`.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("qrelay.supervisor")
+
+BACKOFF_START = 0.1
+BACKOFF_MAX = 10.0
+# A child that ran this long before dying is restarted at once (backoff reset).
+HEALTHY_AFTER = 30.0
+
+
+@dataclass(slots=True, frozen=True)
+class ChildSpec:
+    """`count` processes running `target(slot)`; slot is 0..count-1 and stays the
+    same across restarts. `on_exit(slot)` runs in the supervisor after a child of
+    this spec died, before it is restarted (e.g. to clear shared counters)."""
+    name: str
+    target: Callable[[int], None]
+    count: int = 1
+    forward_signals: frozenset[int] = field(
+        default_factory=lambda: frozenset({signal.SIGHUP, signal.SIGALRM}))
+    on_exit: Callable[[int], None] | None = None
+
+
+@dataclass(slots=True)
+class _Child:
+    spec: ChildSpec
+    slot: int
+    process: Any = None
+    started: float = 0.0
+    backoff: float = BACKOFF_START
+    restart_at: float = 0.0
+    restarts: int = 0
+
+
+def _child_entry(target: Callable[[int], None], slot: int) -> None:
+    # Forked children inherit the supervisor's Python signal handlers: put back
+    # harmless ones until the child installs its own. INT is ignored because a
+    # terminal's Ctrl-C reaches the whole group; the supervisor turns it into TERM.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGALRM, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    target(slot)
+
+
+class Supervisor:
+    """Runs the children of `specs` until TERM/INT (see the module docstring)."""
+
+    def __init__(self, specs: Sequence[ChildSpec], *, stop_grace: float = 10.0,
+                 reload_check: Callable[[], bool] | None = None, reload_poll: float = 5.0,
+                 tick: float = 0.05) -> None:
+        self.children = [_Child(spec, slot) for spec in specs for slot in range(spec.count)]
+        self.stop_grace = stop_grace
+        self.reload_check = reload_check
+        self.reload_poll = reload_poll
+        self.tick = tick
+        self._pending: list[int] = []
+        self._context = multiprocessing.get_context("fork")
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._pending.append(signum)
+
+    def _start(self, child: _Child) -> None:
+        name = f"qrelay-{child.spec.name}-{child.slot}"
+        proc = self._context.Process(target=_child_entry, args=(child.spec.target, child.slot), name=name)
+        proc.daemon = False
+        proc.start()
+        child.process = proc
+        child.started = time.monotonic()
+        log.info("started %s pid %d", name, proc.pid)
+
+    def _forward(self, signum: int) -> None:
+        for child in self.children:
+            proc = child.process
+            if proc is not None and proc.pid and signum in child.spec.forward_signals and proc.exitcode is None:
+                try:
+                    os.kill(proc.pid, signum)
+                except ProcessLookupError:
+                    pass
+
+    def _reap(self, now: float) -> None:
+        for child in self.children:
+            proc = child.process
+            if proc is None:
+                if now >= child.restart_at:
+                    self._start(child)
+                continue
+            if proc.is_alive():
+                continue
+            code, pid = proc.exitcode, proc.pid
+            proc.close()
+            child.process = None
+            log.warning("%s-%d (pid %d) exited with status %s; restarting", child.spec.name, child.slot, pid, code)
+            if child.spec.on_exit is not None:
+                child.spec.on_exit(child.slot)
+            if now - child.started > HEALTHY_AFTER:
+                child.backoff = BACKOFF_START
+            child.restart_at = now + child.backoff
+            child.backoff = min(child.backoff * 2, BACKOFF_MAX)
+            child.restarts += 1
+
+    def pids(self) -> list[int]:
+        return [c.process.pid for c in self.children if c.process is not None and c.process.pid]
+
+    def run(self) -> int:
+        """Start every child, supervise until TERM/INT, stop them; returns the exit status."""
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM):
+            signal.signal(sig, self._on_signal)
+        for child in self.children:
+            self._start(child)
+        next_reload_poll = time.monotonic() + self.reload_poll
+        stopping = False
+        while not stopping:
+            time.sleep(self.tick)
+            while self._pending:
+                signum = self._pending.pop(0)
+                if signum in (signal.SIGTERM, signal.SIGINT):
+                    stopping = True
+                    break
+                if signum == signal.SIGHUP:
+                    log.info("SIGHUP: reloading")
+                self._forward(signum)
+            if stopping:
+                break
+            now = time.monotonic()
+            self._reap(now)
+            if self.reload_check is not None and now >= next_reload_poll:
+                next_reload_poll = now + self.reload_poll
+                try:
+                    changed = self.reload_check()
+                except Exception as exc:  # a broken file is the children's to report
+                    log.warning("reload check failed: %s", exc)
+                    changed = False
+                if changed:
+                    log.info("control files changed: reloading")
+                    self._forward(signal.SIGHUP)
+        return self._stop()
+
+    def _stop(self) -> int:
+        log.info("stopping")
+        for child in self.children:
+            proc = child.process
+            if proc is not None and proc.exitcode is None:
+                try:
+                    os.kill(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + self.stop_grace
+        status = 0
+        for child in self.children:
+            proc = child.process
+            if proc is None:
+                continue
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.exitcode is None:
+                log.error("%s-%d (pid %d) did not stop in time: killing it",
+                          child.spec.name, child.slot, proc.pid)
+                proc.kill()
+                proc.join(5)
+                status = 1
+            child.process = None
+        return status

@@ -1,0 +1,227 @@
+"""Test helpers for the SMTP receiver: an in-process server, a raw client, a fake spool,
+and `qrelay run` as a subprocess (always stopped by its own pid)."""
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from engine.queue import SpoolError, SpoolWriteError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class FakeSpool:
+    """In-memory spool with the `submit` of contract B; can be told to fail or wait."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[object, bytes]] = []
+        self.fail: Exception | None = None
+        self.delay = 0.0
+        self.next_id = 1000
+        self.closed = False
+
+    async def submit(self, envelope, message: bytes) -> int:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.fail is not None:
+            raise self.fail
+        self.next_id += 1
+        self.messages.append((envelope, message))
+        return self.next_id
+
+    def enqueue(self, envelope, message: bytes) -> int:
+        self.next_id += 1
+        self.messages.append((envelope, message))
+        return self.next_id
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class InProcessServer:
+    """The receiver (Receiver + SmtpSession) on a uvloop loop in a thread."""
+
+    def __init__(self, root: Path, spool=None, rows: int = 1) -> None:
+        import uvloop
+
+        from engine.config.smtp import load_smtp_config
+        from engine.smtp.connlimit import ConnectionTable
+        from engine.smtp.receiver import Receiver
+
+        self.root = root
+        self.spool = spool if spool is not None else FakeSpool()
+        self.table = ConnectionTable(rows)
+        self.loop = uvloop.new_event_loop()
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(1024)
+        self.sock.setblocking(False)
+        self.port = self.sock.getsockname()[1]
+        self.receiver = Receiver(load_smtp_config(root), self.spool, self.table.counter(0),
+                                 load_config=lambda: load_smtp_config(root))
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        started = threading.Event()
+        self._started = started
+        self.thread.start()
+        started.wait(5)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self.receiver.serve([self.sock]))
+        self._started.set()
+        self.loop.run_forever()
+
+    def call(self, fn, *args):
+        """Run fn(*args) on the loop thread and return its result."""
+        fut = asyncio.run_coroutine_threadsafe(_call(fn, *args), self.loop)
+        return fut.result(5)
+
+    def reload(self) -> bool:
+        return self.call(self.receiver.reload)
+
+    def shutdown(self, grace: float = 2.0) -> None:
+        fut = asyncio.run_coroutine_threadsafe(self.receiver.shutdown(grace), self.loop)
+        fut.result(grace + 5)
+
+    def stop(self) -> None:
+        if self.loop.is_running():
+            if not self.receiver.closing:
+                try:
+                    self.shutdown(0.5)
+                except Exception:
+                    pass
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(5)
+        self.sock.close()
+
+
+async def _call(fn, *args):
+    return fn(*args)
+
+
+class RawClient:
+    """A plain socket speaking SMTP byte by byte, for exact replies."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 5.0) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.buf = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def line(self) -> bytes:
+        """The next reply line with its CRLF; b"" at EOF."""
+        while b"\r\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                out, self.buf = self.buf, b""
+                return out
+            self.buf += chunk
+        i = self.buf.index(b"\r\n") + 2
+        out, self.buf = self.buf[:i], self.buf[i:]
+        return out
+
+    def reply(self) -> bytes:
+        """A whole (possibly multi-line) reply, CRLFs kept."""
+        out = b""
+        while True:
+            ln = self.line()
+            out += ln
+            if not ln or len(ln) < 4 or ln[3:4] != b"-":
+                return out
+
+    def cmd(self, line: bytes) -> bytes:
+        self.send(line + b"\r\n")
+        return self.reply()
+
+    def closed(self, timeout: float = 3.0) -> bool:
+        """True if the server closed the connection (EOF or reset) within timeout."""
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    return True
+        except ConnectionResetError:
+            return True
+        except (socket.timeout, TimeoutError):
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+LISTEN_RE = re.compile(r"qrelay: listening on (\S+?):(\d+)")
+
+
+class RunningQrelay:
+    """`qrelay run ROOT --listen 127.0.0.1:0` in its own process group."""
+
+    def __init__(self, root: Path, procs: int = 2, extra: tuple[str, ...] = (), timeout: float = 20.0) -> None:
+        self.root = root
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", "run", str(root), "--listen", "127.0.0.1:0",
+             "--procs", str(procs), *extra],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
+        )
+        self.port = 0
+        deadline = time.monotonic() + timeout
+        line = self.proc.stdout.readline()
+        m = LISTEN_RE.search(line)
+        if not m:
+            self.stop()
+            raise RuntimeError(f"qrelay run did not start: {line!r} {self.proc.stderr.read()!r}")
+        self.port = int(m.group(2))
+        # Wait until a receiver answers.
+        while time.monotonic() < deadline:
+            try:
+                c = RawClient(self.port, timeout=2)
+                greeting = c.line()
+                c.close()
+                if greeting.startswith(b"220"):
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("qrelay run never greeted")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def children(self) -> list[int]:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)],
+                             capture_output=True, text=True).stdout
+        return [int(x) for x in out.split()]
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM, then SIGKILL of the whole group after `timeout`."""
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if self.proc.poll() is None:
+            self.proc.wait(5)
+        for f in (self.proc.stdout, self.proc.stderr):
+            if f:
+                f.close()
+        return self.proc.returncode

@@ -1,0 +1,440 @@
+"""qmail-smtpd's dialogue over real sockets (in-process receiver, in-memory spool)."""
+from __future__ import annotations
+
+import re
+import socket
+import smtplib
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.queue import SpoolWriteError
+from tests.smtp_harness import FakeSpool, InProcessServer, RawClient
+
+ME = "mx.example.com"
+OK_RE = re.compile(rb"^250 ok (\d+) qp (\d+)\r\n$")
+
+
+def write_control(root: Path, name: str, text: str) -> None:
+    (root / "control" / name).write_text(text)
+
+
+@pytest.fixture
+def make_server(root: Path):
+    servers: list[InProcessServer] = []
+
+    def make(spool=None, **controls: str) -> InProcessServer:
+        for name, text in controls.items():
+            if name == "qrelay_toml":
+                (root / "qrelay.toml").write_text(text)
+            else:
+                write_control(root, name.replace("_", "."), text)
+        srv = InProcessServer(root, spool)
+        servers.append(srv)
+        return srv
+
+    yield make
+    for srv in servers:
+        srv.stop()
+
+
+@pytest.fixture
+def connect():
+    """RawClient factory; every client is closed at teardown."""
+    made: list[RawClient] = []
+
+    def make(port: int, **kw) -> RawClient:
+        c = RawClient(port, **kw)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+@pytest.fixture
+def server(make_server) -> InProcessServer:
+    """127.0.0.1 may relay (the default tcp.smtp of `qrelay init`)."""
+    return make_server()
+
+
+@pytest.fixture
+def client(server, connect):
+    c = connect(server.port)
+    assert c.line() == f"220 {ME} ESMTP\r\n".encode()
+    yield c
+    c.close()
+
+
+def transaction(c: RawClient, body: bytes = b"Subject: t\r\n\r\nhello\r\n", rcpt: bytes = b"x@sink.test") -> bytes:
+    assert c.cmd(b"MAIL FROM:<a@example.org>") == b"250 ok\r\n"
+    assert c.cmd(b"RCPT TO:<" + rcpt + b">") == b"250 ok\r\n"
+    assert c.cmd(b"DATA") == b"354 go ahead\r\n"
+    c.send(body + b".\r\n")
+    return c.reply()
+
+
+def test_greeting_and_simple_replies(client):
+    assert client.cmd(b"EHLO client.test") == (
+        f"250-{ME}\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 0\r\n".encode())
+    assert client.cmd(b"HELO client.test") == f"250 {ME}\r\n".encode()
+    assert client.cmd(b"NOOP") == b"250 ok\r\n"
+    assert client.cmd(b"noop with args") == b"250 ok\r\n"
+    assert client.cmd(b"VRFY x@sink.test") == b"252 send some mail, i'll try my best\r\n"
+    assert client.cmd(b"HELP").startswith(b"214 ")
+    for verb in (b"FOO bar", b"EXPN x", b"AUTH LOGIN", b"STARTTLS", b"ETRN x", b""):
+        assert client.cmd(verb) == b"502 unimplemented (#5.5.1)\r\n"
+    assert client.cmd(b"RCPT TO:<x@sink.test>") == b"503 MAIL first (#5.5.1)\r\n"
+    assert client.cmd(b"DATA") == b"503 MAIL first (#5.5.1)\r\n"
+    assert client.cmd(b"MAIL FROM:<a@example.org>") == b"250 ok\r\n"
+    assert client.cmd(b"DATA") == b"503 RCPT first (#5.5.1)\r\n"
+    assert client.cmd(b"RSET") == b"250 flushed\r\n"
+    assert client.cmd(b"RCPT TO:<x@sink.test>") == b"503 MAIL first (#5.5.1)\r\n"
+    assert client.cmd(b"QUIT") == f"221 {ME}\r\n".encode()
+    assert client.closed()
+
+
+def test_bare_lf_commands_and_lower_case_verbs(client):
+    client.send(b"ehlo c\nmail from:<a@b>\nrcpt to:<x@sink.test>\n")
+    assert client.reply().startswith(b"250-")
+    assert client.reply() == b"250 ok\r\n"
+    assert client.reply() == b"250 ok\r\n"
+
+
+def test_helo_ends_transaction(client):
+    assert client.cmd(b"MAIL FROM:<a@example.org>") == b"250 ok\r\n"
+    client.cmd(b"HELO again")
+    assert client.cmd(b"RCPT TO:<x@sink.test>") == b"503 MAIL first (#5.5.1)\r\n"
+
+
+def test_smtpgreeting_and_databytes_in_ehlo(make_server, connect):
+    srv = make_server(smtpgreeting="mx.example.com NO UCE\n", databytes="10000\n")
+    c = connect(srv.port)
+    assert c.line() == b"220 mx.example.com NO UCE ESMTP\r\n"
+    assert c.cmd(b"EHLO x") == b"250-mx.example.com NO UCE\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 10000\r\n"
+    assert c.cmd(b"QUIT") == b"221 mx.example.com NO UCE\r\n"
+    c.close()
+
+
+def test_message_is_queued_with_qmail_received_lines(server, client):
+    client.cmd(b"EHLO client.test")
+    body = b"Subject: t\r\n\r\nhello\r\n..leading dot\r\n.x\r\n"
+    before = int(time.time())
+    reply = transaction(client, body)
+    m = OK_RE.match(reply)
+    assert m, reply
+    assert before <= int(m.group(1)) <= time.time() + 1
+    assert len(server.spool.messages) == 1
+    env, msg = server.spool.messages[0]
+    assert int(m.group(2)) == server.spool.next_id  # qp = the spool's message id
+    assert env.sender == "a@example.org"
+    assert env.recipients == ("x@sink.test",)
+    assert env.origin == "network"
+    lines = msg.split(b"\r\n")
+    assert re.fullmatch(rb"Received: \(qmail \d+ invoked from network\); \d{1,2} \w{3} \d{4} \d\d:\d\d:\d\d -0000", lines[0]), lines[0]
+    assert lines[1] == b"Received: from unknown (HELO client.test) (127.0.0.1)"
+    assert re.fullmatch(rb"  by mx\.example\.com with SMTP; \d{1,2} \w{3} \d{4} \d\d:\d\d:\d\d -0000", lines[2]), lines[2]
+    assert msg.endswith(b"\r\nSubject: t\r\n\r\nhello\r\n.leading dot\r\nx\r\n")
+
+
+def test_no_helo_received_line_and_empty_message(server, client):
+    reply = transaction(client, b"")
+    assert OK_RE.match(reply)
+    msg = server.spool.messages[0][1]
+    assert msg.split(b"\r\n")[1] == b"Received: from unknown (127.0.0.1)"
+
+
+def test_relayclient_value_is_appended(make_server, root, connect):
+    srv = make_server(tcp_smtp='127.:allow,RELAYCLIENT="@fixme"\n')
+    c = connect(srv.port)
+    c.line()
+    assert OK_RE.match(transaction(c, rcpt=b"joe"))
+    assert srv.spool.messages[0][0].recipients == ("joe@fixme",)
+    c.close()
+
+
+def test_whole_transaction_pipelined_in_one_write(server, connect):
+    c = connect(server.port)
+    c.line()
+    c.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<x@sink.test>\r\nRCPT TO:<y@sink.test>\r\n"
+           b"DATA\r\nSubject: p\r\n\r\nbody\r\n.\r\nMAIL FROM:<b@example.org>\r\nRCPT TO:<z@sink.test>\r\n"
+           b"DATA\r\nSubject: q\r\n\r\nbody2\r\n.\r\nQUIT\r\n")
+    # Replies to the commands before the first end marker come back in one write.
+    first = c.sock.recv(65536)
+    assert first.startswith(f"250-{ME}\r\n".encode()) and first.count(b"\r\n") >= 7, first
+    c.buf = first
+    assert c.reply().startswith(b"250-")
+    assert [c.reply() for _ in range(4)] == [b"250 ok\r\n", b"250 ok\r\n", b"250 ok\r\n", b"354 go ahead\r\n"]
+    assert OK_RE.match(c.reply())
+    assert [c.reply() for _ in range(3)] == [b"250 ok\r\n", b"250 ok\r\n", b"354 go ahead\r\n"]
+    assert OK_RE.match(c.reply())
+    assert c.reply() == f"221 {ME}\r\n".encode()
+    assert c.closed()
+    msgs = server.spool.messages
+    assert [m[0].recipients for m in msgs] == [("x@sink.test", "y@sink.test"), ("z@sink.test",)]
+    assert msgs[0][1].endswith(b"Subject: p\r\n\r\nbody\r\n") and msgs[1][1].endswith(b"Subject: q\r\n\r\nbody2\r\n")
+
+
+def test_data_split_into_single_bytes(server, client):
+    assert client.cmd(b"MAIL FROM:<a@example.org>") == b"250 ok\r\n"
+    assert client.cmd(b"RCPT TO:<x@sink.test>") == b"250 ok\r\n"
+    client.send(b"DA")
+    client.send(b"TA\r\n")
+    assert client.reply() == b"354 go ahead\r\n"
+    for b in b"Subject: s\r\n\r\n.. x\r\n.\r\n":
+        client.send(bytes([b]))
+    assert OK_RE.match(client.reply())
+    assert server.spool.messages[0][1].endswith(b"Subject: s\r\n\r\n. x\r\n")
+
+
+def test_smtplib_sendmail(server):
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=5) as s:
+        code, text = s.ehlo("client.test")
+        assert code == 250 and b"PIPELINING" in text
+        assert s.has_extn("size")
+        s.sendmail("a@example.org", ["x@sink.test", "y@sink.test"], b"Subject: hi\r\n\r\nhello\r\n")
+    assert server.spool.messages[0][0].recipients == ("x@sink.test", "y@sink.test")
+
+
+def test_mail_syntax_error_and_null_sender(client):
+    assert client.cmd(b"MAIL FROM:<" + b"a" * 901 + b">") == b"555 syntax error (#5.5.4)\r\n"
+    assert client.cmd(b"MAIL FROM:<>") == b"250 ok\r\n"
+    assert client.cmd(b"RCPT TO:<" + b"b" * 901 + b">") == b"555 syntax error (#5.5.4)\r\n"
+    assert client.cmd(b"MAIL FROM x") == b"250 ok\r\n"  # qmail: no '<' or ':' = null sender
+    assert client.cmd(b"MAIL FROM:<a@b> SIZE=1234 BODY=8BITMIME") == b"250 ok\r\n"
+
+
+def test_size_over_databytes_refused_at_mail(make_server, connect):
+    srv = make_server(databytes="1000\n")
+    c = connect(srv.port)
+    c.line()
+    assert c.cmd(b"MAIL FROM:<a@b> SIZE=1001") == b"552 sorry, that message size exceeds my databytes limit (#5.3.4)\r\n"
+    assert c.cmd(b"RCPT TO:<x@sink.test>") == b"503 MAIL first (#5.5.1)\r\n"
+    assert c.cmd(b"MAIL FROM:<a@b> SIZE=1000") == b"250 ok\r\n"
+    c.close()
+
+
+def test_databytes_exceeded_in_body_then_session_usable(make_server, connect):
+    srv = make_server(databytes="1000\n")
+    c = connect(srv.port)
+    c.line()
+    reply = transaction(c, b"Subject: big\r\n\r\n" + (b"x" * 76 + b"\r\n") * 20)
+    assert reply == b"552 sorry, that message size exceeds my databytes limit (#5.3.4)\r\n"
+    assert OK_RE.match(transaction(c, b"small\r\n"))
+    assert len(srv.spool.messages) == 1
+    c.close()
+
+
+def test_databytes_counts_crlf_as_one(make_server, connect):
+    srv = make_server(databytes="20\n")
+    c = connect(srv.port)
+    c.line()
+    assert OK_RE.match(transaction(c, b"123456789\r\n123456789\r\n"))  # 20 bytes as qmail counts
+    assert transaction(c, b"123456789\r\n1234567890\r\n").startswith(b"552 ")
+    c.close()
+
+
+def test_bare_lf_in_data_gets_451_and_close(server, client):
+    assert client.cmd(b"MAIL FROM:<a@example.org>") == b"250 ok\r\n"
+    assert client.cmd(b"RCPT TO:<x@sink.test>") == b"250 ok\r\n"
+    assert client.cmd(b"DATA") == b"354 go ahead\r\n"
+    client.send(b"Subject: bare lf\r\n\r\nline one with bare LF\nline two\r\n.\r\n")
+    assert client.reply() == b"451 See https://cr.yp.to/docs/smtplf.html.\r\n"
+    assert client.closed()
+    time.sleep(0.1)
+    assert server.spool.messages == []
+
+
+def test_nul_in_data_and_in_command(server, client):
+    assert client.cmd(b"MAIL FROM:<a@exa\0mple.org>") == b"501 sorry, NUL bytes are not allowed in commands (#5.5.2)\r\n"
+    assert transaction(client, b"Subject: nul\r\n\r\na\0b\r\n") == b"554 sorry, message contains NUL bytes (#5.6.0)\r\n"
+    assert server.spool.messages == []
+    assert OK_RE.match(transaction(client))
+
+
+def test_hop_count(server, client):
+    looping = b"".join(b"Received: from x by y; date\r\n" for _ in range(60)) + \
+        b"".join(b"Delivered-To: z@y\r\n" for _ in range(41)) + b"\r\nbody\r\n"
+    assert transaction(client, looping) == b"554 too many hops, this message is looping (#5.4.6)\r\n"
+    hundred = b"".join(b"Received: x\r\n" for _ in range(100)) + b"\r\nbody\r\nReceived: in body\r\n"
+    assert OK_RE.match(transaction(client, hundred))  # > max_hops (100) refused, 100 accepted
+    assert len(server.spool.messages) == 1
+
+
+def test_long_command_line(client):
+    client.send(b"NOOP " + b"x" * 100_000 + b"\r\n")
+    assert client.reply() == b"500 sorry, that command line is too long (#5.5.2)\r\n"
+    assert client.cmd(b"NOOP") == b"250 ok\r\n"
+
+
+def test_too_many_recipients(make_server, connect):
+    srv = make_server(qrelay_toml="[smtp]\nmax_recipients = 3\n")
+    c = connect(srv.port)
+    c.line()
+    assert c.cmd(b"MAIL FROM:<a@b>") == b"250 ok\r\n"
+    for i in range(3):
+        assert c.cmd(b"RCPT TO:<r%d@sink.test>" % i) == b"250 ok\r\n"
+    assert c.cmd(b"RCPT TO:<r4@sink.test>") == b"452 sorry, too many recipients (#4.5.3)\r\n"
+    c.close()
+
+
+def test_badmailfrom_reported_at_rcpt_even_for_relay_clients(make_server, connect):
+    srv = make_server(badmailfrom="spammer@example.org\n@spam.test\n")
+    c = connect(srv.port)
+    c.line()
+    assert c.cmd(b"MAIL FROM:<Spammer@Example.org>") == b"250 ok\r\n"
+    assert c.cmd(b"RCPT TO:<x@sink.test>") == b"553 sorry, your envelope sender is in my badmailfrom list (#5.7.1)\r\n"
+    assert c.cmd(b"MAIL FROM:<joe@spam.test>") == b"250 ok\r\n"
+    assert c.cmd(b"RCPT TO:<x@sink.test>").startswith(b"553 sorry, your envelope sender")
+    assert c.cmd(b"MAIL FROM:<>") == b"250 ok\r\n"
+    assert c.cmd(b"RCPT TO:<x@sink.test>") == b"250 ok\r\n"
+    c.close()
+
+
+def test_spool_write_error_gives_451_and_receiver_keeps_serving(make_server, connect):
+    spool = FakeSpool()
+    spool.fail = SpoolWriteError("No space left on device")
+    srv = make_server(spool)
+    c = connect(srv.port)
+    c.line()
+    assert transaction(c) == b"451 qq write error or disk full (#4.3.0)\r\n"
+    spool.fail = None
+    assert OK_RE.match(transaction(c))
+    c2 = connect(srv.port)
+    assert c2.line().startswith(b"220 ")
+    assert len(spool.messages) == 1
+    c.close()
+    c2.close()
+
+
+def test_disconnect_mid_data_queues_nothing(server, connect):
+    c = connect(server.port)
+    c.line()
+    c.cmd(b"MAIL FROM:<a@example.org>")
+    c.cmd(b"RCPT TO:<x@sink.test>")
+    c.cmd(b"DATA")
+    c.send(b"Subject: cut\r\n\r\nhalf a message\r\n.")
+    c.close()
+    time.sleep(0.2)
+    assert server.spool.messages == []
+    c = connect(server.port)
+    assert c.line().startswith(b"220 ")
+    c.close()
+
+
+def test_timeout(make_server, connect):
+    srv = make_server(timeoutsmtpd="1\n")
+    c = connect(srv.port)
+    c.line()
+    start = time.monotonic()
+    assert c.reply() == b"451 timeout (#4.4.2)\r\n"
+    assert 0.9 <= time.monotonic() - start < 3.5
+    assert c.closed()
+
+
+def test_concurrencyincoming_caps_connections(make_server, connect):
+    srv = make_server(concurrencyincoming="2\n")
+    a, b = connect(srv.port), connect(srv.port)
+    assert a.line().startswith(b"220") and b.line().startswith(b"220")
+    c = connect(srv.port)
+    assert c.line() == f"421 {ME} too many connections, try again later\r\n".encode()
+    assert c.closed()
+    a.cmd(b"QUIT")
+    a.closed()
+    time.sleep(0.1)
+    d = connect(srv.port)
+    assert d.line().startswith(b"220")
+    for x in (b, c, d):
+        x.close()
+
+
+def test_per_ip_cap(make_server, connect):
+    srv = make_server(qrelay_toml="[smtp]\nmax_connections_per_ip = 1\n")
+    a = connect(srv.port)
+    assert a.line().startswith(b"220")
+    b = connect(srv.port)
+    assert b.line() == f"421 {ME} too many connections from your address, try again later\r\n".encode()
+    a.close()
+    b.close()
+
+
+def test_denied_client_is_closed_without_greeting(make_server, connect):
+    srv = make_server(tcp_smtp="127.0.0.1:deny\n")
+    c = connect(srv.port)
+    assert c.line() == b""
+    c.close()
+
+
+def test_rblsmtpd_temporary_and_permanent(make_server, root, connect):
+    srv = make_server(tcp_smtp='127.0.0.1:allow,RBLSMTPD="listed at example \\001 rbl"\n')
+    c = connect(srv.port)
+    assert c.line() == b"220 rblsmtpd.local\r\n"
+    assert c.cmd(b"EHLO x") == b"250 rblsmtpd.local\r\n"
+    assert c.cmd(b"MAIL FROM:<a@b>") == b"250 rblsmtpd.local\r\n"
+    assert c.cmd(b"RCPT TO:<x@sink.test>") == b"451 listed at example \\001 rbl\r\n"
+    assert c.cmd(b"DATA") == b"451 listed at example \\001 rbl\r\n"
+    assert c.cmd(b"QUIT") == b"221 rblsmtpd.local\r\n"
+    c.close()
+    write_control(root, "tcp.smtp", '127.0.0.1:allow,RBLSMTPD="-go away"\n')
+    assert srv.reload()
+    c = connect(srv.port)
+    assert c.line() == b"220 rblsmtpd.local\r\n"
+    assert c.cmd(b"RCPT TO:<x@sink.test>") == b"553 go away\r\n"
+    c.close()
+    write_control(root, "tcp.smtp", '127.0.0.1:allow,RBLSMTPD=""\n')
+    assert srv.reload()
+    c = connect(srv.port)
+    assert c.line() == f"220 {ME} ESMTP\r\n".encode()  # empty RBLSMTPD = not blocked
+    c.close()
+
+
+def test_reload_new_connections_get_new_snapshot(server, root, connect):
+    old = connect(server.port)
+    assert old.line() == f"220 {ME} ESMTP\r\n".encode()
+    write_control(root, "smtpgreeting", "changed.example\n")
+    assert server.reload()
+    new = connect(server.port)
+    assert new.line() == b"220 changed.example ESMTP\r\n"
+    assert old.cmd(b"HELO x") == f"250 {ME}\r\n".encode()
+    (root / "control" / "me").unlink()
+    assert not server.reload()  # broken config: the old snapshot stays
+    c = connect(server.port)
+    assert c.line() == b"220 changed.example ESMTP\r\n"
+    for x in (old, new, c):
+        x.close()
+
+
+def test_localiphost_literal_is_rewritten(make_server, connect):
+    srv = make_server(tcp_smtp="127.0.0.1:allow\n", localiphost="mx.example.com\n")
+    c = connect(srv.port)
+    c.line()
+    assert OK_RE.match(transaction(c, rcpt=b"postmaster@[127.0.0.1]"))
+    assert srv.spool.messages[0][0].recipients == ("postmaster@mx.example.com",)
+    c.close()
+
+
+def test_graceful_shutdown_finishes_the_message_in_flight(make_server, connect):
+    spool = FakeSpool()
+    spool.delay = 0.5
+    srv = make_server(spool)
+    busy, idle = connect(srv.port), connect(srv.port)
+    busy.line()
+    idle.line()
+    busy.cmd(b"MAIL FROM:<a@example.org>")
+    busy.cmd(b"RCPT TO:<x@sink.test>")
+    busy.cmd(b"DATA")
+    busy.send(b"Subject: late\r\n\r\nbody\r\n.\r\n")
+    time.sleep(0.1)  # the commit is now in flight
+    start = time.monotonic()
+    srv.shutdown(grace=3.0)
+    assert time.monotonic() - start < 2.5
+    assert OK_RE.match(busy.reply())
+    assert busy.reply() == f"421 {ME} service shutting down, try again later (#4.3.2)\r\n".encode()
+    assert idle.reply().startswith(b"421 ")
+    assert len(spool.messages) == 1
+    with pytest.raises(OSError):  # no longer accepting
+        connect(srv.port, timeout=1)
+    busy.close()
+    idle.close()
