@@ -52,14 +52,6 @@ class SmtpSettings:
     rblsmtpd_timeout: int = 60
     # Seconds between checks of the control files' mtimes (reload without SIGHUP).
     reload_poll_seconds: float = 5.0
-    # A CR not followed by LF inside DATA: qmail keeps it, but a relay that passes
-    # it on lets a client smuggle a second message past a next hop that ends DATA
-    # at <CR>.<CR>; refused with a 554 unless turned off.
-    refuse_bare_cr: bool = True
-    # rblsmtpd -t: seconds before a client blocked by RBLSMTPD is dropped.
-    rblsmtpd_timeout: int = 60
-    # Seconds between checks of the control files' mtimes (reload without SIGHUP).
-    reload_poll_seconds: float = 5.0
 
 
 @dataclass(slots=True, frozen=True)
