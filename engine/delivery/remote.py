@@ -1,0 +1,236 @@
+"""Remote delivery: qmail-remote's role, for many messages and connections at once.
+
+`RemoteDelivery.deliver(domain, sender, recipients, message)` picks the
+addresses to try (smtproutes, else MX with A/AAAA fallback, ipme), talks SMTP
+through a pool that reuses connections, and returns one qmail-style result per
+recipient: "K" delivered, "Z" deferred, "D" failed, with qmail-remote's texts
+(spec §7). Where qmail is weak we do better, and say so here:
+
+- the next address is tried on a connection failure **and** on a greeting
+  that is not 220 (a 421 "too busy", a 554, a timeout or a hang-up before or
+  during EHLO) — qmail defers instead; once EHLO/HELO succeeded we stay with
+  that host, as qmail does;
+- EHLO (HELO after a 5xx), PIPELINING, SIZE and 8BITMIME when offered;
+  all recipients in one transaction; one connection for many messages;
+- a message whose stored bytes hold a bare CR or LF cannot end DATA early at
+  the next hop (see smtpclient.data_wire).
+
+This module never touches the spool: the scheduler records the results.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from engine.config.control import ControlError, read_int, read_line
+from engine.config.settings import SettingsError, load_settings
+from engine.delivery.mx import MxResolver, MxTarget, ResolveError, apply_ipme
+from engine.delivery.routes import SmtpRoutes
+from engine.delivery.smtpclient import (ConnectFailed, ConnectionDied, ConnectionPool,
+                                        GreetingFailed, NameRejected, PoolLimits, Reply,
+                                        TransactionOutcome)
+
+TEXT_NO_CONNECTION = "Sorry, I wasn't able to establish an SMTP connection. (#4.4.1)\n"
+TEXT_BAD_ADDRESS = "Sorry, that address contains a line break or NUL. (#5.1.3)\n"
+# A connection that died before the dot on a reused connection is retried on
+# a fresh one this many times: the server may just have closed an idle link.
+_REUSE_RETRIES = 2
+
+
+class RemoteConfigError(Exception):
+    """control files or qrelay.toml unusable for remote delivery (one-line reason)."""
+
+
+@dataclass(slots=True, frozen=True)
+class RecipientResult:
+    address: str
+    status: str     # "K" delivered | "Z" temporary (defer) | "D" permanent (fail)
+    text: str       # qmail-remote style, lines joined with "\n", ending in "\n"
+
+
+@dataclass(slots=True, frozen=True)
+class RemoteConfig:
+    """Snapshot of what remote delivery reads: control files + [delivery] settings."""
+    helohost: str
+    routes: SmtpRoutes = field(default_factory=SmtpRoutes)
+    timeoutconnect: int = 60
+    timeoutremote: int = 1200
+    dns_servers: tuple[str, ...] = ()
+    mx_port: int = 25
+    max_messages_per_connection: int = 100
+    max_connections_per_host: int = 20
+    idle_timeout: float = 30.0
+    # ipme: our own addresses; "0.0.0.0" is always treated as ours (qmail).
+    my_addresses: frozenset[str] = frozenset({"0.0.0.0"})
+    dns_timeout: float = 5.0
+    dns_tries: int = 2
+    dns_negative_ttl: float = 300.0
+    ipv6: bool = True
+
+
+def load_remote_config(root: Path | str) -> RemoteConfig:
+    """Build a RemoteConfig from ROOT/control (helohost, timeouts, smtproutes)
+    and ROOT/qrelay.toml [delivery]. Raises RemoteConfigError."""
+    control = Path(root) / "control"
+    try:
+        me = read_line(control / "me")
+        helohost = read_line(control / "helohost", me)
+        if not helohost:
+            raise RemoteConfigError("control/helohost and control/me are missing: no name for HELO")
+        timeoutconnect = max(1, read_int(control / "timeoutconnect", 60))
+        timeoutremote = max(1, read_int(control / "timeoutremote", 1200))
+        routes = SmtpRoutes.load(control)
+        settings = load_settings(root).delivery
+    except (ControlError, SettingsError) as exc:
+        raise RemoteConfigError(str(exc)) from None
+    return RemoteConfig(
+        helohost=helohost, routes=routes, timeoutconnect=timeoutconnect,
+        timeoutremote=timeoutremote, dns_servers=tuple(settings.dns_servers),
+        mx_port=settings.mx_port,
+        max_messages_per_connection=max(1, settings.max_messages_per_connection),
+        max_connections_per_host=max(1, settings.max_connections_per_host),
+        idle_timeout=settings.idle_timeout,
+        my_addresses=frozenset(("0.0.0.0", *settings.my_addresses)),
+        dns_timeout=settings.dns_timeout, dns_tries=max(1, settings.dns_tries),
+        dns_negative_ttl=float(settings.dns_negative_ttl), ipv6=settings.ipv6)
+
+
+class RemoteDelivery:
+    """One per process/event loop; owns the DNS cache and the connection pool.
+
+    `resolver`: an MxResolver, or an aiodns-like resolver for MxResolver to
+    use; None = aiodns with `config.dns_servers`.
+    """
+
+    def __init__(self, config: RemoteConfig, *, resolver=None, clock=time.monotonic,
+                 rng=None) -> None:
+        self.config = config
+        if resolver is not None and hasattr(resolver, "mx_targets"):
+            self.resolver = resolver
+        else:
+            self.resolver = MxResolver(
+                config.dns_servers, timeout=config.dns_timeout, tries=config.dns_tries,
+                clock=clock, rng=rng, negative_ttl=config.dns_negative_ttl,
+                ipv6=config.ipv6, resolver=resolver)
+        self.pool = ConnectionPool(
+            timeoutconnect=config.timeoutconnect, timeoutremote=config.timeoutremote,
+            limits=PoolLimits(config.max_messages_per_connection,
+                              config.max_connections_per_host, config.idle_timeout),
+            clock=clock)
+        self._clock = clock
+
+    async def targets(self, domain: str) -> tuple[list[MxTarget], int]:
+        """Addresses to try for `domain`, best first, and the port. Raises ResolveError."""
+        route = self.config.routes.lookup(domain)
+        if route is not None:
+            # A relay is resolved by A/AAAA only and the ipme check is off (qmail).
+            return await self.resolver.relay_targets(route.relay), route.port
+        targets = await self.resolver.mx_targets(domain)
+        return apply_ipme(targets, self.config.my_addresses), self.config.mx_port
+
+    async def deliver(self, domain: str, sender: str, recipients: Sequence[str],
+                      message: bytes) -> list[RecipientResult]:
+        """Deliver one message to recipients that share `domain`, in one
+        transaction; one result per recipient, in the same order."""
+        recipients = list(recipients)
+        if not recipients:
+            return []
+        if _unsafe(sender) or _unsafe(domain):
+            return _all(recipients, "D", TEXT_BAD_ADDRESS)
+        bad = [_unsafe(r) for r in recipients]
+        if any(bad):
+            good = [r for r, b in zip(recipients, bad) if not b]
+            sent = iter(await self.deliver(domain, sender, good, message) if good else [])
+            return [RecipientResult(r, "D", TEXT_BAD_ADDRESS) if b else next(sent)
+                    for r, b in zip(recipients, bad)]
+        try:
+            targets, port = await self.targets(domain)
+        except ResolveError as exc:
+            return _all(recipients, exc.status, exc.text)
+        last_failure: str | None = None
+        for target in targets:
+            ip = target.ip
+            for _ in range(_REUSE_RETRIES + 1):
+                try:
+                    conn, reused = await self.pool.acquire(ip, port, self.config.helohost)
+                except ConnectFailed:
+                    break
+                except GreetingFailed as exc:
+                    last_failure = f"Connected to {ip} but greeting failed.\n" + _said(exc.reply)
+                    break
+                except ConnectionDied:
+                    last_failure = f"Connected to {ip} but connection died. (#4.4.2)\n"
+                    break
+                except NameRejected as exc:
+                    return _all(recipients, "Z",
+                                f"Connected to {ip} but my name was rejected.\n" + _said(exc.reply))
+                try:
+                    outcome = await conn.transaction(sender, recipients, message, self._clock)
+                except ConnectionDied as exc:
+                    self.pool.release(conn, reusable=False)
+                    if reused and not exc.after_dot:
+                        continue   # an idle connection the server had dropped: retry fresh
+                    dup = "Possible duplicate! " if exc.after_dot else ""
+                    return _all(recipients, "Z",
+                                f"Connected to {ip} but connection died. {dup}(#4.4.2)\n")
+                except BaseException:
+                    self.pool.release(conn, reusable=False)
+                    raise
+                self.pool.release(conn)
+                return _results(ip, recipients, outcome)
+        return _all(recipients, "Z", last_failure or TEXT_NO_CONNECTION)
+
+    async def close(self) -> None:
+        """QUIT and close pooled connections; close the DNS resolver."""
+        await self.pool.close()
+        await self.resolver.close()
+
+
+def _unsafe(address: str) -> bool:
+    return "\r" in address or "\n" in address or "\0" in address
+
+
+def _all(recipients: Sequence[str], status: str, text: str) -> list[RecipientResult]:
+    return [RecipientResult(r, status, text) for r in recipients]
+
+
+def _said(reply: Reply | None) -> str:
+    return f"Remote host said: {reply.text}" if reply is not None else ""
+
+
+def _letter(code: int) -> str:
+    return "D" if code >= 500 else "Z"
+
+
+def _results(ip: str, recipients: Sequence[str], outcome: TransactionOutcome) -> list[RecipientResult]:
+    """qmail-remote's texts (spec §7.3), reduced per recipient as qmail-rspawn does."""
+    mail = outcome.mail
+    if mail.code >= 400:
+        return _all(recipients, _letter(mail.code),
+                    f"Connected to {ip} but sender was rejected.\n" + _said(mail))
+    refused = {i: r for i, r in enumerate(outcome.rcpt) if r.code >= 400}
+    if len(refused) == len(recipients):
+        return [RecipientResult(addr, _letter(reply.code),
+                                f"{ip} does not like recipient.\n" + _said(reply)
+                                + f"Giving up on {ip}.\n")
+                for addr, reply in zip(recipients, outcome.rcpt)]
+    data, final = outcome.data, outcome.final
+    if data is None or data.code >= 400:
+        status = _letter(data.code) if data is not None else "Z"
+        common = RecipientResult("", status, f"{ip} failed on DATA command.\n" + _said(data))
+    elif final is not None and final.code >= 400:
+        common = RecipientResult("", _letter(final.code),
+                                 f"{ip} failed after I sent the message.\n" + _said(final))
+    else:
+        common = RecipientResult("", "K", f"{ip} accepted message.\n" + _said(final))
+    out = []
+    for i, addr in enumerate(recipients):
+        reply = refused.get(i)
+        if reply is not None:
+            out.append(RecipientResult(addr, _letter(reply.code),
+                                       f"{ip} does not like recipient.\n" + _said(reply)))
+        else:
+            out.append(RecipientResult(addr, common.status, common.text))
+    return out

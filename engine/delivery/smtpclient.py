@@ -1,0 +1,404 @@
+"""Outbound SMTP: one client connection (`SmtpConnection`) and the pool that
+reuses connections for many messages to the same host (`ConnectionPool`).
+
+The connection speaks SMTP and reports what the server said (`Reply`,
+`TransactionOutcome`); turning that into qmail-remote's K/Z/D texts is
+remote.py's job. Byte-exactness lives in `data_wire`: the stored message goes
+out unchanged except for dot-stuffing, and no stored byte sequence can end
+DATA early (the SMTP smuggling class of bugs, which notqmail has with a
+stored `\\r.\\r\\n`).
+
+This module never resolves names and never touches the spool.
+"""
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+# qmail-remote keeps up to this much of a reply for "Remote host said:".
+MAX_REPLY_TEXT = 5000
+# A reply with more lines than this is a hostile or broken server.
+MAX_REPLY_LINES = 1000
+# StreamReader line limit: a longer reply line is a protocol error.
+MAX_REPLY_LINE = 65536
+
+_BARE_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def data_wire(message: bytes) -> bytes:
+    """The bytes to send after a 354: `message` dot-stuffed, ending in CRLF.CRLF.
+
+    `message` is the stored wire form (CRLF line ends, not dot-stuffed). A bare
+    CR or bare LF in it is sent as CRLF, so the transmitted stream has only
+    CRLF line ends and every line that starts with "." is stuffed: no reading
+    of it by the next hop, strict or lenient about bare CR/LF, can find the
+    end of DATA before our terminator.
+    """
+    crlf = message.count(b"\r\n")
+    if message.count(b"\r") != crlf or message.count(b"\n") != crlf:
+        message = _BARE_LINE_END.sub(b"\r\n", message)
+    body = message.replace(b"\r\n.", b"\r\n..")
+    if body.startswith(b"."):
+        body = b"." + body
+    if body and not body.endswith(b"\r\n"):
+        body += b"\r\n"
+    return body + b".\r\n"
+
+
+@dataclass(slots=True, frozen=True)
+class Reply:
+    """One SMTP reply: its code and its text as qmail-remote shows it
+    (every line, CRs dropped, NULs as '?', each line ending in "\\n")."""
+    code: int
+    text: str
+
+
+class SmtpError(Exception):
+    """Base of the errors below; `reply` is the server's reply when there is one."""
+
+    def __init__(self, ip: str, reply: Reply | None = None, detail: str = "") -> None:
+        super().__init__(detail or (reply.text.strip() if reply else ip))
+        self.ip = ip
+        self.reply = reply
+
+
+class ConnectFailed(SmtpError):
+    """connect() failed: refused, unreachable or timed out (try the next address)."""
+
+
+class GreetingFailed(SmtpError):
+    """Connected, but the greeting was not 220 (try the next address)."""
+
+
+class NameRejected(SmtpError):
+    """EHLO and HELO were both refused (qmail: stay with this host, defer)."""
+
+
+class ConnectionDied(SmtpError):
+    """EOF, error, timeout or a garbled reply. `after_dot`: the message may
+    have been delivered (qmail's "Possible duplicate!")."""
+
+    def __init__(self, ip: str, detail: str = "", after_dot: bool = False) -> None:
+        super().__init__(ip, None, detail or "connection died")
+        self.after_dot = after_dot
+
+
+@dataclass(slots=True)
+class TransactionOutcome:
+    """What the server answered in one MAIL…DATA transaction."""
+    mail: Reply
+    rcpt: list[Reply] = field(default_factory=list)   # one per recipient, in order
+    data: Reply | None = None      # reply to DATA (None: DATA not sent)
+    final: Reply | None = None     # reply after the final dot (None: body not sent)
+
+
+class SmtpConnection:
+    """One client connection to (ip, port), greeted and introduced.
+
+    Use `await SmtpConnection.open(...)`; then `transaction()` for each
+    message, `reset()` between messages, `quit()` at the end.
+    """
+
+    def __init__(self, ip: str, port: int, helohost: str, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter, timeoutremote: float) -> None:
+        self.ip = ip
+        self.port = port
+        self.helohost = helohost
+        self._reader = reader
+        self._writer = writer
+        self._timeout = timeoutremote
+        self.extensions: dict[str, str] = {}   # EHLO keyword (upper) -> parameters
+        self.esmtp = False
+        self.transactions = 0                   # transactions started on this connection
+        self.last_used = 0.0
+        # False once the SMTP state is unknown (a protocol surprise): never reuse.
+        self.reusable = True
+
+    # --- opening -----------------------------------------------------------
+
+    @classmethod
+    async def open(cls, ip: str, port: int, helohost: str, *, timeoutconnect: float,
+                   timeoutremote: float, local_addr: tuple[str, int] | None = None) -> "SmtpConnection":
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(ip, port, limit=MAX_REPLY_LINE, local_addr=local_addr),
+                timeoutconnect)
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise ConnectFailed(ip, detail=f"connect to {ip}:{port}: {exc!r}") from None
+        conn = cls(ip, port, helohost, reader, writer, timeoutremote)
+        try:
+            greeting = await conn.read_reply()
+            if greeting.code != 220:
+                raise GreetingFailed(ip, greeting)
+            await conn._introduce()
+        except BaseException:
+            conn.abort()
+            raise
+        return conn
+
+    async def _introduce(self) -> None:
+        reply = await self.command(b"EHLO " + self.helohost.encode("utf-8", "surrogateescape"))
+        if reply.code == 250:
+            self.esmtp = True
+            self.extensions = _parse_ehlo(reply.text)
+            return
+        if reply.code < 500:
+            raise NameRejected(self.ip, reply)
+        # An old server: EHLO unknown, HELO it is.
+        reply = await self.command(b"HELO " + self.helohost.encode("utf-8", "surrogateescape"))
+        if reply.code != 250:
+            raise NameRejected(self.ip, reply)
+
+    # --- replies and commands --------------------------------------------
+
+    async def read_reply(self, after_dot: bool = False) -> Reply:
+        lines: list[bytes] = []
+        kept = 0
+        code = -1
+        while True:
+            try:
+                line = await asyncio.wait_for(self._reader.readline(), self._timeout)
+            except asyncio.TimeoutError:
+                raise ConnectionDied(self.ip, "timeout reading reply", after_dot) from None
+            except (OSError, ValueError, asyncio.LimitOverrunError, asyncio.IncompleteReadError) as exc:
+                raise ConnectionDied(self.ip, f"reading reply: {exc!r}", after_dot) from None
+            if not line.endswith(b"\n"):
+                raise ConnectionDied(self.ip, "connection closed", after_dot)
+            head = line[:3]
+            if not head.isdigit():
+                raise ConnectionDied(self.ip, f"garbled reply {line[:40]!r}", after_dot)
+            if code < 0:
+                code = int(head)
+            if kept < MAX_REPLY_TEXT:
+                clean = line.replace(b"\r", b"").replace(b"\0", b"?")
+                clean = clean[:MAX_REPLY_TEXT - kept]
+                lines.append(clean)
+                kept += len(clean)
+            if line[3:4] != b"-":
+                break
+            if len(lines) >= MAX_REPLY_LINES:
+                raise ConnectionDied(self.ip, "reply too long", after_dot)
+        text = b"".join(lines).decode("utf-8", "replace")
+        if not text.endswith("\n"):
+            text += "\n"
+        return Reply(code, text)
+
+    async def write(self, data: bytes, after_dot: bool = False) -> None:
+        try:
+            self._writer.write(data)
+            await asyncio.wait_for(self._writer.drain(), self._timeout)
+        except asyncio.TimeoutError:
+            raise ConnectionDied(self.ip, "timeout writing", after_dot) from None
+        except (OSError, RuntimeError) as exc:
+            raise ConnectionDied(self.ip, f"writing: {exc!r}", after_dot) from None
+
+    async def command(self, line: bytes) -> Reply:
+        await self.write(line + b"\r\n")
+        return await self.read_reply()
+
+    # --- a transaction ----------------------------------------------------
+
+    async def transaction(self, sender: str, recipients: Sequence[str], message: bytes,
+                          clock: Callable[[], float] = time.monotonic) -> TransactionOutcome:
+        """MAIL, RCPT for each recipient, DATA and the body (pipelined when the
+        server offers PIPELINING). Raises ConnectionDied; every SMTP answer
+        is reported in the outcome."""
+        self.transactions += 1
+        self.last_used = clock()
+        params = b""
+        if "SIZE" in self.extensions:
+            params += b" SIZE=%d" % len(message)
+        if "8BITMIME" in self.extensions and not message.isascii():
+            params += b" BODY=8BITMIME"
+        mail = b"MAIL FROM:<" + _addr(sender) + b">" + params + b"\r\n"
+        rcpts = [b"RCPT TO:<" + _addr(r) + b">\r\n" for r in recipients]
+        if "PIPELINING" in self.extensions:
+            outcome = await self._pipelined(mail, rcpts)
+        else:
+            outcome = await self._lockstep(mail, rcpts)
+        if outcome.data is None or outcome.data.code >= 400:
+            return outcome
+        accepted = any(r.code < 400 for r in outcome.rcpt) and outcome.mail.code < 400
+        if not accepted:
+            # A pipelined DATA the server accepted although nothing else was:
+            # end it empty and never trust this connection's state again.
+            self.reusable = False
+            await self.write(b".\r\n")
+            await self.read_reply()
+            outcome.data = None
+            return outcome
+        await self.write(data_wire(message), after_dot=True)
+        outcome.final = await self.read_reply(after_dot=True)
+        self.last_used = clock()
+        return outcome
+
+    async def _lockstep(self, mail: bytes, rcpts: list[bytes]) -> TransactionOutcome:
+        await self.write(mail)
+        outcome = TransactionOutcome(await self.read_reply())
+        if outcome.mail.code >= 400:
+            return outcome
+        for rcpt in rcpts:
+            await self.write(rcpt)
+            outcome.rcpt.append(await self.read_reply())
+        if not any(r.code < 400 for r in outcome.rcpt):
+            return outcome
+        await self.write(b"DATA\r\n")
+        outcome.data = await self.read_reply()
+        return outcome
+
+    async def _pipelined(self, mail: bytes, rcpts: list[bytes]) -> TransactionOutcome:
+        # RFC 2920: MAIL, every RCPT and DATA in one write; replies in order.
+        await self.write(mail + b"".join(rcpts) + b"DATA\r\n")
+        outcome = TransactionOutcome(await self.read_reply())
+        for _ in rcpts:
+            outcome.rcpt.append(await self.read_reply())
+        outcome.data = await self.read_reply()
+        if outcome.mail.code >= 400:
+            # Keep the per-recipient story consistent with lockstep: no RCPT
+            # counts when MAIL was refused.
+            if outcome.data.code < 400:
+                self.reusable = False
+                await self.write(b".\r\n")
+                await self.read_reply()
+            outcome.rcpt = []
+            outcome.data = None
+        return outcome
+
+    async def reset(self) -> bool:
+        """RSET before the next transaction; False if the connection is unusable."""
+        if not self.reusable or self._reader.at_eof():
+            return False
+        try:
+            reply = await self.command(b"RSET")
+        except ConnectionDied:
+            return False
+        return reply.code == 250
+
+    # --- closing ------------------------------------------------------------
+
+    def abort(self) -> None:
+        """Close now, QUIT sent without waiting for its reply (as qmail-remote)."""
+        try:
+            if not self._writer.is_closing():
+                self._writer.write(b"QUIT\r\n")
+                self._writer.close()
+        except (OSError, RuntimeError):
+            pass
+
+    async def quit(self, wait: float = 1.0) -> None:
+        self.abort()
+        try:
+            await asyncio.wait_for(self._writer.wait_closed(), wait)
+        except (OSError, RuntimeError, asyncio.TimeoutError):
+            pass
+
+    @property
+    def closed(self) -> bool:
+        return self._writer.is_closing() or self._reader.at_eof()
+
+
+def _addr(address: str) -> bytes:
+    return address.encode("utf-8", "surrogateescape")
+
+
+def _parse_ehlo(text: str) -> dict[str, str]:
+    extensions: dict[str, str] = {}
+    for line in text.split("\n")[1:]:   # the first line is the greeting name
+        words = line[4:].strip().split(None, 1)
+        if words:
+            extensions[words[0].upper()] = words[1] if len(words) > 1 else ""
+    return extensions
+
+
+@dataclass(slots=True, frozen=True)
+class PoolLimits:
+    max_messages_per_connection: int = 100
+    max_connections_per_host: int = 20
+    idle_timeout: float = 30.0
+
+
+class ConnectionPool:
+    """Open connections by (ip, port, helohost): reused for the next message to
+    the same host (RSET between, a cap per connection), closed when idle too
+    long, and at most `max_connections_per_host` open per (ip, port)."""
+
+    def __init__(self, *, timeoutconnect: float, timeoutremote: float,
+                 limits: PoolLimits = PoolLimits(),
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._timeoutconnect = timeoutconnect
+        self._timeoutremote = timeoutremote
+        self._limits = limits
+        self._clock = clock
+        self._idle: dict[tuple[str, int, str], list[SmtpConnection]] = {}
+        self._expiry: dict[SmtpConnection, asyncio.TimerHandle] = {}
+        self._slots: dict[tuple[str, int], asyncio.Semaphore] = {}
+        self._closed = False
+        self.opened = 0     # connections opened, for tests and stats
+
+    def _slot(self, ip: str, port: int) -> asyncio.Semaphore:
+        sem = self._slots.get((ip, port))
+        if sem is None:
+            sem = self._slots[(ip, port)] = asyncio.Semaphore(max(1, self._limits.max_connections_per_host))
+        return sem
+
+    async def acquire(self, ip: str, port: int, helohost: str) -> tuple[SmtpConnection, bool]:
+        """A ready connection and whether it was reused. Raises ConnectFailed,
+        GreetingFailed, NameRejected or ConnectionDied. Pair with release()."""
+        sem = self._slot(ip, port)
+        await sem.acquire()
+        try:
+            idle = self._idle.get((ip, port, helohost))
+            while idle:
+                conn = idle.pop()
+                handle = self._expiry.pop(conn, None)
+                if handle is not None:
+                    handle.cancel()
+                if self._clock() - conn.last_used < self._limits.idle_timeout and await conn.reset():
+                    return conn, True
+                conn.abort()
+            conn = await SmtpConnection.open(
+                ip, port, helohost, timeoutconnect=self._timeoutconnect,
+                timeoutremote=self._timeoutremote)
+            self.opened += 1
+            conn.last_used = self._clock()
+            return conn, False
+        except BaseException:
+            sem.release()
+            raise
+
+    def release(self, conn: SmtpConnection, reusable: bool = True) -> None:
+        """Give a connection back: kept idle for reuse, or closed."""
+        self._slot(conn.ip, conn.port).release()
+        if (self._closed or not reusable or not conn.reusable or conn.closed
+                or conn.transactions >= self._limits.max_messages_per_connection
+                or self._limits.idle_timeout <= 0):
+            conn.abort()
+            return
+        conn.last_used = self._clock()
+        self._idle.setdefault((conn.ip, conn.port, conn.helohost), []).append(conn)
+        loop = asyncio.get_running_loop()
+        self._expiry[conn] = loop.call_later(self._limits.idle_timeout, self._expire, conn)
+
+    def _expire(self, conn: SmtpConnection) -> None:
+        self._expiry.pop(conn, None)
+        idle = self._idle.get((conn.ip, conn.port, conn.helohost))
+        if idle and conn in idle:
+            idle.remove(conn)
+            conn.abort()
+
+    def idle_count(self) -> int:
+        return sum(len(v) for v in self._idle.values())
+
+    async def close(self) -> None:
+        """QUIT and close every idle connection; busy ones close on release."""
+        self._closed = True
+        for handle in self._expiry.values():
+            handle.cancel()
+        self._expiry.clear()
+        conns = [c for v in self._idle.values() for c in v]
+        self._idle.clear()
+        if conns:
+            await asyncio.gather(*(c.quit() for c in conns))
