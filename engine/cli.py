@@ -81,6 +81,58 @@ def qread(root: str) -> None:
         spool.close()
 
 
+@cli.command()
+@click.argument("root", type=click.Path(file_okay=False))
+@click.option("--listen", "listen", multiple=True, metavar="HOST:PORT",
+              help="address to accept SMTP on (repeatable; default 0.0.0.0:25; port 0 = any free port)")
+@click.option("--procs", type=click.IntRange(min=1), default=None,
+              help="receiver processes (default: the number of CPUs)")
+@click.option("--dev", is_flag=True, help="create ROOT with `qrelay init` defaults if it does not exist")
+@click.option("--port-file", type=click.Path(dir_okay=False), default=None,
+              help="write the bound port(s), one per line, to this file once listening")
+def run(root: str, listen: tuple[str, ...], procs: int | None, dev: bool, port_file: str | None) -> None:
+    """Run qrelay in the foreground: SMTP receivers (and, later, delivery) until SIGTERM."""
+    import logging
+    import os
+    import sys
+    from pathlib import Path
+
+    from engine.config.smtp import ConfigError
+    from engine.smtp.listeners import ListenError, parse_listen
+    from engine.smtp.server import serve
+
+    base = Path(root)
+    if dev and not (base / "control").exists():
+        try:
+            init_home(base)
+        except (HomeError, OSError) as exc:
+            raise click.ClickException(str(exc)) from None
+    if not base.is_dir():
+        raise click.ClickException(f"{root}: no such qrelay root (create it with `qrelay init {root}`)")
+    try:
+        addresses = [parse_listen(a) for a in (listen or ("0.0.0.0:25",))]
+    except ListenError as exc:
+        raise click.UsageError(str(exc)) from None
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
+
+    def announce(bound) -> None:
+        where = ", ".join(str(a) for a in bound)
+        pid = os.getpid()
+        click.echo(f"qrelay: listening on {where} (root {root}); stop with Ctrl-C or kill -TERM {pid}")
+        sys.stdout.flush()
+        if port_file:
+            tmp = port_file + ".tmp"
+            with open(tmp, "w") as f:
+                f.write("".join(f"{a.port}\n" for a in bound))
+            os.replace(tmp, port_file)
+
+    try:
+        status = serve(base, addresses, procs or os.cpu_count() or 1, announce)
+    except (ConfigError, ListenError) as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(status)
+
+
 def main() -> None:
     cli(prog_name="qrelay")
 
