@@ -230,3 +230,36 @@ def test_rewrite_local_ip_literal():
     assert rewrite_local_ip_literal("postmaster@[not.an.ip.x]", ips, "mx.test") == "postmaster@[not.an.ip.x]"
     assert rewrite_local_ip_literal("postmaster@192.0.2.1", ips, "mx.test") == "postmaster@192.0.2.1"
     assert rewrite_local_ip_literal("postmaster", ips, "mx.test") == "postmaster"
+
+
+# -- property: nothing a non-relay client gets accepted can route off-site -----------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from engine.config.domains import DomainConfig  # noqa: E402
+
+_PIECES = st.sampled_from([
+    "u", "x", "local.test", "LOCAL.TEST", "foreign.test", "a.sub.test", "sub.test", "@", "%", "!",
+    '"', "\\", ".", "[", "]", "1.2.3.4", ":", ",", " ", "\u212a", "\udce9", "",
+])
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(_PIECES, max_size=9).map("".join))
+def test_accepted_never_leaves_our_domains(rcpt):
+    policy = RecipientPolicy(["local.test", ".sub.test"])
+    if policy.check_rcpt(rcpt, None) is not None:
+        return
+    # Every way a later stage could read the address must land on one of our domains:
+    # qmail-style unquoting, then the percent hack even if every domain were listed,
+    # then the last '@'.
+    ours = DomainConfig.build(me="local.test", locals=["local.test"],
+                              percenthack=["local.test", "foreign.test", "x"])
+    for form in (rcpt, unquote_address(rcpt)):
+        if "@" not in form:
+            assert not any(c in form for c in '%!"\\'), rcpt
+            continue
+        channel, address = ours.resolve(form)
+        domain = address.rsplit("@", 1)[1].lower()
+        assert domain == "local.test" or domain.endswith(".sub.test"), (rcpt, address)
+        assert "!" not in address.rsplit("@", 1)[0], rcpt

@@ -1,0 +1,145 @@
+"""load_smtp_config / config_fingerprint on real qmail-style homes."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from engine.config.cdb import newmrh
+from engine.config.smtp import ConfigError, SmtpConfig, config_fingerprint, load_smtp_config
+from engine.config.tcprules import compile_rules
+
+RELAY_553 = "553 sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)"
+
+
+def write(root: Path, name: str, text: str | bytes) -> None:
+    path = root / "control" / name
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+
+
+def test_defaults_from_init(root):
+    cfg = load_smtp_config(root)
+    assert isinstance(cfg, SmtpConfig)
+    assert cfg.root == root
+    assert cfg.me == "mx.example.com"
+    assert cfg.greeting == "mx.example.com"
+    assert cfg.localiphost == "mx.example.com"
+    assert cfg.databytes == 0
+    assert cfg.timeout == 1200
+    assert cfg.concurrencyincoming == cfg.settings.smtp.max_connections
+    # init's tcp.smtp: loopback relays, everyone else connects
+    assert dict(cfg.rules.match("127.0.0.1").env) == {"RELAYCLIENT": ""}
+    assert cfg.rules.match("192.0.2.1").allow and not cfg.rules.match("192.0.2.1").env
+    assert cfg.policy.check_rcpt("a@mx.example.com", None) is None
+    assert cfg.policy.check_rcpt("a@elsewhere.test", None) == RELAY_553
+
+
+def test_control_values(root):
+    write(root, "smtpgreeting", "mx.example.com NO UCE\n")
+    write(root, "localiphost", "ip.example.com\n")
+    write(root, "databytes", "10000\n")
+    write(root, "timeoutsmtpd", "30\n")
+    write(root, "concurrencyincoming", "77\n")
+    write(root, "badmailfrom", "@evil.test\n")
+    cfg = load_smtp_config(root)
+    assert cfg.greeting == "mx.example.com NO UCE"
+    assert cfg.localiphost == "ip.example.com"
+    assert (cfg.databytes, cfg.timeout, cfg.concurrencyincoming) == (10000, 30, 77)
+    assert cfg.policy.sender_refused("x@evil.test")
+
+
+def test_timeout_and_databytes_edges(root):
+    write(root, "timeoutsmtpd", "0\n")
+    write(root, "databytes", "-5\n")
+    cfg = load_smtp_config(root)
+    assert cfg.timeout == 1 and cfg.databytes == 0
+    write(root, "timeoutsmtpd", "-3\n")
+    write(root, "databytes", "junk\n")
+    cfg = load_smtp_config(root)
+    assert cfg.timeout == 1 and cfg.databytes == 0
+
+
+def test_crlf_me_keeps_cr_as_qmail(root):
+    write(root, "me", "mx.example.com\r\n")
+    assert load_smtp_config(root).me == "mx.example.com\r"
+
+
+def test_settings_are_loaded(root):
+    (root / "qrelay.toml").write_text("[smtp]\nmax_connections = 12\n")
+    cfg = load_smtp_config(root)
+    assert cfg.settings.smtp.max_connections == 12
+    assert cfg.concurrencyincoming == 12
+
+
+def test_morercpthosts_and_suffix(root):
+    write(root, "rcpthosts", "mx.example.com\n.hosted.test\n")
+    write(root, "morercpthosts", "more.test\n")
+    newmrh(root / "control")
+    policy = load_smtp_config(root).policy
+    assert policy.check_rcpt("a@more.test", None) is None
+    assert policy.check_rcpt("a@x.hosted.test", None) is None
+    assert policy.check_rcpt("a@hosted.test", None) == RELAY_553
+
+
+def test_tcp_smtp_cdb_wins_over_text(root):
+    compile_rules('127.0.0.1:allow,RELAYCLIENT="@cdb"\n', root / "control" / "tcp.smtp.cdb")
+    cfg = load_smtp_config(root)
+    assert dict(cfg.rules.match("127.0.0.1").env) == {"RELAYCLIENT": "@cdb"}
+
+
+def test_missing_tcp_smtp_allows_all(root):
+    (root / "control" / "tcp.smtp").unlink()
+    rule = load_smtp_config(root).rules.match("127.0.0.1")
+    assert rule.allow and not rule.env
+
+
+@pytest.mark.parametrize("setup,message", [
+    (lambda r: (r / "control" / "me").unlink(), "control/me is missing"),
+    (lambda r: write(r, "me", ""), "control/me is empty"),
+    (lambda r: (r / "control" / "rcpthosts").unlink(),
+     "control/rcpthosts is missing: refusing to run as an open relay"),
+    (lambda r: write(r, "tcp.smtp", "127.0.0.1:allow,RELAYCLIENT\n"),
+     "control/tcp.smtp: unable to parse this line: 127.0.0.1:allow,RELAYCLIENT"),
+    (lambda r: write(r, "tcp.smtp.cdb", b"garbage"), "control/tcp.smtp.cdb: "),
+    (lambda r: write(r, "morercpthosts.cdb", b"garbage"), "control/morercpthosts.cdb: "),
+    (lambda r: write(r, "concurrencyincoming", "0\n"),
+     "control/concurrencyincoming must be a positive number, not 0"),
+    (lambda r: (r / "qrelay.toml").write_text("[smtp]\nbogus = 1\n"), "unknown setting 'bogus'"),
+    (lambda r: (r / "control" / "badmailfrom").mkdir(), "unable to read"),
+])
+def test_config_errors_are_one_line(root, setup, message):
+    setup(root)
+    with pytest.raises(ConfigError) as info:
+        load_smtp_config(root)
+    text = str(info.value)
+    assert message in text
+    assert "\n" not in text
+
+
+def test_snapshot_is_frozen(root):
+    cfg = load_smtp_config(root)
+    with pytest.raises(AttributeError):
+        cfg.me = "other"  # type: ignore[misc]
+
+
+def test_fingerprint_changes_on_edit_and_rename(root):
+    before = config_fingerprint(root)
+    assert before == config_fingerprint(root)
+    assert all(name.startswith(("control/", "qrelay.toml")) for name, *_ in before)
+    write(root, "badmailfrom", "@evil.test\n")
+    after_create = config_fingerprint(root)
+    assert after_create != before
+    # atomic replace with identical size and mtime still shows (new inode)
+    path = root / "control" / "rcpthosts"
+    st = path.stat()
+    tmp = path.with_name("rcpthosts.tmp")
+    tmp.write_text(path.read_text().upper())
+    os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(tmp, path)
+    assert config_fingerprint(root) != after_create
+    compile_rules(":allow\n", root / "control" / "tcp.smtp.cdb")
+    assert config_fingerprint(root) != after_create
