@@ -1,0 +1,238 @@
+"""`qrelay run` as a real subprocess: supervisor, receiver processes, signals, the spool."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.queue import Spool
+from tests.conftest import run_cli
+from tests.smtp_harness import REPO, RawClient, RunningQrelay
+
+ME = "mx.example.com"
+OK_RE = re.compile(rb"^250 ok (\d+) qp (\d+)\r\n$")
+
+
+@pytest.fixture
+def qrelay(root: Path):
+    started: list[RunningQrelay] = []
+
+    def start(procs: int = 2, extra: tuple[str, ...] = ()) -> RunningQrelay:
+        q = RunningQrelay(root, procs=procs, extra=extra)
+        started.append(q)
+        return q
+
+    yield start
+    for q in started:
+        q.stop()
+
+
+def queued(root: Path) -> list[tuple[int, str, tuple[str, ...]]]:
+    from engine.queue import Spool
+    with Spool(root / "queue", readonly=True) as spool:
+        return [(m.msgid, m.sender, tuple(r.address for r in m.recipients)) for m in spool.iter_messages()]
+
+
+def send(port: int, n: int = 1, rcpt: str = "x@sink.test") -> list[int]:
+    ids = []
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+        for i in range(n):
+            s.ehlo("client.test")
+            s.mail("a@example.org")
+            s.rcpt(rcpt)
+            code, text = s.data(b"Subject: %d\r\n\r\nhello\r\n" % i)
+            assert code == 250, text
+            ids.append(int(text.split()[-1]))
+    return ids
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill 0; ask ps for its state.
+    st = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()
+    return bool(st) and not st.startswith("Z")
+
+
+def test_run_accepts_and_queues_and_stops_cleanly(qrelay, root):
+    q = qrelay()
+    kids = q.children()
+    assert len(kids) == 2
+    ids = send(q.port, 3)
+    msgs = queued(root)
+    assert sorted(m[0] for m in msgs) == sorted(ids)  # qp = the spool's message id (qread's #id)
+    assert all(m[1] == "a@example.org" and m[2] == ("x@sink.test",) for m in msgs)
+    assert q.stop() == 0
+    assert not any(alive(k) for k in kids)
+
+
+def test_bad_config_and_bad_listen_are_one_line_errors(tmp_path, root):
+    r = run_cli("run", str(tmp_path / "nope"), "--listen", "127.0.0.1:0")
+    assert r.returncode == 1 and "no such qrelay root" in r.stderr and "Traceback" not in r.stderr
+    (root / "control" / "rcpthosts").unlink()
+    r = run_cli("run", str(root), "--listen", "127.0.0.1:0")
+    assert r.returncode == 1 and "rcpthosts is missing" in r.stderr
+    r = run_cli("run", str(root), "--listen", "nonsense")
+    assert r.returncode == 2 and "HOST:PORT" in r.stderr
+
+
+def test_listen_on_a_busy_port_is_an_error(root):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    try:
+        r = run_cli("run", str(root), "--listen", f"127.0.0.1:{s.getsockname()[1]}")
+    finally:
+        s.close()
+    assert r.returncode == 1 and "cannot listen on" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_dev_creates_the_root_and_port_file(tmp_path):
+    home = tmp_path / "var" / "qrelay"
+    port_file = tmp_path / "port"
+    q = RunningQrelay(home, procs=1, extra=("--dev", "--port-file", str(port_file)))
+    try:
+        assert (home / "control" / "me").exists()
+        assert int(port_file.read_text()) == q.port
+        send(q.port, 1, rcpt="someone@elsewhere.test")  # 127. may relay in the embedded default
+    finally:
+        assert q.stop() == 0
+
+
+def test_kill9_of_a_receiver_mid_transaction_leaves_the_others_serving(qrelay, root):
+    q = qrelay(procs=2)
+    # Find which receiver holds our connection: its pid is the qp line of the Received header.
+    c = RawClient(q.port)
+    c.line()
+    c.cmd(b"MAIL FROM:<a@example.org>")
+    c.cmd(b"RCPT TO:<x@sink.test>")
+    c.cmd(b"DATA")
+    c.send(b"Subject: half\r\n\r\nhalf a mess")
+    kids = q.children()
+    holder = None
+    for k in kids:
+        out = subprocess.run(["ss", "-tnp", "state", "established", f"( sport = :{q.port} )"],
+                             capture_output=True, text=True).stdout
+        if f"pid={k}," in out:
+            holder = k
+    assert holder is not None, "ss shows no receiver holding the connection"
+    victim = holder
+    os.kill(victim, signal.SIGKILL)
+    assert c.closed()
+    c.close()
+    # The survivor (and soon the restarted one) keep serving.
+    for _ in range(6):
+        send(q.port, 1)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        now = q.children()
+        if len(now) == 2 and victim not in now:
+            break
+        time.sleep(0.1)
+    assert len(now) == 2 and victim not in now
+    assert all(m[2] == ("x@sink.test",) for m in queued(root))
+    assert len(queued(root)) == 6  # nothing of the half message
+
+
+def test_sighup_and_mtime_reload_without_dropping_connections(qrelay, root):
+    (root / "qrelay.toml").write_text("[smtp]\nreload_poll_seconds = 0.3\n")
+    q = qrelay()
+    old = RawClient(q.port)
+    assert old.line() == f"220 {ME} ESMTP\r\n".encode()
+    (root / "control" / "smtpgreeting").write_text("greet.one\n")
+    os.kill(q.pid, signal.SIGHUP)
+    deadline = time.monotonic() + 5
+    got = b""
+    while time.monotonic() < deadline:
+        c = RawClient(q.port)
+        got = c.line()
+        c.close()
+        if got == b"220 greet.one ESMTP\r\n":
+            break
+        time.sleep(0.05)
+    assert got == b"220 greet.one ESMTP\r\n"
+    # Without a signal: the supervisor notices the changed mtime.
+    (root / "control" / "smtpgreeting").write_text("greet.two\n")
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        c = RawClient(q.port)
+        got = c.line()
+        c.close()
+        if got == b"220 greet.two ESMTP\r\n":
+            break
+        time.sleep(0.1)
+    assert got == b"220 greet.two ESMTP\r\n"
+    assert old.cmd(b"HELO x") == f"250 {ME}\r\n".encode()  # still connected, old snapshot
+    old.close()
+
+
+def test_sigalrm_is_harmless(qrelay):
+    q = qrelay()
+    kids = q.children()
+    os.kill(q.pid, signal.SIGALRM)
+    for k in kids:
+        os.kill(k, signal.SIGALRM)
+    time.sleep(0.3)
+    assert alive(q.pid) and all(alive(k) for k in kids)
+    send(q.port, 1)
+
+
+def test_sigterm_lets_the_message_in_flight_finish(qrelay, root):
+    q = qrelay(procs=1)
+    c = RawClient(q.port)
+    c.line()
+    idle = RawClient(q.port)
+    idle.line()
+    c.cmd(b"MAIL FROM:<a@example.org>")
+    c.cmd(b"RCPT TO:<x@sink.test>")
+    c.cmd(b"DATA")
+    c.send(b"Subject: in flight\r\n\r\nfirst half\r\n")
+    os.kill(q.pid, signal.SIGTERM)
+    time.sleep(0.5)
+    assert idle.reply().startswith(b"421 ")
+    c.send(b"second half\r\n.\r\n")
+    assert OK_RE.match(c.reply())
+    assert q.proc.wait(10) == 0
+    assert [m[2] for m in queued(root)] == [("x@sink.test",)]
+    c.close()
+    idle.close()
+
+
+def test_500_idle_connections_do_not_delay_a_new_greeting(qrelay, root):
+    (root / "control" / "concurrencyincoming").write_text("1000\n")  # default cap is 500
+    q = qrelay(procs=2)
+    idle = []
+    try:
+        for _ in range(500):
+            idle.append(socket.create_connection(("127.0.0.1", q.port), timeout=5))
+        start = time.monotonic()
+        c = RawClient(q.port)
+        assert c.line() == f"220 {ME} ESMTP\r\n".encode()
+        assert time.monotonic() - start < 1.0
+        send(q.port, 1)
+        c.close()
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_concurrencyincoming_is_shared_by_all_receivers(qrelay, root):
+    (root / "control" / "concurrencyincoming").write_text("4\n")
+    q = qrelay(procs=2)
+    held = [RawClient(q.port) for _ in range(4)]
+    for h in held:
+        assert h.line().startswith(b"220 ")
+    extra = RawClient(q.port)
+    assert extra.line() == f"421 {ME} too many connections, try again later\r\n".encode()
+    for h in held + [extra]:
+        h.close()
