@@ -263,3 +263,23 @@ def test_accepted_never_leaves_our_domains(rcpt):
         domain = address.rsplit("@", 1)[1].lower()
         assert domain == "local.test" or domain.endswith(".sub.test"), (rcpt, address)
         assert "!" not in address.rsplit("@", 1)[0], rcpt
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(st.sampled_from(["a", "@", '"', "\\", ".", "b", "\udce9", "é"]), max_size=12).map("".join))
+def test_split_agrees_with_the_compiled_core(addr):
+    core = pytest.importorskip("engine._smtpcore")
+    if not hasattr(core, "split_address"):
+        pytest.skip("engine._smtpcore.split_address not built")
+    raw = addr.encode("utf-8", "surrogateescape")
+    local, domain = core.split_address(raw)
+    expect = (local.decode("utf-8", "surrogateescape"),
+              None if domain is None else domain.decode("utf-8", "surrogateescape"))
+    assert split_address(addr) == expect
+
+
+def test_address_syntax_error_helper():
+    from engine.smtp.policy import address_syntax_error
+    assert address_syntax_error("a@b") is None
+    assert address_syntax_error("") is None
+    assert address_syntax_error("a\0@b") == SYNTAX_ERROR

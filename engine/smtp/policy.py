@@ -52,6 +52,11 @@ _LOCAL_FORBIDDEN = re.compile(r"[%!@]")
 _BARE_FORBIDDEN = re.compile(r"[%!@\"\\]")
 
 
+def address_syntax_error(addr: str) -> str | None:
+    """555 reply for an address holding NUL, CR or LF (use for MAIL too), else None."""
+    return SYNTAX_ERROR if _UNSAFE_BYTES.search(addr) else None
+
+
 def split_address(addr: str) -> tuple[str, str | None]:
     """(local part, domain) at the last '@' not inside quotes nor backslash-escaped."""
     if '"' not in addr and "\\" not in addr:
