@@ -133,6 +133,35 @@ def run(root: str, listen: tuple[str, ...], procs: int | None, dev: bool, port_f
     sys.exit(status)
 
 
+@cli.command()
+@click.argument("root", type=click.Path(file_okay=False))
+def flush(root: str) -> None:
+    """Retry every deferred recipient now (qmail's `kill -ALRM qmail-send`)."""
+    # The spool is marked first, so a flush works with nothing running; then a
+    # running scheduler is woken by SIGALRM. (engine/delivery owns this command.)
+    from pathlib import Path
+
+    from engine.config.settings import SettingsError, load_settings
+    from engine.delivery.service import signal_running_scheduler
+    from engine.queue import Spool, SpoolError
+    base = Path(root)
+    if not (base / "queue").is_dir():
+        raise click.ClickException(f"{root}: not a qrelay root (no queue/ directory)")
+    moved = 0
+    if (base / "queue" / "index" / "data.mdb").exists():
+        try:
+            spool = Spool(base / "queue", load_settings(base).spool)
+            try:
+                moved = spool.reschedule_all()
+            finally:
+                spool.close()
+        except (SpoolError, SettingsError, OSError) as exc:
+            raise click.ClickException(str(exc)) from None
+    pid = signal_running_scheduler(base)
+    woke = f"; woke the scheduler (pid {pid})" if pid else "; no scheduler running"
+    click.echo(f"qrelay: {moved} deferred recipients due now{woke}")
+
+
 def main() -> None:
     cli(prog_name="qrelay")
 

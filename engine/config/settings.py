@@ -103,10 +103,47 @@ class DeliverySettings:
 
 
 @dataclass(slots=True, frozen=True)
+class SchedulerSettings:
+    # Concurrent deliveries to one recipient domain (concurrencyremote bounds the total).
+    per_destination_concurrency: int = 20
+    # Recipients of one message to one domain sent in one SMTP transaction.
+    max_recipients_per_delivery: int = 100
+    # Due recipients read from the spool per pass: bounds the scheduler's memory
+    # however much mail waits on a throttled or dead destination.
+    scan_batch: int = 2000
+    # New messages classified local/remote per pass.
+    todo_batch: int = 500
+    # Seconds between looks at the spool for newly queued mail when idle.
+    poll_interval: float = 0.05
+    # Message ids remembered per destination so a recovered destination gets its
+    # deferred mail at once; past this many, mail waits for its retry time.
+    recovered_index_max: int = 100000
+    # A destination's deferred mail is pulled forward at most once per this many seconds.
+    recovery_interval: float = 60.0
+    # qmail's retry formula constants (spec §6.2): next = birth + (isqrt(age) + C)^2.
+    retry_skip_remote: int = 20
+    retry_skip_local: int = 10
+    # Originals larger than this are returned in a bounce as their header only.
+    bounce_copy_max_bytes: int = 1048576
+    # Seconds to let running deliveries finish on SIGTERM.
+    stop_grace: float = 8.0
+
+
+@dataclass(slots=True, frozen=True)
+class LogSettings:
+    # multilog's s and n for ROOT/log: rotate `current` near this size, keep
+    # at most max_files - 1 rotated files.
+    max_bytes: int = 99999
+    max_files: int = 10
+
+
+@dataclass(slots=True, frozen=True)
 class Settings:
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
     spool: SpoolSettings = field(default_factory=SpoolSettings)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
+    log: LogSettings = field(default_factory=LogSettings)
 
 
 def _build(cls, values: dict, where: str):

@@ -1,0 +1,455 @@
+"""qmail-send's role: preprocess, schedule, record results, bounce, log.
+
+Owns the decisions of *when* and *how much* to deliver; it never speaks SMTP
+(RemoteDelivery does) and never lays out spool records (the spool does). The
+spool is the truth: every in-memory structure here is a bounded view that can
+be thrown away (a restart loses nothing but the "recovered destination" hint).
+
+One pass of the loop (woken by a delivery finishing, by SIGALRM, or by the
+poll timer that notices newly queued mail):
+
+1. preprocess up to `todo_batch` new messages: classify each recipient local
+   or remote (locals / virtualdomains / percenthack, spec §2, §5.3), log
+   `new msg` / `info msg`;
+2. record the results of deliveries that finished since the last pass in one
+   spool write, log them, and complete finished messages: bounce (or double
+   bounce, or discard a triple bounce), `bounce msg`, `end msg`;
+3. read at most `scan_batch` due remote recipients in time order, group them
+   by (message, domain) into one `RemoteDelivery.deliver` call each, and
+   start calls while fewer than `concurrencyremote` run in all and fewer than
+   `per_destination_concurrency` run for that domain.
+
+Beyond qmail: when a delivery to a domain succeeds, the deferred recipients
+this process saw defer on that domain are made due at once (a recovered MX
+gets its backlog now, not at each message's next retry slot). The memory for
+that is bounded by `recovered_index_max` message ids; past it, messages just
+wait for their normal retry time.
+
+Local recipients are classified and stay pending (not lost, not bounced)
+until local delivery exists; the `local` numbers in `status:` lines stay 0.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from engine.config.control import read_int
+from engine.delivery.bounce import BounceConfig, Failure, build_bounce, bounce_kind, wire_sender
+from engine.delivery.retry import RetryPolicy
+from engine.log import QmailSendLog
+from engine.queue import (Deferred, Delivered, Envelope, Failed, Finished, Job, Spool,
+                          SpoolError)
+
+# qmail's text when qmail-spawn cannot read the message file.
+UNREADABLE_TEXT = "qmail-spawn unable to open message. (#4.3.0)\n"
+CRASHED_TEXT = "qmail-remote crashed.\n"
+
+
+Deliver = Callable[[str, str, Sequence[str], bytes], Awaitable[list]]
+Classify = Callable[[str], tuple[str, str]]
+
+
+@dataclass(slots=True, frozen=True)
+class SchedulerConfig:
+    """qmail-send's controls plus qrelay's scheduler settings, read once at start."""
+
+    concurrency_remote: int = 20
+    concurrency_local: int = 10
+    per_destination: int = 20
+    max_rcpts_per_delivery: int = 100
+    scan_batch: int = 2000
+    todo_batch: int = 1000
+    poll_interval: float = 0.05
+    recovered_index_max: int = 100_000
+    recovery_interval: float = 60.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    bounce: BounceConfig = field(default_factory=BounceConfig)
+
+
+def load_scheduler_config(root: Path | str, settings, bounce: BounceConfig) -> SchedulerConfig:
+    """control/concurrencyremote, concurrencylocal, queuelifetime + [scheduler] settings."""
+    control = Path(root) / "control"
+    s = settings.scheduler
+    return SchedulerConfig(
+        concurrency_remote=max(0, read_int(control / "concurrencyremote", 20)),
+        concurrency_local=max(0, read_int(control / "concurrencylocal", 10)),
+        per_destination=max(1, s.per_destination_concurrency),
+        max_rcpts_per_delivery=max(1, s.max_recipients_per_delivery),
+        scan_batch=max(1, s.scan_batch),
+        todo_batch=max(1, s.todo_batch),
+        poll_interval=max(0.001, s.poll_interval),
+        recovered_index_max=s.recovered_index_max,
+        recovery_interval=float(s.recovery_interval),
+        retry=RetryPolicy(queuelifetime=read_int(control / "queuelifetime", 604800),
+                          local_skip=s.retry_skip_local, remote_skip=s.retry_skip_remote),
+        bounce=bounce,
+    )
+
+
+def recipient_domain(address: str) -> str:
+    """The destination key: the domain after the last `@`, ASCII lower-cased."""
+    return address.rpartition("@")[2].lower()
+
+
+class DeferredByDomain:
+    """Bounded memory of which messages deferred on which domain (for recovery)."""
+
+    def __init__(self, max_ids: int) -> None:
+        self.max_ids = max_ids
+        self._by_domain: dict[str, OrderedDict[int, None]] = {}
+        self._count = 0
+
+    def add(self, domain: str, msgid: int) -> None:
+        ids = self._by_domain.get(domain)
+        if ids is None:
+            ids = self._by_domain[domain] = OrderedDict()
+        if msgid in ids:
+            return
+        if self._count >= self.max_ids:
+            return  # full: this message waits for its normal retry time
+        ids[msgid] = None
+        self._count += 1
+
+    def take(self, domain: str) -> list[int]:
+        ids = self._by_domain.pop(domain, None)
+        if not ids:
+            return []
+        self._count -= len(ids)
+        return list(ids)
+
+    def __len__(self) -> int:
+        return self._count
+
+
+class Scheduler:
+    """The scheduling loop; one per `qrelay run` (see the module docstring)."""
+
+    def __init__(self, spool: Spool, deliver: Deliver, log: QmailSendLog,
+                 config: SchedulerConfig, classify: Classify, *,
+                 clock: Callable[[], float] = time.time, qp: int = 0) -> None:
+        self.spool = spool
+        self.deliver = deliver
+        self.log = log
+        self.config = config
+        self.classify = classify
+        self.clock = clock
+        self.qp = qp
+        self.delivery_number = 0
+        self.active_remote = 0
+        self.per_domain: dict[str, int] = {}
+        # (msgid, index) of recipients being delivered, and msgids whose bounce
+        # is being queued: due()/bouncing() skip them.
+        self.inflight: set[tuple[int, int]] = set()
+        self.bouncing_now: set[int] = set()
+        self._bounce_retry_at: dict[int, float] = {}
+        self.deferred = DeferredByDomain(config.recovered_index_max)
+        # (domain, delivery number, spool Result, K/Z/D, report text)
+        self._results: list[tuple[str, int, object, str, str]] = []
+        self._recovered_at: dict[str, float] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._wake: asyncio.Event | None = None
+        self._flush_requested = False
+        self._stopping = False
+        self.delivered = self.deferrals = self.failures = 0
+
+    # --- control from outside (signal handlers call these in the loop) -------------
+    def request_flush(self) -> None:
+        """qmail's ALRM: every deferred recipient is due now."""
+        self._flush_requested = True
+        self.wake()
+
+    def stop(self) -> None:
+        """qmail's TERM: start nothing new, let running deliveries finish."""
+        self._stopping = True
+        self.wake()
+
+    def wake(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def reload_domains(self, classify: Classify) -> None:
+        self.classify = classify
+
+    # --- the loop ------------------------------------------------------------------
+    async def run(self, *, stop_grace: float = 8.0) -> None:
+        self._wake = asyncio.Event()
+        self._log_status()
+        self.log.flush()
+        while not self._stopping:
+            busy = self.run_pass()
+            self.log.flush()
+            if busy:
+                await asyncio.sleep(0)
+                continue
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._sleep_time())
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+        await self._drain(stop_grace)
+
+    def _sleep_time(self) -> float:
+        return self.config.poll_interval
+
+    def run_pass(self) -> bool:
+        """One pass; True if more work is ready at once (so don't sleep)."""
+        now = self.clock()
+        if self._flush_requested:
+            self._flush_requested = False
+            self.spool.reschedule_all(now)
+        busy = self.preprocess(now)
+        self.record_results()
+        self.complete_pending_bounces()
+        if not self._stopping:
+            self.dispatch(now)
+        return busy or bool(self._results)
+
+    async def _drain(self, grace: float) -> None:
+        if self._tasks:
+            self._log_status(exiting=True)
+            self.log.flush()
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1)
+        self.record_results()
+        self.log.exiting()
+        self.log.flush()
+
+    # --- step 1: preprocessing (qmail's todo -> local/remote, spec §5.3) -----------
+    def preprocess(self, now: float) -> bool:
+        ids = self.spool.todo(self.config.todo_batch)
+        for msgid in ids:
+            try:
+                info = self.spool.message_info(msgid)
+            except SpoolError:
+                continue  # gone or quarantined (the spool logged why)
+            self.log.new_msg(msgid)
+            self.log.info_msg(msgid, info.size, info.sender, info.pid, info.uid)
+            routed = [self.classify(r.address) for r in info.recipients]
+            try:
+                finished = self.spool.preprocess(msgid, [c for c, _ in routed],
+                                                 [a for _, a in routed], now)
+            except SpoolError as exc:
+                self.log.warning(f"trouble preprocessing msg {msgid}: {exc}")
+                continue
+            if finished is not None:
+                self._complete(finished)
+        return len(ids) >= self.config.todo_batch
+
+    # --- step 3: dispatch ----------------------------------------------------------
+    def dispatch(self, now: float) -> int:
+        cfg = self.config
+        if self.active_remote >= cfg.concurrency_remote:
+            return 0
+        groups: dict[tuple[int, str], list[Job]] = {}
+        for job in self.spool.due(now, cfg.scan_batch, "remote", exclude=self.inflight):
+            groups.setdefault((job.msgid, recipient_domain(job.address)), []).append(job)
+        started = 0
+        for (msgid, domain), jobs in groups.items():
+            for i in range(0, len(jobs), cfg.max_rcpts_per_delivery):
+                if self.active_remote >= cfg.concurrency_remote:
+                    return started
+                if self.per_domain.get(domain, 0) >= cfg.per_destination:
+                    break
+                self._start(msgid, domain, jobs[i:i + cfg.max_rcpts_per_delivery])
+                started += 1
+        return started
+
+    def _start(self, msgid: int, domain: str, jobs: list[Job]) -> None:
+        self.active_remote += 1
+        self.per_domain[domain] = self.per_domain.get(domain, 0) + 1
+        numbers = []
+        for job in jobs:
+            self.inflight.add((job.msgid, job.index))
+            self.delivery_number += 1
+            numbers.append(self.delivery_number)
+            self.log.starting_delivery(self.delivery_number, msgid, "remote", job.address)
+        self._log_status()
+        self._spawn(self._deliver(domain, jobs, numbers))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _deliver(self, domain: str, jobs: list[Job], numbers: list[int]) -> None:
+        opened = self.clock()
+        first = jobs[0]
+        reports: list[tuple[str, str]] = []
+        try:
+            try:
+                message = self.spool.read_message(first.msgid)
+            except SpoolError:
+                message = None
+            if message is None:
+                reports = [("Z", UNREADABLE_TEXT)] * len(jobs)
+            else:
+                try:
+                    got = await self.deliver(domain, wire_sender(first.sender),
+                                             [j.address for j in jobs], message)
+                    reports = [(g.status, g.text) for g in got]
+                    if len(reports) != len(jobs):
+                        raise ValueError("result count mismatch")
+                except asyncio.CancelledError:
+                    reports = []
+                    raise
+                except Exception:
+                    # A bug or crash in remote delivery must cost a retry, never mail.
+                    reports = [("Z", CRASHED_TEXT)] * len(jobs)
+        finally:
+            self.active_remote -= 1
+            left = self.per_domain.get(domain, 1) - 1
+            if left > 0:
+                self.per_domain[domain] = left
+            else:
+                self.per_domain.pop(domain, None)
+            retry = self.config.retry
+            dying = retry.is_dying(first.birth, opened)
+            next_try = retry.next_try(first.birth, opened, "remote")
+            for job, (status, text), number in zip(jobs, reports, numbers):
+                status, text = retry.final_result(status, text, dying)
+                if status == "K":
+                    result = Delivered(job.msgid, job.index)
+                elif status == "D":
+                    result = Failed(job.msgid, job.index, text)
+                else:
+                    if status != "Z":
+                        status, text = "Z", "report mangled, will defer\n"
+                    result = Deferred(job.msgid, job.index, next_try, text)
+                self._results.append((domain, number, result, status, text))
+            if not reports:
+                # Cancelled at shutdown: nothing recorded, the recipients stay due.
+                for job in jobs:
+                    self.inflight.discard((job.msgid, job.index))
+            self.wake()
+
+    # --- step 2: results and completion --------------------------------------------
+    def record_results(self) -> None:
+        if not self._results:
+            return
+        batch, self._results = self._results, []
+        recovered: set[str] = set()
+        for domain, number, result, status, text in batch:
+            self.log.delivery(number, status, text)
+            if status == "K":
+                self.delivered += 1
+                recovered.add(domain)
+            elif isinstance(result, Deferred):
+                self.deferrals += 1
+                self.deferred.add(domain, result.msgid)
+            else:
+                self.failures += 1
+        results = [r for _, _, r, _, _ in batch]
+        try:
+            finished = self.spool.apply(results)
+        except SpoolError as exc:
+            # Not recorded: they will be delivered again (at least once), as
+            # qmail's "trouble marking" case.
+            self.log.warning(f"trouble marking results: {exc}; message will be delivered twice!")
+            finished = [None] * len(results)
+        for result in results:
+            self.inflight.discard((result.msgid, result.index))
+        self._log_status()
+        for f in finished:
+            if f is not None:
+                self._complete(f)
+        if recovered:
+            now = self.clock()
+            for domain in recovered:
+                self._recover_domain(domain, now)
+
+    def _recover_domain(self, domain: str, now: float) -> None:
+        """Make the deferred recipients we saw defer on `domain` due now."""
+        if self._recovered_at.get(domain, -1e18) + self.config.recovery_interval > now:
+            return  # e.g. a greylisting server: don't retry its deferrals in a hot loop
+        ids = self.deferred.take(domain)
+        if not ids:
+            return
+        self._recovered_at[domain] = now
+        if len(self._recovered_at) > 10_000:
+            self._recovered_at.clear()
+        results = []
+        for msgid in ids:
+            try:
+                info = self.spool.message_info(msgid)
+            except SpoolError:
+                continue
+            for i, r in enumerate(info.recipients):
+                if (r.state == "deferred" and r.channel == "remote" and r.next_try > now
+                        and (msgid, i) not in self.inflight
+                        and recipient_domain(r.address) == domain):
+                    results.append(Deferred(msgid, i, now, r.text))
+        if results:
+            try:
+                self.spool.apply(results)
+            except SpoolError as exc:
+                self.log.warning(f"trouble rescheduling {domain}: {exc}")
+
+    def complete_pending_bounces(self) -> None:
+        now = self.clock()
+        for f in self.spool.bouncing(self.config.todo_batch):
+            if f.msgid in self.bouncing_now or self._bounce_retry_at.get(f.msgid, 0) > now:
+                continue
+            self._complete(f)
+
+    def _complete(self, f: Finished) -> None:
+        if not f.failed:
+            self.log.end_msg(f.msgid)
+            return
+        cfg = self.config.bounce
+        kind = bounce_kind(f.sender, cfg)
+        if kind in ("triple", "double-discard"):
+            if kind == "triple":
+                self.log.triple_bounce(f.msgid)
+            else:
+                self.log.double_bounce_discarded(f.msgid)
+            self._release(f.msgid)
+            return
+        try:
+            original = self.spool.read_message(f.msgid)
+        except SpoolError:
+            original = b""
+        failures = [Failure(addr, text) for addr, text in f.failed]
+        bounce = build_bounce(cfg, sender=f.sender, failures=failures, original=original,
+                              now=self.clock(), qp=self.qp, arrival=f.birth)
+        if bounce is None:
+            self._release(f.msgid)
+            return
+        self.bouncing_now.add(f.msgid)
+        self._spawn(self._inject_bounce(f.msgid, bounce))
+
+    async def _inject_bounce(self, msgid: int, bounce) -> None:
+        try:
+            # Queue the bounce first, then release the original: a crash in
+            # between costs a duplicate bounce, never a lost one.
+            await self.spool.submit(Envelope(bounce.sender, (bounce.recipient,), self.qp, 0,
+                                             "bounce"), bounce.message)
+        except Exception:
+            self.log.warning("trouble injecting bounce message, will try later")
+            self._bounce_retry_at[msgid] = self.clock() + 123
+            return
+        finally:
+            self.bouncing_now.discard(msgid)
+            self.wake()
+        self._bounce_retry_at.pop(msgid, None)
+        self.log.bounce_msg(msgid, self.qp)
+        self._release(msgid)
+
+    def _release(self, msgid: int) -> None:
+        try:
+            self.spool.release(msgid)
+        except SpoolError as exc:
+            self.log.warning(f"trouble releasing msg {msgid}: {exc}")
+            return
+        self.log.end_msg(msgid)
+
+    def _log_status(self, exiting: bool = False) -> None:
+        self.log.status(0, self.config.concurrency_local, self.active_remote,
+                        self.config.concurrency_remote, exiting=exiting)

@@ -1,0 +1,308 @@
+"""engine/delivery/scheduler.py against a real spool, a fake RemoteDelivery and an injected clock."""
+from __future__ import annotations
+
+import asyncio
+import email
+
+import pytest
+
+from engine.config.domains import DomainConfig
+from engine.delivery.bounce import DOUBLE_BOUNCE_SENDER, BounceConfig
+from engine.delivery.remote import RecipientResult
+from engine.delivery.retry import DYING_TEXT, RetryPolicy
+from engine.delivery.scheduler import DeferredByDomain, Scheduler, SchedulerConfig
+from engine.log import QmailSendLog
+from engine.queue import Envelope, Spool
+
+T0 = 1_800_000_000.0
+OK = "127.0.0.1 accepted message.\nRemote host said: 250 ok\n"
+NOCONN = "Sorry, I wasn't able to establish an SMTP connection. (#4.4.1)\n"
+NOUSER = "127.0.0.1 does not like recipient.\nRemote host said: 550 no such user\nGiving up on 127.0.0.1.\n"
+MSG = b"From: a@src.test\r\nSubject: t\r\n\r\nhello\r\n"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeRemote:
+    """Answers per recipient from `rules` (address -> (status, text)); default success."""
+
+    def __init__(self) -> None:
+        self.rules: dict[str, tuple[str, str]] = {}
+        self.down: set[str] = set()
+        self.calls: list[tuple[str, str, tuple[str, ...]]] = []
+        self.messages: list[bytes] = []
+        self.gate: asyncio.Event | None = None
+        self.running = 0
+        self.max_running = 0
+
+    async def deliver(self, domain, sender, recipients, message):
+        self.calls.append((domain, sender, tuple(recipients)))
+        self.messages.append(message)
+        self.running += 1
+        self.max_running = max(self.max_running, self.running)
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            out = []
+            for r in recipients:
+                if domain in self.down:
+                    out.append(RecipientResult(r, "Z", NOCONN))
+                else:
+                    st, tx = self.rules.get(r, ("K", OK))
+                    out.append(RecipientResult(r, st, tx))
+            return out
+        finally:
+            self.running -= 1
+
+
+@pytest.fixture
+def env(tmp_path):
+    clock = Clock()
+    spool = Spool(tmp_path / "queue", clock=clock)
+    log = QmailSendLog(tmp_path / "log", clock_ns=lambda: int(clock.now * 1e9))
+    remote = FakeRemote()
+    domains = DomainConfig.build(me="mx.test", locals=["mx.test"])
+    cfg = SchedulerConfig(bounce=BounceConfig(bouncehost="mx.test", doublebouncehost="mx.test"),
+                          retry=RetryPolicy(queuelifetime=604800), per_destination=20)
+    sched = Scheduler(spool, remote.deliver, log, cfg, domains.resolve, clock=clock, qp=4242)
+    yield sched, spool, remote, clock, log, tmp_path
+    spool.close()
+
+
+async def settle(sched: Scheduler) -> None:
+    """Run passes until nothing is in flight and nothing is left to record."""
+    if sched._wake is None:
+        sched._wake = asyncio.Event()
+    for _ in range(500):
+        sched.run_pass()
+        if not sched._tasks and not sched._results and not sched.spool.todo(1):
+            sched.run_pass()
+            if not sched._tasks and not sched._results:
+                break
+        await asyncio.sleep(0.002)
+    sched.log.flush()
+
+
+def log_texts(tmp_path) -> list[str]:
+    return [line[26:] for line in (tmp_path / "log" / "current").read_text().splitlines()]
+
+
+def test_delivers_groups_by_domain_and_keeps_local_pending(env):
+    sched, spool, remote, clock, log, tmp = env
+    mid = spool.enqueue(Envelope("a@src.test", ("x@d1.test", "y@D1.test", "z@d2.test", "me@mx.test"),
+                                 pid=77, uid=5), MSG)
+    asyncio.run(settle(sched))
+    assert sorted(remote.calls) == [("d1.test", "a@src.test", ("x@d1.test", "y@D1.test")),
+                                    ("d2.test", "a@src.test", ("z@d2.test",))]
+    assert remote.messages[0] == MSG
+    info = spool.message_info(mid)
+    assert [(r.channel, r.state) for r in info.recipients] == [
+        ("remote", "delivered"), ("remote", "delivered"), ("remote", "delivered"), ("local", "pending")]
+    texts = log_texts(tmp)
+    assert f"new msg {mid}" in texts
+    assert f"info msg {mid}: bytes {len(MSG)} from <a@src.test> qp 77 uid 5" in texts
+    assert any(t.startswith("starting delivery ") and t.endswith(f"msg {mid} to remote x@d1.test") for t in texts)
+    assert "status: local 0/10 remote 1/20" in texts or "status: local 0/10 remote 2/20" in texts
+    assert sum(1 for t in texts if t.endswith(": success: 127.0.0.1_accepted_message./Remote_host_said:_250_ok/")) == 3
+    assert f"end msg {mid}" not in texts     # the local recipient is still queued
+
+
+def test_message_finishes_and_logs_end(env):
+    sched, spool, remote, clock, log, tmp = env
+    mid = spool.enqueue(Envelope("a@src.test", ("x@d1.test",)), MSG)
+    asyncio.run(settle(sched))
+    assert f"end msg {mid}" in log_texts(tmp)
+    assert spool.stats().messages == 0
+
+
+def test_retry_schedule_with_injected_clock(env):
+    sched, spool, remote, clock, log, tmp = env
+    remote.down.add("d1.test")
+    mid = spool.enqueue(Envelope("a@src.test", ("x@d1.test",)), MSG)
+    asyncio.run(settle(sched))
+    assert len(remote.calls) == 1
+    rcpt = spool.message_info(mid).recipients[0]
+    assert rcpt.state == "deferred" and rcpt.next_try == T0 + 400 and rcpt.text == NOCONN
+    assert "deferral: Sorry,_I_wasn't_able_to_establish_an_SMTP_connection._(#4.4.1)/" in log_texts(tmp)[-2]
+    clock.now = T0 + 399
+    asyncio.run(settle(sched))
+    assert len(remote.calls) == 1                     # not before its time
+    clock.now = T0 + 400
+    asyncio.run(settle(sched))
+    assert len(remote.calls) == 2
+    assert spool.message_info(mid).recipients[0].next_try == T0 + 1600
+    clock.now = T0 + 1700                             # late: isqrt(1700)=41 -> (41+20)^2
+    asyncio.run(settle(sched))
+    assert spool.message_info(mid).recipients[0].next_try == T0 + 61 * 61
+    remote.down.clear()
+    sched.request_flush()                             # ALRM: due now
+    asyncio.run(settle(sched))
+    assert len(remote.calls) == 4 and spool.stats().messages == 0
+
+
+def _bounces(remote: FakeRemote):
+    return [(c, m) for c, m in zip(remote.calls, remote.messages) if c[1] == ""]
+
+
+def test_permanent_failure_bounces_once_after_all_recipients_finish(env):
+    sched, spool, remote, clock, log, tmp = env
+    remote.rules["bad@d1.test"] = ("D", NOUSER)
+    remote.down.add("d2.test")
+    mid = spool.enqueue(Envelope("a@src.test", ("bad@d1.test", "ok@d2.test")), MSG)
+    asyncio.run(settle(sched))
+    assert not _bounces(remote)                       # d2 still deferred: no bounce yet
+    assert spool.message_info(mid).bouncing
+    remote.down.clear()
+    clock.now = T0 + 400
+    asyncio.run(settle(sched))
+    bounces = _bounces(remote)
+    assert len(bounces) == 1
+    (domain, sender, rcpts), raw = bounces[0]
+    assert (domain, sender, rcpts) == ("src.test", "", ("a@src.test",))
+    msg = email.message_from_bytes(raw)
+    text = msg.get_payload()[0].get_payload()
+    assert "<bad@d1.test>:\r\n127.0.0.1 does not like recipient." in text
+    assert "ok@d2.test" not in text
+    texts = log_texts(tmp)
+    assert f"bounce msg {mid} qp 4242" in texts and f"end msg {mid}" in texts
+    assert texts.index(f"bounce msg {mid} qp 4242") < texts.index(f"end msg {mid}")
+    assert spool.stats().messages == 0
+
+
+def test_failed_bounce_double_bounces_and_failed_double_bounce_is_discarded(env):
+    sched, spool, remote, clock, log, tmp = env
+    remote.rules["bad@d1.test"] = ("D", NOUSER)
+    remote.rules["a@src.test"] = ("D", NOUSER)          # the bounce fails too
+    remote.rules["postmaster@mx.test"] = ("D", NOUSER)  # unreachable: but postmaster is local
+    mid = spool.enqueue(Envelope("a@src.test", ("bad@d1.test",)), MSG)
+    asyncio.run(settle(sched))
+    # the bounce went out and failed; the double bounce is queued for postmaster@me (local)
+    queued = list(spool.iter_messages())
+    assert len(queued) == 1
+    double = queued[0]
+    assert double.sender == DOUBLE_BOUNCE_SENDER and double.origin == "bounce"
+    assert [(r.address, r.channel) for r in double.recipients] == [("postmaster@mx.test", "local")]
+    raw = spool.read_message(double.msgid)
+    assert b"I tried to deliver a bounce message to this address, but the bounce bounced!" in raw
+    # a double bounce that fails is discarded (triple bounce)
+    spool.mark_failed(double.msgid, 0, "Sorry, no mailbox here by that name. (#5.1.1)\n")
+    asyncio.run(settle(sched))
+    assert f"triple bounce: discarding bounce/{double.msgid}" in log_texts(tmp)
+    assert spool.stats().messages == 0
+
+
+def test_double_bounce_goes_out_with_null_sender_on_the_wire(env):
+    sched, spool, remote, clock, log, tmp = env
+    sched.config = SchedulerConfig(bounce=BounceConfig(bouncehost="mx.test", doublebounceto="pm",
+                                                       doublebouncehost="admin.test"))
+    remote.rules["a@src.test"] = ("D", NOUSER)
+    spool.enqueue(Envelope("", ("a@src.test",)), MSG)   # a bounce that will fail
+    asyncio.run(settle(sched))
+    calls = [c for c in remote.calls if c[0] == "admin.test"]
+    assert calls == [("admin.test", "", ("pm@admin.test",))]
+
+
+def test_queuelifetime_expiry_turns_deferral_into_bounce(env):
+    sched, spool, remote, clock, log, tmp = env
+    sched.config = SchedulerConfig(bounce=sched.config.bounce, retry=RetryPolicy(queuelifetime=1000))
+    remote.down.add("d1.test")
+    mid = spool.enqueue(Envelope("a@src.test", ("x@d1.test",)), MSG)
+    asyncio.run(settle(sched))
+    assert spool.message_info(mid).recipients[0].state == "deferred"
+    clock.now = T0 + 1600                             # past the lifetime: one more attempt
+    asyncio.run(settle(sched))
+    bounces = _bounces(remote)
+    assert len(bounces) == 1
+    assert DYING_TEXT.strip().encode() in bounces[0][1]
+    assert b"Status: 5.4.7" in bounces[0][1]
+    assert any(t.endswith("I'm_not_going_to_try_again;_this_message_has_been_in_the_queue_too_long./")
+               for t in log_texts(tmp))
+
+
+def test_concurrency_limits(env):
+    sched, spool, remote, clock, log, tmp = env
+    sched.config = SchedulerConfig(concurrency_remote=3, per_destination=2, bounce=sched.config.bounce)
+
+    async def scenario():
+        sched._wake = asyncio.Event()
+        remote.gate = asyncio.Event()
+        for i in range(6):
+            spool.enqueue(Envelope("a@src.test", (f"u{i}@one.test",)), MSG)
+        for i in range(6):
+            spool.enqueue(Envelope("a@src.test", (f"u{i}@two.test",)), MSG)
+        for _ in range(5):
+            sched.run_pass()
+            await asyncio.sleep(0.01)
+        assert sched.active_remote == 3
+        assert sorted(sched.per_domain.values()) == [1, 2]
+        remote.gate.set()
+        await settle(sched)
+
+    asyncio.run(scenario())
+    assert remote.max_running == 3 and len(remote.calls) == 12
+    assert spool.stats().messages == 0
+
+
+def test_recovered_destination_gets_deferred_mail_at_once(env):
+    sched, spool, remote, clock, log, tmp = env
+    remote.down.add("d1.test")
+    ids = [spool.enqueue(Envelope("a@src.test", (f"u{i}@d1.test",)), MSG) for i in range(5)]
+    asyncio.run(settle(sched))
+    assert all(spool.message_info(m).recipients[0].state == "deferred" for m in ids)
+    remote.down.clear()
+    clock.now = T0 + 10                               # long before the 400 s retry slot
+    spool.enqueue(Envelope("a@src.test", ("new@d1.test",)), MSG)
+    asyncio.run(settle(sched))
+    assert spool.stats().messages == 0                # the 5 deferred ones went too
+    assert len(remote.calls) == 5 + 1 + 5
+
+
+def test_deferred_by_domain_is_bounded():
+    d = DeferredByDomain(3)
+    for i in range(10):
+        d.add("a.test", i)
+    assert len(d) == 3
+    assert d.take("a.test") == [0, 1, 2] and len(d) == 0
+    assert d.take("a.test") == []
+
+
+def test_delivery_crash_costs_a_retry_not_mail(env):
+    sched, spool, remote, clock, log, tmp = env
+
+    async def broken(domain, sender, rcpts, message):
+        raise RuntimeError("bug")
+
+    sched.deliver = broken
+    mid = spool.enqueue(Envelope("a@src.test", ("x@d1.test",)), MSG)
+    asyncio.run(settle(sched))
+    r = spool.message_info(mid).recipients[0]
+    assert r.state == "deferred" and r.text == "qmail-remote crashed.\n"
+
+
+def test_stop_waits_for_running_deliveries(env):
+    sched, spool, remote, clock, log, tmp = env
+
+    async def scenario():
+        remote.gate = asyncio.Event()
+        spool.enqueue(Envelope("a@src.test", ("x@d1.test",)), MSG)
+        runner = asyncio.create_task(sched.run(stop_grace=5))
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if remote.calls:
+                break
+        sched.stop()
+        await asyncio.sleep(0.05)
+        remote.gate.set()
+        await runner
+
+    asyncio.run(scenario())
+    texts = log_texts(tmp)
+    assert "status: local 0/10 remote 1/20 exitasap" in texts
+    assert texts[-1] == "status: exiting"
+    assert spool.stats().messages == 0
