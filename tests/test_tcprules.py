@@ -223,3 +223,10 @@ def test_compile_parse_error_leaves_old_cdb(tmp_path):
     with pytest.raises(TcpRulesError):
         compile_rules(":allow\n1.2.3.4:nope\n", cdb_path)
     assert cdb_path.read_bytes() == before
+
+
+def test_ipv4_mapped_client_matches_ipv4_rules():
+    rules = TcpRules.from_text('127.:allow,RELAYCLIENT=""\n:deny\n')
+    assert dict(rules.match("::ffff:127.0.0.1").env) == {"RELAYCLIENT": ""}
+    assert rules.match("::FFFF:10.0.0.1").allow is False
+    assert rules.match("::1").allow is False

@@ -217,6 +217,10 @@ class TcpRules:
         rules = self._rules
         if not rules:
             return ALLOW_ALL
+        if ip[:7].lower() == "::ffff:" and ip.count(".") == 3:
+            # A dual-stack socket reports IPv4 clients as ::ffff:a.b.c.d; rules
+            # are written for a.b.c.d (tcpserver on IPv4 never sees the prefix).
+            ip = ip[7:]
         if host is not None:
             # tcpserver lower-cases the name it got from DNS.
             host = host.lower()
