@@ -1,0 +1,102 @@
+"""Command-line plumbing shared by the bench tools: one-line errors, exit 2.
+
+An operator typing a wrong flag gets one line naming it, never a usage dump
+or a traceback; scripts can rely on exit status 2 for "bad invocation".
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import NoReturn
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad arguments or an unusable target: reported as one line, exit 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but an error is a single `prog: error: ...` line and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(self.prog, message)
+
+
+def fail(prog: str, message: str) -> NoReturn:
+    sys.stderr.write(f"{prog}: error: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(EXIT_USAGE)
+
+
+def parse_hostport(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """`HOST:PORT`, `[v6]:PORT` or `:PORT` → (host, port); UsageError otherwise."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        raise UsageError(f"expected HOST:PORT, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    host = host or default_host
+    try:
+        number = int(port)
+    except ValueError:
+        raise UsageError(f"bad port in {text!r}") from None
+    if not 0 <= number <= 65535:
+        raise UsageError(f"port out of range in {text!r}")
+    return host, number
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
+    return value
+
+
+def nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
+    return value
+
+
+def nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0: {text!r}")
+    return value
+
+
+def percent(text: str) -> float:
+    value = nonneg_float(text)
+    if value > 100:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 100: {text!r}")
+    return value
+
+
+def write_json_atomic(path: str, text: str) -> None:
+    """Readers polling the file never see half of it."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def install_uvloop():
+    """The fastest event loop available: uvloop, else asyncio's default."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a declared dependency
+        import asyncio
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
