@@ -146,7 +146,7 @@ def test_morercpthosts_cdb_only_and_text_ignored(tmp_path):
 def test_many_morercpthosts(tmp_path):
     (tmp_path / "rcpthosts").write_text("")
     write_cdb(tmp_path / "morercpthosts.cdb", [(f"d{i}.test".encode(), b"") for i in range(5000)])
-    policy = RecipientPolicy("", CdbFile.open(tmp_path / "morercpthosts.cdb"))
+    policy = RecipientPolicy([], CdbFile.open(tmp_path / "morercpthosts.cdb"))
     assert all(policy.check_rcpt(f"u@D{i}.test", None) is None for i in range(0, 5000, 7))
     assert policy.check_rcpt("u@d5000.test", None) == RELAY_553
 
