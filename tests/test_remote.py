@@ -1,0 +1,405 @@
+"""RemoteDelivery end to end: fake DNS (dnslib) + recording sinks on 127.0.0.x.
+
+No test here asks the machine's resolver: names are either routed with
+smtproutes to a loopback sink or resolved by the fake DNS server.
+"""
+from __future__ import annotations
+
+import asyncio
+import re
+
+import pytest
+
+from engine.delivery.mx import TEXT_DNS_SOFT, TEXT_IPME
+from engine.delivery.remote import (TEXT_NO_CONNECTION, RecipientResult, RemoteConfig,
+                                    RemoteConfigError, RemoteDelivery, load_remote_config)
+from engine.delivery.routes import Route, SmtpRoutes
+from tests.fakedns import fake_dns  # noqa: F401  (fixture)
+from tests.smtp_recorder import RecordingSink
+
+MSG = b"Received: from x\r\nSubject: hello\r\n\r\nbody line\r\n.leading dot\r\n"
+
+
+def run(coro, timeout=25):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def config(dns=None, routes="", port=25, **kw) -> RemoteConfig:
+    kw.setdefault("timeoutconnect", 2)
+    kw.setdefault("timeoutremote", 2)
+    return RemoteConfig(helohost="relay.test", routes=SmtpRoutes.from_text(routes),
+                        dns_servers=(dns.address,) if dns else (), mx_port=port,
+                        dns_timeout=0.5, dns_tries=1, **kw)
+
+
+async def sinks(*specs: tuple[str, dict]) -> list[RecordingSink]:
+    """Start sinks on the given 127.0.0.x addresses, all on one port."""
+    started: list[RecordingSink] = []
+    port = 0
+    for host, knobs in specs:
+        s = await RecordingSink.start(host, port, **knobs)
+        port = s.port
+        started.append(s)
+    return started
+
+
+async def stop(delivery: RemoteDelivery, started: list[RecordingSink]) -> None:
+    await delivery.close()
+    for s in started:
+        await s.stop()
+
+
+def statuses(results: list[RecipientResult]) -> list[str]:
+    return [r.status for r in results]
+
+
+# --- smtproutes ---------------------------------------------------------------
+
+def test_smtproutes_with_port_delivers_and_reports_qmail_text():
+    async def go():
+        started = await sinks(("127.0.0.2", {}))
+        port = started[0].port
+        rd = RemoteDelivery(config(routes=f"example.test:127.0.0.2:{port}\n"))
+        try:
+            return await rd.deliver("example.test", "a@src.test", ["x@example.test"], MSG), started
+        finally:
+            await stop(rd, started)
+    results, (sink,) = run(go())
+    assert results == [RecipientResult("x@example.test", "K",
+                                       "127.0.0.2 accepted message.\nRemote host said: 250 ok queued\n")]
+    assert sink.messages[0].content == MSG
+    assert sink.messages[0].mail.startswith(b"MAIL FROM:<a@src.test>")
+
+
+def test_default_route_and_empty_relay_uses_mx(fake_dns):
+    async def go():
+        started = await sinks(("127.0.0.2", {}), ("127.0.0.3", {}))
+        port = started[0].port
+        fake_dns.zone["except.test"] = {"MX": [(10, "mx.except.test")]}
+        fake_dns.zone["mx.except.test"] = {"A": ["127.0.0.3"]}
+        rd = RemoteDelivery(config(fake_dns, routes=f":127.0.0.2:{port}\nexcept.test:\n", port=port))
+        try:
+            r1 = await rd.deliver("any.where.test", "a@src.test", ["x@any.where.test"], MSG)
+            r2 = await rd.deliver("except.test", "a@src.test", ["y@except.test"], MSG)
+            return r1, r2, started
+        finally:
+            await stop(rd, started)
+    r1, r2, (smart, mx) = run(go())
+    assert statuses(r1) == statuses(r2) == ["K"]
+    assert r1[0].text.startswith("127.0.0.2 accepted") and r2[0].text.startswith("127.0.0.3 accepted")
+    assert [m.rcpts for m in smart.messages] == [[b"RCPT TO:<x@any.where.test>"]]
+    assert [m.rcpts for m in mx.messages] == [[b"RCPT TO:<y@except.test>"]]
+    assert ("any.where.test", "MX") not in fake_dns.queries   # a route needs no MX lookup
+
+
+def test_relay_name_resolved_by_a_record(fake_dns):
+    async def go():
+        started = await sinks(("127.0.0.4", {}))
+        fake_dns.zone["smarthost.test"] = {"A": ["127.0.0.4"]}
+        rd = RemoteDelivery(config(fake_dns, routes=f"example.test:smarthost.test:{started[0].port}\n"))
+        try:
+            return await rd.deliver("example.test", "", ["x@example.test"], MSG)
+        finally:
+            await stop(rd, started)
+    assert statuses(run(go())) == ["K"]
+
+
+# --- MX order and fallback ----------------------------------------------------------
+
+def test_mx_fallback_refused_then_421_then_timeout_then_accept(fake_dns):
+    async def go():
+        # .3 listens nowhere (refused), .4 greets 421, .5 never greets, .6 accepts.
+        started = await sinks(("127.0.0.6", {}), ("127.0.0.4", {"greeting": "421 too busy"}),
+                              ("127.0.0.5", {"silent": True}))
+        port = started[0].port
+        fake_dns.zone.update({
+            "fall.test": {"MX": [(40, "d.fall.test"), (10, "a.fall.test"),
+                                 (30, "c.fall.test"), (20, "b.fall.test")]},
+            "a.fall.test": {"A": ["127.0.0.3"]}, "b.fall.test": {"A": ["127.0.0.4"]},
+            "c.fall.test": {"A": ["127.0.0.5"]}, "d.fall.test": {"A": ["127.0.0.6"]},
+        })
+        rd = RemoteDelivery(config(fake_dns, port=port, timeoutremote=0.5))
+        try:
+            res = await rd.deliver("fall.test", "a@src.test", ["x@fall.test", "y@fall.test"], MSG)
+            return res, started
+        finally:
+            await stop(rd, started)
+    results, (good, busy, silent) = run(go())
+    assert statuses(results) == ["K", "K"]
+    assert results[0].text.startswith("127.0.0.6 accepted message.")
+    assert len(busy.connections) == 1 and len(silent.connections) == 1
+    assert len(good.messages) == 1
+    assert good.messages[0].rcpts == [b"RCPT TO:<x@fall.test>", b"RCPT TO:<y@fall.test>"]
+
+
+def test_all_mx_fail_to_connect_is_4_4_1(fake_dns):
+    async def go():
+        started = await sinks(("127.0.0.2", {}))
+        port = started[0].port
+        await started[0].stop()          # keep the port, listen nowhere
+        fake_dns.zone.update({"down.test": {"MX": [(10, "mx.down.test")]},
+                              "mx.down.test": {"A": ["127.0.0.2", "127.0.0.3"]}})
+        rd = RemoteDelivery(config(fake_dns, port=port))
+        try:
+            return await rd.deliver("down.test", "a@src.test", ["x@down.test"], MSG)
+        finally:
+            await rd.close()
+    (result,) = run(go())
+    assert (result.status, result.text) == ("Z", TEXT_NO_CONNECTION)
+    assert result.text == "Sorry, I wasn't able to establish an SMTP connection. (#4.4.1)\n"
+
+
+def test_only_busy_greetings_defer_with_the_reply(fake_dns):
+    async def go():
+        started = await sinks(("127.0.0.2", {"greeting": "421 too busy"}))
+        fake_dns.zone["busy.test"] = {"A": ["127.0.0.2"]}
+        rd = RemoteDelivery(config(fake_dns, port=started[0].port))
+        try:
+            return await rd.deliver("busy.test", "a@src.test", ["x@busy.test"], MSG)
+        finally:
+            await stop(rd, started)
+    (result,) = run(go())
+    assert result.status == "Z"
+    assert result.text == "Connected to 127.0.0.2 but greeting failed.\nRemote host said: 421 too busy\n"
+
+
+def test_a_fallback_without_mx(fake_dns):
+    async def go():
+        started = await sinks(("127.0.0.7", {}))
+        fake_dns.zone["nomx.test"] = {"A": ["127.0.0.7"]}
+        rd = RemoteDelivery(config(fake_dns, port=started[0].port))
+        try:
+            return await rd.deliver("nomx.test", "a@src.test", ["x@nomx.test"], MSG), started
+        finally:
+            await stop(rd, started)
+    results, (sink,) = run(go())
+    assert statuses(results) == ["K"] and len(sink.messages) == 1
+
+
+@pytest.mark.parametrize("entry, status, text", [
+    ({"MX": [(0, ".")]}, "D", "Sorry, nullmx.test does not accept mail (null MX). (#5.1.10)\n"),
+    (None, "D", "Sorry, I couldn't find any host named nullmx.test. (#5.1.2)\n"),
+    ("SERVFAIL", "Z", TEXT_DNS_SOFT),
+])
+def test_dns_outcomes(fake_dns, entry, status, text):
+    if entry is not None:
+        fake_dns.zone["nullmx.test"] = entry
+
+    async def go():
+        rd = RemoteDelivery(config(fake_dns, port=1))
+        try:
+            return await rd.deliver("nullmx.test", "a@src.test", ["x@nullmx.test", "y@nullmx.test"], MSG)
+        finally:
+            await rd.close()
+    assert run(go()) == [RecipientResult("x@nullmx.test", status, text),
+                         RecipientResult("y@nullmx.test", status, text)]
+
+
+def test_ipme_skips_own_address(fake_dns):
+    async def go():
+        started = await sinks(("127.0.0.3", {}))
+        fake_dns.zone.update({"me.test": {"MX": [(10, "mx1.me.test"), (20, "mx2.me.test")]},
+                              "mx1.me.test": {"A": ["127.0.0.3"]},
+                              "mx2.me.test": {"A": ["127.0.0.2"]},
+                              "loop.test": {"MX": [(10, "mx2.me.test")]}})
+        rd = RemoteDelivery(config(fake_dns, port=started[0].port,
+                                   my_addresses=frozenset({"0.0.0.0", "127.0.0.2"})))
+        try:
+            ok = await rd.deliver("me.test", "a@src.test", ["x@me.test"], MSG)
+            loop = await rd.deliver("loop.test", "a@src.test", ["x@loop.test"], MSG)
+            return ok, loop
+        finally:
+            await stop(rd, started)
+    ok, loop = run(go())
+    assert statuses(ok) == ["K"]
+    assert loop == [RecipientResult("x@loop.test", "D", TEXT_IPME)]
+
+
+# --- the dialogue -------------------------------------------------------------------
+
+def _routed(sink_knobs: dict, recipients, message=MSG, sender="a@src.test"):
+    async def go():
+        started = await sinks(("127.0.0.2", sink_knobs))
+        rd = RemoteDelivery(config(routes=f":127.0.0.2:{started[0].port}\n"))
+        try:
+            return await rd.deliver("example.test", sender, recipients, message), started[0]
+        finally:
+            await stop(rd, started)
+    return run(go())
+
+
+def test_one_recipient_refused_others_delivered():
+    results, sink = _routed({"rcpt_replies": {"bad@example.test": "550 no such user"}},
+                            ["a@example.test", "bad@example.test", "c@example.test"])
+    assert statuses(results) == ["K", "D", "K"]
+    assert results[1].text == "127.0.0.2 does not like recipient.\nRemote host said: 550 no such user\n"
+    assert len(sink.messages) == 1 and len(sink.messages[0].rcpts) == 2
+
+
+def test_all_recipients_refused_gives_up():
+    results, sink = _routed({"rcpt_replies": {"a@example.test": "550 no", "b@example.test": "450 later"}},
+                            ["a@example.test", "b@example.test"])
+    assert statuses(results) == ["D", "Z"]
+    assert results[0].text == ("127.0.0.2 does not like recipient.\nRemote host said: 550 no\n"
+                               "Giving up on 127.0.0.2.\n")
+    assert sink.messages == []
+
+
+@pytest.mark.parametrize("knobs, status, text", [
+    ({"mail_reply": "553 sender refused"}, "D",
+     "Connected to 127.0.0.2 but sender was rejected.\nRemote host said: 553 sender refused\n"),
+    ({"mail_reply": "451 try later"}, "Z",
+     "Connected to 127.0.0.2 but sender was rejected.\nRemote host said: 451 try later\n"),
+    ({"data_reply": "554 no data today"}, "D",
+     "127.0.0.2 failed on DATA command.\nRemote host said: 554 no data today\n"),
+    ({"final_reply": "452 disk full"}, "Z",
+     "127.0.0.2 failed after I sent the message.\nRemote host said: 452 disk full\n"),
+    ({"final_reply": "554 spam"}, "D",
+     "127.0.0.2 failed after I sent the message.\nRemote host said: 554 spam\n"),
+])
+def test_dialogue_failures(knobs, status, text):
+    for pipelining in (True, False):
+        if not pipelining:
+            knobs = {**knobs, "extensions": []}
+        results, _ = _routed(knobs, ["a@example.test", "b@example.test"])
+        assert results == [RecipientResult("a@example.test", status, text),
+                           RecipientResult("b@example.test", status, text)], pipelining
+
+
+def test_address_with_line_break_is_refused_without_sending():
+    results, sink = _routed({}, ["ok@example.test", "x@example.test\r\nRCPT TO:<evil@x>"])
+    assert statuses(results) == ["K", "D"]
+    assert all(b"evil" not in c for conn in sink.connections for c in conn.commands)
+
+
+# --- connection reuse -------------------------------------------------------------------
+
+def test_many_messages_share_one_connection():
+    async def go():
+        started = await sinks(("127.0.0.2", {}))
+        rd = RemoteDelivery(config(routes=f":127.0.0.2:{started[0].port}\n"))
+        try:
+            out = []
+            for i in range(25):
+                out += await rd.deliver("example.test", "a@src.test", [f"u{i}@example.test"],
+                                        b"Subject: %d\r\n\r\nbody\r\n" % i)
+            return out, started[0]
+        finally:
+            await stop(rd, started)
+    results, sink = run(go())
+    assert statuses(results) == ["K"] * 25
+    assert len(sink.connections) == 1
+    assert len(sink.connections[0].transactions) == 25
+    assert [m.content for m in sink.messages] == [b"Subject: %d\r\n\r\nbody\r\n" % i for i in range(25)]
+
+
+def test_concurrent_deliveries_respect_per_host_cap_and_message_cap():
+    async def go():
+        started = await sinks(("127.0.0.2", {}))
+        rd = RemoteDelivery(config(routes=f":127.0.0.2:{started[0].port}\n",
+                                   max_connections_per_host=3, max_messages_per_connection=10))
+        try:
+            res = await asyncio.gather(*(rd.deliver("example.test", "a@src.test", [f"u{i}@example.test"], MSG)
+                                         for i in range(60)))
+            return [r for rs in res for r in rs], started[0]
+        finally:
+            await stop(rd, started)
+    results, sink = run(go())
+    assert statuses(results) == ["K"] * 60
+    assert len(sink.messages) == 60
+    assert all(len(c.transactions) <= 10 for c in sink.connections)
+    assert 6 <= len(sink.connections) <= 8
+
+
+def test_server_dropping_an_idle_connection_is_retried_fresh():
+    async def go():
+        started = await sinks(("127.0.0.2", {"close_after_messages": 1}))
+        rd = RemoteDelivery(config(routes=f":127.0.0.2:{started[0].port}\n"))
+        try:
+            out = []
+            for i in range(3):
+                out += await rd.deliver("example.test", "a@src.test", [f"u{i}@example.test"], MSG)
+                await asyncio.sleep(0.05)
+            return out, started[0]
+        finally:
+            await stop(rd, started)
+    results, sink = run(go())
+    assert statuses(results) == ["K"] * 3
+    assert len(sink.connections) == 3
+
+
+def test_greeting_timeout_uses_timeoutremote():
+    async def go():
+        started = await sinks(("127.0.0.2", {"silent": True}))
+        rd = RemoteDelivery(config(routes=f":127.0.0.2:{started[0].port}\n", timeoutremote=0.3))
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        try:
+            res = await rd.deliver("example.test", "a@src.test", ["x@example.test"], MSG)
+            return res, loop.time() - t0
+        finally:
+            await stop(rd, started)
+    (result,), elapsed = run(go())
+    assert result.status == "Z"
+    assert result.text == "Connected to 127.0.0.2 but connection died. (#4.4.2)\n"
+    assert elapsed < 2
+
+
+# --- byte exactness and smuggling ------------------------------------------------------
+
+def test_relaying_is_byte_exact():
+    message = (b"Received: from a\r\n\tby b\r\nSubject: =?utf-8?q?x?=\r\n\r\n"
+               + bytes(range(32, 256)).replace(b".", b"") + b"\r\n"
+               + b".\r\n..\r\n. \r\n.x\r\n\t\r\n\r\n" + "é ü\r\n".encode() + b"x" * 5000 + b"\r\n")
+    results, sink = _routed({}, ["a@example.test"], message)
+    assert statuses(results) == ["K"]
+    assert sink.messages[0].content == message
+    assert b"BODY=8BITMIME" in sink.messages[0].mail
+    assert b"SIZE=%d" % len(message) in sink.messages[0].mail
+
+
+def test_stored_bare_cr_and_lf_cannot_smuggle_a_second_message():
+    evil = b"MAIL FROM:<evil@x.test>\r\nRCPT TO:<victim@example.test>\r\nDATA\r\nsmuggled\r\n"
+    message = (b"Subject: smuggle\r\n\r\nhello\r.\r\n" + evil + b"more\n.\n" + evil
+               + b"again\r\n.\n" + evil + b"last\n.\r\n" + evil + b"end\r\n")
+    results, sink = _routed({}, ["a@example.test"], message)
+    assert statuses(results) == ["K"]
+    assert len(sink.connections) == 1
+    assert len(sink.messages) == 1
+    commands = [c.split(b" ")[0] for c in sink.connections[0].commands]
+    assert commands.count(b"MAIL") == 1 and commands.count(b"DATA") == 1
+    expected = re.sub(rb"\r\n|\r|\n", b"\r\n", message)
+    assert sink.messages[0].content == expected
+    raw = sink.messages[0].raw
+    assert raw.count(b"\r") == raw.count(b"\n") == raw.count(b"\r\n")
+
+
+# --- configuration ------------------------------------------------------------------------
+
+def test_load_remote_config(root):
+    control = root / "control"
+    (control / "helohost").write_text("out.example.com\n")
+    (control / "timeoutconnect").write_text("7\n")
+    (control / "smtproutes").write_text("a.test:127.0.0.2:2526\n")
+    (root / "qrelay.toml").write_text(
+        '[delivery]\ndns_servers = ["127.0.0.1:5353"]\nmx_port = 2525\n'
+        'max_messages_per_connection = 5\nmy_addresses = ["192.0.2.1"]\n')
+    cfg = load_remote_config(root)
+    assert cfg.helohost == "out.example.com"
+    assert (cfg.timeoutconnect, cfg.timeoutremote) == (7, 1200)
+    assert cfg.routes.lookup("a.test") == Route("127.0.0.2", 2526)
+    assert cfg.dns_servers == ("127.0.0.1:5353",) and cfg.mx_port == 2525
+    assert cfg.max_messages_per_connection == 5
+    assert cfg.my_addresses == frozenset({"0.0.0.0", "192.0.2.1"})
+
+
+def test_load_remote_config_defaults_and_errors(root):
+    cfg = load_remote_config(root)
+    assert cfg.helohost == "mx.example.com" and cfg.mx_port == 25 and cfg.dns_servers == ()
+    (root / "qrelay.toml").write_text('[delivery]\ndns_servers = "127.0.0.1"\n')
+    with pytest.raises(RemoteConfigError, match="dns_servers"):
+        load_remote_config(root)
+    (root / "qrelay.toml").unlink()
+    (root / "control" / "me").unlink()
+    with pytest.raises(RemoteConfigError, match="helohost"):
+        load_remote_config(root)

@@ -1,0 +1,71 @@
+"""control/smtproutes parsing and matching (spec §2, §7.1)."""
+from __future__ import annotations
+
+from engine.delivery.routes import Route, SmtpRoutes
+
+TABLE = """\
+# comment line
+example.com:relay.example.net
+port.example.com:relay2.example.net:2525
+.sub.example.org:[192.0.2.7]
+except.example.org:
+:smarthost.example.net:587
+"""
+
+
+def test_exact_domain_default_port():
+    routes = SmtpRoutes.from_text(TABLE)
+    assert routes.lookup("example.com") == Route("relay.example.net", 25)
+
+
+def test_port_given():
+    assert SmtpRoutes.from_text(TABLE).lookup("port.example.com") == Route("relay2.example.net", 2525)
+
+
+def test_suffix_matches_subdomains_only():
+    routes = SmtpRoutes.from_text(TABLE)
+    assert routes.lookup("a.sub.example.org") == Route("[192.0.2.7]", 25)
+    assert routes.lookup("x.y.sub.example.org") == Route("[192.0.2.7]", 25)
+    # ".sub.example.org" does not match sub.example.org itself: default route.
+    assert routes.lookup("sub.example.org") == Route("smarthost.example.net", 587)
+
+
+def test_default_route_and_empty_relay_exception():
+    routes = SmtpRoutes.from_text(TABLE)
+    assert routes.lookup("elsewhere.test") == Route("smarthost.example.net", 587)
+    assert routes.lookup("except.example.org") is None   # empty relay: use MX
+
+
+def test_no_default_route_means_mx():
+    routes = SmtpRoutes.from_text("example.com:relay\n")
+    assert routes.lookup("other.test") is None
+    assert SmtpRoutes().lookup("example.com") is None
+
+
+def test_case_insensitive_and_first_line_wins():
+    routes = SmtpRoutes.from_text("Example.COM:first\nexample.com:second\n")
+    assert routes.lookup("EXAMPLE.com") == Route("first", 25)
+
+
+def test_longest_suffix_first():
+    routes = SmtpRoutes.from_text(".com:tld\n.example.com:dom\n")
+    assert routes.lookup("a.example.com") == Route("dom", 25)
+    assert routes.lookup("a.other.com") == Route("tld", 25)
+
+
+def test_bad_port_falls_back_to_25_and_junk_lines_ignored():
+    routes = SmtpRoutes.from_text("a.test:relay:xyz\nb.test:relay:99999\nno-colon-line\n\n")
+    assert routes.lookup("a.test") == Route("relay", 25)
+    assert routes.lookup("b.test") == Route("relay", 25)
+    assert routes.lookup("no-colon-line") is None
+
+
+def test_trailing_space_and_crlf_stripped(tmp_path):
+    (tmp_path / "smtproutes").write_bytes(b"a.test:relay.test:26  \r\n#x:y\n")
+    routes = SmtpRoutes.load(tmp_path)
+    assert routes.lookup("a.test") == Route("relay.test", 26)
+    assert len(routes) == 1
+
+
+def test_missing_file_is_empty(tmp_path):
+    assert len(SmtpRoutes.load(tmp_path)) == 0
