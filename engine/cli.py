@@ -162,6 +162,42 @@ def flush(root: str) -> None:
     click.echo(f"qrelay: {moved} deferred recipients due now{woke}")
 
 
+@cli.command()
+@click.argument("root", type=click.Path(file_okay=False))
+def newmrh(root: str) -> None:
+    """Compile control/morercpthosts into morercpthosts.cdb (qmail-newmrh)."""
+    from pathlib import Path
+
+    from engine.config.cdb import CdbError, newmrh as compile_morercpthosts
+    control = Path(root) / "control"
+    if not (control / "morercpthosts").is_file():
+        raise click.ClickException(f"{control / 'morercpthosts'}: no such file")
+    try:
+        count = compile_morercpthosts(control)
+    except (CdbError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"qrelay: wrote {control / 'morercpthosts.cdb'} ({count} domains)")
+
+
+@cli.command()
+@click.argument("root", type=click.Path(file_okay=False))
+def tcprules(root: str) -> None:
+    """Compile control/tcp.smtp into tcp.smtp.cdb (ucspi-tcp's tcprules)."""
+    from pathlib import Path
+
+    from engine.config.cdb import CdbError
+    from engine.config.tcprules import RULES_CDB, RULES_TEXT, TcpRulesError, compile_rules
+    control = Path(root) / "control"
+    try:
+        text = (control / RULES_TEXT).read_bytes().decode("utf-8", "surrogateescape")
+        count = compile_rules(text, control / RULES_CDB)
+    except TcpRulesError as exc:
+        raise click.ClickException(f"{control / RULES_TEXT}: {exc}") from None
+    except (CdbError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"qrelay: wrote {control / RULES_CDB} ({count} keys)")
+
+
 def main() -> None:
     cli(prog_name="qrelay")
 

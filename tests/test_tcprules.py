@@ -230,3 +230,25 @@ def test_ipv4_mapped_client_matches_ipv4_rules():
     assert dict(rules.match("::ffff:127.0.0.1").env) == {"RELAYCLIENT": ""}
     assert rules.match("::FFFF:10.0.0.1").allow is False
     assert rules.match("::1").allow is False
+
+
+def test_cli_tcprules_and_newmrh(root, qrelay_cli):
+    control = root / "control"
+    (control / "tcp.smtp").write_text('127.0.0.:allow,RELAYCLIENT=""\n10.0-1.:deny\n:allow\n')
+    result = qrelay_cli("tcprules", str(root))
+    assert result.returncode == 0, result.stderr
+    assert "4 keys" in result.stdout
+    assert TcpRules.load(control).match("10.1.2.3").allow is False
+    (control / "morercpthosts").write_text("More.Test\n")
+    result = qrelay_cli("newmrh", str(root))
+    assert result.returncode == 0, result.stderr
+    assert CdbFile.open(control / "morercpthosts.cdb").get(b"more.test") == b""
+    (control / "tcp.smtp").write_text("1.2.3.4:allow,oops\n")
+    result = qrelay_cli("tcprules", str(root))
+    assert result.returncode == 1
+    assert result.stderr.strip().endswith("unable to parse this line: 1.2.3.4:allow,oops")
+    assert "Traceback" not in result.stderr
+    assert TcpRules.load(control).match("10.1.2.3").allow is False  # old cdb kept
+    (control / "morercpthosts").unlink()
+    result = qrelay_cli("newmrh", str(root))
+    assert result.returncode == 1 and "no such file" in result.stderr
