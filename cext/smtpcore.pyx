@@ -312,18 +312,41 @@ cdef class LineReader:
 # command, path and parameter parsing
 
 
+# The verbs qrelay answers, shared instead of allocated per command line.
+cdef tuple KNOWN_VERBS = (b"HELO", b"EHLO", b"MAIL", b"RCPT", b"DATA", b"RSET", b"NOOP",
+                          b"QUIT", b"VRFY", b"HELP", b"AUTH", b"EXPN", b"ETRN", b"BDAT")
+
+
+cdef inline unsigned char ascii_upper(unsigned char c) noexcept:
+    return c - 32 if 97 <= c <= 122 else c
+
+
+cdef object upper_verb(const unsigned char *p, Py_ssize_t i):
+    cdef Py_ssize_t k
+    cdef bytes verb
+    cdef const unsigned char *known
+    cdef unsigned char *v
+    if i == 4:
+        for verb in KNOWN_VERBS:
+            known = <const unsigned char *>PyBytes_AS_STRING(verb)
+            if (ascii_upper(p[0]) == known[0] and ascii_upper(p[1]) == known[1]
+                    and ascii_upper(p[2]) == known[2] and ascii_upper(p[3]) == known[3]):
+                return verb
+    verb = PyBytes_FromStringAndSize(NULL, i)
+    v = <unsigned char *>PyBytes_AS_STRING(verb)
+    for k in range(i):
+        v[k] = ascii_upper(p[k])
+    return verb
+
+
+@cython.always_allow_keywords(False)
 def parse_command(bytes line not None):
     cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(line)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(line)
     cdef const unsigned char *q = <const unsigned char *>memchr(p, 32, n)
     cdef Py_ssize_t i = (q - p) if q != NULL else n
-    cdef Py_ssize_t j = i, k
-    cdef unsigned char c
-    cdef bytes verb = PyBytes_FromStringAndSize(NULL, i)
-    cdef unsigned char *v = <unsigned char *>PyBytes_AS_STRING(verb)
-    for k in range(i):
-        c = p[k]
-        v[k] = c - 32 if 97 <= c <= 122 else c
+    cdef Py_ssize_t j = i
+    verb = upper_verb(p, i)
     while j < n and p[j] == 32:
         j += 1
     if j == 0:
@@ -378,10 +401,12 @@ cdef object path_of(const unsigned char *p, Py_ssize_t n):
             PyBytes_FromStringAndSize(<const char *>p + r, n - r))
 
 
+@cython.always_allow_keywords(False)
 def parse_path(bytes arg not None):
     return path_of(<const unsigned char *>PyBytes_AS_STRING(arg), PyBytes_GET_SIZE(arg))
 
 
+@cython.always_allow_keywords(False)
 def parse_rcpt(bytes line not None):
     cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(line)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(line)
@@ -392,6 +417,7 @@ def parse_rcpt(bytes line not None):
     return path_of(p + j, n - j)
 
 
+@cython.always_allow_keywords(False)
 def split_address(bytes addr not None):
     cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(addr)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(addr)
@@ -418,6 +444,7 @@ cdef inline bint is_keychar(unsigned char c) noexcept:
     return (48 <= c <= 57) or (65 <= c <= 90) or (97 <= c <= 122) or c == 45
 
 
+@cython.always_allow_keywords(False)
 def parse_params(bytes rest not None):
     cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(rest)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(rest)
