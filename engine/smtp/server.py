@@ -21,7 +21,12 @@ from engine.supervisor import ChildSpec, Supervisor
 def service_specs(root: Path, config: Any) -> list[ChildSpec]:
     """Children `run` starts besides the receivers (the delivery issue adds the
     scheduler and delivery workers here)."""
-    return []
+    # --- added by the scheduler/delivery engineer: qmail-send's role as one child
+    # (engine/delivery/service.py); `[scheduler] enabled = false` leaves mail queued.
+    if not config.settings.scheduler.enabled:
+        return []
+    from engine.delivery.service import scheduler_spec
+    return [scheduler_spec(root)]
 
 
 def serve(root: Path, listen: list[ListenAddress], procs: int,
