@@ -93,9 +93,6 @@ class DeliverySettings:
     max_messages_per_connection: int = 100
     # Connections open at once to one destination (ip, port).
     max_connections_per_host: int = 20
-    # Recipients sent in one SMTP transaction (RFC 5321 servers must take 100);
-    # more recipients of one message go in further transactions.
-    max_recipients_per_transaction: int = 100
     # Seconds an unused connection is kept for the next message (0 = never reuse).
     idle_timeout: float = 30.0
     # Our own addresses for qmail's ipme rule (0.0.0.0 is always included):
