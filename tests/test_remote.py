@@ -403,3 +403,54 @@ def test_load_remote_config_defaults_and_errors(root):
     (root / "control" / "me").unlink()
     with pytest.raises(RemoteConfigError, match="helohost"):
         load_remote_config(root)
+
+
+def test_connect_timeout_moves_to_next_mx(fake_dns):
+    import socket
+
+    async def go():
+        started = await sinks(("127.0.0.2", {}))
+        port = started[0].port
+        # A listener with a full backlog never completes a new connect().
+        hole = socket.socket()
+        hole.bind(("127.0.0.8", port))
+        hole.listen(0)
+        filler = socket.create_connection(("127.0.0.8", port), timeout=1)
+        fake_dns.zone.update({"hole.test": {"MX": [(10, "a.hole.test"), (20, "b.hole.test")]},
+                              "a.hole.test": {"A": ["127.0.0.8"]}, "b.hole.test": {"A": ["127.0.0.2"]}})
+        rd = RemoteDelivery(config(fake_dns, port=port, timeoutconnect=0.3))
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        try:
+            res = await rd.deliver("hole.test", "a@src.test", ["x@hole.test"], MSG)
+            return res, loop.time() - t0
+        finally:
+            await stop(rd, started)
+            filler.close()
+            hole.close()
+    (result,), elapsed = run(go())
+    assert result.status == "K" and result.text.startswith("127.0.0.2 accepted")
+    assert 0.25 < elapsed < 2
+
+
+def test_delivery_under_uvloop(fake_dns):
+    import uvloop
+
+    async def go():
+        started = await sinks(("127.0.0.2", {}))
+        fake_dns.zone.update({"uv.test": {"MX": [(5, "mx.uv.test")]}, "mx.uv.test": {"A": ["127.0.0.2"]}})
+        rd = RemoteDelivery(config(fake_dns, port=started[0].port))
+        try:
+            out = []
+            for i in range(3):
+                out += await rd.deliver("uv.test", "a@src.test", [f"x{i}@uv.test"], MSG)
+            return out, started[0]
+        finally:
+            await stop(rd, started)
+    loop = uvloop.new_event_loop()
+    try:
+        results, sink = loop.run_until_complete(asyncio.wait_for(go(), 20))
+    finally:
+        loop.close()
+    assert statuses(results) == ["K"] * 3
+    assert len(sink.connections) == 1 and len(sink.messages) == 3

@@ -228,6 +228,7 @@ def test_pool_caps_connections_per_host():
                 pool.release(conn)
         codes = await asyncio.gather(*(one(i) for i in range(8)))
         await pool.close()
+        assert pool.tracked_hosts() == 0
         return codes, pool.opened
     (codes, opened), sink = run(_with_sink(go))
     assert codes == [250] * 8
@@ -241,8 +242,10 @@ def test_pool_idle_timeout_and_dropped_idle_connection():
         conn, _ = await pool.acquire("127.0.0.2", sink.port, "me.test")
         pool.release(conn)
         assert pool.idle_count() == 1
+        assert pool.tracked_hosts() == 1
         await asyncio.sleep(0.4)
         assert pool.idle_count() == 0          # expired and closed
+        assert pool.tracked_hosts() == 0       # nothing kept for a host not in use
         conn, reused = await pool.acquire("127.0.0.2", sink.port, "me.test")
         assert not reused
         pool.release(conn)
@@ -250,3 +253,31 @@ def test_pool_idle_timeout_and_dropped_idle_connection():
         return pool.opened
     opened, sink = run(_with_sink(go))
     assert opened == 2 and len(sink.connections) == 2
+
+
+def test_smtputf8_only_when_needed_and_offered():
+    async def go(sink):
+        conn = await _open(sink)
+        await conn.transaction("s@a.test", ["ascii@b.test"], b"x\r\n")
+        await conn.reset()
+        await conn.transaction("s@a.test", ["jörg@b.test"], b"x\r\n")
+        await conn.quit()
+    _, sink = run(_with_sink(go, extensions=["SMTPUTF8"]))
+    mails = [m.mail for m in sink.messages]
+    assert mails == [b"MAIL FROM:<s@a.test>", b"MAIL FROM:<s@a.test> SMTPUTF8"]
+    assert sink.messages[1].rcpts == ["RCPT TO:<jörg@b.test>".encode()]
+
+
+def test_long_reply_text_is_bounded_and_nul_shown_as_question_mark():
+    long = "550-" + "x" * 3000
+    async def go(sink):
+        conn = await _open(sink)
+        out = await conn.transaction("s@a.test", ["r@b.test", "ok@b.test"], b"x\r\n")
+        await conn.quit()
+        return out
+    out, _ = run(_with_sink(go, rcpt_replies={"r@b.test": "\r\n".join([long] * 4 + ["550 a\0b"])}))
+    assert out.rcpt[0].code == 550
+    assert len(out.rcpt[0].text) <= 5001
+    assert out.final.code == 250
+    out2, _ = run(_with_sink(go, rcpt_replies={"r@b.test": "550 a\0b"}))
+    assert out2.rcpt[0].text == "550 a?b\n"

@@ -11,6 +11,10 @@ turns a mail domain into the ordered list of addresses qmail-remote would try:
 - a null MX (RFC 7505, exchanger ".") → permanent failure;
 - `apply_ipme` drops our own addresses and everything not better than them.
 
+c-ares keeps its own TTL-bounded query cache underneath; ours adds the
+injectable clock, a bound on negative answers (`negative_ttl`), a size bound,
+and one query on the wire for many concurrent deliveries to one domain.
+
 Failures are raised as `ResolveError(status, text)` with qmail-remote's texts
 ("Z" temporary, "D" permanent). This module never connects to a mail host,
 and it never reads control files.
@@ -195,11 +199,14 @@ class MxResolver:
 
     def _store(self, key: tuple[str, str], value: tuple | str, expires: float) -> None:
         if len(self._cache) >= self._max_entries:
+            # Full: drop what expired, then the oldest tenth, so the O(n) sweep
+            # runs once per many insertions, not on every one.
             now = self._clock()
             for k in [k for k, e in self._cache.items() if e.expires <= now]:
                 del self._cache[k]
-            while len(self._cache) >= self._max_entries:
-                del self._cache[next(iter(self._cache))]  # oldest insertion
+            if len(self._cache) >= self._max_entries:
+                for k in list(self._cache)[:max(1, self._max_entries // 10)]:
+                    del self._cache[k]
         self._cache[key] = _CacheEntry(expires, value)
 
     # --- addresses of one host -------------------------------------------

@@ -135,6 +135,7 @@ class RemoteDelivery:
         """Deliver one message to recipients that share `domain`, in one
         transaction; one result per recipient, in the same order."""
         recipients = list(recipients)
+        message = bytes(message)
         if not recipients:
             return []
         if _unsafe(sender) or _unsafe(domain):

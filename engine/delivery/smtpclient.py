@@ -213,6 +213,8 @@ class SmtpConnection:
             params += b" SIZE=%d" % len(message)
         if "8BITMIME" in self.extensions and not message.isascii():
             params += b" BODY=8BITMIME"
+        if "SMTPUTF8" in self.extensions and not (sender + "".join(recipients)).isascii():
+            params += b" SMTPUTF8"
         mail = b"MAIL FROM:<" + _addr(sender) + b">" + params + b"\r\n"
         rcpts = [b"RCPT TO:<" + _addr(r) + b">\r\n" for r in recipients]
         if "PIPELINING" in self.extensions:
@@ -320,10 +322,25 @@ class PoolLimits:
     idle_timeout: float = 30.0
 
 
+class _HostSlots:
+    """Per destination (ip, port): the connection cap, who uses it, idle count."""
+    __slots__ = ("sem", "users", "idle")
+
+    def __init__(self, cap: int) -> None:
+        self.sem = asyncio.Semaphore(cap)
+        self.users = 0      # holders + waiters
+        self.idle = 0       # idle connections kept for this destination
+
+
 class ConnectionPool:
     """Open connections by (ip, port, helohost): reused for the next message to
     the same host (RSET between, a cap per connection), closed when idle too
-    long, and at most `max_connections_per_host` open per (ip, port)."""
+    long, and at most `max_connections_per_host` open per (ip, port).
+
+    Bookkeeping for a destination disappears once nothing uses or waits for
+    it and no idle connection is kept, so memory follows the live set of
+    destinations, not every destination ever seen.
+    """
 
     def __init__(self, *, timeoutconnect: float, timeoutremote: float,
                  limits: PoolLimits = PoolLimits(),
@@ -334,28 +351,28 @@ class ConnectionPool:
         self._clock = clock
         self._idle: dict[tuple[str, int, str], list[SmtpConnection]] = {}
         self._expiry: dict[SmtpConnection, asyncio.TimerHandle] = {}
-        self._slots: dict[tuple[str, int], asyncio.Semaphore] = {}
+        self._slots: dict[tuple[str, int], _HostSlots] = {}
         self._closed = False
         self.opened = 0     # connections opened, for tests and stats
-
-    def _slot(self, ip: str, port: int) -> asyncio.Semaphore:
-        sem = self._slots.get((ip, port))
-        if sem is None:
-            sem = self._slots[(ip, port)] = asyncio.Semaphore(max(1, self._limits.max_connections_per_host))
-        return sem
 
     async def acquire(self, ip: str, port: int, helohost: str) -> tuple[SmtpConnection, bool]:
         """A ready connection and whether it was reused. Raises ConnectFailed,
         GreetingFailed, NameRejected or ConnectionDied. Pair with release()."""
-        sem = self._slot(ip, port)
-        await sem.acquire()
+        slots = self._slots.get((ip, port))
+        if slots is None:
+            slots = self._slots[(ip, port)] = _HostSlots(max(1, self._limits.max_connections_per_host))
+        slots.users += 1
         try:
-            idle = self._idle.get((ip, port, helohost))
-            while idle:
-                conn = idle.pop()
-                handle = self._expiry.pop(conn, None)
-                if handle is not None:
-                    handle.cancel()
+            await slots.sem.acquire()
+        except BaseException:
+            slots.users -= 1
+            self._forget_if_unused(ip, port)
+            raise
+        try:
+            while True:
+                conn = self._pop_idle(ip, port, helohost)
+                if conn is None:
+                    break
                 if self._clock() - conn.last_used < self._limits.idle_timeout and await conn.reset():
                     return conn, True
                 conn.abort()
@@ -366,31 +383,67 @@ class ConnectionPool:
             conn.last_used = self._clock()
             return conn, False
         except BaseException:
-            sem.release()
+            slots.sem.release()
+            slots.users -= 1
+            self._forget_if_unused(ip, port)
             raise
 
     def release(self, conn: SmtpConnection, reusable: bool = True) -> None:
         """Give a connection back: kept idle for reuse, or closed."""
-        self._slot(conn.ip, conn.port).release()
-        if (self._closed or not reusable or not conn.reusable or conn.closed
-                or conn.transactions >= self._limits.max_messages_per_connection
-                or self._limits.idle_timeout <= 0):
+        slots = self._slots.get((conn.ip, conn.port))
+        if slots is not None:
+            slots.sem.release()
+            slots.users -= 1
+        keep = (slots is not None and reusable and conn.reusable and not self._closed
+                and not conn.closed and self._limits.idle_timeout > 0
+                and conn.transactions < self._limits.max_messages_per_connection)
+        if keep:
+            conn.last_used = self._clock()
+            self._idle.setdefault((conn.ip, conn.port, conn.helohost), []).append(conn)
+            slots.idle += 1
+            loop = asyncio.get_running_loop()
+            self._expiry[conn] = loop.call_later(self._limits.idle_timeout, self._expire, conn)
+        else:
             conn.abort()
-            return
-        conn.last_used = self._clock()
-        self._idle.setdefault((conn.ip, conn.port, conn.helohost), []).append(conn)
-        loop = asyncio.get_running_loop()
-        self._expiry[conn] = loop.call_later(self._limits.idle_timeout, self._expire, conn)
+            self._forget_if_unused(conn.ip, conn.port)
+
+    def _pop_idle(self, ip: str, port: int, helohost: str) -> SmtpConnection | None:
+        key = (ip, port, helohost)
+        idle = self._idle.get(key)
+        if not idle:
+            return None
+        conn = idle.pop()   # most recently used: the likeliest to be alive
+        if not idle:
+            del self._idle[key]
+        self._slots[(ip, port)].idle -= 1
+        handle = self._expiry.pop(conn, None)
+        if handle is not None:
+            handle.cancel()
+        return conn
 
     def _expire(self, conn: SmtpConnection) -> None:
         self._expiry.pop(conn, None)
-        idle = self._idle.get((conn.ip, conn.port, conn.helohost))
+        key = (conn.ip, conn.port, conn.helohost)
+        idle = self._idle.get(key)
         if idle and conn in idle:
             idle.remove(conn)
+            if not idle:
+                del self._idle[key]
+            self._slots[(conn.ip, conn.port)].idle -= 1
             conn.abort()
+            self._forget_if_unused(conn.ip, conn.port)
+
+    def _forget_if_unused(self, ip: str, port: int) -> None:
+        slots = self._slots.get((ip, port))
+        if slots is not None and slots.users <= 0 and slots.idle <= 0:
+            del self._slots[(ip, port)]
 
     def idle_count(self) -> int:
         return sum(len(v) for v in self._idle.values())
+
+    def tracked_hosts(self) -> int:
+        """Destinations with bookkeeping (for tests: it must not grow forever)."""
+        return len(self._slots)
 
     async def close(self) -> None:
         """QUIT and close every idle connection; busy ones close on release."""
@@ -400,5 +453,8 @@ class ConnectionPool:
         self._expiry.clear()
         conns = [c for v in self._idle.values() for c in v]
         self._idle.clear()
+        for key, slots in list(self._slots.items()):
+            slots.idle = 0
+            self._forget_if_unused(*key)
         if conns:
             await asyncio.gather(*(c.quit() for c in conns))
