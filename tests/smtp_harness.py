@@ -159,6 +159,16 @@ class RawClient:
         self.sock.close()
 
 
+def disable_scheduler(root: Path) -> None:
+    """These tests are about the receiver: keep queued mail where it is (and keep
+    the scheduler away from DNS) by adding `[scheduler] enabled = false`."""
+    toml = root / "qrelay.toml"
+    text = toml.read_text() if toml.exists() else ""
+    if "[scheduler]" not in text:
+        root.mkdir(parents=True, exist_ok=True)
+        toml.write_text(text + "\n[scheduler]\nenabled = false\n")
+
+
 LISTEN_RE = re.compile(r"qrelay: listening on (\S+?):(\d+)")
 
 
@@ -167,6 +177,7 @@ class RunningQrelay:
 
     def __init__(self, root: Path, procs: int = 2, extra: tuple[str, ...] = (), timeout: float = 20.0) -> None:
         self.root = root
+        disable_scheduler(root)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "engine.cli", "run", str(root), "--listen", "127.0.0.1:0",
              "--procs", str(procs), *extra],
