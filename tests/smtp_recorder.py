@@ -11,7 +11,8 @@ so a test can check byte-exact relaying and that nothing is smuggled.
 Behaviour knobs: `greeting` (e.g. "421 busy"), `silent` (never greets),
 `esmtp` (False: EHLO answers 502), `extensions`, `rcpt_replies`
 ({address: reply}), `mail_reply`, `data_reply`, `final_reply`,
-`close_after_messages` (hang up after n messages on a connection).
+`close_after_messages` (hang up after n messages on a connection),
+`drop_on_rset` (hang up, without a reply, on RSET).
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ class RecordingSink:
         self.data_reply = "354 go ahead"
         self.final_reply = "250 ok queued"
         self.close_after_messages = 0
+        self.drop_on_rset = False
         self.connections: list[SinkConnection] = []
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -152,6 +154,8 @@ class RecordingSink:
                         return
                     continue
             elif verb == b"RSET":
+                if self.drop_on_rset:
+                    return          # hang up as a server that timed out an idle client
                 current = None
                 reply = "250 flushed"
             elif verb == b"QUIT":

@@ -311,9 +311,10 @@ def test_concurrent_deliveries_respect_per_host_cap_and_message_cap():
     assert 6 <= len(sink.connections) <= 8
 
 
-def test_server_dropping_an_idle_connection_is_retried_fresh():
+@pytest.mark.parametrize("extensions", [["PIPELINING"], []])
+def test_server_dropping_an_idle_connection_is_retried_fresh(extensions):
     async def go():
-        started = await sinks(("127.0.0.2", {"close_after_messages": 1}))
+        started = await sinks(("127.0.0.2", {"close_after_messages": 1, "extensions": extensions}))
         rd = RemoteDelivery(config(routes=f":127.0.0.2:{started[0].port}\n"))
         try:
             out = []
@@ -326,6 +327,24 @@ def test_server_dropping_an_idle_connection_is_retried_fresh():
     results, sink = run(go())
     assert statuses(results) == ["K"] * 3
     assert len(sink.connections) == 3
+
+
+@pytest.mark.parametrize("extensions", [["PIPELINING"], []])
+def test_reused_connection_dying_before_the_dot_is_retried_fresh(extensions):
+    async def go():
+        started = await sinks(("127.0.0.2", {"drop_on_rset": True, "extensions": extensions}))
+        rd = RemoteDelivery(config(routes=f":127.0.0.2:{started[0].port}\n"))
+        try:
+            out = []
+            for i in range(3):
+                out += await rd.deliver("example.test", "a@src.test", [f"u{i}@example.test"], MSG)
+            return out, started[0]
+        finally:
+            await stop(rd, started)
+    results, sink = run(go())
+    assert statuses(results) == ["K"] * 3
+    assert len(sink.messages) == 3 and len(sink.connections) == 3
+    assert [len(c.transactions) for c in sink.connections] == [1, 1, 1]
 
 
 def test_greeting_timeout_uses_timeoutremote():

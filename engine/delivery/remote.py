@@ -34,9 +34,6 @@ from engine.delivery.smtpclient import (ConnectFailed, ConnectionDied, Connectio
 
 TEXT_NO_CONNECTION = "Sorry, I wasn't able to establish an SMTP connection. (#4.4.1)\n"
 TEXT_BAD_ADDRESS = "Sorry, that address contains a line break or NUL. (#5.1.3)\n"
-# A connection that died before the dot on a reused connection is retried on
-# a fresh one this many times: the server may just have closed an idle link.
-_REUSE_RETRIES = 2
 
 
 class RemoteConfigError(Exception):
@@ -153,7 +150,10 @@ class RemoteDelivery:
         last_failure: str | None = None
         for target in targets:
             ip = target.ip
-            for _ in range(_REUSE_RETRIES + 1):
+            # Idle connections the server dropped are met one by one; once
+            # none is left the pool opens a fresh one, so this is bounded.
+            retries = self.config.max_connections_per_host + 1
+            while True:
                 try:
                     conn, reused = await self.pool.acquire(ip, port, self.config.helohost)
                 except ConnectFailed:
@@ -171,8 +171,9 @@ class RemoteDelivery:
                     outcome = await conn.transaction(sender, recipients, message, self._clock)
                 except ConnectionDied as exc:
                     self.pool.release(conn, reusable=False)
-                    if reused and not exc.after_dot:
-                        continue   # an idle connection the server had dropped: retry fresh
+                    if reused and not exc.after_dot and retries > 0:
+                        retries -= 1
+                        continue   # an idle connection the server had dropped: retry
                     dup = "Possible duplicate! " if exc.after_dot else ""
                     return _all(recipients, "Z",
                                 f"Connected to {ip} but connection died. {dup}(#4.4.2)\n")

@@ -116,6 +116,9 @@ class SmtpConnection:
         self.last_used = 0.0
         # False once the SMTP state is unknown (a protocol surprise): never reuse.
         self.reusable = True
+        # Reused from the pool: RSET goes first in the next transaction
+        # (in the same write as MAIL when pipelining, saving a round trip).
+        self.pending_rset = False
 
     # --- opening -----------------------------------------------------------
 
@@ -217,8 +220,13 @@ class SmtpConnection:
             params += b" SMTPUTF8"
         mail = b"MAIL FROM:<" + _addr(sender) + b">" + params + b"\r\n"
         rcpts = [b"RCPT TO:<" + _addr(r) + b">\r\n" for r in recipients]
-        if "PIPELINING" in self.extensions:
-            outcome = await self._pipelined(mail, rcpts)
+        pipelining = "PIPELINING" in self.extensions
+        rset = self.pending_rset
+        self.pending_rset = False
+        if rset and not pipelining:
+            await self._rset()
+        if pipelining:
+            outcome = await self._pipelined(mail, rcpts, rset)
         else:
             outcome = await self._lockstep(mail, rcpts)
         if outcome.data is None or outcome.data.code >= 400:
@@ -251,9 +259,21 @@ class SmtpConnection:
         outcome.data = await self.read_reply()
         return outcome
 
-    async def _pipelined(self, mail: bytes, rcpts: list[bytes]) -> TransactionOutcome:
-        # RFC 2920: MAIL, every RCPT and DATA in one write; replies in order.
-        await self.write(mail + b"".join(rcpts) + b"DATA\r\n")
+    async def _rset(self) -> None:
+        reply = await self.command(b"RSET")
+        if reply.code != 250:
+            # The state is unknown: the caller retries on a fresh connection.
+            self.reusable = False
+            raise ConnectionDied(self.ip, f"RSET refused: {reply.text.strip()}")
+
+    async def _pipelined(self, mail: bytes, rcpts: list[bytes], rset: bool) -> TransactionOutcome:
+        # RFC 2920: [RSET,] MAIL, every RCPT and DATA in one write; replies in order.
+        await self.write((b"RSET\r\n" if rset else b"") + mail + b"".join(rcpts) + b"DATA\r\n")
+        if rset:
+            reply = await self.read_reply()
+            if reply.code != 250:
+                self.reusable = False
+                raise ConnectionDied(self.ip, f"RSET refused: {reply.text.strip()}")
         outcome = TransactionOutcome(await self.read_reply())
         for _ in rcpts:
             outcome.rcpt.append(await self.read_reply())
@@ -270,14 +290,14 @@ class SmtpConnection:
         return outcome
 
     async def reset(self) -> bool:
-        """RSET before the next transaction; False if the connection is unusable."""
-        if not self.reusable or self._reader.at_eof():
+        """RSET now and wait for it; False if the connection is unusable."""
+        if not self.reusable or self.closed:
             return False
         try:
-            reply = await self.command(b"RSET")
+            await self._rset()
         except ConnectionDied:
             return False
-        return reply.code == 250
+        return True
 
     # --- closing ------------------------------------------------------------
 
@@ -373,7 +393,12 @@ class ConnectionPool:
                 conn = self._pop_idle(ip, port, helohost)
                 if conn is None:
                     break
-                if self._clock() - conn.last_used < self._limits.idle_timeout and await conn.reset():
+                if (self._clock() - conn.last_used < self._limits.idle_timeout
+                        and conn.reusable and not conn.closed):
+                    # RSET is sent with the next transaction; a connection the
+                    # server dropped meanwhile shows up there as ConnectionDied
+                    # before the dot, which the caller retries on a fresh one.
+                    conn.pending_rset = True
                     return conn, True
                 conn.abort()
             conn = await SmtpConnection.open(
