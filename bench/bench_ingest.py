@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""bench_ingest.py: qrelay's SMTP ingest rate as a fraction of a no-storage sink's.
+
+    python bench/bench_ingest.py                       # 20 sessions, 20,000 x 1 KB messages
+    python bench/bench_ingest.py -m 5000 --procs 2 --json out.json
+
+The same load generator (bench/flood.py, smtp-source's defaults: one message
+per connection, no pipelining) drives, in the same run and one after the other,
+1. bench/sink.py — accepts and discards, nothing stored;
+2. `qrelay run` on a fresh root — every 250 means the message is fsync'd in the
+   spool (the scheduler is off, so only ingest is measured);
+then the sink once more, and the sink's rate is the mean of its two runs (the
+machine is noisy; bracketing qrelay between them evens out drift).
+
+Target: qrelay accepts >= 25 % of the sink's rate (Postfix manages about 10 %).
+Also checked: every accepted message is in the spool. Exit 0 if the target is
+met, 1 if not, 2 if a run failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(BENCH))
+
+TARGET = 0.25
+LISTEN_RE = re.compile(r"qrelay: listening on \S+?:(\d+)")
+
+
+def flood(port: int, args: argparse.Namespace, out: Path) -> dict:
+    cmd = [sys.executable, str(BENCH / "flood.py"), f"127.0.0.1:{port}", "-s", str(args.sessions),
+           "-m", str(args.messages), "-l", str(args.size), "-q", "--no-summary", "--json", str(out),
+           "--procs", str(args.flood_procs), *args.flood_arg]
+    subprocess.run(cmd, check=True, timeout=args.timeout)
+    return json.loads(out.read_text())
+
+
+def run_sink(work: Path, args: argparse.Namespace, n: int) -> dict:
+    from sink import SinkProcess
+    with SinkProcess(work / f"sink{n}", "--procs", str(args.sink_procs)) as sink:
+        return flood(sink.port, args, work / f"flood-sink{n}.json")
+
+
+def run_qrelay(work: Path, args: argparse.Namespace) -> tuple[dict, int]:
+    from engine.home import init_home
+    from engine.queue import Spool
+
+    root = init_home(work / "qrelay", me="bench.local")
+    (root / "qrelay.toml").write_text("[scheduler]\nenabled = false\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "run", str(root), "--listen", "127.0.0.1:0",
+         "--procs", str(args.procs)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=open(work / "qrelay.log", "wb"), text=True,
+        start_new_session=True)
+    try:
+        m = LISTEN_RE.search(proc.stdout.readline())
+        if not m:
+            raise RuntimeError("qrelay run did not start; see " + str(work / "qrelay.log"))
+        time.sleep(0.5)  # receivers up
+        result = flood(int(m.group(1)), args, work / "flood-qrelay.json")
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(5)
+        proc.stdout.close()
+    with Spool(root / "queue", readonly=True) as spool:
+        queued = spool.stats().messages
+    return result, queued
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description="qrelay ingest vs a no-storage sink (see the docstring)")
+    p.add_argument("-s", "--sessions", type=int, default=20)
+    p.add_argument("-m", "--messages", type=int, default=20000)
+    p.add_argument("-l", "--size", type=int, default=1024)
+    p.add_argument("--procs", type=int, default=os.cpu_count() or 1, help="qrelay receiver processes")
+    p.add_argument("--sink-procs", type=int, default=None, help="sink processes (default: same as --procs)")
+    p.add_argument("--flood-procs", type=int, default=1)
+    p.add_argument("--flood-arg", action="append", default=[], help="extra flood.py argument (repeatable)")
+    p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--json", help="write the figures to this file")
+    args = p.parse_args()
+    args.sink_procs = args.sink_procs or args.procs
+
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+        work = Path(tmp)
+        try:
+            sink1 = run_sink(work, args, 1)
+            qrelay, queued = run_qrelay(work, args)
+            sink2 = run_sink(work, args, 2)
+        except (subprocess.SubprocessError, RuntimeError, OSError) as exc:
+            print(f"bench_ingest: error: {exc}", file=sys.stderr)
+            return 2
+    sink_rates = [sink1["rate"]["accepted_per_s"], sink2["rate"]["accepted_per_s"]]
+    sink_rate = sum(sink_rates) / 2
+    q_rate = qrelay["rate"]["accepted_per_s"]
+    accepted = qrelay["messages"]["accepted"]
+    ratio = q_rate / sink_rate if sink_rate else 0.0
+    ok = ratio >= TARGET and queued == accepted == args.messages
+    figures = {
+        "sessions": args.sessions, "messages": args.messages, "size": args.size,
+        "qrelay_procs": args.procs, "sink_procs": args.sink_procs,
+        "sink_msgs_per_s": sink_rates, "qrelay_msgs_per_s": q_rate,
+        "qrelay_accepted": accepted, "qrelay_queued": queued,
+        "qrelay_latency_ms": qrelay.get("latency_ms"),
+        "ratio": round(ratio, 4), "target": TARGET, "met": ok,
+    }
+    print(f"sink   : {sink_rates[0]:9.1f} and {sink_rates[1]:9.1f} msg/s (mean {sink_rate:.1f})")
+    print(f"qrelay : {q_rate:9.1f} msg/s, {accepted} accepted, {queued} in the spool "
+          f"({args.procs} receivers, {args.sessions} sessions, {args.size}-byte messages)")
+    print(f"ratio  : {ratio:.1%} of the sink (target >= {TARGET:.0%}) -> {'met' if ok else 'MISSED'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
