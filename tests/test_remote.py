@@ -115,7 +115,7 @@ def test_mx_fallback_refused_then_421_then_timeout_then_accept(fake_dns):
         fake_dns.zone.update({
             "fall.test": {"MX": [(40, "d.fall.test"), (10, "a.fall.test"),
                                  (30, "c.fall.test"), (20, "b.fall.test")]},
-            "a.fall.test": {"A": ["127.0.0.3"]}, "b.fall.test": {"A": ["127.0.0.4"]},
+            "a.fall.test": {"A": ["127.0.0.3"]}, "b.fall.test": {"A": ["127.0.0.4", "127.0.0.3"]},
             "c.fall.test": {"A": ["127.0.0.5"]}, "d.fall.test": {"A": ["127.0.0.6"]},
         })
         rd = RemoteDelivery(config(fake_dns, port=port, timeoutremote=0.5))
@@ -473,3 +473,20 @@ def test_delivery_under_uvloop(fake_dns):
         loop.close()
     assert statuses(results) == ["K"] * 3
     assert len(sink.connections) == 1 and len(sink.messages) == 3
+
+
+def test_targets_tried_once_each_in_preference_order(fake_dns):
+    fake_dns.zone.update({"dup.test": {"MX": [(20, "b.dup.test"), (10, "a.dup.test")]},
+                          "a.dup.test": {"A": ["127.0.0.3", "127.0.0.4"]},
+                          "b.dup.test": {"A": ["127.0.0.4", "127.0.0.5"]}})
+
+    async def go():
+        rd = RemoteDelivery(config(fake_dns, port=2525))
+        try:
+            return await rd.targets("dup.test")
+        finally:
+            await rd.close()
+    targets, port = run(go())
+    assert port == 2525
+    assert [(t.ip, t.preference) for t in targets] == [("127.0.0.3", 10), ("127.0.0.4", 10),
+                                                       ("127.0.0.5", 20)]

@@ -281,3 +281,16 @@ def test_long_reply_text_is_bounded_and_nul_shown_as_question_mark():
     assert out.final.code == 250
     out2, _ = run(_with_sink(go, rcpt_replies={"r@b.test": "550 a\0b"}))
     assert out2.rcpt[0].text == "550 a?b\n"
+
+
+def test_large_message_sent_whole():
+    body = b"".join(b"line %07d .\r\n.dot\r\n" % i for i in range(60000))   # ~1.3 MB
+
+    async def go(sink):
+        conn = await _open(sink)
+        out = await conn.transaction("s@a.test", ["r@b.test"], body)
+        await conn.quit()
+        return out
+    out, sink = run(_with_sink(go))
+    assert out.final.code == 250
+    assert sink.messages[0].content == body

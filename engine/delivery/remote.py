@@ -125,7 +125,7 @@ class RemoteDelivery:
             # A relay is resolved by A/AAAA only and the ipme check is off (qmail).
             return await self.resolver.relay_targets(route.relay), route.port
         targets = await self.resolver.mx_targets(domain)
-        return apply_ipme(targets, self.config.my_addresses), self.config.mx_port
+        return _unique(apply_ipme(targets, self.config.my_addresses)), self.config.mx_port
 
     async def deliver(self, domain: str, sender: str, recipients: Sequence[str],
                       message: bytes) -> list[RecipientResult]:
@@ -188,6 +188,17 @@ class RemoteDelivery:
         """QUIT and close pooled connections; close the DNS resolver."""
         await self.pool.close()
         await self.resolver.close()
+
+
+def _unique(targets: list[MxTarget]) -> list[MxTarget]:
+    # One address listed under two MX names is tried once, at its best place.
+    seen: set[str] = set()
+    out = []
+    for t in targets:
+        if t.ip not in seen:
+            seen.add(t.ip)
+            out.append(t)
+    return out
 
 
 def _unsafe(address: str) -> bool:

@@ -25,6 +25,9 @@ MAX_REPLY_LINES = 1000
 # StreamReader line limit: a longer reply line is a protocol error.
 MAX_REPLY_LINE = 65536
 
+# Large bodies are written in pieces of this size, each under timeoutremote.
+WRITE_CHUNK = 256 * 1024
+
 _BARE_LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
@@ -160,8 +163,10 @@ class SmtpConnection:
     async def read_reply(self, after_dot: bool = False) -> Reply:
         lines: list[bytes] = []
         kept = 0
+        count = 0
         code = -1
         while True:
+            count += 1
             try:
                 line = await asyncio.wait_for(self._reader.readline(), self._timeout)
             except asyncio.TimeoutError:
@@ -182,7 +187,7 @@ class SmtpConnection:
                 kept += len(clean)
             if line[3:4] != b"-":
                 break
-            if len(lines) >= MAX_REPLY_LINES:
+            if count >= MAX_REPLY_LINES:
                 raise ConnectionDied(self.ip, "reply too long", after_dot)
         text = b"".join(lines).decode("utf-8", "replace")
         if not text.endswith("\n"):
@@ -190,9 +195,17 @@ class SmtpConnection:
         return Reply(code, text)
 
     async def write(self, data: bytes, after_dot: bool = False) -> None:
+        # timeoutremote bounds each stretch without progress, as qmail's
+        # per-write timeout does, not the whole of a large message.
         try:
-            self._writer.write(data)
-            await asyncio.wait_for(self._writer.drain(), self._timeout)
+            if len(data) <= WRITE_CHUNK:
+                self._writer.write(data)
+                await asyncio.wait_for(self._writer.drain(), self._timeout)
+                return
+            view = memoryview(data)
+            for start in range(0, len(view), WRITE_CHUNK):
+                self._writer.write(view[start:start + WRITE_CHUNK])
+                await asyncio.wait_for(self._writer.drain(), self._timeout)
         except asyncio.TimeoutError:
             raise ConnectionDied(self.ip, "timeout writing", after_dot) from None
         except (OSError, RuntimeError) as exc:
