@@ -248,7 +248,9 @@ def test_bare_lf_in_data_gets_451_and_close(server, client):
 
 
 def test_nul_in_data_and_in_command(server, client):
-    assert client.cmd(b"MAIL FROM:<a@exa\0mple.org>") == b"501 sorry, NUL bytes are not allowed in commands (#5.5.2)\r\n"
+    assert client.cmd(b"MAIL FROM:<a@exa\0mple.org>") == b"555 syntax error (#5.5.4)\r\n"
+    assert client.cmd(b"MAIL FROM:<a@exa\rmple.org>") == b"555 syntax error (#5.5.4)\r\n"
+    assert client.cmd(b"NOOP \0") == b"501 sorry, NUL bytes are not allowed in commands (#5.5.2)\r\n"
     assert transaction(client, b"Subject: nul\r\n\r\na\0b\r\n") == b"554 sorry, message contains NUL bytes (#5.6.0)\r\n"
     assert server.spool.messages == []
     assert OK_RE.match(transaction(client))

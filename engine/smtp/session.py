@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine._smtpcore import TOO_LONG, DataScanner, LineReader, parse_command, parse_params, parse_path
 from engine.queue import Envelope, SpoolError, SpoolWriteError
-from engine.smtp.policy import rewrite_local_ip_literal
+from engine.smtp.policy import address_syntax_error, rewrite_local_ip_literal
 from engine.smtp.received import queue_received_line, received_line
 
 if TYPE_CHECKING:
@@ -232,10 +232,12 @@ class SmtpSession(asyncio.Protocol):
 
     def _command(self, line: bytes) -> None:
         out = self.out
-        if _NUL in line:
-            out.append(R_NUL_CMD)
-            return
         verb, arg = parse_command(line)
+        if _NUL in line:
+            # In an address it is the policy's 555 (a NUL would split an envelope
+            # record); anywhere else a 501.
+            out.append(R_SYNTAX if verb in (b"MAIL", b"RCPT") else R_NUL_CMD)
+            return
         if verb == b"RCPT":
             self._rcpt(arg)
         elif verb == b"MAIL":
@@ -291,6 +293,9 @@ class SmtpSession(asyncio.Protocol):
                         return
         # A second MAIL restarts the transaction (qmail).
         sender = self._address(addr)
+        if address_syntax_error(sender):
+            self.out.append(R_SYNTAX)
+            return
         self.mail = True
         self.in_transaction = True
         self.sender = sender
