@@ -490,3 +490,72 @@ def test_targets_tried_once_each_in_preference_order(fake_dns):
     assert port == 2525
     assert [(t.ip, t.preference) for t in targets] == [("127.0.0.3", 10), ("127.0.0.4", 10),
                                                        ("127.0.0.5", 20)]
+
+
+def test_connect_timeouts_table_as_qmail_tcpto():
+    from engine.delivery.remote import ConnectTimeouts
+
+    class Clock:
+        now = 0.0
+
+        def __call__(self):
+            return self.now
+    clock = Clock()
+    t = ConnectTimeouts(3840, clock)
+    t.timed_out("192.0.2.1")
+    assert not t.skipped("192.0.2.1")           # one timeout is not enough
+    clock.now = 60
+    t.timed_out("192.0.2.1")                    # < 120 s later: not counted
+    assert not t.skipped("192.0.2.1")
+    clock.now = 200
+    t.timed_out("192.0.2.1")
+    assert t.skipped("192.0.2.1")
+    clock.now = 200 + 3839
+    assert t.skipped("192.0.2.1")
+    clock.now = 200 + 3840
+    assert not t.skipped("192.0.2.1")
+    t.timed_out("192.0.2.2")
+    clock.now += 130
+    t.timed_out("192.0.2.2")
+    t.reached("192.0.2.2")                      # a completed connect clears it
+    assert not t.skipped("192.0.2.2")
+    assert not ConnectTimeouts(0, clock).skipped("192.0.2.2")
+
+
+def test_black_holed_mx_skipped_after_two_timeouts(fake_dns):
+    import socket
+
+    class Clock:
+        now = 1000.0
+
+        def __call__(self):
+            return self.now
+    clock = Clock()
+
+    async def go():
+        started = await sinks(("127.0.0.2", {}))
+        port = started[0].port
+        hole = socket.socket()
+        hole.bind(("127.0.0.8", port))
+        hole.listen(0)
+        filler = socket.create_connection(("127.0.0.8", port), timeout=1)
+        fake_dns.zone.update({"bh.test": {"MX": [(10, "a.bh.test"), (20, "b.bh.test")]},
+                              "a.bh.test": {"A": ["127.0.0.8"]}, "b.bh.test": {"A": ["127.0.0.2"]}})
+        rd = RemoteDelivery(config(fake_dns, port=port, timeoutconnect=0.3, idle_timeout=0), clock=clock)
+        loop = asyncio.get_running_loop()
+        times = []
+        try:
+            for _ in range(3):
+                t0 = loop.time()
+                (res,) = await rd.deliver("bh.test", "a@src.test", ["x@bh.test"], MSG)
+                assert res.status == "K"
+                times.append(loop.time() - t0)
+                clock.now += 121
+            return times
+        finally:
+            await stop(rd, started)
+            filler.close()
+            hole.close()
+    times = run(go())
+    assert times[0] > 0.25 and times[1] > 0.25
+    assert times[2] < 0.25                      # skipped without waiting

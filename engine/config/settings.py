@@ -100,6 +100,9 @@ class DeliverySettings:
     my_addresses: tuple = ()
     # Also resolve and try AAAA addresses (after the A addresses).
     ipv6: bool = True
+    # qmail's tcpto: an address whose connect() timed out twice (>= 120 s
+    # apart) is skipped for this many seconds; 0 = never skip.
+    timeout_skip_seconds: int = 3840
 
 
 @dataclass(slots=True, frozen=True)

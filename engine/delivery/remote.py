@@ -36,6 +36,44 @@ TEXT_NO_CONNECTION = "Sorry, I wasn't able to establish an SMTP connection. (#4.
 TEXT_BAD_ADDRESS = "Sorry, that address contains a line break or NUL. (#5.1.3)\n"
 
 
+class ConnectTimeouts:
+    """qmail's tcpto (spec §7.6), in memory: only connect *timeouts* count; a
+    second one at least 120 s after the previous makes the address skipped
+    for `skip_seconds` after the last; any connect that completes or is
+    refused clears it. Saves every delivery to a black-holed MX the full
+    timeoutconnect."""
+
+    def __init__(self, skip_seconds: float, clock=time.monotonic, max_entries: int = 10_000) -> None:
+        self._skip = skip_seconds
+        self._clock = clock
+        self._max = max_entries
+        self._entries: dict[str, tuple[int, float]] = {}   # ip -> (count, last timeout)
+
+    def skipped(self, ip: str) -> bool:
+        entry = self._entries.get(ip)
+        if entry is None or self._skip <= 0:
+            return False
+        count, last = entry
+        if count >= 2 and self._clock() - last < self._skip:
+            return True
+        if self._clock() - last >= self._skip:
+            del self._entries[ip]
+        return False
+
+    def timed_out(self, ip: str) -> None:
+        now = self._clock()
+        count, last = self._entries.get(ip, (0, 0.0))
+        if count and now - last < 120:
+            return          # too soon to count again (qmail)
+        count = min(count + 1, 10)
+        if ip not in self._entries and len(self._entries) >= self._max:
+            del self._entries[next(iter(self._entries))]
+        self._entries[ip] = (count, now)
+
+    def reached(self, ip: str) -> None:
+        self._entries.pop(ip, None)
+
+
 class RemoteConfigError(Exception):
     """control files or qrelay.toml unusable for remote delivery (one-line reason)."""
 
@@ -65,6 +103,7 @@ class RemoteConfig:
     dns_tries: int = 2
     dns_negative_ttl: float = 300.0
     ipv6: bool = True
+    timeout_skip_seconds: float = 3840.0
 
 
 def load_remote_config(root: Path | str) -> RemoteConfig:
@@ -91,7 +130,8 @@ def load_remote_config(root: Path | str) -> RemoteConfig:
         idle_timeout=settings.idle_timeout,
         my_addresses=frozenset(("0.0.0.0", *settings.my_addresses)),
         dns_timeout=settings.dns_timeout, dns_tries=max(1, settings.dns_tries),
-        dns_negative_ttl=float(settings.dns_negative_ttl), ipv6=settings.ipv6)
+        dns_negative_ttl=float(settings.dns_negative_ttl), ipv6=settings.ipv6,
+        timeout_skip_seconds=float(settings.timeout_skip_seconds))
 
 
 class RemoteDelivery:
@@ -117,6 +157,7 @@ class RemoteDelivery:
                               config.max_connections_per_host, config.idle_timeout),
             clock=clock)
         self._clock = clock
+        self.tcpto = ConnectTimeouts(config.timeout_skip_seconds, clock)
 
     async def targets(self, domain: str) -> tuple[list[MxTarget], int]:
         """Addresses to try for `domain`, best first, and the port. Raises ResolveError."""
@@ -150,23 +191,34 @@ class RemoteDelivery:
         last_failure: str | None = None
         for target in targets:
             ip = target.ip
+            if self.tcpto.skipped(ip):
+                continue
             # Idle connections the server dropped are met one by one; once
             # none is left the pool opens a fresh one, so this is bounded.
             retries = self.config.max_connections_per_host + 1
             while True:
                 try:
                     conn, reused = await self.pool.acquire(ip, port, self.config.helohost)
-                except ConnectFailed:
+                except ConnectFailed as exc:
+                    if exc.timed_out:
+                        self.tcpto.timed_out(ip)
+                    else:
+                        self.tcpto.reached(ip)
                     break
                 except GreetingFailed as exc:
+                    self.tcpto.reached(ip)
                     last_failure = f"Connected to {ip} but greeting failed.\n" + _said(exc.reply)
                     break
                 except ConnectionDied:
+                    self.tcpto.reached(ip)
                     last_failure = f"Connected to {ip} but connection died. (#4.4.2)\n"
                     break
                 except NameRejected as exc:
+                    self.tcpto.reached(ip)
                     return _all(recipients, "Z",
                                 f"Connected to {ip} but my name was rejected.\n" + _said(exc.reply))
+                if not reused:
+                    self.tcpto.reached(ip)
                 try:
                     outcome = await conn.transaction(sender, recipients, message, self._clock)
                 except ConnectionDied as exc:

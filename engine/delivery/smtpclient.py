@@ -71,6 +71,10 @@ class SmtpError(Exception):
 class ConnectFailed(SmtpError):
     """connect() failed: refused, unreachable or timed out (try the next address)."""
 
+    def __init__(self, ip: str, detail: str = "", timed_out: bool = False) -> None:
+        super().__init__(ip, None, detail)
+        self.timed_out = timed_out
+
 
 class GreetingFailed(SmtpError):
     """Connected, but the greeting was not 220 (try the next address)."""
@@ -132,8 +136,11 @@ class SmtpConnection:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(ip, port, limit=MAX_REPLY_LINE, local_addr=local_addr),
                 timeoutconnect)
-        except (OSError, asyncio.TimeoutError) as exc:
-            raise ConnectFailed(ip, detail=f"connect to {ip}:{port}: {exc!r}") from None
+        except asyncio.TimeoutError:
+            raise ConnectFailed(ip, f"connect to {ip}:{port}: timed out", timed_out=True) from None
+        except OSError as exc:
+            raise ConnectFailed(ip, f"connect to {ip}:{port}: {exc!r}",
+                                timed_out=isinstance(exc, TimeoutError)) from None
         conn = cls(ip, port, helohost, reader, writer, timeoutremote)
         try:
             greeting = await conn.read_reply()
