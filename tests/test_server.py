@@ -240,3 +240,14 @@ def test_concurrencyincoming_is_shared_by_all_receivers(qrelay, root):
     finally:
         for h in held:
             h.close()
+
+
+def test_receivers_follow_a_killed_supervisor(qrelay):
+    q = qrelay(procs=2)
+    kids = q.children()
+    os.kill(q.pid, signal.SIGKILL)
+    q.proc.wait(5)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(alive(k) for k in kids):
+        time.sleep(0.05)
+    assert not any(alive(k) for k in kids)  # PR_SET_PDEATHSIG: no orphan keeps the port

@@ -1,0 +1,43 @@
+"""engine.smtp.listeners: --listen parsing and binding."""
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from engine.smtp.listeners import ListenAddress, ListenError, bind_listeners, bound_address, parse_listen
+
+
+def test_parse_forms():
+    assert parse_listen("127.0.0.1:2525") == ListenAddress("127.0.0.1", 2525)
+    assert parse_listen(":25") == ListenAddress("0.0.0.0", 25)
+    assert parse_listen("[::1]:0") == ListenAddress("::1", 0)
+    assert str(ListenAddress("::1", 25)) == "[::1]:25"
+    for bad in ("127.0.0.1", "127.0.0.1:x", "127.0.0.1:70000", "", "host:"):
+        with pytest.raises(ListenError):
+            parse_listen(bad)
+
+
+def test_bind_port_zero_reports_the_real_port():
+    socks = bind_listeners([ListenAddress("127.0.0.1", 0), ListenAddress("127.0.0.1", 0)])
+    try:
+        ports = [bound_address(s).port for s in socks]
+        assert all(p > 0 for p in ports) and ports[0] != ports[1]
+        c = socket.create_connection(("127.0.0.1", ports[0]), timeout=2)
+        c.close()
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_names_are_not_resolved_and_busy_ports_are_errors():
+    with pytest.raises(ListenError, match="numeric"):
+        bind_listeners([ListenAddress("localhost", 0)])
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        with pytest.raises(ListenError, match="cannot listen"):
+            bind_listeners([ListenAddress("127.0.0.1", 0), ListenAddress("127.0.0.1", busy.getsockname()[1])])
+    finally:
+        busy.close()
