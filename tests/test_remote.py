@@ -418,6 +418,12 @@ def test_load_remote_config_defaults_and_errors(root):
     (root / "qrelay.toml").write_text('[delivery]\ndns_servers = "127.0.0.1"\n')
     with pytest.raises(RemoteConfigError, match="dns_servers"):
         load_remote_config(root)
+    for bad in ("localhost:53", "127.0.0.1:0", "127.0.0.1:x", "[::1]x"):
+        (root / "qrelay.toml").write_text(f'[delivery]\ndns_servers = ["{bad}"]\n')
+        with pytest.raises(RemoteConfigError, match="dns_servers"):
+            load_remote_config(root)
+    (root / "qrelay.toml").write_text('[delivery]\ndns_servers = ["127.0.0.1", "[::1]:5353", "::1"]\n')
+    assert load_remote_config(root).dns_servers == ("127.0.0.1", "[::1]:5353", "::1")
     (root / "qrelay.toml").unlink()
     (root / "control" / "me").unlink()
     with pytest.raises(RemoteConfigError, match="helohost"):

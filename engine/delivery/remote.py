@@ -19,6 +19,7 @@ This module never touches the spool: the scheduler records the results.
 """
 from __future__ import annotations
 
+import ipaddress
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +122,10 @@ def load_remote_config(root: Path | str) -> RemoteConfig:
         settings = load_settings(root).delivery
     except (ControlError, SettingsError) as exc:
         raise RemoteConfigError(str(exc)) from None
+    for server in settings.dns_servers:
+        if not _valid_dns_server(server):
+            raise RemoteConfigError(
+                f"delivery.dns_servers: {server!r} is not an IP address with an optional :port")
     return RemoteConfig(
         helohost=helohost, routes=routes, timeoutconnect=timeoutconnect,
         timeoutremote=timeoutremote, dns_servers=tuple(settings.dns_servers),
@@ -240,6 +245,25 @@ class RemoteDelivery:
         """QUIT and close pooled connections; close the DNS resolver."""
         await self.pool.close()
         await self.resolver.close()
+
+
+def _valid_dns_server(text: str) -> bool:
+    """"1.2.3.4", "1.2.3.4:53", "::1" or "[::1]:53" (what c-ares accepts)."""
+    host, port = text, ""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest and not rest.startswith(":"):
+            return False
+        port = rest[1:]
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    if port and not (port.isdigit() and 0 < int(port) < 65536):
+        return False
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _unique(targets: list[MxTarget]) -> list[MxTarget]:
