@@ -644,6 +644,20 @@ cdef class DataScanner:
             self.hpos = 0
             self.maybe_recv = self.maybe_deliv = self.maybe_empty = True
 
+    cdef inline void _header_line(self, const unsigned char *q) noexcept:
+        # The same checks as _header_byte over the first 9 bytes of a raw
+        # line known to hold no LF there, in one go; the rest of the line is
+        # then skipped by memchr until its LF resets hpos.
+        cdef int k
+        cdef bint recv = True, deliv = True
+        for k in range(9):
+            if (q[k] | 32 if 65 <= q[k] <= 90 else q[k]) != DELIVERED[k]:
+                deliv = False
+            if k < 8 and (q[k] | 32 if 65 <= q[k] <= 90 else q[k]) != RECEIVED[k]:
+                recv = False
+        self._hops += recv + deliv
+        self.hpos = 9
+
     cdef Py_ssize_t _scan(self, const unsigned char *p, Py_ssize_t n) except -1:
         cdef Py_ssize_t i = 0, seg = 0, j, crlf = 0
         cdef const unsigned char *q
@@ -651,7 +665,10 @@ cdef class DataScanner:
         cdef unsigned char c
         cdef bint bare_lf = False, bare_cr = False
         while i < n:
-            if st == ST_MID and not self.in_header:
+            if self.in_header and self.hpos == 0 and n - i >= 9 \
+                    and memchr(p + i, 10, 9) == NULL:
+                self._header_line(p + i)
+            if st == ST_MID and (self.hpos >= 9 or not self.in_header):
                 # Fast path: jump to the end of the line.
                 q = <const unsigned char *>memchr(p + i, 10, n - i)
                 if q == NULL:
@@ -664,6 +681,9 @@ cdef class DataScanner:
                     st = ST_BOL
                 else:
                     bare_lf = True
+                if self.in_header:
+                    self.hpos = 0
+                    self.maybe_recv = self.maybe_deliv = self.maybe_empty = True
                 i = j + 1
                 continue
             c = p[i]

@@ -530,3 +530,19 @@ def test_scanner_accepts_memoryview_slices():
     s = DataScanner()
     assert s.feed(data) == 8
     assert s.message == b".a\r\n"
+
+
+def test_scanner_hops_counted_on_raw_lines_like_qmail():
+    # qmail looks at the raw bytes: a dot-stuffed ".Received:" does not count,
+    # and mixed case does.
+    msg = b"ReCeIvEd: a long header line\r\n..Received: b\r\nDELIVERED-TO: c\r\n\r\n.\r\n"
+    for size in (0, 1, 5, 9, 10, 31):
+        s, _ = scan_all(msg, chunk=size)
+        assert s.hops == 2, size
+
+
+def test_scanner_many_header_lines_fast_path():
+    header = b"".join(b"Received: from hop%d.example by x\r\n" % k for k in range(150))
+    header += b"X-Other: y\r\n" * 100
+    s, used = scan_all(header + b"\r\nReceived: body\r\n.\r\n", chunk=4096)
+    assert s.done and s.hops == 150
