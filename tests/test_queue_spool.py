@@ -71,21 +71,26 @@ def test_submit_group_commits_concurrent_writers(tmp_path: Path):
 
 
 def test_threads_share_blocking_enqueue(spool: Spool):
-    out: list[int] = []
+    out: dict[int, bytes] = {}
     lock = threading.Lock()
+    start = threading.Barrier(8)
 
     def worker(k: int):
+        start.wait()  # all race to the first enqueue (one committer must be made)
         for i in range(20):
-            msgid = spool.enqueue(env("a@b"), b"%d-%d" % (k, i))
+            data = b"%d-%d" % (k, i)
+            msgid = spool.enqueue(env("a@b"), data)
             with lock:
-                out.append(msgid)
+                out[msgid] = data
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(set(out)) == 160
+    assert len(out) == 160
     assert spool.stats().messages == 160
+    assert all(spool.read_message(m) == data for m, data in out.items())
+    assert spool.recover(verify_bytes=True).quarantined == []
 
 
 def test_scheduler_flow_delivers_and_releases_bytes(tmp_path: Path):

@@ -11,6 +11,7 @@ import dataclasses
 import heapq
 import logging
 import os
+import threading
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -189,6 +190,7 @@ class Spool:
         self._seg_dir = self.path / SEGMENT_DIR
         self._quarantine_dir = self.path / QUARANTINE_DIR
         self._committer: GroupCommitter | None = None
+        self._committer_lock = threading.Lock()
         self._writer: SegmentWriter | None = None
         self._to_seal: list[int] = []
         self._next_id = 0
@@ -281,11 +283,15 @@ class Spool:
 
     def _get_committer(self) -> GroupCommitter:
         self._check_process()
-        if self._committer is None:
-            self._committer = GroupCommitter(self._commit_batch,
-                                             self.settings.max_batch_messages,
-                                             self.settings.max_batch_bytes)
-        return self._committer
+        committer = self._committer
+        if committer is not None:
+            return committer
+        with self._committer_lock:  # threads racing to the first enqueue
+            if self._committer is None:
+                self._committer = GroupCommitter(self._commit_batch,
+                                                 self.settings.max_batch_messages,
+                                                 self.settings.max_batch_bytes)
+            return self._committer
 
     def enqueue(self, envelope: Envelope, message: bytes) -> int:
         """Queue a message; returns its id once message and index record are durable.
