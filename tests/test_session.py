@@ -440,3 +440,59 @@ def test_graceful_shutdown_finishes_the_message_in_flight(make_server, connect):
         connect(srv.port, timeout=1)
     busy.close()
     idle.close()
+
+
+class FakePtrResolver:
+    """aiodns-like: query_dns(name, "PTR") answers from a dict, else raises."""
+
+    def __init__(self, names: dict[str, str], delay: float = 0.0) -> None:
+        self.names = names
+        self.delay = delay
+        self.asked: list[str] = []
+
+    async def query_dns(self, name: str, qtype: str):
+        from types import SimpleNamespace
+        import asyncio
+        self.asked.append(name)
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if name not in self.names:
+            raise OSError("NXDOMAIN")
+        rec = SimpleNamespace(type=12, ttl=60, data=SimpleNamespace(dname=self.names[name] + "."))
+        return SimpleNamespace(answer=[rec])
+
+
+def test_no_reverse_lookup_by_default(server, connect):
+    from engine.smtp.remotehost import RemoteHostResolver
+    fake = FakePtrResolver({})
+    server.receiver.host_resolver = RemoteHostResolver(resolver=fake)
+    c = connect(server.port)
+    assert c.line().startswith(b"220 ")
+    assert OK_RE.match(transaction(c))
+    assert fake.asked == []
+    assert server.spool.messages[0][1].split(b"\r\n")[1] == b"Received: from unknown (127.0.0.1)"
+
+
+def test_reverse_dns_names_the_client_and_matches_host_rules(make_server, connect):
+    from engine.smtp.remotehost import RemoteHostResolver
+    srv = make_server(qrelay_toml="[smtp]\nreverse_dns = true\n",
+                      tcp_smtp='=.example.net:allow,RELAYCLIENT="@vianame"\n:allow\n')
+    fake = FakePtrResolver({"1.0.0.127.in-addr.arpa": "client.example.net"})
+    srv.receiver.host_resolver = RemoteHostResolver(resolver=fake, timeout=1.0)
+    c = connect(srv.port)
+    assert c.line() == f"220 {ME} ESMTP\r\n".encode()
+    c.cmd(b"HELO client.example.net")
+    assert OK_RE.match(transaction(c, rcpt=b"joe"))
+    env, msg = srv.spool.messages[0]
+    assert env.recipients == ("joe@vianame",)  # the =.example.net rule applied
+    assert msg.split(b"\r\n")[1] == b"Received: from client.example.net (127.0.0.1)"  # HELO = name: not repeated
+    # No name (or a lookup that times out): `unknown`, and =host rules do not match.
+    fake.names.clear()
+    fake.delay = 2.0
+    c2 = connect(srv.port)
+    start = time.monotonic()
+    assert c2.line() == f"220 {ME} ESMTP\r\n".encode()
+    assert 0.9 <= time.monotonic() - start < 1.9
+    assert c2.cmd(b"MAIL FROM:<a@b>") == b"250 ok\r\n"
+    assert c2.cmd(b"RCPT TO:<joe>") == b"250 ok\r\n"
+    assert c2.cmd(b"RCPT TO:<joe@far.test>").startswith(b"553 ")

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.smtp.connlimit import ConnectionCounter
+from engine.smtp.remotehost import RemoteHostResolver
 from engine.smtp.session import SmtpSession
 
 log = logging.getLogger("qrelay.receiver")
@@ -45,19 +46,31 @@ class Receiver:
         self.uid = os.getuid()
         self.sessions: set[SmtpSession] = set()
         self.tasks: set[asyncio.Task] = set()
+        self.side_tasks: set[asyncio.Task] = set()
         self.servers: list[asyncio.AbstractServer] = []
         self.closing = False
         self.sweeper: asyncio.Task | None = None
         self.stopped = asyncio.Event()
+        self.host_resolver: RemoteHostResolver | None = None
 
     # --- used by sessions -------------------------------------------------------------
 
-    def remote_host(self, ip: str) -> str | None:
-        # tcpserver -H: no reverse lookup. (settings.smtp.reverse_dns is not
-        # implemented yet; the name then comes only from a rule's TCPREMOTEHOST.)
-        return None
+    def remote_hosts(self) -> RemoteHostResolver:
+        """PTR lookups for settings.smtp.reverse_dns (created on first use)."""
+        if self.host_resolver is None:
+            delivery = self.config.settings.delivery
+            self.host_resolver = RemoteHostResolver(delivery.dns_servers, delivery.dns_timeout)
+        return self.host_resolver
+
+    def start_task(self, coro: Any) -> asyncio.Task:
+        """A side task of a session (host name lookup): cancelled at shutdown."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.side_tasks.add(task)
+        task.add_done_callback(self.side_tasks.discard)
+        return task
 
     def start_commit(self, session: SmtpSession, envelope: Any, message: bytes) -> asyncio.Task:
+        """A commit: shutdown waits for every one of them."""
         task = asyncio.get_running_loop().create_task(session.commit(envelope, message))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -100,6 +113,8 @@ class Receiver:
         self.closing = True
         for server in self.servers:
             server.close()
+        for task in list(self.side_tasks):
+            task.cancel()
         for session in list(self.sessions):
             session.begin_shutdown()
         deadline = time.monotonic() + grace

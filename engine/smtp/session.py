@@ -35,8 +35,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("qrelay.smtpd")
 
-# Session states. RBL = rblsmtpd's blocking dialogue (spec §1.8).
-CMD, DATA, COMMIT, CLOSED, RBL = 0, 1, 2, 3, 4
+# Session states. RBL = rblsmtpd's blocking dialogue (spec §1.8); LOOKUP = waiting
+# for the client's host name before the greeting (settings.smtp.reverse_dns).
+CMD, DATA, COMMIT, CLOSED, RBL, LOOKUP = 0, 1, 2, 3, 4, 5
 
 R_MAIL_OK = b"250 ok\r\n"
 R_RCPT_OK = b"250 ok\r\n"
@@ -120,7 +121,30 @@ class SmtpSession(asyncio.Protocol):
             return
         self.counted = True
         receiver.sessions.add(self)
-        rule = cfg.rules.match(self.remoteip)
+        if st.reverse_dns:
+            # tcpserver without -H: the greeting waits for the PTR lookup (bounded).
+            self.state = LOOKUP
+            transport.pause_reading()
+            receiver.start_task(self._lookup_then_begin())
+            return
+        self._begin(None)
+
+    async def _lookup_then_begin(self) -> None:
+        host = await self.receiver.remote_hosts().lookup(self.remoteip)
+        if self.state != LOOKUP:
+            return  # the client left meanwhile
+        self.state = CMD
+        self.last_activity = time.monotonic()
+        self._begin(host)
+        if self.state in (CMD, RBL):
+            self.transport.resume_reading()
+
+    def _begin(self, host: str | None) -> None:
+        """tcpserver's rule match, then qmail-smtpd's start: environment and greeting."""
+        cfg = self.config
+        st = cfg.settings.smtp
+        transport = self.transport
+        rule = cfg.rules.match(self.remoteip, host)
         if not rule.allow:
             # tcpserver closes a denied connection without running qmail-smtpd.
             transport.close()
@@ -128,7 +152,7 @@ class SmtpSession(asyncio.Protocol):
             return
         env = rule.env
         self.relayclient = env.get("RELAYCLIENT")
-        self.remotehost = env.get("TCPREMOTEHOST") or receiver.remote_host(self.remoteip) or "unknown"
+        self.remotehost = env.get("TCPREMOTEHOST") or host or "unknown"
         self.remoteinfo = env.get("TCPREMOTEINFO")
         self.local = env.get("TCPLOCALHOST") or cfg.me
         databytes = cfg.databytes
@@ -480,9 +504,12 @@ class SmtpSession(asyncio.Protocol):
 
     def begin_shutdown(self) -> None:
         """Close now unless a message is in flight; then close after its reply."""
-        if self.state in (CMD,) and not self.in_transaction:
+        if self.state in (CMD, RBL) and not self.in_transaction:
             self.out.append(self.shutdown_reply())
             self._close_after_flush()
+        elif self.state == LOOKUP:
+            self.state = CLOSED
+            self.transport.close()
 
     def check_idle(self, now: float) -> None:
         """Called about once a second: qmail's timeoutsmtpd (451, then close);
