@@ -195,7 +195,12 @@ def serve_forever(cfg: SinkConfig, sock: socket.socket, on_tick, max_messages: i
 
 
 def _worker(cfg: SinkConfig, host: str, port: int, conn) -> None:
-    sock = bind_socket(host, port, reuseport=True, listen=True)
+    try:
+        sock = bind_socket(host, port, reuseport=True, listen=True)
+    except OSError as exc:
+        conn.send(("error", str(exc.strerror or exc)))
+        return
+    conn.send(("ready", None))
     last = [0.0]
 
     def on_tick(stats: SinkStats) -> None:
@@ -209,8 +214,8 @@ def _worker(cfg: SinkConfig, host: str, port: int, conn) -> None:
     conn.close()
 
 
-def run_procs(cfg: SinkConfig, host: str, port: int, procs: int, reporter: Reporter,
-              max_messages: int, reserve: socket.socket) -> SinkStats:
+def start_workers(cfg: SinkConfig, host: str, port: int, procs: int) -> list:
+    """Fork the workers and wait until each listens (so the port file never lies)."""
     ctx = multiprocessing.get_context("fork")
     workers = []
     for _ in range(procs):
@@ -219,6 +224,21 @@ def run_procs(cfg: SinkConfig, host: str, port: int, procs: int, reporter: Repor
         proc.start()
         child_end.close()
         workers.append((proc, parent_end))
+    for proc, c in workers:
+        try:
+            kind, detail = c.recv() if c.poll(30) else ("error", "worker did not start")
+        except (EOFError, OSError):
+            kind, detail = "error", "worker died"
+        if kind != "ready":
+            for p, _ in workers:
+                p.kill()
+                p.join()
+            raise OSError(detail)
+    return workers
+
+
+def run_procs(workers: list, reporter: Reporter, max_messages: int,
+              reserve: socket.socket) -> SinkStats:
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
     signal.signal(signal.SIGINT, lambda *_: stopping.append(1))
@@ -273,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         # In --procs mode this socket only reserves the port (bound, never listening:
         # the kernel hands connections to the workers' listening sockets).
         sock = bind_socket(host, port, reuseport=args.procs > 1, listen=args.procs == 1)
+        workers = start_workers(cfg, host, sock.getsockname()[1], args.procs) \
+            if args.procs > 1 else []
     except UsageError as exc:
         fail(PROG, str(exc))
     except OSError as exc:
@@ -292,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.procs == 1:
         stats = serve_forever(cfg, sock, reporter.tick, args.max_messages)
     else:
-        stats = run_procs(cfg, host, bound[1], args.procs, reporter, args.max_messages, sock)
+        stats = run_procs(workers, reporter, args.max_messages, sock)
     reporter.final(stats)
     return 0
 
@@ -360,13 +382,15 @@ class SinkProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.log.close()
+        if not self.log.closed:
+            self.log.close()
         return self.stats()
 
     def output(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         try:
-            return (self.workdir / Path(self.log.name).name).read_text(errors="replace")
+            return Path(self.log.name).read_text(errors="replace")
         except OSError:
             return ""
 

@@ -365,8 +365,15 @@ class FloodRun:
         now = time.perf_counter()
         limit = self.cfg.timeout
         for client in list(self.clients):
-            if client.expect and now - client.last > limit:
-                client.timed_out()
+            # A client that received nothing since the last round while
+            # waiting for a reply has been idle for another second.
+            if client.expect and client.nrecv == client.wd_seen:
+                client.wd_idle += 1
+                if client.wd_idle >= limit:
+                    client.timed_out()
+            else:
+                client.wd_seen = client.nrecv
+                client.wd_idle = 0
         for task, started in list(self.connecting.items()):
             if now - started > limit:
                 task.cancel()
@@ -376,7 +383,8 @@ class FloodRun:
 class SmtpClient(asyncio.Protocol):
     """One SMTP connection of a session: a reply-driven state machine."""
 
-    __slots__ = ("run", "stats", "session", "seq", "t_connect", "t_txn", "last",
+    __slots__ = ("run", "stats", "session", "seq", "t_connect", "t_txn", "nrecv",
+                 "wd_seen", "wd_idle",
                  "transport", "expect", "buf", "pipelining", "ehlo_pipelining",
                  "on_conn", "rcpt_ok", "txn_fail", "need_rset", "closing",
                  "pending", "body_index", "quit_sent", "_rcpts_left")
@@ -389,7 +397,9 @@ class SmtpClient(asyncio.Protocol):
         self.pending = True      # a claimed message has no outcome yet
         self.t_connect = t_connect
         self.t_txn = 0.0
-        self.last = t_connect
+        self.nrecv = 0           # chunks received: the watchdog's sign of life
+        self.wd_seen = -1
+        self.wd_idle = 0
         self.transport = None
         self.expect: deque[int] = deque((CONNECT,))
         self.buf = b""
@@ -424,7 +434,17 @@ class SmtpClient(asyncio.Protocol):
         run.connection_ended(self.session)
 
     def data_received(self, data: bytes) -> None:
-        self.last = time.perf_counter()
+        self.nrecv += 1
+        expect = self.expect
+        if not self.buf and len(expect) == 1:
+            # Fast path (no pipelining, the usual case): exactly one
+            # single-line reply in this chunk.
+            eol = data.find(b"\n")
+            if eol == len(data) - 1 and eol >= 4 and data[3] == 32:
+                head = data[:3]
+                if head.isdigit():
+                    self._reply(expect.popleft(), int(head), data[4:eol])
+                    return
         buf = self.buf + data if self.buf else data
         pos = 0
         end = len(buf)

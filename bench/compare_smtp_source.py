@@ -1,0 +1,194 @@
+#!/usr/bin/env python3
+"""compare_smtp_source.py: flood.py against Postfix's smtp-source, same sink,
+same load, measured alternately in one run (the machine is shared and noisy,
+so only ratios of medians measured side by side mean anything).
+
+    python bench/compare_smtp_source.py                  # 20 sessions, 1 KB, 20000 msgs, 5 rounds
+    python bench/compare_smtp_source.py --rounds 7 --reuse --flood-arg=--pipelining
+
+Each round runs, in an order that alternates between rounds:
+  A  smtp-source → smtp-sink      (rate = messages / wall time of the process)
+  B  flood.py    → smtp-sink      (rate = flood's own accepted/s; wall rate shown too)
+  C  flood.py    → bench/sink.py  (rate = flood's own accepted/s)
+and prints every figure, the medians, and the two ratios of issue #6:
+  B/A  (target >= 0.9: flood pushes as hard as smtp-source)
+  C/B  (target >= 0.9: sink.py is not the bottleneck)
+Needs /usr/sbin/smtp-source and /usr/sbin/smtp-sink (Debian package postfix).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from smtpload.cli import OneLineParser, fail, nonneg_int, positive_int  # noqa: E402
+from sink import SinkProcess  # noqa: E402
+
+PROG = "compare_smtp_source.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def find_tool(name: str) -> str:
+    path = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None)
+    if not path:
+        fail(PROG, f"{name} not found (apt-get install postfix)")
+    return path
+
+
+class SmtpSink:
+    """Postfix's smtp-sink on a loopback port, stopped by pid."""
+
+    def __init__(self, binary: str):
+        self.port = free_port()
+        cmd = [binary]
+        if os.geteuid() == 0:
+            cmd += ["-u", "nobody"]  # smtp-sink refuses to run as root without it
+        cmd += [f"127.0.0.1:{self.port}", "1024"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    break
+                time.sleep(0.05)
+        self.stop()
+        fail(PROG, "smtp-sink did not start")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def run_smtp_source(binary: str, port: int, a) -> dict:
+    cmd = [binary, "-s", str(a.sessions), "-m", str(a.messages), "-l", str(a.size),
+           "-t", "to@x", "-f", "from@x"]
+    if a.reuse:
+        cmd.append("-d")
+    cmd.append(f"127.0.0.1:{port}")
+    t = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    wall = time.perf_counter() - t
+    if res.returncode != 0:
+        raise RuntimeError(f"smtp-source failed: {res.stderr.strip()[:200]}")
+    return {"rate": a.messages / wall, "wall_rate": a.messages / wall, "wall_s": wall}
+
+
+def run_flood(port: int, a, tmp: str) -> dict:
+    out = os.path.join(tmp, "flood.json")
+    cmd = [sys.executable, str(HERE / "flood.py"), f"127.0.0.1:{port}", "-s", str(a.sessions),
+           "-m", str(a.messages), "-l", str(a.size), "-q", "--no-summary", "--json", out,
+           "--procs", str(a.procs)]
+    if a.reuse:
+        cmd.append("-d")
+    cmd += a.flood_arg or []
+    t = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    wall = time.perf_counter() - t
+    if res.returncode != 0:
+        raise RuntimeError(f"flood.py failed: {res.stderr.strip()[:300]}")
+    rep = json.loads(Path(out).read_text())
+    if rep["messages"]["accepted"] != a.messages:
+        raise RuntimeError(f"flood.py: only {rep['messages']['accepted']} of {a.messages} accepted")
+    return {"rate": rep["rate"]["accepted_per_s"], "wall_rate": a.messages / wall, "wall_s": wall,
+            "p99_txn_ms": rep["latency_ms"]["transaction"]["p99"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = OneLineParser(prog=PROG, description="flood.py vs smtp-source, alternating rounds")
+    p.add_argument("-s", "--sessions", type=positive_int, default=20)
+    p.add_argument("-m", "--messages", type=positive_int, default=20000)
+    p.add_argument("-l", "--size", type=nonneg_int, default=1024)
+    p.add_argument("--rounds", type=positive_int, default=5)
+    p.add_argument("--procs", type=positive_int, default=1, help="flood.py --procs")
+    p.add_argument("--reuse", action="store_true",
+                   help="many messages per connection (smtp-source -d, flood.py -d)")
+    p.add_argument("--flood-arg", action="append", help="extra flood.py argument (repeatable)")
+    p.add_argument("--sink-arg", action="append", help="extra sink.py argument (repeatable)")
+    p.add_argument("--json", metavar="FILE")
+    a = p.parse_args(argv)
+    source_bin, sink_bin = find_tool("smtp-source"), find_tool("smtp-sink")
+
+    results: dict[str, list[dict]] = {"A": [], "B": [], "C": []}
+    names = {"A": "smtp-source → smtp-sink", "B": "flood.py → smtp-sink",
+             "C": "flood.py → sink.py"}
+    with tempfile.TemporaryDirectory(prefix="compare-") as tmp:
+        psink = SmtpSink(sink_bin)
+        try:
+            with SinkProcess(tmp, "--quiet", *(a.sink_arg or [])) as ours:
+                for r in range(a.rounds):
+                    order = "ABC" if r % 2 == 0 else "CBA"
+                    line = []
+                    for k in order:
+                        if k == "A":
+                            res = run_smtp_source(source_bin, psink.port, a)
+                        elif k == "B":
+                            res = run_flood(psink.port, a, tmp)
+                        else:
+                            res = run_flood(ours.port, a, tmp)
+                        results[k].append(res)
+                        line.append(f"{k} {res['rate']:8,.0f}/s")
+                    print(f"round {r + 1}/{a.rounds} ({order}): " + "  ".join(line), flush=True)
+                sink_final = ours.stop()
+        finally:
+            psink.stop()
+
+    med = {k: statistics.median(x["rate"] for x in v) for k, v in results.items()}
+    wall = {k: statistics.median(x["wall_rate"] for x in v) for k, v in results.items()}
+    per_round_ba = [b["rate"] / s["rate"] for b, s in zip(results["B"], results["A"])]
+    per_round_cb = [c["rate"] / b["rate"] for c, b in zip(results["C"], results["B"])]
+    summary = {
+        "load": {"sessions": a.sessions, "messages": a.messages, "size": a.size,
+                 "reuse": a.reuse, "flood_args": a.flood_arg or [], "procs": a.procs,
+                 "rounds": a.rounds},
+        "median_rate": {names[k]: round(v, 1) for k, v in med.items()},
+        "median_wall_rate": {names[k]: round(v, 1) for k, v in wall.items()},
+        "ratio_flood_vs_smtp_source": round(med["B"] / med["A"], 3),
+        "ratio_flood_vs_smtp_source_wall": round(wall["B"] / wall["A"], 3),
+        "ratio_sinkpy_vs_smtp_sink": round(med["C"] / med["B"], 3),
+        "median_per_round_ratio_flood_vs_smtp_source": round(statistics.median(per_round_ba), 3),
+        "median_per_round_ratio_sinkpy_vs_smtp_sink": round(statistics.median(per_round_cb), 3),
+        "rounds": {names[k]: v for k, v in results.items()},
+        "sink_py_messages": sink_final.get("messages"),
+    }
+    print()
+    for k in "ABC":
+        print(f"  {names[k]:<26} median {med[k]:>9,.0f} msg/s   (wall-clock {wall[k]:>9,.0f} msg/s)")
+    print(f"  flood/smtp-source   = {summary['ratio_flood_vs_smtp_source']:.3f}  "
+          f"(wall-clock {summary['ratio_flood_vs_smtp_source_wall']:.3f}, "
+          f"median per-round {summary['median_per_round_ratio_flood_vs_smtp_source']:.3f})  target >= 0.9")
+    print(f"  sink.py/smtp-sink   = {summary['ratio_sinkpy_vs_smtp_sink']:.3f}  "
+          f"(median per-round {summary['median_per_round_ratio_sinkpy_vs_smtp_sink']:.3f})  target >= 0.9")
+    if a.json:
+        Path(a.json).write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,242 @@
+"""bench/sink.py: a real subprocess on port 0, driven by smtplib and raw sockets."""
+from __future__ import annotations
+
+import json
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+
+from sink import SinkProcess  # noqa: E402
+from smtpload.server import END  # noqa: E402
+
+SINK = REPO / "bench" / "sink.py"
+
+
+@pytest.fixture
+def sinks(tmp_path):
+    started: list[SinkProcess] = []
+
+    def start(*args: str) -> SinkProcess:
+        s = SinkProcess(tmp_path / f"s{len(started)}", "--quiet", *args)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+def send(port: int, body: str = "Subject: t\r\n\r\nhello\r\n", rcpts=("a@x.test",)) -> dict:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:
+        return c.sendmail("s@y.test", list(rcpts), body)
+
+
+def wait_for(pred, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.05)
+    return pred()
+
+
+def test_counts_messages_and_connections_and_final_line(sinks):
+    s = sinks()
+    for _ in range(3):
+        send(s.port, rcpts=("a@x.test", "b@x.test"))
+    st = s.stop()
+    assert st["messages"] == 3 and st["rcpts"] == 6 and st["connections"] == 3
+    assert st["running"] is False and st["open"] == 0
+    out = s.output()
+    assert f"listening on 127.0.0.1:{s.port}" in out
+    assert "final: 3 messages accepted" in out
+
+
+def test_json_is_updated_while_running(sinks):
+    s = sinks()
+    send(s.port)
+    st = wait_for(lambda: s.stats().get("messages") == 1 and s.stats())
+    assert st["running"] is True and st["messages"] == 1
+
+
+def test_maildir_store_undoes_dot_stuffing(sinks, tmp_path):
+    md = tmp_path / "Maildir"
+    s = sinks("--maildir", str(md))
+    send(s.port, body="Subject: dots\r\n\r\n.leading dot\r\n..two\r\nend\r\n")
+    s.stop()
+    files = list((md / "new").iterdir())
+    assert len(files) == 1 and not list((md / "tmp").iterdir())
+    data = files[0].read_bytes()
+    assert data.startswith(b"Return-Path: <s@y.test>\nDelivered-To: a@x.test\n")
+    assert b"\n.leading dot\n..two\nend\n" in data  # smtplib stuffed, the sink unstuffed
+
+
+def test_store_dir_one_file_per_message_with_envelope(sinks, tmp_path):
+    d = tmp_path / "store"
+    s = sinks("--store-dir", str(d))
+    send(s.port, rcpts=("a@x.test", "b@x.test"))
+    send(s.port)
+    s.stop()
+    files = sorted(d.glob("*.eml"))
+    assert len(files) == 2
+    first = files[0].read_bytes()
+    assert b"X-Sink-Mail-From: <s@y.test>\r\n" in first
+    assert first.endswith(b"\r\nhello\r\n")
+
+
+def test_tempfail_at_end_of_data(sinks):
+    s = sinks("--tempfail", "100")
+    with pytest.raises(smtplib.SMTPDataError) as e:
+        send(s.port)
+    assert e.value.smtp_code == 451
+    st = s.stop()
+    assert st["tempfailed"] == 1 and st["messages"] == 0
+
+
+def test_permfail_at_rcpt(sinks):
+    s = sinks("--permfail", "100", "--fail-at", "rcpt")
+    with pytest.raises(smtplib.SMTPRecipientsRefused) as e:
+        send(s.port)
+    assert e.value.recipients["a@x.test"][0] == 550
+    st = s.stop()
+    assert st["rcpt_permfailed"] == 1 and st["messages"] == 0
+
+
+def test_greet_fail_sends_421_and_closes(sinks):
+    s = sinks("--greet-fail", "100")
+    with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
+        data = c.recv(1024)
+        assert data.startswith(b"421 ")
+        assert c.recv(1024) == b""  # closed by the sink
+    assert s.stop()["greet_failed"] == 1
+
+
+def test_delay_applies_to_every_reply(sinks):
+    s = sinks("--delay", "150")
+    with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
+        t = time.monotonic()
+        assert c.recv(1024).startswith(b"220")
+        c.sendall(b"NOOP\r\n")
+        assert c.recv(1024).startswith(b"250")
+        assert time.monotonic() - t >= 0.29
+
+
+def _dialogue(port: int, chunks: list[bytes]) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        got = c.recv(1024)
+        c.sendall(b"EHLO t\r\nMAIL FROM:<s@y.test>\r\nRCPT TO:<a@x.test>\r\nDATA\r\n")
+        while got.count(b"\r\n") < 1 + 6 + 3 and b"354" not in got:
+            got += c.recv(1024)
+        for ch in chunks:
+            c.sendall(ch)
+            time.sleep(0.002)  # separate segments, so the sink sees the split
+        c.settimeout(5)
+        while not got.endswith(b"221 2.0.0 bye\r\n"):
+            more = c.recv(1024)
+            if not more:
+                break
+            got += more
+        return got
+
+
+@pytest.mark.parametrize("split", [1, 2, 3, 4, 5, 6])
+def test_end_of_data_found_across_chunk_boundaries(sinks, tmp_path, split):
+    d = tmp_path / f"split{split}"
+    s = sinks("--store-dir", str(d))
+    msg = b"Subject: s\r\n\r\n..dot\r\nbody\r\n.\r\nQUIT\r\n"
+    cut = len(msg) - 6 - 5 + split  # somewhere inside "\r\n.\r\n"
+    got = _dialogue(s.port, [msg[:cut], msg[cut:]])
+    assert b"250 2.0.0 ok\r\n221 2.0.0 bye\r\n" in got
+    s.stop()
+    (f,) = d.glob("*.eml")
+    assert f.read_bytes().endswith(b"\r\n\r\n.dot\r\nbody\r\n")
+
+
+def test_end_of_data_byte_by_byte_and_empty_message(sinks):
+    s = sinks()
+    msg = b"x\r\n.\r\n"
+    got = _dialogue(s.port, [bytes([b]) for b in msg] + [b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n"
+                                                          b"DATA\r\n.\r\nQUIT\r\n"])
+    assert got.count(b"250 2.0.0 ok") == 2  # the byte-wise one and the empty one
+    assert s.stop()["messages"] == 2
+    assert END == b"\r\n.\r\n"
+
+
+def test_pipelined_commands_answered_in_one_batch(sinks):
+    s = sinks()
+    with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:
+        c.recv(1024)
+        c.sendall(b"EHLO t\r\n")
+        ehlo = c.recv(1024)
+        assert b"PIPELINING" in ehlo
+        c.sendall(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nRCPT TO:<e@f>\r\nDATA\r\n")
+        got = b""
+        while b"354" not in got:
+            got += c.recv(1024)
+        assert got == b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n250 2.1.5 ok\r\n354 go ahead\r\n"
+
+
+def test_no_pipelining_option(sinks):
+    s = sinks("--no-pipelining")
+    with smtplib.SMTP("127.0.0.1", s.port, timeout=5) as c:
+        c.ehlo()
+        assert not c.has_extn("pipelining")
+
+
+def test_procs_two_workers_share_the_port(sinks):
+    s = sinks("--procs", "2")
+    for _ in range(6):
+        send(s.port)
+    st = s.stop()
+    assert st["messages"] == 6 and st["connections"] == 6 and st["procs"] == 2
+
+
+def test_max_messages_exits_by_itself(tmp_path):
+    s = SinkProcess(tmp_path, "--quiet", "--max-messages", "2")
+    try:
+        send(s.port)
+        send(s.port)
+        s.proc.wait(10)
+        assert s.proc.returncode == 0
+        assert json.loads(s.json_file.read_text())["messages"] == 2
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("args", [
+    ["--tempfail", "150"],
+    ["--tempfail", "60", "--permfail", "60"],
+    ["--listen", "nonsense"],
+    ["--delay", "-3"],
+    ["--fail-at", "mail"],
+    ["--maildir", "a", "--store-dir", "b"],
+    ["--bogus"],
+])
+def test_bad_arguments_exit_2_with_one_line(args):
+    r = subprocess.run([sys.executable, str(SINK), *args], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sink.py: error: ")
+    assert "Traceback" not in r.stderr
+
+
+def test_port_in_use_is_a_one_line_error():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        r = subprocess.run([sys.executable, str(SINK), "--listen", f"127.0.0.1:{port}"],
+                           capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "cannot listen" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
