@@ -496,3 +496,19 @@ def test_reverse_dns_names_the_client_and_matches_host_rules(make_server, connec
     assert c2.cmd(b"MAIL FROM:<a@b>") == b"250 ok\r\n"
     assert c2.cmd(b"RCPT TO:<joe>") == b"250 ok\r\n"
     assert c2.cmd(b"RCPT TO:<joe@far.test>").startswith(b"553 ")
+
+
+def test_half_close_after_end_marker_still_gets_the_replies(make_server, connect):
+    spool = FakeSpool()
+    spool.delay = 0.3
+    srv = make_server(spool)
+    c = connect(srv.port)
+    c.line()
+    c.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<x@sink.test>\r\nDATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n"
+           b"MAIL FROM:<b@example.org>\r\nRCPT TO:<y@sink.test>\r\nDATA\r\nbody2\r\n.\r\n")
+    c.sock.shutdown(socket.SHUT_WR)  # no QUIT: EOF right after the second end marker
+    replies = [c.reply() for _ in range(8)]
+    assert replies[:3] == [b"250 ok\r\n", b"250 ok\r\n", b"354 go ahead\r\n"]
+    assert OK_RE.match(replies[3]) and OK_RE.match(replies[7])
+    assert c.reply() == b""  # then the server closes
+    assert len(spool.messages) == 2

@@ -79,7 +79,7 @@ class SmtpSession(asyncio.Protocol):
         "databytes", "helo", "mail", "sender", "sender_refused", "rcpts",
         "last_activity", "timeout", "counted", "paused_for_commit", "paused_for_write",
         "write_paused", "greeting", "me", "max_rcpts", "max_hops", "refuse_bare_cr",
-        "task", "in_transaction", "connected_at", "rbl_reply",
+        "task", "in_transaction", "connected_at", "rbl_reply", "eof",
     )
 
     def __init__(self, receiver: "Receiver") -> None:
@@ -99,6 +99,7 @@ class SmtpSession(asyncio.Protocol):
         self.rcpts: list[str] = []
         self.helo: str | None = None
         self.in_transaction = False
+        self.eof = False
 
     # --- connection lifecycle -------------------------------------------------------
 
@@ -204,7 +205,13 @@ class SmtpSession(asyncio.Protocol):
                 self.transport.resume_reading()
 
     def eof_received(self) -> bool:
-        return False  # close; qmail exits silently on EOF
+        # qmail exits silently on EOF, but only after answering everything it had
+        # read: a client that half-closes right after its end marker still gets
+        # the 250 once the commit is done.
+        if self.state == COMMIT:
+            self.eof = True
+            return True
+        return False
 
     # --- input ----------------------------------------------------------------------
 
@@ -221,8 +228,11 @@ class SmtpSession(asyncio.Protocol):
         elif state == RBL:
             self.reader.feed(data)
             self._run_rbl_commands()
+        elif state == COMMIT:
+            self.reader.feed(data)  # pipelined commands: handled after the commit
+            return
         else:
-            return  # COMMIT (reading paused; stray bytes from a racing read) or CLOSED
+            return  # CLOSED or LOOKUP (reading is paused)
         if self.receiver.closing and self.state == CMD and not self.in_transaction:
             self.out.append(self.shutdown_reply())
             self._close_after_flush()
@@ -454,6 +464,9 @@ class SmtpSession(asyncio.Protocol):
             return
         self._run_commands()
         if self.state == CLOSED:
+            return
+        if self.eof and self.state != COMMIT:
+            self._close_after_flush()
             return
         if self.out:
             self._flush()
