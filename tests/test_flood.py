@@ -1,0 +1,305 @@
+"""bench/flood.py against bench/sink.py (a real subprocess on port 0).
+
+flood runs in-process through main() where that is enough (fast), and as a
+subprocess where the exit status and stderr are what is tested.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+
+import flood  # noqa: E402
+from sink import SinkProcess  # noqa: E402
+from smtpload.hist import LatencyHistogram  # noqa: E402
+
+FLOOD = REPO / "bench" / "flood.py"
+
+
+@pytest.fixture
+def sinks(tmp_path):
+    started: list[SinkProcess] = []
+
+    def start(*args: str) -> SinkProcess:
+        s = SinkProcess(tmp_path / f"s{len(started)}", "--quiet", *args)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture
+def run_flood(tmp_path, capsys):
+    """flood.main() in-process; returns (exit code, --json report, stdout)."""
+    n = [0]
+
+    def run(target: str, *args: str) -> tuple[int, dict, str]:
+        n[0] += 1
+        out = tmp_path / f"flood{n[0]}.json"
+        rc = flood.main([target, "-q", "--json", str(out), *args])
+        text = capsys.readouterr().out
+        return rc, json.loads(out.read_text()), text
+
+    return run
+
+
+def test_counts_match_and_json_is_complete(sinks, run_flood):
+    s = sinks()
+    rc, rep, text = run_flood(s.address, "-s", "4", "-m", "60", "-l", "2000")
+    assert rc == 0
+    m = rep["messages"]
+    assert m["attempted"] == m["sent"] == m["accepted"] == 60
+    assert m["tempfailed"] == m["permfailed"] == m["conn_failed"] == 0
+    assert rep["connections"]["opened"] == 60  # default: one message per connection
+    assert rep["rate"]["accepted_per_s"] > 0 and rep["elapsed_s"] > 0
+    for key in ("connect", "transaction"):
+        lat = rep["latency_ms"][key]
+        assert lat["n"] == 60 and 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+    st = s.wait_messages(60, timeout=5)
+    assert st["messages"] == 60 and st["connections"] == 60
+    assert st["bytes"] >= 60 * 2000
+    assert "messages/s" in text and "p99" in text
+
+
+def test_pipelining_reuse_and_recipients(sinks, run_flood):
+    s = sinks()
+    rc, rep, _ = run_flood(s.address, "-s", "3", "-m", "30", "-r", "3", "--pipelining", "-d")
+    assert rep["messages"]["accepted"] == 30
+    assert rep["recipients"]["accepted"] == 90
+    assert rep["connections"]["opened"] == 3
+    st = s.stop()
+    assert st["messages"] == 30 and st["rcpts"] == 90 and st["connections"] == 3
+
+
+def test_pipelining_falls_back_when_not_offered(sinks, run_flood):
+    s = sinks("--no-pipelining")
+    rc, rep, _ = run_flood(s.address, "-s", "2", "-m", "10", "--pipelining", "--per-conn", "5")
+    assert rep["messages"]["accepted"] == 10 and rep["connections"]["opened"] == 2
+    assert s.stop()["messages"] == 10
+
+
+def test_tempfail_shows_451_under_end_of_data(sinks, run_flood):
+    s = sinks("--tempfail", "100")
+    rc, rep, text = run_flood(s.address, "-s", "2", "-m", "12", "-d")
+    assert rc == 0
+    m = rep["messages"]
+    assert m["tempfailed"] == 12 and m["accepted"] == 0
+    (r,) = rep["replies"]
+    assert (r["stage"], r["code"], r["count"]) == ("END-OF-DATA", 451, 12)
+    assert "temporary failure" in r["text"]
+    assert "451" in text and "END-OF-DATA" in text
+    assert s.stop()["tempfailed"] == 12
+
+
+@pytest.mark.parametrize("pipelining", [False, True])
+def test_permfail_at_rcpt_shows_550(sinks, run_flood, pipelining):
+    s = sinks("--permfail", "100", "--fail-at", "rcpt")
+    args = ["-s", "2", "-m", "10", "--per-conn", "5"] + (["--pipelining"] if pipelining else [])
+    rc, rep, _ = run_flood(s.address, *args)
+    assert rep["messages"]["permfailed"] == 10 and rep["messages"]["accepted"] == 0
+    # Only the cause is reported, not the DATA refusal that follows it.
+    assert [(r["stage"], r["code"], r["count"]) for r in rep["replies"]] == [("RCPT", 550, 10)]
+    assert rep["recipients"]["rejected"] == 10
+
+
+def test_mixed_failures_add_up(sinks, run_flood):
+    s = sinks("--tempfail", "30", "--permfail", "20", "--seed", "7")
+    rc, rep, _ = run_flood(s.address, "-s", "4", "-m", "200", "--pipelining", "-d")
+    m = rep["messages"]
+    assert m["accepted"] + m["tempfailed"] + m["permfailed"] == 200
+    assert 20 < m["tempfailed"] < 100 and 10 < m["permfailed"] < 70
+    codes = {r["code"]: r["count"] for r in rep["replies"]}
+    assert codes == {451: m["tempfailed"], 554: m["permfailed"]}
+    st = s.stop()
+    assert (st["messages"], st["tempfailed"], st["permfailed"]) == \
+        (m["accepted"], m["tempfailed"], m["permfailed"])
+
+
+def test_greet_fail_counts_421_at_connect(sinks, run_flood):
+    s = sinks("--greet-fail", "100")
+    rc, rep, _ = run_flood(s.address, "-s", "2", "-m", "8")
+    assert rep["messages"]["tempfailed"] == 8
+    (r,) = rep["replies"]
+    assert (r["stage"], r["code"], r["count"]) == ("CONNECT", 421, 8)
+    assert rep["messages"]["conn_failed"] == 0
+
+
+def test_delay_shows_in_latency(sinks, run_flood):
+    s = sinks("--delay", "20")
+    rc, rep, _ = run_flood(s.address, "-s", "2", "-m", "4")
+    assert rep["latency_ms"]["connect"]["p50"] >= 19
+    # MAIL, RCPT, DATA, end of DATA: four replies of 20 ms each.
+    assert rep["latency_ms"]["transaction"]["p50"] >= 79
+
+
+def test_duration_stops_on_time(sinks, run_flood):
+    s = sinks()
+    t = time.monotonic()
+    rc, rep, _ = run_flood(s.address, "-s", "4", "--duration", "1", "-d")
+    took = time.monotonic() - t
+    assert 0.9 <= took < 2.5
+    m = rep["messages"]
+    assert m["accepted"] > 50 and m["conn_failed"] == 0
+    assert m["accepted"] + m["unfinished"] + m["tempfailed"] + m["permfailed"] == m["attempted"]
+    assert 0.9 <= rep["elapsed_s"] < 2.5
+
+
+def test_duration_with_slow_server_cuts_after_drain(sinks, run_flood):
+    s = sinks("--delay", "400")
+    t = time.monotonic()
+    rc, rep, _ = run_flood(s.address, "-s", "2", "--duration", "0.5", "--drain", "0.3")
+    assert time.monotonic() - t < 2.0
+    m = rep["messages"]
+    assert m["unfinished"] == m["attempted"] == 2 and m["conn_failed"] == 0
+
+
+def test_rate_cap(sinks, run_flood):
+    s = sinks()
+    t = time.monotonic()
+    rc, rep, _ = run_flood(s.address, "-s", "4", "-m", "20", "--rate", "40", "-d")
+    assert time.monotonic() - t >= 0.45  # 20 messages at 40/s: the last starts at 0.475 s
+    assert rep["messages"]["accepted"] == 20
+
+
+def test_noop_mode_sends_no_data(sinks, run_flood):
+    s = sinks()
+    rc, rep, _ = run_flood(s.address, "-s", "2", "-m", "10", "--noop", "-d")
+    assert rep["messages"]["accepted"] == 10 and rep["messages"]["sent"] == 0
+    st = s.stop()
+    assert st["messages"] == 0 and st["rcpts"] == 10
+
+
+def test_templates_and_domain_mix(sinks, run_flood, tmp_path):
+    store = tmp_path / "store"
+    s = sinks("--store-dir", str(store))
+    rc, rep, _ = run_flood(s.address, "-s", "2", "-m", "200", "-d", "--seed", "3",
+                           "-f", "bounce-{n}@src.test", "-t", "u{n}.{i}@{domain}", "-r", "2",
+                           "--domain", "a.test:1", "--domain", "b.test:3")
+    assert rep["messages"]["accepted"] == 200
+    s.stop()
+    rcpts = []
+    senders = set()
+    for f in store.glob("*.eml"):
+        for line in f.read_bytes().split(b"\r\n"):
+            if line.startswith(b"X-Sink-Rcpt-To: "):
+                rcpts.append(line[17:-1].decode())
+            elif line.startswith(b"X-Sink-Mail-From: "):
+                senders.add(line[19:-1].decode())
+    assert len(rcpts) == 400 and len(senders) == 200  # {n} is unique per message
+    a = sum(r.endswith("@a.test") for r in rcpts)
+    b = sum(r.endswith("@b.test") for r in rcpts)
+    assert a + b == 400 and 50 < a < 150  # weight 1:3 → about 100
+    assert any(r.startswith("u") and ".1@" in r for r in rcpts)
+
+
+def test_eml_directory_is_sent_verbatim(sinks, run_flood, tmp_path):
+    src = tmp_path / "eml"
+    src.mkdir()
+    (src / "a.eml").write_bytes(b"Subject: a\n\n.dot line\nbody a\n")
+    (src / "b.eml").write_bytes(b"Subject: b\r\n\r\nbody b\r\n")
+    store = tmp_path / "store"
+    s = sinks("--store-dir", str(store))
+    rc, rep, _ = run_flood(s.address, "-s", "1", "-m", "4", "--eml", str(src), "-d")
+    assert rep["messages"]["accepted"] == 4 and rep["settings"]["eml_files"] == 2
+    s.stop()
+    bodies = sorted(f.read_bytes().split(b"\r\n", 2)[2] for f in store.glob("*.eml"))
+    assert sorted(b.split(b"\r\n", 1)[1] for b in bodies) == [
+        b"Subject: a\r\n\r\n.dot line\r\nbody a\r\n"] * 2 + [b"Subject: b\r\n\r\nbody b\r\n"] * 2
+    assert all(b.startswith(b"X-Flood-Id: ") for b in bodies)
+
+
+def test_server_closing_mid_session_is_a_connection_error(run_flood):
+    # A server that greets and then hangs up: every message is a connection error.
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    srv.settimeout(5)
+    import threading
+
+    def serve():
+        for _ in range(3):
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            c.sendall(b"220 hi\r\n")
+            c.recv(100)
+            c.close()
+
+    th = threading.Thread(target=serve)
+    th.start()
+    try:
+        rc, rep, _ = run_flood(f"127.0.0.1:{srv.getsockname()[1]}", "-s", "1", "-m", "3")
+    finally:
+        th.join(10)
+        srv.close()
+    assert rep["messages"]["conn_failed"] == 3
+    assert rep["connections"]["errors"] == {"closed by server": 3}
+
+
+def test_procs_split_and_merge(sinks, tmp_path):
+    s = sinks()
+    out = tmp_path / "p.json"
+    r = subprocess.run([sys.executable, str(FLOOD), s.address, "-s", "4", "-m", "101", "-q",
+                        "--procs", "2", "--pipelining", "-d", "--json", str(out)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(out.read_text())
+    assert rep["settings"]["procs"] == 2
+    assert rep["messages"]["accepted"] == 101 and rep["latency_ms"]["transaction"]["n"] == 101
+    assert s.stop()["messages"] == 101
+
+
+def test_unreachable_target_exits_2_with_one_line():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: connections are refused
+        r = subprocess.run([sys.executable, str(FLOOD), f"127.0.0.1:{port}", "-m", "50"],
+                           capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"flood.py: error: cannot connect to 127.0.0.1:{port}: connection refused"]
+
+
+@pytest.mark.parametrize("args", [
+    ["127.0.0.1"],
+    ["127.0.0.1:notaport"],
+    ["127.0.0.1:0"],
+    ["127.0.0.1:25", "-s", "0"],
+    ["127.0.0.1:25", "-m", "-1"],
+    ["127.0.0.1:25", "-m", "0"],
+    ["127.0.0.1:25", "--rate", "fast"],
+    ["127.0.0.1:25", "--domain", "a.test:0"],
+    ["127.0.0.1:25", "--to", "x{nope}@y"],
+    ["127.0.0.1:25", "--eml", "/nonexistent/dir"],
+    ["127.0.0.1:25", "--bogus"],
+])
+def test_bad_arguments_exit_2_with_one_line(args):
+    r = subprocess.run([sys.executable, str(FLOOD), *args], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("flood.py: error: "), r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_histogram_percentiles_are_close():
+    h = LatencyHistogram()
+    for us in range(1, 10001):
+        h.record(us / 1e6)
+    assert abs(h.percentile(50) - 0.005) / 0.005 < 0.01
+    assert abs(h.percentile(99) - 0.0099) / 0.0099 < 0.01
+    other = LatencyHistogram()
+    other.record(1.0)
+    h.merge(LatencyHistogram.from_state(json.loads(json.dumps(other.to_state()))))
+    assert h.n == 10001 and h.max_us == 1_000_000
