@@ -7,7 +7,8 @@ them. It owns only process lifetimes and signals:
 
 - a child that exits or is killed is restarted, with a backoff that grows while
   it keeps dying quickly (0.1 s doubling to 10 s) and resets once it has run a while;
-- TERM/INT: forward TERM to every child, wait up to `stop_grace` seconds, then KILL;
+- TERM/INT: run `on_stop`, forward TERM to every child, wait up to `stop_grace`
+  seconds, then KILL;
 - HUP: forwarded to the children whose spec asks for it (the receivers reload);
 - ALRM: forwarded likewise (qmail's "flush now"; the delivery side will use it);
 - `reload_check`, polled every `reload_poll` seconds, may ask for a HUP round
@@ -77,12 +78,13 @@ class Supervisor:
 
     def __init__(self, specs: Sequence[ChildSpec], *, stop_grace: float = 10.0,
                  reload_check: Callable[[], bool] | None = None, reload_poll: float = 5.0,
-                 tick: float = 0.05) -> None:
+                 tick: float = 0.05, on_stop: Callable[[], None] | None = None) -> None:
         self.children = [_Child(spec, slot) for spec in specs for slot in range(spec.count)]
         self.stop_grace = stop_grace
         self.reload_check = reload_check
         self.reload_poll = reload_poll
         self.tick = tick
+        self.on_stop = on_stop
         self._pending: list[int] = []
         self._context = multiprocessing.get_context("fork")
 
@@ -167,6 +169,10 @@ class Supervisor:
 
     def _stop(self) -> int:
         log.info("stopping")
+        if self.on_stop is not None:
+            # e.g. close the supervisor's copy of the listening sockets, so the port
+            # closes as soon as the children have closed theirs.
+            self.on_stop()
         for child in self.children:
             proc = child.process
             if proc is not None and proc.exitcode is None:

@@ -200,6 +200,8 @@ def test_sigterm_lets_the_message_in_flight_finish(qrelay, root):
     os.kill(q.pid, signal.SIGTERM)
     time.sleep(0.5)
     assert idle.reply().startswith(b"421 ")
+    with pytest.raises(ConnectionRefusedError):  # no longer accepting, even in the backlog
+        socket.create_connection(("127.0.0.1", q.port), timeout=2).close()
     c.send(b"second half\r\n.\r\n")
     assert OK_RE.match(c.reply())
     assert q.proc.wait(10) == 0
@@ -251,3 +253,11 @@ def test_receivers_follow_a_killed_supervisor(qrelay):
     while time.monotonic() < deadline and any(alive(k) for k in kids):
         time.sleep(0.05)
     assert not any(alive(k) for k in kids)  # PR_SET_PDEATHSIG: no orphan keeps the port
+
+
+def test_port_closes_promptly_on_sigterm(qrelay):
+    q = qrelay(procs=2)
+    os.kill(q.pid, signal.SIGTERM)
+    assert q.proc.wait(10) == 0
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", q.port), timeout=2).close()

@@ -61,6 +61,7 @@ def serve(root: Path, listen: list[ListenAddress], procs: int,
             stop_grace=smtp.shutdown_grace + 2.0,
             reload_check=control_files_changed,
             reload_poll=smtp.reload_poll_seconds,
+            on_stop=lambda: [sock.close() for sock in sockets],
         )
         announce([bound_address(s) for s in sockets])
         return supervisor.run()
