@@ -158,7 +158,7 @@ def receiver_main(root: str, sockets: list[socket.socket], counter: ConnectionCo
     rootp = Path(root)
     try:
         config = load_smtp_config(rootp)
-        spool = Spool(rootp / "queue")
+        spool = Spool(rootp / "queue", config.settings.spool)
     except Exception as exc:
         log.error("receiver %d cannot start: %s", os.getpid(), exc)
         raise SystemExit(1) from None
