@@ -1,0 +1,241 @@
+#!/usr/bin/env python3
+"""relay.py: the end-to-end benchmark — flood → qrelay → sink, against
+flood → sink directly, measured in the same run.
+
+    python bench/relay.py                          # 20 sessions, 1 KB, 5000 msgs
+    python bench/relay.py -s 50 -m 20000 --procs 2 --pipelining -d --json r.json
+    python bench/relay.py --target 127.0.0.1:25    # also the same load against another server
+
+Steps: start bench/sink.py; flood it directly (the baseline); `qrelay init` a
+temporary root whose control/smtproutes sends everything to the sink; start
+`qrelay run ROOT --listen 127.0.0.1:0`; flood it (ingest rate); wait, with a
+bound, until the sink has every accepted message (end-to-end rate). If the
+sink's count stops growing for --idle seconds, delivery is not happening and
+only ingest is reported (detected, never waited out). With --target, the same
+flood runs against that server too, for side-by-side numbers. Every process
+started is stopped by its pid. Exit 2 (one line) if the set-up cannot run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from smtpload.cli import (OneLineParser, UsageError, fail, nonneg_float, nonneg_int,  # noqa: E402
+                          parse_hostport, positive_int, write_json_atomic)
+from sink import SinkProcess  # noqa: E402
+
+PROG = "relay.py"
+# Seconds to wait for `qrelay run` to write its port file.
+QRELAY_START_TIMEOUT = 30.0
+
+
+def build_parser() -> OneLineParser:
+    p = OneLineParser(prog=PROG, description="end-to-end relay benchmark (see the docstring)")
+    p.add_argument("-s", "--sessions", type=positive_int, default=20)
+    p.add_argument("-m", "--messages", type=positive_int, default=5000)
+    p.add_argument("-l", "--size", type=nonneg_int, default=1024)
+    p.add_argument("-r", "--rcpts", type=positive_int, default=1)
+    p.add_argument("--pipelining", action="store_true", help="flood.py --pipelining")
+    p.add_argument("-d", "--reuse", action="store_true", help="flood.py -d (reuse connections)")
+    p.add_argument("--flood-procs", type=positive_int, default=1, help="flood.py --procs")
+    p.add_argument("--procs", type=positive_int, default=1, help="qrelay run --procs")
+    p.add_argument("--sink-procs", type=positive_int, default=1, help="sink.py --procs")
+    p.add_argument("--target", metavar="HOST:PORT",
+                   help="also flood this server (any MTA) with the same load")
+    p.add_argument("--no-qrelay", action="store_true", help="skip qrelay (with --target)")
+    p.add_argument("--e2e-timeout", type=nonneg_float, default=120.0,
+                   help="longest wait for the sink to receive everything (s)")
+    p.add_argument("--idle", type=nonneg_float, default=5.0,
+                   help="no delivery progress for this long = no delivery (s)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary root and logs")
+    p.add_argument("--json", metavar="FILE")
+    return p
+
+
+def flood(target: str, a, tmp: Path, tag: str) -> dict:
+    out = tmp / f"flood-{tag}.json"
+    cmd = [sys.executable, str(HERE / "flood.py"), target, "-s", str(a.sessions),
+           "-m", str(a.messages), "-l", str(a.size), "-r", str(a.rcpts), "-q",
+           "--no-summary", "--json", str(out), "--procs", str(a.flood_procs)]
+    if a.pipelining:
+        cmd.append("--pipelining")
+    if a.reuse:
+        cmd.append("-d")
+    started = time.time()
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if res.returncode != 0:
+        raise UsageError(f"flood.py → {target} ({tag}) failed: "
+                         f"{(res.stderr.strip().splitlines() or ['?'])[-1]}")
+    rep = json.loads(out.read_text())
+    rep["_started_wall"] = started
+    return rep
+
+
+def qrelay_available() -> str | None:
+    """None if `qrelay run` exists in this checkout, else why not."""
+    res = subprocess.run([sys.executable, "-m", "engine.cli", "run", "--help"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    if res.returncode != 0:
+        return "`qrelay run` is unavailable in this checkout (the SMTP receiver has not landed)"
+    return None
+
+
+class QrelayProcess:
+    """`qrelay run ROOT --listen 127.0.0.1:0` as a subprocess, stopped by pid."""
+
+    def __init__(self, root: Path, procs: int, log: Path):
+        self.port_file = root.parent / "qrelay.port"
+        self.log = open(log, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", "run", str(root), "--listen", "127.0.0.1:0",
+             "--procs", str(procs), "--port-file", str(self.port_file)],
+            cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(REPO)})
+        self.port = 0
+        deadline = time.monotonic() + QRELAY_START_TIMEOUT
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            if self.port_file.exists() and self.port_file.read_text().strip():
+                self.port = int(self.port_file.read_text().split()[0])
+                return
+            time.sleep(0.05)
+        self.stop()
+        tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        raise UsageError(f"qrelay run did not start: {tail[0]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def wait_delivery(sink: SinkProcess, want: int, a) -> tuple[dict, bool]:
+    """Poll the sink until it has `want` messages; give up after --idle without
+    progress or --e2e-timeout in all. Returns (last stats, complete?)."""
+    deadline = time.monotonic() + a.e2e_timeout
+    last_count, last_change = -1, time.monotonic()
+    while True:
+        st = sink.stats()
+        n = st.get("messages", 0)
+        if n >= want:
+            return st, True
+        now = time.monotonic()
+        if n != last_count:
+            last_count, last_change = n, now
+        if now - last_change > a.idle or now > deadline:
+            return st, False
+        time.sleep(0.1)
+
+
+def summarize(rep: dict) -> dict:
+    return {"accepted": rep["messages"]["accepted"],
+            "failed": rep["messages"]["tempfailed"] + rep["messages"]["permfailed"]
+            + rep["messages"]["conn_failed"],
+            "rate": rep["rate"]["accepted_per_s"], "elapsed_s": rep["elapsed_s"],
+            "p99_txn_ms": rep["latency_ms"]["transaction"]["p99"],
+            "replies": rep["replies"][:5]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    if a.no_qrelay and not a.target:
+        fail(PROG, "--no-qrelay needs --target")
+    if a.target:
+        try:
+            parse_hostport(a.target)
+        except UsageError as exc:
+            fail(PROG, str(exc))
+    if not a.no_qrelay:
+        why = qrelay_available()
+        if why:
+            fail(PROG, why)
+    tmp = Path(tempfile.mkdtemp(prefix="relay-bench-"))
+    result: dict = {"load": {"sessions": a.sessions, "messages": a.messages, "size": a.size,
+                             "rcpts": a.rcpts, "pipelining": a.pipelining, "reuse": a.reuse,
+                             "flood_procs": a.flood_procs, "qrelay_procs": a.procs,
+                             "sink_procs": a.sink_procs}}
+    sink = qrelay = None
+    try:
+        sink = SinkProcess(tmp / "sink", "--quiet", "--procs", str(a.sink_procs))
+        direct = flood(sink.address, a, tmp, "direct")
+        result["direct"] = summarize(direct)
+        print(f"flood → sink.py directly:  {direct['rate']['accepted_per_s']:>9,.0f} msg/s", flush=True)
+        if not a.no_qrelay:
+            base = sink.wait_messages(direct["messages"]["accepted"], timeout=10).get("messages", 0)
+            root = tmp / "root"
+            res = subprocess.run([sys.executable, "-m", "engine.cli", "init", str(root),
+                                  "--me", "relay.bench.test"], cwd=REPO, capture_output=True,
+                                 text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+            if res.returncode != 0:
+                raise UsageError(f"qrelay init failed: {res.stderr.strip()}")
+            (root / "control" / "smtproutes").write_text(f":127.0.0.1:{sink.port}\n")
+            qrelay = QrelayProcess(root, a.procs, tmp / "qrelay.log")
+            ingest = flood(f"127.0.0.1:{qrelay.port}", a, tmp, "qrelay")
+            accepted = ingest["messages"]["accepted"]
+            result["ingest"] = summarize(ingest)
+            result["ratio_ingest_vs_direct"] = round(
+                ingest["rate"]["accepted_per_s"] / max(direct["rate"]["accepted_per_s"], 1e-9), 3)
+            print(f"flood → qrelay (ingest):   {ingest['rate']['accepted_per_s']:>9,.0f} msg/s  "
+                  f"ratio to direct {result['ratio_ingest_vs_direct']:.3f}", flush=True)
+            st, complete = wait_delivery(sink, base + accepted, a)
+            delivered = st.get("messages", 0) - base
+            if delivered > 0 and st.get("last_message"):
+                span = st["last_message"] - ingest["_started_wall"]
+                e2e = delivered / span if span > 0 else 0.0
+                result["end_to_end"] = {"delivered": delivered, "complete": complete,
+                                        "rate": round(e2e, 1), "span_s": round(span, 3),
+                                        "ratio_vs_direct": round(
+                                            e2e / max(direct["rate"]["accepted_per_s"], 1e-9), 3)}
+                print(f"flood → qrelay → sink:     {e2e:>9,.0f} msg/s  ({delivered:,}/{accepted:,} "
+                      f"delivered{'' if complete else ', INCOMPLETE'})  ratio to direct "
+                      f"{result['end_to_end']['ratio_vs_direct']:.3f}", flush=True)
+            else:
+                result["end_to_end"] = None
+                print(f"end to end: nothing reached the sink within {a.idle:g}s of idle — "
+                      f"delivery is not running in this build; ingest only", flush=True)
+            qrelay.stop()
+            qrelay = None
+        if a.target:
+            other = flood(a.target, a, tmp, "target")
+            result["target"] = {"address": a.target, **summarize(other),
+                                "ratio_vs_direct": round(other["rate"]["accepted_per_s"]
+                                                         / max(direct["rate"]["accepted_per_s"], 1e-9), 3)}
+            print(f"flood → {a.target} (--target): {other['rate']['accepted_per_s']:>9,.0f} msg/s  "
+                  f"ratio to direct {result['target']['ratio_vs_direct']:.3f}", flush=True)
+    except UsageError as exc:
+        fail(PROG, str(exc))
+    finally:
+        if qrelay is not None:
+            qrelay.stop()
+        if sink is not None:
+            sink.stop()
+        if a.keep:
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if a.json:
+        write_json_atomic(a.json, json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)
