@@ -560,43 +560,81 @@ class Spool:
         replaces its address (qmail rewrites at this step: virtualdomains…).
         Removes the message from todo in the same transaction. A message
         with no recipients finishes here (returns its Finished record).
+        Raises MessageNotFound, SpoolError (already preprocessed, wrong
+        number of channels, unknown channel) or MessageQuarantined.
+        """
+        return self.preprocess_many([(msgid, channels, addresses)], now, strict=True)[0]
+
+    def preprocess_many(self, items: Sequence[tuple], now: float | None = None,
+                        strict: bool = False) -> list[Finished | None]:
+        """preprocess() for many messages in ONE durable transaction.
+
+        items: (msgid, channels) or (msgid, channels, addresses). Unless
+        `strict`, a message that is gone or already preprocessed is skipped
+        (None), so a scheduler can replay a batch after a crash.
         """
         now = self._clock() if now is None else now
         unlink: list[int] = []
+        out: list[Finished | None] = []
+        corrupt: dict[int, RecordError] = {}
         try:
             with self.env.begin(write=True) as txn:
-                dbs = self._dbs
-                key = R.u64(msgid)
-                if txn.get(key, db=dbs[b"todo"]) is None:
-                    if txn.get(key, db=dbs[b"messages"]) is None:
-                        raise MessageNotFound(msgid)
-                    raise SpoolError(f"#{msgid} is already preprocessed")
-                rec = self._message(txn, msgid)
-                rcpts = self._recipients(txn, msgid, rec.nrcpt)
-                if len(channels) != rec.nrcpt or (addresses is not None
-                                                  and len(addresses) != rec.nrcpt):
-                    raise SpoolError(f"#{msgid} has {rec.nrcpt} recipients, "
-                                     f"got {len(channels)} channels")
-                for i, r in enumerate(rcpts):
-                    code = R.CHANNEL_CODES.get(channels[i])
-                    if code is None:
-                        raise SpoolError(f"unknown channel {channels[i]!r}")
-                    addr = addresses[i] if addresses is not None else r.address
-                    txn.put(R.rcpt_key(msgid, i),
-                            RecipientRecord(R.PENDING, code, 0, now, addr).encode(),
-                            db=dbs[b"recipients"])
-                    txn.put(R.due_key(code, now, msgid, i), b"", db=dbs[b"due"])
-                txn.delete(key, db=dbs[b"todo"])
-                finished = None
-                if rec.nrcpt == 0:
-                    finished = self._finish(txn, msgid, rec, [], unlink)
+                for item in items:
+                    msgid, channels = item[0], item[1]
+                    addresses = item[2] if len(item) > 2 else None
+                    try:
+                        out.append(self._preprocess_one(txn, msgid, channels, addresses, now,
+                                                        unlink))
+                    except RecordError as exc:
+                        if strict:
+                            raise
+                        corrupt[msgid] = exc
+                        out.append(None)
+                    except SpoolError:
+                        if strict:
+                            raise
+                        out.append(None)
         except RecordError as exc:
-            self._quarantine_after_error(msgid, exc)
-            raise MessageQuarantined(f"#{msgid}: {exc}") from None
+            self._quarantine_after_error(items[0][0], exc)
+            raise MessageQuarantined(f"#{items[0][0]}: {exc}") from None
         except lmdb.Error as exc:
             raise SpoolError(f"cannot update spool index: {exc}") from None
         self._unlink_segments(unlink)
-        return finished
+        for msgid, exc in corrupt.items():
+            self._quarantine_after_error(msgid, exc)
+        return out
+
+    def _preprocess_one(self, txn: lmdb.Transaction, msgid: int, channels: Sequence[str],
+                        addresses: Sequence[str] | None, now: float,
+                        unlink: list[int]) -> Finished | None:
+        dbs = self._dbs
+        key = R.u64(msgid)
+        if txn.get(key, db=dbs[b"todo"]) is None:
+            if txn.get(key, db=dbs[b"messages"]) is None:
+                raise MessageNotFound(msgid)
+            raise SpoolError(f"#{msgid} is already preprocessed")
+        rec = self._message(txn, msgid)
+        rcpts = self._recipients(txn, msgid, rec.nrcpt)
+        if len(channels) != rec.nrcpt or (addresses is not None
+                                          and len(addresses) != rec.nrcpt):
+            raise SpoolError(f"#{msgid} has {rec.nrcpt} recipients, "
+                             f"got {len(channels)} channels")
+        codes = []
+        for ch in channels:
+            code = R.CHANNEL_CODES.get(ch)
+            if code is None:
+                raise SpoolError(f"unknown channel {ch!r}")
+            codes.append(code)
+        for i, r in enumerate(rcpts):
+            addr = addresses[i] if addresses is not None else r.address
+            txn.put(R.rcpt_key(msgid, i),
+                    RecipientRecord(R.PENDING, codes[i], 0, now, addr).encode(),
+                    db=dbs[b"recipients"])
+            txn.put(R.due_key(codes[i], now, msgid, i), b"", db=dbs[b"due"])
+        txn.delete(key, db=dbs[b"todo"])
+        if rec.nrcpt == 0:
+            return self._finish(txn, msgid, rec, [], unlink)
+        return None
 
     def due(self, now: float | None = None, limit: int = 100, channel: str | None = None,
             exclude: Container[tuple[int, int]] = ()) -> list[Job]:
