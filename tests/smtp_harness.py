@@ -100,6 +100,8 @@ class InProcessServer:
                     pass
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(5)
+        if not self.loop.is_running() and not self.loop.is_closed():
+            self.loop.close()
         self.sock.close()
 
 
