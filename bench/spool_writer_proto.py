@@ -1,0 +1,158 @@
+"""Several receiver processes enqueueing: LMDB's cross-process writer lock vs
+a single writer process fed over a unix socket (prototype for issue #3 §4).
+
+    /work/venv/bin/python bench/spool_writer_proto.py [PROCS] [THREADS] [SECONDS]
+
+lmdb:   each of PROCS processes opens the spool itself and runs THREADS
+        producers calling enqueue (its own group commit; LMDB serialises the
+        processes' write transactions, their segment fdatasyncs overlap).
+socket: one writer process owns the spool; PROCS processes × THREADS
+        producers each send a framed message over a unix socket and wait for
+        the id (the writer submits every frame into one group commit).
+
+Result on the dev machine (2 cores, shared), 4 procs × 8 threads, 1 KB:
+see the report in the commit that added this file; the choice — direct LMDB
+locking — is documented in engine/queue/__init__.py.
+"""
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import os
+import socket
+import struct
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from spool_bench_lib import ENVELOPE, MESSAGE, enqueue_rate  # noqa: E402
+
+from engine.queue import Spool  # noqa: E402
+
+FRAME = struct.Struct(">I")
+REPLY = struct.Struct(">Q")
+
+
+def lmdb_producer(path: str, threads: int, seconds: float, out: mp.Queue) -> None:
+    spool = Spool(path)
+    try:
+        out.put(enqueue_rate(spool, threads, seconds))
+    finally:
+        spool.close()
+
+
+def writer_process(path: str, sock_path: str, ready: mp.Event, stop: mp.Event) -> None:
+    spool = Spool(path)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readexactly(FRAME.size)
+                data = await reader.readexactly(FRAME.unpack(head)[0])
+                msgid = await spool.submit(ENVELOPE, data)
+                writer.write(REPLY.pack(msgid))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_unix_server(handle, sock_path)
+        ready.set()
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+        server.close()
+    try:
+        asyncio.run(main())
+    finally:
+        spool.close()
+
+
+def socket_producer(sock_path: str, threads: int, seconds: float, out: mp.Queue) -> None:
+    counts = [0] * threads
+    stop = time.monotonic() + seconds
+    frame = FRAME.pack(len(MESSAGE)) + MESSAGE
+
+    def produce(k: int) -> None:
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(sock_path)
+        n = 0
+        while time.monotonic() < stop:
+            s.sendall(frame)
+            got = b""
+            while len(got) < REPLY.size:
+                chunk = s.recv(REPLY.size - len(got))
+                if not chunk:
+                    raise ConnectionError("writer closed")
+                got += chunk
+            n += 1
+        counts[k] = n
+        s.close()
+    t0 = time.monotonic()
+    ts = [threading.Thread(target=produce, args=(k,)) for k in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    out.put(sum(counts) / (time.monotonic() - t0))
+
+
+def run_lmdb(path: str, procs: int, threads: int, seconds: float) -> float:
+    out: mp.Queue = mp.Queue()
+    ps = [mp.Process(target=lmdb_producer, args=(path, threads, seconds, out))
+          for _ in range(procs)]
+    for p in ps:
+        p.start()
+    total = sum(out.get(timeout=120) for _ in ps)
+    for p in ps:
+        p.join()
+    return total
+
+
+def run_socket(path: str, procs: int, threads: int, seconds: float) -> float:
+    sock_path = os.path.join(tempfile.mkdtemp(), "spool.sock")
+    ready, stop = mp.Event(), mp.Event()
+    w = mp.Process(target=writer_process, args=(path, sock_path, ready, stop))
+    w.start()
+    try:
+        ready.wait(30)
+        out: mp.Queue = mp.Queue()
+        ps = [mp.Process(target=socket_producer, args=(sock_path, threads, seconds, out))
+              for _ in range(procs)]
+        for p in ps:
+            p.start()
+        total = sum(out.get(timeout=120) for _ in ps)
+        for p in ps:
+            p.join()
+    finally:
+        stop.set()
+        w.join(30)
+        if w.is_alive():
+            w.terminate()
+            w.join()
+    return total
+
+
+def compare(procs: int = 4, threads: int = 8, seconds: float = 2.0,
+            rounds: int = 2) -> dict[str, float]:
+    base = Path(tempfile.mkdtemp())
+    lm, so = [], []
+    for i in range(rounds):
+        lm.append(run_lmdb(str(base / f"lmdb{i}"), procs, threads, seconds))
+        so.append(run_socket(str(base / f"sock{i}"), procs, threads, seconds))
+    lm.sort()
+    so.sort()
+    return {"lmdb_lock": lm[len(lm) // 2], "single_writer": so[len(so) // 2]}
+
+
+if __name__ == "__main__":
+    mp.set_start_method("fork")
+    a = [int(sys.argv[1]) if len(sys.argv) > 1 else 4, int(sys.argv[2]) if len(sys.argv) > 2
+         else 8, float(sys.argv[3]) if len(sys.argv) > 3 else 2.0]
+    r = compare(*a)
+    print(f"procs={a[0]} threads={a[1]}: LMDB writer lock {r['lmdb_lock']:.0f} msg/s, "
+          f"single writer over unix socket {r['single_writer']:.0f} msg/s, "
+          f"ratio {r['lmdb_lock'] / r['single_writer']:.2f}")
