@@ -1,0 +1,93 @@
+"""engine.queue.segments: record layout, torn/corrupt detection, fault handling."""
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from engine.queue.segments import (FILE_HEADER, SegmentError, SegmentIO, SegmentReader,
+                                   SegmentWriter, encode_record, parse_segment_name,
+                                   segment_name)
+
+
+def test_append_and_read_back(tmp_path: Path):
+    w = SegmentWriter(tmp_path, 7, SegmentIO(), 0.0)
+    a = w.append(encode_record(1, b"one") + encode_record(2, b""))
+    b = w.append(encode_record(3, b"three" * 100))
+    w.close()
+    assert a == FILE_HEADER.size
+    r = SegmentReader(tmp_path)
+    assert r.read(7, a, 1, 3) == b"one"
+    assert r.read(7, a + len(encode_record(1, b"one")), 2, 0) == b""
+    assert r.read(7, b, 3, 500) == b"three" * 100
+    with pytest.raises(SegmentError, match="not #9"):
+        r.read(7, a, 9, 3)
+    with pytest.raises(SegmentError, match="missing"):
+        r.read(8, a, 1, 3)
+    r.close()
+
+
+def test_names():
+    assert segment_name(12) == "12.seg"
+    assert parse_segment_name("12.seg") == 12
+    assert parse_segment_name("x.seg") is None and parse_segment_name("12.tmp") is None
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "end"])
+def test_damage_is_detected(tmp_path: Path, damage: str):
+    w = SegmentWriter(tmp_path, 1, SegmentIO(), 0.0)
+    off = w.append(encode_record(5, b"payload" * 10))
+    w.close()
+    path = tmp_path / "1.seg"
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[off + 40] ^= 1
+    elif damage == "truncate":
+        del data[-3:]
+    else:
+        data[-12:-8] = b"XXXX"
+    path.write_bytes(bytes(data))
+    with pytest.raises(SegmentError):
+        SegmentReader(tmp_path).read(1, off, 5, 70)
+
+
+def test_failed_write_is_truncated_back(tmp_path: Path):
+    calls = {"n": 0}
+
+    def pwrite(fd, data, offset):
+        calls["n"] += 1
+        if calls["n"] == 3:                      # header, first batch ok; then half a batch
+            os.pwrite(fd, bytes(data)[:10], offset)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return os.pwrite(fd, data, offset)
+    w = SegmentWriter(tmp_path, 1, SegmentIO(pwrite=pwrite), 0.0)
+    w.append(encode_record(1, b"a"))
+    size = w.size
+    with pytest.raises(OSError):
+        w.append(encode_record(2, b"b" * 100))
+    assert not w.broken and w.size == size
+    assert (tmp_path / "1.seg").stat().st_size == size
+    w.close()
+
+
+def test_segment_file_creation_failure_leaves_nothing(tmp_path: Path):
+    def fdatasync(fd):
+        raise OSError(errno.EIO, "I/O error")
+    with pytest.raises(OSError):
+        SegmentWriter(tmp_path, 1, SegmentIO(fdatasync=fdatasync), 0.0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reader_keeps_a_bounded_number_of_files_open(tmp_path: Path):
+    offs = {}
+    for segid in range(5):
+        w = SegmentWriter(tmp_path, segid, SegmentIO(), 0.0)
+        offs[segid] = w.append(encode_record(segid, b"x"))
+        w.close()
+    r = SegmentReader(tmp_path, max_open=2)
+    for segid in range(5):
+        assert r.read(segid, offs[segid], segid, 1) == b"x"
+    assert len(r._fds) == 2
+    r.close()
