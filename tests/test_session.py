@@ -1,6 +1,7 @@
 """qmail-smtpd's dialogue over real sockets (in-process receiver, in-memory spool)."""
 from __future__ import annotations
 
+import os
 import re
 import socket
 import smtplib
@@ -512,3 +513,37 @@ def test_half_close_after_end_marker_still_gets_the_replies(make_server, connect
     assert OK_RE.match(replies[3]) and OK_RE.match(replies[7])
     assert c.reply() == b""  # then the server closes
     assert len(spool.messages) == 2
+
+
+def test_real_spool_disk_full_gives_451_then_recovers(root, connect):
+    """The real Spool with its write path failing (ENOSPC): 451, nothing committed,
+    and the next message is queued once the disk has room again."""
+    import errno
+
+    from engine.queue import Spool
+    from engine.queue.segments import SegmentIO
+
+    full = [True]
+
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
+        if full[0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return os.pwrite(fd, data, offset)
+
+    io = SegmentIO()
+    io.pwrite = pwrite
+    spool = Spool(root / "queue", io=io)
+    srv = InProcessServer(root, spool)
+    try:
+        c = connect(srv.port)
+        c.line()
+        assert transaction(c) == b"451 qq write error or disk full (#4.3.0)\r\n"
+        full[0] = False
+        reply = transaction(c)
+        assert OK_RE.match(reply)
+    finally:
+        srv.stop()
+        spool.close()
+    with Spool(root / "queue", readonly=True) as ro:
+        msgs = list(ro.iter_messages())
+    assert [m.msgid for m in msgs] == [int(OK_RE.match(reply).group(2))]
