@@ -474,3 +474,39 @@ class RecipientStates(RuleBasedStateMachine):
 TestRecipientStates = RecipientStates.TestCase
 TestRecipientStates.settings = hsettings(max_examples=25, stateful_step_count=30,
                                          deadline=None)
+
+
+def test_recover_drops_entries_of_a_vanished_message(tmp_path: Path):
+    q = tmp_path / "q"
+    with Spool(q) as s:
+        m = s.enqueue(env("a@b", "c@d"), b"x")
+        keep = s.enqueue(env("e@f"), b"y")
+        s.preprocess(m, ["remote", "local"])
+    e = lmdb.open(str(q / "index"), max_dbs=8)
+    with e.begin(write=True) as txn:
+        txn.delete(R.u64(m), db=e.open_db(b"messages", txn=txn))
+    e.close()
+    with Spool(q) as s:
+        report = s.recover()
+        assert report.dangling_removed == 4      # 2 recipients + 2 due entries
+        assert s.due(limit=10) == [] and s.stats() == (1, 1)
+        assert s.read_message(keep) == b"y"
+        assert s.recover().dangling_removed == 0
+
+
+def test_segment_of_a_killed_writer_is_sealed_then_removed(tmp_path: Path):
+    q = tmp_path / "q"
+    pid = os.fork()
+    if pid == 0:
+        try:
+            child = Spool(q)
+            child.enqueue(env("a@b"), b"from a writer that dies")
+        finally:
+            os._exit(0)          # no close(): the segment stays unsealed
+    os.waitpid(pid, 0)
+    with Spool(q) as s:
+        (m,) = s.todo()
+        assert s.recover().segments_fixed == 1   # writer gone: sealed
+        s.preprocess(m, ["local"])
+        s.mark_delivered(m, 0)
+        assert list((q / "segments").iterdir()) == []

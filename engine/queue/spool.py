@@ -1028,15 +1028,14 @@ class Spool:
                 if not ok:
                     dangling.append((b"due", bytes(key)))
             # Recipient records whose message record is gone.
-            prev = None
+            prev, orphaned = None, False
             for key in txn.cursor(db=dbs[b"recipients"]).iternext(values=False):
                 msgid = R.split_rcpt_key(key)[0]
-                if msgid != prev and txn.get(R.u64(msgid), db=dbs[b"messages"]) is None:
+                if msgid != prev:
+                    prev = msgid
+                    orphaned = txn.get(R.u64(msgid), db=dbs[b"messages"]) is None
+                if orphaned:
                     dangling.append((b"recipients", bytes(key)))
-                elif msgid == prev and dangling and dangling[-1][0] == b"recipients" and \
-                        R.split_rcpt_key(dangling[-1][1])[0] == msgid:
-                    dangling.append((b"recipients", bytes(key)))
-                prev = msgid
             segs = {R.read_u64(k): bytes(v) for k, v in txn.cursor(db=dbs[b"segments"])}
         unlink: list[int] = []
         with self.env.begin(write=True) as txn:
