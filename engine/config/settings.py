@@ -125,6 +125,10 @@ class SchedulerSettings:
     recovered_index_max: int = 100000
     # A destination's deferred mail is pulled forward at most once per this many seconds.
     recovery_interval: float = 60.0
+    # Delivery results are recorded in one durable spool transaction per batch:
+    # at most this many seconds after the first of the batch, or this many results.
+    mark_delay: float = 0.01
+    mark_batch: int = 500
     # qmail's retry formula constants (spec §6.2): next = birth + (isqrt(age) + C)^2.
     retry_skip_remote: int = 20
     retry_skip_local: int = 10

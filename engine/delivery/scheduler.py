@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +48,8 @@ from engine.queue import (Deferred, Delivered, Envelope, Failed, Finished, Job, 
 # qmail's text when qmail-spawn cannot read the message file.
 UNREADABLE_TEXT = "qmail-spawn unable to open message. (#4.3.0)\n"
 CRASHED_TEXT = "qmail-remote crashed.\n"
+# Seconds between scans of the spool for finished messages whose bounce is not queued.
+BOUNCE_SCAN_INTERVAL = 5.0
 
 
 Deliver = Callable[[str, str, Sequence[str], bytes], Awaitable[list]]
@@ -67,6 +69,8 @@ class SchedulerConfig:
     poll_interval: float = 0.05
     recovered_index_max: int = 100_000
     recovery_interval: float = 60.0
+    mark_delay: float = 0.01
+    mark_batch: int = 500
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     bounce: BounceConfig = field(default_factory=BounceConfig)
 
@@ -85,6 +89,8 @@ def load_scheduler_config(root: Path | str, settings, bounce: BounceConfig) -> S
         poll_interval=max(0.001, s.poll_interval),
         recovered_index_max=s.recovered_index_max,
         recovery_interval=float(s.recovery_interval),
+        mark_delay=float(s.mark_delay),
+        mark_batch=max(1, s.mark_batch),
         retry=RetryPolicy(queuelifetime=read_int(control / "queuelifetime", 604800),
                           local_skip=s.retry_skip_local, remote_skip=s.retry_skip_remote),
         bounce=bounce,
@@ -126,6 +132,76 @@ class DeferredByDomain:
         return self._count
 
 
+class _Claimed:
+    """(msgid, index) pairs already in flight or in the ready view, for due(exclude=)."""
+
+    __slots__ = ("a", "b")
+
+    def __init__(self, a: set, b: set) -> None:
+        self.a, self.b = a, b
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.a or key in self.b
+
+
+class ReadyJobs:
+    """A bounded view of due remote recipients, per destination, in due order.
+
+    Jobs here are not yet started; they stay due in the spool, so dropping
+    them (drop_blocked) loses nothing.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1, capacity)
+        self.keys: set[tuple[int, int]] = set()
+        self._by_domain: dict[str, deque[tuple[int, list[Job]]]] = {}
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def domains(self):
+        return self._by_domain.keys()
+
+    def add(self, jobs: Sequence[Job]) -> None:
+        groups: dict[tuple[str, int], list[Job]] = {}
+        for job in jobs:
+            key = (job.msgid, job.index)
+            if key in self.keys:
+                continue
+            self.keys.add(key)
+            groups.setdefault((recipient_domain(job.address), job.msgid), []).append(job)
+        for (domain, msgid), group in groups.items():
+            self._by_domain.setdefault(domain, deque()).append((msgid, group))
+
+    def pop(self, domain: str, max_rcpts: int) -> tuple[int, list[Job]] | None:
+        """The next (msgid, up to max_rcpts jobs) for domain, or None."""
+        queue = self._by_domain.get(domain)
+        if not queue:
+            self._by_domain.pop(domain, None)
+            return None
+        msgid, jobs = queue[0]
+        if len(jobs) > max_rcpts:
+            taken, queue[0] = jobs[:max_rcpts], (msgid, jobs[max_rcpts:])
+        else:
+            taken = jobs
+            queue.popleft()
+            if not queue:
+                del self._by_domain[domain]
+        for job in taken:
+            self.keys.discard((job.msgid, job.index))
+        return msgid, taken
+
+    def drop_blocked(self, blocked: Callable[[str], bool]) -> None:
+        for domain in [d for d in self._by_domain if blocked(d)]:
+            for _, jobs in self._by_domain.pop(domain):
+                for job in jobs:
+                    self.keys.discard((job.msgid, job.index))
+
+    def clear(self) -> None:
+        self.keys.clear()
+        self._by_domain.clear()
+
+
 class Scheduler:
     """The scheduling loop; one per `qrelay run` (see the module docstring)."""
 
@@ -148,9 +224,12 @@ class Scheduler:
         self.bouncing_now: set[int] = set()
         self._bounce_retry_at: dict[int, float] = {}
         self.deferred = DeferredByDomain(config.recovered_index_max)
+        self.ready = ReadyJobs(config.scan_batch)
         # (domain, delivery number, spool Result, K/Z/D, report text)
         self._results: list[tuple[str, int, object, str, str]] = []
         self._recovered_at: dict[str, float] = {}
+        self._results_due = 0.0
+        self._next_bounce_scan = 0.0
         self._tasks: set[asyncio.Task] = set()
         self._wake: asyncio.Event | None = None
         self._flush_requested = False
@@ -194,6 +273,8 @@ class Scheduler:
         await self._drain(stop_grace)
 
     def _sleep_time(self) -> float:
+        if self._results:
+            return max(0.0, min(self.config.poll_interval, self._results_due - time.monotonic()))
         return self.config.poll_interval
 
     def run_pass(self) -> bool:
@@ -203,11 +284,17 @@ class Scheduler:
             self._flush_requested = False
             self.spool.reschedule_all(now)
         busy = self.preprocess(now)
-        self.record_results()
-        self.complete_pending_bounces()
+        if self._results and (len(self._results) >= self.config.mark_batch
+                              or time.monotonic() >= self._results_due):
+            self.record_results()
+        if now >= self._next_bounce_scan:
+            # Messages that finish here are completed at once; this scan finds
+            # those left by a crash and bounces that failed to be queued.
+            self._next_bounce_scan = now + BOUNCE_SCAN_INTERVAL
+            self.complete_pending_bounces()
         if not self._stopping:
             self.dispatch(now)
-        return busy or bool(self._results)
+        return busy
 
     async def _drain(self, grace: float) -> None:
         if self._tasks:
@@ -225,6 +312,9 @@ class Scheduler:
     # --- step 1: preprocessing (qmail's todo -> local/remote, spec §5.3) -----------
     def preprocess(self, now: float) -> bool:
         ids = self.spool.todo(self.config.todo_batch)
+        if not ids:
+            return False
+        items = []
         for msgid in ids:
             try:
                 info = self.spool.message_info(msgid)
@@ -233,32 +323,54 @@ class Scheduler:
             self.log.new_msg(msgid)
             self.log.info_msg(msgid, info.size, info.sender, info.pid, info.uid)
             routed = [self.classify(r.address) for r in info.recipients]
-            try:
-                finished = self.spool.preprocess(msgid, [c for c, _ in routed],
-                                                 [a for _, a in routed], now)
-            except SpoolError as exc:
-                self.log.warning(f"trouble preprocessing msg {msgid}: {exc}")
-                continue
-            if finished is not None:
-                self._complete(finished)
+            items.append((msgid, [c for c, _ in routed], [a for _, a in routed]))
+        try:
+            # One durable transaction for the whole batch.
+            finished = self.spool.preprocess_many(items, now)
+        except SpoolError as exc:
+            self.log.warning(f"trouble preprocessing messages: {exc}; will try again later")
+            return False
+        for f in finished:
+            if f is not None:
+                self._complete(f)
         return len(ids) >= self.config.todo_batch
 
     # --- step 3: dispatch ----------------------------------------------------------
     def dispatch(self, now: float) -> int:
+        """Start deliveries from the ready view; refill it from the spool when slots
+        stay free (so the due table is read in big batches, not once per delivery)."""
         cfg = self.config
+        started = self._dispatch_ready()
+        if self.active_remote >= cfg.concurrency_remote:
+            return started
+        ready = self.ready
+        if len(ready) >= ready.capacity:
+            # Full of work for destinations at their limit: forget it (the spool
+            # still has it) so other destinations' mail can be seen.
+            ready.drop_blocked(self._blocked)
+        room = ready.capacity - len(ready)
+        if room > 0:
+            ready.add(self.spool.due(now, room, "remote", exclude=_Claimed(self.inflight, ready.keys)))
+            started += self._dispatch_ready()
+        return started
+
+    def _blocked(self, domain: str) -> bool:
+        return self.per_domain.get(domain, 0) >= self.config.per_destination
+
+    def _dispatch_ready(self) -> int:
+        cfg = self.config
+        started = 0
         if self.active_remote >= cfg.concurrency_remote:
             return 0
-        groups: dict[tuple[int, str], list[Job]] = {}
-        for job in self.spool.due(now, cfg.scan_batch, "remote", exclude=self.inflight):
-            groups.setdefault((job.msgid, recipient_domain(job.address)), []).append(job)
-        started = 0
-        for (msgid, domain), jobs in groups.items():
-            for i in range(0, len(jobs), cfg.max_rcpts_per_delivery):
+        for domain in list(self.ready.domains()):
+            while not self._blocked(domain):
                 if self.active_remote >= cfg.concurrency_remote:
                     return started
-                if self.per_domain.get(domain, 0) >= cfg.per_destination:
+                group = self.ready.pop(domain, cfg.max_rcpts_per_delivery)
+                if group is None:
                     break
-                self._start(msgid, domain, jobs[i:i + cfg.max_rcpts_per_delivery])
+                msgid, jobs = group
+                self._start(msgid, domain, jobs)
                 started += 1
         return started
 
@@ -323,6 +435,10 @@ class Scheduler:
                     if status != "Z":
                         status, text = "Z", "report mangled, will defer\n"
                     result = Deferred(job.msgid, job.index, next_try, text)
+                if not self._results:
+                    # Results are recorded in batches (one durable spool
+                    # transaction each), at most mark_delay after the first.
+                    self._results_due = time.monotonic() + self.config.mark_delay
                 self._results.append((domain, number, result, status, text))
             if not reports:
                 # Cancelled at shutdown: nothing recorded, the recipients stay due.

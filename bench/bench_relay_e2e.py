@@ -1,0 +1,256 @@
+#!/usr/bin/env python3
+"""bench_relay_e2e.py: qrelay as a relay, end to end, against same-run baselines.
+
+    python bench/bench_relay_e2e.py                      # issue #5 item 8 figures
+    python bench/bench_relay_e2e.py -m 5000 --queue 6000 --ingest 2000   # quicker
+
+Phases (every figure is a ratio to a baseline measured in the same run,
+because the machine is shared and noisy):
+
+  A  direct   flood.py -> sink.py                          rate_direct (flood's accepted/s)
+  B  relay    flood.py -> qrelay run -> sink.py (smtproutes)
+              rate_e2e = M / (time from flood start to the sink's last message)
+              target: rate_e2e >= 0.20 x rate_direct
+  C  sink down (smtproutes to a closed port):
+     C1 ingest `--ingest` messages into an empty queue       rate_ingest_empty
+     C2 queue more until `--queue` messages wait deferred
+     C3 ingest `--ingest` more with them waiting             rate_ingest_loaded
+              target: rate_ingest_loaded >= 0.9 x rate_ingest_empty
+  D  start the sink on that port, `qrelay flush ROOT`:
+              rate_drain = queued / (time from flush to the sink's last message)
+              target: rate_drain >= 0.8 x rate_e2e
+
+Every process started here is stopped by its pid (qrelay by its process
+group, which it leads). Exit status 0 if all targets are met, 1 if not.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path.insert(0, str(BENCH))
+
+from sink import SinkProcess  # noqa: E402
+
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class FixedPortSink:
+    """bench/sink.py on a given port (SinkProcess always picks port 0)."""
+
+    def __init__(self, workdir: Path, port: int) -> None:
+        self.json_file = workdir / f"sink-{port}.json"
+        self.log = open(workdir / f"sink-{port}.log", "wb")
+        self.proc = subprocess.Popen(
+            [PY, str(BENCH / "sink.py"), "--listen", f"127.0.0.1:{port}", "--json", str(self.json_file)],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        self.port = port
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("sink did not start")
+
+    def stats(self) -> dict:
+        try:
+            return json.loads(self.json_file.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def wait_sink(stats, n: int, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = stats()
+        if st.get("messages", 0) >= n:
+            return st
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"sink has {st.get('messages', 0)} of {n} messages after {timeout:.0f} s")
+        time.sleep(0.1)
+
+
+def flood(port: int, messages: int, sessions: int, size: int, workdir: Path, tag: str) -> dict:
+    out = workdir / f"flood-{tag}.json"
+    r = subprocess.run([PY, str(BENCH / "flood.py"), f"127.0.0.1:{port}", "-s", str(sessions),
+                        "-m", str(messages), "-l", str(size), "-q", "--no-summary", "--json", str(out),
+                        "--to", "u{n}@sink.test", "-f", "a@src.test"],
+                       capture_output=True, text=True, timeout=3600)
+    if r.returncode != 0:
+        raise RuntimeError(f"flood failed: {r.stderr.strip()}")
+    data = json.loads(out.read_text())
+    if data["messages"]["accepted"] != messages:
+        raise RuntimeError(f"flood: only {data['messages']['accepted']} of {messages} accepted: {data['messages']}")
+    return data
+
+
+class Qrelay:
+    def __init__(self, root: Path, sink_port: int, procs: int) -> None:
+        subprocess.run([PY, "-m", "engine.cli", "init", str(root), "--me", "mx.bench.test"],
+                       check=True, capture_output=True, cwd=REPO)
+        (root / "control" / "smtproutes").write_text(f"sink.test:127.0.0.1:{sink_port}\n")
+        (root / "control" / "rcpthosts").write_text("sink.test\n")
+        # a resolver that is never asked (every route is an IP); the log big
+        # enough to count every line of the run.
+        (root / "qrelay.toml").write_text(
+            '[delivery]\ndns_servers = ["127.0.0.1:9"]\n[log]\nmax_bytes = 16000000\nmax_files = 50\n')
+        port_file = root.parent / (root.name + ".port")
+        self.root = root
+        self.out = open(root.parent / (root.name + ".out"), "wb")
+        self.proc = subprocess.Popen(
+            [PY, "-m", "engine.cli", "run", str(root), "--listen", "127.0.0.1:0", "--procs", str(procs),
+             "--port-file", str(port_file)],
+            cwd=REPO, stdout=self.out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 20
+        while not (port_file.exists() and port_file.read_text().strip()):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError("qrelay run did not start")
+            time.sleep(0.05)
+        self.port = int(port_file.read_text().split()[0])
+        time.sleep(0.5)
+
+    def count(self, word: str) -> int:
+        total = 0
+        for p in (self.root / "log").iterdir():
+            if p.name == "current" or p.name.startswith("@"):
+                with open(p, "rb") as f:
+                    total += f.read().count(word.encode())
+        return total
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if self.proc.poll() is None:
+            self.proc.wait(5)
+        self.out.close()
+
+
+def wait_deferred(q: Qrelay, n: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while q.count(": deferral: ") < n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {q.count(': deferral: ')} of {n} deferrals after {timeout:.0f} s")
+        time.sleep(0.25)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-m", "--messages", type=int, default=20000)
+    ap.add_argument("-s", "--sessions", type=int, default=20)
+    ap.add_argument("-l", "--size", type=int, default=1024)
+    ap.add_argument("--queue", type=int, default=25000, help="messages waiting deferred in phase C")
+    ap.add_argument("--ingest", type=int, default=5000, help="messages per ingest measurement")
+    ap.add_argument("--procs", type=int, default=2, help="receiver processes of qrelay run")
+    ap.add_argument("--json", help="write the figures here")
+    a = ap.parse_args()
+    if a.ingest >= a.queue:
+        ap.error("--ingest must be smaller than --queue")
+
+    work = Path(tempfile.mkdtemp(prefix="qrelay-bench-e2e-"))
+    fig: dict = {"messages": a.messages, "sessions": a.sessions, "size": a.size,
+                 "queue": a.queue, "ingest": a.ingest}
+    started: list = []
+    try:
+        # A: direct
+        sink = SinkProcess(work / "a")
+        started.append(sink)
+        fig["rate_direct"] = flood(sink.port, a.messages, a.sessions, a.size, work, "direct")["rate"]["accepted_per_s"]
+        base = wait_sink(sink.stats, a.messages, 60)["messages"]
+        print(f"A direct flood -> sink: {fig['rate_direct']:.0f} msg/s", flush=True)
+
+        # B: relay through qrelay into the same sink
+        q = Qrelay(work / "relay", sink.port, a.procs)
+        started.append(q)
+        t0 = time.time()
+        ing = flood(q.port, a.messages, a.sessions, a.size, work, "relay")
+        st = wait_sink(sink.stats, base + a.messages, 600)
+        fig["rate_e2e"] = a.messages / (st["last_message"] - t0)
+        fig["rate_relay_ingest"] = ing["rate"]["accepted_per_s"]
+        fig["ratio_e2e_direct"] = fig["rate_e2e"] / fig["rate_direct"]
+        print(f"B relay end to end: {fig['rate_e2e']:.0f} msg/s (ingest {fig['rate_relay_ingest']:.0f}/s) "
+              f"= {fig['ratio_e2e_direct']:.2f} x direct (target >= 0.20)", flush=True)
+        q.stop()
+        started.remove(q)
+        sink.stop()
+        started.remove(sink)
+
+        # C: sink down
+        dead = free_port()
+        q = Qrelay(work / "down", dead, a.procs)
+        started.append(q)
+        fig["rate_ingest_empty"] = flood(q.port, a.ingest, a.sessions, a.size, work, "empty")["rate"]["accepted_per_s"]
+        flood(q.port, a.queue - a.ingest, a.sessions, a.size, work, "fill")
+        wait_deferred(q, a.queue, 900)
+        fig["rate_ingest_loaded"] = flood(q.port, a.ingest, a.sessions, a.size, work, "loaded")["rate"]["accepted_per_s"]
+        fig["ratio_ingest_loaded_empty"] = fig["rate_ingest_loaded"] / fig["rate_ingest_empty"]
+        print(f"C ingest into empty queue {fig['rate_ingest_empty']:.0f} msg/s, with {a.queue} deferred "
+              f"{fig['rate_ingest_loaded']:.0f} msg/s = {fig['ratio_ingest_loaded_empty']:.2f} (target >= 0.9)",
+              flush=True)
+        total = a.queue + a.ingest
+        wait_deferred(q, total, 900)
+
+        # D: sink back, flush, drain
+        sink2 = FixedPortSink(work, dead)
+        started.append(sink2)
+        t0 = time.time()
+        r = subprocess.run([PY, "-m", "engine.cli", "flush", str(q.root)], cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            raise RuntimeError(f"flush failed: {r.stderr.strip()}")
+        st = wait_sink(sink2.stats, total, 900)
+        fig["rate_drain"] = total / (st["last_message"] - t0)
+        fig["ratio_drain_e2e"] = fig["rate_drain"] / fig["rate_e2e"]
+        print(f"D drain after flush: {fig['rate_drain']:.0f} msg/s = {fig['ratio_drain_e2e']:.2f} x "
+              f"end-to-end (target >= 0.8)  [{r.stdout.strip()}]", flush=True)
+    finally:
+        for p in reversed(started):
+            p.stop()
+    ok = (fig["ratio_e2e_direct"] >= 0.2 and fig["ratio_ingest_loaded_empty"] >= 0.9
+          and fig["ratio_drain_e2e"] >= 0.8)
+    fig["targets_met"] = ok
+    if a.json:
+        Path(a.json).write_text(json.dumps(fig, indent=2) + "\n")
+    print(json.dumps(fig))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
