@@ -13,7 +13,6 @@ import threading
 import time
 from pathlib import Path
 
-from engine.queue import SpoolError, SpoolWriteError
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -6,8 +6,6 @@ import re
 import signal
 import smtplib
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import pytest
 
 from engine.queue import Spool
 from tests.conftest import run_cli
-from tests.smtp_harness import REPO, RawClient, RunningQrelay
+from tests.smtp_harness import RawClient, RunningQrelay
 
 ME = "mx.example.com"
 OK_RE = re.compile(rb"^250 ok (\d+) qp (\d+)\r\n$")
@@ -36,7 +34,6 @@ def qrelay(root: Path):
 
 
 def queued(root: Path) -> list[tuple[int, str, tuple[str, ...]]]:
-    from engine.queue import Spool
     with Spool(root / "queue", readonly=True) as spool:
         return [(m.msgid, m.sender, tuple(r.address for r in m.recipients)) for m in spool.iter_messages()]
 
