@@ -547,3 +547,38 @@ def test_real_spool_disk_full_gives_451_then_recovers(root, connect):
     with Spool(root / "queue", readonly=True) as ro:
         msgs = list(ro.iter_messages())
     assert [m.msgid for m in msgs] == [int(OK_RE.match(reply).group(2))]
+
+
+def test_client_that_never_reads_is_throttled(server, connect):
+    """Replies pile up only to the transport's high-water mark: then the session
+    stops reading, so the client's writes block instead of our memory growing."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    s.settimeout(2.0)
+    s.connect(("127.0.0.1", server.port))
+    chunk = b"HELP\r\n" * 10000
+    sent = 0
+    try:
+        with pytest.raises((socket.timeout, TimeoutError)):
+            for _ in range(400):  # 24 MB at most
+                s.sendall(chunk)
+                sent += len(chunk)
+        assert sent < 24_000_000
+        other = connect(server.port)
+        assert other.line().startswith(b"220 ")  # the receiver still serves others
+        assert other.cmd(b"NOOP") == b"250 ok\r\n"
+    finally:
+        s.close()
+
+
+def test_rule_environment_databytes_localhost_remoteinfo(make_server, connect):
+    srv = make_server(tcp_smtp='127.0.0.1:allow,RELAYCLIENT="",DATABYTES="50",'
+                      'TCPLOCALHOST="relay.example.com",TCPREMOTEINFO="alice"\n', databytes="0\n")
+    c = connect(srv.port)
+    c.line()
+    assert c.cmd(b"EHLO c").endswith(b"250 SIZE 50\r\n")
+    assert transaction(c, b"x" * 60 + b"\r\n").startswith(b"552 ")
+    assert OK_RE.match(transaction(c, b"small\r\n"))
+    lines = srv.spool.messages[0][1].split(b"\r\n")
+    assert lines[1] == b"Received: from unknown (HELO c) (alice@127.0.0.1)"
+    assert lines[2].startswith(b"  by relay.example.com with SMTP; ")
