@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -42,6 +43,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user+sys) used so far by pid and its descendants (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+def child_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def find_tool(name: str) -> str:
@@ -89,12 +111,13 @@ def run_smtp_source(binary: str, port: int, a) -> dict:
     if a.reuse:
         cmd.append("-d")
     cmd.append(f"127.0.0.1:{port}")
-    t = time.perf_counter()
+    c0, t = child_cpu(), time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     wall = time.perf_counter() - t
     if res.returncode != 0:
         raise RuntimeError(f"smtp-source failed: {res.stderr.strip()[:200]}")
-    return {"rate": a.messages / wall, "wall_rate": a.messages / wall, "wall_s": wall}
+    return {"rate": a.messages / wall, "wall_rate": a.messages / wall, "wall_s": wall,
+            "client_cpu_us_per_msg": (child_cpu() - c0) / a.messages * 1e6}
 
 
 def run_flood(port: int, a, tmp: str) -> dict:
@@ -105,16 +128,17 @@ def run_flood(port: int, a, tmp: str) -> dict:
     if a.reuse:
         cmd.append("-d")
     cmd += a.flood_arg or []
-    t = time.perf_counter()
+    c0, t = child_cpu(), time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     wall = time.perf_counter() - t
     if res.returncode != 0:
         raise RuntimeError(f"flood.py failed: {res.stderr.strip()[:300]}")
+    cpu = (child_cpu() - c0) / a.messages * 1e6
     rep = json.loads(Path(out).read_text())
     if rep["messages"]["accepted"] != a.messages:
         raise RuntimeError(f"flood.py: only {rep['messages']['accepted']} of {a.messages} accepted")
     return {"rate": rep["rate"]["accepted_per_s"], "wall_rate": a.messages / wall, "wall_s": wall,
-            "p99_txn_ms": rep["latency_ms"]["transaction"]["p99"]}
+            "p99_txn_ms": rep["latency_ms"]["transaction"]["p99"], "client_cpu_us_per_msg": cpu}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,12 +167,15 @@ def main(argv: list[str] | None = None) -> int:
                     order = "ABC" if r % 2 == 0 else "CBA"
                     line = []
                     for k in order:
+                        sink_pid = ours.proc.pid if k == "C" else psink.proc.pid
+                        s0 = tree_cpu(sink_pid)
                         if k == "A":
                             res = run_smtp_source(source_bin, psink.port, a)
                         elif k == "B":
                             res = run_flood(psink.port, a, tmp)
                         else:
                             res = run_flood(ours.port, a, tmp)
+                        res["sink_cpu_us_per_msg"] = (tree_cpu(sink_pid) - s0) / a.messages * 1e6
                         results[k].append(res)
                         line.append(f"{k} {res['rate']:8,.0f}/s")
                     print(f"round {r + 1}/{a.rounds} ({order}): " + "  ".join(line), flush=True)
@@ -157,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             psink.stop()
 
     med = {k: statistics.median(x["rate"] for x in v) for k, v in results.items()}
+    ccpu = {k: statistics.median(x["client_cpu_us_per_msg"] for x in v) for k, v in results.items()}
+    scpu = {k: statistics.median(x["sink_cpu_us_per_msg"] for x in v) for k, v in results.items()}
     wall = {k: statistics.median(x["wall_rate"] for x in v) for k, v in results.items()}
     per_round_ba = [b["rate"] / s["rate"] for b, s in zip(results["B"], results["A"])]
     per_round_cb = [c["rate"] / b["rate"] for c, b in zip(results["C"], results["B"])]
@@ -171,12 +200,15 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_sinkpy_vs_smtp_sink": round(med["C"] / med["B"], 3),
         "median_per_round_ratio_flood_vs_smtp_source": round(statistics.median(per_round_ba), 3),
         "median_per_round_ratio_sinkpy_vs_smtp_sink": round(statistics.median(per_round_cb), 3),
+        "median_client_cpu_us_per_msg": {names[k]: round(v, 1) for k, v in ccpu.items()},
+        "median_sink_cpu_us_per_msg": {names[k]: round(v, 1) for k, v in scpu.items()},
         "rounds": {names[k]: v for k, v in results.items()},
         "sink_py_messages": sink_final.get("messages"),
     }
     print()
     for k in "ABC":
-        print(f"  {names[k]:<26} median {med[k]:>9,.0f} msg/s   (wall-clock {wall[k]:>9,.0f} msg/s)")
+        print(f"  {names[k]:<26} median {med[k]:>9,.0f} msg/s   (wall-clock {wall[k]:>9,.0f} msg/s)"
+              f"   CPU/msg: client {ccpu[k]:5.1f} us, sink {scpu[k]:5.1f} us")
     print(f"  flood/smtp-source   = {summary['ratio_flood_vs_smtp_source']:.3f}  "
           f"(wall-clock {summary['ratio_flood_vs_smtp_source_wall']:.3f}, "
           f"median per-round {summary['median_per_round_ratio_flood_vs_smtp_source']:.3f})  target >= 0.9")

@@ -287,7 +287,7 @@ class FloodRun:
             self.live_sessions -= 1
             self._maybe_done()
             return
-        delay = self.slot_delay()
+        delay = self.slot_delay() if self.cfg.rate > 0 else 0.0
         if delay > 0:
             self.loop.call_later(delay, self._spawn_connect, session, seq)
         else:
@@ -509,8 +509,9 @@ class SmtpClient(asyncio.Protocol):
                 self._finish(self.txn_fail or code)
             return
         if stage == EOD:
+            # Every transaction that got an end-of-DATA reply, accepted or not.
+            self.stats.txn_latency.record(time.perf_counter() - self.t_txn)
             if ok:
-                self.stats.txn_latency.record(time.perf_counter() - self.t_txn)
                 self._finish(0)
             else:
                 self.stats.reply_error(EOD, code, text)
@@ -535,8 +536,8 @@ class SmtpClient(asyncio.Protocol):
                 self._finish(self.txn_fail or code, rset_done=True)
             return
         if stage == CONNECT:
+            self.stats.connect_latency.record(time.perf_counter() - self.t_connect)
             if ok:
-                self.stats.connect_latency.record(time.perf_counter() - self.t_connect)
                 self._write(self.run.ehlo, EHLO)
             else:
                 self.stats.reply_error(CONNECT, code, text)
@@ -607,7 +608,7 @@ class SmtpClient(asyncio.Protocol):
         run = self.run
         i = self.body_index
         self.body_index = i + 1 if i + 1 < len(run.bodies) else 0
-        last = self._is_last_on_conn() and self.pipelining
+        last = self.pipelining and self._is_last_on_conn()
         body = (run.bodies_quit if last else run.bodies)[i]
         head = run.uniq % (self.seq, run.uniq_pid)
         self.expect.append(EOD)
@@ -653,7 +654,7 @@ class SmtpClient(asyncio.Protocol):
         if seq < 0:
             self._quit()
             return
-        delay = run.slot_delay()
+        delay = run.slot_delay() if run.cfg.rate > 0 else 0.0
         if delay > 0:
             self.pending = True  # claimed: counts as in flight while waiting
             run.loop.call_later(delay, self._begin_later, seq)
