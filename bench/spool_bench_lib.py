@@ -124,7 +124,8 @@ def median(values: list[float]) -> float:
 
 def main(argv: list[str]) -> None:
     if argv[0] in ("rate", "arate"):
-        spool = Spool(argv[1], SpoolSettings())
+        pipelined = os.environ.get("SPOOL_PIPELINED", "1") == "1"
+        spool = Spool(argv[1], SpoolSettings(pipelined_commit=pipelined))
         measure = enqueue_rate if argv[0] == "rate" else submit_rate
         try:
             measure(spool, int(argv[2]), 0.2)  # warm up

@@ -75,6 +75,9 @@ class SpoolSettings:
     id_block: int = 1024
     # Segment files a process keeps open for reading.
     max_open_segments: int = 32
+    # Overlap the segment fdatasync of the next batch with the index commit
+    # of the previous one (two commit threads); off = one stage, one thread.
+    pipelined_commit: bool = True
 
 
 @dataclass(slots=True, frozen=True)

@@ -1,15 +1,23 @@
-"""Group commit: many concurrent enqueues share one fsync.
+"""Group commit: many concurrent enqueues share each fsync.
 
-This module owns the batching only. A single committer thread per process
-takes every request that arrived while the previous batch was syncing and
-hands them, as one batch, to a commit function (the spool's segment write +
-fdatasync + one LMDB transaction). So at most one sync is in flight per
-process and the batch grows exactly as fast as the disk is slow: a slower
-fsync means bigger batches, not fewer messages per second.
+This module owns the batching only, as a two-stage pipeline of threads:
+
+    requests ──▶ [write stage]  takes every request that arrived while it was
+                                busy, as one batch: `prepare(batch)` appends it
+                                to the segment and fdatasyncs it (one sync)
+             ──▶ [index stage]  takes every prepared batch that is ready and
+                                commits them all with `index(prepared)` (one
+                                LMDB transaction = the commit point), then
+                                resolves the callers' futures
+
+So at most one segment sync and one index commit are in flight per process,
+and the two overlap: while batch N is being committed to the index, batch
+N+1 is already being written and synced. A slower disk makes batches bigger
+instead of making messages wait a whole extra commit cycle. Batches are
+indexed in the order they were prepared.
 
 Blocking callers wait on a `concurrent.futures.Future`; asyncio callers wrap
-the same future (`asyncio.wrap_future`), so the event loop keeps serving
-while the thread syncs.
+the same future (`asyncio.wrap_future`), so the event loop keeps serving.
 """
 from __future__ import annotations
 
@@ -28,28 +36,47 @@ class CommitRequest:
         self.future: Future[int] = Future()
 
 
-CommitFunction = Callable[[Sequence[CommitRequest]], None]
+class Prepared:
+    """A batch written and synced by the write stage, waiting for the index."""
+    __slots__ = ("requests", "ids", "token")
+
+    def __init__(self, requests: Sequence[CommitRequest], ids: Sequence[int], token: Any):
+        self.requests = requests
+        self.ids = ids
+        self.token = token
+
+
+# prepare(batch) -> (ids, token); index([token, ...]) -> None. Either raises to
+# fail its batch(es): every caller of a failed batch gets the exception.
+PrepareFunction = Callable[[Sequence[CommitRequest]], tuple[Sequence[int], Any]]
+IndexFunction = Callable[[Sequence[Any]], None]
+
+
+def _fail(requests: Sequence[CommitRequest], exc: BaseException) -> None:
+    for r in requests:
+        if not r.future.done():
+            r.future.set_exception(exc)
 
 
 class GroupCommitter:
-    """Collects requests into batches for `commit`, one batch at a time.
+    """Two threads: the write stage and the index stage (see module doc)."""
 
-    `commit(batch)` must resolve every request's future (result or exception).
-    If it raises instead, every unresolved future of the batch gets that
-    exception, so no caller ever waits forever.
-    """
-
-    def __init__(self, commit: CommitFunction, max_messages: int, max_bytes: int,
-                 on_error: Callable[[BaseException], None] | None = None):
-        self._commit = commit
+    def __init__(self, prepare: PrepareFunction, index: IndexFunction,
+                 max_messages: int, max_bytes: int, pipeline: bool = True):
+        self._prepare = prepare
+        self._index = index
         self._max_messages = max(1, max_messages)
         self._max_bytes = max(1, max_bytes)
-        self._on_error = on_error
         self._requests: queue.SimpleQueue[CommitRequest | None] = queue.SimpleQueue()
+        self._prepared: queue.SimpleQueue[Prepared | None] = queue.SimpleQueue()
         self._closed = False
+        self._pipeline = pipeline
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="spool-committer", daemon=True)
-        self._thread.start()
+        self._writer = threading.Thread(target=self._run_write, name="spool-write", daemon=True)
+        self._indexer = threading.Thread(target=self._run_index, name="spool-index",
+                                         daemon=True)
+        self._writer.start()
+        self._indexer.start()
 
     def put(self, envelope: Any, message: bytes) -> Future[int]:
         request = CommitRequest(envelope, message)
@@ -60,20 +87,21 @@ class GroupCommitter:
         return request.future
 
     def close(self) -> None:
-        """Commit everything already submitted, then stop the thread."""
+        """Commit everything already submitted, then stop both threads."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             self._requests.put(None)
-        self._thread.join()
+        self._writer.join()
+        self._indexer.join()
 
-    def _run(self) -> None:
+    def _run_write(self) -> None:
         stop = False
         while not stop:
             first = self._requests.get()
             if first is None:
-                return
+                break
             batch = [first]
             size = len(first.message)
             while len(batch) < self._max_messages and size < self._max_bytes:
@@ -87,10 +115,41 @@ class GroupCommitter:
                 batch.append(more)
                 size += len(more.message)
             try:
-                self._commit(batch)
+                ids, token = self._prepare(batch)
             except BaseException as exc:  # noqa: BLE001 - handed to every waiter
-                for request in batch:
-                    if not request.future.done():
-                        request.future.set_exception(exc)
-                if self._on_error is not None:
-                    self._on_error(exc)
+                _fail(batch, exc)
+                continue
+            if self._pipeline:
+                self._prepared.put(Prepared(batch, ids, token))
+            else:  # one stage: this thread indexes too (for measurement)
+                self._index_ready([Prepared(batch, ids, token)])
+        self._prepared.put(None)
+
+    def _run_index(self) -> None:
+        stop = False
+        while not stop:
+            first = self._prepared.get()
+            if first is None:
+                return
+            ready = [first]
+            while True:
+                try:
+                    more = self._prepared.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                ready.append(more)
+            self._index_ready(ready)
+
+    def _index_ready(self, ready: Sequence[Prepared]) -> None:
+        try:
+            self._index([p.token for p in ready])
+        except BaseException as exc:  # noqa: BLE001 - handed to every waiter
+            for p in ready:
+                _fail(p.requests, exc)
+            return
+        for p in ready:
+            for r, msgid in zip(p.requests, p.ids):
+                r.future.set_result(msgid)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
+import threading
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -144,6 +145,9 @@ class SegmentReader:
         self.directory = directory
         self.max_open = max_open
         self._fds: OrderedDict[int, int] = OrderedDict()
+        # The index stage forgets (closes) segments it unlinks while another
+        # thread may be reading: an fd must never be closed under a pread.
+        self._lock = threading.Lock()
 
     def _fd(self, segid: int) -> int:
         fd = self._fds.get(segid)
@@ -158,18 +162,20 @@ class SegmentReader:
         return fd
 
     def forget(self, segid: int) -> None:
-        fd = self._fds.pop(segid, None)
-        if fd is not None:
-            os.close(fd)
+        with self._lock:
+            fd = self._fds.pop(segid, None)
+            if fd is not None:
+                os.close(fd)
 
     def read(self, segid: int, offset: int, msgid: int, length: int) -> bytes:
         """The message bytes of `msgid`, checked against header, crc and END marker."""
-        try:
-            fd = self._fd(segid)
-        except FileNotFoundError:
-            raise SegmentError(f"segment {segid} is missing") from None
         total = record_size(length)
-        raw = os.pread(fd, total, offset)
+        with self._lock:
+            try:
+                fd = self._fd(segid)
+            except FileNotFoundError:
+                raise SegmentError(f"segment {segid} is missing") from None
+            raw = os.pread(fd, total, offset)
         if len(raw) != total:
             raise SegmentError(f"segment {segid}: record at {offset} is truncated")
         magic, version, _flags, rid, rlen, crc = REC_HEAD.unpack_from(raw)
@@ -187,12 +193,14 @@ class SegmentReader:
 
     def raw(self, segid: int, offset: int, length: int) -> bytes:
         """Whatever bytes are at the place a record should be (for quarantine)."""
-        try:
-            return os.pread(self._fd(segid), record_size(length), offset)
-        except OSError:
-            return b""
+        with self._lock:
+            try:
+                return os.pread(self._fd(segid), record_size(length), offset)
+            except OSError:
+                return b""
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()

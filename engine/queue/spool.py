@@ -161,6 +161,18 @@ class RecoveryReport:
     orphan_segments_removed: list[str] = field(default_factory=list)
 
 
+@dataclass(slots=True, frozen=True)
+class _PreparedBatch:
+    """A batch written and fdatasync'd to a segment, not yet in the index."""
+    items: list[tuple[Envelope, bytes]]
+    ids: list[int]
+    segid: int
+    created: float            # segment creation time
+    offsets: list[int]
+    now: float
+    seal: list[int]           # segments to seal when this batch is committed
+
+
 # --------------------------------------------------------------------------- the spool
 
 class Spool:
@@ -192,7 +204,10 @@ class Spool:
         self._committer: GroupCommitter | None = None
         self._committer_lock = threading.Lock()
         self._writer: SegmentWriter | None = None
-        self._to_seal: list[int] = []
+        # Segments to seal: rotated away from by the write stage, not yet
+        # handed to a prepared batch / handed over but not yet committed.
+        self._seal_after_write: list[int] = []
+        self._seal_after_index: list[int] = []
         self._next_id = 0
         self._id_limit = 0
         self._closed = False
@@ -258,14 +273,15 @@ class Spool:
         if os.getpid() == self._pid and not self.readonly:
             if self._committer is not None:
                 self._committer.close()
+            seal = self._seal_after_index + self._seal_after_write
             if self._writer is not None:
-                self._to_seal.append(self._writer.segid)
+                seal.append(self._writer.segid)
                 self._writer.close()
                 self._writer = None
-            if self._to_seal:
+            if seal:
                 try:
                     with self.env.begin(write=True) as txn:
-                        unlink = self._seal_segments(txn)
+                        unlink = self._seal_segments(txn, seal)
                     self._unlink_segments(unlink)
                 except lmdb.Error as exc:
                     log.warning("warning: cannot seal segments on close: %s", exc)
@@ -288,9 +304,11 @@ class Spool:
             return committer
         with self._committer_lock:  # threads racing to the first enqueue
             if self._committer is None:
-                self._committer = GroupCommitter(self._commit_batch,
+                self._committer = GroupCommitter(self._prepare_requests,
+                                                 self._index_batches,
                                                  self.settings.max_batch_messages,
-                                                 self.settings.max_batch_bytes)
+                                                 self.settings.max_batch_bytes,
+                                                 self.settings.pipelined_commit)
             return self._committer
 
     def enqueue(self, envelope: Envelope, message: bytes) -> int:
@@ -329,7 +347,7 @@ class Spool:
                 and now - w.created < self.settings.segment_max_age:
             return w
         if w is not None:
-            self._to_seal.append(w.segid)
+            self._seal_after_write.append(w.segid)
             w.close()
             self._writer = None
         segid = self._take_ids(1)
@@ -339,19 +357,20 @@ class Spool:
             raise SpoolWriteError(f"cannot create spool segment: {exc.strerror or exc}") from None
         return self._writer
 
-    def _commit_batch(self, batch: Sequence[CommitRequest]) -> None:
-        """Write, fdatasync, and commit one batch; resolve its futures."""
-        try:
-            ids = self._write_batch([(r.envelope, r.message) for r in batch])
-        except SpoolError as exc:
-            for r in batch:
-                r.future.set_exception(exc)
-            return
-        for r, msgid in zip(batch, ids):
-            r.future.set_result(msgid)
+    def _prepare_requests(self, batch: Sequence[CommitRequest]) -> tuple[list[int],
+                                                                          "_PreparedBatch"]:
+        prepared = self._prepare_batch([(r.envelope, r.message) for r in batch])
+        return prepared.ids, prepared
 
     def _write_batch(self, items: Sequence[tuple[Envelope, bytes]]) -> list[int]:
-        """The group-commit step (also used directly by bulk loaders and benches)."""
+        """Both commit stages in the caller's thread: a bulk path for loaders and
+        benchmarks. Must not run concurrently with enqueue/submit."""
+        prepared = self._prepare_batch(items)
+        self._index_batches([prepared])
+        return prepared.ids
+
+    def _prepare_batch(self, items: Sequence[tuple[Envelope, bytes]]) -> "_PreparedBatch":
+        """Write stage: ids, one pwrite of all records, one fdatasync."""
         now = self._clock()
         for env, _msg in items:
             if env.origin not in R.ORIGIN_CODES:
@@ -365,48 +384,62 @@ class Spool:
             base = writer.append(data)
         except OSError as exc:
             if writer.broken:
-                self._to_seal.append(writer.segid)
+                self._seal_after_write.append(writer.segid)
                 writer.close()
                 self._writer = None
             raise SpoolWriteError(f"cannot write to spool: {exc.strerror or exc}") from None
-        # Commit point: one LMDB transaction for the whole batch.
+        offsets = []
+        offset = base
+        for chunk in chunks:
+            offsets.append(offset)
+            offset += len(chunk)
+        # Segments this stage moved away from are sealed by the index
+        # transaction that commits this batch: by then every batch written
+        # to them has been indexed (batches are indexed in order).
+        seal, self._seal_after_write = self._seal_after_write, []
+        return _PreparedBatch(list(items), ids, writer.segid, writer.created, offsets, now, seal)
+
+    def _index_batches(self, batches: Sequence["_PreparedBatch"]) -> None:
+        """Index stage: ONE LMDB transaction for all ready batches — the commit point."""
+        for b in batches:
+            self._seal_after_index.extend(b.seal)
         try:
             with self.env.begin(write=True) as txn:
                 dbs = self._dbs
-                offset = base
-                for msgid, (envelope, message), chunk in zip(ids, items, chunks):
-                    rec = MessageRecord(now, writer.segid, offset, len(message),
-                                        zlib.crc32(message), envelope.pid, envelope.uid,
-                                        envelope.origin, len(envelope.recipients),
-                                        len(envelope.recipients), 0, envelope.sender)
-                    offset += len(chunk)
-                    key = R.u64(msgid)
-                    txn.put(key, rec.encode(), db=dbs[b"messages"])
-                    for i, addr in enumerate(envelope.recipients):
-                        txn.put(R.rcpt_key(msgid, i),
-                                RecipientRecord(R.TODO, R.NO_CHANNEL, 0, 0.0, addr).encode(),
-                                db=dbs[b"recipients"])
-                    txn.put(key, b"", db=dbs[b"todo"])
-                segkey = R.u64(writer.segid)
-                raw = txn.get(segkey, db=dbs[b"segments"])
-                seg = SegmentRecord.decode(raw) if raw is not None else \
-                    SegmentRecord(0, False, self._pid, writer.created)
-                txn.put(segkey, SegmentRecord(seg.live + len(items), False, self._pid,
-                                              seg.created).encode(), db=dbs[b"segments"])
-                unlink = self._seal_segments(txn)
+                for b in batches:
+                    for msgid, (envelope, message), offset in zip(b.ids, b.items, b.offsets):
+                        nrcpt = len(envelope.recipients)
+                        rec = MessageRecord(b.now, b.segid, offset, len(message),
+                                            zlib.crc32(message), envelope.pid, envelope.uid,
+                                            envelope.origin, nrcpt, nrcpt, 0, envelope.sender)
+                        key = R.u64(msgid)
+                        txn.put(key, rec.encode(), db=dbs[b"messages"])
+                        for i, addr in enumerate(envelope.recipients):
+                            txn.put(R.rcpt_key(msgid, i),
+                                    RecipientRecord(R.TODO, R.NO_CHANNEL, 0, 0.0,
+                                                    addr).encode(),
+                                    db=dbs[b"recipients"])
+                        txn.put(key, b"", db=dbs[b"todo"])
+                    segkey = R.u64(b.segid)
+                    raw = txn.get(segkey, db=dbs[b"segments"])
+                    seg = SegmentRecord.decode(raw) if raw is not None else \
+                        SegmentRecord(0, False, self._pid, b.created)
+                    txn.put(segkey, SegmentRecord(seg.live + len(b.ids), False, self._pid,
+                                                  seg.created).encode(), db=dbs[b"segments"])
+                unlink = self._seal_segments(txn, self._seal_after_index)
         except (lmdb.Error, RecordError) as exc:
             raise SpoolWriteError(f"cannot commit to spool index: {exc}") from None
+        self._seal_after_index = []
         self._unlink_segments(unlink)
-        return ids
 
     # ---------------------------------------------------------------- segments
 
-    def _seal_segments(self, txn: lmdb.Transaction) -> list[int]:
+    def _seal_segments(self, txn: lmdb.Transaction, segids: Iterable[int]) -> list[int]:
         """Mark segments this process moved away from as sealed (inside txn).
         Returns those now empty, to unlink after the commit."""
         unlink = []
         segdb = self._dbs[b"segments"]
-        for segid in self._to_seal:
+        for segid in segids:
             key = R.u64(segid)
             raw = txn.get(key, db=segdb)
             try:
@@ -419,7 +452,6 @@ class Spool:
             else:
                 txn.put(key, SegmentRecord(seg.live, True, seg.pid, seg.created).encode(),
                         db=segdb)
-        self._to_seal = []
         return unlink
 
     def _unlink_segments(self, segids: Iterable[int]) -> None:
