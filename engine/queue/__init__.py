@@ -20,15 +20,19 @@ SpoolWriteError (disk full, write/commit error) means nothing was committed.
 
 Write path and commit point
 ---------------------------
-A committer thread per process (engine.queue.committer) takes every request
-that arrived while the previous batch was syncing, and for the batch:
-  1. appends each message as a typed record (header with magic, format
-     version, msgid, length, crc32 | bytes | END marker + msgid) to this
-     process's segment with ONE pwrite, then ONE fdatasync;
-  2. commits ONE LMDB write transaction (sync + metasync on) holding every
-     message record, recipient record and todo entry of the batch and the
-     segment's live count.  **This commit is the commit point.**
-  3. resolves the callers' futures: only now does enqueue/submit return.
+Two commit threads per process (engine.queue.committer), a pipeline:
+  1. write stage: takes every request that arrived while it was busy, appends
+     each message as a typed record (header with magic, format version,
+     msgid, length, crc32 | bytes | END marker + msgid) to this process's
+     segment with ONE pwrite, then ONE fdatasync;
+  2. index stage: takes every batch the write stage finished and commits them
+     all in ONE LMDB write transaction (sync + metasync on): message records,
+     recipient records, todo entries, segment live counts.
+     **This commit is the commit point.**
+  3. only then are the callers' futures resolved: enqueue/submit return.
+While batch N is in stage 2, batch N+1 is in stage 1; batches are indexed in
+the order they were written. (`spool.pipelined_commit = false` runs both
+stages in one thread.)
 Message ids come from an index counter, reserved in blocks (setting id_block)
 so allocation costs one commit per block; ids are unique, increasing per
 process, with gaps.
