@@ -137,6 +137,14 @@ class Qrelay:
                 raise RuntimeError("qrelay run did not start")
             time.sleep(0.05)
         self.port = int(port_file.read_text().split()[0])
+        # Measure only once the scheduler runs too (it competes for the CPU).
+        current = root / "log" / "current"
+        while not ((root / "log" / "scheduler.pid").exists() and current.exists()
+                   and b"status: local" in current.read_bytes()):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError("qrelay's scheduler did not start")
+            time.sleep(0.05)
         time.sleep(0.5)
 
     def count(self, word: str) -> int:
