@@ -15,7 +15,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from engine.config.settings import SpoolSettings
 from engine.queue import (Deferred, Delivered, Envelope, Failed, MessageNotFound,
-                          MessageQuarantined, Spool, SpoolError, SpoolVersionError,
+                          Spool, SpoolError, SpoolVersionError,
                           SpoolWriteError)
 from engine.queue import records as R
 from engine.queue.segments import SegmentIO
@@ -273,95 +273,6 @@ def test_open_after_fork_rule(tmp_path: Path):
     assert os.waitstatus_to_exitcode(status) == 0
 
 
-# ----------------------------------------------------------------------- quarantine
-
-def _corrupt(path: Path, dbname: bytes, key: bytes, mutate) -> None:
-    e = lmdb.open(str(path / "index"), max_dbs=8)
-    db = e.open_db(dbname)
-    with e.begin(write=True) as txn:
-        txn.put(key, mutate(bytes(txn.get(key, db=db))), db=db)
-    e.close()
-
-
-def _flip_last(v: bytes) -> bytes:
-    return v[:-1] + bytes([v[-1] ^ 0x55])
-
-
-def test_corrupt_message_record_is_quarantined_by_recover(tmp_path: Path):
-    q = tmp_path / "q"
-    with Spool(q) as s:
-        good = s.enqueue(env("a@b"), b"good")
-        bad = s.enqueue(env("c@d"), b"bad")
-    _corrupt(q, b"messages", R.u64(bad), _flip_last)
-    with Spool(q) as s:
-        report = s.recover()
-        assert report.quarantined == [bad]
-        assert s.stats() == (1, 1)
-        assert s.read_message(good) == b"good"
-        assert len(s.quarantined()) == 1
-        info = (q / "quarantine" / s.quarantined()[0]).read_text()
-        assert "checksum" in info
-        assert s.recover(verify_bytes=True).quarantined == []
-
-
-def test_unknown_record_version_is_quarantined(tmp_path: Path):
-    q = tmp_path / "q"
-    with Spool(q) as s:
-        m = s.enqueue(env("a@b"), b"x")
-        s.preprocess(m, ["remote"])
-    _corrupt(q, b"recipients", R.rcpt_key(m, 0), lambda v: bytes([99]) + v[1:])
-    with Spool(q) as s:
-        assert s.due(limit=10) == []           # found lazily, quarantined, skipped
-        assert s.stats().messages == 0
-        assert len(s.quarantined()) == 1
-        assert s.recover().quarantined == [] and s.due(limit=10) == []
-
-
-def test_corrupt_message_bytes_quarantined_on_read(tmp_path: Path):
-    q = tmp_path / "q"
-    with Spool(q) as s:
-        keep = s.enqueue(env("a@b"), b"A" * 100)
-        m = s.enqueue(env("a@b"), b"B" * 100)
-    seg = next((q / "segments").iterdir())
-    data = bytearray(seg.read_bytes())
-    pos = data.index(b"B" * 100)
-    data[pos + 50] ^= 0xFF
-    seg.write_bytes(bytes(data))
-    with Spool(q) as s:
-        with pytest.raises(MessageQuarantined, match="checksum"):
-            s.read_message(m)
-        with pytest.raises(MessageNotFound):
-            s.read_message(m)
-        assert s.read_message(keep) == b"A" * 100
-        assert any(p.suffix == ".seg" for p in (q / "quarantine").iterdir())
-
-
-def test_torn_segment_tail_found_by_verify(tmp_path: Path):
-    q = tmp_path / "q"
-    with Spool(q) as s:
-        ids = [s.enqueue(env("a@b"), b"%d" % i * 50) for i in range(3)]
-    seg = next((q / "segments").iterdir())
-    os.truncate(seg, seg.stat().st_size - 5)      # cut the last END marker
-    with Spool(q) as s:
-        assert s.recover(verify_bytes=True).quarantined == [ids[-1]]
-        assert [s.read_message(i) for i in ids[:2]] == [b"0" * 50, b"1" * 50]
-
-
-def test_orphan_segment_removed_after_grace(tmp_path: Path):
-    q = tmp_path / "q"
-    now = [1_000_000.0]
-    with Spool(q, SpoolSettings(orphan_grace=100), clock=lambda: now[0]) as s:
-        s.enqueue(env("a@b"), b"x")
-        orphan = q / "segments" / "999999999.seg"
-        orphan.write_bytes(b"QRSPOOL\0junk")
-        os.utime(orphan, (now[0] - 50, now[0] - 50))
-        assert s.cleanup(now[0]) == []
-        os.utime(orphan, (now[0] - 150, now[0] - 150))
-        assert s.cleanup(now[0]) == ["999999999.seg"]
-        assert not orphan.exists()
-        assert s.stats().messages == 1
-
-
 # ----------------------------------------------------------------------- state machine
 
 class RecipientStates(RuleBasedStateMachine):
@@ -474,39 +385,3 @@ class RecipientStates(RuleBasedStateMachine):
 TestRecipientStates = RecipientStates.TestCase
 TestRecipientStates.settings = hsettings(max_examples=25, stateful_step_count=30,
                                          deadline=None)
-
-
-def test_recover_drops_entries_of_a_vanished_message(tmp_path: Path):
-    q = tmp_path / "q"
-    with Spool(q) as s:
-        m = s.enqueue(env("a@b", "c@d"), b"x")
-        keep = s.enqueue(env("e@f"), b"y")
-        s.preprocess(m, ["remote", "local"])
-    e = lmdb.open(str(q / "index"), max_dbs=8)
-    with e.begin(write=True) as txn:
-        txn.delete(R.u64(m), db=e.open_db(b"messages", txn=txn))
-    e.close()
-    with Spool(q) as s:
-        report = s.recover()
-        assert report.dangling_removed == 4      # 2 recipients + 2 due entries
-        assert s.due(limit=10) == [] and s.stats() == (1, 1)
-        assert s.read_message(keep) == b"y"
-        assert s.recover().dangling_removed == 0
-
-
-def test_segment_of_a_killed_writer_is_sealed_then_removed(tmp_path: Path):
-    q = tmp_path / "q"
-    pid = os.fork()
-    if pid == 0:
-        try:
-            child = Spool(q)
-            child.enqueue(env("a@b"), b"from a writer that dies")
-        finally:
-            os._exit(0)          # no close(): the segment stays unsealed
-    os.waitpid(pid, 0)
-    with Spool(q) as s:
-        (m,) = s.todo()
-        assert s.recover().segments_fixed == 1   # writer gone: sealed
-        s.preprocess(m, ["local"])
-        s.mark_delivered(m, 0)
-        assert list((q / "segments").iterdir()) == []

@@ -14,9 +14,9 @@ import os
 import threading
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Container, Iterable, Iterator, NamedTuple, Sequence
+from typing import Callable, Container, Iterable, Iterator, Sequence
 
 import lmdb
 
@@ -25,8 +25,13 @@ from engine.queue import records as R
 from engine.queue.committer import CommitRequest, GroupCommitter
 from engine.queue.records import (FORMAT_VERSION, MessageRecord, RecipientRecord, RecordError,
                                   SegmentRecord)
+from engine.queue.recovery import SpoolRecovery
 from engine.queue.segments import (SegmentError, SegmentIO, SegmentReader, SegmentWriter,
-                                   encode_record, parse_segment_name, segment_name)
+                                   encode_record, segment_name)
+from engine.queue.values import (  # noqa: F401 - re-exported for engine.queue
+    Deferred, Delivered, Envelope, Failed, Finished, Job, MessageNotFound, MessageQuarantined,
+    QueuedMessage, RecipientView, RecoveryReport, Result, SpoolError, SpoolStats,
+    SpoolVersionError, SpoolWriteError)
 
 log = logging.getLogger("qrelay.queue")
 
@@ -34,131 +39,6 @@ INDEX_DIR = "index"
 SEGMENT_DIR = "segments"
 QUARANTINE_DIR = "quarantine"
 _DB_NAMES = (b"meta", b"messages", b"recipients", b"due", b"todo", b"bounces", b"segments")
-
-
-# --------------------------------------------------------------------------- errors
-
-class SpoolError(Exception):
-    """Any spool failure."""
-
-
-class SpoolWriteError(SpoolError):
-    """Disk full or write error during enqueue; nothing was committed (451)."""
-
-
-class SpoolVersionError(SpoolError):
-    """The spool was written by a newer qrelay (format version too high)."""
-
-
-class MessageNotFound(SpoolError, KeyError):
-    """No such message in the spool (finished, released or quarantined)."""
-
-
-class MessageQuarantined(SpoolError):
-    """The message's records or bytes were corrupt; it was moved to quarantine."""
-
-
-# --------------------------------------------------------------------------- values
-
-@dataclass(slots=True, frozen=True)
-class Envelope:
-    sender: str                    # "" = null sender <>
-    recipients: tuple[str, ...]
-    pid: int = 0                   # qmail's "qp": pid of the process that queued it
-    uid: int = 0
-    origin: str = "network"        # "network" | "bounce" | "local"
-
-
-@dataclass(slots=True, frozen=True)
-class Job:
-    """One recipient of one message that is due for a delivery attempt."""
-    msgid: int
-    index: int                     # recipient index within the message
-    address: str
-    channel: str                   # "local" | "remote"
-    attempts: int                  # attempts made so far (0 = first try)
-    next_try: float                # when it became due
-    birth: float                   # when the message was queued
-    sender: str
-    size: int                      # message bytes
-    origin: str
-    last_error: str = ""
-
-
-@dataclass(slots=True, frozen=True)
-class Finished:
-    """A message all of whose recipients are delivered or failed."""
-    msgid: int
-    sender: str
-    failed: tuple[tuple[str, str], ...]    # (address, reason) for the bounce
-    delivered: tuple[str, ...]
-    size: int
-    birth: float
-    origin: str
-    released: bool    # False: kept until release() — the bounce must be queued first
-
-
-@dataclass(slots=True, frozen=True)
-class Delivered:
-    msgid: int
-    index: int
-
-
-@dataclass(slots=True, frozen=True)
-class Deferred:
-    msgid: int
-    index: int
-    next_try: float
-    error: str = ""
-
-
-@dataclass(slots=True, frozen=True)
-class Failed:
-    msgid: int
-    index: int
-    reason: str = ""
-
-
-Result = Delivered | Deferred | Failed
-
-
-class SpoolStats(NamedTuple):
-    messages: int           # qstat "messages in queue"
-    not_preprocessed: int   # qstat "... but not yet preprocessed" (the todo table)
-
-
-@dataclass(slots=True, frozen=True)
-class RecipientView:
-    address: str
-    channel: str            # "local" | "remote" | "todo" (not yet preprocessed)
-    state: str              # "todo" | "pending" | "deferred" | "delivered" | "failed"
-    done: bool
-    attempts: int
-    next_try: float
-    text: str
-
-
-@dataclass(slots=True, frozen=True)
-class QueuedMessage:
-    msgid: int
-    birth: float
-    size: int
-    sender: str
-    origin: str
-    pid: int
-    uid: int
-    preprocessed: bool
-    bouncing: bool          # some recipient failed: a bounce is (or will be) pending
-    recipients: tuple[RecipientView, ...]
-
-
-@dataclass(slots=True)
-class RecoveryReport:
-    messages: int = 0
-    quarantined: list[int] = field(default_factory=list)
-    dangling_removed: int = 0
-    segments_fixed: int = 0
-    orphan_segments_removed: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True, frozen=True)
@@ -175,7 +55,7 @@ class _PreparedBatch:
 
 # --------------------------------------------------------------------------- the spool
 
-class Spool:
+class Spool(SpoolRecovery):
     """Open (or create) the spool at `queue_dir`. One per process, after fork.
 
     Writers (receivers) use `enqueue` / `submit`; the scheduler uses the
@@ -933,234 +813,3 @@ class Spool:
                     txn.put(R.due_key(code, now, msgid, idx), b"", db=dbs[b"due"])
                     moved += 1
         return moved
-
-    # ---------------------------------------------------------------- quarantine & recovery
-
-    def _quarantine_after_error(self, msgid: int, exc: BaseException) -> None:
-        if self.readonly:
-            log.warning("warning: trouble with #%d: %s", msgid, exc)
-            return
-        try:
-            with self.env.begin(write=True) as txn:
-                unlink: list[int] = []
-                self._quarantine(txn, msgid, str(exc), unlink)
-            self._unlink_segments(unlink)
-        except (lmdb.Error, OSError) as err:
-            log.warning("warning: cannot quarantine #%d: %s", msgid, err)
-
-    def _quarantine(self, txn: lmdb.Transaction, msgid: int, reason: str,
-                    unlink: list[int]) -> None:
-        """Copy what is left of a corrupt message into quarantine/ and drop it
-        from the index (inside txn). Never raises for bad data."""
-        dbs = self._dbs
-        key = R.u64(msgid)
-        raw_msg = txn.get(key, db=dbs[b"messages"])
-        parts = [f"reason: {reason}\n".encode()]
-        rec = None
-        if raw_msg is not None:
-            parts.append(b"message-record: " + bytes(raw_msg).hex().encode() + b"\n")
-            try:
-                rec = MessageRecord.decode(raw_msg)
-            except RecordError:
-                rec = None
-        rkeys = []
-        cur = txn.cursor(db=dbs[b"recipients"])
-        if cur.set_range(key):
-            for rkey, rval in cur:
-                if bytes(rkey[:8]) != key:
-                    break
-                rkeys.append(bytes(rkey))
-                parts.append(b"recipient-record: " + bytes(rval).hex().encode() + b"\n")
-                try:
-                    r = RecipientRecord.decode(rval)
-                    if r.state in (R.PENDING, R.DEFERRED):
-                        txn.delete(R.due_key(r.channel, r.next_try, msgid,
-                                             R.split_rcpt_key(rkey)[1]), db=dbs[b"due"])
-                except RecordError:
-                    pass
-        body = b""
-        if rec is not None:
-            body = self._reader.raw(rec.segid, rec.offset, rec.length)
-        self._quarantine_dir.mkdir(mode=0o700, exist_ok=True)
-        name = f"{msgid}.{int(self._clock())}"
-        with open(self._quarantine_dir / (name + ".info"), "wb") as f:
-            f.write(b"".join(parts))
-        if body:
-            with open(self._quarantine_dir / (name + ".seg"), "wb") as f:
-                f.write(body)
-        for rkey in rkeys:
-            txn.delete(rkey, db=dbs[b"recipients"])
-        txn.delete(key, db=dbs[b"messages"])
-        txn.delete(key, db=dbs[b"todo"])
-        txn.delete(key, db=dbs[b"bounces"])
-        if rec is not None:
-            self._release_segment(txn, rec.segid, unlink)
-        log.warning("warning: quarantined #%d to %s: %s", msgid,
-                    self._quarantine_dir / name, reason)
-
-    def quarantined(self) -> list[str]:
-        """Names of quarantined items (one .info file per message)."""
-        try:
-            return sorted(p.name for p in self._quarantine_dir.iterdir()
-                          if p.suffix == ".info")
-        except FileNotFoundError:
-            return []
-
-    def recover(self, verify_bytes: bool = False, now: float | None = None) -> RecoveryReport:
-        """Check the whole index (and with verify_bytes every message's bytes),
-        quarantine what is corrupt, drop dangling entries, rebuild segment live
-        counts, remove orphan segment files. Run by the scheduler at start;
-        O(messages). Safe while receivers enqueue."""
-        self._check_process()
-        now = self._clock() if now is None else now
-        report = RecoveryReport()
-        dbs = self._dbs
-        bad: dict[int, str] = {}
-        live: dict[int, int] = {}
-        good: list[tuple[int, MessageRecord]] = []
-        with self.env.begin() as txn:
-            for key, value in txn.cursor(db=dbs[b"messages"]):
-                msgid = R.read_u64(key)
-                report.messages += 1
-                try:
-                    rec = MessageRecord.decode(value)
-                    rcpts = self._recipients(txn, msgid, rec.nrcpt)
-                    done = sum(r.state in R.FINISHED_STATES for r in rcpts)
-                    if rec.nrcpt - done != rec.remaining:
-                        raise RecordError("remaining count disagrees with recipients")
-                except RecordError as exc:
-                    bad[msgid] = str(exc)
-                    continue
-                good.append((msgid, rec))
-            if verify_bytes:
-                for msgid, rec in good:
-                    try:
-                        self._reader.read(rec.segid, rec.offset, msgid, rec.length)
-                    except (SegmentError, OSError) as exc:
-                        bad[msgid] = str(exc)
-            for msgid, rec in good:
-                if msgid not in bad:
-                    live[rec.segid] = live.get(rec.segid, 0) + 1
-            dangling = []
-            for name in (b"todo", b"bounces"):
-                for key in txn.cursor(db=dbs[name]).iternext(values=False):
-                    if txn.get(key, db=dbs[b"messages"]) is None:
-                        dangling.append((name, bytes(key)))
-            for key in txn.cursor(db=dbs[b"due"]).iternext(values=False):
-                _c, _t, msgid, idx = R.split_due_key(key)
-                raw = txn.get(R.rcpt_key(msgid, idx), db=dbs[b"recipients"])
-                ok = False
-                if raw is not None and txn.get(R.u64(msgid), db=dbs[b"messages"]) is not None:
-                    try:
-                        r = RecipientRecord.decode(raw)
-                        ok = r.state in (R.PENDING, R.DEFERRED) and \
-                            R.due_key(r.channel, r.next_try, msgid, idx) == key
-                    except RecordError:
-                        ok = False
-                if not ok:
-                    dangling.append((b"due", bytes(key)))
-            # Recipient records whose message record is gone.
-            prev, orphaned = None, False
-            for key in txn.cursor(db=dbs[b"recipients"]).iternext(values=False):
-                msgid = R.split_rcpt_key(key)[0]
-                if msgid != prev:
-                    prev = msgid
-                    orphaned = txn.get(R.u64(msgid), db=dbs[b"messages"]) is None
-                if orphaned:
-                    dangling.append((b"recipients", bytes(key)))
-            segs = {R.read_u64(k): bytes(v) for k, v in txn.cursor(db=dbs[b"segments"])}
-        unlink: list[int] = []
-        with self.env.begin(write=True) as txn:
-            for msgid, reason in bad.items():
-                self._quarantine(txn, msgid, reason, unlink)
-                report.quarantined.append(msgid)
-            for name, key in dangling:
-                if txn.delete(key, db=dbs[name]):
-                    report.dangling_removed += 1
-            own = self._writer.segid if self._writer is not None else None
-            for segid, raw in segs.items():
-                try:
-                    seg = SegmentRecord.decode(raw)
-                except RecordError:
-                    seg = SegmentRecord(-1, False, 0, now)
-                # Re-read: messages committed since our snapshot count too.
-                cur = txn.get(R.u64(segid), db=dbs[b"segments"])
-                if cur is not None and cur != raw:
-                    continue
-                want = live.get(segid, 0)
-                sealed = seg.sealed or (segid != own and not _pid_alive(seg.pid))
-                if want == 0 and sealed:
-                    txn.delete(R.u64(segid), db=dbs[b"segments"])
-                    unlink.append(segid)
-                    report.segments_fixed += 1
-                elif seg.live != want or sealed != seg.sealed:
-                    if seg.live != want and segid != own and seg.pid != self._pid \
-                            and _pid_alive(seg.pid):
-                        continue  # a live writer may have committed since our snapshot
-                    txn.put(R.u64(segid),
-                            SegmentRecord(want, sealed, seg.pid, seg.created).encode(),
-                            db=dbs[b"segments"])
-                    report.segments_fixed += 1
-        self._unlink_segments(unlink)
-        report.orphan_segments_removed = self.cleanup(now)
-        return report
-
-    def cleanup(self, now: float | None = None) -> list[str]:
-        """Remove segment files that no index record knows about and that are
-        older than orphan_grace (bytes of enqueues that never committed), and
-        abandoned empty segments of dead writers. Returns the names removed."""
-        self._check_process()
-        now = self._clock() if now is None else now
-        grace = self.settings.orphan_grace
-        own = self._writer.segid if self._writer is not None else None
-        removed = []
-        try:
-            names = os.listdir(self._seg_dir)
-        except FileNotFoundError:
-            return removed
-        with self.env.begin() as txn:
-            known = {R.read_u64(k): bytes(v) for k, v in txn.cursor(db=self._dbs[b"segments"])}
-        for name in names:
-            segid = parse_segment_name(name)
-            if segid is None or segid == own:
-                continue
-            path = self._seg_dir / name
-            try:
-                age = now - path.stat().st_mtime
-            except FileNotFoundError:
-                continue
-            raw = known.get(segid)
-            if raw is not None:
-                try:
-                    seg = SegmentRecord.decode(raw)
-                except RecordError:
-                    continue
-                # An empty, unsealed segment whose writer is gone (or idle past
-                # orphan_grace, longer than segment_max_age, so it will rotate
-                # rather than append again).
-                if seg.live > 0 or seg.sealed or (_pid_alive(seg.pid) and age < grace):
-                    continue
-                with self.env.begin(write=True) as txn:
-                    cur = txn.get(R.u64(segid), db=self._dbs[b"segments"])
-                    if cur != raw:
-                        continue
-                    txn.delete(R.u64(segid), db=self._dbs[b"segments"])
-            elif age < grace:
-                continue
-            self._unlink_segments([segid])
-            removed.append(name)
-            log.info("removed orphan segment %s", name)
-        return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
