@@ -74,6 +74,9 @@ def build_parser() -> OneLineParser:
     p.add_argument("--procs", type=positive_int, default=1,
                    help="worker processes (default 1)")
     p.add_argument("--helo", default="flood.bench.test", help="EHLO/HELO name")
+    p.add_argument("--hello", choices=("auto", "ehlo", "helo"), default="auto",
+                   help="greeting command: auto = EHLO with --pipelining, else HELO "
+                        "(as smtp-source does)")
     p.add_argument("--timeout", type=nonneg_float, default=30.0,
                    help="seconds to wait for a connect or a reply (default 30)")
     p.add_argument("--drain", type=nonneg_float, default=2.0,
@@ -122,6 +125,8 @@ def config_from_args(args) -> tuple[FloodConfig, dict]:
     if args.eml and args.size != 1024:
         raise UsageError("use either -l/--size or --eml, not both")
     per_conn = 0 if args.reuse else args.per_conn
+    if args.pipelining and args.hello == "helo":
+        raise UsageError("--pipelining needs EHLO (not --hello helo)")
     if args.timeout <= 0:
         raise UsageError("--timeout must be > 0")
     if args.eml:
@@ -136,6 +141,7 @@ def config_from_args(args) -> tuple[FloodConfig, dict]:
         host=numeric, port=port, sessions=args.sessions, messages=messages,
         duration=args.duration, per_conn=per_conn, rcpts=args.rcpts,
         pipelining=args.pipelining, noop=args.noop, rate=args.rate, helo=args.helo,
+        ehlo=args.hello == "ehlo" or (args.hello == "auto" and args.pipelining),
         sender=args.sender, recipient=args.recipient, domains=parse_domains(args.domain),
         bodies=bodies, unique_header=unique, timeout=args.timeout, drain=args.drain,
         seed=args.seed)
@@ -148,6 +154,7 @@ def config_from_args(args) -> tuple[FloodConfig, dict]:
         "size": None if args.eml else args.size, "eml": args.eml, "eml_files": len(bodies)
         if args.eml else 0, "rcpts": cfg.rcpts, "per_conn": per_conn,
         "pipelining": cfg.pipelining, "noop": cfg.noop, "rate": cfg.rate,
+        "hello": "EHLO" if cfg.ehlo else "HELO",
         "procs": args.procs, "from": cfg.sender, "to": cfg.recipient,
         "domains": [list(d) for d in cfg.domains], "timeout": cfg.timeout,
     }

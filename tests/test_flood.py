@@ -71,6 +71,15 @@ def test_counts_match_and_json_is_complete(sinks, run_flood):
     assert "messages/s" in text and "p99" in text
 
 
+def test_greeting_command_helo_by_default_ehlo_on_request(sinks, run_flood):
+    s = sinks()
+    run_flood(s.address, "-s", "1", "-m", "2")  # like smtp-source: HELO
+    run_flood(s.address, "-s", "1", "-m", "3", "--hello", "ehlo")
+    run_flood(s.address, "-s", "1", "-m", "4", "--pipelining")  # needs EHLO
+    st = s.stop()
+    assert (st["helo"], st["ehlo"]) == (2, 7)
+
+
 def test_pipelining_reuse_and_recipients(sinks, run_flood):
     s = sinks()
     rc, rep, _ = run_flood(s.address, "-s", "3", "-m", "30", "-r", "3", "--pipelining", "-d")
@@ -283,6 +292,7 @@ def test_unreachable_target_exits_2_with_one_line():
     ["127.0.0.1:25", "--to", "x{nope}@y"],
     ["127.0.0.1:25", "--eml", "/nonexistent/dir"],
     ["127.0.0.1:25", "--bogus"],
+    ["127.0.0.1:25", "--pipelining", "--hello", "helo"],
 ])
 def test_bad_arguments_exit_2_with_one_line(args):
     r = subprocess.run([sys.executable, str(FLOOD), *args], capture_output=True, text=True,

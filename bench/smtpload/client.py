@@ -47,6 +47,7 @@ class FloodConfig:
     noop: bool = False
     rate: float = 0.0            # messages/s cap for this process; 0 = none
     helo: str = "flood.bench.test"
+    ehlo: bool = True            # EHLO (needed for PIPELINING) or plain HELO
     sender: str = "flood@bench.test"
     recipient: str = "user{i}@{domain}"
     domains: tuple[tuple[str, float], ...] = (("sink.test", 1.0),)
@@ -538,7 +539,10 @@ class SmtpClient(asyncio.Protocol):
         if stage == CONNECT:
             self.stats.connect_latency.record(time.perf_counter() - self.t_connect)
             if ok:
-                self._write(self.run.ehlo, EHLO)
+                if self.run.cfg.ehlo:
+                    self._write(self.run.ehlo, EHLO)
+                else:
+                    self._write(self.run.helo, HELO)
             else:
                 self.stats.reply_error(CONNECT, code, text)
                 self._outcome(code)

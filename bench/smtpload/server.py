@@ -56,6 +56,8 @@ class SinkStats:
     rcpt_permfailed: int = 0
     bytes: int = 0               # DATA bytes received (accepted or not)
     stored: int = 0
+    ehlo: int = 0                # EHLO / HELO commands seen
+    helo: int = 0
     store_errors: int = 0
     first_message: float = 0.0   # time.time() of the first/last accepted message
     last_message: float = 0.0
@@ -270,8 +272,10 @@ class SinkSession(asyncio.Protocol):
             self.chunks = [] if srv.store else None
             out.append(b"354 go ahead\r\n")
         elif verb == b"EHLO":
+            self.stats.ehlo += 1
             out.append(srv.ehlo)
         elif verb == b"HELO":
+            self.stats.helo += 1
             out.append(srv.helo)
         elif verb == b"RSET":
             self.mail = None
