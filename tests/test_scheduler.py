@@ -307,3 +307,67 @@ def test_stop_waits_for_running_deliveries(env):
     assert "status: local 0/10 remote 1/20 exitasap" in texts
     assert texts[-1] == "status: exiting"
     assert spool.stats().messages == 0
+
+
+def test_blocked_destination_neither_starves_others_nor_grows_memory(env):
+    sched, spool, remote, clock, log, tmp = env
+    sched.config = SchedulerConfig(concurrency_remote=5, per_destination=2, scan_batch=10,
+                                   bounce=sched.config.bounce)
+    from engine.delivery.scheduler import ReadyJobs
+    sched.ready = ReadyJobs(10)
+
+    async def scenario():
+        sched._wake = asyncio.Event()
+        hang = asyncio.Event()
+        real = remote.deliver
+
+        async def deliver(domain, sender, rcpts, message):
+            if domain == "slow.test":
+                await hang.wait()          # a destination that never answers
+            return await real(domain, sender, rcpts, message)
+
+        sched.deliver = deliver
+        for i in range(200):
+            spool.enqueue(Envelope("a@src.test", (f"u{i}@slow.test",)), MSG)
+        for _ in range(5):
+            sched.run_pass()
+            await asyncio.sleep(0.005)
+        fast = [spool.enqueue(Envelope("a@src.test", (f"u{i}@fast.test",)), MSG) for i in range(5)]
+        for _ in range(100):
+            sched.run_pass()
+            await asyncio.sleep(0.005)
+            assert len(sched.ready) <= 10 and sched.active_remote <= 5
+            if all(m not in {q.msgid for q in spool.iter_messages()} for m in fast):
+                break
+        assert sched.per_domain.get("slow.test") == 2
+        assert all(m not in {q.msgid for q in spool.iter_messages()} for m in fast)
+        hang.set()
+        await settle(sched)
+
+    asyncio.run(scenario())
+    assert spool.stats().messages == 0
+
+
+def _job(msgid: int, domain: str):
+    from engine.queue import Job
+    return Job(msgid, 0, f"u@{domain}", "remote", 0, T0, T0, "a@src.test", 10, "network")
+
+
+def test_ready_view_bounds_and_hands_back_skipped_keys():
+    from engine.delivery.scheduler import ReadyJobs
+    ready = ReadyJobs(capacity=8, per_domain_cap=4, skip_max=5)
+    ready.add([_job(i, "busy.test") for i in range(20)])
+    assert len(ready) == 4 and len(ready.skipped) == 5          # the rest is forgotten
+    claimed = ready.claimed(set())
+    assert (0, 0) in claimed and (4, 0) in claimed and (19, 0) not in claimed
+    ready.add([_job(100, "other.test")])
+    assert len(ready) == 5
+    busy = {"busy.test"}
+    ready.drop_blocked(lambda d: d in busy)
+    assert len(ready) == 1 and len(ready.skipped) == 5          # still bounded
+    busy.clear()
+    ready.release_skipped(lambda d: d in busy)
+    assert len(ready.skipped) == 3                               # half a cap handed back, oldest first
+    assert (4, 0) not in ready.skipped and (5, 0) not in ready.skipped
+    assert ready.pop("other.test", 10) == (100, [_job(100, "other.test")])
+    assert ready.pop("other.test", 10) is None

@@ -132,6 +132,10 @@ class SchedulerSettings:
     # at most this many seconds after the first of the batch, or this many results.
     mark_delay: float = 0.01
     mark_batch: int = 500
+    # Due recipients of destinations already at their limit, remembered by key
+    # (~100 bytes each) so reading the due table passes over them; past this
+    # many they are simply left in the spool until their destination drains.
+    skip_max: int = 200000
     # qmail's retry formula constants (spec §6.2): next = birth + (isqrt(age) + C)^2.
     retry_skip_remote: int = 20
     retry_skip_local: int = 10

@@ -8,25 +8,42 @@ be thrown away (a restart loses nothing but the "recovered destination" hint).
 One pass of the loop (woken by a delivery finishing, by SIGALRM, or by the
 poll timer that notices newly queued mail):
 
-1. preprocess up to `todo_batch` new messages: classify each recipient local
-   or remote (locals / virtualdomains / percenthack, spec §2, §5.3), log
-   `new msg` / `info msg`;
-2. record the results of deliveries that finished since the last pass in one
-   spool write, log them, and complete finished messages: bounce (or double
+1. preprocess up to `todo_batch` new messages in one spool transaction:
+   classify each recipient local or remote (locals / virtualdomains /
+   percenthack, spec §2, §5.3), log `new msg` / `info msg`;
+2. record the delivery results gathered since the last recording in ONE
+   spool transaction (at most `mark_delay` seconds or `mark_batch` results
+   later), log them, and complete finished messages: bounce (or double
    bounce, or discard a triple bounce), `bounce msg`, `end msg`;
-3. read at most `scan_batch` due remote recipients in time order, group them
-   by (message, domain) into one `RemoteDelivery.deliver` call each, and
-   start calls while fewer than `concurrencyremote` run in all and fewer than
-   `per_destination_concurrency` run for that domain.
+3. start deliveries from the ready view (`ReadyJobs`: due remote recipients
+   grouped by destination and message, at most `scan_batch` of them) while
+   fewer than `concurrencyremote` calls run in all and fewer than
+   `per_destination_concurrency` for that domain; one
+   `RemoteDelivery.deliver` call per (message, domain), up to
+   `max_recipients_per_delivery` recipients. The view is refilled from the
+   spool's due table only when slots stay free, so the table is read in
+   batches, not once per delivery. Recipients of a destination already at
+   its limit are remembered by key only (bounded by `skip_max`) so the next
+   read passes over them and finds other destinations' mail: a slow
+   destination neither starves the others nor grows memory.
 
 Beyond qmail: when a delivery to a domain succeeds, the deferred recipients
 this process saw defer on that domain are made due at once (a recovered MX
 gets its backlog now, not at each message's next retry slot). The memory for
 that is bounded by `recovered_index_max` message ids; past it, messages just
-wait for their normal retry time.
+wait for their normal retry time. A destination is pulled forward at most once
+per `recovery_interval` seconds, so a server that defers some recipients
+(greylisting) while accepting others is not retried in a hot loop.
 
 Local recipients are classified and stay pending (not lost, not bounced)
 until local delivery exists; the `local` numbers in `status:` lines stay 0.
+The `remote` number in `status:` lines counts running deliver() calls (the
+unit `concurrencyremote` limits), while `starting delivery N` / `delivery N`
+lines are per recipient as in qmail.
+
+Crash safety comes from the spool: a recipient stays due until its result is
+recorded, so a crash between an SMTP `250` and the recording means one
+duplicate delivery (qmail's at-least-once), never a lost message.
 """
 from __future__ import annotations
 
@@ -36,7 +53,6 @@ from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 from engine.config.control import read_int
 from engine.delivery.bounce import BounceConfig, Failure, build_bounce, bounce_kind, wire_sender
@@ -71,6 +87,7 @@ class SchedulerConfig:
     recovery_interval: float = 60.0
     mark_delay: float = 0.01
     mark_batch: int = 500
+    skip_max: int = 200_000
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     bounce: BounceConfig = field(default_factory=BounceConfig)
 
@@ -91,6 +108,7 @@ def load_scheduler_config(root: Path | str, settings, bounce: BounceConfig) -> S
         recovery_interval=float(s.recovery_interval),
         mark_delay=float(s.mark_delay),
         mark_batch=max(1, s.mark_batch),
+        skip_max=s.skip_max,
         retry=RetryPolicy(queuelifetime=read_int(control / "queuelifetime", 604800),
                           local_skip=s.retry_skip_local, remote_skip=s.retry_skip_remote),
         bounce=bounce,
@@ -133,28 +151,40 @@ class DeferredByDomain:
 
 
 class _Claimed:
-    """(msgid, index) pairs already in flight or in the ready view, for due(exclude=)."""
+    """(msgid, index) pairs due() must skip: in flight, in the ready view, or
+    remembered as waiting behind a busy destination."""
 
-    __slots__ = ("a", "b")
+    __slots__ = ("sets",)
 
-    def __init__(self, a: set, b: set) -> None:
-        self.a, self.b = a, b
+    def __init__(self, *sets: set) -> None:
+        self.sets = sets
 
     def __contains__(self, key: object) -> bool:
-        return key in self.a or key in self.b
+        return any(key in s for s in self.sets)
 
 
 class ReadyJobs:
     """A bounded view of due remote recipients, per destination, in due order.
 
-    Jobs here are not yet started; they stay due in the spool, so dropping
-    them (drop_blocked) loses nothing.
+    At most `capacity` jobs in all and `per_domain_cap` per destination are
+    held. Further due recipients of a destination that is already full are
+    only remembered by key (`skipped`, at most `skip_max` keys) so that the
+    next read of the due table passes over them cheaply (no record decoded)
+    and reaches other destinations' mail; they are handed back, oldest first,
+    as their destination's queue drains. Nothing here is the truth: jobs stay
+    due in the spool, so forgetting any of them loses nothing.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, per_domain_cap: int | None = None,
+                 skip_max: int = 200_000) -> None:
         self.capacity = max(1, capacity)
+        self.per_domain_cap = max(1, per_domain_cap or max(16, self.capacity // 4))
+        self.skip_max = skip_max
         self.keys: set[tuple[int, int]] = set()
+        self.skipped: set[tuple[int, int]] = set()
         self._by_domain: dict[str, deque[tuple[int, list[Job]]]] = {}
+        self._count: dict[str, int] = {}
+        self._skipped_by_domain: dict[str, deque[tuple[int, int]]] = {}
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -162,14 +192,27 @@ class ReadyJobs:
     def domains(self):
         return self._by_domain.keys()
 
+    def claimed(self, inflight: set) -> _Claimed:
+        return _Claimed(inflight, self.keys, self.skipped)
+
+    def _skip(self, domain: str, key: tuple[int, int]) -> None:
+        if len(self.skipped) < self.skip_max:
+            self.skipped.add(key)
+            self._skipped_by_domain.setdefault(domain, deque()).append(key)
+
     def add(self, jobs: Sequence[Job]) -> None:
         groups: dict[tuple[str, int], list[Job]] = {}
         for job in jobs:
             key = (job.msgid, job.index)
-            if key in self.keys:
+            if key in self.keys or key in self.skipped:
+                continue
+            domain = recipient_domain(job.address)
+            if self._count.get(domain, 0) >= self.per_domain_cap:
+                self._skip(domain, key)
                 continue
             self.keys.add(key)
-            groups.setdefault((recipient_domain(job.address), job.msgid), []).append(job)
+            self._count[domain] = self._count.get(domain, 0) + 1
+            groups.setdefault((domain, job.msgid), []).append(job)
         for (domain, msgid), group in groups.items():
             self._by_domain.setdefault(domain, deque()).append((msgid, group))
 
@@ -189,17 +232,40 @@ class ReadyJobs:
                 del self._by_domain[domain]
         for job in taken:
             self.keys.discard((job.msgid, job.index))
+        left = self._count.get(domain, 0) - len(taken)
+        if left > 0:
+            self._count[domain] = left
+        else:
+            self._count.pop(domain, None)
         return msgid, taken
 
+    def release_skipped(self, blocked: Callable[[str], bool]) -> None:
+        """Hand back remembered keys of destinations that can take more work,
+        so the next read of the due table returns them."""
+        half = max(1, self.per_domain_cap // 2)
+        for domain in list(self._skipped_by_domain):
+            if blocked(domain) or self._count.get(domain, 0) >= half:
+                continue
+            keys = self._skipped_by_domain[domain]
+            for _ in range(min(half, len(keys))):
+                self.skipped.discard(keys.popleft())
+            if not keys:
+                del self._skipped_by_domain[domain]
+
     def drop_blocked(self, blocked: Callable[[str], bool]) -> None:
+        """Turn the held jobs of busy destinations into remembered keys (frees room)."""
         for domain in [d for d in self._by_domain if blocked(d)]:
             for _, jobs in self._by_domain.pop(domain):
                 for job in jobs:
-                    self.keys.discard((job.msgid, job.index))
+                    key = (job.msgid, job.index)
+                    self.keys.discard(key)
+                    self._skip(domain, key)
+            self._count.pop(domain, None)
 
-    def clear(self) -> None:
-        self.keys.clear()
-        self._by_domain.clear()
+    def forget_skipped(self) -> None:
+        """Forget every remembered key (after a flush: their due times changed)."""
+        self.skipped.clear()
+        self._skipped_by_domain.clear()
 
 
 class Scheduler:
@@ -224,7 +290,7 @@ class Scheduler:
         self.bouncing_now: set[int] = set()
         self._bounce_retry_at: dict[int, float] = {}
         self.deferred = DeferredByDomain(config.recovered_index_max)
-        self.ready = ReadyJobs(config.scan_batch)
+        self.ready = ReadyJobs(config.scan_batch, skip_max=config.skip_max)
         # (domain, delivery number, spool Result, K/Z/D, report text)
         self._results: list[tuple[str, int, object, str, str]] = []
         self._recovered_at: dict[str, float] = {}
@@ -283,6 +349,7 @@ class Scheduler:
         if self._flush_requested:
             self._flush_requested = False
             self.spool.reschedule_all(now)
+            self.ready.forget_skipped()
         busy = self.preprocess(now)
         if self._results and (len(self._results) >= self.config.mark_batch
                               or time.monotonic() >= self._results_due):
@@ -345,12 +412,13 @@ class Scheduler:
             return started
         ready = self.ready
         if len(ready) >= ready.capacity:
-            # Full of work for destinations at their limit: forget it (the spool
-            # still has it) so other destinations' mail can be seen.
+            # Full of work for destinations at their limit: remember it by key
+            # only, so other destinations' mail can be seen.
             ready.drop_blocked(self._blocked)
+        ready.release_skipped(self._blocked)
         room = ready.capacity - len(ready)
         if room > 0:
-            ready.add(self.spool.due(now, room, "remote", exclude=_Claimed(self.inflight, ready.keys)))
+            ready.add(self.spool.due(now, room, "remote", exclude=ready.claimed(self.inflight)))
             started += self._dispatch_ready()
         return started
 
