@@ -39,23 +39,27 @@ def report(benchmark, **figures) -> None:
 
 
 def test_group_commit_vs_one_fsync_per_message(benchmark, tmp_path: Path):
-    """Durable 1 KB enqueue: 1 producer vs 32; and a one-fsync-per-file spool."""
+    """Durable 1 KB enqueue: 32 producers vs 1 producer (every message its own
+    commit) through the spool, and vs a naive spool doing one fsync'd file
+    create per message. Best of 3 alternating rounds each (shared machine:
+    others' load only ever slows a round down)."""
     spool = Spool(tmp_path / "q")
     try:
-        one, many = [], []
-        for _ in range(2):
+        one, many, per_file = [], [], []
+        for i in range(3):
             one.append(enqueue_rate(spool, 1, SECONDS))
             many.append(enqueue_rate(spool, 32, SECONDS))
-        per_file = fsync_per_file_rate(tmp_path / "files", 300)
+            per_file.append(fsync_per_file_rate(tmp_path / f"files{i}", 1000))
         benchmark.pedantic(spool.enqueue, args=(ENVELOPE, MESSAGE), rounds=100, iterations=1)
     finally:
         spool.close()
-    r1, r32 = median(one), median(many)
-    report(benchmark, rate_1_producer=r1, rate_32_producers=r32,
-           rate_fsync_per_file=per_file, ratio_32_vs_1=r32 / r1,
-           ratio_32_vs_fsync_per_file=r32 / per_file)
+    r1, r32, rf = max(one), max(many), max(per_file)
+    report(benchmark, rate_1_producer=r1, rate_32_producers=r32, rate_fsync_per_file=rf,
+           ratio_32_vs_1=r32 / r1, ratio_32_vs_fsync_per_file=r32 / rf,
+           median_ratio_32_vs_1=median(many) / median(one),
+           median_ratio_32_vs_fsync_per_file=median(many) / median(per_file))
     assert r32 >= 5 * r1
-    assert r32 >= 5 * per_file
+    assert r32 >= 5 * rf
 
 
 @pytest.fixture(scope="module")

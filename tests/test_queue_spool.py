@@ -385,3 +385,17 @@ class RecipientStates(RuleBasedStateMachine):
 TestRecipientStates = RecipientStates.TestCase
 TestRecipientStates.settings = hsettings(max_examples=25, stateful_step_count=30,
                                          deadline=None)
+
+
+def test_closed_spool_refuses_enqueue(tmp_path: Path):
+    s = Spool(tmp_path / "q")
+    s.enqueue(env("a@b"), b"x")
+    s.close()
+    with pytest.raises(SpoolError, match="closed"):
+        s.enqueue(env("a@b"), b"y")
+
+    async def one():
+        return await s.submit(env("a@b"), b"z")
+    with pytest.raises(SpoolError, match="closed"):
+        asyncio.run(one())
+    s.close()  # twice is harmless

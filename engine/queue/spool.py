@@ -14,6 +14,7 @@ import os
 import threading
 import time
 import zlib
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Container, Iterable, Iterator, Sequence
@@ -197,12 +198,17 @@ class Spool(SpoolRecovery):
         Blocking; concurrent callers (threads) share fsyncs. Raises
         SpoolWriteError when nothing could be committed.
         """
-        return self._get_committer().put(envelope, bytes(message)).result()
+        return self._put(envelope, message).result()
 
     async def submit(self, envelope: Envelope, message: bytes) -> int:
         """asyncio form of enqueue: group commit with every concurrent submit."""
-        future = self._get_committer().put(envelope, bytes(message))
-        return await asyncio.wrap_future(future)
+        return await asyncio.wrap_future(self._put(envelope, message))
+
+    def _put(self, envelope: Envelope, message: bytes) -> "Future[int]":
+        try:
+            return self._get_committer().put(envelope, bytes(message))
+        except RuntimeError:  # closed by another thread meanwhile
+            raise SpoolError("spool is closed") from None
 
     def _take_ids(self, n: int) -> int:
         """First of n consecutive fresh ids (ids come from the index counter in blocks)."""
