@@ -32,6 +32,8 @@ REPLY_TEXT_CHARS = 80
 # Bytes of a reply kept while waiting for its end: a server that never ends a
 # line must not make flood hold unbounded memory.
 MAX_REPLY_BUFFER = 65536
+# Seconds a session waits after a failed connect before it tries again.
+CONNECT_RETRY_DELAY = 0.01
 
 
 @dataclass(slots=True, frozen=True)
@@ -325,7 +327,10 @@ class FloodRun:
             if self.stats.connections == 0 and self.stats.conn_failed >= cfg.sessions:
                 self.unreachable = kind
                 self.stop()
-            self.connection_ended(session)
+                self.connection_ended(session)
+            else:
+                # A server that went away mid-run: retry soon, not in a tight loop.
+                self.loop.call_later(CONNECT_RETRY_DELAY, self.connection_ended, session)
         finally:
             del self.connecting[task]
 
