@@ -6,21 +6,17 @@ a single writer process fed over a unix socket (prototype for issue #3 §4).
 lmdb:   each of PROCS processes opens the spool itself and runs THREADS
         producers calling enqueue (its own group commit; LMDB serialises the
         processes' write transactions, their segment fdatasyncs overlap).
-socket: one writer process owns the spool; PROCS processes × THREADS
-        producers each send a framed message over a unix socket and wait for
-        the id (the writer submits every frame into one group commit).
+socket: one writer process (engine.queue.writer.run_writer) owns the spool;
+        PROCS processes × THREADS producers enqueue through SpoolClient over
+        a unix socket (the writer group-commits every process's messages).
 
-Result on the dev machine (2 cores, shared), 4 procs × 8 threads, 1 KB:
-see the report in the commit that added this file; the choice — direct LMDB
-locking — is documented in engine/queue/__init__.py.
+Figures and the choice (the single writer) are in engine/queue/__init__.py.
 """
 from __future__ import annotations
 
-import asyncio
 import multiprocessing as mp
 import os
-import socket
-import struct
+import signal
 import sys
 import tempfile
 import threading
@@ -34,10 +30,6 @@ from spool_bench_lib import ENVELOPE, MESSAGE, enqueue_rate  # noqa: E402
 
 from engine.queue import Spool  # noqa: E402
 
-FRAME = struct.Struct(">I")
-REPLY = struct.Struct(">Q")
-
-
 def lmdb_producer(path: str, threads: int, seconds: float, out: mp.Queue) -> None:
     spool = Spool(path)
     try:
@@ -47,50 +39,22 @@ def lmdb_producer(path: str, threads: int, seconds: float, out: mp.Queue) -> Non
 
 
 def writer_process(path: str, sock_path: str, ready: mp.Event, stop: mp.Event) -> None:
-    spool = Spool(path)
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readexactly(FRAME.size)
-                data = await reader.readexactly(FRAME.unpack(head)[0])
-                msgid = await spool.submit(ENVELOPE, data)
-                writer.write(REPLY.pack(msgid))
-        except (asyncio.IncompleteReadError, ConnectionError):
-            writer.close()
-
-    async def main() -> None:
-        server = await asyncio.start_unix_server(handle, sock_path)
-        ready.set()
-        while not stop.is_set():
-            await asyncio.sleep(0.05)
-        server.close()
-    try:
-        asyncio.run(main())
-    finally:
-        spool.close()
+    from engine.queue.writer import run_writer
+    run_writer(path, sock_path, on_ready=ready.set)
 
 
 def socket_producer(sock_path: str, threads: int, seconds: float, out: mp.Queue) -> None:
+    from engine.queue.writer import SpoolClient
+    client = SpoolClient(sock_path)
     counts = [0] * threads
     stop = time.monotonic() + seconds
-    frame = FRAME.pack(len(MESSAGE)) + MESSAGE
 
     def produce(k: int) -> None:
-        s = socket.socket(socket.AF_UNIX)
-        s.connect(sock_path)
         n = 0
         while time.monotonic() < stop:
-            s.sendall(frame)
-            got = b""
-            while len(got) < REPLY.size:
-                chunk = s.recv(REPLY.size - len(got))
-                if not chunk:
-                    raise ConnectionError("writer closed")
-                got += chunk
+            client.enqueue(ENVELOPE, MESSAGE)
             n += 1
         counts[k] = n
-        s.close()
     t0 = time.monotonic()
     ts = [threading.Thread(target=produce, args=(k,)) for k in range(threads)]
     for t in ts:
@@ -98,6 +62,7 @@ def socket_producer(sock_path: str, threads: int, seconds: float, out: mp.Queue)
     for t in ts:
         t.join()
     out.put(sum(counts) / (time.monotonic() - t0))
+    client.close()
 
 
 def run_lmdb(path: str, procs: int, threads: int, seconds: float) -> float:
@@ -128,10 +93,10 @@ def run_socket(path: str, procs: int, threads: int, seconds: float) -> float:
         for p in ps:
             p.join()
     finally:
-        stop.set()
+        os.kill(w.pid, signal.SIGTERM)
         w.join(30)
         if w.is_alive():
-            w.terminate()
+            w.kill()
             w.join()
     return total
 

@@ -78,6 +78,14 @@ class SpoolSettings:
     # Overlap the segment fdatasync of the next batch with the index commit
     # of the previous one (two commit threads); off = one stage, one thread.
     pipelined_commit: bool = True
+    # Largest request frame the single spool writer accepts from a receiver
+    # (a message plus its envelope); above smtp.max_message_bytes on purpose.
+    max_frame_bytes: int = 80 * 1024 * 1024
+    # Receivers enqueue through one writer process (QUEUE/writer.sock) that
+    # group-commits for all of them (measured faster than each receiver
+    # taking LMDB's writer lock; see engine/queue/__init__.py). While no
+    # writer answers, a receiver commits directly (safe, just slower).
+    single_writer: bool = True
 
 
 @dataclass(slots=True, frozen=True)

@@ -13,6 +13,8 @@ Nothing else may read or write these; other parts go through `Spool`.
 Receiver API (contract B)
 -------------------------
     spool = Spool(queue_dir)                       # open or create; one per process, after fork
+    # or, with the single writer (see below): same enqueue/submit/close
+    spool = open_spool_writer(queue_dir, settings.spool)   # from engine.queue.writer
     msgid = spool.enqueue(Envelope(...), data)     # blocking; durable on return
     msgid = await spool.submit(Envelope(...), data)  # asyncio; group commit
     spool.close()
@@ -97,25 +99,32 @@ QueuedMessage for qread; Spool(path, readonly=True) is for tools.
 
 Several processes: LMDB's writer lock vs a single writer process
 ----------------------------------------------------------------
-Chosen: every receiver process opens the spool and commits its own batches;
-LMDB serialises the processes' write transactions with its cross-process
-(robust) mutex, while their segment fdatasyncs run in parallel because they
-happen before the transaction. Measured with bench/spool_writer_proto.py
-(4 processes x 8 producer threads, 1 KB, 2 s rounds, 2-core shared box):
+Chosen: **a single writer process** (engine.queue.writer). Receivers enqueue
+through `open_spool_writer(queue_dir, settings)` — a SpoolClient talking to
+`run_writer(queue_dir)` over QUEUE/writer.sock — and the writer's Spool
+group-commits the messages of all receivers together. The alternative, every
+receiver opening the spool and taking LMDB's cross-process writer lock, was
+measured against it with bench/spool_writer_proto.py (4 receiver processes ×
+8 producer threads, 1 KB, 2 s rounds, two-stage commit, shared 2-core box):
 
-| disk | LMDB writer lock | single writer over a unix socket |
-|---|---|---|
-| plain | 7,404 msg/s | 7,286 msg/s (ratio 1.02) |
-| every sync +5 ms (LD_PRELOAD shim) | 315 msg/s | 765 msg/s (ratio 0.41) |
+| disk | LMDB writer lock | single writer (SpoolClient) | writer ÷ lock |
+|---|---|---|---|
+| plain | 9,126 / 4,999 msg/s | 12,355 / 7,568 msg/s | 1.35 / 1.51 |
+| every sync +5 ms (LD_PRELOAD shim) | 352 / 335 msg/s | 1,194 / 1,070 msg/s | 3.4 / 3.2 |
 
-Why the lock anyway: on a normal disk the two are equal, and direct access
-needs no extra process, no extra hop of every message through a socket, no
-single point whose death stops all receivers, and no second crash protocol.
-The single writer wins on a slow disk because it merges the batches of all
-processes into one commit, where the lock makes each process's LMDB commit
-(two syncs) wait for the others'. If slow disks matter more than that
-simplicity, the switch is local: a client with the same `submit` talking to
-the prototype's writer; receivers do not change.
+Why: with the lock, each process commits its own (smaller) batches and each
+commit holds the lock through LMDB's two syncs, so the processes queue for
+it; the single writer makes one batch of everyone's messages, so a slow disk
+costs each message one commit's latency, not N. The price — one more hop
+through a socket and one process every receiver depends on — is small and
+covered: if the writer is unreachable a receiver commits directly (the LMDB
+lock makes that safe beside a running writer) and retries the writer every
+second; requests in flight when the writer dies fail with SpoolWriteError
+(451) and the client resends. The scheduler, qstat and qread keep opening
+the spool directly (reads and marks), which LMDB's lock serialises with
+the writer.
+Setting `spool.single_writer = false` makes open_spool_writer return a direct
+Spool (the measured alternative).
 """
 from engine.queue.records import FORMAT_VERSION
 from engine.queue.spool import (Deferred, Delivered, Envelope, Failed, Finished, Job,

@@ -1,0 +1,333 @@
+"""The single spool writer: one process commits for every receiver.
+
+Owns the framed unix-socket protocol between receivers and the writer
+process. The writer is an ordinary `Spool` whose `submit` group-commits the
+messages of *all* receiver processes together, where with LMDB's writer lock
+each process commits its own batches one after the other (see the
+measurement in engine/queue/__init__.py). Receivers use `SpoolClient`, which
+has the writer half of Spool's API (`enqueue`, `submit`, `close`) with the
+same guarantee: an id is returned only after the writer's index commit.
+
+Frames (big-endian), each preceded by its length (u32):
+    request   id u64 | pid u32 | uid u32 | origin u8 | sender (u32 len + bytes)
+              | nrcpt u32 | nrcpt × (u32 len + bytes) | message bytes
+    response  id u64 | status u8 (0 ok, 1 write error, 2 other error)
+              | ok: msgid u64 ; else: error text (utf-8)
+A lost connection fails every request in flight with SpoolWriteError (the
+receiver answers 451; the message may still have been committed — at least
+once, as with any crash after the commit point).
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import socket
+import struct
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Callable
+
+from engine.config.settings import SpoolSettings
+from engine.queue import records as R
+from engine.queue.spool import Spool
+from engine.queue.values import Envelope, SpoolError, SpoolWriteError
+
+_LEN = struct.Struct(">I")
+_REQ_HEAD = struct.Struct(">QIIB")
+_RESP_HEAD = struct.Struct(">QB")
+_U64 = struct.Struct(">Q")
+OK, WRITE_ERROR, OTHER_ERROR = 0, 1, 2
+WRITER_SOCKET = "writer.sock"     # in the queue directory
+
+
+class FrameError(ValueError):
+    """A frame that does not follow the protocol."""
+
+
+def encode_request(reqid: int, envelope: Envelope, message: bytes) -> bytes:
+    parts = [_REQ_HEAD.pack(reqid, envelope.pid, envelope.uid,
+                            R.ORIGIN_CODES[envelope.origin])]
+    sender = R.encode_text(envelope.sender)
+    parts += [_LEN.pack(len(sender)), sender, _LEN.pack(len(envelope.recipients))]
+    for rcpt in envelope.recipients:
+        raw = R.encode_text(rcpt)
+        parts += [_LEN.pack(len(raw)), raw]
+    parts.append(message)
+    body = b"".join(parts)
+    return _LEN.pack(len(body)) + body
+
+
+def decode_request(body: bytes) -> tuple[int, Envelope, bytes]:
+    try:
+        reqid, pid, uid, origin = _REQ_HEAD.unpack_from(body)
+        pos = _REQ_HEAD.size
+
+        def take() -> bytes:
+            nonlocal pos
+            (n,) = _LEN.unpack_from(body, pos)
+            pos += _LEN.size
+            if pos + n > len(body):
+                raise FrameError("field runs past the frame")
+            raw = body[pos:pos + n]
+            pos += n
+            return raw
+        sender = take()
+        (nrcpt,) = _LEN.unpack_from(body, pos)
+        pos += _LEN.size
+        rcpts = tuple(R.decode_text(take()) for _ in range(nrcpt))
+    except struct.error as exc:
+        raise FrameError(str(exc)) from None
+    if origin not in R.ORIGIN_NAMES:
+        raise FrameError(f"unknown origin {origin}")
+    return reqid, Envelope(R.decode_text(sender), rcpts, pid, uid,
+                           R.ORIGIN_NAMES[origin]), body[pos:]
+
+
+def encode_response(reqid: int, status: int, payload: bytes) -> bytes:
+    body = _RESP_HEAD.pack(reqid, status) + payload
+    return _LEN.pack(len(body)) + body
+
+
+class SpoolWriterServer:
+    """Serves `spool.submit` to receivers over a unix socket (asyncio)."""
+
+    def __init__(self, spool: Spool, socket_path: Path | str):
+        self.spool = spool
+        self.socket_path = str(socket_path)
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        try:
+            os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
+        self._server = await asyncio.start_unix_server(self._serve, self.socket_path)
+        os.chmod(self.socket_path, 0o600)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        limit = self.spool.settings.max_frame_bytes
+        pending: set[asyncio.Task] = set()
+        try:
+            while True:
+                (n,) = _LEN.unpack(await reader.readexactly(_LEN.size))
+                if n > limit:
+                    raise FrameError(f"frame of {n} bytes exceeds spool.max_frame_bytes")
+                reqid, envelope, message = decode_request(await reader.readexactly(n))
+                task = asyncio.ensure_future(self._one(writer, reqid, envelope, message))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+        except (asyncio.IncompleteReadError, ConnectionError, FrameError):
+            pass
+        finally:
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+            writer.close()
+
+    async def _one(self, writer: asyncio.StreamWriter, reqid: int, envelope: Envelope,
+                   message: bytes) -> None:
+        try:
+            msgid = await self.spool.submit(envelope, message)
+            frame = encode_response(reqid, OK, _U64.pack(msgid))
+        except SpoolWriteError as exc:
+            frame = encode_response(reqid, WRITE_ERROR, str(exc).encode())
+        except SpoolError as exc:
+            frame = encode_response(reqid, OTHER_ERROR, str(exc).encode())
+        if not writer.is_closing():
+            writer.write(frame)
+
+
+class SpoolClient:
+    """A receiver's handle on the single writer: `enqueue`/`submit`/`close`
+    like Spool's, one connection per process (open it after fork)."""
+
+    def __init__(self, socket_path: Path | str, timeout: float = 30.0,
+                 fallback: Callable[[], Spool] | None = None, retry_seconds: float = 1.0):
+        """`fallback`, if given, opens a direct Spool used while the writer is
+        unreachable (LMDB's lock keeps that safe beside a running writer);
+        the writer is tried again every `retry_seconds`."""
+        self.socket_path = str(socket_path)
+        self._timeout = timeout
+        self._fallback_factory = fallback
+        self._fallback: Spool | None = None
+        self._retry_seconds = retry_seconds
+        self._retry_at = 0.0
+        self._pid = os.getpid()
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        # request id -> (connection it was sent on, its future)
+        self._pending: dict[int, tuple[socket.socket, Future[int]]] = {}
+        self._sock: socket.socket | None = None
+        self._closed = False
+
+    def _connect(self) -> socket.socket:
+        # called with self._lock held
+        if self._sock is not None:
+            return self._sock
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self._timeout)
+        try:
+            s.connect(self.socket_path)
+        except OSError as exc:
+            s.close()
+            raise SpoolWriteError(f"spool writer unreachable: {exc.strerror or exc}") from None
+        s.settimeout(None)
+        self._sock = s
+        threading.Thread(target=self._read_responses, args=(s,), name="spool-client",
+                         daemon=True).start()
+        return s
+
+    def _put(self, envelope: Envelope, message: bytes) -> Future[int]:
+        if self._closed:
+            raise SpoolError("spool client is closed")
+        if os.getpid() != self._pid:
+            raise SpoolError("spool client was opened in another process; open it after fork")
+        future: Future[int] = Future()
+        with self._lock:
+            reqid = next(self._ids)
+            frame = encode_request(reqid, envelope, bytes(message))
+            direct = self._direct()
+            if direct is not None:
+                return direct._put(envelope, message)
+            try:
+                sock = self._connect()
+            except SpoolWriteError:
+                if self._fallback_factory is None:
+                    raise
+                self._retry_at = time.monotonic() + self._retry_seconds
+                return self._open_fallback()._put(envelope, message)
+            self._pending[reqid] = (sock, future)
+            try:
+                sock.sendall(frame)
+            except OSError as exc:
+                self._pending.pop(reqid, None)
+                self._drop(sock, f"spool writer connection lost: {exc.strerror or exc}")
+                raise SpoolWriteError(f"spool writer connection lost: {exc}") from None
+        return future
+
+    def _direct(self) -> Spool | None:
+        # called with self._lock held: the fallback spool while the writer
+        # was recently unreachable, else None (use the writer)
+        if self._sock is None and self._fallback is not None \
+                and time.monotonic() < self._retry_at:
+            return self._fallback
+        return None
+
+    def _open_fallback(self) -> Spool:
+        if self._fallback is None:
+            self._fallback = self._fallback_factory()
+        return self._fallback
+
+    @property
+    def using_writer(self) -> bool:
+        """True while requests go to the single writer (not the fallback)."""
+        return self._sock is not None
+
+    def enqueue(self, envelope: Envelope, message: bytes) -> int:
+        return self._put(envelope, message).result()
+
+    async def submit(self, envelope: Envelope, message: bytes) -> int:
+        return await asyncio.wrap_future(self._put(envelope, message))
+
+    def _read_responses(self, sock: socket.socket) -> None:
+        buf = bytearray()
+        reason = "spool writer closed the connection"
+        try:
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+                while len(buf) >= _LEN.size:
+                    (n,) = _LEN.unpack_from(buf)
+                    if len(buf) < _LEN.size + n:
+                        break
+                    body = bytes(buf[_LEN.size:_LEN.size + n])
+                    del buf[:_LEN.size + n]
+                    reqid, status = _RESP_HEAD.unpack_from(body)
+                    payload = body[_RESP_HEAD.size:]
+                    with self._lock:
+                        entry = self._pending.pop(reqid, None)
+                    if entry is None:
+                        continue
+                    future = entry[1]
+                    if status == OK:
+                        future.set_result(_U64.unpack(payload)[0])
+                    elif status == WRITE_ERROR:
+                        future.set_exception(SpoolWriteError(payload.decode("utf-8", "replace")))
+                    else:
+                        future.set_exception(SpoolError(payload.decode("utf-8", "replace")))
+        except OSError as exc:
+            reason = f"spool writer connection lost: {exc.strerror or exc}"
+        with self._lock:
+            self._drop(sock, reason)
+
+    def _drop(self, sock: socket.socket, reason: str) -> None:
+        # called with self._lock held: fail everything in flight on this connection
+        if self._sock is sock:
+            self._sock = None
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+        lost = [reqid for reqid, (s, _f) in self._pending.items() if s is sock]
+        for reqid in lost:
+            future = self._pending.pop(reqid)[1]
+            if not future.done():
+                future.set_exception(SpoolWriteError(reason))
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._sock is not None:
+                self._drop(self._sock, "spool client closed")
+            fallback, self._fallback = self._fallback, None
+        if fallback is not None:
+            fallback.close()
+
+
+def open_spool_writer(queue_dir: Path | str,
+                      settings: SpoolSettings | None = None) -> SpoolClient | Spool:
+    """What a receiver process should enqueue through (open it after fork).
+
+    With `spool.single_writer` (the default) a SpoolClient for the writer at
+    QUEUE/writer.sock, falling back to a direct Spool while no writer
+    answers; otherwise a direct Spool. Both have enqueue/submit/close."""
+    settings = settings or SpoolSettings()
+    if not settings.single_writer:
+        return Spool(queue_dir, settings)
+    return SpoolClient(Path(queue_dir) / WRITER_SOCKET,
+                       fallback=lambda: Spool(queue_dir, settings))
+
+
+def run_writer(queue_dir: Path | str, socket_path: Path | str | None = None,
+               settings: SpoolSettings | None = None,
+               on_ready: Callable[[], None] | None = None) -> None:
+    """Run the single writer in this process until SIGTERM/SIGINT: open the
+    spool, serve the socket, then commit what is in flight and close."""
+    import signal
+
+    async def main() -> None:
+        spool = Spool(queue_dir, settings)
+        server = SpoolWriterServer(spool, socket_path or Path(queue_dir) / WRITER_SOCKET)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await server.start()
+            if on_ready is not None:
+                on_ready()
+            await stop.wait()
+        finally:
+            await server.close()
+            spool.close()
+    asyncio.run(main())

@@ -1,0 +1,169 @@
+"""engine.queue.writer: the single writer process and its clients."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from engine.queue import Envelope, Spool, SpoolWriteError
+from engine.queue.writer import FrameError, SpoolClient, decode_request, encode_request
+
+REPO = Path(__file__).resolve().parent.parent
+
+WRITER = r"""
+import os, sys
+from engine.config.settings import SpoolSettings
+from engine.queue.writer import run_writer
+settings = SpoolSettings(index_map_bytes=int(sys.argv[3]))
+run_writer(sys.argv[1], sys.argv[2], settings, on_ready=lambda: os.write(1, b"ready\n"))
+"""
+
+text = st.text(max_size=50)
+
+
+@given(text, st.lists(text, max_size=5), st.binary(max_size=500),
+       st.sampled_from(["network", "bounce", "local"]), st.integers(0, 2**32 - 1))
+def test_request_frames_round_trip(sender, rcpts, message, origin, pid):
+    env = Envelope(sender, tuple(rcpts), pid, 7, origin)
+    frame = encode_request(42, env, message)
+    assert decode_request(frame[4:]) == (42, env, message)
+
+
+@pytest.mark.parametrize("body", [b"", b"\x00" * 5, encode_request(1, Envelope("a", ("b",)),
+                                                                     b"m")[4:20]])
+def test_bad_frames_raise(body):
+    with pytest.raises(FrameError):
+        decode_request(body)
+
+
+class Writer:
+    def __init__(self, tmp: Path, map_bytes: int = 1 << 30):
+        self.queue = tmp / "queue"
+        self.sock = tmp / "writer.sock"
+        self.map_bytes = map_bytes
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(self.queue), str(self.sock), str(self.map_bytes)],
+            stdout=subprocess.PIPE, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert self.proc.stdout.readline() == b"ready\n"
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+        if self.proc is not None:
+            self.proc.communicate(timeout=30)
+            self.proc = None
+
+
+@pytest.fixture
+def writer(tmp_path: Path):
+    w = Writer(tmp_path)
+    w.start()
+    try:
+        yield w
+    finally:
+        w.stop()
+
+
+def test_clients_in_threads_and_asyncio_share_the_writer(writer: Writer):
+    client = SpoolClient(writer.sock)
+    got: dict[int, bytes] = {}
+    lock = threading.Lock()
+
+    def worker(k: int) -> None:
+        for i in range(25):
+            data = b"thread %d %d" % (k, i)
+            msgid = client.enqueue(Envelope("s@x", ("r@y",), origin="local"), data)
+            with lock:
+                got[msgid] = data
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+
+    async def tasks():
+        datas = [b"task %d" % i for i in range(50)]
+        ids = await asyncio.gather(*(client.submit(Envelope("", ("a@b", "c@d")), d)
+                                     for d in datas))
+        return dict(zip(ids, datas))
+    got.update(asyncio.run(tasks()))
+    for t in threads:
+        t.join()
+    client.close()
+    writer.stop()
+    assert len(got) == 150
+    with Spool(writer.queue) as s:
+        assert s.stats().messages == 150
+        assert all(s.read_message(m) == d for m, d in got.items())
+        assert s.envelope(min(got)).origin in ("local", "network")
+
+
+def test_writer_gone_means_write_error_then_reconnect(writer: Writer):
+    client = SpoolClient(writer.sock)
+    first = client.enqueue(Envelope("a", ("b",)), b"one")
+    writer.stop(signal.SIGKILL)
+    with pytest.raises(SpoolWriteError):
+        client.enqueue(Envelope("a", ("b",)), b"lost")
+    writer.start()
+    second = client.enqueue(Envelope("a", ("b",)), b"two")
+    client.close()
+    writer.stop()
+    with Spool(writer.queue) as s:
+        assert s.read_message(first) == b"one" and s.read_message(second) == b"two"
+
+
+def test_writer_side_write_error_reaches_the_client(tmp_path: Path):
+    w = Writer(tmp_path, map_bytes=256 * 1024)
+    w.start()
+    client = SpoolClient(w.sock)
+    try:
+        with pytest.raises(SpoolWriteError):
+            for _ in range(5000):
+                client.enqueue(Envelope("someone@example.com" * 3, ("x@y",)), b"x")
+    finally:
+        client.close()
+        w.stop()
+
+
+def test_no_writer_is_a_write_error(tmp_path: Path):
+    with pytest.raises(SpoolWriteError, match="unreachable"):
+        SpoolClient(tmp_path / "nobody.sock").enqueue(Envelope("a", ("b",)), b"x")
+
+
+def test_open_spool_writer_falls_back_to_direct_then_uses_the_writer(tmp_path: Path):
+    from engine.queue.writer import WRITER_SOCKET, open_spool_writer
+    q = tmp_path / "queue"
+    client = open_spool_writer(q)
+    client._retry_seconds = 0.0        # try the writer again on every request
+    a = client.enqueue(Envelope("a", ("b",)), b"direct")   # no writer yet: committed directly
+    assert not client.using_writer
+    w = Writer(tmp_path)
+    w.sock = q / WRITER_SOCKET
+    w.start()
+    try:
+        b = client.enqueue(Envelope("a", ("b",)), b"via writer")
+        assert client.using_writer
+        client.close()
+    finally:
+        w.stop()
+    with Spool(q) as s:
+        assert s.read_message(a) == b"direct" and s.read_message(b) == b"via writer"
+
+
+def test_single_writer_off_gives_a_direct_spool(tmp_path: Path):
+    from engine.config.settings import SpoolSettings
+    from engine.queue.writer import open_spool_writer
+    s = open_spool_writer(tmp_path / "q", SpoolSettings(single_writer=False))
+    try:
+        assert isinstance(s, Spool)
+    finally:
+        s.close()
