@@ -167,3 +167,44 @@ def test_single_writer_off_gives_a_direct_spool(tmp_path: Path):
         assert isinstance(s, Spool)
     finally:
         s.close()
+
+
+def test_kill9_writer_loses_nothing_acknowledged(tmp_path: Path):
+    import random
+    import time
+    rng = random.Random(5)
+    w = Writer(tmp_path)
+    acked: dict[int, bytes] = {}
+    lock = threading.Lock()
+    try:
+        for rnd in range(6):
+            w.start()
+            client = SpoolClient(w.sock)
+            stop = threading.Event()
+
+            def produce(k: int) -> None:
+                i = 0
+                while not stop.is_set():
+                    data = b"%d-%d-%d" % (rnd, k, i) * (i % 50 + 1)
+                    i += 1
+                    try:
+                        msgid = client.enqueue(Envelope("a", ("b",)), data)
+                    except SpoolWriteError:
+                        return
+                    with lock:
+                        acked[msgid] = data
+            threads = [threading.Thread(target=produce, args=(k,)) for k in range(8)]
+            for t in threads:
+                t.start()
+            time.sleep(rng.uniform(0.05, 0.3))
+            w.stop(signal.SIGKILL)
+            stop.set()
+            for t in threads:
+                t.join(10)
+            client.close()
+        with Spool(w.queue) as s:
+            assert s.recover(verify_bytes=True).quarantined == []
+            assert all(s.read_message(m) == d for m, d in acked.items())
+    finally:
+        w.stop()
+    assert len(acked) > 50
