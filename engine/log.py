@@ -6,6 +6,10 @@ Every line is stamped `@<24 hex digits> ` as multilog's `t` action does, and
 the variable parts of each line go through qmail's "logsafe" (spec §6.6) so
 one address or remote reply can never forge a line.
 
+As multilog, `current` is mode 0644 while written and 0744 after a clean
+close; one found still 0644 at start was left by a crash and is renamed
+`@<tai64n>.u` (kept, counted among the rotated files).
+
 Lines are buffered and written when `flush()` is called (the scheduler
 flushes once per pass of its loop): 20,000 messages make ~120,000 lines and
 neither a write nor an fsync per line is affordable. Rotation happens at a
@@ -86,6 +90,7 @@ class QmailSendLog:
         self._fd: int | None = None
         self._size = 0
         self._last_label_ns = 0
+        self._opened_once = False
         self.dir.mkdir(parents=True, exist_ok=True)
 
     # --- generic ---------------------------------------------------------
@@ -155,13 +160,34 @@ class QmailSendLog:
                 os.fsync(self._fd)
             except OSError:
                 pass
+            try:
+                os.fchmod(self._fd, 0o744)
+            except OSError:
+                pass
             os.close(self._fd)
             self._fd = None
 
     def _open(self) -> None:
         path = self.dir / CURRENT
+        if not self._opened_once:
+            self._opened_once = True
+            self._adopt_previous(path)
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        # multilog: 0644 while in use, 0744 once cleanly finished.
+        os.fchmod(self._fd, 0o644)
         self._size = os.fstat(self._fd).st_size
+
+    def _adopt_previous(self, path: Path) -> None:
+        """A `current` left by a crash (still 0644) becomes `@<now>.u`, as multilog
+        does; one closed cleanly (0744) is appended to."""
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return
+        if st.st_mode & 0o100 or st.st_size == 0:
+            return
+        os.rename(path, self.dir / f"{self._next_label()}.u")
+        self._prune()
 
     def _write_lines(self) -> None:
         if self._fd is None:
@@ -207,17 +233,20 @@ class QmailSendLog:
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = None
-        now = self.clock_ns()
-        # Labels must be unique and increasing even within one nanosecond tick.
-        if now <= self._last_label_ns:
-            now = self._last_label_ns + 1000
-        self._last_label_ns = now
-        name = f"{tai64n_label_ns(now)}.s"
+        name = f"{self._next_label()}.s"
         current = self.dir / CURRENT
         os.rename(current, self.dir / name)
         os.chmod(self.dir / name, 0o744)
         self._open()
         self._prune()
+
+    def _next_label(self) -> str:
+        now = self.clock_ns()
+        # Labels must be unique and increasing even within one clock tick.
+        if now <= self._last_label_ns:
+            now = self._last_label_ns + 1000
+        self._last_label_ns = now
+        return tai64n_label_ns(now)
 
     def _prune(self) -> None:
         rotated = sorted(p for p in os.listdir(self.dir) if p.startswith("@"))

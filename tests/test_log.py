@@ -103,13 +103,28 @@ def test_rotation_keeps_whole_lines_and_at_most_n_minus_1_files(tmp_path):
     assert nums == list(range(nums[0], 2000))
 
 
-def test_appends_to_existing_current(tmp_path):
+def test_appends_to_cleanly_closed_current(tmp_path):
     (tmp_path / "current").write_text("@400000006553f10a075bcbf4 old line\n")
+    os.chmod(tmp_path / "current", 0o744)
     log = QmailSendLog(tmp_path)
     log.end_msg(5)
+    log.flush()
+    assert oct(os.stat(tmp_path / "current").st_mode & 0o777) == "0o644"   # in use
     log.close()
+    assert oct(os.stat(tmp_path / "current").st_mode & 0o777) == "0o744"   # finished
     got = _lines(tmp_path / "current")
     assert got[0].endswith("old line") and got[1].endswith("end msg 5")
+
+
+def test_current_left_by_a_crash_becomes_dot_u(tmp_path):
+    (tmp_path / "current").write_text("@400000006553f10a075bcbf4 torn line\n")
+    os.chmod(tmp_path / "current", 0o644)
+    log = QmailSendLog(tmp_path, clock_ns=lambda: 1700000000_123456_000)
+    log.end_msg(6)
+    log.close()
+    assert sorted(os.listdir(tmp_path)) == ["@400000006553f10a075bcbf4.u", "current"]
+    assert (tmp_path / "@400000006553f10a075bcbf4.u").read_text().endswith("torn line\n")
+    assert _lines(tmp_path / "current")[0].endswith("end msg 6")
 
 
 def test_buffer_is_bounded(tmp_path):

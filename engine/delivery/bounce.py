@@ -35,17 +35,15 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine.config.control import read_line
+from engine.smtp import received
 
 DOUBLE_BOUNCE_SENDER = "#@[]"
 
-_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun",
-           "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _DSN_CODE = re.compile(r"\(#([245])\.(\d{1,3})\.(\d{1,3})\)")
 _REMOTE_SAID = re.compile(r"Remote host said: (\d{3})(?:[ -]([245])\.(\d{1,3})\.(\d{1,3}))?([^\n]*)")
 # RFC 5322 specials that force a quoted local part (qmail quote.c's idea).
@@ -111,9 +109,7 @@ def bounce_kind(sender: str, config: BounceConfig) -> str:
 
 def date822(t: float) -> str:
     """qmail's date822fmt: `5 Jan 2024 09:03:07 -0000` (UTC)."""
-    tm = time.gmtime(t)
-    return (f"{tm.tm_mday} {_MONTHS[tm.tm_mon - 1]} {tm.tm_year} "
-            f"{tm.tm_hour:02d}:{tm.tm_min:02d}:{tm.tm_sec:02d} -0000")
+    return received.date822(t).decode("ascii")
 
 
 def quote_address(addr: str) -> str:
@@ -169,11 +165,6 @@ def _header_block(message: bytes) -> bytes:
     if end < 0:
         return message if message.endswith(b"\r\n") else message + b"\r\n"
     return message[:end + 2]
-
-
-def queue_received_line(qp: int, when: float) -> bytes:
-    """qmail-queue's line for a message it was handed by qmail-send."""
-    return f"Received: (qmail {qp} invoked for bounce); {date822(when)}\r\n".encode()
 
 
 def build_bounce(config: BounceConfig, *, sender: str, failures: Sequence[Failure],
@@ -240,7 +231,8 @@ def build_bounce(config: BounceConfig, *, sender: str, failures: Sequence[Failur
         copy += b"\r\n"
 
     parts = [
-        queue_received_line(qp, now),
+        # qmail-queue's line, as qmail-send hands the bounce to qmail-queue.
+        received.queue_received_line(pid=qp, origin="bounce", uid=0, when=now),
         _crlf(head),
         _crlf(f"--{boundary}\nContent-Type: text/plain; charset=utf-8\n"
               "Content-Transfer-Encoding: 8bit\nContent-Description: Notification\n\n"),

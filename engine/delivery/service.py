@@ -116,6 +116,12 @@ async def _serve(root, spool, log, config, domains, remote_config, stop_grace) -
     loop.add_signal_handler(signal.SIGINT, scheduler.stop)
     try:
         await scheduler.run(stop_grace=stop_grace)
+    except Exception as exc:
+        # A bug must not die silently: say so in the log; the supervisor restarts us
+        # and the spool still holds every recipient that was not recorded.
+        log.alert(f"scheduler crashed: {exc!r}; restarting")
+        log.flush()
+        raise
     finally:
         try:
             await asyncio.wait_for(remote.close(), 2)
