@@ -16,11 +16,14 @@ N+1 is already being written and synced. A slower disk makes batches bigger
 instead of making messages wait a whole extra commit cycle. Batches are
 indexed in the order they were prepared.
 
-Blocking callers wait on a `concurrent.futures.Future`; asyncio callers wrap
-the same future (`asyncio.wrap_future`), so the event loop keeps serving.
+Blocking callers wait on a `concurrent.futures.Future`. asyncio callers get
+an asyncio future of their own loop; the futures of one batch are settled
+with ONE `call_soon_threadsafe` per loop (not one wake-up per message), so
+the event loop keeps serving and pays one wake-up per commit.
 """
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 from concurrent.futures import Future
@@ -28,12 +31,16 @@ from typing import Any, Callable, Sequence
 
 
 class CommitRequest:
-    __slots__ = ("envelope", "message", "future")
+    __slots__ = ("envelope", "message", "future", "loop")
 
-    def __init__(self, envelope: Any, message: bytes):
+    def __init__(self, envelope: Any, message: bytes,
+                 loop: asyncio.AbstractEventLoop | None = None):
         self.envelope = envelope
         self.message = message
-        self.future: Future[int] = Future()
+        self.loop = loop
+        # an asyncio future (settled on its loop) or a thread-safe one
+        self.future: Future[int] | asyncio.Future[int] = \
+            loop.create_future() if loop is not None else Future()
 
 
 class Prepared:
@@ -52,10 +59,40 @@ PrepareFunction = Callable[[Sequence[CommitRequest]], tuple[Sequence[int], Any]]
 IndexFunction = Callable[[Sequence[Any]], None]
 
 
+def _settle_on_loop(outcomes: list[tuple[asyncio.Future, int | None,
+                                         BaseException | None]]) -> None:
+    # runs in the event loop thread
+    for future, result, exc in outcomes:
+        if future.done():  # the awaiting task was cancelled
+            continue
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+
+
+def _settle(requests: Sequence[CommitRequest], results: Sequence[int] | None,
+            exc: BaseException | None) -> None:
+    """Resolve every request: results[i] for request i, or exc for all."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for i, r in enumerate(requests):
+        result = results[i] if results is not None else None
+        if r.loop is not None:
+            by_loop.setdefault(r.loop, []).append((r.future, result, exc))
+        elif not r.future.done():
+            if exc is not None:
+                r.future.set_exception(exc)
+            else:
+                r.future.set_result(result)
+    for loop, outcomes in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle_on_loop, outcomes)
+        except RuntimeError:
+            pass  # that loop is closed: nobody is waiting any more
+
+
 def _fail(requests: Sequence[CommitRequest], exc: BaseException) -> None:
-    for r in requests:
-        if not r.future.done():
-            r.future.set_exception(exc)
+    _settle(requests, None, exc)
 
 
 class GroupCommitter:
@@ -78,8 +115,11 @@ class GroupCommitter:
         self._writer.start()
         self._indexer.start()
 
-    def put(self, envelope: Any, message: bytes) -> Future[int]:
-        request = CommitRequest(envelope, message)
+    def put(self, envelope: Any, message: bytes,
+            loop: asyncio.AbstractEventLoop | None = None) -> Future[int] | asyncio.Future[int]:
+        """Queue a request; with `loop` (the caller's running loop) the
+        returned future is an asyncio future of that loop."""
+        request = CommitRequest(envelope, message, loop)
         with self._lock:
             if self._closed:
                 raise RuntimeError("spool is closed")
@@ -150,6 +190,8 @@ class GroupCommitter:
             for p in ready:
                 _fail(p.requests, exc)
             return
-        for p in ready:
-            for r, msgid in zip(p.requests, p.ids):
-                r.future.set_result(msgid)
+        if len(ready) == 1:
+            _settle(ready[0].requests, ready[0].ids, None)
+        else:
+            _settle([r for p in ready for r in p.requests],
+                     [msgid for p in ready for msgid in p.ids], None)

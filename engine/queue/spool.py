@@ -202,11 +202,12 @@ class Spool(SpoolRecovery):
 
     async def submit(self, envelope: Envelope, message: bytes) -> int:
         """asyncio form of enqueue: group commit with every concurrent submit."""
-        return await asyncio.wrap_future(self._put(envelope, message))
+        return await self._put(envelope, message, asyncio.get_running_loop())
 
-    def _put(self, envelope: Envelope, message: bytes) -> "Future[int]":
+    def _put(self, envelope: Envelope, message: bytes,
+             loop: asyncio.AbstractEventLoop | None = None) -> "Future[int] | asyncio.Future[int]":
         try:
-            return self._get_committer().put(envelope, bytes(message))
+            return self._get_committer().put(envelope, bytes(message), loop)
         except RuntimeError:  # closed by another thread meanwhile
             raise SpoolError("spool is closed") from None
 

@@ -195,7 +195,7 @@ class SpoolClient:
             frame = encode_request(reqid, envelope, bytes(message))
             direct = self._direct()
             if direct is not None:
-                return direct._put(envelope, message)
+                return direct._put(envelope, message)  # thread-safe future
             try:
                 sock = self._connect()
             except SpoolWriteError:
