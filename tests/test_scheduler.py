@@ -371,3 +371,26 @@ def test_ready_view_bounds_and_hands_back_skipped_keys():
     assert (4, 0) not in ready.skipped and (5, 0) not in ready.skipped
     assert ready.pop("other.test", 10) == (100, [_job(100, "other.test")])
     assert ready.pop("other.test", 10) is None
+
+
+def test_hup_reload_of_locals_applies_to_new_mail(env):
+    sched, spool, remote, clock, log, tmp = env
+    first = spool.enqueue(Envelope("a@src.test", ("x@newlocal.test",)), MSG)
+    asyncio.run(settle(sched))
+    assert remote.calls == [("newlocal.test", "a@src.test", ("x@newlocal.test",))]
+    sched.reload_domains(DomainConfig.build(me="mx.test", locals=["mx.test", "newlocal.test"],
+                                            virtualdomains=["virt.test:alias"]).resolve)
+    second = spool.enqueue(Envelope("a@src.test", ("x@newlocal.test", "y@virt.test")), MSG)
+    asyncio.run(settle(sched))
+    assert len(remote.calls) == 1                      # nothing more went remote
+    assert [(r.channel, r.address, r.state) for r in spool.message_info(second).recipients] == [
+        ("local", "x@newlocal.test", "pending"), ("local", "alias-y@virt.test", "pending")]
+    assert first not in {m.msgid for m in spool.iter_messages()}
+
+
+def test_concurrencyremote_zero_holds_remote_mail(env):
+    sched, spool, remote, clock, log, tmp = env
+    sched.config = SchedulerConfig(concurrency_remote=0, bounce=sched.config.bounce)
+    mid = spool.enqueue(Envelope("a@src.test", ("x@d1.test",)), MSG)
+    asyncio.run(settle(sched))
+    assert remote.calls == [] and spool.message_info(mid).recipients[0].state == "pending"
