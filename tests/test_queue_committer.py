@@ -101,3 +101,30 @@ def test_close_commits_what_was_submitted():
     c.close()
     assert all(f.done() and not f.exception() for f in fs)
     assert sum(st.prepared) == 10
+
+
+def test_asyncio_callers_are_woken_once_per_batch():
+    import asyncio
+    st = Stages(hold_first_prepare=True)
+    c = GroupCommitter(st.prepare, st.index, 100, 10**6)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        calls = []
+        real = loop.call_soon_threadsafe
+
+        def counting(cb, *args):
+            calls.append(cb)
+            return real(cb, *args)
+        loop.call_soon_threadsafe = counting
+        first = c.put(None, b"0", loop)
+        await asyncio.sleep(0.05)
+        rest = [c.put(None, b"x", loop) for _ in range(30)]
+        rest[0].cancel()                        # a caller that gave up
+        st.gate.set()
+        got = await asyncio.gather(first, *rest[1:])
+        return got, len(calls)
+    got, wakeups = asyncio.run(main())
+    c.close()
+    assert got == [1] + list(range(3, 32))
+    assert 1 <= wakeups <= 2                     # one per index commit, not one per message
