@@ -269,7 +269,8 @@ def test_deferred_by_domain_is_bounded():
     for i in range(10):
         d.add("a.test", i)
     assert len(d) == 3
-    assert d.take("a.test") == [0, 1, 2] and len(d) == 0
+    assert d.take("a.test", limit=2) == [0, 1] and len(d) == 1
+    assert d.take("a.test") == [2] and len(d) == 0
     assert d.take("a.test") == []
 
 

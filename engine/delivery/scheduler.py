@@ -139,12 +139,19 @@ class DeferredByDomain:
         ids[msgid] = None
         self._count += 1
 
-    def take(self, domain: str) -> list[int]:
-        ids = self._by_domain.pop(domain, None)
+    def take(self, domain: str, limit: int = 5000) -> list[int]:
+        """Up to `limit` ids for domain, oldest first (the rest stay for next time)."""
+        ids = self._by_domain.get(domain)
         if not ids:
+            self._by_domain.pop(domain, None)
             return []
-        self._count -= len(ids)
-        return list(ids)
+        out = []
+        while ids and len(out) < limit:
+            out.append(ids.popitem(last=False)[0])
+        if not ids:
+            del self._by_domain[domain]
+        self._count -= len(out)
+        return out
 
     def __len__(self) -> int:
         return self._count
