@@ -248,21 +248,35 @@ def test_sigalrm_to_run_flushes_and_queuelifetime_expiry_bounces(relay, sink, ro
 
 def test_kill9_of_everything_mid_delivery_then_every_message_arrives(relay, sink, root):
     port = sink.start(delay=0.02)
-    q = relay({"sink.test": port}, toml="", controls={"concurrencyremote": "4"})
-    n = 60
-    send(q.port, ["x@sink.test"], n=n, tag="k")
-    wait_for(lambda: len(sink.messages()) >= 5, what="some deliveries")
-    got_before = len(sink.messages())
-    assert got_before < n, "delivery finished before the kill; slow the sink down"
-    os.killpg(q.pid, signal.SIGKILL)
-    q.proc.wait(5)
-    q2 = relay({"sink.test": port}, toml="", controls={"concurrencyremote": "4"})
+    q = relay({"sink.test": port}, controls={"concurrencyremote": "4"})
+    accepted: list[bytes] = []
+
+    def client() -> None:
+        # Sends until qrelay dies under it; a message counts once it got its 250.
+        try:
+            with smtplib.SMTP("127.0.0.1", q.port, timeout=10) as s:
+                for i in range(400):
+                    s.sendmail("a@src.test", ["x@sink.test"], b"Subject: k%d\r\n\r\nhello\r\n" % i)
+                    accepted.append(b"k%d" % i)
+        except (OSError, smtplib.SMTPException):
+            pass
+
+    sender = threading.Thread(target=client)
+    sender.start()
+    try:
+        wait_for(lambda: len(sink.messages()) >= 5, what="some deliveries")
+        os.killpg(q.pid, signal.SIGKILL)             # supervisor, receivers, scheduler: all at once
+        q.proc.wait(5)
+    finally:
+        sender.join(15)
+    before = {re.search(rb"Subject: (k\d+)", m.content).group(1) for m in sink.messages()}
+    assert len(accepted) > len(before), "nothing was left in the queue at the kill"
+    q2 = relay({"sink.test": port}, controls={"concurrencyremote": "4"})
 
     def subjects():
         return {re.search(rb"Subject: (k\d+)", m.content).group(1) for m in sink.messages()}
 
-    wait_for(lambda: len(subjects()) == n, timeout=30, what="every message after restart")
-    assert subjects() == {b"k%d" % i for i in range(n)}
+    wait_for(lambda: subjects() >= set(accepted), timeout=30, what="every accepted message after restart")
     wait_for(lambda: queue_count(root) == 0 or None, what="empty queue")
     assert q2.stop() == 0
 
