@@ -43,8 +43,7 @@ def test_group_commit_vs_one_fsync_per_message(benchmark, tmp_path: Path):
     """Durable 1 KB enqueue: 32 producers vs 1 producer (every message its own
     commit) through the spool, and vs a naive spool doing one fsync'd file
     create per message. Producers are asyncio tasks calling submit, as the
-    receivers do (thread producers are reported too). Best of 3 alternating
-    rounds each (shared machine: others' load only ever slows a round down)."""
+    receivers do (thread producers are reported too). 3 rounds."""
     spool = Spool(tmp_path / "q")
     try:
         one, many, threads32, per_file = [], [], [], []
@@ -56,14 +55,15 @@ def test_group_commit_vs_one_fsync_per_message(benchmark, tmp_path: Path):
         benchmark.pedantic(spool.enqueue, args=(ENVELOPE, MESSAGE), rounds=100, iterations=1)
     finally:
         spool.close()
-    r1, r32, rf = max(one), max(many), max(per_file)
-    report(benchmark, rate_1_producer=r1, rate_32_producers=r32, rate_fsync_per_file=rf,
-           rate_32_threads=max(threads32),
-           ratio_32_vs_1=r32 / r1, ratio_32_vs_fsync_per_file=r32 / rf,
-           median_ratio_32_vs_1=median(many) / median(one),
-           median_ratio_32_vs_fsync_per_file=median(many) / median(per_file))
-    assert r32 >= 5 * r1
-    assert r32 >= 5 * rf
+    # Ratios per round (measured back to back, under about the same load
+    # from others), then the median over rounds.
+    vs_1 = median([m / o for m, o in zip(many, one)])
+    vs_file = median([m / f for m, f in zip(many, per_file)])
+    report(benchmark, rate_1_producer=median(one), rate_32_producers=median(many),
+           rate_fsync_per_file=median(per_file), rate_32_threads=median(threads32),
+           ratio_32_vs_1=vs_1, ratio_32_vs_fsync_per_file=vs_file)
+    assert vs_1 >= 5
+    assert vs_file >= 5
 
 
 @pytest.fixture(scope="module")
@@ -79,26 +79,36 @@ def big_spool(tmp_path_factory) -> Path:
 
 
 def test_enqueue_rate_with_250k_queued(benchmark, big_spool: Path, tmp_path: Path):
-    """Rate into a spool holding BIG messages / rate into an empty spool."""
-    empty_rates, big_rates = [], []
-    for _ in range(5):
-        for path, rates in ((tmp_path / "empty", empty_rates), (big_spool, big_rates)):
-            spool = Spool(path)
-            try:
-                rates.append(enqueue_rate(spool, 32, SECONDS))
-            finally:
-                spool.close()
-    spool = Spool(big_spool)
+    """Rate into a spool holding BIG messages / rate into an empty spool:
+    32 asyncio producers, 8 short rounds alternating between the two spools
+    (both open all along); the figure is the median of the per-pair ratios,
+    so the shared box's changing load cancels out. CPU per message is
+    reported too (less sensitive to the neighbours)."""
+    empty = Spool(tmp_path / "empty")
+    big = Spool(big_spool)
+    rates: dict[str, list[float]] = {"empty": [], "big": []}
+    cpu: dict[str, list[float]] = {"empty": [], "big": []}
     try:
-        benchmark.pedantic(spool.enqueue, args=(ENVELOPE, MESSAGE), rounds=50, iterations=1)
+        for _ in range(8):
+            for name, spool in (("empty", empty), ("big", big)):
+                before_n = spool.stats().messages
+                c0 = time.process_time()
+                rates[name].append(submit_rate(spool, 32, SECONDS / 2))
+                cpu[name].append((time.process_time() - c0) /
+                                 max(1, spool.stats().messages - before_n))
+        benchmark.pedantic(big.enqueue, args=(ENVELOPE, MESSAGE), rounds=50, iterations=1)
     finally:
-        spool.close()
-    # Best of 5 alternating rounds: on a shared 2-core box, other people's
-    # jobs only ever slow a round down, so the best round is the spool's own speed.
-    re, rb = max(empty_rates), max(big_rates)
-    report(benchmark, queued=BIG, rate_empty=re, rate_full=rb, ratio=rb / re,
-           median_ratio=median(big_rates) / median(empty_rates))
-    assert rb / re >= 0.9
+        empty.close()
+        big.close()
+    # Each big round ran right after an empty round, under about the same
+    # load from others: the median of those pairwise ratios is the figure.
+    pair_ratio = median([b / e for b, e in zip(rates["big"], rates["empty"])])
+    report(benchmark, queued=BIG, rate_empty=median(rates["empty"]),
+           rate_full=median(rates["big"]), ratio=pair_ratio,
+           best_ratio=max(rates["big"]) / max(rates["empty"]),
+           cpu_us_per_msg_empty=min(cpu["empty"]) * 1e6,
+           cpu_us_per_msg_full=min(cpu["big"]) * 1e6)
+    assert pair_ratio >= 0.9
 
 
 def test_due_and_qstat_and_rss_with_250k_queued(benchmark, big_spool: Path):
@@ -154,8 +164,18 @@ def test_slow_disk(benchmark, tmp_path: Path, kind: str, producers: int):
     benchmark.pedantic(lambda: None, rounds=1)
     rp, rs = median(plain), median(slow)
     report(benchmark, producers=producers, kind=kind, rate_plain=rp, rate_slow=rs,
-           ratio=rs / rp, rate_slow_1_producer=slow_1)
-    # The issue's target is ratio >= 0.8 with 32 producers; see the report:
-    # with a closed loop of N producers, rate <= N / commit latency, and the
-    # emulated disk adds >= 3 x 5 ms to every commit. Record, do not hide.
-    assert rs > 10 * slow_1 or producers < 32
+           ratio=median([s_ / p_ for s_, p_ in zip(slow, plain)]),
+           rate_slow_1_producer=slow_1)
+    # Group commit does work on the slow disk: 32 producers share each sync.
+    assert rs > 10 * slow_1
+    # The issue's target, ratio >= 0.8 with 32 producers, is out of reach for
+    # ANY durable spool: each producer waits for its own commit, so
+    # rate <= producers / commit latency (Little's law), and the emulation
+    # adds 5 ms to each of the >= 1 syncs a commit needs (3 here: segment,
+    # LMDB pages, LMDB meta): 32 producers can never exceed 32 / 5 ms =
+    # 6,400 msg/s, below 0.8 x the plain rate measured here. Shown as an
+    # expected failure, not hidden.
+    ratio = median([s_ / p_ for s_, p_ in zip(slow, plain)])
+    if ratio < 0.8:
+        pytest.xfail(f"slow/plain = {ratio:.2f} with {producers} producers "
+                     f"(bound: {producers} / 5 ms = {producers / 0.005:.0f} msg/s)")
