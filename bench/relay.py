@@ -5,6 +5,7 @@ flood → sink directly, measured in the same run.
     python bench/relay.py                          # 20 sessions, 1 KB, 5000 msgs
     python bench/relay.py -s 50 -m 20000 --procs 2 --pipelining -d --json r.json
     python bench/relay.py --target 127.0.0.1:25    # also the same load against another server
+    python bench/relay.py --rounds 5               # alternating rounds, medians
 
 Steps: start bench/sink.py; flood it directly (the baseline); `qrelay init` a
 temporary root whose control/smtproutes sends everything to the sink; start
@@ -21,6 +22,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -58,6 +60,8 @@ def build_parser() -> OneLineParser:
                    help="longest wait for the sink to receive everything (s)")
     p.add_argument("--idle", type=nonneg_float, default=5.0,
                    help="no delivery progress for this long = no delivery (s)")
+    p.add_argument("--rounds", type=positive_int, default=1,
+                   help="alternating rounds; medians are reported (default 1)")
     p.add_argument("--keep", action="store_true", help="keep the temporary root and logs")
     p.add_argument("--json", metavar="FILE")
     return p
@@ -152,6 +156,81 @@ def summarize(rep: dict) -> dict:
             "replies": rep["replies"][:5]}
 
 
+def run_kind(kind: str, sink: SinkProcess, qrelay, a, tmp: Path, r: int) -> dict:
+    """One flood of one kind; for qrelay also the wait for delivery (end to end)."""
+    if kind == "direct":
+        base = sink.stats().get("messages", 0)
+        rep = flood(sink.address, a, tmp, f"direct{r}")
+        sink.wait_messages(base + rep["messages"]["accepted"], timeout=10)
+        return summarize(rep)
+    if kind == "target":
+        return summarize(flood(a.target, a, tmp, f"target{r}"))
+    base = sink.stats().get("messages", 0)
+    rep = flood(f"127.0.0.1:{qrelay.port}", a, tmp, f"qrelay{r}")
+    out = summarize(rep)
+    accepted = rep["messages"]["accepted"]
+    st, complete = wait_delivery(sink, base + accepted, a)
+    delivered = st.get("messages", 0) - base
+    out["e2e"] = None
+    if delivered > 0 and st.get("last_message"):
+        span = st["last_message"] - rep["_started_wall"]
+        out["e2e"] = {"delivered": delivered, "accepted": accepted, "complete": complete,
+                      "rate": round(delivered / span, 1) if span > 0 else 0.0,
+                      "span_s": round(span, 3)}
+    return out
+
+
+def combine(rounds: list[dict], a) -> dict:
+    """Medians over the rounds, and the ratios to flood → sink directly."""
+    def med(values):
+        values = [v for v in values if v is not None]
+        return round(statistics.median(values), 1) if values else None
+
+    direct = med(r["direct"]["rate"] for r in rounds)
+    out: dict = {"direct": {"rate": direct, "accepted": rounds[-1]["direct"]["accepted"]}}
+    if "qrelay" in rounds[0]:
+        ingest = med(r["qrelay"]["rate"] for r in rounds)
+        out["ingest"] = {"rate": ingest, "accepted": rounds[-1]["qrelay"]["accepted"],
+                         "failed": sum(r["qrelay"]["failed"] for r in rounds)}
+        out["ratio_ingest_vs_direct"] = round(ingest / direct, 3) if direct else None
+        e2es = [r["qrelay"]["e2e"] for r in rounds if r["qrelay"]["e2e"]]
+        if e2es:
+            rate = med(e["rate"] for e in e2es)
+            out["end_to_end"] = {"rate": rate, "complete": all(e["complete"] for e in e2es),
+                                 "delivered": sum(e["delivered"] for e in e2es),
+                                 "accepted": sum(r["qrelay"]["accepted"] for r in rounds),
+                                 "ratio_vs_direct": round(rate / direct, 3) if direct else None}
+        else:
+            out["end_to_end"] = None
+    if "target" in rounds[0]:
+        rate = med(r["target"]["rate"] for r in rounds)
+        out["target"] = {"address": a.target, "rate": rate,
+                         "accepted": rounds[-1]["target"]["accepted"],
+                         "ratio_vs_direct": round(rate / direct, 3) if direct else None}
+    return out
+
+
+def report(result: dict, a) -> None:
+    n = f" (median of {a.rounds})" if a.rounds > 1 else ""
+    print(f"flood → sink.py directly{n}:  {result['direct']['rate']:>9,.0f} msg/s")
+    if "ingest" in result:
+        print(f"flood → qrelay (ingest):   {result['ingest']['rate']:>9,.0f} msg/s  "
+              f"ratio to direct {result['ratio_ingest_vs_direct']:.3f}")
+        e2e = result["end_to_end"]
+        if e2e:
+            print(f"flood → qrelay → sink:     {e2e['rate']:>9,.0f} msg/s  ({e2e['delivered']:,}/"
+                  f"{e2e['accepted']:,} delivered{'' if e2e['complete'] else ', INCOMPLETE'})  "
+                  f"ratio to direct {e2e['ratio_vs_direct']:.3f}")
+        else:
+            print(f"end to end: nothing reached the sink within {a.idle:g}s of idle — "
+                  f"delivery is not running in this build; ingest only")
+    if "target" in result:
+        t = result["target"]
+        print(f"flood → {t['address']} (--target): {t['rate']:>9,.0f} msg/s  "
+              f"ratio to direct {t['ratio_vs_direct']:.3f}")
+    sys.stdout.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if a.no_qrelay and not a.target:
@@ -171,13 +250,10 @@ def main(argv: list[str] | None = None) -> int:
                              "flood_procs": a.flood_procs, "qrelay_procs": a.procs,
                              "sink_procs": a.sink_procs}}
     sink = qrelay = None
+    rounds: list[dict] = []
     try:
         sink = SinkProcess(tmp / "sink", "--quiet", "--procs", str(a.sink_procs))
-        direct = flood(sink.address, a, tmp, "direct")
-        result["direct"] = summarize(direct)
-        print(f"flood → sink.py directly:  {direct['rate']['accepted_per_s']:>9,.0f} msg/s", flush=True)
         if not a.no_qrelay:
-            base = sink.wait_messages(direct["messages"]["accepted"], timeout=10).get("messages", 0)
             root = tmp / "root"
             res = subprocess.run([sys.executable, "-m", "engine.cli", "init", str(root),
                                   "--me", "relay.bench.test"], cwd=REPO, capture_output=True,
@@ -186,38 +262,21 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError(f"qrelay init failed: {res.stderr.strip()}")
             (root / "control" / "smtproutes").write_text(f":127.0.0.1:{sink.port}\n")
             qrelay = QrelayProcess(root, a.procs, tmp / "qrelay.log")
-            ingest = flood(f"127.0.0.1:{qrelay.port}", a, tmp, "qrelay")
-            accepted = ingest["messages"]["accepted"]
-            result["ingest"] = summarize(ingest)
-            result["ratio_ingest_vs_direct"] = round(
-                ingest["rate"]["accepted_per_s"] / max(direct["rate"]["accepted_per_s"], 1e-9), 3)
-            print(f"flood → qrelay (ingest):   {ingest['rate']['accepted_per_s']:>9,.0f} msg/s  "
-                  f"ratio to direct {result['ratio_ingest_vs_direct']:.3f}", flush=True)
-            st, complete = wait_delivery(sink, base + accepted, a)
-            delivered = st.get("messages", 0) - base
-            if delivered > 0 and st.get("last_message"):
-                span = st["last_message"] - ingest["_started_wall"]
-                e2e = delivered / span if span > 0 else 0.0
-                result["end_to_end"] = {"delivered": delivered, "complete": complete,
-                                        "rate": round(e2e, 1), "span_s": round(span, 3),
-                                        "ratio_vs_direct": round(
-                                            e2e / max(direct["rate"]["accepted_per_s"], 1e-9), 3)}
-                print(f"flood → qrelay → sink:     {e2e:>9,.0f} msg/s  ({delivered:,}/{accepted:,} "
-                      f"delivered{'' if complete else ', INCOMPLETE'})  ratio to direct "
-                      f"{result['end_to_end']['ratio_vs_direct']:.3f}", flush=True)
-            else:
-                result["end_to_end"] = None
-                print(f"end to end: nothing reached the sink within {a.idle:g}s of idle — "
-                      f"delivery is not running in this build; ingest only", flush=True)
-            qrelay.stop()
-            qrelay = None
-        if a.target:
-            other = flood(a.target, a, tmp, "target")
-            result["target"] = {"address": a.target, **summarize(other),
-                                "ratio_vs_direct": round(other["rate"]["accepted_per_s"]
-                                                         / max(direct["rate"]["accepted_per_s"], 1e-9), 3)}
-            print(f"flood → {a.target} (--target): {other['rate']['accepted_per_s']:>9,.0f} msg/s  "
-                  f"ratio to direct {result['target']['ratio_vs_direct']:.3f}", flush=True)
+        kinds = ["direct"] + ([] if a.no_qrelay else ["qrelay"]) + (["target"] if a.target else [])
+        for r in range(a.rounds):
+            # Alternate the order between rounds: the machine's load drifts.
+            order = kinds if r % 2 == 0 else kinds[::-1]
+            one: dict = {}
+            for kind in order:
+                one[kind] = run_kind(kind, sink, qrelay, a, tmp, r)
+            rounds.append(one)
+            print(f"round {r + 1}/{a.rounds}: " + "  ".join(
+                f"{k} {one[k]['rate']:,.0f}/s" + (f" (e2e {one[k]['e2e']['rate']:,.0f}/s)"
+                                                   if one[k].get("e2e") else "")
+                for k in order), flush=True)
+        result.update(combine(rounds, a))
+        report(result, a)
+        result["rounds"] = rounds
     except UsageError as exc:
         fail(PROG, str(exc))
     finally:
