@@ -44,15 +44,16 @@ def test_target_side_by_side_without_qrelay(tmp_path):
     try:
         out = tmp_path / "t.json"
         r = run_relay("-s", "4", "-m", "100", "--pipelining", "-d", "--no-qrelay",
-                      "--target", other.address, "--json", str(out))
+                      "--target", other.address, "--rounds", "2", "--json", str(out))
         assert r.returncode == 0, r.stderr
         rep = json.loads(out.read_text())
         assert rep["direct"]["accepted"] == 100
         assert rep["target"]["accepted"] == 100 and rep["target"]["ratio_vs_direct"] > 0
         assert "ingest" not in rep
+        assert len(rep["rounds"]) == 2 and "median of 2" in r.stdout
     finally:
         st = other.stop()
-    assert st["messages"] == 100
+    assert st["messages"] == 200
 
 
 def test_qrelay_unavailable_is_said_clearly(monkeypatch, capsys):
