@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from smtpload.cli import (OneLineParser, UsageError, fail, install_uvloop, nonneg_float,  # noqa: E402
                           nonneg_int, parse_hostport, percent, positive_int, write_json_atomic)
-from smtpload.server import SinkConfig, SinkServer, SinkStats  # noqa: E402
+from smtpload.server import MAX_STORED_MESSAGE, SinkConfig, SinkServer, SinkStats  # noqa: E402
 
 PROG = "sink.py"
 BACKLOG = 1024
@@ -59,6 +59,8 @@ def build_parser() -> OneLineParser:
     p.add_argument("--no-pipelining", action="store_true", help="do not announce PIPELINING")
     p.add_argument("--maildir", help="store messages in this Maildir")
     p.add_argument("--store-dir", help="store each message as one .eml file here")
+    p.add_argument("--max-store-bytes", type=positive_int, default=MAX_STORED_MESSAGE,
+                   help="when storing, refuse (552) messages larger than this (default 64 MiB)")
     p.add_argument("--hostname", default="sink.bench.test", help="name in greeting/EHLO")
     p.add_argument("--max-messages", type=nonneg_int, default=0,
                    help="exit after accepting this many messages (0 = run until signalled)")
@@ -79,7 +81,8 @@ def config_from_args(args) -> tuple[SinkConfig, str, int]:
     cfg = SinkConfig(hostname=args.hostname, tempfail=args.tempfail, permfail=args.permfail,
                      fail_at=args.fail_at, greet_fail=args.greet_fail,
                      delay=args.delay / 1000.0, pipelining=not args.no_pipelining,
-                     maildir=args.maildir, store_dir=args.store_dir, seed=args.seed)
+                     maildir=args.maildir, store_dir=args.store_dir, seed=args.seed,
+                     max_store=args.max_store_bytes)
     return cfg, host, port
 
 

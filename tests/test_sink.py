@@ -93,6 +93,17 @@ def test_store_dir_one_file_per_message_with_envelope(sinks, tmp_path):
     assert first.endswith(b"\r\nhello\r\n")
 
 
+def test_store_refuses_a_message_too_big_to_hold(sinks, tmp_path):
+    d = tmp_path / "big"
+    s = sinks("--store-dir", str(d), "--max-store-bytes", "2000")
+    with pytest.raises(smtplib.SMTPDataError) as e:
+        send(s.port, body="Subject: big\r\n\r\n" + "x" * 70 + "\r\n" * 1 + ("y" * 70 + "\r\n") * 60)
+    assert e.value.smtp_code == 552
+    send(s.port)  # the session state is clean for the next message
+    st = s.stop()
+    assert st["permfailed"] == 1 and st["messages"] == 1 and len(list(d.glob("*.eml"))) == 1
+
+
 def test_tempfail_at_end_of_data(sinks):
     s = sinks("--tempfail", "100")
     with pytest.raises(smtplib.SMTPDataError) as e:

@@ -16,12 +16,15 @@ import os
 import random
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .message import unstuff
 
 # A command line longer than this is answered 500 and discarded (memory bound).
 MAX_LINE = 4096
+# With --maildir/--store-dir, a message is held in memory until its end; a
+# bigger one is refused (552) rather than letting a client exhaust memory.
+MAX_STORED_MESSAGE = 64 * 1024 * 1024
 END = b"\r\n.\r\n"
 
 
@@ -36,6 +39,7 @@ class SinkConfig:
     pipelining: bool = True      # announce PIPELINING in the EHLO reply
     maildir: str | None = None   # store each message in this Maildir
     store_dir: str | None = None # store each message as one file here
+    max_store: int = MAX_STORED_MESSAGE  # bytes; a bigger message is refused 552 when storing
     seed: int | None = None
     tempfail_reply: bytes = b"451 4.3.0 sink: temporary failure (injected)\r\n"
     permfail_rcpt_reply: bytes = b"550 5.1.1 sink: no such user (injected)\r\n"
@@ -161,7 +165,7 @@ class SinkServer:
 
 class SinkSession(asyncio.Protocol):
     __slots__ = ("srv", "stats", "transport", "buf", "in_data", "tail", "chunks",
-                 "mail", "rcpts", "rcpt_list", "closing", "delayed", "paused")
+                 "mail", "rcpts", "rcpt_list", "closing", "delayed", "paused", "held")
 
     def __init__(self, srv: SinkServer):
         self.srv = srv
@@ -177,6 +181,7 @@ class SinkSession(asyncio.Protocol):
         self.closing = False
         self.delayed: list[bytes] = []
         self.paused = False
+        self.held = 0                # bytes of the message held for the store
 
     def connection_made(self, transport) -> None:
         srv = self.srv
@@ -270,6 +275,7 @@ class SinkSession(asyncio.Protocol):
             self.in_data = True
             self.tail = b"\r\n"  # DATA starts at a line start: ".\r\n" ends it at once
             self.chunks = [] if srv.store else None
+            self.held = 0
             out.append(b"354 go ahead\r\n")
         elif verb == b"EHLO":
             self.stats.ehlo += 1
@@ -305,13 +311,18 @@ class SinkSession(asyncio.Protocol):
                 end = k + 5
         if end < 0:
             self.stats.bytes += len(data)
-            if self.chunks is not None:
-                self.chunks.append(data)
+            chunks = self.chunks
+            if chunks is not None:
+                chunks.append(data)
+                self.held += len(data)
+                if self.held > self.srv.cfg.max_store:
+                    self.chunks = None  # keep scanning for the end, refuse it there
             self.tail = (tail + data)[-4:] if len(data) < 4 else data[-4:]
             return None
         self.stats.bytes += end
         self.in_data = False
         self.tail = b""
+        too_big = self.srv.store is not None and self.held + end > self.srv.cfg.max_store
         if self.chunks is not None:
             self.chunks.append(data[:end])
             raw = b"".join(self.chunks)
@@ -319,7 +330,12 @@ class SinkSession(asyncio.Protocol):
             wire = raw[:-3] if len(raw) >= 5 else b""
         else:
             wire = b""
-        out.append(self._end_of_data(wire))
+        self.held = 0
+        if too_big:
+            self.stats.permfailed += 1
+            out.append(b"552 5.3.4 sink: message too big to store\r\n")
+        else:
+            out.append(self._end_of_data(wire))
         self.mail = None
         self.rcpts = 0
         return data[end:]
@@ -375,6 +391,7 @@ class SinkSession(asyncio.Protocol):
             self.srv.loop.call_later(self.srv.cfg.delay, self._flush_one)
             return
         self.paused = False
+        self.held = 0                # bytes of the message held for the store
         if self.closing:
             self.transport.close()
         else:
