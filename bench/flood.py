@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -191,7 +192,8 @@ def run_inline(cfg: FloodConfig, progress) -> tuple[FloodStats, str | None]:
             run.stop()
 
         try:
-            loop.add_signal_handler(signal.SIGINT, on_sigint)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, on_sigint)
         except (RuntimeError, ValueError):
             pass  # not the main thread (a test calling main()): no Ctrl-C handling
 
@@ -210,10 +212,11 @@ def run_inline(cfg: FloodConfig, progress) -> tuple[FloodStats, str | None]:
         _settle(loop)
         return run.stats, run.unreachable
     finally:
-        try:
-            loop.remove_signal_handler(signal.SIGINT)
-        except (RuntimeError, ValueError, NotImplementedError):
-            pass
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.remove_signal_handler(sig)
+            except (RuntimeError, ValueError, NotImplementedError):
+                pass
         asyncio.set_event_loop(None)
         loop.close()
 
@@ -280,46 +283,54 @@ def run_procs(shares: list[FloodConfig], progress) -> tuple[FloodStats, str | No
     snaps: dict[int, tuple[dict, int]] = {}
     unreachable = None
     live = {w[1]: i for i, w in enumerate(workers)}
-    interrupts = 0
+    interrupts = [0]
+    sent = [0]
+    # SIGINT (even when inherited as ignored, as in a background job) and
+    # SIGTERM: first one drains, second one cuts.
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        old = {sig: signal.signal(sig, lambda *_: interrupts.__setitem__(0, interrupts[0] + 1))
+               for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         for _, c in workers:
             c.send("go")
         while live:
-            try:
-                ready = multiprocessing.connection.wait(list(live), timeout=PROGRESS_INTERVAL)
-                for c in ready:
-                    i = live[c]
-                    try:
-                        msg = c.recv()
-                    except (EOFError, OSError):
-                        del live[c]
-                        merged.conn_error("worker process died")
-                        continue
-                    if msg[0] == "tick":
-                        snaps[i] = (msg[1], msg[2])
-                    elif msg[0] == "done":
-                        merged.merge_state(msg[1])
-                        unreachable = unreachable or msg[2]
-                        snaps.pop(i, None)
-                        del live[c]
-                total = {"attempted": merged.attempted, "accepted": merged.accepted,
-                         "errors": 0, "tempfailed": merged.tempfailed,
-                         "permfailed": merged.permfailed, "conn_failed": merged.conn_failed}
-                conns = 0
-                for snap, n in snaps.values():
-                    for k in total:
-                        total[k] += snap[k]
-                    conns += n
-                total["errors"] = total["tempfailed"] + total["permfailed"] + total["conn_failed"]
-                progress.update(total, conns)
-            except KeyboardInterrupt:
-                interrupts += 1
+            if interrupts[0] > sent[0]:
+                sent[0] = interrupts[0]
                 for c in live:
                     try:
-                        c.send("stop" if interrupts == 1 else "cut")
+                        c.send("stop" if sent[0] == 1 else "cut")
                     except OSError:
                         pass
+            ready = multiprocessing.connection.wait(list(live), timeout=PROGRESS_INTERVAL)
+            for c in ready:
+                i = live[c]
+                try:
+                    msg = c.recv()
+                except (EOFError, OSError):
+                    del live[c]
+                    merged.conn_error("worker process died")
+                    continue
+                if msg[0] == "tick":
+                    snaps[i] = (msg[1], msg[2])
+                elif msg[0] == "done":
+                    merged.merge_state(msg[1])
+                    unreachable = unreachable or msg[2]
+                    snaps.pop(i, None)
+                    del live[c]
+            total = {"attempted": merged.attempted, "accepted": merged.accepted,
+                     "errors": 0, "tempfailed": merged.tempfailed,
+                     "permfailed": merged.permfailed, "conn_failed": merged.conn_failed}
+            conns = 0
+            for snap, n in snaps.values():
+                for k in total:
+                    total[k] += snap[k]
+                conns += n
+            total["errors"] = total["tempfailed"] + total["permfailed"] + total["conn_failed"]
+            progress.update(total, conns)
     finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
         for proc, c in workers:
             proc.join(timeout=5)
             if proc.is_alive():

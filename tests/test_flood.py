@@ -6,6 +6,7 @@ subprocess where the exit status and stderr are what is tested.
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -267,6 +268,27 @@ def test_procs_split_and_merge(sinks, tmp_path):
     assert rep["settings"]["procs"] == 2
     assert rep["messages"]["accepted"] == 101 and rep["latency_ms"]["transaction"]["n"] == 101
     assert s.stop()["messages"] == 101
+
+
+@pytest.mark.parametrize("procs", ["1", "2"])
+def test_sigint_stops_and_still_reports(sinks, tmp_path, procs):
+    s = sinks()
+    out = tmp_path / "i.json"
+    p = subprocess.Popen([sys.executable, str(FLOOD), s.address, "-s", "4", "--duration", "30",
+                          "-q", "--procs", procs, "-d", "--json", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)
+        p.send_signal(signal.SIGINT)
+        stdout, stderr = p.communicate(timeout=10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0, stderr
+    rep = json.loads(out.read_text())
+    assert rep["messages"]["accepted"] > 0 and rep["elapsed_s"] < 5
+    assert "messages/s" in stdout
 
 
 def test_unreachable_target_exits_2_with_one_line():
