@@ -99,13 +99,14 @@ def relay(root: Path, dns):
     """Start `qrelay run` on ROOT with routes {domain: port}; stopped afterwards."""
     started: list[RunningQrelay] = []
 
-    def start(routes: dict[str, int], toml: str = "", controls: dict[str, str] | None = None):
+    def start(routes: dict[str, int], toml: str = "", controls: dict[str, str] | None = None,
+              delivery: str = ""):
         (root / "control" / "smtproutes").write_text(
             "".join(f"{d}:127.0.0.1:{p}\n" for d, p in routes.items()))
         for name, value in (controls or {}).items():
             (root / "control" / name).write_text(value + "\n")
         (root / "qrelay.toml").write_text(
-            f'[delivery]\ndns_servers = ["{dns.address}"]\nidle_timeout = 0.2\n'
+            f'[delivery]\ndns_servers = ["{dns.address}"]\nidle_timeout = 0.2\n{delivery}'
             f"[scheduler]\npoll_interval = 0.02\n{toml}")
         q = RunningQrelay(root, procs=1)
         started.append(q)
@@ -171,6 +172,17 @@ def test_relay_delivers_and_logs(relay, sink, root):
     assert queue_count(root) == 0
     assert q.stop() == 0
     assert texts(root)[-1] == "status: exiting"
+
+
+def test_delivery_by_mx_through_the_fake_dns(relay, sink, root, dns):
+    port = sink.start()
+    dns.zone["mx.test"] = {"MX": [(10, "mail.mx.test")]}
+    dns.zone["mail.mx.test"] = {"A": ["127.0.0.1"]}
+    q = relay({}, delivery=f"mx_port = {port}\n")
+    send(q.port, ["x@mx.test"])
+    msg = wait_for(lambda: sink.messages(), what="delivery by MX")[0]
+    assert msg.rcpts == [b"RCPT TO:<x@mx.test>"]
+    assert ("mx.test", "MX") in dns.queries
 
 
 def test_5xx_bounces_and_failed_bounce_double_bounces_then_is_discarded(relay, sink, root):
