@@ -53,6 +53,7 @@ Crash states and recovery (cf. qmail, spec §5.4)
 | C8 | complete | finished with failures: `bounces` entry | waiting for the bounce to be queued | bouncing() lists it again after restart; release() after the bounce is queued (a crash in between = the bounce is queued twice at worst). |
 | C9 | unsealed segment, writer died | `segments` entry, sealed = 0 | writer killed | recover() seals it (pid gone); it is deleted when its last message finishes. |
 | C10 | any | record with bad crc / unknown version / inconsistent fields, or bytes whose header, crc or END marker do not match | disk corruption, bug | the message is copied to quarantine/ and dropped from the index with a `warning: quarantined #N` log line; the engine goes on. Found lazily by due()/read_message()/apply(), or all at once by recover(verify_bytes=True). |
+| C11 | any of the above | any of the above | the single writer process dies | its Spool is in one of C1–C8; every request in flight fails with SpoolWriteError in the receivers (451; the client resends, so a message committed just before the crash may be queued twice — at least once); receivers commit directly until a writer answers again. |
 LMDB itself is copy-on-write with a double meta page: a crash leaves the index
 at the last committed transaction, never torn.
 
