@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -195,6 +196,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3,
                     help="alternating rounds per comparison; the best of each side counts")
     ap.add_argument("--json", help="write the figures here")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (roots, logs)")
     a = ap.parse_args()
     if a.ingest >= a.queue:
         ap.error("--ingest must be smaller than --queue")
@@ -284,6 +286,8 @@ def main() -> int:
     finally:
         for p in reversed(started):
             p.stop()
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
     ok = (fig["ratio_e2e_direct"] >= 0.2 and fig["ratio_ingest_loaded_empty"] >= 0.9
           and fig["ratio_drain_e2e"] >= 0.8)
     fig["targets_met"] = ok
