@@ -19,7 +19,11 @@ noisy than rates when other work shares the cores.
 
 Measured on the shared 2-CPU VM (load average 3-6 from other work), 20 sessions,
 1 KB, 20,000 messages, medians of alternating rounds:
-  one message per connection (smtp-source defaults), 9 rounds:
+  one message per connection (smtp-source defaults), 9 rounds, calmer machine (load 2.7):
+      smtp-source 9,071/s, flood 9,617/s, flood→sink.py 9,184/s
+      flood/smtp-source 1.060 (per-round median 1.055), sink.py/smtp-sink 0.955 (1.021)
+      CPU/msg: smtp-source 95 us, flood 89 us; smtp-sink 72.5 us, sink.py 66 us
+  same, 9 rounds, busy machine (load 5-7):
       smtp-source 6,256/s, flood 5,810/s, flood→sink.py 5,417/s
       flood/smtp-source 0.929 (per-round median 0.929), sink.py/smtp-sink 0.932 (0.995)
       CPU/msg: smtp-source 94 us, flood 95 us; smtp-sink 77 us, sink.py 72.5 us
