@@ -57,11 +57,21 @@ def run_qrelay(work: Path, args: argparse.Namespace) -> tuple[dict, int]:
     from engine.queue import Spool
 
     root = init_home(work / "qrelay", me="bench.local")
-    (root / "qrelay.toml").write_text("[scheduler]\nenabled = false\n")
+    toml = "[scheduler]\nenabled = false\n"
+    if args.direct_spool:  # each receiver commits itself under LMDB's lock
+        toml += "[spool]\nsingle_writer = false\n"
+    (root / "qrelay.toml").write_text(toml)
+    env = dict(os.environ)
+    if args.slow_sync_ms:  # emulate a slow disk: every sync (LMDB's too) takes longer
+        shim = work / "spool_slowsync.so"
+        if not shim.exists():
+            subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", str(shim),
+                            str(BENCH / "spool_slowsync.c"), "-ldl"], check=True)
+        env.update(LD_PRELOAD=str(shim), SLOWSYNC_MS=str(args.slow_sync_ms))
     proc = subprocess.Popen(
         [sys.executable, "-m", "engine.cli", "run", str(root), "--listen", "127.0.0.1:0",
          "--procs", str(args.procs)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=open(work / "qrelay.log", "wb"), text=True,
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=open(work / "qrelay.log", "wb"), text=True,
         start_new_session=True)
     try:
         m = LISTEN_RE.search(proc.stdout.readline())
@@ -96,6 +106,10 @@ def main() -> int:
     p.add_argument("--sink-procs", type=int, default=None, help="sink processes (default: same as --procs)")
     p.add_argument("--flood-procs", type=int, default=1)
     p.add_argument("--flood-arg", action="append", default=[], help="extra flood.py argument (repeatable)")
+    p.add_argument("--direct-spool", action="store_true",
+                   help="receivers commit to the spool themselves instead of through the single writer")
+    p.add_argument("--slow-sync-ms", type=int, default=0,
+                   help="make every sync of qrelay's processes this many ms slower (LD_PRELOAD shim)")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--json", help="write the figures to this file")
     args = p.parse_args()

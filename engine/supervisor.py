@@ -7,8 +7,8 @@ them. It owns only process lifetimes and signals:
 
 - a child that exits or is killed is restarted, with a backoff that grows while
   it keeps dying quickly (0.1 s doubling to 10 s) and resets once it has run a while;
-- TERM/INT: run `on_stop`, forward TERM to every child, wait up to `stop_grace`
-  seconds, then KILL;
+- TERM/INT: run `on_stop`, forward TERM to the children phase by phase
+  (`ChildSpec.stop_phase`), each phase waiting up to `stop_grace` seconds before KILL;
 - HUP: forwarded to the children whose spec asks for it (the receivers reload);
 - ALRM: forwarded likewise (qmail's "flush now"; the delivery side will use it);
 - `reload_check`, polled every `reload_poll` seconds, may ask for a HUP round
@@ -48,6 +48,10 @@ class ChildSpec:
     forward_signals: frozenset[int] = field(
         default_factory=lambda: frozenset({signal.SIGHUP, signal.SIGALRM}))
     on_exit: Callable[[int], None] | None = None
+    # Children are stopped in ascending phases: a later phase gets TERM only once
+    # every child of the earlier ones has exited (the spool writer must outlive the
+    # receivers whose last messages it commits).
+    stop_phase: int = 0
 
 
 @dataclass(slots=True)
@@ -173,7 +177,13 @@ class Supervisor:
             # e.g. close the supervisor's copy of the listening sockets, so the port
             # closes as soon as the children have closed theirs.
             self.on_stop()
-        for child in self.children:
+        status = 0
+        for phase in sorted({c.spec.stop_phase for c in self.children}):
+            status |= self._stop_phase([c for c in self.children if c.spec.stop_phase == phase])
+        return status
+
+    def _stop_phase(self, children: list[_Child]) -> int:
+        for child in children:
             proc = child.process
             if proc is not None and proc.exitcode is None:
                 try:
@@ -182,7 +192,7 @@ class Supervisor:
                     pass
         deadline = time.monotonic() + self.stop_grace
         status = 0
-        for child in self.children:
+        for child in children:
             proc = child.process
             if proc is None:
                 continue

@@ -148,7 +148,7 @@ def receiver_main(root: str, sockets: list[socket.socket], counter: ConnectionCo
     import uvloop
 
     from engine.config.smtp import load_smtp_config
-    from engine.queue import Spool
+    from engine.queue.writer import open_spool_writer
 
     set_parent_death_signal()
     if os.getppid() != parent_pid:
@@ -158,7 +158,8 @@ def receiver_main(root: str, sockets: list[socket.socket], counter: ConnectionCo
     rootp = Path(root)
     try:
         config = load_smtp_config(rootp)
-        spool = Spool(rootp / "queue", config.settings.spool)
+        # Through the single spool writer when it runs (see engine/queue/writer.py).
+        spool = open_spool_writer(rootp / "queue", config.settings.spool)
     except Exception as exc:
         log.error("receiver %d cannot start: %s", os.getpid(), exc)
         raise SystemExit(1) from None

@@ -7,7 +7,9 @@ workers) are added in `service_specs`.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,35 @@ def service_specs(root: Path, config: Any) -> list[ChildSpec]:
         return []
     from engine.delivery.service import scheduler_spec
     return [scheduler_spec(root)]
+
+
+def writer_specs(root: Path, config: Any) -> list[ChildSpec]:
+    """The single spool writer (engine/queue/writer.py): every receiver's messages
+    share its group commits. Stopped last, after the receivers it commits for."""
+    if not config.settings.spool.single_writer:
+        return []
+    from engine.queue.writer import run_writer
+    from engine.smtp.receiver import set_parent_death_signal
+    spool_settings = config.settings.spool
+
+    def writer_main(slot: int) -> None:
+        set_parent_death_signal()  # no orphan writer outlives a killed supervisor
+        run_writer(root / "queue", settings=spool_settings)
+    return [ChildSpec("spool-writer", target=writer_main,
+                      forward_signals=frozenset(), stop_phase=1)]
+
+
+def _without_listeners(spec: ChildSpec, sockets: list[socket.socket]) -> ChildSpec:
+    """A service that is no receiver closes its inherited copy of the listening
+    sockets at once: otherwise the port would stay open (and queue connections
+    nobody answers) until that service exits."""
+    target = spec.target
+
+    def run(slot: int) -> None:
+        for sock in sockets:
+            sock.close()
+        target(slot)
+    return dataclasses.replace(spec, target=run)
 
 
 def serve(root: Path, listen: list[ListenAddress], procs: int,
@@ -56,8 +87,12 @@ def serve(root: Path, listen: list[ListenAddress], procs: int,
                 return True
             return False
 
+        # The writer starts first so receivers find it; each spec's stop_phase
+        # decides the order of stopping.
+        writers = [_without_listeners(s, sockets) for s in writer_specs(root, config)]
+        services = [_without_listeners(s, sockets) for s in service_specs(root, config)]
         supervisor = Supervisor(
-            [receivers, *service_specs(root, config)],
+            [*writers, receivers, *services],
             stop_grace=smtp.shutdown_grace + 2.0,
             reload_check=control_files_changed,
             reload_poll=smtp.reload_poll_seconds,
