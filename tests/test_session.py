@@ -79,7 +79,7 @@ def transaction(c: RawClient, body: bytes = b"Subject: t\r\n\r\nhello\r\n", rcpt
 
 def test_greeting_and_simple_replies(client):
     assert client.cmd(b"EHLO client.test") == (
-        f"250-{ME}\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 0\r\n".encode())
+        f"250-{ME}\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 67108864\r\n".encode())
     assert client.cmd(b"HELO client.test") == f"250 {ME}\r\n".encode()
     assert client.cmd(b"NOOP") == b"250 ok\r\n"
     assert client.cmd(b"noop with args") == b"250 ok\r\n"
@@ -205,6 +205,9 @@ def test_mail_syntax_error_and_null_sender(client):
     assert client.cmd(b"RCPT TO:<" + b"b" * 901 + b">") == b"555 syntax error (#5.5.4)\r\n"
     assert client.cmd(b"MAIL FROM x") == b"250 ok\r\n"  # qmail: no '<' or ':' = null sender
     assert client.cmd(b"MAIL FROM:<a@b> SIZE=1234 BODY=8BITMIME") == b"250 ok\r\n"
+    # databytes 0: the max_message_bytes cap is the advertised and enforced limit.
+    assert client.cmd(b"MAIL FROM:<a@b> SIZE=67108865") == (
+        b"552 sorry, that message size exceeds my databytes limit (#5.3.4)\r\n")
 
 
 def test_size_over_databytes_refused_at_mail(make_server, connect):

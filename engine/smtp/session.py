@@ -164,7 +164,9 @@ class SmtpSession(asyncio.Protocol):
                     break
                 digits += c
             databytes = int(digits) if digits else 0
-        self.databytes = databytes
+        # The limit actually enforced: databytes, else the max_message_bytes cap
+        # (0 only if that is switched off too). EHLO's SIZE and MAIL's SIZE= use it.
+        self.databytes = databytes if databytes > 0 else st.max_message_bytes
         self.timeout = cfg.timeout if cfg.timeout > 0 else 1
         self.me = cfg.me
         self.greeting = cfg.greeting
@@ -172,7 +174,7 @@ class SmtpSession(asyncio.Protocol):
         self.max_hops = st.max_hops
         self.refuse_bare_cr = st.refuse_bare_cr
         self.reader = LineReader(st.max_line_length)
-        self.scanner = DataScanner(databytes if databytes > 0 else st.max_message_bytes)
+        self.scanner = DataScanner(self.databytes)
         rbl = env.get("RBLSMTPD")
         if rbl:
             self._start_rbl_block(rbl)
