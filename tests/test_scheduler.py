@@ -106,7 +106,7 @@ def test_delivers_groups_by_domain_and_keeps_local_pending(env):
         ("remote", "delivered"), ("remote", "delivered"), ("remote", "delivered"), ("local", "pending")]
     texts = log_texts(tmp)
     assert f"new msg {mid}" in texts
-    assert f"info msg {mid}: bytes {len(MSG)} from <a@src.test> qp 77 uid 5" in texts
+    assert f"info msg {mid}: bytes {len(MSG)} from <a@src.test> qp {mid} uid 5" in texts
     assert any(t.startswith("starting delivery ") and t.endswith(f"msg {mid} to remote x@d1.test") for t in texts)
     assert "status: local 0/10 remote 1/20" in texts or "status: local 0/10 remote 2/20" in texts
     assert sum(1 for t in texts if t.endswith(": success: 127.0.0.1_accepted_message./Remote_host_said:_250_ok/")) == 3
@@ -170,8 +170,13 @@ def test_permanent_failure_bounces_once_after_all_recipients_finish(env):
     assert "<bad@d1.test>:\r\n127.0.0.1 does not like recipient." in text
     assert "ok@d2.test" not in text
     texts = log_texts(tmp)
-    assert f"bounce msg {mid} qp 4242" in texts and f"end msg {mid}" in texts
-    assert texts.index(f"bounce msg {mid} qp 4242") < texts.index(f"end msg {mid}")
+    bounce_line = next(t for t in texts if t.startswith(f"bounce msg {mid} qp "))
+    bounce_id = int(bounce_line.rsplit(" ", 1)[1])
+    assert bounce_id != mid  # qp = the bounce's own id, which its info line repeats
+    assert any(t.startswith(f"info msg {bounce_id}: bytes ") and t.endswith(f"from <> qp {bounce_id} uid 0")
+               for t in texts)
+    assert f"end msg {mid}" in texts
+    assert texts.index(bounce_line) < texts.index(f"end msg {mid}")
     assert spool.stats().messages == 0
 
 

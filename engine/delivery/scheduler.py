@@ -395,7 +395,10 @@ class Scheduler:
             except SpoolError:
                 continue  # gone or quarantined (the spool logged why)
             self.log.new_msg(msgid)
-            self.log.info_msg(msgid, info.size, info.sender, info.pid, info.uid)
+            # qp = the id the queueing step got back: the "qp" of the client's
+            # `250 ok <time> qp <id>` and of `bounce msg N qp <id>`, so one grep
+            # follows a message from the SMTP reply through the log.
+            self.log.info_msg(msgid, info.size, info.sender, msgid, info.uid)
             routed = [self.classify(r.address) for r in info.recipients]
             items.append((msgid, [c for c, _ in routed], [a for _, a in routed]))
         try:
@@ -620,8 +623,8 @@ class Scheduler:
         try:
             # Queue the bounce first, then release the original: a crash in
             # between costs a duplicate bounce, never a lost one.
-            await self.spool.submit(Envelope(bounce.sender, (bounce.recipient,), self.qp, 0,
-                                             "bounce"), bounce.message)
+            bounce_id = await self.spool.submit(Envelope(bounce.sender, (bounce.recipient,),
+                                                         self.qp, 0, "bounce"), bounce.message)
         except Exception:
             self.log.warning("trouble injecting bounce message, will try later")
             self._bounce_retry_at[msgid] = self.clock() + 123
@@ -630,7 +633,7 @@ class Scheduler:
             self.bouncing_now.discard(msgid)
             self.wake()
         self._bounce_retry_at.pop(msgid, None)
-        self.log.bounce_msg(msgid, self.qp)
+        self.log.bounce_msg(msgid, bounce_id)
         self._release(msgid)
 
     def _release(self, msgid: int) -> None:
