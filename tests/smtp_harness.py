@@ -178,6 +178,7 @@ class RunningQrelay:
 
     def __init__(self, root: Path, procs: int = 2, extra: tuple[str, ...] = (), timeout: float = 20.0) -> None:
         self.root = root
+        self.stderr_text = ""
         disable_scheduler(root)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "engine.cli", "run", str(root), "--listen", "127.0.0.1:0",
@@ -243,6 +244,8 @@ class RunningQrelay:
             pass
         if self.proc.poll() is None:
             self.proc.wait(5)
+        if self.proc.stderr and not self.proc.stderr.closed:
+            self.stderr_text = self.proc.stderr.read()  # the log of the whole run
         for f in (self.proc.stdout, self.proc.stderr):
             if f:
                 f.close()

@@ -98,6 +98,7 @@ def test_run_accepts_and_queues_and_stops_cleanly(qrelay, root):
     assert sorted(m[0] for m in msgs) == sorted(ids)  # qp = the spool's message id (qread's #id)
     assert all(m[1] == "a@example.org" and m[2] == ("x@sink.test",) for m in msgs)
     assert q.stop() == 0
+    assert "Traceback" not in q.stderr_text, q.stderr_text  # a clean stop logs no stack
     assert not any(alive(k) for k in kids)
 
 
@@ -207,8 +208,12 @@ def test_sigalrm_is_harmless(qrelay):
     send(q.port, 1)
 
 
-def test_sigterm_lets_the_message_in_flight_finish(qrelay, root):
+@pytest.mark.parametrize("whole_group", [False, True], ids=["supervisor", "process-group"])
+def test_sigterm_lets_the_message_in_flight_finish(qrelay, root, whole_group):
+    # A service manager often sends TERM to every process at once: the spool
+    # writer must then still commit what the receivers finish.
     q = qrelay(procs=1)
+    first = send(q.port, 1)  # the receiver now talks to the spool writer
     c = RawClient(q.port)
     c.line()
     idle = RawClient(q.port)
@@ -217,7 +222,10 @@ def test_sigterm_lets_the_message_in_flight_finish(qrelay, root):
     c.cmd(b"RCPT TO:<x@sink.test>")
     c.cmd(b"DATA")
     c.send(b"Subject: in flight\r\n\r\nfirst half\r\n")
-    os.kill(q.pid, signal.SIGTERM)
+    if whole_group:
+        os.killpg(q.pid, signal.SIGTERM)
+    else:
+        os.kill(q.pid, signal.SIGTERM)
     time.sleep(0.5)
     assert idle.reply().startswith(b"421 ")
     with pytest.raises(ConnectionRefusedError):  # no longer accepting, even in the backlog
@@ -225,7 +233,9 @@ def test_sigterm_lets_the_message_in_flight_finish(qrelay, root):
     c.send(b"second half\r\n.\r\n")
     assert OK_RE.match(c.reply())
     assert q.proc.wait(10) == 0
-    assert [m[2] for m in queued(root)] == [("x@sink.test",)]
+    assert [m[2] for m in queued(root)] == [("x@sink.test",)] * 2
+    assert first[0] in [m[0] for m in queued(root)]
+    assert "Traceback" not in q.proc.stderr.read()
     c.close()
     idle.close()
 
@@ -281,3 +291,20 @@ def test_port_closes_promptly_on_sigterm(qrelay):
     assert q.proc.wait(10) == 0
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", q.port), timeout=2).close()
+
+
+def test_full_run_with_scheduler_stops_without_a_traceback(root):
+    # Every service up (writer, receivers, scheduler); the route goes to a closed
+    # loopback port, so the message is deferred and no DNS is asked.
+    (root / "qrelay.toml").write_text("[scheduler]\nenabled = true\n")
+    (root / "control" / "smtproutes").write_text(":127.0.0.1:9\n")
+    q = RunningQrelay(root, procs=2)
+    try:
+        assert len(q.children()) == 4  # spool writer, two receivers, scheduler
+        send(q.port, 2)
+        time.sleep(0.5)
+    finally:
+        status = q.stop()
+    assert status == 0
+    assert "Traceback" not in q.stderr_text, q.stderr_text
+    assert len(queued(root)) == 2  # deferred, still queued

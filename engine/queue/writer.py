@@ -98,6 +98,7 @@ class SpoolWriterServer:
         self.spool = spool
         self.socket_path = str(socket_path)
         self._server: asyncio.AbstractServer | None = None
+        self._connections: set[asyncio.StreamWriter] = set()
 
     async def start(self) -> None:
         try:
@@ -107,14 +108,29 @@ class SpoolWriterServer:
         self._server = await asyncio.start_unix_server(self._serve, self.socket_path)
         os.chmod(self.socket_path, 0o600)
 
-    async def close(self) -> None:
+    async def drain(self, timeout: float) -> None:
+        """Accept no new connection; wait (at most `timeout` s) until every
+        client has closed its connection."""
         if self._server is not None:
             self._server.close()
+        deadline = time.monotonic() + timeout
+        while self._connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        """Stop serving: no new connections, and the open ones end after the
+        requests they already sent are committed and answered (at shutdown the
+        receivers have stopped before the writer, so none is in flight)."""
+        if self._server is not None:
+            self._server.close()
+            for conn in list(self._connections):
+                conn.close()  # its handler sees EOF and finishes what it sent
             await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         limit = self.spool.settings.max_frame_bytes
         pending: set[asyncio.Task] = set()
+        self._connections.add(writer)
         try:
             while True:
                 (n,) = _LEN.unpack(await reader.readexactly(_LEN.size))
@@ -126,7 +142,12 @@ class SpoolWriterServer:
                 task.add_done_callback(pending.discard)
         except (asyncio.IncompleteReadError, ConnectionError, FrameError):
             pass
+        except asyncio.CancelledError:
+            # The loop is shutting down: end this connection quietly (a traceback
+            # from the stream machinery would be noise in the operator's log).
+            pass
         finally:
+            self._connections.discard(writer)
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
             writer.close()
@@ -310,9 +331,15 @@ def open_spool_writer(queue_dir: Path | str,
 
 def run_writer(queue_dir: Path | str, socket_path: Path | str | None = None,
                settings: SpoolSettings | None = None,
-               on_ready: Callable[[], None] | None = None) -> None:
+               on_ready: Callable[[], None] | None = None,
+               drain_seconds: float = 10.0) -> None:
     """Run the single writer in this process until SIGTERM/SIGINT: open the
-    spool, serve the socket, then commit what is in flight and close."""
+    spool, serve the socket, then commit what is in flight and close.
+
+    TERM often reaches the whole process group at once (a service manager, a
+    terminal, `timeout`), so the receivers are still finishing their last
+    transactions when the writer hears it: it keeps serving the connections it
+    has until their receivers close them, at most `drain_seconds`."""
     import signal
 
     async def main() -> None:
@@ -327,6 +354,7 @@ def run_writer(queue_dir: Path | str, socket_path: Path | str | None = None,
             if on_ready is not None:
                 on_ready()
             await stop.wait()
+            await server.drain(drain_seconds)
         finally:
             await server.close()
             spool.close()

@@ -42,7 +42,8 @@ def writer_specs(root: Path, config: Any) -> list[ChildSpec]:
 
     def writer_main(slot: int) -> None:
         set_parent_death_signal()  # no orphan writer outlives a killed supervisor
-        run_writer(root / "queue", settings=spool_settings)
+        run_writer(root / "queue", settings=spool_settings,
+                   drain_seconds=config.settings.smtp.shutdown_grace + 1.0)
     return [ChildSpec("spool-writer", target=writer_main,
                       forward_signals=frozenset(), stop_phase=1)]
 
