@@ -69,6 +69,9 @@ BOUNCE_SCAN_INTERVAL = 5.0
 
 
 Deliver = Callable[[str, str, Sequence[str], bytes], Awaitable[list]]
+# The same call with the message's spool id in place of its bytes: for a
+# deliverer that reads the spool itself (engine.delivery.workers.WorkerPool).
+DeliverById = Callable[[str, str, Sequence[str], int], Awaitable[list]]
 Classify = Callable[[str], tuple[str, str]]
 
 
@@ -278,11 +281,15 @@ class ReadyJobs:
 class Scheduler:
     """The scheduling loop; one per `qrelay run` (see the module docstring)."""
 
-    def __init__(self, spool: Spool, deliver: Deliver, log: QmailSendLog,
+    def __init__(self, spool: Spool, deliver: Deliver | DeliverById, log: QmailSendLog,
                  config: SchedulerConfig, classify: Classify, *,
-                 clock: Callable[[], float] = time.time, qp: int = 0) -> None:
+                 clock: Callable[[], float] = time.time, qp: int = 0,
+                 deliver_by_id: bool = False) -> None:
         self.spool = spool
         self.deliver = deliver
+        # True: `deliver` takes the msgid and reads the bytes itself (they are
+        # then never read, nor copied, in this process).
+        self.deliver_by_id = deliver_by_id
         self.log = log
         self.config = config
         self.classify = classify
@@ -474,10 +481,13 @@ class Scheduler:
         first = jobs[0]
         reports: list[tuple[str, str]] = []
         try:
-            try:
-                message = self.spool.read_message(first.msgid)
-            except SpoolError:
-                message = None
+            if self.deliver_by_id:
+                message = first.msgid
+            else:
+                try:
+                    message = self.spool.read_message(first.msgid)
+                except SpoolError:
+                    message = None
             if message is None:
                 reports = [("Z", UNREADABLE_TEXT)] * len(jobs)
             else:

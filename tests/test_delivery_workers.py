@@ -1,0 +1,215 @@
+"""Delivery worker processes (engine.delivery.workers): frames, and `qrelay run`
+with `[delivery] worker_procs = 2` end to end to loopback sinks.
+
+Routes go through control/smtproutes to 127.0.0.1 and the resolver is a fake
+DNS server (never the machine's). Every process started here is stopped by
+its pid (RunningQrelay kills its own process group at the end).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.delivery.remote import RecipientResult
+from engine.delivery.workers import (BAD_JOB, MAX_FRAME, OK, FrameError, WorkerPool,
+                                     decode_job, decode_result, encode_error, encode_job,
+                                     encode_results, read_frame)
+from tests.conftest import run_cli
+from tests.fakedns import FakeDns
+from tests.smtp_harness import RunningQrelay
+from tests.test_delivery_e2e import ThreadSink, send, texts, wait_for
+
+
+# --- frames (in process) -------------------------------------------------------------
+
+def test_job_and_result_frames_round_trip():
+    frame = encode_job(7, 12345, "dom.test", "a@src.test", ["x@dom.test", "\udcff@dom.test"])
+    body = frame[4:]
+    assert int.from_bytes(frame[:4], "big") == len(body)
+    assert decode_job(body) == (7, 12345, "dom.test", "a@src.test", ["x@dom.test", "\udcff@dom.test"])
+    res = encode_results(7, [RecipientResult("x", "K", "ok\n"), RecipientResult("y", "D", "no\n")])
+    assert decode_result(res[4:]) == (7, OK, [("K", "ok\n"), ("D", "no\n")])
+    assert decode_result(encode_error(9, BAD_JOB, "bad")[4:]) == (9, BAD_JOB, "bad")
+
+
+@pytest.mark.parametrize("body", [b"", b"\0" * 15, encode_job(1, 2, "d", "s", ["r"])[4:-1],
+                                  encode_job(1, 2, "d", "s", ["r"])[4:] + b"x",
+                                  b"\0" * 16 + b"\xff\xff\xff\xff"])
+def test_malformed_job_frames_are_a_frame_error(body):
+    with pytest.raises(FrameError):
+        decode_job(body)
+
+
+def test_oversized_frames_are_refused_both_ways():
+    with pytest.raises(FrameError, match="limit"):
+        encode_job(1, 2, "d", "s", ["r" * 1000] * (MAX_FRAME // 1000 + 1))
+
+    async def read(data: bytes):
+        reader = asyncio.StreamReader()
+        reader.feed_data(data)
+        reader.feed_eof()
+        return await read_frame(reader)
+    with pytest.raises(FrameError, match="over"):
+        asyncio.run(read((MAX_FRAME + 1).to_bytes(4, "big") + b"x"))
+    with pytest.raises(FrameError, match="inside a frame"):
+        asyncio.run(read((10).to_bytes(4, "big") + b"x"))
+    assert asyncio.run(read(b"")) is None
+
+
+def test_one_domain_always_maps_to_one_worker():
+    pool = WorkerPool("/nonexistent", 3)
+    slots = {pool.worker_for(f"d{i}.test") for i in range(50)}
+    assert slots == {0, 1, 2}
+    assert all(pool.worker_for("Dom.Test") == pool.worker_for("dom.test") for _ in range(3))
+
+
+# --- qrelay run with worker_procs = 2 --------------------------------------------------
+
+@pytest.fixture
+def sinks():
+    s = ThreadSink()
+    yield s
+    for sink in s.sinks:       # ThreadSink.close() stops only the current one
+        s._call(sink.stop())
+    s.close()
+
+
+@pytest.fixture
+def dns():
+    with FakeDns({}) as server:
+        yield server
+
+
+@pytest.fixture
+def relay(root: Path, dns):
+    started: list[RunningQrelay] = []
+
+    def start(routes: dict[str, int], delivery: str = "", scheduler: str = ""):
+        (root / "control" / "smtproutes").write_text(
+            "".join(f"{d}:127.0.0.1:{p}\n" for d, p in routes.items()))
+        (root / "qrelay.toml").write_text(
+            f'[delivery]\ndns_servers = ["{dns.address}"]\nworker_procs = 2\n{delivery}'
+            f"[scheduler]\npoll_interval = 0.02\nstop_grace = 3\n{scheduler}")
+        q = RunningQrelay(root, procs=1)
+        started.append(q)
+        return q
+
+    yield start
+    for q in started:
+        q.stop()
+
+
+def children_of(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[1]) == pid:
+            kids.append(int(entry))
+    return sorted(kids)
+
+
+def is_worker(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"engine.delivery.workers" in f.read()
+    except OSError:
+        return False
+
+
+def scheduler_pid(root: Path) -> int:
+    return wait_for(lambda: (root / "log" / "scheduler.pid").exists()
+                    and int((root / "log" / "scheduler.pid").read_text()), what="scheduler pid")
+
+
+def workers_of(root: Path) -> list[int]:
+    return [p for p in children_of(scheduler_pid(root)) if is_worker(p)]
+
+
+def successes(root: Path) -> int:
+    return sum(bool(re.match(r"delivery \d+: success: ", t)) for t in texts(root))
+
+
+def test_many_domains_through_two_workers_with_connection_reuse(relay, sinks, root):
+    port_a = sinks.start()
+    sink_a = sinks.current
+    port_b = sinks.start()
+    sink_b = sinks.current
+    routes = {f"a{i}.test": port_a for i in range(3)} | {f"b{i}.test": port_b for i in range(3)}
+    # One delivery at a time per domain and long-lived idle connections: if
+    # every job of a domain goes to the same worker, one connection carries them all.
+    q = relay(routes, delivery="idle_timeout = 10\n",
+              scheduler="per_destination_concurrency = 1\n")
+    assert len(wait_for(lambda: len(workers_of(root)) == 2 and workers_of(root),
+                        what="2 workers")) == 2
+    send(q.port, ["x@a0.test"], n=8, tag="a")
+    send(q.port, ["y@b0.test"], n=8, tag="b")
+    send(q.port, [f"z@{d}" for d in routes], n=2, tag="all")   # 6 domains, both sinks
+    wait_for(lambda: successes(root) == 8 + 8 + 12, what="28 successes")
+    msgs = sinks.messages()
+    assert len(msgs) == 8 + 8 + 12
+    for sink, only in ((sink_a, "a0.test"), (sink_b, "b0.test")):
+        conns = [c for c in sink.connections
+                 if any(f"@{only}>".encode() in r for t in c.transactions for r in t.rcpts)]
+        assert len(conns) == 1, f"{only} used {len(conns)} connections"
+    assert not any("worker died" in t for t in texts(root))
+    assert q.stop() == 0
+
+
+def test_kill9_of_a_worker_defers_its_jobs_restarts_it_and_flush_delivers(relay, sinks, root):
+    port = sinks.start(delay=0.8)
+    domains = ["a0.test", "a1.test", "a2.test", "a3.test"]
+    q = relay({d: port for d in domains})
+    before = wait_for(lambda: len(workers_of(root)) == 2 and workers_of(root), what="2 workers")
+    for d in domains:
+        send(q.port, [f"x@{d}"], n=3, tag=d)
+    # Deliveries are running (the sink holds each message 0.8 s) on both workers.
+    wait_for(lambda: sum(t.startswith("starting delivery") for t in texts(root)) >= 12,
+             what="12 deliveries started")
+    time.sleep(0.3)
+    victim = before[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: any("worker died. Possible duplicate!" in t.replace("_", " ")
+                         for t in texts(root)), what="deferrals for the dead worker")
+    wait_for(lambda: any(re.match(r"warning: delivery worker \d pid %d exited \(signal 9\) with [1-9]"
+                                  % victim, t.replace("_", " "))
+                         for t in texts(root)), what="the warning about the dead worker")
+    after = wait_for(lambda: len(workers_of(root)) == 2 and workers_of(root), what="restarted worker")
+    assert victim not in after and before[1] in after
+    wait_for(lambda: successes(root) + sum("deferral:" in t for t in texts(root)) >= 12,
+             what="every first attempt recorded")
+    sinks.current.delay = 0.0
+    assert run_cli("flush", str(root)).returncode == 0
+    wait_for(lambda: {re.search(rb"Subject: (\S+)", m.content).group(1) for m in sinks.messages()}
+             >= {f"{d}{i}".encode() for d in domains for i in range(3)},
+             timeout=15, what="every message delivered after flush")
+    assert q.stop() == 0
+
+
+def test_term_stops_scheduler_and_workers_cleanly(relay, sinks, root):
+    port = sinks.start()
+    q = relay({"a.test": port, "b.test": port})
+    workers = wait_for(lambda: len(workers_of(root)) == 2 and workers_of(root), what="2 workers")
+    sched = scheduler_pid(root)
+    send(q.port, ["x@a.test", "y@b.test"], n=3)
+    wait_for(lambda: successes(root) == 6, what="6 successes")
+    os.kill(q.pid, signal.SIGTERM)
+    assert q.proc.wait(15) == 0
+    # Checked before RunningQrelay.stop() SIGKILLs the process group.
+    stray = [p for p in [sched, *workers] if os.path.exists(f"/proc/{p}") and
+             open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
+    assert stray == []
+    q.stop()
+    assert "Traceback" not in q.stderr_text
+    assert texts(root)[-1] == "status: exiting"
