@@ -6,6 +6,7 @@ flood → sink directly, measured in the same run.
     python bench/relay.py -s 50 -m 20000 --procs 2 --pipelining -d --json r.json
     python bench/relay.py --target 127.0.0.1:25    # also the same load against another server
     python bench/relay.py --rounds 5               # alternating rounds, medians
+    python bench/relay.py --delivery-procs 0,2 --domains 8   # worker_procs 0 vs 2, same run
 
 Steps: start bench/sink.py; flood it directly (the baseline); `qrelay init` a
 temporary root whose control/smtproutes sends everything to the sink; start
@@ -15,9 +16,13 @@ sink's count stops growing for --idle seconds, delivery is not happening and
 only ingest is reported (detected, never waited out). With --target, the same
 flood runs against that server too, for side-by-side numbers. Every process
 started is stopped by its pid. Exit 2 (one line) if the set-up cannot run.
+With --delivery-procs A,B,... one root per value (`[delivery] worker_procs`)
+runs side by side and each is flooded in turn in every round; the first is
+the `qrelay` figure, the others are reported with their ratio to it.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -53,6 +58,10 @@ def build_parser() -> OneLineParser:
     p.add_argument("--flood-procs", type=positive_int, default=1, help="flood.py --procs")
     p.add_argument("--procs", type=positive_int, default=1, help="qrelay run --procs")
     p.add_argument("--sink-procs", type=positive_int, default=1, help="sink.py --procs")
+    p.add_argument("--delivery-procs", type=procs_list, default=None, metavar="N[,N...]",
+                   help="[delivery] worker_procs of qrelay; several = compared in the same run")
+    p.add_argument("--domains", type=positive_int, default=1,
+                   help="recipient domains d0.test.. (default 1: flood's sink.test)")
     p.add_argument("--target", metavar="HOST:PORT",
                    help="also flood this server (any MTA) with the same load")
     p.add_argument("--no-qrelay", action="store_true", help="skip qrelay (with --target)")
@@ -67,6 +76,22 @@ def build_parser() -> OneLineParser:
     return p
 
 
+def procs_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
+    if any(v < 0 for v in values) or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"need distinct integers >= 0: {text!r}")
+    return values
+
+
+def qrelay_kinds(a) -> list[str]:
+    """`qrelay` (the first --delivery-procs value), then `qrelay_dpN` for the others."""
+    extra = (a.delivery_procs or [])[1:]
+    return ["qrelay"] + [f"qrelay_dp{n}" for n in extra]
+
+
 def flood(target: str, a, tmp: Path, tag: str) -> dict:
     out = tmp / f"flood-{tag}.json"
     cmd = [sys.executable, str(HERE / "flood.py"), target, "-s", str(a.sessions),
@@ -76,6 +101,9 @@ def flood(target: str, a, tmp: Path, tag: str) -> dict:
         cmd.append("--pipelining")
     if a.reuse:
         cmd.append("-d")
+    if a.domains > 1:
+        for i in range(a.domains):
+            cmd += ["--domain", f"d{i}.test"]
     started = time.time()
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if res.returncode != 0:
@@ -166,7 +194,7 @@ def run_kind(kind: str, sink: SinkProcess, qrelay, a, tmp: Path, r: int) -> dict
     if kind == "target":
         return summarize(flood(a.target, a, tmp, f"target{r}"))
     base = sink.stats().get("messages", 0)
-    rep = flood(f"127.0.0.1:{qrelay.port}", a, tmp, f"qrelay{r}")
+    rep = flood(f"127.0.0.1:{qrelay[kind].port}", a, tmp, f"{kind}{r}")
     out = summarize(rep)
     accepted = rep["messages"]["accepted"]
     st, complete = wait_delivery(sink, base + accepted, a)
@@ -202,6 +230,15 @@ def combine(rounds: list[dict], a) -> dict:
                                  "ratio_vs_direct": round(rate / direct, 3) if direct else None}
         else:
             out["end_to_end"] = None
+    for kind in qrelay_kinds(a)[1:]:
+        e2es = [r[kind]["e2e"] for r in rounds if r[kind]["e2e"]]
+        rate = med(e["rate"] for e in e2es) if e2es else None
+        base = (out.get("end_to_end") or {}).get("rate")
+        out.setdefault("compare", {})[kind] = {
+            "worker_procs": int(kind[len("qrelay_dp"):]),
+            "ingest_rate": med(r[kind]["rate"] for r in rounds),
+            "e2e_rate": rate, "complete": bool(e2es) and all(e["complete"] for e in e2es),
+            "ratio_e2e_vs_qrelay": round(rate / base, 3) if rate and base else None}
     if "target" in rounds[0]:
         rate = med(r["target"]["rate"] for r in rounds)
         out["target"] = {"address": a.target, "rate": rate,
@@ -224,6 +261,11 @@ def report(result: dict, a) -> None:
         else:
             print(f"end to end: nothing reached the sink within {a.idle:g}s of idle — "
                   f"delivery is not running in this build; ingest only")
+    for kind, c in result.get("compare", {}).items():
+        e2e = f"{c['e2e_rate']:>9,.0f}" if c["e2e_rate"] is not None else "     none"
+        ratio = f"{c['ratio_e2e_vs_qrelay']:.3f}" if c["ratio_e2e_vs_qrelay"] else "-"
+        print(f"  with worker_procs = {c['worker_procs']}: e2e {e2e} msg/s"
+              f"{'' if c['complete'] else ' INCOMPLETE'}  ratio to the first {ratio}")
     if "target" in result:
         t = result["target"]
         print(f"flood → {t['address']} (--target): {t['rate']:>9,.0f} msg/s  "
@@ -248,21 +290,31 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"load": {"sessions": a.sessions, "messages": a.messages, "size": a.size,
                              "rcpts": a.rcpts, "pipelining": a.pipelining, "reuse": a.reuse,
                              "flood_procs": a.flood_procs, "qrelay_procs": a.procs,
-                             "sink_procs": a.sink_procs}}
-    sink = qrelay = None
+                             "sink_procs": a.sink_procs, "domains": a.domains,
+                             "delivery_procs": a.delivery_procs}}
+    sink = None
+    qrelay: dict[str, QrelayProcess] = {}
     rounds: list[dict] = []
     try:
         sink = SinkProcess(tmp / "sink", "--quiet", "--procs", str(a.sink_procs))
-        if not a.no_qrelay:
-            root = tmp / "root"
+        qkinds = [] if a.no_qrelay else qrelay_kinds(a)
+        for kind, dprocs in zip(qkinds, a.delivery_procs or [None]):
+            root = tmp / ("root" if kind == "qrelay" else f"root_{kind}")
             res = subprocess.run([sys.executable, "-m", "engine.cli", "init", str(root),
                                   "--me", "relay.bench.test"], cwd=REPO, capture_output=True,
                                  text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
             if res.returncode != 0:
                 raise UsageError(f"qrelay init failed: {res.stderr.strip()}")
             (root / "control" / "smtproutes").write_text(f":127.0.0.1:{sink.port}\n")
-            qrelay = QrelayProcess(root, a.procs, tmp / "qrelay.log")
-        kinds = ["direct"] + ([] if a.no_qrelay else ["qrelay"]) + (["target"] if a.target else [])
+            if dprocs is not None:
+                toml = root / "qrelay.toml"
+                text = toml.read_text() if toml.exists() else ""
+                if "[delivery]" in text:
+                    raise UsageError(f"{toml} already has a [delivery] table")
+                toml.write_text(text + f"\n[delivery]\nworker_procs = {dprocs}\n")
+            log_name = "qrelay.log" if kind == "qrelay" else f"{kind}.log"
+            qrelay[kind] = QrelayProcess(root, a.procs, tmp / log_name)
+        kinds = ["direct"] + qkinds + (["target"] if a.target else [])
         for r in range(a.rounds):
             # Alternate the order between rounds: the machine's load drifts.
             order = kinds if r % 2 == 0 else kinds[::-1]
@@ -280,8 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         fail(PROG, str(exc))
     finally:
-        if qrelay is not None:
-            qrelay.stop()
+        for q in qrelay.values():
+            q.stop()
         if sink is not None:
             sink.stop()
         if a.keep:
