@@ -11,6 +11,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -60,6 +61,54 @@ def test_oversized_frames_are_refused_both_ways():
     with pytest.raises(FrameError, match="inside a frame"):
         asyncio.run(read((10).to_bytes(4, "big") + b"x"))
     assert asyncio.run(read(b"")) is None
+
+
+class FakeSpool:
+    def read_message(self, msgid: int) -> bytes:
+        if msgid == 404:
+            raise KeyError("#404 is gone")
+        return b"Subject: x\r\n\r\nbody\r\n"
+
+
+class FakeRemote:
+    def __init__(self) -> None:
+        self.calls = []
+
+    async def deliver(self, domain, sender, rcpts, message):
+        self.calls.append((domain, sender, list(rcpts), message))
+        await asyncio.sleep(0.01)
+        return [RecipientResult(r, "K", f"ok {r}\n") for r in rcpts]
+
+
+def test_worker_server_answers_jobs_bad_frames_and_stops_on_an_oversized_one(capfd):
+    from engine.delivery.workers import UNREADABLE, WorkerServer
+
+    async def main():
+        a, b = socket.socketpair()
+        remote = FakeRemote()
+        reader, writer = await asyncio.open_unix_connection(sock=a)
+        server = WorkerServer(FakeSpool(), remote, reader, writer)
+        serving = asyncio.ensure_future(server.serve())
+        creader, cwriter = await asyncio.open_unix_connection(sock=b)
+        bad = encode_job(3, 1, "d", "s", ["r"])
+        cwriter.write(encode_job(1, 7, "d.test", "a@s.test", ["x@d.test", "y@d.test"]))
+        cwriter.write(encode_job(2, 404, "d.test", "a@s.test", ["x@d.test"]))
+        cwriter.write(bad[:3] + bytes([bad[3] + 1]) + bad[4:] + b"!")   # stray byte
+        answers = {}
+        for _ in range(3):
+            jobid, status, payload = decode_result(await read_frame(creader))
+            answers[jobid] = (status, payload)
+        assert answers[1] == (OK, [("K", "ok x@d.test\n"), ("K", "ok y@d.test\n")])
+        assert answers[2][0] == UNREADABLE and "404" in answers[2][1]
+        assert answers[3][0] == BAD_JOB and "stray" in answers[3][1]
+        assert remote.calls == [("d.test", "a@s.test", ["x@d.test", "y@d.test"],
+                                 b"Subject: x\r\n\r\nbody\r\n")]
+        cwriter.write((MAX_FRAME + 1).to_bytes(4, "big"))
+        await asyncio.wait_for(serving, 5)          # returns, no exception
+        writer.close()
+        cwriter.close()
+    asyncio.run(main())
+    assert "over the" in capfd.readouterr().err
 
 
 def test_one_domain_always_maps_to_one_worker():
@@ -197,15 +246,22 @@ def test_kill9_of_a_worker_defers_its_jobs_restarts_it_and_flush_delivers(relay,
     assert q.stop() == 0
 
 
-def test_term_stops_scheduler_and_workers_cleanly(relay, sinks, root):
-    port = sinks.start()
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "mid-delivery"])
+def test_term_stops_scheduler_and_workers_cleanly(relay, sinks, root, busy):
+    port = sinks.start(delay=0.7 if busy else 0.0)
     q = relay({"a.test": port, "b.test": port})
     workers = wait_for(lambda: len(workers_of(root)) == 2 and workers_of(root), what="2 workers")
     sched = scheduler_pid(root)
     send(q.port, ["x@a.test", "y@b.test"], n=3)
-    wait_for(lambda: successes(root) == 6, what="6 successes")
+    if busy:   # TERM while the sink holds messages: they finish (stop_grace), then all exit
+        wait_for(lambda: sum(t.startswith("starting delivery") for t in texts(root)) >= 6,
+                 what="deliveries running")
+    else:
+        wait_for(lambda: successes(root) == 6, what="6 successes")
     os.kill(q.pid, signal.SIGTERM)
     assert q.proc.wait(15) == 0
+    if busy:
+        assert successes(root) == 6
     # Checked before RunningQrelay.stop() SIGKILLs the process group.
     stray = [p for p in [sched, *workers] if os.path.exists(f"/proc/{p}") and
              open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
