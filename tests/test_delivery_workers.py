@@ -269,3 +269,17 @@ def test_term_stops_scheduler_and_workers_cleanly(relay, sinks, root, busy):
     q.stop()
     assert "Traceback" not in q.stderr_text
     assert texts(root)[-1] == "status: exiting"
+
+
+def test_pool_close_answers_callers_waiting_for_a_worker():
+    async def main():
+        pool = WorkerPool("/nonexistent", 2, stop_grace=0.1)   # never started: no worker up
+        waiting = asyncio.ensure_future(pool.deliver("d.test", "s@x", ["r@d.test"], 1))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        await pool.close()
+        got = await asyncio.wait_for(waiting, 2)
+        assert [(r.status, "shutting down" in r.text) for r in got] == [("Z", True)]
+        assert await pool.deliver("d.test", "s@x", ["r@d.test"], 1) == [
+            RecipientResult("r@d.test", "Z", got[0].text)]
+    asyncio.run(main())

@@ -394,6 +394,7 @@ class WorkerPool:
                              return_exceptions=True)
         for w in self.workers:
             self._fail_pending(w, STOPPING_TEXT)
+            w.up.set()     # wakes callers waiting for a restart: they see _closing
 
     async def _keep_running(self, w: _Worker) -> None:
         """Start worker w, and start it again (with backoff) whenever it dies."""
@@ -413,6 +414,7 @@ class WorkerPool:
             await asyncio.sleep(delay)
 
     async def _run_once(self, w: _Worker) -> None:
+        w.started_at = time.monotonic()
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             w.proc = await asyncio.create_subprocess_exec(
@@ -424,7 +426,6 @@ class WorkerPool:
             raise
         finally:
             theirs.close()
-        w.started_at = time.monotonic()
         reader, w.writer = await asyncio.open_unix_connection(sock=mine, limit=MAX_FRAME)
         w.up.set()
         why = ""
