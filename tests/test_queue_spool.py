@@ -180,6 +180,33 @@ def test_due_is_time_ordered_and_limited(spool: Spool):
     assert [j.next_try for j in jobs] == sorted(j.next_try for j in jobs)
 
 
+
+def test_due_resumes_after_a_seen_job(spool: Spool):
+    ids = [spool.enqueue(env("a@b", "c@d"), b"x") for _ in range(5)]
+    for m in ids:
+        spool.preprocess(m, ["remote", "remote"], now=100.0)  # all due at the same ms
+    first = spool.due(200.0, 3, "remote")
+    assert [(j.msgid, j.index) for j in first] == [(ids[0], 0), (ids[0], 1), (ids[1], 0)]
+    last = first[-1]
+    rest = spool.due(200.0, 100, "remote", after=(last.next_try, last.msgid, last.index))
+    assert [(j.msgid, j.index) for j in rest] == [(m, i) for m in ids for i in (0, 1)][3:]
+    assert spool.due(200.0, 100, "remote", after=(rest[-1].next_try, rest[-1].msgid, 1)) == []
+
+
+def test_jobs_looks_up_keys_still_due(spool: Spool):
+    ids = [spool.enqueue(env("a@b", "c@d"), b"x") for _ in range(3)]
+    for m in ids:
+        spool.preprocess(m, ["remote", "local"], now=100.0)
+    spool.mark_delivered(ids[0], 0)
+    spool.mark_deferred(ids[1], 0, 5000.0, "later")
+    keys = [(ids[2], 0), (ids[0], 0), (ids[1], 0), (ids[2], 1), (999999, 0)]
+    got = spool.jobs(keys, now=200.0, channel="remote")
+    # delivered, not yet due, local and unknown keys are left out; order kept
+    assert [(j.msgid, j.index, j.channel) for j in got] == [(ids[2], 0, "remote")]
+    assert [(j.msgid, j.index) for j in spool.jobs(keys, now=6000.0)] == [
+        (ids[2], 0), (ids[1], 0), (ids[2], 1)]
+
+
 # ----------------------------------------------------------------------- faults
 
 def test_disk_full_raises_write_error_and_commits_nothing(tmp_path: Path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import email
+import time
 
 import pytest
 
@@ -364,6 +365,7 @@ def test_ready_view_bounds_and_hands_back_skipped_keys():
     ready = ReadyJobs(capacity=8, per_domain_cap=4, skip_max=5)
     ready.add([_job(i, "busy.test") for i in range(20)])
     assert len(ready) == 4 and len(ready.skipped) == 5          # the rest is forgotten
+    assert ready.forgot                                          # ...and that is known
     claimed = ready.claimed(set())
     assert (0, 0) in claimed and (4, 0) in claimed and (19, 0) not in claimed
     ready.add([_job(100, "other.test")])
@@ -372,7 +374,7 @@ def test_ready_view_bounds_and_hands_back_skipped_keys():
     ready.drop_blocked(lambda d: d in busy)
     assert len(ready) == 1 and len(ready.skipped) == 5          # still bounded
     busy.clear()
-    ready.release_skipped(lambda d: d in busy)
+    assert ready.release_skipped(lambda d: d in busy) == [(4, 0), (5, 0)]
     assert len(ready.skipped) == 3                               # half a cap handed back, oldest first
     assert (4, 0) not in ready.skipped and (5, 0) not in ready.skipped
     assert ready.pop("other.test", 10) == (100, [_job(100, "other.test")])
@@ -400,3 +402,42 @@ def test_concurrencyremote_zero_holds_remote_mail(env):
     mid = spool.enqueue(Envelope("a@src.test", ("x@d1.test",)), MSG)
     asyncio.run(settle(sched))
     assert remote.calls == [] and spool.message_info(mid).recipients[0].state == "pending"
+
+
+def test_backlog_of_one_destination_is_read_once_not_per_pass(env):
+    """250,000 due recipients of a busy destination once made every read of the
+    due table pass over all those held back (O(n) per read): the scan watermark
+    resumes after the last job read, remembered keys are looked up directly,
+    and keys that could not be remembered are found by a read from the start
+    once the end is reached. Everything is delivered, none twice."""
+    sched, spool, remote, clock, log, tmp = env
+    sched.config = SchedulerConfig(concurrency_remote=4, per_destination=2, scan_batch=20,
+                                   skip_max=50, bounce=sched.config.bounce)
+    from engine.delivery.scheduler import ReadyJobs
+    sched.ready = ReadyJobs(20, skip_max=50)         # forgets most of the backlog at first
+    reads = {"from_start": 0, "resumed": 0}
+    real_due = spool.due
+
+    def counting_due(*args, after=None, **kw):
+        reads["resumed" if after is not None else "from_start"] += 1
+        return real_due(*args, after=after, **kw)
+
+    spool.due = counting_due
+    ids = [spool.enqueue(Envelope("a@src.test", (f"u{i}@busy.test",)), MSG) for i in range(400)]
+    other = spool.enqueue(Envelope("a@src.test", ("v@other.test",)), MSG)
+
+    async def drain():
+        sched._wake = asyncio.Event()
+        deadline = time.monotonic() + 20
+        while spool.stats().messages and time.monotonic() < deadline:
+            sched.run_pass()
+            await asyncio.sleep(0.002)
+        await settle(sched)
+
+    asyncio.run(drain())
+    delivered = [rcpts for _d, _s, rcpts in remote.calls]
+    assert sorted(r for rs in delivered for r in rs) == sorted(
+        [f"u{i}@busy.test" for i in range(400)] + ["v@other.test"])     # all, once each
+    assert spool.stats().messages == 0 and other not in {q.msgid for q in spool.iter_messages()}
+    assert reads["resumed"] > reads["from_start"]
+    assert reads["from_start"] <= 40, reads          # not one full pass per read

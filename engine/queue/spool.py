@@ -556,13 +556,18 @@ class Spool(SpoolRecovery):
         return None
 
     def due(self, now: float | None = None, limit: int = 100, channel: str | None = None,
-            exclude: Container[tuple[int, int]] = ()) -> list[Job]:
+            exclude: Container[tuple[int, int]] = (),
+            after: tuple[float, int, int] | None = None) -> list[Job]:
         """Up to `limit` jobs due at or before `now`, earliest first.
 
         `channel` restricts to 'local' or 'remote'. `exclude` holds
         (msgid, index) pairs the caller already has in flight: they are
-        skipped without counting toward the limit. Due work stays in the
-        index until marked, so a crash mid-delivery means a retry.
+        skipped without counting toward the limit. `after` = (next_try,
+        msgid, index) of a job the caller has already seen: reading resumes
+        strictly after it, so a caller that holds many due jobs in memory
+        need not pass over them again (see Scheduler's scan watermark).
+        Due work stays in the index until marked, so a crash mid-delivery
+        means a retry.
         Cost: O(log n + limit + len(skipped)).
         """
         now = self._clock() if now is None else now
@@ -572,52 +577,101 @@ class Spool(SpoolRecovery):
         dangling: list[bytes] = []
         with self.env.begin() as txn:
             msg_cache: dict[int, MessageRecord] = {}
-            rdb = self._dbs[b"recipients"]
             for code in codes:
                 jobs: list[Job] = []
                 cur = txn.cursor(db=self._dbs[b"due"])
                 upper = R.due_upper(code, now)
-                if not cur.set_range(R.due_prefix(code)):
+                start = R.due_prefix(code) if after is None else R.due_key(code, *after)
+                if not cur.set_range(start):
                     per_channel.append(jobs)
                     continue
                 for key in cur.iternext(values=False):
                     if key >= upper:
                         break
+                    if after is not None and key == start:
+                        continue
                     _c, _t, msgid, idx = R.split_due_key(key)
                     if (msgid, idx) in exclude or msgid in corrupt:
                         continue
-                    try:
-                        rec = msg_cache.get(msgid)
-                        if rec is None:
-                            rec = msg_cache[msgid] = self._message(txn, msgid)
-                        raw = txn.get(R.rcpt_key(msgid, idx), db=rdb)
-                        if raw is None:
-                            raise RecordError(f"recipient {idx} missing")
-                        r = RecipientRecord.decode(raw)
-                    except MessageNotFound:
-                        dangling.append(bytes(key))
-                        continue
-                    except RecordError:
-                        corrupt.add(msgid)
-                        continue
-                    if r.state not in (R.PENDING, R.DEFERRED) or \
-                            R.due_key(r.channel, r.next_try, msgid, idx) != key:
-                        dangling.append(bytes(key))
-                        continue
-                    jobs.append(Job(msgid, idx, r.address, R.CHANNEL_NAMES[r.channel],
-                                    r.attempts, r.next_try, rec.birth, rec.sender, rec.length,
-                                    rec.origin, r.text))
-                    if len(jobs) >= limit:
-                        break
+                    job = self._due_job(txn, msgid, idx, key, msg_cache, corrupt, dangling)
+                    if job is not None:
+                        jobs.append(job)
+                        if len(jobs) >= limit:
+                            break
                 per_channel.append(jobs)
-        if dangling:
-            self._drop_due(dangling)
-        for msgid in corrupt:
-            self._quarantine_after_error(msgid, RecordError("corrupt record found by due()"))
+        self._after_due_read(corrupt, dangling)
         if len(per_channel) == 1:
             return per_channel[0]
         merged = heapq.merge(*per_channel, key=lambda j: (j.next_try, j.msgid, j.index))
         return [j for _, j in zip(range(limit), merged)]
+
+    def jobs(self, keys: Iterable[tuple[int, int]], now: float | None = None,
+             channel: str | None = None) -> list[Job]:
+        """The jobs of these (msgid, index) pairs that are still due at `now`
+        (on `channel`, if given), in the order given: O(log n) per key. For a
+        caller handing back work it had set aside, without reading the due
+        table again."""
+        now = self._clock() if now is None else now
+        codes = (R.LOCAL, R.REMOTE) if channel is None else (R.CHANNEL_CODES[channel],)
+        upper_ms = R.time_ms(now)
+        out: list[Job] = []
+        corrupt: set[int] = set()
+        dangling: list[bytes] = []
+        rdb = self._dbs[b"recipients"]
+        with self.env.begin() as txn:
+            msg_cache: dict[int, MessageRecord] = {}
+            for msgid, idx in keys:
+                if msgid in corrupt:
+                    continue
+                raw = txn.get(R.rcpt_key(msgid, idx), db=rdb)
+                if raw is None:
+                    continue  # finished and released meanwhile
+                try:
+                    r = RecipientRecord.decode(raw)
+                except RecordError:
+                    corrupt.add(msgid)
+                    continue
+                if r.state not in (R.PENDING, R.DEFERRED) or r.channel not in codes \
+                        or R.time_ms(r.next_try) > upper_ms:
+                    continue
+                key = R.due_key(r.channel, r.next_try, msgid, idx)
+                job = self._due_job(txn, msgid, idx, key, msg_cache, corrupt, dangling)
+                if job is not None:
+                    out.append(job)
+        self._after_due_read(corrupt, dangling)
+        return out
+
+    def _due_job(self, txn: lmdb.Transaction, msgid: int, idx: int, key: bytes,
+                 msg_cache: dict[int, MessageRecord], corrupt: set[int],
+                 dangling: list[bytes]) -> Job | None:
+        """The Job for due entry `key`, or None (noting a dangling entry or a
+        corrupt message for _after_due_read)."""
+        try:
+            rec = msg_cache.get(msgid)
+            if rec is None:
+                rec = msg_cache[msgid] = self._message(txn, msgid)
+            raw = txn.get(R.rcpt_key(msgid, idx), db=self._dbs[b"recipients"])
+            if raw is None:
+                raise RecordError(f"recipient {idx} missing")
+            r = RecipientRecord.decode(raw)
+        except MessageNotFound:
+            dangling.append(bytes(key))
+            return None
+        except RecordError:
+            corrupt.add(msgid)
+            return None
+        if r.state not in (R.PENDING, R.DEFERRED) or \
+                R.due_key(r.channel, r.next_try, msgid, idx) != key:
+            dangling.append(bytes(key))
+            return None
+        return Job(msgid, idx, r.address, R.CHANNEL_NAMES[r.channel], r.attempts,
+                   r.next_try, rec.birth, rec.sender, rec.length, rec.origin, r.text)
+
+    def _after_due_read(self, corrupt: set[int], dangling: list[bytes]) -> None:
+        if dangling:
+            self._drop_due(dangling)
+        for msgid in corrupt:
+            self._quarantine_after_error(msgid, RecordError("corrupt record found by due()"))
 
     def next_due(self, channel: str | None = None) -> float | None:
         """Time of the earliest due recipient (to know how long to sleep), or None."""
