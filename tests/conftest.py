@@ -26,6 +26,14 @@ def qrelay_cli():
 
 
 @pytest.fixture
+def dns():
+    """A fake DNS server (dnslib) on 127.0.0.1, empty zone: tests never ask the system's."""
+    from tests.fakedns import FakeDns
+    with FakeDns({}) as server:
+        yield server
+
+
+@pytest.fixture
 def root(tmp_path: Path) -> Path:
     """A fresh qrelay home made by the real `init` code."""
     from engine.home import init_home

@@ -170,6 +170,30 @@ def disable_scheduler(root: Path) -> None:
         toml.write_text(text + "\n[scheduler]\nenabled = false\n")
 
 
+def children_of(pid: int) -> list[int]:
+    """Live (not zombie) child pids of `pid`, from /proc."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[1]) == pid:
+            kids.append(int(entry))
+    return sorted(kids)
+
+
+def route_to_loopback(root: Path, routes: dict[str, int], toml: str) -> None:
+    """Point ROOT's smtproutes at loopback sinks ({domain: port}) and write its
+    qrelay.toml (which should name a fake DNS server: tests never use the system's)."""
+    (root / "control" / "smtproutes").write_text(
+        "".join(f"{d}:127.0.0.1:{p}\n" for d, p in routes.items()))
+    (root / "qrelay.toml").write_text(toml)
+
+
 LISTEN_RE = re.compile(r"qrelay: listening on (\S+?):(\d+)")
 
 
@@ -214,18 +238,7 @@ class RunningQrelay:
 
     def children(self) -> list[int]:
         """Live child pids of the supervisor (from /proc)."""
-        kids = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] != "Z" and int(fields[1]) == self.proc.pid:
-                kids.append(int(entry))
-        return sorted(kids)
+        return children_of(self.proc.pid)
 
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM, then SIGKILL of the whole group after `timeout`."""

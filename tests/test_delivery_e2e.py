@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli
-from tests.fakedns import FakeDns
-from tests.smtp_harness import RunningQrelay
+from tests.smtp_harness import RunningQrelay, route_to_loopback
 from tests.smtp_recorder import RecordingSink
 
 ME = "mx.example.com"
@@ -89,25 +88,17 @@ def sink():
 
 
 @pytest.fixture
-def dns():
-    with FakeDns({}) as server:
-        yield server
-
-
-@pytest.fixture
 def relay(root: Path, dns):
     """Start `qrelay run` on ROOT with routes {domain: port}; stopped afterwards."""
     started: list[RunningQrelay] = []
 
     def start(routes: dict[str, int], toml: str = "", controls: dict[str, str] | None = None,
               delivery: str = ""):
-        (root / "control" / "smtproutes").write_text(
-            "".join(f"{d}:127.0.0.1:{p}\n" for d, p in routes.items()))
+        route_to_loopback(root, routes,
+                          f'[delivery]\ndns_servers = ["{dns.address}"]\nidle_timeout = 0.2\n{delivery}'
+                          f"[scheduler]\npoll_interval = 0.02\n{toml}")
         for name, value in (controls or {}).items():
             (root / "control" / name).write_text(value + "\n")
-        (root / "qrelay.toml").write_text(
-            f'[delivery]\ndns_servers = ["{dns.address}"]\nidle_timeout = 0.2\n{delivery}'
-            f"[scheduler]\npoll_interval = 0.02\n{toml}")
         q = RunningQrelay(root, procs=1)
         started.append(q)
         return q

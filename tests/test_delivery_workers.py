@@ -22,8 +22,7 @@ from engine.delivery.workers import (BAD_JOB, MAX_FRAME, OK, FrameError, WorkerP
                                      decode_job, decode_result, encode_error, encode_job,
                                      encode_results, read_frame)
 from tests.conftest import run_cli
-from tests.fakedns import FakeDns
-from tests.smtp_harness import RunningQrelay
+from tests.smtp_harness import RunningQrelay, children_of, route_to_loopback
 from tests.test_delivery_e2e import ThreadSink, send, texts, wait_for
 
 
@@ -130,21 +129,13 @@ def sinks():
 
 
 @pytest.fixture
-def dns():
-    with FakeDns({}) as server:
-        yield server
-
-
-@pytest.fixture
 def relay(root: Path, dns):
     started: list[RunningQrelay] = []
 
     def start(routes: dict[str, int], delivery: str = "", scheduler: str = ""):
-        (root / "control" / "smtproutes").write_text(
-            "".join(f"{d}:127.0.0.1:{p}\n" for d, p in routes.items()))
-        (root / "qrelay.toml").write_text(
-            f'[delivery]\ndns_servers = ["{dns.address}"]\nworker_procs = 2\n{delivery}'
-            f"[scheduler]\npoll_interval = 0.02\nstop_grace = 3\n{scheduler}")
+        route_to_loopback(root, routes,
+                          f'[delivery]\ndns_servers = ["{dns.address}"]\nworker_procs = 2\n{delivery}'
+                          f"[scheduler]\npoll_interval = 0.02\nstop_grace = 3\n{scheduler}")
         q = RunningQrelay(root, procs=1)
         started.append(q)
         return q
@@ -154,19 +145,6 @@ def relay(root: Path, dns):
         q.stop()
 
 
-def children_of(pid: int) -> list[int]:
-    kids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z" and int(fields[1]) == pid:
-            kids.append(int(entry))
-    return sorted(kids)
 
 
 def is_worker(pid: int) -> bool:
