@@ -178,13 +178,13 @@ class Settings:
 def _build(cls, values: dict, where: str):
     if not isinstance(values, dict):
         raise SettingsError(f"{where}: expected a table")
-    known = {f.name: f for f in dataclasses.fields(cls)}
+    known = {f.name for f in dataclasses.fields(cls)}
+    defaults = cls()
     kwargs = {}
     for key, value in values.items():
         if key not in known:
             raise SettingsError(f"{where}: unknown setting {key!r}")
-        f = known[key]
-        default = getattr(cls(), key)
+        default = getattr(defaults, key)
         if dataclasses.is_dataclass(default):
             kwargs[key] = _build(type(default), value, f"{where}.{key}" if where else key)
             continue
