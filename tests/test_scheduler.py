@@ -423,7 +423,8 @@ def test_backlog_of_one_destination_is_read_once_not_per_pass(env):
         return real_due(*args, after=after, **kw)
 
     spool.due = counting_due
-    ids = [spool.enqueue(Envelope("a@src.test", (f"u{i}@busy.test",)), MSG) for i in range(400)]
+    for i in range(400):
+        spool.enqueue(Envelope("a@src.test", (f"u{i}@busy.test",)), MSG)
     other = spool.enqueue(Envelope("a@src.test", ("v@other.test",)), MSG)
 
     async def drain():
