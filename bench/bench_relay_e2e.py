@@ -45,6 +45,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
 from sink import SinkProcess  # noqa: E402
+from smtpload.process import terminate  # noqa: E402
 
 PY = sys.executable
 
@@ -82,13 +83,7 @@ class FixedPortSink:
             return {}
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 10)
         self.log.close()
 
 

@@ -37,7 +37,6 @@ import json
 import os
 import resource
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -51,6 +50,7 @@ sys.path.insert(0, str(HERE))
 
 from smtpload.cli import OneLineParser, fail, nonneg_int, positive_int  # noqa: E402
 from sink import SinkProcess  # noqa: E402
+from smtpload.process import terminate  # noqa: E402
 
 PROG = "compare_smtp_source.py"
 
@@ -112,13 +112,7 @@ class SmtpSink:
         fail(PROG, "smtp-sink did not start")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 5)
 
 
 def run_smtp_source(binary: str, port: int, a) -> dict:

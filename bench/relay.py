@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ sys.path.insert(0, str(HERE))
 from smtpload.cli import (OneLineParser, UsageError, fail, nonneg_float, nonneg_int,  # noqa: E402
                           parse_hostport, positive_int, write_json_atomic)
 from sink import SinkProcess  # noqa: E402
+from smtpload.process import terminate  # noqa: E402
 
 PROG = "relay.py"
 # Seconds to wait for `qrelay run` to write its port file.
@@ -147,13 +147,7 @@ class QrelayProcess:
         raise UsageError(f"qrelay run did not start: {tail[0]}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 20)
         self.log.close()
 
 

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from smtpload.cli import (OneLineParser, UsageError, fail, install_uvloop, nonneg_float,  # noqa: E402
                           nonneg_int, parse_hostport, percent, positive_int, write_json_atomic)
 from smtpload.server import MAX_STORED_MESSAGE, SinkConfig, SinkServer, SinkStats  # noqa: E402
+from smtpload.process import terminate  # noqa: E402
 
 PROG = "sink.py"
 BACKLOG = 1024
@@ -378,13 +379,7 @@ class SinkProcess:
 
     def stop(self, timeout: float = 10.0) -> dict:
         """SIGTERM by pid, wait, return the final stats."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, timeout)
         if not self.log.closed:
             self.log.close()
         return self.stats()
