@@ -26,6 +26,23 @@ def qrelay_cli():
 
 
 @pytest.fixture
+def sinks(tmp_path: Path):
+    """Start `bench/sink.py` processes (port 0); each stopped by its pid afterwards."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from sink import SinkProcess
+    started: list = []
+
+    def start(*args: str):
+        s = SinkProcess(tmp_path / f"s{len(started)}", "--quiet", *args)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture
 def dns():
     """A fake DNS server (dnslib) on 127.0.0.1, empty zone: tests never ask the system's."""
     from tests.fakedns import FakeDns

@@ -19,24 +19,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
 import flood  # noqa: E402
-from sink import SinkProcess  # noqa: E402
 from smtpload.hist import LatencyHistogram  # noqa: E402
 
 FLOOD = REPO / "bench" / "flood.py"
-
-
-@pytest.fixture
-def sinks(tmp_path):
-    started: list[SinkProcess] = []
-
-    def start(*args: str) -> SinkProcess:
-        s = SinkProcess(tmp_path / f"s{len(started)}", "--quiet", *args)
-        started.append(s)
-        return s
-
-    yield start
-    for s in started:
-        s.stop()
 
 
 @pytest.fixture

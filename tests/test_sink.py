@@ -20,20 +20,6 @@ from smtpload.server import END  # noqa: E402
 SINK = REPO / "bench" / "sink.py"
 
 
-@pytest.fixture
-def sinks(tmp_path):
-    started: list[SinkProcess] = []
-
-    def start(*args: str) -> SinkProcess:
-        s = SinkProcess(tmp_path / f"s{len(started)}", "--quiet", *args)
-        started.append(s)
-        return s
-
-    yield start
-    for s in started:
-        s.stop()
-
-
 def send(port: int, body: str = "Subject: t\r\n\r\nhello\r\n", rcpts=("a@x.test",)) -> dict:
     with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:
         return c.sendmail("s@y.test", list(rcpts), body)
