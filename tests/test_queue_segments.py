@@ -12,10 +12,16 @@ from engine.queue.segments import (FILE_HEADER, SegmentError, SegmentIO, Segment
                                    segment_name)
 
 
+def append(w: SegmentWriter, data: bytes) -> int:
+    offset = w.write(data)
+    w.sync()
+    return offset
+
+
 def test_append_and_read_back(tmp_path: Path):
     w = SegmentWriter(tmp_path, 7, SegmentIO(), 0.0)
-    a = w.append(encode_record(1, b"one") + encode_record(2, b""))
-    b = w.append(encode_record(3, b"three" * 100))
+    a = append(w, encode_record(1, b"one") + encode_record(2, b""))
+    b = append(w, encode_record(3, b"three" * 100))
     w.close()
     assert a == FILE_HEADER.size
     r = SegmentReader(tmp_path)
@@ -38,7 +44,7 @@ def test_names():
 @pytest.mark.parametrize("damage", ["flip", "truncate", "end"])
 def test_damage_is_detected(tmp_path: Path, damage: str):
     w = SegmentWriter(tmp_path, 1, SegmentIO(), 0.0)
-    off = w.append(encode_record(5, b"payload" * 10))
+    off = append(w, encode_record(5, b"payload" * 10))
     w.close()
     path = tmp_path / "1.seg"
     data = bytearray(path.read_bytes())
@@ -63,12 +69,29 @@ def test_failed_write_is_truncated_back(tmp_path: Path):
             raise OSError(errno.ENOSPC, "No space left on device")
         return os.pwrite(fd, data, offset)
     w = SegmentWriter(tmp_path, 1, SegmentIO(pwrite=pwrite), 0.0)
-    w.append(encode_record(1, b"a"))
+    append(w, encode_record(1, b"a"))
     size = w.size
     with pytest.raises(OSError):
-        w.append(encode_record(2, b"b" * 100))
+        append(w, encode_record(2, b"b" * 100))
     assert not w.broken and w.size == size
     assert (tmp_path / "1.seg").stat().st_size == size
+    w.close()
+
+
+def test_failed_sync_marks_the_writer_broken(tmp_path: Path):
+    fail = {"on": False}
+
+    def fdatasync(fd):
+        if fail["on"]:
+            raise OSError(errno.EIO, "I/O error")
+        os.fdatasync(fd)
+    w = SegmentWriter(tmp_path, 1, SegmentIO(fdatasync=fdatasync), 0.0)
+    append(w, encode_record(1, b"a"))
+    fail["on"] = True
+    w.write(encode_record(2, b"b"))
+    with pytest.raises(OSError):
+        w.sync()
+    assert w.broken                      # pages may be gone: nothing more goes here
     w.close()
 
 
@@ -84,7 +107,7 @@ def test_reader_keeps_a_bounded_number_of_files_open(tmp_path: Path):
     offs = {}
     for segid in range(5):
         w = SegmentWriter(tmp_path, segid, SegmentIO(), 0.0)
-        offs[segid] = w.append(encode_record(segid, b"x"))
+        offs[segid] = append(w, encode_record(segid, b"x"))
         w.close()
     r = SegmentReader(tmp_path, max_open=2)
     for segid in range(5):

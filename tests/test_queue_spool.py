@@ -233,19 +233,27 @@ def test_disk_full_raises_write_error_and_commits_nothing(tmp_path: Path):
         assert s.recover(verify_bytes=True).quarantined == []
 
 
-def test_fsync_error_raises_write_error(tmp_path: Path):
+@pytest.mark.parametrize("parallel", [True, False])
+def test_fsync_error_raises_write_error_and_leaves_nothing_indexed(tmp_path: Path, parallel):
+    """In parallel order the index commits the batch while the segment syncs:
+    a failed sync must take it out again before the caller hears."""
     state = {"fail": False}
 
     def fdatasync(fd):
         if state["fail"]:
             raise OSError(errno.EIO, "Input/output error")
         os.fdatasync(fd)
-    with Spool(tmp_path / "q", io=SegmentIO(fdatasync=fdatasync)) as s:
-        s.enqueue(env("a@b"), b"one")
+    settings = SpoolSettings(parallel_sync=parallel)
+    with Spool(tmp_path / "q", settings, io=SegmentIO(fdatasync=fdatasync)) as s:
+        one = s.enqueue(env("a@b"), b"one")
         state["fail"] = True
-        with pytest.raises(SpoolWriteError):
+        with pytest.raises(SpoolWriteError, match="Input/output"):
             s.enqueue(env("a@b"), b"two")
-        assert s.stats().messages == 1
+        assert s.stats() == (1, 1) and s.todo() == [one]
+        state["fail"] = False
+        three = s.enqueue(env("a@b"), b"three")     # into a new segment
+        assert s.read_message(three) == b"three" and s.read_message(one) == b"one"
+        assert s.recover(verify_bytes=True).quarantined == []
 
 
 def test_full_index_map_raises_write_error(tmp_path: Path):

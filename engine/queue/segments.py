@@ -12,7 +12,7 @@ A segment file is
                   | message bytes | b"QEND" | msgid u64
 
 Each writer process appends whole batches to its own segment with one
-positional write and one fdatasync. A record torn by a crash lies past the
+positional write, then makes them durable with one fdatasync. A record torn by a crash lies past the
 last committed offset; no index record points at it, and the END marker and
 crc let a reader recognise it anyway (Postfix's `REC_TYPE_END` idea).
 """
@@ -117,12 +117,12 @@ class SegmentWriter:
             view = view[n:]
             offset += n
 
-    def append(self, data: bytes) -> int:
-        """Write `data` at the end and make it durable; returns its offset."""
+    def write(self, data: bytes) -> int:
+        """Write `data` at the end (not yet durable: see sync); returns its offset.
+        On failure the file is truncated back to where the write began."""
         offset = self.size
         try:
             self._write_all(data, offset)
-            self._io.fdatasync(self.fd)
         except OSError:
             try:
                 os.ftruncate(self.fd, offset)
@@ -131,6 +131,16 @@ class SegmentWriter:
             raise
         self.size = offset + len(data)
         return offset
+
+    def sync(self) -> None:
+        """Make everything written so far durable. After a failed sync the
+        kernel may have dropped the pages, so nothing more is appended here:
+        the writer is marked broken and replaced."""
+        try:
+            self._io.fdatasync(self.fd)
+        except OSError:
+            self.broken = True
+            raise
 
     def close(self) -> None:
         if self.fd >= 0:

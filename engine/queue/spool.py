@@ -44,9 +44,10 @@ _DB_NAMES = (b"meta", b"messages", b"recipients", b"due", b"todo", b"bounces", b
 
 @dataclass(slots=True, frozen=True)
 class _PreparedBatch:
-    """A batch written and fdatasync'd to a segment, not yet in the index."""
+    """A batch written to a segment, on its way through sync and index."""
     items: list[tuple[Envelope, bytes]]
     ids: list[int]
+    writer: SegmentWriter
     segid: int
     created: float            # segment creation time
     offsets: list[int]
@@ -185,11 +186,12 @@ class Spool(SpoolRecovery):
             return committer
         with self._committer_lock:  # threads racing to the first enqueue
             if self._committer is None:
-                self._committer = GroupCommitter(self._prepare_requests,
-                                                 self._index_batches,
+                self._committer = GroupCommitter(self._prepare_requests, self._sync_batch,
+                                                 self._index_batches, self._unindex_batch,
                                                  self.settings.max_batch_messages,
                                                  self.settings.max_batch_bytes,
-                                                 self.settings.pipelined_commit)
+                                                 self.settings.pipelined_commit,
+                                                 self.settings.parallel_sync)
             return self._committer
 
     def enqueue(self, envelope: Envelope, message: bytes) -> int:
@@ -250,14 +252,15 @@ class Spool(SpoolRecovery):
         return prepared.ids, prepared
 
     def _write_batch(self, items: Sequence[tuple[Envelope, bytes]]) -> list[int]:
-        """Both commit stages in the caller's thread: a bulk path for loaders and
+        """Every commit stage in the caller's thread: a bulk path for loaders and
         benchmarks. Must not run concurrently with enqueue/submit."""
         prepared = self._prepare_batch(items)
+        self._sync_batch(prepared)
         self._index_batches([prepared])
         return prepared.ids
 
     def _prepare_batch(self, items: Sequence[tuple[Envelope, bytes]]) -> "_PreparedBatch":
-        """Write stage: ids, one pwrite of all records, one fdatasync."""
+        """Write stage: ids, one pwrite of all records (synced by _sync_batch)."""
         now = self._clock()
         for env, _msg in items:
             if env.origin not in R.ORIGIN_CODES:
@@ -268,12 +271,9 @@ class Spool(SpoolRecovery):
         data = b"".join(chunks)
         writer = self._writer_for(len(data), now)
         try:
-            base = writer.append(data)
+            base = writer.write(data)
         except OSError as exc:
-            if writer.broken:
-                self._seal_after_write.append(writer.segid)
-                writer.close()
-                self._writer = None
+            self._drop_broken_writer()
             raise SpoolWriteError(f"cannot write to spool: {exc.strerror or exc}") from None
         offsets = []
         offset = base
@@ -284,7 +284,41 @@ class Spool(SpoolRecovery):
         # transaction that commits this batch: by then every batch written
         # to them has been indexed (batches are indexed in order).
         seal, self._seal_after_write = self._seal_after_write, []
-        return _PreparedBatch(list(items), ids, writer.segid, writer.created, offsets, now, seal)
+        return _PreparedBatch(list(items), ids, writer, writer.segid, writer.created, offsets,
+                              now, seal)
+
+    def _drop_broken_writer(self) -> None:
+        w = self._writer
+        if w is not None and w.broken:  # the next batch starts a new segment
+            self._seal_after_write.append(w.segid)
+            w.close()
+            self._writer = None
+
+    def _sync_batch(self, batch: "_PreparedBatch") -> None:
+        """Sync stage (in the write stage's thread): one fdatasync makes the
+        batch's bytes durable. In parallel order this runs while the index
+        stage commits the same batch."""
+        try:
+            batch.writer.sync()
+        except OSError as exc:
+            self._drop_broken_writer()
+            raise SpoolWriteError(f"cannot sync spool segment: {exc.strerror or exc}") from None
+
+    def _unindex_batch(self, batch: "_PreparedBatch") -> None:
+        """Take a batch whose sync failed out of the index again (its callers
+        get SpoolWriteError, so it must not be delivered)."""
+        unlink: list[int] = []
+        try:
+            with self.env.begin(write=True) as txn:
+                for msgid in batch.ids:
+                    raw = txn.get(R.u64(msgid), db=self._dbs[b"messages"])
+                    if raw is not None:
+                        self._delete_message(txn, msgid, MessageRecord.decode(raw), unlink)
+        except (lmdb.Error, RecordError) as exc:
+            log.warning("warning: cannot withdraw messages #%d-#%d after a failed sync: %s",
+                        batch.ids[0], batch.ids[-1], exc)
+            return
+        self._unlink_segments(unlink)
 
     def _index_batches(self, batches: Sequence["_PreparedBatch"]) -> None:
         """Index stage: ONE LMDB transaction for all ready batches — the commit point."""
