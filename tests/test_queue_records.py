@@ -68,3 +68,24 @@ def test_due_upper_bounds_a_channel():
     assert R.due_key(R.LOCAL, 10.0, 1, 0) < R.due_upper(R.LOCAL, 10.0)
     assert R.due_key(R.LOCAL, 10.002, 1, 0) > R.due_upper(R.LOCAL, 10.0)
     assert R.due_key(R.REMOTE, 0.0, 0, 0) > R.due_upper(R.LOCAL, 10.0)
+
+
+@given(st.floats(0, 2e9), st.integers(0, 2**32 - 1), st.sampled_from(sorted(R.ORIGIN_CODES)),
+       st.text(max_size=40), st.lists(st.text(max_size=40), max_size=5))
+def test_envelope_record_round_trip(birth, pid, origin, sender, rcpts):
+    rec = R.EnvelopeRecord(birth, pid, pid // 3, origin, sender, tuple(rcpts))
+    assert R.EnvelopeRecord.decode(rec.encode()) == rec
+
+
+def test_truncated_envelope_record_rejected():
+    raw = R.EnvelopeRecord(1.0, 2, 3, "network", "a@b", ("c@d",)).encode()
+    for cut in (1, 5, len(raw) - 1):
+        with pytest.raises(R.RecordError):
+            R.EnvelopeRecord.decode(raw[:cut])
+
+
+def test_segment_record_of_format_1_has_no_known_end():
+    old = R.seal(R._SEG_V1.pack(3, 1, 99, 5.0))
+    assert R.SegmentRecord.decode(old) == R.SegmentRecord(3, True, 99, 5.0, -1)
+    new = R.SegmentRecord(3, False, 99, 5.0, 4096)
+    assert R.SegmentRecord.decode(new.encode()) == new

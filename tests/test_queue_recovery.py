@@ -3,6 +3,8 @@ orphan and abandoned segments."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lmdb
@@ -140,3 +142,93 @@ def test_segment_of_a_killed_writer_is_sealed_then_removed(tmp_path: Path):
         s.preprocess(m, ["local"])
         s.mark_delivered(m, 0)
         assert list((q / "segments").iterdir()) == []
+
+
+# ------------------------------------------------- index commit lost in a machine crash (C12)
+
+_LOSE_LAST_COMMITS = r"""
+import os, sys
+from engine.queue import Envelope, Spool
+q, snapshot = sys.argv[1], sys.argv[2]
+s = Spool(q, boot_id="boot-A")
+before = [s.enqueue(Envelope("a@x", ("b@y", "c@z")), b"before %d" % i) for i in range(3)]
+s.env.copy(snapshot)          # the index as a machine crash would leave it
+after = [s.enqueue(Envelope("d@x", ("e@y",), 77, 88, "local"), b"after %d" % i) for i in range(4)]
+print(" ".join(map(str, before)), "|", " ".join(map(str, after)), flush=True)
+os._exit(0)                   # no close: the segment stays unsealed, as in a crash
+"""
+
+
+def _lose_last_commits(q: Path, tmp_path: Path) -> tuple[list, list]:
+    """A writer enqueues 3 + 4 messages; the index is then put back to its
+    state after the first 3 (what an undone last commit looks like)."""
+    snap = tmp_path / "snapshot"
+    snap.mkdir()
+    out = subprocess.run([sys.executable, "-c", _LOSE_LAST_COMMITS, str(q), str(snap)],
+                         capture_output=True, text=True, timeout=60, check=True)
+    before, after = (list(map(int, part.split())) for part in out.stdout.split("|"))
+    os.replace(snap / "data.mdb", q / "index" / "data.mdb")
+    (q / "index" / "lock.mdb").unlink()
+    return before, after
+
+
+def test_messages_of_a_lost_index_commit_are_reindexed_once_after_a_reboot(tmp_path: Path):
+    q = tmp_path / "q"
+    before, after = _lose_last_commits(q, tmp_path)
+    with Spool(q, boot_id="boot-A") as s:     # same boot: no machine crash happened
+        assert s.stats() == (3, 3)
+    with Spool(q, boot_id="boot-B") as s:     # the machine restarted
+        assert s.stats() == (7, 7)
+        assert s.todo(10) == before + after
+        for i, msgid in enumerate(after):
+            assert s.read_message(msgid) == b"after %d" % i
+            assert s.envelope(msgid) == Envelope("d@x", ("e@y",), 77, 88, "local")
+        for i, msgid in enumerate(before):
+            assert s.read_message(msgid) == b"before %d" % i
+        fresh = s.enqueue(env("f@g"), b"new")
+        assert fresh > max(after)
+        assert s.recover(verify_bytes=True).quarantined == []
+    with Spool(q, boot_id="boot-B") as s:     # only once per boot
+        assert s.stats().messages == 8
+    with Spool(q, boot_id="boot-C") as s:     # a later reboot finds nothing more
+        assert s.stats().messages == 8
+
+
+def test_reindex_stops_at_a_torn_record(tmp_path: Path):
+    q = tmp_path / "q"
+    before, after = _lose_last_commits(q, tmp_path)
+    seg = next((q / "segments").iterdir())
+    with open(seg, "r+b") as f:               # the last message's bytes never made it
+        f.truncate(seg.stat().st_size - 5)
+    with Spool(q, boot_id="boot-B") as s:
+        assert s.todo(10) == before + after[:-1]
+        assert s.recover(verify_bytes=True).quarantined == []
+
+
+def test_sealed_segment_tails_are_not_reindexed(tmp_path: Path):
+    """A sealed segment's tail past the indexed end only ever holds batches
+    whose callers got no id (C2): they stay garbage, reboot or not."""
+    from engine.queue.records import EnvelopeRecord
+    from engine.queue.segments import ENV_MAGIC, encode_record
+    q = tmp_path / "q"
+    with Spool(q, boot_id="boot-A") as s:
+        ids = [s.enqueue(env("a@b"), b"x%d" % i) for i in range(3)]
+    seg = next((q / "segments").iterdir())
+    stray = ids[-1] + 1
+    with open(seg, "ab") as f:                # written, never indexed
+        f.write(encode_record(stray, EnvelopeRecord(0.0, 1, 1, "network", "s@t",
+                                                    ("r@u",)).encode(), ENV_MAGIC))
+        f.write(encode_record(stray, b"never acknowledged"))
+    with Spool(q, boot_id="boot-B") as s:
+        assert s.todo(10) == ids
+
+
+def test_ids_start_past_every_segment_on_disk_after_a_reboot(tmp_path: Path):
+    q = tmp_path / "q"
+    with Spool(q, boot_id="boot-A") as s:
+        s.enqueue(env("a@b"), b"x")
+    # an unregistered segment file (its id block's commit was lost)
+    from engine.queue.segments import SegmentIO, SegmentWriter
+    SegmentWriter(q / "segments", 10**6, SegmentIO(), 0.0).close()
+    with Spool(q, boot_id="boot-B") as s:
+        assert s.enqueue(env("a@b"), b"y") > 10**6

@@ -114,3 +114,21 @@ def test_reader_keeps_a_bounded_number_of_files_open(tmp_path: Path):
         assert r.read(segid, offs[segid], segid, 1) == b"x"
     assert len(r._fds) == 2
     r.close()
+
+
+def test_scan_yields_whole_records_and_stops_at_a_torn_one(tmp_path: Path):
+    from engine.queue.segments import ENV_MAGIC, REC_MAGIC, scan
+    w = SegmentWriter(tmp_path, 3, SegmentIO(), 0.0)
+    first = append(w, encode_record(1, b"env", ENV_MAGIC) + encode_record(1, b"one"))
+    second = append(w, encode_record(2, b"two" * 50))
+    append(w, encode_record(3, b"three")[:-4])           # torn
+    w.close()
+    got = list(scan(tmp_path / "3.seg", 0))
+    assert [(m, i, b) for m, i, _o, b in got] == [(ENV_MAGIC, 1, b"env"), (REC_MAGIC, 1, b"one"),
+                                                   (REC_MAGIC, 2, b"two" * 50)]
+    assert got[0][2] == first and got[2][2] == second
+    assert [r[1] for r in scan(tmp_path / "3.seg", second)] == [2]
+    with open(tmp_path / "3.seg", "r+b") as f:            # a flipped byte ends the scan too
+        f.seek(second + 40)
+        f.write(b"\xff")
+    assert [r[1] for r in scan(tmp_path / "3.seg", 0)] == [1, 1]

@@ -273,7 +273,7 @@ def test_newer_format_version_refused(tmp_path: Path):
     e = lmdb.open(str(tmp_path / "q" / "index"), max_dbs=8)
     meta = e.open_db(b"meta")
     with e.begin(write=True) as txn:
-        txn.put(b"format", R.u32(R.FORMAT_VERSION + 1), db=meta)
+        txn.put(b"format", R.u32(R.SPOOL_FORMAT + 1), db=meta)
     e.close()
     with pytest.raises(SpoolVersionError, match="newer qrelay"):
         Spool(tmp_path / "q")

@@ -82,6 +82,11 @@ class SpoolSettings:
     # time (answer when both are done) instead of one after the other: on a
     # disk with slow syncs, half the wait per message.
     parallel_sync: bool = True
+    # Sync LMDB's meta page at every index commit too (two syncs per commit
+    # instead of one). Off, a machine crash can undo the index's last
+    # commit and the spool re-indexes those messages from their segments
+    # on the next start (engine/queue/__init__.py, C12).
+    index_metasync: bool = False
     # Largest request frame the single spool writer accepts from a receiver
     # (a message plus its envelope); above smtp.max_message_bytes on purpose.
     max_frame_bytes: int = 80 * 1024 * 1024

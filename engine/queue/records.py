@@ -15,7 +15,11 @@ Keys are big-endian so LMDB's byte order is numeric order:
     todo        msgid(u64)                          -> b""
     bounces     msgid(u64)                          -> b""   (finished with failures)
     segments    segid(u64)                          -> SegmentRecord
-    meta        b"format" -> u32, b"next_id" -> u64
+    meta        b"format" -> u32, b"next_id" -> u64, b"boot_id" -> bytes
+
+The envelope of every message is also written into its segment, beside the
+bytes (`encode_envelope`), so a segment's tail can be indexed again if the
+machine crashed before the index's last commit reached the disk.
 """
 from __future__ import annotations
 
@@ -23,7 +27,12 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+# Byte layout of each record (LMDB values, segment records).
 FORMAT_VERSION = 1
+# The spool as a whole (meta b"format"). 2: envelopes in segments, segment
+# records with their indexed end, index meta page synced lazily. A format-1
+# spool is upgraded in place on open.
+SPOOL_FORMAT = 2
 
 # Recipient states.
 TODO = 0        # queued, not yet classified local/remote (qmail's todo/)
@@ -54,7 +63,10 @@ _HEAD = struct.Struct(">BI")
 _MSG = struct.Struct(">dQQQIIIBIIIH")
 _RCPT = struct.Struct(">BBHdH")
 _TEXT_LEN = struct.Struct(">H")
-_SEG = struct.Struct(">IBId")
+_SEG_V1 = struct.Struct(">IBId")
+_SEG = struct.Struct(">IBIdq")
+_ENV = struct.Struct(">dIIBI")
+_ENV_RCPT = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
 _RKEY = struct.Struct(">QI")
@@ -168,17 +180,60 @@ class SegmentRecord:
     sealed: bool          # its writer has moved on: no more appends
     pid: int              # writer process
     created: float
+    end: int = -1         # end of the last record indexed (-1: unknown, format 1)
 
     def encode(self) -> bytes:
-        return seal(_SEG.pack(self.live, int(self.sealed), self.pid, self.created))
+        return seal(_SEG.pack(self.live, int(self.sealed), self.pid, self.created, self.end))
 
     @classmethod
     def decode(cls, value: bytes) -> "SegmentRecord":
         payload = unseal(value)
-        if len(payload) != _SEG.size:
+        if len(payload) == _SEG.size:
+            live, sealed, pid, created, end = _SEG.unpack(payload)
+        elif len(payload) == _SEG_V1.size:
+            (live, sealed, pid, created), end = _SEG_V1.unpack(payload), -1
+        else:
             raise RecordError("segment record has the wrong length")
-        live, sealed, pid, created = _SEG.unpack(payload)
-        return cls(live, bool(sealed), pid, created)
+        return cls(live, bool(sealed), pid, created, end)
+
+
+@dataclass(slots=True, frozen=True)
+class EnvelopeRecord:
+    """A message's envelope as written into its segment (for re-indexing)."""
+    birth: float
+    pid: int
+    uid: int
+    origin: str
+    sender: str
+    recipients: tuple[str, ...]
+
+    def encode(self) -> bytes:
+        parts = [_ENV.pack(self.birth, self.pid, self.uid, ORIGIN_CODES[self.origin],
+                           len(self.recipients))]
+        for text in (self.sender, *self.recipients):
+            raw = encode_text(text)
+            parts.append(_ENV_RCPT.pack(len(raw)))
+            parts.append(raw)
+        return b"".join(parts)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> "EnvelopeRecord":
+        try:
+            birth, pid, uid, origin, nrcpt = _ENV.unpack_from(payload)
+            pos = _ENV.size
+            texts = []
+            for _ in range(nrcpt + 1):
+                (n,) = _ENV_RCPT.unpack_from(payload, pos)
+                pos += _ENV_RCPT.size
+                if pos + n > len(payload):
+                    raise RecordError("envelope record is truncated")
+                texts.append(decode_text(payload[pos:pos + n]))
+                pos += n
+        except struct.error as exc:
+            raise RecordError(f"envelope record: {exc}") from None
+        if pos != len(payload) or origin not in ORIGIN_NAMES:
+            raise RecordError("envelope record fields inconsistent")
+        return cls(birth, pid, uid, ORIGIN_NAMES[origin], texts[0], tuple(texts[1:]))
 
 
 def u64(n: int) -> bytes:

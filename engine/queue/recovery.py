@@ -7,14 +7,18 @@ index with a log line. See engine/queue/__init__.py for the crash-state table.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import zlib
 
 import lmdb
 
 from engine.queue import records as R
-from engine.queue.records import MessageRecord, RecipientRecord, RecordError, SegmentRecord
-from engine.queue.segments import SegmentError, parse_segment_name
+from engine.queue.records import (EnvelopeRecord, MessageRecord, RecipientRecord, RecordError,
+                                  SegmentRecord)
+from engine.queue.segments import (ENV_MAGIC, REC_MAGIC, SegmentError, parse_segment_name,
+                                   record_size, scan, segment_name)
 from engine.queue.values import RecoveryReport
 
 log = logging.getLogger("qrelay.queue")
@@ -187,12 +191,89 @@ class SpoolRecovery:
                             and _pid_alive(seg.pid):
                         continue  # a live writer may have committed since our snapshot
                     txn.put(R.u64(segid),
-                            SegmentRecord(want, sealed, seg.pid, seg.created).encode(),
+                            dataclasses.replace(seg, live=want, sealed=sealed).encode(),
                             db=dbs[b"segments"])
                     report.segments_fixed += 1
         self._unlink_segments(unlink)
         report.orphan_segments_removed = self.cleanup(now)
         return report
+
+    def _reindex_after_reboot(self) -> int:
+        """First open since the machine started: put back the messages whose
+        index commit a crash of the machine undid (C12). Returns how many.
+
+        The index syncs its meta page lazily, so only its last commit can be
+        lost, and every message of that commit lies in an unsealed segment
+        after the end the index knows for it, with its envelope beside it.
+        Sealed segments are left alone: their tails hold only batches whose
+        callers never got an id. Every writer of the last boot is gone, so no
+        tail is still being written. Ids start past every id in a segment."""
+        dbs = self._dbs
+        meta = dbs[b"meta"]
+        restored = 0
+        with self.env.begin(write=True) as txn:
+            boot = txn.get(b"boot_id", db=meta)
+            if boot is not None and bytes(boot) == self._boot_id.encode():
+                return 0  # another process did it meanwhile
+            next_id = R.read_u64(txn.get(b"next_id", db=meta))
+            try:
+                names = os.listdir(self._seg_dir)
+            except FileNotFoundError:
+                names = []
+            for name in names:
+                segid = parse_segment_name(name)
+                if segid is not None:
+                    next_id = max(next_id, segid + 1)
+            for key, raw in list(txn.cursor(db=dbs[b"segments"])):
+                segid = R.read_u64(key)
+                try:
+                    seg = SegmentRecord.decode(raw)
+                except RecordError:
+                    continue  # recover() rebuilds it
+                if seg.sealed or seg.end < 0:
+                    continue
+                path = self._seg_dir / segment_name(segid)
+                envelope, live, end = None, seg.live, seg.end
+                try:
+                    records = list(scan(path, seg.end))
+                except OSError as exc:
+                    log.warning("warning: cannot read segment %s: %s", segid, exc)
+                    continue
+                for magic, msgid, offset, body in records:
+                    if magic == ENV_MAGIC:
+                        try:
+                            envelope = (msgid, EnvelopeRecord.decode(body))
+                        except RecordError:
+                            break
+                        continue
+                    if magic != REC_MAGIC or envelope is None or envelope[0] != msgid:
+                        break
+                    env = envelope[1]
+                    envelope = None
+                    end = offset + record_size(len(body))
+                    next_id = max(next_id, msgid + 1)
+                    if txn.get(R.u64(msgid), db=dbs[b"messages"]) is not None:
+                        continue
+                    nrcpt = len(env.recipients)
+                    txn.put(R.u64(msgid), MessageRecord(
+                        env.birth, segid, offset, len(body), zlib.crc32(body), env.pid, env.uid,
+                        env.origin, nrcpt, nrcpt, 0, env.sender).encode(), db=dbs[b"messages"])
+                    for i, addr in enumerate(env.recipients):
+                        txn.put(R.rcpt_key(msgid, i),
+                                RecipientRecord(R.TODO, R.NO_CHANNEL, 0, 0.0, addr).encode(),
+                                db=dbs[b"recipients"])
+                    txn.put(R.u64(msgid), b"", db=dbs[b"todo"])
+                    live += 1
+                    restored += 1
+                if end != seg.end:
+                    txn.put(key, dataclasses.replace(seg, live=live, end=end).encode(),
+                            db=dbs[b"segments"])
+            txn.put(b"next_id", R.u64(next_id), db=meta)
+            txn.put(b"boot_id", self._boot_id.encode(), db=meta)
+        if restored:
+            log.warning("warning: re-indexed %d message(s) whose index commit was lost when "
+                        "the machine stopped", restored)
+        return restored
 
     def cleanup(self, now: float | None = None) -> list[str]:
         """Remove segment files that no index record knows about and that are

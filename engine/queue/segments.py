@@ -8,8 +8,13 @@ transaction, see engine.queue).
 A segment file is
 
     file header   b"QRSPOOL\\0" | format version u32 | reserved u32      (16 bytes)
-    record*       b"QMSG" | version u16 | flags u16 | msgid u64 | length u64 | crc32 u32
-                  | message bytes | b"QEND" | msgid u64
+    record*       magic | version u16 | flags u16 | msgid u64 | length u64 | crc32 u32
+                  | bytes | b"QEND" | msgid u64
+
+Each message is two records, written together: b"QENV" (its envelope,
+engine.queue.records.EnvelopeRecord) then b"QMSG" (its bytes; the index
+points at this one). The envelope copy is what lets `scan` index a
+segment's tail again when the index lost its last commit in a machine crash.
 
 Each writer process appends whole batches to its own segment with one
 positional write, then makes them durable with one fdatasync. A record torn by a crash lies past the
@@ -26,7 +31,7 @@ import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from engine.queue.records import FORMAT_VERSION
 
@@ -35,6 +40,7 @@ FILE_HEADER = struct.Struct(">8sII")
 REC_HEAD = struct.Struct(">4sHHQQI")
 REC_TAIL = struct.Struct(">4sQ")
 REC_MAGIC = b"QMSG"
+ENV_MAGIC = b"QENV"
 END_MAGIC = b"QEND"
 SUFFIX = ".seg"
 
@@ -63,10 +69,30 @@ def parse_segment_name(name: str) -> int | None:
     return int(stem) if stem.isdigit() else None
 
 
-def encode_record(msgid: int, message: bytes) -> bytes:
-    return b"".join((REC_HEAD.pack(REC_MAGIC, FORMAT_VERSION, 0, msgid, len(message),
+def encode_record(msgid: int, message: bytes, magic: bytes = REC_MAGIC) -> bytes:
+    return b"".join((REC_HEAD.pack(magic, FORMAT_VERSION, 0, msgid, len(message),
                                    zlib.crc32(message)),
                      message, REC_TAIL.pack(END_MAGIC, msgid)))
+
+
+def scan(path: Path, start: int) -> Iterator[tuple[bytes, int, int, bytes]]:
+    """(magic, msgid, offset, body) of each whole, intact record from `start`
+    on, stopping at the end of the file or at the first torn or corrupt one."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        offset = max(start, FILE_HEADER.size)
+        while offset + REC_HEAD.size <= size:
+            f.seek(offset)
+            magic, version, _flags, msgid, length, crc = REC_HEAD.unpack(f.read(REC_HEAD.size))
+            end = offset + record_size(length)
+            if magic not in (REC_MAGIC, ENV_MAGIC) or version != FORMAT_VERSION or end > size:
+                return
+            body = f.read(length)
+            if REC_TAIL.unpack(f.read(REC_TAIL.size)) != (END_MAGIC, msgid) \
+                    or zlib.crc32(body) != crc:
+                return
+            yield magic, msgid, offset, body
+            offset = end
 
 
 def record_size(length: int) -> int:

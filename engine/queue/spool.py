@@ -24,11 +24,11 @@ import lmdb
 from engine.config.settings import SpoolSettings
 from engine.queue import records as R
 from engine.queue.committer import CommitRequest, GroupCommitter
-from engine.queue.records import (FORMAT_VERSION, MessageRecord, RecipientRecord, RecordError,
-                                  SegmentRecord)
+from engine.queue.records import (SPOOL_FORMAT, EnvelopeRecord, MessageRecord, RecipientRecord,
+                                  RecordError, SegmentRecord)
 from engine.queue.recovery import SpoolRecovery
-from engine.queue.segments import (SegmentError, SegmentIO, SegmentReader, SegmentWriter,
-                                   encode_record, segment_name)
+from engine.queue.segments import (ENV_MAGIC, FILE_HEADER, SegmentError, SegmentIO,
+                                   SegmentReader, SegmentWriter, encode_record, segment_name)
 from engine.queue.values import (  # noqa: F401 - re-exported for engine.queue
     Deferred, Delivered, Envelope, Failed, Finished, Job, MessageNotFound, MessageQuarantined,
     QueuedMessage, RecipientView, RecoveryReport, Result, SpoolError, SpoolStats,
@@ -50,9 +50,19 @@ class _PreparedBatch:
     writer: SegmentWriter
     segid: int
     created: float            # segment creation time
-    offsets: list[int]
+    offsets: list[int]        # of each message's QMSG record
+    end: int                  # segment offset after the batch
     now: float
     seal: list[int]           # segments to seal when this batch is committed
+
+
+def current_boot_id() -> str:
+    """This boot of the machine ("" where the kernel does not say)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 # --------------------------------------------------------------------------- the spool
@@ -67,7 +77,7 @@ class Spool(SpoolRecovery):
 
     def __init__(self, queue_dir: Path | str, settings: SpoolSettings | None = None, *,
                  readonly: bool = False, io: SegmentIO | None = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, boot_id: str | None = None):
         self.path = Path(queue_dir)
         settings = settings or SpoolSettings()
         if settings.segment_max_age >= settings.orphan_grace:
@@ -80,6 +90,9 @@ class Spool(SpoolRecovery):
         self._clock = clock
         self._io = io or SegmentIO()
         self._pid = os.getpid()
+        # Which boot of the machine this is: the index's last commit can only
+        # be lost across a machine crash, so its tail is re-indexed once per boot.
+        self._boot_id = current_boot_id() if boot_id is None else boot_id
         self._index_dir = self.path / INDEX_DIR
         self._seg_dir = self.path / SEGMENT_DIR
         self._quarantine_dir = self.path / QUARANTINE_DIR
@@ -117,8 +130,13 @@ class Spool(SpoolRecovery):
         try:
             for d in (self.path, self._index_dir, self._seg_dir, self._quarantine_dir):
                 d.mkdir(mode=0o700, parents=(d == self.path), exist_ok=True)
+            # metasync off: one sync per commit instead of two. LMDB stays
+            # consistent, but a machine crash may undo its last commit;
+            # _reindex_after_reboot() puts those messages back from their
+            # segments. Without a boot id that cannot be told, so sync both.
+            metasync = self.settings.index_metasync or not self._boot_id
             return lmdb.open(str(self._index_dir), map_size=self.settings.index_map_bytes,
-                             max_dbs=len(_DB_NAMES), sync=True, metasync=True,
+                             max_dbs=len(_DB_NAMES), sync=True, metasync=metasync,
                              readahead=False, subdir=True, max_readers=256)
         except (OSError, lmdb.Error) as exc:
             raise SpoolError(f"{self.path}: cannot open spool: {exc}") from None
@@ -130,15 +148,21 @@ class Spool(SpoolRecovery):
             if raw is None:
                 if self.readonly:
                     raise SpoolError(f"{self.path}: spool index has no format record")
-                txn.put(b"format", R.u32(FORMAT_VERSION), db=meta)
+                txn.put(b"format", R.u32(SPOOL_FORMAT), db=meta)
                 txn.put(b"next_id", R.u64(1), db=meta)
-                return
-        version = R.read_u32(raw)
-        if version > FORMAT_VERSION:
+                raw = R.u32(SPOOL_FORMAT)
+            version = R.read_u32(raw)
+            if version < SPOOL_FORMAT and not self.readonly:
+                txn.put(b"format", R.u32(SPOOL_FORMAT), db=meta)  # upgraded in place
+            boot = txn.get(b"boot_id", db=meta)
+        if version > SPOOL_FORMAT:
             self.env.close()
             raise SpoolVersionError(
-                f"{self.path}: spool format version {version} was written by a newer qrelay; "
-                f"this one understands up to {FORMAT_VERSION}")
+                f"{self.path}: spool format version {version} was written by a newer "
+                f"qrelay; this one understands up to {SPOOL_FORMAT}")
+        if not self.readonly and self._boot_id and \
+                (boot is None or bytes(boot) != self._boot_id.encode()):
+            self._reindex_after_reboot()
 
     def _check_process(self) -> None:
         if self._closed:
@@ -241,10 +265,22 @@ class Spool(SpoolRecovery):
             self._writer = None
         segid = self._take_ids(1)
         try:
-            self._writer = SegmentWriter(self._seg_dir, segid, self._io, now)
+            writer = SegmentWriter(self._seg_dir, segid, self._io, now)
         except OSError as exc:
             raise SpoolWriteError(f"cannot create spool segment: {exc.strerror or exc}") from None
-        return self._writer
+        # Known to the index before anything in it can be: after a machine
+        # crash only known, unsealed segments have tails worth re-indexing.
+        try:
+            with self.env.begin(write=True) as txn:
+                txn.put(R.u64(segid), SegmentRecord(0, False, self._pid, now,
+                                                    FILE_HEADER.size).encode(),
+                        db=self._dbs[b"segments"])
+        except lmdb.Error as exc:
+            writer.close()
+            self._unlink_segments([segid])
+            raise SpoolWriteError(f"cannot register spool segment: {exc}") from None
+        self._writer = writer
+        return writer
 
     def _prepare_requests(self, batch: Sequence[CommitRequest]) -> tuple[list[int],
                                                                           "_PreparedBatch"]:
@@ -267,8 +303,15 @@ class Spool(SpoolRecovery):
                 raise SpoolError(f"unknown origin {env.origin!r}")
         first = self._take_ids(len(items))
         ids = list(range(first, first + len(items)))
-        chunks = [encode_record(msgid, msg) for msgid, (_e, msg) in zip(ids, items)]
-        data = b"".join(chunks)
+        # Per message: its envelope record, then its bytes (the index points
+        # at the second; the first is for re-indexing, see segments.scan).
+        envs, msgs = [], []
+        for msgid, (e, msg) in zip(ids, items):
+            envs.append(encode_record(msgid, EnvelopeRecord(now, e.pid, e.uid, e.origin, e.sender,
+                                                            tuple(e.recipients)).encode(),
+                                      ENV_MAGIC))
+            msgs.append(encode_record(msgid, msg))
+        data = b"".join(part for pair in zip(envs, msgs) for part in pair)
         writer = self._writer_for(len(data), now)
         try:
             base = writer.write(data)
@@ -277,15 +320,15 @@ class Spool(SpoolRecovery):
             raise SpoolWriteError(f"cannot write to spool: {exc.strerror or exc}") from None
         offsets = []
         offset = base
-        for chunk in chunks:
-            offsets.append(offset)
-            offset += len(chunk)
+        for env_rec, msg_rec in zip(envs, msgs):
+            offsets.append(offset + len(env_rec))
+            offset += len(env_rec) + len(msg_rec)
         # Segments this stage moved away from are sealed by the index
         # transaction that commits this batch: by then every batch written
         # to them has been indexed (batches are indexed in order).
         seal, self._seal_after_write = self._seal_after_write, []
         return _PreparedBatch(list(items), ids, writer, writer.segid, writer.created, offsets,
-                              now, seal)
+                              offset, now, seal)
 
     def _drop_broken_writer(self) -> None:
         w = self._writer
@@ -346,7 +389,8 @@ class Spool(SpoolRecovery):
                     seg = SegmentRecord.decode(raw) if raw is not None else \
                         SegmentRecord(0, False, self._pid, b.created)
                     txn.put(segkey, SegmentRecord(seg.live + len(b.ids), False, self._pid,
-                                                  seg.created).encode(), db=dbs[b"segments"])
+                                                  seg.created, max(seg.end, b.end)).encode(),
+                            db=dbs[b"segments"])
                 unlink = self._seal_segments(txn, self._seal_after_index)
         except (lmdb.Error, RecordError) as exc:
             raise SpoolWriteError(f"cannot commit to spool index: {exc}") from None
@@ -371,11 +415,20 @@ class Spool(SpoolRecovery):
                 txn.delete(key, db=segdb)
                 unlink.append(segid)
             else:
-                txn.put(key, SegmentRecord(seg.live, True, seg.pid, seg.created).encode(),
-                        db=segdb)
+                txn.put(key, dataclasses.replace(seg, sealed=True).encode(), db=segdb)
         return unlink
 
     def _unlink_segments(self, segids: Iterable[int]) -> None:
+        segids = list(segids)
+        if segids and not self.readonly:
+            # The commit that let them go must be on disk first (the meta
+            # page is synced lazily): else a machine crash could bring back
+            # index records pointing into a deleted file.
+            try:
+                self.env.sync(True)
+            except lmdb.Error as exc:
+                log.warning("warning: cannot sync spool index, segments kept: %s", exc)
+                return
         for segid in segids:
             self._reader.forget(segid)
             try:
@@ -400,8 +453,7 @@ class Spool(SpoolRecovery):
             txn.delete(key, db=segdb)
             unlink.append(segid)
         else:
-            txn.put(key, SegmentRecord(live, seg.sealed, seg.pid, seg.created).encode(),
-                    db=segdb)
+            txn.put(key, dataclasses.replace(seg, live=live).encode(), db=segdb)
 
     # ---------------------------------------------------------------- counts & reading
 
