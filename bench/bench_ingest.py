@@ -15,6 +15,15 @@ machine is noisy; bracketing qrelay between them evens out drift).
 Target: qrelay accepts >= 25 % of the sink's rate (Postfix manages about 10 %).
 Also checked: every accepted message is in the spool. Exit 0 if the target is
 met, 1 if not, 2 if a run failed.
+
+    python bench/bench_ingest.py --slow-ratio 5 -s 32,64,128 --rounds 3
+
+instead compares qrelay with itself: for each session count, `qrelay run` on
+the plain disk, then with every sync of its processes 5 ms slower (LD_PRELOAD
+shim), alternating for --rounds; prints the rates and the median of the
+per-round slow/plain ratios (issue #3's target: >= 0.8). A session waits for
+its 250, so each message's cycle carries the slow sync once: the ratio can
+only approach 1 when the sessions are enough to keep the CPUs busy meanwhile.
 """
 from __future__ import annotations
 
@@ -23,6 +32,7 @@ import json
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,22 +62,23 @@ def run_sink(work: Path, args: argparse.Namespace, n: int) -> dict:
         return flood(sink.port, args, work / f"flood-sink{n}.json")
 
 
-def run_qrelay(work: Path, args: argparse.Namespace) -> tuple[dict, int]:
+def run_qrelay(work: Path, args: argparse.Namespace, slow_sync_ms: int,
+               name: str = "qrelay") -> tuple[dict, int]:
     from engine.home import init_home
     from engine.queue import Spool
 
-    root = init_home(work / "qrelay", me="bench.local")
+    root = init_home(work / name, me="bench.local")
     toml = "[scheduler]\nenabled = false\n"
     if args.direct_spool:  # each receiver commits itself under LMDB's lock
         toml += "[spool]\nsingle_writer = false\n"
     (root / "qrelay.toml").write_text(toml)
     env = dict(os.environ)
-    if args.slow_sync_ms:  # emulate a slow disk: every sync (LMDB's too) takes longer
+    if slow_sync_ms:  # emulate a slow disk: every sync (LMDB's too) takes longer
         shim = work / "spool_slowsync.so"
         if not shim.exists():
             subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", str(shim),
                             str(BENCH / "spool_slowsync.c"), "-ldl"], check=True)
-        env.update(LD_PRELOAD=str(shim), SLOWSYNC_MS=str(args.slow_sync_ms))
+        env.update(LD_PRELOAD=str(shim), SLOWSYNC_MS=str(slow_sync_ms))
     proc = subprocess.Popen(
         [sys.executable, "-m", "engine.cli", "run", str(root), "--listen", "127.0.0.1:0",
          "--procs", str(args.procs)],
@@ -78,7 +89,7 @@ def run_qrelay(work: Path, args: argparse.Namespace) -> tuple[dict, int]:
         if not m:
             raise RuntimeError("qrelay run did not start; see " + str(work / "qrelay.log"))
         time.sleep(0.5)  # receivers up
-        result = flood(int(m.group(1)), args, work / "flood-qrelay.json")
+        result = flood(int(m.group(1)), args, work / f"flood-{name}.json")
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGTERM)
@@ -99,7 +110,8 @@ def run_qrelay(work: Path, args: argparse.Namespace) -> tuple[dict, int]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description="qrelay ingest vs a no-storage sink (see the docstring)")
-    p.add_argument("-s", "--sessions", type=int, default=20)
+    p.add_argument("-s", "--sessions", default="20",
+                   help="concurrent SMTP sessions (with --slow-ratio: a comma list)")
     p.add_argument("-m", "--messages", type=int, default=20000)
     p.add_argument("-l", "--size", type=int, default=1024)
     p.add_argument("--procs", type=int, default=os.cpu_count() or 1, help="qrelay receiver processes")
@@ -110,16 +122,28 @@ def main() -> int:
                    help="receivers commit to the spool themselves instead of through the single writer")
     p.add_argument("--slow-sync-ms", type=int, default=0,
                    help="make every sync of qrelay's processes this many ms slower (LD_PRELOAD shim)")
+    p.add_argument("--slow-ratio", type=int, metavar="MS", default=0,
+                   help="compare qrelay on the plain disk with every sync MS ms slower")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of --slow-ratio")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--json", help="write the figures to this file")
     args = p.parse_args()
     args.sink_procs = args.sink_procs or args.procs
+    try:
+        sessions = [int(n) for n in args.sessions.split(",")]
+    except ValueError:
+        p.error(f"-s: not a number or a comma list of numbers: {args.sessions!r}")
+    if args.slow_ratio:
+        return slow_ratio(args, sessions)
+    if len(sessions) != 1:
+        p.error("-s takes one number unless --slow-ratio is given")
+    args.sessions = sessions[0]
 
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         work = Path(tmp)
         try:
             sink1 = run_sink(work, args, 1)
-            qrelay, queued = run_qrelay(work, args)
+            qrelay, queued = run_qrelay(work, args, args.slow_sync_ms)
             sink2 = run_sink(work, args, 2)
         except (subprocess.SubprocessError, RuntimeError, OSError) as exc:
             print(f"bench_ingest: error: {exc}", file=sys.stderr)
@@ -145,6 +169,48 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     return 0 if ok else 1
+
+
+SLOW_TARGET = 0.8
+
+
+def slow_ratio(args: argparse.Namespace, sessions: list[int]) -> int:
+    """qrelay on the plain disk vs every sync args.slow_ratio ms slower."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+        work = Path(tmp)
+        for n in sessions:
+            args.sessions = n
+            plain, slow, ratios = [], [], []
+            for r in range(args.rounds):
+                try:
+                    res_p, q_p = run_qrelay(work, args, 0, f"plain-{n}-{r}")
+                    res_s, q_s = run_qrelay(work, args, args.slow_ratio, f"slow-{n}-{r}")
+                except (subprocess.SubprocessError, RuntimeError, OSError) as exc:
+                    print(f"bench_ingest: error: {exc}", file=sys.stderr)
+                    return 2
+                if not (q_p == res_p["messages"]["accepted"] == args.messages
+                        and q_s == res_s["messages"]["accepted"] == args.messages):
+                    print(f"bench_ingest: not every message was accepted and queued "
+                          f"({q_p}, {q_s} of {args.messages})", file=sys.stderr)
+                    return 2
+                plain.append(res_p["rate"]["accepted_per_s"])
+                slow.append(res_s["rate"]["accepted_per_s"])
+                ratios.append(slow[-1] / plain[-1])
+                print(f"sessions {n:4d} round {r + 1}: plain {plain[-1]:8.1f} msg/s, "
+                      f"sync +{args.slow_ratio} ms {slow[-1]:8.1f} msg/s -> {ratios[-1]:.2f}")
+            rows.append({"sessions": n, "plain_msgs_per_s": plain, "slow_msgs_per_s": slow,
+                         "ratio": round(statistics.median(ratios), 3)})
+    print(f"\nslow/plain, median of {args.rounds} rounds (target >= {SLOW_TARGET}):")
+    for row in rows:
+        mark = "met" if row["ratio"] >= SLOW_TARGET else "MISSED"
+        print(f"  {row['sessions']:4d} sessions: {row['ratio']:.2f} -> {mark}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"slow_sync_ms": args.slow_ratio,
+                                               "messages": args.messages, "size": args.size,
+                                               "qrelay_procs": args.procs, "rows": rows},
+                                              indent=2) + "\n")
+    return 0 if all(row["ratio"] >= SLOW_TARGET for row in rows) else 1
 
 
 if __name__ == "__main__":

@@ -165,16 +165,18 @@ def test_slow_disk(benchmark, tmp_path: Path, kind: str, producers: int):
     rp, rs = median(plain), median(slow)
     report(benchmark, producers=producers, kind=kind, rate_plain=rp, rate_slow=rs,
            ratio=median([s_ / p_ for s_, p_ in zip(slow, plain)]),
-           rate_slow_1_producer=slow_1)
+           rate_slow_1_producer=slow_1, of_bound=rs / (producers / 0.005))
     # Group commit does work on the slow disk: 32 producers share each sync.
     assert rs > 10 * slow_1
     # The target, ratio >= 0.8 with 32 producers, is out of reach for
     # ANY durable spool: each producer waits for its own commit, so
     # rate <= producers / commit latency (Little's law), and the emulation
-    # adds 5 ms to each of the >= 1 syncs a commit needs (3 here: segment,
-    # LMDB pages, LMDB meta): 32 producers can never exceed 32 / 5 ms =
-    # 6,400 msg/s, below 0.8 x the plain rate measured here. Shown as an
-    # expected failure, not hidden.
+    # adds 5 ms to the >= 1 sync a commit needs (here exactly one on each
+    # caller's path: the segment and index syncs run side by side and LMDB's
+    # meta page is synced lazily): 32 producers can never exceed 32 / 5 ms =
+    # 6,400 msg/s, below 0.8 x the plain rate measured here. `of_bound` says
+    # how close the spool gets. Shown as an expected failure, not hidden.
+    # Through SMTP, see `bench/bench_ingest.py --slow-ratio 5`.
     ratio = median([s_ / p_ for s_, p_ in zip(slow, plain)])
     if ratio < 0.8:
         pytest.xfail(f"slow/plain = {ratio:.2f} with {producers} producers "
