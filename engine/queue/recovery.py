@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import zlib
 
 import lmdb
 
@@ -254,15 +253,7 @@ class SpoolRecovery:
                     next_id = max(next_id, msgid + 1)
                     if txn.get(R.u64(msgid), db=dbs[b"messages"]) is not None:
                         continue
-                    nrcpt = len(env.recipients)
-                    txn.put(R.u64(msgid), MessageRecord(
-                        env.birth, segid, offset, len(body), zlib.crc32(body), env.pid, env.uid,
-                        env.origin, nrcpt, nrcpt, 0, env.sender).encode(), db=dbs[b"messages"])
-                    for i, addr in enumerate(env.recipients):
-                        txn.put(R.rcpt_key(msgid, i),
-                                RecipientRecord(R.TODO, R.NO_CHANNEL, 0, 0.0, addr).encode(),
-                                db=dbs[b"recipients"])
-                    txn.put(R.u64(msgid), b"", db=dbs[b"todo"])
+                    self._index_message(txn, msgid, env, body, segid, offset, env.birth)
                     live += 1
                     restored += 1
                 if end != seg.end:

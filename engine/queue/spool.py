@@ -47,9 +47,7 @@ class _PreparedBatch:
     """A batch written to a segment, on its way through sync and index."""
     items: list[tuple[Envelope, bytes]]
     ids: list[int]
-    writer: SegmentWriter
-    segid: int
-    created: float            # segment creation time
+    writer: SegmentWriter     # the segment it is in
     offsets: list[int]        # of each message's QMSG record
     end: int                  # segment offset after the batch
     now: float
@@ -327,8 +325,7 @@ class Spool(SpoolRecovery):
         # transaction that commits this batch: by then every batch written
         # to them has been indexed (batches are indexed in order).
         seal, self._seal_after_write = self._seal_after_write, []
-        return _PreparedBatch(list(items), ids, writer, writer.segid, writer.created, offsets,
-                              offset, now, seal)
+        return _PreparedBatch(list(items), ids, writer, offsets, offset, now, seal)
 
     def _drop_broken_writer(self) -> None:
         w = self._writer
@@ -364,7 +361,8 @@ class Spool(SpoolRecovery):
         self._unlink_segments(unlink)
 
     def _index_batches(self, batches: Sequence["_PreparedBatch"]) -> None:
-        """Index stage: ONE LMDB transaction for all ready batches — the commit point."""
+        """Index stage: ONE LMDB transaction for all ready batches (with their
+        segment syncs done, the commit point)."""
         for b in batches:
             self._seal_after_index.extend(b.seal)
         try:
@@ -372,22 +370,12 @@ class Spool(SpoolRecovery):
                 dbs = self._dbs
                 for b in batches:
                     for msgid, (envelope, message), offset in zip(b.ids, b.items, b.offsets):
-                        nrcpt = len(envelope.recipients)
-                        rec = MessageRecord(b.now, b.segid, offset, len(message),
-                                            zlib.crc32(message), envelope.pid, envelope.uid,
-                                            envelope.origin, nrcpt, nrcpt, 0, envelope.sender)
-                        key = R.u64(msgid)
-                        txn.put(key, rec.encode(), db=dbs[b"messages"])
-                        for i, addr in enumerate(envelope.recipients):
-                            txn.put(R.rcpt_key(msgid, i),
-                                    RecipientRecord(R.TODO, R.NO_CHANNEL, 0, 0.0,
-                                                    addr).encode(),
-                                    db=dbs[b"recipients"])
-                        txn.put(key, b"", db=dbs[b"todo"])
-                    segkey = R.u64(b.segid)
+                        self._index_message(txn, msgid, envelope, message, b.writer.segid,
+                                            offset, b.now)
+                    segkey = R.u64(b.writer.segid)
                     raw = txn.get(segkey, db=dbs[b"segments"])
                     seg = SegmentRecord.decode(raw) if raw is not None else \
-                        SegmentRecord(0, False, self._pid, b.created)
+                        SegmentRecord(0, False, self._pid, b.writer.created)
                     txn.put(segkey, SegmentRecord(seg.live + len(b.ids), False, self._pid,
                                                   seg.created, max(seg.end, b.end)).encode(),
                             db=dbs[b"segments"])
@@ -396,6 +384,22 @@ class Spool(SpoolRecovery):
             raise SpoolWriteError(f"cannot commit to spool index: {exc}") from None
         self._seal_after_index = []
         self._unlink_segments(unlink)
+
+    def _index_message(self, txn: lmdb.Transaction, msgid: int,
+                       envelope: Envelope | EnvelopeRecord, message: bytes, segid: int,
+                       offset: int, birth: float) -> None:
+        """A new message's records: queued, recipients not yet classified (todo)."""
+        dbs = self._dbs
+        nrcpt = len(envelope.recipients)
+        key = R.u64(msgid)
+        txn.put(key, MessageRecord(birth, segid, offset, len(message), zlib.crc32(message),
+                                   envelope.pid, envelope.uid, envelope.origin, nrcpt, nrcpt,
+                                   0, envelope.sender).encode(), db=dbs[b"messages"])
+        for i, addr in enumerate(envelope.recipients):
+            txn.put(R.rcpt_key(msgid, i),
+                    RecipientRecord(R.TODO, R.NO_CHANNEL, 0, 0.0, addr).encode(),
+                    db=dbs[b"recipients"])
+        txn.put(key, b"", db=dbs[b"todo"])
 
     # ---------------------------------------------------------------- segments
 
