@@ -127,7 +127,9 @@ through `open_spool_writer(queue_dir, settings)` — a SpoolClient talking to
 group-commits the messages of all receivers together. The alternative, every
 receiver opening the spool and taking LMDB's cross-process writer lock, was
 measured against it with bench/spool_writer_proto.py (4 receiver processes ×
-8 producer threads, 1 KB, 2 s rounds, two-stage commit, shared 2-core box):
+8 producer threads, 1 KB, 2 s rounds, shared 2-core box; measured before the
+commit became one sync per path, when segment sync and index commit ran one
+after the other and LMDB synced its meta page too):
 
 | disk | LMDB writer lock | single writer (SpoolClient) | writer ÷ lock |
 |---|---|---|---|
@@ -135,7 +137,7 @@ measured against it with bench/spool_writer_proto.py (4 receiver processes ×
 | every sync +5 ms (LD_PRELOAD shim) | 352 / 335 msg/s | 1,194 / 1,070 msg/s | 3.4 / 3.2 |
 
 Why: with the lock, each process commits its own (smaller) batches and each
-commit holds the lock through LMDB's two syncs, so the processes queue for
+commit holds the lock through LMDB's syncs, so the processes queue for
 it; the single writer makes one batch of everyone's messages, so a slow disk
 costs each message one commit's latency, not N. The price — one more hop
 through a socket and one process every receiver depends on — is small and
