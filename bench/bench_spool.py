@@ -138,8 +138,9 @@ def _shim(tmp_path: Path) -> Path:
     return so
 
 
-def _rate(kind: str, path: Path, producers: int, seconds: float, preload: Path | None) -> float:
-    env = {**os.environ}
+def _rate(kind: str, path: Path, producers: int, seconds: float, preload: Path | None,
+          settings: str = "") -> float:
+    env = {**os.environ, "SPOOL_SETTINGS": settings}
     if preload is not None:
         env["LD_PRELOAD"] = str(preload)
         env["SLOWSYNC_MS"] = "5"
@@ -181,3 +182,34 @@ def test_slow_disk(benchmark, tmp_path: Path, kind: str, producers: int):
     if ratio < 0.8:
         pytest.xfail(f"slow/plain = {ratio:.2f} with {producers} producers "
                      f"(bound: {producers} / 5 ms = {producers / 0.005:.0f} msg/s)")
+
+
+# (name, SPOOL_SETTINGS): how the commit path evolved, slowest first.
+COMMIT_ORDERS = [("serial, meta synced", "parallel_sync=0,index_metasync=1"),
+                 ("parallel, meta synced", "parallel_sync=1,index_metasync=1"),
+                 ("parallel, meta lazy (default)", "")]
+
+
+def test_slow_disk_commit_orders(benchmark, tmp_path: Path):
+    """Every sync 5 ms slower: durable enqueue with 1 and 32 asyncio producers
+    under each commit order, same run; ratios against the first (segment
+    sync, then the index commit with LMDB's two syncs). 2 rounds."""
+    so = _shim(tmp_path)
+    rates: dict[tuple[str, int], list[float]] = {}
+    for i in range(2):
+        for name, settings in COMMIT_ORDERS:
+            for producers in (1, 32):
+                kind = "rate" if producers == 1 else "arate"
+                rates.setdefault((name, producers), []).append(
+                    _rate(kind, tmp_path / f"{i}-{producers}-{len(rates)}", producers, SECONDS,
+                          so, settings))
+    benchmark.pedantic(lambda: None, rounds=1)
+    base = COMMIT_ORDERS[0][0]
+    for name, _settings in COMMIT_ORDERS:
+        for producers in (1, 32):
+            r = median(rates[(name, producers)])
+            report(benchmark, order=name, producers=producers, rate_slow=r,
+                   vs_serial=r / median(rates[(base, producers)]),
+                   of_bound=r / (producers / 0.005))
+    default = COMMIT_ORDERS[-1][0]
+    assert median(rates[(default, 32)]) > 1.5 * median(rates[(base, 32)])

@@ -9,6 +9,7 @@ waiting for its 250), so the rate is what concurrent receivers would see.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -122,10 +123,21 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def settings_from(text: str) -> SpoolSettings:
+    """SpoolSettings from "name=value,name=value" (booleans as 0/1)."""
+    fields = {f.name: f.type for f in dataclasses.fields(SpoolSettings)}
+    values = {}
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        if name not in fields:
+            raise SystemExit(f"SPOOL_SETTINGS: unknown setting {name!r}")
+        values[name] = value == "1" if fields[name] in (bool, "bool") else int(value)
+    return SpoolSettings(**values)
+
+
 def main(argv: list[str]) -> None:
     if argv[0] in ("rate", "arate"):
-        pipelined = os.environ.get("SPOOL_PIPELINED", "1") == "1"
-        spool = Spool(argv[1], SpoolSettings(pipelined_commit=pipelined))
+        spool = Spool(argv[1], settings_from(os.environ.get("SPOOL_SETTINGS", "")))
         measure = enqueue_rate if argv[0] == "rate" else submit_rate
         try:
             measure(spool, int(argv[2]), 0.2)  # warm up
