@@ -16,8 +16,8 @@ import lmdb
 from engine.queue import records as R
 from engine.queue.records import (EnvelopeRecord, MessageRecord, RecipientRecord, RecordError,
                                   SegmentRecord)
-from engine.queue.segments import (ENV_MAGIC, REC_MAGIC, SegmentError, parse_segment_name,
-                                   record_size, scan, segment_name)
+from engine.queue.segments import (ENV_MAGIC, SegmentError, parse_segment_name, record_size,
+                                   scan, segment_name)
 from engine.queue.values import RecoveryReport
 
 log = logging.getLogger("qrelay.queue")
@@ -234,28 +234,24 @@ class SpoolRecovery:
                 path = self._seg_dir / segment_name(segid)
                 envelope, live, end = None, seg.live, seg.end
                 try:
-                    records = list(scan(path, seg.end))
+                    for magic, msgid, offset, body in scan(path, seg.end):
+                        if magic == ENV_MAGIC:
+                            envelope = (msgid, EnvelopeRecord.decode(body))
+                            continue
+                        if envelope is None or envelope[0] != msgid:
+                            break
+                        env, envelope = envelope[1], None
+                        end = offset + record_size(len(body))
+                        next_id = max(next_id, msgid + 1)
+                        if txn.get(R.u64(msgid), db=dbs[b"messages"]) is not None:
+                            continue
+                        self._index_message(txn, msgid, env, body, segid, offset, env.birth)
+                        live += 1
+                        restored += 1
+                except RecordError:
+                    pass  # an envelope that does not decode ends the tail like a torn record
                 except OSError as exc:
                     log.warning("warning: cannot read segment %s: %s", segid, exc)
-                    continue
-                for magic, msgid, offset, body in records:
-                    if magic == ENV_MAGIC:
-                        try:
-                            envelope = (msgid, EnvelopeRecord.decode(body))
-                        except RecordError:
-                            break
-                        continue
-                    if magic != REC_MAGIC or envelope is None or envelope[0] != msgid:
-                        break
-                    env = envelope[1]
-                    envelope = None
-                    end = offset + record_size(len(body))
-                    next_id = max(next_id, msgid + 1)
-                    if txn.get(R.u64(msgid), db=dbs[b"messages"]) is not None:
-                        continue
-                    self._index_message(txn, msgid, env, body, segid, offset, env.birth)
-                    live += 1
-                    restored += 1
                 if end != seg.end:
                     txn.put(key, dataclasses.replace(seg, live=live, end=end).encode(),
                             db=dbs[b"segments"])

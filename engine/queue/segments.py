@@ -17,9 +17,11 @@ points at this one). The envelope copy is what lets `scan` index a
 segment's tail again when the index lost its last commit in a machine crash.
 
 Each writer process appends whole batches to its own segment with one
-positional write, then makes them durable with one fdatasync. A record torn by a crash lies past the
-last committed offset; no index record points at it, and the END marker and
-crc let a reader recognise it anyway (Postfix's `REC_TYPE_END` idea).
+positional write, then makes them durable with one fdatasync. A record torn
+by a crash is recognised by its END marker and crc (Postfix's `REC_TYPE_END`
+idea): usually no index record points at it; after a machine crash while the
+index committed a batch whose sync had not finished, one may (C13), and the
+reader refuses it.
 """
 from __future__ import annotations
 
