@@ -206,10 +206,16 @@ class SpoolRecovery:
         after the end the index knows for it, with its envelope beside it.
         Sealed segments are left alone: their tails hold only batches whose
         callers never got an id. Every writer of the last boot is gone, so no
-        tail is still being written. Ids start past every id in a segment."""
+        tail is still being written. Ids start past every id in a segment.
+
+        First, the last batch indexed into each unsealed segment is checked:
+        the index may have committed it while its segment sync was still
+        running (C13); what of it is torn is quarantined now, with that
+        reason, instead of when a delivery first reads it."""
         dbs = self._dbs
         meta = dbs[b"meta"]
         restored = 0
+        unlink: list[int] = []
         with self.env.begin(write=True) as txn:
             boot = txn.get(b"boot_id", db=meta)
             if boot is not None and bytes(boot) == self._boot_id.encode():
@@ -231,6 +237,8 @@ class SpoolRecovery:
                     continue  # recover() rebuilds it
                 if seg.sealed or seg.end < 0:
                     continue
+                if self._quarantine_torn_tail(txn, segid, seg, unlink):
+                    seg = SegmentRecord.decode(txn.get(key, db=dbs[b"segments"]))
                 path = self._seg_dir / segment_name(segid)
                 envelope, live, end = None, seg.live, seg.end
                 try:
@@ -257,10 +265,35 @@ class SpoolRecovery:
                             db=dbs[b"segments"])
             txn.put(b"next_id", R.u64(next_id), db=meta)
             txn.put(b"boot_id", self._boot_id.encode(), db=meta)
+        self._unlink_segments(unlink)
         if restored:
             log.warning("warning: re-indexed %d message(s) whose index commit was lost when "
                         "the machine stopped", restored)
         return restored
+
+    def _quarantine_torn_tail(self, txn: lmdb.Transaction, segid: int, seg: SegmentRecord,
+                              unlink: list[int]) -> int:
+        """Quarantine the messages of segment `segid`'s last indexed batch
+        whose bytes are torn (inside txn). A batch's ids are consecutive."""
+        if seg.tail_id <= 0:
+            return 0
+        torn = 0
+        for msgid in range(seg.tail_id, seg.tail_id + self.settings.max_batch_messages):
+            raw = txn.get(R.u64(msgid), db=self._dbs[b"messages"])
+            if raw is None:
+                continue
+            try:
+                rec = MessageRecord.decode(raw)
+                if rec.segid != segid:
+                    continue
+                self._reader.read(segid, rec.offset, msgid, rec.length)
+            except RecordError:
+                continue  # recover() deals with it
+            except (SegmentError, OSError) as exc:
+                self._quarantine(txn, msgid, f"torn by a machine crash before its segment "
+                                 f"sync finished, so its client got no 250 ({exc})", unlink)
+                torn += 1
+        return torn
 
     def cleanup(self, now: float | None = None) -> list[str]:
         """Remove segment files that no index record knows about and that are

@@ -106,8 +106,8 @@ class Spool(SpoolRecovery):
         self._closed = False
         self.env = self._open_env()
         self._dbs = {name: self.env.open_db(name, create=not readonly) for name in _DB_NAMES}
-        self._check_format()
         self._reader = SegmentReader(self._seg_dir, self.settings.max_open_segments)
+        self._check_format()
 
     # ---------------------------------------------------------------- opening
 
@@ -377,7 +377,8 @@ class Spool(SpoolRecovery):
                     seg = SegmentRecord.decode(raw) if raw is not None else \
                         SegmentRecord(0, False, self._pid, b.writer.created)
                     txn.put(segkey, SegmentRecord(seg.live + len(b.ids), False, self._pid,
-                                                  seg.created, max(seg.end, b.end)).encode(),
+                                                  seg.created, max(seg.end, b.end),
+                                                  b.ids[0]).encode(),
                             db=dbs[b"segments"])
                 unlink = self._seal_segments(txn, self._seal_after_index)
         except (lmdb.Error, RecordError) as exc:
