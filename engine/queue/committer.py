@@ -197,7 +197,8 @@ class GroupCommitter:
             except BaseException as exc:  # noqa: BLE001 - handed to every waiter
                 _fail(batch, exc)
                 continue
-            p = Prepared(batch, ids, token, 2)
+            # the stages that must finish before its callers hear
+            p = Prepared(batch, ids, token, 2 if self._parallel else 1)
             if self._parallel:
                 self._prepared.put(p)  # indexed while we sync
                 self._stage_done(p, "sync", self._call(self._sync, token))
@@ -208,7 +209,6 @@ class GroupCommitter:
             elif self._pipeline:
                 self._prepared.put(p)
             else:  # one stage: this thread indexes too (for measurement)
-                p.stages_left = 1
                 self._index_ready([p])
         if self._indexer is not None:
             self._prepared.put(None)
@@ -240,9 +240,6 @@ class GroupCommitter:
             self._index_ready(ready)
 
     def _index_ready(self, ready: Sequence[Prepared]) -> None:
-        if not self._parallel:
-            for p in ready:
-                p.stages_left = 1  # synced before it got here
         exc = self._call(self._index, [p.token for p in ready])
         settle = [p for p in ready if self._stage_done(p, "index", exc)]
         if len(settle) > 1:  # one wake-up per event loop for all of them
