@@ -66,6 +66,7 @@ def run_qrelay(work: Path, args: argparse.Namespace, slow_sync_ms: int,
                name: str = "qrelay") -> tuple[dict, int]:
     from engine.home import init_home
     from engine.queue import Spool
+    from smtpload.process import terminate
 
     root = init_home(work / name, me="bench.local")
     toml = "[scheduler]\nenabled = false\n"
@@ -91,17 +92,11 @@ def run_qrelay(work: Path, args: argparse.Namespace, slow_sync_ms: int,
         time.sleep(0.5)  # receivers up
         result = flood(int(m.group(1)), args, work / f"flood-{name}.json")
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
+        terminate(proc, 20)
+        try:  # anything of its group that outlived it
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        proc.wait(5)
         proc.stdout.close()
     with Spool(root / "queue", readonly=True) as spool:
         queued = spool.stats().messages
