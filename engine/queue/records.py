@@ -18,7 +18,7 @@ Keys are big-endian so LMDB's byte order is numeric order:
     meta        b"format" -> u32, b"next_id" -> u64, b"boot_id" -> bytes
 
 The envelope of every message is also written into its segment, beside the
-bytes (`encode_envelope`), so a segment's tail can be indexed again if the
+bytes (`EnvelopeRecord`), so a segment's tail can be indexed again if the
 machine crashed before the index's last commit reached the disk.
 """
 from __future__ import annotations

@@ -85,16 +85,30 @@ def scan(path: Path, start: int) -> Iterator[tuple[bytes, int, int, bytes]]:
         offset = max(start, FILE_HEADER.size)
         while offset + REC_HEAD.size <= size:
             f.seek(offset)
-            magic, version, _flags, msgid, length, crc = REC_HEAD.unpack(f.read(REC_HEAD.size))
+            head = f.read(REC_HEAD.size)
+            magic, version, _flags, msgid, length, crc = REC_HEAD.unpack(head)
             end = offset + record_size(length)
             if magic not in (REC_MAGIC, ENV_MAGIC) or version != FORMAT_VERSION or end > size:
                 return
-            body = f.read(length)
-            if REC_TAIL.unpack(f.read(REC_TAIL.size)) != (END_MAGIC, msgid) \
-                    or zlib.crc32(body) != crc:
+            try:
+                body = _checked_body(head + f.read(length + REC_TAIL.size), msgid, length, crc,
+                                     str(path))
+            except SegmentError:
                 return
             yield magic, msgid, offset, body
             offset = end
+
+
+def _checked_body(raw: bytes, msgid: int, length: int, crc: int, where: str) -> bytes:
+    """The bytes of a whole record (header already checked), once its END
+    marker and crc match."""
+    body = raw[REC_HEAD.size:REC_HEAD.size + length]
+    tmagic, tid = REC_TAIL.unpack_from(raw, REC_HEAD.size + length)
+    if tmagic != END_MAGIC or tid != msgid:
+        raise SegmentError(f"{where}: record #{msgid} has no END marker")
+    if zlib.crc32(body) != crc:
+        raise SegmentError(f"{where}: record #{msgid} checksum mismatch")
+    return body
 
 
 def record_size(length: int) -> int:
@@ -221,13 +235,7 @@ class SegmentReader:
             raise SegmentError(f"segment {segid}: no record header at {offset}")
         if rid != msgid or rlen != length:
             raise SegmentError(f"segment {segid}: record at {offset} is #{rid}, not #{msgid}")
-        body = raw[REC_HEAD.size:REC_HEAD.size + length]
-        tmagic, tid = REC_TAIL.unpack_from(raw, REC_HEAD.size + length)
-        if tmagic != END_MAGIC or tid != msgid:
-            raise SegmentError(f"segment {segid}: record #{msgid} has no END marker")
-        if zlib.crc32(body) != crc:
-            raise SegmentError(f"segment {segid}: record #{msgid} checksum mismatch")
-        return body
+        return _checked_body(raw, msgid, length, crc, f"segment {segid}")
 
     def raw(self, segid: int, offset: int, length: int) -> bytes:
         """Whatever bytes are at the place a record should be (for quarantine)."""
