@@ -20,6 +20,7 @@ service's process. Other services (scheduler, delivery workers) join by adding a
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -65,7 +66,26 @@ class _Child:
     restarts: int = 0
 
 
-def _child_entry(target: Callable[[int], None], slot: int) -> None:
+_PR_SET_PDEATHSIG = 1
+
+
+def follow_parent(parent_pid: int, sig: int = signal.SIGTERM) -> bool:
+    """Ask Linux to send `sig` to this process when its parent dies, so a killed
+    parent never leaves a child holding the port or the spool. False if the parent
+    (`parent_pid`, taken before the fork) is gone already: it died before the
+    request was made, and no signal will ever come, so the caller must exit."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    return os.getppid() == parent_pid
+
+
+def _child_entry(target: Callable[[int], None], slot: int, parent_pid: int) -> None:
+    # Every service dies with the supervisor, even when it is killed with -9.
+    if not follow_parent(parent_pid):
+        os._exit(0)
     # Forked children inherit the supervisor's Python signal handlers: put back
     # harmless ones until the child installs its own. INT is ignored because a
     # terminal's Ctrl-C reaches the whole group; the supervisor turns it into TERM.
@@ -97,7 +117,7 @@ class Supervisor:
 
     def _start(self, child: _Child) -> None:
         name = f"qrelay-{child.spec.name}-{child.slot}"
-        proc = self._context.Process(target=_child_entry, args=(child.spec.target, child.slot), name=name)
+        proc = self._context.Process(target=_child_entry, args=(child.spec.target, child.slot, os.getpid()), name=name)
         proc.daemon = False
         proc.start()
         child.process = proc

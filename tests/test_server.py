@@ -13,7 +13,7 @@ import pytest
 
 from engine.queue import Spool
 from tests.conftest import run_cli
-from tests.smtp_harness import RawClient, RunningQrelay
+from tests.smtp_harness import RawClient, RunningQrelay, children_of
 
 ME = "mx.example.com"
 OK_RE = re.compile(rb"^250 ok (\d+) qp (\d+)\r\n$")
@@ -279,10 +279,42 @@ def test_receivers_follow_a_killed_supervisor(qrelay):
     kids = q.children()
     os.kill(q.pid, signal.SIGKILL)
     q.proc.wait(5)
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(alive(k) for k in kids):
         time.sleep(0.05)
     assert not any(alive(k) for k in kids)  # PR_SET_PDEATHSIG: no orphan keeps the port
+
+
+def test_every_service_follows_a_killed_supervisor(root):
+    # Scheduler and its delivery workers too (grandchildren): kill -9 of the
+    # supervisor alone must leave nothing running on the spool.
+    (root / "qrelay.toml").write_text("[scheduler]\nenabled = true\n[delivery]\nworker_procs = 1\n")
+    (root / "control" / "smtproutes").write_text(":127.0.0.1:9\n")
+    q = RunningQrelay(root, procs=1)
+    try:
+        deadline = time.monotonic() + 10
+        tree = descendants(q.pid)
+        while time.monotonic() < deadline and len(tree) < 4:  # writer, receiver, scheduler, worker
+            time.sleep(0.05)
+            tree = descendants(q.pid)
+        assert len(tree) == 4, tree
+        os.kill(q.pid, signal.SIGKILL)
+        q.proc.wait(5)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(alive(p) for p in tree):
+            time.sleep(0.05)
+        assert not [p for p in tree if alive(p)]
+    finally:
+        q.stop()
+
+
+def descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        for kid in children_of(todo.pop()):
+            found.append(kid)
+            todo.append(kid)
+    return found
 
 
 def test_port_closes_promptly_on_sigterm(qrelay):

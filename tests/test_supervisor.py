@@ -138,3 +138,12 @@ def test_stubborn_child_is_killed_after_stop_grace(supervise, tmp_path):
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_follow_parent_says_whether_the_parent_is_still_the_one_it_forked_from():
+    # In a child process: prctl would otherwise tie pytest itself to its parent.
+    code = ("import os; from engine.supervisor import follow_parent; "
+            "print(follow_parent(os.getppid()), follow_parent(os.getppid() + 1))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=REPO, timeout=30, check=True).stdout
+    assert out.split() == ["True", "False"]

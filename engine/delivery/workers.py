@@ -276,14 +276,13 @@ class WorkerServer:
 def worker_main(root: str, fd: int, parent_pid: int) -> int:
     """Body of one worker process (after exec); exit status 0, or 111 if it
     cannot start."""
-    from engine.smtp.receiver import set_parent_death_signal
+    from engine.supervisor import follow_parent
 
     # The scheduler alone takes ALRM/HUP; INT (a terminal's ^C to the whole
     # group) is the supervisor's to turn into an orderly TERM.
     for sig in (signal.SIGHUP, signal.SIGALRM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
-    set_parent_death_signal(signal.SIGTERM)
-    if os.getppid() != parent_pid:
+    if not follow_parent(parent_pid):
         return 0  # the scheduler died before we could ask to follow it
     import uvloop
 

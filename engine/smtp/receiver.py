@@ -14,7 +14,6 @@ awaited before the spool is closed, so no accepted message is lost.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import signal
@@ -30,7 +29,6 @@ from engine.smtp.session import SmtpSession
 
 log = logging.getLogger("qrelay.receiver")
 
-_PR_SET_PDEATHSIG = 1
 
 
 class Receiver:
@@ -132,27 +130,14 @@ class Receiver:
         self.stopped.set()
 
 
-def set_parent_death_signal(sig: int = signal.SIGTERM) -> None:
-    """Ask Linux to send `sig` to this process when its parent dies, so killing the
-    supervisor alone never leaves receivers holding the port."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-
-
-def receiver_main(root: str, sockets: list[socket.socket], counter: ConnectionCounter,
-                  parent_pid: int) -> None:
-    """Body of one receiver process (called in the forked child)."""
+def receiver_main(root: str, sockets: list[socket.socket], counter: ConnectionCounter) -> None:
+    """Body of one receiver process (called in the forked child, which the
+    supervisor has already tied to its own life)."""
     import uvloop
 
     from engine.config.smtp import load_smtp_config
     from engine.queue.writer import open_spool_writer
 
-    set_parent_death_signal()
-    if os.getppid() != parent_pid:
-        return  # the supervisor died before we could ask to follow it
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     rootp = Path(root)

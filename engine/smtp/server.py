@@ -8,7 +8,6 @@ workers) are added in `service_specs`.
 from __future__ import annotations
 
 import dataclasses
-import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -37,11 +36,9 @@ def writer_specs(root: Path, config: Any) -> list[ChildSpec]:
     if not config.settings.spool.single_writer:
         return []
     from engine.queue.writer import run_writer
-    from engine.smtp.receiver import set_parent_death_signal
     spool_settings = config.settings.spool
 
     def writer_main(slot: int) -> None:
-        set_parent_death_signal()  # no orphan writer outlives a killed supervisor
         run_writer(root / "queue", settings=spool_settings,
                    drain_seconds=config.settings.smtp.shutdown_grace + 1.0)
     return [ChildSpec("spool-writer", target=writer_main,
@@ -72,10 +69,9 @@ def serve(root: Path, listen: list[ListenAddress], procs: int,
     sockets = bind_listeners(listen)
     try:
         table = ConnectionTable(procs)
-        supervisor_pid = os.getpid()
         receivers = ChildSpec(
             "receiver",
-            target=lambda slot: receiver_main(str(root), sockets, table.counter(slot), supervisor_pid),
+            target=lambda slot: receiver_main(str(root), sockets, table.counter(slot)),
             count=procs,
             on_exit=table.clear_row,
         )
