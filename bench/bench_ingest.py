@@ -69,9 +69,11 @@ def run_qrelay(work: Path, args: argparse.Namespace, slow_sync_ms: int,
     from smtpload.process import terminate
 
     root = init_home(work / name, me="bench.local")
-    toml = "[scheduler]\nenabled = false\n"
+    toml = "[scheduler]\nenabled = false\n[spool]\n"
     if args.direct_spool:  # each receiver commits itself under LMDB's lock
-        toml += "[spool]\nsingle_writer = false\n"
+        toml += "single_writer = false\n"
+    for setting in args.spool_setting:
+        toml += setting + "\n"
     (root / "qrelay.toml").write_text(toml)
     env = dict(os.environ)
     if slow_sync_ms:  # emulate a slow disk: every sync (LMDB's too) takes longer
@@ -115,6 +117,8 @@ def main() -> int:
     p.add_argument("--flood-arg", action="append", default=[], help="extra flood.py argument (repeatable)")
     p.add_argument("--direct-spool", action="store_true",
                    help="receivers commit to the spool themselves instead of through the single writer")
+    p.add_argument("--spool-setting", action="append", default=[], metavar="NAME=VALUE",
+                   help="a [spool] setting of qrelay.toml, as TOML (repeatable)")
     p.add_argument("--slow-sync-ms", type=int, default=0,
                    help="make every sync of qrelay's processes this many ms slower (LD_PRELOAD shim)")
     p.add_argument("--slow-ratio", type=int, metavar="MS", default=0,

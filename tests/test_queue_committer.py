@@ -10,44 +10,42 @@ import pytest
 from engine.queue.committer import GroupCommitter
 
 
-MODES = {"parallel": dict(pipeline=True, parallel=True),
-         "serial": dict(pipeline=True, parallel=False),
-         "one-thread": dict(pipeline=False)}
+MODES = {"ack-at-sync": dict(sync_depth=4),
+         "ack-after-index": dict(sync_depth=4, ack_after_index=True),
+         "one-sync-at-a-time": dict(sync_depth=1)}
 
 
 class Stages:
-    """prepare/sync/index/unindex doubles that record what they saw and can be held."""
+    """prepare/sync/index doubles that record what they saw and can be held."""
 
     def __init__(self, hold_first_prepare: bool = False, fail_prepare=(), fail_index=(),
-                 fail_sync=(), hold_sync: bool = False):
+                 fail_sync=(), hold_sync=()):
         self.prepared: list[int] = []
         self.indexed: list[list[int]] = []
         self.synced: list[int] = []
-        self.unindexed: list[int] = []
         self.events: list[tuple[str, int]] = []
         self.gate = threading.Event()
         self.sync_gate = threading.Event()
+        self.index_gate = threading.Event()
+        self.index_gate.set()
         self.hold = hold_first_prepare
-        self.hold_sync = hold_sync
+        self.hold_sync = set(hold_sync)
         self.fail_prepare = set(fail_prepare)
         self.fail_index = set(fail_index)
         self.fail_sync = set(fail_sync)
         self.ids = itertools.count(1)
 
-    def committer(self, max_messages: int, max_bytes: int, mode: str = "parallel"):
-        return GroupCommitter(self.prepare, self.sync, self.index, self.unindex,
-                              max_messages, max_bytes, **MODES[mode])
+    def committer(self, max_messages: int, max_bytes: int, mode: str = "ack-at-sync", **kw):
+        return GroupCommitter(self.prepare, self.sync, self.index, max_messages, max_bytes,
+                              **{**MODES[mode], "retry_seconds": 0.02, **kw})
 
     def sync(self, token):
-        if self.hold_sync:
+        if token in self.hold_sync:
             self.sync_gate.wait(5)
         self.synced.append(token)
         self.events.append(("synced", token))
         if token in self.fail_sync:
             raise OSError("EIO on fdatasync")
-
-    def unindex(self, token):
-        self.unindexed.append(token)
 
     def prepare(self, batch):
         n = len(self.prepared)
@@ -60,6 +58,7 @@ class Stages:
         return ids, n
 
     def index(self, tokens):
+        self.index_gate.wait(5)
         k = len(self.indexed)
         self.indexed.append(list(tokens))
         self.events.extend(("indexed", t) for t in tokens)
@@ -116,13 +115,14 @@ def test_prepare_failure_reaches_only_its_batch(mode):
     c.close()
 
 
-def test_index_failure_reaches_every_waiter_and_committer_survives(mode):
+def test_index_failure_reaches_the_waiters_of_the_index_and_committer_survives(mode):
     st = Stages(fail_index={0})
     c = st.committer(10, 10**6, mode)
     with pytest.raises(RuntimeError, match="index boom"):
-        c.put(None, b"a").result(5)
-    assert c.put(None, b"b").result(5) == 2
-    c.close()
+        c.put(None, b"a", wait_index=True).result(5)
+    assert c.put(None, b"b", wait_index=True).result(5) == 2
+    assert c.close()
+    assert st.indexed == [[0], [1]]     # nobody was answered for #1: not retried
     with pytest.raises(RuntimeError, match="closed"):
         c.put(None, b"c")
 
@@ -160,27 +160,38 @@ def test_asyncio_callers_are_woken_once_per_batch(mode):
     got, wakeups = asyncio.run(main())
     c.close()
     assert got == [1] + list(range(3, 32))
-    assert 1 <= wakeups <= 2                     # one per index commit, not one per message
+    assert 1 <= wakeups <= 2                     # one per batch, not one per message
 
 
-def test_parallel_order_answers_only_when_both_sync_and_index_are_done():
-    st = Stages(hold_sync=True)
-    c = st.committer(10, 10**6, "parallel")
-    f = c.put(None, b"a")
-    deadline = time.monotonic() + 5
-    while not st.indexed and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert st.indexed == [[0]] and not st.synced   # indexed while the sync is held
+def test_callers_hear_at_the_sync_and_the_index_follows():
+    st = Stages()
+    st.index_gate.clear()
+    c = st.committer(10, 10**6)
+    assert c.put(None, b"a").result(5) == 1      # answered while the index is held
+    waiting = c.put(None, b"b", wait_index=True)
     time.sleep(0.05)
-    assert not f.done()
-    st.sync_gate.set()
+    assert not waiting.done()
+    st.index_gate.set()
+    assert waiting.result(5) == 2
+    assert c.close()
+    assert [t for batch in st.indexed for t in batch] == [0, 1]
+
+
+def test_after_index_order_answers_only_after_the_index():
+    st = Stages()
+    st.index_gate.clear()
+    c = st.committer(10, 10**6, "ack-after-index")
+    f = c.put(None, b"a")
+    time.sleep(0.05)
+    assert st.synced == [0] and not f.done()
+    st.index_gate.set()
     assert f.result(5) == 1
     c.close()
 
 
-def test_serial_order_never_indexes_before_the_sync():
+def test_the_index_never_runs_ahead_of_a_sync(mode):
     st = Stages()
-    c = st.committer(2, 10**6, "serial")
+    c = st.committer(2, 10**6, mode)
     fs = [c.put(None, b"x") for _ in range(9)]
     assert sorted(f.result(5) for f in fs) == list(range(1, 10))
     c.close()
@@ -188,17 +199,69 @@ def test_serial_order_never_indexes_before_the_sync():
         assert st.events.index(("synced", token)) < st.events.index(("indexed", token))
 
 
-@pytest.mark.parametrize("mode_", ["parallel", "serial"])
-def test_sync_failure_fails_its_batch_and_takes_it_out_of_the_index(mode_):
+def test_syncs_overlap_and_batches_are_still_indexed_in_order():
+    st = Stages(hold_first_prepare=True, hold_sync={0})
+    c = st.committer(1, 10**6, sync_depth=3)
+    first = c.put(None, b"0")
+    later = [c.put(None, b"x") for _ in range(2)]
+    st.gate.set()
+    # #2 and #3 are written and synced while #1's sync is still held...
+    assert [f.result(5) for f in later] == [2, 3]
+    assert not first.done() and st.indexed == []   # ...but the index waits for #1
+    st.sync_gate.set()
+    assert first.result(5) == 1
+    assert c.close()
+    assert [t for batch in st.indexed for t in batch] == [0, 1, 2]
+
+
+def test_sync_depth_bounds_the_syncs_in_flight_and_batches_grow_meanwhile():
+    st = Stages(hold_sync={0, 1})
+    c = st.committer(100, 10**6, sync_depth=2)
+    a, b = c.put(None, b"0"), None
+    while len(st.prepared) < 1:
+        time.sleep(0.005)
+    b = c.put(None, b"1")
+    while len(st.prepared) < 2:
+        time.sleep(0.005)
+    rest = [c.put(None, b"x") for _ in range(10)]
+    time.sleep(0.05)
+    assert st.prepared == [1, 1]                  # both slots busy: nothing more written
+    st.sync_gate.set()
+    assert [f.result(5) for f in (a, b, *rest)] == list(range(1, 13))
+    c.close()
+    assert st.prepared == [1, 1, 10]
+
+
+def test_sync_failure_fails_its_batch_and_the_index_skips_past_it(mode):
     st = Stages(fail_sync={0})
-    c = st.committer(10, 10**6, mode_)
+    c = st.committer(10, 10**6, mode)
     with pytest.raises(OSError, match="EIO"):
         c.put(None, b"a").result(5)
     assert c.put(None, b"b").result(5) == 2
     c.close()
-    if mode_ == "parallel":     # it was indexed meanwhile: withdrawn
-        assert 0 in [t for batch in st.indexed for t in batch]
-        assert st.unindexed == [0]
-    else:                       # never reached the index
-        assert [t for batch in st.indexed for t in batch] == [1]
-        assert st.unindexed == []
+    # the failed batch still reaches the index stage (its token says it failed)
+    assert [t for batch in st.indexed for t in batch] in ([0, 1], [0], [1])
+    assert 1 in [t for batch in st.indexed for t in batch]
+
+
+def test_an_index_failure_after_callers_heard_is_retried_and_refuses_new_mail_meanwhile():
+    st = Stages(fail_index={0, 1})
+    c = st.committer(10, 10**6, retry_seconds=0.5)   # tries at 0, 0.5 and 1.5 s
+    assert c.put(None, b"a").result(5) == 1       # answered at its sync
+    deadline = time.monotonic() + 5
+    while not st.indexed and time.monotonic() < deadline:
+        time.sleep(0.005)
+    with pytest.raises(RuntimeError, match="index boom"):
+        c.put(None, b"b").result(5)               # refused while #1 waits for the index
+    while len(st.indexed) < 3 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert st.indexed == [[0], [0], [0]]          # the same batch, until it went in
+    assert c.put(None, b"c").result(5) == 2       # taken again
+    assert c.close()
+
+
+def test_close_reports_answered_batches_it_could_not_index():
+    st = Stages(fail_index=set(range(100)))
+    c = st.committer(10, 10**6)
+    assert c.put(None, b"a").result(5) == 1
+    assert c.close() is False

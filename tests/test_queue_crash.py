@@ -1,7 +1,10 @@
 """Crash safety: kill -9 a process that is enqueuing, at random moments.
 
-Every id the child printed (= enqueue had returned) must be in the reopened
-spool with intact bytes, and recovery must find nothing corrupt.
+Every id the child printed (= enqueue or submit had returned) must be in the
+reopened spool with intact bytes, and recovery must find nothing corrupt.
+Threads use `enqueue` (answered once indexed); asyncio tasks use `submit`,
+the receivers' path (answered at the segment sync, indexed just after), so
+kills also land between a 250 and its index commit.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from engine.queue import Spool
 REPO = Path(__file__).resolve().parent.parent
 
 CHILD = r"""
-import hashlib, os, sys, threading
+import asyncio, hashlib, os, sys, threading
 from engine.config.settings import SpoolSettings
 from engine.queue import Envelope, Spool
 # small segments so crashes also hit segment rotation
@@ -36,7 +39,18 @@ def worker(k):
         msgid = spool.enqueue(Envelope("s@x", (f"r{k}@y",)), body(seed))
         with lock:
             os.write(1, f"{msgid} {seed}\n".encode())
+async def task(k):
+    i = 0
+    while True:
+        seed = f"{os.getpid()}-{k}-{i}"
+        i += 1
+        msgid = await spool.submit(Envelope("s@x", (f"r{k}@y",)), body(seed))
+        os.write(1, f"{msgid} {seed}\n".encode())
+async def tasks(n):
+    await asyncio.gather(*(task(k) for k in range(n)))
 os.write(1, b"ready\n")
+if sys.argv[3] == "asyncio":
+    asyncio.run(tasks(int(sys.argv[2])))
 for k in range(int(sys.argv[2])):
     threading.Thread(target=worker, args=(k,), daemon=True).start()
 threading.Event().wait()
@@ -55,7 +69,9 @@ def test_kill9_during_enqueue_loses_nothing_acknowledged(tmp_path: Path):
     acknowledged: dict[int, str] = {}
     rounds = 22
     for rnd in range(rounds):
-        proc = subprocess.Popen([sys.executable, "-c", CHILD, str(q), str(rng.choice([1, 4, 16]))],
+        mode = ("threads", "asyncio")[rnd % 2]
+        proc = subprocess.Popen([sys.executable, "-c", CHILD, str(q), str(rng.choice([1, 4, 16])),
+                                 mode],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
             env={**os.environ, "PYTHONPATH": str(REPO)})
         try:

@@ -172,11 +172,9 @@ def _lose_last_commits(q: Path, tmp_path: Path) -> tuple[list, list]:
     return before, after
 
 
-def test_messages_of_a_lost_index_commit_are_reindexed_once_after_a_reboot(tmp_path: Path):
+def test_messages_of_a_lost_index_commit_are_indexed_again_once(tmp_path: Path):
     q = tmp_path / "q"
     before, after = _lose_last_commits(q, tmp_path)
-    with Spool(q, boot_id="boot-A") as s:     # same boot: no machine crash happened
-        assert s.stats() == (3, 3)
     with Spool(q, boot_id="boot-B") as s:     # the machine restarted
         assert s.stats() == (7, 7)
         assert s.todo(10) == before + after
@@ -188,10 +186,79 @@ def test_messages_of_a_lost_index_commit_are_reindexed_once_after_a_reboot(tmp_p
         fresh = s.enqueue(env("f@g"), b"new")
         assert fresh > max(after)
         assert s.recover(verify_bytes=True).quarantined == []
-    with Spool(q, boot_id="boot-B") as s:     # only once per boot
+    with Spool(q, boot_id="boot-B") as s:     # never twice
         assert s.stats().messages == 8
-    with Spool(q, boot_id="boot-C") as s:     # a later reboot finds nothing more
+    with Spool(q, boot_id="boot-C") as s:
         assert s.stats().messages == 8
+
+
+def test_a_gone_writers_tail_is_indexed_without_a_reboot_too(tmp_path: Path):
+    q = tmp_path / "q"
+    before, after = _lose_last_commits(q, tmp_path)
+    with Spool(q, boot_id="boot-A") as s:     # same boot, the writer's process is gone
+        assert s.todo(10) == before + after
+
+
+# ------------------------------------------- answered at the sync, crash before the index (C2)
+
+_DIE_BEFORE_THE_INDEX = r"""
+import asyncio, os, sys, threading
+from engine.queue import Envelope, Spool
+s = Spool(sys.argv[1])
+s._index_batches = lambda batches: threading.Event().wait()   # the index never commits
+async def main():
+    return await asyncio.gather(*(s.submit(Envelope("a@x", ("b@y",)), b"message %d" % i)
+                                  for i in range(int(sys.argv[2]))))
+print(" ".join(map(str, asyncio.run(main()))), flush=True)
+os._exit(0)                   # killed: the answered messages are only in the segment
+"""
+
+
+def _die_before_the_index(q: Path, n: int) -> list[int]:
+    out = subprocess.run([sys.executable, "-c", _DIE_BEFORE_THE_INDEX, str(q), str(n)],
+                         capture_output=True, text=True, timeout=60, check=True)
+    return list(map(int, out.stdout.split()))
+
+
+def test_messages_answered_before_their_index_commit_survive_their_writer(tmp_path: Path):
+    q = tmp_path / "q"
+    ids = _die_before_the_index(q, 50)
+    assert len(ids) == 50
+    with Spool(q) as s:
+        assert s.todo(100) == sorted(ids)
+        for i, msgid in enumerate(ids):
+            assert s.read_message(msgid) == b"message %d" % i
+        assert s.recover(verify_bytes=True).quarantined == []
+        assert s.enqueue(env("a@b"), b"next") > max(ids)
+
+
+def test_a_live_writers_tail_is_left_to_it_but_not_a_reused_pid(tmp_path: Path):
+    import dataclasses
+    import time
+
+    from engine.queue.records import SegmentRecord
+    q = tmp_path / "q"
+    ids = _die_before_the_index(q, 3)
+
+    def owner(pid: int, created: float) -> None:
+        e = lmdb.open(str(q / "index"), max_dbs=8)
+        db = e.open_db(b"segments")
+        with e.begin(write=True) as txn:
+            for key, raw in list(txn.cursor(db=db)):
+                seg = SegmentRecord.decode(raw)
+                txn.put(key, dataclasses.replace(seg, pid=pid, created=created).encode(), db=db)
+        e.close()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        owner(other.pid, time.time() + 60)    # alive, and it was already running then
+        with Spool(q) as s:
+            assert s.todo(10) == []
+        owner(other.pid, time.time() - 60)    # its pid belonged to someone else then
+        with Spool(q) as s:
+            assert s.todo(10) == ids
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_reindex_stops_at_a_torn_record(tmp_path: Path):
@@ -232,49 +299,3 @@ def test_ids_start_past_every_segment_on_disk_after_a_reboot(tmp_path: Path):
     SegmentWriter(q / "segments", 10**6, SegmentIO(), 0.0).close()
     with Spool(q, boot_id="boot-B") as s:
         assert s.enqueue(env("a@b"), b"y") > 10**6
-
-
-_CRASH_AFTER_INDEXING = r"""
-import os, sys
-from engine.queue import Envelope, Spool
-s = Spool(sys.argv[1], boot_id="boot-A")
-ids = [s.enqueue(Envelope("a@x", ("b@y",)), b"message %d" % i) for i in range(4)]
-print(" ".join(map(str, ids)), flush=True)
-os._exit(0)
-"""
-
-
-def test_torn_last_batch_of_an_indexed_segment_is_quarantined_at_the_first_open(tmp_path: Path,
-                                                                                  caplog):
-    """C13: the index committed the last batch while its segment sync ran,
-    and the machine stopped before the sync finished."""
-    q = tmp_path / "q"
-    out = subprocess.run([sys.executable, "-c", _CRASH_AFTER_INDEXING, str(q)],
-                         capture_output=True, text=True, timeout=60, check=True)
-    ids = list(map(int, out.stdout.split()))
-    seg = next((q / "segments").iterdir())
-    with open(seg, "r+b") as f:                 # the last batch (one message) torn
-        f.truncate(seg.stat().st_size - 7)
-    with Spool(q, boot_id="boot-B") as s:
-        assert s.todo(10) == ids[:-1]
-        assert len(s.quarantined()) == 1
-        assert s.recover(verify_bytes=True).quarantined == []
-    assert "its client got no 250" in caplog.text
-
-
-def test_only_the_last_batch_is_checked_at_the_first_open(tmp_path: Path):
-    """Damage further back is disk corruption, not an unfinished sync: it is
-    found when read (C10), as on any other day."""
-    q = tmp_path / "q"
-    out = subprocess.run([sys.executable, "-c", _CRASH_AFTER_INDEXING, str(q)],
-                         capture_output=True, text=True, timeout=60, check=True)
-    ids = list(map(int, out.stdout.split()))
-    seg = next((q / "segments").iterdir())
-    data = bytearray(seg.read_bytes())
-    at = data.index(b"message 0")
-    data[at] ^= 0xFF
-    seg.write_bytes(bytes(data))
-    with Spool(q, boot_id="boot-B") as s:
-        assert s.todo(10) == ids and s.quarantined() == []
-        with pytest.raises(MessageQuarantined):
-            s.read_message(ids[0])

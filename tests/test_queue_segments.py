@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,49 @@ def test_failed_sync_marks_the_writer_broken(tmp_path: Path):
         w.sync()
     assert w.broken                      # pages may be gone: nothing more goes here
     w.close()
+
+
+def test_a_sync_that_returns_after_another_failed_fails_too(tmp_path: Path):
+    import itertools
+    import threading
+    calls = itertools.count()
+    second_in, first_failed = threading.Event(), threading.Event()
+
+    def fdatasync(fd):
+        n = next(calls)
+        if n == 1:                          # batch 1: fails while batch 2 syncs
+            second_in.wait(5)
+            first_failed.set()
+            raise OSError(errno.EIO, "I/O error")
+        if n == 2:                          # batch 2: succeeds, but returns after that
+            second_in.set()
+            first_failed.wait(5)
+    w = SegmentWriter(tmp_path, 1, SegmentIO(fdatasync=fdatasync), 0.0, sync_depth=2)
+    errors = []
+
+    def sync():
+        try:
+            w.sync()
+        except OSError as exc:
+            errors.append(exc)
+    w.write(encode_record(1, b"a"))
+    w.write(encode_record(2, b"b"))
+    t = threading.Thread(target=sync)
+    t.start()
+    time.sleep(0.05)
+    sync()
+    t.join(5)
+    assert len(errors) == 2 and w.broken
+    w.close()
+
+
+def test_close_keeps_what_unsynced_writes_need_to_sync(tmp_path: Path):
+    w = SegmentWriter(tmp_path, 1, SegmentIO(), 0.0, sync_depth=2)
+    w.write(encode_record(1, b"a"))
+    w.close()                               # the write stage moved on
+    assert len(w._sync_fds) == 2
+    w.sync()                                # the batch's sync still runs...
+    assert w._sync_fds == []                # ...and the last one closes the descriptors
 
 
 def test_segment_file_creation_failure_leaves_nothing(tmp_path: Path):

@@ -61,7 +61,7 @@ def test_submit_group_commits_concurrent_writers(tmp_path: Path):
     io = SegmentIO(fdatasync=lambda fd: (syncs.append(fd), os.fdatasync(fd)))
     with Spool(tmp_path / "q", io=io) as s:
         async def main():
-            return await asyncio.gather(*(s.submit(env(f"r{i}@x"), b"m%d" % i)
+            return await asyncio.gather(*(s.submit(env(f"r{i}@x"), b"m%d" % i, indexed=True)
                                           for i in range(200)))
         ids = asyncio.run(main())
         assert len(set(ids)) == 200
@@ -233,17 +233,15 @@ def test_disk_full_raises_write_error_and_commits_nothing(tmp_path: Path):
         assert s.recover(verify_bytes=True).quarantined == []
 
 
-@pytest.mark.parametrize("parallel", [True, False])
-def test_fsync_error_raises_write_error_and_leaves_nothing_indexed(tmp_path: Path, parallel):
-    """In parallel order the index commits the batch while the segment syncs:
-    a failed sync must take it out again before the caller hears."""
+@pytest.mark.parametrize("depth", [1, 4])
+def test_fsync_error_raises_write_error_and_leaves_nothing_indexed(tmp_path: Path, depth):
     state = {"fail": False}
 
     def fdatasync(fd):
         if state["fail"]:
             raise OSError(errno.EIO, "Input/output error")
         os.fdatasync(fd)
-    settings = SpoolSettings(parallel_sync=parallel)
+    settings = SpoolSettings(sync_depth=depth)
     with Spool(tmp_path / "q", settings, io=SegmentIO(fdatasync=fdatasync)) as s:
         one = s.enqueue(env("a@b"), b"one")
         state["fail"] = True

@@ -75,13 +75,13 @@ class SpoolSettings:
     id_block: int = 1024
     # Segment files a process keeps open for reading.
     max_open_segments: int = 32
-    # Overlap the segment fdatasync of the next batch with the index commit
-    # of the previous one (two commit threads); off = one stage, one thread.
-    pipelined_commit: bool = True
-    # Run the segment fdatasync and the index commit of a batch at the same
-    # time (answer when both are done) instead of one after the other: on a
-    # disk with slow syncs, half the wait per message.
-    parallel_sync: bool = True
+    # Segment syncs running at once: a batch starts its fdatasync as soon as
+    # it is written instead of waiting for the previous one (1 = one at a time).
+    sync_depth: int = 4
+    # Answer a client only once its message is in the index too, not as soon
+    # as its segment sync is done (one more sync on its path; the segment
+    # already holds the envelope, so nothing acknowledged depends on it).
+    ack_after_index: bool = False
     # Sync LMDB's meta page at every index commit too (two syncs per commit
     # instead of one). Off, a machine crash can undo the index's last
     # commit and the spool re-indexes those messages from their segments

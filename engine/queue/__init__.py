@@ -15,73 +15,84 @@ Receiver API (contract B)
     spool = Spool(queue_dir)                       # open or create; one per process, after fork
     # or, with the single writer (see below): same enqueue/submit/close
     spool = open_spool_writer(queue_dir, settings.spool)   # from engine.queue.writer
-    msgid = spool.enqueue(Envelope(...), data)     # blocking; durable on return
-    msgid = await spool.submit(Envelope(...), data)  # asyncio; group commit
+    msgid = spool.enqueue(Envelope(...), data)     # blocking; durable and indexed on return
+    msgid = await spool.submit(Envelope(...), data)  # asyncio; group commit; durable on return
     spool.close()
-SpoolWriteError (disk full, write/commit error) means nothing was committed.
+SpoolWriteError (disk full, write/sync/commit error) means the caller must not
+count on the message (SMTP: 451; it may still be delivered: at least once).
 
 Write path and commit point
 ---------------------------
-Two commit threads per process (engine.queue.committer), a pipeline:
-  1. write stage: takes every request that arrived while it was busy and
-     appends the batch to this process's segment with ONE pwrite: per
-     message an envelope record (QENV) and a bytes record (QMSG), each with
-     magic, format version, msgid, length, crc32 and END marker + msgid;
-  2. the batch goes to the index stage at once, and the write stage makes
-     it durable with ONE fdatasync meanwhile (`spool.parallel_sync`);
-  3. index stage: commits every written batch that is ready in ONE LMDB
-     write transaction: message records, recipient records, todo entries,
-     segment live counts and indexed end. LMDB syncs its data pages at the
-     commit; its meta page is synced by the next commit (metasync off,
-     `spool.index_metasync`), so the commit costs one sync, not two;
-  4. only when BOTH the segment sync and the index commit are done are the
-     callers' futures resolved: enqueue/submit return (250 after DATA).
-**Commit point: the segment fdatasync and the index commit, both done.**
-A caller waits for the slower of the two syncs, not their sum; while batch N
-is indexed, batch N+1 is written. A sync that fails after the index
-committed takes the batch out of the index again before its callers hear
-(SpoolWriteError). `spool.parallel_sync = false` indexes a batch only after
-its sync; `spool.pipelined_commit = false` runs everything in one thread.
-Message ids come from an index counter, reserved in blocks (setting id_block)
-so allocation costs one commit per block; ids are unique, increasing per
-process, with gaps. A new segment is registered in the index before
-anything is written to it.
+Group commit per process (engine.queue.committer), a pipeline of threads:
+  1. write stage: waits for a free sync slot, then takes every request that
+     arrived meanwhile and appends the batch to this process's segment with
+     ONE pwrite: per message an envelope record (QENV) and a bytes record
+     (QMSG), each with magic, format version, msgid, length, crc32 and END
+     marker + msgid;
+  2. sync slots: ONE fdatasync per batch, started as soon as the batch is
+     written; up to `spool.sync_depth` (4) run at once, each on its own
+     descriptor of the segment (so each sees any writeback error);
+  3. **commit point: the batch's sync is done** — the message and its
+     envelope are durable in the segment, and submit() returns (the 250
+     after DATA);
+  4. index stage: every synced batch, in the order they were written, goes
+     into ONE LMDB write transaction: message records, recipient records,
+     todo entries, segment live counts and indexed end. LMDB syncs its data
+     pages at the commit; its meta page by the next commit (metasync off,
+     `spool.index_metasync`). enqueue() (tools, tests) returns only now, so
+     its caller can read what it wrote; `spool.ack_after_index = true` makes
+     submit() wait for it too.
+A message waits for one sync: not for a sync that began before it was
+written (slots overlap) nor for the index. A failed sync fails its batch
+(SpoolWriteError, 451) and the segment is abandoned; a later sync of the
+same segment that returns after it fails too. A failed index commit with
+answered messages in it is retried (0.5 s doubling to 10 s) while new
+requests fail at once (451) — the answered messages are durable in their
+segment, and at worst the next open indexes them. Message ids come from an
+index counter, reserved in blocks (setting id_block) so allocation costs one
+commit per block; ids are unique, increasing per process, with gaps. A new
+segment is registered in the index, durably, before anything in it is
+answered.
 
-What a machine crash (not a process crash: the page cache survives those)
-can undo, and why nothing acknowledged is lost: the index's LAST commit (its
-meta page may not have reached the disk). Every message of that commit lies,
-whole and fdatasync'd, in an unsealed segment past the end the index knows,
-with its envelope beside it; the first writable open after the machine
-restarted (the boot id differs from the one in the index) indexes those
-messages again and moves the id counter past every id and segment on disk
-(C12). Segment files are unlinked only after an explicit index sync, so an
-undone commit never points into a deleted file.
+Between the commit point and the index commit a message exists only in its
+segment. What makes that safe: the index knows, for each segment, the end of
+what it has indexed, and a segment is sealed only after all its batches are
+indexed. Every writable open (a restarted writer, `qrelay run`, a tool that
+writes) indexes the whole QENV+QMSG pairs past that end in each unsealed
+segment whose writer is gone (its pid is not running, or was reused by a
+process started after the segment) and moves the id counter past every id
+it finds (C2). The same scan covers a machine crash that undid the index's
+last commit (C12): after a restart (the boot id differs from the one in the
+index) every writer is gone, and ids move past every segment file too.
+Segment files are unlinked only after an explicit index sync, so an undone
+commit never points into a deleted file.
 
 Crash states and recovery (cf. qmail, spec §5.4)
 ------------------------------------------------
 | # | segment bytes | index record | meaning | recovery |
 |---|---|---|---|---|
-| C1 | torn tail (partial record) | none | crash during step 1 | ignored: no record points at it; the next batch of a new writer uses a new segment; the bytes go when the segment is deleted. Caller never got an id (SMTP client got no 250, retries). |
-| C2 | complete + fdatasync'd | none | crash between step 1 and 3, or the commit failed | garbage, as C1 (also truncated back on a write error); after a machine restart an unsealed segment's tail is re-indexed (C12), so such a message may be delivered although its client got no 250 — at least once. |
-| C3 | new segment file, no `segments` entry | none | crash before the first commit into it | orphan: cleanup()/recover() remove it once older than orphan_grace (36 h). |
-| C4 | complete | committed, todo entry | crash after step 3, before the caller heard | queued ("not yet preprocessed"); a client that got no 250 may resend: at-least-once, as qmail. |
+| C1 | torn tail (partial record) | none | crash during step 1 or 2 | ignored: the scan of C2 stops at it; the next batch of a new writer uses a new segment; the bytes go when the segment is deleted. Caller never got an id (SMTP client got no 250, retries). |
+| C2 | complete + fdatasync'd | none | crash between step 3 and 4 (or between step 1 and 3: the bytes survive a process crash in the page cache), or the index commit failed | the next writable open finds them past the indexed end of the writer's unsealed segment and indexes them as queued (todo), logging `warning: indexed N message(s) that a writer which stopped left unindexed`. Answered messages are never lost; one whose client got no 250 may be delivered too (at least once, as qmail). |
+| C3 | new segment file, no `segments` entry | none | crash before its registration committed | orphan: nothing in it was answered; cleanup()/recover() remove it once older than orphan_grace (36 h). |
+| C4 | complete | committed, todo entry | normal, or crash after step 4 | queued ("not yet preprocessed"). |
 | C5 | complete | preprocessed, due entries | normal | due() finds it; deliveries retried after restart. |
 | C6 | complete | delivered remotely but mark not committed | crash during delivery | redelivered (at least once, as qmail's T→D). |
 | C7 | complete | last recipient marked, no failures | message records deleted and segment live count decremented in the same txn | segment file unlinked after commit when live = 0 and sealed; a crash before the unlink leaves a segment with no entry: removed after orphan_grace. |
 | C8 | complete | finished with failures: `bounces` entry | waiting for the bounce to be queued | bouncing() lists it again after restart; release() after the bounce is queued (a crash in between = the bounce is queued twice at worst). |
-| C9 | unsealed segment, writer died | `segments` entry, sealed = 0 | writer killed | recover() seals it (pid gone); it is deleted when its last message finishes. |
-| C10 | any | record with bad crc / unknown version / inconsistent fields, or bytes whose header, crc or END marker do not match | disk corruption, bug | the message is copied to quarantine/ and dropped from the index with a `warning: quarantined #N` log line; the engine goes on. Found lazily by due()/read_message()/apply(), or all at once by recover(verify_bytes=True). |
-| C12 | whole records past the indexed end of an unsealed segment | the commit that indexed them undone by a machine crash (meta page not yet synced) | power loss / kernel crash after the callers got their ids | first writable open after the restart (boot id changed): re-indexed from their QENV+QMSG records as queued (todo), `warning: re-indexed N message(s)` logged; scan stops at the first torn record. Sealed segments and segments never registered are not scanned: their tails only hold batches whose callers got no id (C1–C3). |
-| C13 | torn: the sync never finished | committed (parallel order: the index committed while the segment synced) | machine crash between the two | the callers got no id. Only the last batch indexed into a segment can be in this state (the next batch is written after this one's sync); its first id is in the segment's record, so the first writable open after the restart checks that batch's bytes and quarantines what is torn, with the reason `torn by a machine crash before its segment sync finished, so its client got no 250`. |
-| C11 | any of the above | any of the above | the single writer process dies | its Spool is in one of C1–C8; every request in flight fails with SpoolWriteError in the receivers (451; the client resends, so a message committed just before the crash may be queued twice — at least once); receivers commit directly until a writer answers again. |
+| C9 | unsealed segment, writer died | `segments` entry, sealed = 0 | writer killed | its tail is indexed first (C2), then recover() seals it (same transaction); it is deleted when its last message finishes. |
+| C10 | any | record with bad crc / unknown version / inconsistent fields, or bytes whose header, crc or END marker do not match | disk corruption, bug | the message is copied to quarantine/ and dropped from the index with a `warning: quarantined #N` log line; the engine goes on. Found lazily by due()/read_message()/apply(), or all at once by recover(verify_bytes=True). The index never points at bytes whose sync had not finished, so a torn record is never indexed. |
+| C11 | any of the above | any of the above | the single writer process dies | its Spool is in one of C1–C8; every request in flight fails with SpoolWriteError in the receivers (451; the client resends, so a message committed just before the crash may be queued twice — at least once); receivers commit directly until a writer answers again, and the restarted writer indexes the dead one's tail (C2). |
+| C12 | whole records past the indexed end of an unsealed segment | the commit that indexed them undone by a machine crash (meta page not yet synced) | power loss / kernel crash | as C2, at the first writable open after the restart; ids move past every id and segment file on disk, since the id counter's last commit may be undone too. Sealed segments are not scanned: sealing commits after all their batches are indexed. |
 LMDB itself is copy-on-write with a double meta page: a crash leaves the index
 at a committed transaction (the last, or after a machine crash possibly the
 one before it: C12), never torn.
 
-Faults: an OSError while writing/syncing the segment truncates it back to the
-batch start (else the segment is abandoned) and raises SpoolWriteError; an
-LMDB error (e.g. MapFullError) aborts the transaction and raises
-SpoolWriteError. Opening a spool whose meta/format is newer than
+Faults: an OSError while writing the segment truncates it back to the batch
+start (else the segment is abandoned) and raises SpoolWriteError; a failed
+sync abandons the segment and raises SpoolWriteError for its batch; an LMDB
+error (e.g. MapFullError) aborts the transaction: enqueue() callers get
+SpoolWriteError, answered batches are retried and new requests get
+SpoolWriteError until the index takes them. Opening a spool whose meta/format is newer than
 FORMAT_VERSION raises SpoolVersionError.
 
 Scheduler API (all in Spool; durable on return; O(log n) each)

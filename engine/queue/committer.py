@@ -1,31 +1,34 @@
 """Group commit: many concurrent enqueues share each fsync.
 
-This module owns the batching only, as a pipeline of two threads:
+This module owns the batching only, as a pipeline of threads:
 
-    requests ──▶ [write stage]  takes every request that arrived while it was
-                                busy, as one batch: `prepare(batch)` appends it
-                                to the segment, `sync(token)` fdatasyncs it
-             ──▶ [index stage]  takes every written batch that is ready and
-                                commits them all with `index(tokens)` (one
-                                LMDB transaction), then the callers' futures
-                                are resolved
+    requests ──▶ [write stage]   waits for a free sync slot, then takes every
+                                 request that arrived meanwhile as one batch:
+                                 `prepare(batch)` appends it to the segment
+             ──▶ [sync slots]    `sync(token)` fdatasyncs it; up to
+                                 `sync_depth` syncs run at once, each started
+                                 as soon as its batch is written
+             ──▶ [index stage]   takes every synced batch, in the order they
+                                 were written, and commits them all with
+                                 `index(tokens)` (one LMDB transaction)
 
-Two orders (`parallel`):
-- serial: a batch goes to the index stage only after its sync, so the index
-  never points at bytes that are not durable; a caller waits for the segment
-  sync plus the index commit, one after the other.
-- parallel (default): a batch goes to the index stage as soon as it is
-  written, and the segment sync runs while the index commits it. A caller is
-  answered when BOTH are done, so it waits for the slower of the two syncs,
-  not their sum (on a disk with slow syncs, half the latency). If the sync
-  fails after the index committed, `unindex(token)` takes the batch out
-  again before its callers hear of the error.
+When a caller hears (`ack_after_index`):
+- False (default): as soon as its batch's sync is done. The segment then
+  holds the message and its envelope, durably, and the index follows; a
+  crash before the index commit leaves the message in an unsealed segment
+  past the end the index knows, where the spool's next open finds it (see
+  engine.queue, C2). A caller waits for one sync, never for a sync that
+  started before its message was written nor for the index.
+- True: after the index commit too (one more sync on its path).
 
-Either way at most one segment sync and one index commit are in flight per
-process, the stages overlap across batches (while batch N is indexed, batch
-N+1 is written), and batches are indexed in the order they were written. A
-slower disk makes batches bigger instead of making messages wait a whole
-extra commit cycle.
+The index never points at bytes whose sync has not finished, and batches
+are indexed in order, so the index knows a prefix of each segment.
+
+If an index commit fails, callers already answered must not lose their
+message: the batches are kept and retried (`retry_seconds`, doubling to
+10 s), and meanwhile new requests fail at once (the receiver answers 451)
+instead of piling up. With `ack_after_index` the callers of the failed
+batches get the error instead, as callers of a failed prepare or sync do.
 
 Blocking callers wait on a `concurrent.futures.Future`. asyncio callers get
 an asyncio future of their own loop; the futures of one batch are settled
@@ -35,52 +38,52 @@ the event loop keeps serving and pays one wake-up per commit.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 from concurrent.futures import Future
 from typing import Any, Callable, Sequence
 
+log = logging.getLogger("qrelay.queue")
+
+RETRY_MAX = 10.0
+
 
 class CommitRequest:
-    __slots__ = ("envelope", "message", "future", "loop")
+    __slots__ = ("envelope", "message", "future", "loop", "after_index")
 
     def __init__(self, envelope: Any, message: bytes,
-                 loop: asyncio.AbstractEventLoop | None = None):
+                 loop: asyncio.AbstractEventLoop | None = None, after_index: bool = False):
         self.envelope = envelope
         self.message = message
         self.loop = loop
+        self.after_index = after_index  # answered after the index commit
         # an asyncio future (settled on its loop) or a thread-safe one
         self.future: Future[int] | asyncio.Future[int] = \
             loop.create_future() if loop is not None else Future()
 
 
 class Prepared:
-    """A batch written by the write stage, on its way through sync and index.
+    """A batch written by the write stage, on its way through sync and index."""
+    __slots__ = ("seq", "requests", "ids", "token", "synced")
 
-    In parallel order the two stages finish it in either order; the one that
-    finishes second settles its callers (under `lock`)."""
-    __slots__ = ("requests", "ids", "token", "lock", "stages_left", "sync_error",
-                 "index_error")
-
-    def __init__(self, requests: Sequence[CommitRequest], ids: Sequence[int], token: Any,
-                 stages_left: int):
+    def __init__(self, seq: int, requests: Sequence[CommitRequest], ids: Sequence[int],
+                 token: Any):
+        self.seq = seq
         self.requests = requests
         self.ids = ids
         self.token = token
-        self.lock = threading.Lock()
-        self.stages_left = stages_left
-        self.sync_error: BaseException | None = None
-        self.index_error: BaseException | None = None
+        self.synced = False
 
 
 # prepare(batch) -> (ids, token) writes the batch; sync(token) makes it
-# durable; index([token, ...]) commits batches to the index; unindex(token)
-# takes a committed batch out again. prepare/sync/index raise to fail their
-# batch(es): every caller of a failed batch gets the exception.
+# durable (called from up to sync_depth threads at once); index([token, ...])
+# gets every written batch in order, synced or not (a token must tell which:
+# a failed batch's messages are not indexed, but what else it carries, e.g.
+# segments to seal, still counts). Each raises to fail its batch(es).
 PrepareFunction = Callable[[Sequence[CommitRequest]], tuple[Sequence[int], Any]]
 SyncFunction = Callable[[Any], None]
 IndexFunction = Callable[[Sequence[Any]], None]
-UnindexFunction = Callable[[Any], None]
 
 
 def _settle_on_loop(outcomes: list[tuple[asyncio.Future, int | None,
@@ -119,53 +122,79 @@ def _fail(requests: Sequence[CommitRequest], exc: BaseException) -> None:
     _settle(requests, None, exc)
 
 
+def _settle_some(p: Prepared, which: Callable[[CommitRequest], bool],
+                 exc: BaseException | None = None) -> None:
+    """Answer the requests of `p` that `which` picks: their ids, or exc."""
+    picked = [i for i, r in enumerate(p.requests) if which(r)]
+    if len(picked) == len(p.requests):
+        _settle(p.requests, None if exc else p.ids, exc)
+    elif picked:
+        _settle([p.requests[i] for i in picked], None if exc else [p.ids[i] for i in picked],
+                exc)
+
+
 class GroupCommitter:
-    """Two threads: the write stage and the index stage (see module doc)."""
+    """The write stage, `sync_depth` sync threads and the index stage (see module doc)."""
 
     def __init__(self, prepare: PrepareFunction, sync: SyncFunction, index: IndexFunction,
-                 unindex: UnindexFunction, max_messages: int, max_bytes: int,
-                 pipeline: bool = True, parallel: bool = True):
+                 max_messages: int, max_bytes: int, *, sync_depth: int = 4,
+                 ack_after_index: bool = False, retry_seconds: float = 0.5):
         self._prepare = prepare
         self._sync = sync
         self._index = index
-        self._unindex = unindex
         self._max_messages = max(1, max_messages)
         self._max_bytes = max(1, max_bytes)
+        self._ack_after_index = ack_after_index
+        self._retry = max(0.01, retry_seconds)
         self._requests: queue.SimpleQueue[CommitRequest | None] = queue.SimpleQueue()
-        self._prepared: queue.SimpleQueue[Prepared | None] = queue.SimpleQueue()
+        self._to_sync: queue.SimpleQueue[Prepared | None] = queue.SimpleQueue()
+        self._slots = threading.Semaphore(max(1, sync_depth))
+        # synced (or failed) batches by sequence number, for the index stage
+        self._done: dict[int, Prepared] = {}
+        self._done_cond = threading.Condition()
+        self._written = 0           # batches handed to the sync slots
+        self._index_error: BaseException | None = None
         self._closed = False
-        self._pipeline = pipeline
-        self._parallel = pipeline and parallel
         self._lock = threading.Lock()
-        self._writer = threading.Thread(target=self._run_write, name="spool-write", daemon=True)
-        self._writer.start()
-        self._indexer = None
-        if pipeline:
-            self._indexer = threading.Thread(target=self._run_index, name="spool-index",
-                                             daemon=True)
-            self._indexer.start()
+        self._threads = [threading.Thread(target=self._run_write, name="spool-write",
+                                          daemon=True),
+                         threading.Thread(target=self._run_index, name="spool-index",
+                                          daemon=True)]
+        self._syncers = [threading.Thread(target=self._run_sync, name=f"spool-sync-{i}",
+                                          daemon=True) for i in range(max(1, sync_depth))]
+        for t in self._threads + self._syncers:
+            t.start()
 
-    def put(self, envelope: Any, message: bytes,
-            loop: asyncio.AbstractEventLoop | None = None) -> Future[int] | asyncio.Future[int]:
+    def put(self, envelope: Any, message: bytes, loop: asyncio.AbstractEventLoop | None = None,
+            wait_index: bool = False) -> Future[int] | asyncio.Future[int]:
         """Queue a request; with `loop` (the caller's running loop) the
-        returned future is an asyncio future of that loop."""
-        request = CommitRequest(envelope, message, loop)
+        returned future is an asyncio future of that loop. `wait_index`:
+        answer after the index commit even if `ack_after_index` is off."""
+        request = CommitRequest(envelope, message, loop, wait_index or self._ack_after_index)
         with self._lock:
             if self._closed:
                 raise RuntimeError("spool is closed")
             self._requests.put(request)
         return request.future
 
-    def close(self) -> None:
-        """Commit everything already submitted, then stop both threads."""
+    def close(self) -> bool:
+        """Commit everything already submitted, then stop every thread.
+        False if some answered batches could not be indexed (they stay in
+        their segment, for the next open to index)."""
         with self._lock:
             if self._closed:
-                return
+                return self._index_error is None
             self._closed = True
             self._requests.put(None)
-        self._writer.join()
-        if self._indexer is not None:
-            self._indexer.join()
+        self._threads[0].join()
+        for _ in self._syncers:
+            self._to_sync.put(None)
+        for t in self._syncers:
+            t.join()
+        with self._done_cond:
+            self._done_cond.notify_all()
+        self._threads[1].join()
+        return self._index_error is None
 
     def _next_batch(self) -> tuple[list[CommitRequest], bool]:
         """Every request that arrived while the stage was busy (within the
@@ -189,87 +218,91 @@ class GroupCommitter:
     def _run_write(self) -> None:
         stop = False
         while not stop:
+            # A free slot first: while every slot syncs, requests pile up
+            # into the next batch instead of each waiting for a slot.
+            self._slots.acquire()
             batch, stop = self._next_batch()
             if not batch:
+                self._slots.release()
                 break
+            exc = self._index_error
+            if exc is not None:  # refused until answered batches are indexed
+                self._slots.release()
+                _fail(batch, exc)
+                continue
             try:
                 ids, token = self._prepare(batch)
             except BaseException as exc:  # noqa: BLE001 - handed to every waiter
+                self._slots.release()
                 _fail(batch, exc)
                 continue
-            # the stages that must finish before its callers hear
-            p = Prepared(batch, ids, token, 2 if self._parallel else 1)
-            if self._parallel:
-                self._prepared.put(p)  # indexed while we sync
-                self._stage_done(p, "sync", self._call(self._sync, token))
-                continue
-            exc = self._call(self._sync, token)
-            if exc is not None:
-                _fail(batch, exc)
-            elif self._pipeline:
-                self._prepared.put(p)
-            else:  # one stage: this thread indexes too (for measurement)
-                self._index_ready([p])
-        if self._indexer is not None:
-            self._prepared.put(None)
+            p = Prepared(self._written, batch, ids, token)
+            self._written += 1
+            self._to_sync.put(p)
 
-    @staticmethod
-    def _call(fn: Callable[[Any], None], arg: Any) -> BaseException | None:
-        try:
-            fn(arg)
-        except BaseException as exc:  # noqa: BLE001 - handed to every waiter
-            return exc
-        return None
+    def _run_sync(self) -> None:
+        while True:
+            p = self._to_sync.get()
+            if p is None:
+                return
+            try:
+                self._sync(p.token)
+                p.synced = True
+            except BaseException as exc:  # noqa: BLE001 - handed to every waiter
+                _fail(p.requests, exc)
+            finally:
+                self._slots.release()
+            if p.synced:
+                _settle_some(p, lambda r: not r.after_index)
+            with self._done_cond:
+                self._done[p.seq] = p
+                self._done_cond.notify()
 
     def _run_index(self) -> None:
-        stop = False
-        while not stop:
-            first = self._prepared.get()
-            if first is None:
-                return
-            ready = [first]
-            while True:
-                try:
-                    more = self._prepared.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stop = True
-                    break
-                ready.append(more)
-            self._index_ready(ready)
-
-    def _index_ready(self, ready: Sequence[Prepared]) -> None:
-        exc = self._call(self._index, [p.token for p in ready])
-        settle = [p for p in ready if self._stage_done(p, "index", exc)]
-        if len(settle) > 1:  # one wake-up per event loop for all of them
-            _settle([r for p in settle for r in p.requests],
-                    [msgid for p in settle for msgid in p.ids], None)
-        elif settle:
-            _settle(settle[0].requests, settle[0].ids, None)
-
-    def _stage_done(self, p: Prepared, stage: str, exc: BaseException | None) -> bool:
-        """Record one stage's outcome. When it is the last stage of `p`:
-        fail the callers if a stage failed (taking an indexed batch out of
-        the index first) and return False; return True if they are to be
-        settled with their ids. In parallel order the sync stage settles a
-        successful batch itself (the index stage finished first)."""
-        with p.lock:
-            if stage == "sync":
-                p.sync_error = exc
-            else:
-                p.index_error = exc
-            p.stages_left -= 1
-            if p.stages_left > 0:
-                return False
-        if p.index_error is not None:
-            _fail(p.requests, p.index_error)
-            return False
-        if p.sync_error is not None:
-            self._call(self._unindex, p.token)  # logs its own failure
-            _fail(p.requests, p.sync_error)
-            return False
-        if stage == "sync":
-            _settle(p.requests, p.ids, None)
-            return False
-        return True
+        next_seq = 0
+        pending: list[Prepared] = []   # synced, in order, not yet indexed
+        delay = self._retry
+        while True:
+            with self._done_cond:
+                while next_seq not in self._done and not pending:
+                    if self._closed and not self._threads[0].is_alive() \
+                            and next_seq >= self._written:
+                        return
+                    self._done_cond.wait(0.5)
+                while next_seq in self._done:
+                    pending.append(self._done.pop(next_seq))
+                    next_seq += 1
+            try:
+                self._index([p.token for p in pending])
+            except BaseException as exc:  # noqa: BLE001 - retried or handed to waiters
+                synced = [p for p in pending if p.synced]
+                for p in synced:
+                    _settle_some(p, lambda r: r.after_index, exc)
+                if not any(not r.after_index for p in synced for r in p.requests):
+                    pending = []  # nobody heard of these: they are garbage (C2)
+                    continue
+                if self._index_error is None:
+                    log.warning("warning: cannot commit to spool index, refusing new mail "
+                                "until it works again: %s", exc)
+                self._index_error = exc
+                if self._closed and not self._threads[0].is_alive():
+                    log.warning("warning: %d message(s) left unindexed at close; the next "
+                                "start indexes them from their segment",
+                                sum(len(p.ids) for p in synced))
+                    return
+                with self._done_cond:
+                    self._done_cond.wait(delay)
+                delay = min(RETRY_MAX, delay * 2)
+                continue
+            if self._index_error is not None:
+                log.warning("warning: spool index works again")
+                self._index_error = None
+            delay = self._retry
+            settle = [p for p in pending if p.synced]
+            if len(settle) > 1:  # one wake-up per event loop for all of them
+                _settle_some(Prepared(-1, [r for p in settle for r in p.requests],
+                                      [i for p in settle for i in p.ids], None),
+                             lambda r: r.after_index)
+            elif settle:
+                _settle_some(settle[0], lambda r: r.after_index)
+            pending = []

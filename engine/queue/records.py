@@ -18,8 +18,8 @@ Keys are big-endian so LMDB's byte order is numeric order:
     meta        b"format" -> u32, b"next_id" -> u64, b"boot_id" -> bytes
 
 The envelope of every message is also written into its segment, beside the
-bytes (`EnvelopeRecord`), so a segment's tail can be indexed again if the
-machine crashed before the index's last commit reached the disk.
+bytes (`EnvelopeRecord`), so a segment's tail can be indexed again when a
+crash came between a message's segment sync (its 250) and its index commit.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 # Byte layout of each record (LMDB values, segment records).
 FORMAT_VERSION = 1
 # The spool as a whole (meta b"format"). 2: envelopes in segments, segment
-# records with their indexed end, index meta page synced lazily. A format-1
+# records with their indexed end, acknowledged at the segment sync. A format-1
 # spool is upgraded in place on open.
 SPOOL_FORMAT = 2
 
@@ -64,7 +64,7 @@ _MSG = struct.Struct(">dQQQIIIBIIIH")
 _RCPT = struct.Struct(">BBHdH")
 _TEXT_LEN = struct.Struct(">H")
 _SEG_V1 = struct.Struct(">IBId")
-_SEG = struct.Struct(">IBIdqQ")
+_SEG = struct.Struct(">IBIdq")
 _ENV = struct.Struct(">dIIBI")
 _ENV_RCPT = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
@@ -181,22 +181,20 @@ class SegmentRecord:
     pid: int              # writer process
     created: float
     end: int = -1         # end of the last record indexed (-1: unknown, format 1)
-    tail_id: int = 0      # first id of the last batch indexed (0: none yet)
 
     def encode(self) -> bytes:
-        return seal(_SEG.pack(self.live, int(self.sealed), self.pid, self.created, self.end,
-                              self.tail_id))
+        return seal(_SEG.pack(self.live, int(self.sealed), self.pid, self.created, self.end))
 
     @classmethod
     def decode(cls, value: bytes) -> "SegmentRecord":
         payload = unseal(value)
         if len(payload) == _SEG.size:
-            live, sealed, pid, created, end, tail_id = _SEG.unpack(payload)
+            live, sealed, pid, created, end = _SEG.unpack(payload)
         elif len(payload) == _SEG_V1.size:
-            (live, sealed, pid, created), end, tail_id = _SEG_V1.unpack(payload), -1, 0
+            (live, sealed, pid, created), end = _SEG_V1.unpack(payload), -1
         else:
             raise RecordError("segment record has the wrong length")
-        return cls(live, bool(sealed), pid, created, end, tail_id)
+        return cls(live, bool(sealed), pid, created, end)
 
 
 @dataclass(slots=True, frozen=True)

@@ -197,103 +197,97 @@ class SpoolRecovery:
         report.orphan_segments_removed = self.cleanup(now)
         return report
 
-    def _reindex_after_reboot(self) -> int:
-        """First open since the machine started: put back the messages whose
-        index commit a crash of the machine undid (C12). Returns how many.
+    def _adopt_tails(self, after_reboot: bool = False) -> int:
+        """Index what writers that are gone left past the indexed end of their
+        unsealed segments (C2, C12); run at every writable open. Returns how
+        many messages were put back.
 
-        The index syncs its meta page lazily, so only its last commit can be
-        lost, and every message of that commit lies in an unsealed segment
-        after the end the index knows for it, with its envelope beside it.
-        Sealed segments are left alone: their tails hold only batches whose
-        callers never got an id. Every writer of the last boot is gone, so no
-        tail is still being written. Ids start past every id in a segment.
-
-        First, the last batch indexed into each unsealed segment is checked:
-        the index may have committed it while its segment sync was still
-        running (C13); what of it is torn is quarantined now, with that
-        reason, instead of when a delivery first reads it."""
+        A caller hears of its message once its segment sync is done; the
+        index commit follows. A writer that died in between (or a machine
+        crash that undid the index's last commit, whose meta page is synced
+        lazily) leaves whole records past the end the index knows, with each
+        message's envelope beside its bytes. Sealed segments hold no such
+        tail (a segment is sealed only after all its batches were indexed),
+        and the segments of live writers are theirs to index. After a machine
+        restart every writer is gone, and ids move past every id and segment
+        file on disk (the id counter's last commit may be undone too)."""
         dbs = self._dbs
         meta = dbs[b"meta"]
         restored = 0
-        unlink: list[int] = []
         with self.env.begin(write=True) as txn:
-            boot = txn.get(b"boot_id", db=meta)
-            if boot is not None and bytes(boot) == self._boot_id.encode():
-                return 0  # another process did it meanwhile
+            if after_reboot:
+                boot = txn.get(b"boot_id", db=meta)
+                after_reboot = boot is None or bytes(boot) != self._boot_id.encode()
             next_id = R.read_u64(txn.get(b"next_id", db=meta))
-            try:
-                names = os.listdir(self._seg_dir)
-            except FileNotFoundError:
-                names = []
-            for name in names:
-                segid = parse_segment_name(name)
-                if segid is not None:
-                    next_id = max(next_id, segid + 1)
+            if after_reboot:
+                cur = txn.cursor(db=dbs[b"messages"])
+                if cur.last():
+                    next_id = max(next_id, R.read_u64(cur.key()) + 1)
+                try:
+                    names = os.listdir(self._seg_dir)
+                except FileNotFoundError:
+                    names = []
+                for name in names:
+                    segid = parse_segment_name(name)
+                    if segid is not None:
+                        next_id = max(next_id, segid + 1)
             for key, raw in list(txn.cursor(db=dbs[b"segments"])):
-                segid = R.read_u64(key)
                 try:
                     seg = SegmentRecord.decode(raw)
                 except RecordError:
                     continue  # recover() rebuilds it
-                if seg.sealed or seg.end < 0:
+                if seg.sealed or seg.end < 0 or not (after_reboot or self._writer_gone(seg)):
                     continue
-                if self._quarantine_torn_tail(txn, segid, seg, unlink):
-                    seg = SegmentRecord.decode(txn.get(key, db=dbs[b"segments"]))
-                path = self._seg_dir / segment_name(segid)
-                envelope, live, end = None, seg.live, seg.end
-                try:
-                    for magic, msgid, offset, body in scan(path, seg.end):
-                        if magic == ENV_MAGIC:
-                            envelope = (msgid, EnvelopeRecord.decode(body))
-                            continue
-                        if envelope is None or envelope[0] != msgid:
-                            break
-                        env, envelope = envelope[1], None
-                        end = offset + record_size(len(body))
-                        next_id = max(next_id, msgid + 1)
-                        if txn.get(R.u64(msgid), db=dbs[b"messages"]) is not None:
-                            continue
-                        self._index_message(txn, msgid, env, body, segid, offset, env.birth)
-                        live += 1
-                        restored += 1
-                except RecordError:
-                    pass  # an envelope that does not decode ends the tail like a torn record
-                except OSError as exc:
-                    log.warning("warning: cannot read segment %s: %s", segid, exc)
-                if end != seg.end:
-                    txn.put(key, dataclasses.replace(seg, live=live, end=end).encode(),
-                            db=dbs[b"segments"])
+                n, last = self._adopt_tail(txn, R.read_u64(key), seg)
+                restored += n
+                next_id = max(next_id, last + 1)
             txn.put(b"next_id", R.u64(next_id), db=meta)
-            txn.put(b"boot_id", self._boot_id.encode(), db=meta)
-        self._unlink_segments(unlink)
+            if after_reboot:
+                txn.put(b"boot_id", self._boot_id.encode(), db=meta)
         if restored:
-            log.warning("warning: re-indexed %d message(s) whose index commit was lost when "
-                        "the machine stopped", restored)
+            log.warning("warning: indexed %d message(s) that a writer which stopped left "
+                        "unindexed in its segments", restored)
         return restored
 
-    def _quarantine_torn_tail(self, txn: lmdb.Transaction, segid: int, seg: SegmentRecord,
-                              unlink: list[int]) -> int:
-        """Quarantine the messages of segment `segid`'s last indexed batch
-        whose bytes are torn (inside txn). A batch's ids are consecutive."""
-        if seg.tail_id <= 0:
-            return 0
-        torn = 0
-        for msgid in range(seg.tail_id, seg.tail_id + self.settings.max_batch_messages):
-            raw = txn.get(R.u64(msgid), db=self._dbs[b"messages"])
-            if raw is None:
-                continue
-            try:
-                rec = MessageRecord.decode(raw)
-                if rec.segid != segid:
+    def _writer_gone(self, seg: SegmentRecord) -> bool:
+        """Whether the process that wrote into `seg` is gone (so nothing of it
+        is still on its way to the index)."""
+        if seg.pid == self._pid:
+            return self._committer is None  # an earlier Spool of this process
+        return not _pid_alive(seg.pid) or _started_after(seg.pid, seg.created)
+
+    def _adopt_tail(self, txn: lmdb.Transaction, segid: int,
+                    seg: SegmentRecord) -> tuple[int, int]:
+        """Index (inside txn) every whole QENV+QMSG pair of segment `segid`
+        past its indexed end; a torn or unmatched record ends the tail (it is
+        what a crash cut short: no caller heard of it). Returns how many were
+        indexed and the highest id seen."""
+        dbs = self._dbs
+        path = self._seg_dir / segment_name(segid)
+        envelope, live, end, restored, last = None, seg.live, seg.end, 0, 0
+        try:
+            for magic, msgid, offset, body in scan(path, seg.end):
+                if magic == ENV_MAGIC:
+                    envelope = (msgid, EnvelopeRecord.decode(body))
                     continue
-                self._reader.read(segid, rec.offset, msgid, rec.length)
-            except RecordError:
-                continue  # recover() deals with it
-            except (SegmentError, OSError) as exc:
-                self._quarantine(txn, msgid, f"torn by a machine crash before its segment "
-                                 f"sync finished, so its client got no 250 ({exc})", unlink)
-                torn += 1
-        return torn
+                if envelope is None or envelope[0] != msgid:
+                    break
+                env, envelope = envelope[1], None
+                end = offset + record_size(len(body))
+                last = max(last, msgid)
+                if txn.get(R.u64(msgid), db=dbs[b"messages"]) is not None:
+                    continue
+                self._index_message(txn, msgid, env, body, segid, offset, env.birth)
+                live += 1
+                restored += 1
+        except RecordError:
+            pass  # an envelope that does not decode ends the tail like a torn record
+        except OSError as exc:
+            log.warning("warning: cannot read segment %s: %s", segid, exc)
+        if end != seg.end:
+            txn.put(R.u64(segid), dataclasses.replace(seg, live=live, end=end).encode(),
+                    db=dbs[b"segments"])
+        return restored, last
 
     def cleanup(self, now: float | None = None) -> list[str]:
         """Remove segment files that no index record knows about and that are
@@ -341,6 +335,19 @@ class SpoolRecovery:
             removed.append(name)
             log.info("removed orphan segment %s", name)
         return removed
+
+
+def _started_after(pid: int, when: float) -> bool:
+    """Whether process `pid` started after `when` (so it is not the process
+    that had this pid then: pids are reused). False if it cannot be told."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return False
+    return btime + ticks / os.sysconf("SC_CLK_TCK") > when + 1.0
 
 
 def _pid_alive(pid: int) -> bool:

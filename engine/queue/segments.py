@@ -17,11 +17,10 @@ points at this one). The envelope copy is what lets `scan` index a
 segment's tail again when the index lost its last commit in a machine crash.
 
 Each writer process appends whole batches to its own segment with one
-positional write, then makes them durable with one fdatasync. A record torn
-by a crash is recognised by its END marker and crc (Postfix's `REC_TYPE_END`
-idea): usually no index record points at it; after a machine crash while the
-index committed a batch whose sync had not finished, one may (C13), and the
-reader refuses it.
+positional write, then makes them durable with one fdatasync per batch (a few
+at once, each on its own descriptor). A record torn by a crash is recognised
+by its END marker and crc (Postfix's `REC_TYPE_END` idea): no index record
+points at it (the index only takes synced batches), and `scan` stops there.
 """
 from __future__ import annotations
 
@@ -118,12 +117,13 @@ def record_size(length: int) -> int:
 class SegmentWriter:
     """One open segment being appended to by this process.
 
-    `append` writes a batch at the current end and fdatasyncs it; on any
-    failure the file is truncated back so no partial batch stays behind
-    (and if even that fails the writer is marked broken and must be replaced).
+    `write` appends a batch at the current end, `sync` makes it durable; a
+    failed write is truncated back so no partial batch stays behind (and if
+    even that fails the writer is marked broken and must be replaced).
     """
 
-    def __init__(self, directory: Path, segid: int, io: SegmentIO, now: float):
+    def __init__(self, directory: Path, segid: int, io: SegmentIO, now: float,
+                 sync_depth: int = 1):
         self.segid = segid
         self.path = directory / segment_name(segid)
         self.created = now
@@ -149,6 +149,24 @@ class SegmentWriter:
                 pass
             raise
         self.size = FILE_HEADER.size
+        # One descriptor per concurrent sync, opened before anything is written:
+        # the kernel reports a writeback error once per open file, so syncs
+        # sharing one descriptor could let one of them miss it and answer 250
+        # for lost bytes; each of these sees every error since it was opened.
+        self._lock = threading.Lock()
+        self._sync_fds: list[int] = []
+        self._unsynced = 0      # writes whose sync has not finished
+        self._closing = False
+        try:
+            for _ in range(max(1, sync_depth)):
+                self._sync_fds.append(os.open(self.path, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError:
+            self.close()
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+            raise
 
     def _write_all(self, data: bytes, offset: int) -> None:
         view = memoryview(data)
@@ -172,22 +190,52 @@ class SegmentWriter:
                 self.broken = True
             raise
         self.size = offset + len(data)
+        with self._lock:
+            self._unsynced += 1
         return offset
 
     def sync(self) -> None:
-        """Make everything written so far durable. After a failed sync the
-        kernel may have dropped the pages, so nothing more is appended here:
-        the writer is marked broken and replaced."""
+        """Make everything written so far durable; called once per `write`,
+        from up to `sync_depth` threads at once, each on its own descriptor.
+        After a failed sync the kernel may have dropped the pages, so nothing
+        more is appended here: the writer is marked broken and replaced. A
+        sync that returns after another one failed fails too (its bytes may
+        share the lost pages)."""
+        with self._lock:
+            if not self._sync_fds:  # more syncs at once than sync_depth: a bug
+                self._unsynced -= 1
+                raise OSError(errno.EBADF, "segment writer has no free sync descriptor")
+            fd = self._sync_fds.pop()
         try:
-            self._io.fdatasync(self.fd)
+            self._io.fdatasync(fd)
+            if self.broken:
+                raise OSError(errno.EIO, "an earlier sync of this segment failed")
         except OSError:
             self.broken = True
             raise
+        finally:
+            with self._lock:
+                self._sync_fds.append(fd)
+                self._unsynced -= 1
+                if self._closing and self._unsynced <= 0:
+                    self._close_fds()
 
     def close(self) -> None:
+        """Close the file for writing; the sync descriptors stay open until
+        every write has been synced (the write stage moves on to a new
+        segment without waiting for them)."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        with self._lock:
+            self._closing = True
+            if self._unsynced <= 0:
+                self._close_fds()
+
+    def _close_fds(self) -> None:
+        for fd in self._sync_fds:
+            os.close(fd)
+        self._sync_fds.clear()
 
 
 class SegmentReader:

@@ -42,7 +42,7 @@ QUARANTINE_DIR = "quarantine"
 _DB_NAMES = (b"meta", b"messages", b"recipients", b"due", b"todo", b"bounces", b"segments")
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class _PreparedBatch:
     """A batch written to a segment, on its way through sync and index."""
     items: list[tuple[Envelope, bytes]]
@@ -52,6 +52,7 @@ class _PreparedBatch:
     end: int                  # segment offset after the batch
     now: float
     seal: list[int]           # segments to seal when this batch is committed
+    failed: bool = False      # its sync failed: index none of it
 
 
 def current_boot_id() -> str:
@@ -97,10 +98,9 @@ class Spool(SpoolRecovery):
         self._committer: GroupCommitter | None = None
         self._committer_lock = threading.Lock()
         self._writer: SegmentWriter | None = None
-        # Segments to seal: rotated away from by the write stage, not yet
-        # handed to a prepared batch / handed over but not yet committed.
+        # Segments the write stage rotated away from, to seal with the next
+        # batch it hands on (indexed in order, so after all their batches).
         self._seal_after_write: list[int] = []
-        self._seal_after_index: list[int] = []
         self._next_id = 0
         self._id_limit = 0
         self._closed = False
@@ -130,7 +130,7 @@ class Spool(SpoolRecovery):
                 d.mkdir(mode=0o700, parents=(d == self.path), exist_ok=True)
             # metasync off: one sync per commit instead of two. LMDB stays
             # consistent, but a machine crash may undo its last commit;
-            # _reindex_after_reboot() puts those messages back from their
+            # _adopt_tails() puts those messages back from their
             # segments. Without a boot id that cannot be told, so sync both.
             metasync = self.settings.index_metasync or not self._boot_id
             return lmdb.open(str(self._index_dir), map_size=self.settings.index_map_bytes,
@@ -158,9 +158,9 @@ class Spool(SpoolRecovery):
             raise SpoolVersionError(
                 f"{self.path}: spool format version {version} was written by a newer "
                 f"qrelay; this one understands up to {SPOOL_FORMAT}")
-        if not self.readonly and self._boot_id and \
-                (boot is None or bytes(boot) != self._boot_id.encode()):
-            self._reindex_after_reboot()
+        if not self.readonly:
+            self._adopt_tails(after_reboot=bool(self._boot_id) and (
+                boot is None or bytes(boot) != self._boot_id.encode()))
 
     def _check_process(self) -> None:
         if self._closed:
@@ -175,14 +175,15 @@ class Spool(SpoolRecovery):
         if self._closed:
             return
         if os.getpid() == self._pid and not self.readonly:
-            if self._committer is not None:
-                self._committer.close()
-            seal = self._seal_after_index + self._seal_after_write
+            indexed = self._committer.close() if self._committer is not None else True
+            seal = self._seal_after_write
             if self._writer is not None:
                 seal.append(self._writer.segid)
                 self._writer.close()
                 self._writer = None
-            if seal:
+            # Answered messages the index could not take stay in unsealed
+            # segments, where the next open finds them (C2).
+            if seal and indexed:
                 try:
                     with self.env.begin(write=True) as txn:
                         unlink = self._seal_segments(txn, seal)
@@ -208,30 +209,35 @@ class Spool(SpoolRecovery):
             return committer
         with self._committer_lock:  # threads racing to the first enqueue
             if self._committer is None:
-                self._committer = GroupCommitter(self._prepare_requests, self._sync_batch,
-                                                 self._index_batches, self._unindex_batch,
-                                                 self.settings.max_batch_messages,
-                                                 self.settings.max_batch_bytes,
-                                                 self.settings.pipelined_commit,
-                                                 self.settings.parallel_sync)
+                self._committer = GroupCommitter(
+                    self._prepare_requests, self._sync_batch, self._index_batches,
+                    self.settings.max_batch_messages, self.settings.max_batch_bytes,
+                    sync_depth=self.settings.sync_depth,
+                    ack_after_index=self.settings.ack_after_index)
             return self._committer
 
-    def enqueue(self, envelope: Envelope, message: bytes) -> int:
-        """Queue a message; returns its id once message and index record are durable.
+    def enqueue(self, envelope: Envelope, message: bytes, indexed: bool = True) -> int:
+        """Queue a message; returns its id once it is durable and (with
+        `indexed`) in the index, so every reader sees it.
 
         Blocking; concurrent callers (threads) share fsyncs. Raises
         SpoolWriteError when nothing could be committed.
         """
-        return self._put(envelope, message).result()
+        return self._put(envelope, message, wait_index=indexed).result()
 
-    async def submit(self, envelope: Envelope, message: bytes) -> int:
-        """asyncio form of enqueue: group commit with every concurrent submit."""
-        return await self._put(envelope, message, asyncio.get_running_loop())
+    async def submit(self, envelope: Envelope, message: bytes, indexed: bool = False) -> int:
+        """asyncio form of enqueue, the receivers' path: group commit with
+        every concurrent submit. Returns once the message is durable in its
+        segment, with its envelope (the 250 after DATA); the index has it a
+        moment later, or after a crash at the next open (C2). `indexed` (or
+        `[spool] ack_after_index`) waits for the index too."""
+        return await self._put(envelope, message, asyncio.get_running_loop(), indexed)
 
     def _put(self, envelope: Envelope, message: bytes,
-             loop: asyncio.AbstractEventLoop | None = None) -> "Future[int] | asyncio.Future[int]":
+             loop: asyncio.AbstractEventLoop | None = None,
+             wait_index: bool = False) -> "Future[int] | asyncio.Future[int]":
         try:
-            return self._get_committer().put(envelope, bytes(message), loop)
+            return self._get_committer().put(envelope, bytes(message), loop, wait_index)
         except RuntimeError:  # closed by another thread meanwhile
             raise SpoolError("spool is closed") from None
 
@@ -263,16 +269,19 @@ class Spool(SpoolRecovery):
             self._writer = None
         segid = self._take_ids(1)
         try:
-            writer = SegmentWriter(self._seg_dir, segid, self._io, now)
+            writer = SegmentWriter(self._seg_dir, segid, self._io, now,
+                                   self.settings.sync_depth)
         except OSError as exc:
             raise SpoolWriteError(f"cannot create spool segment: {exc.strerror or exc}") from None
-        # Known to the index before anything in it can be: after a machine
-        # crash only known, unsealed segments have tails worth re-indexing.
+        # Known to the index, durably (meta page too), before anything in it
+        # is acknowledged: only known, unsealed segments have their tails
+        # indexed after a crash.
         try:
             with self.env.begin(write=True) as txn:
                 txn.put(R.u64(segid), SegmentRecord(0, False, self._pid, now,
                                                     FILE_HEADER.size).encode(),
                         db=self._dbs[b"segments"])
+            self.env.sync(True)
         except lmdb.Error as exc:
             writer.close()
             self._unlink_segments([segid])
@@ -335,40 +344,26 @@ class Spool(SpoolRecovery):
             self._writer = None
 
     def _sync_batch(self, batch: "_PreparedBatch") -> None:
-        """Sync stage (in the write stage's thread): one fdatasync makes the
-        batch's bytes durable. In parallel order this runs while the index
-        stage commits the same batch."""
+        """Sync stage (one of the committer's sync threads): one fdatasync
+        makes the batch's records durable. A failed batch is still handed to
+        the index stage, which then indexes none of it; the write stage
+        starts a new segment (the writer is broken)."""
         try:
             batch.writer.sync()
         except OSError as exc:
-            self._drop_broken_writer()
+            batch.failed = True
             raise SpoolWriteError(f"cannot sync spool segment: {exc.strerror or exc}") from None
 
-    def _unindex_batch(self, batch: "_PreparedBatch") -> None:
-        """Take a batch whose sync failed out of the index again (its callers
-        get SpoolWriteError, so it must not be delivered)."""
-        unlink: list[int] = []
-        try:
-            with self.env.begin(write=True) as txn:
-                for msgid in batch.ids:
-                    raw = txn.get(R.u64(msgid), db=self._dbs[b"messages"])
-                    if raw is not None:
-                        self._delete_message(txn, msgid, MessageRecord.decode(raw), unlink)
-        except (lmdb.Error, RecordError) as exc:
-            log.warning("warning: cannot withdraw messages #%d-#%d after a failed sync: %s",
-                        batch.ids[0], batch.ids[-1], exc)
-            return
-        self._unlink_segments(unlink)
-
     def _index_batches(self, batches: Sequence["_PreparedBatch"]) -> None:
-        """Index stage: ONE LMDB transaction for all ready batches (with their
-        segment syncs done, the commit point)."""
-        for b in batches:
-            self._seal_after_index.extend(b.seal)
+        """Index stage: ONE LMDB transaction for the batches written since
+        the last one, in order (a failed one only passes on its seals)."""
+        seal = list(dict.fromkeys(segid for b in batches for segid in b.seal))
         try:
             with self.env.begin(write=True) as txn:
                 dbs = self._dbs
                 for b in batches:
+                    if b.failed:
+                        continue
                     for msgid, (envelope, message), offset in zip(b.ids, b.items, b.offsets):
                         self._index_message(txn, msgid, envelope, message, b.writer.segid,
                                             offset, b.now)
@@ -376,14 +371,12 @@ class Spool(SpoolRecovery):
                     raw = txn.get(segkey, db=dbs[b"segments"])
                     seg = SegmentRecord.decode(raw) if raw is not None else \
                         SegmentRecord(0, False, self._pid, b.writer.created)
-                    txn.put(segkey, SegmentRecord(seg.live + len(b.ids), False, self._pid,
-                                                  seg.created, max(seg.end, b.end),
-                                                  b.ids[0]).encode(),
+                    txn.put(segkey, dataclasses.replace(seg, live=seg.live + len(b.ids),
+                                                        end=max(seg.end, b.end)).encode(),
                             db=dbs[b"segments"])
-                unlink = self._seal_segments(txn, self._seal_after_index)
+                unlink = self._seal_segments(txn, seal)
         except (lmdb.Error, RecordError) as exc:
             raise SpoolWriteError(f"cannot commit to spool index: {exc}") from None
-        self._seal_after_index = []
         self._unlink_segments(unlink)
 
     def _index_message(self, txn: lmdb.Transaction, msgid: int,
