@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lmdb
@@ -234,7 +235,6 @@ def test_messages_answered_before_their_index_commit_survive_their_writer(tmp_pa
 
 def test_a_live_writers_tail_is_left_to_it_but_not_a_reused_pid(tmp_path: Path):
     import dataclasses
-    import time
 
     from engine.queue.records import SegmentRecord
     q = tmp_path / "q"
@@ -299,3 +299,31 @@ def test_ids_start_past_every_segment_on_disk_after_a_reboot(tmp_path: Path):
     SegmentWriter(q / "segments", 10**6, SegmentIO(), 0.0).close()
     with Spool(q, boot_id="boot-B") as s:
         assert s.enqueue(env("a@b"), b"y") > 10**6
+
+
+def test_adopt_tails_picks_up_a_writer_that_died_while_the_spool_stayed_open(tmp_path: Path):
+    q = tmp_path / "q"
+    with Spool(q) as s:
+        last = s.env.info()["last_txnid"]
+        assert s.adopt_tails() == 0
+        assert s.env.info()["last_txnid"] == last      # nothing to do: no write
+        ids = _die_before_the_index(q, 5)              # another writer answers, then dies
+        assert s.todo(10) == []
+        assert s.adopt_tails() == 5
+        assert s.todo(10) == ids
+
+
+def test_a_killed_but_unreaped_writer_counts_as_gone():
+    from engine.queue.recovery import _pid_alive
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    try:
+        deadline = time.monotonic() + 5
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not _pid_alive(pid)                     # a zombie until we reap it
+        assert os.path.exists(f"/proc/{pid}")
+    finally:
+        os.waitpid(pid, 0)
+    assert _pid_alive(os.getpid())

@@ -33,9 +33,17 @@ def qrelay(root: Path):
         q.stop()
 
 
-def queued(root: Path) -> list[tuple[int, str, tuple[str, ...]]]:
-    with Spool(root / "queue", readonly=True) as spool:
-        return [(m.msgid, m.sender, tuple(r.address for r in m.recipients)) for m in spool.iter_messages()]
+def queued(root: Path, expect: int = 0) -> list[tuple[int, str, tuple[str, ...]]]:
+    """What the index holds; with `expect`, wait (up to 5 s) until it holds
+    that many: a 250 comes at the segment sync, the index commit just after."""
+    deadline = time.monotonic() + 5
+    while True:
+        with Spool(root / "queue", readonly=True) as spool:
+            got = [(m.msgid, m.sender, tuple(r.address for r in m.recipients))
+                   for m in spool.iter_messages()]
+        if len(got) >= expect or time.monotonic() > deadline:
+            return got
+        time.sleep(0.02)
 
 
 def send(port: int, n: int = 1, rcpt: str = "x@sink.test") -> list[int]:
@@ -94,7 +102,7 @@ def test_run_accepts_and_queues_and_stops_cleanly(qrelay, root):
     kids = q.children()
     assert len(kids) == 3  # two receivers and the spool writer (scheduler off)
     ids = send(q.port, 3)
-    msgs = queued(root)
+    msgs = queued(root, 3)
     assert sorted(m[0] for m in msgs) == sorted(ids)  # qp = the spool's message id (qread's #id)
     assert all(m[1] == "a@example.org" and m[2] == ("x@sink.test",) for m in msgs)
     assert q.stop() == 0
@@ -161,7 +169,7 @@ def test_kill9_of_a_receiver_mid_transaction_leaves_the_others_serving(qrelay, r
             break
         time.sleep(0.1)
     assert len(now) == 3 and victim not in now  # receivers + spool writer
-    assert all(m[2] == ("x@sink.test",) for m in queued(root))
+    assert all(m[2] == ("x@sink.test",) for m in queued(root, 6))
     assert len(queued(root)) == 6  # nothing of the half message
 
 

@@ -399,6 +399,7 @@ class Scheduler:
             # those left by a crash and bounces that failed to be queued.
             self._next_bounce_scan = now + BOUNCE_SCAN_INTERVAL
             self.complete_pending_bounces()
+            self._adopt_tails()
         if not self._stopping:
             self.dispatch(now)
         return busy
@@ -646,6 +647,14 @@ class Scheduler:
             except SpoolError as exc:
                 self.log.warning(f"trouble rescheduling {domain}: {exc}")
             self._scan_after = None  # due now: may sort before the watermark
+
+    def _adopt_tails(self) -> None:
+        # Messages a writer answered but died before indexing (engine.queue, C2).
+        try:
+            self.spool.adopt_tails()
+        except (SpoolError, OSError) as exc:
+            self.log.warning(f"trouble indexing what a stopped writer left: {exc}; "
+                             "will try again later")
 
     def complete_pending_bounces(self) -> None:
         now = self.clock()

@@ -197,6 +197,29 @@ class SpoolRecovery:
         report.orphan_segments_removed = self.cleanup(now)
         return report
 
+    def adopt_tails(self) -> int:
+        """Index what writers that are gone left unindexed (C2); the scheduler
+        calls it every few seconds, so a receiver that died while the rest
+        ran on does not leave its answered messages waiting for a restart.
+        Cheap when there is nothing to do: no write transaction then."""
+        self._check_process()
+        with self.env.begin() as txn:
+            segs = [(R.read_u64(k), bytes(v)) for k, v in txn.cursor(db=self._dbs[b"segments"])]
+        for segid, raw in segs:
+            try:
+                seg = SegmentRecord.decode(raw)
+            except RecordError:
+                continue
+            if seg.sealed or seg.end < 0 or not self._writer_gone(seg):
+                continue
+            try:
+                size = (self._seg_dir / segment_name(segid)).stat().st_size
+            except OSError:
+                continue
+            if size > seg.end:
+                return self._adopt_tails()
+        return 0
+
     def _adopt_tails(self, after_reboot: bool = False) -> int:
         """Index what writers that are gone left past the indexed end of their
         unsealed segments (C2, C12); run at every writable open. Returns how
@@ -211,6 +234,17 @@ class SpoolRecovery:
         and the segments of live writers are theirs to index. After a machine
         restart every writer is gone, and ids move past every id and segment
         file on disk (the id counter's last commit may be undone too)."""
+        try:
+            restored = self._adopt_tails_txn(after_reboot)
+        except lmdb.Error as exc:  # e.g. a full map: the bytes wait for the next try
+            log.warning("warning: cannot index what a stopped writer left: %s", exc)
+            return 0
+        if restored:
+            log.warning("warning: indexed %d message(s) that a writer which stopped left "
+                        "unindexed in its segments", restored)
+        return restored
+
+    def _adopt_tails_txn(self, after_reboot: bool) -> int:
         dbs = self._dbs
         meta = dbs[b"meta"]
         restored = 0
@@ -244,9 +278,6 @@ class SpoolRecovery:
             txn.put(b"next_id", R.u64(next_id), db=meta)
             if after_reboot:
                 txn.put(b"boot_id", self._boot_id.encode(), db=meta)
-        if restored:
-            log.warning("warning: indexed %d message(s) that a writer which stopped left "
-                        "unindexed in its segments", restored)
         return restored
 
     def _writer_gone(self, seg: SegmentRecord) -> bool:
@@ -351,6 +382,8 @@ def _started_after(pid: int, when: float) -> bool:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Running: a zombie (killed, not yet reaped, e.g. an orphan waiting
+    for init) is dead for this purpose."""
     if pid <= 0:
         return False
     try:
@@ -358,6 +391,10 @@ def _pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
         return True
-    return True
 
