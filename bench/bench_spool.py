@@ -187,7 +187,7 @@ def test_slow_disk(benchmark, tmp_path: Path, kind: str, producers: int):
 COMMIT_ORDERS = [("after index, meta synced, 1 sync", "ack_after_index=1,index_metasync=1,sync_depth=1"),
                  ("after index, meta lazy, 1 sync", "ack_after_index=1,sync_depth=1"),
                  ("at the sync, 1 sync at a time", "sync_depth=1"),
-                 ("at the sync, 4 syncs (default)", "")]
+                 ("at the sync, 8 syncs (default)", "")]
 
 
 def test_slow_disk_commit_orders(benchmark, tmp_path: Path):

@@ -327,3 +327,22 @@ def test_a_killed_but_unreaped_writer_counts_as_gone():
     finally:
         os.waitpid(pid, 0)
     assert _pid_alive(os.getpid())
+
+
+def test_recover_indexes_a_dead_writers_tail_before_sealing_its_segment(tmp_path: Path):
+    q = tmp_path / "q"
+    with Spool(q) as s:                                # open before the writer dies
+        ids = _die_before_the_index(q, 4)
+        report = s.recover(verify_bytes=True)
+        assert report.quarantined == [] and report.segments_fixed == 1   # sealed
+        assert s.todo(10) == ids
+        assert s.enqueue(env("a@b"), b"next") > max(ids)
+
+
+def test_cleanup_never_removes_a_dead_writers_segment_with_answered_messages(tmp_path: Path):
+    q = tmp_path / "q"
+    with Spool(q) as s:
+        ids = _die_before_the_index(q, 3)              # index: the segment is empty
+        assert s.cleanup(now=time.time() + 10**6) == []
+        assert s.todo(10) == ids
+        assert [s.read_message(m) for m in ids] == [b"message %d" % i for i in range(3)]

@@ -77,7 +77,7 @@ class SpoolSettings:
     max_open_segments: int = 32
     # Segment syncs running at once: a batch starts its fdatasync as soon as
     # it is written instead of waiting for the previous one (1 = one at a time).
-    sync_depth: int = 4
+    sync_depth: int = 8
     # Answer a client only once its message is in the index too, not as soon
     # as its segment sync is done (one more sync on its path; the segment
     # already holds the envelope, so nothing acknowledged depends on it).

@@ -30,7 +30,7 @@ Group commit per process (engine.queue.committer), a pipeline of threads:
      (QMSG), each with magic, format version, msgid, length, crc32 and END
      marker + msgid;
   2. sync slots: ONE fdatasync per batch, started as soon as the batch is
-     written; up to `spool.sync_depth` (4) run at once, each on its own
+     written; up to `spool.sync_depth` (8) run at once, each on its own
      descriptor of the segment (so each sees any writeback error);
   3. **commit point: the batch's sync is done** — the message and its
      envelope are durable in the segment, and submit() returns (the 250

@@ -180,7 +180,14 @@ class SpoolRecovery:
                 if cur is not None and cur != raw:
                     continue
                 want = live.get(segid, 0)
-                sealed = seg.sealed or (segid != own and not _pid_alive(seg.pid))
+                gone = not seg.sealed and segid != own and seg.pid != self._pid \
+                    and self._writer_gone(seg)
+                if gone:  # what it answered but never indexed goes in first (C9)
+                    n = self._adopt_tail_now(txn, segid, seg)
+                    if n:
+                        seg = SegmentRecord.decode(txn.get(R.u64(segid), db=dbs[b"segments"]))
+                        want += n
+                sealed = seg.sealed or gone
                 if want == 0 and sealed:
                     txn.delete(R.u64(segid), db=dbs[b"segments"])
                     unlink.append(segid)
@@ -287,6 +294,18 @@ class SpoolRecovery:
             return self._committer is None  # an earlier Spool of this process
         return not _pid_alive(seg.pid) or _started_after(seg.pid, seg.created)
 
+    def _adopt_tail_now(self, txn: lmdb.Transaction, segid: int, seg: SegmentRecord) -> int:
+        """_adopt_tail, with the id counter moved past what it found and a log
+        line; returns how many messages it indexed."""
+        n, last = self._adopt_tail(txn, segid, seg)
+        meta = self._dbs[b"meta"]
+        if last >= R.read_u64(txn.get(b"next_id", db=meta)):
+            txn.put(b"next_id", R.u64(last + 1), db=meta)
+        if n:
+            log.warning("warning: indexed %d message(s) that a writer which stopped left "
+                        "unindexed in segment %s", n, segid)
+        return n
+
     def _adopt_tail(self, txn: lmdb.Transaction, segid: int,
                     seg: SegmentRecord) -> tuple[int, int]:
         """Index (inside txn) every whole QENV+QMSG pair of segment `segid`
@@ -359,6 +378,11 @@ class SpoolRecovery:
                     cur = txn.get(R.u64(segid), db=self._dbs[b"segments"])
                     if cur != raw:
                         continue
+                    if 0 <= seg.end < path.stat().st_size:  # bytes past the indexed end
+                        if seg.pid == self._pid or not self._writer_gone(seg):
+                            continue
+                        if self._adopt_tail_now(txn, segid, seg):
+                            continue  # it holds answered messages after all
                     txn.delete(R.u64(segid), db=self._dbs[b"segments"])
             elif age < grace:
                 continue
