@@ -6,7 +6,10 @@ messages of *all* receiver processes together, where with LMDB's writer lock
 each process commits its own batches one after the other (see the
 measurement in engine/queue/__init__.py). Receivers use `SpoolClient`, which
 has the writer half of Spool's API (`enqueue`, `submit`, `close`) with the
-same guarantee: an id is returned only after the writer's index commit.
+guarantee of `Spool.submit`: an id is returned once the message and its
+envelope are synced in the writer's segment (the commit point); the
+writer's index has it a moment later (both calls: the protocol has no
+"wait for the index" flag, receivers never need one).
 
 Frames (big-endian), each preceded by its length (u32):
     request   id u64 | pid u32 | uid u32 | origin u8 | sender (u32 len + bytes)
