@@ -87,5 +87,5 @@ def test_truncated_envelope_record_rejected():
 def test_segment_record_of_format_1_has_no_known_end():
     old = R.seal(R._SEG_V1.pack(3, 1, 99, 5.0))
     assert R.SegmentRecord.decode(old) == R.SegmentRecord(3, True, 99, 5.0, -1)
-    new = R.SegmentRecord(3, False, 99, 5.0, 4096)
+    new = R.SegmentRecord(3, False, 99, 5.0, 4096, 123456)
     assert R.SegmentRecord.decode(new.encode()) == new

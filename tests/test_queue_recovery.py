@@ -237,23 +237,26 @@ def test_a_live_writers_tail_is_left_to_it_but_not_a_reused_pid(tmp_path: Path):
     import dataclasses
 
     from engine.queue.records import SegmentRecord
+    from engine.queue.recovery import process_start
     q = tmp_path / "q"
     ids = _die_before_the_index(q, 3)
 
-    def owner(pid: int, created: float) -> None:
+    def owner(pid: int, started: int) -> None:
         e = lmdb.open(str(q / "index"), max_dbs=8)
         db = e.open_db(b"segments")
         with e.begin(write=True) as txn:
             for key, raw in list(txn.cursor(db=db)):
                 seg = SegmentRecord.decode(raw)
-                txn.put(key, dataclasses.replace(seg, pid=pid, created=created).encode(), db=db)
+                txn.put(key, dataclasses.replace(seg, pid=pid, started=started).encode(), db=db)
         e.close()
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        owner(other.pid, time.time() + 60)    # alive, and it was already running then
+        started = process_start(other.pid)
+        assert started > 0
+        owner(other.pid, started)             # that very process, still running
         with Spool(q) as s:
             assert s.todo(10) == []
-        owner(other.pid, time.time() - 60)    # its pid belonged to someone else then
+        owner(other.pid, started - 1)         # its pid belonged to another process then
         with Spool(q) as s:
             assert s.todo(10) == ids
     finally:

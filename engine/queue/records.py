@@ -64,7 +64,7 @@ _MSG = struct.Struct(">dQQQIIIBIIIH")
 _RCPT = struct.Struct(">BBHdH")
 _TEXT_LEN = struct.Struct(">H")
 _SEG_V1 = struct.Struct(">IBId")
-_SEG = struct.Struct(">IBIdq")
+_SEG = struct.Struct(">IBIdqQ")
 _ENV = struct.Struct(">dIIBI")
 _ENV_RCPT = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
@@ -181,20 +181,23 @@ class SegmentRecord:
     pid: int              # writer process
     created: float
     end: int = -1         # end of the last record indexed (-1: unknown, format 1)
+    started: int = 0      # the writer's start time (/proc ticks since boot; 0 unknown):
+    #                       with pid, tells the writer from a later process with its pid
 
     def encode(self) -> bytes:
-        return seal(_SEG.pack(self.live, int(self.sealed), self.pid, self.created, self.end))
+        return seal(_SEG.pack(self.live, int(self.sealed), self.pid, self.created, self.end,
+                              self.started))
 
     @classmethod
     def decode(cls, value: bytes) -> "SegmentRecord":
         payload = unseal(value)
         if len(payload) == _SEG.size:
-            live, sealed, pid, created, end = _SEG.unpack(payload)
+            live, sealed, pid, created, end, started = _SEG.unpack(payload)
         elif len(payload) == _SEG_V1.size:
-            (live, sealed, pid, created), end = _SEG_V1.unpack(payload), -1
+            (live, sealed, pid, created), end, started = _SEG_V1.unpack(payload), -1, 0
         else:
             raise RecordError("segment record has the wrong length")
-        return cls(live, bool(sealed), pid, created, end)
+        return cls(live, bool(sealed), pid, created, end, started)
 
 
 @dataclass(slots=True, frozen=True)

@@ -180,8 +180,7 @@ class SpoolRecovery:
                 if cur is not None and cur != raw:
                     continue
                 want = live.get(segid, 0)
-                gone = not seg.sealed and segid != own and seg.pid != self._pid \
-                    and self._writer_gone(seg)
+                gone = not seg.sealed and segid != own and self._writer_gone(seg)
                 if gone:  # what it answered but never indexed goes in first (C9)
                     n = self._adopt_tail_now(txn, segid, seg)
                     if n:
@@ -291,8 +290,13 @@ class SpoolRecovery:
         """Whether the process that wrote into `seg` is gone (so nothing of it
         is still on its way to the index)."""
         if seg.pid == self._pid:
-            return self._committer is None  # an earlier Spool of this process
-        return not _pid_alive(seg.pid) or _started_after(seg.pid, seg.created)
+            # This process (maybe through another Spool of it, whose index
+            # stage may be about to take that very tail): never adopted here.
+            return False
+        if not _pid_alive(seg.pid):
+            return True
+        now = process_start(seg.pid) if seg.started else 0
+        return now != 0 and now != seg.started   # another process has its pid now
 
     def _adopt_tail_now(self, txn: lmdb.Transaction, segid: int, seg: SegmentRecord) -> int:
         """_adopt_tail, with the id counter moved past what it found and a log
@@ -379,7 +383,7 @@ class SpoolRecovery:
                     if cur != raw:
                         continue
                     if 0 <= seg.end < path.stat().st_size:  # bytes past the indexed end
-                        if seg.pid == self._pid or not self._writer_gone(seg):
+                        if not self._writer_gone(seg):
                             continue
                         if self._adopt_tail_now(txn, segid, seg):
                             continue  # it holds answered messages after all
@@ -392,17 +396,14 @@ class SpoolRecovery:
         return removed
 
 
-def _started_after(pid: int, when: float) -> bool:
-    """Whether process `pid` started after `when` (so it is not the process
-    that had this pid then: pids are reused). False if it cannot be told."""
+def process_start(pid: int) -> int:
+    """When process `pid` started, in clock ticks since boot (0 if unknown):
+    with the pid, it names one process (pids are reused, start times not)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as f:
-            btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-    except (OSError, ValueError, IndexError, StopIteration):
-        return False
-    return btime + ticks / os.sysconf("SC_CLK_TCK") > when + 1.0
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _pid_alive(pid: int) -> bool:

@@ -26,7 +26,7 @@ from engine.queue import records as R
 from engine.queue.committer import CommitRequest, GroupCommitter
 from engine.queue.records import (SPOOL_FORMAT, EnvelopeRecord, MessageRecord, RecipientRecord,
                                   RecordError, SegmentRecord)
-from engine.queue.recovery import SpoolRecovery
+from engine.queue.recovery import SpoolRecovery, process_start
 from engine.queue.segments import (ENV_MAGIC, FILE_HEADER, SegmentError, SegmentIO,
                                    SegmentReader, SegmentWriter, encode_record, segment_name)
 from engine.queue.values import (  # noqa: F401 - re-exported for engine.queue
@@ -89,6 +89,7 @@ class Spool(SpoolRecovery):
         self._clock = clock
         self._io = io or SegmentIO()
         self._pid = os.getpid()
+        self._started = process_start(self._pid)
         # Which boot of the machine this is: the index's last commit can only
         # be lost across a machine crash, so its tail is re-indexed once per boot.
         self._boot_id = current_boot_id() if boot_id is None else boot_id
@@ -278,8 +279,8 @@ class Spool(SpoolRecovery):
         # indexed after a crash.
         try:
             with self.env.begin(write=True) as txn:
-                txn.put(R.u64(segid), SegmentRecord(0, False, self._pid, now,
-                                                    FILE_HEADER.size).encode(),
+                txn.put(R.u64(segid), SegmentRecord(0, False, self._pid, now, FILE_HEADER.size,
+                                                    self._started).encode(),
                         db=self._dbs[b"segments"])
             self.env.sync(True)
         except lmdb.Error as exc:
@@ -370,7 +371,7 @@ class Spool(SpoolRecovery):
                     segkey = R.u64(b.writer.segid)
                     raw = txn.get(segkey, db=dbs[b"segments"])
                     seg = SegmentRecord.decode(raw) if raw is not None else \
-                        SegmentRecord(0, False, self._pid, b.writer.created)
+                        SegmentRecord(0, False, self._pid, b.writer.created, -1, self._started)
                     txn.put(segkey, dataclasses.replace(seg, live=seg.live + len(b.ids),
                                                         end=max(seg.end, b.end)).encode(),
                             db=dbs[b"segments"])
