@@ -432,3 +432,10 @@ def test_closed_spool_refuses_enqueue(tmp_path: Path):
     with pytest.raises(SpoolError, match="closed"):
         asyncio.run(one())
     s.close()  # twice is harmless
+
+
+def test_sync_depth_is_capped(tmp_path: Path):
+    before = threading.active_count()
+    with Spool(tmp_path / "q", SpoolSettings(sync_depth=10**6)) as s:
+        assert s.read_message(s.enqueue(env("a@b"), b"x")) == b"x"
+        assert threading.active_count() - before <= 64 + 2   # sync slots, write and index

@@ -75,8 +75,9 @@ class SpoolSettings:
     id_block: int = 1024
     # Segment files a process keeps open for reading.
     max_open_segments: int = 32
-    # Segment syncs running at once: a batch starts its fdatasync as soon as
-    # it is written instead of waiting for the previous one (1 = one at a time).
+    # Segment syncs running at once (1-64; a thread and a descriptor each): a
+    # batch starts its fdatasync as soon as it is written instead of waiting
+    # for the previous one (1 = one at a time).
     sync_depth: int = 8
     # Answer a client only once its message is in the index too, not as soon
     # as its segment sync is done (one more sync on its path; the segment

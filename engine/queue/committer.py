@@ -24,11 +24,12 @@ When a caller hears (`ack_after_index`):
 The index never points at bytes whose sync has not finished, and batches
 are indexed in order, so the index knows a prefix of each segment.
 
-If an index commit fails, callers already answered must not lose their
-message: the batches are kept and retried (`retry_seconds`, doubling to
-10 s), and meanwhile new requests fail at once (the receiver answers 451)
-instead of piling up. With `ack_after_index` the callers of the failed
-batches get the error instead, as callers of a failed prepare or sync do.
+If an index commit fails, the callers still waiting for it (`ack_after_index`,
+or `put(wait_index=True)`) get the error, as callers of a failed prepare or
+sync do. Batches with callers already answered must not lose their message:
+they are kept and retried (`retry_seconds`, doubling to 10 s), and meanwhile
+new requests fail at once (the receiver answers 451) instead of piling up.
+Batches nobody was answered for are dropped (their bytes stay unindexed).
 
 Blocking callers wait on a `concurrent.futures.Future`. asyncio callers get
 an asyncio future of their own loop; the futures of one batch are settled

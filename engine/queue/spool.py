@@ -90,6 +90,7 @@ class Spool(SpoolRecovery):
         self._io = io or SegmentIO()
         self._pid = os.getpid()
         self._started = process_start(self._pid)
+        self._sync_depth = min(64, max(1, settings.sync_depth))
         # Which boot of the machine this is: the index's last commit can only
         # be lost across a machine crash, so its tail is re-indexed once per boot.
         self._boot_id = current_boot_id() if boot_id is None else boot_id
@@ -213,7 +214,7 @@ class Spool(SpoolRecovery):
                 self._committer = GroupCommitter(
                     self._prepare_requests, self._sync_batch, self._index_batches,
                     self.settings.max_batch_messages, self.settings.max_batch_bytes,
-                    sync_depth=self.settings.sync_depth,
+                    sync_depth=self._sync_depth,
                     ack_after_index=self.settings.ack_after_index)
             return self._committer
 
@@ -270,8 +271,7 @@ class Spool(SpoolRecovery):
             self._writer = None
         segid = self._take_ids(1)
         try:
-            writer = SegmentWriter(self._seg_dir, segid, self._io, now,
-                                   self.settings.sync_depth)
+            writer = SegmentWriter(self._seg_dir, segid, self._io, now, self._sync_depth)
         except OSError as exc:
             raise SpoolWriteError(f"cannot create spool segment: {exc.strerror or exc}") from None
         # Known to the index, durably (meta page too), before anything in it
