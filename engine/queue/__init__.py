@@ -168,7 +168,15 @@ sync +5 ms (`--slow-sync-ms 5`), writer 700 msg/s vs direct 476 msg/s (1.47x).
 With the one-sync commit (32 sessions, 8,000 messages, two rounds): plain,
 writer 3,660-4,830 vs direct 5,300-5,760 msg/s; sync +5 ms, writer
 2,510-2,600 vs direct 1,440-1,460 msg/s (1.75x).
-The writer stays the default because a slow disk is what this spool is for.
+Since the 250 comes at the segment sync (index commits off the answer's
+path, several syncs in flight), the margin has reversed (same commands,
+alternating, quiet machine): 32 sessions, sync +5 ms, writer 3,450-3,640 vs
+direct 3,590-3,860 msg/s; 128 sessions, sync +5 ms, writer 5,350-5,770 vs
+direct 6,240-6,620; 32 sessions, plain, writer 3,720-3,910 vs direct
+3,520-4,870. The writer stays the default for now: with direct commits the
+receivers' index commits take LMDB's lock through their syncs beside the
+scheduler's delivery marks, which these ingest-only runs do not measure;
+that (relay end to end and drain on the slow disk) decides the next change.
 """
 from engine.queue.records import FORMAT_VERSION
 from engine.queue.spool import (Deferred, Delivered, Envelope, Failed, Finished, Job,
