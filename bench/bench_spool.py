@@ -173,8 +173,8 @@ def test_slow_disk(benchmark, tmp_path: Path, kind: str, producers: int):
     # ANY durable spool: each producer waits for its own commit, so
     # rate <= producers / commit latency (Little's law), and the emulation
     # adds 5 ms to the >= 1 sync a commit needs (here exactly one on a
-    # submit's path: its segment sync; the index follows): 32 producers can never exceed 32 / 5 ms =
-    # 6,400 msg/s, below 0.8 x the plain rate measured here. `of_bound` says
+    # submit's path: its segment sync; the index follows): 32 producers can
+    # never exceed 32 / 5 ms = 6,400 msg/s, below 0.8 x the plain rate here. `of_bound` says
     # how close the spool gets. Shown as an expected failure, not hidden.
     # Through SMTP, see `bench/bench_ingest.py --slow-ratio 5`.
     ratio = median([s_ / p_ for s_, p_ in zip(slow, plain)])
