@@ -77,11 +77,8 @@ def run_qrelay(work: Path, args: argparse.Namespace, slow_sync_ms: int,
     (root / "qrelay.toml").write_text(toml)
     env = dict(os.environ)
     if slow_sync_ms:  # emulate a slow disk: every sync (LMDB's too) takes longer
-        shim = work / "spool_slowsync.so"
-        if not shim.exists():
-            subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", str(shim),
-                            str(BENCH / "spool_slowsync.c"), "-ldl"], check=True)
-        env.update(LD_PRELOAD=str(shim), SLOWSYNC_MS=str(slow_sync_ms))
+        from spool_bench_lib import slowsync_env
+        env.update(slowsync_env(work, slow_sync_ms))
     proc = subprocess.Popen(
         [sys.executable, "-m", "engine.cli", "run", str(root), "--listen", "127.0.0.1:0",
          "--procs", str(args.procs)],

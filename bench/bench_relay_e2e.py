@@ -23,6 +23,10 @@ best of each side (other load on the machine only ever slows a round down).
               rate_drain = queued / (time from flush to the sink's last message)
               target: rate_drain >= 0.8 x rate_e2e
 
+`--slow-sync-ms MS` runs every qrelay process with each sync MS ms slower
+(LD_PRELOAD shim, as bench_ingest.py), `--spool-setting NAME=VALUE` adds a
+[spool] setting (e.g. single_writer=false to compare direct commits).
+
 Every process started here is stopped by its pid (qrelay by its process
 group, which it leads). Exit status 0 if all targets are met, 1 if not.
 """
@@ -113,6 +117,10 @@ def flood(port: int, messages: int, sessions: int, size: int, workdir: Path, tag
 
 
 class Qrelay:
+    # set from the command line: extra qrelay.toml text, extra environment
+    toml = ""
+    env: dict[str, str] = {}
+
     def __init__(self, root: Path, sink_port: int, procs: int) -> None:
         subprocess.run([PY, "-m", "engine.cli", "init", str(root), "--me", "mx.bench.test"],
                        check=True, capture_output=True, cwd=REPO)
@@ -121,14 +129,15 @@ class Qrelay:
         # a resolver that is never asked (every route is an IP); the log big
         # enough to count every line of the run.
         (root / "qrelay.toml").write_text(
-            '[delivery]\ndns_servers = ["127.0.0.1:9"]\n[log]\nmax_bytes = 16000000\nmax_files = 50\n')
+            '[delivery]\ndns_servers = ["127.0.0.1:9"]\n[log]\nmax_bytes = 16000000\nmax_files = 50\n'
+            + self.toml)
         port_file = root.parent / (root.name + ".port")
         self.root = root
         self.out = open(root.parent / (root.name + ".out"), "wb")
         self.proc = subprocess.Popen(
             [PY, "-m", "engine.cli", "run", str(root), "--listen", "127.0.0.1:0", "--procs", str(procs),
              "--port-file", str(port_file)],
-            cwd=REPO, stdout=self.out, stderr=subprocess.STDOUT, start_new_session=True)
+            cwd=REPO, env={**os.environ, **self.env}, stdout=self.out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 20
         while not (port_file.exists() and port_file.read_text().strip()):
             if time.monotonic() > deadline or self.proc.poll() is not None:
@@ -190,6 +199,10 @@ def main() -> int:
                     help="messages sent to each fresh root before its measured ingest")
     ap.add_argument("--rounds", type=int, default=3,
                     help="alternating rounds per comparison; the best of each side counts")
+    ap.add_argument("--slow-sync-ms", type=int, default=0,
+                    help="make every sync of qrelay's processes this many ms slower")
+    ap.add_argument("--spool-setting", action="append", default=[], metavar="NAME=VALUE",
+                    help="a [spool] setting of qrelay.toml, as TOML (repeatable)")
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (roots, logs)")
     a = ap.parse_args()
@@ -197,8 +210,14 @@ def main() -> int:
         ap.error("--ingest must be smaller than --queue")
 
     work = Path(tempfile.mkdtemp(prefix="qrelay-bench-e2e-"))
+    if a.spool_setting:
+        Qrelay.toml = "[spool]\n" + "".join(f"{x}\n" for x in a.spool_setting)
+    if a.slow_sync_ms:
+        from spool_bench_lib import slowsync_env
+        Qrelay.env = slowsync_env(work, a.slow_sync_ms)
     fig: dict = {"messages": a.messages, "sessions": a.sessions, "size": a.size,
-                 "queue": a.queue, "ingest": a.ingest, "rounds": a.rounds}
+                 "queue": a.queue, "ingest": a.ingest, "rounds": a.rounds,
+                 "slow_sync_ms": a.slow_sync_ms, "spool_settings": a.spool_setting}
     started: list = []
 
     def stop(p) -> None:

@@ -24,7 +24,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from spool_bench_lib import (ENVELOPE, MESSAGE, enqueue_rate, fill,  # noqa: E402
-                             fsync_per_file_rate, median, submit_rate)
+                             fsync_per_file_rate, median, slowsync_env, submit_rate)
 
 from engine.queue import Spool  # noqa: E402
 
@@ -132,10 +132,7 @@ def test_due_and_qstat_and_rss_with_250k_queued(benchmark, big_spool: Path):
 
 
 def _shim(tmp_path: Path) -> Path:
-    so = tmp_path / "spool_slowsync.so"
-    subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", str(so),
-                    str(HERE / "spool_slowsync.c"), "-ldl"], check=True)
-    return so
+    return Path(slowsync_env(tmp_path, 5)["LD_PRELOAD"])
 
 
 def _rate(kind: str, path: Path, producers: int, seconds: float, preload: Path | None,

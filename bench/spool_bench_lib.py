@@ -24,6 +24,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine.config.settings import SpoolSettings  # noqa: E402
 from engine.queue import Envelope, Spool  # noqa: E402
 
+def slowsync_env(workdir: Path, ms: int) -> dict[str, str]:
+    """Environment that makes every sync of a process `ms` ms slower: the
+    LD_PRELOAD shim spool_slowsync.c, built into `workdir` once."""
+    import subprocess
+    so = Path(workdir) / "spool_slowsync.so"
+    if not so.exists():
+        subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", str(so),
+                        str(Path(__file__).resolve().parent / "spool_slowsync.c"), "-ldl"],
+                       check=True)
+    return {"LD_PRELOAD": str(so), "SLOWSYNC_MS": str(ms)}
+
+
 MESSAGE = (b"Received: from bench\r\nSubject: spool bench\r\n\r\n" + b"x" * 1024)[:1024]
 ENVELOPE = Envelope("bench@example.com", ("rcpt@example.net",), pid=1, uid=1)
 
