@@ -173,10 +173,14 @@ path, several syncs in flight), the margin has reversed (same commands,
 alternating, quiet machine): 32 sessions, sync +5 ms, writer 3,450-3,640 vs
 direct 3,590-3,860 msg/s; 128 sessions, sync +5 ms, writer 5,350-5,770 vs
 direct 6,240-6,620; 32 sessions, plain, writer 3,720-3,910 vs direct
-3,520-4,870. The writer stays the default for now: with direct commits the
-receivers' index commits take LMDB's lock through their syncs beside the
-scheduler's delivery marks, which these ingest-only runs do not measure;
-that (relay end to end and drain on the slow disk) decides the next change.
+3,520-4,870. End to end on the slow disk, with the scheduler's delivery
+marks taking LMDB's lock beside the receivers' index commits
+(`bench_relay_e2e.py -m 10000 --queue 12000 --ingest 3000 --rounds 2
+--slow-sync-ms 5 [--spool-setting single_writer=false]`, one run each):
+relay writer 1,620 vs direct 1,730 msg/s, ingest 2,310 vs 2,490, drain
+4,870 vs 4,760. The differences are within this machine's noise, so the
+default stays the writer until a larger measurement decides; switching is
+one setting.
 """
 from engine.queue.records import FORMAT_VERSION
 from engine.queue.spool import (Deferred, Delivered, Envelope, Failed, Finished, Job,
