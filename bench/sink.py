@@ -169,9 +169,6 @@ def serve_forever(cfg: SinkConfig, sock: socket.socket, on_tick, max_messages: i
         if not stop.done():
             stop.set_result(None)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, request_stop)
-
     def tick() -> None:
         on_tick(srv.stats)
         if max_messages and srv.stats.messages >= max_messages:
@@ -180,6 +177,10 @@ def serve_forever(cfg: SinkConfig, sock: socket.socket, on_tick, max_messages: i
             loop.call_later(TICK, tick)
 
     async def main() -> None:
+        # From inside the running loop: uvloop drops a signal that arrives
+        # between add_signal_handler and the loop's start.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, request_stop)
         server = await loop.create_server(srv.protocol, sock=sock, backlog=BACKLOG)
         loop.call_later(TICK, tick)
         await stop

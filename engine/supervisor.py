@@ -83,9 +83,6 @@ def follow_parent(parent_pid: int, sig: int = signal.SIGTERM) -> bool:
 
 
 def _child_entry(target: Callable[[int], None], slot: int, parent_pid: int) -> None:
-    # Every service dies with the supervisor, even when it is killed with -9.
-    if not follow_parent(parent_pid):
-        os._exit(0)
     # Forked children inherit the supervisor's Python signal handlers: put back
     # harmless ones until the child installs its own. INT is ignored because a
     # terminal's Ctrl-C reaches the whole group; the supervisor turns it into TERM.
@@ -94,6 +91,10 @@ def _child_entry(target: Callable[[int], None], slot: int, parent_pid: int) -> N
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGALRM, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    # Every service dies with the supervisor, even when it is killed with -9.
+    # Only now: a TERM the inherited handler caught would be lost.
+    if not follow_parent(parent_pid):
+        os._exit(0)
     target(slot)
 
 

@@ -150,13 +150,17 @@ def receiver_main(root: str, sockets: list[socket.socket], counter: ConnectionCo
         raise SystemExit(1) from None
     receiver = Receiver(config, spool, counter, load_config=lambda: load_smtp_config(rootp))
     stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, receiver.reload)
-    # SIGALRM means "flush the queue" to qmail-send; a receiver has nothing to flush,
-    # but the default action (terminate) must never apply.
-    loop.add_signal_handler(signal.SIGALRM, lambda: log.debug("receiver %d: SIGALRM ignored", receiver.pid))
 
     async def main() -> None:
+        # Handlers are installed from inside the running loop: uvloop drops a
+        # signal that arrives between add_signal_handler and the loop's start
+        # (a TERM before this point still finds the default action: exit).
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, receiver.reload)
+        # SIGALRM means "flush the queue" to qmail-send; a receiver has nothing
+        # to flush, but the default action (terminate) must never apply.
+        loop.add_signal_handler(signal.SIGALRM,
+                                lambda: log.debug("receiver %d: SIGALRM ignored", receiver.pid))
         await receiver.serve(sockets)
         await stop.wait()
         await receiver.shutdown(receiver.config.settings.smtp.shutdown_grace)
