@@ -220,14 +220,16 @@ class RunningQrelay:
         self.port = int(m.group(2))
         # Wait until a receiver answers.
         while time.monotonic() < deadline:
+            c = None
             try:
                 c = RawClient(self.port, timeout=2)
-                greeting = c.line()
-                c.close()
-                if greeting.startswith(b"220"):
+                if c.line().startswith(b"220"):
                     return
             except OSError:
                 pass
+            finally:
+                if c is not None:
+                    c.close()
             time.sleep(0.05)
         self.stop()
         raise RuntimeError("qrelay run never greeted")

@@ -6,6 +6,7 @@ import re
 import signal
 import smtplib
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 from engine.queue import Spool
 from tests.conftest import run_cli
-from tests.smtp_harness import RawClient, RunningQrelay, children_of
+from tests.smtp_harness import REPO, RawClient, RunningQrelay, children_of
 
 ME = "mx.example.com"
 OK_RE = re.compile(rb"^250 ok (\d+) qp (\d+)\r\n$")
@@ -171,6 +172,43 @@ def test_kill9_of_a_receiver_mid_transaction_leaves_the_others_serving(qrelay, r
     assert len(now) == 3 and victim not in now  # receivers + spool writer
     assert all(m[2] == ("x@sink.test",) for m in queued(root, 6))
     assert len(queued(root)) == 6  # nothing of the half message
+
+
+def test_kill9_of_a_receiver_committing_directly_loses_no_answered_message(
+        qrelay, root, tmp_path, monkeypatch):
+    # Direct commits: each receiver owns a segment, answers at its sync and
+    # indexes after. With every sync 300 ms slower (LD_PRELOAD shim) the kill
+    # right after a 250 lands before that message's index commit; the
+    # restarted receiver indexes what it left (engine/queue, C2).
+    shim = tmp_path / "slowsync.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", str(shim),
+                    str(REPO / "bench" / "spool_slowsync.c"), "-ldl"], check=True)
+    (root / "qrelay.toml").write_text("[spool]\nsingle_writer = false\n")
+    monkeypatch.setenv("LD_PRELOAD", str(shim))
+    monkeypatch.setenv("SLOWSYNC_MS", "300")
+    q = qrelay(procs=2)
+    monkeypatch.delenv("LD_PRELOAD")
+    c = RawClient(q.port)
+    assert c.line().startswith(b"220 ")
+    answered = []
+    for i in range(3):
+        assert c.cmd(b"MAIL FROM:<a@example.org>").startswith(b"250")
+        assert c.cmd(b"RCPT TO:<x@sink.test>").startswith(b"250")
+        assert c.cmd(b"DATA").startswith(b"354")
+        c.send(b"Subject: %d\r\n\r\nbody\r\n.\r\n" % i)
+        m = OK_RE.match(c.reply())
+        assert m, "no 250"
+        answered.append(int(m.group(2)))
+    victim = socket_holder(c.sock, q.children())
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)                # right after its last 250
+    c.close()
+    assert answered[-1] not in [x[0] for x in queued(root)]   # not indexed yet
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (len(q.children()) != 2 or victim in q.children()):
+        time.sleep(0.05)
+    assert sorted(x[0] for x in queued(root, len(answered))) == sorted(answered)
+    assert q.stop() == 0
 
 
 def test_sighup_and_mtime_reload_without_dropping_connections(qrelay, root):
