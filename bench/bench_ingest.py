@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -66,7 +65,7 @@ def run_qrelay(work: Path, args: argparse.Namespace, slow_sync_ms: int,
                name: str = "qrelay") -> tuple[dict, int]:
     from engine.home import init_home
     from engine.queue import Spool
-    from smtpload.process import terminate
+    from smtpload.process import stop_group
 
     root = init_home(work / name, me="bench.local")
     toml = "[scheduler]\nenabled = false\n[spool]\n"
@@ -91,11 +90,7 @@ def run_qrelay(work: Path, args: argparse.Namespace, slow_sync_ms: int,
         time.sleep(0.5)  # receivers up
         result = flood(int(m.group(1)), args, work / f"flood-{name}.json")
     finally:
-        terminate(proc, 20)
-        try:  # anything of its group that outlived it
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        stop_group(proc, 20)
         proc.stdout.close()
     with Spool(root / "queue", readonly=True) as spool:
         queued = spool.stats().messages

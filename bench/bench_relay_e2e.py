@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -49,7 +48,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
 from sink import SinkProcess  # noqa: E402
-from smtpload.process import terminate  # noqa: E402
+from smtpload.process import stop_group, terminate  # noqa: E402
 
 PY = sys.executable
 
@@ -164,18 +163,7 @@ class Qrelay:
         return total
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        if self.proc.poll() is None:
-            self.proc.wait(5)
+        stop_group(self.proc, 20)
         self.out.close()
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +14,9 @@ from pathlib import Path
 
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+
+from smtpload.process import stop_group  # noqa: E402
 
 
 class FakeSpool:
@@ -244,21 +246,7 @@ class RunningQrelay:
 
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM, then SIGKILL of the whole group after `timeout`."""
-        if self.proc.poll() is None:
-            try:
-                os.kill(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        if self.proc.poll() is None:
-            self.proc.wait(5)
+        stop_group(self.proc, timeout)
         if self.proc.stderr and not self.proc.stderr.closed:
             self.stderr_text = self.proc.stderr.read()  # the log of the whole run
         for f in (self.proc.stdout, self.proc.stderr):
