@@ -299,11 +299,9 @@ class GroupCommitter:
                 log.warning("warning: spool index works again")
                 self._index_error = None
             delay = self._retry
-            settle = [p for p in pending if p.synced]
-            if len(settle) > 1:  # one wake-up per event loop for all of them
-                _settle_some(Prepared(-1, [r for p in settle for r in p.requests],
-                                      [i for p in settle for i in p.ids], None),
-                             lambda r: r.after_index)
-            elif settle:
-                _settle_some(settle[0], lambda r: r.after_index)
+            # the callers waiting for the index: one wake-up per event loop for all
+            waiting = [(r, msgid) for p in pending if p.synced
+                       for r, msgid in zip(p.requests, p.ids) if r.after_index]
+            if waiting:
+                _settle([r for r, _ in waiting], [msgid for _, msgid in waiting], None)
             pending = []

@@ -241,14 +241,10 @@ class SpoolRecovery:
         restart every writer is gone, and ids move past every id and segment
         file on disk (the id counter's last commit may be undone too)."""
         try:
-            restored = self._adopt_tails_txn(after_reboot)
+            return self._adopt_tails_txn(after_reboot)
         except lmdb.Error as exc:  # e.g. a full map: the bytes wait for the next try
             log.warning("warning: cannot index what a stopped writer left: %s", exc)
             return 0
-        if restored:
-            log.warning("warning: indexed %d message(s) that a writer which stopped left "
-                        "unindexed in its segments", restored)
-        return restored
 
     def _adopt_tails_txn(self, after_reboot: bool) -> int:
         dbs = self._dbs
@@ -271,6 +267,7 @@ class SpoolRecovery:
                     segid = parse_segment_name(name)
                     if segid is not None:
                         next_id = max(next_id, segid + 1)
+                txn.put(b"next_id", R.u64(next_id), db=meta)
             for key, raw in list(txn.cursor(db=dbs[b"segments"])):
                 try:
                     seg = SegmentRecord.decode(raw)
@@ -278,10 +275,7 @@ class SpoolRecovery:
                     continue  # recover() rebuilds it
                 if seg.sealed or seg.end < 0 or not (after_reboot or self._writer_gone(seg)):
                     continue
-                n, last = self._adopt_tail(txn, R.read_u64(key), seg)
-                restored += n
-                next_id = max(next_id, last + 1)
-            txn.put(b"next_id", R.u64(next_id), db=meta)
+                restored += self._adopt_tail_now(txn, R.read_u64(key), seg)
             if after_reboot:
                 txn.put(b"boot_id", self._boot_id.encode(), db=meta)
         return restored
