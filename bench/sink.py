@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from smtpload.cli import (OneLineParser, UsageError, fail, install_uvloop, nonneg_float,  # noqa: E402
                           nonneg_int, parse_hostport, percent, positive_int, write_json_atomic)
 from smtpload.server import MAX_STORED_MESSAGE, SinkConfig, SinkServer, SinkStats  # noqa: E402
-from smtpload.process import terminate  # noqa: E402
+from smtpload.process import terminate, wait_port_file  # noqa: E402
 
 PROG = "sink.py"
 BACKLOG = 1024
@@ -325,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class SinkProcess:
-    """bench/sink.py as a subprocess on a free port, for tests and other benches.
+    """bench/sink.py as a subprocess, for tests and other benches: on a free
+    port unless `port` is given; ready once its port file names the port.
 
         with SinkProcess(tmp_dir, "--tempfail", "10") as sink:
             ...  # connect to sink.port
@@ -333,7 +334,7 @@ class SinkProcess:
     """
 
     def __init__(self, workdir: str | os.PathLike, *extra: str, host: str = "127.0.0.1",
-                 python: str | None = None, startup_timeout: float = 15.0):
+                 port: int = 0, python: str | None = None, startup_timeout: float = 15.0):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port_file = self.workdir / f"sink-{os.getpid()}-{id(self)}.port"
@@ -341,20 +342,10 @@ class SinkProcess:
         self.host = host
         self.log = open(self.workdir / f"sink-{os.getpid()}-{id(self)}.log", "wb")
         cmd = [python or sys.executable, str(Path(__file__).resolve()),
-               "--listen", f"{host}:0", "--port-file", str(self.port_file),
+               "--listen", f"{host}:{port}", "--port-file", str(self.port_file),
                "--json", str(self.json_file), *extra]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        self.port = 0
-        deadline = time.monotonic() + startup_timeout
-        while time.monotonic() < deadline:
-            if self.port_file.exists():
-                text = self.port_file.read_text().strip()
-                if text:
-                    self.port = int(text)
-                    break
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.02)
+        self.port = wait_port_file(self.proc, self.port_file, time.monotonic() + startup_timeout) or 0
         if not self.port:
             self.stop()
             raise RuntimeError(f"sink did not start: {self.output()}")
@@ -369,12 +360,19 @@ class SinkProcess:
         except (OSError, ValueError):
             return {}
 
-    def wait_messages(self, n: int, timeout: float) -> dict:
-        """Poll the JSON until `messages` >= n or timeout; returns the last stats."""
-        deadline = time.monotonic() + timeout
+    def wait_messages(self, n: int, timeout: float, idle: float | None = None) -> dict:
+        """Poll the JSON until `messages` >= n, or `timeout` seconds pass, or
+        (with `idle`) the count has not grown for `idle` seconds; returns the
+        last stats, so the caller tells done from given up by the count."""
+        now = time.monotonic()
+        deadline, last, changed = now + timeout, -1, now
         while True:
             st = self.stats()
-            if st.get("messages", 0) >= n or time.monotonic() > deadline:
+            got = st.get("messages", 0)
+            now = time.monotonic()
+            if got != last:
+                last, changed = got, now
+            if got >= n or now > deadline or (idle is not None and now - changed > idle):
                 return st
             time.sleep(0.05)
 

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import socket
-import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
-from smtpload.process import stop_group  # noqa: E402
+from qrelay_process import QrelayProcess  # noqa: E402
 
 
 class FakeSpool:
@@ -196,49 +193,14 @@ def route_to_loopback(root: Path, routes: dict[str, int], toml: str) -> None:
     (root / "qrelay.toml").write_text(toml)
 
 
-LISTEN_RE = re.compile(r"qrelay: listening on (\S+?):(\d+)")
-
-
-class RunningQrelay:
-    """`qrelay run ROOT --listen 127.0.0.1:0` in its own process group."""
+class RunningQrelay(QrelayProcess):
+    """`qrelay run ROOT` (bench/qrelay_process.py) with the scheduler off; stderr
+    (the log of the whole run) is kept in `stderr_text` once stopped."""
 
     def __init__(self, root: Path, procs: int = 2, extra: tuple[str, ...] = (), timeout: float = 20.0) -> None:
-        self.root = root
         self.stderr_text = ""
         disable_scheduler(root)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "run", str(root), "--listen", "127.0.0.1:0",
-             "--procs", str(procs), *extra],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
-        )
-        self.port = 0
-        deadline = time.monotonic() + timeout
-        line = self.proc.stdout.readline()
-        m = LISTEN_RE.search(line)
-        if not m:
-            self.stop()
-            raise RuntimeError(f"qrelay run did not start: {line!r} {self.proc.stderr.read()!r}")
-        self.port = int(m.group(2))
-        # Wait until a receiver answers.
-        while time.monotonic() < deadline:
-            c = None
-            try:
-                c = RawClient(self.port, timeout=2)
-                if c.line().startswith(b"220"):
-                    return
-            except OSError:
-                pass
-            finally:
-                if c is not None:
-                    c.close()
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError("qrelay run never greeted")
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
+        super().__init__(root, procs, extra, timeout=timeout)
 
     def children(self) -> list[int]:
         """Live child pids of the supervisor (from /proc)."""
@@ -246,10 +208,8 @@ class RunningQrelay:
 
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM, then SIGKILL of the whole group after `timeout`."""
-        stop_group(self.proc, timeout)
+        status = super().stop(timeout)
         if self.proc.stderr and not self.proc.stderr.closed:
-            self.stderr_text = self.proc.stderr.read()  # the log of the whole run
-        for f in (self.proc.stdout, self.proc.stderr):
-            if f:
-                f.close()
-        return self.proc.returncode
+            self.stderr_text = self.proc.stderr.read()
+            self.proc.stderr.close()
+        return status

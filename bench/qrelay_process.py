@@ -1,0 +1,92 @@
+"""`qrelay run` as a child process of a benchmark or a test: the one way both
+start it, learn its port and stop it.
+
+    q = QrelayProcess(root, procs=2, log=work / "qrelay.log")
+    ...  # SMTP to 127.0.0.1:q.port
+    q.stop()
+
+Owns: the command line (`--listen 127.0.0.1:0 --port-file F`, in a process
+group of its own), readiness (the port file names the port, then a receiver
+greets on it: events awaited with a bound, never a sleep), and the stop by its
+own pid (TERM, wait, KILL, then whatever of its group is left).
+Must never import `engine`: it runs the real command, as an operator would.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from smtpload.process import stop_group, wait_greeting, wait_port_file  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class QrelayStartError(RuntimeError):
+    """`qrelay run` exited, or did not serve in time; the message says which (one line)."""
+
+
+class QrelayProcess:
+    """`qrelay run ROOT --listen 127.0.0.1:0`, ready to take mail on `.port`.
+
+    `extra` is appended to the command line; a `--port-file F` in it is used
+    instead of the default `ROOT.port` beside the root. `log`: a file for the
+    process's stdout and stderr; without one, stdout is discarded and stderr is
+    a pipe (text) the caller may read once the process has ended."""
+
+    def __init__(self, root: Path, procs: int = 1, extra: tuple[str, ...] = (), *,
+                 env: dict[str, str] | None = None, log: Path | None = None,
+                 timeout: float = 20.0) -> None:
+        self.root = Path(root)
+        extra = tuple(extra)
+        if "--port-file" in extra:
+            self.port_file = Path(extra[extra.index("--port-file") + 1])
+        else:
+            self.port_file = self.root.parent / (self.root.name + ".port")
+            extra += ("--port-file", str(self.port_file))
+        self.port_file.unlink(missing_ok=True)  # a restart on the same root must not read the old port
+        self.log = log
+        out = open(log, "ab") if log is not None else None
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "engine.cli", "run", str(self.root),
+                 "--listen", "127.0.0.1:0", "--procs", str(procs), *extra],
+                cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+                stdout=out if out else subprocess.DEVNULL,
+                stderr=subprocess.STDOUT if out else subprocess.PIPE,
+                text=out is None, start_new_session=True)
+        finally:
+            if out is not None:
+                out.close()  # the child holds its own descriptor
+        deadline = time.monotonic() + timeout
+        port = wait_port_file(self.proc, self.port_file, deadline)
+        if port is None:
+            self._fail("did not write its port file")
+        self.port: int = port
+        if wait_greeting("127.0.0.1", port, deadline) is None:
+            self._fail(f"never greeted on port {port}")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """TERM by pid, wait `timeout`, KILL; then the rest of its process group.
+        Returns the exit status."""
+        stop_group(self.proc, timeout)
+        return self.proc.returncode
+
+    def _fail(self, what: str) -> None:
+        exited = self.proc.poll()
+        stop_group(self.proc, 5)
+        if self.log is not None:
+            lines = self.log.read_text(errors="replace").strip().splitlines()
+        else:
+            lines = self.proc.stderr.read().strip().splitlines()
+            self.proc.stderr.close()
+        why = f"exited with status {exited}" if exited is not None else what
+        raise QrelayStartError(f"qrelay run {why}" + (f": {lines[-1]}" if lines else ""))
