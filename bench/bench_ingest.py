@@ -30,12 +30,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -44,7 +42,6 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH))
 
 TARGET = 0.25
-LISTEN_RE = re.compile(r"qrelay: listening on \S+?:(\d+)")
 
 
 def flood(port: int, args: argparse.Namespace, out: Path) -> dict:
@@ -65,7 +62,7 @@ def run_qrelay(work: Path, args: argparse.Namespace, slow_sync_ms: int,
                name: str = "qrelay") -> tuple[dict, int]:
     from engine.home import init_home
     from engine.queue import Spool
-    from smtpload.process import stop_group
+    from qrelay_process import QrelayProcess
 
     root = init_home(work / name, me="bench.local")
     toml = "[scheduler]\nenabled = false\n[spool]\n"
@@ -74,24 +71,15 @@ def run_qrelay(work: Path, args: argparse.Namespace, slow_sync_ms: int,
     for setting in args.spool_setting:
         toml += setting + "\n"
     (root / "qrelay.toml").write_text(toml)
-    env = dict(os.environ)
+    env: dict[str, str] = {}
     if slow_sync_ms:  # emulate a slow disk: every sync (LMDB's too) takes longer
         from spool_bench_lib import slowsync_env
-        env.update(slowsync_env(work, slow_sync_ms))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "run", str(root), "--listen", "127.0.0.1:0",
-         "--procs", str(args.procs)],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=open(work / "qrelay.log", "wb"), text=True,
-        start_new_session=True)
+        env = slowsync_env(work, slow_sync_ms)
+    q = QrelayProcess(root, args.procs, env=env, log=work / f"{name}.log")
     try:
-        m = LISTEN_RE.search(proc.stdout.readline())
-        if not m:
-            raise RuntimeError("qrelay run did not start; see " + str(work / "qrelay.log"))
-        time.sleep(0.5)  # receivers up
-        result = flood(int(m.group(1)), args, work / f"flood-{name}.json")
+        result = flood(q.port, args, work / f"flood-{name}.json")
     finally:
-        stop_group(proc, 20)
-        proc.stdout.close()
+        q.stop(20)
     with Spool(root / "queue", readonly=True) as spool:
         queued = spool.stats().messages
     return result, queued
