@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 # TAI64 label of the Unix epoch: 2^62 + 10 (the TAI-UTC offset in 1970;
@@ -116,10 +116,11 @@ class QmailSendLog:
         word = {"K": "success", "Z": "deferral", "D": "failure"}[status]
         self.line(f"delivery {number}: {word}: {logsafe(text)}")
 
-    def status(self, local: int, local_max: int, remote: int, remote_max: int,
-               exiting: bool = False) -> None:
+    def status(self, channels: Sequence[tuple[str, int, int]], exiting: bool = False) -> None:
+        """`status: local 0/10 remote 3/20`: (name, running, limit) per channel."""
+        counts = " ".join(f"{name} {running}/{limit}" for name, running, limit in channels)
         tail = " exitasap" if exiting else ""
-        self.line(f"status: local {local}/{local_max} remote {remote}/{remote_max}{tail}")
+        self.line(f"status: {counts}{tail}")
 
     def bounce_msg(self, msgid: int, qp: int) -> None:
         self.line(f"bounce msg {msgid} qp {qp}")

@@ -37,7 +37,7 @@ def _lines(path):
 
 def test_qmail_send_lines(tmp_path):
     log = QmailSendLog(tmp_path, clock_ns=lambda: 1700000000_123456_000)
-    log.status(0, 10, 0, 20)
+    log.status([("local", 0, 10), ("remote", 0, 20)])
     log.new_msg(1458518)
     log.info_msg(1458518, 430, "a@bench.local", 9508, 995)
     log.starting_delivery(1, 1458518, "remote", "x@sink.test")
@@ -47,7 +47,7 @@ def test_qmail_send_lines(tmp_path):
     log.bounce_msg(1458518, 29209)
     log.end_msg(1458518)
     log.triple_bounce(7)
-    log.status(0, 10, 1, 20, exiting=True)
+    log.status([("local", 0, 10), ("remote", 1, 20)], exiting=True)
     log.exiting()
     assert not (tmp_path / "current").exists() or (tmp_path / "current").read_text() == ""
     log.close()

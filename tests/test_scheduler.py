@@ -9,7 +9,7 @@ import pytest
 
 from engine.config.domains import DomainConfig
 from engine.delivery.bounce import DOUBLE_BOUNCE_SENDER, BounceConfig
-from engine.delivery.remote import RecipientResult
+from engine.delivery.channels import ReadingCourier, RecipientResult
 from engine.delivery.retry import DYING_TEXT, RetryPolicy
 from engine.delivery.scheduler import DeferredByDomain, Scheduler, SchedulerConfig
 from engine.log import QmailSendLog
@@ -42,6 +42,9 @@ class FakeRemote:
         self.running = 0
         self.max_running = 0
 
+    async def close(self):
+        pass
+
     async def deliver(self, domain, sender, recipients, message):
         self.calls.append((domain, sender, tuple(recipients)))
         self.messages.append(message)
@@ -71,22 +74,27 @@ def env(tmp_path):
     domains = DomainConfig.build(me="mx.test", locals=["mx.test"])
     cfg = SchedulerConfig(bounce=BounceConfig(bouncehost="mx.test", doublebouncehost="mx.test"),
                           retry=RetryPolicy(queuelifetime=604800), per_destination=20)
-    sched = Scheduler(spool, remote.deliver, log, cfg, domains.resolve, clock=clock, qp=4242)
+    couriers = {"local": None, "remote": ReadingCourier(spool, remote)}   # local mail stays queued
+    sched = Scheduler(spool, couriers, log, cfg, domains.resolve, clock=clock, qp=4242)
     yield sched, spool, remote, clock, log, tmp_path
     spool.close()
 
 
 async def settle(sched: Scheduler) -> None:
-    """Run passes until nothing is in flight and nothing is left to record."""
+    """Run passes until the scheduler is idle (nothing in flight, to record, to
+    preprocess or being bounced) and one more pass starts nothing."""
     if sched._wake is None:
         sched._wake = asyncio.Event()
-    for _ in range(500):
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
         sched.run_pass()
-        if not sched._tasks and not sched._results and not sched.spool.todo(1):
+        if sched.idle():
             sched.run_pass()
-            if not sched._tasks and not sched._results:
+            if sched.idle():
                 break
         await asyncio.sleep(0.002)
+    else:
+        raise AssertionError("the scheduler did not settle in 30 s")
     sched.log.flush()
 
 
@@ -234,7 +242,8 @@ def test_queuelifetime_expiry_turns_deferral_into_bounce(env):
 
 def test_concurrency_limits(env):
     sched, spool, remote, clock, log, tmp = env
-    sched.config = SchedulerConfig(concurrency_remote=3, per_destination=2, bounce=sched.config.bounce)
+    sched.config = SchedulerConfig(concurrency={"remote": 3}, per_destination=2,
+                                   bounce=sched.config.bounce)
 
     async def scenario():
         sched._wake = asyncio.Event()
@@ -246,8 +255,8 @@ def test_concurrency_limits(env):
         for _ in range(5):
             sched.run_pass()
             await asyncio.sleep(0.01)
-        assert sched.active_remote == 3
-        assert sorted(sched.per_domain.values()) == [1, 2]
+        assert sched.lane("remote").active == 3
+        assert sorted(sched.lane("remote").per_domain.values()) == [1, 2]
         remote.gate.set()
         await settle(sched)
 
@@ -286,7 +295,7 @@ def test_delivery_crash_costs_a_retry_not_mail(env):
     async def broken(domain, sender, rcpts, message):
         raise RuntimeError("bug")
 
-    sched.deliver = broken
+    remote.deliver = broken
     mid = spool.enqueue(Envelope("a@src.test", ("x@d1.test",)), MSG)
     asyncio.run(settle(sched))
     r = spool.message_info(mid).recipients[0]
@@ -318,10 +327,11 @@ def test_stop_waits_for_running_deliveries(env):
 
 def test_blocked_destination_neither_starves_others_nor_grows_memory(env):
     sched, spool, remote, clock, log, tmp = env
-    sched.config = SchedulerConfig(concurrency_remote=5, per_destination=2, scan_batch=10,
+    sched.config = SchedulerConfig(concurrency={"remote": 5}, per_destination=2, scan_batch=10,
                                    bounce=sched.config.bounce)
     from engine.delivery.scheduler import ReadyJobs
-    sched.ready = ReadyJobs(10)
+    lane = sched.lane("remote")
+    lane.ready = ReadyJobs(10)
 
     async def scenario():
         sched._wake = asyncio.Event()
@@ -333,7 +343,7 @@ def test_blocked_destination_neither_starves_others_nor_grows_memory(env):
                 await hang.wait()          # a destination that never answers
             return await real(domain, sender, rcpts, message)
 
-        sched.deliver = deliver
+        remote.deliver = deliver
         for i in range(200):
             spool.enqueue(Envelope("a@src.test", (f"u{i}@slow.test",)), MSG)
         for _ in range(5):
@@ -343,10 +353,10 @@ def test_blocked_destination_neither_starves_others_nor_grows_memory(env):
         for _ in range(100):
             sched.run_pass()
             await asyncio.sleep(0.005)
-            assert len(sched.ready) <= 10 and sched.active_remote <= 5
+            assert len(lane.ready) <= 10 and lane.active <= 5
             if all(m not in {q.msgid for q in spool.iter_messages()} for m in fast):
                 break
-        assert sched.per_domain.get("slow.test") == 2
+        assert lane.per_domain.get("slow.test") == 2
         assert all(m not in {q.msgid for q in spool.iter_messages()} for m in fast)
         hang.set()
         await settle(sched)
@@ -398,7 +408,7 @@ def test_hup_reload_of_locals_applies_to_new_mail(env):
 
 def test_concurrencyremote_zero_holds_remote_mail(env):
     sched, spool, remote, clock, log, tmp = env
-    sched.config = SchedulerConfig(concurrency_remote=0, bounce=sched.config.bounce)
+    sched.config = SchedulerConfig(concurrency={"remote": 0}, bounce=sched.config.bounce)
     mid = spool.enqueue(Envelope("a@src.test", ("x@d1.test",)), MSG)
     asyncio.run(settle(sched))
     assert remote.calls == [] and spool.message_info(mid).recipients[0].state == "pending"
@@ -411,10 +421,10 @@ def test_backlog_of_one_destination_is_read_once_not_per_pass(env):
     and keys that could not be remembered are found by a read from the start
     once the end is reached. Everything is delivered, none twice."""
     sched, spool, remote, clock, log, tmp = env
-    sched.config = SchedulerConfig(concurrency_remote=4, per_destination=2, scan_batch=20,
+    sched.config = SchedulerConfig(concurrency={"remote": 4}, per_destination=2, scan_batch=20,
                                    skip_max=50, bounce=sched.config.bounce)
     from engine.delivery.scheduler import ReadyJobs
-    sched.ready = ReadyJobs(20, skip_max=50)         # forgets most of the backlog at first
+    sched.lane("remote").ready = ReadyJobs(20, skip_max=50)         # forgets most of the backlog at first
     reads = {"from_start": 0, "resumed": 0}
     real_due = spool.due
 

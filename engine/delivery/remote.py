@@ -15,7 +15,8 @@ recipient: "K" delivered, "Z" deferred, "D" failed, with qmail-remote's texts
 - a message whose stored bytes hold a bare CR or LF cannot end DATA early at
   the next hop (see smtpclient.data_wire).
 
-This module never touches the spool: the scheduler records the results.
+This module never touches the spool: a courier reads the message
+(engine.delivery.channels), and the scheduler records the results.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from typing import Sequence
 
 from engine.config.control import ControlError, read_int, read_line
 from engine.config.settings import SettingsError, load_settings
+from engine.delivery.channels import RecipientResult
 from engine.delivery.mx import MxResolver, MxTarget, ResolveError, apply_ipme
 from engine.delivery.routes import SmtpRoutes
 from engine.delivery.smtpclient import (ConnectFailed, ConnectionDied, ConnectionPool,
@@ -77,13 +79,6 @@ class ConnectTimeouts:
 
 class RemoteConfigError(Exception):
     """control files or qrelay.toml unusable for remote delivery (one-line reason)."""
-
-
-@dataclass(slots=True, frozen=True)
-class RecipientResult:
-    address: str
-    status: str     # "K" delivered | "Z" temporary (defer) | "D" permanent (fail)
-    text: str       # qmail-remote style, lines joined with "\n", ending in "\n"
 
 
 @dataclass(slots=True, frozen=True)
@@ -245,6 +240,11 @@ class RemoteDelivery:
         """QUIT and close pooled connections; close the DNS resolver."""
         await self.pool.close()
         await self.resolver.close()
+
+
+def open_deliverer(root, settings=None, log=None) -> RemoteDelivery:
+    """The remote channel's deliverer (engine.delivery.channels.CHANNELS)."""
+    return RemoteDelivery(load_remote_config(root))
 
 
 def _valid_dns_server(text: str) -> bool:

@@ -1,7 +1,7 @@
 """qmail-send's role: preprocess, schedule, record results, bounce, log.
 
 Owns the decisions of *when* and *how much* to deliver; it never speaks SMTP
-(RemoteDelivery does) and never lays out spool records (the spool does). The
+nor writes a mailbox (couriers do) and never lays out spool records (the spool does). The
 spool is the truth: every in-memory structure here is a bounded view that can
 be thrown away (a restart loses nothing but the "recovered destination" hint).
 
@@ -15,17 +15,24 @@ poll timer that notices newly queued mail):
    spool transaction (at most `mark_delay` seconds or `mark_batch` results
    later), log them, and complete finished messages: bounce (or double
    bounce, or discard a triple bounce), `bounce msg`, `end msg`;
-3. start deliveries from the ready view (`ReadyJobs`: due remote recipients
-   grouped by destination and message, at most `scan_batch` of them) while
-   fewer than `concurrencyremote` calls run in all and fewer than
-   `per_destination_concurrency` for that domain; one
-   `RemoteDelivery.deliver` call per (message, domain), up to
+3. for each channel (engine.delivery.channels.CHANNELS: local, remote) start
+   deliveries from its ready view (`ReadyJobs`: due recipients grouped by
+   destination and message, at most `scan_batch` of them) while fewer than
+   the channel's concurrency (control/concurrencylocal, concurrencyremote)
+   calls run in all and fewer than `per_destination_concurrency` for that
+   domain; one `courier.deliver(group)` call per (message, domain), up to
    `max_recipients_per_delivery` recipients. The view is refilled from the
    spool's due table only when slots stay free, so the table is read in
    batches, not once per delivery. Recipients of a destination already at
    its limit are remembered by key only (bounded by `skip_max`) so the next
    read passes over them and finds other destinations' mail: a slow
    destination neither starves the others nor grows memory.
+
+Nothing here names a channel: each one is a `Lane` (its courier, counters,
+ready view and scan position), and a channel without a courier keeps its
+recipients queued. A courier's result may carry forward targets (.qmail
+`&addr` lines): they are queued as a new message, indexed, before the
+recipient is recorded as delivered.
 
 Beyond qmail: when a delivery to a domain succeeds, the deferred recipients
 this process saw defer on that domain are made due at once (a recovered MX
@@ -35,11 +42,9 @@ wait for their normal retry time. A destination is pulled forward at most once
 per `recovery_interval` seconds, so a server that defers some recipients
 (greylisting) while accepting others is not retried in a hot loop.
 
-Local recipients are classified and stay pending (not lost, not bounced)
-until local delivery exists; the `local` numbers in `status:` lines stay 0.
-The `remote` number in `status:` lines counts running deliver() calls (the
-unit `concurrencyremote` limits), while `starting delivery N` / `delivery N`
-lines are per recipient as in qmail.
+The numbers in `status:` lines count running deliver() calls per channel
+(the unit its concurrency limits), while `starting delivery N` / `delivery
+N` lines are per recipient as in qmail.
 
 Crash safety comes from the spool: a recipient stays due until its result is
 recorded, so a crash between an SMTP `250` and the recording means one
@@ -50,20 +55,20 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.config.control import read_int
 from engine.delivery.bounce import BounceConfig, Failure, build_bounce, bounce_kind, wire_sender
+from engine.delivery.channels import CHANNELS, Courier, Group, RecipientResult, all_results
 from engine.delivery.retry import RetryPolicy
 from engine.log import QmailSendLog
 from engine.queue import (Deferred, Delivered, Envelope, Failed, Finished, Job, Spool,
                           SpoolError)
 
-# qmail's text when qmail-spawn cannot read the message file.
-UNREADABLE_TEXT = "qmail-spawn unable to open message. (#4.3.0)\n"
-CRASHED_TEXT = "qmail-remote crashed.\n"
+# qmail-lspawn's and qmail-rspawn's text for a courier that died: "qmail-<channel> crashed."
+CRASHED_TEXT = "qmail-{channel} crashed.\n"
 # Seconds between scans of the spool for finished messages whose bounce is not queued.
 BOUNCE_SCAN_INTERVAL = 5.0
 # The due table is read from the scan watermark on (see Scheduler.dispatch);
@@ -75,10 +80,6 @@ RESCAN_SECONDS = 30.0
 RESCAN_MIN_SECONDS = 1.0
 
 
-Deliver = Callable[[str, str, Sequence[str], bytes], Awaitable[list]]
-# The same call with the message's spool id in place of its bytes: for a
-# deliverer that reads the spool itself (engine.delivery.workers.WorkerPool).
-DeliverById = Callable[[str, str, Sequence[str], int], Awaitable[list]]
 Classify = Callable[[str], tuple[str, str]]
 
 
@@ -86,8 +87,9 @@ Classify = Callable[[str], tuple[str, str]]
 class SchedulerConfig:
     """qmail-send's controls plus qrelay's scheduler settings, read once at start."""
 
-    concurrency_remote: int = 20
-    concurrency_local: int = 10
+    # channel -> deliveries at once (control/concurrencylocal, concurrencyremote)
+    concurrency: Mapping[str, int] = field(
+        default_factory=lambda: {c.name: c.default_concurrency for c in CHANNELS})
     per_destination: int = 20
     max_rcpts_per_delivery: int = 100
     scan_batch: int = 2000
@@ -103,12 +105,12 @@ class SchedulerConfig:
 
 
 def load_scheduler_config(root: Path | str, settings, bounce: BounceConfig) -> SchedulerConfig:
-    """control/concurrencyremote, concurrencylocal, queuelifetime + [scheduler] settings."""
+    """Each channel's control/concurrency*, queuelifetime + [scheduler] settings."""
     control = Path(root) / "control"
     s = settings.scheduler
     return SchedulerConfig(
-        concurrency_remote=max(0, read_int(control / "concurrencyremote", 20)),
-        concurrency_local=max(0, read_int(control / "concurrencylocal", 10)),
+        concurrency={c.name: max(0, read_int(control / c.concurrency_file, c.default_concurrency))
+                     for c in CHANNELS},
         per_destination=max(1, s.per_destination_concurrency),
         max_rcpts_per_delivery=max(1, s.max_recipients_per_delivery),
         scan_batch=max(1, s.scan_batch),
@@ -294,45 +296,70 @@ class ReadyJobs:
         self._skipped_by_domain.clear()
 
 
+class Lane:
+    """One channel's share of the scheduler: its courier, its deliveries in
+    flight (in all and per destination), its bounded ready view and its scan
+    position in the spool's due table."""
+
+    def __init__(self, name: str, courier: Courier | None, *, scan_batch: int,
+                 skip_max: int) -> None:
+        self.name = name
+        # None: the channel holds its recipients queued (nothing delivers them).
+        self.courier = courier
+        self.active = 0
+        self.per_domain: dict[str, int] = {}
+        self.ready = ReadyJobs(scan_batch, skip_max=skip_max)
+        # Scan watermark: (next_try, msgid, index) of the last due job read.
+        # Everything before it is in flight, held in `ready` or remembered
+        # there, so the next read resumes after it instead of passing over
+        # all of those again (which made each read O(remembered)). None =
+        # read from the start; see Scheduler.dispatch for when that happens.
+        self.scan_after: tuple[float, int, int] | None = None
+        self.rescan_at = 0.0        # monotonic: next forced read from the start
+        self.rescan_min_at = 0.0    # monotonic: earliest read from the start after forgetting
+
+    def started(self, domain: str) -> None:
+        self.active += 1
+        self.per_domain[domain] = self.per_domain.get(domain, 0) + 1
+
+    def finished(self, domain: str) -> None:
+        self.active -= 1
+        left = self.per_domain.get(domain, 1) - 1
+        if left > 0:
+            self.per_domain[domain] = left
+        else:
+            self.per_domain.pop(domain, None)
+
+
 class Scheduler:
     """The scheduling loop; one per `qrelay run` (see the module docstring)."""
 
-    def __init__(self, spool: Spool, deliver: Deliver | DeliverById, log: QmailSendLog,
+    def __init__(self, spool: Spool, couriers: Mapping[str, Courier | None], log: QmailSendLog,
                  config: SchedulerConfig, classify: Classify, *,
-                 clock: Callable[[], float] = time.time, qp: int = 0,
-                 deliver_by_id: bool = False) -> None:
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic, qp: int = 0) -> None:
+        """`couriers`: channel name -> its courier, in the order status lines
+        list them (engine.delivery.channels.CHANNELS)."""
         self.spool = spool
-        self.deliver = deliver
-        # True: `deliver` takes the msgid and reads the bytes itself (they are
-        # then never read, nor copied, in this process).
-        self.deliver_by_id = deliver_by_id
         self.log = log
         self.config = config
         self.classify = classify
         self.clock = clock
+        self.monotonic = monotonic
         self.qp = qp
         self.delivery_number = 0
-        self.active_remote = 0
-        self.per_domain: dict[str, int] = {}
+        self.lanes = [Lane(name, courier, scan_batch=config.scan_batch, skip_max=config.skip_max)
+                      for name, courier in couriers.items()]
         # (msgid, index) of recipients being delivered, and msgids whose bounce
         # is being queued: due()/bouncing() skip them.
         self.inflight: set[tuple[int, int]] = set()
         self.bouncing_now: set[int] = set()
         self._bounce_retry_at: dict[int, float] = {}
+        # Recovery hints, per (channel, destination).
         self.deferred = DeferredByDomain(config.recovered_index_max)
-        self.ready = ReadyJobs(config.scan_batch, skip_max=config.skip_max)
-        # Scan watermark: (next_try, msgid, index) of the last due job read.
-        # Everything before it is in flight, held in `ready` or remembered
-        # there, so the next read resumes after it instead of passing over
-        # all of those again (which made each read O(remembered): 250,000
-        # due recipients of a busy destination slowed the drain 2.3x). None
-        # = read from the start; see dispatch() for when that happens.
-        self._scan_after: tuple[float, int, int] | None = None
-        self._rescan_at = 0.0        # monotonic: next forced read from the start
-        self._rescan_min_at = 0.0    # monotonic: earliest read from the start after forgetting
-        # (domain, delivery number, spool Result, K/Z/D, report text)
-        self._results: list[tuple[str, int, object, str, str]] = []
-        self._recovered_at: dict[str, float] = {}
+        # (lane, domain, delivery number, spool Result, K/Z/D, report text)
+        self._results: list[tuple[Lane, str, int, object, str, str]] = []
+        self._recovered_at: dict[tuple[str, str], float] = {}
         self._results_due = 0.0
         self._next_bounce_scan = 0.0
         self._tasks: set[asyncio.Task] = set()
@@ -340,6 +367,15 @@ class Scheduler:
         self._flush_requested = False
         self._stopping = False
         self.delivered = self.deferrals = self.failures = 0
+
+    def lane(self, name: str) -> Lane:
+        for lane in self.lanes:
+            if lane.name == name:
+                return lane
+        raise KeyError(name)
+
+    def concurrency(self, lane: Lane) -> int:
+        return self.config.concurrency.get(lane.name, 0)
 
     # --- control from outside (signal handlers call these in the loop) -------------
     def request_flush(self) -> None:
@@ -358,6 +394,12 @@ class Scheduler:
 
     def reload_domains(self, classify: Classify) -> None:
         self.classify = classify
+
+    def idle(self) -> bool:
+        """Nothing in flight, nothing to record, nothing new to preprocess, no
+        bounce being queued: what a test waits for after feeding the spool."""
+        return (not self._tasks and not self._results and not self.bouncing_now
+                and not self.spool.todo(1))
 
     # --- the loop ------------------------------------------------------------------
     async def run(self, *, stop_grace: float = 8.0) -> None:
@@ -379,7 +421,7 @@ class Scheduler:
 
     def _sleep_time(self) -> float:
         if self._results:
-            return max(0.0, min(self.config.poll_interval, self._results_due - time.monotonic()))
+            return max(0.0, min(self.config.poll_interval, self._results_due - self.monotonic()))
         return self.config.poll_interval
 
     def run_pass(self) -> bool:
@@ -387,12 +429,16 @@ class Scheduler:
         now = self.clock()
         if self._flush_requested:
             self._flush_requested = False
-            self.spool.reschedule_all(now)
-            self.ready.forget_skipped()
-            self._scan_after = None
+            try:
+                self.spool.reschedule_all(now)
+            except SpoolError as exc:
+                self.log.warning(f"trouble rescheduling the queue: {exc}")
+            for lane in self.lanes:
+                lane.ready.forget_skipped()
+                lane.scan_after = None
         busy = self.preprocess(now)
         if self._results and (len(self._results) >= self.config.mark_batch
-                              or time.monotonic() >= self._results_due):
+                              or self.monotonic() >= self._results_due):
             self.record_results()
         if now >= self._next_bounce_scan:
             # Messages that finish here are completed at once; this scan finds
@@ -401,7 +447,9 @@ class Scheduler:
             self.complete_pending_bounces()
             self._adopt_tails()
         if not self._stopping:
-            self.dispatch(now)
+            for lane in self.lanes:
+                if lane.courier is not None:
+                    self.dispatch(lane, now)
         return busy
 
     async def _drain(self, grace: float) -> None:
@@ -441,130 +489,120 @@ class Scheduler:
         except SpoolError as exc:
             self.log.warning(f"trouble preprocessing messages: {exc}; will try again later")
             return False
-        if self._scan_after is not None and now - self._scan_after[0] < 0.002:
-            # New entries due `now` may sort before the watermark (same
-            # millisecond, smaller id): read from the start next time.
-            self._scan_after = None
+        for lane in self.lanes:
+            if lane.scan_after is not None and now - lane.scan_after[0] < 0.002:
+                # New entries due `now` may sort before the watermark (same
+                # millisecond, smaller id): read from the start next time.
+                lane.scan_after = None
         for f in finished:
             if f is not None:
                 self._complete(f)
         return len(ids) >= self.config.todo_batch
 
     # --- step 3: dispatch ----------------------------------------------------------
-    def dispatch(self, now: float) -> int:
-        """Start deliveries from the ready view; refill it from the spool when slots
-        stay free (so the due table is read in big batches, not once per delivery)."""
-        cfg = self.config
-        started = self._dispatch_ready()
-        if self.active_remote >= cfg.concurrency_remote:
+    def dispatch(self, lane: Lane, now: float) -> int:
+        """Start deliveries from the lane's ready view; refill it from the spool
+        when slots stay free (so the due table is read in big batches, not once
+        per delivery)."""
+        started = self._dispatch_ready(lane)
+        if lane.active >= self.concurrency(lane):
             return started
-        ready = self.ready
+        ready = lane.ready
+        blocked = self._blocked(lane)
         if len(ready) >= ready.capacity:
             # Full of work for destinations at their limit: remember it by key
             # only, so other destinations' mail can be seen.
-            ready.drop_blocked(self._blocked)
-        released = ready.release_skipped(self._blocked)
+            ready.drop_blocked(blocked)
+        released = ready.release_skipped(blocked)
         if released:
             # Remembered keys are behind the watermark: look them up directly.
-            ready.add(self.spool.jobs(released, now, "remote"))
+            ready.add(self.spool.jobs(released, now, lane.name))
         room = ready.capacity - len(ready)
         if room > 0:
-            mono = time.monotonic()
-            if mono >= self._rescan_at:
-                self._scan_after = None
-            if self._scan_after is None:
-                self._rescan_at = mono + RESCAN_SECONDS
-            jobs = self.spool.due(now, room, "remote", exclude=ready.claimed(self.inflight),
-                                  after=self._scan_after)
+            mono = self.monotonic()
+            if mono >= lane.rescan_at:
+                lane.scan_after = None
+            if lane.scan_after is None:
+                lane.rescan_at = mono + RESCAN_SECONDS
+            jobs = self.spool.due(now, room, lane.name, exclude=ready.claimed(self.inflight),
+                                  after=lane.scan_after)
             if jobs:
                 last = jobs[-1]
-                self._scan_after = (last.next_try, last.msgid, last.index)
+                lane.scan_after = (last.next_try, last.msgid, last.index)
             ready.add(jobs)
-            if len(jobs) < room and ready.forgot and mono >= self._rescan_min_at:
+            if len(jobs) < room and ready.forgot and mono >= lane.rescan_min_at:
                 # The end of what is due: keys forgotten on the way are
                 # behind the watermark, so the next read starts over.
                 ready.forgot = False
-                self._scan_after = None
-                self._rescan_min_at = mono + RESCAN_MIN_SECONDS
-            started += self._dispatch_ready()
+                lane.scan_after = None
+                lane.rescan_min_at = mono + RESCAN_MIN_SECONDS
+            started += self._dispatch_ready(lane)
         return started
 
-    def _blocked(self, domain: str) -> bool:
-        return self.per_domain.get(domain, 0) >= self.config.per_destination
+    def _blocked(self, lane: Lane) -> Callable[[str], bool]:
+        limit = self.config.per_destination
+        return lambda domain: lane.per_domain.get(domain, 0) >= limit
 
-    def _dispatch_ready(self) -> int:
-        cfg = self.config
+    def _dispatch_ready(self, lane: Lane) -> int:
+        limit = self.concurrency(lane)
         started = 0
-        if self.active_remote >= cfg.concurrency_remote:
+        if lane.active >= limit:
             return 0
-        for domain in list(self.ready.domains()):
-            while not self._blocked(domain):
-                if self.active_remote >= cfg.concurrency_remote:
+        blocked = self._blocked(lane)
+        for domain in list(lane.ready.domains()):
+            while not blocked(domain):
+                if lane.active >= limit:
                     return started
-                group = self.ready.pop(domain, cfg.max_rcpts_per_delivery)
+                group = lane.ready.pop(domain, self.config.max_rcpts_per_delivery)
                 if group is None:
                     break
                 msgid, jobs = group
-                self._start(msgid, domain, jobs)
+                self._start(lane, domain, jobs)
                 started += 1
         return started
 
-    def _start(self, msgid: int, domain: str, jobs: list[Job]) -> None:
-        self.active_remote += 1
-        self.per_domain[domain] = self.per_domain.get(domain, 0) + 1
+    def _start(self, lane: Lane, domain: str, jobs: list[Job]) -> None:
+        lane.started(domain)
         numbers = []
         for job in jobs:
             self.inflight.add((job.msgid, job.index))
             self.delivery_number += 1
             numbers.append(self.delivery_number)
-            self.log.starting_delivery(self.delivery_number, msgid, "remote", job.address)
+            self.log.starting_delivery(self.delivery_number, job.msgid, lane.name, job.address)
         self._log_status()
-        self._spawn(self._deliver(domain, jobs, numbers))
+        self._spawn(self._deliver(lane, domain, jobs, numbers))
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _deliver(self, domain: str, jobs: list[Job], numbers: list[int]) -> None:
+    async def _deliver(self, lane: Lane, domain: str, jobs: list[Job], numbers: list[int]) -> None:
         opened = self.clock()
         first = jobs[0]
-        reports: list[tuple[str, str]] = []
+        group = Group(lane.name, first.msgid, domain, wire_sender(first.sender),
+                      tuple(j.address for j in jobs))
+        results: list[RecipientResult] = []
         try:
-            if self.deliver_by_id:
-                message = first.msgid
-            else:
-                try:
-                    message = self.spool.read_message(first.msgid)
-                except SpoolError:
-                    message = None
-            if message is None:
-                reports = [("Z", UNREADABLE_TEXT)] * len(jobs)
-            else:
-                try:
-                    got = await self.deliver(domain, wire_sender(first.sender),
-                                             [j.address for j in jobs], message)
-                    reports = [(g.status, g.text) for g in got]
-                    if len(reports) != len(jobs):
-                        raise ValueError("result count mismatch")
-                except asyncio.CancelledError:
-                    reports = []
-                    raise
-                except Exception:
-                    # A bug or crash in remote delivery must cost a retry, never mail.
-                    reports = [("Z", CRASHED_TEXT)] * len(jobs)
+            try:
+                results = await lane.courier.deliver(group)
+                if len(results) != len(jobs):
+                    raise ValueError("result count mismatch")
+                results = [await self._forward(first, r) if r.forwards and r.status == "K"
+                           else r for r in results]
+            except asyncio.CancelledError:
+                results = []
+                raise
+            except Exception:
+                # A bug or crash in a courier must cost a retry, never mail.
+                results = all_results(group.recipients, "Z", CRASHED_TEXT.format(channel=lane.name))
         finally:
-            self.active_remote -= 1
-            left = self.per_domain.get(domain, 1) - 1
-            if left > 0:
-                self.per_domain[domain] = left
-            else:
-                self.per_domain.pop(domain, None)
+            lane.finished(domain)
             retry = self.config.retry
             dying = retry.is_dying(first.birth, opened)
-            next_try = retry.next_try(first.birth, opened, "remote")
-            for job, (status, text), number in zip(jobs, reports, numbers):
-                status, text = retry.final_result(status, text, dying)
+            next_try = retry.next_try(first.birth, opened, lane.name)
+            for job, got, number in zip(jobs, results, numbers):
+                status, text = retry.final_result(got.status, got.text, dying)
                 if status == "K":
                     result = Delivered(job.msgid, job.index)
                 elif status == "D":
@@ -576,31 +614,45 @@ class Scheduler:
                 if not self._results:
                     # Results are recorded in batches (one durable spool
                     # transaction each), at most mark_delay after the first.
-                    self._results_due = time.monotonic() + self.config.mark_delay
-                self._results.append((domain, number, result, status, text))
-            if not reports:
+                    self._results_due = self.monotonic() + self.config.mark_delay
+                self._results.append((lane, domain, number, result, status, text))
+            if not results:
                 # Cancelled at shutdown: nothing recorded, the recipients stay due.
                 for job in jobs:
                     self.inflight.discard((job.msgid, job.index))
             self.wake()
+
+    async def _forward(self, job: Job, got: RecipientResult) -> RecipientResult:
+        """A .qmail's forward lines: the message goes out again to its targets
+        with the original sender (qmail-local's qmail-queue of the forward),
+        queued and indexed before this recipient counts as delivered."""
+        try:
+            original = self.spool.read_message(job.msgid)
+            await self.spool.submit(
+                Envelope(job.sender, got.forwards, self.qp, 0, "local"),
+                got.forward_header + original, indexed=True)
+        except (SpoolError, OSError) as exc:
+            return RecipientResult(got.address, "Z",
+                                   f"Unable to forward message: {exc}. (#4.3.0)\n")
+        return got
 
     # --- step 2: results and completion --------------------------------------------
     def record_results(self) -> None:
         if not self._results:
             return
         batch, self._results = self._results, []
-        recovered: set[str] = set()
-        for domain, number, result, status, text in batch:
+        recovered: set[tuple[Lane, str]] = set()
+        for lane, domain, number, result, status, text in batch:
             self.log.delivery(number, status, text)
             if status == "K":
                 self.delivered += 1
-                recovered.add(domain)
+                recovered.add((lane, domain))
             elif isinstance(result, Deferred):
                 self.deferrals += 1
-                self.deferred.add(domain, result.msgid)
+                self.deferred.add((lane.name, domain), result.msgid)
             else:
                 self.failures += 1
-        results = [r for _, _, r, _, _ in batch]
+        results = [r for _, _, _, r, _, _ in batch]
         try:
             finished = self.spool.apply(results)
         except SpoolError as exc:
@@ -608,7 +660,8 @@ class Scheduler:
             # qmail's "trouble marking" case.
             self.log.warning(f"trouble marking results: {exc}; message will be delivered twice!")
             finished = [None] * len(results)
-            self._scan_after = None  # their due entries are unchanged, behind the watermark
+            for lane in self.lanes:
+                lane.scan_after = None  # their due entries are unchanged, behind the watermark
         for result in results:
             self.inflight.discard((result.msgid, result.index))
         self._log_status()
@@ -617,17 +670,18 @@ class Scheduler:
                 self._complete(f)
         if recovered:
             now = self.clock()
-            for domain in recovered:
-                self._recover_domain(domain, now)
+            for lane, domain in recovered:
+                self._recover_domain(lane, domain, now)
 
-    def _recover_domain(self, domain: str, now: float) -> None:
+    def _recover_domain(self, lane: Lane, domain: str, now: float) -> None:
         """Make the deferred recipients we saw defer on `domain` due now."""
-        if self._recovered_at.get(domain, -1e18) + self.config.recovery_interval > now:
+        key = (lane.name, domain)
+        if self._recovered_at.get(key, -1e18) + self.config.recovery_interval > now:
             return  # e.g. a greylisting server: don't retry its deferrals in a hot loop
-        ids = self.deferred.take(domain)
+        ids = self.deferred.take(key)
         if not ids:
             return
-        self._recovered_at[domain] = now
+        self._recovered_at[key] = now
         if len(self._recovered_at) > 10_000:
             self._recovered_at.clear()
         results = []
@@ -637,7 +691,7 @@ class Scheduler:
             except SpoolError:
                 continue
             for i, r in enumerate(info.recipients):
-                if (r.state == "deferred" and r.channel == "remote" and r.next_try > now
+                if (r.state == "deferred" and r.channel == lane.name and r.next_try > now
                         and (msgid, i) not in self.inflight
                         and recipient_domain(r.address) == domain):
                     results.append(Deferred(msgid, i, now, r.text))
@@ -646,7 +700,7 @@ class Scheduler:
                 self.spool.apply(results)
             except SpoolError as exc:
                 self.log.warning(f"trouble rescheduling {domain}: {exc}")
-            self._scan_after = None  # due now: may sort before the watermark
+            lane.scan_after = None  # due now: may sort before the watermark
 
     def _adopt_tails(self) -> None:
         # Messages a writer answered but died before indexing (engine.queue, C2).
@@ -692,9 +746,11 @@ class Scheduler:
     async def _inject_bounce(self, msgid: int, bounce) -> None:
         try:
             # Queue the bounce first, then release the original: a crash in
-            # between costs a duplicate bounce, never a lost one.
+            # between costs a duplicate bounce, never a lost one. Wait for the
+            # index too, so the next pass sees the bounce in the queue.
             bounce_id = await self.spool.submit(Envelope(bounce.sender, (bounce.recipient,),
-                                                         self.qp, 0, "bounce"), bounce.message)
+                                                         self.qp, 0, "bounce"), bounce.message,
+                                                indexed=True)
         except Exception:
             self.log.warning("trouble injecting bounce message, will try later")
             self._bounce_retry_at[msgid] = self.clock() + 123
@@ -715,5 +771,5 @@ class Scheduler:
         self.log.end_msg(msgid)
 
     def _log_status(self, exiting: bool = False) -> None:
-        self.log.status(0, self.config.concurrency_local, self.active_remote,
-                        self.config.concurrency_remote, exiting=exiting)
+        self.log.status([(lane.name, lane.active, self.concurrency(lane)) for lane in self.lanes],
+                        exiting=exiting)

@@ -3,8 +3,9 @@
 Owns the process-level wiring only: signal handlers, opening the spool and
 the log, the uvloop event loop, the pid file `ROOT/log/scheduler.pid` that
 `qrelay flush` signals, and the ChildSpec the supervisor starts. The work is
-done by `engine.delivery.scheduler.Scheduler` with `RemoteDelivery`, or with
-a `WorkerPool` of delivery worker processes (below).
+done by `engine.delivery.scheduler.Scheduler` with one courier per channel
+(`open_couriers`: each channel's deliverer in this process, or a `Spawner`
+of delivery worker processes).
 
 Signals (spec §6.5): ALRM = retry every deferred recipient now; HUP = reread
 locals / virtualdomains / percenthack (the old snapshot stays if that fails);
@@ -14,13 +15,13 @@ SIGALRM's default action kills a process, so the handler (first SIG_IGN,
 then the real one) is installed before anything else happens; under the
 supervisor the forked child already ignores it until then.
 
-`[delivery] worker_procs = 0` (the default): delivery runs in this one
-process, many concurrent SMTP connections on its event loop -- on a 2-core
-machine the fastest, with no extra hop and one connection pool. M >= 1:
-this process starts M delivery worker processes (engine.delivery.workers,
-its children; restarted here if one dies) and hands them jobs by message id,
-each domain to one worker; on TERM the scheduler lets running deliveries
-finish, then the workers are stopped.
+`[delivery] worker_procs = 0` (the default): remote delivery runs in this
+one process, many concurrent SMTP connections on its event loop -- on a
+2-core machine the fastest, with no extra hop and one connection pool. M >= 1:
+M delivery worker processes (engine.delivery.spawner, children of this one,
+restarted if one dies) get jobs by message id, each domain to one worker; on
+TERM the scheduler lets running deliveries finish, then the workers are
+stopped.
 """
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ def run_scheduler(root: Path) -> int:
         domains = load_domain_config(root)
         bounce = load_bounce_config(root, settings.scheduler.bounce_copy_max_bytes)
         config = load_scheduler_config(root, settings, bounce)
-        remote_config = load_remote_config(root)
+        load_remote_config(root)     # a bad smtproutes or DNS setting stops the start here
         spool = Spool(root / "queue", settings.spool)
     except (SettingsError, ControlError, DomainConfigError, RemoteConfigError, SpoolError,
             OSError) as exc:
@@ -88,8 +89,7 @@ def run_scheduler(root: Path) -> int:
         tmp = path.with_name(PID_FILE + ".tmp")
         tmp.write_text(f"{os.getpid()}\n")
         os.replace(tmp, path)
-        uvloop.run(_serve(root, spool, log, config, domains, remote_config,
-                          settings.scheduler.stop_grace, settings.delivery.worker_procs))
+        uvloop.run(_serve(root, spool, log, config, domains, settings))
     finally:
         try:
             if pid_file(root).read_text().strip() == str(os.getpid()):
@@ -101,23 +101,39 @@ def run_scheduler(root: Path) -> int:
     return 0
 
 
-async def _serve(root, spool, log, config, domains, remote_config, stop_grace,
-                 worker_procs: int = 0) -> None:
+async def open_couriers(root: Path, spool, settings, log) -> dict:
+    """Each channel's courier, in CHANNELS order: its deliverer in this process
+    (reading the message from `spool`), or a Spawner of worker processes. A
+    channel whose code is missing keeps its mail queued (and says so)."""
+    from engine.delivery.channels import CHANNELS, ReadingCourier
+    from engine.delivery.spawner import Spawner
+
+    couriers = {}
+    for spec in CHANNELS:
+        procs = getattr(settings.delivery, spec.procs_setting, 0) if spec.procs_setting else 0
+        if procs > 0:
+            # The scheduler's stop_grace goes to finishing deliveries; the idle
+            # workers then only close their connections (bounded by 2 s each).
+            courier = Spawner(root, procs, spec.name, log=log, spool=spool, stop_grace=2.5)
+            await courier.start()
+        else:
+            try:
+                courier = ReadingCourier(spool, spec.open(root, settings, log))
+            except ImportError as exc:
+                log.warning(f"{spec.name} delivery is not available ({exc}); "
+                            "its recipients stay queued")
+                courier = None
+        couriers[spec.name] = courier
+    return couriers
+
+
+async def _serve(root, spool, log, config, domains, settings) -> None:
     from engine.config.domains import DomainConfigError, load_domain_config
-    from engine.delivery.remote import RemoteDelivery
     from engine.delivery.scheduler import Scheduler
-    from engine.delivery.workers import WorkerPool
 
     loop = asyncio.get_running_loop()
-    if worker_procs > 0:
-        # The scheduler's stop_grace goes to finishing deliveries; the idle
-        # workers then only QUIT their pooled connections (bounded by 2 s each).
-        remote = WorkerPool(root, worker_procs, log=log, spool=spool, stop_grace=2.5)
-        await remote.start()
-    else:
-        remote = RemoteDelivery(remote_config)
-    scheduler = Scheduler(spool, remote.deliver, log, config, domains.resolve, qp=os.getpid(),
-                          deliver_by_id=worker_procs > 0)
+    couriers = await open_couriers(root, spool, settings, log)
+    scheduler = Scheduler(spool, couriers, log, config, domains.resolve, qp=os.getpid())
 
     def reload_domains() -> None:
         try:
@@ -130,7 +146,7 @@ async def _serve(root, spool, log, config, domains, remote_config, stop_grace,
     loop.add_signal_handler(signal.SIGTERM, scheduler.stop)
     loop.add_signal_handler(signal.SIGINT, scheduler.stop)
     try:
-        await scheduler.run(stop_grace=stop_grace)
+        await scheduler.run(stop_grace=settings.scheduler.stop_grace)
     except Exception as exc:
         # A bug must not die silently: say so in the log; the supervisor restarts us
         # and the spool still holds every recipient that was not recorded.
@@ -138,11 +154,14 @@ async def _serve(root, spool, log, config, domains, remote_config, stop_grace,
         log.flush()
         raise
     finally:
-        try:
-            # A pool bounds its own wait (stop_grace, then TERM, then KILL).
-            await asyncio.wait_for(remote.close(), None if worker_procs > 0 else 2)
-        except (asyncio.TimeoutError, OSError):
-            pass
+        for courier in couriers.values():
+            if courier is None:
+                continue
+            try:
+                # A spawner bounds its own wait (stop_grace, then TERM, then KILL).
+                await asyncio.wait_for(courier.close(), 10)
+            except (asyncio.TimeoutError, OSError):
+                pass
 
 
 def signal_running_scheduler(root: Path | str) -> int | None:

@@ -1,4 +1,4 @@
-"""Delivery worker processes (engine.delivery.workers): frames, and `qrelay run`
+"""Delivery worker processes (engine.delivery.spawner): frames, and `qrelay run`
 with `[delivery] worker_procs = 2` end to end to loopback sinks.
 
 Routes go through control/smtproutes to 127.0.0.1 and the resolver is a fake
@@ -17,47 +17,54 @@ from pathlib import Path
 
 import pytest
 
-from engine.delivery.remote import RecipientResult
-from engine.delivery.workers import (BAD_JOB, MAX_FRAME, OK, FrameError, WorkerPool,
-                                     decode_job, decode_result, encode_error, encode_job,
-                                     encode_results, read_frame)
+from engine import ipc
+from engine.delivery.channels import UNREADABLE_TEXT, Group, RecipientResult
+from engine.delivery.spawner import (BAD_JOB, MAX_FRAME, OK, Spawner, WorkerServer, decode_job,
+                                     decode_result, encode_error, encode_job, encode_results)
 from tests.conftest import run_cli
 from tests.smtp_harness import RunningQrelay, children_of, route_to_loopback
 from tests.test_delivery_e2e import ThreadSink, send, texts, wait_for
+
+GROUP = Group("remote", 12345, "dom.test", "a@src.test", ("x@dom.test", "\udcff@dom.test"))
 
 
 # --- frames (in process) -------------------------------------------------------------
 
 def test_job_and_result_frames_round_trip():
-    frame = encode_job(7, 12345, "dom.test", "a@src.test", ["x@dom.test", "\udcff@dom.test"])
+    frame = encode_job(7, 12345, GROUP, None)
     body = frame[4:]
     assert int.from_bytes(frame[:4], "big") == len(body)
-    assert decode_job(body) == (7, 12345, "dom.test", "a@src.test", ["x@dom.test", "\udcff@dom.test"])
-    res = encode_results(7, [RecipientResult("x", "K", "ok\n"), RecipientResult("y", "D", "no\n")])
-    assert decode_result(res[4:]) == (7, OK, [("K", "ok\n"), ("D", "no\n")])
+    assert decode_job(body) == (7, GROUP, None)
+    assert decode_job(encode_job(8, 12345, GROUP, b"inline\r\n")[4:]) == (8, GROUP, b"inline\r\n")
+    res = encode_results(7, [RecipientResult("x", "K", "ok\n", ("f@o.test",), b"Delivered-To: x\r\n"),
+                             RecipientResult("y", "D", "no\n")])
+    assert decode_result(res[4:], ("x", "y")) == (7, OK, [
+        RecipientResult("x", "K", "ok\n", ("f@o.test",), b"Delivered-To: x\r\n"),
+        RecipientResult("y", "D", "no\n")])
     assert decode_result(encode_error(9, BAD_JOB, "bad")[4:]) == (9, BAD_JOB, "bad")
 
 
-@pytest.mark.parametrize("body", [b"", b"\0" * 15, encode_job(1, 2, "d", "s", ["r"])[4:-1],
-                                  encode_job(1, 2, "d", "s", ["r"])[4:] + b"x",
+@pytest.mark.parametrize("body", [b"", b"\0" * 15, encode_job(1, 2, GROUP, None)[4:-1],
+                                  encode_job(1, 2, GROUP, None)[4:] + b"x",
                                   b"\0" * 16 + b"\xff\xff\xff\xff"])
 def test_malformed_job_frames_are_a_frame_error(body):
-    with pytest.raises(FrameError):
+    with pytest.raises(ipc.FrameError):
         decode_job(body)
 
 
 def test_oversized_frames_are_refused_both_ways():
-    with pytest.raises(FrameError, match="limit"):
-        encode_job(1, 2, "d", "s", ["r" * 1000] * (MAX_FRAME // 1000 + 1))
+    big = Group("remote", 2, "d", "s", ("r" * 1000,) * (MAX_FRAME // 1000 + 1))
+    with pytest.raises(ipc.FrameError, match="limit"):
+        encode_job(1, 2, big, None)
 
     async def read(data: bytes):
         reader = asyncio.StreamReader()
         reader.feed_data(data)
         reader.feed_eof()
-        return await read_frame(reader)
-    with pytest.raises(FrameError, match="over"):
+        return await ipc.read_frame(reader, MAX_FRAME)
+    with pytest.raises(ipc.FrameError, match="over"):
         asyncio.run(read((MAX_FRAME + 1).to_bytes(4, "big") + b"x"))
-    with pytest.raises(FrameError, match="inside a frame"):
+    with pytest.raises(ipc.FrameError, match="inside a frame"):
         asyncio.run(read((10).to_bytes(4, "big") + b"x"))
     assert asyncio.run(read(b"")) is None
 
@@ -80,8 +87,6 @@ class FakeRemote:
 
 
 def test_worker_server_answers_jobs_bad_frames_and_stops_on_an_oversized_one(capfd):
-    from engine.delivery.workers import UNREADABLE, WorkerServer
-
     async def main():
         a, b = socket.socketpair()
         remote = FakeRemote()
@@ -89,19 +94,25 @@ def test_worker_server_answers_jobs_bad_frames_and_stops_on_an_oversized_one(cap
         server = WorkerServer(FakeSpool(), remote, reader, writer)
         serving = asyncio.ensure_future(server.serve())
         creader, cwriter = await asyncio.open_unix_connection(sock=b)
-        bad = encode_job(3, 1, "d", "s", ["r"])
-        cwriter.write(encode_job(1, 7, "d.test", "a@s.test", ["x@d.test", "y@d.test"]))
-        cwriter.write(encode_job(2, 404, "d.test", "a@s.test", ["x@d.test"]))
+        two = Group("remote", 7, "d.test", "a@s.test", ("x@d.test", "y@d.test"))
+        gone = Group("remote", 404, "d.test", "a@s.test", ("x@d.test",))
+        bad = encode_job(3, 1, gone, None)
+        cwriter.write(encode_job(1, 7, two, None))
+        cwriter.write(encode_job(2, 404, gone, None))
         cwriter.write(bad[:3] + bytes([bad[3] + 1]) + bad[4:] + b"!")   # stray byte
+        cwriter.write(encode_job(4, 404, gone, b"Subject: inline\r\n\r\n"))
         answers = {}
-        for _ in range(3):
-            jobid, status, payload = decode_result(await read_frame(creader))
+        for _ in range(4):
+            jobid, status, payload = decode_result(await ipc.read_frame(creader, MAX_FRAME))
             answers[jobid] = (status, payload)
-        assert answers[1] == (OK, [("K", "ok x@d.test\n"), ("K", "ok y@d.test\n")])
-        assert answers[2][0] == UNREADABLE and "404" in answers[2][1]
+        assert answers[1] == (OK, [RecipientResult("", "K", "ok x@d.test\n"),
+                                   RecipientResult("", "K", "ok y@d.test\n")])
+        assert answers[2] == (OK, [RecipientResult("", "Z", UNREADABLE_TEXT)])
         assert answers[3][0] == BAD_JOB and "stray" in answers[3][1]
-        assert remote.calls == [("d.test", "a@s.test", ["x@d.test", "y@d.test"],
-                                 b"Subject: x\r\n\r\nbody\r\n")]
+        assert answers[4][0] == OK and answers[4][1][0].status == "K"
+        assert sorted(remote.calls) == [
+            ("d.test", "a@s.test", ["x@d.test"], b"Subject: inline\r\n\r\n"),
+            ("d.test", "a@s.test", ["x@d.test", "y@d.test"], b"Subject: x\r\n\r\nbody\r\n")]
         cwriter.write((MAX_FRAME + 1).to_bytes(4, "big"))
         await asyncio.wait_for(serving, 5)          # returns, no exception
         writer.close()
@@ -111,7 +122,7 @@ def test_worker_server_answers_jobs_bad_frames_and_stops_on_an_oversized_one(cap
 
 
 def test_one_domain_always_maps_to_one_worker():
-    pool = WorkerPool("/nonexistent", 3)
+    pool = Spawner("/nonexistent", 3, "remote")
     slots = {pool.worker_for(f"d{i}.test") for i in range(50)}
     assert slots == {0, 1, 2}
     assert all(pool.worker_for("Dom.Test") == pool.worker_for("dom.test") for _ in range(3))
@@ -150,7 +161,7 @@ def relay(root: Path, dns):
 def is_worker(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"engine.delivery.workers" in f.read()
+            return b"engine.delivery.spawner" in f.read()
     except OSError:
         return False
 
@@ -251,13 +262,14 @@ def test_term_stops_scheduler_and_workers_cleanly(relay, sinks, root, busy):
 
 def test_pool_close_answers_callers_waiting_for_a_worker():
     async def main():
-        pool = WorkerPool("/nonexistent", 2, stop_grace=0.1)   # never started: no worker up
-        waiting = asyncio.ensure_future(pool.deliver("d.test", "s@x", ["r@d.test"], 1))
+        pool = Spawner("/nonexistent", 2, "remote", stop_grace=0.1)   # never started: no worker up
+        group = Group("remote", 1, "d.test", "s@x", ("r@d.test",))
+        waiting = asyncio.ensure_future(pool.deliver(group))
         await asyncio.sleep(0.05)
         assert not waiting.done()
         await pool.close()
         got = await asyncio.wait_for(waiting, 2)
         assert [(r.status, "shutting down" in r.text) for r in got] == [("Z", True)]
-        assert await pool.deliver("d.test", "s@x", ["r@d.test"], 1) == [
+        assert await pool.deliver(group) == [
             RecipientResult("r@d.test", "Z", got[0].text)]
     asyncio.run(main())

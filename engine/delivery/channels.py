@@ -1,0 +1,127 @@
+"""Delivery channels: the courier contract and the table of channels.
+
+qmail-send knows its channels by index (`CHANNELS`, `chanskip[]`) and runs
+every one through the same spawn protocol; chasquid's queue holds its local
+and remote couriers behind one interface. Here the scheduler loops over
+`CHANNELS` and never names one: a channel is a courier and a concurrency
+control file (its retry skip is qmail's chanskip[], engine.delivery.retry).
+Adding a channel means writing a courier and one line in `CHANNELS`.
+
+A courier delivers one `Group` — recipients of one message that share a
+channel and a destination — and answers one `RecipientResult` per recipient,
+in order: `K` delivered, `Z` temporary (deferred), `D` permanent (bounced),
+with qmail's report text. The bytes are a `Deliverer`'s business; a courier
+finds them by `group.msgid` (ReadingCourier in-process, or a worker of
+engine.delivery.spawner, which reads them itself so only the envelope
+crosses the process boundary). A courier must never raise for a delivery
+problem; the scheduler turns an exception into a deferral all the same.
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+UNREADABLE_TEXT = "qmail-spawn unable to open message. (#4.3.0)\n"
+
+
+@dataclass(slots=True, frozen=True)
+class RecipientResult:
+    address: str
+    status: str     # "K" delivered | "Z" temporary (defer) | "D" permanent (fail)
+    text: str       # qmail's report style, lines joined with "\n", ending in "\n"
+    # Addresses a local delivery forwards the message to (.qmail `&addr` lines):
+    # the scheduler queues them as one new message with the original sender,
+    # `forward_header` (CRLF lines, e.g. the delivery's Delivered-To) before
+    # the original, and records this recipient only once that is queued.
+    forwards: tuple[str, ...] = ()
+    forward_header: bytes = b""
+
+
+@dataclass(slots=True, frozen=True)
+class Group:
+    """One deliver() call: recipients of one message, one channel, one destination."""
+    channel: str
+    msgid: int
+    destination: str            # the recipients' domain
+    sender: str                 # the envelope sender as it goes out ("" for bounces)
+    recipients: tuple[str, ...]
+
+
+class Courier(Protocol):
+    async def deliver(self, group: Group) -> list[RecipientResult]: ...
+
+    async def close(self) -> None: ...
+
+
+def all_results(recipients: Sequence[str], status: str, text: str) -> list[RecipientResult]:
+    return [RecipientResult(r, status, text) for r in recipients]
+
+
+class Deliverer(Protocol):
+    """What a channel does with a message's bytes (RemoteDelivery, LocalDelivery);
+    the courier that reads them is ReadingCourier in the scheduler's process,
+    or a worker of engine.delivery.spawner."""
+
+    async def deliver(self, destination: str, sender: str, recipients: Sequence[str],
+                      message: bytes) -> list[RecipientResult]: ...
+
+    async def close(self) -> None: ...
+
+
+class ReadingCourier:
+    """A courier around a deliverer: reads the message from the spool, and
+    answers qmail-spawn's deferral when it cannot be read."""
+
+    def __init__(self, spool, deliverer: Deliverer) -> None:
+        self.spool = spool
+        self.deliverer = deliverer
+
+    async def deliver(self, group: Group) -> list[RecipientResult]:
+        from engine.queue import SpoolError
+        try:
+            message = self.spool.read_message(group.msgid)
+        except SpoolError:
+            return all_results(group.recipients, "Z", UNREADABLE_TEXT)
+        return await self.deliverer.deliver(group.destination, group.sender, group.recipients,
+                                            message)
+
+    async def close(self) -> None:
+        await self.deliverer.close()
+
+
+@dataclass(slots=True, frozen=True)
+class ChannelSpec:
+    """One line of the channel table."""
+    name: str
+    concurrency_file: str       # control/<file>: deliveries at once (qmail's meaning)
+    default_concurrency: int
+    # "module:function" -> function(root, settings, log) -> Deliverer, called
+    # in the process that delivers (the scheduler, or a worker).
+    opener: str
+    # The [delivery] setting that runs it in that many worker processes
+    # (engine.delivery.spawner); "" or 0: in the scheduler's process.
+    procs_setting: str = ""
+
+    def open(self, root, settings, log=None) -> Deliverer:
+        module, _, name = self.opener.partition(":")
+        opener = getattr(importlib.import_module(module), name, None)
+        if opener is None:
+            raise ImportError(f"{module} has no {name}")
+        return opener(root, settings, log)
+
+
+# qmail-send's order (status lines say "local a/b remote c/d").
+CHANNELS: tuple[ChannelSpec, ...] = (
+    ChannelSpec("local", "concurrencylocal", 10, "engine.delivery.local:open_deliverer"),
+    ChannelSpec("remote", "concurrencyremote", 20, "engine.delivery.remote:open_deliverer",
+                procs_setting="worker_procs"),
+)
+
+
+def channel(name: str) -> ChannelSpec:
+    for spec in CHANNELS:
+        if spec.name == name:
+            return spec
+    raise KeyError(f"no delivery channel {name!r}")

@@ -1,0 +1,505 @@
+"""Delivery worker processes: qmail-lspawn's and qmail-rspawn's role, for any channel.
+
+A `Spawner` is a courier (engine.delivery.channels) that runs another
+channel's deliverer in M worker processes, children of the scheduler (each
+asks Linux for SIGTERM when the scheduler dies, so none outlives it). Each
+worker runs its own uvloop loop and its own deliverer (for remote: its own
+connection pool, DNS cache and tcpto) and serves many jobs at once.
+
+- `[delivery] worker_procs = M >= 1` runs the remote channel this way.
+- `user=(uid, gid)`: the workers drop to that user before they open anything
+  (a local delivery runs as the mailbox owner, never as root). Such a worker
+  cannot read the spool, so the message travels in the job (`inline=True`),
+  read here by the scheduler; otherwise a worker reads it itself from a
+  read-only Spool and only the envelope crosses the socket.
+
+Jobs of one destination always go to the same worker (crc32 % M), so its
+connections are reused; results come back per job id, in any order.
+
+Frames (engine.ipc) on a socketpair:
+    job      id u64 | msgid u64 | channel, destination, sender (text)
+             | recipients (count + texts) | inline u8 | message bytes if inline
+    result   id u64 | status u8 (0 ok, 2 bad job)
+             | ok: count u32 | count x (code u8 'K'/'Z'/'D' | text
+                                        | forwards (count + texts) | forward header raw)
+             | else: error text (utf-8)
+
+Robustness: a worker that dies (or sends a frame that breaks the protocol,
+after which it is killed) fails every job in flight on it with a temporary
+`Z` (DIED_TEXT) -- the scheduler defers those recipients, the message may
+have been delivered already (at least once, never lost) -- and is restarted
+with engine.backoff's schedule. A worker that gets a malformed job answers
+"bad job" for it (a Z for each recipient); a frame over the limit cannot be
+skipped safely, so the worker exits and is restarted. On close (scheduler
+TERM, after the scheduler has let its running deliveries finish) the
+spawner sends nothing more, closes the sockets, and waits `stop_grace`
+seconds for the workers to finish and exit before it sends SIGTERM, then
+SIGKILL.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+import time
+import zlib
+from pathlib import Path
+
+from engine import ipc
+from engine.backoff import Backoff
+from engine.delivery.channels import UNREADABLE_TEXT, Group, RecipientResult, all_results
+
+# A job without its message carries at most max_recipients_per_delivery
+# addresses (each < 1 KB in SMTP); results carry their texts.
+MAX_FRAME = 1 << 20
+OK, BAD_JOB = 0, 2
+_FAILED = -1   # not on the wire: the spawner failed the job itself (worker died, closing)
+
+DIED_TEXT = "Sorry, the delivery worker died. Possible duplicate! (#4.3.0)\n"
+STOPPING_TEXT = "Sorry, delivery is shutting down. (#4.3.0)\n"
+TOO_BIG_TEXT = "Sorry, the delivery job is too large for a worker. (#4.3.0)\n"
+
+
+# --- frames ------------------------------------------------------------------------
+
+def encode_job(jobid: int, msgid: int, group: Group, message: bytes | None,
+               max_frame: int = MAX_FRAME) -> bytes:
+    body = (ipc.Body().u64(jobid).u64(msgid).text(group.channel).text(group.destination)
+            .text(group.sender).texts(group.recipients))
+    if message is None:
+        body.u8(0)
+    else:
+        body.u8(1).rest(message)
+    return body.frame(max_frame)
+
+
+def job_id(body: bytes) -> int | None:
+    """The id of a job frame, if even that much can be read."""
+    try:
+        return ipc.Fields(body).u64()
+    except ipc.FrameError:
+        return None
+
+
+def decode_job(body: bytes) -> tuple[int, Group, bytes | None]:
+    f = ipc.Fields(body)
+    jobid, msgid = f.u64(), f.u64()
+    channel, destination, sender = f.text(), f.text(), f.text()
+    group = Group(channel, msgid, destination, sender, tuple(f.texts()))
+    inline = f.u8()
+    if inline > 1:
+        raise ipc.FrameError(f"bad inline flag {inline}")
+    message = f.rest() if inline else None
+    f.end()
+    return jobid, group, message
+
+
+def encode_results(jobid: int, results: list[RecipientResult]) -> bytes:
+    body = ipc.Body().u64(jobid).u8(OK).u32(len(results))
+    for r in results:
+        body.u8(ord(r.status[:1] or "Z")).text(r.text).texts(r.forwards).raw(r.forward_header)
+    return body.frame(MAX_FRAME)
+
+
+def encode_error(jobid: int, status: int, text: str) -> bytes:
+    return ipc.Body().u64(jobid).u8(status).rest(ipc.enc(text)[:4096]).frame(MAX_FRAME)
+
+
+def decode_result(body: bytes, recipients: tuple[str, ...] | None = None
+                  ) -> tuple[int, int, list[RecipientResult] | str]:
+    """(jobid, status, results if status is OK else the error text); results
+    are named after `recipients` when given (the caller's job), else ""."""
+    f = ipc.Fields(body)
+    jobid, status = f.u64(), f.u8()
+    if status != OK:
+        return jobid, status, ipc.dec(f.rest())
+    out = []
+    for i in range(f.count()):
+        code, text, forwards, header = chr(f.u8()), f.text(), tuple(f.texts()), f.raw()
+        address = recipients[i] if recipients is not None and i < len(recipients) else ""
+        out.append(RecipientResult(address, code, text, forwards, header))
+    f.end()
+    return jobid, status, out
+
+
+# --- the worker process ------------------------------------------------------------
+
+class WorkerServer:
+    """One worker's job loop: read jobs, deliver each in its own task, answer.
+
+    `spool` reads the message of a job that does not carry it (None: every
+    job must carry it); `deliverer.deliver(destination, sender, recipients,
+    message)` delivers it."""
+
+    def __init__(self, spool, deliverer, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter, max_frame: int = MAX_FRAME) -> None:
+        self.spool = spool
+        self.deliverer = deliverer
+        self.reader = reader
+        self.writer = writer
+        self.max_frame = max_frame
+        self._tasks: set[asyncio.Task] = set()
+
+    async def serve(self) -> None:
+        """Until the scheduler closes the socket (or a frame breaks the protocol)."""
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                try:
+                    body = await ipc.read_frame(self.reader, self.max_frame)
+                except ipc.FrameError as exc:
+                    sys.stderr.write(f"qrelay: delivery worker {os.getpid()}: {exc}; exiting\n")
+                    return
+                except ConnectionError:
+                    return
+                if body is None:
+                    return
+                task = loop.create_task(self._job(body))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _job(self, body: bytes) -> None:
+        try:
+            jobid, group, message = decode_job(body)
+        except ipc.FrameError as exc:
+            jobid = job_id(body)
+            if jobid is not None:
+                self._send(encode_error(jobid, BAD_JOB, f"bad job frame: {exc}"))
+            return
+        if message is None:
+            try:
+                message = self.spool.read_message(group.msgid)
+            except Exception:  # SpoolError, LMDB trouble, no spool: the scheduler decides
+                self._send(encode_results(jobid, all_results(group.recipients, "Z",
+                                                             UNREADABLE_TEXT)))
+                return
+        try:
+            results = await self.deliverer.deliver(group.destination, group.sender,
+                                                   group.recipients, message)
+            frame = encode_results(jobid, results)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # A bug in a deliverer costs a retry of this job only.
+            frame = encode_error(jobid, BAD_JOB, f"delivery failed: {exc!r}")
+        self._send(frame)
+
+    def _send(self, frame: bytes) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(frame)
+
+
+def drop_privileges(uid: int, gid: int) -> None:
+    """Become uid/gid for good (no supplementary groups); refuses root as
+    qmail-lspawn does."""
+    if uid == 0:
+        raise PermissionError("refusing to deliver as root")
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+
+
+def worker_main(root: str, fd: int, parent_pid: int, channel: str,
+                user: tuple[int, int] | None, max_frame: int) -> int:
+    """Body of one worker process (after exec); exit status 0, or 111 if it
+    cannot start."""
+    from engine.supervisor import follow_parent
+
+    # The scheduler alone takes ALRM/HUP; INT (a terminal's ^C to the whole
+    # group) is the supervisor's to turn into an orderly TERM.
+    for sig in (signal.SIGHUP, signal.SIGALRM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    if not follow_parent(parent_pid):
+        return 0  # the scheduler died before we could ask to follow it
+    sock = socket.socket(fileno=fd)
+    if user is not None:
+        try:
+            drop_privileges(*user)
+        except OSError as exc:
+            sys.stderr.write(f"qrelay: delivery worker cannot become uid {user[0]}: {exc}\n")
+            sock.close()
+            return 111
+    import uvloop
+    return uvloop.run(_worker_serve(Path(root), sock, channel, user is None, max_frame))
+
+
+async def _worker_serve(root: Path, sock: socket.socket, channel: str, read_spool: bool,
+                        max_frame: int) -> int:
+    from engine.config.settings import load_settings
+    from engine.delivery.channels import channel as channel_spec
+    from engine.queue import Spool
+
+    spool = None
+    try:
+        settings = load_settings(root)
+        if read_spool:
+            spool = Spool(root / "queue", settings.spool, readonly=True)
+        deliverer = channel_spec(channel).open(root, settings)
+    except Exception as exc:  # a config error, or a bug: one line, and the spawner retries
+        sys.stderr.write(f"qrelay: delivery worker cannot start: {exc}\n")
+        sock.close()
+        if spool is not None:
+            spool.close()
+        return 111
+    reader, writer = await asyncio.open_unix_connection(sock=sock, limit=max_frame)
+    server = WorkerServer(spool, deliverer, reader, writer, max_frame)
+    serving = asyncio.get_running_loop().create_task(server.serve())
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, serving.cancel)
+    try:
+        await serving
+    except asyncio.CancelledError:
+        pass
+    finally:
+        writer.close()
+        try:
+            await asyncio.wait_for(deliverer.close(), 2)
+        except (asyncio.TimeoutError, OSError):
+            pass
+        if spool is not None:
+            spool.close()
+    return 0
+
+
+# --- the spawner in the scheduler process ------------------------------------------
+
+class _Worker:
+    """The spawner's view of one worker process: its socket and its jobs in flight."""
+
+    def __init__(self, slot: int) -> None:
+        self.slot = slot
+        self.proc: asyncio.subprocess.Process | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.pending: dict[int, tuple[asyncio.Future, tuple[str, ...]]] = {}
+        self.up = asyncio.Event()
+        self.backoff = Backoff()
+        self.task: asyncio.Task | None = None
+
+
+class Spawner:
+    """M worker processes of one channel behind one courier (see the module docstring)."""
+
+    def __init__(self, root: Path | str, procs: int, channel: str, *, log=None, spool=None,
+                 user: tuple[int, int] | None = None, max_message: int = 0,
+                 stop_grace: float = 10.0, python: str = sys.executable) -> None:
+        """`spool`: the scheduler's (writable) spool: it reads inline messages and
+        quarantines one a worker cannot read. `max_message`: the largest message
+        sent inline (with `user`)."""
+        if procs < 1:
+            raise ValueError("a Spawner needs at least one worker process")
+        self.root = str(root)
+        self.channel = channel
+        self.log = log
+        self.spool = spool
+        self.user = user
+        self.max_frame = MAX_FRAME + (max_message if user is not None else 0)
+        self.stop_grace = stop_grace
+        self.python = python
+        self.workers = [_Worker(i) for i in range(procs)]
+        self.restarts = 0
+        self._next_id = 0
+        self._closing = False
+
+    # -- life cycle
+    async def start(self) -> None:
+        for w in self.workers:
+            w.task = asyncio.get_running_loop().create_task(self._keep_running(w))
+
+    def pids(self) -> list[int]:
+        return [w.proc.pid for w in self.workers if w.proc is not None and w.up.is_set()]
+
+    async def close(self) -> None:
+        """Send nothing more; close every socket so the workers finish and exit;
+        SIGTERM after stop_grace, SIGKILL 1 s later. Jobs still pending get Z."""
+        self._closing = True
+        for w in self.workers:
+            if w.writer is not None:
+                w.writer.close()
+        deadline = time.monotonic() + self.stop_grace
+        for sig, until in ((None, deadline), (signal.SIGTERM, deadline + 1),
+                           (signal.SIGKILL, deadline + 3)):
+            alive = [w for w in self.workers
+                     if w.proc is not None and w.proc.returncode is None]
+            if not alive:
+                break
+            for w in alive:
+                if sig is not None:
+                    try:
+                        w.proc.send_signal(sig)
+                    except ProcessLookupError:
+                        pass
+            await asyncio.wait([asyncio.ensure_future(w.proc.wait()) for w in alive],
+                               timeout=max(0.0, until - time.monotonic()))
+        for w in self.workers:
+            if w.task is not None:
+                w.task.cancel()
+        await asyncio.gather(*(w.task for w in self.workers if w.task is not None),
+                             return_exceptions=True)
+        for w in self.workers:
+            self._fail_pending(w, STOPPING_TEXT)
+            w.up.set()     # wakes callers waiting for a restart: they see _closing
+
+    async def _keep_running(self, w: _Worker) -> None:
+        """Start worker w, and start it again (with backoff) whenever it dies."""
+        while not self._closing:
+            w.backoff.started()
+            try:
+                await self._run_once(w)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # e.g. fork failure: retry later
+                self._warn(f"delivery worker {w.slot} trouble: {exc!r}")
+            if self._closing:
+                return
+            self.restarts += 1
+            await asyncio.sleep(w.backoff.died())
+
+    def _argv(self, fd: int) -> list[str]:
+        argv = [self.python, "-m", "engine.delivery.spawner", self.root, str(fd),
+                str(os.getpid()), self.channel, str(self.max_frame)]
+        if self.user is not None:
+            argv += [str(self.user[0]), str(self.user[1])]
+        return argv
+
+    async def _run_once(self, w: _Worker) -> None:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            w.proc = await asyncio.create_subprocess_exec(
+                *self._argv(theirs.fileno()),
+                stdin=asyncio.subprocess.DEVNULL, pass_fds=(theirs.fileno(),))
+        except BaseException:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
+        reader, w.writer = await asyncio.open_unix_connection(sock=mine, limit=self.max_frame)
+        w.up.set()
+        why = ""
+        try:
+            while True:
+                try:
+                    body = await ipc.read_frame(reader, MAX_FRAME)
+                    if body is None:
+                        break
+                    self._resolve(w, body)
+                except ipc.FrameError as exc:
+                    why = f"broke the protocol ({exc})"
+                    break
+                except ConnectionError:
+                    break
+        finally:
+            w.up.clear()
+            w.writer.close()
+            w.writer = None
+            if w.proc.returncode is None and why:
+                w.proc.kill()
+            try:
+                code = await asyncio.wait_for(w.proc.wait(), 5)
+            except asyncio.TimeoutError:
+                w.proc.kill()
+                code = await w.proc.wait()
+            lost = len(w.pending)
+            self._fail_pending(w, DIED_TEXT)
+        if not self._closing:
+            how = f"signal {-code}" if code < 0 else f"status {code}"
+            self._warn(f"delivery worker {w.slot} pid {w.proc.pid} "
+                       f"{why or 'exited'} ({how}) with {lost} jobs in flight; restarting")
+
+    def _resolve(self, w: _Worker, body: bytes) -> None:
+        jobid = job_id(body)
+        fut, recipients = w.pending.pop(jobid, (None, ()))
+        _, status, payload = decode_result(body, recipients)
+        if fut is None or fut.done():
+            return  # the caller was cancelled meanwhile
+        fut.set_result((status, payload))
+
+    def _fail_pending(self, w: _Worker, text: str) -> None:
+        pending, w.pending = w.pending, {}
+        for fut, _ in pending.values():
+            if not fut.done():
+                fut.set_result((_FAILED, text))
+
+    def _warn(self, text: str) -> None:
+        if self.log is not None:
+            self.log.warning(text)
+
+    # -- the courier
+    def worker_for(self, destination: str) -> int:
+        return zlib.crc32(ipc.enc(destination.lower())) % len(self.workers)
+
+    async def deliver(self, group: Group) -> list[RecipientResult]:
+        """Deliver `group` in the worker for its destination; one result per
+        recipient, in order."""
+        recipients = group.recipients
+        if not recipients:
+            return []
+        w = self.workers[self.worker_for(group.destination)]
+        if self._closing:
+            return all_results(recipients, "Z", STOPPING_TEXT)
+        message = None
+        if self.user is not None:
+            try:
+                message = self.spool.read_message(group.msgid)
+            except Exception:
+                return all_results(recipients, "Z", UNREADABLE_TEXT)
+        self._next_id += 1
+        jobid = self._next_id
+        try:
+            frame = encode_job(jobid, group.msgid, group, message, self.max_frame)
+        except ipc.FrameError:
+            return all_results(recipients, "Z", TOO_BIG_TEXT)
+        # A worker being restarted is waited for (the backoff is bounded); the
+        # scheduler's concurrency limit bounds how many jobs wait here.
+        while w.writer is None or not w.up.is_set():
+            if self._closing:
+                return all_results(recipients, "Z", STOPPING_TEXT)
+            await w.up.wait()
+        fut = asyncio.get_running_loop().create_future()
+        w.pending[jobid] = (fut, recipients)
+        try:
+            w.writer.write(frame)
+            status, payload = await fut
+        finally:
+            w.pending.pop(jobid, None)
+        if status == _FAILED:
+            return all_results(recipients, "Z", payload)
+        if status != OK:
+            self._warn(f"delivery worker {w.slot}: {payload}")
+            return all_results(recipients, "Z", f"Sorry, {_one_line(payload)} (#4.3.0)\n")
+        if len(payload) != len(recipients):
+            raise ipc.FrameError(f"worker answered {len(payload)} results for "
+                                 f"{len(recipients)} recipients")
+        if all(r.text == UNREADABLE_TEXT for r in payload):
+            self._quarantine_check(group.msgid)
+        return payload
+
+    def _quarantine_check(self, msgid: int) -> None:
+        """The worker's read-only spool could not read msgid: read it here, where a
+        corrupt message is quarantined (spool contract) instead of retried forever."""
+        if self.spool is None:
+            return
+        try:
+            self.spool.read_message(msgid)
+        except Exception:
+            pass
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())[:200]
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if len(args) not in (5, 7):
+        sys.stderr.write("usage: python -m engine.delivery.spawner ROOT FD PARENT_PID CHANNEL "
+                         "MAX_FRAME [UID GID]\n")
+        sys.exit(2)
+    sys.exit(worker_main(args[0], int(args[1]), int(args[2]), args[3],
+                         (int(args[5]), int(args[6])) if len(args) == 7 else None, int(args[4])))
