@@ -1,0 +1,142 @@
+"""Reading and replacing account files whole: never half-read, never half-written.
+
+Every file this package writes (users/assign, users/cdb, vpasswd, vpasswd.cdb,
+.qmail files, control/rcpthosts, control/virtualdomains) is replaced with
+`atomic_write`: a temporary file in the same directory, written, fsync'd,
+renamed over the old name, then the directory fsync'd so the rename itself
+survives a crash. A reader that opened the old file keeps reading the old inode
+to its end, so `read_whole` sees either the old or the new content.
+
+`FileKey` is what a cache compares to notice a replaced file: inode, size and
+mtime (any one changing means re-read). Writers here always rename, so the
+inode alone would do; size and mtime catch an editor writing in place.
+
+Locking (`admin_lock`) serialises our own read-modify-write cycles and, through
+POSIX record locks on the same lock files vpopmail uses (`.vpasswd.lock`,
+users/`assign.lock`), cooperates with vpopmail's tools on a shared tree.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+
+class FileKey(NamedTuple):
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+
+
+def file_key(st: os.stat_result) -> FileKey:
+    return FileKey(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def stat_key(path: os.PathLike | str) -> FileKey | None:
+    """The key of path now, or None when it does not exist."""
+    try:
+        return file_key(os.stat(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def read_whole(path: os.PathLike | str) -> tuple[bytes, FileKey] | None:
+    """(content, key of the inode read) or None when path does not exist.
+
+    The key comes from fstat on the descriptor that was read, so it describes
+    exactly the content returned even if the file is replaced meanwhile.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        st = os.fstat(fd)
+        chunks = []
+        while True:
+            chunk = os.read(fd, max(st.st_size, 65536))
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks), file_key(st)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(directory: os.PathLike | str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: os.PathLike | str, data: bytes, *, mode: int = 0o644,
+                 owner: tuple[int, int] | None = None, sync_dir: bool = True) -> None:
+    """Replace path with data: same-directory temp file, fsync, rename, fsync the directory.
+
+    mode is set exactly (not through the umask). owner (uid, gid) is applied
+    before the rename when given and we may (root, or already that owner).
+    On any error the temp file is removed and the old file is untouched.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fchmod(fd, mode)
+            if owner is not None:
+                chown_if_allowed(fd, owner)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if sync_dir:
+        fsync_dir(path.parent)
+
+
+def chown_if_allowed(target: int | os.PathLike | str, owner: tuple[int, int]) -> None:
+    """chown to owner when running as root; otherwise leave our own uid (we may not give files away)."""
+    if os.geteuid() != 0:
+        return
+    uid, gid = owner
+    if isinstance(target, int):
+        os.fchown(target, uid, gid)
+    else:
+        os.chown(target, uid, gid, follow_symlinks=False)
+
+
+def make_dir(path: os.PathLike | str, mode: int, owner: tuple[int, int] | None) -> bool:
+    """mkdir with an exact mode and owner; False when it already existed."""
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        return False
+    os.chmod(path, mode)
+    if owner is not None:
+        chown_if_allowed(path, owner)
+    return True
+
+
+@contextlib.contextmanager
+def file_lock(lock_path: os.PathLike | str) -> Iterator[None]:
+    """Hold an exclusive POSIX record lock (fcntl, as vpopmail's file_lock.c) on lock_path."""
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

@@ -1,0 +1,287 @@
+"""`Accounts`: one cached, self-refreshing view of a qmail + vpopmail box's accounts.
+
+Owns the answers local delivery, RCPT validation, SMTP AUTH and POP3 need:
+
+    address ──control/virtualdomains──▶ `DOM-joe@DOM` ──users/assign──▶ home DOMDIR, ext `joe`
+            ──DOMDIR/vpasswd(.cdb)──▶ VUser joe (crypted, dir, quota, flags)
+
+What is cached, and when it is looked at again (never more than once per
+`recheck_seconds` per item, so the number of stat calls is bounded whatever
+the lookup rate):
+
+| item | files compared (inode, size, mtime) |
+|---|---|
+| domain rewrite | control/{me,locals,virtualdomains,percenthack,envnoathost} |
+| assign table | users/cdb, users/assign |
+| one domain's users | DOMDIR/vpasswd.cdb, DOMDIR/vpasswd (cdb wins when present) |
+| `.qmail*` names in a directory | the directory itself (re-scanned while its mtime is < 2 s old: a same-tick change must not be missed) |
+| a `.qmail-default`'s meaning | the file |
+
+Files are read whole and writers replace them by rename, so a snapshot is
+never half-read. Lookups are dict / cdb probes: their cost does not grow with
+the number of users or domains.
+
+An unreadable or corrupt file raises AccountsError: delivery must treat that
+as a temporary failure (qmail-lspawn's `Trouble reading users/cdb`), never as
+"no such user". This module never writes anything.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.accounts.assign import ASSIGN_FILE, CDB_FILE, Assign, AssignError, Assignment, load_assign
+from engine.accounts.files import FileKey, read_whole, stat_key
+from engine.accounts.vpasswd import VPASSWD, VPASSWD_CDB, VpasswdError, VpopDomain, VUser
+from engine.config.domains import DomainConfig, DomainConfigError, ascii_lower, load_domain_config
+
+_CONTROL_FILES = ("me", "locals", "virtualdomains", "percenthack", "envnoathost")
+_RACY_NS = 2_000_000_000
+
+
+class AccountsError(Exception):
+    """An account file exists but cannot be read or parsed (deliveries defer)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Mailbox:
+    """A vpopmail user found for an address."""
+    address: str            # the address asked about
+    domain: str             # its domain, lower-case
+    domain_dir: str         # the domain directory (users/assign's home)
+    user: VUser
+    assignment: Assignment  # uid/gid deliveries run as
+
+    @property
+    def maildir(self) -> str:
+        return self.user.maildir
+
+
+@dataclass(frozen=True, slots=True)
+class DefaultDelivery:
+    """What a `.qmail-default` does with an unknown user."""
+    vdelivermail: bool      # runs vpopmail's vdelivermail
+    argument: str           # vdelivermail's ARG (bounce-no-mailbox, delete, address, dir) or ""
+
+    @property
+    def bounces(self) -> bool:
+        return self.vdelivermail and self.argument == "bounce-no-mailbox"
+
+
+def parse_qmail_default(text: str) -> DefaultDelivery:
+    """Read a .qmail-default: vdelivermail's ARG when it is vpopmail's line."""
+    for line in text.split("\n"):
+        line = line.rstrip(" \t")
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("|") and "vdelivermail" in line:
+            try:
+                argv = shlex.split(line[1:])
+            except ValueError:
+                argv = line[1:].split()
+            if argv and argv[0].endswith("vdelivermail"):
+                return DefaultDelivery(True, argv[2] if len(argv) >= 3 else "")
+        return DefaultDelivery(False, "")
+    return DefaultDelivery(False, "")  # comments only / empty: qmail-local delivers by default
+
+
+def safe_ext(ext: str) -> str:
+    """qmail-local's safeext: lower-case (ASCII), `.` → `:`."""
+    return ascii_lower(ext).replace(".", ":")
+
+
+def default_candidates(dash: str, ext: str) -> list[str]:
+    """The `.qmail` names qmail-local tries for ext, in order (spec QB §3.4)."""
+    safe = safe_ext(ext)
+    names = [f".qmail{dash}{safe}"]
+    for i in range(len(safe), -1, -1):
+        if i == 0 or safe[i - 1] == "-":
+            names.append(f".qmail{dash}{safe[:i]}default")
+    return names
+
+
+class _Entry:
+    __slots__ = ("value", "keys", "checked", "racy")
+
+    def __init__(self, value: Any, keys: tuple, checked: float, racy: bool) -> None:
+        self.value, self.keys, self.checked, self.racy = value, keys, checked, racy
+
+
+class Accounts:
+    """The accounts under ROOT, re-read when their files change."""
+
+    def __init__(self, root: os.PathLike | str, *, recheck_seconds: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.root = Path(root)
+        self.recheck_seconds = recheck_seconds
+        self._clock = clock
+        self._cache: dict[tuple, _Entry] = {}
+
+    # -- the cache ---------------------------------------------------------
+    def _cached(self, key: tuple, paths: tuple[str, ...], load: Callable[[], Any],
+                *, directory: bool = False) -> Any:
+        now = self._clock()
+        entry = self._cache.get(key)
+        if entry is not None and not entry.racy and now - entry.checked < self.recheck_seconds:
+            return entry.value
+        keys = tuple(stat_key(p) for p in paths)
+        if entry is not None and entry.keys == keys and not entry.racy:
+            entry.checked = now
+            return entry.value
+        value = load()
+        racy = directory and any(k is not None and time.time_ns() - k.mtime_ns < _RACY_NS for k in keys)
+        self._cache[key] = _Entry(value, keys, now, racy)
+        return value
+
+    def forget(self) -> None:
+        """Drop every snapshot (the next lookup re-reads)."""
+        self._cache.clear()
+
+    # -- the three tables --------------------------------------------------
+    def domain_config(self) -> DomainConfig:
+        control = self.root / "control"
+
+        def load() -> DomainConfig:
+            try:
+                return load_domain_config(self.root)
+            except DomainConfigError as exc:
+                raise AccountsError(str(exc)) from exc
+        return self._cached(("control",), tuple(str(control / n) for n in _CONTROL_FILES), load)
+
+    def assign(self) -> Assign:
+        def load() -> Assign:
+            try:
+                return load_assign(self.root)
+            except (AssignError, OSError) as exc:
+                raise AccountsError(f"trouble reading users/cdb: {exc}") from exc
+        return self._cached(("assign",), (str(self.root / CDB_FILE), str(self.root / ASSIGN_FILE)), load)
+
+    def domain(self, directory: str) -> VpopDomain | None:
+        """The vpopmail users of a domain directory, or None when it has no vpasswd."""
+        cdb_path = os.path.join(directory, VPASSWD_CDB)
+        text_path = os.path.join(directory, VPASSWD)
+
+        def load() -> VpopDomain | None:
+            try:
+                got = read_whole(cdb_path)
+                if got is not None:
+                    return VpopDomain.from_cdb(directory, got[0])
+                got = read_whole(text_path)
+                if got is not None:
+                    return VpopDomain.from_text(directory, got[0].decode("utf-8", "surrogateescape"))
+                return None
+            except (VpasswdError, OSError) as exc:
+                raise AccountsError(f"trouble reading {cdb_path}: {exc}") from exc
+        return self._cached(("vpasswd", directory), (cdb_path, text_path), load)
+
+    def _qmail_names(self, directory: str) -> frozenset[str]:
+        def load() -> frozenset[str]:
+            try:
+                with os.scandir(directory) as it:
+                    return frozenset(e.name for e in it if e.name.startswith(".qmail"))
+            except (FileNotFoundError, NotADirectoryError):
+                return frozenset()
+            except OSError as exc:
+                raise AccountsError(f"trouble reading {directory}: {exc.strerror}") from exc
+        return self._cached(("dir", directory), (directory,), load, directory=True)
+
+    def _qmail_file(self, path: str) -> tuple[bytes, FileKey] | None:
+        def load():
+            try:
+                return read_whole(path)
+            except OSError as exc:
+                raise AccountsError(f"trouble reading {path}: {exc.strerror}") from exc
+        return self._cached(("qmail", path), (path,), load)
+
+    def _default_delivery(self, path: str) -> DefaultDelivery | None:
+        got = self._qmail_file(path)
+        if got is None:
+            return None
+        return parse_qmail_default(got[0].decode("utf-8", "surrogateescape"))
+
+    # -- answers -----------------------------------------------------------
+    def route(self, address: str) -> tuple[str, Assignment] | None:
+        """(domain, assignment) for a local address, None when remote or unassigned."""
+        channel, rewritten = self.domain_config().resolve(address)
+        if channel != "local":
+            return None
+        at = rewritten.rfind("@")
+        assignment = self.assign().lookup(rewritten[:at] if at >= 0 else rewritten)
+        if assignment is None:
+            return None
+        return ascii_lower(rewritten[at + 1:]), assignment
+
+    def vpop_domain(self, domain: str) -> tuple[Assignment, VpopDomain] | None:
+        """A vpopmail domain by name, through its users/assign `+DOMAIN-` line (vget_assign)."""
+        assignment = self.assign().wildcard(ascii_lower(domain) + "-")
+        if assignment is None:
+            return None
+        users = self.domain(assignment.home)
+        return None if users is None else (assignment, users)
+
+    def mailbox(self, address: str) -> Mailbox | None:
+        """The vpopmail user an address reaches, or None.
+
+        Only the vpasswd user is looked up: a `.qmail-NAME` alias file that
+        shadows the user for delivery is accepts()'s and delivery's business.
+        """
+        routed = self.route(address)
+        if routed is None:
+            return None
+        domain, assignment = routed
+        if not assignment.dash or not assignment.ext:
+            return None
+        users = self.domain(assignment.home)
+        if users is None:
+            return None
+        user = users.user(assignment.ext)
+        if user is None:
+            return None
+        return Mailbox(address, domain, assignment.home, user, assignment)
+
+    def accepts(self, address: str) -> bool:
+        """Would local delivery find somewhere to put mail for this local address?
+
+        True for a vpopmail user (unless flagged BOUNCE_MAIL), an alias file
+        (`.qmail-LOCAL`, `.` as `:`), an extension matched by a
+        `.qmail-EXT-default` (qmail-local's search order), or a `.qmail-default`
+        catch-all that is not vdelivermail's `bounce-no-mailbox`. Remote
+        addresses answer False (not ours to judge). A local address users/assign
+        does not know goes to qmail-getpw/alias, which this module does not
+        model: True (qmail would accept it too).
+        """
+        channel, rewritten = self.domain_config().resolve(address)
+        if channel != "local":
+            return False
+        at = rewritten.rfind("@")
+        local = rewritten[:at]
+        if not local:
+            return True  # qmail-lspawn's trash: accepted, silently dropped
+        assignment = self.assign().lookup(local)
+        if assignment is None:
+            return True
+        home, dash, ext = assignment.home, assignment.dash, assignment.ext
+        if not dash and not ext:
+            return True  # the user's own .qmail or defaultdelivery
+        names = self._qmail_names(home)
+        candidates = default_candidates(dash, ext)
+        found = next((n for n in candidates if n in names), None)
+        if found is None:
+            return not dash
+        if found != f".qmail{dash}default":
+            return True  # alias or EXT-default
+        default = self._default_delivery(os.path.join(home, found))
+        if default is None:  # removed since the directory was listed
+            return not dash
+        if not default.vdelivermail:
+            return True
+        users = self.domain(home)
+        user = users.user(ext) if users is not None else None
+        if user is not None:
+            return not user.bounce_mail
+        return not default.bounces
