@@ -11,9 +11,9 @@ envelope are synced in the writer's segment (the commit point); the
 writer's index has it a moment later (both calls: the protocol has no
 "wait for the index" flag, receivers never need one).
 
-Frames (big-endian), each preceded by its length (u32):
-    request   id u64 | pid u32 | uid u32 | origin u8 | sender (u32 len + bytes)
-              | nrcpt u32 | nrcpt × (u32 len + bytes) | message bytes
+Frames (engine.ipc), the request's size bounded by `[spool] max_frame_bytes`:
+    request   id u64 | pid u32 | uid u32 | origin u8 | sender (text)
+              | recipients (count + texts) | message bytes
     response  id u64 | status u8 (0 ok, 1 write error, 2 other error)
               | ok: msgid u64 ; else: error text (utf-8)
 A lost connection fails every request in flight with SpoolWriteError (the
@@ -26,72 +26,50 @@ import asyncio
 import itertools
 import os
 import socket
-import struct
 import threading
 import time
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable
 
+from engine import ipc
 from engine.config.settings import SpoolSettings
+from engine.ipc import FrameError
 from engine.queue import records as R
 from engine.queue.spool import Spool
 from engine.queue.values import Envelope, SpoolError, SpoolWriteError
 
-_LEN = struct.Struct(">I")
-_REQ_HEAD = struct.Struct(">QIIB")
-_RESP_HEAD = struct.Struct(">QB")
-_U64 = struct.Struct(">Q")
 OK, WRITE_ERROR, OTHER_ERROR = 0, 1, 2
 WRITER_SOCKET = "writer.sock"     # in the queue directory
-
-
-class FrameError(ValueError):
-    """A frame that does not follow the protocol."""
+# Responses are an id, a status and a short text: far below this.
+MAX_RESPONSE = 64 * 1024
 
 
 def encode_request(reqid: int, envelope: Envelope, message: bytes) -> bytes:
-    parts = [_REQ_HEAD.pack(reqid, envelope.pid, envelope.uid,
-                            R.ORIGIN_CODES[envelope.origin])]
-    sender = R.encode_text(envelope.sender)
-    parts += [_LEN.pack(len(sender)), sender, _LEN.pack(len(envelope.recipients))]
-    for rcpt in envelope.recipients:
-        raw = R.encode_text(rcpt)
-        parts += [_LEN.pack(len(raw)), raw]
-    parts.append(message)
-    body = b"".join(parts)
-    return _LEN.pack(len(body)) + body
+    # The writer refuses a request over [spool] max_frame_bytes (the receivers'
+    # message size limit is far below it).
+    return (ipc.Body().u64(reqid).u32(envelope.pid).u32(envelope.uid)
+            .u8(R.ORIGIN_CODES[envelope.origin]).text(envelope.sender)
+            .texts(envelope.recipients).rest(message).frame(1 << 62))
 
 
 def decode_request(body: bytes) -> tuple[int, Envelope, bytes]:
-    try:
-        reqid, pid, uid, origin = _REQ_HEAD.unpack_from(body)
-        pos = _REQ_HEAD.size
-
-        def take() -> bytes:
-            nonlocal pos
-            (n,) = _LEN.unpack_from(body, pos)
-            pos += _LEN.size
-            if pos + n > len(body):
-                raise FrameError("field runs past the frame")
-            raw = body[pos:pos + n]
-            pos += n
-            return raw
-        sender = take()
-        (nrcpt,) = _LEN.unpack_from(body, pos)
-        pos += _LEN.size
-        rcpts = tuple(R.decode_text(take()) for _ in range(nrcpt))
-    except struct.error as exc:
-        raise FrameError(str(exc)) from None
+    f = ipc.Fields(body)
+    reqid, pid, uid, origin = f.u64(), f.u32(), f.u32(), f.u8()
+    sender = f.text()
+    rcpts = tuple(f.texts())
     if origin not in R.ORIGIN_NAMES:
         raise FrameError(f"unknown origin {origin}")
-    return reqid, Envelope(R.decode_text(sender), rcpts, pid, uid,
-                           R.ORIGIN_NAMES[origin]), body[pos:]
+    return reqid, Envelope(sender, rcpts, pid, uid, R.ORIGIN_NAMES[origin]), f.rest()
 
 
 def encode_response(reqid: int, status: int, payload: bytes) -> bytes:
-    body = _RESP_HEAD.pack(reqid, status) + payload
-    return _LEN.pack(len(body)) + body
+    return ipc.Body().u64(reqid).u8(status).rest(payload).frame(MAX_RESPONSE)
+
+
+def decode_response(body: bytes) -> tuple[int, int, bytes]:
+    f = ipc.Fields(body)
+    return f.u64(), f.u8(), f.rest()
 
 
 class SpoolWriterServer:
@@ -135,15 +113,12 @@ class SpoolWriterServer:
         pending: set[asyncio.Task] = set()
         self._connections.add(writer)
         try:
-            while True:
-                (n,) = _LEN.unpack(await reader.readexactly(_LEN.size))
-                if n > limit:
-                    raise FrameError(f"frame of {n} bytes exceeds spool.max_frame_bytes")
-                reqid, envelope, message = decode_request(await reader.readexactly(n))
+            while (body := await ipc.read_frame(reader, limit)) is not None:
+                reqid, envelope, message = decode_request(body)
                 task = asyncio.ensure_future(self._one(writer, reqid, envelope, message))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
-        except (asyncio.IncompleteReadError, ConnectionError, FrameError):
+        except (ConnectionError, FrameError):
             pass
         except asyncio.CancelledError:
             # The loop is shutting down: end this connection quietly (a traceback
@@ -159,7 +134,7 @@ class SpoolWriterServer:
                    message: bytes) -> None:
         try:
             msgid = await self.spool.submit(envelope, message)
-            frame = encode_response(reqid, OK, _U64.pack(msgid))
+            frame = encode_response(reqid, OK, ipc.U64.pack(msgid))
         except SpoolWriteError as exc:
             frame = encode_response(reqid, WRITE_ERROR, str(exc).encode())
         except SpoolError as exc:
@@ -261,35 +236,30 @@ class SpoolClient:
         return await asyncio.wrap_future(self._put(envelope, message))
 
     def _read_responses(self, sock: socket.socket) -> None:
-        buf = bytearray()
+        frames = ipc.FrameBuffer(MAX_RESPONSE)
         reason = "spool writer closed the connection"
         try:
             while True:
                 chunk = sock.recv(65536)
                 if not chunk:
                     break
-                buf += chunk
-                while len(buf) >= _LEN.size:
-                    (n,) = _LEN.unpack_from(buf)
-                    if len(buf) < _LEN.size + n:
-                        break
-                    body = bytes(buf[_LEN.size:_LEN.size + n])
-                    del buf[:_LEN.size + n]
-                    reqid, status = _RESP_HEAD.unpack_from(body)
-                    payload = body[_RESP_HEAD.size:]
+                for body in frames.feed(chunk):
+                    reqid, status, payload = decode_response(body)
                     with self._lock:
                         entry = self._pending.pop(reqid, None)
                     if entry is None:
                         continue
                     future = entry[1]
                     if status == OK:
-                        future.set_result(_U64.unpack(payload)[0])
+                        future.set_result(ipc.U64.unpack(payload)[0])
                     elif status == WRITE_ERROR:
                         future.set_exception(SpoolWriteError(payload.decode("utf-8", "replace")))
                     else:
                         future.set_exception(SpoolError(payload.decode("utf-8", "replace")))
         except OSError as exc:
             reason = f"spool writer connection lost: {exc.strerror or exc}"
+        except FrameError as exc:
+            reason = f"spool writer broke the protocol: {exc}"
         with self._lock:
             self._drop(sock, reason)
 
