@@ -99,7 +99,7 @@ def run(root: str, listen: tuple[str, ...], procs: int | None, dev: bool, port_f
 
     from engine.config.smtp import ConfigError
     from engine.smtp.listeners import ListenError, parse_listen
-    from engine.smtp.server import serve
+    from engine.run import serve
 
     base = Path(root)
     if dev and not (base / "control").exists():

@@ -22,6 +22,8 @@ are dropped and counted (delivery matters more than its log).
 """
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -88,6 +90,8 @@ class QmailSendLog:
         self.dropped = 0
         self._lines: list[bytes] = []
         self._fd: int | None = None
+        self._writers: int | None = None    # `lock`, held shared while writing
+        self._ino = 0
         self._size = 0
         self._last_label_ns = 0
         self._opened_once = False
@@ -167,32 +171,59 @@ class QmailSendLog:
                 pass
             os.close(self._fd)
             self._fd = None
+        if self._writers is not None:
+            os.close(self._writers)
+            self._writers = None
 
     def _open(self) -> None:
         path = self.dir / CURRENT
         if not self._opened_once:
             self._opened_once = True
-            self._adopt_previous(path)
+            self._join_writers(path)
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         # multilog: 0644 while in use, 0744 once cleanly finished.
         os.fchmod(self._fd, 0o644)
-        self._size = os.fstat(self._fd).st_size
+        st = os.fstat(self._fd)
+        self._size, self._ino = st.st_size, st.st_ino
 
-    def _adopt_previous(self, path: Path) -> None:
-        """A `current` left by a crash (still 0644) becomes `@<now>.u`, as multilog
-        does; one closed cleanly (0744) is appended to."""
+    def _join_writers(self, path: Path) -> None:
+        """Hold `lock` shared for as long as this process writes. The first
+        writer (no other holds it) adopts what a crash left: a `current` still
+        0644 becomes `@<now>.u`, as multilog does; one closed cleanly (0744) is
+        appended to. A later writer leaves `current` to the ones writing it."""
+        self._writers = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(self._writers, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fcntl.flock(self._writers, fcntl.LOCK_SH)
+            return
         try:
             st = os.stat(path)
+            if not st.st_mode & 0o100 and st.st_size > 0:
+                os.rename(path, self.dir / f"{self._next_label()}.u")
+                self._prune()
         except FileNotFoundError:
-            return
-        if st.st_mode & 0o100 or st.st_size == 0:
-            return
-        os.rename(path, self.dir / f"{self._next_label()}.u")
-        self._prune()
+            pass
+        finally:
+            fcntl.flock(self._writers, fcntl.LOCK_SH)
+
+    def _reopen_if_rotated(self) -> None:
+        """Another process rotated `current`: write to the new one."""
+        try:
+            moved = os.stat(self.dir / CURRENT).st_ino != self._ino
+        except FileNotFoundError:
+            moved = True
+        if moved:
+            os.close(self._fd)
+            self._open()
+        else:
+            self._size = os.fstat(self._fd).st_size
 
     def _write_lines(self) -> None:
         if self._fd is None:
             self._open()
+        else:
+            self._reopen_if_rotated()
         lines = self._lines
         soft_limit = self.max_bytes - 2000
         size = self._size
@@ -231,15 +262,28 @@ class QmailSendLog:
 
     def _rotate(self) -> None:
         assert self._fd is not None
-        os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = None
-        name = f"{self._next_label()}.s"
-        current = self.dir / CURRENT
-        os.rename(current, self.dir / name)
-        os.chmod(self.dir / name, 0o744)
-        self._open()
-        self._prune()
+        rotating = os.open(self.dir / "lock.rotate", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            # One process rotates at a time; one that finds `current` already
+            # rotated by another just writes to the new one.
+            fcntl.flock(rotating, fcntl.LOCK_EX)
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+            current = self.dir / CURRENT
+            try:
+                mine = os.stat(current).st_ino == self._ino
+            except FileNotFoundError:
+                mine = False
+            if mine:
+                name = f"{self._next_label()}.s"
+                os.rename(current, self.dir / name)
+                os.chmod(self.dir / name, 0o744)
+            self._open()
+            if mine:
+                self._prune()
+        finally:
+            os.close(rotating)
 
     def _next_label(self) -> str:
         now = self.clock_ns()
@@ -256,3 +300,30 @@ class QmailSendLog:
                 os.unlink(self.dir / rotated.pop(0))
             except FileNotFoundError:
                 pass
+
+
+def _plain(text: str) -> str:
+    # One line, printable: a LF becomes '/' as in logsafe, other controls '_'.
+    return "".join("/" if c == "\n" else "_" if c < " " or c == "\x7f" else c for c in text)
+
+
+class LogHandler(logging.Handler):
+    """`logging` records of qrelay's other processes (the supervisor, the
+    receivers) into the same ROOT/log, beside qmail-send's lines:
+    `warning: supervisor: receiver-0 (pid 4242) exited with status 111;
+    restarting`. Written at once: these are rare, and a record must not sit in
+    a buffer a fork would copy."""
+
+    def __init__(self, log: QmailSendLog, level: int = logging.INFO) -> None:
+        super().__init__(level)
+        self.log = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            word = ("info" if record.levelno < logging.WARNING else
+                    "warning" if record.levelno < logging.ERROR else "alert")
+            name = record.name.removeprefix("qrelay.")
+            self.log.line(f"{word}: {name}: {_plain(record.getMessage())}")
+            self.log.flush()
+        except Exception:
+            self.handleError(record)

@@ -5,8 +5,8 @@ it starts is its child (forked, so listening sockets and shared memory are
 inherited), so a service manager — or kill -9 of the process group — sees all of
 them. It owns only process lifetimes and signals:
 
-- a child that exits or is killed is restarted, with a backoff that grows while
-  it keeps dying quickly (0.1 s doubling to 10 s) and resets once it has run a while;
+- a child that exits or is killed is restarted, with engine.backoff's schedule
+  (0.1 s doubling to 10 s while it keeps dying quickly, reset once it has run a while);
 - TERM/INT: run `on_stop`, forward TERM to the children phase by phase
   (`ChildSpec.stop_phase`), each phase waiting up to `stop_grace` seconds before KILL;
 - HUP: forwarded to the children whose spec asks for it (the receivers reload);
@@ -15,8 +15,7 @@ them. It owns only process lifetimes and signals:
   (control files changed).
 
 It must never do a child's work itself, so a bug in a service can kill only that
-service's process. Other services (scheduler, delivery workers) join by adding a
-`ChildSpec`.
+service's process. Which children there are is engine.run's service table.
 """
 from __future__ import annotations
 
@@ -30,13 +29,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.backoff import Backoff
+
 log = logging.getLogger("qrelay.supervisor")
-
-BACKOFF_START = 0.1
-BACKOFF_MAX = 10.0
-# A child that ran this long before dying is restarted at once (backoff reset).
-HEALTHY_AFTER = 30.0
-
 
 @dataclass(slots=True, frozen=True)
 class ChildSpec:
@@ -60,8 +55,7 @@ class _Child:
     spec: ChildSpec
     slot: int
     process: Any = None
-    started: float = 0.0
-    backoff: float = BACKOFF_START
+    backoff: Backoff = field(default_factory=Backoff)
     restart_at: float = 0.0
     restarts: int = 0
 
@@ -122,7 +116,7 @@ class Supervisor:
         proc.daemon = False
         proc.start()
         child.process = proc
-        child.started = time.monotonic()
+        child.backoff.started()
         log.info("started %s pid %d", name, proc.pid)
 
     def _forward(self, signum: int) -> None:
@@ -149,10 +143,7 @@ class Supervisor:
             log.warning("%s-%d (pid %d) exited with status %s; restarting", child.spec.name, child.slot, pid, code)
             if child.spec.on_exit is not None:
                 child.spec.on_exit(child.slot)
-            if now - child.started > HEALTHY_AFTER:
-                child.backoff = BACKOFF_START
-            child.restart_at = now + child.backoff
-            child.backoff = min(child.backoff * 2, BACKOFF_MAX)
+            child.restart_at = now + child.backoff.died()
             child.restarts += 1
 
     def pids(self) -> list[int]:

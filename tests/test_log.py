@@ -122,7 +122,7 @@ def test_current_left_by_a_crash_becomes_dot_u(tmp_path):
     log = QmailSendLog(tmp_path, clock_ns=lambda: 1700000000_123456_000)
     log.end_msg(6)
     log.close()
-    assert sorted(os.listdir(tmp_path)) == ["@400000006553f10a075bcbf4.u", "current"]
+    assert sorted(os.listdir(tmp_path)) == ["@400000006553f10a075bcbf4.u", "current", "lock"]
     assert (tmp_path / "@400000006553f10a075bcbf4.u").read_text().endswith("torn line\n")
     assert _lines(tmp_path / "current")[0].endswith("end msg 6")
 
@@ -134,3 +134,46 @@ def test_buffer_is_bounded(tmp_path):
     assert log.dropped == 15
     log.close()
     assert len(_lines(tmp_path / "current")) == 10
+
+
+def test_several_processes_write_one_log(tmp_path):
+    """The supervisor, the receivers and the scheduler all write ROOT/log: a
+    later writer does not take the `current` in use for a crash's, and a
+    rotation by one is followed by the others (no line lands in a rotated file
+    after it was rotated, none is lost)."""
+    ticks = iter(range(1700000000_000000000, 1800000000_000000000, 1_000_000))
+    a = QmailSendLog(tmp_path, max_bytes=4096, max_files=50, clock_ns=lambda: next(ticks))
+    a.new_msg(0)
+    a.flush()
+    b = QmailSendLog(tmp_path, max_bytes=4096, max_files=50, clock_ns=lambda: next(ticks))
+    b.new_msg(1)
+    b.flush()
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".u")]
+    for i in range(2, 600):
+        (a if i % 2 == 0 else b).new_msg(i)
+        (a if i % 2 == 0 else b).flush()
+    a.close()
+    b.close()
+    rotated = sorted(n for n in os.listdir(tmp_path) if n.startswith("@"))
+    assert len(rotated) >= 3 and all(n.endswith(".s") for n in rotated)
+    lines = [line for n in [*rotated, "current"] for line in _lines(tmp_path / n)]
+    assert [int(line.rsplit(" ", 1)[1]) for line in lines] == list(range(600))
+    for name in rotated:
+        assert len((tmp_path / name).read_bytes()) <= 4096
+
+
+def test_logging_records_land_in_the_log(tmp_path):
+    import logging
+    from engine.log import LogHandler
+    log = QmailSendLog(tmp_path, clock_ns=lambda: 1700000000_123456_000)
+    logger = logging.getLogger("qrelay.test-log-handler")
+    handler = LogHandler(log)
+    logger.addHandler(handler)
+    try:
+        logger.warning("receiver-0 (pid %d) exited with status %d; restarting", 42, 111)
+        logger.error("two\nlines")
+    finally:
+        logger.removeHandler(handler)
+    texts = [line[26:] for line in _lines(tmp_path / "current")]
+    assert texts == ["warning: test-log-handler: receiver-0 (pid 42) exited with status 111; restarting",
+                     "alert: test-log-handler: two/lines"]
