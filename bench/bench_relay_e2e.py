@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -65,7 +64,8 @@ sys.path.insert(0, str(BENCH))
 from qrelay_process import QrelayProcess, QrelayStartError  # noqa: E402
 from sink import SinkProcess  # noqa: E402
 from smtpload.cli import (OneLineParser, UsageError, fail, nonneg_float, nonneg_int,  # noqa: E402
-                          parse_hostport, positive_int)
+                          parse_hostport, positive_int, run_main)
+from smtpload.process import free_port  # noqa: E402
 
 PROG = "bench_relay_e2e.py"
 PY = sys.executable
@@ -134,12 +134,6 @@ class Load:
     toml: str                 # extra qrelay.toml text ([spool] settings)
     env: dict[str, str]       # extra environment of qrelay (the slow-sync shim)
     idle: float
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_sink(sink: SinkProcess, n: int, load: Load, what: str) -> dict:
@@ -410,7 +404,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_main(main)

@@ -37,7 +37,6 @@ import json
 import os
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,17 +47,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from smtpload.cli import OneLineParser, fail, nonneg_int, positive_int  # noqa: E402
+from smtpload.cli import OneLineParser, fail, nonneg_int, positive_int, run_main  # noqa: E402
 from sink import SinkProcess  # noqa: E402
-from smtpload.process import terminate  # noqa: E402
+from smtpload.process import free_port, terminate, wait_greeting  # noqa: E402
 
 PROG = "compare_smtp_source.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tree_cpu(pid: int) -> float:
@@ -99,17 +92,9 @@ class SmtpSink:
             cmd += ["-u", "nobody"]  # smtp-sink refuses to run as root without it
         cmd += [f"127.0.0.1:{self.port}", "1024"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                if self.proc.poll() is not None:
-                    break
-                time.sleep(0.05)
-        self.stop()
-        fail(PROG, "smtp-sink did not start")
+        if wait_greeting("127.0.0.1", self.port, time.monotonic() + 10, self.proc) is None:
+            self.stop()
+            fail(PROG, "smtp-sink did not start")
 
     def stop(self) -> None:
         terminate(self.proc, 5)
@@ -230,7 +215,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_main(main)

@@ -19,7 +19,6 @@ import asyncio
 import json
 import multiprocessing
 import multiprocessing.connection
-import os
 import signal
 import socket
 import sys
@@ -30,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from smtpload.cli import (OneLineParser, UsageError, fail, install_uvloop, nonneg_float,  # noqa: E402
-                          nonneg_int, parse_hostport, positive_int, write_json_atomic)
+                          nonneg_int, parse_hostport, positive_int, run_main, write_json_atomic)
 from smtpload.client import FloodConfig, FloodRun, FloodStats, validate_templates  # noqa: E402
 from smtpload.message import MessageError, load_eml_dir, synthetic  # noqa: E402
 
@@ -374,9 +373,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except BrokenPipeError:
-        os._exit(1)
+    run_main(main)

@@ -67,7 +67,7 @@ class QrelayProcess:
         if port is None:
             self._fail("did not write its port file")
         self.port: int = port
-        if wait_greeting("127.0.0.1", port, deadline) is None:
+        if wait_greeting("127.0.0.1", port, deadline, self.proc) is None:
             self._fail(f"never greeted on port {port}")
 
     @property

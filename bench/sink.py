@@ -34,7 +34,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from smtpload.cli import (OneLineParser, UsageError, fail, install_uvloop, nonneg_float,  # noqa: E402
-                          nonneg_int, parse_hostport, percent, positive_int, write_json_atomic)
+                          nonneg_int, parse_hostport, percent, positive_int, run_main,
+                          write_json_atomic)
 from smtpload.server import MAX_STORED_MESSAGE, SinkConfig, SinkServer, SinkStats  # noqa: E402
 from smtpload.process import terminate, wait_port_file  # noqa: E402
 
@@ -399,7 +400,4 @@ class SinkProcess:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_main(main)

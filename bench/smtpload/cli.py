@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 EXIT_USAGE = 2
 
@@ -48,22 +48,20 @@ def parse_hostport(text: str, default_host: str = "127.0.0.1") -> tuple[str, int
 
 
 def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
-    return value
+    return int_at_least(text, 1)
 
 
 def nonneg_int(text: str) -> int:
+    return int_at_least(text, 0)
+
+
+def int_at_least(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be >= {least}: {text!r}")
     return value
 
 
@@ -90,6 +88,17 @@ def write_json_atomic(path: str, text: str) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def run_main(main: Callable[[], int]) -> NoReturn:
+    """A tool's `__main__`: exit with main()'s status; Ctrl-C is status 130 and
+    a closed stdout (`| head`) status 1, neither with a traceback."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:
+        os._exit(1)
 
 
 def install_uvloop():

@@ -32,14 +32,15 @@ def wait_port_file(proc: subprocess.Popen, path: Path, deadline: float) -> int |
         time.sleep(PORT_FILE_POLL)
 
 
-def wait_greeting(host: str, port: int, deadline: float) -> bytes | None:
+def wait_greeting(host: str, port: int, deadline: float,
+                  proc: subprocess.Popen | None = None) -> bytes | None:
     """Connect and read the server's first reply line; its bytes, or None if
-    none arrived by the monotonic `deadline`. The listening socket exists before
-    the port file does, so the connection waits in the backlog until a server
-    process accepts it: the 220 is the moment a receiver serves."""
+    none arrived by the monotonic `deadline` (or `proc` exited). A server that
+    listens before it says so (qrelay's port file) holds the connection in the
+    backlog until a process accepts it: the 220 is the moment one serves."""
     while True:
         left = deadline - time.monotonic()
-        if left <= 0:
+        if left <= 0 or (proc is not None and proc.poll() is not None):
             return None
         try:
             with socket.create_connection((host, port), timeout=left) as s:
@@ -55,6 +56,14 @@ def wait_greeting(host: str, port: int, deadline: float) -> bytes | None:
             pass
         # Refused or closed before a greeting: the server is still starting.
         time.sleep(PORT_FILE_POLL)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on at this moment: for a child that
+    cannot take port 0, or as a destination that refuses connections."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def terminate(proc: subprocess.Popen, timeout: float) -> None:
