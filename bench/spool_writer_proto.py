@@ -19,14 +19,12 @@ import os
 import signal
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from spool_bench_lib import ENVELOPE, MESSAGE, enqueue_rate  # noqa: E402
+from spool_bench_lib import enqueue_rate  # noqa: E402
 
 from engine.queue import Spool  # noqa: E402
 
@@ -46,35 +44,26 @@ def writer_process(path: str, sock_path: str, ready: mp.Event, stop: mp.Event) -
 def socket_producer(sock_path: str, threads: int, seconds: float, out: mp.Queue) -> None:
     from engine.queue.writer import SpoolClient
     client = SpoolClient(sock_path)
-    counts = [0] * threads
-    stop = time.monotonic() + seconds
-
-    def produce(k: int) -> None:
-        n = 0
-        while time.monotonic() < stop:
-            client.enqueue(ENVELOPE, MESSAGE)
-            n += 1
-        counts[k] = n
-    t0 = time.monotonic()
-    ts = [threading.Thread(target=produce, args=(k,)) for k in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    out.put(sum(counts) / (time.monotonic() - t0))
-    client.close()
+    try:
+        out.put(enqueue_rate(client, threads, seconds))  # the client enqueues like a Spool
+    finally:
+        client.close()
 
 
-def run_lmdb(path: str, procs: int, threads: int, seconds: float) -> float:
+def run_producers(target, args: tuple, procs: int) -> float:
+    """Messages/s of `procs` processes running target(*args, out), summed."""
     out: mp.Queue = mp.Queue()
-    ps = [mp.Process(target=lmdb_producer, args=(path, threads, seconds, out))
-          for _ in range(procs)]
+    ps = [mp.Process(target=target, args=(*args, out)) for _ in range(procs)]
     for p in ps:
         p.start()
     total = sum(out.get(timeout=120) for _ in ps)
     for p in ps:
         p.join()
     return total
+
+
+def run_lmdb(path: str, procs: int, threads: int, seconds: float) -> float:
+    return run_producers(lmdb_producer, (path, threads, seconds), procs)
 
 
 def run_socket(path: str, procs: int, threads: int, seconds: float) -> float:
@@ -84,14 +73,7 @@ def run_socket(path: str, procs: int, threads: int, seconds: float) -> float:
     w.start()
     try:
         ready.wait(30)
-        out: mp.Queue = mp.Queue()
-        ps = [mp.Process(target=socket_producer, args=(sock_path, threads, seconds, out))
-              for _ in range(procs)]
-        for p in ps:
-            p.start()
-        total = sum(out.get(timeout=120) for _ in ps)
-        for p in ps:
-            p.join()
+        total = run_producers(socket_producer, (sock_path, threads, seconds), procs)
     finally:
         os.kill(w.pid, signal.SIGTERM)
         w.join(30)
