@@ -58,8 +58,9 @@ class _DirState:
 class DirSync:
     """fsync a directory after a link, sharing one fsync among concurrent callers."""
 
-    def __init__(self, fsync=os.fsync) -> None:
+    def __init__(self, fsync=os.fsync, *, share: bool = True) -> None:
         self._fsync = fsync
+        self._share = share     # False: every caller pays its own fsync (bench baseline)
         self._lock = threading.Lock()
         self._dirs: dict[str, _DirState] = {}
         self.fsyncs = 0       # directory fsyncs actually done (for bench and tests)
@@ -83,6 +84,11 @@ class DirSync:
     def sync(self, path: str) -> None:
         """Return once an fsync of `path` that started after this call began has
         finished. Raises OSError if the fsync that was to cover us failed."""
+        if not self._share:
+            with self._lock:
+                self.requests += 1
+            self._fsync_dir(path)
+            return
         st = self._enter(path)
         try:
             with st.cond:

@@ -1,0 +1,167 @@
+"""Durable Maildir writes: unique names, fsyncs before success, shared directory
+syncs, failure injection, 200 concurrent deliveries into one mailbox."""
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import threading
+import time
+
+import pytest
+
+from engine.delivery.local import LocalDelivery
+from engine.delivery.local.accounts import FileAccounts
+from engine.delivery.local.maildir import DirSync, MaildirError, MaildirWriter
+from tests.test_local_fixtures import (GID, MSG, MSG_LF, UID, config, make_home, make_maildir,
+                                       new_messages, write_assign, write_qmail)
+
+
+def wait_for(pred, timeout: float = 10.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(0.005)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def is_dir_fd(fd: int) -> bool:
+    return stat.S_ISDIR(os.fstat(fd).st_mode)
+
+
+def test_names_are_unique_within_one_second(tmp_path):
+    w = MaildirWriter("mx/a:b", clock=lambda: 1700000000.25)
+    names = {w.unique_name() for _ in range(1000)}
+    assert len(names) == 1000
+    assert next(iter(names)).startswith("1700000000.M250000P")
+    assert all(n.endswith(".mx\\057a\\072b") for n in names)
+
+
+def test_fsync_order_file_then_directory(tmp_path):
+    md = make_maildir(tmp_path / "Maildir")
+    calls = []
+
+    def fsync(fd):
+        calls.append("dir" if is_dir_fd(fd) else "file")
+        os.fsync(fd)
+    w = MaildirWriter("h", fsync=fsync)
+    name = w.deliver(str(md), [b"a\n", b"b\n"], size_suffix=True)
+    assert calls == ["file", "dir"]
+    assert name.endswith(",S=4")
+    assert (md / "new" / name).read_bytes() == b"a\nb\n"
+    assert (md / "new" / name).stat().st_mode & 0o777 == 0o600
+    assert os.listdir(md / "tmp") == []
+
+
+def test_file_fsync_failure_leaves_nothing(tmp_path):
+    md = make_maildir(tmp_path / "Maildir")
+
+    def fsync(fd):
+        raise OSError(5, "Input/output error")
+    with pytest.raises(MaildirError):
+        MaildirWriter("h", fsync=fsync).deliver(str(md), [b"x\n"])
+    assert os.listdir(md / "tmp") == [] and os.listdir(md / "new") == []
+
+
+def test_directory_fsync_failure_takes_the_link_back(tmp_path):
+    md = make_maildir(tmp_path / "Maildir")
+
+    def fsync(fd):
+        if is_dir_fd(fd):
+            raise OSError(5, "Input/output error")
+        os.fsync(fd)
+    with pytest.raises(MaildirError):
+        MaildirWriter("h", fsync=fsync).deliver(str(md), [b"x\n"])
+    assert os.listdir(md / "tmp") == [] and os.listdir(md / "new") == []
+
+
+def test_courier_reports_fsync_failure_as_deferral(tmp_path):
+    home = make_home(tmp_path / "joe")
+    md = make_maildir(home / "Maildir")
+    write_assign(tmp_path, [f"=joe:joe:{UID}:{GID}:{home}:::"])
+
+    def fsync(fd):
+        raise OSError(28, "No space left on device")
+    from engine.delivery.local import deliver_one
+    r = deliver_one(config(), FileAccounts(tmp_path), "", "joe@h", MSG,
+                    writer=MaildirWriter("h", fsync=fsync))
+    assert (r.status, r.text) == ("Z", "Temporary error on maildir delivery. (#4.3.0)\n")
+    assert new_messages(md) == []
+
+
+def test_directory_syncs_are_shared(tmp_path):
+    """While one fsync of new/ is in flight, the deliveries that link meanwhile
+    all wait for the next one: N deliveries, 2 directory fsyncs."""
+    md = make_maildir(tmp_path / "Maildir")
+    gate = threading.Event()
+    first = threading.Event()
+    lock = threading.Lock()
+    dir_calls = []
+
+    def fsync(fd):
+        if is_dir_fd(fd):
+            with lock:
+                dir_calls.append(fd)
+                n = len(dir_calls)
+            if n == 1:
+                first.set()
+                gate.wait(10)
+        os.fsync(fd)
+    w = MaildirWriter("h", fsync=fsync)
+    errors = []
+
+    def one():
+        try:
+            w.deliver(str(md), [b"x\n"])
+        except Exception as exc:        # pragma: no cover - reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=one) for _ in range(20)]
+    threads[0].start()
+    assert first.wait(10)
+    for t in threads[1:]:
+        t.start()
+    # all 19 others have linked and are waiting behind the fsync in flight
+    wait_for(lambda: sum(1 for n in os.listdir(md / "new")) == 20, what="20 links")
+    state = w.dirsync._dirs[str(md / "new")]
+    wait_for(lambda: state.linked == 20, what="20 waiters")
+    gate.set()
+    for t in threads:
+        t.join(10)
+    assert errors == []
+    assert len(dir_calls) == 2
+    assert w.dirsync.fsyncs == 2 and w.dirsync.requests == 20
+    assert w.dirsync._dirs == {}
+
+
+def test_unshared_dirsync_fsyncs_every_time(tmp_path):
+    md = make_maildir(tmp_path / "Maildir")
+    w = MaildirWriter("h", dirsync=DirSync(share=False))
+    for _ in range(3):
+        w.deliver(str(md), [b"x\n"])
+    assert w.dirsync.fsyncs == 3
+
+
+def test_200_concurrent_deliveries_to_one_mailbox(tmp_path):
+    home = make_home(tmp_path / "joe")
+    md = make_maildir(home / "Maildir")
+    write_assign(tmp_path, [f"=joe:joe:{UID}:{GID}:{home}:::"])
+    courier = LocalDelivery(config(), FileAccounts(tmp_path), max_threads=32)
+
+    async def main():
+        calls = [courier.deliver(f"s{i}@x.example", ["joe@mx.test"],
+                                 MSG + f"n={i}\r\n".encode(), msgid=i) for i in range(200)]
+        return await asyncio.gather(*calls)
+    try:
+        results = asyncio.run(main())
+    finally:
+        courier.close()
+    assert [r[0].status for r in results] == ["K"] * 200
+    got = new_messages(md)
+    assert len(got) == 200
+    expect = {(f"Return-Path: <s{i}@x.example>\nDelivered-To: joe@mx.test\n".encode()
+               + MSG_LF + f"n={i}\n".encode()) for i in range(200)}
+    assert set(got) == expect
+    assert os.listdir(md / "tmp") == []
+    assert courier.writer.dirsync.fsyncs <= 200
