@@ -132,10 +132,12 @@ def make_dir(path: os.PathLike | str, mode: int, owner: tuple[int, int] | None) 
 
 
 @contextlib.contextmanager
-def file_lock(lock_path: os.PathLike | str) -> Iterator[None]:
+def file_lock(lock_path: os.PathLike | str, owner: tuple[int, int] | None = None) -> Iterator[None]:
     """Hold an exclusive POSIX record lock (fcntl, as vpopmail's file_lock.c) on lock_path."""
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
+        if owner is not None:
+            chown_if_allowed(fd, owner)
         fcntl.lockf(fd, fcntl.LOCK_EX)
         yield
     finally:

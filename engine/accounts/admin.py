@@ -1,0 +1,713 @@
+"""vpopmail's admin commands as functions: vadddomain, vdeldomain, vadduser, vdeluser,
+vpasswd, valias, qmail-newu (the `qrelay domain|user|alias|newu` commands call these).
+
+Every write goes through files.atomic_write (temp file, fsync, rename, directory
+fsync), so a running server sees the old or the new file, never a torn one, and
+picks the change up at its next mtime poll. Read-modify-write cycles hold the
+lock files vpopmail itself uses (users/assign.lock for domain changes,
+DOMDIR/.vpasswd.lock for a domain's users), so our commands and vpopmail's may
+share a tree.
+
+Owner of what we create (decided once, in `domain_owner`): the first uid that is
+not 0 among `--uid/--gid`, the owner of ROOT/domains, the `vpopmail` user, the
+user running the command. qmail refuses to deliver as root, so a domain owned
+by uid 0 would bounce every message: with no other choice we refuse, in one
+line, and ask for `--uid/--gid` or a vpopmail user. Files are chown'ed only
+when running as root (nobody else may give files away).
+
+Modes follow vpopmail (umask 077): domain and user directories 0700, vpasswd,
+vpasswd.cdb and .qmail files 0600; users/assign, users/cdb and control files 0644.
+
+Bad input raises AdminError (the CLI: one line, exit status 2); OSError passes
+through (exit status 1).
+"""
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import shutil
+import tomllib
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.accounts import passwords
+from engine.accounts.assign import (
+    ASSIGN_FILE, AssignError, AssignLine, compile_assign, load_assign, parse_assign_line,
+)
+from engine.accounts.files import atomic_write, file_lock, make_dir, read_whole
+from engine.accounts.store import parse_qmail_default, safe_ext
+from engine.accounts.vpasswd import (
+    VPASSWD, VPASSWD_CDB, VPASSWD_LOCK, QuotaError, VUser, hash_subdir, normalize_quota,
+    parse_vpasswd, valid_domain_name, valid_user_name, vpasswd_cdb, vpasswd_text,
+)
+from engine.config.cdb import CdbError, CdbFile, newmrh
+from engine.config.control import read_list
+from engine.config.domains import ascii_lower
+
+VDELIVERMAIL = "/home/vpopmail/bin/vdelivermail"
+# vadddomain stops adding to rcpthosts at 50 lines and uses morercpthosts.
+RCPTHOSTS_MAX = 50
+DIR_MODE = 0o700
+SECRET_MODE = 0o600
+PUBLIC_MODE = 0o644
+_TARGET = re.compile(r"^[^\s@]+@[^\s@]+$")
+
+
+class AdminError(Exception):
+    """Bad input for an admin command (unknown domain, existing user, bad address, ...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AccountsOptions:
+    """The `[accounts]` table of ROOT/qrelay.toml."""
+    # Write vpasswd's eighth field (cleartext password), which CRAM-MD5 and
+    # APOP need. Off: a stolen vpasswd then holds only crypt strings.
+    keep_cleartext: bool = False
+
+
+def load_options(root: os.PathLike | str) -> AccountsOptions:
+    """Read `[accounts]` from ROOT/qrelay.toml (defaults when absent).
+
+    A local reader until engine/config/settings.py carries an AccountsSettings
+    section; it accepts only the keys it knows, like load_settings.
+    """
+    path = Path(root) / "qrelay.toml"
+    try:
+        data = tomllib.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        return AccountsOptions()
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise AdminError(f"{path}: {exc}") from None
+    table = data.get("accounts", {})
+    if not isinstance(table, dict):
+        raise AdminError(f"{path}: [accounts]: expected a table")
+    for key, value in table.items():
+        if key != "keep_cleartext":
+            raise AdminError(f"{path}: accounts: unknown setting {key!r}")
+        if not isinstance(value, bool):
+            raise AdminError(f"{path}: accounts.keep_cleartext: expected bool, got {type(value).__name__}")
+    return AccountsOptions(**table)
+
+
+# -- shared checks ---------------------------------------------------------
+def check_root(root: os.PathLike | str) -> Path:
+    base = Path(root)
+    if not base.is_dir():
+        raise AdminError(f"{root}: no such qrelay root (create it with `qrelay init {root}`)")
+    if not (base / "control").is_dir():
+        raise AdminError(f"{root}: not a qrelay root (no control/ directory)")
+    return base.absolute()
+
+
+def split_address(address: str) -> tuple[str, str]:
+    """(local part, lower-cased domain) of `user@domain`, or AdminError."""
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain:
+        raise AdminError(f"{address!r}: not a full email address (user@domain)")
+    return local, ascii_lower(domain)
+
+
+def _check_user(local: str, address: str) -> str:
+    name = ascii_lower(local)
+    why = valid_user_name(name)
+    if why:
+        raise AdminError(f"{address}: {why}")
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class DomainRef:
+    name: str
+    directory: Path
+    uid: int
+    gid: int
+
+    @property
+    def owner(self) -> tuple[int, int]:
+        return self.uid, self.gid
+
+
+def find_domain(root: Path, domain: str) -> DomainRef:
+    """A vpopmail domain by its users/assign `+DOMAIN-` line (as vget_assign)."""
+    try:
+        assignment = load_assign(root).wildcard(ascii_lower(domain) + "-")
+    except AssignError as exc:
+        raise AdminError(str(exc)) from None
+    if assignment is None:
+        raise AdminError(f"{domain}: no such domain (add it with `qrelay domain add`)")
+    directory = Path(assignment.home)
+    if not ((directory / VPASSWD).exists() or (directory / VPASSWD_CDB).exists()):
+        raise AdminError(f"{domain}: {directory} is not a vpopmail domain directory (no vpasswd)")
+    return DomainRef(ascii_lower(domain), directory, assignment.uid, assignment.gid)
+
+
+def read_users(directory: Path) -> list[VUser]:
+    """A domain's users from vpasswd (the master copy), else from vpasswd.cdb."""
+    got = read_whole(directory / VPASSWD)
+    if got is not None:
+        return list(parse_vpasswd(got[0].decode("utf-8", "surrogateescape")))
+    got = read_whole(directory / VPASSWD_CDB)
+    if got is None:
+        return []
+    try:
+        text = "".join((k + b":" + v + b"\n").decode("utf-8", "surrogateescape")
+                       for k, v in CdbFile(got[0]).items())
+    except CdbError as exc:
+        raise AdminError(str(exc)) from None
+    return list(parse_vpasswd(text))
+
+
+def write_users(ref: DomainRef, users: Iterable[VUser]) -> None:
+    """vpasswd then vpasswd.cdb (what lookups read), each atomically."""
+    users = list(users)
+    atomic_write(ref.directory / VPASSWD, vpasswd_text(users).encode("utf-8", "surrogateescape"),
+                 mode=SECRET_MODE, owner=ref.owner)
+    atomic_write(ref.directory / VPASSWD_CDB, vpasswd_cdb(users), mode=SECRET_MODE, owner=ref.owner)
+
+
+# -- control files ---------------------------------------------------------
+def _read_text(path: Path) -> str:
+    got = read_whole(path)
+    return "" if got is None else got[0].decode("utf-8", "surrogateescape")
+
+
+def _append_line(path: Path, line: str) -> None:
+    text = _read_text(path)
+    if text and not text.endswith("\n"):
+        text += "\n"
+    atomic_write(path, (text + line + "\n").encode("utf-8", "surrogateescape"), mode=PUBLIC_MODE)
+
+
+def _remove_lines(path: Path, drop) -> bool:
+    """Rewrite path without the lines drop(line) is true for; False when nothing changed."""
+    got = read_whole(path)
+    if got is None:
+        return False
+    lines = got[0].decode("utf-8", "surrogateescape").split("\n")
+    kept = [line for line in lines if not drop(line.rstrip(" \t"))]
+    if len(kept) == len(lines):
+        return False
+    atomic_write(path, "\n".join(kept).encode("utf-8", "surrogateescape"), mode=PUBLIC_MODE)
+    return True
+
+
+def _read_assign_lines(root: Path) -> list[str]:
+    """users/assign without its `.` end line (a missing file is an empty one)."""
+    text = _read_text(root / ASSIGN_FILE)
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        if line.startswith("."):
+            return lines[:i]
+    if text.strip():
+        raise AdminError(f"{root / ASSIGN_FILE}: bad format (no `.` line at the end); fix it by hand")
+    return []
+
+
+def _write_assign(root: Path, lines: list[str]) -> None:
+    body = "".join(line + "\n" for line in lines) + ".\n"
+    atomic_write(root / ASSIGN_FILE, body.encode("utf-8", "surrogateescape"), mode=PUBLIC_MODE)
+    try:
+        compile_assign(root)
+    except AssignError as exc:
+        raise AdminError(str(exc)) from None
+
+
+def newu(root: os.PathLike | str) -> int:
+    """qmail-newu: users/assign → users/cdb; the number of assignments."""
+    base = check_root(root)
+    if not (base / ASSIGN_FILE).is_file():
+        raise AdminError(f"{base / ASSIGN_FILE}: no such file")
+    try:
+        return compile_assign(base)
+    except AssignError as exc:
+        raise AdminError(f"{base / ASSIGN_FILE}: {exc}") from None
+
+
+# -- domains ---------------------------------------------------------------
+def domain_owner(root: Path, uid: int | None = None, gid: int | None = None) -> tuple[int, int]:
+    """(uid, gid) for a new domain: the first non-root choice (see the module docstring)."""
+    if uid is not None or gid is not None:
+        if uid is None or gid is None:
+            raise AdminError("give both --uid and --gid")
+        if uid == 0:
+            raise AdminError("refusing uid 0: qmail never delivers as root")
+        return uid, gid
+    candidates = []
+    try:
+        st = os.stat(root / "domains")
+        candidates.append((st.st_uid, st.st_gid))
+    except FileNotFoundError:
+        pass
+    try:
+        pw = pwd.getpwnam("vpopmail")
+        candidates.append((pw.pw_uid, pw.pw_gid))
+    except KeyError:
+        pass
+    candidates.append((os.getuid(), os.getgid()))
+    for cand in candidates:
+        if cand[0] != 0:
+            return cand
+    raise AdminError("no user to own the domain: qmail never delivers as root; "
+                     "create a vpopmail user (useradd -r vpopmail) or pass --uid and --gid")
+
+
+def qmail_default_line(argument: str) -> str:
+    return f"| {VDELIVERMAIL} '' {argument}\n"
+
+
+def add_domain(root: os.PathLike | str, domain: str, *, uid: int | None = None,
+               gid: int | None = None) -> DomainRef:
+    """vadddomain: ROOT/domains/DOMAIN with vpasswd, vpasswd.cdb, .qmail-default; rcpthosts,
+    virtualdomains, users/assign (+ users/cdb) updated."""
+    base = check_root(root)
+    name = ascii_lower(domain)
+    why = valid_domain_name(name)
+    if why:
+        raise AdminError(f"{domain}: {why}")
+    owner = domain_owner(base, uid, gid)
+    (base / "users").mkdir(mode=0o755, exist_ok=True)
+    with file_lock(base / "users" / "assign.lock"):
+        lines = _read_assign_lines(base)
+        key = f"+{name}-:"
+        if any(ascii_lower(line).startswith(key) for line in lines):
+            raise AdminError(f"{name}: domain exists (users/assign has +{name}-)")
+        vdoms = read_list(base / "control" / "virtualdomains", []) or []
+        if any(ascii_lower(v.split(":", 1)[0]) == name for v in vdoms):
+            raise AdminError(f"{name}: already in control/virtualdomains")
+        domains = base / "domains"
+        make_dir(domains, 0o755, owner)
+        directory = domains / name
+        if directory.exists():
+            raise AdminError(f"{directory}: exists; remove it or pick another domain")
+        make_dir(directory, DIR_MODE, owner)
+        ref = DomainRef(name, directory, *owner)
+        write_users(ref, [])
+        atomic_write(directory / ".qmail-default", qmail_default_line("bounce-no-mailbox").encode(),
+                     mode=SECRET_MODE, owner=owner)
+        line = AssignLine(True, f"{name}-", name, str(owner[0]), str(owner[1]), str(directory), "-", "")
+        _write_assign(base, lines + [line.text()])
+        _append_line(base / "control" / "virtualdomains", f"{name}:{name}")
+        _remove_lines(base / "control" / "locals", lambda x: ascii_lower(x) == name)
+        _add_rcpthost(base, name)
+    return ref
+
+
+def _add_rcpthost(base: Path, name: str) -> None:
+    control = base / "control"
+    hosts = read_list(control / "rcpthosts", []) or []
+    more = read_list(control / "morercpthosts", []) or []
+    if any(ascii_lower(h) == name for h in hosts + more):
+        return
+    if len(hosts) >= RCPTHOSTS_MAX:
+        _append_line(control / "morercpthosts", name)
+        newmrh(control)
+    else:
+        _append_line(control / "rcpthosts", name)
+
+
+def delete_domain(root: os.PathLike | str, domain: str) -> DomainRef:
+    """vdeldomain: the domain, its alias domains (same directory) and its tree."""
+    base = check_root(root)
+    ref = find_domain(base, domain)
+    with file_lock(base / "users" / "assign.lock"):
+        lines = _read_assign_lines(base)
+        names = set()
+        kept = []
+        for line in lines:
+            try:
+                entry = parse_assign_line(line)
+            except AssignError:
+                kept.append(line)
+                continue
+            if entry.wild and entry.local.endswith("-") and Path(entry.home) == ref.directory:
+                names.add(ascii_lower(entry.local[:-1]))
+                continue
+            kept.append(line)
+        _write_assign(base, kept)
+        control = base / "control"
+        _remove_lines(control / "virtualdomains", lambda x: ascii_lower(x.split(":", 1)[0]) in names)
+        _remove_lines(control / "rcpthosts", lambda x: ascii_lower(x) in names)
+        if _remove_lines(control / "morercpthosts", lambda x: ascii_lower(x) in names):
+            newmrh(control)
+    shutil.rmtree(ref.directory)
+    return ref
+
+
+@dataclass(frozen=True, slots=True)
+class DomainInfo:
+    name: str
+    directory: str
+    uid: int
+    gid: int
+    alias_of: str | None    # the real domain when this is an alias domain (vaddaliasdomain)
+
+
+def list_domains(root: os.PathLike | str) -> list[DomainInfo]:
+    """Every vpopmail domain (a users/assign `+NAME-` line whose home has a vpasswd)."""
+    base = check_root(root)
+    try:
+        table = load_assign(base)
+    except AssignError as exc:
+        raise AdminError(str(exc)) from None
+    out = []
+    for prefix, a in sorted(table.wildcards().items()):
+        if not prefix.endswith("-") or not prefix[:-1]:
+            continue
+        d = Path(a.home)
+        if not ((d / VPASSWD).exists() or (d / VPASSWD_CDB).exists()):
+            continue
+        name = prefix[:-1]
+        out.append(DomainInfo(name, a.home, a.uid, a.gid, None if a.user == name else a.user))
+    return out
+
+
+def set_catchall(root: os.PathLike | str, domain: str, target: str) -> str:
+    """DOMDIR/.qmail-default for unknown users: `bounce`, `delete` or an address."""
+    base = check_root(root)
+    ref = find_domain(base, domain)
+    if target == "bounce":
+        argument = "bounce-no-mailbox"
+    elif target == "delete":
+        argument = "delete"
+    elif _TARGET.match(target) and not target.startswith(("|", "/", "&", "-")) and "'" not in target:
+        argument = target
+    else:
+        raise AdminError(f"{target!r}: give an address (user@domain), `bounce` or `delete`")
+    line = qmail_default_line(argument)
+    atomic_write(ref.directory / ".qmail-default", line.encode("utf-8"), mode=SECRET_MODE, owner=ref.owner)
+    return line.rstrip("\n")
+
+
+# -- users -----------------------------------------------------------------
+def _make_maildir(user_dir: Path, owner: tuple[int, int]) -> None:
+    for d in (user_dir, user_dir / "Maildir", user_dir / "Maildir" / "cur",
+              user_dir / "Maildir" / "new", user_dir / "Maildir" / "tmp"):
+        make_dir(d, DIR_MODE, owner)
+
+
+def _user_dir(ref: DomainRef, index: int, name: str) -> Path:
+    sub = hash_subdir(index)
+    if not sub:
+        return ref.directory / name
+    parent = ref.directory
+    for part in sub.split("/"):
+        parent = parent / part
+        make_dir(parent, DIR_MODE, ref.owner)
+    return parent / name
+
+
+def _check_password(password: str) -> None:
+    if not password:
+        raise AdminError("empty password")
+    if "\0" in password or "\n" in password:
+        raise AdminError("a password cannot contain NUL or newline characters")
+
+
+def _clear_field(password: str, keep: bool) -> str | None:
+    if not keep:
+        return None
+    if ":" in password:
+        # the 8th field is the rest of the line; vpopmail itself splits on ':'
+        raise AdminError("with keep_cleartext a password cannot contain ':' (vpasswd's separator)")
+    return password
+
+
+def _quota(quota: str | None) -> str:
+    if quota is None:
+        return "NOQUOTA"
+    try:
+        return normalize_quota(quota)
+    except QuotaError as exc:
+        raise AdminError(str(exc)) from None
+
+
+def add_user(root: os.PathLike | str, address: str, password: str, *, quota: str | None = None,
+             gecos: str | None = None) -> VUser:
+    """vadduser: Maildir, vpasswd line (uid 1, gid 0, quota), vpasswd.cdb."""
+    base = check_root(root)
+    local, domain = split_address(address)
+    name = _check_user(local, address)
+    _check_password(password)
+    quota_field = _quota(quota)
+    keep = load_options(base).keep_cleartext
+    clear = _clear_field(password, keep)
+    ref = find_domain(base, domain)
+    gecos_text = (gecos if gecos is not None else name).replace(":", "").replace("\n", " ")[:48]
+    crypted = passwords.hash_password(password)
+    with file_lock(ref.directory / VPASSWD_LOCK, ref.owner):
+        users = read_users(ref.directory)
+        if any(ascii_lower(u.name) == name for u in users):
+            raise AdminError(f"{name}@{domain}: user exists")
+        user_dir = _user_dir(ref, len(users), name)
+        if user_dir.exists():
+            raise AdminError(f"{user_dir}: exists but is not in vpasswd; remove it first")
+        _make_maildir(user_dir, ref.owner)
+        user = VUser(name, crypted, 1, 0, gecos_text, str(user_dir), quota_field, clear)
+        write_users(ref, users + [user])
+    return user
+
+
+def find_user(root: os.PathLike | str, address: str) -> tuple[Path, DomainRef, str]:
+    base = check_root(root)
+    local, domain = split_address(address)
+    return base, find_domain(base, domain), ascii_lower(local)
+
+
+def delete_user(root: os.PathLike | str, address: str) -> VUser:
+    """vdeluser: the vpasswd line and the user's directory tree."""
+    _, ref, name = find_user(root, address)
+    default = parse_qmail_default(_read_text(ref.directory / ".qmail-default"))
+    with file_lock(ref.directory / VPASSWD_LOCK, ref.owner):
+        users = read_users(ref.directory)
+        user = next((u for u in users if ascii_lower(u.name) == name), None)
+        if user is None:
+            raise AdminError(f"{name}@{ref.name}: no such user")
+        if default.vdelivermail and default.argument.rstrip("/") in (
+                user.directory.rstrip("/"), f"{name}@{ref.name}"):
+            raise AdminError(f"{name}@{ref.name}: is the domain's catch-all; change it first "
+                             f"(qrelay domain catchall)")
+        write_users(ref, [u for u in users if u is not user])
+    user_dir = Path(user.directory)
+    # Only ever remove a tree inside the domain directory, whatever vpasswd says.
+    if user.directory and user_dir.is_dir() and ref.directory.resolve() in user_dir.resolve().parents:
+        shutil.rmtree(user_dir)
+    return user
+
+
+def set_password(root: os.PathLike | str, address: str, password: str) -> VUser:
+    """vpasswd: field 2 (and field 8 per keep_cleartext; a stale cleartext is never kept)."""
+    base, ref, name = find_user(root, address)
+    _check_password(password)
+    clear = _clear_field(password, load_options(base).keep_cleartext)
+    crypted = passwords.hash_password(password)
+    with file_lock(ref.directory / VPASSWD_LOCK, ref.owner):
+        users = read_users(ref.directory)
+        for i, u in enumerate(users):
+            if ascii_lower(u.name) == name:
+                users[i] = VUser(u.name, crypted, u.uid, u.gid, u.gecos, u.directory, u.quota, clear)
+                write_users(ref, users)
+                return users[i]
+    raise AdminError(f"{name}@{ref.name}: no such user")
+
+
+def list_users(root: os.PathLike | str, domain: str) -> list[VUser]:
+    base = check_root(root)
+    ref = find_domain(base, domain)
+    return sorted(read_users(ref.directory), key=lambda u: u.name)
+
+
+@dataclass(frozen=True, slots=True)
+class UserReport:
+    address: str
+    user: VUser
+    maildir: str
+    usage_bytes: int
+    usage_count: int
+    usage_source: str      # "maildirsize" or "walk"
+    scheme: str | None     # password scheme, None when unknown/empty
+
+
+def maildir_usage(maildir: Path) -> tuple[int, int, str]:
+    """(bytes, messages, source): maildirsize's sum when present, else a walk of new/ and cur/."""
+    got = read_whole(maildir / "maildirsize")
+    if got is not None:
+        size = count = 0
+        for line in got[0].decode("ascii", "replace").split("\n")[1:]:
+            parts = line.split()
+            if len(parts) >= 2:
+                try:
+                    size += int(parts[0])
+                    count += int(parts[1])
+                except ValueError:
+                    continue
+        return size, count, "maildirsize"
+    size = count = 0
+    folders = [maildir]
+    try:
+        folders += [maildir / e.name for e in os.scandir(maildir)
+                    if e.name.startswith(".") and e.name not in (".", "..", ".Trash") and e.is_dir()]
+    except FileNotFoundError:
+        return 0, 0, "walk"
+    for folder in folders:
+        for sub in ("new", "cur"):
+            try:
+                entries = list(os.scandir(folder / sub))
+            except FileNotFoundError:
+                continue
+            for e in entries:
+                if e.name.startswith("."):
+                    continue
+                m = re.search(r",S=(\d+)", e.name)
+                try:
+                    size += int(m.group(1)) if m else e.stat().st_size
+                except FileNotFoundError:
+                    continue
+                count += 1
+    return size, count, "walk"
+
+
+def show_user(root: os.PathLike | str, address: str) -> UserReport:
+    _, ref, name = find_user(root, address)
+    user = next((u for u in read_users(ref.directory) if ascii_lower(u.name) == name), None)
+    if user is None:
+        raise AdminError(f"{name}@{ref.name}: no such user")
+    size, count, source = maildir_usage(Path(user.directory) / "Maildir")
+    return UserReport(f"{user.name}@{ref.name}", user, user.maildir, size, count, source,
+                      passwords.scheme(user.crypted))
+
+
+@dataclass(slots=True)
+class ImportReport:
+    added: int = 0
+    domains: int = 0
+    workers: int = 0
+    per_domain: dict = field(default_factory=dict)
+
+
+def _hash_chunk(pws: list[str]) -> list[str]:
+    return [passwords.hash_password(p) for p in pws]
+
+
+def hash_many(pws: list[str], workers: int | None = None) -> tuple[list[str], int]:
+    """Hash passwords on every core: threads when libxcrypt releases the GIL, else processes."""
+    workers = workers or os.cpu_count() or 1
+    if len(pws) < 64 or workers == 1:
+        return _hash_chunk(pws), 1
+    size = max(1, len(pws) // (workers * 4))
+    chunks = [pws[i:i + size] for i in range(0, len(pws), size)]
+    pool_cls = ThreadPoolExecutor if passwords.backend() == "libxcrypt" else ProcessPoolExecutor
+    with pool_cls(max_workers=workers) as pool:
+        out: list[str] = []
+        for part in pool.map(_hash_chunk, chunks):
+            out.extend(part)
+    return out, workers
+
+
+def import_users(root: os.PathLike | str, lines: Iterable[str], *, source: str = "-",
+                 workers: int | None = None) -> ImportReport:
+    """Bulk vadduser from `address:password[:quota]` lines (blank and `#` lines skipped).
+
+    Every line is checked before anything is written; the first bad one is the
+    error (with its line number and how many more are bad). Then passwords are
+    hashed on all cores and each domain's vpasswd is written once.
+    """
+    base = check_root(root)
+    keep = load_options(base).keep_cleartext
+    refs: dict[str, DomainRef] = {}
+    existing: dict[str, set[str]] = {}
+    wanted: dict[str, list[tuple[str, str, str]]] = {}
+    seen: set[tuple[str, str]] = set()
+    errors: list[str] = []
+    for n, raw in enumerate(lines, 1):
+        line = raw.rstrip("\r\n")
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            address, sep, rest = line.partition(":")
+            if not sep:
+                raise AdminError("expected address:password[:quota]")
+            password, _, quota = rest.partition(":")
+            local, domain = split_address(address)
+            name = _check_user(local, address)
+            _check_password(password)
+            _clear_field(password, keep)
+            quota_field = _quota(quota) if quota else "NOQUOTA"
+            if domain not in refs:
+                refs[domain] = find_domain(base, domain)
+                existing[domain] = {ascii_lower(u.name) for u in read_users(refs[domain].directory)}
+            if name in existing[domain]:
+                raise AdminError(f"{name}@{domain}: user exists")
+            if (domain, name) in seen:
+                raise AdminError(f"{name}@{domain}: listed twice")
+            seen.add((domain, name))
+            wanted.setdefault(domain, []).append((name, password, quota_field))
+        except AdminError as exc:
+            errors.append(f"{source}:{n}: {exc}")
+    if errors:
+        more = f" (and {len(errors) - 1} more bad lines)" if len(errors) > 1 else ""
+        raise AdminError(errors[0] + more)
+    report = ImportReport()
+    flat = [pw for entries in wanted.values() for _, pw, _ in entries]
+    hashes, report.workers = hash_many(flat, workers)
+    pos = 0
+    for domain, entries in wanted.items():
+        ref = refs[domain]
+        with file_lock(ref.directory / VPASSWD_LOCK, ref.owner):
+            users = read_users(ref.directory)
+            names = {ascii_lower(u.name) for u in users}
+            new = []
+            for i, (name, password, quota_field) in enumerate(entries):
+                if name in names:
+                    raise AdminError(f"{name}@{domain}: user exists (added meanwhile); nothing written "
+                                     f"for {domain}")
+                user_dir = _user_dir(ref, len(users) + i, name)
+                _make_maildir(user_dir, ref.owner)
+                new.append(VUser(name, hashes[pos + i], 1, 0, name, str(user_dir), quota_field,
+                                 password if keep else None))
+            write_users(ref, users + new)
+        pos += len(entries)
+        report.per_domain[domain] = len(entries)
+        report.added += len(entries)
+    report.domains = len(wanted)
+    return report
+
+
+# -- aliases ---------------------------------------------------------------
+def _alias_path(ref: DomainRef, local: str, address: str) -> Path:
+    name = ascii_lower(local)
+    if not name or not re.match(r"^[!#$&'*+\-./0-9=?A-Z^_`a-z{|}~]+$", name) or name.startswith("."):
+        raise AdminError(f"{address}: bad alias name")
+    if name == "default":
+        raise AdminError(f"{address}: the domain's catch-all is set with `qrelay domain catchall`")
+    return ref.directory / f".qmail-{safe_ext(name)}"
+
+
+def add_alias(root: os.PathLike | str, address: str, targets: Iterable[str]) -> tuple[Path, list[str]]:
+    """valias -i: `&TARGET` lines in DOMDIR/.qmail-LOCAL (existing lines kept, duplicates skipped)."""
+    base = check_root(root)
+    local, domain = split_address(address)
+    ref = find_domain(base, domain)
+    path = _alias_path(ref, local, address)
+    targets = list(targets)
+    if not targets:
+        raise AdminError("give at least one target address")
+    for t in targets:
+        if not _TARGET.match(t) or t.startswith(("|", "/", ".", "&", "#", "+")):
+            raise AdminError(f"{t!r}: a target must be an address (user@domain)")
+    with file_lock(ref.directory / VPASSWD_LOCK, ref.owner):
+        lines = [line for line in _read_text(path).split("\n") if line]
+        for t in targets:
+            if f"&{t}" not in lines:
+                lines.append(f"&{t}")
+        atomic_write(path, "".join(line + "\n" for line in lines).encode("utf-8"),
+                     mode=SECRET_MODE, owner=ref.owner)
+    return path, lines
+
+
+def delete_alias(root: os.PathLike | str, address: str) -> Path:
+    base = check_root(root)
+    local, domain = split_address(address)
+    ref = find_domain(base, domain)
+    path = _alias_path(ref, local, address)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        raise AdminError(f"{address}: no such alias") from None
+    return path
+
+
+def list_aliases(root: os.PathLike | str, domain: str) -> list[tuple[str, list[str]]]:
+    """(alias address, lines) for every `.qmail-NAME` of the domain but `.qmail-default`."""
+    base = check_root(root)
+    ref = find_domain(base, domain)
+    out = []
+    for entry in sorted(os.scandir(ref.directory), key=lambda e: e.name):
+        if not entry.name.startswith(".qmail-") or entry.name == ".qmail-default" or not entry.is_file():
+            continue
+        name = entry.name[len(".qmail-"):].replace(":", ".")
+        lines = [line for line in _read_text(Path(entry.path)).split("\n") if line]
+        out.append((f"{name}@{ref.name}", lines))
+    return out
