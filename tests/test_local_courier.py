@@ -8,9 +8,9 @@ import os
 import pytest
 
 from engine.delivery.local import LocalDelivery, load_local_config
-from engine.delivery.local.accounts import FileAccounts
-from tests.test_local_fixtures import (GID, MSG, UID, config, make_home, make_maildir,
-                                       new_messages, vpop_tree, write_assign, write_qmail)
+from tests.test_local_fixtures import (GID, MSG, UID, accounts_at, config, make_home,
+                                       make_maildir, new_messages, vpop_tree, write_assign,
+                                       write_qmail)
 
 
 def test_results_in_order_for_a_vpopmail_domain(tmp_path):
@@ -54,7 +54,7 @@ def test_program_blocking_does_not_stall_the_loop(tmp_path):
     os.mkfifo(fifo)
     write_qmail(home, ".qmail", f"|read line < {fifo}; echo got $line\n")
     write_assign(tmp_path, [f"=joe:joe:{UID}:{GID}:{home}:::"])
-    courier = LocalDelivery(config(), FileAccounts(tmp_path))
+    courier = LocalDelivery(config(), accounts_at(tmp_path))
 
     async def main():
         task = asyncio.ensure_future(courier.deliver("", ["joe@h"], MSG))

@@ -7,7 +7,12 @@ import os
 from pathlib import Path
 
 from engine.delivery.local import LocalConfig, deliver_one
-from engine.delivery.local.accounts import FileAccounts
+from engine.delivery.local.accounts import DeliveryAccounts
+
+
+def accounts_at(root: Path) -> DeliveryAccounts:
+    """Accounts that look at their files on every lookup (tests rewrite them)."""
+    return DeliveryAccounts.at(root, recheck_seconds=0)
 
 # Deliveries run as the test process; the assignment's uid must not be 0
 # (qmail-lspawn refuses root), so a root test run records 89 instead.
@@ -63,7 +68,7 @@ class Tree:
     def __init__(self, root: Path, **cfg) -> None:
         self.root = root
         self.config = config(**cfg)
-        self.accounts = FileAccounts(root)
+        self.accounts = accounts_at(root)
 
     def deliver(self, recipient: str, sender: str = "joe@sender.example", message: bytes = MSG):
         return deliver_one(self.config, self.accounts, sender, recipient, message)

@@ -11,10 +11,9 @@ import time
 import pytest
 
 from engine.delivery.local import LocalDelivery
-from engine.delivery.local.accounts import FileAccounts
 from engine.delivery.local.maildir import DirSync, MaildirError, MaildirWriter
-from tests.test_local_fixtures import (GID, MSG, MSG_LF, UID, config, make_home, make_maildir,
-                                       new_messages, write_assign, write_qmail)
+from tests.test_local_fixtures import (GID, MSG, MSG_LF, UID, accounts_at, config, make_home,
+                                       make_maildir, new_messages, write_assign)
 
 
 def wait_for(pred, timeout: float = 10.0, what: str = "condition"):
@@ -85,7 +84,7 @@ def test_courier_reports_fsync_failure_as_deferral(tmp_path):
     def fsync(fd):
         raise OSError(28, "No space left on device")
     from engine.delivery.local import deliver_one
-    r = deliver_one(config(), FileAccounts(tmp_path), "", "joe@h", MSG,
+    r = deliver_one(config(), accounts_at(tmp_path), "", "joe@h", MSG,
                     writer=MaildirWriter("h", fsync=fsync))
     assert (r.status, r.text) == ("Z", "Temporary error on maildir delivery. (#4.3.0)\n")
     assert new_messages(md) == []
@@ -147,7 +146,7 @@ def test_200_concurrent_deliveries_to_one_mailbox(tmp_path):
     home = make_home(tmp_path / "joe")
     md = make_maildir(home / "Maildir")
     write_assign(tmp_path, [f"=joe:joe:{UID}:{GID}:{home}:::"])
-    courier = LocalDelivery(config(), FileAccounts(tmp_path), max_threads=32)
+    courier = LocalDelivery(config(), accounts_at(tmp_path), max_threads=32)
 
     async def main():
         calls = [courier.deliver(f"s{i}@x.example", ["joe@mx.test"],

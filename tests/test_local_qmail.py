@@ -9,10 +9,9 @@ import time
 import pytest
 
 from engine.delivery.local import LocalConfig, deliver_one
-from engine.delivery.local.accounts import FileAccounts
 from engine.delivery.local.courier import system_getpw
-from tests.test_local_fixtures import (GID, MSG, MSG_LF, UID, Tree, make_home, make_maildir,
-                                       new_messages, write_assign, write_qmail)
+from tests.test_local_fixtures import (GID, MSG, MSG_LF, UID, Tree, accounts_at, make_home,
+                                       make_maildir, new_messages, write_assign, write_qmail)
 
 
 @pytest.fixture
@@ -79,7 +78,7 @@ def test_assign_exact_beats_wildcard_and_longest_prefix(tmp_path):
         f"+ab-cd-:u:{UID}:{GID}:{homes['long']}:-::",
         f"=ab-cd-ef:u:{UID}:{GID}:{homes['exact']}:::",
     ])
-    acc = FileAccounts(tmp_path)
+    acc = accounts_at(tmp_path)
     assert acc.assignment("AB-CD-EF").home == str(homes["exact"])
     a = acc.assignment("ab-cd-XY")
     assert (a.home, a.ext) == (str(homes["long"]), "XY")
@@ -98,7 +97,7 @@ def test_assign_cdb_is_read_like_qmail_lspawn(tmp_path):
     rec = f"u\0{UID}\0{GID}\0{home}\0-\0".encode()
     write_cdb(tmp_path / "users" / "cdb", [
         (b"", b"-"), (b"!ex.com-", rec), (b"!joe\0", f"joe\0{UID}\0{GID}\0{home}\0\0".encode())])
-    acc = FileAccounts(tmp_path)
+    acc = accounts_at(tmp_path)
     assert acc.assignment("Ex.Com-Fred").ext == "Fred"
     assert acc.assignment("JOE").dash == ""
     assert acc.assignment("joex") is None       # 'x' is not a wildchar
@@ -310,10 +309,12 @@ def test_program_killed_by_signal_defers(tree):
 def test_x_bit_and_plus_list_allow_only_forwards(tree):
     write_qmail(tree.home, ".qmail", "&a@x.example\n./Maildir/\n", mode=0o700)
     r = tree.deliver("joe@mx.test")
-    assert (r.status, r.text) == ("Z", "Uh-oh: .qmail has file delivery but has x bit set. (#4.7.0)\n")
+    assert (r.status, r.text) == (
+        "Z", "Uh-oh: .qmail has file delivery but has x bit set. (#4.7.0)\n")
     write_qmail(tree.home, ".qmail", "+list\n|true\n")
     r = tree.deliver("joe@mx.test")
-    assert (r.status, r.text) == ("Z", "Uh-oh: .qmail has prog delivery but has x bit set. (#4.7.0)\n")
+    assert (r.status, r.text) == (
+        "Z", "Uh-oh: .qmail has prog delivery but has x bit set. (#4.7.0)\n")
     write_qmail(tree.home, ".qmail", "&a@x.example\n", mode=0o700)
     assert tree.deliver("joe@mx.test").status == "K"
 

@@ -98,7 +98,8 @@ def test_bad_syntax(vp):
 def test_locked_account(vp):
     set_user(vp, "joe", gid=0x10)
     r = vp.deliver("example.com-joe@example.com")
-    assert (r.status, r.text) == ("D", "vdelivermail: account is locked email bounced joe@example.com\n")
+    assert (r.status, r.text) == (
+        "D", "vdelivermail: account is locked email bounced joe@example.com\n")
 
 
 def test_missing_user_directory_is_recreated(vp):

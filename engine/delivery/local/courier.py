@@ -35,15 +35,15 @@ import stat
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 from engine.delivery.local import mbox
-from engine.delivery.local.accounts import AccountsError, Assignment, FileAccounts
+from engine.delivery.local.accounts import AccountsError, Assignment, DeliveryAccounts
 from engine.delivery.local.dotqmail import (TEXT_FILE_XBIT, TEXT_LOOP, TEXT_PROG_XBIT,
                                             LocalPermanent, LocalTemporary, check_home,
-                                            dtline, environment, find_dotqmail,
+                                            dtline, environment, error_temp, find_dotqmail,
                                             forward_sender, has_delivered_to, parse_lines,
                                             rpline, ufline)
 from engine.delivery.local.maildir import MaildirError, MaildirWriter
@@ -314,7 +314,7 @@ class _LocalRun:
         try:
             self.writer.deliver(path, [header, self.body])
         except MaildirError as exc:
-            if exc.kind == "chdir" and not _temp(exc.errno):
+            if exc.kind == "chdir" and not error_temp(exc.errno):
                 raise LocalTemporary(TEXT_MAILDIR_CHDIR) from None
             raise LocalTemporary(TEXT_MAILDIR_TEMP) from None
 
@@ -349,18 +349,12 @@ class _LocalRun:
         return status == "stop"
 
 
-def _temp(err: int | None) -> bool:
-    from engine.delivery.local.dotqmail import error_temp
-    return error_temp(err)
-
-
 class LocalDelivery:
     """The local courier: `await deliver(sender, recipients, message, msgid=…)`.
 
-    `accounts`: an object with `assignment(local)` and `vpop_user(dir, name)`
-    (default: FileAccounts(root)). Deliveries run in a bounded thread pool
-    of `max_threads`; one MaildirWriter (name counter, shared directory
-    syncs) serves them all.
+    `accounts`: a DeliveryAccounts (or any object with its three methods).
+    Deliveries run in a bounded thread pool of `max_threads`; one
+    MaildirWriter (name counter, shared directory syncs) serves them all.
     """
 
     def __init__(self, config: LocalConfig, accounts, *, max_threads: int = 16,
@@ -373,7 +367,7 @@ class LocalDelivery:
 
     @classmethod
     def for_root(cls, root: os.PathLike | str, **kwargs) -> LocalDelivery:
-        return cls(load_local_config(root), FileAccounts(root), **kwargs)
+        return cls(load_local_config(root), DeliveryAccounts.at(root), **kwargs)
 
     def assignment_for(self, recipient: str) -> Assignment | None:
         """uid/gid/home that `recipient`'s delivery runs as (None: `<>`, nothing to do).

@@ -24,6 +24,7 @@ It never writes outside the domain's and its users' directories.
 """
 from __future__ import annotations
 
+import errno
 import os
 import time
 from dataclasses import dataclass, field
@@ -39,7 +40,8 @@ TEXT_OVER_QUOTA = "user is over quota\n"
 TEXT_LOOP = "mail is looping\n"
 TEXT_SYSTEM = "system error\n"
 BOUNCE_MAIL = 0x10
-_USER_CHARS = frozenset("!#$&'*+-./0123456789=?ABCDEFGHIJKLMNOPQRSTUVWXYZ^_`abcdefghijklmnopqrstuvwxyz{|}~")
+_USER_CHARS = frozenset("!#$&'*+-./0123456789=?^_`{|}~"
+                        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 _DOMAIN_CHARS = frozenset("-.0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
 
@@ -62,7 +64,7 @@ RunProgram = Callable[[str, str, dict], "object"]   # (command, cwd, extra env) 
 
 @dataclass
 class Vdelivermail:
-    """One run. `accounts` needs `assignment(local)` and `vpop_user(dir, name)`."""
+    """One run. `accounts`: a DeliveryAccounts."""
 
     argv: list[str]
     env: dict[str, str]
@@ -76,6 +78,7 @@ class Vdelivermail:
     out: list[str] = field(default_factory=list)
     forwards: list[tuple[str, str, str]] = field(default_factory=list)
     maildirs: int = 0
+    _header: bytes | None = None
 
     def run(self) -> VdeliverOutcome:
         try:
@@ -110,7 +113,7 @@ class Vdelivermail:
             raise _Exit(100)
         # vget_assign: an alias domain's HOST becomes the real domain.
         self.domain_dir = self.home
-        assigned = self.accounts.assignment(self.domain + "-")
+        assigned = self.accounts.domain_assignment(self.domain)
         if assigned is not None:
             self.domain = assigned.user.lower()
             self.domain_dir = assigned.home
@@ -146,7 +149,8 @@ class Vdelivermail:
                 raise _Exit(100) from None
         if self._forward_deliver(vpw.directory):
             raise _Exit(0)
-        self._finish(self._deliver(os.path.join(vpw.directory, "Maildir") + "/", vpw.quota or "NOQUOTA"))
+        maildir = os.path.join(vpw.directory, "Maildir") + "/"
+        self._finish(self._deliver(maildir, vpw.quota or "NOQUOTA"))
 
     def _usernotfound(self) -> None:
         arg = self.arg
@@ -271,10 +275,9 @@ class Vdelivermail:
         header = (self.env.get("RPLINE", "") + f"Delivered-To: {email}\n").encode(
             "utf-8", "surrogateescape")
         try:
-            name = self.writer.deliver(maildir, [header, self.message], size_suffix=True)
+            self.writer.deliver(maildir, [header, self.message], size_suffix=True)
         except MaildirError as exc:
-            import errno as _errno
-            if exc.errno == _errno.EDQUOT:
+            if exc.errno == errno.EDQUOT:
                 self.say(TEXT_OVER_QUOTA)
                 return -1
             self.say(f"can not open new email file errno={exc.errno or 0} file={address}tmp/\n")
@@ -285,7 +288,6 @@ class Vdelivermail:
                 maildirquota.add(maildir, len(header) + self.size)
             except OSError:
                 pass        # the next rebuild counts it
-        del name
         return 0
 
     def _quota_warning(self, maildir: str, email: str) -> None:
@@ -311,16 +313,21 @@ class Vdelivermail:
 
     # --- is_looping --------------------------------------------------------------------------
     def _looping(self, target: str) -> bool:
+        """is_looping(): $DTLINE or a header line equal to `Delivered-To: T`
+        (case-insensitive); the header ends at the first empty line."""
         want = ("delivered-to: " + target + "\n").lower().encode("utf-8", "surrogateescape")
         dt = self.env.get("DTLINE")
         if dt is not None and dt.lower().encode("utf-8", "surrogateescape") == want:
             return True
-        return has_delivered_to(self.message.lower(), want) if b"delivered-to" in \
-            self.message[:65536].lower() else False
+        if self._header is None:
+            end = self.message.find(b"\n\n")
+            self._header = (self.message if end < 0 else self.message[:end + 2]).lower()
+        return has_delivered_to(self._header, want)
 
 
 def maildir_to_email(path: str) -> str:
-    """vpopmail's maildir_to_email(): `.../domains/[h/]dom.com/[h/]joe/Maildir/` → `joe@dom.com`."""
+    """vpopmail's maildir_to_email():
+    `.../domains/[h/]dom.com/[h/]joe/Maildir/` → `joe@dom.com` ("" if not of that shape)."""
     last = path.rfind("/Maildir/")
     if last < 0:
         return ""
