@@ -99,7 +99,7 @@ def run(root: str, listen: tuple[str, ...], procs: int | None, dev: bool, port_f
 
     from engine.config.smtp import ConfigError
     from engine.smtp.listeners import ListenError, parse_listen
-    from engine.run import serve
+    from engine.run import AlreadyRunning, serve
 
     base = Path(root)
     if dev and not (base / "control").exists():
@@ -128,7 +128,7 @@ def run(root: str, listen: tuple[str, ...], procs: int | None, dev: bool, port_f
 
     try:
         status = serve(base, addresses, procs or os.cpu_count() or 1, announce)
-    except (ConfigError, ListenError) as exc:
+    except (ConfigError, ListenError, AlreadyRunning) as exc:
         raise click.ClickException(str(exc)) from None
     sys.exit(status)
 

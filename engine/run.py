@@ -13,7 +13,8 @@ spawner), started and restarted by it, so they live and die with it.
     scheduler      1            0           HUP, ALRM     qmail-send (engine.delivery.service)
 
 The writer is first, so receivers find it, and stops last, after the
-receivers whose last messages it commits. A service that is no receiver
+receivers whose last messages it commits. One `qrelay run` per root: the
+supervisor holds queue/lock/sendmutex as qmail-send does. A service that is no receiver
 closes its inherited copy of the listening sockets at once. Everything the
 supervisor and the receivers log goes to ROOT/log beside qmail-send's lines
 (engine.log.LogHandler), and to stderr.
@@ -21,7 +22,9 @@ supervisor and the receivers log goes to ROOT/log beside qmail-send's lines
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import logging
+import os
 import signal
 import socket
 from collections.abc import Callable
@@ -82,15 +85,42 @@ def _log_to_root(root: Path, settings: Any) -> logging.Handler:
     return handler
 
 
+class AlreadyRunning(Exception):
+    """Another `qrelay run` (or qmail-send) holds ROOT's queue."""
+
+
+def hold_queue(root: Path) -> int:
+    """qmail-send's `queue/lock/sendmutex`, held for the life of `qrelay run`
+    (its children share it): a second instance on the same root, or a qmail-send
+    running on that qmail home, makes this one refuse to start instead of
+    delivering every message twice. The kernel drops the lock with the last
+    process holding it, so a kill -9 leaves nothing to clean up."""
+    lock_dir = root / "queue" / "lock"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_dir / "sendmutex", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise AlreadyRunning(f"cannot start: qrelay or qmail-send is already running on {root}"
+                             " (queue/lock/sendmutex is held)") from None
+    return fd
+
+
 def serve(root: Path, listen: list[ListenAddress], procs: int,
           announce: Callable[[list[ListenAddress]], None]) -> int:
     """Run qrelay in the foreground until TERM/INT; returns the exit status.
-    Raises ConfigError / ListenError before anything starts."""
+    Raises ConfigError / ListenError / AlreadyRunning before anything starts."""
     from engine.config.smtp import config_fingerprint, load_smtp_config
 
     config = load_smtp_config(root)
     smtp = config.settings.smtp
-    sockets = bind_listeners(listen)
+    mutex = hold_queue(root)
+    try:
+        sockets = bind_listeners(listen)
+    except BaseException:
+        os.close(mutex)
+        raise
     handler = None
     try:
         handler = _log_to_root(root, config.settings)
@@ -118,3 +148,4 @@ def serve(root: Path, listen: list[ListenAddress], procs: int,
         if handler is not None:
             logging.getLogger("qrelay").removeHandler(handler)
             handler.log.close()
+        os.close(mutex)

@@ -132,8 +132,19 @@ def log_lines(root: Path) -> list[str]:
     return path.read_text(errors="replace").splitlines()
 
 
+# Lines the supervisor, receivers and spool write beside qmail-send's
+# (engine.log.LogHandler): "info: supervisor: started ...".
+SERVICE_LINE = re.compile(r"(info|warning|alert): [a-z-]+: ")
+
+
 def texts(root: Path) -> list[str]:
-    return [line[26:] for line in log_lines(root)]
+    """qmail-send's lines of ROOT/log/current, without their stamps."""
+    return [t for t in (line[26:] for line in log_lines(root)) if not SERVICE_LINE.match(t)]
+
+
+def service_texts(root: Path) -> list[str]:
+    """The other services' lines of ROOT/log/current, without their stamps."""
+    return [t for t in (line[26:] for line in log_lines(root)) if SERVICE_LINE.match(t)]
 
 
 def queue_count(root: Path) -> int:
