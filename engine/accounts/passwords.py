@@ -129,14 +129,13 @@ def verify(password: str, crypted: str) -> bool:
 
 
 def _verify_libpass(phrase: bytes, crypted: str, kind: str) -> bool:
-    from passlib import exc as passlib_exc
     from passlib import hash as handlers
     handler = getattr(handlers, kind, None)
     if handler is None:
         return False
     try:
         return bool(handler.verify(phrase, crypted))  # libpass compares in constant time
-    except (ValueError, TypeError, passlib_exc.PasslibError):
+    except (ValueError, TypeError):  # libpass's hash errors subclass these
         return False  # malformed hash (bad salt, rounds out of range, ...)
 
 
