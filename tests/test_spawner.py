@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from engine import ipc
-from engine.delivery.channels import UNREADABLE_TEXT, Group, RecipientResult
+from engine.delivery.channels import UNREADABLE_TEXT, Forward, Group, RecipientResult
 from engine.delivery.spawner import (BAD_JOB, MAX_FRAME, OK, Spawner, WorkerServer, decode_job,
                                      decode_result, encode_error, encode_job, encode_results)
 from tests.conftest import run_cli
@@ -36,11 +36,11 @@ def test_job_and_result_frames_round_trip():
     assert int.from_bytes(frame[:4], "big") == len(body)
     assert decode_job(body) == (7, GROUP, None)
     assert decode_job(encode_job(8, 12345, GROUP, b"inline\r\n")[4:]) == (8, GROUP, b"inline\r\n")
-    res = encode_results(7, [RecipientResult("x", "K", "ok\n", ("f@o.test",), b"Delivered-To: x\r\n"),
-                             RecipientResult("y", "D", "no\n")])
+    fwd = (Forward("a@src.test", ("f@o.test", "g@o.test"), b"Delivered-To: x\r\n"),
+           Forward("", ("h@o.test",), b""))
+    res = encode_results(7, [RecipientResult("x", "K", "ok\n", fwd), RecipientResult("y", "D", "no\n")])
     assert decode_result(res[4:], ("x", "y")) == (7, OK, [
-        RecipientResult("x", "K", "ok\n", ("f@o.test",), b"Delivered-To: x\r\n"),
-        RecipientResult("y", "D", "no\n")])
+        RecipientResult("x", "K", "ok\n", fwd), RecipientResult("y", "D", "no\n")])
     assert decode_result(encode_error(9, BAD_JOB, "bad")[4:]) == (9, BAD_JOB, "bad")
 
 

@@ -27,16 +27,22 @@ UNREADABLE_TEXT = "qmail-spawn unable to open message. (#4.3.0)\n"
 
 
 @dataclass(slots=True, frozen=True)
+class Forward:
+    """A message a local delivery sends on (.qmail `&addr` lines, vdelivermail's
+    address argument): `prefix` (CRLF lines, its Delivered-To) + the original."""
+    sender: str
+    recipients: tuple[str, ...]
+    prefix: bytes
+
+
+@dataclass(slots=True, frozen=True)
 class RecipientResult:
     address: str
     status: str     # "K" delivered | "Z" temporary (defer) | "D" permanent (fail)
     text: str       # qmail's report style, lines joined with "\n", ending in "\n"
-    # Addresses a local delivery forwards the message to (.qmail `&addr` lines):
-    # the scheduler queues them as one new message with the original sender,
-    # `forward_header` (CRLF lines, e.g. the delivery's Delivered-To) before
-    # the original, and records this recipient only once that is queued.
-    forwards: tuple[str, ...] = ()
-    forward_header: bytes = b""
+    # Queued by the scheduler, whatever the status, before the result is
+    # recorded (a forward that cannot be queued makes the result a deferral).
+    forwards: tuple[Forward, ...] = ()
 
 
 @dataclass(slots=True, frozen=True)
@@ -103,18 +109,30 @@ class ChannelSpec:
     # The [delivery] setting that runs it in that many worker processes
     # (engine.delivery.spawner); "" or 0: in the scheduler's process.
     procs_setting: str = ""
+    # "module:function" -> function(root, spool, settings, log) -> Courier: a
+    # channel that decides for itself how the scheduler reaches its deliverer
+    # (local: a worker per mailbox owner when running as root).
+    courier: str = ""
 
     def open(self, root, settings, log=None) -> Deliverer:
-        module, _, name = self.opener.partition(":")
-        opener = getattr(importlib.import_module(module), name, None)
-        if opener is None:
-            raise ImportError(f"{module} has no {name}")
-        return opener(root, settings, log)
+        return _load(self.opener)(root, settings, log)
+
+    def open_courier(self, root, spool, settings, log=None) -> Courier:
+        return _load(self.courier)(root, spool, settings, log)
+
+
+def _load(where: str):
+    module, _, name = where.partition(":")
+    function = getattr(importlib.import_module(module), name, None)
+    if function is None:
+        raise ImportError(f"{module} has no {name}")
+    return function
 
 
 # qmail-send's order (status lines say "local a/b remote c/d").
 CHANNELS: tuple[ChannelSpec, ...] = (
-    ChannelSpec("local", "concurrencylocal", 10, "engine.delivery.local:open_deliverer"),
+    ChannelSpec("local", "concurrencylocal", 10, "engine.delivery.lspawn:open_deliverer",
+                courier="engine.delivery.lspawn:open_courier"),
     ChannelSpec("remote", "concurrencyremote", 20, "engine.delivery.remote:open_deliverer",
                 procs_setting="worker_procs"),
 )

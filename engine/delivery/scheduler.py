@@ -30,9 +30,9 @@ poll timer that notices newly queued mail):
 
 Nothing here names a channel: each one is a `Lane` (its courier, counters,
 ready view and scan position), and a channel without a courier keeps its
-recipients queued. A courier's result may carry forward targets (.qmail
-`&addr` lines): they are queued as a new message, indexed, before the
-recipient is recorded as delivered.
+recipients queued. A courier's result may carry forwards (.qmail `&addr`
+lines): each is queued as a new message, indexed, before the recipient's
+result is recorded.
 
 Beyond qmail: when a delivery to a domain succeeds, the deferred recipients
 this process saw defer on that domain are made due at once (a recovered MX
@@ -588,8 +588,8 @@ class Scheduler:
                 results = await lane.courier.deliver(group)
                 if len(results) != len(jobs):
                     raise ValueError("result count mismatch")
-                results = [await self._forward(first, r) if r.forwards and r.status == "K"
-                           else r for r in results]
+                results = [await self._forward(first, r) if r.forwards else r
+                           for r in results]
             except asyncio.CancelledError:
                 results = []
                 raise
@@ -623,17 +623,16 @@ class Scheduler:
             self.wake()
 
     async def _forward(self, job: Job, got: RecipientResult) -> RecipientResult:
-        """A .qmail's forward lines: the message goes out again to its targets
-        with the original sender (qmail-local's qmail-queue of the forward),
-        queued and indexed before this recipient counts as delivered."""
+        """Queue what a local delivery forwards (qmail-local's own qmail-queue
+        call), indexed before the recipient's result is recorded: a crash in
+        between costs a duplicate forward, never a lost one."""
         try:
             original = self.spool.read_message(job.msgid)
-            await self.spool.submit(
-                Envelope(job.sender, got.forwards, self.qp, 0, "local"),
-                got.forward_header + original, indexed=True)
+            for fwd in got.forwards:
+                await self.spool.submit(Envelope(fwd.sender, fwd.recipients, self.qp, 0, "local"),
+                                        fwd.prefix + original, indexed=True)
         except (SpoolError, OSError) as exc:
-            return RecipientResult(got.address, "Z",
-                                   f"Unable to forward message: {exc}. (#4.3.0)\n")
+            return RecipientResult(got.address, "Z", f"Unable to forward message: {exc} (#4.3.0)\n")
         return got
 
     # --- step 2: results and completion --------------------------------------------

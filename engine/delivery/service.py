@@ -102,27 +102,24 @@ def run_scheduler(root: Path) -> int:
 
 
 async def open_couriers(root: Path, spool, settings, log) -> dict:
-    """Each channel's courier, in CHANNELS order: its deliverer in this process
-    (reading the message from `spool`), or a Spawner of worker processes. A
-    channel whose code is missing keeps its mail queued (and says so)."""
+    """Each channel's courier, in CHANNELS order: the channel's own (local), a
+    Spawner of worker processes, or its deliverer in this process (reading
+    the message from `spool`)."""
     from engine.delivery.channels import CHANNELS, ReadingCourier
     from engine.delivery.spawner import Spawner
 
     couriers = {}
     for spec in CHANNELS:
         procs = getattr(settings.delivery, spec.procs_setting, 0) if spec.procs_setting else 0
-        if procs > 0:
+        if spec.courier:
+            courier = spec.open_courier(root, spool, settings, log)
+        elif procs > 0:
             # The scheduler's stop_grace goes to finishing deliveries; the idle
             # workers then only close their connections (bounded by 2 s each).
             courier = Spawner(root, procs, spec.name, log=log, spool=spool, stop_grace=2.5)
             await courier.start()
         else:
-            try:
-                courier = ReadingCourier(spool, spec.open(root, settings, log))
-            except ImportError as exc:
-                log.warning(f"{spec.name} delivery is not available ({exc}); "
-                            "its recipients stay queued")
-                courier = None
+            courier = ReadingCourier(spool, spec.open(root, settings, log))
         couriers[spec.name] = courier
     return couriers
 
@@ -155,8 +152,6 @@ async def _serve(root, spool, log, config, domains, settings) -> None:
         raise
     finally:
         for courier in couriers.values():
-            if courier is None:
-                continue
             try:
                 # A spawner bounds its own wait (stop_grace, then TERM, then KILL).
                 await asyncio.wait_for(courier.close(), 10)

@@ -20,8 +20,8 @@ Frames (engine.ipc) on a socketpair:
     job      id u64 | msgid u64 | channel, destination, sender (text)
              | recipients (count + texts) | inline u8 | message bytes if inline
     result   id u64 | status u8 (0 ok, 2 bad job)
-             | ok: count u32 | count x (code u8 'K'/'Z'/'D' | text
-                                        | forwards (count + texts) | forward header raw)
+             | ok: count u32 | count x (code u8 'K'/'Z'/'D' | text | forwards:
+                       count u32 | count x (sender text | recipients | prefix bytes))
              | else: error text (utf-8)
 
 Robustness: a worker that dies (or sends a frame that breaks the protocol,
@@ -49,7 +49,8 @@ from pathlib import Path
 
 from engine import ipc
 from engine.backoff import Backoff
-from engine.delivery.channels import UNREADABLE_TEXT, Group, RecipientResult, all_results
+from engine.delivery.channels import (UNREADABLE_TEXT, Forward, Group, RecipientResult,
+                                      all_results)
 
 # A job without its message carries at most max_recipients_per_delivery
 # addresses (each < 1 KB in SMTP); results carry their texts.
@@ -99,7 +100,9 @@ def decode_job(body: bytes) -> tuple[int, Group, bytes | None]:
 def encode_results(jobid: int, results: list[RecipientResult]) -> bytes:
     body = ipc.Body().u64(jobid).u8(OK).u32(len(results))
     for r in results:
-        body.u8(ord(r.status[:1] or "Z")).text(r.text).texts(r.forwards).raw(r.forward_header)
+        body.u8(ord(r.status[:1] or "Z")).text(r.text).u32(len(r.forwards))
+        for fwd in r.forwards:
+            body.text(fwd.sender).texts(fwd.recipients).raw(fwd.prefix)
     return body.frame(MAX_FRAME)
 
 
@@ -117,9 +120,10 @@ def decode_result(body: bytes, recipients: tuple[str, ...] | None = None
         return jobid, status, ipc.dec(f.rest())
     out = []
     for i in range(f.count()):
-        code, text, forwards, header = chr(f.u8()), f.text(), tuple(f.texts()), f.raw()
+        code, text = chr(f.u8()), f.text()
+        forwards = tuple(Forward(f.text(), tuple(f.texts()), f.raw()) for _ in range(f.count()))
         address = recipients[i] if recipients is not None and i < len(recipients) else ""
-        out.append(RecipientResult(address, code, text, forwards, header))
+        out.append(RecipientResult(address, code, text, forwards))
     f.end()
     return jobid, status, out
 
