@@ -164,3 +164,24 @@ def test_200_concurrent_deliveries_to_one_mailbox(tmp_path):
     assert set(got) == expect
     assert os.listdir(md / "tmp") == []
     assert courier.writer.dirsync.fsyncs <= 200
+
+
+def test_two_writers_never_pick_the_same_name():
+    a = MaildirWriter("h", clock=lambda: 5.5)
+    b = MaildirWriter("h", clock=lambda: 5.5)
+    names = {w.unique_name() for _ in range(100) for w in (a, b)}
+    assert len(names) == 200
+
+
+def test_existing_tmp_name_is_skipped(tmp_path):
+    md = make_maildir(tmp_path / "Maildir")
+    (md / "tmp" / "taken").write_bytes(b"stale")
+
+    class Replaying(MaildirWriter):
+        names = iter(["taken", "free"])
+
+        def unique_name(self):
+            return next(self.names)
+    assert Replaying("h").deliver(str(md), [b"x\n"]) == "free"
+    assert (md / "new" / "free").read_bytes() == b"x\n"
+    assert (md / "tmp" / "taken").read_bytes() == b"stale"

@@ -339,3 +339,9 @@ def test_getpw_user_and_extension(tmp_path):
     assert (r.status, r.text) == ("K", "did 1+0+0\n")
     assert t.deliver("fred@mx.test").status == "K"          # bare user: defaultdelivery
     assert len(new_messages(home / "Maildir")) == 2
+
+
+def test_program_runs_with_qmail_local_umask(tree, tmp_path):
+    write_qmail(tree.home, ".qmail", f"|umask > {tmp_path}/umask.out\n")
+    assert tree.deliver("joe@mx.test").status == "K"
+    assert (tmp_path / "umask.out").read_text().strip() == "0077"

@@ -262,3 +262,11 @@ def test_maildir_to_email():
     assert maildir_to_email("/home/vpopmail/domains/0/dom.com/A/joe/Maildir/") == "joe@dom.com"
     assert maildir_to_email("/var/mail/joe/Maildir/") == ""
     assert maildir_to_email("/var/mail/joe/") == ""
+
+
+def test_user_dotqmail_blank_lines_are_skipped(vp):
+    udir = vp.ddir / "joe"
+    write_qmail(udir, ".qmail", f"{udir}/Maildir/\n\n")
+    r = vp.deliver("example.com-joe@example.com")
+    assert (r.status, r.forwards) == ("K", ())
+    assert len(new_messages(udir / "Maildir")) == 1

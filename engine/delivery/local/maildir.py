@@ -25,6 +25,7 @@ at least once, never lost).
 """
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import socket
@@ -126,8 +127,15 @@ class DirSync:
             self.fsyncs += 1
 
 
+# The Maildir spec's per-process delivery counter (Q<n>): shared by every
+# writer in the process, so two writers can never pick the same name; after
+# a fork the pid differs, so continuing the parent's count stays unique.
+_DELIVERIES = itertools.count(1)
+
+
 class MaildirWriter:
-    """One per process (it owns the name counter and the shared DirSync)."""
+    """Share one per process: it holds the DirSync that lets concurrent
+    deliveries into one Maildir share directory fsyncs."""
 
     def __init__(self, hostname: str | None = None, *, dirsync: DirSync | None = None,
                  clock=time.time, fsync=os.fsync) -> None:
@@ -135,17 +143,12 @@ class MaildirWriter:
         self.dirsync = dirsync if dirsync is not None else DirSync(fsync)
         self._clock = clock
         self._fsync = fsync
-        self._counter = itertools.count(1)
-        self._pid = os.getpid()
 
     def unique_name(self) -> str:
         now = self._clock()
         sec = int(now)
         usec = int((now - sec) * 1_000_000)
-        if os.getpid() != self._pid:          # forked worker: a new pid, a fresh counter
-            self._pid = os.getpid()
-            self._counter = itertools.count(1)
-        return f"{sec}.M{usec}P{self._pid}Q{next(self._counter)}.{self.host}"
+        return f"{sec}.M{usec}P{os.getpid()}Q{next(_DELIVERIES)}.{self.host}"
 
     def deliver(self, maildir: str, parts: list[bytes], *, size_suffix: bool = False) -> str:
         """Write the concatenation of `parts` as one new message; return its name
@@ -158,15 +161,22 @@ class MaildirWriter:
             except OSError as exc:
                 err = exc.errno
             raise MaildirError("chdir", err, f"{maildir} is not a directory")
-        name = self.unique_name()
-        if size_suffix:
-            name += f",S={sum(len(p) for p in parts)}"
-        tmp = os.path.join(maildir, "tmp", name)
-        new = os.path.join(maildir, "new", name)
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except OSError as exc:
-            raise MaildirError("write", exc.errno, f"open {tmp}: {exc.strerror}") from None
+        for attempt in range(3):
+            name = self.unique_name()
+            if size_suffix:
+                name += f",S={sum(len(p) for p in parts)}"
+            tmp = os.path.join(maildir, "tmp", name)
+            new = os.path.join(maildir, "new", name)
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                break
+            except FileExistsError:
+                # Only a clock stepped back (same second, usec, pid and a
+                # wrapped counter) or a stale file: take the next name.
+                if attempt == 2:
+                    raise MaildirError("write", errno.EEXIST, f"{tmp} exists") from None
+            except OSError as exc:
+                raise MaildirError("write", exc.errno, f"open {tmp}: {exc.strerror}") from None
         linked = False
         try:
             try:

@@ -68,7 +68,7 @@ def run(command: str, *, cwd: str, env: dict[str, str], stdin_fd: int,
         proc = subprocess.Popen(
             ["/bin/sh", "-c", command], stdin=stdin_fd, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, cwd=cwd, env=env, close_fds=True,
-            start_new_session=True, restore_signals=True)
+            start_new_session=True, restore_signals=True, umask=0o077)  # qmail-local's umask
     except OSError as exc:
         if exc.filename == cwd:
             return ProgramRun("temporary",

@@ -206,7 +206,8 @@ class Vdelivermail:
         found = False
         for line in lines:
             found = True
-            self._finish(self._deliver(line[:499], None))
+            if line:            # vpopmail hands a blank line to qmail-inject as an
+                self._finish(self._deliver(line[:499], None))   # empty address; we skip it
         return found
 
     # --- deliver_mail --------------------------------------------------------------------------
