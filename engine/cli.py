@@ -220,7 +220,10 @@ def _accounts_call(fn, *args, **kwargs):
 
 def _read_new_password() -> str:
     """The first line of stdin when it is not a terminal; else asked twice, hidden."""
-    stdin = click.get_text_stream("stdin")
+    import sys
+    stdin = sys.stdin
+    if stdin is None:
+        raise _BadInput("no standard input to read the password from")
     if stdin.isatty():
         return click.prompt("New password", hide_input=True, confirmation_prompt=True, err=True)
     line = stdin.readline()

@@ -1,0 +1,233 @@
+"""qrelay domain / user / alias / newu on real roots; bad input is one line and exit status 2."""
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from engine.accounts import admin
+from engine.accounts.passwords import verify
+from engine.accounts.store import Accounts
+from engine.cli import cli
+from engine.config.cdb import CdbFile
+
+OWNER = ["--uid", "89", "--gid", "89"]
+
+
+def qrelay(*args: str, input: str | None = None):
+    result = CliRunner().invoke(cli, list(args), input=input, catch_exceptions=False)
+    return result
+
+
+def bad(result, words: str) -> None:
+    assert result.exit_code == 2, (result.output, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and words in lines[0], lines
+    assert "Traceback" not in result.output + result.stderr
+
+
+@pytest.fixture
+def droot(root: Path) -> Path:
+    """A root (from `qrelay init`) with example.com added."""
+    r = qrelay("domain", "add", str(root), "example.com", *OWNER)
+    assert r.exit_code == 0, r.output + r.stderr
+    return root
+
+
+def test_domain_add_writes_what_vadddomain_writes(droot):
+    dom = droot / "domains" / "example.com"
+    assert (dom / "vpasswd").read_text() == ""
+    assert CdbFile.open(dom / "vpasswd.cdb").get(b"x") is None
+    assert (dom / ".qmail-default").read_text() == "| /home/vpopmail/bin/vdelivermail '' bounce-no-mailbox\n"
+    assert f"+example.com-:example.com:89:89:{dom}:-::\n.\n" == (droot / "users" / "assign").read_text()
+    assert CdbFile.open(droot / "users" / "cdb").get(b"!example.com-") == \
+        f"example.com\x0089\x0089\x00{dom}\x00-\x00".encode()
+    assert "example.com:example.com" in (droot / "control" / "virtualdomains").read_text().splitlines()
+    assert "example.com" in (droot / "control" / "rcpthosts").read_text().splitlines()
+    assert stat.S_IMODE(os.stat(dom).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(dom / "vpasswd").st_mode) == 0o600
+    if os.geteuid() == 0:
+        assert (os.stat(dom).st_uid, os.stat(dom / "vpasswd").st_gid) == (89, 89)
+    assert qrelay("domain", "list", str(droot)).output == f"example.com\t{dom}\t89:89\n"
+
+
+def test_domain_add_bad_input(root, droot):
+    bad(qrelay("domain", "add", str(root), "example.com", *OWNER), "domain exists")
+    bad(qrelay("domain", "add", str(root), "bad_domain.com", *OWNER), "domain name")
+    bad(qrelay("domain", "add", str(root), "x.org", "--uid", "0", "--gid", "0"), "uid 0")
+    bad(qrelay("domain", "add", str(root), "x.org", "--uid", "5"), "--gid")
+    bad(qrelay("domain", "add", str(root / "nope"), "x.org", *OWNER), "no such qrelay root")
+
+
+def test_domain_owner_prefers_a_non_root_owner(root, monkeypatch):
+    if os.geteuid() != 0:
+        assert admin.domain_owner(root) == (os.getuid(), os.getgid())
+        return
+    monkeypatch.setattr(admin.pwd, "getpwnam", lambda name: (_ for _ in ()).throw(KeyError(name)))
+    bad(qrelay("domain", "add", str(root), "x.org"), "qmail never delivers as root")
+    (root / "domains").mkdir()
+    os.chown(root / "domains", 123, 456)
+    assert admin.domain_owner(root) == (123, 456)
+
+
+def test_rcpthosts_overflow_goes_to_morercpthosts(root):
+    (root / "control" / "rcpthosts").write_text("".join(f"d{i}.example\n" for i in range(50)))
+    assert qrelay("domain", "add", str(root), "example.com", *OWNER).exit_code == 0
+    assert "example.com" not in (root / "control" / "rcpthosts").read_text()
+    assert (root / "control" / "morercpthosts").read_text() == "example.com\n"
+    assert CdbFile.open(root / "control" / "morercpthosts.cdb").get(b"example.com") == b""
+
+
+def test_domain_del_removes_everything(droot):
+    r = qrelay("domain", "del", str(droot), "example.com")
+    assert r.exit_code == 0, r.stderr
+    assert not (droot / "domains" / "example.com").exists()
+    assert (droot / "users" / "assign").read_text() == ".\n"
+    assert "example.com" not in (droot / "control" / "virtualdomains").read_text()
+    assert "example.com" not in (droot / "control" / "rcpthosts").read_text().splitlines()
+    assert qrelay("domain", "list", str(droot)).output == ""
+    bad(qrelay("domain", "del", str(droot), "example.com"), "no such domain")
+
+
+def test_user_add_then_deliverable_and_password_checks(droot):
+    r = qrelay("user", "add", str(droot), "Joe@Example.com", "--quota", "10MB", input="s3cret\n")
+    assert r.exit_code == 0, r.stderr
+    dom = droot / "domains" / "example.com"
+    for sub in ("cur", "new", "tmp"):
+        assert (dom / "joe" / "Maildir" / sub).is_dir()
+    line = (dom / "vpasswd").read_text()
+    name, crypted, uid, gid, gecos, directory, quota = line.rstrip("\n").split(":")
+    assert (name, uid, gid, gecos, directory, quota) == ("joe", "1", "0", "joe", str(dom / "joe"), "10485760S")
+    assert crypted.startswith("$6$") and verify("s3cret", crypted)
+    accounts = Accounts(droot, recheck_seconds=0)
+    assert accounts.mailbox("joe@example.com").maildir == f"{dom}/joe/Maildir/"
+    assert accounts.accepts("joe@example.com") and not accounts.accepts("bob@example.com")
+    out = qrelay("user", "show", str(droot), "joe@example.com").output
+    assert "maildir:   " + f"{dom}/joe/Maildir/" in out and "10485760S" in out and "sha512_crypt" in out
+    assert qrelay("user", "list", str(droot), "example.com").output == "joe@example.com\t10485760S\t-\n"
+
+
+def test_user_add_bad_input(droot):
+    qrelay("user", "add", str(droot), "joe@example.com", input="pw\n")
+    bad(qrelay("user", "add", str(droot), "joe@example.com", input="pw\n"), "user exists")
+    bad(qrelay("user", "add", str(droot), "joe@nowhere.com", input="pw\n"), "no such domain")
+    bad(qrelay("user", "add", str(droot), "joe", input="pw\n"), "not a full email address")
+    bad(qrelay("user", "add", str(droot), "jo e@example.com", input="pw\n"), "character")
+    bad(qrelay("user", "add", str(droot), "bob@example.com", input=""), "no password")
+    bad(qrelay("user", "add", str(droot), "bob@example.com", input="\n"), "empty password")
+    bad(qrelay("user", "add", str(droot), "bob@example.com", "--quota", "lots", input="pw\n"), "bad quota")
+    bad(qrelay("user", "add", str(droot / "x"), "bob@example.com", input="pw\n"), "no such qrelay root")
+    bad(qrelay("user", "del", str(droot), "bob@example.com"), "no such user")
+    bad(qrelay("user", "passwd", str(droot), "bob@example.com", input="pw\n"), "no such user")
+    bad(qrelay("user", "show", str(droot), "bob@example.com"), "no such user")
+    bad(qrelay("user", "list", str(droot), "nowhere.com"), "no such domain")
+
+
+def test_passwd_and_cleartext_setting(droot):
+    qrelay("user", "add", str(droot), "joe@example.com", input="one\n")
+    vpasswd = droot / "domains" / "example.com" / "vpasswd"
+    assert len(vpasswd.read_text().rstrip("\n").split(":")) == 7
+    (droot / "qrelay.toml").write_text("[accounts]\nkeep_cleartext = true\n")
+    assert qrelay("user", "passwd", str(droot), "joe@example.com", input="two\n").exit_code == 0
+    fields = vpasswd.read_text().rstrip("\n").split(":")
+    assert fields[7] == "two" and verify("two", fields[1]) and not verify("one", fields[1])
+    (droot / "qrelay.toml").write_text("[accounts]\nkeep_cleartext = false\n")
+    qrelay("user", "passwd", str(droot), "joe@example.com", input="three\n")
+    assert len(vpasswd.read_text().rstrip("\n").split(":")) == 7  # stale cleartext dropped
+    (droot / "qrelay.toml").write_text("[accounts]\nkeep_cleartxt = true\n")
+    bad(qrelay("user", "passwd", str(droot), "joe@example.com", input="x\n"), "unknown setting")
+
+
+def test_user_del_removes_line_and_tree_but_not_the_catch_all(droot):
+    qrelay("user", "add", str(droot), "joe@example.com", input="pw\n")
+    qrelay("user", "add", str(droot), "ann@example.com", input="pw\n")
+    assert qrelay("domain", "catchall", str(droot), "example.com", "ann@example.com").exit_code == 0
+    bad(qrelay("user", "del", str(droot), "ann@example.com"), "catch-all")
+    assert qrelay("user", "del", str(droot), "joe@example.com").exit_code == 0
+    assert not (droot / "domains" / "example.com" / "joe").exists()
+    assert qrelay("user", "list", str(droot), "example.com").output.startswith("ann@example.com")
+
+
+def test_catchall(droot):
+    default = droot / "domains" / "example.com" / ".qmail-default"
+    accounts = Accounts(droot, recheck_seconds=0)
+    assert not accounts.accepts("x@example.com")
+    qrelay("domain", "catchall", str(droot), "example.com", "delete")
+    assert default.read_text().endswith("'' delete\n") and accounts.accepts("x@example.com")
+    qrelay("domain", "catchall", str(droot), "example.com", "bounce")
+    assert default.read_text().endswith("'' bounce-no-mailbox\n") and not accounts.accepts("x@example.com")
+    bad(qrelay("domain", "catchall", str(droot), "example.com", "|rm -rf /"), "give an address")
+    bad(qrelay("domain", "catchall", str(droot), "nowhere.com", "bounce"), "no such domain")
+
+
+def test_alias_commands(droot):
+    r = qrelay("alias", "add", str(droot), "Info.Desk@example.com", "joe@example.com", "a@example.org")
+    assert r.exit_code == 0, r.stderr
+    path = droot / "domains" / "example.com" / ".qmail-info:desk"
+    assert path.read_text() == "&joe@example.com\n&a@example.org\n"
+    qrelay("alias", "add", str(droot), "info.desk@example.com", "a@example.org", "b@example.org")
+    assert path.read_text() == "&joe@example.com\n&a@example.org\n&b@example.org\n"
+    assert Accounts(droot, recheck_seconds=0).accepts("info.desk@example.com")
+    out = qrelay("alias", "list", str(droot), "example.com").output
+    assert out == "info.desk@example.com\t&joe@example.com &a@example.org &b@example.org\n"
+    assert qrelay("alias", "del", str(droot), "info.desk@example.com").exit_code == 0
+    assert not path.exists()
+    bad(qrelay("alias", "del", str(droot), "info.desk@example.com"), "no such alias")
+    bad(qrelay("alias", "add", str(droot), "x@example.com", "|/bin/sh"), "must be an address")
+    bad(qrelay("alias", "add", str(droot), "default@example.com", "a@b.org"), "catchall")
+    bad(qrelay("alias", "add", str(droot), "x@nowhere.com", "a@b.org"), "no such domain")
+    r = qrelay("alias", "add", str(droot), "x@example.com")
+    assert r.exit_code == 2 and "Traceback" not in r.output
+
+
+def test_import(droot, tmp_path):
+    qrelay("domain", "add", str(droot), "example.org", *OWNER)
+    src = tmp_path / "users.txt"
+    src.write_text("# comment\n\n" + "".join(f"u{i}@example.com:pw{i}\n" for i in range(150))
+                   + "boss@example.org:bosspw:1000C\n")
+    r = qrelay("user", "import", str(droot), str(src), "--workers", "2")
+    assert r.exit_code == 0, r.stderr
+    assert "imported 151 mailboxes into 2 domains" in r.output
+    accounts = Accounts(droot, recheck_seconds=0)
+    dom = droot / "domains" / "example.com"
+    assert accounts.mailbox("u0@example.com").user.directory == str(dom / "u0")
+    hashed = accounts.mailbox("u120@example.com").user
+    assert hashed.directory == str(dom / "0" / "u120")  # past 99 users: hashed dirs
+    assert Path(hashed.maildir, "new").is_dir() and verify("pw120", hashed.crypted)
+    assert accounts.mailbox("boss@example.org").user.quota == "1000C"
+
+
+def test_import_checks_every_line_before_writing(droot, tmp_path):
+    qrelay("user", "add", str(droot), "old@example.com", input="pw\n")
+    src = tmp_path / "users.txt"
+    src.write_text("aa@example.com:pw\nold@example.com:pw\nbb@nowhere.com:pw\nnocolon\naa@example.com:x\n")
+    r = qrelay("user", "import", str(droot), str(src))
+    bad(r, f"{src}:2: old@example.com: user exists (and 3 more bad lines)")
+    assert qrelay("user", "list", str(droot), "example.com").output == "old@example.com\tNOQUOTA\t-\n"
+    bad(qrelay("user", "import", str(droot), str(tmp_path / "missing.txt")), "missing.txt")
+
+
+def test_newu(root):
+    (root / "users" / "assign").write_text("=joe:joe:507:100:/home/joe:::\n.\n")
+    r = qrelay("newu", str(root))
+    assert r.exit_code == 0 and "1 assignments" in r.output
+    assert CdbFile.open(root / "users" / "cdb").get(b"!joe\0") is not None
+    (root / "users" / "assign").write_text("=joe:joe\n.\n")
+    bad(qrelay("newu", str(root)), "bad format")
+    bad(qrelay("newu", str(root / "nope")), "no such qrelay root")
+
+
+def test_real_process_one_line_exit_2(root, qrelay_cli):
+    r = qrelay_cli("user", "add", str(root), "joe@example.com")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no such domain" in r.stderr
+    r = qrelay_cli("domain", "add", str(root), "example.com", *OWNER)
+    assert r.returncode == 0, r.stderr
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "user", "add", str(root), "joe@example.com"],
+                       input="pw\n", capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert Accounts(root).mailbox("joe@example.com") is not None

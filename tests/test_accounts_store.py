@@ -1,0 +1,215 @@
+"""Accounts on a copy of a vpopmail-style tree: mailbox(), accepts(), reload on change."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from engine.accounts import store as store_mod
+from engine.accounts.assign import compile_assign
+from engine.accounts.files import atomic_write
+from engine.accounts.store import Accounts, AccountsError, default_candidates, parse_qmail_default
+from engine.accounts.vpasswd import BOUNCE_MAIL, parse_vpasswd, vpasswd_cdb
+
+VDELIVER = "| /home/vpopmail/bin/vdelivermail '' bounce-no-mailbox\n"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def write_domain(directory: Path, lines: list[str], *, cdb: bool = True) -> None:
+    text = "".join(line + "\n" for line in lines)
+    atomic_write(directory / "vpasswd", text.encode(), mode=0o600)
+    if cdb:
+        atomic_write(directory / "vpasswd.cdb", vpasswd_cdb(parse_vpasswd(text)), mode=0o600)
+
+
+@pytest.fixture
+def box(tmp_path: Path) -> dict:
+    """/var/qmail + /home/vpopmail as vadddomain/vadduser leave them (one domain, hashed user)."""
+    qmail = tmp_path / "qmail"
+    (qmail / "control").mkdir(parents=True)
+    (qmail / "users").mkdir()
+    (qmail / "control" / "me").write_text("mx.example.net\n")
+    (qmail / "control" / "locals").write_text("mx.example.net\n")
+    (qmail / "control" / "rcpthosts").write_text("mx.example.net\nexample.com\n")
+    (qmail / "control" / "virtualdomains").write_text("example.com:example.com\nalias.example:alias.example\n")
+    dom = tmp_path / "home" / "vpopmail" / "domains" / "example.com"
+    (dom / "0" / "ann" / "Maildir").mkdir(parents=True)
+    (dom / "joe" / "Maildir").mkdir(parents=True)
+    home_joe = tmp_path / "home" / "joe"
+    home_joe.mkdir()
+    (qmail / "users" / "assign").write_text(
+        f"+example.com-:example.com:89:89:{dom}:-::\n"
+        f"+alias.example-:example.com:89:89:{dom}:-::\n"
+        f"=joe:joe:507:100:{home_joe}:::\n"
+        f"+joe-:joe:507:100:{home_joe}:-::\n"
+        ".\n")
+    compile_assign(qmail)
+    write_domain(dom, [
+        f"joe:$6$x$y:1:0:Joe:{dom}/joe:NOQUOTA",
+        f"ann:$6$x$y:1:0:Ann:{dom}/0/ann:10485760S,1000C:clearpw",
+        f"locked:$6$x$y:1:{BOUNCE_MAIL}:Locked:{dom}/locked:NOQUOTA",
+    ])
+    (dom / ".qmail-default").write_text(VDELIVER)
+    (dom / ".qmail-info").write_text("&joe@example.com\n")
+    (dom / ".qmail-info:desk").write_text("&ann@example.com\n")
+    (dom / ".qmail-sales-default").write_text("&joe@example.com\n")
+    (home_joe / ".qmail-list").write_text("&x@example.org\n")
+    return {"root": qmail, "dom": dom, "home_joe": home_joe}
+
+
+@pytest.fixture
+def accounts(box) -> Accounts:
+    return Accounts(box["root"], recheck_seconds=0)
+
+
+def test_mailbox_resolves_through_virtualdomains_assign_and_vpasswd(accounts, box):
+    mb = accounts.mailbox("Joe@Example.COM")
+    assert mb is not None
+    assert mb.user.name == "joe" and mb.domain == "example.com"
+    assert mb.domain_dir == str(box["dom"])
+    assert (mb.assignment.uid, mb.assignment.gid) == (89, 89)
+    assert mb.maildir == f"{box['dom']}/joe/Maildir/"
+
+
+def test_mailbox_follows_the_dir_field_of_a_hashed_user(accounts, box):
+    mb = accounts.mailbox("ann@example.com")
+    assert mb.maildir == f"{box['dom']}/0/ann/Maildir/"
+    assert mb.user.clear == "clearpw" and mb.user.quota_bytes == 10485760
+
+
+def test_alias_domain_reaches_the_real_domains_users(accounts):
+    mb = accounts.mailbox("ann@alias.example")
+    assert mb is not None and mb.user.name == "ann" and mb.domain == "alias.example"
+
+
+@pytest.mark.parametrize("address", [
+    "nobody@example.com", "info@example.com", "joe@example.org", "joe@mx.example.net", "@example.com",
+])
+def test_no_mailbox(accounts, address):
+    assert accounts.mailbox(address) is None
+
+
+@pytest.mark.parametrize("address,expected", [
+    ("joe@example.com", True),            # vpasswd user (through .qmail-default → vdelivermail)
+    ("JOE@EXAMPLE.COM", True),
+    ("ann@example.com", True),
+    ("nobody@example.com", False),        # bounce-no-mailbox
+    ("locked@example.com", False),        # BOUNCE_MAIL: vdelivermail bounces
+    ("info@example.com", True),           # .qmail-info
+    ("Info.Desk@example.com", True),      # .qmail-info:desk (dots become colons)
+    ("info.other@example.com", False),
+    ("sales-anything@example.com", True),  # .qmail-sales-default
+    ("sales@example.com", False),          # `sales` alone has no `-` for sales-default
+    ("joe-foo@example.com", False),        # vdelivermail does not split extensions (qmail-ext off)
+    ("joe@somewhere.else", False),         # remote: not ours to judge
+    ("joe@mx.example.net", True),          # exact =joe line, no extension: joe's own mailbox
+    ("joe-list@mx.example.net", True),     # ~joe/.qmail-list
+    ("joe-nolist@mx.example.net", False),  # dash set, no .qmail file
+    ("root@mx.example.net", True),         # not in users/assign: qmail-getpw / alias, accepted
+])
+def test_accepts(accounts, address, expected):
+    assert accounts.accepts(address) is expected
+
+
+def test_catch_all_variants(accounts, box):
+    default = box["dom"] / ".qmail-default"
+    for text, expected in [
+        ("| /home/vpopmail/bin/vdelivermail '' delete\n", True),
+        ("| /home/vpopmail/bin/vdelivermail '' postmaster@example.com\n", True),
+        (f"| /home/vpopmail/bin/vdelivermail '' {box['dom']}/joe\n", True),
+        ("&someone@example.org\n", True),          # not vdelivermail: forwards everything
+        ("", True),                                 # empty: qmail-local's default delivery
+        (VDELIVER, False),
+    ]:
+        atomic_write(default, text.encode())
+        assert accounts.accepts("nobody@example.com") is expected, text
+    default.unlink()
+    assert accounts.accepts("nobody@example.com") is False   # no .qmail-default: no mailbox here
+    assert accounts.accepts("info@example.com") is True
+
+
+def test_parse_qmail_default():
+    assert parse_qmail_default(VDELIVER).bounces
+    d = parse_qmail_default("# comment\n|/usr/local/vpopmail/bin/vdelivermail '' delete\n")
+    assert d.vdelivermail and d.argument == "delete" and not d.bounces
+    assert not parse_qmail_default("|preline procmail\n").vdelivermail
+
+
+def test_default_candidates_match_qmail_local():
+    assert default_candidates("-", "a-b-c") == [
+        ".qmail-a-b-c", ".qmail-a-b-default", ".qmail-a-default", ".qmail-default"]
+    assert default_candidates("-", "a-") == [".qmail-a-", ".qmail-a-default", ".qmail-default"]
+    assert default_candidates("-", "Joe.Smith") == [".qmail-joe:smith", ".qmail-default"]
+
+
+def test_sees_a_new_user_a_new_alias_and_a_new_domain(accounts, box):
+    dom = box["dom"]
+    assert accounts.mailbox("new@example.com") is None
+    lines = (dom / "vpasswd").read_text().splitlines() + [f"new:$6$x$y:1:0:New:{dom}/new:NOQUOTA"]
+    write_domain(dom, lines)
+    assert accounts.mailbox("new@example.com").user.name == "new"
+    assert accounts.accepts("help@example.com") is False
+    atomic_write(dom / ".qmail-help", b"&joe@example.com\n")
+    assert accounts.accepts("help@example.com") is True
+    (dom / ".qmail-help").unlink()
+    assert accounts.accepts("help@example.com") is False
+    # virtualdomains change: example.com becomes remote
+    atomic_write(box["root"] / "control" / "virtualdomains", b"alias.example:alias.example\n")
+    assert accounts.mailbox("joe@example.com") is None
+    assert accounts.accepts("joe@example.com") is False
+
+
+def test_cdb_is_what_lookups_read_as_in_vpopmail(accounts, box):
+    dom = box["dom"]
+    with open(dom / "vpasswd", "a") as f:  # hand edit, no vmkpasswd
+        f.write(f"hand:$6$x$y:1:0:Hand:{dom}/hand:NOQUOTA\n")
+    assert accounts.mailbox("hand@example.com") is None
+    (dom / "vpasswd.cdb").unlink()
+    assert accounts.mailbox("hand@example.com").user.name == "hand"  # no cdb: the text
+
+
+def test_rechecks_are_bounded_by_the_interval(box, monkeypatch):
+    clock = Clock()
+    accounts = Accounts(box["root"], recheck_seconds=5.0, clock=clock)
+    assert accounts.accepts("joe@example.com")
+    calls = []
+    real = store_mod.stat_key
+    monkeypatch.setattr(store_mod, "stat_key", lambda p: calls.append(p) or real(p))
+    dom = box["dom"]
+    write_domain(dom, [f"other:$6$x$y:1:0:O:{dom}/other:NOQUOTA"])
+    for _ in range(1000):
+        assert accounts.mailbox("joe@example.com") is not None  # old snapshot: not looked at yet
+    assert calls == []
+    clock.now += 5.0
+    assert accounts.mailbox("joe@example.com") is None
+    assert accounts.mailbox("other@example.com") is not None
+    assert len(calls) <= 10
+
+
+def test_unreadable_tables_are_errors_not_unknown_users(accounts, box):
+    (box["dom"] / "vpasswd.cdb").write_bytes(b"corrupt")
+    with pytest.raises(AccountsError):
+        accounts.mailbox("joe@example.com")
+    (box["root"] / "users" / "cdb").write_bytes(b"corrupt")
+    with pytest.raises(AccountsError):
+        accounts.accepts("joe@example.com")
+
+
+def test_missing_me_is_an_error(accounts, box):
+    os.unlink(box["root"] / "control" / "me")
+    with pytest.raises(AccountsError):
+        accounts.accepts("joe@example.com")
+
+
+def test_vpop_domain_by_name(accounts, box):
+    assignment, users = accounts.vpop_domain("EXAMPLE.com")
+    assert assignment.home == str(box["dom"]) and users.user("joe") is not None
+    assert accounts.vpop_domain("example.org") is None
