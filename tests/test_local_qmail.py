@@ -345,3 +345,9 @@ def test_program_runs_with_qmail_local_umask(tree, tmp_path):
     write_qmail(tree.home, ".qmail", f"|umask > {tmp_path}/umask.out\n")
     assert tree.deliver("joe@mx.test").status == "K"
     assert (tmp_path / "umask.out").read_text().strip() == "0077"
+
+
+def test_unreadable_users_cdb_defers(tree):
+    (tree.root / "users" / "cdb").write_bytes(b"not a cdb")
+    r = tree.deliver("joe@mx.test")
+    assert (r.status, r.text) == ("Z", "Trouble reading users/cdb in qmail-lspawn.\n")

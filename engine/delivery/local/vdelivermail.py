@@ -18,7 +18,10 @@ Differences from the C program, on purpose:
   (sender, address, `Delivered-To:` line) for the caller to queue;
 - no VALIAS, QMAIL_EXT, spamassassin, maildrop or domain-quota builds; an
   empty vpasswd directory field is not auto-created (it bounces with
-  vdelivermail's `#5.9.8` text, as when creation fails).
+  vdelivermail's `#5.9.8` text, as when creation fails);
+- a blank line in a user's `.qmail` is skipped (vpopmail hands qmail-inject
+  an empty address); an unreadable vpasswd or users/cdb defers with
+  `system error` (vpopmail: exit 111, no text).
 
 It never writes outside the domain's and its users' directories.
 """
@@ -113,7 +116,11 @@ class Vdelivermail:
             raise _Exit(100)
         # vget_assign: an alias domain's HOST becomes the real domain.
         self.domain_dir = self.home
-        assigned = self.accounts.domain_assignment(self.domain)
+        try:
+            assigned = self.accounts.domain_assignment(self.domain)
+        except Exception:           # users/cdb unreadable: try again later
+            self.say(TEXT_SYSTEM)
+            raise _Exit(111) from None
         if assigned is not None:
             self.domain = assigned.user.lower()
             self.domain_dir = assigned.home
