@@ -27,9 +27,10 @@ best of each side (other load on the machine only ever slows a round down).
 `--queue 0` runs A and B only.
 
 Beside A and B, in the same rounds:
-  `--target HOST:PORT`  flood another MTA (one that relays to its own sink)
-     with the same load: rate_target, as a ratio to rate_direct. With
-     `--no-qrelay` only A and the target run.
+  `--target HOST:PORT`  flood another MTA (set up to relay to a sink of its
+     own) with the same load: its accept rate (this bench cannot see that
+     sink), as a ratio to rate_direct. With `--no-qrelay` only A and the
+     target run.
   `--delivery-procs A,B,...`  one root per `[delivery] worker_procs` value;
      the first is the qrelay of B, C and D, each other one is flooded end to
      end in turn (rate_e2e_worker_procs), as a ratio to the first. Use it with

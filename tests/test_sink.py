@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
 from sink import SinkProcess  # noqa: E402
+from smtpload.process import free_port  # noqa: E402
 from smtpload.server import END  # noqa: E402
 
 SINK = REPO / "bench" / "sink.py"
@@ -23,16 +24,6 @@ SINK = REPO / "bench" / "sink.py"
 def send(port: int, body: str = "Subject: t\r\n\r\nhello\r\n", rcpts=("a@x.test",)) -> dict:
     with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:
         return c.sendmail("s@y.test", list(rcpts), body)
-
-
-def wait_for(pred, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    return pred()
 
 
 def test_counts_messages_and_connections_and_final_line(sinks):
@@ -50,8 +41,18 @@ def test_counts_messages_and_connections_and_final_line(sinks):
 def test_json_is_updated_while_running(sinks):
     s = sinks()
     send(s.port)
-    st = wait_for(lambda: s.stats().get("messages") == 1 and s.stats())
+    st = s.wait_messages(1, timeout=5)
     assert st["running"] is True and st["messages"] == 1
+
+
+def test_fixed_port_and_a_wait_that_stalls(tmp_path):
+    port = free_port()
+    with SinkProcess(tmp_path / "s", "--quiet", port=port) as s:
+        assert s.port == port
+        send(port)
+        t = time.monotonic()
+        st = s.wait_messages(5, timeout=60, idle=1.5)  # 1 of 5 and no more: given up on the idle
+        assert st["messages"] == 1 and time.monotonic() - t < 10
 
 
 def test_maildir_store_undoes_dot_stuffing(sinks, tmp_path):
