@@ -108,7 +108,7 @@ def build_parser() -> OneLineParser:
                     help="recipient domains d0.test.. (default 1: sink.test)")
     ap.add_argument("--sink-procs", type=positive_int, default=1, help="sink.py --procs")
     ap.add_argument("--flood-arg", action="append", default=[], metavar="ARG",
-                    help="extra flood.py argument, e.g. --pipelining (repeatable)")
+                    help="extra flood.py argument, as --flood-arg=--pipelining (repeatable)")
     ap.add_argument("--idle", type=nonneg_float, default=30.0,
                     help="no progress at the sink (or in deferrals) for this long = the run failed (s)")
     ap.add_argument("--slow-sync-ms", type=nonneg_int, default=0,
