@@ -206,7 +206,7 @@ _DIE_BEFORE_THE_INDEX = r"""
 import asyncio, os, sys, threading
 from engine.queue import Envelope, Spool
 s = Spool(sys.argv[1])
-s._index_batches = lambda batches: threading.Event().wait()   # the index never commits
+s.intake.index_stage = lambda batches: threading.Event().wait()   # the index never commits
 async def main():
     return await asyncio.gather(*(s.submit(Envelope("a@x", ("b@y",)), b"message %d" % i)
                                   for i in range(int(sys.argv[2]))))
@@ -237,7 +237,7 @@ def test_a_live_writers_tail_is_left_to_it_but_not_a_reused_pid(tmp_path: Path):
     import dataclasses
 
     from engine.queue.records import SegmentRecord
-    from engine.queue.recovery import process_start
+    from engine.queue.repair import process_start
     q = tmp_path / "q"
     ids = _die_before_the_index(q, 3)
 
@@ -317,19 +317,19 @@ def test_adopt_tails_picks_up_a_writer_that_died_while_the_spool_stayed_open(tmp
 
 
 def test_a_killed_but_unreaped_writer_counts_as_gone():
-    from engine.queue.recovery import _pid_alive
+    from engine.queue.repair import pid_alive
     pid = os.fork()
     if pid == 0:
         os._exit(0)
     try:
         deadline = time.monotonic() + 5
-        while _pid_alive(pid) and time.monotonic() < deadline:
+        while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert not _pid_alive(pid)                     # a zombie until we reap it
+        assert not pid_alive(pid)                     # a zombie until we reap it
         assert os.path.exists(f"/proc/{pid}")
     finally:
         os.waitpid(pid, 0)
-    assert _pid_alive(os.getpid())
+    assert pid_alive(os.getpid())
 
 
 def test_recover_indexes_a_dead_writers_tail_before_sealing_its_segment(tmp_path: Path):

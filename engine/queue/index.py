@@ -1,0 +1,223 @@
+"""The spool's LMDB index: its environment, its tables, and the one way to write to it.
+
+Owns queue/index/ (data.mdb, lock.mdb) and the records more than one part
+of the spool touches: a message's record and recipients, a new message's
+records, a message's removal, a segment's live count.
+
+Every write transaction in engine.queue is `SpoolIndex.write()` (and every
+forced sync `SpoolIndex.sync()`): an LMDB error — a full map, a full disk,
+anything LMDB reports — or an OSError inside it aborts the transaction and
+becomes ONE SpoolError (or the subclass its caller names: SpoolWriteError
+on intake's paths) whose text is one line, "cannot <what>: <why>". No other
+module catches lmdb.Error around a write. This module never decides what a
+failure means for mail (451, retry, warn and go on): its callers do.
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import zlib
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import lmdb
+
+from engine.config.settings import SpoolSettings
+from engine.queue import records as R
+from engine.queue.records import (SPOOL_FORMAT, EnvelopeRecord, MessageRecord, RecipientRecord,
+                                  RecordError, SegmentRecord)
+from engine.queue.values import (Envelope, MessageNotFound, SpoolError, SpoolVersionError)
+
+TABLES = (b"meta", b"messages", b"recipients", b"due", b"todo", b"bounces", b"segments")
+
+
+def failure_text(what: str, exc: BaseException, map_bytes: int) -> str:
+    """One line saying what could not be written to the index, and why."""
+    if isinstance(exc, lmdb.MapFullError):
+        why = (f"the spool index is full (its map of {map_bytes} bytes is used up; "
+               f"raise [spool] index_map_bytes)")
+    elif getattr(exc, "errno", None) == errno.ENOSPC or os.strerror(errno.ENOSPC) in str(exc):
+        why = "the disk holding the spool index is full"
+    else:
+        why = str(exc)
+    return " ".join(f"cannot {what}: {why}".split())
+
+
+class SpoolIndex:
+    """The LMDB environment at `index_dir`, opened (created if writable) and
+    checked against SPOOL_FORMAT. `env` and `dbs` (table name -> handle) are
+    for the spool's parts; `where` names the spool in error texts."""
+
+    def __init__(self, index_dir: Path, settings: SpoolSettings, *, readonly: bool,
+                 metasync: bool, where: Path):
+        self.readonly = readonly
+        self._where = where
+        self.env = self._open(index_dir, settings, metasync)
+        try:
+            self.dbs = {name: self.env.open_db(name, create=not readonly) for name in TABLES}
+            self._check_format()
+        except lmdb.Error as exc:
+            self.env.close()
+            raise SpoolError(f"{where}: cannot open spool index: {exc}") from None
+        except SpoolError:
+            self.env.close()
+            raise
+
+    def _open(self, index_dir: Path, settings: SpoolSettings, metasync: bool) -> lmdb.Environment:
+        try:
+            if not self.readonly:
+                return lmdb.open(str(index_dir), map_size=settings.index_map_bytes,
+                                 max_dbs=len(TABLES), sync=True, metasync=metasync,
+                                 readahead=False, subdir=True, max_readers=256)
+            if not (index_dir / "data.mdb").is_file():
+                raise SpoolError(f"{self._where}: no spool here")
+            # With a lock file we can read consistently beside a running
+            # writer; without write access to it, read lock-free (a snapshot
+            # that may be torn by a concurrent writer, good enough for a tool).
+            lock = os.access(index_dir / "lock.mdb", os.W_OK)
+            return lmdb.open(str(index_dir), readonly=True, lock=lock, max_dbs=len(TABLES),
+                             readahead=False, subdir=True, map_size=settings.index_map_bytes)
+        except (OSError, lmdb.Error) as exc:
+            raise SpoolError(f"{self._where}: cannot open spool index: {exc}") from None
+
+    def _check_format(self) -> None:
+        meta = self.dbs[b"meta"]
+        if self.readonly:
+            with self.env.begin() as txn:
+                raw = txn.get(b"format", db=meta)
+            if raw is None:
+                raise SpoolError(f"{self._where}: spool index has no format record")
+            version = R.read_u32(raw)
+        else:
+            with self.write("initialise the spool index") as txn:
+                raw = txn.get(b"format", db=meta)
+                if raw is None:
+                    txn.put(b"format", R.u32(SPOOL_FORMAT), db=meta)
+                    txn.put(b"next_id", R.u64(1), db=meta)
+                    raw = R.u32(SPOOL_FORMAT)
+                version = R.read_u32(raw)
+                if version < SPOOL_FORMAT:
+                    txn.put(b"format", R.u32(SPOOL_FORMAT), db=meta)  # upgraded in place
+        if version > SPOOL_FORMAT:
+            raise SpoolVersionError(
+                f"{self._where}: spool format version {version} was written by a newer "
+                f"qrelay; this one understands up to {SPOOL_FORMAT}")
+
+    def close(self) -> None:
+        self.env.close()
+
+    # ---------------------------------------------------------------- the one way to write
+
+    @contextmanager
+    def _failing_as(self, what: str, error: type[SpoolError]) -> Iterator[None]:
+        try:
+            yield
+        except (lmdb.Error, OSError) as exc:
+            raise error(failure_text(what, exc, self.env.info()["map_size"])) from None
+
+    @contextmanager
+    def write(self, what: str,
+              error: type[SpoolError] = SpoolError) -> Iterator[lmdb.Transaction]:
+        """ONE write transaction: committed when the block ends, aborted if
+        it raises. An LMDB error or OSError raises `error("cannot <what>:
+        …")`; anything else the block raises passes through unchanged."""
+        with self._failing_as(what, error), self.env.begin(write=True) as txn:
+            yield txn
+
+    def sync(self, what: str, error: type[SpoolError] = SpoolError) -> None:
+        """Force the last commit to disk, meta page too (it is synced lazily)."""
+        with self._failing_as(what, error):
+            self.env.sync(True)
+
+    # ---------------------------------------------------------------- shared records
+
+    def message(self, txn: lmdb.Transaction, msgid: int) -> MessageRecord:
+        raw = txn.get(R.u64(msgid), db=self.dbs[b"messages"])
+        if raw is None:
+            raise MessageNotFound(msgid)
+        return MessageRecord.decode(raw)
+
+    def recipients(self, txn: lmdb.Transaction, msgid: int,
+                   nrcpt: int) -> list[RecipientRecord]:
+        rdb = self.dbs[b"recipients"]
+        out = []
+        for i in range(nrcpt):
+            raw = txn.get(R.rcpt_key(msgid, i), db=rdb)
+            if raw is None:
+                raise RecordError(f"recipient {i} of #{msgid} is missing")
+            out.append(RecipientRecord.decode(raw))
+        return out
+
+    def recipient_items(self, txn: lmdb.Transaction, msgid: int) -> list[tuple[bytes, bytes]]:
+        """Every (key, raw record) of `msgid`'s recipients, whatever its
+        message record says (for removing a message, even a corrupt one)."""
+        prefix = R.u64(msgid)
+        out = []
+        cur = txn.cursor(db=self.dbs[b"recipients"])
+        if cur.set_range(prefix):
+            for key, value in cur:
+                if bytes(key[:8]) != prefix:
+                    break
+                out.append((bytes(key), bytes(value)))
+        return out
+
+    def segments(self, txn: lmdb.Transaction) -> dict[int, bytes]:
+        """segment id -> its raw record, for every segment the index knows."""
+        return {R.read_u64(k): bytes(v) for k, v in txn.cursor(db=self.dbs[b"segments"])}
+
+    def add_message(self, txn: lmdb.Transaction, msgid: int,
+                    envelope: Envelope | EnvelopeRecord, message: bytes, segid: int,
+                    offset: int, birth: float) -> None:
+        """A new message's records: queued, recipients not yet classified (todo)."""
+        dbs = self.dbs
+        nrcpt = len(envelope.recipients)
+        key = R.u64(msgid)
+        txn.put(key, MessageRecord(birth, segid, offset, len(message), zlib.crc32(message),
+                                   envelope.pid, envelope.uid, envelope.origin, nrcpt, nrcpt,
+                                   0, envelope.sender).encode(), db=dbs[b"messages"])
+        for i, addr in enumerate(envelope.recipients):
+            txn.put(R.rcpt_key(msgid, i),
+                    RecipientRecord(R.TODO, R.NO_CHANNEL, 0, 0.0, addr).encode(),
+                    db=dbs[b"recipients"])
+        txn.put(key, b"", db=dbs[b"todo"])
+
+    def drop_message(self, txn: lmdb.Transaction, msgid: int, segid: int | None,
+                     unlink: list[int]) -> None:
+        """Every record of `msgid` (message, recipients and their due
+        entries, todo and bounce entries) deleted, and one live message less
+        in segment `segid` (appended to `unlink` if that empties it)."""
+        dbs = self.dbs
+        for rkey, raw in self.recipient_items(txn, msgid):
+            try:
+                r = RecipientRecord.decode(raw)
+                if r.state in (R.PENDING, R.DEFERRED):
+                    txn.delete(R.due_key(r.channel, r.next_try, msgid,
+                                         R.split_rcpt_key(rkey)[1]), db=dbs[b"due"])
+            except RecordError:
+                pass  # its due entry, if any, is dropped lazily as dangling
+            txn.delete(rkey, db=dbs[b"recipients"])
+        key = R.u64(msgid)
+        for name in (b"messages", b"todo", b"bounces"):
+            txn.delete(key, db=dbs[name])
+        if segid is not None:
+            self.release_segment(txn, segid, unlink)
+
+    def release_segment(self, txn: lmdb.Transaction, segid: int, unlink: list[int]) -> None:
+        """One live message less in `segid`; an empty sealed segment goes."""
+        segdb = self.dbs[b"segments"]
+        key = R.u64(segid)
+        raw = txn.get(key, db=segdb)
+        if raw is None:
+            return
+        try:
+            seg = SegmentRecord.decode(raw)
+        except RecordError:
+            return  # recover() rebuilds segment records from the message records
+        live = max(0, seg.live - 1)
+        if live == 0 and seg.sealed:
+            txn.delete(key, db=segdb)
+            unlink.append(segid)
+        else:
+            txn.put(key, dataclasses.replace(seg, live=live).encode(), db=segdb)
