@@ -1,5 +1,5 @@
-"""engine.queue.recovery: quarantine of corrupt records and bytes, recovery scan,
-orphan and abandoned segments."""
+"""engine.queue.repair: quarantine of corrupt records and bytes, recovery scan,
+orphan and abandoned segments, the warn hook."""
 from __future__ import annotations
 
 import os
@@ -47,6 +47,35 @@ def test_corrupt_message_record_is_quarantined_by_recover(tmp_path: Path):
         info = (q / "quarantine" / s.quarantined()[0]).read_text()
         assert "checksum" in info
         assert s.recover(verify_bytes=True).quarantined == []
+
+
+def test_warnings_go_to_the_warn_hook_instead_of_the_log(tmp_path: Path, caplog):
+    q = tmp_path / "q"
+    with Spool(q) as s:
+        bad = s.enqueue(env("c@d"), b"bad")
+    _corrupt(q, b"messages", R.u64(bad), _flip_last)
+    lines: list[str] = []
+    with caplog.at_level("WARNING", logger="qrelay.queue"):
+        with Spool(q, warn=lines.append) as s:
+            assert s.recover().quarantined == [bad]
+    assert len(lines) == 1 and lines[0].startswith(f"warning: quarantined #{bad} to ")
+    assert "checksum" in lines[0]
+    assert caplog.records == []
+
+
+def test_a_warn_hook_that_raises_falls_back_to_the_log(tmp_path: Path, caplog):
+    q = tmp_path / "q"
+    with Spool(q) as s:
+        bad = s.enqueue(env("c@d"), b"bad")
+    _corrupt(q, b"messages", R.u64(bad), _flip_last)
+
+    def broken(text: str) -> None:
+        raise OSError("log disk full")
+    with caplog.at_level("WARNING", logger="qrelay.queue"):
+        with Spool(q, warn=broken) as s:
+            assert s.recover().quarantined == [bad]          # the hook did not stop it
+    (record,) = caplog.records
+    assert record.getMessage().startswith(f"warning: quarantined #{bad} to ")
 
 
 def test_unknown_record_version_is_quarantined(tmp_path: Path):
