@@ -13,8 +13,7 @@ import lmdb
 import pytest
 
 from engine.config.settings import SpoolSettings
-from engine.queue import (Deferred, Delivered, Envelope, Failed, Spool, SpoolError,
-                          SpoolWriteError)
+from engine.queue import Deferred, Envelope, Failed, Spool, SpoolError, SpoolWriteError
 from engine.queue.index import failure_text
 from tests.conftest import run_cli
 

@@ -10,6 +10,26 @@ What it owns: every file under ROOT/queue/ —
 
 Nothing else may read or write these; other parts go through `Spool`.
 
+Layout: `Spool` (engine.queue.spool) is a thin front; each job is a part
+it holds (composition), and every call goes to the part that owns it:
+
+    engine.queue.index     SpoolIndex: the LMDB environment, its tables, the
+                           records the parts share, and the ONE write-
+                           transaction helper, SpoolIndex.write() (see Faults)
+    engine.queue.segfiles  SegmentFiles: reading segment bytes back, removing
+                           segment files only after the index sync
+    engine.queue.intake    Intake: enqueue/submit, ids, this process's segment,
+                           the three commit stages (steps 1-4 below)
+    engine.queue.ledger    Ledger: per-recipient state — todo, preprocess, due,
+                           jobs, apply, bouncing/release, reschedule_all, views
+    engine.queue.repair    Repair: quarantine, recover, re-indexing the tails
+                           stopped writers left (adopt_tails), orphan cleanup
+    engine.queue.core      SpoolCore: what the three parts share (index, files,
+                           clock, warn, pid)
+with engine.queue.committer (the group-commit pipeline), segments (segment
+file format, writer, reader), records (index record formats), values
+(public values and errors) and writer (the single writer process).
+
 Receiver API (contract B)
 -------------------------
     spool = Spool(queue_dir)                       # open or create; one per process, after fork
@@ -23,7 +43,8 @@ count on the message (SMTP: 451; it may still be delivered: at least once).
 
 Write path and commit point
 ---------------------------
-Group commit per process (engine.queue.committer), a pipeline of threads:
+Group commit per process (engine.queue.committer, driven by
+engine.queue.intake), a pipeline of threads:
   1. write stage: waits for a free sync slot, then takes every request that
      arrived meanwhile and appends the batch to this process's segment with
      ONE pwrite: per message an envelope record (QENV) and a bytes record
@@ -58,7 +79,8 @@ Between the commit point and the index commit a message exists only in its
 segment. What makes that safe: the index knows, for each segment, the end of
 what it has indexed, and a segment is sealed only after all its batches are
 indexed. Every writable open (a restarted writer, `qrelay run`, a tool that
-writes) indexes the whole QENV+QMSG pairs past that end in each unsealed
+writes) runs Repair.reindex() (engine.queue.repair), which indexes the
+whole QENV+QMSG pairs past that end in each unsealed
 segment whose writer is gone (its pid is not running, or was reused by a
 process started after the segment) and moves the id counter past every id
 it finds (C2). The same scan covers a machine crash that undid the index's
@@ -87,15 +109,42 @@ LMDB itself is copy-on-write with a double meta page: a crash leaves the index
 at a committed transaction (the last, or after a machine crash possibly the
 one before it: C12), never torn.
 
+Who handles each state: C1, C3 and a C7 crash's leftover segment —
+Repair.cleanup (also run by recover); C2, C9, C12 — Repair.reindex at
+every writable open and Repair.adopt_tails from the scheduler, C9's seal
+in Repair.recover; C4-C8 — the Ledger's transactions; C10 —
+Repair.quarantine_after_error, called by the Ledger when a read finds a
+corrupt record or bytes, and Repair.recover; C11 — Intake in each receiver
+(direct commits) and engine.queue.writer.
+
 Faults: an OSError while writing the segment truncates it back to the batch
 start (else the segment is abandoned) and raises SpoolWriteError; a failed
-sync abandons the segment and raises SpoolWriteError for its batch; an LMDB
-error (e.g. MapFullError) aborts the transaction: enqueue() callers get
-SpoolWriteError, answered batches are retried and new requests get
-SpoolWriteError until the index takes them. Opening a spool whose meta/format is newer than
-FORMAT_VERSION raises SpoolVersionError.
+sync abandons the segment and raises SpoolWriteError for its batch. Every
+write transaction (and forced index sync) goes through ONE helper,
+SpoolIndex.write() (engine.queue.index): an LMDB error — MapFullError, a
+full disk (ENOSPC), anything else — or an OSError inside it aborts the
+transaction and raises SpoolError with one line, "cannot <what>: <why>"
+(a full map: "... the spool index is full (its map of N bytes is used up;
+raise [spool] index_map_bytes)"). On intake's paths it is SpoolWriteError:
+enqueue() callers get it, answered batches are retried and new requests get
+it until the index takes them. The scheduler's calls (preprocess, apply,
+release, reschedule_all, recover, cleanup) raise SpoolError, the failed
+transaction having changed nothing; `qrelay flush` prints it as one line. Writes nobody waits for —
+quarantining what a reader found corrupt, re-indexing a stopped writer's
+tail, dropping stale due entries, sealing segments at close, the index sync
+before a segment file is removed — give a warning and are tried again later.
+Opening a spool whose meta/format is newer than FORMAT_VERSION raises
+SpoolVersionError.
 
-Scheduler API (all in Spool; durable on return; O(log n) each)
+Warnings ("warning: quarantined #N to …", "warning: indexed N message(s)
+that a writer which stopped left …", "warning: cannot …") go to
+`Spool(…, warn=callable)`, one line per call; the default logs them to the
+`qrelay.queue` logger, as before; a hook that raises falls back to it. (The
+group committer's own warnings about a failing index commit still go to
+that logger.)
+
+Scheduler API (all in Spool, handed to its Ledger and Repair; durable on
+return; O(log n) each)
 --------------------------------------------------------------
     todo(limit) -> [msgid]                 # queued, not preprocessed (oldest first)
     envelope(msgid) -> Envelope
@@ -108,6 +157,8 @@ Scheduler API (all in Spool; durable on return; O(log n) each)
         #      pass in-flight (msgid, index) pairs as `exclude`.
     next_due(channel=None) -> float | None  # earliest due time, for sleeping
     read_message(msgid) -> bytes            # MessageQuarantined if corrupt
+    preprocess_many([(msgid, channels[, addresses])], now) -> [Finished | None]
+    jobs([(msgid, index)], now, channel) -> [Job]  # those still due, in order
     apply([Delivered(m,i) | Deferred(m,i,next_try,error) | Failed(m,i,reason)])
         -> [Finished | None]                # many results, ONE durable txn
     mark_delivered(m,i) / mark_failed(m,i,reason) -> Finished | None
@@ -116,6 +167,7 @@ Scheduler API (all in Spool; durable on return; O(log n) each)
     release(msgid)                          # after the bounce is queued
     reschedule_all(now) -> int              # ALRM / flush: all deferred due now
     recover(verify_bytes=False) -> RecoveryReport   # at scheduler start
+    adopt_tails() -> int                    # stopped writers' tails (every few s)
     cleanup(now) -> [names]                 # orphan segments (also in recover)
 Finished(msgid, sender, failed=((addr, reason),...), delivered, size, birth,
 origin, released). When a message finishes with no failures its records and

@@ -12,6 +12,7 @@ the part that owns it:
     Ledger        engine.queue.ledger    per-recipient state: preprocess, due,
                                          apply, bouncing/release, reschedule_all
     Repair        engine.queue.repair    quarantine, recover, adopt_tails, cleanup
+    SpoolCore     engine.queue.core      what Intake, Ledger and Repair share
 
 It holds no spool logic of its own beyond the process rules (one Spool per
 process, after fork; read-only refuses writes). See the package docstring
