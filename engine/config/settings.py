@@ -52,6 +52,9 @@ class SmtpSettings:
     rblsmtpd_timeout: int = 60
     # Seconds between checks of the control files' mtimes (reload without SIGHUP).
     reload_poll_seconds: float = 5.0
+    # A recipient in a local domain with no mailbox, alias or catch-all gets a
+    # 550 at RCPT (qmail accepts it and bounces later: backscatter).
+    reject_unknown_mailboxes: bool = True
 
 
 @dataclass(slots=True, frozen=True)

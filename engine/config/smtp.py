@@ -30,6 +30,7 @@ from engine.config.cdb import CdbError
 from engine.config.control import ControlError, read_int, read_line
 from engine.config.settings import Settings, SettingsError, load_settings
 from engine.config.tcprules import RULES_CDB, RULES_TEXT, TcpRules, TcpRulesError
+from engine.accounts.store import Accounts
 from engine.smtp.policy import RecipientPolicy
 
 DEFAULT_TIMEOUT = 1200
@@ -59,6 +60,9 @@ class SmtpConfig:
     rules: TcpRules
     settings: Settings
     policy: RecipientPolicy
+    # The mailboxes RCPT is checked against ([smtp] reject_unknown_mailboxes);
+    # a live view that rereads the account files when they change.
+    mailboxes: Accounts | None = None
 
 
 def load_smtp_config(root: os.PathLike | str) -> SmtpConfig:
@@ -100,6 +104,7 @@ def load_smtp_config(root: os.PathLike | str) -> SmtpConfig:
         root=root, me=me, greeting=greeting, localiphost=localiphost, databytes=databytes,
         timeout=timeout, concurrencyincoming=concurrency, rules=rules, settings=settings,
         policy=policy,
+        mailboxes=Accounts(root) if settings.smtp.reject_unknown_mailboxes else None,
     )
 
 

@@ -223,35 +223,34 @@ def worker_main(root: str, fd: int, parent_pid: int, channel: str,
     if not follow_parent(parent_pid):
         return 0  # the scheduler died before we could ask to follow it
     sock = socket.socket(fileno=fd)
-    if user is not None:
-        try:
-            drop_privileges(*user)
-        except OSError as exc:
-            sys.stderr.write(f"qrelay: delivery worker cannot become uid {user[0]}: {exc}\n")
-            sock.close()
-            return 111
+    # Everything is imported and opened before the privileges go: the user a
+    # worker becomes may not be able to read the Python installation, the
+    # spool or the control files.
     import uvloop
-    return uvloop.run(_worker_serve(Path(root), sock, channel, user is None, max_frame))
 
-
-async def _worker_serve(root: Path, sock: socket.socket, channel: str, read_spool: bool,
-                        max_frame: int) -> int:
     from engine.config.settings import load_settings
     from engine.delivery.channels import channel as channel_spec
     from engine.queue import Spool
 
+    rootp = Path(root)
     spool = None
     try:
-        settings = load_settings(root)
-        if read_spool:
-            spool = Spool(root / "queue", settings.spool, readonly=True)
-        deliverer = channel_spec(channel).open(root, settings)
+        settings = load_settings(rootp)
+        if user is None:
+            spool = Spool(rootp / "queue", settings.spool, readonly=True)
+        deliverer = channel_spec(channel).open(rootp, settings)
+        if user is not None:
+            drop_privileges(*user)
     except Exception as exc:  # a config error, or a bug: one line, and the spawner retries
-        sys.stderr.write(f"qrelay: delivery worker cannot start: {exc}\n")
+        sys.stderr.write(f"qrelay: {channel} delivery worker cannot start: {exc}\n")
         sock.close()
         if spool is not None:
             spool.close()
         return 111
+    return uvloop.run(_worker_serve(sock, spool, deliverer, max_frame))
+
+
+async def _worker_serve(sock: socket.socket, spool, deliverer, max_frame: int) -> int:
     reader, writer = await asyncio.open_unix_connection(sock=sock, limit=max_frame)
     server = WorkerServer(spool, deliverer, reader, writer, max_frame)
     serving = asyncio.get_running_loop().create_task(server.serve())

@@ -42,6 +42,8 @@ from engine.config.domains import ascii_lower
 
 RCPTHOSTS_REFUSED = "553 sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)"
 BADMAILFROM_REFUSED = "553 sorry, your envelope sender is in my badmailfrom list (#5.7.1)"
+NO_MAILBOX = "550 sorry, no mailbox here by that name. (#5.1.1)"
+MAILBOXES_UNREADABLE = "451 sorry, I can't read the mailbox list right now (#4.3.0)"
 SYNTAX_ERROR = "555 syntax error (#5.5.4)"
 
 # Letters, digits, '-', '_', non-ASCII (IDN in UTF-8, or undecodable bytes as
@@ -211,3 +213,17 @@ class RecipientPolicy:
                 if domain[i:].encode("utf-8", "surrogateescape") in more:
                     return True
         return False
+
+
+def mailbox_refusal(mailboxes, rcpt: str) -> str | None:
+    """None, or the reply for a recipient of a local domain that local delivery
+    would bounce (no mailbox, alias or catch-all: engine.accounts' `accepts`).
+    Remote recipients are not this check's business."""
+    from engine.accounts.store import AccountsError
+    try:
+        channel, _ = mailboxes.domain_config().resolve(rcpt)
+        if channel != "local" or mailboxes.accepts(rcpt):
+            return None
+    except (AccountsError, OSError):
+        return MAILBOXES_UNREADABLE
+    return NO_MAILBOX

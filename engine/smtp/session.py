@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine._smtpcore import TOO_LONG, DataScanner, LineReader, parse_command, parse_params, parse_path
 from engine.queue import Envelope, SpoolError, SpoolWriteError
-from engine.smtp.policy import address_syntax_error, rewrite_local_ip_literal
+from engine.smtp.policy import address_syntax_error, mailbox_refusal, rewrite_local_ip_literal
 from engine.smtp.received import queue_received_line, received_line
 
 if TYPE_CHECKING:
@@ -365,6 +365,8 @@ class SmtpSession(asyncio.Protocol):
         rcpt = self._address(parsed[0])
         policy = self.config.policy
         refusal = policy.check_rcpt(rcpt, self.relayclient)
+        if refusal is None and self.config.mailboxes is not None:
+            refusal = mailbox_refusal(self.config.mailboxes, rcpt)
         if refusal is not None:
             out.append(refusal.encode("utf-8", "surrogateescape") + b"\r\n")
             return
