@@ -14,7 +14,7 @@ the lookup rate):
 | domain rewrite | control/{me,locals,virtualdomains,percenthack,envnoathost} |
 | assign table | users/cdb, users/assign |
 | one domain's users | DOMDIR/vpasswd.cdb, DOMDIR/vpasswd (cdb wins when present) |
-| `.qmail*` names in a directory | the directory itself (re-scanned while its mtime is < 2 s old: a same-tick change must not be missed) |
+| `.qmail*` names in a directory | the directory itself (while its mtime is < 2 s old it is re-scanned at every recheck even if unchanged: a second change within one clock tick leaves the mtime as it was) |
 | a `.qmail-default`'s meaning | the file |
 
 Files are read whole and writers replace them by rename, so a snapshot is
@@ -127,7 +127,7 @@ class Accounts:
                 *, directory: bool = False) -> Any:
         now = self._clock()
         entry = self._cache.get(key)
-        if entry is not None and not entry.racy and now - entry.checked < self.recheck_seconds:
+        if entry is not None and now - entry.checked < self.recheck_seconds:
             return entry.value
         keys = tuple(stat_key(p) for p in paths)
         if entry is not None and entry.keys == keys and not entry.racy:
