@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.accounts.assign import ASSIGN_FILE, CDB_FILE, Assign, AssignError, Assignment, load_assign
-from engine.accounts.files import FileKey, read_whole, stat_key
+from engine.accounts.files import read_whole, stat_key
 from engine.accounts.vpasswd import VPASSWD, VPASSWD_CDB, VpasswdError, VpopDomain, VUser
 from engine.config.domains import DomainConfig, DomainConfigError, ascii_lower, load_domain_config
 
@@ -121,6 +121,9 @@ class Accounts:
         self.recheck_seconds = recheck_seconds
         self._clock = clock
         self._cache: dict[tuple, _Entry] = {}
+        control = self.root / "control"
+        self._control_paths = tuple(str(control / n) for n in _CONTROL_FILES)
+        self._assign_paths = (str(self.root / CDB_FILE), str(self.root / ASSIGN_FILE))
 
     # -- the cache ---------------------------------------------------------
     def _cached(self, key: tuple, paths: tuple[str, ...], load: Callable[[], Any],
@@ -144,14 +147,12 @@ class Accounts:
 
     # -- the three tables --------------------------------------------------
     def domain_config(self) -> DomainConfig:
-        control = self.root / "control"
-
         def load() -> DomainConfig:
             try:
                 return load_domain_config(self.root)
             except DomainConfigError as exc:
                 raise AccountsError(str(exc)) from exc
-        return self._cached(("control",), tuple(str(control / n) for n in _CONTROL_FILES), load)
+        return self._cached(("control",), self._control_paths, load)
 
     def assign(self) -> Assign:
         def load() -> Assign:
@@ -159,7 +160,7 @@ class Accounts:
                 return load_assign(self.root)
             except (AssignError, OSError) as exc:
                 raise AccountsError(f"trouble reading users/cdb: {exc}") from exc
-        return self._cached(("assign",), (str(self.root / CDB_FILE), str(self.root / ASSIGN_FILE)), load)
+        return self._cached(("assign",), self._assign_paths, load)
 
     def domain(self, directory: str) -> VpopDomain | None:
         """The vpopmail users of a domain directory, or None when it has no vpasswd."""
@@ -190,19 +191,17 @@ class Accounts:
                 raise AccountsError(f"trouble reading {directory}: {exc.strerror}") from exc
         return self._cached(("dir", directory), (directory,), load, directory=True)
 
-    def _qmail_file(self, path: str) -> tuple[bytes, FileKey] | None:
-        def load():
+    def _default_delivery(self, path: str) -> DefaultDelivery | None:
+        """What the .qmail-default at path does (None when it is gone), parsed once per version."""
+        def load() -> DefaultDelivery | None:
             try:
-                return read_whole(path)
+                got = read_whole(path)
             except OSError as exc:
                 raise AccountsError(f"trouble reading {path}: {exc.strerror}") from exc
-        return self._cached(("qmail", path), (path,), load)
-
-    def _default_delivery(self, path: str) -> DefaultDelivery | None:
-        got = self._qmail_file(path)
-        if got is None:
-            return None
-        return parse_qmail_default(got[0].decode("utf-8", "surrogateescape"))
+            if got is None:
+                return None
+            return parse_qmail_default(got[0].decode("utf-8", "surrogateescape"))
+        return self._cached(("qmail-default", path), (path,), load)
 
     # -- answers -----------------------------------------------------------
     def route(self, address: str) -> tuple[str, Assignment] | None:
