@@ -97,7 +97,7 @@ def run(root: str, listen: tuple[str, ...], procs: int | None, dev: bool, port_f
     import sys
     from pathlib import Path
 
-    from engine.config.smtp import ConfigError
+    from engine.smtp.config import ConfigError
     from engine.smtp.listeners import ListenError, parse_listen
     from engine.run import AlreadyRunning, serve
 

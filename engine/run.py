@@ -111,7 +111,7 @@ def serve(root: Path, listen: list[ListenAddress], procs: int,
           announce: Callable[[list[ListenAddress]], None]) -> int:
     """Run qrelay in the foreground until TERM/INT; returns the exit status.
     Raises ConfigError / ListenError / AlreadyRunning before anything starts."""
-    from engine.config.smtp import config_fingerprint, load_smtp_config
+    from engine.smtp.config import config_fingerprint, load_smtp_config
 
     config = load_smtp_config(root)
     smtp = config.settings.smtp

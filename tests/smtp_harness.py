@@ -50,7 +50,7 @@ class InProcessServer:
     def __init__(self, root: Path, spool=None, rows: int = 1) -> None:
         import uvloop
 
-        from engine.config.smtp import load_smtp_config
+        from engine.smtp.config import load_smtp_config
         from engine.smtp.connlimit import ConnectionTable
         from engine.smtp.receiver import Receiver
 

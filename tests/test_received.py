@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from engine.smtp.received import date822, queue_received_line, received_line, safe_bytes
+from engine.received import date822, queue_received_line, received_line, safe_bytes
 
 # 27 Nov 2026 02:20:28 UTC, the capture's timestamp
 CAPTURE_TIME = calendar.timegm((2026, 11, 27, 2, 20, 28))

@@ -6,7 +6,7 @@ import re
 import subprocess
 import sys
 
-from engine.config.smtp import load_smtp_config
+from engine.smtp.config import load_smtp_config
 from engine.run import services
 from tests.conftest import REPO
 from tests.smtp_harness import RawClient, RunningQrelay

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from engine.config.smtp import load_smtp_config
+from engine.smtp.config import load_smtp_config
 from engine.smtp.connlimit import ConnectionTable
 from engine.smtp.receiver import Receiver
 from engine.smtp.session import SmtpSession

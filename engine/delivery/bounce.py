@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.config.control import read_line
-from engine.smtp import received
+from engine import received
 
 DOUBLE_BOUNCE_SENDER = "#@[]"
 

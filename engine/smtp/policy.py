@@ -1,7 +1,7 @@
 """Who may send to whom: badmailfrom and rcpthosts, qmail-smtpd's relay policy.
 
 Owns the decision for one envelope address (spec §1.5); it never reads files
-(the snapshot is built by `engine.config.smtp.load_smtp_config`) and never
+(the snapshot is built by `engine.smtp.config.load_smtp_config`) and never
 touches the network.
 
 Addresses arrive as str decoded from the wire (utf-8, surrogateescape) after

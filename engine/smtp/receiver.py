@@ -135,7 +135,7 @@ def receiver_main(root: str, sockets: list[socket.socket], counter: ConnectionCo
     supervisor has already tied to its own life)."""
     import uvloop
 
-    from engine.config.smtp import load_smtp_config
+    from engine.smtp.config import load_smtp_config
     from engine.queue.writer import open_spool_writer
 
     loop = uvloop.new_event_loop()

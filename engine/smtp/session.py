@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from engine._smtpcore import TOO_LONG, DataScanner, LineReader, parse_command, parse_params, parse_path
 from engine.queue import Envelope, SpoolError, SpoolWriteError
 from engine.smtp.policy import address_syntax_error, mailbox_refusal, rewrite_local_ip_literal
-from engine.smtp.received import queue_received_line, received_line
+from engine.received import queue_received_line, received_line
 
 if TYPE_CHECKING:
     from engine.smtp.receiver import Receiver

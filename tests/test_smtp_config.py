@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from engine.config.cdb import newmrh
-from engine.config.smtp import ConfigError, SmtpConfig, config_fingerprint, load_smtp_config
+from engine.smtp.config import ConfigError, SmtpConfig, config_fingerprint, load_smtp_config
 from engine.config.tcprules import compile_rules
 
 RELAY_553 = "553 sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)"
