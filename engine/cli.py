@@ -91,7 +91,7 @@ def qread(root: str) -> None:
 @click.option("--port-file", type=click.Path(dir_okay=False), default=None,
               help="write the bound port(s), one per line, to this file once listening")
 def run(root: str, listen: tuple[str, ...], procs: int | None, dev: bool, port_file: str | None) -> None:
-    """Run qrelay in the foreground: SMTP receivers (and, later, delivery) until SIGTERM."""
+    """Run qrelay in the foreground: SMTP receivers, the scheduler and its deliveries, until SIGTERM."""
     import logging
     import os
     import sys

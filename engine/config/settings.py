@@ -172,6 +172,13 @@ class SchedulerSettings:
 
 
 @dataclass(slots=True, frozen=True)
+class AccountsSettings:
+    # Keep each password's cleartext in vpasswd's eighth field (vpopmail's
+    # --enable-clear-passwd): CRAM-MD5 and APOP need it; off, only hashes are kept.
+    keep_cleartext: bool = False
+
+
+@dataclass(slots=True, frozen=True)
 class LogSettings:
     # multilog's s and n for ROOT/log: rotate `current` near this size, keep
     # at most max_files - 1 rotated files.
@@ -186,6 +193,7 @@ class Settings:
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    accounts: AccountsSettings = field(default_factory=AccountsSettings)
 
 
 def _build(cls, values: dict, where: str):
