@@ -59,6 +59,9 @@ def build_parser() -> OneLineParser:
     p.add_argument("-t", "--to", dest="recipient", default="user{i}@{domain}",
                    help="recipient template: {n} message no., {i} recipient no., "
                         "{domain}, {rand}, {session} (default user{i}@{domain})")
+    p.add_argument("--rand-range", type=positive_int, default=1_000_000, metavar="N",
+                   help="{rand} is drawn from 0..N-1 (default 1000000): --to 'u{rand}@{domain}' "
+                        "--rand-range 100 spreads over u0..u99 of each domain")
     p.add_argument("--domain", action="append", metavar="NAME[:WEIGHT]",
                    help="domain mix for {domain} (repeatable; default sink.test)")
     p.add_argument("--rate", type=nonneg_float, default=0.0,
@@ -144,7 +147,7 @@ def config_from_args(args) -> tuple[FloodConfig, dict]:
         ehlo=args.hello == "ehlo" or (args.hello == "auto" and args.pipelining),
         sender=args.sender, recipient=args.recipient, domains=parse_domains(args.domain),
         bodies=bodies, unique_header=unique, timeout=args.timeout, drain=args.drain,
-        seed=args.seed)
+        seed=args.seed, rand_range=args.rand_range)
     try:
         validate_templates(cfg)
     except ValueError as exc:
@@ -156,6 +159,7 @@ def config_from_args(args) -> tuple[FloodConfig, dict]:
         "pipelining": cfg.pipelining, "noop": cfg.noop, "rate": cfg.rate,
         "hello": "EHLO" if cfg.ehlo else "HELO",
         "procs": args.procs, "from": cfg.sender, "to": cfg.recipient,
+        "rand_range": cfg.rand_range,
         "domains": [list(d) for d in cfg.domains], "timeout": cfg.timeout,
     }
     return cfg, settings

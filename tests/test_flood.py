@@ -197,6 +197,19 @@ def test_templates_and_domain_mix(sinks, run_flood, tmp_path):
     assert any(r.startswith("u") and ".1@" in r for r in rcpts)
 
 
+def test_rand_range_spreads_over_a_fixed_set_of_mailboxes(sinks, run_flood, tmp_path):
+    store = tmp_path / "store"
+    s = sinks("--store-dir", str(store))
+    rc, rep, _ = run_flood(s.address, "-s", "2", "-m", "300", "-d", "--seed", "5",
+                           "-t", "u{rand}@{domain}", "--rand-range", "4",
+                           "--domain", "a.test", "--domain", "b.test")
+    assert rep["messages"]["accepted"] == 300 and rep["settings"]["rand_range"] == 4
+    s.stop()
+    rcpts = {line[17:-1].decode() for f in store.glob("*.eml")
+             for line in f.read_bytes().split(b"\r\n") if line.startswith(b"X-Sink-Rcpt-To: ")}
+    assert rcpts == {f"u{k}@{d}" for k in range(4) for d in ("a.test", "b.test")}
+
+
 def test_eml_directory_is_sent_verbatim(sinks, run_flood, tmp_path):
     src = tmp_path / "eml"
     src.mkdir()
@@ -297,6 +310,7 @@ def test_unreachable_target_exits_2_with_one_line():
     ["127.0.0.1:25", "--rate", "fast"],
     ["127.0.0.1:25", "--domain", "a.test:0"],
     ["127.0.0.1:25", "--to", "x{nope}@y"],
+    ["127.0.0.1:25", "--rand-range", "0"],
     ["127.0.0.1:25", "--eml", "/nonexistent/dir"],
     ["127.0.0.1:25", "--bogus"],
     ["127.0.0.1:25", "--pipelining", "--hello", "helo"],

@@ -58,6 +58,7 @@ class FloodConfig:
     timeout: float = 30.0        # seconds without a reply before a connection is dropped
     drain: float = 2.0           # seconds in-flight work may finish after --duration
     seed: int | None = None
+    rand_range: int = 1_000_000  # {rand} is drawn from 0 .. rand_range-1
     seq_start: int = 0           # message numbers: seq_start + k * seq_step
     seq_step: int = 1
 
@@ -141,6 +142,7 @@ class EnvelopeMaker:
         self.sender = cfg.sender
         self.recipient = cfg.recipient
         self.rcpts = cfg.rcpts
+        self.rand_range = cfg.rand_range
         names = [d for d, _ in cfg.domains]
         weights = [w for _, w in cfg.domains]
         self.names = names
@@ -177,7 +179,7 @@ class EnvelopeMaker:
 
     def _render(self, template: str, n: int, i: int, session: int) -> str:
         return template.format(n=n, i=i, session=session, domain=self.domain(),
-                               rand=self.rng.randrange(1_000_000))
+                               rand=self.rng.randrange(self.rand_range))
 
     def mail(self, n: int, session: int) -> bytes:
         if self.static_mail is not None:
