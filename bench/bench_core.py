@@ -8,11 +8,11 @@ Targets (issue 2; ratios because the machine is shared and noisy):
 
 Two ways to run:
 
-    /work/venv/bin/python -m pytest bench/bench_core.py --benchmark-only
+    .venv/bin/python -m pytest bench/bench_core.py --benchmark-only
         pytest-benchmark tables, then a summary of the figures and ratios
         (printed by bench/conftest.py).
 
-    /work/venv/bin/python bench/bench_core.py
+    .venv/bin/python bench/bench_core.py
         plain script: interleaved time.perf_counter runs (best of several
         repeats), prints the figures and ratios, exit status 1 if a target
         is missed.

@@ -1,6 +1,6 @@
 """Local delivery benchmarks (issue #11 item 3). Run:
 
-    cd /work/main && .venv/bin/python -m pytest bench/bench_local.py -q -s \
+    .venv/bin/python -m pytest bench/bench_local.py -q -s \
         -p no:randomly --benchmark-disable-gc
 
 1. Shared directory syncs: 32 threads deliver into one Maildir (closed loop:

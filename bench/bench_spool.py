@@ -1,6 +1,6 @@
 """Spool benchmarks (issue #3). Run:
 
-    cd /work/main && /work/venv/bin/python -m pytest bench/bench_spool.py -q -s \
+    .venv/bin/python -m pytest bench/bench_spool.py -q -s \
         -p no:randomly --benchmark-disable-gc
 
 Every target is a ratio against a baseline measured in the same run, because

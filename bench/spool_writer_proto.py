@@ -1,7 +1,7 @@
 """Several receiver processes enqueueing: LMDB's cross-process writer lock vs
 a single writer process fed over a unix socket (prototype for issue #3 §4).
 
-    /work/venv/bin/python bench/spool_writer_proto.py [PROCS] [THREADS] [SECONDS]
+    .venv/bin/python bench/spool_writer_proto.py [PROCS] [THREADS] [SECONDS]
 
 lmdb:   each of PROCS processes opens the spool itself and runs THREADS
         producers calling enqueue (its own group commit; LMDB serialises the

@@ -15,17 +15,17 @@ Every input is used as a whole client stream and checked differentially:
   blast() (tests/test_smtpcore_properties.py); consumed never passes the end
   marker.
 
-Run (from /work/main), bounded in time; libFuzzer writes new inputs into the
+Run (from the repository), bounded in time; libFuzzer writes new inputs into the
 FIRST directory, so give it a scratch directory before the seed corpus:
 
-    /work/venv/bin/pip install atheris          # wheel for CPython 3.11 x86_64
+    .venv/bin/pip install atheris          # wheel for CPython 3.11 x86_64
     mkdir -p /tmp/smtpcore-fuzz
-    /work/venv/bin/python tests/fuzz/fuzz_smtpcore.py /tmp/smtpcore-fuzz \\
+    .venv/bin/python tests/fuzz/fuzz_smtpcore.py /tmp/smtpcore-fuzz \\
         tests/fuzz/corpus -max_total_time=60 -max_len=4096
 
 A crash or failed check stops the run and leaves ``crash-<sha1>`` in the
 current directory; replay it with
-``/work/venv/bin/python tests/fuzz/fuzz_smtpcore.py crash-<sha1>``.
+``.venv/bin/python tests/fuzz/fuzz_smtpcore.py crash-<sha1>``.
 Coverage feedback comes from the instrumented Python references (the C
 extension itself is not built with -fsanitize=fuzzer), so the fuzzer steers
 by the grammar paths those take.
