@@ -28,7 +28,6 @@ import os
 import pwd
 import re
 import shutil
-import tomllib
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -47,6 +46,7 @@ from engine.accounts.vpasswd import (
 from engine.config.cdb import CdbError, CdbFile, newmrh
 from engine.config.control import read_list
 from engine.config.domains import ascii_lower
+from engine.config.settings import AccountsSettings, SettingsError, load_settings
 
 VDELIVERMAIL = "/home/vpopmail/bin/vdelivermail"
 # vadddomain stops adding to rcpthosts at 50 lines and uses morercpthosts.
@@ -61,36 +61,12 @@ class AdminError(Exception):
     """Bad input for an admin command (unknown domain, existing user, bad address, ...)."""
 
 
-@dataclass(frozen=True, slots=True)
-class AccountsOptions:
-    """The `[accounts]` table of ROOT/qrelay.toml."""
-    # Write vpasswd's eighth field (cleartext password), which CRAM-MD5 and
-    # APOP need. Off: a stolen vpasswd then holds only crypt strings.
-    keep_cleartext: bool = False
-
-
-def load_options(root: os.PathLike | str) -> AccountsOptions:
-    """Read `[accounts]` from ROOT/qrelay.toml (defaults when absent).
-
-    A local reader until engine/config/settings.py carries an AccountsSettings
-    section; it accepts only the keys it knows, like load_settings.
-    """
-    path = Path(root) / "qrelay.toml"
+def load_options(root: os.PathLike | str) -> AccountsSettings:
+    """The `[accounts]` settings of ROOT/qrelay.toml (engine/config/settings.py)."""
     try:
-        data = tomllib.loads(path.read_text("utf-8"))
-    except FileNotFoundError:
-        return AccountsOptions()
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise AdminError(f"{path}: {exc}") from None
-    table = data.get("accounts", {})
-    if not isinstance(table, dict):
-        raise AdminError(f"{path}: [accounts]: expected a table")
-    for key, value in table.items():
-        if key != "keep_cleartext":
-            raise AdminError(f"{path}: accounts: unknown setting {key!r}")
-        if not isinstance(value, bool):
-            raise AdminError(f"{path}: accounts.keep_cleartext: expected bool, got {type(value).__name__}")
-    return AccountsOptions(**table)
+        return load_settings(root).accounts
+    except SettingsError as exc:
+        raise AdminError(str(exc)) from None
 
 
 # -- shared checks ---------------------------------------------------------
