@@ -231,3 +231,15 @@ def test_real_process_one_line_exit_2(root, qrelay_cli):
                        input="pw\n", capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert Accounts(root).mailbox("joe@example.com") is not None
+
+
+def test_import_refuses_a_leftover_user_tree(droot, tmp_path):
+    leftover = droot / "domains" / "example.com" / "bb"
+    (leftover / "Maildir" / "new").mkdir(parents=True)
+    (leftover / "Maildir" / "new" / "old-mail").write_text("someone else's")
+    src = tmp_path / "users.txt"
+    src.write_text("aa@example.com:pw\nbb@example.com:pw\n")
+    bad(qrelay("user", "import", str(droot), str(src)), "exists but is not in vpasswd")
+    assert qrelay("user", "list", str(droot), "example.com").output == ""
+    assert not (droot / "domains" / "example.com" / "aa").exists()
+    bad(qrelay("user", "add", str(droot), "bb@example.com", input="pw\n"), "exists but is not in vpasswd")

@@ -368,19 +368,25 @@ def _make_maildir(user_dir: Path | str, owner: tuple[int, int]) -> None:
         make_dir(d, DIR_MODE, owner)
 
 
-def _user_dir(ref: DomainRef, index: int, name: str, made: set[str] | None = None) -> Path:
-    """Where the index-th user goes (hashed past 99 users), creating the hash directories."""
+def _user_dir(ref: DomainRef, index: int, name: str) -> Path:
+    """Where the index-th user of a domain goes (hash directories past 99 users, as bigdir.c)."""
     sub = hash_subdir(index)
-    if not sub:
-        return ref.directory / name
-    parent = os.fspath(ref.directory)
-    for part in sub.split("/"):
-        parent = f"{parent}/{part}"
-        if made is None or parent not in made:
-            make_dir(parent, DIR_MODE, ref.owner)
+    return ref.directory / sub / name if sub else ref.directory / name
+
+
+def _make_hash_dirs(ref: DomainRef, user_dir: Path, made: set[str] | None = None) -> None:
+    """The hash directories between the domain directory and user_dir."""
+    parent = user_dir.parent
+    chain = []
+    while parent != ref.directory and ref.directory in parent.parents:
+        chain.append(parent)
+        parent = parent.parent
+    for d in reversed(chain):
+        key = os.fspath(d)
+        if made is None or key not in made:
+            make_dir(key, DIR_MODE, ref.owner)
             if made is not None:
-                made.add(parent)
-    return Path(parent, name)
+                made.add(key)
 
 
 def _check_password(password: str) -> None:
@@ -428,6 +434,7 @@ def add_user(root: os.PathLike | str, address: str, password: str, *, quota: str
         user_dir = _user_dir(ref, len(users), name)
         if user_dir.exists():
             raise AdminError(f"{user_dir}: exists but is not in vpasswd; remove it first")
+        _make_hash_dirs(ref, user_dir)
         _make_maildir(user_dir, ref.owner)
         user = VUser(name, crypted, 1, 0, gecos_text, str(user_dir), quota_field, clear)
         write_users(ref, users + [user])
@@ -462,7 +469,11 @@ def delete_user(root: os.PathLike | str, address: str) -> VUser:
 
 
 def set_password(root: os.PathLike | str, address: str, password: str) -> VUser:
-    """vpasswd: field 2 (and field 8 per keep_cleartext; a stale cleartext is never kept)."""
+    """vpasswd: field 2 (and field 8 per keep_cleartext; a stale cleartext is never kept).
+
+    The administrator may change any password: NO_PASSWD_CHNG is about users
+    changing their own (qmailadmin, webmail), which is not this command.
+    """
     base, ref, name = find_user(root, address)
     _check_password(password)
     clear = _clear_field(password, load_options(base).keep_cleartext)
@@ -653,15 +664,21 @@ def import_users(root: os.PathLike | str, lines: Iterable[str], *, source: str =
                 locks.enter_context(file_lock(ref.directory / VPASSWD_LOCK, ref.owner))
                 users = read_users(ref.directory)
                 names = {ascii_lower(u.name) for u in users}
-                made: set[str] = set()
                 dirs = []
                 for i, (name, password, quota_field) in enumerate(wanted[domain]):
                     if name in names:
                         raise AdminError(f"{name}@{domain}: user exists (added meanwhile); nothing written")
-                    user_dir = _user_dir(ref, len(users) + i, name, made)
-                    _make_maildir(user_dir, ref.owner)
+                    user_dir = _user_dir(ref, len(users) + i, name)
+                    if os.path.lexists(user_dir):  # a leftover tree must not hand old mail to a new user
+                        raise AdminError(f"{user_dir}: exists but is not in vpasswd; remove it first; "
+                                         "nothing written")
                     dirs.append((name, password, quota_field, user_dir))
                 planned[domain] = (users, dirs)
+            for domain, (_, dirs) in planned.items():
+                made: set[str] = set()
+                for _, _, _, user_dir in dirs:
+                    _make_hash_dirs(refs[domain], user_dir, made)
+                    _make_maildir(user_dir, refs[domain].owner)
             hashes = iter(hasher.results())
             crypted = {domain: [next(hashes) for _ in wanted[domain]] for domain in wanted}
             for domain in sorted(wanted):
