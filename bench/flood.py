@@ -363,6 +363,10 @@ def main(argv: list[str] | None = None) -> int:
             stats, unreachable = run_procs(shares, progress)
     finally:
         progress.close()
+    if not unreachable and stats.connections == 0 and stats.conn_failed:
+        # Fewer messages than sessions (-m 1): the run ends before the early
+        # check (every session failed) can fire, but nothing ever connected.
+        unreachable = max(stats.conn_errors, key=stats.conn_errors.get, default="no connection")
     if unreachable:
         fail(PROG, f"cannot connect to {args.target}: {unreachable}")
     report = build_report(stats, args.target, settings, cfg.messages)

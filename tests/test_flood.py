@@ -289,11 +289,14 @@ def test_sigint_stops_and_still_reports(sinks, tmp_path, procs):
     assert "messages/s" in stdout
 
 
-def test_unreachable_target_exits_2_with_one_line():
+@pytest.mark.parametrize("load", [["-m", "50"], ["-m", "1"], ["-m", "3", "-s", "10"],
+                                  ["-m", "1", "--procs", "2"]])
+def test_unreachable_target_exits_2_with_one_line(load):
+    # Issue #15: with fewer messages than sessions (-m 1) it used to exit 0.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # bound, not listening: connections are refused
-        r = subprocess.run([sys.executable, str(FLOOD), f"127.0.0.1:{port}", "-m", "50"],
+        r = subprocess.run([sys.executable, str(FLOOD), f"127.0.0.1:{port}", *load],
                            capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
