@@ -243,3 +243,15 @@ def test_import_refuses_a_leftover_user_tree(droot, tmp_path):
     assert qrelay("user", "list", str(droot), "example.com").output == ""
     assert not (droot / "domains" / "example.com" / "aa").exists()
     bad(qrelay("user", "add", str(droot), "bb@example.com", input="pw\n"), "exists but is not in vpasswd")
+
+
+def test_user_show_usage_from_maildirsize_or_a_walk(droot):
+    qrelay("user", "add", str(droot), "joe@example.com", "--quota", "1000S,10C", input="pw\n")
+    maildir = droot / "domains" / "example.com" / "joe" / "Maildir"
+    (maildir / "new" / "1700000000.1.host,S=300").write_text("x")
+    (maildir / "cur" / "1700000001.1.host:2,S").write_text("12345")
+    out = qrelay("user", "show", str(droot), "joe@example.com").output
+    assert "usage:     305 bytes, 2 messages (walk), 30% of bytes, 20% of messages" in out
+    (maildir / "maildirsize").write_text("1000S,10C\n500 1\n250 2\n")
+    out = qrelay("user", "show", str(droot), "joe@example.com").output
+    assert "usage:     750 bytes, 3 messages (maildirsize), 75% of bytes, 30% of messages" in out

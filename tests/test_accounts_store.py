@@ -213,3 +213,23 @@ def test_vpop_domain_by_name(accounts, box):
     assignment, users = accounts.vpop_domain("EXAMPLE.com")
     assert assignment.home == str(box["dom"]) and users.user("joe") is not None
     assert accounts.vpop_domain("example.org") is None
+
+
+def test_vpasswd_users_with_every_scheme_log_in(box):
+    from passlib import hash as lp
+
+    from engine.accounts.passwords import verify
+    dom = box["dom"]
+    schemes = {
+        "des": lp.des_crypt.hash("pw-des"),
+        "md5": lp.md5_crypt.hash("pw-md5"),
+        "sha256": lp.sha256_crypt.using(rounds=5000).hash("pw-sha256"),
+        "sha512": lp.sha512_crypt.using(rounds=5000).hash("pw-sha512"),
+        "bcrypt": lp.bcrypt.using(rounds=4, ident="2y").hash("pw-bcrypt"),
+    }
+    write_domain(dom, [f"{n}:{h}:1:0:{n}:{dom}/{n}:NOQUOTA" for n, h in schemes.items()])
+    accounts = Accounts(box["root"], recheck_seconds=0)
+    for name in schemes:
+        user = accounts.mailbox(f"{name}@example.com").user
+        assert verify(f"pw-{name}", user.crypted), name
+        assert not verify("wrong", user.crypted), name
