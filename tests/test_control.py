@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.config.control import ControlError, read_int, read_line, read_list
+from engine.config.control import (ControlError, read_int, read_line, read_list, read_number,
+                                   read_numbered_lines)
 from engine.config.settings import SettingsError, load_settings
 
 
@@ -46,15 +47,61 @@ def test_settings_defaults_and_overrides(tmp_path: Path):
     assert s.smtp.max_recipients == 50 and s.smtp.shutdown_grace == 3.0
 
 
-@pytest.mark.parametrize("text, fragment", [
-    ("[smtp]\nmax_recipientz = 5\n", "unknown setting 'max_recipientz'"),
+@pytest.mark.parametrize("text, message", [
+    ("[smtp]\nmax_recipientz = 5\n", "[smtp] unknown setting 'max_recipientz'"),
     ("[smpt]\n", "unknown section [smpt]"),
-    ("[smtp]\nmax_recipients = 'many'\n", "expected int"),
-    ("[smtp]\nmax_recipients = -1\n", "must not be negative"),
-    ("[smtp\n", "qrelay.toml"),
+    ("[smtp]\nmax_recipients = 'many'\n", "[smtp] max_recipients: expected an integer, got a string"),
+    ("[delivery]\ndns_timeout = true\n", "[delivery] dns_timeout: expected a float, got a boolean"),
+    ("[delivery]\ndns_servers = [53]\n", "[delivery] dns_servers: expected an array of strings"),
+    ("smtp = 5\n", "[smtp] must be a table, not an integer"),
+    ("[smtp]\nmax_recipients = -1\n", "[smtp] max_recipients = -1: must not be negative"),
+    ("[smtp]\nmax_line_length = 0\n",
+     "[smtp] max_line_length = 0 is out of range: at least 512 (RFC 5321 4.5.3.1.4)"),
+    ("[smtp]\nmax_line_length = 511\n", "[smtp] max_line_length = 511 is out of range"),
+    ("[spool]\nsync_depth = 65\n", "[spool] sync_depth = 65 is out of range: at most 64"),
+    ("[delivery]\nmx_port = 0\n", "[delivery] mx_port = 0 is out of range: at least 1"),
+    ("[scheduler]\nscan_batch = 0\n", "[scheduler] scan_batch = 0 is out of range"),
+    ("[log]\nmax_files = 1\n", "[log] max_files = 1 is out of range: at least 2"),
 ])
-def test_settings_errors_name_the_problem(tmp_path: Path, text: str, fragment: str):
+def test_settings_errors_name_the_file_the_section_and_the_key(tmp_path: Path, text: str, message: str):
     (tmp_path / "qrelay.toml").write_text(text)
-    with pytest.raises(SettingsError, match=None) as info:
+    with pytest.raises(SettingsError) as info:
         load_settings(tmp_path)
-    assert fragment in str(info.value)
+    assert str(info.value).startswith(f"{tmp_path / 'qrelay.toml'}: ")
+    assert message in str(info.value)
+
+
+def test_settings_at_their_minimum_are_accepted(tmp_path: Path):
+    (tmp_path / "qrelay.toml").write_text("[smtp]\nmax_line_length = 512\n[spool]\nsync_depth = 64\n")
+    s = load_settings(tmp_path)
+    assert s.smtp.max_line_length == 512 and s.spool.sync_depth == 64
+
+
+def test_a_broken_toml_names_the_file(tmp_path: Path):
+    (tmp_path / "qrelay.toml").write_text("[smtp\n")
+    with pytest.raises(SettingsError) as info:
+        load_settings(tmp_path)
+    assert str(info.value).startswith(f"{tmp_path / 'qrelay.toml'}: ")
+
+
+def test_read_number_refuses_what_read_int_would_truncate(tmp_path: Path):
+    p = tmp_path / "databytes"
+    p.write_bytes(b"10MB\n")
+    assert read_int(p, 0) == 10                       # qmail's reading
+    with pytest.raises(ControlError) as info:
+        read_number(p, 0)
+    assert str(info.value) == f"{p} line 1: '10MB' is not a number"
+    for raw, value in ((b"10000\n", 10000), (b" 42 \r\n", 42), (b"-1\n", -1), (b"", 7), (b"\n", 7)):
+        p.write_bytes(raw)
+        assert read_number(p, 7) == value
+    assert read_number(tmp_path / "absent", 20) == 20
+    p.write_bytes(b"0\n")
+    with pytest.raises(ControlError, match="below the minimum 1"):
+        read_number(p, 5, minimum=1)
+
+
+def test_numbered_lines_keep_the_file_line_numbers(tmp_path: Path):
+    p = tmp_path / "smtproutes"
+    p.write_bytes(b"# c\n\na:b  \nc:d\n")
+    assert read_numbered_lines(p) == [(3, "a:b"), (4, "c:d")]
+    assert read_numbered_lines(tmp_path / "absent") is None

@@ -2,7 +2,10 @@
 
 - single-value files: first line only, trailing space/TAB/LF stripped; CR is
   *not* stripped (a CRLF file keeps its `\\r`, as in qmail);
-- integer files: leading decimal digits, otherwise the default;
+- integer files: leading decimal digits, otherwise the default
+  (`read_int`); `read_number` is the strict reading for files whose
+  silent change would alter a limit (databytes, concurrency*, timeouts):
+  anything but a whole number is a ControlError naming the file and line;
 - list files: every line, trailing space/TAB stripped, empty and `#` lines
   skipped;
 - a missing file gives the default; any other error is raised as
@@ -59,6 +62,55 @@ def read_int(path: os.PathLike | str, default: int) -> int:
     if not digits:
         return default
     return sign * int(digits)
+
+
+def read_number(path: os.PathLike | str, default: int, *, minimum: int | None = None) -> int:
+    """The first line of an integer control file, which must be a whole number
+    (optional sign, surrounding space): qmail reads `10MB` as 10; qrelay refuses
+    it rather than silently change a limit. Missing file: `default`."""
+    raw = _read(Path(path))
+    if raw is None:
+        return default
+    first = raw.split(b"\n", 1)[0]
+    text = first.strip(b" \t\r")
+    if not text:
+        return default          # an empty first line: qmail's default too
+    body = text[1:] if text[:1] in (b"-", b"+") else text
+    if not body.isdigit():
+        raise ControlError(f"{path} line 1: {_decode(first)!r} is not a number")
+    value = int(text)
+    if minimum is not None and value < minimum:
+        raise ControlError(f"{path} line 1: {value} is below the minimum {minimum}")
+    return value
+
+
+def read_numbered_lines(path: os.PathLike | str) -> list[tuple[int, str]] | None:
+    """(line number, text) of every non-empty, non-comment line, as read_list
+    keeps them (None if absent): for parsers that name the line of an error."""
+    raw = _read(Path(path))
+    if raw is None:
+        return None
+    out = []
+    for number, line in enumerate(raw.split(b"\n"), 1):
+        line = line.rstrip(b" \t")
+        if not line or line.startswith(b"#"):
+            continue
+        out.append((number, _decode(line)))
+    return out
+
+
+def stat_fingerprint(root: os.PathLike | str, names: tuple[str, ...]) -> tuple:
+    """(name, inode, size, mtime_ns) of each ROOT-relative file, (name, None)
+    where absent: a few stat() calls, cheap enough to poll every second."""
+    out = []
+    for name in names:
+        try:
+            st = os.stat(Path(root) / name)
+        except OSError:
+            out.append((name, None))
+            continue
+        out.append((name, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
 
 
 def read_list(path: os.PathLike | str, default: list[str] | None = None) -> list[str] | None:

@@ -5,8 +5,11 @@ They live in `ROOT/qrelay.toml` (optional; a missing file means all defaults):
     [smtp]
     max_line_length = 4096
 
-An unknown section or key, or a value of the wrong type, is a SettingsError
-with a message naming it — the CLI prints it as a one-line error.
+An unknown section or key, a value of the wrong type, or one out of its
+range (`RANGES`) is a SettingsError naming the file, the section and the
+key — the CLI prints it as a one-line error:
+
+    /var/qrelay/qrelay.toml: [smtp] max_line_length = 0 is out of range: at least 512 (RFC 5321 4.5.3.1.4)
 Each section is a frozen dataclass so a snapshot can be swapped whole on reload.
 """
 from __future__ import annotations
@@ -196,7 +199,52 @@ class Settings:
     accounts: AccountsSettings = field(default_factory=AccountsSettings)
 
 
+# (section, key) -> (minimum, maximum or None, why): a value outside is refused
+# at load (a start, or a reload that then keeps the previous snapshot). Only
+# values that cannot work are refused; a merely unusual one is the operator's.
+RANGES: dict[tuple[str, str], tuple[float, float | None, str]] = {
+    ("smtp", "max_line_length"): (512, None, "RFC 5321 4.5.3.1.4"),
+    ("smtp", "max_message_bytes"): (1024, None, "room for a header"),
+    ("smtp", "max_recipients"): (1, None, "a message needs a recipient"),
+    ("smtp", "max_hops"): (1, None, "0 would refuse every relayed message"),
+    ("smtp", "max_connections"): (1, None, "0 would refuse every client"),
+    ("smtp", "reload_poll_seconds"): (0.05, None, "a busy loop otherwise"),
+    ("spool", "max_batch_messages"): (1, None, "a batch holds a message"),
+    ("spool", "max_batch_bytes"): (1, None, "a batch holds a message"),
+    ("spool", "id_block"): (1, None, "ids come in blocks of at least one"),
+    ("spool", "max_open_segments"): (1, None, "a segment must be read"),
+    ("spool", "sync_depth"): (1, 64, "a thread and a descriptor each"),
+    ("spool", "max_frame_bytes"): (1024, None, "a frame holds a message"),
+    ("delivery", "dns_timeout"): (0.01, None, "every lookup would time out"),
+    ("delivery", "dns_tries"): (1, None, "no lookup would be made"),
+    ("delivery", "mx_port"): (1, 65535, "a TCP port"),
+    ("delivery", "max_messages_per_connection"): (1, None, "a connection carries a message"),
+    ("delivery", "max_connections_per_host"): (1, None, "0 would never connect"),
+    ("scheduler", "per_destination_concurrency"): (1, None, "0 would never deliver"),
+    ("scheduler", "max_recipients_per_delivery"): (1, None, "a delivery has a recipient"),
+    ("scheduler", "scan_batch"): (1, None, "a pass reads a recipient"),
+    ("scheduler", "todo_batch"): (1, None, "a pass reads a message"),
+    ("scheduler", "poll_interval"): (0.001, None, "a busy loop otherwise"),
+    ("scheduler", "mark_batch"): (1, None, "a batch holds a result"),
+    ("log", "max_bytes"): (4096, None, "multilog's smallest s"),
+    ("log", "max_files"): (2, None, "multilog's smallest n"),
+}
+
+
+def _check_range(section: str, key: str, value: float) -> str | None:
+    bounds = RANGES.get((section, key))
+    if bounds is None:
+        return None
+    low, high, why = bounds
+    if value < low:
+        return f"at least {low:g} ({why})"
+    if high is not None and value > high:
+        return f"at most {high:g} ({why})"
+    return None
+
+
 def _build(cls, values: dict, where: str):
+    # `where` is "FILE: [section]" (or "FILE" at the top); messages name both.
     if not isinstance(values, dict):
         raise SettingsError(f"{where}: expected a table")
     known = {f.name for f in dataclasses.fields(cls)}
@@ -204,25 +252,34 @@ def _build(cls, values: dict, where: str):
     kwargs = {}
     for key, value in values.items():
         if key not in known:
-            raise SettingsError(f"{where}: unknown setting {key!r}")
+            raise SettingsError(f"{where} unknown setting {key!r}")
         default = getattr(defaults, key)
         if dataclasses.is_dataclass(default):
-            kwargs[key] = _build(type(default), value, f"{where}.{key}" if where else key)
+            if not isinstance(value, dict):
+                raise SettingsError(f"{where}: [{key}] must be a table, not {_toml_type(value)}")
+            kwargs[key] = _build(type(default), value, f"{where}: [{key}]")
             continue
         expected = type(default)
         if expected is tuple and isinstance(value, list):
             # TOML arrays are lists; tuple settings hold strings.
             if not all(isinstance(v, str) for v in value):
-                raise SettingsError(f"{where}.{key}: expected a list of strings")
+                raise SettingsError(f"{where} {key}: expected an array of strings")
             value = tuple(value)
         ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value, ok = float(value), True
         if not ok:
+            # TOML's words: integer, float, boolean, string, array, table.
             raise SettingsError(
-                f"{where}.{key}: expected {expected.__name__}, got {type(value).__name__}")
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-            raise SettingsError(f"{where}.{key}: must not be negative")
+                f"{where} {key}: expected {_TOML_NAMES.get(expected, expected.__name__)},"
+                f" got {_toml_type(value)}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if value < 0:
+                raise SettingsError(f"{where} {key} = {value}: must not be negative")
+            section = where.rpartition("[")[2].rstrip("]")
+            why = _check_range(section, key, value)
+            if why is not None:
+                raise SettingsError(f"{where} {key} = {value} is out of range: {why}")
         kwargs[key] = value
     return cls(**kwargs)
 
@@ -242,4 +299,16 @@ def load_settings(root: Path | str) -> Settings:
     for key in data:
         if key not in top:
             raise SettingsError(f"{path}: unknown section [{key}]")
-    return _build(Settings, data, "")
+    return _build(Settings, data, str(path))
+
+
+_TOML_NAMES = {int: "an integer", float: "a float", bool: "a boolean", str: "a string",
+               tuple: "an array", list: "an array", dict: "a table"}
+
+
+def _toml_type(value: object) -> str:
+    for python, name in ((bool, "a boolean"), (int, "an integer"), (float, "a float"),
+                         (str, "a string"), (list, "an array"), (dict, "a table")):
+        if isinstance(value, python):
+            return name
+    return type(value).__name__
