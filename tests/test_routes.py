@@ -1,7 +1,10 @@
 """control/smtproutes parsing and matching (spec §2, §7.1)."""
 from __future__ import annotations
 
-from engine.delivery.routes import Route, SmtpRoutes
+import pytest
+
+from engine.delivery.remote import RemoteConfigError, load_remote_config
+from engine.delivery.routes import Route, RoutesError, SmtpRoutes
 
 TABLE = """\
 # comment line
@@ -69,3 +72,40 @@ def test_trailing_space_and_crlf_stripped(tmp_path):
 
 def test_missing_file_is_empty(tmp_path):
     assert len(SmtpRoutes.load(tmp_path)) == 0
+
+
+@pytest.mark.parametrize("line, why", [
+    ("no-colon-line", "no ':' in 'no-colon-line'"),
+    ("a.test:relay.test:26x26", "bad port '26x26'"),
+    ("a.test:relay.test:99999", "bad port '99999'"),
+    ("a.test:relay.test:0", "bad port '0'"),
+])
+def test_load_refuses_a_malformed_line_naming_file_and_line(tmp_path, line, why):
+    # qmail ignores the first (the domain silently goes by MX) and reads the
+    # others as 26, 25, 25: an operator's typo must not reroute mail quietly.
+    (tmp_path / "smtproutes").write_text(f"# routes\ngood.test:relay.test\n\n{line}\n")
+    with pytest.raises(RoutesError) as info:
+        SmtpRoutes.load(tmp_path)
+    assert str(info.value).startswith(f"{tmp_path / 'smtproutes'} line 4: {why}")
+
+
+def test_load_accepts_what_is_well_formed(tmp_path):
+    (tmp_path / "smtproutes").write_text(TABLE + "b.test:relay.test:\n")
+    routes = SmtpRoutes.load(tmp_path)
+    assert routes == SmtpRoutes.from_text(TABLE + "b.test:relay.test:\n")
+    assert routes != SmtpRoutes.from_text(TABLE)
+    assert routes.lookup("b.test") == Route("relay.test", 25)
+
+
+def test_remote_config_refuses_a_bad_smtproutes_line(root):
+    (root / "control" / "smtproutes").write_text("sink.test 127.0.0.1\n")
+    with pytest.raises(RemoteConfigError) as info:
+        load_remote_config(root)
+    assert str(info.value) == (f"{root / 'control' / 'smtproutes'} line 1: no ':' in"
+                               " 'sink.test 127.0.0.1' (a route is host:relay or host:relay:port)")
+
+
+def test_remote_config_refuses_a_timeout_that_is_not_a_number(root):
+    (root / "control" / "timeoutremote").write_text("20m\n")
+    with pytest.raises(RemoteConfigError, match="timeoutremote line 1: '20m' is not a number"):
+        load_remote_config(root)

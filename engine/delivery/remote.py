@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from engine.config.control import ControlError, read_int, read_line
+from engine.config.control import ControlError, read_line, read_number
 from engine.config.settings import SettingsError, load_settings
 from engine.delivery.channels import RecipientResult
 from engine.delivery.mx import MxResolver, MxTarget, ResolveError, apply_ipme
-from engine.delivery.routes import SmtpRoutes
+from engine.delivery.routes import RoutesError, SmtpRoutes
 from engine.delivery.smtpclient import (ConnectFailed, ConnectionDied, ConnectionPool,
                                         GreetingFailed, NameRejected, PoolLimits, Reply,
                                         TransactionOutcome)
@@ -104,23 +104,26 @@ class RemoteConfig:
 
 def load_remote_config(root: Path | str) -> RemoteConfig:
     """Build a RemoteConfig from ROOT/control (helohost, timeouts, smtproutes)
-    and ROOT/qrelay.toml [delivery]. Raises RemoteConfigError."""
+    and ROOT/qrelay.toml [delivery]. Raises RemoteConfigError (one line naming
+    the file, and the line where there is one): a malformed smtproutes line or
+    a timeout that is not a number is refused, never read the lenient way."""
     control = Path(root) / "control"
     try:
         me = read_line(control / "me")
         helohost = read_line(control / "helohost", me)
         if not helohost:
             raise RemoteConfigError("control/helohost and control/me are missing: no name for HELO")
-        timeoutconnect = max(1, read_int(control / "timeoutconnect", 60))
-        timeoutremote = max(1, read_int(control / "timeoutremote", 1200))
+        timeoutconnect = max(1, read_number(control / "timeoutconnect", 60))
+        timeoutremote = max(1, read_number(control / "timeoutremote", 1200))
         routes = SmtpRoutes.load(control)
         settings = load_settings(root).delivery
-    except (ControlError, SettingsError) as exc:
+    except (ControlError, SettingsError, RoutesError) as exc:
         raise RemoteConfigError(str(exc)) from None
     for server in settings.dns_servers:
         if not _valid_dns_server(server):
             raise RemoteConfigError(
-                f"delivery.dns_servers: {server!r} is not an IP address with an optional :port")
+                f"{Path(root) / 'qrelay.toml'}: [delivery] dns_servers: {server!r} is not"
+                " an IP address with an optional :port")
     return RemoteConfig(
         helohost=helohost, routes=routes, timeoutconnect=timeoutconnect,
         timeoutremote=timeoutremote, dns_servers=tuple(settings.dns_servers),

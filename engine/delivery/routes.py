@@ -7,6 +7,12 @@ route).  The first key found wins; keys match case-insensitively, as qmail's
 constmap does.  An empty relay (`example.com:`) means "no route: use MX" — the
 exception to a wildcard or default route.
 
+Where qmail is lenient and the result is surprising, `load` (the file an
+operator edits) refuses instead, naming the file and line: a line without a
+`:` (qmail ignores it, so the domain silently goes by MX) and a port that is
+not a number from 1 to 65535 (qmail reads `:26x26` as 26, and junk as 25).
+`from_lines` / `from_text` keep qmail's leniency.
+
 This module only parses and matches; it never resolves a name.
 """
 from __future__ import annotations
@@ -15,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from engine.config.control import read_list
+from engine.config.control import read_numbered_lines
 
 SMTP_PORT = 25
 
@@ -39,6 +45,21 @@ def _parse_port(text: str) -> int:
         return SMTP_PORT
     port = int(digits)
     return port if 0 < port < 65536 else SMTP_PORT
+
+
+class RoutesError(ValueError):
+    """A control/smtproutes line qrelay refuses (one line naming file and line)."""
+
+
+def check_line(line: str) -> str | None:
+    """Why `load` refuses a (stripped, non-comment) smtproutes line, or None."""
+    key, sep, relay = line.partition(":")
+    if not sep:
+        return f"no ':' in {line!r} (a route is host:relay or host:relay:port)"
+    name, sep, port = relay.partition(":")
+    if sep and port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        return f"bad port {port!r} in {line!r} (a number from 1 to 65535)"
+    return None
 
 
 class SmtpRoutes:
@@ -72,8 +93,21 @@ class SmtpRoutes:
 
     @classmethod
     def load(cls, control_dir: Path | str) -> "SmtpRoutes":
-        """Read control/smtproutes (missing file = no routes)."""
-        return cls.from_lines(read_list(Path(control_dir) / "smtproutes", []) or [])
+        """Read control/smtproutes (missing file = no routes). Raises
+        RoutesError for a malformed line, ControlError if unreadable."""
+        path = Path(control_dir) / "smtproutes"
+        lines = read_numbered_lines(path) or []
+        for number, line in lines:
+            why = check_line(line.rstrip(" \t\r"))
+            if why is not None:
+                raise RoutesError(f"{path} line {number}: {why}")
+        return cls.from_lines(line for _, line in lines)
+
+    def __eq__(self, other: object) -> bool:
+        # A reload compares snapshots: same table, same routes.
+        return isinstance(other, SmtpRoutes) and self._table == other._table
+
+    __hash__ = None  # type: ignore[assignment]
 
     def __len__(self) -> int:
         return len(self._table)
