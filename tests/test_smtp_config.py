@@ -58,9 +58,11 @@ def test_timeout_and_databytes_edges(root):
     cfg = load_smtp_config(root)
     assert cfg.timeout == 1 and cfg.databytes == 0
     write(root, "timeoutsmtpd", "-3\n")
-    write(root, "databytes", "junk\n")
     cfg = load_smtp_config(root)
     assert cfg.timeout == 1 and cfg.databytes == 0
+    write(root, "databytes", "junk\n")       # qmail: 0; qrelay: refused (below)
+    with pytest.raises(ConfigError, match="databytes line 1: 'junk' is not a number"):
+        load_smtp_config(root)
 
 
 def test_crlf_me_keeps_cr_as_qmail(root):
@@ -110,6 +112,10 @@ def test_missing_tcp_smtp_allows_all(root):
      "control/concurrencyincoming must be a positive number, not 0"),
     (lambda r: (r / "qrelay.toml").write_text("[smtp]\nbogus = 1\n"), "unknown setting 'bogus'"),
     (lambda r: (r / "control" / "badmailfrom").mkdir(), "unable to read"),
+    # qmail reads `10MB` as 10 bytes (every message then gets 552): refused instead.
+    (lambda r: write(r, "databytes", "10MB\n"), "control/databytes line 1: '10MB' is not a number"),
+    (lambda r: (r / "qrelay.toml").write_text("[smtp]\nmax_line_length = 0\n"),
+     "qrelay.toml: [smtp] max_line_length = 0 is out of range: at least 512"),
 ])
 def test_config_errors_are_one_line(root, setup, message):
     setup(root)
@@ -143,3 +149,23 @@ def test_fingerprint_changes_on_edit_and_rename(root):
     assert config_fingerprint(root) != after_create
     compile_rules(":allow\n", root / "control" / "tcp.smtp.cdb")
     assert config_fingerprint(root) != after_create
+
+
+def test_databytes_that_is_a_number_is_read(root):
+    write(root, "databytes", "10485760\n")
+    assert load_smtp_config(root).databytes == 10485760
+    write(root, "databytes", "-5\n")
+    assert load_smtp_config(root).databytes == 0
+
+
+def test_tcp_smtp_newer_than_its_cdb_is_named(root):
+    from engine.config.tcprules import stale_cdb
+    control = root / "control"
+    assert stale_cdb(control) is None                    # no cdb: the text is read
+    compile_rules((control / "tcp.smtp").read_text(), control / "tcp.smtp.cdb")
+    assert stale_cdb(control) is None
+    st = (control / "tcp.smtp.cdb").stat()
+    write(root, "tcp.smtp", ":deny\n")
+    os.utime(control / "tcp.smtp", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert stale_cdb(control) == (f"{control / 'tcp.smtp'} is newer than tcp.smtp.cdb, which is"
+                                  " what is read: run `qrelay tcprules` to apply the edit")

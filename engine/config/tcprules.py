@@ -257,6 +257,22 @@ class TcpRules:
         return rule if rule is not None else ALLOW_ALL
 
 
+def stale_cdb(control_dir: os.PathLike | str) -> str | None:
+    """A warning if tcp.smtp was edited after tcp.smtp.cdb was built: the cdb
+    is what is read (as tcpserver -x), so the edit has no effect until
+    `qrelay tcprules` runs again. None when nothing is stale."""
+    control_dir = Path(control_dir)
+    try:
+        text = os.stat(control_dir / RULES_TEXT).st_mtime_ns
+        cdb = os.stat(control_dir / RULES_CDB).st_mtime_ns
+    except OSError:
+        return None
+    if text <= cdb:
+        return None
+    return (f"{control_dir / RULES_TEXT} is newer than {RULES_CDB}, which is what is read:"
+            " run `qrelay tcprules` to apply the edit")
+
+
 def compile_rules(text: str, cdb_path: os.PathLike | str) -> int:
     """tcprules: compile rules text into a cdb (atomic). Returns the number of keys.
 

@@ -7,7 +7,7 @@ for changes and swap the snapshot whole. Nothing here runs per command.
     control/me              required (qmail-smtpd refuses without it too)
     control/smtpgreeting    default me
     control/localiphost     default me
-    control/databytes       default 0 = unlimited (negative = 0)
+    control/databytes       default 0 = unlimited (negative = 0); not a number = refused
     control/timeoutsmtpd    default 1200; <= 0 becomes 1
     control/concurrencyincoming   default settings.smtp.max_connections
     control/rcpthosts       REQUIRED — deliberate difference: qmail without it
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.config.cdb import CdbError
-from engine.config.control import ControlError, read_int, read_line
+from engine.config.control import ControlError, read_int, read_line, read_number
 from engine.config.settings import Settings, SettingsError, load_settings
 from engine.config.tcprules import RULES_CDB, RULES_TEXT, TcpRules, TcpRulesError
 from engine.accounts.store import Accounts
@@ -81,7 +81,8 @@ def load_smtp_config(root: os.PathLike | str) -> SmtpConfig:
             raise ConfigError("control/me is empty")
         greeting = read_line(control / "smtpgreeting", me) or me
         localiphost = read_line(control / "localiphost", me) or me
-        databytes = max(read_int(control / "databytes", 0), 0)
+        # Strict: qmail reads `10MB` as 10 bytes; a limit must not change silently.
+        databytes = max(read_number(control / "databytes", 0), 0)
         timeout = read_int(control / "timeoutsmtpd", DEFAULT_TIMEOUT)
         if timeout <= 0:
             timeout = 1
