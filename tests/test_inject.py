@@ -1,0 +1,359 @@
+"""engine/inject.py: `qrelay inject` (qmail-inject) and the sendmail program,
+run as real subprocesses on fresh roots made by `init`; what they queued is
+read back with engine.queue's Spool."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from engine.inject import (Identity, InjectError, InjectNames, parse_sendmail_args, prepare,
+                           UsageError)
+from engine.queue import Spool
+from tests.conftest import REPO
+
+NAMES = InjectNames(defaulthost="mx.example.com", defaultdomain="example.com",
+                    plusdomain="plus.example.com", idhost="mx.example.com")
+ALICE = Identity(user="alice", host=None, full_name=None, return_user="alice", return_host=None)
+BASE_ENV = {k: v for k, v in os.environ.items()
+            if not k.startswith(("QMAIL", "MAIL")) and k not in ("USER", "LOGNAME", "NAME")}
+
+
+def run(args: list[str], data: bytes = b"", env: dict[str, str] | None = None,
+        timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], input=data, cwd=REPO, capture_output=True,
+                          timeout=timeout,
+                          env={**BASE_ENV, "PYTHONPATH": str(REPO), **(env or {})})
+
+
+def inject(root: Path, *args: str, data: bytes, env: dict[str, str] | None = None):
+    return run(["-m", "engine.cli", "inject", str(root), *args], data, {"USER": "alice", **(env or {})})
+
+
+def sendmail(root: Path, *args: str, data: bytes = b"", env: dict[str, str] | None = None):
+    return run(["-m", "engine.inject", *args], data,
+               {"USER": "alice", "QRELAY_ROOT": str(root), **(env or {})})
+
+
+def queued(root: Path) -> list[tuple[object, object, bytes]]:
+    """(QueuedMessage, Envelope, bytes) of every message in the spool."""
+    if not (root / "queue" / "index" / "data.mdb").exists():
+        return []           # nothing was ever queued here
+    with Spool(root / "queue", readonly=True) as spool:
+        return [(m, spool.envelope(m.msgid), spool.read_message(m.msgid))
+                for m in spool.iter_messages()]
+
+
+def header_of(message: bytes) -> list[bytes]:
+    return message.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+
+
+# --------------------------------------------------------------------------- qrelay inject
+
+def test_inject_queues_a_durable_local_message_with_qmail_injects_fields(root):
+    done = inject(root, "bob@example.net", data=b"Subject: hello\n\nline one\nline two\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b"" and done.stderr == b""
+    [(info, envelope, message)] = queued(root)
+    assert envelope.sender == "alice@mx.example.com"
+    assert envelope.recipients == ("bob@example.net",)
+    assert (info.origin, info.uid) == ("local", os.getuid())
+    lines = header_of(message)
+    assert re.fullmatch(rb"Received: \(qmail %d invoked by uid %d\); \d+ \w{3} \d{4} \d\d:\d\d:\d\d -0000"
+                        % (info.pid, os.getuid()), lines[0])
+    assert re.fullmatch(rb"Date: \d+ \w{3} \d{4} \d\d:\d\d:\d\d -0000", lines[1])
+    assert re.fullmatch(rb"Message-ID: <\d{14}\.%d\.qmail@mx\.example\.com>" % info.pid, lines[2])
+    assert lines[3:] == [b"From: alice@mx.example.com", b"Cc: recipient list not shown: ;",
+                         b"Subject: hello"]
+    assert message.endswith(b"\r\n\r\nline one\r\nline two\r\n")
+
+
+def test_line_ends_become_crlf_and_a_bare_cr_ends_a_line(root):
+    data = b"Subject: ends\r\nX-Mixed: yes\n\r\nunix\ndos\r\nold mac\rlast without end"
+    assert inject(root, "bob@example.net", data=data).returncode == 0
+    [(_, _, message)] = queued(root)
+    body = message.split(b"\r\n\r\n", 1)[1]
+    assert body == b"unix\r\ndos\r\nold mac\r\nlast without end\r\n"
+    assert re.search(rb"\r(?!\n)|(?<!\r)\n", message) is None
+
+
+def test_t_takes_to_cc_and_bcc_and_removes_bcc(root):
+    data = (b"From: Web <www@shop.example.com>\nTo: Bob <bob@example.net>, carol\n"
+            b"Cc: dave@example.org\nBcc: eve@example.org, frank@example.org\n"
+            b"Subject: order\n\nthanks\n")
+    done = inject(root, "-t", data=data)
+    assert done.returncode == 0, done.stderr
+    [(_, envelope, message)] = queued(root)
+    assert envelope.recipients == ("bob@example.net", "carol@mx.example.com", "dave@example.org",
+                                   "eve@example.org", "frank@example.org")
+    assert b"eve@" not in message and b"Bcc" not in message
+    assert b"To: Bob <bob@example.net>, carol@mx.example.com\r\n" in message
+    assert b"From: Web <www@shop.example.com>\r\n" in message
+    assert b"Cc: recipient list not shown" not in message
+
+
+def test_without_arguments_the_header_gives_the_recipients(root):
+    assert inject(root, data=b"To: bob@example.net\n\nhi\n").returncode == 0
+    [(_, envelope, _)] = queued(root)
+    assert envelope.recipients == ("bob@example.net",)
+
+
+def test_f_sets_the_envelope_sender_and_qualifies_it(root):
+    assert inject(root, "-f", "bounces", "bob@example.net", data=b"\nhi\n").returncode == 0
+    assert inject(root, "-f", "", "bob@example.net", data=b"\nhi\n").returncode == 0
+    senders = [e.sender for _, e, _ in queued(root)]
+    assert senders == ["bounces@mx.example.com", ""]
+
+
+def test_controls_and_environment_decide_the_names(root):
+    (root / "control" / "defaulthost").write_text("example.com\n")
+    (root / "control" / "idhost").write_text("id.example.com\n")
+    env = {"QMAILUSER": "web", "QMAILNAME": "Web Shop", "QMAILSUSER": "bounce",
+           "QMAILDEFAULTDOMAIN": "example.org"}
+    assert inject(root, "bob@box", data=b"\nhi\n", env=env).returncode == 0
+    [(_, envelope, message)] = queued(root)
+    assert envelope.sender == "bounce@example.com"
+    assert envelope.recipients == ("bob@box.example.org",)
+    assert b'From: "Web Shop" <web@example.com>\r\n' in message
+    assert re.search(rb"Message-ID: <\d{14}\.\d+\.qmail@id\.example\.com>\r\n", message)
+
+
+def test_errors_are_one_line_with_qmail_injects_exit_codes(root, tmp_path):
+    cases = [
+        (inject(root, data=b"Subject: nobody\n\nhi\n"), 100, "Error: no recipients"),
+        (inject(root, "bob@example.net", data=b"Subject: x\n\nnul \0 here\n"), 100,
+         "Error: message contains NUL bytes"),
+        (inject(root, "bob@example.net", data=b"From: \"unterminated\n\nhi\n"), 100,
+         "Error: unable to parse this line: From: \"unterminated"),
+        (inject(root, "-x", "bob@example.net", data=b""), 100, "Error: usage: No such option '-x'."),
+        (inject(tmp_path / "nowhere", "bob@example.net", data=b"\nhi\n"), 111,
+         f"Error: {tmp_path / 'nowhere'}: no such qrelay root (no control/ directory)"),
+    ]
+    for done, status, line in cases:
+        assert (done.returncode, done.stderr.decode().splitlines()) == (status, [line])
+    assert queued(root) == []
+
+
+def test_a_qmail_queue_is_not_written_into(root):
+    for d in ("mess", "todo", "info"):
+        (root / "queue" / d).mkdir()
+    done = inject(root, "bob@example.net", data=b"\nhi\n")
+    assert done.returncode == 111
+    assert "holds a qmail queue" in done.stderr.decode()
+
+
+def test_root_defaults_to_qrelay_root_and_n_prints_instead_of_queueing(root):
+    done = run(["-m", "engine.cli", "inject", "-n", "bob"], b"Subject: s\n\nhi\n",
+               {"QRELAY_ROOT": str(root), "USER": "alice"})
+    assert done.returncode == 0, done.stderr
+    out = done.stdout.decode().splitlines()
+    assert out[:2] == ["Return-Path: <alice@mx.example.com>", "Recipient: bob@mx.example.com"]
+    assert out[-2:] == ["", "hi"]
+    assert queued(root) == []
+
+
+def test_inject_goes_through_a_running_spool_writer(root):
+    from tests.smtp_harness import RunningQrelay
+    server = RunningQrelay(root, procs=1)
+    try:
+        assert (root / "queue" / "writer.sock").exists()
+        done = inject(root, "bob@example.net", data=b"Subject: live\n\nhi\n")
+        assert done.returncode == 0, done.stderr
+    finally:
+        assert server.stop() == 0
+    [(info, envelope, message)] = queued(root)
+    assert (info.origin, envelope.recipients) == ("local", ("bob@example.net",))
+    assert b"Subject: live\r\n" in message
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own a spool as another user")
+def test_as_root_a_spool_owned_by_another_user_keeps_its_owner():
+    top = Path(tempfile.mkdtemp(prefix="qrelay-inject-"))
+    try:
+        os.chmod(top, 0o755)
+        from engine.home import init_home
+        root = init_home(top / "qrelay", me="mx.example.com")
+        os.chown(root / "queue", 65534, 65534)
+        done = inject(root, "bob@example.net", data=b"\nhi\n")
+        assert done.returncode == 0, done.stderr
+        owners = {p.stat().st_uid for p in (root / "queue").rglob("*")}
+        assert owners == {65534}
+        [(info, _, _)] = queued(root)
+        assert info.uid == 0            # the caller, not the spool's owner
+    finally:
+        shutil.rmtree(top)
+
+
+# --------------------------------------------------------------------------- qmail-inject's rules
+
+def p(data: bytes, **kw):
+    kw.setdefault("identity", ALICE)
+    return prepare(data, names=NAMES, now=1_700_000_000, pid=4242, **kw)
+
+
+def test_addresses_are_qualified_as_qmail_inject_does():
+    got = p(b"To: joe, ann@host, bob@shop+, <@relay:sue@example.net>, lit@[10.0.0.1], "
+            b'"odd name"@x.org, (c) ken@ex.org (comment)\n\nhi\n')
+    assert got.recipients == ("joe@mx.example.com", "ann@host.example.com",
+                              "bob@shop.plus.example.com", "sue@example.net", "lit@[10.0.0.1]",
+                              "odd name@x.org", "ken@ex.org")
+    assert got.message.splitlines()[3] == (
+        b'To: joe@mx.example.com, ann@host.example.com, bob@shop.plus.example.com, '
+        b'<sue@example.net>, lit@[10.0.0.1], "odd name"@x.org, (c) ken@ex.org (comment)')
+
+
+def test_fixed_date_message_id_and_from_forms():
+    lines = p(b"\nhi\n", arguments=["bob@example.net"]).message.split(b"\r\n")
+    assert lines[:4] == [b"Date: 14 Nov 2023 22:13:20 -0000",
+                         b"Message-ID: <20231114221320.4242.qmail@mx.example.com>",
+                         b"From: alice@mx.example.com", b"Cc: recipient list not shown: ;"]
+    named = Identity(user="web", host="shop.example.com", full_name='Shop "A"',
+                     return_user="web", return_host="shop.example.com")
+    assert b'From: "Shop \\"A\\"" <web@shop.example.com>\r\n' in p(
+        b"\nhi\n", arguments=["b@x.org"], identity=named).message
+    comment = Identity(user="web", host=None, full_name="Shop", return_user="web",
+                       return_host=None, name_as_comment=True)
+    assert b"From: web@mx.example.com (Shop)\r\n" in p(
+        b"\nhi\n", arguments=["b@x.org"], identity=comment).message
+
+
+def test_existing_fields_are_kept_and_nothing_is_added_twice():
+    data = (b"Date: Mon, 1 Jan 2024 00:00:00 +0000\nMessage-ID: <a@b>\nFrom: x@y.org\n"
+            b"To: z@y.org\n\nhi\n")
+    assert p(data).message == data.replace(b"\n", b"\r\n")
+
+
+def test_return_path_gives_the_sender_and_is_removed_f_wins():
+    data = b"Return-Path: <list-bounce@lists>\nContent-Length: 99\nTo: z@y.org\n\nhi\n"
+    got = p(data)
+    assert got.sender == "list-bounce@lists.example.com"
+    assert b"Return-Path" not in got.message and b"Content-Length" not in got.message
+    assert p(data, sender="me@here.org").sender == "me@here.org"
+    assert p(b"Return-Path: <>\nTo: z@y.org\n\nhi\n").sender == ""
+    assert p(data, identity=Identity("alice", None, None, "alice", None,
+                                     ignore_return_path=True)).sender == "alice@mx.example.com"
+
+
+def test_resent_fields_choose_the_recipients_and_the_added_fields():
+    data = b"To: old@y.org\nResent-To: new@y.org\nResent-Bcc: hidden@y.org\nFrom: a@y.org\n\nhi\n"
+    got = p(data)
+    assert got.recipients == ("new@y.org", "hidden@y.org")
+    lines = got.message.split(b"\r\n")
+    assert [l.split(b":")[0] for l in lines[:3]] == [b"Resent-Date", b"Resent-Message-ID",
+                                                      b"Resent-From"]
+    assert b"hidden" not in got.message
+
+
+def test_header_ends_where_qmail_ends_it():
+    got = p(b"From someone Mon Jan  1 00:00:00 2024\nSubject: s\nthis is body\nmore\n",
+            arguments=["b@x.org"])
+    assert got.message.endswith(b"MBOX-Line: From someone Mon Jan  1 00:00:00 2024\r\n"
+                                b"Subject: s\r\n\r\nthis is body\r\nmore\r\n")
+    folded = p(b"Subject: a\n  folded\nTo: b@x.org,\n c@x.org\n\nhi\n")
+    assert folded.recipients == ("b@x.org", "c@x.org")
+    assert b"To: b@x.org,\r\n c@x.org\r\n" in folded.message
+
+
+def test_an_unparsable_to_gives_nobody_and_arguments_alone_with_a():
+    assert p(b"To: Joe Smith\nCc: ok@x.org\n\nhi\n").recipients == ("ok@x.org",)
+    assert p(b"To: t@x.org\n\nhi\n", arguments=["a@x.org"]).recipients == ("a@x.org",)
+    assert p(b"To: t@x.org\n\nhi\n", arguments=["a@x.org"],
+             header_recipients=True).recipients == ("a@x.org", "t@x.org")
+    with pytest.raises(InjectError) as exc:
+        p(b"To: t@x.org\n\nhi\n", arguments=["a@x.org"], header_recipients=False,
+          sender="bad\nsender")
+    assert exc.value.status == 100
+
+
+# --------------------------------------------------------------------------- sendmail
+
+def test_sendmail_t_i_as_php_calls_it(root):
+    data = b"To: customer@example.net\nSubject: Your order\n\nThanks.\n.\nStill the body.\n"
+    done = sendmail(root, "-t", "-i", data=data, env={"USER": "www-data"})
+    assert done.returncode == 0, done.stderr
+    [(info, envelope, message)] = queued(root)
+    assert envelope.sender == "www-data@mx.example.com"
+    assert envelope.recipients == ("customer@example.net",)
+    assert info.origin == "local"
+    assert message.endswith(b"\r\n\r\nThanks.\r\n.\r\nStill the body.\r\n")
+    assert b"From: www-data@mx.example.com\r\n" in message
+
+
+def test_sendmail_f_and_F_and_the_options_cron_and_php_pass(root):
+    done = sendmail(root, "-FCronDaemon", "-i", "-B8BITMIME", "-oem", "-odi", "-oi",
+                    "-fcron@example.com", "root", data=b"Subject: cron job\n\noutput\n")
+    assert done.returncode == 0, done.stderr
+    done = sendmail(root, "-t", "-f", "shop@example.com", "-odb", "copy@example.org",
+                    data=b"To: a@example.net\n\nhi\n")
+    assert done.returncode == 0, done.stderr
+    (_, first, m1), (_, second, _) = queued(root)
+    assert (first.sender, first.recipients) == ("cron@example.com", ("root@mx.example.com",))
+    assert b'From: "CronDaemon" <cron@example.com>\r\n' in m1
+    assert (second.sender, second.recipients) == ("shop@example.com",
+                                                  ("copy@example.org", "a@example.net"))
+
+
+def test_sendmail_bad_options_exit_64_in_one_line(root):
+    for args, text in ((["-Z"], "unknown option -Z"), (["-bd"], "unsupported option -bd"),
+                       (["-q30m"], "unsupported option -q30m (only -q: flush now)"), (["-f"], "option -f needs a value")):
+        done = sendmail(root, *args)
+        lines = done.stderr.decode().splitlines()
+        assert done.returncode == 64 and len(lines) == 1, (args, done.stderr)
+        assert lines[0].startswith(f"sendmail: {text}; usage: sendmail ")
+    assert queued(root) == []
+
+
+def test_sendmail_arguments_parse_like_getopt():
+    a = parse_sendmail_args(["-ti", "-f", "x@y", "--", "-notanoption"])
+    assert (a.headers, a.sender, a.recipients) == (True, "x@y", ("-notanoption",))
+    assert parse_sendmail_args(["-bs"]).mode == "smtp"
+    assert parse_sendmail_args(["-bp"]).mode == "list"
+    assert parse_sendmail_args([], prog="/usr/bin/mailq").mode == "list"
+    assert parse_sendmail_args(["-q"]).mode == "flush"
+    assert parse_sendmail_args(["bob", "-t"]).recipients == ("bob", "-t")
+    with pytest.raises(UsageError):
+        parse_sendmail_args(["-bz"])
+
+
+def test_sendmail_bs_speaks_smtp_on_stdin_and_stdout(root):
+    dialogue = (b"EHLO client\r\nMAIL FROM:<app@example.com>\r\nRCPT TO:<far@example.net>\r\n"
+                b"DATA\r\nSubject: bs\r\n\r\nhello\r\n.\r\nQUIT\r\n")
+    done = sendmail(root, "-bs", data=dialogue)
+    assert done.returncode == 0, done.stderr
+    replies = done.stdout.split(b"\r\n")
+    assert replies[0] == b"220 mx.example.com ESMTP"
+    assert [r[:3] for r in replies if r[:1].isdigit() and r[3:4] == b" "] == [
+        b"220", b"250", b"250", b"250", b"354", b"250", b"221"]
+    assert re.search(rb"\r\n250 ok \d+ qp \d+\r\n221 mx.example.com\r\n$", done.stdout)
+    [(info, envelope, message)] = queued(root)
+    assert (envelope.sender, envelope.recipients) == ("app@example.com", ("far@example.net",))
+    assert (info.origin, info.uid) == ("local", os.getuid())
+    lines = header_of(message)
+    assert re.fullmatch(rb"Received: \(qmail \d+ invoked by uid %d\); .* -0000" % os.getuid(), lines[0])
+    assert lines[1] == b"Received: from localhost (HELO client) (sendmail-bs@127.0.0.1)"
+    assert lines[2].startswith(b"  by localhost with SMTP; ")
+
+
+def test_sendmail_bs_client_that_leaves_after_its_dot_still_gets_its_message(root):
+    dialogue = (b"HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<x@example.net>\r\nDATA\r\nhi\r\n.\r\n")
+    done = sendmail(root, "-bs", data=dialogue)
+    assert done.returncode == 0, done.stderr
+    assert re.search(rb"\r\n250 ok \d+ qp \d+\r\n$", done.stdout)
+    assert len(queued(root)) == 1
+
+
+def test_sendmail_bp_lists_the_queue_and_q_flushes(root):
+    assert sendmail(root, "bob@example.net", data=b"\nhi\n").returncode == 0
+    listing = sendmail(root, "-bp")
+    assert listing.returncode == 0
+    assert re.search(rb"#\d+  \d+  <alice@mx\.example\.com> \n\ttodo\tbob@example\.net\n",
+                     listing.stdout)
+    flushed = sendmail(root, "-q")
+    assert flushed.returncode == 0
+    assert b"deferred recipients due now" in flushed.stdout
