@@ -55,6 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,6 +136,7 @@ class Load:
     toml: str                 # extra qrelay.toml text ([spool] settings)
     env: dict[str, str]       # extra environment of qrelay (the slow-sync shim)
     idle: float
+    to: tuple[str, ...] = ("--to", "u{n}@{domain}")   # flood's recipients (bench_mx: its mailboxes)
 
 
 def wait_sink(sink: SinkProcess, n: int, load: Load, what: str) -> dict:
@@ -151,7 +153,7 @@ def flood(address: str, messages: int, load: Load, workdir: Path, tag: str, stri
     out = workdir / f"flood-{tag}.json"
     cmd = [PY, str(BENCH / "flood.py"), address, "-s", str(load.sessions), "-m", str(messages),
            "-l", str(load.size), "-q", "--no-summary", "--json", str(out),
-           "--to", "u{n}@{domain}", "-f", "a@src.test", *load.flood_args]
+           *load.to, "-f", "a@src.test", *load.flood_args]
     for domain in load.domains:
         cmd += ["--domain", domain]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=LONGEST_WAIT)
@@ -165,18 +167,33 @@ def flood(address: str, messages: int, load: Load, workdir: Path, tag: str, stri
     return data
 
 
+def qrelay_cli(*args: str, stdin: str | None = None, what: str = "") -> str:
+    """Run `qrelay ARGS` (the real CLI, as an operator would); its stdout, or BenchError."""
+    r = subprocess.run([PY, "-m", "engine.cli", *args], input=stdin, capture_output=True,
+                       text=True, cwd=REPO)
+    if r.returncode != 0:
+        raise BenchError(f"qrelay {what or ' '.join(args[:2])} failed: "
+                         f"{(r.stderr.strip().splitlines() or ['?'])[-1]}")
+    return r.stdout
+
+
 class RelayRoot:
     """A fresh qrelay root whose smtproutes send the load's domains to
     127.0.0.1:`port`, and its `qrelay run`, measured only once the scheduler
-    runs too (it competes for the CPU)."""
+    runs too (it competes for the CPU).
 
-    def __init__(self, root: Path, port: int, load: Load, worker_procs: int | None = None) -> None:
-        r = subprocess.run([PY, "-m", "engine.cli", "init", str(root), "--me", "mx.bench.test"],
-                           capture_output=True, text=True, cwd=REPO)
-        if r.returncode != 0:
-            raise BenchError(f"qrelay init {root.name} failed: {r.stderr.strip()}")
-        (root / "control" / "smtproutes").write_text("".join(f"{d}:127.0.0.1:{port}\n" for d in load.domains))
-        (root / "control" / "rcpthosts").write_text("".join(f"{d}\n" for d in load.domains))
+    `port=None`: no smtproutes nor rcpthosts for the load's domains; then
+    `prepare(root)`, called before the start, makes them local (bench_mx.py)."""
+
+    def __init__(self, root: Path, port: int | None, load: Load, worker_procs: int | None = None,
+                 *, prepare: Callable[[Path], None] | None = None) -> None:
+        qrelay_cli("init", str(root), "--me", "mx.bench.test", what=f"init {root.name}")
+        if port is not None:
+            (root / "control" / "smtproutes").write_text(
+                "".join(f"{d}:127.0.0.1:{port}\n" for d in load.domains))
+            (root / "control" / "rcpthosts").write_text("".join(f"{d}\n" for d in load.domains))
+        if prepare is not None:
+            prepare(root)
         # a resolver that is never asked (every route is an IP); the log big
         # enough to count every line of the run.
         workers = f"worker_procs = {worker_procs}\n" if worker_procs is not None else ""

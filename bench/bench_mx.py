@@ -1,0 +1,241 @@
+#!/usr/bin/env python3
+"""bench_mx.py: qrelay as an MX, SMTP -> Maildir end to end, against the remote
+end-to-end rate of the same run (issue #11 item 6).
+
+    python bench/bench_mx.py             # 20 sessions, 1 KB, 1,000 mailboxes over 10 domains, 20,000 messages
+    python bench/bench_mx.py -m 2000 --users 10 --rounds 1      # quicker
+
+Runs as root (as an MX does): local delivery runs as the mailboxes' owner
+(`--owner`, default 65534, nobody), never as root.
+
+Two qrelay roots take the same load: `-s` sessions of flood.py, `-l` bytes,
+one recipient per message, `u{rand}@d{k}.test` with rand < `--users` and k <
+`--domains` (the same `--domains` x `--users` addresses on both sides):
+
+  remote  flood.py -> qrelay run -> sink.py (smtproutes send every domain there)
+          rate_remote = M / (time from flood start to the sink's last message)
+  local   flood.py -> qrelay run -> Maildirs: each domain made with `qrelay domain
+          add --uid OWNER --gid OWNER`, its mailboxes with `qrelay user import`
+          rate_local = M / (time from flood start to the last message linked
+          into a new/: the newest ctime there, read once all M are in)
+          target: rate_local >= 0.8 x rate_remote
+
+They alternate for `--rounds` rounds (the first side alternating too), each
+side starting once the other's queue is empty; the best of each side counts
+(other load on the machine only ever slows a round down). Every process
+started here is stopped by its pid (qrelay by its process group). Exit
+status 0 if the target is met, 1 if not, 2 (one line) if the run could not be
+made: bad arguments, not root, a process that does not start, mail that stops
+arriving for `--idle` seconds.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+from bench_relay_e2e import (PY, REPO, BenchError, Load, RelayRoot, flood, qrelay_cli,  # noqa: E402
+                             wait_sink)
+from sink import SinkProcess  # noqa: E402
+from smtpload.cli import OneLineParser, fail, nonneg_float, positive_int, run_main  # noqa: E402
+
+PROG = "bench_mx.py"
+TARGET = 0.8
+# How often the Maildirs are counted while a round runs (the figure comes from
+# the files' ctimes, not from this poll).
+COUNT_POLL = 0.5
+# Longest wait for a root's queue to empty between two measurements.
+EMPTY_TIMEOUT = 600.0
+
+
+def build_parser() -> OneLineParser:
+    ap = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    ap.add_argument("-m", "--messages", type=positive_int, default=20000)
+    ap.add_argument("-s", "--sessions", type=positive_int, default=20)
+    ap.add_argument("-l", "--size", type=positive_int, default=1024)
+    ap.add_argument("--domains", type=positive_int, default=10, help="domains d0.test ..")
+    ap.add_argument("--users", type=positive_int, default=100, help="mailboxes per domain, u0 ..")
+    ap.add_argument("--rounds", type=positive_int, default=3,
+                    help="alternating rounds; the best of each side counts")
+    ap.add_argument("--procs", type=positive_int, default=2, help="receiver processes of qrelay run")
+    ap.add_argument("--owner", default="65534:65534", metavar="UID:GID",
+                    help="owner of the mailboxes (qrelay domain add --uid --gid); not root")
+    ap.add_argument("--concurrency-local", type=positive_int, default=None, metavar="N",
+                    help="control/concurrencylocal of the local root (default: none, qmail's 10)")
+    ap.add_argument("--flood-arg", action="append", default=[], metavar="ARG",
+                    help="extra flood.py argument, as --flood-arg=--pipelining (repeatable)")
+    ap.add_argument("--idle", type=nonneg_float, default=30.0,
+                    help="no new message at the sink or in the Maildirs for this long = the run failed (s)")
+    ap.add_argument("--json", help="write the figures here")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (roots, logs)")
+    return ap
+
+
+def owner_ids(text: str) -> tuple[int, int]:
+    uid, sep, gid = text.partition(":")
+    try:
+        ids = int(uid), int(gid if sep else uid)
+    except ValueError:
+        raise ValueError(f"--owner: not UID:GID: {text!r}") from None
+    if ids[0] <= 0 or ids[1] < 0:
+        raise ValueError(f"--owner: mail is never delivered as root: {text!r}")
+    return ids
+
+
+def make_mailboxes(domains: tuple[str, ...], users: int, owner: tuple[int, int]):
+    """prepare() for RelayRoot: the domains and their mailboxes, with the admin CLI."""
+    def prepare(root: Path) -> None:
+        for d in domains:
+            qrelay_cli("domain", "add", str(root), d, "--uid", str(owner[0]), "--gid", str(owner[1]))
+        lines = "".join(f"u{k}@{d}:bench-{k}\n" for d in domains for k in range(users))
+        qrelay_cli("user", "import", str(root), "-", stdin=lines)
+    return prepare
+
+
+class Maildirs:
+    """Every mailbox's new/ in a root: counted while mail arrives, then the
+    newest link time (ctime: link() and the tmp unlink set it)."""
+
+    def __init__(self, root: Path, expect: int) -> None:
+        self.dirs = [Path(d) for d, _, _ in os.walk(root / "domains")
+                     if d.endswith("/Maildir/new")]
+        if len(self.dirs) != expect:
+            raise BenchError(f"{root.name}: {len(self.dirs)} Maildirs, expected {expect}")
+
+    def count(self) -> int:
+        return sum(len(os.listdir(d)) for d in self.dirs)
+
+    def newest(self) -> float:
+        latest = 0.0
+        for d in self.dirs:
+            with os.scandir(d) as it:
+                for e in it:
+                    latest = max(latest, e.stat(follow_symlinks=False).st_ctime)
+        return latest
+
+    def wait(self, n: int, idle: float) -> float:
+        """Until `n` files are in the new/ dirs; their newest ctime. BenchError if
+        the count stalls for `idle` seconds."""
+        last, changed = -1, time.monotonic()
+        while (got := self.count()) < n:
+            now = time.monotonic()
+            if got != last:
+                last, changed = got, now
+            elif now - changed > idle:
+                raise BenchError(f"Maildirs: {got} of {n} messages, none more for {idle:g} s")
+            time.sleep(COUNT_POLL)
+        if got > n:
+            raise BenchError(f"Maildirs: {got} messages, expected {n} (duplicates?)")
+        return self.newest()
+
+
+def wait_empty(q: RelayRoot, timeout: float = EMPTY_TIMEOUT) -> None:
+    """Until `qrelay qstat` counts no message in q's queue (results recorded,
+    messages released), so the next measurement has the machine to itself."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = subprocess.run([PY, "-m", "engine.cli", "qstat", str(q.root)], capture_output=True,
+                           text=True, cwd=REPO)
+        first = r.stdout.split("\n", 1)[0]
+        if r.returncode == 0 and first.startswith("messages in queue: ") and first.endswith(": 0"):
+            return
+        if time.monotonic() > deadline:
+            raise BenchError(f"{q.root.name}: queue not empty after {timeout:g} s: {first or r.stderr}")
+        time.sleep(0.5)
+
+
+def run(a, owner: tuple[int, int], work: Path, started: list, fig: dict) -> None:
+    domains = tuple(f"d{i}.test" for i in range(a.domains))
+    load = Load(sessions=a.sessions, size=a.size, domains=domains, flood_args=tuple(a.flood_arg),
+                procs=a.procs, toml="", env={}, idle=a.idle,
+                to=("--to", "u{rand}@{domain}", "--rand-range", str(a.users)))
+    sink = SinkProcess(work / "sink")
+    started.append(sink)
+    remote = RelayRoot(work / "remote", sink.port, load)
+    started.append(remote)
+    prepare = make_mailboxes(domains, a.users, owner)
+    if a.concurrency_local is not None:
+        def prepare(root: Path, _mailboxes=prepare) -> None:
+            _mailboxes(root)
+            (root / "control" / "concurrencylocal").write_text(f"{a.concurrency_local}\n")
+    local = RelayRoot(work / "local", None, load, prepare=prepare)
+    started.append(local)
+    boxes = Maildirs(local.root, a.domains * a.users)
+
+    rates: dict[str, list[float]] = {"remote": [], "local": []}
+    ingest: dict[str, list[float]] = {"remote": [], "local": []}
+    received = delivered = 0
+    for r in range(a.rounds):
+        line = f"  round {r}:"
+        for side in (("remote", "local") if r % 2 == 0 else ("local", "remote")):
+            q = remote if side == "remote" else local
+            t0 = time.time()
+            rep = flood(f"127.0.0.1:{q.port}", a.messages, load, work, f"{side}{r}")
+            if side == "remote":
+                st = wait_sink(sink, received + a.messages, load, "remote end to end")
+                received, last = st["messages"], st["last_message"]
+            else:
+                last = boxes.wait(delivered + a.messages, a.idle)
+                delivered += a.messages
+            rates[side].append(a.messages / (last - t0))
+            ingest[side].append(rep["rate"]["accepted_per_s"])
+            line += f" {side} {rates[side][-1]:.0f}/s (ingest {ingest[side][-1]:.0f}/s)"
+            wait_empty(q)
+        line += f", local/remote {rates['local'][-1] / rates['remote'][-1]:.2f}"
+        print(line, flush=True)
+    best = {side: max(v) for side, v in rates.items()}
+    fig.update(rate_remote=best["remote"], rate_local=best["local"],
+               ratio_local_remote=best["local"] / best["remote"],
+               rounds_remote=rates["remote"], rounds_local=rates["local"],
+               ingest_remote=ingest["remote"], ingest_local=ingest["local"],
+               ratio_rounds=[lo / re for lo, re in zip(rates["local"], rates["remote"])])
+    print(f"remote end to end (flood -> qrelay -> sink): {best['remote']:.0f} msg/s", flush=True)
+    print(f"local end to end (flood -> qrelay -> {a.domains * a.users} Maildirs): {best['local']:.0f} msg/s "
+          f"= {fig['ratio_local_remote']:.2f} x remote (target >= {TARGET})", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    try:
+        owner = owner_ids(a.owner)
+    except ValueError as exc:
+        ap.error(str(exc))
+    if os.geteuid() != 0:
+        fail(PROG, "run it as root: local delivery switches to the mailboxes' owner")
+    work = Path(tempfile.mkdtemp(prefix="qrelay-bench-mx-"))
+    # The owner must reach its Maildirs through the work directory (mkdtemp: 0700).
+    os.chmod(work, 0o711)
+    fig: dict = {"messages": a.messages, "sessions": a.sessions, "size": a.size,
+                 "domains": a.domains, "users": a.users, "rounds": a.rounds, "procs": a.procs,
+                 "concurrency_local": a.concurrency_local, "flood_args": a.flood_arg}
+    started: list = []
+    try:
+        run(a, owner, work, started, fig)
+    except BenchError as exc:
+        fail(PROG, str(exc))
+    finally:
+        for p in reversed(started):
+            p.stop()
+        if a.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    ok = fig["ratio_local_remote"] >= TARGET
+    fig["targets_met"] = ok
+    if a.json:
+        Path(a.json).write_text(json.dumps(fig, indent=2) + "\n")
+    print(json.dumps(fig))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    run_main(main)
