@@ -92,6 +92,14 @@ def _child_entry(target: Callable[[int], None], slot: int, parent_pid: int) -> N
     target(slot)
 
 
+def exit_reason(code: int | None) -> str:
+    """How a child ended, in the shell's words: `exited with status 111`,
+    `killed by signal 9` (multiprocessing gives a signal as -N)."""
+    if code is not None and code < 0:
+        return f"killed by signal {-code}"
+    return f"exited with status {code}"
+
+
 class Supervisor:
     """Runs the children of `specs` until TERM/INT (see the module docstring)."""
 
@@ -140,7 +148,8 @@ class Supervisor:
             code, pid = proc.exitcode, proc.pid
             proc.close()
             child.process = None
-            log.warning("%s-%d (pid %d) exited with status %s; restarting", child.spec.name, child.slot, pid, code)
+            log.warning("%s-%d (pid %d) %s; restarting", child.spec.name, child.slot, pid,
+                        exit_reason(code))
             if child.spec.on_exit is not None:
                 child.spec.on_exit(child.slot)
             child.restart_at = now + child.backoff.died()

@@ -101,6 +101,8 @@ def test_killed_child_is_restarted_in_its_slot(supervise, tmp_path):
     assert len(lines(tmp_path / "start-0")) == 1
     p.send_signal(signal.SIGTERM)
     assert p.wait(5) == 0
+    # The shell's words for a signal, not multiprocessing's "status -9".
+    assert f"worker-1 (pid {first}) killed by signal 9; restarting" in p.stderr.read().splitlines()
 
 
 def test_sighup_and_reload_check_are_forwarded(supervise, tmp_path):
@@ -125,6 +127,15 @@ def test_crashing_child_backs_off(supervise, tmp_path):
     assert 2 <= starts <= 5, starts
     p.send_signal(signal.SIGTERM)
     assert p.wait(5) == 0
+    assert any(line.endswith(") exited with status 3; restarting") for line in p.stderr.read().splitlines())
+
+
+def test_exit_reason_words():
+    from engine.supervisor import exit_reason
+    assert exit_reason(111) == "exited with status 111"
+    assert exit_reason(0) == "exited with status 0"
+    assert exit_reason(-9) == "killed by signal 9"
+    assert exit_reason(-15) == "killed by signal 15"
 
 
 def test_stubborn_child_is_killed_after_stop_grace(supervise, tmp_path):
