@@ -452,3 +452,48 @@ def test_backlog_of_one_destination_is_read_once_not_per_pass(env):
     assert spool.stats().messages == 0 and other not in {q.msgid for q in spool.iter_messages()}
     assert reads["resumed"] > reads["from_start"]
     assert reads["from_start"] <= 40, reads          # not one full pass per read
+
+
+def test_reload_takes_new_limits_while_deliveries_run(env):
+    sched, spool, remote, clock, log, tmp = env
+    sched.reload(SchedulerConfig(concurrency={"remote": 2}, per_destination=20, scan_batch=64,
+                                 bounce=sched.config.bounce))
+
+    async def scenario():
+        sched._wake = asyncio.Event()
+        remote.gate = asyncio.Event()
+        for i in range(8):
+            spool.enqueue(Envelope("a@src.test", (f"u{i}@d{i}.test",)), MSG)
+        for _ in range(5):
+            sched.run_pass()
+            await asyncio.sleep(0.01)
+        assert sched.lane("remote").active == 2
+        # concurrencyremote raised (a HUP): the next pass starts more at once,
+        # the two in flight go on under the old snapshot.
+        sched.reload(SchedulerConfig(concurrency={"remote": 5}, per_destination=20, scan_batch=64,
+                                     bounce=sched.config.bounce))
+        for _ in range(5):
+            sched.run_pass()
+            await asyncio.sleep(0.01)
+        assert sched.lane("remote").active == 5
+        remote.gate.set()
+        await settle(sched)
+
+    asyncio.run(scenario())
+    assert len(remote.calls) == 8 and spool.stats().messages == 0
+    assert sched.lane("remote").ready.capacity == 64
+
+
+def test_reload_of_queuelifetime_applies_to_the_next_deferral(env):
+    sched, spool, remote, clock, log, tmp = env
+    remote.down.add("d1.test")
+    mid = spool.enqueue(Envelope("a@src.test", ("x@d1.test",)), MSG)
+    asyncio.run(settle(sched))
+    assert spool.message_info(mid).recipients[0].state == "deferred"
+    clock.now += 3600                     # an hour old: young under a week's queuelifetime
+    sched.reload(SchedulerConfig(retry=RetryPolicy(queuelifetime=60), bounce=sched.config.bounce))
+    sched.request_flush()
+    asyncio.run(settle(sched))
+    # ...but past a 60 s one: the deferral became a failure (and a bounce).
+    assert any(t.endswith("I'm_not_going_to_try_again;_this_message_has_been_in_the_queue_too_long./")
+               for t in log_texts(tmp))

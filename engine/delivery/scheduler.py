@@ -59,7 +59,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.config.control import read_int
+from engine.config.control import read_number
 from engine.delivery.bounce import BounceConfig, Failure, build_bounce, bounce_kind, wire_sender
 from engine.delivery.channels import CHANNELS, Courier, Group, RecipientResult, all_results
 from engine.delivery.retry import RetryPolicy
@@ -105,11 +105,13 @@ class SchedulerConfig:
 
 
 def load_scheduler_config(root: Path | str, settings, bounce: BounceConfig) -> SchedulerConfig:
-    """Each channel's control/concurrency*, queuelifetime + [scheduler] settings."""
+    """Each channel's control/concurrency*, queuelifetime + [scheduler] settings.
+    A control file that is not a whole number is a ControlError (naming it),
+    never read as its leading digits: a reload keeps the previous snapshot."""
     control = Path(root) / "control"
     s = settings.scheduler
     return SchedulerConfig(
-        concurrency={c.name: max(0, read_int(control / c.concurrency_file, c.default_concurrency))
+        concurrency={c.name: max(0, read_number(control / c.concurrency_file, c.default_concurrency))
                      for c in CHANNELS},
         per_destination=max(1, s.per_destination_concurrency),
         max_rcpts_per_delivery=max(1, s.max_recipients_per_delivery),
@@ -121,7 +123,7 @@ def load_scheduler_config(root: Path | str, settings, bounce: BounceConfig) -> S
         mark_delay=float(s.mark_delay),
         mark_batch=max(1, s.mark_batch),
         skip_max=s.skip_max,
-        retry=RetryPolicy(queuelifetime=read_int(control / "queuelifetime", 604800),
+        retry=RetryPolicy(queuelifetime=read_number(control / "queuelifetime", 604800),
                           local_skip=s.retry_skip_local, remote_skip=s.retry_skip_remote),
         bounce=bounce,
     )
@@ -196,6 +198,7 @@ class ReadyJobs:
 
     def __init__(self, capacity: int, per_domain_cap: int | None = None,
                  skip_max: int = 200_000) -> None:
+        self._fixed_cap = per_domain_cap
         self.capacity = max(1, capacity)
         self.per_domain_cap = max(1, per_domain_cap or max(16, self.capacity // 4))
         self.skip_max = skip_max
@@ -210,6 +213,12 @@ class ReadyJobs:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def resize(self, capacity: int, skip_max: int) -> None:
+        """New bounds (a reload); what is held already stays, and drains."""
+        self.capacity = max(1, capacity)
+        self.per_domain_cap = max(1, self._fixed_cap or max(16, self.capacity // 4))
+        self.skip_max = skip_max
 
     def domains(self):
         return self._by_domain.keys()
@@ -394,6 +403,19 @@ class Scheduler:
 
     def reload_domains(self, classify: Classify) -> None:
         self.classify = classify
+
+    def reload(self, config: SchedulerConfig, classify: Classify | None = None) -> None:
+        """A new snapshot (HUP, or a control file changed): the next pass uses
+        its limits, retry schedule and bounce settings; deliveries in flight
+        finish under the old ones. The ready views keep their jobs (they are
+        only a view of the spool) and take the new sizes."""
+        self.config = config
+        if classify is not None:
+            self.classify = classify
+        for lane in self.lanes:
+            lane.ready.resize(config.scan_batch, config.skip_max)
+        self.deferred.max_ids = config.recovered_index_max
+        self.wake()
 
     def idle(self) -> bool:
         """Nothing in flight, nothing to record, nothing new to preprocess, no
