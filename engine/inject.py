@@ -14,6 +14,8 @@ What qmail-inject does, and qrelay with it:
   line end too (stored as CRLF), so the stored message never holds a bare CR
   that a next hop could read as the end of a line (the SMTP side refuses it);
   a NUL byte is refused (exit 100), as the SMTP side refuses it.
+- more Received:/Delivered-To: fields than `[smtp] max_hops` is refused
+  as a loop (exit 100), as the SMTP side refuses it; qmail-inject has no limit.
 - the header ends at the first empty line or at the first line that is not a
   header field (a blank line is put there, as qmail does); a leading `From `
   line becomes `MBOX-Line: From ...`; `Bcc:`, `Resent-Bcc:`, `Return-Path:`
@@ -35,7 +37,8 @@ What qmail-inject does, and qrelay with it:
   line is a permanent error.
 - envelope sender: `-f`, else the first Return-Path field, else QMAILSUSER @
   QMAILSHOST (each defaulting to the From user and host). `-f ''` and `-f '<>'`
-  are the null sender (qmail would qualify `<>` as an address).
+  are the null sender (qmail would qualify `<>` as an address), and `-f '<a@b>'`
+  is a@b.
 - QMAILINJECT flags c (name as comment), s (ignore Return-Path), f (drop
   From), i (drop Message-ID); the controls and their variables:
   control/defaulthost (QMAILDEFAULTHOST), defaultdomain (QMAILDEFAULTDOMAIN),
@@ -355,7 +358,11 @@ class Qualifier:
         return t
 
     def address(self, text: str) -> str:
-        """A command-line address (qmail's quote2, then rwgeneric), envelope form."""
+        """A command-line address (qmail's quote2, then rwgeneric), envelope form.
+        One pair of surrounding angle brackets is dropped (`-f '<a@b>'`, as
+        sendmail and Postfix read it; qmail would quote the `<`)."""
+        if len(text) >= 2 and text[0] == "<" and text[-1] == ">":
+            text = text[1:-1]
         local, at, domain = text.rpartition("@")
         if not at:
             local, domain = text, ""
@@ -432,12 +439,15 @@ def read_header(lines: list[str]) -> tuple[list[list[str]], list[str]]:
 
 def prepare(data: bytes, *, names: InjectNames, identity: Identity, sender: str | None = None,
             arguments: Sequence[str] = (), header_recipients: bool | None = None,
-            now: float | None = None, pid: int | None = None) -> Prepared:
+            now: float | None = None, pid: int | None = None, max_hops: int = 0) -> Prepared:
     """qmail-inject on `data`: the envelope and the message to queue.
 
     `header_recipients`: None = qmail-inject -A (arguments, or the header
     when there are none); True = -H (both); False = -a (arguments only).
-    `sender`: -f (already as given; "" or "<>" = the null sender)."""
+    `sender`: -f (already as given; "" or "<>" = the null sender).
+    `max_hops`: more Received:/Delivered-To: fields than this is a loop (a
+    program delivery that mails the message on again), refused as the SMTP
+    side refuses it; 0 = no limit (qmail-inject has none)."""
     now = time.time() if now is None else now
     pid = os.getpid() if pid is None else pid
     q = Qualifier(names)
@@ -481,6 +491,10 @@ def prepare(data: bytes, *, names: InjectNames, identity: Identity, sender: str 
             continue
         kept += text.split("\n")
 
+    if max_hops:
+        hops = sum(1 for field in fields if _field_name(field) in ("received", "delivered-to"))
+        if hops > max_hops:
+            raise InjectError("too many hops, this message is looping")
     resent = bool(seen & RESENT)
     if envelope_sender is None:
         envelope_sender = q.address(identity.return_user + (
@@ -627,6 +641,9 @@ def queue_message(root: Path, prepared: Prepared, *, uid: int, pid: int | None =
         raise InjectError(f"qq: {exc}", TEMPORARY) from None
     except OSError as exc:
         raise InjectError(f"qq: {exc.strerror or exc}", TEMPORARY) from None
+    except Exception as exc:    # anything else (lmdb's own errors...) is temporary too
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InjectError(f"qq: {text}", TEMPORARY) from None
     finally:
         if spool is not None:
             try:
@@ -647,13 +664,15 @@ def inject(root: Path | str, data: bytes, *, sender: str | None = None,
     if not (root / "control").is_dir():
         raise InjectError(f"{root}: no such qrelay root (no control/ directory)", TEMPORARY)
     names = InjectNames.load(root, env)
+    settings = load_spool_settings(root)
     identity = identity or Identity.from_env(env, uid)
     now = time.time()
     prepared = prepare(data, names=names, identity=identity, sender=sender, arguments=arguments,
-                       header_recipients=header_recipients, now=now)
+                       header_recipients=header_recipients, now=now,
+                       max_hops=settings.smtp.max_hops)
     if not queue:
         return prepared, None
-    return prepared, queue_message(root, prepared, uid=uid, now=now)
+    return prepared, queue_message(root, prepared, uid=uid, now=now, settings=settings)
 
 
 # --------------------------------------------------------------------------- sendmail

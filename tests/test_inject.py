@@ -240,6 +240,15 @@ def test_return_path_gives_the_sender_and_is_removed_f_wins():
                                      ignore_return_path=True)).sender == "alice@mx.example.com"
 
 
+def test_angle_brackets_around_f_and_a_looping_message():
+    assert p(b"\nhi\n", arguments=["<b@x.org>"], sender="<me@here.org>").sender == "me@here.org"
+    looping = b"Received: x\n" * 60 + b"Delivered-To: b@x.org\n" * 41 + b"\nhi\n"
+    assert p(looping, arguments=["b@x.org"], max_hops=101).recipients == ("b@x.org",)
+    with pytest.raises(InjectError) as exc:
+        p(looping, arguments=["b@x.org"], max_hops=100)
+    assert (str(exc.value), exc.value.status) == ("too many hops, this message is looping", 100)
+
+
 def test_resent_fields_choose_the_recipients_and_the_added_fields():
     data = b"To: old@y.org\nResent-To: new@y.org\nResent-Bcc: hidden@y.org\nFrom: a@y.org\n\nhi\n"
     got = p(data)
