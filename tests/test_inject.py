@@ -366,3 +366,41 @@ def test_sendmail_bp_lists_the_queue_and_q_flushes(root):
     flushed = sendmail(root, "-q")
     assert flushed.returncode == 0
     assert b"deferred recipients due now" in flushed.stdout
+
+
+def test_sendmail_bs_turn_by_turn_with_stdin_left_open(root):
+    # As Symfony Mailer's `sendmail -bs` transport talks: one command, one reply,
+    # and the process must exit after QUIT although stdin is still open.
+    proc = subprocess.Popen([sys.executable, "-m", "engine.inject", "-bs"], cwd=REPO,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**BASE_ENV, "PYTHONPATH": str(REPO), "QRELAY_ROOT": str(root)})
+    try:
+        def reply() -> bytes:
+            lines = []
+            while True:
+                line = proc.stdout.readline()
+                lines.append(line)
+                if line[3:4] != b"-":
+                    return b"".join(lines)
+
+        def say(line: bytes) -> bytes:
+            proc.stdin.write(line + b"\r\n")
+            proc.stdin.flush()
+            return reply()
+
+        assert reply().startswith(b"220 ")
+        assert say(b"EHLO app").endswith(b"250 SIZE 67108864\r\n")
+        assert say(b"MAIL FROM:<app@example.com>") == b"250 ok\r\n"
+        assert say(b"RCPT TO:<b@example.net>") == b"250 ok\r\n"
+        assert say(b"DATA") == b"354 go ahead\r\n"
+        assert say(b"Subject: turn\r\n\r\nhi\r\n.").startswith(b"250 ok ")
+        assert say(b"QUIT") == b"221 mx.example.com\r\n"
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdin.close()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert len(queued(root)) == 1
