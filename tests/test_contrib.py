@@ -111,3 +111,11 @@ def test_log_run_rotates_like_qrelays_own_log():
     assert lines == ["exec multilog t s99999 n10 ./main"]
     log = LogSettings()
     assert re.search(rf"\bs{log.max_bytes} n{log.max_files}\b", lines[0])
+
+
+def test_the_sendmail_program_is_a_console_script():
+    import importlib
+    import tomllib
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, name = scripts["qrelay-sendmail"].partition(":")
+    assert callable(getattr(importlib.import_module(module), name))
