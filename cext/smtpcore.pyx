@@ -23,6 +23,9 @@ API (contract A in /work/notes/contracts.md; the names are fixed)
     LF is dropped (qmail accepts bare-LF command lines). Bytes of an
     over-long line are discarded as they arrive, so ``buffered`` (bytes held)
     stays <= max_line + 2 + one chunk whatever the client sends.
+    ``unterminated`` is the length so far of the line that has no LF yet,
+    dropped bytes included (0 right after a LF): a caller can refuse an
+    over-long line, or drop its client, before the LF arrives.
     ``take_buffer()`` removes and returns every byte not yet returned as a
     line (switching to DATA mode, or discarding pipelined plaintext at
     STARTTLS); of an over-long unfinished line only its kept head is there.
@@ -213,6 +216,7 @@ cdef class LineReader:
     cdef Py_ssize_t line_start  # start of the unterminated last line (after the last LF)
     cdef Py_ssize_t max_line
     cdef bint discarding        # unterminated line is over-long: drop bytes until LF
+    cdef Py_ssize_t dropped     # bytes of the unterminated line dropped so far
 
     def __init__(self, Py_ssize_t max_line=4096):
         if max_line < 0:
@@ -225,6 +229,12 @@ cdef class LineReader:
     @property
     def buffered(self):
         return self.buf.len - self.start
+
+    @property
+    def unterminated(self):
+        # Bytes received of the last line so far (no LF yet), dropped ones
+        # included: lets the caller refuse an over-long line before its LF.
+        return self.buf.len - self.line_start + self.dropped
 
     def feed(self, data):
         cdef Py_buffer view
@@ -242,6 +252,7 @@ cdef class LineReader:
         if self.discarding:
             q = <const unsigned char *>memchr(p, 10, n)
             if q == NULL:
+                self.dropped += n
                 return 0            # still inside the over-long line
             k = q - p
             p += k                  # keep its LF: it terminates the kept head
@@ -254,6 +265,7 @@ cdef class LineReader:
         if last_lf >= 0:
             buf_append(&self.buf, p, last_lf + 1)
             self.line_start = self.buf.len
+            self.dropped = 0
             p += last_lf + 1
             n -= last_lf + 1
         # The unterminated tail: keep at most max_line + 2 bytes of it (one
@@ -263,6 +275,7 @@ cdef class LineReader:
         buf_append(&self.buf, p, keep)
         if keep < n:
             self.discarding = True
+            self.dropped += n - keep
         return 0
 
     cdef void _compact(self) noexcept:
@@ -304,6 +317,7 @@ cdef class LineReader:
             <const char *>self.buf.data + self.start, self.buf.len - self.start)
         self.start = self.line_start = self.buf.len = 0
         self.discarding = False
+        self.dropped = 0
         buf_shrink(&self.buf)
         return rest
 

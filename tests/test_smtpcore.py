@@ -546,3 +546,15 @@ def test_scanner_many_header_lines_fast_path():
     header += b"X-Other: y\r\n" * 100
     s, used = scan_all(header + b"\r\nReceived: body\r\n.\r\n", chunk=4096)
     assert s.done and s.hops == 150
+
+
+def test_reader_unterminated_counts_dropped_bytes_until_the_lf():
+    r = LineReader(max_line=8)
+    r.feed(b"NOOP\r\n0123")
+    assert r.next_line() == b"NOOP" and r.unterminated == 4
+    r.feed(b"x" * 1000)                      # dropped, but counted
+    assert r.unterminated == 1004 and r.buffered <= 8 + 2
+    r.feed(b"y\r\nQU")
+    assert r.unterminated == 2
+    assert drain(r) == [TOO_LONG]
+    assert r.take_buffer() == b"QU" and r.unterminated == 0
