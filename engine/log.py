@@ -327,3 +327,69 @@ class LogHandler(logging.Handler):
             self.log.flush()
         except Exception:
             self.handleError(record)
+
+
+def tcpserver_safe(value: str) -> str:
+    """tcpserver's safecats: at most 100 characters (then `...`); bytes below
+    33 or above 126, `%` and `:` become `?` (a host name can never add a field)."""
+    out = "".join("?" if c < "!" or c > "~" or c in "%:" else c for c in value[:100])
+    return out + "..." if len(value) > 100 else out
+
+
+class SmtpdLog(QmailSendLog):
+    """ROOT/log/smtpd: what `tcpserver -v … rblsmtpd … qmail-smtpd 2>&1 |
+    multilog t ./log/smtpd` would hold. The receivers write it together (the
+    multilog format, rotation and several-writer rules of QmailSendLog).
+
+    tcpserver's lines keep its exact words; where tcpserver prints the pid of
+    the child it forked, N is the connection's number (engine.smtp.connlimit:
+    unique for the life of `qrelay run`). qrelay's own lines say why a client
+    was refused: `smtpd: pid N from IP: [COMMAND <arg>: ]reply`.
+
+    `on_first_line` (if set) is called when a line lands in an empty buffer:
+    the receiver then schedules one flush (~0.1 s later), so lines cost no
+    write each on the hot path."""
+
+    on_first_line: Callable[[], None] | None = None
+
+    def line(self, text: str) -> None:
+        empty = not self._lines
+        super().line(text)
+        if empty and self.on_first_line is not None:
+            self.on_first_line()
+
+    def tcpserver_status(self, count: int, limit: int) -> None:
+        self.line(f"tcpserver: status: {count}/{limit}")
+
+    def tcpserver_pid(self, number: int, remoteip: str) -> None:
+        self.line(f"tcpserver: pid {number} from {remoteip}")
+
+    def tcpserver_ok(self, number: int, local: tuple[str, str, int],
+                     remote: tuple[str, str, str, int], deny: bool = False) -> None:
+        """`ok`/`deny N localhost:localip:localport remotehost:remoteip:remoteinfo:remoteport`
+        (empty host or info when unknown, as tcpserver -H -R prints them)."""
+        lhost, lip, lport = local
+        rhost, rip, rinfo, rport = remote
+        word = "deny" if deny else "ok"
+        self.line(f"tcpserver: {word} {number} {tcpserver_safe(lhost)}:{lip}:{lport} "
+                  f"{tcpserver_safe(rhost)}:{rip}:{tcpserver_safe(rinfo)}:{rport}")
+
+    def tcpserver_end(self, number: int, status: int) -> None:
+        """status: a wait status as tcpserver prints it (0, 256 = exit 1, 25600 = deny)."""
+        self.line(f"tcpserver: end {number} status {status}")
+
+    def rblsmtpd(self, remoteip: str, number: int, reply: str) -> None:
+        self.line(f"rblsmtpd: {remoteip} pid {number}: {_printable(reply)}")
+
+    def smtpd(self, number: int, remoteip: str, reply: str, command: str = "") -> None:
+        """One refusal: `smtpd: pid N from IP: RCPT <addr>: 553 …` (every byte
+        outside 32..126 of command and reply becomes `_`: no line can be forged)."""
+        what = f"{_printable(command)}: " if command else ""
+        self.line(f"smtpd: pid {number} from {remoteip}: {what}{_printable(reply)}")
+
+
+def _printable(text: str) -> str:
+    # Spaces stay (these lines are read by people); controls, DEL and
+    # non-ASCII become '_', so a client's bytes can never start a new line.
+    return text if text.isascii() and text.isprintable() else "".join(
+        c if " " <= c <= "~" else "_" for c in text)

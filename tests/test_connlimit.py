@@ -62,3 +62,14 @@ def test_rows_are_shared_with_forked_children():
     assert p.exitcode == 0
     assert table.total() == 7
     assert table.counter(0).admit("10.2.0.1", 7, 0) == "total"
+
+
+def test_connection_numbers_are_unique_across_slots_and_restarts():
+    table = ConnectionTable(3)
+    seen = []
+    for slot in (0, 1, 2, 0, 1):
+        seen.append(table.counter(slot).next_number())
+    table.clear_row(0)                       # a receiver died and is restarted
+    seen.append(table.counter(0).next_number())
+    assert seen == [1, 2, 3, 4, 5, 7]
+    assert len(set(seen)) == len(seen)

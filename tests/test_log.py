@@ -177,3 +177,23 @@ def test_logging_records_land_in_the_log(tmp_path):
     texts = [line[26:] for line in _lines(tmp_path / "current")]
     assert texts == ["warning: test-log-handler: receiver-0 (pid 42) exited with status 111; restarting",
                      "alert: test-log-handler: two/lines"]
+
+
+def test_smtpd_log_tcpserver_fields_are_made_safe_as_tcpserver_does(tmp_path):
+    from engine.log import SmtpdLog, tcpserver_safe
+    assert tcpserver_safe("a b:c%d\xe9") == "a?b?c?d?"
+    assert tcpserver_safe("h" * 120) == "h" * 100 + "..."
+    woken = []
+    log = SmtpdLog(tmp_path / "smtpd")
+    log.on_first_line = lambda: woken.append(1)
+    log.tcpserver_ok(7, ("mx:evil", "192.0.2.1", 25), ("", "2001:db8::1", "", 4242), deny=True)
+    log.smtpd(7, "192.0.2.9", "553 sorry (#5.7.1)", "RCPT <a\nb@c>")
+    assert woken == [1]              # one wake-up per batch, not per line
+    log.flush()
+    log.rblsmtpd("192.0.2.9", 8, "451 listed")
+    assert woken == [1, 1]
+    log.close()
+    texts = [x[26:] for x in (tmp_path / "smtpd" / "current").read_text().splitlines()]
+    assert texts == ["tcpserver: deny 7 mx?evil:192.0.2.1:25 :2001:db8::1::4242",
+                     "smtpd: pid 7 from 192.0.2.9: RCPT <a_b@c>: 553 sorry (#5.7.1)",
+                     "rblsmtpd: 192.0.2.9 pid 8: 451 listed"]

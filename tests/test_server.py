@@ -411,3 +411,37 @@ def test_full_run_with_scheduler_stops_without_a_traceback(root):
     assert status == 0
     assert "Traceback" not in q.stderr_text, q.stderr_text
     assert len(queued(root)) == 2  # deferred, still queued
+
+
+def test_smtpd_log_and_process_titles(qrelay, root):
+    # Issue #15 item 5: the receivers write log/smtpd/current (tcpserver's lines,
+    # the refusals) and show their role in ps.
+    (root / "control" / "tcp.smtp").write_text("127.0.0.1:allow\n")   # no RELAYCLIENT
+    (root / "control" / "tcp.smtp.cdb").unlink(missing_ok=True)
+    q = qrelay(procs=2)
+    titles = set()
+    for pid in q.children():
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            titles.add(f.read().split(b"\0")[0].decode())
+    assert {"qrelay: receiver 0", "qrelay: receiver 1"} <= titles, titles
+    with smtplib.SMTP("127.0.0.1", q.port, timeout=10) as s:
+        assert s.noop()[0] == 250
+    with smtplib.SMTP("127.0.0.1", q.port, timeout=10) as s:
+        s.ehlo("client.test")
+        s.mail("a@example.org")
+        assert s.rcpt("u@far.example")[0] == 553
+    deadline = time.monotonic() + 5
+    text = ""
+    while time.monotonic() < deadline:
+        try:
+            text = (root / "log" / "smtpd" / "current").read_text()
+        except FileNotFoundError:
+            text = ""
+        if text.count("tcpserver: end ") >= 3 and "RCPT <" in text:
+            break
+        time.sleep(0.05)
+    assert re.search(r"^@[0-9a-f]{24} tcpserver: ok \d+ ", text, re.M), text
+    assert re.search(r"^@[0-9a-f]{24} smtpd: pid \d+ from 127\.0\.0\.1: RCPT <u@far\.example>: 553 ",
+                     text, re.M), text
+    assert "tcpserver:" not in (root / "log" / "current").read_text()
+    assert q.stop() == 0

@@ -275,6 +275,43 @@ def test_long_command_line(client):
     assert client.cmd(b"NOOP") == b"250 ok\r\n"
 
 
+def test_long_command_line_is_answered_before_its_lf(make_server, connect):
+    # Issue #15: the 500 comes once the line is provably past the limit, not
+    # when (if ever) its LF arrives; the LF then gets no second 500.
+    srv = make_server(qrelay_toml="[smtp]\nmax_line_length = 512\n")
+    c = connect(srv.port)
+    c.line()
+    c.send(b"NOOP " + b"x" * 508)         # 513 bytes: a CR may still come, no reply yet
+    c.sock.settimeout(0.3)
+    with pytest.raises(socket.timeout):
+        c.sock.recv(1)
+    c.sock.settimeout(5)
+    c.send(b"y")                          # 514 bytes without LF: too long whatever follows
+    assert c.reply() == b"500 sorry, that command line is too long (#5.5.2)\r\n"
+    c.send(b"z" * 5000 + b"\r\n")
+    assert c.cmd(b"NOOP") == b"250 ok\r\n"  # the next reply is NOOP's, not a second 500
+    assert c.cmd(b"NOOP " + b"a" * 507) == b"250 ok\r\n"   # exactly 512 + CRLF is fine
+
+
+def test_line_without_end_is_dropped_after_64_times_the_limit(make_server, connect):
+    srv = make_server(qrelay_toml="[smtp]\nmax_line_length = 512\n")
+    c = connect(srv.port)
+    c.line()
+    c.send(b"x" * 1000)
+    assert c.reply() == b"500 sorry, that command line is too long (#5.5.2)\r\n"
+    try:
+        for _ in range(100):              # 100 x 512 bytes > 64 x 512: closed meanwhile
+            c.send(b"x" * 512)
+            time.sleep(0.002)
+    except OSError:
+        pass                              # reset by the server: it closed already
+    try:
+        assert c.line() == b""            # closed without a further reply
+    except ConnectionResetError:
+        pass
+    assert srv.call(lambda: len(srv.receiver.sessions)) == 0
+
+
 def test_too_many_recipients(make_server, connect):
     srv = make_server(qrelay_toml="[smtp]\nmax_recipients = 3\n")
     c = connect(srv.port)

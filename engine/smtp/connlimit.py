@@ -11,6 +11,12 @@ one connection per receiver process can slip over a cap in a race, which bounds
 the overshoot by the process count. Per-IP counts share buckets by CRC-32 of the
 address; a collision can only make a cap stricter, never looser.
 
+Each connection also gets a number for the smtpd log (where tcpserver logs the
+pid of the child it forks): slot + 1 + k * rows for the k-th connection of a
+receiver slot, so numbers are unique across receivers without a lock. The k of
+each slot lives in shared memory too and survives a receiver's restart (it is
+not cleared with the row), so a number is never reused during one `qrelay run`.
+
 This module owns no policy text: the session turns a refusal into the 421 reply.
 """
 from __future__ import annotations
@@ -27,11 +33,12 @@ _ROW = 1 + IP_BUCKETS
 class ConnectionTable:
     """Shared-memory counters: one row per receiver slot."""
 
-    __slots__ = ("rows", "_array")
+    __slots__ = ("rows", "_array", "_serials")
 
     def __init__(self, rows: int) -> None:
         self.rows = rows
         self._array: Any = RawArray("q", rows * _ROW)
+        self._serials: Any = RawArray("q", rows)   # connections numbered per slot
 
     def clear_row(self, slot: int) -> None:
         """Forget every connection of a receiver that died (called by the supervisor)."""
@@ -51,7 +58,7 @@ class ConnectionTable:
 class ConnectionCounter:
     """One receiver's view: admits or refuses a new connection and counts it."""
 
-    __slots__ = ("_array", "_rows", "_base")
+    __slots__ = ("_array", "_rows", "_base", "_serials", "slot")
 
     def __init__(self, table: ConnectionTable, slot: int) -> None:
         if not 0 <= slot < table.rows:
@@ -59,6 +66,19 @@ class ConnectionCounter:
         self._array = table._array
         self._rows = table.rows
         self._base = slot * _ROW
+        self._serials = table._serials
+        self.slot = slot
+
+    def next_number(self) -> int:
+        """The next connection number of this slot (see the module docstring)."""
+        k = self._serials[self.slot]
+        self._serials[self.slot] = k + 1
+        return self.slot + 1 + k * self._rows
+
+    def total(self) -> int:
+        """Connections counted by every receiver (tcpserver's `status: N/limit`)."""
+        a = self._array
+        return sum(a[r * _ROW] for r in range(self._rows))
 
     @staticmethod
     def _bucket(ip: str) -> int:

@@ -10,6 +10,12 @@ It never reads a control file on the hot path and never forks.
 uvloop loop, signal handlers (TERM = graceful stop, HUP = reload, ALRM =
 harmless), sessions until stopped. Every commit started before the stop is
 awaited before the spool is closed, so no accepted message is lost.
+
+The receiver also owns its process's writer of ROOT/log/smtpd (engine.log.
+SmtpdLog; every receiver appends to the same `current`): the sessions' lines
+are buffered and written by one timer at most every LOG_FLUSH_SECONDS, never
+one write per line; the rare `logging` records of qrelay.receiver and
+qrelay.smtpd go there too (at once), instead of to ROOT/log/current.
 """
 from __future__ import annotations
 
@@ -23,19 +29,24 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from engine.log import LogHandler, SmtpdLog
 from engine.smtp.connlimit import ConnectionCounter
 from engine.smtp.remotehost import RemoteHostResolver
 from engine.smtp.session import SmtpSession
 
 log = logging.getLogger("qrelay.receiver")
 
+# The smtpd log's lines wait at most this long in memory (tail -f stays live;
+# under load one write carries the lines of thousands of connections).
+LOG_FLUSH_SECONDS = 0.1
 
 
 class Receiver:
     """The process-wide side of the SMTP sessions (see the module docstring)."""
 
     def __init__(self, config: Any, spool: Any, counter: ConnectionCounter,
-                 *, load_config: Callable[[], Any] | None = None) -> None:
+                 *, load_config: Callable[[], Any] | None = None,
+                 log: SmtpdLog | None = None) -> None:
         self.config = config
         self.spool = spool
         self.counter = counter
@@ -50,6 +61,34 @@ class Receiver:
         self.sweeper: asyncio.Task | None = None
         self.stopped = asyncio.Event()
         self.host_resolver: RemoteHostResolver | None = None
+        self.log: SmtpdLog | None = None
+        self._log_timer: asyncio.TimerHandle | None = None
+        if log is not None:
+            self.attach_log(log)
+
+    # --- the smtpd log ---------------------------------------------------------------
+
+    def attach_log(self, smtpd_log: SmtpdLog) -> None:
+        """Sessions opened from now on write their lines to `smtpd_log`."""
+        self.log = smtpd_log
+        smtpd_log.on_first_line = self._schedule_log_flush
+
+    def _schedule_log_flush(self) -> None:
+        if self._log_timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:   # a line before the loop runs: the next one schedules
+                return
+            self._log_timer = loop.call_later(LOG_FLUSH_SECONDS, self._flush_log)
+
+    def _flush_log(self) -> None:
+        self._log_timer = None
+        smtpd_log = self.log
+        if smtpd_log is None:
+            return
+        smtpd_log.flush()
+        if smtpd_log._lines:   # the write failed (disk full): try again later
+            self._schedule_log_flush()
 
     # --- used by sessions -------------------------------------------------------------
 
@@ -127,6 +166,11 @@ class Receiver:
             await asyncio.gather(*list(self.tasks), return_exceptions=True)
         if self.sweeper is not None:
             self.sweeper.cancel()
+        if self._log_timer is not None:
+            self._log_timer.cancel()
+            self._log_timer = None
+        if self.log is not None:
+            self.log.flush()
         self.stopped.set()
 
 
@@ -135,9 +179,11 @@ def receiver_main(root: str, sockets: list[socket.socket], counter: ConnectionCo
     supervisor has already tied to its own life)."""
     import uvloop
 
+    from engine.proctitle import set_title
     from engine.smtp.config import load_smtp_config
     from engine.queue.writer import open_spool_writer
 
+    set_title(f"qrelay: receiver {counter.slot}")
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     rootp = Path(root)
@@ -145,10 +191,20 @@ def receiver_main(root: str, sockets: list[socket.socket], counter: ConnectionCo
         config = load_smtp_config(rootp)
         # Through the single spool writer when it runs (see engine/queue/writer.py).
         spool = open_spool_writer(rootp / "queue", config.settings.spool)
+        smtpd_log = SmtpdLog(rootp / "log" / "smtpd", max_bytes=config.settings.log.max_bytes,
+                             max_files=config.settings.log.max_files)
     except Exception as exc:
+        # Before the smtpd log: this one goes where the supervisor's lines go.
         log.error("receiver %d cannot start: %s", os.getpid(), exc)
         raise SystemExit(1) from None
-    receiver = Receiver(config, spool, counter, load_config=lambda: load_smtp_config(rootp))
+    # This process's records into log/smtpd (not ROOT/log/current, not stderr).
+    handler = LogHandler(smtpd_log)
+    for name in ("qrelay.receiver", "qrelay.smtpd"):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.propagate = False
+    receiver = Receiver(config, spool, counter, load_config=lambda: load_smtp_config(rootp),
+                        log=smtpd_log)
     stop = asyncio.Event()
 
     async def main() -> None:
@@ -170,3 +226,4 @@ def receiver_main(root: str, sockets: list[socket.socket], counter: ConnectionCo
     finally:
         spool.close()
         loop.close()
+        smtpd_log.close()

@@ -16,6 +16,12 @@ that followed the end marker wait in the line reader until the 250 is written.
 
 Replies are qmail-smtpd's texts (spec §1.3, §1.6) where qmail has one; the
 hardening replies qrelay adds are listed in `README.md`.
+
+Log (the receiver's `SmtpdLog`, ROOT/log/smtpd): tcpserver -v's lines for the
+connection (status, pid, ok/deny, end) and one line for every refusal — rule
+deny, rblsmtpd, too many connections, a refused sender or recipient with its
+address, a refused message, an over-long line, a timeout. Nothing is logged
+per accepted command: the lines of a normal connection are tcpserver's only.
 """
 from __future__ import annotations
 
@@ -62,6 +68,16 @@ R_LINE_TOO_LONG = b"500 sorry, that command line is too long (#5.5.2)\r\n"
 R_NUL_CMD = b"501 sorry, NUL bytes are not allowed in commands (#5.5.2)\r\n"
 R_TIMEOUT = b"451 timeout (#4.4.2)\r\n"
 
+# A command line still without its LF after this many times max_line_length
+# bytes: the client is not speaking SMTP; its 500 went out when the limit was
+# passed, now the connection is closed (the line's bytes were never kept).
+LONG_LINE_CLOSE_FACTOR = 64
+
+# tcpserver's `end N status S` prints the child's wait status: 0 after QUIT
+# (qmail-smtpd exits 0), 256 when qmail-smtpd exits 1 (EOF, timeout, bare LF,
+# a dropped client), 25600 for a rule's deny (tcpserver's child exits 100).
+END_QUIT, END_DROPPED, END_DENIED = 0, 256, 25600
+
 _NUL = b"\0"
 
 
@@ -79,6 +95,7 @@ class SmtpSession(asyncio.Protocol):
         "last_activity", "timeout", "counted", "paused_for_commit", "paused_for_write",
         "write_paused", "greeting", "me", "max_rcpts", "max_hops", "refuse_bare_cr",
         "task", "in_transaction", "connected_at", "rbl_reply", "eof",
+        "log", "number", "end_status", "max_line", "long_line_answered",
     )
 
     def __init__(self, receiver: "Receiver") -> None:
@@ -99,6 +116,10 @@ class SmtpSession(asyncio.Protocol):
         self.helo: str | None = None
         self.in_transaction = False
         self.eof = False
+        self.log = receiver.log
+        self.number = 0
+        self.end_status = END_DROPPED
+        self.long_line_answered = False
 
     # --- connection lifecycle -------------------------------------------------------
 
@@ -112,15 +133,25 @@ class SmtpSession(asyncio.Protocol):
         self.localip = sock[0] if sock else "unknown"
         self.last_activity = self.connected_at = time.monotonic()
         receiver = self.receiver
-        refused = receiver.counter.admit(self.remoteip, cfg.concurrencyincoming, st.max_connections_per_ip)
+        counter = receiver.counter
+        self.number = counter.next_number()
+        refused = counter.admit(self.remoteip, cfg.concurrencyincoming, st.max_connections_per_ip)
         if refused is not None:
             why = "too many connections" if refused == "total" else "too many connections from your address"
-            transport.write(f"421 {cfg.me} {why}, try again later\r\n".encode())
+            reply = f"421 {cfg.me} {why}, try again later"
+            transport.write(f"{reply}\r\n".encode())
             transport.close()
             self.state = CLOSED
+            if self.log is not None:
+                cap = (f"status: {counter.total()}/{cfg.concurrencyincoming}" if refused == "total"
+                       else f"max_connections_per_ip {st.max_connections_per_ip}")
+                self.log.smtpd(self.number, self.remoteip, f"{reply} ({cap})")
             return
         self.counted = True
         receiver.sessions.add(self)
+        if self.log is not None:
+            self.log.tcpserver_status(counter.total(), cfg.concurrencyincoming)
+            self.log.tcpserver_pid(self.number, self.remoteip)
         if st.reverse_dns:
             # tcpserver without -H: the greeting waits for the PTR lookup (bounded).
             self.state = LOOKUP
@@ -145,8 +176,15 @@ class SmtpSession(asyncio.Protocol):
         st = cfg.settings.smtp
         transport = self.transport
         rule = cfg.rules.match(self.remoteip, host)
+        if self.log is not None:
+            peer = transport.get_extra_info("peername")
+            sock = transport.get_extra_info("sockname")
+            self.log.tcpserver_ok(
+                self.number, (cfg.me, self.localip, sock[1] if sock else 0),
+                (host or "", self.remoteip, "", peer[1] if peer else 0), deny=not rule.allow)
         if not rule.allow:
             # tcpserver closes a denied connection without running qmail-smtpd.
+            self.end_status = END_DENIED
             transport.close()
             self.state = CLOSED
             return
@@ -173,6 +211,7 @@ class SmtpSession(asyncio.Protocol):
         self.max_rcpts = st.max_recipients
         self.max_hops = st.max_hops
         self.refuse_bare_cr = st.refuse_bare_cr
+        self.max_line = st.max_line_length
         self.reader = LineReader(st.max_line_length)
         self.scanner = DataScanner(self.databytes)
         rbl = env.get("RBLSMTPD")
@@ -185,7 +224,11 @@ class SmtpSession(asyncio.Protocol):
         self.state = CLOSED
         if self.counted:
             self.counted = False
-            self.receiver.counter.release(self.remoteip)
+            counter = self.receiver.counter
+            counter.release(self.remoteip)
+            if self.log is not None:
+                self.log.tcpserver_end(self.number, self.end_status)
+                self.log.tcpserver_status(counter.total(), self.config.concurrencyincoming)
         self.receiver.sessions.discard(self)
         # A commit in flight finishes on its own (the message is then queued although
         # the client never saw the 250: the same as qmail, delivery at least once).
@@ -259,11 +302,39 @@ class SmtpSession(asyncio.Protocol):
         while self.state == CMD:
             line = reader.next_line()
             if line is None:
+                if reader.unterminated > self.max_line + 1:
+                    self._long_line(R_LINE_TOO_LONG)
                 return
             if line is TOO_LONG:
-                self.out.append(R_LINE_TOO_LONG)
+                if self.long_line_answered:
+                    # Its LF at last: the 500 went out when the limit was passed.
+                    self.long_line_answered = False
+                    continue
+                self._refuse(R_LINE_TOO_LONG)
                 continue
             self._command(line)
+
+    def _long_line(self, reply: bytes) -> None:
+        """The unterminated line is already longer than max_line_length (even
+        if a CR comes next): answer now, not when (if ever) its LF arrives; drop
+        a client that goes on past LONG_LINE_CLOSE_FACTOR times the limit."""
+        if not self.long_line_answered:
+            self.long_line_answered = True
+            self._refuse(reply)
+        if self.reader.unterminated > LONG_LINE_CLOSE_FACTOR * max(self.max_line, 1):
+            self._note(f"command line without LF past {LONG_LINE_CLOSE_FACTOR} x "
+                       f"max_line_length ({self.max_line}): connection closed")
+            self._close_after_flush()
+
+    def _refuse(self, reply: bytes, command: str = "") -> None:
+        """Queue a refusal reply and log it (one line, in the smtpd log)."""
+        self.out.append(reply)
+        if self.log is not None:
+            self.log.smtpd(self.number, self.remoteip, reply[:-2].decode("utf-8", "replace"), command)
+
+    def _note(self, text: str) -> None:
+        if self.log is not None:
+            self.log.smtpd(self.number, self.remoteip, text)
 
     def _command(self, line: bytes) -> None:
         out = self.out
@@ -292,6 +363,7 @@ class SmtpSession(asyncio.Protocol):
             out.append(R_NOOP)
         elif verb == b"QUIT":
             out.append(f"221 {self.greeting}\r\n".encode())
+            self.end_status = END_QUIT
             self._close_after_flush()
         elif verb == b"VRFY":
             out.append(R_VRFY)
@@ -316,7 +388,7 @@ class SmtpSession(asyncio.Protocol):
     def _mail(self, arg: bytes) -> None:
         parsed = parse_path(arg)
         if parsed is None:
-            self.out.append(R_SYNTAX)
+            self._refuse(R_SYNTAX, "MAIL")
             return
         addr, rest = parsed
         if rest and self.databytes > 0:
@@ -324,12 +396,12 @@ class SmtpSession(asyncio.Protocol):
             if params:
                 for key, value in params:
                     if key == b"SIZE" and value is not None and value.isdigit() and int(value) > self.databytes:
-                        self.out.append(R_TOO_BIG)
+                        self._refuse(R_TOO_BIG, f"MAIL <{_text(addr)}> SIZE={_text(value)}")
                         return
         # A second MAIL restarts the transaction (qmail).
         sender = self._address(addr)
         if address_syntax_error(sender):
-            self.out.append(R_SYNTAX)
+            self._refuse(R_SYNTAX, f"MAIL <{sender}>")
             return
         self.mail = True
         self.in_transaction = True
@@ -354,13 +426,13 @@ class SmtpSession(asyncio.Protocol):
             return
         parsed = parse_path(arg)
         if parsed is None:
-            out.append(R_SYNTAX)
+            self._refuse(R_SYNTAX, "RCPT")
             return
         if self.sender_refused:
-            out.append(R_BADMAILFROM)
+            self._refuse(R_BADMAILFROM, f"MAIL <{self.sender}> RCPT <{_text(parsed[0])}>")
             return
         if len(self.rcpts) >= self.max_rcpts:
-            out.append(R_TOO_MANY_RCPTS)
+            self._refuse(R_TOO_MANY_RCPTS, f"RCPT <{_text(parsed[0])}>")
             return
         rcpt = self._address(parsed[0])
         policy = self.config.policy
@@ -368,7 +440,7 @@ class SmtpSession(asyncio.Protocol):
         if refusal is None and self.config.mailboxes is not None:
             refusal = mailbox_refusal(self.config.mailboxes, rcpt)
         if refusal is not None:
-            out.append(refusal.encode("utf-8", "surrogateescape") + b"\r\n")
+            self._refuse(refusal.encode("utf-8", "surrogateescape") + b"\r\n", f"RCPT <{rcpt}>")
             return
         self.rcpts.append(policy.final_rcpt(rcpt, self.relayclient))
         out.append(R_RCPT_OK)
@@ -395,7 +467,7 @@ class SmtpSession(asyncio.Protocol):
         if scanner.bare_lf:
             # qmail answers the first bare LF at once and drops the connection:
             # nothing of the message is queued and nothing after it is read.
-            self.out.append(R_BARE_LF)
+            self._refuse(R_BARE_LF, f"DATA from <{self.sender}>")
             self._reset_transaction()
             self._close_after_flush()
             return
@@ -411,13 +483,13 @@ class SmtpSession(asyncio.Protocol):
         self._reset_transaction()  # DATA ends the transaction whatever the outcome
         self.state = CMD
         if scanner.hops > self.max_hops:
-            self.out.append(R_HOPS)
+            self._refuse(R_HOPS, f"DATA from <{sender}>")
         elif scanner.too_big:
-            self.out.append(R_TOO_BIG)
+            self._refuse(R_TOO_BIG, f"DATA from <{sender}>")
         elif scanner.has_nul:
-            self.out.append(R_NUL_DATA)
+            self._refuse(R_NUL_DATA, f"DATA from <{sender}>")
         elif scanner.bare_cr and self.refuse_bare_cr:
-            self.out.append(R_BARE_CR)
+            self._refuse(R_BARE_CR, f"DATA from <{sender}>")
         else:
             self._start_commit(sender, rcpts, scanner.message)
         scanner.reset()
@@ -444,13 +516,13 @@ class SmtpSession(asyncio.Protocol):
         try:
             msgid = await self.receiver.spool.submit(envelope, message)
         except SpoolWriteError as exc:
-            log.warning("smtpd %s: spool write error: %s", self.remoteip, exc)
+            log.warning("pid %d from %s: spool write error: %s", self.number, self.remoteip, exc)
             reply = R_QQ_WRITE
         except SpoolError as exc:
-            log.warning("smtpd %s: spool error: %s", self.remoteip, exc)
+            log.warning("pid %d from %s: spool error: %s", self.number, self.remoteip, exc)
             reply = R_QQ_TEMP
         except Exception:  # never let one message kill the receiver
-            log.exception("smtpd %s: unexpected error while queueing", self.remoteip)
+            log.exception("pid %d from %s: unexpected error while queueing", self.number, self.remoteip)
             reply = R_QQ_TEMP
         else:
             reply = f"250 ok {int(time.time())} qp {msgid}\r\n".encode()
@@ -488,7 +560,8 @@ class SmtpSession(asyncio.Protocol):
         clean = bytes(c if 32 <= c <= 126 else 63 for c in raw)
         self.rbl_reply = code.encode() + b" " + clean + b"\r\n"
         self.state = RBL
-        log.info("rblsmtpd: %s pid %d: %s", self.remoteip, self.receiver.pid, self.rbl_reply[:-2].decode("ascii"))
+        if self.log is not None:
+            self.log.rblsmtpd(self.remoteip, self.number, self.rbl_reply[:-2].decode("ascii"))
         self.transport.write(b"220 rblsmtpd.local\r\n")
 
     def _run_rbl_commands(self) -> None:
@@ -496,8 +569,13 @@ class SmtpSession(asyncio.Protocol):
         while self.state == RBL:
             line = reader.next_line()
             if line is None:
+                if reader.unterminated > self.max_line + 1:
+                    self._long_line(self.rbl_reply)
                 return
             if line is TOO_LONG:
+                if self.long_line_answered:
+                    self.long_line_answered = False
+                    continue
                 self.out.append(self.rbl_reply)
                 continue
             verb = parse_command(line)[0]
@@ -505,6 +583,7 @@ class SmtpSession(asyncio.Protocol):
                 self.out.append(b"250 rblsmtpd.local\r\n")
             elif verb == b"QUIT":
                 self.out.append(b"221 rblsmtpd.local\r\n")
+                self.end_status = END_QUIT
                 self._close_after_flush()
             else:
                 self.out.append(self.rbl_reply)
@@ -537,7 +616,7 @@ class SmtpSession(asyncio.Protocol):
             return
         if self.state in (CMD, DATA) and now - self.last_activity >= self.timeout:
             self.out.clear()
-            self.out.append(R_TIMEOUT)
+            self._refuse(R_TIMEOUT)
             self._close_after_flush()
 
     def abort(self) -> None:
