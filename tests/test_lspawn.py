@@ -1,21 +1,31 @@
 """The local channel end to end (engine/delivery/lspawn.py): `qrelay run` as
 root takes mail over SMTP for a vpopmail domain managed with the qrelay CLI,
 refuses unknown users at RCPT, and its local delivery runs as the domain's
-owner (never root) and lands in the user's Maildir. DNS is a fake server;
-every process is stopped by its pid."""
+owner (never root) and lands in the user's Maildir. Then the hard cases:
+kill -9 of the local worker or of everything mid-delivery (at least once,
+nothing partial), permission trouble (deferred until fixed), 200 deliveries
+at once into one Maildir, a no-mailbox bounce and an over-quota failure.
+DNS is a fake server; every process is stopped by its pid."""
 from __future__ import annotations
 
 import os
+import re
+import signal
 import smtplib
+import threading
+from multiprocessing.pool import ThreadPool
 from pathlib import Path
 
 import pytest
 
 from engine.delivery.channels import Group
+from engine.delivery.local.dotqmail import TEXT_HOME_WRITABLE, TEXT_QMAIL_WRITABLE
+from engine.delivery.local.vdelivermail import TEXT_NO_USER, TEXT_OVER_QUOTA
 from engine.delivery.lspawn import UserSpawner, open_deliverer
+from engine.log import logsafe
 from tests.conftest import run_cli
-from tests.smtp_harness import QrelayProcess
-from tests.test_delivery_e2e import texts, wait_for
+from tests.smtp_harness import QrelayProcess, children_of
+from tests.test_delivery_e2e import log_lines, queue_count, texts, wait_for
 
 OWNER = 65534   # nobody/nogroup: what the deliveries must run as
 
@@ -111,3 +121,297 @@ def test_user_spawner_splits_by_owner_and_refuses_root(root, tmp_path):
     got, courier = asyncio.run(main())
     assert [r.status for r in got] in (["Z"], ["D"])
     assert courier.spawners == {}
+
+
+# --- crash, permission, concurrency and failure cases (issue #11 item 5) ---------------
+#
+# The tests below start `qrelay run` themselves (some restart it on the same
+# root). A slow delivery is a `.qmail-slow` alias whose first line is a program
+# that waits for a flag file the test creates, then a Maildir line: the test
+# knows a delivery is in flight by the pid the program wrote, not by a clock.
+
+DOMAIN_DIR = ("domains", "example.com")
+
+
+def body_of(tag: str, size: int = 0) -> bytes:
+    """A message whose last line names it: a file that ends with it is whole."""
+    pad = b"".join(b"%s line %05d\r\n" % (tag.encode(), i) for i in range(size // 24))
+    return b"Subject: %s\r\n\r\n%send of %s\r\n" % (tag.encode(), pad, tag.encode())
+
+
+def tag_of(data: bytes) -> str:
+    return re.search(rb"^Subject: (\S+)$", data, re.M).group(1).decode()
+
+
+def all_new(root: Path) -> list[Path]:
+    """Every file in every new/ under the domain (users and aliases alike)."""
+    return sorted(p for p in (root.joinpath(*DOMAIN_DIR)).rglob("new/*") if p.is_file())
+
+
+def tags_in(root: Path, user: str) -> list[str]:
+    return [tag_of(p.read_bytes()) for p in maildir_files(root, user)]
+
+
+def assert_nothing_partial(root: Path, bodies: dict[str, bytes]) -> None:
+    """Each file in a new/ ends with its whole message, and no tmp/ name is in new/."""
+    for path in all_new(root):
+        data = path.read_bytes()
+        tag = tag_of(data)
+        assert data.endswith(bodies[tag].replace(b"\r\n", b"\n")), f"{path} is partial"
+    under = root.joinpath(*DOMAIN_DIR)
+    tmp = {p.name for p in under.rglob("tmp/*")}
+    new = {p.name for p in under.rglob("new/*")}
+    assert not tmp & new
+
+
+def is_local_worker(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return b"engine.delivery.spawner" in argv and b"local" in argv
+
+
+def local_workers(root: Path) -> list[int]:
+    pidfile = root / "log" / "scheduler.pid"
+    if not pidfile.exists():
+        return []
+    try:
+        sched = int(pidfile.read_text())
+    except ValueError:
+        return []
+    return [p for p in children_of(sched) if is_local_worker(p)]
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class Gate:
+    """`.qmail-slow`: a program that writes its pid and waits for the flag, then
+    joe's Maildir. `open()` lets every waiting and future delivery through."""
+
+    def __init__(self, root: Path, work: Path) -> None:
+        work.mkdir()
+        os.chown(work, OWNER, OWNER)
+        self.pids_file = work / "pids"
+        self.flag = work / "go"
+        qmail = root.joinpath(*DOMAIN_DIR, ".qmail-slow")
+        qmail.write_text(f"|echo $$ >> {self.pids_file}; "
+                         f"while [ ! -e {self.flag} ]; do sleep 0.02; done\n./joe/Maildir/\n")
+        os.chown(qmail, OWNER, OWNER)
+        os.chmod(qmail, 0o600)
+
+    def pids(self) -> list[int]:
+        if not self.pids_file.exists():
+            return []
+        return [int(x) for x in self.pids_file.read_text().split()]
+
+    def open(self) -> None:
+        self.flag.touch()
+
+    def close(self) -> None:
+        """Let the programs an unclean kill left behind end; kill by pid any that do not."""
+        self.open()
+        try:
+            wait_for(lambda: not any(alive(p) for p in self.pids()), timeout=5,
+                     what="the gate programs to exit")
+        finally:
+            for p in self.pids():
+                if alive(p):
+                    os.kill(p, signal.SIGKILL)
+
+
+@pytest.fixture
+def mailroot(root: Path):
+    """ROOT with example.com owned by OWNER and users joe and ann (no qrelay running;
+    made in process: the CLI's own path is the `mx` fixture's and the quota test's)."""
+    from engine.accounts.admin import add_domain, add_user
+    traversable(root)
+    add_domain(root, "example.com", uid=OWNER, gid=OWNER)
+    for user in ("joe", "ann"):
+        add_user(root, f"{user}@example.com", "secret")
+    return root
+
+
+@pytest.fixture
+def start(mailroot: Path, dns):
+    """start(toml="") runs `qrelay run` on ROOT (again, after a kill); all stopped by pid."""
+    started: list[QrelayProcess] = []
+
+    def go(toml: str = "") -> QrelayProcess:
+        (mailroot / "qrelay.toml").write_text(
+            f'[delivery]\ndns_servers = ["{dns.address}"]\n'
+            f"[scheduler]\npoll_interval = 0.02\n{toml}")
+        q = QrelayProcess(mailroot, procs=1)
+        started.append(q)
+        return q
+
+    yield go
+    print("\n".join(log_lines(mailroot)[-80:]))     # shown when the test failed
+    stderr = ""
+    for q in started:
+        q.stop()
+        stderr += q.proc.stderr.read()
+        q.proc.stderr.close()
+    assert "Traceback" not in stderr
+
+
+@pytest.fixture
+def gate(mailroot: Path, tmp_path: Path):
+    g = Gate(mailroot, tmp_path / "gate")
+    yield g
+    g.close()
+
+
+def deliveries(root: Path, word: str, text: str = "") -> list[str]:
+    """`delivery N: WORD: TEXT…` lines (text in the log's form)."""
+    return [t for t in texts(root)
+            if re.match(r"delivery \d+: %s: " % word, t) and logsafe(text) in t]
+
+
+def test_kill9_of_the_local_worker_mid_delivery_defers_then_delivers_whole(start, gate, root):
+    q = start()
+    bodies = {f"slow{i}": body_of(f"slow{i}", 20_000) for i in range(4)}
+    with smtplib.SMTP("127.0.0.1", q.port, timeout=10) as s:
+        for tag, body in bodies.items():
+            assert s.sendmail("a@src.test", ["slow@example.com"], body) == {}
+    wait_for(lambda: len(gate.pids()) == 4, what="4 deliveries waiting in the program")
+    [worker] = local_workers(root)
+    os.kill(worker, signal.SIGKILL)
+    wait_for(lambda: len(deliveries(root, "deferral", "Possible duplicate!")) == 4,
+             what="4 deferrals for the dead worker")
+    assert maildir_files(root, "joe") == []
+    [again] = wait_for(lambda: local_workers(root), what="the local worker restarted")
+    assert again != worker
+    gate.open()
+    assert run_cli("flush", str(root)).returncode == 0
+    wait_for(lambda: set(tags_in(root, "joe")) >= set(bodies), what="every message in joe's Maildir")
+    wait_for(lambda: queue_count(root) == 0 or None, what="empty queue")
+    assert_nothing_partial(root, bodies)
+
+
+def test_kill9_of_everything_mid_delivery_then_restart_delivers_every_accepted_message(
+        start, gate, root):
+    q = start()
+    bodies = {f"slow{i}": body_of(f"slow{i}", 20_000) for i in range(3)}
+    with smtplib.SMTP("127.0.0.1", q.port, timeout=10) as s:
+        for tag, body in bodies.items():
+            assert s.sendmail("a@src.test", ["slow@example.com"], body) == {}
+    wait_for(lambda: len(gate.pids()) == 3, what="3 deliveries waiting in the program")
+    accepted: list[str] = []
+    sending = threading.Event()
+
+    def client() -> None:
+        # Big messages straight to joe until qrelay dies under it: some are being
+        # written into the Maildir at the kill. One counts once it got its 250.
+        try:
+            with smtplib.SMTP("127.0.0.1", q.port, timeout=10) as s:
+                for i in range(200):
+                    tag = f"big{i}"
+                    bodies[tag] = body_of(tag, 100_000)
+                    s.sendmail("a@src.test", ["joe@example.com"], bodies[tag])
+                    accepted.append(tag)
+                    sending.set()
+        except (OSError, smtplib.SMTPException):
+            pass
+
+    sender = threading.Thread(target=client)
+    sender.start()
+    try:
+        wait_for(lambda: len(maildir_files(root, "joe")) >= 3, what="some big messages delivered")
+        [worker] = local_workers(root)
+        os.killpg(q.pid, signal.SIGKILL)       # supervisor, receiver, scheduler, worker at once
+        q.proc.wait(5)
+    finally:
+        sender.join(15)
+    accepted += bodies.keys() - {t for t in bodies if t.startswith("big")}
+    wait_for(lambda: not alive(worker), timeout=5, what="the worker gone with its group")
+    assert_nothing_partial(root, bodies)
+    assert not set(tags_in(root, "joe")) & {t for t in bodies if t.startswith("slow")}
+    start()
+    gate.open()
+    wait_for(lambda: set(tags_in(root, "joe")) >= set(accepted), timeout=20,
+             what="every accepted message in joe's Maildir after the restart")
+    wait_for(lambda: queue_count(root) == 0 or None, what="empty queue")
+    assert_nothing_partial(root, bodies)
+
+
+def test_a_world_writable_home_then_dotqmail_defer_until_fixed_and_flushed(start, root):
+    home = root.joinpath(*DOMAIN_DIR)
+    dotqmail = home / ".qmail-default"
+    os.chmod(home, 0o702)
+    q = start()
+    with smtplib.SMTP("127.0.0.1", q.port, timeout=10) as s:
+        assert s.sendmail("a@src.test", ["joe@example.com"], body_of("perm")) == {}
+    for path, mode, text in ((home, 0o700, TEXT_HOME_WRITABLE), (dotqmail, 0o600, TEXT_QMAIL_WRITABLE)):
+        wait_for(lambda: deliveries(root, "deferral", text), what=f"the deferral {text.strip()!r}")
+        assert queue_count(root) == 1 and maildir_files(root, "joe") == []
+        os.chmod(path, mode)
+        if path is home:
+            os.chmod(dotqmail, 0o602)     # the next trouble: the .qmail file
+        r = run_cli("flush", str(root))
+        assert r.returncode == 0 and "1 deferred recipients due now" in r.stdout, r.stdout + r.stderr
+    wait_for(lambda: tags_in(root, "joe") == ["perm"], what="the message in joe's Maildir after flush")
+    wait_for(lambda: queue_count(root) == 0 or None, what="empty queue")
+    assert len(deliveries(root, "deferral")) == 2
+
+
+def test_200_concurrent_deliveries_to_one_mailbox_are_200_intact_files(start, root):
+    # As many deliveries at once as the scheduler and the worker's threads allow.
+    (root / "control" / "concurrencylocal").write_text("100\n")
+    q = start("per_destination_concurrency = 100\n")
+    bodies = {f"c{i:03d}": body_of(f"c{i:03d}", 2_000 + 37 * i) for i in range(200)}
+
+    def session(tags: list[str]) -> None:
+        with smtplib.SMTP("127.0.0.1", q.port, timeout=20) as s:
+            for tag in tags:
+                assert s.sendmail(f"{tag}@src.test", ["joe@example.com"], bodies[tag]) == {}
+
+    tags = sorted(bodies)
+    with ThreadPool(10) as pool:
+        pool.map(session, [tags[i::10] for i in range(10)])
+    wait_for(lambda: len(maildir_files(root, "joe")) >= 200, timeout=30, what="200 files")
+    files = maildir_files(root, "joe")
+    assert len(files) == 200 and len({p.name for p in files}) == 200
+    got = sorted(tag_of(p.read_bytes()) for p in files)
+    assert got == tags
+    for path in files:
+        data = path.read_bytes()
+        tag = tag_of(data)
+        assert data.startswith(f"Return-Path: <{tag}@src.test>\nDelivered-To: joe@example.com\n".encode())
+        assert data.endswith(bodies[tag].replace(b"\r\n", b"\n"))
+        # vdelivermail's Maildir++ name carries the size its quota code counts.
+        assert re.fullmatch(r"\d+\.M\d+P\d+Q\d+\..+,S=%d" % len(data), path.name), path.name
+    assert_nothing_partial(root, bodies)
+    wait_for(lambda: len(deliveries(root, "success")) == 200, what="200 success lines")
+
+
+def test_unknown_user_accepted_when_rcpt_checks_are_off_then_bounced(start, root):
+    q = start("[smtp]\nreject_unknown_mailboxes = false\n")
+    with smtplib.SMTP("127.0.0.1", q.port, timeout=10) as s:
+        assert s.sendmail("a@src.test", ["nosuch@example.com"], body_of("lost")) == {}
+    [line] = wait_for(lambda: deliveries(root, "failure", TEXT_NO_USER), what="the no-mailbox failure")
+    number = line.split()[1].rstrip(":")
+    [start_line] = [t for t in texts(root) if t.startswith(f"starting delivery {number}: ")]
+    msgid = start_line.split()[4]
+    assert start_line.endswith(" to local example.com-nosuch@example.com")
+    wait_for(lambda: any(re.match(rf"bounce msg {msgid} qp \d+$", t) for t in texts(root)),
+             what="the bounce msg line")
+    assert all_new(root) == []
+
+
+def test_over_quota_is_a_failure_with_vdelivermails_text(start, mailroot, root):
+    r = run_cli_input(["user", "add", str(root), "tiny@example.com", "--quota", "1000"], "secret\n")
+    assert r.returncode == 0, r.stderr
+    q = start()
+    with smtplib.SMTP("127.0.0.1", q.port, timeout=10) as s:
+        assert s.sendmail("a@src.test", ["tiny@example.com"], body_of("fat", 5_000)) == {}
+    wait_for(lambda: deliveries(root, "failure", TEXT_OVER_QUOTA), what="the over-quota failure")
+    wait_for(lambda: any(t.startswith("bounce msg ") for t in texts(root)), what="the bounce msg line")
+    assert maildir_files(root, "tiny") == []
