@@ -233,3 +233,14 @@ def test_vpasswd_users_with_every_scheme_log_in(box):
         user = accounts.mailbox(f"{name}@example.com").user
         assert verify(f"pw-{name}", user.crypted), name
         assert not verify("wrong", user.crypted), name
+
+
+def test_a_corrupt_record_is_an_error_too(accounts, box):
+    cdb = box["dom"] / "vpasswd.cdb"
+    data = bytearray(cdb.read_bytes())
+    data[2048:2052] = (10 ** 9).to_bytes(4, "little")  # first record (ann): key length past the end
+    atomic_write(cdb, bytes(data))
+    with pytest.raises(AccountsError):
+        accounts.mailbox("ann@example.com")
+    with pytest.raises(AccountsError):
+        accounts.accepts("ann@example.com")

@@ -180,6 +180,13 @@ class Accounts:
                 raise AccountsError(f"trouble reading {cdb_path}: {exc}") from exc
         return self._cached(("vpasswd", directory), (cdb_path, text_path), load)
 
+    @staticmethod
+    def _user(users: VpopDomain, name: str) -> VUser | None:
+        try:
+            return users.user(name)
+        except VpasswdError as exc:  # a corrupt record found by this lookup
+            raise AccountsError(f"trouble reading {users.directory}: {exc}") from exc
+
     def _qmail_names(self, directory: str) -> frozenset[str]:
         def load() -> frozenset[str]:
             try:
@@ -238,7 +245,7 @@ class Accounts:
         users = self.domain(assignment.home)
         if users is None:
             return None
-        user = users.user(assignment.ext)
+        user = self._user(users, assignment.ext)
         if user is None:
             return None
         return Mailbox(address, domain, assignment.home, user, assignment)
@@ -280,7 +287,7 @@ class Accounts:
         if not default.vdelivermail:
             return True
         users = self.domain(home)
-        user = users.user(ext) if users is not None else None
+        user = self._user(users, ext) if users is not None else None
         if user is not None:
             return not user.bounce_mail
         return not default.bounces

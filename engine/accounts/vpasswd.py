@@ -23,7 +23,6 @@ import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 from engine.config.cdb import CdbError, CdbFile, build_cdb
 from engine.config.domains import ascii_lower
@@ -310,20 +309,6 @@ class VpopDomain:
         return sum(1 for _ in self.users()) if self._users is None else len(self._users)
 
 
-def is_vpop_domain_dir(directory: os.PathLike | str) -> bool:
-    d = Path(directory)
-    return (d / VPASSWD_CDB).exists() or (d / VPASSWD).exists()
-
-
-def read_vpasswd_text(directory: os.PathLike | str) -> list[VUser]:
-    """The users of vpasswd itself (the master copy admin commands edit); [] if absent."""
-    try:
-        raw = (Path(directory) / VPASSWD).read_bytes()
-    except FileNotFoundError:
-        return []
-    return list(parse_vpasswd(raw.decode("utf-8", "surrogateescape")))
-
-
 def valid_user_name(name: str) -> str | None:
     """Why name cannot be a vpopmail user, or None when it can."""
     if not name:
@@ -352,19 +337,19 @@ def valid_domain_name(domain: str) -> str | None:
 
 
 def hash_subdir(index: int) -> str:
-    """Relative directory (possibly '') for the index-th user of a domain (0-based), as bigdir.c spreads them."""
+    """Relative directory ('' = the domain directory) of the index-th user (0-based), as bigdir.c
+    spreads them: 99 direct, then 100 per directory `0`..`z`, then `0/0`..`z/z`, and so on."""
     if index < DIRECT_USERS:
         return ""
     n = (index - DIRECT_USERS) // PER_HASH_DIR
     base = len(HASH_CHARS)
-    parts = []
-    level_size = base
-    while n >= level_size:  # one level holds 62 dirs, two levels 62*62, ...
-        n -= level_size
-        level_size *= base
-        parts.append(None)
+    levels, size = 1, base
+    while n >= size:  # one level holds 62 directories, two levels 62*62, ...
+        n -= size
+        levels += 1
+        size *= base
     digits = []
-    for _ in range(len(parts) + 1):
+    for _ in range(levels):
         digits.append(HASH_CHARS[n % base])
         n //= base
     return "/".join(reversed(digits))
