@@ -157,8 +157,10 @@ def flush(root: str) -> None:
                 spool.close()
         except (SpoolError, SettingsError, OSError) as exc:
             raise click.ClickException(str(exc)) from None
+    # The running instance is the holder of the root's lock (never a pid file):
+    # its supervisor gets ALRM and forwards it to the scheduler.
     pid = signal_running_scheduler(base)
-    woke = f"; woke the scheduler (pid {pid})" if pid else "; no scheduler running"
+    woke = f"; woke the scheduler (qrelay run pid {pid})" if pid else "; no scheduler running"
     click.echo(f"qrelay: {moved} deferred recipients due now{woke}")
 
 

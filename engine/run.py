@@ -14,10 +14,20 @@ spawner), started and restarted by it, so they live and die with it.
 
 The writer is first, so receivers find it, and stops last, after the
 receivers whose last messages it commits. One `qrelay run` per root: the
-supervisor holds queue/lock/sendmutex as qmail-send does. A service that is no receiver
+supervisor holds queue/lock/sendmutex as qmail-send does, with its pid written
+in it; every tool finds the running instance through that lock
+(`running_instance`), never through a pid file. A service that is no receiver
 closes its inherited copy of the listening sockets at once. Everything the
 supervisor and the receivers log goes to ROOT/log beside qmail-send's lines
 (engine.log.LogHandler), and to stderr.
+
+Before it takes the lock or binds a port, `serve` checks that every service
+can start with the configuration it has (`check_services`: the receivers'
+files, and the scheduler's) and that ROOT/queue is not a qmail queue; any
+problem is one line naming the file, and nothing starts. While running, the
+supervisor polls the mtimes of every file the receivers and the delivery side
+read and sends them HUP on a change; each side refuses a broken edit itself
+and keeps its previous configuration.
 """
 from __future__ import annotations
 
@@ -27,6 +37,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -89,31 +100,140 @@ class AlreadyRunning(Exception):
     """Another `qrelay run` (or qmail-send) holds ROOT's queue."""
 
 
+LOCK_FILE = Path("queue") / "lock" / "sendmutex"
+# qmail's queue directories: a root holding them is a qmail home with a queue
+# qrelay cannot read; starting on it would leave that mail where it is.
+QMAIL_QUEUE_DIRS = ("mess", "todo", "info")
+
+
 def hold_queue(root: Path) -> int:
     """qmail-send's `queue/lock/sendmutex`, held for the life of `qrelay run`
     (its children share it): a second instance on the same root, or a qmail-send
     running on that qmail home, makes this one refuse to start instead of
-    delivering every message twice. The kernel drops the lock with the last
-    process holding it, so a kill -9 leaves nothing to clean up."""
+    delivering every message twice. The holder's pid is written into the file
+    (for the refusal and for `running_instance`). The kernel drops the lock with
+    the last process holding it, so a kill -9 leaves nothing to clean up."""
     lock_dir = root / "queue" / "lock"
     lock_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock_dir / "sendmutex", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    # A `qrelay flush` probing the lock holds it for a moment: try a few times.
+    for attempt in range(5):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if attempt == 4:
+                pid = _lock_pid(fd)
+                os.close(fd)
+                why = (f"qrelay is already running on {root} (pid {pid} holds"
+                       " queue/lock/sendmutex)" if pid else
+                       f"qrelay or qmail-send is already running on {root}"
+                       " (queue/lock/sendmutex is held)")
+                raise AlreadyRunning(f"cannot start: {why}") from None
+            time.sleep(0.05)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise AlreadyRunning(f"cannot start: qrelay or qmail-send is already running on {root}"
-                             " (queue/lock/sendmutex is held)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:
+        pass   # the lock is what counts; the pid is for messages
     return fd
+
+
+def _lock_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
+def running_instance(root: Path) -> int | None:
+    """The pid of the `qrelay run` holding ROOT's lock, or None if none runs.
+
+    The lock is the truth: if a non-blocking shared flock succeeds, nobody
+    holds it (whatever the file says). Held, the pid written by hold_queue is
+    returned only if it is a live qrelay process, so a qmail-send holding the
+    lock (its sendmutex is empty) or a pid reused since is never signalled."""
+    try:
+        fd = os.open(root / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _lock_pid(fd)
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+    finally:
+        os.close(fd)
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return None
+    return pid if b"qrelay" in cmdline or b"engine" in cmdline else None
+
+
+def refuse_qmail_queue(root: Path) -> None:
+    """Raise ConfigError if ROOT/queue is qmail's (mess/, todo/, info/)."""
+    from engine.smtp.config import ConfigError
+    queue = root / "queue"
+    found = [d for d in QMAIL_QUEUE_DIRS if (queue / d).is_dir()]
+    if found:
+        raise ConfigError(
+            f"cannot start: {queue} holds a qmail queue ({', '.join(d + '/' for d in found)}):"
+            " let qmail-send deliver it (or move it away) first; `qrelay import-qmail`"
+            " is not yet built")
+
+
+def check_services(root: Path, config: Any) -> None:
+    """Can every service of the table start with the configuration it has?
+    The receivers' files were read into `config` already; the scheduler's
+    (engine.delivery.service.load_delivery_config: settings, locals,
+    concurrency*, queuelifetime, smtproutes, timeouts, DNS) and local
+    delivery's (defaultdelivery, users/assign) are read here, so a bad file
+    stops `qrelay run` before it binds, instead of a scheduler that
+    crash-loops behind receivers taking mail. Raises ConfigError (one line)."""
+    from engine.smtp.config import ConfigError
+    if not config.settings.scheduler.enabled:
+        return
+    from engine.delivery.service import DeliveryConfigError, load_delivery_config
+    try:
+        load_delivery_config(root)
+    except DeliveryConfigError as exc:
+        raise ConfigError(f"scheduler cannot start: {exc}") from None
+    try:
+        from engine.delivery.local.courier import load_local_config
+        load_local_config(root)
+        if (root / "users").is_dir():
+            from engine.accounts.store import Accounts
+            Accounts(root).assign()
+    except Exception as exc:   # AccountsError, an unreadable file, a bad defaultdelivery
+        raise ConfigError(f"local delivery cannot start: {exc}") from None
+
+
+def stale_rules_warning(root: Path) -> None:
+    """tcp.smtp edited after `qrelay tcprules`: the cdb is what is read; say so."""
+    from engine.config.tcprules import stale_cdb
+    why = stale_cdb(root / "control")
+    if why:
+        logging.getLogger("qrelay.run").warning(why)
 
 
 def serve(root: Path, listen: list[ListenAddress], procs: int,
           announce: Callable[[list[ListenAddress]], None]) -> int:
     """Run qrelay in the foreground until TERM/INT; returns the exit status.
     Raises ConfigError / ListenError / AlreadyRunning before anything starts."""
+    from engine.delivery.service import delivery_fingerprint
     from engine.smtp.config import config_fingerprint, load_smtp_config
 
+    refuse_qmail_queue(root)
     config = load_smtp_config(root)
+    check_services(root, config)
     smtp = config.settings.smtp
     mutex = hold_queue(root)
     try:
@@ -124,12 +244,19 @@ def serve(root: Path, listen: list[ListenAddress], procs: int,
     handler = None
     try:
         handler = _log_to_root(root, config.settings)
-        fingerprint = [config_fingerprint(root)]
+        stale_rules_warning(root)
+
+        def fingerprint_now() -> tuple:
+            # What the receivers read, and what the delivery side reads.
+            return config_fingerprint(root), delivery_fingerprint(root)
+
+        fingerprint = [fingerprint_now()]
 
         def control_files_changed() -> bool:
-            now = config_fingerprint(root)
+            now = fingerprint_now()
             if now != fingerprint[0]:
                 fingerprint[0] = now
+                stale_rules_warning(root)
                 return True
             return False
 

@@ -239,7 +239,7 @@ def test_flush_after_sink_comes_back(relay, sink, root):
     assert queue_count(root) == 5                       # next retry would be 400 s away
     r = run_cli("flush", str(root))
     assert r.returncode == 0, r.stderr
-    assert re.match(r"qrelay: \d+ deferred recipients due now; woke the scheduler \(pid \d+\)$", r.stdout.strip())
+    assert re.match(rf"qrelay: \d+ deferred recipients due now; woke the scheduler \(qrelay run pid {q.pid}\)$", r.stdout.strip())
     wait_for(lambda: len(sink.messages()) >= 5, timeout=10, what="delivery after flush")
     wait_for(lambda: queue_count(root) == 0 or None, what="empty queue")
 

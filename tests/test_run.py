@@ -2,12 +2,16 @@
 real `qrelay run` processes (each stopped by its own pid)."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+import time
+
+import pytest
 
 from engine.smtp.config import load_smtp_config
-from engine.run import services
+from engine.run import AlreadyRunning, services
 from tests.conftest import REPO
 from tests.smtp_harness import RawClient, RunningQrelay
 from tests.test_delivery_e2e import service_texts, wait_for
@@ -30,8 +34,8 @@ def test_a_second_run_on_the_same_root_refuses_to_start(root):
                                 text=True, timeout=30)
         assert second.returncode != 0
         assert second.stderr.strip().splitlines() == [
-            f"Error: cannot start: qrelay or qmail-send is already running on {root}"
-            " (queue/lock/sendmutex is held)"]
+            f"Error: cannot start: qrelay is already running on {root}"
+            f" (pid {first.pid} holds queue/lock/sendmutex)"]
         # The first one is untouched: it still answers, and its pid file is its own.
         client = RawClient(first.port)
         assert client.reply().startswith(b"220 ")
@@ -52,3 +56,150 @@ def test_supervisor_lines_go_to_the_log(root):
     finally:
         q.stop()
     assert "info: supervisor: stopping" in service_texts(root)
+
+
+# --- one instance per root, found through its lock ----------------------------
+
+def test_two_runs_started_at_once_deliver_every_message_once(root, dns, tmp_path):
+    import threading
+
+    from tests.smtp_harness import route_to_loopback
+    from tests.test_delivery_e2e import ThreadSink, send
+
+    sink = ThreadSink()
+    port = sink.start()
+    route_to_loopback(root, {"sink.test": port},
+                      f'[delivery]\ndns_servers = ["{dns.address}"]\nidle_timeout = 0.2\n'
+                      "[scheduler]\npoll_interval = 0.02\n")
+    started: list = []
+    refused: list[str] = []
+
+    def start(i: int) -> None:
+        try:
+            started.append(RunningQrelay(root, procs=1,
+                                         extra=("--port-file", str(tmp_path / f"port{i}"))))
+        except Exception as exc:   # QrelayStartError expected
+            refused.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=start, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    try:
+        assert len(started) == 1 and len(refused) == 1, (started, refused)
+        q = started[0]
+        assert refused[0] == ("QrelayStartError: qrelay run exited with status 1: Error: cannot start: qrelay is"
+                              f" already running on {root} (pid {q.pid} holds queue/lock/sendmutex)")
+        send(q.port, ["x@sink.test"], n=20, tag="once")
+        wait_for(lambda: len(sink.messages()) >= 20, what="20 deliveries")
+        time.sleep(1.0)                               # a second scheduler would deliver again
+        subjects = sorted(re.search(rb"Subject: (once\d+)", m.content).group(1)
+                          for m in sink.messages())
+        assert subjects == sorted(b"once%d" % i for i in range(20))
+    finally:
+        for q in started:
+            q.stop()
+        sink.close()
+
+
+def test_flush_finds_the_running_instance_through_its_lock_not_a_pid_file(root, dns):
+    from engine.run import running_instance
+    from tests.smtp_harness import route_to_loopback
+
+    assert running_instance(root) is None
+    route_to_loopback(root, {}, f'[delivery]\ndns_servers = ["{dns.address}"]\n'
+                                "[scheduler]\npoll_interval = 0.02\n")
+    q = RunningQrelay(root, procs=1)
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        assert running_instance(root) == q.pid
+        assert (root / "queue" / "lock" / "sendmutex").read_text() == f"{q.pid}\n"
+        wait_for(lambda: (root / "log" / "scheduler.pid").exists(), what="the scheduler's pid file")
+        # A pid file someone overwrote is not trusted: the lock holder is signalled.
+        (root / "log" / "scheduler.pid").write_text(f"{sleeper.pid}\n")
+        r = subprocess.run([sys.executable, "-m", "engine.cli", "flush", str(root)], cwd=REPO,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip().endswith(f"; woke the scheduler (qrelay run pid {q.pid})")
+        assert sleeper.poll() is None and q.proc.poll() is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        assert q.stop() == 0
+    assert running_instance(root) is None             # the lock went with the process
+
+
+def test_a_lock_held_by_something_else_is_not_a_qrelay_to_signal(root):
+    import fcntl
+
+    from engine.run import hold_queue, running_instance
+    path = root / "queue" / "lock"
+    path.mkdir(parents=True, exist_ok=True)
+    # qmail-send holds an empty sendmutex: no pid to signal, and run refuses.
+    fd = os.open(path / "sendmutex", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert running_instance(root) is None
+        with pytest.raises(AlreadyRunning) as info:
+            hold_queue(root)
+        assert str(info.value) == (f"cannot start: qrelay or qmail-send is already running on {root}"
+                                   " (queue/lock/sendmutex is held)")
+    finally:
+        os.close(fd)
+
+
+# --- fail loudly, before binding anything -------------------------------------
+
+def run_once(root, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "engine.cli", "run", str(root),
+                           "--listen", "127.0.0.1:0", *extra], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda r: (r / "control" / "smtproutes").write_text("sink.test 127.0.0.1\n"),
+     "Error: scheduler cannot start: {root}/control/smtproutes line 1: no ':' in"
+     " 'sink.test 127.0.0.1' (a route is host:relay or host:relay:port)"),
+    (lambda r: (r / "control" / "smtproutes").write_text("sink.test:127.0.0.1:26x26\n"),
+     "Error: scheduler cannot start: {root}/control/smtproutes line 1: bad port '26x26' in"
+     " 'sink.test:127.0.0.1:26x26' (a number from 1 to 65535)"),
+    (lambda r: (r / "qrelay.toml").write_text('[delivery]\ndns_servers = ["ns1.example"]\n'),
+     "Error: scheduler cannot start: {root}/qrelay.toml: [delivery] dns_servers: 'ns1.example'"
+     " is not an IP address with an optional :port"),
+    (lambda r: (r / "control" / "queuelifetime").write_text("7d\n"),
+     "Error: scheduler cannot start: {root}/control/queuelifetime line 1: '7d' is not a number"),
+    (lambda r: (r / "control" / "databytes").write_text("10MB\n"),
+     "Error: {root}/control/databytes line 1: '10MB' is not a number"),
+    (lambda r: (r / "qrelay.toml").write_text("[smtp]\nmax_line_length = 0\n"),
+     "Error: {root}/qrelay.toml: [smtp] max_line_length = 0 is out of range: at least 512"
+     " (RFC 5321 4.5.3.1.4)"),
+    (lambda r: (r / "qrelay.toml").write_text("[scheduler]\nenabeld = true\n"),
+     "Error: {root}/qrelay.toml: [scheduler] unknown setting 'enabeld'"),
+    (lambda r: [(r / "queue" / d).mkdir() for d in ("mess", "todo", "info")],
+     "Error: cannot start: {root}/queue holds a qmail queue (mess/, todo/, info/): let"
+     " qmail-send deliver it (or move it away) first; `qrelay import-qmail` is not yet built"),
+])
+def test_run_refuses_a_configuration_a_service_cannot_start_with(root, setup, message):
+    setup(root)
+    r = run_once(root)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [message.format(root=root)]
+    # Nothing started: no lock taken, no log written, no qrelay spool inside a qmail queue.
+    assert not (root / "queue" / "lock" / "sendmutex").exists()
+    assert not (root / "log" / "current").exists()
+
+
+def test_a_tcp_smtp_newer_than_its_cdb_is_a_warning_at_start(root):
+    from engine.config.tcprules import compile_rules
+    control = root / "control"
+    compile_rules((control / "tcp.smtp").read_text(), control / "tcp.smtp.cdb")
+    st = (control / "tcp.smtp.cdb").stat()
+    (control / "tcp.smtp").write_text(":deny\n")
+    os.utime(control / "tcp.smtp", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    q = RunningQrelay(root, procs=1)
+    assert q.stop() == 0
+    warning = (f"{control / 'tcp.smtp'} is newer than tcp.smtp.cdb, which is what is read:"
+               " run `qrelay tcprules` to apply the edit")
+    assert f"qrelay.run: {warning}" in q.stderr_text.splitlines()
+    assert f"warning: run: {warning}" in service_texts(root)

@@ -8,8 +8,21 @@ done by `engine.delivery.scheduler.Scheduler` with one courier per channel
 of delivery worker processes).
 
 Signals (spec §6.5): ALRM = retry every deferred recipient now; HUP = reread
-locals / virtualdomains / percenthack (the old snapshot stays if that fails);
-TERM = start nothing new, let running deliveries finish (stop_grace), exit.
+everything the delivery side reads (`DELIVERY_FILES`: locals / virtualdomains
+/ percenthack, concurrency*, queuelifetime, smtproutes, timeouts, helohost,
+bounce names, qrelay.toml's [delivery] and [scheduler]); TERM = start nothing
+new, let running deliveries finish (stop_grace), exit. The supervisor also
+sends HUP when one of those files changes (engine.run polls their mtimes).
+A reload reads the whole `DeliveryConfig` first; if any file is broken it
+logs `alert: unable to reread controls: <file, line, why>; keeping the
+previous configuration` and changes nothing. Otherwise the scheduler takes
+the new snapshot at once, and if the remote channel's configuration changed
+it gets a new courier (a new RemoteDelivery, or new worker processes): the
+deliveries in flight finish on the old one, which is closed after them.
+
+`qrelay flush` never reads a pid file to find us: it signals the supervisor
+that holds the root's lock (engine.run.running_instance), which forwards
+ALRM here. `ROOT/log/scheduler.pid` is still written, for an operator's eyes.
 
 SIGALRM's default action kills a process, so the handler (first SIG_IGN,
 then the real one) is installed before anything else happens; under the
@@ -29,11 +42,73 @@ import asyncio
 import os
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from engine.supervisor import ChildSpec
 
 PID_FILE = "scheduler.pid"
+
+# Every file (relative to ROOT) the delivery side reads: a change to any of
+# them makes the supervisor send HUP (engine.run polls this fingerprint).
+DELIVERY_FILES = (
+    "qrelay.toml", "control/me", "control/locals", "control/virtualdomains",
+    "control/percenthack", "control/envnoathost", "control/concurrencylocal",
+    "control/concurrencyremote", "control/queuelifetime", "control/smtproutes",
+    "control/timeoutconnect", "control/timeoutremote", "control/helohost",
+    "control/bouncefrom", "control/bouncehost", "control/doublebounceto",
+    "control/doublebouncehost",
+)
+
+
+class DeliveryConfigError(Exception):
+    """The delivery side's configuration cannot be used (one line naming the file)."""
+
+
+@dataclass(slots=True, frozen=True)
+class DeliveryConfig:
+    """One snapshot of everything the scheduler process reads, loaded whole."""
+    settings: Any        # engine.config.settings.Settings
+    domains: Any         # engine.config.domains.DomainConfig
+    scheduler: Any       # engine.delivery.scheduler.SchedulerConfig
+    remote: Any          # engine.delivery.remote.RemoteConfig
+
+    def remote_key(self) -> tuple:
+        """What the remote courier is built from: a new one when this changes."""
+        return (self.remote, self.settings.delivery.worker_procs)
+
+
+def load_delivery_config(root: Path | str) -> DeliveryConfig:
+    """Read the delivery side's files; raises DeliveryConfigError (one line)."""
+    from engine.config.control import ControlError
+    from engine.config.domains import DomainConfigError, load_domain_config
+    from engine.config.settings import SettingsError, load_settings
+    from engine.delivery.bounce import load_bounce_config
+    from engine.delivery.remote import RemoteConfigError, load_remote_config
+    from engine.delivery.scheduler import load_scheduler_config
+
+    root = Path(root)
+    try:
+        settings = load_settings(root)
+        domains = load_domain_config(root)
+        bounce = load_bounce_config(root, settings.scheduler.bounce_copy_max_bytes)
+        scheduler = load_scheduler_config(root, settings, bounce)
+        remote = load_remote_config(root)
+    except (SettingsError, ControlError, DomainConfigError, RemoteConfigError, OSError) as exc:
+        raise DeliveryConfigError(str(exc)) from None
+    return DeliveryConfig(settings, domains, scheduler, remote)
+
+
+def readable(reason: object) -> str:
+    """A reason as one printable ASCII log line: spaces kept (qmail-send's own
+    `alert: cannot start: ...` texts have them), controls and non-ASCII as `_`."""
+    return "".join(c if " " <= c < "\x7f" else "_" for c in str(reason))
+
+
+def delivery_fingerprint(root: Path | str) -> tuple:
+    from engine.config.control import stat_fingerprint
+    return stat_fingerprint(root, DELIVERY_FILES)
 
 
 def pid_file(root: Path | str) -> Path:
@@ -58,12 +133,7 @@ def scheduler_main(root: str) -> None:
 def run_scheduler(root: Path) -> int:
     import uvloop
 
-    from engine.config.control import ControlError
-    from engine.config.domains import DomainConfigError, load_domain_config
     from engine.config.settings import SettingsError, load_settings
-    from engine.delivery.bounce import load_bounce_config
-    from engine.delivery.remote import RemoteConfigError, load_remote_config
-    from engine.delivery.scheduler import load_scheduler_config
     from engine.log import QmailSendLog
     from engine.queue import Spool, SpoolError
 
@@ -72,15 +142,15 @@ def run_scheduler(root: Path) -> int:
         settings = load_settings(root)
         log = QmailSendLog(root / "log", max_bytes=settings.log.max_bytes,
                            max_files=settings.log.max_files)
-        domains = load_domain_config(root)
-        bounce = load_bounce_config(root, settings.scheduler.bounce_copy_max_bytes)
-        config = load_scheduler_config(root, settings, bounce)
-        load_remote_config(root)     # a bad smtproutes or DNS setting stops the start here
-        spool = Spool(root / "queue", settings.spool)
-    except (SettingsError, ControlError, DomainConfigError, RemoteConfigError, SpoolError,
-            OSError) as exc:
+        config = load_delivery_config(root)   # a bad smtproutes or DNS setting stops the start here
+        spool = Spool(root / "queue", config.settings.spool)
+    except (SettingsError, DeliveryConfigError, SpoolError, OSError) as exc:
+        # The reason goes to the log and to stderr (the supervisor's, so the
+        # operator sees why the scheduler keeps restarting, not just its status).
+        sys.stderr.write(f"qrelay: scheduler: alert: cannot start: {exc}\n")
+        sys.stderr.flush()
         if log is not None:
-            log.alert(f"cannot start: {exc}")
+            log.line(f"alert: cannot start: {readable(exc)}")
             log.close()
         return 111
     try:
@@ -89,7 +159,7 @@ def run_scheduler(root: Path) -> int:
         tmp = path.with_name(PID_FILE + ".tmp")
         tmp.write_text(f"{os.getpid()}\n")
         os.replace(tmp, path)
-        uvloop.run(_serve(root, spool, log, config, domains, settings))
+        uvloop.run(_serve(root, spool, log, config))
     finally:
         try:
             if pid_file(root).read_text().strip() == str(os.getpid()):
@@ -124,26 +194,151 @@ async def open_couriers(root: Path, spool, settings, log) -> dict:
     return couriers
 
 
-async def _serve(root, spool, log, config, domains, settings) -> None:
-    from engine.config.domains import DomainConfigError, load_domain_config
+class SwappableCourier:
+    """A channel's courier that a reload can replace: each deliver() runs on the
+    courier current when it started; a replaced one is closed once its last
+    call has returned, so a reload never cuts a delivery in flight."""
+
+    def __init__(self, courier) -> None:
+        self.current = courier
+        self._calls: dict[int, int] = {}
+        self._retired: dict[int, Any] = {}
+        self._closing: set[asyncio.Task] = set()
+
+    async def deliver(self, group):
+        courier = self.current
+        key = id(courier)
+        self._calls[key] = self._calls.get(key, 0) + 1
+        try:
+            return await courier.deliver(group)
+        finally:
+            left = self._calls[key] - 1
+            if left:
+                self._calls[key] = left
+            else:
+                del self._calls[key]
+                if key in self._retired:
+                    self._close_later(self._retired.pop(key))
+
+    def swap(self, courier) -> None:
+        old, self.current = self.current, courier
+        if id(old) in self._calls:
+            self._retired[id(old)] = old
+        else:
+            self._close_later(old)
+
+    def _close_later(self, courier) -> None:
+        task = asyncio.get_running_loop().create_task(_close_courier(courier))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        await _close_courier(self.current)
+        for courier in list(self._retired.values()):
+            await _close_courier(courier)
+        self._retired.clear()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+async def _close_courier(courier) -> None:
+    try:
+        # A spawner bounds its own wait (stop_grace, then TERM, then KILL).
+        await asyncio.wait_for(courier.close(), 10)
+    except (asyncio.TimeoutError, OSError):
+        pass
+
+
+async def open_remote_courier(root: Path, spool, config: DeliveryConfig, log):
+    """A new remote courier for `config` (a reload): like open_couriers's,
+    but an in-process deliverer is built from the snapshot already checked."""
+    from engine.delivery.channels import ReadingCourier, channel
+    from engine.delivery.remote import RemoteDelivery
+    from engine.delivery.spawner import Spawner
+
+    spec = channel("remote")
+    procs = getattr(config.settings.delivery, spec.procs_setting, 0)
+    if procs > 0:
+        # New workers read the new files when they start; the old ones finish
+        # their jobs, then are stopped (SwappableCourier).
+        courier = Spawner(root, procs, spec.name, log=log, spool=spool, stop_grace=2.5)
+        await courier.start()
+        return courier
+    return ReadingCourier(spool, RemoteDelivery(config.remote))
+
+
+class DeliveryReload:
+    """HUP in the scheduler process: read the whole DeliveryConfig, refuse a
+    broken one with qmail-send's alert line, else hand it over (see the
+    module docstring)."""
+
+    def __init__(self, root: Path, spool, log, scheduler, config: DeliveryConfig,
+                 remote: SwappableCourier | None) -> None:
+        self.root = root
+        self.spool = spool
+        self.log = log
+        self.scheduler = scheduler
+        self.config = config
+        self.remote = remote
+        self._task: asyncio.Task | None = None
+        self._again = False
+
+    def request(self) -> None:
+        """The signal handler: one reload at a time; a HUP during one runs another after."""
+        if self._task is not None and not self._task.done():
+            self._again = True
+            return
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            self._again = False
+            await self.reload()
+            if not self._again:
+                return
+
+    async def reload(self) -> bool:
+        try:
+            new = load_delivery_config(self.root)
+        except DeliveryConfigError as exc:
+            self.log.line(f"alert: unable to reread controls: {readable(exc)};"
+                          " keeping the previous configuration")
+            self.log.flush()
+            return False
+        if self.remote is not None and new.remote_key() != self.config.remote_key():
+            try:
+                courier = await open_remote_courier(self.root, self.spool, new, self.log)
+            except Exception as exc:   # e.g. the resolver cannot be set up
+                self.log.line(f"alert: unable to reread controls: remote delivery: {readable(exc)};"
+                              " keeping the previous configuration")
+                self.log.flush()
+                return False
+            self.remote.swap(courier)
+        self.scheduler.reload(new.scheduler, new.domains.resolve)
+        self.config = new
+        self.log.line("info: scheduler: configuration reloaded")
+        self.log.flush()
+        return True
+
+
+async def _serve(root, spool, log, config: DeliveryConfig) -> None:
     from engine.delivery.scheduler import Scheduler
 
     loop = asyncio.get_running_loop()
-    couriers = await open_couriers(root, spool, settings, log)
-    scheduler = Scheduler(spool, couriers, log, config, domains.resolve, qp=os.getpid())
-
-    def reload_domains() -> None:
-        try:
-            scheduler.reload_domains(load_domain_config(root).resolve)
-        except DomainConfigError:
-            log.alert("unable to reread control/locals")
+    couriers = await open_couriers(root, spool, config.settings, log)
+    remote = couriers.get("remote")
+    if remote is not None:
+        remote = couriers["remote"] = SwappableCourier(remote)
+    scheduler = Scheduler(spool, couriers, log, config.scheduler, config.domains.resolve,
+                          qp=os.getpid())
+    reloader = DeliveryReload(root, spool, log, scheduler, config, remote)
 
     loop.add_signal_handler(signal.SIGALRM, scheduler.request_flush)
-    loop.add_signal_handler(signal.SIGHUP, reload_domains)
+    loop.add_signal_handler(signal.SIGHUP, reloader.request)
     loop.add_signal_handler(signal.SIGTERM, scheduler.stop)
     loop.add_signal_handler(signal.SIGINT, scheduler.stop)
     try:
-        await scheduler.run(stop_grace=settings.scheduler.stop_grace)
+        await scheduler.run(stop_grace=config.settings.scheduler.stop_grace)
     except Exception as exc:
         # A bug must not die silently: say so in the log; the supervisor restarts us
         # and the spool still holds every recipient that was not recorded.
@@ -152,30 +347,23 @@ async def _serve(root, spool, log, config, domains, settings) -> None:
         raise
     finally:
         for courier in couriers.values():
-            try:
-                # A spawner bounds its own wait (stop_grace, then TERM, then KILL).
-                await asyncio.wait_for(courier.close(), 10)
-            except (asyncio.TimeoutError, OSError):
-                pass
+            await _close_courier(courier)
 
 
 def signal_running_scheduler(root: Path | str) -> int | None:
-    """Send SIGALRM to the running scheduler of ROOT; its pid, or None if none runs.
+    """Wake the scheduler of ROOT's running `qrelay run` (qmail's `kill -ALRM
+    qmail-send`): SIGALRM to the supervisor that holds the root's lock, which
+    forwards it to the scheduler. Returns that supervisor's pid, or None if
+    nothing runs on ROOT.
 
-    The pid is checked to be a live qrelay process first: a stale pid file
-    must never make us signal (and, SIGALRM's default being to exit, kill)
-    an unrelated process that reused the pid.
+    The lock, not log/scheduler.pid, says who runs (engine.run.running_instance):
+    a pid file can be stale or overwritten, and SIGALRM's default action would
+    kill an unrelated process that reused the pid.
     """
-    try:
-        pid = int(pid_file(root).read_text().strip())
-    except (OSError, ValueError):
-        return None
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read()
-    except OSError:
-        return None
-    if b"qrelay" not in cmdline and b"engine" not in cmdline:
+    from engine.run import running_instance
+
+    pid = running_instance(Path(root))
+    if pid is None:
         return None
     try:
         os.kill(pid, signal.SIGALRM)
