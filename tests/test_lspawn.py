@@ -342,6 +342,14 @@ def test_kill9_of_everything_mid_delivery_then_restart_delivers_every_accepted_m
     assert_nothing_partial(root, bodies)
 
 
+def flush(root: Path) -> str:
+    r = run_cli("flush", str(root))
+    assert r.returncode == 0, r.stderr
+    assert re.fullmatch(r"qrelay: \d+ deferred recipients due now; woke the scheduler \(pid \d+\)\n",
+                        r.stdout), r.stdout
+    return r.stdout
+
+
 def test_a_world_writable_home_then_dotqmail_defer_until_fixed_and_flushed(start, root):
     home = root.joinpath(*DOMAIN_DIR)
     dotqmail = home / ".qmail-default"
@@ -349,17 +357,29 @@ def test_a_world_writable_home_then_dotqmail_defer_until_fixed_and_flushed(start
     q = start()
     with smtplib.SMTP("127.0.0.1", q.port, timeout=10) as s:
         assert s.sendmail("a@src.test", ["joe@example.com"], body_of("perm")) == {}
-    for path, mode, text in ((home, 0o700, TEXT_HOME_WRITABLE), (dotqmail, 0o600, TEXT_QMAIL_WRITABLE)):
-        wait_for(lambda: deliveries(root, "deferral", text), what=f"the deferral {text.strip()!r}")
-        assert queue_count(root) == 1 and maildir_files(root, "joe") == []
-        os.chmod(path, mode)
-        if path is home:
-            os.chmod(dotqmail, 0o602)     # the next trouble: the .qmail file
-        r = run_cli("flush", str(root))
-        assert r.returncode == 0 and "1 deferred recipients due now" in r.stdout, r.stdout + r.stderr
-    wait_for(lambda: tags_in(root, "joe") == ["perm"], what="the message in joe's Maildir after flush")
+    wait_for(lambda: deliveries(root, "deferral", TEXT_HOME_WRITABLE), what="the writable-home deferral")
+    assert queue_count(root) == 1 and maildir_files(root, "joe") == []
+    os.chmod(home, 0o700)
+    os.chmod(dotqmail, 0o602)            # the next trouble: the .qmail file
+    assert flush(root).startswith("qrelay: 1 deferred recipients due now;")
+    wait_for(lambda: deliveries(root, "deferral", TEXT_QMAIL_WRITABLE), what="the writable-.qmail deferral")
+    assert queue_count(root) == 1 and maildir_files(root, "joe") == []
+    os.chmod(dotqmail, 0o600)
+    # `qrelay flush` marks the spool, then sends ALRM, whose reschedule can come
+    # after the attempt the marking started has deferred: one more attempt may
+    # have begun before the chmod and defer again. Each such deferral gets a flush.
+    seen = len(deliveries(root, "deferral"))
+    for _ in range(3):
+        flush(root)
+        wait_for(lambda: tags_in(root, "joe") or len(deliveries(root, "deferral")) > seen,
+                 what="the message in joe's Maildir after the flush")
+        if tags_in(root, "joe"):
+            break
+        seen = len(deliveries(root, "deferral"))
+    assert tags_in(root, "joe") == ["perm"]
     wait_for(lambda: queue_count(root) == 0 or None, what="empty queue")
-    assert len(deliveries(root, "deferral")) == 2
+    assert {t.split(": ", 2)[2] for t in deliveries(root, "deferral")} == {
+        logsafe(TEXT_HOME_WRITABLE), logsafe(TEXT_QMAIL_WRITABLE)}
 
 
 def test_200_concurrent_deliveries_to_one_mailbox_are_200_intact_files(start, root):
