@@ -25,9 +25,11 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 # TAI64 label of the Unix epoch: 2^62 + 10 (the TAI-UTC offset in 1970;
 # multilog ignores later leap seconds, and so do we to match its output).
@@ -347,16 +349,43 @@ class SmtpdLog(QmailSendLog):
     was refused: `smtpd: pid N from IP: [COMMAND <arg>: ]reply`.
 
     `on_first_line` (if set) is called when a line lands in an empty buffer:
-    the receiver then schedules one flush (~0.1 s later), so lines cost no
-    write each on the hot path."""
+    the receiver then schedules one flush (~0.1 s later, in a thread of its
+    own so a rotation's fsync never stalls the event loop), so lines cost no
+    write each on the hot path. flush() may run in that thread while the
+    loop adds lines (list appends and the flush's `del lines[:done]` are each
+    atomic); flushes themselves are serialised by a lock."""
 
     on_first_line: Callable[[], None] | None = None
 
+    def __init__(self, log_dir: Path | str, **kwargs: Any) -> None:
+        super().__init__(log_dir, **kwargs)
+        self._flush_lock = threading.Lock()
+        self._stamp_sec = -1
+        self._stamp = ""
+
+    @property
+    def pending(self) -> int:
+        """Lines buffered, not yet written."""
+        return len(self._lines)
+
     def line(self, text: str) -> None:
-        empty = not self._lines
-        super().line(text)
-        if empty and self.on_first_line is not None:
+        # QmailSendLog.line with the stamp's seconds part formatted once per
+        # second: several lines per connection, so this is the hot path.
+        lines = self._lines
+        if len(lines) >= self.max_buffered_lines:
+            self.dropped += 1
+            return
+        sec, ns = divmod(self.clock_ns(), 1_000_000_000)
+        if sec != self._stamp_sec:
+            self._stamp_sec = sec
+            self._stamp = f"@{TAI64_EPOCH + sec:016x}"
+        lines.append(f"{self._stamp}{ns // 1000 * 1000 + 500:08x} {text}\n".encode("ascii", "replace"))
+        if len(lines) == 1 and self.on_first_line is not None:
             self.on_first_line()
+
+    def flush(self) -> None:
+        with self._flush_lock:
+            super().flush()
 
     def tcpserver_status(self, count: int, limit: int) -> None:
         self.line(f"tcpserver: status: {count}/{limit}")

@@ -419,10 +419,18 @@ def test_smtpd_log_and_process_titles(qrelay, root):
     (root / "control" / "tcp.smtp").write_text("127.0.0.1:allow\n")   # no RELAYCLIENT
     (root / "control" / "tcp.smtp.cdb").unlink(missing_ok=True)
     q = qrelay(procs=2)
-    titles = set()
-    for pid in q.children():
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            titles.add(f.read().split(b"\0")[0].decode())
+    deadline = time.monotonic() + 10
+    while True:     # a receiver that has not greeted yet may not have its title yet
+        titles = set()
+        for pid in q.children():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    titles.add(f.read().split(b"\0")[0].decode())
+            except OSError:
+                pass
+        if {"qrelay: receiver 0", "qrelay: receiver 1"} <= titles or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert {"qrelay: receiver 0", "qrelay: receiver 1"} <= titles, titles
     with smtplib.SMTP("127.0.0.1", q.port, timeout=10) as s:
         assert s.noop()[0] == 250

@@ -13,8 +13,8 @@ awaited before the spool is closed, so no accepted message is lost.
 
 The receiver also owns its process's writer of ROOT/log/smtpd (engine.log.
 SmtpdLog; every receiver appends to the same `current`): the sessions' lines
-are buffered and written by one timer at most every LOG_FLUSH_SECONDS, never
-one write per line; the rare `logging` records of qrelay.receiver and
+are buffered and written at most every LOG_FLUSH_SECONDS, in a thread of its
+own, never one write per line; the rare `logging` records of qrelay.receiver and
 qrelay.smtpd go there too (at once), instead of to ROOT/log/current.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,8 @@ class Receiver:
         self.host_resolver: RemoteHostResolver | None = None
         self.log: SmtpdLog | None = None
         self._log_timer: asyncio.TimerHandle | None = None
+        self._log_writer: ThreadPoolExecutor | None = None
+        self._log_writing = False
         if log is not None:
             self.attach_log(log)
 
@@ -72,6 +75,9 @@ class Receiver:
         """Sessions opened from now on write their lines to `smtpd_log`."""
         self.log = smtpd_log
         smtpd_log.on_first_line = self._schedule_log_flush
+        if self._log_writer is None:
+            # One thread: writes (and a rotation's fsync) never block the loop.
+            self._log_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smtpd-log")
 
     def _schedule_log_flush(self) -> None:
         if self._log_timer is None:
@@ -83,11 +89,19 @@ class Receiver:
 
     def _flush_log(self) -> None:
         self._log_timer = None
-        smtpd_log = self.log
-        if smtpd_log is None:
+        if self.log is None or self._log_writing:
+            return             # a write in flight reschedules when it is done
+        if self._log_writer is None:    # stopped: the last lines, written here
+            self.log.flush()
             return
-        smtpd_log.flush()
-        if smtpd_log._lines:   # the write failed (disk full): try again later
+        self._log_writing = True
+        done = asyncio.get_running_loop().run_in_executor(self._log_writer, self.log.flush)
+        done.add_done_callback(self._log_written)
+
+    def _log_written(self, done: asyncio.Future) -> None:
+        self._log_writing = False
+        if self.log is not None and self.log.pending:
+            # Lines that came meanwhile, or a failed write (disk full): later.
             self._schedule_log_flush()
 
     # --- used by sessions -------------------------------------------------------------
@@ -169,6 +183,9 @@ class Receiver:
         if self._log_timer is not None:
             self._log_timer.cancel()
             self._log_timer = None
+        if self._log_writer is not None:
+            self._log_writer.shutdown(wait=True)   # a write in flight ends first
+            self._log_writer = None
         if self.log is not None:
             self.log.flush()
         self.stopped.set()
