@@ -1,28 +1,108 @@
 """The `qrelay` command: qmail's admin tools under one roof.
 
 Every subcommand reports bad input as a one-line error and a non-zero exit
-status, never a traceback.
+status, never a traceback. ROOT, the first argument of every command that
+has one, may be left out: it defaults to $QRELAY_ROOT, else /var/qrelay.
 """
 from __future__ import annotations
+
+import os
 
 import click
 
 from engine import __version__
 from engine.home import HomeError, init_home
 
+DEFAULT_ROOT = "/var/qrelay"
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+def default_root() -> str:
+    """ROOT when none is given: $QRELAY_ROOT, else /var/qrelay."""
+    return os.environ.get("QRELAY_ROOT") or DEFAULT_ROOT
+
+
+class _RootFirstCommand(click.Command):
+    """A command whose first argument is an optional ROOT (`_ROOT`).
+
+    Click fills positional arguments left to right, so `qrelay domain add
+    example.com` would take the domain for ROOT. Before parsing, this counts
+    the positional words: fewer than ROOT plus the other arguments need means
+    ROOT was left out, and default_root() is put in front. For a variable
+    argument list (`alias add [ROOT] NAME@DOMAIN TARGET...`) the first word is
+    ROOT unless it has an `@` (and is not a directory)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not ctx.resilient_parsing and not any(a in ctx.help_option_names for a in args):
+            args = self._with_root(ctx, list(args))
+        return super().parse_args(ctx, args)
+
+    def _with_root(self, ctx: click.Context, args: list[str]) -> list[str]:
+        arguments = [p for p in self.params if isinstance(p, click.Argument)]
+        if len(arguments) < 2 or arguments[0].name != "root":
+            return args     # ROOT alone (or none): click's default does it
+        try:
+            # The parser hands positional words to the arguments in order
+            # (ROOT first); collected back, they are the words as given.
+            values, extra, _ = self.make_parser(ctx).parse_args(args=list(args))
+        except click.UsageError:
+            return args     # click reports it
+        words: list[str] = []
+        for p in arguments:
+            value = values.get(p.name)
+            if isinstance(value, (tuple, list)):
+                words.extend(value)
+            elif isinstance(value, str):      # not None/UNSET: a word was there
+                words.append(value)
+        words.extend(extra)
+        others = arguments[1:]
+        least = sum(p.nargs if p.nargs > 0 else int(p.required) for p in others)
+        if any(p.nargs < 0 for p in others):
+            given = len(words) > least and ("@" not in words[0] or os.path.isdir(words[0]))
+        else:
+            given = len(words) > sum(p.nargs for p in others)
+        return args if given else [default_root(), *args]
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_epilog(ctx, formatter)
+        if any(p.name == "root" for p in self.params if isinstance(p, click.Argument)):
+            formatter.write_paragraph()
+            formatter.write_text(f"ROOT defaults to $QRELAY_ROOT, else {DEFAULT_ROOT} "
+                                 f"(here: {default_root()}).")
+
+
+class _Group(click.Group):
+    command_class = _RootFirstCommand
+    group_class = type      # subgroups (domain, user, alias) are _Group too
+
+
+# ROOT: optional, first; see _RootFirstCommand.
+_ROOT = click.argument("root", type=click.Path(file_okay=False), required=False,
+                       default=default_root)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", "-V", prog_name="qrelay")
 def cli() -> None:
-    """qrelay: a fast, crash-safe mail transfer agent that reads qmail's files."""
+    """qrelay: a fast, crash-safe mail transfer agent that reads qmail's files.
+
+    ROOT, the first argument of a command, is a qmail-style home (control/,
+    users/, queue/, log/); left out, it is $QRELAY_ROOT, else /var/qrelay.
+    `qrelay COMMAND --help` says what each command reads and writes.
+    """
 
 
 @cli.command()
-@click.argument("root", type=click.Path(file_okay=False))
+@_ROOT
 @click.option("--me", help="this host's name (control/me); default: the system host name")
 @click.option("--force", is_flag=True, help="overwrite the control files of an existing root")
 def init(root: str, me: str | None, force: bool) -> None:
-    """Create a qmail-style home at ROOT."""
+    """Create a qmail-style home at ROOT.
+
+    Writes ROOT/control/ (me, rcpthosts, defaultdomain, locals,
+    concurrencyremote, queuelifetime, databytes, smtproutes, tcp.smtp) and
+    creates users/, queue/ and log/. Refuses a ROOT that has control/ already;
+    --force rewrites those control files and nothing else.
+    """
     try:
         path = init_home(root, me=me, force=force)
     except (HomeError, OSError) as exc:
@@ -51,9 +131,12 @@ def _open_spool_readonly(root: str):
 
 
 @cli.command()
-@click.argument("root", type=click.Path(file_okay=False))
+@_ROOT
 def qstat(root: str) -> None:
-    """Count queued messages (qmail-qstat's two lines)."""
+    """Count queued messages (qmail-qstat's two lines).
+
+    Reads ROOT/queue (read-only: safe beside a running `qrelay run`); writes nothing.
+    """
     from engine.queue.tools import format_qstat
     from engine.queue import SpoolStats
     spool = _open_spool_readonly(root)
@@ -67,9 +150,12 @@ def qstat(root: str) -> None:
 
 
 @cli.command()
-@click.argument("root", type=click.Path(file_okay=False))
+@_ROOT
 def qread(root: str) -> None:
-    """List queued messages and recipients (qmail-qread's format)."""
+    """List queued messages and recipients (qmail-qread's format).
+
+    Reads ROOT/queue (read-only: safe beside a running `qrelay run`); writes nothing.
+    """
     from engine.queue.tools import format_qread
     spool = _open_spool_readonly(root)
     if spool is None:
@@ -82,7 +168,7 @@ def qread(root: str) -> None:
 
 
 @cli.command()
-@click.argument("root", type=click.Path(file_okay=False))
+@_ROOT
 @click.option("--listen", "listen", multiple=True, metavar="HOST:PORT",
               help="address to accept SMTP on (repeatable; default 0.0.0.0:25; port 0 = any free port)")
 @click.option("--procs", type=click.IntRange(min=1), default=None,
@@ -91,7 +177,30 @@ def qread(root: str) -> None:
 @click.option("--port-file", type=click.Path(dir_okay=False), default=None,
               help="write the bound port(s), one per line, to this file once listening")
 def run(root: str, listen: tuple[str, ...], procs: int | None, dev: bool, port_file: str | None) -> None:
-    """Run qrelay in the foreground: SMTP receivers, the scheduler and its deliveries, until SIGTERM."""
+    """Run qrelay in the foreground: SMTP receivers, the scheduler and its deliveries, until SIGTERM.
+
+    \b
+    Reads:  ROOT/control/* (qmail's control files), control/tcp.smtp.cdb
+            (else control/tcp.smtp), ROOT/qrelay.toml, users/cdb (else
+            users/assign), the vpopmail domains' vpasswd and .qmail files;
+            changes are picked up on HUP or within reload_poll_seconds.
+    Writes: ROOT/queue/ (the spool; queue/lock/sendmutex is held while it
+            runs, so a second `qrelay run` on ROOT refuses to start),
+            the mailboxes of local deliveries.
+    Logs:   ROOT/log/current: qmail-send's lines (deliveries, bounces) and
+            the supervisor's and spool writer's (`info: supervisor: ...`);
+            ROOT/log/smtpd/current: the receivers' (tcpserver's connection
+            lines, every refusal with its reason). Both are multilog
+            directories (tai64nlocal < ROOT/log/smtpd/current). The
+            supervisor's lines also go to stderr.
+
+    \b
+    Signals to this process (the supervisor):
+      TERM, INT  stop accepting; messages in DATA finish (shutdown_grace),
+                 idle clients get a 421; exit 0
+      HUP        reload the control files, tcp.smtp and qrelay.toml
+      ALRM       retry every deferred recipient now (like `qrelay flush`)
+    """
     import logging
     import os
     import sys
@@ -134,9 +243,14 @@ def run(root: str, listen: tuple[str, ...], procs: int | None, dev: bool, port_f
 
 
 @cli.command()
-@click.argument("root", type=click.Path(file_okay=False))
+@_ROOT
 def flush(root: str) -> None:
-    """Retry every deferred recipient now (qmail's `kill -ALRM qmail-send`)."""
+    """Retry every deferred recipient now (qmail's `kill -ALRM qmail-send`).
+
+    Writes ROOT/queue (every deferred recipient marked due; works with nothing
+    running), then sends ALRM to the `qrelay run` holding ROOT's queue lock so
+    its scheduler starts at once.
+    """
     # The spool is marked first, so a flush works with nothing running; then a
     # running scheduler is woken by SIGALRM. (engine/delivery owns this command.)
     from pathlib import Path
@@ -165,9 +279,13 @@ def flush(root: str) -> None:
 
 
 @cli.command()
-@click.argument("root", type=click.Path(file_okay=False))
+@_ROOT
 def newmrh(root: str) -> None:
-    """Compile control/morercpthosts into morercpthosts.cdb (qmail-newmrh)."""
+    """Compile control/morercpthosts into morercpthosts.cdb (qmail-newmrh).
+
+    Reads ROOT/control/morercpthosts; writes ROOT/control/morercpthosts.cdb
+    (atomically). Only the cdb is read by `qrelay run`, as in qmail.
+    """
     from pathlib import Path
 
     from engine.config.cdb import CdbError, newmrh as compile_morercpthosts
@@ -182,9 +300,13 @@ def newmrh(root: str) -> None:
 
 
 @cli.command()
-@click.argument("root", type=click.Path(file_okay=False))
+@_ROOT
 def tcprules(root: str) -> None:
-    """Compile control/tcp.smtp into tcp.smtp.cdb (ucspi-tcp's tcprules)."""
+    """Compile control/tcp.smtp into tcp.smtp.cdb (ucspi-tcp's tcprules).
+
+    Reads ROOT/control/tcp.smtp; writes ROOT/control/tcp.smtp.cdb (atomically).
+    When the cdb exists, `qrelay run` reads it and not the text file.
+    """
     from pathlib import Path
 
     from engine.config.cdb import CdbError
@@ -234,9 +356,6 @@ def _read_new_password() -> str:
     return line.rstrip("\r\n")
 
 
-_ROOT = click.argument("root", type=click.Path(file_okay=False))
-
-
 @cli.group()
 def domain() -> None:
     """vpopmail domains: add, del, list, catchall."""
@@ -250,6 +369,9 @@ def domain() -> None:
 def domain_add(root: str, name: str, uid: int | None, gid: int | None) -> None:
     """Add DOMAIN (vadddomain): ROOT/domains/DOMAIN, rcpthosts, virtualdomains, users/assign.
 
+    Writes ROOT/domains/DOMAIN/ (vpasswd, vpasswd.cdb, .qmail-default),
+    control/rcpthosts, control/virtualdomains, users/assign and users/cdb.
+
     The domain's uid/gid: --uid/--gid, else the owner of ROOT/domains, else the
     vpopmail user, else yours; never root (qmail does not deliver as root).
     """
@@ -262,7 +384,11 @@ def domain_add(root: str, name: str, uid: int | None, gid: int | None) -> None:
 @_ROOT
 @click.argument("name", metavar="DOMAIN")
 def domain_del(root: str, name: str) -> None:
-    """Delete DOMAIN, its alias domains and every mailbox in it (vdeldomain)."""
+    """Delete DOMAIN, its alias domains and every mailbox in it (vdeldomain).
+
+    Removes ROOT/domains/DOMAIN/ and the domain's lines in control/rcpthosts,
+    control/morercpthosts, control/virtualdomains, users/assign and users/cdb.
+    """
     from engine.accounts.admin import delete_domain
     ref = _accounts_call(delete_domain, root, name)
     click.echo(f"qrelay: deleted domain {ref.name} ({ref.directory})")
@@ -271,7 +397,10 @@ def domain_del(root: str, name: str) -> None:
 @domain.command("list")
 @_ROOT
 def domain_list(root: str) -> None:
-    """List vpopmail domains: name, directory, uid:gid (and `alias of REAL`)."""
+    """List vpopmail domains: name, directory, uid:gid (and `alias of REAL`).
+
+    Reads ROOT/users/cdb (else users/assign) and each domain's vpasswd; writes nothing.
+    """
     from engine.accounts.admin import list_domains
     for d in _accounts_call(list_domains, root):
         alias = f"\talias of {d.alias_of}" if d.alias_of else ""
@@ -283,7 +412,11 @@ def domain_list(root: str) -> None:
 @click.argument("name", metavar="DOMAIN")
 @click.argument("target", metavar="ADDRESS|bounce|delete")
 def domain_catchall(root: str, name: str, target: str) -> None:
-    """What happens to mail for unknown users of DOMAIN (.qmail-default)."""
+    """What happens to mail for unknown users of DOMAIN (.qmail-default).
+
+    Writes the domain directory's .qmail-default: vdelivermail with
+    `bounce-no-mailbox`, `delete`, or the ADDRESS that gets the mail.
+    """
     from engine.accounts.admin import set_catchall
     line = _accounts_call(set_catchall, root, name, target)
     click.echo(f"qrelay: {name} .qmail-default: {line}")
@@ -299,7 +432,11 @@ def user() -> None:
 @click.argument("address", metavar="USER@DOMAIN")
 @click.option("--quota", default=None, metavar="QUOTA", help="e.g. 10MB, 10485760S, 1000C, 10MB,1000C")
 def user_add(root: str, address: str, quota: str | None) -> None:
-    """Add a mailbox (vadduser). The password: stdin's first line, or asked twice on a terminal."""
+    """Add a mailbox (vadduser). The password: stdin's first line, or asked twice on a terminal.
+
+    Writes the domain's vpasswd and vpasswd.cdb and USER/Maildir/{cur,new,tmp}
+    under the domain directory.
+    """
     from engine.accounts.admin import add_user, check_root, find_domain, split_address
     base = _accounts_call(check_root, root)
     _, domain_name = _accounts_call(split_address, address)
@@ -312,7 +449,10 @@ def user_add(root: str, address: str, quota: str | None) -> None:
 @_ROOT
 @click.argument("address", metavar="USER@DOMAIN")
 def user_del(root: str, address: str) -> None:
-    """Delete a mailbox and its mail (vdeluser)."""
+    """Delete a mailbox and its mail (vdeluser).
+
+    Writes the domain's vpasswd and vpasswd.cdb; removes the user's directory.
+    """
     from engine.accounts.admin import delete_user
     u = _accounts_call(delete_user, root, address)
     click.echo(f"qrelay: deleted {address.lower()} ({u.directory})")
@@ -322,7 +462,10 @@ def user_del(root: str, address: str) -> None:
 @_ROOT
 @click.argument("address", metavar="USER@DOMAIN")
 def user_passwd(root: str, address: str) -> None:
-    """Set a mailbox's password (vpasswd): stdin's first line, or asked twice on a terminal."""
+    """Set a mailbox's password (vpasswd): stdin's first line, or asked twice on a terminal.
+
+    Writes the domain's vpasswd and vpasswd.cdb.
+    """
     from engine.accounts.admin import find_user, set_password
     _accounts_call(find_user, root, address)  # bad input before the prompt
     _accounts_call(set_password, root, address, _read_new_password())
@@ -333,7 +476,10 @@ def user_passwd(root: str, address: str) -> None:
 @_ROOT
 @click.argument("name", metavar="DOMAIN")
 def user_list(root: str, name: str) -> None:
-    """List DOMAIN's mailboxes: address, quota, flags."""
+    """List DOMAIN's mailboxes: address, quota, flags.
+
+    Reads the domain's vpasswd; writes nothing.
+    """
     from engine.accounts.admin import list_users
     for u in _accounts_call(list_users, root, name):
         flags = ",".join(u.flag_names) or "-"
@@ -344,7 +490,10 @@ def user_list(root: str, name: str) -> None:
 @_ROOT
 @click.argument("address", metavar="USER@DOMAIN")
 def user_show(root: str, address: str) -> None:
-    """Show a mailbox: directory, Maildir, quota, usage, flags."""
+    """Show a mailbox: directory, Maildir, quota, usage, flags.
+
+    Reads the domain's vpasswd and the Maildir (maildirsize if present); writes nothing.
+    """
     from engine.accounts.admin import show_user
     r = _accounts_call(show_user, root, address)
     u = r.user
@@ -369,6 +518,8 @@ def user_show(root: str, address: str) -> None:
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="hashing workers (default: CPUs)")
 def user_import(root: str, file: str, workers: int | None) -> None:
     """Add many mailboxes from FILE (`address:password[:quota]` lines; `-` = stdin).
+
+    Writes each domain's vpasswd and vpasswd.cdb and the new Maildirs.
 
     Every line is checked first; nothing is written if one is bad. One vpasswd
     write per domain.
@@ -397,7 +548,10 @@ def alias() -> None:
 @click.argument("address", metavar="NAME@DOMAIN")
 @click.argument("targets", metavar="TARGET...", nargs=-1, required=True)
 def alias_add(root: str, address: str, targets: tuple[str, ...]) -> None:
-    """Forward NAME@DOMAIN to each TARGET (valias -i; one `&TARGET` line each)."""
+    """Forward NAME@DOMAIN to each TARGET (valias -i; one `&TARGET` line each).
+
+    Writes .qmail-NAME in the domain directory (existing lines kept).
+    """
     from engine.accounts.admin import add_alias
     path, lines = _accounts_call(add_alias, root, address, targets)
     click.echo(f"qrelay: {address.lower()} → {', '.join(x[1:] for x in lines)} ({path.name})")
@@ -407,7 +561,7 @@ def alias_add(root: str, address: str, targets: tuple[str, ...]) -> None:
 @_ROOT
 @click.argument("address", metavar="NAME@DOMAIN")
 def alias_del(root: str, address: str) -> None:
-    """Remove an alias (its .qmail-NAME file)."""
+    """Remove an alias (its .qmail-NAME file in the domain directory)."""
     from engine.accounts.admin import delete_alias
     path = _accounts_call(delete_alias, root, address)
     click.echo(f"qrelay: deleted alias {address.lower()} ({path.name})")
@@ -417,7 +571,10 @@ def alias_del(root: str, address: str) -> None:
 @_ROOT
 @click.argument("name", metavar="DOMAIN")
 def alias_list(root: str, name: str) -> None:
-    """List DOMAIN's aliases and their lines."""
+    """List DOMAIN's aliases and their lines.
+
+    Reads the domain directory's .qmail-* files; writes nothing.
+    """
     from engine.accounts.admin import list_aliases
     for address, lines in _accounts_call(list_aliases, root, name):
         click.echo(f"{address}\t{' '.join(lines)}")
@@ -426,7 +583,11 @@ def alias_list(root: str, name: str) -> None:
 @cli.command()
 @_ROOT
 def newu(root: str) -> None:
-    """Compile users/assign into users/cdb (qmail-newu)."""
+    """Compile users/assign into users/cdb (qmail-newu).
+
+    Reads ROOT/users/assign; writes ROOT/users/cdb (atomically). When both
+    exist, the cdb is what deliveries read, as in qmail.
+    """
     from engine.accounts.admin import newu as compile_users
     count = _accounts_call(compile_users, root)
     click.echo(f"qrelay: wrote {root}/users/cdb ({count} assignments)")
