@@ -384,8 +384,8 @@ def test_a_world_writable_home_then_dotqmail_defer_until_fixed_and_flushed(start
 
 def test_200_concurrent_deliveries_to_one_mailbox_are_200_intact_files(start, root):
     # As many deliveries at once as the scheduler and the worker's threads allow.
-    (root / "control" / "concurrencylocal").write_text("100\n")
-    q = start("per_destination_concurrency = 100\n")
+    (root / "control" / "concurrencylocal").write_text("200\n")
+    q = start("per_destination_concurrency = 200\n")
     bodies = {f"c{i:03d}": body_of(f"c{i:03d}", 2_000 + 37 * i) for i in range(200)}
 
     def session(tags: list[str]) -> None:
