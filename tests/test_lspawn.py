@@ -345,8 +345,7 @@ def test_kill9_of_everything_mid_delivery_then_restart_delivers_every_accepted_m
 def flush(root: Path) -> str:
     r = run_cli("flush", str(root))
     assert r.returncode == 0, r.stderr
-    assert re.fullmatch(r"qrelay: \d+ deferred recipients due now; woke the scheduler \(pid \d+\)\n",
-                        r.stdout), r.stdout
+    assert re.match(r"qrelay: \d+ deferred recipients due now; woke the scheduler", r.stdout), r.stdout
     return r.stdout
 
 
