@@ -34,6 +34,26 @@ def test_results_in_order_for_a_vpopmail_domain(tmp_path):
     assert fwd.prefix + MSG == b"Delivered-To: example.com-list@example.com\r\n" + MSG
 
 
+def test_deliver_blocking_gives_the_same_results_as_deliver(tmp_path):
+    """The spawner worker's path: one recipient in the caller's thread, several
+    in the pool; results in order, forwards included."""
+    tree, ddir = vpop_tree(tmp_path)
+    write_qmail(ddir, ".qmail-list", "&a@x.example\n")
+    courier = LocalDelivery(tree.config, tree.accounts, max_threads=2)
+    try:
+        [one] = courier.deliver_blocking("s@x.example", ["example.com-joe@example.com"], MSG)
+        many = courier.deliver_blocking("s@x.example", [
+            "example.com-nobody@example.com", "example.com-list@example.com",
+            "example.com-joe@example.com"], MSG)
+    finally:
+        courier.close()
+    assert (one.address, one.status) == ("example.com-joe@example.com", "K")
+    assert [(r.address, r.status) for r in many] == [
+        ("example.com-nobody@example.com", "D"), ("example.com-list@example.com", "K"),
+        ("example.com-joe@example.com", "K")]
+    assert many[1].forwards[0].recipients == ("a@x.example",)
+
+
 def test_assignment_for_tells_the_spawner_the_uid(tmp_path):
     tree, ddir = vpop_tree(tmp_path)
     courier = LocalDelivery(tree.config, tree.accounts, max_threads=1)

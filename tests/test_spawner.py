@@ -121,6 +121,69 @@ def test_worker_server_answers_jobs_bad_frames_and_stops_on_an_oversized_one(cap
     assert "over the" in capfd.readouterr().err
 
 
+class FakeBlocking:
+    """A deliverer with deliver_blocking (the local channel's shape): jobs must
+    run in the server's threads, never through the async deliver()."""
+    threads = 3
+
+    def __init__(self) -> None:
+        import threading
+        self.calls = []
+        self.threads_seen = set()
+        self.lock = threading.Lock()
+        self.running = self.most = 0
+
+    async def deliver(self, domain, sender, rcpts, message):
+        raise AssertionError("the async path was taken")
+
+    def deliver_blocking(self, domain, sender, rcpts, message):
+        import threading
+        self.threads_seen.add(threading.current_thread().name)
+        if domain == "bug.test":
+            raise RuntimeError("deliverer bug")
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        time.sleep(0.1)
+        with self.lock:
+            self.running -= 1
+            self.calls.append((domain, sender, list(rcpts), message))
+        return [RecipientResult(r, "K", f"ok {r}\n") for r in rcpts]
+
+
+def test_worker_server_runs_a_blocking_deliverers_jobs_in_its_threads():
+    deliverer = FakeBlocking()
+
+    async def main():
+        a, b = socket.socketpair()
+        reader, writer = await asyncio.open_unix_connection(sock=a)
+        server = WorkerServer(FakeSpool(), deliverer, reader, writer)
+        serving = asyncio.ensure_future(server.serve())
+        creader, cwriter = await asyncio.open_unix_connection(sock=b)
+        for i in range(1, 7):
+            cwriter.write(encode_job(i, 7, Group("local", 7, "d.test", "a@s.test", (f"u{i}@d.test",)),
+                                     None))
+        cwriter.write(encode_job(7, 404, Group("local", 404, "d.test", "a@s.test", ("x@d.test",)),
+                                 None))
+        cwriter.write(encode_job(8, 1, Group("local", 1, "bug.test", "a@s.test", ("x@bug.test",)),
+                                 b"inline\r\n"))
+        answers = {}
+        for _ in range(8):
+            jobid, status, payload = decode_result(await ipc.read_frame(creader, MAX_FRAME))
+            answers[jobid] = (status, payload)
+        for i in range(1, 7):
+            assert answers[i] == (OK, [RecipientResult("", "K", f"ok u{i}@d.test\n")])
+        assert answers[7] == (OK, [RecipientResult("", "Z", UNREADABLE_TEXT)])
+        assert answers[8][0] == BAD_JOB and "deliverer bug" in answers[8][1]
+        cwriter.close()
+        await asyncio.wait_for(serving, 5)          # the scheduler closed: returns
+        writer.close()
+    asyncio.run(main())
+    assert len(deliverer.calls) == 6 and 2 <= len(deliverer.threads_seen) <= 3
+    assert deliverer.most >= 2      # jobs overlapped, at most `threads` at once
+    assert all(name.startswith("qrelay-job") for name in deliverer.threads_seen)
+
+
 def test_one_domain_always_maps_to_one_worker():
     pool = Spawner("/nonexistent", 3, "remote")
     slots = {pool.worker_for(f"d{i}.test") for i in range(50)}

@@ -38,11 +38,18 @@ class LocalDeliverer:
 
     async def deliver(self, destination: str, sender: str, recipients: Sequence[str],
                       message: bytes) -> list[RecipientResult]:
-        got = await self.delivery.deliver(sender, list(recipients), message)
-        return [RecipientResult(r.address, r.status, r.text,
-                                tuple(Forward(f.sender, tuple(f.recipients), f.prefix)
-                                      for f in r.forwards))
-                for r in got]
+        return _channel_results(await self.delivery.deliver(sender, list(recipients), message))
+
+    @property
+    def threads(self) -> int:
+        """Whole jobs a spawner worker may run at once through deliver_blocking."""
+        return self.delivery.max_threads
+
+    def deliver_blocking(self, destination: str, sender: str, recipients: Sequence[str],
+                         message: bytes) -> list[RecipientResult]:
+        """deliver() in the caller's thread (engine.delivery.spawner runs whole
+        jobs in threads: no event-loop round trip per recipient)."""
+        return _channel_results(self.delivery.deliver_blocking(sender, list(recipients), message))
 
     def user_of(self, recipient: str) -> tuple[int, int] | None:
         """The (uid, gid) `recipient`'s delivery runs as; None when nothing is to
@@ -57,6 +64,13 @@ class LocalDeliverer:
 
     async def close(self) -> None:
         await asyncio.to_thread(self.delivery.close)
+
+
+def _channel_results(got) -> list[RecipientResult]:
+    return [RecipientResult(r.address, r.status, r.text,
+                            tuple(Forward(f.sender, tuple(f.recipients), f.prefix)
+                                  for f in r.forwards))
+            for r in got]
 
 
 def open_deliverer(root, settings=None, log=None) -> LocalDeliverer:

@@ -45,6 +45,7 @@ import socket
 import sys
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from engine import ipc
@@ -135,7 +136,12 @@ class WorkerServer:
 
     `spool` reads the message of a job that does not carry it (None: every
     job must carry it); `deliverer.deliver(destination, sender, recipients,
-    message)` delivers it."""
+    message)` delivers it. A deliverer whose work is blocking file and
+    program I/O (local) may offer `deliver_blocking(...)` (same arguments and
+    results) and `threads`: each job then runs whole in one of that many
+    threads — delivery and its result frame — and only the frames pass
+    through the event loop (per job, an asyncio task and a future chained
+    across threads cost more CPU than the Maildir delivery's own Python)."""
 
     def __init__(self, spool, deliverer, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter, max_frame: int = MAX_FRAME) -> None:
@@ -145,10 +151,16 @@ class WorkerServer:
         self.writer = writer
         self.max_frame = max_frame
         self._tasks: set[asyncio.Task] = set()
+        self._blocking = getattr(deliverer, "deliver_blocking", None)
+        self._pool: ThreadPoolExecutor | None = None
+        if self._blocking is not None:
+            self._pool = ThreadPoolExecutor(max_workers=max(1, deliverer.threads),
+                                            thread_name_prefix="qrelay-job")
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def serve(self) -> None:
         """Until the scheduler closes the socket (or a frame breaks the protocol)."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         try:
             while True:
                 try:
@@ -160,6 +172,9 @@ class WorkerServer:
                     return
                 if body is None:
                     return
+                if self._pool is not None:
+                    self._start_blocking(body)
+                    continue
                 task = loop.create_task(self._job(body))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -168,6 +183,42 @@ class WorkerServer:
                 task.cancel()
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self._pool is not None:
+                # Jobs not started yet get no answer (the spawner fails them:
+                # deferred); running ones finish in their threads, and
+                # deliverer.close() waits for them.
+                self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _start_blocking(self, body: bytes) -> None:
+        """A job for deliver_blocking: decoded (and its message read) here, run
+        and answered in a pool thread."""
+        try:
+            jobid, group, message = decode_job(body)
+        except ipc.FrameError as exc:
+            jobid = job_id(body)
+            if jobid is not None:
+                self._send(encode_error(jobid, BAD_JOB, f"bad job frame: {exc}"))
+            return
+        if message is None:
+            try:
+                message = self.spool.read_message(group.msgid)
+            except Exception:  # SpoolError, LMDB trouble, no spool: the scheduler decides
+                self._send(encode_results(jobid, all_results(group.recipients, "Z",
+                                                             UNREADABLE_TEXT)))
+                return
+        self._pool.submit(self._run_blocking, jobid, group, message)
+
+    def _run_blocking(self, jobid: int, group: Group, message: bytes) -> None:
+        try:
+            frame = encode_results(jobid, self._blocking(group.destination, group.sender,
+                                                         group.recipients, message))
+        except Exception as exc:
+            # A bug in a deliverer costs a retry of this job only.
+            frame = encode_error(jobid, BAD_JOB, f"delivery failed: {exc!r}")
+        try:
+            self._loop.call_soon_threadsafe(self._send, frame)
+        except RuntimeError:
+            pass  # the loop is gone (worker stopping): the spawner defers the job
 
     async def _job(self, body: bytes) -> None:
         try:

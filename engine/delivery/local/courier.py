@@ -366,6 +366,7 @@ class LocalDelivery:
         self.config = config
         self.accounts = accounts
         self.writer = writer or MaildirWriter(config.hostname)
+        self.max_threads = max(1, max_threads)
         self._executor = ThreadPoolExecutor(max_workers=max(1, max_threads),
                                             thread_name_prefix="qrelay-local")
 
@@ -381,6 +382,20 @@ class LocalDelivery:
     def deliver_sync(self, sender: str, recipient: str, message: bytes) -> LocalResult:
         return deliver_one(self.config, self.accounts, sender, recipient, message,
                            writer=self.writer)
+
+    def deliver_blocking(self, sender: str, recipients: Sequence[str],
+                         message: bytes) -> list[LocalResult]:
+        """`deliver()` for a caller that is itself a thread of its own (a spawner
+        worker's): one recipient is delivered right here, several in parallel
+        in the pool, as `deliver()` does. Never call it from the pool's threads."""
+        body = to_lf(bytes(message))
+        if len(recipients) == 1:
+            return [deliver_one(self.config, self.accounts, sender, recipients[0], body,
+                                writer=self.writer, lf=True)]
+        calls = [self._executor.submit(deliver_one, self.config, self.accounts, sender, r, body,
+                                       writer=self.writer, lf=True)
+                 for r in recipients]
+        return [c.result() for c in calls]
 
     async def deliver(self, sender: str, recipients: Sequence[str], message: bytes, *,
                       msgid: int = 0) -> list[LocalResult]:
