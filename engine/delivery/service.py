@@ -1,8 +1,8 @@
 """The scheduler process of `qrelay run` (qmail-send + qmail-rspawn's roles).
 
 Owns the process-level wiring only: signal handlers, opening the spool and
-the log, the uvloop event loop, the pid file `ROOT/log/scheduler.pid` that
-`qrelay flush` signals, and the ChildSpec the supervisor starts. The work is
+the log, the uvloop event loop, reloading the delivery side's configuration
+(`DeliveryConfig`), and the ChildSpec the supervisor starts. The work is
 done by `engine.delivery.scheduler.Scheduler` with one courier per channel
 (`open_couriers`: each channel's deliverer in this process, or a `Spawner`
 of delivery worker processes).
