@@ -160,9 +160,11 @@ def test_root_defaults_to_qrelay_root_and_n_prints_instead_of_queueing(root):
 
 def test_inject_goes_through_a_running_spool_writer(root):
     from tests.smtp_harness import RunningQrelay
+    from tests.test_delivery_e2e import wait_for
     server = RunningQrelay(root, procs=1)
     try:
-        assert (root / "queue" / "writer.sock").exists()
+        # The receivers greet before the writer may have its socket up.
+        wait_for(lambda: (root / "queue" / "writer.sock").exists(), what="the spool writer's socket")
         done = inject(root, "bob@example.net", data=b"Subject: live\n\nhi\n")
         assert done.returncode == 0, done.stderr
     finally:
