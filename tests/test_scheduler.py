@@ -497,3 +497,30 @@ def test_reload_of_queuelifetime_applies_to_the_next_deferral(env):
     # ...but past a 60 s one: the deferral became a failure (and a bounce).
     assert any(t.endswith("I'm_not_going_to_try_again;_this_message_has_been_in_the_queue_too_long./")
                for t in log_texts(tmp))
+
+
+def test_flush_during_an_attempt_makes_its_deferral_due_at_once(env):
+    """qmail's ALRM is for everything deferred; an attempt running when it comes
+    and deferring just after is tried once more at once, not at its next slot
+    (400 s here); that next try defers on the normal schedule."""
+    sched, spool, remote, clock, log, tmp = env
+    remote.down.add("d1.test")
+
+    async def scenario():
+        sched._wake = asyncio.Event()
+        remote.gate = asyncio.Event()
+        mid = spool.enqueue(Envelope("a@src.test", ("x@d1.test",)), MSG)
+        deadline = time.monotonic() + 10
+        while remote.running == 0 and time.monotonic() < deadline:
+            sched.run_pass()
+            await asyncio.sleep(0.002)
+        assert remote.running == 1
+        sched.request_flush()
+        remote.gate.set()
+        await settle(sched)
+        return mid
+
+    mid = asyncio.run(scenario())
+    assert len(remote.calls) == 2                     # the flushed attempt, then one more at once
+    r = spool.message_info(mid).recipients[0]
+    assert r.state == "deferred" and r.attempts == 2 and r.next_try == T0 + 400

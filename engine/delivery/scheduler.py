@@ -374,6 +374,9 @@ class Scheduler:
         self._tasks: set[asyncio.Task] = set()
         self._wake: asyncio.Event | None = None
         self._flush_requested = False
+        # Monotonic time of the last flush request: an attempt already running
+        # then, which defers, is due again at once (the flush was meant for it too).
+        self._flushed_at = float("-inf")
         self._stopping = False
         self.delivered = self.deferrals = self.failures = 0
 
@@ -388,8 +391,10 @@ class Scheduler:
 
     # --- control from outside (signal handlers call these in the loop) -------------
     def request_flush(self) -> None:
-        """qmail's ALRM: every deferred recipient is due now."""
+        """qmail's ALRM: every deferred recipient is due now, and so is every
+        recipient whose running attempt defers after this."""
         self._flush_requested = True
+        self._flushed_at = self.monotonic()
         self.wake()
 
     def stop(self) -> None:
@@ -601,6 +606,7 @@ class Scheduler:
 
     async def _deliver(self, lane: Lane, domain: str, jobs: list[Job], numbers: list[int]) -> None:
         opened = self.clock()
+        opened_mono = self.monotonic()
         first = jobs[0]
         group = Group(lane.name, first.msgid, domain, wire_sender(first.sender),
                       tuple(j.address for j in jobs))
@@ -623,6 +629,8 @@ class Scheduler:
             retry = self.config.retry
             dying = retry.is_dying(first.birth, opened)
             next_try = retry.next_try(first.birth, opened, lane.name)
+            if self._flushed_at >= opened_mono:
+                next_try = self.clock()   # flushed while running: one more try now
             for job, got, number in zip(jobs, results, numbers):
                 status, text = retry.final_result(got.status, got.text, dying)
                 if status == "K":
@@ -662,6 +670,7 @@ class Scheduler:
         if not self._results:
             return
         batch, self._results = self._results, []
+        now = self.clock()
         recovered: set[tuple[Lane, str]] = set()
         for lane, domain, number, result, status, text in batch:
             self.log.delivery(number, status, text)
@@ -671,6 +680,8 @@ class Scheduler:
             elif isinstance(result, Deferred):
                 self.deferrals += 1
                 self.deferred.add((lane.name, domain), result.msgid)
+                if result.next_try <= now:
+                    lane.scan_after = None  # due at once (a flush): may sort before the watermark
             else:
                 self.failures += 1
         results = [r for _, _, _, r, _, _ in batch]
@@ -690,7 +701,6 @@ class Scheduler:
             if f is not None:
                 self._complete(f)
         if recovered:
-            now = self.clock()
             for lane, domain in recovered:
                 self._recover_domain(lane, domain, now)
 
