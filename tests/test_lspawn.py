@@ -445,10 +445,6 @@ def within(pred, seconds: float) -> bool:
         return False
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a local worker outlives its scheduler: setuid() clears the parent-death signal "
-    "follow_parent() asked for (spawner.worker_main drops privileges after it), and on "
-    "EOF or TERM the worker still waits for the delivery thread running the program"))
 def test_a_busy_local_worker_dies_with_its_scheduler(start, gate, root):
     q = start()
     with smtplib.SMTP("127.0.0.1", q.port, timeout=10) as s:

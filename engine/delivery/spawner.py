@@ -292,6 +292,9 @@ def worker_main(root: str, fd: int, parent_pid: int, channel: str,
         deliverer = channel_spec(channel).open(rootp, settings)
         if user is not None:
             drop_privileges(*user)
+            # setuid() cleared the parent-death signal: ask again.
+            if not follow_parent(parent_pid):
+                return 0
     except Exception as exc:  # a config error, or a bug: one line, and the spawner retries
         sys.stderr.write(f"qrelay: {channel} delivery worker cannot start: {exc}\n")
         sock.close()
@@ -555,5 +558,11 @@ if __name__ == "__main__":
         sys.stderr.write("usage: python -m engine.delivery.spawner ROOT FD PARENT_PID CHANNEL "
                          "MAX_FRAME [UID GID]\n")
         sys.exit(2)
-    sys.exit(worker_main(args[0], int(args[1]), int(args[2]), args[3],
-                         (int(args[5]), int(args[6])) if len(args) == 7 else None, int(args[4])))
+    status = worker_main(args[0], int(args[1]), int(args[2]), args[3],
+                         (int(args[5]), int(args[6])) if len(args) == 7 else None, int(args[4]))
+    # Not sys.exit: the interpreter would wait for delivery threads still busy
+    # (a |program that never ends) after the scheduler has gone; their
+    # recipients are the scheduler's to retry (at least once).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
