@@ -304,9 +304,11 @@ class QmailSendLog:
                 pass
 
 
-def _plain(text: str) -> str:
-    # One line, printable: a LF becomes '/' as in logsafe, other controls '_'.
-    return "".join("/" if c == "\n" else "_" if c < " " or c == "\x7f" else c for c in text)
+def readable(reason: object) -> str:
+    """A whole worded line (an alert, another part's warning) as one printable
+    ASCII log line: spaces kept, a LF as '/' (logsafe's choice), other
+    controls and non-ASCII as '_'."""
+    return "".join("/" if c == "\n" else c if " " <= c < "\x7f" else "_" for c in str(reason))
 
 
 class LogHandler(logging.Handler):
@@ -325,7 +327,7 @@ class LogHandler(logging.Handler):
             word = ("info" if record.levelno < logging.WARNING else
                     "warning" if record.levelno < logging.ERROR else "alert")
             name = record.name.removeprefix("qrelay.")
-            self.log.line(f"{word}: {name}: {_plain(record.getMessage())}")
+            self.log.line(f"{word}: {name}: {readable(record.getMessage())}")
             self.log.flush()
         except Exception:
             self.handleError(record)

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.log import readable
 from engine.supervisor import ChildSpec
 
 PID_FILE = "scheduler.pid"
@@ -100,12 +101,6 @@ def load_delivery_config(root: Path | str) -> DeliveryConfig:
     return DeliveryConfig(settings, domains, scheduler, remote)
 
 
-def readable(reason: object) -> str:
-    """A reason as one printable ASCII log line: spaces kept (qmail-send's own
-    `alert: cannot start: ...` texts have them), controls and non-ASCII as `_`."""
-    return "".join(c if " " <= c < "\x7f" else "_" for c in str(reason))
-
-
 def delivery_fingerprint(root: Path | str) -> tuple:
     from engine.config.control import stat_fingerprint
     return stat_fingerprint(root, DELIVERY_FILES)
@@ -143,7 +138,10 @@ def run_scheduler(root: Path) -> int:
         log = QmailSendLog(root / "log", max_bytes=settings.log.max_bytes,
                            max_files=settings.log.max_files)
         config = load_delivery_config(root)   # a bad smtproutes or DNS setting stops the start here
-        spool = Spool(root / "queue", config.settings.spool)
+        # The spool's warnings (a quarantined message, a stopped writer's
+        # tail indexed) are worded lines of their own: into qmail-send's log.
+        spool = Spool(root / "queue", config.settings.spool,
+                      warn=lambda text: log.line(readable(text)))
     except (SettingsError, DeliveryConfigError, SpoolError, OSError) as exc:
         # The reason goes to the log and to stderr (the supervisor's, so the
         # operator sees why the scheduler keeps restarting, not just its status).
