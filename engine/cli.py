@@ -11,14 +11,8 @@ import os
 import click
 
 from engine import __version__
-from engine.home import HomeError, init_home
+from engine.home import DEFAULT_ROOT, HomeError, default_root, init_home
 
-DEFAULT_ROOT = "/var/qrelay"
-
-
-def default_root() -> str:
-    """ROOT when none is given: $QRELAY_ROOT, else /var/qrelay."""
-    return os.environ.get("QRELAY_ROOT") or DEFAULT_ROOT
 
 
 class _RootFirstCommand(click.Command):
@@ -616,7 +610,7 @@ def _split_root(words: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
     """[ROOT] RECIPIENT...: the first word is ROOT when it is a path (has a `/`
     and no `@`) or a directory with control/; else ROOT is $QRELAY_ROOT or /var/qrelay."""
     import os
-    from engine.inject import default_root
+
     if words:
         first = words[0]
         if ("/" in first and "@" not in first) or os.path.isdir(os.path.join(first, "control")):

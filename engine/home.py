@@ -13,7 +13,17 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Mapping
 from pathlib import Path
+
+# Where every command looks when no ROOT is given (and $QRELAY_ROOT is unset).
+DEFAULT_ROOT = "/var/qrelay"
+
+
+def default_root(env: Mapping[str, str] | None = None) -> str:
+    """ROOT when none is given: $QRELAY_ROOT, else /var/qrelay."""
+    env = os.environ if env is None else env
+    return env.get("QRELAY_ROOT") or DEFAULT_ROOT
 
 # Values qmail uses when a file is absent; written out so an operator sees them.
 DEFAULT_CONTROLS = {

@@ -67,10 +67,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from engine.home import default_root
 from engine.received import date822, queue_received_line
 
 OK, PERMANENT, TEMPORARY, EX_USAGE = 0, 100, 111, 64
-DEFAULT_ROOT = "/var/qrelay"
 
 
 class InjectError(Exception):
@@ -79,12 +79,6 @@ class InjectError(Exception):
     def __init__(self, text: str, status: int = PERMANENT) -> None:
         super().__init__(text)
         self.status = status
-
-
-def default_root(env: Mapping[str, str] | None = None) -> str:
-    """`$QRELAY_ROOT`, else /var/qrelay."""
-    env = os.environ if env is None else env
-    return env.get("QRELAY_ROOT") or DEFAULT_ROOT
 
 
 # --------------------------------------------------------------------------- names

@@ -42,6 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from engine.proctitle import set_title
 from engine.smtp.connlimit import ConnectionTable
 from engine.smtp.listeners import ListenAddress, bind_listeners, bound_address
 from engine.supervisor import ChildSpec, Supervisor
@@ -68,6 +69,7 @@ def _spool_writer(root: Path, settings: Any) -> ChildSpec:
     from engine.queue.writer import run_writer
 
     def writer_main(slot: int) -> None:
+        set_title("qrelay: spool writer")
         run_writer(root / "queue", settings=settings.spool,
                    drain_seconds=settings.smtp.shutdown_grace + 1.0)
     return ChildSpec("spool-writer", target=writer_main, forward_signals=frozenset(),
@@ -228,6 +230,7 @@ def serve(root: Path, listen: list[ListenAddress], procs: int,
           announce: Callable[[list[ListenAddress]], None]) -> int:
     """Run qrelay in the foreground until TERM/INT; returns the exit status.
     Raises ConfigError / ListenError / AlreadyRunning before anything starts."""
+    set_title(f"qrelay: supervisor {root}")
     from engine.delivery.service import delivery_fingerprint
     from engine.smtp.config import config_fingerprint, load_smtp_config
 

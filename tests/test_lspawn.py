@@ -167,10 +167,9 @@ def assert_nothing_partial(root: Path, bodies: dict[str, bytes]) -> None:
 def is_local_worker(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
+            return f.read().startswith(b"qrelay: delivery worker local")
     except OSError:
         return False
-    return b"engine.delivery.spawner" in argv and b"local" in argv
 
 
 def local_workers(root: Path) -> list[int]:

@@ -224,7 +224,7 @@ def relay(root: Path, dns):
 def is_worker(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"engine.delivery.spawner" in f.read()
+            return b"qrelay: delivery worker" in f.read()
     except OSError:
         return False
 

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.log import readable
+from engine.proctitle import set_title
 from engine.supervisor import ChildSpec
 
 PID_FILE = "scheduler.pid"
@@ -122,6 +123,7 @@ def scheduler_main(root: str) -> None:
     configuration error (after logging `alert: cannot start: ...`)."""
     signal.signal(signal.SIGALRM, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    set_title("qrelay: scheduler")
     sys.exit(run_scheduler(Path(root)))
 
 

@@ -265,8 +265,10 @@ def worker_main(root: str, fd: int, parent_pid: int, channel: str,
                 user: tuple[int, int] | None, max_frame: int) -> int:
     """Body of one worker process (after exec); exit status 0, or 111 if it
     cannot start."""
+    from engine.proctitle import set_title
     from engine.supervisor import follow_parent
 
+    set_title(f"qrelay: delivery worker {channel}")
     # The scheduler alone takes ALRM/HUP; INT (a terminal's ^C to the whole
     # group) is the supervisor's to turn into an orderly TERM.
     for sig in (signal.SIGHUP, signal.SIGALRM, signal.SIGINT):
