@@ -17,9 +17,10 @@ receivers whose last messages it commits. One `qrelay run` per root: the
 supervisor holds queue/lock/sendmutex as qmail-send does, with its pid written
 in it; every tool finds the running instance through that lock
 (`running_instance`), never through a pid file. A service that is no receiver
-closes its inherited copy of the listening sockets at once. Everything the
-supervisor and the receivers log goes to ROOT/log beside qmail-send's lines
-(engine.log.LogHandler), and to stderr.
+closes its inherited copy of the listening sockets at once. What the
+supervisor and the spool log goes to ROOT/log/current beside qmail-send's
+lines (engine.log.LogHandler), and to stderr; the receivers write their
+connection and refusal lines to ROOT/log/smtpd/current.
 
 Before it takes the lock or binds a port, `serve` checks that every service
 can start with the configuration it has (`check_services`: the receivers'
@@ -90,7 +91,8 @@ def _without_listeners(spec: ChildSpec, sockets: list[socket.socket]) -> ChildSp
 
 
 def _log_to_root(root: Path, settings: Any) -> logging.Handler:
-    """The supervisor's and receivers' `logging` records into ROOT/log."""
+    """The `logging` records of the supervisor and of its forks that have no
+    log of their own (the spool writer, a receiver that cannot start) into ROOT/log."""
     from engine.log import LogHandler, QmailSendLog
     handler = LogHandler(QmailSendLog(root / "log", max_bytes=settings.log.max_bytes,
                                       max_files=settings.log.max_files))
