@@ -187,52 +187,21 @@ Several processes: LMDB's writer lock vs a single writer process
 Chosen: **a single writer process** (engine.queue.writer). Receivers enqueue
 through `open_spool_writer(queue_dir, settings)` — a SpoolClient talking to
 `run_writer(queue_dir)` over QUEUE/writer.sock — and the writer's Spool
-group-commits the messages of all receivers together. The alternative, every
-receiver opening the spool and taking LMDB's cross-process writer lock, was
-measured against it with bench/spool_writer_proto.py (4 receiver processes ×
-8 producer threads, 1 KB, 2 s rounds, shared 2-core box; measured before the
-commit became one sync per path, when segment sync and index commit ran one
-after the other and LMDB synced its meta page too):
-
-| disk | LMDB writer lock | single writer (SpoolClient) | writer ÷ lock |
-|---|---|---|---|
-| plain | 9,126 / 4,999 msg/s | 12,355 / 7,568 msg/s | 1.35 / 1.51 |
-| every sync +5 ms (LD_PRELOAD shim) | 352 / 335 msg/s | 1,194 / 1,070 msg/s | 3.4 / 3.2 |
-
-Why: with the lock, each process commits its own (smaller) batches and each
-commit holds the lock through LMDB's syncs, so the processes queue for
-it; the single writer makes one batch of everyone's messages, so a slow disk
-costs each message one commit's latency, not N. The price — one more hop
-through a socket and one process every receiver depends on — is small and
-covered: if the writer is unreachable a receiver commits directly (the LMDB
-lock makes that safe beside a running writer) and retries the writer every
-second; requests in flight when the writer dies fail with SpoolWriteError
-(451) and the client resends. The scheduler, qstat and qread keep opening
-the spool directly (reads and marks), which LMDB's lock serialises with
-the writer.
-Setting `spool.single_writer = false` makes open_spool_writer return a direct
-Spool (the measured alternative).
-
-Measured again through `qrelay run` (bench/bench_ingest.py, 2 receivers, 20
-SMTP sessions, 1 KB, quiet machine): plain disk, writer 3,940-3,990 msg/s vs
-direct 4,620-4,630 msg/s (the extra hop costs ~15 % of CPU on 2 cores); every
-sync +5 ms (`--slow-sync-ms 5`), writer 700 msg/s vs direct 476 msg/s (1.47x).
-With the one-sync commit (32 sessions, 8,000 messages, two rounds): plain,
-writer 3,660-4,830 vs direct 5,300-5,760 msg/s; sync +5 ms, writer
-2,510-2,600 vs direct 1,440-1,460 msg/s (1.75x).
-Since the 250 comes at the segment sync (index commits off the answer's
-path, several syncs in flight), the margin has reversed (same commands,
-alternating, quiet machine): 32 sessions, sync +5 ms, writer 3,450-3,640 vs
-direct 3,590-3,860 msg/s; 128 sessions, sync +5 ms, writer 5,350-5,770 vs
-direct 6,240-6,620; 32 sessions, plain, writer 3,720-3,910 vs direct
-3,520-4,870. End to end on the slow disk, with the scheduler's delivery
-marks taking LMDB's lock beside the receivers' index commits
-(`bench_relay_e2e.py -m 10000 --queue 12000 --ingest 3000 --rounds 2
---slow-sync-ms 5 [--spool-setting single_writer=false]`, one run each):
-relay writer 1,620 vs direct 1,730 msg/s, ingest 2,310 vs 2,490, drain
-4,870 vs 4,760. The differences are within this machine's noise, so the
-default stays the writer until a larger measurement decides; switching is
-one setting.
+group-commits the messages of all receivers together. The alternative is
+every receiver opening the spool and taking LMDB's cross-process writer
+lock: then each process commits its own smaller batches, each commit holding
+the lock through its sync, so on a slow disk the processes queue for it; the
+single writer makes one batch of everyone's messages. The price — one more
+hop through a socket and one process every receiver depends on — is small
+and covered: if the writer is unreachable a receiver commits directly (the
+LMDB lock makes that safe beside a running writer) and retries the writer
+every second; requests in flight when the writer dies fail with
+SpoolWriteError (451) and the client resends. The scheduler, qstat and qread
+keep opening the spool directly (reads and marks), which LMDB's lock
+serialises with the writer. `spool.single_writer = false` makes
+open_spool_writer return a direct Spool. The measurements behind the choice
+(bench/spool_writer_proto.py, bench/bench_ingest.py, bench/bench_relay_e2e.py)
+are in the README's Development section.
 """
 from engine.queue.records import FORMAT_VERSION
 from engine.queue.spool import (Deferred, Delivered, Envelope, Failed, Finished, Job,
