@@ -189,24 +189,31 @@ class WorkerServer:
                 # deliverer.close() waits for them.
                 self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _start_blocking(self, body: bytes) -> None:
-        """A job for deliver_blocking: decoded (and its message read) here, run
-        and answered in a pool thread."""
+    def _decoded(self, body: bytes) -> tuple[int, Group, bytes] | None:
+        """A job frame's id, group and message (read from the spool when the
+        frame does not carry it); None after answering a job that cannot run."""
         try:
             jobid, group, message = decode_job(body)
         except ipc.FrameError as exc:
             jobid = job_id(body)
             if jobid is not None:
                 self._send(encode_error(jobid, BAD_JOB, f"bad job frame: {exc}"))
-            return
+            return None
         if message is None:
             try:
                 message = self.spool.read_message(group.msgid)
             except Exception:  # SpoolError, LMDB trouble, no spool: the scheduler decides
                 self._send(encode_results(jobid, all_results(group.recipients, "Z",
                                                              UNREADABLE_TEXT)))
-                return
-        self._pool.submit(self._run_blocking, jobid, group, message)
+                return None
+        return jobid, group, message
+
+    def _start_blocking(self, body: bytes) -> None:
+        """A job for deliver_blocking: decoded (and its message read) here, run
+        and answered in a pool thread."""
+        job = self._decoded(body)
+        if job is not None:
+            self._pool.submit(self._run_blocking, *job)
 
     def _run_blocking(self, jobid: int, group: Group, message: bytes) -> None:
         try:
@@ -221,20 +228,10 @@ class WorkerServer:
             pass  # the loop is gone (worker stopping): the spawner defers the job
 
     async def _job(self, body: bytes) -> None:
-        try:
-            jobid, group, message = decode_job(body)
-        except ipc.FrameError as exc:
-            jobid = job_id(body)
-            if jobid is not None:
-                self._send(encode_error(jobid, BAD_JOB, f"bad job frame: {exc}"))
+        job = self._decoded(body)
+        if job is None:
             return
-        if message is None:
-            try:
-                message = self.spool.read_message(group.msgid)
-            except Exception:  # SpoolError, LMDB trouble, no spool: the scheduler decides
-                self._send(encode_results(jobid, all_results(group.recipients, "Z",
-                                                             UNREADABLE_TEXT)))
-                return
+        jobid, group, message = job
         try:
             results = await self.deliverer.deliver(group.destination, group.sender,
                                                    group.recipients, message)
