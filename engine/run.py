@@ -117,9 +117,9 @@ def hold_queue(root: Path) -> int:
     delivering every message twice. The holder's pid is written into the file
     (for the refusal and for `running_instance`). The kernel drops the lock with
     the last process holding it, so a kill -9 leaves nothing to clean up."""
-    lock_dir = root / "queue" / "lock"
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_dir / "sendmutex", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    path = root / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     # A `qrelay flush` probing the lock holds it for a moment: try a few times.
     for attempt in range(5):
         try:

@@ -6,24 +6,14 @@ import asyncio
 import os
 import stat
 import threading
-import time
 
 import pytest
 
 from engine.delivery.local import LocalDelivery
 from engine.delivery.local.maildir import DirSync, MaildirError, MaildirWriter
+from tests.test_delivery_e2e import wait_for
 from tests.test_local_fixtures import (GID, MSG, MSG_LF, UID, accounts_at, config, make_home,
                                        make_maildir, new_messages, write_assign)
-
-
-def wait_for(pred, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.005)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def is_dir_fd(fd: int) -> bool:
