@@ -1,0 +1,90 @@
+"""The `qrelay` command group and what its subcommands share.
+
+Every subcommand reports bad input as a one-line error and a non-zero exit
+status, never a traceback. ROOT, the first argument of every command that
+has one, may be left out: it defaults to $QRELAY_ROOT, else /var/qrelay.
+"""
+from __future__ import annotations
+
+import os
+
+import click
+
+from engine import __version__
+from engine.home import DEFAULT_ROOT, default_root
+
+
+class _RootFirstCommand(click.Command):
+    """A command whose first argument is an optional ROOT (`_ROOT`).
+
+    Click fills positional arguments left to right, so `qrelay domain add
+    example.com` would take the domain for ROOT. Before parsing, this counts
+    the positional words: fewer than ROOT plus the other arguments need means
+    ROOT was left out, and default_root() is put in front. For a variable
+    argument list (`alias add [ROOT] NAME@DOMAIN TARGET...`) the first word is
+    ROOT unless it has an `@` (and is not a directory)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not ctx.resilient_parsing and not any(a in ctx.help_option_names for a in args):
+            args = self._with_root(ctx, list(args))
+        return super().parse_args(ctx, args)
+
+    def _with_root(self, ctx: click.Context, args: list[str]) -> list[str]:
+        arguments = [p for p in self.params if isinstance(p, click.Argument)]
+        if len(arguments) < 2 or arguments[0].name != "root":
+            return args     # ROOT alone (or none): click's default does it
+        try:
+            # The parser hands positional words to the arguments in order
+            # (ROOT first); collected back, they are the words as given.
+            values, extra, _ = self.make_parser(ctx).parse_args(args=list(args))
+        except click.UsageError:
+            return args     # click reports it
+        words: list[str] = []
+        for p in arguments:
+            value = values.get(p.name)
+            if isinstance(value, (tuple, list)):
+                words.extend(value)
+            elif isinstance(value, str):      # not None/UNSET: a word was there
+                words.append(value)
+        words.extend(extra)
+        others = arguments[1:]
+        least = sum(p.nargs if p.nargs > 0 else int(p.required) for p in others)
+        if any(p.nargs < 0 for p in others):
+            given = len(words) > least and ("@" not in words[0] or os.path.isdir(words[0]))
+        else:
+            given = len(words) > sum(p.nargs for p in others)
+        return args if given else [default_root(), *args]
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_epilog(ctx, formatter)
+        if any(p.name == "root" for p in self.params if isinstance(p, click.Argument)):
+            formatter.write_paragraph()
+            formatter.write_text(f"ROOT defaults to $QRELAY_ROOT, else {DEFAULT_ROOT} "
+                                 f"(here: {default_root()}).")
+
+
+class _Group(click.Group):
+    command_class = _RootFirstCommand
+    group_class = type      # subgroups (domain, user, alias) are _Group too
+
+
+# ROOT: optional, first; see _RootFirstCommand.
+ROOT = click.argument("root", type=click.Path(file_okay=False), required=False,
+                       default=default_root)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", "-V", prog_name="qrelay")
+def cli() -> None:
+    """qrelay: a fast, crash-safe mail transfer agent that reads qmail's files.
+
+    ROOT, the first argument of a command, is a qmail-style home (control/,
+    users/, queue/, log/); left out, it is $QRELAY_ROOT, else /var/qrelay.
+    `qrelay COMMAND --help` says what each command reads and writes.
+    """
+
+
+
+class BadInput(click.ClickException):
+    """One line `Error: ...` on stderr, exit status 2 (bad input, like a usage error)."""
+    exit_code = 2

@@ -1,0 +1,71 @@
+"""`qrelay init`, `newmrh`, `tcprules`: create a root and compile its control files."""
+from __future__ import annotations
+
+import click
+
+from engine.cli.base import ROOT, cli
+from engine.home import HomeError, init_home
+
+
+@cli.command()
+@ROOT
+@click.option("--me", help="this host's name (control/me); default: the system host name")
+@click.option("--force", is_flag=True, help="overwrite the control files of an existing root")
+def init(root: str, me: str | None, force: bool) -> None:
+    """Create a qmail-style home at ROOT.
+
+    Writes ROOT/control/ (me, rcpthosts, defaultdomain, locals,
+    concurrencyremote, queuelifetime, databytes, smtproutes, tcp.smtp) and
+    creates users/, queue/ and log/. Refuses a ROOT that has control/ already;
+    --force rewrites those control files and nothing else.
+    """
+    try:
+        path = init_home(root, me=me, force=force)
+    except (HomeError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"qrelay: initialised {path}")
+
+
+
+@cli.command()
+@ROOT
+def newmrh(root: str) -> None:
+    """Compile control/morercpthosts into morercpthosts.cdb (qmail-newmrh).
+
+    Reads ROOT/control/morercpthosts; writes ROOT/control/morercpthosts.cdb
+    (atomically). Only the cdb is read by `qrelay run`, as in qmail.
+    """
+    from pathlib import Path
+
+    from engine.config.cdb import CdbError, newmrh as compile_morercpthosts
+    control = Path(root) / "control"
+    if not (control / "morercpthosts").is_file():
+        raise click.ClickException(f"{control / 'morercpthosts'}: no such file")
+    try:
+        count = compile_morercpthosts(control)
+    except (CdbError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"qrelay: wrote {control / 'morercpthosts.cdb'} ({count} domains)")
+
+
+@cli.command()
+@ROOT
+def tcprules(root: str) -> None:
+    """Compile control/tcp.smtp into tcp.smtp.cdb (ucspi-tcp's tcprules).
+
+    Reads ROOT/control/tcp.smtp; writes ROOT/control/tcp.smtp.cdb (atomically).
+    When the cdb exists, `qrelay run` reads it and not the text file.
+    """
+    from pathlib import Path
+
+    from engine.config.cdb import CdbError
+    from engine.config.tcprules import RULES_CDB, RULES_TEXT, TcpRulesError, compile_rules
+    control = Path(root) / "control"
+    try:
+        text = (control / RULES_TEXT).read_bytes().decode("utf-8", "surrogateescape")
+        count = compile_rules(text, control / RULES_CDB)
+    except TcpRulesError as exc:
+        raise click.ClickException(f"{control / RULES_TEXT}: {exc}") from None
+    except (CdbError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"qrelay: wrote {control / RULES_CDB} ({count} keys)")

@@ -1,0 +1,78 @@
+"""`qrelay inject`: qmail-inject (engine/inject.py does the work)."""
+from __future__ import annotations
+
+import click
+
+from engine.cli.base import cli
+from engine.home import default_root
+
+
+class _InjectFailure(click.ClickException):
+    """One line `Error: ...`, with qmail-inject's exit status (100 or 111)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.exit_code = status
+
+
+class _InjectCommand(click.Command):
+    # qmail-inject's usage errors are permanent (100) and one line.
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            raise _InjectFailure(f"usage: {exc.format_message()}", 100) from None
+
+
+def _split_root(words: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
+    """[ROOT] RECIPIENT...: the first word is ROOT when it is a path (has a `/`
+    and no `@`) or a directory with control/; else ROOT is $QRELAY_ROOT or /var/qrelay."""
+    import os
+
+    if words:
+        first = words[0]
+        if ("/" in first and "@" not in first) or os.path.isdir(os.path.join(first, "control")):
+            return first, words[1:]
+    return default_root(), words
+
+
+@cli.command(cls=_InjectCommand)
+@click.argument("words", nargs=-1, metavar="[ROOT] [RECIPIENT]...")
+@click.option("-f", "sender", metavar="SENDER", help="envelope sender ('' or '<>' = null sender)")
+@click.option("-t", "headers", is_flag=True,
+              help="also send to the header's To/Cc/Bcc (qmail-inject -H); Bcc is removed")
+@click.option("-n", "print_only", is_flag=True,
+              help="print the envelope sender and the message instead of queueing it")
+def inject(words: tuple[str, ...], sender: str | None, headers: bool, print_only: bool) -> None:
+    """Queue the message on stdin (qmail-inject).
+
+    Recipients: the RECIPIENT arguments, else the header's To/Cc/Bcc. Added when
+    missing: Date, Message-ID, From (QMAILUSER/USER/LOGNAME @ control/defaulthost),
+    and addresses are qualified with defaulthost/defaultdomain. Envelope sender:
+    -f, else QMAILSUSER or the user @ defaulthost. Reads ROOT/control, writes
+    through the spool writer (ROOT/queue/writer.sock) or the spool directly.
+    ROOT: a path first argument, else $QRELAY_ROOT, else /var/qrelay. Exit 0 once
+    the message is durable; 100 permanent error; 111 temporary (try again).
+    """
+    import sys
+    from pathlib import Path
+
+    from engine.inject import InjectError, inject as inject_message, load_spool_settings, read_message
+    root, recipients = _split_root(words)
+    base = Path(root)
+    try:
+        limit = 0
+        if (base / "control").is_dir():
+            limit = load_spool_settings(base).smtp.max_message_bytes
+        data = read_message(sys.stdin.buffer, limit)
+        prepared, _ = inject_message(base, data, sender=sender, arguments=recipients,
+                                     header_recipients=True if headers else None,
+                                     queue=not print_only)
+    except InjectError as exc:
+        raise _InjectFailure(str(exc), exc.status) from None
+    if print_only:
+        out = sys.stdout.buffer
+        out.write(b"Return-Path: <" + prepared.sender.encode("utf-8", "surrogateescape") + b">\n")
+        for rcpt in prepared.recipients:
+            out.write(b"Recipient: " + rcpt.encode("utf-8", "surrogateescape") + b"\n")
+        out.write(prepared.message.replace(b"\r\n", b"\n"))
