@@ -45,20 +45,21 @@ from typing import Any
 
 from engine.proctitle import set_title
 from engine.smtp.connlimit import ConnectionTable
-from engine.smtp.listeners import ListenAddress, bind_listeners, bound_address
+from engine.smtp.listeners import ListenAddress, Listener, bind_listeners, bound_address
 from engine.supervisor import ChildSpec, Supervisor
 
 
-def services(root: Path, config: Any, sockets: list[socket.socket], procs: int) -> list[ChildSpec]:
+def services(root: Path, config: Any, listeners: list[Listener], procs: int) -> list[ChildSpec]:
     """The children of `qrelay run`, in start order."""
     settings = config.settings
+    sockets = [listener.sock for listener in listeners]
     table = ConnectionTable(procs)
     specs = []
     if settings.spool.single_writer:
         specs.append(_without_listeners(_spool_writer(root, settings), sockets))
     from engine.smtp.receiver import receiver_main
     specs.append(ChildSpec(
-        "receiver", target=lambda slot: receiver_main(str(root), sockets, table.counter(slot)),
+        "receiver", target=lambda slot: receiver_main(str(root), listeners, table.counter(slot)),
         count=procs, on_exit=table.clear_row, forward_signals=frozenset({signal.SIGHUP})))
     if settings.scheduler.enabled:   # false: `qrelay run` only receives, mail stays queued
         from engine.delivery.service import scheduler_spec
@@ -242,10 +243,11 @@ def serve(root: Path, listen: list[ListenAddress], procs: int,
     smtp = config.settings.smtp
     mutex = hold_queue(root)
     try:
-        sockets = bind_listeners(listen)
+        listeners = bind_listeners(listen)
     except BaseException:
         os.close(mutex)
         raise
+    sockets = [listener.sock for listener in listeners]
     handler = None
     try:
         handler = _log_to_root(root, config.settings)
@@ -266,13 +268,13 @@ def serve(root: Path, listen: list[ListenAddress], procs: int,
             return False
 
         supervisor = Supervisor(
-            services(root, config, sockets, procs),
+            services(root, config, listeners, procs),
             stop_grace=smtp.shutdown_grace + 2.0,
             reload_check=control_files_changed,
             reload_poll=smtp.reload_poll_seconds,
             on_stop=lambda: [sock.close() for sock in sockets],
         )
-        announce([bound_address(s) for s in sockets])
+        announce([bound_address(listener) for listener in listeners])
         return supervisor.run()
     finally:
         for sock in sockets:

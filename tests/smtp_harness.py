@@ -47,7 +47,7 @@ class FakeSpool:
 class InProcessServer:
     """The receiver (Receiver + SmtpSession) on a uvloop loop in a thread."""
 
-    def __init__(self, root: Path, spool=None, rows: int = 1) -> None:
+    def __init__(self, root: Path, spool=None, rows: int = 1, scheme: str = "smtp") -> None:
         import uvloop
 
         from engine.smtp.config import load_smtp_config
@@ -55,6 +55,7 @@ class InProcessServer:
         from engine.smtp.receiver import Receiver
 
         self.root = root
+        self.scheme = scheme      # what the receiver serves (engine.smtp.listeners.SCHEMES)
         self.spool = spool if spool is not None else FakeSpool()
         self.table = ConnectionTable(rows)
         self.loop = uvloop.new_event_loop()
@@ -73,7 +74,8 @@ class InProcessServer:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self.receiver.serve([self.sock]))
+        from engine.smtp.listeners import Listener
+        self.loop.run_until_complete(self.receiver.serve([Listener(self.scheme, self.sock)]))
         self._started.set()
         self.loop.run_forever()
 

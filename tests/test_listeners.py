@@ -13,21 +13,30 @@ def test_parse_forms():
     assert parse_listen(":25") == ListenAddress("0.0.0.0", 25)
     assert parse_listen("[::1]:0") == ListenAddress("::1", 0)
     assert str(ListenAddress("::1", 25)) == "[::1]:25"
-    for bad in ("127.0.0.1", "127.0.0.1:x", "127.0.0.1:70000", "", "host:"):
+    assert parse_listen("smtp://127.0.0.1:25") == ListenAddress("127.0.0.1", 25, "smtp")
+    assert str(ListenAddress("127.0.0.1", 25, "smtp")) == "127.0.0.1:25"
+    for bad in ("127.0.0.1", "127.0.0.1:x", "127.0.0.1:70000", "", "host:", "smtp://", "x://:25"):
         with pytest.raises(ListenError):
             parse_listen(bad)
 
 
-def test_bind_port_zero_reports_the_real_port():
-    socks = bind_listeners([ListenAddress("127.0.0.1", 0), ListenAddress("127.0.0.1", 0)])
+def test_unknown_scheme_names_the_known_ones():
+    with pytest.raises(ListenError, match="unknown scheme 'gopher'.*smtp"):
+        parse_listen("gopher://127.0.0.1:70")
+
+
+def test_bind_port_zero_reports_the_real_port_and_keeps_the_scheme():
+    listeners = bind_listeners([ListenAddress("127.0.0.1", 0), ListenAddress("127.0.0.1", 0)])
     try:
-        ports = [bound_address(s).port for s in socks]
+        bound = [bound_address(listener) for listener in listeners]
+        ports = [b.port for b in bound]
         assert all(p > 0 for p in ports) and ports[0] != ports[1]
+        assert [b.scheme for b in bound] == ["smtp", "smtp"]
         c = socket.create_connection(("127.0.0.1", ports[0]), timeout=2)
         c.close()
     finally:
-        for s in socks:
-            s.close()
+        for listener in listeners:
+            listener.sock.close()
 
 
 def test_names_are_not_resolved_and_busy_ports_are_errors():

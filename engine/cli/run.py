@@ -4,13 +4,15 @@ from __future__ import annotations
 import click
 
 from engine.cli.base import ROOT, cli
+from engine.smtp.listeners import SCHEMES
 from engine.home import HomeError, init_home
 
 
 @cli.command()
 @ROOT
-@click.option("--listen", "listen", multiple=True, metavar="HOST:PORT",
-              help="address to accept SMTP on (repeatable; default 0.0.0.0:25; port 0 = any free port)")
+@click.option("--listen", "listen", multiple=True, metavar="[SCHEME://]HOST:PORT",
+              help="address to serve on (repeatable; default smtp://0.0.0.0:25; port 0 = any "
+                   "free port); SCHEME: " + ", ".join(SCHEMES))
 @click.option("--procs", type=click.IntRange(min=1), default=None,
               help="receiver processes (default: the number of CPUs)")
 @click.option("--dev", is_flag=True, help="create ROOT with `qrelay init` defaults if it does not exist")

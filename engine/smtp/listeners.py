@@ -1,7 +1,8 @@
-"""Listening sockets for `qrelay run --listen HOST:PORT`.
+"""Listening sockets for `qrelay run --listen [SCHEME://]HOST:PORT`.
 
 The supervisor binds them once, before forking, so port 0 works (every receiver
 shares the one real port) and a bind error is reported before anything starts.
+Each listener carries its scheme: what the receivers serve on it (SCHEMES).
 """
 from __future__ import annotations
 
@@ -13,26 +14,48 @@ class ListenError(Exception):
     """A --listen value is malformed or cannot be bound."""
 
 
+# scheme -> what a receiver serves on it (engine.smtp.receiver picks the
+# protocol). `smtp` is the default: port 25's dialogue.
+SCHEMES: dict[str, str] = {
+    "smtp": "SMTP, port 25's dialogue",
+}
+
+
 @dataclass(slots=True, frozen=True)
 class ListenAddress:
     host: str
     port: int
+    scheme: str = "smtp"
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        where = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return where if self.scheme == "smtp" else f"{self.scheme}://{where}"
+
+
+@dataclass(slots=True, frozen=True)
+class Listener:
+    """A bound, listening socket and the scheme served on it."""
+    scheme: str
+    sock: socket.socket
 
 
 def parse_listen(text: str) -> ListenAddress:
-    """`HOST:PORT`, `[IPv6]:PORT`, or `:PORT` (all IPv4 addresses)."""
-    host, sep, port = text.rpartition(":")
+    """`[SCHEME://]HOST:PORT`, `[IPv6]:PORT`, or `:PORT` (all IPv4 addresses)."""
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "smtp", text
+    if scheme not in SCHEMES:
+        raise ListenError(f"--listen {text!r}: unknown scheme {scheme!r} "
+                          f"(one of {', '.join(SCHEMES)})")
+    host, sep, port = rest.rpartition(":")
     if not sep or not port.isdigit() or int(port) > 65535:
-        raise ListenError(f"--listen {text!r}: expected HOST:PORT")
+        raise ListenError(f"--listen {text!r}: expected [SCHEME://]HOST:PORT")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    return ListenAddress(host or "0.0.0.0", int(port))
+    return ListenAddress(host or "0.0.0.0", int(port), scheme)
 
 
-def bind_listeners(addresses: list[ListenAddress], backlog: int = 1024) -> list[socket.socket]:
+def bind_listeners(addresses: list[ListenAddress], backlog: int = 1024) -> list[Listener]:
     """Bind and listen on every address (non-blocking, inheritable by forked children)."""
     sockets: list[socket.socket] = []
     try:
@@ -59,9 +82,9 @@ def bind_listeners(addresses: list[ListenAddress], backlog: int = 1024) -> list[
         for sock in sockets:
             sock.close()
         raise
-    return sockets
+    return [Listener(addr.scheme, sock) for addr, sock in zip(addresses, sockets)]
 
 
-def bound_address(sock: socket.socket) -> ListenAddress:
-    name = sock.getsockname()
-    return ListenAddress(name[0], name[1])
+def bound_address(listener: Listener) -> ListenAddress:
+    name = listener.sock.getsockname()
+    return ListenAddress(name[0], name[1], listener.scheme)

@@ -32,6 +32,7 @@ from typing import Any
 
 from engine.log import LogHandler, SmtpdLog
 from engine.smtp.connlimit import ConnectionCounter
+from engine.smtp.listeners import Listener
 from engine.smtp.remotehost import RemoteHostResolver
 from engine.smtp.session import SmtpSession
 
@@ -129,10 +130,17 @@ class Receiver:
 
     # --- serving --------------------------------------------------------------------
 
-    async def serve(self, sockets: Iterable[socket.socket]) -> None:
+    def protocol_factory(self, scheme: str) -> Callable[[], asyncio.Protocol]:
+        """What this process serves on a listener of `scheme` (listeners.SCHEMES)."""
+        if scheme == "smtp":
+            return lambda: SmtpSession(self)
+        raise ValueError(f"no protocol for listener scheme {scheme!r}")
+
+    async def serve(self, listeners: Iterable[Listener]) -> None:
         loop = asyncio.get_running_loop()
-        for sock in sockets:
-            server = await loop.create_server(lambda: SmtpSession(self), sock=sock, backlog=1024)
+        for listener in listeners:
+            server = await loop.create_server(self.protocol_factory(listener.scheme),
+                                              sock=listener.sock, backlog=1024)
             self.servers.append(server)
         self.sweeper = loop.create_task(self._sweep())
 
@@ -191,7 +199,7 @@ class Receiver:
         self.stopped.set()
 
 
-def receiver_main(root: str, sockets: list[socket.socket], counter: ConnectionCounter) -> None:
+def receiver_main(root: str, listeners: list[Listener], counter: ConnectionCounter) -> None:
     """Body of one receiver process (called in the forked child, which the
     supervisor has already tied to its own life)."""
     import uvloop
@@ -234,7 +242,7 @@ def receiver_main(root: str, sockets: list[socket.socket], counter: ConnectionCo
         # to flush, but the default action (terminate) must never apply.
         loop.add_signal_handler(signal.SIGALRM,
                                 lambda: log.debug("receiver %d: SIGALRM ignored", receiver.pid))
-        await receiver.serve(sockets)
+        await receiver.serve(listeners)
         await stop.wait()
         await receiver.shutdown(receiver.config.settings.smtp.shutdown_grace)
 
