@@ -195,15 +195,22 @@ def refuse_qmail_queue(root: Path) -> None:
             " is not yet built")
 
 
-def check_services(root: Path, config: Any) -> None:
+def check_services(root: Path, config: Any, schemes: set[str] | None = None) -> None:
     """Can every service of the table start with the configuration it has?
     The receivers' files were read into `config` already; the scheduler's
     (engine.delivery.service.load_delivery_config: settings, locals,
     concurrency*, queuelifetime, smtproutes, timeouts, DNS) and local
     delivery's (defaultdelivery, users/assign) are read here, so a bad file
     stops `qrelay run` before it binds, instead of a scheduler that
-    crash-loops behind receivers taking mail. Raises ConfigError (one line)."""
+    crash-loops behind receivers taking mail. A listener of a TLS scheme
+    (`schemes`) needs control/servercert.pem, and one that exists must load
+    (engine.tls). Raises ConfigError (one line)."""
     from engine.smtp.config import ConfigError
+    from engine.tls import TlsError, check_certificate
+    try:
+        check_certificate(root, config.settings.tls, schemes or set())
+    except TlsError as exc:
+        raise ConfigError(f"cannot start: {exc}") from None
     if not config.settings.scheduler.enabled:
         return
     from engine.delivery.service import DeliveryConfigError, load_delivery_config
@@ -239,7 +246,7 @@ def serve(root: Path, listen: list[ListenAddress], procs: int,
 
     refuse_qmail_queue(root)
     config = load_smtp_config(root)
-    check_services(root, config)
+    check_services(root, config, {addr.scheme for addr in listen})
     smtp = config.settings.smtp
     mutex = hold_queue(root)
     try:

@@ -215,3 +215,26 @@ class RunningQrelay(QrelayProcess):
             self.stderr_text = self.proc.stderr.read()
             self.proc.stderr.close()
         return status
+
+
+def install_certificate(root: Path, name: str = "mx.example.com", ca=None):
+    """A trustme CA's certificate + key for `name` in ROOT/control/servercert.pem
+    (qmail-tls's one-file layout); returns the CA (clients trust it with ca.configure_trust)."""
+    import trustme
+
+    ca = ca if ca is not None else trustme.CA()
+    cert = ca.issue_cert(name)
+    path = root / "control" / "servercert.pem"
+    tmp = path.with_suffix(".tmp")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp))
+    os.replace(tmp, path)
+    return ca
+
+
+def client_context(ca) -> "ssl.SSLContext":
+    """A client context trusting `ca` (trustme), for the certificate's host name."""
+    import ssl
+
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    return ctx

@@ -182,6 +182,33 @@ class AccountsSettings:
 
 
 @dataclass(slots=True, frozen=True)
+class TlsSettings:
+    # Oldest protocol a client may use: "TLSv1.2" or "TLSv1.3" (never lower).
+    min_version: str = "TLSv1.2"
+    # OpenSSL cipher string for TLS 1.2; empty = control/tlsserverciphers,
+    # else the ssl module's secure default (TLS 1.3 suites are OpenSSL's).
+    ciphers: str = ""
+    # Seconds a client has to finish the handshake (STARTTLS, implicit TLS).
+    handshake_timeout: float = 30.0
+
+
+@dataclass(slots=True, frozen=True)
+class AuthSettings:
+    # Offer and accept AUTH LOGIN / PLAIN before TLS (passwords in clear):
+    # only for old clients on trusted networks. CRAM-MD5 is always allowed.
+    allow_plaintext: bool = False
+    # MAIL FROM of an authenticated session must be the user's address or
+    # an alias of it (beyond qmail; off = any sender, as the patches do).
+    sender_must_match: bool = False
+    # Threads that check passwords (a $6$ check costs milliseconds of CPU):
+    # checks beyond this wait their turn, the event loop never hashes.
+    hash_threads: int = 2
+    # Seconds before the 535 of a failed login when no login throttle is
+    # configured (the patches sleep 5 s; the throttle's delay replaces this).
+    failure_delay: float = 1.0
+
+
+@dataclass(slots=True, frozen=True)
 class LogSettings:
     # multilog's s and n for ROOT/log: rotate `current` near this size, keep
     # at most max_files - 1 rotated files.
@@ -197,6 +224,8 @@ class Settings:
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
     log: LogSettings = field(default_factory=LogSettings)
     accounts: AccountsSettings = field(default_factory=AccountsSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
 
 
 # (section, key) -> (minimum, maximum or None, why): a value outside is refused
@@ -227,6 +256,8 @@ RANGES: dict[tuple[str, str], tuple[float, float | None, str]] = {
     ("scheduler", "poll_interval"): (0.001, None, "a busy loop otherwise"),
     ("scheduler", "mark_batch"): (1, None, "a batch holds a result"),
     ("log", "max_bytes"): (4096, None, "multilog's smallest s"),
+    ("tls", "handshake_timeout"): (0.1, None, "no handshake would finish"),
+    ("auth", "hash_threads"): (1, 64, "a thread checks passwords"),
     ("log", "max_files"): (2, None, "multilog's smallest n"),
 }
 

@@ -41,6 +41,8 @@ WATCHED_FILES = (
     "control/timeoutsmtpd", "control/concurrencyincoming", "control/rcpthosts",
     "control/morercpthosts.cdb", "control/badmailfrom",
     f"control/{RULES_CDB}", f"control/{RULES_TEXT}", "qrelay.toml",
+    # engine.tls's: a new certificate reaches the receivers by the same HUP.
+    "control/servercert.pem", "control/tlsserverciphers",
 )
 
 

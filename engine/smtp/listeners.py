@@ -20,6 +20,10 @@ SCHEMES: dict[str, str] = {
     "smtp": "SMTP, port 25's dialogue",
 }
 
+# Schemes whose connections start with a TLS handshake (engine.tls): a
+# listener of one needs control/servercert.pem before `qrelay run` starts.
+IMPLICIT_TLS_SCHEMES = frozenset({"submissions"})
+
 
 @dataclass(slots=True, frozen=True)
 class ListenAddress:

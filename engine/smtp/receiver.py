@@ -35,6 +35,7 @@ from engine.smtp.connlimit import ConnectionCounter
 from engine.smtp.listeners import Listener
 from engine.smtp.remotehost import RemoteHostResolver
 from engine.smtp.session import SmtpSession
+from engine.tls import ServerTls
 
 log = logging.getLogger("qrelay.receiver")
 
@@ -63,6 +64,7 @@ class Receiver:
         self.sweeper: asyncio.Task | None = None
         self.stopped = asyncio.Event()
         self.host_resolver: RemoteHostResolver | None = None
+        self._tls: ServerTls | None = None
         self.log: SmtpdLog | None = None
         self._log_timer: asyncio.TimerHandle | None = None
         self._log_writer: ThreadPoolExecutor | None = None
@@ -114,6 +116,13 @@ class Receiver:
             self.host_resolver = RemoteHostResolver(delivery.dns_servers, delivery.dns_timeout)
         return self.host_resolver
 
+    @property
+    def tls(self) -> ServerTls:
+        """control/servercert.pem's context (engine.tls), loaded on first use."""
+        if self._tls is None:
+            self._tls = ServerTls(self.config.root, self.config.settings.tls)
+        return self._tls
+
     def start_task(self, coro: Any) -> asyncio.Task:
         """A side task of a session (host name lookup): cancelled at shutdown."""
         task = asyncio.get_running_loop().create_task(coro)
@@ -163,6 +172,8 @@ class Receiver:
             log.warning("reload failed, keeping the previous configuration: %s", exc)
             return False
         self.config = config
+        if self._tls is not None:
+            self._tls.reload(config.settings.tls)
         log.info("configuration reloaded")
         return True
 

@@ -1,0 +1,181 @@
+"""The server side of TLS: qmail-tls's control/servercert.pem as an SSLContext.
+
+Owns building the server `ssl.SSLContext` every TLS listener uses (STARTTLS
+on smtp/submission, implicit TLS on submissions; POP3's STLS/pop3s later) and
+keeping it current. It never reads the certificate on the hot path: a
+session asks `ServerTls.context()` for the context of the moment, and a new
+certificate is loaded only on `reload()` (SIGHUP; the supervisor also sends
+HUP when the file's mtime changes) or when a stat, at most once per
+RECHECK_SECONDS, shows the file changed.
+
+Files (qmail-tls, spec vpopmail-pop3-auth §6.1):
+
+    control/servercert.pem     certificate (+ chain) and its private key in one
+                               PEM file; its existence enables STARTTLS
+    control/tlsserverciphers   optional cipher string (lines joined with `:`);
+                               `[tls] ciphers` wins when set
+
+Settings (`[tls]` in qrelay.toml): `min_version` ("TLSv1.2" or "TLSv1.3"),
+`ciphers` (OpenSSL cipher string for TLS 1.2; empty = the ssl module's
+secure default). The context starts from `ssl.create_default_context`
+(no SSLv2/3, no compression, secure TLS 1.2 ciphers); TLS 1.0/1.1 are never
+allowed.
+
+Reload swaps the context whole: sessions already encrypted keep the one
+they were made with (nothing is dropped), new handshakes get the new one.
+A certificate that cannot be loaded is refused with a one-line reason naming
+the file, and the previous context stays in use.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.smtp.listeners import IMPLICIT_TLS_SCHEMES
+
+log = logging.getLogger("qrelay.tls")
+
+CERT_FILE = "control/servercert.pem"
+CIPHERS_FILE = "control/tlsserverciphers"
+# A session's context() stats the files at most this often.
+RECHECK_SECONDS = 1.0
+MIN_VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
+
+
+class TlsError(Exception):
+    """The certificate or a TLS setting cannot be used (one line naming the file)."""
+
+
+@dataclass(slots=True, frozen=True)
+class TlsSnapshot:
+    """What a context was built from: the files' (inode, size, mtime) and the settings."""
+    stamp: tuple
+    settings: Any
+
+
+def _stamp(root: Path) -> tuple:
+    out = []
+    for name in (CERT_FILE, CIPHERS_FILE):
+        try:
+            st = os.stat(root / name)
+        except OSError:
+            out.append(None)
+            continue
+        out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+def build_context(root: Path | str, settings: Any) -> ssl.SSLContext:
+    """The server context from ROOT/control/servercert.pem and `settings` (a
+    TlsSettings); raises TlsError with one line naming what is wrong."""
+    root = Path(root)
+    path = root / CERT_FILE
+    if settings.min_version not in MIN_VERSIONS:
+        raise TlsError(f"[tls] min_version = {settings.min_version!r}: "
+                       f"expected one of {', '.join(MIN_VERSIONS)}")
+    if not path.exists():
+        raise TlsError(f"{CERT_FILE} is missing (the certificate and its key, PEM, in one file)")
+    ciphers = settings.ciphers
+    if not ciphers:
+        try:
+            lines = (root / CIPHERS_FILE).read_text("ascii").split()
+        except FileNotFoundError:
+            lines = []
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TlsError(f"{CIPHERS_FILE}: {exc}") from None
+        ciphers = ":".join(lines)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = MIN_VERSIONS[settings.min_version]
+    # Clients renegotiating is an old DoS lever; nothing here needs it.
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
+    if ciphers:
+        try:
+            ctx.set_ciphers(ciphers)
+        except ssl.SSLError:
+            where = "[tls] ciphers" if settings.ciphers else CIPHERS_FILE
+            raise TlsError(f"{where}: no cipher matches {ciphers!r}") from None
+    try:
+        ctx.load_cert_chain(path)
+    except ssl.SSLError as exc:
+        raise TlsError(f"{CERT_FILE}: cannot load the certificate and key: "
+                       f"{exc.reason or exc}") from None
+    except OSError as exc:
+        raise TlsError(f"{CERT_FILE}: {exc.strerror}") from None
+    return ctx
+
+
+class ServerTls:
+    """The current server context of one process (see the module docstring)."""
+
+    def __init__(self, root: Path | str, settings: Any,
+                 clock: Any = time.monotonic) -> None:
+        self.root = Path(root)
+        self.settings = settings
+        self._clock = clock
+        self._context: ssl.SSLContext | None = None
+        self._stamp: tuple | None = None
+        self._checked = 0.0
+        self.error: str | None = None   # why there is no (new) context, for the log
+        self._load()
+
+    def _load(self) -> bool:
+        stamp = _stamp(self.root)
+        self._checked = self._clock()
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        if stamp[0] is None:
+            # The file is gone: STARTTLS is no longer offered (qmail-tls).
+            changed = self._context is not None
+            self._context, self.error = None, f"{CERT_FILE} is missing"
+            return changed
+        try:
+            context = build_context(self.root, self.settings)
+        except TlsError as exc:
+            # Keep the previous context (a half-written file must not stop TLS).
+            self.error = str(exc)
+            log.warning("%s%s", exc, "; keeping the previous certificate" if self._context else "")
+            return False
+        self._context, self.error = context, None
+        return True
+
+    def context(self) -> ssl.SSLContext | None:
+        """The context for a new handshake, None when there is no usable certificate."""
+        if self._clock() - self._checked >= RECHECK_SECONDS:
+            if self._load() and self._context is not None:
+                log.info("%s reloaded", CERT_FILE)
+        return self._context
+
+    def reload(self, settings: Any | None = None) -> None:
+        """HUP: re-read the files now (and take new settings)."""
+        if settings is not None and settings != self.settings:
+            self.settings = settings
+            self._stamp = None          # settings changed: rebuild even if the files did not
+        self._load()
+
+
+def check_certificate(root: Path | str, settings: Any, schemes: set[str] | frozenset[str]) -> None:
+    """Start check for `qrelay run`: a listener of a TLS scheme needs a loadable
+    certificate, and a certificate that exists must load. Raises TlsError."""
+    root = Path(root)
+    if settings.min_version not in MIN_VERSIONS:
+        raise TlsError(f"[tls] min_version = {settings.min_version!r}: "
+                       f"expected one of {', '.join(MIN_VERSIONS)}")
+    tls_schemes = sorted(s for s in schemes if s in IMPLICIT_TLS_SCHEMES)
+    if not (root / CERT_FILE).exists():
+        if tls_schemes:
+            raise TlsError(f"{CERT_FILE} is missing: the {', '.join(tls_schemes)} listener "
+                           f"needs a certificate and its key (PEM, in one file)")
+        return
+    build_context(root, settings)
+
+
+def session_cipher(transport: Any) -> str:
+    """`ECDHE-RSA-AES256-GCM-SHA384`-style name of an encrypted transport's cipher."""
+    cipher = transport.get_extra_info("cipher")
+    return cipher[0] if cipher else "unknown"
