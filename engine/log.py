@@ -19,10 +19,19 @@ fsync'd before it is renamed, as multilog does.
 This module must never raise into the scheduler because the disk is full: a
 failed write is retried at the next flush, and lines beyond the buffer bound
 are dropped and counted (delivery matters more than its log).
+
+`[log] format = "json"` (`fmt="json"`) writes the same events, one JSON
+object per line, for log shippers: `{"time": "<RFC 3339 UTC>", "event":
+"delivery", "delivery": 42, "status": "success", "text": "..."}` — the
+event's fields as values (numbers as numbers, texts unmangled: JSON's
+escaping already keeps a line from being forged), in the same files with the
+same rotation. A worded line (`info: supervisor: …`, `alert: …`) becomes
+`{"event": "info", "text": "supervisor: …"}`.
 """
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import threading
@@ -42,6 +51,9 @@ _LOGSAFE = bytes(
 )
 
 CURRENT = "current"
+LOG_FORMATS = ("qmail", "json")
+# The worded lines' first word, which a JSON line carries as its event.
+_LEVELS = ("info", "warning", "alert")
 
 
 def tai64n_label_ns(t_ns: int) -> str:
@@ -72,6 +84,28 @@ def format_line(t: float, text: str) -> str:
     return f"{tai64n_label(t)} {text}\n"
 
 
+def rfc3339_ns(t_ns: int) -> str:
+    """`2026-12-04T00:17:17.123456Z`: a JSON line's time (UTC, microseconds)."""
+    sec, ns = divmod(t_ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) + f".{ns // 1000:06d}Z"
+
+
+def _json_safe(value: Any) -> Any:
+    # Bytes from the wire arrive as surrogate escapes: a JSON parser may
+    # refuse a lone surrogate, so they become U+FFFD.
+    if isinstance(value, str) and not value.isascii():
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return value
+
+
+def json_line(t_ns: int, event: str, fields: dict[str, Any]) -> bytes:
+    """One JSON log line: time, event, then the event's fields."""
+    record = {"time": rfc3339_ns(t_ns), "event": event}
+    for key, value in fields.items():
+        record[key] = _json_safe(value)
+    return (json.dumps(record, separators=(",", ":")) + "\n").encode("ascii")
+
+
 class QmailSendLog:
     """qmail-send's log lines, written to `log_dir/current` with multilog rotation.
 
@@ -82,8 +116,11 @@ class QmailSendLog:
 
     def __init__(self, log_dir: Path | str, *, max_bytes: int = 99999, max_files: int = 10,
                  max_buffered_lines: int = 200_000,
-                 clock_ns: Callable[[], int] = time.time_ns) -> None:
+                 clock_ns: Callable[[], int] = time.time_ns, fmt: str = "qmail") -> None:
+        if fmt not in LOG_FORMATS:
+            raise ValueError(f"log format {fmt!r}: expected one of {', '.join(LOG_FORMATS)}")
         self.dir = Path(log_dir)
+        self.json = fmt == "json"
         # multilog's own bounds on s and n.
         self.max_bytes = min(max(max_bytes, 4096), 16_777_215)
         self.max_files = max(max_files, 2)
@@ -100,53 +137,95 @@ class QmailSendLog:
         self.dir.mkdir(parents=True, exist_ok=True)
 
     # --- generic ---------------------------------------------------------
-    def line(self, text: str) -> None:
-        """Buffer one line whose variable parts are already logsafe."""
+    def _append(self, data: bytes) -> None:
         if len(self._lines) >= self.max_buffered_lines:
             self.dropped += 1
             return
-        self._lines.append(f"{tai64n_label_ns(self.clock_ns())} {text}\n".encode("ascii", "replace"))
+        self._lines.append(data)
+
+    def line(self, text: str) -> None:
+        """Buffer one line whose variable parts are already logsafe (a worded
+        line, `alert: …`: in JSON its first word is the event)."""
+        if self.json:
+            word, sep, rest = text.partition(": ")
+            if sep and word in _LEVELS:
+                self.event(word, text=rest)
+            else:
+                self.event("line", text=text)
+            return
+        self._append(f"{tai64n_label_ns(self.clock_ns())} {text}\n".encode("ascii", "replace"))
+
+    def event(self, name: str, **fields: Any) -> None:
+        """One JSON line (json format only): the event and its fields."""
+        self._append(json_line(self.clock_ns(), name, fields))
 
     # --- qmail-send's lines (spec §6.6) ----------------------------------
+    # Each method writes qmail's line, or in json the same event's fields.
     def new_msg(self, msgid: int) -> None:
+        if self.json:
+            return self.event("new_msg", msg=msgid)
         self.line(f"new msg {msgid}")
 
     def info_msg(self, msgid: int, size: int, sender: str, qp: int, uid: int) -> None:
+        if self.json:
+            return self.event("info_msg", msg=msgid, bytes=size, sender=sender, qp=qp, uid=uid)
         self.line(f"info msg {msgid}: bytes {size} from <{logsafe(sender)}> qp {qp} uid {uid}")
 
     def starting_delivery(self, number: int, msgid: int, channel: str, recipient: str) -> None:
+        if self.json:
+            return self.event("starting_delivery", delivery=number, msg=msgid, channel=channel,
+                              recipient=recipient)
         self.line(f"starting delivery {number}: msg {msgid} to {channel} {logsafe(recipient)}")
 
     def delivery(self, number: int, status: str, text: str) -> None:
         """status is K, Z or D (qmail's report letters)."""
         word = {"K": "success", "Z": "deferral", "D": "failure"}[status]
+        if self.json:
+            return self.event("delivery", delivery=number, status=word, text=text)
         self.line(f"delivery {number}: {word}: {logsafe(text)}")
 
     def status(self, channels: Sequence[tuple[str, int, int]], exiting: bool = False) -> None:
         """`status: local 0/10 remote 3/20`: (name, running, limit) per channel."""
+        if self.json:
+            return self.event("status", exitasap=exiting, **{
+                name: {"running": running, "limit": limit} for name, running, limit in channels})
         counts = " ".join(f"{name} {running}/{limit}" for name, running, limit in channels)
         tail = " exitasap" if exiting else ""
         self.line(f"status: {counts}{tail}")
 
     def bounce_msg(self, msgid: int, qp: int) -> None:
+        if self.json:
+            return self.event("bounce_msg", msg=msgid, qp=qp)
         self.line(f"bounce msg {msgid} qp {qp}")
 
     def end_msg(self, msgid: int) -> None:
+        if self.json:
+            return self.event("end_msg", msg=msgid)
         self.line(f"end msg {msgid}")
 
     def triple_bounce(self, msgid: int) -> None:
+        if self.json:
+            return self.event("triple_bounce", msg=msgid)
         self.line(f"triple bounce: discarding bounce/{msgid}")
 
     def double_bounce_discarded(self, msgid: int) -> None:
+        if self.json:
+            return self.event("double_bounce", msg=msgid)
         self.line(f"double bounce: discarding bounce/{msgid}")
 
     def warning(self, text: str) -> None:
+        if self.json:
+            return self.event("warning", text=text)
         self.line(f"warning: {logsafe(text)}")
 
     def alert(self, text: str) -> None:
+        if self.json:
+            return self.event("alert", text=text)
         self.line(f"alert: {logsafe(text)}")
 
     def exiting(self) -> None:
+        if self.json:
+            return self.event("exiting")
         self.line("status: exiting")
 
     # --- output ----------------------------------------------------------
@@ -327,7 +406,10 @@ class LogHandler(logging.Handler):
             word = ("info" if record.levelno < logging.WARNING else
                     "warning" if record.levelno < logging.ERROR else "alert")
             name = record.name.removeprefix("qrelay.")
-            self.log.line(f"{word}: {name}: {readable(record.getMessage())}")
+            if self.log.json:
+                self.log.event(word, source=name, text=record.getMessage())
+            else:
+                self.log.line(f"{word}: {name}: {readable(record.getMessage())}")
             self.log.flush()
         except Exception:
             self.handleError(record)
@@ -370,9 +452,16 @@ class SmtpdLog(QmailSendLog):
         """Lines buffered, not yet written."""
         return len(self._lines)
 
+    def _append(self, data: bytes) -> None:
+        super()._append(data)
+        if len(self._lines) == 1 and self.on_first_line is not None:
+            self.on_first_line()
+
     def line(self, text: str) -> None:
         # QmailSendLog.line with the stamp's seconds part formatted once per
         # second: several lines per connection, so this is the hot path.
+        if self.json:
+            return super().line(text)
         lines = self._lines
         if len(lines) >= self.max_buffered_lines:
             self.dropped += 1
@@ -390,9 +479,13 @@ class SmtpdLog(QmailSendLog):
             super().flush()
 
     def tcpserver_status(self, count: int, limit: int) -> None:
+        if self.json:
+            return self.event("tcpserver_status", connections=count, limit=limit)
         self.line(f"tcpserver: status: {count}/{limit}")
 
     def tcpserver_pid(self, number: int, remoteip: str) -> None:
+        if self.json:
+            return self.event("tcpserver_pid", pid=number, remoteip=remoteip)
         self.line(f"tcpserver: pid {number} from {remoteip}")
 
     def tcpserver_ok(self, number: int, local: tuple[str, str, int],
@@ -402,19 +495,30 @@ class SmtpdLog(QmailSendLog):
         lhost, lip, lport = local
         rhost, rip, rinfo, rport = remote
         word = "deny" if deny else "ok"
+        if self.json:
+            return self.event(f"tcpserver_{word}", pid=number, localhost=lhost, localip=lip,
+                              localport=lport, remotehost=rhost, remoteip=rip,
+                              remoteinfo=rinfo, remoteport=rport)
         self.line(f"tcpserver: {word} {number} {tcpserver_safe(lhost)}:{lip}:{lport} "
                   f"{tcpserver_safe(rhost)}:{rip}:{tcpserver_safe(rinfo)}:{rport}")
 
     def tcpserver_end(self, number: int, status: int) -> None:
         """status: a wait status as tcpserver prints it (0, 256 = exit 1, 25600 = deny)."""
+        if self.json:
+            return self.event("tcpserver_end", pid=number, status=status)
         self.line(f"tcpserver: end {number} status {status}")
 
     def rblsmtpd(self, remoteip: str, number: int, reply: str) -> None:
+        if self.json:
+            return self.event("rblsmtpd", remoteip=remoteip, pid=number, reply=reply)
         self.line(f"rblsmtpd: {remoteip} pid {number}: {_printable(reply)}")
 
     def smtpd(self, number: int, remoteip: str, reply: str, command: str = "") -> None:
         """One refusal: `smtpd: pid N from IP: RCPT <addr>: 553 …` (every byte
         outside 32..126 of command and reply becomes `_`: no line can be forged)."""
+        if self.json:
+            return self.event("smtpd", pid=number, remoteip=remoteip, command=command,
+                              reply=reply)
         what = f"{_printable(command)}: " if command else ""
         self.line(f"smtpd: pid {number} from {remoteip}: {what}{_printable(reply)}")
 

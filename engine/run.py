@@ -96,7 +96,7 @@ def _log_to_root(root: Path, settings: Any) -> logging.Handler:
     log of their own (the spool writer, a receiver that cannot start) into ROOT/log."""
     from engine.log import LogHandler, QmailSendLog
     handler = LogHandler(QmailSendLog(root / "log", max_bytes=settings.log.max_bytes,
-                                      max_files=settings.log.max_files))
+                                      max_files=settings.log.max_files, fmt=settings.log.format))
     logging.getLogger("qrelay").addHandler(handler)
     return handler
 

@@ -176,6 +176,29 @@ def test_relay_delivers_and_logs(relay, sink, root):
     assert texts(root)[-1] == "status: exiting"
 
 
+def test_log_format_json_for_both_logs(relay, sink, root):
+    import json
+    port = sink.start()
+    q = relay({"sink.test": port}, toml='[log]\nformat = "json"\n')
+    send(q.port, ["x@sink.test"])
+
+    def events(path: Path) -> list[dict]:
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    wait_for(lambda: any(e["event"] == "end_msg" for e in events(root / "log" / "current")),
+             what="end_msg event")
+    sent = events(root / "log" / "current")
+    assert all(e["time"].endswith("Z") for e in sent)
+    delivery = next(e for e in sent if e["event"] == "delivery")
+    assert delivery["status"] == "success" and "250 ok queued" in delivery["text"]
+    start = next(e for e in sent if e["event"] == "starting_delivery")
+    assert (start["channel"], start["recipient"]) == ("remote", "x@sink.test")
+    assert any(e["event"] == "info" and e["source"] == "supervisor" for e in sent)
+    smtpd = wait_for(lambda: [e for e in events(root / "log" / "smtpd" / "current")
+                              if e["event"] == "tcpserver_end"], what="smtpd end event")
+    assert smtpd[0]["pid"] >= 1 and isinstance(smtpd[0]["status"], int)
+    assert q.stop() == 0
+
+
 def test_delivery_by_mx_through_the_fake_dns(relay, sink, root, dns):
     port = sink.start()
     dns.zone["mx.test"] = {"MX": [(10, "mail.mx.test")]}

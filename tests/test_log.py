@@ -197,3 +197,105 @@ def test_smtpd_log_tcpserver_fields_are_made_safe_as_tcpserver_does(tmp_path):
     assert texts == ["tcpserver: deny 7 mx?evil:192.0.2.1:25 :2001:db8::1::4242",
                      "smtpd: pid 7 from 192.0.2.9: RCPT <a_b@c>: 553 sorry (#5.7.1)",
                      "rblsmtpd: 192.0.2.9 pid 8: 451 listed"]
+
+
+def _json_lines(path):
+    import json
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_json_format_writes_the_same_events_one_object_per_line(tmp_path):
+    log = QmailSendLog(tmp_path, clock_ns=lambda: 1700000000_123456_000, fmt="json")
+    log.status([("local", 0, 10), ("remote", 1, 20)])
+    log.new_msg(7)
+    log.info_msg(7, 430, "a b@\xe9x.test", 9508, 995)
+    log.starting_delivery(1, 7, "remote", "x@sink.test")
+    log.delivery(1, "Z", "Sorry, I wasn't able to establish an SMTP connection. (#4.4.1)\n")
+    log.bounce_msg(7, 8)
+    log.end_msg(7)
+    log.line("alert: unable to reread controls: control/smtproutes line 2")
+    log.line("warning: quarantined #9")
+    log.exiting()
+    log.close()
+    got = _json_lines(tmp_path / "current")
+    assert {g["time"] for g in got} == {"2023-11-14T22:13:20.123456Z"}
+    events = [{k: v for k, v in g.items() if k != "time"} for g in got]
+    assert events == [
+        {"event": "status", "exitasap": False, "local": {"running": 0, "limit": 10},
+         "remote": {"running": 1, "limit": 20}},
+        {"event": "new_msg", "msg": 7},
+        {"event": "info_msg", "msg": 7, "bytes": 430, "sender": "a b@\xe9x.test", "qp": 9508,
+         "uid": 995},
+        {"event": "starting_delivery", "delivery": 1, "msg": 7, "channel": "remote",
+         "recipient": "x@sink.test"},
+        {"event": "delivery", "delivery": 1, "status": "deferral",
+         "text": "Sorry, I wasn't able to establish an SMTP connection. (#4.4.1)\n"},
+        {"event": "bounce_msg", "msg": 7, "qp": 8},
+        {"event": "end_msg", "msg": 7},
+        {"event": "alert", "text": "unable to reread controls: control/smtproutes line 2"},
+        {"event": "warning", "text": "quarantined #9"},
+        {"event": "exiting"},
+    ]
+
+
+def test_json_format_keeps_rotation_and_a_line_per_object(tmp_path):
+    ticks = iter(range(1700000000_000000_000, 1800000000_000000_000, 1000))
+    log = QmailSendLog(tmp_path, max_bytes=4096, max_files=3, clock_ns=lambda: next(ticks),
+                       fmt="json")
+    for i in range(400):
+        log.delivery(i, "K", "line\nbreak \udce9")     # a wire byte: valid JSON all the same
+    log.close()
+    rotated = sorted(p for p in os.listdir(tmp_path) if p.startswith("@"))
+    assert len(rotated) == 2
+    for name in [*rotated, "current"]:
+        for rec in _json_lines(tmp_path / name):
+            assert rec["event"] == "delivery" and rec["text"] == "line\nbreak \ufffd"
+
+
+def test_smtpd_log_json_format_and_log_handler(tmp_path):
+    import logging
+    from engine.log import LogHandler, SmtpdLog
+    log = SmtpdLog(tmp_path / "smtpd", fmt="json", clock_ns=lambda: 1700000000_000001_000)
+    woken = []
+    log.on_first_line = lambda: woken.append(1)
+    log.tcpserver_status(1, 500)
+    log.tcpserver_pid(17, "192.0.2.8")
+    log.tcpserver_ok(17, ("mx.example.net", "192.0.2.1", 25), ("", "192.0.2.8", "", 40112))
+    log.smtpd(17, "192.0.2.8", "553 sorry (#5.7.1)", "RCPT <a\nb@c>")
+    log.rblsmtpd("192.0.2.9", 18, "451 listed")
+    log.tcpserver_end(17, 0)
+    assert woken == [1]
+    logger = logging.getLogger("qrelay.receiver.jsontest")
+    logger.propagate = False
+    handler = LogHandler(log)
+    logger.addHandler(handler)
+    try:
+        logger.warning("receiver %d: %s", 3, "trouble")
+    finally:
+        logger.removeHandler(handler)
+    log.close()
+    got = [{k: v for k, v in g.items() if k != "time"}
+           for g in _json_lines(tmp_path / "smtpd" / "current")]
+    assert got == [
+        {"event": "tcpserver_status", "connections": 1, "limit": 500},
+        {"event": "tcpserver_pid", "pid": 17, "remoteip": "192.0.2.8"},
+        {"event": "tcpserver_ok", "pid": 17, "localhost": "mx.example.net",
+         "localip": "192.0.2.1", "localport": 25, "remotehost": "", "remoteip": "192.0.2.8",
+         "remoteinfo": "", "remoteport": 40112},
+        {"event": "smtpd", "pid": 17, "remoteip": "192.0.2.8", "command": "RCPT <a\nb@c>",
+         "reply": "553 sorry (#5.7.1)"},
+        {"event": "rblsmtpd", "remoteip": "192.0.2.9", "pid": 18, "reply": "451 listed"},
+        {"event": "tcpserver_end", "pid": 17, "status": 0},
+        {"event": "warning", "source": "receiver.jsontest", "text": "receiver 3: trouble"},
+    ]
+
+
+def test_log_format_setting(tmp_path):
+    import pytest
+    from engine.config.settings import SettingsError, load_settings
+    assert load_settings(tmp_path).log.format == "qmail"
+    (tmp_path / "qrelay.toml").write_text('[log]\nformat = "json"\n')
+    assert load_settings(tmp_path).log.format == "json"
+    (tmp_path / "qrelay.toml").write_text('[log]\nformat = "syslog"\n')
+    with pytest.raises(SettingsError, match=r'\[log\] format = \'syslog\': expected one of "qmail", "json"'):
+        load_settings(tmp_path)

@@ -214,6 +214,9 @@ class LogSettings:
     # at most max_files - 1 rotated files.
     max_bytes: int = 99999
     max_files: int = 10
+    # "qmail": multilog-stamped qmail-send/tcpserver lines; "json": the same
+    # events, one JSON object per line (for log shippers).
+    format: str = "qmail"
 
 
 @dataclass(slots=True, frozen=True)
@@ -259,6 +262,12 @@ RANGES: dict[tuple[str, str], tuple[float, float | None, str]] = {
     ("tls", "handshake_timeout"): (0.1, None, "no handshake would finish"),
     ("auth", "hash_threads"): (1, 64, "a thread checks passwords"),
     ("log", "max_files"): (2, None, "multilog's smallest n"),
+}
+
+
+# (section, key) -> the words a string setting may be.
+CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("log", "format"): ("qmail", "json"),
 }
 
 
@@ -311,6 +320,11 @@ def _build(cls, values: dict, where: str):
             why = _check_range(section, key, value)
             if why is not None:
                 raise SettingsError(f"{where} {key} = {value} is out of range: {why}")
+        if isinstance(value, str):
+            choices = CHOICES.get((where.rpartition("[")[2].rstrip("]"), key))
+            if choices is not None and value not in choices:
+                raise SettingsError(f"{where} {key} = {value!r}: expected one of "
+                                    + ", ".join(f'"{c}"' for c in choices))
         kwargs[key] = value
     return cls(**kwargs)
 

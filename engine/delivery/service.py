@@ -138,7 +138,7 @@ def run_scheduler(root: Path) -> int:
     try:
         settings = load_settings(root)
         log = QmailSendLog(root / "log", max_bytes=settings.log.max_bytes,
-                           max_files=settings.log.max_files)
+                           max_files=settings.log.max_files, fmt=settings.log.format)
         config = load_delivery_config(root)   # a bad smtproutes or DNS setting stops the start here
         # The spool's warnings (a quarantined message, a stopped writer's
         # tail indexed) are worded lines of their own: into qmail-send's log.

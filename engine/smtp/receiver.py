@@ -228,7 +228,8 @@ def receiver_main(root: str, listeners: list[Listener], counter: ConnectionCount
         # Through the single spool writer when it runs (see engine/queue/writer.py).
         spool = open_spool_writer(rootp / "queue", config.settings.spool)
         smtpd_log = SmtpdLog(rootp / "log" / "smtpd", max_bytes=config.settings.log.max_bytes,
-                             max_files=config.settings.log.max_files)
+                             max_files=config.settings.log.max_files,
+                             fmt=config.settings.log.format)
     except Exception as exc:
         # Before the smtpd log: this one goes where the supervisor's lines go.
         log.error("receiver %d cannot start: %s", os.getpid(), exc)
