@@ -13,10 +13,17 @@ Behaviour knobs: `greeting` (e.g. "421 busy"), `silent` (never greets),
 ({address: reply}), `mail_reply`, `data_reply`, `final_reply`,
 `close_after_messages` (hang up after n messages on a connection),
 `drop_on_rset` (hang up, without a reply, on RSET).
+
+TLS: `tls_context` (a server ssl.SSLContext) offers STARTTLS before TLS and
+does the handshake after `starttls_reply` (a reply not starting with 220
+leaves the session in clear); `tls_break` answers 220 and then sends
+garbage instead of a handshake. `SinkConnection.tls` / `Transaction.tls`
+say whether the session was encrypted when it ended / when the message came.
 """
 from __future__ import annotations
 
 import asyncio
+import ssl
 from dataclasses import dataclass, field
 
 
@@ -26,12 +33,14 @@ class Transaction:
     rcpts: list[bytes] = field(default_factory=list)
     raw: bytes = b""                        # DATA bytes as sent, terminator excluded
     content: bytes = b""                    # raw with dot-stuffing undone
+    tls: bool = False                       # received inside TLS
 
 
 @dataclass
 class SinkConnection:
     commands: list[bytes] = field(default_factory=list)
     transactions: list[Transaction] = field(default_factory=list)
+    tls: bool = False
 
 
 class RecordingSink:
@@ -48,6 +57,9 @@ class RecordingSink:
         self.final_reply = "250 ok queued"
         self.close_after_messages = 0
         self.drop_on_rset = False
+        self.tls_context: ssl.SSLContext | None = None
+        self.starttls_reply = "220 ready for tls"
+        self.tls_break = False
         self.connections: list[SinkConnection] = []
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -87,8 +99,8 @@ class RecordingSink:
         self.connections.append(conn)
         try:
             await self._session(conn, reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
-            pass
+        except (OSError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass    # OSError: ConnectionError, and ssl.SSLError of a failed handshake
         finally:
             self._tasks.discard(task)
             self._writers.discard(writer)
@@ -116,7 +128,8 @@ class RecordingSink:
                 if not self.esmtp:
                     reply = "502 unimplemented"
                 else:
-                    lines = ["sink.test"] + self.extensions
+                    offer = ["STARTTLS"] if (self.tls_context or self.tls_break) and not conn.tls else []
+                    lines = ["sink.test"] + offer + self.extensions
                     reply = "\r\n".join(
                         ("250 " if i == len(lines) - 1 else "250-") + x for i, x in enumerate(lines))
             elif verb == b"HELO":
@@ -145,6 +158,7 @@ class RecordingSink:
                     raw = await self._read_data(reader)
                     current.raw = raw
                     current.content = _unstuff(raw)
+                    current.tls = conn.tls
                     conn.transactions.append(current)
                     current = None
                     reply = self.final_reply
@@ -162,6 +176,19 @@ class RecordingSink:
                 writer.write(b"221 bye\r\n")
                 await writer.drain()
                 return
+            elif line.upper() == b"STARTTLS" and (self.tls_context or self.tls_break) and not conn.tls:
+                writer.write(self.starttls_reply.encode() + b"\r\n")
+                await writer.drain()
+                if not self.starttls_reply.startswith("220"):
+                    continue
+                if self.tls_break:
+                    writer.write(b"this is not a TLS handshake\r\n")
+                    await writer.drain()
+                    return
+                await writer.start_tls(self.tls_context)
+                conn.tls = True
+                current = None
+                continue
             elif verb == b"NOOP":
                 reply = "250 ok"
             else:

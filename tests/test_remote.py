@@ -492,8 +492,8 @@ def test_targets_tried_once_each_in_preference_order(fake_dns):
             return await rd.targets("dup.test")
         finally:
             await rd.close()
-    targets, port = run(go())
-    assert port == 2525
+    targets, port, tls_name = run(go())
+    assert port == 2525 and tls_name == "dup.test"
     assert [(t.ip, t.preference) for t in targets] == [("127.0.0.3", 10), ("127.0.0.4", 10),
                                                        ("127.0.0.5", 20)]
 

@@ -154,12 +154,33 @@ def test_queuelifetime_change_is_live(relay, sink, root):
     assert b"this message has been in the queue too long." in bounce.content
 
 
+def test_tlsdestinations_edit_is_reread_and_the_log_says_tls(relay, sink, root):
+    import trustme
+
+    from tests.test_remote_tls import server_context
+    port = sink.start(tls_context=server_context(trustme.CA(), "127.0.0.1"))
+    q = relay({"sink.test": port}, toml="[smtp]\nreload_poll_seconds = 0.2\n")
+    ready(root)
+    send(q.port, ["x@sink.test"], tag="tls")
+    said = "/Remote_host_said:_250_ok_queued/"
+    wait_for(lambda: any(f"success: 127.0.0.1_TLS_transmitted_message_accepted.{said}" in t
+                         for t in texts(root)), what="the TLS delivery's log line")
+    (root / "control" / "tlsdestinations").write_text("!127.0.0.1:\n")   # the relay's name
+    wait_for(lambda: reloads(root) >= 1, what="a reload after the mtime change")
+    send(q.port, ["x@sink.test"], tag="clear")
+    wait_for(lambda: any(f"success: 127.0.0.1_accepted_message.{said}" in t for t in texts(root)),
+             what="the clear delivery's log line")
+    assert [m.tls for m in sink.messages()] == [True, False]
+    assert scheduler_starts(root) == 1
+
+
 # --- pieces --------------------------------------------------------------------
 
 def test_every_file_the_delivery_side_reads_is_watched(root):
     assert {"control/smtproutes", "control/concurrencyremote", "control/concurrencylocal",
             "control/queuelifetime", "control/timeoutconnect", "control/timeoutremote",
             "control/helohost", "control/locals", "control/virtualdomains",
+            "control/tlsdestinations", "control/tlsclientciphers",
             "qrelay.toml"} <= set(DELIVERY_FILES)
     before = delivery_fingerprint(root)
     (root / "control" / "timeoutconnect").write_text("5\n")
@@ -168,6 +189,7 @@ def test_every_file_the_delivery_side_reads_is_watched(root):
 
 @pytest.mark.parametrize("name, text, fragment", [
     ("control/smtproutes", "nocolon\n", "smtproutes line 1: no ':'"),
+    ("control/tlsdestinations", "*:\n-a.test:;99999\n", "tlsdestinations line 2: bad port"),
     ("control/concurrencyremote", "20x\n", "concurrencyremote line 1: '20x' is not a number"),
     ("control/queuelifetime", "1w\n", "queuelifetime line 1: '1w' is not a number"),
     ("control/timeoutconnect", "abc\n", "timeoutconnect line 1"),

@@ -136,6 +136,15 @@ class DeliverySettings:
     # fastest (no extra hop, one pool reuses every connection); more workers
     # pay off when one core cannot drive all the SMTP/TLS traffic.
     worker_procs: int = 0
+    # Outbound TLS (control/tlsdestinations says where it is required): the
+    # oldest protocol accepted, "1.2" or "1.3" (never SSLv3 / TLS 1.0 / 1.1).
+    tls_min_version: str = "1.2"
+    # CA bundle (PEM) for verified destinations that name none; empty = the
+    # system's CAs.
+    tls_ca_file: str = ""
+    # Seconds for a TLS handshake before the attempt counts as failed
+    # (opportunistic: retried in clear; required: deferred).
+    tls_handshake_timeout: float = 60.0
 
 @dataclass(slots=True, frozen=True)
 class SchedulerSettings:
@@ -252,6 +261,7 @@ RANGES: dict[tuple[str, str], tuple[float, float | None, str]] = {
     ("delivery", "mx_port"): (1, 65535, "a TCP port"),
     ("delivery", "max_messages_per_connection"): (1, None, "a connection carries a message"),
     ("delivery", "max_connections_per_host"): (1, None, "0 would never connect"),
+    ("delivery", "tls_handshake_timeout"): (0.1, None, "no handshake would finish"),
     ("scheduler", "per_destination_concurrency"): (1, None, "0 would never deliver"),
     ("scheduler", "max_recipients_per_delivery"): (1, None, "a delivery has a recipient"),
     ("scheduler", "scan_batch"): (1, None, "a pass reads a recipient"),

@@ -13,7 +13,13 @@ recipient: "K" delivered, "Z" deferred, "D" failed, with qmail-remote's texts
 - EHLO (HELO after a 5xx), PIPELINING, SIZE and 8BITMIME when offered;
   all recipients in one transaction; one connection for many messages;
 - a message whose stored bytes hold a bare CR or LF cannot end DATA early at
-  the next hop (see smtpclient.data_wire).
+  the next hop (see smtpclient.data_wire);
+- TLS as qmail-tls's qmail-remote does it, per control/tlsdestinations
+  (engine.delivery.tlspolicy), except that an opportunistic handshake that
+  fails is retried in clear at once instead of deferring the message
+  forever; a message sent encrypted is reported `<ip> TLS transmitted
+  message accepted.` (s/qmail's text), and a required TLS that cannot be
+  had moves on to the next address, then defers with qmail-tls's text.
 
 This module never touches the spool: a courier reads the message
 (engine.delivery.channels), and the scheduler records the results.
@@ -33,7 +39,9 @@ from engine.delivery.mx import MxResolver, MxTarget, ResolveError, apply_ipme
 from engine.delivery.routes import RoutesError, SmtpRoutes
 from engine.delivery.smtpclient import (ConnectFailed, ConnectionDied, ConnectionPool,
                                         GreetingFailed, NameRejected, PoolLimits, Reply,
-                                        TransactionOutcome)
+                                        TlsFailed, TlsRequest, TransactionOutcome)
+from engine.delivery.tlspolicy import (TlsContexts, TlsDestinations, TlsPolicyError,
+                                       parse_min_version, read_client_ciphers)
 
 TEXT_NO_CONNECTION = "Sorry, I wasn't able to establish an SMTP connection. (#4.4.1)\n"
 TEXT_BAD_ADDRESS = "Sorry, that address contains a line break or NUL. (#5.1.3)\n"
@@ -100,6 +108,11 @@ class RemoteConfig:
     dns_negative_ttl: float = 300.0
     ipv6: bool = True
     timeout_skip_seconds: float = 3840.0
+    tls: TlsDestinations = field(default_factory=TlsDestinations)
+    tls_min_version: str = "1.2"
+    tls_ca_file: str = ""
+    tls_ciphers: str = ""          # control/tlsclientciphers
+    tls_handshake_timeout: float = 60.0
 
 
 def load_remote_config(root: Path | str) -> RemoteConfig:
@@ -117,8 +130,20 @@ def load_remote_config(root: Path | str) -> RemoteConfig:
         timeoutremote = max(1, read_number(control / "timeoutremote", 1200))
         routes = SmtpRoutes.load(control)
         settings = load_settings(root).delivery
-    except (ControlError, SettingsError, RoutesError) as exc:
+        tls = TlsDestinations.load(root)
+        tls_ciphers = read_client_ciphers(root)
+    except (ControlError, SettingsError, RoutesError, TlsPolicyError) as exc:
         raise RemoteConfigError(str(exc)) from None
+    toml = Path(root) / "qrelay.toml"
+    try:
+        parse_min_version(settings.tls_min_version)
+    except ValueError as exc:
+        raise RemoteConfigError(f"{toml}: [delivery] tls_min_version: {exc}") from None
+    tls_ca_file = settings.tls_ca_file
+    if tls_ca_file:
+        tls_ca_file = str(Path(root) / tls_ca_file)   # an absolute path stays as it is
+        if not Path(tls_ca_file).is_file():
+            raise RemoteConfigError(f"{toml}: [delivery] tls_ca_file: no file {tls_ca_file}")
     for server in settings.dns_servers:
         if not _valid_dns_server(server):
             raise RemoteConfigError(
@@ -134,7 +159,9 @@ def load_remote_config(root: Path | str) -> RemoteConfig:
         my_addresses=frozenset(("0.0.0.0", *settings.my_addresses)),
         dns_timeout=settings.dns_timeout, dns_tries=max(1, settings.dns_tries),
         dns_negative_ttl=float(settings.dns_negative_ttl), ipv6=settings.ipv6,
-        timeout_skip_seconds=float(settings.timeout_skip_seconds))
+        timeout_skip_seconds=float(settings.timeout_skip_seconds),
+        tls=tls, tls_min_version=settings.tls_min_version, tls_ca_file=tls_ca_file,
+        tls_ciphers=tls_ciphers, tls_handshake_timeout=settings.tls_handshake_timeout)
 
 
 class RemoteDelivery:
@@ -158,18 +185,24 @@ class RemoteDelivery:
             timeoutconnect=config.timeoutconnect, timeoutremote=config.timeoutremote,
             limits=PoolLimits(config.max_messages_per_connection,
                               config.max_connections_per_host, config.idle_timeout),
-            clock=clock)
+            clock=clock,
+            tls_contexts=TlsContexts(parse_min_version(config.tls_min_version),
+                                     config.tls_ca_file, config.tls_ciphers),
+            handshake_timeout=config.tls_handshake_timeout)
         self._clock = clock
         self.tcpto = ConnectTimeouts(config.timeout_skip_seconds, clock)
 
-    async def targets(self, domain: str) -> tuple[list[MxTarget], int]:
-        """Addresses to try for `domain`, best first, and the port. Raises ResolveError."""
+    async def targets(self, domain: str) -> tuple[list[MxTarget], int, str]:
+        """Addresses to try for `domain`, best first, the port, and the name
+        control/tlsdestinations is looked up by (the domain, or the relay).
+        Raises ResolveError."""
         route = self.config.routes.lookup(domain)
         if route is not None:
             # A relay is resolved by A/AAAA only and the ipme check is off (qmail).
-            return await self.resolver.relay_targets(route.relay), route.port
+            return await self.resolver.relay_targets(route.relay), route.port, route.relay
         targets = await self.resolver.mx_targets(domain)
-        return _unique(apply_ipme(targets, self.config.my_addresses)), self.config.mx_port
+        return (_unique(apply_ipme(targets, self.config.my_addresses)), self.config.mx_port,
+                domain)
 
     async def deliver(self, domain: str, sender: str, recipients: Sequence[str],
                       message: bytes) -> list[RecipientResult]:
@@ -188,9 +221,11 @@ class RemoteDelivery:
             return [RecipientResult(r, "D", TEXT_BAD_ADDRESS) if b else next(sent)
                     for r, b in zip(recipients, bad)]
         try:
-            targets, port = await self.targets(domain)
+            targets, port, tls_name = await self.targets(domain)
         except ResolveError as exc:
             return _all(recipients, exc.status, exc.text)
+        policy = self.config.tls.lookup(tls_name)
+        port = policy.port or port
         last_failure: str | None = None
         for target in targets:
             ip = target.ip
@@ -200,8 +235,10 @@ class RemoteDelivery:
             # none is left the pool opens a fresh one, so this is bounded.
             retries = self.config.max_connections_per_host + 1
             while True:
+                # SNI and the certificate's name: the MX (or relay) host name.
+                tls = TlsRequest(policy, target.name)
                 try:
-                    conn, reused = await self.pool.acquire(ip, port, self.config.helohost)
+                    conn, reused = await self.pool.acquire(ip, port, self.config.helohost, tls)
                 except ConnectFailed as exc:
                     if exc.timed_out:
                         self.tcpto.timed_out(ip)
@@ -215,6 +252,11 @@ class RemoteDelivery:
                 except ConnectionDied:
                     self.tcpto.reached(ip)
                     last_failure = f"Connected to {ip} but connection died. (#4.4.2)\n"
+                    break
+                except TlsFailed as exc:
+                    # Required TLS not had here: the next address may do better.
+                    self.tcpto.reached(ip)
+                    last_failure = exc.text
                     break
                 except NameRejected as exc:
                     self.tcpto.reached(ip)
@@ -236,7 +278,7 @@ class RemoteDelivery:
                     self.pool.release(conn, reusable=False)
                     raise
                 self.pool.release(conn)
-                return _results(ip, recipients, outcome)
+                return _results(ip, recipients, outcome, conn.tls is not None)
         return _all(recipients, "Z", last_failure or TEXT_NO_CONNECTION)
 
     async def close(self) -> None:
@@ -296,7 +338,8 @@ def _letter(code: int) -> str:
     return "D" if code >= 500 else "Z"
 
 
-def _results(ip: str, recipients: Sequence[str], outcome: TransactionOutcome) -> list[RecipientResult]:
+def _results(ip: str, recipients: Sequence[str], outcome: TransactionOutcome,
+             tls: bool = False) -> list[RecipientResult]:
     """qmail-remote's texts (spec §7.3), reduced per recipient as qmail-rspawn does."""
     mail = outcome.mail
     if mail.code >= 400:
@@ -316,7 +359,8 @@ def _results(ip: str, recipients: Sequence[str], outcome: TransactionOutcome) ->
         common = RecipientResult("", _letter(final.code),
                                  f"{ip} failed after I sent the message.\n" + _said(final))
     else:
-        common = RecipientResult("", "K", f"{ip} accepted message.\n" + _said(final))
+        accepted = "TLS transmitted message accepted" if tls else "accepted message"
+        common = RecipientResult("", "K", f"{ip} {accepted}.\n" + _said(final))
     out = []
     for i, addr in enumerate(recipients):
         reply = refused.get(i)

@@ -9,8 +9,9 @@ of delivery worker processes).
 
 Signals (spec §6.5): ALRM = retry every deferred recipient now; HUP = reread
 everything the delivery side reads (`DELIVERY_FILES`: locals / virtualdomains
-/ percenthack, concurrency*, queuelifetime, smtproutes, timeouts, helohost,
-bounce names, qrelay.toml's [delivery] and [scheduler]); TERM = start nothing
+/ percenthack, concurrency*, queuelifetime, smtproutes, tlsdestinations,
+tlsclientciphers, timeouts, helohost, bounce names, qrelay.toml's [delivery]
+and [scheduler]; a CA file tlsdestinations names is reread on HUP); TERM = start nothing
 new, let running deliveries finish (stop_grace), exit. The supervisor also
 sends HUP when one of those files changes (engine.run polls their mtimes).
 A reload reads the whole `DeliveryConfig` first; if any file is broken it
@@ -60,7 +61,7 @@ DELIVERY_FILES = (
     "control/concurrencyremote", "control/queuelifetime", "control/smtproutes",
     "control/timeoutconnect", "control/timeoutremote", "control/helohost",
     "control/bouncefrom", "control/bouncehost", "control/doublebounceto",
-    "control/doublebouncehost",
+    "control/doublebouncehost", "control/tlsdestinations", "control/tlsclientciphers",
 )
 
 

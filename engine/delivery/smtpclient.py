@@ -3,10 +3,18 @@ reuses connections for many messages to the same host (`ConnectionPool`).
 
 The connection speaks SMTP and reports what the server said (`Reply`,
 `TransactionOutcome`); turning that into qmail-remote's K/Z/D texts is
-remote.py's job. Byte-exactness lives in `data_wire`: the stored message goes
-out unchanged except for dot-stuffing, and no stored byte sequence can end
-DATA early (the SMTP smuggling class of bugs, which notqmail has with a
-stored `\\r.\\r\\n`).
+remote.py's job. TLS (qmail-tls's qmail-remote): with a `TlsRequest` the
+connection does STARTTLS when the server offers it (implicit TLS on port
+465), checks the certificate as the destination's policy says
+(engine.delivery.tlspolicy) and introduces itself again; `conn.tls` then
+names the protocol and cipher, and a pooled connection keeps it. Under an
+opportunistic policy the pool retries a failed handshake in clear on a new
+connection; under a required one `TlsFailed` carries qmail-tls's text.
+
+Byte-exactness lives in `data_wire`: the stored message goes out unchanged
+except for dot-stuffing, and no stored byte sequence can end DATA early
+(the SMTP smuggling class of bugs, which notqmail has with a stored
+`\\r.\\r\\n`).
 
 This module never resolves names and never touches the spool.
 """
@@ -14,9 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
+
+from engine.delivery.tlspolicy import NONE, SMTPS_PORT, TlsContexts, TlsPolicy, check_peer
 
 # qmail-remote keeps up to this much of a reply for "Remote host said:".
 MAX_REPLY_TEXT = 5000
@@ -93,6 +104,28 @@ class ConnectionDied(SmtpError):
         self.after_dot = after_dot
 
 
+class TlsFailed(SmtpError):
+    """TLS could not be had as the policy wants. `text`: the qmail-style
+    deferral (ending in "\\n"); `fallback`: the policy is opportunistic and a
+    new connection in clear may be tried."""
+
+    def __init__(self, ip: str, text: str, reply: Reply | None = None,
+                 fallback: bool = False) -> None:
+        super().__init__(ip, reply, text.strip())
+        self.text = text + (f"Remote host said: {reply.text}" if reply is not None else "")
+        self.fallback = fallback
+
+
+@dataclass(slots=True, frozen=True)
+class TlsRequest:
+    """TLS wanted on a connection: the destination's policy and the next hop's
+    name (sent as SNI, and the name its certificate must carry). Hashable:
+    part of the pool's key, so a connection is only reused under the policy
+    it was opened with."""
+    policy: TlsPolicy
+    server_name: str
+
+
 @dataclass(slots=True)
 class TransactionOutcome:
     """What the server answered in one MAIL…DATA transaction."""
@@ -126,31 +159,105 @@ class SmtpConnection:
         # Reused from the pool: RSET goes first in the next transaction
         # (in the same write as MAIL when pipelining, saving a round trip).
         self.pending_rset = False
+        # "TLSv1.3 TLS_AES_256_GCM_SHA384" once encrypted, else None.
+        self.tls: str | None = None
+        # Why this connection is in clear although the policy wanted TLS
+        # (an opportunistic handshake that failed on the first connection).
+        self.tls_fallback = ""
+        self.pool_key: tuple = (ip, port, helohost, None)
 
     # --- opening -----------------------------------------------------------
 
     @classmethod
     async def open(cls, ip: str, port: int, helohost: str, *, timeoutconnect: float,
-                   timeoutremote: float, local_addr: tuple[str, int] | None = None) -> "SmtpConnection":
+                   timeoutremote: float, local_addr: tuple[str, int] | None = None,
+                   tls: TlsRequest | None = None, contexts: TlsContexts | None = None,
+                   handshake_timeout: float = 60.0) -> "SmtpConnection":
+        if tls is not None and tls.policy.level == NONE:
+            tls = None
+        context = None
+        if tls is not None:
+            context = (contexts or TlsContexts()).get(tls.policy)
+        implicit = tls is not None and port == SMTPS_PORT
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(ip, port, limit=MAX_REPLY_LINE, local_addr=local_addr),
-                timeoutconnect)
+                asyncio.open_connection(
+                    ip, port, limit=MAX_REPLY_LINE, local_addr=local_addr,
+                    **({"ssl": context, "server_hostname": tls.server_name or None,
+                        "ssl_handshake_timeout": handshake_timeout} if implicit else {})),
+                timeoutconnect + (handshake_timeout if implicit else 0))
         except asyncio.TimeoutError:
             raise ConnectFailed(ip, f"connect to {ip}:{port}: timed out", timed_out=True) from None
+        except ssl.SSLError as exc:
+            raise TlsFailed(ip, _tls_error_text(exc, tls, contexts, ip)) from None
         except OSError as exc:
             raise ConnectFailed(ip, f"connect to {ip}:{port}: {exc!r}",
                                 timed_out=isinstance(exc, TimeoutError)) from None
         conn = cls(ip, port, helohost, reader, writer, timeoutremote)
         try:
+            if implicit:
+                conn._check_tls(tls, fallback=False)
             greeting = await conn.read_reply()
             if greeting.code != 220:
+                if implicit:
+                    raise TlsFailed(ip, f"TLS Connected to {ip} but greeting failed.\n", greeting)
                 raise GreetingFailed(ip, greeting)
             await conn._introduce()
+            if tls is not None and not implicit:
+                await conn._starttls(tls, context, contexts, handshake_timeout)
         except BaseException:
             conn.abort()
             raise
         return conn
+
+    async def _starttls(self, tls: TlsRequest, context: ssl.SSLContext,
+                        contexts: TlsContexts | None, handshake_timeout: float) -> None:
+        """STARTTLS (RFC 3207), the certificate check, EHLO again. Raises
+        TlsFailed; returns in clear when the policy lets a server that does
+        not offer or refuses STARTTLS be used as it is (qmail-tls)."""
+        policy, ip = tls.policy, self.ip
+        required = policy.required
+        if "STARTTLS" not in self.extensions:
+            if required:
+                raise TlsFailed(ip, f"No TLS achieved while control/tlsdestinations requires it"
+                                    f" ({policy.rule}); connected to {ip}.\n")
+            return
+        reply = await self.command(b"STARTTLS")
+        if reply.code != 220:
+            if required:
+                raise TlsFailed(ip, f"STARTTLS rejected while control/tlsdestinations requires"
+                                    f" TLS ({policy.rule}); connected to {ip}.\n", reply)
+            return
+        # Bytes after the 220 were sent in clear before the handshake: taking
+        # them for replies inside TLS would let a man in the middle answer
+        # for the server (the client side of CVE-2011-0411).
+        if getattr(self._reader, "_buffer", b""):
+            raise TlsFailed(ip, f"TLS connect failed: plaintext after STARTTLS's 220;"
+                                f" connected to {ip}.\n", fallback=not required)
+        try:
+            await asyncio.wait_for(
+                self._writer.start_tls(context, server_hostname=tls.server_name or None,
+                                       ssl_handshake_timeout=handshake_timeout),
+                handshake_timeout + 1)
+        except (ssl.SSLError, OSError, EOFError, asyncio.TimeoutError) as exc:
+            raise TlsFailed(ip, _tls_error_text(exc, tls, contexts, ip),
+                            fallback=not required) from None
+        self._check_tls(tls, fallback=not required)
+        # RFC 3207 4.2: forget what the server said in clear, introduce again.
+        self.extensions = {}
+        self.esmtp = False
+        await self._introduce()
+
+    def _check_tls(self, tls: TlsRequest, fallback: bool) -> None:
+        obj = self._writer.get_extra_info("ssl_object")
+        if obj is None:
+            raise TlsFailed(self.ip, f"TLS connect failed: no TLS session; connected to {self.ip}.\n",
+                            fallback=fallback)
+        why = check_peer(obj, tls.policy, tls.server_name)
+        if why is not None:
+            raise TlsFailed(self.ip, f"{why}; connected to {self.ip}.\n", fallback=fallback)
+        cipher = obj.cipher()
+        self.tls = f"{obj.version()} {cipher[0] if cipher else ''}".strip()
 
     async def _introduce(self) -> None:
         reply = await self.command(b"EHLO " + self.helohost.encode("utf-8", "surrogateescape"))
@@ -342,6 +449,21 @@ class SmtpConnection:
         return self._writer.is_closing() or self._reader.at_eof()
 
 
+def _tls_error_text(exc: BaseException, tls: TlsRequest | None,
+                    contexts: TlsContexts | None, ip: str) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError) and tls is not None:
+        ca = tls.policy.ca_name(contexts.default_cafile if contexts else "")
+        why = exc.verify_message or exc.reason or str(exc)
+        return f"TLS unable to verify server with {ca}: {why}; connected to {ip}.\n"
+    if isinstance(exc, asyncio.TimeoutError):
+        why = "handshake timed out"
+    elif isinstance(exc, ssl.SSLError):
+        why = exc.reason or exc.strerror or str(exc)
+    else:
+        why = str(exc) or type(exc).__name__
+    return f"TLS connect failed: {why}; connected to {ip}.\n"
+
+
 def _addr(address: str) -> bytes:
     return address.encode("utf-8", "surrogateescape")
 
@@ -373,9 +495,12 @@ class _HostSlots:
 
 
 class ConnectionPool:
-    """Open connections by (ip, port, helohost): reused for the next message to
-    the same host (RSET between, a cap per connection), closed when idle too
-    long, and at most `max_connections_per_host` open per (ip, port).
+    """Open connections by (ip, port, helohost, TLS request): reused for the
+    next message to the same host (RSET between, a cap per connection), closed
+    when idle too long, and at most `max_connections_per_host` open per
+    (ip, port). An encrypted connection stays encrypted for every message it
+    carries; one opened in clear after an opportunistic handshake failed is
+    reused in clear (no second failed handshake per message).
 
     Bookkeeping for a destination disappears once nothing uses or waits for
     it and no idle connection is kept, so memory follows the live set of
@@ -384,20 +509,28 @@ class ConnectionPool:
 
     def __init__(self, *, timeoutconnect: float, timeoutremote: float,
                  limits: PoolLimits = PoolLimits(),
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 tls_contexts: TlsContexts | None = None,
+                 handshake_timeout: float = 60.0) -> None:
         self._timeoutconnect = timeoutconnect
+        self._contexts = tls_contexts or TlsContexts()
+        self._handshake_timeout = handshake_timeout
         self._timeoutremote = timeoutremote
         self._limits = limits
         self._clock = clock
-        self._idle: dict[tuple[str, int, str], list[SmtpConnection]] = {}
+        self._idle: dict[tuple, list[SmtpConnection]] = {}
         self._expiry: dict[SmtpConnection, asyncio.TimerHandle] = {}
         self._slots: dict[tuple[str, int], _HostSlots] = {}
         self._closed = False
         self.opened = 0     # connections opened, for tests and stats
+        self.tls_fallbacks = 0   # opportunistic handshakes that failed, retried in clear
 
-    async def acquire(self, ip: str, port: int, helohost: str) -> tuple[SmtpConnection, bool]:
+    async def acquire(self, ip: str, port: int, helohost: str,
+                      tls: TlsRequest | None = None) -> tuple[SmtpConnection, bool]:
         """A ready connection and whether it was reused. Raises ConnectFailed,
-        GreetingFailed, NameRejected or ConnectionDied. Pair with release()."""
+        GreetingFailed, NameRejected, ConnectionDied or TlsFailed. Pair with
+        release()."""
+        key = (ip, port, helohost, tls)
         slots = self._slots.get((ip, port))
         if slots is None:
             slots = self._slots[(ip, port)] = _HostSlots(max(1, self._limits.max_connections_per_host))
@@ -410,7 +543,7 @@ class ConnectionPool:
             raise
         try:
             while True:
-                conn = self._pop_idle(ip, port, helohost)
+                conn = self._pop_idle(key)
                 if conn is None:
                     break
                 if (self._clock() - conn.last_used < self._limits.idle_timeout
@@ -421,10 +554,8 @@ class ConnectionPool:
                     conn.pending_rset = True
                     return conn, True
                 conn.abort()
-            conn = await SmtpConnection.open(
-                ip, port, helohost, timeoutconnect=self._timeoutconnect,
-                timeoutremote=self._timeoutremote)
-            self.opened += 1
+            conn = await self._open(ip, port, helohost, tls)
+            conn.pool_key = key
             conn.last_used = self._clock()
             return conn, False
         except BaseException:
@@ -432,6 +563,24 @@ class ConnectionPool:
             slots.users -= 1
             self._forget_if_unused(ip, port)
             raise
+
+    async def _open(self, ip: str, port: int, helohost: str,
+                    tls: TlsRequest | None) -> SmtpConnection:
+        kw = dict(timeoutconnect=self._timeoutconnect, timeoutremote=self._timeoutremote,
+                  contexts=self._contexts, handshake_timeout=self._handshake_timeout)
+        try:
+            conn = await SmtpConnection.open(ip, port, helohost, tls=tls, **kw)
+        except TlsFailed as exc:
+            if not exc.fallback:
+                raise
+            # Opportunistic: the same attempt goes on in clear, on a new
+            # connection (the failed one's state is unknown).
+            self.opened += 1
+            self.tls_fallbacks += 1
+            conn = await SmtpConnection.open(ip, port, helohost, tls=None, **kw)
+            conn.tls_fallback = exc.text
+        self.opened += 1
+        return conn
 
     def release(self, conn: SmtpConnection, reusable: bool = True) -> None:
         """Give a connection back: kept idle for reuse, or closed."""
@@ -444,7 +593,7 @@ class ConnectionPool:
                 and conn.transactions < self._limits.max_messages_per_connection)
         if keep:
             conn.last_used = self._clock()
-            self._idle.setdefault((conn.ip, conn.port, conn.helohost), []).append(conn)
+            self._idle.setdefault(conn.pool_key, []).append(conn)
             slots.idle += 1
             loop = asyncio.get_running_loop()
             self._expiry[conn] = loop.call_later(self._limits.idle_timeout, self._expire, conn)
@@ -452,15 +601,14 @@ class ConnectionPool:
             conn.abort()
             self._forget_if_unused(conn.ip, conn.port)
 
-    def _pop_idle(self, ip: str, port: int, helohost: str) -> SmtpConnection | None:
-        key = (ip, port, helohost)
+    def _pop_idle(self, key: tuple) -> SmtpConnection | None:
         idle = self._idle.get(key)
         if not idle:
             return None
         conn = idle.pop()   # most recently used: the likeliest to be alive
         if not idle:
             del self._idle[key]
-        self._slots[(ip, port)].idle -= 1
+        self._slots[key[:2]].idle -= 1
         handle = self._expiry.pop(conn, None)
         if handle is not None:
             handle.cancel()
@@ -468,7 +616,7 @@ class ConnectionPool:
 
     def _expire(self, conn: SmtpConnection) -> None:
         self._expiry.pop(conn, None)
-        key = (conn.ip, conn.port, conn.helohost)
+        key = conn.pool_key
         idle = self._idle.get(key)
         if idle and conn in idle:
             idle.remove(conn)
