@@ -48,7 +48,7 @@ def run(coro, timeout=25):
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
-def deliver(dns, tlsdestinations: str = "", messages: int = 1, root="/", min_version="1.2",
+def deliver(dns, tlsdestinations: str = "", messages: int = 1, root="/", min_version="TLSv1.2",
             **knobs):
     """Start a sink with `knobs`, deliver `messages` messages to x@tls.test
     (MX mx.tls.test -> 127.0.0.1) one after the other; results and the sink."""
@@ -209,9 +209,9 @@ def test_min_version_is_enforced(fake_dns, ca):
     ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     (result,), _, _ = deliver(fake_dns, tls_context=ctx)
     assert result == [TLS_OK]
-    # [delivery] tls_min_version = "1.3" and a server that stops at 1.2:
+    # [delivery] tls_min_version = "TLSv1.3" and a server that stops at 1.2:
     # opportunistic goes on in clear, required defers.
-    (result,), _, pool = deliver(fake_dns, tls_context=ctx, min_version="1.3")
+    (result,), _, pool = deliver(fake_dns, tls_context=ctx, min_version="TLSv1.3")
     assert result == [CLEAR_OK] and pool.tls_fallbacks == 1
-    (result,), _, _ = deliver(fake_dns, "-tls.test:\n", tls_context=ctx, min_version="1.3")
+    (result,), _, _ = deliver(fake_dns, "-tls.test:\n", tls_context=ctx, min_version="TLSv1.3")
     assert result[0].status == "Z" and result[0].text.startswith("TLS connect failed: ")

@@ -9,7 +9,7 @@ import pytest
 from engine.delivery.remote import RemoteConfigError, load_remote_config
 from engine.delivery.tlspolicy import (DEFAULT_POLICY, ENCRYPT, FINGERPRINT, FQDN, MAY, NONE,
                                        VERIFY, TlsContexts, TlsDestinations, TlsPolicy,
-                                       TlsPolicyError, _check_name, parse_min_version)
+                                       TlsPolicyError, _check_name)
 
 
 def table(text: str, root="/r") -> TlsDestinations:
@@ -88,13 +88,13 @@ def test_remote_config_reads_tlsdestinations_and_settings(root):
     control = root / "control"
     (control / "tlsdestinations").write_text("-secure.test:\n")
     config = load_remote_config(root)
-    assert config.tls.lookup("secure.test").level == ENCRYPT and config.tls_min_version == "1.2"
+    assert config.tls.lookup("secure.test").level == ENCRYPT and config.tls_min_version == "TLSv1.2"
     (control / "tlsdestinations").write_text("secure.test\n")
     with pytest.raises(RemoteConfigError, match=r"tlsdestinations line 1: no ':'"):
         load_remote_config(root)
     (control / "tlsdestinations").unlink()
-    (root / "qrelay.toml").write_text('[delivery]\ntls_min_version = "1.1"\n')
-    with pytest.raises(RemoteConfigError, match=r"\[delivery\] tls_min_version: '1.1' is not"):
+    (root / "qrelay.toml").write_text('[delivery]\ntls_min_version = "TLSv1.1"\n')
+    with pytest.raises(RemoteConfigError, match=r"\[delivery\] tls_min_version = 'TLSv1.1': exp"):
         load_remote_config(root)
     (root / "qrelay.toml").write_text('[delivery]\ntls_ca_file = "missing.pem"\n')
     with pytest.raises(RemoteConfigError, match=r"\[delivery\] tls_ca_file: no file"):
@@ -118,14 +118,13 @@ def test_a_changed_ca_file_makes_a_different_snapshot(tmp_path):
 
 
 def test_contexts_are_tls12_plus_and_shared():
-    contexts = TlsContexts(parse_min_version("1.2"))
+    contexts = TlsContexts("TLSv1.2")
     ctx = contexts.get(DEFAULT_POLICY)
     assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2 and ctx.verify_mode == ssl.CERT_NONE
     assert contexts.get(TlsPolicy(ENCRYPT)) is ctx
     verified = contexts.get(TlsPolicy(VERIFY))
     assert verified.verify_mode == ssl.CERT_REQUIRED and verified is not ctx
-    with pytest.raises(ValueError):
-        parse_min_version("1.0")
+    assert TlsContexts("TLSv1.3").get(DEFAULT_POLICY).minimum_version == ssl.TLSVersion.TLSv1_3
 
 
 @pytest.mark.parametrize("cert, name, wildcard, ok", [

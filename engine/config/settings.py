@@ -137,8 +137,8 @@ class DeliverySettings:
     # pay off when one core cannot drive all the SMTP/TLS traffic.
     worker_procs: int = 0
     # Outbound TLS (control/tlsdestinations says where it is required): the
-    # oldest protocol accepted, "1.2" or "1.3" (never SSLv3 / TLS 1.0 / 1.1).
-    tls_min_version: str = "1.2"
+    # oldest protocol accepted, "TLSv1.2" or "TLSv1.3" (never lower).
+    tls_min_version: str = "TLSv1.2"
     # CA bundle (PEM) for verified destinations that name none; empty = the
     # system's CAs.
     tls_ca_file: str = ""
@@ -278,6 +278,7 @@ RANGES: dict[tuple[str, str], tuple[float, float | None, str]] = {
 # (section, key) -> the words a string setting may be.
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("log", "format"): ("qmail", "json"),
+    ("delivery", "tls_min_version"): ("TLSv1.2", "TLSv1.3"),
 }
 
 

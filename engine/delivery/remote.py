@@ -41,7 +41,7 @@ from engine.delivery.smtpclient import (ConnectFailed, ConnectionDied, Connectio
                                         GreetingFailed, NameRejected, PoolLimits, Reply,
                                         TlsFailed, TlsRequest, TransactionOutcome)
 from engine.delivery.tlspolicy import (TlsContexts, TlsDestinations, TlsPolicyError,
-                                       parse_min_version, read_client_ciphers)
+                                       read_client_ciphers)
 
 TEXT_NO_CONNECTION = "Sorry, I wasn't able to establish an SMTP connection. (#4.4.1)\n"
 TEXT_BAD_ADDRESS = "Sorry, that address contains a line break or NUL. (#5.1.3)\n"
@@ -109,7 +109,7 @@ class RemoteConfig:
     ipv6: bool = True
     timeout_skip_seconds: float = 3840.0
     tls: TlsDestinations = field(default_factory=TlsDestinations)
-    tls_min_version: str = "1.2"
+    tls_min_version: str = "TLSv1.2"
     tls_ca_file: str = ""
     tls_ciphers: str = ""          # control/tlsclientciphers
     tls_handshake_timeout: float = 60.0
@@ -135,10 +135,6 @@ def load_remote_config(root: Path | str) -> RemoteConfig:
     except (ControlError, SettingsError, RoutesError, TlsPolicyError) as exc:
         raise RemoteConfigError(str(exc)) from None
     toml = Path(root) / "qrelay.toml"
-    try:
-        parse_min_version(settings.tls_min_version)
-    except ValueError as exc:
-        raise RemoteConfigError(f"{toml}: [delivery] tls_min_version: {exc}") from None
     tls_ca_file = settings.tls_ca_file
     if tls_ca_file:
         tls_ca_file = str(Path(root) / tls_ca_file)   # an absolute path stays as it is
@@ -186,8 +182,8 @@ class RemoteDelivery:
             limits=PoolLimits(config.max_messages_per_connection,
                               config.max_connections_per_host, config.idle_timeout),
             clock=clock,
-            tls_contexts=TlsContexts(parse_min_version(config.tls_min_version),
-                                     config.tls_ca_file, config.tls_ciphers),
+            tls_contexts=TlsContexts(config.tls_min_version, config.tls_ca_file,
+                                     config.tls_ciphers),
             handshake_timeout=config.tls_handshake_timeout)
         self._clock = clock
         self.tcpto = ConnectTimeouts(config.timeout_skip_seconds, clock)

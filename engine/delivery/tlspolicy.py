@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Iterable
 
 from engine.config.control import read_list, read_numbered_lines
+from engine.tls import MIN_VERSIONS
 
 NONE = "none"            # never STARTTLS
 MAY = "may"              # opportunistic
@@ -69,7 +70,6 @@ _GENERAL_RULES = (("!*", NONE), ("=*", FQDN), ("~*", VERIFY), ("+*", VERIFY), ("
                   ("*", MAY), ("-", MAY))
 _HOST_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789.-_[]")
 _DIGESTS = {40: "sha1", 56: "sha224", 64: "sha256", 128: "sha512"}
-_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 
 class TlsPolicyError(ValueError):
@@ -222,14 +222,6 @@ def _parse_line(line: str, root: Path) -> tuple[str, TlsPolicy]:
     return key, TlsPolicy(level, cafile, capath, fingerprint, ciphers, port, key)
 
 
-def parse_min_version(text: str) -> ssl.TLSVersion:
-    """"1.2" or "1.3" (`[delivery] tls_min_version`); ValueError otherwise."""
-    try:
-        return _VERSIONS[text]
-    except KeyError:
-        raise ValueError(f"{text!r} is not one of {', '.join(_VERSIONS)}") from None
-
-
 def read_client_ciphers(root: Path | str) -> str:
     """control/tlsclientciphers (qmail-tls): lines joined with ':'; "" = OpenSSL's."""
     path = Path(root) / "control" / "tlsclientciphers"
@@ -246,7 +238,7 @@ def read_client_ciphers(root: Path | str) -> str:
 class TlsContexts:
     """Client SSL contexts, built on first use and shared by every connection
     with the same verification needs (loading the system CAs costs ~10 ms)."""
-    min_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2
+    min_version: str = "TLSv1.2"       # a key of engine.tls.MIN_VERSIONS
     default_cafile: str = ""
     default_ciphers: str = ""
     _cache: dict = field(default_factory=dict)
@@ -266,7 +258,7 @@ class TlsContexts:
         # check_peer (qmail-tls's rules and texts), so OpenSSL's own
         # hostname check is off; the chain is checked by OpenSSL.
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.minimum_version = self.min_version
+        ctx.minimum_version = MIN_VERSIONS[self.min_version]
         ctx.check_hostname = False
         ciphers = policy.ciphers or self.default_ciphers
         if ciphers:
