@@ -47,16 +47,26 @@ def qstat(root: str) -> None:
 
 @cli.command()
 @ROOT
-def qread(root: str) -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help="one JSON object per message and line (every recipient's state, "
+                   "attempts, next try and last result)")
+def qread(root: str, as_json: bool) -> None:
     """List queued messages and recipients (qmail-qread's format).
 
     Reads ROOT/queue (read-only: safe beside a running `qrelay run`); writes nothing.
     """
+    import json
+
+    from engine.cli.surgery import message_json
     from engine.queue.tools import format_qread
     spool = _open_spool_readonly(root)
     if spool is None:
         return
     try:
+        if as_json:
+            for msg in spool.iter_messages():
+                click.echo(json.dumps(message_json(msg)))
+            return
         for block in format_qread(spool.iter_messages()):
             click.echo(block, nl=False)
     finally:

@@ -102,6 +102,10 @@ class SpoolSettings:
     # taking LMDB's writer lock; see engine/queue/__init__.py). While no
     # writer answers, a receiver commits directly (safe, just slower).
     single_writer: bool = True
+    # Queue surgery (qrelay hold/release/delete/requeue) and import-qmail
+    # change at most this many messages per index transaction, so the spool
+    # writer and the scheduler never wait long for LMDB's writer lock.
+    surgery_batch: int = 500
 
 
 @dataclass(slots=True, frozen=True)
@@ -256,6 +260,7 @@ RANGES: dict[tuple[str, str], tuple[float, float | None, str]] = {
     ("spool", "max_open_segments"): (1, None, "a segment must be read"),
     ("spool", "sync_depth"): (1, 64, "a thread and a descriptor each"),
     ("spool", "max_frame_bytes"): (1024, None, "a frame holds a message"),
+    ("spool", "surgery_batch"): (1, 100000, "messages per surgery transaction"),
     ("delivery", "dns_timeout"): (0.01, None, "every lookup would time out"),
     ("delivery", "dns_tries"): (1, None, "no lookup would be made"),
     ("delivery", "mx_port"): (1, 65535, "a TCP port"),

@@ -379,6 +379,8 @@ class Scheduler:
         self._flushed_at = float("-inf")
         self._stopping = False
         self.delivered = self.deferrals = self.failures = 0
+        # Queue surgery's counter (engine.queue.surgery) when the ready views were filled.
+        self._surgery_gen = spool.surgery_generation()
 
     def lane(self, name: str) -> Lane:
         for lane in self.lanes:
@@ -474,10 +476,24 @@ class Scheduler:
             self.complete_pending_bounces()
             self._adopt_tails()
         if not self._stopping:
+            self._notice_surgery()
             for lane in self.lanes:
                 if lane.courier is not None:
                     self.dispatch(lane, now)
         return busy
+
+    def _notice_surgery(self) -> None:
+        """`qrelay hold|release|requeue|delete` changed the spool under the
+        ready views: throw them away (they are only a view) so nothing held
+        or deleted is started; the next read of the due table refills them.
+        One read of a counter per pass."""
+        gen = self.spool.surgery_generation()
+        if gen == self._surgery_gen:
+            return
+        self._surgery_gen = gen
+        for lane in self.lanes:
+            lane.ready = ReadyJobs(self.config.scan_batch, skip_max=self.config.skip_max)
+            lane.scan_after = None
 
     async def _drain(self, grace: float) -> None:
         if self._tasks:

@@ -30,7 +30,14 @@ from engine.queue.records import (SPOOL_FORMAT, EnvelopeRecord, MessageRecord, R
                                   RecordError, SegmentRecord)
 from engine.queue.values import (Envelope, MessageNotFound, SpoolError, SpoolVersionError)
 
-TABLES = (b"meta", b"messages", b"recipients", b"due", b"todo", b"bounces", b"segments")
+TABLES = (b"meta", b"messages", b"recipients", b"due", b"todo", b"bounces", b"segments",
+          b"held", b"imported")
+# Added after the first release: a spool no writable open has upgraded yet
+# lacks them, and a read-only open cannot create them (readers use .get()).
+LATER_TABLES = (b"held", b"imported")
+# meta key: a counter every queue-surgery transaction (hold, release, delete,
+# requeue) increments, so a running scheduler knows its in-memory view is stale.
+SURGERY_KEY = b"surgery"
 
 
 def failure_text(what: str, exc: BaseException, map_bytes: int) -> str:
@@ -56,7 +63,13 @@ class SpoolIndex:
         self._where = where
         self.env = self._open(index_dir, settings, metasync)
         try:
-            self.dbs = {name: self.env.open_db(name, create=not readonly) for name in TABLES}
+            self.dbs = {}
+            for name in TABLES:
+                try:
+                    self.dbs[name] = self.env.open_db(name, create=not readonly)
+                except lmdb.NotFoundError:
+                    if name not in LATER_TABLES:
+                        raise
             self._check_format()
         except lmdb.Error as exc:
             self.env.close()
@@ -163,6 +176,22 @@ class SpoolIndex:
                 out.append((bytes(key), bytes(value)))
         return out
 
+    def is_held(self, txn: lmdb.Transaction, msgid: int) -> bool:
+        """Is `msgid` on hold (queue surgery: no due entries, never delivered)?"""
+        held = self.dbs.get(b"held")
+        return held is not None and txn.get(R.u64(msgid), db=held) is not None
+
+    def surgery_generation(self) -> int:
+        """The counter queue surgery increments (0 if never)."""
+        with self.env.begin() as txn:
+            raw = txn.get(SURGERY_KEY, db=self.dbs[b"meta"])
+        return R.read_u64(raw) if raw is not None else 0
+
+    def bump_surgery(self, txn: lmdb.Transaction) -> None:
+        raw = txn.get(SURGERY_KEY, db=self.dbs[b"meta"])
+        txn.put(SURGERY_KEY, R.u64((R.read_u64(raw) if raw is not None else 0) + 1),
+                db=self.dbs[b"meta"])
+
     def segments(self, txn: lmdb.Transaction) -> dict[int, bytes]:
         """segment id -> its raw record, for every segment the index knows."""
         return {R.read_u64(k): bytes(v) for k, v in txn.cursor(db=self.dbs[b"segments"])}
@@ -199,7 +228,7 @@ class SpoolIndex:
                 pass  # its due entry, if any, is dropped lazily as dangling
             txn.delete(rkey, db=dbs[b"recipients"])
         key = R.u64(msgid)
-        for name in (b"messages", b"todo", b"bounces"):
+        for name in (b"messages", b"todo", b"bounces", b"held"):
             txn.delete(key, db=dbs[name])
         if segid is not None:
             self.release_segment(txn, segid, unlink)

@@ -95,7 +95,8 @@ class Ledger:
                                     r.state in R.FINISHED_STATES, r.attempts, r.next_try, r.text)
                       for r in rcpts)
         return QueuedMessage(msgid, rec.birth, rec.length, rec.sender, rec.origin, rec.pid,
-                             rec.uid, preprocessed, rec.nfailed > 0, views)
+                             rec.uid, preprocessed, rec.nfailed > 0, views,
+                             self._index.is_held(txn, msgid))
 
     def message_info(self, msgid: int) -> QueuedMessage:
         """One message's envelope and recipient states."""
@@ -184,12 +185,14 @@ class Ledger:
             if code is None:
                 raise SpoolError(f"unknown channel {ch!r}")
             codes.append(code)
+        held = self._index.is_held(txn, msgid)   # classified, but not due until released
         for i, r in enumerate(rcpts):
             addr = addresses[i] if addresses is not None else r.address
             txn.put(R.rcpt_key(msgid, i),
                     RecipientRecord(R.PENDING, codes[i], 0, now, addr).encode(),
                     db=dbs[b"recipients"])
-            txn.put(R.due_key(codes[i], now, msgid, i), b"", db=dbs[b"due"])
+            if not held:
+                txn.put(R.due_key(codes[i], now, msgid, i), b"", db=dbs[b"due"])
         txn.delete(key, db=dbs[b"todo"])
         if rec.nrcpt == 0:
             return self._finish(txn, msgid, rec, [], unlink)
@@ -251,7 +254,7 @@ class Ledger:
         with self._index.env.begin() as txn:
             msg_cache: dict[int, MessageRecord] = {}
             for msgid, idx in keys:
-                if msgid in corrupt:
+                if msgid in corrupt or self._index.is_held(txn, msgid):
                     continue
                 raw = txn.get(R.rcpt_key(msgid, idx), db=rdb)
                 if raw is None:
@@ -358,8 +361,9 @@ class Ledger:
             nr = RecipientRecord(R.DEFERRED, r.channel, r.attempts + 1, res.next_try,
                                  r.address, res.error)
             txn.put(rkey, nr.encode(), db=dbs[b"recipients"])
-            txn.put(R.due_key(r.channel, res.next_try, res.msgid, res.index), b"",
-                    db=dbs[b"due"])
+            if not self._index.is_held(txn, res.msgid):  # held meanwhile: due once released
+                txn.put(R.due_key(r.channel, res.next_try, res.msgid, res.index), b"",
+                        db=dbs[b"due"])
             return None
         failed = isinstance(res, Failed)
         nr = RecipientRecord(R.FAILED if failed else R.DELIVERED, r.channel, r.attempts + 1,

@@ -12,6 +12,7 @@ the part that owns it:
     Ledger        engine.queue.ledger    per-recipient state: preprocess, due,
                                          apply, bouncing/release, reschedule_all
     Repair        engine.queue.repair    quarantine, recover, adopt_tails, cleanup
+    Surgery       engine.queue.surgery   select, qshape, hold/release/requeue/delete
     SpoolCore     engine.queue.core      what Intake, Ledger and Repair share
 
 It holds no spool logic of its own beyond the process rules (one Spool per
@@ -37,6 +38,7 @@ from engine.queue.ledger import Ledger
 from engine.queue.repair import Repair, process_start
 from engine.queue.segfiles import SegmentFiles
 from engine.queue.segments import SegmentIO
+from engine.queue.surgery import Selection, Shape, Surgery
 from engine.queue.values import (  # noqa: F401 - re-exported for engine.queue
     Deferred, Delivered, Envelope, Failed, Finished, Job, MessageNotFound, MessageQuarantined,
     QueuedMessage, RecipientView, RecoveryReport, Result, SpoolError, SpoolStats,
@@ -119,10 +121,12 @@ class Spool:
                                 where=self.path)
         self.env = self.index.env
         self.files = SegmentFiles(dirs[1], self.index, settings.max_open_segments, warn)
+        self._clock = clock
         core = SpoolCore(self.index, self.files, clock, warn, self._pid)
         self.repair = Repair(core, dirs[2], settings.orphan_grace, boot_id)
         self.ledger = Ledger(core, self.repair.quarantine_after_error)
         self.intake = Intake(core, settings, io or SegmentIO(), process_start(self._pid))
+        self.surgery = Surgery(core, settings.surgery_batch)
         if not readonly:
             self.repair.reindex(after_reboot=True)
 
@@ -320,6 +324,42 @@ class Spool:
         abandoned empty segments of dead writers. Returns the names removed."""
         self._check_process()
         return self.repair.cleanup(now, self.intake.segment)
+
+    # ---------------------------------------------------------------- queue surgery (Surgery)
+
+    def select(self, selection: Selection, now: float | None = None
+               ) -> tuple[list[int], list[int]]:
+        """(ids selected, ids asked for that are not queued). Read-only."""
+        return self.surgery.select(selection, self._clock() if now is None else now)
+
+    def shape(self, now: float | None = None, top: int = 0, held: bool = False) -> Shape:
+        """qshape's destinations x age table. Read-only, one pass over the index."""
+        return self.surgery.shape(self._clock() if now is None else now, top, held)
+
+    def hold(self, ids: Iterable[int], now: float | None = None) -> int:
+        """Never deliver these messages until released (see engine.queue.surgery)."""
+        self._check_process()
+        return self.surgery.hold(ids, self._clock() if now is None else now)
+
+    def release_held(self, ids: Iterable[int], now: float | None = None) -> int:
+        """Take messages off hold: each recipient due at its own retry time."""
+        self._check_process()
+        return self.surgery.release(ids, self._clock() if now is None else now)
+
+    def requeue(self, ids: Iterable[int], now: float | None = None) -> int:
+        """Every unfinished recipient of these messages due now (released if held)."""
+        self._check_process()
+        return self.surgery.release(ids, self._clock() if now is None else now, requeue=True)
+
+    def delete(self, ids: Iterable[int]) -> int:
+        """Remove these messages, no bounce; space freed as at completion."""
+        self._check_process()
+        return self.surgery.delete(ids)
+
+    def surgery_generation(self) -> int:
+        """Incremented by every hold/release/requeue/delete transaction: a
+        scheduler holding due work in memory re-reads the spool when it moves."""
+        return self.index.surgery_generation()
 
     def quarantined(self) -> list[str]:
         """Names of quarantined items (one .info file per message)."""

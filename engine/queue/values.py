@@ -122,6 +122,7 @@ class QueuedMessage:
     preprocessed: bool
     bouncing: bool          # some recipient failed: a bounce is (or will be) pending
     recipients: tuple[RecipientView, ...]
+    held: bool = False      # on hold (qrelay hold): nothing delivered until released
 
 
 @dataclass(slots=True)

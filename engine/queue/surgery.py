@@ -1,0 +1,297 @@
+"""Queue surgery: choosing messages and holding, releasing, deleting or
+requeueing them (Postfix's postsuper and qshape; qmail has none).
+
+`Surgery` is the part of a Spool (engine.queue.spool) the operator's tools
+talk to. It reads with plain read transactions (beside a running `qrelay
+run`: LMDB has any number of readers) and writes through
+SpoolIndex.write(), at most `spool.surgery_batch` messages per transaction,
+so the spool writer and the scheduler never wait long for LMDB's lock.
+
+What each change means for the index (crash states C5-C8 of
+engine/queue/__init__.py stay as they are):
+
+    hold     a `held` entry; the due entries of its recipients removed, so
+             neither due(), jobs(), reschedule_all() (flush) nor a result
+             recorded later (apply) makes it due again; preprocess
+             classifies a held todo message without making it due
+    release  the `held` entry removed, each unfinished recipient due again
+             at the time it had (a time past is due now)
+    requeue  released, and each unfinished recipient due now (its attempts
+             and last error kept)
+    delete   every record gone and the segment's live count decremented, in
+             the transaction that normal completion uses (drop_message); an
+             emptied segment file is unlinked after the sync — no bounce
+
+Every such transaction increments the meta counter `surgery`: a running
+scheduler compares it before starting deliveries and throws its in-memory
+view of due work away when it moved (engine.delivery.scheduler), so a held
+or deleted message is never started afterwards. A delivery already under
+way when the command commits finishes (as with postsuper); its result for
+a deleted message is ignored, for a held one recorded without a due entry.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import lmdb
+
+from engine.queue import records as R
+from engine.queue.core import SpoolCore
+from engine.queue.records import MessageRecord, RecipientRecord, RecordError
+
+_BIRTH = struct.Struct(">d")
+_RCPT_HEAD = struct.Struct(">BBHdH")
+_HEAD = 5                     # version byte + crc32 in front of every record payload
+UNFINISHED = (R.TODO, R.PENDING, R.DEFERRED)
+
+# qshape's age buckets: the first is `bucket_minutes` wide, each next one twice
+# the previous (Postfix: -t 5 -b 10 -> 5 10 20 40 ... 1280 1280+).
+SHAPE_BUCKET_MINUTES = 5
+SHAPE_BUCKETS = 10
+
+
+@dataclass(slots=True, frozen=True)
+class Selection:
+    """Which messages: `ids`, or every message whose sender is `sender`
+    ("" = <>), older than `older_than` seconds and with an unfinished
+    recipient at `domain` (each given criterion must hold)."""
+    ids: tuple[int, ...] = ()
+    domain: str | None = None
+    sender: str | None = None
+    older_than: float | None = None
+
+    def by_filter(self) -> bool:
+        return self.domain is not None or self.sender is not None or self.older_than is not None
+
+
+@dataclass(slots=True, frozen=True)
+class Shape:
+    """qshape's table: `buckets` upper bounds in minutes (the last one open),
+    `total` per bucket, and (domain, total, per bucket) rows, largest first."""
+    buckets: tuple[int, ...]
+    total: tuple[int, ...]
+    rows: tuple[tuple[str, int, tuple[int, ...]], ...]
+    domains: int               # destinations in all (rows may be the top N only)
+
+
+def bucket_bounds(minutes: int = SHAPE_BUCKET_MINUTES, count: int = SHAPE_BUCKETS) -> list[int]:
+    """Upper bounds of the `count` - 1 closed buckets (the last bucket is open)."""
+    return [minutes * (1 << i) for i in range(count - 1)]
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+class Surgery:
+    """Selecting and changing messages of one open spool (see module docstring)."""
+
+    def __init__(self, core: SpoolCore, batch: int):
+        self._core = core
+        self._index = core.index
+        self._dbs = core.index.dbs
+        self._batch = max(1, batch)
+
+    # ---------------------------------------------------------------- reading
+
+    def _scan(self, txn: lmdb.Transaction) -> Iterator[tuple[int, bytes, list[bytes]]]:
+        """(msgid, raw message record, raw recipient records) of every message,
+        in id order: one cursor per table walked side by side."""
+        mcur = txn.cursor(db=self._dbs[b"messages"])
+        rcur = txn.cursor(db=self._dbs[b"recipients"])
+        rvalid = rcur.first()
+        for mkey, mval in mcur:
+            rcpts: list[bytes] = []
+            while rvalid:
+                rkey = rcur.key()
+                if rkey[:8] < mkey:
+                    rvalid = rcur.next()
+                    continue
+                if rkey[:8] != mkey:
+                    break
+                rcpts.append(rcur.value())
+                rvalid = rcur.next()
+            yield R.read_u64(mkey), mval, rcpts
+
+    @staticmethod
+    def _unfinished_domains(rcpts: list[bytes]) -> set[str]:
+        # Fast path for the big scans (qshape, --domain): fields read in
+        # place; the crc is checked only where a record is used to change state.
+        out = set()
+        for raw in rcpts:
+            if len(raw) < _HEAD + _RCPT_HEAD.size:
+                continue
+            state, _ch, _att, _t, alen = _RCPT_HEAD.unpack_from(raw, _HEAD)
+            if state in UNFINISHED:
+                pos = _HEAD + _RCPT_HEAD.size
+                addr = bytes(raw[pos:pos + alen])
+                out.add(addr.rpartition(b"@")[2].lower().decode("utf-8", "surrogateescape"))
+        return out
+
+    def select(self, sel: Selection, now: float) -> tuple[list[int], list[int]]:
+        """(ids of the messages selected, ids asked for that are not queued)."""
+        dbs = self._dbs
+        with self._index.env.begin() as txn:
+            if not sel.by_filter():
+                found = [m for m in dict.fromkeys(sel.ids)
+                         if txn.get(R.u64(m), db=dbs[b"messages"]) is not None]
+                return found, [m for m in sel.ids if m not in set(found)]
+            wanted = set(sel.ids)
+            sender = sel.sender.lower() if sel.sender is not None else None
+            domain = sel.domain.lower().rstrip(".") if sel.domain is not None else None
+            out = []
+            for msgid, mval, rcpts in self._scan(txn):
+                if wanted and msgid not in wanted:
+                    continue
+                if sel.older_than is not None and \
+                        now - _BIRTH.unpack_from(mval, _HEAD)[0] < sel.older_than:
+                    continue
+                if sender is not None:
+                    try:
+                        if MessageRecord.decode(mval).sender.lower() != sender:
+                            continue
+                    except RecordError:
+                        continue
+                if domain is not None and domain not in self._unfinished_domains(rcpts):
+                    continue
+                out.append(msgid)
+            return out, [m for m in wanted if m not in set(out)]
+
+    def shape(self, now: float, top: int = 0, held: bool = False,
+              bucket_minutes: int = SHAPE_BUCKET_MINUTES,
+              buckets: int = SHAPE_BUCKETS) -> Shape:
+        """qshape: messages per destination (each message once per domain of
+        its unfinished recipients) by age since birth. `held`: the held
+        messages only (Postfix's hold queue), else every other one."""
+        bounds = bucket_bounds(bucket_minutes, buckets)
+        limits = [b * 60 for b in bounds]
+        nb = len(bounds) + 1
+        counts: dict[str, list[int]] = {}
+        total = [0] * nb
+        held_db = self._dbs.get(b"held")
+        with self._index.env.begin() as txn:
+            held_ids = set()
+            if held_db is not None:
+                held_ids = {R.read_u64(k) for k in txn.cursor(db=held_db).iternext(values=False)}
+            for msgid, mval, rcpts in self._scan(txn):
+                if (msgid in held_ids) != held:
+                    continue
+                age = now - _BIRTH.unpack_from(mval, _HEAD)[0]
+                b = 0
+                while b < len(limits) and age >= limits[b]:
+                    b += 1
+                doms = self._unfinished_domains(rcpts)
+                if not doms:
+                    continue
+                total[b] += 1
+                for d in doms:
+                    row = counts.get(d)
+                    if row is None:
+                        row = counts[d] = [0] * nb
+                    row[b] += 1
+        rows = sorted(((d, sum(r), tuple(r)) for d, r in counts.items()),
+                      key=lambda x: (-x[1], x[0]))
+        return Shape(tuple(bounds), tuple(total), tuple(rows[:top] if top > 0 else rows),
+                     len(rows))
+
+    # ---------------------------------------------------------------- changing
+
+    def _chunks(self, ids: Iterable[int]) -> Iterator[list[int]]:
+        chunk: list[int] = []
+        for msgid in ids:
+            chunk.append(msgid)
+            if len(chunk) >= self._batch:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    def _unfinished(self, txn: lmdb.Transaction, msgid: int
+                    ) -> list[tuple[bytes, RecipientRecord]] | None:
+        """(key, record) of each recipient still to deliver, or None if the
+        message is gone or its records are corrupt (left to the scheduler,
+        which quarantines what it finds corrupt)."""
+        if txn.get(R.u64(msgid), db=self._dbs[b"messages"]) is None:
+            return None
+        out = []
+        try:
+            for key, raw in self._index.recipient_items(txn, msgid):
+                r = RecipientRecord.decode(raw)
+                if r.state in (R.PENDING, R.DEFERRED):
+                    out.append((key, r))
+        except RecordError:
+            return None
+        return out
+
+    def hold(self, ids: Iterable[int], now: float) -> int:
+        """Put messages on hold; returns how many were not held before."""
+        n = 0
+        dbs = self._dbs
+        for chunk in self._chunks(ids):
+            with self._index.write("hold messages") as txn:
+                for msgid in chunk:
+                    if self._index.is_held(txn, msgid):
+                        continue
+                    rcpts = self._unfinished(txn, msgid)
+                    if rcpts is None:
+                        continue
+                    for key, r in rcpts:
+                        _m, idx = R.split_rcpt_key(key)
+                        txn.delete(R.due_key(r.channel, r.next_try, msgid, idx), db=dbs[b"due"])
+                    txn.put(R.u64(msgid), _BIRTH.pack(now), db=dbs[b"held"])
+                    n += 1
+                self._index.bump_surgery(txn)
+        return n
+
+    def release(self, ids: Iterable[int], now: float, requeue: bool = False) -> int:
+        """Take messages off hold (each recipient due at its own time), or
+        with `requeue` make every unfinished recipient due now, held or not.
+        Returns how many messages changed."""
+        n = 0
+        dbs = self._dbs
+        for chunk in self._chunks(ids):
+            with self._index.write("requeue messages" if requeue else "release messages") as txn:
+                for msgid in chunk:
+                    held = self._index.is_held(txn, msgid)
+                    if not held and not requeue:
+                        continue
+                    rcpts = self._unfinished(txn, msgid)
+                    if rcpts is None:
+                        continue
+                    for key, r in rcpts:
+                        _m, idx = R.split_rcpt_key(key)
+                        if requeue:
+                            txn.delete(R.due_key(r.channel, r.next_try, msgid, idx),
+                                       db=dbs[b"due"])
+                            r = RecipientRecord(r.state, r.channel, r.attempts, now,
+                                                r.address, r.text)
+                            txn.put(key, r.encode(), db=dbs[b"recipients"])
+                        txn.put(R.due_key(r.channel, r.next_try, msgid, idx), b"",
+                                db=dbs[b"due"])
+                    txn.delete(R.u64(msgid), db=dbs[b"held"])
+                    n += 1
+                self._index.bump_surgery(txn)
+        return n
+
+    def delete(self, ids: Iterable[int]) -> int:
+        """Remove messages outright (no bounce); their space is freed as a
+        completed message's is. Returns how many were deleted."""
+        n = 0
+        for chunk in self._chunks(ids):
+            unlink: list[int] = []
+            with self._index.write("delete messages") as txn:
+                for msgid in chunk:
+                    raw = txn.get(R.u64(msgid), db=self._dbs[b"messages"])
+                    if raw is None:
+                        continue
+                    try:
+                        segid: int | None = MessageRecord.decode(raw).segid
+                    except RecordError:
+                        segid = None   # recover() rebuilds the live counts
+                    self._index.drop_message(txn, msgid, segid, unlink)
+                    n += 1
+                self._index.bump_surgery(txn)
+            self._core.files.remove(unlink)
+        return n

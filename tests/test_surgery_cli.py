@@ -1,0 +1,119 @@
+"""`qrelay qshape | hold | release | requeue | delete | why | qread --json` through the
+real CLI, beside a running `qrelay run` (sink on loopback, fake DNS)."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from engine.queue import Envelope, Spool
+from tests.conftest import run_cli
+from tests.test_delivery_e2e import (free_port, queue_count, relay, send, sink,  # noqa: F401
+                                     texts, wait_for)
+
+
+def queued(root: Path) -> list[dict]:
+    r = run_cli("qread", str(root), "--json")
+    assert r.returncode == 0, r.stderr
+    return [json.loads(line) for line in r.stdout.splitlines()]
+
+
+def subjects(sink) -> list[bytes]:
+    return sorted(re.search(rb"Subject: (\w+)", m.content).group(1) for m in sink.messages())
+
+
+def deferred_queue(relay, root: Path, senders: list[str]):
+    """`qrelay run` with every message deferred (nothing listens on sink.test's port)."""
+    port = free_port()
+    q = relay({"sink.test": port})
+    for i, sender in enumerate(senders):
+        send(q.port, ["x@sink.test"], sender=sender, tag=f"m{i}x")
+    wait_for(lambda: sum("deferral:" in t for t in texts(root)) >= len(senders),
+             what="every message deferred")
+    return q, port
+
+
+def test_held_message_survives_flush_and_goes_once_released(relay, sink, root):
+    q, port = deferred_queue(relay, root, ["keep@src.test", "hold@src.test", "hold@src.test"])
+    r = run_cli("hold", str(root), "--sender", "hold@src.test")
+    assert (r.returncode, r.stdout) == (0, "qrelay: Placed on hold: 2 messages\n"), r.stderr
+    held = [m["id"] for m in queued(root) if m["held"]]
+    assert len(held) == 2
+    sink.start(port)
+    assert run_cli("flush", str(root)).returncode == 0
+    wait_for(lambda: subjects(sink) == [b"m0x0"], what="the message not held, after flush")
+    wait_for(lambda: queue_count(root) == 2, what="the delivered one gone")
+    # Another flush and another delivery: the scheduler has passed over the
+    # held ones twice, and they are still not delivered.
+    send(q.port, ["x@sink.test"], tag="late")
+    assert run_cli("flush", str(root)).returncode == 0
+    wait_for(lambda: len(sink.messages()) == 2, what="a later message")
+    assert subjects(sink) == [b"late0", b"m0x0"]
+    w = run_cli("why", str(root), str(held[0]))
+    assert w.returncode == 0 and "  held" in w.stdout.splitlines()[0]
+    assert "next try: when released" in w.stdout and "last result: Sorry" in w.stdout
+    r = run_cli("release", str(root), f"#{held[0]}", str(held[1]))
+    assert (r.returncode, r.stdout) == (0, "qrelay: Released from hold: 2 messages\n")
+    # Released to their own retry times (400 s away): a flush delivers them.
+    assert run_cli("flush", str(root)).returncode == 0
+    wait_for(lambda: len(sink.messages()) == 4, what="released messages delivered")
+    assert subjects(sink) == [b"late0", b"m0x0", b"m1x0", b"m2x0"]
+    wait_for(lambda: queue_count(root) == 0, what="empty queue")
+
+
+def test_delete_by_domain_beside_a_running_scheduler(relay, sink, root):
+    q, port = deferred_queue(relay, root, ["a@src.test", "b@src.test"])
+    segments = root / "queue" / "segments"
+    r = run_cli("delete", str(root), "--domain", "SINK.test", "--older-than", "0")
+    assert (r.returncode, r.stdout) == (0, "qrelay: Deleted: 2 messages\n"), r.stderr
+    assert queue_count(root) == 0 and queued(root) == []
+    sink.start(port)
+    send(q.port, ["x@sink.test"], tag="after")
+    assert run_cli("flush", str(root)).returncode == 0
+    wait_for(lambda: len(sink.messages()) >= 1, what="the new message")
+    assert subjects(sink) == [b"after0"]
+    assert not any("bounce msg" in t for t in texts(root))           # delete never bounces
+    wait_for(lambda: queue_count(root) == 0, what="empty queue")
+    assert all(p.stat().st_size < 1 << 20 for p in segments.iterdir())
+
+
+def test_requeue_retries_now_and_qshape_shows_the_destination(relay, sink, root):
+    q, port = deferred_queue(relay, root, ["a@src.test", "b@src.test", "c@src.test"])
+    r = run_cli("qshape", str(root))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["T", "5", "10", "20", "40", "80", "160", "320", "640", "1280",
+                                "1280+"]
+    assert lines[1].split()[:3] == ["TOTAL", "3", "3"]
+    assert lines[2].split()[:3] == ["sink.test", "3", "3"]
+    shape = json.loads(run_cli("qshape", str(root), "--json").stdout)
+    assert shape["rows"] == [{"domain": "sink.test", "total": 3, "by_bucket": [3] + [0] * 9}]
+    sink.start(port)
+    ids = [str(m["id"]) for m in queued(root)]
+    r = run_cli("requeue", str(root), *ids[:2])
+    assert (r.returncode, r.stdout) == (0, "qrelay: Requeued: 2 messages\n")
+    wait_for(lambda: len(sink.messages()) >= 2, what="requeued messages delivered")
+    assert subjects(sink)[:2] == [b"m0x0", b"m1x0"]
+    # The third follows: a success to sink.test pulls its deferrals forward.
+    wait_for(lambda: queue_count(root) == 0, what="empty queue")
+
+
+def test_bad_input_is_one_line_exit_2(root, tmp_path):
+    with Spool(root / "queue") as s:
+        s.enqueue(Envelope("a@src.test", ("x@sink.test",)), b"x")
+    cases = [
+        (("hold", str(tmp_path / "nope"), "1"), "no such qrelay root"),
+        (("delete", str(root), "424242"), "no message #424242 in the queue"),
+        (("release", str(root), "--domain", "nowhere.test"), "no queued message matches"),
+        (("requeue", str(root)), "say which messages"),
+        (("hold", str(root), "x1"), "not a message id"),
+        (("delete", str(root), "--older-than", "soon"), "not an age"),
+        (("why", str(root), "424242"), "no message #424242 in the queue"),
+        (("qshape", str(tmp_path / "nope")), "no such qrelay root"),
+    ]
+    for args, text in cases:
+        r = run_cli(*args)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert r.stderr.count("\n") == 1 and text in r.stderr, (args, r.stderr)
+    r = run_cli("why", str(root), "--json", "1")
+    assert r.returncode == 0 and json.loads(r.stdout)["recipients"][0]["state"] == "todo"
