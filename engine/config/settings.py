@@ -222,6 +222,50 @@ class AuthSettings:
 
 
 @dataclass(slots=True, frozen=True)
+class RelaySettings:
+    # Where the POP-before-SMTP table and the login-failure counters live:
+    # "" = an LMDB file under ROOT/relay/ shared by every process of this box;
+    # "redis://HOST:PORT/DB" (or rediss://, unix://) = shared by every node
+    # using that Redis (its own key expiry does the clean-up). Read at start.
+    store: str = ""
+    # Seconds a successful POP3/IMAP login lets the client's IP relay
+    # (vpopmail's clearopensmtp ran every 3 hours).
+    pop_before_smtp_ttl: int = 10800
+    # Longest a relay check or counter update waits for Redis; past it the
+    # answer is "not allowed" (fail closed) and the session goes on.
+    timeout: float = 0.25
+    # After Redis failed, it is not asked again for this many seconds: checks
+    # answer False at once meanwhile (one log line per outage).
+    retry_seconds: float = 1.0
+    # Prefix of every Redis key (several qrelay clusters on one Redis).
+    key_prefix: str = "qrelay:"
+    # Address space reserved for the embedded table (the file grows as used;
+    # 100,000 entries take a few MB).
+    map_bytes: int = 256 * 1024 * 1024
+    # Expired embedded entries removed per write (a grant, a failure): the
+    # table cleans itself without a cron job and without a long pause.
+    sweep_batch: int = 1000
+    # The embedded table's writes reach the disk at most this many seconds
+    # later (a sync in a thread): a grant costs no fsync on the login path;
+    # a machine crash may forget the last second of grants, never more.
+    sync_seconds: float = 1.0
+
+
+@dataclass(slots=True, frozen=True)
+class LoginSettings:
+    # Password guessing (SMTP AUTH and POP3), per client IP, counted in the
+    # relay table's store so several nodes share the counts. Each failure in
+    # the window delays the reply by failure_delay x failures so far (at most
+    # max_delay); the max_failures-th failure locks the IP out (421 / -ERR
+    # and close) for lockout_seconds.
+    failure_delay: float = 1.0
+    max_delay: float = 8.0
+    max_failures: int = 10
+    window: int = 600
+    lockout_seconds: int = 900
+
+
+@dataclass(slots=True, frozen=True)
 class LogSettings:
     # multilog's s and n for ROOT/log: rotate `current` near this size, keep
     # at most max_files - 1 rotated files.
@@ -242,6 +286,8 @@ class Settings:
     accounts: AccountsSettings = field(default_factory=AccountsSettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
+    relay: RelaySettings = field(default_factory=RelaySettings)
+    login: LoginSettings = field(default_factory=LoginSettings)
 
 
 # (section, key) -> (minimum, maximum or None, why): a value outside is refused
@@ -273,6 +319,15 @@ RANGES: dict[tuple[str, str], tuple[float, float | None, str]] = {
     ("scheduler", "todo_batch"): (1, None, "a pass reads a message"),
     ("scheduler", "poll_interval"): (0.001, None, "a busy loop otherwise"),
     ("scheduler", "mark_batch"): (1, None, "a batch holds a result"),
+    ("relay", "pop_before_smtp_ttl"): (1, None, "a grant must last"),
+    ("relay", "timeout"): (0.001, 10, "a relay check must not hold a session"),
+    ("relay", "retry_seconds"): (0.01, None, "a busy loop otherwise"),
+    ("relay", "map_bytes"): (1024 * 1024, None, "room for the table"),
+    ("relay", "sweep_batch"): (1, None, "expired entries must go"),
+    ("relay", "sync_seconds"): (0.01, None, "a busy loop otherwise"),
+    ("login", "max_failures"): (1, None, "0 would lock out every client"),
+    ("login", "window"): (1, None, "failures are counted over a window"),
+    ("login", "lockout_seconds"): (1, None, "a lockout must last"),
     ("log", "max_bytes"): (4096, None, "multilog's smallest s"),
     ("tls", "handshake_timeout"): (0.1, None, "no handshake would finish"),
     ("auth", "hash_threads"): (1, 64, "a thread checks passwords"),
@@ -360,7 +415,16 @@ def load_settings(root: Path | str) -> Settings:
     for key in data:
         if key not in top:
             raise SettingsError(f"{path}: unknown section [{key}]")
-    return _build(Settings, data, str(path))
+    settings = _build(Settings, data, str(path))
+    store = settings.relay.store
+    if store and not store.startswith(RELAY_STORE_SCHEMES):
+        raise SettingsError(f"{path}: [relay] store = {store!r}: expected \"\" (embedded) "
+                            f"or a redis://HOST:PORT/DB address")
+    return settings
+
+
+# [relay] store: "" (embedded) or one of these (redis-py's URL schemes).
+RELAY_STORE_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 _TOML_NAMES = {int: "an integer", float: "a float", bool: "a boolean", str: "a string",

@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.log import LogHandler, SmtpdLog
+from engine.relay import RelayTable, open_relay_table
+from engine.relay.throttle import LoginThrottle
 from engine.smtp.connlimit import ConnectionCounter
 from engine.smtp.listeners import Listener
 from engine.smtp.remotehost import RemoteHostResolver
@@ -65,6 +67,10 @@ class Receiver:
         self.stopped = asyncio.Event()
         self.host_resolver: RemoteHostResolver | None = None
         self._tls: ServerTls | None = None
+        # POP-before-SMTP table and login throttle (engine.relay), set by
+        # receiver_main after the fork; None: no relay table (in-process tests).
+        self.relay: RelayTable | None = None
+        self.throttle: LoginThrottle | None = None
         self.log: SmtpdLog | None = None
         self._log_timer: asyncio.TimerHandle | None = None
         self._log_writer: ThreadPoolExecutor | None = None
@@ -236,12 +242,15 @@ def receiver_main(root: str, listeners: list[Listener], counter: ConnectionCount
         raise SystemExit(1) from None
     # This process's records into log/smtpd (not ROOT/log/current, not stderr).
     handler = LogHandler(smtpd_log)
-    for name in ("qrelay.receiver", "qrelay.smtpd"):
+    for name in ("qrelay.receiver", "qrelay.smtpd", "qrelay.relay"):
         logger = logging.getLogger(name)
         logger.addHandler(handler)
         logger.propagate = False
     receiver = Receiver(config, spool, counter, load_config=lambda: load_smtp_config(rootp),
                         log=smtpd_log)
+    # Opened here, after the fork (it connects lazily); its store is read at start only.
+    receiver.relay = open_relay_table(rootp, config.settings)
+    receiver.throttle = LoginThrottle(receiver.relay, config.settings)
     stop = asyncio.Event()
 
     async def main() -> None:
@@ -257,6 +266,7 @@ def receiver_main(root: str, listeners: list[Listener], counter: ConnectionCount
         await receiver.serve(listeners)
         await stop.wait()
         await receiver.shutdown(receiver.config.settings.smtp.shutdown_grace)
+        await receiver.relay.close()
 
     try:
         loop.run_until_complete(main())

@@ -95,7 +95,7 @@ class SmtpSession(asyncio.Protocol):
         "last_activity", "timeout", "counted", "paused_for_commit", "paused_for_write",
         "write_paused", "greeting", "me", "max_rcpts", "max_hops", "refuse_bare_cr",
         "task", "in_transaction", "connected_at", "rbl_reply", "eof",
-        "log", "number", "end_status", "max_line", "long_line_answered",
+        "log", "number", "end_status", "max_line", "long_line_answered", "early",
     )
 
     def __init__(self, receiver: "Receiver") -> None:
@@ -120,6 +120,7 @@ class SmtpSession(asyncio.Protocol):
         self.number = 0
         self.end_status = END_DROPPED
         self.long_line_answered = False
+        self.early = b""   # bytes that came while state was LOOKUP (before the greeting)
 
     # --- connection lifecycle -------------------------------------------------------
 
@@ -189,6 +190,38 @@ class SmtpSession(asyncio.Protocol):
             self.state = CLOSED
             return
         env = rule.env
+        relay = self.receiver.relay
+        if relay is not None and "RELAYCLIENT" not in env:
+            # POP-before-SMTP (engine.relay): a granted IP relays as open-smtp's
+            # `allow,RELAYCLIENT="",RBLSMTPD=""` would make it.
+            allowed = relay.allows_nowait(self.remoteip)
+            if allowed is None:      # a shared store: the greeting waits (bounded)
+                self.state = LOOKUP
+                transport.pause_reading()
+                self.receiver.start_task(self._relay_check_then_start(env, host))
+                return
+            if allowed:
+                env = {**env, "RELAYCLIENT": "", "RBLSMTPD": ""}
+        self._start(env, host)
+
+    async def _relay_check_then_start(self, env: dict, host: str | None) -> None:
+        allowed = await self.receiver.relay.allows(self.remoteip)
+        if self.state != LOOKUP:
+            return  # the client left meanwhile
+        self.state = CMD
+        self.last_activity = time.monotonic()
+        self._start({**env, "RELAYCLIENT": "", "RBLSMTPD": ""} if allowed else env, host)
+        if self.state in (CMD, RBL):
+            self.transport.resume_reading()
+            if self.early:
+                early, self.early = self.early, b""
+                self.data_received(early)
+
+    def _start(self, env: dict, host: str | None) -> None:
+        """qmail-smtpd's start under the rule's environment: settings and greeting."""
+        cfg = self.config
+        st = cfg.settings.smtp
+        transport = self.transport
         self.relayclient = env.get("RELAYCLIENT")
         self.remotehost = env.get("TCPREMOTEHOST") or host or "unknown"
         self.remoteinfo = env.get("TCPREMOTEINFO")
@@ -275,8 +308,14 @@ class SmtpSession(asyncio.Protocol):
         elif state == COMMIT:
             self.reader.feed(data)  # pipelined commands: handled after the commit
             return
+        elif state == LOOKUP:
+            # uvloop may deliver bytes read before pause_reading took effect:
+            # kept (bounded) for when the session starts.
+            if len(self.early) <= self.config.settings.smtp.max_line_length:
+                self.early += data
+            return
         else:
-            return  # CLOSED or LOOKUP (reading is paused)
+            return  # CLOSED
         if self.receiver.closing and self.state == CMD and not self.in_transaction:
             self.out.append(self.shutdown_reply())
             self._close_after_flush()

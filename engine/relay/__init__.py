@@ -1,0 +1,136 @@
+"""POP-before-SMTP: the client IPs allowed to relay for a while, and the
+login-failure counters, in one store every receiver process shares.
+
+vpopmail wrote each POP3 login into `open-smtp`, rebuilt `tcp.smtp.cdb` under
+one lock file, and left removal to a cron job (`clearopensmtp`). Here a login
+is one `grant(ip)` with an expiry; a check is one key lookup; an expired entry
+is never honoured and is removed by later writes (embedded) or by Redis's own
+key expiry. Two stores, one API:
+
+    table = open_relay_table(root, settings)   # sync; opens lazily
+    await table.grant(ip, ttl=None)            # -> expiry (unix time)
+    await table.allows(ip)                     # never raises; False on failure
+    await table.revoke(ip); await table.entries(); await table.close()
+
+- `[relay] store = ""` (the default): an LMDB environment in ROOT/relay/
+  (engine/relay/embedded.py), shared by every process of the box, the
+  `qrelay relayclients` commands included. Readers never wait for anyone.
+- `[relay] store = "redis://HOST:PORT/DB"`: keys in Redis
+  (engine/relay/shared.py), shared by every node using it. Unreachable, the
+  table answers "not allowed" at once (fail closed) and retries by itself.
+
+The failure counters of engine/relay/throttle.py (LoginThrottle) are kept in
+the same store through `count_failure`, `lock_out`, `locked_until` and
+`clear_failures`, which never raise either.
+
+This package never decides what a relay client may do (the SMTP session does)
+and never blocks an event loop longer than `[relay] timeout`.
+"""
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engine.config.settings import Settings
+
+__all__ = ["RelayStoreError", "RelayTable", "address_order", "normalize_ip", "open_relay_table"]
+
+# Directory of the embedded table under ROOT.
+RELAY_DIR = "relay"
+
+
+class RelayStoreError(Exception):
+    """The store cannot be written or read (grant, revoke, entries); one line."""
+
+
+def normalize_ip(ip: str) -> str:
+    """The one spelling of an address used as a key: IPv6 compressed, an
+    IPv4-mapped IPv6 address as its IPv4 form. ValueError if it is none."""
+    addr = ipaddress.ip_address(ip.strip())
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.compressed
+
+
+def address_order(entry: tuple[str, float]) -> tuple[int, int]:
+    """Sort key of an (ip, expiry) entry: IPv4 before IPv6, numerically."""
+    addr = ipaddress.ip_address(entry[0])
+    return addr.version, int(addr)
+
+
+class RelayTable:
+    """The API both stores implement (see the module docstring)."""
+
+    def __init__(self, ttl: float, clock: Callable[[], float]) -> None:
+        self.default_ttl = ttl
+        self.clock = clock
+
+    def _ttl(self, ttl: float | None) -> float:
+        ttl = self.default_ttl if ttl is None else ttl
+        if not ttl > 0:
+            raise ValueError(f"ttl must be positive, not {ttl}")
+        return ttl
+
+    async def grant(self, ip: str, ttl: float | None = None) -> float:
+        """Let `ip` relay for `ttl` seconds (default [relay] pop_before_smtp_ttl)
+        from now, replacing any earlier expiry; returns the expiry (unix time).
+        ValueError for a bad address, RelayStoreError if the store fails."""
+        raise NotImplementedError
+
+    def allows_nowait(self, ip: str) -> bool | None:
+        """The answer of `allows` when the store gives it without waiting
+        (embedded), else None: the caller then awaits `allows`."""
+        return None
+
+    async def allows(self, ip: str) -> bool:
+        """True if `ip` holds an unexpired grant. Never raises: False when the
+        store is unreachable, after at most [relay] timeout seconds."""
+        raise NotImplementedError
+
+    async def revoke(self, ip: str) -> bool:
+        """Remove `ip`'s grant; True if there was an unexpired one."""
+        raise NotImplementedError
+
+    async def entries(self) -> list[tuple[str, float]]:
+        """Every unexpired grant as (ip, expiry), sorted by address."""
+        raise NotImplementedError
+
+    # --- the login-failure counters (engine.relay.throttle) ----------------------------
+
+    async def count_failure(self, ip: str, window: float) -> int | None:
+        """Add a failure for `ip`; the failures in its current window (the
+        window starts at the first one). None if the store failed."""
+        raise NotImplementedError
+
+    async def lock_out(self, ip: str, seconds: float) -> float | None:
+        """Lock `ip` out until now + seconds (its failure count restarts);
+        the end (unix time), or None if the store failed."""
+        raise NotImplementedError
+
+    async def locked_until(self, ip: str) -> float:
+        """End of `ip`'s lockout (unix time), 0 if none or the store failed."""
+        raise NotImplementedError
+
+    async def clear_failures(self, ip: str) -> None:
+        """Forget `ip`'s failures (not a lockout in force). Never raises."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+
+def open_relay_table(root: Path | str, settings: "Settings", *,
+                     clock: Callable[[], float] = time.time) -> RelayTable:
+    """The table `settings.relay.store` names (nothing is opened or connected
+    until first use, so this may be called before a fork). `clock` gives unix
+    time (tests inject one)."""
+    relay = settings.relay
+    if relay.store:
+        from engine.relay.shared import RedisRelayTable
+        return RedisRelayTable(relay, clock)
+    from engine.relay.embedded import EmbeddedRelayTable
+    return EmbeddedRelayTable(Path(root) / RELAY_DIR, relay, clock)

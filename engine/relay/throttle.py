@@ -1,0 +1,57 @@
+"""Password guessing, slowed down and then shut out, per client IP.
+
+    throttle = LoginThrottle(table, settings)
+    if await throttle.locked(ip): ...          # 421 (SMTP) / -ERR (POP3), close
+    delay = await throttle.failure(ip)         # wait `delay` before the reply;
+                                               # math.inf = locked out now
+    await throttle.success(ip)
+
+The counts live in the relay table's store (engine.relay), so with Redis
+every node sees every node's failures. Rule (`[login]` settings): the n-th
+failure in a window of `window` seconds (starting at the first) costs
+min(n x failure_delay, max_delay) seconds; the max_failures-th locks the IP
+out for lockout_seconds, after which it starts again from zero. A success
+forgets the failures (not a lockout in force).
+
+When the store fails (Redis down), nothing is counted: each failure then
+costs max_delay, and no lockout is known — the throttle degrades to a fixed
+delay, never to refusing everyone. The caller does the waiting (asyncio.sleep),
+so a delayed client holds no lock and no thread.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engine.config.settings import Settings
+    from engine.relay import RelayTable
+
+
+class LoginThrottle:
+    """The failure rule above over a RelayTable's counters."""
+
+    def __init__(self, table: "RelayTable", settings: "Settings") -> None:
+        self.table = table
+        self.settings = settings.login
+
+    async def locked(self, ip: str) -> bool:
+        """True while `ip` is locked out (never raises)."""
+        return await self.table.locked_until(ip) > 0
+
+    async def failure(self, ip: str) -> float:
+        """Record a failed login; seconds to wait before replying, math.inf
+        when this failure locked the IP out."""
+        s = self.settings
+        if await self.locked(ip):     # locked out meanwhile (another session, node)
+            return math.inf
+        count = await self.table.count_failure(ip, s.window)
+        if count is None:
+            return s.max_delay
+        if count >= s.max_failures:
+            await self.table.lock_out(ip, s.lockout_seconds)
+            return math.inf
+        return min(count * s.failure_delay, s.max_delay)
+
+    async def success(self, ip: str) -> None:
+        await self.table.clear_failures(ip)

@@ -1,0 +1,273 @@
+"""The embedded relay table (engine/relay/embedded.py): grants, expiry with an
+injected clock, restart, other processes, self-cleaning, failure counters;
+and the open-smtp format (engine/relay/opensmtp.py)."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from engine.config.settings import RelaySettings, Settings, SettingsError, load_settings
+from engine.relay import RelayStoreError, normalize_ip, open_relay_table
+from engine.relay.embedded import EmbeddedRelayTable
+from engine.relay.opensmtp import RULE, format_open_smtp, parse_open_smtp
+from tests.conftest import run_cli
+
+T0 = 1_800_000_000.0
+
+
+class Clock:
+    """Unix time that moves only when a test says so."""
+
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def table(tmp_path: Path, clock: Clock):
+    t = open_relay_table(tmp_path, Settings(), clock=clock)
+    yield t
+    run(t.close())
+
+
+def test_default_store_is_embedded_under_root(tmp_path: Path, table) -> None:
+    assert isinstance(table, EmbeddedRelayTable)
+    assert not (tmp_path / "relay").exists()        # opened lazily
+    run(table.grant("192.0.2.1"))
+    assert (tmp_path / "relay" / "data.mdb").exists()
+
+
+def test_grant_allows_until_expiry(table, clock: Clock) -> None:
+    until = run(table.grant("192.0.2.1", ttl=30))
+    assert until == T0 + 30
+    assert run(table.allows("192.0.2.1"))
+    assert table.allows_nowait("192.0.2.1") is True
+    assert not run(table.allows("192.0.2.2"))
+    clock.now = T0 + 29.9
+    assert run(table.allows("192.0.2.1"))
+    clock.now = T0 + 30          # expired entries are never honoured
+    assert not run(table.allows("192.0.2.1"))
+    assert run(table.entries()) == []
+
+
+def test_default_ttl_is_pop_before_smtp_ttl(table) -> None:
+    assert run(table.grant("192.0.2.1")) == T0 + 10800
+    assert RelaySettings().pop_before_smtp_ttl == 10800
+
+
+def test_grant_again_replaces_expiry(table, clock: Clock) -> None:
+    run(table.grant("192.0.2.1", ttl=10))
+    run(table.grant("192.0.2.1", ttl=100))
+    clock.now = T0 + 50
+    assert run(table.allows("192.0.2.1"))
+    run(table.grant("192.0.2.1", ttl=5))      # shorter: the newest grant wins
+    clock.now = T0 + 56
+    assert not run(table.allows("192.0.2.1"))
+
+
+def test_revoke(table) -> None:
+    run(table.grant("192.0.2.1", ttl=10))
+    assert run(table.revoke("192.0.2.1")) is True
+    assert not run(table.allows("192.0.2.1"))
+    assert run(table.revoke("192.0.2.1")) is False
+
+
+def test_addresses_have_one_spelling(table) -> None:
+    run(table.grant("::ffff:192.0.2.7", ttl=10))
+    assert run(table.allows("192.0.2.7"))
+    run(table.grant("2001:DB8:0::1", ttl=10))
+    assert run(table.allows("2001:db8::1"))
+    assert normalize_ip(" 2001:0db8::0001 ") == "2001:db8::1"
+    with pytest.raises(ValueError):
+        run(table.grant("not-an-ip"))
+    assert run(table.allows("not-an-ip")) is False     # never raises
+    with pytest.raises(ValueError):
+        run(table.grant("192.0.2.1", ttl=0))
+
+
+def test_entries_sorted_unexpired_only(table, clock: Clock) -> None:
+    run(table.grant("10.0.0.2", ttl=20))
+    run(table.grant("9.0.0.1", ttl=5))
+    run(table.grant("2001:db8::1", ttl=20))
+    run(table.grant("10.0.0.10", ttl=20))
+    assert [ip for ip, _ in run(table.entries())] == ["9.0.0.1", "10.0.0.2", "10.0.0.10", "2001:db8::1"]
+    clock.now = T0 + 6
+    assert run(table.entries()) == [("10.0.0.2", T0 + 20), ("10.0.0.10", T0 + 20),
+                                    ("2001:db8::1", T0 + 20)]
+
+
+def test_expired_entries_are_removed_by_later_writes(tmp_path: Path, clock: Clock) -> None:
+    settings = dataclasses.replace(Settings(), relay=RelaySettings(sweep_batch=3))
+    t = open_relay_table(tmp_path, settings, clock=clock)
+    try:
+        for i in range(7):
+            run(t.grant(f"192.0.2.{i}", ttl=10))
+        run(t.grant("198.51.100.1", ttl=1000))
+        clock.now = T0 + 11
+
+        def stored() -> int:
+            with t._open().begin(db=t._dbs[0]) as txn:
+                return txn.stat(t._dbs[0])["entries"]
+
+        assert stored() == 8
+        run(t.grant("198.51.100.2", ttl=1000))      # each write removes at most 3
+        assert stored() == 9 - 3
+        run(t.sweep())
+        run(t.sweep())
+        assert stored() == 2
+        with t._open().begin(db=t._dbs[2]) as txn:    # the expiry index too
+            assert txn.stat(t._dbs[2])["entries"] == 2
+    finally:
+        run(t.close())
+
+
+def test_entries_survive_a_restart(tmp_path: Path, clock: Clock) -> None:
+    t = open_relay_table(tmp_path, Settings(), clock=clock)
+    run(t.grant("192.0.2.1", ttl=60))
+    run(t.close())
+    again = open_relay_table(tmp_path, Settings(), clock=clock)
+    try:
+        assert run(again.allows("192.0.2.1"))
+        assert run(again.entries()) == [("192.0.2.1", T0 + 60)]
+    finally:
+        run(again.close())
+
+
+def test_writes_are_synced_soon_not_on_the_grant(tmp_path: Path) -> None:
+    settings = dataclasses.replace(Settings(), relay=RelaySettings(sync_seconds=0.05))
+
+    async def scenario() -> None:
+        t = open_relay_table(tmp_path, settings)
+        await t.grant("192.0.2.1", ttl=60)
+        assert t._sync_timer is not None or t._syncing is not None   # scheduled, not done inline
+        deadline = asyncio.get_running_loop().time() + 5
+        while (t._sync_timer is not None or t._syncing is not None) and \
+                asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        assert t._last_sync > 0
+        await t.close()
+
+    run(scenario())
+
+
+def test_another_process_sees_a_grant_at_once(tmp_path: Path, table) -> None:
+    """The table is open here (as in a receiver); a grant by another process
+    (the CLI) is seen by the next check without reopening, and back."""
+    from engine.home import init_home
+    root = init_home(tmp_path / "q", me="mx.example.com")
+    here = open_relay_table(root, Settings())
+    try:
+        assert not run(here.allows("192.0.2.9"))
+        done = run_cli("relayclients", "add", str(root), "192.0.2.9", "--ttl", "300")
+        assert done.returncode == 0, done.stderr
+        assert run(here.allows("192.0.2.9"))
+        run(here.grant("192.0.2.10", ttl=300))
+        listed = run_cli("relayclients", str(root))
+        assert "192.0.2.10\tuntil" in listed.stdout and "192.0.2.9\tuntil" in listed.stdout
+        assert run_cli("relayclients", "del", str(root), "192.0.2.9").returncode == 0
+        assert not run(here.allows("192.0.2.9"))
+    finally:
+        run(here.close())
+
+
+def test_a_corrupt_table_is_set_aside(tmp_path: Path, clock: Clock) -> None:
+    relay = tmp_path / "relay"
+    relay.mkdir()
+    (relay / "data.mdb").write_bytes(b"this is not an LMDB file" * 400)
+    t = open_relay_table(tmp_path, Settings(), clock=clock)
+    try:
+        assert not run(t.allows("192.0.2.1"))
+        run(t.grant("192.0.2.1", ttl=5))
+        assert run(t.allows("192.0.2.1"))
+        assert [p.name.startswith("relay.broken-") for p in tmp_path.iterdir()].count(True) == 1
+    finally:
+        run(t.close())
+
+
+def test_unwritable_store_fails_closed(tmp_path: Path, clock: Clock) -> None:
+    (tmp_path / "relay").write_text("a file where the directory should be")
+    t = open_relay_table(tmp_path, Settings(), clock=clock)
+    assert t.allows_nowait("192.0.2.1") is False
+    assert run(t.allows("192.0.2.1")) is False
+    with pytest.raises(RelayStoreError):
+        run(t.grant("192.0.2.1"))
+    assert run(t.count_failure("192.0.2.1", 60)) is None
+    assert run(t.locked_until("192.0.2.1")) == 0
+    run(t.close())
+
+
+def test_failure_counters(table, clock: Clock) -> None:
+    assert [run(table.count_failure("192.0.2.1", 60)) for _ in range(3)] == [1, 2, 3]
+    assert run(table.count_failure("192.0.2.2", 60)) == 1
+    clock.now = T0 + 61                       # the window (from the first failure) ended
+    assert run(table.count_failure("192.0.2.1", 60)) == 1
+    until = run(table.lock_out("192.0.2.1", 100))
+    assert until == T0 + 161 and run(table.locked_until("192.0.2.1")) == until
+    run(table.clear_failures("192.0.2.1"))     # a lockout in force stays
+    assert run(table.locked_until("192.0.2.1")) == until
+    assert run(table.count_failure("192.0.2.1", 60)) == 1   # the count restarted
+    clock.now = until
+    assert run(table.locked_until("192.0.2.1")) == 0
+    run(table.clear_failures("192.0.2.2"))
+    assert run(table.count_failure("192.0.2.2", 60)) == 1
+
+
+def test_relay_settings_are_checked(tmp_path: Path) -> None:
+    (tmp_path / "qrelay.toml").write_text('[relay]\nstore = "memcached://x"\n')
+    with pytest.raises(SettingsError, match=r"\[relay\] store"):
+        load_settings(tmp_path)
+    (tmp_path / "qrelay.toml").write_text('[relay]\ntimeout = 60\n')
+    with pytest.raises(SettingsError, match="out of range"):
+        load_settings(tmp_path)
+    (tmp_path / "qrelay.toml").write_text('[login]\nmax_failures = 0\n')
+    with pytest.raises(SettingsError, match="out of range"):
+        load_settings(tmp_path)
+    (tmp_path / "qrelay.toml").write_text(
+        '[relay]\nstore = "redis://127.0.0.1:6379/2"\npop_before_smtp_ttl = 60\n'
+        '[login]\nlockout_seconds = 60\n')
+    s = load_settings(tmp_path)
+    assert s.relay.store == "redis://127.0.0.1:6379/2" and s.relay.pop_before_smtp_ttl == 60
+    assert s.login.lockout_seconds == 60
+
+
+# --- open-smtp -----------------------------------------------------------------------
+
+def test_parse_open_smtp() -> None:
+    text = (f"192.0.2.1:{RULE}\t1700000000\n"
+            "\n# a comment\n"
+            "192.0.2.2:allow,RELAYCLIENT=\"\" 1700000100\n"      # a space instead of TAB
+            "2001:db8::1:allow,RELAYCLIENT=\"\"\t1700000200\n"
+            f"192.0.2.3:{RULE}\n"                                  # no timestamp
+            "192.0.2.4:deny\t1700000000\n"
+            "192.0.2.300:allow\t1700000000\n"
+            "garbage\t12\n")
+    lines, bad = parse_open_smtp(text)
+    assert [(ln.number, ln.ip, ln.login_time) for ln in lines] == [
+        (1, "192.0.2.1", 1700000000.0), (4, "192.0.2.2", 1700000100.0),
+        (5, "2001:db8::1", 1700000200.0)]
+    assert [n for n, _ in bad] == [6, 7, 8, 9]
+    assert "not an allow rule" in bad[1][1] and "not an IP address" in bad[2][1]
+
+
+def test_format_open_smtp_round_trip() -> None:
+    text = format_open_smtp([("192.0.2.1", 1700010800.0), ("2001:db8::1", 1700000060.5)], 10800)
+    assert text == (f"192.0.2.1:{RULE}\t1700000000\n"
+                    f"2001:db8::1:{RULE}\t1699989260\n")
+    lines, bad = parse_open_smtp(text)
+    assert not bad and [(ln.ip, ln.login_time) for ln in lines] == [
+        ("192.0.2.1", 1700000000.0), ("2001:db8::1", 1699989260.0)]
+

@@ -1,0 +1,105 @@
+"""`qrelay relayclients` (engine/cli/relay.py): list, add, del, import of
+vpopmail's open-smtp with old and fresh entries, export round trip, bad input."""
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from pathlib import Path
+
+from engine.config.settings import Settings
+from engine.relay import open_relay_table
+from engine.relay.opensmtp import RULE
+from tests.conftest import run_cli
+
+
+def entries(root: Path) -> dict[str, float]:
+    async def read():
+        table = open_relay_table(root, Settings())
+        try:
+            return dict(await table.entries())
+        finally:
+            await table.close()
+    return asyncio.run(read())
+
+
+def test_add_list_del(root: Path) -> None:
+    done = run_cli("relayclients", "add", str(root), "192.0.2.1", "--ttl", "120")
+    assert done.returncode == 0, done.stderr
+    assert re.fullmatch(r"qrelay: 192\.0\.2\.1 may relay until \S+ \S+ UTC \(1[12]\d s left\)\n",
+                        done.stdout)
+    assert run_cli("relayclients", "add", str(root), "::ffff:192.0.2.2").returncode == 0
+    listed = run_cli("relayclients", str(root))
+    assert listed.returncode == 0
+    lines = listed.stdout.splitlines()
+    assert [ln.split("\t")[0] for ln in lines] == ["192.0.2.1", "192.0.2.2"]
+    assert re.search(r"\(10[78]\d\d s left\)$", lines[1])      # 10800 s by default
+    assert run_cli("relayclients", "list", str(root)).stdout.split("\t")[0] == "192.0.2.1"
+    gone = run_cli("relayclients", "del", str(root), "192.0.2.1")
+    assert gone.returncode == 0 and gone.stdout == "qrelay: removed 192.0.2.1\n"
+    again = run_cli("relayclients", "del", str(root), "192.0.2.1")
+    assert again.returncode == 0 and "was not in the relay table" in again.stdout
+    assert list(entries(root)) == ["192.0.2.2"]
+
+
+def test_import_keeps_remaining_lifetime(root: Path, tmp_path: Path) -> None:
+    now = int(time.time())
+    open_smtp = tmp_path / "open-smtp"
+    open_smtp.write_text(
+        f"192.0.2.1:{RULE}\t{now - 3600}\n"           # logged in an hour ago: 2 h left
+        f"192.0.2.2:{RULE}\t{now - 20000}\n"          # older than 3 h: expired
+        f"192.0.2.3:{RULE}\t{now}\n"                  # fresh: 3 h left
+        f"192.0.2.4:{RULE}\n"                         # no timestamp
+        "192.0.2.5 allow\tsoon\n"
+        f"192.0.2.6:{RULE}\t{now - 10801}\n")         # just expired
+    done = run_cli("relayclients", "import", str(root), str(open_smtp))
+    assert done.returncode == 1     # malformed lines were there
+    assert done.stdout == "qrelay: imported 2, skipped 2 expired, 2 malformed\n"
+    assert done.stderr.splitlines() == [
+        f"{open_smtp}:4: no login time (TAB then unix seconds) at the end",
+        f"{open_smtp}:5: no login time (TAB then unix seconds) at the end"]
+    got = entries(root)
+    assert set(got) == {"192.0.2.1", "192.0.2.3"}
+    assert abs(got["192.0.2.1"] - (now + 7200)) < 1
+    assert abs(got["192.0.2.3"] - (now + 10800)) < 1
+
+
+def test_export_round_trip(root: Path, tmp_path: Path) -> None:
+    assert run_cli("relayclients", "add", str(root), "192.0.2.1", "--ttl", "3600").returncode == 0
+    assert run_cli("relayclients", "add", str(root), "2001:db8::5").returncode == 0
+    before = entries(root)
+    out = run_cli("relayclients", "export", str(root))
+    assert out.returncode == 0
+    lines = out.stdout.splitlines()
+    assert [ln.split("\t")[0] for ln in lines] == [f"192.0.2.1:{RULE}", f"2001:db8::5:{RULE}"]
+    exported = tmp_path / "exported"
+    assert run_cli("relayclients", "export", str(root), "-o", str(exported)).returncode == 0
+    assert exported.read_text() == out.stdout
+    other = tmp_path / "other"
+    assert run_cli("init", str(other), "--me", "mx.example.com").returncode == 0
+    done = run_cli("relayclients", "import", str(other), str(exported))
+    assert done.returncode == 0 and done.stdout.startswith("qrelay: imported 2,")
+    after = entries(other)
+    assert set(after) == set(before)
+    for ip, until in before.items():
+        assert until - 2 < after[ip] <= until      # whole seconds in the file
+
+
+def test_bad_input_is_one_line_exit_2(root: Path, tmp_path: Path) -> None:
+    for args in (("add", str(root), "192.0.2.300"),
+                 ("add", str(root), "192.0.2.1", "--ttl", "0"),
+                 ("del", str(root), "nonsense"),
+                 ("import", str(root), str(tmp_path / "missing")),
+                 ("list", str(tmp_path / "no-root"))):
+        done = run_cli("relayclients", *args)
+        assert done.returncode == 2, (args, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    (root / "qrelay.toml").write_text('[relay]\nstore = "bogus"\n')
+    done = run_cli("relayclients", str(root))
+    assert done.returncode == 1 and done.stderr.count("\n") == 1 and "[relay] store" in done.stderr
+
+
+def test_help_says_what_is_read_and_written() -> None:
+    for cmd in ("list", "add", "del", "import", "export"):
+        out = run_cli("relayclients", cmd, "--help").stdout
+        assert "relay table" in " ".join(out.split()), cmd

@@ -1,0 +1,81 @@
+"""LoginThrottle (engine/relay/throttle.py): delays, lockout, its end, and a
+store that fails (over the embedded table, with an injected clock)."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+
+from engine.config.settings import LoginSettings, Settings
+from engine.relay import open_relay_table
+from engine.relay.throttle import LoginThrottle
+from tests.test_relay import T0, Clock
+
+IP = "192.0.2.5"
+LOGIN = LoginSettings(failure_delay=1.5, max_delay=4.0, max_failures=5, window=60,
+                      lockout_seconds=300)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def throttle(tmp_path: Path, clock: Clock):
+    settings = dataclasses.replace(Settings(), login=LOGIN)
+    table = open_relay_table(tmp_path, settings, clock=clock)
+    yield LoginThrottle(table, settings)
+    run(table.close())
+
+
+def test_each_failure_costs_more_up_to_max_delay(throttle) -> None:
+    assert [run(throttle.failure(IP)) for _ in range(4)] == [1.5, 3.0, 4.0, 4.0]
+    assert not run(throttle.locked(IP))
+    assert run(throttle.failure("192.0.2.6")) == 1.5      # per IP
+
+
+def test_max_failures_locks_out_until_lockout_ends(throttle, clock: Clock) -> None:
+    for _ in range(LOGIN.max_failures - 1):
+        assert math.isfinite(run(throttle.failure(IP)))
+    assert run(throttle.failure(IP)) == math.inf
+    assert run(throttle.locked(IP))
+    assert run(throttle.failure(IP)) == math.inf           # still locked: nothing more to count
+    clock.now = T0 + LOGIN.lockout_seconds - 1
+    assert run(throttle.locked(IP))
+    clock.now = T0 + LOGIN.lockout_seconds
+    assert not run(throttle.locked(IP))
+    assert run(throttle.failure(IP)) == 1.5               # starts again from zero
+
+
+def test_failures_outside_the_window_are_forgotten(throttle, clock: Clock) -> None:
+    for _ in range(LOGIN.max_failures - 1):
+        run(throttle.failure(IP))
+    clock.now = T0 + LOGIN.window
+    assert run(throttle.failure(IP)) == 1.5
+    assert not run(throttle.locked(IP))
+
+
+def test_success_forgets_the_failures(throttle) -> None:
+    for _ in range(3):
+        run(throttle.failure(IP))
+    run(throttle.success(IP))
+    assert run(throttle.failure(IP)) == 1.5
+
+
+def test_failing_store_gives_a_fixed_delay(tmp_path: Path) -> None:
+    (tmp_path / "relay").write_text("not a directory")
+    settings = dataclasses.replace(Settings(), login=LOGIN)
+    table = open_relay_table(tmp_path, settings)
+    throttle = LoginThrottle(table, settings)
+    assert run(throttle.failure(IP)) == LOGIN.max_delay
+    assert not run(throttle.locked(IP))
+    run(throttle.success(IP))     # never raises
+    run(table.close())
