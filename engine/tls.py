@@ -22,7 +22,9 @@ secure default). The context starts from `ssl.create_default_context`
 allowed.
 
 Reload swaps the context whole: sessions already encrypted keep the one
-they were made with (nothing is dropped), new handshakes get the new one.
+they were made with (nothing is dropped), new handshakes get the new one
+(STARTTLS asks for it; an implicit-TLS listener's fixed context switches
+each handshake to it from its SNI callback).
 A certificate that cannot be loaded is refused with a one-line reason naming
 the file, and the previous context stays in use.
 """
@@ -121,6 +123,7 @@ class ServerTls:
         self._stamp: tuple | None = None
         self._checked = 0.0
         self.error: str | None = None   # why there is no (new) context, for the log
+        self._listener: ssl.SSLContext | None = None
         self._load()
 
     def _load(self) -> bool:
@@ -150,6 +153,25 @@ class ServerTls:
             if self._load() and self._context is not None:
                 log.info("%s reloaded", CERT_FILE)
         return self._context
+
+    def listener_context(self) -> ssl.SSLContext | None:
+        """The context of a listener that starts with TLS (`create_server(ssl=)`,
+        fixed for the listener's life): its SNI callback, which OpenSSL runs
+        for every ClientHello (with or without a server name), hands each
+        handshake the context of the moment, so a reload reaches it too."""
+        if self._listener is None:
+            if self.context() is None:
+                return None
+            listener = build_context(self.root, self.settings)
+            listener.sni_callback = self._current_for_handshake
+            self._listener = listener
+        return self._listener
+
+    def _current_for_handshake(self, ssl_object: Any, server_name: str | None, _: Any) -> None:
+        current = self.context()
+        if current is not None and ssl_object.context is not current:
+            ssl_object.context = current
+        return None
 
     def reload(self, settings: Any | None = None) -> None:
         """HUP: re-read the files now (and take new settings)."""

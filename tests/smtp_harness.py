@@ -157,6 +157,12 @@ class RawClient:
         except (socket.timeout, TimeoutError):
             return False
 
+    def starttls(self, context, server_hostname: str = "mx.example.com") -> None:
+        """The TLS handshake on this connection (after a 220 to STARTTLS, or at
+        once on an implicit-TLS listener); unread plaintext must not be left."""
+        assert not self.buf, self.buf
+        self.sock = context.wrap_socket(self.sock, server_hostname=server_hostname)
+
     def close(self) -> None:
         self.sock.close()
 

@@ -18,6 +18,8 @@ class ListenError(Exception):
 # protocol). `smtp` is the default: port 25's dialogue.
 SCHEMES: dict[str, str] = {
     "smtp": "SMTP, port 25's dialogue",
+    "submission": "SMTP for mail clients (587): AUTH before MAIL, STARTTLS",
+    "submissions": "submission over implicit TLS (465, RFC 8314)",
 }
 
 # Schemes whose connections start with a TLS handshake (engine.tls): a

@@ -34,10 +34,11 @@ from engine.log import LogHandler, SmtpdLog
 from engine.relay import RelayTable, open_relay_table
 from engine.relay.throttle import LoginThrottle
 from engine.smtp.connlimit import ConnectionCounter
-from engine.smtp.listeners import Listener
+from engine.smtp.auth import PasswordChecker
+from engine.smtp.listeners import IMPLICIT_TLS_SCHEMES, Listener
 from engine.smtp.remotehost import RemoteHostResolver
 from engine.smtp.session import SmtpSession
-from engine.tls import ServerTls
+from engine.tls import ServerTls, TlsError
 
 log = logging.getLogger("qrelay.receiver")
 
@@ -71,6 +72,7 @@ class Receiver:
         # receiver_main after the fork; None: no relay table (in-process tests).
         self.relay: RelayTable | None = None
         self.throttle: LoginThrottle | None = None
+        self._passwords: PasswordChecker | None = None
         self.log: SmtpdLog | None = None
         self._log_timer: asyncio.TimerHandle | None = None
         self._log_writer: ThreadPoolExecutor | None = None
@@ -129,6 +131,14 @@ class Receiver:
             self._tls = ServerTls(self.config.root, self.config.settings.tls)
         return self._tls
 
+    def passwords(self) -> PasswordChecker:
+        """SMTP AUTH's checker (engine.smtp.auth), with its hashing threads, on first use."""
+        if self._passwords is None:
+            from engine.accounts.store import Accounts
+            self._passwords = PasswordChecker(Accounts(self.config.root),
+                                              self.config.settings.auth.hash_threads)
+        return self._passwords
+
     def start_task(self, coro: Any) -> asyncio.Task:
         """A side task of a session (host name lookup): cancelled at shutdown."""
         task = asyncio.get_running_loop().create_task(coro)
@@ -147,15 +157,22 @@ class Receiver:
 
     def protocol_factory(self, scheme: str) -> Callable[[], asyncio.Protocol]:
         """What this process serves on a listener of `scheme` (listeners.SCHEMES)."""
-        if scheme == "smtp":
-            return lambda: SmtpSession(self)
+        if scheme in ("smtp", "submission", "submissions"):
+            return lambda: SmtpSession(self, scheme)
         raise ValueError(f"no protocol for listener scheme {scheme!r}")
 
     async def serve(self, listeners: Iterable[Listener]) -> None:
         loop = asyncio.get_running_loop()
         for listener in listeners:
+            tls: dict[str, Any] = {}
+            if listener.scheme in IMPLICIT_TLS_SCHEMES:
+                context = self.tls.listener_context()
+                if context is None:       # `qrelay run` checks this before it starts
+                    raise TlsError(self.tls.error or "no certificate")
+                tls = {"ssl": context,
+                       "ssl_handshake_timeout": self.config.settings.tls.handshake_timeout}
             server = await loop.create_server(self.protocol_factory(listener.scheme),
-                                              sock=listener.sock, backlog=1024)
+                                              sock=listener.sock, backlog=1024, **tls)
             self.servers.append(server)
         self.sweeper = loop.create_task(self._sweep())
 
@@ -213,6 +230,8 @@ class Receiver:
             self._log_writer = None
         if self.log is not None:
             self.log.flush()
+        if self._passwords is not None:
+            self._passwords.close()
         self.stopped.set()
 
 

@@ -27,12 +27,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
 from engine._smtpcore import TOO_LONG, DataScanner, LineReader, parse_command, parse_params, parse_path
 from engine.queue import Envelope, SpoolError, SpoolWriteError
+from engine.smtp import auth
+from engine.smtp.listeners import IMPLICIT_TLS_SCHEMES
 from engine.smtp.policy import address_syntax_error, mailbox_refusal, rewrite_local_ip_literal
+from engine.tls import session_cipher
 from engine.received import queue_received_line, received_line
 
 if TYPE_CHECKING:
@@ -41,8 +45,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("qrelay.smtpd")
 
 # Session states. RBL = rblsmtpd's blocking dialogue (spec §1.8); LOOKUP = waiting
-# for the client's host name before the greeting (settings.smtp.reverse_dns).
-CMD, DATA, COMMIT, CLOSED, RBL, LOOKUP = 0, 1, 2, 3, 4, 5
+# for the client's host name before the greeting (settings.smtp.reverse_dns);
+# TLS = the handshake after STARTTLS: every byte that comes meanwhile in
+# plaintext is dropped unread (an implicit-TLS listener's handshake is done
+# by the loop before the session starts: engine.smtp.receiver.serve);
+# AUTH = an AUTH exchange waiting for the client's next line; CHECK = its
+# credentials being checked (reading paused, like COMMIT).
+CMD, DATA, COMMIT, CLOSED, RBL, LOOKUP, TLS, AUTH, CHECK = 0, 1, 2, 3, 4, 5, 6, 7, 8
 
 R_MAIL_OK = b"250 ok\r\n"
 R_RCPT_OK = b"250 ok\r\n"
@@ -67,6 +76,10 @@ R_TOO_MANY_RCPTS = b"452 sorry, too many recipients (#4.5.3)\r\n"
 R_LINE_TOO_LONG = b"500 sorry, that command line is too long (#5.5.2)\r\n"
 R_NUL_CMD = b"501 sorry, NUL bytes are not allowed in commands (#5.5.2)\r\n"
 R_TIMEOUT = b"451 timeout (#4.4.2)\r\n"
+R_TLS_READY = b"220 ready for tls\r\n"
+R_TLS_SYNTAX = b"501 Syntax error (no parameters allowed) (#5.5.4)\r\n"
+R_TLS_NO_CERT = b"454 TLS missing certificate: control/servercert.pem (#4.3.0)\r\n"
+R_NOT_YOURS = b"553 sorry, that sender address is not yours (#5.7.1)\r\n"
 
 # A command line still without its LF after this many times max_line_length
 # bytes: the client is not speaking SMTP; its 500 went out when the limit was
@@ -96,10 +109,17 @@ class SmtpSession(asyncio.Protocol):
         "write_paused", "greeting", "me", "max_rcpts", "max_hops", "refuse_bare_cr",
         "task", "in_transaction", "connected_at", "rbl_reply", "eof",
         "log", "number", "end_status", "max_line", "long_line_answered", "early",
+        "scheme", "tls", "protocol", "auth_user", "exchange", "rule_relayclient",
+        "rule_remoteinfo",
     )
 
-    def __init__(self, receiver: "Receiver") -> None:
+    def __init__(self, receiver: "Receiver", scheme: str = "smtp") -> None:
         self.receiver = receiver
+        self.scheme = scheme            # smtp, submission (AUTH before MAIL), submissions (+ implicit TLS)
+        self.tls: str | None = None     # the cipher once encrypted
+        self.protocol = "SMTP"          # the Received line's `with` part
+        self.auth_user: str | None = None
+        self.exchange: auth.AuthExchange | None = None
         self.config = receiver.config  # the snapshot this connection keeps
         self.transport: Any = None
         self.state = CMD
@@ -222,9 +242,10 @@ class SmtpSession(asyncio.Protocol):
         cfg = self.config
         st = cfg.settings.smtp
         transport = self.transport
-        self.relayclient = env.get("RELAYCLIENT")
+        # What tcp.smtp grants is kept apart: STARTTLS forgets what AUTH added.
+        self.relayclient = self.rule_relayclient = env.get("RELAYCLIENT")
         self.remotehost = env.get("TCPREMOTEHOST") or host or "unknown"
-        self.remoteinfo = env.get("TCPREMOTEINFO")
+        self.remoteinfo = self.rule_remoteinfo = env.get("TCPREMOTEINFO")
         self.local = env.get("TCPLOCALHOST") or cfg.me
         databytes = cfg.databytes
         if "DATABYTES" in env:
@@ -247,6 +268,9 @@ class SmtpSession(asyncio.Protocol):
         self.max_line = st.max_line_length
         self.reader = LineReader(st.max_line_length)
         self.scanner = DataScanner(self.databytes)
+        if self.scheme in IMPLICIT_TLS_SCHEMES:
+            # RFC 8314: the listener's handshake came first (receiver.serve).
+            self._encrypted(transport, "TLS")
         rbl = env.get("RBLSMTPD")
         if rbl:
             self._start_rbl_block(rbl)
@@ -285,7 +309,7 @@ class SmtpSession(asyncio.Protocol):
         # qmail exits silently on EOF, but only after answering everything it had
         # read: a client that half-closes right after its end marker still gets
         # the 250 once the commit is done.
-        if self.state == COMMIT:
+        if self.state == COMMIT or self.state == CHECK:
             self.eof = True
             return True
         return False
@@ -299,13 +323,13 @@ class SmtpSession(asyncio.Protocol):
             self._feed_data(data)
             if self.state == CMD:
                 self._run_commands()
-        elif state == CMD:
+        elif state == CMD or state == AUTH:
             self.reader.feed(data)
             self._run_commands()
         elif state == RBL:
             self.reader.feed(data)
             self._run_rbl_commands()
-        elif state == COMMIT:
+        elif state == COMMIT or state == CHECK:
             self.reader.feed(data)  # pipelined commands: handled after the commit
             return
         elif state == LOOKUP:
@@ -315,7 +339,9 @@ class SmtpSession(asyncio.Protocol):
                 self.early += data
             return
         else:
-            return  # CLOSED
+            # CLOSED, or TLS: plaintext sent after STARTTLS is never
+            # executed (CVE-2011-0411).
+            return
         if self.receiver.closing and self.state == CMD and not self.in_transaction:
             self.out.append(self.shutdown_reply())
             self._close_after_flush()
@@ -338,18 +364,26 @@ class SmtpSession(asyncio.Protocol):
 
     def _run_commands(self) -> None:
         reader = self.reader
-        while self.state == CMD:
+        while True:
+            state = self.state
+            if state != CMD and state != AUTH:
+                return
             line = reader.next_line()
             if line is None:
                 if reader.unterminated > self.max_line + 1:
                     self._long_line(R_LINE_TOO_LONG)
                 return
             if line is TOO_LONG:
+                if state == AUTH:
+                    self.exchange, self.state = None, CMD
                 if self.long_line_answered:
                     # Its LF at last: the 500 went out when the limit was passed.
                     self.long_line_answered = False
                     continue
                 self._refuse(R_LINE_TOO_LONG)
+                continue
+            if state == AUTH:
+                self._auth_step(self.exchange.line(line))
                 continue
             self._command(line)
 
@@ -391,7 +425,7 @@ class SmtpSession(asyncio.Protocol):
             self._data()
         elif verb == b"EHLO":
             self._helo(arg)
-            out.append(f"250-{self.greeting}\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE {self.databytes}\r\n".encode())
+            out.append(self._ehlo_reply())
         elif verb == b"HELO":
             self._helo(arg)
             out.append(f"250 {self.greeting}\r\n".encode())
@@ -408,10 +442,25 @@ class SmtpSession(asyncio.Protocol):
             out.append(R_VRFY)
         elif verb == b"HELP":
             out.append(R_HELP)
+        elif verb == b"AUTH":
+            self._auth(arg)
+        elif verb == b"STARTTLS":
+            self._starttls(arg)
         else:
             out.append(R_UNIMPL)
 
     # --- commands -------------------------------------------------------------------
+
+    def _ehlo_reply(self) -> bytes:
+        # qmail-tls puts STARTTLS right after the greeting line; SIZE stays last.
+        starttls = "250-STARTTLS\r\n" if self.tls is None and self.receiver.tls.context() is not None else ""
+        return (f"250-{self.greeting}\r\n{starttls}250-PIPELINING\r\n250-8BITMIME\r\n"
+                f"{auth.ehlo_lines(self._mechanisms())}250 SIZE {self.databytes}\r\n").encode()
+
+    def _mechanisms(self) -> tuple[str, ...]:
+        if self.tls is not None or self.config.settings.auth.allow_plaintext:
+            return auth.ALL_MECHANISMS
+        return auth.SAFE_MECHANISMS
 
     def _helo(self, arg: bytes) -> None:
         self.helo = _text(arg)
@@ -425,6 +474,9 @@ class SmtpSession(asyncio.Protocol):
         self.in_transaction = False
 
     def _mail(self, arg: bytes) -> None:
+        if self.auth_user is None and self.scheme != "smtp":
+            self._refuse(auth.R_AUTH_REQUIRED, "MAIL")
+            return
         parsed = parse_path(arg)
         if parsed is None:
             self._refuse(R_SYNTAX, "MAIL")
@@ -441,6 +493,10 @@ class SmtpSession(asyncio.Protocol):
         sender = self._address(addr)
         if address_syntax_error(sender):
             self._refuse(R_SYNTAX, f"MAIL <{sender}>")
+            return
+        if (self.auth_user is not None and self.config.settings.auth.sender_must_match
+                and not self.receiver.passwords().sender_allowed(self.auth_user, sender)):
+            self._refuse(R_NOT_YOURS, f"MAIL <{sender}> by {self.auth_user}")
             return
         self.mail = True
         self.in_transaction = True
@@ -540,7 +596,8 @@ class SmtpSession(asyncio.Protocol):
         message = b"".join((
             queue_received_line(pid=pid, origin="network", uid=receiver.uid, when=now),
             received_line(remotehost=self.remotehost, helo=self.helo, remoteip=self.remoteip,
-                          remoteinfo=self.remoteinfo, local=self.local, when=now),
+                          remoteinfo=self.remoteinfo, local=self.local, when=now,
+                          protocol=self.protocol),
             body,
         ))
         envelope = Envelope(sender=sender, recipients=tuple(rcpts), pid=pid, uid=receiver.uid, origin="network")
@@ -565,6 +622,11 @@ class SmtpSession(asyncio.Protocol):
             reply = R_QQ_TEMP
         else:
             reply = f"250 ok {int(time.time())} qp {msgid}\r\n".encode()
+        self._resume(reply)
+
+    def _resume(self, reply: bytes) -> None:
+        """After a commit or a credentials check: the reply, then the commands
+        that were pipelined meanwhile, then reading again."""
         self.task = None
         self.paused_for_commit = False
         if self.state == CLOSED:
@@ -584,8 +646,157 @@ class SmtpSession(asyncio.Protocol):
             return
         if self.out:
             self._flush()
-        if self.state in (CMD, DATA) and not self.paused_for_write and not self.paused_for_commit:
+        if self.state in (CMD, DATA, AUTH) and not self.paused_for_write and not self.paused_for_commit:
             self.transport.resume_reading()
+
+    # --- STARTTLS ---------------------------------------------------------------------
+
+    def _starttls(self, arg: bytes) -> None:
+        if self.tls is not None:
+            self.out.append(R_UNIMPL)     # qmail-tls: not twice
+            return
+        if arg.strip():
+            self.out.append(R_TLS_SYNTAX)
+            return
+        context = self.receiver.tls.context()
+        if context is None:
+            self._refuse(R_TLS_NO_CERT, "STARTTLS")
+            return
+        self.out.append(R_TLS_READY)
+        self._flush()
+        # CVE-2011-0411: whatever the client pipelined after STARTTLS in
+        # plaintext is dropped, never executed; bytes still on their way are
+        # dropped by data_received (state TLS) or break the handshake.
+        self.reader.take_buffer()
+        self.state = TLS
+        self.transport.pause_reading()
+        self.receiver.start_task(self._handshake(context))
+
+    async def _handshake(self, context: Any) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            transport = await loop.start_tls(
+                self.transport, self, context, server_side=True,
+                ssl_handshake_timeout=self.config.settings.tls.handshake_timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:   # ssl.SSLError, a reset, the handshake timeout
+            if self.state != CLOSED:
+                self._note(f"TLS connection failed: {type(exc).__name__}: {exc}".rstrip(": "))
+                self.state = CLOSED
+                self.transport.abort()
+                # Whether the loop tells the protocol or not, the count is released once.
+                self.connection_lost(exc)
+            return
+        if self.state == CLOSED:      # the client left (or shutdown) meanwhile
+            transport.abort()
+            return
+        self.transport = transport
+        # RFC 3207 4.2: nothing of the plaintext session is kept (qmail-tls
+        # resets HELO; AUTH, the transaction and any buffered byte go too).
+        self.reader.take_buffer()
+        self.helo = None
+        self._reset_transaction()
+        self.auth_user = None
+        self.exchange = None
+        self.relayclient = self.rule_relayclient
+        self.remoteinfo = self.rule_remoteinfo
+        self._encrypted(transport, "STARTTLS")
+        self.last_activity = time.monotonic()
+        self.state = CMD
+        if not self.paused_for_write:
+            transport.resume_reading()
+
+    def _encrypted(self, transport: Any, how: str) -> None:
+        """The session is encrypted from now on: the Received line says so
+        (qmail-tls: `with ESMTPS (<cipher> encrypted)`), and the log."""
+        cipher = session_cipher(transport)
+        self.tls = cipher
+        self.protocol = f"ESMTPS ({cipher} encrypted)"
+        ssl_object = transport.get_extra_info("ssl_object")
+        version = ssl_object.version() if ssl_object is not None else "TLS"
+        self._note(f"{how}: {version} {cipher} encrypted")
+
+    # --- AUTH -------------------------------------------------------------------------
+
+    def _auth(self, arg: bytes) -> None:
+        if self.auth_user is not None:
+            self._refuse(auth.R_AUTH_ALREADY, "AUTH")
+            return
+        if self.mail:
+            self._refuse(auth.R_AUTH_IN_MAIL, "AUTH")
+            return
+        mech, _, initial = arg.partition(b" ")
+        name = mech.upper().decode("ascii", "replace")
+        if name not in self._mechanisms():
+            self._refuse(auth.R_AUTH_TYPE, f"AUTH {name}")
+            return
+        self.exchange = auth.AuthExchange(name, self.local)
+        self._auth_step(self.exchange.start(initial.strip()))
+
+    def _auth_step(self, got: "bytes | auth.Credentials") -> None:
+        if isinstance(got, bytes):
+            if got.startswith(b"334"):
+                self.state = AUTH         # a prompt: the exchange goes on
+                self.out.append(got)
+            else:
+                self.exchange, self.state = None, CMD
+                self._refuse(got, "AUTH")
+            return
+        self.exchange = None
+        self.state = CHECK
+        if not self.paused_for_write:
+            self.transport.pause_reading()
+        self.paused_for_commit = True
+        self.task = self.receiver.start_task(self._check(got))
+
+    async def _check(self, creds: "auth.Credentials") -> None:
+        receiver = self.receiver
+        throttle = receiver.throttle
+        ip = self.remoteip
+        who = f"[{ip}] {creds.login}"
+        close = False
+        try:
+            if throttle is not None and await throttle.locked(ip):
+                ok, why, close = False, "locked out", True
+            else:
+                ok, why = await receiver.passwords().check(creds)
+            if ok:
+                if throttle is not None:
+                    await throttle.success(ip)
+            elif not close:
+                delay = (await throttle.failure(ip) if throttle is not None
+                         else self.config.settings.auth.failure_delay)
+                if delay == math.inf:
+                    close = True
+                elif delay > 0 and self.state != CLOSED:
+                    await asyncio.sleep(delay)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:   # accounts unreadable, the shared throttle unreachable
+            log.warning("pid %d from %s: AUTH %s: %s", self.number, ip, creds.login, exc)
+            self._note(f"AUTH unavailable {who}: {exc}")
+            self._resume(auth.R_AUTH_TEMP)
+            return
+        if ok:
+            self.auth_user = creds.login
+            self.relayclient = ""      # the patches' RELAYCLIENT="": relaying allowed
+            self.remoteinfo = creds.login
+            self.protocol = (f"ESMTPSA ({self.tls} encrypted)" if self.tls is not None else "ESMTPA")
+            self._note(f"AUTH successful {who} ({creds.mechanism})")
+            self._resume(auth.R_AUTH_OK)
+            return
+        self._note(f"AUTH failed {who} ({creds.mechanism}: {why})")
+        if close:
+            if self.state == CLOSED:
+                return
+            self.task = None
+            self.paused_for_commit = False
+            self.out.append(f"421 {self.me} too many failed logins from your address, "
+                            f"try again later (#4.7.0)\r\n".encode())
+            self._close_after_flush()
+            return
+        self._resume(auth.R_AUTH_FAILED)
 
     # --- rblsmtpd ---------------------------------------------------------------------
 
@@ -638,10 +849,10 @@ class SmtpSession(asyncio.Protocol):
 
     def begin_shutdown(self) -> None:
         """Close now unless a message is in flight; then close after its reply."""
-        if self.state in (CMD, RBL) and not self.in_transaction:
+        if self.state in (CMD, RBL, AUTH, CHECK) and not self.in_transaction:
             self.out.append(self.shutdown_reply())
             self._close_after_flush()
-        elif self.state == LOOKUP:
+        elif self.state in (LOOKUP, TLS):
             self.state = CLOSED
             self.transport.close()
 
@@ -653,7 +864,7 @@ class SmtpSession(asyncio.Protocol):
                 self.state = CLOSED
                 self.transport.close()
             return
-        if self.state in (CMD, DATA) and now - self.last_activity >= self.timeout:
+        if self.state in (CMD, DATA, AUTH) and now - self.last_activity >= self.timeout:
             self.out.clear()
             self._refuse(R_TIMEOUT)
             self._close_after_flush()

@@ -1,0 +1,241 @@
+"""SMTP AUTH (RFC 4954) as the qmail smtp-auth patches answer it: LOGIN, PLAIN, CRAM-MD5.
+
+Owns the exchange of one AUTH command (`AuthExchange`: the 334 prompts,
+base64, `*`, the credentials it yields) and the check of credentials against
+the vpopmail accounts (`PasswordChecker`, one per receiver process). The
+session (engine.smtp.session) owns when AUTH is allowed, the throttle calls
+and what a success changes (relaying, the Received line, the log).
+
+Texts are the jms1 combined patch's (Dabrowski lineage), whose EHLO lines
+(`250-AUTH LOGIN CRAM-MD5 PLAIN`, `250-AUTH=LOGIN CRAM-MD5 PLAIN`) the
+reference box shows (spec vpopmail-pop3-auth §5.1). Before TLS only
+CRAM-MD5 is offered and accepted, unless `[auth] allow_plaintext`.
+
+The login name is the full address (vpopmail); CRAM-MD5 works only for an
+account whose cleartext is kept (vpasswd's eighth field); an account with
+the NO_SMTP flag is refused whatever its password.
+
+Never on the event loop: a password hash (`$6$` costs milliseconds, bcrypt
+far more) runs in this process's bounded pool of `[auth] hash_threads`
+threads; checks beyond that wait their turn without blocking other sessions.
+An unknown login is hashed too (against a dummy hash) so the time to answer
+does not tell which addresses exist.
+"""
+from __future__ import annotations
+
+import asyncio
+import binascii
+import hmac
+import os
+import secrets
+import time
+from base64 import b64decode
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from engine.accounts.passwords import hash_password, verify
+from engine.config.domains import ascii_lower
+
+R_AUTH_OK = b"235 ok, go ahead (#2.0.0)\r\n"
+R_AUTH_FAILED = b"535 authorization failed (#5.7.0)\r\n"
+R_AUTH_CANCELLED = b"501 auth exchange cancelled (#5.0.0)\r\n"
+R_AUTH_MALFORMED = b"501 malformed auth input (#5.5.4)\r\n"
+R_AUTH_ALREADY = b"503 you're already authenticated (#5.5.0)\r\n"
+R_AUTH_IN_MAIL = b"503 no auth during mail transaction (#5.5.0)\r\n"
+R_AUTH_TYPE = b"504 auth type not available (#5.5.1)\r\n"
+R_AUTH_REQUIRED = b"530 Authorization required (#5.7.1)\r\n"
+R_AUTH_TEMP = b"454 oops, problem with the accounts and I can't auth (#4.3.0)\r\n"
+R_USERNAME = b"334 VXNlcm5hbWU6\r\n"     # "Username:"
+R_PASSWORD = b"334 UGFzc3dvcmQ6\r\n"     # "Password:"
+R_PLAIN = b"334 \r\n"
+
+ALL_MECHANISMS = ("LOGIN", "CRAM-MD5", "PLAIN")
+SAFE_MECHANISMS = ("CRAM-MD5",)          # no password on the wire: allowed before TLS
+
+
+def ehlo_lines(mechanisms: tuple[str, ...]) -> str:
+    """The two EHLO lines (the second for pre-RFC Outlook), CRLF-ended."""
+    names = " ".join(mechanisms)
+    return f"250-AUTH {names}\r\n250-AUTH={names}\r\n"
+
+
+@dataclass(slots=True, frozen=True)
+class Credentials:
+    mechanism: str
+    login: str
+    secret: str            # the password; for CRAM-MD5 the client's hex digest
+    challenge: str = ""    # CRAM-MD5's challenge
+
+
+def _b64(line: bytes) -> bytes | None:
+    """Strict base64 of a whole line; None when malformed (or empty)."""
+    if not line:
+        return None
+    try:
+        return b64decode(line, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+class AuthExchange:
+    """One AUTH command's dialogue. `start`/`line` return bytes (a reply: a
+    334 prompt keeps the exchange going, anything else ends it) or the
+    Credentials to check."""
+
+    __slots__ = ("mechanism", "login", "challenge")
+
+    def __init__(self, mechanism: str, local: str) -> None:
+        self.mechanism = mechanism
+        self.login: str | None = None
+        self.challenge = ""
+        if mechanism == "CRAM-MD5":
+            # The patches' <pid.time@host>; a random number instead of the pid,
+            # so no two challenges repeat.
+            self.challenge = f"<{secrets.randbelow(10**12)}.{int(time.time())}@{local}>"
+
+    def start(self, initial: bytes) -> bytes | Credentials:
+        mech = self.mechanism
+        if mech == "LOGIN":
+            if not initial:
+                return R_USERNAME
+            return self._login_user(initial)
+        if mech == "PLAIN":
+            if not initial:
+                return R_PLAIN
+            return self._plain(initial)
+        # CRAM-MD5 takes no initial response.
+        return b"334 " + _b64encode(self.challenge.encode()) + b"\r\n"
+
+    def line(self, line: bytes) -> bytes | Credentials:
+        if line == b"*":
+            return R_AUTH_CANCELLED
+        mech = self.mechanism
+        if mech == "LOGIN":
+            if self.login is None:
+                return self._login_user(line)
+            password = _b64(line)
+            if not password:
+                return R_AUTH_MALFORMED
+            return Credentials(mech, self.login, _text(password))
+        if mech == "PLAIN":
+            return self._plain(line)
+        answer = _b64(line)
+        if not answer:
+            return R_AUTH_MALFORMED
+        # `user digest`, split at the last space (Hoffmann; a name may hold spaces).
+        user, sep, digest = _text(answer).rpartition(" ")
+        if not sep or not user or not digest:
+            return R_AUTH_MALFORMED
+        return Credentials(mech, user, digest, self.challenge)
+
+    def _login_user(self, line: bytes) -> bytes:
+        user = _b64(line)
+        if not user:
+            return R_AUTH_MALFORMED
+        self.login = _text(user)
+        return R_PASSWORD
+
+    def _plain(self, line: bytes) -> bytes | Credentials:
+        raw = _b64(line)
+        if raw is None:
+            return R_AUTH_MALFORMED
+        parts = raw.split(b"\0")
+        if len(parts) != 3 or not parts[1] or not parts[2]:
+            return R_AUTH_MALFORMED
+        # authzid (parts[0]) is ignored, as by the patches.
+        return Credentials("PLAIN", _text(parts[1]), _text(parts[2]))
+
+
+def _b64encode(raw: bytes) -> bytes:
+    return binascii.b2a_base64(raw, newline=False)
+
+
+class AuthUnavailable(Exception):
+    """The accounts cannot be read now (a 454, not a 535)."""
+
+
+class PasswordChecker:
+    """Checks Credentials against the accounts under ROOT (one per process)."""
+
+    def __init__(self, accounts: Any, threads: int) -> None:
+        self.accounts = accounts
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="auth-hash")
+        self._dummy: str | None = None
+
+    async def _verify(self, password: str, crypted: str) -> bool:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, verify, password, crypted)
+
+    async def _dummy_hash(self) -> str:
+        if self._dummy is None:
+            loop = asyncio.get_running_loop()
+            self._dummy = await loop.run_in_executor(self.pool, hash_password, secrets.token_hex(8))
+        return self._dummy
+
+    async def check(self, creds: Credentials) -> tuple[bool, str]:
+        """(accepted, why) — `why` is for the log only, never for the client."""
+        from engine.accounts.store import AccountsError
+        login = creds.login
+        try:
+            mailbox = self.accounts.mailbox(login) if "@" in login else None
+        except AccountsError as exc:
+            raise AuthUnavailable(str(exc)) from None
+        user = mailbox.user if mailbox is not None else None
+        if creds.mechanism == "CRAM-MD5":
+            clear = user.clear if user is not None else None
+            if not clear:
+                return False, "no such user" if user is None else "no cleartext kept for CRAM-MD5"
+            expected = hmac.new(clear.encode("utf-8", "surrogateescape"),
+                                creds.challenge.encode(), "md5").hexdigest()
+            if not hmac.compare_digest(expected, ascii_lower(creds.secret)):
+                return False, "wrong password"
+        else:
+            if user is None or not user.crypted:
+                await self._verify(creds.secret, await self._dummy_hash())   # same time as a real check
+                return False, "no such user" if user is None else "no password"
+            if not await self._verify(creds.secret, user.crypted):
+                return False, "wrong password"
+        if user.no_smtp:
+            return False, "account may not use SMTP"
+        return True, ""
+
+    def sender_allowed(self, login: str, sender: str) -> bool:
+        """`[auth] sender_must_match`: the login's own address, or an alias of
+        its domain (valias's DOMDIR/.qmail-LOCAL) with a line delivering to it
+        (`&login`, `login`, or the user's directory)."""
+        from engine.accounts.store import AccountsError, safe_ext
+        if ascii_lower(sender) == ascii_lower(login):
+            return True
+        try:
+            routed = self.accounts.route(sender)
+            mailbox = self.accounts.mailbox(login)
+        except AccountsError:
+            return False
+        if routed is None or mailbox is None:
+            return False
+        assignment = routed[1]
+        if assignment.home != mailbox.assignment.home or not assignment.ext:
+            return False
+        path = os.path.join(assignment.home, f".qmail{assignment.dash}{safe_ext(assignment.ext)}")
+        try:
+            with open(path, encoding="utf-8", errors="surrogateescape") as f:
+                lines = f.read(65536).splitlines()
+        except OSError:
+            return False
+        me = ascii_lower(login)
+        userdir = mailbox.user.directory.rstrip("/")
+        for line in lines:
+            line = line.strip()
+            if ascii_lower(line.lstrip("&")) == me:
+                return True
+            if userdir and (line.rstrip("/") == userdir or line.startswith(userdir + "/")):
+                return True
+        return False
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,473 @@
+"""STARTTLS, SMTP AUTH and the submission listeners, over real sockets
+(in-process uvloop receiver, trustme certificates, real vpopmail accounts)."""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hmac
+import math
+import re
+import socket
+import ssl
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.accounts import admin
+from engine.accounts.vpasswd import NO_SMTP
+from tests.smtp_harness import InProcessServer, RawClient, client_context, install_certificate
+
+ME = "mx.example.com"
+USER, PASSWORD = "joe@example.org", "Secret-pw-1"
+CLEAR_USER, CLEAR_PASSWORD = "ann@example.org", "Ann-pw-22"
+EHLO_TLS = (f"250-{ME}\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-AUTH LOGIN CRAM-MD5 PLAIN\r\n"
+            f"250-AUTH=LOGIN CRAM-MD5 PLAIN\r\n250 SIZE 67108864\r\n").encode()
+EHLO_PLAIN = (f"250-{ME}\r\n250-STARTTLS\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-AUTH CRAM-MD5\r\n"
+              f"250-AUTH=CRAM-MD5\r\n250 SIZE 67108864\r\n").encode()
+
+
+def b64(text: str | bytes) -> bytes:
+    return base64.b64encode(text.encode() if isinstance(text, str) else text)
+
+
+def plain(user: str = USER, password: str = PASSWORD) -> bytes:
+    return b64(f"\0{user}\0{password}")
+
+
+@pytest.fixture
+def accounts(root: Path) -> Path:
+    """example.org with joe (hash only), ann (cleartext kept, for CRAM-MD5) and
+    nosmtp (NO_SMTP flag); 127.0.0.1 may NOT relay, so AUTH is what grants it."""
+    admin.add_domain(root, "example.org", uid=12345, gid=12345)
+    admin.add_user(root, USER, PASSWORD)
+    admin.add_user(root, "nosmtp@example.org", PASSWORD)
+    (root / "qrelay.toml").write_text("[accounts]\nkeep_cleartext = true\n")
+    admin.add_user(root, CLEAR_USER, CLEAR_PASSWORD)
+    ref = admin.find_domain(root, "example.org")
+    users = [dataclasses.replace(u, gid=u.gid | NO_SMTP) if u.name == "nosmtp" else u
+             for u in admin.read_users(ref.directory)]
+    admin.write_users(ref, users)
+    (root / "control" / "tcp.smtp").write_text(":allow\n")
+    (root / "qrelay.toml").write_text("[auth]\nfailure_delay = 0\n")
+    return root
+
+
+@pytest.fixture
+def ca(accounts: Path):
+    return install_certificate(accounts, ME)
+
+
+@pytest.fixture
+def make_server(root: Path):
+    servers: list[InProcessServer] = []
+
+    def make(scheme: str = "smtp", toml: str | None = None) -> InProcessServer:
+        if toml is not None:
+            (root / "qrelay.toml").write_text(toml)
+        srv = InProcessServer(root, scheme=scheme)
+        servers.append(srv)
+        return srv
+
+    yield make
+    for srv in servers:
+        srv.stop()
+
+
+@pytest.fixture
+def connect():
+    made: list[RawClient] = []
+
+    def make(port: int, greet: bool = True) -> RawClient:
+        c = RawClient(port)
+        made.append(c)
+        if greet:
+            assert c.line() == f"220 {ME} ESMTP\r\n".encode()
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def starttls(c: RawClient, ca) -> None:
+    assert c.cmd(b"STARTTLS") == b"220 ready for tls\r\n"
+    c.starttls(client_context(ca))
+
+
+def wait_for(predicate, timeout: float = 5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(0.02)
+    raise AssertionError("condition not met in time")
+
+
+def smtpd_log(root: Path) -> str:
+    path = root / "log" / "smtpd" / "current"
+    return path.read_text() if path.exists() else ""
+
+
+# --- STARTTLS ------------------------------------------------------------------------
+
+def test_starttls_offered_only_with_a_certificate_and_only_before_tls(accounts, make_server, connect):
+    srv = make_server()
+    c = connect(srv.port)
+    assert b"STARTTLS" not in c.cmd(b"EHLO client.test")
+    assert c.cmd(b"STARTTLS") == b"454 TLS missing certificate: control/servercert.pem (#4.3.0)\r\n"
+    ca = install_certificate(accounts, ME)
+    srv.reload()
+    c = connect(srv.port)
+    assert c.cmd(b"EHLO client.test") == EHLO_PLAIN
+    assert c.cmd(b"STARTTLS now") == b"501 Syntax error (no parameters allowed) (#5.5.4)\r\n"
+    starttls(c, ca)
+    assert c.cmd(b"EHLO client.test") == EHLO_TLS
+    assert c.cmd(b"STARTTLS") == b"502 unimplemented (#5.5.1)\r\n"
+    assert c.cmd(b"QUIT") == f"221 {ME}\r\n".encode()
+
+
+def test_plaintext_pipelined_after_starttls_is_never_executed(ca, make_server, connect):
+    """CVE-2011-0411: `STARTTLS\\r\\nRSET\\r\\n` in one write; the RSET is dropped."""
+    srv = make_server()
+    c = connect(srv.port)
+    c.cmd(b"EHLO client.test")
+    c.send(b"STARTTLS\r\nRSET\r\nMAIL FROM:<evil@example.com>\r\n")
+    assert c.line() == b"220 ready for tls\r\n"
+    c.starttls(client_context(ca))
+    # The first reply in TLS is the NOOP's: nothing of the plaintext was answered.
+    assert c.cmd(b"NOOP") == b"250 ok\r\n"
+    assert c.cmd(b"RCPT TO:<x@example.org>") == b"503 MAIL first (#5.5.1)\r\n"
+
+
+def test_session_starts_over_after_tls(ca, make_server, connect):
+    srv = make_server()
+    c = connect(srv.port)
+    c.cmd(b"EHLO client.test")
+    assert c.cmd(b"MAIL FROM:<a@example.com>") == b"250 ok\r\n"
+    starttls(c, ca)
+    assert c.cmd(b"RCPT TO:<joe@example.org>") == b"503 MAIL first (#5.5.1)\r\n"
+    assert c.cmd(b"EHLO again.test") == EHLO_TLS
+    assert c.cmd(b"MAIL FROM:<a@example.com>") == b"250 ok\r\n"
+    assert c.cmd(b"RCPT TO:<joe@example.org>") == b"250 ok\r\n"
+    assert c.cmd(b"DATA") == b"354 go ahead\r\n"
+    c.send(b"Subject: t\r\n\r\nhi\r\n.\r\n")
+    assert c.reply().startswith(b"250 ok ")
+    message = srv.spool.messages[-1][1]
+    assert re.search(rb"Received: from unknown \(HELO again.test\) \(127.0.0.1\)\r\n"
+                     rb"  by mx.example.com with ESMTPS \([A-Z0-9_-]+ encrypted\); ", message), message
+
+
+def test_auth_before_starttls_is_forgotten(ca, make_server, connect):
+    srv = make_server()
+    c = connect(srv.port)
+    c.cmd(b"EHLO client.test")
+    assert c.cmd(b"AUTH CRAM-MD5").startswith(b"334 ")
+    c.send(b"*\r\n")
+    assert c.reply() == b"501 auth exchange cancelled (#5.0.0)\r\n"
+    starttls(c, ca)
+    c.cmd(b"EHLO client.test")
+    assert c.cmd(b"AUTH PLAIN " + plain()) == b"235 ok, go ahead (#2.0.0)\r\n"
+    starttls_again = c.cmd(b"STARTTLS")
+    assert starttls_again == b"502 unimplemented (#5.5.1)\r\n"
+
+
+def test_failed_handshake_closes_and_frees_the_slot(ca, make_server, connect):
+    srv = make_server()
+    c = connect(srv.port)
+    assert c.cmd(b"STARTTLS") == b"220 ready for tls\r\n"
+    c.send(b"this is not a TLS client hello\r\n" * 4)
+    assert c.closed()
+    wait_for(lambda: srv.receiver.counter.total() == 0)
+    wait_for(lambda: "TLS connection failed" in smtpd_log(srv.root) or srv.receiver.log is None)
+
+
+def test_certificate_reload_keeps_sessions(accounts, make_server, connect):
+    first_ca = install_certificate(accounts, ME)
+    srv = make_server()
+    old = connect(srv.port)
+    starttls(old, first_ca)
+    second_ca = install_certificate(accounts, ME)
+    assert srv.reload()                 # what SIGHUP (or the supervisor's mtime poll) does
+    new = connect(srv.port)
+    starttls(new, second_ca)
+    assert new.cmd(b"EHLO n") == EHLO_TLS
+    assert old.cmd(b"EHLO o") == EHLO_TLS   # the session made with the old certificate goes on
+    stale = connect(srv.port)
+    assert stale.cmd(b"STARTTLS") == b"220 ready for tls\r\n"
+    with pytest.raises(ssl.SSLError):
+        stale.starttls(client_context(first_ca))
+
+
+# --- AUTH ----------------------------------------------------------------------------
+
+@pytest.fixture
+def tls_client(ca, make_server, connect):
+    srv = make_server()
+    c = connect(srv.port)
+    starttls(c, ca)
+    assert c.cmd(b"EHLO client.test") == EHLO_TLS
+    c.server = srv
+    return c
+
+
+def test_plain_with_and_without_initial_response(tls_client):
+    c = tls_client
+    assert c.cmd(b"AUTH PLAIN") == b"334 \r\n"
+    assert c.cmd(plain(password="wrong")) == b"535 authorization failed (#5.7.0)\r\n"
+    assert c.cmd(b"AUTH PLAIN " + plain()) == b"235 ok, go ahead (#2.0.0)\r\n"
+    assert c.cmd(b"AUTH PLAIN " + plain()) == b"503 you're already authenticated (#5.5.0)\r\n"
+
+
+def test_login_both_ways(tls_client):
+    c = tls_client
+    assert c.cmd(b"AUTH LOGIN") == b"334 VXNlcm5hbWU6\r\n"
+    assert c.cmd(b64(USER)) == b"334 UGFzc3dvcmQ6\r\n"
+    assert c.cmd(b64("nope")) == b"535 authorization failed (#5.7.0)\r\n"
+    assert c.cmd(b"AUTH LOGIN " + b64(USER)) == b"334 UGFzc3dvcmQ6\r\n"
+    assert c.cmd(b64(PASSWORD)) == b"235 ok, go ahead (#2.0.0)\r\n"
+
+
+def cram_answer(c: RawClient, user: str, secret: str) -> bytes:
+    reply = c.cmd(b"AUTH CRAM-MD5")
+    assert reply.startswith(b"334 ") and reply.endswith(b"\r\n")
+    challenge = base64.b64decode(reply[4:-2])
+    assert re.fullmatch(rb"<\d+\.\d+@mx\.example\.com>", challenge), challenge
+    digest = hmac.new(secret.encode(), challenge, "md5").hexdigest()
+    return c.cmd(b64(f"{user} {digest}"))
+
+
+def test_cram_md5_needs_the_cleartext_and_works_before_tls(accounts, make_server, connect):
+    srv = make_server()
+    c = connect(srv.port)
+    c.cmd(b"EHLO client.test")
+    assert cram_answer(c, CLEAR_USER, "wrong") == b"535 authorization failed (#5.7.0)\r\n"
+    assert cram_answer(c, USER, PASSWORD) == b"535 authorization failed (#5.7.0)\r\n"  # no cleartext kept
+    assert cram_answer(c, CLEAR_USER, CLEAR_PASSWORD) == b"235 ok, go ahead (#2.0.0)\r\n"
+
+
+def test_malformed_cancelled_unknown_and_out_of_place(tls_client):
+    c = tls_client
+    assert c.cmd(b"AUTH PLAIN !!notbase64") == b"501 malformed auth input (#5.5.4)\r\n"
+    assert c.cmd(b"AUTH PLAIN " + b64("only-one-part")) == b"501 malformed auth input (#5.5.4)\r\n"
+    assert c.cmd(b"AUTH LOGIN") == b"334 VXNlcm5hbWU6\r\n"
+    assert c.cmd(b"") == b"501 malformed auth input (#5.5.4)\r\n"
+    assert c.cmd(b"AUTH LOGIN") == b"334 VXNlcm5hbWU6\r\n"
+    assert c.cmd(b"*") == b"501 auth exchange cancelled (#5.0.0)\r\n"
+    assert c.cmd(b"AUTH DIGEST-MD5") == b"504 auth type not available (#5.5.1)\r\n"
+    assert c.cmd(b"AUTH") == b"504 auth type not available (#5.5.1)\r\n"
+    assert c.cmd(b"MAIL FROM:<a@example.com>") == b"250 ok\r\n"
+    assert c.cmd(b"AUTH PLAIN " + plain()) == b"503 no auth during mail transaction (#5.5.0)\r\n"
+
+
+def test_no_smtp_flag_and_unknown_user_refused(tls_client):
+    c = tls_client
+    assert c.cmd(b"AUTH PLAIN " + plain("nosmtp@example.org")) == b"535 authorization failed (#5.7.0)\r\n"
+    assert c.cmd(b"AUTH PLAIN " + plain("who@example.org")) == b"535 authorization failed (#5.7.0)\r\n"
+    assert c.cmd(b"AUTH PLAIN " + plain("joe")) == b"535 authorization failed (#5.7.0)\r\n"  # login = full address
+
+
+def test_plain_and_login_refused_before_tls_unless_allowed(accounts, make_server, connect):
+    srv = make_server()
+    c = connect(srv.port)
+    c.cmd(b"EHLO client.test")
+    assert c.cmd(b"AUTH PLAIN " + plain()) == b"504 auth type not available (#5.5.1)\r\n"
+    assert c.cmd(b"AUTH LOGIN") == b"504 auth type not available (#5.5.1)\r\n"
+    srv2 = make_server(toml="[auth]\nallow_plaintext = true\nfailure_delay = 0\n")
+    c = connect(srv2.port)
+    assert c.cmd(b"EHLO client.test") == (
+        f"250-{ME}\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-AUTH LOGIN CRAM-MD5 PLAIN\r\n"
+        f"250-AUTH=LOGIN CRAM-MD5 PLAIN\r\n250 SIZE 67108864\r\n").encode()
+    assert c.cmd(b"AUTH PLAIN " + plain()) == b"235 ok, go ahead (#2.0.0)\r\n"
+
+
+def test_auth_grants_relaying_and_names_the_user(tls_client):
+    c = tls_client
+    assert c.cmd(b"MAIL FROM:<joe@example.org>") == b"250 ok\r\n"
+    assert c.cmd(b"RCPT TO:<far@remote.test>").startswith(b"553 ")
+    assert c.cmd(b"RSET") == b"250 flushed\r\n"
+    assert c.cmd(b"AUTH PLAIN " + plain()) == b"235 ok, go ahead (#2.0.0)\r\n"
+    assert c.cmd(b"MAIL FROM:<joe@example.org>") == b"250 ok\r\n"
+    assert c.cmd(b"RCPT TO:<far@remote.test>") == b"250 ok\r\n"
+    assert c.cmd(b"DATA") == b"354 go ahead\r\n"
+    c.send(b"Subject: t\r\n\r\nhi\r\n.\r\n")
+    assert c.reply().startswith(b"250 ok ")
+    env, message = c.server.spool.messages[-1]
+    assert env.recipients == ("far@remote.test",)
+    assert re.search(rb"Received: from unknown \(HELO client.test\) \(joe@example.org@127.0.0.1\)\r\n"
+                     rb"  by mx.example.com with ESMTPSA \([A-Z0-9_-]+ encrypted\); ", message), message
+    wait_for(lambda: f"AUTH successful [127.0.0.1] {USER} (PLAIN)" in smtpd_log(c.server.root)
+             or c.server.receiver.log is None)
+
+
+def test_sender_must_match(accounts, ca, make_server, connect):
+    admin.add_alias(accounts, "joe.alias@example.org", [USER])
+    srv = make_server(toml="[auth]\nsender_must_match = true\nfailure_delay = 0\n")
+    c = connect(srv.port)
+    starttls(c, ca)
+    c.cmd(b"EHLO client.test")
+    assert c.cmd(b"MAIL FROM:<ann@example.org>") == b"250 ok\r\n"   # not authenticated: not checked
+    assert c.cmd(b"RSET") == b"250 flushed\r\n"
+    assert c.cmd(b"AUTH PLAIN " + plain()) == b"235 ok, go ahead (#2.0.0)\r\n"
+    assert c.cmd(b"MAIL FROM:<JOE@example.org>") == b"250 ok\r\n"
+    assert c.cmd(b"MAIL FROM:<joe.alias@example.org>") == b"250 ok\r\n"
+    for other in (b"ann@example.org", b"joe@other.test", b"nobody@example.org"):
+        assert c.cmd(b"MAIL FROM:<" + other + b">") == b"553 sorry, that sender address is not yours (#5.7.1)\r\n"
+
+
+def test_submission_needs_auth_before_mail(ca, make_server, connect):
+    srv = make_server("submission")
+    c = connect(srv.port)
+    assert c.cmd(b"EHLO client.test") == EHLO_PLAIN
+    assert c.cmd(b"MAIL FROM:<joe@example.org>") == b"530 Authorization required (#5.7.1)\r\n"
+    starttls(c, ca)
+    c.cmd(b"EHLO client.test")
+    assert c.cmd(b"MAIL FROM:<joe@example.org>") == b"530 Authorization required (#5.7.1)\r\n"
+    assert c.cmd(b"AUTH PLAIN " + plain()) == b"235 ok, go ahead (#2.0.0)\r\n"
+    assert c.cmd(b"MAIL FROM:<joe@example.org>") == b"250 ok\r\n"
+
+
+def test_submissions_is_implicit_tls(ca, make_server):
+    srv = make_server("submissions")
+    raw = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+    c = RawClient.__new__(RawClient)
+    c.sock, c.buf = raw, b""
+    try:
+        c.starttls(client_context(ca))
+        assert c.line() == f"220 {ME} ESMTP\r\n".encode()
+        assert c.cmd(b"EHLO client.test") == EHLO_TLS
+        assert c.cmd(b"MAIL FROM:<joe@example.org>") == b"530 Authorization required (#5.7.1)\r\n"
+        assert c.cmd(b"AUTH PLAIN " + plain()) == b"235 ok, go ahead (#2.0.0)\r\n"
+        assert c.cmd(b"MAIL FROM:<joe@example.org>") == b"250 ok\r\n"
+    finally:
+        c.close()
+    # A plaintext client on the TLS port gets no greeting, just a close.
+    plain_client = RawClient(srv.port)
+    try:
+        plain_client.send(b"EHLO x\r\n")
+        assert plain_client.closed()
+    finally:
+        plain_client.close()
+
+
+# --- throttle and hashing off the loop -------------------------------------------------
+
+class FakeThrottle:
+    """engine.relay.throttle.LoginThrottle's interface: locked after `limit` failures."""
+
+    def __init__(self, limit: int, delay: float = 0.0) -> None:
+        self.limit, self.delay = limit, delay
+        self.failures: dict[str, int] = {}
+        self.successes = 0
+
+    async def locked(self, ip: str) -> bool:
+        return self.failures.get(ip, 0) >= self.limit
+
+    async def failure(self, ip: str) -> float:
+        n = self.failures[ip] = self.failures.get(ip, 0) + 1
+        return math.inf if n >= self.limit else self.delay
+
+    async def success(self, ip: str) -> None:
+        self.successes += 1
+        self.failures.pop(ip, None)
+
+
+def test_throttle_delays_then_locks_out(tls_client, ca, connect):
+    c = tls_client
+    throttle = FakeThrottle(limit=3, delay=0.3)
+    c.server.receiver.throttle = throttle
+    assert c.cmd(b"AUTH PLAIN " + plain()) == b"235 ok, go ahead (#2.0.0)\r\n"
+    assert throttle.successes == 1
+    c2 = connect(c.server.port)
+    starttls(c2, ca)
+    started = time.monotonic()
+    assert c2.cmd(b"AUTH PLAIN " + plain(password="x")) == b"535 authorization failed (#5.7.0)\r\n"
+    assert time.monotonic() - started >= 0.3
+    assert c2.cmd(b"AUTH PLAIN " + plain(password="y")) == b"535 authorization failed (#5.7.0)\r\n"
+    assert c2.cmd(b"AUTH PLAIN " + plain(password="z")) == (
+        f"421 {ME} too many failed logins from your address, try again later (#4.7.0)\r\n".encode())
+    assert c2.closed()
+    # Locked: even the right password gets the 421 (and is not checked).
+    c3 = connect(c.server.port)
+    starttls(c3, ca)
+    assert c3.cmd(b"AUTH PLAIN " + plain()).startswith(b"421 ")
+    assert c3.closed()
+
+
+def test_hashing_never_blocks_other_sessions(tls_client, ca, connect):
+    """Clients flooding wrong $6$ passwords; another client's greeting stays fast."""
+    port = tls_client.server.port
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    attempts = [0]
+
+    def guess() -> None:
+        try:
+            c = RawClient(port)
+            c.line()
+            starttls(c, ca)
+            while not stop.is_set():
+                assert c.cmd(b"AUTH PLAIN " + plain(password="wrong")).startswith(b"535 ")
+                attempts[0] += 1
+            c.close()
+        except BaseException as exc:   # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guess, daemon=True) for _ in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: attempts[0] >= 20, timeout=20)
+        worst = 0.0
+        for _ in range(10):
+            t0 = time.monotonic()
+            c = RawClient(port)
+            assert c.line() == f"220 {ME} ESMTP\r\n".encode()
+            worst = max(worst, time.monotonic() - t0)
+            c.close()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    assert not errors, errors
+    assert worst < 0.5, f"greeting took {worst:.3f}s under a password flood"
+
+
+# --- qrelay run ------------------------------------------------------------------------
+
+def test_qrelay_run_submissions_needs_the_certificate_then_serves_it(accounts, qrelay_cli):
+    from tests.smtp_harness import RunningQrelay, disable_scheduler
+
+    disable_scheduler(accounts)
+    done = qrelay_cli("run", str(accounts), "--listen", "submissions://127.0.0.1:0", timeout=30)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert "control/servercert.pem is missing" in last and "submissions" in last, done.stderr
+    assert "Traceback" not in done.stderr
+
+    ca = install_certificate(accounts, ME)
+    q = RunningQrelay(accounts, procs=1, extra=("--listen", "submissions://127.0.0.1:0"))
+    try:
+        port = int(q.port_file.read_text().split()[1])
+        raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+        c = RawClient.__new__(RawClient)
+        c.sock, c.buf = raw, b""
+        c.starttls(client_context(ca))           # uvloop's TLS in a real receiver process
+        assert c.line() == f"220 {ME} ESMTP\r\n".encode()
+        assert c.cmd(b"EHLO client.test") == EHLO_TLS
+        assert c.cmd(b"AUTH LOGIN " + b64(USER)) == b"334 UGFzc3dvcmQ6\r\n"
+        assert c.cmd(b64(PASSWORD)) == b"235 ok, go ahead (#2.0.0)\r\n"
+        assert c.cmd(b"MAIL FROM:<joe@example.org>") == b"250 ok\r\n"
+        assert c.cmd(b"RCPT TO:<far@remote.test>") == b"250 ok\r\n"
+        assert c.cmd(b"DATA") == b"354 go ahead\r\n"
+        c.send(b"Subject: t\r\n\r\nhi\r\n.\r\n")
+        assert c.reply().startswith(b"250 ok ")
+        assert c.cmd(b"QUIT") == f"221 {ME}\r\n".encode()
+        c.close()
+        log = wait_for(lambda: (lambda t: t if f"AUTH successful [127.0.0.1] {USER} (LOGIN)" in t else "")(
+            smtpd_log(accounts)), timeout=10)
+        assert re.search(r"TLS: TLSv1\.[23] \S+ encrypted", log), log
+    finally:
+        q.stop()
