@@ -277,6 +277,28 @@ class LogSettings:
 
 
 @dataclass(slots=True, frozen=True)
+class DoctorSettings:
+    # `qrelay doctor DOMAIN`: seconds for each connect, greeting and EHLO (the guide's telnet).
+    connect_timeout: float = 5.0
+    # Destinations listed with their deferred count and last error.
+    top_destinations: int = 10
+    # A destination holding at least this many deferred recipients is a finding.
+    deferred_warn: int = 100
+    # Mail not yet preprocessed for longer than this (seconds): the scheduler is not keeping up.
+    todo_max_age: float = 300.0
+    # Free space on the spool's filesystem below either bound is a finding.
+    disk_min_free_percent: float = 5.0
+    disk_min_free_bytes: int = 1024 * 1024 * 1024
+    # Relay table entries older than this (seconds; vpopmail's clearopensmtp: 180 min)
+    # mean nothing expires them.
+    relay_max_age: int = 10800
+    # Mailboxes whose directories are checked per run (a bound on the walk).
+    max_mailboxes: int = 100000
+    # Findings of one kind listed one by one; past this, one summary line.
+    max_findings_per_kind: int = 10
+
+
+@dataclass(slots=True, frozen=True)
 class Settings:
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
     spool: SpoolSettings = field(default_factory=SpoolSettings)
@@ -284,6 +306,7 @@ class Settings:
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
     log: LogSettings = field(default_factory=LogSettings)
     accounts: AccountsSettings = field(default_factory=AccountsSettings)
+    doctor: DoctorSettings = field(default_factory=DoctorSettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     relay: RelaySettings = field(default_factory=RelaySettings)
@@ -329,6 +352,8 @@ RANGES: dict[tuple[str, str], tuple[float, float | None, str]] = {
     ("login", "window"): (1, None, "failures are counted over a window"),
     ("login", "lockout_seconds"): (1, None, "a lockout must last"),
     ("log", "max_bytes"): (4096, None, "multilog's smallest s"),
+    ("doctor", "connect_timeout"): (0.01, None, "every connect would time out"),
+    ("doctor", "disk_min_free_percent"): (0, 100, "a percentage"),
     ("tls", "handshake_timeout"): (0.1, None, "no handshake would finish"),
     ("auth", "hash_threads"): (1, 64, "a thread checks passwords"),
     ("log", "max_files"): (2, None, "multilog's smallest n"),

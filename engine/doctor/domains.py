@@ -1,0 +1,122 @@
+"""Do rcpthosts, locals, virtualdomains and users/assign agree?
+
+The guide's classic: a domain added to one file and forgotten in another.
+What mail for a domain goes through, and what each gap costs:
+
+    rcpthosts / morercpthosts.cdb   accepted from anyone (else 553 at RCPT)
+    locals                          delivered locally as user@domain
+    virtualdomains  D:P             delivered locally as P-user@D ...
+    users/assign    +P-:…:home      ... in this home (vpopmail: the domain dir)
+    smtproutes                      relayed to a named host (a backup MX)
+
+Accepted but neither local, virtual nor routed: relayed to the domain's MX
+— a loop when that MX is this host. Virtual without an assign line: the
+mail goes to qmail-getpw's fallback (the `alias` user) or defers. Virtual
+or assigned but not accepted: every outside sender gets a 553.
+"""
+from __future__ import annotations
+
+import os
+
+from engine.doctor import Context, Report
+
+
+def check(ctx: Context, report: Report) -> None:
+    from engine.accounts.assign import load_assign
+    from engine.config.cdb import CdbFile
+    from engine.config.control import read_list
+    from engine.config.domains import ascii_lower, load_domain_config
+    from engine.delivery.routes import SmtpRoutes
+    from engine.smtp.policy import RecipientPolicy
+
+    root, control = ctx.root, ctx.root / "control"
+    try:
+        policy = RecipientPolicy.load(control)
+        domains = load_domain_config(root)
+        assign = load_assign(root)
+        routes = SmtpRoutes.load(control)
+    except Exception:  # noqa: BLE001 - unparseable files are the controls check's findings
+        return
+    accepted = [ascii_lower(h) for h in read_list(control / "rcpthosts", []) or []]
+    try:
+        more = CdbFile.open(control / "morercpthosts.cdb")
+        accepted += [ascii_lower(k.decode("utf-8", "surrogateescape")) for k, _ in more.items()]
+    except OSError:
+        pass
+    rcpthosts = ctx.arg(control / "rcpthosts")
+    wild = {prefix: a for prefix, a in assign.wildcards().items()}
+    problems_before = len(report.findings)
+
+    def assigned(prepend: str) -> bool:
+        return assign.lookup(f"{prepend}-x") is not None
+
+    for domain in dict.fromkeys(accepted):
+        if not domain or domain.startswith("."):
+            continue        # a suffix entry accepts a whole tree; nothing to match it with
+        probe = f"postmaster@{domain}"
+        if domains.is_local(domain):
+            continue
+        prepend = domains.virtual_prepend(probe)
+        if prepend is not None:
+            if not assigned(prepend):
+                home = root / "domains" / domain
+                owner = _owner_of(root / "domains")
+                line = f"+{prepend}-:{domain}:{owner}:{home}:-::"
+                report.problem(
+                    "domains", f"{domain} is accepted (rcpthosts) and virtual "
+                    f"(virtualdomains: {domain}:{prepend}) but users/assign has no +{prepend}- line",
+                    "its mail goes to qmail-getpw's fallback (the alias user) or defers with "
+                    "`Unable to find alias user!`",
+                    f"sed -i '/^\\.$/i {line}' {ctx.arg(root / 'users/assign')} && "
+                    f"qrelay newu {ctx.arg(root)}")
+            continue
+        if routes.lookup(domain) is None:
+            report.problem(
+                "domains", f"{domain} is in rcpthosts but in neither locals, virtualdomains "
+                "nor smtproutes",
+                "its mail is accepted and relayed to its MX: a loop (#5.4.6) if that MX is "
+                "this host", f"qrelay domain add {ctx.arg(root)} {domain} (a backup MX: "
+                f"echo '{domain}:PRIMARY-MX' >> {ctx.arg(control / 'smtproutes')})")
+
+    for key, prepend in domains.virtualdomains.items():
+        domain = key.rpartition("@")[2].lstrip(".")
+        if not prepend or not domain:
+            continue
+        if not policy.domain_listed(domain):
+            report.problem("domains", f"{domain} is in virtualdomains but not in rcpthosts",
+                           "every sender outside gets 553 (not in my list of allowed rcpthosts)",
+                           f"echo {domain} >> {rcpthosts}")
+        if not assigned(prepend) and domain not in accepted:
+            report.problem("domains", f"{domain} is in virtualdomains ({key}:{prepend}) but "
+                           f"users/assign has no +{prepend}- line",
+                           "its mail goes to qmail-getpw's fallback (the alias user) or defers",
+                           f"qrelay domain add {ctx.arg(root)} {domain}")
+
+    targets = {p for p in domains.virtualdomains.values() if p}
+    for prefix, a in wild.items():
+        name = prefix[:-1] if prefix.endswith("-") else prefix
+        if "." not in name or name in targets or domains.is_local(name):
+            continue        # not a vpopmail-style domain line
+        report.problem("domains", f"users/assign has +{prefix} ({a.home}) but no virtualdomains "
+                       f"line maps a domain to {name}",
+                       "the assign line is never used: mail for the domain is not delivered "
+                       "to that directory",
+                       f"echo {name}:{name} >> {ctx.arg(control / 'virtualdomains')}"
+                       + ("" if policy.domain_listed(name) else f" && echo {name} >> {rcpthosts}"))
+
+    for domain in sorted(domains.locals):
+        if domain != "localhost" and "." in domain and not policy.domain_listed(domain):
+            report.problem("domains", f"{domain} is in locals but not in rcpthosts",
+                           "every sender outside gets 553 for it", f"echo {domain} >> {rcpthosts}")
+    if len(report.findings) == problems_before:
+        report.note("domains", f"rcpthosts, locals, virtualdomains and users/assign agree "
+                    f"({len(set(accepted))} accepted, {len(domains.virtualdomains)} virtual, "
+                    f"{len(assign)} assign entries)")
+
+
+def _owner_of(path) -> str:
+    try:
+        st = os.stat(path)
+        return f"{st.st_uid}:{st.st_gid}"
+    except OSError:
+        return "UID:GID"

@@ -1,0 +1,184 @@
+"""Owners and modes of what local delivery touches, by qmail-local's rules.
+
+For every users/assign entry: its home must exist, must not be writable by
+others (`Uh-oh: home directory is writable. (#4.7.0)`: every delivery to it
+defers) nor sticky, and should belong to the entry's uid/gid (deliveries run
+as them). Its `.qmail*` files must not be writable by others (`Uh-oh: .qmail
+file is writable. (#4.7.0)`). For a vpopmail domain home, every user of its
+vpasswd: the user directory and `Maildir/{cur,new,tmp}` exist, belong to
+the domain's uid/gid and are not writable by others. The fix offered is
+the guide's chown/chmod; when many paths of one domain share a problem, one
+line with `chown -R` / `chmod -R` on the domain directory is offered.
+"""
+from __future__ import annotations
+
+import os
+import stat
+from collections import defaultdict
+from pathlib import Path
+
+from engine.doctor import Context, Report
+
+WRITABLE_HOME = "Uh-oh: home directory is writable. (#4.7.0)"
+WRITABLE_QMAIL = "Uh-oh: .qmail file is writable. (#4.7.0)"
+
+
+def _entries(root: Path):
+    """(label, Assignment) of every users/assign entry (the text when present, as
+    an operator reads it; else the compiled table's wildcard lines)."""
+    from engine.accounts.assign import ASSIGN_FILE, Assignment, load_assign, parse_assign_text
+    path = root / ASSIGN_FILE
+    if path.is_file():
+        for line in parse_assign_text(path.read_text("utf-8", "surrogateescape")):
+            yield line.text(), Assignment(line.user, _number(line.uid), _number(line.gid),
+                                          line.home, line.dash, line.ext)
+        return
+    for prefix, a in load_assign(root).wildcards().items():
+        yield f"+{prefix}:{a.user}:{a.uid}:{a.gid}:{a.home}:{a.dash}:{a.ext}:", a
+
+
+def _number(text: str) -> int:
+    digits = text[:len(text) - len(text.lstrip("0123456789"))]
+    return int(digits) if digits else 0
+
+
+class _Kinds:
+    """Problems grouped by (domain home, kind), so one domain with 10,000
+    wrongly owned Maildirs is a few lines, not 10,000."""
+
+    def __init__(self, ctx: Context, report: Report) -> None:
+        self.ctx, self.report = ctx, report
+        self.groups: dict[tuple[str, str], list[tuple[str, str, str]]] = defaultdict(list)
+
+    def add(self, home: str, kind: str, what: str, why: str, fix: str) -> None:
+        self.groups[(home, kind)].append((what, why, fix))
+
+    def emit(self, owner_of: dict[str, str]) -> None:
+        limit = self.ctx.doctor.max_findings_per_kind
+        for (home, kind), items in self.groups.items():
+            if len(items) <= limit:
+                for what, why, fix in items:
+                    self.report.problem("perms", what, why, fix)
+                continue
+            whole = {"owner": f"chown -R {owner_of.get(home, 'UID:GID')} {self.ctx.arg(home)}",
+                     "writable": f"chmod -R o-w {self.ctx.arg(home)}",
+                     "missing": f"qrelay user show {self.ctx.arg(self.ctx.root)} USER@DOMAIN "
+                                "(then recreate the Maildirs)"}[kind]
+            self.report.problem("perms", f"{len(items)} paths under {home}: {items[0][0]} "
+                                f"(and {len(items) - 1} more like it)", items[0][1], whole)
+
+
+def check(ctx: Context, report: Report) -> None:
+    from engine.accounts.store import Accounts, AccountsError
+    accounts = Accounts(ctx.root)
+    kinds = _Kinds(ctx, report)
+    owner_of: dict[str, str] = {}
+    checked_homes = mailboxes = 0
+    budget = ctx.doctor.max_mailboxes
+    seen: set[str] = set()
+    for label, a in _entries(ctx.root):
+        if a is None or not a.home or a.home in seen:
+            continue
+        seen.add(a.home)
+        if a.uid == 0:
+            report.problem("perms", f"users/assign {label} delivers as uid 0",
+                           "every delivery to it defers (Not allowed to perform deliveries as "
+                           "root.)", f"${{EDITOR:-vi}} {ctx.arg(ctx.root / 'users/assign')} && "
+                           f"qrelay newu {ctx.arg(ctx.root)}")
+        want = (a.uid, a.gid)
+        owner_of[a.home] = f"{a.uid}:{a.gid}"
+        st = _stat(a.home)
+        if st is None:
+            report.problem("perms", f"{a.home} (users/assign {label}) does not exist",
+                           f"every delivery to it defers (Unable to switch to {a.home})",
+                           f"mkdir -p {ctx.arg(a.home)} && chown {a.uid}:{a.gid} {ctx.arg(a.home)}")
+            continue
+        checked_homes += 1
+        _check_path(ctx, kinds, a.home, a.home, st, want, is_home=True)
+        _check_qmail_files(ctx, kinds, a.home, a.home, want)
+        try:
+            users = accounts.domain(a.home)
+        except AccountsError as exc:
+            report.problem("perms", f"{a.home}: {exc}", "deliveries to this domain defer",
+                           f"qrelay user list {ctx.arg(ctx.root)} DOMAIN")
+            continue
+        if users is None:
+            continue
+        for user in users.users():
+            if mailboxes >= budget:
+                break
+            mailboxes += 1
+            udir = user.directory
+            ust = _stat(udir)
+            if ust is None:
+                kinds.add(a.home, "missing", f"{udir} (user {user.name}) does not exist",
+                          "vdelivermail cannot deliver to this mailbox",
+                          f"mkdir -p {ctx.arg(os.path.join(udir, 'Maildir'))}/{{cur,new,tmp}} && "
+                          f"chown -R {a.uid}:{a.gid} {ctx.arg(udir)}")
+                continue
+            _check_path(ctx, kinds, a.home, udir, ust, want)
+            _check_qmail_files(ctx, kinds, a.home, udir, want)
+            for sub in ("", "cur", "new", "tmp"):
+                path = os.path.join(udir, "Maildir", sub).rstrip("/")
+                pst = _stat(path)
+                if pst is None:
+                    kinds.add(a.home, "missing", f"{path} does not exist",
+                              "deliveries to this mailbox defer (Unable to chdir to maildir)",
+                              f"mkdir -p {ctx.arg(path)} && chown {a.uid}:{a.gid} {ctx.arg(path)}")
+                    break
+                _check_path(ctx, kinds, a.home, path, pst, want)
+    kinds.emit(owner_of)
+    if not kinds.groups:
+        report.note("perms", f"{checked_homes} homes and {mailboxes} mailboxes: owners and "
+                    "modes as deliveries need them")
+    if mailboxes >= budget:
+        report.note("perms", f"stopped after {budget} mailboxes ([doctor] max_mailboxes)")
+
+
+def _stat(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
+
+
+def _check_path(ctx: Context, kinds: _Kinds, group: str, path: str, st: os.stat_result,
+                want: tuple[int, int], *, is_home: bool = False) -> None:
+    """One directory: writable by others, sticky (a home), owner."""
+    where = ctx.arg(path)
+    if st.st_mode & 0o002:
+        why = (f"every delivery to it defers ({WRITABLE_HOME})" if is_home
+               else "any local user can read, replace or remove this mail")
+        kinds.add(group, "writable", f"{path} is writable by everyone", why, f"chmod o-w {where}")
+    if is_home and st.st_mode & stat.S_ISVTX:
+        kinds.add(group, "writable", f"{path} has the sticky bit",
+                  "every delivery to it defers (Home directory is sticky: user is editing "
+                  "his .qmail file. (#4.2.1))", f"chmod -t {where}")
+    if (st.st_uid, st.st_gid) != want:
+        kinds.add(group, "owner",
+                  f"{path} is owned by {st.st_uid}:{st.st_gid}, users/assign says "
+                  f"{want[0]}:{want[1]}",
+                  "deliveries run as the assign line's uid and cannot write there",
+                  f"chown -R {want[0]}:{want[1]} {where}")
+
+
+def _check_qmail_files(ctx: Context, kinds: _Kinds, home: str, directory: str,
+                       want: tuple[int, int]) -> None:
+    try:
+        with os.scandir(directory) as it:
+            names = [e.name for e in it if e.name.startswith(".qmail")]
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(directory, name)
+        st = _stat(path)
+        if st is None or not stat.S_ISREG(st.st_mode):
+            continue
+        if st.st_mode & 0o002:
+            kinds.add(home, "writable", f"{path} is writable by everyone",
+                      f"every delivery through it defers ({WRITABLE_QMAIL})",
+                      f"chmod o-w {ctx.arg(path)}")
+        if st.st_uid != want[0]:
+            kinds.add(home, "owner", f"{path} is owned by uid {st.st_uid}, users/assign says "
+                      f"{want[0]}", "the mailbox owner cannot edit it; anyone owning it "
+                      "decides where this mail goes", f"chown {want[0]}:{want[1]} {ctx.arg(path)}")

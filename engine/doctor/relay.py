@@ -1,0 +1,96 @@
+"""The relay table (POP-before-SMTP): how many clients may relay, and the oldest.
+
+qrelay's own table (engine.relay, `[relay] store`) expires its entries by
+itself; it is read with `entries()`, and only when it exists (doctor never
+creates one). vpopmail's `open-smtp` (ETC/open-smtp beside the vpopmail
+domains users/assign points at, or ROOT/etc/open-smtp) is read too: there,
+nothing expires a line but the `clearopensmtp` cron job, so a line older
+than `[doctor] relay_max_age` means that job is not running and every IP
+that ever logged in may still relay.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from engine.doctor import Context, Report, ago
+
+
+def check(ctx: Context, report: Report) -> None:
+    _relay_table(ctx, report)
+    for path in _open_smtp_files(ctx.root):
+        _open_smtp(ctx, report, path)
+
+
+def _relay_table(ctx: Context, report: Report) -> None:
+    try:
+        from engine.relay import open_relay_table
+    except ImportError:
+        return
+    relay = getattr(ctx.settings, "relay", None)
+    if relay is None:
+        return
+    if not relay.store and not (ctx.root / "relay").exists():
+        report.note("relay", "relay table: empty (no POP3 login has granted relaying yet)")
+        return
+
+    async def read() -> list:
+        table = open_relay_table(ctx.root, ctx.settings)
+        try:
+            return await asyncio.wait_for(table.entries(), ctx.doctor.connect_timeout)
+        finally:
+            await table.close()
+    try:
+        entries = asyncio.run(read())
+    except Exception as exc:  # noqa: BLE001 - a store that cannot be read is the finding
+        report.problem("relay", f"the relay table cannot be read ({exc})",
+                       "POP-before-SMTP clients are refused relaying while it fails",
+                       f"qrelay relayclients list {ctx.arg(ctx.root)}")
+        return
+    if not entries:
+        report.note("relay", "relay table: empty", entries=0)
+        return
+    first = min(expiry for _, expiry in entries)
+    report.note("relay", f"relay table: {len(entries)} clients may relay; the first grant "
+                f"expires in {ago(first - ctx.now)}", entries=len(entries), first_expiry=first)
+
+
+def _open_smtp_files(root: Path) -> list[Path]:
+    from engine.accounts.assign import load_assign
+    candidates = [root / "etc" / "open-smtp"]
+    try:
+        for a in load_assign(root).wildcards().values():
+            home = Path(a.home)
+            if home.parent.name == "domains":
+                candidates.append(home.parent.parent / "etc" / "open-smtp")
+    except Exception:  # noqa: BLE001 - the controls check reports a broken assign
+        pass
+    return [p for p in dict.fromkeys(candidates) if p.is_file()]
+
+
+def _open_smtp(ctx: Context, report: Report, path: Path) -> None:
+    try:
+        text = path.read_text("utf-8", "surrogateescape")
+    except OSError as exc:
+        report.problem("relay", f"{path}: {exc.strerror}", "its relay clients are unknown",
+                       f"ls -l {ctx.arg(path)}")
+        return
+    stamps = []
+    for line in text.splitlines():
+        stamp = line.rpartition("\t")[2].strip()
+        if stamp.isdigit():
+            stamps.append(int(stamp))
+    if not stamps:
+        report.note("relay", f"{path}: empty", entries=0)
+        return
+    oldest = min(stamps)
+    report.note("relay", f"{path}: {len(stamps)} clients may relay, the oldest since "
+                f"{ago(ctx.now - oldest)}", entries=len(stamps), oldest=oldest)
+    if ctx.now - oldest > ctx.doctor.relay_max_age:
+        clear = path.parent.parent / "bin" / "clearopensmtp"
+        report.problem("relay", f"{path} has an entry {ago(ctx.now - oldest)} old",
+                       "nothing removes old lines (vpopmail's clearopensmtp cron job is not "
+                       "running): every IP that ever logged in may still relay",
+                       f"{clear} && (crontab -l; echo '*/30 * * * * {clear}') | crontab -"
+                       if os.path.exists(clear) else f"{clear} from cron every 30 minutes")

@@ -1,0 +1,377 @@
+"""`qrelay doctor` (engine/doctor, engine/cli/doctor.py): every finding against a
+real temp root; the network checks against the fake DNS server and loopback
+sinks; --json; bad input (exit 2). The fix a finding offers is run where it
+is a shell command, and the finding must be gone after it."""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from engine.accounts import admin
+from engine.cli import cli
+from engine.queue import Deferred, Envelope, Spool
+from tests.conftest import REPO, run_cli
+
+ME = "mx.example.com"
+# Domain directories need a non-root owner: as root one that is not ours.
+UID, GID = (4242, 4242) if os.getuid() == 0 else (os.getuid(), os.getgid())
+
+
+def doctor(root: Path, *args: str) -> tuple[int, dict]:
+    r = CliRunner().invoke(cli, ["doctor", str(root), *args, "--json"], catch_exceptions=False,
+                           env={"QRELAY_ROOT": ""})
+    assert r.exit_code in (0, 1), r.output
+    return r.exit_code, json.loads(r.output)
+
+
+def findings(report: dict, check: str | None = None) -> list[dict]:
+    return [f for f in report["findings"] if check is None or f["check"] == check]
+
+
+def notes(report: dict, check: str) -> list[dict]:
+    return [n for n in report["notes"] if n["check"] == check]
+
+
+def run_fix(fix: str) -> None:
+    """Run a finding's fix in bash, `qrelay` being this tree's CLI."""
+    shim = f'qrelay() {{ PYTHONPATH={REPO} {sys.executable} -m engine.cli "$@"; }}\n'
+    subprocess.run(["/bin/bash", "-c", shim + fix], check=True)
+
+
+def user_dir(root: Path, address: str) -> Path:
+    from engine.accounts import Accounts
+    return Path(Accounts(root).mailbox(address).user.directory)
+
+
+def toml(root: Path, text: str) -> None:
+    (root / "qrelay.toml").write_text(text)
+
+
+@pytest.fixture
+def box(root: Path) -> Path:
+    """ROOT with a vpopmail domain, two users and an alias: nothing wrong with it."""
+    admin.add_domain(root, "example.org", uid=UID, gid=GID)
+    admin.add_user(root, "joe@example.org", "secret one")
+    admin.add_user(root, "ann@example.org", "secret two")
+    admin.add_alias(root, "info@example.org", ["joe@example.org"])
+    toml(root, "[doctor]\ndisk_min_free_bytes = 0\ndisk_min_free_percent = 0.0\n")
+    return root
+
+
+def test_a_healthy_box_has_no_findings_and_exit_0(box):
+    rc, report = doctor(box)
+    assert rc == 0 and findings(report) == [], findings(report)
+    assert report["problems"] == 0
+    text = " ".join(n["text"] for n in report["notes"])
+    assert "parse" in text and "agree" in text and "2 mailboxes" in text
+    assert notes(report, "queue")[0]["messages"] == 0
+
+
+def test_text_output_is_one_line_per_finding_with_its_fix(box):
+    (box / "control" / "databytes").write_text("10MB\n")
+    r = run_cli("doctor", str(box))
+    assert r.returncode == 1, r.stderr
+    problems = [line for line in r.stdout.splitlines() if line.startswith("problem: ")]
+    assert problems and all("; fix: " in line for line in problems)
+    assert any("databytes" in line and "qrelay run refuses to start" in line for line in problems)
+    assert r.stdout.splitlines()[-1] == f"doctor: {len(problems)} problem" + \
+        ("s" if len(problems) > 1 else "") + " found"
+
+
+def test_control_files_that_do_not_parse(box):
+    (box / "control" / "databytes").write_text("10MB\n")
+    (box / "control" / "smtproutes").write_text("far.test\n")
+    rc, report = doctor(box)
+    got = findings(report, "controls")
+    assert rc == 1
+    databytes = next(f for f in got if "databytes" in f["what"])
+    assert "'10MB' is not a number" in databytes["what"]
+    assert databytes["fix"].endswith(str(box / "control" / "databytes"))
+    routes = next(f for f in got if "smtproutes" in f["what"])
+    assert "nothing is delivered" in routes["why"]
+    (box / "control" / "databytes").write_text("0\n")     # the loader stops at the first
+    (box / "control" / "rcpthosts").unlink()
+    _, report = doctor(box)
+    missing = next(f for f in findings(report, "controls") if "rcpthosts is missing" in f["what"])
+    run_fix(missing["fix"])
+    assert (box / "control" / "rcpthosts").read_text().strip() == ME
+
+
+def test_stale_compiled_files_and_crlf(box):
+    later = time.time() + 5
+    os.utime(box / "users" / "assign", (later, later))
+    (box / "control" / "tcp.smtp.cdb").write_bytes(b"")
+    os.utime(box / "control" / "tcp.smtp.cdb", (1, 1))
+    (box / "control" / "morercpthosts").write_text("more.example\n")
+    (box / "control" / "concurrencyremote").write_bytes(b"20\r\n")
+    _, report = doctor(box)
+    got = {f["what"]: f for f in findings(report, "controls")}
+    assert got["users/assign was changed after users/cdb was built"]["fix"] == f"qrelay newu {box}"
+    assert got["control/tcp.smtp was changed after control/tcp.smtp.cdb was built"]["fix"] == \
+        f"qrelay tcprules {box}"
+    assert got["control/morercpthosts exists but control/morercpthosts.cdb was never built"]
+    crlf = got["control/concurrencyremote has CRLF line endings"]
+    run_fix(crlf["fix"])
+    assert (box / "control" / "concurrencyremote").read_bytes() == b"20\n"
+
+
+def test_a_qmail_queue_in_the_root(box):
+    (box / "queue" / "mess").mkdir()
+    _, report = doctor(box)
+    f = next(f for f in findings(report, "controls") if "qmail queue" in f["what"])
+    assert "refuses to start" in f["why"]
+
+
+def test_domains_accepted_but_not_delivered_and_the_reverse(box):
+    control = box / "control"
+    with open(control / "rcpthosts", "a") as f:
+        f.write("orphan.test\nvirt.test\n")
+    with open(control / "virtualdomains", "a") as f:
+        f.write("virt.test:virt.test\nunlisted.test:example.org\n")
+    assign = (box / "users" / "assign").read_text()
+    (box / "users" / "assign").write_text(
+        assign.replace("\n.\n", f"\n+ghost.test-:ghost.test:{UID}:{GID}:{box}/domains/"
+                       "example.org:-::\n.\n"))
+    admin.newu(box)
+    _, report = doctor(box)
+    got = {f["what"].split(" ")[0]: f for f in findings(report, "domains")}
+    assert "relayed to its MX" in got["orphan.test"]["why"]
+    assert got["orphan.test"]["fix"].startswith(f"qrelay domain add {box} orphan.test")
+    assert "no +virt.test- line" in got["virt.test"]["what"]
+    assert "not in rcpthosts" in got["unlisted.test"]["what"]
+    assert "no virtualdomains line" in findings(report, "domains")[-1]["what"] or \
+        any("+ghost.test-" in f["what"] for f in findings(report, "domains"))
+    # the offered fixes, run, make those findings go away
+    run_fix(got["virt.test"]["fix"])
+    run_fix(got["unlisted.test"]["fix"])
+    ghost = next(f for f in findings(report, "domains") if "+ghost.test-" in f["what"])
+    run_fix(ghost["fix"])
+    _, report = doctor(box)
+    left = " ".join(f["what"] for f in findings(report, "domains"))
+    assert "virt.test" not in left and "unlisted.test" not in left and "ghost" not in left
+    assert "orphan.test" in left
+
+
+def test_permissions_and_owners_with_the_guides_fix(box):
+    domain = box / "domains" / "example.org"
+    os.chmod(domain, 0o777)
+    os.chmod(domain / ".qmail-info", 0o666)
+    joe = user_dir(box, "joe@example.org")
+    (joe / "Maildir" / "new").rmdir()
+    _, report = doctor(box)
+    got = findings(report, "perms")
+    home = next(f for f in got if f["what"] == f"{domain} is writable by everyone")
+    assert "Uh-oh: home directory is writable. (#4.7.0)" in home["why"]
+    assert home["fix"] == f"chmod o-w {domain}"
+    dotqmail = next(f for f in got if ".qmail-info" in f["what"])
+    assert "Uh-oh: .qmail file is writable. (#4.7.0)" in dotqmail["why"]
+    missing = next(f for f in got if "Maildir/new does not exist" in f["what"])
+    for f in got:
+        run_fix(f["fix"])
+    if os.getuid() == 0:
+        assert os.stat(joe / "Maildir" / "new").st_uid == UID
+    _, report = doctor(box)
+    assert findings(report, "perms") == [], findings(report, "perms")
+    assert missing
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="changing a file's owner needs root")
+def test_wrong_owner_of_maildirs_is_one_line_per_domain_past_the_limit(box):
+    ann = user_dir(box, "ann@example.org")
+    os.chown(ann / "Maildir" / "cur", 4343, 4343)
+    _, report = doctor(box)
+    (f,) = findings(report, "perms")
+    assert f["what"] == f"{ann}/Maildir/cur is owned by 4343:4343, users/assign says {UID}:{GID}"
+    assert f["fix"] == f"chown -R {UID}:{GID} {ann}/Maildir/cur"
+    for sub in ("", "new", "tmp"):
+        os.chown(ann / "Maildir" / sub, 4343, 4343)
+    toml(box, "[doctor]\nmax_findings_per_kind = 2\ndisk_min_free_bytes = 0\n"
+         "disk_min_free_percent = 0.0\n")
+    _, report = doctor(box)
+    (f,) = findings(report, "perms")
+    assert "and 3 more like it" in f["what"]
+    run_fix(f["fix"])
+    assert doctor(box)[0] == 0
+
+
+def _queue(root: Path, deferred: int, todo: int, domain: str = "slow.test") -> None:
+    spool = Spool(root / "queue")
+    try:
+        now = time.time()
+        ids = [spool.enqueue(Envelope("a@src.test", (f"u{i}@{domain}",)), b"Subject: x\r\n\r\nx\r\n")
+               for i in range(deferred + todo)]
+        spool.preprocess_many([(m, ["remote"]) for m in ids[:deferred]], now=now)
+        spool.apply([Deferred(m, 0, now + 600, "Connection refused (#4.4.1)\n")
+                     for m in ids[:deferred]])
+    finally:
+        spool.close()
+
+
+def test_queue_health_deferred_per_destination_and_not_preprocessed(box):
+    _queue(box, deferred=5, todo=2)
+    toml(box, "[doctor]\ndeferred_warn = 3\ntodo_max_age = 0.0\ndisk_min_free_bytes = 0\n"
+         "disk_min_free_percent = 0.0\n")
+    rc, report = doctor(box)
+    assert rc == 1
+    summary = notes(report, "queue")[0]
+    assert (summary["messages"], summary["not_preprocessed"], summary["deferred"]) == (7, 2, 5)
+    dest = notes(report, "queue")[1]
+    assert (dest["domain"], dest["deferred"]) == ("slow.test", 5)
+    assert dest["last_error"] == "Connection refused (#4.4.1)\n"
+    got = {f["what"]: f for f in findings(report, "queue")}
+    slow = got["5 recipients deferred for slow.test (Connection refused (#4.4.1))"]
+    assert slow["fix"] == f"qrelay doctor {box} slow.test"
+    assert "7 messages are queued and no qrelay run holds this root" in got
+    assert any(w.startswith("2 messages not yet preprocessed") for w in got)
+
+
+def test_logs_not_rotating_and_not_pruned(box):
+    toml(box, "[log]\nmax_bytes = 4096\nmax_files = 3\n[doctor]\ndisk_min_free_bytes = 0\n"
+         "disk_min_free_percent = 0.0\n")
+    (box / "log" / "current").write_text("x" * 10000)
+    for i in range(4):
+        (box / "log" / f"@40000000000000{i:02d}00000000.s").write_text("old\n")
+    _, report = doctor(box)
+    got = findings(report, "logs")
+    assert any("over twice [log] max_bytes (4096)" in f["what"] for f in got)
+    pruned = next(f for f in got if "rotated files" in f["what"])
+    run_fix(f"cd {box} && " + pruned["fix"])
+    _, report = doctor(box)
+    assert not any("rotated files" in f["what"] for f in findings(report, "logs"))
+
+
+def test_disk_space_below_the_setting(box):
+    toml(box, "[doctor]\ndisk_min_free_percent = 100.0\n")
+    _, report = doctor(box)
+    f = findings(report, "disk")[0]
+    assert "451" in f["why"] and f["what"].startswith("only ")
+    assert notes(report, "disk")[0]["free_bytes"] > 0
+
+
+def test_open_smtp_size_and_an_entry_clearopensmtp_should_have_removed(box):
+    etc = box / "etc"
+    etc.mkdir()
+    now = int(time.time())
+    (etc / "open-smtp").write_text(f'192.0.2.1:allow,RELAYCLIENT="",RBLSMTPD=""\t{now - 86400}\n'
+                                   f'192.0.2.2:allow,RELAYCLIENT="",RBLSMTPD=""\t{now}\n')
+    _, report = doctor(box)
+    note = next(n for n in notes(report, "relay") if "open-smtp" in n["text"])
+    assert note["entries"] == 2 and note["oldest"] == now - 86400
+    (f,) = findings(report, "relay")
+    assert "clearopensmtp" in f["why"] and "1 d" in f["what"]
+
+
+# ---------------------------------------------------------------- DOMAIN
+
+def _delivery(root: Path, dns, port: int, extra: str = "") -> None:
+    toml(root, f'[delivery]\ndns_servers = ["{dns.address}"]\nmx_port = {port}\ndns_timeout = 1.0\n'
+               f"[doctor]\nconnect_timeout = 2.0\n{extra}")
+
+
+def test_domain_mx_records_and_a_connect_greeting_ehlo_to_each(box, dns, sinks):
+    sink = sinks()
+    dns.zone["far.test"] = {"MX": [(10, "mx1.far.test"), (20, "mx2.far.test")]}
+    dns.zone["mx1.far.test"] = {"A": ["127.0.0.1"]}
+    dns.zone["mx2.far.test"] = {"A": ["127.0.0.3"]}     # nothing listens there
+    _delivery(box, dns, sink.port)
+    rc, report = doctor(box, "far.test")
+    assert rc == 1
+    texts = [n["text"] for n in notes(report, "network")]
+    assert any(t.startswith("MX 10 mx1.far.test") for t in texts)
+    assert any(t.startswith("MX 20 mx2.far.test") for t in texts)
+    ok = next(n for n in notes(report, "network") if n.get("ip") == "127.0.0.1")
+    assert ok["greeting"].startswith("220 ") and "PIPELINING" in ok["extensions"]
+    (refused,) = findings(report, "network")
+    assert refused["what"].startswith(f"connect to 127.0.0.3 port {sink.port} (mx2.far.test")
+    assert "next address" in refused["why"]
+    assert ("far.test", "MX") in dns.queries
+    assert sink.stats().get("messages", 0) == 0        # nothing was sent
+
+
+def test_domain_that_does_not_exist_and_a_busy_smtproutes_relay(box, dns, sinks):
+    busy = sinks("--greet-fail", "100")
+    _delivery(box, dns, busy.port)
+    (box / "control" / "smtproutes").write_text(f"busy.test:127.0.0.1:{busy.port}\n")
+    rc, report = doctor(box, "nowhere.test")
+    (f,) = findings(report, "network")
+    assert "couldn't find any host named nowhere.test" in f["what"] and f["why"] == "its mail bounces"
+    rc, report = doctor(box, "busy.test")
+    assert any("smtproutes: busy.test goes to 127.0.0.1" in n["text"] for n in notes(report, "network"))
+    got = findings(report, "network")
+    assert any("greets with 421" in f["what"] for f in got)
+    assert any("no address of busy.test accepted" in f["what"] for f in got)
+
+
+def test_domain_tcpto_and_its_deferred_mail(box, dns, sinks):
+    sink = sinks()
+    dns.zone["slow.test"] = {"A": ["127.0.0.1"]}
+    _delivery(box, dns, sink.port)
+    _queue(box, deferred=3, todo=0)
+    (box / "queue" / "lock").mkdir(exist_ok=True)
+    record = bytes([127, 0, 0, 1, 2, 0, 0, 0]) + struct.pack("<I", int(time.time()) - 60) + bytes(4)
+    (box / "queue" / "lock" / "tcpto").write_bytes(record + bytes(16 * 63))
+    _, report = doctor(box, "slow.test")
+    (f,) = findings(report, "network")
+    assert f["what"].startswith("tcpto: 127.0.0.1 timed out") and "recent timeouts: 2" in f["what"]
+    queued = next(n for n in notes(report, "network") if "deferred" in n)
+    assert queued["deferred"] == 3 and "Connection refused" in queued["last_error"]
+
+
+# ---------------------------------------------------------------- ADDRESS
+
+def test_address_routes_locally_through_assign_qmail_default_and_vpasswd(box):
+    rc, report = doctor(box, "joe@example.org")
+    assert rc == 0, findings(report)
+    got = notes(report, "route")
+    assert got[0]["text"] == "qmail-send rewrites joe@example.org to example.org-joe@example.org"
+    assert (got[1]["uid"], got[1]["home"], got[1]["ext"]) == (UID, str(box / "domains" / "example.org"), "joe")
+    assert got[2]["qmail"] == str(box / "domains" / "example.org" / ".qmail-default")
+    joe = user_dir(box, "joe@example.org")
+    assert got[3]["maildir"] == f"{joe}/Maildir/"
+    _, report = doctor(box, "info@example.org")
+    assert any(n.get("kind") == "forward" and n["target"] == "joe@example.org"
+               for n in notes(report, "route"))
+    rc, report = doctor(box, "nobody@example.org")
+    (f,) = findings(report, "route")
+    assert rc == 1 and "bounce-no-mailbox" in f["what"]
+
+
+def test_address_routes_remotely_in_order_without_sending(box, dns, sinks):
+    sink = sinks()
+    dns.zone["far.test"] = {"MX": [(20, "b.far.test"), (10, "a.far.test")]}
+    dns.zone["a.far.test"] = {"A": ["127.0.0.1"]}
+    dns.zone["b.far.test"] = {"A": ["127.0.0.2"]}
+    _delivery(box, dns, sink.port)
+    rc, report = doctor(box, "bob@far.test")
+    assert rc == 0
+    (n,) = notes(report, "route")
+    assert [h["ip"] for h in n["hosts"]] == ["127.0.0.1", "127.0.0.2"]
+    assert n["port"] == sink.port and n["channel"] == "remote"
+    assert sink.stats().get("connections", 0) == 0
+
+
+# ---------------------------------------------------------------- input
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, box):
+    for args in (["doctor", str(tmp_path / "missing")], ["doctor", str(tmp_path)],
+                 ["doctor", str(box), "a b@c.test"], ["doctor", str(box), "@x.test"],
+                 ["doctor", str(box), "exa$mple.org"]):
+        r = run_cli(*args)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_root_alone_and_from_the_environment(box):
+    r = CliRunner().invoke(cli, ["doctor", str(box)], env={"QRELAY_ROOT": ""})
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["doctor", "joe@example.org", "--json"],
+                           env={"QRELAY_ROOT": str(box)})
+    assert r.exit_code == 0 and json.loads(r.output)["target"] == "joe@example.org"
