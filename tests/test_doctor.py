@@ -375,3 +375,24 @@ def test_root_alone_and_from_the_environment(box):
     r = CliRunner().invoke(cli, ["doctor", "joe@example.org", "--json"],
                            env={"QRELAY_ROOT": str(box)})
     assert r.exit_code == 0 and json.loads(r.output)["target"] == "joe@example.org"
+
+
+def test_relay_table_size_and_first_expiry(box):
+    import asyncio
+    from engine.config.settings import load_settings
+    from engine.relay import open_relay_table
+    _, report = doctor(box)
+    assert any("relay table: empty" in n["text"] for n in notes(report, "relay"))
+
+    async def grant() -> None:
+        table = open_relay_table(box, load_settings(box))
+        try:
+            await table.grant("192.0.2.7")
+            await table.grant("192.0.2.8", ttl=60)
+        finally:
+            await table.close()
+    asyncio.run(grant())
+    _, report = doctor(box)
+    note = next(n for n in notes(report, "relay") if "clients may relay" in n["text"])
+    assert note["entries"] == 2 and note["first_expiry"] <= time.time() + 60
+    assert findings(report, "relay") == []

@@ -67,7 +67,7 @@ async def _remote(ctx: Context, report: Report, domain: str, config) -> None:
                 report.note("network", f"{domain} has no MX records ({answer}): its own "
                             "A/AAAA records are used")
         try:
-            targets, port = await RemoteDelivery(config, resolver=resolver).targets(domain)
+            targets, port = (await RemoteDelivery(config, resolver=resolver).targets(domain))[:2]
         except ResolveError as exc:
             soft = exc.status == "Z"
             report.problem("network", f"{domain}: {exc.text.strip()} (via {servers})",

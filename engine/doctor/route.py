@@ -53,7 +53,7 @@ def _remote(ctx: Context, report: Report, address: str) -> None:
         finally:
             await remote.resolver.close()
     try:
-        found, port = asyncio.run(targets())
+        found, port = asyncio.run(targets())[:2]
     except ResolveError as exc:
         report.problem("route", f"remote delivery to {domain} ({how}): {exc.text.strip()}",
                        "the mail defers" if exc.status == "Z" else "the mail bounces",
