@@ -191,8 +191,8 @@ def refuse_qmail_queue(root: Path) -> None:
     if found:
         raise ConfigError(
             f"cannot start: {queue} holds a qmail queue ({', '.join(d + '/' for d in found)}):"
-            " let qmail-send deliver it (or move it away) first; `qrelay import-qmail`"
-            " is not yet built")
+            f" with qmail-send stopped, move it into the spool with `qrelay import-qmail"
+            f" {root} {queue}`")
 
 
 def check_services(root: Path, config: Any, schemes: set[str] | None = None) -> None:

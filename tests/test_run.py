@@ -177,8 +177,9 @@ def run_once(root, *extra: str) -> subprocess.CompletedProcess:
     (lambda r: (r / "qrelay.toml").write_text("[scheduler]\nenabeld = true\n"),
      "Error: {root}/qrelay.toml: [scheduler] unknown setting 'enabeld'"),
     (lambda r: [(r / "queue" / d).mkdir() for d in ("mess", "todo", "info")],
-     "Error: cannot start: {root}/queue holds a qmail queue (mess/, todo/, info/): let"
-     " qmail-send deliver it (or move it away) first; `qrelay import-qmail` is not yet built"),
+     "Error: cannot start: {root}/queue holds a qmail queue (mess/, todo/, info/): with"
+     " qmail-send stopped, move it into the spool with `qrelay import-qmail {root}"
+     " {root}/queue`"),
 ])
 def test_run_refuses_a_configuration_a_service_cannot_start_with(root, setup, message):
     setup(root)

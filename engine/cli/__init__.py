@@ -7,7 +7,7 @@ line below.
 from __future__ import annotations
 
 from engine.cli.base import DEFAULT_ROOT, cli
-from engine.cli import accounts, control, doctor, inject, queue, relay, run, surgery  # noqa: F401  (they register)
+from engine.cli import accounts, control, doctor, importqmail, inject, queue, relay, run, surgery  # noqa: F401  (they register)
 
 __all__ = ["DEFAULT_ROOT", "cli", "main"]
 

@@ -204,12 +204,14 @@ open_spool_writer return a direct Spool. The measurements behind the choice
 are in the README's Development section.
 """
 from engine.queue.records import FORMAT_VERSION
-from engine.queue.spool import (Deferred, Delivered, Envelope, Failed, Finished, Job,
+from engine.queue.spool import (Deferred, Delivered, Envelope, Failed, Finished,
+                                ImportedMessage, ImportedRecipient, Job,
                                 MessageNotFound, MessageQuarantined, QueuedMessage,
                                 RecipientView, RecoveryReport, Result, Spool, SpoolError,
                                 SpoolStats, SpoolVersionError, SpoolWriteError)
 
-__all__ = ["FORMAT_VERSION", "Deferred", "Delivered", "Envelope", "Failed", "Finished", "Job",
+__all__ = ["FORMAT_VERSION", "Deferred", "Delivered", "Envelope", "Failed", "Finished",
+           "ImportedMessage", "ImportedRecipient", "Job",
            "MessageNotFound", "MessageQuarantined", "QueuedMessage", "RecipientView",
            "RecoveryReport", "Result", "Spool", "SpoolError", "SpoolStats",
            "SpoolVersionError", "SpoolWriteError"]

@@ -17,7 +17,7 @@ import dataclasses
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import lmdb
 
@@ -27,7 +27,12 @@ from engine.queue.committer import CommitRequest, GroupCommitter
 from engine.queue.core import SpoolCore
 from engine.queue.records import EnvelopeRecord, RecordError, SegmentRecord
 from engine.queue.segments import ENV_MAGIC, FILE_HEADER, SegmentIO, SegmentWriter, encode_record
-from engine.queue.values import Envelope, SpoolError, SpoolWriteError
+from engine.queue.values import Envelope, ImportedMessage, SpoolError, SpoolWriteError
+
+# `imported` table values: the spool's id, then R (reserved: ids taken, segment
+# maybe written, not yet indexed by the import) or D (indexed with its states).
+_RESERVED, _DONE = b"R", b"D"
+_STATE_CODES = {name: code for code, name in R.STATE_NAMES.items()}
 
 
 @dataclass(slots=True)
@@ -41,6 +46,7 @@ class PreparedBatch:
     now: float
     seal: list[int]           # segments to seal when this batch is committed
     failed: bool = False      # its sync failed: index none of it
+    births: list[float] | None = None   # per message (imports), else `now` for all
 
 
 class Intake:
@@ -122,6 +128,112 @@ class Intake:
         self.index_stage([prepared])
         return prepared.ids
 
+    # ---------------------------------------------------------------- imports
+
+    def import_batch(self, items: Sequence[ImportedMessage]) -> list[int]:
+        """Messages moved in from another queue, each with its birth and its
+        recipients' states; returns their ids. A message whose `key` was
+        imported before (a second run after a crash) is not written again:
+        its id is returned. The order of writes makes that hold at every
+        crash point: ids are reserved under the keys (one commit), the
+        segment is written and synced, and ONE index transaction adds the
+        messages, sets their states and marks the keys done. A crash after
+        the sync leaves the messages for Repair.reindex (as queued, todo):
+        the next run finds the reserved key, sees the message and sets its
+        states, or, if a scheduler preprocessed it meanwhile, keeps it."""
+        dbs = self._index.dbs
+        out: list[int] = [0] * len(items)
+        fresh: list[int] = []
+        with self._index.write("look up imported messages", SpoolWriteError) as txn:
+            for n, m in enumerate(items):
+                raw = txn.get(m.key, db=dbs[b"imported"])
+                if raw is None:
+                    fresh.append(n)
+                    continue
+                msgid, flag = R.read_u64(raw[:8]), bytes(raw[8:9])
+                if flag == _RESERVED:
+                    if txn.get(R.u64(msgid), db=dbs[b"messages"]) is None:
+                        fresh.append(n)       # its segment write never made it
+                        continue
+                    if txn.get(R.u64(msgid), db=dbs[b"todo"]) is not None:
+                        self._set_imported_states(txn, msgid, m)
+                    txn.put(m.key, R.u64(msgid) + _DONE, db=dbs[b"imported"])
+                out[n] = msgid
+        if not fresh:
+            return out
+        first = self._take_ids(len(fresh))
+        ids = list(range(first, first + len(fresh)))
+        with self._index.write("reserve ids for imported messages", SpoolWriteError) as txn:
+            for n, msgid in zip(fresh, ids):
+                txn.put(items[n].key, R.u64(msgid) + _RESERVED, db=dbs[b"imported"])
+        batch = [items[n] for n in fresh]
+        prepared = self.write_stage(
+            [(Envelope(m.sender, tuple(r.address for r in m.recipients), m.pid, m.uid), m.data)
+             for m in batch], births=[m.birth for m in batch], ids=ids)
+        self.sync_stage(prepared)
+
+        def states(txn: lmdb.Transaction) -> None:
+            for msgid, m in zip(ids, batch):
+                self._set_imported_states(txn, msgid, m)
+                txn.put(m.key, R.u64(msgid) + _DONE, db=dbs[b"imported"])
+        self.index_stage([prepared], also=states)
+        for n, msgid in zip(fresh, ids):
+            out[n] = msgid
+        return out
+
+    def _set_imported_states(self, txn: lmdb.Transaction, msgid: int,
+                             m: ImportedMessage) -> None:
+        """Give a just-indexed (todo) message its recipients' states. All
+        "todo": left to the scheduler to preprocess. Otherwise classified:
+        due entries for the unfinished, and with none left but failures
+        the message waits for its bounce (the `bounces` table, C8)."""
+        dbs = self._index.dbs
+        if all(r.state == "todo" for r in m.recipients):
+            return
+        rec = self._index.message(txn, msgid)
+        remaining = nfailed = 0
+        for i, r in enumerate(m.recipients):
+            state = _STATE_CODES.get(r.state)
+            channel = R.CHANNEL_CODES.get(r.channel)
+            if state is None or state == R.TODO or channel is None:
+                raise SpoolError(f"imported recipient {r.address!r}: state {r.state!r} "
+                                 f"on channel {r.channel!r}")
+            unfinished = state in (R.PENDING, R.DEFERRED)
+            txn.put(R.rcpt_key(msgid, i),
+                    R.RecipientRecord(state, channel, int(state != R.PENDING),
+                                      r.next_try if unfinished else 0.0, r.address,
+                                      r.text).encode(), db=dbs[b"recipients"])
+            if unfinished:
+                txn.put(R.due_key(channel, r.next_try, msgid, i), b"", db=dbs[b"due"])
+                remaining += 1
+            nfailed += state == R.FAILED
+        key = R.u64(msgid)
+        txn.delete(key, db=dbs[b"todo"])
+        if remaining == 0 and not nfailed:
+            # Nothing left to do (the source had finished it): gone, as at
+            # completion; its segment is unsealed, so nothing to unlink.
+            self._index.drop_message(txn, msgid, rec.segid, [])
+            return
+        txn.put(key, dataclasses.replace(rec, remaining=remaining, nfailed=nfailed).encode(),
+                db=dbs[b"messages"])
+        if remaining == 0:
+            txn.put(key, b"", db=dbs[b"bounces"])   # its bounce is queued next (C8)
+
+    def imported(self, keys: Iterable[bytes]) -> dict[bytes, int]:
+        """key -> spool id of every key an import has reserved or finished."""
+        db = self._index.dbs.get(b"imported")
+        if db is None:
+            return {}
+        with self._index.env.begin() as txn:
+            found = {k: txn.get(k, db=db) for k in keys}
+        return {k: R.read_u64(v[:8]) for k, v in found.items() if v is not None}
+
+    def forget_imported(self, keys: Iterable[bytes]) -> None:
+        """Drop keys whose source files are gone (the map need not grow)."""
+        with self._index.write("forget imported keys", SpoolWriteError) as txn:
+            for k in keys:
+                txn.delete(k, db=self._index.dbs[b"imported"])
+
     # ---------------------------------------------------------------- ids and segments
 
     def _take_ids(self, n: int) -> int:
@@ -195,20 +307,25 @@ class Intake:
         prepared = self.write_stage([(r.envelope, r.message) for r in batch])
         return prepared.ids, prepared
 
-    def write_stage(self, items: Sequence[tuple[Envelope, bytes]]) -> PreparedBatch:
-        """Step 1: ids, one pwrite of all records (synced by sync_stage)."""
+    def write_stage(self, items: Sequence[tuple[Envelope, bytes]],
+                    births: list[float] | None = None,
+                    ids: list[int] | None = None) -> PreparedBatch:
+        """Step 1: ids (unless given, taken by _take_ids), one pwrite of all
+        records (synced by sync_stage). `births`: per message, for imports."""
         now = self._core.clock()
         for env, _msg in items:
             if env.origin not in R.ORIGIN_CODES:
                 raise SpoolError(f"unknown origin {env.origin!r}")
-        first = self._take_ids(len(items))
-        ids = list(range(first, first + len(items)))
+        if ids is None:
+            first = self._take_ids(len(items))
+            ids = list(range(first, first + len(items)))
         # Per message: its envelope record, then its bytes (the index points
         # at the second; the first is for re-indexing, see segments.scan).
         envs, msgs = [], []
-        for msgid, (e, msg) in zip(ids, items):
-            envs.append(encode_record(msgid, EnvelopeRecord(now, e.pid, e.uid, e.origin, e.sender,
-                                                            tuple(e.recipients)).encode(),
+        for n, (msgid, (e, msg)) in enumerate(zip(ids, items)):
+            birth = births[n] if births is not None else now
+            envs.append(encode_record(msgid, EnvelopeRecord(birth, e.pid, e.uid, e.origin,
+                                                            e.sender, tuple(e.recipients)).encode(),
                                       ENV_MAGIC))
             msgs.append(encode_record(msgid, msg))
         data = b"".join(part for pair in zip(envs, msgs) for part in pair)
@@ -227,7 +344,8 @@ class Intake:
         # transaction that commits this batch: by then every batch written
         # to them has been indexed (batches are indexed in order).
         seal, self._seal_after_write = self._seal_after_write, []
-        return PreparedBatch(list(items), ids, writer, offsets, offset, now, seal)
+        return PreparedBatch(list(items), ids, writer, offsets, offset, now, seal,
+                             births=births)
 
     def _drop_broken_writer(self) -> None:
         w = self._writer
@@ -247,9 +365,11 @@ class Intake:
             batch.failed = True
             raise SpoolWriteError(f"cannot sync spool segment: {exc.strerror or exc}") from None
 
-    def index_stage(self, batches: Sequence[PreparedBatch]) -> None:
+    def index_stage(self, batches: Sequence[PreparedBatch],
+                    also: Callable[[lmdb.Transaction], None] | None = None) -> None:
         """Step 4: ONE index transaction for the batches written since the
-        last one, in order (a failed one only passes on its seals)."""
+        last one, in order (a failed one only passes on its seals). `also`
+        runs inside that transaction after them (imports set states there)."""
         seal = list(dict.fromkeys(segid for b in batches for segid in b.seal))
         dbs = self._index.dbs
         try:
@@ -257,9 +377,11 @@ class Intake:
                 for b in batches:
                     if b.failed:
                         continue
-                    for msgid, (envelope, message), offset in zip(b.ids, b.items, b.offsets):
+                    births = b.births or [b.now] * len(b.ids)
+                    for msgid, (envelope, message), offset, birth in zip(b.ids, b.items,
+                                                                         b.offsets, births):
                         self._index.add_message(txn, msgid, envelope, message, b.writer.segid,
-                                                offset, b.now)
+                                                offset, birth)
                     segkey = R.u64(b.writer.segid)
                     raw = txn.get(segkey, db=dbs[b"segments"])
                     seg = SegmentRecord.decode(raw) if raw is not None else SegmentRecord(
@@ -268,6 +390,8 @@ class Intake:
                                                         end=max(seg.end, b.end)).encode(),
                             db=dbs[b"segments"])
                 unlink = self._seal_segments(txn, seal)
+                if also is not None:
+                    also(txn)
         except RecordError as exc:  # a record too large to encode, a corrupt segment record
             raise SpoolWriteError(f"cannot commit to spool index: {exc}") from None
         self._core.files.remove(unlink)

@@ -40,7 +40,8 @@ from engine.queue.segfiles import SegmentFiles
 from engine.queue.segments import SegmentIO
 from engine.queue.surgery import Selection, Shape, Surgery
 from engine.queue.values import (  # noqa: F401 - re-exported for engine.queue
-    Deferred, Delivered, Envelope, Failed, Finished, Job, MessageNotFound, MessageQuarantined,
+    Deferred, Delivered, Envelope, Failed, Finished, ImportedMessage, ImportedRecipient, Job,
+    MessageNotFound, MessageQuarantined,
     QueuedMessage, RecipientView, RecoveryReport, Result, SpoolError, SpoolStats,
     SpoolVersionError, SpoolWriteError)
 
@@ -183,6 +184,22 @@ class Spool:
         """Every commit stage in the caller's thread: a bulk path for loaders and
         benchmarks. Must not run concurrently with enqueue/submit."""
         return self.intake.write_batch(items)
+
+    def import_messages(self, items: Sequence[ImportedMessage]) -> list[int]:
+        """Messages moved in from another queue with their birth and their
+        recipients' states (qrelay import-qmail); a key imported before is
+        not written twice. Returns their ids. See Intake.import_batch."""
+        self._check_process()
+        return self.intake.import_batch(items)
+
+    def imported(self, keys: Iterable[bytes]) -> dict[bytes, int]:
+        """key -> spool id, for the keys import_messages has seen."""
+        return self.intake.imported(keys)
+
+    def forget_imported(self, keys: Iterable[bytes]) -> None:
+        """Forget keys whose source is gone."""
+        self._check_process()
+        self.intake.forget_imported(keys)
 
     # ---------------------------------------------------------------- counts & reading (Ledger)
 

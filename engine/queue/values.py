@@ -94,6 +94,31 @@ class Failed:
 Result = Delivered | Deferred | Failed
 
 
+@dataclass(slots=True, frozen=True)
+class ImportedRecipient:
+    """A recipient of a message moved in from another queue, in its state there."""
+    address: str
+    channel: str            # "local" | "remote" | "todo" (not yet classified)
+    state: str              # "todo" | "pending" | "deferred" | "delivered" | "failed"
+    next_try: float = 0.0   # pending/deferred: when it is due
+    text: str = ""          # failed: the reason (goes into the bounce)
+
+
+@dataclass(slots=True, frozen=True)
+class ImportedMessage:
+    """A message moved in from another queue (qrelay import-qmail): it keeps
+    its birth (retries and queuelifetime carry over) and its recipients'
+    states. `key` names it in the source queue, so a second run after a
+    crash recognises what was already moved (Spool.import_messages)."""
+    key: bytes
+    sender: str
+    recipients: tuple[ImportedRecipient, ...]
+    data: bytes
+    birth: float
+    pid: int = 0
+    uid: int = 0
+
+
 class SpoolStats(NamedTuple):
     messages: int           # qstat "messages in queue"
     not_preprocessed: int   # qstat "... but not yet preprocessed" (the todo table)

@@ -1,0 +1,327 @@
+"""qmail's queue on disk (spec §5), read and moved into the spool: `qrelay import-qmail`.
+
+Owns reading QMAILQUEUE — mess/S/N, info/S/N, local/S/N, remote/S/N,
+todo/N, intd/N, bounce/N (todo/ and intd/ split too with the big-todo
+patch) — and removing what was moved. It writes the spool only through
+Spool.import_messages, and takes qmail-send's lock/sendmutex for the whole
+run, so a qmail-send cannot start meanwhile (and one running makes it refuse).
+
+What each message becomes (spec §5.3, §5.4, §6.2):
+
+    todo/N present (S4)  queued, not yet preprocessed: every recipient of the
+                         envelope `u…\\0p…\\0F<sender>\\0T<rcpt>\\0…\\0`; qrelay's
+                         scheduler preprocesses it (leftover info/local/remote
+                         of an interrupted preprocessing are ignored, as qmail does)
+    info/S/N (S5)        birth = the mtime of info (retries and queuelifetime
+                         carry over); each `T` of local/ and remote/ a recipient
+                         on that channel, due at the file's mtime (qmail's next
+                         retry time after a clean stop; a time past is due now);
+                         each `D` done: failed with its report if bounce/N names
+                         it, else delivered. Nothing left but failures: the
+                         message bounces as soon as the scheduler sees it
+    nothing left to do   (every recipient done, no bounce/N) removed
+    anything else        reported, left in place: mess without an envelope
+                         (qmail-queue interrupted), an envelope without mess,
+                         a torn file (no final NUL), an unknown record
+
+Crash safety: a message's files are removed only after the spool commit that
+holds it, mess/S/N last; the spool remembers each message under a key made
+of its number, mtime and size (Spool.import_messages), so a second run after
+a crash at any point moves what is left and duplicates nothing.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from engine.queue.values import ImportedMessage, ImportedRecipient
+
+MESSAGE_DIRS = ("mess", "info", "local", "remote", "todo", "intd", "bounce")
+
+
+class QmailQueueError(Exception):
+    """QMAILQUEUE cannot be imported at all (not a queue, qmail-send running)."""
+
+
+@dataclass(slots=True)
+class QmailMessage:
+    number: int
+    files: list[Path]                   # removal order: mess/S/N last
+    message: ImportedMessage | None     # None: nothing left to do
+    kind: str                           # "queued" | "todo" | "bouncing" | "finished"
+
+
+@dataclass(slots=True)
+class ImportReport:
+    moved: int = 0
+    todo: int = 0
+    bouncing: int = 0
+    to_deliver: int = 0                 # recipients
+    done: int = 0                       # recipients
+    finished: int = 0                   # messages with nothing left to do (removed)
+    already: int = 0                    # moved by an earlier run, files removed now
+    malformed: list[str] = field(default_factory=list)
+
+
+def lock_queue(qdir: Path) -> int | None:
+    """qmail-send's lock/sendmutex, taken for the import; QmailQueueError if held."""
+    path = qdir / "lock" / "sendmutex"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise QmailQueueError(f"cannot open {path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise QmailQueueError(f"{path} is locked: qmail-send (or qrelay run) is running on "
+                              f"this queue; stop it first (svc -d /service/qmail-send)") from None
+    return fd
+
+
+def _records(raw: bytes, what: str) -> list[bytes]:
+    """NUL-terminated records; a file not ending in NUL is torn."""
+    if not raw.endswith(b"\0"):
+        raise ValueError(f"{what} is torn (no final NUL)")
+    return raw[:-1].split(b"\0")
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _envelope(raw: bytes) -> tuple[int, int, str, list[str]]:
+    """todo/intd: u<uid>, p<pid>, F<sender>, then T records, then an empty one."""
+    recs = _records(raw, "todo")
+    if not recs or recs[-1] != b"":
+        raise ValueError("todo is torn (no terminating empty record)")
+    uid = pid = 0
+    sender = None
+    rcpts: list[str] = []
+    for rec in recs[:-1]:
+        tag, value = rec[:1], rec[1:]
+        if tag == b"u" and value.isdigit():
+            uid = int(value)
+        elif tag == b"p" and value.isdigit():
+            pid = int(value)
+        elif tag == b"F" and sender is None:
+            sender = _text(value)
+        elif tag == b"T" and sender is not None:
+            rcpts.append(_text(value))
+        else:
+            raise ValueError(f"todo has an unknown record {rec[:20]!r}")
+    if sender is None:
+        raise ValueError("todo has no F record")
+    return uid, pid, sender, rcpts
+
+
+def _bounces(raw: bytes) -> dict[str, str]:
+    """bounce/N: `<addr>:\\n<report>\\n` blocks, separated by an empty line."""
+    out = {}
+    for block in _text(raw).split("\n\n"):
+        head, _, report = block.partition("\n")
+        if head.endswith(":"):
+            out[head[:-1].strip("<>")] = report + "\n" if report else ""
+    return out
+
+
+def _failed_text(addr: str, reports: dict[str, str]) -> str | None:
+    if addr in reports:
+        return reports[addr]
+    for shown, text in reports.items():     # qmail strips a virtualdomain prepend
+        if addr.endswith("-" + shown):
+            return text
+    return None
+
+
+class QmailQueue:
+    """The queue at `qdir` (qmail's QMAILHOME/queue)."""
+
+    def __init__(self, qdir: Path):
+        self.dir = Path(qdir)
+        if not (self.dir / "mess").is_dir():
+            raise QmailQueueError(f"{qdir}: not a qmail queue (no mess/ directory)")
+
+    def _path(self, name: str, split: str, number: str) -> Path | None:
+        """name/S/N, or name/N for the unsplit todo/intd/bounce (or big-todo's split)."""
+        for p in (self.dir / name / split / number, self.dir / name / number):
+            if p.is_file():
+                return p
+        return None
+
+    def numbers(self) -> Iterator[tuple[int, str]]:
+        """(N, S) of every mess/S/N, in number order within each split."""
+        mess = self.dir / "mess"
+        for split in sorted((e.name for e in os.scandir(mess) if e.is_dir()), key=_num):
+            names = [e.name for e in os.scandir(mess / split) if e.name.isdigit()]
+            for name in sorted(names, key=int):
+                yield int(name), split
+
+    def strays(self, seen: set[int]) -> Iterator[tuple[int, Path]]:
+        """Envelopes (info/, todo/) with no mess/S/N: reported, left alone."""
+        for name in ("info", "todo"):
+            base = self.dir / name
+            if not base.is_dir():
+                continue
+            for root, _dirs, files in os.walk(base):
+                for f in files:
+                    if f.isdigit() and int(f) not in seen:
+                        yield int(f), Path(root) / f
+
+    def key(self, number: int, split: str) -> bytes:
+        st = os.stat(self.dir / "mess" / split / str(number))
+        return b"qmail:%d:%d:%d" % (number, st.st_mtime_ns, st.st_size)
+
+    def read(self, number: int, split: str, now: float) -> QmailMessage:
+        """One message as the spool will hold it; ValueError (why) if malformed."""
+        n = str(number)
+        mess = self.dir / "mess" / split / n
+        paths = {name: self._path(name, split, n) for name in MESSAGE_DIRS[1:]}
+        files = [p for name in ("todo", "intd", "info", "local", "remote", "bounce")
+                 if (p := paths[name]) is not None] + [mess]
+        data = mess.read_bytes().replace(b"\n", b"\r\n")   # qmail stores LF, the spool CRLF
+        key = self.key(number, split)
+        if paths["todo"] is not None:
+            uid, pid, sender, rcpts = _envelope(paths["todo"].read_bytes())
+            birth = paths["todo"].stat().st_mtime
+            msg = ImportedMessage(key, sender, tuple(ImportedRecipient(a, "todo", "todo")
+                                                     for a in rcpts), data, birth, pid, uid)
+            return QmailMessage(number, files, msg, "todo")
+        if paths["info"] is None:
+            raise ValueError("no envelope (neither todo/N nor info/S/N): "
+                             "qmail-queue did not finish it")
+        info = paths["info"]
+        recs = _records(info.read_bytes(), "info")
+        if len(recs) != 1 or not recs[0].startswith(b"F"):
+            raise ValueError("info is not one F record")
+        sender = _text(recs[0][1:])
+        birth = info.stat().st_mtime
+        reports = _bounces(paths["bounce"].read_bytes()) if paths["bounce"] else {}
+        rcpts: list[ImportedRecipient] = []
+        for channel in ("local", "remote"):
+            p = paths[channel]
+            if p is None:
+                continue
+            next_try = p.stat().st_mtime
+            for rec in _records(p.read_bytes(), channel):
+                tag, addr = rec[:1], _text(rec[1:])
+                if tag == b"T":
+                    rcpts.append(ImportedRecipient(addr, channel,
+                                                   "deferred" if next_try > birth else "pending",
+                                                   next_try))
+                elif tag == b"D":
+                    text = _failed_text(addr, reports)
+                    rcpts.append(ImportedRecipient(addr, channel, "delivered" if text is None
+                                                   else "failed", 0.0, text or ""))
+                else:
+                    raise ValueError(f"{channel} has an unknown record {rec[:20]!r}")
+        if not rcpts and reports:
+            # Every recipient done and local/remote gone; the bounce not yet sent.
+            rcpts = [ImportedRecipient(a, "remote", "failed", 0.0, t) for a, t in reports.items()]
+        unfinished = sum(r.state in ("pending", "deferred") for r in rcpts)
+        failed = sum(r.state == "failed" for r in rcpts)
+        if not unfinished and not failed:
+            return QmailMessage(number, files, None, "finished")
+        return QmailMessage(number, files,
+                            ImportedMessage(key, sender, tuple(rcpts), data, birth),
+                            "bouncing" if failed else "queued")
+
+
+def _num(name: str) -> int:
+    return int(name) if name.isdigit() else 1 << 30
+
+
+def remove_files(files: list[Path]) -> None:
+    for p in files:
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+
+
+def remove_empty_dirs(qdir: Path) -> None:
+    """qmail's message directories, if empty (lock/ and pid/ stay)."""
+    for name in MESSAGE_DIRS:
+        base = qdir / name
+        if not base.is_dir():
+            continue
+        for sub in sorted(base.iterdir()) if base.is_dir() else []:
+            if sub.is_dir():
+                try:
+                    sub.rmdir()
+                except OSError:
+                    pass
+        try:
+            base.rmdir()
+        except OSError:
+            pass
+
+
+def import_queue(queue: QmailQueue, spool, *, dry_run: bool, batch: int,
+                 now: float, report: Callable[[str], None]) -> ImportReport:
+    """Move every message of `queue` into `spool` (None with dry_run and no
+    spool yet), `batch` messages per spool commit. `report(line)` hears each
+    malformed entry (left in place)."""
+    out = ImportReport()
+    seen: set[int] = set()
+    pending: list[QmailMessage] = []
+
+    def count(m: QmailMessage) -> None:
+        if m.message is None:
+            out.finished += 1
+            return
+        out.moved += 1
+        out.todo += m.kind == "todo"
+        out.bouncing += m.kind == "bouncing"
+        for r in m.message.recipients:
+            if r.state in ("delivered", "failed"):
+                out.done += 1
+            else:
+                out.to_deliver += 1
+
+    def flush() -> None:
+        if not pending:
+            return
+        msgs = [m.message for m in pending if m.message is not None]
+        if dry_run:
+            known = spool.imported([m.key for m in msgs]) if spool is not None else {}
+            for m in pending:
+                if m.message is not None and m.message.key in known:
+                    out.already += 1
+                else:
+                    count(m)
+        else:
+            known = spool.imported([m.key for m in msgs])
+            spool.import_messages(msgs)
+            for m in pending:
+                if m.message is not None and m.message.key in known:
+                    out.already += 1
+                else:
+                    count(m)
+                remove_files(m.files)
+            spool.forget_imported([m.key for m in msgs])
+        pending.clear()
+
+    for number, split in queue.numbers():
+        seen.add(number)
+        try:
+            pending.append(queue.read(number, split, now))
+        except (ValueError, OSError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            line = f"#{number} (mess/{split}/{number}): {why}; left in place"
+            out.malformed.append(line)
+            report(line)
+            continue
+        if len(pending) >= batch:
+            flush()
+    flush()
+    for number, path in queue.strays(seen):
+        line = f"#{number} ({path.relative_to(queue.dir)}): no mess/ file; left in place"
+        out.malformed.append(line)
+        report(line)
+    return out
