@@ -231,6 +231,10 @@ def test_queue_health_deferred_per_destination_and_not_preprocessed(box):
     assert slow["fix"] == f"qrelay doctor {box} slow.test"
     assert "7 messages are queued and no qrelay run holds this root" in got
     assert any(w.startswith("2 messages not yet preprocessed") for w in got)
+    with Spool(box / "queue") as spool:
+        spool.hold([1])
+    _, report = doctor(box)
+    assert notes(report, "queue")[0]["held"] == 1
 
 
 def test_logs_not_rotating_and_not_pruned(box):
@@ -382,7 +386,7 @@ def test_relay_table_size_and_first_expiry(box):
     from engine.config.settings import load_settings
     from engine.relay import open_relay_table
     _, report = doctor(box)
-    assert any("relay table: empty" in n["text"] for n in notes(report, "relay"))
+    assert any("relay table is empty" in n["text"] for n in notes(report, "relay"))
 
     async def grant() -> None:
         table = open_relay_table(box, load_settings(box))

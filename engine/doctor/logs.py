@@ -32,6 +32,7 @@ def check(ctx: Context, report: Report) -> None:
         try:
             st = os.stat(current)
         except FileNotFoundError:
+            report.note("logs", f"{directory}: nothing written yet")
             continue
         if not stat.S_ISREG(st.st_mode):
             report.problem("logs", f"{current} is not a file", f"{what} cannot be written",

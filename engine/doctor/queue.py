@@ -14,7 +14,7 @@ def check(ctx: Context, report: Report) -> None:
     root = ctx.root
     arg = ctx.arg(root)
     if not (root / "queue" / "index" / "data.mdb").exists():
-        report.note("queue", "queue: empty (nothing was ever queued here)", messages=0)
+        report.note("queue", "empty (nothing was ever queued here)", messages=0)
         return
     try:
         spool = Spool(root / "queue", ctx.settings.spool, readonly=True)
@@ -28,13 +28,15 @@ def check(ctx: Context, report: Report) -> None:
     finally:
         spool.close()
     oldest = f", the oldest {ago(ctx.now - health.oldest_birth)} old" if health.oldest_birth else ""
-    report.note("queue", f"queue: {health.messages} messages{oldest}; "
-                f"{health.not_preprocessed} not yet preprocessed; recipients: {health.pending} "
-                f"due, {health.deferred} deferred over {health.destination_count} destinations",
+    report.note("queue", f"{health.messages} messages{oldest}; "
+                f"{health.not_preprocessed} not yet preprocessed"
+                + (f", {health.held} on hold (qrelay release)" if health.held else "")
+                + f"; recipients: {health.pending} due, {health.deferred} deferred over "
+                f"{health.destination_count} destinations",
                 messages=health.messages, not_preprocessed=health.not_preprocessed,
                 oldest_birth=health.oldest_birth, pending=health.pending,
                 deferred=health.deferred, destinations=health.destination_count,
-                bouncing=health.bouncing)
+                bouncing=health.bouncing, held=health.held)
     for d in health.destinations:
         report.note("queue", f"deferred: {d.domain}: {d.deferred} recipients, last error: "
                     f"{d.last_error.strip() or '(none)'}", domain=d.domain,

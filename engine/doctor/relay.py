@@ -32,7 +32,7 @@ def _relay_table(ctx: Context, report: Report) -> None:
     if relay is None:
         return
     if not relay.store and not (ctx.root / "relay").exists():
-        report.note("relay", "relay table: empty (no POP3 login has granted relaying yet)")
+        report.note("relay", "the relay table is empty (no POP3 login has granted relaying yet)")
         return
 
     async def read() -> list:
@@ -49,10 +49,10 @@ def _relay_table(ctx: Context, report: Report) -> None:
                        f"qrelay relayclients list {ctx.arg(ctx.root)}")
         return
     if not entries:
-        report.note("relay", "relay table: empty", entries=0)
+        report.note("relay", "the relay table is empty", entries=0)
         return
     first = min(expiry for _, expiry in entries)
-    report.note("relay", f"relay table: {len(entries)} clients may relay; the first grant "
+    report.note("relay", f"the relay table: {len(entries)} clients may relay; the first grant "
                 f"expires in {ago(first - ctx.now)}", entries=len(entries), first_expiry=first)
 
 

@@ -47,6 +47,7 @@ class QueueHealth:
     destinations: tuple[Destination, ...]   # most deferred first, at most `top`
     destination_count: int             # domains with deferred recipients in all
     unreadable: int                    # records that did not parse
+    held: int = 0                      # messages on hold (qrelay hold)
 
 
 def queue_health(spool, top: int = 10, domain: str | None = None) -> QueueHealth:
@@ -77,6 +78,8 @@ def queue_health(spool, top: int = 10, domain: str | None = None) -> QueueHealth
                 oldest_todo = unpack_birth(raw, _HEAD)[0]
         not_preprocessed = txn.stat(dbs[b"todo"])["entries"]
         bouncing = txn.stat(dbs[b"bounces"])["entries"]
+        held_db = dbs.get(b"held")
+        held = txn.stat(held_db)["entries"] if held_db is not None else 0
         unpack = _RCPT.unpack_from
         start = _HEAD + _RCPT.size
         for key, value in txn.cursor(db=dbs[b"recipients"]).iternext():
@@ -112,4 +115,4 @@ def queue_health(spool, top: int = 10, domain: str | None = None) -> QueueHealth
                 text = ""
             destinations.append(Destination(R.decode_text(dest), count, text, next_try))
     return QueueHealth(messages, not_preprocessed, oldest, oldest_todo, pending, deferred,
-                       bouncing, tuple(destinations), len(counts), unreadable)
+                       bouncing, tuple(destinations), len(counts), unreadable, held)
