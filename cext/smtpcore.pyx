@@ -764,3 +764,112 @@ cdef class DataScanner:
             self.out.len = 0
             buf_free(&self.out)
         return i
+
+
+# ---------------------------------------------------------------------------
+# POP3 message output (qmail-pop3d's blast())
+
+
+@cython.final
+cdef class MessageEncoder:
+    """A Maildir file as qmail-pop3d sends it for RETR and TOP, over chunks.
+
+    ``MessageEncoder(body_lines=-1)``: -1 sends the whole message; k >= 0
+    sends the header, the empty line ending it, and k body lines (TOP i k).
+    ``feed(data) -> bytes`` takes the file's bytes split anywhere and returns
+    what to send for them; the state (start of line, in the header, lines
+    left) carries across chunks, so memory is one chunk whatever the size of
+    the message. ``done`` is True once TOP's lines are all out (feed then
+    returns b"" and the caller stops reading). ``finish() -> bytes`` ends the
+    reply: CRLF after a last line without LF, then CRLF "." CRLF — every
+    message gets an extra empty line, as qmail-pop3d.8 says.
+
+    Each LF becomes CRLF (a CR already before it stays: ``abc\\r\\n`` is sent
+    as ``abc\\r\\r\\n``), a line starting with "." gets a second one, and
+    the header ends at the first line that is empty once its LF is removed.
+
+        >>> e = MessageEncoder()
+        >>> e.feed(b"Subject: x\\n\\n.dot\\nla"), e.feed(b"st"), e.finish()
+        (b'Subject: x\\r\\n\\r\\n..dot\\r\\nla', b'st', b'\\r\\n\\r\\n.\\r\\n')
+        >>> e = MessageEncoder(0)
+        >>> e.feed(b"S: x\\n\\nbody\\n"), e.done, e.finish()
+        (b'S: x\\r\\n\\r\\n', True, b'\\r\\n.\\r\\n')
+    """
+
+    cdef ByteBuf out
+    cdef Py_ssize_t limit        # qmail's: 0 = no limit, else body lines + 1
+    cdef bint bol, inheaders, _done
+
+    def __init__(self, Py_ssize_t body_lines=-1):
+        self.limit = body_lines + 1 if body_lines >= 0 else 0
+        self.bol = True
+        self.inheaders = True
+        self._done = False
+
+    def __dealloc__(self):
+        buf_free(&self.out)
+
+    @property
+    def done(self):
+        return self._done
+
+    def feed(self, data):
+        cdef Py_buffer view
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            self._encode(<const unsigned char *>view.buf, view.len)
+        finally:
+            PyBuffer_Release(&view)
+        out = PyBytes_FromStringAndSize(<const char *>self.out.data, self.out.len)
+        self.out.len = 0
+        return out
+
+    cdef int _encode(self, const unsigned char *p, Py_ssize_t n) except -1:
+        cdef Py_ssize_t i = 0, j
+        cdef const unsigned char *q
+        cdef unsigned char *w
+        self.out.len = 0
+        if self._done or n <= 0:
+            return 0
+        # Worst case: every byte a LF (2 out) or a "." + LF line (4 out for 2).
+        buf_reserve(&self.out, 2 * n + 2)
+        w = self.out.data
+        while i < n:
+            if self.bol:
+                if self.limit and not self.inheaders:
+                    self.limit -= 1
+                    if self.limit == 0:
+                        self._done = True
+                        break
+                if p[i] == 10:
+                    self.inheaders = False
+                    w[0] = 13
+                    w[1] = 10
+                    w += 2
+                    i += 1
+                    continue
+                if p[i] == 46:
+                    w[0] = 46
+                    w += 1
+                self.bol = False
+            q = <const unsigned char *>memchr(p + i, 10, n - i)
+            if q == NULL:
+                memcpy(w, p + i, n - i)
+                w += n - i
+                break
+            j = q - p
+            memcpy(w, p + i, j - i)
+            w += j - i
+            w[0] = 13
+            w[1] = 10
+            w += 2
+            i = j + 1
+            self.bol = True
+        self.out.len = w - self.out.data
+        return 0
+
+    def finish(self):
+        if not self.bol:
+            self.bol = True
+            return b"\r\n\r\n.\r\n"
+        return b"\r\n.\r\n"

@@ -266,6 +266,21 @@ class LoginSettings:
 
 
 @dataclass(slots=True, frozen=True)
+class Pop3Settings:
+    # Bytes in one command line (RFC 2449 allows 255; room for long passwords).
+    # qmail-popup reads lines of any length.
+    max_line_length: int = 1024
+    # Seconds without a command, or without the client reading, before the
+    # connection is closed (qmail-popup's and qmail-pop3d's 1200).
+    timeout: int = 1200
+    # Messages listed in one session, oldest first (memory per connection);
+    # the rest are listed once these are deleted.
+    max_messages: int = 100000
+    # Bytes read from a message file at a time for RETR and TOP.
+    chunk_bytes: int = 262144
+
+
+@dataclass(slots=True, frozen=True)
 class LogSettings:
     # multilog's s and n for ROOT/log: rotate `current` near this size, keep
     # at most max_files - 1 rotated files.
@@ -311,6 +326,7 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     relay: RelaySettings = field(default_factory=RelaySettings)
     login: LoginSettings = field(default_factory=LoginSettings)
+    pop3: Pop3Settings = field(default_factory=Pop3Settings)
 
 
 # (section, key) -> (minimum, maximum or None, why): a value outside is refused
@@ -351,6 +367,10 @@ RANGES: dict[tuple[str, str], tuple[float, float | None, str]] = {
     ("login", "max_failures"): (1, None, "0 would lock out every client"),
     ("login", "window"): (1, None, "failures are counted over a window"),
     ("login", "lockout_seconds"): (1, None, "a lockout must last"),
+    ("pop3", "max_line_length"): (255, None, "RFC 2449 4: 255 octets"),
+    ("pop3", "timeout"): (1, None, "0 would drop every client at once"),
+    ("pop3", "max_messages"): (1, None, "a session lists a message"),
+    ("pop3", "chunk_bytes"): (4096, 16 * 1024 * 1024, "memory per connection"),
     ("log", "max_bytes"): (4096, None, "multilog's smallest s"),
     ("doctor", "connect_timeout"): (0.01, None, "every connect would time out"),
     ("doctor", "disk_min_free_percent"): (0, 100, "a percentage"),

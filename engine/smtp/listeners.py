@@ -20,11 +20,13 @@ SCHEMES: dict[str, str] = {
     "smtp": "SMTP, port 25's dialogue",
     "submission": "SMTP for mail clients (587): AUTH before MAIL, STARTTLS",
     "submissions": "submission over implicit TLS (465, RFC 8314)",
+    "pop3": "POP3 (qmail-popup + qmail-pop3d), STLS when control/servercert.pem exists",
+    "pop3s": "POP3 in TLS from the first byte (port 995)",
 }
 
 # Schemes whose connections start with a TLS handshake (engine.tls): a
 # listener of one needs control/servercert.pem before `qrelay run` starts.
-IMPLICIT_TLS_SCHEMES = frozenset({"submissions"})
+IMPLICIT_TLS_SCHEMES = frozenset({"submissions", "pop3s"})
 
 
 @dataclass(slots=True, frozen=True)

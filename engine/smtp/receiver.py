@@ -73,6 +73,7 @@ class Receiver:
         self.relay: RelayTable | None = None
         self.throttle: LoginThrottle | None = None
         self._passwords: PasswordChecker | None = None
+        self.pop3: Any = None          # engine.pop3.service.Pop3Service, on first use
         self.log: SmtpdLog | None = None
         self._log_timer: asyncio.TimerHandle | None = None
         self._log_writer: ThreadPoolExecutor | None = None
@@ -159,6 +160,11 @@ class Receiver:
         """What this process serves on a listener of `scheme` (listeners.SCHEMES)."""
         if scheme in ("smtp", "submission", "submissions"):
             return lambda: SmtpSession(self, scheme)
+        if scheme in ("pop3", "pop3s"):
+            from engine.pop3.service import Pop3Service
+            from engine.pop3.session import Pop3Session
+            pop3 = Pop3Service.of(self)
+            return lambda: Pop3Session(pop3, tls=scheme == "pop3s")
         raise ValueError(f"no protocol for listener scheme {scheme!r}")
 
     async def serve(self, listeners: Iterable[Listener]) -> None:

@@ -1,0 +1,92 @@
+"""Checking a POP3 login as vchkpw does, then opening the mailbox.
+
+Owns (spec vpopmail-pop3-auth.md §1.5), for USER/PASS and APOP:
+- the login name: lower-cased, split at the first `@`, else `%`, else `/`
+  (`joe%example.com` works, as with vchkpw); a name without a domain is
+  refused (qrelay has no vpopmail default domain);
+- the lookup: the domain through users/assign's `+DOMAIN-` line (vget_assign,
+  alias domains included), the user in its vpasswd(.cdb);
+- the check: PASS against the crypt string (engine.accounts.passwords,
+  constant-time; an unknown user is checked against a dummy hash, so the
+  answer takes as long as for a wrong password); APOP as hex(md5(timestamp + cleartext)) when the cleartext
+  is kept (vpasswd's 8th field), never otherwise; an account with the NO_POP
+  flag is refused like a wrong password (vchkpw exits 1 for both, and a
+  distinct answer would confirm the password);
+- then, only for a right password, the Maildir: locked and scanned
+  (engine.pop3.maildir).
+
+`check_login` blocks (crypt costs milliseconds, the scan reads directories):
+it runs in the receiver's password executor, never on the event loop. It
+never raises for a client's input; a broken account file is TEMPORARY.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from engine.accounts import passwords
+from engine.accounts.store import Accounts, AccountsError
+from engine.accounts.vpasswd import VpasswdError, VUser
+from engine.pop3.maildir import Mailbox, MailboxError
+
+# Outcomes (vchkpw's syslog words where it has them).
+OK, NOT_FOUND, BAD_PASSWORD, NO_POP, MAILBOX, TEMPORARY = (
+    "ok", "vpopmail user not found", "password fail", "pop access denied", "mailbox", "temporary")
+
+
+@dataclass(slots=True)
+class LoginResult:
+    outcome: str
+    login: str                       # lower-cased, as logged
+    user: VUser | None = None
+    mailbox: Mailbox | None = None
+    reply: str = ""                  # MAILBOX: qmail-pop3d's -ERR text
+
+
+def split_login(login: str) -> tuple[str, str] | None:
+    """(user, domain) as vchkpw's parse_email splits it, or None without a domain."""
+    login = login.lower()
+    for sep in ("@", "%", "/"):
+        user, found, domain = login.partition(sep)
+        if found:
+            return (user, domain) if user and domain else None
+    return None
+
+
+def apop_digest(timestamp: str, secret: str) -> str:
+    return hashlib.md5((timestamp + secret).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def check_login(accounts: Accounts, login: str, secret: str, *, apop_timestamp: str | None,
+                max_messages: int, dummy_hash: Callable[[], str]) -> LoginResult:
+    """USER/PASS (apop_timestamp None) or APOP (secret = the digest)."""
+    name = login.lower()
+    parts = split_login(name)
+    user = None
+    if parts is not None:
+        local, domain = parts
+        try:
+            found = accounts.vpop_domain(domain)
+            user = found[1].user(local) if found is not None else None
+        except (AccountsError, VpasswdError, OSError):
+            return LoginResult(TEMPORARY, name)
+    if user is None:
+        if apop_timestamp is None:
+            passwords.verify(secret, dummy_hash())     # the same time as a real check
+        return LoginResult(NOT_FOUND, name)
+    if apop_timestamp is None:
+        right = passwords.verify(secret, user.crypted)
+    else:
+        right = user.clear is not None and hmac.compare_digest(
+            apop_digest(apop_timestamp, user.clear).encode(), secret.lower().encode("ascii", "replace"))
+    if not right:
+        return LoginResult(BAD_PASSWORD, name, user)
+    if user.no_pop:
+        return LoginResult(NO_POP, name, user)
+    try:
+        mailbox = Mailbox.open(user.maildir, max_messages)
+    except MailboxError as exc:
+        return LoginResult(MAILBOX, name, user, reply=exc.reply)
+    return LoginResult(OK, name, user, mailbox)

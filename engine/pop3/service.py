@@ -1,0 +1,51 @@
+"""What the POP3 sessions of one receiver process share.
+
+`Pop3Service.of(receiver)` is created on first use and kept on the receiver:
+the accounts view (engine.accounts.store.Accounts: cached, re-read when the
+files change) and a dummy hash, so a login for a user that does not exist
+costs the same time as a wrong password. Everything else is the receiver's
+and reached through it, never copied: the hashing threads SMTP AUTH uses too
+(`Receiver.passwords().pool`, `[auth] hash_threads`: a `$6$` check costs
+milliseconds and never runs on the event loop), the TLS context
+(`Receiver.tls`, engine.tls), the relay table and the login throttle, the
+config snapshot, the sessions set and the smtpd log.
+"""
+from __future__ import annotations
+
+import secrets
+import ssl
+import threading
+from concurrent.futures import Executor
+from typing import Any
+
+from engine.accounts import passwords
+from engine.accounts.store import Accounts
+
+
+class Pop3Service:
+    def __init__(self, receiver: Any) -> None:
+        self.receiver = receiver
+        self.accounts = Accounts(receiver.config.root)
+        self._dummy: str | None = None
+        self._dummy_lock = threading.Lock()
+
+    @classmethod
+    def of(cls, receiver: Any) -> "Pop3Service":
+        if receiver.pop3 is None:
+            receiver.pop3 = cls(receiver)
+        return receiver.pop3
+
+    @property
+    def executor(self) -> Executor:
+        return self.receiver.passwords().pool
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """control/servercert.pem's context of the moment, None without one."""
+        return self.receiver.tls.context()
+
+    def dummy_hash(self) -> str:
+        """A `$6$` hash of a random password (made once, in the calling thread)."""
+        with self._dummy_lock:
+            if self._dummy is None:
+                self._dummy = passwords.hash_password(secrets.token_hex(8))
+            return self._dummy

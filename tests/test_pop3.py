@@ -1,0 +1,469 @@
+"""POP3 sessions (engine.pop3) against Maildirs written by local delivery, over
+real loopback sockets: qmail-popup's and qmail-pop3d's exact replies, APOP,
+the mailbox lock, a dropped connection, the throttle and the relay grant."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.accounts.admin import add_domain, add_user
+from engine.accounts.vpasswd import NO_POP, NO_RELAY
+from engine.delivery.local import LocalDelivery
+from engine.home import init_home
+from tests.smtp_harness import InProcessServer
+
+OWNER = os.getuid() or 65534
+T0 = 1_700_000_000
+
+
+def deliver(root: Path, rcpt: str, message: bytes) -> Path:
+    """Local delivery of one message; returns the file it wrote in new/."""
+    courier = LocalDelivery.for_root(root, max_threads=1)
+    try:
+        # as the scheduler hands it over: after control/virtualdomains
+        result = courier.deliver_sync("s@sender.example", f"{rcpt.split('@')[1]}-{rcpt}", message)
+    finally:
+        courier.close()
+    assert result.status == "K", result
+    local, _, domain = rcpt.partition("@")
+    new = root / "domains" / domain / local / "Maildir" / "new"
+    return max(new.iterdir(), key=lambda p: p.stat().st_mtime_ns)
+
+
+def age(path: Path, mtime: int) -> None:
+    os.utime(path, (mtime, mtime))
+
+
+def make_root(tmp_path: Path, toml: str = "[auth]\nfailure_delay = 0\n") -> Path:
+    root = tmp_path / "root"
+    init_home(root, me="pop.example.net")
+    (root / "qrelay.toml").write_text(toml)
+    add_domain(root, "example.com", uid=OWNER, gid=OWNER)
+    add_user(root, "joe@example.com", "secret")
+    return root
+
+
+class Client:
+    """A plain socket reading POP3 replies line by line (closed by the test's end)."""
+
+    opened: list["Client"] = []
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.buf = b""
+        self.opened.append(self)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                out, self.buf = self.buf, b""
+                return out
+            self.buf += chunk
+        i = self.buf.index(b"\r\n") + 2
+        out, self.buf = self.buf[:i], self.buf[i:]
+        return out
+
+    def cmd(self, text: str) -> bytes:
+        self.send(text.encode() + b"\r\n")
+        return self.line()
+
+    def multi(self, text: str) -> list[bytes]:
+        """A command with a multi-line answer: its lines without CRLF, up to '.'."""
+        first = self.cmd(text)
+        assert first.startswith(b"+OK"), first
+        lines = []
+        while True:
+            ln = self.line()
+            assert ln, "connection closed in a multi-line reply"
+            if ln == b".\r\n":
+                return lines
+            lines.append(ln[:-2])
+
+    def closed(self, timeout: float = 5.0) -> bool:
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                if not self.sock.recv(65536):
+                    return True
+        except ConnectionResetError:
+            return True
+        except (socket.timeout, TimeoutError):
+            return False
+
+    def login(self, user: str = "joe@example.com", password: str = "secret") -> bytes:
+        greeting = self.line()
+        assert greeting.startswith(b"+OK <")
+        assert self.cmd(f"USER {user}") == b"+OK \r\n"
+        return self.cmd(f"PASS {password}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture(autouse=True)
+def _close_clients(monkeypatch):
+    opened: list[Client] = []
+    monkeypatch.setattr(Client, "opened", opened)
+    yield
+    for c in opened:
+        c.close()
+
+
+@pytest.fixture
+def spec_root(tmp_path):
+    """The Maildir of the spec's observed session (§1.7), written by local delivery
+    (which adds Return-Path and Delivered-To) plus the spec's hand-made cur/ file."""
+    root = make_root(tmp_path)
+    maildir = root / "domains" / "example.com" / "joe" / "Maildir"
+    m1 = deliver(root, "joe@example.com", b"Subject: one\n\nline1\n.dotline\n..two dots\nlast\n")
+    age(m1, T0)
+    m2 = maildir / "cur" / "1700000100.222.host:2,S"
+    m2.write_bytes(b"Subject: two\n\nbody2 no final newline")
+    age(m2, T0 + 100)
+    m3 = deliver(root, "joe@example.com", b"Subject: three\n\nb1\nb2\nb3\n")
+    age(m3, T0 + 200)
+    return root, maildir, (m1, m2, m3)
+
+
+@pytest.fixture
+def server(request):
+    servers = []
+
+    def start(root: Path, scheme: str = "pop3", **attrs) -> InProcessServer:
+        srv = InProcessServer(root, scheme=scheme)
+        for name, value in attrs.items():
+            setattr(srv.receiver, name, value)
+        servers.append(srv)
+        return srv
+
+    yield start
+    for srv in servers:
+        srv.stop()
+
+
+def wait_for(check, timeout: float = 5.0, what: str = "the condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_observed_session(spec_root, server):
+    root, maildir, (m1, m2, m3) = spec_root
+    srv = server(root)
+    c = Client(srv.port)
+    assert c.login() == b"+OK \r\n"
+    s1, s3 = m1.stat().st_size, m3.stat().st_size
+    total = s1 + 36 + s3
+    assert c.cmd("STAT") == f"+OK 3 {total}\r\n".encode()
+    assert c.multi("LIST") == [f"1 {s1}".encode(), b"2 36", f"3 {s3}".encode()]
+    uidl = c.multi("UIDL")
+    assert uidl[1:] == [b"2 1700000100.222.host", b"3 " + m3.name.split(":")[0].encode()]
+    assert uidl[0] == b"1 " + m1.name.encode()
+    retr1 = c.multi("RETR 1")
+    assert retr1[:2] == [b"Return-Path: <s@sender.example>", b"Delivered-To: joe@example.com"]
+    assert retr1[2:] == [b"Subject: one", b"", b"line1", b"..dotline", b"...two dots", b"last", b""]
+    assert c.multi("RETR 2") == [b"Subject: two", b"", b"body2 no final newline", b""]
+    top0 = c.multi("TOP 3 0")
+    assert top0[-3:] == [b"Subject: three", b"", b""]
+    assert c.multi("TOP 3 1")[-4:] == [b"Subject: three", b"", b"b1", b""]
+    assert c.multi("RETR 3 1")[-4:] == [b"Subject: three", b"", b"b1", b""]
+    assert c.multi("TOP 3")[-6:] == [b"Subject: three", b"", b"b1", b"b2", b"b3", b""]
+    assert c.cmd("DELE 2") == b"+OK \r\n"
+    assert c.cmd("DELE 2") == b"-ERR already deleted\r\n"
+    assert c.cmd("STAT") == f"+OK 3 {s1 + s3}\r\n".encode()
+    assert c.cmd("LIST 2") == b"-ERR already deleted\r\n"
+    assert c.cmd("LIST 3") == f"+OK 3 {s3}\r\n".encode()
+    assert c.cmd("UIDL 2") == b"-ERR already deleted\r\n"
+    assert c.cmd("LAST") == b"+OK 2\r\n"
+    assert c.cmd("RSET") == b"+OK \r\n"
+    assert c.cmd("LAST") == b"+OK 0\r\n"
+    assert c.cmd("DELE 1") == b"+OK \r\n"
+    assert c.cmd("USER x") == b"-ERR unimplemented\r\n"
+    assert c.cmd("") == b"-ERR unimplemented\r\n"
+    assert c.cmd("NOOP") == b"+OK \r\n"
+    assert c.cmd("QUIT") == b"+OK \r\n"
+    assert c.closed()
+    # msg 1 unlinked, 3 moved to cur/NAME:2, , 2 untouched
+    wait_for(lambda: not m1.exists(), what="the unlink")
+    assert sorted(p.name for p in (maildir / "cur").iterdir()) == sorted([m2.name, m3.name + ":2,"])
+    assert list((maildir / "new").iterdir()) == []
+
+
+def test_message_numbers(spec_root, server):
+    root, _, _ = spec_root
+    c = Client(server(root).port)
+    c.login()
+    for arg, reply in (("x", b"-ERR syntax error"), ("-1", b"-ERR syntax error"),
+                       ("+1", b"-ERR syntax error"), ("", b"-ERR syntax error"),
+                       ("0", b"-ERR messages are counted from 1"),
+                       ("4", b"-ERR not that many messages"),
+                       ("99999999999999999999999", b"-ERR not that many messages")):
+        assert c.cmd(f"DELE {arg}".rstrip()) == reply + b"\r\n", arg
+    assert c.cmd("LIST 1x").startswith(b"+OK 1 ")     # trailing garbage ignored
+    assert c.cmd("stat").startswith(b"+OK 3 ")        # verbs are case-insensitive
+    assert c.cmd("CAPA") == b"+OK capability list follows\r\n"
+    caps = []
+    while (ln := c.line()) != b".\r\n":
+        caps.append(ln)
+    assert b"UIDL\r\n" in caps and b"USER\r\n" not in caps
+    c.close()
+
+
+def test_authorization_replies(spec_root, server):
+    root, _, _ = spec_root
+    c = Client(server(root).port)
+    assert c.line().startswith(b"+OK <")
+    assert c.cmd("STAT") == b"-ERR authorization first\r\n"
+    assert c.cmd("") == b"-ERR authorization first\r\n"
+    assert c.cmd("PASS secret") == b"-ERR USER first\r\n"
+    assert c.cmd("USER") == b"-ERR syntax error\r\n"
+    assert c.cmd("USER nobody") == b"+OK \r\n"
+    assert c.cmd("USER joe@example.com") == b"+OK \r\n"     # repeatable, last wins
+    assert c.cmd("PASS") == b"-ERR syntax error\r\n"
+    assert c.cmd("APOP joe@example.com") == b"-ERR syntax error\r\n"
+    assert c.cmd("NOOP") == b"+OK \r\n"
+    c.send(b"CAPA\r\n")
+    caps = [c.line() for _ in range(8)]
+    assert caps[0] == b"+OK capability list follows\r\n" and b"USER\r\n" in caps
+    assert caps[-1] == b".\r\n" and b"STLS\r\n" not in caps   # no control/servercert.pem
+    assert c.cmd("QUIT") == b"+OK \r\n"
+    assert c.closed()
+
+
+@pytest.mark.parametrize("login", ["joe%example.com", "JOE@Example.COM", "joe/example.com"])
+def test_login_forms(spec_root, server, login):
+    root, _, _ = spec_root
+    c = Client(server(root).port)
+    assert c.login(login) == b"+OK \r\n"
+    assert c.cmd("STAT").startswith(b"+OK 3 ")
+    c.close()
+
+
+@pytest.mark.parametrize("user,password", [("joe@example.com", "wrong"), ("nobody@example.com", "secret"),
+                                           ("joe", "secret"), ("joe@nowhere.example", "secret")])
+def test_wrong_login_closes_after_the_delay(tmp_path, server, user, password):
+    root = make_root(tmp_path, "[auth]\nfailure_delay = 0.3\n")
+    srv = server(root)
+    c = Client(srv.port)
+    start = time.monotonic()
+    assert c.login(user, password) == b"-ERR authorization failed\r\n"
+    assert time.monotonic() - start >= 0.3
+    assert c.closed()
+
+
+def test_pipelining(spec_root, server):
+    root, _, _ = spec_root
+    c = Client(server(root).port)
+    c.line()
+    c.send(b"USER joe@example.com\r\nPASS secret\r\nSTAT\r\nTOP 3 0\r\nLAST\r\nQUIT\r\n")
+    got = [c.line() for _ in range(12)]
+    assert got[:2] == [b"+OK \r\n", b"+OK \r\n"]      # qmail-popup would lose what follows PASS
+    assert got[2].startswith(b"+OK 3 ")
+    assert got[3] == b"+OK \r\n" and got[4].startswith(b"Return-Path: ")
+    assert got[6:10] == [b"Subject: three\r\n", b"\r\n", b"\r\n", b".\r\n"]
+    assert got[10:] == [b"+OK 0\r\n", b"+OK \r\n"]
+    assert c.closed()
+
+
+def test_no_pop_flag_refused(tmp_path, server):
+    root = make_root(tmp_path)
+    vpasswd = root / "domains" / "example.com" / "vpasswd"
+    from engine.accounts.admin import find_domain, read_users, write_users
+    ref = find_domain(root, "example.com")
+    users = read_users(ref.directory)
+    import dataclasses
+    write_users(ref, [dataclasses.replace(u, gid=u.gid | NO_POP) for u in users])
+    assert vpasswd.exists()
+    c = Client(server(root).port)
+    assert c.login() == b"-ERR authorization failed\r\n"
+    assert c.closed()
+
+
+def test_apop(tmp_path, server):
+    root = make_root(tmp_path)           # joe: no cleartext kept
+    (root / "qrelay.toml").write_text("[accounts]\nkeep_cleartext = true\n[auth]\nfailure_delay = 0\n")
+    add_user(root, "ann@example.com", "s3cret")
+    srv = server(root)
+    c = Client(srv.port)
+    greeting = c.line()
+    stamp = greeting[4:-2].decode()
+    assert stamp.startswith("<") and stamp.endswith("@pop.example.net>")
+    digest = hashlib.md5((stamp + "s3cret").encode()).hexdigest()
+    assert c.cmd(f"APOP ann@example.com {digest}") == b"+OK \r\n"
+    assert c.cmd("STAT") == b"+OK 0 0\r\n"
+    c.close()
+    # another connection's timestamp differs: the same digest is refused
+    c = Client(srv.port)
+    assert c.line()[4:-2].decode() != stamp
+    assert c.cmd(f"APOP ann@example.com {digest}") == b"-ERR authorization failed\r\n"
+    assert c.closed()
+    # joe was added before keep_cleartext: no cleartext, so APOP never matches
+    c = Client(srv.port)
+    stamp = c.line()[4:-2].decode()
+    digest = hashlib.md5((stamp + "secret").encode()).hexdigest()
+    assert c.cmd(f"APOP joe@example.com {digest}") == b"-ERR authorization failed\r\n"
+    c.close()
+
+
+def test_mailbox_lock(spec_root, server):
+    root, maildir, (m1, _, _) = spec_root
+    srv = server(root)
+    first = Client(srv.port)
+    assert first.login() == b"+OK \r\n"
+    assert first.cmd("DELE 1") == b"+OK \r\n"
+    second = Client(srv.port)
+    assert second.login() == b"-ERR [IN-USE] this mailbox is in use by another session\r\n"
+    assert second.closed()
+    assert first.cmd("QUIT") == b"+OK \r\n"
+    assert first.closed()
+    third = Client(srv.port)
+    assert third.login() == b"+OK \r\n"
+    assert third.cmd("STAT").startswith(b"+OK 2 ")
+    third.close()
+
+
+def test_dropped_connection_changes_nothing(spec_root, server):
+    root, maildir, (m1, m2, m3) = spec_root
+    srv = server(root)
+    c = Client(srv.port)
+    c.login()
+    assert c.cmd("DELE 1") == b"+OK \r\n"
+    assert c.multi("RETR 3")
+    c.close()     # no QUIT
+    wait_for(lambda: not srv.receiver.sessions, what="the session to end")
+    assert m1.exists() and m3.exists() and m2.exists()
+    c = Client(srv.port)        # the lock went with the connection
+    assert c.login() == b"+OK \r\n"
+    assert c.cmd("STAT").startswith(b"+OK 3 ")
+    c.close()
+
+
+def test_new_and_future_files_are_not_listed(tmp_path, server):
+    root = make_root(tmp_path)
+    maildir = root / "domains" / "example.com" / "joe" / "Maildir"
+    now = deliver(root, "joe@example.com", b"Subject: now\n\nx\n")
+    future = maildir / "cur" / "9999999999.1.host:2,"
+    future.write_bytes(b"x\n")
+    age(future, int(time.time()) + 3600)
+    (maildir / "new" / ".hidden").write_bytes(b"x\n")
+    age(maildir / "new" / ".hidden", T0)
+    old_tmp = maildir / "tmp" / "1.2.host"
+    old_tmp.write_bytes(b"abandoned")
+    os.utime(old_tmp, (time.time() - 129601, time.time() - 129601))
+    fresh_tmp = maildir / "tmp" / "3.4.host"
+    fresh_tmp.write_bytes(b"in progress")
+    os.utime(now, (time.time() + 5, time.time() + 5))
+    c = Client(server(root).port)
+    c.login()
+    assert c.cmd("STAT") == b"+OK 0 0\r\n"
+    assert not old_tmp.exists() and fresh_tmp.exists()
+    c.close()
+
+
+def test_line_length_limit_and_garbage(spec_root, server):
+    root, _, _ = spec_root
+    c = Client(server(root).port)
+    c.line()
+    assert c.cmd("X" * 2000) == b"-ERR line too long\r\n"
+    assert c.cmd("\x00\xff garbage") == b"-ERR authorization first\r\n"
+    assert c.cmd("NOOP") == b"+OK \r\n"
+    c.send(b"Y" * (64 * 1024 + 100))
+    assert c.line() == b"-ERR line too long\r\n"
+    assert c.closed()
+
+
+def test_idle_timeout(spec_root, server):
+    root, _, _ = spec_root
+    (root / "qrelay.toml").write_text("[pop3]\ntimeout = 1\n")
+    c = Client(server(root).port)
+    c.line()
+    start = time.monotonic()
+    assert c.closed(timeout=5)
+    assert time.monotonic() - start < 4.5
+
+
+class FakeThrottle:
+    """engine.relay.throttle.LoginThrottle's interface, recording what it is told."""
+
+    def __init__(self, lock_after: int = 2, delay: float = 0.0) -> None:
+        self.failures: dict[str, int] = {}
+        self.successes: list[str] = []
+        self.lock_after = lock_after
+        self.delay = delay
+
+    async def locked(self, ip: str) -> bool:
+        return self.failures.get(ip, 0) >= self.lock_after
+
+    async def failure(self, ip: str) -> float:
+        self.failures[ip] = self.failures.get(ip, 0) + 1
+        return float("inf") if self.failures[ip] >= self.lock_after else self.delay
+
+    async def success(self, ip: str) -> None:
+        self.successes.append(ip)
+        self.failures.pop(ip, None)
+
+
+class FakeRelay:
+    def __init__(self) -> None:
+        self.granted: list[str] = []
+
+    async def grant(self, ip: str) -> None:
+        self.granted.append(ip)
+
+
+def test_throttle_and_relay_grant(spec_root, server):
+    root, _, _ = spec_root
+    throttle, relay = FakeThrottle(lock_after=2, delay=0.2), FakeRelay()
+    srv = server(root, throttle=throttle, relay=relay)
+    c = Client(srv.port)
+    start = time.monotonic()
+    assert c.login(password="guess1") == b"-ERR authorization failed\r\n"
+    assert time.monotonic() - start >= 0.2          # the throttle's delay
+    c = Client(srv.port)
+    assert c.login(password="guess2") == b"-ERR authorization failed\r\n"
+    assert throttle.failures == {"127.0.0.1": 2}
+    # locked out: even the right password is refused, without being checked
+    c = Client(srv.port)
+    assert c.login() == b"-ERR authorization failed\r\n"
+    assert throttle.failures == {"127.0.0.1": 2} and relay.granted == []
+    throttle.failures.clear()
+    c = Client(srv.port)
+    assert c.login() == b"+OK \r\n"
+    assert throttle.successes == ["127.0.0.1"] and relay.granted == ["127.0.0.1"]
+    c.close()
+
+
+def test_no_relay_flag_gets_no_grant(tmp_path, server):
+    root = make_root(tmp_path)
+    from engine.accounts.admin import find_domain, read_users, write_users
+    import dataclasses
+    ref = find_domain(root, "example.com")
+    write_users(ref, [dataclasses.replace(u, gid=u.gid | NO_RELAY) for u in read_users(ref.directory)])
+    relay = FakeRelay()
+    c = Client(server(root, relay=relay).port)
+    assert c.login() == b"+OK \r\n"
+    assert relay.granted == []
+    c.close()
+
+
+def test_missing_maildir(tmp_path, server):
+    root = make_root(tmp_path)
+    import shutil
+    shutil.rmtree(root / "domains" / "example.com" / "joe" / "Maildir")
+    c = Client(server(root).port)
+    assert c.login() == b"-ERR this user has no $HOME/Maildir\r\n"
+    assert c.closed()
