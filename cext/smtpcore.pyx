@@ -129,7 +129,15 @@ cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdlib cimport free, realloc
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_DECREF
 from libc.string cimport memchr, memcpy, memmove
+
+cdef extern from "Python.h":
+    # The raw forms, for building a bytes object in place (MessageEncoder).
+    PyObject *_bytes_new "PyBytes_FromStringAndSize"(const char *v, Py_ssize_t n)
+    char *_bytes_data "PyBytes_AS_STRING"(PyObject *o)
+    int _PyBytes_Resize(PyObject **o, Py_ssize_t n)
 
 # qmail-smtpd's addrparse limit; the caller answers 555 when it is exceeded.
 MAX_ADDRESS = 900
@@ -796,7 +804,6 @@ cdef class MessageEncoder:
         (b'S: x\\r\\n\\r\\n', True, b'\\r\\n.\\r\\n')
     """
 
-    cdef ByteBuf out
     cdef Py_ssize_t limit        # qmail's: 0 = no limit, else body lines + 1
     cdef bint bol, inheaders, _done
 
@@ -806,34 +813,38 @@ cdef class MessageEncoder:
         self.inheaders = True
         self._done = False
 
-    def __dealloc__(self):
-        buf_free(&self.out)
-
     @property
     def done(self):
         return self._done
 
     def feed(self, data):
         cdef Py_buffer view
+        cdef PyObject *raw
+        cdef Py_ssize_t size
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
-            self._encode(<const unsigned char *>view.buf, view.len)
+            if self._done or view.len <= 0:
+                return b""
+            # Encoded straight into the bytes object returned (no second copy),
+            # sized for the worst case — every byte a LF, or "." + LF lines:
+            # twice the input — then shrunk in place.
+            raw = _bytes_new(NULL, 2 * view.len + 2)
+            if raw == NULL:
+                raise MemoryError()
+            size = self._encode(<const unsigned char *>view.buf, view.len,
+                                <unsigned char *>_bytes_data(raw))
+            if _PyBytes_Resize(&raw, size) < 0:
+                raise MemoryError()
+            out = <object>raw
+            Py_DECREF(<object>raw)
+            return out
         finally:
             PyBuffer_Release(&view)
-        out = PyBytes_FromStringAndSize(<const char *>self.out.data, self.out.len)
-        self.out.len = 0
-        return out
 
-    cdef int _encode(self, const unsigned char *p, Py_ssize_t n) except -1:
+    cdef Py_ssize_t _encode(self, const unsigned char *p, Py_ssize_t n, unsigned char *out) noexcept:
         cdef Py_ssize_t i = 0, j
         cdef const unsigned char *q
-        cdef unsigned char *w
-        self.out.len = 0
-        if self._done or n <= 0:
-            return 0
-        # Worst case: every byte a LF (2 out) or a "." + LF line (4 out for 2).
-        buf_reserve(&self.out, 2 * n + 2)
-        w = self.out.data
+        cdef unsigned char *w = out
         while i < n:
             if self.bol:
                 if self.limit and not self.inheaders:
@@ -865,8 +876,7 @@ cdef class MessageEncoder:
             w += 2
             i = j + 1
             self.bol = True
-        self.out.len = w - self.out.data
-        return 0
+        return w - out
 
     def finish(self):
         if not self.bol:
