@@ -1,0 +1,153 @@
+"""POP3 with TLS (STLS, RFC 2595; pop3s) on trustme certificates, and the real
+relay table (engine.relay) and login throttle behind a POP3 login."""
+from __future__ import annotations
+
+import asyncio
+import poplib
+import socket
+import ssl
+
+import pytest
+
+from engine.config.settings import Settings
+from engine.relay import open_relay_table
+from engine.relay.throttle import LoginThrottle
+from tests.smtp_harness import InProcessServer, RunningQrelay, client_context, install_certificate
+from tests.test_pop3 import Client, make_root
+
+NAME = "127.0.0.1"     # poplib checks the certificate against the host it connects to
+
+
+@pytest.fixture
+def server():
+    servers: list[InProcessServer] = []
+
+    def start(root, scheme: str = "pop3") -> InProcessServer:
+        srv = InProcessServer(root, scheme=scheme)
+        servers.append(srv)
+        return srv
+
+    yield start
+    for srv in servers:
+        if srv.receiver.relay is not None:
+            asyncio.run_coroutine_threadsafe(srv.receiver.relay.close(), srv.loop).result(5)
+        srv.stop()
+
+
+def capabilities(c: Client) -> list[bytes]:
+    return c.multi("CAPA")
+
+
+def test_stls(tmp_path, server):
+    root = make_root(tmp_path)
+    ca = install_certificate(root, NAME)
+    srv = server(root)
+    pop = poplib.POP3("127.0.0.1", srv.port, timeout=10)
+    try:
+        assert "STLS" in pop.capa()
+        pop.stls(context=client_context(ca))
+        assert "STLS" not in pop.capa()                       # not offered twice
+        assert pop.sock.version() in ("TLSv1.2", "TLSv1.3")
+        with pytest.raises(poplib.error_proto, match="TLS already active"):
+            pop._shortcmd("STLS")
+        pop.user("joe@example.com")
+        pop.pass_("secret")
+        assert pop.stat() == (0, 0)
+        with pytest.raises(poplib.error_proto, match="unimplemented"):
+            pop._shortcmd("STLS")                            # TRANSACTION: qmail-pop3d's answer
+        pop.quit()
+    finally:
+        pop.close()
+
+
+def test_stls_without_certificate(tmp_path, server):
+    root = make_root(tmp_path)
+    c = Client(server(root).port)
+    c.line()
+    assert b"STLS" not in capabilities(c)
+    assert c.cmd("STLS") == b"-ERR authorization first\r\n"
+
+
+def test_stls_discards_pipelined_plaintext(tmp_path, server):
+    """A command injected behind STLS in the same packet (CVE-2011-0411's
+    pattern) is never read: after the handshake only what came encrypted counts."""
+    root = make_root(tmp_path)
+    ca = install_certificate(root, NAME)
+    srv = server(root)
+    raw = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+    try:
+        f = raw.makefile("rb")
+        assert f.readline().startswith(b"+OK <")
+        raw.sendall(b"STLS\r\nUSER joe@example.com\r\n")
+        assert f.readline() == b"+OK begin TLS negotiation\r\n"
+        tls = client_context(ca).wrap_socket(raw, server_hostname=NAME)
+        tf = tls.makefile("rb")
+        tls.sendall(b"PASS secret\r\n")
+        assert tf.readline() == b"-ERR USER first\r\n"      # the plaintext USER was dropped
+        tls.sendall(b"QUIT\r\n")
+        assert tf.readline() == b"+OK \r\n"
+        tls.close()
+    finally:
+        raw.close()
+
+
+def test_pop3s_with_qrelay_run(tmp_path):
+    root = make_root(tmp_path)
+    ca = install_certificate(root, NAME)
+    q = RunningQrelay(root, procs=1, extra=("--listen", "pop3s://127.0.0.1:0"))
+    try:
+        port = int(q.port_file.read_text().split()[1])
+        pop = poplib.POP3_SSL("127.0.0.1", port, context=client_context(ca), timeout=10)
+        try:
+            assert pop.getwelcome().startswith(b"+OK <")
+            assert "STLS" not in pop.capa()
+            pop.user("joe@example.com")
+            pop.pass_("secret")
+            assert pop.stat() == (0, 0)
+            pop.quit()
+        finally:
+            pop.close()
+    finally:
+        q.stop()
+    assert "Traceback" not in q.stderr_text
+
+
+def test_pop3s_needs_a_certificate_at_start(tmp_path):
+    from qrelay_process import QrelayStartError    # bench/, on the path through smtp_harness
+    root = make_root(tmp_path)
+    with pytest.raises(QrelayStartError, match="servercert.pem is missing"):
+        RunningQrelay(root, procs=1, extra=("--listen", "pop3s://127.0.0.1:0"))
+
+
+def test_login_grants_relay_in_the_real_table(tmp_path, server):
+    root = make_root(tmp_path)
+    srv = server(root)
+    table = open_relay_table(root, Settings())
+    srv.receiver.relay = table
+    srv.receiver.throttle = LoginThrottle(table, Settings())
+
+    def allows() -> bool:
+        return asyncio.run_coroutine_threadsafe(table.allows("127.0.0.1"), srv.loop).result(5)
+
+    assert not allows()
+    c = Client(srv.port)
+    assert c.login() == b"+OK \r\n"
+    assert allows()
+    assert c.cmd("QUIT") == b"+OK \r\n"
+
+
+def test_real_throttle_locks_out(tmp_path, server):
+    root = make_root(tmp_path)
+    (root / "qrelay.toml").write_text("[login]\nfailure_delay = 0.01\nmax_failures = 2\n")
+    srv = server(root)
+    settings = srv.receiver.config.settings
+    table = open_relay_table(root, settings)
+    srv.receiver.relay = table
+    srv.receiver.throttle = LoginThrottle(table, settings)
+    for _ in range(2):
+        c = Client(srv.port)
+        assert c.login(password="guess") == b"-ERR authorization failed\r\n"
+        assert c.closed()
+    c = Client(srv.port)            # locked out: the right password is not even checked
+    assert c.login() == b"-ERR authorization failed\r\n"
+    assert not asyncio.run_coroutine_threadsafe(table.allows("127.0.0.1"), srv.loop).result(5)
