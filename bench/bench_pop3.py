@@ -50,7 +50,7 @@ def make_root(base: Path, users: int) -> Path:
     """u0.. with `$6$` hashes (what `qrelay user add` writes), m0.. with `$1$`
     (vpopmail 5.4's), and one 10 MB-ish message for big@."""
     root = init_home(base / "root", me="pop.bench.example")
-    (root / "qrelay.toml").write_text("[scheduler]\nenabled = false\n[pop3]\nfailure_delay = 0\n")
+    (root / "qrelay.toml").write_text("[scheduler]\nenabled = false\n")
     owner = os.getuid() or 65534
     admin.add_domain(root, DOMAIN, uid=owner, gid=owner)
     names = [f"u{i}" for i in range(users)] + [f"m{i}" for i in range(users)] + ["big"]
