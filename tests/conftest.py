@@ -43,6 +43,17 @@ def sinks(tmp_path: Path):
 
 
 @pytest.fixture
+def redis_server(tmp_path: Path):
+    """A real redis-server on a free loopback port (bench/redis_process.py),
+    stopped by its pid afterwards."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from redis_process import RedisServer
+    server = RedisServer(tmp_path / "redis")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def dns():
     """A fake DNS server (dnslib) on 127.0.0.1, empty zone: tests never ask the system's."""
     from tests.fakedns import FakeDns

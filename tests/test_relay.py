@@ -271,3 +271,15 @@ def test_format_open_smtp_round_trip() -> None:
     assert not bad and [(ln.ip, ln.login_time) for ln in lines] == [
         ("192.0.2.1", 1700000000.0), ("2001:db8::1", 1699989260.0)]
 
+
+
+def test_grant_many_in_batches(table, clock: Clock) -> None:
+    from engine.relay.embedded import GRANT_BATCH
+    ips = [f"10.{i // 65536}.{i // 256 % 256}.{i % 256}" for i in range(GRANT_BATCH + 5)]
+    assert run(table.grant_many([(ip, 30.0) for ip in ips] + [("10.0.0.1", 90.0)])) == len(ips) + 1
+    assert len(run(table.entries())) == len(ips)
+    clock.now = T0 + 31
+    assert [ip for ip, _ in run(table.entries())] == ["10.0.0.1"]     # the later grant won
+    with pytest.raises(ValueError):
+        run(table.grant_many([("10.9.9.9", 5.0), ("bad", 5.0)]))
+    assert not run(table.allows("10.9.9.9"))      # nothing written

@@ -152,16 +152,10 @@ def relayclients_import(root: str, file: str) -> None:
         click.echo(f"{file}:{number}: {why}", err=True)
 
     async def load(table: Any, settings: Any) -> tuple[int, int]:
-        ttl = settings.relay.pop_before_smtp_ttl
-        imported = expired = 0
-        for line in lines:
-            left = line.login_time + ttl - table.clock()
-            if left <= 0:
-                expired += 1
-                continue
-            await table.grant(line.ip, left)
-            imported += 1
-        return imported, expired
+        ttl, now = settings.relay.pop_before_smtp_ttl, table.clock()
+        fresh = [(line.ip, line.login_time + ttl - now) for line in lines]
+        fresh = [(ip, left) for ip, left in fresh if left > 0]
+        return await table.grant_many(fresh), len(lines) - len(fresh)
 
     imported, expired = _with_table(root, load)
     click.echo(f"qrelay: imported {imported}, skipped {expired} expired, "

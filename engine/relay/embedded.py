@@ -48,6 +48,9 @@ _GRANT = struct.Struct("<d")
 _FAILURE = struct.Struct("<Idd")
 _MS = struct.Struct(">Q")
 KIND_GRANT, KIND_FAILURE = b"g", b"f"
+# Grants of one write transaction in grant_many: the writer lock is held for
+# milliseconds at most, so a login's grant never waits long behind an import.
+GRANT_BATCH = 1000
 
 
 def _expiry_key(expiry: float, kind: bytes, key: bytes) -> bytes:
@@ -172,18 +175,28 @@ class EmbeddedRelayTable(RelayTable):
     async def grant(self, ip: str, ttl: float | None = None) -> float:
         key = normalize_ip(ip).encode()
         ttl = self._ttl(ttl)
+        return self._write(lambda txn, now: self._put_grant(txn, key, now + ttl))  # type: ignore[return-value]
 
-        def work(txn: lmdb.Transaction, now: float) -> float:
-            grants, _, expiry = self._dbs
-            until = now + ttl
-            old = txn.get(key, db=grants)
-            if old is not None:
-                txn.delete(_expiry_key(_GRANT.unpack(old)[0], KIND_GRANT, key), db=expiry)
-            txn.put(key, _GRANT.pack(until), db=grants)
-            txn.put(_expiry_key(until, KIND_GRANT, key), b"", db=expiry)
-            return until
+    async def grant_many(self, grants: list[tuple[str, float]]) -> int:
+        todo = [(normalize_ip(ip).encode(), self._ttl(ttl)) for ip, ttl in grants]
+        for i in range(0, len(todo), GRANT_BATCH):
+            batch = todo[i:i + GRANT_BATCH]
 
-        return self._write(work)  # type: ignore[return-value]
+            def work(txn: lmdb.Transaction, now: float) -> None:
+                for key, ttl in batch:
+                    self._put_grant(txn, key, now + ttl)
+
+            self._write(work)
+        return len(todo)
+
+    def _put_grant(self, txn: lmdb.Transaction, key: bytes, until: float) -> float:
+        grants, _, expiry = self._dbs
+        old = txn.get(key, db=grants)
+        if old is not None:
+            txn.delete(_expiry_key(_GRANT.unpack(old)[0], KIND_GRANT, key), db=expiry)
+        txn.put(key, _GRANT.pack(until), db=grants)
+        txn.put(_expiry_key(until, KIND_GRANT, key), b"", db=expiry)
+        return until
 
     def allows_nowait(self, ip: str) -> bool | None:
         try:

@@ -37,8 +37,11 @@ log = logging.getLogger("qrelay.relay")
 
 T = TypeVar("T")
 
-# Seconds `entries` (a listing, for the CLI) may take in all.
+# Seconds `entries` (a listing) or one batch of grant_many (an import) may
+# take: no login waits for them.
 LIST_TIMEOUT = 30.0
+# Grants sent in one pipeline by grant_many.
+GRANT_BATCH = 1000
 
 
 def _redacted(url: str) -> str:
@@ -112,6 +115,20 @@ class RedisRelayTable(RelayTable):
         await self._call(lambda r: r.set(key, repr(until), px=max(1, round(ttl * 1000))),
                          what="grant")
         return until
+
+    async def grant_many(self, grants: list[tuple[str, float]]) -> int:
+        todo = [(self._key("relay", ip), self._ttl(ttl)) for ip, ttl in grants]
+        for i in range(0, len(todo), GRANT_BATCH):
+            now = self.clock()
+
+            async def send(r: Any, batch=todo[i:i + GRANT_BATCH]) -> None:
+                async with r.pipeline(transaction=False) as pipe:
+                    for key, ttl in batch:
+                        pipe.set(key, repr(now + ttl), px=max(1, round(ttl * 1000)))
+                    await pipe.execute()
+
+            await self._call(send, what="grant", timeout=max(self.timeout, LIST_TIMEOUT))
+        return len(todo)
 
     async def allows(self, ip: str) -> bool:
         try:

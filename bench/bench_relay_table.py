@@ -1,0 +1,131 @@
+"""Relay-table check rate (engine/relay): 100,000 entries against 10, same run
+(prints numbers, not pass/fail).
+
+Target (issue 13): the POP-before-SMTP check with 100,000 entries runs at
+>= 0.9x the rate with 10, for the embedded table (LMDB) and for Redis.
+
+    .venv/bin/python bench/bench_relay_table.py [--big 100000] [--checks 10000] [--rounds 3]
+                                                [--no-redis]
+
+Each check asks for a random address, half of them granted. The embedded
+table is timed on the session's path (`allows_nowait`, no await) and through
+`await allows`; Redis through `await allows`, one check at a time (a
+round-trip each) and 32 at once. Rounds alternate small and big tables and
+the best of each is kept, so a busy machine's noise hits both alike. Redis:
+a redis-server started here on a free loopback port (bench/redis_process.py).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from engine.config.settings import RelaySettings, Settings  # noqa: E402
+from engine.relay import RelayTable, open_relay_table  # noqa: E402
+
+
+def addresses(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [f"{rng.randrange(1, 224)}.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}"
+            for _ in range(n)]
+
+
+async def fill(table: RelayTable, ips: list[str]) -> None:
+    await table.grant_many([(ip, 3600.0) for ip in ips])
+
+
+def probes(granted: list[str], checks: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    strangers = addresses(checks, seed + 1)
+    return [rng.choice(granted) if i % 2 else strangers[i] for i in range(checks)]
+
+
+def rate_nowait(table: RelayTable, ips: list[str]) -> float:
+    allows = table.allows_nowait
+    started = time.perf_counter()
+    for ip in ips:
+        allows(ip)
+    return len(ips) / (time.perf_counter() - started)
+
+
+async def rate_await(table: RelayTable, ips: list[str], parallel: int = 1) -> float:
+    started = time.perf_counter()
+    if parallel == 1:
+        for ip in ips:
+            await table.allows(ip)
+    else:
+        for i in range(0, len(ips), parallel):
+            await asyncio.gather(*(table.allows(ip) for ip in ips[i:i + parallel]))
+    return len(ips) / (time.perf_counter() - started)
+
+
+async def measure(name: str, small: RelayTable, big: RelayTable, small_ips: list[str],
+                  big_ips: list[str], args: argparse.Namespace, embedded: bool) -> None:
+    kinds = [("allows_nowait", None)] if embedded else []
+    kinds += [("await allows", 1)] + ([] if embedded else [("32 at once", 32)])
+    for kind, parallel in kinds:
+        best = {"small": 0.0, "big": 0.0}
+        for r in range(args.rounds):
+            for label, table, granted in (("small", small, small_ips), ("big", big, big_ips)):
+                ips = probes(granted, args.checks, seed=r)
+                if parallel is None:
+                    rate = rate_nowait(table, ips)
+                else:
+                    rate = await rate_await(table, ips, parallel)
+                best[label] = max(best[label], rate)
+        print(f"{name:9s} {kind:14s} {args.small:>7,} entries: {best['small']:>10,.0f} checks/s   "
+              f"{args.big:>7,} entries: {best['big']:>10,.0f} checks/s   "
+              f"ratio {best['big'] / best['small']:.2f}", flush=True)
+
+
+async def run_store(name: str, make, args: argparse.Namespace) -> None:
+    small, big = make("small"), make("big")
+    try:
+        small_ips, big_ips = addresses(args.small, 1), addresses(args.big, 2)
+        started = time.perf_counter()
+        await fill(small, small_ips)
+        await fill(big, big_ips)
+        print(f"{name:9s} filled {args.big:,} grants in {time.perf_counter() - started:.1f} s",
+              flush=True)
+        await measure(name, small, big, small_ips, big_ips, args, embedded=name == "embedded")
+    finally:
+        await small.close()
+        await big.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--small", type=int, default=10)
+    parser.add_argument("--big", type=int, default=100_000)
+    parser.add_argument("--checks", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-redis", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-relay-") as tmp:
+        work = Path(tmp)
+        asyncio.run(run_store(
+            "embedded", lambda label: open_relay_table(work / label, Settings()), args))
+        if args.no_redis:
+            return
+        from redis_process import RedisServer
+        server = RedisServer(work / "redis")
+        try:
+            def make(label: str) -> RelayTable:
+                relay = RelaySettings(store=server.url(), key_prefix=f"{label}:", timeout=5.0)
+                return open_relay_table(work, dataclasses.replace(Settings(), relay=relay))
+            asyncio.run(run_store("redis", make, args))
+        finally:
+            server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""The relay table in Redis (engine/relay/shared.py) against a real
+redis-server: grants with Redis's own expiry, counters, fail closed and
+recovery; two `qrelay run` roots sharing one Redis."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.config.settings import LoginSettings, RelaySettings, Settings
+from engine.relay import RelayStoreError, open_relay_table
+from engine.relay.shared import RedisRelayTable
+from engine.relay.throttle import LoginThrottle
+from tests.conftest import run_cli
+from tests.smtp_harness import RunningQrelay
+from tests.test_relay_smtp import REFUSED, relays
+
+
+def settings_for(url: str, **relay) -> Settings:
+    return dataclasses.replace(Settings(), relay=RelaySettings(store=url, **relay))
+
+
+def wait_until(pred, timeout: float = 10.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def await_until(pred, timeout: float = 10.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await pred():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_grant_allows_revoke_entries(redis_server, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        table = open_relay_table(tmp_path, settings_for(redis_server.url(3)))
+        other = open_relay_table(tmp_path / "elsewhere", settings_for(redis_server.url(3)))
+        assert isinstance(table, RedisRelayTable)
+        try:
+            assert table.allows_nowait("192.0.2.1") is None     # must be awaited
+            until = await table.grant("192.0.2.1", ttl=60)
+            assert until == pytest.approx(time.time() + 60, abs=2)
+            assert await other.allows("192.0.2.1")              # another node's table
+            assert not await other.allows("192.0.2.2")
+            await table.grant("::ffff:192.0.2.2")
+            entries = await other.entries()
+            assert [ip for ip, _ in entries] == ["192.0.2.1", "192.0.2.2"]
+            assert entries[1][1] == pytest.approx(time.time() + 10800, abs=2)
+            assert await other.revoke("192.0.2.1") is True
+            assert not await table.allows("192.0.2.1")
+            assert await other.revoke("192.0.2.1") is False
+            assert not await table.allows("not an ip")
+        finally:
+            await table.close()
+            await other.close()
+
+    asyncio.run(scenario())
+
+
+def test_redis_expires_grants_by_itself(redis_server, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        table = open_relay_table(tmp_path, settings_for(redis_server.url()))
+        try:
+            await table.grant("192.0.2.1", ttl=0.3)
+            assert await table.allows("192.0.2.1")
+
+            async def gone() -> bool:
+                return not await table.allows("192.0.2.1")
+            await await_until(gone, what="the grant to expire")
+            assert await table.entries() == []
+        finally:
+            await table.close()
+
+    asyncio.run(scenario())
+
+
+def test_key_prefix_separates_clusters(redis_server, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        a = open_relay_table(tmp_path, settings_for(redis_server.url(), key_prefix="a:"))
+        b = open_relay_table(tmp_path, settings_for(redis_server.url(), key_prefix="b:"))
+        try:
+            await a.grant("192.0.2.1", ttl=60)
+            assert await a.allows("192.0.2.1") and not await b.allows("192.0.2.1")
+            assert await b.entries() == []
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(scenario())
+
+
+def test_throttle_counts_across_nodes(redis_server, tmp_path: Path) -> None:
+    login = LoginSettings(failure_delay=1.0, max_delay=3.0, max_failures=4, window=60,
+                          lockout_seconds=1)
+    settings = dataclasses.replace(settings_for(redis_server.url()), login=login)
+
+    async def scenario() -> None:
+        node_a, node_b = open_relay_table(tmp_path, settings), open_relay_table(tmp_path, settings)
+        a, b = LoginThrottle(node_a, settings), LoginThrottle(node_b, settings)
+        try:
+            assert [await a.failure("192.0.2.1"), await b.failure("192.0.2.1"),
+                    await a.failure("192.0.2.1")] == [1.0, 2.0, 3.0]
+            assert await b.failure("192.0.2.1") == math.inf
+            assert await a.locked("192.0.2.1") and await b.locked("192.0.2.1")
+
+            async def unlocked() -> bool:
+                return not await a.locked("192.0.2.1")
+            await await_until(unlocked, what="the lockout to end")      # Redis expires it
+            assert await b.failure("192.0.2.1") == 1.0
+            await a.success("192.0.2.1")
+            assert await b.failure("192.0.2.1") == 1.0
+        finally:
+            await node_a.close()
+            await node_b.close()
+
+    asyncio.run(scenario())
+
+
+def test_unreachable_redis_fails_closed_logs_once_and_recovers(
+        redis_server, tmp_path: Path, caplog) -> None:
+    settings = settings_for(redis_server.url(), retry_seconds=0.1)
+
+    async def scenario() -> None:
+        table = open_relay_table(tmp_path, settings)
+        try:
+            await table.grant("192.0.2.1", ttl=600)
+            assert await table.allows("192.0.2.1")
+            redis_server.stop()
+            started = time.monotonic()
+            answers = []
+            for _ in range(20):
+                answers.append(await table.allows("192.0.2.1"))
+                await asyncio.sleep(0.02)     # several retry windows
+            assert answers == [False] * 20
+            assert time.monotonic() - started < 20 * 0.02 + 2 * settings.relay.timeout + 1
+            with pytest.raises(RelayStoreError):
+                await table.grant("192.0.2.2")
+            assert await table.count_failure("192.0.2.1", 60) is None
+            assert await table.locked_until("192.0.2.1") == 0
+            down = [r for r in caplog.records if "unreachable" in r.getMessage()]
+            assert len(down) == 1, [r.getMessage() for r in down]
+            redis_server.start()             # persisted: the grant is back with it
+
+            async def back() -> bool:
+                return await table.allows("192.0.2.1")
+            await await_until(back, what="recovery")
+            assert any("answers again" in r.getMessage() for r in caplog.records)
+        finally:
+            await table.close()
+
+    with caplog.at_level(logging.WARNING, logger="qrelay.relay"):
+        asyncio.run(scenario())
+
+
+def test_a_silent_redis_costs_at_most_the_timeout(tmp_path: Path) -> None:
+    """A server that accepts and never answers (a hung Redis): bounded by [relay] timeout."""
+    import socket
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    settings = settings_for(f"redis://127.0.0.1:{port}/0", timeout=0.2)
+
+    async def scenario() -> float:
+        table = open_relay_table(tmp_path, settings)
+        try:
+            started = time.monotonic()
+            assert not await table.allows("192.0.2.1")
+            assert not await table.allows("192.0.2.1")     # within retry_seconds: at once
+            return time.monotonic() - started
+        finally:
+            await table.close()
+
+    try:
+        assert asyncio.run(scenario()) < 0.2 + 0.5
+    finally:
+        listener.close()
+
+
+def make_root(tmp_path: Path, name: str, url: str) -> Path:
+    from engine.home import init_home
+    root = init_home(tmp_path / name, me=f"{name}.example.com")
+    (root / "control" / "tcp.smtp").write_text(":allow\n")     # nobody relays by IP
+    (root / "qrelay.toml").write_text(f'[relay]\nstore = "{url}"\nretry_seconds = 0.1\n')
+    return root
+
+
+def test_two_nodes_share_one_redis(redis_server, tmp_path: Path) -> None:
+    """`relayclients add` on node A lets the client relay through node B at
+    once; Redis stopped: B refuses relay (553) at once; Redis back: it works
+    again, nothing restarted."""
+    url = redis_server.url(1)
+    root_a, root_b = make_root(tmp_path, "a", url), make_root(tmp_path, "b", url)
+    node_a = RunningQrelay(root_a, procs=1)
+    node_b = RunningQrelay(root_b, procs=2)
+    try:
+        assert relays(node_b.port) == REFUSED
+        done = run_cli("relayclients", "add", str(root_a), "127.0.0.1", "--ttl", "600")
+        assert done.returncode == 0, done.stderr
+        assert [relays(node_b.port) for _ in range(4)] == [b"250 ok\r\n"] * 4
+        assert relays(node_a.port) == b"250 ok\r\n"
+        listed = run_cli("relayclients", str(root_b))
+        assert listed.stdout.startswith("127.0.0.1\tuntil ")
+
+        redis_server.stop()
+        started = time.monotonic()
+        assert [relays(node_b.port) for _ in range(4)] == [REFUSED] * 4
+        assert time.monotonic() - started < 4 * 0.25 + 3.0      # no session waits long
+        down = run_cli("relayclients", str(root_b))
+        assert down.returncode == 1 and "unreachable" in down.stderr and "Traceback" not in down.stderr
+
+        redis_server.start()
+        wait_until(lambda: relays(node_b.port) == b"250 ok\r\n", what="node B to relay again")
+        wait_until(lambda: all(relays(node_b.port) == b"250 ok\r\n" for _ in range(4)),
+                   what="every receiver of node B to relay again")
+    finally:
+        node_a.stop()
+        node_b.stop()
+    log = (root_b / "log" / "smtpd" / "current").read_text()
+    outage = [ln for ln in log.splitlines() if "unreachable" in ln]
+    assert 1 <= len(outage) <= 2, outage          # one line per receiver per outage
+    assert "answers again" in log
+
+
+def test_grant_many_pipelines(redis_server, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        table = open_relay_table(tmp_path, settings_for(redis_server.url()))
+        try:
+            ips = [f"10.0.{i // 256}.{i % 256}" for i in range(2500)]
+            assert await table.grant_many([(ip, 60.0) for ip in ips]) == 2500
+            assert len(await table.entries()) == 2500
+            assert await table.allows("10.0.9.195")
+        finally:
+            await table.close()
+
+    asyncio.run(scenario())
