@@ -11,6 +11,12 @@ spawner), started and restarted by it, so they live and die with it.
     spool-writer   1            1           -             commits every receiver's messages
     receiver       --procs      0           HUP           SMTP (engine.smtp)
     scheduler      1            0           HUP, ALRM     qmail-send (engine.delivery.service)
+    status         1 if http    0           -             /metrics, status page (engine.status)
+
+Every listener but `http://` ones goes to the receivers; those go to the
+status service alone, so a scrape or a page kept open never runs on a
+receiver's event loop. Every process counts into ROOT/run/metrics
+(engine.metrics, enabled by `serve` before the first fork, emptied at start).
 
 The writer is first, so receivers find it, and stops last, after the
 receivers whose last messages it commits. One `qrelay run` per root: the
@@ -53,17 +59,25 @@ def services(root: Path, config: Any, listeners: list[Listener], procs: int) -> 
     """The children of `qrelay run`, in start order."""
     settings = config.settings
     sockets = [listener.sock for listener in listeners]
+    http = [listener for listener in listeners if listener.scheme == "http"]
+    served = [listener for listener in listeners if listener.scheme != "http"]
     table = ConnectionTable(procs)
     specs = []
     if settings.spool.single_writer:
         specs.append(_without_listeners(_spool_writer(root, settings), sockets))
     from engine.smtp.receiver import receiver_main
-    specs.append(ChildSpec(
-        "receiver", target=lambda slot: receiver_main(str(root), listeners, table.counter(slot)),
-        count=procs, on_exit=table.clear_row, forward_signals=frozenset({signal.SIGHUP})))
+    specs.append(_without_listeners(ChildSpec(
+        "receiver", target=lambda slot: receiver_main(str(root), served, table.counter(slot)),
+        count=procs, on_exit=table.clear_row, forward_signals=frozenset({signal.SIGHUP})),
+        [listener.sock for listener in http]))
     if settings.scheduler.enabled:   # false: `qrelay run` only receives, mail stays queued
         from engine.delivery.service import scheduler_spec
         specs.append(_without_listeners(scheduler_spec(root), sockets))
+    if http:
+        from engine.status import status_main
+        specs.append(_without_listeners(ChildSpec(
+            "status", target=lambda slot: status_main(str(root), http),
+            forward_signals=frozenset()), [listener.sock for listener in served]))
     return specs
 
 
@@ -79,8 +93,8 @@ def _spool_writer(root: Path, settings: Any) -> ChildSpec:
 
 
 def _without_listeners(spec: ChildSpec, sockets: list[socket.socket]) -> ChildSpec:
-    """A service that is no receiver closes its inherited copy of the listening
-    sockets at once: otherwise the port would stay open (and queue connections
+    """A service closes its inherited copy of the listening sockets it does not
+    serve at once: otherwise the port would stay open (and queue connections
     nobody answers) until that service exits."""
     target = spec.target
 
@@ -244,12 +258,18 @@ def serve(root: Path, listen: list[ListenAddress], procs: int,
     from engine.delivery.service import delivery_fingerprint
     from engine.smtp.config import config_fingerprint, load_smtp_config
 
+    from engine import metrics
+    from engine.status import check_listen
+
     refuse_qmail_queue(root)
     config = load_smtp_config(root)
     check_services(root, config, {addr.scheme for addr in listen})
+    check_listen(listen, config.settings)
     smtp = config.settings.smtp
     mutex = hold_queue(root)
     try:
+        # Before the first fork, under the lock: this run's counters only.
+        metrics.enable(root / metrics.METRICS_DIR)
         listeners = bind_listeners(listen)
     except BaseException:
         os.close(mutex)

@@ -314,6 +314,24 @@ class DoctorSettings:
 
 
 @dataclass(slots=True, frozen=True)
+class StatusSettings:
+    # `--listen http://HOST:PORT` (engine.status: /metrics, the status page):
+    # refused on an address that is not loopback unless this is true — the
+    # page shows addresses and remote servers' replies, and has no login.
+    allow_remote: bool = False
+    # Destinations shown in the queue shape and the deferred table, and
+    # exported as qrelay_queue_deferred_recipients{destination=...}.
+    top_destinations: int = 20
+    # The spool is read for the page and /metrics at most this often; a
+    # summary that took T seconds to compute is reused for at least 10 T.
+    cache_seconds: float = 1.0
+    recent_deliveries: int = 30
+    # Simultaneous HTTP connections; a request must arrive within request_timeout.
+    max_connections: int = 32
+    request_timeout: float = 10.0
+
+
+@dataclass(slots=True, frozen=True)
 class Settings:
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
     spool: SpoolSettings = field(default_factory=SpoolSettings)
@@ -327,6 +345,7 @@ class Settings:
     relay: RelaySettings = field(default_factory=RelaySettings)
     login: LoginSettings = field(default_factory=LoginSettings)
     pop3: Pop3Settings = field(default_factory=Pop3Settings)
+    status: StatusSettings = field(default_factory=StatusSettings)
 
 
 # (section, key) -> (minimum, maximum or None, why): a value outside is refused
@@ -377,6 +396,11 @@ RANGES: dict[tuple[str, str], tuple[float, float | None, str]] = {
     ("tls", "handshake_timeout"): (0.1, None, "no handshake would finish"),
     ("auth", "hash_threads"): (1, 64, "a thread checks passwords"),
     ("log", "max_files"): (2, None, "multilog's smallest n"),
+    ("status", "top_destinations"): (1, 1000, "one row each on the page, one series each"),
+    ("status", "cache_seconds"): (0.1, None, "the spool read in a busy loop otherwise"),
+    ("status", "recent_deliveries"): (1, 1000, "rows on the page"),
+    ("status", "max_connections"): (1, None, "0 would refuse every request"),
+    ("status", "request_timeout"): (0.1, None, "every request would time out"),
 }
 
 

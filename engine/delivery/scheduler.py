@@ -59,6 +59,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine import metrics
 from engine.config.control import read_number
 from engine.delivery.bounce import BounceConfig, Failure, build_bounce, bounce_kind, wire_sender
 from engine.delivery.channels import CHANNELS, Courier, Group, RecipientResult, all_results
@@ -649,6 +650,7 @@ class Scheduler:
                 next_try = self.clock()   # flushed while running: one more try now
             for job, got, number in zip(jobs, results, numbers):
                 status, text = retry.final_result(got.status, got.text, dying)
+                metrics.delivery_result(lane.name, status, opened - first.birth)
                 if status == "K":
                     result = Delivered(job.msgid, job.index)
                 elif status == "D":

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from engine import metrics
 from engine.delivery.tlspolicy import NONE, SMTPS_PORT, TlsContexts, TlsPolicy, check_peer
 
 # qmail-remote keeps up to this much of a reply for "Remote host said:".
@@ -187,12 +188,15 @@ class SmtpConnection:
                         "ssl_handshake_timeout": handshake_timeout} if implicit else {})),
                 timeoutconnect + (handshake_timeout if implicit else 0))
         except asyncio.TimeoutError:
+            metrics.remote_connection(False)
             raise ConnectFailed(ip, f"connect to {ip}:{port}: timed out", timed_out=True) from None
         except ssl.SSLError as exc:
             raise TlsFailed(ip, _tls_error_text(exc, tls, contexts, ip)) from None
         except OSError as exc:
+            metrics.remote_connection(False)
             raise ConnectFailed(ip, f"connect to {ip}:{port}: {exc!r}",
                                 timed_out=isinstance(exc, TimeoutError)) from None
+        metrics.remote_connection(True)
         conn = cls(ip, port, helohost, reader, writer, timeoutremote)
         try:
             if implicit:

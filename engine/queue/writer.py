@@ -32,7 +32,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable
 
-from engine import ipc
+from engine import ipc, metrics
 from engine.config.settings import SpoolSettings
 from engine.ipc import FrameError
 from engine.queue import records as R
@@ -135,10 +135,13 @@ class SpoolWriterServer:
         try:
             msgid = await self.spool.submit(envelope, message)
             frame = encode_response(reqid, OK, ipc.U64.pack(msgid))
+            metrics.spool_commit("ok")
         except SpoolWriteError as exc:
             frame = encode_response(reqid, WRITE_ERROR, str(exc).encode())
+            metrics.spool_commit("write_error")
         except SpoolError as exc:
             frame = encode_response(reqid, OTHER_ERROR, str(exc).encode())
+            metrics.spool_commit("error")
         if not writer.is_closing():
             writer.write(frame)
 

@@ -14,14 +14,16 @@ class ListenError(Exception):
     """A --listen value is malformed or cannot be bound."""
 
 
-# scheme -> what a receiver serves on it (engine.smtp.receiver picks the
-# protocol). `smtp` is the default: port 25's dialogue.
+# scheme -> what is served on it: by a receiver (engine.smtp.receiver picks
+# the protocol), except `http`, the status service's (engine.status). `smtp`
+# is the default: port 25's dialogue.
 SCHEMES: dict[str, str] = {
     "smtp": "SMTP, port 25's dialogue",
     "submission": "SMTP for mail clients (587): AUTH before MAIL, STARTTLS",
     "submissions": "submission over implicit TLS (465, RFC 8314)",
     "pop3": "POP3 (qmail-popup + qmail-pop3d), STLS when control/servercert.pem exists",
     "pop3s": "POP3 in TLS from the first byte (port 995)",
+    "http": "/metrics and the status page (loopback only unless [status] allow_remote)",
 }
 
 # Schemes whose connections start with a TLS handshake (engine.tls): a

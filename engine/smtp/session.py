@@ -31,6 +31,7 @@ import math
 import time
 from typing import TYPE_CHECKING, Any
 
+from engine import metrics
 from engine._smtpcore import TOO_LONG, DataScanner, LineReader, parse_command, parse_params, parse_path
 from engine.queue import Envelope, SpoolError, SpoolWriteError
 from engine.smtp import auth
@@ -163,6 +164,7 @@ class SmtpSession(asyncio.Protocol):
             transport.write(f"{reply}\r\n".encode())
             transport.close()
             self.state = CLOSED
+            metrics.session_refused("limit", self.scheme)
             if self.log is not None:
                 cap = (f"status: {counter.total()}/{cfg.concurrencyincoming}" if refused == "total"
                        else f"max_connections_per_ip {st.max_connections_per_ip}")
@@ -170,6 +172,7 @@ class SmtpSession(asyncio.Protocol):
             return
         self.counted = True
         receiver.sessions.add(self)
+        metrics.session_opened(self.scheme)
         if self.log is not None:
             self.log.tcpserver_status(counter.total(), cfg.concurrencyincoming)
             self.log.tcpserver_pid(self.number, self.remoteip)
@@ -283,6 +286,7 @@ class SmtpSession(asyncio.Protocol):
             self.counted = False
             counter = self.receiver.counter
             counter.release(self.remoteip)
+            metrics.session_closed(self.scheme)
             if self.log is not None:
                 self.log.tcpserver_end(self.number, self.end_status)
                 self.log.tcpserver_status(counter.total(), self.config.concurrencyincoming)
@@ -614,13 +618,17 @@ class SmtpSession(asyncio.Protocol):
         except SpoolWriteError as exc:
             log.warning("pid %d from %s: spool write error: %s", self.number, self.remoteip, exc)
             reply = R_QQ_WRITE
+            metrics.message_received("tempfail", self.scheme)
         except SpoolError as exc:
             log.warning("pid %d from %s: spool error: %s", self.number, self.remoteip, exc)
             reply = R_QQ_TEMP
+            metrics.message_received("tempfail", self.scheme)
         except Exception:  # never let one message kill the receiver
             log.exception("pid %d from %s: unexpected error while queueing", self.number, self.remoteip)
             reply = R_QQ_TEMP
+            metrics.message_received("tempfail", self.scheme)
         else:
+            metrics.message_received("queued", self.scheme)
             reply = f"250 ok {int(time.time())} qp {msgid}\r\n".encode()
         self._resume(reply)
 
@@ -681,6 +689,7 @@ class SmtpSession(asyncio.Protocol):
         except asyncio.CancelledError:
             raise
         except Exception as exc:   # ssl.SSLError, a reset, the handshake timeout
+            metrics.tls_result("failed", self.scheme)
             if self.state != CLOSED:
                 self._note(f"TLS connection failed: {type(exc).__name__}: {exc}".rstrip(": "))
                 self.state = CLOSED
@@ -712,6 +721,7 @@ class SmtpSession(asyncio.Protocol):
         (qmail-tls: `with ESMTPS (<cipher> encrypted)`), and the log."""
         cipher = session_cipher(transport)
         self.tls = cipher
+        metrics.tls_result("ok", self.scheme)
         self.protocol = f"ESMTPS ({cipher} encrypted)"
         ssl_object = transport.get_extra_info("ssl_object")
         version = ssl_object.version() if ssl_object is not None else "TLS"
@@ -776,6 +786,7 @@ class SmtpSession(asyncio.Protocol):
         except Exception as exc:   # accounts unreadable, the shared throttle unreachable
             log.warning("pid %d from %s: AUTH %s: %s", self.number, ip, creds.login, exc)
             self._note(f"AUTH unavailable {who}: {exc}")
+            metrics.auth_result("tempfail", creds.mechanism, self.scheme)
             self._resume(auth.R_AUTH_TEMP)
             return
         if ok:
@@ -784,9 +795,12 @@ class SmtpSession(asyncio.Protocol):
             self.remoteinfo = creds.login
             self.protocol = (f"ESMTPSA ({self.tls} encrypted)" if self.tls is not None else "ESMTPA")
             self._note(f"AUTH successful {who} ({creds.mechanism})")
+            metrics.auth_result("ok", creds.mechanism, self.scheme)
             self._resume(auth.R_AUTH_OK)
             return
         self._note(f"AUTH failed {who} ({creds.mechanism}: {why})")
+        metrics.auth_result("locked_out" if why == "locked out" else "failed", creds.mechanism,
+                            self.scheme)
         if close:
             if self.state == CLOSED:
                 return

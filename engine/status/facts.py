@@ -1,0 +1,292 @@
+"""What the status service shows: queue facts from the spool (read-only),
+counter totals from the metrics directory, recent deliveries from the log.
+
+Owns no state that matters: everything here is read from files other
+processes own, and cached so a page kept open (or a scraper) costs little:
+- the O(1) facts (messages, not preprocessed, the oldest message) at most
+  once per `[status] cache_seconds`;
+- the queue summary (every open recipient: destinations × age, deferred
+  destinations with their last error) at most once per cache_seconds and
+  never more often than 10 × the time the last one took, in a thread, while
+  the previous one is served;
+- the tail of ROOT/log/current (qmail-send's `starting delivery` and
+  `delivery` lines), at most 256 KB per read.
+It never writes the spool, the log or the metrics files, except that it
+drops the live-gauge files of processes that are gone (mark_process_dead).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterator
+
+from engine.log import TAI64_EPOCH
+
+# qshape's age buckets, in minutes: 0-5, 5-10, 10-20 ... 320+.
+AGE_BOUNDS_MINUTES = (5, 10, 20, 40, 80, 160, 320)
+AGE_LABELS = tuple(f"{a}-{b}m" for a, b in zip((0,) + AGE_BOUNDS_MINUTES, AGE_BOUNDS_MINUTES)) + (
+    f"{AGE_BOUNDS_MINUTES[-1]}m+",)
+LOG_TAIL_BYTES = 256 * 1024
+# Rates are the counters' change over about this many seconds.
+RATE_WINDOW = 5.0
+_WORDS = {"success": "delivered", "deferral": "deferred", "failure": "bounced"}
+_STARTING = re.compile(r"starting delivery (\d+): msg (\d+) to (\S+) (.*)$")
+_RESULT = re.compile(r"delivery (\d+): (success|deferral|failure): (.*)$")
+
+
+@dataclass(slots=True)
+class QueueSummary:
+    """Every open (not delivered, not failed) recipient, counted."""
+    taken: float = 0.0               # unix time the scan started
+    seconds: float = 0.0             # how long it took
+    recipients: dict[str, int] = field(default_factory=dict)   # by state
+    shape: list[dict] = field(default_factory=list)     # top destinations × age buckets
+    deferred: list[dict] = field(default_factory=list)  # top deferred destinations
+
+
+def summarize(messages: Iterator[Any], now: float, top: int) -> QueueSummary:
+    """Count the open recipients of `messages` (Spool.iter_messages)."""
+    started = time.monotonic()
+    states: dict[str, int] = {}
+    ages: dict[str, list[int]] = {}
+    deferred: dict[str, list] = {}       # domain -> [count, next_try of the text, text]
+    bounds = [m * 60 for m in AGE_BOUNDS_MINUTES]
+    for msg in messages:
+        age = now - msg.birth
+        bucket = 0
+        while bucket < len(bounds) and age >= bounds[bucket]:
+            bucket += 1
+        for r in msg.recipients:
+            if r.done:
+                continue
+            states[r.state] = states.get(r.state, 0) + 1
+            domain = r.address.rpartition("@")[2].lower() or "(none)"
+            row = ages.get(domain)
+            if row is None:
+                row = ages[domain] = [0] * len(AGE_LABELS)
+            row[bucket] += 1
+            if r.state == "deferred":
+                d = deferred.get(domain)
+                if d is None:
+                    deferred[domain] = [1, r.next_try, r.text]
+                else:
+                    d[0] += 1
+                    if r.next_try >= d[1]:   # the latest deferral's text
+                        d[1], d[2] = r.next_try, r.text
+    shape = sorted(ages.items(), key=lambda kv: (-sum(kv[1]), kv[0]))[:top]
+    worst = sorted(deferred.items(), key=lambda kv: (-kv[1][0], kv[0]))[:top]
+    return QueueSummary(
+        taken=now, seconds=time.monotonic() - started, recipients=states,
+        shape=[{"destination": d, "total": sum(row), "ages": row} for d, row in shape],
+        deferred=[{"destination": d, "count": c, "next_try": t, "last_error": text.strip()}
+                  for d, (c, t, text) in worst])
+
+
+class SpoolReader:
+    """ROOT's spool opened read-only when it exists (a fresh root has none
+    until the first message), kept open; reopened after an error."""
+
+    def __init__(self, root: Path, settings: Any) -> None:
+        self.queue = root / "queue"
+        self.settings = settings
+        self.spool: Any = None
+
+    def get(self) -> Any:
+        if self.spool is None and (self.queue / "index" / "data.mdb").exists():
+            from engine.queue import Spool
+            self.spool = Spool(self.queue, self.settings.spool, readonly=True,
+                               warn=lambda text: None)
+        return self.spool
+
+    def basics(self, now: float) -> dict:
+        """Messages, not preprocessed, the oldest message's age: O(1)."""
+        spool = self.get()
+        if spool is None:
+            return {"messages": 0, "not_preprocessed": 0, "oldest_age": 0.0}
+        try:
+            stats = spool.stats()
+            first = next(iter(spool.iter_messages(chunk=1)), None)
+        except Exception:
+            self.close()
+            raise
+        # Ids grow with time (per process, in blocks): the lowest id is the
+        # oldest message, give or take the receivers' id blocks.
+        return {"messages": stats.messages, "not_preprocessed": stats.not_preprocessed,
+                "oldest_age": max(0.0, now - first.birth) if first is not None else 0.0}
+
+    def summary(self, now: float, top: int) -> QueueSummary:
+        spool = self.get()
+        if spool is None:
+            return QueueSummary(taken=now)
+        try:
+            return summarize(spool.iter_messages(), now, top)
+        except Exception:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.spool is not None:
+            self.spool.close()
+            self.spool = None
+
+
+def tai64n_time(label: str) -> float:
+    """Unix time of a `@4000...` multilog stamp (0.0 if it is not one)."""
+    try:
+        return int(label[1:17], 16) - TAI64_EPOCH + int(label[17:25], 16) / 1e9
+    except ValueError:
+        return 0.0
+
+
+def _tail_lines(path: Path, limit: int) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - limit))
+            data = f.read(limit)
+    except OSError:
+        return []
+    lines = data.decode("ascii", "replace").split("\n")
+    return lines[1:] if size > limit else lines
+
+
+def _json_event(line: str) -> dict | None:
+    """A line of `[log] format = "json"` as its object, or None."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _rfc3339_time(text: object) -> float:
+    try:
+        return datetime.fromisoformat(str(text)).timestamp()
+    except ValueError:
+        return 0.0
+
+
+def recent_deliveries(log_dir: Path, count: int) -> list[dict]:
+    """The last `count` delivery results of qmail-send's log (either format),
+    newest first: ROOT/log/current, and the newest rotated file when current
+    is short."""
+    lines = _tail_lines(log_dir / "current", LOG_TAIL_BYTES)
+    if sum("delivery" in ln for ln in lines) < 2 * count:
+        rotated = sorted(glob.glob(str(log_dir / "@*.s")))
+        if rotated:
+            lines = _tail_lines(Path(rotated[-1]), LOG_TAIL_BYTES) + lines
+    started: dict[str, tuple[str, str, str]] = {}
+    results: deque[dict] = deque(maxlen=count)
+    for line in lines:
+        if len(started) > 10_000:     # starts whose result is not in the tail
+            started.clear()
+        if line.startswith("{"):
+            event = _json_event(line)
+            if event is None:
+                continue
+            if event.get("event") == "delivery":
+                msgid, channel, rcpt = started.pop(str(event.get("delivery")), ("", "", ""))
+                results.append({"time": _rfc3339_time(event.get("time")), "msgid": msgid,
+                                "channel": channel, "recipient": rcpt,
+                                "result": _WORDS.get(str(event.get("status")), "deferred"),
+                                "text": " ".join(str(event.get("text", "")).split())})
+            elif event.get("event") == "starting_delivery":
+                started[str(event.get("delivery"))] = (str(event.get("msg", "")),
+                                                       str(event.get("channel", "")),
+                                                       str(event.get("recipient", "")))
+            continue
+        stamp, _, text = line.partition(" ")
+        m = _RESULT.match(text)
+        if m:
+            number, word, said = m.groups()
+            msgid, channel, rcpt = started.pop(number, ("", "", ""))
+            # The log's text is logsafe'd (qmail-send: space -> _, LF -> /): readable again.
+            results.append({"time": tai64n_time(stamp), "msgid": msgid, "channel": channel,
+                            "recipient": rcpt, "result": _WORDS[word],
+                            "text": " ".join(said.replace("_", " ").replace("/", " ").split())})
+            continue
+        m = _STARTING.match(text)
+        if m:
+            number, msgid, channel, rcpt = m.groups()
+            started[number] = (msgid, channel, rcpt)
+    return list(reversed(results))
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def drop_dead_gauges(directory: Path) -> int:
+    """mark_process_dead for every process whose live-gauge file is left
+    (a restarted receiver): its open sessions are no longer open."""
+    from prometheus_client import multiprocess
+    dropped = 0
+    for path in directory.glob("gauge_live*_*.db"):
+        pid = path.stem.rpartition("_")[2]
+        if pid.isdigit() and not alive(int(pid)):
+            multiprocess.mark_process_dead(int(pid), str(directory))
+            dropped += 1
+    return dropped
+
+
+def counter_totals(families: Any) -> dict:
+    """The numbers the page shows, from the collected metric families."""
+    totals: dict[str, float] = {"received": 0.0, "tempfail": 0.0, "delivered": 0.0,
+                                "deferred": 0.0, "bounced": 0.0, "sessions": 0.0,
+                                "sessions_active": 0.0}
+    channels: dict[str, dict[str, float]] = {}
+    for family in families:
+        for sample in family.samples:
+            name, labels, value = sample.name, sample.labels, sample.value
+            if name == "qrelay_messages_received_total":
+                key = "received" if labels.get("result") == "queued" else "tempfail"
+                totals[key] += value
+            elif name == "qrelay_deliveries_total":
+                result = labels.get("result", "")
+                if result in ("delivered", "deferred", "bounced"):
+                    totals[result] += value
+                    per = channels.setdefault(labels.get("channel", ""), {})
+                    per[result] = per.get(result, 0.0) + value
+            elif name == "qrelay_sessions_total" and labels.get("result") == "accepted":
+                totals["sessions"] += value
+            elif name == "qrelay_sessions_active":
+                totals["sessions_active"] += value
+    totals_out: dict[str, Any] = dict(totals)
+    totals_out["by_channel"] = channels
+    return totals_out
+
+
+class Rates:
+    """Per-second rates of the counters, from samples taken at each refresh."""
+
+    KEYS = ("received", "delivered", "deferred", "bounced", "sessions")
+
+    def __init__(self) -> None:
+        self.samples: deque[tuple[float, dict]] = deque(maxlen=120)
+
+    def add(self, mono: float, totals: dict) -> dict[str, float]:
+        self.samples.append((mono, {k: totals.get(k, 0.0) for k in self.KEYS}))
+        base = self.samples[0]
+        for sample in self.samples:
+            if mono - sample[0] <= RATE_WINDOW:
+                break
+            base = sample
+        span = mono - base[0]
+        if span <= 0:
+            return {k: 0.0 for k in self.KEYS}
+        latest = self.samples[-1][1]
+        # A counter that went down (the run restarted) counts from zero.
+        return {k: max(0.0, latest[k] - base[1][k]) / span for k in self.KEYS}

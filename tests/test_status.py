@@ -1,0 +1,205 @@
+"""engine.status: `qrelay run --listen http://...` serves /metrics, /status.json
+and the status page; tested through a real `qrelay run`, a loopback sink,
+the fake DNS server and headless Chromium."""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import run_cli
+from tests.headless import Chromium, chromium_path
+from tests.smtp_harness import RunningQrelay, route_to_loopback
+from tests.test_delivery_e2e import ThreadSink, send, wait_for
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def sink():
+    s = ThreadSink()
+    yield s
+    s.close()
+
+
+class StatusRun:
+    """`qrelay run` with an SMTP and an http listener, routes to loopback sinks."""
+
+    def __init__(self, root: Path, dns, routes: dict[str, int], toml: str = "") -> None:
+        route_to_loopback(root, routes, f'[delivery]\ndns_servers = ["{dns.address}"]\n'
+                                        f"idle_timeout = 0.2\n[scheduler]\npoll_interval = 0.02\n{toml}")
+        self.q = RunningQrelay(root, procs=1, extra=("--listen", "http://127.0.0.1:0"))
+        ports = self.q.port_file.read_text().split()
+        self.port, self.http_port = int(ports[0]), int(ports[1])
+
+    def get(self, path: str, method: str = "GET", headers: dict | None = None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=10)
+        try:
+            conn.request(method, path, headers=headers or {})
+            r = conn.getresponse()
+            return r.status, dict(r.getheaders()), r.read()
+        finally:
+            conn.close()
+
+    def metrics(self) -> dict[tuple, float]:
+        status, headers, body = self.get("/metrics")
+        assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(body.decode())
+                for s in family.samples}
+
+    def status(self) -> dict:
+        status, _, body = self.get("/status.json")
+        assert status == 200
+        return json.loads(body)
+
+
+@pytest.fixture
+def status_run(root, dns):
+    started: list[StatusRun] = []
+
+    def start(routes: dict[str, int], toml: str = "") -> StatusRun:
+        run = StatusRun(root, dns, routes, toml)
+        started.append(run)
+        return run
+
+    yield start
+    for run in started:
+        run.q.stop()
+
+
+def value(samples: dict, name: str, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_parse_and_move_after_mail_through_qrelay_run(status_run, sink, root):
+    run = status_run({"sink.test": sink.start()})
+    before = run.metrics()
+    assert value(before, "qrelay_queue_messages") == 0
+    send(run.port, ["x@sink.test", "y@sink.test"], n=3)
+    wait_for(lambda: len(sink.messages()) >= 3, what="3 deliveries")
+
+    def moved():
+        m = run.metrics()
+        done = value(m, "qrelay_deliveries_total", channel="remote", result="delivered") >= 6
+        return done and m
+    after = wait_for(moved, what="the delivery counters")
+    assert value(after, "qrelay_messages_received_total", protocol="smtp", result="queued") == 3
+    assert value(after, "qrelay_spool_commits_total", result="ok") == 3
+    assert value(after, "qrelay_sessions_total", protocol="smtp", result="accepted") >= 1
+    assert value(after, "qrelay_remote_connections_total", result="ok") >= 1
+    # the latency histogram: 6 delivered recipients, each queued moments ago
+    assert value(after, "qrelay_delivery_latency_seconds_count", channel="remote") == 6
+    assert value(after, "qrelay_delivery_latency_seconds_bucket", channel="remote", le="+Inf") == 6
+    assert value(after, "qrelay_delivery_latency_seconds_bucket", channel="remote", le="60.0") == 6
+    # the queue's gauges, read from the spool by the status service
+    assert "qrelay_queue_oldest_message_age_seconds" in {name for name, _ in after}
+    wait_for(lambda: value(run.metrics(), "qrelay_queue_messages") == 0, what="an empty queue")
+    # one file per process that counted, under ROOT/run/metrics
+    files = {p.name.split("_")[0] for p in (root / "run" / "metrics").glob("*.db")}
+    assert {"counter", "histogram"} <= files
+
+
+def test_deferred_destination_with_its_last_error_in_metrics_and_status(status_run, sink, root):
+    port = sink.start(rcpt_replies={"slow@sink.test": "451 4.3.0 try again later"})
+    run = status_run({"sink.test": port})
+    send(run.port, ["slow@sink.test"], n=2)
+
+    def deferred():
+        doc = run.status()
+        return doc["queue"]["deferred"] and doc
+    doc = wait_for(deferred, what="a deferred destination on the status page")
+    row = doc["queue"]["deferred"][0]
+    assert row["destination"] == "sink.test" and row["count"] == 2
+    assert "451 4.3.0 try again later" in row["last_error"]
+    assert doc["queue"]["shape"][0]["destination"] == "sink.test"
+    assert doc["queue"]["shape"][0]["ages"][0] == 2          # both younger than 5 minutes
+    assert doc["queue"]["messages"] == 2 and doc["queue"]["recipients"] == {"deferred": 2}
+    assert doc["totals"]["deferred"] >= 2
+    assert {r["result"] for r in doc["recent"]} == {"deferred"}
+    assert {r["recipient"] for r in doc["recent"]} == {"slow@sink.test"}
+    m = wait_for(lambda: (x := run.metrics()) and
+                 value(x, "qrelay_queue_deferred_recipients", destination="sink.test") == 2 and x,
+                 what="the deferred gauge")
+    assert value(m, "qrelay_deliveries_total", channel="remote", result="deferred") >= 2
+
+
+def test_http_refusals_are_one_line_4xx(status_run, sink):
+    run = status_run({"sink.test": sink.start()})
+    assert run.get("/nope")[0] == 404
+    status, headers, _ = run.get("/metrics", method="POST")
+    assert status == 405 and headers["Allow"] == "GET, HEAD"
+    status, headers, body = run.get("/status.json", method="HEAD")
+    assert status == 200 and body == b"" and int(headers["Content-Length"]) > 0
+    # DNS rebinding: a page from elsewhere naming this port under its own host name
+    assert run.get("/status.json", headers={"Host": "evil.example:80"})[0] == 403
+    status, headers, body = run.get("/")
+    assert status == 200 and b"<title>qrelay status</title>" in body
+    assert "default-src 'self'" in headers["Content-Security-Policy"]
+    # a request head that never ends: bounded, answered, closed
+    with socket.create_connection(("127.0.0.1", run.http_port), timeout=10) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nX: " + b"a" * 20000)
+        assert s.recv(100).startswith(b"HTTP/1.1 431 ")
+    with socket.create_connection(("127.0.0.1", run.http_port), timeout=10) as s:
+        s.sendall(b"NONSENSE\r\n\r\n")
+        assert s.recv(100).startswith(b"HTTP/1.1 400 ")
+
+
+def test_http_listen_off_loopback_is_refused_unless_allowed(root, tmp_path):
+    (root / "qrelay.toml").write_text("[scheduler]\nenabled = false\n")
+    r = run_cli("run", str(root), "--listen", "127.0.0.1:0", "--listen", "http://0.0.0.0:0")
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        "Error: --listen http://0.0.0.0:0: the status page and /metrics are served on loopback"
+        " only (e.g. http://127.0.0.1:8080); set [status] allow_remote = true in qrelay.toml to"
+        " serve them on another address"]
+    from engine.config.settings import load_settings
+    from engine.smtp.listeners import parse_listen
+    from engine.status import check_listen
+    (root / "qrelay.toml").write_text("[status]\nallow_remote = true\n")
+    check_listen([parse_listen("http://0.0.0.0:0")], load_settings(root))   # allowed now
+    (root / "qrelay.toml").write_text("[status]\ntop_destinations = 0\n")
+    r = run_cli("run", str(root), "--listen", "http://127.0.0.1:0")
+    assert r.returncode == 1 and "top_destinations = 0 is out of range" in r.stderr
+
+
+@pytest.mark.skipif(chromium_path() is None, reason="chromium is not installed (./dev test installs it)")
+def test_status_page_in_headless_chromium(status_run, sink, tmp_path):
+    run = status_run({"sink.test": sink.start(rcpt_replies={"slow@sink.test": "451 4.3.0 greylisted"})})
+    with Chromium(tmp_path) as browser:
+        page = browser.page()
+        page.navigate(f"http://127.0.0.1:{run.http_port}/")
+        wait_for(lambda: page.evaluate("document.getElementById('updated').textContent")
+                 .startswith("updated"), timeout=30, what="the page's first poll")
+        assert page.evaluate("document.getElementById('delivered').textContent") == "0"
+        send(run.port, ["x@sink.test", "y@sink.test"], n=3)
+        wait_for(lambda: page.evaluate("document.getElementById('delivered').textContent") == "6",
+                 timeout=30, what="the page to show 6 delivered")
+        assert page.evaluate("document.getElementById('received').textContent") == "3"
+        send(run.port, ["slow@sink.test"], tag="slow")
+        first_deferred = ("Array.from(document.querySelector('#deferred-table tbody tr')?.cells"
+                          " ?? []).map(td => td.textContent)")
+        cells = wait_for(lambda: page.evaluate(first_deferred), timeout=30,
+                         what="the deferred destination on the page")
+        assert cells[:2] == ["sink.test", "1"] and "451 4.3.0 greylisted" in cells[3]
+        assert page.evaluate("document.getElementById('messages').textContent") == "1"
+        rows = page.evaluate("Array.from(document.querySelectorAll('#recent tbody tr'))"
+                             ".map(tr => tr.cells[3].textContent + ' ' + tr.cells[4].textContent)")
+        assert sorted(rows) == sorted(["x@sink.test delivered", "y@sink.test delivered"] * 3
+                                      + ["slow@sink.test deferred"])
+        page.pump()
+        assert page.errors == []
+        shot = page.screenshot(tmp_path / "status-page.png")
+        print(f"status page screenshot: {shot}")
+        keep = os.environ.get("QRELAY_TEST_ARTIFACTS")
+        if keep:   # CI: keep it with the run's artefacts
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            shutil.copy(shot, Path(keep) / shot.name)
+    assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
