@@ -203,3 +203,35 @@ def test_status_page_in_headless_chromium(status_run, sink, tmp_path):
             Path(keep).mkdir(parents=True, exist_ok=True)
             shutil.copy(shot, Path(keep) / shot.name)
     assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("fmt", ["qmail", "json"])
+def test_recent_deliveries_from_either_log_format(tmp_path, fmt):
+    from engine.log import QmailSendLog
+    from engine.status.facts import recent_deliveries
+    log = QmailSendLog(tmp_path / "log", fmt=fmt)
+    log.starting_delivery(1, 10, "remote", "a@x.test")
+    log.starting_delivery(2, 11, "local", "b@y.test")
+    log.delivery(2, "Z", "Unable to chdir to maildir. (#4.2.1)\n")
+    log.delivery(1, "K", "127.0.0.1 accepted message.\nRemote host said: 250 ok\n")
+    log.delivery(7, "D", "a result whose start rotated away\n")
+    log.flush()
+    log.close()
+    got = recent_deliveries(tmp_path / "log", 2)
+    assert [(r["msgid"], r["channel"], r["recipient"], r["result"]) for r in got] == [
+        ("", "", "", "bounced"), ("10", "remote", "a@x.test", "delivered")]
+    assert got[1]["text"] == "127.0.0.1 accepted message. Remote host said: 250 ok"
+    assert abs(got[1]["time"] - time.time()) < 60
+    assert len(recent_deliveries(tmp_path / "log", 30)) == 3
+    assert recent_deliveries(tmp_path / "nothing", 30) == []
+
+
+def test_rates_are_the_change_over_the_last_seconds():
+    from engine.status.facts import Rates
+    rates = Rates()
+    assert rates.add(100.0, {"received": 10})["received"] == 0.0
+    assert rates.add(101.0, {"received": 20})["received"] == 10.0
+    for t in range(102, 111):
+        got = rates.add(float(t), {"received": 20 + 5 * (t - 101)})
+    assert got["received"] == 5.0                 # over the last RATE_WINDOW seconds
+    assert rates.add(111.0, {"received": 0})["received"] == 0.0   # a restart: never negative

@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.status.facts import (AGE_LABELS, QueueSummary, Rates, SpoolReader,
-                                 counter_totals, drop_dead_gauges, recent_deliveries)
+from engine.status.facts import (QueueSummary, Rates, SpoolReader, counter_totals,
+                                 drop_dead_gauges, recent_deliveries)
 from engine.status.http import HttpServer, Response, text_response
 
 log = logging.getLogger("qrelay.status")
@@ -127,7 +127,7 @@ class StatusFacts:
             "root": str(self.root),
             "queue": {**self.queue_basics(), "recipients": summary.recipients,
                       "summary_age": max(0.0, now - summary.taken) if summary.taken else None,
-                      "summary_seconds": summary.seconds, "age_buckets": list(AGE_LABELS),
+                      "summary_seconds": summary.seconds, "age_buckets": summary.age_buckets,
                       "shape": summary.shape, "deferred": summary.deferred},
             "totals": self.totals,
             "rates": self.rates_now,

@@ -5,10 +5,10 @@ Owns no state that matters: everything here is read from files other
 processes own, and cached so a page kept open (or a scraper) costs little:
 - the O(1) facts (messages, not preprocessed, the oldest message) at most
   once per `[status] cache_seconds`;
-- the queue summary (every open recipient: destinations × age, deferred
-  destinations with their last error) at most once per cache_seconds and
-  never more often than 10 × the time the last one took, in a thread, while
-  the previous one is served;
+- the queue summary (qshape's destinations × age, `Spool.shape`, and the
+  deferred destinations with their last error, `Spool.deferrals`) at most
+  once per cache_seconds and never more often than 10 × the time the last
+  one took, in a thread, while the previous one is served;
 - the tail of ROOT/log/current (qmail-send's `starting delivery` and
   `delivery` lines), at most 256 KB per read.
 It never writes the spool, the log or the metrics files, except that it
@@ -25,14 +25,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from engine.log import TAI64_EPOCH
 
-# qshape's age buckets, in minutes: 0-5, 5-10, 10-20 ... 320+.
-AGE_BOUNDS_MINUTES = (5, 10, 20, 40, 80, 160, 320)
-AGE_LABELS = tuple(f"{a}-{b}m" for a, b in zip((0,) + AGE_BOUNDS_MINUTES, AGE_BOUNDS_MINUTES)) + (
-    f"{AGE_BOUNDS_MINUTES[-1]}m+",)
 LOG_TAIL_BYTES = 256 * 1024
 # Rates are the counters' change over about this many seconds.
 RATE_WINDOW = 5.0
@@ -47,46 +43,25 @@ class QueueSummary:
     taken: float = 0.0               # unix time the scan started
     seconds: float = 0.0             # how long it took
     recipients: dict[str, int] = field(default_factory=dict)   # by state
+    age_buckets: list[str] = field(default_factory=list)       # qshape's columns
     shape: list[dict] = field(default_factory=list)     # top destinations × age buckets
     deferred: list[dict] = field(default_factory=list)  # top deferred destinations
 
 
-def summarize(messages: Iterator[Any], now: float, top: int) -> QueueSummary:
-    """Count the open recipients of `messages` (Spool.iter_messages)."""
+def summarize(spool: Any, now: float, top: int) -> QueueSummary:
+    """qshape's table (Spool.shape: messages per destination by age) and the
+    deferred destinations (Spool.deferrals): two lean passes over the index."""
     started = time.monotonic()
-    states: dict[str, int] = {}
-    ages: dict[str, list[int]] = {}
-    deferred: dict[str, list] = {}       # domain -> [count, next_try of the text, text]
-    bounds = [m * 60 for m in AGE_BOUNDS_MINUTES]
-    for msg in messages:
-        age = now - msg.birth
-        bucket = 0
-        while bucket < len(bounds) and age >= bounds[bucket]:
-            bucket += 1
-        for r in msg.recipients:
-            if r.done:
-                continue
-            states[r.state] = states.get(r.state, 0) + 1
-            domain = r.address.rpartition("@")[2].lower() or "(none)"
-            row = ages.get(domain)
-            if row is None:
-                row = ages[domain] = [0] * len(AGE_LABELS)
-            row[bucket] += 1
-            if r.state == "deferred":
-                d = deferred.get(domain)
-                if d is None:
-                    deferred[domain] = [1, r.next_try, r.text]
-                else:
-                    d[0] += 1
-                    if r.next_try >= d[1]:   # the latest deferral's text
-                        d[1], d[2] = r.next_try, r.text
-    shape = sorted(ages.items(), key=lambda kv: (-sum(kv[1]), kv[0]))[:top]
-    worst = sorted(deferred.items(), key=lambda kv: (-kv[1][0], kv[0]))[:top]
+    shape = spool.shape(now, top)
+    deferrals = spool.deferrals(top)
+    bounds = list(shape.buckets)
     return QueueSummary(
-        taken=now, seconds=time.monotonic() - started, recipients=states,
-        shape=[{"destination": d, "total": sum(row), "ages": row} for d, row in shape],
-        deferred=[{"destination": d, "count": c, "next_try": t, "last_error": text.strip()}
-                  for d, (c, t, text) in worst])
+        taken=now, seconds=time.monotonic() - started, recipients=deferrals.states,
+        age_buckets=[f"{b}m" for b in bounds] + [f"{bounds[-1]}m+"],
+        shape=[{"destination": d, "total": total, "ages": list(row)}
+               for d, total, row in shape.rows],
+        deferred=[{"destination": d, "count": n, "next_try": t, "last_error": text.strip()}
+                  for d, n, t, text in deferrals.rows])
 
 
 class SpoolReader:
@@ -126,7 +101,7 @@ class SpoolReader:
         if spool is None:
             return QueueSummary(taken=now)
         try:
-            return summarize(spool.iter_messages(), now, top)
+            return summarize(spool, now, top)
         except Exception:
             self.close()
             raise
