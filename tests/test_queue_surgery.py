@@ -150,17 +150,3 @@ def test_readonly_open_of_a_spool_without_the_held_table(tmp_path: Path):
         assert r.shape(T0).total and r.select(Selection(domain="d.test"))[0] == [a]
     finally:
         r.close()
-
-
-def test_deferrals_count_open_recipients_and_keep_the_latest_error(spool):
-    now = spool.test_clock.now
-    a = queue(spool, "s@src.test", ("x@slow.test", "y@slow.test", "z@ok.test"))
-    b = queue(spool, "s@src.test", ("w@SLOW.test", "v@other.test"))
-    queue(spool, "s@src.test", ("u@todo.test",), channels=False)
-    spool.apply([Deferred(a, 0, now + 400, "451 first"), Deferred(a, 1, now + 900, "451 latest"),
-                 Deferred(b, 0, now + 600, "451 middle"), Deferred(b, 1, now + 400, "421 other"),
-                 Delivered(a, 2)])
-    got = spool.deferrals(top=1)
-    assert got.states == {"deferred": 4, "todo": 1}
-    assert got.rows == (("slow.test", 3, now + 900, "451 latest"),)
-    assert [r[0] for r in spool.deferrals(top=5).rows] == ["slow.test", "other.test"]

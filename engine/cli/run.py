@@ -28,7 +28,9 @@ def run(root: str, listen: tuple[str, ...], procs: int | None, dev: bool, port_f
             changes are picked up on HUP or within reload_poll_seconds.
     Writes: ROOT/queue/ (the spool; queue/lock/sendmutex is held while it
             runs, so a second `qrelay run` on ROOT refuses to start),
-            the mailboxes of local deliveries.
+            the mailboxes of local deliveries, ROOT/run/metrics/ (every
+            process's counters, emptied at start; served with the status
+            page by an `http://` listener, loopback only by default).
     Logs:   ROOT/log/current: qmail-send's lines (deliveries, bounces) and
             the supervisor's and spool writer's (`info: supervisor: ...`);
             ROOT/log/smtpd/current: the receivers' (tcpserver's connection

@@ -36,6 +36,7 @@ import time
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from engine import metrics
 from engine._smtpcore import TOO_LONG, LineReader, parse_command
 from engine.pop3 import login as logins
 from engine.pop3.maildir import Mailbox, Message
@@ -108,11 +109,14 @@ class Pop3Session(asyncio.Protocol):
         # unique per connection, so an APOP digest can never be replayed.
         self.timestamp = f"<{receiver.pid}.{number}.{int(time.time())}@{self.config.me}>"
         receiver.sessions.add(self)
+        metrics.session_opened("pop3")
         transport.write(f"+OK {self.timestamp}\r\n".encode())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = CLOSED
         self.gate.resume()
+        if self in self.receiver.sessions:
+            metrics.session_closed("pop3")
         self.receiver.sessions.discard(self)
         if self.mailbox is not None and not self.committing:
             # Dropped before QUIT: nothing changes, the lock goes.
@@ -271,6 +275,7 @@ class Pop3Session(asyncio.Protocol):
                 ssl_handshake_timeout=self.config.settings.tls.handshake_timeout)
         except (OSError, ConnectionError, asyncio.TimeoutError, ValueError) as exc:
             log.info("pop3 TLS handshake with %s failed: %s", self.remoteip, exc)
+            metrics.tls_result("failed", "pop3")
             if self.state != CLOSED:
                 self.state = CLOSED
                 self.transport.abort()
@@ -279,6 +284,7 @@ class Pop3Session(asyncio.Protocol):
             return
         self.transport = transport
         self.tls = True
+        metrics.tls_result("ok", "pop3")
         self.reader.take_buffer()
         self._resume(AUTH)
 
@@ -299,10 +305,13 @@ class Pop3Session(asyncio.Protocol):
                             dummy_hash=self.service.dummy_hash)
             result = await asyncio.get_running_loop().run_in_executor(self.service.executor, check)
         outcome = result.outcome if result is not None else "locked out"
+        mechanism = "apop" if apop is not None else "user"
         if outcome in (logins.OK, logins.MAILBOX):
+            metrics.auth_result("ok", mechanism, "pop3")
             await self._granted(result)
             return
         if outcome == logins.TEMPORARY:
+            metrics.auth_result("tempfail", mechanism, "pop3")
             self._log(f"vchkpw-pop3: temporary failure reading accounts {name.lower()}:{ip}")
             if self.state != CLOSED:
                 self.out.append(R_TEMP)
@@ -320,6 +329,7 @@ class Pop3Session(asyncio.Protocol):
             if math.isinf(delay):
                 delay = 0.0
         self._log(f"vchkpw-pop3: {outcome} {name.lower()}:{ip}")
+        metrics.auth_result("locked_out" if result is None else "failed", mechanism, "pop3")
         if delay > 0 and self.state != CLOSED:
             await asyncio.sleep(delay)
         if self.state != CLOSED:

@@ -38,7 +38,7 @@ from engine.queue.ledger import Ledger
 from engine.queue.repair import Repair, process_start
 from engine.queue.segfiles import SegmentFiles
 from engine.queue.segments import SegmentIO
-from engine.queue.surgery import Deferrals, Selection, Shape, Surgery
+from engine.queue.surgery import Selection, Shape, Surgery
 from engine.queue.values import (  # noqa: F401 - re-exported for engine.queue
     Deferred, Delivered, Envelope, Failed, Finished, ImportedMessage, ImportedRecipient, Job,
     MessageNotFound, MessageQuarantined,
@@ -352,11 +352,6 @@ class Spool:
     def shape(self, now: float | None = None, top: int = 0, held: bool = False) -> Shape:
         """qshape's destinations x age table. Read-only, one pass over the index."""
         return self.surgery.shape(self._clock() if now is None else now, top, held)
-
-    def deferrals(self, top: int = 20) -> Deferrals:
-        """Open recipients by state; the `top` destinations with the most
-        deferred ones and their last error. Read-only, one pass."""
-        return self.surgery.deferrals(top)
 
     def hold(self, ids: Iterable[int], now: float | None = None) -> int:
         """Never deliver these messages until released (see engine.queue.surgery)."""

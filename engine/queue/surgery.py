@@ -76,14 +76,6 @@ class Shape:
     domains: int               # destinations in all (rows may be the top N only)
 
 
-@dataclass(slots=True, frozen=True)
-class Deferrals:
-    """Open recipients by state, and the destinations with the most deferred
-    recipients: (domain, deferred, latest next try, that recipient's last error)."""
-    states: dict[str, int]
-    rows: tuple[tuple[str, int, float, str], ...]
-
-
 def bucket_bounds(minutes: int = SHAPE_BUCKET_MINUTES, count: int = SHAPE_BUCKETS) -> list[int]:
     """Upper bounds of the `count` - 1 closed buckets (the last bucket is open)."""
     return [minutes * (1 << i) for i in range(count - 1)]
@@ -203,42 +195,6 @@ class Surgery:
                       key=lambda x: (-x[1], x[0]))
         return Shape(tuple(bounds), tuple(total), tuple(rows[:top] if top > 0 else rows),
                      len(rows))
-
-    def deferrals(self, top: int = 20) -> Deferrals:
-        """Open recipients by state, and deferred ones per destination with
-        the last error (the text of the one deferred last): one pass over
-        the recipients table, fields read in place, a text decoded only for
-        the rows returned."""
-        states = [0] * (max(R.STATE_NAMES) + 1)
-        deferred: dict[bytes, list] = {}        # domain -> [count, next_try, raw record]
-        with self._index.env.begin() as txn:
-            for raw in txn.cursor(db=self._dbs[b"recipients"]).iternext(keys=False):
-                if len(raw) < _HEAD + _RCPT_HEAD.size:
-                    continue
-                state, _ch, _att, next_try, alen = _RCPT_HEAD.unpack_from(raw, _HEAD)
-                if state not in UNFINISHED:
-                    continue
-                states[state] += 1
-                if state != R.DEFERRED:
-                    continue
-                pos = _HEAD + _RCPT_HEAD.size
-                domain = bytes(raw[pos:pos + alen]).rpartition(b"@")[2].lower()
-                row = deferred.get(domain)
-                if row is None:
-                    deferred[domain] = [1, next_try, bytes(raw)]
-                else:
-                    row[0] += 1
-                    if next_try >= row[1]:
-                        row[1], row[2] = next_try, bytes(raw)
-        worst = sorted(deferred.items(), key=lambda kv: (-kv[1][0], kv[0]))[:max(0, top)]
-        rows = []
-        for domain, (count, next_try, raw) in worst:
-            try:
-                text = RecipientRecord.decode(raw).text
-            except RecordError:
-                text = ""
-            rows.append((domain.decode("utf-8", "surrogateescape"), count, next_try, text))
-        return Deferrals({R.STATE_NAMES[i]: n for i, n in enumerate(states) if n}, tuple(rows))
 
     # ---------------------------------------------------------------- changing
 

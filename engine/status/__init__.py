@@ -51,8 +51,8 @@ class StatusFacts:
         self.summary = QueueSummary()
         self.summary_next = 0.0            # monotonic: when a new scan may start
         self.scanning: asyncio.Task | None = None
-        self.basics: dict = {}
-        self.basics_at = float("-inf")
+        self.counts: dict = {}
+        self.counts_at = float("-inf")
         self.status_doc: dict | None = None
         self.status_at = float("-inf")
         self.families: list = []
@@ -62,16 +62,19 @@ class StatusFacts:
 
     # --- the parts, each cached ----------------------------------------------------
 
-    def queue_basics(self) -> dict:
+    def queue_basics(self, summary: QueueSummary) -> dict:
+        """Messages, not preprocessed (read now: O(1)), the oldest message's
+        age (its birth from the last scan)."""
         mono = self.monotonic()
-        if mono - self.basics_at >= self.settings.cache_seconds:
+        if mono - self.counts_at >= self.settings.cache_seconds:
             try:
-                self.basics = self.reader.basics(self.clock())
+                self.counts = self.reader.counts()
             except Exception as exc:   # noqa: BLE001 - the page says so, the service goes on
-                self.basics = {"messages": 0, "not_preprocessed": 0, "oldest_age": 0.0,
-                               "error": str(exc)}
-            self.basics_at = mono
-        return self.basics
+                self.counts = {"messages": 0, "not_preprocessed": 0, "error": str(exc)}
+            self.counts_at = mono
+        oldest = summary.oldest_birth
+        age = max(0.0, self.clock() - oldest) if oldest is not None and self.counts["messages"] else 0.0
+        return {**self.counts, "oldest_age": age}
 
     async def queue_summary(self) -> QueueSummary:
         """The last summary; a new scan starts (in a thread) when this one is
@@ -125,7 +128,7 @@ class StatusFacts:
         self.status_doc = {
             "now": now,
             "root": str(self.root),
-            "queue": {**self.queue_basics(), "recipients": summary.recipients,
+            "queue": {**self.queue_basics(summary), "recipients": summary.recipients,
                       "summary_age": max(0.0, now - summary.taken) if summary.taken else None,
                       "summary_seconds": summary.seconds, "age_buckets": summary.age_buckets,
                       "shape": summary.shape, "deferred": summary.deferred},
@@ -140,7 +143,7 @@ class StatusFacts:
         from prometheus_client import generate_latest
         from prometheus_client.core import GaugeMetricFamily
         summary = await self.queue_summary()
-        basics = self.queue_basics()
+        basics = self.queue_basics(summary)
         families = list(self.metric_families())
         families.append(GaugeMetricFamily("qrelay_queue_messages", "Messages in the queue",
                                           value=basics["messages"]))

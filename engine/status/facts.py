@@ -3,12 +3,13 @@ counter totals from the metrics directory, recent deliveries from the log.
 
 Owns no state that matters: everything here is read from files other
 processes own, and cached so a page kept open (or a scraper) costs little:
-- the O(1) facts (messages, not preprocessed, the oldest message) at most
-  once per `[status] cache_seconds`;
-- the queue summary (qshape's destinations × age, `Spool.shape`, and the
-  deferred destinations with their last error, `Spool.deferrals`) at most
-  once per cache_seconds and never more often than 10 × the time the last
-  one took, in a thread, while the previous one is served;
+- the O(1) counts (messages, not preprocessed) at most once per
+  `[status] cache_seconds`;
+- the queue summary (qshape's destinations × age, `Spool.shape`; the oldest
+  message and the deferred destinations with their last error,
+  engine.queue.health as `qrelay doctor` reads them) at most once per
+  cache_seconds and never more often than 10 × the time the last one took,
+  in a thread, while the previous one is served;
 - the tail of ROOT/log/current (qmail-send's `starting delivery` and
   `delivery` lines), at most 256 KB per read.
 It never writes the spool, the log or the metrics files, except that it
@@ -39,29 +40,33 @@ _RESULT = re.compile(r"delivery (\d+): (success|deferral|failure): (.*)$")
 
 @dataclass(slots=True)
 class QueueSummary:
-    """Every open (not delivered, not failed) recipient, counted."""
+    """The open recipients, counted (at `taken`)."""
     taken: float = 0.0               # unix time the scan started
     seconds: float = 0.0             # how long it took
-    recipients: dict[str, int] = field(default_factory=dict)   # by state
+    oldest_birth: float | None = None
+    recipients: dict[str, int] = field(default_factory=dict)   # pending, deferred
     age_buckets: list[str] = field(default_factory=list)       # qshape's columns
     shape: list[dict] = field(default_factory=list)     # top destinations × age buckets
     deferred: list[dict] = field(default_factory=list)  # top deferred destinations
 
 
 def summarize(spool: Any, now: float, top: int) -> QueueSummary:
-    """qshape's table (Spool.shape: messages per destination by age) and the
-    deferred destinations (Spool.deferrals): two lean passes over the index."""
+    """qshape's table (Spool.shape: messages per destination by age) and
+    doctor's queue health (engine.queue.health: the oldest message, deferred
+    destinations with their last error): two lean passes over the index."""
+    from engine.queue.health import queue_health
     started = time.monotonic()
     shape = spool.shape(now, top)
-    deferrals = spool.deferrals(top)
+    health = queue_health(spool, top)
     bounds = list(shape.buckets)
     return QueueSummary(
-        taken=now, seconds=time.monotonic() - started, recipients=deferrals.states,
+        taken=now, seconds=time.monotonic() - started, oldest_birth=health.oldest_birth,
+        recipients={"pending": health.pending, "deferred": health.deferred},
         age_buckets=[f"{b}m" for b in bounds] + [f"{bounds[-1]}m+"],
         shape=[{"destination": d, "total": total, "ages": list(row)}
                for d, total, row in shape.rows],
-        deferred=[{"destination": d, "count": n, "next_try": t, "last_error": text.strip()}
-                  for d, n, t, text in deferrals.rows])
+        deferred=[{"destination": d.domain, "count": d.deferred, "next_try": d.next_try,
+                   "last_error": d.last_error.strip()} for d in health.destinations])
 
 
 class SpoolReader:
@@ -80,21 +85,17 @@ class SpoolReader:
                                warn=lambda text: None)
         return self.spool
 
-    def basics(self, now: float) -> dict:
-        """Messages, not preprocessed, the oldest message's age: O(1)."""
+    def counts(self) -> dict:
+        """Messages and not preprocessed: O(1) (the tables' entry counts)."""
         spool = self.get()
         if spool is None:
-            return {"messages": 0, "not_preprocessed": 0, "oldest_age": 0.0}
+            return {"messages": 0, "not_preprocessed": 0}
         try:
             stats = spool.stats()
-            first = next(iter(spool.iter_messages(chunk=1)), None)
         except Exception:
             self.close()
             raise
-        # Ids grow with time (per process, in blocks): the lowest id is the
-        # oldest message, give or take the receivers' id blocks.
-        return {"messages": stats.messages, "not_preprocessed": stats.not_preprocessed,
-                "oldest_age": max(0.0, now - first.birth) if first is not None else 0.0}
+        return {"messages": stats.messages, "not_preprocessed": stats.not_preprocessed}
 
     def summary(self, now: float, top: int) -> QueueSummary:
         spool = self.get()
