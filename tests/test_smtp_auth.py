@@ -50,7 +50,7 @@ def accounts(root: Path) -> Path:
              for u in admin.read_users(ref.directory)]
     admin.write_users(ref, users)
     (root / "control" / "tcp.smtp").write_text(":allow\n")
-    (root / "qrelay.toml").write_text("[auth]\nfailure_delay = 0\n")
+    (root / "qrelay.toml").write_text("")
     return root
 
 
@@ -275,7 +275,7 @@ def test_plain_and_login_refused_before_tls_unless_allowed(accounts, make_server
     c.cmd(b"EHLO client.test")
     assert c.cmd(b"AUTH PLAIN " + plain()) == b"504 auth type not available (#5.5.1)\r\n"
     assert c.cmd(b"AUTH LOGIN") == b"504 auth type not available (#5.5.1)\r\n"
-    srv2 = make_server(toml="[auth]\nallow_plaintext = true\nfailure_delay = 0\n")
+    srv2 = make_server(toml="[auth]\nallow_plaintext = true\n")
     c = connect(srv2.port)
     assert c.cmd(b"EHLO client.test") == (
         f"250-{ME}\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-AUTH LOGIN CRAM-MD5 PLAIN\r\n"
@@ -304,7 +304,7 @@ def test_auth_grants_relaying_and_names_the_user(tls_client):
 
 def test_sender_must_match(accounts, ca, make_server, connect):
     admin.add_alias(accounts, "joe.alias@example.org", [USER])
-    srv = make_server(toml="[auth]\nsender_must_match = true\nfailure_delay = 0\n")
+    srv = make_server(toml="[auth]\nsender_must_match = true\n")
     c = connect(srv.port)
     starttls(c, ca)
     c.cmd(b"EHLO client.test")
@@ -394,6 +394,28 @@ def test_throttle_delays_then_locks_out(tls_client, ca, connect):
     starttls(c3, ca)
     assert c3.cmd(b"AUTH PLAIN " + plain()).startswith(b"421 ")
     assert c3.closed()
+
+
+def test_the_relay_tables_login_throttle(tls_client, ca, connect, accounts):
+    """engine.relay's LoginThrottle as receivers use it: [login] settings, counts in ROOT/relay."""
+    from engine.config.settings import load_settings
+    from engine.relay import open_relay_table
+    from engine.relay.throttle import LoginThrottle
+
+    (accounts / "qrelay.toml").write_text(
+        "[login]\nfailure_delay = 0.2\nmax_delay = 0.2\nmax_failures = 2\nlockout_seconds = 60\n")
+    settings = load_settings(accounts)
+    srv = tls_client.server
+    srv.receiver.throttle = LoginThrottle(open_relay_table(accounts, settings), settings)
+    c = tls_client
+    started = time.monotonic()
+    assert c.cmd(b"AUTH PLAIN " + plain(password="bad")) == b"535 authorization failed (#5.7.0)\r\n"
+    assert time.monotonic() - started >= 0.2
+    assert c.cmd(b"AUTH PLAIN " + plain(password="bad")).startswith(b"421 ")
+    assert c.closed()
+    c2 = connect(srv.port)
+    starttls(c2, ca)
+    assert c2.cmd(b"AUTH PLAIN " + plain()).startswith(b"421 ")
 
 
 def test_hashing_never_blocks_other_sessions(tls_client, ca, connect):

@@ -216,9 +216,6 @@ class AuthSettings:
     # Threads that check passwords (a $6$ check costs milliseconds of CPU):
     # checks beyond this wait their turn, the event loop never hashes.
     hash_threads: int = 2
-    # Seconds before the 535 of a failed login when no login throttle is
-    # configured (the patches sleep 5 s; the throttle's delay replaces this).
-    failure_delay: float = 1.0
 
 
 @dataclass(slots=True, frozen=True)
