@@ -76,6 +76,11 @@ def build_parser() -> OneLineParser:
                    help="protocol only: MAIL, RCPT, RSET — no DATA")
     p.add_argument("--procs", type=positive_int, default=1,
                    help="worker processes (default 1)")
+    p.add_argument("--starttls", action="store_true",
+                   help="STARTTLS on every connection, then EHLO again (the server's "
+                        "certificate is not verified: a load tool)")
+    p.add_argument("--auth", metavar="USER:PASSWORD", default="",
+                   help="AUTH PLAIN on every connection before the first MAIL")
     p.add_argument("--helo", default="flood.bench.test", help="EHLO/HELO name")
     p.add_argument("--hello", choices=("auto", "ehlo", "helo"), default="auto",
                    help="greeting command: auto = EHLO with --pipelining, else HELO "
@@ -132,6 +137,10 @@ def config_from_args(args) -> tuple[FloodConfig, dict]:
         raise UsageError("--pipelining needs EHLO (not --hello helo)")
     if args.timeout <= 0:
         raise UsageError("--timeout must be > 0")
+    if (args.starttls or args.auth) and args.hello == "helo":
+        raise UsageError("--starttls and --auth need EHLO (not --hello helo)")
+    if args.auth and ":" not in args.auth:
+        raise UsageError("--auth: expected USER:PASSWORD")
     if args.eml:
         bodies = tuple(load_eml_dir(args.eml, MAX_EML_FILES))
         unique = b"X-Flood-Id"
@@ -144,7 +153,9 @@ def config_from_args(args) -> tuple[FloodConfig, dict]:
         host=numeric, port=port, sessions=args.sessions, messages=messages,
         duration=args.duration, per_conn=per_conn, rcpts=args.rcpts,
         pipelining=args.pipelining, noop=args.noop, rate=args.rate, helo=args.helo,
-        ehlo=args.hello == "ehlo" or (args.hello == "auto" and args.pipelining),
+        ehlo=args.hello == "ehlo" or (args.hello == "auto" and (args.pipelining or args.starttls
+                                                                 or bool(args.auth))),
+        starttls=args.starttls, auth=args.auth,
         sender=args.sender, recipient=args.recipient, domains=parse_domains(args.domain),
         bodies=bodies, unique_header=unique, timeout=args.timeout, drain=args.drain,
         seed=args.seed, rand_range=args.rand_range)
@@ -158,6 +169,7 @@ def config_from_args(args) -> tuple[FloodConfig, dict]:
         if args.eml else 0, "rcpts": cfg.rcpts, "per_conn": per_conn,
         "pipelining": cfg.pipelining, "noop": cfg.noop, "rate": cfg.rate,
         "hello": "EHLO" if cfg.ehlo else "HELO",
+        "starttls": cfg.starttls, "auth": bool(cfg.auth),
         "procs": args.procs, "from": cfg.sender, "to": cfg.recipient,
         "rand_range": cfg.rand_range,
         "domains": [list(d) for d in cfg.domains], "timeout": cfg.timeout,

@@ -493,3 +493,54 @@ def test_qrelay_run_submissions_needs_the_certificate_then_serves_it(accounts, q
         assert re.search(r"TLS: TLSv1\.[23] \S+ encrypted", log), log
     finally:
         q.stop()
+
+
+# --- PasswordChecker: the cache of verified logins, the niced threads --------------------
+
+class CountingChecker:
+    """A PasswordChecker whose hashing is counted."""
+
+    def __init__(self, root: Path, **kw) -> None:
+        from engine.accounts.store import Accounts
+        from engine.smtp.auth import PasswordChecker
+
+        self.clock = [1000.0]
+        self.checker = PasswordChecker(Accounts(root), 1, clock=lambda: self.clock[0], **kw)
+        self.hashes = 0
+        real = self.checker._verify
+
+        async def counted(password: str, crypted: str) -> bool:
+            self.hashes += 1
+            return await real(password, crypted)
+        self.checker._verify = counted
+
+    def check(self, user: str, password: str) -> bool:
+        import asyncio
+        from engine.smtp.auth import Credentials
+        return asyncio.run(self.checker.check(Credentials("PLAIN", user, password)))[0]
+
+
+def test_verified_logins_are_remembered_not_guesses(accounts):
+    c = CountingChecker(accounts, cache_seconds=300, cache_entries=2)
+    assert c.check(USER, PASSWORD) and c.hashes == 1
+    assert c.check(USER.upper(), PASSWORD) and c.hashes == 1       # remembered
+    assert not c.check(USER, "guess") and c.hashes == 2            # a guess is always hashed
+    assert not c.check(USER, "guess") and c.hashes == 3
+    c.clock[0] += 301
+    assert c.check(USER, PASSWORD) and c.hashes == 4               # expired
+    admin.set_password(accounts, USER, "New-pw-333")
+    c.checker.accounts.forget()
+    assert not c.check(USER, PASSWORD) and c.hashes == 5           # the old one is not kept
+    assert c.check(USER, "New-pw-333")
+    c.checker.close()
+    off = CountingChecker(accounts, cache_seconds=0)
+    assert off.check(USER, "New-pw-333") and off.check(USER, "New-pw-333") and off.hashes == 2
+    off.checker.close()
+
+
+def test_hash_threads_run_below_the_loop(accounts):
+    import os
+    c = CountingChecker(accounts)
+    nice = c.checker.pool.submit(os.getpriority, os.PRIO_PROCESS, 0).result(5)
+    assert nice > os.getpriority(os.PRIO_PROCESS, 0) or nice == 19
+    c.checker.close()

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from .hist import LatencyHistogram
 
 # Stages: what a reply answers. Names appear in the summary and --json.
-CONNECT, EHLO, HELO, RSET_PRE, MAIL, RCPT, DATA, EOD, RSET_NOOP, QUIT = range(10)
+CONNECT, EHLO, HELO, RSET_PRE, MAIL, RCPT, DATA, EOD, RSET_NOOP, QUIT, STARTTLS, AUTH = range(12)
 STAGE_NAMES = ("CONNECT", "EHLO", "HELO", "RSET", "MAIL", "RCPT", "DATA",
-               "END-OF-DATA", "RSET", "QUIT")
+               "END-OF-DATA", "RSET", "QUIT", "STARTTLS", "AUTH")
 
 # Distinct (stage, code, text) keys kept; a server with a unique id in every
 # error text must not make the summary (or memory) grow without bound.
@@ -61,6 +61,8 @@ class FloodConfig:
     rand_range: int = 1_000_000  # {rand} is drawn from 0 .. rand_range-1
     seq_start: int = 0           # message numbers: seq_start + k * seq_step
     seq_step: int = 1
+    starttls: bool = False       # STARTTLS after EHLO (certificate not verified), then EHLO again
+    auth: str = ""               # "user:password": AUTH PLAIN before the first MAIL
 
 
 @dataclass(slots=True)
@@ -245,6 +247,18 @@ class FloodRun:
         self.bodies_quit = [b + b".\r\nQUIT\r\n" for b in bodies]
         self.ehlo = f"EHLO {cfg.helo}\r\n".encode()
         self.helo = f"HELO {cfg.helo}\r\n".encode()
+        self.tls_context = None
+        if cfg.starttls:
+            import ssl
+            # A load generator: the server's certificate is not checked.
+            self.tls_context = ssl.create_default_context()
+            self.tls_context.check_hostname = False
+            self.tls_context.verify_mode = ssl.CERT_NONE
+        self.auth_line = b""
+        if cfg.auth:
+            import base64
+            user, _, password = cfg.auth.partition(":")
+            self.auth_line = b"AUTH PLAIN " + base64.b64encode(f"\0{user}\0{password}".encode()) + b"\r\n"
         self.uniq = cfg.unique_header + b": <%d.%d@flood.bench.test>\r\n"
         self.uniq_pid = random.Random(cfg.seed).randrange(1 << 30) if cfg.seed is not None \
             else (id(self) ^ int(time.time() * 1e6)) & 0x3FFFFFFF
@@ -396,7 +410,8 @@ class SmtpClient(asyncio.Protocol):
                  "wd_seen", "wd_idle",
                  "transport", "expect", "buf", "pipelining", "ehlo_pipelining",
                  "on_conn", "rcpt_ok", "txn_fail", "need_rset", "closing",
-                 "pending", "body_index", "quit_sent", "_rcpts_left", "rcpt_next")
+                 "pending", "body_index", "quit_sent", "_rcpts_left", "rcpt_next",
+                 "tls_done", "authed")
 
     def __init__(self, run: FloodRun, session: int, seq: int, t_connect: float):
         self.run = run
@@ -423,6 +438,8 @@ class SmtpClient(asyncio.Protocol):
         self.body_index = 0
         self._rcpts_left: list[bytes] = []
         self.rcpt_next = 0
+        self.tls_done = False
+        self.authed = False
 
     # --- asyncio callbacks --------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -574,7 +591,13 @@ class SmtpClient(asyncio.Protocol):
                     self.ehlo_pipelining = True
                 self.pipelining = self.run.cfg.pipelining and self.ehlo_pipelining \
                     and stage == EHLO
-                self._begin(self.seq)
+                run = self.run
+                if run.tls_context is not None and not self.tls_done:
+                    self._write(b"STARTTLS\r\n", STARTTLS)
+                elif run.auth_line and not self.authed:
+                    self._write(run.auth_line, AUTH)
+                else:
+                    self._begin(self.seq)
             elif stage == EHLO and 500 <= code < 600:
                 self._write(self.run.helo, HELO)
             else:
@@ -589,6 +612,36 @@ class SmtpClient(asyncio.Protocol):
         if stage == QUIT:
             self.closing = True
             self.transport.close()
+            return
+        if stage == STARTTLS or stage == AUTH:
+            if code == 220 and stage == STARTTLS:
+                self.run.loop.create_task(self._upgrade())
+            elif code == 235 and stage == AUTH:
+                self.authed = True
+                self._begin(self.seq)
+            else:
+                self.stats.reply_error(stage, code, text)
+                self._outcome(code)
+                self._quit()
+
+    async def _upgrade(self) -> None:
+        """The TLS handshake after `220`, then EHLO again (RFC 3207)."""
+        transport = self.transport
+        try:
+            tls = await self.run.loop.start_tls(transport, self, self.run.tls_context,
+                                                server_hostname=self.run.cfg.host)
+        except (OSError, ConnectionError, asyncio.TimeoutError, ValueError) as exc:
+            self.stats.conn_error(f"tls: {_errno_kind(exc)}")
+            if transport is not None:
+                transport.abort()
+            return
+        if self.transport is None:
+            tls.abort()
+            return
+        self.transport = tls
+        self.tls_done = True
+        self.ehlo_pipelining = False
+        self._write(self.run.ehlo, EHLO)
 
     def expect_has_more_rcpt(self) -> bool:
         return bool(self.expect) and self.expect[0] == RCPT

@@ -213,9 +213,16 @@ class AuthSettings:
     # MAIL FROM of an authenticated session must be the user's address or
     # an alias of it (beyond qmail; off = any sender, as the patches do).
     sender_must_match: bool = False
-    # Threads that check passwords (a $6$ check costs milliseconds of CPU):
-    # checks beyond this wait their turn, the event loop never hashes.
-    hash_threads: int = 2
+    # Threads per receiver that check passwords (a $6$ check costs
+    # milliseconds of CPU), niced below the event loop: checks beyond this
+    # wait their turn, the event loop never hashes.
+    hash_threads: int = 1
+    # Seconds a verified login is remembered (an HMAC of the password, per
+    # process), so a client that logs in for every message is hashed once
+    # per period; 0 = hash every login. Wrong passwords are never remembered.
+    cache_seconds: float = 300.0
+    # Logins remembered at most (the oldest are forgotten first).
+    cache_entries: int = 10000
 
 
 @dataclass(slots=True, frozen=True)
@@ -392,6 +399,7 @@ RANGES: dict[tuple[str, str], tuple[float, float | None, str]] = {
     ("doctor", "disk_min_free_percent"): (0, 100, "a percentage"),
     ("tls", "handshake_timeout"): (0.1, None, "no handshake would finish"),
     ("auth", "hash_threads"): (1, 64, "a thread checks passwords"),
+    ("auth", "cache_entries"): (1, None, "a login is remembered"),
     ("log", "max_files"): (2, None, "multilog's smallest n"),
     ("status", "top_destinations"): (1, 1000, "one row each on the page, one series each"),
     ("status", "cache_seconds"): (0.1, None, "the spool read in a busy loop otherwise"),

@@ -17,9 +17,16 @@ the NO_SMTP flag is refused whatever its password.
 
 Never on the event loop: a password hash (`$6$` costs milliseconds, bcrypt
 far more) runs in this process's bounded pool of `[auth] hash_threads`
-threads; checks beyond that wait their turn without blocking other sessions.
-An unknown login is hashed too (against a dummy hash) so the time to answer
-does not tell which addresses exist.
+threads, niced (Linux nice is per thread), so under a flood of guesses the
+loop thread still wins the CPU and other sessions keep their latency; checks
+beyond the pool wait their turn. An unknown login is hashed too (against a
+dummy hash) so the time to answer does not tell which addresses exist.
+
+Verified logins are remembered for `[auth] cache_seconds` (Dovecot's auth
+cache): a mail client that logs in for every message costs one hash per
+period, not one per message. Only successes are kept, as an HMAC of the
+password under a random key of this process, keyed by the stored hash, so a
+changed password or account misses at once; guesses are always hashed.
 """
 from __future__ import annotations
 
@@ -151,6 +158,18 @@ class AuthExchange:
         return Credentials("PLAIN", _text(parts[1]), _text(parts[2]))
 
 
+# Nice value of the hashing threads (relative to the process's): the event
+# loop thread keeps the CPU when both want it.
+HASH_NICE = 10
+
+
+def _lower_priority(nice: int) -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice))
+    except (OSError, AttributeError):   # not Linux, or not allowed: same priority
+        pass
+
+
 def _b64encode(raw: bytes) -> bytes:
     return binascii.b2a_base64(raw, newline=False)
 
@@ -162,10 +181,41 @@ class AuthUnavailable(Exception):
 class PasswordChecker:
     """Checks Credentials against the accounts under ROOT (one per process)."""
 
-    def __init__(self, accounts: Any, threads: int) -> None:
+    def __init__(self, accounts: Any, threads: int, *, nice: int = HASH_NICE,
+                 cache_seconds: float = 0.0, cache_entries: int = 10000,
+                 clock: Any = time.monotonic) -> None:
         self.accounts = accounts
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="auth-hash")
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="auth-hash",
+                                       initializer=_lower_priority, initargs=(nice,))
         self._dummy: str | None = None
+        self.cache_seconds = cache_seconds
+        self.cache_entries = cache_entries
+        self._clock = clock
+        self._key = secrets.token_bytes(32)
+        # (login, stored hash) -> (HMAC of the password, expiry); insertion order = age.
+        self._verified: dict[tuple[str, str], tuple[bytes, float]] = {}
+
+    def _remembered(self, login: str, crypted: str, password: str) -> bool:
+        entry = self._verified.get((login, crypted))
+        if entry is None:
+            return False
+        mac, expiry = entry
+        if expiry <= self._clock():
+            del self._verified[(login, crypted)]
+            return False
+        return hmac.compare_digest(mac, self._mac(password))
+
+    def _remember(self, login: str, crypted: str, password: str) -> None:
+        if self.cache_seconds <= 0:
+            return
+        cache = self._verified
+        cache.pop((login, crypted), None)
+        while len(cache) >= self.cache_entries:
+            del cache[next(iter(cache))]      # the oldest
+        cache[(login, crypted)] = (self._mac(password), self._clock() + self.cache_seconds)
+
+    def _mac(self, password: str) -> bytes:
+        return hmac.digest(self._key, password.encode("utf-8", "surrogateescape"), "sha256")
 
     async def _verify(self, password: str, crypted: str) -> bool:
         loop = asyncio.get_running_loop()
@@ -198,8 +248,11 @@ class PasswordChecker:
             if user is None or not user.crypted:
                 await self._verify(creds.secret, await self._dummy_hash())   # same time as a real check
                 return False, "no such user" if user is None else "no password"
-            if not await self._verify(creds.secret, user.crypted):
-                return False, "wrong password"
+            key = ascii_lower(login)
+            if not self._remembered(key, user.crypted, creds.secret):
+                if not await self._verify(creds.secret, user.crypted):
+                    return False, "wrong password"
+                self._remember(key, user.crypted, creds.secret)
         if user.no_smtp:
             return False, "account may not use SMTP"
         return True, ""

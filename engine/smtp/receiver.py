@@ -136,8 +136,10 @@ class Receiver:
         """SMTP AUTH's checker (engine.smtp.auth), with its hashing threads, on first use."""
         if self._passwords is None:
             from engine.accounts.store import Accounts
-            self._passwords = PasswordChecker(Accounts(self.config.root),
-                                              self.config.settings.auth.hash_threads)
+            st = self.config.settings.auth
+            self._passwords = PasswordChecker(Accounts(self.config.root), st.hash_threads,
+                                              cache_seconds=st.cache_seconds,
+                                              cache_entries=st.cache_entries)
         return self._passwords
 
     def start_task(self, coro: Any) -> asyncio.Task:
