@@ -337,3 +337,26 @@ def test_histogram_percentiles_are_close():
     other.record(1.0)
     h.merge(LatencyHistogram.from_state(json.loads(json.dumps(other.to_state()))))
     assert h.n == 10001 and h.max_us == 1_000_000
+
+
+def test_starttls_and_auth(root, run_flood):
+    """--starttls and --auth against the real receiver (STARTTLS, EHLO again, AUTH PLAIN)."""
+    from engine.accounts import admin
+    from tests.smtp_harness import InProcessServer, install_certificate
+
+    admin.add_domain(root, "auth.test", uid=12345, gid=12345)
+    admin.add_user(root, "bench@auth.test", "Bench-pw-1")
+    install_certificate(root)
+    (root / "control" / "tcp.smtp").write_text(":allow\n")     # only AUTH may relay
+    srv = InProcessServer(root)
+    try:
+        target = f"127.0.0.1:{srv.port}"
+        rc, rep, _ = run_flood(target, "-s", "2", "-m", "6", "--starttls", "--auth", "bench@auth.test:Bench-pw-1")
+        assert rc == 0 and rep["messages"]["accepted"] == 6 and len(srv.spool.messages) == 6
+        assert b"with ESMTPSA (" in srv.spool.messages[0][1]
+        rc, rep, text = run_flood(target, "-s", "1", "-m", "2", "--starttls", "--auth", "bench@auth.test:wrong")
+        assert rep["messages"]["permfailed"] == 2 and "535" in text
+    finally:
+        srv.stop()
+    with pytest.raises(SystemExit):
+        flood.main(["127.0.0.1:25", "--auth", "no-colon"])
