@@ -50,7 +50,7 @@ def accounts(root: Path) -> Path:
              for u in admin.read_users(ref.directory)]
     admin.write_users(ref, users)
     (root / "control" / "tcp.smtp").write_text(":allow\n")
-    (root / "qrelay.toml").write_text("")
+    (root / "qrelay.toml").write_text("[auth]\nfailure_delay = 0\n")
     return root
 
 
@@ -275,7 +275,7 @@ def test_plain_and_login_refused_before_tls_unless_allowed(accounts, make_server
     c.cmd(b"EHLO client.test")
     assert c.cmd(b"AUTH PLAIN " + plain()) == b"504 auth type not available (#5.5.1)\r\n"
     assert c.cmd(b"AUTH LOGIN") == b"504 auth type not available (#5.5.1)\r\n"
-    srv2 = make_server(toml="[auth]\nallow_plaintext = true\n")
+    srv2 = make_server(toml="[auth]\nallow_plaintext = true\nfailure_delay = 0\n")
     c = connect(srv2.port)
     assert c.cmd(b"EHLO client.test") == (
         f"250-{ME}\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-AUTH LOGIN CRAM-MD5 PLAIN\r\n"
@@ -304,7 +304,7 @@ def test_auth_grants_relaying_and_names_the_user(tls_client):
 
 def test_sender_must_match(accounts, ca, make_server, connect):
     admin.add_alias(accounts, "joe.alias@example.org", [USER])
-    srv = make_server(toml="[auth]\nsender_must_match = true\n")
+    srv = make_server(toml="[auth]\nsender_must_match = true\nfailure_delay = 0\n")
     c = connect(srv.port)
     starttls(c, ca)
     c.cmd(b"EHLO client.test")

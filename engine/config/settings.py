@@ -223,6 +223,10 @@ class AuthSettings:
     cache_seconds: float = 300.0
     # Logins remembered at most (the oldest are forgotten first).
     cache_entries: int = 10000
+    # Seconds before the failure reply of a wrong login when no login
+    # throttle is in use (in-process servers; `qrelay run` always has one,
+    # whose [login] delays then apply). The patches sleep 5 s.
+    failure_delay: float = 1.0
 
 
 @dataclass(slots=True, frozen=True)

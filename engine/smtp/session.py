@@ -774,10 +774,11 @@ class SmtpSession(asyncio.Protocol):
             if ok:
                 if throttle is not None:
                     await throttle.success(ip)
-            elif not close and throttle is not None:
+            elif not close:
                 # [login] settings: a growing delay, then 421 and close (the
                 # patches slept a fixed 5 s holding a process).
-                delay = await throttle.failure(ip)
+                delay = (await throttle.failure(ip) if throttle is not None
+                         else self.config.settings.auth.failure_delay)
                 if delay == math.inf:
                     close = True
                 elif delay > 0 and self.state != CLOSED:
