@@ -276,7 +276,9 @@ def test_sigint_stops_and_still_reports(sinks, tmp_path, procs):
                           "-q", "--procs", procs, "-d", "--json", str(out)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(1.0)
+        # Once mail flows, flood's handlers are in place (a fixed sleep was
+        # too short on a loaded machine: the SIGINT came during the imports).
+        assert s.wait_messages(1, timeout=20)["messages"] >= 1
         p.send_signal(signal.SIGINT)
         stdout, stderr = p.communicate(timeout=10)
     finally:
