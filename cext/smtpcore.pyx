@@ -129,15 +129,7 @@ cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdlib cimport free, realloc
-from cpython.object cimport PyObject
-from cpython.ref cimport Py_DECREF
 from libc.string cimport memchr, memcpy, memmove
-
-cdef extern from "Python.h":
-    # The raw forms, for building a bytes object in place (MessageEncoder).
-    PyObject *_bytes_new "PyBytes_FromStringAndSize"(const char *v, Py_ssize_t n)
-    char *_bytes_data "PyBytes_AS_STRING"(PyObject *o)
-    int _PyBytes_Resize(PyObject **o, Py_ssize_t n)
 
 # qmail-smtpd's addrparse limit; the caller answers 555 when it is exceeded.
 MAX_ADDRESS = 900
@@ -804,6 +796,7 @@ cdef class MessageEncoder:
         (b'S: x\\r\\n\\r\\n', True, b'\\r\\n.\\r\\n')
     """
 
+    cdef ByteBuf out             # capacity kept between chunks
     cdef Py_ssize_t limit        # qmail's: 0 = no limit, else body lines + 1
     cdef bint bol, inheaders, _done
 
@@ -817,27 +810,23 @@ cdef class MessageEncoder:
     def done(self):
         return self._done
 
+    def __dealloc__(self):
+        buf_free(&self.out)
+
     def feed(self, data):
         cdef Py_buffer view
-        cdef PyObject *raw
         cdef Py_ssize_t size
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
             if self._done or view.len <= 0:
                 return b""
-            # Encoded straight into the bytes object returned (no second copy),
-            # sized for the worst case — every byte a LF, or "." + LF lines:
-            # twice the input — then shrunk in place.
-            raw = _bytes_new(NULL, 2 * view.len + 2)
-            if raw == NULL:
-                raise MemoryError()
-            size = self._encode(<const unsigned char *>view.buf, view.len,
-                                <unsigned char *>_bytes_data(raw))
-            if _PyBytes_Resize(&raw, size) < 0:
-                raise MemoryError()
-            out = <object>raw
-            Py_DECREF(<object>raw)
-            return out
+            # Into a buffer kept for the next chunk, sized for the worst case
+            # (every byte a LF, or "." + LF lines: twice the input), then one
+            # copy into the bytes returned: a fresh worst-case bytes object
+            # per chunk would cost a page fault for every page it touches.
+            buf_reserve(&self.out, 2 * view.len + 2)
+            size = self._encode(<const unsigned char *>view.buf, view.len, self.out.data)
+            return PyBytes_FromStringAndSize(<const char *>self.out.data, size)
         finally:
             PyBuffer_Release(&view)
 

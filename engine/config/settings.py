@@ -285,7 +285,7 @@ class Pop3Settings:
     # the rest are listed once these are deleted.
     max_messages: int = 100000
     # Bytes read from a message file at a time for RETR and TOP.
-    chunk_bytes: int = 262144
+    chunk_bytes: int = 65536
 
 
 @dataclass(slots=True, frozen=True)
