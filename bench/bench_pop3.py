@@ -74,7 +74,9 @@ def add_big_message(root: Path, megabytes: int) -> bytes:
     finally:
         courier.close()
     assert r.status == "K", r
-    new = root / "domains" / DOMAIN / "big" / "Maildir" / "new"
+    ref = admin.find_domain(root, DOMAIN)
+    [big] = [u for u in admin.read_users(ref.directory) if u.name == "big"]
+    new = Path(big.maildir) / "new"         # past 99 users vpopmail hashes the directories
     [path] = new.iterdir()
     past = time.time() - 60
     os.utime(path, (past, past))      # qmail-pop3d lists only files older than this second

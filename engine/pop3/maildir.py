@@ -95,6 +95,10 @@ class Mailbox:
     def file(self, message: Message) -> str:
         return os.path.join(self.path, message.name)
 
+    def has_changes(self) -> bool:
+        """Whether QUIT has anything to do: a deletion, or a message still in new/."""
+        return any(m.deleted or m.name.startswith("new/") for m in self.messages)
+
     def commit(self) -> int:
         """QUIT: unlink the deleted, move the rest out of new/. Returns how many
         unlinks failed (each gets qmail-pop3d's -ERR line)."""

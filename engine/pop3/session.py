@@ -139,7 +139,10 @@ class Pop3Session(asyncio.Protocol):
         self.reader.feed(data)
         if self.state in (AUTH, TRANS):
             self._run_commands()
-            self._flush()
+            if self.state in (AUTH, TRANS):
+                self._flush()
+            # else: a login, a message or a commit started; what is pending goes
+            # out with its answer (one write per exchange, not one per reply)
         else:
             # A login, a message or a commit in flight: what follows waits in
             # the reader, and reading stops so it cannot pile up.
@@ -179,8 +182,8 @@ class Pop3Session(asyncio.Protocol):
         self.state = state
         self.last_activity = time.monotonic()
         self._run_commands()
-        self._flush()
         if self.state in (AUTH, TRANS):
+            self._flush()
             self.transport.resume_reading()
 
     def _run_commands(self) -> None:
@@ -289,8 +292,8 @@ class Pop3Session(asyncio.Protocol):
         self._resume(AUTH)
 
     def _begin_login(self, name: str, secret: str, apop: str | None) -> None:
+        # Replies still pending (a pipelined USER's) go out with the answer.
         self.state = CHECK
-        self._flush()
         self.transport.pause_reading()
         self._spawn(self._login(name, secret, apop))
 
@@ -442,14 +445,16 @@ class Pop3Session(asyncio.Protocol):
         count = _leading_digits(rest)
         body_lines = min(int(count), 1 << 62) if count else -1
         self.state = SEND
-        self._flush()
         self.transport.pause_reading()
         path = self.mailbox.file(self.mailbox.messages[i])
         self._spawn(self._send(path, body_lines))
 
     async def _send(self, path: str, body_lines: int) -> None:
+        # Replies still pending go out in the same write as the +OK.
+        pending = b"".join(self.out)
+        self.out.clear()
         try:
-            sent = await send_file(self.transport, self.gate, path, OK, body_lines,
+            sent = await send_file(self.transport, self.gate, path, pending + OK, body_lines,
                                    self.settings.chunk_bytes)
         except OSError as exc:
             # qmail-pop3d dies on a read error: truncated reply, no terminator.
@@ -459,7 +464,7 @@ class Pop3Session(asyncio.Protocol):
                 self.transport.abort()
             return
         if not sent:
-            self.out.append(R_NOSUCH)
+            self.out.append(pending + R_NOSUCH)
         if self.receiver.closing and self.state != CLOSED:
             self._close()
             return
@@ -468,7 +473,6 @@ class Pop3Session(asyncio.Protocol):
     def _quit(self) -> None:
         self.state = COMMIT
         self.committing = True
-        self._flush()
         self.transport.pause_reading()
         # Shutdown waits for a commit as for the spool's (Receiver.tasks).
         task = self._spawn(self._commit())
@@ -479,7 +483,10 @@ class Pop3Session(asyncio.Protocol):
         mailbox = self.mailbox
         assert mailbox is not None
         try:
-            failed = await asyncio.get_running_loop().run_in_executor(self.service.executor, mailbox.commit)
+            failed = 0
+            if mailbox.has_changes():
+                failed = await asyncio.get_running_loop().run_in_executor(
+                    self.service.executor, mailbox.commit)
         finally:
             mailbox.close()
             self.mailbox = None
