@@ -467,3 +467,24 @@ def test_missing_maildir(tmp_path, server):
     c = Client(server(root).port)
     assert c.login() == b"-ERR this user has no $HOME/Maildir\r\n"
     assert c.closed()
+
+
+def test_pop3_settings_ranges(tmp_path):
+    from engine.config.settings import SettingsError, load_settings
+    (tmp_path / "qrelay.toml").write_text("[pop3]\nmax_line_length = 100\n")
+    with pytest.raises(SettingsError, match=r"\[pop3\] max_line_length = 100 is out of range"):
+        load_settings(tmp_path)
+    (tmp_path / "qrelay.toml").write_text("[pop3]\nchunk_bytes = 1024\n")
+    with pytest.raises(SettingsError, match="chunk_bytes"):
+        load_settings(tmp_path)
+
+
+def test_shutdown_closes_sessions_without_changes(spec_root, server):
+    root, maildir, (m1, _, _) = spec_root
+    srv = server(root)
+    c = Client(srv.port)
+    c.login()
+    assert c.cmd("DELE 1") == b"+OK \r\n"
+    srv.shutdown(1.0)
+    assert c.closed()
+    assert m1.exists()

@@ -1,0 +1,98 @@
+"""engine.pop3.maildir and engine.pop3.login without a network: the scan, the lock,
+the commit at QUIT, the login name."""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from engine.pop3.login import split_login
+from engine.pop3.maildir import IN_USE, NO_MAILDIR, Mailbox, MailboxBusy, MailboxError
+
+T0 = 1_700_000_000
+
+
+@pytest.fixture
+def maildir(tmp_path):
+    md = tmp_path / "Maildir"
+    for sub in ("new", "cur", "tmp"):
+        (md / sub).mkdir(parents=True)
+    for sub, name, mtime, body in (("new", "3.c.host", T0 + 2, b"ccc\n"), ("cur", "1.a.host:2,S", T0, b"a\n"),
+                                   ("new", "2.b.host,S=2", T0 + 1, b"bb\n")):
+        path = md / sub / name
+        path.write_bytes(body)
+        os.utime(path, (mtime, mtime))
+    return md
+
+
+def test_scan_order_sizes_uidl(maildir):
+    box = Mailbox.open(str(maildir), 100)
+    try:
+        assert [(m.name, m.size, m.uidl) for m in box.messages] == [
+            ("cur/1.a.host:2,S", 2, "1.a.host"), ("new/2.b.host,S=2", 3, "2.b.host,S=2"),
+            ("new/3.c.host", 4, "3.c.host")]
+        assert box.has_changes()            # two messages still in new/
+    finally:
+        box.close()
+
+
+def test_max_messages_keeps_the_oldest(maildir):
+    box = Mailbox.open(str(maildir), 2)
+    assert [m.uidl for m in box.messages] == ["1.a.host", "2.b.host,S=2"]
+    box.close()
+
+
+def test_lock_is_exclusive_within_one_process_and_released_by_close(maildir):
+    first = Mailbox.open(str(maildir), 100)
+    with pytest.raises(MailboxBusy) as err:
+        Mailbox.open(str(maildir), 100)
+    assert err.value.reply == IN_USE
+    first.close()
+    first.close()                            # idempotent
+    Mailbox.open(str(maildir), 100).close()
+
+
+def test_missing_maildir(tmp_path):
+    with pytest.raises(MailboxError) as err:
+        Mailbox.open(str(tmp_path / "nope"), 100)
+    assert err.value.reply == NO_MAILDIR and not isinstance(err.value, MailboxBusy)
+
+
+def test_commit_unlinks_moves_and_counts_failures(maildir):
+    box = Mailbox.open(str(maildir), 100)
+    box.messages[0].deleted = True           # cur/1.a.host:2,S
+    box.messages[1].deleted = True           # new/2.b.host,S=2
+    os.unlink(maildir / "new" / "2.b.host,S=2")  # gone meanwhile: qmail's "unable to unlink"
+    assert box.commit() == 1
+    box.close()
+    assert sorted(os.listdir(maildir / "cur")) == ["3.c.host:2,"]
+    assert os.listdir(maildir / "new") == []
+
+
+def test_nothing_to_commit(maildir):
+    for name in os.listdir(maildir / "new"):
+        os.rename(maildir / "new" / name, maildir / "cur" / (name + ":2,"))
+    box = Mailbox.open(str(maildir), 100)
+    assert not box.has_changes()
+    box.messages[0].deleted = True
+    assert box.has_changes()
+    box.close()
+
+
+def test_files_of_this_second_wait(maildir):
+    now = time.time()
+    fresh = maildir / "new" / "4.d.host"
+    fresh.write_bytes(b"d\n")
+    os.utime(fresh, (now, now))
+    box = Mailbox.open(str(maildir), 100, now=now)
+    assert "4.d.host" not in [m.uidl for m in box.messages]
+    box.close()
+
+
+@pytest.mark.parametrize("login,parts", [
+    ("joe@example.com", ("joe", "example.com")), ("JOE%Example.COM", ("joe", "example.com")),
+    ("joe/example.com", ("joe", "example.com")), ("a@b%c", ("a", "b%c")),
+    ("joe", None), ("@example.com", None), ("joe@", None)])
+def test_split_login(login, parts):
+    assert split_login(login) == parts
