@@ -214,8 +214,9 @@ class Intake:
             # completion; its segment is unsealed, so nothing to unlink.
             self._index.drop_message(txn, msgid, rec.segid, [])
             return
-        txn.put(key, dataclasses.replace(rec, remaining=remaining, nfailed=nfailed).encode(),
-                db=dbs[b"messages"])
+        txn.put(key, R.MessageRecord(rec.birth, rec.segid, rec.offset, rec.length, rec.crc,
+                                     rec.pid, rec.uid, rec.origin, rec.nrcpt, remaining,
+                                     nfailed, rec.sender).encode(), db=dbs[b"messages"])
         if remaining == 0:
             txn.put(key, b"", db=dbs[b"bounces"])   # its bounce is queued next (C8)
 

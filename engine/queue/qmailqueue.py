@@ -49,7 +49,7 @@ class QmailQueueError(Exception):
 @dataclass(slots=True)
 class QmailMessage:
     number: int
-    files: list[Path]                   # removal order: mess/S/N last
+    files: list[str]                    # removal order: mess/S/N last
     message: ImportedMessage | None     # None: nothing left to do
     kind: str                           # "queued" | "todo" | "bouncing" | "finished"
 
@@ -139,76 +139,111 @@ def _failed_text(addr: str, reports: dict[str, str]) -> str | None:
     return None
 
 
+def _read(path: str) -> tuple[bytes, os.stat_result]:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        chunks = []
+        while True:
+            chunk = os.read(fd, max(st.st_size, 65536))
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks), st
+    finally:
+        os.close(fd)
+
+
 class QmailQueue:
-    """The queue at `qdir` (qmail's QMAILHOME/queue)."""
+    """The queue at `qdir` (qmail's QMAILHOME/queue). Each directory is
+    listed once (`index`), so reading a message costs an open per file it
+    has, never a stat of a file it may not have (paths are plain strings:
+    this runs at thousands of messages a second)."""
 
     def __init__(self, qdir: Path):
         self.dir = Path(qdir)
         if not (self.dir / "mess").is_dir():
             raise QmailQueueError(f"{qdir}: not a qmail queue (no mess/ directory)")
+        self._d = str(self.dir)
+        self._entries: dict[str, set[str]] = {}
 
-    def _path(self, name: str, split: str, number: str) -> Path | None:
+    def index(self) -> None:
+        """List every message directory: name -> {"S/N" and "N" entries}."""
+        for name in MESSAGE_DIRS:
+            found: set[str] = set()
+            base = os.path.join(self._d, name)
+            try:
+                top = list(os.scandir(base))
+            except FileNotFoundError:
+                top = []
+            for e in top:
+                if e.is_dir():
+                    found.update(f"{e.name}/{n}" for n in os.listdir(e.path))
+                else:
+                    found.add(e.name)
+            self._entries[name] = found
+
+    def _path(self, name: str, split: str, number: str) -> str | None:
         """name/S/N, or name/N for the unsplit todo/intd/bounce (or big-todo's split)."""
-        for p in (self.dir / name / split / number, self.dir / name / number):
-            if p.is_file():
-                return p
+        entries = self._entries[name]
+        if f"{split}/{number}" in entries:
+            return f"{self._d}/{name}/{split}/{number}"
+        if number in entries:
+            return f"{self._d}/{name}/{number}"
         return None
 
     def numbers(self) -> Iterator[tuple[int, str]]:
-        """(N, S) of every mess/S/N, in number order within each split."""
-        mess = self.dir / "mess"
-        for split in sorted((e.name for e in os.scandir(mess) if e.is_dir()), key=_num):
-            names = [e.name for e in os.scandir(mess / split) if e.name.isdigit()]
-            for name in sorted(names, key=int):
-                yield int(name), split
+        """(N, S) of every mess/S/N, by split then number (after index())."""
+        out = []
+        for entry in self._entries["mess"]:
+            split, _, n = entry.partition("/")
+            if n.isdigit():
+                out.append((_num(split), int(n), split))
+        for _s, n, split in sorted(out):
+            yield n, split
 
-    def strays(self, seen: set[int]) -> Iterator[tuple[int, Path]]:
+    def strays(self, seen: set[int]) -> Iterator[tuple[int, str]]:
         """Envelopes (info/, todo/) with no mess/S/N: reported, left alone."""
         for name in ("info", "todo"):
-            base = self.dir / name
-            if not base.is_dir():
-                continue
-            for root, _dirs, files in os.walk(base):
-                for f in files:
-                    if f.isdigit() and int(f) not in seen:
-                        yield int(f), Path(root) / f
-
-    def key(self, number: int, split: str) -> bytes:
-        st = os.stat(self.dir / "mess" / split / str(number))
-        return b"qmail:%d:%d:%d" % (number, st.st_mtime_ns, st.st_size)
+            for entry in sorted(self._entries.get(name, ())):
+                n = entry.rpartition("/")[2]
+                if n.isdigit() and int(n) not in seen:
+                    yield int(n), f"{name}/{entry}"
 
     def read(self, number: int, split: str, now: float) -> QmailMessage:
         """One message as the spool will hold it; ValueError (why) if malformed."""
         n = str(number)
-        mess = self.dir / "mess" / split / n
         paths = {name: self._path(name, split, n) for name in MESSAGE_DIRS[1:]}
+        mess = f"{self._d}/mess/{split}/{n}"
         files = [p for name in ("todo", "intd", "info", "local", "remote", "bounce")
                  if (p := paths[name]) is not None] + [mess]
-        data = mess.read_bytes().replace(b"\n", b"\r\n")   # qmail stores LF, the spool CRLF
-        key = self.key(number, split)
+        raw, st = _read(mess)
+        data = raw.replace(b"\n", b"\r\n")   # qmail stores LF, the spool CRLF
+        key = b"qmail:%d:%d:%d" % (number, st.st_mtime_ns, st.st_size)
         if paths["todo"] is not None:
-            uid, pid, sender, rcpts = _envelope(paths["todo"].read_bytes())
-            birth = paths["todo"].stat().st_mtime
+            raw, st = _read(paths["todo"])
+            uid, pid, sender, rcpts = _envelope(raw)
             msg = ImportedMessage(key, sender, tuple(ImportedRecipient(a, "todo", "todo")
-                                                     for a in rcpts), data, birth, pid, uid)
+                                                     for a in rcpts), data, st.st_mtime, pid, uid)
             return QmailMessage(number, files, msg, "todo")
         if paths["info"] is None:
             raise ValueError("no envelope (neither todo/N nor info/S/N): "
                              "qmail-queue did not finish it")
-        info = paths["info"]
-        recs = _records(info.read_bytes(), "info")
+        raw, st = _read(paths["info"])
+        recs = _records(raw, "info")
         if len(recs) != 1 or not recs[0].startswith(b"F"):
             raise ValueError("info is not one F record")
         sender = _text(recs[0][1:])
-        birth = info.stat().st_mtime
-        reports = _bounces(paths["bounce"].read_bytes()) if paths["bounce"] else {}
+        birth = st.st_mtime
+        reports = _bounces(_read(paths["bounce"])[0]) if paths["bounce"] else {}
         rcpts: list[ImportedRecipient] = []
         for channel in ("local", "remote"):
             p = paths[channel]
             if p is None:
                 continue
-            next_try = p.stat().st_mtime
-            for rec in _records(p.read_bytes(), channel):
+            raw, st = _read(p)
+            next_try = st.st_mtime
+            for rec in _records(raw, channel):
                 tag, addr = rec[:1], _text(rec[1:])
                 if tag == b"T":
                     rcpts.append(ImportedRecipient(addr, channel,
@@ -236,7 +271,7 @@ def _num(name: str) -> int:
     return int(name) if name.isdigit() else 1 << 30
 
 
-def remove_files(files: list[Path]) -> None:
+def remove_files(files: list[str]) -> None:
     for p in files:
         try:
             os.unlink(p)
@@ -307,6 +342,7 @@ def import_queue(queue: QmailQueue, spool, *, dry_run: bool, batch: int,
             spool.forget_imported([m.key for m in msgs])
         pending.clear()
 
+    queue.index()
     for number, split in queue.numbers():
         seen.add(number)
         try:
@@ -321,7 +357,7 @@ def import_queue(queue: QmailQueue, spool, *, dry_run: bool, batch: int,
             flush()
     flush()
     for number, path in queue.strays(seen):
-        line = f"#{number} ({path.relative_to(queue.dir)}): no mess/ file; left in place"
+        line = f"#{number} ({path}): no mess/ file; left in place"
         out.malformed.append(line)
         report(line)
     return out

@@ -31,6 +31,7 @@ a deleted message is ignored, for a held one recorded without a due entry.
 """
 from __future__ import annotations
 
+import bisect
 import struct
 from dataclasses import dataclass
 from typing import Iterable, Iterator
@@ -42,8 +43,9 @@ from engine.queue.core import SpoolCore
 from engine.queue.records import MessageRecord, RecipientRecord, RecordError
 
 _BIRTH = struct.Struct(">d")
-_RCPT_HEAD = struct.Struct(">BBHdH")
+_U16 = struct.Struct(">H")
 _HEAD = 5                     # version byte + crc32 in front of every record payload
+_ADDR = _HEAD + struct.calcsize(">BBHdH")   # a recipient record's address starts here
 UNFINISHED = (R.TODO, R.PENDING, R.DEFERRED)
 
 # qshape's age buckets: the first is `bucket_minutes` wide, each next one twice
@@ -96,39 +98,24 @@ class Surgery:
 
     # ---------------------------------------------------------------- reading
 
-    def _scan(self, txn: lmdb.Transaction) -> Iterator[tuple[int, bytes, list[bytes]]]:
-        """(msgid, raw message record, raw recipient records) of every message,
-        in id order: one cursor per table walked side by side."""
-        mcur = txn.cursor(db=self._dbs[b"messages"])
-        rcur = txn.cursor(db=self._dbs[b"recipients"])
-        rvalid = rcur.first()
-        for mkey, mval in mcur:
-            rcpts: list[bytes] = []
-            while rvalid:
-                rkey = rcur.key()
-                if rkey[:8] < mkey:
-                    rvalid = rcur.next()
-                    continue
-                if rkey[:8] != mkey:
-                    break
-                rcpts.append(rcur.value())
-                rvalid = rcur.next()
-            yield R.read_u64(mkey), mval, rcpts
-
-    @staticmethod
-    def _unfinished_domains(rcpts: list[bytes]) -> set[str]:
-        # Fast path for the big scans (qshape, --domain): fields read in
-        # place; the crc is checked only where a record is used to change state.
-        out = set()
-        for raw in rcpts:
-            if len(raw) < _HEAD + _RCPT_HEAD.size:
-                continue
-            state, _ch, _att, _t, alen = _RCPT_HEAD.unpack_from(raw, _HEAD)
-            if state in UNFINISHED:
-                pos = _HEAD + _RCPT_HEAD.size
-                addr = bytes(raw[pos:pos + alen])
-                out.add(addr.rpartition(b"@")[2].lower().decode("utf-8", "surrogateescape"))
-        return out
+    def _walk(self, txn: lmdb.Transaction) -> Iterator[tuple[bytes, set[bytes]]]:
+        """(message key, domains of its unfinished recipients) of every
+        message, in id order: one pass over the recipients table. The big
+        scans (qshape, --domain) read the fields in place: the crc is checked
+        only where a record is used to change state."""
+        last = None
+        doms: set[bytes] = set()
+        for key, raw in txn.cursor(db=self._dbs[b"recipients"]).iternext():
+            mk = key[:8]
+            if mk != last:
+                if last is not None:
+                    yield last, doms
+                last, doms = mk, set()
+            if len(raw) >= _ADDR and raw[_HEAD] in UNFINISHED:
+                addr = raw[_ADDR:_ADDR + _U16.unpack_from(raw, _ADDR - 2)[0]]
+                doms.add(addr[addr.rfind(b"@") + 1:].lower())
+        if last is not None:
+            yield last, doms
 
     def select(self, sel: Selection, now: float) -> tuple[list[int], list[int]]:
         """(ids of the messages selected, ids asked for that are not queued)."""
@@ -141,9 +128,17 @@ class Surgery:
             wanted = set(sel.ids)
             sender = sel.sender.lower() if sel.sender is not None else None
             domain = sel.domain.lower().rstrip(".") if sel.domain is not None else None
+            domain_b = domain.encode("utf-8", "surrogateescape") if domain is not None else None
+            mdb = dbs[b"messages"]
             out = []
-            for msgid, mval, rcpts in self._scan(txn):
+            for mk, doms in self._walk(txn):
+                msgid = R.read_u64(mk)
                 if wanted and msgid not in wanted:
+                    continue
+                if domain_b is not None and domain_b not in doms:
+                    continue
+                mval = txn.get(mk, db=mdb)
+                if mval is None:
                     continue
                 if sel.older_than is not None and \
                         now - _BIRTH.unpack_from(mval, _HEAD)[0] < sel.older_than:
@@ -154,8 +149,6 @@ class Surgery:
                             continue
                     except RecordError:
                         continue
-                if domain is not None and domain not in self._unfinished_domains(rcpts):
-                    continue
                 out.append(msgid)
             return out, [m for m in wanted if m not in set(out)]
 
@@ -168,30 +161,47 @@ class Surgery:
         bounds = bucket_bounds(bucket_minutes, buckets)
         limits = [b * 60 for b in bounds]
         nb = len(bounds) + 1
-        counts: dict[str, list[int]] = {}
         total = [0] * nb
         held_db = self._dbs.get(b"held")
+        counts: dict[bytes, list[int]] = {}
         with self._index.env.begin() as txn:
-            held_ids = set()
+            held_keys = set()
             if held_db is not None:
-                held_ids = {R.read_u64(k) for k in txn.cursor(db=held_db).iternext(values=False)}
-            for msgid, mval, rcpts in self._scan(txn):
-                if (msgid in held_ids) != held:
+                held_keys = set(txn.cursor(db=held_db).iternext(values=False))
+            # One pass over the recipients table with the messages table read
+            # in step beside it (both in id order): no lookup per message.
+            messages = txn.cursor(db=self._dbs[b"messages"]).iternext()
+            mkey, mval = next(messages, (None, None))
+            last = None
+            skip = True
+            b = 0
+            seen: set[bytes] = set()
+            for key, raw in txn.cursor(db=self._dbs[b"recipients"]).iternext():
+                mk = key[:8]
+                if mk != last:
+                    last = mk
+                    while mkey is not None and mkey < mk:
+                        mkey, mval = next(messages, (None, None))
+                    skip = mkey != mk or (mk in held_keys) != held
+                    if not skip:
+                        b = bisect.bisect_right(limits,
+                                                now - _BIRTH.unpack_from(mval, _HEAD)[0])
+                        seen = set()
+                if skip or len(raw) < _ADDR or raw[_HEAD] not in UNFINISHED:
                     continue
-                age = now - _BIRTH.unpack_from(mval, _HEAD)[0]
-                b = 0
-                while b < len(limits) and age >= limits[b]:
-                    b += 1
-                doms = self._unfinished_domains(rcpts)
-                if not doms:
+                addr = raw[_ADDR:_ADDR + _U16.unpack_from(raw, _ADDR - 2)[0]]
+                d = addr[addr.rfind(b"@") + 1:].lower()
+                if not seen:
+                    total[b] += 1
+                elif d in seen:
                     continue
-                total[b] += 1
-                for d in doms:
-                    row = counts.get(d)
-                    if row is None:
-                        row = counts[d] = [0] * nb
-                    row[b] += 1
-        rows = sorted(((d, sum(r), tuple(r)) for d, r in counts.items()),
+                seen.add(d)
+                row = counts.get(d)
+                if row is None:
+                    row = counts[d] = [0] * nb
+                row[b] += 1
+        rows = sorted(((d.decode("utf-8", "surrogateescape"), sum(r), tuple(r))
+                       for d, r in counts.items()),
                       key=lambda x: (-x[1], x[0]))
         return Shape(tuple(bounds), tuple(total), tuple(rows[:top] if top > 0 else rows),
                      len(rows))
