@@ -100,7 +100,8 @@ def test_cli_moves_each_kind_and_leaves_the_malformed(root: Path, tmp_path: Path
             ("a@far.test", "remote", "delivered"), ("b@far.test", "remote", "deferred")]
         assert abs(m.recipients[1].next_try - (NOW + 3000)) < 0.01
         m, _ = got["local"]
-        assert (m.sender, [(r.channel, r.state) for r in m.recipients]) == ("", [("local", "pending")])
+        assert m.sender == "" and [(r.channel, r.state) for r in m.recipients] == [
+            ("local", "pending")]
         m, _ = got["todo"]
         assert not m.preprocessed and (m.pid, m.uid) == (4242, 89)
         assert [r.address for r in m.recipients] == ["t1@far.test", "t2@example.com"]

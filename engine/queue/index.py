@@ -233,8 +233,9 @@ class SpoolIndex:
         if segid is not None:
             self.release_segment(txn, segid, unlink)
 
-    def release_segment(self, txn: lmdb.Transaction, segid: int, unlink: list[int]) -> None:
-        """One live message less in `segid`; an empty sealed segment goes."""
+    def release_segment(self, txn: lmdb.Transaction, segid: int, unlink: list[int],
+                        n: int = 1) -> None:
+        """`n` live messages less in `segid`; an empty sealed segment goes."""
         segdb = self.dbs[b"segments"]
         key = R.u64(segid)
         raw = txn.get(key, db=segdb)
@@ -244,7 +245,7 @@ class SpoolIndex:
             seg = SegmentRecord.decode(raw)
         except RecordError:
             return  # recover() rebuilds segment records from the message records
-        live = max(0, seg.live - 1)
+        live = max(0, seg.live - n)
         if live == 0 and seg.sealed:
             txn.delete(key, db=segdb)
             unlink.append(segid)

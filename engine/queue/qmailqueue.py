@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from engine.accounts.files import FileKey, read_whole
 from engine.queue.values import ImportedMessage, ImportedRecipient
 
 MESSAGE_DIRS = ("mess", "info", "local", "remote", "todo", "intd", "bounce")
@@ -139,19 +140,11 @@ def _failed_text(addr: str, reports: dict[str, str]) -> str | None:
     return None
 
 
-def _read(path: str) -> tuple[bytes, os.stat_result]:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        st = os.fstat(fd)
-        chunks = []
-        while True:
-            chunk = os.read(fd, max(st.st_size, 65536))
-            if not chunk:
-                break
-            chunks.append(chunk)
-        return b"".join(chunks), st
-    finally:
-        os.close(fd)
+def _read(path: str) -> tuple[bytes, FileKey]:
+    got = read_whole(path)
+    if got is None:
+        raise ValueError(f"{path} vanished while being read")
+    return got
 
 
 class QmailQueue:
@@ -219,12 +212,12 @@ class QmailQueue:
                  if (p := paths[name]) is not None] + [mess]
         raw, st = _read(mess)
         data = raw.replace(b"\n", b"\r\n")   # qmail stores LF, the spool CRLF
-        key = b"qmail:%d:%d:%d" % (number, st.st_mtime_ns, st.st_size)
+        key = b"qmail:%d:%d:%d" % (number, st.mtime_ns, st.size)
         if paths["todo"] is not None:
             raw, st = _read(paths["todo"])
             uid, pid, sender, rcpts = _envelope(raw)
-            msg = ImportedMessage(key, sender, tuple(ImportedRecipient(a, "todo", "todo")
-                                                     for a in rcpts), data, st.st_mtime, pid, uid)
+            todo = tuple(ImportedRecipient(a, "todo", "todo") for a in rcpts)
+            msg = ImportedMessage(key, sender, todo, data, st.mtime_ns / 1e9, pid, uid)
             return QmailMessage(number, files, msg, "todo")
         if paths["info"] is None:
             raise ValueError("no envelope (neither todo/N nor info/S/N): "
@@ -234,7 +227,7 @@ class QmailQueue:
         if len(recs) != 1 or not recs[0].startswith(b"F"):
             raise ValueError("info is not one F record")
         sender = _text(recs[0][1:])
-        birth = st.st_mtime
+        birth = st.mtime_ns / 1e9
         reports = _bounces(_read(paths["bounce"])[0]) if paths["bounce"] else {}
         rcpts: list[ImportedRecipient] = []
         for channel in ("local", "remote"):
@@ -242,7 +235,7 @@ class QmailQueue:
             if p is None:
                 continue
             raw, st = _read(p)
-            next_try = st.st_mtime
+            next_try = st.mtime_ns / 1e9
             for rec in _records(raw, channel):
                 tag, addr = rec[:1], _text(rec[1:])
                 if tag == b"T":

@@ -34,7 +34,7 @@ from __future__ import annotations
 import bisect
 import struct
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import lmdb
 
@@ -235,73 +235,90 @@ class Surgery:
             return None
         return out
 
+    def _change(self, ids: Iterable[int], what: str,
+                one: Callable[[lmdb.Transaction, int], bool],
+                after: Callable[[], None] = lambda: None,
+                last: Callable[[lmdb.Transaction], None] = lambda txn: None) -> int:
+        """`one(txn, msgid)` for each message, `surgery_batch` per transaction
+        (each bumping the counter the scheduler watches), `last(txn)` at the
+        end of each, `after()` once each has committed. Returns how many
+        `one` calls changed something."""
+        n = 0
+        for chunk in self._chunks(ids):
+            with self._index.write(what) as txn:
+                for msgid in chunk:
+                    n += one(txn, msgid)
+                last(txn)
+                self._index.bump_surgery(txn)
+            after()
+        return n
+
     def hold(self, ids: Iterable[int], now: float) -> int:
         """Put messages on hold; returns how many were not held before."""
-        n = 0
         dbs = self._dbs
-        for chunk in self._chunks(ids):
-            with self._index.write("hold messages") as txn:
-                for msgid in chunk:
-                    if self._index.is_held(txn, msgid):
-                        continue
-                    rcpts = self._unfinished(txn, msgid)
-                    if rcpts is None:
-                        continue
-                    for key, r in rcpts:
-                        _m, idx = R.split_rcpt_key(key)
-                        txn.delete(R.due_key(r.channel, r.next_try, msgid, idx), db=dbs[b"due"])
-                    txn.put(R.u64(msgid), _BIRTH.pack(now), db=dbs[b"held"])
-                    n += 1
-                self._index.bump_surgery(txn)
-        return n
+
+        def one(txn: lmdb.Transaction, msgid: int) -> bool:
+            if self._index.is_held(txn, msgid):
+                return False
+            rcpts = self._unfinished(txn, msgid)
+            if rcpts is None:
+                return False
+            for key, r in rcpts:
+                _m, idx = R.split_rcpt_key(key)
+                txn.delete(R.due_key(r.channel, r.next_try, msgid, idx), db=dbs[b"due"])
+            txn.put(R.u64(msgid), _BIRTH.pack(now), db=dbs[b"held"])
+            return True
+        return self._change(ids, "hold messages", one)
 
     def release(self, ids: Iterable[int], now: float, requeue: bool = False) -> int:
         """Take messages off hold (each recipient due at its own time), or
         with `requeue` make every unfinished recipient due now, held or not.
         Returns how many messages changed."""
-        n = 0
         dbs = self._dbs
-        for chunk in self._chunks(ids):
-            with self._index.write("requeue messages" if requeue else "release messages") as txn:
-                for msgid in chunk:
-                    held = self._index.is_held(txn, msgid)
-                    if not held and not requeue:
-                        continue
-                    rcpts = self._unfinished(txn, msgid)
-                    if rcpts is None:
-                        continue
-                    for key, r in rcpts:
-                        _m, idx = R.split_rcpt_key(key)
-                        if requeue:
-                            txn.delete(R.due_key(r.channel, r.next_try, msgid, idx),
-                                       db=dbs[b"due"])
-                            r = RecipientRecord(r.state, r.channel, r.attempts, now,
-                                                r.address, r.text)
-                            txn.put(key, r.encode(), db=dbs[b"recipients"])
-                        txn.put(R.due_key(r.channel, r.next_try, msgid, idx), b"",
-                                db=dbs[b"due"])
-                    txn.delete(R.u64(msgid), db=dbs[b"held"])
-                    n += 1
-                self._index.bump_surgery(txn)
-        return n
+
+        def one(txn: lmdb.Transaction, msgid: int) -> bool:
+            if not requeue and not self._index.is_held(txn, msgid):
+                return False
+            rcpts = self._unfinished(txn, msgid)
+            if rcpts is None:
+                return False
+            for key, r in rcpts:
+                _m, idx = R.split_rcpt_key(key)
+                if requeue:
+                    txn.delete(R.due_key(r.channel, r.next_try, msgid, idx), db=dbs[b"due"])
+                    r = RecipientRecord(r.state, r.channel, r.attempts, now, r.address, r.text)
+                    txn.put(key, r.encode(), db=dbs[b"recipients"])
+                txn.put(R.due_key(r.channel, r.next_try, msgid, idx), b"", db=dbs[b"due"])
+            txn.delete(R.u64(msgid), db=dbs[b"held"])
+            return True
+        return self._change(ids, "requeue messages" if requeue else "release messages", one)
 
     def delete(self, ids: Iterable[int]) -> int:
         """Remove messages outright (no bounce); their space is freed as a
         completed message's is. Returns how many were deleted."""
-        n = 0
-        for chunk in self._chunks(ids):
-            unlink: list[int] = []
-            with self._index.write("delete messages") as txn:
-                for msgid in chunk:
-                    raw = txn.get(R.u64(msgid), db=self._dbs[b"messages"])
-                    if raw is None:
-                        continue
-                    try:
-                        segid: int | None = MessageRecord.decode(raw).segid
-                    except RecordError:
-                        segid = None   # recover() rebuilds the live counts
-                    self._index.drop_message(txn, msgid, segid, unlink)
-                    n += 1
-                self._index.bump_surgery(txn)
+        unlink: list[int] = []
+        released: dict[int, int] = {}     # segid -> messages dropped from it
+
+        def one(txn: lmdb.Transaction, msgid: int) -> bool:
+            raw = txn.get(R.u64(msgid), db=self._dbs[b"messages"])
+            if raw is None:
+                return False
+            try:
+                segid = MessageRecord.decode(raw).segid
+                released[segid] = released.get(segid, 0) + 1
+            except RecordError:
+                pass   # recover() rebuilds the live counts
+            # The segment's live count is lowered once per segment and
+            # transaction (below), not once per message.
+            self._index.drop_message(txn, msgid, None, unlink)
+            return True
+
+        def settle(txn: lmdb.Transaction) -> None:
+            for segid, n in released.items():
+                self._index.release_segment(txn, segid, unlink, n)
+            released.clear()
+
+        def remove() -> None:
             self._core.files.remove(unlink)
-        return n
+            unlink.clear()
+        return self._change(ids, "delete messages", one, remove, settle)
