@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import struct
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +30,12 @@ from engine.queue import records as R
 from engine.queue.records import (SPOOL_FORMAT, EnvelopeRecord, MessageRecord, RecipientRecord,
                                   RecordError, SegmentRecord)
 from engine.queue.values import (Envelope, MessageNotFound, SpoolError, SpoolVersionError)
+
+# A recipient record's state, channel (next byte) and next_try (at +4), read
+# in place by drop_message: after the 5-byte version+crc head (records.py).
+_RCPT_STATE = 5
+_NEXT_TRY = struct.Struct(">d")
+_RCPT_DUE_END = _RCPT_STATE + 4 + 8
 
 TABLES = (b"meta", b"messages", b"recipients", b"due", b"todo", b"bounces", b"segments",
           b"held", b"imported")
@@ -219,13 +226,13 @@ class SpoolIndex:
         in segment `segid` (appended to `unlink` if that empties it)."""
         dbs = self.dbs
         for rkey, raw in self.recipient_items(txn, msgid):
-            try:
-                r = RecipientRecord.decode(raw)
-                if r.state in (R.PENDING, R.DEFERRED):
-                    txn.delete(R.due_key(r.channel, r.next_try, msgid,
-                                         R.split_rcpt_key(rkey)[1]), db=dbs[b"due"])
-            except RecordError:
-                pass  # its due entry, if any, is dropped lazily as dangling
+            # State, channel and next try read in place (no crc check: the
+            # key built from them can only name this recipient's own due
+            # entry, and a torn one's entry is dropped lazily as dangling).
+            if len(raw) >= _RCPT_DUE_END and raw[_RCPT_STATE] in (R.PENDING, R.DEFERRED):
+                txn.delete(R.due_key(raw[_RCPT_STATE + 1],
+                                     _NEXT_TRY.unpack_from(raw, _RCPT_STATE + 4)[0], msgid,
+                                     R.split_rcpt_key(rkey)[1]), db=dbs[b"due"])
             txn.delete(rkey, db=dbs[b"recipients"])
         key = R.u64(msgid)
         for name in (b"messages", b"todo", b"bounces", b"held"):
