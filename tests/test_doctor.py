@@ -128,6 +128,9 @@ def test_a_qmail_queue_in_the_root(box):
     _, report = doctor(box)
     f = next(f for f in findings(report, "controls") if "qmail queue" in f["what"])
     assert "refuses to start" in f["why"]
+    run_fix(f["fix"].split(" (")[0])
+    _, report = doctor(box)
+    assert not any("qmail queue" in f["what"] for f in findings(report, "controls"))
 
 
 def test_domains_accepted_but_not_delivered_and_the_reverse(box):

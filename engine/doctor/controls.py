@@ -71,8 +71,8 @@ def check(ctx: Context, report: Report) -> None:
     if qmail_queue:
         report.problem("controls", f"{root / 'queue'} holds a qmail queue ({', '.join(qmail_queue)})",
                        "qrelay run refuses to start beside it: two spools would each miss the "
-                       "other's mail", "drain it with qmail-send first, then remove "
-                       + " ".join(ctx.arg(root / "queue" / d) for d in qmail_queue))
+                       "other's mail", f"qrelay import-qmail {ctx.arg(root)} "
+                       f"{ctx.arg(root / 'queue')} (with qmail-send stopped)")
     if not seen:
         report.note("controls", "control files, users/assign and qrelay.toml parse")
 

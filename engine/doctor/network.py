@@ -129,6 +129,10 @@ async def _probe(ctx: Context, report: Report, domain: str, target, port: int,
                            f"echo {helohost} > {ctx.arg(ctx.root / 'control' / 'helohost')} "
                            "(a name that resolves to this host)")
             return 0
+        try:
+            await conn.command(b"QUIT")     # politely; its answer does not matter
+        except SmtpError:
+            pass
         extensions = [line[4:].strip() for line in ehlo.text.splitlines()[1:]]
         report.note("network", f"{where}: {_first(greeting.text)}; EHLO: "
                     + (", ".join(extensions) or "250"),

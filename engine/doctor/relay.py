@@ -52,8 +52,10 @@ def _relay_table(ctx: Context, report: Report) -> None:
         report.note("relay", "the relay table is empty", entries=0)
         return
     first = min(expiry for _, expiry in entries)
-    report.note("relay", f"the relay table: {len(entries)} clients may relay; the first grant "
-                f"expires in {ago(first - ctx.now)}", entries=len(entries), first_expiry=first)
+    granted = first - relay.pop_before_smtp_ttl
+    report.note("relay", f"the relay table: {len(entries)} clients may relay; the oldest "
+                f"entry was granted about {ago(ctx.now - granted)} ago and expires in "
+                f"{ago(first - ctx.now)}", entries=len(entries), first_expiry=first)
 
 
 def _open_smtp_files(root: Path) -> list[Path]:
