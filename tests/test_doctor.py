@@ -403,3 +403,12 @@ def test_relay_table_size_and_first_expiry(box):
     note = next(n for n in notes(report, "relay") if "clients may relay" in n["text"])
     assert note["entries"] == 2 and note["first_expiry"] <= time.time() + 60
     assert findings(report, "relay") == []
+
+
+def test_tcp_smtp_that_lets_anyone_relay(box):
+    (box / "control" / "tcp.smtp").write_text('127.:allow,RELAYCLIENT=""\n:allow,RELAYCLIENT=""\n')
+    _, report = doctor(box)
+    (f,) = findings(report, "relay")
+    assert "open relay" in f["why"] and f["fix"].endswith(f"qrelay tcprules {box}")
+    (box / "control" / "tcp.smtp").write_text('127.:allow,RELAYCLIENT=""\n:allow\n')
+    assert findings(doctor(box)[1], "relay") == []

@@ -9,7 +9,8 @@ reads what it needs and adds to the report:
                users/assign agree (accepted but not delivered, and the reverse)
     perms      owners and modes of assign homes, vpopmail domain, user and
                Maildir directories and .qmail files (qmail-local's own rules)
-    relay      the relay table (POP-before-SMTP): size and oldest entry
+    relay      tcp.smtp giving RELAYCLIENT to anyone; the relay table
+               (POP-before-SMTP) and vpopmail's open-smtp: size, oldest entry
     queue      size, oldest message, not yet preprocessed, deferred per
                destination with the last error; is a `qrelay run` holding it
     logs       ROOT/log and ROOT/log/smtpd: multilog layout, writable, rotating

@@ -17,10 +17,36 @@ from pathlib import Path
 from engine.doctor import Context, Report, ago
 
 
+# Addresses no box ever lets relay on purpose (RFC 5737 / 3849 documentation nets):
+# a rule that gives them RELAYCLIENT gives it to the whole Internet.
+_STRANGERS = ("192.0.2.1", "198.51.100.77", "203.0.113.200", "2001:db8::25")
+
+
 def check(ctx: Context, report: Report) -> None:
+    _open_relay(ctx, report)
     _relay_table(ctx, report)
     for path in _open_smtp_files(ctx.root):
         _open_smtp(ctx, report, path)
+
+
+def _open_relay(ctx: Context, report: Report) -> None:
+    """tcp.smtp giving RELAYCLIENT to any client: an open relay (the guide's
+    classic `:allow,RELAYCLIENT=""`)."""
+    from engine.config.tcprules import RULES_TEXT, TcpRules, TcpRulesError
+    try:
+        rules = TcpRules.load(ctx.root / "control")
+    except (TcpRulesError, OSError):
+        return          # the controls check reports a broken tcp.smtp
+    for ip in _STRANGERS:
+        rule = rules.match(ip)
+        if rule.allow and "RELAYCLIENT" in rule.env:
+            text = ctx.arg(ctx.root / "control" / RULES_TEXT)
+            report.problem("relay", f"control/tcp.smtp gives RELAYCLIENT to any client "
+                           f"(e.g. {ip})", "this box is an open relay: anyone can send spam "
+                           "through it, and it gets blacklisted",
+                           f"${{EDITOR:-vi}} {text} (RELAYCLIENT only for your own networks) "
+                           f"&& qrelay tcprules {ctx.arg(ctx.root)}")
+            return
 
 
 def _relay_table(ctx: Context, report: Report) -> None:
