@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,9 +28,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 from engine.home import init_home  # noqa: E402
 from engine.queue import Deferred, Envelope, Spool  # noqa: E402
+from bench_queue_tools import cli  # noqa: E402  (wall and CPU seconds of one command)
 
 MESSAGE = (b"Received: from bench\r\nSubject: doctor bench\r\n\r\n" + b"x" * 512)[:512]
 
@@ -61,18 +61,6 @@ def build_queue(root: Path, messages: int, domains: int, batch: int = 5000) -> f
     return time.perf_counter() - t0
 
 
-def timed(args: list[str], env: dict) -> tuple[float, float, subprocess.CompletedProcess]:
-    """(wall seconds, CPU seconds of the child, its result)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True,
-                          text=True, env=env, cwd=REPO)
-    wall = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return wall, cpu, proc
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--messages", type=int, default=250_000)
@@ -83,19 +71,18 @@ def main() -> int:
     args = p.parse_args()
     base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="bench-doctor-"))
     root = base / "root"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     try:
         if not (root / "queue" / "index" / "data.mdb").exists():
             init_home(root, me="mx.bench.test", force=True)
             took = build_queue(root, args.messages, args.domains)
             print(f"queue: {args.messages} messages over {args.domains} destinations "
                   f"built in {took:.1f} s")
-        base_s, base_cpu, proc = timed(["qstat", str(root)], env)
+        base_s, base_cpu, proc = cli("qstat", str(root))
         print(f"qstat (baseline): {base_s:.2f} s wall, {base_cpu:.2f} s CPU  "
               f"{' / '.join(proc.stdout.splitlines())}")
         times, cpus = [], []
         for _ in range(args.runs):
-            took, cpu, proc = timed(["doctor", str(root), "--json"], env)
+            took, cpu, proc = cli("doctor", str(root), "--json")
             if proc.returncode not in (0, 1):
                 print(proc.stdout, proc.stderr, file=sys.stderr)
                 return 1
