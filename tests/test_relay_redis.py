@@ -17,6 +17,7 @@ from engine.relay import RelayStoreError, open_relay_table
 from engine.relay.shared import RedisRelayTable
 from engine.relay.throttle import LoginThrottle
 from tests.conftest import run_cli
+from tests.test_delivery_e2e import wait_for
 from tests.smtp_harness import RunningQrelay
 from tests.test_relay_smtp import REFUSED, relays
 
@@ -25,17 +26,7 @@ def settings_for(url: str, **relay) -> Settings:
     return dataclasses.replace(Settings(), relay=RelaySettings(store=url, **relay))
 
 
-def wait_until(pred, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-async def await_until(pred, timeout: float = 10.0, what: str = "condition"):
+async def await_for(pred, timeout: float = 10.0, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if await pred():
@@ -79,7 +70,7 @@ def test_redis_expires_grants_by_itself(redis_server, tmp_path: Path) -> None:
 
             async def gone() -> bool:
                 return not await table.allows("192.0.2.1")
-            await await_until(gone, what="the grant to expire")
+            await await_for(gone, what="the grant to expire")
             assert await table.entries() == []
         finally:
             await table.close()
@@ -118,7 +109,7 @@ def test_throttle_counts_across_nodes(redis_server, tmp_path: Path) -> None:
 
             async def unlocked() -> bool:
                 return not await a.locked("192.0.2.1")
-            await await_until(unlocked, what="the lockout to end")      # Redis expires it
+            await await_for(unlocked, what="the lockout to end")      # Redis expires it
             assert await b.failure("192.0.2.1") == 1.0
             await a.success("192.0.2.1")
             assert await b.failure("192.0.2.1") == 1.0
@@ -156,7 +147,7 @@ def test_unreachable_redis_fails_closed_logs_once_and_recovers(
 
             async def back() -> bool:
                 return await table.allows("192.0.2.1")
-            await await_until(back, what="recovery")
+            await await_for(back, what="recovery")
             assert any("answers again" in r.getMessage() for r in caplog.records)
         finally:
             await table.close()
@@ -223,8 +214,8 @@ def test_two_nodes_share_one_redis(redis_server, tmp_path: Path) -> None:
         assert down.returncode == 1 and "unreachable" in down.stderr and "Traceback" not in down.stderr
 
         redis_server.start()
-        wait_until(lambda: relays(node_b.port) == b"250 ok\r\n", what="node B to relay again")
-        wait_until(lambda: all(relays(node_b.port) == b"250 ok\r\n" for _ in range(4)),
+        wait_for(lambda: relays(node_b.port) == b"250 ok\r\n", what="node B to relay again")
+        wait_for(lambda: all(relays(node_b.port) == b"250 ok\r\n" for _ in range(4)),
                    what="every receiver of node B to relay again")
     finally:
         node_a.stop()

@@ -2,7 +2,6 @@
 store that fails (over the embedded table, with an injected clock)."""
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import math
 from pathlib import Path
@@ -12,20 +11,11 @@ import pytest
 from engine.config.settings import LoginSettings, Settings
 from engine.relay import open_relay_table
 from engine.relay.throttle import LoginThrottle
-from tests.test_relay import T0, Clock
+from tests.test_relay import T0, Clock, clock, run  # noqa: F401  (clock: a fixture)
 
 IP = "192.0.2.5"
 LOGIN = LoginSettings(failure_delay=1.5, max_delay=4.0, max_failures=5, window=60,
                       lockout_seconds=300)
-
-
-def run(coro):
-    return asyncio.run(coro)
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
 
 
 @pytest.fixture
