@@ -18,6 +18,8 @@ import pytest
 from engine.accounts import admin
 from engine.accounts.vpasswd import NO_SMTP
 from tests.smtp_harness import InProcessServer, RawClient, client_context, install_certificate
+from tests.test_delivery_e2e import wait_for
+from tests.test_session import connect  # noqa: F401  (the RawClient factory fixture)
 
 ME = "mx.example.com"
 USER, PASSWORD = "joe@example.org", "Secret-pw-1"
@@ -76,34 +78,18 @@ def make_server(root: Path):
 
 
 @pytest.fixture
-def connect():
-    made: list[RawClient] = []
-
-    def make(port: int, greet: bool = True) -> RawClient:
-        c = RawClient(port)
-        made.append(c)
-        if greet:
-            assert c.line() == f"220 {ME} ESMTP\r\n".encode()
+def greeted(connect):
+    """A RawClient that has read the greeting (test_session's factory closes it)."""
+    def make(port: int) -> RawClient:
+        c = connect(port)
+        assert c.line() == f"220 {ME} ESMTP\r\n".encode()
         return c
-
-    yield make
-    for c in made:
-        c.close()
+    return make
 
 
 def starttls(c: RawClient, ca) -> None:
     assert c.cmd(b"STARTTLS") == b"220 ready for tls\r\n"
     c.starttls(client_context(ca))
-
-
-def wait_for(predicate, timeout: float = 5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = predicate()
-        if got:
-            return got
-        time.sleep(0.02)
-    raise AssertionError("condition not met in time")
 
 
 def smtpd_log(root: Path) -> str:
@@ -113,14 +99,14 @@ def smtpd_log(root: Path) -> str:
 
 # --- STARTTLS ------------------------------------------------------------------------
 
-def test_starttls_offered_only_with_a_certificate_and_only_before_tls(accounts, make_server, connect):
+def test_starttls_offered_only_with_a_certificate_and_only_before_tls(accounts, make_server, greeted):
     srv = make_server()
-    c = connect(srv.port)
+    c = greeted(srv.port)
     assert b"STARTTLS" not in c.cmd(b"EHLO client.test")
     assert c.cmd(b"STARTTLS") == b"454 TLS missing certificate: control/servercert.pem (#4.3.0)\r\n"
     ca = install_certificate(accounts, ME)
     srv.reload()
-    c = connect(srv.port)
+    c = greeted(srv.port)
     assert c.cmd(b"EHLO client.test") == EHLO_PLAIN
     assert c.cmd(b"STARTTLS now") == b"501 Syntax error (no parameters allowed) (#5.5.4)\r\n"
     starttls(c, ca)
@@ -129,10 +115,10 @@ def test_starttls_offered_only_with_a_certificate_and_only_before_tls(accounts, 
     assert c.cmd(b"QUIT") == f"221 {ME}\r\n".encode()
 
 
-def test_plaintext_pipelined_after_starttls_is_never_executed(ca, make_server, connect):
+def test_plaintext_pipelined_after_starttls_is_never_executed(ca, make_server, greeted):
     """CVE-2011-0411: `STARTTLS\\r\\nRSET\\r\\n` in one write; the RSET is dropped."""
     srv = make_server()
-    c = connect(srv.port)
+    c = greeted(srv.port)
     c.cmd(b"EHLO client.test")
     c.send(b"STARTTLS\r\nRSET\r\nMAIL FROM:<evil@example.com>\r\n")
     assert c.line() == b"220 ready for tls\r\n"
@@ -142,9 +128,9 @@ def test_plaintext_pipelined_after_starttls_is_never_executed(ca, make_server, c
     assert c.cmd(b"RCPT TO:<x@example.org>") == b"503 MAIL first (#5.5.1)\r\n"
 
 
-def test_session_starts_over_after_tls(ca, make_server, connect):
+def test_session_starts_over_after_tls(ca, make_server, greeted):
     srv = make_server()
-    c = connect(srv.port)
+    c = greeted(srv.port)
     c.cmd(b"EHLO client.test")
     assert c.cmd(b"MAIL FROM:<a@example.com>") == b"250 ok\r\n"
     starttls(c, ca)
@@ -160,9 +146,9 @@ def test_session_starts_over_after_tls(ca, make_server, connect):
                      rb"  by mx.example.com with ESMTPS \([A-Z0-9_-]+ encrypted\); ", message), message
 
 
-def test_auth_before_starttls_is_forgotten(ca, make_server, connect):
+def test_auth_before_starttls_is_forgotten(ca, make_server, greeted):
     srv = make_server()
-    c = connect(srv.port)
+    c = greeted(srv.port)
     c.cmd(b"EHLO client.test")
     assert c.cmd(b"AUTH CRAM-MD5").startswith(b"334 ")
     c.send(b"*\r\n")
@@ -174,9 +160,9 @@ def test_auth_before_starttls_is_forgotten(ca, make_server, connect):
     assert starttls_again == b"502 unimplemented (#5.5.1)\r\n"
 
 
-def test_failed_handshake_closes_and_frees_the_slot(ca, make_server, connect):
+def test_failed_handshake_closes_and_frees_the_slot(ca, make_server, greeted):
     srv = make_server()
-    c = connect(srv.port)
+    c = greeted(srv.port)
     assert c.cmd(b"STARTTLS") == b"220 ready for tls\r\n"
     c.send(b"this is not a TLS client hello\r\n" * 4)
     assert c.closed()
@@ -184,18 +170,18 @@ def test_failed_handshake_closes_and_frees_the_slot(ca, make_server, connect):
     wait_for(lambda: "TLS connection failed" in smtpd_log(srv.root) or srv.receiver.log is None)
 
 
-def test_certificate_reload_keeps_sessions(accounts, make_server, connect):
+def test_certificate_reload_keeps_sessions(accounts, make_server, greeted):
     first_ca = install_certificate(accounts, ME)
     srv = make_server()
-    old = connect(srv.port)
+    old = greeted(srv.port)
     starttls(old, first_ca)
     second_ca = install_certificate(accounts, ME)
     assert srv.reload()                 # what SIGHUP (or the supervisor's mtime poll) does
-    new = connect(srv.port)
+    new = greeted(srv.port)
     starttls(new, second_ca)
     assert new.cmd(b"EHLO n") == EHLO_TLS
     assert old.cmd(b"EHLO o") == EHLO_TLS   # the session made with the old certificate goes on
-    stale = connect(srv.port)
+    stale = greeted(srv.port)
     assert stale.cmd(b"STARTTLS") == b"220 ready for tls\r\n"
     with pytest.raises(ssl.SSLError):
         stale.starttls(client_context(first_ca))
@@ -204,9 +190,9 @@ def test_certificate_reload_keeps_sessions(accounts, make_server, connect):
 # --- AUTH ----------------------------------------------------------------------------
 
 @pytest.fixture
-def tls_client(ca, make_server, connect):
+def tls_client(ca, make_server, greeted):
     srv = make_server()
-    c = connect(srv.port)
+    c = greeted(srv.port)
     starttls(c, ca)
     assert c.cmd(b"EHLO client.test") == EHLO_TLS
     c.server = srv
@@ -239,9 +225,9 @@ def cram_answer(c: RawClient, user: str, secret: str) -> bytes:
     return c.cmd(b64(f"{user} {digest}"))
 
 
-def test_cram_md5_needs_the_cleartext_and_works_before_tls(accounts, make_server, connect):
+def test_cram_md5_needs_the_cleartext_and_works_before_tls(accounts, make_server, greeted):
     srv = make_server()
-    c = connect(srv.port)
+    c = greeted(srv.port)
     c.cmd(b"EHLO client.test")
     assert cram_answer(c, CLEAR_USER, "wrong") == b"535 authorization failed (#5.7.0)\r\n"
     assert cram_answer(c, USER, PASSWORD) == b"535 authorization failed (#5.7.0)\r\n"  # no cleartext kept
@@ -269,14 +255,14 @@ def test_no_smtp_flag_and_unknown_user_refused(tls_client):
     assert c.cmd(b"AUTH PLAIN " + plain("joe")) == b"535 authorization failed (#5.7.0)\r\n"  # login = full address
 
 
-def test_plain_and_login_refused_before_tls_unless_allowed(accounts, make_server, connect):
+def test_plain_and_login_refused_before_tls_unless_allowed(accounts, make_server, greeted):
     srv = make_server()
-    c = connect(srv.port)
+    c = greeted(srv.port)
     c.cmd(b"EHLO client.test")
     assert c.cmd(b"AUTH PLAIN " + plain()) == b"504 auth type not available (#5.5.1)\r\n"
     assert c.cmd(b"AUTH LOGIN") == b"504 auth type not available (#5.5.1)\r\n"
     srv2 = make_server(toml="[auth]\nallow_plaintext = true\nfailure_delay = 0\n")
-    c = connect(srv2.port)
+    c = greeted(srv2.port)
     assert c.cmd(b"EHLO client.test") == (
         f"250-{ME}\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-AUTH LOGIN CRAM-MD5 PLAIN\r\n"
         f"250-AUTH=LOGIN CRAM-MD5 PLAIN\r\n250 SIZE 67108864\r\n").encode()
@@ -302,10 +288,10 @@ def test_auth_grants_relaying_and_names_the_user(tls_client):
              or c.server.receiver.log is None)
 
 
-def test_sender_must_match(accounts, ca, make_server, connect):
+def test_sender_must_match(accounts, ca, make_server, greeted):
     admin.add_alias(accounts, "joe.alias@example.org", [USER])
     srv = make_server(toml="[auth]\nsender_must_match = true\nfailure_delay = 0\n")
-    c = connect(srv.port)
+    c = greeted(srv.port)
     starttls(c, ca)
     c.cmd(b"EHLO client.test")
     assert c.cmd(b"MAIL FROM:<ann@example.org>") == b"250 ok\r\n"   # not authenticated: not checked
@@ -317,9 +303,9 @@ def test_sender_must_match(accounts, ca, make_server, connect):
         assert c.cmd(b"MAIL FROM:<" + other + b">") == b"553 sorry, that sender address is not yours (#5.7.1)\r\n"
 
 
-def test_submission_needs_auth_before_mail(ca, make_server, connect):
+def test_submission_needs_auth_before_mail(ca, make_server, greeted):
     srv = make_server("submission")
-    c = connect(srv.port)
+    c = greeted(srv.port)
     assert c.cmd(b"EHLO client.test") == EHLO_PLAIN
     assert c.cmd(b"MAIL FROM:<joe@example.org>") == b"530 Authorization required (#5.7.1)\r\n"
     starttls(c, ca)
@@ -374,13 +360,13 @@ class FakeThrottle:
         self.failures.pop(ip, None)
 
 
-def test_throttle_delays_then_locks_out(tls_client, ca, connect):
+def test_throttle_delays_then_locks_out(tls_client, ca, greeted):
     c = tls_client
     throttle = FakeThrottle(limit=3, delay=0.3)
     c.server.receiver.throttle = throttle
     assert c.cmd(b"AUTH PLAIN " + plain()) == b"235 ok, go ahead (#2.0.0)\r\n"
     assert throttle.successes == 1
-    c2 = connect(c.server.port)
+    c2 = greeted(c.server.port)
     starttls(c2, ca)
     started = time.monotonic()
     assert c2.cmd(b"AUTH PLAIN " + plain(password="x")) == b"535 authorization failed (#5.7.0)\r\n"
@@ -390,13 +376,13 @@ def test_throttle_delays_then_locks_out(tls_client, ca, connect):
         f"421 {ME} too many failed logins from your address, try again later (#4.7.0)\r\n".encode())
     assert c2.closed()
     # Locked: even the right password gets the 421 (and is not checked).
-    c3 = connect(c.server.port)
+    c3 = greeted(c.server.port)
     starttls(c3, ca)
     assert c3.cmd(b"AUTH PLAIN " + plain()).startswith(b"421 ")
     assert c3.closed()
 
 
-def test_the_relay_tables_login_throttle(tls_client, ca, connect, accounts):
+def test_the_relay_tables_login_throttle(tls_client, ca, greeted, accounts):
     """engine.relay's LoginThrottle as receivers use it: [login] settings, counts in ROOT/relay."""
     from engine.config.settings import load_settings
     from engine.relay import open_relay_table
@@ -413,12 +399,12 @@ def test_the_relay_tables_login_throttle(tls_client, ca, connect, accounts):
     assert time.monotonic() - started >= 0.2
     assert c.cmd(b"AUTH PLAIN " + plain(password="bad")).startswith(b"421 ")
     assert c.closed()
-    c2 = connect(srv.port)
+    c2 = greeted(srv.port)
     starttls(c2, ca)
     assert c2.cmd(b"AUTH PLAIN " + plain()).startswith(b"421 ")
 
 
-def test_hashing_never_blocks_other_sessions(tls_client, ca, connect):
+def test_hashing_never_blocks_other_sessions(tls_client, ca, greeted):
     """Clients flooding wrong $6$ passwords; another client's greeting stays fast."""
     port = tls_client.server.port
     stop = threading.Event()
