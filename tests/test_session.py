@@ -25,13 +25,13 @@ def write_control(root: Path, name: str, text: str) -> None:
 def make_server(root: Path):
     servers: list[InProcessServer] = []
 
-    def make(spool=None, **controls: str) -> InProcessServer:
+    def make(spool=None, scheme: str = "smtp", **controls: str) -> InProcessServer:
         for name, text in controls.items():
             if name == "qrelay_toml":
                 (root / "qrelay.toml").write_text(text)
             else:
                 write_control(root, name.replace("_", "."), text)
-        srv = InProcessServer(root, spool)
+        srv = InProcessServer(root, spool, scheme=scheme)
         servers.append(srv)
         return srv
 

@@ -17,9 +17,9 @@ import pytest
 
 from engine.accounts import admin
 from engine.accounts.vpasswd import NO_SMTP
-from tests.smtp_harness import InProcessServer, RawClient, client_context, install_certificate
+from tests.smtp_harness import RawClient, client_context, install_certificate
 from tests.test_delivery_e2e import wait_for
-from tests.test_session import connect  # noqa: F401  (the RawClient factory fixture)
+from tests.test_session import connect, make_server  # noqa: F401  (fixtures)
 
 ME = "mx.example.com"
 USER, PASSWORD = "joe@example.org", "Secret-pw-1"
@@ -59,22 +59,6 @@ def accounts(root: Path) -> Path:
 @pytest.fixture
 def ca(accounts: Path):
     return install_certificate(accounts, ME)
-
-
-@pytest.fixture
-def make_server(root: Path):
-    servers: list[InProcessServer] = []
-
-    def make(scheme: str = "smtp", toml: str | None = None) -> InProcessServer:
-        if toml is not None:
-            (root / "qrelay.toml").write_text(toml)
-        srv = InProcessServer(root, scheme=scheme)
-        servers.append(srv)
-        return srv
-
-    yield make
-    for srv in servers:
-        srv.stop()
 
 
 @pytest.fixture
@@ -261,7 +245,7 @@ def test_plain_and_login_refused_before_tls_unless_allowed(accounts, make_server
     c.cmd(b"EHLO client.test")
     assert c.cmd(b"AUTH PLAIN " + plain()) == b"504 auth type not available (#5.5.1)\r\n"
     assert c.cmd(b"AUTH LOGIN") == b"504 auth type not available (#5.5.1)\r\n"
-    srv2 = make_server(toml="[auth]\nallow_plaintext = true\nfailure_delay = 0\n")
+    srv2 = make_server(qrelay_toml="[auth]\nallow_plaintext = true\nfailure_delay = 0\n")
     c = greeted(srv2.port)
     assert c.cmd(b"EHLO client.test") == (
         f"250-{ME}\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-AUTH LOGIN CRAM-MD5 PLAIN\r\n"
@@ -290,7 +274,7 @@ def test_auth_grants_relaying_and_names_the_user(tls_client):
 
 def test_sender_must_match(accounts, ca, make_server, greeted):
     admin.add_alias(accounts, "joe.alias@example.org", [USER])
-    srv = make_server(toml="[auth]\nsender_must_match = true\nfailure_delay = 0\n")
+    srv = make_server(qrelay_toml="[auth]\nsender_must_match = true\nfailure_delay = 0\n")
     c = greeted(srv.port)
     starttls(c, ca)
     c.cmd(b"EHLO client.test")
@@ -304,7 +288,7 @@ def test_sender_must_match(accounts, ca, make_server, greeted):
 
 
 def test_submission_needs_auth_before_mail(ca, make_server, greeted):
-    srv = make_server("submission")
+    srv = make_server(scheme="submission")
     c = greeted(srv.port)
     assert c.cmd(b"EHLO client.test") == EHLO_PLAIN
     assert c.cmd(b"MAIL FROM:<joe@example.org>") == b"530 Authorization required (#5.7.1)\r\n"
@@ -316,7 +300,7 @@ def test_submission_needs_auth_before_mail(ca, make_server, greeted):
 
 
 def test_submissions_is_implicit_tls(ca, make_server):
-    srv = make_server("submissions")
+    srv = make_server(scheme="submissions")
     raw = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
     c = RawClient.__new__(RawClient)
     c.sock, c.buf = raw, b""
