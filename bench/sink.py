@@ -12,6 +12,9 @@ Counts connections and messages, optionally stores them (--maildir DIR or
 start, a per-second rate while busy and a final count on SIGTERM/SIGINT or
 after --max-messages. --json FILE is rewritten every second and at exit, so
 a benchmark can poll it to learn how much the sink has received.
+--tls-cert PEM (certificate and key in one file, like qmail-tls's
+servercert.pem) offers STARTTLS; what was pipelined after it in clear is
+dropped, and the session starts over inside TLS.
 
 As a library (for other benches): `SinkProcess` starts it as a subprocess on
 port 0 and learns the port from --port-file; `.stats()` reads the JSON,
@@ -26,6 +29,7 @@ import multiprocessing.connection
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -64,6 +68,8 @@ def build_parser() -> OneLineParser:
     p.add_argument("--max-store-bytes", type=positive_int, default=MAX_STORED_MESSAGE,
                    help="when storing, refuse (552) messages larger than this (default 64 MiB)")
     p.add_argument("--hostname", default="sink.bench.test", help="name in greeting/EHLO")
+    p.add_argument("--tls-cert", metavar="PEM",
+                   help="certificate and key in one PEM file (as servercert.pem): offer STARTTLS")
     p.add_argument("--max-messages", type=nonneg_int, default=0,
                    help="exit after accepting this many messages (0 = run until signalled)")
     p.add_argument("--seed", type=int, default=None, help="random seed for injected failures")
@@ -80,11 +86,16 @@ def config_from_args(args) -> tuple[SinkConfig, str, int]:
         raise UsageError("use either --maildir or --store-dir, not both")
     if any(c in args.hostname for c in " \r\n\0") or not args.hostname:
         raise UsageError(f"--hostname: bad name {args.hostname!r}")
+    if args.tls_cert:
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(args.tls_cert)
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(f"--tls-cert {args.tls_cert}: {getattr(exc, 'strerror', None) or exc}")
     cfg = SinkConfig(hostname=args.hostname, tempfail=args.tempfail, permfail=args.permfail,
                      fail_at=args.fail_at, greet_fail=args.greet_fail,
                      delay=args.delay / 1000.0, pipelining=not args.no_pipelining,
                      maildir=args.maildir, store_dir=args.store_dir, seed=args.seed,
-                     max_store=args.max_store_bytes)
+                     max_store=args.max_store_bytes, tls_cert=args.tls_cert)
     return cfg, host, port
 
 

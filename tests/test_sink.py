@@ -4,12 +4,14 @@ from __future__ import annotations
 import json
 import smtplib
 import socket
+import ssl
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import trustme
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
@@ -211,7 +213,31 @@ def test_max_messages_exits_by_itself(tmp_path):
         s.stop()
 
 
+def test_starttls_with_a_certificate(sinks, tmp_path):
+    ca = trustme.CA()
+    pem = tmp_path / "servercert.pem"
+    ca.issue_cert("sink.bench.test").private_key_and_cert_chain_pem.write_to_path(str(pem))
+    s = sinks("--tls-cert", str(pem))
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    client.check_hostname = False    # smtplib names the server by the address it dialled
+    with smtplib.SMTP("127.0.0.1", s.port, timeout=10) as c:
+        c.ehlo("me.test")
+        assert c.has_extn("starttls")
+        c.starttls(context=client)
+        c.ehlo("me.test")
+        assert not c.has_extn("starttls")              # not offered again inside TLS
+        c.sendmail("s@y.test", ["a@x.test"], "Subject: t\r\n\r\nhello\r\n")
+    st = s.stop()
+    assert st["messages"] == 1 and st["starttls"] == 1 and st["open"] == 0
+    plain = sinks()
+    with smtplib.SMTP("127.0.0.1", plain.port, timeout=10) as c:
+        c.ehlo("me.test")
+        assert not c.has_extn("starttls")
+
+
 @pytest.mark.parametrize("args", [
+    ["--tls-cert", "/nonexistent.pem"],
     ["--tempfail", "150"],
     ["--tempfail", "60", "--permfail", "60"],
     ["--listen", "nonsense"],

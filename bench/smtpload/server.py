@@ -15,6 +15,7 @@ import asyncio
 import os
 import random
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 
@@ -45,6 +46,7 @@ class SinkConfig:
     permfail_rcpt_reply: bytes = b"550 5.1.1 sink: no such user (injected)\r\n"
     permfail_data_reply: bytes = b"554 5.6.0 sink: message refused (injected)\r\n"
     greet_fail_reply: bytes = b"421 4.3.2 sink: service not available (injected)\r\n"
+    tls_cert: str | None = None  # PEM certificate + key: offer STARTTLS
 
 
 @dataclass(slots=True)
@@ -61,6 +63,7 @@ class SinkStats:
     bytes: int = 0               # DATA bytes received (accepted or not)
     stored: int = 0
     ehlo: int = 0                # EHLO / HELO commands seen
+    starttls: int = 0            # STARTTLS handshakes begun
     helo: int = 0
     store_errors: int = 0
     first_message: float = 0.0   # time.time() of the first/last accepted message
@@ -138,8 +141,14 @@ class SinkServer:
         if cfg.pipelining:
             lines.append("PIPELINING")
         lines += ["8BITMIME", "ENHANCEDSTATUSCODES", "SIZE 0"]
-        self.ehlo = ("".join(f"250-{x}\r\n" for x in lines[:-1])
-                     + f"250 {lines[-1]}\r\n").encode()
+        self.ehlo = _ehlo(lines)
+        self.tls_context: ssl.SSLContext | None = None
+        self.ehlo_before_tls = self.ehlo
+        if cfg.tls_cert:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(cfg.tls_cert)
+            self.tls_context = ctx
+            self.ehlo_before_tls = _ehlo(lines[:1] + ["STARTTLS"] + lines[1:])
         self.helo = f"250 {cfg.hostname}\r\n".encode()
         self.fail_rcpt = cfg.fail_at == "rcpt"
         self.failing = cfg.tempfail > 0 or cfg.permfail > 0
@@ -163,9 +172,14 @@ class SinkServer:
                 s.transport.abort()
 
 
+def _ehlo(lines: list[str]) -> bytes:
+    return ("".join(f"250-{x}\r\n" for x in lines[:-1]) + f"250 {lines[-1]}\r\n").encode()
+
+
 class SinkSession(asyncio.Protocol):
     __slots__ = ("srv", "stats", "transport", "buf", "in_data", "tail", "chunks",
-                 "mail", "rcpts", "rcpt_list", "closing", "delayed", "paused", "held")
+                 "mail", "rcpts", "rcpt_list", "closing", "delayed", "paused", "held",
+                 "tls", "starting_tls", "lost", "pending")
 
     def __init__(self, srv: SinkServer):
         self.srv = srv
@@ -182,6 +196,10 @@ class SinkSession(asyncio.Protocol):
         self.delayed: list[bytes] = []
         self.paused = False
         self.held = 0                # bytes of the message held for the store
+        self.tls = False
+        self.starting_tls = False
+        self.lost = False
+        self.pending: list[bytes] = []
 
     def connection_made(self, transport) -> None:
         srv = self.srv
@@ -199,11 +217,19 @@ class SinkSession(asyncio.Protocol):
         self._send([srv.greeting])
 
     def connection_lost(self, exc) -> None:
+        if self.lost:
+            return
+        self.lost = True
         self.stats.open -= 1
         self.srv.sessions.discard(self)
         self.transport = None
 
     def data_received(self, data: bytes) -> None:
+        if self.starting_tls:
+            # Reading in clear stopped at STARTTLS, so this came through the
+            # new TLS transport before start_tls() returned it: keep it.
+            self.pending.append(data)
+            return
         if self.closing:
             return
         out: list[bytes] = []
@@ -222,7 +248,8 @@ class SinkSession(asyncio.Protocol):
             line = buf[pos:eol]
             pos = eol + 1
             self._command(line, out)
-            if self.closing:
+            if self.closing or self.starting_tls:
+                # After STARTTLS nothing sent in clear is kept (CVE-2011-0411).
                 pos = len(buf)
                 break
             if self.in_data:
@@ -240,6 +267,32 @@ class SinkSession(asyncio.Protocol):
         self.buf = rest
         if out:
             self._send(out)
+        if self.starting_tls:
+            self._start_tls()
+
+    def _start_tls(self) -> None:
+        # Stop reading now: the client's ClientHello may arrive before the
+        # start_tls task first runs, and must not be read as a command.
+        self.transport.pause_reading()
+        loop = self.srv.loop
+        task = loop.create_task(loop.start_tls(self.transport, self, self.srv.tls_context,
+                                               server_side=True))
+        task.add_done_callback(self._tls_done)
+
+    def _tls_done(self, task: asyncio.Task) -> None:
+        self.starting_tls = False
+        if task.cancelled() or task.exception() is not None:
+            if self.transport is not None:
+                self.transport.abort()
+            self.connection_lost(None)
+            return
+        self.transport = task.result()
+        self.tls = True
+        self.mail = None
+        self.rcpts = 0
+        if self.pending:
+            data, self.pending = b"".join(self.pending), []
+            self.data_received(data)
 
     def _command(self, line: bytes, out: list[bytes]) -> None:
         verb = line[:4].upper()
@@ -279,7 +332,12 @@ class SinkSession(asyncio.Protocol):
             out.append(b"354 go ahead\r\n")
         elif verb == b"EHLO":
             self.stats.ehlo += 1
-            out.append(srv.ehlo)
+            out.append(srv.ehlo if self.tls else srv.ehlo_before_tls)
+        elif verb == b"STAR" and line.rstrip(b"\r").upper() == b"STARTTLS" \
+                and srv.tls_context is not None and not self.tls:
+            self.stats.starttls += 1
+            out.append(b"220 2.0.0 ready for tls\r\n")
+            self.starting_tls = True
         elif verb == b"HELO":
             self.stats.helo += 1
             out.append(srv.helo)
