@@ -17,7 +17,8 @@ Behaviour knobs: `greeting` (e.g. "421 busy"), `silent` (never greets),
 TLS: `tls_context` (a server ssl.SSLContext) offers STARTTLS before TLS and
 does the handshake after `starttls_reply` (a reply not starting with 220
 leaves the session in clear); `tls_break` answers 220 and then sends
-garbage instead of a handshake. `SinkConnection.tls` / `Transaction.tls`
+garbage instead of a handshake; `implicit_tls` does TLS from the first
+byte (SMTPS) with `tls_context`. `SinkConnection.tls` / `Transaction.tls`
 say whether the session was encrypted when it ended / when the message came.
 """
 from __future__ import annotations
@@ -60,6 +61,7 @@ class RecordingSink:
         self.tls_context: ssl.SSLContext | None = None
         self.starttls_reply = "220 ready for tls"
         self.tls_break = False
+        self.implicit_tls = False    # TLS from the first byte (SMTPS, port 465)
         self.connections: list[SinkConnection] = []
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -72,7 +74,8 @@ class RecordingSink:
             if not hasattr(sink, k):
                 raise AttributeError(k)
             setattr(sink, k, v)
-        sink._server = await asyncio.start_server(sink._handle, host, port)
+        sink._server = await asyncio.start_server(
+            sink._handle, host, port, ssl=sink.tls_context if sink.implicit_tls else None)
         sink.port = sink._server.sockets[0].getsockname()[1]
         return sink
 
@@ -95,7 +98,7 @@ class RecordingSink:
         task = asyncio.current_task()
         self._tasks.add(task)
         self._writers.add(writer)
-        conn = SinkConnection()
+        conn = SinkConnection(tls=self.implicit_tls)
         self.connections.append(conn)
         try:
             await self._session(conn, reader, writer)

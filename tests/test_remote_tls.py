@@ -215,3 +215,32 @@ def test_min_version_is_enforced(fake_dns, ca):
     assert result == [CLEAR_OK] and pool.tls_fallbacks == 1
     (result,), _, _ = deliver(fake_dns, "-tls.test:\n", tls_context=ctx, min_version="TLSv1.3")
     assert result[0].status == "Z" and result[0].text.startswith("TLS connect failed: ")
+
+
+def test_port_465_is_implicit_tls(fake_dns, ca, ca_file, monkeypatch, tmp_path):
+    import engine.delivery.smtpclient as smtpclient
+    ctx = server_context(ca)
+
+    async def go(rule):
+        sink = await RecordingSink.start("127.0.0.1", 0, tls_context=ctx, implicit_tls=True)
+        monkeypatch.setattr(smtpclient, "SMTPS_PORT", sink.port)   # the sink stands for :465
+        fake_dns.zone[MX] = {"A": ["127.0.0.1"]}
+        config = RemoteConfig(helohost="relay.test", routes=SmtpRoutes.from_text(f"tls.test:{MX}\n"),
+                              dns_servers=(fake_dns.address,), dns_timeout=0.5, dns_tries=1,
+                              timeoutconnect=2, timeoutremote=5,
+                              tls=TlsDestinations.from_lines([(1, f"{rule};{sink.port}")]))
+        rd = RemoteDelivery(config)
+        try:
+            return await rd.deliver("tls.test", "a@src.test", ["x@tls.test"], MSG), sink
+        finally:
+            await rd.close()
+            await sink.stop()
+    # The policy's `;PORT` replaces the route's port; DEST is the relay's name.
+    result, sink = run(go(f"~{MX}:{ca_file}"))
+    assert result == [TLS_OK] and sink.messages[0].content == MSG
+    assert b"STARTTLS" not in commands(sink.connections[0])
+    other = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other))
+    result, _ = run(go(f"={MX}:{other}"))
+    assert result[0].status == "Z"
+    assert result[0].text.startswith(f"TLS unable to verify server with {other}: ")
