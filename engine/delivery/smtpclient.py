@@ -162,9 +162,6 @@ class SmtpConnection:
         self.pending_rset = False
         # "TLSv1.3 TLS_AES_256_GCM_SHA384" once encrypted, else None.
         self.tls: str | None = None
-        # Why this connection is in clear although the policy wanted TLS
-        # (an opportunistic handshake that failed on the first connection).
-        self.tls_fallback = ""
         self.pool_key: tuple = (ip, port, helohost, None)
 
     # --- opening -----------------------------------------------------------
@@ -582,7 +579,6 @@ class ConnectionPool:
             self.opened += 1
             self.tls_fallbacks += 1
             conn = await SmtpConnection.open(ip, port, helohost, tls=None, **kw)
-            conn.tls_fallback = exc.text
         self.opened += 1
         return conn
 
