@@ -188,6 +188,7 @@ class SmtpConnection:
             metrics.remote_connection(False)
             raise ConnectFailed(ip, f"connect to {ip}:{port}: timed out", timed_out=True) from None
         except ssl.SSLError as exc:
+            metrics.remote_connection(True)    # connected; the implicit TLS handshake failed
             raise TlsFailed(ip, _tls_error_text(exc, tls, contexts, ip)) from None
         except OSError as exc:
             metrics.remote_connection(False)
