@@ -387,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--ingest must be smaller than --queue")
 
     work = Path(tempfile.mkdtemp(prefix="qrelay-bench-e2e-"))
+    # As root, qrelay's children run as the qrelay user: it must reach the roots.
+    work.chmod(0o711)
     env: dict[str, str] = {}
     if a.slow_sync_ms:
         from spool_bench_lib import slowsync_env

@@ -112,15 +112,19 @@ class QmailSendLog:
     max_bytes: multilog's `s` (a file is rotated at the first line end once it
     holds max_bytes - 2000 bytes, or before a line that would take it past
     max_bytes); max_files: multilog's `n` (at most n - 1 rotated files kept).
+    owner: (uid, gid) given to every file this writer creates: the root
+    supervisor shares the directory with children that run as `[run] user`.
     """
 
     def __init__(self, log_dir: Path | str, *, max_bytes: int = 99999, max_files: int = 10,
                  max_buffered_lines: int = 200_000,
-                 clock_ns: Callable[[], int] = time.time_ns, fmt: str = "qmail") -> None:
+                 clock_ns: Callable[[], int] = time.time_ns, fmt: str = "qmail",
+                 owner: tuple[int, int] | None = None) -> None:
         if fmt not in LOG_FORMATS:
             raise ValueError(f"log format {fmt!r}: expected one of {', '.join(LOG_FORMATS)}")
         self.dir = Path(log_dir)
         self.json = fmt == "json"
+        self.owner = owner
         # multilog's own bounds on s and n.
         self.max_bytes = min(max(max_bytes, 4096), 16_777_215)
         self.max_files = max(max_files, 2)
@@ -256,12 +260,18 @@ class QmailSendLog:
             os.close(self._writers)
             self._writers = None
 
+    def _create(self, path: Path, flags: int) -> int:
+        fd = os.open(path, flags | os.O_CREAT, 0o644)
+        if self.owner is not None:
+            os.fchown(fd, *self.owner)
+        return fd
+
     def _open(self) -> None:
         path = self.dir / CURRENT
         if not self._opened_once:
             self._opened_once = True
             self._join_writers(path)
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd = self._create(path, os.O_WRONLY | os.O_APPEND)
         # multilog: 0644 while in use, 0744 once cleanly finished.
         os.fchmod(self._fd, 0o644)
         st = os.fstat(self._fd)
@@ -272,7 +282,7 @@ class QmailSendLog:
         writer (no other holds it) adopts what a crash left: a `current` still
         0644 becomes `@<now>.u`, as multilog does; one closed cleanly (0744) is
         appended to. A later writer leaves `current` to the ones writing it."""
-        self._writers = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self._writers = self._create(self.dir / "lock", os.O_RDWR | os.O_CLOEXEC)
         try:
             fcntl.flock(self._writers, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -343,7 +353,7 @@ class QmailSendLog:
 
     def _rotate(self) -> None:
         assert self._fd is not None
-        rotating = os.open(self.dir / "lock.rotate", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        rotating = self._create(self.dir / "lock.rotate", os.O_RDWR | os.O_CLOEXEC)
         try:
             # One process rotates at a time; one that finds `current` already
             # rotated by another just writes to the new one.

@@ -49,36 +49,72 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from engine.privilege import PrivilegeError, RunUser, become, check_reachable, give_tree, run_user
 from engine.proctitle import set_title
 from engine.smtp.connlimit import ConnectionTable
 from engine.smtp.listeners import ListenAddress, Listener, bind_listeners, bound_address
-from engine.supervisor import ChildSpec, Supervisor
+from engine.supervisor import ChildSpec, Supervisor, follow_parent
 
 
-def services(root: Path, config: Any, listeners: list[Listener], procs: int) -> list[ChildSpec]:
-    """The children of `qrelay run`, in start order."""
+def services(root: Path, config: Any, listeners: list[Listener], procs: int,
+             user: RunUser | None = None, lspawn: socket.socket | None = None) -> list[ChildSpec]:
+    """The children of `qrelay run`, in start order. `user`: what every child
+    but the local spawner becomes (engine/privilege.py); `lspawn`: the local
+    spawner's bound socket (with `user`)."""
     settings = config.settings
     sockets = [listener.sock for listener in listeners]
     http = [listener for listener in listeners if listener.scheme == "http"]
     served = [listener for listener in listeners if listener.scheme != "http"]
+    if lspawn is not None:
+        sockets.append(lspawn)
     table = ConnectionTable(procs)
     specs = []
     if settings.spool.single_writer:
-        specs.append(_without_listeners(_spool_writer(root, settings), sockets))
+        specs.append(_as(user, _without_listeners(_spool_writer(root, settings), sockets)))
     from engine.smtp.receiver import receiver_main
-    specs.append(_without_listeners(ChildSpec(
+    receivers = ChildSpec(
         "receiver", target=lambda slot: receiver_main(str(root), served, table.counter(slot)),
-        count=procs, on_exit=table.clear_row, forward_signals=frozenset({signal.SIGHUP})),
-        [listener.sock for listener in http]))
+        count=procs, on_exit=table.clear_row, forward_signals=frozenset({signal.SIGHUP}))
+    not_served = [listener.sock for listener in http] + ([lspawn] if lspawn else [])
+    specs.append(_as(user, _without_sockets(receivers, not_served)))
     if settings.scheduler.enabled:   # false: `qrelay run` only receives, mail stays queued
         from engine.delivery.service import scheduler_spec
-        specs.append(_without_listeners(scheduler_spec(root), sockets))
+        if lspawn is not None:
+            specs.append(_lspawn_spec(root, lspawn, user, [s for s in sockets if s is not lspawn]))
+        specs.append(_as(user, _without_listeners(scheduler_spec(root), sockets)))
     if http:
         from engine.status import status_main
-        specs.append(_without_listeners(ChildSpec(
-            "status", target=lambda slot: status_main(str(root), http),
-            forward_signals=frozenset()), [listener.sock for listener in served]))
+        status = ChildSpec("status", target=lambda slot: status_main(str(root), http),
+                           forward_signals=frozenset())
+        specs.append(_as(user, _without_sockets(
+            status, [s for s in sockets if s not in {listener.sock for listener in http}])))
     return specs
+
+
+def _lspawn_spec(root: Path, sock: socket.socket, user: RunUser,
+                 others: list[socket.socket]) -> ChildSpec:
+    """The local spawner: stays root, serves the (unprivileged) scheduler's jobs."""
+    from engine.delivery.lspawn import lspawn_main
+    spec = ChildSpec("lspawn", target=lambda slot: lspawn_main(str(root), sock,
+                                                               frozenset({user.uid, 0})),
+                     forward_signals=frozenset())
+    return _without_sockets(spec, others)
+
+
+def _as(user: RunUser | None, spec: ChildSpec) -> ChildSpec:
+    """The service, run as `user` (None: as the supervisor)."""
+    if user is None:
+        return spec
+    target = spec.target
+
+    def run(slot: int) -> None:
+        parent = os.getppid()
+        become(user)
+        # A change of uid clears the parent-death signal: ask for it again.
+        if not follow_parent(parent):
+            os._exit(0)
+        target(slot)
+    return dataclasses.replace(spec, target=run)
 
 
 def _spool_writer(root: Path, settings: Any) -> ChildSpec:
@@ -96,6 +132,13 @@ def _without_listeners(spec: ChildSpec, sockets: list[socket.socket]) -> ChildSp
     """A service closes its inherited copy of the listening sockets it does not
     serve at once: otherwise the port would stay open (and queue connections
     nobody answers) until that service exits."""
+    return _without_sockets(spec, sockets)
+
+
+def _without_sockets(spec: ChildSpec, sockets: list[socket.socket]) -> ChildSpec:
+    """The service, closing its inherited copies of `sockets` first."""
+    if not sockets:
+        return spec
     target = spec.target
 
     def run(slot: int) -> None:
@@ -105,12 +148,14 @@ def _without_listeners(spec: ChildSpec, sockets: list[socket.socket]) -> ChildSp
     return dataclasses.replace(spec, target=run)
 
 
-def _log_to_root(root: Path, settings: Any) -> logging.Handler:
+def _log_to_root(root: Path, settings: Any, user: RunUser | None = None) -> logging.Handler:
     """The `logging` records of the supervisor and of its forks that have no
-    log of their own (the spool writer, a receiver that cannot start) into ROOT/log."""
+    log of their own (the spool writer, a receiver that cannot start) into ROOT/log
+    (files it creates belong to `user`, who shares the directory)."""
     from engine.log import LogHandler, QmailSendLog
     handler = LogHandler(QmailSendLog(root / "log", max_bytes=settings.log.max_bytes,
-                                      max_files=settings.log.max_files, fmt=settings.log.format))
+                                      max_files=settings.log.max_files, fmt=settings.log.format,
+                                      owner=user.owner if user else None))
     logging.getLogger("qrelay").addHandler(handler)
     return handler
 
@@ -242,6 +287,31 @@ def check_services(root: Path, config: Any, schemes: set[str] | None = None) -> 
         raise ConfigError(f"local delivery cannot start: {exc}") from None
 
 
+def _run_user(root: Path, settings: Any) -> RunUser | None:
+    """`[run] user`, checked before anything starts (created if it is the
+    default and missing); None when not root. Raises ConfigError (one line)."""
+    from engine.smtp.config import ConfigError
+    try:
+        user = run_user(settings.run.user, create_default=True)
+        if user is not None:
+            check_reachable(root, user)
+    except (PrivilegeError, OSError) as exc:
+        raise ConfigError(f"cannot start: {exc}") from None
+    return user
+
+
+def _foreign_domains_warning(root: Path, user: RunUser) -> None:
+    from engine.privilege import foreign_domains
+    found = foreign_domains(root, user)
+    if found:
+        shown = ", ".join(f"{name} (uid {uid})" for name, uid in found[:5])
+        more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+        logging.getLogger("qrelay.run").warning(
+            f"receivers run as {user.name} (uid {user.uid}) and cannot read the vpasswd of "
+            f"{shown}{more}: RCPT checks, AUTH and POP3 for them fail with temporary errors; "
+            f"set [run] user to their owner (e.g. vpopmail) in qrelay.toml")
+
+
 def stale_rules_warning(root: Path) -> None:
     """tcp.smtp edited after `qrelay tcprules`: the cdb is what is read; say so."""
     from engine.config.tcprules import stale_cdb
@@ -266,19 +336,30 @@ def serve(root: Path, listen: list[ListenAddress], procs: int,
     check_services(root, config, {addr.scheme for addr in listen})
     check_listen(listen, config.settings)
     smtp = config.settings.smtp
+    user = _run_user(root, config.settings)
     mutex = hold_queue(root)
+    lspawn = None
     try:
         # Before the first fork, under the lock: this run's counters only.
         metrics.enable(root / metrics.METRICS_DIR)
+        from engine.delivery.lspawn import bind_lspawn, remove_lspawn_socket
+        remove_lspawn_socket(root)     # a stale one would tell the scheduler to use it
         listeners = bind_listeners(listen)
+        if user is not None:
+            give_tree(root, user)
+            lspawn = bind_lspawn(root, user.owner)
     except BaseException:
         os.close(mutex)
         raise
     sockets = [listener.sock for listener in listeners]
+    if lspawn is not None:
+        sockets.append(lspawn)
     handler = None
     try:
-        handler = _log_to_root(root, config.settings)
+        handler = _log_to_root(root, config.settings, user)
         stale_rules_warning(root)
+        if user is not None:
+            _foreign_domains_warning(root, user)
 
         def fingerprint_now() -> tuple:
             # What the receivers read, and what the delivery side reads.
@@ -295,7 +376,7 @@ def serve(root: Path, listen: list[ListenAddress], procs: int,
             return False
 
         supervisor = Supervisor(
-            services(root, config, listeners, procs),
+            services(root, config, listeners, procs, user, lspawn),
             stop_grace=smtp.shutdown_grace + 2.0,
             reload_check=control_files_changed,
             reload_poll=smtp.reload_poll_seconds,
@@ -306,6 +387,8 @@ def serve(root: Path, listen: list[ListenAddress], procs: int,
     finally:
         for sock in sockets:
             sock.close()
+        if lspawn is not None:
+            remove_lspawn_socket(root)
         if handler is not None:
             logging.getLogger("qrelay").removeHandler(handler)
             handler.log.close()

@@ -20,6 +20,45 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 60) -> subproc
     )
 
 
+def searchable(path: Path) -> Path:
+    """path, with o+x added (list stays private): a root `qrelay run` drops to
+    `[run] user` (engine/privilege.py), who must reach the test's root."""
+    path.chmod(path.stat().st_mode | 0o111)
+    return path
+
+
+def pytest_configure(config):
+    # As root (CI), every `qrelay run` runs its children as the qrelay user,
+    # who must reach the test roots: pytest's own /tmp/pytest-of-root is kept
+    # 0700 by pytest, so the temporary directories go under a searchable one.
+    if os.geteuid() == 0 and not config.option.basetemp:
+        import tempfile
+        top = searchable(Path(tempfile.mkdtemp(prefix="qrelay-tests-")))
+        config.option.basetemp = str(top / "tmp")
+        config.qrelay_tmp = top
+
+
+def pytest_unconfigure(config):
+    top = getattr(config, "qrelay_tmp", None)
+    if top is not None:
+        import shutil
+        shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _temp_dirs_searchable(tmp_path_factory):
+    """pytest makes its temporary directories 0700: as root, make them
+    searchable (o+x) for the qrelay user (see pytest_configure)."""
+    if os.geteuid() != 0:
+        return
+    searchable(tmp_path_factory.getbasetemp())
+    mktemp = tmp_path_factory.mktemp
+
+    def mktemp_searchable(*args, **kwargs):
+        return searchable(mktemp(*args, **kwargs))
+    tmp_path_factory.mktemp = mktemp_searchable
+
+
 @pytest.fixture
 def qrelay_cli():
     return run_cli

@@ -43,7 +43,12 @@ def traversable(path: Path) -> None:
 @pytest.fixture
 def mx(root: Path, dns):
     traversable(root)
+    # `[run] user = ""`: everything stays root, so the scheduler itself starts
+    # a worker per mailbox owner (the mode these tests kill and break);
+    # test_privilege.py runs the default mode, where the scheduler is
+    # unprivileged and the root local spawner starts those workers.
     (root / "qrelay.toml").write_text(
+        f'[run]\nuser = ""\n'
         f'[delivery]\ndns_servers = ["{dns.address}"]\n[scheduler]\npoll_interval = 0.02\n')
     for args in (["domain", "add", str(root), "example.com", "--uid", str(OWNER), "--gid", str(OWNER)],
                  ["alias", "add", str(root), "sales@example.com", "joe@example.com", "ann@example.com"]):
@@ -244,8 +249,8 @@ def start(mailroot: Path, dns):
     started: list[QrelayProcess] = []
 
     def go(toml: str = "") -> QrelayProcess:
-        (mailroot / "qrelay.toml").write_text(
-            f'[delivery]\ndns_servers = ["{dns.address}"]\n'
+        (mailroot / "qrelay.toml").write_text(     # [run] user: see the mx fixture
+            f'[run]\nuser = ""\n[delivery]\ndns_servers = ["{dns.address}"]\n'
             f"[scheduler]\npoll_interval = 0.02\n{toml}")
         q = QrelayProcess(mailroot, procs=1)
         started.append(q)

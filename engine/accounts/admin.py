@@ -204,6 +204,14 @@ def newu(root: os.PathLike | str) -> int:
 
 
 # -- domains ---------------------------------------------------------------
+def _run_user_name(root: Path) -> str:
+    from engine.config.settings import SettingsError, load_settings
+    try:
+        return load_settings(root).run.user
+    except SettingsError:
+        return ""
+
+
 def domain_owner(root: Path, uid: int | None = None, gid: int | None = None) -> tuple[int, int]:
     """(uid, gid) for a new domain: the first non-root choice (see the module docstring)."""
     if uid is not None or gid is not None:
@@ -218,11 +226,14 @@ def domain_owner(root: Path, uid: int | None = None, gid: int | None = None) -> 
         candidates.append((st.st_uid, st.st_gid))
     except FileNotFoundError:
         pass
-    try:
-        pw = pwd.getpwnam("vpopmail")
-        candidates.append((pw.pw_uid, pw.pw_gid))
-    except KeyError:
-        pass
+    # vpopmail's user on a vpopmail box; else `[run] user`, which the receivers
+    # run as and so can read the domain's vpasswd (engine/privilege.py).
+    for name in ("vpopmail", _run_user_name(root)):
+        try:
+            pw = pwd.getpwnam(name)
+            candidates.append((pw.pw_uid, pw.pw_gid))
+        except KeyError:
+            pass
     candidates.append((os.getuid(), os.getgid()))
     for cand in candidates:
         if cand[0] != 0:

@@ -50,7 +50,8 @@ def domain_add(root: str, name: str, uid: int | None, gid: int | None) -> None:
     control/rcpthosts, control/virtualdomains, users/assign and users/cdb.
 
     The domain's uid/gid: --uid/--gid, else the owner of ROOT/domains, else the
-    vpopmail user, else yours; never root (qmail does not deliver as root).
+    vpopmail user, else `[run] user` (qrelay), else yours; never root (qmail
+    does not deliver as root).
     """
     from engine.accounts.admin import add_domain
     ref = _accounts_call(add_domain, root, name, uid=uid, gid=gid)

@@ -18,13 +18,21 @@ def init(root: str, me: str | None, force: bool) -> None:
     concurrencyremote, queuelifetime, databytes, smtproutes, tcp.smtp) and
     creates users/, queue/ and log/. Refuses a ROOT that has control/ already;
     --force rewrites those control files and nothing else.
+
+    As root, also creates the `qrelay` system user (useradd --system, no
+    login) when missing and gives it queue/ and log/: `qrelay run` runs
+    everything that reads the network as that user ([run] user).
     """
+    from engine.privilege import DEFAULT_USER, PrivilegeError, give_tree, run_user
     try:
         path = init_home(root, me=me, force=force)
-    except (HomeError, OSError) as exc:
+        user = run_user(DEFAULT_USER, create_default=True)
+        if user is not None:
+            give_tree(path, user)
+    except (HomeError, PrivilegeError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"qrelay: initialised {path}")
-
+    owned = f"; queue/ and log/ belong to {user.name} (uid {user.uid})" if user else ""
+    click.echo(f"qrelay: initialised {path}{owned}")
 
 
 @cli.command()

@@ -340,6 +340,15 @@ class StatusSettings:
 
 
 @dataclass(slots=True, frozen=True)
+class RunSettings:
+    # Started as root, `qrelay run` binds its ports and then runs everything
+    # that reads the network (receivers, spool writer, scheduler, remote
+    # workers) as this user, who owns ROOT/queue and ROOT/log (engine/privilege.py).
+    # "" keeps root (not recommended). Read at start only.
+    user: str = "qrelay"
+
+
+@dataclass(slots=True, frozen=True)
 class Settings:
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
     spool: SpoolSettings = field(default_factory=SpoolSettings)
@@ -354,6 +363,7 @@ class Settings:
     login: LoginSettings = field(default_factory=LoginSettings)
     pop3: Pop3Settings = field(default_factory=Pop3Settings)
     status: StatusSettings = field(default_factory=StatusSettings)
+    run: RunSettings = field(default_factory=RunSettings)
 
 
 # (section, key) -> (minimum, maximum or None, why): a value outside is refused

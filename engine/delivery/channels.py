@@ -84,12 +84,14 @@ class ReadingCourier:
         self.spool = spool
         self.deliverer = deliverer
 
-    async def deliver(self, group: Group) -> list[RecipientResult]:
+    async def deliver(self, group: Group, message: bytes | None = None) -> list[RecipientResult]:
+        """`message`: given when the caller has it already (else read here)."""
         from engine.queue import SpoolError
-        try:
-            message = self.spool.read_message(group.msgid)
-        except SpoolError:
-            return all_results(group.recipients, "Z", UNREADABLE_TEXT)
+        if message is None:
+            try:
+                message = self.spool.read_message(group.msgid)
+            except SpoolError:
+                return all_results(group.recipients, "Z", UNREADABLE_TEXT)
         return await self.deliverer.deliver(group.destination, group.sender, group.recipients,
                                             message)
 

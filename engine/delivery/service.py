@@ -172,6 +172,15 @@ def run_scheduler(root: Path) -> int:
     return 0
 
 
+def spawner_service(root: Path) -> Path | None:
+    """The root local spawner's socket when this scheduler runs unprivileged
+    under a root `qrelay run` (engine/privilege.py): it starts the worker
+    processes, which the run user may be unable to exec. Else None."""
+    from engine.delivery.lspawn import LSPAWN_SOCKET
+    path = Path(root) / "queue" / LSPAWN_SOCKET
+    return path if os.geteuid() != 0 and path.exists() else None
+
+
 async def open_couriers(root: Path, spool, settings, log) -> dict:
     """Each channel's courier, in CHANNELS order: the channel's own (local), a
     Spawner of worker processes, or its deliverer in this process (reading
@@ -187,7 +196,8 @@ async def open_couriers(root: Path, spool, settings, log) -> dict:
         elif procs > 0:
             # The scheduler's stop_grace goes to finishing deliveries; the idle
             # workers then only close their connections (bounded by 2 s each).
-            courier = Spawner(root, procs, spec.name, log=log, spool=spool, stop_grace=2.5)
+            courier = Spawner(root, procs, spec.name, log=log, spool=spool, stop_grace=2.5,
+                              via=spawner_service(root))
             await courier.start()
         else:
             courier = ReadingCourier(spool, spec.open(root, settings, log))
@@ -262,7 +272,8 @@ async def open_remote_courier(root: Path, spool, config: DeliveryConfig, log):
     if procs > 0:
         # New workers read the new files when they start; the old ones finish
         # their jobs, then are stopped (SwappableCourier).
-        courier = Spawner(root, procs, spec.name, log=log, spool=spool, stop_grace=2.5)
+        courier = Spawner(root, procs, spec.name, log=log, spool=spool, stop_grace=2.5,
+                          via=spawner_service(root))
         await courier.start()
         return courier
     return ReadingCourier(spool, RemoteDelivery(config.remote))

@@ -259,7 +259,7 @@ def drop_privileges(uid: int, gid: int) -> None:
 
 
 def worker_main(root: str, fd: int, parent_pid: int, channel: str,
-                user: tuple[int, int] | None, max_frame: int) -> int:
+                user: tuple[int, int] | None, max_frame: int, inline: bool) -> int:
     """Body of one worker process (after exec); exit status 0, or 111 if it
     cannot start."""
     from engine.proctitle import set_title
@@ -286,7 +286,7 @@ def worker_main(root: str, fd: int, parent_pid: int, channel: str,
     spool = None
     try:
         settings = load_settings(rootp)
-        if user is None:
+        if not inline:
             spool = Spool(rootp / "queue", settings.spool, readonly=True)
         deliverer = channel_spec(channel).open(rootp, settings)
         if user is not None:
@@ -324,6 +324,70 @@ async def _worker_serve(sock: socket.socket, spool, deliverer, max_frame: int) -
     return 0
 
 
+def worker_argv(python: str, root: str, fd: int, parent_pid: int, channel: str,
+                max_frame: int, inline: bool, user: tuple[int, int] | None) -> list[str]:
+    argv = [python, "-m", "engine.delivery.spawner", root, str(fd), str(parent_pid), channel,
+            str(max_frame), "inline" if inline else "spool"]
+    if user is not None:
+        argv += [str(user[0]), str(user[1])]
+    return argv
+
+
+# --- starting a worker through the local spawner service --------------------------
+# A scheduler running as `[run] user` may be unable to run the interpreter (it
+# can live where only root may look). It asks the root local spawner
+# (engine.delivery.lspawn) instead: one connection per worker, kept open for
+# the worker's life. Request frame: "spawn" | channel | max_frame u64 |
+# inline u8; the answer is one byte carrying the worker's socket (SCM_RIGHTS),
+# and, when the worker has exited, a frame with its wait status (i32).
+
+SPAWN = "spawn"
+
+
+def spawn_via(path: Path, channel: str, max_frame: int, inline: bool
+              ) -> tuple[socket.socket, socket.socket]:
+    """(connection, worker socket) for a new worker started by the service at
+    `path` as this process's uid/gid. Blocking (run in a thread)."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.settimeout(30)
+        conn.connect(str(path))
+        conn.sendall(ipc.Body().text(SPAWN).text(channel).u64(max_frame).u8(int(inline))
+                     .frame(MAX_FRAME))
+        _, fds, _, _ = socket.recv_fds(conn, 1, 1)
+        if not fds:
+            raise ConnectionError(f"{path}: the local spawner did not start a worker")
+        conn.settimeout(None)
+        return conn, socket.socket(fileno=fds[0])
+    except BaseException:
+        conn.close()
+        raise
+
+
+def spawned_end(conn: socket.socket | None, why: str) -> str:
+    """How a worker started by the service ended (its status frame; blocking)."""
+    if conn is None:
+        return why or "exited"
+    try:
+        conn.settimeout(10)
+        data = b""
+        while len(data) < 4 + 4:
+            chunk = conn.recv(64)
+            if not chunk:
+                break
+            data += chunk
+        body = data[4:8] if len(data) >= 8 else b""
+        if len(body) == 4:
+            code = int.from_bytes(body, "big", signed=True)
+            how = f"signal {-code}" if code < 0 else f"status {code}"
+            return f"{why or 'exited'} ({how})"
+        return why or "exited"
+    except OSError:
+        return why or "exited"
+    finally:
+        conn.close()
+
+
 # --- the spawner in the scheduler process ------------------------------------------
 
 class _Worker:
@@ -337,6 +401,7 @@ class _Worker:
         self.up = asyncio.Event()
         self.backoff = Backoff()
         self.task: asyncio.Task | None = None
+        self.handle: socket.socket | None = None   # the local spawner's connection (via)
 
 
 class Spawner:
@@ -344,10 +409,14 @@ class Spawner:
 
     def __init__(self, root: Path | str, procs: int, channel: str, *, log=None, spool=None,
                  user: tuple[int, int] | None = None, max_message: int = 0,
-                 stop_grace: float = 10.0, python: str = sys.executable) -> None:
+                 inline: bool | None = None, stop_grace: float = 10.0,
+                 python: str = sys.executable, via: Path | None = None) -> None:
         """`spool`: the scheduler's (writable) spool: it reads inline messages and
-        quarantines one a worker cannot read. `max_message`: the largest message
-        sent inline (with `user`)."""
+        quarantines one a worker cannot read. `inline` (default: with `user`):
+        the message travels in the job, at most `max_message` bytes. `via`: the
+        local spawner service's socket, which starts the workers (as root, then
+        they become this process's user) for a scheduler that cannot run the
+        interpreter itself."""
         if procs < 1:
             raise ValueError("a Spawner needs at least one worker process")
         self.root = str(root)
@@ -355,9 +424,11 @@ class Spawner:
         self.log = log
         self.spool = spool
         self.user = user
-        self.max_frame = MAX_FRAME + (max_message if user is not None else 0)
+        self.inline = user is not None if inline is None else inline
+        self.max_frame = MAX_FRAME + (max_message if self.inline else 0)
         self.stop_grace = stop_grace
         self.python = python
+        self.via = via
         self.workers = [_Worker(i) for i in range(procs)]
         self.restarts = 0
         self._next_id = 0
@@ -418,13 +489,16 @@ class Spawner:
             await asyncio.sleep(w.backoff.died())
 
     def _argv(self, fd: int) -> list[str]:
-        argv = [self.python, "-m", "engine.delivery.spawner", self.root, str(fd),
-                str(os.getpid()), self.channel, str(self.max_frame)]
-        if self.user is not None:
-            argv += [str(self.user[0]), str(self.user[1])]
-        return argv
+        return worker_argv(self.python, self.root, fd, os.getpid(), self.channel,
+                           self.max_frame, self.inline, self.user)
 
-    async def _run_once(self, w: _Worker) -> None:
+    async def _connect(self, w: _Worker) -> socket.socket:
+        """A new worker process for w; the scheduler's end of its socket."""
+        if self.via is not None:
+            w.proc = None
+            w.handle, mine = await asyncio.to_thread(
+                spawn_via, self.via, self.channel, self.max_frame, self.inline)
+            return mine
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             w.proc = await asyncio.create_subprocess_exec(
@@ -435,7 +509,26 @@ class Spawner:
             raise
         finally:
             theirs.close()
-        reader, w.writer = await asyncio.open_unix_connection(sock=mine, limit=self.max_frame)
+        return mine
+
+    async def _ended(self, w: _Worker, why: str) -> str:
+        """After w's socket closed: reap the process; how it ended, for the log."""
+        if w.proc is None:    # started by the local spawner service, which reaps it
+            handle, w.handle = w.handle, None
+            return await asyncio.to_thread(spawned_end, handle, why)
+        if w.proc.returncode is None and why:
+            w.proc.kill()
+        try:
+            code = await asyncio.wait_for(w.proc.wait(), 5)
+        except asyncio.TimeoutError:
+            w.proc.kill()
+            code = await w.proc.wait()
+        how = f"signal {-code}" if code < 0 else f"status {code}"
+        return f"pid {w.proc.pid} {why or 'exited'} ({how})"
+
+    async def _run_once(self, w: _Worker) -> None:
+        reader, w.writer = await asyncio.open_unix_connection(sock=await self._connect(w),
+                                                              limit=self.max_frame)
         w.up.set()
         why = ""
         try:
@@ -454,19 +547,11 @@ class Spawner:
             w.up.clear()
             w.writer.close()
             w.writer = None
-            if w.proc.returncode is None and why:
-                w.proc.kill()
-            try:
-                code = await asyncio.wait_for(w.proc.wait(), 5)
-            except asyncio.TimeoutError:
-                w.proc.kill()
-                code = await w.proc.wait()
+            ended = await self._ended(w, why)
             lost = len(w.pending)
             self._fail_pending(w, DIED_TEXT)
         if not self._closing:
-            how = f"signal {-code}" if code < 0 else f"status {code}"
-            self._warn(f"delivery worker {w.slot} pid {w.proc.pid} "
-                       f"{why or 'exited'} ({how}) with {lost} jobs in flight; restarting")
+            self._warn(f"delivery worker {w.slot} {ended} with {lost} jobs in flight; restarting")
 
     def _resolve(self, w: _Worker, body: bytes) -> None:
         jobid = job_id(body)
@@ -490,17 +575,19 @@ class Spawner:
     def worker_for(self, destination: str) -> int:
         return zlib.crc32(ipc.enc(destination.lower())) % len(self.workers)
 
-    async def deliver(self, group: Group) -> list[RecipientResult]:
+    async def deliver(self, group: Group, message: bytes | None = None) -> list[RecipientResult]:
         """Deliver `group` in the worker for its destination; one result per
-        recipient, in order."""
+        recipient, in order. `message`: the message when the caller has it
+        already (an inline spawner reads it from the spool otherwise)."""
         recipients = group.recipients
         if not recipients:
             return []
         w = self.workers[self.worker_for(group.destination)]
         if self._closing:
             return all_results(recipients, "Z", STOPPING_TEXT)
-        message = None
-        if self.user is not None:
+        if not self.inline:
+            message = None
+        elif message is None:
             try:
                 message = self.spool.read_message(group.msgid)
             except Exception:
@@ -553,12 +640,13 @@ def _one_line(text: str) -> str:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    if len(args) not in (5, 7):
+    if len(args) not in (6, 8) or args[5] not in ("inline", "spool"):
         sys.stderr.write("usage: python -m engine.delivery.spawner ROOT FD PARENT_PID CHANNEL "
-                         "MAX_FRAME [UID GID]\n")
+                         "MAX_FRAME inline|spool [UID GID]\n")
         sys.exit(2)
     status = worker_main(args[0], int(args[1]), int(args[2]), args[3],
-                         (int(args[5]), int(args[6])) if len(args) == 7 else None, int(args[4]))
+                         (int(args[6]), int(args[7])) if len(args) == 8 else None, int(args[4]),
+                         args[5] == "inline")
     # Not sys.exit: the interpreter would wait for delivery threads still busy
     # (a |program that never ends) after the scheduler has gone; their
     # recipients are the scheduler's to retry (at least once).

@@ -1,0 +1,164 @@
+"""Who qrelay's processes run as: root only where it must be.
+
+qmail runs qmail-smtpd as qmaild and qmail-remote as qmailr; qrelay has one
+unprivileged identity, `[run] user` (default `qrelay`, a system user that
+`qrelay init` creates when run as root). Started as root, `qrelay run`
+binds its ports, gives the spool and the log directories to that user, and
+every child that reads what the network sends or talks to remote hosts —
+receivers, the spool writer, the scheduler and its remote delivery workers —
+becomes that user before it opens anything. The supervisor keeps root to
+bind and to restart its children; so does the local spawner (engine.delivery.
+lspawn's service), which accepts nothing but delivery jobs from the scheduler
+and runs each one as its mailbox owner, never as root.
+
+Not started as root, nothing changes: every process is the user who started it.
+"""
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_USER = "qrelay"
+# What the run user owns under ROOT (everything else stays root's: control/,
+# users/, the domains' trees belong to their mailbox owners).
+OWNED_DIRS = ("queue", "log")
+
+
+class PrivilegeError(Exception):
+    """The run user is missing or cannot be become / cannot reach ROOT."""
+
+
+@dataclass(slots=True, frozen=True)
+class RunUser:
+    name: str
+    uid: int
+    gid: int
+
+    @property
+    def owner(self) -> tuple[int, int]:
+        return self.uid, self.gid
+
+
+def run_user(name: str, create_default: bool = False) -> RunUser | None:
+    """The user to become, or None when there is nothing to drop (not root, or
+    `[run] user` set to the empty string by an operator who wants root).
+    `create_default`: the default user (`qrelay`) is created when missing."""
+    if os.geteuid() != 0 or not name:
+        return None
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        if create_default and name == DEFAULT_USER:
+            return ensure_system_user(name)[0]
+        raise PrivilegeError(
+            f"[run] user {name!r} does not exist: create it (`qrelay init` as root creates "
+            f"{DEFAULT_USER!r}; or useradd --system {name}), or name another in qrelay.toml"
+        ) from None
+    if entry.pw_uid == 0:
+        raise PrivilegeError(f"[run] user {name!r} is root: name an unprivileged user")
+    return RunUser(name, entry.pw_uid, entry.pw_gid)
+
+
+def become(user: RunUser | None) -> None:
+    """Drop to `user` for good (no supplementary groups). None: nothing to do."""
+    if user is None:
+        return
+    os.setgroups([])
+    os.setgid(user.gid)
+    os.setuid(user.uid)
+
+
+def give_tree(root: Path, user: RunUser) -> None:
+    """ROOT/queue and ROOT/log (and everything in them) to `user`: a root that
+    ran as root before, or was copied in as root, works after the switch.
+    Directories already owned by it are not walked again."""
+    for name in OWNED_DIRS:
+        top = root / name
+        top.mkdir(mode=0o755, exist_ok=True)
+        if _owned(top, user):
+            continue
+        for dirpath, dirnames, filenames in os.walk(top):
+            for entry in [dirpath, *(os.path.join(dirpath, f) for f in filenames)]:
+                os.lchown(entry, user.uid, user.gid)
+
+
+def _owned(path: Path, user: RunUser) -> bool:
+    st = path.stat()
+    return st.st_uid == user.uid and st.st_gid == user.gid
+
+
+def check_reachable(root: Path, user: RunUser) -> None:
+    """Refuse to start when `user` could not reach ROOT (a parent directory
+    not searchable by others): every child would fail on its first file."""
+    blocked = _unreachable_parent(root.resolve(), user)
+    if blocked is not None:
+        raise PrivilegeError(
+            f"[run] user {user.name!r} cannot reach {root}: {blocked} is not searchable "
+            f"by it (chmod o+x {blocked}, or put ROOT elsewhere)")
+
+
+def _unreachable_parent(path: Path, user: RunUser) -> Path | None:
+    for directory in [*reversed(path.parents), path]:
+        st = directory.stat()
+        if st.st_uid == user.uid:
+            bit = 0o100
+        elif st.st_gid == user.gid:
+            bit = 0o010
+        else:
+            bit = 0o001
+        if not st.st_mode & bit:
+            return directory
+    return None
+
+
+def ensure_system_user(name: str = DEFAULT_USER, home: str = "/nonexistent") -> tuple[RunUser, bool]:
+    """The system user `name` (created with useradd when missing: no login
+    shell, no home directory); (user, created). Root only."""
+    try:
+        entry = pwd.getpwnam(name)
+        return RunUser(name, entry.pw_uid, entry.pw_gid), False
+    except KeyError:
+        pass
+    useradd = shutil.which("useradd") or "/usr/sbin/useradd"
+    nologin = shutil.which("nologin") or "/usr/sbin/nologin"
+    try:
+        group_missing = not _group_exists(name)
+        argv = [useradd, "--system", "--no-create-home", "--home-dir", home,
+                "--shell", nologin, "--comment", "qrelay mail transfer agent"]
+        argv += ["--user-group"] if group_missing else ["--gid", name]
+        done = subprocess.run([*argv, name], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise PrivilegeError(f"cannot create the system user {name!r}: {exc}") from None
+    if done.returncode != 0:
+        why = (done.stderr or done.stdout).strip().splitlines()
+        raise PrivilegeError(f"cannot create the system user {name!r}: "
+                             f"{why[-1] if why else f'useradd exited {done.returncode}'}")
+    entry = pwd.getpwnam(name)
+    return RunUser(name, entry.pw_uid, entry.pw_gid), True
+
+
+def _group_exists(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+def foreign_domains(root: Path, user: RunUser) -> list[tuple[str, int]]:
+    """The vpopmail domains (users/assign `+` lines with a vpasswd) that belong
+    to another uid than `user`: the receivers, running as `user`, cannot read
+    their vpasswd, so RCPT checks, SMTP AUTH and POP3 for them fail (temporarily).
+    Local delivery to them still works (the local spawner runs as the owner)."""
+    from engine.accounts.assign import AssignError, load_assign
+    try:
+        wild = load_assign(root).wildcards()
+    except (AssignError, OSError):
+        return []           # check_services reports a broken users/assign
+    return sorted({(prefix.rstrip("-"), a.uid) for prefix, a in wild.items()
+                   if a.uid != user.uid and os.path.exists(os.path.join(a.home, "vpasswd"))})

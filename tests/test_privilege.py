@@ -1,0 +1,181 @@
+"""engine/privilege.py: `qrelay run` as root binds, then runs everything that
+reads the network as `[run] user`; only the supervisor and the local spawner
+keep root, and a delivery to another owner's mailbox runs as that owner."""
+from __future__ import annotations
+
+import os
+import pwd
+import smtplib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.privilege import (PrivilegeError, RunUser, check_reachable, foreign_domains,
+                              give_tree, run_user)
+from tests.conftest import run_cli
+from tests.smtp_harness import QrelayProcess, children_of
+from tests.test_delivery_e2e import service_texts, texts, wait_for
+
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="changing users needs root")
+NOBODY = pwd.getpwnam("nobody")
+OTHER = 4242     # a mailbox owner with no passwd entry (vpopmail's numeric uid style)
+
+
+def test_not_root_or_empty_name_means_nothing_to_drop():
+    assert run_user("") is None
+    if os.geteuid() != 0:
+        assert run_user("qrelay") is None
+
+
+@as_root
+def test_a_missing_or_root_run_user_is_one_line():
+    with pytest.raises(PrivilegeError, match="'no-such-user-x' does not exist"):
+        run_user("no-such-user-x")
+    with pytest.raises(PrivilegeError, match="is root"):
+        run_user("root")
+    assert run_user("nobody") == RunUser("nobody", NOBODY.pw_uid, NOBODY.pw_gid)
+
+
+@as_root
+def test_unreachable_root_is_named(tmp_path):
+    user = RunUser("nobody", NOBODY.pw_uid, NOBODY.pw_gid)
+    hidden = tmp_path / "hidden"
+    (hidden / "root").mkdir(parents=True)
+    hidden.chmod(0o700)
+    with pytest.raises(PrivilegeError, match=f"{hidden} is not searchable"):
+        check_reachable(hidden / "root", user)
+    hidden.chmod(0o711)
+    check_reachable(hidden / "root", user)
+
+
+@as_root
+def test_give_tree_hands_queue_and_log_over(root):
+    (root / "queue" / "segments").mkdir()
+    (root / "queue" / "segments" / "s1").write_bytes(b"x")
+    user = RunUser("nobody", NOBODY.pw_uid, NOBODY.pw_gid)
+    give_tree(root, user)
+    for path in (root / "queue", root / "queue" / "segments" / "s1", root / "log"):
+        assert (path.stat().st_uid, path.stat().st_gid) == user.owner
+    assert (root / "control").stat().st_uid == 0
+
+
+def _status(pid: int) -> dict[str, list[str]]:
+    with open(f"/proc/{pid}/status") as f:
+        return {k: v.split() for k, v in (line.split(":", 1) for line in f)}
+
+
+def _title(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().replace(b"\0", b" ").decode().strip()
+
+
+def _probe_writes(status: dict[str, list[str]], targets: list[Path]) -> dict[Path, bool]:
+    """Which of `targets` (directories) a process with exactly these
+    credentials could create a file in: a shell probe run as that uid/gid/groups."""
+    uid, gid = int(status["Uid"][1]), int(status["Gid"][1])
+    groups = [int(g) for g in status.get("Groups", [])]
+    script = ('for d; do if (: > "$d/probe.$$") 2>/dev/null; then rm -f "$d/probe.$$"; echo 1;'
+              ' else echo 0; fi; done')
+    done = subprocess.run(["/bin/sh", "-c", script, "probe", *map(str, targets)], user=uid,
+                          group=gid, extra_groups=groups, capture_output=True, text=True,
+                          timeout=30, cwd="/")
+    assert done.returncode == 0, done.stderr
+    return dict(zip(targets, (line == "1" for line in done.stdout.split())))
+
+
+@pytest.fixture
+def unprivileged(root: Path, dns):
+    """`qrelay run` as root with [run] user = nobody; a domain owned by uid 4242
+    (whose vpasswd the receivers cannot read: RCPT checks off for it)."""
+    (root / "qrelay.toml").write_text(
+        f'[run]\nuser = "nobody"\n[smtp]\nreject_unknown_mailboxes = false\n'
+        f'[delivery]\ndns_servers = ["{dns.address}"]\n[scheduler]\npoll_interval = 0.02\n')
+    r = run_cli("domain", "add", str(root), "other.example", "--uid", str(OTHER), "--gid", str(OTHER))
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "user", "add", str(root),
+                        "bo@other.example"], input="secret\n", capture_output=True, text=True,
+                       timeout=60, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert r.returncode == 0, r.stderr
+    q = QrelayProcess(root, procs=1)
+    yield q
+    _stop(q)
+
+
+def _stop(q: QrelayProcess) -> None:
+    q.stop()
+    stderr = q.proc.stderr.read()
+    q.proc.stderr.close()
+    assert "Traceback" not in stderr, stderr
+
+
+@as_root
+def test_children_run_as_the_run_user_and_cannot_write_outside_the_spool(unprivileged, root):
+    sup = unprivileged.proc.pid
+    kids = wait_for(lambda: (k if len(k := children_of(sup)) >= 4 else None), what="four services")
+    by_title = {_title(pid).split(" ", 1)[1]: pid for pid in kids}
+    assert {"spool writer", "receiver 0", "scheduler", "lspawn"} <= set(by_title)
+    assert _status(sup)["Uid"][1] == "0"
+    assert _status(by_title["lspawn"])["Uid"][1] == "0"
+    for name in ("spool writer", "receiver 0", "scheduler"):
+        st = _status(by_title[name])
+        assert st["Uid"] == [str(NOBODY.pw_uid)] * 4, name
+        assert st["Gid"] == [str(NOBODY.pw_gid)] * 4, name
+        assert st.get("Groups", []) == [], name
+        assert int(st["CapEff"][0], 16) == 0, name
+    receiver = _status(by_title["receiver 0"])
+    writable = _probe_writes(receiver, [root / "queue", root, root / "control", root / "users",
+                                        root / "domains" / "other.example", Path("/etc")])
+    assert writable == {root / "queue": True, root: False, root / "control": False,
+                        root / "users": False, root / "domains" / "other.example": False,
+                        Path("/etc"): False}
+
+
+@as_root
+def test_another_owners_mailbox_is_delivered_by_the_root_spawner_as_that_owner(unprivileged, root):
+    with smtplib.SMTP("127.0.0.1", unprivileged.port, timeout=10) as s:
+        assert s.sendmail("a@src.test", ["bo@other.example"], b"Subject: x\r\n\r\nhi\r\n") == {}
+    new = root / "domains" / "other.example" / "bo" / "Maildir" / "new"
+    [path] = wait_for(lambda: sorted(new.iterdir()) or None, what="the message in bo's Maildir")
+    assert (path.stat().st_uid, path.stat().st_gid) == (OTHER, OTHER)
+    wait_for(lambda: any(": success: " in t for t in texts(root)), what="the success line")
+    # The receivers were told why they cannot check other.example's mailboxes.
+    assert any("cannot read the vpasswd of other.example (uid 4242)" in t for t in service_texts(root))
+    assert foreign_domains(root, RunUser("nobody", NOBODY.pw_uid, NOBODY.pw_gid)) == \
+        [("other.example", OTHER)]
+    # The spool and the logs stay the run user's, whoever wrote last.
+    for path in (root / "log" / "current", root / "queue" / "lspawn.sock"):
+        assert path.stat().st_uid == NOBODY.pw_uid, path
+
+
+@as_root
+def test_the_local_spawner_socket_is_the_run_users_alone(unprivileged, root):
+    st = (root / "queue" / "lspawn.sock").stat()
+    assert (st.st_uid, st.st_mode & 0o777) == (NOBODY.pw_uid, 0o600)
+
+
+@as_root
+def test_remote_workers_are_started_by_the_root_spawner_and_run_as_the_run_user(root, dns, sinks):
+    """worker_procs = 1 with an unprivileged scheduler: the worker is exec'd by
+    the local spawner (root may run the interpreter wherever it lives) and
+    becomes the run user before it opens anything."""
+    sink = sinks()
+    (root / "control" / "smtproutes").write_text(f"sink.test:127.0.0.1:{sink.port}\n")
+    (root / "qrelay.toml").write_text(
+        f'[run]\nuser = "nobody"\n[delivery]\nworker_procs = 1\n'
+        f'dns_servers = ["{dns.address}"]\n[scheduler]\npoll_interval = 0.02\n')
+    (root / "control" / "tcp.smtp").write_text("127.:allow,RELAYCLIENT=\"\"\n")
+    r = run_cli("tcprules", str(root))
+    assert r.returncode == 0, r.stderr
+    q = QrelayProcess(root, procs=1)
+    try:
+        with smtplib.SMTP("127.0.0.1", q.port, timeout=10) as s:
+            assert s.sendmail("a@src.test", ["x@sink.test"], b"Subject: r\r\n\r\nhi\r\n") == {}
+        assert sink.wait_messages(1, timeout=30).get("messages") == 1
+        kids = {_title(pid).split(" ", 1)[1]: pid for pid in children_of(q.proc.pid)}
+        [worker] = children_of(kids["lspawn"])
+        assert _title(worker).endswith("delivery worker remote")
+        assert _status(worker)["Uid"] == [str(NOBODY.pw_uid)] * 4
+    finally:
+        _stop(q)
