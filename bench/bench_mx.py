@@ -6,7 +6,7 @@ end-to-end rate of the same run (issue #11 item 6).
     python bench/bench_mx.py -m 2000 --users 10 --rounds 1      # quicker
 
 Runs as root (as an MX does): local delivery runs as the mailboxes' owner
-(`--owner`, default 65534, nobody), never as root.
+(`--owner`; default: `qrelay domain add`'s, the `[run] user` qrelay), never as root.
 
 Two qrelay roots take the same load: `-s` sessions of flood.py, `-l` bytes,
 one recipient per message, `u{rand}@d{k}.test` with rand < `--users` and k <
@@ -66,8 +66,10 @@ def build_parser() -> OneLineParser:
     ap.add_argument("--rounds", type=positive_int, default=3,
                     help="alternating rounds; the best of each side counts")
     ap.add_argument("--procs", type=positive_int, default=2, help="receiver processes of qrelay run")
-    ap.add_argument("--owner", default="65534:65534", metavar="UID:GID",
-                    help="owner of the mailboxes (qrelay domain add --uid --gid); not root")
+    ap.add_argument("--owner", default=None, metavar="UID:GID",
+                    help="owner of the mailboxes (qrelay domain add --uid --gid; not root); "
+                         "default: domain add's, i.e. [run] user (qrelay) as root, so the "
+                         "receivers can read the domains' vpasswd")
     ap.add_argument("--concurrency-local", type=positive_int, default=None, metavar="N",
                     help="control/concurrencylocal of the local root (default: none, qmail's 10)")
     ap.add_argument("--flood-arg", action="append", default=[], metavar="ARG",
@@ -90,11 +92,13 @@ def owner_ids(text: str) -> tuple[int, int]:
     return ids
 
 
-def make_mailboxes(domains: tuple[str, ...], users: int, owner: tuple[int, int]):
+def make_mailboxes(domains: tuple[str, ...], users: int, owner: tuple[int, int] | None):
     """prepare() for RelayRoot: the domains and their mailboxes, with the admin CLI."""
+    ids = ["--uid", str(owner[0]), "--gid", str(owner[1])] if owner else []
+
     def prepare(root: Path) -> None:
         for d in domains:
-            qrelay_cli("domain", "add", str(root), d, "--uid", str(owner[0]), "--gid", str(owner[1]))
+            qrelay_cli("domain", "add", str(root), d, *ids)
         lines = "".join(f"u{k}@{d}:bench-{k}\n" for d in domains for k in range(users))
         qrelay_cli("user", "import", str(root), "-", stdin=lines)
     return prepare
@@ -152,7 +156,7 @@ def wait_empty(q: RelayRoot, timeout: float = EMPTY_TIMEOUT) -> None:
         time.sleep(0.5)
 
 
-def run(a, owner: tuple[int, int], work: Path, started: list, fig: dict) -> None:
+def run(a, owner: tuple[int, int] | None, work: Path, started: list, fig: dict) -> None:
     domains = tuple(f"d{i}.test" for i in range(a.domains))
     load = Load(sessions=a.sessions, size=a.size, domains=domains, flood_args=tuple(a.flood_arg),
                 procs=a.procs, toml="", env={}, idle=a.idle,
@@ -206,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
     try:
-        owner = owner_ids(a.owner)
+        owner = owner_ids(a.owner) if a.owner else None
     except ValueError as exc:
         ap.error(str(exc))
     if os.geteuid() != 0:

@@ -25,8 +25,9 @@ from pathlib import Path
 
 DEFAULT_USER = "qrelay"
 # What the run user owns under ROOT (everything else stays root's: control/,
-# users/, the domains' trees belong to their mailbox owners).
-OWNED_DIRS = ("queue", "log")
+# users/, the domains' trees belong to their mailbox owners): the spool, the
+# logs, the embedded relay table (engine.relay.RELAY_DIR).
+OWNED_DIRS = ("queue", "log", "relay")
 
 
 class PrivilegeError(Exception):
@@ -104,16 +105,31 @@ def check_reachable(root: Path, user: RunUser) -> None:
 
 def _unreachable_parent(path: Path, user: RunUser) -> Path | None:
     for directory in [*reversed(path.parents), path]:
-        st = directory.stat()
-        if st.st_uid == user.uid:
-            bit = 0o100
-        elif st.st_gid == user.gid:
-            bit = 0o010
-        else:
-            bit = 0o001
-        if not st.st_mode & bit:
+        if not _allowed(directory.stat(), user, 0o1):
             return directory
     return None
+
+
+def _allowed(st: os.stat_result, user: RunUser, what: int) -> bool:
+    """Do the mode bits give `user` `what` (4 read, 2 write, 1 search/exec)?"""
+    if st.st_uid == user.uid:
+        return bool(st.st_mode & (what << 6))
+    if st.st_gid == user.gid:
+        return bool(st.st_mode & (what << 3))
+    return bool(st.st_mode & what)
+
+
+def check_readable(path: Path, user: RunUser) -> None:
+    """Refuse to start when a file the run user's processes read (the TLS
+    certificate) exists but is not readable by `user`."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return
+    if not _allowed(st, user, 0o4):
+        raise PrivilegeError(
+            f"[run] user {user.name!r} cannot read {path}: chgrp {user.name} {path} && "
+            f"chmod 640 {path}")
 
 
 def ensure_system_user(name: str = DEFAULT_USER, home: str = "/nonexistent") -> tuple[RunUser, bool]:

@@ -221,12 +221,16 @@ def relay(root: Path, dns):
 
 
 
-def is_worker(pid: int) -> bool:
+def title_has(pid: int, text: bytes) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"qrelay: delivery worker" in f.read()
+            return text in f.read()
     except OSError:
         return False
+
+
+def is_worker(pid: int) -> bool:
+    return title_has(pid, b"qrelay: delivery worker")
 
 
 def scheduler_pid(root: Path) -> int:
@@ -234,8 +238,18 @@ def scheduler_pid(root: Path) -> int:
                     and int((root / "log" / "scheduler.pid").read_text()), what="scheduler pid")
 
 
+def parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
 def workers_of(root: Path) -> list[int]:
-    return [p for p in children_of(scheduler_pid(root)) if is_worker(p)]
+    """The scheduler's worker processes: its children, or (qrelay run as root,
+    engine/privilege.py) the children of the root local spawner beside it."""
+    scheduler = scheduler_pid(root)
+    parents = [scheduler] + [p for p in children_of(parent_of(scheduler))
+                             if title_has(p, b"qrelay: lspawn")]
+    return [p for parent in parents for p in children_of(parent) if is_worker(p)]
 
 
 def successes(root: Path) -> int:
