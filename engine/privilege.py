@@ -75,22 +75,18 @@ def become(user: RunUser | None) -> None:
 
 
 def give_tree(root: Path, user: RunUser) -> None:
-    """ROOT/queue and ROOT/log (and everything in them) to `user`: a root that
-    ran as root before, or was copied in as root, works after the switch.
-    Directories already owned by it are not walked again."""
+    """ROOT/queue, log and relay (and everything in them) to `user`: a root that
+    ran as root before, or files a root tool created meanwhile (`qrelay
+    relayclients add` before the first start), work after the switch. A walk
+    of a few thousand entries at most (segments, not one file per message)."""
     for name in OWNED_DIRS:
         top = root / name
         top.mkdir(mode=0o755, exist_ok=True)
-        if _owned(top, user):
-            continue
         for dirpath, dirnames, filenames in os.walk(top):
             for entry in [dirpath, *(os.path.join(dirpath, f) for f in filenames)]:
-                os.lchown(entry, user.uid, user.gid)
-
-
-def _owned(path: Path, user: RunUser) -> bool:
-    st = path.stat()
-    return st.st_uid == user.uid and st.st_gid == user.gid
+                st = os.lstat(entry)
+                if (st.st_uid, st.st_gid) != user.owner:
+                    os.lchown(entry, user.uid, user.gid)
 
 
 def check_reachable(root: Path, user: RunUser) -> None:

@@ -49,7 +49,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from engine.privilege import PrivilegeError, RunUser, become, check_reachable, give_tree, run_user
+from engine.privilege import (PrivilegeError, RunUser, become, check_reachable, check_readable,
+                              give_tree, run_user)
 from engine.proctitle import set_title
 from engine.smtp.connlimit import ConnectionTable
 from engine.smtp.listeners import ListenAddress, Listener, bind_listeners, bound_address
@@ -295,6 +296,8 @@ def _run_user(root: Path, settings: Any) -> RunUser | None:
         user = run_user(settings.run.user, create_default=True)
         if user is not None:
             check_reachable(root, user)
+            from engine.tls import CERT_FILE
+            check_readable(root / CERT_FILE, user)   # the receivers load it
     except (PrivilegeError, OSError) as exc:
         raise ConfigError(f"cannot start: {exc}") from None
     return user
