@@ -26,8 +26,9 @@ from pathlib import Path
 DEFAULT_USER = "qrelay"
 # What the run user owns under ROOT (everything else stays root's: control/,
 # users/, the domains' trees belong to their mailbox owners): the spool, the
-# logs, the embedded relay table (engine.relay.RELAY_DIR).
-OWNED_DIRS = ("queue", "log", "relay")
+# logs, the embedded relay table (engine.relay.RELAY_DIR), run/ (the metrics'
+# multiprocess files, engine.metrics.METRICS_DIR).
+OWNED_DIRS = ("queue", "log", "relay", "run")
 
 
 class PrivilegeError(Exception):
@@ -97,6 +98,24 @@ def check_reachable(root: Path, user: RunUser) -> None:
         raise PrivilegeError(
             f"[run] user {user.name!r} cannot reach {root}: {blocked} is not searchable "
             f"by it (chmod o+x {blocked}, or put ROOT elsewhere)")
+
+
+def check_installation(user: RunUser) -> None:
+    """Refuse to start when `user` could not read qrelay's own files: the
+    interpreter's library, the installed packages, the engine. Services import
+    modules after they change users (lazily, as code paths are first taken);
+    a Python under /root (pyenv) would make each such import fail later."""
+    import sysconfig
+
+    import engine
+    paths = sysconfig.get_paths()
+    for where in (paths["stdlib"], paths["purelib"], os.path.dirname(engine.__file__)):
+        blocked = _unreachable_parent(Path(where).resolve(), user)
+        if blocked is not None:
+            raise PrivilegeError(
+                f"[run] user {user.name!r} cannot read qrelay's installation ({where}): "
+                f"{blocked} is not searchable by it; install qrelay where every user can "
+                f"read it (a system python3, /usr/local or /opt), or set [run] user")
 
 
 def _unreachable_parent(path: Path, user: RunUser) -> Path | None:

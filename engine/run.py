@@ -4,14 +4,21 @@ Every child of `qrelay run` is one line of `services()` (Postfix's master.cf):
 its name, how many, what it runs, which signals reach it, and its stop
 phase. The supervisor (engine.supervisor) starts them in table order,
 restarts any that dies (engine.backoff's schedule) and stops them phase by
-phase. Delivery workers are the scheduler's own children (engine.delivery.
-spawner), started and restarted by it, so they live and die with it.
+phase. Delivery workers are started and restarted by the scheduler
+(engine.delivery.spawner), so they live and die with it.
 
     service        count        stop phase  signals       job
     spool-writer   1            1           -             commits every receiver's messages
-    receiver       --procs      0           HUP           SMTP (engine.smtp)
+    receiver       --procs      0           HUP           SMTP, POP3 (engine.smtp, engine.pop3)
+    lspawn         1 if root    1           -             qmail-lspawn (engine.delivery.lspawn)
     scheduler      1            0           HUP, ALRM     qmail-send (engine.delivery.service)
     status         1 if http    0           -             /metrics, status page (engine.status)
+
+Users (engine/privilege.py): started as root, every service but lspawn runs
+as `[run] user`, who owns queue/, log/, relay/ and run/; lspawn stays root,
+takes the scheduler's jobs for other mailbox owners over queue/lspawn.sock
+(bound here before anything starts) and starts the scheduler's worker
+processes, which then become the run user or the mailbox owner.
 
 Every listener but `http://` ones goes to the receivers; those go to the
 status service alone, so a scrape or a page kept open never runs on a
@@ -49,8 +56,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from engine.privilege import (PrivilegeError, RunUser, become, check_reachable, check_readable,
-                              give_tree, run_user)
+from engine.privilege import (PrivilegeError, RunUser, become, check_installation,
+                              check_reachable, check_readable, give_tree, run_user)
 from engine.proctitle import set_title
 from engine.smtp.connlimit import ConnectionTable
 from engine.smtp.listeners import ListenAddress, Listener, bind_listeners, bound_address
@@ -96,9 +103,11 @@ def _lspawn_spec(root: Path, sock: socket.socket, user: RunUser,
                  others: list[socket.socket]) -> ChildSpec:
     """The local spawner: stays root, serves the (unprivileged) scheduler's jobs."""
     from engine.delivery.lspawn import lspawn_main
+    # Stopped after the scheduler (phase 1, beside the spool writer): the
+    # deliveries the scheduler lets finish run in workers this service started.
     spec = ChildSpec("lspawn", target=lambda slot: lspawn_main(str(root), sock,
                                                                frozenset({user.uid, 0})),
-                     forward_signals=frozenset())
+                     forward_signals=frozenset(), stop_phase=1)
     return _without_sockets(spec, others)
 
 
@@ -295,6 +304,7 @@ def _run_user(root: Path, settings: Any) -> RunUser | None:
     try:
         user = run_user(settings.run.user, create_default=True)
         if user is not None:
+            check_installation(user)
             check_reachable(root, user)
             from engine.tls import CERT_FILE
             check_readable(root / CERT_FILE, user)   # the receivers load it

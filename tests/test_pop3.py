@@ -19,6 +19,7 @@ from engine.home import init_home
 from tests.smtp_harness import InProcessServer
 
 OWNER = os.getuid() or 65534
+RUN_AS_OWNER = '[run]\nuser = "nobody"\n' if os.getuid() == 0 else ""
 T0 = 1_700_000_000
 
 
@@ -43,7 +44,9 @@ def age(path: Path, mtime: int) -> None:
 def make_root(tmp_path: Path, toml: str = "[auth]\nfailure_delay = 0\n") -> Path:
     root = tmp_path / "root"
     init_home(root, me="pop.example.net")
-    (root / "qrelay.toml").write_text(toml)
+    # A `qrelay run` as root runs its receivers as the mailboxes' owner, so
+    # they can read vpasswd and the Maildirs (engine/privilege.py).
+    (root / "qrelay.toml").write_text(toml + RUN_AS_OWNER)
     add_domain(root, "example.com", uid=OWNER, gid=OWNER)
     add_user(root, "joe@example.com", "secret")
     return root

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.privilege import (PrivilegeError, RunUser, check_reachable, foreign_domains,
-                              give_tree, run_user)
+from engine.privilege import (PrivilegeError, RunUser, check_installation, check_reachable,
+                              foreign_domains, give_tree, run_user)
 from tests.conftest import run_cli
 from tests.smtp_harness import QrelayProcess, children_of
 from tests.test_delivery_e2e import service_texts, texts, wait_for
@@ -48,6 +48,21 @@ def test_unreachable_root_is_named(tmp_path):
         check_reachable(hidden / "root", user)
     hidden.chmod(0o711)
     check_reachable(hidden / "root", user)
+
+
+@as_root
+def test_an_installation_the_run_user_cannot_read_is_refused(tmp_path, monkeypatch):
+    """Services import modules after changing users: a Python under a private
+    directory (pyenv under /root) is refused at start, not at the first lazy import."""
+    import sysconfig
+    private = tmp_path / "private"
+    (private / "lib").mkdir(parents=True)
+    private.chmod(0o700)
+    paths = dict(sysconfig.get_paths(), stdlib=str(private / "lib"))
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: paths)
+    user = RunUser("nobody", NOBODY.pw_uid, NOBODY.pw_gid)
+    with pytest.raises(PrivilegeError, match=f"cannot read qrelay's installation .*{private} is not"):
+        check_installation(user)
 
 
 @as_root

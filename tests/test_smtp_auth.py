@@ -42,7 +42,7 @@ def plain(user: str = USER, password: str = PASSWORD) -> bytes:
 def accounts(root: Path) -> Path:
     """example.org with joe (hash only), ann (cleartext kept, for CRAM-MD5) and
     nosmtp (NO_SMTP flag); 127.0.0.1 may NOT relay, so AUTH is what grants it."""
-    admin.add_domain(root, "example.org", uid=12345, gid=12345)
+    admin.add_domain(root, "example.org", uid=65534, gid=65534)
     admin.add_user(root, USER, PASSWORD)
     admin.add_user(root, "nosmtp@example.org", PASSWORD)
     (root / "qrelay.toml").write_text("[accounts]\nkeep_cleartext = true\n")
@@ -52,7 +52,9 @@ def accounts(root: Path) -> Path:
              for u in admin.read_users(ref.directory)]
     admin.write_users(ref, users)
     (root / "control" / "tcp.smtp").write_text(":allow\n")
-    (root / "qrelay.toml").write_text("[auth]\nfailure_delay = 0\n")
+    # A `qrelay run` as root runs its receivers as the domain's owner (nobody),
+    # who can read its vpasswd (engine/privilege.py).
+    (root / "qrelay.toml").write_text('[auth]\nfailure_delay = 0\n[run]\nuser = "nobody"\n')
     return root
 
 

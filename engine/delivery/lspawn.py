@@ -290,7 +290,7 @@ async def _start_worker(root: Path, fields: ipc.Fields, user: tuple[int, int],
         conn = socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno()))
         try:
             conn.setblocking(True)
-            socket.send_fds(conn, [b"\1"], [mine.fileno()])
+            socket.send_fds(conn, [proc.pid.to_bytes(4, "big")], [mine.fileno()])
         finally:
             conn.close()
     finally:

@@ -338,36 +338,37 @@ def worker_argv(python: str, root: str, fd: int, parent_pid: int, channel: str,
 # can live where only root may look). It asks the root local spawner
 # (engine.delivery.lspawn) instead: one connection per worker, kept open for
 # the worker's life. Request frame: "spawn" | channel | max_frame u64 |
-# inline u8; the answer is one byte carrying the worker's socket (SCM_RIGHTS),
-# and, when the worker has exited, a frame with its wait status (i32).
+# inline u8; the answer is the worker's pid (u32) carrying its socket
+# (SCM_RIGHTS), and, when the worker has exited, a frame with its wait status (i32).
 
 SPAWN = "spawn"
 
 
 def spawn_via(path: Path, channel: str, max_frame: int, inline: bool
-              ) -> tuple[socket.socket, socket.socket]:
-    """(connection, worker socket) for a new worker started by the service at
-    `path` as this process's uid/gid. Blocking (run in a thread)."""
+              ) -> tuple[socket.socket, socket.socket, int]:
+    """(connection, worker socket, worker pid) for a new worker started by the
+    service at `path` as this process's uid/gid. Blocking (run in a thread)."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.settimeout(30)
         conn.connect(str(path))
         conn.sendall(ipc.Body().text(SPAWN).text(channel).u64(max_frame).u8(int(inline))
                      .frame(MAX_FRAME))
-        _, fds, _, _ = socket.recv_fds(conn, 1, 1)
+        data, fds, _, _ = socket.recv_fds(conn, 4, 1)
         if not fds:
             raise ConnectionError(f"{path}: the local spawner did not start a worker")
         conn.settimeout(None)
-        return conn, socket.socket(fileno=fds[0])
+        return conn, socket.socket(fileno=fds[0]), int.from_bytes(data.ljust(4, b"\0"), "big")
     except BaseException:
         conn.close()
         raise
 
 
-def spawned_end(conn: socket.socket | None, why: str) -> str:
+def spawned_end(conn: socket.socket | None, pid: int, why: str) -> str:
     """How a worker started by the service ended (its status frame; blocking)."""
+    why = f"pid {pid} {why or 'exited'}"
     if conn is None:
-        return why or "exited"
+        return why
     try:
         conn.settimeout(10)
         data = b""
@@ -380,10 +381,10 @@ def spawned_end(conn: socket.socket | None, why: str) -> str:
         if len(body) == 4:
             code = int.from_bytes(body, "big", signed=True)
             how = f"signal {-code}" if code < 0 else f"status {code}"
-            return f"{why or 'exited'} ({how})"
-        return why or "exited"
+            return f"{why} ({how})"
+        return why
     except OSError:
-        return why or "exited"
+        return why
     finally:
         conn.close()
 
@@ -402,6 +403,7 @@ class _Worker:
         self.backoff = Backoff()
         self.task: asyncio.Task | None = None
         self.handle: socket.socket | None = None   # the local spawner's connection (via)
+        self.remote_pid = 0                          # and the worker it started
 
 
 class Spawner:
@@ -496,7 +498,7 @@ class Spawner:
         """A new worker process for w; the scheduler's end of its socket."""
         if self.via is not None:
             w.proc = None
-            w.handle, mine = await asyncio.to_thread(
+            w.handle, mine, w.remote_pid = await asyncio.to_thread(
                 spawn_via, self.via, self.channel, self.max_frame, self.inline)
             return mine
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -515,7 +517,7 @@ class Spawner:
         """After w's socket closed: reap the process; how it ended, for the log."""
         if w.proc is None:    # started by the local spawner service, which reaps it
             handle, w.handle = w.handle, None
-            return await asyncio.to_thread(spawned_end, handle, why)
+            return await asyncio.to_thread(spawned_end, handle, w.remote_pid, why)
         if w.proc.returncode is None and why:
             w.proc.kill()
         try:
