@@ -26,7 +26,8 @@ object per line, for log shippers: `{"time": "<RFC 3339 UTC>", "event":
 event's fields as values (numbers as numbers, texts unmangled: JSON's
 escaping already keeps a line from being forged), in the same files with the
 same rotation. A worded line (`info: supervisor: …`, `alert: …`) becomes
-`{"event": "info", "text": "supervisor: …"}`.
+`{"event": "info", "text": "supervisor: …"}` (any other line's first word is its
+event too: `pop3d: …` → `{"event": "pop3d", …}`).
 """
 from __future__ import annotations
 
@@ -52,8 +53,6 @@ _LOGSAFE = bytes(
 
 CURRENT = "current"
 LOG_FORMATS = ("qmail", "json")
-# The worded lines' first word, which a JSON line carries as its event.
-_LEVELS = ("info", "warning", "alert")
 
 
 def tai64n_label_ns(t_ns: int) -> str:
@@ -151,8 +150,9 @@ class QmailSendLog:
         """Buffer one line whose variable parts are already logsafe (a worded
         line, `alert: …`: in JSON its first word is the event)."""
         if self.json:
+            # `alert: …`, `pop3d: …`: the first word is the event.
             word, sep, rest = text.partition(": ")
-            if sep and word in _LEVELS:
+            if sep and word.replace("-", "").replace("_", "").isalnum() and word.isascii():
                 self.event(word, text=rest)
             else:
                 self.event("line", text=text)

@@ -215,6 +215,8 @@ def test_json_format_writes_the_same_events_one_object_per_line(tmp_path):
     log.end_msg(7)
     log.line("alert: unable to reread controls: control/smtproutes line 2")
     log.line("warning: quarantined #9")
+    log.line("pop3d: joe@example.org:192.0.2.1: -ERR authorization failed")
+    log.line("no word here")
     log.exiting()
     log.close()
     got = _json_lines(tmp_path / "current")
@@ -234,6 +236,8 @@ def test_json_format_writes_the_same_events_one_object_per_line(tmp_path):
         {"event": "end_msg", "msg": 7},
         {"event": "alert", "text": "unable to reread controls: control/smtproutes line 2"},
         {"event": "warning", "text": "quarantined #9"},
+        {"event": "pop3d", "text": "joe@example.org:192.0.2.1: -ERR authorization failed"},
+        {"event": "line", "text": "no word here"},
         {"event": "exiting"},
     ]
 
