@@ -3,13 +3,14 @@
 Targets (issue 13 item 5):
 - POP3 logins per second (USER, PASS, QUIT; with the POP-before-SMTP grant
   when the receiver has a relay table) with `$1$` and with `$6$` hashes;
-- logins scale across receiver processes: `qrelay run --procs 2` ≥ 1.6× `--procs 1`;
+- logins scale across receiver processes: `qrelay run --procs 2` ≥ 1.6× `--procs 1`
+  (each receiver with one hashing thread, `[auth] hash_threads = 1`);
 - RETR of a 10 MB message ≥ 0.5× the rate of sending the same bytes over a
   plain loopback socket (a child process that sendall()s them), same run, same
   reading client.
 
-    .venv/bin/python bench/bench_pop3.py [--users 64] [--logins 3000] [--concurrency 32]
-                                          [--procs 1,2] [--retr-mb 10] [--rounds 3]
+    .venv/bin/python bench/bench_pop3.py [--users 64] [--logins 3000] [--concurrency 32] [--clients 2]
+                                          [--procs 1,2] [--retr-mb 10] [--rounds 3] [--retr-pairs 5]
 
 Each login uses its own mailbox at the time (one session per mailbox), so
 `--users` should be at least `--concurrency`.
@@ -50,7 +51,10 @@ def make_root(base: Path, users: int) -> Path:
     """u0.. with `$6$` hashes (what `qrelay user add` writes), m0.. with `$1$`
     (vpopmail 5.4's), and one 10 MB-ish message for big@."""
     root = init_home(base / "root", me="pop.bench.example")
-    (root / "qrelay.toml").write_text("[scheduler]\nenabled = false\n")
+    # One hashing thread per receiver: then a receiver is one CPU's worth of
+    # logins and --procs shows how they scale (the default, 2 threads, lets
+    # one receiver hash on two CPUs already).
+    (root / "qrelay.toml").write_text("[scheduler]\nenabled = false\n[auth]\nhash_threads = 1\n")
     owner = os.getuid() or 65534
     admin.add_domain(root, DOMAIN, uid=owner, gid=owner)
     names = [f"u{i}" for i in range(users)] + [f"m{i}" for i in range(users)] + ["big"]
@@ -100,22 +104,40 @@ async def _login_worker(port: int, names: list[str], count: int, failures: list[
             writer.close()
 
 
-async def _logins(port: int, prefix: str, users: int, logins: int, concurrency: int) -> tuple[float, list[str]]:
+async def _logins(port: int, pools: list[list[str]], per: int) -> list[str]:
     failures: list[str] = []
-    per = logins // concurrency
-    # Worker w owns users w, w+concurrency, ...: never two sessions on one mailbox.
-    pools = [[f"{prefix}{u}" for u in range(w, users, concurrency)] for w in range(concurrency)]
-    start = time.perf_counter()
-    await asyncio.gather(*(_login_worker(port, pools[w], per, failures) for w in range(concurrency)))
-    return per * concurrency / (time.perf_counter() - start), failures
+    await asyncio.gather(*(_login_worker(port, pool, per, failures) for pool in pools))
+    return failures
+
+
+def _client(port: int, pools: list[list[str]], per: int, start: float, out) -> None:
+    import uvloop
+    while time.time() < start:          # every client process starts together
+        time.sleep(0.001)
+    out.put(uvloop.run(_logins(port, pools, per)))
 
 
 def logins_per_second(port: int, prefix: str, args) -> float:
-    import uvloop
-    rate, failures = uvloop.run(_logins(port, prefix, args.users, args.logins, args.concurrency))
+    """--logins USER/PASS/QUIT sessions from --clients processes, --concurrency
+    connections in all; worker w owns users w, w+concurrency, ...: never two
+    sessions on one mailbox."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")
+    per = args.logins // args.concurrency
+    pools = [[f"{prefix}{u}" for u in range(w, args.users, args.concurrency)] for w in range(args.concurrency)]
+    out = ctx.Queue()
+    start = time.time() + 0.2
+    procs = [ctx.Process(target=_client, args=(port, pools[c::args.clients], per, start, out))
+             for c in range(args.clients)]
+    for p in procs:
+        p.start()
+    failures = [f for _ in procs for f in out.get()]
+    elapsed = time.time() - start
+    for p in procs:
+        p.join()
     if failures:
         print(f"  {len(failures)} failed logins, e.g. {failures[0]!r}")
-    return rate
+    return per * args.concurrency / elapsed
 
 
 # --- RETR vs a plain socket ---------------------------------------------------------------
@@ -175,6 +197,34 @@ def time_retr(port: int, size: int) -> float:
         return size / elapsed
 
 
+def receiver_pids(supervisor: int) -> list[int]:
+    """The supervisor's children whose title says receiver (from /proc)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                title = f.read()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == supervisor and b"receiver" in title:
+            pids.append(int(entry))
+    return pids
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """On-CPU time of every thread of `pids` (schedstat, nanoseconds)."""
+    total = 0
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+    return total / 1e9
+
+
 def start_qrelay(root: Path, procs: int, work: Path) -> tuple[QrelayProcess, int]:
     port_file = work / f"ports-{procs}"
     q = QrelayProcess(root, procs=procs, extra=("--listen", "pop3://127.0.0.1:0", "--port-file", str(port_file)),
@@ -188,6 +238,7 @@ def main() -> None:
     ap.add_argument("--logins", type=int, default=3000)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--procs", default="1,2")
+    ap.add_argument("--clients", type=int, default=2, help="load client processes")
     ap.add_argument("--retr-mb", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--retr-pairs", type=int, default=5, help="RETR / plain-socket pairs per round")
@@ -201,6 +252,7 @@ def main() -> None:
         (work / "wire").write_bytes(wire)
         results: dict[tuple[int, str], list[float]] = {}
         retr: list[float] = []
+        cpu_per_login: dict[str, list[float]] = {}
         plain: list[float] = []
         sender = subprocess.Popen([sys.executable, "-c", SENDER, str(work / "wire")],
                                   stdout=subprocess.PIPE, text=True)
@@ -210,10 +262,15 @@ def main() -> None:
                 for n in procs:
                     q, port = start_qrelay(root, n, work)
                     try:
+                        receivers = receiver_pids(q.pid)
                         for label, prefix in (("$1$", "m"), ("$6$", "u")):
+                            cpu = cpu_seconds(receivers)
                             rate = logins_per_second(port, prefix, args)
+                            cpu_ms = (cpu_seconds(receivers) - cpu) * 1000 / (args.logins // args.concurrency * args.concurrency)
                             results.setdefault((n, label), []).append(rate)
-                            print(f"round {r + 1}  --procs {n}  {label} logins/s {rate:8.0f}", flush=True)
+                            cpu_per_login.setdefault(label, []).append(cpu_ms)
+                            print(f"round {r + 1}  --procs {n}  {label} logins/s {rate:8.0f}   "
+                                  f"receiver CPU {cpu_ms:.2f} ms per login", flush=True)
                         if n == procs[0]:
                             # pairs, alternating: the machine's load hits both alike
                             for _ in range(args.retr_pairs):
@@ -231,7 +288,7 @@ def main() -> None:
             rates = {n: statistics.median(results[(n, label)]) for n in procs}
             line = "  ".join(f"--procs {n}: {rates[n]:7.0f}/s" for n in procs)
             scale = f"  scaling {rates[procs[-1]] / rates[procs[0]]:.2f}x" if len(procs) > 1 else ""
-            print(f"logins {label}  {line}{scale}")
+            print(f"logins {label}  {line}{scale}   receiver CPU {statistics.median(cpu_per_login[label]):.2f} ms/login")
         ratio = statistics.median(r / p for r, p in zip(retr, plain))     # per pair
         print(f"RETR {args.retr_mb} MB: {statistics.median(retr) / 1e6:.0f} MB/s, plain socket "
               f"{statistics.median(plain) / 1e6:.0f} MB/s, ratio {ratio:.2f} (target >= 0.5)")
