@@ -3,10 +3,8 @@ real loopback sockets: qmail-popup's and qmail-pop3d's exact replies, APOP,
 the mailbox lock, a dropped connection, the throttle and the relay grant."""
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -16,7 +14,8 @@ from engine.accounts.admin import add_domain, add_user
 from engine.accounts.vpasswd import NO_POP, NO_RELAY
 from engine.delivery.local import LocalDelivery
 from engine.home import init_home
-from tests.smtp_harness import InProcessServer
+from tests.smtp_harness import InProcessServer, RawClient
+from tests.test_delivery_e2e import wait_for
 
 OWNER = os.getuid() or 65534
 RUN_AS_OWNER = '[run]\nuser = "nobody"\n' if os.getuid() == 0 else ""
@@ -52,29 +51,15 @@ def make_root(tmp_path: Path, toml: str = "[auth]\nfailure_delay = 0\n") -> Path
     return root
 
 
-class Client:
-    """A plain socket reading POP3 replies line by line (closed by the test's end)."""
+class Client(RawClient):
+    """RawClient speaking POP3: one-line and multi-line answers, a login
+    (closed by the test's end)."""
 
     opened: list["Client"] = []
 
     def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.buf = b""
+        super().__init__(port, timeout=10)
         self.opened.append(self)
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def line(self) -> bytes:
-        while b"\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                out, self.buf = self.buf, b""
-                return out
-            self.buf += chunk
-        i = self.buf.index(b"\r\n") + 2
-        out, self.buf = self.buf[:i], self.buf[i:]
-        return out
 
     def cmd(self, text: str) -> bytes:
         self.send(text.encode() + b"\r\n")
@@ -92,25 +77,12 @@ class Client:
                 return lines
             lines.append(ln[:-2])
 
-    def closed(self, timeout: float = 5.0) -> bool:
-        self.sock.settimeout(timeout)
-        try:
-            while True:
-                if not self.sock.recv(65536):
-                    return True
-        except ConnectionResetError:
-            return True
-        except (socket.timeout, TimeoutError):
-            return False
-
     def login(self, user: str = "joe@example.com", password: str = "secret") -> bytes:
         greeting = self.line()
         assert greeting.startswith(b"+OK <")
         assert self.cmd(f"USER {user}") == b"+OK \r\n"
         return self.cmd(f"PASS {password}")
 
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture(autouse=True)
@@ -152,16 +124,6 @@ def server(request):
     yield start
     for srv in servers:
         srv.stop()
-
-
-def wait_for(check, timeout: float = 5.0, what: str = "the condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_observed_session(spec_root, server):
@@ -282,15 +244,17 @@ def test_pipelining(spec_root, server):
     assert c.closed()
 
 
-def test_no_pop_flag_refused(tmp_path, server):
-    root = make_root(tmp_path)
-    vpasswd = root / "domains" / "example.com" / "vpasswd"
+def set_flag(root: Path, bit: int) -> None:
+    """Every user of example.com gets the vpasswd gid flag `bit` (vmoduser -x)."""
+    import dataclasses
     from engine.accounts.admin import find_domain, read_users, write_users
     ref = find_domain(root, "example.com")
-    users = read_users(ref.directory)
-    import dataclasses
-    write_users(ref, [dataclasses.replace(u, gid=u.gid | NO_POP) for u in users])
-    assert vpasswd.exists()
+    write_users(ref, [dataclasses.replace(u, gid=u.gid | bit) for u in read_users(ref.directory)])
+
+
+def test_no_pop_flag_refused(tmp_path, server):
+    root = make_root(tmp_path)
+    set_flag(root, NO_POP)
     c = Client(server(root).port)
     assert c.login() == b"-ERR authorization failed\r\n"
     assert c.closed()
@@ -452,10 +416,7 @@ def test_throttle_and_relay_grant(spec_root, server):
 
 def test_no_relay_flag_gets_no_grant(tmp_path, server):
     root = make_root(tmp_path)
-    from engine.accounts.admin import find_domain, read_users, write_users
-    import dataclasses
-    ref = find_domain(root, "example.com")
-    write_users(ref, [dataclasses.replace(u, gid=u.gid | NO_RELAY) for u in read_users(ref.directory)])
+    set_flag(root, NO_RELAY)
     relay = FakeRelay()
     c = Client(server(root, relay=relay).port)
     assert c.login() == b"+OK \r\n"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import poplib
 import socket
-import ssl
 
 import pytest
 
