@@ -150,3 +150,26 @@ def test_real_throttle_locks_out(tmp_path, server):
     c = Client(srv.port)            # locked out: the right password is not even checked
     assert c.login() == b"-ERR authorization failed\r\n"
     assert not asyncio.run_coroutine_threadsafe(table.allows("127.0.0.1"), srv.loop).result(5)
+
+
+def test_retr_over_tls_streams_the_whole_message(tmp_path, server):
+    """RETR through the TLS transport's flow control (a message far above its buffer)."""
+    import os
+    import time
+    from tests.test_pop3 import deliver
+    root = make_root(tmp_path)
+    ca = install_certificate(root, NAME)
+    body = b"Subject: big\n\n" + b"".join(b".%07d line of the body\n" % i for i in range(100_000))
+    path = deliver(root, "joe@example.com", body)
+    os.utime(path, (time.time() - 10, time.time() - 10))
+    srv = server(root, scheme="pop3s")
+    pop = poplib.POP3_SSL("127.0.0.1", srv.port, context=client_context(ca), timeout=10)
+    try:
+        pop.user("joe@example.com")
+        pop.pass_("secret")
+        _, lines, octets = pop.retr(1)
+        assert lines[-1] == b"" and lines[-2] == b".0099999 line of the body"   # poplib un-stuffs
+        assert len(lines) == 100_000 + 2 + 2 + 1 and octets > len(body)
+        pop.quit()
+    finally:
+        pop.close()
