@@ -52,9 +52,10 @@ sendmail's bad options are 64 (EX_USAGE). Errors are one line.
 
 Run as root on a spool owned by another user (the `[run] user` of a box that
 drops privileges), the spool is opened as that user, so no file in it ever
-becomes root's. Other users can queue only if they can reach the spool
-writer's socket (mode 0600): a setuid helper or a world-writable injection
-socket is not built yet.
+becomes root's. Any other user queues through the running spool writer's
+injection socket (queue/inject.sock, qmail-queue's role: the writer takes the
+uid and pid from the kernel and writes the Received line itself); with no
+`qrelay run` running, only root and the spool's owner can queue (111).
 """
 from __future__ import annotations
 
@@ -619,17 +620,26 @@ def queue_message(root: Path, prepared: Prepared, *, uid: int, pid: int | None =
     """qmail-queue: prepend its Received line and enqueue; returns the message
     id once the message is durable. InjectError(TEMPORARY) on any spool failure."""
     from engine.queue import Envelope, SpoolError
-    from engine.queue.writer import open_spool_writer
+    from engine.queue.writer import INJECT_SOCKET, SpoolClient, open_spool_writer
     pid = os.getpid() if pid is None else pid
     now = time.time() if now is None else now
     settings = settings or load_spool_settings(root)
     check_root(root)
-    message = queue_received_line(pid=pid, origin="local", uid=uid, when=now) + prepared.message
     envelope = Envelope(prepared.sender, prepared.recipients, pid=pid, uid=uid, origin="local")
-    become_spool_owner(root / "queue")
+    queue = root / "queue"
+    local_user = os.geteuid() not in (0, os.stat(queue).st_uid)
+    if local_user and not (queue / INJECT_SOCKET).exists():
+        raise InjectError(f"qq: {queue} belongs to another user and no qrelay run is serving "
+                          f"{INJECT_SOCKET}: start qrelay run, or queue as root", TEMPORARY)
+    if local_user:
+        message = prepared.message        # the writer adds the Received line itself
+    else:
+        message = queue_received_line(pid=pid, origin="local", uid=uid, when=now) + prepared.message
+        become_spool_owner(queue)
     spool = None
     try:
-        spool = open_spool_writer(root / "queue", settings.spool)
+        spool = (SpoolClient(queue / INJECT_SOCKET) if local_user
+                 else open_spool_writer(queue, settings.spool))
         return spool.enqueue(envelope, message)
     except SpoolError as exc:
         raise InjectError(f"qq: {exc}", TEMPORARY) from None

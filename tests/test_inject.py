@@ -174,6 +174,47 @@ def test_inject_goes_through_a_running_spool_writer(root):
     assert b"Subject: live\r\n" in message
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")
+def test_any_local_user_queues_through_the_injection_socket(root):
+    """PHP's mail() as www-data: the spool belongs to the run user, so another
+    user queues through queue/inject.sock; the writer takes the uid and pid from
+    the kernel (a client's own claim is ignored) and writes the Received line."""
+    from engine.queue import Envelope
+    from engine.queue.writer import SpoolClient
+    from tests.smtp_harness import RunningQrelay
+    from tests.test_delivery_e2e import wait_for
+
+    def as_nobody(*args: str, data: bytes):
+        return subprocess.run([sys.executable, "-m", "engine.cli", "inject", str(root), *args],
+                              input=data, cwd="/", capture_output=True, timeout=60, user=65534,
+                              group=65534, extra_groups=[],
+                              env={**BASE_ENV, "PYTHONPATH": str(REPO), "USER": "www"})
+
+    (root / "qrelay.toml").write_text("[scheduler]\nenabled = false\n")
+    refused = as_nobody("bob@example.net", data=b"\nhi\n")
+    assert refused.returncode == 111 and b"inject.sock" in refused.stderr, refused.stderr
+    server = RunningQrelay(root, procs=1)
+    try:
+        sock = root / "queue" / "inject.sock"
+        wait_for(lambda: sock.exists(), what="the injection socket")
+        assert sock.stat().st_mode & 0o777 == 0o666
+        done = as_nobody("bob@example.net", data=b"Subject: from php\n\nhi\n")
+        assert done.returncode == 0, done.stderr
+        client = SpoolClient(sock)       # root here: a claimed uid 4242 is not believed
+        client.enqueue(Envelope("x@y.z", ("c@example.net",), pid=1, uid=4242, origin="network"),
+                       b"Subject: claim\r\n\r\nx\r\n")
+        client.close()
+    finally:
+        assert server.stop() == 0
+    got = {envelope.recipients[0]: (info, message) for info, envelope, message in queued(root)}
+    info, message = got["bob@example.net"]
+    assert (info.uid, info.origin) == (65534, "local")
+    assert message.startswith(b"Received: (qmail %d invoked by uid 65534); " % info.pid)
+    assert message.count(b"Received: ") == 1
+    info, message = got["c@example.net"]
+    assert (info.uid, info.origin) == (0, "local") and message.startswith(b"Received: (qmail ")
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own a spool as another user")
 def test_as_root_a_spool_owned_by_another_user_keeps_its_owner():
     top = Path(tempfile.mkdtemp(prefix="qrelay-inject-"))

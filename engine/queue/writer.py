@@ -19,6 +19,13 @@ Frames (engine.ipc), the request's size bounded by `[spool] max_frame_bytes`:
 A lost connection fails every request in flight with SpoolWriteError (the
 receiver answers 451; the message may still have been committed — at least
 once, as with any crash after the commit point).
+
+Two sockets, one protocol. `writer.sock` (0600, the spool owner's) is for
+the receivers and trusted. `inject.sock` (0666) is qmail-queue's role for
+local users who cannot open the spool (PHP's mail() as www-data, cron): the
+envelope's pid, uid and origin are taken from the connection's credentials
+(SO_PEERCRED), never from the request, and the writer itself prepends
+qmail-queue's `Received: (qmail PID invoked by uid UID)` line.
 """
 from __future__ import annotations
 
@@ -41,6 +48,7 @@ from engine.queue.values import Envelope, SpoolError, SpoolWriteError
 
 OK, WRITE_ERROR, OTHER_ERROR = 0, 1, 2
 WRITER_SOCKET = "writer.sock"     # in the queue directory
+INJECT_SOCKET = "inject.sock"     # in the queue directory: any local user
 # Responses are an id, a status and a short text: far below this.
 MAX_RESPONSE = 64 * 1024
 
@@ -75,9 +83,11 @@ def decode_response(body: bytes) -> tuple[int, int, bytes]:
 class SpoolWriterServer:
     """Serves `spool.submit` to receivers over a unix socket (asyncio)."""
 
-    def __init__(self, spool: Spool, socket_path: Path | str):
+    def __init__(self, spool: Spool, socket_path: Path | str, *, local_users: bool = False):
+        """`local_users`: the injection socket (see the module docstring)."""
         self.spool = spool
         self.socket_path = str(socket_path)
+        self.local_users = local_users
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.StreamWriter] = set()
 
@@ -87,7 +97,7 @@ class SpoolWriterServer:
         except FileNotFoundError:
             pass
         self._server = await asyncio.start_unix_server(self._serve, self.socket_path)
-        os.chmod(self.socket_path, 0o600)
+        os.chmod(self.socket_path, 0o666 if self.local_users else 0o600)
 
     async def drain(self, timeout: float) -> None:
         """Accept no new connection; wait (at most `timeout` s) until every
@@ -112,9 +122,12 @@ class SpoolWriterServer:
         limit = self.spool.settings.max_frame_bytes
         pending: set[asyncio.Task] = set()
         self._connections.add(writer)
+        peer = _peer(writer) if self.local_users else None
         try:
             while (body := await ipc.read_frame(reader, limit)) is not None:
                 reqid, envelope, message = decode_request(body)
+                if peer is not None:
+                    envelope, message = _as_local_user(envelope, message, *peer)
                 task = asyncio.ensure_future(self._one(writer, reqid, envelope, message))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
@@ -144,6 +157,24 @@ class SpoolWriterServer:
             metrics.spool_commit("error")
         if not writer.is_closing():
             writer.write(frame)
+
+
+def _peer(writer: asyncio.StreamWriter) -> tuple[int, int]:
+    """(pid, uid) of the process at the other end (SO_PEERCRED)."""
+    import struct
+    creds = writer.get_extra_info("socket").getsockopt(
+        socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, _ = struct.unpack("3i", creds)
+    return pid, uid
+
+
+def _as_local_user(envelope: Envelope, message: bytes, pid: int, uid: int
+                   ) -> tuple[Envelope, bytes]:
+    """A request from the injection socket: who sent it is the kernel's word."""
+    from engine.received import queue_received_line
+    line = queue_received_line(pid=pid, origin="local", uid=uid, when=time.time())
+    return (Envelope(envelope.sender, envelope.recipients, pid=pid, uid=uid, origin="local"),
+            line + message)
 
 
 class SpoolClient:
@@ -320,18 +351,21 @@ def run_writer(queue_dir: Path | str, socket_path: Path | str | None = None,
 
     async def main() -> None:
         spool = Spool(queue_dir, settings)
-        server = SpoolWriterServer(spool, socket_path or Path(queue_dir) / WRITER_SOCKET)
+        servers = [SpoolWriterServer(spool, socket_path or Path(queue_dir) / WRITER_SOCKET),
+                   SpoolWriterServer(spool, Path(queue_dir) / INJECT_SOCKET, local_users=True)]
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         try:
-            await server.start()
+            for server in servers:
+                await server.start()
             if on_ready is not None:
                 on_ready()
             await stop.wait()
-            await server.drain(drain_seconds)
+            await asyncio.gather(*(server.drain(drain_seconds) for server in servers))
         finally:
-            await server.close()
+            for server in servers:
+                await server.close()
             spool.close()
     asyncio.run(main())
