@@ -54,7 +54,10 @@ def make_root(base: Path, users: int) -> Path:
     # One hashing thread per receiver: then a receiver is one CPU's worth of
     # logins and --procs shows how they scale (the default, 2 threads, lets
     # one receiver hash on two CPUs already).
-    (root / "qrelay.toml").write_text("[scheduler]\nenabled = false\n[auth]\nhash_threads = 1\n")
+    # As root, the receivers run as the mailboxes' owner (`[run] user`, here
+    # nobody), as they must on a vpopmail box to read vpasswd and the Maildirs.
+    run_as = '[run]\nuser = "nobody"\n' if os.getuid() == 0 else ""
+    (root / "qrelay.toml").write_text("[scheduler]\nenabled = false\n[auth]\nhash_threads = 1\n" + run_as)
     owner = os.getuid() or 65534
     admin.add_domain(root, DOMAIN, uid=owner, gid=owner)
     names = [f"u{i}" for i in range(users)] + [f"m{i}" for i in range(users)] + ["big"]
@@ -84,6 +87,7 @@ def add_big_message(root: Path, megabytes: int) -> bytes:
     [path] = new.iterdir()
     past = time.time() - 60
     os.utime(path, (past, past))      # qmail-pop3d lists only files older than this second
+    os.chown(path, os.getuid() or 65534, os.getuid() or 65534)   # delivered here, as root
     enc = MessageEncoder()
     return b"+OK \r\n" + enc.feed(path.read_bytes()) + enc.finish()
 
@@ -246,6 +250,7 @@ def main() -> None:
     procs = [int(p) for p in args.procs.split(",")]
     with tempfile.TemporaryDirectory(prefix="bench-pop3-") as tmp:
         work = Path(tmp)
+        work.chmod(0o711)                 # the run user must reach ROOT
         print(f"setting up {2 * args.users + 1} mailboxes ...", flush=True)
         root = make_root(work, args.users)
         wire = add_big_message(root, args.retr_mb)

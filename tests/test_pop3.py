@@ -33,7 +33,11 @@ def deliver(root: Path, rcpt: str, message: bytes) -> Path:
     assert result.status == "K", result
     local, _, domain = rcpt.partition("@")
     new = root / "domains" / domain / local / "Maildir" / "new"
-    return max(new.iterdir(), key=lambda p: p.stat().st_mtime_ns)
+    path = max(new.iterdir(), key=lambda p: p.stat().st_mtime_ns)
+    # Delivered in this (root) process: the file is the owner's, as a real
+    # delivery (as the mailbox owner) leaves it for receivers running as him.
+    os.chown(path, OWNER, OWNER)
+    return path
 
 
 def age(path: Path, mtime: int) -> None:

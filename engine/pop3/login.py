@@ -43,6 +43,7 @@ class LoginResult:
     user: VUser | None = None
     mailbox: Mailbox | None = None
     reply: str = ""                  # MAILBOX: qmail-pop3d's -ERR text
+    why: str = ""                    # MAILBOX: the system's reason, for the log
 
 
 def split_login(login: str) -> tuple[str, str] | None:
@@ -88,5 +89,5 @@ def check_login(accounts: Accounts, login: str, secret: str, *, apop_timestamp: 
     try:
         mailbox = Mailbox.open(user.maildir, max_messages)
     except MailboxError as exc:
-        return LoginResult(MAILBOX, name, user, reply=exc.reply)
+        return LoginResult(MAILBOX, name, user, reply=exc.reply, why=exc.why)
     return LoginResult(OK, name, user, mailbox)

@@ -36,9 +36,10 @@ TMP_MAX_AGE = 129600
 class MailboxError(Exception):
     """`reply` is qmail-pop3d's -ERR text for it."""
 
-    def __init__(self, reply: str) -> None:
+    def __init__(self, reply: str, why: str = "") -> None:
         super().__init__(reply)
         self.reply = reply
+        self.why = why          # the system's reason, for the log only
 
 
 class MailboxBusy(MailboxError):
@@ -74,8 +75,8 @@ class Mailbox:
         """Lock and scan the Maildir at `path`; raises MailboxError."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
-            raise MailboxError(NO_MAILDIR) from None
+        except OSError as exc:
+            raise MailboxError(NO_MAILDIR, exc.strerror or "") from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -84,9 +85,9 @@ class Mailbox:
             now = time.time() if now is None else now
             clean_tmp(path, now)
             messages = scan(path, int(now))
-        except OSError:
+        except OSError as exc:
             os.close(fd)
-            raise MailboxError(SCAN_FAILED) from None
+            raise MailboxError(SCAN_FAILED, exc.strerror or "") from None
         except BaseException:
             os.close(fd)
             raise

@@ -359,7 +359,9 @@ class Pop3Session(asyncio.Protocol):
                 mailbox.close()
             return
         if mailbox is None:
-            self._log(f"pop3d: {result.login}:{ip}: -ERR {result.reply}")
+            # EACCES here: the receivers do not run as the mailbox's owner ([run] user).
+            why = f" ({result.why}; this receiver runs as uid {os.getuid()})" if result.why else ""
+            self._log(f"pop3d: {result.login}:{ip}: -ERR {result.reply}{why}")
             self.out.append(f"-ERR {result.reply}\r\n".encode())
             self._close()
             return
