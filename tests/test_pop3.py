@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -456,3 +457,20 @@ def test_shutdown_closes_sessions_without_changes(spec_root, server):
     srv.shutdown(1.0)
     assert c.closed()
     assert m1.exists()
+
+
+def test_a_client_that_stops_reading_is_dropped_after_the_timeout(tmp_path, server):
+    root = make_root(tmp_path)
+    (root / "qrelay.toml").write_text("[auth]\nfailure_delay = 0\n[pop3]\ntimeout = 1\n")
+    path = deliver(root, "joe@example.com", b"Subject: big\n\n" +
+                   (b"z" * 99 + b"\n") * 200_000)
+    age(path, T0)
+    srv = server(root)
+    c = Client(srv.port)
+    c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    assert c.login() == b"+OK \r\n"
+    c.send(b"RETR 1\r\n")          # 20 MB, never read: the server's writes stall
+    wait_for(lambda: any(s.gate.paused for s in list(srv.receiver.sessions)), what="a full write buffer")
+    wait_for(lambda: not srv.receiver.sessions, timeout=8, what="the stalled session to be dropped")
+    c = Client(srv.port)           # and its mailbox lock went with it
+    assert c.login() == b"+OK \r\n"
