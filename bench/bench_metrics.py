@@ -74,35 +74,6 @@ class Scraper(threading.Thread):
         self.join(15)
 
 
-def status_pid(supervisor: int) -> int | None:
-    """The `qrelay: status` child of the supervisor (from /proc)."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                title = f.read()
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == supervisor and title.startswith(b"qrelay: status"):
-            return int(entry)
-    return None
-
-
-def cpu_seconds(pid: int | None) -> float:
-    """utime + stime of a process, in seconds."""
-    if pid is None:
-        return 0.0
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def flood(port: int, args: argparse.Namespace, out: Path) -> float:
     cmd = [sys.executable, str(BENCH / "flood.py"), f"127.0.0.1:{port}", "-s", str(args.sessions),
            "-m", str(args.messages), "-l", str(args.size), "-q", "--no-summary", "--json", str(out),
@@ -153,10 +124,11 @@ def main() -> int:
     args = p.parse_args()
 
     from engine.home import init_home
-    from qrelay_process import QrelayProcess
+    from qrelay_process import QrelayProcess, cpu_seconds, service_pids
 
     with tempfile.TemporaryDirectory(prefix="bench-metrics-") as tmp:
         work = Path(tmp)
+        work.chmod(0o711)                 # as root, the run user must reach ROOT
         costs = call_costs(work)
         root = init_home(work / "qrelay", me="bench.local")
         (root / "qrelay.toml").write_text("[scheduler]\nenabled = false\n")
@@ -170,7 +142,7 @@ def main() -> int:
         latencies: list[float] = []
         errors = 0
         deadline = time.monotonic() + 20
-        while (status := status_pid(q.pid)) is None and time.monotonic() < deadline:
+        while not (status := service_pids(q.pid, b"qrelay: status")) and time.monotonic() < deadline:
             time.sleep(0.1)    # the supervisor forks its children after it announces
         scrape_cpu = 0.0
         scraped_seconds = 0.0

@@ -36,7 +36,7 @@ sys.path.insert(0, str(BENCH))
 from engine.accounts import admin  # noqa: E402
 from engine.delivery.local import LocalDelivery  # noqa: E402
 from engine.home import init_home  # noqa: E402
-from qrelay_process import QrelayProcess  # noqa: E402
+from qrelay_process import QrelayProcess, cpu_seconds, service_pids  # noqa: E402
 
 PASSWORD = "bench-password"
 DOMAIN = "bench.example"
@@ -201,34 +201,6 @@ def time_retr(port: int, size: int) -> float:
         return size / elapsed
 
 
-def receiver_pids(supervisor: int) -> list[int]:
-    """The supervisor's children whose title says receiver (from /proc)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                title = f.read()
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == supervisor and b"receiver" in title:
-            pids.append(int(entry))
-    return pids
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """On-CPU time of every thread of `pids` (schedstat, nanoseconds)."""
-    total = 0
-    for pid in pids:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-    return total / 1e9
-
-
 def start_qrelay(root: Path, procs: int, work: Path) -> tuple[QrelayProcess, int]:
     port_file = work / f"ports-{procs}"
     q = QrelayProcess(root, procs=procs, extra=("--listen", "pop3://127.0.0.1:0", "--port-file", str(port_file)),
@@ -267,7 +239,7 @@ def main() -> None:
                 for n in procs:
                     q, port = start_qrelay(root, n, work)
                     try:
-                        receivers = receiver_pids(q.pid)
+                        receivers = service_pids(q.pid, b"receiver")
                         for label, prefix in (("$1$", "m"), ("$6$", "u")):
                             cpu = cpu_seconds(receivers)
                             rate = logins_per_second(port, prefix, args)

@@ -90,3 +90,36 @@ class QrelayProcess:
             self.proc.stderr.close()
         why = f"exited with status {exited}" if exited is not None else what
         raise QrelayStartError(f"qrelay run {why}" + (f": {lines[-1]}" if lines else ""))
+
+
+def service_pids(supervisor: int, title: bytes) -> list[int]:
+    """The supervisor's children whose process title contains `title`
+    (b"receiver", b"qrelay: status"), from /proc."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == supervisor and title in cmdline:
+            pids.append(int(entry))
+    return pids
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """On-CPU time of every thread of `pids` (schedstat, nanoseconds); a
+    process that is gone counts nothing."""
+    total = 0
+    for pid in pids:
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+        except OSError:
+            continue
+    return total / 1e9

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from engine._smtpcore import MessageEncoder
 from tests.smtp_harness import RunningQrelay
+from qrelay_process import service_pids  # noqa: E402 (bench/ is on the path once smtp_harness is imported)
 from tests.test_pop3 import deliver, make_root
 
 
@@ -68,18 +69,6 @@ def test_encoder_cases():
     assert enc.feed(b"more\n") == b""
 
 
-def receiver_pids(supervisor: int) -> list[int]:
-    from tests.smtp_harness import children_of
-    out = []
-    for pid in children_of(supervisor):
-        try:
-            if b"receiver" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                out.append(pid)
-        except OSError:
-            pass
-    return out
-
-
 def rss_kb(pid: int) -> int:
     text = Path(f"/proc/{pid}/status").read_text()
     return int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1))
@@ -100,7 +89,7 @@ def test_50mb_message_in_bounded_memory(tmp_path):
     size = path.stat().st_size
     q = RunningQrelay(root, procs=1, extra=("--listen", "pop3://127.0.0.1:0"))
     try:
-        [receiver] = receiver_pids(q.pid)
+        [receiver] = service_pids(q.pid, b"receiver")
         port = pop3_port(q)
         with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
             f = s.makefile("rb")
