@@ -524,3 +524,68 @@ def test_flush_during_an_attempt_makes_its_deferral_due_at_once(env):
     assert len(remote.calls) == 2                     # the flushed attempt, then one more at once
     r = spool.message_info(mid).recipients[0]
     assert r.state == "deferred" and r.attempts == 2 and r.next_try == T0 + 400
+
+
+def test_loop_keeps_dispatching_while_a_commit_waits_on_the_disk(env):
+    """The scheduler's spool writes run in its commit thread: while one waits
+    (a slow sync, LMDB's write lock), the loop goes on starting deliveries; a
+    recipient whose result is not committed yet is not handed out again, and
+    is marked only once the commit is done."""
+    import threading
+    sched, spool, remote, clock, log, tmp = env
+    sched.config = SchedulerConfig(concurrency={"remote": 1}, bounce=sched.config.bounce)
+    disk = threading.Event()
+    real_commit = spool.commit
+
+    def slow_commit(results=(), *args, **kw):
+        if results:
+            assert disk.wait(20)
+        return real_commit(results, *args, **kw)
+
+    spool.commit = slow_commit
+    ids = [spool.enqueue(Envelope("a@src.test", (f"u{i}@d{i}.test",)), MSG) for i in range(3)]
+
+    async def scenario():
+        sched._wake = asyncio.Event()
+        deadline = time.monotonic() + 10
+        while len(remote.calls) < 3 and time.monotonic() < deadline:
+            t = time.monotonic()
+            sched.run_pass()
+            assert time.monotonic() - t < 1.0          # never waits for the commit
+            await asyncio.sleep(0.002)
+        # all three delivered one after the other while the first commit waits
+        assert sorted(c[0] for c in remote.calls) == ["d0.test", "d1.test", "d2.test"]
+        assert sched._commit is not None and not sched.idle()
+        assert all(spool.message_info(m).recipients[0].state == "pending" for m in ids)
+        for _ in range(20):                             # nothing handed out twice
+            sched.run_pass()
+            await asyncio.sleep(0.002)
+        assert len(remote.calls) == 3
+        disk.set()
+        await settle(sched)
+
+    asyncio.run(scenario())
+    assert len(remote.calls) == 3 and spool.stats().messages == 0
+    assert all(f"end msg {m}" in log_texts(tmp) for m in ids)
+
+
+def test_a_failed_commit_costs_a_redelivery_not_mail(env):
+    from engine.queue import SpoolError
+    sched, spool, remote, clock, log, tmp = env
+    real_commit = spool.commit
+    failures = []
+
+    def failing_once(results=(), *args, **kw):
+        if results and not failures:
+            failures.append(len(results))
+            raise SpoolError("cannot record delivery results: the disk holding the spool index is full")
+        return real_commit(results, *args, **kw)
+
+    spool.commit = failing_once
+    mid = spool.enqueue(Envelope("a@src.test", ("x@d1.test",)), MSG)
+    asyncio.run(settle(sched))
+    assert failures == [1] and len(remote.calls) == 2      # delivered again (at least once)
+    assert spool.stats().messages == 0
+    assert any("trouble_marking_results:_cannot_record_delivery_results" in t
+               for t in log_texts(tmp)), log_texts(tmp)
+    assert f"end msg {mid}" in log_texts(tmp)

@@ -8,13 +8,15 @@ be thrown away (a restart loses nothing but the "recovered destination" hint).
 One pass of the loop (woken by a delivery finishing, by SIGALRM, or by the
 poll timer that notices newly queued mail):
 
-1. preprocess up to `todo_batch` new messages in one spool transaction:
-   classify each recipient local or remote (locals / virtualdomains /
-   percenthack, spec §2, §5.3), log `new msg` / `info msg`;
-2. record the delivery results gathered since the last recording in ONE
-   spool transaction (at most `mark_delay` seconds or `mark_batch` results
-   later), log them, and complete finished messages: bounce (or double
-   bounce, or discard a triple bounce), `bounce msg`, `end msg`;
+1. preprocess up to `todo_batch` new messages: classify each recipient
+   local or remote (locals / virtualdomains / percenthack, spec §2, §5.3),
+   log `new msg` / `info msg`;
+2. hand the scheduler's spool writes — that batch, the delivery results
+   gathered since the last commit (at most `mark_delay` seconds or
+   `mark_batch` results later; logged now), a flush — to its commit thread,
+   which records them all in ONE spool transaction (one sync) while the loop
+   goes on; when it is done, complete the messages it finished: bounce (or
+   double bounce, or discard a triple bounce), `bounce msg`, `end msg`;
 3. for each channel (engine.delivery.channels.CHANNELS: local, remote) start
    deliveries from its ready view (`ReadyJobs`: due recipients grouped by
    destination and message, at most `scan_batch` of them) while fewer than
@@ -48,11 +50,14 @@ N` lines are per recipient as in qmail.
 
 Crash safety comes from the spool: a recipient stays due until its result is
 recorded, so a crash between an SMTP `250` and the recording means one
-duplicate delivery (qmail's at-least-once), never a lost message.
+duplicate delivery (qmail's at-least-once), never a lost message. A recipient
+whose result waits for (or is in) a commit stays in `inflight` until that
+commit is done, so it is not handed out again meanwhile.
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
@@ -341,6 +346,24 @@ class Lane:
             self.per_domain.pop(domain, None)
 
 
+@dataclass(slots=True)
+class _Commit:
+    """One group commit of the scheduler's own spool writes (Spool.commit),
+    handed to its commit thread: delivery results (`results`: (lane,
+    domain, status, Result), their log lines already written), recovered
+    destinations' deferrals made due (`reschedules`: (lane, Deferred)), a
+    flush, and a preprocess batch. Filled in by the thread: `applied`,
+    `preprocessed` (Finished | None per item), or `error`."""
+    results: list[tuple[Lane, str, str, object]]
+    reschedules: list[tuple[Lane, Deferred]]
+    flush: bool
+    preprocess: list[tuple]
+    now: float
+    applied: list[Finished | None] = field(default_factory=list)
+    preprocessed: list[Finished | None] = field(default_factory=list)
+    error: SpoolError | None = None
+
+
 class Scheduler:
     """The scheduling loop; one per `qrelay run` (see the module docstring)."""
 
@@ -369,6 +392,14 @@ class Scheduler:
         self.deferred = DeferredByDomain(config.recovered_index_max)
         # (lane, domain, delivery number, spool Result, K/Z/D, report text)
         self._results: list[tuple[Lane, str, int, object, str, str]] = []
+        # The spool writes waiting for the commit thread (see step 2), and the
+        # one commit it runs: its future, and what it carries.
+        self._reschedules: list[tuple[Lane, Deferred]] = []
+        self._to_preprocess: list[tuple] = []
+        self._preprocessing: set[int] = set()   # ids waiting or in the commit
+        self._flush_pending = False
+        self._committer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._commit: concurrent.futures.Future | None = None
         self._recovered_at: dict[tuple[str, str], float] = {}
         self._results_due = 0.0
         self._next_bounce_scan = 0.0
@@ -426,10 +457,12 @@ class Scheduler:
         self.wake()
 
     def idle(self) -> bool:
-        """Nothing in flight, nothing to record, nothing new to preprocess, no
-        bounce being queued: what a test waits for after feeding the spool."""
+        """Nothing in flight, nothing to record or being committed, nothing
+        new to preprocess, no flush to do, no bounce being queued: what a test
+        waits for after feeding the spool."""
         return (not self._tasks and not self._results and not self.bouncing_now
-                and not self.spool.todo(1))
+                and self._commit is None and not self._writes_waiting()
+                and not self._flush_requested and not self.spool.todo(1))
 
     # --- the loop ------------------------------------------------------------------
     async def run(self, *, stop_grace: float = 8.0) -> None:
@@ -450,32 +483,28 @@ class Scheduler:
         await self._drain(stop_grace)
 
     def _sleep_time(self) -> float:
-        if self._results:
+        if self._results and self._commit is None:
             return max(0.0, min(self.config.poll_interval, self._results_due - self.monotonic()))
-        return self.config.poll_interval
+        return self.config.poll_interval   # a commit that ends wakes the loop
 
     def run_pass(self) -> bool:
         """One pass; True if more work is ready at once (so don't sleep)."""
+        self._collect()
         now = self.clock()
         if self._flush_requested:
             self._flush_requested = False
-            try:
-                self.spool.reschedule_all(now)
-            except SpoolError as exc:
-                self.log.warning(f"trouble rescheduling the queue: {exc}")
-            for lane in self.lanes:
-                lane.ready.forget_skipped()
-                lane.scan_after = None
+            self._flush_pending = True     # ordered after the results already gathered
         busy = self.preprocess(now)
-        if self._results and (len(self._results) >= self.config.mark_batch
-                              or self.monotonic() >= self._results_due):
-            self.record_results()
-        if now >= self._next_bounce_scan:
+        if now >= self._next_bounce_scan and self._commit is None:
             # Messages that finish here are completed at once; this scan finds
-            # those left by a crash and bounces that failed to be queued.
+            # those left by a crash and bounces that failed to be queued. Only
+            # between commits (the next one starts just below): a message a
+            # running commit finishes would be found before its Finished
+            # record is collected, and bounced twice.
             self._next_bounce_scan = now + BOUNCE_SCAN_INTERVAL
             self.complete_pending_bounces()
             self._adopt_tails()
+        self._maybe_commit()
         if not self._stopping:
             self._notice_surgery()
             for lane in self.lanes:
@@ -505,13 +534,22 @@ class Scheduler:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=1)
-        self.record_results()
+        await self.commit_all()
+        if self._committer is not None:
+            self._committer.shutdown(wait=True)
+            self._committer = None
         self.log.exiting()
         self.log.flush()
 
     # --- step 1: preprocessing (qmail's todo -> local/remote, spec §5.3) -----------
     def preprocess(self, now: float) -> bool:
-        ids = self.spool.todo(self.config.todo_batch)
+        """Classify a batch of new messages; the commit thread records it
+        (step 2). One batch waits at a time, beside the one being committed."""
+        if self._to_preprocess:
+            return False
+        limit = self.config.todo_batch
+        ids = [m for m in self.spool.todo(limit + len(self._preprocessing))
+               if m not in self._preprocessing][:limit]
         if not ids:
             return False
         items = []
@@ -527,21 +565,9 @@ class Scheduler:
             self.log.info_msg(msgid, info.size, info.sender, msgid, info.uid)
             routed = [self.classify(r.address) for r in info.recipients]
             items.append((msgid, [c for c, _ in routed], [a for _, a in routed]))
-        try:
-            # One durable transaction for the whole batch.
-            finished = self.spool.preprocess_many(items, now)
-        except SpoolError as exc:
-            self.log.warning(f"trouble preprocessing messages: {exc}; will try again later")
-            return False
-        for lane in self.lanes:
-            if lane.scan_after is not None and now - lane.scan_after[0] < 0.002:
-                # New entries due `now` may sort before the watermark (same
-                # millisecond, smaller id): read from the start next time.
-                lane.scan_after = None
-        for f in finished:
-            if f is not None:
-                self._complete(f)
-        return len(ids) >= self.config.todo_batch
+        self._to_preprocess = items
+        self._preprocessing.update(item[0] for item in items)
+        return len(ids) >= limit
 
     # --- step 3: dispatch ----------------------------------------------------------
     def dispatch(self, lane: Lane, now: float) -> int:
@@ -683,44 +709,137 @@ class Scheduler:
             return RecipientResult(got.address, "Z", f"Unable to forward message: {exc} (#4.3.0)\n")
         return got
 
-    # --- step 2: results and completion --------------------------------------------
-    def record_results(self) -> None:
-        if not self._results:
+    # --- step 2: the commit thread: results, flush, preprocessing ------------------
+    # The scheduler's spool writes wait in memory and go to the spool in ONE
+    # transaction per commit (Spool.commit), run by a thread of its own while
+    # the loop goes on dispatching: one sync for everything gathered since
+    # the last commit, and never the loop waiting on a sync or on LMDB's
+    # write lock (held by the receivers' spool writer, slowed by mailbox
+    # syncs). One commit runs at a time and they run in order, so the spool
+    # sees the writes in the order the loop made them. A result is kept in
+    # `inflight` until its commit is done (due() must not hand the
+    # recipient out again), and the commit's outcome is taken in on the loop
+    # by the next pass (_collect), so nothing here is touched by two threads.
+    def _writes_waiting(self) -> bool:
+        return bool(self._results or self._reschedules or self._to_preprocess
+                    or self._flush_pending)
+
+    def _maybe_commit(self) -> None:
+        if self._commit is not None:
             return
+        if self._to_preprocess or self._flush_pending or self._reschedules or (
+                self._results and (len(self._results) >= self.config.mark_batch
+                                   or self.monotonic() >= self._results_due)):
+            self._start_commit()
+
+    def _start_commit(self) -> None:
+        """Hand everything waiting to the commit thread (at most mark_delay
+        after the first result, or at once for new mail or a flush)."""
         batch, self._results = self._results, []
-        now = self.clock()
-        recovered: set[tuple[Lane, str]] = set()
+        results = []
         for lane, domain, number, result, status, text in batch:
             self.log.delivery(number, status, text)
             if status == "K":
                 self.delivered += 1
-                recovered.add((lane, domain))
             elif isinstance(result, Deferred):
                 self.deferrals += 1
                 self.deferred.add((lane.name, domain), result.msgid)
-                if result.next_try <= now:
-                    lane.scan_after = None  # due at once (a flush): may sort before the watermark
             else:
                 self.failures += 1
-        results = [r for _, _, _, r, _, _ in batch]
+            results.append((lane, domain, status, result))
+        commit = _Commit(results, self._reschedules, self._flush_pending, self._to_preprocess,
+                         self.clock())
+        self._reschedules, self._flush_pending, self._to_preprocess = [], False, []
+        if self._committer is None:
+            self._committer = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="scheduler-commit")
+        self._commit = self._committer.submit(self._write, commit)
         try:
-            finished = self.spool.apply(results)
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        wake = self.wake
+
+        def done(_future) -> None:   # in the commit thread
+            try:
+                loop.call_soon_threadsafe(wake)
+            except RuntimeError:
+                pass  # that loop is closed; the next pass collects
+
+        self._commit.add_done_callback(done)
+
+    def _write(self, c: _Commit) -> _Commit:
+        """In the commit thread: the one transaction."""
+        try:
+            c.applied, c.preprocessed, _ = self.spool.commit(
+                [r for _, _, _, r in c.results] + [r for _, r in c.reschedules],
+                c.preprocess, c.now, c.flush)
         except SpoolError as exc:
-            # Not recorded: they will be delivered again (at least once), as
-            # qmail's "trouble marking" case.
-            self.log.warning(f"trouble marking results: {exc}; message will be delivered twice!")
-            finished = [None] * len(results)
+            c.error = exc
+        return c
+
+    def _collect(self) -> None:
+        """Take in a finished commit (on the loop): release its recipients,
+        move scan watermarks, complete finished messages."""
+        if self._commit is None or not self._commit.done():
+            return
+        future, self._commit = self._commit, None
+        c: _Commit = future.result()   # anything but a SpoolError is a bug: let it out
+        now = self.clock()
+        if c.error is not None:
+            if c.results:
+                # Not recorded: they will be delivered again (at least once),
+                # as qmail's "trouble marking" case.
+                self.log.warning(f"trouble marking results: {c.error}; "
+                                 "message will be delivered twice!")
+            if c.reschedules:
+                self.log.warning(f"trouble rescheduling deferred recipients: {c.error}")
+            if c.flush:
+                self.log.warning(f"trouble rescheduling the queue: {c.error}")
+            if c.preprocess:
+                self.log.warning(f"trouble preprocessing messages: {c.error}; "
+                                 "will try again later")
             for lane in self.lanes:
-                lane.scan_after = None  # their due entries are unchanged, behind the watermark
-        for result in results:
+                lane.scan_after = None  # due entries unchanged, maybe behind the watermark
+        self._preprocessing.difference_update(item[0] for item in c.preprocess)
+        recovered: set[tuple[Lane, str]] = set()
+        for lane, domain, status, result in c.results:
             self.inflight.discard((result.msgid, result.index))
-        self._log_status()
-        for f in finished:
+            if c.error is not None:
+                continue
+            if status == "K":
+                recovered.add((lane, domain))
+            elif isinstance(result, Deferred) and result.next_try <= now:
+                lane.scan_after = None  # due at once (a flush): may sort before the watermark
+        for lane, _ in c.reschedules:
+            lane.scan_after = None      # due now: may sort before the watermark
+        if c.flush:
+            for lane in self.lanes:
+                lane.ready.forget_skipped()
+                lane.scan_after = None
+        if c.preprocess and c.error is None:
+            for lane in self.lanes:
+                if lane.scan_after is not None and c.now - lane.scan_after[0] < 0.002:
+                    # New entries due `now` may sort before the watermark (same
+                    # millisecond, smaller id): read from the start next time.
+                    lane.scan_after = None
+        if c.results:
+            self._log_status()
+        for f in c.applied + c.preprocessed:
             if f is not None:
                 self._complete(f)
-        if recovered:
-            for lane, domain in recovered:
-                self._recover_domain(lane, domain, now)
+        for lane, domain in recovered:
+            self._recover_domain(lane, domain, now)
+
+    async def commit_all(self) -> None:
+        """Commit everything gathered, and wait for it (at stop)."""
+        while True:
+            if self._commit is not None:
+                await asyncio.wrap_future(self._commit)
+                self._collect()
+            if not self._writes_waiting():
+                return
+            self._start_commit()
 
     def _recover_domain(self, lane: Lane, domain: str, now: float) -> None:
         """Make the deferred recipients we saw defer on `domain` due now."""
@@ -733,7 +852,6 @@ class Scheduler:
         self._recovered_at[key] = now
         if len(self._recovered_at) > 10_000:
             self._recovered_at.clear()
-        results = []
         for msgid in ids:
             try:
                 info = self.spool.message_info(msgid)
@@ -743,13 +861,7 @@ class Scheduler:
                 if (r.state == "deferred" and r.channel == lane.name and r.next_try > now
                         and (msgid, i) not in self.inflight
                         and recipient_domain(r.address) == domain):
-                    results.append(Deferred(msgid, i, now, r.text))
-        if results:
-            try:
-                self.spool.apply(results)
-            except SpoolError as exc:
-                self.log.warning(f"trouble rescheduling {domain}: {exc}")
-            lane.scan_after = None  # due now: may sort before the watermark
+                    self._reschedules.append((lane, Deferred(msgid, i, now, r.text)))
 
     def _adopt_tails(self) -> None:
         # Messages a writer answered but died before indexing (engine.queue, C2).

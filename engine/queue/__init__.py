@@ -166,6 +166,9 @@ return; O(log n) each)
     bouncing(limit) -> [Finished]           # finished with failures, not released
     release(msgid)                          # after the bounce is queued
     reschedule_all(now) -> int              # ALRM / flush: all deferred due now
+    commit(results, preprocess, now, reschedule) -> (applied, preprocessed, moved)
+        # apply + reschedule_all + preprocess_many in ONE durable txn (the
+        # scheduler's group commit, run in its commit thread)
     recover(verify_bytes=False) -> RecoveryReport   # at scheduler start
     adopt_tails() -> int                    # stopped writers' tails (every few s)
     cleanup(now) -> [names]                 # orphan segments (also in recover)

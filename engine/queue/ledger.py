@@ -139,29 +139,34 @@ class Ledger:
         """
         now = self._core.clock() if now is None else now
         unlink: list[int] = []
-        out: list[Finished | None] = []
         corrupt: dict[int, BaseException] = {}
         try:
             with self._index.write("preprocess messages") as txn:
-                for item in items:
-                    msgid, channels = item[0], item[1]
-                    addresses = item[2] if len(item) > 2 else None
-                    try:
-                        out.append(self._preprocess_one(txn, msgid, channels, addresses, now,
-                                                        unlink))
-                    except RecordError as exc:
-                        if strict:
-                            raise
-                        corrupt[msgid] = exc
-                        out.append(None)
-                    except SpoolError:
-                        if strict:
-                            raise
-                        out.append(None)
+                out = self._preprocess_in(txn, items, now, strict, unlink, corrupt)
         except RecordError as exc:
             self._quarantine(items[0][0], exc)
             raise MessageQuarantined(f"#{items[0][0]}: {exc}") from None
         self._tidy(unlink, corrupt)
+        return out
+
+    def _preprocess_in(self, txn: lmdb.Transaction, items: Sequence[tuple], now: float,
+                       strict: bool, unlink: list[int],
+                       corrupt: dict[int, BaseException]) -> list[Finished | None]:
+        out: list[Finished | None] = []
+        for item in items:
+            msgid, channels = item[0], item[1]
+            addresses = item[2] if len(item) > 2 else None
+            try:
+                out.append(self._preprocess_one(txn, msgid, channels, addresses, now, unlink))
+            except RecordError as exc:
+                if strict:
+                    raise
+                corrupt[msgid] = exc
+                out.append(None)
+            except SpoolError:
+                if strict:
+                    raise
+                out.append(None)
         return out
 
     def _preprocess_one(self, txn: lmdb.Transaction, msgid: int, channels: Sequence[str],
@@ -327,18 +332,32 @@ class Ledger:
 
     def apply(self, results: Sequence[Result]) -> list[Finished | None]:
         """Record many delivery results in ONE durable transaction (see Spool.apply)."""
-        out: list[Finished | None] = []
+        return self.commit(results)[0]
+
+    def commit(self, results: Sequence[Result] = (), preprocess: Sequence[tuple] = (),
+               now: float | None = None, reschedule: bool = False
+               ) -> tuple[list[Finished | None], list[Finished | None], int]:
+        """The scheduler's group commit: apply(results), then (with
+        `reschedule`) reschedule_all(now), then preprocess_many(preprocess,
+        now), in ONE durable transaction, so all of them share its sync.
+        Returns (apply's list, preprocess_many's list, number rescheduled);
+        an index failure raises one SpoolError and changes nothing."""
+        now = self._core.clock() if now is None else now
+        applied: list[Finished | None] = []
         unlink: list[int] = []
         corrupt: dict[int, BaseException] = {}
-        with self._index.write("record delivery results") as txn:
+        with self._index.write("record delivery results" if results or not preprocess
+                               else "preprocess messages") as txn:
             for res in results:
                 try:
-                    out.append(self._apply_one(txn, res, unlink))
+                    applied.append(self._apply_one(txn, res, unlink))
                 except RecordError as exc:
                     corrupt[res.msgid] = exc
-                    out.append(None)
+                    applied.append(None)
+            moved = self._reschedule_in(txn, now) if reschedule else 0
+            preprocessed = self._preprocess_in(txn, preprocess, now, False, unlink, corrupt)
         self._tidy(unlink, corrupt)
-        return out
+        return applied, preprocessed, moved
 
     def _apply_one(self, txn: lmdb.Transaction, res: Result,
                    unlink: list[int]) -> Finished | None:
@@ -434,34 +453,37 @@ class Ledger:
         """Make every deferred recipient due `now` (qmail's ALRM / flush).
         Returns how many were moved. One transaction, O(number deferred)."""
         now = self._core.clock() if now is None else now
+        with self._index.write("reschedule deferred recipients") as txn:
+            return self._reschedule_in(txn, now)
+
+    def _reschedule_in(self, txn: lmdb.Transaction, now: float) -> int:
         moved = 0
         dbs = self._dbs
-        with self._index.write("reschedule deferred recipients") as txn:
-            for code in (R.LOCAL, R.REMOTE):
-                cur = txn.cursor(db=dbs[b"due"])
-                start = R.due_upper(code, now)
-                keys = []
-                if cur.set_range(start):
-                    for key in cur.iternext(values=False):
-                        if key[0] != code:
-                            break
-                        keys.append(bytes(key))
-                for key in keys:
-                    _c, _t, msgid, idx = R.split_due_key(key)
-                    rkey = R.rcpt_key(msgid, idx)
-                    raw = txn.get(rkey, db=dbs[b"recipients"])
-                    txn.delete(key, db=dbs[b"due"])
-                    if raw is None:
-                        continue
-                    try:
-                        r = RecipientRecord.decode(raw)
-                    except RecordError:
-                        continue
-                    if r.state not in (R.PENDING, R.DEFERRED):
-                        continue
-                    txn.put(rkey, RecipientRecord(r.state, r.channel, r.attempts, now,
-                                                  r.address, r.text).encode(),
-                            db=dbs[b"recipients"])
-                    txn.put(R.due_key(code, now, msgid, idx), b"", db=dbs[b"due"])
-                    moved += 1
+        for code in (R.LOCAL, R.REMOTE):
+            cur = txn.cursor(db=dbs[b"due"])
+            start = R.due_upper(code, now)
+            keys = []
+            if cur.set_range(start):
+                for key in cur.iternext(values=False):
+                    if key[0] != code:
+                        break
+                    keys.append(bytes(key))
+            for key in keys:
+                _c, _t, msgid, idx = R.split_due_key(key)
+                rkey = R.rcpt_key(msgid, idx)
+                raw = txn.get(rkey, db=dbs[b"recipients"])
+                txn.delete(key, db=dbs[b"due"])
+                if raw is None:
+                    continue
+                try:
+                    r = RecipientRecord.decode(raw)
+                except RecordError:
+                    continue
+                if r.state not in (R.PENDING, R.DEFERRED):
+                    continue
+                txn.put(rkey, RecipientRecord(r.state, r.channel, r.attempts, now,
+                                              r.address, r.text).encode(),
+                        db=dbs[b"recipients"])
+                txn.put(R.due_key(code, now, msgid, idx), b"", db=dbs[b"due"])
+                moved += 1
         return moved
