@@ -49,6 +49,14 @@ def test_delivery_procs_compared_end_to_end(tmp_path):
     assert "B relay end to end, worker_procs = 1:" in r.stdout
 
 
+def test_slow_disk_compared_with_the_plain_disk_in_the_same_rounds(tmp_path):
+    r, fig = run_bench(tmp_path, *SMALL, "--queue", "0", "--slow-sync-ms", "5")
+    assert fig["rate_e2e"] > 0 and fig["rate_e2e_fast"] > 0
+    assert fig["ratio_slow_fast"] == fig["rate_e2e"] / fig["rate_e2e_fast"]
+    assert len(fig["ratio_slow_fast_rounds"]) == 1
+    assert "B relay end to end, every sync +5 ms:" in r.stdout and "x plain disk" in r.stdout
+
+
 def test_target_side_by_side_without_qrelay(tmp_path):
     other = SinkProcess(tmp_path / "other", "--quiet")
     try:
