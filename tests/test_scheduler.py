@@ -77,6 +77,7 @@ def env(tmp_path):
     couriers = {"local": None, "remote": ReadingCourier(spool, remote)}   # local mail stays queued
     sched = Scheduler(spool, couriers, log, cfg, domains.resolve, clock=clock, qp=4242)
     yield sched, spool, remote, clock, log, tmp_path
+    sched.close()       # its commit thread, before the spool it writes to
     spool.close()
 
 
@@ -533,7 +534,8 @@ def test_loop_keeps_dispatching_while_a_commit_waits_on_the_disk(env):
     is marked only once the commit is done."""
     import threading
     sched, spool, remote, clock, log, tmp = env
-    sched.config = SchedulerConfig(concurrency={"remote": 1}, bounce=sched.config.bounce)
+    sched.config = SchedulerConfig(concurrency={"remote": 1}, mark_delay=0.0,
+                                   bounce=sched.config.bounce)
     disk = threading.Event()
     real_commit = spool.commit
 

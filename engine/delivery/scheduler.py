@@ -469,18 +469,28 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._log_status()
         self.log.flush()
-        while not self._stopping:
-            busy = self.run_pass()
-            self.log.flush()
-            if busy:
-                await asyncio.sleep(0)
-                continue
-            try:
-                await asyncio.wait_for(self._wake.wait(), self._sleep_time())
-            except asyncio.TimeoutError:
-                pass
-            self._wake.clear()
-        await self._drain(stop_grace)
+        try:
+            while not self._stopping:
+                busy = self.run_pass()
+                self.log.flush()
+                if busy:
+                    await asyncio.sleep(0)
+                    continue
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self._sleep_time())
+                except asyncio.TimeoutError:
+                    pass
+                self._wake.clear()
+            await self._drain(stop_grace)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the commit thread, after the commit it runs (if any): the
+        spool must not be closed under it (after a crash of the loop too)."""
+        if self._committer is not None:
+            self._committer.shutdown(wait=True)
+            self._committer = None
 
     def _sleep_time(self) -> float:
         if self._results and self._commit is None:
@@ -535,9 +545,6 @@ class Scheduler:
             if pending:
                 await asyncio.wait(pending, timeout=1)
         await self.commit_all()
-        if self._committer is not None:
-            self._committer.shutdown(wait=True)
-            self._committer = None
         self.log.exiting()
         self.log.flush()
 
