@@ -545,6 +545,20 @@ def test_reverse_dns_names_the_client_and_matches_host_rules(make_server, connec
     assert c2.cmd(b"RCPT TO:<joe@far.test>").startswith(b"553 ")
 
 
+def test_commands_sent_before_a_delayed_greeting_are_answered_after_it(make_server, connect):
+    # uvloop may hand over bytes read before pause_reading took effect: they
+    # wait for the greeting instead of being dropped.
+    from engine.smtp.remotehost import RemoteHostResolver
+    srv = make_server(qrelay_toml="[smtp]\nreverse_dns = true\n")
+    fake = FakePtrResolver({"1.0.0.127.in-addr.arpa": "client.example.net"}, delay=0.3)
+    srv.receiver.host_resolver = RemoteHostResolver(resolver=fake, timeout=2.0)
+    c = connect(srv.port)
+    c.send(b"HELO client.example.net\r\nNOOP\r\n")
+    assert c.line() == f"220 {ME} ESMTP\r\n".encode()
+    assert c.reply() == f"250 {ME}\r\n".encode()
+    assert c.reply() == b"250 ok\r\n"
+
+
 def test_half_close_after_end_marker_still_gets_the_replies(make_server, connect):
     spool = FakeSpool()
     spool.delay = 0.3

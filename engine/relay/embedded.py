@@ -121,6 +121,9 @@ class EmbeddedRelayTable(RelayTable):
                         KIND_GRANT6: env.open_db(b"grants6")}
         self._failures = env.open_db(b"failures")
         self._expiry = env.open_db(b"expiry")
+        # Reader slots of processes that died (a killed receiver) are freed here,
+        # so they never pin old pages and let the file grow.
+        env.reader_check()
         self._env, self._pid = env, pid
         return env
 

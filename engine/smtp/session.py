@@ -191,8 +191,7 @@ class SmtpSession(asyncio.Protocol):
         self.state = CMD
         self.last_activity = time.monotonic()
         self._begin(host)
-        if self.state in (CMD, RBL):
-            self.transport.resume_reading()
+        self._resume_after_lookup()
 
     def _begin(self, host: str | None) -> None:
         """tcpserver's rule match, then qmail-smtpd's start: environment and greeting."""
@@ -234,6 +233,10 @@ class SmtpSession(asyncio.Protocol):
         self.state = CMD
         self.last_activity = time.monotonic()
         self._start({**env, "RELAYCLIENT": "", "RBLSMTPD": ""} if allowed else env, host)
+        self._resume_after_lookup()
+
+    def _resume_after_lookup(self) -> None:
+        """Read again once the greeting is out; bytes that came before it first."""
         if self.state in (CMD, RBL):
             self.transport.resume_reading()
             if self.early:
