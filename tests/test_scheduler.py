@@ -266,6 +266,34 @@ def test_concurrency_limits(env):
     assert spool.stats().messages == 0
 
 
+def test_held_and_deleted_messages_in_the_ready_view_are_never_started(env):
+    sched, spool, remote, clock, log, tmp = env
+    sched.config = SchedulerConfig(concurrency={"remote": 1}, bounce=sched.config.bounce)
+
+    async def scenario():
+        sched._wake = asyncio.Event()
+        remote.gate = asyncio.Event()
+        ids = [spool.enqueue(Envelope("a@src.test", (f"u{i}@one.test",)), MSG) for i in range(4)]
+        for _ in range(3):
+            sched.run_pass()
+            await asyncio.sleep(0.01)
+        lane = sched.lane("remote")
+        assert lane.active == 1 and len(lane.ready) == 3     # three wait in memory
+        # Another process (qrelay hold / delete) changes the spool under the view.
+        assert spool.hold(ids[1:3]) == 2 and spool.delete([ids[3]]) == 1
+        remote.gate.set()
+        await settle(sched)
+        return ids
+
+    ids = asyncio.run(scenario())
+    assert [c[2] for c in remote.calls] == [("u0@one.test",)]
+    assert spool.message_info(ids[1]).held and spool.stats().messages == 2
+    spool.release_held(ids[1:3])
+    asyncio.run(settle(sched))
+    assert sorted(c[2][0] for c in remote.calls) == ["u0@one.test", "u1@one.test", "u2@one.test"]
+    assert spool.stats().messages == 0
+
+
 def test_recovered_destination_gets_deferred_mail_at_once(env):
     sched, spool, remote, clock, log, tmp = env
     remote.down.add("d1.test")

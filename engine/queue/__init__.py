@@ -24,6 +24,8 @@ it holds (composition), and every call goes to the part that owns it:
                            jobs, apply, bouncing/release, reschedule_all, views
     engine.queue.repair    Repair: quarantine, recover, re-indexing the tails
                            stopped writers left (adopt_tails), orphan cleanup
+    engine.queue.surgery   Surgery: selection, qshape, hold/release/requeue/
+                           delete (queue surgery beside a running scheduler)
     engine.queue.core      SpoolCore: what the three parts share (index, files,
                            clock, warn, pid)
 with engine.queue.committer (the group-commit pipeline), segments (segment
@@ -178,6 +180,14 @@ bytes are released at once (released=True). With failures it stays (qread
 shows "bouncing") until release(): this deviates from "released at once" so a
 crash between the last mark and queueing the bounce cannot lose the bounce —
 qmail likewise keeps info/N until the bounce is injected.
+
+Queue surgery (engine.queue.surgery) and imports: select(Selection) and
+shape() read; hold, release_held, requeue and delete change messages in
+short transactions that bump a counter (surgery_generation) the scheduler
+checks before starting deliveries. import_messages(ImportedMessage...) adds
+messages with their birth and recipients' states (qrelay import-qmail; the
+crash-safe order is in Intake.import_batch); engine.queue.qmailqueue reads
+qmail's queue for it.
 
 Counts and tools: stats() -> SpoolStats(messages, not_preprocessed) reads the
 entry counts of the `messages` and `todo` tables (O(1)). "Not yet

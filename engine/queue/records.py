@@ -15,7 +15,10 @@ Keys are big-endian so LMDB's byte order is numeric order:
     todo        msgid(u64)                          -> b""
     bounces     msgid(u64)                          -> b""   (finished with failures)
     segments    segid(u64)                          -> SegmentRecord
-    meta        b"format" -> u32, b"next_id" -> u64, b"boot_id" -> bytes
+    held        msgid(u64)                          -> held since (f64)  (qrelay hold)
+    imported    source key (bytes)                  -> msgid(u64) + b"R"|b"D"  (import-qmail)
+    meta        b"format" -> u32, b"next_id" -> u64, b"boot_id" -> bytes,
+                b"surgery" -> u64 (bumped by every hold/release/requeue/delete)
 
 The envelope of every message is also written into its segment, beside the
 bytes (`EnvelopeRecord`), so a segment's tail can be indexed again when a
