@@ -106,6 +106,10 @@ class SpoolSettings:
     # change at most this many messages per index transaction, so the spool
     # writer and the scheduler never wait long for LMDB's writer lock.
     surgery_batch: int = 500
+    # ...and pause this long (seconds) between those transactions: LMDB's
+    # writer lock is not fair, and a bulk delete that took it back at once
+    # would hold the spool writer's index commits (so ingest) waiting.
+    surgery_pause: float = 0.005
 
 
 @dataclass(slots=True, frozen=True)
@@ -383,6 +387,7 @@ RANGES: dict[tuple[str, str], tuple[float, float | None, str]] = {
     ("spool", "sync_depth"): (1, 64, "a thread and a descriptor each"),
     ("spool", "max_frame_bytes"): (1024, None, "a frame holds a message"),
     ("spool", "surgery_batch"): (1, 100000, "messages per surgery transaction"),
+    ("spool", "surgery_pause"): (0, 10, "seconds between surgery transactions"),
     ("delivery", "dns_timeout"): (0.01, None, "every lookup would time out"),
     ("delivery", "dns_tries"): (1, None, "no lookup would be made"),
     ("delivery", "mx_port"): (1, 65535, "a TCP port"),

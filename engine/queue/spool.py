@@ -127,7 +127,7 @@ class Spool:
         self.repair = Repair(core, dirs[2], settings.orphan_grace, boot_id)
         self.ledger = Ledger(core, self.repair.quarantine_after_error)
         self.intake = Intake(core, settings, io or SegmentIO(), process_start(self._pid))
-        self.surgery = Surgery(core, settings.surgery_batch)
+        self.surgery = Surgery(core, settings.surgery_batch, settings.surgery_pause)
         if not readonly:
             self.repair.reindex(after_reboot=True)
 

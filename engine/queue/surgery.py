@@ -5,7 +5,9 @@ requeueing them (Postfix's postsuper and qshape; qmail has none).
 talk to. It reads with plain read transactions (beside a running `qrelay
 run`: LMDB has any number of readers) and writes through
 SpoolIndex.write(), at most `spool.surgery_batch` messages per transaction,
-so the spool writer and the scheduler never wait long for LMDB's lock.
+`spool.surgery_pause` seconds apart, so the spool writer and the scheduler
+never wait long for LMDB's lock (which is not fair: a loop that took it
+straight back would keep them waiting).
 
 What each change means for the index (crash states C5-C8 of
 engine/queue/__init__.py stay as they are):
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import bisect
 import struct
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -90,11 +93,12 @@ def domain_of(address: str) -> str:
 class Surgery:
     """Selecting and changing messages of one open spool (see module docstring)."""
 
-    def __init__(self, core: SpoolCore, batch: int):
+    def __init__(self, core: SpoolCore, batch: int, pause: float = 0.0):
         self._core = core
         self._index = core.index
         self._dbs = core.index.dbs
         self._batch = max(1, batch)
+        self._pause = max(0.0, pause)
 
     # ---------------------------------------------------------------- reading
 
@@ -244,7 +248,9 @@ class Surgery:
         end of each, `after()` once each has committed. Returns how many
         `one` calls changed something."""
         n = 0
-        for chunk in self._chunks(ids):
+        for k, chunk in enumerate(self._chunks(ids)):
+            if k and self._pause:
+                time.sleep(self._pause)   # let a waiting writer have LMDB's lock
             with self._index.write(what) as txn:
                 for msgid in chunk:
                     n += one(txn, msgid)
