@@ -48,7 +48,7 @@ def import_qmail(root: str, qmailqueue: str, dry_run: bool) -> None:
         lock = lock_queue(qdir) if not dry_run else None
         if not dry_run or (base / "queue" / "index" / "data.mdb").exists():
             spool = Spool(base / "queue", settings.spool, readonly=dry_run)
-        got = import_queue(queue, spool, dry_run=dry_run, batch=settings.spool.surgery_batch,
+        got = import_queue(queue, spool, dry_run=dry_run, batch=settings.spool.import_batch,
                            now=time.time(),
                            report=lambda line: click.echo(f"qrelay: import-qmail: {line}",
                                                           err=True))

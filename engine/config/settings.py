@@ -110,6 +110,8 @@ class SpoolSettings:
     # writer lock is not fair, and a bulk delete that took it back at once
     # would hold the spool writer's index commits (so ingest) waiting.
     surgery_pause: float = 0.005
+    # import-qmail moves this many messages per spool commit (three syncs each).
+    import_batch: int = 2000
 
 
 @dataclass(slots=True, frozen=True)
@@ -388,6 +390,7 @@ RANGES: dict[tuple[str, str], tuple[float, float | None, str]] = {
     ("spool", "max_frame_bytes"): (1024, None, "a frame holds a message"),
     ("spool", "surgery_batch"): (1, 100000, "messages per surgery transaction"),
     ("spool", "surgery_pause"): (0, 10, "seconds between surgery transactions"),
+    ("spool", "import_batch"): (1, 100000, "messages per import commit"),
     ("delivery", "dns_timeout"): (0.01, None, "every lookup would time out"),
     ("delivery", "dns_tries"): (1, None, "no lookup would be made"),
     ("delivery", "mx_port"): (1, 65535, "a TCP port"),

@@ -130,7 +130,8 @@ class Intake:
 
     # ---------------------------------------------------------------- imports
 
-    def import_batch(self, items: Sequence[ImportedMessage]) -> list[int]:
+    def import_batch(self, items: Sequence[ImportedMessage],
+                     forget: Iterable[bytes] = ()) -> list[int]:
         """Messages moved in from another queue, each with its birth and its
         recipients' states; returns their ids. A message whose `key` was
         imported before (a second run after a crash) is not written again:
@@ -140,11 +141,17 @@ class Intake:
         messages, sets their states and marks the keys done. A crash after
         the sync leaves the messages for Repair.reindex (as queued, todo):
         the next run finds the reserved key, sees the message and sets its
-        states, or, if a scheduler preprocessed it meanwhile, keeps it."""
+        states, or, if a scheduler preprocessed it meanwhile, keeps it.
+        `forget`: keys of an earlier batch whose source is gone, dropped in
+        the first transaction (three syncs a batch in all: look-up and
+        reservation, segment, index)."""
         dbs = self._index.dbs
         out: list[int] = [0] * len(items)
         fresh: list[int] = []
+        first = self._take_ids(len(items))   # those of keys seen before: a gap (ids may have)
         with self._index.write("look up imported messages", SpoolWriteError) as txn:
+            for k in forget:
+                txn.delete(k, db=dbs[b"imported"])
             for n, m in enumerate(items):
                 raw = txn.get(m.key, db=dbs[b"imported"])
                 if raw is None:
@@ -159,13 +166,11 @@ class Intake:
                         self._set_imported_states(txn, msgid, m)
                     txn.put(m.key, R.u64(msgid) + _DONE, db=dbs[b"imported"])
                 out[n] = msgid
-        if not fresh:
-            return out
-        first = self._take_ids(len(fresh))
-        ids = list(range(first, first + len(fresh)))
-        with self._index.write("reserve ids for imported messages", SpoolWriteError) as txn:
+            ids = list(range(first, first + len(fresh)))
             for n, msgid in zip(fresh, ids):
                 txn.put(items[n].key, R.u64(msgid) + _RESERVED, db=dbs[b"imported"])
+        if not fresh:
+            return out
         batch = [items[n] for n in fresh]
         prepared = self.write_stage(
             [(Envelope(m.sender, tuple(r.address for r in m.recipients), m.pid, m.uid), m.data)

@@ -298,6 +298,7 @@ def import_queue(queue: QmailQueue, spool, *, dry_run: bool, batch: int,
     out = ImportReport()
     seen: set[int] = set()
     pending: list[QmailMessage] = []
+    moved_keys: list[bytes] = []     # their files are gone: forgotten with the next batch
 
     def count(m: QmailMessage) -> None:
         if m.message is None:
@@ -325,14 +326,15 @@ def import_queue(queue: QmailQueue, spool, *, dry_run: bool, batch: int,
                     count(m)
         else:
             known = spool.imported([m.key for m in msgs])
-            spool.import_messages(msgs)
+            spool.import_messages(msgs, forget=moved_keys)
+            moved_keys.clear()
             for m in pending:
                 if m.message is not None and m.message.key in known:
                     out.already += 1
                 else:
                     count(m)
                 remove_files(m.files)
-            spool.forget_imported([m.key for m in msgs])
+            moved_keys.extend(m.key for m in msgs)
         pending.clear()
 
     queue.index()
@@ -349,6 +351,8 @@ def import_queue(queue: QmailQueue, spool, *, dry_run: bool, batch: int,
         if len(pending) >= batch:
             flush()
     flush()
+    if moved_keys and not dry_run:
+        spool.forget_imported(moved_keys)
     for number, path in queue.strays(seen):
         line = f"#{number} ({path}): no mess/ file; left in place"
         out.malformed.append(line)

@@ -185,12 +185,14 @@ class Spool:
         benchmarks. Must not run concurrently with enqueue/submit."""
         return self.intake.write_batch(items)
 
-    def import_messages(self, items: Sequence[ImportedMessage]) -> list[int]:
+    def import_messages(self, items: Sequence[ImportedMessage],
+                        forget: Iterable[bytes] = ()) -> list[int]:
         """Messages moved in from another queue with their birth and their
         recipients' states (qrelay import-qmail); a key imported before is
-        not written twice. Returns their ids. See Intake.import_batch."""
+        not written twice. Returns their ids. `forget`: keys of an earlier
+        batch whose source is gone. See Intake.import_batch."""
         self._check_process()
-        return self.intake.import_batch(items)
+        return self.intake.import_batch(items, forget)
 
     def imported(self, keys: Iterable[bytes]) -> dict[bytes, int]:
         """key -> spool id, for the keys import_messages has seen."""
