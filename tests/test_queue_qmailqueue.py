@@ -124,12 +124,14 @@ def test_a_second_run_after_a_crash_anywhere_moves_the_rest_once(root: Path, tmp
     settings = SpoolSettings(surgery_batch=2)
     queue = QmailQueue(qdir)
 
-    # 1: killed after the first batch's commit, before its qmail files went.
+    # 1: killed after the second batch's commit, when its info and remote
+    # files were gone but not yet its mess files (removed last).
     calls = []
 
-    def remove_then_die(paths):
+    def remove_then_die(paths, pool=None):
         calls.append(paths)
-        if len(calls) == 3:
+        if len(calls) == 4:
+            assert all("/mess/" in p for p in paths)
             raise KeyboardInterrupt
         for p in paths:
             os.unlink(p)

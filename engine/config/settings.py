@@ -112,6 +112,9 @@ class SpoolSettings:
     surgery_pause: float = 0.005
     # import-qmail moves this many messages per spool commit (three syncs each).
     import_batch: int = 2000
+    # ...and removes the moved files with this many threads (unlinks of files
+    # on disk wait for it; several at once overlap).
+    import_unlink_threads: int = 16
 
 
 @dataclass(slots=True, frozen=True)
@@ -391,6 +394,7 @@ RANGES: dict[tuple[str, str], tuple[float, float | None, str]] = {
     ("spool", "surgery_batch"): (1, 100000, "messages per surgery transaction"),
     ("spool", "surgery_pause"): (0, 10, "seconds between surgery transactions"),
     ("spool", "import_batch"): (1, 100000, "messages per import commit"),
+    ("spool", "import_unlink_threads"): (1, 256, "threads removing moved files"),
     ("delivery", "dns_timeout"): (0.01, None, "every lookup would time out"),
     ("delivery", "dns_tries"): (1, None, "no lookup would be made"),
     ("delivery", "mx_port"): (1, 65535, "a TCP port"),
