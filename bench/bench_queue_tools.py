@@ -200,6 +200,7 @@ def main() -> int:
     only = set(args.only or ("qshape", "delete", "import"))
     figures: dict = {}
     work = Path(tempfile.mkdtemp(prefix="bench-qtools-"))
+    work.chmod(0o755)      # as root, `qrelay run` serves as its run user, which must reach ROOT
     try:
         if only & {"qshape", "delete"}:
             root = init_home(work / "root", me="bench.local")
