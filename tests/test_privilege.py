@@ -128,9 +128,13 @@ def _stop(q: QrelayProcess) -> None:
 @as_root
 def test_children_run_as_the_run_user_and_cannot_write_outside_the_spool(unprivileged, root):
     sup = unprivileged.proc.pid
-    kids = wait_for(lambda: (k if len(k := children_of(sup)) >= 4 else None), what="four services")
-    by_title = {_title(pid).split(" ", 1)[1]: pid for pid in kids}
-    assert {"spool writer", "receiver 0", "scheduler", "lspawn"} <= set(by_title)
+    wanted = {"spool writer", "receiver 0", "scheduler", "lspawn"}
+
+    def services() -> dict[str, int] | None:
+        # A child sets its title just after the fork: wait for all four.
+        titles = {_title(pid).split(" ", 1)[-1]: pid for pid in children_of(sup)}
+        return titles if wanted <= set(titles) else None
+    by_title = wait_for(services, what="four services with their titles")
     assert _status(sup)["Uid"][1] == "0"
     assert _status(by_title["lspawn"])["Uid"][1] == "0"
     for name in ("spool writer", "receiver 0", "scheduler"):
