@@ -103,16 +103,19 @@ def _probe_writes(status: dict[str, list[str]], targets: list[Path]) -> dict[Pat
 @pytest.fixture
 def unprivileged(root: Path, dns):
     """`qrelay run` as root with [run] user = nobody; a domain owned by uid 4242
-    (whose vpasswd the receivers cannot read: RCPT checks off for it)."""
+    (whose vpasswd the receivers cannot read: RCPT checks off for it) and one
+    owned by nobody."""
     (root / "qrelay.toml").write_text(
         f'[run]\nuser = "nobody"\n[smtp]\nreject_unknown_mailboxes = false\n'
         f'[delivery]\ndns_servers = ["{dns.address}"]\n[scheduler]\npoll_interval = 0.02\n')
-    r = run_cli("domain", "add", str(root), "other.example", "--uid", str(OTHER), "--gid", str(OTHER))
-    assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, "-m", "engine.cli", "user", "add", str(root),
-                        "bo@other.example"], input="secret\n", capture_output=True, text=True,
-                       timeout=60, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
-    assert r.returncode == 0, r.stderr
+    for domain, user, owner in (("other.example", "bo", OTHER),
+                                ("own.example", "al", NOBODY.pw_uid)):
+        r = run_cli("domain", "add", str(root), domain, "--uid", str(owner), "--gid", str(owner))
+        assert r.returncode == 0, r.stderr
+        r = subprocess.run([sys.executable, "-m", "engine.cli", "user", "add", str(root),
+                            f"{user}@{domain}"], input="secret\n", capture_output=True, text=True,
+                           timeout=60, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+        assert r.returncode == 0, r.stderr
     q = QrelayProcess(root, procs=1)
     yield q
     _stop(q)
@@ -166,6 +169,24 @@ def test_another_owners_mailbox_is_delivered_by_the_root_spawner_as_that_owner(u
     # The spool and the logs stay the run user's, whoever wrote last.
     for path in (root / "log" / "current", root / "queue" / "lspawn.sock"):
         assert path.stat().st_uid == NOBODY.pw_uid, path
+
+
+@as_root
+def test_the_run_users_own_mailboxes_are_delivered_by_a_worker_of_that_user(unprivileged, root):
+    """A domain of the run user: a worker of that user, started by the local
+    spawner and reading the spool itself, writes the Maildir (not the scheduler's loop)."""
+    with smtplib.SMTP("127.0.0.1", unprivileged.port, timeout=10) as s:
+        s.ehlo("client.test")
+        s.mail("a@src.test")
+        assert s.rcpt("al@own.example")[0] == 250
+        assert s.data(b"Subject: own\r\n\r\nhi\r\n")[0] == 250
+    new = root / "domains" / "own.example" / "al" / "Maildir" / "new"
+    [path] = wait_for(lambda: sorted(new.iterdir()) or None, timeout=30,
+                      what="the message in al's Maildir")
+    assert path.stat().st_uid == NOBODY.pw_uid
+    kids = {_title(pid).split(" ", 1)[-1]: pid for pid in children_of(unprivileged.proc.pid)}
+    workers = [p for p in children_of(kids["lspawn"]) if _title(p).endswith("delivery worker local")]
+    assert workers and all(_status(p)["Uid"] == [str(NOBODY.pw_uid)] * 4 for p in workers)
 
 
 @as_root

@@ -17,8 +17,9 @@ delivery.
   `MAX_USERS` kept, the least recently used closed first). The message
   travels inline: a worker running as the mailbox owner cannot read the spool.
 - Scheduler running as `[run] user` under a root `qrelay run` (the normal
-  case, engine/privilege.py): the owner's own mailboxes are delivered in the
-  scheduler's process; every other owner's go to the local spawner service
+  case, engine/privilege.py): the run user's own mailboxes are delivered by a
+  worker process of that user (started by the local spawner, reading the
+  spool itself); every other owner's go to the local spawner service
   (`lspawn_main`, root, a child of the supervisor) over ROOT/queue/lspawn.sock
   (`LspawnClient`). That service accepts connections from the run user only,
   reads nothing but delivery jobs (message inline) and runs each as above —
@@ -119,6 +120,7 @@ class UserSpawner:
         self.lspawn = lspawn
         self._lspawn_started = False
         self.own = (os.getuid(), os.getgid())
+        self.own_worker: Spawner | None = None
         self.spawners: OrderedDict[tuple[int, int], Spawner] = OrderedDict()
         self._closing: set[asyncio.Task] = set()
 
@@ -127,12 +129,22 @@ class UserSpawner:
             return self.in_process      # its answer is the error; nothing runs
         if self.lspawn is not None:
             if user == self.own:
-                return self.in_process
+                return await self._own_worker()
             if not self._lspawn_started:
                 self._lspawn_started = True
                 await self.lspawn.start()
             return self.lspawn
         return await self._spawner(user)
+
+    async def _own_worker(self) -> Spawner:
+        """The run user's own mailboxes: a worker process of this user, started
+        by the local spawner, reading the spool itself (only the envelope
+        crosses), so Maildir work runs beside the scheduler, not on its loop."""
+        if self.own_worker is None:
+            self.own_worker = Spawner(self.root, 1, "local", log=self.log, spool=self.spool,
+                                      inline=False, stop_grace=10.0, via=self.lspawn.path)
+            await self.own_worker.start()
+        return self.own_worker
 
     async def _spawner(self, user: tuple[int, int]) -> Spawner:
         spawner = self.spawners.get(user)
@@ -170,6 +182,8 @@ class UserSpawner:
 
     async def close(self) -> None:
         closers = [s.close() for s in self.spawners.values()]
+        if self.own_worker is not None:
+            closers.append(self.own_worker.close())
         if self._lspawn_started:
             closers.append(self.lspawn.close())
         await asyncio.gather(*closers, *self._closing, return_exceptions=True)
