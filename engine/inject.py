@@ -606,10 +606,9 @@ def become_spool_owner(queue_dir: Path) -> None:
     st = os.stat(queue_dir)
     if st.st_uid == 0:
         return
+    from engine.privilege import drop_to
     try:
-        os.setgroups([])
-        os.setgid(st.st_gid)
-        os.setuid(st.st_uid)
+        drop_to(st.st_uid, st.st_gid)
     except OSError as exc:
         raise InjectError(f"cannot become the spool's owner (uid {st.st_uid}): "
                           f"{exc.strerror or exc}", TEMPORARY) from None

@@ -14,6 +14,7 @@ and the connection ends.
 from __future__ import annotations
 
 import asyncio
+import socket
 import struct
 
 U8 = struct.Struct(">B")
@@ -24,6 +25,15 @@ LEN = U32
 
 class FrameError(ValueError):
     """A frame that does not follow the protocol."""
+
+
+_CREDS = struct.Struct("3i")
+
+
+def peer_credentials(sock) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a unix socket
+    (SO_PEERCRED: the kernel's word, not the peer's)."""
+    return _CREDS.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDS.size))
 
 
 def enc(text: str) -> bytes:

@@ -56,7 +56,7 @@ def run_user(name: str, create_default: bool = False) -> RunUser | None:
         entry = pwd.getpwnam(name)
     except KeyError:
         if create_default and name == DEFAULT_USER:
-            return ensure_system_user(name)[0]
+            return ensure_system_user(name)
         raise PrivilegeError(
             f"[run] user {name!r} does not exist: create it (`qrelay init` as root creates "
             f"{DEFAULT_USER!r}; or useradd --system {name}), or name another in qrelay.toml"
@@ -67,16 +67,23 @@ def run_user(name: str, create_default: bool = False) -> RunUser | None:
 
 
 def become(user: RunUser | None) -> None:
-    """Drop to `user` for good (no supplementary groups). None: nothing to do."""
-    if user is None:
-        return
+    """Drop to `user` for good. None: nothing to do."""
+    if user is not None:
+        drop_to(user.uid, user.gid)
+
+
+def drop_to(uid: int, gid: int) -> None:
+    """Become uid/gid for good (no supplementary groups); refuses root, as
+    qmail-lspawn does. Every change of user in qrelay goes through here."""
+    if uid == 0:
+        raise PermissionError("refusing to run as root")
     os.setgroups([])
-    os.setgid(user.gid)
-    os.setuid(user.uid)
+    os.setgid(gid)
+    os.setuid(uid)
 
 
 def give_tree(root: Path, user: RunUser) -> None:
-    """ROOT/queue, log and relay (and everything in them) to `user`: a root that
+    """OWNED_DIRS of ROOT (and everything in them) to `user`: a root that
     ran as root before, or files a root tool created meanwhile (`qrelay
     relayclients add` before the first start), work after the switch. A walk
     of a few thousand entries at most (segments, not one file per message)."""
@@ -147,12 +154,12 @@ def check_readable(path: Path, user: RunUser) -> None:
             f"chmod 640 {path}")
 
 
-def ensure_system_user(name: str = DEFAULT_USER, home: str = "/nonexistent") -> tuple[RunUser, bool]:
+def ensure_system_user(name: str = DEFAULT_USER, home: str = "/nonexistent") -> RunUser:
     """The system user `name` (created with useradd when missing: no login
-    shell, no home directory); (user, created). Root only."""
+    shell, no home directory). Root only."""
     try:
         entry = pwd.getpwnam(name)
-        return RunUser(name, entry.pw_uid, entry.pw_gid), False
+        return RunUser(name, entry.pw_uid, entry.pw_gid)
     except KeyError:
         pass
     useradd = shutil.which("useradd") or "/usr/sbin/useradd"
@@ -170,7 +177,7 @@ def ensure_system_user(name: str = DEFAULT_USER, home: str = "/nonexistent") -> 
         raise PrivilegeError(f"cannot create the system user {name!r}: "
                              f"{why[-1] if why else f'useradd exited {done.returncode}'}")
     entry = pwd.getpwnam(name)
-    return RunUser(name, entry.pw_uid, entry.pw_gid), True
+    return RunUser(name, entry.pw_uid, entry.pw_gid)
 
 
 def _group_exists(name: str) -> bool:

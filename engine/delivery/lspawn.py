@@ -34,7 +34,6 @@ import logging
 import os
 import signal
 import socket
-import struct
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -273,12 +272,6 @@ class _Dispatch:
         pass     # the UserSpawner outlives each connection
 
 
-def peer_user(sock) -> tuple[int, int]:
-    """(uid, gid) of the process at the other end of a unix socket."""
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", creds)[1:]
-
-
 async def _start_worker(root: Path, fields: ipc.Fields, user: tuple[int, int],
                         writer: asyncio.StreamWriter, log) -> None:
     """A `spawn` request: exec a worker as root, which becomes `user` once it
@@ -343,7 +336,7 @@ async def _lspawn_serve(root: Path, listener: socket.socket, clients: frozenset[
     connections: set[asyncio.Task] = set()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        user = peer_user(writer.get_extra_info("socket"))
+        user = ipc.peer_credentials(writer.get_extra_info("socket"))[1:]   # (uid, gid)
         if user[0] not in clients:
             log.warning("local spawner: refused a connection from uid %d", user[0])
             writer.close()

@@ -52,6 +52,7 @@ from engine import ipc
 from engine.backoff import Backoff
 from engine.delivery.channels import (UNREADABLE_TEXT, Forward, Group, RecipientResult,
                                       all_results)
+from engine.privilege import drop_to
 
 # A job without its message carries at most max_recipients_per_delivery
 # addresses (each < 1 KB in SMTP); results carry their texts.
@@ -248,16 +249,6 @@ class WorkerServer:
             self.writer.write(frame)
 
 
-def drop_privileges(uid: int, gid: int) -> None:
-    """Become uid/gid for good (no supplementary groups); refuses root as
-    qmail-lspawn does."""
-    if uid == 0:
-        raise PermissionError("refusing to deliver as root")
-    os.setgroups([])
-    os.setgid(gid)
-    os.setuid(uid)
-
-
 def worker_main(root: str, fd: int, parent_pid: int, channel: str,
                 user: tuple[int, int] | None, max_frame: int, inline: bool) -> int:
     """Body of one worker process (after exec); exit status 0, or 111 if it
@@ -290,7 +281,7 @@ def worker_main(root: str, fd: int, parent_pid: int, channel: str,
             spool = Spool(rootp / "queue", settings.spool, readonly=True)
         deliverer = channel_spec(channel).open(rootp, settings)
         if user is not None:
-            drop_privileges(*user)
+            drop_to(*user)
             # setuid() cleared the parent-death signal: ask again.
             if not follow_parent(parent_pid):
                 return 0

@@ -122,7 +122,9 @@ class SpoolWriterServer:
         limit = self.spool.settings.max_frame_bytes
         pending: set[asyncio.Task] = set()
         self._connections.add(writer)
-        peer = _peer(writer) if self.local_users else None
+        peer = None
+        if self.local_users:     # (pid, uid) from the kernel
+            peer = ipc.peer_credentials(writer.get_extra_info("socket"))[:2]
         try:
             while (body := await ipc.read_frame(reader, limit)) is not None:
                 reqid, envelope, message = decode_request(body)
@@ -157,15 +159,6 @@ class SpoolWriterServer:
             metrics.spool_commit("error")
         if not writer.is_closing():
             writer.write(frame)
-
-
-def _peer(writer: asyncio.StreamWriter) -> tuple[int, int]:
-    """(pid, uid) of the process at the other end (SO_PEERCRED)."""
-    import struct
-    creds = writer.get_extra_info("socket").getsockopt(
-        socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, _ = struct.unpack("3i", creds)
-    return pid, uid
 
 
 def _as_local_user(envelope: Envelope, message: bytes, pid: int, uid: int
