@@ -52,7 +52,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,45 +70,47 @@ def services(root: Path, config: Any, listeners: list[Listener], procs: int,
     but the local spawner becomes (engine/privilege.py); `lspawn`: the local
     spawner's bound socket (with `user`)."""
     settings = config.settings
-    sockets = [listener.sock for listener in listeners]
+    sockets = [listener.sock for listener in listeners] + ([lspawn] if lspawn else [])
     http = [listener for listener in listeners if listener.scheme == "http"]
     served = [listener for listener in listeners if listener.scheme != "http"]
-    if lspawn is not None:
-        sockets.append(lspawn)
+
+    def child(spec: ChildSpec, keep: Sequence[socket.socket] = (), root_kept: bool = False
+              ) -> ChildSpec:
+        """spec, closing the inherited sockets it does not serve, run as `user`
+        unless it keeps root."""
+        spec = _without_sockets(spec, [sock for sock in sockets if sock not in keep])
+        return spec if root_kept else _as(user, spec)
+
     table = ConnectionTable(procs)
     specs = []
     if settings.spool.single_writer:
-        specs.append(_as(user, _without_listeners(_spool_writer(root, settings), sockets)))
+        specs.append(child(_spool_writer(root, settings)))
     from engine.smtp.receiver import receiver_main
-    receivers = ChildSpec(
+    specs.append(child(ChildSpec(
         "receiver", target=lambda slot: receiver_main(str(root), served, table.counter(slot)),
-        count=procs, on_exit=table.clear_row, forward_signals=frozenset({signal.SIGHUP}))
-    not_served = [listener.sock for listener in http] + ([lspawn] if lspawn else [])
-    specs.append(_as(user, _without_sockets(receivers, not_served)))
+        count=procs, on_exit=table.clear_row, forward_signals=frozenset({signal.SIGHUP})),
+        keep=[listener.sock for listener in served]))
     if settings.scheduler.enabled:   # false: `qrelay run` only receives, mail stays queued
         from engine.delivery.service import scheduler_spec
         if lspawn is not None:
-            specs.append(_lspawn_spec(root, lspawn, user, [s for s in sockets if s is not lspawn]))
-        specs.append(_as(user, _without_listeners(scheduler_spec(root), sockets)))
+            specs.append(child(_lspawn_spec(root, lspawn, user), keep=[lspawn], root_kept=True))
+        specs.append(child(scheduler_spec(root)))
     if http:
         from engine.status import status_main
-        status = ChildSpec("status", target=lambda slot: status_main(str(root), http),
-                           forward_signals=frozenset())
-        specs.append(_as(user, _without_sockets(
-            status, [s for s in sockets if s not in {listener.sock for listener in http}])))
+        specs.append(child(ChildSpec("status", target=lambda slot: status_main(str(root), http),
+                                     forward_signals=frozenset()),
+                           keep=[listener.sock for listener in http]))
     return specs
 
 
-def _lspawn_spec(root: Path, sock: socket.socket, user: RunUser,
-                 others: list[socket.socket]) -> ChildSpec:
+def _lspawn_spec(root: Path, sock: socket.socket, user: RunUser) -> ChildSpec:
     """The local spawner: stays root, serves the (unprivileged) scheduler's jobs."""
     from engine.delivery.lspawn import lspawn_main
     # Stopped after the scheduler (phase 1, beside the spool writer): the
     # deliveries the scheduler lets finish run in workers this service started.
-    spec = ChildSpec("lspawn", target=lambda slot: lspawn_main(str(root), sock,
-                                                               frozenset({user.uid, 0})),
+    return ChildSpec("lspawn", target=lambda slot: lspawn_main(str(root), sock,
+                                                                frozenset({user.uid, 0})),
                      forward_signals=frozenset(), stop_phase=1)
-    return _without_sockets(spec, others)
 
 
 def _as(user: RunUser | None, spec: ChildSpec) -> ChildSpec:
@@ -138,15 +140,10 @@ def _spool_writer(root: Path, settings: Any) -> ChildSpec:
                      stop_phase=1)
 
 
-def _without_listeners(spec: ChildSpec, sockets: list[socket.socket]) -> ChildSpec:
-    """A service closes its inherited copy of the listening sockets it does not
-    serve at once: otherwise the port would stay open (and queue connections
-    nobody answers) until that service exits."""
-    return _without_sockets(spec, sockets)
-
-
 def _without_sockets(spec: ChildSpec, sockets: list[socket.socket]) -> ChildSpec:
-    """The service, closing its inherited copies of `sockets` first."""
+    """The service, closing its inherited copies of `sockets` first: a listening
+    socket a service does not serve would otherwise stay open (and queue
+    connections nobody answers) until that service exits."""
     if not sockets:
         return spec
     target = spec.target
