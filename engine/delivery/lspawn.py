@@ -217,16 +217,24 @@ class LspawnClient(Spawner):
         return f"(local spawner {self.path}) {why or 'closed the connection'}"
 
 
+def spawner_service(root) -> Path | None:
+    """The root local spawner's socket when this scheduler runs unprivileged
+    under a root `qrelay run` (engine/privilege.py): it delivers for other
+    mailbox owners and starts the worker processes, which the run user may be
+    unable to exec. Else None. (The supervisor binds the socket before any
+    service starts and removes it when it stops, so it exists exactly then.)"""
+    path = Path(root) / "queue" / LSPAWN_SOCKET
+    return path if os.geteuid() != 0 and path.exists() else None
+
+
 def open_courier(root, spool, settings, log=None):
     """The local channel's courier in the scheduler's process."""
     deliverer = open_deliverer(root, settings, log)
     max_message = settings.smtp.max_message_bytes + INLINE_SLACK
     if os.geteuid() == 0:
         return UserSpawner(root, spool, deliverer, log=log, max_message=max_message)
-    path = Path(root) / "queue" / LSPAWN_SOCKET
-    if path.exists():
-        # A root `qrelay run` runs the local spawner for this (unprivileged)
-        # scheduler; the supervisor removes the socket when it stops.
+    path = spawner_service(root)
+    if path is not None:
         client = LspawnClient(path, root, spool, log=log, max_message=max_message)
         return UserSpawner(root, spool, deliverer, log=log, max_message=max_message,
                            lspawn=client)

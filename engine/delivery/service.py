@@ -172,13 +172,17 @@ def run_scheduler(root: Path) -> int:
     return 0
 
 
-def spawner_service(root: Path) -> Path | None:
-    """The root local spawner's socket when this scheduler runs unprivileged
-    under a root `qrelay run` (engine/privilege.py): it starts the worker
-    processes, which the run user may be unable to exec. Else None."""
-    from engine.delivery.lspawn import LSPAWN_SOCKET
-    path = Path(root) / "queue" / LSPAWN_SOCKET
-    return path if os.geteuid() != 0 and path.exists() else None
+async def start_workers(root: Path, procs: int, name: str, spool, log):
+    """A started Spawner of `procs` worker processes for channel `name`; under a
+    root `qrelay run` the root local spawner starts them (lspawn.spawner_service)."""
+    from engine.delivery.lspawn import spawner_service
+    from engine.delivery.spawner import Spawner
+    # The scheduler's stop_grace goes to finishing deliveries; the idle
+    # workers then only close their connections (bounded by 2 s each).
+    spawner = Spawner(root, procs, name, log=log, spool=spool, stop_grace=2.5,
+                      via=spawner_service(root))
+    await spawner.start()
+    return spawner
 
 
 async def open_couriers(root: Path, spool, settings, log) -> dict:
@@ -186,7 +190,6 @@ async def open_couriers(root: Path, spool, settings, log) -> dict:
     Spawner of worker processes, or its deliverer in this process (reading
     the message from `spool`)."""
     from engine.delivery.channels import CHANNELS, ReadingCourier
-    from engine.delivery.spawner import Spawner
 
     couriers = {}
     for spec in CHANNELS:
@@ -194,11 +197,7 @@ async def open_couriers(root: Path, spool, settings, log) -> dict:
         if spec.courier:
             courier = spec.open_courier(root, spool, settings, log)
         elif procs > 0:
-            # The scheduler's stop_grace goes to finishing deliveries; the idle
-            # workers then only close their connections (bounded by 2 s each).
-            courier = Spawner(root, procs, spec.name, log=log, spool=spool, stop_grace=2.5,
-                              via=spawner_service(root))
-            await courier.start()
+            courier = await start_workers(root, procs, spec.name, spool, log)
         else:
             courier = ReadingCourier(spool, spec.open(root, settings, log))
         couriers[spec.name] = courier
@@ -265,16 +264,13 @@ async def open_remote_courier(root: Path, spool, config: DeliveryConfig, log):
     but an in-process deliverer is built from the snapshot already checked."""
     from engine.delivery.channels import ReadingCourier, channel
     from engine.delivery.remote import RemoteDelivery
-    from engine.delivery.spawner import Spawner
 
     spec = channel("remote")
     procs = getattr(config.settings.delivery, spec.procs_setting, 0)
     if procs > 0:
         # New workers read the new files when they start; the old ones finish
         # their jobs, then are stopped (SwappableCourier).
-        courier = Spawner(root, procs, spec.name, log=log, spool=spool, stop_grace=2.5,
-                          via=spawner_service(root))
-        await courier.start()
+        courier = await start_workers(root, procs, spec.name, spool, log)
         return courier
     return ReadingCourier(spool, RemoteDelivery(config.remote))
 
