@@ -177,6 +177,16 @@ def disable_scheduler(root: Path) -> None:
         toml.write_text(text + "\n[scheduler]\nenabled = false\n")
 
 
+def process_title(pid: int) -> str:
+    """The title a qrelay process set (engine/proctitle: `qrelay: receiver 0`),
+    or its command line before it did; "" once it is gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")[0].decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
 def children_of(pid: int) -> list[int]:
     """Live (not zombie) child pids of `pid`, from /proc."""
     kids = []

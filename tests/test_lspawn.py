@@ -24,7 +24,7 @@ from engine.delivery.local.vdelivermail import TEXT_NO_USER, TEXT_OVER_QUOTA
 from engine.delivery.lspawn import UserSpawner, open_deliverer
 from engine.log import logsafe
 from tests.conftest import run_cli
-from tests.smtp_harness import QrelayProcess, children_of
+from tests.smtp_harness import QrelayProcess, children_of, process_title
 from tests.test_delivery_e2e import log_lines, queue_count, texts, wait_for
 
 OWNER = 65534   # nobody/nogroup: what the deliveries must run as
@@ -172,11 +172,7 @@ def assert_nothing_partial(root: Path, bodies: dict[str, bytes]) -> None:
 
 
 def is_local_worker(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().startswith(b"qrelay: delivery worker local")
-    except OSError:
-        return False
+    return process_title(pid).startswith("qrelay: delivery worker local")
 
 
 def local_workers(root: Path) -> list[int]:

@@ -15,7 +15,7 @@ import pytest
 from engine.privilege import (PrivilegeError, RunUser, check_installation, check_reachable,
                               foreign_domains, give_tree, run_user)
 from tests.conftest import run_cli
-from tests.smtp_harness import QrelayProcess, children_of
+from tests.smtp_harness import QrelayProcess, children_of, process_title as _title
 from tests.test_delivery_e2e import service_texts, texts, wait_for
 
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="changing users needs root")
@@ -79,11 +79,6 @@ def test_give_tree_hands_queue_and_log_over(root):
 def _status(pid: int) -> dict[str, list[str]]:
     with open(f"/proc/{pid}/status") as f:
         return {k: v.split() for k, v in (line.split(":", 1) for line in f)}
-
-
-def _title(pid: int) -> str:
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        return f.read().replace(b"\0", b" ").decode().strip()
 
 
 def _probe_writes(status: dict[str, list[str]], targets: list[Path]) -> dict[Path, bool]:

@@ -14,7 +14,7 @@ import pytest
 
 from engine.queue import Spool
 from tests.conftest import run_cli
-from tests.smtp_harness import REPO, RawClient, RunningQrelay, children_of
+from tests.smtp_harness import REPO, RawClient, RunningQrelay, children_of, process_title
 
 ME = "mx.example.com"
 OK_RE = re.compile(rb"^250 ok (\d+) qp (\d+)\r\n$")
@@ -429,13 +429,7 @@ def test_smtpd_log_and_process_titles(qrelay, root):
     q = qrelay(procs=2)
     deadline = time.monotonic() + 10
     while True:     # a receiver that has not greeted yet may not have its title yet
-        titles = set()
-        for pid in q.children():
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    titles.add(f.read().split(b"\0")[0].decode())
-            except OSError:
-                pass
+        titles = {process_title(pid) for pid in q.children()}
         if {"qrelay: receiver 0", "qrelay: receiver 1"} <= titles or time.monotonic() > deadline:
             break
         time.sleep(0.05)

@@ -22,7 +22,7 @@ from engine.delivery.channels import UNREADABLE_TEXT, Forward, Group, RecipientR
 from engine.delivery.spawner import (BAD_JOB, MAX_FRAME, OK, Spawner, WorkerServer, decode_job,
                                      decode_result, encode_error, encode_job, encode_results)
 from tests.conftest import run_cli
-from tests.smtp_harness import RunningQrelay, children_of, route_to_loopback
+from tests.smtp_harness import RunningQrelay, children_of, process_title, route_to_loopback
 from tests.test_delivery_e2e import ThreadSink, send, texts, wait_for
 
 GROUP = Group("remote", 12345, "dom.test", "a@src.test", ("x@dom.test", "\udcff@dom.test"))
@@ -221,16 +221,8 @@ def relay(root: Path, dns):
 
 
 
-def title_has(pid: int, text: bytes) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return text in f.read()
-    except OSError:
-        return False
-
-
 def is_worker(pid: int) -> bool:
-    return title_has(pid, b"qrelay: delivery worker")
+    return process_title(pid).startswith("qrelay: delivery worker")
 
 
 def scheduler_pid(root: Path) -> int:
@@ -248,7 +240,7 @@ def workers_of(root: Path) -> list[int]:
     engine/privilege.py) the children of the root local spawner beside it."""
     scheduler = scheduler_pid(root)
     parents = [scheduler] + [p for p in children_of(parent_of(scheduler))
-                             if title_has(p, b"qrelay: lspawn")]
+                             if process_title(p) == "qrelay: lspawn"]
     return [p for parent in parents for p in children_of(parent) if is_worker(p)]
 
 
