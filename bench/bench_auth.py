@@ -35,7 +35,6 @@ import json
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -62,14 +61,16 @@ def make_root(work: Path, key_type: str) -> Path:
     from engine.home import init_home
 
     root = init_home(work / "qrelay", me="bench.local")
-    admin.add_domain(root, "auth.test", uid=12345, gid=12345)
+    from qrelay_process import ACCOUNTS_OWNER, ACCOUNTS_RUN_TOML
+
+    admin.add_domain(root, "auth.test", uid=ACCOUNTS_OWNER, gid=ACCOUNTS_OWNER)
     admin.add_user(root, USER, PASSWORD)
     ca = trustme.CA(key_type=getattr(trustme.KeyType, key_type))
     ca.issue_cert("bench.local", key_type=getattr(trustme.KeyType, key_type)) \
         .private_key_and_cert_chain_pem.write_to_path(str(root / "control" / "servercert.pem"))
     (root / "qrelay.toml").write_text(
         "[scheduler]\nenabled = false\n[auth]\nallow_plaintext = true\n"
-        "[login]\nfailure_delay = 0\nmax_delay = 0\nmax_failures = 100000000\n")
+        "[login]\nfailure_delay = 0\nmax_delay = 0\nmax_failures = 100000000\n" + ACCOUNTS_RUN_TOML)
     return root
 
 
@@ -159,7 +160,7 @@ def main() -> int:
     p.add_argument("--json", help="write the figures to this file")
     args = p.parse_args()
 
-    from qrelay_process import QrelayProcess
+    from qrelay_process import QrelayProcess, work_dir
 
     tls_auth = ("--starttls", "--auth", f"{USER}:{PASSWORD}")
     figures: dict = {"sessions": args.sessions, "messages": args.messages, "size": args.size,
@@ -167,8 +168,7 @@ def main() -> int:
     met = True
     print(f"{args.sessions} sessions, {args.messages} x {args.size}-byte messages per run, "
           f"{args.procs} receivers, {args.key_type} certificate")
-    with tempfile.TemporaryDirectory(prefix="bench-auth-") as tmp:
-        work = Path(tmp)
+    with work_dir("bench-auth-") as work:
         root = make_root(work, args.key_type)
         try:
             q = QrelayProcess(root, args.procs, log=work / "qrelay.log")

@@ -25,7 +25,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,7 +35,8 @@ sys.path.insert(0, str(BENCH))
 from engine.accounts import admin  # noqa: E402
 from engine.delivery.local import LocalDelivery  # noqa: E402
 from engine.home import init_home  # noqa: E402
-from qrelay_process import QrelayProcess, cpu_seconds, service_pids  # noqa: E402
+from qrelay_process import (ACCOUNTS_OWNER, ACCOUNTS_RUN_TOML, QrelayProcess, cpu_seconds,  # noqa: E402
+                             service_pids, work_dir)
 
 PASSWORD = "bench-password"
 DOMAIN = "bench.example"
@@ -54,12 +54,11 @@ def make_root(base: Path, users: int) -> Path:
     # One hashing thread per receiver: then a receiver is one CPU's worth of
     # logins and --procs shows how they scale (the default, 2 threads, lets
     # one receiver hash on two CPUs already).
-    # As root, the receivers run as the mailboxes' owner (`[run] user`, here
-    # nobody), as they must on a vpopmail box to read vpasswd and the Maildirs.
-    run_as = '[run]\nuser = "nobody"\n' if os.getuid() == 0 else ""
-    (root / "qrelay.toml").write_text("[scheduler]\nenabled = false\n[auth]\nhash_threads = 1\n" + run_as)
-    owner = os.getuid() or 65534
-    admin.add_domain(root, DOMAIN, uid=owner, gid=owner)
+    # As root, the receivers run as the mailboxes' owner, as they must on a
+    # vpopmail box to read vpasswd and the Maildirs.
+    (root / "qrelay.toml").write_text("[scheduler]\nenabled = false\n[auth]\nhash_threads = 1\n"
+                                      + ACCOUNTS_RUN_TOML)
+    admin.add_domain(root, DOMAIN, uid=ACCOUNTS_OWNER, gid=ACCOUNTS_OWNER)
     names = [f"u{i}" for i in range(users)] + [f"m{i}" for i in range(users)] + ["big"]
     for name in names:
         admin.add_user(root, f"{name}@{DOMAIN}", PASSWORD)
@@ -87,7 +86,7 @@ def add_big_message(root: Path, megabytes: int) -> bytes:
     [path] = new.iterdir()
     past = time.time() - 60
     os.utime(path, (past, past))      # qmail-pop3d lists only files older than this second
-    os.chown(path, os.getuid() or 65534, os.getuid() or 65534)   # delivered here, as root
+    os.chown(path, ACCOUNTS_OWNER, ACCOUNTS_OWNER)   # delivered here, as root
     enc = MessageEncoder()
     return b"+OK \r\n" + enc.feed(path.read_bytes()) + enc.finish()
 
@@ -220,9 +219,7 @@ def main() -> None:
     ap.add_argument("--retr-pairs", type=int, default=5, help="RETR / plain-socket pairs per round")
     args = ap.parse_args()
     procs = [int(p) for p in args.procs.split(",")]
-    with tempfile.TemporaryDirectory(prefix="bench-pop3-") as tmp:
-        work = Path(tmp)
-        work.chmod(0o711)                 # the run user must reach ROOT
+    with work_dir("bench-pop3-") as work:
         print(f"setting up {2 * args.users + 1} mailboxes ...", flush=True)
         root = make_root(work, args.users)
         wire = add_big_message(root, args.retr_mb)

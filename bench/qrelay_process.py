@@ -13,17 +13,37 @@ Must never import `engine`: it runs the real command, as an operator would.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from smtpload.process import stop_group, wait_greeting, wait_port_file  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+# As root, `qrelay run` serves as its `[run] user`; a bench whose root holds
+# vpopmail domains runs it as their owner (it reads vpasswd), as an operator
+# sets `[run] user = "vpopmail"`: here nobody, as root; the caller otherwise.
+ACCOUNTS_RUN_TOML = '[run]\nuser = "nobody"\n' if os.getuid() == 0 else ""
+ACCOUNTS_OWNER = os.getuid() or 65534
+
+
+@contextlib.contextmanager
+def work_dir(prefix: str) -> Iterator[Path]:
+    """A temporary directory for roots `qrelay run` serves: searchable by
+    others (mkdtemp makes it 0700), else its run user cannot reach ROOT."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        work = Path(tmp)
+        work.chmod(0o711)
+        yield work
 
 
 class QrelayStartError(RuntimeError):
