@@ -27,6 +27,10 @@ they were made with (nothing is dropped), new handshakes get the new one
 each handshake to it from its SNI callback).
 A certificate that cannot be loaded is refused with a one-line reason naming
 the file, and the previous context stays in use.
+
+STARTTLS handshakes (`ServerTls.handshake`) sign in this process's pool of
+`[tls] handshake_threads` threads, niced like the password hashing, not on
+the event loop (engine.tls_transport).
 """
 from __future__ import annotations
 
@@ -34,11 +38,14 @@ import logging
 import os
 import ssl
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.smtp.auth import HASH_NICE, lower_priority
 from engine.smtp.listeners import IMPLICIT_TLS_SCHEMES
+from engine.tls_transport import TlsTransport, start_tls
 
 log = logging.getLogger("qrelay.tls")
 
@@ -124,6 +131,7 @@ class ServerTls:
         self._checked = 0.0
         self.error: str | None = None   # why there is no (new) context, for the log
         self._listener: ssl.SSLContext | None = None
+        self._pool: ThreadPoolExecutor | None = None
         self._load()
 
     def _load(self) -> bool:
@@ -172,6 +180,24 @@ class ServerTls:
         if current is not None and ssl_object.context is not current:
             ssl_object.context = current
         return None
+
+    async def handshake(self, transport: Any, protocol: Any, context: ssl.SSLContext,
+                        timeout: float) -> TlsTransport:
+        """STARTTLS's server handshake on `transport` (paused after the 220),
+        its signature in the handshake threads; the encrypted transport, whose
+        reading starts paused. Raises on failure (engine.tls_transport)."""
+        if self._pool is None:
+            # Niced like the hashing threads: a flood of handshakes yields the
+            # CPU to the loop thread, which keeps greeting and answering.
+            self._pool = ThreadPoolExecutor(
+                max_workers=self.settings.handshake_threads, thread_name_prefix="tls-handshake",
+                initializer=lower_priority, initargs=(HASH_NICE,))
+        return await start_tls(transport, protocol, context, pool=self._pool, timeout=timeout)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     def reload(self, settings: Any | None = None) -> None:
         """HUP: re-read the files now (and take new settings)."""

@@ -173,6 +173,103 @@ def test_certificate_reload_keeps_sessions(accounts, make_server, greeted):
         stale.starttls(client_context(first_ca))
 
 
+class BioClient:
+    """TLS over a RawClient's socket with memory BIOs: the test decides what
+    goes out in which write (the ssl module's sockets do not let it)."""
+
+    def __init__(self, raw: RawClient, ca) -> None:
+        assert raw.cmd(b"STARTTLS") == b"220 ready for tls\r\n"
+        self.sock = raw.sock
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = client_context(ca).wrap_bio(self.incoming, self.outgoing, server_hostname=ME)
+        while True:
+            try:
+                self.tls.do_handshake()
+                return             # our Finished waits in self.outgoing
+            except ssl.SSLWantReadError:
+                self.sock.sendall(self.outgoing.read())
+                self._recv()
+
+    def _recv(self) -> None:
+        data = self.sock.recv(65536)
+        assert data, "the server closed"
+        self.incoming.write(data)
+
+    def send(self, data: bytes) -> None:
+        """`data` encrypted, in one write with whatever TLS output is pending."""
+        self.tls.write(data)
+        self.sock.sendall(self.outgoing.read())
+
+    def reply(self, last: bytes) -> bytes:
+        out = b""
+        while not out.endswith(last):
+            try:
+                out += self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                self._recv()
+        return out
+
+
+def test_the_handshake_signs_off_the_event_loop(ca, make_server, greeted):
+    """The ClientHello's answer (the certificate's signature) runs in a niced
+    handshake thread: a flood of handshakes does not hold the loop."""
+    import os
+    srv = make_server()
+    seen: list[tuple[str, int]] = []
+    context = srv.call(srv.receiver.tls.context)
+    context.sni_callback = lambda *_: seen.append(
+        (threading.current_thread().name, os.getpriority(os.PRIO_PROCESS, 0)))
+    c = greeted(srv.port)
+    starttls(c, ca)
+    assert c.cmd(b"EHLO client.test") == EHLO_TLS
+    (name, nice), = seen
+    assert name.startswith("tls-handshake")
+    assert nice > os.getpriority(os.PRIO_PROCESS, 0) or nice == 19
+
+
+def test_a_command_sent_with_the_clients_finished_is_answered(ca, make_server, greeted):
+    """TLS 1.3: the client may send its first command in the same segment as its
+    Finished; the session gets it once it is in its encrypted state."""
+    srv = make_server()
+    c = greeted(srv.port)
+    c.cmd(b"EHLO client.test")
+    tls = BioClient(c, ca)
+    tls.send(b"EHLO client.test\r\n")
+    assert tls.reply(b"250 SIZE 67108864\r\n") == EHLO_TLS
+    tls.send(b"NOOP\r\n")
+    assert tls.reply(b"\r\n") == b"250 ok\r\n"
+
+
+def test_eof_after_the_end_marker_over_tls_still_gets_the_250(ca, make_server, greeted):
+    """As in clear: a client that half-closes right after its message gets its
+    reply once the commit is done."""
+    srv = make_server()
+    srv.spool.delay = 0.3
+    c = greeted(srv.port)
+    tls = BioClient(c, ca)
+    tls.send(b"EHLO client.test\r\n")
+    tls.reply(b"250 SIZE 67108864\r\n")
+    assert tls.send(b"AUTH PLAIN " + plain() + b"\r\n") is None
+    assert tls.reply(b"\r\n") == b"235 ok, go ahead (#2.0.0)\r\n"
+    tls.send(b"MAIL FROM:<joe@example.org>\r\nRCPT TO:<x@elsewhere.test>\r\nDATA\r\n")
+    assert tls.reply(b"354 go ahead\r\n") == b"250 ok\r\n250 ok\r\n354 go ahead\r\n"
+    tls.send(b"Subject: t\r\n\r\nhi\r\n.\r\n")
+    c.sock.shutdown(socket.SHUT_WR)
+    assert tls.reply(b"\r\n").startswith(b"250 ok ")
+    assert len(srv.spool.messages) == 1
+
+
+def test_a_stalled_handshake_times_out_and_frees_the_slot(accounts, make_server, greeted):
+    install_certificate(accounts, ME)
+    toml = accounts / "qrelay.toml"
+    toml.write_text(toml.read_text() + "[tls]\nhandshake_timeout = 0.5\n")
+    srv = make_server()
+    c = greeted(srv.port)
+    assert c.cmd(b"STARTTLS") == b"220 ready for tls\r\n"
+    assert c.closed(timeout=5)
+    wait_for(lambda: srv.receiver.counter.total() == 0)
+
+
 # --- AUTH ----------------------------------------------------------------------------
 
 @pytest.fixture

@@ -216,6 +216,9 @@ class TlsSettings:
     ciphers: str = ""
     # Seconds a client has to finish the handshake (STARTTLS, implicit TLS).
     handshake_timeout: float = 30.0
+    # Threads per receiver that run the signing step of STARTTLS handshakes
+    # (an RSA signature is a millisecond of CPU), niced below the event loop.
+    handshake_threads: int = 1
 
 
 @dataclass(slots=True, frozen=True)
@@ -428,6 +431,7 @@ RANGES: dict[tuple[str, str], tuple[float, float | None, str]] = {
     ("doctor", "connect_timeout"): (0.01, None, "every connect would time out"),
     ("doctor", "disk_min_free_percent"): (0, 100, "a percentage"),
     ("tls", "handshake_timeout"): (0.1, None, "no handshake would finish"),
+    ("tls", "handshake_threads"): (1, 64, "a thread runs handshakes"),
     ("auth", "hash_threads"): (1, 64, "a thread checks passwords"),
     ("auth", "cache_entries"): (1, None, "a login is remembered"),
     ("log", "max_files"): (2, None, "multilog's smallest n"),

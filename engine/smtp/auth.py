@@ -163,7 +163,8 @@ class AuthExchange:
 HASH_NICE = 10
 
 
-def _lower_priority(nice: int) -> None:
+def lower_priority(nice: int) -> None:
+    """A pool thread's initializer: this thread `nice` steps below the process."""
     try:
         os.setpriority(os.PRIO_PROCESS, 0, min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice))
     except (OSError, AttributeError):   # not Linux, or not allowed: same priority
@@ -186,7 +187,7 @@ class PasswordChecker:
                  clock: Any = time.monotonic) -> None:
         self.accounts = accounts
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="auth-hash",
-                                       initializer=_lower_priority, initargs=(nice,))
+                                       initializer=lower_priority, initargs=(nice,))
         self._dummy: str | None = None
         self.cache_seconds = cache_seconds
         self.cache_entries = cache_entries

@@ -240,6 +240,8 @@ class Receiver:
             self.log.flush()
         if self._passwords is not None:
             self._passwords.close()
+        if self._tls is not None:
+            self._tls.close()
         self.stopped.set()
 
 

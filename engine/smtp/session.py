@@ -684,11 +684,9 @@ class SmtpSession(asyncio.Protocol):
         self.receiver.start_task(self._handshake(context))
 
     async def _handshake(self, context: Any) -> None:
-        loop = asyncio.get_running_loop()
         try:
-            transport = await loop.start_tls(
-                self.transport, self, context, server_side=True,
-                ssl_handshake_timeout=self.config.settings.tls.handshake_timeout)
+            transport = await self.receiver.tls.handshake(
+                self.transport, self, context, self.config.settings.tls.handshake_timeout)
         except asyncio.CancelledError:
             raise
         except Exception as exc:   # ssl.SSLError, a reset, the handshake timeout

@@ -1,0 +1,336 @@
+"""A server-side TLS upgrade whose handshake crypto runs off the event loop.
+
+`start_tls(transport, protocol, context, pool=..., timeout=...)` does what
+`loop.start_tls(..., server_side=True)` does for STARTTLS, and returns a
+`TlsTransport` the protocol uses from then on. The difference: the step of
+the handshake that answers the ClientHello (the server's key share and the
+certificate signature: an RSA-2048 signature is a millisecond of CPU, more
+under load) runs in `pool`, a thread of which OpenSSL runs without the GIL,
+so a burst of handshakes (password guessers doing STARTTLS first) no longer
+holds every other session's greeting and replies behind it on the loop.
+Later steps (the client's Finished: no signature) run on the loop, where a
+thread hop would cost more than they do.
+
+Owns: the SSLObject and its two memory BIOs, and the protocol the plain
+transport talks to from the upgrade on (`_TlsProtocol`). Thread rule: while
+a step runs in the pool, the loop thread touches neither the SSLObject nor
+its BIOs (bytes that arrive meanwhile wait in a list).
+
+What a caller relies on (as with loop.start_tls): the application protocol's
+connection_made is not called again; bytes that reach the plain transport
+after the upgrade starts are handshake input, never application data
+(plaintext pipelined behind STARTTLS breaks the handshake: CVE-2011-0411);
+on failure start_tls raises and the caller aborts the plain transport; the
+protocol's connection_lost is not called for a failed handshake.
+Once encrypted, the application's reading starts paused: decrypted bytes
+reach it only after it calls resume_reading() (after it has switched its
+own state to the encrypted session), never before.
+"""
+from __future__ import annotations
+
+import asyncio
+import ssl
+from concurrent.futures import Executor
+from typing import Any
+
+# SSL_read returns at most one record: 16 KiB of plaintext.
+RECORD_BYTES = 16384
+
+
+class TlsTransport(asyncio.Transport):
+    """The application's side of an encrypted connection over a plain transport."""
+
+    def __init__(self, tls: "_TlsProtocol") -> None:
+        super().__init__()
+        self._tls = tls
+        self._closing = False
+
+    # --- writing --------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self._closing or not data:
+            return
+        tls = self._tls
+        try:
+            tls.sslobj.write(data)
+        except ssl.SSLError as exc:
+            tls.fatal(exc)
+            return
+        tls.flush()
+
+    def writelines(self, lines: Any) -> None:
+        self.write(b"".join(lines))
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def write_eof(self) -> None:
+        raise NotImplementedError("TLS has no half-close")
+
+    def get_write_buffer_size(self) -> int:
+        return self._tls.raw.get_write_buffer_size()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._tls.raw.get_write_buffer_limits()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._tls.raw.set_write_buffer_limits(high, low)
+
+    # --- reading --------------------------------------------------------------------
+
+    def pause_reading(self) -> None:
+        self._tls.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._tls.resume_reading()
+
+    def is_reading(self) -> bool:
+        return not self._tls.app_paused and not self._closing
+
+    # --- closing --------------------------------------------------------------------
+
+    def is_closing(self) -> bool:
+        return self._closing or self._tls.raw.is_closing()
+
+    def close(self) -> None:
+        """close_notify after the data already written, then close."""
+        if self._closing:
+            return
+        self._closing = True
+        tls = self._tls
+        try:
+            tls.sslobj.unwrap()
+        except ssl.SSLError:
+            pass                    # SSLWantReadError: the peer's close_notify is not awaited
+        tls.flush()
+        tls.raw.close()
+
+    def abort(self) -> None:
+        self._closing = True
+        self._tls.raw.abort()
+
+    # --- the rest -------------------------------------------------------------------
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        sslobj = self._tls.sslobj
+        if name == "ssl_object":
+            return sslobj
+        if name == "sslcontext":
+            return sslobj.context
+        if name == "cipher":
+            return sslobj.cipher()
+        if name == "peercert":
+            return sslobj.getpeercert()
+        if name == "compression":
+            return sslobj.compression()
+        return self._tls.raw.get_extra_info(name, default)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._tls.app = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._tls.app
+
+
+class _TlsProtocol(asyncio.Protocol):
+    """What the plain transport talks to once the upgrade has started."""
+
+    def __init__(self, raw: asyncio.Transport, app: Any, sslobj: ssl.SSLObject,
+                 incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, pool: Executor) -> None:
+        self.raw = raw
+        self.app = app
+        self.sslobj = sslobj
+        self.incoming = incoming
+        self.outgoing = outgoing
+        self.pool = pool
+        self.loop = asyncio.get_running_loop()
+        self.waiter: asyncio.Future = self.loop.create_future()
+        self.transport: TlsTransport | None = None   # set once encrypted
+        self.stepping = False        # a handshake step runs in the pool
+        self.first_flight = False    # the server's answer to the ClientHello went out
+        self.early: list[bytes] = []
+        self.app_paused = True
+        self.done = False            # failed or lost: nothing more is delivered
+
+    # --- the handshake ----------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.done:
+            return
+        if self.transport is not None:
+            self.incoming.write(data)
+            if not self.app_paused:
+                self._read()
+            return
+        if self.stepping:
+            self.early.append(data)
+            return
+        self.incoming.write(data)
+        self._step()
+
+    def _step(self) -> None:
+        if not self.first_flight:
+            # The ClientHello's answer signs: in the pool (see the module docstring).
+            self.stepping = True
+            step = self.loop.run_in_executor(self.pool, _handshake_step, self.sslobj)
+            step.add_done_callback(self._stepped)
+            return
+        try:
+            finished = _handshake_step(self.sslobj)
+        except Exception as exc:     # ssl.SSLError: a bad or hostile peer
+            self.fail(exc)
+            return
+        self._after_step(finished)
+
+    def _stepped(self, step: asyncio.Future) -> None:
+        self.stepping = False
+        if self.done:
+            return
+        exc = step.exception() if not step.cancelled() else ConnectionAbortedError("cancelled")
+        if exc is not None:
+            self.fail(exc)
+            return
+        finished = step.result()
+        more = bool(self.early)
+        if more:
+            # Bytes that came while the step ran: the BIO is the loop's again.
+            self.incoming.write(b"".join(self.early))
+            self.early.clear()
+        self._after_step(finished)
+        if more and not finished and not self.done:
+            self._step()
+
+    def _after_step(self, finished: bool) -> None:
+        if self.outgoing.pending:
+            self.first_flight = True
+            self.flush()
+        if not finished:
+            return
+        self.transport = TlsTransport(self)
+        if not self.waiter.done():
+            self.waiter.set_result(self.transport)
+
+    def fail(self, exc: BaseException) -> None:
+        if self.done:
+            return
+        self.done = True
+        if not self.waiter.done():
+            self.waiter.set_exception(exc)
+        self.raw.abort()
+
+    def timed_out(self) -> None:
+        if self.transport is None:
+            self.fail(asyncio.TimeoutError("TLS handshake timed out"))
+
+    # --- encrypted --------------------------------------------------------------------
+
+    def flush(self) -> None:
+        if self.outgoing.pending:
+            self.raw.write(self.outgoing.read())
+
+    def _read(self) -> None:
+        """Decrypt what the incoming BIO holds and hand it over in one call."""
+        chunks = []
+        eof = False
+        sslobj = self.sslobj
+        while True:
+            try:
+                chunk = sslobj.read(RECORD_BYTES)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                eof = True
+                break
+            except ssl.SSLError as exc:
+                self.fatal(exc)
+                return
+            if not chunk:
+                eof = True
+                break
+            chunks.append(chunk)
+        self.flush()              # post-handshake messages may want an answer
+        if chunks:
+            self.app.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        if eof and not self.done:
+            self._eof()
+
+    def _eof(self) -> None:
+        if not self.app.eof_received():
+            self.transport.close()
+
+    def fatal(self, exc: BaseException) -> None:
+        """A TLS error once encrypted: the connection goes (connection_lost follows)."""
+        self.raw.abort()
+
+    def pause_reading(self) -> None:
+        self.app_paused = True
+        self.raw.pause_reading()
+
+    def resume_reading(self) -> None:
+        if not self.app_paused or self.done:
+            return
+        self.app_paused = False
+        self.raw.resume_reading()
+        if self.incoming.pending:
+            # Records that came with the handshake's end, or while paused.
+            self.loop.call_soon(self._read_if_reading)
+
+    def _read_if_reading(self) -> None:
+        if not self.app_paused and not self.done:
+            self._read()
+
+    # --- the plain transport's other calls ------------------------------------------
+
+    def eof_received(self) -> bool | None:
+        if self.transport is None:
+            self.fail(ConnectionResetError("the client closed during the TLS handshake"))
+            return None
+        if self.done:
+            return None
+        # Like a plain connection: the application may keep it to send its last replies.
+        return self.app.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is None:
+            self.fail(exc or ConnectionResetError("the client left during the TLS handshake"))
+            return
+        self.done = True
+        self.app.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.transport is not None:
+            self.app.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None:
+            self.app.resume_writing()
+
+
+def _handshake_step(sslobj: ssl.SSLObject) -> bool:
+    """One do_handshake: True when finished, False when it needs more input."""
+    try:
+        sslobj.do_handshake()
+    except ssl.SSLWantReadError:
+        return False
+    return True
+
+
+async def start_tls(raw: asyncio.Transport, protocol: Any, context: ssl.SSLContext, *,
+                    pool: Executor, timeout: float) -> TlsTransport:
+    """The server side of a TLS handshake on `raw` (paused by the caller after
+    its `220`); the encrypted transport for `protocol`, its reading paused.
+    Raises on failure (ssl.SSLError, a reset, asyncio.TimeoutError)."""
+    loop = asyncio.get_running_loop()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    sslobj = context.wrap_bio(incoming, outgoing, server_side=True)
+    tls = _TlsProtocol(raw, protocol, sslobj, incoming, outgoing, pool)
+    raw.set_protocol(tls)
+    raw.resume_reading()
+    timer = loop.call_later(timeout, tls.timed_out)
+    try:
+        return await tls.waiter
+    except asyncio.CancelledError:
+        tls.fail(ConnectionAbortedError("cancelled"))
+        raise
+    finally:
+        timer.cancel()
