@@ -2,14 +2,15 @@
 
 `start_tls(transport, protocol, context, pool=..., timeout=...)` does what
 `loop.start_tls(..., server_side=True)` does for STARTTLS, and returns a
-`TlsTransport` the protocol uses from then on. The difference: the step of
-the handshake that answers the ClientHello (the server's key share and the
-certificate signature: an RSA-2048 signature is a millisecond of CPU, more
-under load) runs in `pool`, a thread of which OpenSSL runs without the GIL,
-so a burst of handshakes (password guessers doing STARTTLS first) no longer
-holds every other session's greeting and replies behind it on the loop.
-Later steps (the client's Finished: no signature) run on the loop, where a
-thread hop would cost more than they do.
+`TlsTransport` the protocol uses from then on. The difference: every step
+of the handshake runs in `pool`, threads in which OpenSSL runs without the
+GIL: the answer to the ClientHello (key share and the certificate's
+signature: an RSA-2048 signature is a millisecond of CPU, more under load)
+and the step after the client's Finished (the session tickets: random bytes,
+a session encoded and encrypted, a third of the loop's time in a STARTTLS
+password-guessing flood when it ran there). A burst of handshakes (password
+guessers doing STARTTLS first) no longer holds every other session's
+greeting and replies behind it on the loop, which only moves bytes.
 
 Owns: the SSLObject and its two memory BIOs, and the protocol the plain
 transport talks to from the upgrade on (`_TlsProtocol`). Thread rule: while
@@ -147,7 +148,6 @@ class _TlsProtocol(asyncio.Protocol):
         self.waiter: asyncio.Future = self.loop.create_future()
         self.transport: TlsTransport | None = None   # set once encrypted
         self.stepping = False        # a handshake step runs in the pool
-        self.first_flight = False    # the server's answer to the ClientHello went out
         self.early: list[bytes] = []
         self.app_paused = True
         self.done = False            # failed or lost: nothing more is delivered
@@ -169,42 +169,28 @@ class _TlsProtocol(asyncio.Protocol):
         self._step()
 
     def _step(self) -> None:
-        if not self.first_flight:
-            # The ClientHello's answer signs: in the pool (see the module docstring).
-            self.stepping = True
-            step = self.loop.run_in_executor(self.pool, _handshake_step, self.sslobj)
-            step.add_done_callback(self._stepped)
-            return
-        try:
-            finished = _handshake_step(self.sslobj)
-        except Exception as exc:     # ssl.SSLError: a bad or hostile peer
-            self.fail(exc)
-            return
-        self._after_step(finished)
+        self.stepping = True
+        step = self.loop.run_in_executor(self.pool, _handshake_step, self.sslobj)
+        step.add_done_callback(self._stepped)
 
     def _stepped(self, step: asyncio.Future) -> None:
         self.stepping = False
         if self.done:
             return
         exc = step.exception() if not step.cancelled() else ConnectionAbortedError("cancelled")
-        if exc is not None:
+        if exc is not None:          # ssl.SSLError: a bad or hostile peer
             self.fail(exc)
             return
         finished = step.result()
+        self.flush()
         more = bool(self.early)
         if more:
             # Bytes that came while the step ran: the BIO is the loop's again.
             self.incoming.write(b"".join(self.early))
             self.early.clear()
-        self._after_step(finished)
-        if more and not finished and not self.done:
-            self._step()
-
-    def _after_step(self, finished: bool) -> None:
-        if self.outgoing.pending:
-            self.first_flight = True
-            self.flush()
         if not finished:
+            if more:
+                self._step()
             return
         self.transport = TlsTransport(self)
         if not self.waiter.done():
