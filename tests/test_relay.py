@@ -283,3 +283,69 @@ def test_grant_many_in_batches(table, clock: Clock) -> None:
     with pytest.raises(ValueError):
         run(table.grant_many([("10.9.9.9", 5.0), ("bad", 5.0)]))
     assert not run(table.allows("10.9.9.9"))      # nothing written
+
+
+def _writer(root: Path, steps, conn) -> None:
+    """Another process's table: run each step (a coroutine factory) when told."""
+    clock = Clock()
+    t = open_relay_table(root, Settings(), clock=clock)
+    for step in steps:
+        conn.recv()
+        run(step(t, clock))
+        conn.send("done")
+    run(t.close())
+
+
+def test_checks_follow_another_process_writes(tmp_path: Path, table, clock: Clock,
+                                               monkeypatch) -> None:
+    """This process's copy of the grants (engine/relay/mirror.py) follows the
+    grants, revokes and sweeps of another process, and is rebuilt when that
+    process wrote more than the change log keeps."""
+    import multiprocessing
+
+    import engine.relay.embedded as embedded
+
+    monkeypatch.setattr(embedded, "CHANGE_LOG_TXNS", 3)    # the child inherits it (fork)
+
+    async def grant(t, c):
+        await t.grant("192.0.2.1", ttl=10)
+        await t.grant("2001:db8::5", ttl=100)
+
+    async def revoke_one_sweep_other(t, c):
+        await t.revoke("2001:db8::5")
+        c.now = T0 + 11           # the child's clock only: 192.0.2.1 expired there
+        await t.sweep()
+
+    async def many_writes(t, c):
+        await t.grant("192.0.2.2", ttl=100)
+        for i in range(6):        # past the log: the reader rebuilds
+            await t.grant(f"198.51.100.{i}", ttl=100)
+        await t.revoke("198.51.100.0")
+
+    ctx = multiprocessing.get_context("fork")     # before this process opens the table
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_writer,
+                       args=(tmp_path, [grant, revoke_one_sweep_other, many_writes], child))
+    proc.start()
+    try:
+        assert not table.allows_nowait("192.0.2.1")
+
+        def step() -> None:
+            parent.send("go")
+            assert parent.poll(30) and parent.recv() == "done"
+
+        step()
+        assert table.allows_nowait("192.0.2.1") and table.allows_nowait("2001:db8::5")
+        step()
+        # Still unexpired by this process's clock, but gone from the table.
+        assert not table.allows_nowait("192.0.2.1") and not table.allows_nowait("2001:db8::5")
+        mirrored = table._mirror.txnid
+        step()
+        assert table.allows_nowait("192.0.2.2") and table.allows_nowait("198.51.100.5")
+        assert not table.allows_nowait("198.51.100.0")
+        assert table._mirror.txnid > mirrored + 3 and table._mirror.count == 6
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+    assert proc.exitcode == 0

@@ -7,11 +7,16 @@ Tables (LMDB named databases):
     grants6   IPv6 address, 16 bytes -> expiry (float, unix time)
     failures  IP (text) -> (failures, window end, lockout end)
     expiry    expiry in ms (big-endian, so sorted by time) + kind + key -> ""
+    changes   id of a write transaction (8 bytes, big-endian) -> the grants
+              keys it changed (kind + key, concatenated); under 8 zero bytes,
+              the id up to which the log has been trimmed
 
-A check is one read transaction and one key lookup (O(log n) in a B+tree;
-integer keys keep the tree's pages dense and its comparisons cheap, which is
-what keeps 100,000 entries close to 10); LMDB readers take no lock, so checks
-never wait for a grant or for each other. A write (grant, revoke, failure)
+A check is one read transaction and, in the process's copy of the grants
+(engine/relay/mirror.py: one flat array slot, not a B+tree walk, so 100,000
+entries cost what 10 do), one lookup; when the transaction's id moved since
+the copy was made, the `changes` logged since are replayed into it first, so
+a grant made by any process is honoured by the next check of every other.
+LMDB readers take no lock: checks never wait for a grant or for each other. A write (grant, revoke, failure)
 holds LMDB's writer mutex for microseconds and, in the same transaction,
 removes at most `[relay] sweep_batch` expired entries found at the front of
 the `expiry` index: the table cleans itself as it is used, without a cron
@@ -42,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 import lmdb
 
 from engine.relay import RelayStoreError, RelayTable, address_order, normalize_ip, packed_ip
+from engine.relay.mirror import GrantMirror
 
 if TYPE_CHECKING:
     from engine.config.settings import RelaySettings
@@ -51,9 +57,17 @@ log = logging.getLogger("qrelay.relay")
 _GRANT = struct.Struct("<d")
 _FAILURE = struct.Struct("<Idd")
 _MS = struct.Struct(">Q")
+_TXN = struct.Struct(">Q")
+_TRIMMED = bytes(8)         # key of the `changes` log's trim mark
+# Write transactions whose changes stay logged: a process whose copy is older
+# rebuilds it from the grants tables (reads them all) at its next check.
+CHANGE_LOG_TXNS = 16384
 # Kinds of entry in the expiry index.
 KIND_GRANT4, KIND_GRANT6, KIND_FAILURE = b"4", b"6", b"f"
 _LITTLE = sys.byteorder == "little"
+# What says the file itself is damaged (it is then set aside, see _open).
+_UNREADABLE = (lmdb.InvalidError, lmdb.CorruptedError, lmdb.PageNotFoundError,
+               lmdb.VersionMismatchError, lmdb.IncompatibleError)
 # Grants of one write transaction in grant_many: the writer lock is held for
 # milliseconds at most, so a login's grant never waits long behind an import.
 GRANT_BATCH = 1000
@@ -75,6 +89,11 @@ def grant_ip(kind: bytes, key: bytes) -> str:
     return inet_ntop(AF_INET6, key)
 
 
+def _packed(kind: bytes, key: bytes) -> bytes:
+    """packed_ip's bytes of a grants key."""
+    return key[::-1] if kind == KIND_GRANT4 and _LITTLE else key
+
+
 def _expiry_key(expiry: float, kind: bytes, key: bytes) -> bytes:
     # Rounded up: the entry is swept only once its expiry has passed.
     return _MS.pack(max(0, math.ceil(expiry * 1000))) + kind + key
@@ -93,6 +112,8 @@ class EmbeddedRelayTable(RelayTable):
         self._grants: dict[bytes, Any] = {}     # kind -> grants4 / grants6
         self._failures: Any = None
         self._expiry: Any = None
+        self._changes: Any = None
+        self._mirror = GrantMirror()
         self._sync_timer: asyncio.TimerHandle | None = None
         self._syncing: asyncio.Future | None = None
         self._sync_loop: asyncio.AbstractEventLoop | None = None
@@ -110,7 +131,10 @@ class EmbeddedRelayTable(RelayTable):
         self.path.mkdir(parents=True, exist_ok=True)
         try:
             env = self._open_env()
-        except lmdb.Error as exc:
+        except _UNREADABLE as exc:
+            # Only a damaged file is set aside: a plain lmdb.Error ("already
+            # open in this process", after a fork from a parent that used the
+            # table) must not throw every grant away; it fails closed instead.
             aside = self.path.with_name(f"{self.path.name}.broken-{int(time.time())}")
             log.warning("relay table %s unreadable (%s): moved to %s, starting empty",
                         self.path, exc, aside)
@@ -121,6 +145,8 @@ class EmbeddedRelayTable(RelayTable):
                         KIND_GRANT6: env.open_db(b"grants6")}
         self._failures = env.open_db(b"failures")
         self._expiry = env.open_db(b"expiry")
+        self._changes = env.open_db(b"changes")
+        self._mirror = GrantMirror()
         # Reader slots of processes that died (a killed receiver) are freed here,
         # so they never pin old pages and let the file grow.
         env.reader_check()
@@ -128,7 +154,7 @@ class EmbeddedRelayTable(RelayTable):
         return env
 
     def _open_env(self) -> lmdb.Environment:
-        return lmdb.open(str(self.path), map_size=self.settings.map_bytes, max_dbs=4,
+        return lmdb.open(str(self.path), map_size=self.settings.map_bytes, max_dbs=5,
                          sync=False, readahead=False, max_readers=512)
 
     def _wrote(self) -> None:
@@ -164,14 +190,19 @@ class EmbeddedRelayTable(RelayTable):
         if self._env is not None:
             self._env.sync(True)
 
-    def _write(self, work: Callable[[lmdb.Transaction, float], object]) -> object:
-        """Run `work(txn, now)` in one write transaction, sweeping expired entries."""
+    def _write(self, work: Callable[[lmdb.Transaction, float, list[bytes]], object]) -> object:
+        """Run `work(txn, now, changed)` in one write transaction, sweeping
+        expired entries; the grants keys it changed (kind + key, appended to
+        `changed`) are logged for the other processes' copies."""
         try:
             env = self._open()
             now = self.clock()
             with env.begin(write=True) as txn:
-                result = work(txn, now)
-                self._sweep(txn, now)
+                changed: list[bytes] = []
+                result = work(txn, now, changed)
+                self._sweep(txn, now, changed)
+                if changed:
+                    self._log_changes(txn, changed)
         except lmdb.Error as exc:
             raise RelayStoreError(f"relay table {self.path}: {exc}") from None
         except OSError as exc:
@@ -179,7 +210,23 @@ class EmbeddedRelayTable(RelayTable):
         self._wrote()
         return result
 
-    def _sweep(self, txn: lmdb.Transaction, now: float) -> int:
+    def _log_changes(self, txn: lmdb.Transaction, changed: list[bytes]) -> None:
+        txnid = txn.id()
+        txn.put(_TXN.pack(txnid), b"".join(changed), db=self._changes)
+        # Trim what is older than CHANGE_LOG_TXNS transactions (one entry per
+        # write at most, in the steady state), and say how far.
+        limit = _TXN.pack(max(0, txnid - CHANGE_LOG_TXNS))
+        cursor = txn.cursor(db=self._changes)
+        trimmed = None
+        if cursor.set_range(_TRIMMED + b"\0"):     # the oldest entry
+            while cursor.key() and cursor.key() <= limit:
+                trimmed = cursor.key()
+                if not cursor.delete():
+                    break
+        if trimmed is not None:
+            txn.put(_TRIMMED, trimmed, db=self._changes)
+
+    def _sweep(self, txn: lmdb.Transaction, now: float, changed: list[bytes]) -> int:
         limit = _MS.pack(int(now * 1000))
         cursor = txn.cursor(db=self._expiry)
         removed = 0
@@ -189,7 +236,10 @@ class EmbeddedRelayTable(RelayTable):
             key = cursor.key()
             if not key or key[:8] >= limit:
                 break
-            txn.delete(key[9:], db=self._grants.get(key[8:9], self._failures))
+            kind = key[8:9]
+            txn.delete(key[9:], db=self._grants.get(kind, self._failures))
+            if kind != KIND_FAILURE:
+                changed.append(key[8:])
             removed += 1
             if not cursor.delete():
                 break
@@ -197,45 +247,62 @@ class EmbeddedRelayTable(RelayTable):
 
     async def sweep(self) -> int:
         """Remove expired entries now (at most sweep_batch); how many went."""
-        return self._write(lambda txn, now: 0) or 0   # _write sweeps
+        return self._write(lambda txn, now, changed: 0) or 0   # _write sweeps
 
     # --- grants ----------------------------------------------------------------------
 
     async def grant(self, ip: str, ttl: float | None = None) -> float:
         kind, key = grant_key(ip)
         ttl = self._ttl(ttl)
-        return self._write(lambda txn, now: self._put_grant(txn, kind, key, now + ttl))  # type: ignore[return-value]
+        return self._write(lambda txn, now, changed: self._put_grant(txn, kind, key, now + ttl, changed))  # type: ignore[return-value]
 
     async def grant_many(self, grants: list[tuple[str, float]]) -> int:
         todo = [(*grant_key(ip), self._ttl(ttl)) for ip, ttl in grants]
         for i in range(0, len(todo), GRANT_BATCH):
             batch = todo[i:i + GRANT_BATCH]
 
-            def work(txn: lmdb.Transaction, now: float) -> None:
+            def work(txn: lmdb.Transaction, now: float, changed: list[bytes]) -> None:
                 for kind, key, ttl in batch:
-                    self._put_grant(txn, kind, key, now + ttl)
+                    self._put_grant(txn, kind, key, now + ttl, changed)
 
             self._write(work)
         return len(todo)
 
-    def _put_grant(self, txn: lmdb.Transaction, kind: bytes, key: bytes, until: float) -> float:
+    def _put_grant(self, txn: lmdb.Transaction, kind: bytes, key: bytes, until: float,
+                   changed: list[bytes]) -> float:
         grants = self._grants[kind]
         old = txn.get(key, db=grants)
         if old is not None:
             txn.delete(_expiry_key(_GRANT.unpack(old)[0], kind, key), db=self._expiry)
         txn.put(key, _GRANT.pack(until), db=grants)
         txn.put(_expiry_key(until, kind, key), b"", db=self._expiry)
+        changed.append(kind + key)
         return until
 
     def allows_nowait(self, ip: str) -> bool | None:
         try:
-            kind, key = grant_key(ip)
+            packed = packed_ip(ip)
         except ValueError:
             return False
         try:
             env = self._open()
-            with env.begin(db=self._grants[kind]) as txn:
-                value = txn.get(key)
+            with env.begin() as txn:
+                mirror = self._mirror
+                if txn.id() != mirror.txnid:
+                    self._catch_up(txn, mirror)
+                lower = mirror.lower_bound(packed)
+                if lower is None:
+                    value = None
+                else:
+                    now = self.clock()
+                    if lower > now:
+                        value = True
+                    elif lower + 1 <= now:
+                        value = False
+                    else:   # its last second: the exact expiry
+                        kind, key = grant_key(ip)
+                        value = txn.get(key, db=self._grants[kind])
+                        value = value is not None and _GRANT.unpack(value)[0] > now
         except (lmdb.Error, OSError) as exc:
             if not self._failing:
                 self._failing = True
@@ -244,7 +311,38 @@ class EmbeddedRelayTable(RelayTable):
         if self._failing:
             self._failing = False
             log.warning("relay table %s readable again", self.path)
-        return value is not None and _GRANT.unpack(value)[0] > self.clock()
+        return bool(value)
+
+    def _catch_up(self, txn: lmdb.Transaction, mirror: GrantMirror) -> None:
+        """Bring the process's copy of the grants to `txn`'s snapshot: replay
+        the logged changes, or rebuild it when the log does not reach back."""
+        txnid = txn.id()
+        changes = self._changes
+        trimmed = txn.get(_TRIMMED, db=changes)
+        if mirror.txnid < 0 or (trimmed is not None and mirror.txnid < _TXN.unpack(trimmed)[0]):
+            grants4, grants6 = self._grants[KIND_GRANT4], self._grants[KIND_GRANT6]
+            unpack, order = _GRANT.unpack, sys.byteorder
+            mirror.load(((int.from_bytes(k, order), unpack(v)[0]) for k, v in txn.cursor(db=grants4)),
+                        ((k, unpack(v)[0]) for k, v in txn.cursor(db=grants6)),
+                        txn.stat(grants4)["entries"], txnid)
+            return
+        changed: set[bytes] = set()
+        cursor = txn.cursor(db=changes)
+        if cursor.set_range(_TXN.pack(mirror.txnid + 1)):
+            for _, keys in cursor:
+                i = 0
+                while i < len(keys):
+                    size = 5 if keys[i:i + 1] == KIND_GRANT4 else 17
+                    changed.add(keys[i:i + size])
+                    i += size
+        for item in changed:
+            kind, key = item[:1], item[1:]
+            value = txn.get(key, db=self._grants[kind])
+            if value is None:
+                mirror.delete(_packed(kind, key))
+            else:
+                mirror.put(_packed(kind, key), _GRANT.unpack(value)[0])
+        mirror.txnid = txnid
 
     async def allows(self, ip: str) -> bool:
         return bool(self.allows_nowait(ip))
@@ -252,7 +350,7 @@ class EmbeddedRelayTable(RelayTable):
     async def revoke(self, ip: str) -> bool:
         kind, key = grant_key(ip)
 
-        def work(txn: lmdb.Transaction, now: float) -> bool:
+        def work(txn: lmdb.Transaction, now: float, changed: list[bytes]) -> bool:
             grants = self._grants[kind]
             old = txn.get(key, db=grants)
             if old is None:
@@ -260,6 +358,7 @@ class EmbeddedRelayTable(RelayTable):
             until = _GRANT.unpack(old)[0]
             txn.delete(key, db=grants)
             txn.delete(_expiry_key(until, kind, key), db=self._expiry)
+            changed.append(kind + key)
             return until > now
 
         return bool(self._write(work))
@@ -283,7 +382,7 @@ class EmbeddedRelayTable(RelayTable):
         (None = delete it); returns the new record or None."""
         key = normalize_ip(ip).encode()
 
-        def work(txn: lmdb.Transaction, now: float):
+        def work(txn: lmdb.Transaction, now: float, changed: list[bytes]):
             failures, expiry = self._failures, self._expiry
             old = txn.get(key, db=failures)
             count, wend, locked = _FAILURE.unpack(old) if old is not None else (0, 0.0, 0.0)
