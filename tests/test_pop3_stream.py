@@ -69,6 +69,17 @@ def test_encoder_cases():
     assert enc.feed(b"more\n") == b""
 
 
+def test_encoder_lines_of_every_length_over_block_boundaries():
+    # The encoder scans and copies 16 bytes at a time: lines of 0-40 bytes,
+    # some starting with ".", cut at every offset of the first 70 bytes.
+    data = b"".join((b"." if n % 3 == 0 else b"") + bytes(range(65, 65 + n % 26)) * (n // 26 + 1)
+                    + b"\n" for n in range(41)) + b"no final LF" * 3
+    for body_lines in (-1, 0, 7):
+        want = blast(data, body_lines)
+        for cut in range(70):
+            assert encode(data, body_lines, [cut, cut + 17, cut + 33]) == want
+
+
 def rss_kb(pid: int) -> int:
     text = Path(f"/proc/{pid}/status").read_text()
     return int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1))

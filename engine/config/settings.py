@@ -300,8 +300,10 @@ class Pop3Settings:
     # Messages listed in one session, oldest first (memory per connection);
     # the rest are listed once these are deleted.
     max_messages: int = 100000
-    # Bytes read from a message file at a time for RETR and TOP.
-    chunk_bytes: int = 65536
+    # Bytes read from a message file at a time for RETR and TOP (a sending
+    # connection holds about three times this). 64 KB cost 9-10 ms of CPU per
+    # 10 MB in per-chunk overhead and small writes, 256 KB 6-7 ms.
+    chunk_bytes: int = 262144
 
 
 @dataclass(slots=True, frozen=True)
