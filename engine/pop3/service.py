@@ -12,14 +12,18 @@ config snapshot, the sessions set and the smtpd log.
 """
 from __future__ import annotations
 
+import asyncio
 import secrets
 import ssl
 import threading
+from collections.abc import Callable
 from concurrent.futures import Executor
-from typing import Any
+from typing import Any, TypeVar
 
 from engine.accounts import passwords
 from engine.accounts.store import Accounts
+
+T = TypeVar("T")
 
 
 class Pop3Service:
@@ -39,6 +43,25 @@ class Pop3Service:
     def executor(self) -> Executor:
         return self.receiver.passwords().pool
 
+    async def run(self, fn: Callable[[], T]) -> T:
+        """fn() in the hashing threads; its result or its exception. The
+        thread hands the result straight to the loop: loop.run_in_executor
+        chains an asyncio future to a concurrent one and cost the event loop
+        twice as much per call (46 against 23 us of CPU, 1 thread, uvloop)."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def work() -> None:
+            try:
+                result = fn()
+            except BaseException as exc:  # handed to the awaiting session
+                loop.call_soon_threadsafe(_settle, done, None, exc)
+            else:
+                loop.call_soon_threadsafe(_settle, done, result, None)
+
+        self.executor.submit(work)
+        return await done
+
     def tls_context(self) -> ssl.SSLContext | None:
         """control/servercert.pem's context of the moment, None without one."""
         return self.receiver.tls.context()
@@ -49,3 +72,12 @@ class Pop3Service:
             if self._dummy is None:
                 self._dummy = passwords.hash_password(secrets.token_hex(8))
             return self._dummy
+
+
+def _settle(done: asyncio.Future, result: Any, exc: BaseException | None) -> None:
+    if done.cancelled():
+        return
+    if exc is not None:
+        done.set_exception(exc)
+    else:
+        done.set_result(result)

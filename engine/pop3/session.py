@@ -17,11 +17,12 @@ one) before its `-ERR`, one
 session per mailbox (`-ERR [IN-USE] …`), a line-length limit, an APOP
 timestamp unique per connection (`<PID.N.TIME@HOST>`).
 
-States: AUTH (qmail-popup) → CHECK (password check in the executor, reading
-paused) → TRANS (qmail-pop3d) ⇄ SEND (a message streaming, reading paused) →
-COMMIT (QUIT's unlinks and renames in the executor) → CLOSED. TLS (the
-STLS or pop3s handshake) pauses AUTH. Commands pipelined behind a login, a
-RETR or STLS wait in the line reader (plaintext behind STLS is discarded).
+States: AUTH (qmail-popup) → CHECK (password check in the hashing thread)
+→ TRANS (qmail-pop3d) ⇄ SEND (a message streaming) → COMMIT (QUIT's unlinks
+and renames in the hashing thread; none to do: closed at once) → CLOSED. TLS
+(the STLS or pop3s handshake) pauses AUTH. Commands pipelined behind a login,
+a RETR or STLS wait in the line reader, and reading pauses once more bytes
+come, so they cannot pile up (plaintext behind STLS is discarded).
 
 Nothing in the Maildir changes before QUIT: a dropped connection, a timeout
 or a shutdown releases the lock and leaves every file where it was.
@@ -92,6 +93,7 @@ class Pop3Session(asyncio.Protocol):
         self.last = 0
         self.tls = tls            # pop3s: the listener did the handshake already
         self.committing = False
+        self.reading_paused = False
         self.remoteip = "unknown"
         self.timestamp = ""
         self.last_activity = time.monotonic()
@@ -145,7 +147,14 @@ class Pop3Session(asyncio.Protocol):
             # out with its answer (one write per exchange, not one per reply)
         else:
             # A login, a message or a commit in flight: what follows waits in
-            # the reader, and reading stops so it cannot pile up.
+            # the reader, and reading stops so it cannot pile up. (Paused here,
+            # when bytes come, not when the step starts: a client that waits
+            # for its answers costs no pause and resume.)
+            self._pause_reading()
+
+    def _pause_reading(self) -> None:
+        if not self.reading_paused:
+            self.reading_paused = True
             self.transport.pause_reading()
 
     def _flush(self) -> None:
@@ -184,7 +193,9 @@ class Pop3Session(asyncio.Protocol):
         self._run_commands()
         if self.state in (AUTH, TRANS):
             self._flush()
-            self.transport.resume_reading()
+            if self.reading_paused:
+                self.reading_paused = False
+                self.transport.resume_reading()
 
     def _run_commands(self) -> None:
         reader = self.reader
@@ -264,7 +275,7 @@ class Pop3Session(asyncio.Protocol):
         self.reader.take_buffer()          # plaintext pipelined behind STLS is never read
         self.user = None
         self.state = TLS
-        self.transport.pause_reading()
+        self._pause_reading()
         self._spawn(self._handshake())
 
     async def _handshake(self) -> None:
@@ -294,7 +305,6 @@ class Pop3Session(asyncio.Protocol):
     def _begin_login(self, name: str, secret: str, apop: str | None) -> None:
         # Replies still pending (a pipelined USER's) go out with the answer.
         self.state = CHECK
-        self.transport.pause_reading()
         self._spawn(self._login(name, secret, apop))
 
     async def _login(self, name: str, secret: str, apop: str | None) -> None:
@@ -306,7 +316,7 @@ class Pop3Session(asyncio.Protocol):
             check = partial(logins.check_login, self.service.accounts, name, secret,
                             apop_timestamp=apop, max_messages=self.settings.max_messages,
                             dummy_hash=self.service.dummy_hash)
-            result = await asyncio.get_running_loop().run_in_executor(self.service.executor, check)
+            result = await self.service.run(check)
         outcome = result.outcome if result is not None else "locked out"
         mechanism = "apop" if apop is not None else "user"
         if outcome in (logins.OK, logins.MAILBOX):
@@ -447,7 +457,6 @@ class Pop3Session(asyncio.Protocol):
         count = _leading_digits(rest)
         body_lines = min(int(count), 1 << 62) if count else -1
         self.state = SEND
-        self.transport.pause_reading()
         path = self.mailbox.file(self.mailbox.messages[i])
         self._spawn(self._send(path, body_lines))
 
@@ -473,9 +482,16 @@ class Pop3Session(asyncio.Protocol):
         self._resume(TRANS)
 
     def _quit(self) -> None:
+        mailbox = self.mailbox
+        assert mailbox is not None
+        if not mailbox.has_changes():
+            # Nothing to unlink or rename: answered now, no step in flight.
+            mailbox.close()
+            self.mailbox = None
+            self._quit_done(0)
+            return
         self.state = COMMIT
         self.committing = True
-        self.transport.pause_reading()
         # Shutdown waits for a commit as for the spool's (Receiver.tasks).
         task = self._spawn(self._commit())
         self.receiver.tasks.add(task)
@@ -485,16 +501,15 @@ class Pop3Session(asyncio.Protocol):
         mailbox = self.mailbox
         assert mailbox is not None
         try:
-            failed = 0
-            if mailbox.has_changes():
-                failed = await asyncio.get_running_loop().run_in_executor(
-                    self.service.executor, mailbox.commit)
+            failed = await self.service.run(mailbox.commit)
         finally:
             mailbox.close()
             self.mailbox = None
             self.committing = False
-        if self.state == CLOSED:
-            return
+        if self.state != CLOSED:
+            self._quit_done(failed)
+
+    def _quit_done(self, failed: int) -> None:
         self.out.extend([R_NOUNLINK] * failed)
         self.out.append(OK)
         self.state = TRANS
