@@ -21,8 +21,8 @@ What a caller relies on (as with loop.start_tls): the application protocol's
 connection_made is not called again; bytes that reach the plain transport
 after the upgrade starts are handshake input, never application data
 (plaintext pipelined behind STARTTLS breaks the handshake: CVE-2011-0411);
-on failure start_tls raises and the caller aborts the plain transport; the
-protocol's connection_lost is not called for a failed handshake.
+on failure start_tls raises, the plain transport is aborted and the
+protocol's connection_lost follows (it was connection_made on that transport).
 Once encrypted, the application's reading starts paused: decrypted bytes
 reach it only after it calls resume_reading() (after it has switched its
 own state to the encrypted session), never before.
@@ -279,7 +279,6 @@ class _TlsProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.transport is None:
             self.fail(exc or ConnectionResetError("the client left during the TLS handshake"))
-            return
         self.done = True
         self.app.connection_lost(exc)
 

@@ -90,6 +90,24 @@ def test_stls_discards_pipelined_plaintext(tmp_path, server):
         raw.close()
 
 
+def test_a_failed_stls_handshake_closes_and_forgets_the_session(tmp_path, server):
+    from tests.test_delivery_e2e import wait_for
+    root = make_root(tmp_path)
+    install_certificate(root, NAME)
+    srv = server(root)
+    raw = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+    try:
+        f = raw.makefile("rb")
+        assert f.readline().startswith(b"+OK <")
+        raw.sendall(b"STLS\r\n")
+        assert f.readline() == b"+OK begin TLS negotiation\r\n"
+        raw.sendall(b"this is not a TLS client hello\r\n" * 4)
+        assert f.read() == b""
+        wait_for(lambda: not srv.receiver.sessions)
+    finally:
+        raw.close()
+
+
 def test_pop3s_with_qrelay_run(tmp_path):
     root = make_root(tmp_path)
     ca = install_certificate(root, NAME)

@@ -279,14 +279,13 @@ class Pop3Session(asyncio.Protocol):
         self._spawn(self._handshake())
 
     async def _handshake(self) -> None:
-        loop = asyncio.get_running_loop()
         context = self.service.tls_context()
         try:
             if context is None:
                 raise ConnectionError("no control/servercert.pem")
-            transport = await loop.start_tls(
-                self.transport, self, context, server_side=True,
-                ssl_handshake_timeout=self.config.settings.tls.handshake_timeout)
+            # The signature in the handshake threads, not on the loop (engine.tls_transport).
+            transport = await self.receiver.tls.handshake(
+                self.transport, self, context, self.config.settings.tls.handshake_timeout)
         except (OSError, ConnectionError, asyncio.TimeoutError, ValueError) as exc:
             log.info("pop3 TLS handshake with %s failed: %s", self.remoteip, exc)
             metrics.tls_result("failed", "pop3")
