@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -44,6 +45,7 @@ sys.path.insert(0, str(BENCH))
 
 from bench_relay_e2e import (PY, REPO, BenchError, Load, RelayRoot, flood, qrelay_cli,  # noqa: E402
                              wait_sink)
+from qrelay_process import cpu_by_title, descendants  # noqa: E402
 from sink import SinkProcess  # noqa: E402
 from smtpload.cli import OneLineParser, fail, nonneg_float, positive_int, run_main  # noqa: E402
 
@@ -76,6 +78,8 @@ def build_parser() -> OneLineParser:
                     help="extra flood.py argument, as --flood-arg=--pipelining (repeatable)")
     ap.add_argument("--idle", type=nonneg_float, default=30.0,
                     help="no new message at the sink or in the Maildirs for this long = the run failed (s)")
+    ap.add_argument("--cpu", action="store_true",
+                    help="also print each side's CPU per message, by process title")
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (roots, logs)")
     return ap
@@ -156,6 +160,23 @@ def wait_empty(q: RelayRoot, timeout: float = EMPTY_TIMEOUT) -> None:
         time.sleep(0.5)
 
 
+def side_cpu(q: RelayRoot, sink: SinkProcess | None) -> dict[str, float]:
+    """CPU seconds so far of every process of q's `qrelay run` (and the sink's)."""
+    pids = descendants(q.run.pid) + ([sink.proc.pid] if sink is not None else [])
+    got = cpu_by_title(pids)
+    got["flood.py (this bench's children)"] = sum(resource.getrusage(resource.RUSAGE_CHILDREN)[:2])
+    return got
+
+
+def print_cpu(side: str, before: dict[str, float], after: dict[str, float], messages: int) -> None:
+    spent = {t: after[t] - before.get(t, 0.0) for t in after}
+    total = sum(spent.values())
+    print(f"    {side} CPU per message: {total / messages * 1000:.2f} ms", flush=True)
+    for title, sec in sorted(spent.items(), key=lambda kv: -kv[1]):
+        if sec > 0:
+            print(f"      {sec / messages * 1000:6.2f} ms  {title}", flush=True)
+
+
 def run(a, owner: tuple[int, int] | None, work: Path, started: list, fig: dict) -> None:
     domains = tuple(f"d{i}.test" for i in range(a.domains))
     load = Load(sessions=a.sessions, size=a.size, domains=domains, flood_args=tuple(a.flood_arg),
@@ -181,6 +202,7 @@ def run(a, owner: tuple[int, int] | None, work: Path, started: list, fig: dict) 
         line = f"  round {r}:"
         for side in (("remote", "local") if r % 2 == 0 else ("local", "remote")):
             q = remote if side == "remote" else local
+            cpu0 = side_cpu(q, sink if side == "remote" else None) if a.cpu else None
             t0 = time.time()
             rep = flood(f"127.0.0.1:{q.port}", a.messages, load, work, f"{side}{r}")
             if side == "remote":
@@ -193,6 +215,8 @@ def run(a, owner: tuple[int, int] | None, work: Path, started: list, fig: dict) 
             ingest[side].append(rep["rate"]["accepted_per_s"])
             line += f" {side} {rates[side][-1]:.0f}/s (ingest {ingest[side][-1]:.0f}/s)"
             wait_empty(q)
+            if cpu0 is not None:
+                print_cpu(side, cpu0, side_cpu(q, sink if side == "remote" else None), a.messages)
         line += f", local/remote {rates['local'][-1] / rates['remote'][-1]:.2f}"
         print(line, flush=True)
     best = {side: max(v) for side, v in rates.items()}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -129,6 +130,39 @@ def service_pids(supervisor: int, title: bytes) -> list[int]:
         if ppid == supervisor and title in cmdline:
             pids.append(int(entry))
     return pids
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process below it, from /proc (one pass)."""
+    parent: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo.extend(c for c, pp in parent.items() if pp == p)
+    return found
+
+
+def cpu_by_title(pids: list[int]) -> dict[str, float]:
+    """On-CPU seconds of each process in `pids`, summed by process title
+    (digits dropped: `qrelay: receiver 0` and `1` count together)."""
+    out: dict[str, float] = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                title = f.read().split(b"\0")[0].decode("utf-8", "replace")
+        except OSError:
+            continue
+        title = re.sub(r"[ \d]+$", "", title.split(" /")[0])[:40] or "?"
+        out[title] = out.get(title, 0.0) + cpu_seconds([pid])
+    return out
 
 
 def cpu_seconds(pids: list[int]) -> float:
