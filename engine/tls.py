@@ -1,8 +1,8 @@
 """The server side of TLS: qmail-tls's control/servercert.pem as an SSLContext.
 
 Owns building the server `ssl.SSLContext` every TLS listener uses (STARTTLS
-on smtp/submission, implicit TLS on submissions; POP3's STLS/pop3s later) and
-keeping it current. It never reads the certificate on the hot path: a
+on smtp/submission, STLS on pop3, implicit TLS on submissions and pop3s) and
+keeping it current, and the threads its handshakes run in. It never reads the certificate on the hot path: a
 session asks `ServerTls.context()` for the context of the moment, and a new
 certificate is loaded only on `reload()` (SIGHUP; the supervisor also sends
 HUP when the file's mtime changes) or when a stat, at most once per
@@ -23,17 +23,19 @@ allowed.
 
 Reload swaps the context whole: sessions already encrypted keep the one
 they were made with (nothing is dropped), new handshakes get the new one
-(STARTTLS asks for it; an implicit-TLS listener's fixed context switches
-each handshake to it from its SNI callback).
+(STARTTLS and an implicit-TLS connection ask for it when they start).
 A certificate that cannot be loaded is refused with a one-line reason naming
 the file, and the previous context stays in use.
 
-STARTTLS handshakes (`ServerTls.handshake`) sign in this process's pool of
+Handshakes (`ServerTls.handshake` for STARTTLS/STLS, `ServerTls.implicit`
+for a listener that starts with TLS) run in this process's pool of
 `[tls] handshake_threads` threads, niced like the password hashing, not on
-the event loop (engine.tls_transport).
+the event loop (engine.tls_transport): a flood of handshakes does not hold
+other sessions' greetings and replies.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import ssl
@@ -41,11 +43,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from engine import metrics
 from engine.smtp.auth import HASH_NICE, lower_priority
 from engine.smtp.listeners import IMPLICIT_TLS_SCHEMES
-from engine.tls_transport import TlsTransport, start_tls
+from engine.tls_transport import TlsTransport, begin_tls, start_tls
 
 log = logging.getLogger("qrelay.tls")
 
@@ -130,7 +133,6 @@ class ServerTls:
         self._stamp: tuple | None = None
         self._checked = 0.0
         self.error: str | None = None   # why there is no (new) context, for the log
-        self._listener: ssl.SSLContext | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._load()
 
@@ -162,37 +164,29 @@ class ServerTls:
                 log.info("%s reloaded", CERT_FILE)
         return self._context
 
-    def listener_context(self) -> ssl.SSLContext | None:
-        """The context of a listener that starts with TLS (`create_server(ssl=)`,
-        fixed for the listener's life): its SNI callback, which OpenSSL runs
-        for every ClientHello (with or without a server name), hands each
-        handshake the context of the moment, so a reload reaches it too."""
-        if self._listener is None:
-            if self.context() is None:
-                return None
-            listener = build_context(self.root, self.settings)
-            listener.sni_callback = self._current_for_handshake
-            self._listener = listener
-        return self._listener
-
-    def _current_for_handshake(self, ssl_object: Any, server_name: str | None, _: Any) -> None:
-        current = self.context()
-        if current is not None and ssl_object.context is not current:
-            ssl_object.context = current
-        return None
-
-    async def handshake(self, transport: Any, protocol: Any, context: ssl.SSLContext,
-                        timeout: float) -> TlsTransport:
-        """STARTTLS's server handshake on `transport` (paused after the 220),
-        its signature in the handshake threads; the encrypted transport, whose
-        reading starts paused. Raises on failure (engine.tls_transport)."""
+    def pool(self) -> ThreadPoolExecutor:
+        """The handshake threads (made on first use)."""
         if self._pool is None:
             # Niced like the hashing threads: a flood of handshakes yields the
             # CPU to the loop thread, which keeps greeting and answering.
             self._pool = ThreadPoolExecutor(
                 max_workers=self.settings.handshake_threads, thread_name_prefix="tls-handshake",
                 initializer=lower_priority, initargs=(HASH_NICE,))
-        return await start_tls(transport, protocol, context, pool=self._pool, timeout=timeout)
+        return self._pool
+
+    async def handshake(self, transport: Any, protocol: Any, context: ssl.SSLContext,
+                        timeout: float) -> TlsTransport:
+        """STARTTLS's server handshake on `transport` (paused after the 220);
+        the encrypted transport, whose reading starts paused. Raises on
+        failure (engine.tls_transport)."""
+        return await start_tls(transport, protocol, context, pool=self.pool(), timeout=timeout)
+
+    def implicit(self, factory: Callable[[], Any], scheme: str) -> Callable[[], asyncio.Protocol]:
+        """The protocol factory of a listener that starts with TLS (RFC 8314
+        submissions, pop3s): each connection's handshake with the certificate
+        of the moment, in the handshake threads; then `factory()`'s protocol
+        is connection_made with the encrypted transport."""
+        return lambda: ImplicitTls(self, factory(), scheme)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -205,6 +199,36 @@ class ServerTls:
             self.settings = settings
             self._stamp = None          # settings changed: rebuild even if the files did not
         self._load()
+
+
+class ImplicitTls(asyncio.Protocol):
+    """A connection of an implicit-TLS listener until its handshake is done
+    (engine.tls_transport.begin_tls takes its bytes from the first one)."""
+
+    def __init__(self, tls: ServerTls, app: Any, scheme: str) -> None:
+        self.tls = tls
+        self.app = app
+        self.scheme = scheme
+        self.handshake: Any = None
+
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        context = self.tls.context()
+        if context is None:           # the certificate went away: nothing to serve with
+            transport.abort()
+            return
+        self.handshake = begin_tls(transport, self.app, context, pool=self.tls.pool(),
+                                   timeout=self.tls.settings.handshake_timeout, connected=False)
+        self.handshake.waiter.add_done_callback(self._done)
+
+    def _done(self, waiter: asyncio.Future) -> None:
+        if waiter.cancelled() or waiter.exception() is not None:
+            metrics.tls_result("failed", self.scheme)
+            return
+        encrypted = waiter.result()
+        self.handshake.connected = True
+        # Reading on before the session starts: it may pause it (a PTR lookup).
+        encrypted.resume_reading()
+        self.app.connection_made(encrypted)
 
 
 def check_certificate(root: Path | str, settings: Any, schemes: set[str] | frozenset[str]) -> None:

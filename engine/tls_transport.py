@@ -23,6 +23,9 @@ after the upgrade starts are handshake input, never application data
 (plaintext pipelined behind STARTTLS breaks the handshake: CVE-2011-0411);
 on failure start_tls raises, the plain transport is aborted and the
 protocol's connection_lost follows (it was connection_made on that transport).
+`begin_tls` is the same without awaiting, for a connection that starts with
+TLS (engine.tls.ImplicitTls): its protocol is connection_made only once
+encrypted, and hears nothing of a failed handshake.
 Once encrypted, the application's reading starts paused: decrypted bytes
 reach it only after it calls resume_reading() (after it has switched its
 own state to the encrypted session), never before.
@@ -137,9 +140,11 @@ class _TlsProtocol(asyncio.Protocol):
     """What the plain transport talks to once the upgrade has started."""
 
     def __init__(self, raw: asyncio.Transport, app: Any, sslobj: ssl.SSLObject,
-                 incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, pool: Executor) -> None:
+                 incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, pool: Executor,
+                 connected: bool) -> None:
         self.raw = raw
         self.app = app
+        self.connected = connected   # app.connection_made was called: tell it connection_lost
         self.sslobj = sslobj
         self.incoming = incoming
         self.outgoing = outgoing
@@ -280,7 +285,8 @@ class _TlsProtocol(asyncio.Protocol):
         if self.transport is None:
             self.fail(exc or ConnectionResetError("the client left during the TLS handshake"))
         self.done = True
-        self.app.connection_lost(exc)
+        if self.connected:
+            self.app.connection_lost(exc)
 
     def pause_writing(self) -> None:
         if self.transport is not None:
@@ -300,22 +306,30 @@ def _handshake_step(sslobj: ssl.SSLObject) -> bool:
     return True
 
 
+def begin_tls(raw: asyncio.Transport, protocol: Any, context: ssl.SSLContext, *,
+              pool: Executor, timeout: float, connected: bool = True) -> "_TlsProtocol":
+    """Start the server side of a TLS handshake on `raw`: from now on its bytes
+    are handshake input. `.waiter` gets the encrypted transport (reading
+    paused), or the exception (`raw` aborted by then)."""
+    loop = asyncio.get_running_loop()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    sslobj = context.wrap_bio(incoming, outgoing, server_side=True)
+    tls = _TlsProtocol(raw, protocol, sslobj, incoming, outgoing, pool, connected)
+    raw.set_protocol(tls)
+    raw.resume_reading()
+    timer = loop.call_later(timeout, tls.timed_out)
+    tls.waiter.add_done_callback(lambda _: timer.cancel())
+    return tls
+
+
 async def start_tls(raw: asyncio.Transport, protocol: Any, context: ssl.SSLContext, *,
                     pool: Executor, timeout: float) -> TlsTransport:
     """The server side of a TLS handshake on `raw` (paused by the caller after
     its `220`); the encrypted transport for `protocol`, its reading paused.
     Raises on failure (ssl.SSLError, a reset, asyncio.TimeoutError)."""
-    loop = asyncio.get_running_loop()
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    sslobj = context.wrap_bio(incoming, outgoing, server_side=True)
-    tls = _TlsProtocol(raw, protocol, sslobj, incoming, outgoing, pool)
-    raw.set_protocol(tls)
-    raw.resume_reading()
-    timer = loop.call_later(timeout, tls.timed_out)
+    tls = begin_tls(raw, protocol, context, pool=pool, timeout=timeout)
     try:
         return await tls.waiter
     except asyncio.CancelledError:
         tls.fail(ConnectionAbortedError("cancelled"))
         raise
-    finally:
-        timer.cancel()

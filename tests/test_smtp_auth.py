@@ -421,6 +421,32 @@ def test_submissions_is_implicit_tls(ca, make_server):
         plain_client.close()
 
 
+def test_submissions_handshakes_off_the_loop_with_the_certificate_of_the_moment(accounts, make_server):
+    first_ca = install_certificate(accounts, ME)
+    srv = make_server(scheme="submissions")
+    seen: list[str] = []
+
+    def connect_tls(ca) -> RawClient:
+        context = srv.call(srv.receiver.tls.context)
+        context.sni_callback = lambda *_: seen.append(threading.current_thread().name)
+        c = RawClient.__new__(RawClient)
+        c.sock, c.buf = socket.create_connection(("127.0.0.1", srv.port), timeout=5), b""
+        c.starttls(client_context(ca))
+        assert c.line() == f"220 {ME} ESMTP\r\n".encode()
+        return c
+
+    old = connect_tls(first_ca)
+    second_ca = install_certificate(accounts, ME)
+    assert srv.reload()
+    new = connect_tls(second_ca)
+    assert new.cmd(b"EHLO n") == EHLO_TLS
+    assert old.cmd(b"EHLO o") == EHLO_TLS      # made with the old certificate, still served
+    assert len(seen) == 2 and all(name.startswith("tls-handshake") for name in seen)
+    for c in (old, new):
+        c.close()
+    wait_for(lambda: srv.receiver.counter.total() == 0)
+
+
 # --- throttle and hashing off the loop -------------------------------------------------
 
 class FakeThrottle:

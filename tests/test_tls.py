@@ -152,18 +152,3 @@ def test_reload_with_new_settings_rebuilds(root: Path) -> None:
     tls.reload(TlsSettings(min_version="TLSv1.3"))
     assert tls.context() is not first
     assert tls.context().minimum_version == ssl.TLSVersion.TLSv1_3
-
-
-def test_listener_context_follows_reloads(root: Path) -> None:
-    """An implicit-TLS listener's context is fixed; its handshakes get the current certificate."""
-    clock = Clock()
-    first_ca = install_certificate(root, NAME)
-    tls = ServerTls(root, TlsSettings(), clock=clock)
-    listener = tls.listener_context()
-    handshake(listener, client_context(first_ca))
-    second_ca = install_certificate(root, NAME)
-    clock.now += 2
-    assert tls.listener_context() is listener
-    handshake(listener, client_context(second_ca))
-    with pytest.raises(ssl.SSLError):
-        handshake(listener, client_context(first_ca))

@@ -172,15 +172,12 @@ class Receiver:
     async def serve(self, listeners: Iterable[Listener]) -> None:
         loop = asyncio.get_running_loop()
         for listener in listeners:
-            tls: dict[str, Any] = {}
+            factory = self.protocol_factory(listener.scheme)
             if listener.scheme in IMPLICIT_TLS_SCHEMES:
-                context = self.tls.listener_context()
-                if context is None:       # `qrelay run` checks this before it starts
+                if self.tls.context() is None:       # `qrelay run` checks this before it starts
                     raise TlsError(self.tls.error or "no certificate")
-                tls = {"ssl": context,
-                       "ssl_handshake_timeout": self.config.settings.tls.handshake_timeout}
-            server = await loop.create_server(self.protocol_factory(listener.scheme),
-                                              sock=listener.sock, backlog=1024, **tls)
+                factory = self.tls.implicit(factory, listener.scheme)
+            server = await loop.create_server(factory, sock=listener.sock, backlog=1024)
             self.servers.append(server)
         self.sweeper = loop.create_task(self._sweep())
 
