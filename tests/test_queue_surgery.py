@@ -150,3 +150,145 @@ def test_readonly_open_of_a_spool_without_the_held_table(tmp_path: Path):
         assert r.shape(T0).total and r.select(Selection(domain="d.test"))[0] == [a]
     finally:
         r.close()
+
+
+def test_domain_is_the_part_after_the_last_at_sign(spool):
+    a = queue(spool, "s@x", ("u@big.test",))
+    b = queue(spool, "s@x", ("u@sub.big.test", "v@ig.test"))
+    c = queue(spool, "s@x", ('"x@big.test"@other.test', "U@BIG.Test"))
+    d = queue(spool, "s@x", ("big.test",))               # no @: the address is its domain
+    queue(spool, "s@x", ("w@big.test.example",))
+    now = spool.test_clock.now
+    assert spool.select(Selection(domain="big.test."), now) == ([a, c, d], [])
+    assert spool.select(Selection(domain="ig.test"), now) == ([b], [])
+    assert spool.select(Selection(domain="test"), now) == ([], [])
+
+
+def dump(path: Path) -> dict:
+    """Every table of a closed spool's index, the surgery counter left out."""
+    import lmdb
+    env = lmdb.open(str(path / "index"), max_dbs=20, readonly=True, lock=False)
+    try:
+        out = {}
+        with env.begin() as txn:
+            for name, _ in txn.cursor():
+                db = env.open_db(name, txn=txn, create=False)
+                out[name] = {k: v for k, v in txn.cursor(db=db)
+                             if not (name == b"meta" and k == b"surgery")}
+        return out
+    finally:
+        env.close()
+
+
+def test_batched_delete_leaves_what_one_drop_message_each_leaves(tmp_path: Path):
+    """delete() removes a batch in one walk of each table
+    (SpoolIndex.drop_messages): the index after it must be the same as after
+    the removal of each message on its own (drop_message, the completion path)."""
+    import shutil
+    from engine.queue import Failed
+    clock = Clock()
+    s = Spool(tmp_path / "a" / "queue", SpoolSettings(surgery_batch=3), clock=clock)
+    now = clock.now
+    ids = [queue(s, "s@x", (f"a{i}@d.test", f"b{i}@e.test", f"c{i}@f.test"),
+                 ["remote", "local", "remote"]) for i in range(12)]
+    ids.append(queue(s, "s@x", ("t@d.test",), channels=False))             # todo
+    s.apply([Delivered(ids[1], 0), Deferred(ids[1], 1, now + 600, "later"),
+             Deferred(ids[2], 2, now + 60, "soon")])
+    s.apply([Failed(ids[3], i, "no") for i in range(3)])                     # bouncing
+    s.hold([ids[4], ids[5], ids[12]])
+    s.close()
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    gone = [ids[i] for i in (12, 0, 1, 2, 3, 4, 7, 8, 11)] + [999]             # any order
+    s = Spool(tmp_path / "a" / "queue", SpoolSettings(surgery_batch=3), clock=clock)
+    try:
+        assert s.delete(gone) == 9
+    finally:
+        s.close()
+    s = Spool(tmp_path / "b" / "queue", clock=clock)
+    try:
+        for msgid in sorted(set(gone) - {999}):
+            unlink: list[int] = []
+            with s.index.write("drop") as txn:
+                s.index.drop_message(txn, msgid, s.index.message(txn, msgid).segid, unlink)
+    finally:
+        s.close()
+    a, b = dump(tmp_path / "a" / "queue"), dump(tmp_path / "b" / "queue")
+    assert a == b
+    assert len(a[b"messages"]) == 4 and len(a[b"held"]) == 1 and not a[b"bounces"]
+
+
+def test_delete_of_a_torn_message_record_leaves_its_segment_count_to_recover(spool):
+    from engine.queue import records as R
+    a, b = queue(spool, "s@x", ("a@d.test",)), queue(spool, "s@x", ("b@d.test",))
+    with spool.index.write("tear") as txn:
+        raw = bytearray(txn.get(R.u64(a), db=spool.index.dbs[b"messages"]))
+        raw[-1] ^= 0xFF                                    # the crc no longer matches
+        txn.put(R.u64(a), bytes(raw), db=spool.index.dbs[b"messages"])
+    assert spool.delete([a]) == 1
+    assert spool.select(Selection(ids=(a, b)), T0) == ([b], [a])
+    assert spool.due(T0 + 10, 10)[0].msgid == b
+    with spool.env.begin() as txn:
+        segs = {k: R.SegmentRecord.decode(v).live
+                for k, v in txn.cursor(db=spool.index.dbs[b"segments"])}
+    assert list(segs.values()) == [2]                      # not lowered for the torn one
+    assert spool.recover().segments_fixed == 1
+
+
+DELETER = r"""
+import sys
+from engine.config.settings import SpoolSettings
+from engine.queue import Spool
+spool = Spool(sys.argv[1], SpoolSettings(surgery_batch=3, surgery_pause=0.02))
+print("ready", flush=True)
+spool.delete([int(a) for a in sys.argv[2:]])
+print("done", flush=True)
+"""
+
+
+def test_kill9_in_the_middle_of_a_delete_leaves_each_message_whole_or_gone(tmp_path: Path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    repo = Path(__file__).resolve().parent.parent
+    q = tmp_path / "queue"
+    s = Spool(q, SpoolSettings(segment_bytes=4096))          # several segments
+    ids = [queue(s, "s@x", (f"a{i}@d.test", f"b{i}@e.test")) for i in range(300)]
+    s.apply([Deferred(m, 1, T0 + 600, "later") for m in ids[::3]])
+    s.hold(ids[::5])
+    doomed = ids[::2]
+    s.close()
+    r = Spool(q, readonly=True)
+    gen0 = r.surgery_generation()
+    proc = subprocess.Popen([sys.executable, "-c", DELETER, str(q), *map(str, doomed)],
+                            stdout=subprocess.PIPE, cwd=repo,
+                            env={**os.environ, "PYTHONPATH": str(repo)})
+    try:
+        assert proc.stdout.readline() == b"ready\n"
+        deadline = time.monotonic() + 60
+        # Killed once some batches have committed, well before the last (50 of them).
+        while r.surgery_generation() < gen0 + 3:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        r.close()
+    s = Spool(q)
+    try:
+        left = set(s.select(Selection(older_than=0), T0 + 10)[0])
+        assert set(ids) - set(doomed) <= left and 0 < len(set(doomed) - left) < len(doomed)
+        report = s.recover(verify_bytes=True)                 # nothing torn, dangling or miscounted
+        assert (report.quarantined, report.dangling_removed, report.segments_fixed) == ([], 0, 0)
+        for m in left:                                        # each one whole
+            info = s.message_info(m)
+            assert len(info.recipients) == 2 and info.held == (m in ids[::5])
+        assert {j.msgid for j in s.due(T0 + 10**6, 10**4)} == left - set(ids[::5])
+        assert s.delete(sorted(left)) == len(left)            # the rest goes, and its space
+        assert s.stats().messages == 0 and os.listdir(q / "segments") == []
+    finally:
+        s.close()

@@ -20,9 +20,10 @@ engine/queue/__init__.py stay as they are):
              at the time it had (a time past is due now)
     requeue  released, and each unfinished recipient due now (its attempts
              and last error kept)
-    delete   every record gone and the segment's live count decremented, in
-             the transaction that normal completion uses (drop_message); an
-             emptied segment file is unlinked after the sync — no bounce
+    delete   every record gone and the segment's live count decremented, as
+             normal completion does (SpoolIndex.drop_messages: the batch's
+             messages in one walk of each table); an emptied segment file is
+             unlinked after the sync — no bounce
 
 Every such transaction increments the meta counter `surgery`: a running
 scheduler compares it before starting deliveries and throws its in-memory
@@ -102,24 +103,34 @@ class Surgery:
 
     # ---------------------------------------------------------------- reading
 
-    def _walk(self, txn: lmdb.Transaction) -> Iterator[tuple[bytes, set[bytes]]]:
-        """(message key, domains of its unfinished recipients) of every
-        message, in id order: one pass over the recipients table. The big
-        scans (qshape, --domain) read the fields in place: the crc is checked
-        only where a record is used to change state."""
+    def _keys(self, txn: lmdb.Transaction, domain: bytes | None) -> Iterator[bytes]:
+        """Keys of the messages with recipients, in id order; with `domain`
+        (lower case), those with a recipient not yet done at it. One pass
+        over the recipients table reading the fields in place (the crc is
+        checked only where a record is used to change state), the domain
+        compared as the address's tail: no decoding, no set per message."""
+        cursor = txn.cursor(db=self._dbs[b"recipients"])
         last = None
-        doms: set[bytes] = set()
-        for key, raw in txn.cursor(db=self._dbs[b"recipients"]).iternext():
-            mk = key[:8]
-            if mk != last:
-                if last is not None:
-                    yield last, doms
-                last, doms = mk, set()
-            if len(raw) >= _ADDR and raw[_HEAD] in UNFINISHED:
-                addr = raw[_ADDR:_ADDR + _U16.unpack_from(raw, _ADDR - 2)[0]]
-                doms.add(addr[addr.rfind(b"@") + 1:].lower())
-        if last is not None:
-            yield last, doms
+        if domain is None:
+            for key in cursor.iternext(values=False):
+                if key[:8] != last:
+                    last = key[:8]
+                    yield last
+            return
+        tail = b"@" + domain
+        n = len(tail)
+        unpack = _U16.unpack_from
+        for key, raw in cursor.iternext():
+            if len(raw) < _ADDR or raw[_HEAD] not in UNFINISHED:
+                continue
+            end = _ADDR + unpack(raw, _ADDR - 2)[0]
+            # The part after the last "@" (the domain holds none), or an
+            # address without one that is the domain itself.
+            if (end - n >= _ADDR and raw[end - n:end].lower() == tail) or \
+                    (end - _ADDR == n - 1 and raw[_ADDR:end].lower() == domain):
+                if key[:8] != last:
+                    last = key[:8]
+                    yield last
 
     def select(self, sel: Selection, now: float) -> tuple[list[int], list[int]]:
         """(ids of the messages selected, ids asked for that are not queued)."""
@@ -133,15 +144,18 @@ class Surgery:
             sender = sel.sender.lower() if sel.sender is not None else None
             domain = sel.domain.lower().rstrip(".") if sel.domain is not None else None
             domain_b = domain.encode("utf-8", "surrogateescape") if domain is not None else None
-            mdb = dbs[b"messages"]
+            messages = txn.cursor(db=dbs[b"messages"])
+            read = sel.older_than is not None or sender is not None
             out = []
-            for mk, doms in self._walk(txn):
+            for mk in self._keys(txn, domain_b):
                 msgid = R.read_u64(mk)
                 if wanted and msgid not in wanted:
                     continue
-                if domain_b is not None and domain_b not in doms:
+                if not read:
+                    if messages.set_key(mk):     # no copy of the record: only whether it is there
+                        out.append(msgid)
                     continue
-                mval = txn.get(mk, db=mdb)
+                mval = messages.get(mk)
                 if mval is None:
                     continue
                 if sel.older_than is not None and \
@@ -240,12 +254,9 @@ class Surgery:
         return out
 
     def _change(self, ids: Iterable[int], what: str,
-                one: Callable[[lmdb.Transaction, int], bool],
-                after: Callable[[], None] = lambda: None,
-                last: Callable[[lmdb.Transaction], None] = lambda txn: None) -> int:
+                one: Callable[[lmdb.Transaction, int], bool]) -> int:
         """`one(txn, msgid)` for each message, `surgery_batch` per transaction
-        (each bumping the counter the scheduler watches), `last(txn)` at the
-        end of each, `after()` once each has committed. Returns how many
+        (each bumping the counter the scheduler watches). Returns how many
         `one` calls changed something."""
         n = 0
         for k, chunk in enumerate(self._chunks(ids)):
@@ -254,9 +265,7 @@ class Surgery:
             with self._index.write(what) as txn:
                 for msgid in chunk:
                     n += one(txn, msgid)
-                last(txn)
                 self._index.bump_surgery(txn)
-            after()
         return n
 
     def hold(self, ids: Iterable[int], now: float) -> int:
@@ -303,28 +312,14 @@ class Surgery:
         """Remove messages outright (no bounce); their space is freed as a
         completed message's is. Returns how many were deleted."""
         unlink: list[int] = []
-        released: dict[int, int] = {}     # segid -> messages dropped from it
-
-        def one(txn: lmdb.Transaction, msgid: int) -> bool:
-            raw = txn.get(R.u64(msgid), db=self._dbs[b"messages"])
-            if raw is None:
-                return False
-            try:
-                segid = MessageRecord.decode(raw).segid
-                released[segid] = released.get(segid, 0) + 1
-            except RecordError:
-                pass   # recover() rebuilds the live counts
-            # The segment's live count is lowered once per segment and
-            # transaction (below), not once per message.
-            self._index.drop_message(txn, msgid, None, unlink)
-            return True
-
-        def settle(txn: lmdb.Transaction) -> None:
-            for segid, n in released.items():
-                self._index.release_segment(txn, segid, unlink, n)
-            released.clear()
-
-        def remove() -> None:
-            self._core.files.remove(unlink)
+        keys = [R.u64(m) for m in sorted(set(ids))]   # id order: each table walked forward
+        n = 0
+        for k in range(0, len(keys), self._batch):
+            if k and self._pause:
+                time.sleep(self._pause)   # let a waiting writer have LMDB's lock
+            with self._index.write("delete messages") as txn:
+                n += self._index.drop_messages(txn, keys[k:k + self._batch], unlink)
+                self._index.bump_surgery(txn)
+            self._core.files.remove(unlink)   # after the commit that let them go is synced
             unlink.clear()
-        return self._change(ids, "delete messages", one, remove, settle)
+        return n
