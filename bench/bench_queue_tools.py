@@ -16,7 +16,9 @@
    the middle. Ingest is measured from the spool's count of new (not yet
    preprocessed) messages over equal windows: before the delete, during it,
    after it. Targets: the delete < 10 s; ingest during it >= 0.8 x the mean of
-   the windows before and after.
+   the windows before and after. Each window's CPU per process (share of one
+   core) is printed too: on a shared machine the figure that says where the
+   time went. --queue-cache DIR keeps the built queue for the next run.
 3. import-qmail: a qmail queue of --import-messages (25,000) built in qmail's
    format (tests/qmail_queue.py: 90 % preprocessed with one or two remote
    recipients, some done, 10 % in todo/), moved by `qrelay import-qmail`;
@@ -113,6 +115,41 @@ def bench_qshape(root: Path, runs: int) -> dict:
     return {"qshape_s": walls, "qshape_cpu_s": cpus, "qstat_s": base, "qstat_cpu_s": base_cpu}
 
 
+def process_cpu(supervisor: int, flood: int) -> dict[str, float]:
+    """CPU seconds so far of `qrelay run`'s processes by title (each
+    receiver summed under one name) and of flood.py with its workers, from /proc."""
+    from qrelay_process import cpu_seconds
+    out: dict[str, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                title = f.read().split(b"\0")[0].decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+        if pid == supervisor:
+            name = "supervisor"
+        elif ppid == supervisor:
+            name = " ".join(w for w in title.removeprefix("qrelay: ").split() if not w.isdigit())
+        elif flood in (pid, ppid):
+            name = "flood.py"
+        else:
+            continue
+        out[name] = out.get(name, 0.0) + cpu_seconds([pid])
+    return out
+
+
+def cpu_line(label: str, a: dict[str, float], b: dict[str, float], seconds: float) -> str:
+    """Each process's share of one core between snapshots `a` and `b`."""
+    parts = [f"{name} {100 * (b[name] - a.get(name, 0.0)) / seconds:.0f} %"
+             for name in sorted(b)]
+    return f"  CPU {label} ({seconds:.1f} s): " + ", ".join(parts)
+
+
 def not_preprocessed(root: Path) -> int:
     with Spool(root / "queue", readonly=True) as s:
         return s.stats().not_preprocessed
@@ -132,15 +169,19 @@ def bench_delete(root: Path, work: Path, sessions: int, window: float) -> dict:
              "--json", str(work / "flood.json")], env=ENV, cwd=REPO)
         time.sleep(2.0)                      # sessions connected, rate steady
 
-        def rate_over(seconds: float) -> float:
-            a, t0 = not_preprocessed(root), time.perf_counter()
-            time.sleep(seconds)
-            return (not_preprocessed(root) - a) / (time.perf_counter() - t0)
-        before = rate_over(window)
-        a, t0 = not_preprocessed(root), time.perf_counter()
-        wall, cpu, p = cli("delete", str(root), "--domain", "big.test")
-        during = (not_preprocessed(root) - a) / (time.perf_counter() - t0)
-        after = rate_over(window)
+        lines = []
+
+        def rate_over(label: str, seconds: float | None) -> tuple[float, tuple]:
+            """Ingest per second over `seconds` (None: the delete command)."""
+            a, c0, t0 = not_preprocessed(root), process_cpu(q.pid, flood.pid), time.perf_counter()
+            ran = time.sleep(seconds) if seconds is not None else \
+                cli("delete", str(root), "--domain", "big.test")
+            took = time.perf_counter() - t0
+            lines.append(cpu_line(label, c0, process_cpu(q.pid, flood.pid), took))
+            return (not_preprocessed(root) - a) / took, ran
+        before, _ = rate_over("before", window)
+        during, (wall, cpu, p) = rate_over("during the delete", None)
+        after, _ = rate_over("after", window)
     finally:
         if flood is not None:
             flood.terminate()
@@ -152,7 +193,9 @@ def bench_delete(root: Path, work: Path, sessions: int, window: float) -> dict:
     print(f"delete --domain big.test: {p.stdout.strip()} ({big} selected) in {wall:.2f} s "
           f"({big / wall:,.0f} msg/s; target < 10 s), {cpu:.2f} s of CPU")
     print(f"ingest: {before:,.0f} msg/s before, {during:,.0f} during, {after:,.0f} after: "
-          f"during / mean(before, after) = {during / base:.2f} (target >= 0.8)")
+          f"during / mean(before, after) = {during / base:.2f} (target >= 0.8); "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print("\n".join(lines))
     return {"delete_s": wall, "delete_cpu_s": cpu, "deleted": big, "ingest_before": before, "ingest_during": during,
             "ingest_after": after, "ratio": during / base}
 
@@ -194,6 +237,8 @@ def main() -> int:
     p.add_argument("--sessions", type=int, default=20)
     p.add_argument("--window", type=float, default=5.0,
                    help="seconds of each ingest window before/after the delete")
+    p.add_argument("--queue-cache", help="keep the built queue in this directory and copy it "
+                   "from there on the next run (the same sizes)")
     p.add_argument("--import-messages", type=int, default=25_000)
     p.add_argument("--json", help="write the figures to this file")
     args = p.parse_args()
@@ -204,9 +249,19 @@ def main() -> int:
     try:
         if only & {"qshape", "delete"}:
             root = init_home(work / "root", me="bench.local")
-            took = build_queue(root, args.messages, args.big, args.domains)
-            print(f"queue: {args.messages} messages ({count_big(root)} for big.test) "
-                  f"built in {took:.1f} s")
+            cached = None
+            if args.queue_cache:
+                cached = Path(args.queue_cache) / f"{args.messages}-{args.big}-{args.domains}"
+            if cached is not None and cached.is_dir():
+                shutil.copytree(cached, root / "queue", dirs_exist_ok=True)
+                print(f"queue: {args.messages} messages ({count_big(root)} for big.test) "
+                      f"copied from {cached}")
+            else:
+                took = build_queue(root, args.messages, args.big, args.domains)
+                print(f"queue: {args.messages} messages ({count_big(root)} for big.test) "
+                      f"built in {took:.1f} s")
+                if cached is not None:
+                    shutil.copytree(root / "queue", cached)
             if "qshape" in only:
                 figures.update(bench_qshape(root, args.runs))
             if "delete" in only:
