@@ -11,6 +11,21 @@ Targets (issue 13 item 5):
 
     .venv/bin/python bench/bench_pop3.py [--users 64] [--logins 3000] [--concurrency 32] [--clients 2]
                                           [--procs 1,2] [--retr-mb 10] [--rounds 3] [--retr-pairs 5]
+                                          [--client c|python] [--no-relay-grant]
+
+The load clients run on the receivers' CPUs (2 here), so their CPU per login
+is taken from what the receivers can use: --client c (bench/pop3_logins.c,
+built with cc; the default) does the asyncio client's dialogue (greeting;
+USER, PASS, QUIT in one write; three replies; close) on the same number of
+connections for a fraction of its CPU.
+
+Beside each login rate: the receivers' CPU per login, split into their event
+loops (main threads) and their other threads (the hashing thread; the smtpd
+log and relay-sync threads are idle here), the share of the logins' CPU each
+receiver took (how evenly the shared listening socket spread them), and the
+load clients' CPU per login — they run on the same CPUs. --no-relay-grant
+flags the users NO_RELAY: logins without the POP-before-SMTP grant's write
+(the throttle's reads and writes stay), to see what the grant costs.
 
 Each login uses its own mailbox at the time (one session per mailbox), so
 `--users` should be at least `--concurrency`.
@@ -21,6 +36,7 @@ import argparse
 import asyncio
 import dataclasses
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -33,9 +49,10 @@ sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 
 from engine.accounts import admin  # noqa: E402
+from engine.accounts.vpasswd import NO_RELAY  # noqa: E402
 from engine.delivery.local import LocalDelivery  # noqa: E402
 from engine.home import init_home  # noqa: E402
-from qrelay_process import (ACCOUNTS_OWNER, ACCOUNTS_RUN_TOML, QrelayProcess, cpu_seconds,  # noqa: E402
+from qrelay_process import (ACCOUNTS_OWNER, ACCOUNTS_RUN_TOML, QrelayProcess,  # noqa: E402
                              service_pids, work_dir)
 
 PASSWORD = "bench-password"
@@ -47,7 +64,7 @@ def md5_crypt(password: str) -> str:
     return handler.hash(password)
 
 
-def make_root(base: Path, users: int) -> Path:
+def make_root(base: Path, users: int, no_relay: bool = False) -> Path:
     """u0.. with `$6$` hashes (what `qrelay user add` writes), m0.. with `$1$`
     (vpopmail 5.4's), and one 10 MB-ish message for big@."""
     root = init_home(base / "root", me="pop.bench.example")
@@ -64,8 +81,11 @@ def make_root(base: Path, users: int) -> Path:
         admin.add_user(root, f"{name}@{DOMAIN}", PASSWORD)
     ref = admin.find_domain(root, DOMAIN)
     md5 = md5_crypt(PASSWORD)
-    admin.write_users(ref, [dataclasses.replace(u, crypted=md5) if u.name.startswith("m") else u
-                            for u in admin.read_users(ref.directory)])
+    users_now = [dataclasses.replace(u, crypted=md5) if u.name.startswith("m") else u
+                 for u in admin.read_users(ref.directory)]
+    if no_relay:
+        users_now = [dataclasses.replace(u, gid=u.gid | NO_RELAY) for u in users_now]
+    admin.write_users(ref, users_now)
     return root
 
 
@@ -93,18 +113,60 @@ def add_big_message(root: Path, megabytes: int) -> bytes:
 
 # --- logins -------------------------------------------------------------------------------
 
+class _Login(asyncio.Protocol):
+    """One USER/PASS/QUIT session driven by callbacks. The load clients share
+    the receivers' two CPUs: with asyncio streams they cost 0.2-0.3 ms of CPU
+    per login, as much as the receiver's own work besides the hash, and that
+    capped --procs 2 more than the receivers did."""
+
+    def __init__(self, request: bytes, done: asyncio.Future) -> None:
+        self.request = request
+        self.done = done
+        self.buf = b""
+        self.greeted = False
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data
+        if not self.greeted:
+            end = buf.find(b"\r\n")
+            if end < 0:
+                self.buf = buf
+                return
+            if not buf.startswith(b"+OK"):
+                self._finish(buf[:end].decode(errors="replace"))
+                return
+            self.greeted = True
+            self.transport.write(self.request)      # USER, PASS, QUIT in one write
+            buf = buf[end + 2:]
+        if buf.count(b"\r\n") < 3:
+            self.buf = buf
+            return
+        second = buf.split(b"\r\n", 2)[1]          # PASS's reply
+        self._finish(None if second == b"+OK " else second.decode(errors="replace"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._finish("closed before the replies")
+
+    def _finish(self, failure: str | None) -> None:
+        if not self.done.done():
+            self.done.set_result(failure)
+            self.transport.close()
+
+
 async def _login_worker(port: int, names: list[str], count: int, failures: list[str]) -> None:
+    loop = asyncio.get_running_loop()
+    requests = [f"USER {name}@{DOMAIN}\r\nPASS {PASSWORD}\r\nQUIT\r\n".encode() for name in names]
     for i in range(count):
-        name = names[i % len(names)]
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            greeting = await reader.readline()
-            writer.write(f"USER {name}@{DOMAIN}\r\nPASS {PASSWORD}\r\nQUIT\r\n".encode())
-            replies = [await reader.readline() for _ in range(3)]
-            if not greeting.startswith(b"+OK") or replies[1] != b"+OK \r\n":
-                failures.append(replies[1].decode(errors="replace").strip())
-        finally:
-            writer.close()
+        done = loop.create_future()
+        request = requests[i % len(requests)]
+        await loop.create_connection(lambda: _Login(request, done), "127.0.0.1", port)
+        failure = await done
+        if failure is not None:
+            failures.append(failure)
 
 
 async def _logins(port: int, pools: list[list[str]], per: int) -> list[str]:
@@ -120,10 +182,23 @@ def _client(port: int, pools: list[list[str]], per: int, start: float, out) -> N
     out.put(uvloop.run(_logins(port, pools, per)))
 
 
+def build_c_client(work: Path) -> Path | None:
+    """bench/pop3_logins.c built into `work`; None without a C compiler."""
+    exe = work / "pop3_logins"
+    try:
+        subprocess.run(["cc", "-O2", "-o", str(exe), str(BENCH / "pop3_logins.c")], check=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        print(f"no C load client ({exc}): the Python one", flush=True)
+        return None
+    return exe
+
+
 def logins_per_second(port: int, prefix: str, args) -> float:
     """--logins USER/PASS/QUIT sessions from --clients processes, --concurrency
     connections in all; worker w owns users w, w+concurrency, ...: never two
     sessions on one mailbox."""
+    if args.c_client is not None:
+        return _c_logins_per_second(port, prefix, args)
     import multiprocessing
     ctx = multiprocessing.get_context("fork")
     per = args.logins // args.concurrency
@@ -141,6 +216,83 @@ def logins_per_second(port: int, prefix: str, args) -> float:
     if failures:
         print(f"  {len(failures)} failed logins, e.g. {failures[0]!r}")
     return per * args.concurrency / elapsed
+
+
+def _c_logins_per_second(port: int, prefix: str, args) -> float:
+    per = args.logins // args.concurrency
+    start = time.time()
+    procs = [subprocess.Popen([str(args.c_client), str(port), prefix, DOMAIN, PASSWORD, str(args.users),
+                               str(args.concurrency), str(args.clients), str(c), str(per)],
+                              stdout=subprocess.PIPE, text=True) for c in range(args.clients)]
+    outs = [p.communicate()[0].split("\n", 1) for p in procs]
+    elapsed = time.time() - start
+    failed = sum(int(n) for n, _ in outs)
+    if failed or any(p.returncode for p in procs):
+        print(f"  {failed} failed logins, e.g. {next((w.strip() for _, w in outs if w.strip()), '?')!r}")
+    return per * args.concurrency / elapsed
+
+
+def thread_cpu(pids: list[int]) -> dict[int, tuple[float, float]]:
+    """pid -> (main thread's, other threads') on-CPU seconds (schedstat)."""
+    out = {}
+    for pid in pids:
+        main = other = 0
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    ns = int(f.read().split()[0])
+                if int(tid) == pid:
+                    main += ns
+                else:
+                    other += ns
+        except OSError:
+            pass
+        out[pid] = (main / 1e9, other / 1e9)
+    return out
+
+
+def clients_cpu() -> float:
+    """CPU seconds of this process's reaped children (the load clients)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+@dataclasses.dataclass
+class LoginRun:
+    rate: float
+    loops_ms: float          # receivers' main threads, CPU ms per login
+    threads_ms: float        # their other threads (hashing)
+    clients_ms: float
+    shares: list[float]      # each receiver's part of the receivers' CPU
+
+    def describe(self) -> str:
+        split = "/".join(f"{100 * s:.0f}" for s in self.shares)
+        return (f"logins/s {self.rate:7.0f}   receiver CPU {self.loops_ms + self.threads_ms:.2f} ms/login "
+                f"(loops {self.loops_ms:.2f}, hashing {self.threads_ms:.2f}; split {split}%), "
+                f"clients {self.clients_ms:.2f} ms/login")
+
+
+def measure_logins(port: int, prefix: str, receivers: list[int], args) -> LoginRun:
+    logins = args.logins // args.concurrency * args.concurrency
+    before, c0 = thread_cpu(receivers), clients_cpu()
+    rate = logins_per_second(port, prefix, args)
+    after, c1 = thread_cpu(receivers), clients_cpu()
+    used = {p: (after[p][0] - before[p][0], after[p][1] - before[p][1]) for p in receivers}
+    total = sum(m + o for m, o in used.values()) or 1.0
+    return LoginRun(rate, sum(m for m, _ in used.values()) * 1000 / logins,
+                    sum(o for _, o in used.values()) * 1000 / logins, (c1 - c0) * 1000 / logins,
+                    [sum(used[p]) / total for p in receivers])
+
+
+def wait_receivers(q: QrelayProcess, n: int, timeout: float = 20.0) -> list[int]:
+    """The n receiver pids (a receiver sets its title just after the fork: one
+    read of /proc right after the start may miss one)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = service_pids(q.pid, b"receiver")
+        if len(pids) >= n or time.monotonic() > deadline:
+            return pids
+        time.sleep(0.05)
 
 
 # --- RETR vs a plain socket ---------------------------------------------------------------
@@ -217,16 +369,20 @@ def main() -> None:
     ap.add_argument("--retr-mb", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--retr-pairs", type=int, default=5, help="RETR / plain-socket pairs per round")
+    ap.add_argument("--client", choices=("c", "python"), default="c",
+                    help="load client: bench/pop3_logins.c (default) or asyncio")
+    ap.add_argument("--no-relay-grant", action="store_true",
+                    help="users flagged NO_RELAY: logins without the POP-before-SMTP grant")
     args = ap.parse_args()
     procs = [int(p) for p in args.procs.split(",")]
     with work_dir("bench-pop3-") as work:
         print(f"setting up {2 * args.users + 1} mailboxes ...", flush=True)
-        root = make_root(work, args.users)
+        root = make_root(work, args.users, args.no_relay_grant)
+        args.c_client = build_c_client(work) if args.client == "c" else None
         wire = add_big_message(root, args.retr_mb)
         (work / "wire").write_bytes(wire)
-        results: dict[tuple[int, str], list[float]] = {}
+        results: dict[tuple[int, str], list[LoginRun]] = {}
         retr: list[float] = []
-        cpu_per_login: dict[str, list[float]] = {}
         plain: list[float] = []
         sender = subprocess.Popen([sys.executable, "-c", SENDER, str(work / "wire")],
                                   stdout=subprocess.PIPE, text=True)
@@ -236,15 +392,11 @@ def main() -> None:
                 for n in procs:
                     q, port = start_qrelay(root, n, work)
                     try:
-                        receivers = service_pids(q.pid, b"receiver")
+                        receivers = wait_receivers(q, n)
                         for label, prefix in (("$1$", "m"), ("$6$", "u")):
-                            cpu = cpu_seconds(receivers)
-                            rate = logins_per_second(port, prefix, args)
-                            cpu_ms = (cpu_seconds(receivers) - cpu) * 1000 / (args.logins // args.concurrency * args.concurrency)
-                            results.setdefault((n, label), []).append(rate)
-                            cpu_per_login.setdefault(label, []).append(cpu_ms)
-                            print(f"round {r + 1}  --procs {n}  {label} logins/s {rate:8.0f}   "
-                                  f"receiver CPU {cpu_ms:.2f} ms per login", flush=True)
+                            run = measure_logins(port, prefix, receivers, args)
+                            results.setdefault((n, label), []).append(run)
+                            print(f"round {r + 1}  --procs {n}  {label} {run.describe()}", flush=True)
                         if n == procs[0]:
                             # pairs, alternating: the machine's load hits both alike
                             for _ in range(args.retr_pairs):
@@ -259,10 +411,14 @@ def main() -> None:
             sender.wait()
         print("\nmedians")
         for label in ("$1$", "$6$"):
-            rates = {n: statistics.median(results[(n, label)]) for n in procs}
+            rates = {n: statistics.median(run.rate for run in results[(n, label)]) for n in procs}
             line = "  ".join(f"--procs {n}: {rates[n]:7.0f}/s" for n in procs)
             scale = f"  scaling {rates[procs[-1]] / rates[procs[0]]:.2f}x" if len(procs) > 1 else ""
-            print(f"logins {label}  {line}{scale}   receiver CPU {statistics.median(cpu_per_login[label]):.2f} ms/login")
+            cpu = "  ".join(
+                f"--procs {n}: receiver {statistics.median(x.loops_ms + x.threads_ms for x in results[(n, label)]):.2f} "
+                f"(loops {statistics.median(x.loops_ms for x in results[(n, label)]):.2f}), "
+                f"clients {statistics.median(x.clients_ms for x in results[(n, label)]):.2f}" for n in procs)
+            print(f"logins {label}  {line}{scale}   CPU ms/login {cpu}")
         ratio = statistics.median(r / p for r, p in zip(retr, plain))     # per pair
         print(f"RETR {args.retr_mb} MB: {statistics.median(retr) / 1e6:.0f} MB/s, plain socket "
               f"{statistics.median(plain) / 1e6:.0f} MB/s, ratio {ratio:.2f} (target >= 0.5)")
