@@ -224,6 +224,7 @@ class _TlsProtocol(asyncio.Protocol):
         chunks = []
         eof = False
         sslobj = self.sslobj
+        incoming = self.incoming
         while True:
             try:
                 chunk = sslobj.read(RECORD_BYTES)
@@ -239,6 +240,8 @@ class _TlsProtocol(asyncio.Protocol):
                 eof = True
                 break
             chunks.append(chunk)
+            if not incoming.pending and not sslobj.pending():
+                break     # all read: no SSLWantReadError to make (6 us each, every command)
         self.flush()              # post-handshake messages may want an answer
         if chunks:
             self.app.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
