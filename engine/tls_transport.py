@@ -164,11 +164,15 @@ class _TlsProtocol(asyncio.Protocol):
             return
         if self.transport is not None:
             self.incoming.write(data)
-            if not self.app_paused:
+            if self.app_paused:
+                self.raw.pause_reading()     # bounded: kept until the application reads
+            else:
                 self._read()
             return
         if self.stepping:
+            # Bounded: no more reading until the step is done.
             self.early.append(data)
+            self.raw.pause_reading()
             return
         self.incoming.write(data)
         self._step()
@@ -195,6 +199,7 @@ class _TlsProtocol(asyncio.Protocol):
             self.early.clear()
         if not finished:
             if more:
+                self.raw.resume_reading()
                 self._step()
             return
         self.transport = TlsTransport(self)
