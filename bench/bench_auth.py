@@ -21,7 +21,9 @@ defaults: one message per connection, so every message pays a whole session):
    send wrong passwords (AUTH PLAIN, 535, reconnect) for --flood-seconds; target:
    greeting p99 < 100 ms. Twice: the guessers in clear (`[auth] allow_plaintext`,
    so what is measured is the $6$ hashing alone) and over STARTTLS (each guess then
-   also costs a TLS handshake, which runs on the event loop). The login throttle is
+   also costs a TLS handshake, in the receivers' handshake threads: what a guesser
+   must do with the default settings, PLAIN being refused before TLS); both count
+   for the target. The login throttle is
    set out of the way for this part ([login] failure_delay = 0, max_failures huge):
    with it, a guesser is slowed and then locked out before it can cost much — here
    every guess is hashed.
@@ -226,8 +228,7 @@ def main() -> int:
         guesses = guess["messages"]["permfailed"] + guess["messages"]["tempfailed"]
         p99 = ms(greetings, 99)
         ok_greeting = p99 < GREETING_P99_TARGET_MS
-        if name == "clear":
-            met = met and ok_greeting
+        met = met and ok_greeting
         figures[f"guessing_{name}"] = {
             "wrong_passwords": guesses, "per_s": round(guesses / args.flood_seconds, 1),
             "greeting_ms": {"n": len(greetings), "p50": ms(greetings, 50), "p99": p99,
