@@ -126,7 +126,7 @@ API (contract A in /work/notes/contracts.md; the names are fixed)
         (True, b'Received: x\\r\\n\\r\\n.hi\\r\\n', 17, 1)
 """
 cimport cython
-from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdlib cimport free, realloc
 from libc.string cimport memchr, memcpy, memmove
@@ -813,7 +813,9 @@ cdef class MessageEncoder:
     what to send for them; the state (start of line, in the header, lines
     left) carries across chunks, so memory is one chunk whatever the size of
     the message. ``done`` is True once TOP's lines are all out (feed then
-    returns b"" and the caller stops reading). ``finish() -> bytes`` ends the
+    returns b"" and the caller stops reading). ``feed_into(data, out) -> n``
+    does the same into a writable buffer the caller reuses (at least
+    2 * len(data) + 2 bytes), with no bytes object per chunk. ``finish() -> bytes`` ends the
     reply: CRLF after a last line without LF, then CRLF "." CRLF — every
     message gets an extra empty line, as qmail-pop3d.8 says.
 
@@ -862,6 +864,26 @@ cdef class MessageEncoder:
             return PyBytes_FromStringAndSize(<const char *>self.out.data, size)
         finally:
             PyBuffer_Release(&view)
+
+    def feed_into(self, data, out):
+        """feed() into the writable buffer `out` (at least 2 * len(data) + 2
+        bytes, reused by the caller); returns how many bytes it wrote there."""
+        cdef Py_buffer view, dest
+        cdef Py_ssize_t size = 0
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            PyObject_GetBuffer(out, &dest, PyBUF_WRITABLE)
+            try:
+                if dest.len < 2 * view.len + 2:
+                    raise ValueError("feed_into: the buffer needs 2 * len(data) + 2 bytes")
+                if not self._done and view.len > 0:
+                    size = self._encode(<const unsigned char *>view.buf, view.len,
+                                        <unsigned char *>dest.buf)
+            finally:
+                PyBuffer_Release(&dest)
+        finally:
+            PyBuffer_Release(&view)
+        return size
 
     cdef Py_ssize_t _encode(self, const unsigned char *p, Py_ssize_t n, unsigned char *out) noexcept:
         cdef Py_ssize_t i = 0

@@ -9,13 +9,14 @@ import socket
 import time
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine._smtpcore import MessageEncoder
 from tests.smtp_harness import RunningQrelay
 from qrelay_process import service_pids  # noqa: E402 (bench/ is on the path once smtp_harness is imported)
-from tests.test_pop3 import deliver, make_root
+from tests.test_pop3 import _close_clients, Client, deliver, make_root, server  # noqa: F401 (fixtures)
 
 
 def blast(data: bytes, body_lines: int) -> bytes:
@@ -78,6 +79,42 @@ def test_encoder_lines_of_every_length_over_block_boundaries():
         want = blast(data, body_lines)
         for cut in range(70):
             assert encode(data, body_lines, [cut, cut + 17, cut + 33]) == want
+
+
+def test_feed_into_writes_what_feed_returns():
+    data = b"H: 1\n\n.a\nbb\n" * 50 + b"tail"
+    for body_lines in (-1, 3):
+        enc, out = MessageEncoder(body_lines), bytearray(2 * 64 + 2)
+        got = b""
+        for i in range(0, len(data), 64):
+            n = enc.feed_into(data[i:i + 64], out)
+            got += bytes(out[:n])
+        assert got + enc.finish() == blast(data, body_lines)
+    with pytest.raises(ValueError):
+        MessageEncoder().feed_into(b"x" * 10, bytearray(21))
+
+
+def test_retr_to_a_slow_reader_is_byte_exact(tmp_path, server):
+    # The sender writes to the socket itself while the transport holds
+    # nothing, and queues what the kernel did not take: with a reader slower
+    # than the sender both happen, over and over; the bytes must come in order.
+    root = make_root(tmp_path)
+    body = b"Subject: slow\n\n" + b"".join(b"." * (i % 3 == 0) + b"y" * (i % 131) + b"\n"
+                                            for i in range(130_000))      # 8.5 MB
+    path = deliver(root, "joe@example.com", body)
+    os.utime(path, (time.time() - 10, time.time() - 10))
+    want = b"+OK \r\n" + blast(path.read_bytes(), -1)
+    srv = server(root)
+    c = Client(srv.port)
+    c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    assert c.login() == b"+OK \r\n"
+    c.send(b"RETR 1\r\n")
+    got = bytearray(c.buf)
+    while not got.endswith(b"\r\n.\r\n") or len(got) < len(want):
+        chunk = c.sock.recv(2000)
+        assert chunk, "closed mid-message"
+        got += chunk
+    assert bytes(got) == want
 
 
 def rss_kb(pid: int) -> int:

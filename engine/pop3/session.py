@@ -463,9 +463,11 @@ class Pop3Session(asyncio.Protocol):
         # Replies still pending go out in the same write as the +OK.
         pending = b"".join(self.out)
         self.out.clear()
+        # Plain TCP: the stream may write to the socket itself (stream._write).
+        sock = None if self.tls else self.transport.get_extra_info("socket")
         try:
             sent = await send_file(self.transport, self.gate, path, pending + OK, body_lines,
-                                   self.settings.chunk_bytes)
+                                   self.settings.chunk_bytes, sock.fileno() if sock is not None else -1)
         except OSError as exc:
             # qmail-pop3d dies on a read error: truncated reply, no terminator.
             log.warning("pop3: reading %s failed: %s", path, exc)

@@ -2,11 +2,11 @@
 
 Owns the loop: read a chunk of the file into one reused buffer, turn it into
 POP3's wire form with the Cython core (engine._smtpcore.MessageEncoder: LF →
-CRLF, a leading "." doubled, TOP's line count — state kept across chunks),
-write it, and wait while the transport is above its high-water mark
-(pause_writing/resume_writing). Held per connection at any moment: the read
-buffer, one encoded chunk (at most twice its size) and the transport's buffer
-— whatever the size of the message. Between chunks the loop yields, so one
+CRLF, a leading "." doubled, TOP's line count — state kept across chunks) in
+a second reused buffer, write it, and wait while the transport is above its
+high-water mark (pause_writing/resume_writing). Held per connection at any
+moment: the two buffers (the chunk and twice the chunk) and the transport's
+buffer — whatever the size of the message. Between chunks the loop yields, so one
 fast reader cannot starve the other sessions of its event loop.
 
 A read error mid-message closes the connection without the terminator, as
@@ -16,6 +16,7 @@ a message that looks complete.
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 from engine._smtpcore import MessageEncoder
@@ -46,9 +47,10 @@ class WriteGate:
 
 
 async def send_file(transport: Any, gate: WriteGate, path: str, first: bytes,
-                    body_lines: int, chunk_bytes: int) -> bool:
+                    body_lines: int, chunk_bytes: int, fd: int = -1) -> bool:
     """Write `first` (the +OK line), then the message at `path` and its
-    terminator. False when the file could not be opened (nothing written)."""
+    terminator. False when the file could not be opened (nothing written).
+    `fd`: the connection's socket when it is plain TCP (see _write), else -1."""
     try:
         f = open(path, "rb", buffering=0)
     except OSError:
@@ -58,6 +60,7 @@ async def send_file(transport: Any, gate: WriteGate, path: str, first: bytes,
         encoder = MessageEncoder(body_lines)
         buf = bytearray(chunk_bytes)
         view = memoryview(buf)
+        out = memoryview(bytearray(2 * chunk_bytes + 2))
         while True:
             await gate.wait()
             if transport.is_closing():
@@ -65,12 +68,31 @@ async def send_file(transport: Any, gate: WriteGate, path: str, first: bytes,
             n = f.readinto(buf)
             if not n:
                 break
-            out = encoder.feed(view[:n])
-            if out:
-                transport.write(out)
+            size = encoder.feed_into(view[:n], out)
+            if size:
+                _write(transport, fd, out[:size])
             if encoder.done:
                 break
             if not gate.paused:
                 await asyncio.sleep(0)
         transport.write(encoder.finish())
     return True
+
+
+def _write(transport: Any, fd: int, data: memoryview) -> None:
+    """transport.write(bytes(data)) — but while nothing waits in the transport,
+    straight to the socket first: the kernel copies from the encoder's buffer,
+    and only what it did not take is copied into the bytes object the
+    transport keeps (it keeps what it is given; the buffer is reused for the
+    next chunk). One copy of the message less: 10 MB cost 8.4-9.6 ms of
+    receiver CPU, a tenth of it that copy. Never under TLS (fd -1): the bytes
+    must go through the transport's encryption."""
+    if fd >= 0 and not transport.get_write_buffer_size():
+        try:
+            sent = os.write(fd, data)
+        except OSError:    # EAGAIN: the transport queues it; an error: its write reports it
+            sent = 0
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(bytes(data))
