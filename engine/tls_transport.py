@@ -52,9 +52,9 @@ class TlsTransport(asyncio.Transport):
     # --- writing --------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if self._closing or not data:
-            return
         tls = self._tls
+        if self._closing or tls.done or not data:
+            return          # as a closed plain transport: nothing goes out
         try:
             tls.sslobj.write(data)
         except ssl.SSLError as exc:
@@ -102,6 +102,8 @@ class TlsTransport(asyncio.Transport):
             return
         self._closing = True
         tls = self._tls
+        if tls.done:
+            return          # the connection is gone already
         try:
             tls.sslobj.unwrap()
         except ssl.SSLError:
