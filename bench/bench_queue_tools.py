@@ -155,9 +155,11 @@ def not_preprocessed(root: Path) -> int:
         return s.stats().not_preprocessed
 
 
-def bench_delete(root: Path, work: Path, sessions: int, window: float) -> dict:
+def bench_delete(root: Path, work: Path, sessions: int, window: float,
+                 spool: list[str]) -> dict:
     from qrelay_process import QrelayProcess
-    (root / "qrelay.toml").write_text("[scheduler]\nenabled = false\n")
+    (root / "qrelay.toml").write_text("[scheduler]\nenabled = false\n[spool]\n"
+                                      + "".join(f"{kv}\n" for kv in spool))
     big = count_big(root)
     q = QrelayProcess(root, os.cpu_count() or 1, log=work / "qrelay.log")
     flood = None
@@ -237,6 +239,8 @@ def main() -> int:
     p.add_argument("--sessions", type=int, default=20)
     p.add_argument("--window", type=float, default=5.0,
                    help="seconds of each ingest window before/after the delete")
+    p.add_argument("--spool", action="append", default=[], metavar="KEY=VALUE",
+                   help="a [spool] setting for the delete, e.g. surgery_pause=0.05")
     p.add_argument("--queue-cache", help="keep the built queue in this directory and copy it "
                    "from there on the next run (the same sizes)")
     p.add_argument("--import-messages", type=int, default=25_000)
@@ -265,7 +269,8 @@ def main() -> int:
             if "qshape" in only:
                 figures.update(bench_qshape(root, args.runs))
             if "delete" in only:
-                figures.update(bench_delete(root, work, args.sessions, args.window))
+                figures.update(bench_delete(root, work, args.sessions, args.window,
+                                            args.spool))
         if "import" in only:
             figures.update(bench_import(work, args.import_messages))
     finally:
