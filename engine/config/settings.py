@@ -104,15 +104,15 @@ class SpoolSettings:
     single_writer: bool = True
     # Queue surgery (qrelay hold/release/delete/requeue) changes at most this
     # many messages per index transaction (one sync each), so the spool writer
-    # and the scheduler never wait long for LMDB's writer lock (2000: delete
-    # --domain of 100,000 in 7-9 s beside ingest; 500: 10.7 s, more syncs).
+    # and the scheduler never wait long for LMDB's writer lock (a 2,000-message
+    # delete holds it ~12 ms of CPU and one sync; 500: 4x the syncs).
     surgery_batch: int = 2000
     # ...and pause this long (seconds) between those transactions: LMDB's
     # writer lock is not fair, and a bulk delete that took it back at once
     # would hold the spool writer's index commits (so ingest) waiting; the
-    # pause also leaves the receivers CPU (a 2,000-message batch takes ~0.1 s).
-    # Delete time and ingest beside it trade against each other (2 CPUs, 100,000
-    # messages: 5 ms: 5.2 s, ingest 0.68; 60 ms: 7.8 s, 0.78; 80 ms: 8.9-9.4 s, 0.79-0.84).
+    # pause also leaves the receivers CPU. Delete time and ingest beside it
+    # trade against each other through it (2 CPUs, 100,000 messages, 49
+    # pauses; README, queue tools benchmark): 80 ms: 6-10 s at load 4-9.
     surgery_pause: float = 0.08
     # import-qmail moves this many messages per spool commit (three syncs each).
     import_batch: int = 2000
