@@ -186,7 +186,8 @@ class ServerTls:
         submissions, pop3s): each connection's handshake with the certificate
         of the moment, in the handshake threads; then `factory()`'s protocol
         is connection_made with the encrypted transport."""
-        return lambda: ImplicitTls(self, factory(), scheme)
+        label = "pop3" if scheme == "pop3s" else scheme     # as its sessions count theirs
+        return lambda: ImplicitTls(self, factory(), label)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -180,8 +180,12 @@ class _TlsProtocol(asyncio.Protocol):
         self._step()
 
     def _step(self) -> None:
+        try:
+            step = self.loop.run_in_executor(self.pool, _handshake_step, self.sslobj)
+        except RuntimeError as exc:     # the pool is shut down: the receiver is stopping
+            self.fail(exc)
+            return
         self.stepping = True
-        step = self.loop.run_in_executor(self.pool, _handshake_step, self.sslobj)
         step.add_done_callback(self._stepped)
 
     def _stepped(self, step: asyncio.Future) -> None:
