@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from engine.config.settings import RelaySettings, Settings, SettingsError, load_
 from engine.relay import RelayStoreError, normalize_ip, open_relay_table
 from engine.relay.embedded import EmbeddedRelayTable
 from engine.relay.opensmtp import RULE, format_open_smtp, parse_open_smtp
+from engine.relay.writer import boot_id
 from tests.conftest import run_cli
 
 T0 = 1_800_000_000.0
@@ -148,20 +151,148 @@ def test_entries_survive_a_restart(tmp_path: Path, clock: Clock) -> None:
 
 
 def test_writes_are_synced_soon_not_on_the_grant(tmp_path: Path) -> None:
-    settings = dataclasses.replace(Settings(), relay=RelaySettings(sync_seconds=0.05))
+    """A grant commits without fsync; the writer thread syncs within
+    sync_seconds and only then drops the `unsynced` mark (engine/relay/writer.py)."""
+    settings = dataclasses.replace(Settings(), relay=RelaySettings(sync_seconds=0.5))
+    marker = tmp_path / "relay" / "unsynced"
 
     async def scenario() -> None:
         t = open_relay_table(tmp_path, settings)
         await t.grant("192.0.2.1", ttl=60)
-        assert t._sync_timer is not None or t._syncing is not None   # scheduled, not done inline
-        deadline = asyncio.get_running_loop().time() + 5
-        while (t._sync_timer is not None or t._syncing is not None) and \
-                asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.01)
-        assert t._last_sync > 0
+        assert t._writer.last_sync == 0 and marker.exists()     # not synced by the grant
+        deadline = time.monotonic() + 10
+        while marker.exists() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert t._writer.last_sync > 0 and not marker.exists()
         await t.close()
 
     run(scenario())
+
+
+def test_a_table_perhaps_torn_by_a_machine_crash_is_set_aside(tmp_path: Path, clock: Clock) -> None:
+    t = open_relay_table(tmp_path, Settings(), clock=clock)
+    run(t.grant("192.0.2.1", ttl=60))
+    run(t.close())
+    marker = tmp_path / "relay" / "unsynced"
+    assert not marker.exists()                    # closed: synced
+    marker.write_text(boot_id() + "\n")           # a process of this boot was writing
+    t = open_relay_table(tmp_path, Settings(), clock=clock)
+    assert run(t.allows("192.0.2.1"))
+    run(t.close())
+    marker.write_text("an-earlier-boot\n")         # the machine stopped before a sync
+    t = open_relay_table(tmp_path, Settings(), clock=clock)
+    try:
+        assert not run(t.allows("192.0.2.1")) and run(t.entries()) == []
+        assert [p.name.startswith("relay.unsynced-") for p in tmp_path.iterdir()].count(True) == 1
+        run(t.grant("192.0.2.2", ttl=60))
+        assert run(t.allows("192.0.2.2"))
+    finally:
+        run(t.close())
+
+
+def _blocked(t) -> threading.Event:
+    """Hold the writer thread inside a transaction until the event is set."""
+    inside, release = threading.Event(), threading.Event()
+
+    def block(txn, now, changed) -> None:
+        inside.set()
+        release.wait(30)
+
+    t._writer.submit(block)
+    assert inside.wait(30)
+    return release
+
+
+def test_writes_that_arrive_together_share_one_transaction(table) -> None:
+    async def scenario() -> None:
+        release = _blocked(table)
+        ips = [f"192.0.2.{i}" for i in range(50)]
+        grants = asyncio.gather(*(table.grant(ip, ttl=60) for ip in ips),
+                                table.count_failure("198.51.100.1", 60))
+        await asyncio.sleep(0)
+        before = table._writer.batches
+        release.set()
+        assert await grants == [T0 + 60] * 50 + [1]
+        assert table._writer.batches == before + 2          # the blocker's, then one
+        assert all(table.allows_nowait(ip) for ip in ips)
+
+    run(scenario())
+
+
+def test_a_failing_write_fails_alone_in_its_batch(table) -> None:
+    def broken(txn, now, changed):
+        txn.put(b"\x01\x02\x03\x04", b"x" * 8, db=table._grants[b"4"])
+        raise RuntimeError("a bug")
+
+    async def scenario() -> None:
+        release = _blocked(table)
+        bad = asyncio.wrap_future(table._writer.submit(broken))
+        good = asyncio.ensure_future(table.grant("192.0.2.1", ttl=60))
+        await asyncio.sleep(0)
+        release.set()
+        with pytest.raises(RuntimeError, match="a bug"):
+            await bad
+        assert await good == T0 + 60
+        assert not table.allows_nowait("4.3.2.1")      # its put was undone
+        assert table.allows_nowait("192.0.2.1")
+
+    run(scenario())
+
+
+def test_a_login_with_nothing_to_forget_writes_nothing(table) -> None:
+    run(table.grant("192.0.2.1", ttl=60))
+    before = table._writer.batches
+    run(table.clear_failures("192.0.2.1"))
+    assert table._writer.batches == before
+    run(table.count_failure("192.0.2.1", 60))
+    run(table.clear_failures("192.0.2.1"))
+    assert table._writer.batches == before + 2
+    assert run(table.count_failure("192.0.2.1", 60)) == 1
+
+
+def _hold_writer_mutex(root: Path, conn) -> None:
+    t = open_relay_table(root, Settings())
+    env = t._open()
+    conn.send("opened")
+    conn.recv()
+    txn = env.begin(write=True)
+    conn.send("held")
+    conn.recv()
+    txn.abort()
+    t.close_now()
+
+
+def test_the_event_loop_never_waits_for_the_writer_mutex(tmp_path: Path, table) -> None:
+    """Another process holds LMDB's writer mutex: a grant waits for it, the
+    event loop does not (it keeps running callbacks and checks)."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")     # before this process opens the table
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_hold_writer_mutex, args=(tmp_path, child))
+    proc.start()
+    try:
+        assert parent.poll(30) and parent.recv() == "opened"
+        table._open()
+        parent.send("hold")
+        assert parent.poll(30) and parent.recv() == "held"
+
+        async def scenario() -> None:
+            grant = asyncio.ensure_future(table.grant("192.0.2.1", ttl=60))
+            for _ in range(20):                   # the loop turns while the grant waits
+                await asyncio.sleep(0.005)
+                assert not table.allows_nowait("192.0.2.1")
+            assert not grant.done()
+            parent.send("release")
+            assert await grant == T0 + 60
+            assert table.allows_nowait("192.0.2.1")
+
+        run(scenario())
+    finally:
+        parent.send("release")
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+    assert proc.exitcode == 0
 
 
 def test_another_process_sees_a_grant_at_once(tmp_path: Path, table) -> None:

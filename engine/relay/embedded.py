@@ -22,22 +22,27 @@ removes at most `[relay] sweep_batch` expired entries found at the front of
 the `expiry` index: the table cleans itself as it is used, without a cron
 job, and a check never honours an expired entry even before it is removed.
 
-Durability: transactions are committed without fsync (LMDB's NOSYNC) and the
-environment is synced in a thread at most `[relay] sync_seconds` after a
-write, so a login never waits for the disk; a crash of any process loses
-nothing, a crash of the machine at most the last second of grants (the
-client logs in again). If the file is found corrupt at open, it is set aside
-(ROOT/relay.broken-TIME) and a fresh table is made: grants are soft state.
-This module never raises from `allows` and never syncs on the login path.
+Writes run in one thread per process (engine/relay/writer.py), those that
+arrive together in one transaction; the event loop only awaits them.
+Durability (writer.py says why): commits without fsync (LMDB's NOSYNC), the
+file synced by that thread at most `[relay] sync_seconds` after a write; a
+crash of any process loses nothing, a crash of the machine at most the last
+second of grants (the client logs in again) — and a table that may have been
+torn by it is set aside at the next open (ROOT/relay.unsynced-TIME), as is a
+file found corrupt (ROOT/relay.broken-TIME): grants are soft state, a
+damaged table is never read. This module never raises from `allows` and
+never syncs or takes the writer mutex on an event loop.
 """
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import math
 import os
 import struct
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +53,7 @@ import lmdb
 
 from engine.relay import RelayStoreError, RelayTable, address_order, normalize_ip, packed_ip
 from engine.relay.mirror import GrantMirror
+from engine.relay.writer import TxnWriter, unsynced_from_earlier_boot
 
 if TYPE_CHECKING:
     from engine.config.settings import RelaySettings
@@ -65,6 +71,12 @@ CHANGE_LOG_TXNS = 16384
 # Kinds of entry in the expiry index.
 KIND_GRANT4, KIND_GRANT6, KIND_FAILURE = b"4", b"6", b"f"
 _LITTLE = sys.byteorder == "little"
+# Taken (flock) while a process opens the table.
+LOCK = "open.lock"
+# Opening is rare; a child gets a fresh lock (a thread of the parent may
+# have held it at the fork).
+_OPEN_LOCK = threading.Lock()
+os.register_at_fork(after_in_child=lambda: globals().__setitem__("_OPEN_LOCK", threading.Lock()))
 # What says the file itself is damaged (it is then set aside, see _open).
 _UNREADABLE = (lmdb.InvalidError, lmdb.CorruptedError, lmdb.PageNotFoundError,
                lmdb.VersionMismatchError, lmdb.IncompatibleError)
@@ -114,10 +126,8 @@ class EmbeddedRelayTable(RelayTable):
         self._expiry: Any = None
         self._changes: Any = None
         self._mirror = GrantMirror()
-        self._sync_timer: asyncio.TimerHandle | None = None
-        self._syncing: asyncio.Future | None = None
-        self._sync_loop: asyncio.AbstractEventLoop | None = None
-        self._last_sync = 0.0
+        self._writer = TxnWriter(self.path, settings.sync_seconds, self._transact,
+                                 lambda: self._env if self._pid == os.getpid() else None)
         self._failing = False
 
     # --- the environment -----------------------------------------------------------
@@ -126,21 +136,36 @@ class EmbeddedRelayTable(RelayTable):
         pid = os.getpid()
         if self._env is not None and self._pid == pid:
             return self._env
+        # The checking thread and the writer thread may both get here first.
+        with _OPEN_LOCK:
+            if self._env is not None and self._pid == pid:
+                return self._env
+            return self._open_locked(pid)
+
+    def _open_locked(self, pid: int) -> lmdb.Environment:
         # Opened in a parent before a fork: LMDB forbids using it here; a fresh one.
         self._env = None
         self.path.mkdir(parents=True, exist_ok=True)
+        # Processes starting together decide once whether the table is set aside.
+        # (Read-only, in the directory the run user owns: a root CLI may have made it.)
+        lock = os.open(self.path / LOCK, os.O_RDONLY | os.O_CREAT, 0o644)
         try:
-            env = self._open_env()
-        except _UNREADABLE as exc:
-            # Only a damaged file is set aside: a plain lmdb.Error ("already
-            # open in this process", after a fork from a parent that used the
-            # table) must not throw every grant away; it fails closed instead.
-            aside = self.path.with_name(f"{self.path.name}.broken-{int(time.time())}")
-            log.warning("relay table %s unreadable (%s): moved to %s, starting empty",
-                        self.path, exc, aside)
-            os.replace(self.path, aside)
-            self.path.mkdir()
-            env = self._open_env()
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if unsynced_from_earlier_boot(self.path):
+                self._set_aside("unsynced", "the machine stopped before its last writes "
+                                "reached the disk")
+            try:
+                env = self._open_env()
+            except _UNREADABLE as exc:
+                # Only a damaged file is set aside: a plain lmdb.Error ("already
+                # open in this process", after a fork from a parent that used the
+                # table) must not throw every grant away; it fails closed instead.
+                self._set_aside("broken", f"unreadable ({exc})")
+                env = self._open_env()
+        finally:
+            os.close(lock)
+        # (open_db takes LMDB's writer mutex holding the GIL: once per process,
+        # for as long as another process's write transaction lasts.)
         self._grants = {KIND_GRANT4: env.open_db(b"grants4", integerkey=True),
                         KIND_GRANT6: env.open_db(b"grants6")}
         self._failures = env.open_db(b"failures")
@@ -153,53 +178,49 @@ class EmbeddedRelayTable(RelayTable):
         self._env, self._pid = env, pid
         return env
 
+    def _set_aside(self, why: str, what: str) -> None:
+        aside = self.path.with_name(f"{self.path.name}.{why}-{int(time.time())}")
+        log.warning("relay table %s %s: moved to %s, starting empty", self.path, what, aside)
+        os.replace(self.path, aside)
+        self.path.mkdir()
+
     def _open_env(self) -> lmdb.Environment:
         return lmdb.open(str(self.path), map_size=self.settings.map_bytes, max_dbs=5,
                          sync=False, readahead=False, max_readers=512)
 
-    def _wrote(self) -> None:
-        """Have the environment synced within sync_seconds (in a thread)."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._sync_now()
-            return
-        if self._sync_loop is not loop:
-            # A loop that ended (a CLI's asyncio.run) never fires its timer.
-            self._sync_timer = self._syncing = None
-            self._sync_loop = loop
-        if self._sync_timer is not None or self._syncing is not None:
-            return
-        delay = max(0.0, self._last_sync + self.settings.sync_seconds - time.monotonic())
-        self._sync_timer = loop.call_later(delay, self._start_sync, loop)
+    async def _write(self, work: Callable[[lmdb.Transaction, float, list[bytes]], object]) -> object:
+        """Run `work(txn, now, changed)` in the writer thread's next write
+        transaction (shared with the writes that arrive meanwhile); the grants
+        keys it changed (kind + key, appended to `changed`) are logged for the
+        other processes' copies. RelayStoreError if the store fails."""
+        return await self._writer.run(work)
 
-    def _start_sync(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._sync_timer = None
-        if self._env is None:
-            return
-        self._syncing = loop.run_in_executor(None, self._sync_now)
-        self._syncing.add_done_callback(self._synced)
-
-    def _synced(self, done: asyncio.Future) -> None:
-        self._syncing = None
-        if not done.cancelled() and done.exception() is not None:
-            log.warning("relay table %s: sync failed: %s", self.path, done.exception())
-
-    def _sync_now(self) -> None:
-        self._last_sync = time.monotonic()
-        if self._env is not None:
-            self._env.sync(True)
-
-    def _write(self, work: Callable[[lmdb.Transaction, float, list[bytes]], object]) -> object:
-        """Run `work(txn, now, changed)` in one write transaction, sweeping
-        expired entries; the grants keys it changed (kind + key, appended to
-        `changed`) are logged for the other processes' copies."""
+    def _transact(self, works: list) -> list[tuple[BaseException | None, object]]:
+        """The writer thread's batch: one write transaction, each work in a
+        nested one (one failing undoes only itself), one sweep, one commit."""
         try:
             env = self._open()
             now = self.clock()
+            outcomes: list[tuple[BaseException | None, object]] = []
             with env.begin(write=True) as txn:
+                self._writer.mark_unsynced()
                 changed: list[bytes] = []
-                result = work(txn, now, changed)
+                if len(works) == 1:
+                    outcomes.append((None, works[0](txn, now, changed)))
+                else:
+                    for work in works:
+                        mine: list[bytes] = []
+                        try:
+                            with env.begin(write=True, parent=txn) as child:
+                                result = work(child, now, mine)
+                        except lmdb.Error as exc:
+                            outcomes.append((RelayStoreError(f"relay table {self.path}: {exc}"), None))
+                            continue
+                        except Exception as exc:
+                            outcomes.append((exc, None))
+                            continue
+                        changed += mine
+                        outcomes.append((None, result))
                 self._sweep(txn, now, changed)
                 if changed:
                     self._log_changes(txn, changed)
@@ -207,8 +228,7 @@ class EmbeddedRelayTable(RelayTable):
             raise RelayStoreError(f"relay table {self.path}: {exc}") from None
         except OSError as exc:
             raise RelayStoreError(f"relay table {self.path}: {exc.strerror or exc}") from None
-        self._wrote()
-        return result
+        return outcomes
 
     def _log_changes(self, txn: lmdb.Transaction, changed: list[bytes]) -> None:
         txnid = txn.id()
@@ -247,14 +267,15 @@ class EmbeddedRelayTable(RelayTable):
 
     async def sweep(self) -> int:
         """Remove expired entries now (at most sweep_batch); how many went."""
-        return self._write(lambda txn, now, changed: 0) or 0   # _write sweeps
+        return await self._write(lambda txn, now, changed: 0) or 0   # _transact sweeps
 
     # --- grants ----------------------------------------------------------------------
 
     async def grant(self, ip: str, ttl: float | None = None) -> float:
         kind, key = grant_key(ip)
         ttl = self._ttl(ttl)
-        return self._write(lambda txn, now, changed: self._put_grant(txn, kind, key, now + ttl, changed))  # type: ignore[return-value]
+        return await self._write(  # type: ignore[return-value]
+            lambda txn, now, changed: self._put_grant(txn, kind, key, now + ttl, changed))
 
     async def grant_many(self, grants: list[tuple[str, float]]) -> int:
         todo = [(*grant_key(ip), self._ttl(ttl)) for ip, ttl in grants]
@@ -265,7 +286,7 @@ class EmbeddedRelayTable(RelayTable):
                 for kind, key, ttl in batch:
                     self._put_grant(txn, kind, key, now + ttl, changed)
 
-            self._write(work)
+            await self._write(work)
         return len(todo)
 
     def _put_grant(self, txn: lmdb.Transaction, kind: bytes, key: bytes, until: float,
@@ -361,7 +382,7 @@ class EmbeddedRelayTable(RelayTable):
             changed.append(kind + key)
             return until > now
 
-        return bool(self._write(work))
+        return bool(await self._write(work))
 
     async def entries(self) -> list[tuple[str, float]]:
         try:
@@ -376,7 +397,7 @@ class EmbeddedRelayTable(RelayTable):
 
     # --- failure counters -----------------------------------------------------------
 
-    def _failure_update(self, ip: str, change: Callable[[int, float, float, float],
+    async def _failure_update(self, ip: str, change: Callable[[int, float, float, float],
                                                         tuple[int, float, float] | None]):
         """Replace ip's failure record by change(count, window_end, locked, now)
         (None = delete it); returns the new record or None."""
@@ -397,7 +418,7 @@ class EmbeddedRelayTable(RelayTable):
             txn.put(_expiry_key(max(new[1], new[2]), KIND_FAILURE, key), b"", db=expiry)
             return new
 
-        return self._write(work)
+        return await self._write(work)
 
     async def count_failure(self, ip: str, window: float) -> int | None:
         def change(count: int, wend: float, locked: float, now: float):
@@ -406,53 +427,59 @@ class EmbeddedRelayTable(RelayTable):
             return count + 1, wend, locked
 
         try:
-            return self._failure_update(ip, change)[0]
+            return (await self._failure_update(ip, change))[0]
         except (RelayStoreError, ValueError) as exc:
             log.warning("login failure not counted for %s: %s", ip, exc)
             return None
 
     async def lock_out(self, ip: str, seconds: float) -> float | None:
         try:
-            return self._failure_update(ip, lambda c, w, l, now: (0, now, now + seconds))[2]
+            return (await self._failure_update(ip, lambda c, w, l, now: (0, now, now + seconds)))[2]
         except (RelayStoreError, ValueError) as exc:
             log.warning("lockout of %s not recorded: %s", ip, exc)
             return None
 
-    async def locked_until(self, ip: str) -> float:
+    def _failure_record(self, ip: str) -> tuple[int, float, float] | None:
+        """ip's (failures, window end, lockout end), None if none or unreadable."""
         try:
             key = normalize_ip(ip).encode()
             env = self._open()
             with env.begin(db=self._failures) as txn:
                 value = txn.get(key)
         except (lmdb.Error, OSError, ValueError):
+            return None
+        return _FAILURE.unpack(value) if value is not None else None
+
+    async def locked_until(self, ip: str) -> float:
+        record = self._failure_record(ip)
+        if record is None:
             return 0.0
-        if value is None:
-            return 0.0
-        locked = _FAILURE.unpack(value)[2]
+        locked = record[2]
         return locked if locked > self.clock() else 0.0
 
     async def clear_failures(self, ip: str) -> None:
         def change(count: int, wend: float, locked: float, now: float):
             return (0, now, locked) if locked > now else None
 
+        # Every login succeeds through here: most IPs have nothing to forget,
+        # and a read costs no write transaction (nor the writer mutex).
+        record = self._failure_record(ip)
+        if record is None or (record[0] == 0 and record[2] > self.clock()):
+            return
         try:
-            self._failure_update(ip, change)
+            await self._failure_update(ip, change)
         except (RelayStoreError, ValueError) as exc:
             log.warning("login failures of %s not cleared: %s", ip, exc)
 
     # --- closing ---------------------------------------------------------------------
 
     async def close(self) -> None:
-        if self._sync_timer is not None:
-            self._sync_timer.cancel()
-            self._sync_timer = None
-        if self._syncing is not None and self._sync_loop is asyncio.get_running_loop():
-            await asyncio.wait([self._syncing])
-        self._syncing = None
+        await asyncio.to_thread(self._writer.stop)    # the last batch and sync, off the loop
         self.close_now()
 
     def close_now(self) -> None:
-        """Sync and close, without a loop (the CLI, a test's teardown)."""
+        """Finish the writes, sync and close (blocks; the CLI, a test's teardown)."""
+        self._writer.stop()
         if self._env is not None and self._pid == os.getpid():
             self._env.sync(True)
             self._env.close()
