@@ -6,8 +6,8 @@ CRLF, a leading "." doubled, TOP's line count — state kept across chunks) in
 a second reused buffer, write it, and wait while the transport is above its
 high-water mark (pause_writing/resume_writing). Held per connection at any
 moment: the two buffers (the chunk and twice the chunk) and the transport's
-buffer — whatever the size of the message. Between chunks the loop yields, so one
-fast reader cannot starve the other sessions of its event loop.
+buffer — whatever the size of the message. Every YIELD_BYTES the loop
+yields, so one fast reader cannot starve the other sessions of its event loop.
 
 A read error mid-message closes the connection without the terminator, as
 qmail-pop3d does (its process dies): the client sees a truncated reply, never
@@ -20,6 +20,11 @@ import os
 from typing import Any
 
 from engine._smtpcore import MessageEncoder
+
+# A reader that keeps up gets this much before the loop serves the other
+# sessions (about a millisecond of work), not one chunk: each turn of the
+# loop cost the sender as much as encoding 40 KB.
+YIELD_BYTES = 1 << 20
 
 
 class WriteGate:
@@ -61,8 +66,11 @@ async def send_file(transport: Any, gate: WriteGate, path: str, first: bytes,
         buf = bytearray(chunk_bytes)
         view = memoryview(buf)
         out = memoryview(bytearray(2 * chunk_bytes + 2))
+        unyielded = 0
         while True:
-            await gate.wait()
+            if gate.paused:
+                await gate.wait()
+                unyielded = 0
             if transport.is_closing():
                 return True
             n = f.readinto(buf)
@@ -73,8 +81,10 @@ async def send_file(transport: Any, gate: WriteGate, path: str, first: bytes,
                 _write(transport, fd, out[:size])
             if encoder.done:
                 break
-            if not gate.paused:
+            unyielded += n
+            if unyielded >= YIELD_BYTES and not gate.paused:
                 await asyncio.sleep(0)
+                unyielded = 0
         transport.write(encoder.finish())
     return True
 
