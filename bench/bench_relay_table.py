@@ -5,7 +5,7 @@ Target (issue 13): the POP-before-SMTP check with 100,000 entries runs at
 >= 0.9x the rate with 10, for the embedded table (LMDB) and for Redis.
 
     .venv/bin/python bench/bench_relay_table.py [--big 100000] [--checks 10000] [--rounds 3]
-                                                [--no-redis]
+                                                [--logins 2000] [--parallel 32] [--no-redis]
 
 Each check asks for a random address, half of them granted. The embedded
 table is timed on the session's path (`allows_nowait`, no await) and through
@@ -14,6 +14,13 @@ one check at a time (a round trip each) and 32 at once, in wall seconds. The
 small and big tables take turns every 500 checks and the best of the rounds
 is kept, so a busy machine's noise hits both alike. Redis:
 a redis-server started here on a free loopback port (bench/redis_process.py).
+
+Then what a POP3 login costs the table (throttle.success + grant, into the
+big table, random granted addresses): one login at a time and --parallel at
+once, in CPU per login of the event loop's thread (what the receiver's
+loop pays) and of the whole process (the embedded writer thread included),
+and for the embedded table the logins per commit (writes that arrive
+together share one transaction).
 """
 from __future__ import annotations
 
@@ -33,6 +40,7 @@ sys.path.insert(0, str(HERE))
 
 from engine.config.settings import RelaySettings, Settings  # noqa: E402
 from engine.relay import RelayTable, open_relay_table  # noqa: E402
+from engine.relay.throttle import LoginThrottle  # noqa: E402
 
 
 def addresses(n: int, seed: int) -> list[str]:
@@ -103,6 +111,35 @@ async def measure(name: str, small: RelayTable, big: RelayTable, small_ips: list
               f"ratio {rate['big'] / rate['small']:.2f}", flush=True)
 
 
+async def measure_logins(name: str, table: RelayTable, granted: list[str],
+                         args: argparse.Namespace) -> None:
+    throttle = LoginThrottle(table, Settings())
+    rng = random.Random(7)
+
+    async def login(ip: str) -> None:
+        await throttle.success(ip)
+        await table.grant(ip)
+
+    await login(granted[0])         # the writer thread started, the table open
+    writer = getattr(table, "_writer", None)
+    for parallel in (1, args.parallel):
+        best = (math.inf, math.inf, 0.0)
+        for _ in range(args.rounds):
+            ips = [rng.choice(granted) for _ in range(args.logins)]
+            commits = writer.batches if writer is not None else 0
+            loop0, proc0 = time.thread_time(), time.process_time()
+            for i in range(0, len(ips), parallel):
+                await asyncio.gather(*(login(ip) for ip in ips[i:i + parallel]))
+            loop, proc = time.thread_time() - loop0, time.process_time() - proc0
+            per_commit = (len(ips) / max(1, writer.batches - commits)) if writer is not None else 0.0
+            best = min(best, (loop, proc, per_commit))
+        loop, proc, per_commit = best
+        n = args.logins
+        extra = f"   {per_commit:4.1f} logins/commit" if writer is not None else ""
+        print(f"{name:9s} login grant, {parallel:2d} at once: loop {1e6 * loop / n:6.1f} us CPU/login   "
+              f"process {1e6 * proc / n:6.1f} us CPU/login{extra}", flush=True)
+
+
 async def run_store(name: str, make, args: argparse.Namespace) -> None:
     small, big = make("small"), make("big")
     try:
@@ -113,6 +150,8 @@ async def run_store(name: str, make, args: argparse.Namespace) -> None:
         print(f"{name:9s} filled {args.big:,} grants in {time.perf_counter() - started:.1f} s",
               flush=True)
         await measure(name, small, big, small_ips, big_ips, args, embedded=name == "embedded")
+        if args.logins:
+            await measure_logins(name, big, big_ips, args)
     finally:
         await small.close()
         await big.close()
@@ -124,6 +163,8 @@ def main() -> None:
     parser.add_argument("--big", type=int, default=100_000)
     parser.add_argument("--checks", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--logins", type=int, default=2000, help="logins timed per round (0: none)")
+    parser.add_argument("--parallel", type=int, default=32, help="logins at once, second figure")
     parser.add_argument("--no-redis", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-relay-") as tmp:
