@@ -480,3 +480,20 @@ def test_checks_follow_another_process_writes(tmp_path: Path, table, clock: Cloc
         if proc.is_alive():
             proc.kill()
     assert proc.exitcode == 0
+
+
+def test_a_large_copy_is_built_in_a_thread(table, clock: Clock, monkeypatch) -> None:
+    """Past INLINE_BUILD grants the process's copy is built in a thread; the
+    checks meanwhile read the tree, and a grant made since is replayed."""
+    import engine.relay.embedded as embedded
+    monkeypatch.setattr(embedded, "INLINE_BUILD", 2)
+    ips = [f"10.0.0.{i}" for i in range(1, 6)]
+    run(table.grant_many([(ip, 60.0) for ip in ips]))
+    assert table.allows_nowait("10.0.0.1") and not table.allows_nowait("10.0.0.9")
+    table._builder.join(30)
+    run(table.grant("10.0.0.9", ttl=60))
+    run(table.revoke("10.0.0.2"))
+    assert table.allows_nowait("10.0.0.9") and not table.allows_nowait("10.0.0.2")
+    assert table._built is None and table._mirror.count == 5      # adopted, then replayed
+    clock.now = T0 + 60
+    assert not table.allows_nowait("10.0.0.1")
