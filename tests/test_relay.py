@@ -497,3 +497,22 @@ def test_a_large_copy_is_built_in_a_thread(table, clock: Clock, monkeypatch) -> 
     assert table._built is None and table._mirror.count == 5      # adopted, then replayed
     clock.now = T0 + 60
     assert not table.allows_nowait("10.0.0.1")
+
+
+def test_a_table_set_aside_by_root_stays_the_run_users(tmp_path: Path, clock: Clock) -> None:
+    import os
+    if os.geteuid() != 0:
+        pytest.skip("needs root (chown)")
+    t = open_relay_table(tmp_path, Settings(), clock=clock)
+    run(t.grant("192.0.2.1", ttl=60))
+    run(t.close())
+    relay = tmp_path / "relay"
+    os.chown(relay, 65534, 65534)                 # as `qrelay run` leaves it (give_tree)
+    (relay / "unsynced").write_text("an-earlier-boot\n")
+    t = open_relay_table(tmp_path, Settings(), clock=clock)
+    try:
+        assert not run(t.allows("192.0.2.1"))     # set aside
+        st = relay.stat()
+        assert (st.st_uid, st.st_gid) == (65534, 65534)
+    finally:
+        run(t.close())

@@ -186,8 +186,13 @@ class EmbeddedRelayTable(RelayTable):
     def _set_aside(self, why: str, what: str) -> None:
         aside = self.path.with_name(f"{self.path.name}.{why}-{int(time.time())}")
         log.warning("relay table %s %s: moved to %s, starting empty", self.path, what, aside)
+        owner = os.stat(self.path)
         os.replace(self.path, aside)
         self.path.mkdir()
+        if os.geteuid() == 0:
+            # A root tool (doctor, relayclients) may be first after a reboot: the
+            # receivers, running as the run user, must still write the new one.
+            os.chown(self.path, owner.st_uid, owner.st_gid)
 
     def _open_env(self) -> lmdb.Environment:
         return lmdb.open(str(self.path), map_size=self.settings.map_bytes, max_dbs=5,
