@@ -301,6 +301,17 @@ def wait_receivers(q: QrelayProcess, n: int, timeout: float = 20.0) -> list[int]
         time.sleep(0.05)
 
 
+def pin_receivers(receivers: list[int]) -> None:
+    """--pin: receiver k (every thread it has; later ones inherit) on CPU k only,
+    so `--procs 1` is one CPU's worth of logins and `--procs 2` shows what a
+    second process adds, not what one process's GIL-free hashing thread already
+    took of the second CPU. The load clients are not pinned."""
+    cpus = sorted(os.sched_getaffinity(0))
+    for k, pid in enumerate(sorted(receivers)):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            os.sched_setaffinity(int(tid), {cpus[k % len(cpus)]})
+
+
 # --- RETR vs a plain socket ---------------------------------------------------------------
 
 SENDER = r"""
@@ -377,6 +388,8 @@ def main() -> None:
     ap.add_argument("--retr-pairs", type=int, default=5, help="RETR / plain-socket pairs per round")
     ap.add_argument("--client", choices=("c", "python"), default="c",
                     help="load client: bench/pop3_logins.c (default) or asyncio")
+    ap.add_argument("--pin", action="store_true",
+                    help="receiver k runs on CPU k only (process scaling without the threads' head start)")
     ap.add_argument("--no-relay-grant", action="store_true",
                     help="users flagged NO_RELAY: logins without the POP-before-SMTP grant")
     args = ap.parse_args()
@@ -401,6 +414,8 @@ def main() -> None:
                     q, port = start_qrelay(root, n, work)
                     try:
                         receivers = wait_receivers(q, n)
+                        if args.pin:
+                            pin_receivers(receivers)
                         for label, prefix in (("$1$", "m"), ("$6$", "u")):
                             run = measure_logins(port, prefix, receivers, args)
                             results.setdefault((n, label), []).append(run)
