@@ -254,19 +254,27 @@ class Surgery:
         return out
 
     def _change(self, ids: Iterable[int], what: str,
-                one: Callable[[lmdb.Transaction, int], bool]) -> int:
-        """`one(txn, msgid)` for each message, `surgery_batch` per transaction
-        (each bumping the counter the scheduler watches). Returns how many
-        `one` calls changed something."""
+                batch: Callable[[lmdb.Transaction, list[int]], int],
+                after: Callable[[], None] = lambda: None) -> int:
+        """`batch(txn, chunk)` for each `surgery_batch` of the ids, one
+        transaction each (bumping the counter the scheduler watches), `after()`
+        once each has committed. Returns the sum of what `batch` returned
+        (how many messages it changed)."""
         n = 0
         for k, chunk in enumerate(self._chunks(ids)):
             if k and self._pause:
                 time.sleep(self._pause)   # let a waiting writer have LMDB's lock
             with self._index.write(what) as txn:
-                for msgid in chunk:
-                    n += one(txn, msgid)
+                n += batch(txn, chunk)
                 self._index.bump_surgery(txn)
+            after()
         return n
+
+    @staticmethod
+    def _each(one: Callable[[lmdb.Transaction, int], bool]
+              ) -> Callable[[lmdb.Transaction, list[int]], int]:
+        """A batch that calls `one(txn, msgid)` for each message of it."""
+        return lambda txn, chunk: sum(one(txn, msgid) for msgid in chunk)
 
     def hold(self, ids: Iterable[int], now: float) -> int:
         """Put messages on hold; returns how many were not held before."""
@@ -283,7 +291,7 @@ class Surgery:
                 txn.delete(R.due_key(r.channel, r.next_try, msgid, idx), db=dbs[b"due"])
             txn.put(R.u64(msgid), _BIRTH.pack(now), db=dbs[b"held"])
             return True
-        return self._change(ids, "hold messages", one)
+        return self._change(ids, "hold messages", self._each(one))
 
     def release(self, ids: Iterable[int], now: float, requeue: bool = False) -> int:
         """Take messages off hold (each recipient due at its own time), or
@@ -306,20 +314,19 @@ class Surgery:
                 txn.put(R.due_key(r.channel, r.next_try, msgid, idx), b"", db=dbs[b"due"])
             txn.delete(R.u64(msgid), db=dbs[b"held"])
             return True
-        return self._change(ids, "requeue messages" if requeue else "release messages", one)
+        return self._change(ids, "requeue messages" if requeue else "release messages",
+                            self._each(one))
 
     def delete(self, ids: Iterable[int]) -> int:
         """Remove messages outright (no bounce); their space is freed as a
         completed message's is. Returns how many were deleted."""
         unlink: list[int] = []
-        keys = [R.u64(m) for m in sorted(set(ids))]   # id order: each table walked forward
-        n = 0
-        for k in range(0, len(keys), self._batch):
-            if k and self._pause:
-                time.sleep(self._pause)   # let a waiting writer have LMDB's lock
-            with self._index.write("delete messages") as txn:
-                n += self._index.drop_messages(txn, keys[k:k + self._batch], unlink)
-                self._index.bump_surgery(txn)
+
+        def drop(txn: lmdb.Transaction, chunk: list[int]) -> int:
+            return self._index.drop_messages(txn, [R.u64(m) for m in chunk], unlink)
+
+        def remove() -> None:
             self._core.files.remove(unlink)   # after the commit that let them go is synced
             unlink.clear()
-        return n
+        # In id order: drop_messages walks each table forward.
+        return self._change(sorted(set(ids)), "delete messages", drop, remove)
