@@ -61,12 +61,6 @@ class GrantMirror:
             i = (i + 1) & mask
         slots[i] = slot
 
-    def clear(self) -> None:
-        self.v6.clear()
-        self._resize(_MIN_BITS)
-        self.count = 0
-        self.txnid = -1
-
     def load(self, v4: Iterable[tuple[int, float]], v6: Iterable[tuple[bytes, float]],
              count4: int, txnid: int) -> None:
         """Replace the whole copy: `v4` (address as an int, expiry), about
@@ -79,7 +73,7 @@ class GrantMirror:
             i = ((addr * _HASH) & _LOW) >> shift
             while slots[i]:
                 i = (i + 1) & mask
-            slots[i] = addr << 32 | (min(int(expiry) + 1, _LOW) if expiry >= 0 else 1)
+            slots[i] = addr << 32 | _stamp(expiry)
             count += 1
         self.count = count
         if count * 2 > len(slots):

@@ -43,6 +43,8 @@ from typing import Any
 
 import lmdb
 
+from engine.accounts.files import atomic_write
+
 log = logging.getLogger("qrelay.relay")
 
 MARKER = "unsynced"
@@ -223,18 +225,5 @@ class TxnWriter:
             return
         except FileNotFoundError:
             pass
-        marker = self.path / MARKER
-        tmp = self.path / f"{MARKER}.{os.getpid()}"
         # 0644: the run user's processes read it at open, a root CLI may write it.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, (boot_id() + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, marker)
-        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        atomic_write(self.path / MARKER, (boot_id() + "\n").encode(), mode=0o644)
