@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -45,7 +44,7 @@ sys.path.insert(0, str(BENCH))
 
 from bench_relay_e2e import (PY, REPO, BenchError, Load, RelayRoot, flood, qrelay_cli,  # noqa: E402
                              wait_sink)
-from qrelay_process import cpu_by_title, descendants  # noqa: E402
+from qrelay_process import children_cpu, cpu_by_title, descendants  # noqa: E402
 from sink import SinkProcess  # noqa: E402
 from smtpload.cli import OneLineParser, fail, nonneg_float, positive_int, run_main  # noqa: E402
 
@@ -164,7 +163,7 @@ def side_cpu(q: RelayRoot, sink: SinkProcess | None) -> dict[str, float]:
     """CPU seconds so far of every process of q's `qrelay run` (and the sink's)."""
     pids = descendants(q.run.pid) + ([sink.proc.pid] if sink is not None else [])
     got = cpu_by_title(pids)
-    got["flood.py (this bench's children)"] = sum(resource.getrusage(resource.RUSAGE_CHILDREN)[:2])
+    got["flood.py (this bench's children)"] = children_cpu()
     return got
 
 

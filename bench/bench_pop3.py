@@ -42,7 +42,6 @@ import argparse
 import asyncio
 import dataclasses
 import os
-import resource
 import socket
 import statistics
 import subprocess
@@ -59,7 +58,7 @@ from engine.accounts.vpasswd import NO_RELAY  # noqa: E402
 from engine.delivery.local import LocalDelivery  # noqa: E402
 from engine.home import init_home  # noqa: E402
 from qrelay_process import (ACCOUNTS_OWNER, ACCOUNTS_RUN_TOML, QrelayProcess,  # noqa: E402
-                             service_pids, work_dir)
+                             children_cpu, service_pids, thread_seconds, work_dir)
 
 PASSWORD = "bench-password"
 DOMAIN = "bench.example"
@@ -239,28 +238,13 @@ def _c_logins_per_second(port: int, prefix: str, args) -> float:
 
 
 def thread_cpu(pids: list[int]) -> dict[int, tuple[float, float]]:
-    """pid -> (main thread's, other threads') on-CPU seconds (schedstat)."""
+    """pid -> (main thread's, other threads') on-CPU seconds."""
     out = {}
     for pid in pids:
-        main = other = 0
-        try:
-            for tid in os.listdir(f"/proc/{pid}/task"):
-                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                    ns = int(f.read().split()[0])
-                if int(tid) == pid:
-                    main += ns
-                else:
-                    other += ns
-        except OSError:
-            pass
-        out[pid] = (main / 1e9, other / 1e9)
+        threads = thread_seconds(pid)
+        main = threads.pop(pid, 0.0)
+        out[pid] = (main, sum(threads.values()))
     return out
-
-
-def clients_cpu() -> float:
-    """CPU seconds of this process's reaped children (the load clients)."""
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
 
 
 @dataclasses.dataclass
@@ -280,9 +264,9 @@ class LoginRun:
 
 def measure_logins(port: int, prefix: str, receivers: list[int], args) -> LoginRun:
     logins = args.logins // args.concurrency * args.concurrency
-    before, c0 = thread_cpu(receivers), clients_cpu()
+    before, c0 = thread_cpu(receivers), children_cpu()
     rate = logins_per_second(port, prefix, args)
-    after, c1 = thread_cpu(receivers), clients_cpu()
+    after, c1 = thread_cpu(receivers), children_cpu()
     used = {p: (after[p][0] - before[p][0], after[p][1] - before[p][1]) for p in receivers}
     total = sum(m + o for m, o in used.values()) or 1.0
     return LoginRun(rate, sum(m for m, _ in used.values()) * 1000 / logins,

@@ -118,28 +118,9 @@ def bench_qshape(root: Path, runs: int) -> dict:
 def process_cpu(supervisor: int, flood: int) -> dict[str, float]:
     """CPU seconds so far of `qrelay run`'s processes by title (each
     receiver summed under one name) and of flood.py with its workers, from /proc."""
-    from qrelay_process import cpu_seconds
-    out: dict[str, float] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        pid = int(entry)
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                title = f.read().split(b"\0")[0].decode(errors="replace")
-        except (OSError, IndexError, ValueError):
-            continue
-        if pid == supervisor:
-            name = "supervisor"
-        elif ppid == supervisor:
-            name = " ".join(w for w in title.removeprefix("qrelay: ").split() if not w.isdigit())
-        elif flood in (pid, ppid):
-            name = "flood.py"
-        else:
-            continue
-        out[name] = out.get(name, 0.0) + cpu_seconds([pid])
+    from qrelay_process import cpu_by_title, cpu_seconds, descendants
+    out = cpu_by_title(descendants(supervisor))
+    out["flood.py"] = cpu_seconds(descendants(flood))
     return out
 
 

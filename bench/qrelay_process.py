@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -113,27 +114,8 @@ class QrelayProcess:
         raise QrelayStartError(f"qrelay run {why}" + (f": {lines[-1]}" if lines else ""))
 
 
-def service_pids(supervisor: int, title: bytes) -> list[int]:
-    """The supervisor's children whose process title contains `title`
-    (b"receiver", b"qrelay: status"), from /proc."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == supervisor and title in cmdline:
-            pids.append(int(entry))
-    return pids
-
-
-def descendants(pid: int) -> list[int]:
-    """`pid` and every process below it, from /proc (one pass)."""
+def _parents() -> dict[int, int]:
+    """pid -> parent pid of every process, from /proc (one pass)."""
     parent: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -142,6 +124,28 @@ def descendants(pid: int) -> list[int]:
                     parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
             except (OSError, IndexError, ValueError):
                 continue
+    return parent
+
+
+def title_of(pid: int) -> bytes | None:
+    """The process title (argv[0] as the process set it), None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")[0]
+    except OSError:
+        return None
+
+
+def service_pids(supervisor: int, title: bytes) -> list[int]:
+    """The supervisor's children whose process title contains `title`
+    (b"receiver", b"qrelay: status"), from /proc."""
+    return [pid for pid, ppid in _parents().items()
+            if ppid == supervisor and title in (title_of(pid) or b"")]
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process below it, from /proc (one pass)."""
+    parent = _parents()
     found, todo = [], [pid]
     while todo:
         p = todo.pop()
@@ -155,25 +159,32 @@ def cpu_by_title(pids: list[int]) -> dict[str, float]:
     (digits dropped: `qrelay: receiver 0` and `1` count together)."""
     out: dict[str, float] = {}
     for pid in pids:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                title = f.read().split(b"\0")[0].decode("utf-8", "replace")
-        except OSError:
+        raw = title_of(pid)
+        if raw is None:
             continue
-        title = re.sub(r"[ \d]+$", "", title.split(" /")[0])[:40] or "?"
+        title = re.sub(r"[ \d]+$", "", raw.decode("utf-8", "replace").split(" /")[0])[:40] or "?"
         out[title] = out.get(title, 0.0) + cpu_seconds([pid])
     return out
 
 
+def thread_seconds(pid: int) -> dict[int, float]:
+    """tid -> on-CPU seconds of each thread of `pid` (schedstat); {} once it is gone."""
+    out = {}
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                out[int(tid)] = int(f.read().split()[0]) / 1e9
+    except OSError:
+        pass
+    return out
+
+
 def cpu_seconds(pids: list[int]) -> float:
-    """On-CPU time of every thread of `pids` (schedstat, nanoseconds); a
-    process that is gone counts nothing."""
-    total = 0
-    for pid in pids:
-        try:
-            for tid in os.listdir(f"/proc/{pid}/task"):
-                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                    total += int(f.read().split()[0])
-        except OSError:
-            continue
-    return total / 1e9
+    """On-CPU time of every thread of `pids`; a process that is gone counts nothing."""
+    return sum(sum(thread_seconds(pid).values()) for pid in pids)
+
+
+def children_cpu() -> float:
+    """CPU seconds of this process's reaped children (flood.py, load clients)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
