@@ -3,6 +3,7 @@ relay table (engine.relay) and login throttle behind a POP3 login."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import poplib
 import socket
 
@@ -67,18 +68,28 @@ def test_stls_without_certificate(tmp_path, server):
     assert c.cmd("STLS") == b"-ERR authorization first\r\n"
 
 
+@contextlib.contextmanager
+def stls_answered(port: int, pipelined: bytes = b""):
+    """A plain connection whose STLS (sent with `pipelined` in one write) got
+    `+OK begin TLS negotiation`: (socket, its reader)."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        f = raw.makefile("rb")
+        assert f.readline().startswith(b"+OK <")
+        raw.sendall(b"STLS\r\n" + pipelined)
+        assert f.readline() == b"+OK begin TLS negotiation\r\n"
+        yield raw, f
+    finally:
+        raw.close()
+
+
 def test_stls_discards_pipelined_plaintext(tmp_path, server):
     """A command injected behind STLS in the same packet (CVE-2011-0411's
     pattern) is never read: after the handshake only what came encrypted counts."""
     root = make_root(tmp_path)
     ca = install_certificate(root, NAME)
     srv = server(root)
-    raw = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
-    try:
-        f = raw.makefile("rb")
-        assert f.readline().startswith(b"+OK <")
-        raw.sendall(b"STLS\r\nUSER joe@example.com\r\n")
-        assert f.readline() == b"+OK begin TLS negotiation\r\n"
+    with stls_answered(srv.port, b"USER joe@example.com\r\n") as (raw, _):
         tls = client_context(ca).wrap_socket(raw, server_hostname=NAME)
         tf = tls.makefile("rb")
         tls.sendall(b"PASS secret\r\n")
@@ -86,8 +97,6 @@ def test_stls_discards_pipelined_plaintext(tmp_path, server):
         tls.sendall(b"QUIT\r\n")
         assert tf.readline() == b"+OK \r\n"
         tls.close()
-    finally:
-        raw.close()
 
 
 def test_a_failed_stls_handshake_closes_and_forgets_the_session(tmp_path, server):
@@ -95,17 +104,10 @@ def test_a_failed_stls_handshake_closes_and_forgets_the_session(tmp_path, server
     root = make_root(tmp_path)
     install_certificate(root, NAME)
     srv = server(root)
-    raw = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
-    try:
-        f = raw.makefile("rb")
-        assert f.readline().startswith(b"+OK <")
-        raw.sendall(b"STLS\r\n")
-        assert f.readline() == b"+OK begin TLS negotiation\r\n"
+    with stls_answered(srv.port) as (raw, f):
         raw.sendall(b"this is not a TLS client hello\r\n" * 4)
         assert f.read() == b""
         wait_for(lambda: not srv.receiver.sessions)
-    finally:
-        raw.close()
 
 
 def test_pop3s_with_qrelay_run(tmp_path):
