@@ -9,9 +9,10 @@ Targets (issue 13 item 5):
   plain loopback socket (a child process that sendall()s them), same run, same
   reading client.
 
-    .venv/bin/python bench/bench_pop3.py [--users 64] [--logins 3000] [--concurrency 32] [--clients 2]
-                                          [--procs 1,2] [--retr-mb 10] [--rounds 3] [--retr-pairs 5]
-                                          [--client c|python] [--no-relay-grant]
+    .venv/bin/python bench/bench_pop3.py [--users 64] [--logins 1500] [--concurrency 32] [--clients 2]
+                                          [--procs 1,2] [--rounds 3] [--pairs 3] [--pin cpus|receivers|off]
+                                          [--retr-mb 10] [--retr-pairs 5] [--client c|python]
+                                          [--no-relay-grant]
 
 The load clients run on the receivers' CPUs (2 here), so their CPU per login
 is taken from what the receivers can use: --client c (bench/pop3_logins.c,
@@ -19,19 +20,36 @@ built with cc; the default) does the asyncio client's dialogue (greeting;
 USER, PASS, QUIT in one write; three replies; close) on the same number of
 connections for a fraction of its CPU.
 
+Where things run (--pin, default `cpus`: CPU k runs receiver k, every thread
+of it, and load client c when c mod --procs = k). The ratio is meant to show
+what a second receiver process adds, so each CPU carries the same mix in both
+runs: `--procs 1` is one CPU serving logins and making them, `--procs 2` two
+such CPUs. The other placements measure something else on 2 CPUs:
+- `off`: one receiver's loop and its hashing thread already run in parallel
+  on both CPUs (crypt runs without the GIL): with `$1$` `--procs 1` keeps ~1.5
+  CPUs busy, and the ratio is the threads' head start, not the second process.
+- `receivers` (the clients float): `--procs 1` gets the clients' CPU (0.1-0.2
+  ms per login, plus their half of the loopback TCP) from the CPU it does not
+  use, `--procs 2` pays it out of its two; and the receiver whose CPU the
+  clients sit on loses the race to accept (both loops are woken; the one on an
+  idle CPU accepts first and takes every connection waiting), so it idles:
+  seen at 22/78 % with its CPU 68 % idle.
+Every --procs value runs at once (idle but for its turn) and their turns
+alternate every --logins logins, `--pairs` times per hash and round, so a
+change in the machine's load falls on both within seconds.
+
 Beside each login rate: the receivers' CPU per login, split into their event
-loops (main threads) and their other threads (the hashing thread, the relay
-table's writer thread; the smtpd log's is idle here), the share of the
-logins' CPU each receiver took (how evenly the shared listening socket spread
-them), and the load clients' CPU per login — they run on the same CPUs.
+loops (main threads), their hashing threads (each receiver's busiest other
+thread) and the rest (the relay table's writer thread; the smtpd log's is
+idle here), the share of the logins' CPU each receiver took (how evenly the
+shared listening socket spread them), the load clients' CPU per login, the
+CPU busy on neither ("others": other processes, kernel threads, softirq not
+charged to a thread — the softirq and irq part beside it), and each CPU's idle
+part. On a shared machine the "others" column says whether a run measured the
+receivers or someone else's work: the summary gives the pair ratios over all
+pairs and over the quiet ones (others below 10 % of the CPU used in both runs).
 --no-relay-grant flags the users NO_RELAY: logins without the POP-before-SMTP
 grant (the throttle's bookkeeping stays), to see what the grant costs.
-
-With `$1$` one receiver is not one CPU's worth of logins: its loop and its
-hashing thread each do about half of the work, in parallel (crypt runs without
-the GIL), so `--procs 1` already keeps about 1.5 of 2 CPUs busy and a second
-receiver can add the rest only. `$6$` logins are mostly the hash: there one
-receiver is about one CPU.
 
 Each login uses its own mailbox at the time (one session per mailbox), so
 `--users` should be at least `--concurrency`.
@@ -180,8 +198,17 @@ async def _logins(port: int, pools: list[list[str]], per: int) -> list[str]:
     return failures
 
 
-def _client(port: int, pools: list[list[str]], per: int, start: float, out) -> None:
+def _pinned(cpus: list[int] | None, c: int):
+    """A preexec_fn putting load client c on its CPU (--pin cpus), or None."""
+    if not cpus:
+        return None
+    return lambda: os.sched_setaffinity(0, {cpus[c % len(cpus)]})
+
+
+def _client(port: int, pools: list[list[str]], per: int, start: float, out, pin) -> None:
     import uvloop
+    if pin is not None:
+        pin()
     while time.time() < start:          # every client process starts together
         time.sleep(0.001)
     out.put(uvloop.run(_logins(port, pools, per)))
@@ -210,7 +237,8 @@ def logins_per_second(port: int, prefix: str, args) -> float:
     pools = [[f"{prefix}{u}" for u in range(w, args.users, args.concurrency)] for w in range(args.concurrency)]
     out = ctx.Queue()
     start = time.time() + 0.2
-    procs = [ctx.Process(target=_client, args=(port, pools[c::args.clients], per, start, out))
+    procs = [ctx.Process(target=_client, args=(port, pools[c::args.clients], per, start, out,
+                                                          _pinned(args.client_cpus, c)))
              for c in range(args.clients)]
     for p in procs:
         p.start()
@@ -228,7 +256,8 @@ def _c_logins_per_second(port: int, prefix: str, args) -> float:
     start = time.time()
     procs = [subprocess.Popen([str(args.c_client), str(port), prefix, DOMAIN, PASSWORD, str(args.users),
                                str(args.concurrency), str(args.clients), str(c), str(per)],
-                              stdout=subprocess.PIPE, text=True) for c in range(args.clients)]
+                              stdout=subprocess.PIPE, text=True, preexec_fn=_pinned(args.client_cpus, c))
+             for c in range(args.clients)]
     outs = [p.communicate()[0].split("\n", 1) for p in procs]
     elapsed = time.time() - start
     failed = sum(int(n) for n, _ in outs)
@@ -237,13 +266,23 @@ def _c_logins_per_second(port: int, prefix: str, args) -> float:
     return per * args.concurrency / elapsed
 
 
-def thread_cpu(pids: list[int]) -> dict[int, tuple[float, float]]:
-    """pid -> (main thread's, other threads') on-CPU seconds."""
-    out = {}
-    for pid in pids:
-        threads = thread_seconds(pid)
-        main = threads.pop(pid, 0.0)
-        out[pid] = (main, sum(threads.values()))
+def thread_cpu(pids: list[int]) -> dict[int, dict[int, float]]:
+    """pid -> {tid: on-CPU seconds} of each receiver."""
+    return {pid: thread_seconds(pid) for pid in pids}
+
+
+def cpu_times() -> list[tuple[float, float, float]]:
+    """Per CPU (from /proc/stat, seconds): (busy, idle, softirq + irq). Busy
+    counts user, nice, system, irq and softirq; idle counts iowait too."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = []
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *fields = line.split()
+            if not name.startswith("cpu") or name == "cpu":
+                continue
+            user, nice, system, idle, iowait, irq, softirq, steal = (int(v) / tick for v in fields[:8])
+            out.append((user + nice + system + irq + softirq, idle + iowait, irq + softirq))
     return out
 
 
@@ -251,27 +290,54 @@ def thread_cpu(pids: list[int]) -> dict[int, tuple[float, float]]:
 class LoginRun:
     rate: float
     loops_ms: float          # receivers' main threads, CPU ms per login
-    threads_ms: float        # their other threads (hashing, relay writer)
+    hashing_ms: float        # each receiver's busiest other thread: the hashing thread
+    rest_ms: float           # its other threads (the relay writer, the log)
     clients_ms: float
+    others_ms: float         # CPU busy on neither (kernel threads, other processes, the bench)
+    softirq_ms: float        # of all the above, softirq and irq time (mostly loopback TCP)
+    idle: list[float]        # each CPU's idle part of the run
     shares: list[float]      # each receiver's part of the receivers' CPU
+
+    @property
+    def receivers_ms(self) -> float:
+        return self.loops_ms + self.hashing_ms + self.rest_ms
+
+    @property
+    def quiet(self) -> bool:
+        """Other work took under 10 % of the CPU used during the run."""
+        return self.others_ms < 0.1 * (self.receivers_ms + self.clients_ms + self.others_ms)
 
     def describe(self) -> str:
         split = "/".join(f"{100 * s:.0f}" for s in self.shares)
-        return (f"logins/s {self.rate:7.0f}   receiver CPU {self.loops_ms + self.threads_ms:.2f} ms/login "
-                f"(loops {self.loops_ms:.2f}, threads {self.threads_ms:.2f}; split {split}%), "
-                f"clients {self.clients_ms:.2f} ms/login")
+        idle = "/".join(f"{100 * s:.0f}" for s in self.idle)
+        return (f"logins/s {self.rate:7.0f}   receiver CPU {self.receivers_ms:.2f} ms/login "
+                f"(loops {self.loops_ms:.2f}, hashing {self.hashing_ms:.2f}, writer+rest {self.rest_ms:.2f}; "
+                f"split {split}%), clients {self.clients_ms:.2f}, others {self.others_ms:.2f} "
+                f"(softirq {self.softirq_ms:.2f}) ms/login, CPUs idle {idle}%")
 
 
 def measure_logins(port: int, prefix: str, receivers: list[int], args) -> LoginRun:
     logins = args.logins // args.concurrency * args.concurrency
-    before, c0 = thread_cpu(receivers), children_cpu()
+    before, c0, s0, t0 = thread_cpu(receivers), children_cpu(), cpu_times(), time.monotonic()
     rate = logins_per_second(port, prefix, args)
-    after, c1 = thread_cpu(receivers), children_cpu()
-    used = {p: (after[p][0] - before[p][0], after[p][1] - before[p][1]) for p in receivers}
-    total = sum(m + o for m, o in used.values()) or 1.0
-    return LoginRun(rate, sum(m for m, _ in used.values()) * 1000 / logins,
-                    sum(o for _, o in used.values()) * 1000 / logins, (c1 - c0) * 1000 / logins,
-                    [sum(used[p]) / total for p in receivers])
+    after, c1, s1, t1 = thread_cpu(receivers), children_cpu(), cpu_times(), time.monotonic()
+    loops = hashing = rest = 0.0
+    used = {}
+    for pid in receivers:
+        spent = {tid: s - before[pid].get(tid, 0.0) for tid, s in after[pid].items()}
+        main = spent.pop(pid, 0.0)
+        busiest = max(spent.values(), default=0.0)
+        loops, hashing, rest = loops + main, hashing + busiest, rest + sum(spent.values()) - busiest
+        used[pid] = main + sum(spent.values())
+    total = sum(used.values()) or 1.0
+    clients = c1 - c0
+    busy = sum(b1 - b0 for (b0, _, _), (b1, _, _) in zip(s0, s1))
+    softirq = sum(q1 - q0 for (_, _, q0), (_, _, q1) in zip(s0, s1))
+    ms = 1000 / logins
+    return LoginRun(rate, loops * ms, hashing * ms, rest * ms, clients * ms,
+                    max(0.0, busy - total - clients) * ms, softirq * ms,
+                    [(i1 - i0) / (t1 - t0) for (_, i0, _), (_, i1, _) in zip(s0, s1)],
+                    [used[p] / total for p in receivers])
 
 
 def wait_receivers(q: QrelayProcess, n: int, timeout: float = 20.0) -> list[int]:
@@ -285,15 +351,16 @@ def wait_receivers(q: QrelayProcess, n: int, timeout: float = 20.0) -> list[int]
         time.sleep(0.05)
 
 
-def pin_receivers(receivers: list[int]) -> None:
-    """--pin: receiver k (every thread it has; later ones inherit) on CPU k only,
-    so `--procs 1` is one CPU's worth of logins and `--procs 2` shows what a
-    second process adds, not what one process's GIL-free hashing thread already
-    took of the second CPU. The load clients are not pinned."""
+def pin_receivers(receivers: list[int]) -> list[int]:
+    """Receiver k (every thread it has; later ones inherit) on CPU k only;
+    returns the CPUs, receiver by receiver (see --pin in the docstring)."""
     cpus = sorted(os.sched_getaffinity(0))
+    used = []
     for k, pid in enumerate(sorted(receivers)):
+        used.append(cpus[k % len(cpus)])
         for tid in os.listdir(f"/proc/{pid}/task"):
-            os.sched_setaffinity(int(tid), {cpus[k % len(cpus)]})
+            os.sched_setaffinity(int(tid), {used[-1]})
+    return used
 
 
 # --- RETR vs a plain socket ---------------------------------------------------------------
@@ -363,28 +430,35 @@ def start_qrelay(root: Path, procs: int, work: Path) -> tuple[QrelayProcess, int
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--users", type=int, default=64)
-    ap.add_argument("--logins", type=int, default=3000)
+    ap.add_argument("--logins", type=int, default=1500, help="logins per run")
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--procs", default="1,2")
     ap.add_argument("--clients", type=int, default=2, help="load client processes")
     ap.add_argument("--retr-mb", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--pairs", type=int, default=3,
+                    help="back-to-back login runs of each --procs value per hash and round")
     ap.add_argument("--retr-pairs", type=int, default=5, help="RETR / plain-socket pairs per round")
     ap.add_argument("--client", choices=("c", "python"), default="c",
                     help="load client: bench/pop3_logins.c (default) or asyncio")
-    ap.add_argument("--pin", action="store_true",
-                    help="receiver k runs on CPU k only (process scaling without the threads' head start)")
+    ap.add_argument("--pin", nargs="?", choices=("off", "receivers", "cpus"), default="cpus", const="cpus",
+                    help="receivers: receiver k runs on CPU k only; cpus: and load client c on CPU c mod --procs")
     ap.add_argument("--no-relay-grant", action="store_true",
                     help="users flagged NO_RELAY: logins without the POP-before-SMTP grant")
     args = ap.parse_args()
     procs = [int(p) for p in args.procs.split(",")]
+    labels = (("$1$", "m"), ("$6$", "u"))
     with work_dir("bench-pop3-") as work:
-        print(f"setting up {2 * args.users + 1} mailboxes ...", flush=True)
-        root = make_root(work, args.users, args.no_relay_grant)
+        print(f"setting up {len(procs)} x {2 * args.users + 1} mailboxes ...", flush=True)
+        roots = {}
+        for n in procs:     # one root per instance: each `qrelay run` locks its own
+            (work / f"procs{n}").mkdir()
+            roots[n] = make_root(work / f"procs{n}", args.users, args.no_relay_grant)
         args.c_client = build_c_client(work) if args.client == "c" else None
-        wire = add_big_message(root, args.retr_mb)
+        wire = add_big_message(roots[procs[0]], args.retr_mb)
         (work / "wire").write_bytes(wire)
         results: dict[tuple[int, str], list[LoginRun]] = {}
+        pair_ratios: dict[str, list[tuple[float, bool]]] = {label: [] for label, _ in labels}
         retr: list[float] = []
         plain: list[float] = []
         sender = subprocess.Popen([sys.executable, "-c", SENDER, str(work / "wire")],
@@ -392,54 +466,71 @@ def main() -> None:
         try:
             sender_port = int(sender.stdout.readline())
             for r in range(args.rounds):
-                # Every other round in reverse order: a change in the machine's
-                # load during the run does not fall on one --procs value only.
-                for n in (procs if r % 2 == 0 else procs[::-1]):
-                    q, port = start_qrelay(root, n, work)
-                    try:
+                # Every --procs value runs at once (idle but for its turn), and
+                # their turns alternate every --logins logins: a change in the
+                # machine's load falls on both alike, within seconds.
+                instances: dict[int, tuple[QrelayProcess, int, list[int], list[int] | None]] = {}
+                try:
+                    for n in procs:
+                        q, port = start_qrelay(roots[n], n, work)
+                        instances[n] = (q, port, [], None)
                         receivers = wait_receivers(q, n)
-                        if args.pin:
-                            pin_receivers(receivers)
-                        for label, prefix in (("$1$", "m"), ("$6$", "u")):
-                            run = measure_logins(port, prefix, receivers, args)
-                            results.setdefault((n, label), []).append(run)
-                            print(f"round {r + 1}  --procs {n}  {label} {run.describe()}  "
-                                  f"load {os.getloadavg()[0]:.1f}", flush=True)
-                        if n == procs[0]:
-                            # pairs, alternating: the machine's load hits both alike
-                            for _ in range(args.retr_pairs):
-                                plain.append(time_plain(sender_port, len(wire)))
-                                retr.append(time_retr(port, len(wire)))
-                            print(f"round {r + 1}  RETR {args.retr_mb} MB {statistics.median(retr[-args.retr_pairs:]) / 1e6:7.0f} MB/s   "
-                                  f"plain socket {statistics.median(plain[-args.retr_pairs:]) / 1e6:7.0f} MB/s", flush=True)
-                    finally:
+                        cpus = pin_receivers(receivers) if args.pin != "off" else None
+                        instances[n] = (q, port, receivers, cpus if args.pin == "cpus" else None)
+                    for label, prefix in labels:
+                        for i in range(args.pairs):
+                            runs = {}
+                            for n in (procs if (r + i) % 2 == 0 else procs[::-1]):
+                                _, port, receivers, args.client_cpus = instances[n]
+                                runs[n] = run = measure_logins(port, prefix, receivers, args)
+                                results.setdefault((n, label), []).append(run)
+                                print(f"round {r + 1}.{i + 1}  --procs {n}  {label} {run.describe()}  "
+                                      f"load {os.getloadavg()[0]:.1f}", flush=True)
+                            if len(procs) > 1:
+                                pair_ratios[label].append((runs[procs[-1]].rate / runs[procs[0]].rate,
+                                                           all(run.quiet for run in runs.values())))
+                    port = instances[procs[0]][1]
+                    # pairs, alternating: the machine's load hits both alike
+                    for _ in range(args.retr_pairs):
+                        plain.append(time_plain(sender_port, len(wire)))
+                        retr.append(time_retr(port, len(wire)))
+                    if args.retr_pairs:
+                        print(f"round {r + 1}  RETR {args.retr_mb} MB {statistics.median(retr[-args.retr_pairs:]) / 1e6:7.0f} MB/s   "
+                              f"plain socket {statistics.median(plain[-args.retr_pairs:]) / 1e6:7.0f} MB/s", flush=True)
+                finally:
+                    for q, *_ in instances.values():
                         q.stop()
         finally:
             sender.kill()
             sender.wait()
-        # Login rates: the best round of each --procs value. Other work on the
-        # machine only ever slows a round down, so the best one is the closest
-        # to what the receivers can do; scaling = best / best, with the range
-        # of the ratios within a round beside it. CPU figures: medians.
-        print(f"\nlogins: best of {args.rounds} rounds (scaling: best / best; within a round)")
-        for label in ("$1$", "$6$"):
+        # Login rates: the best run of each --procs value. Other work on the
+        # machine only ever slows a run down, so the best one is the closest
+        # to what the receivers can do. Scaling: best / best, and the ratios
+        # of the back-to-back pairs (median, range). CPU figures: medians.
+        print(f"\nlogins: best of {args.rounds} x {args.pairs} runs (scaling: best / best; "
+              f"pairs back to back: median, range)")
+        for label, _ in labels:
             rates = {n: max(run.rate for run in results[(n, label)]) for n in procs}
             line = "  ".join(f"--procs {n}: {rates[n]:7.0f}/s" for n in procs)
             scale = ""
             if len(procs) > 1:
-                within = [b.rate / a.rate for a, b in zip(results[(procs[0], label)], results[(procs[-1], label)])]
-                scale = (f"  scaling {rates[procs[-1]] / rates[procs[0]]:.2f}x "
-                         f"({min(within):.2f}-{max(within):.2f})")
+                scale = f"  scaling {rates[procs[-1]] / rates[procs[0]]:.2f}x"
+                for which, within in (("pairs", [x for x, _ in pair_ratios[label]]),
+                                      ("quiet pairs", [x for x, quiet in pair_ratios[label] if quiet])):
+                    scale += (f" ({which} {statistics.median(within):.2f}, {min(within):.2f}-{max(within):.2f}"
+                              f", {len(within)})" if within else f" (no {which})")
             cpu = "  ".join(
-                f"--procs {n}: receiver {statistics.median(x.loops_ms + x.threads_ms for x in results[(n, label)]):.2f} "
+                f"--procs {n}: receiver {statistics.median(x.receivers_ms for x in results[(n, label)]):.2f} "
                 f"(loops {statistics.median(x.loops_ms for x in results[(n, label)]):.2f}), "
-                f"clients {statistics.median(x.clients_ms for x in results[(n, label)]):.2f}" for n in procs)
+                f"clients {statistics.median(x.clients_ms for x in results[(n, label)]):.2f}, "
+                f"others {statistics.median(x.others_ms for x in results[(n, label)]):.2f}" for n in procs)
             print(f"logins {label}  {line}{scale}   CPU ms/login {cpu}")
-        ratios = [r / p for r, p in zip(retr, plain)]     # per pair
-        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-        print(f"RETR {args.retr_mb} MB: median {statistics.median(retr) / 1e6:.0f} MB/s, plain socket "
-              f"{statistics.median(plain) / 1e6:.0f} MB/s, ratio median of the pairs "
-              f"{statistics.median(ratios):.2f} (quartiles {q[0]:.2f}-{q[2]:.2f}; target >= 0.5)")
+        if retr:
+            ratios = [r / p for r, p in zip(retr, plain)]     # per pair
+            q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+            print(f"RETR {args.retr_mb} MB: median {statistics.median(retr) / 1e6:.0f} MB/s, plain socket "
+                  f"{statistics.median(plain) / 1e6:.0f} MB/s, ratio median of the pairs "
+                  f"{statistics.median(ratios):.2f} (quartiles {q[0]:.2f}-{q[2]:.2f}; target >= 0.5)")
         print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
