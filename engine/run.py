@@ -62,13 +62,16 @@ from engine.proctitle import set_title
 from engine.smtp.connlimit import ConnectionTable
 from engine.smtp.listeners import ListenAddress, Listener, bind_listeners, bound_address
 from engine.supervisor import ChildSpec, Supervisor, follow_parent
+from engine.tls_tickets import TicketKeys
 
 
 def services(root: Path, config: Any, listeners: list[Listener], procs: int,
-             user: RunUser | None = None, lspawn: socket.socket | None = None) -> list[ChildSpec]:
+             user: RunUser | None = None, lspawn: socket.socket | None = None,
+             tickets: TicketKeys | None = None) -> list[ChildSpec]:
     """The children of `qrelay run`, in start order. `user`: what every child
     but the local spawner becomes (engine/privilege.py); `lspawn`: the local
-    spawner's bound socket (with `user`)."""
+    spawner's bound socket (with `user`); `tickets`: the TLS session-ticket
+    keys every receiver shares (forked with them)."""
     settings = config.settings
     sockets = [listener.sock for listener in listeners] + ([lspawn] if lspawn else [])
     http = [listener for listener in listeners if listener.scheme == "http"]
@@ -87,7 +90,7 @@ def services(root: Path, config: Any, listeners: list[Listener], procs: int,
         specs.append(child(_spool_writer(root, settings)))
     from engine.smtp.receiver import receiver_main
     specs.append(child(ChildSpec(
-        "receiver", target=lambda slot: receiver_main(str(root), served, table.counter(slot)),
+        "receiver", target=lambda slot: receiver_main(str(root), served, table.counter(slot), tickets),
         count=procs, on_exit=table.clear_row, forward_signals=frozenset({signal.SIGHUP})),
         keep=[listener.sock for listener in served]))
     if settings.scheduler.enabled:   # false: `qrelay run` only receives, mail stays queued
@@ -376,8 +379,12 @@ def serve(root: Path, listen: list[ListenAddress], procs: int,
             return config_fingerprint(root), delivery_fingerprint(root)
 
         fingerprint = [fingerprint_now()]
+        tls = config.settings.tls
+        tickets = TicketKeys(tls.ticket_key_seconds) if tls.ticket_key_seconds > 0 else None
 
         def control_files_changed() -> bool:
+            if tickets is not None:
+                tickets.epoch()     # a receiver restarted later is forked with a current key
             now = fingerprint_now()
             if now != fingerprint[0]:
                 fingerprint[0] = now
@@ -386,7 +393,7 @@ def serve(root: Path, listen: list[ListenAddress], procs: int,
             return False
 
         supervisor = Supervisor(
-            services(root, config, listeners, procs, user, lspawn),
+            services(root, config, listeners, procs, user, lspawn, tickets),
             stop_grace=smtp.shutdown_grace + 2.0,
             reload_check=control_files_changed,
             reload_poll=smtp.reload_poll_seconds,

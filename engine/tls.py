@@ -32,6 +32,12 @@ for a listener that starts with TLS) run in this process's pool of
 `[tls] handshake_threads` threads, niced like the password hashing, not on
 the event loop (engine.tls_transport): a flood of handshakes does not hold
 other sessions' greetings and replies.
+
+Session tickets: with `[tls] ticket_key_seconds` > 0 every context is given
+the run's current shared key (engine.tls_tickets: made by the supervisor,
+the same in every receiver, kept across certificate reloads), so a client
+resumes its session on any receiver; a new epoch's key comes in a new
+context, swapped whole like a reload.
 """
 from __future__ import annotations
 
@@ -48,6 +54,7 @@ from typing import Any, Callable
 from engine import metrics
 from engine.smtp.auth import HASH_NICE, lower_priority
 from engine.smtp.listeners import IMPLICIT_TLS_SCHEMES
+from engine.tls_tickets import TicketKeyError, TicketKeys, install
 from engine.tls_transport import TlsTransport, begin_tls, start_tls
 
 log = logging.getLogger("qrelay.tls")
@@ -125,12 +132,16 @@ class ServerTls:
     """The current server context of one process (see the module docstring)."""
 
     def __init__(self, root: Path | str, settings: Any,
-                 clock: Any = time.monotonic) -> None:
+                 clock: Any = time.monotonic, tickets: TicketKeys | None = None) -> None:
         self.root = Path(root)
         self.settings = settings
         self._clock = clock
+        # The run's shared session-ticket keys (made by the supervisor from the
+        # settings at start), used while [tls] ticket_key_seconds > 0.
+        self.tickets = tickets
         self._context: ssl.SSLContext | None = None
         self._stamp: tuple | None = None
+        self._epoch: int | None = None
         self._checked = 0.0
         self.error: str | None = None   # why there is no (new) context, for the log
         self._pool: ThreadPoolExecutor | None = None
@@ -139,7 +150,11 @@ class ServerTls:
     def _load(self) -> bool:
         stamp = _stamp(self.root)
         self._checked = self._clock()
+        tickets = self._shared()
+        epoch = tickets.epoch() if tickets is not None else None
         if stamp == self._stamp:
+            if epoch != self._epoch and self._context is not None:
+                self._rotate()
             return False
         self._stamp = stamp
         if stamp[0] is None:
@@ -148,7 +163,7 @@ class ServerTls:
             self._context, self.error = None, f"{CERT_FILE} is missing"
             return changed
         try:
-            context = build_context(self.root, self.settings)
+            context = self._build()
         except TlsError as exc:
             # Keep the previous context (a half-written file must not stop TLS).
             self.error = str(exc)
@@ -156,6 +171,32 @@ class ServerTls:
             return False
         self._context, self.error = context, None
         return True
+
+    def _shared(self) -> TicketKeys | None:
+        return self.tickets if self.settings.ticket_key_seconds > 0 else None
+
+    def _build(self) -> ssl.SSLContext:
+        context = build_context(self.root, self.settings)
+        tickets = self._shared()
+        self._epoch = tickets.epoch() if tickets is not None else None
+        if tickets is not None:
+            try:
+                install(context, tickets.key())
+            except TicketKeyError as exc:
+                # Still TLS, still tickets: only resumption on another receiver is lost.
+                log.warning("session tickets not shared between receivers: %s", exc)
+                self.tickets, self._epoch = None, None
+        return context
+
+    def _rotate(self) -> None:
+        """A new ticket-key epoch: the same certificate in a new context with
+        the new key (OpenSSL copies keys without a lock: a context in use by
+        the handshake threads is never changed)."""
+        self._epoch = self.tickets.epoch() if self.tickets is not None else None  # tried once
+        try:
+            self._context = self._build()
+        except TlsError as exc:
+            log.warning("%s; keeping the previous certificate and ticket key", exc)
 
     def context(self) -> ssl.SSLContext | None:
         """The context for a new handshake, None when there is no usable certificate."""

@@ -219,6 +219,11 @@ class TlsSettings:
     # Threads per receiver that run the signing step of STARTTLS handshakes
     # (an RSA signature is a millisecond of CPU), niced below the event loop.
     handshake_threads: int = 1
+    # Session tickets are encrypted with a key all receivers share (a client
+    # resumes whichever receiver it lands on, and across certificate reloads),
+    # replaced every this many seconds (engine.tls_tickets); 0 = each
+    # receiver's context keeps OpenSSL's own random keys.
+    ticket_key_seconds: float = 3600.0
 
 
 @dataclass(slots=True, frozen=True)
@@ -434,6 +439,7 @@ RANGES: dict[tuple[str, str], tuple[float, float | None, str]] = {
     ("doctor", "disk_min_free_percent"): (0, 100, "a percentage"),
     ("tls", "handshake_timeout"): (0.1, None, "no handshake would finish"),
     ("tls", "handshake_threads"): (1, 64, "a thread runs handshakes"),
+    ("tls", "ticket_key_seconds"): (0, None, "0 = no shared key"),
     ("auth", "hash_threads"): (1, 64, "a thread checks passwords"),
     ("auth", "cache_entries"): (1, None, "a login is remembered"),
     ("log", "max_files"): (2, None, "multilog's smallest n"),

@@ -39,6 +39,7 @@ from engine.smtp.listeners import IMPLICIT_TLS_SCHEMES, Listener
 from engine.smtp.remotehost import RemoteHostResolver
 from engine.smtp.session import SmtpSession
 from engine.tls import ServerTls, TlsError
+from engine.tls_tickets import TicketKeys
 
 log = logging.getLogger("qrelay.receiver")
 
@@ -52,8 +53,9 @@ class Receiver:
 
     def __init__(self, config: Any, spool: Any, counter: ConnectionCounter,
                  *, load_config: Callable[[], Any] | None = None,
-                 log: SmtpdLog | None = None) -> None:
+                 log: SmtpdLog | None = None, tickets: TicketKeys | None = None) -> None:
         self.config = config
+        self.tickets = tickets          # the run's shared TLS session-ticket keys
         self.spool = spool
         self.counter = counter
         self.load_config = load_config
@@ -129,7 +131,7 @@ class Receiver:
     def tls(self) -> ServerTls:
         """control/servercert.pem's context (engine.tls), loaded on first use."""
         if self._tls is None:
-            self._tls = ServerTls(self.config.root, self.config.settings.tls)
+            self._tls = ServerTls(self.config.root, self.config.settings.tls, tickets=self.tickets)
         return self._tls
 
     def passwords(self) -> PasswordChecker:
@@ -242,7 +244,8 @@ class Receiver:
         self.stopped.set()
 
 
-def receiver_main(root: str, listeners: list[Listener], counter: ConnectionCounter) -> None:
+def receiver_main(root: str, listeners: list[Listener], counter: ConnectionCounter,
+                  tickets: TicketKeys | None = None) -> None:
     """Body of one receiver process (called in the forked child, which the
     supervisor has already tied to its own life)."""
     import uvloop
@@ -273,7 +276,7 @@ def receiver_main(root: str, listeners: list[Listener], counter: ConnectionCount
         logger.addHandler(handler)
         logger.propagate = False
     receiver = Receiver(config, spool, counter, load_config=lambda: load_smtp_config(rootp),
-                        log=smtpd_log)
+                        log=smtpd_log, tickets=tickets)
     # Opened here, after the fork (it connects lazily); its store is read at start only.
     receiver.relay = open_relay_table(rootp, config.settings)
     receiver.throttle = LoginThrottle(receiver.relay, config.settings)
