@@ -79,6 +79,9 @@ def build_parser() -> OneLineParser:
     p.add_argument("--starttls", action="store_true",
                    help="STARTTLS on every connection, then EHLO again (the server's "
                         "certificate is not verified: a load tool)")
+    p.add_argument("--tls-resume", action="store_true",
+                   help="with --starttls: offer the last TLS session the server gave on each "
+                        "new connection, as mail clients do when they reconnect")
     p.add_argument("--auth", metavar="USER:PASSWORD", default="",
                    help="AUTH PLAIN on every connection before the first MAIL")
     p.add_argument("--helo", default="flood.bench.test", help="EHLO/HELO name")
@@ -139,6 +142,8 @@ def config_from_args(args) -> tuple[FloodConfig, dict]:
         raise UsageError("--timeout must be > 0")
     if (args.starttls or args.auth) and args.hello == "helo":
         raise UsageError("--starttls and --auth need EHLO (not --hello helo)")
+    if args.tls_resume and not args.starttls:
+        raise UsageError("--tls-resume needs --starttls")
     if args.auth and ":" not in args.auth:
         raise UsageError("--auth: expected USER:PASSWORD")
     if args.eml:
@@ -155,7 +160,7 @@ def config_from_args(args) -> tuple[FloodConfig, dict]:
         pipelining=args.pipelining, noop=args.noop, rate=args.rate, helo=args.helo,
         ehlo=args.hello == "ehlo" or (args.hello == "auto" and (args.pipelining or args.starttls
                                                                  or bool(args.auth))),
-        starttls=args.starttls, auth=args.auth,
+        starttls=args.starttls, auth=args.auth, tls_resume=args.tls_resume,
         sender=args.sender, recipient=args.recipient, domains=parse_domains(args.domain),
         bodies=bodies, unique_header=unique, timeout=args.timeout, drain=args.drain,
         seed=args.seed, rand_range=args.rand_range)
@@ -169,7 +174,7 @@ def config_from_args(args) -> tuple[FloodConfig, dict]:
         if args.eml else 0, "rcpts": cfg.rcpts, "per_conn": per_conn,
         "pipelining": cfg.pipelining, "noop": cfg.noop, "rate": cfg.rate,
         "hello": "EHLO" if cfg.ehlo else "HELO",
-        "starttls": cfg.starttls, "auth": bool(cfg.auth),
+        "starttls": cfg.starttls, "tls_resume": cfg.tls_resume, "auth": bool(cfg.auth),
         "procs": args.procs, "from": cfg.sender, "to": cfg.recipient,
         "rand_range": cfg.rand_range,
         "domains": [list(d) for d in cfg.domains], "timeout": cfg.timeout,

@@ -362,3 +362,26 @@ def test_starttls_and_auth(root, run_flood):
         srv.stop()
     with pytest.raises(SystemExit):
         flood.main(["127.0.0.1:25", "--auth", "no-colon"])
+
+
+def test_tls_resume_offers_the_last_session(root, run_flood):
+    """--tls-resume: after the first connections, each STARTTLS resumes the
+    session the server gave before (the server's certificate is not sent again)."""
+    from tests.smtp_harness import InProcessServer, install_certificate
+
+    install_certificate(root)
+    srv = InProcessServer(root)
+    try:
+        target = f"127.0.0.1:{srv.port}"
+        rc, rep, text = run_flood(target, "-s", "2", "-m", "8", "--starttls", "--tls-resume")
+        assert rc == 0 and rep["messages"]["accepted"] == 8
+        # The first two connections start together, before any session exists.
+        assert rep["tls"] == {"handshakes": 8, "resumed": 6}
+        assert rep["settings"]["tls_resume"] is True
+        rc, rep, _ = run_flood(target, "-s", "2", "-m", "4", "--starttls")
+        assert rep["tls"] == {"handshakes": 4, "resumed": 0}
+        assert len(srv.spool.messages) == 12 and b"with ESMTPS (" in srv.spool.messages[-1][1]
+    finally:
+        srv.stop()
+    with pytest.raises(SystemExit):
+        flood.main(["127.0.0.1:25", "--tls-resume"])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import random
+import ssl
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ class FloodConfig:
     seq_step: int = 1
     starttls: bool = False       # STARTTLS after EHLO (certificate not verified), then EHLO again
     auth: str = ""               # "user:password": AUTH PLAIN before the first MAIL
+    tls_resume: bool = False     # offer the server's last TLS session on each new connection
 
 
 @dataclass(slots=True)
@@ -78,6 +80,8 @@ class FloodStats:
     rcpt_rejected: int = 0
     connections: int = 0
     bytes_sent: int = 0
+    tls_handshakes: int = 0
+    tls_resumed: int = 0          # of which resumed a session (--tls-resume)
     conn_errors: dict = field(default_factory=dict)   # kind -> count
     replies: dict = field(default_factory=dict)       # (stage, code, text) -> count
     connect_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
@@ -128,7 +132,23 @@ class FloodStats:
 
 
 COUNTERS = ("attempted", "sent", "accepted", "tempfailed", "permfailed", "conn_failed",
-            "unfinished", "rcpt_accepted", "rcpt_rejected", "connections", "bytes_sent")
+            "unfinished", "rcpt_accepted", "rcpt_rejected", "connections", "bytes_sent",
+            "tls_handshakes", "tls_resumed")
+
+
+class SessionCache(ssl.SSLContext):
+    """A client context that offers every new connection the last session the
+    server gave one of them: a mail client's session cache for one server
+    (Thunderbird, Outlook, Apple Mail resume when they reconnect)."""
+
+    session: ssl.SSLSession | None = None
+
+    def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, server_side: bool = False,
+                 server_hostname: str | None = None, session: ssl.SSLSession | None = None
+                 ) -> ssl.SSLObject:
+        # The event loop's start_tls calls this without a session argument.
+        return super().wrap_bio(incoming, outgoing, server_side, server_hostname,
+                                session or self.session)
 
 
 class EnvelopeMaker:
@@ -249,13 +269,12 @@ class FloodRun:
         self.helo = f"HELO {cfg.helo}\r\n".encode()
         self.tls_context = None
         if cfg.starttls:
-            import ssl
             # A load generator: the server's certificate is not checked. No CA
             # store either (not create_default_context): OpenSSL builds the
             # chain even when it will not check it, and the system store made
             # it scan /etc/ssl/certs on every handshake (a third of flood's
             # handshake CPU, on the CPUs the server under test shares).
-            self.tls_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            self.tls_context = (SessionCache if cfg.tls_resume else ssl.SSLContext)(ssl.PROTOCOL_TLS_CLIENT)
             self.tls_context.check_hostname = False
             self.tls_context.verify_mode = ssl.CERT_NONE
         self.auth_line = b""
@@ -596,6 +615,9 @@ class SmtpClient(asyncio.Protocol):
                 self.pipelining = self.run.cfg.pipelining and self.ehlo_pipelining \
                     and stage == EHLO
                 run = self.run
+                if self.tls_done and run.cfg.tls_resume:
+                    # The tickets came before this reply: the session can be resumed.
+                    run.tls_context.session = self.transport.get_extra_info("ssl_object").session
                 if run.tls_context is not None and not self.tls_done:
                     self._write(b"STARTTLS\r\n", STARTTLS)
                 elif run.auth_line and not self.authed:
@@ -644,6 +666,9 @@ class SmtpClient(asyncio.Protocol):
             return
         self.transport = tls
         self.tls_done = True
+        self.stats.tls_handshakes += 1
+        if tls.get_extra_info("ssl_object").session_reused:
+            self.stats.tls_resumed += 1
         self.ehlo_pipelining = False
         self._write(self.run.ehlo, EHLO)
 

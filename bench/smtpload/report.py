@@ -31,6 +31,7 @@ def build_report(stats: FloodStats, target: str, settings: dict, requested: int)
         },
         "recipients": {"accepted": stats.rcpt_accepted, "rejected": stats.rcpt_rejected},
         "connections": {"opened": stats.connections, "errors": dict(stats.conn_errors)},
+        "tls": {"handshakes": stats.tls_handshakes, "resumed": stats.tls_resumed},
         "replies": replies,
         "rate": {
             "accepted_per_s": round(stats.accepted / elapsed, 1) if elapsed else 0.0,
@@ -70,6 +71,11 @@ def print_summary(report: dict, file=None) -> None:
         ("recipients accepted / rejected",
          f"{report['recipients']['accepted']:,} / {report['recipients']['rejected']:,}"),
         ("connections opened", f"{report['connections']['opened']:,}"),
+    ]
+    if report["tls"]["handshakes"]:
+        rows.append(("TLS handshakes / resumed",
+                     f"{report['tls']['handshakes']:,} / {report['tls']['resumed']:,}"))
+    rows += [
         ("elapsed", f"{report['elapsed_s']:.3f} s"),
         ("messages/s (accepted)", f"[bold cyan]{rate['accepted_per_s']:,.1f}[/]"),
         ("attempts/s", f"{rate['attempted_per_s']:,.1f}"),
