@@ -14,9 +14,12 @@ defaults: one message per connection, so every message pays a whole session):
    "per message" (flood's default: every message its own connection, so its own
    TLS handshake and login) and "reused" (flood -d: each of the 20 sessions does
    STARTTLS + AUTH once, then sends its share of the messages). The per-message
-   TLS+AUTH run is made twice more: with the default [auth] cache_seconds (one
-   $6$ hash per login per period) and, in a second `qrelay run`, with
-   cache_seconds = 0 (a $6$ hash for every message);
+   TLS+AUTH run is made twice more: between the plain runs, with flood --tls-resume (each new connection
+   resumes the TLS session an earlier one got, as mail clients do when they
+   reconnect: no certificate, no RSA signature; it lands on either receiver,
+   which share their ticket keys), and, in a second `qrelay run`, with
+   cache_seconds = 0 (a $6$ hash for every message). The strict figure, the one
+   the target is judged on, is the one without resumption;
 2. a plain client connects again and again and times its greeting while 50 sessions
    send wrong passwords (AUTH PLAIN, 535, reconnect) for --flood-seconds; target:
    greeting p99 < 100 ms. Twice: the guessers in clear (`[auth] allow_plaintext`,
@@ -177,7 +180,8 @@ def main() -> int:
             try:
                 if not args.guessing_only:
                     runs = {name: flood(q.port, args, work / f"{name}.json", *extra, messages=args.messages)
-                            for name, extra in (("plain1", ()), ("tls", tls_auth), ("plain2", ()),
+                            for name, extra in (("plain1", ()), ("tls", tls_auth),
+                                                ("tls_resumed", ("--tls-resume", *tls_auth)), ("plain2", ()),
                                                 ("reused_plain1", ("-d",)), ("reused_tls", ("-d", *tls_auth)),
                                                 ("reused_plain2", ("-d",)))}
                 quiet = quiet_greetings(q.port, args)
@@ -204,16 +208,22 @@ def main() -> int:
         reused_plain = (rate["reused_plain1"] + rate["reused_plain2"]) / 2
         ratio = rate["tls"] / plain if plain else 0.0
         ratio_nocache = rate["tls_nocache"] / plain if plain else 0.0
+        ratio_resumed = rate["tls_resumed"] / plain if plain else 0.0
+        resumed = runs["tls_resumed"]["tls"]
         ratio_reused = rate["reused_tls"] / reused_plain if reused_plain else 0.0
         ok = {"per_message": ratio >= RATIO_TARGET, "reused": ratio_reused >= RATIO_TARGET}
         met = (ok["per_message"] or ok["reused"]) and all(n == args.messages for n in accepted.values())
         figures.update({"msgs_per_s": rate, "accepted": accepted, "ratio": round(ratio, 4),
                         "ratio_nocache": round(ratio_nocache, 4), "ratio_reused": round(ratio_reused, 4),
+                        "ratio_resumed": round(ratio_resumed, 4), "tls_resumed": resumed,
                         "ratio_target": RATIO_TARGET})
         print("per message (a connection, a TLS handshake and a login for every message):")
         print(f"  plain      : {rate['plain1']:8.1f} and {rate['plain2']:8.1f} msg/s (mean {plain:.1f})")
         print(f"  TLS + AUTH : {rate['tls']:8.1f} msg/s = {ratio:.2f} of plain (target >= {RATIO_TARGET}) -> "
               f"{'met' if ok['per_message'] else 'MISSED'}")
+        print(f"  resumed    : {rate['tls_resumed']:8.1f} msg/s = {ratio_resumed:.2f} of plain (flood "
+              f"--tls-resume: {resumed['resumed']} of {resumed['handshakes']} handshakes resumed a "
+              f"TLS session, as reconnecting mail clients do)")
         print(f"  no cache   : {rate['tls_nocache']:8.1f} msg/s = {ratio_nocache:.2f} of plain "
               f"([auth] cache_seconds = 0: a $6$ hash for every message)")
         print("reused (each session: STARTTLS + AUTH once, then its messages):")

@@ -80,8 +80,9 @@ def build_parser() -> OneLineParser:
                    help="STARTTLS on every connection, then EHLO again (the server's "
                         "certificate is not verified: a load tool)")
     p.add_argument("--tls-resume", action="store_true",
-                   help="with --starttls: offer the last TLS session the server gave on each "
-                        "new connection, as mail clients do when they reconnect")
+                   help="with --starttls: offer every new connection the TLS session the server "
+                        "last gave (kept while the server resumes it), as mail clients do when "
+                        "they reconnect")
     p.add_argument("--auth", metavar="USER:PASSWORD", default="",
                    help="AUTH PLAIN on every connection before the first MAIL")
     p.add_argument("--helo", default="flood.bench.test", help="EHLO/HELO name")
