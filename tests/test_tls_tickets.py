@@ -149,3 +149,31 @@ def test_a_session_from_receiver_a_resumes_on_receiver_b(root: Path) -> None:
                 proc.join()
         for sock in listeners:
             sock.close()
+
+
+def test_pop3s_clients_resume_on_either_receiver_of_qrelay_run(tmp_path: Path) -> None:
+    """The supervisor's key reaches both receivers: a session from one resumes
+    on the other (the pid in the greeting says which receiver answered)."""
+    from tests.smtp_harness import RunningQrelay
+    from tests.test_pop3 import make_root
+
+    root = make_root(tmp_path)
+    ca = install_certificate(root, "127.0.0.1")
+    client = client_context(ca)
+    q = RunningQrelay(root, procs=2, extra=("--listen", "pop3s://127.0.0.1:0"))
+    try:
+        port = int(q.port_file.read_text().split()[1])
+        pids, resumed, session = [], [], None
+        while len(set(pids)) < 2 and len(pids) < 300:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                with client.wrap_socket(raw, server_hostname="127.0.0.1", session=session) as tls:
+                    greeting = tls.recv(200)              # the tickets came before it
+                    pids.append(greeting.split(b"<", 1)[1].split(b".", 1)[0])
+                    resumed.append(tls.session_reused)
+                    session = session or tls.session
+                    tls.sendall(b"QUIT\r\n")
+                    tls.recv(100)
+        assert len(set(pids)) == 2 and resumed == [False] + [True] * (len(pids) - 1)
+    finally:
+        q.stop()
+    assert "Traceback" not in q.stderr_text
