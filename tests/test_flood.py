@@ -385,3 +385,51 @@ def test_tls_resume_offers_the_last_session(root, run_flood):
         srv.stop()
     with pytest.raises(SystemExit):
         flood.main(["127.0.0.1:25", "--tls-resume"])
+
+
+def test_session_cache_offers_its_session_through_openssl_and_falls_back():
+    """--tls-resume's context: the session goes to OpenSSL without the ssl
+    module's encode-and-decode copy; when the pointers do not check out, the
+    ssl module's way still resumes."""
+    import ssl
+
+    import trustme
+    from smtpload.tls_session import SessionCache
+
+    cert = trustme.CA().issue_cert("flood.test")
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(server)
+    client = SessionCache(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+
+    def connect() -> ssl.SSLObject:
+        c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+        c, s = client.wrap_bio(c_in, c_out), server.wrap_bio(s_in, s_out, server_side=True)
+        while True:
+            for side in (c, s):
+                try:
+                    side.do_handshake()
+                except ssl.SSLWantReadError:
+                    pass
+            if not (c_out.pending or s_out.pending):
+                break
+            s_in.write(c_out.read())
+            c_in.write(s_out.read())
+        s.write(b"250")                  # the tickets come with the first record
+        c_in.write(s_out.read())
+        assert c.read(3) == b"250"
+        with pytest.raises(ssl.SSLWantReadError):
+            c.unwrap()                   # close_notify: the session stays resumable
+        return c
+
+    first = connect()
+    assert not first.session_reused
+    client.session = first.session
+    probe = ssl.SSLContext.wrap_bio(client, ssl.MemoryBIO(), ssl.MemoryBIO())
+    assert client._offer(probe, client.session)              # the direct way is taken
+    assert connect().session_reused and connect().session_reused
+    other = SessionCache(ssl.PROTOCOL_TLS_CLIENT)
+    assert not other._offer(ssl.SSLContext.wrap_bio(other, ssl.MemoryBIO(), ssl.MemoryBIO()),
+                            client.session)                  # another context's session: refused
+    client._offer = lambda sslobj, session: False             # the ssl module's way
+    assert connect().session_reused

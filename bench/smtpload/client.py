@@ -20,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .hist import LatencyHistogram
+from .tls_session import SessionCache
 
 # Stages: what a reply answers. Names appear in the summary and --json.
 CONNECT, EHLO, HELO, RSET_PRE, MAIL, RCPT, DATA, EOD, RSET_NOOP, QUIT, STARTTLS, AUTH = range(12)
@@ -134,22 +135,6 @@ class FloodStats:
 COUNTERS = ("attempted", "sent", "accepted", "tempfailed", "permfailed", "conn_failed",
             "unfinished", "rcpt_accepted", "rcpt_rejected", "connections", "bytes_sent",
             "tls_handshakes", "tls_resumed")
-
-
-class SessionCache(ssl.SSLContext):
-    """A client context that offers every new connection the session a
-    connection that was not resumed got last (kept while the server resumes
-    it): a mail client's session cache for one server (Thunderbird, Outlook,
-    Apple Mail resume when they reconnect)."""
-
-    session: ssl.SSLSession | None = None
-
-    def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, server_side: bool = False,
-                 server_hostname: str | None = None, session: ssl.SSLSession | None = None
-                 ) -> ssl.SSLObject:
-        # The event loop's start_tls calls this without a session argument.
-        return super().wrap_bio(incoming, outgoing, server_side, server_hostname,
-                                session or self.session)
 
 
 class EnvelopeMaker:
@@ -620,7 +605,7 @@ class SmtpClient(asyncio.Protocol):
                 if self.tls_done and run.cfg.tls_resume and not self.resumed:
                     # The tickets came before this reply: a session to resume from now on
                     # (one reused until the server stops resuming it: reading a session
-                    # decodes the server's certificate again, ~0.4 ms of CPU with OpenSSL 3).
+                    # from the ssl module decodes the server's certificate again).
                     run.tls_context.session = self.transport.get_extra_info("ssl_object").session
                 if run.tls_context is not None and not self.tls_done:
                     self._write(b"STARTTLS\r\n", STARTTLS)
