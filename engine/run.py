@@ -60,22 +60,28 @@ from engine.privilege import (PrivilegeError, RunUser, become, check_installatio
                               check_reachable, check_readable, give_tree, run_user)
 from engine.proctitle import set_title
 from engine.smtp.connlimit import ConnectionTable
-from engine.smtp.listeners import ListenAddress, Listener, bind_listeners, bound_address
+from engine.smtp.listeners import ListenAddress, Listener, bind_listeners, bound_address, more_listeners
 from engine.supervisor import ChildSpec, Supervisor, follow_parent
 from engine.tls_tickets import TicketKeys
 
 
 def services(root: Path, config: Any, listeners: list[Listener], procs: int,
              user: RunUser | None = None, lspawn: socket.socket | None = None,
-             tickets: TicketKeys | None = None) -> list[ChildSpec]:
+             tickets: TicketKeys | None = None,
+             own: list[list[Listener]] | None = None) -> list[ChildSpec]:
     """The children of `qrelay run`, in start order. `user`: what every child
     but the local spawner becomes (engine/privilege.py); `lspawn`: the local
     spawner's bound socket (with `user`); `tickets`: the TLS session-ticket
-    keys every receiver shares (forked with them)."""
+    keys every receiver shares (forked with them); `own` ([smtp] reuse_port):
+    receiver k + 1's own sockets for the receivers' listeners (receiver 0
+    serves `listeners`), else every receiver serves `listeners`."""
     settings = config.settings
-    sockets = [listener.sock for listener in listeners] + ([lspawn] if lspawn else [])
     http = [listener for listener in listeners if listener.scheme == "http"]
     served = [listener for listener in listeners if listener.scheme != "http"]
+    slots = [served] + (own or [])
+    receivers_sockets = [listener.sock for slot in slots for listener in slot]
+    sockets = ([listener.sock for listener in http] + receivers_sockets
+               + ([lspawn] if lspawn else []))
 
     def child(spec: ChildSpec, keep: Sequence[socket.socket] = (), root_kept: bool = False
               ) -> ChildSpec:
@@ -90,9 +96,10 @@ def services(root: Path, config: Any, listeners: list[Listener], procs: int,
         specs.append(child(_spool_writer(root, settings)))
     from engine.smtp.receiver import receiver_main
     specs.append(child(ChildSpec(
-        "receiver", target=lambda slot: receiver_main(str(root), served, table.counter(slot), tickets),
+        "receiver", target=lambda slot: receiver_main(str(root), slots[slot % len(slots)],
+                                                      table.counter(slot), tickets),
         count=procs, on_exit=table.clear_row, forward_signals=frozenset({signal.SIGHUP})),
-        keep=[listener.sock for listener in served]))
+        keep=receivers_sockets))
     if settings.scheduler.enabled:   # false: `qrelay run` only receives, mail stays queued
         from engine.delivery.service import scheduler_spec
         if lspawn is not None:
@@ -357,14 +364,19 @@ def serve(root: Path, listen: list[ListenAddress], procs: int,
         metrics.enable(root / metrics.METRICS_DIR)
         from engine.delivery.lspawn import bind_lspawn, remove_lspawn_socket
         remove_lspawn_socket(root)     # a stale one would tell the scheduler to use it
-        listeners = bind_listeners(listen)
+        reuse_port = smtp.reuse_port and procs > 1
+        listeners = bind_listeners(listen, reuse_port=reuse_port)
+        own: list[list[Listener]] = []
+        if reuse_port:
+            served = [listener for listener in listeners if listener.scheme != "http"]
+            own = [more_listeners(served) for _ in range(procs - 1)]
         if user is not None:
             give_tree(root, user)
             lspawn = bind_lspawn(root, user.owner)
     except BaseException:
         os.close(mutex)
         raise
-    sockets = [listener.sock for listener in listeners]
+    sockets = [listener.sock for listener in listeners] + [l.sock for slot in own for l in slot]
     if lspawn is not None:
         sockets.append(lspawn)
     handler = None
@@ -393,7 +405,7 @@ def serve(root: Path, listen: list[ListenAddress], procs: int,
             return False
 
         supervisor = Supervisor(
-            services(root, config, listeners, procs, user, lspawn, tickets),
+            services(root, config, listeners, procs, user, lspawn, tickets, own),
             stop_grace=smtp.shutdown_grace + 2.0,
             reload_check=control_files_changed,
             reload_poll=smtp.reload_poll_seconds,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -204,3 +205,35 @@ def test_a_tcp_smtp_newer_than_its_cdb_is_a_warning_at_start(root):
                " run `qrelay tcprules` to apply the edit")
     assert f"qrelay.run: {warning}" in q.stderr_text.splitlines()
     assert f"warning: run: {warning}" in service_texts(root)
+
+
+def _listening_sockets(port: int) -> int:
+    """LISTEN entries on 127.0.0.1:port in /proc/net/tcp."""
+    want = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as f:
+        return sum(1 for line in f.readlines()[1:] if line.split()[1] == want and line.split()[3] == "0A")
+
+
+@pytest.mark.parametrize("reuse_port", [False, True])
+def test_reuse_port_gives_every_receiver_a_socket_of_its_own(tmp_path, reuse_port):
+    from qrelay_process import service_pids
+    from tests.test_pop3 import make_root as pop3_root
+    root = pop3_root(tmp_path, toml=f"[smtp]\nreuse_port = {str(reuse_port).lower()}\n")
+    q = RunningQrelay(root, procs=2, extra=("--listen", "pop3://127.0.0.1:0"))
+    try:
+        port = int(q.port_file.read_text().split()[1])
+        assert wait_for(lambda: len(service_pids(q.pid, b"receiver")) == 2, 20)
+        receivers = set(service_pids(q.pid, b"receiver"))
+        assert _listening_sockets(port) == (2 if reuse_port else 1)
+        greeted = set()
+        for _ in range(64):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+                greeting = c.recv(512)          # +OK <PID.N.TIME@HOST>
+            greeted.add(int(re.search(rb"<(\d+)\.", greeting).group(1)))
+            if reuse_port and greeted == receivers:
+                break
+        assert greeted <= receivers
+        if reuse_port:      # 64 source ports hashed: both sockets get some
+            assert greeted == receivers
+    finally:
+        q.stop()

@@ -58,6 +58,14 @@ class SmtpSettings:
     # A recipient in a local domain with no mailbox, alias or catch-all gets a
     # 550 at RCPT (qmail accepts it and bounces later: backscatter).
     reject_unknown_mailboxes: bool = True
+    # Each receiver accepts on its own socket (SO_REUSEPORT; the kernel spreads
+    # new connections by address hash) instead of all sharing one. Shared,
+    # every loop is woken and the first to run takes the connection: on a VM a
+    # busy receiver wins against one whose CPU sleeps, so it hoards while the
+    # other idles (POP3 logins split up to 4/96 on 2 CPUs). The cost: the
+    # connections hashed to a receiver that died wait for its restart, and
+    # another process of the same user may bind the same port and share it.
+    reuse_port: bool = False
 
 
 @dataclass(slots=True, frozen=True)

@@ -65,8 +65,11 @@ def parse_listen(text: str) -> ListenAddress:
     return ListenAddress(host or "0.0.0.0", int(port), scheme)
 
 
-def bind_listeners(addresses: list[ListenAddress], backlog: int = 1024) -> list[Listener]:
-    """Bind and listen on every address (non-blocking, inheritable by forked children)."""
+def bind_listeners(addresses: list[ListenAddress], backlog: int = 1024,
+                   reuse_port: bool = False) -> list[Listener]:
+    """Bind and listen on every address (non-blocking, inheritable by forked
+    children); with `reuse_port`, so that `more_listeners` can add sockets
+    on the same address."""
     sockets: list[socket.socket] = []
     try:
         for addr in addresses:
@@ -80,6 +83,8 @@ def bind_listeners(addresses: list[ListenAddress], backlog: int = 1024) -> list[
             sock = socket.socket(family, socket.SOCK_STREAM)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:
@@ -98,3 +103,31 @@ def bind_listeners(addresses: list[ListenAddress], backlog: int = 1024) -> list[
 def bound_address(listener: Listener) -> ListenAddress:
     name = listener.sock.getsockname()
     return ListenAddress(name[0], name[1], listener.scheme)
+
+
+def more_listeners(listeners: list[Listener], backlog: int = 1024) -> list[Listener]:
+    """Another socket on each listener's bound address (same scheme), sharing
+    its port through SO_REUSEPORT: the kernel gives each new connection to
+    one socket of the group. The listeners must come from
+    bind_listeners(..., reuse_port=True)."""
+    more: list[socket.socket] = []
+    try:
+        for listener in listeners:
+            sock = socket.socket(listener.sock.family, socket.SOCK_STREAM)
+            more.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if listener.sock.family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(listener.sock.getsockname())
+            except OSError as exc:
+                raise ListenError(f"cannot listen on {bound_address(listener)} "
+                                  f"a second time: {exc.strerror}") from None
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in more:
+            sock.close()
+        raise
+    return [Listener(listener.scheme, sock) for listener, sock in zip(listeners, more)]
