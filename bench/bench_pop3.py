@@ -12,7 +12,7 @@ Targets (issue 13 item 5):
     .venv/bin/python bench/bench_pop3.py [--users 64] [--logins 1500] [--concurrency 32] [--clients 2]
                                           [--procs 1,2] [--rounds 3] [--pairs 3] [--pin cpus|receivers|off]
                                           [--retr-mb 10] [--retr-pairs 5] [--client c|python]
-                                          [--no-relay-grant]
+                                          [--accept own|shared] [--no-relay-grant]
 
 The load clients run on the receivers' CPUs (2 here), so their CPU per login
 is taken from what the receivers can use: --client c (bench/pop3_logins.c,
@@ -34,6 +34,15 @@ such CPUs. The other placements measure something else on 2 CPUs:
   clients sit on loses the race to accept (both loops are woken; the one on an
   idle CPU accepts first and takes every connection waiting), so it idles:
   seen at 22/78 % with its CPU 68 % idle.
+Accepting (--accept, default `own`: `[smtp] reuse_port = true`, each receiver
+on a socket of its own, the kernel spreading connections by address hash).
+With one shared socket (`shared`, the server's default) every receiver's loop
+is woken by a new connection and the first to run takes it, and every other
+waiting one: on this VM a receiver whose CPU is busy wakes sooner than one
+whose CPU sleeps, so the busy one wins and the other idles — logins split
+4/96 and 11/89 with that CPU 40-83 % idle, at load 2.5, with nothing else to
+blame. Own sockets: 47/53 to 56/44, no CPU idle above 4 %.
+
 Every --procs value runs at once (idle but for its turn) and their turns
 alternate every --logins logins, `--pairs` times per hash and round, so a
 change in the machine's load falls on both within seconds.
@@ -42,12 +51,13 @@ Beside each login rate: the receivers' CPU per login, split into their event
 loops (main threads), their hashing threads (each receiver's busiest other
 thread) and the rest (the relay table's writer thread; the smtpd log's is
 idle here), the share of the logins' CPU each receiver took (how evenly the
-shared listening socket spread them), the load clients' CPU per login, the
-CPU busy on neither ("others": other processes, kernel threads, softirq not
-charged to a thread — the softirq and irq part beside it), and each CPU's idle
-part. On a shared machine the "others" column says whether a run measured the
-receivers or someone else's work: the summary gives the pair ratios over all
-pairs and over the quiet ones (others below 10 % of the CPU used in both runs).
+connections were spread), the load clients' CPU per login, the CPU busy on
+neither ("others": other processes, kernel threads, softirq not charged to a
+thread — the softirq and irq part beside it; with --pin cpus counted on the
+run's own CPUs only), and each CPU's idle part. On a shared machine the
+"others" column says whether a run measured the receivers or someone else's
+work: the summary gives the pair ratios over all pairs and over the quiet ones
+(others below 10 % of the CPU used, in both runs).
 --no-relay-grant flags the users NO_RELAY: logins without the POP-before-SMTP
 grant (the throttle's bookkeeping stays), to see what the grant costs.
 
@@ -87,7 +97,7 @@ def md5_crypt(password: str) -> str:
     return handler.hash(password)
 
 
-def make_root(base: Path, users: int, no_relay: bool = False) -> Path:
+def make_root(base: Path, users: int, no_relay: bool = False, reuse_port: bool = True) -> Path:
     """u0.. with `$6$` hashes (what `qrelay user add` writes), m0.. with `$1$`
     (vpopmail 5.4's), and one 10 MB-ish message for big@."""
     root = init_home(base / "root", me="pop.bench.example")
@@ -96,7 +106,10 @@ def make_root(base: Path, users: int, no_relay: bool = False) -> Path:
     # one receiver hash on two CPUs already).
     # As root, the receivers run as the mailboxes' owner, as they must on a
     # vpopmail box to read vpasswd and the Maildirs.
+    # Each receiver on its own socket ([smtp] reuse_port, --accept own): one
+    # shared socket lets the busy receiver win every accept (see --accept).
     (root / "qrelay.toml").write_text("[scheduler]\nenabled = false\n[auth]\nhash_threads = 1\n"
+                                      f"[smtp]\nreuse_port = {'true' if reuse_port else 'false'}\n"
                                       + ACCOUNTS_RUN_TOML)
     admin.add_domain(root, DOMAIN, uid=ACCOUNTS_OWNER, gid=ACCOUNTS_OWNER)
     names = [f"u{i}" for i in range(users)] + [f"m{i}" for i in range(users)] + ["big"]
@@ -293,8 +306,9 @@ class LoginRun:
     hashing_ms: float        # each receiver's busiest other thread: the hashing thread
     rest_ms: float           # its other threads (the relay writer, the log)
     clients_ms: float
-    others_ms: float         # CPU busy on neither (kernel threads, other processes, the bench)
-    softirq_ms: float        # of all the above, softirq and irq time (mostly loopback TCP)
+    others_ms: float         # CPU busy on neither (other processes, kernel threads, the bench),
+                             # on the run's CPUs with --pin cpus
+    softirq_ms: float        # softirq and irq time (mostly loopback TCP), those CPUs too
     idle: list[float]        # each CPU's idle part of the run
     shares: list[float]      # each receiver's part of the receivers' CPU
 
@@ -316,7 +330,8 @@ class LoginRun:
                 f"(softirq {self.softirq_ms:.2f}) ms/login, CPUs idle {idle}%")
 
 
-def measure_logins(port: int, prefix: str, receivers: list[int], args) -> LoginRun:
+def measure_logins(port: int, prefix: str, receivers: list[int], args,
+                   cpus: list[int] | None = None) -> LoginRun:
     logins = args.logins // args.concurrency * args.concurrency
     before, c0, s0, t0 = thread_cpu(receivers), children_cpu(), cpu_times(), time.monotonic()
     rate = logins_per_second(port, prefix, args)
@@ -331,8 +346,12 @@ def measure_logins(port: int, prefix: str, receivers: list[int], args) -> LoginR
         used[pid] = main + sum(spent.values())
     total = sum(used.values()) or 1.0
     clients = c1 - c0
-    busy = sum(b1 - b0 for (b0, _, _), (b1, _, _) in zip(s0, s1))
-    softirq = sum(q1 - q0 for (_, _, q0), (_, _, q1) in zip(s0, s1))
+    # With --pin cpus every receiver and client runs on `cpus`: other work
+    # counts where it takes from them (on the CPU a --procs 1 run leaves
+    # free it takes nothing).
+    mine = range(len(s0)) if not cpus else sorted(set(cpus))
+    busy = sum(s1[k][0] - s0[k][0] for k in mine)
+    softirq = sum(s1[k][2] - s0[k][2] for k in mine)
     ms = 1000 / logins
     return LoginRun(rate, loops * ms, hashing * ms, rest * ms, clients * ms,
                     max(0.0, busy - total - clients) * ms, softirq * ms,
@@ -443,6 +462,8 @@ def main() -> None:
                     help="load client: bench/pop3_logins.c (default) or asyncio")
     ap.add_argument("--pin", nargs="?", choices=("off", "receivers", "cpus"), default="cpus", const="cpus",
                     help="receivers: receiver k runs on CPU k only; cpus: and load client c on CPU c mod --procs")
+    ap.add_argument("--accept", choices=("own", "shared"), default="own",
+                    help="own: each receiver accepts on its own socket ([smtp] reuse_port); shared: one socket")
     ap.add_argument("--no-relay-grant", action="store_true",
                     help="users flagged NO_RELAY: logins without the POP-before-SMTP grant")
     args = ap.parse_args()
@@ -453,7 +474,7 @@ def main() -> None:
         roots = {}
         for n in procs:     # one root per instance: each `qrelay run` locks its own
             (work / f"procs{n}").mkdir()
-            roots[n] = make_root(work / f"procs{n}", args.users, args.no_relay_grant)
+            roots[n] = make_root(work / f"procs{n}", args.users, args.no_relay_grant, args.accept == "own")
         args.c_client = build_c_client(work) if args.client == "c" else None
         wire = add_big_message(roots[procs[0]], args.retr_mb)
         (work / "wire").write_bytes(wire)
@@ -482,7 +503,7 @@ def main() -> None:
                             runs = {}
                             for n in (procs if (r + i) % 2 == 0 else procs[::-1]):
                                 _, port, receivers, args.client_cpus = instances[n]
-                                runs[n] = run = measure_logins(port, prefix, receivers, args)
+                                runs[n] = run = measure_logins(port, prefix, receivers, args, args.client_cpus)
                                 results.setdefault((n, label), []).append(run)
                                 print(f"round {r + 1}.{i + 1}  --procs {n}  {label} {run.describe()}  "
                                       f"load {os.getloadavg()[0]:.1f}", flush=True)
