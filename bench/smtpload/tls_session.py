@@ -52,6 +52,7 @@ class SessionCache(ssl.SSLContext):
     """A client context that offers every new connection `.session`."""
 
     session: ssl.SSLSession | None = None
+    _ctx = 0          # this context's SSL_CTX*, once checked (reading .options makes an enum)
 
     def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, server_side: bool = False,
                  server_hostname: str | None = None, session: ssl.SSLSession | None = None
@@ -70,12 +71,16 @@ class SessionCache(ssl.SSLContext):
         lib = _libssl()
         if lib is None or ctypes.sizeof(ctypes.c_void_p) != 8:
             return False
+        ctx = self._ctx
+        if not ctx:
+            ctx = _field(self, 0)
+            if not ctx or lib.SSL_CTX_get_options(ctx) != int(self.options):
+                return False
+            self._ctx = ctx
         inner = sslobj._sslobj                          # the _ssl._SSLSocket
-        ctx = _field(self, 0)
         ssl_ptr = _field(inner, 1)
         sess_ptr = _field(session, 0)
-        if not (ctx and ssl_ptr and sess_ptr
-                and lib.SSL_CTX_get_options(ctx) == int(self.options)
+        if not (ssl_ptr and sess_ptr
                 and _field(inner, 2) == id(self) and _field(session, 1) == id(self)
                 and lib.SSL_get_SSL_CTX(ssl_ptr) == ctx and not lib.SSL_is_server(ssl_ptr)
                 and lib.SSL_SESSION_get_time(sess_ptr) == session.time):
