@@ -9,7 +9,7 @@ Targets (issue 13 item 5):
   plain loopback socket (a child process that sendall()s them), same run, same
   reading client.
 
-    .venv/bin/python bench/bench_pop3.py [--users 64] [--logins 1500] [--concurrency 32] [--clients 2]
+    .venv/bin/python bench/bench_pop3.py [--users 64] [--seconds 5] [--concurrency 32] [--clients 2]
                                           [--procs 1,2] [--rounds 3] [--pairs 3] [--pin cpus|receivers|off]
                                           [--retr-mb 10] [--retr-pairs 5] [--client c|python]
                                           [--accept own|shared] [--no-relay-grant]
@@ -44,8 +44,11 @@ whose CPU sleeps, so the busy one wins and the other idles — logins split
 blame. Own sockets: 47/53 to 56/44, no CPU idle above 4 %.
 
 Every --procs value runs at once (idle but for its turn) and their turns
-alternate every --logins logins, `--pairs` times per hash and round, so a
-change in the machine's load falls on both within seconds.
+alternate every run (--seconds 5, the rate counted after the first second:
+neither the start, every connection at once, nor the ragged end of a fixed
+count, whose last workers run alone and leave a receiver idle), `--pairs`
+times per hash and round, so a change in the machine's load falls on both
+within seconds.
 
 Beside each login rate: the receivers' CPU per login, split into their event
 loops (main threads), their hashing threads (each receiver's busiest other
@@ -89,6 +92,8 @@ from qrelay_process import (ACCOUNTS_OWNER, ACCOUNTS_RUN_TOML, QrelayProcess,  #
                              children_cpu, service_pids, thread_seconds, work_dir)
 
 PASSWORD = "bench-password"
+# Seconds of each --seconds run before its logins count (the C client).
+WARMUP = 1.0
 DOMAIN = "bench.example"
 
 
@@ -238,10 +243,10 @@ def build_c_client(work: Path) -> Path | None:
     return exe
 
 
-def logins_per_second(port: int, prefix: str, args) -> float:
-    """--logins USER/PASS/QUIT sessions from --clients processes, --concurrency
+def logins_per_second(port: int, prefix: str, args) -> tuple[float, int]:
+    """USER/PASS/QUIT sessions from --clients processes, --concurrency
     connections in all; worker w owns users w, w+concurrency, ...: never two
-    sessions on one mailbox."""
+    sessions on one mailbox. (logins per second, logins done)."""
     if args.c_client is not None:
         return _c_logins_per_second(port, prefix, args)
     import multiprocessing
@@ -261,22 +266,32 @@ def logins_per_second(port: int, prefix: str, args) -> float:
         p.join()
     if failures:
         print(f"  {len(failures)} failed logins, e.g. {failures[0]!r}")
-    return per * args.concurrency / elapsed
+    return per * args.concurrency / elapsed, per * args.concurrency
 
 
-def _c_logins_per_second(port: int, prefix: str, args) -> float:
+def _c_logins_per_second(port: int, prefix: str, args) -> tuple[float, int]:
+    """--seconds: every client logs in for that long, and the rate counts the
+    logins that ended from WARMUP on (the start, every connection at once,
+    left out), up to the end: the end of a fixed count is ragged, its last
+    workers alone, some receiver idle — it cost --procs 2 more than 1.
+    --seconds 0: --logins logins, timed from start to end."""
     per = args.logins // args.concurrency
+    window = [str(WARMUP * 1000), str(args.seconds * 1000)] if args.seconds else []
     start = time.time()
     procs = [subprocess.Popen([str(args.c_client), str(port), prefix, DOMAIN, PASSWORD, str(args.users),
-                               str(args.concurrency), str(args.clients), str(c), str(per)],
+                               str(args.concurrency), str(args.clients), str(c), str(per), *window],
                               stdout=subprocess.PIPE, text=True, preexec_fn=_pinned(args.client_cpus, c))
              for c in range(args.clients)]
     outs = [p.communicate()[0].split("\n", 1) for p in procs]
     elapsed = time.time() - start
-    failed = sum(int(n) for n, _ in outs)
+    counts = [[int(x) for x in head.split()] for head, _ in outs]
+    failed = sum(c[0] for c in counts)
     if failed or any(p.returncode for p in procs):
         print(f"  {failed} failed logins, e.g. {next((w.strip() for _, w in outs if w.strip()), '?')!r}")
-    return per * args.concurrency / elapsed
+    done = sum(c[1] for c in counts)
+    if args.seconds:
+        return sum(c[2] for c in counts) / (args.seconds - WARMUP), done
+    return done / elapsed, done
 
 
 def thread_cpu(pids: list[int]) -> dict[int, dict[int, float]]:
@@ -284,9 +299,9 @@ def thread_cpu(pids: list[int]) -> dict[int, dict[int, float]]:
     return {pid: thread_seconds(pid) for pid in pids}
 
 
-def cpu_times() -> list[tuple[float, float, float]]:
-    """Per CPU (from /proc/stat, seconds): (busy, idle, softirq + irq). Busy
-    counts user, nice, system, irq and softirq; idle counts iowait too."""
+def cpu_times() -> list[tuple[float, float, float, float]]:
+    """Per CPU (from /proc/stat, seconds): (busy, idle, softirq + irq, iowait).
+    Busy counts user, nice, system, irq and softirq; idle counts iowait too."""
     tick = os.sysconf("SC_CLK_TCK")
     out = []
     with open("/proc/stat") as f:
@@ -295,7 +310,7 @@ def cpu_times() -> list[tuple[float, float, float]]:
             if not name.startswith("cpu") or name == "cpu":
                 continue
             user, nice, system, idle, iowait, irq, softirq, steal = (int(v) / tick for v in fields[:8])
-            out.append((user + nice + system + irq + softirq, idle + iowait, irq + softirq))
+            out.append((user + nice + system + irq + softirq, idle + iowait, irq + softirq, iowait))
     return out
 
 
@@ -310,6 +325,7 @@ class LoginRun:
                              # on the run's CPUs with --pin cpus
     softirq_ms: float        # softirq and irq time (mostly loopback TCP), those CPUs too
     idle: list[float]        # each CPU's idle part of the run
+    iowait: list[float]      # the part of it with a disk wait pending (a relay table sync)
     shares: list[float]      # each receiver's part of the receivers' CPU
 
     @property
@@ -324,17 +340,17 @@ class LoginRun:
     def describe(self) -> str:
         split = "/".join(f"{100 * s:.0f}" for s in self.shares)
         idle = "/".join(f"{100 * s:.0f}" for s in self.idle)
+        iowait = "/".join(f"{100 * s:.0f}" for s in self.iowait)
         return (f"logins/s {self.rate:7.0f}   receiver CPU {self.receivers_ms:.2f} ms/login "
                 f"(loops {self.loops_ms:.2f}, hashing {self.hashing_ms:.2f}, writer+rest {self.rest_ms:.2f}; "
                 f"split {split}%), clients {self.clients_ms:.2f}, others {self.others_ms:.2f} "
-                f"(softirq {self.softirq_ms:.2f}) ms/login, CPUs idle {idle}%")
+                f"(softirq {self.softirq_ms:.2f}) ms/login, CPUs idle {idle}% (iowait {iowait}%)")
 
 
 def measure_logins(port: int, prefix: str, receivers: list[int], args,
                    cpus: list[int] | None = None) -> LoginRun:
-    logins = args.logins // args.concurrency * args.concurrency
     before, c0, s0, t0 = thread_cpu(receivers), children_cpu(), cpu_times(), time.monotonic()
-    rate = logins_per_second(port, prefix, args)
+    rate, logins = logins_per_second(port, prefix, args)
     after, c1, s1, t1 = thread_cpu(receivers), children_cpu(), cpu_times(), time.monotonic()
     loops = hashing = rest = 0.0
     used = {}
@@ -355,7 +371,8 @@ def measure_logins(port: int, prefix: str, receivers: list[int], args,
     ms = 1000 / logins
     return LoginRun(rate, loops * ms, hashing * ms, rest * ms, clients * ms,
                     max(0.0, busy - total - clients) * ms, softirq * ms,
-                    [(i1 - i0) / (t1 - t0) for (_, i0, _), (_, i1, _) in zip(s0, s1)],
+                    [(b[1] - a[1]) / (t1 - t0) for a, b in zip(s0, s1)],
+                    [(b[3] - a[3]) / (t1 - t0) for a, b in zip(s0, s1)],
                     [used[p] / total for p in receivers])
 
 
@@ -449,7 +466,9 @@ def start_qrelay(root: Path, procs: int, work: Path) -> tuple[QrelayProcess, int
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--users", type=int, default=64)
-    ap.add_argument("--logins", type=int, default=1500, help="logins per run")
+    ap.add_argument("--seconds", type=float, default=5.0,
+                    help="seconds per run, logins counted after the first (C client); 0: --logins per run")
+    ap.add_argument("--logins", type=int, default=1500, help="logins per run (--seconds 0, Python client)")
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--procs", default="1,2")
     ap.add_argument("--clients", type=int, default=2, help="load client processes")
@@ -488,7 +507,7 @@ def main() -> None:
             sender_port = int(sender.stdout.readline())
             for r in range(args.rounds):
                 # Every --procs value runs at once (idle but for its turn), and
-                # their turns alternate every --logins logins: a change in the
+                # their turns alternate every run: a change in the
                 # machine's load falls on both alike, within seconds.
                 instances: dict[int, tuple[QrelayProcess, int, list[int], list[int] | None]] = {}
                 try:

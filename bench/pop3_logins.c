@@ -4,11 +4,16 @@
  * the receivers it measures, and in C it takes a fraction of what an asyncio
  * client does per login.
  *
- *   pop3_logins PORT PREFIX DOMAIN PASSWORD USERS CONCURRENCY CLIENTS INDEX PER
+ *   pop3_logins PORT PREFIX DOMAIN PASSWORD USERS CONCURRENCY CLIENTS INDEX PER [FROM_MS TO_MS]
  *
  * Worker w (w = INDEX, INDEX + CLIENTS, ... < CONCURRENCY) logs in PER times,
  * as PREFIX(w), PREFIX(w + CONCURRENCY), ... in turn (never two sessions on
- * one mailbox). Prints the number of failed logins, then the first failure. */
+ * one mailbox). With FROM_MS and TO_MS it logs in until TO_MS after its start
+ * instead, and also counts the logins that ended between FROM_MS and TO_MS:
+ * a rate taken between two moments of the steady state, not including the
+ * start (every connection at once) nor the ragged end (the last workers
+ * alone, some receivers idle).
+ * Prints "FAILED LOGINS IN_WINDOW", then the first failure. */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
@@ -17,6 +22,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 struct worker {
@@ -28,6 +34,12 @@ static struct sockaddr_in addr;
 static const char *prefix, *domain, *password;
 static int users, concurrency, per, failures, epfd;
 static char first_failure[256];
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
 
 static void fail(const char *why) {
     if (failures++ == 0)
@@ -84,7 +96,7 @@ static int step(struct worker *k) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 10) { fprintf(stderr, "usage: see the source\n"); return 2; }
+    if (argc != 10 && argc != 12) { fprintf(stderr, "usage: see the source\n"); return 2; }
     addr.sin_family = AF_INET;
     addr.sin_port = htons(atoi(argv[1]));
     addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
@@ -92,6 +104,12 @@ int main(int argc, char **argv) {
     users = atoi(argv[5]); concurrency = atoi(argv[6]);
     int clients = atoi(argv[7]), index = atoi(argv[8]);
     per = atoi(argv[9]);
+    double t0 = now_ms(), from = -1, to = -1;
+    if (argc == 12) {
+        from = t0 + atof(argv[10]);
+        to = t0 + atof(argv[11]);
+    }
+    long logins = 0, in_window = 0;
     epfd = epoll_create1(EPOLL_CLOEXEC);
     int nworkers = 0;
     struct worker *ws = calloc(concurrency, sizeof *ws);
@@ -109,10 +127,13 @@ int main(int argc, char **argv) {
             if (!step(k)) continue;
             close(k->fd);           /* closing removes it from the epoll set */
             k->users_seen++;
-            if (++k->done < per) start(k);
+            logins++;
+            double t = to < 0 ? 0 : now_ms();
+            if (to >= 0 && t >= from && t < to) in_window++;
+            if (to < 0 ? ++k->done < per : t < to) start(k);
             else active--;
         }
     }
-    printf("%d\n%s\n", failures, first_failure);
+    printf("%d %ld %ld\n%s\n", failures, logins, in_window, first_failure);
     return 0;
 }
