@@ -214,6 +214,19 @@ def _listening_sockets(port: int) -> int:
         return sum(1 for line in f.readlines()[1:] if line.split()[1] == want and line.split()[3] == "0A")
 
 
+def _greeters(port: int, want: set[int], tries: int = 64) -> set[int]:
+    """The pids in the POP3 greetings (<PID.N.TIME@HOST>) of up to `tries`
+    connections, stopping once every pid in `want` answered."""
+    greeted: set[int] = set()
+    for _ in range(tries):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            greeting = c.recv(512)
+        greeted.add(int(re.search(rb"<(\d+)\.", greeting).group(1)))
+        if want <= greeted:
+            break
+    return greeted
+
+
 @pytest.mark.parametrize("reuse_port", [False, True])
 def test_reuse_port_gives_every_receiver_a_socket_of_its_own(tmp_path, reuse_port):
     from qrelay_process import service_pids
@@ -225,15 +238,30 @@ def test_reuse_port_gives_every_receiver_a_socket_of_its_own(tmp_path, reuse_por
         assert wait_for(lambda: len(service_pids(q.pid, b"receiver")) == 2, 20)
         receivers = set(service_pids(q.pid, b"receiver"))
         assert _listening_sockets(port) == (2 if reuse_port else 1)
-        greeted = set()
-        for _ in range(64):
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
-                greeting = c.recv(512)          # +OK <PID.N.TIME@HOST>
-            greeted.add(int(re.search(rb"<(\d+)\.", greeting).group(1)))
-            if reuse_port and greeted == receivers:
-                break
+        greeted = _greeters(port, receivers if reuse_port else set())
         assert greeted <= receivers
         if reuse_port:      # 64 source ports hashed: both sockets get some
             assert greeted == receivers
+    finally:
+        q.stop()
+
+
+def test_a_restarted_receiver_serves_the_socket_of_the_one_it_replaces(tmp_path):
+    import signal
+    from qrelay_process import service_pids
+    from tests.test_pop3 import make_root as pop3_root
+    root = pop3_root(tmp_path, toml="[smtp]\nreuse_port = true\n")
+    q = RunningQrelay(root, procs=2, extra=("--listen", "pop3://127.0.0.1:0"))
+    try:
+        port = int(q.port_file.read_text().split()[1])
+        assert wait_for(lambda: len(service_pids(q.pid, b"receiver")) == 2, 20)
+        victim, survivor = service_pids(q.pid, b"receiver")
+        os.kill(victim, signal.SIGKILL)
+        restarted = wait_for(lambda: set(service_pids(q.pid, b"receiver")) - {victim, survivor}, 30,
+                             "the receiver's restart")
+        # Connections hashed to the dead one's socket waited for the new one:
+        # every connection is answered, by the survivor or the new receiver.
+        assert _greeters(port, restarted | {survivor}) == restarted | {survivor}
+        assert _listening_sockets(port) == 2
     finally:
         q.stop()
