@@ -261,9 +261,14 @@ class Accounts:
         does not know goes to qmail-getpw/alias, which this module does not
         model: True (qmail would accept it too).
         """
+        return self.local_verdict(address) is True
+
+    def local_verdict(self, address: str) -> bool | None:
+        """accepts() for a local address; None for a remote one (one resolve
+        for the receiver's RCPT check, which must tell the two apart)."""
         channel, rewritten = self.domain_config().resolve(address)
         if channel != "local":
-            return False
+            return None
         at = rewritten.rfind("@")
         local = rewritten[:at]
         if not local:

@@ -221,8 +221,7 @@ def mailbox_refusal(mailboxes, rcpt: str) -> str | None:
     Remote recipients are not this check's business."""
     from engine.accounts.store import AccountsError
     try:
-        channel, _ = mailboxes.domain_config().resolve(rcpt)
-        if channel != "local" or mailboxes.accepts(rcpt):
+        if mailboxes.local_verdict(rcpt) is not False:
             return None
     except (AccountsError, OSError):
         return MAILBOXES_UNREADABLE
