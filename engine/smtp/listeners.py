@@ -7,6 +7,7 @@ Each listener carries its scheme: what the receivers serve on it (SCHEMES).
 from __future__ import annotations
 
 import socket
+from typing import Any, Callable
 from dataclasses import dataclass
 
 
@@ -65,38 +66,57 @@ def parse_listen(text: str) -> ListenAddress:
     return ListenAddress(host or "0.0.0.0", int(port), scheme)
 
 
+def _listening_socket(family: int, sockaddr: tuple, backlog: int, reuse_port: bool,
+                      where: str) -> socket.socket:
+    """One bound, listening, non-blocking socket; ListenError saying `where` if
+    the address cannot be bound."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            sock.bind(sockaddr)
+        except OSError as exc:
+            raise ListenError(f"cannot listen on {where}: {exc.strerror}") from None
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _all_or_none(items: list, make: Callable[[Any], socket.socket]) -> list[socket.socket]:
+    """make(item) for every item; on any failure the sockets made so far are closed."""
+    sockets: list[socket.socket] = []
+    try:
+        for item in items:
+            sockets.append(make(item))
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
 def bind_listeners(addresses: list[ListenAddress], backlog: int = 1024,
                    reuse_port: bool = False) -> list[Listener]:
     """Bind and listen on every address (non-blocking, inheritable by forked
     children); with `reuse_port`, so that `more_listeners` can add sockets
     on the same address."""
-    sockets: list[socket.socket] = []
-    try:
-        for addr in addresses:
-            try:
-                infos = socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM,
-                                           flags=socket.AI_PASSIVE | socket.AI_NUMERICHOST)
-            except socket.gaierror:
-                # Names are not resolved here: a listener must not depend on DNS.
-                raise ListenError(f"--listen {addr}: the host must be a numeric IP address") from None
-            family, _, _, _, sockaddr = infos[0]
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                sock.bind(sockaddr)
-            except OSError as exc:
-                raise ListenError(f"cannot listen on {addr}: {exc.strerror}") from None
-            sock.listen(backlog)
-            sock.setblocking(False)
-    except BaseException:
-        for sock in sockets:
-            sock.close()
-        raise
+    def bind(addr: ListenAddress) -> socket.socket:
+        try:
+            infos = socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE | socket.AI_NUMERICHOST)
+        except socket.gaierror:
+            # Names are not resolved here: a listener must not depend on DNS.
+            raise ListenError(f"--listen {addr}: the host must be a numeric IP address") from None
+        family, _, _, _, sockaddr = infos[0]
+        return _listening_socket(family, sockaddr, backlog, reuse_port, str(addr))
+    sockets = _all_or_none(addresses, bind)
     return [Listener(addr.scheme, sock) for addr, sock in zip(addresses, sockets)]
 
 
@@ -110,24 +130,7 @@ def more_listeners(listeners: list[Listener], backlog: int = 1024) -> list[Liste
     its port through SO_REUSEPORT: the kernel gives each new connection to
     one socket of the group. The listeners must come from
     bind_listeners(..., reuse_port=True)."""
-    more: list[socket.socket] = []
-    try:
-        for listener in listeners:
-            sock = socket.socket(listener.sock.family, socket.SOCK_STREAM)
-            more.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if listener.sock.family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                sock.bind(listener.sock.getsockname())
-            except OSError as exc:
-                raise ListenError(f"cannot listen on {bound_address(listener)} "
-                                  f"a second time: {exc.strerror}") from None
-            sock.listen(backlog)
-            sock.setblocking(False)
-    except BaseException:
-        for sock in more:
-            sock.close()
-        raise
+    more = _all_or_none(listeners, lambda listener: _listening_socket(
+        listener.sock.family, listener.sock.getsockname(), backlog, True,
+        f"{bound_address(listener)} a second time"))
     return [Listener(listener.scheme, sock) for listener, sock in zip(listeners, more)]
