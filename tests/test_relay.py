@@ -151,7 +151,7 @@ def test_entries_survive_a_restart(tmp_path: Path, clock: Clock) -> None:
 
 
 def test_writes_are_synced_soon_not_on_the_grant(tmp_path: Path) -> None:
-    """A grant commits without fsync; the writer thread syncs within
+    """A grant commits without fsync; the sync thread syncs within
     sync_seconds and only then drops the `unsynced` mark (engine/relay/writer.py)."""
     settings = dataclasses.replace(Settings(), relay=RelaySettings(sync_seconds=0.5))
     marker = tmp_path / "relay" / "unsynced"
@@ -165,6 +165,37 @@ def test_writes_are_synced_soon_not_on_the_grant(tmp_path: Path) -> None:
             await asyncio.sleep(0.02)
         assert t._writer.last_sync > 0 and not marker.exists()
         await t.close()
+
+    run(scenario())
+
+
+def test_a_slow_sync_never_holds_up_grants(tmp_path: Path) -> None:
+    """The sync runs in a thread of its own: while it is stuck on the disk,
+    grants still commit; the mark stays until a sync saw no commit."""
+    settings = dataclasses.replace(Settings(), relay=RelaySettings(sync_seconds=0.05))
+    marker = tmp_path / "relay" / "unsynced"
+    syncing, release = threading.Event(), threading.Event()
+
+    async def scenario() -> None:
+        t = open_relay_table(tmp_path, settings)
+        writer = t._writer
+        real_sync = writer._sync
+
+        def stuck_sync() -> None:
+            syncing.set()
+            release.wait(30)
+            real_sync()
+        writer._sync = stuck_sync
+        try:
+            await t.grant("192.0.2.1", ttl=60)
+            assert await asyncio.to_thread(syncing.wait, 10)
+            await asyncio.wait_for(t.grant("192.0.2.2", ttl=60), 10)   # while the sync is stuck
+            assert await t.allows("192.0.2.2") and writer.last_sync == 0 and marker.exists()
+        finally:
+            release.set()
+        writer._sync = real_sync
+        await t.close()                                 # syncs what came since
+        assert writer.last_sync > 0 and not marker.exists()
 
     run(scenario())
 

@@ -11,8 +11,9 @@ awaits — it never waits for the mutex, the commit's writes or a sync.
 Durability — what a POP-before-SMTP grant needs. vpopmail's open-smtp and
 relay-ctrl's files were never fsync'd: a grant lost to a power cut only means
 the customer's client logs in again. So commits do not fsync (MDB_NOSYNC) and
-this thread syncs the file (env.sync, outside the writer mutex) at most
-`[relay] sync_seconds` after a write. A process crash loses nothing (the
+a second thread syncs the file (env.sync, outside the writer mutex) at most
+`[relay] sync_seconds` after a write — a thread of its own, so that a slow
+disk delays the sync, never the grants committed meanwhile. A process crash loses nothing (the
 commit is in the page cache). A machine crash may lose the last second of
 grants, and — LMDB's own warning for NOSYNC — the file may then be torn (a
 meta page on disk pointing at pages that are not). A torn table must never be
@@ -128,20 +129,27 @@ class TxnWriter:
         pid = os.getpid()
         if self._pid != pid:
             # First use, or a child forked from a parent that used the table:
-            # the parent's thread, queue and lock (perhaps held) are not ours.
+            # the parent's threads, queue and locks (perhaps held) are not ours.
             self._pid = pid
             self._cond = threading.Condition()
             self._queue: list[tuple[Any, Any]] = []
             self._stopping = False
-            self._sync_due: float | None = None
+            self._sync_cond = threading.Condition()
+            self._sync_due: float | None = None     # when the syncer syncs next (None: clean)
+            self._sync_stopping = False
             self._thread = None
+            self._syncer: threading.Thread | None = None
         if self._thread is None or not self._thread.is_alive():
             self._stopping = False
             self._thread = threading.Thread(target=self._main, name="relay-writer", daemon=True)
             self._thread.start()
+        if self._syncer is None or not self._syncer.is_alive():
+            self._sync_stopping = False
+            self._syncer = threading.Thread(target=self._sync_main, name="relay-sync", daemon=True)
+            self._syncer.start()
 
     def stop(self) -> None:
-        """Finish what was submitted, sync, and end the thread (blocks)."""
+        """Finish what was submitted, sync, and end the threads (blocks)."""
         if self._pid != os.getpid() or self._thread is None:
             return
         with self._cond:
@@ -149,29 +157,49 @@ class TxnWriter:
             self._cond.notify()
         self._thread.join()
         self._thread = None
+        if self._syncer is not None:
+            with self._sync_cond:
+                self._sync_stopping = True
+                self._sync_cond.notify()
+            self._syncer.join()
+            self._syncer = None
 
-    # --- the thread --------------------------------------------------------------------
+    # --- the threads -------------------------------------------------------------------
 
     def _main(self) -> None:
         while True:
             with self._cond:
                 while not self._queue and not self._stopping:
-                    if self._sync_due is not None:
-                        wait = self._sync_due - time.monotonic()
-                        if wait <= 0:
-                            break
-                        self._cond.wait(wait)
-                    else:
-                        self._cond.wait()
+                    self._cond.wait()
                 batch, self._queue = self._queue, []
                 stopping = self._stopping
             if batch:
                 self._run(batch)
-                if self._sync_due is None:
-                    self._sync_due = time.monotonic() + self.sync_seconds
-            if self._sync_due is not None and (stopping or time.monotonic() >= self._sync_due):
-                self._sync()
+                with self._sync_cond:
+                    if self._sync_due is None:
+                        self._sync_due = time.monotonic() + self.sync_seconds
+                        self._sync_cond.notify()
             if stopping and not batch:
+                return
+
+    def _sync_main(self) -> None:
+        """Sync `sync_seconds` after the first write since the last sync; at
+        stop, once more if anything was written since."""
+        while True:
+            with self._sync_cond:
+                while not self._sync_stopping:
+                    if self._sync_due is not None:
+                        wait = self._sync_due - time.monotonic()
+                        if wait <= 0:
+                            break
+                        self._sync_cond.wait(wait)
+                    else:
+                        self._sync_cond.wait()
+                due, stopping = self._sync_due, self._sync_stopping
+                self._sync_due = None
+            if due is not None:
+                self._sync()
+            if stopping:
                 return
 
     def _run(self, batch: list[tuple[Any, Any]]) -> None:
@@ -194,7 +222,6 @@ class TxnWriter:
                 pass
 
     def _sync(self) -> None:
-        self._sync_due = None
         env = self._env()
         if env is None:
             return
@@ -215,7 +242,9 @@ class TxnWriter:
         except (lmdb.Error, OSError) as exc:
             log.warning("relay table %s: sync failed (%s); trying again in %g s",
                         self.path, exc, self.sync_seconds)
-            self._sync_due = time.monotonic() + self.sync_seconds
+            with self._sync_cond:
+                if self._sync_due is None and not self._sync_stopping:
+                    self._sync_due = time.monotonic() + self.sync_seconds
 
     def mark_unsynced(self) -> None:
         """Make `unsynced` durable if it is not there (called by `transact`
