@@ -65,6 +65,11 @@ from engine.supervisor import ChildSpec, Supervisor, follow_parent
 from engine.tls_tickets import TicketKeys
 
 
+def receivers_listeners(listeners: list[Listener]) -> list[Listener]:
+    """What the receivers serve: every listener but the status page's (http)."""
+    return [listener for listener in listeners if listener.scheme != "http"]
+
+
 def services(root: Path, config: Any, listeners: list[Listener], procs: int,
              user: RunUser | None = None, lspawn: socket.socket | None = None,
              tickets: TicketKeys | None = None,
@@ -77,7 +82,7 @@ def services(root: Path, config: Any, listeners: list[Listener], procs: int,
     serves `listeners`), else every receiver serves `listeners`."""
     settings = config.settings
     http = [listener for listener in listeners if listener.scheme == "http"]
-    served = [listener for listener in listeners if listener.scheme != "http"]
+    served = receivers_listeners(listeners)
     slots = [served] + (own or [])
     receivers_sockets = [listener.sock for slot in slots for listener in slot]
     sockets = ([listener.sock for listener in http] + receivers_sockets
@@ -368,8 +373,7 @@ def serve(root: Path, listen: list[ListenAddress], procs: int,
         listeners = bind_listeners(listen, reuse_port=reuse_port)
         own: list[list[Listener]] = []
         if reuse_port:
-            served = [listener for listener in listeners if listener.scheme != "http"]
-            own = [more_listeners(served) for _ in range(procs - 1)]
+            own = [more_listeners(receivers_listeners(listeners)) for _ in range(procs - 1)]
         if user is not None:
             give_tree(root, user)
             lspawn = bind_lspawn(root, user.owner)

@@ -13,11 +13,11 @@ relay-ctrl's files were never fsync'd: a grant lost to a power cut only means
 the customer's client logs in again. So commits do not fsync (MDB_NOSYNC) and
 a second thread syncs the file (env.sync, outside the writer mutex) at most
 `[relay] sync_seconds` after a write — a thread of its own, so that a slow
-disk delays the sync, never the grants committed meanwhile. A process crash loses nothing (the
-commit is in the page cache). A machine crash may lose the last second of
-grants, and — LMDB's own warning for NOSYNC — the file may then be torn (a
-meta page on disk pointing at pages that are not). A torn table must never be
-read, so:
+disk delays the sync, never the grants committed meanwhile. A process crash
+loses nothing (the commit is in the page cache). A machine crash may lose the
+last second of grants, and — LMDB's own warning for NOSYNC — the file may
+then be torn (a meta page on disk pointing at pages that are not). A torn
+table must never be read, so:
 
   - before the first write after a sync, the file `unsynced` (the boot id) is
     made durable, under the writer mutex;
