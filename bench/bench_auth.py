@@ -31,12 +31,21 @@ defaults: one message per connection, so every message pays a whole session):
    with it, a guesser is slowed and then locked out before it can cost much — here
    every guess is hashed.
 
+Beside each ingest rate, the CPU per message of qrelay's processes and flood
+together; and what OpenSSL alone costs for one handshake, client and server
+(qrelay's server context and flood's client context talking through memory
+BIOs in one thread: no sockets, no event loop, no SMTP). Client and server
+share this machine's CPUs, so a message can never cost less than plain's CPU
+plus that handshake: all CPUs busy with exactly that is the most the
+per-message rate can be here, whatever the server around OpenSSL does.
+
 Prints the figures; exit 0 when both targets are met, 1 if not, 2 if a run failed.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -77,6 +86,65 @@ def make_root(work: Path, key_type: str) -> Path:
         "[scheduler]\nenabled = false\n[auth]\nallow_plaintext = true\n"
         "[login]\nfailure_delay = 0\nmax_delay = 0\nmax_failures = 100000000\n" + ACCOUNTS_RUN_TOML)
     return root
+
+
+def handshake_floor(root: Path, n: int = 300) -> dict[str, float]:
+    """CPU milliseconds of one TLS handshake, client and server together, with
+    OpenSSL alone (see the docstring): {"full": .., "resumed": ..}."""
+    import ssl
+
+    from engine.config.settings import TlsSettings
+    from engine.tls import build_context
+
+    server = build_context(root, TlsSettings())
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)      # as flood's: no verification
+    client.check_hostname = False
+    client.verify_mode = ssl.CERT_NONE
+
+    def handshake(session) -> ssl.SSLSession:
+        c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+        c = client.wrap_bio(c_in, c_out, server_side=False, session=session)
+        s = server.wrap_bio(s_in, s_out, server_side=True)
+        done = {c: False, s: False}
+        while not all(done.values()):
+            for side, out, peer in ((c, c_out, s_in), (s, s_out, c_in)):
+                if not done[side]:
+                    try:
+                        side.do_handshake()
+                        done[side] = True
+                    except ssl.SSLWantReadError:
+                        pass
+                peer.write(out.read())
+        try:
+            c.read(1)           # the session tickets that follow the handshake
+        except ssl.SSLWantReadError:
+            pass
+        if session is not None and not c.session_reused:
+            raise RuntimeError("handshake_floor: the client's session was not resumed")
+        return c.session
+
+    session = handshake(None)
+    out = {}
+    for name, offer in (("full", None), ("resumed", session)):
+        for _ in range(n // 10):
+            handshake(offer)            # warm-up
+        t0 = time.thread_time()
+        for _ in range(n):
+            handshake(offer)
+        out[name] = (time.thread_time() - t0) / n * 1000
+    return out
+
+
+def with_cpu(q, run) -> tuple[dict, float]:
+    """flood's report from run(), and the CPU milliseconds per accepted message
+    that qrelay's processes and flood spent on it."""
+    from qrelay_process import children_cpu, cpu_seconds, descendants
+
+    pids = descendants(q.proc.pid)
+    before = cpu_seconds(pids) + children_cpu()
+    report = run()
+    spent = cpu_seconds(pids) + children_cpu() - before
+    return report, spent * 1000 / max(1, report["messages"]["accepted"])
 
 
 def flood(port: int, args: argparse.Namespace, out: Path, *extra: str, messages: int | None = None,
@@ -167,6 +235,9 @@ def main() -> int:
 
     from qrelay_process import QrelayProcess, work_dir
 
+    runs: dict[str, dict] = {}
+    cpu: dict[str, float] = {}      # CPU ms per message, qrelay and flood together
+
     tls_auth = ("--starttls", "--auth", f"{USER}:{PASSWORD}")
     figures: dict = {"sessions": args.sessions, "messages": args.messages, "size": args.size,
                      "qrelay_procs": args.procs, "key_type": args.key_type}
@@ -179,11 +250,12 @@ def main() -> int:
             q = QrelayProcess(root, args.procs, log=work / "qrelay.log")
             try:
                 if not args.guessing_only:
-                    runs = {name: flood(q.port, args, work / f"{name}.json", *extra, messages=args.messages)
-                            for name, extra in (("plain1", ()), ("tls", tls_auth),
-                                                ("tls_resumed", ("--tls-resume", *tls_auth)), ("plain2", ()),
-                                                ("reused_plain1", ("-d",)), ("reused_tls", ("-d", *tls_auth)),
-                                                ("reused_plain2", ("-d",)))}
+                    for name, extra in (("plain1", ()), ("tls", tls_auth),
+                                        ("tls_resumed", ("--tls-resume", *tls_auth)), ("plain2", ()),
+                                        ("reused_plain1", ("-d",)), ("reused_tls", ("-d", *tls_auth)),
+                                        ("reused_plain2", ("-d",))):
+                        runs[name], cpu[name] = with_cpu(q, lambda: flood(
+                            q.port, args, work / f"{name}.json", *extra, messages=args.messages))
                 quiet = quiet_greetings(q.port, args)
                 guess_clear = guessing(q.port, args, work / "guess-clear.json")
                 guess_tls = guessing(q.port, args, work / "guess-tls.json", "--starttls")
@@ -193,10 +265,11 @@ def main() -> int:
                 set_cache(root, 0)      # every login hashed: in a fresh `qrelay run`
                 q = QrelayProcess(root, args.procs, log=work / "qrelay.log")
                 try:
-                    runs["tls_nocache"] = flood(q.port, args, work / "tls-nocache.json", *tls_auth,
-                                                messages=args.messages)
+                    runs["tls_nocache"], cpu["tls_nocache"] = with_cpu(q, lambda: flood(
+                        q.port, args, work / "tls-nocache.json", *tls_auth, messages=args.messages))
                 finally:
                     q.stop(20)
+                floor = handshake_floor(root)
         except (subprocess.SubprocessError, RuntimeError, OSError) as exc:
             print(f"bench_auth: error: {exc}", file=sys.stderr)
             return 2
@@ -226,6 +299,18 @@ def main() -> int:
               f"TLS session, as reconnecting mail clients do)")
         print(f"  no cache   : {rate['tls_nocache']:8.1f} msg/s = {ratio_nocache:.2f} of plain "
               f"([auth] cache_seconds = 0: a $6$ hash for every message)")
+        plain_cpu = (cpu["plain1"] + cpu["plain2"]) / 2
+        cpus = len(os.sched_getaffinity(0))
+        # Every CPU busy with nothing but plain SMTP's work plus OpenSSL's handshake.
+        ceiling = {kind: cpus * 1000 / (plain_cpu + floor[kind]) / plain for kind in floor}
+        figures.update({"cpu_ms_per_msg": {k: round(v, 3) for k, v in cpu.items()},
+                        "openssl_handshake_ms": {k: round(v, 3) for k, v in floor.items()},
+                        "ratio_ceiling": {k: round(v, 3) for k, v in ceiling.items()}})
+        print(f"  CPU per message, qrelay + flood: plain {plain_cpu:.2f} ms, TLS + AUTH {cpu['tls']:.2f} ms, "
+              f"resumed {cpu['tls_resumed']:.2f} ms")
+        print(f"  OpenSSL alone, client + server in memory: a full handshake {floor['full']:.2f} ms of CPU, "
+              f"a resumed one {floor['resumed']:.2f} ms; plain's CPU plus that on all {cpus} CPUs: TLS + AUTH "
+              f"per message at most {ceiling['full']:.2f} of plain ({ceiling['resumed']:.2f} resumed)")
         print("reused (each session: STARTTLS + AUTH once, then its messages):")
         print(f"  plain      : {rate['reused_plain1']:8.1f} and {rate['reused_plain2']:8.1f} msg/s "
               f"(mean {reused_plain:.1f})")
