@@ -113,9 +113,11 @@ def test_deferred_destination_with_its_last_error_in_metrics_and_status(status_r
     send(run.port, ["slow@sink.test"], n=2)
 
     def deferred():
+        # Both messages' deferrals: they are recorded one commit at a time, and
+        # a page read between the two shows the first alone.
         doc = run.status()
-        return doc["queue"]["deferred"] and doc
-    doc = wait_for(deferred, what="a deferred destination on the status page")
+        return doc["queue"]["deferred"] and doc["queue"]["deferred"][0]["count"] == 2 and doc
+    doc = wait_for(deferred, what="both messages deferred on the status page")
     row = doc["queue"]["deferred"][0]
     assert row["destination"] == "sink.test" and row["count"] == 2
     assert "451 4.3.0 try again later" in row["last_error"]
