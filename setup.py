@@ -1,4 +1,5 @@
-"""Builds the Cython SMTP core (cext/) into extension modules inside `engine`.
+"""Builds the Cython cores (cext/: SMTP syntax, durable file steps) into
+extension modules inside `engine`.
 
 Metadata lives in pyproject.toml; this file exists only because extension
 modules still need setup.py's ext_modules.
@@ -10,6 +11,11 @@ extensions = [
     Extension(
         "engine._smtpcore",
         ["cext/smtpcore.pyx"],
+        extra_compile_args=["-O3"],
+    ),
+    Extension(
+        "engine._fileio",
+        ["cext/fileio.pyx"],
         extra_compile_args=["-O3"],
     ),
 ]

@@ -1,0 +1,114 @@
+"""engine._fileio: a Maildir delivery's file steps and a directory fsync in C,
+their results and what they leave behind on every failure."""
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from engine import _fileio
+from engine.delivery.local.maildir import DirSync, MaildirError, MaildirWriter
+from tests.test_local_fixtures import make_maildir
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def paths(md, name="m1"):
+    return (os.fsencode(md / "tmp" / name), os.fsencode(md / "new" / name))
+
+
+def test_writes_links_and_unlinks(tmp_path):
+    md = make_maildir(tmp_path / "Maildir")
+    tmp, new = paths(md)
+    assert _fileio.write_linked(tmp, new, [b"Return-Path: <>\n", b"", b"body\n" * 1000]) == (0, 0)
+    assert (md / "new" / "m1").read_bytes() == b"Return-Path: <>\n" + b"body\n" * 1000
+    assert (md / "new" / "m1").stat().st_mode & 0o777 == 0o600
+    assert os.listdir(md / "tmp") == []
+
+
+def test_no_parts_is_an_empty_file(tmp_path):
+    md = make_maildir(tmp_path / "Maildir")
+    assert _fileio.write_linked(*paths(md), []) == (0, 0)
+    assert (md / "new" / "m1").read_bytes() == b""
+
+
+def test_an_existing_tmp_file_is_left_alone(tmp_path):
+    md = make_maildir(tmp_path / "Maildir")
+    (md / "tmp" / "m1").write_bytes(b"someone else's")
+    assert _fileio.write_linked(*paths(md), [b"x"]) == (_fileio.OPEN, errno.EEXIST)
+    assert (md / "tmp" / "m1").read_bytes() == b"someone else's"
+    assert os.listdir(md / "new") == []
+
+
+def test_a_missing_directory_fails_at_open(tmp_path):
+    assert _fileio.write_linked(*paths(tmp_path / "nowhere"), [b"x"]) == (_fileio.OPEN, errno.ENOENT)
+
+
+def test_an_existing_name_in_new_is_never_replaced(tmp_path):
+    md = make_maildir(tmp_path / "Maildir")
+    (md / "new" / "m1").write_bytes(b"delivered before")
+    assert _fileio.write_linked(*paths(md), [b"x"]) == (_fileio.LINK, errno.EEXIST)
+    assert (md / "new" / "m1").read_bytes() == b"delivered before"
+    assert os.listdir(md / "tmp") == []
+
+
+def test_a_failed_write_leaves_nothing(tmp_path):
+    """A write refused part way (here: over RLIMIT_FSIZE, EFBIG, in a child
+    that ignores SIGXFSZ) unlinks the tmp file and links nothing."""
+    md = make_maildir(tmp_path / "Maildir")
+    code = (
+        "import os, resource, signal, sys\n"
+        "from engine import _fileio\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+        "print(*_fileio.write_linked(os.fsencode(sys.argv[1]), os.fsencode(sys.argv[2]),"
+        " [b'x' * 3000, b'y' * 3000]))\n")
+    tmp, new = paths(md)
+    got = subprocess.run([sys.executable, "-c", code, tmp, new], capture_output=True,
+                         text=True, cwd=REPO, check=True).stdout.split()
+    assert [int(v) for v in got] == [_fileio.WRITE, errno.EFBIG]
+    assert os.listdir(md / "tmp") == [] and os.listdir(md / "new") == []
+
+
+def test_fsync_dir(tmp_path):
+    assert _fileio.fsync_dir(os.fsencode(tmp_path)) == 0
+    assert _fileio.fsync_dir(os.fsencode(tmp_path / "gone")) == errno.ENOENT
+    (tmp_path / "f").write_bytes(b"")
+    assert _fileio.fsync_dir(os.fsencode(tmp_path / "f")) == errno.ENOTDIR
+
+
+def test_the_writer_uses_it_by_default(tmp_path):
+    md = make_maildir(tmp_path / "Maildir")
+    w = MaildirWriter("h")
+    name = w.deliver(str(md), [b"a\n", b"b\n"], size_suffix=True)
+    assert name.endswith(",S=4")
+    assert (md / "new" / name).read_bytes() == b"a\nb\n"
+    assert os.listdir(md / "tmp") == []
+    assert w.dirsync.fsyncs == 1
+
+
+def test_the_writer_reports_its_failures(tmp_path):
+    md = make_maildir(tmp_path / "Maildir")
+    os.chmod(md / "tmp", 0o500)
+    try:
+        if os.access(md / "tmp", os.W_OK):   # root ignores the mode
+            os.rmdir(md / "tmp")
+        try:
+            MaildirWriter("h").deliver(str(md), [b"x\n"])
+            raise AssertionError("delivered without a tmp/")
+        except MaildirError as exc:
+            assert exc.kind == "write" and exc.errno in (errno.EACCES, errno.ENOENT)
+    finally:
+        if (md / "tmp").exists():
+            os.chmod(md / "tmp", 0o700)
+    assert os.listdir(md / "new") == []
+
+
+def test_a_directory_sync_failure_raises_oserror(tmp_path):
+    try:
+        DirSync().sync(str(tmp_path / "gone"))
+        raise AssertionError("synced a missing directory")
+    except OSError as exc:
+        assert exc.errno == errno.ENOENT
