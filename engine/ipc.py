@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import threading
 
 U8 = struct.Struct(">B")
 U32 = struct.Struct(">I")
@@ -170,6 +171,43 @@ async def read_frame(reader: asyncio.StreamReader, max_frame: int) -> bytes | No
         return await reader.readexactly(n)
     except asyncio.IncompleteReadError:
         raise FrameError("stream ends inside a frame") from None
+
+
+class FrameSender:
+    """Frames queued during one event-loop turn leave in one write: one send
+    syscall, and one wake-up of the reader, for a burst of jobs or results
+    instead of one each. `send` from the loop's thread, `send_threadsafe` from
+    any other; frames queued once the writer is closing are dropped (the
+    peer's end fails what it was waiting for)."""
+
+    __slots__ = ("writer", "loop", "_frames", "_lock")
+
+    def __init__(self, writer: asyncio.StreamWriter, loop: asyncio.AbstractEventLoop) -> None:
+        self.writer = writer
+        self.loop = loop
+        self._frames: list[bytes] = []
+        self._lock = threading.Lock()
+
+    def send(self, frame: bytes) -> None:
+        if self._queue(frame):
+            self.loop.call_soon(self._flush)
+
+    def send_threadsafe(self, frame: bytes) -> None:
+        """RuntimeError if the loop is closed."""
+        if self._queue(frame):
+            self.loop.call_soon_threadsafe(self._flush)
+
+    def _queue(self, frame: bytes) -> bool:
+        """True for the first frame since the last flush (which schedules one)."""
+        with self._lock:
+            self._frames.append(frame)
+            return len(self._frames) == 1
+
+    def _flush(self) -> None:
+        with self._lock:
+            frames, self._frames = self._frames, []
+        if frames and not self.writer.is_closing():
+            self.writer.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
 
 class FrameBuffer:

@@ -184,6 +184,40 @@ def test_worker_server_runs_a_blocking_deliverers_jobs_in_its_threads():
     assert all(name.startswith("qrelay-job") for name in deliverer.threads_seen)
 
 
+def test_frames_queued_in_one_turn_leave_in_one_write():
+    """ipc.FrameSender: a burst of frames (from the loop or from threads) is
+    one write; the reader still gets every frame, in order; once the writer
+    closes, queued frames are dropped, not raised."""
+    import threading
+
+    async def main():
+        a, b = socket.socketpair()
+        reader, writer = await asyncio.open_unix_connection(sock=a)
+        creader, cwriter = await asyncio.open_unix_connection(sock=b)
+        writes = []
+        real_write = writer.write
+        writer.write = lambda data: (writes.append(data), real_write(data))
+        out = ipc.FrameSender(writer, asyncio.get_running_loop())
+        for i in range(5):
+            out.send(ipc.frame(b"loop %d" % i, 64))
+        threads = [threading.Thread(target=out.send_threadsafe, args=(ipc.frame(b"thread %d" % i, 64),))
+                   for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        got = [await ipc.read_frame(creader, 64) for _ in range(8)]
+        assert got[:5] == [b"loop %d" % i for i in range(5)]
+        assert sorted(got[5:]) == [b"thread %d" % i for i in range(3)]
+        assert len(writes) <= 2             # not one write per frame
+        writer.close()
+        out.send(ipc.frame(b"late", 64))    # dropped once closing
+        await asyncio.sleep(0)
+        assert len(writes) <= 2
+        cwriter.close()
+    asyncio.run(main())
+
+
 def test_one_domain_always_maps_to_one_worker():
     pool = Spawner("/nonexistent", 3, "remote")
     slots = {pool.worker_for(f"d{i}.test") for i in range(50)}

@@ -157,11 +157,12 @@ class WorkerServer:
         if self._blocking is not None:
             self._pool = ThreadPoolExecutor(max_workers=max(1, deliverer.threads),
                                             thread_name_prefix="qrelay-job")
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._out: ipc.FrameSender | None = None
 
     async def serve(self) -> None:
         """Until the scheduler closes the socket (or a frame breaks the protocol)."""
-        loop = self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        self._out = ipc.FrameSender(self.writer, loop)
         try:
             while True:
                 try:
@@ -224,7 +225,7 @@ class WorkerServer:
             # A bug in a deliverer costs a retry of this job only.
             frame = encode_error(jobid, BAD_JOB, f"delivery failed: {exc!r}")
         try:
-            self._loop.call_soon_threadsafe(self._send, frame)
+            self._out.send_threadsafe(frame)
         except RuntimeError:
             pass  # the loop is gone (worker stopping): the spawner defers the job
 
@@ -245,8 +246,7 @@ class WorkerServer:
         self._send(frame)
 
     def _send(self, frame: bytes) -> None:
-        if not self.writer.is_closing():
-            self.writer.write(frame)
+        self._out.send(frame)
 
 
 def worker_main(root: str, fd: int, parent_pid: int, channel: str,
@@ -389,6 +389,7 @@ class _Worker:
         self.slot = slot
         self.proc: asyncio.subprocess.Process | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.out: ipc.FrameSender | None = None     # jobs leave through it
         self.pending: dict[int, tuple[asyncio.Future, tuple[str, ...]]] = {}
         self.up = asyncio.Event()
         self.backoff = Backoff()
@@ -522,6 +523,7 @@ class Spawner:
     async def _run_once(self, w: _Worker) -> None:
         reader, w.writer = await asyncio.open_unix_connection(sock=await self._connect(w),
                                                               limit=self.max_frame)
+        w.out = ipc.FrameSender(w.writer, asyncio.get_running_loop())
         w.up.set()
         why = ""
         try:
@@ -539,7 +541,7 @@ class Spawner:
         finally:
             w.up.clear()
             w.writer.close()
-            w.writer = None
+            w.writer = w.out = None
             ended = await self._ended(w, why)
             lost = len(w.pending)
             self._fail_pending(w, DIED_TEXT)
@@ -600,7 +602,7 @@ class Spawner:
         fut = asyncio.get_running_loop().create_future()
         w.pending[jobid] = (fut, recipients)
         try:
-            w.writer.write(frame)
+            w.out.send(frame)
             status, payload = await fut
         finally:
             w.pending.pop(jobid, None)
