@@ -54,6 +54,45 @@ def test_deliver_blocking_gives_the_same_results_as_deliver(tmp_path):
     assert many[1].forwards[0].recipients == ("a@x.example",)
 
 
+class RecordingWaiting:
+    """engine.delivery.local's Waiting, recording when a delivery steps out."""
+
+    def __init__(self) -> None:
+        self.events = []
+
+    def stepped_out(self):
+        from contextlib import contextmanager
+
+        @contextmanager
+        def cm():
+            self.events.append("out")
+            try:
+                yield
+            finally:
+                self.events.append("in")
+        return cm()
+
+
+def test_a_program_run_and_an_mbox_lock_step_out_a_maildir_does_not(tmp_path):
+    """The delivery worker counts a delivery as running except while it only
+    waits: around a |program's run and an mbox append, never a Maildir."""
+    tree, ddir = vpop_tree(tmp_path)
+    write_qmail(ddir, ".qmail-prog", "|cat > /dev/null\n")
+    write_qmail(ddir, ".qmail-box", "./mbox\n")
+    courier = LocalDelivery(tree.config, tree.accounts, max_threads=1)
+    try:
+        steps = {}
+        for name in ("joe", "prog", "box"):
+            waiting = RecordingWaiting()
+            [r] = courier.deliver_blocking("s@x.example", [f"example.com-{name}@example.com"],
+                                           MSG, waiting)
+            assert r.status == "K", (name, r.text)
+            steps[name] = waiting.events
+    finally:
+        courier.close()
+    assert steps == {"joe": [], "prog": ["out", "in"], "box": ["out", "in"]}
+
+
 def test_assignment_for_tells_the_spawner_the_uid(tmp_path):
     tree, ddir = vpop_tree(tmp_path)
     courier = LocalDelivery(tree.config, tree.accounts, max_threads=1)

@@ -136,7 +136,7 @@ class FakeBlocking:
     async def deliver(self, domain, sender, rcpts, message):
         raise AssertionError("the async path was taken")
 
-    def deliver_blocking(self, domain, sender, rcpts, message):
+    def deliver_blocking(self, domain, sender, rcpts, message, waiting=None):
         import threading
         self.threads_seen.add(threading.current_thread().name)
         if domain == "bug.test":
@@ -182,6 +182,67 @@ def test_worker_server_runs_a_blocking_deliverers_jobs_in_its_threads():
     assert len(deliverer.calls) == 6 and 2 <= len(deliverer.threads_seen) <= 3
     assert deliverer.most >= 2      # jobs overlapped, at most `threads` at once
     assert all(name.startswith("qrelay-job") for name in deliverer.threads_seen)
+
+
+class ActiveBlocking(FakeBlocking):
+    """FakeBlocking that runs at most `active` jobs at once; a job for
+    wait.test steps out until a later job has run."""
+    threads = 4
+    active = 1
+
+    def __init__(self) -> None:
+        import threading
+        super().__init__()
+        self.released = threading.Event()
+
+    def deliver_blocking(self, domain, sender, rcpts, message, waiting=None):
+        if domain == "wait.test":
+            with waiting.stepped_out():
+                ok = self.released.wait(10)
+            return [RecipientResult(r, "K" if ok else "Z", f"released {ok}\n") for r in rcpts]
+        got = super().deliver_blocking(domain, sender, rcpts, message, waiting)
+        self.released.set()
+        return got
+
+
+def run_jobs(deliverer, jobs):
+    """Serve `jobs` ((domain, recipient) each) through a WorkerServer; answers by job id."""
+    async def main():
+        a, b = socket.socketpair()
+        reader, writer = await asyncio.open_unix_connection(sock=a)
+        server = WorkerServer(FakeSpool(), deliverer, reader, writer)
+        serving = asyncio.ensure_future(server.serve())
+        creader, cwriter = await asyncio.open_unix_connection(sock=b)
+        for i, (domain, rcpt) in enumerate(jobs, 1):
+            cwriter.write(encode_job(i, 1, Group("local", 1, domain, "a@s.test", (rcpt,)), b"m\r\n"))
+        answers = {}
+        for _ in jobs:
+            jobid, status, payload = decode_result(await ipc.read_frame(creader, MAX_FRAME))
+            answers[jobid] = (status, payload)
+        cwriter.close()
+        await asyncio.wait_for(serving, 5)
+        writer.close()
+        return answers
+    return asyncio.run(main())
+
+
+def test_jobs_over_active_wait_in_the_backlog_and_all_run():
+    deliverer = ActiveBlocking()
+    deliverer.active = 2
+    answers = run_jobs(deliverer, [("d.test", f"u{i}@d.test") for i in range(7)])
+    assert sorted(answers) == list(range(1, 8))
+    assert all(a == (OK, [RecipientResult("", "K", f"ok u{i - 1}@d.test\n")])
+               for i, a in answers.items())
+    assert deliverer.most == 2          # never more than `active` at once
+
+
+def test_a_job_that_only_waits_lets_a_backlog_job_run():
+    """active = 1: the first job steps out (a |program's run) until the second
+    has run; without stepping out the second would wait behind it."""
+    deliverer = ActiveBlocking()
+    answers = run_jobs(deliverer, [("wait.test", "w@wait.test"), ("d.test", "u@d.test")])
+    assert answers[1] == (OK, [RecipientResult("", "K", "released True\n")])
+    assert answers[2] == (OK, [RecipientResult("", "K", "ok u@d.test\n")])
 
 
 def test_frames_queued_in_one_turn_leave_in_one_write():

@@ -70,11 +70,18 @@ class LocalDeliverer:
         """Whole jobs a spawner worker may run at once through deliver_blocking."""
         return self.delivery.max_threads
 
+    @property
+    def active(self) -> int:
+        """Of those, how many run at once when none only waits (`[delivery] local_active`)."""
+        return self.delivery.active
+
     def deliver_blocking(self, destination: str, sender: str, recipients: Sequence[str],
-                         message: bytes) -> list[RecipientResult]:
+                         message: bytes, waiting=None) -> list[RecipientResult]:
         """deliver() in the caller's thread (engine.delivery.spawner runs whole
-        jobs in threads: no event-loop round trip per recipient)."""
-        return _channel_results(self.delivery.deliver_blocking(sender, list(recipients), message))
+        jobs in threads: no event-loop round trip per recipient). `waiting`:
+        engine.delivery.local's Waiting."""
+        return _channel_results(self.delivery.deliver_blocking(sender, list(recipients), message,
+                                                               waiting))
 
     def user_of(self, recipient: str) -> tuple[int, int] | None:
         """The (uid, gid) `recipient`'s delivery runs as; None when nothing is to
@@ -100,7 +107,9 @@ def _channel_results(got) -> list[RecipientResult]:
 
 def open_deliverer(root, settings=None, log=None) -> LocalDeliverer:
     from engine.delivery.local import LocalDelivery
-    return LocalDeliverer(LocalDelivery.for_root(root))
+    if settings is None:
+        return LocalDeliverer(LocalDelivery.for_root(root))
+    return LocalDeliverer(LocalDelivery.for_root(root, active=settings.delivery.local_active))
 
 
 class UserSpawner:

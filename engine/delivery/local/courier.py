@@ -35,7 +35,9 @@ import stat
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Protocol
 from functools import lru_cache, partial
 from pathlib import Path
 
@@ -115,6 +117,20 @@ class LocalResult:
 
 class _NoAlias(Exception):
     pass
+
+
+# `[delivery] local_active`'s default.
+ACTIVE_DEFAULT = 4
+
+
+class Waiting(Protocol):
+    """What runs a delivery may want to know when it only waits (a |program's
+    run, an mbox lock): `stepped_out()` is entered meanwhile. A delivery worker
+    that limits how many deliveries run at once starts another one then, so
+    slow programs still run side by side up to concurrencylocal, as
+    qmail-local processes do."""
+
+    def stepped_out(self) -> AbstractContextManager: ...
 
 
 def _enc(text: str) -> bytes:
@@ -205,17 +221,18 @@ def _is_vdelivermail(command: str) -> tuple[str, ...] | None:
 
 def deliver_one(config: LocalConfig, accounts, sender: str, recipient: str, message: bytes, *,
                 writer: MaildirWriter | None = None, lf: bool = False,
-                clock: Callable[[], float] = time.time) -> LocalResult:
+                clock: Callable[[], float] = time.time,
+                waiting: Waiting | None = None) -> LocalResult:
     """Deliver `message` (spool bytes, CRLF; LF if lf=True) to one local
     recipient (the address after qmail-send's rewrite). Never raises."""
     try:
         return _deliver_one(config, accounts, sender, recipient, message if lf else to_lf(message),
-                            writer or MaildirWriter(config.hostname), clock)
+                            writer or MaildirWriter(config.hostname), clock, waiting)
     except Exception:       # a bug must cost a retry, never mail
         return LocalResult(recipient, "Z", TEXT_CRASHED)
 
 
-def _deliver_one(config, accounts, sender, recipient, body, writer, clock) -> LocalResult:
+def _deliver_one(config, accounts, sender, recipient, body, writer, clock, waiting=None) -> LocalResult:
     at = recipient.rfind("@")
     local, host = (recipient[:at], recipient[at + 1:]) if at >= 0 else (recipient, "")
     if not local:
@@ -232,17 +249,19 @@ def _deliver_one(config, accounts, sender, recipient, body, writer, clock) -> Lo
         return LocalResult(recipient, "Z", TEXT_ROOT)
     if not a.home.startswith("/"):
         return LocalResult(recipient, "Z", TEXT_BUG)
-    run_ = _LocalRun(config, accounts, a, sender, local, host, body, writer, clock)
+    run_ = _LocalRun(config, accounts, a, sender, local, host, body, writer, clock, waiting)
     return run_.go(recipient)
 
 
 class _LocalRun:
     """One qmail-local run."""
 
-    def __init__(self, config, accounts, a: Assignment, sender, local, host, body, writer, clock):
+    def __init__(self, config, accounts, a: Assignment, sender, local, host, body, writer, clock,
+                 waiting: Waiting | None = None):
         self.config, self.accounts, self.a = config, accounts, a
         self.sender, self.local, self.host = sender, local, host
         self.body, self.writer, self.clock = body, writer, clock
+        self.waiting = waiting
         self.report = _Report()
         self.forwards: list[Forward] = []
         self._fd: int | None = None
@@ -298,8 +317,9 @@ class _LocalRun:
                 if kind == "maildir":
                     self._maildir(path, header)
                 else:
-                    mbox.append(path, ins.arg, _enc(ufline(self.sender, now)) + header, self.body,
-                                lock_timeout=self.config.mbox_lock_timeout)
+                    with self._waiting():       # the lock may be held for a while
+                        mbox.append(path, ins.arg, _enc(ufline(self.sender, now)) + header,
+                                    self.body, lock_timeout=self.config.mbox_lock_timeout)
             elif kind == "program":
                 counts[2] += 1
                 if forward_only:
@@ -322,12 +342,17 @@ class _LocalRun:
                 raise LocalTemporary(TEXT_MAILDIR_CHDIR) from None
             raise LocalTemporary(TEXT_MAILDIR_TEMP) from None
 
+    def _waiting(self):
+        return self.waiting.stepped_out() if self.waiting is not None else nullcontext()
+
     def _run_program(self, command: str, cwd: str, extra: dict):
         env = dict(self.env)
         env.update(extra)
-        return run(command, cwd=cwd, env=env, stdin_fd=self._stdin(),
-                   timeout=self.config.program_timeout,
-                   output_max=self.config.program_output_max)
+        stdin = self._stdin()
+        with self._waiting():
+            return run(command, cwd=cwd, env=env, stdin_fd=stdin,
+                       timeout=self.config.program_timeout,
+                       output_max=self.config.program_output_max)
 
     def _program(self, command: str) -> bool:
         """Run one `|` line; True = exit 99 (stop). Raises on failure."""
@@ -359,14 +384,17 @@ class LocalDelivery:
     `accounts`: a DeliveryAccounts (or any object with its three methods).
     Deliveries run in a bounded thread pool of `max_threads`; one
     MaildirWriter (name counter, shared directory syncs) serves them all.
+    `active`: how many a delivery worker runs at once (`[delivery]
+    local_active`, engine.delivery.spawner).
     """
 
     def __init__(self, config: LocalConfig, accounts, *, max_threads: int = 16,
-                 writer: MaildirWriter | None = None) -> None:
+                 writer: MaildirWriter | None = None, active: int = ACTIVE_DEFAULT) -> None:
         self.config = config
         self.accounts = accounts
         self.writer = writer or MaildirWriter(config.hostname)
         self.max_threads = max(1, max_threads)
+        self.active = max(1, active)
         self._executor = ThreadPoolExecutor(max_workers=max(1, max_threads),
                                             thread_name_prefix="qrelay-local")
 
@@ -383,15 +411,15 @@ class LocalDelivery:
         return deliver_one(self.config, self.accounts, sender, recipient, message,
                            writer=self.writer)
 
-    def deliver_blocking(self, sender: str, recipients: Sequence[str],
-                         message: bytes) -> list[LocalResult]:
+    def deliver_blocking(self, sender: str, recipients: Sequence[str], message: bytes,
+                         waiting: Waiting | None = None) -> list[LocalResult]:
         """`deliver()` for a caller that is itself a thread of its own (a spawner
         worker's): one recipient is delivered right here, several in parallel
         in the pool, as `deliver()` does. Never call it from the pool's threads."""
         body = to_lf(bytes(message))
         if len(recipients) == 1:
             return [deliver_one(self.config, self.accounts, sender, recipients[0], body,
-                                writer=self.writer, lf=True)]
+                                writer=self.writer, lf=True, waiting=waiting)]
         calls = [self._executor.submit(deliver_one, self.config, self.accounts, sender, r, body,
                                        writer=self.writer, lf=True)
                  for r in recipients]
