@@ -112,3 +112,37 @@ def test_a_directory_sync_failure_raises_oserror(tmp_path):
         raise AssertionError("synced a missing directory")
     except OSError as exc:
         assert exc.errno == errno.ENOENT
+
+
+def test_a_missing_maildir_is_chdir_a_missing_tmp_is_write(tmp_path):
+    """qmail-local's two maildir failures, told apart only once the open failed."""
+    try:
+        MaildirWriter("h").deliver(str(tmp_path / "nowhere"), [b"x\n"])
+        raise AssertionError("delivered into nothing")
+    except MaildirError as exc:
+        assert exc.kind == "chdir" and exc.errno == errno.ENOENT
+    md = make_maildir(tmp_path / "Maildir")
+    os.rmdir(md / "tmp")
+    try:
+        MaildirWriter("h").deliver(str(md), [b"x\n"])
+        raise AssertionError("delivered without tmp/")
+    except MaildirError as exc:
+        assert exc.kind == "write" and exc.errno == errno.ENOENT
+
+
+def test_names_carry_the_pid_of_the_process_after_a_fork(tmp_path):
+    md = make_maildir(tmp_path / "Maildir")
+    w = MaildirWriter("h")
+    assert f"P{os.getpid()}Q" in w.deliver(str(md), [b"x\n"])
+    r, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(wfd, w.deliver(str(md), [b"y\n"]).encode())
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    name = os.read(r, 4096).decode()
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert f"P{pid}Q" in name

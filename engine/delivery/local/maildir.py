@@ -144,6 +144,18 @@ class DirSync:
 # a fork the pid differs, so continuing the parent's count stays unique.
 _DELIVERIES = itertools.count(1)
 
+# This process's pid for the names, kept (getpid is a system call, one per
+# delivery otherwise) and renewed in a forked child.
+_PID = os.getpid()
+
+
+def _renew_pid() -> None:
+    global _PID
+    _PID = os.getpid()
+
+
+os.register_at_fork(after_in_child=_renew_pid)
+
 
 class MaildirWriter:
     """Share one per process: it holds the DirSync that lets concurrent
@@ -160,21 +172,15 @@ class MaildirWriter:
         now = self._clock()
         sec = int(now)
         usec = int((now - sec) * 1_000_000)
-        return f"{sec}.M{usec}P{os.getpid()}Q{next(_DELIVERIES)}.{self.host}"
+        return f"{sec}.M{usec}P{_PID}Q{next(_DELIVERIES)}.{self.host}"
 
     def deliver(self, maildir: str, parts: list[bytes], *, size_suffix: bool = False) -> str:
         """Write the concatenation of `parts` as one new message; return its name
         under new/. Raises MaildirError; on error nothing is left in tmp/ or new/."""
         maildir = maildir.rstrip("/") or "/"
-        if not os.path.isdir(maildir):
-            try:
-                os.stat(maildir)
-                err = None
-            except OSError as exc:
-                err = exc.errno
-            raise MaildirError("chdir", err, f"{maildir} is not a directory")
         if self._fsync is os.fsync:
             return self._deliver_c(maildir, parts, size_suffix)
+        _check_maildir(maildir)
         for attempt in range(3):
             name = self.unique_name()
             if size_suffix:
@@ -228,6 +234,8 @@ class MaildirWriter:
                 break
             # Only a clock stepped back (same second, usec, pid and a wrapped
             # counter) or a stale file: take the next name.
+        if step == _fileio.OPEN and err in (errno.ENOENT, errno.ENOTDIR):
+            _check_maildir(maildir)     # the Maildir itself missing is "chdir"
         if step == _fileio.OPEN:
             why = f"{tmp} exists" if err == errno.EEXIST else f"open {tmp}: {os.strerror(err)}"
             raise MaildirError("write", err, why)
@@ -240,6 +248,18 @@ class MaildirWriter:
             _unlink_quietly(new)
             raise MaildirError("write", exc.errno, f"{exc.strerror}") from None
         return name
+
+
+def _check_maildir(maildir: str) -> None:
+    """MaildirError "chdir" unless `maildir` is a directory (qmail-local's
+    chdir, exit 2)."""
+    if not os.path.isdir(maildir):
+        try:
+            os.stat(maildir)
+            err = None
+        except OSError as exc:
+            err = exc.errno
+        raise MaildirError("chdir", err, f"{maildir} is not a directory")
 
 
 def _unlink_quietly(path: str) -> None:
