@@ -175,6 +175,11 @@ class UserSpawner:
         by_user: dict[tuple[int, int] | None, list[int]] = {}
         for i, rcpt in enumerate(group.recipients):
             by_user.setdefault(self.deliverer.user_of(rcpt), []).append(i)
+        if len(by_user) == 1:
+            # The usual case (a vpopmail box has one owner): the whole group,
+            # without a task per part.
+            courier = await self._courier(next(iter(by_user)))
+            return await courier.deliver(group, message)
         results: list[RecipientResult | None] = [None] * len(group.recipients)
 
         async def part(user, indexes: list[int]) -> None:
