@@ -187,10 +187,11 @@ class RelayRoot:
     runs too (it competes for the CPU).
 
     `port=None`: no smtproutes nor rcpthosts for the load's domains; then
-    `prepare(root)`, called before the start, makes them local (bench_mx.py)."""
+    `prepare(root)`, called before the start, makes them local (bench_mx.py);
+    `delivery_toml`: more [delivery] lines of its qrelay.toml."""
 
     def __init__(self, root: Path, port: int | None, load: Load, worker_procs: int | None = None,
-                 *, prepare: Callable[[Path], None] | None = None) -> None:
+                 *, prepare: Callable[[Path], None] | None = None, delivery_toml: str = "") -> None:
         qrelay_cli("init", str(root), "--me", "mx.bench.test", what=f"init {root.name}")
         if port is not None:
             (root / "control" / "smtproutes").write_text(
@@ -202,7 +203,8 @@ class RelayRoot:
         # enough to count every line of the run.
         workers = f"worker_procs = {worker_procs}\n" if worker_procs is not None else ""
         (root / "qrelay.toml").write_text(
-            f'[delivery]\ndns_servers = ["127.0.0.1:9"]\n{workers}[log]\nmax_bytes = 16000000\nmax_files = 50\n'
+            f'[delivery]\ndns_servers = ["127.0.0.1:9"]\n{workers}{delivery_toml}'
+            '[log]\nmax_bytes = 16000000\nmax_files = 50\n'
             + load.toml)
         self.root = root
         try:

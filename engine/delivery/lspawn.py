@@ -72,7 +72,8 @@ class LocalDeliverer:
 
     @property
     def active(self) -> int:
-        """Of those, how many run at once when none only waits (`[delivery] local_active`)."""
+        """Of those, how many run at once when none only waits (`[delivery]
+        local_active`; 0: all of them)."""
         return self.delivery.active
 
     def deliver_blocking(self, destination: str, sender: str, recipients: Sequence[str],

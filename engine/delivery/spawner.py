@@ -148,13 +148,14 @@ class WorkerServer:
     across threads cost more CPU than the Maildir delivery's own Python).
 
     Such a deliverer may also say how many jobs run at once (`active`, fewer
-    than `threads`): the others wait in a backlog, and a thread that finishes
-    a job takes the next from it itself (no hand-over to another thread).
-    More threads running Python than cores only pass the GIL around, a futex
-    wake and a context switch at each system call: on 2 cores a local worker
-    spent 15–20 % more CPU per job with 16 threads than with 4. A job that
-    only waits (a |program's run) steps out (`stepped_out`), letting a
-    backlog job start, so slow programs still run side by side."""
+    than `threads`; 0: no limit): the others wait in a backlog, and a thread
+    that finishes a job takes the next from it itself (no hand-over to
+    another thread). More threads running Python than cores only pass the
+    GIL around, a futex wake and a context switch at each system call: on 2
+    cores a local worker spent 10–15 % more CPU per job with 10 at once than
+    with 4. A job that only waits (a |program's run) steps out
+    (`stepped_out`), letting a backlog job start, so slow programs still run
+    side by side."""
 
     def __init__(self, spool, deliverer, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter, max_frame: int = MAX_FRAME) -> None:
@@ -169,7 +170,7 @@ class WorkerServer:
         if self._blocking is not None:
             self._pool = ThreadPoolExecutor(max_workers=max(1, deliverer.threads),
                                             thread_name_prefix="qrelay-job")
-        self._active = max(1, getattr(deliverer, "active", None) or getattr(deliverer, "threads", 1))
+        self._active = max(1, getattr(deliverer, "active", 0) or getattr(deliverer, "threads", 1))
         self._running = 0
         self._backlog: deque[tuple[int, Group, bytes]] = deque()
         self._lock = threading.Lock()

@@ -119,8 +119,8 @@ class _NoAlias(Exception):
     pass
 
 
-# `[delivery] local_active`'s default.
-ACTIVE_DEFAULT = 4
+# `[delivery] local_active`'s default: no limit.
+ACTIVE_DEFAULT = 0
 
 
 class Waiting(Protocol):
@@ -394,7 +394,7 @@ class LocalDelivery:
         self.accounts = accounts
         self.writer = writer or MaildirWriter(config.hostname)
         self.max_threads = max(1, max_threads)
-        self.active = max(1, active)
+        self.active = max(0, active)
         self._executor = ThreadPoolExecutor(max_workers=max(1, max_threads),
                                             thread_name_prefix="qrelay-local")
 
