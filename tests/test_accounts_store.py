@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -192,6 +193,54 @@ def test_rechecks_are_bounded_by_the_interval(box, monkeypatch):
     assert accounts.mailbox("joe@example.com") is None
     assert accounts.mailbox("other@example.com") is not None
     assert len(calls) <= 10
+
+
+def test_verdicts_are_kept_no_longer_than_their_snapshots(box, monkeypatch):
+    """The receiver's repeated RCPT check: answered without a walk through the
+    tables while the snapshots are fresh; a change is seen exactly when it
+    would be without the kept answers (the next recheck); forget() drops them."""
+    clock = Clock()
+    accounts = Accounts(box["root"], recheck_seconds=5.0, clock=clock)
+    dom = box["dom"]
+    # the domain directory's mtime must be old, or its listing is racy (never kept)
+    old = time.time() - 60
+    os.utime(dom, (old, old))
+    assert accounts.local_verdict("joe@example.com") is True
+    walks = []
+    real = Accounts._local_verdict
+    monkeypatch.setattr(Accounts, "_local_verdict",
+                        lambda self, a, used: walks.append(a) or real(self, a, used))
+    for _ in range(100):
+        assert accounts.local_verdict("joe@example.com") is True
+    assert walks == []
+    write_domain(dom, [f"other:$6$x$y:1:0:O:{dom}/other:NOQUOTA"], )
+    os.utime(dom, (old, old))
+    clock.now += 4.9
+    assert accounts.local_verdict("joe@example.com") is True      # snapshot not rechecked yet
+    clock.now += 0.1
+    assert accounts.local_verdict("joe@example.com") is False     # rechecked: joe is gone
+    assert accounts.local_verdict("other@example.com") is True
+    walks.clear()
+    accounts.forget()
+    assert accounts.local_verdict("other@example.com") is True
+    assert walks == ["other@example.com"]
+
+
+def test_a_racy_directory_is_never_answered_from_memory(box):
+    """A listing taken within the racy window may miss a file created in the
+    same tick (the directory's stat key unchanged): at the next recheck it is
+    read again, and no kept answer stands in its way."""
+    clock = Clock()
+    accounts = Accounts(box["root"], recheck_seconds=5.0, clock=clock)
+    dom = box["dom"]
+    atomic_write(dom / ".qmail-other", b"&joe@example.com\n")   # the listing is racy now
+    assert accounts.accepts("help@example.com") is False
+    assert accounts._verdicts == {}
+    stamp = os.stat(dom)
+    atomic_write(dom / ".qmail-help", b"&joe@example.com\n")
+    os.utime(dom, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))       # same tick, same key
+    clock.now += 5.0
+    assert accounts.accepts("help@example.com") is True
 
 
 def test_unreadable_tables_are_errors_not_unknown_users(accounts, box):

@@ -42,6 +42,8 @@ from engine.config.domains import DomainConfig, DomainConfigError, ascii_lower, 
 
 _CONTROL_FILES = ("me", "locals", "virtualdomains", "percenthack", "envnoathost")
 _RACY_NS = 2_000_000_000
+# local_verdict's answers kept at most (then all are dropped and kept anew).
+_VERDICTS_MAX = 100_000
 
 
 class AccountsError(Exception):
@@ -121,6 +123,8 @@ class Accounts:
         self.recheck_seconds = recheck_seconds
         self._clock = clock
         self._cache: dict[tuple, _Entry] = {}
+        # address -> (verdict, monotonic time it stops being fresh)
+        self._verdicts: dict[str, tuple[bool | None, float]] = {}
         control = self.root / "control"
         self._control_paths = tuple(str(control / n) for n in _CONTROL_FILES)
         self._assign_paths = (str(self.root / CDB_FILE), str(self.root / ASSIGN_FILE))
@@ -144,6 +148,7 @@ class Accounts:
     def forget(self) -> None:
         """Drop every snapshot (the next lookup re-reads)."""
         self._cache.clear()
+        self._verdicts.clear()
 
     # -- the three tables --------------------------------------------------
     def domain_config(self) -> DomainConfig:
@@ -265,7 +270,36 @@ class Accounts:
 
     def local_verdict(self, address: str) -> bool | None:
         """accepts() for a local address; None for a remote one (one resolve
-        for the receiver's RCPT check, which must tell the two apart)."""
+        for the receiver's RCPT check, which must tell the two apart).
+
+        An answer is kept per address for as long as every snapshot it came
+        from is fresh (checked under recheck_seconds ago, not racy): a change
+        to a file is seen as soon as without it, and the receiver, asked
+        about the same mailboxes again and again, skips the walk through the
+        tables, which cost more than the rest of its RCPT."""
+        now = self._clock()
+        kept = self._verdicts.get(address)
+        if kept is not None and now < kept[1]:
+            return kept[0]
+        used: list[tuple] = []
+        verdict = self._local_verdict(address, used)
+        fresh_until = None
+        for key in used:
+            entry = self._cache.get(key)
+            if entry is None or entry.racy:
+                return verdict
+            until = entry.checked + self.recheck_seconds
+            if fresh_until is None or until < fresh_until:
+                fresh_until = until
+        if fresh_until is not None and now < fresh_until:
+            if len(self._verdicts) >= _VERDICTS_MAX:
+                self._verdicts.clear()
+            self._verdicts[address] = (verdict, fresh_until)
+        return verdict
+
+    def _local_verdict(self, address: str, used: list[tuple]) -> bool | None:
+        """local_verdict's walk; the keys of the snapshots it read go to `used`."""
+        used.append(("control",))
         channel, rewritten = self.domain_config().resolve(address)
         if channel != "local":
             return None
@@ -273,12 +307,14 @@ class Accounts:
         local = rewritten[:at]
         if not local:
             return True  # qmail-lspawn's trash: accepted, silently dropped
+        used.append(("assign",))
         assignment = self.assign().lookup(local)
         if assignment is None:
             return True
         home, dash, ext = assignment.home, assignment.dash, assignment.ext
         if not dash and not ext:
             return True  # the user's own .qmail or defaultdelivery
+        used.append(("dir", home))
         names = self._qmail_names(home)
         candidates = default_candidates(dash, ext)
         found = next((n for n in candidates if n in names), None)
@@ -286,11 +322,14 @@ class Accounts:
             return not dash
         if found != f".qmail{dash}default":
             return True  # alias or EXT-default
-        default = self._default_delivery(os.path.join(home, found))
+        path = os.path.join(home, found)
+        used.append(("qmail-default", path))
+        default = self._default_delivery(path)
         if default is None:  # removed since the directory was listed
             return not dash
         if not default.vdelivermail:
             return True
+        used.append(("vpasswd", home))
         users = self.domain(home)
         user = self._user(users, ext) if users is not None else None
         if user is not None:
