@@ -121,7 +121,7 @@ def make_mailboxes(domains: tuple[str, ...], users: int, owner: tuple[int, int] 
 
 class Maildirs:
     """Every mailbox's new/ in a root: counted while mail arrives, then the
-    newest link time (ctime: link() and the tmp unlink set it)."""
+    newest time one was moved in (ctime: the rename, or link and unlink, sets it)."""
 
     def __init__(self, root: Path, expect: int) -> None:
         self.dirs = [Path(d) for d, _, _ in os.walk(root / "domains")
