@@ -176,6 +176,13 @@ class MaildirWriter:
         usec = int((now - sec) * 1_000_000)
         return f"{sec}.M{usec}P{_PID}Q{next(_DELIVERIES)}.{self.host}"
 
+    def _names(self, maildir: str, parts: list[bytes], size_suffix: bool) -> tuple[str, str, str]:
+        """A new message's name, its tmp/ path and its new/ path."""
+        name = self.unique_name()
+        if size_suffix:
+            name += f",S={sum(len(p) for p in parts)}"
+        return name, os.path.join(maildir, "tmp", name), os.path.join(maildir, "new", name)
+
     def deliver(self, maildir: str, parts: list[bytes], *, size_suffix: bool = False) -> str:
         """Write the concatenation of `parts` as one new message; return its name
         under new/. Raises MaildirError; on error nothing is left in tmp/ or new/."""
@@ -184,11 +191,7 @@ class MaildirWriter:
             return self._deliver_c(maildir, parts, size_suffix)
         _check_maildir(maildir)
         for attempt in range(3):
-            name = self.unique_name()
-            if size_suffix:
-                name += f",S={sum(len(p) for p in parts)}"
-            tmp = os.path.join(maildir, "tmp", name)
-            new = os.path.join(maildir, "new", name)
+            name, tmp, new = self._names(maildir, parts, size_suffix)
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 break
@@ -226,11 +229,7 @@ class MaildirWriter:
     def _deliver_c(self, maildir: str, parts: list[bytes], size_suffix: bool) -> str:
         """deliver()'s file steps in engine._fileio, the same steps and errors."""
         for attempt in range(3):
-            name = self.unique_name()
-            if size_suffix:
-                name += f",S={sum(len(p) for p in parts)}"
-            tmp = os.path.join(maildir, "tmp", name)
-            new = os.path.join(maildir, "new", name)
+            name, tmp, new = self._names(maildir, parts, size_suffix)
             step, err = _fileio.write_linked(os.fsencode(tmp), os.fsencode(new), list(parts))
             if step != _fileio.OPEN or err != errno.EEXIST:
                 break
