@@ -25,8 +25,9 @@ at once (engine.delivery.spawner's `active`) does the rest.
     open(O_RDONLY|O_DIRECTORY), fsync, close: 0, or the errno of the first
     step that failed.
 
-Paths are bytes (os.fsencode). Nothing here decides what a failure means:
-engine.delivery.local.maildir does.
+Paths are bytes (os.fsencode); one with a NUL byte is a ValueError, as in
+the os module (C would cut the path there). Nothing here decides what a
+failure means: engine.delivery.local.maildir does.
 """
 from libc.errno cimport errno, EINTR
 from libc.stdlib cimport malloc, free
@@ -108,7 +109,14 @@ cdef int _write_linked(const char *tmp, const char *new, const char **bufs,
     return step
 
 
+cdef _check_path(bytes path):
+    if b"\0" in path:
+        raise ValueError("embedded null byte")
+
+
 def write_linked(bytes tmp, bytes new, list parts):
+    _check_path(tmp)
+    _check_path(new)
     cdef Py_ssize_t count = len(parts), i
     cdef const char **bufs = <const char **>malloc(count * sizeof(char *) + 1)
     cdef Py_ssize_t *lens = <Py_ssize_t *>malloc(count * sizeof(Py_ssize_t) + 1)
@@ -136,6 +144,7 @@ def write_linked(bytes tmp, bytes new, list parts):
 
 
 def fsync_dir(bytes path):
+    _check_path(path)
     cdef const char *cpath = path
     cdef int fd, err = 0
     with nogil:

@@ -146,3 +146,23 @@ def test_names_carry_the_pid_of_the_process_after_a_fork(tmp_path):
     os.close(r)
     os.waitpid(pid, 0)
     assert f"P{pid}Q" in name
+
+
+def test_a_nul_in_a_path_is_refused_not_cut(tmp_path):
+    """C would stop at the NUL and write elsewhere ("Mail" in the home)."""
+    md = make_maildir(tmp_path / "Mail")
+    for call in (lambda: _fileio.write_linked(os.fsencode(md / "tmp" / "x\0y"),
+                                              os.fsencode(md / "new" / "x"), [b"x"]),
+                 lambda: _fileio.fsync_dir(os.fsencode(tmp_path) + b"/Mail\0dir")):
+        try:
+            call()
+            raise AssertionError("a NUL path was used")
+        except ValueError:
+            pass
+    assert os.listdir(md / "tmp") == [] and sorted(os.listdir(tmp_path)) == ["Mail"]
+
+
+def test_the_writer_takes_any_bytes_like_part(tmp_path):
+    md = make_maildir(tmp_path / "Maildir")
+    name = MaildirWriter("h").deliver(str(md), [bytearray(b"a\n"), memoryview(b"b\n")])
+    assert (md / "new" / name).read_bytes() == b"a\nb\n"

@@ -228,9 +228,10 @@ class MaildirWriter:
 
     def _deliver_c(self, maildir: str, parts: list[bytes], size_suffix: bool) -> str:
         """deliver()'s file steps in engine._fileio, the same steps and errors."""
+        data = [p if type(p) is bytes else bytes(p) for p in parts]
         for attempt in range(3):
             name, tmp, new = self._names(maildir, parts, size_suffix)
-            step, err = _fileio.write_linked(os.fsencode(tmp), os.fsencode(new), list(parts))
+            step, err = _fileio.write_linked(os.fsencode(tmp), os.fsencode(new), data)
             if step != _fileio.OPEN or err != errno.EEXIST:
                 break
             # Only a clock stepped back (same second, usec, pid and a wrapped
