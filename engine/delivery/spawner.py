@@ -244,11 +244,13 @@ class WorkerServer:
         self._pool.submit(self._run_jobs, job)
 
     def _run_jobs(self, job: tuple[int, Group, bytes] | None) -> None:
-        """Run `job`, then the backlog's jobs while there are any."""
+        """Run `job`, then the backlog's jobs while there are any (and no
+        more than `active` run: a job back from stepping out may make one too
+        many, and then this thread is the one that stops)."""
         while job is not None:
             self._run_blocking(*job)
             with self._lock:
-                if self._backlog:
+                if self._backlog and self._running <= self._active:
                     job = self._backlog.popleft()
                 else:
                     self._running -= 1

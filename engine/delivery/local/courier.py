@@ -37,9 +37,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Protocol
 from functools import lru_cache, partial
 from pathlib import Path
+from typing import Protocol
 
 from engine.delivery.local import mbox
 from engine.delivery.local.accounts import AccountsError, Assignment, DeliveryAccounts
