@@ -19,7 +19,7 @@ def paths(md, name="m1"):
     return (os.fsencode(md / "tmp" / name), os.fsencode(md / "new" / name))
 
 
-def test_writes_links_and_unlinks(tmp_path):
+def test_writes_syncs_and_moves_it_into_new(tmp_path):
     md = make_maildir(tmp_path / "Maildir")
     tmp, new = paths(md)
     assert _fileio.write_linked(tmp, new, [b"Return-Path: <>\n", b"", b"body\n" * 1000]) == (0, 0)
