@@ -20,8 +20,8 @@ one recipient per message, `u{rand}@d{k}.test` with rand < `--users` and k <
           into a new/: the newest ctime there, read once all M are in)
           target: rate_local >= 0.8 x rate_remote
 
-The local root runs with `[delivery] local_active = 4` (`--local-active`; see
-LOCAL_ACTIVE), the rest of its settings qrelay's defaults.
+Both roots run with qrelay's defaults; `--local-active N` sets the local
+root's `[delivery] local_active` (deliveries at once in its worker).
 
 They alternate for `--rounds` rounds (the first side alternating too), each
 side starting once the other's queue is empty; the best of each side counts
@@ -56,11 +56,10 @@ TARGET = 0.8
 # How often the Maildirs are counted while a round runs (the figure comes from
 # the files' ctimes, not from this poll).
 COUNT_POLL = 0.5
-# [delivery] local_active for the local root: on 2 cores with a disk that
-# syncs in well under a millisecond, 4 deliveries at once cost 10-15 % less
-# CPU each than concurrencylocal's 10 (threads handing the GIL around), for
-# the same rate. qrelay's default is 0 (no limit), safe where syncs are slow.
-LOCAL_ACTIVE = 4
+# [delivery] local_active for the local root: qrelay's default, no limit. On
+# 2 cores, 4 cost the worker alone 10-15 % less CPU per job with 10 jobs in
+# flight, but no difference beyond the noise here (the README's figures).
+LOCAL_ACTIVE = 0
 # Longest wait for a root's queue to empty between two measurements.
 EMPTY_TIMEOUT = 600.0
 
@@ -83,8 +82,7 @@ def build_parser() -> OneLineParser:
                     help="control/concurrencylocal of the local root (default: none, qmail's 10)")
     ap.add_argument("--local-active", type=nonneg_int, default=LOCAL_ACTIVE, metavar="N",
                     help="[delivery] local_active of the local root: deliveries running at once "
-                         f"in its worker (default {LOCAL_ACTIVE}: this CPU-bound 2-core VM's best; "
-                         "qrelay's own default is 0, no limit)")
+                         "in its worker (default 0, qrelay's: no limit)")
     ap.add_argument("--flood-arg", action="append", default=[], metavar="ARG",
                     help="extra flood.py argument, as --flood-arg=--pipelining (repeatable)")
     ap.add_argument("--idle", type=nonneg_float, default=30.0,
