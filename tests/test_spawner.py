@@ -151,34 +151,40 @@ class FakeBlocking:
         return [RecipientResult(r, "K", f"ok {r}\n") for r in rcpts]
 
 
-def test_worker_server_runs_a_blocking_deliverers_jobs_in_its_threads():
-    deliverer = FakeBlocking()
-
+def serve_jobs(deliverer, frames: list[bytes]) -> dict:
+    """Serve job `frames` through a WorkerServer over a socketpair, until the
+    scheduler's end closes (the server must then return); answers by job id."""
     async def main():
         a, b = socket.socketpair()
         reader, writer = await asyncio.open_unix_connection(sock=a)
         server = WorkerServer(FakeSpool(), deliverer, reader, writer)
         serving = asyncio.ensure_future(server.serve())
         creader, cwriter = await asyncio.open_unix_connection(sock=b)
-        for i in range(1, 7):
-            cwriter.write(encode_job(i, 7, Group("local", 7, "d.test", "a@s.test", (f"u{i}@d.test",)),
-                                     None))
-        cwriter.write(encode_job(7, 404, Group("local", 404, "d.test", "a@s.test", ("x@d.test",)),
-                                 None))
-        cwriter.write(encode_job(8, 1, Group("local", 1, "bug.test", "a@s.test", ("x@bug.test",)),
-                                 b"inline\r\n"))
+        for frame in frames:
+            cwriter.write(frame)
         answers = {}
-        for _ in range(8):
+        for _ in frames:
             jobid, status, payload = decode_result(await ipc.read_frame(creader, MAX_FRAME))
             answers[jobid] = (status, payload)
-        for i in range(1, 7):
-            assert answers[i] == (OK, [RecipientResult("", "K", f"ok u{i}@d.test\n")])
-        assert answers[7] == (OK, [RecipientResult("", "Z", UNREADABLE_TEXT)])
-        assert answers[8][0] == BAD_JOB and "deliverer bug" in answers[8][1]
         cwriter.close()
         await asyncio.wait_for(serving, 5)          # the scheduler closed: returns
         writer.close()
-    asyncio.run(main())
+        return answers
+    return asyncio.run(main())
+
+
+def test_worker_server_runs_a_blocking_deliverers_jobs_in_its_threads():
+    deliverer = FakeBlocking()
+    frames = [encode_job(i, 7, Group("local", 7, "d.test", "a@s.test", (f"u{i}@d.test",)), None)
+              for i in range(1, 7)]
+    frames.append(encode_job(7, 404, Group("local", 404, "d.test", "a@s.test", ("x@d.test",)), None))
+    frames.append(encode_job(8, 1, Group("local", 1, "bug.test", "a@s.test", ("x@bug.test",)),
+                             b"inline\r\n"))
+    answers = serve_jobs(deliverer, frames)
+    for i in range(1, 7):
+        assert answers[i] == (OK, [RecipientResult("", "K", f"ok u{i}@d.test\n")])
+    assert answers[7] == (OK, [RecipientResult("", "Z", UNREADABLE_TEXT)])
+    assert answers[8][0] == BAD_JOB and "deliverer bug" in answers[8][1]
     assert len(deliverer.calls) == 6 and 2 <= len(deliverer.threads_seen) <= 3
     assert deliverer.most >= 2      # jobs overlapped, at most `threads` at once
     assert all(name.startswith("qrelay-job") for name in deliverer.threads_seen)
@@ -206,24 +212,10 @@ class ActiveBlocking(FakeBlocking):
 
 
 def run_jobs(deliverer, jobs):
-    """Serve `jobs` ((domain, recipient) each) through a WorkerServer; answers by job id."""
-    async def main():
-        a, b = socket.socketpair()
-        reader, writer = await asyncio.open_unix_connection(sock=a)
-        server = WorkerServer(FakeSpool(), deliverer, reader, writer)
-        serving = asyncio.ensure_future(server.serve())
-        creader, cwriter = await asyncio.open_unix_connection(sock=b)
-        for i, (domain, rcpt) in enumerate(jobs, 1):
-            cwriter.write(encode_job(i, 1, Group("local", 1, domain, "a@s.test", (rcpt,)), b"m\r\n"))
-        answers = {}
-        for _ in jobs:
-            jobid, status, payload = decode_result(await ipc.read_frame(creader, MAX_FRAME))
-            answers[jobid] = (status, payload)
-        cwriter.close()
-        await asyncio.wait_for(serving, 5)
-        writer.close()
-        return answers
-    return asyncio.run(main())
+    """serve_jobs for `jobs` ((domain, recipient) each), messages inline."""
+    return serve_jobs(deliverer, [
+        encode_job(i, 1, Group("local", 1, domain, "a@s.test", (rcpt,)), b"m\r\n")
+        for i, (domain, rcpt) in enumerate(jobs, 1)])
 
 
 def test_jobs_over_active_wait_in_the_backlog_and_all_run():
