@@ -108,9 +108,9 @@ def _channel_results(got) -> list[RecipientResult]:
 
 def open_deliverer(root, settings=None, log=None) -> LocalDeliverer:
     from engine.delivery.local import LocalDelivery
-    if settings is None:
-        return LocalDeliverer(LocalDelivery.for_root(root))
-    return LocalDeliverer(LocalDelivery.for_root(root, active=settings.delivery.local_active))
+    from engine.delivery.local.courier import ACTIVE_DEFAULT
+    active = settings.delivery.local_active if settings is not None else ACTIVE_DEFAULT
+    return LocalDeliverer(LocalDelivery.for_root(root, active=active))
 
 
 class UserSpawner:
