@@ -1,6 +1,7 @@
 # cython: language_level=3
-"""Durable file steps for Maildir delivery, each run in C with the GIL
-released once.
+"""A local delivery's file work in C: the durable steps of a Maildir
+delivery with the GIL released once, and the small reads before them with
+the GIL kept while the kernel answers from its caches.
 
 A Maildir delivery is about ten system calls (open, write, fsync, close,
 link, unlink; open, fsync, close of new/). Made one by one from Python, each
@@ -25,12 +26,23 @@ at once (engine.delivery.spawner's `active`) does the rest.
     open(O_RDONLY|O_DIRECTORY), fsync, close: 0, or the errno of the first
     step that failed.
 
+``mode_uid(path)``
+    os.stat's ``(st_mode, st_uid)``, or the OSError os.stat raises.
+
+``read_file(path, flags=0)``
+    open(O_RDONLY | flags), fstat and, for a regular file, the whole content:
+    ``(0, 0, st_mode, data or None)``, else ``(OPEN | READ, errno, st_mode, None)``.
+
 Paths are bytes (os.fsencode); one with a NUL byte is a ValueError, as in
 the os module (C would cut the path there). Nothing here decides what a
-failure means: engine.delivery.local.maildir does.
+failure means: engine.delivery.local does.
 """
-from libc.errno cimport errno, EINTR
-from libc.stdlib cimport malloc, free
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.errno cimport errno, EINTR, EAGAIN, ENOENT, ENOTDIR, EACCES
+from libc.stdlib cimport malloc, realloc, free
+from libc.string cimport memset
+from posix.stat cimport struct_stat, fstat as c_fstat, stat as c_stat, S_ISREG
+from posix.types cimport off_t
 
 
 cdef extern from "<fcntl.h>" nogil:
@@ -47,7 +59,27 @@ cdef extern from "<fcntl.h>" nogil:
     int AT_FDCWD
 
 cdef extern from "<errno.h>" nogil:
-    int EINVAL, ENOSYS
+    int EINVAL, ENOSYS, EOPNOTSUPP
+
+cdef extern from "<fcntl.h>" nogil:
+    int O_PATH
+
+cdef extern from "<linux/openat2.h>" nogil:
+    struct open_how:
+        unsigned long long flags
+        unsigned long long mode
+        unsigned long long resolve
+    unsigned long long RESOLVE_CACHED
+
+cdef extern from "<sys/syscall.h>" nogil:
+    long SYS_openat2
+
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+    ssize_t c_preadv2 "preadv2"(int fd, const iovec *iov, int iovcnt, off_t offset, int flags)
+    int RWF_NOWAIT
 
 cdef extern from "<unistd.h>" nogil:
     ssize_t c_write "write"(int fd, const void *buf, size_t n)
@@ -55,13 +87,16 @@ cdef extern from "<unistd.h>" nogil:
     int c_close "close"(int fd)
     int c_link "link"(const char *old, const char *new)
     int c_unlink "unlink"(const char *path)
+    long c_syscall "syscall"(long number, ...)
+    ssize_t c_pread "pread"(int fd, void *buf, size_t n, off_t offset)
 
 
 cdef enum:
     S_OPEN = 1
-    S_WRITE, S_FSYNC, S_CLOSE, S_LINK, S_UNLINK
+    S_WRITE, S_FSYNC, S_CLOSE, S_LINK, S_UNLINK, S_READ
 
-OPEN, WRITE, FSYNC, CLOSE, LINK, UNLINK = S_OPEN, S_WRITE, S_FSYNC, S_CLOSE, S_LINK, S_UNLINK
+OPEN, WRITE, FSYNC, CLOSE, LINK, UNLINK, READ = (S_OPEN, S_WRITE, S_FSYNC, S_CLOSE, S_LINK,
+                                                 S_UNLINK, S_READ)
 
 
 cdef int _write_all(int fd, const char *buf, Py_ssize_t n) noexcept nogil:
@@ -157,3 +192,138 @@ def fsync_dir(bytes path):
             if c_close(fd) != 0 and not err:
                 err = errno
     return err
+
+
+# --- small reads on a delivery's path, the GIL kept while nothing blocks ------------
+#
+# Before a delivery writes anything it stats its home and reads its .qmail
+# files: ten quick calls, each a GIL hand-over from Python's os module. Here
+# they run with the GIL held when the kernel can answer from its caches
+# (openat2's RESOLVE_CACHED: the whole path in the dentry cache, or EAGAIN;
+# preadv2's RWF_NOWAIT: the data in the page cache, or EAGAIN), and release
+# it only for a call that may wait for the disk. A kernel without these
+# (before 5.12; EINVAL or ENOSYS) always takes the second way.
+
+cdef bint _cached_ok = True
+
+
+def use_cached(bint on):
+    """Whether to try the caches first (the default; False always releases
+    the GIL, as on an old kernel): the previous setting. For tests."""
+    global _cached_ok
+    was = _cached_ok
+    _cached_ok = on
+    return was
+
+
+cdef int _open_cached(const char *path, int flags) noexcept:
+    """An fd opened from the caches with the GIL held; -1 with errno set for a
+    definite failure; -2 when the answer needs I/O (or a kernel that cannot
+    say): open again without the GIL."""
+    global _cached_ok
+    cdef open_how how
+    cdef long fd
+    if not _cached_ok:
+        return -2
+    memset(&how, 0, sizeof(how))
+    how.flags = <unsigned long long>(flags | O_CLOEXEC)
+    how.resolve = RESOLVE_CACHED
+    fd = c_syscall(SYS_openat2, <long>AT_FDCWD, path, &how, <size_t>sizeof(how))
+    if fd >= 0:
+        return <int>fd
+    if errno == ENOENT or errno == ENOTDIR or errno == EACCES:
+        return -1
+    if errno == ENOSYS or errno == EINVAL:
+        _cached_ok = False
+    return -2
+
+
+cdef ssize_t _pread_cached(int fd, char *buf, size_t n, off_t offset) noexcept:
+    cdef iovec iov
+    cdef ssize_t got
+    iov.iov_base = buf
+    iov.iov_len = n
+    got = c_preadv2(fd, &iov, 1, offset, RWF_NOWAIT)
+    if got >= 0 or (errno != EAGAIN and errno != EOPNOTSUPP and errno != EINVAL):
+        return got
+    with nogil:
+        while True:
+            got = c_pread(fd, buf, n, offset)
+            if got >= 0 or errno != EINTR:
+                break
+    return got
+
+
+def mode_uid(bytes path):
+    """os.stat(path)'s (st_mode, st_uid); OSError as os.stat raises it."""
+    _check_path(path)
+    cdef const char *cpath = path
+    cdef struct_stat st
+    cdef int fd = _open_cached(cpath, O_PATH), rc
+    if fd >= 0:
+        rc = c_fstat(fd, &st)
+        c_close(fd)
+    elif fd == -1:
+        rc = -1
+    else:
+        with nogil:
+            rc = c_stat(cpath, &st)
+    if rc != 0:
+        raise _os_error(errno, path)
+    return (st.st_mode, st.st_uid)
+
+
+def read_file(bytes path, int flags=0):
+    """open(path, O_RDONLY | flags), fstat, and the whole content if it is a
+    regular file: ``(0, 0, st_mode, data)``; ``(0, 0, st_mode, None)`` for
+    anything else; ``(OPEN, errno, 0, None)`` if the open failed;
+    ``(READ, errno, st_mode, None)`` if the fstat or a read did (the open
+    worked: the file is there but unreadable)."""
+    _check_path(path)
+    cdef const char *cpath = path
+    cdef struct_stat st
+    cdef int fd = _open_cached(cpath, O_RDONLY | flags), err = 0
+    cdef size_t cap, size = 0
+    cdef ssize_t got
+    cdef char *buf = NULL
+    cdef char *grown
+    if fd == -2:
+        with nogil:
+            while True:
+                fd = c_open(cpath, O_RDONLY | O_CLOEXEC | flags)
+                if fd >= 0 or errno != EINTR:
+                    break
+    if fd < 0:
+        return (S_OPEN, errno, 0, None)
+    try:
+        if c_fstat(fd, &st) != 0:
+            return (S_READ, errno, 0, None)
+        if not S_ISREG(st.st_mode):
+            return (0, 0, st.st_mode, None)
+        cap = <size_t>st.st_size + 1 if st.st_size < (1 << 20) else (1 << 20)
+        buf = <char *>malloc(cap)
+        if buf == NULL:
+            raise MemoryError()
+        while True:
+            got = _pread_cached(fd, buf + size, cap - size, <off_t>size)
+            if got < 0:
+                if errno == EINTR:
+                    continue
+                return (S_READ, errno, st.st_mode, None)
+            if got == 0:
+                break
+            size += <size_t>got
+            if size == cap:
+                grown = <char *>realloc(buf, cap * 2)
+                if grown == NULL:
+                    raise MemoryError()
+                buf, cap = grown, cap * 2
+        return (0, 0, st.st_mode, PyBytes_FromStringAndSize(buf, <Py_ssize_t>size))
+    finally:
+        free(buf)
+        c_close(fd)
+
+
+cdef _os_error(int err, bytes path):
+    import os
+    return OSError(err, os.strerror(err), os.fsdecode(path))

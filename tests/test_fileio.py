@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from engine import _fileio
 from engine.delivery.local.maildir import DirSync, MaildirError, MaildirWriter
@@ -166,3 +169,74 @@ def test_the_writer_takes_any_bytes_like_part(tmp_path):
     md = make_maildir(tmp_path / "Maildir")
     name = MaildirWriter("h").deliver(str(md), [bytearray(b"a\n"), memoryview(b"b\n")])
     assert (md / "new" / name).read_bytes() == b"a\nb\n"
+
+
+# --- mode_uid and read_file: the same answers from the caches and without them ------
+
+@pytest.fixture(params=[True, False], ids=["cached", "uncached"])
+def cached(request):
+    was = _fileio.use_cached(request.param)
+    yield request.param
+    _fileio.use_cached(was)
+
+
+def test_mode_uid_is_os_stat(tmp_path, cached):
+    f = tmp_path / "f"
+    f.write_bytes(b"x")
+    f.chmod(0o640)
+    for p in (f, tmp_path):
+        st = os.stat(p)
+        assert _fileio.mode_uid(os.fsencode(p)) == (st.st_mode, st.st_uid)
+
+
+@pytest.mark.parametrize("missing", ["nothing", "file/under"])
+def test_mode_uid_raises_as_os_stat(tmp_path, cached, missing):
+    (tmp_path / "file").write_bytes(b"")
+    path = tmp_path / missing
+    with pytest.raises(OSError) as want:
+        os.stat(path)
+    with pytest.raises(OSError) as got:
+        _fileio.mode_uid(os.fsencode(path))
+    assert (type(got.value), got.value.errno, got.value.filename) == \
+        (type(want.value), want.value.errno, str(path))
+
+
+@pytest.mark.parametrize("size", [0, 55, 4096, (1 << 20) + 3, 3 << 20])
+def test_read_file_reads_all_of_a_regular_file(tmp_path, cached, size):
+    """Small files in one read; past 1 MB the buffer grows."""
+    f = tmp_path / ".qmail-default"
+    data = os.urandom(size)
+    f.write_bytes(data)
+    f.chmod(0o700)
+    assert _fileio.read_file(os.fsencode(f)) == (0, 0, os.stat(f).st_mode, data)
+
+
+def test_read_file_of_anything_else_reads_nothing(tmp_path, cached):
+    """A directory or a FIFO: its mode and no content (O_NONBLOCK: no wait
+    for a writer)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for p in (tmp_path, fifo):
+        assert _fileio.read_file(os.fsencode(p), os.O_NONBLOCK) == (0, 0, os.stat(p).st_mode, None)
+
+
+def test_read_file_says_when_the_open_failed(tmp_path, cached):
+    (tmp_path / "file").write_bytes(b"")
+    assert _fileio.read_file(os.fsencode(tmp_path / "none")) == (_fileio.OPEN, errno.ENOENT, 0, None)
+    assert _fileio.read_file(os.fsencode(tmp_path / "file" / "x")) == \
+        (_fileio.OPEN, errno.ENOTDIR, 0, None)
+
+
+def test_read_file_says_when_a_read_failed(tmp_path, cached):
+    """A directory opened for reading is not regular; /proc/self/mem is, and
+    reading it at offset 0 fails (EIO): the read's errno, the file's mode."""
+    mem = Path("/proc/self/mem")
+    mode = os.stat(mem).st_mode
+    assert stat.S_ISREG(mode)
+    assert _fileio.read_file(os.fsencode(mem)) == (_fileio.READ, errno.EIO, mode, None)
+
+
+def test_mode_uid_and_read_file_refuse_a_nul(tmp_path):
+    for call in (_fileio.mode_uid, _fileio.read_file):
+        with pytest.raises(ValueError):
+            call(os.fsencode(tmp_path) + b"/a\0b")

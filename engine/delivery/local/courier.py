@@ -41,6 +41,7 @@ from functools import lru_cache, partial
 from pathlib import Path
 from typing import Protocol
 
+from engine import _fileio
 from engine.delivery.local import mbox
 from engine.delivery.local.accounts import AccountsError, Assignment, DeliveryAccounts
 from engine.delivery.local.dotqmail import (TEXT_FILE_XBIT, TEXT_LOOP, TEXT_PROG_XBIT,
@@ -155,10 +156,10 @@ def _getpw_assignment(config: LocalConfig, local: str) -> Assignment:
             if pw is None or pw[1] == 0:
                 continue
             try:
-                st = os.stat(pw[3])
+                mode, uid = _fileio.mode_uid(os.fsencode(pw[3]))
             except OSError:
                 continue
-            if not stat.S_ISDIR(st.st_mode) or st.st_uid != pw[1]:
+            if not stat.S_ISDIR(mode) or uid != pw[1]:
                 continue
             rest = local[i + 1:] if i < len(local) else ""
             return Assignment(pw[0], pw[1], pw[2], pw[3], "-" if i < len(local) else "", rest)

@@ -14,6 +14,8 @@ import stat
 import time
 from dataclasses import dataclass
 
+from engine import _fileio
+
 # conf-patrn: a home or .qmail with any of these mode bits is refused.
 PATRN = 0o002
 
@@ -201,47 +203,38 @@ class DotQmail:
 
 def check_home(home: str) -> None:
     try:
-        st = os.stat(home)
+        mode, _ = _fileio.mode_uid(os.fsencode(home))
     except OSError as exc:
         if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EACCES):
             raise LocalTemporary(
                 f"Unable to switch to {home}: {error_str(exc.errno)}. (#4.3.0)\n") from None
         raise LocalTemporary(
             f"Unable to stat home directory: {error_str(exc.errno)}. (#4.3.0)\n") from None
-    if not stat.S_ISDIR(st.st_mode):
+    if not stat.S_ISDIR(mode):
         raise LocalTemporary(f"Unable to switch to {home}: not a directory. (#4.3.0)\n")
-    if st.st_mode & PATRN:
+    if mode & PATRN:
         raise LocalTemporary(TEXT_HOME_WRITABLE)
-    if st.st_mode & 0o1000:
+    if mode & 0o1000:
         raise LocalTemporary(TEXT_HOME_STICKY)
 
 
 def _open_qmail(home: str, name: str) -> tuple[bytes, bool] | None:
-    path = os.path.join(home, name)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError as exc:
-        if error_temp(exc.errno) or exc.errno in (errno.EPERM, errno.EACCES):
-            raise LocalTemporary(
-                f"Unable to open {name}: {error_str(exc.errno)}. (#4.3.0)\n") from None
+    step, err, mode, content = _fileio.read_file(os.fsencode(os.path.join(home, name)),
+                                                 os.O_NONBLOCK)
+    if step == _fileio.OPEN:
+        if error_temp(err) or err in (errno.EPERM, errno.EACCES):
+            raise LocalTemporary(f"Unable to open {name}: {error_str(err)}. (#4.3.0)\n")
         return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return None
-        if st.st_mode & PATRN:
-            raise LocalTemporary(TEXT_QMAIL_WRITABLE)
-        chunks = []
-        while True:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-        return b"".join(chunks), bool(st.st_mode & 0o100)
-    except OSError as exc:
-        raise LocalTemporary(f"Unable to open {name}: {error_str(exc.errno)}. (#4.3.0)\n") from None
-    finally:
-        os.close(fd)
+    unreadable = f"Unable to open {name}: {error_str(err)}. (#4.3.0)\n"
+    if step and not mode:       # its fstat failed
+        raise LocalTemporary(unreadable)
+    if not stat.S_ISREG(mode):
+        return None
+    if mode & PATRN:
+        raise LocalTemporary(TEXT_QMAIL_WRITABLE)
+    if step:
+        raise LocalTemporary(unreadable)
+    return content, bool(mode & 0o100)
 
 
 def find_dotqmail(home: str, dash: str, ext: str) -> DotQmail:
@@ -260,7 +253,7 @@ def owner_exists(home: str, dash: str, ext: str, suffix: str) -> bool:
     """qmeox(): does `.qmail<dash><safeext><suffix>` exist (stat)?"""
     name = ".qmail" + dash + safeext(ext) + suffix
     try:
-        os.stat(os.path.join(home, name))
+        _fileio.mode_uid(os.fsencode(os.path.join(home, name)))
         return True
     except OSError as exc:
         if error_temp(exc.errno):

@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from engine import _fileio
 from engine.delivery.local import quota as maildirquota
 from engine.delivery.local.dotqmail import has_delivered_to
 from engine.delivery.local.maildir import MaildirError, MaildirWriter
@@ -146,7 +147,7 @@ class Vdelivermail:
         if not vpw.directory:
             self.say("Auto creation of maildir failed. (#5.9.8)\n")
             raise _Exit(100)
-        if not os.path.exists(vpw.directory):
+        if not _exists(vpw.directory):
             try:
                 os.makedirs(vpw.directory, 0o700, exist_ok=True)
                 for sub in ("cur", "new", "tmp"):
@@ -201,10 +202,9 @@ class Vdelivermail:
     # --- check_forward_deliver ---------------------------------------------------------------
     def _forward_deliver(self, directory: str) -> bool:
         """USERDIR/.qmail: True if it had at least one line (all delivered)."""
-        try:
-            with open(os.path.join(directory, ".qmail"), "rb") as f:
-                raw = f.read()
-        except OSError:
+        step, _, _, raw = _fileio.read_file(os.fsencode(os.path.join(directory, ".qmail")),
+                                            os.O_NONBLOCK)
+        if step or raw is None:
             return False
         self.cwd = directory
         lines = raw.decode("utf-8", "surrogateescape").split("\n")
@@ -331,6 +331,15 @@ class Vdelivermail:
             end = self.message.find(b"\n\n")
             self._header = (self.message if end < 0 else self.message[:end + 2]).lower()
         return has_delivered_to(self._header, want)
+
+
+def _exists(path: str) -> bool:
+    """os.path.exists without a GIL hand-over (engine._fileio)."""
+    try:
+        _fileio.mode_uid(os.fsencode(path))
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def maildir_to_email(path: str) -> str:
