@@ -11,16 +11,17 @@ and a context switch: a third of a busy worker's CPU went to those). Here
 the steps of one delivery run back to back without the GIL; fewer threads
 at once (engine.delivery.spawner's `active`) does the rest.
 
-``write_linked(tmp, new, parts)``
+``write_linked(tmp, new, parts, syncdir=None)``
     Create ``tmp`` (O_EXCL, mode 0600), write the concatenation of ``parts``
     (a list of bytes), fsync, close, and move it to ``new`` without ever
     replacing a file there: renameat2(RENAME_NOREPLACE), one call where
     Maildir's link + unlink are two, or those two where the filesystem
-    cannot (EINVAL; ENOSYS on an old kernel).
+    cannot (EINVAL; ENOSYS on an old kernel); then, given ``syncdir`` (new's
+    directory), fsync that as ``fsync_dir`` does.
     Returns ``(0, 0)`` on success, else ``(step, errno)`` with ``step`` one of
-    ``OPEN``, ``WRITE``, ``FSYNC``, ``CLOSE``, ``LINK``, ``UNLINK``; on any
-    failure neither ``tmp`` nor ``new`` is left behind (a failed ``OPEN``
-    touched nothing, so a ``tmp`` that existed before stays).
+    ``OPEN``, ``WRITE``, ``FSYNC``, ``CLOSE``, ``LINK``, ``UNLINK``,
+    ``SYNCDIR``; on any failure neither ``tmp`` nor ``new`` is left behind (a
+    failed ``OPEN`` touched nothing, so a ``tmp`` that existed before stays).
 
 ``fsync_dir(path)``
     open(O_RDONLY|O_DIRECTORY), fsync, close: 0, or the errno of the first
@@ -93,10 +94,10 @@ cdef extern from "<unistd.h>" nogil:
 
 cdef enum:
     S_OPEN = 1
-    S_WRITE, S_FSYNC, S_CLOSE, S_LINK, S_UNLINK, S_READ
+    S_WRITE, S_FSYNC, S_CLOSE, S_LINK, S_UNLINK, S_SYNCDIR, S_READ
 
-OPEN, WRITE, FSYNC, CLOSE, LINK, UNLINK, READ = (S_OPEN, S_WRITE, S_FSYNC, S_CLOSE, S_LINK,
-                                                 S_UNLINK, S_READ)
+OPEN, WRITE, FSYNC, CLOSE, LINK, UNLINK, SYNCDIR, READ = (
+    S_OPEN, S_WRITE, S_FSYNC, S_CLOSE, S_LINK, S_UNLINK, S_SYNCDIR, S_READ)
 
 
 cdef int _write_all(int fd, const char *buf, Py_ssize_t n) noexcept nogil:
@@ -112,8 +113,22 @@ cdef int _write_all(int fd, const char *buf, Py_ssize_t n) noexcept nogil:
     return 0
 
 
+cdef int _fsync_dir(const char *path) noexcept nogil:
+    """0, or the errno of the first of open, fsync, close that failed."""
+    cdef int fd, err = 0
+    fd = c_open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+    if fd < 0:
+        return errno
+    if c_fsync(fd) != 0:
+        err = errno
+    if c_close(fd) != 0 and not err:
+        err = errno
+    return err
+
+
 cdef int _write_linked(const char *tmp, const char *new, const char **bufs,
-                       Py_ssize_t *lens, Py_ssize_t count, int *err) noexcept nogil:
+                       Py_ssize_t *lens, Py_ssize_t count, const char *syncdir,
+                       int *err) noexcept nogil:
     """The failed step (0: none), its errno in *err."""
     cdef int fd, step = 0
     cdef Py_ssize_t i
@@ -130,18 +145,30 @@ cdef int _write_linked(const char *tmp, const char *new, const char **bufs,
         err[0], step = errno, S_FSYNC
     if c_close(fd) != 0 and not step:
         err[0], step = errno, S_CLOSE
-    if not step and c_renameat2(AT_FDCWD, tmp, AT_FDCWD, new, RENAME_NOREPLACE) == 0:
-        return 0
-    if not step and errno != EINVAL and errno != ENOSYS:
-        err[0], step = errno, S_LINK
-    elif not step and c_link(tmp, new) != 0:
-        err[0], step = errno, S_LINK
-    elif not step and c_unlink(tmp) != 0:
-        err[0], step = errno, S_UNLINK
-        c_unlink(new)
     if step:
         c_unlink(tmp)
-    return step
+        return step
+    if c_renameat2(AT_FDCWD, tmp, AT_FDCWD, new, RENAME_NOREPLACE) != 0:
+        if errno != EINVAL and errno != ENOSYS:
+            err[0] = errno
+            c_unlink(tmp)
+            return S_LINK
+        if c_link(tmp, new) != 0:
+            err[0] = errno
+            c_unlink(tmp)
+            return S_LINK
+        if c_unlink(tmp) != 0:
+            err[0] = errno
+            c_unlink(new)
+            c_unlink(tmp)
+            return S_UNLINK
+    if syncdir != NULL:
+        err[0] = _fsync_dir(syncdir)
+        if err[0]:
+            # Not known to be durable: taken back (a retry delivers it again).
+            c_unlink(new)
+            return S_SYNCDIR
+    return 0
 
 
 cdef _check_path(bytes path):
@@ -149,14 +176,17 @@ cdef _check_path(bytes path):
         raise ValueError("embedded null byte")
 
 
-def write_linked(bytes tmp, bytes new, list parts):
+def write_linked(bytes tmp, bytes new, list parts, bytes syncdir=None):
     _check_path(tmp)
     _check_path(new)
+    if syncdir is not None:
+        _check_path(syncdir)
     cdef Py_ssize_t count = len(parts), i
     cdef const char **bufs = <const char **>malloc(count * sizeof(char *) + 1)
     cdef Py_ssize_t *lens = <Py_ssize_t *>malloc(count * sizeof(Py_ssize_t) + 1)
     cdef const char *ctmp = tmp
     cdef const char *cnew = new
+    cdef const char *cdir = NULL if syncdir is None else <const char *>syncdir
     cdef int err = 0, step = 0
     cdef bytes part
     if bufs == NULL or lens == NULL:
@@ -171,7 +201,7 @@ def write_linked(bytes tmp, bytes new, list parts):
             bufs[i] = part
             lens[i] = len(part)
         with nogil:
-            step = _write_linked(ctmp, cnew, bufs, lens, count, &err)
+            step = _write_linked(ctmp, cnew, bufs, lens, count, cdir, &err)
         return (step, err)
     finally:
         free(bufs)
@@ -181,16 +211,9 @@ def write_linked(bytes tmp, bytes new, list parts):
 def fsync_dir(bytes path):
     _check_path(path)
     cdef const char *cpath = path
-    cdef int fd, err = 0
+    cdef int err
     with nogil:
-        fd = c_open(cpath, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        if fd < 0:
-            err = errno
-        else:
-            if c_fsync(fd) != 0:
-                err = errno
-            if c_close(fd) != 0 and not err:
-                err = errno
+        err = _fsync_dir(cpath)
     return err
 
 
@@ -327,3 +350,4 @@ def read_file(bytes path, int flags=0):
 cdef _os_error(int err, bytes path):
     import os
     return OSError(err, os.strerror(err), os.fsdecode(path))
+

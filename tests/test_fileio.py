@@ -7,12 +7,14 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from engine import _fileio
 from engine.delivery.local.maildir import DirSync, MaildirError, MaildirWriter
+from tests.test_delivery_e2e import wait_for
 from tests.test_local_fixtures import make_maildir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,6 +84,20 @@ def test_fsync_dir(tmp_path):
     assert _fileio.fsync_dir(os.fsencode(tmp_path / "f")) == errno.ENOTDIR
 
 
+def test_write_linked_syncs_the_directory_given(tmp_path):
+    md = make_maildir(tmp_path / "Maildir")
+    assert _fileio.write_linked(*paths(md), [b"x"], os.fsencode(md / "new")) == (0, 0)
+    assert (md / "new" / "m1").read_bytes() == b"x"
+
+
+def test_a_failed_directory_sync_takes_the_message_back(tmp_path):
+    """Linked but not known to be durable: nothing is left in new/ or tmp/."""
+    md = make_maildir(tmp_path / "Maildir")
+    assert _fileio.write_linked(*paths(md), [b"x"], os.fsencode(tmp_path / "gone")) == \
+        (_fileio.SYNCDIR, errno.ENOENT)
+    assert os.listdir(md / "new") == [] and os.listdir(md / "tmp") == []
+
+
 def test_the_writer_uses_it_by_default(tmp_path):
     md = make_maildir(tmp_path / "Maildir")
     w = MaildirWriter("h")
@@ -89,7 +105,34 @@ def test_the_writer_uses_it_by_default(tmp_path):
     assert name.endswith(",S=4")
     assert (md / "new" / name).read_bytes() == b"a\nb\n"
     assert os.listdir(md / "tmp") == []
-    assert w.dirsync.fsyncs == 1
+    assert w.dirsync.fsyncs == 1 and w.dirsync._dirs == {}
+
+
+def test_the_writer_syncs_in_its_own_call_only_when_alone(tmp_path, monkeypatch):
+    """A delivery that finds another linking into the same new/ leaves the
+    fsync to DirSync (shared with the other's); one alone makes it in
+    write_linked, and a delivery arriving meanwhile waits for that fsync and
+    then makes its own."""
+    md = make_maildir(tmp_path / "Maildir")
+    w = MaildirWriter("h")
+    newdir = str(md / "new")
+    calls = []
+    real = _fileio.write_linked
+    monkeypatch.setattr(_fileio, "write_linked",
+                        lambda *a: calls.append(a[3]) or real(*a))
+    other = w.dirsync.claim(newdir)                 # another delivery, linking
+    assert w.dirsync.claim(newdir) is None
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (w.deliver(str(md), [b"a\n"]), done.set()))
+    t.start()
+    wait_for(lambda: w.dirsync._dirs[newdir].linked == 2, what="the second delivery waiting")
+    assert not done.is_set() and calls == [None]    # linked, waiting for the fsync in flight
+    w.dirsync.done(newdir, other, True, True)
+    t.join(10)
+    assert done.is_set() and w.dirsync.fsyncs == 2  # the other's, then its own
+    w.deliver(str(md), [b"b\n"])
+    assert calls == [None, os.fsencode(newdir)] and w.dirsync.fsyncs == 3
+    assert len(os.listdir(md / "new")) == 2 and w.dirsync._dirs == {}
 
 
 def test_the_writer_reports_its_failures(tmp_path):

@@ -65,6 +65,9 @@ class _DirState:
     users: int = 0
 
 
+_UNSHARED = _DirState()     # claim()'s answer when every caller syncs for itself
+
+
 class DirSync:
     """fsync a directory after a link, sharing one fsync among concurrent callers."""
 
@@ -90,6 +93,37 @@ class DirSync:
             st.users -= 1
             if st.users == 0 and self._dirs.get(path) is st:
                 del self._dirs[path]
+
+    def claim(self, path: str) -> _DirState | None:
+        """For a caller that links into `path` and fsyncs it itself, in one
+        step (engine._fileio.write_linked's `syncdir`): a state to hand to
+        done(), if no other caller links or syncs there now (any that comes
+        meanwhile waits for this fsync as for any other); else None: link,
+        then sync()."""
+        with self._lock:
+            if not self._share:
+                self.requests += 1
+                return _UNSHARED
+            if path in self._dirs:
+                return None
+            self.requests += 1
+            st = self._dirs[path] = _DirState(linked=1, syncing=True, users=1)
+            return st
+
+    def done(self, path: str, st: _DirState, synced: bool, tried: bool) -> None:
+        """After a claim: whether the fsync was made and worked (`synced`),
+        or at least tried."""
+        if tried:
+            with self._lock:
+                self.fsyncs += 1
+        if st is _UNSHARED:
+            return
+        with st.cond:
+            st.syncing = False
+            if synced:
+                st.synced = max(st.synced, 1)
+            st.cond.notify_all()
+        self._leave(path, st)
 
     def sync(self, path: str) -> None:
         """Return once an fsync of `path` that started after this call began has
@@ -227,15 +261,25 @@ class MaildirWriter:
         return name
 
     def _deliver_c(self, maildir: str, parts: list[bytes], size_suffix: bool) -> str:
-        """deliver()'s file steps in engine._fileio, the same steps and errors."""
+        """deliver()'s file steps in engine._fileio, the same steps and errors;
+        when no other delivery here is linking into this new/, its fsync is
+        made in the same call (one GIL hand-over, not two)."""
         data = [p if type(p) is bytes else bytes(p) for p in parts]
-        for attempt in range(3):
-            name, tmp, new = self._names(maildir, parts, size_suffix)
-            step, err = _fileio.write_linked(os.fsencode(tmp), os.fsencode(new), data)
-            if step != _fileio.OPEN or err != errno.EEXIST:
-                break
-            # Only a clock stepped back (same second, usec, pid and a wrapped
-            # counter) or a stale file: take the next name.
+        newdir = os.path.join(maildir, "new")
+        claim = self.dirsync.claim(newdir)
+        step, err = -1, 0
+        try:
+            syncdir = None if claim is None else os.fsencode(newdir)
+            for attempt in range(3):
+                name, tmp, new = self._names(maildir, parts, size_suffix)
+                step, err = _fileio.write_linked(os.fsencode(tmp), os.fsencode(new), data, syncdir)
+                if step != _fileio.OPEN or err != errno.EEXIST:
+                    break
+                # Only a clock stepped back (same second, usec, pid and a wrapped
+                # counter) or a stale file: take the next name.
+        finally:
+            if claim is not None:
+                self.dirsync.done(newdir, claim, step == 0, step in (0, _fileio.SYNCDIR))
         if step == _fileio.OPEN and err in (errno.ENOENT, errno.ENOTDIR):
             _check_maildir(maildir)     # the Maildir itself missing is "chdir"
         if step == _fileio.OPEN:
@@ -243,12 +287,13 @@ class MaildirWriter:
             raise MaildirError("write", err, why)
         if step:
             raise MaildirError("write", err, os.strerror(err))
-        try:
-            self.dirsync.sync(os.path.join(maildir, "new"))
-        except OSError as exc:
-            # Not known to be durable: take it back (see deliver()).
-            _unlink_quietly(new)
-            raise MaildirError("write", exc.errno, f"{exc.strerror}") from None
+        if claim is None:
+            try:
+                self.dirsync.sync(newdir)
+            except OSError as exc:
+                # Not known to be durable: take it back (see deliver()).
+                _unlink_quietly(new)
+                raise MaildirError("write", exc.errno, f"{exc.strerror}") from None
         return name
 
 
