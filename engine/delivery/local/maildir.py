@@ -18,12 +18,14 @@ Directory syncs are shared (`DirSync`): deliveries that linked into the same
 covers all of them at once, instead of each paying for its own. Under
 concurrency that turns N directory fsyncs into about two.
 
-With the default fsync, the steps of one delivery (and each directory
-fsync) run in C with the GIL released once (engine._fileio): the worker's
-threads otherwise hand the GIL over at every system call, each time a futex
-wake and a context switch when another thread waits for it. There the link
-and unlink are one renameat2(RENAME_NOREPLACE) where the filesystem has it:
-the same guarantee (a name in new/ is never replaced), one call.
+With the default fsync, the steps of one delivery run in C with the GIL
+released once (engine._fileio): the worker's threads otherwise hand the GIL
+over at every system call, each time a futex wake and a context switch when
+another thread waits for it. A delivery that finds no other one linking
+into its new/ (DirSync.claim) fsyncs new/ in that same call; one that finds
+another goes through DirSync.sync as above. There the link and unlink are
+one renameat2(RENAME_NOREPLACE) where the filesystem has it: the same
+guarantee (a name in new/ is never replaced), one call.
 
 This module never reports success before both fsyncs returned, and never
 deletes a file in new/ or cur/ except the one it has just linked when the
