@@ -305,7 +305,7 @@ def read_file(bytes path, int flags=0):
     _check_path(path)
     cdef const char *cpath = path
     cdef struct_stat st
-    cdef int fd = _open_cached(cpath, O_RDONLY | flags), err = 0
+    cdef int fd = _open_cached(cpath, O_RDONLY | flags)
     cdef size_t cap, size = 0
     cdef ssize_t got
     cdef char *buf = NULL
@@ -350,4 +350,3 @@ def read_file(bytes path, int flags=0):
 cdef _os_error(int err, bytes path):
     import os
     return OSError(err, os.strerror(err), os.fsdecode(path))
-
