@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -238,6 +239,12 @@ def run(a, owner: tuple[int, int] | None, work: Path, started: list, fig: dict) 
     print(f"remote end to end (flood -> qrelay -> sink): {best['remote']:.0f} msg/s", flush=True)
     print(f"local end to end (flood -> qrelay -> {a.domains * a.users} Maildirs): {best['local']:.0f} msg/s "
           f"= {fig['ratio_local_remote']:.2f} x remote (target >= {TARGET})", flush=True)
+    # The best of each side is the figure; the rounds' own ratios show how
+    # far the host moved it (a slow remote round alone can lift the best).
+    ratios = fig["ratio_rounds"]
+    fig["ratio_rounds_median"] = statistics.median(ratios)
+    print(f"each round's local/remote: {' '.join(f'{r:.2f}' for r in ratios)} "
+          f"(median {fig['ratio_rounds_median']:.2f})", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,10 @@ def test_both_sides_on_a_small_load(tmp_path):
     assert fig["ratio_local_remote"] == fig["rate_local"] / fig["rate_remote"]
     assert fig["local_active"] == 0          # qrelay's default
     assert "local end to end (flood -> qrelay -> 6 Maildirs):" in r.stdout
+    ratios = [lo / re for lo, re in zip(fig["rounds_local"], fig["rounds_remote"])]
+    assert fig["ratio_rounds"] == ratios
+    assert fig["ratio_rounds_median"] == sum(ratios) / 2
+    assert f"each round's local/remote: {ratios[0]:.2f} {ratios[1]:.2f} (median " in r.stdout
 
 
 def test_bad_owner_is_one_line():
