@@ -271,8 +271,8 @@ def test_read_file_says_when_the_open_failed(tmp_path, cached):
 
 
 def test_read_file_says_when_a_read_failed(tmp_path, cached):
-    """A directory opened for reading is not regular; /proc/self/mem is, and
-    reading it at offset 0 fails (EIO): the read's errno, the file's mode."""
+    """/proc/self/mem is a regular file whose read at offset 0 fails (EIO):
+    the read's errno and the file's mode come back."""
     mem = Path("/proc/self/mem")
     mode = os.stat(mem).st_mode
     assert stat.S_ISREG(mode)
