@@ -8,8 +8,8 @@ link, unlink; open, fsync, close of new/). Made one by one from Python, each
 releases and takes back the GIL; with a delivery worker's threads all doing
 that, a hand-over often wakes or puts to sleep another thread (a futex call
 and a context switch: a third of a busy worker's CPU went to those). Here
-the steps of one delivery run back to back without the GIL; fewer threads
-at once (engine.delivery.spawner's `active`) does the rest.
+the steps of one delivery run back to back without the GIL, and the new/
+fsync with them when no other delivery is linking into that new/.
 
 ``write_linked(tmp, new, parts, syncdir=None)``
     Create ``tmp`` (O_EXCL, mode 0600), write the concatenation of ``parts``
