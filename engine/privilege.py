@@ -193,10 +193,9 @@ def foreign_domains(root: Path, user: RunUser) -> list[tuple[str, int]]:
     to another uid than `user`: the receivers, running as `user`, cannot read
     their vpasswd, so RCPT checks, SMTP AUTH and POP3 for them fail (temporarily).
     Local delivery to them still works (the local spawner runs as the owner)."""
-    from engine.accounts.assign import AssignError, load_assign
+    from engine.accounts.admin import AdminError, list_domains
     try:
-        wild = load_assign(root).wildcards()
-    except (AssignError, OSError):
+        domains = list_domains(root)
+    except (AdminError, OSError):
         return []           # check_services reports a broken users/assign
-    return sorted({(prefix.rstrip("-"), a.uid) for prefix, a in wild.items()
-                   if a.uid != user.uid and os.path.exists(os.path.join(a.home, "vpasswd"))})
+    return [(d.name, d.uid) for d in domains if d.uid != user.uid]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -71,6 +72,58 @@ def test_domain_owner_prefers_a_non_root_owner(root, monkeypatch):
     (root / "domains").mkdir()
     os.chown(root / "domains", 123, 456)
     assert admin.domain_owner(root) == (123, 456)
+
+
+def fake_users(monkeypatch, **users: tuple[int, int]) -> None:
+    """pwd for admin: only these users exist (name=(uid, gid))."""
+    entries = [SimpleNamespace(pw_name=name, pw_uid=uid, pw_gid=gid)
+               for name, (uid, gid) in users.items()]
+
+    def lookup(field, value):
+        for e in entries:
+            if getattr(e, field) == value:
+                return e
+        raise KeyError(value)
+    monkeypatch.setattr(admin.pwd, "getpwnam", lambda name: lookup("pw_name", name))
+    monkeypatch.setattr(admin.pwd, "getpwuid", lambda uid: lookup("pw_uid", uid))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as anyone else the domain is the caller's")
+def test_domain_owner_is_the_run_user_the_receivers_read_it_as(root, monkeypatch, tmp_path):
+    fake_users(monkeypatch, qrelay=(999, 998), vpopmail=(89, 89))
+    # README's five commands on a box that has a vpopmail user: the receivers
+    # (`[run] user`, qrelay) must read the vpasswd, so qrelay owns the domain.
+    assert admin.domain_owner(root) == (999, 998)
+    (root / "qrelay.toml").write_text('[run]\nuser = ""\n')
+    assert admin.domain_owner(root) == (89, 89)      # receivers run as root
+    (root / "qrelay.toml").write_text("")
+    # A vpopmail box: its domains (outside ROOT/domains) keep their one owner.
+    vdom = tmp_path / "home" / "vpopmail" / "domains" / "old.example"
+    vdom.mkdir(parents=True)
+    (vdom / "vpasswd").write_text("")
+    (root / "users").mkdir(exist_ok=True)
+    (root / "users" / "assign").write_text(f"+old.example-:old.example:4242:4343:{vdom}:-::\n.\n")
+    assert admin.domain_owner(root) == (4242, 4343)
+    (root / "domains").mkdir()
+    os.chown(root / "domains", 123, 456)
+    assert admin.domain_owner(root) == (123, 456)
+    assert admin.domain_owner(root, 7, 8) == (7, 8)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the receivers run as the caller when not root")
+def test_domain_add_warns_when_the_receivers_cannot_read_it(root, monkeypatch):
+    fake_users(monkeypatch, qrelay=(999, 998), vpopmail=(89, 89))
+    r = qrelay("domain", "add", str(root), "example.com")
+    assert r.exit_code == 0 and r.stderr == "", r.stderr
+    assert "uid 999, gid 998" in r.output
+    r = qrelay("domain", "add", str(root), "other.example", *OWNER)
+    assert r.exit_code == 0
+    assert r.stderr == ("qrelay: warning: other.example belongs to uid 89, but the receivers run as "
+                        "qrelay (uid 999) and cannot read its vpasswd: RCPT checks, AUTH and POP3 "
+                        'for it fail with temporary errors until [run] user = "vpopmail" in '
+                        "qrelay.toml\n")
+    r = qrelay("domain", "add", str(root), "third.example", "--uid", "4242", "--gid", "4242")
+    assert r.stderr.endswith("until the domain belongs to qrelay (--uid 999 --gid 998)\n")
 
 
 def test_rcpthosts_overflow_goes_to_morercpthosts(root):

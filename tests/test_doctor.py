@@ -51,8 +51,13 @@ def user_dir(root: Path, address: str) -> Path:
     return Path(Accounts(root).mailbox(address).user.directory)
 
 
-def toml(root: Path, text: str) -> None:
-    (root / "qrelay.toml").write_text(text)
+# The box's domain belongs to UID, which has no passwd entry to run the
+# receivers as: they run as root (`[run] user = ""`) and read its vpasswd.
+RUN_AS_ROOT = '[run]\nuser = ""\n'
+
+
+def toml(root: Path, text: str, run: str = RUN_AS_ROOT) -> None:
+    (root / "qrelay.toml").write_text(run + text)
 
 
 @pytest.fixture
@@ -184,6 +189,34 @@ def test_permissions_and_owners_with_the_guides_fix(box):
     _, report = doctor(box)
     assert findings(report, "perms") == [], findings(report, "perms")
     assert missing
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="the receivers run as the caller when not root")
+def test_a_domain_the_receivers_cannot_read_and_the_fix(box, monkeypatch):
+    from types import SimpleNamespace
+    users = {"qrelay": (4343, 4344), "vpopmail": (UID, GID)}
+    monkeypatch.setattr("pwd.getpwnam", lambda name: SimpleNamespace(
+        pw_name=name, pw_uid=users[name][0], pw_gid=users[name][1]))
+    monkeypatch.setattr("pwd.getpwuid", lambda uid: SimpleNamespace(
+        pw_name=next(n for n, u in users.items() if u[0] == uid)))
+    toml(box, "", run="")               # the default [run] user, qrelay
+    _, report = doctor(box)
+    (f,) = findings(report, "perms")
+    assert f["what"] == (f"the receivers run as qrelay (uid 4343) and cannot read the vpasswd of "
+                         f"example.org (uid {UID})")
+    assert "451 at RCPT" in f["why"]
+    # Every domain is vpopmail's: the receivers should run as vpopmail.
+    assert f["fix"] == f'${{EDITOR:-vi}} {box}/qrelay.toml # [run] user = "vpopmail", then restart qrelay run'
+    toml(box, "", run='[run]\nuser = "vpopmail"\n')
+    assert findings(doctor(box)[1], "perms") == []
+    # One of two domains is the run user's: give the other one to it.
+    toml(box, "", run="")
+    admin.add_domain(box, "mine.example", uid=4343, gid=4344)
+    (f,) = findings(doctor(box)[1], "perms")
+    assert f["fix"].startswith(f"chown -R 4343:4344 {box}/domains/example.org && sed -i ")
+    run_fix(f["fix"])
+    assert findings(doctor(box)[1], "perms") == []
+    assert os.stat(box / "domains" / "example.org" / "vpasswd").st_uid == 4343
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="changing a file's owner needs root")

@@ -8,12 +8,16 @@ lock files vpopmail itself uses (users/assign.lock for domain changes,
 DOMDIR/.vpasswd.lock for a domain's users), so our commands and vpopmail's may
 share a tree.
 
-Owner of what we create (decided once, in `domain_owner`): the first uid that is
-not 0 among `--uid/--gid`, the owner of ROOT/domains, the `vpopmail` user, the
-user running the command. qmail refuses to deliver as root, so a domain owned
-by uid 0 would bounce every message: with no other choice we refuse, in one
-line, and ask for `--uid/--gid` or a vpopmail user. Files are chown'ed only
-when running as root (nobody else may give files away).
+Owner of what we create (decided once, in `domain_owner`): `--uid/--gid`; else,
+as root, the first uid that is not 0 among the owner of ROOT/domains, the owner
+of the vpopmail domains already in users/assign (a vpopmail box keeps one
+owner), `[run] user` (the receivers run as it and must read the domain's
+vpasswd for RCPT checks, AUTH and POP3), the `vpopmail` user; not as root, the
+user running the command (nobody else may give files away, so the files are
+theirs). qmail refuses to deliver as root, so a domain owned by uid 0 would
+bounce every message: with no other choice we refuse, in one line, and ask for
+`--uid/--gid` or a vpopmail user. `receivers_cannot_read` says when a domain's
+owner is not the user the receivers run as.
 
 Modes follow vpopmail (umask 077): domain and user directories 0700, vpasswd,
 vpasswd.cdb and .qmail files 0600; users/assign, users/cdb and control files 0644.
@@ -28,6 +32,7 @@ import os
 import pwd
 import re
 import shutil
+from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -221,25 +226,59 @@ def domain_owner(root: Path, uid: int | None = None, gid: int | None = None) -> 
             raise AdminError("refusing uid 0: qmail never delivers as root")
         return uid, gid
     candidates = []
-    try:
-        st = os.stat(root / "domains")
-        candidates.append((st.st_uid, st.st_gid))
-    except FileNotFoundError:
-        pass
-    # vpopmail's user on a vpopmail box; else `[run] user`, which the receivers
-    # run as and so can read the domain's vpasswd (engine/privilege.py).
-    for name in ("vpopmail", _run_user_name(root)):
+    if os.geteuid() == 0:
         try:
-            pw = pwd.getpwnam(name)
-            candidates.append((pw.pw_uid, pw.pw_gid))
-        except KeyError:
+            st = os.stat(root / "domains")
+            candidates.append((st.st_uid, st.st_gid))
+        except FileNotFoundError:
             pass
-    candidates.append((os.getuid(), os.getgid()))
+        candidates += _domain_owners(root)
+        for name in (_run_user_name(root), "vpopmail"):
+            if not name:
+                continue        # `[run] user = ""`: the receivers run as root
+            try:
+                pw = pwd.getpwnam(name)
+                candidates.append((pw.pw_uid, pw.pw_gid))
+            except KeyError:
+                pass
+    else:
+        candidates.append((os.getuid(), os.getgid()))
     for cand in candidates:
         if cand[0] != 0:
             return cand
     raise AdminError("no user to own the domain: qmail never delivers as root; "
                      "create a vpopmail user (useradd -r vpopmail) or pass --uid and --gid")
+
+
+def _domain_owners(root: Path) -> list[tuple[int, int]]:
+    """Owners of the vpopmail domains in users/assign, the most common first."""
+    try:
+        domains = list_domains(root)
+    except (AdminError, OSError):
+        return []               # add_domain reports a broken users/assign
+    return [owner for owner, _ in Counter((d.uid, d.gid) for d in domains).most_common()]
+
+
+def receivers_cannot_read(root: os.PathLike | str, ref: DomainRef) -> str | None:
+    """A one-line warning when `ref` belongs to another uid than `[run] user`,
+    whose receivers then cannot read its vpasswd (engine.privilege's
+    foreign_domains, which `qrelay run` reports at start); else None."""
+    name = _run_user_name(Path(root))
+    if not name or os.geteuid() != 0:
+        return None             # receivers run as root, or as whoever runs qrelay
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        return None             # `qrelay run` creates it, and says what it cannot read
+    if pw.pw_uid == ref.uid:
+        return None
+    try:
+        cure = f'[run] user = "{pwd.getpwuid(ref.uid).pw_name}" in qrelay.toml'
+    except KeyError:
+        cure = f"the domain belongs to {name} (--uid {pw.pw_uid} --gid {pw.pw_gid})"
+    return (f"{ref.name} belongs to uid {ref.uid}, but the receivers run as {name} "
+            f"(uid {pw.pw_uid}) and cannot read its vpasswd: RCPT checks, AUTH and POP3 "
+            f"for it fail with temporary errors until {cure}")
 
 
 def qmail_default_line(argument: str) -> str:

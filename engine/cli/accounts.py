@@ -49,13 +49,18 @@ def domain_add(root: str, name: str, uid: int | None, gid: int | None) -> None:
     Writes ROOT/domains/DOMAIN/ (vpasswd, vpasswd.cdb, .qmail-default),
     control/rcpthosts, control/virtualdomains, users/assign and users/cdb.
 
-    The domain's uid/gid: --uid/--gid, else the owner of ROOT/domains, else the
-    vpopmail user, else `[run] user` (qrelay), else yours; never root (qmail
-    does not deliver as root).
+    The domain's uid/gid: --uid/--gid; else, as root, the owner of ROOT/domains,
+    else that of the vpopmail domains already in users/assign, else `[run] user`
+    (qrelay: the receivers read the domain's vpasswd as it), else the vpopmail
+    user; not as root, yours. Never root (qmail does not deliver as root). A
+    domain the receivers cannot read is added with a warning.
     """
-    from engine.accounts.admin import add_domain
+    from engine.accounts.admin import add_domain, receivers_cannot_read
     ref = _accounts_call(add_domain, root, name, uid=uid, gid=gid)
     click.echo(f"qrelay: added domain {ref.name} ({ref.directory}, uid {ref.uid}, gid {ref.gid})")
+    warning = receivers_cannot_read(root, ref)
+    if warning:
+        click.echo(f"qrelay: warning: {warning}", err=True)
 
 
 @domain.command("del")

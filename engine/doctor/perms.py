@@ -9,6 +9,8 @@ vpasswd: the user directory and `Maildir/{cur,new,tmp}` exist, belong to
 the domain's uid/gid and are not writable by others. The fix offered is
 the guide's chown/chmod; when many paths of one domain share a problem, one
 line with `chown -R` / `chmod -R` on the domain directory is offered.
+Last, the vpopmail domains whose vpasswd `[run] user` cannot read: the
+receivers run as it, and RCPT checks, AUTH and POP3 for those domains defer.
 """
 from __future__ import annotations
 
@@ -133,6 +135,56 @@ def check(ctx: Context, report: Report) -> None:
                     "modes as deliveries need them")
     if mailboxes >= budget:
         report.note("perms", f"stopped after {budget} mailboxes ([doctor] max_mailboxes)")
+    _receivers(ctx, report)
+
+
+def _receivers(ctx: Context, report: Report) -> None:
+    """Vpopmail domains whose vpasswd `[run] user` (the receivers) cannot read."""
+    from engine.accounts.admin import AdminError, list_domains
+    from engine.privilege import PrivilegeError, run_user
+    try:
+        user = run_user(ctx.settings.run.user)
+    except PrivilegeError:
+        return              # `qrelay run` refuses to start, naming it
+    if user is None:
+        return              # not root, or `[run] user = ""`: the receivers run as root
+    try:
+        domains = list_domains(ctx.root)
+    except (AdminError, OSError):
+        return              # the controls check reports a broken users/assign
+    found = [d for d in domains if d.uid != user.uid]
+    if not found:
+        return
+    owners = sorted({d.uid for d in found})
+    names = [d.name for d in found]
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    owner = _user_name(owners[0]) if len(owners) == 1 else None
+    toml = ctx.arg(ctx.root / "qrelay.toml")
+    if owner is not None and len(found) == len(domains):
+        fix = f'${{EDITOR:-vi}} {toml} # [run] user = "{owner}", then restart qrelay run'
+    elif len(found) == 1:
+        # Give the one domain to the run user: its tree, then its assign line.
+        domain, directory = found[0].name, found[0].directory
+        pattern = domain.replace(".", "\\.")
+        fix = (f"chown -R {user.uid}:{user.gid} {ctx.arg(directory)} && sed -i "
+               f"'s#^\\(+{pattern}-:[^:]*:\\)[0-9]*:[0-9]*:#\\1{user.uid}:{user.gid}:#' "
+               f"{ctx.arg(ctx.root / 'users/assign')} && qrelay newu {ctx.arg(ctx.root)}")
+    else:
+        fix = (f"give each to {user.name}: chown -R {user.uid}:{user.gid} its directory, set "
+               f"its users/assign uid:gid to {user.uid}:{user.gid}, then qrelay newu "
+               f"{ctx.arg(ctx.root)}")
+    report.problem("perms", f"the receivers run as {user.name} (uid {user.uid}) and cannot "
+                   f"read the vpasswd of {shown} (uid {', '.join(map(str, owners))})",
+                   "RCPT checks, SMTP AUTH and POP3 for them fail with temporary errors "
+                   "(451 at RCPT: their mail waits)", fix)
+
+
+def _user_name(uid: int) -> str | None:
+    import pwd
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None         # a numeric owner cannot be `[run] user`
 
 
 def _stat(path: str) -> os.stat_result | None:
