@@ -429,13 +429,36 @@ def test_no_relay_flag_gets_no_grant(tmp_path, server):
     c.close()
 
 
+class Lines(list):
+    """The receiver's log (log/smtpd), kept in memory."""
+
+    def line(self, text: str) -> None:
+        self.append(text)
+
+
 def test_missing_maildir(tmp_path, server):
     root = make_root(tmp_path)
     import shutil
     shutil.rmtree(root / "domains" / "example.com" / "joe" / "Maildir")
-    c = Client(server(root).port)
+    log = Lines()
+    c = Client(server(root, log=log).port)
     assert c.login() == b"-ERR this user has no $HOME/Maildir\r\n"
     assert c.closed()
+    [line] = log
+    assert line.startswith("pop3d: joe@example.com:127.0.0.1: -ERR this user has no $HOME/Maildir (")
+
+
+def test_login_failures_are_logged_in_vchkpws_words(tmp_path, server):
+    root = make_root(tmp_path)
+    log = Lines()
+    srv = server(root, log=log)
+    for user, password in (("joe@example.com", "wrong"), ("No One%x@example.com", "secret")):
+        c = Client(srv.port)
+        assert c.login(user, password) == b"-ERR authorization failed\r\n"
+        assert c.closed()
+    # Spaces between the words; the client's name as qmail's logsafe makes it.
+    assert log == ["vchkpw-pop3: password fail joe@example.com:127.0.0.1",
+                   "vchkpw-pop3: vpopmail user not found no_one_x@example.com:127.0.0.1"]
 
 
 def test_pop3_settings_ranges(tmp_path):

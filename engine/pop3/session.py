@@ -38,6 +38,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from engine import metrics
+from engine.log import logsafe
 from engine._smtpcore import TOO_LONG, LineReader, parse_command
 from engine.pop3 import login as logins
 from engine.pop3.maildir import Mailbox, Message
@@ -71,8 +72,9 @@ R_STLS_ACTIVE = b"-ERR TLS already active\r\n"
 LONG_LINE_CLOSE_FACTOR = 64
 
 
-def _printable(text: str) -> str:
-    return "".join(c if 32 < ord(c) < 127 else "_" for c in text)
+def _one_line(text: str) -> str:
+    """Free text (an error's reason) fit for one log line: no control bytes."""
+    return "".join(c if c.isprintable() else "_" for c in text)
 
 
 class Pop3Session(asyncio.Protocol):
@@ -324,7 +326,7 @@ class Pop3Session(asyncio.Protocol):
             return
         if outcome == logins.TEMPORARY:
             metrics.auth_result("tempfail", mechanism, "pop3")
-            self._log(f"vchkpw-pop3: temporary failure reading accounts {name.lower()}:{ip}")
+            self._log(f"vchkpw-pop3: temporary failure reading accounts {logsafe(name.lower())}:{ip}")
             if self.state != CLOSED:
                 self.out.append(R_TEMP)
                 self._close()
@@ -340,7 +342,7 @@ class Pop3Session(asyncio.Protocol):
             delay = await throttle.failure(ip)
             if math.isinf(delay):
                 delay = 0.0
-        self._log(f"vchkpw-pop3: {outcome} {name.lower()}:{ip}")
+        self._log(f"vchkpw-pop3: {outcome} {logsafe(name.lower())}:{ip}")
         metrics.auth_result("locked_out" if result is None else "failed", mechanism, "pop3")
         if delay > 0 and self.state != CLOSED:
             await asyncio.sleep(delay)
@@ -369,8 +371,9 @@ class Pop3Session(asyncio.Protocol):
             return
         if mailbox is None:
             # EACCES here: the receivers do not run as the mailbox's owner ([run] user).
-            why = f" ({result.why}; this receiver runs as uid {os.getuid()})" if result.why else ""
-            self._log(f"pop3d: {result.login}:{ip}: -ERR {result.reply}{why}")
+            why = f" ({_one_line(result.why)}; this receiver runs as uid {os.getuid()})" \
+                if result.why else ""
+            self._log(f"pop3d: {logsafe(result.login)}:{ip}: -ERR {result.reply}{why}")
             self.out.append(f"-ERR {result.reply}\r\n".encode())
             self._close()
             return
@@ -379,9 +382,11 @@ class Pop3Session(asyncio.Protocol):
         self._resume(TRANS)
 
     def _log(self, text: str) -> None:
+        """One line to log/smtpd; its variable parts are made safe by the caller
+        (logsafe for names, as qmail's lines)."""
         smtpd_log = self.receiver.log
         if smtpd_log is not None:
-            smtpd_log.line(_printable(text).replace("%", "#"))
+            smtpd_log.line(text)
 
     # --- TRANSACTION (qmail-pop3d) -----------------------------------------------------
 
