@@ -13,7 +13,7 @@ from engine.config.settings import Settings
 from engine.relay import open_relay_table
 from engine.relay.throttle import LoginThrottle
 from tests.smtp_harness import InProcessServer, RunningQrelay, client_context, install_certificate
-from tests.test_pop3 import Client, make_root
+from tests.test_pop3 import Client, Lines, make_root
 
 NAME = "127.0.0.1"     # poplib checks the certificate against the host it connects to
 
@@ -66,6 +66,62 @@ def test_stls_without_certificate(tmp_path, server):
     c.line()
     assert b"STLS" not in capabilities(c)
     assert c.cmd("STLS") == b"-ERR authorization first\r\n"
+
+
+class FromElsewhere(poplib.POP3):
+    """A POP3 client whose connection does not come from the server's own
+    address (127.0.0.2 → 127.0.0.1): not this host talking to itself."""
+
+    def _create_socket(self, timeout):
+        return socket.create_connection((self.host, self.port), timeout,
+                                        source_address=("127.0.0.2", 0))
+
+
+def test_no_password_in_clear_before_stls(tmp_path, server):
+    root = make_root(tmp_path)
+    ca = install_certificate(root, NAME)
+    srv = server(root)
+    srv.receiver.log = Lines()
+    pop = FromElsewhere(NAME, srv.port, timeout=10)
+    try:
+        caps = pop.capa()
+        assert "STLS" in caps and "USER" not in caps
+        with pytest.raises(poplib.error_proto, match=r"^b'-ERR \[AUTH\] no password in clear: "
+                                                     r"STLS first, or port 995'$"):
+            pop.user("joe@example.com")
+        with pytest.raises(poplib.error_proto, match="USER first"):
+            pop.pass_("secret")                              # never taken
+        assert srv.receiver.log == ["pop3: USER before TLS from 127.0.0.2 refused: no password "
+                                    "in clear ([pop3] allow_plaintext)"]
+        pop.stls(context=client_context(ca))
+        assert "USER" in pop.capa()
+        pop.user("joe@example.com")
+        pop.pass_("secret")
+        assert pop.stat() == (0, 0)
+        pop.quit()
+    finally:
+        pop.close()
+
+
+def test_plaintext_allowed_by_the_setting_or_from_this_host(tmp_path, server):
+    root = make_root(tmp_path)                              # no certificate: no STLS to offer
+    srv = server(root)
+    pop = FromElsewhere(NAME, srv.port, timeout=10)
+    with pytest.raises(poplib.error_proto, match="no password in clear"):
+        pop.user("joe@example.com")
+    pop.close()
+    local = poplib.POP3(NAME, srv.port, timeout=10)      # 127.0.0.1 → 127.0.0.1: this host
+    assert "USER" in local.capa()
+    local.user("joe@example.com")
+    local.pass_("secret")
+    local.quit()
+    root2 = make_root(tmp_path / "2", "[auth]\nfailure_delay = 0\n[pop3]\nallow_plaintext = true\n")
+    pop = FromElsewhere(NAME, server(root2).port, timeout=10)
+    assert "USER" in pop.capa()
+    pop.user("joe@example.com")
+    pop.pass_("secret")                                   # qmail-popup's way
+    assert pop.stat() == (0, 0)
+    pop.quit()
 
 
 @contextlib.contextmanager

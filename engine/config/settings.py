@@ -326,6 +326,11 @@ class Pop3Settings:
     # connection holds about three times this). 64 KB cost 9-10 ms of CPU per
     # 10 MB in per-chunk overhead and small writes, 256 KB 6-7 ms.
     chunk_bytes: int = 262144
+    # Accept USER/PASS before STLS (the password in clear), as qmail-popup
+    # does: only for old clients on trusted networks. A connection from this
+    # host to itself (the peer's address is the server's, as Dovecot judges
+    # it) and APOP are allowed either way.
+    allow_plaintext: bool = False
 
 
 @dataclass(slots=True, frozen=True)

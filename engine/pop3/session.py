@@ -10,7 +10,8 @@ Replies are qmail-popup's and qmail-pop3d's texts (spec vpopmail-pop3-auth.md
 §1.3, §1.6): `+OK ` with its trailing space, `-ERR authorization first`,
 `-ERR unimplemented`, the message-number errors, STAT counting deleted
 messages, LAST, `RETR i k` = `TOP i k`. Where qrelay differs on purpose
-(README's compatibility table): CAPA and STLS (RFC 2449, 2595), pipelined
+(README's compatibility table): CAPA and STLS (RFC 2449, 2595), USER/PASS
+only over TLS or from this host unless `[pop3] allow_plaintext`, pipelined
 commands after PASS are answered instead of lost, a failed login waits
 the throttle's delay (engine.relay.throttle; `[auth] failure_delay` without
 one) before its `-ERR`, one
@@ -67,6 +68,7 @@ R_TEMP = b"-ERR [SYS/TEMP] unable to read the account files, try again later\r\n
 R_LINE_TOO_LONG = b"-ERR line too long\r\n"
 R_STLS_GO = b"+OK begin TLS negotiation\r\n"
 R_STLS_ACTIVE = b"-ERR TLS already active\r\n"
+R_CLEAR = b"-ERR [AUTH] no password in clear: STLS first, or port 995\r\n"
 
 # An unterminated line this many times max_line_length long: not a POP3 client.
 LONG_LINE_CLOSE_FACTOR = 64
@@ -97,6 +99,7 @@ class Pop3Session(asyncio.Protocol):
         self.committing = False
         self.reading_paused = False
         self.remoteip = "unknown"
+        self.private = False      # the peer is this host itself (its address is ours)
         self.timestamp = ""
         self.last_activity = time.monotonic()
         self.task: asyncio.Task | None = None
@@ -107,6 +110,8 @@ class Pop3Session(asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.remoteip = peer[0] if peer else "unknown"
+        own = transport.get_extra_info("sockname")
+        self.private = bool(peer and own and peer[0] == own[0])
         receiver = self.receiver
         number = receiver.counter.next_number()
         # qmail-popup's <PID.TIME@HOST>, with this process's connection number:
@@ -227,6 +232,10 @@ class Pop3Session(asyncio.Protocol):
         if verb == b"USER":
             if not arg:
                 out.append(R_SYNTAX)
+            elif not self._clear_ok():
+                self._log(f"pop3: USER before TLS from {self.remoteip} refused: no password "
+                          "in clear ([pop3] allow_plaintext)")
+                out.append(R_CLEAR)
             else:
                 self.user = arg.decode("utf-8", "surrogateescape")
                 out.append(OK)
@@ -256,10 +265,16 @@ class Pop3Session(asyncio.Protocol):
         else:
             out.append(R_AUTH_FIRST)
 
+    def _clear_ok(self) -> bool:
+        """Whether USER/PASS may be used now: over TLS, from this host itself,
+        or with `[pop3] allow_plaintext` (qmail-popup's way)."""
+        return self.tls or self.private or self.settings.allow_plaintext
+
     def _capabilities(self) -> bytes:
         caps = ["+OK capability list follows", "TOP", "UIDL", "PIPELINING", "RESP-CODES"]
         if self.state == AUTH:
-            caps.append("USER")
+            if self._clear_ok():
+                caps.append("USER")
             if not self.tls and self.service.tls_context() is not None:
                 caps.append("STLS")
         caps += ["IMPLEMENTATION qrelay", "."]
