@@ -101,3 +101,23 @@ def test_accounts_commands_with_and_without_root(root: Path):
     # A missing argument is still named as such.
     r = invoke(["domain", "add"], root_env=env)
     assert r.exit_code == 2 and "Missing argument 'DOMAIN'" in r.output
+
+
+@pytest.mark.parametrize("path", ROOT_COMMANDS, ids=" ".join)
+def test_an_unknown_option_is_one_line_and_exit_2(path, root: Path):
+    r = CliRunner().invoke(cli, [*path, str(root), "--no-such-option"], env={"QRELAY_ROOT": ""})
+    assert r.exit_code == 2, r.output
+    assert r.stderr.splitlines() == [f"Error: No such option '--no-such-option' "
+                                     f"(see: cli {' '.join(path)} --help)"], r.stderr
+
+
+@pytest.mark.parametrize("args,line", [
+    (["nosuch"], "Error: No such command 'nosuch' (see: cli --help)"),
+    (["domain", "nosuch"], "Error: No such command 'nosuch' (see: cli domain --help)"),
+    (["domain", "add"], "Error: Missing argument 'DOMAIN' (see: cli domain add --help)"),
+    (["run", "--listen", "bogus"],
+     "Error: --listen 'bogus': expected [SCHEME://]HOST:PORT (see: cli run --help)"),
+])
+def test_usage_errors_are_one_line(args, line, root: Path):
+    r = CliRunner().invoke(cli, args, env={"QRELAY_ROOT": str(root)})
+    assert (r.exit_code, r.stderr.splitlines()) == (2, [line])

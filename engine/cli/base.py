@@ -7,6 +7,7 @@ has one, may be left out: it defaults to $QRELAY_ROOT, else /var/qrelay.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import click
 
@@ -27,7 +28,12 @@ class _RootFirstCommand(click.Command):
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if not ctx.resilient_parsing and not any(a in ctx.help_option_names for a in args):
             args = self._with_root(ctx, list(args))
-        return super().parse_args(ctx, args)
+        with _one_line_usage(ctx):
+            return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context):
+        with _one_line_usage(ctx):      # a value the command itself finds bad
+            return super().invoke(ctx)
 
     def _with_root(self, ctx: click.Context, args: list[str]) -> list[str]:
         arguments = [p for p in self.params if isinstance(p, click.Argument)]
@@ -66,6 +72,25 @@ class _RootFirstCommand(click.Command):
 class _Group(click.Group):
     command_class = _RootFirstCommand
     group_class = type      # subgroups (domain, user, alias) are _Group too
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        with _one_line_usage(ctx):
+            return super().parse_args(ctx, args)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        with _one_line_usage(ctx):      # `No such command`
+            return super().resolve_command(ctx, args)
+
+
+@contextmanager
+def _one_line_usage(ctx: click.Context):
+    """Click's usage errors (unknown option, missing argument, bad value) as
+    one line and exit status 2, like every other bad input, instead of the
+    usage text, a hint and the error on three."""
+    try:
+        yield
+    except click.UsageError as exc:
+        raise BadInput(f"{exc.format_message().rstrip('.')} (see: {ctx.command_path} --help)") from None
 
 
 # ROOT: optional, first; see _RootFirstCommand.
