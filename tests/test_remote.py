@@ -6,7 +6,10 @@ smtproutes to a loopback sink or resolved by the fake DNS server.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import re
+import socket
+from dataclasses import replace
 
 import pytest
 
@@ -409,7 +412,30 @@ def test_load_remote_config(root):
     assert cfg.routes.lookup("a.test") == Route("127.0.0.2", 2526)
     assert cfg.dns_servers == ("127.0.0.1:5353",) and cfg.mx_port == 2525
     assert cfg.max_messages_per_connection == 5
+    # Not port 25: an MX on one of our interfaces is somebody else's service.
     assert cfg.my_addresses == frozenset({"0.0.0.0", "192.0.2.1"})
+
+
+def test_ipme_includes_every_interface_address_for_port_25(root, fake_dns):
+    import psutil
+    (root / "qrelay.toml").write_text('[delivery]\nmy_addresses = ["192.0.2.1"]\n')
+    cfg = load_remote_config(root)
+    ours = {a.address.partition("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs
+            if a.family in (socket.AF_INET, socket.AF_INET6)}
+    assert {"0.0.0.0", "127.0.0.1", "192.0.2.1"} <= cfg.my_addresses
+    assert {ipaddress.ip_address(a).compressed for a in ours} <= cfg.my_addresses
+    # The best MX of a domain not local here is this host: qmail's #5.4.6,
+    # without a connection to itself.
+    fake_dns.zone.update({"loop.test": {"MX": [(10, "mx.loop.test")]},
+                          "mx.loop.test": {"A": ["127.0.0.1"]}})
+
+    async def go():
+        rd = RemoteDelivery(replace(cfg, dns_servers=(fake_dns.address,)))
+        try:
+            return await rd.deliver("loop.test", "a@src.test", ["x@loop.test"], MSG)
+        finally:
+            await rd.close()
+    assert run(go()) == [RecipientResult("x@loop.test", "D", TEXT_IPME)]
 
 
 def test_load_remote_config_defaults_and_errors(root):

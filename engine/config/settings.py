@@ -147,8 +147,10 @@ class DeliverySettings:
     max_connections_per_host: int = 20
     # Seconds an unused connection is kept for the next message (0 = never reuse).
     idle_timeout: float = 30.0
-    # Our own addresses for qmail's ipme rule (0.0.0.0 is always included):
-    # an MX at or after our own preference is never tried (mail loop).
+    # More of our own addresses for qmail's ipme rule (an MX at or after our
+    # own preference is never tried: a mail loop), e.g. a public address NAT
+    # maps to this host. 0.0.0.0 is always ours, and with mx_port 25 every
+    # interface's address (and 127.0.0.1) too, as qmail finds them.
     my_addresses: tuple = ()
     # Also resolve and try AAAA addresses (after the A addresses).
     ipv6: bool = True

@@ -9,7 +9,8 @@ turns a mail domain into the ordered list of addresses qmail-remote would try:
   (as qmail), each exchanger resolved to its A then AAAA records;
 - no MX (NXDOMAIN or no MX records) → the domain's own A/AAAA records;
 - a null MX (RFC 7505, exchanger ".") → permanent failure;
-- `apply_ipme` drops our own addresses and everything not better than them.
+- `apply_ipme` drops our own addresses and everything not better than them;
+  `host_addresses` are this host's own (every interface's, as qmail's ipme).
 
 c-ares keeps its own TTL-bounded query cache underneath; ours adds the
 injectable clock, a bound on negative answers (`negative_ttl`), a size bound,
@@ -96,6 +97,29 @@ def apply_ipme(targets: Sequence[MxTarget], my_addresses: Iterable[str]) -> list
     if not kept:
         raise ResolveError("D", TEXT_IPME)
     return kept
+
+
+def host_addresses() -> frozenset[str]:
+    """This host's addresses as qmail's ipme finds them: each interface's
+    IPv4 and IPv6 addresses (psutil reads them, aliases and all), 127.0.0.1
+    and 0.0.0.0; in the form DNS answers compare with."""
+    import socket
+
+    import psutil
+    found = {"0.0.0.0", "127.0.0.1"}
+    try:
+        interfaces = psutil.net_if_addrs()
+    except OSError:
+        interfaces = {}
+    for addrs in interfaces.values():
+        for a in addrs:
+            if a.family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            try:        # fe80::1%eth0: the zone is not part of an answer
+                found.add(ipaddress.ip_address(a.address.partition("%")[0]).compressed)
+            except ValueError:
+                pass
+    return frozenset(found)
 
 
 class _CacheEntry:

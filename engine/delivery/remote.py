@@ -35,7 +35,7 @@ from typing import Sequence
 from engine.config.control import ControlError, read_line, read_number
 from engine.config.settings import SettingsError, load_settings
 from engine.delivery.channels import RecipientResult
-from engine.delivery.mx import MxResolver, MxTarget, ResolveError, apply_ipme
+from engine.delivery.mx import MxResolver, MxTarget, ResolveError, apply_ipme, host_addresses
 from engine.delivery.routes import RoutesError, SmtpRoutes
 from engine.delivery.smtpclient import (ConnectFailed, ConnectionDied, ConnectionPool,
                                         GreetingFailed, NameRejected, PoolLimits, Reply,
@@ -145,6 +145,11 @@ def load_remote_config(root: Path | str) -> RemoteConfig:
             raise RemoteConfigError(
                 f"{Path(root) / 'qrelay.toml'}: [delivery] dns_servers: {server!r} is not"
                 " an IP address with an optional :port")
+    mine = {"0.0.0.0", *settings.my_addresses}
+    if settings.mx_port == 25:
+        # qmail's ipme: an MX on one of this host's interfaces is this host,
+        # when MX deliveries go to the port its own SMTP service answers on.
+        mine |= host_addresses()
     return RemoteConfig(
         helohost=helohost, routes=routes, timeoutconnect=timeoutconnect,
         timeoutremote=timeoutremote, dns_servers=tuple(settings.dns_servers),
@@ -152,7 +157,7 @@ def load_remote_config(root: Path | str) -> RemoteConfig:
         max_messages_per_connection=max(1, settings.max_messages_per_connection),
         max_connections_per_host=max(1, settings.max_connections_per_host),
         idle_timeout=settings.idle_timeout,
-        my_addresses=frozenset(("0.0.0.0", *settings.my_addresses)),
+        my_addresses=frozenset(mine),
         dns_timeout=settings.dns_timeout, dns_tries=max(1, settings.dns_tries),
         dns_negative_ttl=float(settings.dns_negative_ttl), ipv6=settings.ipv6,
         timeout_skip_seconds=float(settings.timeout_skip_seconds),
