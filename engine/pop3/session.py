@@ -39,8 +39,8 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from engine import metrics
-from engine.log import logsafe
 from engine._smtpcore import TOO_LONG, LineReader, parse_command
+from engine.log import logsafe
 from engine.pop3 import login as logins
 from engine.pop3.maildir import Mailbox, Message
 from engine.pop3.stream import WriteGate, send_file
