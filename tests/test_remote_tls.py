@@ -49,7 +49,7 @@ def run(coro, timeout=25):
 
 
 def deliver(dns, tlsdestinations: str = "", messages: int = 1, root="/", min_version="TLSv1.2",
-            **knobs):
+            tls: TlsDestinations | None = None, **knobs):
     """Start a sink with `knobs`, deliver `messages` messages to x@tls.test
     (MX mx.tls.test -> 127.0.0.1) one after the other; results and the sink."""
     async def go():
@@ -60,7 +60,7 @@ def deliver(dns, tlsdestinations: str = "", messages: int = 1, root="/", min_ver
         config = RemoteConfig(helohost="relay.test", routes=SmtpRoutes(),
                               dns_servers=(dns.address,), mx_port=sink.port, dns_timeout=0.5,
                               dns_tries=1, timeoutconnect=2, timeoutremote=5,
-                              tls=TlsDestinations.from_lines(lines, root),
+                              tls=tls if tls is not None else TlsDestinations.from_lines(lines, root),
                               tls_handshake_timeout=5, tls_min_version=min_version)
         rd = RemoteDelivery(config)
         try:
@@ -201,6 +201,30 @@ def test_opportunistic_with_a_ca_that_does_not_verify_goes_on_in_clear(fake_dns,
 
 def test_no_tls_rule_never_sends_starttls(fake_dns, ca):
     (result,), sink, _ = deliver(fake_dns, "!.test:\n*:\n", tls_context=server_context(ca))
+    assert result == [CLEAR_OK] and b"STARTTLS" not in commands(sink.connections[0])
+
+
+def test_qmail_tls_tlshosts_and_notlshosts(fake_dns, ca, tmp_path):
+    control = tmp_path / "control"
+    (control / "tlshosts").mkdir(parents=True)
+    ca.cert_pem.write_to_path(str(control / "tlshosts" / f"{MX}.pem"))
+    files = TlsDestinations.load(tmp_path)
+    (result,), sink, _ = deliver(fake_dns, tls=files, tls_context=server_context(ca))
+    assert result == [TLS_OK] and sink.messages[0].tls
+    # Required by the file: a next hop without TLS gets nothing, in qmail-tls's words.
+    (result,), sink, _ = deliver(fake_dns, tls=files)
+    assert result == [RecipientResult("x@tls.test", "Z", f"No TLS achieved while control/tlshosts/"
+                                      f"{MX}.pem exists; connecting to 127.0.0.1.\n")]
+    assert not sink.messages
+    (result,), _, _ = deliver(fake_dns, tls=files, tls_context=server_context(ca),
+                              starttls_reply="454 TLS not available")
+    assert result[0].text.startswith(f"STARTTLS rejected while control/tlshosts/{MX}.pem exists; "
+                                     "connecting to 127.0.0.1.\n")
+    (control / "tlshosts" / f"{MX}.pem").unlink()
+    (control / "notlshosts").mkdir()
+    (control / "notlshosts" / MX).write_text("")
+    (result,), sink, _ = deliver(fake_dns, tls=TlsDestinations.load(tmp_path),
+                                 tls_context=server_context(ca))
     assert result == [CLEAR_OK] and b"STARTTLS" not in commands(sink.connections[0])
 
 

@@ -117,6 +117,37 @@ def test_a_changed_ca_file_makes_a_different_snapshot(tmp_path):
     assert table(f"a.test:{ca}\n") != first
 
 
+def test_qmail_tls_per_host_files(tmp_path):
+    control = tmp_path / "control"
+    (control / "tlshosts").mkdir(parents=True)
+    (control / "notlshosts").mkdir()
+    (control / "tlshosts" / "MX.Bank.test.pem").write_text("CA")
+    (control / "notlshosts" / "mx.bank.test").write_text("")      # tlshosts wins
+    (control / "notlshosts" / "broken.test").write_text("")
+    t = TlsDestinations.load(tmp_path)
+    opportunistic = t.lookup("bank.test")
+    assert opportunistic == DEFAULT_POLICY
+    bank = t.for_host(opportunistic, "mx.bank.test.")
+    assert (bank.level, bank.cafile, bank.rule) == (
+        VERIFY, str(control / "tlshosts" / "MX.Bank.test.pem"), "tlshosts/MX.Bank.test.pem")
+    assert bank.required and bank.verifies
+    assert t.for_host(opportunistic, "broken.test").level == NONE
+    assert t.for_host(opportunistic, "other.test") == DEFAULT_POLICY
+    # exhaustivelist: TLS only to the hosts that have a file.
+    (control / "tlshosts" / "exhaustivelist").write_text("")
+    t2 = TlsDestinations.load(tmp_path)
+    assert t2 != t and t2.for_host(opportunistic, "other.test").level == NONE
+    assert t2.for_host(opportunistic, "mx.bank.test").level == VERIFY
+    # A tlsdestinations rule naming the destination wins; `*:` leaves it to the files.
+    (control / "tlsdestinations").write_text("-bank.test:\n*:\n")
+    t3 = TlsDestinations.load(tmp_path)
+    assert t3.for_host(t3.lookup("bank.test"), "mx.bank.test").level == ENCRYPT
+    assert t3.for_host(t3.lookup("x.test"), "mx.bank.test").level == VERIFY
+    # A changed CA file is a different snapshot (contexts are built again).
+    (control / "tlshosts" / "MX.Bank.test.pem").write_text("another CA")
+    assert TlsDestinations.load(tmp_path) != t3
+
+
 def test_contexts_are_tls12_plus_and_shared():
     contexts = TlsContexts("TLSv1.2")
     ctx = contexts.get(DEFAULT_POLICY)

@@ -237,7 +237,7 @@ class RemoteDelivery:
             retries = self.config.max_connections_per_host + 1
             while True:
                 # SNI and the certificate's name: the MX (or relay) host name.
-                tls = TlsRequest(policy, target.name)
+                tls = TlsRequest(self.config.tls.for_host(policy, target.name), target.name)
                 try:
                     conn, reused = await self.pool.acquire(ip, port, self.config.helohost, tls)
                 except ConnectFailed as exc:

@@ -221,14 +221,12 @@ class SmtpConnection:
         required = policy.required
         if "STARTTLS" not in self.extensions:
             if required:
-                raise TlsFailed(ip, f"No TLS achieved while control/tlsdestinations requires it"
-                                    f" ({policy.rule}); connected to {ip}.\n")
+                raise TlsFailed(ip, _required_text("No TLS achieved", "it", policy, ip))
             return
         reply = await self.command(b"STARTTLS")
         if reply.code != 220:
             if required:
-                raise TlsFailed(ip, f"STARTTLS rejected while control/tlsdestinations requires"
-                                    f" TLS ({policy.rule}); connected to {ip}.\n", reply)
+                raise TlsFailed(ip, _required_text("STARTTLS rejected", "TLS", policy, ip), reply)
             return
         # Bytes after the 220 were sent in clear before the handshake: taking
         # them for replies inside TLS would let a man in the middle answer
@@ -449,6 +447,14 @@ class SmtpConnection:
     @property
     def closed(self) -> bool:
         return self._writer.is_closing() or self._reader.at_eof()
+
+
+def _required_text(what: str, needs: str, policy, ip: str) -> str:
+    """Why required TLS was not had, in the texts of the file that requires it:
+    qmail-tls's for control/tlshosts/H.pem, s/qmail's for tlsdestinations."""
+    if policy.rule.startswith("tlshosts/"):
+        return f"{what} while control/{policy.rule} exists; connecting to {ip}.\n"
+    return f"{what} while control/tlsdestinations requires {needs} ({policy.rule}); connected to {ip}.\n"
 
 
 def _tls_error_text(exc: BaseException, tls: TlsRequest | None,

@@ -23,7 +23,18 @@ smtproutes). Lookup order, first match wins (s/qmail's tls_destination):
           -   opportunistic, certificate not checked
 
 No match, or no file: opportunistic without checks (qmail-tls's default;
-s/qmail sends in clear then). "The host's name" is the name of the MX (or
+s/qmail sends in clear then).
+
+qmail-tls's own per-host files are read too (a box running Vermeulen's
+patch, as the jms1 combined patch does, has them instead of
+tlsdestinations), by the name of the MX (or relay) host connected to,
+wherever tlsdestinations has only the opportunistic default for the
+destination (no rule, `*` or `-`):
+
+    control/tlshosts/H.pem        TLS required to H, chain verified with that
+                                  file, H's name (`*.` matches one label)
+    control/notlshosts/H          never TLS to H (tlshosts/H.pem wins)
+    control/tlshosts/exhaustivelist   no TLS to hosts without a tlshosts file "The host's name" is the name of the MX (or
 relay) being connected to, the name also sent as SNI. CAFILE is a PEM
 bundle, or a directory of hashed CA files when it ends in `/`; relative
 paths are relative to ROOT; empty = `[delivery] tls_ca_file`, else the
@@ -118,15 +129,19 @@ def _parse_value(value: str, root: Path) -> tuple[str, str, int]:
 
 
 class TlsDestinations:
-    """The control/tlsdestinations table: `lookup(host)` gives a TlsPolicy."""
+    """The control/tlsdestinations table: `lookup(host)` gives a TlsPolicy;
+    `for_host` applies qmail-tls's per-host files to one MX."""
 
-    __slots__ = ("_table", "_stamp")
+    __slots__ = ("_table", "_stamp", "_hosts", "_exhaustive")
 
-    def __init__(self, table: dict[str, TlsPolicy] | None = None, stamp: tuple = ()) -> None:
+    def __init__(self, table: dict[str, TlsPolicy] | None = None, stamp: tuple = (),
+                 hosts: dict[str, TlsPolicy] | None = None, exhaustive: bool = False) -> None:
         self._table: dict[str, TlsPolicy] = dict(table or {})
         # The CA files' (path, size, mtime): a reload that finds a CA file
         # changed yields a different snapshot, so new contexts are built.
         self._stamp = stamp
+        self._hosts: dict[str, TlsPolicy] = dict(hosts or {})   # tlshosts/, notlshosts/
+        self._exhaustive = exhaustive                             # tlshosts/exhaustivelist
 
     @classmethod
     def from_lines(cls, lines: Iterable[tuple[int, str]], root: Path | str = "/",
@@ -156,18 +171,23 @@ class TlsDestinations:
 
     @classmethod
     def load(cls, root: Path | str) -> "TlsDestinations":
-        """Read ROOT/control/tlsdestinations (missing = opportunistic everywhere)."""
+        """Read ROOT/control/tlsdestinations (missing = opportunistic everywhere)
+        and qmail-tls's control/tlshosts/ and control/notlshosts/."""
         path = Path(root) / "control" / "tlsdestinations"
-        return cls.from_lines(read_numbered_lines(path) or [], root, str(path))
+        table = cls.from_lines(read_numbered_lines(path) or [], root, str(path))
+        hosts, exhaustive, stamp = _qmail_tls_hosts(Path(root) / "control")
+        return cls(table._table, table._stamp + stamp, hosts, exhaustive)
 
     def __eq__(self, other: object) -> bool:
         return (isinstance(other, TlsDestinations) and self._table == other._table
-                and self._stamp == other._stamp)
+                and self._stamp == other._stamp and self._hosts == other._hosts
+                and self._exhaustive == other._exhaustive)
 
     __hash__ = None  # type: ignore[assignment]
 
     def __len__(self) -> int:
-        return len(self._table)
+        """Rules of every kind (0: opportunistic everywhere)."""
+        return len(self._table) + len(self._hosts) + int(self._exhaustive)
 
     def lookup(self, host: str) -> TlsPolicy:
         host = host.lower().rstrip(".")
@@ -182,6 +202,53 @@ class TlsDestinations:
             if policy is not None:
                 return policy
         return DEFAULT_POLICY
+
+    def for_host(self, policy: TlsPolicy, host: str) -> TlsPolicy:
+        """The policy for a connection to MX (or relay) `host`, given the
+        destination's: qmail-tls's per-host files decide where tlsdestinations
+        has only the opportunistic default."""
+        if (not self._hosts and not self._exhaustive) or policy.rule not in _OPPORTUNISTIC:
+            return policy
+        found = self._hosts.get(host.lower().rstrip("."))
+        if found is not None:
+            return found
+        return _NOT_LISTED if self._exhaustive else policy
+
+
+# tlsdestinations rules that leave a destination to qmail-tls's per-host files.
+_OPPORTUNISTIC = frozenset({"", "*", "-"})
+_NOT_LISTED = TlsPolicy(NONE, rule="tlshosts/exhaustivelist")
+
+
+def _qmail_tls_hosts(control: Path) -> tuple[dict[str, TlsPolicy], bool, tuple]:
+    """qmail-tls's control/tlshosts/H.pem and control/notlshosts/H: (policy by
+    lower-case host name, whether tlshosts/exhaustivelist exists, the CA
+    files' stamps)."""
+    hosts: dict[str, TlsPolicy] = {}
+    stamp = []
+    exhaustive = False
+    for entry in _entries(control / "tlshosts"):
+        if entry.name == "exhaustivelist":
+            exhaustive = True
+        elif entry.name.endswith(".pem") and len(entry.name) > 4:
+            try:
+                st = entry.stat()
+            except OSError:
+                continue
+            hosts[entry.name[:-4].lower()] = TlsPolicy(VERIFY, cafile=entry.path,
+                                                       rule=f"tlshosts/{entry.name}")
+            stamp.append((entry.path, st.st_size, st.st_mtime_ns))
+    for entry in _entries(control / "notlshosts"):
+        hosts.setdefault(entry.name.lower(), TlsPolicy(NONE, rule=f"notlshosts/{entry.name}"))
+    return hosts, exhaustive, tuple(sorted(stamp))
+
+
+def _entries(directory: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(directory) as it:
+            return [e for e in it if not e.name.startswith(".")]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def _parse_line(line: str, root: Path) -> tuple[str, TlsPolicy]:
