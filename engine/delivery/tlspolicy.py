@@ -25,6 +25,14 @@ smtproutes). Lookup order, first match wins (s/qmail's tls_destination):
 No match, or no file: opportunistic without checks (qmail-tls's default;
 s/qmail sends in clear then).
 
+"The host's name" is the name of the MX (or relay) being connected to, the
+name also sent as SNI. CAFILE is a PEM bundle, or a directory of hashed CA
+files when it ends in `/`; relative paths are relative to ROOT; empty =
+`[delivery] tls_ca_file`, else the system's CAs. CIPHERS is an OpenSSL
+cipher string for TLS 1.2 (default: control/tlsclientciphers, else
+OpenSSL's). PORT replaces the port of the delivery; port 465 means implicit
+TLS (SMTPS), as qmail-tls does.
+
 qmail-tls's own per-host files are read too (a box running Vermeulen's
 patch, as the jms1 combined patch does, has them instead of
 tlsdestinations), by the name of the MX (or relay) host connected to,
@@ -34,13 +42,7 @@ destination (no rule, `*` or `-`):
     control/tlshosts/H.pem        TLS required to H, chain verified with that
                                   file, H's name (`*.` matches one label)
     control/notlshosts/H          never TLS to H (tlshosts/H.pem wins)
-    control/tlshosts/exhaustivelist   no TLS to hosts without a tlshosts file "The host's name" is the name of the MX (or
-relay) being connected to, the name also sent as SNI. CAFILE is a PEM
-bundle, or a directory of hashed CA files when it ends in `/`; relative
-paths are relative to ROOT; empty = `[delivery] tls_ca_file`, else the
-system's CAs. CIPHERS is an OpenSSL cipher string for TLS 1.2 (default:
-control/tlsclientciphers, else OpenSSL's). PORT replaces the port of the
-delivery; port 465 means implicit TLS (SMTPS), as qmail-tls does.
+    control/tlshosts/exhaustivelist   no TLS to hosts without a tlshosts file
 
 Opportunistic TLS never defers for a TLS reason: a next hop that does not
 offer STARTTLS or refuses it is used in clear on the same connection, and a
