@@ -40,6 +40,9 @@ def test_qread_done_local_first_bouncing_and_sanitised():
         "  done\tlocal\tl___@x",
         "\tremote\tr@x"]
     assert safe("a\tb") == "a_b"
+    held = QueuedMessage(8, BIRTH, 10, "a@b", "network", 1, 2, True, False,
+                         (view("r@x", "remote"),), held=True)
+    assert format_message(held).splitlines()[0] == "27 Nov 2026 02:25:36 GMT  #8  10  <a@b>  held"
     assert format_date(calendar.timegm((2024, 1, 5, 9, 3, 7))) == "5 Jan 2024 09:03:07 GMT"
 
 
@@ -58,6 +61,8 @@ def test_cli_on_real_spool_including_todo(root: Path):
     assert lines[0].endswith(f"GMT  #{a}  5  <joe@example.com> ")
     assert lines[1:3] == ["\tlocal\tme@local", "  done\tremote\tbob@example.net"]
     assert lines[3].endswith(f"GMT  #{b}  8  <> ")
+    assert run_cli("hold", str(root), str(b)).returncode == 0
+    assert run_cli("qread", str(root)).stdout.splitlines()[3].endswith(f"GMT  #{b}  8  <>  held")
     assert lines[4] == "\ttodo\tx@y"
 
 

@@ -7,7 +7,9 @@ qread differences from qmail, on purpose:
 - messages not yet preprocessed (qmail's todo/, which qmail-qread does not
   show at all) are listed, their recipients with the channel `todo`:
   `\ttodo\t<addr>` — an operator wants to see mail that is stuck there;
-- messages are listed in id order (qmail: directory order).
+- messages are listed in id order (qmail: directory order);
+- a message on hold (`qrelay hold`) says ` held` after the sender, as a
+  bouncing one says ` bouncing` (Postfix's mailq marks it with `!`).
 """
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ def format_message(msg: QueuedMessage) -> str:
     head = f"{format_date(msg.birth)}  #{msg.msgid}  {msg.size}  <{safe(msg.sender)}> "
     if msg.bouncing:
         head += " bouncing"
+    if msg.held:
+        head += " held"
     lines = [head]
     order = {"local": 0, "remote": 1, "todo": 2}
     for r in sorted(msg.recipients, key=lambda r: order.get(r.channel, 3)):
