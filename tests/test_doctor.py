@@ -60,6 +60,20 @@ def toml(root: Path, text: str, run: str = RUN_AS_ROOT) -> None:
     (root / "qrelay.toml").write_text(run + text)
 
 
+@pytest.fixture(autouse=True)
+def _alias_user(monkeypatch):
+    """The box has qmail's alias user, so postmaster@ME has somewhere to go."""
+    import pwd
+    from types import SimpleNamespace
+    real = pwd.getpwnam
+
+    def getpwnam(name: str):
+        if name == "alias":
+            return SimpleNamespace(pw_name="alias", pw_uid=UID, pw_gid=GID, pw_dir="/nonexistent")
+        return real(name)
+    monkeypatch.setattr("pwd.getpwnam", getpwnam)
+
+
 @pytest.fixture
 def box(root: Path) -> Path:
     """ROOT with a vpopmail domain, two users and an alias: nothing wrong with it."""
@@ -89,6 +103,25 @@ def test_text_output_is_one_line_per_finding_with_its_fix(box):
     assert any("databytes" in line and "qrelay run refuses to start" in line for line in problems)
     assert r.stdout.splitlines()[-1] == f"doctor: {len(problems)} problem" + \
         ("s" if len(problems) > 1 else "") + " found"
+
+
+def test_postmaster_with_nowhere_to_go(box, monkeypatch):
+    monkeypatch.setattr("pwd.getpwnam", lambda name: (_ for _ in ()).throw(KeyError(name)))
+    _, report = doctor(box)
+    (f,) = findings(report, "domains")
+    assert f["what"] == (f"postmaster@{ME} has nowhere to go: no users/assign entry, no system "
+                         "user postmaster, no alias user")
+    assert "Unable to find alias user!" in f["why"]
+    assert f["fix"].startswith(f"useradd -r -d {box}/alias -s /usr/sbin/nologin alias && ")
+    # An assign entry of its own is somewhere (qmail-lspawn reads users/assign first).
+    (box / "alias").mkdir()
+    os.chown(box / "alias", UID, GID)
+    assign = box / "users" / "assign"
+    lines = assign.read_text().splitlines()
+    assign.write_text("\n".join(lines[:-1] + [f"=postmaster:alias:{UID}:{GID}:{box}/alias:::", "."])
+                      + "\n")
+    assert run_cli("newu", str(box)).returncode == 0
+    assert findings(doctor(box)[1], "domains") == []
 
 
 def test_control_files_that_do_not_parse(box):

@@ -12,7 +12,9 @@ What mail for a domain goes through, and what each gap costs:
 Accepted but neither local, virtual nor routed: relayed to the domain's MX
 — a loop when that MX is this host. Virtual without an assign line: the
 mail goes to qmail-getpw's fallback (the `alias` user) or defers. Virtual
-or assigned but not accepted: every outside sender gets a 553.
+or assigned but not accepted: every outside sender gets a 553. And
+postmaster@ME needs somewhere to go (an assign entry, a system user or
+qmail's alias user), or its mail and every double bounce defer.
 """
 from __future__ import annotations
 
@@ -108,10 +110,35 @@ def check(ctx: Context, report: Report) -> None:
         if domain != "localhost" and "." in domain and not policy.domain_listed(domain):
             report.problem("domains", f"{domain} is in locals but not in rcpthosts",
                            "every sender outside gets 553 for it", f"echo {domain} >> {rcpthosts}")
+    _postmaster(ctx, report, domains, assign)
     if len(report.findings) == problems_before:
         report.note("domains", f"rcpthosts, locals, virtualdomains and users/assign agree "
                     f"({len(set(accepted))} accepted, {len(domains.virtualdomains)} virtual, "
                     f"{len(assign)} assign entries)")
+
+
+def _postmaster(ctx: Context, report: Report, domains, assign) -> None:
+    """postmaster@ME (RFC 5321's must, and where double bounces go) needs a
+    users/assign entry, a system user or qmail's alias user to be delivered:
+    without one, qmail-lspawn's `Unable to find alias user!` defers it."""
+    import pwd
+    if not domains.is_local(domains.me) or assign.lookup("postmaster") is not None:
+        return
+    for name in ("postmaster", "alias"):
+        try:
+            if pwd.getpwnam(name).pw_uid != 0:
+                return
+        except KeyError:
+            pass
+    home = ctx.arg(ctx.root / "alias")
+    report.problem(
+        "domains", f"postmaster@{domains.me} has nowhere to go: no users/assign entry, "
+        "no system user postmaster, no alias user",
+        "its mail and every double bounce defer (Unable to find alias user!) until "
+        "queuelifetime bounces them; RFC 5321 requires a postmaster",
+        f"useradd -r -d {home} -s /usr/sbin/nologin alias && install -d -o alias {home} && "
+        f"echo '&you@example.net' > {home}/.qmail-postmaster (qmail's INSTALL.alias: "
+        ".qmail-root and .qmail-mailer-daemon the same)")
 
 
 def _owner_of(path) -> str:
