@@ -263,21 +263,19 @@ def receivers_cannot_read(root: os.PathLike | str, ref: DomainRef) -> str | None
     """A one-line warning when `ref` belongs to another uid than `[run] user`,
     whose receivers then cannot read its vpasswd (engine.privilege's
     foreign_domains, which `qrelay run` reports at start); else None."""
-    name = _run_user_name(Path(root))
-    if not name or os.geteuid() != 0:
-        return None             # receivers run as root, or as whoever runs qrelay
+    from engine.privilege import PrivilegeError, run_user
     try:
-        pw = pwd.getpwnam(name)
-    except KeyError:
-        return None             # `qrelay run` creates it, and says what it cannot read
-    if pw.pw_uid == ref.uid:
-        return None
+        user = run_user(_run_user_name(Path(root)))
+    except PrivilegeError:
+        return None             # `qrelay run` creates it (or refuses), and says so
+    if user is None or user.uid == ref.uid:
+        return None             # receivers run as root, as whoever runs qrelay, or as its owner
     try:
         cure = f'[run] user = "{pwd.getpwuid(ref.uid).pw_name}" in qrelay.toml'
     except KeyError:
-        cure = f"the domain belongs to {name} (--uid {pw.pw_uid} --gid {pw.pw_gid})"
-    return (f"{ref.name} belongs to uid {ref.uid}, but the receivers run as {name} "
-            f"(uid {pw.pw_uid}) and cannot read its vpasswd: RCPT checks, AUTH and POP3 "
+        cure = f"the domain belongs to {user.name} (--uid {user.uid} --gid {user.gid})"
+    return (f"{ref.name} belongs to uid {ref.uid}, but the receivers run as {user.name} "
+            f"(uid {user.uid}) and cannot read its vpasswd: RCPT checks, AUTH and POP3 "
             f"for it fail with temporary errors until {cure}")
 
 
