@@ -57,9 +57,9 @@ TARGET = 0.8
 # How often the Maildirs are counted while a round runs (the figure comes from
 # the files' ctimes, not from this poll).
 COUNT_POLL = 0.5
-# [delivery] local_active for the local root: qrelay's default, no limit. On
-# 2 cores, 4 cost the worker alone 10-15 % less CPU per job with 10 jobs in
-# flight, but no difference beyond the noise here (the README's figures).
+# [delivery] local_active for the local root: qrelay's default, no limit
+# (1 to 6 cost the worker the same CPU per job since its small reads keep
+# the GIL; the README's figures).
 LOCAL_ACTIVE = 0
 # Longest wait for a root's queue to empty between two measurements.
 EMPTY_TIMEOUT = 600.0

@@ -166,11 +166,11 @@ class DeliverySettings:
     # Local deliveries running at once in one delivery process; the rest of
     # the concurrencylocal jobs sent to it wait their turn (a |program's run
     # or an mbox lock wait does not count, so slow programs still run side by
-    # side). 0 = no limit: all of them. Where the disk syncs fast (SSD, VM),
-    # the CPU is the limit and 10 jobs are in flight, a few (4 on 2 cores)
-    # spend 10-15 % less CPU per delivery than 10 threads handing Python's GIL
-    # around; where a sync takes milliseconds, a limit caps the rate at
-    # local_active per sync time.
+    # side). 0 = no limit: all of them. A limit was worth 10-15 % of a
+    # worker's CPU on 2 cores (4 against 10 threads handing Python's GIL
+    # around) until a delivery's small reads kept the GIL (engine._fileio);
+    # since, 1 to 6 cost what no limit costs. Where a sync takes
+    # milliseconds, a limit caps the rate at local_active per sync time.
     local_active: int = 0
     # Outbound TLS (control/tlsdestinations says where it is required): the
     # oldest protocol accepted, "TLSv1.2" or "TLSv1.3" (never lower).

@@ -153,9 +153,10 @@ class WorkerServer:
     another thread). More threads running Python than cores only pass the
     GIL around, a futex wake and a context switch at each system call: on 2
     cores a local worker spent 10–15 % more CPU per job with 10 at once than
-    with 4. A job that only waits (a |program's run) steps out
-    (`stepped_out`), letting a backlog job start, so slow programs still run
-    side by side."""
+    with 4 (until its small reads kept the GIL, engine._fileio: since then
+    the limit makes no difference there). A job that only waits (a
+    |program's run) steps out (`stepped_out`), letting a backlog job start,
+    so slow programs still run side by side."""
 
     def __init__(self, spool, deliverer, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter, max_frame: int = MAX_FRAME) -> None:
