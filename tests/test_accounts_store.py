@@ -213,7 +213,7 @@ def test_verdicts_are_kept_no_longer_than_their_snapshots(box, monkeypatch):
     for _ in range(100):
         assert accounts.local_verdict("joe@example.com") is True
     assert walks == []
-    write_domain(dom, [f"other:$6$x$y:1:0:O:{dom}/other:NOQUOTA"], )
+    write_domain(dom, [f"other:$6$x$y:1:0:O:{dom}/other:NOQUOTA"])
     os.utime(dom, (old, old))
     clock.now += 4.9
     assert accounts.local_verdict("joe@example.com") is True      # snapshot not rechecked yet

@@ -38,6 +38,13 @@ def capabilities(c: Client) -> list[bytes]:
     return c.multi("CAPA")
 
 
+def log_in(pop: poplib.POP3) -> None:
+    """USER and PASS of make_root's account, whose mailbox is empty."""
+    pop.user("joe@example.com")
+    pop.pass_("secret")
+    assert pop.stat() == (0, 0)
+
+
 def test_stls(tmp_path, server):
     root = make_root(tmp_path)
     ca = install_certificate(root, NAME)
@@ -50,9 +57,7 @@ def test_stls(tmp_path, server):
         assert pop.sock.version() in ("TLSv1.2", "TLSv1.3")
         with pytest.raises(poplib.error_proto, match="TLS already active"):
             pop._shortcmd("STLS")
-        pop.user("joe@example.com")
-        pop.pass_("secret")
-        assert pop.stat() == (0, 0)
+        log_in(pop)
         with pytest.raises(poplib.error_proto, match="unimplemented"):
             pop._shortcmd("STLS")                            # TRANSACTION: qmail-pop3d's answer
         pop.quit()
@@ -95,9 +100,7 @@ def test_no_password_in_clear_before_stls(tmp_path, server):
                                     "in clear ([pop3] allow_plaintext)"]
         pop.stls(context=client_context(ca))
         assert "USER" in pop.capa()
-        pop.user("joe@example.com")
-        pop.pass_("secret")
-        assert pop.stat() == (0, 0)
+        log_in(pop)
         pop.quit()
     finally:
         pop.close()
@@ -112,15 +115,12 @@ def test_plaintext_allowed_by_the_setting_or_from_this_host(tmp_path, server):
     pop.close()
     local = poplib.POP3(NAME, srv.port, timeout=10)      # 127.0.0.1 → 127.0.0.1: this host
     assert "USER" in local.capa()
-    local.user("joe@example.com")
-    local.pass_("secret")
+    log_in(local)
     local.quit()
     root2 = make_root(tmp_path / "2", "[auth]\nfailure_delay = 0\n[pop3]\nallow_plaintext = true\n")
     pop = FromElsewhere(NAME, server(root2).port, timeout=10)
     assert "USER" in pop.capa()
-    pop.user("joe@example.com")
-    pop.pass_("secret")                                   # qmail-popup's way
-    assert pop.stat() == (0, 0)
+    log_in(pop)                                           # qmail-popup's way
     pop.quit()
 
 
@@ -176,9 +176,7 @@ def test_pop3s_with_qrelay_run(tmp_path):
         try:
             assert pop.getwelcome().startswith(b"+OK <")
             assert "STLS" not in pop.capa()
-            pop.user("joe@example.com")
-            pop.pass_("secret")
-            assert pop.stat() == (0, 0)
+            log_in(pop)
             pop.quit()
         finally:
             pop.close()
