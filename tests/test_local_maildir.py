@@ -3,6 +3,7 @@ syncs, failure injection, 200 concurrent deliveries into one mailbox."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import stat
 import threading
@@ -49,8 +50,10 @@ def test_file_fsync_failure_leaves_nothing(tmp_path):
 
     def fsync(fd):
         raise OSError(5, "Input/output error")
-    with pytest.raises(MaildirError):
+    with pytest.raises(MaildirError) as got:
         MaildirWriter("h", fsync=fsync).deliver(str(md), [b"x\n"])
+    assert (got.value.step, got.value.errno) == ("write", 5)
+    assert got.value.tmp.startswith(f"{md}/tmp/") and got.value.new.startswith(f"{md}/new/")
     assert os.listdir(md / "tmp") == [] and os.listdir(md / "new") == []
 
 
@@ -61,9 +64,25 @@ def test_directory_fsync_failure_takes_the_link_back(tmp_path):
         if is_dir_fd(fd):
             raise OSError(5, "Input/output error")
         os.fsync(fd)
-    with pytest.raises(MaildirError):
+    with pytest.raises(MaildirError) as got:
         MaildirWriter("h", fsync=fsync).deliver(str(md), [b"x\n"])
+    assert got.value.step == "sync"
     assert os.listdir(md / "tmp") == [] and os.listdir(md / "new") == []
+
+
+@pytest.mark.parametrize("c_steps", [True, False])
+def test_failed_step_and_files_are_named(tmp_path, c_steps):
+    # engine._fileio's steps (os.fsync) and the Python ones name the same step.
+    md = make_maildir(tmp_path / "Maildir")
+    (md / "tmp").rmdir()
+    (md / "tmp").write_text("")
+    w = MaildirWriter("h") if c_steps else MaildirWriter("h", fsync=lambda fd: os.fsync(fd))
+    with pytest.raises(MaildirError) as got:
+        w.deliver(str(md), [b"x\n"])
+    e = got.value
+    assert (e.kind, e.step, e.errno) == ("write", "open", errno.ENOTDIR)
+    assert os.path.dirname(e.tmp) == f"{md}/tmp" and os.path.dirname(e.new) == f"{md}/new"
+    assert os.path.basename(e.tmp) == os.path.basename(e.new)
 
 
 def test_courier_reports_fsync_failure_as_deferral(tmp_path):

@@ -2,6 +2,7 @@
 vadddomain's shape, DOM/.qmail-default → vdelivermail, vpasswd), Maildir++ quota."""
 from __future__ import annotations
 
+import errno
 import os
 import re
 import time
@@ -9,7 +10,8 @@ import time
 import pytest
 
 from engine.delivery.local import quota
-from engine.delivery.local.vdelivermail import maildir_to_email
+from engine.delivery.local.maildir import MaildirError
+from engine.delivery.local.vdelivermail import _write_error, maildir_to_email
 from tests.test_local_fixtures import (GID, MSG, MSG_LF, UID, make_home, make_maildir,
                                        new_messages, vpop_tree, write_assign, write_qmail)
 
@@ -87,6 +89,29 @@ def test_catchall_pointing_at_maildir_defers(vp):
     r = vp.deliver("example.com-nobody@example.com")
     assert r.status == "Z"
     assert r.text.endswith("system error\n")
+
+
+def test_maildir_open_failure_names_the_file(vp):
+    # vdelivermail's text, with the tmp/ file it could not create (bounce
+    # parsers look for it); qmail defers (111).
+    tmp = vp.ddir / "joe" / "Maildir" / "tmp"
+    tmp.rmdir()
+    tmp.write_text("not a directory\n")
+    r = vp.deliver("example.com-joe@example.com")
+    assert r.status == "Z"
+    m = re.search(r"can not open new email file errno=(\d+) file=(\S+)\nsystem error\n$", r.text)
+    assert m and int(m.group(1)) == errno.ENOTDIR
+    assert re.fullmatch(re.escape(f"{tmp}/") + r"\d+\.M\d+P\d+Q\d+\.mx\.test,S=\d+", m.group(2))
+
+
+def test_maildir_step_texts():
+    # deliver_mail's other failures: a write (or sync) and the move into new/.
+    err = MaildirError("write", errno.EIO, "x", step="write", tmp="/m/tmp/n", new="/m/new/n")
+    assert _write_error(err) == "write failed errno = 5\n"
+    err.step = "sync"
+    assert _write_error(err) == "write failed errno = 5\n"
+    err.step = "link"
+    assert _write_error(err) == "rename failed /m/tmp/n /m/new/n errno = 5\n"
 
 
 def test_bad_syntax(vp):

@@ -46,12 +46,19 @@ from engine import _fileio
 
 
 class MaildirError(Exception):
-    """`kind`: "chdir" (Maildir missing: qmail's exit 2), "write" (any other)."""
+    """`kind`: "chdir" (Maildir missing: qmail's exit 2), "write" (any other).
+    For "write", `step` says which file step failed ("open" the tmp/ file,
+    "write" it — write, fsync, close —, "link" it into new/, "sync" new/) and
+    `tmp`/`new` name the files: vdelivermail's texts differ by step."""
 
-    def __init__(self, kind: str, err: int | None, what: str) -> None:
+    def __init__(self, kind: str, err: int | None, what: str, *, step: str = "",
+                 tmp: str = "", new: str = "") -> None:
         super().__init__(what)
         self.kind = kind
         self.errno = err
+        self.step = step
+        self.tmp = tmp
+        self.new = new
 
 
 def _safe_host(host: str) -> str:
@@ -235,10 +242,13 @@ class MaildirWriter:
                 # Only a clock stepped back (same second, usec, pid and a
                 # wrapped counter) or a stale file: take the next name.
                 if attempt == 2:
-                    raise MaildirError("write", errno.EEXIST, f"{tmp} exists") from None
+                    raise MaildirError("write", errno.EEXIST, f"{tmp} exists", step="open",
+                                       tmp=tmp, new=new) from None
             except OSError as exc:
-                raise MaildirError("write", exc.errno, f"open {tmp}: {exc.strerror}") from None
+                raise MaildirError("write", exc.errno, f"open {tmp}: {exc.strerror}", step="open",
+                                   tmp=tmp, new=new) from None
         linked = False
+        step = "write"
         try:
             try:
                 for part in parts:
@@ -249,9 +259,11 @@ class MaildirWriter:
                 self._fsync(fd)
             finally:
                 os.close(fd)
+            step = "link"
             os.link(tmp, new)
             linked = True
             os.unlink(tmp)
+            step = "sync"
             self.dirsync.sync(os.path.join(maildir, "new"))
         except OSError as exc:
             _unlink_quietly(tmp)
@@ -259,7 +271,8 @@ class MaildirWriter:
                 # Not known to be durable: take it back rather than report a
                 # delivery a crash could lose (the retry delivers it again).
                 _unlink_quietly(new)
-            raise MaildirError("write", exc.errno, f"{exc.strerror}") from None
+            raise MaildirError("write", exc.errno, f"{exc.strerror}", step=step, tmp=tmp,
+                               new=new) from None
         return name
 
     def _deliver_c(self, maildir: str, parts: list[bytes], size_suffix: bool) -> str:
@@ -286,17 +299,23 @@ class MaildirWriter:
             _check_maildir(maildir)     # the Maildir itself missing is "chdir"
         if step == _fileio.OPEN:
             why = f"{tmp} exists" if err == errno.EEXIST else f"open {tmp}: {os.strerror(err)}"
-            raise MaildirError("write", err, why)
+            raise MaildirError("write", err, why, step="open", tmp=tmp, new=new)
         if step:
-            raise MaildirError("write", err, os.strerror(err))
+            raise MaildirError("write", err, os.strerror(err), step=_STEPS[step], tmp=tmp, new=new)
         if claim is None:
             try:
                 self.dirsync.sync(newdir)
             except OSError as exc:
                 # Not known to be durable: take it back (see deliver()).
                 _unlink_quietly(new)
-                raise MaildirError("write", exc.errno, f"{exc.strerror}") from None
+                raise MaildirError("write", exc.errno, f"{exc.strerror}", step="sync", tmp=tmp,
+                                   new=new) from None
         return name
+
+
+# engine._fileio's failed step -> MaildirError.step
+_STEPS = {_fileio.WRITE: "write", _fileio.FSYNC: "write", _fileio.CLOSE: "write",
+          _fileio.LINK: "link", _fileio.UNLINK: "link", _fileio.SYNCDIR: "sync"}
 
 
 def _check_maildir(maildir: str) -> None:

@@ -288,7 +288,7 @@ class Vdelivermail:
             if exc.errno == errno.EDQUOT:
                 self.say(TEXT_OVER_QUOTA)
                 return -1
-            self.say(f"can not open new email file errno={exc.errno or 0} file={address}tmp/\n")
+            self.say(_write_error(exc))
             return -2
         self.maildirs += 1
         if q is not None:
@@ -358,3 +358,13 @@ def maildir_to_email(path: str) -> str:
         rest = rest[2:]
     domain = rest.split("/", 1)[0]
     return f"{user}@{domain}"
+
+
+def _write_error(exc: MaildirError) -> str:
+    """vdelivermail's line for a failed Maildir step (deliver_mail's printf)."""
+    err = exc.errno or 0
+    if exc.step == "open":
+        return f"can not open new email file errno={err} file={exc.tmp}\n"
+    if exc.step == "link":
+        return f"rename failed {exc.tmp} {exc.new} errno = {err}\n"
+    return f"write failed errno = {err}\n"     # write, fsync, close, the new/ sync
