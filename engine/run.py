@@ -319,7 +319,9 @@ def _run_user(root: Path, settings: Any) -> RunUser | None:
             check_installation(user)
             check_reachable(root, user)
             from engine.tls import CERT_FILE
+            from engine.delivery.tlspolicy import CLIENT_CERT_FILE
             check_readable(root / CERT_FILE, user)   # the receivers load it
+            check_readable(root / CLIENT_CERT_FILE, user)   # the scheduler does
     except (PrivilegeError, OSError) as exc:
         raise ConfigError(f"cannot start: {exc}") from None
     return user

@@ -89,6 +89,17 @@ def _stamp(root: Path) -> tuple:
     return tuple(out)
 
 
+def ssl_reason(exc: ssl.SSLError) -> str:
+    """OpenSSL's reason for `exc` without the ssl module's source location:
+    `PEM lib`, not `[SSL] PEM lib (_ssl.c:3874)`."""
+    text = exc.reason or (exc.args[1] if len(exc.args) > 1 else str(exc))
+    text = str(text)
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+    head, sep, tail = text.rpartition(" (_ssl.c:")
+    return head if sep and tail.endswith(")") else text
+
+
 def build_context(root: Path | str, settings: Any) -> ssl.SSLContext:
     """The server context from ROOT/control/servercert.pem and `settings` (a
     TlsSettings); raises TlsError with one line naming what is wrong."""
@@ -122,7 +133,7 @@ def build_context(root: Path | str, settings: Any) -> ssl.SSLContext:
         ctx.load_cert_chain(path)
     except ssl.SSLError as exc:
         raise TlsError(f"{CERT_FILE}: cannot load the certificate and key: "
-                       f"{exc.reason or exc}") from None
+                       f"{ssl_reason(exc)}") from None
     except OSError as exc:
         raise TlsError(f"{CERT_FILE}: {exc.strerror}") from None
     return ctx

@@ -110,8 +110,8 @@ class RecordingSink:
             writer.close()
             try:
                 await writer.wait_closed()
-            except (ConnectionError, asyncio.CancelledError):
-                pass
+            except (OSError, asyncio.CancelledError):
+                pass    # the handshake's SSLError again, or a reset
 
     async def _session(self, conn: SinkConnection, reader, writer) -> None:
         if self.silent:

@@ -49,7 +49,7 @@ def run(coro, timeout=25):
 
 
 def deliver(dns, tlsdestinations: str = "", messages: int = 1, root="/", min_version="TLSv1.2",
-            tls: TlsDestinations | None = None, **knobs):
+            tls: TlsDestinations | None = None, client_cert: str = "", **knobs):
     """Start a sink with `knobs`, deliver `messages` messages to x@tls.test
     (MX mx.tls.test -> 127.0.0.1) one after the other; results and the sink."""
     async def go():
@@ -61,7 +61,8 @@ def deliver(dns, tlsdestinations: str = "", messages: int = 1, root="/", min_ver
                               dns_servers=(dns.address,), mx_port=sink.port, dns_timeout=0.5,
                               dns_tries=1, timeoutconnect=2, timeoutremote=5,
                               tls=tls if tls is not None else TlsDestinations.from_lines(lines, root),
-                              tls_handshake_timeout=5, tls_min_version=min_version)
+                              tls_handshake_timeout=5, tls_min_version=min_version,
+                              tls_client_cert=client_cert)
         rd = RemoteDelivery(config)
         try:
             results = [await rd.deliver("tls.test", "a@src.test", ["x@tls.test"], MSG)
@@ -226,6 +227,22 @@ def test_qmail_tls_tlshosts_and_notlshosts(fake_dns, ca, tmp_path):
     (result,), sink, _ = deliver(fake_dns, tls=TlsDestinations.load(tmp_path),
                                  tls_context=server_context(ca))
     assert result == [CLEAR_OK] and b"STARTTLS" not in commands(sink.connections[0])
+
+
+def test_client_certificate_is_presented_when_asked(fake_dns, ca, tmp_path):
+    # A next hop that wants its clients' certificates (qmail-tls's
+    # control/clientcert.pem). Without one, TLS 1.3 ends the handshake on
+    # the client's side before the server refuses: the connection dies
+    # after it, a deferral, and nothing was delivered; with one it is TLS.
+    ctx = server_context(ca)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cadata=ca.cert_pem.bytes().decode())
+    (result,), sink, _ = deliver(fake_dns, tls_context=ctx)
+    assert result[0].status == "Z" and not sink.messages
+    cert = tmp_path / "clientcert.pem"
+    ca.issue_cert("relay.test").private_key_and_cert_chain_pem.write_to_path(str(cert))
+    (result,), sink, _ = deliver(fake_dns, tls_context=ctx, client_cert=str(cert))
+    assert result == [TLS_OK] and sink.messages[0].tls
 
 
 def test_min_version_is_enforced(fake_dns, ca):

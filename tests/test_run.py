@@ -168,6 +168,9 @@ def run_once(root, *extra: str) -> subprocess.CompletedProcess:
     (lambda r: (r / "qrelay.toml").write_text('[delivery]\ndns_servers = ["ns1.example"]\n'),
      "Error: scheduler cannot start: {root}/qrelay.toml: [delivery] dns_servers: 'ns1.example'"
      " is not an IP address with an optional :port"),
+    (lambda r: (r / "control" / "clientcert.pem").write_text("not a certificate\n"),
+     "Error: scheduler cannot start: {root}/control/clientcert.pem: cannot load the certificate"
+     " and key: PEM lib"),
     (lambda r: (r / "control" / "queuelifetime").write_text("7d\n"),
      "Error: scheduler cannot start: {root}/control/queuelifetime line 1: '7d' is not a number"),
     (lambda r: (r / "control" / "databytes").write_text("10MB\n"),

@@ -148,6 +148,24 @@ def test_qmail_tls_per_host_files(tmp_path):
     assert TlsDestinations.load(tmp_path) != t3
 
 
+def test_client_cert_is_read_and_a_broken_one_refused(root):
+    import trustme
+    path = root / "control" / "clientcert.pem"
+    assert load_remote_config(root).tls_client_cert == ""
+    trustme.CA().issue_cert("relay.test").private_key_and_cert_chain_pem.write_to_path(str(path))
+    first = load_remote_config(root)
+    assert first.tls_client_cert == str(path) and first.tls_client_cert_stamp
+    ctx = TlsContexts(client_cert=first.tls_client_cert).get(DEFAULT_POLICY)
+    assert ctx.verify_mode == ssl.CERT_NONE
+    # A renewed certificate (same path) is a different configuration: a new courier.
+    trustme.CA().issue_cert("relay.test", "spare.test").private_key_and_cert_chain_pem \
+        .write_to_path(str(path))
+    assert load_remote_config(root) != first
+    path.write_text("-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n")
+    with pytest.raises(RemoteConfigError, match=r"clientcert\.pem: cannot load the certificate and key"):
+        load_remote_config(root)
+
+
 def test_contexts_are_tls12_plus_and_shared():
     contexts = TlsContexts("TLSv1.2")
     ctx = contexts.get(DEFAULT_POLICY)

@@ -41,7 +41,7 @@ from engine.delivery.smtpclient import (ConnectFailed, ConnectionDied, Connectio
                                         GreetingFailed, NameRejected, PoolLimits, Reply,
                                         TlsFailed, TlsRequest, TransactionOutcome)
 from engine.delivery.tlspolicy import (TlsContexts, TlsDestinations, TlsPolicyError,
-                                       read_client_ciphers)
+                                       read_client_cert, read_client_ciphers)
 
 TEXT_NO_CONNECTION = "Sorry, I wasn't able to establish an SMTP connection. (#4.4.1)\n"
 TEXT_BAD_ADDRESS = "Sorry, that address contains a line break or NUL. (#5.1.3)\n"
@@ -112,6 +112,9 @@ class RemoteConfig:
     tls_min_version: str = "TLSv1.2"
     tls_ca_file: str = ""
     tls_ciphers: str = ""          # control/tlsclientciphers
+    tls_client_cert: str = ""      # control/clientcert.pem, when there is one
+    # its (inode, size, mtime): a changed file makes a new courier on reload
+    tls_client_cert_stamp: tuple = ()
     tls_handshake_timeout: float = 60.0
 
 
@@ -132,6 +135,7 @@ def load_remote_config(root: Path | str) -> RemoteConfig:
         settings = load_settings(root).delivery
         tls = TlsDestinations.load(root)
         tls_ciphers = read_client_ciphers(root)
+        client_cert, client_cert_stamp = read_client_cert(root)
     except (ControlError, SettingsError, RoutesError, TlsPolicyError) as exc:
         raise RemoteConfigError(str(exc)) from None
     toml = Path(root) / "qrelay.toml"
@@ -162,7 +166,9 @@ def load_remote_config(root: Path | str) -> RemoteConfig:
         dns_negative_ttl=float(settings.dns_negative_ttl), ipv6=settings.ipv6,
         timeout_skip_seconds=float(settings.timeout_skip_seconds),
         tls=tls, tls_min_version=settings.tls_min_version, tls_ca_file=tls_ca_file,
-        tls_ciphers=tls_ciphers, tls_handshake_timeout=settings.tls_handshake_timeout)
+        tls_ciphers=tls_ciphers, tls_client_cert=client_cert,
+        tls_client_cert_stamp=client_cert_stamp,
+        tls_handshake_timeout=settings.tls_handshake_timeout)
 
 
 class RemoteDelivery:
@@ -188,7 +194,7 @@ class RemoteDelivery:
                               config.max_connections_per_host, config.idle_timeout),
             clock=clock,
             tls_contexts=TlsContexts(config.tls_min_version, config.tls_ca_file,
-                                     config.tls_ciphers),
+                                     config.tls_ciphers, config.tls_client_cert),
             handshake_timeout=config.tls_handshake_timeout)
         self._clock = clock
         self.tcpto = ConnectTimeouts(config.timeout_skip_seconds, clock)

@@ -62,6 +62,7 @@ DELIVERY_FILES = (
     "control/timeoutconnect", "control/timeoutremote", "control/helohost",
     "control/bouncefrom", "control/bouncehost", "control/doublebounceto",
     "control/doublebouncehost", "control/tlsdestinations", "control/tlsclientciphers",
+    "control/clientcert.pem",
     "control/tlshosts", "control/notlshosts",     # directories: a file added or removed
 )
 

@@ -44,6 +44,12 @@ destination (no rule, `*` or `-`):
     control/notlshosts/H          never TLS to H (tlshosts/H.pem wins)
     control/tlshosts/exhaustivelist   no TLS to hosts without a tlshosts file
 
+control/clientcert.pem (qmail-tls; `make cert` links it to servercert.pem)
+is the certificate and key presented to a next hop that asks for one, e.g.
+a smarthost that relays for its clients' certificates. One that does not
+load is refused like a malformed control file (qmail-tls would defer only
+at next hops that ask).
+
 Opportunistic TLS never defers for a TLS reason: a next hop that does not
 offer STARTTLS or refuses it is used in clear on the same connection, and a
 failed handshake or a certificate that does not verify (`*:CAFILE`) is
@@ -64,7 +70,7 @@ from pathlib import Path
 from typing import Iterable
 
 from engine.config.control import read_list, read_numbered_lines
-from engine.tls import MIN_VERSIONS
+from engine.tls import MIN_VERSIONS, ssl_reason
 
 NONE = "none"            # never STARTTLS
 MAY = "may"              # opportunistic
@@ -303,6 +309,26 @@ def read_client_ciphers(root: Path | str) -> str:
     return text
 
 
+CLIENT_CERT_FILE = "control/clientcert.pem"
+
+
+def read_client_cert(root: Path | str) -> tuple[str, tuple]:
+    """control/clientcert.pem's path and (inode, size, mtime), or ("", ()) when
+    there is none; TlsPolicyError when it exists but does not load."""
+    path = Path(root) / CLIENT_CERT_FILE
+    try:
+        st = path.stat()
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(path)
+    except FileNotFoundError:
+        return "", ()
+    except ssl.SSLError as exc:
+        raise TlsPolicyError(f"{path}: cannot load the certificate and key: "
+                             f"{ssl_reason(exc)}") from None
+    except OSError as exc:
+        raise TlsPolicyError(f"{path}: {exc.strerror}") from None
+    return str(path), (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 @dataclass(slots=True)
 class TlsContexts:
     """Client SSL contexts, built on first use and shared by every connection
@@ -310,6 +336,7 @@ class TlsContexts:
     min_version: str = "TLSv1.2"       # a key of engine.tls.MIN_VERSIONS
     default_cafile: str = ""
     default_ciphers: str = ""
+    client_cert: str = ""              # control/clientcert.pem, checked by read_client_cert
     _cache: dict = field(default_factory=dict)
 
     def get(self, policy: TlsPolicy) -> ssl.SSLContext:
@@ -332,6 +359,8 @@ class TlsContexts:
         ciphers = policy.ciphers or self.default_ciphers
         if ciphers:
             ctx.set_ciphers(ciphers)
+        if self.client_cert:
+            ctx.load_cert_chain(self.client_cert)
         if not verify:
             ctx.verify_mode = ssl.CERT_NONE
             return ctx
