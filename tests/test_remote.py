@@ -552,6 +552,33 @@ def test_connect_timeouts_table_as_qmail_tcpto():
     t.reached("192.0.2.2")                      # a completed connect clears it
     assert not t.skipped("192.0.2.2")
     assert not ConnectTimeouts(0, clock).skipped("192.0.2.2")
+    t.timed_out("192.0.2.3")
+    clock.now += 130
+    t.timed_out("192.0.2.3")
+    assert t.skipped("192.0.2.3")
+    t.clear()                                   # qmail-tcpok
+    assert not t.skipped("192.0.2.3")
+
+
+def test_flush_forgets_connect_timeouts_through_the_couriers():
+    # `qrelay flush` -> the scheduler's ALRM -> SwappableCourier -> ReadingCourier
+    # -> RemoteDelivery's table (a worker's: Spawner.forget_timeouts, ALRM).
+    from engine.delivery.channels import ReadingCourier
+    from engine.delivery.service import SwappableCourier
+    clock = iter(range(0, 10_000, 200)).__next__
+
+    async def go():
+        rd = RemoteDelivery(RemoteConfig(helohost="h.test", routes=SmtpRoutes(),
+                                         dns_servers=("127.0.0.1:9",)), clock=clock)
+        try:
+            rd.tcpto.timed_out("192.0.2.1")
+            rd.tcpto.timed_out("192.0.2.1")         # 200 s later: counted
+            assert rd.tcpto.skipped("192.0.2.1")
+            SwappableCourier(ReadingCourier(None, rd)).forget_timeouts()
+            assert not rd.tcpto.skipped("192.0.2.1")
+        finally:
+            await rd.close()
+    run(go())
 
 
 def test_black_holed_mx_skipped_after_two_timeouts(fake_dns):

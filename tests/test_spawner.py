@@ -173,6 +173,42 @@ def serve_jobs(deliverer, frames: list[bytes]) -> dict:
     return asyncio.run(main())
 
 
+def test_a_remote_worker_forgets_its_connect_timeouts_on_alrm():
+    # Spawner.forget_timeouts (`qrelay flush`) sends ALRM to each worker; one
+    # whose deliverer keeps a connect-timeout table takes it for that, and
+    # goes on. (The handler is called here, not signalled: pytest-timeout
+    # owns this process's ALRM.)
+    from engine.delivery.spawner import _worker_serve
+
+    class Forgetful(FakeRemote):
+        forgot = 0
+
+        def forget_timeouts(self) -> None:
+            self.forgot += 1
+
+        async def close(self) -> None:
+            pass
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        handlers = {}
+        loop.add_signal_handler = lambda sig, callback, *args: handlers.__setitem__(sig, callback)
+        a, b = socket.socketpair()
+        remote = Forgetful()
+        serving = asyncio.ensure_future(_worker_serve(a, None, remote, MAX_FRAME))
+        creader, cwriter = await asyncio.open_unix_connection(sock=b)
+        cwriter.write(encode_job(1, 7, GROUP, b"Subject: x\r\n\r\nbody\r\n"))
+        got = decode_result(await ipc.read_frame(creader, MAX_FRAME))
+        handlers[signal.SIGALRM]()
+        cwriter.close()
+        await cwriter.wait_closed()
+        assert await asyncio.wait_for(serving, 5) == 0
+        return remote.forgot, got
+    forgot, (jobid, status, results) = asyncio.run(main())
+    assert forgot == 1
+    assert (jobid, status, [r.status for r in results]) == (1, OK, ["K", "K"])
+
+
 def test_worker_server_runs_a_blocking_deliverers_jobs_in_its_threads():
     deliverer = FakeBlocking()
     frames = [encode_job(i, 7, Group("local", 7, "d.test", "a@s.test", (f"u{i}@d.test",)), None)
@@ -388,6 +424,8 @@ def test_kill9_of_a_worker_defers_its_jobs_restarts_it_and_flush_delivers(relay,
     wait_for(lambda: {re.search(rb"Subject: (\S+)", m.content).group(1) for m in sinks.messages()}
              >= {f"{d}{i}".encode() for d in domains for i in range(3)},
              timeout=15, what="every message delivered after flush")
+    # The flush's ALRM reached the workers too (their connect timeouts): none died of it.
+    assert sorted(workers_of(root)) == sorted(after)
     assert q.stop() == 0
 
 

@@ -95,6 +95,12 @@ class ReadingCourier:
         return await self.deliverer.deliver(group.destination, group.sender, group.recipients,
                                             message)
 
+    def forget_timeouts(self) -> None:
+        """The deliverer's (remote delivery's connect-timeout table), if it keeps one."""
+        forget = getattr(self.deliverer, "forget_timeouts", None)
+        if forget is not None:
+            forget()
+
     async def close(self) -> None:
         await self.deliverer.close()
 

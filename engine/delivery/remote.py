@@ -84,6 +84,10 @@ class ConnectTimeouts:
     def reached(self, ip: str) -> None:
         self._entries.pop(ip, None)
 
+    def clear(self) -> None:
+        """qmail-tcpok: every address may be tried again."""
+        self._entries.clear()
+
 
 class RemoteConfigError(Exception):
     """control files or qrelay.toml unusable for remote delivery (one-line reason)."""
@@ -287,6 +291,11 @@ class RemoteDelivery:
                 self.pool.release(conn)
                 return _results(ip, recipients, outcome, conn.tls is not None)
         return _all(recipients, "Z", last_failure or TEXT_NO_CONNECTION)
+
+    def forget_timeouts(self) -> None:
+        """`qrelay flush` (qmail-tcpok + ALRM): addresses skipped for their
+        connect timeouts are tried again at once."""
+        self.tcpto.clear()
 
     async def close(self) -> None:
         """QUIT and close pooled connections; close the DNS resolver."""

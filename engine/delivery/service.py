@@ -232,6 +232,11 @@ class SwappableCourier:
                 if key in self._retired:
                     self._close_later(self._retired.pop(key))
 
+    def forget_timeouts(self) -> None:
+        forget = getattr(self.current, "forget_timeouts", None)
+        if forget is not None:
+            forget()
+
     def swap(self, courier) -> None:
         old, self.current = self.current, courier
         if id(old) in self._calls:
@@ -343,7 +348,13 @@ async def _serve(root, spool, log, config: DeliveryConfig) -> None:
                           qp=os.getpid())
     reloader = DeliveryReload(root, spool, log, scheduler, config, remote)
 
-    loop.add_signal_handler(signal.SIGALRM, scheduler.request_flush)
+    def flush() -> None:
+        # qmail's ALRM, and qmail-tcpok with it: after an outage, `qrelay flush`
+        # must not leave the addresses that timed out skipped for an hour.
+        scheduler.request_flush()
+        if remote is not None:
+            remote.forget_timeouts()
+    loop.add_signal_handler(signal.SIGALRM, flush)
     loop.add_signal_handler(signal.SIGHUP, reloader.request)
     loop.add_signal_handler(signal.SIGTERM, scheduler.stop)
     loop.add_signal_handler(signal.SIGINT, scheduler.stop)

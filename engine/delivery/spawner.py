@@ -316,7 +316,8 @@ def worker_main(root: str, fd: int, parent_pid: int, channel: str,
     from engine.supervisor import follow_parent
 
     set_title(f"qrelay: delivery worker {channel}")
-    # The scheduler alone takes ALRM/HUP; INT (a terminal's ^C to the whole
+    # The scheduler alone takes HUP, and ALRM but for a remote worker's
+    # connect timeouts (_worker_serve); INT (a terminal's ^C to the whole
     # group) is the supervisor's to turn into an orderly TERM.
     for sig in (signal.SIGHUP, signal.SIGALRM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
@@ -359,6 +360,9 @@ async def _worker_serve(sock: socket.socket, spool, deliverer, max_frame: int) -
     serving = asyncio.get_running_loop().create_task(server.serve())
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, serving.cancel)
+    forget = getattr(deliverer, "forget_timeouts", None)
+    if forget is not None:
+        loop.add_signal_handler(signal.SIGALRM, forget)    # Spawner.forget_timeouts
     try:
         await serving
     except asyncio.CancelledError:
@@ -494,6 +498,15 @@ class Spawner:
 
     def pids(self) -> list[int]:
         return [w.proc.pid for w in self.workers if w.proc is not None and w.up.is_set()]
+
+    def forget_timeouts(self) -> None:
+        """`qrelay flush` for workers that keep a connect-timeout table (remote):
+        ALRM, which they take for that alone (the scheduler's flush is its own)."""
+        for pid in self.pids():
+            try:
+                os.kill(pid, signal.SIGALRM)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     async def close(self) -> None:
         """Send nothing more; close every socket so the workers finish and exit;

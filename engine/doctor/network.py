@@ -157,7 +157,7 @@ def _tcpto(ctx: Context, report: Report, ips: list[str]) -> None:
         data = (ctx.root / TCPTO_FILE).read_bytes()
     except OSError:
         report.note("network", "tcpto: qrelay keeps its connect-timeout table in the running "
-                    "scheduler's memory (no file to read)")
+                    "scheduler's memory (no file to read; `qrelay flush` empties it)")
         return
     wanted = {ip for ip in ips if "." in ip}
     for i in range(0, len(data) - 15, 16):
