@@ -1,4 +1,4 @@
-"""`qrelay init`, `newmrh`, `tcprules`: create a root and compile its control files."""
+"""`qrelay init`, `newmrh`, `tcprules`, `showctl`: create a root, compile and show its control files."""
 from __future__ import annotations
 
 import click
@@ -77,3 +77,21 @@ def tcprules(root: str) -> None:
     except (CdbError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"qrelay: wrote {control / RULES_CDB} ({count} keys)")
+
+
+@cli.command()
+@ROOT
+def showctl(root: str) -> None:
+    """Show what each control file makes qrelay do (qmail-showctl).
+
+    Reads ROOT/control/ (and qrelay.toml for the defaults it sets); writes
+    nothing. qmail-showctl's lines, `(Default.)` where a file is absent,
+    `Oops! …` where qrelay would refuse a file, then the files qrelay reads
+    beyond qmail's (tcp.smtp, qmail-tls's, tlsdestinations, …) and `I have
+    no idea what this file does.` for each one it ignores.
+    """
+    from engine.config.showctl import ShowctlError, show
+    try:
+        click.echo(show(root), nl=False)
+    except ShowctlError as exc:
+        raise click.ClickException(str(exc)) from None
