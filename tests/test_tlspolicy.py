@@ -157,6 +157,8 @@ def test_client_cert_is_read_and_a_broken_one_refused(root):
     assert first.tls_client_cert == str(path) and first.tls_client_cert_stamp
     ctx = TlsContexts(client_cert=first.tls_client_cert).get(DEFAULT_POLICY)
     assert ctx.verify_mode == ssl.CERT_NONE
+    # Broken after it was read: a context without it, not an exception mid-delivery.
+    assert TlsContexts(client_cert=str(root / "gone.pem")).get(DEFAULT_POLICY) is not None
     # A renewed certificate (same path) is a different configuration: a new courier.
     trustme.CA().issue_cert("relay.test", "spare.test").private_key_and_cert_chain_pem \
         .write_to_path(str(path))

@@ -53,8 +53,8 @@ class _Out:
     def oops(self, name: str, why: str) -> None:
         self.lines += ["", f"{self._head(name)}Oops! {why}"]
 
-    def number(self, name: str, default: int, pre: str, post: str = "", *, strict: bool = True,
-            minimum: int = 0) -> None:
+    def number(self, name: str, default: int, pre: str, post: str = "", *,
+               strict: bool = True, minimum: int = 0) -> None:
         path = self.control / name
         try:
             value = read_number(path, default) if strict else read_int(path, default)
@@ -138,13 +138,13 @@ def show(root: os.PathLike | str) -> str:
     out.line("idhost", None, "Message-ID host name is ")
     out.line("localiphost", None, "Local IP address becomes ")
     out.items("locals", "Messages for me are delivered locally.", "Messages for ",
-            " are delivered locally.")
+              " are delivered locally.")
     if out.me is None:
         out.oops("me", "There is no control/me: qrelay refuses to start.")
     else:
         out.line("me", "", "My name is ")
     out.items("percenthack", "The percent hack is not allowed.",
-            "The percent hack is allowed for user%host@", ".")
+              "The percent hack is allowed for user%host@", ".")
     out.line("plusdomain", None, "Plus domain name is ")
     out.number("queuelifetime", 604800, "Message lifetime in the queue is ", " seconds")
     _rcpthosts(out)
@@ -153,7 +153,7 @@ def show(root: os.PathLike | str) -> str:
     out.number("timeoutconnect", 60, "SMTP client connection timeout is ", " seconds", minimum=1)
     out.number("timeoutremote", 1200, "SMTP client data timeout is ", " seconds", minimum=1)
     out.number("timeoutsmtpd", 1200, "SMTP server data timeout is ", " seconds", strict=False,
-            minimum=1)
+               minimum=1)
     out.items("virtualdomains", "No virtual domains.", "Virtual domain: ", "")
 
     _qrelay_files(out, settings)
@@ -187,11 +187,11 @@ def _rcpthosts(out: _Out) -> None:
     else:
         listed = out.items("rcpthosts", "", "SMTP clients may send messages to recipients at ", ".")
     if listed:
-        out.items("morercpthosts", "No effect.", "SMTP clients may send messages to recipients at ",
-                ".")
+        out.items("morercpthosts", "No effect.",
+                  "SMTP clients may send messages to recipients at ", ".")
     else:
         out.items("morercpthosts", "No rcpthosts; morercpthosts is irrelevant.",
-                "No rcpthosts; doesn't matter that morercpthosts has ", ".")
+                  "No rcpthosts; doesn't matter that morercpthosts has ", ".")
     out.say("morercpthosts.cdb", _cdb_state(out.control, "morercpthosts", "morercpthosts.cdb",
                                             "qrelay newmrh"))
 
@@ -233,20 +233,20 @@ def _qrelay_files(out: _Out, settings) -> None:
     out.number("concurrencyincoming", default_in, "Incoming SMTP concurrency is ", strict=False)
     out.items("defaultdelivery", "Default delivery is ./Maildir/.", "Default delivery: ", "")
     _host_dir(out, "notlshosts", "No STARTTLS to ")
-    _servercert(out, settings)
+    _servercert(out)
     out.items("tcp.smtp", "No rules: every client may connect, none may relay.", "Rule: ", "")
     cdb = _cdb_state(control, "tcp.smtp", "tcp.smtp.cdb", "qrelay tcprules")
     if cdb.startswith("Oops! tcp.smtp exists but"):
         cdb = "(Default.) tcp.smtp is read as it is."
     out.say("tcp.smtp.cdb", cdb)
     _ciphers(out, "tlsclientciphers")
-    out.items("tlsdestinations", "Opportunistic TLS to every destination.", "TLS destination: ",
-            "")
+    out.items("tlsdestinations", "Opportunistic TLS to every destination.",
+              "TLS destination: ", "")
     _host_dir(out, "tlshosts", "TLS required to ")
     _ciphers(out, "tlsserverciphers")
 
 
-def _servercert(out: _Out, settings) -> None:
+def _servercert(out: _Out) -> None:
     path = out.control / "servercert.pem"
     if not path.exists():
         return out.say("servercert.pem", "(Default.) No certificate: no STARTTLS, "
