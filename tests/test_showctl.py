@@ -80,6 +80,15 @@ def test_set_values_refusals_and_files_qrelay_ignores(root):
     assert s["servercert.pem"] == ["Certificate and key for STARTTLS, submissions and pop3s."]
 
 
+def test_a_broken_qrelay_toml_is_said_after_the_header(root):
+    (root / "qrelay.toml").write_text("[smtp\n")
+    text = show(root)
+    head = text.split("\n\n", 1)[0].splitlines()
+    assert head[3].startswith(f"Oops! {root / 'qrelay.toml'}") and head[3].endswith(
+        ": qrelay refuses to start.")
+    assert sections(text)["concurrencyincoming"] == ["(Default.) Incoming SMTP concurrency is 500."]
+
+
 def test_a_cdb_older_than_its_text(root):
     control = root / "control"
     assert run_cli("tcprules", str(root)).returncode == 0

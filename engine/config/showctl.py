@@ -103,7 +103,7 @@ def _relative(exc: Exception, control: Path) -> str:
 
 def show(root: os.PathLike | str) -> str:
     """qmail-showctl's output for ROOT (see the module docstring)."""
-    from engine.config.settings import SettingsError, load_settings
+    from engine.config.settings import Settings, SettingsError, load_settings
 
     root = Path(root)
     control = root / "control"
@@ -120,8 +120,9 @@ def show(root: os.PathLike | str) -> str:
         return "\n".join(lines) + "\n"
     try:
         settings = load_settings(root)
-    except SettingsError:
-        settings = None     # the defaults below; `qrelay run` names the error
+    except SettingsError as exc:
+        settings = Settings()     # qrelay's defaults below
+        lines += [f"Oops! {exc}: qrelay refuses to start."]
 
     out.items("badmailfrom", "Any MAIL FROM is allowed.", "", " not accepted in MAIL FROM.")
     out.line("bouncefrom", "MAILER-DAEMON", "Bounce user name is ")
@@ -169,13 +170,13 @@ def show(root: os.PathLike | str) -> str:
 
 
 def _databytes(out: _Out, settings) -> None:
-    cap = settings.smtp.max_message_bytes if settings is not None else None
+    cap = settings.smtp.max_message_bytes
     try:
         value = max(read_number(out.control / "databytes", 0), 0)
     except ControlError as exc:
         return out.oops("databytes", f"{_relative(exc, out.control)}: qrelay refuses it.")
     lead = "" if (out.control / "databytes").exists() else "(Default.) "
-    tail = f" (none: [smtp] max_message_bytes = {cap} applies)" if value == 0 and cap else ""
+    tail = f" (none: [smtp] max_message_bytes = {cap} applies)" if value == 0 else ""
     out.say("databytes", f"{lead}SMTP DATA limit is {value} bytes{tail}.")
 
 
@@ -229,8 +230,8 @@ def _qrelay_files(out: _Out, settings) -> None:
             out.say("clientcert.pem", "(Default.) No client certificate is shown.")
     except TlsPolicyError as exc:
         out.oops("clientcert.pem", f"{_relative(exc, control)}.")
-    default_in = settings.smtp.max_connections if settings is not None else 0
-    out.number("concurrencyincoming", default_in, "Incoming SMTP concurrency is ", strict=False)
+    out.number("concurrencyincoming", settings.smtp.max_connections,
+               "Incoming SMTP concurrency is ", strict=False)
     out.items("defaultdelivery", "Default delivery is ./Maildir/.", "Default delivery: ", "")
     _host_dir(out, "notlshosts", "No STARTTLS to ")
     _servercert(out)
