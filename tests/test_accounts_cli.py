@@ -308,3 +308,42 @@ def test_user_show_usage_from_maildirsize_or_a_walk(droot):
     (maildir / "maildirsize").write_text("1000S,10C\n500 1\n250 2\n")
     out = qrelay("user", "show", str(droot), "joe@example.com").output
     assert "usage:     750 bytes, 3 messages (maildirsize), 75% of bytes, 30% of messages" in out
+
+
+def test_user_quota_sets_field_7_and_rebuilds_maildirsize(droot):
+    qrelay("user", "add", str(droot), "joe@example.com", input="pw\n")
+    maildir = droot / "domains" / "example.com" / "joe" / "Maildir"
+    (maildir / "new" / "1700000000.1.host,S=300").write_text("x" * 300)
+    (maildir / "maildirsize").write_text("5S\n999 9\n")          # stale
+    r = qrelay("user", "quota", str(droot), "joe@example.com", "10MB,1000C")
+    assert r.output == "qrelay: quota of joe@example.com is 10485760S,1000C\n"
+    assert (droot / "domains" / "example.com" / "vpasswd").read_text().rstrip("\n") \
+        .split(":")[6] == "10485760S,1000C"
+    assert (maildir / "maildirsize").read_text() == "10485760S,1000C\n300 1\n"
+    if os.geteuid() == 0:     # vdelivermail, running as the domain's owner, appends to it
+        assert (os.stat(maildir / "maildirsize").st_uid, os.stat(maildir / "maildirsize").st_gid) == (89, 89)
+    assert Accounts(droot).mailbox("joe@example.com").user.quota == "10485760S,1000C"
+    r = qrelay("user", "quota", str(droot), "joe@example.com", "NOQUOTA")
+    assert r.output == "qrelay: quota of joe@example.com is NOQUOTA\n"
+    assert not (maildir / "maildirsize").exists()
+    bad(qrelay("user", "quota", str(droot), "joe@example.com", "10XB"), "bad quota '10XB'")
+    bad(qrelay("user", "quota", str(droot), "nobody@example.com", "1MB"), "no such user")
+
+
+def test_user_mod_sets_and_clears_flags_for_one_or_all(droot):
+    for name in ("joe", "ann"):
+        qrelay("user", "add", str(droot), f"{name}@example.com", input="pw\n")
+    r = qrelay("user", "mod", str(droot), "joe@example.com", "--no-pop", "--no-smtp")
+    assert r.output == "joe@example.com\tno_pop,no_smtp\n"
+    joe = Accounts(droot).mailbox("joe@example.com").user
+    assert joe.no_pop and joe.no_smtp and not joe.bounce_mail and joe.gid == 0x802
+    r = qrelay("user", "mod", str(droot), "example.com", "--bounce-mail")      # every mailbox
+    assert sorted(r.output.splitlines()) == ["ann@example.com\tbounce_mail",
+                                             "joe@example.com\tno_pop,bounce_mail,no_smtp"]
+    assert qrelay("user", "mod", str(droot), "joe@example.com", "--pop", "--smtp").output == \
+        "joe@example.com\tbounce_mail\n"
+    assert qrelay("user", "mod", str(droot), "example.com", "--clear", "--no-relay").output \
+        .count("\tno_relay\n") == 2
+    bad(qrelay("user", "mod", str(droot), "joe@example.com"), "nothing to change")
+    bad(qrelay("user", "mod", str(droot), "nobody@example.com", "--pop"), "no such user")
+    bad(qrelay("user", "mod", str(droot), "other.example", "--pop"), "no such domain")

@@ -1,5 +1,6 @@
 """vpopmail's admin commands as functions: vadddomain, vdeldomain, vadduser, vdeluser,
-vpasswd, valias, qmail-newu (the `qrelay domain|user|alias|newu` commands call these).
+vpasswd, vsetuserquota, vmoduser, valias, qmail-newu (the `qrelay domain|user|alias|newu`
+commands call these).
 
 Every write goes through files.atomic_write (temp file, fsync, rename, directory
 fsync), so a running server sees the old or the new file, never a torn one, and
@@ -35,7 +36,7 @@ import shutil
 from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from engine.accounts import passwords
@@ -45,8 +46,9 @@ from engine.accounts.assign import (
 from engine.accounts.files import atomic_write, file_lock, make_dir, read_whole
 from engine.accounts.store import parse_qmail_default, safe_ext
 from engine.accounts.vpasswd import (
-    VPASSWD, VPASSWD_CDB, VPASSWD_LOCK, QuotaError, VUser, hash_subdir, normalize_quota,
-    parse_vpasswd, valid_domain_name, valid_user_name, vpasswd_cdb, vpasswd_text,
+    BOUNCE_MAIL, NO_IMAP, NO_PASSWD_CHNG, NO_POP, NO_RELAY, NO_SMTP, NO_WEBMAIL, VPASSWD,
+    VPASSWD_CDB, VPASSWD_LOCK, QuotaError, VUser, hash_subdir, normalize_quota, parse_vpasswd,
+    valid_domain_name, valid_user_name, vpasswd_cdb, vpasswd_text,
 )
 from engine.config.cdb import CdbError, CdbFile, newmrh
 from engine.config.control import read_list
@@ -526,14 +528,64 @@ def set_password(root: os.PathLike | str, address: str, password: str) -> VUser:
     _check_password(password)
     clear = _clear_field(password, load_options(base).keep_cleartext)
     crypted = passwords.hash_password(password)
+    return _update_users(ref, name, lambda u: replace(u, crypted=crypted, clear=clear))[0]
+
+
+def _update_users(ref: DomainRef, name: str | None, change) -> list[VUser]:
+    """Rewrite the vpasswd line of user `name` (None: of every user) as
+    change(old), under the domain's lock; the new lines."""
     with file_lock(ref.directory / VPASSWD_LOCK, ref.owner):
         users = read_users(ref.directory)
+        changed = []
         for i, u in enumerate(users):
-            if ascii_lower(u.name) == name:
-                users[i] = VUser(u.name, crypted, u.uid, u.gid, u.gecos, u.directory, u.quota, clear)
-                write_users(ref, users)
-                return users[i]
-    raise AdminError(f"{name}@{ref.name}: no such user")
+            if name is None or ascii_lower(u.name) == name:
+                users[i] = change(u)
+                changed.append(users[i])
+        if name is not None and not changed:
+            raise AdminError(f"{name}@{ref.name}: no such user")
+        if changed:
+            write_users(ref, users)
+    return changed
+
+
+def set_quota(root: os.PathLike | str, address: str, quota: str) -> VUser:
+    """vsetuserquota: field 7, then Maildir/maildirsize deleted and, unless the
+    quota is NOQUOTA, rebuilt from the messages there (vdelivermail's next
+    check would rebuild it too; doing it now makes `user show` right at once)."""
+    from engine.delivery.local import quota as maildirquota
+    _, ref, name = find_user(root, address)
+    field_7 = _quota(quota)
+    user = _update_users(ref, name, lambda u: replace(u, quota=field_7))[0]
+    maildir = Path(user.directory) / "Maildir"
+    (maildir / "maildirsize").unlink(missing_ok=True)
+    limit = maildirquota.parse_quota(field_7)
+    if limit is not None and maildir.is_dir():
+        maildirquota.rebuild(str(maildir), limit)
+        if os.geteuid() == 0:
+            os.chown(maildir / "maildirsize", *ref.owner)   # vdelivermail appends to it
+    return user
+
+
+# vmoduser's flags that qrelay acts on, by the name `qrelay user mod` gives them.
+MOD_FLAGS = {"no-passwd-change": NO_PASSWD_CHNG, "no-pop": NO_POP, "no-imap": NO_IMAP,
+             "no-webmail": NO_WEBMAIL, "no-smtp": NO_SMTP, "bounce-mail": BOUNCE_MAIL,
+             "no-relay": NO_RELAY}
+
+
+def set_flags(root: os.PathLike | str, target: str, *, on: int = 0, off: int = 0,
+              clear: bool = False) -> list[VUser]:
+    """vmoduser: the gid flag bits of TARGET, one address or (a domain) all its
+    users: `clear` (-x) first, then `on` set and `off` cleared."""
+    base = check_root(root)
+    if "@" in target:
+        _, ref, name = find_user(base, target)
+    else:
+        ref, name = find_domain(base, target), None
+
+    def change(u: VUser) -> VUser:
+        gid = 0 if clear else u.gid
+        return replace(u, gid=(gid | on) & ~off)
+    return _update_users(ref, name, change)
 
 
 def list_users(root: os.PathLike | str, domain: str) -> list[VUser]:

@@ -1,5 +1,5 @@
-"""vpopmail's vadddomain / vadduser / valias and qmail-newu (engine/accounts owns
-these; bad input is one line and exit status 2)."""
+"""vpopmail's vadddomain / vadduser / vsetuserquota / vmoduser / valias and
+qmail-newu (engine/accounts owns these; bad input is one line and exit status 2)."""
 from __future__ import annotations
 
 import click
@@ -107,7 +107,7 @@ def domain_catchall(root: str, name: str, target: str) -> None:
 
 @cli.group()
 def user() -> None:
-    """vpopmail mailboxes: add, del, passwd, list, show, import."""
+    """vpopmail mailboxes: add, del, passwd, quota, mod, list, show, import."""
 
 
 @user.command("add")
@@ -153,6 +153,60 @@ def user_passwd(root: str, address: str) -> None:
     _accounts_call(find_user, root, address)  # bad input before the prompt
     _accounts_call(set_password, root, address, _read_new_password())
     click.echo(f"qrelay: password changed for {address.lower()}")
+
+
+@user.command("quota")
+@ROOT
+@click.argument("address", metavar="USER@DOMAIN")
+@click.argument("quota", metavar="QUOTA")
+def user_quota(root: str, address: str, quota: str) -> None:
+    """Set a mailbox's quota (vsetuserquota): 10MB, 10485760S, 1000C, 10MB,1000C or NOQUOTA.
+
+    Writes the domain's vpasswd and vpasswd.cdb; deletes Maildir/maildirsize
+    and, unless NOQUOTA, rebuilds it from the messages there.
+    """
+    from engine.accounts.admin import set_quota
+    u = _accounts_call(set_quota, root, address, quota)
+    click.echo(f"qrelay: quota of {address.lower()} is {u.quota}")
+
+
+def _flag_options(command):
+    from engine.accounts.admin import MOD_FLAGS
+    for name in reversed(MOD_FLAGS):
+        positive = name[3:] if name.startswith("no-") else f"no-{name}"
+        command = click.option(f"--{name}/--{positive}", name.replace("-", "_"), default=None,
+                               help=f"set (--{name}) or clear (--{positive}) that flag")(command)
+    return command
+
+
+@user.command("mod")
+@ROOT
+@click.argument("target", metavar="USER@DOMAIN|DOMAIN")
+@click.option("--clear", "clear_all", is_flag=True, help="clear every flag first (vmoduser -x)")
+@_flag_options
+def user_mod(root: str, target: str, clear_all: bool, **flags: bool | None) -> None:
+    """Set or clear a mailbox's flags (vmoduser), or those of every mailbox of DOMAIN.
+
+    --no-pop and --no-smtp refuse POP3 logins and SMTP AUTH whatever the
+    password, --bounce-mail bounces the mail that arrives (vdelivermail),
+    --no-relay keeps a POP3 login from opening POP-before-SMTP relaying:
+    e.g. `qrelay user mod ROOT joe@example.com --no-pop --no-smtp` suspends an
+    account, `--pop --smtp` lifts it. Writes the domain's vpasswd and
+    vpasswd.cdb; a running `qrelay run` sees it within a second.
+    """
+    from engine.accounts.admin import MOD_FLAGS, set_flags
+    on = off = 0
+    for name, bit in MOD_FLAGS.items():
+        value = flags[name.replace("-", "_")]
+        if value is True:
+            on |= bit
+        elif value is False:
+            off |= bit
+    if not (on or off or clear_all):
+        raise BadInput("nothing to change: give a flag option or --clear (see --help)")
+    for u in _accounts_call(set_flags, root, target, on=on, off=off, clear=clear_all):
+        domain = target.rpartition("@")[2].lower()
+        click.echo(f"{u.name}@{domain}\t{','.join(u.flag_names) or '-'}")
 
 
 @user.command("list")
