@@ -265,6 +265,27 @@ def test_no_pop_flag_refused(tmp_path, server):
     assert c.closed()
 
 
+def test_domain_limits_disable_pop_refused_unless_v_override(tmp_path, server):
+    # vpopmail's vlimits_setflags: qmailadmin's .qmailadmin-limits disables POP
+    # for every user of the domain, but a user with V_OVERRIDE.
+    from engine.accounts.vpasswd import V_OVERRIDE
+    root = make_root(tmp_path)
+    (root / "domains" / "example.com" / ".qmailadmin-limits").write_text(
+        "maxpopaccounts: -1\ndefault_quota: 0\ndisable_pop\n")
+    srv = server(root)
+    c = Client(srv.port)
+    assert c.login() == b"-ERR authorization failed\r\n"
+    assert c.closed()
+    set_flag(root, V_OVERRIDE)
+
+    def logs_in() -> bool:         # once the server's accounts see the new vpasswd (≤ 1 s)
+        c = Client(srv.port)
+        ok = c.login() == b"+OK \r\n"
+        c.close()
+        return ok
+    wait_for(logs_in, what="a login with V_OVERRIDE")
+
+
 def test_apop(tmp_path, server):
     root = make_root(tmp_path)           # joe: no cleartext kept
     (root / "qrelay.toml").write_text("[accounts]\nkeep_cleartext = true\n[auth]\nfailure_delay = 0\n")

@@ -44,11 +44,12 @@ from engine.accounts.assign import (
     ASSIGN_FILE, AssignError, AssignLine, compile_assign, load_assign, parse_assign_line,
 )
 from engine.accounts.files import atomic_write, file_lock, make_dir, read_whole
+from engine.accounts.limits import NONE as NO_LIMITS, Limits, read_limits
 from engine.accounts.store import parse_qmail_default, safe_ext
 from engine.accounts.vpasswd import (
     BOUNCE_MAIL, NO_IMAP, NO_PASSWD_CHNG, NO_POP, NO_RELAY, NO_SMTP, NO_WEBMAIL, VPASSWD,
-    VPASSWD_CDB, VPASSWD_LOCK, QuotaError, VUser, hash_subdir, normalize_quota, parse_vpasswd,
-    valid_domain_name, valid_user_name, vpasswd_cdb, vpasswd_text,
+    VPASSWD_CDB, VPASSWD_LOCK, QuotaError, VUser, format_quota, hash_subdir, normalize_quota,
+    parse_vpasswd, valid_domain_name, valid_user_name, vpasswd_cdb, vpasswd_text,
 )
 from engine.config.cdb import CdbError, CdbFile, newmrh
 from engine.config.control import read_list
@@ -464,6 +465,16 @@ def _quota(quota: str | None) -> str:
         raise AdminError(str(exc)) from None
 
 
+def _default_quota(ref: DomainRef) -> str:
+    """vadduser's quota for a user added without one: the domain limits'
+    default_quota / default_maxmsgcount (engine.accounts.limits), else NOQUOTA."""
+    try:
+        limits = read_limits(str(ref.directory))
+    except OSError as exc:
+        raise AdminError(f"{ref.directory}: cannot read the domain limits: {exc.strerror}") from None
+    return format_quota(limits.default_quota or None, limits.default_maxmsgcount or None)
+
+
 def add_user(root: os.PathLike | str, address: str, password: str, *, quota: str | None = None,
              gecos: str | None = None) -> VUser:
     """vadduser: Maildir, vpasswd line (uid 1, gid 0, quota), vpasswd.cdb."""
@@ -475,6 +486,8 @@ def add_user(root: os.PathLike | str, address: str, password: str, *, quota: str
     keep = load_options(base).keep_cleartext
     clear = _clear_field(password, keep)
     ref = find_domain(base, domain)
+    if quota is None:
+        quota_field = _default_quota(ref)
     gecos_text = (gecos if gecos is not None else name).replace(":", "").replace("\n", " ")[:48]
     crypted = passwords.hash_password(password)
     with file_lock(ref.directory / VPASSWD_LOCK, ref.owner):
@@ -603,6 +616,7 @@ class UserReport:
     usage_count: int
     usage_source: str      # "maildirsize" or "walk"
     scheme: str | None     # password scheme, None when unknown/empty
+    limits: Limits = NO_LIMITS   # the domain's (their flags count at login unless V_OVERRIDE)
 
 
 def maildir_usage(maildir: Path) -> tuple[int, int, str]:
@@ -650,8 +664,12 @@ def show_user(root: os.PathLike | str, address: str) -> UserReport:
     if user is None:
         raise AdminError(f"{name}@{ref.name}: no such user")
     size, count, source = maildir_usage(Path(user.directory) / "Maildir")
+    try:
+        limits = read_limits(str(ref.directory))
+    except OSError as exc:
+        raise AdminError(f"{ref.directory}: cannot read the domain limits: {exc.strerror}") from None
     return UserReport(f"{user.name}@{ref.name}", user, user.maildir, size, count, source,
-                      passwords.scheme(user.crypted))
+                      passwords.scheme(user.crypted), limits)
 
 
 @dataclass(slots=True)
@@ -722,6 +740,7 @@ def import_users(root: os.PathLike | str, lines: Iterable[str], *, source: str =
     keep = load_options(base).keep_cleartext
     refs: dict[str, DomainRef] = {}
     existing: dict[str, set[str]] = {}
+    defaults: dict[str, str] = {}       # each domain's default quota
     wanted: dict[str, list[tuple[str, str, str]]] = {}
     seen: set[tuple[str, str]] = set()
     errors: list[str] = []
@@ -738,10 +757,11 @@ def import_users(root: os.PathLike | str, lines: Iterable[str], *, source: str =
             name = _check_user(local, address)
             _check_password(password)
             _clear_field(password, keep)
-            quota_field = _quota(quota) if quota else "NOQUOTA"
             if domain not in refs:
                 refs[domain] = find_domain(base, domain)
                 existing[domain] = {ascii_lower(u.name) for u in read_users(refs[domain].directory)}
+                defaults[domain] = _default_quota(refs[domain])
+            quota_field = _quota(quota) if quota else defaults[domain]
             if name in existing[domain]:
                 raise AdminError(f"{name}@{domain}: user exists")
             if (domain, name) in seen:

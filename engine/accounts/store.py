@@ -16,6 +16,7 @@ the lookup rate):
 | one domain's users | DOMDIR/vpasswd.cdb, DOMDIR/vpasswd (cdb wins when present) |
 | `.qmail*` names in a directory | the directory itself (while its mtime is < 2 s old it is re-scanned at every recheck even if unchanged: a second change within one clock tick leaves the mtime as it was) |
 | a `.qmail-default`'s meaning | the file |
+| a domain's limits (engine.accounts.limits) | DOMDIR/.qmailadmin-limits, VPOPMAIL/etc/vlimits.default |
 
 Files are read whole and writers replace them by rename, so a snapshot is
 never half-read. Lookups are dict / cdb probes: their cost does not grow with
@@ -31,13 +32,14 @@ import os
 import shlex
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from engine.accounts.assign import ASSIGN_FILE, CDB_FILE, Assign, AssignError, Assignment, load_assign
 from engine.accounts.files import read_whole, stat_key
-from engine.accounts.vpasswd import VPASSWD, VPASSWD_CDB, VpasswdError, VpopDomain, VUser
+from engine.accounts.limits import Limits, limits_paths, read_limits
+from engine.accounts.vpasswd import V_OVERRIDE, VPASSWD, VPASSWD_CDB, VpasswdError, VpopDomain, VUser
 from engine.config.domains import DomainConfig, DomainConfigError, ascii_lower, load_domain_config
 
 _CONTROL_FILES = ("me", "locals", "virtualdomains", "percenthack", "envnoathost")
@@ -185,6 +187,17 @@ class Accounts:
                 raise AccountsError(f"trouble reading {cdb_path}: {exc}") from exc
         return self._cached(("vpasswd", directory), (cdb_path, text_path), load)
 
+    def limits(self, directory: str) -> Limits:
+        """The domain's vpopmail limits (engine.accounts.limits)."""
+        own, default = limits_paths(directory)
+
+        def load() -> Limits:
+            try:
+                return read_limits(directory)
+            except OSError as exc:
+                raise AccountsError(f"trouble reading {own}: {exc.strerror}") from exc
+        return self._cached(("limits", directory), (own, default or own), load)
+
     @staticmethod
     def _user(users: VpopDomain, name: str) -> VUser | None:
         try:
@@ -236,7 +249,8 @@ class Accounts:
         return None if users is None else (assignment, users)
 
     def mailbox(self, address: str) -> Mailbox | None:
-        """The vpopmail user an address reaches, or None.
+        """The vpopmail user an address reaches (with its domain's limits in
+        its flags, as `login_user`), or None.
 
         Only the vpasswd user is looked up: a `.qmail-NAME` alias file that
         shadows the user for delivery is accepts()'s and delivery's business.
@@ -253,7 +267,25 @@ class Accounts:
         user = self._user(users, assignment.ext)
         if user is None:
             return None
-        return Mailbox(address, domain, assignment.home, user, assignment)
+        return Mailbox(address, domain, assignment.home, self._with_limits(assignment.home, user),
+                       assignment)
+
+    def login_user(self, domain: str, name: str) -> VUser | None:
+        """vchkpw's vauth_getpw(name, domain): the user through the domain's
+        `+DOMAIN-` assign line, with the domain's limits in its flags."""
+        found = self.vpop_domain(domain)
+        if found is None:
+            return None
+        user = self._user(found[1], name)
+        return None if user is None else self._with_limits(found[0].home, user)
+
+    def _with_limits(self, directory: str, user: VUser) -> VUser:
+        """vpopmail's vlimits_setflags: the domain's disable_* limits are the
+        user's flags too at every login, unless the user has V_OVERRIDE."""
+        mask = self.limits(directory).flags
+        if mask & ~user.gid and not user.gid & V_OVERRIDE:
+            return replace(user, gid=user.gid | mask)
+        return user
 
     def accepts(self, address: str) -> bool:
         """Would local delivery find somewhere to put mail for this local address?

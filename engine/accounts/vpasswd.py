@@ -61,6 +61,12 @@ FLAG_NAMES: dict[int, str] = {
     SA_EXPERT: "sa_expert", NO_MAILDROP: "no_maildrop",
 }
 
+
+def flag_names(gid: int) -> list[str]:
+    """The names of the flag bits set in a vpasswd gid field."""
+    return [name for bit, name in FLAG_NAMES.items() if gid & bit]
+
+
 # vpopmail's limits and characters (§2.3).
 MAX_NAME = 32
 MAX_LINE = 255  # vpopmail 5.4 cannot build a cdb from longer lines
@@ -184,7 +190,7 @@ class VUser:
 
     @property
     def flag_names(self) -> list[str]:
-        return [name for bit, name in FLAG_NAMES.items() if self.gid & bit]
+        return flag_names(self.gid)
 
     def _quota(self) -> tuple[int | None, int | None]:
         try:

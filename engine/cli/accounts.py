@@ -246,6 +246,11 @@ def user_show(root: str, address: str) -> None:
     click.echo(f"usage:     {r.usage_bytes} bytes, {r.usage_count} messages ({r.usage_source})"
                + (f", {', '.join(limit)}" if limit else ""))
     click.echo(f"flags:     {','.join(u.flag_names) or '-'} (gid {u.gid})")
+    if r.limits.flags:
+        from engine.accounts.vpasswd import V_OVERRIDE, flag_names
+        added = ",".join(flag_names(r.limits.flags & ~u.gid)) or "-"
+        note = "not applied: v_override" if u.gid & V_OVERRIDE else "added at login"
+        click.echo(f"limits:    {added} ({r.limits.source}; {note})")
     click.echo(f"password:  {r.scheme or 'none/unknown'}{', cleartext kept' if u.clear is not None else ''}")
 
 

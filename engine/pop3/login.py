@@ -69,8 +69,7 @@ def check_login(accounts: Accounts, login: str, secret: str, *, apop_timestamp: 
     if parts is not None:
         local, domain = parts
         try:
-            found = accounts.vpop_domain(domain)
-            user = found[1].user(local) if found is not None else None
+            user = accounts.login_user(domain, local)
         except (AccountsError, VpasswdError, OSError):
             return LoginResult(TEMPORARY, name)
     if user is None:
