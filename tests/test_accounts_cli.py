@@ -347,3 +347,33 @@ def test_user_mod_sets_and_clears_flags_for_one_or_all(droot):
     bad(qrelay("user", "mod", str(droot), "joe@example.com"), "nothing to change")
     bad(qrelay("user", "mod", str(droot), "nobody@example.com", "--pop"), "no such user")
     bad(qrelay("user", "mod", str(droot), "other.example", "--pop"), "no such domain")
+
+
+def test_alias_domain_add_and_del_leaves_the_real_domain(droot):
+    qrelay("user", "add", str(droot), "joe@example.com", input="pw\n")
+    dom = droot / "domains" / "example.com"
+    r = qrelay("domain", "alias", str(droot), "example.net", "example.com")
+    assert r.output == f"qrelay: added alias domain example.net of example.com ({dom})\n"
+    assert f"+example.net-:example.com:89:89:{dom}:-::" in (droot / "users" / "assign").read_text()
+    assert "example.net:example.net" in (droot / "control" / "virtualdomains").read_text().splitlines()
+    assert "example.net" in (droot / "control" / "rcpthosts").read_text().splitlines()
+    accounts = Accounts(droot)
+    assert accounts.mailbox("joe@example.net").user.name == "joe"
+    assert accounts.local_verdict("joe@example.net") is True
+    # an alias of the alias is one of the real domain
+    assert qrelay("domain", "alias", str(droot), "example.org", "example.net").output.startswith(
+        "qrelay: added alias domain example.org of example.com ")
+    bad(qrelay("domain", "alias", str(droot), "example.net", "example.com"), "domain exists")
+    bad(qrelay("domain", "alias", str(droot), "new.example", "missing.example"), "no such domain")
+    bad(qrelay("domain", "alias", str(droot), "bad_name.example", "example.com"), "domain name")
+    # Deleting an alias (vdeldomain on an alias domain) keeps the real domain and its mail.
+    r = qrelay("domain", "del", str(droot), "example.net")
+    assert r.output == "qrelay: deleted alias domain example.net (of example.com, whose mailboxes stay)\n"
+    assert (dom / "joe" / "Maildir").is_dir()
+    assert "+example.net-" not in (droot / "users" / "assign").read_text()
+    assert "example.net" not in (droot / "control" / "rcpthosts").read_text().splitlines()
+    assert Accounts(droot).mailbox("joe@example.com") is not None
+    # Deleting the real domain takes its remaining aliases along.
+    assert qrelay("domain", "del", str(droot), "example.com").exit_code == 0
+    assert (droot / "users" / "assign").read_text() == ".\n" and not dom.exists()
+    assert "example.org" not in (droot / "control" / "virtualdomains").read_text()

@@ -336,10 +336,14 @@ def _add_rcpthost(base: Path, name: str) -> None:
         _append_line(control / "rcpthosts", name)
 
 
-def delete_domain(root: os.PathLike | str, domain: str) -> DomainRef:
-    """vdeldomain: the domain, its alias domains (same directory) and its tree."""
+def delete_domain(root: os.PathLike | str, domain: str) -> tuple[DomainRef, str | None]:
+    """vdeldomain. A real domain: it, its alias domains (same directory) and
+    its tree. An alias domain: its own lines alone, the real domain's
+    directory untouched. Returns (the domain, the real domain it was an alias
+    of, or None)."""
     base = check_root(root)
     ref = find_domain(base, domain)
+    real = _alias_of(base, ref.name)
     with file_lock(base / "users" / "assign.lock"):
         lines = _read_assign_lines(base)
         names = set()
@@ -350,18 +354,62 @@ def delete_domain(root: os.PathLike | str, domain: str) -> DomainRef:
             except AssignError:
                 kept.append(line)
                 continue
-            if entry.wild and entry.local.endswith("-") and Path(entry.home) == ref.directory:
-                names.add(ascii_lower(entry.local[:-1]))
+            name = ascii_lower(entry.local[:-1]) if entry.wild and entry.local.endswith("-") else None
+            if name is not None and (name == ref.name if real else
+                                     Path(entry.home) == ref.directory):
+                names.add(name)
                 continue
             kept.append(line)
         _write_assign(base, kept)
-        control = base / "control"
-        _remove_lines(control / "virtualdomains", lambda x: ascii_lower(x.split(":", 1)[0]) in names)
-        _remove_lines(control / "rcpthosts", lambda x: ascii_lower(x) in names)
-        if _remove_lines(control / "morercpthosts", lambda x: ascii_lower(x) in names):
-            newmrh(control)
-    shutil.rmtree(ref.directory)
-    return ref
+        _remove_domain_names(base / "control", names)
+    if real is None:
+        shutil.rmtree(ref.directory)
+    return ref, real
+
+
+def _alias_of(base: Path, name: str) -> str | None:
+    """The real domain when `name`'s `+NAME-` line names another (vaddaliasdomain)."""
+    try:
+        assignment = load_assign(base).wildcard(name + "-")
+    except AssignError as exc:
+        raise AdminError(str(exc)) from None
+    user = ascii_lower(assignment.user) if assignment is not None else name
+    return user if user != name else None
+
+
+def _remove_domain_names(control: Path, names: set[str]) -> None:
+    """Take domain names out of virtualdomains, rcpthosts and morercpthosts (+ its cdb)."""
+    _remove_lines(control / "virtualdomains", lambda x: ascii_lower(x.split(":", 1)[0]) in names)
+    _remove_lines(control / "rcpthosts", lambda x: ascii_lower(x) in names)
+    if _remove_lines(control / "morercpthosts", lambda x: ascii_lower(x) in names):
+        newmrh(control)
+
+
+def add_alias_domain(root: os.PathLike | str, alias: str, domain: str) -> tuple[DomainRef, str]:
+    """vaddaliasdomain: ALIAS reaches DOMAIN's mailboxes (`+ALIAS-:DOMAIN:UID:GID:DIR:-::`,
+    virtualdomains `ALIAS:ALIAS`, rcpthosts); no directory of its own. Returns
+    the alias and the real domain (DOMAIN's, when DOMAIN is an alias itself)."""
+    base = check_root(root)
+    name = ascii_lower(alias)
+    why = valid_domain_name(name)
+    if why:
+        raise AdminError(f"{alias}: {why}")
+    ref = find_domain(base, domain)
+    real = _alias_of(base, ref.name) or ref.name      # an alias of an alias is one of the real one
+    with file_lock(base / "users" / "assign.lock"):
+        lines = _read_assign_lines(base)
+        if any(ascii_lower(line).startswith(f"+{name}-:") for line in lines):
+            raise AdminError(f"{name}: domain exists (users/assign has +{name}-)")
+        vdoms = read_list(base / "control" / "virtualdomains", []) or []
+        if any(ascii_lower(v.split(":", 1)[0]) == name for v in vdoms):
+            raise AdminError(f"{name}: already in control/virtualdomains")
+        line = AssignLine(True, f"{name}-", real, str(ref.uid), str(ref.gid), str(ref.directory),
+                          "-", "")
+        _write_assign(base, lines + [line.text()])
+        _append_line(base / "control" / "virtualdomains", f"{name}:{name}")
+        _remove_lines(base / "control" / "locals", lambda x: ascii_lower(x) == name)
+        _add_rcpthost(base, name)
+    return DomainRef(name, ref.directory, ref.uid, ref.gid), real
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,7 +35,7 @@ def _read_new_password() -> str:
 
 @cli.group()
 def domain() -> None:
-    """vpopmail domains: add, del, list, catchall."""
+    """vpopmail domains: add, alias, del, list, catchall."""
 
 
 @domain.command("add")
@@ -71,10 +71,31 @@ def domain_del(root: str, name: str) -> None:
 
     Removes ROOT/domains/DOMAIN/ and the domain's lines in control/rcpthosts,
     control/morercpthosts, control/virtualdomains, users/assign and users/cdb.
+    An alias domain (`qrelay domain alias`) loses only its own lines: the
+    real domain and its mailboxes stay.
     """
     from engine.accounts.admin import delete_domain
-    ref = _accounts_call(delete_domain, root, name)
-    click.echo(f"qrelay: deleted domain {ref.name} ({ref.directory})")
+    ref, real = _accounts_call(delete_domain, root, name)
+    if real is not None:
+        click.echo(f"qrelay: deleted alias domain {ref.name} (of {real}, whose mailboxes stay)")
+    else:
+        click.echo(f"qrelay: deleted domain {ref.name} ({ref.directory})")
+
+
+@domain.command("alias")
+@ROOT
+@click.argument("alias", metavar="ALIAS")
+@click.argument("name", metavar="DOMAIN")
+def domain_alias(root: str, alias: str, name: str) -> None:
+    """Make ALIAS another name of DOMAIN (vaddaliasdomain): joe@ALIAS reaches joe@DOMAIN.
+
+    Writes users/assign (`+ALIAS-:DOMAIN:…` with DOMAIN's directory),
+    users/cdb, control/virtualdomains and control/rcpthosts (or
+    morercpthosts); ALIAS gets no directory. `qrelay domain del ALIAS` undoes it.
+    """
+    from engine.accounts.admin import add_alias_domain
+    ref, real = _accounts_call(add_alias_domain, root, alias, name)
+    click.echo(f"qrelay: added alias domain {ref.name} of {real} ({ref.directory})")
 
 
 @domain.command("list")
