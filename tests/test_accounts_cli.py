@@ -377,3 +377,19 @@ def test_alias_domain_add_and_del_leaves_the_real_domain(droot):
     assert qrelay("domain", "del", str(droot), "example.com").exit_code == 0
     assert (droot / "users" / "assign").read_text() == ".\n" and not dom.exists()
     assert "example.org" not in (droot / "control" / "virtualdomains").read_text()
+
+
+def test_domain_del_of_a_linked_domain_directory_removes_the_link_only(root, tmp_path):
+    # vpopmail boxes link big domains elsewhere (domains/DOM -> /data/DOM): vdeldomain
+    # unlinks; the tree behind it is the operator's.
+    assert qrelay("domain", "add", str(root), "example.com", *OWNER).exit_code == 0
+    dom = root / "domains" / "example.com"
+    elsewhere = tmp_path / "data" / "example.com"
+    elsewhere.parent.mkdir()
+    dom.rename(elsewhere)
+    dom.symlink_to(elsewhere)
+    assert qrelay("user", "add", str(root), "joe@example.com", input="pw\n").exit_code == 0
+    assert qrelay("domain", "del", str(root), "example.com").exit_code == 0
+    assert not dom.exists() and not dom.is_symlink()
+    assert (elsewhere / "joe" / "Maildir").is_dir()
+    assert (root / "users" / "assign").read_text() == ".\n"

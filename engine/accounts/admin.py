@@ -363,7 +363,10 @@ def delete_domain(root: os.PathLike | str, domain: str) -> tuple[DomainRef, str 
         _write_assign(base, kept)
         _remove_domain_names(base / "control", names)
     if real is None:
-        shutil.rmtree(ref.directory)
+        if ref.directory.is_symlink():
+            ref.directory.unlink()      # vdeldomain: a linked domain loses the link, not the tree
+        else:
+            shutil.rmtree(ref.directory)
     return ref, real
 
 
