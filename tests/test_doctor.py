@@ -81,6 +81,7 @@ def box(root: Path) -> Path:
     admin.add_user(root, "joe@example.org", "secret one")
     admin.add_user(root, "ann@example.org", "secret two")
     admin.add_alias(root, "info@example.org", ["joe@example.org"])
+    admin.add_alias(root, "postmaster@example.org", ["joe@example.org"])
     toml(root, "[doctor]\ndisk_min_free_bytes = 0\ndisk_min_free_percent = 0.0\n")
     return root
 
@@ -103,6 +104,20 @@ def test_text_output_is_one_line_per_finding_with_its_fix(box):
     assert any("databytes" in line and "qrelay run refuses to start" in line for line in problems)
     assert r.stdout.splitlines()[-1] == f"doctor: {len(problems)} problem" + \
         ("s" if len(problems) > 1 else "") + " found"
+
+
+def test_a_domain_without_postmaster(box):
+    for name in ("example.net", "example.com"):
+        admin.add_domain(box, name, uid=UID, gid=GID)
+    admin.add_alias_domain(box, "alias.example", "example.org")       # shares example.org's
+    (f,) = findings(doctor(box)[1], "domains")
+    assert f["what"] == "postmaster@example.com (and 1 more domains) has no mailbox, alias or catch-all"
+    assert "RFC 5321 4.5.1" in f["why"]
+    assert f["fix"] == (f"qrelay alias add {box} postmaster@example.com you@example.net "
+                        "(the same for each)")
+    admin.add_user(box, "postmaster@example.com", "pw")                # a mailbox will do
+    assert admin.set_catchall(box, "example.net", "joe@example.org")  # so will a catch-all
+    assert findings(doctor(box)[1], "domains") == []
 
 
 def test_postmaster_with_nowhere_to_go(box, monkeypatch):

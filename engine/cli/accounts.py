@@ -61,6 +61,9 @@ def domain_add(root: str, name: str, uid: int | None, gid: int | None) -> None:
     warning = receivers_cannot_read(root, ref)
     if warning:
         click.echo(f"qrelay: warning: {warning}", err=True)
+    # vadddomain makes a postmaster user; here the operator says where it goes.
+    click.echo(f"qrelay: postmaster@{ref.name} needs a mailbox or an alias (RFC 5321): "
+               f"qrelay alias add {root} postmaster@{ref.name} ADDRESS")
 
 
 @domain.command("del")

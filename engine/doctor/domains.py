@@ -111,6 +111,7 @@ def check(ctx: Context, report: Report) -> None:
             report.problem("domains", f"{domain} is in locals but not in rcpthosts",
                            "every sender outside gets 553 for it", f"echo {domain} >> {rcpthosts}")
     _postmaster(ctx, report, domains, assign)
+    _domain_postmasters(ctx, report)
     if len(report.findings) == problems_before:
         report.note("domains", f"rcpthosts, locals, virtualdomains and users/assign agree "
                     f"({len(set(accepted))} accepted, {len(domains.virtualdomains)} virtual, "
@@ -139,6 +140,29 @@ def _postmaster(ctx: Context, report: Report, domains, assign) -> None:
         f"useradd -r -d {home} -s /usr/sbin/nologin alias && install -d -o alias {home} && "
         f"echo '&you@example.net' > {home}/.qmail-postmaster (qmail's INSTALL.alias: "
         ".qmail-root and .qmail-mailer-daemon the same)")
+
+
+def _domain_postmasters(ctx: Context, report: Report) -> None:
+    """postmaster@DOMAIN of every vpopmail domain (RFC 5321 4.5.1): vadddomain
+    makes a postmaster user, `qrelay domain add` leaves it to the operator."""
+    from engine.accounts.admin import AdminError, list_domains
+    from engine.accounts.store import Accounts, AccountsError
+    try:
+        real = [d.name for d in list_domains(ctx.root) if d.alias_of is None]
+        accounts = Accounts(ctx.root)
+        missing = [d for d in real if accounts.local_verdict(f"postmaster@{d}") is False]
+    except (AdminError, AccountsError, OSError):
+        return          # unreadable tables are other checks' findings
+    if not missing:
+        return
+    first = missing[0]
+    more = f" (and {len(missing) - 1} more domains)" if len(missing) > 1 else ""
+    report.problem(
+        "domains", f"postmaster@{first}{more} has no mailbox, alias or catch-all",
+        "RCPT TO:<postmaster@…> gets 550, and RFC 5321 4.5.1 requires every domain to take "
+        "it (vadddomain makes a postmaster user)",
+        f"qrelay alias add {ctx.arg(ctx.root)} postmaster@{first} you@example.net"
+        + (" (the same for each)" if more else ""))
 
 
 def _owner_of(path) -> str:
