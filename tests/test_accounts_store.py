@@ -294,3 +294,21 @@ def test_a_corrupt_record_is_an_error_too(accounts, box):
         accounts.mailbox("ann@example.com")
     with pytest.raises(AccountsError):
         accounts.accepts("ann@example.com")
+
+
+def test_logins_as_vchkpw_parses_them(box, tmp_path):
+    from engine.accounts.store import split_login
+    assert split_login("Joe%Example.COM") == ("joe", "example.com")
+    vp = tmp_path / "vpopmail"
+    accounts = Accounts(box["root"], vpopmail_dir=str(vp))
+    assert accounts.login("joe") == ("joe", None)                     # no default domain
+    assert accounts.login("JOE@Example.com")[0] == "joe@example.com"
+    assert accounts.login("joe/example.com")[1].name == "joe"
+    (vp / "etc").mkdir(parents=True)
+    (vp / "etc" / "defaultdomain").write_text("Example.com\nignored\n")
+    fresh = Accounts(box["root"], vpopmail_dir=str(vp))
+    name, user = fresh.login("joe")
+    assert name == "joe@example.com" and user.name == "joe"           # ~vpopmail/etc/defaultdomain
+    assert fresh.login("joe@") == ("joe@", None) and fresh.login("") == ("", None)
+    setting = Accounts(box["root"], vpopmail_dir=str(vp), default_domain="other.example")
+    assert setting.login("joe") == ("joe@other.example", None)        # the setting wins

@@ -286,6 +286,19 @@ def test_domain_limits_disable_pop_refused_unless_v_override(tmp_path, server):
     wait_for(logs_in, what="a login with V_OVERRIDE")
 
 
+def test_a_login_without_its_domain_is_in_the_default_domain(tmp_path, server):
+    # vchkpw's default domain: `joe` logs in as joe@example.com ([accounts]
+    # default_domain, else ~vpopmail/etc/defaultdomain).
+    root = make_root(tmp_path, '[auth]\nfailure_delay = 0\n[accounts]\ndefault_domain = "example.com"\n')
+    srv = server(root)
+    for login in ("joe", "JOE", "joe%example.com", "joe/example.com"):
+        c = Client(srv.port)
+        assert c.login(login) == b"+OK \r\n", login
+        c.close()
+    c = Client(srv.port)
+    assert c.login("joe@") == b"-ERR authorization failed\r\n"
+
+
 def test_apop(tmp_path, server):
     root = make_root(tmp_path)           # joe: no cleartext kept
     (root / "qrelay.toml").write_text("[accounts]\nkeep_cleartext = true\n[auth]\nfailure_delay = 0\n")

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from engine.pop3.login import split_login
+from engine.accounts.store import split_login
 from engine.pop3.maildir import IN_USE, NO_MAILDIR, Mailbox, MailboxBusy, MailboxError
 
 T0 = 1_700_000_000

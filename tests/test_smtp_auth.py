@@ -338,6 +338,18 @@ def test_no_smtp_flag_and_unknown_user_refused(tls_client):
     assert c.cmd(b"AUTH PLAIN " + plain("joe")) == b"535 authorization failed (#5.7.0)\r\n"  # login = full address
 
 
+def test_a_login_without_its_domain_is_in_the_default_domain(accounts, ca, make_server, greeted):
+    toml = accounts / "qrelay.toml"
+    toml.write_text(toml.read_text() + '[accounts]\ndefault_domain = "example.org"\n')
+    srv = make_server()
+    for login in ("joe", "joe%example.org"):
+        c = greeted(srv.port)
+        starttls(c, ca)
+        assert c.cmd(b"EHLO client.test") == EHLO_TLS
+        assert c.cmd(b"AUTH PLAIN " + plain(login)) == b"235 ok, go ahead (#2.0.0)\r\n", login
+        c.close()
+
+
 def test_plain_and_login_refused_before_tls_unless_allowed(accounts, make_server, greeted):
     srv = make_server()
     c = greeted(srv.port)

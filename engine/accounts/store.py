@@ -109,6 +109,26 @@ def default_candidates(dash: str, ext: str) -> list[str]:
     return names
 
 
+def split_login(login: str) -> tuple[str, str] | None:
+    """(user, domain) as vchkpw's parse_email splits a login (first `@`, else
+    `%`, else `/`), or None without a domain."""
+    login = login.lower()
+    for sep in ("@", "%", "/"):
+        user, found, domain = login.partition(sep)
+        if found:
+            return (user, domain) if user and domain else None
+    return None
+
+
+def _vpopmail_home() -> str | None:
+    """~vpopmail (vpopmail's VPOPMAILDIR), when the box has a vpopmail user."""
+    import pwd
+    try:
+        return pwd.getpwnam("vpopmail").pw_dir or None
+    except KeyError:
+        return None
+
+
 class _Entry:
     __slots__ = ("value", "keys", "checked", "racy")
 
@@ -120,8 +140,13 @@ class Accounts:
     """The accounts under ROOT, re-read when their files change."""
 
     def __init__(self, root: os.PathLike | str, *, recheck_seconds: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, default_domain: str = "",
+                 vpopmail_dir: str | None = None) -> None:
         self.root = Path(root)
+        # logins without a domain: the setting, else ~vpopmail/etc/defaultdomain
+        self._default_domain = ascii_lower(default_domain.strip())
+        home = vpopmail_dir if vpopmail_dir is not None else _vpopmail_home()
+        self._defaultdomain_path = os.path.join(home, "etc", "defaultdomain") if home else None
         self.recheck_seconds = recheck_seconds
         self._clock = clock
         self._cache: dict[tuple, _Entry] = {}
@@ -269,6 +294,40 @@ class Accounts:
             return None
         return Mailbox(address, domain, assignment.home, self._with_limits(assignment.home, user),
                        assignment)
+
+    def default_domain(self) -> str | None:
+        """vchkpw's domain for a login without one (`[accounts] default_domain`,
+        else the first line of ~vpopmail/etc/defaultdomain), or None."""
+        if self._default_domain:
+            return self._default_domain
+        path = self._defaultdomain_path
+        if path is None:
+            return None
+
+        def load() -> str | None:
+            try:
+                got = read_whole(path)
+            except OSError as exc:
+                raise AccountsError(f"trouble reading {path}: {exc.strerror}") from exc
+            if got is None:
+                return None
+            first = got[0].decode("utf-8", "replace").split("\n", 1)[0].strip()
+            return ascii_lower(first) or None
+        return self._cached(("defaultdomain",), (path,), load)
+
+    def login(self, login: str) -> tuple[str, VUser | None]:
+        """vchkpw: a POP3 or SMTP AUTH login (`joe@dom`, `joe%dom`, `joe/dom`, or
+        `joe` in the default domain) as `user@domain`, and its user with the
+        domain's limits in its flags (None: no such user)."""
+        name = ascii_lower(login)
+        parts = split_login(name)
+        if parts is None:
+            domain = None if any(sep in name for sep in "@%/") else self.default_domain()
+            if domain is None or not name:
+                return name, None
+            parts = (name, domain)
+        local, domain = parts
+        return f"{local}@{domain}", self.login_user(domain, local)
 
     def login_user(self, domain: str, name: str) -> VUser | None:
         """vchkpw's vauth_getpw(name, domain): the user through the domain's

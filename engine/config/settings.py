@@ -224,6 +224,10 @@ class AccountsSettings:
     # Keep each password's cleartext in vpasswd's eighth field (vpopmail's
     # --enable-clear-passwd): CRAM-MD5 and APOP need it; off, only hashes are kept.
     keep_cleartext: bool = False
+    # The domain of a POP3 or SMTP AUTH login given without one ("joe"), as
+    # vchkpw's default domain; "" = the first line of ~vpopmail/etc/defaultdomain
+    # when the box has one, else such logins fail.
+    default_domain: str = ""
 
 
 @dataclass(slots=True, frozen=True)

@@ -46,16 +46,6 @@ class LoginResult:
     why: str = ""                    # MAILBOX: the system's reason, for the log
 
 
-def split_login(login: str) -> tuple[str, str] | None:
-    """(user, domain) as vchkpw's parse_email splits it, or None without a domain."""
-    login = login.lower()
-    for sep in ("@", "%", "/"):
-        user, found, domain = login.partition(sep)
-        if found:
-            return (user, domain) if user and domain else None
-    return None
-
-
 def apop_digest(timestamp: str, secret: str) -> str:
     return hashlib.md5((timestamp + secret).encode("utf-8", "surrogateescape")).hexdigest()
 
@@ -63,15 +53,10 @@ def apop_digest(timestamp: str, secret: str) -> str:
 def check_login(accounts: Accounts, login: str, secret: str, *, apop_timestamp: str | None,
                 max_messages: int, dummy_hash: Callable[[], str]) -> LoginResult:
     """USER/PASS (apop_timestamp None) or APOP (secret = the digest)."""
-    name = login.lower()
-    parts = split_login(name)
-    user = None
-    if parts is not None:
-        local, domain = parts
-        try:
-            user = accounts.login_user(domain, local)
-        except (AccountsError, VpasswdError, OSError):
-            return LoginResult(TEMPORARY, name)
+    try:
+        name, user = accounts.login(login)
+    except (AccountsError, VpasswdError, OSError):
+        return LoginResult(TEMPORARY, login.lower())
     if user is None:
         if apop_timestamp is None:
             passwords.verify(secret, dummy_hash())     # the same time as a real check

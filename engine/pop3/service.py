@@ -29,7 +29,8 @@ T = TypeVar("T")
 class Pop3Service:
     def __init__(self, receiver: Any) -> None:
         self.receiver = receiver
-        self.accounts = Accounts(receiver.config.root)
+        self.accounts = Accounts(receiver.config.root,
+                                 default_domain=receiver.config.settings.accounts.default_domain)
         self._dummy: str | None = None
         self._dummy_lock = threading.Lock()
 

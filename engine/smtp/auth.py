@@ -233,10 +233,9 @@ class PasswordChecker:
         from engine.accounts.store import AccountsError
         login = creds.login
         try:
-            mailbox = self.accounts.mailbox(login) if "@" in login else None
+            _, user = self.accounts.login(login)     # vchkpw: `joe` is in the default domain
         except AccountsError as exc:
             raise AuthUnavailable(str(exc)) from None
-        user = mailbox.user if mailbox is not None else None
         if creds.mechanism == "CRAM-MD5":
             clear = user.clear if user is not None else None
             if not clear:
@@ -263,9 +262,10 @@ class PasswordChecker:
         its domain (valias's DOMDIR/.qmail-LOCAL) with a line delivering to it
         (`&login`, `login`, or the user's directory)."""
         from engine.accounts.store import AccountsError, safe_ext
-        if ascii_lower(sender) == ascii_lower(login):
-            return True
         try:
+            login = self.accounts.login(login)[0]     # `joe` -> joe@the default domain
+            if ascii_lower(sender) == login:
+                return True
             routed = self.accounts.route(sender)
             mailbox = self.accounts.mailbox(login)
         except AccountsError:

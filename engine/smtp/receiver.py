@@ -139,7 +139,9 @@ class Receiver:
         if self._passwords is None:
             from engine.accounts.store import Accounts
             st = self.config.settings.auth
-            self._passwords = PasswordChecker(Accounts(self.config.root), st.hash_threads,
+            accounts = Accounts(self.config.root,
+                                default_domain=self.config.settings.accounts.default_domain)
+            self._passwords = PasswordChecker(accounts, st.hash_threads,
                                               cache_seconds=st.cache_seconds,
                                               cache_entries=st.cache_entries)
         return self._passwords
