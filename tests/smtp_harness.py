@@ -112,8 +112,11 @@ async def _call(fn, *args):
 class RawClient:
     """A plain socket speaking SMTP byte by byte, for exact replies."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 5.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 5.0,
+                 source: str | None = None) -> None:
+        """`source`: the client's own address (127.0.0.2: another host, for the server)."""
+        self.sock = socket.create_connection((host, port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
         self.buf = b""
 
     def send(self, data: bytes) -> None:

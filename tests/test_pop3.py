@@ -62,8 +62,8 @@ class Client(RawClient):
 
     opened: list["Client"] = []
 
-    def __init__(self, port: int) -> None:
-        super().__init__(port, timeout=10)
+    def __init__(self, port: int, source: str | None = None) -> None:
+        super().__init__(port, timeout=10, source=source)
         self.opened.append(self)
 
     def cmd(self, text: str) -> bytes:
@@ -257,29 +257,54 @@ def set_flag(root: Path, bit: int) -> None:
     write_users(ref, [dataclasses.replace(u, gid=u.gid | bit) for u in read_users(ref.directory)])
 
 
+# Another host, for the server (127.0.0.1 is the box itself: vchkpw's webmail).
+ELSEWHERE = "127.0.0.2"
+CLEAR_OK = "[auth]\nfailure_delay = 0\n[pop3]\nallow_plaintext = true\n"
+
+
 def test_no_pop_flag_refused(tmp_path, server):
-    root = make_root(tmp_path)
+    root = make_root(tmp_path, CLEAR_OK)
     set_flag(root, NO_POP)
-    c = Client(server(root).port)
+    c = Client(server(root).port, source=ELSEWHERE)
     assert c.login() == b"-ERR authorization failed\r\n"
     assert c.closed()
+
+
+def test_a_login_from_the_box_itself_is_a_webmails(tmp_path, server):
+    # vchkpw: POP from 127.0.0.1 is WEBMAIL, so NO_POP ("webmail only") does
+    # not refuse it and NO_WEBMAIL does.
+    from engine.accounts.vpasswd import NO_WEBMAIL
+    root = make_root(tmp_path, CLEAR_OK)
+    set_flag(root, NO_POP)
+    srv = server(root)
+    c = Client(srv.port)
+    assert c.login() == b"+OK \r\n"
+    c.close()
+    set_flag(root, NO_WEBMAIL)
+
+    def refused() -> bool:          # once the server's accounts see the new vpasswd (≤ 1 s)
+        c = Client(srv.port)
+        no = c.login() == b"-ERR authorization failed\r\n"
+        c.close()
+        return no
+    wait_for(refused, what="NO_WEBMAIL refusing a login from 127.0.0.1")
 
 
 def test_domain_limits_disable_pop_refused_unless_v_override(tmp_path, server):
     # vpopmail's vlimits_setflags: qmailadmin's .qmailadmin-limits disables POP
     # for every user of the domain, but a user with V_OVERRIDE.
     from engine.accounts.vpasswd import V_OVERRIDE
-    root = make_root(tmp_path)
+    root = make_root(tmp_path, CLEAR_OK)
     (root / "domains" / "example.com" / ".qmailadmin-limits").write_text(
         "maxpopaccounts: -1\ndefault_quota: 0\ndisable_pop\n")
     srv = server(root)
-    c = Client(srv.port)
+    c = Client(srv.port, source=ELSEWHERE)
     assert c.login() == b"-ERR authorization failed\r\n"
     assert c.closed()
     set_flag(root, V_OVERRIDE)
 
     def logs_in() -> bool:         # once the server's accounts see the new vpasswd (≤ 1 s)
-        c = Client(srv.port)
+        c = Client(srv.port, source=ELSEWHERE)
         ok = c.login() == b"+OK \r\n"
         c.close()
         return ok

@@ -2,16 +2,19 @@
 
 Owns (spec vpopmail-pop3-auth.md §1.5), for USER/PASS and APOP:
 - the login name: lower-cased, split at the first `@`, else `%`, else `/`
-  (`joe%example.com` works, as with vchkpw); a name without a domain is
-  refused (qrelay has no vpopmail default domain);
+  (`joe%example.com` works, as with vchkpw); a name without a domain is in
+  the default domain (engine.accounts.store's `Accounts.login`);
 - the lookup: the domain through users/assign's `+DOMAIN-` line (vget_assign,
-  alias domains included), the user in its vpasswd(.cdb);
+  alias domains included), the user in its vpasswd(.cdb), the domain's
+  limits in its flags;
 - the check: PASS against the crypt string (engine.accounts.passwords,
   constant-time; an unknown user is checked against a dummy hash, so the
   answer takes as long as for a wrong password); APOP as hex(md5(timestamp + cleartext)) when the cleartext
   is kept (vpasswd's 8th field), never otherwise; an account with the NO_POP
   flag is refused like a wrong password (vchkpw exits 1 for both, and a
-  distinct answer would confirm the password);
+  distinct answer would confirm the password). A login from the box itself
+  (127.0.0.1 or ::1: a webmail) is vchkpw's WEBMAIL protocol: NO_WEBMAIL
+  refuses it and NO_POP does not, so "webmail only" accounts keep working;
 - then, only for a right password, the Maildir: locked and scanned
   (engine.pop3.maildir).
 
@@ -32,8 +35,11 @@ from engine.accounts.vpasswd import VpasswdError, VUser
 from engine.pop3.maildir import Mailbox, MailboxError
 
 # Outcomes (vchkpw's syslog words where it has them).
-OK, NOT_FOUND, BAD_PASSWORD, NO_POP, MAILBOX, TEMPORARY = (
-    "ok", "vpopmail user not found", "password fail", "pop access denied", "mailbox", "temporary")
+OK, NOT_FOUND, BAD_PASSWORD, NO_POP, NO_WEBMAIL, MAILBOX, TEMPORARY = (
+    "ok", "vpopmail user not found", "password fail", "pop access denied",
+    "webmail access denied", "mailbox", "temporary")
+# vchkpw: POP from here is a webmail's (its WEBMAIL_CONN); it compares 127.0.0.1 only.
+WEBMAIL_PEERS = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
 
 
 @dataclass(slots=True)
@@ -51,8 +57,9 @@ def apop_digest(timestamp: str, secret: str) -> str:
 
 
 def check_login(accounts: Accounts, login: str, secret: str, *, apop_timestamp: str | None,
-                max_messages: int, dummy_hash: Callable[[], str]) -> LoginResult:
-    """USER/PASS (apop_timestamp None) or APOP (secret = the digest)."""
+                max_messages: int, dummy_hash: Callable[[], str],
+                remoteip: str = "") -> LoginResult:
+    """USER/PASS (apop_timestamp None) or APOP (secret = the digest), from `remoteip`."""
     try:
         name, user = accounts.login(login)
     except (AccountsError, VpasswdError, OSError):
@@ -68,7 +75,10 @@ def check_login(accounts: Accounts, login: str, secret: str, *, apop_timestamp: 
             apop_digest(apop_timestamp, user.clear).encode(), secret.lower().encode("ascii", "replace"))
     if not right:
         return LoginResult(BAD_PASSWORD, name, user)
-    if user.no_pop:
+    if remoteip in WEBMAIL_PEERS:
+        if user.no_webmail:
+            return LoginResult(NO_WEBMAIL, name, user)
+    elif user.no_pop:
         return LoginResult(NO_POP, name, user)
     try:
         mailbox = Mailbox.open(user.maildir, max_messages)

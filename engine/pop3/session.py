@@ -331,7 +331,7 @@ class Pop3Session(asyncio.Protocol):
         if throttle is None or not await throttle.locked(ip):
             check = partial(logins.check_login, self.service.accounts, name, secret,
                             apop_timestamp=apop, max_messages=self.settings.max_messages,
-                            dummy_hash=self.service.dummy_hash)
+                            dummy_hash=self.service.dummy_hash, remoteip=ip)
             result = await self.service.run(check)
         outcome = result.outcome if result is not None else "locked out"
         mechanism = "apop" if apop is not None else "user"
@@ -346,7 +346,7 @@ class Pop3Session(asyncio.Protocol):
                 self.out.append(R_TEMP)
                 self._close()
             return
-        # A wrong user or password, NO_POP, or a client the throttle has locked
+        # A wrong user or password, NO_POP (NO_WEBMAIL), or a client the throttle has locked
         # out: the same answer, and one attempt per connection (qmail-popup).
         # The throttle's delay comes first; a lockout answers at once.
         if throttle is None:
