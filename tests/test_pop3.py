@@ -508,16 +508,27 @@ def test_missing_maildir(tmp_path, server):
 
 
 def test_login_failures_are_logged_in_vchkpws_words(tmp_path, server):
-    root = make_root(tmp_path)
+    root = make_root(tmp_path, CLEAR_OK)
     log = Lines()
     srv = server(root, log=log)
-    for user, password in (("joe@example.com", "wrong"), ("No One%x@example.com", "secret")):
-        c = Client(srv.port)
+    for user, password, source in (("joe@example.com", "wrong", ELSEWHERE),
+                                   ("No One%x@example.com", "secret", ELSEWHERE),
+                                   ("joe@example.com", "wrong", None)):
+        c = Client(srv.port, source=source)
         assert c.login(user, password) == b"-ERR authorization failed\r\n"
         assert c.closed()
-    # Spaces between the words; the client's name as qmail's logsafe makes it.
-    assert log == ["vchkpw-pop3: password fail joe@example.com:127.0.0.1",
-                   "vchkpw-pop3: vpopmail user not found no_one_x@example.com:127.0.0.1"]
+    # Spaces between the words; the client's name as qmail's logsafe makes it;
+    # a login from 127.0.0.1 is a webmail's, in vchkpw's name for it.
+    assert log == ["vchkpw-pop3: password fail joe@example.com:127.0.0.2",
+                   "vchkpw-pop3: vpopmail user not found no_one_x@example.com:127.0.0.2",
+                   "vchkpw-webmail: password fail joe@example.com:127.0.0.1"]
+
+
+def test_webmail_addresses_setting(tmp_path):
+    from engine.config.settings import load_settings
+    assert "127.0.0.1" in load_settings(tmp_path).pop3.webmail_addresses
+    (tmp_path / "qrelay.toml").write_text('[pop3]\nwebmail_addresses = ["192.0.2.80"]\n')
+    assert load_settings(tmp_path).pop3.webmail_addresses == ("192.0.2.80",)
 
 
 def test_pop3_settings_ranges(tmp_path):

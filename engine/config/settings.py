@@ -337,6 +337,10 @@ class Pop3Settings:
     # host to itself (the peer's address is the server's, as Dovecot judges
     # it) and APOP are allowed either way.
     allow_plaintext: bool = False
+    # Clients whose POP3 logins are a webmail's (vchkpw's webmailips, WEBMAIL
+    # protocol): NO_WEBMAIL refuses them, NO_POP does not. A cluster adds its
+    # webmail servers' addresses.
+    webmail_addresses: tuple = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
 
 
 @dataclass(slots=True, frozen=True)

@@ -12,9 +12,10 @@ Owns (spec vpopmail-pop3-auth.md §1.5), for USER/PASS and APOP:
   answer takes as long as for a wrong password); APOP as hex(md5(timestamp + cleartext)) when the cleartext
   is kept (vpasswd's 8th field), never otherwise; an account with the NO_POP
   flag is refused like a wrong password (vchkpw exits 1 for both, and a
-  distinct answer would confirm the password). A login from the box itself
-  (127.0.0.1 or ::1: a webmail) is vchkpw's WEBMAIL protocol: NO_WEBMAIL
-  refuses it and NO_POP does not, so "webmail only" accounts keep working;
+  distinct answer would confirm the password). A login from one of
+  `[pop3] webmail_addresses` (127.0.0.1: a webmail on the box) is vchkpw's
+  WEBMAIL protocol: NO_WEBMAIL refuses it and NO_POP does not, so "webmail
+  only" accounts keep working;
 - then, only for a right password, the Maildir: locked and scanned
   (engine.pop3.maildir).
 
@@ -38,8 +39,6 @@ from engine.pop3.maildir import Mailbox, MailboxError
 OK, NOT_FOUND, BAD_PASSWORD, NO_POP, NO_WEBMAIL, MAILBOX, TEMPORARY = (
     "ok", "vpopmail user not found", "password fail", "pop access denied",
     "webmail access denied", "mailbox", "temporary")
-# vchkpw: POP from here is a webmail's (its WEBMAIL_CONN); it compares 127.0.0.1 only.
-WEBMAIL_PEERS = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
 
 
 @dataclass(slots=True)
@@ -58,8 +57,9 @@ def apop_digest(timestamp: str, secret: str) -> str:
 
 def check_login(accounts: Accounts, login: str, secret: str, *, apop_timestamp: str | None,
                 max_messages: int, dummy_hash: Callable[[], str],
-                remoteip: str = "") -> LoginResult:
-    """USER/PASS (apop_timestamp None) or APOP (secret = the digest), from `remoteip`."""
+                webmail: bool = False) -> LoginResult:
+    """USER/PASS (apop_timestamp None) or APOP (secret = the digest); `webmail`:
+    the client is one of `[pop3] webmail_addresses` (vchkpw's WEBMAIL)."""
     try:
         name, user = accounts.login(login)
     except (AccountsError, VpasswdError, OSError):
@@ -75,7 +75,7 @@ def check_login(accounts: Accounts, login: str, secret: str, *, apop_timestamp: 
             apop_digest(apop_timestamp, user.clear).encode(), secret.lower().encode("ascii", "replace"))
     if not right:
         return LoginResult(BAD_PASSWORD, name, user)
-    if remoteip in WEBMAIL_PEERS:
+    if webmail:
         if user.no_webmail:
             return LoginResult(NO_WEBMAIL, name, user)
     elif user.no_pop:

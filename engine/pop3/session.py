@@ -331,7 +331,7 @@ class Pop3Session(asyncio.Protocol):
         if throttle is None or not await throttle.locked(ip):
             check = partial(logins.check_login, self.service.accounts, name, secret,
                             apop_timestamp=apop, max_messages=self.settings.max_messages,
-                            dummy_hash=self.service.dummy_hash, remoteip=ip)
+                            dummy_hash=self.service.dummy_hash, webmail=self._webmail())
             result = await self.service.run(check)
         outcome = result.outcome if result is not None else "locked out"
         mechanism = "apop" if apop is not None else "user"
@@ -341,7 +341,8 @@ class Pop3Session(asyncio.Protocol):
             return
         if outcome == logins.TEMPORARY:
             metrics.auth_result("tempfail", mechanism, "pop3")
-            self._log(f"vchkpw-pop3: temporary failure reading accounts {logsafe(name.lower())}:{ip}")
+            self._log(f"{self._vchkpw()}: temporary failure reading accounts "
+                      f"{logsafe(name.lower())}:{ip}")
             if self.state != CLOSED:
                 self.out.append(R_TEMP)
                 self._close()
@@ -357,7 +358,7 @@ class Pop3Session(asyncio.Protocol):
             delay = await throttle.failure(ip)
             if math.isinf(delay):
                 delay = 0.0
-        self._log(f"vchkpw-pop3: {outcome} {logsafe(name.lower())}:{ip}")
+        self._log(f"{self._vchkpw()}: {outcome} {logsafe(name.lower())}:{ip}")
         metrics.auth_result("locked_out" if result is None else "failed", mechanism, "pop3")
         if delay > 0 and self.state != CLOSED:
             await asyncio.sleep(delay)
@@ -395,6 +396,13 @@ class Pop3Session(asyncio.Protocol):
         self.mailbox = mailbox
         self.out.append(OK)
         self._resume(TRANS)
+
+    def _webmail(self) -> bool:
+        return self.remoteip in self.settings.webmail_addresses
+
+    def _vchkpw(self) -> str:
+        """vchkpw's log name for this connection."""
+        return "vchkpw-webmail" if self._webmail() else "vchkpw-pop3"
 
     def _log(self, text: str) -> None:
         """One line to log/smtpd; its variable parts are made safe by the caller
