@@ -124,7 +124,7 @@ def _vpopmail_home() -> str | None:
     """~vpopmail (vpopmail's VPOPMAILDIR), when the box has a vpopmail user."""
     import pwd
     try:
-        return pwd.getpwnam("vpopmail").pw_dir or None
+        return getattr(pwd.getpwnam("vpopmail"), "pw_dir", None) or None
     except KeyError:
         return None
 
@@ -145,8 +145,7 @@ class Accounts:
         self.root = Path(root)
         # logins without a domain: the setting, else ~vpopmail/etc/defaultdomain
         self._default_domain = ascii_lower(default_domain.strip())
-        home = vpopmail_dir if vpopmail_dir is not None else _vpopmail_home()
-        self._defaultdomain_path = os.path.join(home, "etc", "defaultdomain") if home else None
+        self._vpopmail_dir = vpopmail_dir       # None: ~vpopmail, looked up when needed
         self.recheck_seconds = recheck_seconds
         self._clock = clock
         self._cache: dict[tuple, _Entry] = {}
@@ -300,9 +299,11 @@ class Accounts:
         else the first line of ~vpopmail/etc/defaultdomain), or None."""
         if self._default_domain:
             return self._default_domain
-        path = self._defaultdomain_path
-        if path is None:
+        if self._vpopmail_dir is None:
+            self._vpopmail_dir = _vpopmail_home() or ""     # looked up once
+        if not self._vpopmail_dir:
             return None
+        path = os.path.join(self._vpopmail_dir, "etc", "defaultdomain")
 
         def load() -> str | None:
             try:
