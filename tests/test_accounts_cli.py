@@ -393,3 +393,13 @@ def test_domain_del_of_a_linked_domain_directory_removes_the_link_only(root, tmp
     assert not dom.exists() and not dom.is_symlink()
     assert (elsewhere / "joe" / "Maildir").is_dir()
     assert (root / "users" / "assign").read_text() == ".\n"
+
+
+def test_user_show_last_login(droot):
+    qrelay("user", "add", str(droot), "joe@example.com", input="pw\n")
+    assert "last login: never (no lastauth)\n" in qrelay("user", "show", str(droot), "joe@example.com").output
+    joe = droot / "domains" / "example.com" / "joe"
+    (joe / "lastauth").write_text("192.0.2.7")
+    os.utime(joe / "lastauth", (1700000000, 1700000000))
+    assert "last login: 2023-11-14 22:13:20 UTC from 192.0.2.7\n" in \
+        qrelay("user", "show", str(droot), "joe@example.com").output

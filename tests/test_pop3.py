@@ -311,6 +311,18 @@ def test_domain_limits_disable_pop_refused_unless_v_override(tmp_path, server):
     wait_for(logs_in, what="a login with V_OVERRIDE")
 
 
+def test_a_login_is_recorded_in_lastauth(tmp_path, server):
+    root = make_root(tmp_path)
+    user_dir = root / "domains" / "example.com" / "joe"
+    srv = server(root)
+    c = Client(srv.port)
+    assert c.login("joe@example.com", "wrong") == b"-ERR authorization failed\r\n"
+    assert not (user_dir / "lastauth").exists()                    # only a login that passes
+    c = Client(srv.port)
+    assert c.login() == b"+OK \r\n"
+    assert (user_dir / "lastauth").read_text() == "127.0.0.1"
+
+
 def test_a_login_without_its_domain_is_in_the_default_domain(tmp_path, server):
     # vchkpw's default domain: `joe` logs in as joe@example.com ([accounts]
     # default_domain, else ~vpopmail/etc/defaultdomain).

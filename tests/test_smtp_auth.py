@@ -282,11 +282,14 @@ def tls_client(ca, make_server, greeted):
     return c
 
 
-def test_plain_with_and_without_initial_response(tls_client):
+def test_plain_with_and_without_initial_response(tls_client, accounts):
     c = tls_client
+    lastauth = accounts / "domains" / "example.org" / "joe" / "lastauth"
     assert c.cmd(b"AUTH PLAIN") == b"334 \r\n"
     assert c.cmd(plain(password="wrong")) == b"535 authorization failed (#5.7.0)\r\n"
+    assert not lastauth.exists()
     assert c.cmd(b"AUTH PLAIN " + plain()) == b"235 ok, go ahead (#2.0.0)\r\n"
+    assert lastauth.read_text() == "127.0.0.1"          # vchkpw's record of the login
     assert c.cmd(b"AUTH PLAIN " + plain()) == b"503 you're already authenticated (#5.5.0)\r\n"
 
 

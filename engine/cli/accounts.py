@@ -276,6 +276,14 @@ def user_show(root: str, address: str) -> None:
         note = "not applied: v_override" if u.gid & V_OVERRIDE else "added at login"
         click.echo(f"limits:    {added} ({r.limits.source}; {note})")
     click.echo(f"password:  {r.scheme or 'none/unknown'}{', cleartext kept' if u.clear is not None else ''}")
+    from engine.accounts import lastauth
+    last = lastauth.read(u.directory)
+    if last is None:
+        click.echo("last login: never (no lastauth)")
+    else:
+        import time
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(last[1]))
+        click.echo(f"last login: {when} from {last[0] or '?'}")
 
 
 @user.command("import")

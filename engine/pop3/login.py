@@ -30,7 +30,7 @@ import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from engine.accounts import passwords
+from engine.accounts import lastauth, passwords
 from engine.accounts.store import Accounts, AccountsError
 from engine.accounts.vpasswd import VpasswdError, VUser
 from engine.pop3.maildir import Mailbox, MailboxError
@@ -57,9 +57,10 @@ def apop_digest(timestamp: str, secret: str) -> str:
 
 def check_login(accounts: Accounts, login: str, secret: str, *, apop_timestamp: str | None,
                 max_messages: int, dummy_hash: Callable[[], str],
-                webmail: bool = False) -> LoginResult:
+                webmail: bool = False, remoteip: str = "") -> LoginResult:
     """USER/PASS (apop_timestamp None) or APOP (secret = the digest); `webmail`:
-    the client is one of `[pop3] webmail_addresses` (vchkpw's WEBMAIL)."""
+    the client is one of `[pop3] webmail_addresses` (vchkpw's WEBMAIL). A login
+    that passes is recorded in USERDIR/lastauth (`remoteip`), as vchkpw does."""
     try:
         name, user = accounts.login(login)
     except (AccountsError, VpasswdError, OSError):
@@ -80,6 +81,8 @@ def check_login(accounts: Accounts, login: str, secret: str, *, apop_timestamp: 
             return LoginResult(NO_WEBMAIL, name, user)
     elif user.no_pop:
         return LoginResult(NO_POP, name, user)
+    if remoteip:
+        lastauth.record(user.directory, remoteip)
     try:
         mailbox = Mailbox.open(user.maildir, max_messages)
     except MailboxError as exc:

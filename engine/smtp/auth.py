@@ -228,8 +228,9 @@ class PasswordChecker:
             self._dummy = await loop.run_in_executor(self.pool, hash_password, secrets.token_hex(8))
         return self._dummy
 
-    async def check(self, creds: Credentials) -> tuple[bool, str]:
-        """(accepted, why) — `why` is for the log only, never for the client."""
+    async def check(self, creds: Credentials, remoteip: str = "") -> tuple[bool, str]:
+        """(accepted, why) — `why` is for the log only, never for the client. An
+        accepted login is recorded in USERDIR/lastauth (`remoteip`), as vchkpw does."""
         from engine.accounts.store import AccountsError
         login = creds.login
         try:
@@ -255,6 +256,10 @@ class PasswordChecker:
                 self._remember(key, user.crypted, creds.secret)
         if user.no_smtp:
             return False, "account may not use SMTP"
+        if remoteip:
+            from engine.accounts import lastauth
+            await asyncio.get_running_loop().run_in_executor(
+                self.pool, lastauth.record, user.directory, remoteip)
         return True, ""
 
     def sender_allowed(self, login: str, sender: str) -> bool:

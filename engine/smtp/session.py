@@ -771,7 +771,7 @@ class SmtpSession(asyncio.Protocol):
             if throttle is not None and await throttle.locked(ip):
                 ok, why, close = False, "locked out", True
             else:
-                ok, why = await receiver.passwords().check(creds)
+                ok, why = await receiver.passwords().check(creds, ip)
             if ok:
                 if throttle is not None:
                     await throttle.success(ip)

@@ -1,0 +1,45 @@
+"""vpopmail's USERDIR/lastauth: the address of a user's last login, its mtime the time.
+
+vchkpw writes it after every successful login (POP3, SMTP AUTH, IMAP: vpopmail's
+auth logging, on by default); qmailadmin and `vuserinfo` show it, and sites
+find unused accounts by its mtime. `record` does the same for qrelay's POP3
+and SMTP AUTH: best effort (a user directory the receivers cannot write is
+skipped, as vpopmail ignores its fopen failing), no fsync (losing the last
+login's address in a crash costs nothing). It blocks on the disk: call it in
+a worker thread, never on an event loop.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+LASTAUTH = "lastauth"
+
+
+def record(user_dir: str, ip: str) -> bool:
+    """Write `ip` as USERDIR/lastauth (its mtime is now); False if it could not be."""
+    if not user_dir:
+        return False
+    try:
+        fd = os.open(os.path.join(user_dir, LASTAUTH),
+                     os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return False
+    try:
+        os.write(fd, ip.encode("ascii", "replace"))
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def read(user_dir: str) -> tuple[str, float] | None:
+    """(address, time) of the last login, or None when there was none."""
+    path = Path(user_dir) / LASTAUTH
+    try:
+        st = path.stat()
+        text = path.read_text("ascii", "replace").strip()
+    except OSError:
+        return None
+    return text, st.st_mtime

@@ -1,0 +1,27 @@
+"""engine/accounts/lastauth.py: vchkpw's USERDIR/lastauth, written after a login."""
+from __future__ import annotations
+
+import os
+import time
+
+from engine.accounts import lastauth
+
+
+def test_record_and_read(tmp_path):
+    assert lastauth.read(str(tmp_path)) is None
+    before = time.time() - 1
+    assert lastauth.record(str(tmp_path), "192.0.2.7")
+    ip, when = lastauth.read(str(tmp_path))
+    assert ip == "192.0.2.7" and when >= before
+    assert lastauth.record(str(tmp_path), "::1")                 # replaced, not appended
+    assert (tmp_path / "lastauth").read_text() == "::1"
+    assert os.stat(tmp_path / "lastauth").st_mode & 0o777 == 0o600
+
+
+def test_best_effort(tmp_path):
+    assert not lastauth.record("", "192.0.2.7")
+    assert not lastauth.record(str(tmp_path / "missing"), "192.0.2.7")
+    (tmp_path / "elsewhere").write_text("x")
+    (tmp_path / "lastauth").symlink_to(tmp_path / "elsewhere")   # never followed
+    assert not lastauth.record(str(tmp_path), "192.0.2.7")
+    assert (tmp_path / "elsewhere").read_text() == "x"
