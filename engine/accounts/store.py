@@ -240,17 +240,21 @@ class Accounts:
                 raise AccountsError(f"trouble reading {directory}: {exc.strerror}") from exc
         return self._cached(("dir", directory), (directory,), load, directory=True)
 
-    def _default_delivery(self, path: str) -> DefaultDelivery | None:
-        """What the .qmail-default at path does (None when it is gone), parsed once per version."""
-        def load() -> DefaultDelivery | None:
+    def _cached_file(self, key: tuple, path: str, parse: Callable[[bytes], Any]) -> Any:
+        """parse(content) of the file at path, None when there is none; parsed
+        once per version of the file."""
+        def load() -> Any:
             try:
                 got = read_whole(path)
             except OSError as exc:
                 raise AccountsError(f"trouble reading {path}: {exc.strerror}") from exc
-            if got is None:
-                return None
-            return parse_qmail_default(got[0].decode("utf-8", "surrogateescape"))
-        return self._cached(("qmail-default", path), (path,), load)
+            return None if got is None else parse(got[0])
+        return self._cached(key, (path,), load)
+
+    def _default_delivery(self, path: str) -> DefaultDelivery | None:
+        """What the .qmail-default at path does (None when it is gone)."""
+        return self._cached_file(("qmail-default", path), path, lambda raw: parse_qmail_default(
+            raw.decode("utf-8", "surrogateescape")))
 
     # -- answers -----------------------------------------------------------
     def route(self, address: str) -> tuple[str, Assignment] | None:
@@ -304,17 +308,8 @@ class Accounts:
         if not self._vpopmail_dir:
             return None
         path = os.path.join(self._vpopmail_dir, "etc", "defaultdomain")
-
-        def load() -> str | None:
-            try:
-                got = read_whole(path)
-            except OSError as exc:
-                raise AccountsError(f"trouble reading {path}: {exc.strerror}") from exc
-            if got is None:
-                return None
-            first = got[0].decode("utf-8", "replace").split("\n", 1)[0].strip()
-            return ascii_lower(first) or None
-        return self._cached(("defaultdomain",), (path,), load)
+        return self._cached_file(("defaultdomain",), path, lambda raw: ascii_lower(
+            raw.decode("utf-8", "replace").split("\n", 1)[0].strip()) or None)
 
     def login(self, login: str) -> tuple[str, VUser | None]:
         """vchkpw: a POP3 or SMTP AUTH login (`joe@dom`, `joe%dom`, `joe/dom`, or
