@@ -291,20 +291,11 @@ def add_domain(root: os.PathLike | str, domain: str, *, uid: int | None = None,
     """vadddomain: ROOT/domains/DOMAIN with vpasswd, vpasswd.cdb, .qmail-default; rcpthosts,
     virtualdomains, users/assign (+ users/cdb) updated."""
     base = check_root(root)
-    name = ascii_lower(domain)
-    why = valid_domain_name(name)
-    if why:
-        raise AdminError(f"{domain}: {why}")
+    name = _new_domain_name(domain)
     owner = domain_owner(base, uid, gid)
     (base / "users").mkdir(mode=0o755, exist_ok=True)
     with file_lock(base / "users" / "assign.lock"):
-        lines = _read_assign_lines(base)
-        key = f"+{name}-:"
-        if any(ascii_lower(line).startswith(key) for line in lines):
-            raise AdminError(f"{name}: domain exists (users/assign has +{name}-)")
-        vdoms = read_list(base / "control" / "virtualdomains", []) or []
-        if any(ascii_lower(v.split(":", 1)[0]) == name for v in vdoms):
-            raise AdminError(f"{name}: already in control/virtualdomains")
+        lines = _unused_domain_lines(base, name)
         domains = base / "domains"
         make_dir(domains, 0o755, owner)
         directory = domains / name
@@ -316,11 +307,38 @@ def add_domain(root: os.PathLike | str, domain: str, *, uid: int | None = None,
         atomic_write(directory / ".qmail-default", qmail_default_line("bounce-no-mailbox").encode(),
                      mode=SECRET_MODE, owner=owner)
         line = AssignLine(True, f"{name}-", name, str(owner[0]), str(owner[1]), str(directory), "-", "")
-        _write_assign(base, lines + [line.text()])
-        _append_line(base / "control" / "virtualdomains", f"{name}:{name}")
-        _remove_lines(base / "control" / "locals", lambda x: ascii_lower(x) == name)
-        _add_rcpthost(base, name)
+        _add_domain_lines(base, name, lines + [line.text()])
     return ref
+
+
+def _new_domain_name(domain: str) -> str:
+    """DOMAIN lower-cased, or AdminError when it is no domain name."""
+    name = ascii_lower(domain)
+    why = valid_domain_name(name)
+    if why:
+        raise AdminError(f"{domain}: {why}")
+    return name
+
+
+def _unused_domain_lines(base: Path, name: str) -> list[str]:
+    """users/assign's lines (under its lock), or AdminError when `name` is a
+    domain already (an assign line or a virtualdomains entry)."""
+    lines = _read_assign_lines(base)
+    if any(ascii_lower(line).startswith(f"+{name}-:") for line in lines):
+        raise AdminError(f"{name}: domain exists (users/assign has +{name}-)")
+    vdoms = read_list(base / "control" / "virtualdomains", []) or []
+    if any(ascii_lower(v.split(":", 1)[0]) == name for v in vdoms):
+        raise AdminError(f"{name}: already in control/virtualdomains")
+    return lines
+
+
+def _add_domain_lines(base: Path, name: str, assign_lines: list[str]) -> None:
+    """A new (or alias) domain's lines: users/assign (+ users/cdb), virtualdomains
+    `NAME:NAME`, rcpthosts (or morercpthosts); out of locals."""
+    _write_assign(base, assign_lines)
+    _append_line(base / "control" / "virtualdomains", f"{name}:{name}")
+    _remove_lines(base / "control" / "locals", lambda x: ascii_lower(x) == name)
+    _add_rcpthost(base, name)
 
 
 def _add_rcpthost(base: Path, name: str) -> None:
@@ -393,25 +411,14 @@ def add_alias_domain(root: os.PathLike | str, alias: str, domain: str) -> tuple[
     virtualdomains `ALIAS:ALIAS`, rcpthosts); no directory of its own. Returns
     the alias and the real domain (DOMAIN's, when DOMAIN is an alias itself)."""
     base = check_root(root)
-    name = ascii_lower(alias)
-    why = valid_domain_name(name)
-    if why:
-        raise AdminError(f"{alias}: {why}")
+    name = _new_domain_name(alias)
     ref = find_domain(base, domain)
     real = _alias_of(base, ref.name) or ref.name      # an alias of an alias is one of the real one
     with file_lock(base / "users" / "assign.lock"):
-        lines = _read_assign_lines(base)
-        if any(ascii_lower(line).startswith(f"+{name}-:") for line in lines):
-            raise AdminError(f"{name}: domain exists (users/assign has +{name}-)")
-        vdoms = read_list(base / "control" / "virtualdomains", []) or []
-        if any(ascii_lower(v.split(":", 1)[0]) == name for v in vdoms):
-            raise AdminError(f"{name}: already in control/virtualdomains")
+        lines = _unused_domain_lines(base, name)
         line = AssignLine(True, f"{name}-", real, str(ref.uid), str(ref.gid), str(ref.directory),
                           "-", "")
-        _write_assign(base, lines + [line.text()])
-        _append_line(base / "control" / "virtualdomains", f"{name}:{name}")
-        _remove_lines(base / "control" / "locals", lambda x: ascii_lower(x) == name)
-        _add_rcpthost(base, name)
+        _add_domain_lines(base, name, lines + [line.text()])
     return DomainRef(name, ref.directory, ref.uid, ref.gid), real
 
 
@@ -519,11 +526,15 @@ def _quota(quota: str | None) -> str:
 def _default_quota(ref: DomainRef) -> str:
     """vadduser's quota for a user added without one: the domain limits'
     default_quota / default_maxmsgcount (engine.accounts.limits), else NOQUOTA."""
+    limits = _domain_limits(ref)
+    return format_quota(limits.default_quota or None, limits.default_maxmsgcount or None)
+
+
+def _domain_limits(ref: DomainRef) -> Limits:
     try:
-        limits = read_limits(str(ref.directory))
+        return read_limits(str(ref.directory))
     except OSError as exc:
         raise AdminError(f"{ref.directory}: cannot read the domain limits: {exc.strerror}") from None
-    return format_quota(limits.default_quota or None, limits.default_maxmsgcount or None)
 
 
 def add_user(root: os.PathLike | str, address: str, password: str, *, quota: str | None = None,
@@ -715,12 +726,8 @@ def show_user(root: os.PathLike | str, address: str) -> UserReport:
     if user is None:
         raise AdminError(f"{name}@{ref.name}: no such user")
     size, count, source = maildir_usage(Path(user.directory) / "Maildir")
-    try:
-        limits = read_limits(str(ref.directory))
-    except OSError as exc:
-        raise AdminError(f"{ref.directory}: cannot read the domain limits: {exc.strerror}") from None
     return UserReport(f"{user.name}@{ref.name}", user, user.maildir, size, count, source,
-                      passwords.scheme(user.crypted), limits)
+                      passwords.scheme(user.crypted), _domain_limits(ref))
 
 
 @dataclass(slots=True)
