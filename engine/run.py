@@ -95,14 +95,15 @@ def services(root: Path, config: Any, listeners: list[Listener], procs: int,
         spec = _without_sockets(spec, [sock for sock in sockets if sock not in keep])
         return spec if root_kept else _as(user, spec)
 
-    table = ConnectionTable(procs)
+    table = ConnectionTable(procs, ("smtp", "pop3"))
     specs = []
     if settings.spool.single_writer:
         specs.append(child(_spool_writer(root, settings)))
     from engine.smtp.receiver import receiver_main
     specs.append(child(ChildSpec(
         "receiver", target=lambda slot: receiver_main(str(root), slots[slot % len(slots)],
-                                                      table.counter(slot), tickets),
+                                                      table.counter(slot), tickets,
+                                                      table.counter(slot, "pop3")),
         count=procs, on_exit=table.clear_row, forward_signals=frozenset({signal.SIGHUP})),
         keep=receivers_sockets))
     if settings.scheduler.enabled:   # false: `qrelay run` only receives, mail stays queued
@@ -339,6 +340,19 @@ def _foreign_domains_warning(root: Path, user: RunUser) -> None:
             f"set [run] user to their owner (e.g. vpopmail) in qrelay.toml")
 
 
+def open_files_warning(config: Any, schemes: set[str]) -> None:
+    """Raise the open-files limit the children inherit; say when it is still
+    too small for the connection caps (engine.openfiles)."""
+    from engine import openfiles
+    soft = openfiles.raise_soft_limit()
+    caps = config.concurrencyincoming
+    if schemes & {"pop3", "pop3s"}:
+        caps += config.settings.pop3.max_connections
+    why = openfiles.shortfall(soft, caps)
+    if why:
+        logging.getLogger("qrelay.run").warning(why)
+
+
 def stale_rules_warning(root: Path) -> None:
     """tcp.smtp edited after `qrelay tcprules`: the cdb is what is read; say so."""
     from engine.config.tcprules import stale_cdb
@@ -388,6 +402,7 @@ def serve(root: Path, listen: list[ListenAddress], procs: int,
     handler = None
     try:
         handler = _log_to_root(root, config.settings, user)
+        open_files_warning(config, {addr.scheme for addr in listen})
         stale_rules_warning(root)
         if user is not None:
             _foreign_domains_warning(root, user)

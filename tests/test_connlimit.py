@@ -73,3 +73,15 @@ def test_connection_numbers_are_unique_across_slots_and_restarts():
     seen.append(table.counter(0).next_number())
     assert seen == [1, 2, 3, 4, 5, 7]
     assert len(set(seen)) == len(seen)
+
+
+def test_services_are_counted_apart_and_cleared_together():
+    table = ConnectionTable(2, ("smtp", "pop3"))
+    smtp, pop3 = table.counter(1), table.counter(1, "pop3")
+    assert smtp.admit("10.0.0.1", 1, 0) is None
+    assert pop3.admit("10.0.0.1", 1, 1) is None          # SMTP's count is not POP3's
+    assert pop3.admit("10.0.0.2", 1, 0) == "total"
+    assert table.counter(0, "pop3").admit("10.0.0.1", 0, 1) == "ip"
+    assert (table.total(), table.total("pop3"), smtp.mine(), pop3.mine()) == (1, 1, 1, 1)
+    table.clear_row(1)                                    # the receiver died: both go
+    assert table.total() == 0 and table.total("pop3") == 0

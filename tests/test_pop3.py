@@ -579,3 +579,26 @@ def test_a_client_that_stops_reading_is_dropped_after_the_timeout(tmp_path, serv
     wait_for(lambda: not srv.receiver.sessions, timeout=8, what="the stalled session to be dropped")
     c = Client(srv.port)           # and its mailbox lock went with it
     assert c.login() == b"+OK \r\n"
+
+
+def test_connection_caps(tmp_path, server):
+    # [pop3] max_connections (qmail-popup's tcpserver -c), counted apart from
+    # SMTP's, and the receiver's open-files room (engine.openfiles).
+    root = make_root(tmp_path, "[pop3]\nmax_connections = 2\n")
+    log = Lines()
+    srv = server(root, log=log)
+    a, b = Client(srv.port), Client(srv.port)
+    assert a.line().startswith(b"+OK <") and b.line().startswith(b"+OK <")
+    c = Client(srv.port)
+    assert c.line() == b"-ERR [SYS/TEMP] too many connections, try again later\r\n"
+    assert c.closed()
+    assert log == ["pop3: connection from 127.0.0.1 refused: too many connections (2/2 connections)"]
+    assert a.cmd("QUIT").startswith(b"+OK")
+    wait_for(lambda: srv.receiver.pop3_counter.total() == 1, what="the count to drop")
+    d = Client(srv.port)
+    assert d.line().startswith(b"+OK <")
+    srv.receiver.room = 2
+    e = Client(srv.port)
+    assert e.line() == b"-ERR [SYS/TEMP] too many connections, try again later\r\n"
+    assert log[-1] == ("pop3: connection from 127.0.0.1 refused: too many connections "
+                       "(2 sessions in this receiver: open files limit)")

@@ -187,3 +187,18 @@ def test_lines_are_written_by_one_timer_not_one_write_each(make_server, root):
     # 200 lines; one write per timer tick at most (plus one), never one per line.
     assert smtpd_log.writes <= elapsed / LOG_FLUSH_SECONDS + 2, (smtpd_log.writes, elapsed)
     assert smtpd_log.writes < 50
+
+
+def test_a_receiver_near_its_open_files_limit_refuses_with_a_reply(make_server, root):
+    # Receiver.room: the sessions its descriptors allow (engine.openfiles); past
+    # it libuv would accept and close connections without a word.
+    srv, _ = make_server()
+    srv.receiver.room = 1
+    held = greet(srv.port)
+    c = RawClient(srv.port)
+    assert c.line() == f"421 {ME} too many connections, try again later\r\n".encode()
+    got = lines(root, until="421")
+    [line] = [t for t in got if "421" in t]
+    assert line.endswith("try again later (1 sessions in this receiver: open files limit)")
+    held.close()
+    c.close()

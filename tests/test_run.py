@@ -2,6 +2,7 @@
 real `qrelay run` processes (each stopped by its own pid)."""
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -268,3 +269,18 @@ def test_a_restarted_receiver_serves_the_socket_of_the_one_it_replaces(tmp_path)
         assert _listening_sockets(port) == 2
     finally:
         q.stop()
+
+
+def test_an_open_files_limit_below_the_connection_caps_is_a_warning(monkeypatch):
+    from types import SimpleNamespace
+
+    from engine import openfiles, run
+    monkeypatch.setattr(openfiles, "raise_soft_limit", lambda: 700)     # room for 600
+    said = []
+    monkeypatch.setattr(logging.getLogger("qrelay.run"), "warning", said.append)
+    config = SimpleNamespace(concurrencyincoming=500,
+                             settings=SimpleNamespace(pop3=SimpleNamespace(max_connections=500)))
+    run.open_files_warning(config, {"smtp", "submission"})
+    assert said == []
+    run.open_files_warning(config, {"smtp", "pop3s"})          # POP3's cap counts too
+    assert said == [openfiles.shortfall(700, 1000)]

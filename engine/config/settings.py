@@ -325,6 +325,11 @@ class Pop3Settings:
     # Seconds without a command, or without the client reading, before the
     # connection is closed (qmail-popup's and qmail-pop3d's 1200).
     timeout: int = 1200
+    # tcpserver -c of qmail-popup's service: POP3 connections at once, counted
+    # apart from SMTP's; past it, -ERR [SYS/TEMP] and close.
+    max_connections: int = 500
+    # Per client IP; 0 = off (a whole office can share one address).
+    max_connections_per_ip: int = 0
     # Messages listed in one session, oldest first (memory per connection);
     # the rest are listed once these are deleted.
     max_messages: int = 100000
@@ -466,6 +471,7 @@ RANGES: dict[tuple[str, str], tuple[float, float | None, str]] = {
     ("pop3", "max_line_length"): (255, None, "RFC 2449 4: 255 octets"),
     ("pop3", "timeout"): (1, None, "0 would drop every client at once"),
     ("pop3", "max_messages"): (1, None, "a session lists a message"),
+    ("pop3", "max_connections"): (1, None, "0 would refuse every client"),
     ("pop3", "chunk_bytes"): (4096, 16 * 1024 * 1024, "memory per connection"),
     ("log", "max_bytes"): (4096, None, "multilog's smallest s"),
     ("doctor", "connect_timeout"): (0.01, None, "every connect would time out"),

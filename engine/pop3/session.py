@@ -103,6 +103,7 @@ class Pop3Session(asyncio.Protocol):
         self.timestamp = ""
         self.last_activity = time.monotonic()
         self.task: asyncio.Task | None = None
+        self.counted = False      # in the receiver's POP3 connection counts
 
     # --- connection lifecycle -------------------------------------------------------
 
@@ -114,6 +115,13 @@ class Pop3Session(asyncio.Protocol):
         self.private = bool(peer and own and peer[0] == own[0])
         receiver = self.receiver
         number = receiver.counter.next_number()
+        st = self.settings
+        refused = receiver.admit(receiver.pop3_counter, self.remoteip, st.max_connections,
+                                 st.max_connections_per_ip)
+        if refused is not None:
+            self._refuse(refused)
+            return
+        self.counted = True
         # qmail-popup's <PID.TIME@HOST>, with this process's connection number:
         # unique per connection, so an APOP digest can never be replayed.
         self.timestamp = f"<{receiver.pid}.{number}.{int(time.time())}@{self.config.me}>"
@@ -121,7 +129,24 @@ class Pop3Session(asyncio.Protocol):
         metrics.session_opened("pop3")
         transport.write(f"+OK {self.timestamp}\r\n".encode())
 
+    def _refuse(self, refused: str) -> None:
+        """Over a cap (Receiver.admit): say so and close, counting nothing."""
+        self.state = CLOSED
+        why = "too many connections from your address" if refused == "ip" else "too many connections"
+        self.transport.write(f"-ERR [SYS/TEMP] {why}, try again later\r\n".encode())
+        self.transport.close()
+        metrics.session_refused("limit", "pop3")
+        st = self.settings
+        cap = (f"{self.receiver.pop3_counter.total()}/{st.max_connections} connections"
+               if refused == "total" else
+               f"max_connections_per_ip {st.max_connections_per_ip}" if refused == "ip" else
+               f"{len(self.receiver.sessions)} sessions in this receiver: open files limit")
+        self._log(f"pop3: connection from {self.remoteip} refused: too many connections ({cap})")
+
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.counted:
+            self.counted = False
+            self.receiver.pop3_counter.release(self.remoteip)
         self.state = CLOSED
         self.gate.resume()
         if self in self.receiver.sessions:

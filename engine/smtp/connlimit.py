@@ -1,8 +1,9 @@
 """Connection counts shared by the receiver processes (tcpserver -c, and a per-IP cap).
 
 The supervisor creates one `ConnectionTable` in shared memory before it forks the
-receivers; each receiver writes only its own row (one total and a fixed number of
-per-IP buckets), and a check sums the rows. Single-writer rows need no lock, and
+receivers; each receiver writes only its own row per service (one total and a
+fixed number of per-IP buckets; SMTP and POP3 are counted apart, as qmail's
+two tcpservers each have their own -c), and a check sums the service's rows. Single-writer rows need no lock, and
 when a receiver dies the supervisor zeroes its row before restarting it, so a
 kill -9 cannot leak connection slots.
 
@@ -31,41 +32,49 @@ _ROW = 1 + IP_BUCKETS
 
 
 class ConnectionTable:
-    """Shared-memory counters: one row per receiver slot."""
+    """Shared-memory counters: one row per receiver slot and service."""
 
-    __slots__ = ("rows", "_array", "_serials")
+    __slots__ = ("rows", "services", "_array", "_serials")
 
-    def __init__(self, rows: int) -> None:
+    def __init__(self, rows: int, services: tuple[str, ...] = ("smtp",)) -> None:
         self.rows = rows
-        self._array: Any = RawArray("q", rows * _ROW)
+        self.services = services
+        self._array: Any = RawArray("q", len(services) * rows * _ROW)
         self._serials: Any = RawArray("q", rows)   # connections numbered per slot
+
+    def _first(self, service: str) -> int:
+        """Where the service's rows start (a service's rows are contiguous)."""
+        return self.services.index(service) * self.rows * _ROW
 
     def clear_row(self, slot: int) -> None:
         """Forget every connection of a receiver that died (called by the supervisor)."""
-        base = slot * _ROW
         a = self._array
-        for i in range(base, base + _ROW):
-            a[i] = 0
+        for service in self.services:
+            base = self._first(service) + slot * _ROW
+            for i in range(base, base + _ROW):
+                a[i] = 0
 
-    def total(self) -> int:
+    def total(self, service: str = "smtp") -> int:
         a = self._array
-        return sum(a[r * _ROW] for r in range(self.rows))
+        first = self._first(service)
+        return sum(a[first + r * _ROW] for r in range(self.rows))
 
-    def counter(self, slot: int) -> "ConnectionCounter":
-        return ConnectionCounter(self, slot)
+    def counter(self, slot: int, service: str = "smtp") -> "ConnectionCounter":
+        return ConnectionCounter(self, slot, service)
 
 
 class ConnectionCounter:
     """One receiver's view: admits or refuses a new connection and counts it."""
 
-    __slots__ = ("_array", "_rows", "_base", "_serials", "slot")
+    __slots__ = ("_array", "_rows", "_first", "_base", "_serials", "slot")
 
-    def __init__(self, table: ConnectionTable, slot: int) -> None:
+    def __init__(self, table: ConnectionTable, slot: int, service: str = "smtp") -> None:
         if not 0 <= slot < table.rows:
             raise ValueError(f"slot {slot} out of range 0..{table.rows - 1}")
         self._array = table._array
         self._rows = table.rows
-        self._base = slot * _ROW
+        self._first = table._first(service)
+        self._base = self._first + slot * _ROW
         self._serials = table._serials
         self.slot = slot
 
@@ -78,7 +87,8 @@ class ConnectionCounter:
     def total(self) -> int:
         """Connections counted by every receiver (tcpserver's `status: N/limit`)."""
         a = self._array
-        return sum(a[r * _ROW] for r in range(self._rows))
+        first = self._first
+        return sum(a[first + r * _ROW] for r in range(self._rows))
 
     @staticmethod
     def _bucket(ip: str) -> int:
@@ -88,17 +98,18 @@ class ConnectionCounter:
         """Count the connection and return None, or return why it is refused
         ("total" or "ip") without counting it. A cap of 0 means no cap."""
         a = self._array
+        first = self._first
         bucket = self._bucket(ip)
         if max_total > 0:
             total = 0
             for r in range(self._rows):
-                total += a[r * _ROW]
+                total += a[first + r * _ROW]
             if total >= max_total:
                 return "total"
         if max_per_ip > 0:
             n = 0
             for r in range(self._rows):
-                n += a[r * _ROW + bucket]
+                n += a[first + r * _ROW + bucket]
             if n >= max_per_ip:
                 return "ip"
         a[self._base] += 1

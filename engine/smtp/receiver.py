@@ -2,8 +2,10 @@
 
 A `Receiver` owns what the sessions of one process share: the current config
 snapshot (swapped whole on reload; a connection keeps the snapshot it started
-with), the process's `Spool` (opened after the fork), this process's row of the
-shared connection counts, the commit tasks in flight, and the graceful stop.
+with), the process's `Spool` (opened after the fork), this process's rows of the
+shared connection counts (SMTP's and POP3's) and the admission of a connection
+against them and against the process's open-files limit (engine.openfiles),
+the commit tasks in flight, and the graceful stop.
 It never reads a control file on the hot path and never forks.
 
 `receiver_main` is the body of a receiver process started by the supervisor:
@@ -30,10 +32,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from engine import openfiles
 from engine.log import LogHandler, SmtpdLog
 from engine.relay import RelayTable, open_relay_table
 from engine.relay.throttle import LoginThrottle
-from engine.smtp.connlimit import ConnectionCounter
+from engine.smtp.connlimit import ConnectionCounter, ConnectionTable
 from engine.smtp.auth import PasswordChecker
 from engine.smtp.listeners import IMPLICIT_TLS_SCHEMES, Listener
 from engine.smtp.remotehost import RemoteHostResolver
@@ -53,11 +56,15 @@ class Receiver:
 
     def __init__(self, config: Any, spool: Any, counter: ConnectionCounter,
                  *, load_config: Callable[[], Any] | None = None,
-                 log: SmtpdLog | None = None, tickets: TicketKeys | None = None) -> None:
+                 log: SmtpdLog | None = None, tickets: TicketKeys | None = None,
+                 pop3_counter: ConnectionCounter | None = None) -> None:
         self.config = config
         self.tickets = tickets          # the run's shared TLS session-ticket keys
         self.spool = spool
-        self.counter = counter
+        self.counter = counter          # SMTP's counts; it also numbers every connection
+        self.pop3_counter = pop3_counter or ConnectionTable(1, ("pop3",)).counter(0, "pop3")
+        # Sessions this process may hold before its descriptors run out.
+        self.room = openfiles.room()
         self.load_config = load_config
         self.pid = os.getpid()
         self.uid = os.getuid()
@@ -145,6 +152,15 @@ class Receiver:
                                               cache_seconds=st.cache_seconds,
                                               cache_entries=st.cache_entries)
         return self._passwords
+
+    def admit(self, counter: ConnectionCounter, ip: str, max_total: int, max_per_ip: int
+              ) -> str | None:
+        """Count a new connection of `counter`'s service and return None, or
+        return why not: "files" (this process is near its open-files limit),
+        "total" or "ip" (the service's caps)."""
+        if len(self.sessions) >= self.room:
+            return "files"
+        return counter.admit(ip, max_total, max_per_ip)
 
     def start_task(self, coro: Any) -> asyncio.Task:
         """A side task of a session (host name lookup): cancelled at shutdown."""
@@ -247,7 +263,8 @@ class Receiver:
 
 
 def receiver_main(root: str, listeners: list[Listener], counter: ConnectionCounter,
-                  tickets: TicketKeys | None = None) -> None:
+                  tickets: TicketKeys | None = None,
+                  pop3_counter: ConnectionCounter | None = None) -> None:
     """Body of one receiver process (called in the forked child, which the
     supervisor has already tied to its own life)."""
     import uvloop
@@ -278,7 +295,7 @@ def receiver_main(root: str, listeners: list[Listener], counter: ConnectionCount
         logger.addHandler(handler)
         logger.propagate = False
     receiver = Receiver(config, spool, counter, load_config=lambda: load_smtp_config(rootp),
-                        log=smtpd_log, tickets=tickets)
+                        log=smtpd_log, tickets=tickets, pop3_counter=pop3_counter)
     # Opened here, after the fork (it connects lazily); its store is read at start only.
     receiver.relay = open_relay_table(rootp, config.settings)
     receiver.throttle = LoginThrottle(receiver.relay, config.settings)

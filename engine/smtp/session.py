@@ -157,9 +157,10 @@ class SmtpSession(asyncio.Protocol):
         receiver = self.receiver
         counter = receiver.counter
         self.number = counter.next_number()
-        refused = counter.admit(self.remoteip, cfg.concurrencyincoming, st.max_connections_per_ip)
+        refused = receiver.admit(counter, self.remoteip, cfg.concurrencyincoming,
+                                 st.max_connections_per_ip)
         if refused is not None:
-            why = "too many connections" if refused == "total" else "too many connections from your address"
+            why = "too many connections from your address" if refused == "ip" else "too many connections"
             reply = f"421 {cfg.me} {why}, try again later"
             transport.write(f"{reply}\r\n".encode())
             transport.close()
@@ -167,7 +168,8 @@ class SmtpSession(asyncio.Protocol):
             metrics.session_refused("limit", self.scheme)
             if self.log is not None:
                 cap = (f"status: {counter.total()}/{cfg.concurrencyincoming}" if refused == "total"
-                       else f"max_connections_per_ip {st.max_connections_per_ip}")
+                       else f"max_connections_per_ip {st.max_connections_per_ip}" if refused == "ip"
+                       else f"{len(receiver.sessions)} sessions in this receiver: open files limit")
                 self.log.smtpd(self.number, self.remoteip, f"{reply} ({cap})")
             return
         self.counted = True
