@@ -578,7 +578,7 @@ cdef class DataScanner:
     cdef Py_ssize_t out_total     # bytes of the message emitted (kept or not)
     cdef Py_ssize_t crlf          # CRLF pairs inside the emitted message
     cdef int state
-    cdef bint _done, _too_big, _bare_lf, _bare_cr, _has_nul
+    cdef bint _done, _too_big, _dropped, _bare_lf, _bare_cr, _has_nul
     # qmail's header tracking (raw bytes, lines end at any LF)
     cdef bint in_header, maybe_recv, maybe_deliv, maybe_empty
     cdef int hpos
@@ -599,7 +599,7 @@ cdef class DataScanner:
         self.out_total = 0
         self.crlf = 0
         self.state = ST_BOL
-        self._done = self._too_big = False
+        self._done = self._too_big = self._dropped = False
         self._bare_lf = self._bare_cr = self._has_nul = False
         self.in_header = True
         self.hpos = 0
@@ -612,7 +612,7 @@ cdef class DataScanner:
 
     @property
     def message(self):
-        if self._too_big:
+        if self._too_big or self._dropped:
             return b""
         return PyBytes_FromStringAndSize(<const char *>self.out.data, self.out.len)
 
@@ -622,12 +622,23 @@ cdef class DataScanner:
 
     @property
     def buffered(self):
-        """Bytes of message currently held (0 once too_big)."""
+        """Bytes of message currently held (0 once too_big or dropped)."""
         return self.out.len
 
     @property
     def too_big(self):
         return self._too_big
+
+    def drop(self):
+        """Hold no more of this message but scan on to its end marker (the
+        receiver's memory for messages is spent: the session answers 452)."""
+        self._dropped = True
+        self.out.len = 0
+        buf_free(&self.out)
+
+    @property
+    def dropped(self):
+        return self._dropped
 
     @property
     def hops(self):
@@ -661,7 +672,7 @@ cdef class DataScanner:
         if n <= 0:
             return 0
         self.out_total += n
-        if not self._too_big:
+        if not self._too_big and not self._dropped:
             buf_append(&self.out, p, n)
         return 0
 

@@ -642,3 +642,35 @@ def test_rule_environment_databytes_localhost_remoteinfo(make_server, connect):
     lines = srv.spool.messages[0][1].split(b"\r\n")
     assert lines[1] == b"Received: from unknown (HELO c) (alice@127.0.0.1)"
     assert lines[2].startswith(b"  by relay.example.com with SMTP; ")
+
+
+def test_message_memory_is_bounded_per_receiver(make_server, connect):
+    # [smtp] max_buffered_bytes: the messages all sessions hold at once. Past it a
+    # message is read to its end and answered 452 (try again), unless it is the
+    # only one held; what a session held is given back when its message ends.
+    from tests.test_delivery_e2e import wait_for
+    srv = make_server(qrelay_toml=f"[smtp]\nmax_buffered_bytes = {1 << 20}\n")
+    big = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 700     # 700 KB
+    a, b = connect(srv.port), connect(srv.port)
+    for c in (a, b):
+        assert c.line() == f"220 {ME} ESMTP\r\n".encode()
+        assert c.cmd(b"MAIL FROM:<a@example.org>") == b"250 ok\r\n"
+        assert c.cmd(b"RCPT TO:<x@sink.test>") == b"250 ok\r\n"
+        assert c.cmd(b"DATA") == b"354 go ahead\r\n"
+    a.send(big)                                                       # held, not ended
+    wait_for(lambda: srv.receiver.buffered >= len(big), what="a's bytes held")
+    b.send(big + b".\r\n")
+    assert b.line() == b"452 sorry, insufficient system storage, try again later (#4.3.1)\r\n"
+    a.send(b".\r\n")
+    assert a.line().startswith(b"250 ok ")
+    wait_for(lambda: srv.receiver.buffered == 0, what="the memory given back")
+    assert transaction(b, big).startswith(b"250 ok ")                 # alone: through
+    c = connect(srv.port)
+    assert c.line().startswith(b"220")
+    assert c.cmd(b"MAIL FROM:<a@example.org>") == b"250 ok\r\n"
+    assert c.cmd(b"RCPT TO:<x@sink.test>") == b"250 ok\r\n"
+    assert c.cmd(b"DATA") == b"354 go ahead\r\n"
+    c.send(big + big)                                                 # over it, but alone
+    c.close()                                                         # dropped mid-DATA
+    wait_for(lambda: srv.receiver.buffered == 0, what="a dropped client's bytes given back")
+    assert len(srv.spool.messages) == 2

@@ -407,6 +407,21 @@ def test_scanner_max_bytes_too_big_keeps_scanning_with_bounded_memory(chunk):
     assert peak <= 2 * 10000 + step + 64
 
 
+def test_scanner_drop_scans_on_to_the_end_holding_nothing():
+    s = DataScanner()
+    s.feed(b"Subject: x\r\n\r\n" + b"y" * 5000 + b"\r\n")
+    assert s.buffered > 5000
+    s.drop()                                  # the receiver's buffer budget is spent
+    assert s.buffered == 0 and s.dropped
+    used = s.feed(b"more\r\n.\r\nQUIT\r\n")
+    assert s.done and used == len(b"more\r\n.\r\n")
+    assert s.message == b"" and s.buffered == 0 and not s.too_big
+    s.reset()
+    assert not s.dropped
+    s.feed(b"a\r\n.\r\n")
+    assert s.message == b"a\r\n"
+
+
 def test_scanner_max_bytes_exact_limit_is_not_too_big():
     body = b"x" * 98 + b"\r\n"               # qmail counts 99 bytes
     s, _ = scan_all(body + b".\r\n", max_bytes=99)

@@ -35,6 +35,11 @@ class SmtpSettings:
     # Largest message kept when control/databytes is 0 (unlimited in qmail):
     # without it one client could make a receiver hold any amount of memory.
     max_message_bytes: int = 64 * 1024 * 1024
+    # Message bytes all the sessions of one receiver may hold in memory at once
+    # (qmail streams DATA to disk; here 500 clients x 64 MiB would not fit).
+    # Past it a message is still read to its end but answered 452 (#4.3.1),
+    # unless it is the only one held.
+    max_buffered_bytes: int = 256 * 1024 * 1024
     # RFC 5321 4.5.3.1.8 requires accepting at least 100.
     max_recipients: int = 1000
     # Hops (Received:/Delivered-To: lines) before a message is refused as looping.
@@ -432,6 +437,7 @@ class Settings:
 RANGES: dict[tuple[str, str], tuple[float, float | None, str]] = {
     ("smtp", "max_line_length"): (512, None, "RFC 5321 4.5.3.1.4"),
     ("smtp", "max_message_bytes"): (1024, None, "room for a header"),
+    ("smtp", "max_buffered_bytes"): (1024 * 1024, None, "room for the messages coming in"),
     ("smtp", "max_recipients"): (1, None, "a message needs a recipient"),
     ("smtp", "max_hops"): (1, None, "0 would refuse every relayed message"),
     ("smtp", "max_connections"): (1, None, "0 would refuse every client"),

@@ -65,6 +65,9 @@ class Receiver:
         self.pop3_counter = pop3_counter or ConnectionTable(1, ("pop3",)).counter(0, "pop3")
         # Sessions this process may hold before its descriptors run out.
         self.room = openfiles.room()
+        # Bytes of message the sessions hold in memory (DATA coming in, commits
+        # in flight), against [smtp] max_buffered_bytes (SmtpSession._hold).
+        self.buffered = 0
         self.load_config = load_config
         self.pid = os.getpid()
         self.uid = os.getuid()

@@ -73,6 +73,8 @@ R_NUL_DATA = b"554 sorry, message contains NUL bytes (#5.6.0)\r\n"
 R_BARE_CR = b"554 sorry, message contains a bare CR, which is not allowed (#5.6.0)\r\n"
 R_QQ_WRITE = b"451 qq write error or disk full (#4.3.0)\r\n"
 R_QQ_TEMP = b"451 qq temporary problem (#4.3.0)\r\n"
+# The receiver's [smtp] max_buffered_bytes was spent while this message came in.
+R_NO_MEMORY = b"452 sorry, insufficient system storage, try again later (#4.3.1)\r\n"
 R_TOO_MANY_RCPTS = b"452 sorry, too many recipients (#4.5.3)\r\n"
 R_LINE_TOO_LONG = b"500 sorry, that command line is too long (#5.5.2)\r\n"
 R_NUL_CMD = b"501 sorry, NUL bytes are not allowed in commands (#5.5.2)\r\n"
@@ -108,7 +110,7 @@ class SmtpSession(asyncio.Protocol):
         "databytes", "helo", "mail", "sender", "sender_refused", "rcpts",
         "last_activity", "timeout", "counted", "paused_for_commit", "paused_for_write",
         "write_paused", "greeting", "me", "max_rcpts", "max_hops", "refuse_bare_cr",
-        "task", "in_transaction", "connected_at", "rbl_reply", "eof",
+        "task", "in_transaction", "connected_at", "rbl_reply", "eof", "held",
         "log", "number", "end_status", "max_line", "long_line_answered", "early",
         "scheme", "tls", "protocol", "auth_user", "exchange", "rule_relayclient",
         "rule_remoteinfo",
@@ -126,6 +128,7 @@ class SmtpSession(asyncio.Protocol):
         self.state = CMD
         self.out: list[bytes] = []
         self.counted = False
+        self.held = 0                  # bytes of message counted in receiver.buffered
         self.paused_for_commit = False
         self.paused_for_write = False
         self.write_paused = False
@@ -286,6 +289,8 @@ class SmtpSession(asyncio.Protocol):
         transport.write(f"220 {self.greeting} ESMTP\r\n".encode())
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.state != COMMIT:      # a commit in flight lets its message go itself
+            self._hold(0)
         self.state = CLOSED
         if self.counted:
             self.counted = False
@@ -568,10 +573,12 @@ class SmtpSession(asyncio.Protocol):
     def _feed_data(self, data: bytes) -> None:
         scanner = self.scanner
         used = scanner.feed(data)
+        self._hold(scanner.buffered)
         if scanner.bare_lf:
             # qmail answers the first bare LF at once and drops the connection:
             # nothing of the message is queued and nothing after it is read.
             self._refuse(R_BARE_LF, f"DATA from <{self.sender}>")
+            self._hold(0)
             self._reset_transaction()
             self._close_after_flush()
             return
@@ -594,9 +601,27 @@ class SmtpSession(asyncio.Protocol):
             self._refuse(R_NUL_DATA, f"DATA from <{sender}>")
         elif scanner.bare_cr and self.refuse_bare_cr:
             self._refuse(R_BARE_CR, f"DATA from <{sender}>")
+        elif scanner.dropped:
+            self._refuse(R_NO_MEMORY, f"DATA from <{sender}>")
         else:
+            # Held (counted in self.held) until the commit ends.
             self._start_commit(sender, rcpts, scanner.message)
+        if self.state != COMMIT:
+            self._hold(0)
         scanner.reset()
+
+    def _hold(self, n: int) -> None:
+        """This session now holds n bytes of message in memory. Past the
+        receiver's max_buffered_bytes the message is dropped (452 at its end)
+        unless it is the only one held: a lone message always gets through."""
+        receiver = self.receiver
+        if n > self.held:
+            total = receiver.buffered + n - self.held
+            if total > receiver.config.settings.smtp.max_buffered_bytes and total > n:
+                self.scanner.drop()
+                n = 0
+        receiver.buffered += n - self.held
+        self.held = n
 
     def _start_commit(self, sender: str, rcpts: list[str], body: bytes) -> None:
         receiver = self.receiver
@@ -635,6 +660,7 @@ class SmtpSession(asyncio.Protocol):
         else:
             metrics.message_received("queued", self.scheme)
             reply = f"250 ok {int(time.time())} qp {msgid}\r\n".encode()
+        self._hold(0)
         self._resume(reply)
 
     def _resume(self, reply: bytes) -> None:
