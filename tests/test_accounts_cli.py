@@ -253,6 +253,31 @@ def test_import(droot, tmp_path):
     assert accounts.mailbox("boss@example.org").user.quota == "1000C"
 
 
+def test_import_tells_how_far_each_step_is(droot):
+    from engine.accounts.admin import import_users
+    heard = []
+    lines = [f"p{i}@example.com:pw{i}\n" for i in range(100)]
+    import_users(droot, lines, workers=2, progress=lambda *a: heard.append(a))
+    steps = {what: [(d, t) for w, d, t in heard if w == what] for what, _, _ in heard}
+    assert steps["Maildirs made"] == [(n, 100) for n in range(1, 101)]
+    hashed = steps["passwords hashed"]                  # as each worker's chunk comes back
+    assert hashed[-1] == (100, 100) and all(t == 100 for _, t in hashed)
+    assert steps["domains' vpasswd written"] == [(0, 1)]
+
+
+def test_progress_lines_wait_for_their_interval(capsys):
+    from engine.cli.base import Progress
+    now = [0.0]
+    progress = Progress("user import", every=2.0, clock=lambda: now[0])
+    for t, n in ((1.0, 10), (2.5, 20), (3.0, 30), (4.6, 40)):
+        now[0] = t
+        progress("Maildirs made", n, 100)
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert out.err.splitlines() == ["qrelay: user import: 20 of 100 Maildirs made (2 s)",
+                                    "qrelay: user import: 40 of 100 Maildirs made (5 s)"]
+
+
 def test_import_checks_every_line_before_writing(droot, tmp_path):
     qrelay("user", "add", str(droot), "old@example.com", input="pw\n")
     src = tmp_path / "users.txt"

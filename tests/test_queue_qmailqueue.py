@@ -115,6 +115,18 @@ def test_cli_moves_each_kind_and_leaves_the_malformed(root: Path, tmp_path: Path
         assert due == {"example.com-joe@example.com", "later@far.test"}
 
 
+def test_import_tells_how_many_messages_are_read(root: Path, tmp_path: Path):
+    qdir = make_queue(tmp_path / "queue")
+    for i in range(5):
+        add_message(qdir, b"Subject: m%d\n\nx\n" % i, "s@src.test", birth=NOW - DAY,
+                    next_try=NOW + 100, remote=[(f"r{i}@far.test", False)])
+    heard = []
+    with Spool(root / "queue", SpoolSettings()) as s:
+        import_queue(QmailQueue(qdir), s, dry_run=False, batch=2, now=NOW, report=print,
+                     progress=lambda *a: heard.append(a))
+    assert heard == [("messages", n, 5) for n in range(5)]
+
+
 def test_a_second_run_after_a_crash_anywhere_moves_the_rest_once(root: Path, tmp_path: Path,
                                                                    monkeypatch):
     qdir = make_queue(tmp_path / "queue")

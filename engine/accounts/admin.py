@@ -34,7 +34,7 @@ import pwd
 import re
 import shutil
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -764,11 +764,14 @@ class PasswordHasher:
         self._futures = [self._pool.submit(_hash_chunk, pws[i:i + size]) for i in range(0, len(pws), size)]
         self._done = []
 
-    def results(self) -> list[str]:
+    def results(self, progress: Callable[[int], None] | None = None) -> list[str]:
+        """The hashes; `progress(n)` hears how many are done while it waits."""
         if self._pool is not None:
             try:
                 for f in self._futures:
                     self._done.extend(f.result())
+                    if progress is not None:
+                        progress(len(self._done))
             finally:
                 self._pool.shutdown(cancel_futures=True)
                 self._pool = None
@@ -786,14 +789,17 @@ def hash_many(pws: list[str], workers: int | None = None) -> tuple[list[str], in
 
 
 def import_users(root: os.PathLike | str, lines: Iterable[str], *, source: str = "-",
-                 workers: int | None = None) -> ImportReport:
+                 workers: int | None = None,
+                 progress: Callable[[str, int, int], None] | None = None) -> ImportReport:
     """Bulk vadduser from `address:password[:quota]` lines (blank and `#` lines skipped).
 
     Every line is checked before anything is written; the first bad one is the
     error (with its line number and how many more are bad). Passwords are then
     hashed on all cores while the Maildirs are made, and each domain's vpasswd
     is written once. A password cannot contain `:` here (as with chpasswd).
+    `progress(what, done, total)` hears how far each step is.
     """
+    tell = progress or (lambda what, done, total: None)
     base = check_root(root)
     keep = load_options(base).keep_cleartext
     refs: dict[str, DomainRef] = {}
@@ -852,14 +858,19 @@ def import_users(root: os.PathLike | str, lines: Iterable[str], *, source: str =
                                          "nothing written")
                     dirs.append((name, password, quota_field, user_dir))
                 planned[domain] = (users, dirs)
+            total = len(seen)
+            n = 0
             for domain, (_, dirs) in planned.items():
                 made: set[str] = set()
                 for _, _, _, user_dir in dirs:
                     _make_hash_dirs(refs[domain], user_dir, made)
                     _make_maildir(user_dir, refs[domain].owner)
-            hashes = iter(hasher.results())
+                    n += 1
+                    tell("Maildirs made", n, total)
+            hashes = iter(hasher.results(lambda done: tell("passwords hashed", done, total)))
             crypted = {domain: [next(hashes) for _ in wanted[domain]] for domain in wanted}
-            for domain in sorted(wanted):
+            for k, domain in enumerate(sorted(wanted)):
+                tell("domains' vpasswd written", k, len(wanted))
                 users, dirs = planned[domain]
                 new = [VUser(name, h, 1, 0, name, str(user_dir), quota_field, password if keep else None)
                        for (name, password, quota_field, user_dir), h in zip(dirs, crypted[domain])]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from engine.cli.base import ROOT, BadInput, cli
+from engine.cli.base import ROOT, BadInput, Progress, cli
 
 
 def _accounts_call(fn, *args, **kwargs):
@@ -306,7 +306,8 @@ def user_import(root: str, file: str, workers: int | None) -> None:
     except OSError as exc:
         raise BadInput(f"{file}: {exc.strerror}") from None
     with stream:
-        report = _accounts_call(import_users, root, stream, source=file, workers=workers)
+        report = _accounts_call(import_users, root, stream, source=file, workers=workers,
+                                progress=Progress("user import"))
     took = time.monotonic() - start
     click.echo(f"qrelay: imported {report.added} mailboxes into {report.domains} domains "
                f"in {took:.1f} s ({report.workers} hashing workers)")

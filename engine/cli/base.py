@@ -113,3 +113,25 @@ def cli() -> None:
 class BadInput(click.ClickException):
     """One line `Error: ...` on stderr, exit status 2 (bad input, like a usage error)."""
     exit_code = 2
+
+
+class Progress:
+    """A long command's progress on stderr: `qrelay: COMMAND: N of TOTAL WHAT
+    (T s)`, at most once every `every` seconds and not before the first `every`
+    (a command done sooner prints only its result). Called as
+    `progress(what, done, total)` by the code doing the work."""
+
+    def __init__(self, command: str, every: float = 2.0, clock=None) -> None:
+        import time
+        self.command = command
+        self.every = every
+        self.clock = clock or time.monotonic
+        self.start = self.last = self.clock()
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        now = self.clock()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        click.echo(f"qrelay: {self.command}: {done} of {total} {what} ({now - self.start:.0f} s)",
+                   err=True)

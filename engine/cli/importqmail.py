@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from engine.cli.base import ROOT, BadInput, cli
+from engine.cli.base import ROOT, BadInput, Progress, cli
 
 
 @cli.command(name="import-qmail")
@@ -51,7 +51,8 @@ def import_qmail(root: str, qmailqueue: str, dry_run: bool) -> None:
         got = import_queue(queue, spool, dry_run=dry_run, batch=settings.spool.import_batch,
                            now=time.time(), unlink_threads=settings.spool.import_unlink_threads,
                            report=lambda line: click.echo(f"qrelay: import-qmail: {line}",
-                                                          err=True))
+                                                          err=True),
+                           progress=Progress("import-qmail"))
     except QmailQueueError as exc:
         raise BadInput(str(exc)) from None
     except (SpoolError, OSError) as exc:

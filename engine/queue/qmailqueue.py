@@ -313,17 +313,21 @@ def remove_empty_dirs(qdir: Path) -> None:
 
 def import_queue(queue: QmailQueue, spool, *, dry_run: bool, batch: int,
                  now: float, report: Callable[[str], None],
-                 unlink_threads: int = 16) -> ImportReport:
+                 unlink_threads: int = 16,
+                 progress: Callable[[str, int, int], None] | None = None) -> ImportReport:
     """Move every message of `queue` into `spool` (None with dry_run and no
     spool yet), `batch` messages per spool commit; the files of a batch are
     removed by `unlink_threads` threads, each message's mess/S/N after its
-    other files. `report(line)` hears each malformed entry (left in place)."""
+    other files. `report(line)` hears each malformed entry (left in place),
+    `progress(what, done, total)` how many messages are read so far."""
     with ThreadPoolExecutor(max(1, unlink_threads)) as pool:
-        return _import(queue, spool, dry_run, batch, now, report, pool)
+        return _import(queue, spool, dry_run, batch, now, report, pool,
+                       progress or (lambda what, done, total: None))
 
 
 def _import(queue: QmailQueue, spool, dry_run: bool, batch: int, now: float,
-            report: Callable[[str], None], pool: ThreadPoolExecutor) -> ImportReport:
+            report: Callable[[str], None], pool: ThreadPoolExecutor,
+            progress: Callable[[str, int, int], None]) -> ImportReport:
     out = ImportReport()
     seen: set[int] = set()
     pending: list[QmailMessage] = []
@@ -370,7 +374,9 @@ def _import(queue: QmailQueue, spool, dry_run: bool, batch: int, now: float,
         pending.clear()
 
     queue.index()
-    for number, split in queue.numbers():
+    numbers = list(queue.numbers())
+    for number, split in numbers:
+        progress("messages", len(seen), len(numbers))
         seen.add(number)
         try:
             pending.append(queue.read(number, split, now))
