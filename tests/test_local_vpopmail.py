@@ -104,6 +104,20 @@ def test_maildir_open_failure_names_the_file(vp):
     assert re.fullmatch(re.escape(f"{tmp}/") + r"\d+\.M\d+P\d+Q\d+\.mx\.test,S=\d+", m.group(2))
 
 
+def test_missing_maildir_in_an_existing_user_directory_names_the_tmp_file(vp):
+    # vdelivermail recreates only a missing user directory; a missing Maildir
+    # inside it fails at the open of tmp/NAME: its "can not open" line, 111.
+    md = vp.ddir / "joe" / "Maildir"
+    for sub in ("cur", "new", "tmp"):
+        (md / sub).rmdir()
+    md.rmdir()
+    r = vp.deliver("example.com-joe@example.com")
+    assert r.status == "Z"
+    m = re.fullmatch(r"can not open new email file errno=(\d+) file=(\S+)\nsystem error\n", r.text)
+    assert m and int(m.group(1)) == errno.ENOENT, r.text
+    assert re.fullmatch(re.escape(f"{md}/tmp/") + r"\d+\.M\d+P\d+Q\d+\.mx\.test,S=\d+", m.group(2))
+
+
 def test_maildir_step_texts():
     # deliver_mail's other failures: a write (or sync) and the move into new/.
     err = MaildirError("write", errno.EIO, "x", step="write", tmp="/m/tmp/n", new="/m/new/n")

@@ -296,7 +296,8 @@ class MaildirWriter:
             if claim is not None:
                 self.dirsync.done(newdir, claim, step == 0, step in (0, _fileio.SYNCDIR))
         if step == _fileio.OPEN and err in (errno.ENOENT, errno.ENOTDIR):
-            _check_maildir(maildir)     # the Maildir itself missing is "chdir"
+            # the Maildir itself missing is "chdir"; vdelivermail names the tmp/ file
+            _check_maildir(maildir, err, tmp=tmp, new=new)
         if step == _fileio.OPEN:
             why = f"{tmp} exists" if err == errno.EEXIST else f"open {tmp}: {os.strerror(err)}"
             raise MaildirError("write", err, why, step="open", tmp=tmp, new=new)
@@ -318,16 +319,19 @@ _STEPS = {_fileio.WRITE: "write", _fileio.FSYNC: "write", _fileio.CLOSE: "write"
           _fileio.LINK: "link", _fileio.UNLINK: "link", _fileio.SYNCDIR: "sync"}
 
 
-def _check_maildir(maildir: str) -> None:
+def _check_maildir(maildir: str, open_err: int | None = None, *, tmp: str = "",
+                   new: str = "") -> None:
     """MaildirError "chdir" unless `maildir` is a directory (qmail-local's
-    chdir, exit 2)."""
+    chdir, exit 2). After a failed open of `tmp` (errno `open_err`) the error
+    is also that "open" step, which is where vdelivermail (no chdir) fails."""
     if not os.path.isdir(maildir):
         try:
             os.stat(maildir)
-            err = None
+            err = open_err
         except OSError as exc:
             err = exc.errno
-        raise MaildirError("chdir", err, f"{maildir} is not a directory")
+        raise MaildirError("chdir", err, f"{maildir} is not a directory",
+                           step="open" if tmp else "", tmp=tmp, new=new)
 
 
 def _unlink_quietly(path: str) -> None:
