@@ -27,6 +27,15 @@ def test_safeext_lowercases_and_maps_dots():
     assert dict(candidates("-", "x"))[".qmail-default"] == "x"
 
 
+def test_safeext_lowercases_ascii_only_as_case_lowerb():
+    # qmail-local lower-cases the extension's bytes A-Z only: a UTF-8 "Ä" stays
+    # "Ä", and "İ" (whose Unicode lower case is two characters) keeps $DEFAULT
+    # aligned with the part of ext that `default` replaced.
+    assert names("-", "Ä")[0] == ".qmail-Ä"
+    assert dict(candidates("-", "İ-Foo"))[".qmail-İ-default"] == "Foo"
+    assert names("-", "\u212aey")[0] == ".qmail-\u212aey"     # KELVIN SIGN is not k
+
+
 def test_return_path_and_delivered_to_lines():
     assert rpline("joe@example.com") == "Return-Path: <joe@example.com>\n"
     assert rpline("") == "Return-Path: <>\n"

@@ -341,6 +341,20 @@ def test_getpw_user_and_extension(tmp_path):
     assert len(new_messages(home / "Maildir")) == 2
 
 
+def test_getpw_lowercases_ascii_only(tmp_path):
+    # qmail-getpw's case_lowers: "\u212a" (KELVIN SIGN) is not "k", so no
+    # passwd user "kate" takes "\u212aate"; the alias user does.
+    write_assign(tmp_path, [])
+    kate = make_home(tmp_path / "kate")
+    os.chown(kate, UID, GID)
+    alias = make_home(tmp_path / "alias")
+    write_qmail(alias, ".qmail-default", "./Maildir/\n")
+    make_maildir(alias / "Maildir")
+    pw = {"kate": ("kate", UID, GID, str(kate)), "alias": ("alias", UID, GID, str(alias))}
+    assert Tree(tmp_path, getpw=pw.get).deliver("\u212aate@mx.test").status == "K"
+    assert len(new_messages(alias / "Maildir")) == 1
+
+
 def test_program_runs_with_qmail_local_umask(tree, tmp_path):
     write_qmail(tree.home, ".qmail", f"|umask > {tmp_path}/umask.out\n")
     assert tree.deliver("joe@mx.test").status == "K"

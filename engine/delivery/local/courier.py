@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Protocol
 
 from engine import _fileio
+from engine.config.domains import ascii_lower
 from engine.delivery.local import mbox
 from engine.delivery.local.accounts import AccountsError, Assignment, DeliveryAccounts
 from engine.delivery.local.dotqmail import (TEXT_FILE_XBIT, TEXT_LOOP, TEXT_PROG_XBIT,
@@ -149,7 +150,7 @@ def _getpw_assignment(config: LocalConfig, local: str) -> Assignment:
     if getpw is not None:
         cuts = [len(local)] + [i for i in range(len(local) - 1, -1, -1) if local[i] == "-"]
         for i in cuts:
-            name = local[:i].lower()
+            name = ascii_lower(local[:i])      # case_lowers: A-Z only
             if not name or len(name) >= 32:
                 continue
             pw = getpw(name)

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 from engine import _fileio
+from engine.config.domains import ascii_lower
 
 # conf-patrn: a home or .qmail with any of these mode bits is refused.
 PATRN = 0o002
@@ -174,7 +175,8 @@ def environment(*, user: str, home: str, local: str, host: str, sender: str,
 
 # --- choosing the .qmail file ------------------------------------------------------------
 def safeext(ext: str) -> str:
-    return ext.lower().replace(".", ":")
+    """qmail-local's safeext: A-Z lower-cased (case_lowerb, not Unicode), `.` → `:`."""
+    return ascii_lower(ext).replace(".", ":")
 
 
 def candidates(dash: str, ext: str) -> list[tuple[str, str | None]]:
