@@ -255,6 +255,22 @@ def test_quota_from_maildirsize_for_dotqmail_lines(vp):
     assert vp.deliver("example.com-joe@example.com").text == "user is over quota\n\n"
 
 
+def test_empty_quota_field_takes_the_quota_from_maildirsize(vp):
+    # checkuser's deliver_mail(USERDIR/Maildir/, pw_shell): an empty field is
+    # "no argument", so line 1 of Maildir/maildirsize is the quota; NOQUOTA is none.
+    md = vp.ddir / "joe" / "Maildir"
+    (md / "maildirsize").write_text("10S\n0 0\n")
+    set_user(vp, "joe", quota_field="")
+    assert vp.deliver("example.com-joe@example.com").text == "user is over quota\n\n"
+    set_user(vp, "joe", quota_field="NOQUOTA")
+    assert vp.deliver("example.com-joe@example.com").status == "K"
+    (md / "maildirsize").unlink()
+    set_user(vp, "joe", quota_field="")
+    assert vp.deliver("example.com-joe@example.com").status == "K"
+    assert len(new_messages(md)) == 2
+    assert not (md / "maildirsize").exists()
+
+
 def test_maildirsize_rebuild_rules(tmp_path):
     md = make_maildir(tmp_path / "Maildir")
     make_maildir(md / ".Sent")

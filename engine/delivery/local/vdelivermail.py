@@ -158,7 +158,8 @@ class Vdelivermail:
         if self._forward_deliver(vpw.directory):
             raise _Exit(0)
         maildir = os.path.join(vpw.directory, "Maildir") + "/"
-        self._finish(self._deliver(maildir, vpw.quota or "NOQUOTA"))
+        # An empty field is deliver_mail's "no quota given": line 1 of maildirsize.
+        self._finish(self._deliver(maildir, vpw.quota or None))
 
     def _usernotfound(self) -> None:
         arg = self.arg
