@@ -220,6 +220,21 @@ def test_quota_over_bounce_and_maildirsize(vp):
     assert vp.deliver("example.com-joe@example.com", message=big).text == "Mailbox full.\n\n"
 
 
+def test_disk_quota_at_write_is_one_over_quota_line(vp):
+    # EDQUOT from the filesystem: deliver_to_maildir returns -1 and deliver_mail
+    # says vexiterr(100, "user is over quota"): one line, not the maildirsize
+    # check's message followed by an empty line.
+    from engine.delivery.local import deliver_one
+    from engine.delivery.local.maildir import MaildirWriter
+
+    def fsync(fd):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+    r = deliver_one(vp.config, vp.accounts, "s@x.example", "example.com-joe@example.com", MSG,
+                    writer=MaildirWriter("mx.test", fsync=fsync))
+    assert (r.status, r.text) == ("D", "user is over quota\n")
+    assert new_messages(vp.ddir / "joe" / "Maildir") == []
+
+
 def test_quota_counts_and_appends(vp):
     set_user(vp, "joe", quota_field="100000S,3C")
     for _ in range(3):

@@ -287,8 +287,10 @@ class Vdelivermail:
             self.writer.deliver(maildir, [header, self.message], size_suffix=True)
         except MaildirError as exc:
             if exc.errno == errno.EDQUOT:
+                # deliver_to_maildir's -1: vexiterr(100, "user is over quota"),
+                # without the empty line that follows an .over-quota.msg
                 self.say(TEXT_OVER_QUOTA)
-                return -1
+                raise _Exit(100)
             self.say(_write_error(exc))
             return -2
         self.maildirs += 1
