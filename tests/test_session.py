@@ -631,6 +631,49 @@ def test_client_that_never_reads_is_throttled(server, connect):
         s.close()
 
 
+def _replies_back_up(srv, port: int, commands: bytes, count: int):
+    """A client that sends `commands` (`count` replies) in one write without
+    reading: the session's writes back up past a small high-water mark (it
+    pauses reading), then the client reads every reply (it resumes)."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(3.0)
+    s.connect(("127.0.0.1", port))
+    f = s.makefile("rb")
+    assert f.readline().startswith(b"220 ")
+    (session,) = srv.receiver.sessions
+
+    def small_buffers() -> None:
+        session.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        session.transport.set_write_buffer_limits(high=1024)
+    srv.call(small_buffers)
+    s.sendall(commands)
+    for _ in range(count):
+        assert f.readline()
+    return s, f
+
+
+def test_reading_resumes_after_backed_up_replies_in_an_auth_exchange(server):
+    """The replies drained while an AUTH exchange waits for its next line:
+    the session reads that line (it hung until the timeout)."""
+    s, f = _replies_back_up(server, server.port, b"NOOP\r\n" * 20000 + b"AUTH CRAM-MD5\r\n", 20001)
+    try:
+        s.sendall(b"*\r\n")
+        assert f.readline() == b"501 auth exchange cancelled (#5.0.0)\r\n"
+    finally:
+        s.close()
+
+
+def test_reading_resumes_after_backed_up_replies_under_rblsmtpd(make_server):
+    srv = make_server(tcp_smtp='127.0.0.1:allow,RBLSMTPD="listed"\n')
+    s, f = _replies_back_up(srv, srv.port, b"NOOP\r\n" * 20000, 20000)
+    try:
+        s.sendall(b"QUIT\r\n")
+        assert f.readline() == b"221 rblsmtpd.local\r\n"
+    finally:
+        s.close()
+
+
 def test_rule_environment_databytes_localhost_remoteinfo(make_server, connect):
     srv = make_server(tcp_smtp='127.0.0.1:allow,RELAYCLIENT="",DATABYTES="50",'
                       'TCPLOCALHOST="relay.example.com",TCPREMOTEINFO="alice"\n', databytes="0\n")

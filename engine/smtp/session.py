@@ -316,7 +316,9 @@ class SmtpSession(asyncio.Protocol):
         self.write_paused = False
         if self.paused_for_write:
             self.paused_for_write = False
-            if not self.paused_for_commit and self.state in (CMD, DATA):
+            # Every state that reads the client (an AUTH exchange and
+            # rblsmtpd's dialogue too, or the session hangs until its timeout).
+            if not self.paused_for_commit and self.state in (CMD, DATA, AUTH, RBL):
                 self.transport.resume_reading()
 
     def eof_received(self) -> bool:
