@@ -29,6 +29,10 @@ API (contract A in /work/notes/contracts.md; the names are fixed)
     ``take_buffer()`` removes and returns every byte not yet returned as a
     line (switching to DATA mode, or discarding pipelined plaintext at
     STARTTLS); of an over-long unfinished line only its kept head is there.
+    ``take_body()`` is take_buffer() with that line whole when all of its
+    dropped bytes came in the last feed (until ``next_line()`` next returns
+    None): a message body sent in the same chunk as DATA, whose first line
+    need not fit a command line.
 
         >>> r = LineReader(max_line=10)
         >>> r.feed(b"HELO x\\r\\nNOOP\\nMAIL FR")
@@ -250,6 +254,7 @@ cdef class LineReader:
     cdef Py_ssize_t max_line
     cdef bint discarding        # unterminated line is over-long: drop bytes until LF
     cdef Py_ssize_t dropped     # bytes of the unterminated line dropped so far
+    cdef object cut             # those bytes, when all of them came in the last feed (take_body)
 
     def __init__(self, Py_ssize_t max_line=4096):
         if max_line < 0:
@@ -282,6 +287,7 @@ cdef class LineReader:
         cdef Py_ssize_t k, last_lf, room, keep
         if n <= 0:
             return 0
+        self.cut = None             # from now on the dropped bytes, if any, span feeds
         if self.discarding:
             q = <const unsigned char *>memchr(p, 10, n)
             if q == NULL:
@@ -307,6 +313,7 @@ cdef class LineReader:
         keep = n if n <= room else (room if room > 0 else 0)
         buf_append(&self.buf, p, keep)
         if keep < n:
+            self.cut = PyBytes_FromStringAndSize(<const char *>p + keep, n - keep)
             self.discarding = True
             self.dropped += n - keep
         return 0
@@ -326,6 +333,7 @@ cdef class LineReader:
         cdef const unsigned char *q
         cdef Py_ssize_t end, stop, length
         if self.line_start <= self.start:
+            self.cut = None         # every line taken: nobody will want it now
             return None
         base = self.buf.data
         q = <const unsigned char *>memchr(base + self.start, 10, self.line_start - self.start)
@@ -351,8 +359,14 @@ cdef class LineReader:
         self.start = self.line_start = self.buf.len = 0
         self.discarding = False
         self.dropped = 0
+        self.cut = None
         buf_shrink(&self.buf)
         return rest
+
+    def take_body(self):
+        cut = self.cut
+        rest = self.take_buffer()
+        return rest if cut is None else rest + cut
 
 
 # ---------------------------------------------------------------------------

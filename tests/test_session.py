@@ -246,6 +246,28 @@ def test_databytes_counts_crlf_as_one(make_server, connect):
     c.close()
 
 
+def test_body_sent_with_data_keeps_a_line_longer_than_a_command(server, client):
+    """A client that does not wait for the 354 (qmail reads such a body as it
+    comes): a long first line of the body in the same write as DATA, or in the
+    write after the previous end marker, is queued whole (it lost all but
+    max_line_length + 2 bytes of that line, and got 250)."""
+    long_line = b"A" * 10000
+    client.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<x@sink.test>\r\nDATA\r\nSubject: x\r\n\r\n" + long_line)
+    assert client.reply() == b"250 ok\r\n" and client.reply() == b"250 ok\r\n"
+    assert client.reply() == b"354 go ahead\r\n"
+    client.send(b"B\r\n.\r\n")
+    assert OK_RE.match(client.reply())
+    assert server.spool.messages[-1][1].endswith(b"\r\n\r\n" + long_line + b"B\r\n")
+    client.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<x@sink.test>\r\nDATA\r\nSubject: y\r\n\r\n")
+    assert [client.reply() for _ in range(3)] == [b"250 ok\r\n", b"250 ok\r\n", b"354 go ahead\r\n"]
+    client.send(b"one\r\n.\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<x@sink.test>\r\nDATA\r\n" + long_line)
+    assert OK_RE.match(client.reply())
+    assert [client.reply() for _ in range(3)] == [b"250 ok\r\n", b"250 ok\r\n", b"354 go ahead\r\n"]
+    client.send(b"\r\n.\r\n")
+    assert OK_RE.match(client.reply())
+    assert server.spool.messages[-1][1].endswith(b"\r\n" + long_line + b"\r\n")
+
+
 def test_bare_lf_in_data_gets_451_and_close(server, client):
     assert client.cmd(b"MAIL FROM:<a@example.org>") == b"250 ok\r\n"
     assert client.cmd(b"RCPT TO:<x@sink.test>") == b"250 ok\r\n"

@@ -157,6 +157,23 @@ def test_reader_take_buffer_ends_discarding():
     assert r.next_line() == b"xy"
 
 
+def test_reader_take_body_keeps_the_last_feeds_long_line_whole():
+    r = LineReader(max_line=8)
+    long = b"0123456789abcdef"
+    r.feed(b"DATA\r\nSubject\r\n" + long)
+    assert r.next_line() == b"DATA"
+    assert r.take_body() == b"Subject\r\n" + long     # DATA's body, its lines whole
+    assert r.buffered == 0 and r.unterminated == 0
+    r.feed(long)
+    assert r.next_line() is None                        # no DATA came: its tail goes
+    assert r.take_body() == long[:10]
+    r.feed(long)
+    r.feed(b"ijk")                                      # dropped over two feeds: the head only
+    assert r.take_body() == long[:10]
+    r.feed(b"QUIT\r\n")
+    assert r.take_body() == b"QUIT\r\n"
+
+
 def test_reader_accepts_bytearray_and_memoryview():
     r = LineReader()
     r.feed(bytearray(b"A\n"))

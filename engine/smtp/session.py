@@ -566,7 +566,9 @@ class SmtpSession(asyncio.Protocol):
         self.out.append(R_GO_AHEAD)
         self.state = DATA
         self.scanner.reset()
-        rest = self.reader.take_buffer()
+        # A body sent without waiting for the 354 is read as it comes (qmail),
+        # its first line whole even if no command line may be that long.
+        rest = self.reader.take_body()
         if rest:
             self._feed_data(rest)
 
