@@ -226,6 +226,21 @@ def test_size_over_databytes_refused_at_mail(make_server, connect):
     c.close()
 
 
+def test_a_refused_mail_ends_the_open_transaction(server, client):
+    """A pipelining client whose new MAIL is refused gets 503 for the RCPT and
+    DATA sent with it: they never join the transaction it left open (that
+    message was queued from the old sender to the old and new recipients)."""
+    client.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<x@sink.test>\r\n")
+    assert [client.reply() for _ in range(2)] == [b"250 ok\r\n", b"250 ok\r\n"]
+    for mail in (b"MAIL FROM:<b@example.org> SIZE=67108865", b"MAIL FROM:<" + b"b" * 901 + b">"):
+        client.send(mail + b"\r\nRCPT TO:<y@sink.test>\r\nDATA\r\n")
+        assert client.reply().startswith((b"552 ", b"555 "))
+        assert client.reply() == b"503 MAIL first (#5.5.1)\r\n"
+        assert client.reply() == b"503 MAIL first (#5.5.1)\r\n"
+    assert OK_RE.match(transaction(client))
+    assert [env.recipients for env, _ in server.spool.messages] == [("x@sink.test",)]
+
+
 def test_databytes_exceeded_in_body_then_session_usable(make_server, connect):
     srv = make_server(databytes="1000\n")
     c = connect(srv.port)

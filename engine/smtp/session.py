@@ -490,6 +490,10 @@ class SmtpSession(asyncio.Protocol):
         self.in_transaction = False
 
     def _mail(self, arg: bytes) -> None:
+        # A second MAIL restarts the transaction (qmail), refused or not: the
+        # RCPTs a pipelining client sent with a refused one must get 503, not
+        # join the transaction it left open.
+        self._reset_transaction()
         if self.auth_user is None and self.scheme != "smtp":
             self._refuse(auth.R_AUTH_REQUIRED, "MAIL")
             return
@@ -505,7 +509,6 @@ class SmtpSession(asyncio.Protocol):
                     if key == b"SIZE" and value is not None and value.isdigit() and int(value) > self.databytes:
                         self._refuse(R_TOO_BIG, f"MAIL <{_text(addr)}> SIZE={_text(value)}")
                         return
-        # A second MAIL restarts the transaction (qmail).
         sender = self._address(addr)
         if address_syntax_error(sender):
             self._refuse(R_SYNTAX, f"MAIL <{sender}>")
@@ -517,7 +520,6 @@ class SmtpSession(asyncio.Protocol):
         self.mail = True
         self.in_transaction = True
         self.sender = sender
-        self.rcpts = []
         self.sender_refused = self.config.policy.sender_refused(sender)
         self.out.append(R_MAIL_OK)
 
