@@ -6,7 +6,7 @@ import pytest
 from engine.config.cdb import CdbFile, newmrh, write_cdb
 from engine.smtp.policy import (
     BADMAILFROM_REFUSED, RCPTHOSTS_REFUSED, SYNTAX_ERROR, RecipientPolicy, rewrite_local_ip_literal,
-    split_address, unquote_address,
+    plain_address, split_address, unquote_address,
 )
 
 RELAY_553 = "553 sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)"
@@ -220,6 +220,16 @@ def test_unquote_address():
     assert unquote_address('"a b"@c') == "a b@c"
     assert unquote_address("a\\@b@c") == "a@b@c"
     assert unquote_address("plain@c") == "plain@c"
+
+
+def test_plain_address_drops_quotes_only_where_none_are_needed():
+    assert plain_address('"joe"@example.com') == "joe@example.com"
+    assert plain_address('"joe.q"@example.com') == "joe.q@example.com"
+    assert plain_address("jo\\e@example.com") == "joe@example.com"
+    assert plain_address('"joe"') == "joe"
+    for kept in ('"jo e"@example.com', '"a@b"@example.com', '".joe"@example.com', '""@example.com',
+                 "joe@example.com", '"jo\\"e"@example.com'):
+        assert plain_address(kept) == kept
 
 
 def test_rewrite_local_ip_literal():

@@ -202,3 +202,20 @@ def test_a_receiver_near_its_open_files_limit_refuses_with_a_reply(make_server, 
     assert line.endswith("try again later (1 sessions in this receiver: open files limit)")
     held.close()
     c.close()
+
+
+def test_a_quoted_local_part_that_needs_no_quotes_is_the_mailbox(make_server, root):
+    # qmail's addrparse drops the quotes: "joe"@example.com is joe's (RFC 5321 4.1.2).
+    from engine.accounts.admin import add_domain, add_user
+    add_domain(root, "example.com", uid=12345, gid=12345)
+    add_user(root, "joe@example.com", "pw")
+    srv, _ = make_server()
+    c = greet(srv.port)
+    assert c.cmd(b'MAIL FROM:<"a"@example.org>') == b"250 ok\r\n"
+    assert c.cmd(b'RCPT TO:<"joe"@example.com>') == b"250 ok\r\n"
+    assert c.cmd(b"DATA") == b"354 go ahead\r\n"
+    c.send(b"Subject: q\r\n\r\nhi\r\n.\r\n")
+    assert c.line().startswith(b"250 ok")
+    [(envelope, _)] = srv.spool.messages
+    assert (envelope.sender, envelope.recipients) == ("a@example.org", ("joe@example.com",))
+    c.close()

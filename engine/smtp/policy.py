@@ -5,8 +5,8 @@ Owns the decision for one envelope address (spec §1.5); it never reads files
 touches the network.
 
 Addresses arrive as str decoded from the wire (utf-8, surrogateescape) after
-`parse_path`: quotes and backslashes are still in them, a source route
-`@a,@b:` is already gone.
+`parse_path` and `plain_address`: quotes and backslashes are still in them
+where the local part needs them, a source route `@a,@b:` is already gone.
 
 - `sender_refused`: the sender (quotes and escapes removed, as qmail's
   addrparse does) equals a badmailfrom line, or `@domain` does; ASCII
@@ -79,6 +79,24 @@ def split_address(addr: str) -> tuple[str, str | None]:
             at = i
         i += 1
     return (addr, None) if at < 0 else (addr[:at], addr[at + 1:])
+
+
+# RFC 5322 dot-atom text: a local part that needs no quotes.
+_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-]+)*\Z")
+
+
+def plain_address(addr: str) -> str:
+    """`"joe"@example.com` (or `jo\\e@…`) as `joe@example.com` when the local
+    part without its quotes and escapes is a plain dot-atom: the same mailbox
+    (RFC 5321 4.1.2), and how qmail's addrparse stores it, so local delivery
+    and the RCPT check find joe. Any other address is kept as sent."""
+    if '"' not in addr and "\\" not in addr:
+        return addr
+    local, domain = split_address(addr)
+    plain = unquote_address(local)
+    if not _DOT_ATOM.match(plain):
+        return addr
+    return plain if domain is None else f"{plain}@{domain}"
 
 
 def unquote_address(addr: str) -> str:

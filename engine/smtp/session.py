@@ -36,7 +36,8 @@ from engine._smtpcore import TOO_LONG, DataScanner, LineReader, parse_command, p
 from engine.queue import Envelope, SpoolError, SpoolWriteError
 from engine.smtp import auth
 from engine.smtp.listeners import IMPLICIT_TLS_SCHEMES
-from engine.smtp.policy import address_syntax_error, mailbox_refusal, rewrite_local_ip_literal
+from engine.smtp.policy import (address_syntax_error, mailbox_refusal, plain_address,
+                                rewrite_local_ip_literal)
 from engine.tls import session_cipher
 from engine.received import queue_received_line, received_line
 
@@ -527,7 +528,7 @@ class SmtpSession(asyncio.Protocol):
         # qmail replaces a bracketed literal of one of this host's addresses by
         # control/localiphost (spec §1.4 step 4); ours = the address the client
         # connected to (and 0.0.0.0).
-        text = _text(addr)
+        text = plain_address(_text(addr))
         if text.endswith("]"):
             text = rewrite_local_ip_literal(text, (self.localip,), self.config.localiphost)
         return text
