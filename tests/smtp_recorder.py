@@ -12,7 +12,8 @@ Behaviour knobs: `greeting` (e.g. "421 busy"), `silent` (never greets),
 `esmtp` (False: EHLO answers 502), `extensions`, `rcpt_replies`
 ({address: reply}), `mail_reply`, `data_reply`, `final_reply`,
 `close_after_messages` (hang up after n messages on a connection),
-`drop_on_rset` (hang up, without a reply, on RSET).
+`drop_on_rset` (hang up, without a reply, on RSET), `close_after_mail`
+(hang up right after answering MAIL, as servers refusing a sender often do).
 
 TLS: `tls_context` (a server ssl.SSLContext) offers STARTTLS before TLS and
 does the handshake after `starttls_reply` (a reply not starting with 220
@@ -58,6 +59,7 @@ class RecordingSink:
         self.final_reply = "250 ok queued"
         self.close_after_messages = 0
         self.drop_on_rset = False
+        self.close_after_mail = False
         self.tls_context: ssl.SSLContext | None = None
         self.starttls_reply = "220 ready for tls"
         self.tls_break = False
@@ -142,6 +144,10 @@ class RecordingSink:
                 reply = self.mail_reply
                 if not reply.startswith("2"):
                     current = None
+                if self.close_after_mail:
+                    writer.write(reply.encode() + b"\r\n")
+                    await writer.drain()
+                    return
             elif verb == b"RCPT":
                 addr = line.split(b"<", 1)[-1].split(b">", 1)[0].decode()
                 reply = self.rcpt_replies.get(addr, "250 ok")

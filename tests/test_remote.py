@@ -269,6 +269,18 @@ def test_dialogue_failures(knobs, status, text):
                            RecipientResult("b@example.test", status, text)], pipelining
 
 
+@pytest.mark.parametrize("reply, status", [("554 5.7.1 blocked", "D"), ("421 4.7.0 go away", "Z")])
+@pytest.mark.parametrize("extensions", [["PIPELINING"], []])
+def test_sender_refused_then_hang_up_keeps_the_refusal(extensions, reply, status):
+    # A server refusing a sender often closes at once: with PIPELINING the
+    # RCPT and DATA replies never come, and the refusal must still decide.
+    results, _ = _routed({"mail_reply": reply, "close_after_mail": True, "extensions": extensions},
+                         ["a@example.test", "b@example.test"])
+    text = f"Connected to 127.0.0.2 but sender was rejected.\nRemote host said: {reply}\n"
+    assert results == [RecipientResult("a@example.test", status, text),
+                       RecipientResult("b@example.test", status, text)]
+
+
 def test_address_with_line_break_is_refused_without_sending():
     results, sink = _routed({}, ["ok@example.test", "x@example.test\r\nRCPT TO:<evil@x>"])
     assert statuses(results) == ["K", "D"]

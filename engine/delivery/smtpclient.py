@@ -402,9 +402,19 @@ class SmtpConnection:
                 self.reusable = False
                 raise ConnectionDied(self.ip, f"RSET refused: {reply.text.strip()}")
         outcome = TransactionOutcome(await self.read_reply())
-        for _ in rcpts:
-            outcome.rcpt.append(await self.read_reply())
-        outcome.data = await self.read_reply()
+        try:
+            for _ in rcpts:
+                outcome.rcpt.append(await self.read_reply())
+            outcome.data = await self.read_reply()
+        except ConnectionDied:
+            if outcome.mail.code < 400:
+                raise
+            # A server refusing the sender often hangs up at once: the
+            # refusal is its answer, as in lockstep (a 5xx must bounce, not
+            # turn into "connection died" deferrals for a week).
+            self.reusable = False
+            outcome.rcpt = []
+            return outcome
         if outcome.mail.code >= 400:
             # Keep the per-recipient story consistent with lockstep: no RCPT
             # counts when MAIL was refused.
