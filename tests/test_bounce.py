@@ -148,6 +148,10 @@ def test_quote_address():
     assert quote_address("a b@h") == '"a b"@h'
     assert quote_address("a..b@h") == '"a..b"@h'
     assert quote_address("first.last@h") == "first.last@h"
+    # The receiver keeps a local part that needs its quotes as sent: the
+    # bounce's To: must not quote it a second time.
+    assert quote_address('"a b"@h') == '"a b"@h'
+    assert quote_address('"a\\"b"@h') == '"a\\"b"@h'
 
 
 def test_load_bounce_config_defaults_and_files(root):

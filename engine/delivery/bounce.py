@@ -48,6 +48,9 @@ _DSN_CODE = re.compile(r"\(#([245])\.(\d{1,3})\.(\d{1,3})\)")
 _REMOTE_SAID = re.compile(r"Remote host said: (\d{3})(?:[ -]([245])\.(\d{1,3})\.(\d{1,3}))?([^\n]*)")
 # RFC 5322 specials that force a quoted local part (qmail quote.c's idea).
 _NEEDS_QUOTE = re.compile(r'[\x00-\x20()<>@,;:\\".\[\]\x7f-\U0010ffff]')
+# A local part that is already a quoted string: the receiver keeps `"a b"@c`
+# as sent (engine.smtp.policy.plain_address), so it is never quoted again.
+_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"\Z', re.S)
 
 
 @dataclass(slots=True, frozen=True)
@@ -117,7 +120,8 @@ def quote_address(addr: str) -> str:
     local, at, domain = addr.rpartition("@")
     if not at:
         local, domain = addr, ""
-    if (local == "" or _NEEDS_QUOTE.search(local.replace(".", "a")) or local.startswith(".")
+    if not _QUOTED.match(local) and (
+            local == "" or _NEEDS_QUOTE.search(local.replace(".", "a")) or local.startswith(".")
             or local.endswith(".") or ".." in local):
         local = '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return f"{local}@{domain}" if at else local
