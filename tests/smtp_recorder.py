@@ -13,7 +13,9 @@ Behaviour knobs: `greeting` (e.g. "421 busy"), `silent` (never greets),
 ({address: reply}), `mail_reply`, `data_reply`, `final_reply`,
 `close_after_messages` (hang up after n messages on a connection),
 `drop_on_rset` (hang up, without a reply, on RSET), `close_after_mail`
-(hang up right after answering MAIL, as servers refusing a sender often do).
+(hang up right after answering MAIL, as servers refusing a sender often do),
+`busy_after_messages` (after n messages on a connection, answer MAIL with a
+421 and hang up, as Exim's smtp_accept_max_per_connection does).
 
 TLS: `tls_context` (a server ssl.SSLContext) offers STARTTLS before TLS and
 does the handshake after `starttls_reply` (a reply not starting with 220
@@ -60,6 +62,7 @@ class RecordingSink:
         self.close_after_messages = 0
         self.drop_on_rset = False
         self.close_after_mail = False
+        self.busy_after_messages = 0
         self.tls_context: ssl.SSLContext | None = None
         self.starttls_reply = "220 ready for tls"
         self.tls_break = False
@@ -140,6 +143,10 @@ class RecordingSink:
             elif verb == b"HELO":
                 reply = "250 sink.test"
             elif verb == b"MAIL":
+                if self.busy_after_messages and len(conn.transactions) >= self.busy_after_messages:
+                    writer.write(b"421 too many messages in this connection\r\n")
+                    await writer.drain()
+                    return
                 current = Transaction(mail=line)
                 reply = self.mail_reply
                 if not reply.startswith("2"):

@@ -362,6 +362,25 @@ def test_reused_connection_dying_before_the_dot_is_retried_fresh(extensions):
     assert [len(c.transactions) for c in sink.connections] == [1, 1, 1]
 
 
+@pytest.mark.parametrize("extensions", [["PIPELINING"], []])
+def test_421_to_mail_on_a_reused_connection_is_retried_fresh(extensions):
+    # A server's messages-per-connection limit (Exim: 421 to MAIL, then it
+    # closes) is about the connection, not the message: a new one takes it.
+    async def go():
+        started = await sinks(("127.0.0.2", {"busy_after_messages": 2, "extensions": extensions}))
+        rd = RemoteDelivery(config(routes=f":127.0.0.2:{started[0].port}\n"))
+        try:
+            out = []
+            for i in range(5):
+                out += await rd.deliver("example.test", "a@src.test", [f"u{i}@example.test"], MSG)
+            return out, started[0]
+        finally:
+            await stop(rd, started)
+    results, sink = run(go())
+    assert statuses(results) == ["K"] * 5
+    assert [len(c.transactions) for c in sink.connections] == [2, 2, 1]
+
+
 def test_greeting_timeout_uses_timeoutremote():
     async def go():
         started = await sinks(("127.0.0.2", {"silent": True}))

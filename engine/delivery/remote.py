@@ -288,6 +288,12 @@ class RemoteDelivery:
                 except BaseException:
                     self.pool.release(conn, reusable=False)
                     raise
+                if reused and outcome.mail.code == 421 and retries > 0:
+                    # The server closes this connection (e.g. its limit of
+                    # messages per connection): not about this message.
+                    self.pool.release(conn, reusable=False)
+                    retries -= 1
+                    continue
                 self.pool.release(conn)
                 return _results(ip, recipients, outcome, conn.tls is not None)
         return _all(recipients, "Z", last_failure or TEXT_NO_CONNECTION)

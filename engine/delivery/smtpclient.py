@@ -294,6 +294,8 @@ class SmtpConnection:
                 raise ConnectionDied(self.ip, f"garbled reply {line[:40]!r}", after_dot)
             if code < 0:
                 code = int(head)
+                if code == 421:
+                    self.reusable = False   # the server is closing the connection
             if kept < MAX_REPLY_TEXT:
                 clean = line.replace(b"\r", b"").replace(b"\0", b"?")
                 clean = clean[:MAX_REPLY_TEXT - kept]
