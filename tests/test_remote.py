@@ -95,6 +95,20 @@ def test_default_route_and_empty_relay_uses_mx(fake_dns):
     assert ("any.where.test", "MX") not in fake_dns.queries   # a route needs no MX lookup
 
 
+def test_smtproutes_to_an_ipv6_literal_with_port():
+    async def go():
+        started = await sinks(("::1", {}))
+        rd = RemoteDelivery(config(routes=f"example.test:[::1]:{started[0].port}\n"))
+        try:
+            return await rd.deliver("example.test", "a@src.test", ["x@example.test"], MSG), started
+        finally:
+            await stop(rd, started)
+    results, (sink,) = run(go())
+    assert results == [RecipientResult("x@example.test", "K",
+                                       "::1 accepted message.\nRemote host said: 250 ok queued\n")]
+    assert sink.messages[0].content == MSG
+
+
 def test_relay_name_resolved_by_a_record(fake_dns):
     async def go():
         started = await sinks(("127.0.0.4", {}))

@@ -97,6 +97,18 @@ def test_load_accepts_what_is_well_formed(tmp_path):
     assert routes.lookup("b.test") == Route("relay.test", 25)
 
 
+def test_ipv6_relay_in_brackets_with_and_without_port(tmp_path):
+    text = "six.test:[2001:db8::25]:2525\nsix2.test:[IPv6:2001:db8::26]\n:[::1]\n"
+    (tmp_path / "smtproutes").write_text(text)
+    routes = SmtpRoutes.load(tmp_path)
+    assert routes.lookup("six.test") == Route("[2001:db8::25]", 2525)
+    assert routes.lookup("six2.test") == Route("[IPv6:2001:db8::26]", 25)
+    assert routes.lookup("other.test") == Route("[::1]", 25)
+    (tmp_path / "smtproutes").write_text("six.test:[2001:db8::25]:x\n")
+    with pytest.raises(RoutesError, match="bad port 'x'"):
+        SmtpRoutes.load(tmp_path)
+
+
 def test_remote_config_refuses_a_bad_smtproutes_line(root):
     (root / "control" / "smtproutes").write_text("sink.test 127.0.0.1\n")
     with pytest.raises(RemoteConfigError) as info:

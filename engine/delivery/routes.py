@@ -1,7 +1,8 @@
 """control/smtproutes, read and matched exactly as qmail-remote does (spec §2, §7.1).
 
 A line is `key:relay` or `key:relay:port`; the key is the text before the
-first `:`.  For a target host `h` the keys tried are `h`, then every suffix of
+first `:`, and a relay in brackets (`[2001:db8::25]:2525`) ends at its `]`.
+For a target host `h` the keys tried are `h`, then every suffix of
 `h` that starts at a `.` (longest first), then the empty key (the default
 route).  The first key found wins; keys match case-insensitively, as qmail's
 constmap does.  An empty relay (`example.com:`) means "no route: use MX" — the
@@ -47,6 +48,17 @@ def _parse_port(text: str) -> int:
     return port if 0 < port < 65536 else SMTP_PORT
 
 
+def _split_relay(relay: str) -> tuple[str, str, str]:
+    """`relay[:port]` as (name, sep, port), like str.partition; a bracketed
+    literal keeps its colons, so `[2001:db8::25]:2525` (IPv6, which qmail
+    never had) is the address and a port."""
+    if relay.startswith("["):
+        end = relay.find("]")
+        if end > 0 and relay[end + 1:end + 2] in ("", ":"):
+            return relay[:end + 1], relay[end + 1:end + 2], relay[end + 2:]
+    return relay.partition(":")
+
+
 class RoutesError(ValueError):
     """A control/smtproutes line qrelay refuses (one line naming file and line)."""
 
@@ -56,7 +68,7 @@ def check_line(line: str) -> str | None:
     key, sep, relay = line.partition(":")
     if not sep:
         return f"no ':' in {line!r} (a route is host:relay or host:relay:port)"
-    name, sep, port = relay.partition(":")
+    name, sep, port = _split_relay(relay)
     if sep and port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
         return f"bad port {port!r} in {line!r} (a number from 1 to 65535)"
     return None
@@ -126,7 +138,7 @@ class SmtpRoutes:
             relay = self._table.get("")
         if not relay:
             return None
-        name, sep, port = relay.partition(":")
+        name, sep, port = _split_relay(relay)
         if not name:
             return None
         return Route(name, _parse_port(port) if sep else SMTP_PORT)
