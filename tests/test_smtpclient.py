@@ -191,6 +191,43 @@ def test_hangup_after_dot_is_possible_duplicate():
     assert run(go()) is True
 
 
+def test_hangup_in_the_middle_of_a_large_body_is_no_possible_duplicate():
+    # qmail says "Possible duplicate!" only once the final dot is on its way:
+    # a server gone after part of the body cannot have taken the message.
+    async def server(reader, writer):
+        writer.write(b"220 hi\r\n")
+        while True:
+            line = await reader.readline()
+            if not line:
+                break
+            if line.startswith(b"EHLO"):
+                writer.write(b"250 hi\r\n")
+            elif line.startswith(b"DATA"):
+                writer.write(b"354 go\r\n")
+                await writer.drain()
+                await reader.readexactly(100_000)
+                writer.transport.abort()    # gone, most of the body unread
+                return
+            elif line[:4] in (b"MAIL", b"RCPT"):
+                writer.write(b"250 ok\r\n")
+        writer.close()
+
+    async def go():
+        srv = await asyncio.start_server(server, "127.0.0.2", 0)
+        port = srv.sockets[0].getsockname()[1]
+        try:
+            conn = await SmtpConnection.open("127.0.0.2", port, "me.test", timeoutconnect=2,
+                                             timeoutremote=2)
+            with pytest.raises(ConnectionDied) as info:
+                await conn.transaction("s@a", ["r@b"], (b"x" * 998 + b"\r\n") * 10_000)
+            await conn.quit()
+            return info.value.after_dot
+        finally:
+            srv.close()
+            await srv.wait_closed()
+    assert run(go()) is False
+
+
 # --- the pool -------------------------------------------------------------------
 
 def test_pool_reuses_with_rset_and_caps_messages():

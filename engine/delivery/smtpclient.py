@@ -313,6 +313,10 @@ class SmtpConnection:
     async def write(self, data: bytes, after_dot: bool = False) -> None:
         # timeoutremote bounds each stretch without progress, as qmail's
         # per-write timeout does, not the whole of a large message.
+        # `after_dot` (data ends with the final dot) counts from the last
+        # piece on: as qmail's flagcritical, a failure before it means the
+        # server cannot have taken the message.
+        last = True
         try:
             if len(data) <= WRITE_CHUNK:
                 self._writer.write(data)
@@ -320,12 +324,13 @@ class SmtpConnection:
                 return
             view = memoryview(data)
             for start in range(0, len(view), WRITE_CHUNK):
+                last = start + WRITE_CHUNK >= len(view)
                 self._writer.write(view[start:start + WRITE_CHUNK])
                 await asyncio.wait_for(self._writer.drain(), self._timeout)
         except asyncio.TimeoutError:
-            raise ConnectionDied(self.ip, "timeout writing", after_dot) from None
+            raise ConnectionDied(self.ip, "timeout writing", after_dot and last) from None
         except (OSError, RuntimeError) as exc:
-            raise ConnectionDied(self.ip, f"writing: {exc!r}", after_dot) from None
+            raise ConnectionDied(self.ip, f"writing: {exc!r}", after_dot and last) from None
 
     async def command(self, line: bytes) -> Reply:
         await self.write(line + b"\r\n")
