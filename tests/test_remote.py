@@ -58,18 +58,20 @@ def statuses(results: list[RecipientResult]) -> list[str]:
 
 # --- smtproutes ---------------------------------------------------------------
 
-def test_smtproutes_with_port_delivers_and_reports_qmail_text():
+# An IPv6 relay is written in brackets (qmail had no IPv6): it ends at its `]`.
+@pytest.mark.parametrize("ip, relay", [("127.0.0.2", "127.0.0.2"), ("::1", "[::1]")])
+def test_smtproutes_with_port_delivers_and_reports_qmail_text(ip, relay):
     async def go():
-        started = await sinks(("127.0.0.2", {}))
+        started = await sinks((ip, {}))
         port = started[0].port
-        rd = RemoteDelivery(config(routes=f"example.test:127.0.0.2:{port}\n"))
+        rd = RemoteDelivery(config(routes=f"example.test:{relay}:{port}\n"))
         try:
             return await rd.deliver("example.test", "a@src.test", ["x@example.test"], MSG), started
         finally:
             await stop(rd, started)
     results, (sink,) = run(go())
     assert results == [RecipientResult("x@example.test", "K",
-                                       "127.0.0.2 accepted message.\nRemote host said: 250 ok queued\n")]
+                                       f"{ip} accepted message.\nRemote host said: 250 ok queued\n")]
     assert sink.messages[0].content == MSG
     assert sink.messages[0].mail.startswith(b"MAIL FROM:<a@src.test>")
 
@@ -93,20 +95,6 @@ def test_default_route_and_empty_relay_uses_mx(fake_dns):
     assert [m.rcpts for m in smart.messages] == [[b"RCPT TO:<x@any.where.test>"]]
     assert [m.rcpts for m in mx.messages] == [[b"RCPT TO:<y@except.test>"]]
     assert ("any.where.test", "MX") not in fake_dns.queries   # a route needs no MX lookup
-
-
-def test_smtproutes_to_an_ipv6_literal_with_port():
-    async def go():
-        started = await sinks(("::1", {}))
-        rd = RemoteDelivery(config(routes=f"example.test:[::1]:{started[0].port}\n"))
-        try:
-            return await rd.deliver("example.test", "a@src.test", ["x@example.test"], MSG), started
-        finally:
-            await stop(rd, started)
-    results, (sink,) = run(go())
-    assert results == [RecipientResult("x@example.test", "K",
-                                       "::1 accepted message.\nRemote host said: 250 ok queued\n")]
-    assert sink.messages[0].content == MSG
 
 
 def test_relay_name_resolved_by_a_record(fake_dns):
@@ -340,37 +328,34 @@ def test_concurrent_deliveries_respect_per_host_cap_and_message_cap():
     assert 6 <= len(sink.connections) <= 8
 
 
-@pytest.mark.parametrize("extensions", [["PIPELINING"], []])
-def test_server_dropping_an_idle_connection_is_retried_fresh(extensions):
+def one_by_one(sink_options: dict, n: int, pause: float = 0.0):
+    """n messages delivered in turn through one sink (smtproutes to 127.0.0.2):
+    (their results, the sink)."""
     async def go():
-        started = await sinks(("127.0.0.2", {"close_after_messages": 1, "extensions": extensions}))
+        started = await sinks(("127.0.0.2", sink_options))
         rd = RemoteDelivery(config(routes=f":127.0.0.2:{started[0].port}\n"))
         try:
             out = []
-            for i in range(3):
+            for i in range(n):
                 out += await rd.deliver("example.test", "a@src.test", [f"u{i}@example.test"], MSG)
-                await asyncio.sleep(0.05)
+                if pause:
+                    await asyncio.sleep(pause)
             return out, started[0]
         finally:
             await stop(rd, started)
-    results, sink = run(go())
+    return run(go())
+
+
+@pytest.mark.parametrize("extensions", [["PIPELINING"], []])
+def test_server_dropping_an_idle_connection_is_retried_fresh(extensions):
+    results, sink = one_by_one({"close_after_messages": 1, "extensions": extensions}, 3, pause=0.05)
     assert statuses(results) == ["K"] * 3
     assert len(sink.connections) == 3
 
 
 @pytest.mark.parametrize("extensions", [["PIPELINING"], []])
 def test_reused_connection_dying_before_the_dot_is_retried_fresh(extensions):
-    async def go():
-        started = await sinks(("127.0.0.2", {"drop_on_rset": True, "extensions": extensions}))
-        rd = RemoteDelivery(config(routes=f":127.0.0.2:{started[0].port}\n"))
-        try:
-            out = []
-            for i in range(3):
-                out += await rd.deliver("example.test", "a@src.test", [f"u{i}@example.test"], MSG)
-            return out, started[0]
-        finally:
-            await stop(rd, started)
-    results, sink = run(go())
+    results, sink = one_by_one({"drop_on_rset": True, "extensions": extensions}, 3)
     assert statuses(results) == ["K"] * 3
     assert len(sink.messages) == 3 and len(sink.connections) == 3
     assert [len(c.transactions) for c in sink.connections] == [1, 1, 1]
@@ -380,17 +365,7 @@ def test_reused_connection_dying_before_the_dot_is_retried_fresh(extensions):
 def test_421_to_mail_on_a_reused_connection_is_retried_fresh(extensions):
     # A server's messages-per-connection limit (Exim: 421 to MAIL, then it
     # closes) is about the connection, not the message: a new one takes it.
-    async def go():
-        started = await sinks(("127.0.0.2", {"busy_after_messages": 2, "extensions": extensions}))
-        rd = RemoteDelivery(config(routes=f":127.0.0.2:{started[0].port}\n"))
-        try:
-            out = []
-            for i in range(5):
-                out += await rd.deliver("example.test", "a@src.test", [f"u{i}@example.test"], MSG)
-            return out, started[0]
-        finally:
-            await stop(rd, started)
-    results, sink = run(go())
+    results, sink = one_by_one({"busy_after_messages": 2, "extensions": extensions}, 5)
     assert statuses(results) == ["K"] * 5
     assert [len(c.transactions) for c in sink.connections] == [2, 2, 1]
 

@@ -159,41 +159,9 @@ def test_silent_server_times_out():
     assert 0.25 < elapsed < 2
 
 
-def test_hangup_after_dot_is_possible_duplicate():
-    async def server(reader, writer):
-        writer.write(b"220 hi\r\n")
-        while True:
-            line = await reader.readline()
-            if not line:
-                break
-            if line.startswith(b"EHLO"):
-                writer.write(b"250 hi\r\n")
-            elif line.startswith(b"DATA"):
-                writer.write(b"354 go\r\n")
-            elif line == b".\r\n":
-                break       # hang up instead of answering
-            elif line[:4] in (b"MAIL", b"RCPT"):
-                writer.write(b"250 ok\r\n")
-        writer.close()
-
-    async def go():
-        srv = await asyncio.start_server(server, "127.0.0.2", 0)
-        port = srv.sockets[0].getsockname()[1]
-        try:
-            conn = await SmtpConnection.open("127.0.0.2", port, "me.test", timeoutconnect=2, timeoutremote=2)
-            with pytest.raises(ConnectionDied) as info:
-                await conn.transaction("s@a", ["r@b"], b"x\r\n")
-            await conn.quit()
-            return info.value.after_dot
-        finally:
-            srv.close()
-            await srv.wait_closed()
-    assert run(go()) is True
-
-
-def test_hangup_in_the_middle_of_a_large_body_is_no_possible_duplicate():
-    # qmail says "Possible duplicate!" only once the final dot is on its way:
-    # a server gone after part of the body cannot have taken the message.
+def after_dot_of_a_hangup(body: bytes, in_data) -> bool:
+    """ConnectionDied.after_dot for a transaction of `body` with a server that
+    takes EHLO, MAIL, RCPT and DATA, then runs in_data(reader, writer) and hangs up."""
     async def server(reader, writer):
         writer.write(b"220 hi\r\n")
         while True:
@@ -205,9 +173,8 @@ def test_hangup_in_the_middle_of_a_large_body_is_no_possible_duplicate():
             elif line.startswith(b"DATA"):
                 writer.write(b"354 go\r\n")
                 await writer.drain()
-                await reader.readexactly(100_000)
-                writer.transport.abort()    # gone, most of the body unread
-                return
+                await in_data(reader, writer)
+                break
             elif line[:4] in (b"MAIL", b"RCPT"):
                 writer.write(b"250 ok\r\n")
         writer.close()
@@ -219,13 +186,29 @@ def test_hangup_in_the_middle_of_a_large_body_is_no_possible_duplicate():
             conn = await SmtpConnection.open("127.0.0.2", port, "me.test", timeoutconnect=2,
                                              timeoutremote=2)
             with pytest.raises(ConnectionDied) as info:
-                await conn.transaction("s@a", ["r@b"], (b"x" * 998 + b"\r\n") * 10_000)
+                await conn.transaction("s@a", ["r@b"], body)
             await conn.quit()
             return info.value.after_dot
         finally:
             srv.close()
             await srv.wait_closed()
-    assert run(go()) is False
+    return run(go())
+
+
+def test_hangup_after_dot_is_possible_duplicate():
+    async def read_to_the_dot(reader, writer):
+        while await reader.readline() not in (b".\r\n", b""):
+            pass        # then hang up instead of answering
+    assert after_dot_of_a_hangup(b"x\r\n", read_to_the_dot) is True
+
+
+def test_hangup_in_the_middle_of_a_large_body_is_no_possible_duplicate():
+    # qmail says "Possible duplicate!" only once the final dot is on its way:
+    # a server gone after part of the body cannot have taken the message.
+    async def gone_early(reader, writer):
+        await reader.readexactly(100_000)
+        writer.transport.abort()    # gone, most of the body unread
+    assert after_dot_of_a_hangup((b"x" * 998 + b"\r\n") * 10_000, gone_early) is False
 
 
 # --- the pool -------------------------------------------------------------------
