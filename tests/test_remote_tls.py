@@ -49,15 +49,17 @@ def run(coro, timeout=25):
 
 
 def deliver(dns, tlsdestinations: str = "", messages: int = 1, root="/", min_version="TLSv1.2",
-            tls: TlsDestinations | None = None, client_cert: str = "", **knobs):
+            tls: TlsDestinations | None = None, client_cert: str = "", route: str = "", **knobs):
     """Start a sink with `knobs`, deliver `messages` messages to x@tls.test
-    (MX mx.tls.test -> 127.0.0.1) one after the other; results and the sink."""
+    (MX mx.tls.test -> 127.0.0.1, or smtproutes to `route`:PORT) one after
+    the other; results and the sink."""
     async def go():
         sink = await RecordingSink.start("127.0.0.1", 0, **knobs)
         dns.zone["tls.test"] = {"MX": [(10, MX)]}
         dns.zone[MX] = {"A": ["127.0.0.1"]}
         lines = list(enumerate(tlsdestinations.splitlines(), 1))
-        config = RemoteConfig(helohost="relay.test", routes=SmtpRoutes(),
+        routes = SmtpRoutes.from_text(f"tls.test:{route}:{sink.port}\n" if route else "")
+        config = RemoteConfig(helohost="relay.test", routes=routes,
                               dns_servers=(dns.address,), mx_port=sink.port, dns_timeout=0.5,
                               dns_tries=1, timeoutconnect=2, timeoutremote=5,
                               tls=tls if tls is not None else TlsDestinations.from_lines(lines, root),
@@ -163,6 +165,16 @@ def test_verified_with_the_system_cas_refuses_a_private_ca(fake_dns, ca):
     (result,), _, _ = deliver(fake_dns, "+*:\n", tls_context=server_context(ca))
     assert result[0].status == "Z"
     assert result[0].text.startswith("TLS unable to verify server with the system CAs: ")
+
+
+@pytest.mark.parametrize("route", ["[127.0.0.1]", "127.0.0.1"])
+def test_a_relay_given_as_an_ip_is_verified_by_its_ip_address(fake_dns, ca, ca_file, route):
+    # The certificate's name is the address (an IP SAN), brackets or not; and an
+    # address is never sent as SNI (RFC 6066 3).
+    (result,), sink, _ = deliver(fake_dns, f"*:{ca_file}\n", route=route,
+                                 tls_context=server_context(ca, "127.0.0.1"))
+    assert result[0].status == "K", result[0].text
+    assert sink.messages[0].tls
 
 
 @pytest.mark.parametrize("rule, names, ok, why", [

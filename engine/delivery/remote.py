@@ -35,7 +35,8 @@ from typing import Sequence
 from engine.config.control import ControlError, read_line, read_number
 from engine.config.settings import SettingsError, load_settings
 from engine.delivery.channels import RecipientResult
-from engine.delivery.mx import MxResolver, MxTarget, ResolveError, apply_ipme, host_addresses
+from engine.delivery.mx import (MxResolver, MxTarget, ResolveError, apply_ipme, host_addresses,
+                                parse_ip_literal)
 from engine.delivery.routes import RoutesError, SmtpRoutes
 from engine.delivery.smtpclient import (ConnectFailed, ConnectionDied, ConnectionPool,
                                         GreetingFailed, NameRejected, PoolLimits, Reply,
@@ -246,8 +247,11 @@ class RemoteDelivery:
             # none is left the pool opens a fresh one, so this is bounded.
             retries = self.config.max_connections_per_host + 1
             while True:
-                # SNI and the certificate's name: the MX (or relay) host name.
-                tls = TlsRequest(self.config.tls.for_host(policy, target.name), target.name)
+                # SNI and the certificate's name: the MX (or relay) host name;
+                # a relay or domain that is an IP literal ([1.2.3.4]) is its
+                # address, checked against IP SANs and never sent as SNI.
+                tls = TlsRequest(self.config.tls.for_host(policy, target.name),
+                                 parse_ip_literal(target.name) or target.name)
                 try:
                     conn, reused = await self.pool.acquire(ip, port, self.config.helohost, tls)
                 except ConnectFailed as exc:
