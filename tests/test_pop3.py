@@ -362,6 +362,22 @@ def test_apop(tmp_path, server):
     c.close()
 
 
+def test_apop_refused_for_an_empty_cleartext_field(tmp_path, server):
+    # vadduser -e (a hash given, no password) with CLEAR_PASS writes an empty
+    # eighth field: no cleartext is kept, so APOP must never match — the digest
+    # of the timestamp alone is not a password.
+    import dataclasses
+    from engine.accounts.admin import find_domain, read_users, write_users
+    root = make_root(tmp_path)
+    ref = find_domain(root, "example.com")
+    write_users(ref, [dataclasses.replace(u, clear="") for u in read_users(ref.directory)])
+    c = Client(server(root).port)
+    stamp = c.line()[4:-2].decode()
+    digest = hashlib.md5(stamp.encode()).hexdigest()
+    assert c.cmd(f"APOP joe@example.com {digest}") == b"-ERR authorization failed\r\n"
+    assert c.closed()
+
+
 def test_mailbox_lock(spec_root, server):
     root, maildir, (m1, _, _) = spec_root
     srv = server(root)

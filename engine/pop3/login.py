@@ -10,7 +10,7 @@ Owns (spec vpopmail-pop3-auth.md §1.5), for USER/PASS and APOP:
 - the check: PASS against the crypt string (engine.accounts.passwords,
   constant-time; an unknown user is checked against a dummy hash, so the
   answer takes as long as for a wrong password); APOP as hex(md5(timestamp + cleartext)) when the cleartext
-  is kept (vpasswd's 8th field), never otherwise; an account with the NO_POP
+  is kept (vpasswd's 8th field, not empty), never otherwise; an account with the NO_POP
   flag is refused like a wrong password (vchkpw exits 1 for both, and a
   distinct answer would confirm the password). A login from one of
   `[pop3] webmail_addresses` (127.0.0.1: a webmail on the box) is vchkpw's
@@ -72,7 +72,8 @@ def check_login(accounts: Accounts, login: str, secret: str, *, apop_timestamp: 
     if apop_timestamp is None:
         right = passwords.verify(secret, user.crypted)
     else:
-        right = user.clear is not None and hmac.compare_digest(
+        # An empty eighth field (vadduser -e) keeps no cleartext: never a match.
+        right = bool(user.clear) and hmac.compare_digest(
             apop_digest(apop_timestamp, user.clear).encode(), secret.lower().encode("ascii", "replace"))
     if not right:
         return LoginResult(BAD_PASSWORD, name, user)
