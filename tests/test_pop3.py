@@ -378,6 +378,21 @@ def test_apop_refused_for_an_empty_cleartext_field(tmp_path, server):
     assert c.closed()
 
 
+def test_uidl_of_a_file_name_that_is_not_utf8(tmp_path, server):
+    # Another MDA's name with a Latin-1 byte: the UIDL is the name's bytes as
+    # on disk (a crash here closed the connection).
+    root = make_root(tmp_path)
+    cur = bytes(root / "domains" / "example.com" / "joe" / "Maildir" / "cur")
+    path = os.path.join(cur, b"1700000000.1.h\xe9st:2,S")
+    Path(os.fsdecode(path)).write_bytes(b"Subject: x\n\nbody\n")
+    os.utime(path, (T0, T0))
+    c = Client(server(root).port)
+    assert c.login() == b"+OK \r\n"
+    assert c.cmd("UIDL 1") == b"+OK 1 1700000000.1.h\xe9st\r\n"
+    assert c.multi("UIDL") == [b"1 1700000000.1.h\xe9st"]
+    assert c.multi("RETR 1") == [b"Subject: x", b"", b"body", b""]
+
+
 def test_mailbox_lock(spec_root, server):
     root, maildir, (m1, _, _) = spec_root
     srv = server(root)

@@ -493,13 +493,15 @@ class Pop3Session(asyncio.Protocol):
         def entry(i: int, m: Message) -> str:
             return f"{i + 1} {m.uidl if uidl else m.size}\r\n"
 
+        # A name is the file system's bytes (surrogateescape): sent as they are.
         if arg:
             i = self._msgno(arg)
             if i is not None:
-                self.out.append(("+OK " + entry(i, self.mailbox.messages[i])).encode())
+                self.out.append(("+OK " + entry(i, self.mailbox.messages[i])).encode(
+                    "utf-8", "surrogateescape"))
             return
         lines = [entry(i, m) for i, m in enumerate(self.mailbox.messages) if not m.deleted]
-        self.out.append(("+OK \r\n" + "".join(lines) + ".\r\n").encode())
+        self.out.append(("+OK \r\n" + "".join(lines) + ".\r\n").encode("utf-8", "surrogateescape"))
 
     def _top(self, arg: bytes) -> None:
         i = self._msgno(arg)
