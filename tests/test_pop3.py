@@ -595,6 +595,35 @@ def test_shutdown_closes_sessions_without_changes(spec_root, server):
     assert m1.exists()
 
 
+def test_pipelined_commands_wait_while_the_client_does_not_read(tmp_path, server):
+    # 6 bytes of "UIDL" ask for a 20 KB listing: commands a client sends
+    # without reading the answers must wait for it (flow control), not pile
+    # megabytes up in the receiver's write buffer.
+    root = make_root(tmp_path)
+    cur = root / "domains" / "example.com" / "joe" / "Maildir" / "cur"
+    for i in range(500):
+        path = cur / f"{T0 + i}.M{i}P1.host.example.net:2,S"
+        path.write_bytes(b"x\n")
+        age(path, T0 + i)
+    srv = server(root)
+    c = Client(srv.port)
+    assert c.login() == b"+OK \r\n"
+    c.send(b"UIDL\r\n" * 1000 + b"QUIT\r\n")          # 20 MB of answers, more than the socket buffers
+    wait_for(lambda: any(s.gate.paused for s in list(srv.receiver.sessions)), what="a full write buffer")
+    time.sleep(0.5)
+    [session] = srv.receiver.sessions
+    buffered = session.transport.get_write_buffer_size()
+    if buffered >= 1 << 20:
+        c.close()      # the reset ends the session (a transport holding MBs hangs the loop's close)
+    assert buffered < 1 << 20, buffered
+    got = bytearray(c.buf)                # reading, the client gets every answer, then QUIT's
+    while chunk := c.sock.recv(1 << 20):
+        got += chunk
+    listing = bytes(got[:got.index(b"\r\n.\r\n") + 5])
+    assert listing.count(b"\r\n") == 502
+    assert got == listing * 1000 + b"+OK \r\n"
+
+
 def test_a_client_that_stops_reading_is_dropped_after_the_timeout(tmp_path, server):
     root = make_root(tmp_path)
     (root / "qrelay.toml").write_text("[auth]\nfailure_delay = 0\n[pop3]\ntimeout = 1\n")

@@ -23,7 +23,9 @@ States: AUTH (qmail-popup) → CHECK (password check in the hashing thread)
 and renames in the hashing thread; none to do: closed at once) → CLOSED. TLS
 (the STLS or pop3s handshake) pauses AUTH. Commands pipelined behind a login,
 a RETR or STLS wait in the line reader, and reading pauses once more bytes
-come, so they cannot pile up (plaintext behind STLS is discarded).
+come, so they cannot pile up (plaintext behind STLS is discarded); so do
+commands behind answers the client has not read (the transport above its
+high-water mark), so their answers cannot pile up either.
 
 Nothing in the Maildir changes before QUIT: a dropped connection, a timeout
 or a shutdown releases the lock and leaves every file where it was.
@@ -163,6 +165,8 @@ class Pop3Session(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.gate.resume()
         self.last_activity = time.monotonic()
+        if self.state in (AUTH, TRANS) and self.reading_paused:
+            self._resume(self.state)        # the commands that waited for the client to read
 
     # --- input ----------------------------------------------------------------------
 
@@ -225,13 +229,19 @@ class Pop3Session(asyncio.Protocol):
         self._run_commands()
         if self.state in (AUTH, TRANS):
             self._flush()
-            if self.reading_paused:
+            if self.reading_paused and not self.gate.paused:
                 self.reading_paused = False
                 self.transport.resume_reading()
 
     def _run_commands(self) -> None:
         reader = self.reader
         while self.state in (AUTH, TRANS):
+            if self.gate.paused:
+                # The client is not reading its answers: what it sent next waits
+                # in the reader, reading stops, and resume_writing goes on. Six
+                # bytes of UIDL can ask for megabytes; they must not pile up here.
+                self._pause_reading()
+                return
             line = reader.next_line()
             if line is None:
                 if reader.unterminated > LONG_LINE_CLOSE_FACTOR * self.settings.max_line_length:
@@ -502,6 +512,7 @@ class Pop3Session(asyncio.Protocol):
             return
         lines = [entry(i, m) for i, m in enumerate(self.mailbox.messages) if not m.deleted]
         self.out.append(("+OK \r\n" + "".join(lines) + ".\r\n").encode("utf-8", "surrogateescape"))
+        self._flush()      # a listing can be large: the transport's flow control sees it now
 
     def _top(self, arg: bytes) -> None:
         i = self._msgno(arg)
