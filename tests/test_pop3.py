@@ -393,6 +393,32 @@ def test_uidl_of_a_file_name_that_is_not_utf8(tmp_path, server):
     assert c.multi("RETR 1") == [b"Subject: x", b"", b"body", b""]
 
 
+def test_deletions_lower_the_maildirsize_quota_usage(tmp_path, server):
+    # Maildir++: QUIT's unlinks are appended to maildirsize as "-bytes -count".
+    # Without them, vdelivermail's freshly rebuilt "over" line kept bouncing
+    # mail for 15 minutes after the customer had emptied the mailbox.
+    from engine.accounts.admin import set_quota
+    root = make_root(tmp_path)
+    set_quota(root, "joe@example.com", "2C")
+    maildir = root / "domains" / "example.com" / "joe" / "Maildir"
+    for n in (1, 2):
+        age(deliver(root, "joe@example.com", f"Subject: {n}\n\nx\n".encode()), T0 + n)
+    courier = LocalDelivery.for_root(root, max_threads=1)
+    try:
+        over = courier.deliver_sync("s@sender.example", "example.com-joe@example.com", b"Subject: 3\n\nx\n")
+        assert over.status != "K"                          # over quota: maildirsize rebuilt, "over"
+        c = Client(server(root).port)
+        assert c.login() == b"+OK \r\n"
+        assert c.cmd("DELE 1") == b"+OK \r\n" and c.cmd("DELE 2") == b"+OK \r\n"
+        assert c.cmd("QUIT") == b"+OK \r\n"
+        assert c.closed()
+        assert (maildir / "maildirsize").read_text().endswith(" -2\n")
+        again = courier.deliver_sync("s@sender.example", "example.com-joe@example.com", b"Subject: 4\n\nx\n")
+        assert again.status == "K", again
+    finally:
+        courier.close()
+
+
 def test_mailbox_lock(spec_root, server):
     root, maildir, (m1, _, _) = spec_root
     srv = server(root)

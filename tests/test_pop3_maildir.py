@@ -70,6 +70,22 @@ def test_commit_unlinks_moves_and_counts_failures(maildir):
     assert os.listdir(maildir / "new") == []
 
 
+def test_commit_appends_the_unlinked_to_maildirsize(maildir):
+    (maildir / "maildirsize").write_text("1000S\n9 3\n")
+    box = Mailbox.open(str(maildir), 100)
+    box.messages[0].deleted = True           # 2 bytes
+    box.messages[2].deleted = True           # 4 bytes
+    assert box.commit() == 0
+    box.close()
+    assert (maildir / "maildirsize").read_text() == "1000S\n9 3\n-6 -2\n"
+    (maildir / "maildirsize").unlink()       # no maildirsize: none is written
+    box = Mailbox.open(str(maildir), 100)
+    box.messages[0].deleted = True
+    box.commit()
+    box.close()
+    assert not (maildir / "maildirsize").exists()
+
+
 def test_nothing_to_commit(maildir):
     for name in os.listdir(maildir / "new"):
         os.rename(maildir / "new" / name, maildir / "cur" / (name + ":2,"))

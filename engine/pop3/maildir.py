@@ -10,8 +10,11 @@ Owns (spec vpopmail-pop3-auth.md §1.6):
 - the UIDL: the name after `new/`/`cur/` cut at the first `:`, so it survives
   the move to `cur/`;
 - the commit at QUIT: deleted messages unlinked, the others still in `new/`
-  renamed to `cur/NAME:2,` (a failed rename is ignored, as in qmail). Nothing
-  is changed before QUIT, so a dropped connection changes nothing;
+  renamed to `cur/NAME:2,` (a failed rename is ignored, as in qmail); what was
+  unlinked is appended to a Maildir++ `maildirsize` as `-bytes -count`, as
+  vpopmail's qmail-maildir++ patch does, so vdelivermail's quota check sees
+  the room at once. Nothing is changed before QUIT, so a dropped connection
+  changes nothing;
 - the lock qmail-pop3d lacks: an exclusive flock(2) on the Maildir directory
   itself for the life of the session (no file is created). A second session
   on the same mailbox — in this process or any other — gets MailboxBusy
@@ -103,18 +106,28 @@ class Mailbox:
     def commit(self) -> int:
         """QUIT: unlink the deleted, move the rest out of new/. Returns how many
         unlinks failed (each gets qmail-pop3d's -ERR line)."""
-        failed = 0
+        failed = freed = unlinked = 0
         for m in self.messages:
             if m.deleted:
                 try:
                     os.unlink(self.file(m))
                 except OSError:
                     failed += 1
+                else:
+                    freed += m.size
+                    unlinked += 1
             elif m.name.startswith("new/"):
                 try:
                     os.rename(self.file(m), os.path.join(self.path, "cur", m.name[4:] + ":2,"))
                 except OSError:
                     pass  # qmail: "if it fails, bummer"
+        if unlinked:
+            # Imported here: the package would bring local delivery into every receiver.
+            from engine.delivery.local import quota
+            try:
+                quota.add(self.path, -freed, -unlinked)   # no maildirsize: nothing to do
+            except OSError:
+                pass  # its next rebuild counts right
         return failed
 
     def close(self) -> None:
