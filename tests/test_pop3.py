@@ -193,6 +193,19 @@ def test_message_numbers(spec_root, server):
     c.close()
 
 
+def test_numbers_longer_than_python_converts(spec_root, server):
+    # int() refuses more than 4300 digits; a line may hold more when
+    # max_line_length allows it. Such a number is just too big.
+    root, _, _ = spec_root
+    (root / "qrelay.toml").write_text("[auth]\nfailure_delay = 0\n[pop3]\nmax_line_length = 10000\n")
+    c = Client(server(root).port)
+    c.login()
+    assert c.cmd("DELE " + "9" * 5000) == b"-ERR not that many messages\r\n"
+    assert c.cmd("LIST " + "0" * 5000 + "2") == b"+OK 2 36\r\n"
+    assert c.multi("TOP 2 " + "9" * 5000) == [b"Subject: two", b"", b"body2 no final newline", b""]
+    assert c.cmd("NOOP") == b"+OK \r\n"
+
+
 def test_authorization_replies(spec_root, server):
     root, _, _ = spec_root
     c = Client(server(root).port)

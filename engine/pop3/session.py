@@ -486,7 +486,7 @@ class Pop3Session(asyncio.Protocol):
         if not digits:
             self.out.append(R_SYNTAX)
             return None
-        u = int(digits)
+        u = _number(digits)
         if u == 0:
             self.out.append(R_NOZERO)
             return None
@@ -521,7 +521,7 @@ class Pop3Session(asyncio.Protocol):
         # qmail-pop3d: the number's digits, spaces, then the line count (none: whole message)
         rest = arg[len(_leading_digits(arg)):].lstrip(b" ")
         count = _leading_digits(rest)
-        body_lines = min(int(count), 1 << 62) if count else -1
+        body_lines = _number(count) if count else -1
         self.state = SEND
         path = self.mailbox.file(self.mailbox.messages[i])
         self._spawn(self._send(path, body_lines))
@@ -607,6 +607,13 @@ class Pop3Session(asyncio.Protocol):
             self.state = CLOSED
             if self.transport is not None:
                 self.transport.abort()
+
+
+def _number(digits: bytes) -> int:
+    """The value of a message number or line count, at most 2**62: int() refuses
+    more than 4300 digits, and [pop3] max_line_length may allow more."""
+    digits = digits.lstrip(b"0")
+    return int(digits or b"0") if len(digits) <= 18 else 1 << 62
 
 
 def _leading_digits(arg: bytes) -> bytes:
