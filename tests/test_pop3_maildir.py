@@ -86,6 +86,23 @@ def test_commit_appends_the_unlinked_to_maildirsize(maildir):
     assert not (maildir / "maildirsize").exists()
 
 
+def test_commit_syncs_the_directories_it_changed(maildir, monkeypatch):
+    # QUIT's +OK tells the client its deletions are done: a crash right after
+    # must not bring the messages back, so the unlinks and renames are synced.
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    box = Mailbox.open(str(maildir), 100)
+    box.messages[0].deleted = True           # cur/1.a.host:2,S; new/ moves to cur/
+    box.commit()
+    box.close()
+    assert sorted(synced) == [str(maildir / "cur"), str(maildir / "new")]
+
+
 def test_nothing_to_commit(maildir):
     for name in os.listdir(maildir / "new"):
         os.rename(maildir / "new" / name, maildir / "cur" / (name + ":2,"))

@@ -13,8 +13,10 @@ Owns (spec vpopmail-pop3-auth.md §1.6):
   renamed to `cur/NAME:2,` (a failed rename is ignored, as in qmail); what was
   unlinked is appended to a Maildir++ `maildirsize` as `-bytes -count`, as
   vpopmail's qmail-maildir++ patch does, so vdelivermail's quota check sees
-  the room at once. Nothing is changed before QUIT, so a dropped connection
-  changes nothing;
+  the room at once. The directories changed are fsync'd before QUIT's +OK
+  (qmail never syncs), so a crash cannot bring deleted messages back to a
+  client told they are gone. Nothing is changed before QUIT, so a dropped
+  connection changes nothing;
 - the lock qmail-pop3d lacks: an exclusive flock(2) on the Maildir directory
   itself for the life of the session (no file is created). A second session
   on the same mailbox — in this process or any other — gets MailboxBusy
@@ -31,6 +33,8 @@ import fcntl
 import os
 import time
 from dataclasses import dataclass
+
+from engine.accounts.files import fsync_dir
 
 # qmail's maildir_clean: tmp/ files untouched for 36 hours are abandoned deliveries.
 TMP_MAX_AGE = 129600
@@ -107,6 +111,7 @@ class Mailbox:
         """QUIT: unlink the deleted, move the rest out of new/. Returns how many
         unlinks failed (each gets qmail-pop3d's -ERR line)."""
         failed = freed = unlinked = 0
+        changed: set[str] = set()     # new, cur
         for m in self.messages:
             if m.deleted:
                 try:
@@ -116,11 +121,19 @@ class Mailbox:
                 else:
                     freed += m.size
                     unlinked += 1
+                    changed.add(m.name[:3])
             elif m.name.startswith("new/"):
                 try:
                     os.rename(self.file(m), os.path.join(self.path, "cur", m.name[4:] + ":2,"))
                 except OSError:
                     pass  # qmail: "if it fails, bummer"
+                else:
+                    changed.update(("new", "cur"))
+        for sub in sorted(changed):
+            try:
+                fsync_dir(os.path.join(self.path, sub))
+            except OSError:
+                pass  # done, only not yet on disk: qmail's state, and no better answer to give
         if unlinked:
             # Imported here: the package would bring local delivery into every receiver.
             from engine.delivery.local import quota
