@@ -275,7 +275,7 @@ def user_show(root: str, address: str) -> None:
         added = ",".join(flag_names(r.limits.flags & ~u.gid)) or "-"
         note = "not applied: v_override" if u.gid & V_OVERRIDE else "added at login"
         click.echo(f"limits:    {added} ({r.limits.source}; {note})")
-    click.echo(f"password:  {r.scheme or 'none/unknown'}{', cleartext kept' if u.clear is not None else ''}")
+    click.echo(f"password:  {r.scheme or 'none/unknown'}{', cleartext kept' if u.clear else ''}")
     from engine.accounts import lastauth
     last = lastauth.read(u.directory)
     if last is None:
