@@ -136,11 +136,13 @@ class Surgery:
         """(ids of the messages selected, ids asked for that are not queued)."""
         dbs = self._dbs
         with self._index.env.begin() as txn:
+            asked = list(dict.fromkeys(sel.ids))     # each id once, in the order given
             if not sel.by_filter():
-                found = [m for m in dict.fromkeys(sel.ids)
+                found = [m for m in asked
                          if txn.get(R.u64(m), db=dbs[b"messages"]) is not None]
-                return found, [m for m in sel.ids if m not in set(found)]
-            wanted = set(sel.ids)
+                chosen = set(found)
+                return found, [m for m in asked if m not in chosen]
+            wanted = set(asked)
             sender = sel.sender.lower() if sel.sender is not None else None
             domain = sel.domain.lower().rstrip(".") if sel.domain is not None else None
             domain_b = domain.encode("utf-8", "surrogateescape") if domain is not None else None
@@ -168,7 +170,8 @@ class Surgery:
                     except RecordError:
                         continue
                 out.append(msgid)
-            return out, [m for m in wanted if m not in set(out)]
+            chosen = set(out)
+            return out, [m for m in asked if m not in chosen]
 
     def shape(self, now: float, top: int = 0, held: bool = False,
               bucket_minutes: int = SHAPE_BUCKET_MINUTES,
