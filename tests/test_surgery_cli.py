@@ -117,3 +117,17 @@ def test_bad_input_is_one_line_exit_2(root, tmp_path):
         assert r.stderr.count("\n") == 1 and text in r.stderr, (args, r.stderr)
     r = run_cli("why", str(root), "--json", "1")
     assert r.returncode == 0 and json.loads(r.stdout)["recipients"][0]["state"] == "todo"
+
+
+def test_ids_out_of_range_or_given_twice_are_one_line_exit_2(root):
+    with Spool(root / "queue") as s:
+        s.enqueue(Envelope("a@src.test", ("x@sink.test",)), b"x")
+    huge = str(1 << 64)
+    for args in (("hold", str(root), huge), ("why", str(root), f"#{huge}"),
+                 ("delete", str(root), "1", huge)):
+        r = run_cli(*args)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert r.stderr.count("\n") == 1 and "not a message id" in r.stderr, (args, r.stderr)
+    r = run_cli("delete", str(root), "424242", "#424242")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "no message #424242 in the queue" in r.stderr and "more" not in r.stderr, r.stderr

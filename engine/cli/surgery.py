@@ -22,6 +22,7 @@ from engine.home import default_root
 _AGE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw]?)$")
 _UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _ID = re.compile(r"^#?(\d+)$")
+_MAX_ID = (1 << 64) - 1      # ids are u64 keys in the spool index
 
 
 def parse_age(text: str) -> float:
@@ -36,7 +37,7 @@ def parse_ids(words: tuple[str, ...]) -> tuple[int, ...]:
     out = []
     for w in words:
         m = _ID.match(w.strip())
-        if not m:
+        if not m or int(m.group(1)) > _MAX_ID:
             raise BadInput(f"{w!r}: not a message id (qread shows them as #<id>)")
         out.append(int(m.group(1)))
     return tuple(out)
