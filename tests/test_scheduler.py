@@ -619,3 +619,37 @@ def test_a_failed_commit_costs_a_redelivery_not_mail(env):
     assert any("trouble_marking_results:_cannot_record_delivery_results" in t
                for t in log_texts(tmp)), log_texts(tmp)
     assert f"end msg {mid}" in log_texts(tmp)
+
+
+def test_a_held_message_is_not_bounced_until_released(env):
+    sched, spool, remote, clock, log, tmp = env
+    remote.rules["bad@d1.test"] = ("D", NOUSER)
+    # Finished with a failure while no scheduler ran (its bounce not yet queued), then held.
+    a = spool.enqueue(Envelope("a@src.test", ("bad@d1.test",)), MSG)
+    spool.preprocess(a, ["remote"])
+    spool.mark_failed(a, 0, NOUSER)
+    assert spool.hold([a]) == 1
+
+    async def held_in_flight():
+        # Held while its last recipient's delivery runs; that delivery fails.
+        sched._wake = asyncio.Event()
+        remote.gate = asyncio.Event()
+        b = spool.enqueue(Envelope("b@src.test", ("bad@d1.test",)), MSG)
+        for _ in range(3):
+            sched.run_pass()
+            await asyncio.sleep(0.01)
+        assert sched.lane("remote").per_domain.get("d1.test") == 1
+        assert spool.hold([b]) == 1
+        remote.gate.set()
+        await settle(sched)
+        return b
+
+    b = asyncio.run(held_in_flight())
+    assert _bounces(remote) == []
+    assert all(spool.message_info(m).held and spool.message_info(m).bouncing for m in (a, b))
+    assert spool.bouncing() == []
+    assert spool.release_held([a, b]) == 2
+    sched._next_bounce_scan = 0
+    asyncio.run(settle(sched))
+    assert sorted(c[2] for c, _ in _bounces(remote)) == [("a@src.test",), ("b@src.test",)]
+    assert spool.stats().messages == 0

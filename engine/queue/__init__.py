@@ -165,7 +165,7 @@ return; O(log n) each)
         -> [Finished | None]                # many results, ONE durable txn
     mark_delivered(m,i) / mark_failed(m,i,reason) -> Finished | None
     mark_deferred(m,i,next_try,error)
-    bouncing(limit) -> [Finished]           # finished with failures, not released
+    bouncing(limit) -> [Finished]           # finished with failures, not released nor held
     release(msgid)                          # after the bounce is queued
     reschedule_all(now) -> int              # ALRM / flush: all deferred due now
     commit(results, preprocess, now, reschedule) -> (applied, preprocessed, moved)

@@ -398,7 +398,7 @@ class Ledger:
         return self._finish(txn, res.msgid, rec, rcpts, unlink)
 
     def _finish(self, txn: lmdb.Transaction, msgid: int, rec: MessageRecord,
-                rcpts: list[RecipientRecord], unlink: list[int]) -> Finished:
+                rcpts: list[RecipientRecord], unlink: list[int]) -> Finished | None:
         failed = tuple((r.address, r.text) for r in rcpts if r.state == R.FAILED)
         delivered = tuple(r.address for r in rcpts if r.state == R.DELIVERED)
         key = R.u64(msgid)
@@ -407,6 +407,8 @@ class Ledger:
             # a crash before release() makes the scheduler bounce again.
             txn.put(key, rec.encode(), db=self._dbs[b"messages"])
             txn.put(key, b"", db=self._dbs[b"bounces"])
+            if self._index.is_held(txn, msgid):
+                return None   # its bounce waits too: bouncing() lists it once released
         else:
             self._index.drop_message(txn, msgid, rec.segid, unlink)
         return Finished(msgid, rec.sender, failed, delivered, rec.length, rec.birth,
@@ -414,11 +416,14 @@ class Ledger:
 
     def bouncing(self, limit: int = 100) -> list[Finished]:
         """Finished messages with failures whose bounce is not yet released
-        (after a restart the scheduler queues their bounce again)."""
+        (after a restart the scheduler queues their bounce again), except
+        those on hold."""
         out = []
         with self._index.env.begin() as txn:
             for key in txn.cursor(db=self._dbs[b"bounces"]).iternext(values=False):
                 msgid = R.read_u64(key)
+                if self._index.is_held(txn, msgid):
+                    continue   # on hold: no bounce either until released
                 try:
                     rec = self._index.message(txn, msgid)
                     rcpts = self._index.recipients(txn, msgid, rec.nrcpt)

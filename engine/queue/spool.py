@@ -298,7 +298,8 @@ class Spool:
         """Record many delivery results in ONE durable transaction.
 
         Returns, per result, the Finished record if that result finished
-        its message, else None. A result for a recipient that is already
+        its message, else None (also for a held message finishing with
+        failures: bouncing() lists it once it is released). A result for a recipient that is already
         finished, or a message that is gone, is ignored (None): marks are
         idempotent, so a scheduler may replay them after a crash.
         """
@@ -317,7 +318,8 @@ class Spool:
 
     def bouncing(self, limit: int = 100) -> list[Finished]:
         """Finished messages with failures whose bounce is not yet released
-        (after a restart the scheduler queues their bounce again)."""
+        (after a restart the scheduler queues their bounce again), except
+        those on hold."""
         return self.ledger.bouncing(limit)
 
     def release(self, msgid: int) -> None:

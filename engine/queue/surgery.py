@@ -15,7 +15,9 @@ engine/queue/__init__.py stay as they are):
     hold     a `held` entry; the due entries of its recipients removed, so
              neither due(), jobs(), reschedule_all() (flush) nor a result
              recorded later (apply) makes it due again; preprocess
-             classifies a held todo message without making it due
+             classifies a held todo message without making it due; one
+             finished with failures is not bounced (bouncing() passes over
+             it, apply returns no Finished for it) until released
     release  the `held` entry removed, each unfinished recipient due again
              at the time it had (a time past is due now)
     requeue  released, and each unfinished recipient due now (its attempts
