@@ -653,3 +653,19 @@ def test_a_held_message_is_not_bounced_until_released(env):
     asyncio.run(settle(sched))
     assert sorted(c[2] for c, _ in _bounces(remote)) == [("a@src.test",), ("b@src.test",)]
     assert spool.stats().messages == 0
+
+
+def test_pulling_deferred_mail_forward_is_not_counted_as_an_attempt(env):
+    sched, spool, remote, clock, log, tmp = env
+    remote.down.add("d1.test")
+    mid = spool.enqueue(Envelope("a@src.test", ("u0@d1.test",)), MSG)
+    asyncio.run(settle(sched))
+    assert spool.message_info(mid).recipients[0].attempts == 1
+    remote.down.clear()
+    remote.rules["u0@d1.test"] = ("Z", "greylisted, try later\n")
+    clock.now = T0 + 10
+    spool.enqueue(Envelope("a@src.test", ("new@d1.test",)), MSG)   # d1 recovers
+    asyncio.run(settle(sched))
+    assert [c[2] for c in remote.calls] == [("u0@d1.test",), ("new@d1.test",), ("u0@d1.test",)]
+    r = spool.message_info(mid).recipients[0]
+    assert (r.state, r.attempts, r.text) == ("deferred", 2, "greylisted, try later\n")

@@ -868,7 +868,8 @@ class Scheduler:
                 if (r.state == "deferred" and r.channel == lane.name and r.next_try > now
                         and (msgid, i) not in self.inflight
                         and recipient_domain(r.address) == domain):
-                    self._reschedules.append((lane, Deferred(msgid, i, now, r.text)))
+                    self._reschedules.append((lane, Deferred(msgid, i, now, r.text,
+                                                             attempted=False)))
 
     def _adopt_tails(self) -> None:
         # Messages a writer answered but died before indexing (engine.queue, C2).

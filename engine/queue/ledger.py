@@ -377,8 +377,8 @@ class Ledger:
             return None
         txn.delete(R.due_key(r.channel, r.next_try, res.msgid, res.index), db=dbs[b"due"])
         if isinstance(res, Deferred):
-            nr = RecipientRecord(R.DEFERRED, r.channel, r.attempts + 1, res.next_try,
-                                 r.address, res.error)
+            nr = RecipientRecord(R.DEFERRED, r.channel, r.attempts + res.attempted,
+                                 res.next_try, r.address, res.error)
             txn.put(rkey, nr.encode(), db=dbs[b"recipients"])
             if not self._index.is_held(txn, res.msgid):  # held meanwhile: due once released
                 txn.put(R.due_key(r.channel, res.next_try, res.msgid, res.index), b"",

@@ -82,6 +82,7 @@ class Deferred:
     index: int
     next_try: float
     error: str = ""
+    attempted: bool = True    # False: only made due earlier (no attempt to count)
 
 
 @dataclass(slots=True, frozen=True)
