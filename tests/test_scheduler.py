@@ -669,3 +669,21 @@ def test_pulling_deferred_mail_forward_is_not_counted_as_an_attempt(env):
     assert [c[2] for c in remote.calls] == [("u0@d1.test",), ("new@d1.test",), ("u0@d1.test",)]
     r = spool.message_info(mid).recipients[0]
     assert (r.state, r.attempts, r.text) == ("deferred", 2, "greylisted, try later\n")
+
+
+def test_a_message_deleted_as_it_finishes_with_a_failure_is_not_bounced(env):
+    sched, spool, remote, clock, log, tmp = env
+    a = spool.enqueue(Envelope("a@src.test", ("bad@d1.test",)), MSG)
+    spool.preprocess(a, ["remote"])
+    finished = spool.mark_failed(a, 0, NOUSER)      # as the commit thread records it...
+    assert finished is not None and finished.failed
+    assert spool.delete([a]) == 1                   # ...`qrelay delete` commits next...
+
+    async def collect():
+        sched._wake = asyncio.Event()
+        sched._complete(finished)                   # ...and then the loop collects it
+        await settle(sched)
+
+    asyncio.run(collect())
+    assert _bounces(remote) == [] and spool.stats().messages == 0
+    assert spool.todo(10) == []                     # no bounce queued either

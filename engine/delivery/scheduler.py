@@ -70,8 +70,8 @@ from engine.delivery.bounce import BounceConfig, Failure, build_bounce, bounce_k
 from engine.delivery.channels import CHANNELS, Courier, Group, RecipientResult, all_results
 from engine.delivery.retry import RetryPolicy
 from engine.log import QmailSendLog
-from engine.queue import (Deferred, Delivered, Envelope, Failed, Finished, Job, Spool,
-                          SpoolError)
+from engine.queue import (Deferred, Delivered, Envelope, Failed, Finished, Job,
+                          MessageNotFound, Spool, SpoolError)
 
 # qmail-lspawn's and qmail-rspawn's text for a courier that died: "qmail-<channel> crashed."
 CRASHED_TEXT = "qmail-{channel} crashed.\n"
@@ -901,6 +901,8 @@ class Scheduler:
             return
         try:
             original = self.spool.read_message(f.msgid)
+        except MessageNotFound:
+            return  # deleted (`qrelay delete`) since it finished: no bounce
         except SpoolError:
             original = b""
         failures = [Failure(addr, text) for addr, text in f.failed]
