@@ -307,3 +307,12 @@ def test_select_of_many_ids_is_linear_and_lists_each_missing_id_once(tmp_path: P
         assert time.monotonic() - t < 3
     finally:
         s.close()
+
+
+def test_a_read_that_loses_the_race_with_a_delete_quarantines_nothing(spool):
+    a = queue(spool, "s@x", ("a@d.test",))
+    assert spool.delete([a]) == 1
+    # What read_message does when the delete unlinked the segment between its
+    # index lookup and its read (a delivery starting as the operator deletes).
+    spool.repair.quarantine_after_error(a, FileNotFoundError(2, "No such file or directory"))
+    assert spool.quarantined() == []

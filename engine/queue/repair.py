@@ -52,6 +52,11 @@ class Repair:
         unlink: list[int] = []
         try:
             with self._index.write(f"quarantine #{msgid}") as txn:
+                if txn.get(R.u64(msgid), db=self._index.dbs[b"messages"]) is None and \
+                        not self._index.recipient_items(txn, msgid):
+                    # Gone since it was read (`qrelay delete` unlinked its
+                    # segment, or it finished): nothing corrupt to keep.
+                    return
                 line = self._quarantine(txn, msgid, str(exc), unlink)
         except SpoolError as err:
             self._core.warn(f"warning: {err}")
