@@ -69,3 +69,16 @@ def test_failing_store_gives_a_fixed_delay(tmp_path: Path) -> None:
     assert not run(throttle.locked(IP))
     run(throttle.success(IP))     # never raises
     run(table.close())
+
+
+def test_an_ipv6_host_cannot_dodge_the_lockout_by_changing_address(throttle) -> None:
+    # A host holds a whole /64 (SLAAC, privacy addresses) and picks any address
+    # in it: its failures count together, whichever address each came from.
+    for n in range(1, LOGIN.max_failures):
+        assert math.isfinite(run(throttle.failure(f"2001:db8:1:2::{n:x}")))
+    assert run(throttle.failure("2001:db8:1:2:ffff:ffff:ffff:ffff")) == math.inf
+    assert run(throttle.locked("2001:db8:1:2::abcd"))
+    assert run(throttle.locked("2001:DB8:1:2:0:0:0:1"))
+    assert not run(throttle.locked("2001:db8:1:3::1"))     # the next /64: another host
+    assert run(throttle.failure("2001:db8:1:3::1")) == 1.5
+

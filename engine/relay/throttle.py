@@ -7,7 +7,9 @@
     await throttle.success(ip)
 
 The counts live in the relay table's store (engine.relay), so with Redis
-every node sees every node's failures. Rule (`[login]` settings): the n-th
+every node sees every node's failures. A client is an IPv4 address or the
+/64 of an IPv6 one: a host holds a whole /64 (SLAAC, privacy addresses)
+and may use a new address for every guess. Rule (`[login]` settings): the n-th
 failure in a window of `window` seconds (starting at the first) costs
 min(n x failure_delay, max_delay) seconds; the max_failures-th locks the IP
 out for lockout_seconds, after which it starts again from zero. A success
@@ -21,11 +23,25 @@ so a delayed client holds no lock and no thread.
 from __future__ import annotations
 
 import math
+from socket import AF_INET6, inet_ntop
 from typing import TYPE_CHECKING
+
+from engine.relay import packed_ip
 
 if TYPE_CHECKING:
     from engine.config.settings import Settings
     from engine.relay import RelayTable
+
+
+def client_key(ip: str) -> str:
+    """The address whose failures `ip`'s count with: itself for IPv4, its /64
+    for IPv6 (the network a host picks its addresses from). Not an address:
+    `ip` as given (the store then counts nothing, as for any bad address)."""
+    try:
+        packed = packed_ip(ip)
+    except ValueError:
+        return ip
+    return ip if len(packed) == 4 else inet_ntop(AF_INET6, packed[:8] + bytes(8))
 
 
 class LoginThrottle:
@@ -37,12 +53,13 @@ class LoginThrottle:
 
     async def locked(self, ip: str) -> bool:
         """True while `ip` is locked out (never raises)."""
-        return await self.table.locked_until(ip) > 0
+        return await self.table.locked_until(client_key(ip)) > 0
 
     async def failure(self, ip: str) -> float:
         """Record a failed login; seconds to wait before replying, math.inf
         when this failure locked the IP out."""
         s = self.settings
+        ip = client_key(ip)
         if await self.locked(ip):     # locked out meanwhile (another session, node)
             return math.inf
         count = await self.table.count_failure(ip, s.window)
@@ -54,4 +71,4 @@ class LoginThrottle:
         return min(count * s.failure_delay, s.max_delay)
 
     async def success(self, ip: str) -> None:
-        await self.table.clear_failures(ip)
+        await self.table.clear_failures(client_key(ip))
