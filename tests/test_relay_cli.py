@@ -103,3 +103,23 @@ def test_help_says_what_is_read_and_written() -> None:
     for cmd in ("list", "add", "del", "import", "export"):
         out = run_cli("relayclients", cmd, "--help").stdout
         assert "relay table" in " ".join(out.split()), cmd
+
+
+def test_import_grants_only_lines_that_say_relayclient(root: Path, tmp_path: Path) -> None:
+    # open-smtp lines are tcprules rules: one without RELAYCLIENT lets its IP
+    # connect, never relay, so it is no grant (vpopmail would not relay it).
+    now = int(time.time())
+    open_smtp = tmp_path / "open-smtp"
+    open_smtp.write_text(
+        f"192.0.2.1:allow\t{now}\n"
+        f"192.0.2.2:allow,RBLSMTPD=\"\"\t{now}\n"
+        f"192.0.2.3:allow,RBLSMTPD=\"-RELAYCLIENT\"\t{now}\n"
+        f"192.0.2.4:allow,RELAYCLIENT=//,RBLSMTPD=//\t{now}\n"     # any quote character
+        f"192.0.2.5:allow,RELAYCLIENT=\"\"junk\t{now}\n")
+    done = run_cli("relayclients", "import", str(root), str(open_smtp))
+    assert done.returncode == 1
+    assert done.stdout == "qrelay: imported 1, skipped 0 expired, 4 malformed\n"
+    assert [ln.split(": ", 1)[0] for ln in done.stderr.splitlines()] == [
+        f"{open_smtp}:1", f"{open_smtp}:2", f"{open_smtp}:3", f"{open_smtp}:5"]
+    assert list(entries(root)) == ["192.0.2.4"]
+

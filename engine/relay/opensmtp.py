@@ -7,18 +7,19 @@ UNIXTIME is the login time; clearopensmtp keeps a line while
 UNIXTIME + RELAY_CLEAR_MINUTES*60 > now (spec vpopmail-pop3-auth.md §4.2), so
 here an imported entry keeps its remaining lifetime UNIXTIME + ttl - now, ttl
 being `[relay] pop_before_smtp_ttl`; export writes expiry - ttl back. A line
-without its timestamp is refused (clearopensmtp drops it too).
+without its timestamp is refused (clearopensmtp drops it too), and so is one
+whose rule, read as tcprules reads it, is not an `allow` with `RELAYCLIENT=""`
+for one address: such a line let its IP connect, never relay.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
+from engine.config.tcprules import TcpRulesError, parse_rule_line
 from engine.relay import normalize_ip
 
 # What vchkpw writes after the IP and its colon.
 RULE = 'allow,RELAYCLIENT="",RBLSMTPD=""'
-_RULE = re.compile(r"([^\s]+?):(allow|deny)(?:,|$)")
 
 
 @dataclass(slots=True, frozen=True)
@@ -42,19 +43,25 @@ def parse_open_smtp(text: str) -> tuple[list[OpenSmtpLine], list[tuple[int, str]
             bad.append((number, "no login time (TAB then unix seconds) at the end"))
             continue
         # The address ends at the ':' before the instruction (an IPv6
-        # address has colons of its own).
-        match = _RULE.match(rule.strip())
-        if match is None:
+        # address has colons of its own): tcprules' own reading.
+        try:
+            parsed = parse_rule_line(rule.strip())
+        except TcpRulesError:
+            parsed = None
+        if parsed is None or len(parsed[0]) != 1:
             bad.append((number, "not IP:allow,..."))
             continue
-        ip, instruction = match.group(1), match.group(2)
-        if instruction != "allow":
-            bad.append((number, f"not an allow rule: {instruction!r}"))
+        (ip,), parsed_rule = parsed
+        if not parsed_rule.allow:
+            bad.append((number, "not an allow rule: 'deny'"))
             continue
         try:
             ip = normalize_ip(ip)
         except ValueError:
             bad.append((number, f"not an IP address: {ip[:60]!r}"))
+            continue
+        if parsed_rule.env.get("RELAYCLIENT") != "":
+            bad.append((number, 'no RELAYCLIENT="": the rule lets the IP connect, not relay'))
             continue
         lines.append(OpenSmtpLine(number, ip, float(int(stamp.strip()))))
     return lines, bad
