@@ -123,3 +123,17 @@ def test_import_grants_only_lines_that_say_relayclient(root: Path, tmp_path: Pat
         f"{open_smtp}:1", f"{open_smtp}:2", f"{open_smtp}:3", f"{open_smtp}:5"]
     assert list(entries(root)) == ["192.0.2.4"]
 
+
+
+def test_import_never_grants_more_than_a_login_would(root: Path, tmp_path: Path) -> None:
+    # A login time in the future (a wrong clock, milliseconds) must not keep
+    # an IP relaying for years: at most [relay] pop_before_smtp_ttl from now.
+    now = int(time.time())
+    open_smtp = tmp_path / "open-smtp"
+    open_smtp.write_text(f"192.0.2.1:{RULE}\t{now + 86400 * 365}\n"
+                         f"192.0.2.2:{RULE}\t{now * 1000}\n")
+    done = run_cli("relayclients", "import", str(root), str(open_smtp))
+    assert done.returncode == 0, done.stderr
+    got = entries(root)
+    assert set(got) == {"192.0.2.1", "192.0.2.2"}
+    assert all(until <= time.time() + 10800 for until in got.values())

@@ -137,7 +137,8 @@ def relayclients_import(root: str, file: str) -> None:
     """Read vpopmail's open-smtp file (`-` = stdin) into the table.
 
     Each `IP:allow,RELAYCLIENT="",RBLSMTPD=""<TAB>TIME` line keeps its
-    remaining lifetime (TIME + [relay] pop_before_smtp_ttl - now); expired
+    remaining lifetime (TIME + [relay] pop_before_smtp_ttl - now, at most
+    pop_before_smtp_ttl); expired
     lines are skipped and counted; malformed lines are reported on stderr
     with their line numbers (exit status 1 if there were any). Reads FILE,
     writes the relay table.
@@ -153,7 +154,9 @@ def relayclients_import(root: str, file: str) -> None:
 
     async def load(table: Any, settings: Any) -> tuple[int, int]:
         ttl, now = settings.relay.pop_before_smtp_ttl, table.clock()
-        fresh = [(line.ip, line.login_time + ttl - now) for line in lines]
+        # A login time in the future (a wrong clock, milliseconds) counts as
+        # now: no line may keep an IP relaying longer than a login would.
+        fresh = [(line.ip, min(line.login_time + ttl - now, ttl)) for line in lines]
         fresh = [(ip, left) for ip, left in fresh if left > 0]
         return await table.grant_many(fresh), len(lines) - len(fresh)
 

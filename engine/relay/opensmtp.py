@@ -6,7 +6,8 @@
 UNIXTIME is the login time; clearopensmtp keeps a line while
 UNIXTIME + RELAY_CLEAR_MINUTES*60 > now (spec vpopmail-pop3-auth.md §4.2), so
 here an imported entry keeps its remaining lifetime UNIXTIME + ttl - now, ttl
-being `[relay] pop_before_smtp_ttl`; export writes expiry - ttl back. A line
+being `[relay] pop_before_smtp_ttl` (never more than ttl: a login time in the
+future counts as now); export writes expiry - ttl back. A line
 without its timestamp is refused (clearopensmtp drops it too), and so is one
 whose rule, read as tcprules reads it, is not an `allow` with `RELAYCLIENT=""`
 for one address: such a line let its IP connect, never relay.
