@@ -547,3 +547,10 @@ def test_a_table_set_aside_by_root_stays_the_run_users(tmp_path: Path, clock: Cl
         assert (st.st_uid, st.st_gid) == (65534, 65534)
     finally:
         run(t.close())
+
+
+def test_parse_open_smtp_reports_a_non_ascii_digit_time_as_malformed() -> None:
+    # str.isdigit() is true for '²' and '١', which int() refuses or reads:
+    # a malformed line, never a traceback or a time nobody wrote.
+    lines, bad = parse_open_smtp(f"192.0.2.1:{RULE}\t\u00b2\n192.0.2.2:{RULE}\t\u0661\u0662\n")
+    assert lines == [] and [n for n, _ in bad] == [1, 2]

@@ -40,7 +40,8 @@ def parse_open_smtp(text: str) -> tuple[list[OpenSmtpLine], list[tuple[int, str]
         if not line or line.startswith("#"):
             continue
         rule, _, stamp = line.rpartition("\t") if "\t" in line else line.rpartition(" ")
-        if not rule or not stamp.strip().isdigit():
+        stamp = stamp.strip()
+        if not rule or not (stamp.isascii() and stamp.isdigit()):
             bad.append((number, "no login time (TAB then unix seconds) at the end"))
             continue
         # The address ends at the ':' before the instruction (an IPv6
@@ -64,7 +65,7 @@ def parse_open_smtp(text: str) -> tuple[list[OpenSmtpLine], list[tuple[int, str]
         if parsed_rule.env.get("RELAYCLIENT") != "":
             bad.append((number, 'no RELAYCLIENT="": the rule lets the IP connect, not relay'))
             continue
-        lines.append(OpenSmtpLine(number, ip, float(int(stamp.strip()))))
+        lines.append(OpenSmtpLine(number, ip, float(int(stamp))))
     return lines, bad
 
 
