@@ -518,12 +518,14 @@ class FakeThrottle:
         self.lock_after = lock_after
         self.delay = delay
 
-    async def locked(self, ip: str) -> bool:
-        return self.failures.get(ip, 0) >= self.lock_after
-
-    async def failure(self, ip: str) -> float:
+    async def attempt(self, ip: str) -> int | None:
+        if self.failures.get(ip, 0) >= self.lock_after:
+            return None
         self.failures[ip] = self.failures.get(ip, 0) + 1
-        return float("inf") if self.failures[ip] >= self.lock_after else self.delay
+        return self.failures[ip]
+
+    async def failed(self, ip: str, n: int) -> float:
+        return float("inf") if n >= self.lock_after else self.delay
 
     async def success(self, ip: str) -> None:
         self.successes.append(ip)
@@ -701,3 +703,23 @@ def test_connection_caps(tmp_path, server):
     assert e.line() == b"-ERR [SYS/TEMP] too many connections, try again later\r\n"
     assert log[-1] == ("pop3: connection from 127.0.0.1 refused: too many connections "
                        "(2 sessions in this receiver: open files limit)")
+
+
+def test_guesses_sent_at_once_are_checked_at_most_max_failures_times(tmp_path, server):
+    from engine.config.settings import load_settings
+    from engine.relay import open_relay_table
+    from engine.relay.throttle import LoginThrottle
+    root = make_root(tmp_path, CLEAR_OK + "[login]\nfailure_delay = 0\nmax_failures = 3\n")
+    settings = load_settings(root)
+    log = Lines()
+    srv = server(root, log=log,
+                 throttle=LoginThrottle(open_relay_table(root, settings), settings))
+    clients = [Client(srv.port, source=ELSEWHERE) for _ in range(8)]
+    for c in clients:
+        assert c.line().startswith(b"+OK <")
+    for c in clients:        # all sent before any answer is read
+        c.send(b"USER joe@example.com\r\nPASS guess\r\n")
+    for c in clients:
+        assert c.line() == b"+OK \r\n" and c.line() == b"-ERR authorization failed\r\n"
+    outcomes = sorted(line.split(": ")[1].split(" joe")[0] for line in log)
+    assert outcomes == ["locked out"] * 5 + ["password fail"] * 3

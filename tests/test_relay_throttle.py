@@ -82,3 +82,17 @@ def test_an_ipv6_host_cannot_dodge_the_lockout_by_changing_address(throttle) -> 
     assert not run(throttle.locked("2001:db8:1:3::1"))     # the next /64: another host
     assert run(throttle.failure("2001:db8:1:3::1")) == 1.5
 
+
+
+def test_attempts_made_at_once_are_counted_before_their_checks(throttle) -> None:
+    # Twenty logins at once over twenty connections: only max_failures of them
+    # get their password checked; the others are refused unchecked.
+    import asyncio
+
+    async def burst():
+        return await asyncio.gather(*(throttle.attempt(IP) for _ in range(20)))
+    numbers = run(burst())
+    assert sorted(n for n in numbers if n is not None) == [1, 2, 3, 4, 5]
+    assert numbers.count(None) == 15
+    assert run(throttle.failed(IP, 5)) == math.inf and run(throttle.locked(IP))
+    assert run(throttle.attempt(IP)) is None

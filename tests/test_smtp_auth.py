@@ -472,11 +472,13 @@ class FakeThrottle:
         self.failures: dict[str, int] = {}
         self.successes = 0
 
-    async def locked(self, ip: str) -> bool:
-        return self.failures.get(ip, 0) >= self.limit
-
-    async def failure(self, ip: str) -> float:
+    async def attempt(self, ip: str) -> int | None:
+        if self.failures.get(ip, 0) >= self.limit:
+            return None
         n = self.failures[ip] = self.failures.get(ip, 0) + 1
+        return n
+
+    async def failed(self, ip: str, n: int) -> float:
         return math.inf if n >= self.limit else self.delay
 
     async def success(self, ip: str) -> None:
@@ -526,6 +528,37 @@ def test_the_relay_tables_login_throttle(tls_client, ca, greeted, accounts):
     c2 = greeted(srv.port)
     starttls(c2, ca)
     assert c2.cmd(b"AUTH PLAIN " + plain()).startswith(b"421 ")
+
+
+def test_guesses_sent_at_once_are_checked_at_most_max_failures_times(tls_client, ca, greeted,
+                                                                     accounts):
+    from engine.config.settings import load_settings
+    from engine.relay import open_relay_table
+    from engine.relay.throttle import LoginThrottle
+
+    (accounts / "qrelay.toml").write_text(
+        "[login]\nfailure_delay = 0\nmax_failures = 3\nlockout_seconds = 60\n")
+    settings = load_settings(accounts)
+    srv = tls_client.server
+    srv.receiver.throttle = LoginThrottle(open_relay_table(accounts, settings), settings)
+    checker = srv.receiver.passwords()
+    checked = []
+    real = checker.check
+
+    async def counting(creds, ip):
+        checked.append(creds.secret)
+        return await real(creds, ip)
+    checker.check = counting
+    clients = []
+    for _ in range(12):
+        c = greeted(srv.port)
+        starttls(c, ca)
+        clients.append(c)
+    for c in clients:        # all sent before any answer is read
+        c.send(b"AUTH PLAIN " + plain(password="guess") + b"\r\n")
+    replies = [c.line() for c in clients]
+    assert len(checked) == 3
+    assert sorted(r[:3] for r in replies) == [b"421"] * 10 + [b"535"] * 2
 
 
 def test_hashing_never_blocks_other_sessions(tls_client, ca, greeted):

@@ -363,7 +363,9 @@ class Pop3Session(asyncio.Protocol):
         ip = self.remoteip
         throttle = getattr(receiver, "throttle", None)
         result: logins.LoginResult | None = None
-        if throttle is None or not await throttle.locked(ip):
+        # Counted before the check, so guesses sent at once are counted at once.
+        attempt = await throttle.attempt(ip) if throttle is not None else 0
+        if attempt is not None:
             check = partial(logins.check_login, self.service.accounts, name, secret,
                             apop_timestamp=apop, max_messages=self.settings.max_messages,
                             dummy_hash=self.service.dummy_hash, webmail=self._webmail(),
@@ -391,7 +393,7 @@ class Pop3Session(asyncio.Protocol):
         elif result is None:
             delay = 0.0
         else:
-            delay = await throttle.failure(ip)
+            delay = await throttle.failed(ip, attempt)
             if math.isinf(delay):
                 delay = 0.0
         self._log(f"{self._vchkpw()}: {outcome} {logsafe(name.lower())}:{ip}")

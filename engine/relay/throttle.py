@@ -1,10 +1,11 @@
 """Password guessing, slowed down and then shut out, per client IP.
 
     throttle = LoginThrottle(table, settings)
-    if await throttle.locked(ip): ...          # 421 (SMTP) / -ERR (POP3), close
-    delay = await throttle.failure(ip)         # wait `delay` before the reply;
-                                               # math.inf = locked out now
-    await throttle.success(ip)
+    n = await throttle.attempt(ip)             # before the password is checked
+    if n is None: ...                          # 421 (SMTP) / -ERR (POP3), close
+    delay = await throttle.failed(ip, n)       # a wrong one: wait `delay` before
+                                               # the reply; math.inf = locked out now
+    await throttle.success(ip)                 # a right one
 
 The counts live in the relay table's store (engine.relay), so with Redis
 every node sees every node's failures. A client is an IPv4 address or the
@@ -13,7 +14,11 @@ and may use a new address for every guess. Rule (`[login]` settings): the n-th
 failure in a window of `window` seconds (starting at the first) costs
 min(n x failure_delay, max_delay) seconds; the max_failures-th locks the IP
 out for lockout_seconds, after which it starts again from zero. A success
-forgets the failures (not a lockout in force).
+forgets the failures (not a lockout in force). Each attempt is counted
+before its password is checked, as a failure until it proves right: logins
+sent at once over many connections are counted at once, so however many
+come in parallel no more than max_failures passwords are checked per
+lockout (counted after the check, twenty at once were all checked).
 
 When the store fails (Redis down), nothing is counted: each failure then
 costs max_delay, and no lockout is known — the throttle degrades to a fixed
@@ -23,7 +28,7 @@ so a delayed client holds no lock and no thread.
 from __future__ import annotations
 
 import math
-from socket import AF_INET6, inet_ntop
+from socket import AF_INET, AF_INET6, inet_ntop
 from typing import TYPE_CHECKING
 
 from engine.relay import packed_ip
@@ -34,14 +39,17 @@ if TYPE_CHECKING:
 
 
 def client_key(ip: str) -> str:
-    """The address whose failures `ip`'s count with: itself for IPv4, its /64
-    for IPv6 (the network a host picks its addresses from). Not an address:
-    `ip` as given (the store then counts nothing, as for any bad address)."""
+    """The address whose failures `ip`'s count with: itself for IPv4 (mapped
+    or not), its /64 for IPv6 (the network a host picks its addresses from).
+    Not an address: `ip` as given (the store then counts nothing, as for any
+    bad address)."""
     try:
         packed = packed_ip(ip)
     except ValueError:
         return ip
-    return ip if len(packed) == 4 else inet_ntop(AF_INET6, packed[:8] + bytes(8))
+    if len(packed) == 4:      # ::ffff:192.0.2.7 is 192.0.2.7
+        return inet_ntop(AF_INET, packed)
+    return inet_ntop(AF_INET6, packed[:8] + bytes(8))
 
 
 class LoginThrottle:
@@ -55,20 +63,36 @@ class LoginThrottle:
         """True while `ip` is locked out (never raises)."""
         return await self.table.locked_until(client_key(ip)) > 0
 
-    async def failure(self, ip: str) -> float:
-        """Record a failed login; seconds to wait before replying, math.inf
-        when this failure locked the IP out."""
+    async def attempt(self, ip: str) -> int | None:
+        """Count a login attempt before its password is checked. Returns its
+        number in the window (0: the store is unreachable, nothing counted),
+        or None when the client is locked out, or this attempt is past the
+        max_failures-th while the others are still being checked: refuse it
+        unchecked."""
         s = self.settings
-        ip = client_key(ip)
-        if await self.locked(ip):     # locked out meanwhile (another session, node)
-            return math.inf
-        count = await self.table.count_failure(ip, s.window)
+        key = client_key(ip)
+        if await self.table.locked_until(key) > 0:
+            return None
+        count = await self.table.count_failure(key, s.window)
         if count is None:
+            return 0
+        return None if count > s.max_failures else count
+
+    async def failed(self, ip: str, count: int) -> float:
+        """Attempt number `count` (attempt()) had a wrong password: seconds
+        to wait before replying, math.inf when it locked the client out."""
+        s = self.settings
+        if count == 0:
             return s.max_delay
         if count >= s.max_failures:
-            await self.table.lock_out(ip, s.lockout_seconds)
+            await self.table.lock_out(client_key(ip), s.lockout_seconds)
             return math.inf
         return min(count * s.failure_delay, s.max_delay)
+
+    async def failure(self, ip: str) -> float:
+        """A failed login counted after the fact (attempt() then failed())."""
+        count = await self.attempt(ip)
+        return math.inf if count is None else await self.failed(ip, count)
 
     async def success(self, ip: str) -> None:
         await self.table.clear_failures(client_key(ip))

@@ -803,7 +803,9 @@ class SmtpSession(asyncio.Protocol):
         who = f"[{ip}] {creds.login}"
         close = False
         try:
-            if throttle is not None and await throttle.locked(ip):
+            # Counted before the check, so guesses sent at once are counted at once.
+            attempt = await throttle.attempt(ip) if throttle is not None else 0
+            if attempt is None:
                 ok, why, close = False, "locked out", True
             else:
                 ok, why = await receiver.passwords().check(creds, ip)
@@ -813,7 +815,7 @@ class SmtpSession(asyncio.Protocol):
             elif not close:
                 # [login] settings: a growing delay, then 421 and close (the
                 # patches slept a fixed 5 s holding a process).
-                delay = (await throttle.failure(ip) if throttle is not None
+                delay = (await throttle.failed(ip, attempt) if throttle is not None
                          else self.config.settings.auth.failure_delay)
                 if delay == math.inf:
                     close = True
