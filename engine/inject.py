@@ -138,7 +138,10 @@ class Identity:
 
     def with_sender(self, sender: str, full_name: str | None) -> "Identity":
         """sendmail -f: the From default becomes the sender (qmail's sendmail
-        sets QMAILUSER/QMAILHOST from it and forgets the environment's names)."""
+        sets QMAILUSER/QMAILHOST from it and forgets the environment's names).
+        `-f '<a@b>'` is a@b here too, as for the envelope (Qualifier.address)."""
+        if len(sender) >= 2 and sender[0] == "<" and sender[-1] == ">":
+            sender = sender[1:-1]
         user, at, host = sender.rpartition("@")
         if not at:
             user, host = sender, None

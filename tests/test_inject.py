@@ -447,3 +447,14 @@ def test_sendmail_bs_turn_by_turn_with_stdin_left_open(root):
         proc.stdout.close()
         proc.stderr.close()
     assert len(queued(root)) == 1
+
+
+def test_sendmail_f_in_angle_brackets_gives_a_plain_from(root):
+    # `sendmail -f '<bounce@…>'` (as some PHP apps pass it): the brackets are the
+    # address's, not its local part's; From must not become `"<bounce"@shop…>`.
+    done = sendmail(root, "-f", "<bounce@shop.example.com>", "-F", "Shop", "bob@example.net",
+                    data=b"Subject: order\n\nhi\n")
+    assert done.returncode == 0, done.stderr
+    [(_, envelope, message)] = queued(root)
+    assert envelope.sender == "bounce@shop.example.com"
+    assert b'From: "Shop" <bounce@shop.example.com>\r\n' in message
