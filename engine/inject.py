@@ -570,7 +570,10 @@ def default_from(identity: Identity, q: Qualifier) -> str:
 # --------------------------------------------------------------------------- queueing
 
 def read_message(stream, limit: int) -> bytes:
-    """All of `stream` (a binary file), at most `limit` bytes (0 = no limit)."""
+    """All of `stream` (a binary file; None when descriptor 0 is closed, as
+    Python leaves sys.stdin then), at most `limit` bytes (0 = no limit)."""
+    if stream is None:
+        raise InjectError("read error: standard input is closed", TEMPORARY)
     chunks: list[bytes] = []
     size = 0
     try:
@@ -784,7 +787,7 @@ def sendmail_main(argv: Sequence[str] | None = None) -> None:
         base = Path(root)
         settings = load_spool_settings(base) if (base / "control").is_dir() else None
         limit = settings.smtp.max_message_bytes if settings else 0
-        data = read_message(sys.stdin.buffer, limit)
+        data = read_message(getattr(sys.stdin, "buffer", None), limit)
         inject(base, data, sender=args.sender, arguments=args.recipients,
                header_recipients=True if args.headers else False, identity=identity)
     except InjectError as exc:

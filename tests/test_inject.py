@@ -458,3 +458,17 @@ def test_sendmail_f_in_angle_brackets_gives_a_plain_from(root):
     [(_, envelope, message)] = queued(root)
     assert envelope.sender == "bounce@shop.example.com"
     assert b'From: "Shop" <bounce@shop.example.com>\r\n' in message
+
+
+def test_a_closed_stdin_is_a_one_line_read_error(root):
+    # qmail-inject's die_read: 111 and one line, not a traceback (fd 0 closed
+    # by a daemon that runs `sendmail user <&-`).
+    env = {**BASE_ENV, "PYTHONPATH": str(REPO), "USER": "alice", "QRELAY_ROOT": str(root)}
+    for args, prefix in ((["-m", "engine.inject", "bob@example.net"], "sendmail: fatal: "),
+                         (["-m", "engine.cli", "inject", str(root), "bob@example.net"], "Error: ")):
+        done = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=False,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60,
+                              env=env, preexec_fn=lambda: os.close(0))
+        assert (done.returncode, done.stderr.decode().splitlines()) == (
+            111, [prefix + "read error: standard input is closed"]), done.stderr
+    assert queued(root) == []

@@ -64,7 +64,7 @@ def inject(words: tuple[str, ...], sender: str | None, headers: bool, print_only
         limit = 0
         if (base / "control").is_dir():
             limit = load_spool_settings(base).smtp.max_message_bytes
-        data = read_message(sys.stdin.buffer, limit)
+        data = read_message(getattr(sys.stdin, "buffer", None), limit)
         prepared, _ = inject_message(base, data, sender=sender, arguments=recipients,
                                      header_recipients=True if headers else None,
                                      queue=not print_only)
