@@ -620,6 +620,19 @@ def become_spool_owner(queue_dir: Path) -> None:
                           f"{exc.strerror or exc}", TEMPORARY) from None
 
 
+def through_injection_socket(queue: Path) -> bool:
+    """True when this process is neither root nor the spool's owner, so it
+    queues through the running writer's injection socket (which writes the
+    Received line itself); InjectError(TEMPORARY) when no qrelay run serves it."""
+    from engine.queue.writer import INJECT_SOCKET
+    if os.geteuid() in (0, os.stat(queue).st_uid):
+        return False
+    if not (queue / INJECT_SOCKET).exists():
+        raise InjectError(f"qq: {queue} belongs to another user and no qrelay run is serving "
+                          f"{INJECT_SOCKET}: start qrelay run, or queue as root", TEMPORARY)
+    return True
+
+
 def queue_message(root: Path, prepared: Prepared, *, uid: int, pid: int | None = None,
                   now: float | None = None, settings=None) -> int:
     """qmail-queue: prepend its Received line and enqueue; returns the message
@@ -632,10 +645,7 @@ def queue_message(root: Path, prepared: Prepared, *, uid: int, pid: int | None =
     check_root(root)
     envelope = Envelope(prepared.sender, prepared.recipients, pid=pid, uid=uid, origin="local")
     queue = root / "queue"
-    local_user = os.geteuid() not in (0, os.stat(queue).st_uid)
-    if local_user and not (queue / INJECT_SOCKET).exists():
-        raise InjectError(f"qq: {queue} belongs to another user and no qrelay run is serving "
-                          f"{INJECT_SOCKET}: start qrelay run, or queue as root", TEMPORARY)
+    local_user = through_injection_socket(queue)
     if local_user:
         message = prepared.message        # the writer adds the Received line itself
     else:
@@ -817,18 +827,20 @@ class _LocalClientRules:
 class LocalSubmitSpool:
     """The spool as seen by an SMTP session on stdin: what it queues is a
     local injection (origin "local", qmail-queue's `invoked by uid N` line in
-    place of the receiver's `invoked from network`)."""
+    place of the receiver's `invoked from network`). `via_socket`: the spool
+    is the injection socket, whose writer writes that line itself."""
 
-    def __init__(self, spool, uid: int) -> None:
+    def __init__(self, spool, uid: int, via_socket: bool = False) -> None:
         self.spool = spool
         self.uid = uid
+        self.via_socket = via_socket
 
     async def submit(self, envelope, message: bytes) -> int:
         envelope = dataclasses.replace(envelope, origin="local", uid=self.uid)
         end = message.find(b"\r\n") + 2
         if message.startswith(b"Received: (qmail ") and b" invoked from network); " in message[:end]:
-            message = queue_received_line(pid=envelope.pid, origin="local", uid=self.uid,
-                                          when=time.time()) + message[end:]
+            message = message[end:] if self.via_socket else queue_received_line(
+                pid=envelope.pid, origin="local", uid=self.uid, when=time.time()) + message[end:]
         return await self.spool.submit(envelope, message)
 
     def close(self) -> None:
@@ -938,6 +950,8 @@ class StdioTransport:
 def serve_stdio(root: Path, rfd: int = 0, wfd: int = 1) -> int:
     """`sendmail -bs`: qmail-smtpd's dialogue (the receivers' own SmtpSession)
     on stdin/stdout, as qmail's sendmail runs qmail-smtpd with RELAYCLIENT set.
+    A user who cannot open the spool queues through the injection socket, as
+    for `sendmail -t` (Symfony Mailer runs `sendmail -bs` as the web server's user).
     Returns the exit status once the client has quit or gone."""
     import asyncio
 
@@ -945,7 +959,7 @@ def serve_stdio(root: Path, rfd: int = 0, wfd: int = 1) -> int:
     from engine.smtp.connlimit import ConnectionTable
     from engine.smtp.receiver import Receiver
     from engine.smtp.session import SmtpSession
-    from engine.queue.writer import open_spool_writer
+    from engine.queue.writer import INJECT_SOCKET, SpoolClient, open_spool_writer
 
     check_root(root)
     try:
@@ -956,10 +970,15 @@ def serve_stdio(root: Path, rfd: int = 0, wfd: int = 1) -> int:
     config = dataclasses.replace(config, rules=_LocalClientRules(),
                                  settings=dataclasses.replace(config.settings, smtp=smtp))
     uid = os.getuid()
-    become_spool_owner(root / "queue")
+    queue = root / "queue"
+    via_socket = through_injection_socket(queue)     # before the greeting: 111 if no writer
+    if not via_socket:
+        become_spool_owner(queue)
 
     async def main() -> None:
-        spool = LocalSubmitSpool(open_spool_writer(root / "queue", config.settings.spool), uid)
+        spool = LocalSubmitSpool(SpoolClient(queue / INJECT_SOCKET) if via_socket
+                                 else open_spool_writer(queue, config.settings.spool),
+                                 uid, via_socket)
         receiver = Receiver(config, spool, ConnectionTable(1).counter(0))
         receiver.uid = uid
         try:

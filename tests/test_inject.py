@@ -472,3 +472,40 @@ def test_a_closed_stdin_is_a_one_line_read_error(root):
         assert (done.returncode, done.stderr.decode().splitlines()) == (
             111, [prefix + "read error: standard input is closed"]), done.stderr
     assert queued(root) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")
+def test_sendmail_bs_as_any_local_user_queues_through_the_injection_socket(root):
+    """Symfony Mailer's default transport is `sendmail -bs`, run as www-data: its
+    messages go through queue/inject.sock like `sendmail -t`'s (the user cannot
+    open the spool), with the kernel's uid in the one `invoked by uid` line."""
+    from tests.smtp_harness import RunningQrelay
+    from tests.test_delivery_e2e import wait_for
+
+    def bs_as_nobody(data: bytes):
+        return subprocess.run([sys.executable, "-m", "engine.inject", "-bs"], input=data,
+                              cwd="/", capture_output=True, timeout=60, user=65534, group=65534,
+                              extra_groups=[], env={**BASE_ENV, "PYTHONPATH": str(REPO),
+                                                    "QRELAY_ROOT": str(root)})
+
+    dialogue = (b"HELO app\r\nMAIL FROM:<app@example.com>\r\nRCPT TO:<far@example.net>\r\n"
+                b"DATA\r\nSubject: symfony\r\n\r\nhello\r\n.\r\nQUIT\r\n")
+    (root / "qrelay.toml").write_text("[scheduler]\nenabled = false\n")
+    refused = bs_as_nobody(dialogue)
+    assert refused.returncode == 111 and refused.stdout == b"", refused
+    assert [b"inject.sock" in line for line in refused.stderr.splitlines()] == [True]
+    server = RunningQrelay(root, procs=1)
+    try:
+        wait_for(lambda: (root / "queue" / "inject.sock").exists(), what="the injection socket")
+        done = bs_as_nobody(dialogue)
+    finally:
+        assert server.stop() == 0
+    assert done.returncode == 0, done.stderr
+    assert re.search(rb"\r\n250 ok \d+ qp \d+\r\n221 mx.example.com\r\n$", done.stdout), done.stdout
+    [(info, envelope, message)] = queued(root)
+    assert (envelope.sender, envelope.recipients) == ("app@example.com", ("far@example.net",))
+    assert (info.uid, info.origin) == (65534, "local")
+    lines = header_of(message)
+    assert re.fullmatch(rb"Received: \(qmail %d invoked by uid 65534\); .* -0000" % info.pid, lines[0])
+    assert lines[1] == b"Received: from localhost (HELO app) (sendmail-bs@127.0.0.1)"
+    assert message.count(b"Received: ") == 2 and b"invoked from network" not in message
