@@ -208,3 +208,28 @@ def test_kill9_writer_loses_nothing_acknowledged(tmp_path: Path):
     finally:
         w.stop()
     assert len(acked) > 50
+
+
+def test_injection_socket_refuses_envelopes_qmail_inject_would_never_make(writer: Writer):
+    """Any local user may write to inject.sock with a client of their own: an
+    address with CR, LF or NUL (which remote delivery would send on inside its
+    RCPT TO line, e.g. a second command) or no recipient at all is refused,
+    and nothing of it is queued."""
+    from engine.queue import SpoolError
+    client = SpoolClient(writer.queue / "inject.sock")
+    bad = [Envelope("x@example.com", ("a@example.net>\r\nRSET\r\nRCPT TO:<c@example.org",)),
+           Envelope("x@example.com", ("a@example.net\n",)),
+           Envelope("x@exa\0mple.com", ("a@example.net",)),
+           Envelope("x@example.com\r\nDATA", ("a@example.net",)),
+           Envelope("x@example.com", ())]
+    try:
+        for envelope in bad:
+            with pytest.raises(SpoolError) as exc:
+                client.enqueue(envelope, b"Subject: x\r\n\r\nhi\r\n")
+            assert not isinstance(exc.value, SpoolWriteError), envelope
+        good = client.enqueue(Envelope("x@example.com", ("a@example.net",)), b"\r\nhi\r\n")
+    finally:
+        client.close()
+    writer.stop()
+    with Spool(writer.queue, readonly=True) as spool:
+        assert [m.msgid for m in spool.iter_messages()] == [good]

@@ -25,13 +25,16 @@ the receivers and trusted. `inject.sock` (0666) is qmail-queue's role for
 local users who cannot open the spool (PHP's mail() as www-data, cron): the
 envelope's pid, uid and origin are taken from the connection's credentials
 (SO_PEERCRED), never from the request, and the writer itself prepends
-qmail-queue's `Received: (qmail PID invoked by uid UID)` line.
+qmail-queue's `Received: (qmail PID invoked by uid UID)` line. A request
+`qrelay inject` would never send (no recipient; NUL, CR or LF in an address)
+is refused there, as SMTP refuses it.
 """
 from __future__ import annotations
 
 import asyncio
 import itertools
 import os
+import re
 import socket
 import threading
 import time
@@ -129,6 +132,9 @@ class SpoolWriterServer:
             while (body := await ipc.read_frame(reader, limit)) is not None:
                 reqid, envelope, message = decode_request(body)
                 if peer is not None:
+                    if refusal := _local_user_refusal(envelope):
+                        writer.write(encode_response(reqid, OTHER_ERROR, refusal.encode()))
+                        continue
                     envelope, message = _as_local_user(envelope, message, *peer)
                 task = asyncio.ensure_future(self._one(writer, reqid, envelope, message))
                 pending.add(task)
@@ -159,6 +165,21 @@ class SpoolWriterServer:
             metrics.spool_commit("error")
         if not writer.is_closing():
             writer.write(frame)
+
+
+# As engine.smtp.policy refuses them for every SMTP client (remote delivery
+# would only bounce such an address: it never writes one into a command).
+_UNSAFE_ADDRESS = re.compile(r"[\x00\r\n]")
+
+
+def _local_user_refusal(envelope: Envelope) -> str | None:
+    """Why a request from the injection socket is refused, else None: any local
+    user can write one by hand, past the checks `qrelay inject` makes."""
+    if not envelope.recipients:
+        return "no recipients"
+    if any(_UNSAFE_ADDRESS.search(a) for a in (envelope.sender, *envelope.recipients)):
+        return "an address contains NUL, CR or LF"
+    return None
 
 
 def _as_local_user(envelope: Envelope, message: bytes, pid: int, uid: int
