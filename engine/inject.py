@@ -707,7 +707,7 @@ _IGNORED_WITH_VALUE = frozenset("Bep")
 class SendmailArgs:
     mode: str = "inject"        # inject | smtp (-bs) | list (-bp) | flush (-q)
     headers: bool = False       # -t
-    sender: str | None = None   # -f
+    sender: str | None = None   # -f or -r
     full_name: str | None = None  # -F
     recipients: tuple[str, ...] = ()
 
@@ -718,7 +718,8 @@ class UsageError(Exception):
 
 def parse_sendmail_args(argv: Sequence[str], prog: str = "sendmail") -> SendmailArgs:
     """sendmail's options as qmail's sendmail reads them (getopt: clustered
-    flags, `-fX` or `-f X`, options end at `--` or the first non-option)."""
+    flags, `-fX` or `-f X`, options end at `--` or the first non-option),
+    with `-r` as `-f` (qmail's usage error; Sendmail, Postfix and Exim take it)."""
     args = SendmailArgs()
     if os.path.basename(prog) == "mailq":
         args.mode = "list"
@@ -743,7 +744,7 @@ def parse_sendmail_args(argv: Sequence[str], prog: str = "sendmail") -> Sendmail
                         raise UsageError(f"unsupported option -q{word[j:]} (only -q: flush now)")
                     args.mode = "flush"
                 continue
-            if opt in _IGNORED_WITH_VALUE or opt in "fFob":
+            if opt in _IGNORED_WITH_VALUE or opt in "frFob":
                 if j < len(word):
                     value = word[j:]
                 else:
@@ -752,7 +753,7 @@ def parse_sendmail_args(argv: Sequence[str], prog: str = "sendmail") -> Sendmail
                         raise UsageError(f"option -{opt} needs a value")
                     value = rest[i]
                 j = len(word)
-                if opt == "f":
+                if opt in "fr":       # -r: sendmail's and Postfix's old name for -f
                     args.sender = value
                 elif opt == "F":
                     args.full_name = value

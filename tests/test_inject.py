@@ -509,3 +509,14 @@ def test_sendmail_bs_as_any_local_user_queues_through_the_injection_socket(root)
     assert re.fullmatch(rb"Received: \(qmail %d invoked by uid 65534\); .* -0000" % info.pid, lines[0])
     assert lines[1] == b"Received: from localhost (HELO app) (sendmail-bs@127.0.0.1)"
     assert message.count(b"Received: ") == 2 and b"invoked from network" not in message
+
+
+def test_sendmail_r_is_f(root):
+    # Sendmail's, Postfix's and Exim's old synonym for -f, which older PHP
+    # frameworks (Zend_Mail's sendmail transport) pass: not a usage error.
+    done = sendmail(root, "-t", "-i", "-r", "shop@example.com", data=b"To: a@example.net\n\nhi\n")
+    assert done.returncode == 0, done.stderr
+    assert parse_sendmail_args(["-rbounce@example.com"]).sender == "bounce@example.com"
+    [(_, envelope, message)] = queued(root)
+    assert (envelope.sender, envelope.recipients) == ("shop@example.com", ("a@example.net",))
+    assert b"From: shop@example.com\r\n" in message
