@@ -785,7 +785,12 @@ def sendmail_main(argv: Sequence[str] | None = None) -> None:
     root = default_root()
     if args.mode in ("list", "flush"):
         from engine.cli import cli
-        cli.main(args=["qread" if args.mode == "list" else "flush", root], prog_name="qrelay")
+        try:
+            cli.main(args=["qread" if args.mode == "list" else "flush", root], prog_name="qrelay")
+        except OSError as exc:      # a user who may not read the spool (qmail-qread: 111)
+            where = f"{exc.filename}: " if exc.filename else ""
+            sys.stderr.write(f"sendmail: fatal: {where}{exc.strerror or exc}\n")
+            sys.exit(TEMPORARY)
         return
     try:
         if args.mode == "smtp":

@@ -520,3 +520,17 @@ def test_sendmail_r_is_f(root):
     [(_, envelope, message)] = queued(root)
     assert (envelope.sender, envelope.recipients) == ("shop@example.com", ("a@example.net",))
     assert b"From: shop@example.com\r\n" in message
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")
+def test_sendmail_bp_and_q_for_a_user_who_cannot_read_the_spool_fail_in_one_line(root):
+    # `mailq` as an ordinary user (qmail-qread: a fatal line, 111), not a traceback.
+    assert sendmail(root, "bob@example.net", data=b"\nhi\n").returncode == 0
+    for args in (["-bp"], ["-q"]):
+        done = subprocess.run([sys.executable, "-m", "engine.inject", *args], cwd="/",
+                              capture_output=True, timeout=60, user=65534, group=65534,
+                              extra_groups=[], env={**BASE_ENV, "PYTHONPATH": str(REPO),
+                                                    "QRELAY_ROOT": str(root)})
+        lines = done.stderr.decode().splitlines()
+        assert done.returncode == 111 and len(lines) == 1, (args, done.stderr)
+        assert lines[0].startswith("sendmail: fatal: ") and "Permission denied" in lines[0]
