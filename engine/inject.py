@@ -560,7 +560,8 @@ def default_from(identity: Identity, q: Qualifier) -> str:
     name = identity.full_name
     if name is None:
         return address
-    quoted = name.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ").replace("\r", " ")
+    name = name.replace("\n", " ").replace("\r", " ")     # one line, quoted or as a comment
+    quoted = name.replace("\\", "\\\\").replace('"', '\\"')
     if identity.name_as_comment:
         comment = name.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
         return f"{address} ({comment})"

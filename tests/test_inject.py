@@ -534,3 +534,13 @@ def test_sendmail_bp_and_q_for_a_user_who_cannot_read_the_spool_fail_in_one_line
         lines = done.stderr.decode().splitlines()
         assert done.returncode == 111 and len(lines) == 1, (args, done.stderr)
         assert lines[0].startswith("sendmail: fatal: ") and "Permission denied" in lines[0]
+
+
+def test_a_full_name_with_a_line_end_stays_in_its_from_line():
+    # -F "$name" from a web form: with QMAILINJECT=c (name as comment) as without,
+    # a CR or LF in it must not start a header field of its own.
+    for as_comment in (False, True):
+        who = Identity(user="web", host=None, full_name="Shop\r\nBcc: victim@example.org",
+                       return_user="web", return_host=None, name_as_comment=as_comment)
+        message = p(b"\nhi\n", arguments=["b@x.org"], identity=who).message
+        assert b"\nBcc" not in message and b"\rBcc" not in message, message
