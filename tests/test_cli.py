@@ -121,3 +121,29 @@ def test_an_unknown_option_is_one_line_and_exit_2(path, root: Path):
 def test_usage_errors_are_one_line(args, line, root: Path):
     r = CliRunner().invoke(cli, args, env={"QRELAY_ROOT": str(root)})
     assert (r.exit_code, r.stderr.splitlines()) == (2, [line])
+
+
+@pytest.mark.skipif(__import__("os").geteuid() != 0, reason="needs root to switch users")
+@pytest.mark.parametrize("command", [["qstat"], ["qread"], ["qshape"], ["flush"],
+                                     ["why", "{root}", "1"], ["hold", "{root}", "1"]])
+def test_queue_commands_as_a_user_who_cannot_read_the_spool_say_so_in_one_line(tmp_path, command):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    tmp_path.chmod(0o755)
+    root = tmp_path / "root"
+    qrelay = [sys.executable, "-m", "engine.cli"]
+    subprocess.run(qrelay + ["init", str(root), "--me", "mx.test"], cwd=REPO, check=True,
+                   capture_output=True)
+    subprocess.run(qrelay + ["inject", str(root), "a@far.test"], input=b"Subject: x\n\nhi\n",
+                   cwd=REPO, check=True, capture_output=True)
+    words = [w.format(root=root) for w in command] + ([] if len(command) > 1 else [str(root)])
+    r = subprocess.run(qrelay + words, cwd="/", capture_output=True, text=True, timeout=60,
+                       user=65534, group=65534, extra_groups=[],
+                       env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(REPO)})
+    assert r.returncode == 1
+    assert r.stderr.splitlines() == [
+        f"Error: {root}/queue/index/data.mdb: permission denied (the spool belongs to qrelay's "
+        "run user: run this as root or as that user)"]

@@ -115,6 +115,17 @@ class BadInput(click.ClickException):
     exit_code = 2
 
 
+def spool_started(base) -> bool:
+    """Was anything ever queued under the root `base` (a Path)? A one-line
+    error, not a traceback, when its queue/ may not be looked into: the spool
+    belongs to the run user, and other users must ask as root."""
+    try:
+        return (base / "queue" / "index" / "data.mdb").exists()
+    except PermissionError as exc:
+        raise click.ClickException(f"{exc.filename}: permission denied (the spool belongs to "
+                                   "qrelay's run user: run this as root or as that user)") from None
+
+
 class Progress:
     """A long command's progress on stderr: `qrelay: COMMAND: N of TOTAL WHAT
     (T s)`, at most once every `every` seconds and not before the first `every`

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from engine.cli.base import ROOT, BadInput, Progress, cli
+from engine.cli.base import ROOT, BadInput, Progress, cli, spool_started
 
 
 @cli.command(name="import-qmail")
@@ -46,7 +46,7 @@ def import_qmail(root: str, qmailqueue: str, dry_run: bool) -> None:
     spool = None
     try:
         lock = lock_queue(qdir) if not dry_run else None
-        if not dry_run or (base / "queue" / "index" / "data.mdb").exists():
+        if not dry_run or spool_started(base):
             spool = Spool(base / "queue", settings.spool, readonly=dry_run)
         got = import_queue(queue, spool, dry_run=dry_run, batch=settings.spool.import_batch,
                            now=time.time(), unlink_threads=settings.spool.import_unlink_threads,

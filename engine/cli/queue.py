@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from engine.cli.base import ROOT, cli
+from engine.cli.base import ROOT, cli, spool_started
 
 
 def _open_spool_readonly(root: str):
@@ -17,7 +17,7 @@ def _open_spool_readonly(root: str):
         raise click.ClickException(f"{root}: no such qrelay root")
     if not (base / "queue").is_dir():
         raise click.ClickException(f"{root}: not a qrelay root (no queue/ directory)")
-    if not (base / "queue" / "index" / "data.mdb").exists():
+    if not spool_started(base):
         return None  # nothing was ever queued here
     try:
         settings = load_settings(base)
@@ -94,7 +94,7 @@ def flush(root: str) -> None:
     if not (base / "queue").is_dir():
         raise click.ClickException(f"{root}: not a qrelay root (no queue/ directory)")
     moved = 0
-    if (base / "queue" / "index" / "data.mdb").exists():
+    if spool_started(base):
         try:
             spool = Spool(base / "queue", load_settings(base).spool)
             try:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from engine.cli.base import ROOT, BadInput, cli
+from engine.cli.base import ROOT, BadInput, cli, spool_started
 from engine.home import default_root
 
 _AGE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw]?)$")
@@ -52,7 +52,7 @@ def open_spool(root: str, readonly: bool):
         raise BadInput(f"{root}: no such qrelay root")
     if not (base / "queue").is_dir():
         raise BadInput(f"{root}: not a qrelay root (no queue/ directory)")
-    if not (base / "queue" / "index" / "data.mdb").exists():
+    if not spool_started(base):
         raise BadInput(f"{root}: the queue is empty (nothing was ever queued here)")
     try:
         return Spool(base / "queue", load_settings(base).spool, readonly=readonly)
