@@ -785,10 +785,16 @@ def sendmail_main(argv: Sequence[str] | None = None) -> None:
         sys.exit(EX_USAGE)
     root = default_root()
     if args.mode in ("list", "flush"):
+        import click
+
         from engine.cli import cli
         try:
-            cli.main(args=["qread" if args.mode == "list" else "flush", root], prog_name="qrelay")
-        except OSError as exc:      # a user who may not read the spool (qmail-qread: 111)
+            cli.main(args=["qread" if args.mode == "list" else "flush", root], prog_name="qrelay",
+                     standalone_mode=False)
+        except click.ClickException as exc:   # e.g. a user who may not read the spool
+            sys.stderr.write(f"sendmail: fatal: {exc.format_message()}\n")
+            sys.exit(TEMPORARY)               # qmail-qread's 111
+        except OSError as exc:
             where = f"{exc.filename}: " if exc.filename else ""
             sys.stderr.write(f"sendmail: fatal: {where}{exc.strerror or exc}\n")
             sys.exit(TEMPORARY)

@@ -145,5 +145,5 @@ def test_queue_commands_as_a_user_who_cannot_read_the_spool_say_so_in_one_line(t
                        env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(REPO)})
     assert r.returncode == 1
     assert r.stderr.splitlines() == [
-        f"Error: {root}/queue/index/data.mdb: permission denied (the spool belongs to qrelay's "
+        f"Error: {root}/queue/index/data.mdb: Permission denied (the spool belongs to qrelay's "
         "run user: run this as root or as that user)"]

@@ -122,7 +122,7 @@ def spool_started(base) -> bool:
     try:
         return (base / "queue" / "index" / "data.mdb").exists()
     except PermissionError as exc:
-        raise click.ClickException(f"{exc.filename}: permission denied (the spool belongs to "
+        raise click.ClickException(f"{exc.filename}: {exc.strerror} (the spool belongs to "
                                    "qrelay's run user: run this as root or as that user)") from None
 
 
