@@ -158,6 +158,13 @@ class Fields:
 async def read_frame(reader: asyncio.StreamReader, max_frame: int) -> bytes | None:
     """The next frame body; None at a clean end of stream. FrameError if the
     stream ends inside a frame or announces one over max_frame."""
+    n = await read_frame_length(reader, max_frame)
+    return None if n is None else await read_frame_body(reader, n)
+
+
+async def read_frame_length(reader: asyncio.StreamReader, max_frame: int) -> int | None:
+    """The next frame's announced length (read_frame's first half, for a
+    reader that must make room before the body comes)."""
     try:
         head = await reader.readexactly(LEN.size)
     except asyncio.IncompleteReadError as exc:
@@ -167,6 +174,10 @@ async def read_frame(reader: asyncio.StreamReader, max_frame: int) -> bytes | No
     (n,) = LEN.unpack(head)
     if n > max_frame:
         raise FrameError(f"frame of {n} bytes announced, over the {max_frame} byte limit")
+    return n
+
+
+async def read_frame_body(reader: asyncio.StreamReader, n: int) -> bytes:
     try:
         return await reader.readexactly(n)
     except asyncio.IncompleteReadError:

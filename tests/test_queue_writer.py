@@ -212,9 +212,9 @@ def test_kill9_writer_loses_nothing_acknowledged(tmp_path: Path):
 
 def test_injection_socket_refuses_envelopes_qmail_inject_would_never_make(writer: Writer):
     """Any local user may write to inject.sock with a client of their own: an
-    address with CR, LF or NUL (which remote delivery would send on inside its
-    RCPT TO line, e.g. a second command) or no recipient at all is refused,
-    and nothing of it is queued."""
+    address with CR, LF or NUL (which SMTP refuses at RCPT, and remote delivery
+    would only bounce) or no recipient at all is refused, and nothing of it is
+    queued."""
     from engine.queue import SpoolError
     client = SpoolClient(writer.queue / "inject.sock")
     bad = [Envelope("x@example.com", ("a@example.net>\r\nRSET\r\nRCPT TO:<c@example.org",)),
@@ -233,3 +233,48 @@ def test_injection_socket_refuses_envelopes_qmail_inject_would_never_make(writer
     writer.stop()
     with Spool(writer.queue, readonly=True) as spool:
         assert [m.msgid for m in spool.iter_messages()] == [good]
+
+
+def test_injection_socket_holds_at_most_its_byte_budget(tmp_path: Path):
+    """[spool] inject_buffered_bytes: requests read and not yet answered, over
+    all the injection socket's connections. A frame past it waits, unread,
+    until an answer makes room (one alone always fits)."""
+    from engine.config.settings import SpoolSettings
+    from engine.queue.writer import SpoolWriterServer
+
+    async def go():
+        spool = Spool(tmp_path / "queue", SpoolSettings(inject_buffered_bytes=1 << 20))
+        server = SpoolWriterServer(spool, tmp_path / "inject.sock", local_users=True)
+        await server.start()
+        gate = asyncio.Event()
+        real = spool.submit
+
+        async def held_submit(envelope, message):
+            await gate.wait()
+            return await real(envelope, message)
+        spool.submit = held_submit
+        frame = encode_request(1, Envelope("x@example.com", ("a@example.net",)), b"x" * 600_000)
+        conns = [await asyncio.open_unix_connection(str(tmp_path / "inject.sock")) for _ in range(2)]
+        try:
+            conns[0][1].write(frame * 2)            # pipelined on one connection
+            conns[1][1].write(frame)
+            for _ in range(1000):                   # both others wait for room
+                if len(server.budget._waiters) == 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert len(server.budget._waiters) == 2
+            assert server.budget.used == len(frame) - 4   # one request in, unanswered
+            gate.set()
+            answers = [await conns[0][0].readexactly(4), await conns[1][0].readexactly(4)]
+            assert len(answers) == 2
+            for _ in range(500):
+                if not server.budget.used and spool.stats().messages == 3:
+                    break
+                await asyncio.sleep(0.01)
+            assert server.budget.used == 0 and spool.stats().messages == 3
+        finally:
+            for _, w in conns:
+                w.close()
+            await server.close()
+            spool.close()
+    asyncio.run(asyncio.wait_for(go(), 30))

@@ -110,6 +110,10 @@ class SpoolSettings:
     # Largest request frame the single spool writer accepts from a receiver
     # (a message plus its envelope); above smtp.max_message_bytes on purpose.
     max_frame_bytes: int = 80 * 1024 * 1024
+    # Request bytes queue/inject.sock holds at once, over all its connections
+    # (local users: PHP's mail(), cron); past it a sender waits. One request
+    # alone always fits.
+    inject_buffered_bytes: int = 256 * 1024 * 1024
     # Receivers enqueue through one writer process (QUEUE/writer.sock) that
     # group-commits for all of them (measured faster than each receiver
     # taking LMDB's writer lock; see engine/queue/__init__.py). While no
@@ -448,6 +452,7 @@ RANGES: dict[tuple[str, str], tuple[float, float | None, str]] = {
     ("spool", "max_open_segments"): (1, None, "a segment must be read"),
     ("spool", "sync_depth"): (1, 64, "a thread and a descriptor each"),
     ("spool", "max_frame_bytes"): (1024, None, "a frame holds a message"),
+    ("spool", "inject_buffered_bytes"): (1024 * 1024, None, "room for local users' mail"),
     ("spool", "surgery_batch"): (1, 100000, "messages per surgery transaction"),
     ("spool", "surgery_pause"): (0, 10, "seconds between surgery transactions"),
     ("spool", "import_batch"): (1, 100000, "messages per import commit"),

@@ -83,14 +83,48 @@ def decode_response(body: bytes) -> tuple[int, int, bytes]:
     return f.u64(), f.u8(), f.rest()
 
 
+# Seconds the injection socket waits for the rest of a frame it made room for.
+INJECT_BODY_SECONDS = 60.0
+
+
+class ByteBudget:
+    """Request bytes the injection socket's connections may hold at once (read
+    and not yet answered). Any local user may open connections and pipeline
+    frames; without it, one could fill the writer's memory and stop mail for
+    the whole box. A frame waits for room before its body is read (its sender
+    blocks); one alone always fits."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._waiters: list[asyncio.Future] = []
+
+    async def take(self, n: int) -> int:
+        while self.used and self.used + n > self.limit:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
+        self.used += n
+        return n
+
+    def give(self, n: int) -> None:
+        self.used -= n
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:      # each looks again; who does not fit waits again
+            if not waiter.done():
+                waiter.set_result(None)
+
+
 class SpoolWriterServer:
     """Serves `spool.submit` to receivers over a unix socket (asyncio)."""
 
     def __init__(self, spool: Spool, socket_path: Path | str, *, local_users: bool = False):
-        """`local_users`: the injection socket (see the module docstring)."""
+        """`local_users`: the injection socket (see the module docstring), its
+        requests held to [spool] inject_buffered_bytes together."""
         self.spool = spool
         self.socket_path = str(socket_path)
         self.local_users = local_users
+        self.budget = ByteBudget(spool.settings.inject_buffered_bytes) if local_users else None
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.StreamWriter] = set()
 
@@ -129,17 +163,21 @@ class SpoolWriterServer:
         if self.local_users:     # (pid, uid) from the kernel
             peer = ipc.peer_credentials(writer.get_extra_info("socket"))[:2]
         try:
-            while (body := await ipc.read_frame(reader, limit)) is not None:
-                reqid, envelope, message = decode_request(body)
-                if peer is not None:
-                    if refusal := _local_user_refusal(envelope):
-                        writer.write(encode_response(reqid, OTHER_ERROR, refusal.encode()))
-                        continue
-                    envelope, message = _as_local_user(envelope, message, *peer)
-                task = asyncio.ensure_future(self._one(writer, reqid, envelope, message))
+            while (n := await ipc.read_frame_length(reader, limit)) is not None:
+                held = await self.budget.take(n) if self.budget is not None else 0
+                try:
+                    task = await self._request(reader, writer, n, peer)
+                except BaseException:
+                    self._give(held)
+                    raise
+                if task is None:
+                    self._give(held)
+                    continue
                 pending.add(task)
                 task.add_done_callback(pending.discard)
-        except (ConnectionError, FrameError):
+                if held:
+                    task.add_done_callback(lambda _task, held=held: self._give(held))
+        except (ConnectionError, FrameError, asyncio.TimeoutError):
             pass
         except asyncio.CancelledError:
             # The loop is shutting down: end this connection quietly (a traceback
@@ -150,6 +188,26 @@ class SpoolWriterServer:
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
             writer.close()
+
+    async def _request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int,
+                       peer: tuple[int, int] | None) -> asyncio.Future | None:
+        """The body of a frame of n bytes, and the commit it asks for started;
+        None when it is refused on the injection socket (answered already)."""
+        if peer is None:
+            body = await ipc.read_frame_body(reader, n)
+        else:     # room was made for it: it must come
+            body = await asyncio.wait_for(ipc.read_frame_body(reader, n), INJECT_BODY_SECONDS)
+        reqid, envelope, message = decode_request(body)
+        if peer is not None:
+            if refusal := _local_user_refusal(envelope):
+                writer.write(encode_response(reqid, OTHER_ERROR, refusal.encode()))
+                return None
+            envelope, message = _as_local_user(envelope, message, *peer)
+        return asyncio.ensure_future(self._one(writer, reqid, envelope, message))
+
+    def _give(self, held: int) -> None:
+        if held:
+            self.budget.give(held)
 
     async def _one(self, writer: asyncio.StreamWriter, reqid: int, envelope: Envelope,
                    message: bytes) -> None:
