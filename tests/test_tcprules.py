@@ -61,6 +61,8 @@ def test_trailing_whitespace_stripped():
     '1.2.3.4:allow X="1"',
     "1.2.3.a-5:allow",
     "1.2.3.4-x:allow",
+    "10.0.0.0/33:deny",           # a CIDR rule that is no network
+    "2001:db8::/x:deny",
 ])
 def test_parse_errors_use_tcprules_text(line):
     with pytest.raises(TcpRulesError) as info:
@@ -230,6 +232,32 @@ def test_ipv4_mapped_client_matches_ipv4_rules():
     assert dict(rules.match("::ffff:127.0.0.1").env) == {"RELAYCLIENT": ""}
     assert rules.match("::FFFF:10.0.0.1").allow is False
     assert rules.match("::1").allow is False
+
+
+def test_cidr_rules_of_ucspi_tcp6_and_the_longest_prefix_wins(tmp_path):
+    text = ("10.0.0.0/8:deny\n"
+            '10.1.0.0/16:allow,RELAYCLIENT=""\n'
+            '10.1.2.:allow,X="dotted /24"\n'
+            '192.168.:allow,X="dotted /16"\n'
+            '192.168.1.0/24:allow,X="cidr /24"\n'
+            "2001:db8::/32:deny\n"
+            '2001:db8:1::/48:allow,RELAYCLIENT=""\n'
+            ":allow\n")
+    compile_rules(text, tmp_path / "tcp.smtp.cdb")
+    for rules in (TcpRules.from_text(text), TcpRules.load(tmp_path)):
+        def said(ip):
+            rule = rules.match(ip)
+            return rule.allow, dict(rule.env)
+        assert said("10.9.9.9") == (False, {})                    # a deny by CIDR
+        assert said("10.1.9.9") == (True, {"RELAYCLIENT": ""})
+        assert said("10.1.2.3") == (True, {"X": "dotted /24"})    # longer than /16
+        assert said("::ffff:10.1.2.3") == (True, {"X": "dotted /24"})
+        assert said("192.168.1.5") == (True, {"X": "cidr /24"})   # longer than 192.168.
+        assert said("192.168.2.5") == (True, {"X": "dotted /16"})
+        assert said("2001:db8:0:1::5") == (False, {})
+        assert said("2001:db8:1::5") == (True, {"RELAYCLIENT": ""})
+        assert said("2001:db9::1") == (True, {})
+        assert said("8.8.8.8") == (True, {})
 
 
 def test_cli_tcprules_and_newmrh(root, qrelay_cli):

@@ -17,10 +17,14 @@ Text format, one rule per line (`#` lines and lines without `:` ignored):
 
 A rule `127.0.0.` is a prefix and matches 127.0.0.1; `127.0.0` (no trailing
 dot) is an exact-address key and matches only a client whose address is
-literally "127.0.0", i.e. never.
+literally "127.0.0", i.e. never. ucspi-tcp6's CIDR rules (`10.0.0.0/8`,
+`2001:db8::/32`), which s/qmail boxes have, are prefixes too: of a client's
+prefixes, dotted and CIDR, the longest wins. One that is not a network is
+refused (a deny rule that never matched would let its clients in).
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -142,6 +146,10 @@ def parse_rule_line(line: str) -> tuple[list[str], Rule] | None:
 
 def _expand_address(address: str, bad: TcpRulesError) -> list[str]:
     """tcprules' range expansion: `1.2.3.37-53` / `10.2-3.` → one key per value."""
+    if "/" in address and "=" not in address:
+        if _network(address.rpartition("@")[2]) is None:
+            raise bad
+        return [address]
     if "=" in address or "@" in address or "-" not in address:
         return [address]
     dash = address.index("-")
@@ -158,14 +166,32 @@ def _expand_address(address: str, bad: TcpRulesError) -> list[str]:
     return [f"{address[:left]}{n}{address[right:]}" for n in range(bot, top + 1)]
 
 
+def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return None
+
+
 class TcpRules:
     """A snapshot of connection rules, matched in tcpserver's order."""
 
-    __slots__ = ("_rules", "source")
+    __slots__ = ("_rules", "_nets", "source")
 
     def __init__(self, rules: Mapping[str, Rule], source: str = "") -> None:
         self._rules = MappingProxyType(dict(rules))
         self.source = source
+        # CIDR rules by IP version: [(prefix length, {network bits: rule})],
+        # longest first (none: matching costs nothing more).
+        nets: dict[int, dict[int, dict[int, Rule]]] = {}
+        for key, rule in self._rules.items():
+            if "/" in key and "@" not in key and "=" not in key:
+                net = _network(key)
+                if net is not None:
+                    by_len = nets.setdefault(net.version, {}).setdefault(net.prefixlen, {})
+                    by_len.setdefault(int(net.network_address) >> (net.max_prefixlen - net.prefixlen),
+                                      rule)
+        self._nets = {v: sorted(by_len.items(), reverse=True) for v, by_len in nets.items()}
 
     @classmethod
     def from_text(cls, text: str, source: str = "tcp.smtp") -> TcpRules:
@@ -239,11 +265,19 @@ class TcpRules:
             rule = rules.get("=" + host)
             if rule is not None:
                 return rule
+        dotted = 0              # the longest dotted prefix's length in bits
         for end in range(len(ip), 0, -1):
             if ip[end - 1] == ".":
                 rule = rules.get(ip[:end])
                 if rule is not None:
-                    return rule
+                    dotted = ip.count(".", 0, end) * 8
+                    break
+        if self._nets:
+            net_rule = self._net_match(ip, dotted)
+            if net_rule is not None:
+                return net_rule
+        if dotted:
+            return rule
         if host is not None:
             for i, ch in enumerate(host):
                 if ch == ".":
@@ -255,6 +289,23 @@ class TcpRules:
                 return rule
         rule = rules.get("")
         return rule if rule is not None else ALLOW_ALL
+
+
+    def _net_match(self, ip: str, longer_than: int) -> Rule | None:
+        """The rule of the longest CIDR network holding `ip`, if it is longer
+        than `longer_than` bits (a dotted prefix found)."""
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return None
+        value, bits = int(address), address.max_prefixlen
+        for length, table in self._nets.get(address.version, ()):
+            if length <= longer_than and longer_than:
+                return None
+            rule = table.get(value >> (bits - length))
+            if rule is not None:
+                return rule
+        return None
 
 
 def stale_cdb(control_dir: os.PathLike | str) -> str | None:
