@@ -129,9 +129,19 @@ def build_context(root: Path | str, settings: Any) -> ssl.SSLContext:
         except ssl.SSLError:
             where = "[tls] ciphers" if settings.ciphers else CIPHERS_FILE
             raise TlsError(f"{where}: no cipher matches {ciphers!r}") from None
+    asked: list[bool] = []
+
+    def no_passphrase() -> bytes:
+        # Without a callback OpenSSL prompts on the terminal (or reads stdin)
+        # and waits: a receiver would hang on its event loop.
+        asked.append(True)
+        return b""
     try:
-        ctx.load_cert_chain(path)
+        ctx.load_cert_chain(path, password=no_passphrase)
     except ssl.SSLError as exc:
+        if asked:
+            raise TlsError(f"{CERT_FILE}: the private key is encrypted; qmail-tls reads it "
+                           f"without a passphrase (store it unencrypted, mode 640)") from None
         raise TlsError(f"{CERT_FILE}: cannot load the certificate and key: "
                        f"{ssl_reason(exc)}") from None
     except OSError as exc:

@@ -1,6 +1,7 @@
 """engine.tls: control/servercert.pem as the server context, its settings and its reload."""
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 import threading
@@ -152,3 +153,39 @@ def test_reload_with_new_settings_rebuilds(root: Path) -> None:
     tls.reload(TlsSettings(min_version="TLSv1.3"))
     assert tls.context() is not first
     assert tls.context().minimum_version == ssl.TLSVersion.TLSv1_3
+
+
+def test_an_encrypted_key_is_refused_without_asking_for_a_passphrase(root: Path) -> None:
+    """OpenSSL's default for an encrypted key is to prompt on the terminal (or
+    read stdin) and wait: a receiver would hang on its event loop. The file is
+    refused instead, saying why."""
+    import subprocess
+    import sys
+
+    import trustme
+    from cryptography.hazmat.primitives import serialization
+
+    cert = trustme.CA().issue_cert(NAME)
+    key = serialization.load_pem_private_key(cert.private_key_pem.bytes(), None)
+    encrypted = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.BestAvailableEncryption(b"passphrase"))
+    (root / CERT_FILE).write_bytes(b"".join(p.bytes() for p in cert.cert_chain_pems) + encrypted)
+    code = ("import sys; from engine.tls import build_context, TlsError\n"
+            "from engine.config.settings import TlsSettings\n"
+            "try:\n    build_context(sys.argv[1], TlsSettings())\nexcept TlsError as exc:\n"
+            "    print(exc)\nelse:\n    print('loaded')\n")
+    # A stdin that stays open and no terminal: what a prompt would wait on.
+    read_end, write_end = os.pipe()
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, str(root)], stdin=read_end,
+                              capture_output=True, text=True, timeout=20, start_new_session=True,
+                              cwd=Path(__file__).resolve().parent.parent)
+    except subprocess.TimeoutExpired:
+        pytest.fail("loading an encrypted key waited for a passphrase")
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    out, err = proc.stdout, proc.stderr
+    assert "pass phrase" not in err.lower()
+    line = out.strip()
+    assert line.startswith(f"{CERT_FILE}: ") and "encrypted" in line and "\n" not in line
