@@ -181,7 +181,7 @@ class _TlsProtocol(asyncio.Protocol):
 
     def _step(self) -> None:
         try:
-            step = self.loop.run_in_executor(self.pool, _handshake_step, self.sslobj)
+            step = self.loop.run_in_executor(self.pool, _handshake_step, self)
         except RuntimeError as exc:     # the pool is shut down: the receiver is stopping
             self.fail(exc)
             return
@@ -311,10 +311,15 @@ class _TlsProtocol(asyncio.Protocol):
             self.app.resume_writing()
 
 
-def _handshake_step(sslobj: ssl.SSLObject) -> bool:
-    """One do_handshake: True when finished, False when it needs more input."""
+def _handshake_step(tls: _TlsProtocol) -> bool:
+    """One do_handshake: True when finished, False when it needs more input.
+    Nothing for a connection dropped while the step waited for a thread (its
+    handshake timed out in a flood): signing for it would only lengthen the
+    wait of the handshakes queued behind it."""
+    if tls.done:
+        return False
     try:
-        sslobj.do_handshake()
+        tls.sslobj.do_handshake()
     except ssl.SSLWantReadError:
         return False
     return True

@@ -687,3 +687,45 @@ def test_hash_threads_run_below_the_loop(accounts):
     nice = c.checker.pool.submit(os.getpriority, os.PRIO_PROCESS, 0).result(5)
     assert nice > os.getpriority(os.PRIO_PROCESS, 0) or nice == 19
     c.checker.close()
+
+
+def test_handshakes_that_timed_out_waiting_for_a_thread_cost_no_signature(accounts, make_server):
+    """A flood queues ClientHellos for the handshake threads: one whose client
+    was dropped (handshake_timeout) while it waited is skipped, not signed for
+    nothing, so the backlog cannot grow past the timeout and starve every
+    later handshake."""
+    ca = install_certificate(accounts, ME)
+    toml = accounts / "qrelay.toml"
+    toml.write_text(toml.read_text() + "[tls]\nhandshake_timeout = 0.5\n")
+    srv = make_server(scheme="submissions")
+    signed: list[str] = []
+    context = srv.call(srv.receiver.tls.context)
+    context.sni_callback = lambda *_: signed.append(threading.current_thread().name)
+    gate = threading.Event()
+    srv.call(srv.receiver.tls.pool).submit(gate.wait, 10)    # every handshake thread busy
+    flood = []
+    try:
+        for _ in range(5):
+            sock = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+            hello = client_context(ca).wrap_bio(ssl.MemoryBIO(), out := ssl.MemoryBIO(),
+                                                server_hostname=ME)
+            with pytest.raises(ssl.SSLWantReadError):
+                hello.do_handshake()
+            sock.sendall(out.read())
+            flood.append(sock)
+        for sock in flood:
+            c = RawClient.__new__(RawClient)
+            c.sock, c.buf = sock, b""
+            assert c.closed(timeout=5)
+    finally:
+        gate.set()
+        for sock in flood:
+            sock.close()
+    c = RawClient.__new__(RawClient)
+    c.sock, c.buf = socket.create_connection(("127.0.0.1", srv.port), timeout=5), b""
+    try:
+        c.starttls(client_context(ca))
+        assert c.line() == f"220 {ME} ESMTP\r\n".encode()
+    finally:
+        c.close()
+    assert len(signed) == 1
