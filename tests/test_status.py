@@ -239,3 +239,75 @@ def test_rates_are_the_change_over_the_last_seconds():
         got = rates.add(float(t), {"received": 20 + 5 * (t - 101)})
     assert got["received"] == 5.0                 # over the last RATE_WINDOW seconds
     assert rates.add(111.0, {"received": 0})["received"] == 0.0   # a restart: never negative
+
+
+class InProcessStatus:
+    """engine.status's HttpServer and StatusFacts on a loop in a thread, on 127.0.0.1:0."""
+
+    def __init__(self, root: Path) -> None:
+        import asyncio
+        import threading
+
+        from engine.config.settings import load_settings
+        from engine.status import StatusFacts
+        from engine.status.http import HttpServer
+        settings = load_settings(root)
+        self.facts = StatusFacts(root, settings, root / "run" / "metrics")
+        self.server = HttpServer(self.facts.handle, max_connections=settings.status.max_connections,
+                                 timeout=settings.status.request_timeout, loopback_only=True)
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+
+        async def serve() -> None:
+            self.listener = await self.loop.create_server(self.server.protocol, "127.0.0.1", 0)
+            self.http_port = self.listener.sockets[0].getsockname()[1]
+            started.set()
+
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(serve(), self.loop).result(10)
+        assert started.wait(10)
+
+    get = StatusRun.get
+    metrics = StatusRun.metrics
+    status = StatusRun.status
+
+    def stop(self) -> None:
+        def close() -> None:
+            self.listener.close()
+            self.server.close_all()
+            self.loop.stop()
+        self.loop.call_soon_threadsafe(close)
+        self.thread.join(10)
+        self.loop.close()
+        self.facts.close()
+
+
+def test_a_spool_that_cannot_be_read_is_not_shown_as_an_empty_queue(root, tmp_path):
+    """An alert on qrelay_queue_messages must not see 0 when the spool cannot
+    be read (the gauge is absent instead), and the page says why."""
+    index = root / "queue" / "index"
+    index.mkdir(parents=True, exist_ok=True)
+    (index / "data.mdb").write_bytes(b"not an LMDB file" * 512)
+    srv = InProcessStatus(root)
+    try:
+        samples = srv.metrics()
+        names = {name for name, _ in samples}
+        assert "qrelay_queue_messages" not in names
+        assert "qrelay_queue_not_preprocessed" not in names
+        assert "qrelay_queue_oldest_message_age_seconds" not in names
+        assert "MDB_INVALID" in srv.status()["queue"]["error"]
+        if chromium_path() is None:
+            return
+        with Chromium(tmp_path) as browser:
+            page = browser.page()
+            page.navigate(f"http://127.0.0.1:{srv.http_port}/")
+            shown = wait_for(lambda: page.evaluate("document.getElementById('updated').textContent")
+                             if page.evaluate("document.getElementById('updated').className")
+                             == "stale" else None, timeout=30, what="the page to say the spool is unreadable")
+            assert shown.startswith("cannot read the queue: ") and "MDB_INVALID" in shown
+            assert page.evaluate("document.getElementById('messages').textContent") != "0"
+            page.pump()
+            assert page.errors == []
+    finally:
+        srv.stop()

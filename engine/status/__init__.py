@@ -145,14 +145,17 @@ class StatusFacts:
         summary = await self.queue_summary()
         basics = self.queue_basics(summary)
         families = list(self.metric_families())
-        families.append(GaugeMetricFamily("qrelay_queue_messages", "Messages in the queue",
-                                          value=basics["messages"]))
-        families.append(GaugeMetricFamily("qrelay_queue_not_preprocessed",
-                                          "Messages queued but not yet preprocessed",
-                                          value=basics["not_preprocessed"]))
-        families.append(GaugeMetricFamily("qrelay_queue_oldest_message_age_seconds",
-                                          "Age of the oldest message in the queue",
-                                          value=basics["oldest_age"]))
+        if "error" not in basics:
+            # A spool that cannot be read has no size: absent, not 0 (an
+            # alert on the queue's size must not see an empty queue).
+            families.append(GaugeMetricFamily("qrelay_queue_messages", "Messages in the queue",
+                                              value=basics["messages"]))
+            families.append(GaugeMetricFamily("qrelay_queue_not_preprocessed",
+                                              "Messages queued but not yet preprocessed",
+                                              value=basics["not_preprocessed"]))
+            families.append(GaugeMetricFamily("qrelay_queue_oldest_message_age_seconds",
+                                              "Age of the oldest message in the queue",
+                                              value=basics["oldest_age"]))
         open_ = GaugeMetricFamily("qrelay_queue_recipients",
                                   "Open recipients by state (at the last queue scan)",
                                   labels=("state",))

@@ -48,9 +48,14 @@ function render(s) {
   set("root", s.root);
   set("updated", "updated " + clock(s.now));
   $("updated").className = "muted";
-  set("messages", count(q.messages));
-  set("not-preprocessed", count(q.not_preprocessed));
-  set("oldest", q.messages ? duration(q.oldest_age) : "–");
+  if (q.error) {
+    // The spool cannot be read: no numbers rather than an empty queue.
+    set("updated", "cannot read the queue: " + q.error);
+    $("updated").className = "stale";
+  }
+  set("messages", q.error ? "?" : count(q.messages));
+  set("not-preprocessed", q.error ? "?" : count(q.not_preprocessed));
+  set("oldest", q.messages && !q.error ? duration(q.oldest_age) : "–");
   const open = Object.entries(q.recipients).map(([k, v]) => k + " " + count(v));
   set("recipients", open.length ? open.join(", ") : "none");
   for (const k of ["received", "tempfail", "delivered", "deferred", "bounced", "sessions"]) {
