@@ -311,3 +311,16 @@ def test_a_spool_that_cannot_be_read_is_not_shown_as_an_empty_queue(root, tmp_pa
             assert page.errors == []
     finally:
         srv.stop()
+
+
+def test_loopback_host_headers_include_ipv4_mapped_and_ipv6(root):
+    """allow_remote off: a Host naming loopback in any spelling is served, any other 403."""
+    srv = InProcessStatus(root)
+    try:
+        for host in ("127.0.0.1:8080", "localhost", "[::1]:8080", "[::ffff:127.0.0.1]:8080",
+                     "[::ffff:7f00:2]"):
+            assert srv.get("/status.json", headers={"Host": host})[0] == 200, host
+        for host in ("evil.example", "127.0.0.1.evil.example", "[::ffff:192.0.2.1]:8080", "[::]"):
+            assert srv.get("/status.json", headers={"Host": host})[0] == 403, host
+    finally:
+        srv.stop()
