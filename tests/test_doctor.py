@@ -493,3 +493,16 @@ def test_tcp_smtp_that_lets_anyone_relay(box):
     assert "open relay" in f["why"] and f["fix"].endswith(f"qrelay tcprules {box}")
     (box / "control" / "tcp.smtp").write_text('127.:allow,RELAYCLIENT=""\n:allow\n')
     assert findings(doctor(box)[1], "relay") == []
+
+
+def test_a_vpopmail_domain_that_lost_its_virtualdomains_line_gets_a_fix_that_works(box):
+    # rcpthosts and users/assign have example.org; virtualdomains lost it (a hand edit):
+    # `qrelay domain add` refuses (the domain exists), so it must not be the fix.
+    vd = box / "control" / "virtualdomains"
+    vd.write_text("".join(line + "\n" for line in vd.read_text().splitlines()
+                          if not line.startswith("example.org:")))
+    _, report = doctor(box)
+    (f,) = [f for f in findings(report, "domains") if "example.org" in f["what"]]
+    run_fix(f["fix"])
+    assert findings(doctor(box)[1], "domains") == []
+

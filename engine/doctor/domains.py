@@ -73,12 +73,17 @@ def check(ctx: Context, report: Report) -> None:
                     f"qrelay newu {ctx.arg(root)}")
             continue
         if routes.lookup(domain) is None:
+            # A vpopmail domain whose virtualdomains line was lost: `qrelay
+            # domain add` would refuse it (users/assign has it), the line will do.
+            fix = (f"echo {domain}:{domain} >> {ctx.arg(control / 'virtualdomains')}"
+                   if f"{domain}-" in wild else
+                   f"qrelay domain add {ctx.arg(root)} {domain} (a backup MX: "
+                   f"echo '{domain}:PRIMARY-MX' >> {ctx.arg(control / 'smtproutes')})")
             report.problem(
                 "domains", f"{domain} is in rcpthosts but in neither locals, virtualdomains "
                 "nor smtproutes",
                 "its mail is accepted and relayed to its MX: a loop (#5.4.6) if that MX is "
-                "this host", f"qrelay domain add {ctx.arg(root)} {domain} (a backup MX: "
-                f"echo '{domain}:PRIMARY-MX' >> {ctx.arg(control / 'smtproutes')})")
+                "this host", fix)
 
     for key, prepend in domains.virtualdomains.items():
         domain = key.rpartition("@")[2].lstrip(".")
@@ -99,6 +104,8 @@ def check(ctx: Context, report: Report) -> None:
         name = prefix[:-1] if prefix.endswith("-") else prefix
         if "." not in name or name in targets or domains.is_local(name):
             continue        # not a vpopmail-style domain line
+        if name in accepted and routes.lookup(name) is None:
+            continue        # reported above, as accepted but delivered nowhere
         report.problem("domains", f"users/assign has +{prefix} ({a.home}) but no virtualdomains "
                        f"line maps a domain to {name}",
                        "the assign line is never used: mail for the domain is not delivered "
