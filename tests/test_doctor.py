@@ -506,3 +506,15 @@ def test_a_vpopmail_domain_that_lost_its_virtualdomains_line_gets_a_fix_that_wor
     run_fix(f["fix"])
     assert findings(doctor(box)[1], "domains") == []
 
+
+def test_virtual_but_unassigned_and_not_accepted_gets_a_fix_that_works(box):
+    # virtualdomains has a line for a domain users/assign and rcpthosts do not know.
+    with open(box / "control" / "virtualdomains", "a") as f:
+        f.write("lost.test:lost.test\n")
+    _, report = doctor(box)
+    got = [f for f in findings(report, "domains") if "lost.test" in f["what"]]
+    assert any("no +lost.test- line" in f["what"] for f in got), got
+    for f in got:
+        run_fix(f["fix"])
+    left = [f["what"] for f in findings(doctor(box)[1], "domains") if "lost.test" in f["what"]]
+    assert left == ["postmaster@lost.test has no mailbox, alias or catch-all"], left

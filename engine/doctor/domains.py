@@ -94,9 +94,12 @@ def check(ctx: Context, report: Report) -> None:
                            "every sender outside gets 553 (not in my list of allowed rcpthosts)",
                            f"echo {domain} >> {rcpthosts}")
         if not assigned(prepend) and domain not in accepted:
+            # `qrelay domain add` refuses a domain virtualdomains has: drop the line first.
+            pattern = domain.replace(".", "\\.")
             report.problem("domains", f"{domain} is in virtualdomains ({key}:{prepend}) but "
                            f"users/assign has no +{prepend}- line",
                            "its mail goes to qmail-getpw's fallback (the alias user) or defers",
+                           f"sed -i '/^{pattern}:/Id' {ctx.arg(control / 'virtualdomains')} && "
                            f"qrelay domain add {ctx.arg(root)} {domain}")
 
     targets = {p for p in domains.virtualdomains.values() if p}
