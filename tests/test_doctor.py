@@ -518,3 +518,15 @@ def test_virtual_but_unassigned_and_not_accepted_gets_a_fix_that_works(box):
         run_fix(f["fix"])
     left = [f["what"] for f in findings(doctor(box)[1], "domains") if "lost.test" in f["what"]]
     assert left == ["postmaster@lost.test has no mailbox, alias or catch-all"], left
+
+
+def test_a_missing_maildir_is_fixed_by_one_run_of_its_fix(box):
+    import shutil
+    joe = user_dir(box, "joe@example.org")
+    shutil.rmtree(joe / "Maildir")
+    (f,) = findings(doctor(box)[1], "perms")
+    assert f["what"] == f"{joe}/Maildir does not exist"
+    run_fix(f["fix"])
+    assert findings(doctor(box)[1], "perms") == []
+    if os.getuid() == 0:
+        assert os.stat(joe / "Maildir" / "cur").st_uid == UID

@@ -124,9 +124,12 @@ def check(ctx: Context, report: Report) -> None:
                 path = os.path.join(udir, "Maildir", sub).rstrip("/")
                 pst = _stat(path)
                 if pst is None:
+                    # No Maildir: cur, new and tmp are missing too, one fix makes all four.
+                    make = f"{ctx.arg(path)}/{{cur,new,tmp}} && chown -R" if not sub else \
+                        f"{ctx.arg(path)} && chown"
                     kinds.add(a.home, "missing", f"{path} does not exist",
                               "deliveries to this mailbox defer (Unable to chdir to maildir)",
-                              f"mkdir -p {ctx.arg(path)} && chown {a.uid}:{a.gid} {ctx.arg(path)}")
+                              f"mkdir -p {make} {a.uid}:{a.gid} {ctx.arg(path)}")
                     break
                 _check_path(ctx, kinds, a.home, path, pst, want)
     kinds.emit(owner_of)
