@@ -312,3 +312,28 @@ def test_logins_as_vchkpw_parses_them(box, tmp_path):
     assert fresh.login("joe@") == ("joe@", None) and fresh.login("") == ("", None)
     setting = Accounts(box["root"], vpopmail_dir=str(vp), default_domain="other.example")
     assert setting.login("joe") == ("joe@other.example", None)        # the setting wins
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to look as another user")
+def test_a_domain_directory_others_cannot_enter_is_accounts_error_for_every_lookup(box):
+    # The receivers run as `[run] user`; a domain of another owner (0700) must
+    # be a temporary failure (AccountsError: 454 at AUTH, -ERR at POP3), never
+    # an exception the callers do not expect.
+    import subprocess
+    import sys
+    from tests.conftest import REPO
+    box["dom"].chmod(0o700)
+    program = (
+        "import sys\n"
+        "from engine.accounts.store import Accounts, AccountsError\n"
+        "a = Accounts(sys.argv[1])\n"
+        "for call in (lambda: a.login('joe@example.com'), lambda: a.mailbox('joe@example.com'),\n"
+        "             lambda: a.local_verdict('nobody@example.com')):\n"
+        "    try:\n"
+        "        print(call())\n"
+        "    except AccountsError:\n"
+        "        print('AccountsError')\n")
+    r = subprocess.run([sys.executable, "-c", program, str(box["root"])], cwd="/",
+                       capture_output=True, text=True, timeout=60, user=65534, group=65534,
+                       extra_groups=[], env={"PYTHONPATH": str(REPO)})
+    assert r.stdout.splitlines() == ["AccountsError"] * 3, r.stdout + r.stderr

@@ -162,7 +162,10 @@ class Accounts:
         entry = self._cache.get(key)
         if entry is not None and now - entry.checked < self.recheck_seconds:
             return entry.value
-        keys = tuple(stat_key(p) for p in paths)
+        try:
+            keys = tuple(stat_key(p) for p in paths)
+        except OSError as exc:      # EACCES: a directory this user may not enter
+            raise AccountsError(f"trouble reading {exc.filename}: {exc.strerror}") from exc
         if entry is not None and entry.keys == keys and not entry.racy:
             entry.checked = now
             return entry.value
