@@ -530,3 +530,19 @@ def test_a_missing_maildir_is_fixed_by_one_run_of_its_fix(box):
     assert findings(doctor(box)[1], "perms") == []
     if os.getuid() == 0:
         assert os.stat(joe / "Maildir" / "cur").st_uid == UID
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run doctor as another user")
+def test_doctor_run_by_a_user_who_cannot_read_the_domains_says_so(box):
+    # As nobody: the domain (0700, uid 4242) and the spool/log/relay (the run
+    # user's) are closed. Nothing there is wrong; doctor must say what it could
+    # not check, not report it broken nor offer a chown to nobody.
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "doctor", str(box), "--json"],
+                       cwd="/", capture_output=True, text=True, timeout=60,
+                       user=65534, group=65534, extra_groups=[],
+                       env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(REPO)})
+    report = json.loads(r.stdout)
+    wrong = [f for f in report["findings"] if f["check"] == "perms"]
+    assert wrong == [], wrong
+    unchecked = " ".join(n["text"] for n in report["notes"] if "not checked" in n["text"])
+    assert f"{box}/domains/example.org" in unchecked and "as root" in unchecked, report["notes"]

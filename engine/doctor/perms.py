@@ -78,6 +78,7 @@ def check(ctx: Context, report: Report) -> None:
     checked_homes = mailboxes = 0
     budget = ctx.doctor.max_mailboxes
     seen: set[str] = set()
+    unchecked: list[str] = []
     for label, a in _entries(ctx.root):
         if a is None or not a.home or a.home in seen:
             continue
@@ -89,55 +90,67 @@ def check(ctx: Context, report: Report) -> None:
                            f"qrelay newu {ctx.arg(ctx.root)}")
         want = (a.uid, a.gid)
         owner_of[a.home] = f"{a.uid}:{a.gid}"
-        st = _stat(a.home)
-        if st is None:
-            report.problem("perms", f"{a.home} (users/assign {label}) does not exist",
-                           f"every delivery to it defers (Unable to switch to {a.home})",
-                           f"mkdir -p {ctx.arg(a.home)} && chown {a.uid}:{a.gid} {ctx.arg(a.home)}")
-            continue
-        checked_homes += 1
-        _check_path(ctx, kinds, a.home, a.home, st, want, is_home=True)
-        _check_qmail_files(ctx, kinds, a.home, a.home, want)
         try:
-            users = accounts.domain(a.home)
-        except AccountsError as exc:
-            report.problem("perms", f"{a.home}: {exc}", "deliveries to this domain defer",
-                           f"qrelay user list {ctx.arg(ctx.root)} DOMAIN")
-            continue
-        if users is None:
-            continue
-        for user in users.users():
-            if mailboxes >= budget:
-                break
-            mailboxes += 1
-            udir = user.directory
-            ust = _stat(udir)
-            if ust is None:
-                kinds.add(a.home, "missing", f"{udir} (user {user.name}) does not exist",
-                          "vdelivermail cannot deliver to this mailbox",
-                          f"mkdir -p {ctx.arg(os.path.join(udir, 'Maildir'))}/{{cur,new,tmp}} && "
-                          f"chown -R {a.uid}:{a.gid} {ctx.arg(udir)}")
+            st = _stat(a.home)
+            if st is None:
+                report.problem("perms", f"{a.home} (users/assign {label}) does not exist",
+                               f"every delivery to it defers (Unable to switch to {a.home})",
+                               f"mkdir -p {ctx.arg(a.home)} && chown {a.uid}:{a.gid} "
+                               f"{ctx.arg(a.home)}")
                 continue
-            _check_path(ctx, kinds, a.home, udir, ust, want)
-            _check_qmail_files(ctx, kinds, a.home, udir, want)
-            for sub in ("", "cur", "new", "tmp"):
-                path = os.path.join(udir, "Maildir", sub).rstrip("/")
-                pst = _stat(path)
-                if pst is None:
-                    # No Maildir: cur, new and tmp are missing too, one fix makes all four.
-                    make = f"{ctx.arg(path)}/{{cur,new,tmp}} && chown -R" if not sub else \
-                        f"{ctx.arg(path)} && chown"
-                    kinds.add(a.home, "missing", f"{path} does not exist",
-                              "deliveries to this mailbox defer (Unable to chdir to maildir)",
-                              f"mkdir -p {make} {a.uid}:{a.gid} {ctx.arg(path)}")
+            checked_homes += 1
+            _check_path(ctx, kinds, a.home, a.home, st, want, is_home=True)
+            _check_qmail_files(ctx, kinds, a.home, a.home, want)
+            try:
+                users = accounts.domain(a.home)
+            except AccountsError as exc:
+                if isinstance(exc.__cause__, PermissionError):
+                    raise exc.__cause__ from None
+                report.problem("perms", f"{a.home}: {exc}", "deliveries to this domain defer",
+                               f"qrelay user list {ctx.arg(ctx.root)} DOMAIN")
+                continue
+            if users is None:
+                continue
+            for user in users.users():
+                if mailboxes >= budget:
                     break
-                _check_path(ctx, kinds, a.home, path, pst, want)
+                mailboxes += 1
+                udir = user.directory
+                ust = _stat(udir)
+                if ust is None:
+                    kinds.add(a.home, "missing", f"{udir} (user {user.name}) does not exist",
+                              "vdelivermail cannot deliver to this mailbox",
+                              f"mkdir -p {ctx.arg(os.path.join(udir, 'Maildir'))}/{{cur,new,tmp}}"
+                              f" && chown -R {a.uid}:{a.gid} {ctx.arg(udir)}")
+                    continue
+                _check_path(ctx, kinds, a.home, udir, ust, want)
+                _check_qmail_files(ctx, kinds, a.home, udir, want)
+                for sub in ("", "cur", "new", "tmp"):
+                    path = os.path.join(udir, "Maildir", sub).rstrip("/")
+                    pst = _stat(path)
+                    if pst is None:
+                        # No Maildir: cur, new and tmp are missing too, one fix makes all four.
+                        make = f"{ctx.arg(path)}/{{cur,new,tmp}} && chown -R" if not sub else \
+                            f"{ctx.arg(path)} && chown"
+                        kinds.add(a.home, "missing", f"{path} does not exist",
+                                  "deliveries to this mailbox defer (Unable to chdir to maildir)",
+                                  f"mkdir -p {make} {a.uid}:{a.gid} {ctx.arg(path)}")
+                        break
+                    _check_path(ctx, kinds, a.home, path, pst, want)
+        except PermissionError:
+            unchecked.append(a.home)    # not root: a 0700 tree of its owner's
+            continue
     kinds.emit(owner_of)
     if not kinds.groups:
         report.note("perms", f"{checked_homes} homes and {mailboxes} mailboxes: owners and "
                     "modes as deliveries need them")
     if mailboxes >= budget:
         report.note("perms", f"stopped after {budget} mailboxes ([doctor] max_mailboxes)")
+    if unchecked:
+        shown = ", ".join(unchecked[:5]) + (f" and {len(unchecked) - 5} more"
+                                            if len(unchecked) > 5 else "")
+        report.note("perms", f"not checked: uid {os.geteuid()} may not read {shown}; run "
+                    "qrelay doctor as root to check them", unchecked=len(unchecked))
     _receivers(ctx, report)
 
 
@@ -191,9 +204,10 @@ def _user_name(uid: int) -> str | None:
 
 
 def _stat(path: str) -> os.stat_result | None:
+    """None when path does not exist; PermissionError when we may not look."""
     try:
         return os.stat(path)
-    except OSError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
 
 
