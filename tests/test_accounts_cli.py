@@ -428,3 +428,14 @@ def test_user_show_last_login(droot):
     os.utime(joe / "lastauth", (1700000000, 1700000000))
     assert "last login: 2023-11-14 22:13:20 UTC from 192.0.2.7\n" in \
         qrelay("user", "show", str(droot), "joe@example.com").output
+
+
+def test_a_name_with_a_slash_never_makes_a_mailbox_or_alias_outside_the_domain(droot):
+    # vpopmail's character list has '/', but a user directory is DOMDIR/NAME:
+    # `u1/../../../x` would be ROOT/x (and vchkpw splits a login at '/' anyway).
+    qrelay("user", "add", str(droot), "u1@example.com", input="pw\n")
+    bad(qrelay("user", "add", str(droot), "u1/../../../x@example.com", input="pw\n"), "'/'")
+    bad(qrelay("user", "import", str(droot), "-", input="u1/x@example.com:pw\n"), "'/'")
+    bad(qrelay("alias", "add", str(droot), "a/b@example.com", "joe@example.org"), "bad alias name")
+    assert not (droot / "x").exists() and not (droot / "domains" / "example.com" / "u1" / "x").exists()
+    assert [u.name for u in admin.list_users(droot, "example.com")] == ["u1"]

@@ -886,7 +886,7 @@ def import_users(root: os.PathLike | str, lines: Iterable[str], *, source: str =
 # -- aliases ---------------------------------------------------------------
 def _alias_path(ref: DomainRef, local: str, address: str) -> Path:
     name = ascii_lower(local)
-    if not name or not re.match(r"^[!#$&'*+\-./0-9=?A-Z^_`a-z{|}~]+$", name) or name.startswith("."):
+    if not name or not re.match(r"^[!#$&'*+\-.0-9=?A-Z^_`a-z{|}~]+$", name) or name.startswith("."):
         raise AdminError(f"{address}: bad alias name")
     if name == "default":
         raise AdminError(f"{address}: the domain's catch-all is set with `qrelay domain catchall`")

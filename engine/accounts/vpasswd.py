@@ -322,7 +322,11 @@ def valid_user_name(name: str) -> str | None:
     if len(name) > MAX_NAME:
         return f"user name longer than {MAX_NAME} characters"
     if not _USER_CHARS.match(name):
-        return "user name has a character vpopmail refuses (allowed: letters, digits, !#$&'*+-./=?^_`{|}~)"
+        return "user name has a character vpopmail refuses (allowed: letters, digits, !#$&'*+-.=?^_`{|}~)"
+    if "/" in name:
+        # vpopmail's list has '/', but the user's directory is DOMDIR/NAME: `a/../../x`
+        # would be a Maildir outside the domain (and vchkpw splits logins at '/').
+        return "a user name cannot contain '/' (it would be a path, not a directory name)"
     if len(name) == 1:
         return "one-character user names would collide with vpopmail's hash directories"
     if name.startswith("."):
