@@ -31,10 +31,12 @@ event too: `pop3d: …` → `{"event": "pop3d", …}`).
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -261,9 +263,20 @@ class QmailSendLog:
             self._writers = None
 
     def _create(self, path: Path, flags: int) -> int:
-        fd = os.open(path, flags | os.O_CREAT, 0o644)
-        if self.owner is not None:
-            os.fchown(fd, *self.owner)
+        # Root (the supervisor, lspawn) writes here too, in a directory the run
+        # user owns: a symlink, a hard link or a FIFO put in place of a file
+        # must never make root write to, chown or chmod another file, or block.
+        fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                raise OSError(errno.EPERM, "not a log file of its own (a link or a special file)",
+                              str(path))
+            if self.owner is not None:
+                os.fchown(fd, *self.owner)
+        except BaseException:
+            os.close(fd)
+            raise
         return fd
 
     def _open(self) -> None:
@@ -289,7 +302,7 @@ class QmailSendLog:
             fcntl.flock(self._writers, fcntl.LOCK_SH)
             return
         try:
-            st = os.stat(path)
+            st = os.lstat(path)
             if not st.st_mode & 0o100 and st.st_size > 0:
                 os.rename(path, self.dir / f"{self._next_label()}.u")
                 self._prune()
@@ -301,11 +314,12 @@ class QmailSendLog:
     def _reopen_if_rotated(self) -> None:
         """Another process rotated `current`: write to the new one."""
         try:
-            moved = os.stat(self.dir / CURRENT).st_ino != self._ino
+            moved = os.lstat(self.dir / CURRENT).st_ino != self._ino
         except FileNotFoundError:
             moved = True
         if moved:
             os.close(self._fd)
+            self._fd = None         # the next flush tries again if the open fails
             self._open()
         else:
             self._size = os.fstat(self._fd).st_size
@@ -359,17 +373,17 @@ class QmailSendLog:
             # rotated by another just writes to the new one.
             fcntl.flock(rotating, fcntl.LOCK_EX)
             os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = None
             current = self.dir / CURRENT
             try:
-                mine = os.stat(current).st_ino == self._ino
+                mine = os.lstat(current).st_ino == self._ino
             except FileNotFoundError:
                 mine = False
             if mine:
-                name = f"{self._next_label()}.s"
-                os.rename(current, self.dir / name)
-                os.chmod(self.dir / name, 0o744)
+                # Through the descriptor: a name in this directory may be a link.
+                os.fchmod(self._fd, 0o744)
+                os.rename(current, self.dir / f"{self._next_label()}.s")
+            os.close(self._fd)
+            self._fd = None
             self._open()
             if mine:
                 self._prune()

@@ -15,7 +15,7 @@ import pytest
 from engine.privilege import (PrivilegeError, RunUser, check_installation, check_reachable,
                               foreign_domains, give_tree, run_user)
 from tests.conftest import run_cli
-from tests.smtp_harness import QrelayProcess, children_of, process_title as _title
+from tests.smtp_harness import QrelayProcess, RunningQrelay, children_of, process_title as _title
 from tests.test_delivery_e2e import service_texts, texts, wait_for
 
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="changing users needs root")
@@ -214,3 +214,28 @@ def test_remote_workers_are_started_by_the_root_spawner_and_run_as_the_run_user(
         assert _status(worker)["Uid"] == [str(NOBODY.pw_uid)] * 4
     finally:
         _stop(q)
+
+
+@as_root
+def test_a_link_the_run_user_puts_in_log_is_never_followed_by_the_root_supervisor(root, tmp_path):
+    """log/ is the run user's, and the supervisor (root) writes its lines there
+    too: a `current` replaced by a symlink (or a hard link) must not make root
+    append to, chown or chmod the file it points to."""
+    (root / "qrelay.toml").write_text('[run]\nuser = "nobody"\n')
+    secret = tmp_path / "secret"
+    secret.write_text("root:only\n")
+    secret.chmod(0o600)
+    q = RunningQrelay(root, procs=1)
+    try:
+        wait_for(lambda: any("started qrelay-receiver-0" in t for t in service_texts(root)),
+                 what="the supervisor's start lines")
+        # As the run user (a receiver taken over would do the same).
+        done = subprocess.run(["ln", "-sfn", str(secret), str(root / "log" / "current")],
+                              user=NOBODY.pw_uid, group=NOBODY.pw_gid, extra_groups=[],
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+    finally:
+        assert q.stop() == 0       # the supervisor logs `stopping`, then closes its log
+    st = secret.stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (0, 0, 0o600)
+    assert secret.read_text() == "root:only\n"
