@@ -46,11 +46,13 @@ and keeps its previous configuration.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import logging
 import os
 import signal
 import socket
+import stat
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -199,10 +201,26 @@ def hold_queue(root: Path) -> int:
     running on that qmail home, makes this one refuse to start instead of
     delivering every message twice. The holder's pid is written into the file
     (for the refusal and for `running_instance`). The kernel drops the lock with
-    the last process holding it, so a kill -9 leaves nothing to clean up."""
+    the last process holding it, so a kill -9 leaves nothing to clean up.
+    Raises ConfigError if the lock is not a regular file."""
+    from engine.smtp.config import ConfigError
     path = root / LOCK_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    # queue/lock/ is the run user's: never follow a link it left there (root
+    # would truncate and write the file it points to).
+    refusal = (f"cannot start: {path} is not a regular file (a link, or a special file):"
+               " remove it")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
+                     0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigError(refusal) from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        raise ConfigError(refusal)
     # A `qrelay flush` probing the lock holds it for a moment: try a few times.
     for attempt in range(5):
         try:

@@ -239,3 +239,28 @@ def test_a_link_the_run_user_puts_in_log_is_never_followed_by_the_root_superviso
     st = secret.stat()
     assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (0, 0, 0o600)
     assert secret.read_text() == "root:only\n"
+
+
+@as_root
+def test_a_link_the_run_user_puts_in_place_of_the_lock_is_refused_not_followed(root, tmp_path):
+    """queue/lock/ is the run user's: a sendmutex replaced by a symlink must
+    not make the next `qrelay run` (root) truncate and write the file it points to."""
+    (root / "qrelay.toml").write_text('[run]\nuser = "nobody"\n')
+    (root / "queue" / "lock").mkdir()
+    give_tree(root, RunUser("nobody", NOBODY.pw_uid, NOBODY.pw_gid))   # as a previous run left it
+    secret = tmp_path / "secret"
+    secret.write_text("root:only\n")
+    secret.chmod(0o600)
+    done = subprocess.run(["ln", "-sfn", str(secret), str(root / "queue" / "lock" / "sendmutex")],
+                          user=NOBODY.pw_uid, group=NOBODY.pw_gid, extra_groups=[],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "run", str(root), "--listen",
+                        "127.0.0.1:0"], cwd=Path(__file__).parent.parent, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        f"Error: cannot start: {root}/queue/lock/sendmutex is not a regular file"
+        " (a link, or a special file): remove it"]
+    assert secret.read_text() == "root:only\n"
+    assert (secret.stat().st_uid, secret.stat().st_mode & 0o7777) == (0, 0o600)
