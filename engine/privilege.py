@@ -19,6 +19,7 @@ import grp
 import os
 import pwd
 import shutil
+import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,15 +87,22 @@ def give_tree(root: Path, user: RunUser) -> None:
     """OWNED_DIRS of ROOT (and everything in them) to `user`: a root that
     ran as root before, or files a root tool created meanwhile (`qrelay
     relayclients add` before the first start), work after the switch. A walk
-    of a few thousand entries at most (segments, not one file per message)."""
+    of a few thousand entries at most (segments, not one file per message).
+
+    Root walks a tree the run user may have changed: fwalk follows no symlink,
+    even one swapped in for a directory during the walk, and a file with
+    other hard links (one the run user linked in from elsewhere, where
+    fs.protected_hardlinks is off) is left as it is."""
     for name in OWNED_DIRS:
         top = root / name
         top.mkdir(mode=0o755, exist_ok=True)
-        for dirpath, dirnames, filenames in os.walk(top):
-            for entry in [dirpath, *(os.path.join(dirpath, f) for f in filenames)]:
-                st = os.lstat(entry)
+        for _, _, filenames, dirfd in os.fwalk(top):
+            for entry in [".", *filenames]:
+                st = os.stat(entry, dir_fd=dirfd, follow_symlinks=False)
+                if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                    continue
                 if (st.st_uid, st.st_gid) != user.owner:
-                    os.lchown(entry, user.uid, user.gid)
+                    os.chown(entry, user.uid, user.gid, dir_fd=dirfd, follow_symlinks=False)
 
 
 def check_reachable(root: Path, user: RunUser) -> None:

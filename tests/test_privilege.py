@@ -76,6 +76,20 @@ def test_give_tree_hands_queue_and_log_over(root):
     assert (root / "control").stat().st_uid == 0
 
 
+@as_root
+def test_give_tree_never_hands_over_a_file_linked_in_from_outside(root, tmp_path):
+    """Where fs.protected_hardlinks is 0 (the kernel's default) the run user can
+    hard-link any file into the spool it owns: the next start must not chown it."""
+    secret = tmp_path / "secret"
+    secret.write_text("root:only\n")
+    secret.chmod(0o600)
+    os.link(secret, root / "queue" / "planted")
+    user = RunUser("nobody", NOBODY.pw_uid, NOBODY.pw_gid)
+    give_tree(root, user)
+    assert (secret.stat().st_uid, secret.stat().st_gid) == (0, 0)
+    assert (root / "queue").stat().st_uid == user.uid
+
+
 def _status(pid: int) -> dict[str, list[str]]:
     with open(f"/proc/{pid}/status") as f:
         return {k: v.split() for k, v in (line.split(":", 1) for line in f)}
