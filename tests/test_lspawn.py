@@ -130,6 +130,46 @@ def test_user_spawner_splits_by_owner_and_refuses_root(root, tmp_path):
     assert courier.spawners == {}
 
 
+
+def test_a_recipient_with_no_user_never_runs_here_even_if_its_user_appears_meanwhile(root, tmp_path):
+    """A recipient `user_of` found no owner for is answered without running
+    anything in this process (root, in the local spawner): a passwd entry
+    that appears between that look-up and the delivery (useradd) must not
+    make its .qmail run as root."""
+    import asyncio
+
+    from engine.delivery.local import LocalDelivery
+    from engine.delivery.local.accounts import DeliveryAccounts
+    from engine.delivery.local.courier import load_local_config
+    from engine.delivery.lspawn import LocalDeliverer
+
+    home = tmp_path / "carol"
+    home.mkdir()
+    ran = tmp_path / "ran"
+    (home / ".qmail").write_text(f"|id -u > {ran}\n")
+    os.chown(home, 4242, 4242)
+    os.chown(home / ".qmail", 4242, 4242)
+    looked_up = []
+
+    def getpw(name):     # carol is created (useradd) right after the first look-up
+        looked_up.append(name)
+        return ("carol", 4242, 4242, str(home)) if len(looked_up) > 2 and name == "carol" else None
+    config = load_local_config(root, getpw=getpw)
+    deliverer = LocalDeliverer(LocalDelivery(config, DeliveryAccounts.at(root)))
+
+    async def main():
+        courier = UserSpawner(root, None, deliverer, max_message=1 << 20)
+        try:
+            return await courier.deliver(Group("local", 1, "mx.example.com", "a@src.test",
+                                              ("carol@mx.example.com",)),
+                                         b"Subject: x\r\n\r\nbody\r\n")
+        finally:
+            await courier.close()
+    [got] = asyncio.run(main())
+    assert not ran.exists()
+    assert got.status == "Z"     # retried: the next try runs it as carol
+
+
 # --- crash, permission, concurrency and failure cases (issue #11 item 5) ---------------
 #
 # The tests below start `qrelay run` themselves (some restart it on the same

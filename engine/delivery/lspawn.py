@@ -95,8 +95,24 @@ class LocalDeliverer:
             return None
         return a.uid, a.gid
 
+    def refusals(self, recipients: Sequence[str]) -> list[RecipientResult]:
+        """The results of recipients `user_of` gave None, with nothing run (the
+        caller may be root: a user found now would run as root)."""
+        return _channel_results([self.delivery.refusal(r) for r in recipients])
+
     async def close(self) -> None:
         await asyncio.to_thread(self.delivery.close)
+
+
+class _Refusals:
+    """The courier of the recipients nobody may deliver to: each gets its
+    error, and nothing runs (this process may be root)."""
+
+    def __init__(self, deliverer: LocalDeliverer) -> None:
+        self.deliverer = deliverer
+
+    async def deliver(self, group: Group, message: bytes | None = None) -> list[RecipientResult]:
+        return self.deliverer.refusals(group.recipients)
 
 
 def _channel_results(got) -> list[RecipientResult]:
@@ -122,7 +138,7 @@ class UserSpawner:
         self.root = root
         self.spool = spool
         self.deliverer = deliverer
-        self.in_process = ReadingCourier(spool, deliverer)
+        self.refusals = _Refusals(deliverer)
         self.log = log
         self.max_message = max_message
         self.max_users = max_users
@@ -135,7 +151,7 @@ class UserSpawner:
 
     async def _courier(self, user: tuple[int, int] | None):
         if user is None:
-            return self.in_process      # its answer is the error; nothing runs
+            return self.refusals        # its answer is the error; nothing runs
         if self.lspawn is not None:
             if user == self.own:
                 return await self._own_worker()

@@ -61,6 +61,7 @@ TEXT_NO_ALIAS = "Unable to find alias user!\n"
 TEXT_ROOT = "Not allowed to perform deliveries as root.\n"
 TEXT_BUG = "Internal qmail-lspawn bug.\n"
 TEXT_CRASHED = "qmail-local crashed.\n"
+TEXT_TEMP = "Temporary failure in qmail-lspawn.\n"
 TEXT_MAILDIR_CHDIR = "Unable to chdir to maildir. (#4.2.1)\n"
 TEXT_MAILDIR_TEMP = "Temporary error on maildir delivery. (#4.3.0)\n"
 
@@ -235,24 +236,34 @@ def deliver_one(config: LocalConfig, accounts, sender: str, recipient: str, mess
 
 
 def _deliver_one(config, accounts, sender, recipient, body, writer, clock, waiting=None) -> LocalResult:
+    a, refused = _assigned(config, accounts, recipient)
+    if refused is not None:
+        return refused
     at = recipient.rfind("@")
     local, host = (recipient[:at], recipient[at + 1:]) if at >= 0 else (recipient, "")
+    run_ = _LocalRun(config, accounts, a, sender, local, host, body, writer, clock, waiting)
+    return run_.go(recipient)
+
+
+def _assigned(config, accounts, recipient: str) -> tuple[Assignment | None, LocalResult | None]:
+    """qmail-lspawn's part: (the assignment to run as, None), or (None, the
+    result of a recipient for whom nothing runs)."""
+    local = recipient[:recipient.rfind("@")] if "@" in recipient else recipient
     if not local:
-        return LocalResult(recipient, "K", "")
+        return None, LocalResult(recipient, "K", "")
     try:
         a = assignment_for(config, accounts, recipient)
     except AccountsError:
-        return LocalResult(recipient, "Z", TEXT_CDB)
+        return None, LocalResult(recipient, "Z", TEXT_CDB)
     except LookupError:
-        return LocalResult(recipient, "Z", TEXT_NO_ALIAS)
+        return None, LocalResult(recipient, "Z", TEXT_NO_ALIAS)
     if a is None:
-        return LocalResult(recipient, "K", "")
+        return None, LocalResult(recipient, "K", "")
     if a.uid == 0:
-        return LocalResult(recipient, "Z", TEXT_ROOT)
+        return None, LocalResult(recipient, "Z", TEXT_ROOT)
     if not a.home.startswith("/"):
-        return LocalResult(recipient, "Z", TEXT_BUG)
-    run_ = _LocalRun(config, accounts, a, sender, local, host, body, writer, clock, waiting)
-    return run_.go(recipient)
+        return None, LocalResult(recipient, "Z", TEXT_BUG)
+    return a, None
 
 
 class _LocalRun:
@@ -408,6 +419,17 @@ class LocalDelivery:
         """uid/gid/home that `recipient`'s delivery runs as (None: `<>`, nothing to do).
         Raises AccountsError or LookupError as `assignment_for()`."""
         return assignment_for(self.config, self.accounts, recipient)
+
+    def refusal(self, recipient: str) -> LocalResult:
+        """The result of a recipient nothing may run for (no assignment, root,
+        users/cdb unreadable), found without running anything; a recipient
+        whose look-up now finds a user to run as (it changed since the
+        spawner asked) is deferred, for the next try to run as that user."""
+        try:
+            _, refused = _assigned(self.config, self.accounts, recipient)
+        except Exception:       # a bug must cost a retry, never mail
+            refused = LocalResult(recipient, "Z", TEXT_CRASHED)
+        return refused or LocalResult(recipient, "Z", TEXT_TEMP)
 
     def deliver_sync(self, sender: str, recipient: str, message: bytes) -> LocalResult:
         return deliver_one(self.config, self.accounts, sender, recipient, message,
