@@ -257,10 +257,12 @@ def running_instance(root: Path) -> int | None:
 
     The lock is the truth: if a non-blocking shared flock succeeds, nobody
     holds it (whatever the file says). Held, the pid written by hold_queue is
-    returned only if it is a live qrelay process, so a qmail-send holding the
-    lock (its sendmutex is empty) or a pid reused since is never signalled."""
+    returned only if the kernel says that process holds the lock (the file
+    is the run user's to write) and it is a live qrelay process, so a
+    qmail-send holding the lock (its sendmutex is empty) or a pid reused
+    since is never signalled."""
     try:
-        fd = os.open(root / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(root / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError:
         return None
     try:
@@ -268,6 +270,8 @@ def running_instance(root: Path) -> int | None:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             pid = _lock_pid(fd)
+            if pid is not None and not _holds_flock(pid, os.fstat(fd)):
+                pid = None
         else:
             fcntl.flock(fd, fcntl.LOCK_UN)
             return None
@@ -281,6 +285,18 @@ def running_instance(root: Path) -> int | None:
     except OSError:
         return None
     return pid if b"qrelay" in cmdline or b"engine" in cmdline else None
+
+
+def _holds_flock(pid: int, st: os.stat_result) -> bool:
+    """Does /proc/locks show `pid` holding a flock on the file `st` describes?
+    (`4: FLOCK  ADVISORY  WRITE 4479 fe:00:2256080 0 EOF`; a waiter's line has `->`.)"""
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as f:
+            return any(fields[1:2] == ["FLOCK"] and fields[4:6] == [str(pid), where]
+                       for fields in (line.split() for line in f))
+    except OSError:
+        return False
 
 
 def refuse_qmail_queue(root: Path) -> None:

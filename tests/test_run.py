@@ -151,6 +151,31 @@ def test_a_lock_held_by_something_else_is_not_a_qrelay_to_signal(root):
         os.close(fd)
 
 
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing users needs root")
+def test_a_pid_the_run_user_wrote_into_the_lock_is_not_signalled(root):
+    """The run user owns queue/lock/sendmutex (and its processes hold it open):
+    a pid written there is trusted only if the kernel says that process holds
+    the lock, else `qrelay flush` (root) would send ALRM -- whose default
+    action kills -- to any process whose command line says `engine`."""
+    from engine.run import running_instance
+    (root / "qrelay.toml").write_text('[run]\nuser = "nobody"\n')
+    q = RunningQrelay(root, procs=1)
+    victim = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", "engine"],
+                              stdin=subprocess.PIPE)
+    try:
+        assert running_instance(root) == q.pid
+        done = subprocess.run(["/bin/sh", "-c", f'echo {victim.pid} > "$1"', "sh",
+                               str(root / "queue" / "lock" / "sendmutex")],
+                              user="nobody", capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        assert running_instance(root) is None
+    finally:
+        victim.stdin.close()
+        victim.wait(timeout=30)
+        assert q.stop() == 0
+
+
 # --- fail loudly, before binding anything -------------------------------------
 
 def run_once(root, *extra: str) -> subprocess.CompletedProcess:
