@@ -257,8 +257,8 @@ def running_instance(root: Path) -> int | None:
 
     The lock is the truth: if a non-blocking shared flock succeeds, nobody
     holds it (whatever the file says). Held, the pid written by hold_queue is
-    returned only if the kernel says that process holds the lock (the file
-    is the run user's to write) and it is a live qrelay process, so a
+    returned only if that process has the lock file open (the file is the
+    run user's to write) and it is a live qrelay process, so a
     qmail-send holding the lock (its sendmutex is empty) or a pid reused
     since is never signalled."""
     try:
@@ -270,7 +270,7 @@ def running_instance(root: Path) -> int | None:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             pid = _lock_pid(fd)
-            if pid is not None and not _holds_flock(pid, os.fstat(fd)):
+            if pid is not None and not _has_open(pid, os.fstat(fd)):
                 pid = None
         else:
             fcntl.flock(fd, fcntl.LOCK_UN)
@@ -287,16 +287,25 @@ def running_instance(root: Path) -> int | None:
     return pid if b"qrelay" in cmdline or b"engine" in cmdline else None
 
 
-def _holds_flock(pid: int, st: os.stat_result) -> bool:
-    """Does /proc/locks show `pid` holding a flock on the file `st` describes?
-    (`4: FLOCK  ADVISORY  WRITE 4479 fe:00:2256080 0 EOF`; a waiter's line has `->`.)"""
-    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+def _has_open(pid: int, st: os.stat_result) -> bool:
+    """Has process `pid` the file `st` describes open? (The file is the run
+    user's to write: a pid it wrote there is believed only of a process of
+    this run, which holds the lock's descriptor. Compared through /proc/PID/fd,
+    the same view of the file as ours: /proc/locks names the device as the
+    filesystem underneath sees it, which differs on overlayfs and btrfs.)"""
+    fds = f"/proc/{pid}/fd"
     try:
-        with open("/proc/locks") as f:
-            return any(fields[1:2] == ["FLOCK"] and fields[4:6] == [str(pid), where]
-                       for fields in (line.split() for line in f))
-    except OSError:
+        names = os.listdir(fds)
+    except OSError:         # gone, or another user's
         return False
+    for name in names:
+        try:
+            other = os.stat(f"{fds}/{name}")
+        except OSError:
+            continue
+        if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+            return True
+    return False
 
 
 def refuse_qmail_queue(root: Path) -> None:

@@ -155,9 +155,9 @@ def test_a_lock_held_by_something_else_is_not_a_qrelay_to_signal(root):
 @pytest.mark.skipif(os.geteuid() != 0, reason="changing users needs root")
 def test_a_pid_the_run_user_wrote_into_the_lock_is_not_signalled(root):
     """The run user owns queue/lock/sendmutex (and its processes hold it open):
-    a pid written there is trusted only if the kernel says that process holds
-    the lock, else `qrelay flush` (root) would send ALRM -- whose default
-    action kills -- to any process whose command line says `engine`."""
+    a pid written there is trusted only if that process has the lock file
+    open, else `qrelay flush` (root) would send ALRM -- whose default action
+    kills -- to any process whose command line says `engine`."""
     from engine.run import running_instance
     (root / "qrelay.toml").write_text('[run]\nuser = "nobody"\n')
     q = RunningQrelay(root, procs=1)
