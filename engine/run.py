@@ -409,6 +409,9 @@ def serve(root: Path, listen: list[ListenAddress], procs: int,
     """Run qrelay in the foreground until TERM/INT; returns the exit status.
     Raises ConfigError / ListenError / AlreadyRunning before anything starts."""
     set_title(f"qrelay: supervisor {root}")
+    # Every mode below is meant as written: an inherited umask of 000 (some
+    # init systems) would make queue/lock/ and run/metrics/ world-writable.
+    os.umask(0o022)
     from engine.delivery.service import delivery_fingerprint
     from engine.smtp.config import config_fingerprint, load_smtp_config
 

@@ -504,3 +504,29 @@ def test_a_busy_local_worker_dies_with_its_scheduler(start, gate, root):
     # The supervisor restarted the scheduler, which delivers it again: at least once.
     wait_for(lambda: "orphan" in tags_in(root, "joe"), what="the message in joe's Maildir")
     assert died, "the local worker outlived its scheduler"
+
+
+def test_the_lspawn_socket_is_born_0600_and_its_owner_set_without_following_links(tmp_path):
+    # queue/ is the run user's: the socket's mode comes with the bind (no chmod by
+    # name), and a link in its place is never followed by root's chown.
+    from engine.delivery.lspawn import LSPAWN_SOCKET, bind_lspawn
+    (tmp_path / "queue").mkdir()
+    chowned = []
+    real = os.chown
+
+    def recording_chown(path, uid, gid, *, follow_symlinks=True, **kw):
+        chowned.append(follow_symlinks)
+        return real(path, uid, gid, follow_symlinks=follow_symlinks, **kw)
+    old = os.umask(0)
+    try:
+        os.chown = recording_chown
+        sock = bind_lspawn(tmp_path, (65534, 65534))
+    finally:
+        os.chown = real
+        os.umask(old)
+    try:
+        st = (tmp_path / "queue" / LSPAWN_SOCKET).stat()
+        assert (st.st_mode & 0o777, st.st_uid, st.st_gid) == (0o600, 65534, 65534)
+        assert chowned == [False]
+    finally:
+        sock.close()

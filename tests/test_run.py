@@ -309,3 +309,17 @@ def test_an_open_files_limit_below_the_connection_caps_is_a_warning(monkeypatch)
     assert said == []
     run.open_files_warning(config, {"smtp", "pop3s"})          # POP3's cap counts too
     assert said == [openfiles.shortfall(700, 1000)]
+
+
+def test_an_inherited_umask_of_000_makes_nothing_world_writable(root):
+    from tests.smtp_harness import RunningQrelay
+    old = os.umask(0)
+    try:
+        q = RunningQrelay(root, procs=1)
+    finally:
+        os.umask(old)
+    try:
+        for d in (root / "queue" / "lock", root / "run" / "metrics"):
+            assert d.stat().st_mode & 0o022 == 0, (d, oct(d.stat().st_mode))
+    finally:
+        assert q.stop() == 0

@@ -281,9 +281,15 @@ def bind_lspawn(root: Path, owner: tuple[int, int]) -> socket.socket:
     path.unlink(missing_ok=True)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.bind(str(path))
-        os.chown(path, *owner)
-        os.chmod(path, 0o600)
+        # queue/ is the run user's: the socket is made 0600 as it is bound,
+        # and its owner set without following a link put in its place (root
+        # would otherwise chown the link's target to the run user).
+        old = os.umask(0o177)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old)
+        os.chown(path, *owner, follow_symlinks=False)
         sock.listen(64)
         sock.setblocking(False)
     except BaseException:
