@@ -31,17 +31,17 @@ event too: `pop3d: …` → `{"event": "pop3d", …}`).
 """
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import logging
 import os
-import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from engine.privilege import open_own_file
 
 # TAI64 label of the Unix epoch: 2^62 + 10 (the TAI-UTC offset in 1970;
 # multilog ignores later leap seconds, and so do we to match its output).
@@ -263,20 +263,14 @@ class QmailSendLog:
             self._writers = None
 
     def _create(self, path: Path, flags: int) -> int:
-        # Root (the supervisor, lspawn) writes here too, in a directory the run
-        # user owns: a symlink, a hard link or a FIFO put in place of a file
-        # must never make root write to, chown or chmod another file, or block.
-        fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-                raise OSError(errno.EPERM, "not a log file of its own (a link or a special file)",
-                              str(path))
-            if self.owner is not None:
+        # Root (the supervisor, lspawn) writes here too, in a directory the run user owns.
+        fd = open_own_file(path, flags | os.O_CREAT, 0o644)
+        if self.owner is not None:
+            try:
                 os.fchown(fd, *self.owner)
-        except BaseException:
-            os.close(fd)
-            raise
+            except BaseException:
+                os.close(fd)
+                raise
         return fd
 
     def _open(self) -> None:

@@ -15,6 +15,7 @@ Not started as root, nothing changes: every process is the user who started it.
 """
 from __future__ import annotations
 
+import errno
 import grp
 import os
 import pwd
@@ -81,6 +82,33 @@ def drop_to(uid: int, gid: int) -> None:
     os.setgroups([])
     os.setgid(gid)
     os.setuid(uid)
+
+
+class NotRegularFile(OSError):
+    """What open_own_file found is a link or a special file."""
+
+
+def open_own_file(path: Path | str, flags: int, mode: int = 0o600) -> int:
+    """Open (with O_CREAT in `flags`, create) a file as root may in a directory
+    the run user owns: no link is followed, and only a regular file with one
+    link is kept, so a symlink, a hard link or a FIFO put in its place never
+    makes root write to, truncate or chown another file, or block.
+    NotRegularFile otherwise; any other OSError as os.open raises it."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotRegularFile(errno.ELOOP, "a symbolic link", str(path)) from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise NotRegularFile(errno.EPERM, "not a regular file of its own (a link or a "
+                                 "special file)", str(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def give_tree(root: Path, user: RunUser) -> None:

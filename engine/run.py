@@ -46,20 +46,19 @@ and keeps its previous configuration.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import fcntl
 import logging
 import os
 import signal
 import socket
-import stat
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from engine.privilege import (PrivilegeError, RunUser, become, check_installation,
-                              check_reachable, check_readable, give_tree, run_user)
+                              NotRegularFile, check_reachable, check_readable, give_tree,
+                              open_own_file, run_user)
 from engine.proctitle import set_title
 from engine.smtp.connlimit import ConnectionTable
 from engine.smtp.listeners import ListenAddress, Listener, bind_listeners, bound_address, more_listeners
@@ -208,19 +207,11 @@ def hold_queue(root: Path) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     # queue/lock/ is the run user's: never follow a link it left there (root
     # would truncate and write the file it points to).
-    refusal = (f"cannot start: {path} is not a regular file (a link, or a special file):"
-               " remove it")
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
-                     0o600)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise ConfigError(refusal) from None
-        raise
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-        os.close(fd)
-        raise ConfigError(refusal)
+        fd = open_own_file(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except NotRegularFile:
+        raise ConfigError(f"cannot start: {path} is not a regular file (a link, or a special "
+                          "file): remove it") from None
     # A `qrelay flush` probing the lock holds it for a moment: try a few times.
     for attempt in range(5):
         try:
