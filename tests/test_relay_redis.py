@@ -16,6 +16,7 @@ from engine.config.settings import LoginSettings, RelaySettings, Settings
 from engine.relay import RelayStoreError, open_relay_table
 from engine.relay.shared import RedisRelayTable
 from engine.relay.throttle import LoginThrottle
+from tests.test_relay_throttle import failure
 from tests.conftest import run_cli
 from tests.test_delivery_e2e import wait_for
 from tests.smtp_harness import RunningQrelay
@@ -102,17 +103,17 @@ def test_throttle_counts_across_nodes(redis_server, tmp_path: Path) -> None:
         node_a, node_b = open_relay_table(tmp_path, settings), open_relay_table(tmp_path, settings)
         a, b = LoginThrottle(node_a, settings), LoginThrottle(node_b, settings)
         try:
-            assert [await a.failure("192.0.2.1"), await b.failure("192.0.2.1"),
-                    await a.failure("192.0.2.1")] == [1.0, 2.0, 3.0]
-            assert await b.failure("192.0.2.1") == math.inf
+            assert [await failure(a, "192.0.2.1"), await failure(b, "192.0.2.1"),
+                    await failure(a, "192.0.2.1")] == [1.0, 2.0, 3.0]
+            assert await failure(b, "192.0.2.1") == math.inf
             assert await a.locked("192.0.2.1") and await b.locked("192.0.2.1")
 
             async def unlocked() -> bool:
                 return not await a.locked("192.0.2.1")
             await await_for(unlocked, what="the lockout to end")      # Redis expires it
-            assert await b.failure("192.0.2.1") == 1.0
+            assert await failure(b, "192.0.2.1") == 1.0
             await a.success("192.0.2.1")
-            assert await b.failure("192.0.2.1") == 1.0
+            assert await failure(b, "192.0.2.1") == 1.0
         finally:
             await node_a.close()
             await node_b.close()

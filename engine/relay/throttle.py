@@ -69,14 +69,12 @@ class LoginThrottle:
         or None when the client is locked out, or this attempt is past the
         max_failures-th while the others are still being checked: refuse it
         unchecked."""
-        s = self.settings
-        key = client_key(ip)
-        if await self.table.locked_until(key) > 0:
+        if await self.locked(ip):
             return None
-        count = await self.table.count_failure(key, s.window)
+        count = await self.table.count_failure(client_key(ip), self.settings.window)
         if count is None:
             return 0
-        return None if count > s.max_failures else count
+        return None if count > self.settings.max_failures else count
 
     async def failed(self, ip: str, count: int) -> float:
         """Attempt number `count` (attempt()) had a wrong password: seconds
@@ -88,11 +86,6 @@ class LoginThrottle:
             await self.table.lock_out(client_key(ip), s.lockout_seconds)
             return math.inf
         return min(count * s.failure_delay, s.max_delay)
-
-    async def failure(self, ip: str) -> float:
-        """A failed login counted after the fact (attempt() then failed())."""
-        count = await self.attempt(ip)
-        return math.inf if count is None else await self.failed(ip, count)
 
     async def success(self, ip: str) -> None:
         await self.table.clear_failures(client_key(ip))
