@@ -66,7 +66,11 @@ def normalize_ip(ip: str) -> str:
     """The one spelling of an address used as a key: dotted quad, IPv6 as
     inet_ntop writes it (compressed), an IPv4-mapped IPv6 address as its IPv4
     form. ValueError if it is none."""
-    packed = packed_ip(ip)
+    return ip_text(packed_ip(ip))
+
+
+def ip_text(packed: bytes) -> str:
+    """packed_ip's bytes as normalize_ip spells them."""
     return inet_ntop(AF_INET if len(packed) == 4 else AF_INET6, packed)
 
 

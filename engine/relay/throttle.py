@@ -28,10 +28,9 @@ so a delayed client holds no lock and no thread.
 from __future__ import annotations
 
 import math
-from socket import AF_INET, AF_INET6, inet_ntop
 from typing import TYPE_CHECKING
 
-from engine.relay import packed_ip
+from engine.relay import ip_text, packed_ip
 
 if TYPE_CHECKING:
     from engine.config.settings import Settings
@@ -47,9 +46,8 @@ def client_key(ip: str) -> str:
         packed = packed_ip(ip)
     except ValueError:
         return ip
-    if len(packed) == 4:      # ::ffff:192.0.2.7 is 192.0.2.7
-        return inet_ntop(AF_INET, packed)
-    return inet_ntop(AF_INET6, packed[:8] + bytes(8))
+    # ::ffff:192.0.2.7 is 192.0.2.7 (packed_ip), an IPv6 address its /64
+    return ip_text(packed if len(packed) == 4 else packed[:8] + bytes(8))
 
 
 class LoginThrottle:
