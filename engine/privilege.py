@@ -22,6 +22,7 @@ import pwd
 import shutil
 import stat
 import subprocess
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +83,43 @@ def drop_to(uid: int, gid: int) -> None:
     os.setgroups([])
     os.setgid(gid)
     os.setuid(uid)
+
+
+@contextmanager
+def acting_as(uid: int, gid: int):
+    """For the duration, act as uid/gid (effective ids, no supplementary
+    groups), then be root again. For a root tool (qstat, qrelay hold, doctor,
+    relayclients, a delivery worker before it drops for good) that opens
+    files another user owns: root following a link that user swapped in
+    (lock.mdb -> /etc/shadow) would write wherever it points; that user
+    cannot make itself write anywhere it could not already. The real and saved
+    ids stay root, so the process is no more that user's to signal or trace.
+    Not root, or uid 0: nothing changes."""
+    if os.geteuid() != 0 or uid == 0:
+        yield
+        return
+    groups, egid = os.getgroups(), os.getegid()
+    os.setgroups([])
+    os.setegid(gid)
+    try:
+        os.seteuid(uid)
+        try:
+            yield
+        finally:
+            os.seteuid(0)
+    finally:
+        os.setegid(egid)
+        os.setgroups(groups)
+
+
+def acting_as_owner(path: Path | str):
+    """acting_as the owner of `path` (a directory the run user owns: queue/,
+    relay/); nothing changes when it is missing or root's."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return acting_as(0, 0)
+    return acting_as(st.st_uid, st.st_gid)
 
 
 class NotRegularFile(OSError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from pathlib import Path
 
 import click
 
@@ -124,6 +125,42 @@ def spool_started(base) -> bool:
     except PermissionError as exc:
         raise click.ClickException(f"{exc.filename}: {exc.strerror} (the spool belongs to "
                                    "qrelay's run user: run this as root or as that user)") from None
+
+
+@contextmanager
+def spool_of(root: str, *, readonly: bool, error: type[click.ClickException] = click.ClickException,
+             empty: str | None = None):
+    """ROOT's spool for a command: opened, used and closed as the spool's owner
+    (engine.privilege.acting_as_owner), so a root tool never opens, as root, a
+    file the run user could have swapped for a link. Yields None when nothing
+    was ever queued there, or raises error(empty) if `empty` is given; a root
+    that is not one, or a spool that cannot be opened, is error(one line)."""
+    from engine.config.settings import SettingsError, load_settings
+    from engine.privilege import acting_as_owner
+    from engine.queue import Spool, SpoolError
+    base = Path(root)
+    if not base.is_dir():
+        raise error(f"{root}: no such qrelay root")
+    if not (base / "queue").is_dir():
+        raise error(f"{root}: not a qrelay root (no queue/ directory)")
+    if not spool_started(base):
+        if empty is not None:
+            raise error(empty)
+        yield None
+        return
+    try:
+        settings = load_settings(base)      # as root: qrelay.toml may be root's alone
+    except SettingsError as exc:
+        raise error(str(exc)) from None
+    with acting_as_owner(base / "queue"):
+        try:
+            spool = Spool(base / "queue", settings.spool, readonly=readonly)
+        except (SpoolError, OSError) as exc:
+            raise error(str(exc)) from None
+        try:
+            yield spool
+        finally:
+            spool.close()
 
 
 class Progress:

@@ -35,7 +35,8 @@ class _ListByDefault(type(cli)):  # type: ignore[misc]
 def _with_table(root: str, work: Callable[[Any, Any], Awaitable[T]]) -> T:
     """work(table, settings) on ROOT's relay table; store errors are one line."""
     from engine.config.settings import SettingsError, load_settings
-    from engine.relay import RelayStoreError, open_relay_table
+    from engine.privilege import acting_as_owner
+    from engine.relay import RELAY_DIR, RelayStoreError, open_relay_table
     if not Path(root).is_dir():
         raise BadInput(f"{root}: no such qrelay root")
     try:
@@ -55,7 +56,8 @@ def _with_table(root: str, work: Callable[[Any, Any], Awaitable[T]]) -> T:
             await table.close()
 
     try:
-        return asyncio.run(run())
+        with acting_as_owner(Path(root) / RELAY_DIR):   # never open the run user's files as root
+            return asyncio.run(run())
     except RelayStoreError as exc:
         raise click.ClickException(str(exc)) from None
     except ValueError as exc:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from engine.cli.base import ROOT, BadInput, cli, spool_started
+from engine.cli.base import ROOT, BadInput, cli, spool_of
 from engine.home import default_root
 
 _AGE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw]?)$")
@@ -44,20 +44,10 @@ def parse_ids(words: tuple[str, ...]) -> tuple[int, ...]:
 
 
 def open_spool(root: str, readonly: bool):
-    """The spool of ROOT (read-only or not), or a one-line error, exit 2."""
-    from engine.config.settings import SettingsError, load_settings
-    from engine.queue import Spool, SpoolError
-    base = Path(root)
-    if not base.is_dir():
-        raise BadInput(f"{root}: no such qrelay root")
-    if not (base / "queue").is_dir():
-        raise BadInput(f"{root}: not a qrelay root (no queue/ directory)")
-    if not spool_started(base):
-        raise BadInput(f"{root}: the queue is empty (nothing was ever queued here)")
-    try:
-        return Spool(base / "queue", load_settings(base).spool, readonly=readonly)
-    except (SpoolError, SettingsError, OSError) as exc:
-        raise BadInput(str(exc)) from None
+    """with open_spool(ROOT, readonly) as spool: the spool of ROOT (cli.base.spool_of),
+    or a one-line error, exit 2."""
+    return spool_of(root, readonly=readonly, error=BadInput,
+                    empty=f"{root}: the queue is empty (nothing was ever queued here)")
 
 
 def _root_and_ids(root: str, ids: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
@@ -105,15 +95,13 @@ def _surgery_command(name: str, verb: str, doc: str):
                 older_than: str | None) -> None:
         from engine.queue import SpoolError
         root, ids = _root_and_ids(root, ids)
-        spool = open_spool(root, readonly=False)
-        try:
-            chosen = _select(spool, ids, domain, sender, older_than)
-            n = {"hold": spool.hold, "release": spool.release_held,
-                 "requeue": spool.requeue, "delete": spool.delete}[name](chosen)
-        except SpoolError as exc:
-            raise click.ClickException(str(exc)) from None
-        finally:
-            spool.close()
+        with open_spool(root, readonly=False) as spool:
+            try:
+                chosen = _select(spool, ids, domain, sender, older_than)
+                n = {"hold": spool.hold, "release": spool.release_held,
+                     "requeue": spool.requeue, "delete": spool.delete}[name](chosen)
+            except SpoolError as exc:
+                raise click.ClickException(str(exc)) from None
         click.echo(f"qrelay: {verb}: {n} message{'' if n == 1 else 's'}")
     return command
 
@@ -164,11 +152,8 @@ def qshape(root: str, top: int, held: bool, as_json: bool) -> None:
     columns are ages in minutes since the message was queued. Reads ROOT/queue
     (read-only, beside a running `qrelay run`); writes nothing.
     """
-    spool = open_spool(root, readonly=True)
-    try:
+    with open_spool(root, readonly=True) as spool:
         shape = spool.shape(time.time(), top, held)
-    finally:
-        spool.close()
     if as_json:
         click.echo(json.dumps({"buckets_minutes": list(shape.buckets),
                                "total": sum(shape.total), "total_by_bucket": list(shape.total),
@@ -224,15 +209,13 @@ def why(root: str, msgid: str, as_json: bool) -> None:
     """
     from engine.queue import MessageNotFound, SpoolError
     (n,) = parse_ids((msgid,))
-    spool = open_spool(root, readonly=True)
-    try:
-        msg = spool.message_info(n)
-    except MessageNotFound:
-        raise BadInput(f"no message #{n} in the queue") from None
-    except SpoolError as exc:
-        raise BadInput(str(exc)) from None
-    finally:
-        spool.close()
+    with open_spool(root, readonly=True) as spool:
+        try:
+            msg = spool.message_info(n)
+        except MessageNotFound:
+            raise BadInput(f"no message #{n} in the queue") from None
+        except SpoolError as exc:
+            raise BadInput(str(exc)) from None
     if as_json:
         click.echo(json.dumps(message_json(msg)))
     else:

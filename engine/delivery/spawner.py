@@ -48,14 +48,14 @@ import time
 import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from engine import ipc
 from engine.backoff import Backoff
 from engine.delivery.channels import (UNREADABLE_TEXT, Forward, Group, RecipientResult,
                                       all_results)
-from engine.privilege import drop_to
+from engine.privilege import acting_as, drop_to
 
 # A job without its message carries at most max_recipients_per_delivery
 # addresses (each < 1 KB in SMTP); results carry their texts.
@@ -338,7 +338,9 @@ def worker_main(root: str, fd: int, parent_pid: int, channel: str,
     try:
         settings = load_settings(rootp)
         if not inline:
-            spool = Spool(rootp / "queue", settings.spool, readonly=True)
+            # As the user it becomes: root never opens the run user's spool files.
+            with acting_as(*user) if user is not None else nullcontext():
+                spool = Spool(rootp / "queue", settings.spool, readonly=True)
         deliverer = channel_spec(channel).open(rootp, settings)
         if user is not None:
             drop_to(*user)

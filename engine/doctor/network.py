@@ -176,18 +176,20 @@ def _tcpto(ctx: Context, report: Report, ips: list[str]) -> None:
 
 
 def _queue(ctx: Context, report: Report, domain: str) -> None:
+    from engine.privilege import acting_as_owner
     from engine.queue import Spool, SpoolError
     from engine.queue.health import queue_health
     if not (ctx.root / "queue" / "index" / "data.mdb").exists():
         return
-    try:
-        spool = Spool(ctx.root / "queue", ctx.settings.spool, readonly=True)
-    except (SpoolError, OSError):
-        return          # the no-argument check reports an unreadable spool
-    try:
-        health = queue_health(spool, 0, domain)
-    finally:
-        spool.close()
+    with acting_as_owner(ctx.root / "queue"):  # never open the run user's files as root
+        try:
+            spool = Spool(ctx.root / "queue", ctx.settings.spool, readonly=True)
+        except (SpoolError, OSError):
+            return      # the no-argument check reports an unreadable spool
+        try:
+            health = queue_health(spool, 0, domain)
+        finally:
+            spool.close()
     for d in health.destinations:
         report.note("network", f"queue: {d.deferred} recipients at {domain} deferred, next "
                     f"retry in {ago(d.next_try - ctx.now)}; last error: {d.last_error.strip()}",

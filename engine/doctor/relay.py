@@ -54,6 +54,7 @@ def _relay_table(ctx: Context, report: Report) -> None:
         from engine.relay import open_relay_table
     except ImportError:
         return
+    from engine.privilege import acting_as_owner
     relay = getattr(ctx.settings, "relay", None)
     if relay is None:
         return
@@ -68,7 +69,8 @@ def _relay_table(ctx: Context, report: Report) -> None:
         finally:
             await table.close()
     try:
-        entries = asyncio.run(read())
+        with acting_as_owner(ctx.root / "relay"):   # never open the run user's files as root
+            entries = asyncio.run(read())
     except Exception as exc:  # noqa: BLE001 - a store that cannot be read is the finding
         report.problem("relay", f"the relay table cannot be read ({exc})",
                        "POP-before-SMTP clients are refused relaying while it fails",

@@ -102,7 +102,7 @@ class SpoolIndex:
             # With a lock file we can read consistently beside a running
             # writer; without write access to it, read lock-free (a snapshot
             # that may be torn by a concurrent writer, good enough for a tool).
-            lock = os.access(index_dir / "lock.mdb", os.W_OK)
+            lock = os.access(index_dir / "lock.mdb", os.W_OK, effective_ids=True)
             return lmdb.open(str(index_dir), readonly=True, lock=lock, max_dbs=len(TABLES),
                              readahead=False, subdir=True, map_size=settings.index_map_bytes)
         except (OSError, lmdb.Error) as exc:
