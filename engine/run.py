@@ -56,9 +56,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from engine.privilege import (PrivilegeError, RunUser, become, check_installation,
-                              NotRegularFile, check_reachable, check_readable, give_tree,
-                              open_own_file, run_user)
+from engine.privilege import (PrivilegeError, RunUser, acting_as_owner, become,
+                              check_installation, NotRegularFile, check_reachable,
+                              check_readable, give_tree, open_own_file, run_user)
 from engine.proctitle import set_title
 from engine.smtp.connlimit import ConnectionTable
 from engine.smtp.listeners import ListenAddress, Listener, bind_listeners, bound_address, more_listeners
@@ -404,7 +404,7 @@ def serve(root: Path, listen: list[ListenAddress], procs: int,
     # init systems) would make queue/lock/ and run/metrics/ world-writable.
     os.umask(0o022)
     from engine.delivery.service import delivery_fingerprint
-    from engine.smtp.config import config_fingerprint, load_smtp_config
+    from engine.smtp.config import ConfigError, config_fingerprint, load_smtp_config
 
     from engine import metrics
     from engine.status import check_listen
@@ -419,7 +419,14 @@ def serve(root: Path, listen: list[ListenAddress], procs: int,
     lspawn = None
     try:
         # Before the first fork, under the lock: this run's counters only.
-        metrics.enable(root / metrics.METRICS_DIR)
+        # As run/'s owner: root emptying a run/metrics the run user made a
+        # link would delete the *.db files wherever it points.
+        try:
+            with acting_as_owner(root / metrics.METRICS_DIR.parent):
+                metrics.enable(root / metrics.METRICS_DIR)
+        except OSError as exc:
+            raise ConfigError(f"cannot empty {root / metrics.METRICS_DIR}: "
+                              f"{exc.filename}: {exc.strerror}") from None
         from engine.delivery.lspawn import bind_lspawn, remove_lspawn_socket
         remove_lspawn_socket(root)     # a stale one would tell the scheduler to use it
         reuse_port = smtp.reuse_port and procs > 1

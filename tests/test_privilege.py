@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import smtplib
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 
 from engine.privilege import (PrivilegeError, RunUser, check_installation, check_reachable,
                               foreign_domains, give_tree, run_user)
-from tests.conftest import run_cli
+from tests.conftest import run_cli, searchable
 from tests.smtp_harness import QrelayProcess, RunningQrelay, children_of, process_title as _title
 from tests.test_delivery_e2e import service_texts, texts, wait_for
 
@@ -278,3 +279,121 @@ def test_a_link_the_run_user_puts_in_place_of_the_lock_is_refused_not_followed(r
         " (a link, or a special file): remove it"]
     assert secret.read_text() == "root:only\n"
     assert (secret.stat().st_uid, secret.stat().st_mode & 0o7777) == (0, 0o600)
+
+
+def test_acting_as_changes_the_effective_ids_for_its_duration_only(tmp_path):
+    from engine.privilege import acting_as, acting_as_owner
+    before = (os.getuid(), os.geteuid(), os.getegid(), os.getgroups())
+    if os.geteuid() == 0:
+        with acting_as(NOBODY.pw_uid, NOBODY.pw_gid):
+            assert (os.getuid(), os.geteuid(), os.getegid(), os.getgroups()) == (
+                0, NOBODY.pw_uid, NOBODY.pw_gid, [])
+            with pytest.raises(PermissionError):
+                (tmp_path / "x").write_text("")     # 0700 root's: nobody may not
+    with acting_as_owner(tmp_path / "missing"), acting_as(0, 0):
+        assert (os.getuid(), os.geteuid(), os.getegid(), os.getgroups()) == before
+    assert (os.getuid(), os.geteuid(), os.getegid(), os.getgroups()) == before
+
+
+def _links_by_nobody(targets: dict[Path, Path]) -> None:
+    """As the run user (nobody) would: each key replaced by a symlink to its value."""
+    for link, target in targets.items():
+        done = subprocess.run(["ln", "-sfn", str(target), str(link)], user=NOBODY.pw_uid,
+                              group=NOBODY.pw_gid, extra_groups=[], capture_output=True,
+                              text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+
+
+@as_root
+def test_root_tools_never_follow_a_link_the_run_user_puts_in_its_spool_or_relay_table(
+        root, tmp_path):
+    """queue/ and relay/ are the run user's. Its index's lock.mdb swapped for a
+    symlink to a root-only file: LMDB opens a lock file read-write, grows it
+    and writes its header, so root's qstat, hold, flush, doctor or
+    relayclients would have overwritten the file it points to. They open the
+    spool and the table as its owner: the link leads nowhere nobody may write."""
+    from engine.queue import Envelope, Spool
+    with Spool(root / "queue") as s:
+        s.enqueue(Envelope("a@src.test", ("b@dst.test",)), b"Subject: x\n\nhi\n")
+    assert run_cli("relayclients", "add", str(root), "192.0.2.1").returncode == 0
+    give_tree(root, RunUser("nobody", NOBODY.pw_uid, NOBODY.pw_gid))   # as `qrelay run` does
+    # First as it should be: the tools work as the owner, and leave nothing of root's.
+    assert run_cli("qstat", str(root)).stdout.startswith("messages in queue: 1\n")
+    assert run_cli("hold", str(root), "--older-than", "0").returncode == 0
+    assert "192.0.2.1" in run_cli("relayclients", str(root)).stdout
+    for top in ("queue", "relay"):
+        for path in (root / top).rglob("*"):
+            assert path.lstat().st_uid == NOBODY.pw_uid, path
+    secrets = {}
+    for top in ("queue/index", "relay"):
+        secret = tmp_path / f"secret-{top.replace('/', '-')}"
+        secret.write_text("root:only\n")
+        secret.chmod(0o600)
+        secrets[root / top / "lock.mdb"] = secret
+    _links_by_nobody(secrets)
+    for args in (("qstat",), ("qread",), ("qshape",), ("why", "1"), ("release", "1"),
+                 ("flush",), ("doctor", "queue"), ("relayclients",),
+                 ("relayclients", "add", "192.0.2.2")):
+        done = run_cli(args[0], str(root), *args[1:])
+        assert "Traceback" not in done.stderr, (args, done.stderr)
+        for secret in secrets.values():
+            assert secret.read_text() == "root:only\n", args
+            assert (secret.stat().st_uid, secret.stat().st_mode & 0o7777) == (0, 0o600)
+    # A lock it may not write: read without one, as any reader without write access.
+    assert run_cli("qstat", str(root)).stdout.startswith("messages in queue: 1\n")
+
+
+@as_root
+def test_a_worker_the_root_spawner_starts_opens_the_spool_as_the_user_it_becomes(root, tmp_path):
+    """The run user asks the local spawner (root) for a worker that reads the
+    spool itself: that worker opens the index as the run user, before it drops
+    for good, so a lock.mdb swapped for a link is not written through."""
+    import socket
+
+    from engine.delivery.spawner import worker_argv
+    from engine.queue import Envelope, Spool
+    with Spool(root / "queue") as s:
+        s.enqueue(Envelope("a@src.test", ("b@dst.test",)), b"Subject: x\n\nhi\n")
+    give_tree(root, RunUser("nobody", NOBODY.pw_uid, NOBODY.pw_gid))
+    secret = tmp_path / "secret"
+    secret.write_text("root:only\n")
+    secret.chmod(0o600)
+    _links_by_nobody({root / "queue" / "index" / "lock.mdb": secret})
+    mine, theirs = socket.socketpair()
+    with mine, theirs:
+        argv = worker_argv(sys.executable, str(root), theirs.fileno(), os.getpid(), "local",
+                           1 << 20, False, (NOBODY.pw_uid, NOBODY.pw_gid))
+        proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), cwd=Path(__file__).parent.parent,
+                                stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        theirs.close()
+        mine.shutdown(socket.SHUT_WR)       # no job: it serves, reads the end, exits
+        try:
+            assert proc.wait(timeout=60) == 0, proc.stderr.read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stderr.close()
+    assert secret.read_text() == "root:only\n"
+
+
+@as_root
+def test_a_metrics_directory_the_run_user_made_a_link_is_emptied_as_that_user(root, tmp_path):
+    """run/ is the run user's: `qrelay run` (root) empties run/metrics of the
+    last run's *.db files as that user, so a run/metrics swapped for a link to
+    another directory never makes root delete the *.db files there (a link to a
+    directory of the run user's own, tmpfs say, still works)."""
+    searchable(tmp_path)
+    (root / "qrelay.toml").write_text('[run]\nuser = "nobody"\n')
+    give_tree(root, RunUser("nobody", NOBODY.pw_uid, NOBODY.pw_gid))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o755)
+    (elsewhere / "aliases.db").write_text("root's\n")
+    shutil.rmtree(root / "run" / "metrics", ignore_errors=True)
+    _links_by_nobody({root / "run" / "metrics": elsewhere})
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "run", str(root), "--listen",
+                        "127.0.0.1:0"], cwd=Path(__file__).parent.parent, capture_output=True,
+                       text=True, timeout=60)
+    assert (r.returncode, r.stderr) == (1, f"Error: cannot empty {root}/run/metrics: "
+                                           f"{root}/run/metrics/aliases.db: Permission denied\n")
+    assert (elsewhere / "aliases.db").read_text() == "root's\n"
