@@ -204,14 +204,18 @@ def hold_queue(root: Path) -> int:
     Raises ConfigError if the lock is not a regular file."""
     from engine.smtp.config import ConfigError
     path = root / LOCK_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
     # queue/lock/ is the run user's: never follow a link it left there (root
-    # would truncate and write the file it points to).
+    # would truncate and write the file it points to), nor one it made of
+    # lock/ itself (root would create or truncate a sendmutex wherever that is).
     try:
-        fd = open_own_file(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        with acting_as_owner(root / "queue"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = open_own_file(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except NotRegularFile:
         raise ConfigError(f"cannot start: {path} is not a regular file (a link, or a special "
                           "file): remove it") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot start: {path}: {exc.strerror}") from None
     # A `qrelay flush` probing the lock holds it for a moment: try a few times.
     for attempt in range(5):
         try:

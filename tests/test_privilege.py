@@ -397,3 +397,25 @@ def test_a_metrics_directory_the_run_user_made_a_link_is_emptied_as_that_user(ro
     assert (r.returncode, r.stderr) == (1, f"Error: cannot empty {root}/run/metrics: "
                                            f"{root}/run/metrics/aliases.db: Permission denied\n")
     assert (elsewhere / "aliases.db").read_text() == "root's\n"
+
+
+@as_root
+def test_a_lock_directory_the_run_user_made_a_link_is_not_followed_by_root(root, tmp_path):
+    """queue/lock itself swapped for a link to another directory (another
+    qmail's queue/lock, say): `qrelay run` opens the lock as queue/'s owner, so
+    root never truncates or creates a sendmutex there."""
+    searchable(tmp_path)
+    (root / "qrelay.toml").write_text('[run]\nuser = "nobody"\n')
+    (root / "queue" / "lock").mkdir(exist_ok=True)
+    give_tree(root, RunUser("nobody", NOBODY.pw_uid, NOBODY.pw_gid))
+    other = tmp_path / "other-lock"
+    other.mkdir(mode=0o755)
+    (other / "sendmutex").write_text("4242\n")
+    shutil.rmtree(root / "queue" / "lock")
+    _links_by_nobody({root / "queue" / "lock": other})
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "run", str(root), "--listen",
+                        "127.0.0.1:0"], cwd=Path(__file__).parent.parent, capture_output=True,
+                       text=True, timeout=60)
+    assert (r.returncode, r.stderr) == (
+        1, f"Error: cannot start: {root}/queue/lock/sendmutex: Permission denied\n")
+    assert (other / "sendmutex").read_text() == "4242\n"
