@@ -70,9 +70,21 @@ def run_user(name: str, create_default: bool = False) -> RunUser | None:
 
 
 def become(user: RunUser | None) -> None:
-    """Drop to `user` for good. None: nothing to do."""
+    """Drop to `user` for good, and give up gaining privileges by exec
+    (PR_SET_NO_NEW_PRIVS): what parses the network never runs a set-uid
+    program with more rights than the run user. None: nothing to do."""
     if user is not None:
         drop_to(user.uid, user.gid)
+        no_new_privileges()
+
+
+def no_new_privileges() -> None:
+    """prctl(PR_SET_NO_NEW_PRIVS): this process and what it execs never gain
+    privileges from a set-uid or set-gid file or file capabilities. For good,
+    inherited by children; a kernel without it (before 3.5) is left as it is."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(38, 1, 0, 0, 0)      # PR_SET_NO_NEW_PRIVS
 
 
 def drop_to(uid: int, gid: int) -> None:

@@ -156,6 +156,8 @@ def test_children_run_as_the_run_user_and_cannot_write_outside_the_spool(unprivi
         assert st["Gid"] == [str(NOBODY.pw_gid)] * 4, name
         assert st.get("Groups", []) == [], name
         assert int(st["CapEff"][0], 16) == 0, name
+        assert st["NoNewPrivs"] == ["1"], name    # a set-uid program gives it nothing
+    assert _status(by_title["lspawn"])["NoNewPrivs"] == ["0"]   # its |programs may need them
     receiver = _status(by_title["receiver 0"])
     writable = _probe_writes(receiver, [root / "queue", root, root / "control", root / "users",
                                         root / "domains" / "other.example", Path("/etc")])
