@@ -109,6 +109,18 @@ def test_requeue_makes_unfinished_recipients_due_now(spool):
     assert not spool.message_info(a).held
 
 
+def test_requeue_counts_only_what_it_changed(spool):
+    """A message with nothing left to deliver (it waits for its bounce) is not
+    requeued: `qrelay requeue` must not say it did something it did not."""
+    from engine.queue import Failed
+    a = queue(spool, "s@x", ("a@d.test",))
+    b = queue(spool, "s@x", ("b@d.test",))
+    spool.apply([Failed(a, 0, "no")])
+    assert spool.requeue([a, b]) == 1
+    spool.hold([a])             # held, its bounce waits: taking it off hold changes that
+    assert spool.requeue([a]) == 1 and not spool.message_info(a).held
+
+
 def test_delete_frees_the_segment_like_completion(spool):
     ids = [queue(spool, "s@x", (f"r{i}@d.test",)) for i in range(5)]
     spool.close()

@@ -305,11 +305,12 @@ class Surgery:
         dbs = self._dbs
 
         def one(txn: lmdb.Transaction, msgid: int) -> bool:
-            if not requeue and not self._index.is_held(txn, msgid):
+            held = self._index.is_held(txn, msgid)
+            if not requeue and not held:
                 return False
             rcpts = self._unfinished(txn, msgid)
-            if rcpts is None:
-                return False
+            if rcpts is None or not (rcpts or held):
+                return False        # gone, or only its bounce left and nothing to release
             for key, r in rcpts:
                 _m, idx = R.split_rcpt_key(key)
                 if requeue:
