@@ -439,3 +439,32 @@ def test_a_name_with_a_slash_never_makes_a_mailbox_or_alias_outside_the_domain(d
     bad(qrelay("alias", "add", str(droot), "a/b@example.com", "joe@example.org"), "bad alias name")
     assert not (droot / "x").exists() and not (droot / "domains" / "example.com" / "u1" / "x").exists()
     assert [u.name for u in admin.list_users(droot, "example.com")] == ["u1"]
+
+
+def test_domain_mkpasswd_makes_a_hand_edit_of_vpasswd_take_effect(droot):
+    """Lookups read vpasswd.cdb, as vpopmail's: an operator's edit of vpasswd
+    counts once `domain mkpasswd` (vmkpasswd) has rebuilt it; malformed lines
+    are named, and make the exit status 1."""
+    assert qrelay("user", "add", str(droot), "joe@example.com", input="s3cret\n").exit_code == 0
+    dom = droot / "domains" / "example.com"
+    joe = (dom / "vpasswd").read_text()
+    bob = joe.replace("joe", "bob")
+    (dom / "vpasswd").write_text(joe + bob + "broken:line\n" + bob.replace(":1:0:", ":1:2:"))
+    os.utime(dom / "vpasswd.cdb", (1, 1))           # built before the edit
+    accounts = Accounts(droot, recheck_seconds=0)
+    assert not accounts.accepts("bob@example.com")   # not in effect yet
+    r = qrelay("domain", "mkpasswd", str(droot), "example.com")
+    assert (r.exit_code, r.stdout) == (1, "qrelay: example.com: vpasswd.cdb rebuilt with 2 users\n")
+    assert r.stderr.splitlines() == [
+        f"qrelay: {dom}/vpasswd line 3: 2 fields, not 7 or 8 (skipped)",
+        f"qrelay: {dom}/vpasswd line 4: bob again (only the first line for it counts)"]
+    assert accounts.accepts("bob@example.com") and accounts.accepts("joe@example.com")
+    assert accounts.domain(str(dom)).user("bob").gid == 0
+    assert stat.S_IMODE((dom / "vpasswd.cdb").stat().st_mode) == 0o600
+    (dom / "vpasswd").write_text(joe)
+    r = qrelay("domain", "mkpasswd", str(droot), "example.com")
+    assert (r.exit_code, r.stderr) == (0, "")
+    assert not Accounts(droot, recheck_seconds=0).accepts("bob@example.com")
+    bad(qrelay("domain", "mkpasswd", str(droot), "nowhere.test"), "nowhere.test: no such domain")
+    (dom / "vpasswd").unlink()
+    bad(qrelay("domain", "mkpasswd", str(droot), "example.com"), "vpasswd is missing")

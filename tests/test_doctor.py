@@ -239,6 +239,27 @@ def test_permissions_and_owners_with_the_guides_fix(box):
     assert missing
 
 
+def test_a_hand_edited_or_malformed_vpasswd_and_the_fix(box):
+    """vpasswd edited by hand after vpasswd.cdb (which lookups read) and a
+    line that is no user: each found, and the printed fix works once the
+    operator has mended the line (the edit is simulated below)."""
+    domain = box / "domains" / "example.org"
+    vpasswd = domain / "vpasswd"
+    good = vpasswd.read_text()
+    vpasswd.write_text(good + "ann:x:1:0\n")
+    os.utime(domain / "vpasswd.cdb", (1, 1))
+    _, report = doctor(box)
+    stale, broken = findings(report, "perms")
+    assert stale["what"] == f"{vpasswd} was changed after vpasswd.cdb was built"
+    assert stale["fix"] == f"qrelay domain mkpasswd {box} example.org"
+    assert broken["what"] == f"{vpasswd} line {good.count(chr(10)) + 1}: 4 fields, not 7 or 8 (skipped)"
+    assert broken["fix"] == f"${{EDITOR:-vi}} {vpasswd} && {stale['fix']}"
+    vpasswd.write_text(good)
+    os.utime(vpasswd, (2, 2))
+    run_fix(stale["fix"])
+    assert findings(doctor(box)[1], "perms") == []
+
+
 @pytest.mark.skipif(os.getuid() != 0, reason="the receivers run as the caller when not root")
 def test_a_domain_the_receivers_cannot_read_and_the_fix(box, monkeypatch):
     from types import SimpleNamespace

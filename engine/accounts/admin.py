@@ -49,7 +49,8 @@ from engine.accounts.store import parse_qmail_default, safe_ext
 from engine.accounts.vpasswd import (
     BOUNCE_MAIL, NO_IMAP, NO_PASSWD_CHNG, NO_POP, NO_RELAY, NO_SMTP, NO_WEBMAIL, VPASSWD,
     VPASSWD_CDB, VPASSWD_LOCK, QuotaError, VUser, format_quota, hash_subdir, normalize_quota,
-    parse_vpasswd, valid_domain_name, valid_user_name, vpasswd_cdb, vpasswd_text,
+    malformed_lines, parse_vpasswd, valid_domain_name, valid_user_name, vpasswd_cdb,
+    vpasswd_text,
 )
 from engine.config.cdb import CdbError, CdbFile, newmrh
 from engine.config.control import read_list
@@ -151,6 +152,23 @@ def write_users(ref: DomainRef, users: Iterable[VUser]) -> None:
     atomic_write(ref.directory / VPASSWD, vpasswd_text(users).encode("utf-8", "surrogateescape"),
                  mode=SECRET_MODE, owner=ref.owner)
     atomic_write(ref.directory / VPASSWD_CDB, vpasswd_cdb(users), mode=SECRET_MODE, owner=ref.owner)
+
+
+def rebuild_cdb(root: os.PathLike | str, domain: str) -> tuple[DomainRef, int, list[str]]:
+    """vmkpasswd: vpasswd.cdb (what lookups read) built again from vpasswd, so a
+    hand edit of vpasswd takes effect. Returns the domain, how many users the
+    cdb holds and vpasswd's malformed lines (vpasswd.malformed_lines)."""
+    ref = find_domain(check_root(root), domain)
+    with file_lock(ref.directory / VPASSWD_LOCK, ref.owner):
+        got = read_whole(ref.directory / VPASSWD)
+        if got is None:
+            raise AdminError(f"{ref.name}: {ref.directory / VPASSWD} is missing: "
+                             "nothing to build vpasswd.cdb from")
+        text = got[0].decode("utf-8", "surrogateescape")
+        users = list(parse_vpasswd(text))
+        atomic_write(ref.directory / VPASSWD_CDB, vpasswd_cdb(users), mode=SECRET_MODE,
+                     owner=ref.owner)
+    return ref, len({ascii_lower(u.name) for u in users}), malformed_lines(text)
 
 
 # -- control files ---------------------------------------------------------

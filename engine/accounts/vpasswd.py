@@ -244,6 +244,29 @@ def parse_vpasswd(text: str) -> Iterator[VUser]:
             yield user
 
 
+def malformed_lines(text: str) -> list[str]:
+    """What parse_vpasswd leaves out or shadows, one `line N: why` each: a line
+    with fewer than seven fields or no name (vpopmail skips it: that user has no
+    mailbox and cannot log in), a name seen before (only the first one counts)."""
+    out: list[str] = []
+    seen: set[str] = set()
+    for n, line in enumerate(text.split("\n"), 1):
+        line = line.rstrip("\r")
+        if not line:
+            continue
+        user = parse_vpasswd_line(line)
+        if user is None:
+            fields = line.split(":")
+            why = "no user name" if len(fields) >= 7 else f"{len(fields)} fields, not 7 or 8"
+            out.append(f"line {n}: {why} (skipped)")
+            continue
+        key = ascii_lower(user.name)
+        if key in seen:
+            out.append(f"line {n}: {user.name} again (only the first line for it counts)")
+        seen.add(key)
+    return out
+
+
 def vpasswd_text(users: Iterable[VUser]) -> str:
     """The whole file, sorted by name as vpopmail keeps it."""
     return "".join(u.line() + "\n" for u in sorted(users, key=lambda u: u.name))

@@ -35,7 +35,7 @@ def _read_new_password() -> str:
 
 @cli.group()
 def domain() -> None:
-    """vpopmail domains: add, alias, del, list, catchall."""
+    """vpopmail domains: add, alias, del, list, catchall, mkpasswd."""
 
 
 @domain.command("add")
@@ -127,6 +127,26 @@ def domain_catchall(root: str, name: str, target: str) -> None:
     from engine.accounts.admin import set_catchall
     line = _accounts_call(set_catchall, root, name, target)
     click.echo(f"qrelay: {name} .qmail-default: {line}")
+
+
+@domain.command("mkpasswd")
+@ROOT
+@click.argument("name", metavar="DOMAIN")
+def domain_mkpasswd(root: str, name: str) -> None:
+    """Rebuild DOMAIN's vpasswd.cdb from its vpasswd (vmkpasswd).
+
+    Lookups (RCPT checks, delivery, AUTH, POP3) read vpasswd.cdb, as vpopmail
+    does, so a hand edit of vpasswd takes effect only after this. Malformed
+    vpasswd lines are named on stderr (exit 1): their users have no mailbox.
+    Reads the domain's vpasswd; writes its vpasswd.cdb (under .vpasswd.lock).
+    """
+    from engine.accounts.admin import rebuild_cdb
+    ref, count, malformed = _accounts_call(rebuild_cdb, root, name)
+    for line in malformed:
+        click.echo(f"qrelay: {ref.directory}/vpasswd {line}", err=True)
+    click.echo(f"qrelay: {ref.name}: vpasswd.cdb rebuilt with {count} users")
+    if malformed:
+        raise SystemExit(1)
 
 
 @cli.group()

@@ -8,7 +8,8 @@ reads what it needs and adds to the report:
     domains    rcpthosts / morercpthosts / locals / virtualdomains /
                users/assign agree (accepted but not delivered, and the reverse)
     perms      owners and modes of assign homes, vpopmail domain, user and
-               Maildir directories and .qmail files (qmail-local's own rules)
+               Maildir directories and .qmail files (qmail-local's own rules);
+               vpasswd edited after its vpasswd.cdb, malformed vpasswd lines
     relay      tcp.smtp giving RELAYCLIENT to anyone; the relay table
                (POP-before-SMTP) and vpopmail's open-smtp: size, oldest entry
     queue      size, oldest message, not yet preprocessed, deferred per

@@ -15,6 +15,7 @@ receivers run as it, and RCPT checks, AUTH and POP3 for those domains defer.
 from __future__ import annotations
 
 import os
+import shlex
 import stat
 from collections import defaultdict
 from pathlib import Path
@@ -111,6 +112,7 @@ def check(ctx: Context, report: Report) -> None:
                 continue
             if users is None:
                 continue
+            _vpasswd(ctx, report, a.home, a.user)
             for user in users.users():
                 if mailboxes >= budget:
                     break
@@ -152,6 +154,27 @@ def check(ctx: Context, report: Report) -> None:
         report.note("perms", f"not checked: uid {os.geteuid()} may not read {shown}; run "
                     "qrelay doctor as root to check them", unchecked=len(unchecked))
     _receivers(ctx, report)
+
+
+def _vpasswd(ctx: Context, report: Report, home: str, domain: str) -> None:
+    """vpasswd edited after vpasswd.cdb was built (lookups read only the cdb,
+    as vpopmail's), and vpasswd lines that are no user."""
+    from engine.accounts.files import read_whole
+    from engine.accounts.vpasswd import VPASSWD, VPASSWD_CDB, malformed_lines
+    fix = f"qrelay domain mkpasswd {ctx.arg(ctx.root)} {shlex.quote(domain)}"
+    text_path, cdb_path = os.path.join(home, VPASSWD), os.path.join(home, VPASSWD_CDB)
+    text, cdb = _stat(text_path), _stat(cdb_path)
+    if text is not None and cdb is not None and text.st_mtime_ns > cdb.st_mtime_ns:
+        report.problem("perms", f"{text_path} was changed after vpasswd.cdb was built",
+                       "the change has no effect: RCPT checks, delivery, AUTH and POP3 read "
+                       "only vpasswd.cdb, as vpopmail does", fix)
+    got = read_whole(text_path) if text is not None else None
+    bad = malformed_lines(got[0].decode("utf-8", "surrogateescape")) if got else []
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        report.problem("perms", f"{text_path} {bad[0]}{more}",
+                       "a skipped line is a user without a mailbox or a login",
+                       f"${{EDITOR:-vi}} {ctx.arg(text_path)} && {fix}")
 
 
 def _receivers(ctx: Context, report: Report) -> None:
