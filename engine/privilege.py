@@ -230,14 +230,24 @@ def _allowed(st: os.stat_result, user: RunUser, what: int) -> bool:
 def check_readable(path: Path, user: RunUser) -> None:
     """Refuse to start when a file the run user's processes read (the TLS
     certificate) exists but is not readable by `user`."""
+    fix = readable_fix(path, user)
+    if fix:
+        raise PrivilegeError(f"[run] user {user.name!r} cannot read {path}: {fix}")
+
+
+def readable_fix(path: Path, user: RunUser) -> str | None:
+    """The command that lets `user` read `path`; None when it can (or path is missing)."""
     try:
         st = path.stat()
     except FileNotFoundError:
-        return
-    if not _allowed(st, user, 0o4):
-        raise PrivilegeError(
-            f"[run] user {user.name!r} cannot read {path}: chgrp {user.name} {path} && "
-            f"chmod 640 {path}")
+        return None
+    if _allowed(st, user, 0o4):
+        return None
+    try:
+        group = grp.getgrgid(user.gid).gr_name     # nobody's is nogroup on Debian
+    except KeyError:
+        group = str(user.gid)
+    return f"chgrp {group} {path} && chmod 640 {path}"
 
 
 def ensure_system_user(name: str = DEFAULT_USER, home: str = "/nonexistent") -> RunUser:
