@@ -568,3 +568,58 @@ def test_doctor_run_by_a_user_who_cannot_read_the_domains_says_so(box):
     unchecked = " ".join(n["text"] for n in report["notes"] if "not checked" in n["text"])
     assert f"{box}/domains/example.org" in unchecked and "as root" in unchecked, report["notes"]
     assert f"{box}/log: not checked: uid 65534 may not write it" in unchecked, report["notes"]
+
+
+def _certificate(root: Path, *names: str, days: float, name: str = "servercert.pem") -> None:
+    """A trustme certificate for `names` valid for `days` more (negative: expired)."""
+    import datetime
+
+    import trustme
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = trustme.CA().issue_cert(*names, not_before=now - datetime.timedelta(days=400),
+                                   not_after=now + datetime.timedelta(days=days))
+    cert.private_key_and_cert_chain_pem.write_to_path(str(root / "control" / name))
+
+
+def test_tls_certificate_validity_names_and_loading(box):
+    _, report = doctor(box)
+    assert findings(report, "tls") == []
+    assert "servercert.pem is missing: STARTTLS is not offered" in notes(report, "tls")[0]["text"]
+    _certificate(box, ME, "smtp.example.com", days=300)
+    _, report = doctor(box)
+    assert findings(report, "tls") == []
+    (note,) = notes(report, "tls")
+    assert note["text"].startswith("control/servercert.pem: valid until ")
+    assert note["text"].endswith(f"for {ME}, smtp.example.com") and "(299 d 23 h)" in note["text"]
+    _certificate(box, "*.example.com", days=3)       # a wildcard covers mx.example.com
+    _, report = doctor(box)
+    (soon,) = findings(report, "tls")
+    assert soon["what"].startswith("control/servercert.pem expires in 2 d 23 h (")
+    assert soon["fix"].startswith("cat FULLCHAIN.pem KEY.pem > ")
+    assert not [n for n in notes(report, "tls") if "does not name" in n["text"]]
+    _certificate(box, "other.example.net", days=-2)
+    _, report = doctor(box)
+    (expired,) = findings(report, "tls")
+    assert expired["what"].startswith("control/servercert.pem expired 2 d ago (")
+    assert "mail programs cannot send" in expired["why"]
+    (mismatch,) = [n for n in notes(report, "tls") if "does not name" in n["text"]]
+    assert mismatch["text"].startswith(f"control/servercert.pem does not name {ME} (control/me)")
+    _certificate(box, ME, days=-1, name="clientcert.pem")
+    assert [f["what"][:37] for f in findings(doctor(box)[1], "tls")] == [
+        "control/servercert.pem expired 2 d ag", "control/clientcert.pem expired 1 d ag"]
+    (box / "control" / "servercert.pem").write_text("-----BEGIN CERTIFICATE-----\nxx\n")
+    (broken,) = [f for f in findings(doctor(box)[1], "tls") if "servercert" in f["what"]]
+    assert broken["what"].startswith("control/servercert.pem: cannot load the certificate")
+    assert "qrelay run refuses to start" in broken["why"]
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="the receivers run as the caller when not root")
+def test_a_certificate_the_receivers_cannot_read_and_the_fix(box):
+    _certificate(box, ME, days=300)
+    cert = box / "control" / "servercert.pem"
+    cert.chmod(0o600)
+    toml(box, "", run='[run]\nuser = "nobody"\n')
+    (f,) = findings(doctor(box)[1], "tls")
+    assert f["what"] == f"[run] user nobody cannot read {cert}"
+    run_fix(f["fix"])
+    assert findings(doctor(box)[1], "tls") == []

@@ -36,7 +36,7 @@ def doctor(root: str, target: str | None, as_json: bool) -> None:
     virtualdomains and users/assign agree; owners and modes of homes,
     Maildirs and .qmail files; the relay table; the queue (size, oldest,
     not yet preprocessed, deferred per destination with the last error);
-    log rotation; disk space. With a DOMAIN: its MX records through
+    log rotation; disk space; TLS certificates. With a DOMAIN: its MX records through
     [delivery] dns_servers, a connect, greeting and EHLO to each (then QUIT,
     nothing sent), smtproutes, tcpto, its deferred mail. With an ADDRESS:
     how it would be delivered (assign entry, .qmail file, mailbox, or the

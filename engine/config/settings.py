@@ -388,6 +388,8 @@ class DoctorSettings:
     max_mailboxes: int = 100000
     # Findings of one kind listed one by one; past this, one summary line.
     max_findings_per_kind: int = 10
+    # A TLS certificate (servercert.pem, clientcert.pem) expiring within this many days is a finding.
+    cert_expiry_warn_days: int = 14
 
 
 @dataclass(slots=True, frozen=True)

@@ -16,6 +16,8 @@ reads what it needs and adds to the report:
                destination with the last error; is a `qrelay run` holding it
     logs       ROOT/log and ROOT/log/smtpd: multilog layout, writable, rotating
     disk       free space and inodes on the spool's filesystem
+    tls        servercert.pem loads, the receivers may read it, its names and
+               how long it (and clientcert.pem) stays valid
     network    (with DOMAIN) MX records through the configured resolver, a
                connect + greeting + EHLO to each, smtproutes, tcpto, its queue
     route      (with ADDRESS) how the address would be delivered, sending nothing
@@ -121,11 +123,12 @@ def ago(seconds: float) -> str:
 
 def examine(root: Path | str, target: str | None = None, now: float | None = None) -> Report:
     """Run the checks for ROOT (and DOMAIN or ADDRESS) and return the report."""
-    from engine.doctor import controls, disk, domains, logs, network, perms, queue, relay, route
+    from engine.doctor import (controls, disk, domains, logs, network, perms, queue, relay,
+                               route, tls)
     ctx = context(root, now)
     report = Report()
     if target is None:
-        checks = [controls, domains, perms, relay, queue, logs, disk]
+        checks = [controls, domains, perms, relay, queue, logs, disk, tls]
     elif "@" in target:
         checks = [route]
     else:
