@@ -527,16 +527,27 @@ def test_graceful_shutdown_finishes_the_message_in_flight(make_server, connect):
 
 
 class FakePtrResolver:
-    """aiodns-like: query_dns(name, "PTR") answers from a dict, else raises."""
+    """aiodns-like: query_dns(name, "PTR") answers from a dict, else raises;
+    an A query for one of its names answers the IPv4 address it names
+    (forward-confirmed, unless `forward` says otherwise for that name)."""
 
-    def __init__(self, names: dict[str, str], delay: float = 0.0) -> None:
+    def __init__(self, names: dict[str, str], delay: float = 0.0,
+                 forward: dict[str, str] | None = None) -> None:
         self.names = names
         self.delay = delay
+        self.forward = forward or {}
         self.asked: list[str] = []
 
     async def query_dns(self, name: str, qtype: str):
         from types import SimpleNamespace
         import asyncio
+        if qtype == "A":
+            found = {host: ".".join(reversed(key.split(".")[:4]))
+                     for key, host in self.names.items()} | self.forward
+            if name not in found:
+                raise OSError("NXDOMAIN")
+            return SimpleNamespace(answer=[SimpleNamespace(type=1, ttl=60, data=SimpleNamespace(
+                addr=found[name]))])
         self.asked.append(name)
         if self.delay:
             await asyncio.sleep(self.delay)
@@ -580,6 +591,15 @@ def test_reverse_dns_names_the_client_and_matches_host_rules(make_server, connec
     assert c2.cmd(b"MAIL FROM:<a@b>") == b"250 ok\r\n"
     assert c2.cmd(b"RCPT TO:<joe>") == b"250 ok\r\n"
     assert c2.cmd(b"RCPT TO:<joe@far.test>").startswith(b"553 ")
+    # A PTR name whose own addresses do not include the client's (anyone may
+    # write any PTR for their address): not believed, the =host rule does not apply.
+    fake.delay = 0.0
+    fake.names["1.0.0.127.in-addr.arpa"] = "client.example.net"
+    fake.forward["client.example.net"] = "192.0.2.9"
+    c3 = connect(srv.port)
+    assert c3.line() == f"220 {ME} ESMTP\r\n".encode()
+    assert c3.cmd(b"MAIL FROM:<a@b>") == b"250 ok\r\n"
+    assert c3.cmd(b"RCPT TO:<joe@far.test>").startswith(b"553 ")
 
 
 def test_commands_sent_before_a_delayed_greeting_are_answered_after_it(make_server, connect):

@@ -52,6 +52,9 @@ class SmtpSettings:
     shutdown_grace: float = 8.0
     # tcpserver -H: no reverse lookup of clients unless asked for.
     reverse_dns: bool = False
+    # tcpserver -p: a PTR name counts (=host rules, the Received line) only when its
+    # own A/AAAA records hold the client's address; anyone can write any PTR for theirs.
+    reverse_dns_paranoid: bool = True
     # A CR not followed by LF inside DATA: qmail keeps it, but a relay that passes
     # it on lets a client smuggle a second message past a next hop that ends DATA
     # at <CR>.<CR>; refused with a 554 unless turned off.

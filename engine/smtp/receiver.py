@@ -134,7 +134,9 @@ class Receiver:
         """PTR lookups for settings.smtp.reverse_dns (created on first use)."""
         if self.host_resolver is None:
             delivery = self.config.settings.delivery
-            self.host_resolver = RemoteHostResolver(delivery.dns_servers, delivery.dns_timeout)
+            self.host_resolver = RemoteHostResolver(
+                delivery.dns_servers, delivery.dns_timeout,
+                paranoid=self.config.settings.smtp.reverse_dns_paranoid)
         return self.host_resolver
 
     @property
