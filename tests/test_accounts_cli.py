@@ -199,9 +199,16 @@ def test_user_del_removes_line_and_tree_but_not_the_catch_all(droot):
     qrelay("user", "add", str(droot), "ann@example.com", input="pw\n")
     assert qrelay("domain", "catchall", str(droot), "example.com", "ann@example.com").exit_code == 0
     bad(qrelay("user", "del", str(droot), "ann@example.com"), "catch-all")
-    assert qrelay("user", "del", str(droot), "joe@example.com").exit_code == 0
+    assert qrelay("alias", "add", str(droot), "sales@example.com", "joe@example.com",
+                  "ann@example.com").exit_code == 0
+    assert qrelay("alias", "add", str(droot), "info@example.com", "ann@example.com").exit_code == 0
+    r = qrelay("user", "del", str(droot), "Joe@example.com")
+    assert r.exit_code == 0
     assert not (droot / "domains" / "example.com" / "joe").exists()
     assert qrelay("user", "list", str(droot), "example.com").output.startswith("ann@example.com")
+    # As vdeluser, the aliases stay; the command names those still forwarding to joe.
+    assert r.stderr == (f"qrelay: note: sales@example.com still forwards to joe@example.com "
+                        f"(qrelay alias del {droot} ALIAS)\n")
 
 
 def test_catchall(droot):

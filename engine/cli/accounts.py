@@ -180,9 +180,17 @@ def user_del(root: str, address: str) -> None:
 
     Writes the domain's vpasswd and vpasswd.cdb; removes the user's directory.
     """
-    from engine.accounts.admin import delete_user
+    from engine.accounts.admin import delete_user, list_aliases, split_address
     u = _accounts_call(delete_user, root, address)
-    click.echo(f"qrelay: deleted {address.lower()} ({u.directory})")
+    gone = address.lower()
+    click.echo(f"qrelay: deleted {gone} ({u.directory})")
+    # As vdeluser, the domain's aliases stay: say which still forward here
+    # (their mail now bounces or goes to the catch-all).
+    still = [alias for alias, lines in _accounts_call(list_aliases, root, split_address(gone)[1])
+             if any(line.lstrip("&").strip().lower() == gone for line in lines)]
+    if still:
+        click.echo(f"qrelay: note: {', '.join(still)} still forward{'s' if len(still) == 1 else ''}"
+                   f" to {gone} (qrelay alias del {root} ALIAS)", err=True)
 
 
 @user.command("passwd")
