@@ -201,6 +201,29 @@ def test_refused_while_qmail_send_holds_the_lock_and_bad_input(root: Path, tmp_p
         assert r.returncode == 2 and text in r.stderr and r.stderr.count("\n") == 1
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing owners needs root")
+def test_as_root_into_a_spool_the_run_user_owns_the_new_files_are_that_users(
+        root: Path, tmp_path: Path):
+    # Root reads qmail's files, but a `qrelay run` beside it (as the run user)
+    # must read the segments the import writes: a root-owned 0600 one is
+    # quarantined by its scheduler, and the message lost.
+    import pwd
+    from engine.privilege import RunUser, give_tree
+    nobody = pwd.getpwnam("nobody")
+    user = RunUser("nobody", nobody.pw_uid, nobody.pw_gid)
+    Spool(root / "queue", SpoolSettings()).close()      # a spool qrelay run started
+    give_tree(root, user)
+    qdir = make_queue(tmp_path / "queue")
+    add_message(qdir, b"Subject: m\n\nx\n", "s@src.test", birth=NOW - DAY,
+                remote=[("r@far.test", False)])
+    r = run_cli("import-qmail", str(root), str(qdir))
+    assert r.returncode == 0, r.stderr
+    owners = {p.relative_to(root): (p.stat().st_uid, p.stat().st_gid)
+              for p in (root / "queue").rglob("*")}
+    assert any(p.suffix == ".seg" for p in owners)
+    assert {p: o for p, o in owners.items() if o != user.owner} == {}
+
+
 def test_imported_queue_in_the_root_itself_is_delivered_by_qrelay_run(root: Path, dns):
     from tests.test_delivery_e2e import ThreadSink, queue_count, wait_for
     from tests.smtp_harness import RunningQrelay, route_to_loopback
