@@ -127,6 +127,27 @@ def test_import_tells_how_many_messages_are_read(root: Path, tmp_path: Path):
     assert heard == [("messages", n, 5) for n in range(5)]
 
 
+def test_a_batch_holds_at_most_max_batch_bytes_of_messages(root: Path, tmp_path: Path):
+    # Every message of a batch is in memory until its commit: 2000 messages
+    # of 10 MB would be 20 GB (and more in copies).
+    qdir = make_queue(tmp_path / "queue")
+    for i in range(5):
+        add_message(qdir, b"Subject: m%d\n\n" % i + b"x" * 10000, "s@src.test",
+                    birth=NOW - DAY, remote=[(f"r{i}@far.test", False)])
+    batches = []
+    with Spool(root / "queue", SpoolSettings()) as s:
+        real = s.import_messages
+
+        def import_messages(items, forget=()):
+            batches.append(len(items))
+            return real(items, forget)
+        s.import_messages = import_messages
+        got = import_queue(QmailQueue(qdir), s, dry_run=False, batch=100, batch_bytes=15000,
+                           now=NOW, report=print)
+        assert got.moved == 5 and len(list(s.iter_messages())) == 5
+    assert batches == [2, 2, 1]
+
+
 def test_a_second_run_after_a_crash_anywhere_moves_the_rest_once(root: Path, tmp_path: Path,
                                                                    monkeypatch):
     qdir = make_queue(tmp_path / "queue")

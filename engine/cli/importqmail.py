@@ -49,6 +49,7 @@ def import_qmail(root: str, qmailqueue: str, dry_run: bool) -> None:
         if not dry_run or spool_started(base):
             spool = Spool(base / "queue", settings.spool, readonly=dry_run)
         got = import_queue(queue, spool, dry_run=dry_run, batch=settings.spool.import_batch,
+                           batch_bytes=settings.spool.max_batch_bytes,
                            now=time.time(), unlink_threads=settings.spool.import_unlink_threads,
                            report=lambda line: click.echo(f"qrelay: import-qmail: {line}",
                                                           err=True),

@@ -134,7 +134,8 @@ class SpoolSettings:
     # trade against each other through it (2 CPUs, 100,000 messages, 49
     # pauses; README, queue tools benchmark): 80 ms: 6-10 s at load 4-9.
     surgery_pause: float = 0.08
-    # import-qmail moves this many messages per spool commit (three syncs each).
+    # import-qmail moves this many messages per spool commit (three syncs each),
+    # fewer once they hold max_batch_bytes (a batch is in memory until then).
     import_batch: int = 2000
     # ...and removes the moved files with this many threads (unlinks of files
     # on disk wait for it; several at once overlap).

@@ -313,24 +313,26 @@ def remove_empty_dirs(qdir: Path) -> None:
 
 def import_queue(queue: QmailQueue, spool, *, dry_run: bool, batch: int,
                  now: float, report: Callable[[str], None],
-                 unlink_threads: int = 16,
+                 batch_bytes: int = 32 * 1024 * 1024, unlink_threads: int = 16,
                  progress: Callable[[str, int, int], None] | None = None) -> ImportReport:
     """Move every message of `queue` into `spool` (None with dry_run and no
-    spool yet), `batch` messages per spool commit; the files of a batch are
+    spool yet), `batch` messages per spool commit, fewer once they hold
+    `batch_bytes` (a batch is in memory until its commit); the files of a batch are
     removed by `unlink_threads` threads, each message's mess/S/N after its
     other files. `report(line)` hears each malformed entry (left in place),
     `progress(what, done, total)` how many messages are read so far."""
     with ThreadPoolExecutor(max(1, unlink_threads)) as pool:
-        return _import(queue, spool, dry_run, batch, now, report, pool,
+        return _import(queue, spool, dry_run, batch, batch_bytes, now, report, pool,
                        progress or (lambda what, done, total: None))
 
 
-def _import(queue: QmailQueue, spool, dry_run: bool, batch: int, now: float,
-            report: Callable[[str], None], pool: ThreadPoolExecutor,
+def _import(queue: QmailQueue, spool, dry_run: bool, batch: int, batch_bytes: int,
+            now: float, report: Callable[[str], None], pool: ThreadPoolExecutor,
             progress: Callable[[str, int, int], None]) -> ImportReport:
     out = ImportReport()
     seen: set[int] = set()
     pending: list[QmailMessage] = []
+    pending_bytes = 0
     moved_keys: list[bytes] = []     # their files are gone: forgotten with the next batch
 
     def count(m: QmailMessage) -> None:
@@ -347,6 +349,7 @@ def _import(queue: QmailQueue, spool, dry_run: bool, batch: int, now: float,
                 out.to_deliver += 1
 
     def flush() -> None:
+        nonlocal pending_bytes
         if not pending:
             return
         msgs = [m.message for m in pending if m.message is not None]
@@ -372,6 +375,7 @@ def _import(queue: QmailQueue, spool, dry_run: bool, batch: int, now: float,
             remove_files([m.files[-1] for m in pending], pool)
             moved_keys.extend(m.key for m in msgs)
         pending.clear()
+        pending_bytes = 0
 
     queue.index()
     numbers = list(queue.numbers())
@@ -379,7 +383,9 @@ def _import(queue: QmailQueue, spool, dry_run: bool, batch: int, now: float,
         progress("messages", len(seen), len(numbers))
         seen.add(number)
         try:
-            pending.append(queue.read(number, split, now))
+            m = queue.read(number, split, now)
+            pending.append(m)
+            pending_bytes += len(m.message.data) if m.message is not None else 0
         except NoEnvelope as exc:
             if spool is not None and spool.imported([exc.key]):
                 out.already += 1          # moved; a crash came before its mess went
@@ -396,7 +402,7 @@ def _import(queue: QmailQueue, spool, dry_run: bool, batch: int, now: float,
             out.malformed.append(line)
             report(line)
             continue
-        if len(pending) >= batch:
+        if len(pending) >= batch or pending_bytes >= batch_bytes:
             flush()
     flush()
     if moved_keys and not dry_run:
