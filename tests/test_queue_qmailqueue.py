@@ -281,3 +281,55 @@ def test_imported_queue_in_the_root_itself_is_delivered_by_qrelay_run(root: Path
         if q is not None:
             q.stop()
         sink.close()
+
+
+# `qrelay import-qmail` that is killed (-9) in its index commit, after its
+# batch's segment sync (a fault injected into the real command).
+DIE_IN_INDEX_COMMIT = """
+import os, signal, sys
+from engine.queue import intake
+real = intake.Intake.index_stage
+def index_stage(self, batches, also=None):
+    if also is not None:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, batches, also)
+intake.Intake.index_stage = index_stage
+from engine.cli import main
+sys.argv = ["qrelay", *sys.argv[1:]]
+main()
+"""
+
+
+def test_killed_in_its_index_commit_beside_qrelay_run_nothing_is_delivered_twice(
+        root: Path, tmp_path: Path, dns):
+    import subprocess
+    import sys
+    from tests.conftest import REPO
+    from tests.test_delivery_e2e import ThreadSink, queue_count, wait_for
+    from tests.smtp_harness import RunningQrelay, route_to_loopback
+    qdir = make_queue(tmp_path / "queue")
+    add_message(qdir, b"Subject: m\n\nhello\n", "s@src.test", birth=NOW - 600,
+                remote=[("x@sink.test", False)])
+    sink = ThreadSink()
+    q = None
+    try:
+        port = sink.start()
+        route_to_loopback(root, {"sink.test": port},
+                          f'[delivery]\ndns_servers = ["{dns.address}"]\n'
+                          f"[scheduler]\npoll_interval = 0.02\n")
+        q = RunningQrelay(root, procs=1)
+        r = subprocess.run([sys.executable, "-c", DIE_IN_INDEX_COMMIT, "import-qmail",
+                            str(root), str(qdir)], cwd=REPO, capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+        assert r.returncode == -9, r.stderr
+        # The scheduler indexes what the killed writer synced, and delivers it.
+        wait_for(lambda: len(sink.messages()) == 1, what="the message at the sink")
+        wait_for(lambda: queue_count(root) == 0, what="an empty queue")
+        r = run_cli("import-qmail", str(root), str(qdir))
+        assert r.returncode == 0, r.stderr
+        assert "moved 0 messages" in r.stdout and "1 moved by an earlier run" in r.stdout
+        assert queue_count(root) == 0 and files(qdir) == set()
+    finally:
+        if q is not None:
+            q.stop()
+        sink.close()

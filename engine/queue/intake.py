@@ -30,8 +30,9 @@ from engine.queue.segments import ENV_MAGIC, FILE_HEADER, SegmentIO, SegmentWrit
 from engine.queue.values import Envelope, ImportedMessage, SpoolError, SpoolWriteError
 
 # `imported` table values: the spool's id, then R (reserved: ids taken, segment
-# maybe written, not yet indexed by the import) or D (indexed with its states).
-_RESERVED, _DONE = b"R", b"D"
+# maybe written, not yet indexed by the import), A (adopted: indexed from its
+# segment by Repair, states not set) or D (indexed with its states).
+_RESERVED, _DONE = R.IMPORT_RESERVED, R.IMPORT_DONE
 _STATE_CODES = {name: code for code, name in R.STATE_NAMES.items()}
 
 
@@ -139,9 +140,11 @@ class Intake:
         crash point: ids are reserved under the keys (one commit), the
         segment is written and synced, and ONE index transaction adds the
         messages, sets their states and marks the keys done. A crash after
-        the sync leaves the messages for Repair.reindex (as queued, todo):
-        the next run finds the reserved key, sees the message and sets its
-        states, or, if a scheduler preprocessed it meanwhile, keeps it.
+        the sync leaves the messages for Repair.reindex or a scheduler's
+        adopt_tails (as queued, todo), which mark their keys adopted: the
+        next run sets the states of one still in todo, and keeps one a
+        scheduler preprocessed or even delivered meanwhile (never writes it
+        again). A key still reserved with no message: the write never made it.
         `forget`: keys of an earlier batch whose source is gone, dropped in
         the first transaction (three syncs a batch in all: look-up and
         reservation, segment, index)."""
@@ -158,10 +161,11 @@ class Intake:
                     fresh.append(n)
                     continue
                 msgid, flag = R.read_u64(raw[:8]), bytes(raw[8:9])
-                if flag == _RESERVED:
-                    if txn.get(R.u64(msgid), db=dbs[b"messages"]) is None:
-                        fresh.append(n)       # its segment write never made it
-                        continue
+                if flag == _RESERVED and txn.get(R.u64(msgid), db=dbs[b"messages"]) is None:
+                    txn.delete(R.reserved_import_key(msgid), db=dbs[b"imported"])
+                    fresh.append(n)       # its segment write never made it
+                    continue
+                if flag != _DONE:         # indexed from its segment by a repair
                     if txn.get(R.u64(msgid), db=dbs[b"todo"]) is not None:
                         self._set_imported_states(txn, msgid, m)
                     txn.put(m.key, R.u64(msgid) + _DONE, db=dbs[b"imported"])
@@ -169,6 +173,7 @@ class Intake:
             ids = list(range(first, first + len(fresh)))
             for n, msgid in zip(fresh, ids):
                 txn.put(items[n].key, R.u64(msgid) + _RESERVED, db=dbs[b"imported"])
+                txn.put(R.reserved_import_key(msgid), items[n].key, db=dbs[b"imported"])
         if not fresh:
             return out
         batch = [items[n] for n in fresh]
@@ -181,6 +186,7 @@ class Intake:
             for msgid, m in zip(ids, batch):
                 self._set_imported_states(txn, msgid, m)
                 txn.put(m.key, R.u64(msgid) + _DONE, db=dbs[b"imported"])
+                txn.delete(R.reserved_import_key(msgid), db=dbs[b"imported"])
         self.index_stage([prepared], also=states)
         for n, msgid in zip(fresh, ids):
             out[n] = msgid

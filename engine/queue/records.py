@@ -16,7 +16,8 @@ Keys are big-endian so LMDB's byte order is numeric order:
     bounces     msgid(u64)                          -> b""   (finished with failures)
     segments    segid(u64)                          -> SegmentRecord
     held        msgid(u64)                          -> held since (f64)  (qrelay hold)
-    imported    source key (bytes)                  -> msgid(u64) + b"R"|b"D"  (import-qmail)
+    imported    source key (bytes)                  -> msgid(u64) + b"R"|b"A"|b"D"  (import-qmail)
+                b"\0" msgid(u64), while "R"          -> source key
     meta        b"format" -> u32, b"next_id" -> u64, b"boot_id" -> bytes,
                 b"surgery" -> u64 (bumped by every hold/release/requeue/delete)
 
@@ -244,6 +245,16 @@ class EnvelopeRecord:
 
 def u64(n: int) -> bytes:
     return _U64.pack(n)
+
+
+# An imported message's key: reserved (its index commit not yet made),
+# adopted (indexed from its segment by a repair instead), done.
+IMPORT_RESERVED, IMPORT_ADOPTED, IMPORT_DONE = b"R", b"A", b"D"
+
+
+def reserved_import_key(msgid: int) -> bytes:
+    """`imported` key of the reverse entry (msgid -> source key) of a reserved id."""
+    return b"\0" + _U64.pack(msgid)
 
 
 def read_u64(raw: bytes) -> int:

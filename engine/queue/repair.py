@@ -309,6 +309,7 @@ class Repair:
                 if txn.get(R.u64(msgid), db=messages) is not None:
                     continue
                 self._index.add_message(txn, msgid, env, body, segid, offset, env.birth)
+                self._adopted_import(txn, msgid)
                 live += 1
                 restored += 1
         except RecordError:
@@ -319,6 +320,21 @@ class Repair:
             txn.put(R.u64(segid), dataclasses.replace(seg, live=live, end=end).encode(),
                     db=self._index.dbs[b"segments"])
         return restored, last
+
+    def _adopted_import(self, txn: lmdb.Transaction, msgid: int) -> None:
+        """`msgid`, just indexed from its segment, may be an import's whose
+        index commit never came (the import was killed): its key is marked
+        adopted, so the next run of the import neither writes it again (a
+        scheduler may deliver it meanwhile) nor forgets its states
+        (Intake.import_batch)."""
+        db = self._index.dbs.get(b"imported")
+        if db is None:
+            return
+        reverse = R.reserved_import_key(msgid)
+        key = txn.get(reverse, db=db)
+        if key is not None:
+            txn.delete(reverse, db=db)
+            txn.put(bytes(key), R.u64(msgid) + R.IMPORT_ADOPTED, db=db)
 
     # ---------------------------------------------------------------- orphans (C3, C7)
 
