@@ -245,6 +245,34 @@ def test_as_root_into_a_spool_the_run_user_owns_the_new_files_are_that_users(
     assert {p: o for p, o in owners.items() if o != user.owner} == {}
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing users needs root")
+def test_a_user_who_cannot_remove_qmails_files_is_refused_before_anything_moves(
+        root: Path, tmp_path: Path):
+    # qmails owns lock/sendmutex, info/, local/, remote/, but not mess/ (qmailq):
+    # each batch was committed, then its removal failed half way, run after run.
+    import pwd
+    import subprocess
+    import sys
+    from engine.privilege import RunUser, give_tree
+    from tests.conftest import REPO
+    nobody = pwd.getpwnam("nobody")
+    give_tree(root, RunUser("nobody", nobody.pw_uid, nobody.pw_gid))
+    qdir = make_queue(tmp_path / "queue")
+    add_message(qdir, b"Subject: m\n\nx\n", "s@src.test", birth=NOW - DAY,
+                remote=[("r@far.test", False)])
+    for p in [qdir / "lock" / "sendmutex", *qdir.glob("info/*"), *qdir.glob("remote/*")]:
+        os.chown(p, nobody.pw_uid, nobody.pw_gid)
+    before = files(qdir)
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "import-qmail", str(root), str(qdir)],
+                       cwd=REPO, capture_output=True, text=True, timeout=60, user=nobody.pw_uid,
+                       group=nobody.pw_gid, extra_groups=[],
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"{qdir}/mess/" in r.stderr and "cannot remove" in r.stderr
+    assert files(qdir) == before
+    assert not (root / "queue" / "index" / "data.mdb").exists()
+
+
 def test_imported_queue_in_the_root_itself_is_delivered_by_qrelay_run(root: Path, dns):
     from tests.test_delivery_e2e import ThreadSink, queue_count, wait_for
     from tests.smtp_harness import RunningQrelay, route_to_loopback

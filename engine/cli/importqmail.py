@@ -45,7 +45,9 @@ def import_qmail(root: str, qmailqueue: str, dry_run: bool) -> None:
     lock = None
     spool = None
     try:
-        lock = lock_queue(qdir) if not dry_run else None
+        if not dry_run:
+            lock = lock_queue(qdir)
+            queue.check_removable()
         if not dry_run or spool_started(base):
             spool = Spool(base / "queue", settings.spool, readonly=dry_run)
         got = import_queue(queue, spool, dry_run=dry_run, batch=settings.spool.import_batch,

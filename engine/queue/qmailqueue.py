@@ -188,6 +188,25 @@ class QmailQueue:
                     found.add(e.name)
             self._entries[name] = found
 
+    def check_removable(self) -> None:
+        """QmailQueueError unless this process may remove the files of every
+        message directory (a moved message's files go): asked before anything
+        moves, so a user who may not (qmails cannot touch qmailq's mess/) is
+        refused instead of stopped at the first removal, batch after batch."""
+        for name in MESSAGE_DIRS:
+            base = os.path.join(self._d, name)
+            try:
+                top = list(os.scandir(base))
+            except FileNotFoundError:
+                continue
+            holding = [e.path for e in top if e.is_dir() and os.listdir(e.path)]
+            if any(not e.is_dir() for e in top):
+                holding.append(base)
+            for d in holding:
+                if not os.access(d, os.W_OK | os.X_OK):
+                    raise QmailQueueError(f"{d}: cannot remove the files moved out of it "
+                                          f"(permission denied): run this as root")
+
     def _path(self, name: str, split: str, number: str) -> str | None:
         """name/S/N, or name/N for the unsplit todo/intd/bounce (or big-todo's split)."""
         entries = self._entries[name]
