@@ -28,6 +28,7 @@ def import_qmail(root: str, qmailqueue: str, dry_run: bool) -> None:
     running `qrelay run` on ROOT. `--dry-run` reads only.
     """
     from engine.config.settings import SettingsError, load_settings
+    from engine.privilege import acting_as_owner
     from engine.queue import Spool, SpoolError
     from engine.queue.qmailqueue import (QmailQueue, QmailQueueError, import_queue,
                                          remove_empty_dirs, lock_queue)
@@ -49,7 +50,9 @@ def import_qmail(root: str, qmailqueue: str, dry_run: bool) -> None:
             lock = lock_queue(qdir)
             queue.check_removable()
         if not dry_run or spool_started(base):
-            spool = Spool(base / "queue", settings.spool, readonly=dry_run)
+            with acting_as_owner(base / "queue"):
+                spool = _AsOwner(Spool(base / "queue", settings.spool, readonly=dry_run),
+                                 base / "queue")
         got = import_queue(queue, spool, dry_run=dry_run, batch=settings.spool.import_batch,
                            batch_bytes=settings.spool.max_batch_bytes,
                            now=time.time(), unlink_threads=settings.spool.import_unlink_threads,
@@ -74,3 +77,24 @@ def import_qmail(root: str, qmailqueue: str, dry_run: bool) -> None:
                f"earlier run, {len(got.malformed)} malformed left in place")
     if got.malformed:
         raise SystemExit(1)
+
+
+class _AsOwner:
+    """A spool whose every call runs as the owner of `where` (engine.privilege.
+    acting_as_owner): root reads and removes qmail's files, and writes the run
+    user's spool as the run user, so the segments are theirs (a scheduler
+    beside it reads them) and root never follows a link put there."""
+
+    def __init__(self, spool, where: Path) -> None:
+        self._spool, self._where = spool, where
+
+    def __getattr__(self, name: str):
+        from engine.privilege import acting_as_owner
+        attr = getattr(self._spool, name)
+        if not callable(attr):
+            return attr
+
+        def as_owner(*args, **kwargs):
+            with acting_as_owner(self._where):
+                return attr(*args, **kwargs)
+        return as_owner

@@ -131,13 +131,6 @@ class SegmentWriter:
         self._io = io
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            if os.geteuid() == 0:
-                # Root writing a spool its run user owns (`qrelay import-qmail`
-                # beside `qrelay run`): a root-owned 0600 segment could not be
-                # read by that user's scheduler, which would quarantine it.
-                st = os.stat(directory)
-                if st.st_uid != 0:
-                    os.fchown(self.fd, st.st_uid, st.st_gid)
             header = FILE_HEADER.pack(FILE_MAGIC, FORMAT_VERSION, 0)
             self._write_all(header, 0)
             io.fdatasync(self.fd)
