@@ -335,7 +335,10 @@ def test_flush_with_nothing_running_marks_the_spool(root):
 def test_flush_bad_root_is_a_one_line_error(tmp_path):
     r = run_cli("flush", str(tmp_path / "nope"))
     assert r.returncode == 1
-    assert r.stderr.strip() == f"Error: {tmp_path / 'nope'}: not a qrelay root (no queue/ directory)"
+    assert r.stderr.strip() == f"Error: {tmp_path / 'nope'}: no such qrelay root"
+    r = run_cli("flush", str(tmp_path))
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"Error: {tmp_path}: not a qrelay root (no queue/ directory)"
 
 
 def test_stale_pid_file_is_not_signalled(root):
