@@ -43,8 +43,9 @@ What qmail-inject does, and qrelay with it:
   From), i (drop Message-ID); the controls and their variables:
   control/defaulthost (QMAILDEFAULTHOST), defaultdomain (QMAILDEFAULTDOMAIN),
   plusdomain (QMAILPLUSDOMAIN), idhost (QMAILIDHOST), each defaulting to me.
-Not done: QMAILINJECT r and m (VERP sender forms the scheduler does not
-expand), QMAILMFTFILE (Mail-Followup-To), re-folding header fields.
+Not done: QMAILINJECT r and m (VERP senders; a `-@[]` sender given with -f
+is expanded per recipient by the scheduler, as qmail-send does), QMAILMFTFILE
+(Mail-Followup-To), re-folding header fields.
 
 Exit statuses are qmail-inject's: 0 queued, 100 permanent (syntax, no
 recipients, too big), 111 temporary (configuration or spool unreachable);

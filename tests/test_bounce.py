@@ -169,3 +169,14 @@ def test_every_failure_listed(n):
     fails = [Failure(f"u{i}@d.test", f"bad {i} (#5.1.1)\n") for i in range(n)]
     msg = _parse(build_bounce(CFG, sender="a@b", original=ORIGINAL, now=NOW, failures=fails).message)
     assert len(msg.get_payload()[1].get_payload()) == n + 1
+
+
+def test_verp_sender_is_qmail_sends():
+    from engine.delivery.bounce import verp_sender
+    assert verp_sender("list-return-7-@lists.test-@[]", "joe@far.test") == \
+        "list-return-7-joe=far.test@lists.test"
+    assert verp_sender("a-@b-@[]", "x@y@z") == "a-x@y=z@b"          # the last @ of the recipient
+    assert verp_sender("pre-@[]", "joe@far.test") == "prejoe=far.test"   # no @ in the sender
+    assert verp_sender("a-@b-@[]", "local") == "a-local@b"
+    for plain in ("a@b", "", "#@[]"):
+        assert verp_sender(plain, "joe@far.test") == plain

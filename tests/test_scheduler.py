@@ -687,3 +687,21 @@ def test_a_message_deleted_as_it_finishes_with_a_failure_is_not_bounced(env):
     asyncio.run(collect())
     assert _bounces(remote) == [] and spool.stats().messages == 0
     assert spool.todo(10) == []                     # no bounce queued either
+
+
+def test_a_verp_sender_is_sent_per_recipient_as_qmail_send_makes_it(env):
+    """qmail-send's VERP (ezmlm's lists, a .qmail -owner-default): a sender
+    `pre@host-@[]` goes out as `pre<rbox>=<rhost>@host`, one envelope per
+    recipient; the bounce of one goes to the sender without `-@[]`."""
+    sched, spool, remote, clock, log, tmp = env
+    remote.rules["bad@d1.test"] = ("D", NOUSER)
+    mid = spool.enqueue(Envelope("list-return-7-@lists.test-@[]",
+                                 ("x@d1.test", "bad@d1.test", "z@d2.test")), MSG)
+    asyncio.run(settle(sched))
+    sent = sorted(c for c in remote.calls if c[1])
+    assert sent == [("d1.test", "list-return-7-bad=d1.test@lists.test", ("bad@d1.test",)),
+                    ("d1.test", "list-return-7-x=d1.test@lists.test", ("x@d1.test",)),
+                    ("d2.test", "list-return-7-z=d2.test@lists.test", ("z@d2.test",))]
+    (bounce,) = _bounces(remote)
+    assert bounce[0] == ("lists.test", "", ("list-return-7-@lists.test",))
+    assert spool.stats().messages == 0 and f"end msg {mid}" in log_texts(tmp)

@@ -101,6 +101,21 @@ def wire_sender(spool_sender: str) -> str:
     return "" if spool_sender == DOUBLE_BOUNCE_SENDER else spool_sender
 
 
+def verp_sender(sender: str, recipient: str) -> str:
+    """qmail-send's VERP: a sender `pre@host-@[]` is sent as `pre<rbox>=<rhost>@host`
+    to recipient `rbox@rhost` (the recipient's last `@` made `=`), so a list
+    manager (ezmlm, or a .qmail -owner-default) learns from the bounce which
+    address failed. Any other sender is sent as it is."""
+    if not sender.endswith("-@[]"):
+        return sender
+    base = sender[:-4]
+    at = base.rfind("@")
+    if at < 0:
+        at = len(base)
+    box, sep, host = recipient.rpartition("@")
+    return base[:at] + (f"{box}={host}" if sep else recipient) + base[at:]
+
+
 def bounce_kind(sender: str, config: BounceConfig) -> str:
     """"bounce", "double", or a discard reason: "triple" / "double-discard"."""
     if sender == DOUBLE_BOUNCE_SENDER:

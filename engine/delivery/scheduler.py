@@ -66,7 +66,8 @@ from pathlib import Path
 
 from engine import metrics
 from engine.config.control import read_number
-from engine.delivery.bounce import BounceConfig, Failure, build_bounce, bounce_kind, wire_sender
+from engine.delivery.bounce import (BounceConfig, Failure, build_bounce, bounce_kind,
+                                   verp_sender, wire_sender)
 from engine.delivery.channels import CHANNELS, Courier, Group, RecipientResult, all_results
 from engine.delivery.retry import RetryPolicy
 from engine.log import QmailSendLog
@@ -663,7 +664,15 @@ class Scheduler:
         results: list[RecipientResult] = []
         try:
             try:
-                results = await lane.courier.deliver(group)
+                if group.sender.endswith("-@[]"):
+                    # VERP: a sender of its own for each recipient, so one
+                    # envelope each (a remote connection is reused for the next).
+                    for j in jobs:
+                        one = Group(lane.name, first.msgid, domain,
+                                    verp_sender(group.sender, j.address), (j.address,))
+                        results += await lane.courier.deliver(one)
+                else:
+                    results = await lane.courier.deliver(group)
                 if len(results) != len(jobs):
                     raise ValueError("result count mismatch")
                 results = [await self._forward(first, r) if r.forwards else r
