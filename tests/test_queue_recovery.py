@@ -378,3 +378,27 @@ def test_cleanup_never_removes_a_dead_writers_segment_with_answered_messages(tmp
         assert s.cleanup(now=time.time() + 10**6) == []
         assert s.todo(10) == ids
         assert [s.read_message(m) for m in ids] == [b"message %d" % i for i in range(3)]
+
+
+def test_a_read_the_system_refuses_keeps_the_message(tmp_path: Path, monkeypatch):
+    """EACCES (a segment root created 0600 for the run user), EIO, EMFILE:
+    nothing says the bytes are corrupt, so the message stays queued for the
+    next try; quarantining it dropped it and copied nothing (the raw read
+    fails too)."""
+    import errno
+    from engine.queue import MessageUnreadable
+    from engine.queue.segments import SegmentReader
+    q = tmp_path / "q"
+    with Spool(q) as s:
+        m = s.enqueue(env("a@b"), b"B" * 100)
+    real = SegmentReader._fd
+
+    def refused(self, segid):
+        raise PermissionError(errno.EACCES, "Permission denied")
+    with Spool(q) as s:
+        monkeypatch.setattr(SegmentReader, "_fd", refused)
+        with pytest.raises(MessageUnreadable, match="Permission denied"):
+            s.read_message(m)
+        monkeypatch.setattr(SegmentReader, "_fd", real)
+        assert s.read_message(m) == b"B" * 100
+        assert not (q / "quarantine").exists() or not list((q / "quarantine").iterdir())

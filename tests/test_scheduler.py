@@ -705,3 +705,30 @@ def test_a_verp_sender_is_sent_per_recipient_as_qmail_send_makes_it(env):
     (bounce,) = _bounces(remote)
     assert bounce[0] == ("lists.test", "", ("list-return-7-@lists.test",))
     assert spool.stats().messages == 0 and f"end msg {mid}" in log_texts(tmp)
+
+
+def test_a_bounce_waits_when_its_message_cannot_be_read_now(env, monkeypatch):
+    """The original refused to be read (EACCES, EIO): its bounce waits and goes
+    later with the original's text, rather than at once without it."""
+    from engine.queue import MessageUnreadable
+    sched, spool, remote, clock, log, tmp = env
+    remote.rules["bad@d1.test"] = ("D", NOUSER)
+    real = spool.read_message
+    refusing = {"on": True}
+
+    def read_message(msgid):
+        if refusing["on"] and remote.calls:         # after the delivery: the bounce's read
+            raise MessageUnreadable(f"#{msgid}: Permission denied")
+        return real(msgid)
+    monkeypatch.setattr(spool, "read_message", read_message)
+    mid = spool.enqueue(Envelope("a@src.test", ("bad@d1.test",)), MSG)
+    asyncio.run(settle(sched))
+    assert not _bounces(remote) and spool.message_info(mid).bouncing
+    assert any(t.startswith("warning: trouble") and f"msg_{mid}_for_its_bounce" in
+               t.replace(" ", "_") for t in log_texts(tmp)), log_texts(tmp)
+    refusing["on"] = False
+    clock.now += 124
+    sched._next_bounce_scan = 0
+    asyncio.run(settle(sched))
+    ((_, raw),) = _bounces(remote)
+    assert b"hello" in raw and spool.stats().messages == 0

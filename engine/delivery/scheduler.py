@@ -72,7 +72,7 @@ from engine.delivery.channels import CHANNELS, Courier, Group, RecipientResult, 
 from engine.delivery.retry import RetryPolicy
 from engine.log import QmailSendLog
 from engine.queue import (Deferred, Delivered, Envelope, Failed, Finished, Job,
-                          MessageNotFound, Spool, SpoolError)
+                          MessageNotFound, MessageUnreadable, Spool, SpoolError)
 
 # qmail-lspawn's and qmail-rspawn's text for a courier that died: "qmail-<channel> crashed."
 CRASHED_TEXT = "qmail-{channel} crashed.\n"
@@ -912,8 +912,14 @@ class Scheduler:
             original = self.spool.read_message(f.msgid)
         except MessageNotFound:
             return  # deleted (`qrelay delete`) since it finished: no bounce
+        except MessageUnreadable as exc:
+            # Whole but not readable now: bounce it with its text later.
+            self.log.warning(f"trouble reading msg {f.msgid} for its bounce: {exc}, "
+                             "will try later")
+            self._bounce_retry_at[f.msgid] = self.clock() + 123
+            return
         except SpoolError:
-            original = b""
+            original = b""      # quarantined: the bounce says what failed, without it
         failures = [Failure(addr, text) for addr, text in f.failed]
         bounce = build_bounce(cfg, sender=f.sender, failures=failures, original=original,
                               now=self.clock(), qp=self.qp, arrival=f.birth)

@@ -158,7 +158,7 @@ return; O(log n) each)
         #      sender, size, origin, last_error. Due entries stay until marked:
         #      pass in-flight (msgid, index) pairs as `exclude`.
     next_due(channel=None) -> float | None  # earliest due time, for sleeping
-    read_message(msgid) -> bytes            # MessageQuarantined if corrupt
+    read_message(msgid) -> bytes            # MessageQuarantined if corrupt, MessageUnreadable (later)
     preprocess_many([(msgid, channels[, addresses])], now) -> [Finished | None]
     jobs([(msgid, index)], now, channel) -> [Job]  # those still due, in order
     apply([Delivered(m,i) | Deferred(m,i,next_try,error) | Failed(m,i,reason)])
@@ -219,12 +219,14 @@ are in the README's Development section.
 from engine.queue.records import FORMAT_VERSION
 from engine.queue.spool import (Deferred, Delivered, Envelope, Failed, Finished,
                                 ImportedMessage, ImportedRecipient, Job,
-                                MessageNotFound, MessageQuarantined, QueuedMessage,
+                                MessageNotFound, MessageQuarantined, MessageUnreadable,
+                                QueuedMessage,
                                 RecipientView, RecoveryReport, Result, Spool, SpoolError,
                                 SpoolStats, SpoolVersionError, SpoolWriteError)
 
 __all__ = ["FORMAT_VERSION", "Deferred", "Delivered", "Envelope", "Failed", "Finished",
            "ImportedMessage", "ImportedRecipient", "Job",
-           "MessageNotFound", "MessageQuarantined", "QueuedMessage", "RecipientView",
+           "MessageNotFound", "MessageQuarantined", "MessageUnreadable", "QueuedMessage",
+           "RecipientView",
            "RecoveryReport", "Result", "Spool", "SpoolError", "SpoolStats",
            "SpoolVersionError", "SpoolWriteError"]

@@ -22,8 +22,8 @@ from engine.queue.core import SpoolCore
 from engine.queue.records import MessageRecord, RecipientRecord, RecordError
 from engine.queue.segments import SegmentError
 from engine.queue.values import (Deferred, Envelope, Failed, Finished, Job, MessageNotFound,
-                                 MessageQuarantined, QueuedMessage, RecipientView, Result,
-                                 SpoolError, SpoolStats)
+                                 MessageQuarantined, MessageUnreadable, QueuedMessage,
+                                 RecipientView, Result, SpoolError, SpoolStats)
 
 
 class Ledger:
@@ -53,14 +53,19 @@ class Ledger:
                               txn.stat(self._dbs[b"todo"])["entries"])
 
     def read_message(self, msgid: int) -> bytes:
-        """The message bytes. MessageNotFound if gone; MessageQuarantined if corrupt."""
+        """The message bytes. MessageNotFound if gone; MessageQuarantined if
+        corrupt; MessageUnreadable when the system would not let us read it
+        (a permission, a disk error, no descriptor left): quarantining then
+        would drop a message that is whole, and copy nothing of it."""
         try:
             with self._index.env.begin() as txn:
                 rec = self._index.message(txn, msgid)
             return self._core.files.reader.read(rec.segid, rec.offset, msgid, rec.length)
-        except (RecordError, SegmentError, OSError) as exc:
+        except (RecordError, SegmentError) as exc:
             self._quarantine(msgid, exc)
             raise MessageQuarantined(f"#{msgid}: {exc}") from None
+        except OSError as exc:
+            raise MessageUnreadable(f"#{msgid}: {exc.strerror or exc}") from None
 
     def iter_messages(self, chunk: int = 1000) -> Iterator[QueuedMessage]:
         """Every queued message in id order (for qread); corrupt ones are skipped

@@ -41,7 +41,7 @@ from engine.queue.segments import SegmentIO
 from engine.queue.surgery import Selection, Shape, Surgery
 from engine.queue.values import (  # noqa: F401 - re-exported for engine.queue
     Deferred, Delivered, Envelope, Failed, Finished, ImportedMessage, ImportedRecipient, Job,
-    MessageNotFound, MessageQuarantined,
+    MessageNotFound, MessageQuarantined, MessageUnreadable,
     QueuedMessage, RecipientView, RecoveryReport, Result, SpoolError, SpoolStats,
     SpoolVersionError, SpoolWriteError)
 
@@ -210,7 +210,8 @@ class Spool:
         return self.ledger.stats()
 
     def read_message(self, msgid: int) -> bytes:
-        """The message bytes. MessageNotFound if gone; MessageQuarantined if corrupt."""
+        """The message bytes. MessageNotFound if gone; MessageQuarantined if
+        corrupt; MessageUnreadable if the system refused the read (try later)."""
         return self.ledger.read_message(msgid)
 
     def iter_messages(self, chunk: int = 1000) -> Iterator[QueuedMessage]:

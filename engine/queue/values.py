@@ -30,6 +30,11 @@ class MessageQuarantined(SpoolError):
     """The message's records or bytes were corrupt; it was moved to quarantine."""
 
 
+class MessageUnreadable(SpoolError):
+    """The message's bytes could not be read just now (EACCES, EIO, EMFILE...):
+    nothing says they are corrupt, so it stays queued for the next try."""
+
+
 # --------------------------------------------------------------------------- values
 
 @dataclass(slots=True, frozen=True)
