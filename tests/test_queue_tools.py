@@ -94,3 +94,14 @@ def test_cli_errors_are_one_line(tmp_path: Path, root: Path):
     (root / "queue" / "index" / "data.mdb").write_bytes(b"not an lmdb file" * 100)
     r = run_cli("qstat", str(root))
     assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_a_qmail_queue_in_the_root_is_pointed_out_not_counted_silently(root: Path):
+    """A qmail home turned qrelay root: qstat says 0 for the spool, and says
+    where the qmail queue's mail is and how to bring it in."""
+    for d in ("mess", "todo"):
+        (root / "queue" / d).mkdir()
+    r = run_cli("qstat", str(root))
+    assert r.stdout == "messages in queue: 0\nmessages in queue but not yet preprocessed: 0\n"
+    assert r.stderr == (f"qrelay: note: {root}/queue holds a qmail queue that is not counted "
+                        f"here: qrelay import-qmail {root} {root}/queue\n")

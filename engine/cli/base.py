@@ -143,6 +143,10 @@ def spool_of(root: str, *, readonly: bool, error: type[click.ClickException] = c
         raise error(f"{root}: no such qrelay root")
     if not (base / "queue").is_dir():
         raise error(f"{root}: not a qrelay root (no queue/ directory)")
+    if (base / "queue" / "mess").is_dir() and (base / "queue" / "todo").is_dir():
+        # A qmail home turned qrelay root: its mail is not in the spool yet.
+        click.echo(f"qrelay: note: {base / 'queue'} holds a qmail queue that is not counted "
+                   f"here: qrelay import-qmail {root} {base / 'queue'}", err=True)
     if not spool_started(base):
         if empty is not None:
             raise error(empty)
