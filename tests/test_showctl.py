@@ -50,6 +50,8 @@ def test_set_values_refusals_and_files_qrelay_ignores(root):
     (control / "concurrencylocal").write_text("30\n")
     (control / "bouncehost").write_text("bounces.example.com\n")
     (control / "databytes").write_text("10MB\n")
+    (control / "timeoutsmtpd").write_text("1m\n")
+    (control / "concurrencyincoming").write_text("0\n")
     (control / "badmailfrom").write_text("spam@x.test\n@y.test\n")
     (control / "rcpthosts").unlink()
     (control / "morercpthosts").write_text("a.test\n")
@@ -66,6 +68,9 @@ def test_set_values_refusals_and_files_qrelay_ignores(root):
     assert s["concurrencylocal"] == ["Local concurrency is 30."]
     assert s["bouncehost"] == ["Bounce host name is bounces.example.com."]
     assert s["databytes"] == ["Oops! databytes line 1: '10MB' is not a number: qrelay refuses it."]
+    assert s["timeoutsmtpd"] == ["Oops! timeoutsmtpd line 1: '1m' is not a number: qrelay refuses it."]
+    assert s["concurrencyincoming"] == [
+        "Oops! concurrencyincoming line 1: 0 is below the minimum 1: qrelay refuses it."]
     assert s["badmailfrom"] == ["", "spam@x.test not accepted in MAIL FROM.",
                                 "@y.test not accepted in MAIL FROM."]
     assert s["rcpthosts"] == ["Oops! There is no rcpthosts: qrelay refuses to start (it would be an"

@@ -109,11 +109,15 @@ def test_missing_tcp_smtp_allows_all(root):
     (lambda r: write(r, "tcp.smtp.cdb", b"garbage"), "control/tcp.smtp.cdb: "),
     (lambda r: write(r, "morercpthosts.cdb", b"garbage"), "control/morercpthosts.cdb: "),
     (lambda r: write(r, "concurrencyincoming", "0\n"),
-     "control/concurrencyincoming must be a positive number, not 0"),
+     "control/concurrencyincoming line 1: 0 is below the minimum 1"),
     (lambda r: (r / "qrelay.toml").write_text("[smtp]\nbogus = 1\n"), "unknown setting 'bogus'"),
     (lambda r: (r / "control" / "badmailfrom").mkdir(), "unable to read"),
     # qmail reads `10MB` as 10 bytes (every message then gets 552): refused instead.
     (lambda r: write(r, "databytes", "10MB\n"), "control/databytes line 1: '10MB' is not a number"),
+    # ...and `1m` as a 1-second timeout, `5k` as 5 connections at once.
+    (lambda r: write(r, "timeoutsmtpd", "1m\n"), "control/timeoutsmtpd line 1: '1m' is not a number"),
+    (lambda r: write(r, "concurrencyincoming", "5k\n"),
+     "control/concurrencyincoming line 1: '5k' is not a number"),
     (lambda r: (r / "qrelay.toml").write_text("[smtp]\nmax_line_length = 0\n"),
      "qrelay.toml: [smtp] max_line_length = 0 is out of range: at least 512"),
 ])

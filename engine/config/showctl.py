@@ -24,7 +24,7 @@ import os
 import ssl
 from pathlib import Path
 
-from engine.config.control import ControlError, read_line, read_int, read_list, read_number
+from engine.config.control import ControlError, read_line, read_list, read_number
 
 # qmail's conf-break, conf-patrn: the extension delimiter and the mode bits
 # that make a home or .qmail refused (engine.delivery.local.dotqmail).
@@ -54,10 +54,10 @@ class _Out:
         self.lines += ["", f"{self._head(name)}Oops! {why}"]
 
     def number(self, name: str, default: int, pre: str, post: str = "", *,
-               strict: bool = True, minimum: int = 0) -> None:
+               minimum: int = 0, refused_below: int | None = None) -> None:
         path = self.control / name
         try:
-            value = read_number(path, default) if strict else read_int(path, default)
+            value = read_number(path, default, minimum=refused_below)
         except ControlError as exc:
             return self.oops(name, f"{_relative(exc, self.control)}: qrelay refuses it.")
         lead = "" if path.exists() else "(Default.) "
@@ -153,8 +153,7 @@ def show(root: os.PathLike | str) -> str:
     out.items("smtproutes", "No artificial SMTP routes.", "SMTP route: ", "")
     out.number("timeoutconnect", 60, "SMTP client connection timeout is ", " seconds", minimum=1)
     out.number("timeoutremote", 1200, "SMTP client data timeout is ", " seconds", minimum=1)
-    out.number("timeoutsmtpd", 1200, "SMTP server data timeout is ", " seconds", strict=False,
-               minimum=1)
+    out.number("timeoutsmtpd", 1200, "SMTP server data timeout is ", " seconds", minimum=1)
     out.items("virtualdomains", "No virtual domains.", "Virtual domain: ", "")
 
     _qrelay_files(out, settings)
@@ -231,7 +230,7 @@ def _qrelay_files(out: _Out, settings) -> None:
     except TlsPolicyError as exc:
         out.oops("clientcert.pem", f"{_relative(exc, control)}.")
     out.number("concurrencyincoming", settings.smtp.max_connections,
-               "Incoming SMTP concurrency is ", strict=False)
+               "Incoming SMTP concurrency is ", refused_below=1)
     out.items("defaultdelivery", "Default delivery is ./Maildir/.", "Default delivery: ", "")
     _host_dir(out, "notlshosts", "No STARTTLS to ")
     _servercert(out)

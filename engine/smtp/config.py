@@ -8,8 +8,9 @@ for changes and swap the snapshot whole. Nothing here runs per command.
     control/smtpgreeting    default me
     control/localiphost     default me
     control/databytes       default 0 = unlimited (negative = 0); not a number = refused
-    control/timeoutsmtpd    default 1200; <= 0 becomes 1
-    control/concurrencyincoming   default settings.smtp.max_connections
+    control/timeoutsmtpd    default 1200; <= 0 becomes 1; not a number = refused
+    control/concurrencyincoming   default settings.smtp.max_connections; below 1
+                            or not a number = refused
     control/rcpthosts       REQUIRED — deliberate difference: qmail without it
                             is an open relay; qrelay refuses to start
     control/morercpthosts.cdb     optional (the text file is only the source
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.config.cdb import CdbError
-from engine.config.control import ControlError, read_int, read_line, read_number
+from engine.config.control import ControlError, read_line, read_number
 from engine.config.settings import Settings, SettingsError, load_settings
 from engine.config.tcprules import RULES_CDB, RULES_TEXT, TcpRules, TcpRulesError
 from engine.accounts.store import Accounts
@@ -85,12 +86,12 @@ def load_smtp_config(root: os.PathLike | str) -> SmtpConfig:
         localiphost = read_line(control / "localiphost", me) or me
         # Strict: qmail reads `10MB` as 10 bytes; a limit must not change silently.
         databytes = max(read_number(control / "databytes", 0), 0)
-        timeout = read_int(control / "timeoutsmtpd", DEFAULT_TIMEOUT)
+        # Strict too: qmail reads `1m` as 1 second, `5k` as 5 connections.
+        timeout = read_number(control / "timeoutsmtpd", DEFAULT_TIMEOUT)
         if timeout <= 0:
             timeout = 1
-        concurrency = read_int(control / "concurrencyincoming", settings.smtp.max_connections)
-        if concurrency <= 0:
-            raise ConfigError(f"control/concurrencyincoming must be a positive number, not {concurrency}")
+        concurrency = read_number(control / "concurrencyincoming", settings.smtp.max_connections,
+                                  minimum=1)
         try:
             policy = RecipientPolicy.load(control)
         except FileNotFoundError:
