@@ -91,13 +91,24 @@ def test_read_number_refuses_what_read_int_would_truncate(tmp_path: Path):
     with pytest.raises(ControlError) as info:
         read_number(p, 0)
     assert str(info.value) == f"{p} line 1: '10MB' is not a number"
-    for raw, value in ((b"10000\n", 10000), (b" 42 \r\n", 42), (b"-1\n", -1), (b"", 7), (b"\n", 7)):
+    for raw, value in ((b"10000\n", 10000), (b" 42 \r\n", 42), (b"0\n", 0), (b"", 7), (b"\n", 7)):
         p.write_bytes(raw)
         assert read_number(p, 7) == value
     assert read_number(tmp_path / "absent", 20) == 20
     p.write_bytes(b"0\n")
     with pytest.raises(ControlError, match="below the minimum 1"):
         read_number(p, 5, minimum=1)
+
+
+def test_read_number_refuses_a_negative_number(tmp_path: Path):
+    # qmail's scan_ulong reads no sign: `-1` in queuelifetime is the default
+    # 604800 there; read as -1 every message would bounce at its first
+    # deferral, and `-1` in concurrencyremote would hold all remote mail.
+    p = tmp_path / "queuelifetime"
+    p.write_bytes(b"-1\n")
+    with pytest.raises(ControlError) as info:
+        read_number(p, 604800)
+    assert str(info.value) == f"{p} line 1: -1 is below the minimum 0"
 
 
 def test_numbered_lines_keep_the_file_line_numbers(tmp_path: Path):

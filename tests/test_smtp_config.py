@@ -54,12 +54,13 @@ def test_control_values(root):
 
 def test_timeout_and_databytes_edges(root):
     write(root, "timeoutsmtpd", "0\n")
-    write(root, "databytes", "-5\n")
+    write(root, "databytes", "0\n")
     cfg = load_smtp_config(root)
     assert cfg.timeout == 1 and cfg.databytes == 0
-    write(root, "timeoutsmtpd", "-3\n")
-    cfg = load_smtp_config(root)
-    assert cfg.timeout == 1 and cfg.databytes == 0
+    write(root, "timeoutsmtpd", "-3\n")       # qmail: no digits, so 1200; qrelay: refused
+    with pytest.raises(ConfigError, match="timeoutsmtpd line 1: -3 is below the minimum 0"):
+        load_smtp_config(root)
+    write(root, "timeoutsmtpd", "30\n")
     write(root, "databytes", "junk\n")       # qmail: 0; qrelay: refused (below)
     with pytest.raises(ConfigError, match="databytes line 1: 'junk' is not a number"):
         load_smtp_config(root)
@@ -159,7 +160,8 @@ def test_databytes_that_is_a_number_is_read(root):
     write(root, "databytes", "10485760\n")
     assert load_smtp_config(root).databytes == 10485760
     write(root, "databytes", "-5\n")
-    assert load_smtp_config(root).databytes == 0
+    with pytest.raises(ConfigError, match="databytes line 1: -5 is below the minimum 0"):
+        load_smtp_config(root)
 
 
 def test_tcp_smtp_newer_than_its_cdb_is_named(root):

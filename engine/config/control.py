@@ -5,7 +5,8 @@
 - integer files: leading decimal digits, otherwise the default
   (`read_int`); `read_number` is the strict reading for files whose
   silent change would alter a limit (databytes, concurrency*, timeouts):
-  anything but a whole number is a ControlError naming the file and line;
+  anything but a whole number, or a negative one, is a ControlError naming
+  the file and line;
 - list files: every line, trailing space/TAB stripped, empty and `#` lines
   skipped;
 - a missing file gives the default; any other error is raised as
@@ -64,10 +65,11 @@ def read_int(path: os.PathLike | str, default: int) -> int:
     return sign * int(digits)
 
 
-def read_number(path: os.PathLike | str, default: int, *, minimum: int | None = None) -> int:
+def read_number(path: os.PathLike | str, default: int, *, minimum: int = 0) -> int:
     """The first line of an integer control file, which must be a whole number
-    (optional sign, surrounding space): qmail reads `10MB` as 10; qrelay refuses
-    it rather than silently change a limit. Missing file: `default`."""
+    (surrounding space allowed) of at least `minimum`: qmail reads `10MB` as 10,
+    and `-1` as no number at all (its default: scan_ulong reads no sign); qrelay
+    refuses both rather than silently change a limit. Missing file: `default`."""
     raw = _read(Path(path))
     if raw is None:
         return default
@@ -79,7 +81,7 @@ def read_number(path: os.PathLike | str, default: int, *, minimum: int | None = 
     if not body.isdigit():
         raise ControlError(f"{path} line 1: {_decode(first)!r} is not a number")
     value = int(text)
-    if minimum is not None and value < minimum:
+    if value < minimum:
         raise ControlError(f"{path} line 1: {value} is below the minimum {minimum}")
     return value
 

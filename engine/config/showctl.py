@@ -54,7 +54,7 @@ class _Out:
         self.lines += ["", f"{self._head(name)}Oops! {why}"]
 
     def number(self, name: str, default: int, pre: str, post: str = "", *,
-               minimum: int = 0, refused_below: int | None = None) -> None:
+               minimum: int = 0, refused_below: int = 0) -> None:
         path = self.control / name
         try:
             value = read_number(path, default, minimum=refused_below)

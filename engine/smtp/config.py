@@ -7,8 +7,8 @@ for changes and swap the snapshot whole. Nothing here runs per command.
     control/me              required (qmail-smtpd refuses without it too)
     control/smtpgreeting    default me
     control/localiphost     default me
-    control/databytes       default 0 = unlimited (negative = 0); not a number = refused
-    control/timeoutsmtpd    default 1200; <= 0 becomes 1; not a number = refused
+    control/databytes       default 0 = unlimited; negative or not a number = refused
+    control/timeoutsmtpd    default 1200; 0 becomes 1; negative or not a number = refused
     control/concurrencyincoming   default settings.smtp.max_connections; below 1
                             or not a number = refused
     control/rcpthosts       REQUIRED — deliberate difference: qmail without it
@@ -85,7 +85,7 @@ def load_smtp_config(root: os.PathLike | str) -> SmtpConfig:
         greeting = read_line(control / "smtpgreeting", me) or me
         localiphost = read_line(control / "localiphost", me) or me
         # Strict: qmail reads `10MB` as 10 bytes; a limit must not change silently.
-        databytes = max(read_number(control / "databytes", 0), 0)
+        databytes = read_number(control / "databytes", 0)
         # Strict too: qmail reads `1m` as 1 second, `5k` as 5 connections.
         timeout = read_number(control / "timeoutsmtpd", DEFAULT_TIMEOUT)
         if timeout <= 0:
