@@ -62,6 +62,11 @@ def test_settings_defaults_and_overrides(tmp_path: Path):
     ("[delivery]\nmx_port = 0\n", "[delivery] mx_port = 0 is out of range: at least 1"),
     ("[scheduler]\nscan_batch = 0\n", "[scheduler] scan_batch = 0 is out of range"),
     ("[log]\nmax_files = 1\n", "[log] max_files = 1 is out of range: at least 2"),
+    # TOML has nan and inf; nan passes every range check (each comparison is
+    # false) and makes the event loop's timers raise ValueError.
+    ("[tls]\nhandshake_timeout = nan\n", "[tls] handshake_timeout = nan: must be a finite number"),
+    ("[smtp]\nreload_poll_seconds = nan\n", "[smtp] reload_poll_seconds = nan: must be a finite number"),
+    ("[smtp]\nshutdown_grace = inf\n", "[smtp] shutdown_grace = inf: must be a finite number"),
 ])
 def test_settings_errors_name_the_file_the_section_and_the_key(tmp_path: Path, text: str, message: str):
     (tmp_path / "qrelay.toml").write_text(text)

@@ -15,6 +15,7 @@ Each section is a frozen dataclass so a snapshot can be swapped whole on reload.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -557,6 +558,8 @@ def _build(cls, values: dict, where: str):
                 f"{where} {key}: expected {_TOML_NAMES.get(expected, expected.__name__)},"
                 f" got {_toml_type(value)}")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise SettingsError(f"{where} {key} = {value}: must be a finite number")
             if value < 0:
                 raise SettingsError(f"{where} {key} = {value}: must not be negative")
             section = where.rpartition("[")[2].rstrip("]")
