@@ -67,6 +67,11 @@ def test_settings_defaults_and_overrides(tmp_path: Path):
     ("[tls]\nhandshake_timeout = nan\n", "[tls] handshake_timeout = nan: must be a finite number"),
     ("[smtp]\nreload_poll_seconds = nan\n", "[smtp] reload_poll_seconds = nan: must be a finite number"),
     ("[smtp]\nshutdown_grace = inf\n", "[smtp] shutdown_grace = inf: must be a finite number"),
+    # TOML's integers are 64-bit; tomllib reads any size, and a receiver then
+    # failed every connection (OverflowError converting max_line_length).
+    ("[smtp]\nmax_line_length = 99999999999999999999\n",
+     "[smtp] max_line_length = 99999999999999999999: too large for a 64-bit integer"),
+    ("[smtp]\nmax_line_length = " + "9" * 5000 + "\n", "Exceeds the limit (4300 digits)"),
 ])
 def test_settings_errors_name_the_file_the_section_and_the_key(tmp_path: Path, text: str, message: str):
     (tmp_path / "qrelay.toml").write_text(text)

@@ -560,6 +560,9 @@ def _build(cls, values: dict, where: str):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):
                 raise SettingsError(f"{where} {key} = {value}: must be a finite number")
+            if isinstance(value, int) and not -2**63 <= value < 2**63:
+                # TOML's integers are 64-bit (tomllib reads any size).
+                raise SettingsError(f"{where} {key} = {value}: too large for a 64-bit integer")
             if value < 0:
                 raise SettingsError(f"{where} {key} = {value}: must not be negative")
             section = where.rpartition("[")[2].rstrip("]")
@@ -586,6 +589,10 @@ def load_settings(root: Path | str) -> Settings:
         raise SettingsError(f"{path}: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"{path}: {exc}") from exc
+    except ValueError as exc:
+        # An integer of thousands of digits (Python's int() limit); the rest
+        # of the text is advice for programmers.
+        raise SettingsError(f"{path}: {str(exc).split(';')[0]}") from exc
     top = {f.name for f in dataclasses.fields(Settings)}
     for key in data:
         if key not in top:
