@@ -110,6 +110,17 @@ def test_read_number_refuses_what_read_int_would_truncate(tmp_path: Path):
         read_number(p, 5, minimum=1)
 
 
+def test_a_number_of_thousands_of_digits_is_no_traceback(tmp_path: Path):
+    p = tmp_path / "databytes"
+    p.write_bytes(b"9" * 5000 + b"\n")
+    with pytest.raises(ControlError) as info:
+        read_number(p, 0)
+    assert str(info.value) == f"{p} line 1: a number of 5000 digits is too large"
+    assert read_int(p, 7) == 7
+    p.write_bytes(b"0" * 5000 + b"42\n")
+    assert read_number(p, 0) == 42 and read_int(p, 7) == 42
+
+
 def test_read_number_refuses_a_negative_number(tmp_path: Path):
     # qmail's scan_ulong reads no sign: `-1` in queuelifetime is the default
     # 604800 there; read as -1 every message would bounce at its first

@@ -87,6 +87,13 @@ def test_ranges_expand_like_tcprules():
     assert keys == []
     keys, _ = parse_rule_line("-2.:allow")
     assert keys == ["0.", "1.", "2."]
+    keys, _ = parse_rule_line("1.2.3.007-0010:allow")
+    assert keys == [f"1.2.3.{n}" for n in range(7, 11)]
+    # bounds of any length (Python's int() refuses over 4300 digits)
+    keys, _ = parse_rule_line("1.2.3.250-" + "9" * 5000 + ":allow")
+    assert keys == [f"1.2.3.{n}" for n in range(250, 256)]
+    keys, _ = parse_rule_line("1.2.3." + "9" * 5000 + "-5:allow")
+    assert keys == []
     # no expansion for host names or info@ forms
     assert parse_rule_line("=a-b.example.com:allow")[0] == ["=a-b.example.com"]
     assert parse_rule_line("jo-e@1.2.3.4:allow")[0] == ["jo-e@1.2.3.4"]

@@ -18,6 +18,11 @@ import os
 from pathlib import Path
 
 
+# Digits of the largest number read (below 2**63): more is no limit anyone
+# means, and Python's int() refuses strings of over 4300 digits.
+MAX_DIGITS = 18
+
+
 class ControlError(Exception):
     """A control file exists but could not be read."""
 
@@ -62,6 +67,9 @@ def read_int(path: os.PathLike | str, default: int) -> int:
             break
     if not digits:
         return default
+    digits = digits.lstrip(b"0") or b"0"
+    if len(digits) > MAX_DIGITS:
+        return default          # qmail's unsigned long would wrap; int() refuses 4300+ digits
     return sign * int(digits)
 
 
@@ -77,10 +85,14 @@ def read_number(path: os.PathLike | str, default: int, *, minimum: int = 0) -> i
     text = first.strip(b" \t\r")
     if not text:
         return default          # an empty first line: qmail's default too
+    sign = -1 if text[:1] == b"-" else 1
     body = text[1:] if text[:1] in (b"-", b"+") else text
     if not body.isdigit():
         raise ControlError(f"{path} line 1: {_decode(first)!r} is not a number")
-    value = int(text)
+    digits = body.lstrip(b"0") or b"0"
+    if len(digits) > MAX_DIGITS:
+        raise ControlError(f"{path} line 1: a number of {len(digits)} digits is too large")
+    value = sign * int(digits)
     if value < minimum:
         raise ControlError(f"{path} line 1: {value} is below the minimum {minimum}")
     return value

@@ -161,9 +161,15 @@ def _expand_address(address: str, bad: TcpRulesError) -> list[str]:
     for text in (bot_text, top_text):
         if text and not (text.isascii() and text.isdigit()):
             raise bad
-    bot = int(bot_text) if bot_text else 0
-    top = min(int(top_text) if top_text else 0, 255)
+    bot = _octet(bot_text)
+    top = min(_octet(top_text), 255)
     return [f"{address[:left]}{n}{address[right:]}" for n in range(bot, top + 1)]
+
+
+def _octet(text: str) -> int:
+    """A range bound's value; one over 255 as 256 (int() refuses 4300+ digits)."""
+    digits = text.lstrip("0")
+    return int(digits or "0") if len(digits) <= 3 else 256
 
 
 def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
