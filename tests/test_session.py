@@ -744,6 +744,18 @@ def test_rule_environment_databytes_localhost_remoteinfo(make_server, connect):
     assert lines[2].startswith(b"  by relay.example.com with SMTP; ")
 
 
+@pytest.mark.parametrize("value", ["\u00b2", "9" * 30, "9" * 5000])
+def test_rule_databytes_that_is_no_usable_number_is_the_cap(make_server, connect, value):
+    # qmail's scan_ulong reads ASCII digits only; str.isdigit() also took "²"
+    # (int() then raised), and 20+ digits overflowed the C scanner: every
+    # connection from the rule's clients died with a traceback.
+    srv = make_server(tcp_smtp=f'127.0.0.1:allow,DATABYTES="{value}"\n', databytes="0\n")
+    c = connect(srv.port)
+    assert c.line() == f"220 {ME} ESMTP\r\n".encode()
+    cap = srv.receiver.config.settings.smtp.max_message_bytes
+    assert c.cmd(b"EHLO c").endswith(f"250 SIZE {cap}\r\n".encode())
+
+
 def test_message_memory_is_bounded_per_receiver(make_server, connect):
     # [smtp] max_buffered_bytes: the messages all sessions hold at once. Past it a
     # message is read to its end and answered 452 (try again), unless it is the

@@ -262,12 +262,16 @@ class SmtpSession(asyncio.Protocol):
         databytes = cfg.databytes
         if "DATABYTES" in env:
             # qmail: the DATABYTES variable wins over control/databytes.
+            # Its leading ASCII digits, as qmail's scan_ulong (str.isdigit
+            # takes "²" too); more than 18 is no limit anyone means and
+            # int() refuses 4300+: 0, so the cap below applies.
             digits = ""
             for c in env["DATABYTES"]:
-                if not c.isdigit():
+                if not "0" <= c <= "9":
                     break
                 digits += c
-            databytes = int(digits) if digits else 0
+            digits = digits.lstrip("0")
+            databytes = int(digits) if 0 < len(digits) <= 18 else 0
         # The limit actually enforced: databytes, else the max_message_bytes cap
         # (0 only if that is switched off too). EHLO's SIZE and MAIL's SIZE= use it.
         self.databytes = databytes if databytes > 0 else st.max_message_bytes
