@@ -175,3 +175,28 @@ def test_tcp_smtp_newer_than_its_cdb_is_named(root):
     os.utime(control / "tcp.smtp", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert stale_cdb(control) == (f"{control / 'tcp.smtp'} is newer than tcp.smtp.cdb, which is"
                                   " what is read: run `qrelay tcprules` to apply the edit")
+
+
+def test_a_size_limit_that_no_spool_frame_can_carry_is_refused(root):
+    # A message under the size limit but over [spool] max_frame_bytes was
+    # refused by the spool writer: 451 "qq write error or disk full", every
+    # retry, until the sender gave up. qmail boxes often have databytes of
+    # 100 MB; the default frame is 80 MiB.
+    write(root, "databytes", "104857600\n")
+    with pytest.raises(ConfigError) as info:
+        load_smtp_config(root)
+    assert str(info.value) == (
+        "control/databytes 104857600 does not fit in a spool frame: [spool] max_frame_bytes"
+        " = 83886080 in qrelay.toml must be at least 110018176 (the message, max_recipients"
+        " recipients and the envelope)")
+    (root / "qrelay.toml").write_text("[spool]\nmax_frame_bytes = 110018176\n")
+    assert load_smtp_config(root).databytes == 104857600
+    write(root, "databytes", "0\n")
+    (root / "qrelay.toml").write_text("[smtp]\nmax_message_bytes = 83886080\n")
+    with pytest.raises(ConfigError, match=r"^qrelay.toml: \[smtp\] max_message_bytes 83886080 does "
+                                          r"not fit in a spool frame: \[spool\] max_frame_bytes"):
+        load_smtp_config(root)
+    # Without the single writer no frame carries messages.
+    (root / "qrelay.toml").write_text("[smtp]\nmax_message_bytes = 83886080\n"
+                                      "[spool]\nsingle_writer = false\n")
+    assert load_smtp_config(root).settings.smtp.max_message_bytes == 83886080

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from engine.config.cdb import CdbError
 from engine.config.control import ControlError, read_line, read_number
-from engine.config.settings import Settings, SettingsError, load_settings
+from engine.config.settings import SETTINGS_FILE, Settings, SettingsError, load_settings
 from engine.config.tcprules import RULES_CDB, RULES_TEXT, TcpRules, TcpRulesError
 from engine.accounts.store import Accounts
 from engine.smtp.policy import RecipientPolicy
@@ -86,6 +86,7 @@ def load_smtp_config(root: os.PathLike | str) -> SmtpConfig:
         localiphost = read_line(control / "localiphost", me) or me
         # Strict: qmail reads `10MB` as 10 bytes; a limit must not change silently.
         databytes = read_number(control / "databytes", 0)
+        _check_frame_room(databytes, settings)
         # Strict too: qmail reads `1m` as 1 second, `5k` as 5 connections.
         timeout = read_number(control / "timeoutsmtpd", DEFAULT_TIMEOUT)
         if timeout <= 0:
@@ -110,6 +111,26 @@ def load_smtp_config(root: os.PathLike | str) -> SmtpConfig:
         policy=policy,
         mailboxes=Accounts(root) if settings.smtp.reject_unknown_mailboxes else None,
     )
+
+
+def _check_frame_room(databytes: int, settings: Settings) -> None:
+    """Through the single spool writer a message travels in one frame of at
+    most [spool] max_frame_bytes with its envelope: a size limit above that
+    would have every message between the two answered 451, at every retry."""
+    if not settings.spool.single_writer:
+        return
+    smtp = settings.smtp
+    limit = databytes or smtp.max_message_bytes
+    # Each recipient is at most a command line; the sender and the Received
+    # line fit in the rest.
+    need = limit + smtp.max_recipients * (smtp.max_line_length + 16) + (1 << 20)
+    frame = settings.spool.max_frame_bytes
+    if need > frame:
+        what = (f"control/databytes {databytes}" if databytes
+                else f"{SETTINGS_FILE}: [smtp] max_message_bytes {limit}")
+        raise ConfigError(f"{what} does not fit in a spool frame: [spool] max_frame_bytes = {frame}"
+                          f" in {SETTINGS_FILE} must be at least {need} (the message,"
+                          " max_recipients recipients and the envelope)")
 
 
 def _rules_name(control: Path) -> str:
