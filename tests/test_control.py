@@ -62,6 +62,12 @@ def test_settings_defaults_and_overrides(tmp_path: Path):
     ("[delivery]\nmx_port = 0\n", "[delivery] mx_port = 0 is out of range: at least 1"),
     ("[scheduler]\nscan_batch = 0\n", "[scheduler] scan_batch = 0 is out of range"),
     ("[log]\nmax_files = 1\n", "[log] max_files = 1 is out of range: at least 2"),
+    # (isqrt(age) + 0)^2 <= age: every deferral due again at once, in a loop
+    ("[scheduler]\nretry_skip_remote = 0\n",
+     "[scheduler] retry_skip_remote = 0 is out of range: at least 1"),
+    ("[scheduler]\nretry_skip_local = 0\n", "[scheduler] retry_skip_local = 0 is out of range"),
+    # a segment a writer just created, not yet registered, would look abandoned
+    ("[spool]\norphan_grace = 0\n", "[spool] orphan_grace = 0 is out of range: at least 600"),
     # TOML has nan and inf; nan passes every range check (each comparison is
     # false) and makes the event loop's timers raise ValueError.
     ("[tls]\nhandshake_timeout = nan\n", "[tls] handshake_timeout = nan: must be a finite number"),
