@@ -12,6 +12,7 @@ The layout is qmail's, so an operator can point qrelay at an existing
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,6 +38,11 @@ DEFAULT_CONTROLS = {
 DEFAULT_TCP_SMTP = '127.:allow,RELAYCLIENT=""\n:allow\n'
 
 
+# Dot-separated labels of letters, digits, `-` and `_` (an IDN in its
+# xn-- form).
+_HOST_NAME = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
+
+
 class HomeError(Exception):
     """The root cannot be created as asked."""
 
@@ -50,7 +56,9 @@ def init_home(root: Path | str, me: str | None = None, force: bool = False) -> P
     """Create ROOT with qmail's control files; refuse an existing root unless force."""
     root = Path(root)
     me = me or default_me()
-    if not me or any(c in me for c in "\r\n\0/") or me != me.strip():
+    if not _HOST_NAME.fullmatch(me):
+        # Anything else (a space, `a..b`, a trailing dot, `:port`) would be
+        # matched by no recipient's domain in rcpthosts and locals.
         raise HomeError(f"invalid host name for --me: {me!r}")
     if root.exists() and not root.is_dir():
         raise HomeError(f"{root} exists and is not a directory")

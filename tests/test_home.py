@@ -36,6 +36,15 @@ def test_init_refuses_existing_root_unless_forced(tmp_path: Path, qrelay_cli):
 def test_init_rejects_bad_host_name(tmp_path: Path, qrelay_cli):
     res = qrelay_cli("init", str(tmp_path / "r"), "--me", "bad\nname")
     assert res.returncode == 1 and "invalid host name" in res.stderr
+    # A name no address can carry: rcpthosts and locals would never match
+    # (every recipient 553), and the greeting and HELO would say it.
+    for bad in ("mx example.com", "mx\texample.com", "a..example", ".example.com",
+                "mx.example.com.", "mx:25"):
+        res = qrelay_cli("init", str(tmp_path / "r"), "--me", bad)
+        assert res.returncode == 1, bad
+        assert res.stderr == f"Error: invalid host name for --me: {bad!r}\n"
+        assert not (tmp_path / "r").exists()
+    assert qrelay_cli("init", str(tmp_path / "r"), "--me", "mx-1.ex_ample.com").returncode == 0
 
 
 def test_version(qrelay_cli):
