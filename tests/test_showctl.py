@@ -85,6 +85,30 @@ def test_set_values_refusals_and_files_qrelay_ignores(root):
     assert s["servercert.pem"] == ["Certificate and key for STARTTLS, submissions and pop3s."]
 
 
+def test_files_qrelay_run_refuses_are_oops_lines(root):
+    # Listed as if fine, these stop `qrelay run` (or its reload).
+    control = root / "control"
+    (control / "tcp.smtp").write_text('127.:allow,RELAYCLIENT\n')
+    (control / "smtproutes").write_text("example.com\n")
+    (control / "tlsdestinations").write_text("bad line here\n")
+    (control / "morercpthosts").write_text("a.test\n")
+    (control / "morercpthosts.cdb").write_text("garbage\n")
+    s = sections(show(root))
+    assert s["tcp.smtp"] == ["Oops! unable to parse this line: 127.:allow,RELAYCLIENT:"
+                             " qrelay refuses it."]
+    assert s["smtproutes"][0].startswith("Oops! smtproutes line 1: no ':' in 'example.com'")
+    assert s["smtproutes"][0].endswith(": qrelay refuses it.")
+    assert s["tlsdestinations"][0].startswith("Oops! ") and "qrelay refuses it." in s["tlsdestinations"][0]
+    assert s["morercpthosts.cdb"] == ["Oops! morercpthosts.cdb: truncated cdb (shorter than its"
+                                      " 2048-byte header): qrelay refuses it."]
+    # With a cdb, the text is not read: its error is no refusal; a broken cdb is.
+    (control / "tcp.smtp.cdb").write_text("garbage\n")
+    s = sections(show(root))
+    assert s["tcp.smtp"] == ["", "Rule: 127.:allow,RELAYCLIENT"]
+    assert s["tcp.smtp.cdb"] == ["Oops! tcp.smtp.cdb: truncated cdb (shorter than its 2048-byte"
+                                 " header): qrelay refuses it."]
+
+
 def test_a_broken_qrelay_toml_is_said_after_the_header(root):
     (root / "qrelay.toml").write_text("[smtp\n")
     text = show(root)

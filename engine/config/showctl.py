@@ -9,8 +9,9 @@ and refusals are qrelay's:
   sentences (`qmqpservers` and the SPF patch's files are not read, so they
   are not among them);
 - a value qrelay would refuse at start (`databytes` of `10MB`, a broken
-  certificate, no `rcpthosts`) is an `Oops! ` line saying why, where
-  qmail-showctl only says `Oops! Trouble reading this file.` for a read error;
+  certificate, no `rcpthosts`, a tcp.smtp or smtproutes line that does not
+  parse, a corrupt cdb) is an `Oops! ` line saying why, where qmail-showctl
+  only says `Oops! Trouble reading this file.` for a read error;
 - then the files qrelay reads beyond netqmail (qmail-tls's, ucspi-tcp's
   tcp.smtp, concurrencyincoming, defaultdelivery, s/qmail's tlsdestinations);
 - then every other entry of control/: `NAME: I have no idea what this file
@@ -24,7 +25,9 @@ import os
 import ssl
 from pathlib import Path
 
+from engine.config.cdb import CdbError, CdbFile
 from engine.config.control import ControlError, read_line, read_list, read_number
+from engine.config.tcprules import RULES_CDB, TcpRules, TcpRulesError
 
 # qmail's conf-break, conf-patrn: the extension delimiter and the mode bits
 # that make a home or .qmail refused (engine.delivery.local.dotqmail).
@@ -91,6 +94,16 @@ class _Out:
     def say(self, name: str, text: str, *more: str) -> None:
         self.lines += ["", f"{self._head(name)}{text}", *more]
 
+    def refused(self, name: str, load, errors) -> bool:
+        """Run `load`, the reader the services use for `name`; an error it
+        raises (qrelay run would not start) is the file's Oops! line."""
+        try:
+            load()
+        except errors as exc:
+            self.oops(name, f"{_relative(exc, self.control)}: qrelay refuses it.")
+            return True
+        return False
+
 
 def _safe(text: str) -> str:
     """qmail-showctl's safeput: bytes outside 32..126 as `?`."""
@@ -150,7 +163,9 @@ def show(root: os.PathLike | str) -> str:
     out.number("queuelifetime", 604800, "Message lifetime in the queue is ", " seconds")
     _rcpthosts(out)
     out.line("smtpgreeting", None, "SMTP greeting: 220 ")
-    out.items("smtproutes", "No artificial SMTP routes.", "SMTP route: ", "")
+    from engine.delivery.routes import RoutesError, SmtpRoutes
+    if not out.refused("smtproutes", lambda: SmtpRoutes.load(control), RoutesError):
+        out.items("smtproutes", "No artificial SMTP routes.", "SMTP route: ", "")
     out.number("timeoutconnect", 60, "SMTP client connection timeout is ", " seconds", minimum=1)
     out.number("timeoutremote", 1200, "SMTP client data timeout is ", " seconds", minimum=1)
     out.number("timeoutsmtpd", 1200, "SMTP server data timeout is ", " seconds", minimum=1)
@@ -192,8 +207,10 @@ def _rcpthosts(out: _Out) -> None:
     else:
         out.items("morercpthosts", "No rcpthosts; morercpthosts is irrelevant.",
                   "No rcpthosts; doesn't matter that morercpthosts has ", ".")
-    out.say("morercpthosts.cdb", _cdb_state(out.control, "morercpthosts", "morercpthosts.cdb",
-                                            "qrelay newmrh"))
+    cdb = out.control / "morercpthosts.cdb"
+    if not (cdb.exists() and out.refused("morercpthosts.cdb", lambda: CdbFile.open(cdb), CdbError)):
+        out.say("morercpthosts.cdb", _cdb_state(out.control, "morercpthosts", "morercpthosts.cdb",
+                                                "qrelay newmrh"))
 
 
 def _cdb_state(control: Path, text: str, cdb: str, command: str) -> str:
@@ -219,7 +236,7 @@ def _cdb_state(control: Path, text: str, cdb: str, command: str) -> str:
 
 def _qrelay_files(out: _Out, settings) -> None:
     """The files qrelay reads beyond netqmail's, alphabetically."""
-    from engine.delivery.tlspolicy import TlsPolicyError, read_client_cert
+    from engine.delivery.tlspolicy import TlsDestinations, TlsPolicyError, read_client_cert
 
     control = out.control
     try:
@@ -234,14 +251,21 @@ def _qrelay_files(out: _Out, settings) -> None:
     out.items("defaultdelivery", "Default delivery is ./Maildir/.", "Default delivery: ", "")
     _host_dir(out, "notlshosts", "No STARTTLS to ")
     _servercert(out)
-    out.items("tcp.smtp", "No rules: every client may connect, none may relay.", "Rule: ", "")
-    cdb = _cdb_state(control, "tcp.smtp", "tcp.smtp.cdb", "qrelay tcprules")
-    if cdb.startswith("Oops! tcp.smtp exists but"):
-        cdb = "(Default.) tcp.smtp is read as it is."
-    out.say("tcp.smtp.cdb", cdb)
+    # The text is read only without the cdb (as tcpserver -x reads only the cdb).
+    has_cdb = (control / RULES_CDB).exists()
+    if has_cdb or not out.refused("tcp.smtp", lambda: TcpRules.load(control), TcpRulesError):
+        out.items("tcp.smtp", "No rules: every client may connect, none may relay.", "Rule: ", "")
+    if not (has_cdb and out.refused("tcp.smtp.cdb", lambda: TcpRules.load(control),
+                                    TcpRulesError)):
+        cdb = _cdb_state(control, "tcp.smtp", "tcp.smtp.cdb", "qrelay tcprules")
+        if cdb.startswith("Oops! tcp.smtp exists but"):
+            cdb = "(Default.) tcp.smtp is read as it is."
+        out.say("tcp.smtp.cdb", cdb)
     _ciphers(out, "tlsclientciphers")
-    out.items("tlsdestinations", "Opportunistic TLS to every destination.",
-              "TLS destination: ", "")
+    if not out.refused("tlsdestinations", lambda: TlsDestinations.load(control.parent),
+                       TlsPolicyError):
+        out.items("tlsdestinations", "Opportunistic TLS to every destination.",
+                  "TLS destination: ", "")
     _host_dir(out, "tlshosts", "TLS required to ")
     _ciphers(out, "tlsserverciphers")
 
