@@ -287,3 +287,15 @@ def test_cli_tcprules_and_newmrh(root, qrelay_cli):
     (control / "morercpthosts").unlink()
     result = qrelay_cli("newmrh", str(root))
     assert result.returncode == 1 and "no such file" in result.stderr
+
+
+def test_cli_newmrh_unreadable_source_is_one_line(root, qrelay_cli):
+    # A file that exists but cannot be read (EACCES for an operator who is not
+    # root; /proc/self/mem gives EIO to anyone): an error line, no traceback.
+    control = root / "control"
+    (control / "morercpthosts").symlink_to("/proc/self/mem")
+    result = qrelay_cli("newmrh", str(root))
+    assert result.returncode == 1
+    assert result.stderr == (f"Error: unable to read {control / 'morercpthosts'}:"
+                             " Input/output error\n")
+    assert not (control / "morercpthosts.cdb").exists()

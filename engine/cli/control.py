@@ -46,12 +46,13 @@ def newmrh(root: str) -> None:
     from pathlib import Path
 
     from engine.config.cdb import CdbError, newmrh as compile_morercpthosts
+    from engine.config.control import ControlError
     control = Path(root) / "control"
     if not (control / "morercpthosts").is_file():
         raise click.ClickException(f"{control / 'morercpthosts'}: no such file")
     try:
         count = compile_morercpthosts(control)
-    except (CdbError, OSError) as exc:
+    except (CdbError, ControlError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"qrelay: wrote {control / 'morercpthosts.cdb'} ({count} domains)")
 
