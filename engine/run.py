@@ -407,6 +407,7 @@ def serve(root: Path, listen: list[ListenAddress], procs: int,
     # Every mode below is meant as written: an inherited umask of 000 (some
     # init systems) would make queue/lock/ and run/metrics/ world-writable.
     os.umask(0o022)
+    from engine.config.control import SettledChanges
     from engine.delivery.service import delivery_fingerprint
     from engine.smtp.config import ConfigError, config_fingerprint, load_smtp_config
 
@@ -459,16 +460,16 @@ def serve(root: Path, listen: list[ListenAddress], procs: int,
             # What the receivers read, and what the delivery side reads.
             return config_fingerprint(root), delivery_fingerprint(root)
 
-        fingerprint = [fingerprint_now()]
+        # A change is reloaded once it has held for a poll: never a file
+        # caught half written or in an editor's remove-and-rewrite.
+        watch = SettledChanges(fingerprint_now)
         tls = config.settings.tls
         tickets = TicketKeys(tls.ticket_key_seconds) if tls.ticket_key_seconds > 0 else None
 
         def control_files_changed() -> bool:
             if tickets is not None:
                 tickets.epoch()     # a receiver restarted later is forked with a current key
-            now = fingerprint_now()
-            if now != fingerprint[0]:
-                fingerprint[0] = now
+            if watch.changed():
                 stale_rules_warning(root)
                 return True
             return False

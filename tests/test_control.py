@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.config.control import (ControlError, read_int, read_line, read_list, read_number,
-                                   read_numbered_lines)
+from engine.config.control import (ControlError, SettledChanges, read_int, read_line, read_list,
+                                   read_number, read_numbered_lines, stat_fingerprint)
 from engine.config.settings import SettingsError, load_settings
 
 
@@ -143,3 +143,28 @@ def test_numbered_lines_keep_the_file_line_numbers(tmp_path: Path):
     p.write_bytes(b"# c\n\na:b  \nc:d\n")
     assert read_numbered_lines(p) == [(3, "a:b"), (4, "c:d")]
     assert read_numbered_lines(tmp_path / "absent") is None
+
+
+def test_a_change_is_reported_once_it_has_settled(tmp_path: Path):
+    # The supervisor polls this to send the reload HUP: a file caught half
+    # written, or between an editor's removal and its new copy, must not be
+    # what the children read; the state after it, one poll later, is.
+    (tmp_path / "control").mkdir()
+    rules = tmp_path / "control" / "tcp.smtp"
+    rules.write_text("1.2.3.:deny\n:allow\n")
+    watch = SettledChanges(lambda: stat_fingerprint(tmp_path, ("control/tcp.smtp",)))
+    assert not watch.changed()
+    rules.write_text("1.2.3.:deny\n")                  # half written
+    assert not watch.changed()
+    rules.write_text("1.2.3.:deny\n5.6.7.:deny\n:allow\n")
+    assert not watch.changed()                          # still moving
+    assert watch.changed()                              # the same twice: reload
+    assert not watch.changed()                          # once
+    rules.unlink()                                      # an editor's save ...
+    assert not watch.changed()
+    rules.write_text("1.2.3.:deny\n5.6.7.:deny\n:allow\n# saved\n")   # ... its new copy
+    assert not watch.changed()
+    assert watch.changed()
+    rules.unlink()                                      # removed, and it stays so
+    assert not watch.changed()
+    assert watch.changed()

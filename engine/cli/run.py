@@ -27,7 +27,8 @@ def run(root: str, listen: tuple[str, ...], procs: int | None, dev: bool, port_f
             users/assign), the vpopmail domains' vpasswd and .qmail files,
             control/servercert.pem (certificate + key: STARTTLS, and the
             submissions/pop3s listeners, which refuse to start without it);
-            changes are picked up on HUP or within reload_poll_seconds.
+            changes are picked up on HUP, or once they have held for
+            reload_poll_seconds.
     Writes: ROOT/queue/ (the spool; queue/lock/sendmutex is held while it
             runs, so a second `qrelay run` on ROOT refuses to start),
             the mailboxes of local deliveries, ROOT/run/metrics/ (every

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -125,6 +126,28 @@ def stat_fingerprint(root: os.PathLike | str, names: tuple[str, ...]) -> tuple:
             continue
         out.append((name, st.st_ino, st.st_size, st.st_mtime_ns))
     return tuple(out)
+
+
+class SettledChanges:
+    """Whether the files behind `fingerprint` (stat_fingerprint) changed, told
+    once the change has settled: two looks in a row, a poll apart, must see
+    the same new state. A file caught half written, or in the moment between
+    an editor's removal and its new copy, is then not what a reload reads;
+    the state one poll later is (a reload comes a poll later too)."""
+
+    __slots__ = ("_fingerprint", "_loaded", "_seen")
+
+    def __init__(self, fingerprint: Callable[[], tuple]) -> None:
+        self._fingerprint = fingerprint
+        self._loaded = self._seen = fingerprint()
+
+    def changed(self) -> bool:
+        now = self._fingerprint()
+        settled, self._seen = now == self._seen, now
+        if not settled or now == self._loaded:
+            return False
+        self._loaded = now
+        return True
 
 
 def read_list(path: os.PathLike | str, default: list[str] | None = None) -> list[str] | None:

@@ -62,7 +62,8 @@ class SmtpSettings:
     refuse_bare_cr: bool = True
     # rblsmtpd -t: seconds before a client blocked by RBLSMTPD is dropped.
     rblsmtpd_timeout: int = 60
-    # Seconds between checks of the control files' mtimes (reload without SIGHUP).
+    # Seconds between checks of the control files' mtimes (reload without SIGHUP,
+    # once a change has held from one check to the next).
     reload_poll_seconds: float = 5.0
     # A recipient in a local domain with no mailbox, alias or catch-all gets a
     # 550 at RCPT (qmail accepts it and bounces later: backscatter).
