@@ -421,3 +421,18 @@ def test_a_lock_directory_the_run_user_made_a_link_is_not_followed_by_root(root,
     assert (r.returncode, r.stderr) == (
         1, f"Error: cannot start: {root}/queue/lock/sendmutex: Permission denied\n")
     assert (other / "sendmutex").read_text() == "4242\n"
+
+
+@as_root
+def test_a_control_file_only_root_may_read_stops_the_start_in_one_line(root, tmp_path):
+    """The receivers read the control files as the run user: one left 0600
+    root's made every child fail and restart in a loop behind a started
+    `qrelay run`; the start now loads them as that user and says which."""
+    searchable(tmp_path)
+    (root / "qrelay.toml").write_text('[run]\nuser = "nobody"\n')
+    (root / "control" / "rcpthosts").chmod(0o600)
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "run", str(root), "--listen",
+                        "127.0.0.1:0"], cwd=Path(__file__).parent.parent, capture_output=True,
+                       text=True, timeout=60)
+    assert (r.returncode, r.stderr) == (1, "Error: cannot start: as [run] user nobody: unable to "
+                                           f"read {root}/control/rcpthosts: Permission denied\n")
