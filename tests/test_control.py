@@ -59,6 +59,8 @@ def test_settings_defaults_and_overrides(tmp_path: Path):
      "[smtp] max_line_length = 0 is out of range: at least 512 (RFC 5321 4.5.3.1.4)"),
     ("[smtp]\nmax_line_length = 511\n", "[smtp] max_line_length = 511 is out of range"),
     ("[spool]\nsync_depth = 65\n", "[spool] sync_depth = 65 is out of range: at most 64"),
+    ("[spool]\nindex_map_bytes = 140737488355328\n",
+     "[spool] index_map_bytes = 140737488355328 is out of range: at most 17592186044416"),
     ("[delivery]\nmx_port = 0\n", "[delivery] mx_port = 0 is out of range: at least 1"),
     ("[scheduler]\nscan_batch = 0\n", "[scheduler] scan_batch = 0 is out of range"),
     ("[log]\nmax_files = 1\n", "[log] max_files = 1 is out of range: at least 2"),

@@ -461,6 +461,7 @@ RANGES: dict[tuple[str, str], tuple[float, float | None, str]] = {
     ("spool", "max_open_segments"): (1, None, "a segment must be read"),
     ("spool", "sync_depth"): (1, 64, "a thread and a descriptor each"),
     ("spool", "max_frame_bytes"): (1024, None, "a frame holds a message"),
+    ("spool", "index_map_bytes"): (1 << 20, 1 << 44, "LMDB maps it whole: address space"),
     ("spool", "inject_buffered_bytes"): (1024 * 1024, None, "room for local users' mail"),
     ("spool", "surgery_batch"): (1, 100000, "messages per surgery transaction"),
     ("spool", "surgery_pause"): (0, 10, "seconds between surgery transactions"),
@@ -484,7 +485,7 @@ RANGES: dict[tuple[str, str], tuple[float, float | None, str]] = {
     ("relay", "pop_before_smtp_ttl"): (1, None, "a grant must last"),
     ("relay", "timeout"): (0.001, 10, "a relay check must not hold a session"),
     ("relay", "retry_seconds"): (0.01, None, "a busy loop otherwise"),
-    ("relay", "map_bytes"): (1024 * 1024, None, "room for the table"),
+    ("relay", "map_bytes"): (1024 * 1024, 1 << 44, "room for the table, in address space"),
     ("relay", "sweep_batch"): (1, None, "expired entries must go"),
     ("relay", "sync_seconds"): (0.01, None, "a busy loop otherwise"),
     ("login", "max_failures"): (1, None, "0 would lock out every client"),
@@ -525,10 +526,14 @@ def _check_range(section: str, key: str, value: float) -> str | None:
         return None
     low, high, why = bounds
     if value < low:
-        return f"at least {low:g} ({why})"
+        return f"at least {_number(low)} ({why})"
     if high is not None and value > high:
-        return f"at most {high:g} ({why})"
+        return f"at most {_number(high)} ({why})"
     return None
+
+
+def _number(bound: float) -> str:
+    return str(bound) if isinstance(bound, int) else f"{bound:g}"   # 1.75922e+13 is no bound
 
 
 def _build(cls, values: dict, where: str):
