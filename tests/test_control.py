@@ -59,6 +59,10 @@ def test_settings_defaults_and_overrides(tmp_path: Path):
      "[smtp] max_line_length = 0 is out of range: at least 512 (RFC 5321 4.5.3.1.4)"),
     ("[smtp]\nmax_line_length = 511\n", "[smtp] max_line_length = 511 is out of range"),
     ("[spool]\nsync_depth = 65\n", "[spool] sync_depth = 65 is out of range: at most 64"),
+    ('[delivery]\nmy_addresses = ["192.0.2.1", "192.0.2.300"]\n',
+     "[delivery] my_addresses: '192.0.2.300' is not an IP address"),
+    ('[pop3]\nwebmail_addresses = ["localhost"]\n',
+     "[pop3] webmail_addresses: 'localhost' is not an IP address"),
     ("[spool]\nindex_map_bytes = 140737488355328\n",
      "[spool] index_map_bytes = 140737488355328 is out of range: at most 17592186044416"),
     ("[delivery]\nmx_port = 0\n", "[delivery] mx_port = 0 is out of range: at least 1"),
@@ -93,6 +97,13 @@ def test_settings_at_their_minimum_are_accepted(tmp_path: Path):
     (tmp_path / "qrelay.toml").write_text("[smtp]\nmax_line_length = 512\n[spool]\nsync_depth = 64\n")
     s = load_settings(tmp_path)
     assert s.smtp.max_line_length == 512 and s.spool.sync_depth == 64
+
+
+def test_address_settings_are_spelled_as_they_are_compared(tmp_path: Path):
+    """my_addresses is compared with the resolver's spelling of an MX's address
+    (ipme: a mismatch is a mail loop), webmail_addresses with the socket's."""
+    (tmp_path / "qrelay.toml").write_text('[delivery]\nmy_addresses = ["2001:DB8:0::1", " 192.0.2.1"]\n')
+    assert load_settings(tmp_path).delivery.my_addresses == ("2001:db8::1", "192.0.2.1")
 
 
 def test_a_broken_toml_names_the_file(tmp_path: Path):

@@ -578,6 +578,8 @@ def _build(cls, values: dict, where: str):
             why = _check_range(section, key, value)
             if why is not None:
                 raise SettingsError(f"{where} {key} = {value} is out of range: {why}")
+        if (where.rpartition("[")[2].rstrip("]"), key) in ADDRESS_LISTS:
+            value = _addresses(where, key, value)
         if isinstance(value, str):
             choices = CHOICES.get((where.rpartition("[")[2].rstrip("]"), key))
             if choices is not None and value not in choices:
@@ -585,6 +587,22 @@ def _build(cls, values: dict, where: str):
                                     + ", ".join(f'"{c}"' for c in choices))
         kwargs[key] = value
     return cls(**kwargs)
+
+
+# Settings that are lists of IP addresses, compared with addresses as the
+# socket and the resolver spell them: checked, and spelled that way.
+ADDRESS_LISTS = {("delivery", "my_addresses"), ("pop3", "webmail_addresses")}
+
+
+def _addresses(where: str, key: str, values: tuple) -> tuple:
+    import ipaddress
+    out = []
+    for text in values:
+        try:
+            out.append(str(ipaddress.ip_address(text.strip())))
+        except ValueError:
+            raise SettingsError(f"{where} {key}: {text!r} is not an IP address") from None
+    return tuple(out)
 
 
 def load_settings(root: Path | str) -> Settings:
