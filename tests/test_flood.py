@@ -255,6 +255,96 @@ def test_server_closing_mid_session_is_a_connection_error(run_flood):
     assert rep["connections"]["errors"] == {"closed by server": 3}
 
 
+class ScriptedServer:
+    """A one-connection-at-a-time SMTP server on loopback (a thread) that
+    answers `reply(command, n)` for each command line, n counting MAIL
+    commands on the connection; DATA's content is read up to the final dot,
+    then `reply(b".", n)` answers it. A reply starting "421" closes the
+    connection, as servers do (RFC 5321 3.8)."""
+
+    def __init__(self, reply):
+        import threading
+
+        self.reply = reply
+        self.connections = 0
+        self.srv = socket.socket()
+        self.srv.bind(("127.0.0.1", 0))
+        self.srv.listen(16)
+        self.address = f"127.0.0.1:{self.srv.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                c, _ = self.srv.accept()
+            except OSError:
+                return  # stop(): the listening socket was shut down
+            self.connections += 1
+            with c, c.makefile("rb") as f:
+                self._session(c, f)
+
+    def _session(self, c, f) -> None:
+        c.sendall(b"220 scripted\r\n")
+        mails = 0
+        for line in f:
+            verb = line[:4].upper()
+            if verb == b"QUIT":
+                c.sendall(b"221 bye\r\n")
+                return
+            mails += verb == b"MAIL"
+            answer = self.reply(verb, mails)
+            if verb == b"DATA" and answer.startswith(b"354"):
+                c.sendall(answer)
+                for body in f:
+                    if body == b".\r\n":
+                        break
+                answer = self.reply(b".", mails)
+            c.sendall(answer)
+            if answer.startswith(b"421"):
+                # Close without a reset (which could destroy the reply in
+                # flight): our side first, then read until the client closes.
+                c.shutdown(socket.SHUT_WR)
+                while f.read1(4096):
+                    pass
+                return
+
+    def stop(self) -> None:
+        try:
+            self.srv.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        except OSError:
+            pass
+        self.srv.close()
+        self.thread.join(10)
+
+
+@pytest.mark.parametrize("pipelining", [False, True])
+@pytest.mark.parametrize("at", [b"MAIL", b"RCPT", b"DATA", b"."])
+def test_421_ends_the_connection_and_counts_once(run_flood, at, pipelining):
+    # A 421 (Postfix's message rate limit at MAIL, a server shutting down)
+    # means the server closes the channel: that message is temp-failed, and
+    # the next one goes on a new connection (not a connection error).
+    def reply(verb: bytes, mails: int) -> bytes:
+        if verb == at and mails >= 2:
+            return b"421 4.7.0 too many messages\r\n"
+        if verb == b"EHLO":
+            return b"250-scripted\r\n250 PIPELINING\r\n"
+        return b"354 go\r\n" if verb == b"DATA" else b"250 ok\r\n"
+
+    srv = ScriptedServer(reply)
+    try:
+        args = ["-s", "1", "-m", "6", "-d"] + (["--pipelining"] if pipelining else [])
+        rc, rep, _ = run_flood(srv.address, *args)
+    finally:
+        srv.stop()
+    m = rep["messages"]
+    # Each connection: one message accepted, the next refused 421.
+    assert (m["accepted"], m["tempfailed"], m["conn_failed"]) == (3, 3, 0), rep
+    assert rep["connections"] == {"opened": 3, "errors": {}}
+    stage = {b".": "END-OF-DATA"}.get(at, at.decode())
+    assert [(r["stage"], r["code"], r["count"]) for r in rep["replies"]] == [(stage, 421, 3)]
+
+
 def test_procs_split_and_merge(sinks, tmp_path):
     s = sinks()
     out = tmp_path / "p.json"

@@ -34,6 +34,9 @@ REPLY_TEXT_CHARS = 80
 # Bytes of a reply kept while waiting for its end: a server that never ends a
 # line must not make flood hold unbounded memory.
 MAX_REPLY_BUFFER = 65536
+# "Service not available, closing transmission channel" (RFC 5321 3.8), at
+# any command: nothing more is sent on that connection.
+CLOSING = 421
 # Seconds a session waits after a failed connect before it tries again.
 CONNECT_RETRY_DELAY = 0.01
 
@@ -461,10 +464,14 @@ class SmtpClient(asyncio.Protocol):
         run = self.run
         run.clients.discard(self)
         if self.pending:
-            self.pending = False
-            if run.stopping and self.closing:
+            if self.txn_fail:
+                # Refused (a pipelined 421 or 5xx) and then closed: the reply is the outcome.
+                self._outcome(self.txn_fail)
+            elif run.stopping and self.closing:
+                self.pending = False
                 self.stats.unfinished += 1
             else:
+                self.pending = False
                 self.stats.conn_failed += 1
                 self.stats.conn_error(_errno_kind(exc) if exc else "closed by server")
         self.transport = None
@@ -528,7 +535,9 @@ class SmtpClient(asyncio.Protocol):
                     self.stats.reply_error(RCPT, code, text)
             if not self.pipelining:
                 i = self.rcpt_next
-                if i < len(self._rcpts_left):
+                if code == CLOSING:
+                    self._finish(code)
+                elif i < len(self._rcpts_left):
                     self.rcpt_next = i + 1
                     self.expect.append(RCPT)
                     self.transport.write(self._rcpts_left[i])
@@ -540,7 +549,7 @@ class SmtpClient(asyncio.Protocol):
                         self.transport.write(b"DATA\r\n")
                 else:
                     self._finish(code)
-            elif self.rcpt_ok == 0 and not self.expect_has_more_rcpt():
+            elif code == CLOSING or self.rcpt_ok == 0 and not self.expect_has_more_rcpt():
                 self.txn_fail = self.txn_fail or code
             return
         if stage == DATA:
@@ -621,7 +630,12 @@ class SmtpClient(asyncio.Protocol):
                 self._quit()
             return
         if stage == RSET_PRE:
-            if not self.pipelining:
+            if code == CLOSING:
+                self.stats.reply_error(RSET_PRE, code, text)
+                self.txn_fail = code
+                if not self.pipelining:
+                    self._finish(code, rset_done=True)
+            elif not self.pipelining:
                 self._write(self.run.env.mail(self.seq, self.session), MAIL)
             return
         if stage == QUIT:
@@ -740,7 +754,7 @@ class SmtpClient(asyncio.Protocol):
             return
         run = self.run
         per = run.cfg.per_conn
-        if (per and self.on_conn >= per) or run.stopping:
+        if (per and self.on_conn >= per) or run.stopping or code == CLOSING:
             self._quit()
             return
         seq = run.claim()
@@ -750,6 +764,7 @@ class SmtpClient(asyncio.Protocol):
         delay = run.slot_delay() if run.cfg.rate > 0 else 0.0
         if delay > 0:
             self.pending = True  # claimed: counts as in flight while waiting
+            self.txn_fail = 0
             run.loop.call_later(delay, self._begin_later, seq)
         else:
             self._begin(seq)
