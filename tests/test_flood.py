@@ -166,6 +166,20 @@ def test_rate_cap(sinks, run_flood):
     assert rep["messages"]["accepted"] == 20
 
 
+@pytest.mark.parametrize("reuse", [[], ["-d"]])
+def test_rate_waits_end_with_duration(sinks, run_flood, reuse):
+    # 40 sessions at 20/s claim slots up to 2 s ahead: when --duration ends,
+    # those waits start nothing and must not hold the run (and its elapsed
+    # time, halving the rate reported) until their slot comes.
+    s = sinks()
+    t = time.monotonic()
+    rc, rep, _ = run_flood(s.address, "-s", "40", "--rate", "20", "--duration", "1", *reuse)
+    assert time.monotonic() - t < 1.8
+    m = rep["messages"]
+    assert 18 <= m["accepted"] <= 22 and m["accepted"] == m["attempted"]
+    assert rep["elapsed_s"] < 1.5 and 15 <= rep["rate"]["accepted_per_s"] <= 22
+
+
 def test_noop_mode_sends_no_data(sinks, run_flood):
     s = sinks()
     rc, rep, _ = run_flood(s.address, "-s", "2", "-m", "10", "--noop", "-d")

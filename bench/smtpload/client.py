@@ -17,6 +17,7 @@ import random
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .hist import LatencyHistogram
@@ -248,6 +249,8 @@ class FloodRun:
         self.t0 = 0.0
         self.deadline = 0.0
         self.timers: list[asyncio.TimerHandle] = []
+        # Messages claimed but waiting for their --rate slot: handle -> callback.
+        self.slot_waits: dict[asyncio.TimerHandle, Callable[[], None]] = {}
         # Set when the first wave of connects all failed: the target is down,
         # and burning through the message budget would only hide that.
         self.unreachable: str | None = None
@@ -297,6 +300,15 @@ class FloodRun:
         due = self.t0 + (self.claimed - 1) / rate
         return due - time.monotonic()
 
+    def wait_slot(self, delay: float, callback: Callable[..., None], *args) -> None:
+        """callback(*args) after `delay`, or at once when the run stops (it
+        then starts nothing): a slot past the end must not hold the run."""
+        def due() -> None:
+            del self.slot_waits[handle]
+            callback(*args)
+        handle = self.loop.call_later(delay, due)
+        self.slot_waits[handle] = due
+
     # --- sessions -----------------------------------------------------------
     def start(self) -> None:
         self.t0 = time.monotonic()
@@ -320,7 +332,7 @@ class FloodRun:
             return
         delay = self.slot_delay() if self.cfg.rate > 0 else 0.0
         if delay > 0:
-            self.loop.call_later(delay, self._spawn_connect, session, seq)
+            self.wait_slot(delay, self._spawn_connect, session, seq)
         else:
             self._spawn_connect(session, seq)
 
@@ -385,6 +397,9 @@ class FloodRun:
         if not self.stats.finished:
             self.stats.finished = time.monotonic()
         self.timers.append(self.loop.call_later(self.cfg.drain, self._cut))
+        for handle, due in list(self.slot_waits.items()):
+            handle.cancel()
+            due()
         # Idle connections between messages have nothing to finish.
         for client in list(self.clients):
             client.on_stop()
@@ -765,7 +780,7 @@ class SmtpClient(asyncio.Protocol):
         if delay > 0:
             self.pending = True  # claimed: counts as in flight while waiting
             self.txn_fail = 0
-            run.loop.call_later(delay, self._begin_later, seq)
+            run.wait_slot(delay, self._begin_later, seq)
         else:
             self._begin(seq)
 
