@@ -491,6 +491,55 @@ def test_tls_resume_offers_the_last_session(root, run_flood):
         flood.main(["127.0.0.1:25", "--tls-resume"])
 
 
+class TlsScriptedServer(ScriptedServer):
+    """Offers STARTTLS, says 220 to it, then `after_220(connection)`."""
+
+    def __init__(self, after_220):
+        self.after_220 = after_220
+        super().__init__(None)
+
+    def _session(self, c, f) -> None:
+        c.sendall(b"220 scripted\r\n")
+        f.readline()
+        c.sendall(b"250-scripted\r\n250 STARTTLS\r\n")
+        f.readline()
+        c.sendall(b"220 go ahead\r\n")
+        self.after_220(c)
+        while c.recv(4096):  # until the client gives up and closes
+            pass
+
+
+def test_starttls_handshake_bounded_by_timeout_and_counted_once(run_flood):
+    # A server that never answers the ClientHello: --timeout (not the event
+    # loop's 60 s) ends it, and the message is one connection error.
+    srv = TlsScriptedServer(lambda c: None)
+    t = time.monotonic()
+    try:
+        rc, rep, _ = run_flood(srv.address, "-s", "1", "-m", "1", "--starttls", "--timeout", "1")
+    finally:
+        srv.stop()
+    assert time.monotonic() - t < 10
+    assert rep["messages"]["conn_failed"] == 1
+    assert rep["connections"]["errors"] == {"tls: handshake timeout": 1}
+
+
+def _not_tls(c) -> None:
+    c.recv(4096)  # the ClientHello
+    c.sendall(b"this is not a TLS record at all\r\n" * 4)
+
+
+def test_starttls_garbage_is_one_tls_error(run_flood):
+    # Not TLS after the 220: one error, named by OpenSSL's reason (it was
+    # counted twice, once as "tls: eperm" from SSL_ERROR_SSL's number 1).
+    srv = TlsScriptedServer(_not_tls)
+    try:
+        rc, rep, _ = run_flood(srv.address, "-s", "1", "-m", "2", "--starttls", "--timeout", "5")
+    finally:
+        srv.stop()
+    assert rep["messages"]["conn_failed"] == 2
+    assert rep["connections"]["errors"] == {"tls: wrong version number": 2}
+
+
 def test_session_cache_offers_its_session_through_openssl_and_falls_back():
     """--tls-resume's context: the session goes to OpenSSL without the ssl
     module's encode-and-decode copy; when the pointers do not check out, the

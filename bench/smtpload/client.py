@@ -218,6 +218,9 @@ def validate_templates(cfg: FloodConfig) -> None:
 
 
 def _errno_kind(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError):
+        # Its errno is OpenSSL's error class (1 = SSL_ERROR_SSL), not an errno.
+        return (exc.reason or "ssl error").lower().replace("_", " ")
     if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
         return "connect timeout"
     if isinstance(exc, ConnectionRefusedError):
@@ -438,7 +441,7 @@ class SmtpClient(asyncio.Protocol):
                  "transport", "expect", "buf", "pipelining", "ehlo_pipelining",
                  "on_conn", "rcpt_ok", "txn_fail", "need_rset", "closing",
                  "pending", "body_index", "quit_sent", "_rcpts_left", "rcpt_next",
-                 "tls_done", "authed", "resumed")
+                 "tls_done", "authed", "resumed", "upgrading")
 
     def __init__(self, run: FloodRun, session: int, seq: int, t_connect: float):
         self.run = run
@@ -468,6 +471,7 @@ class SmtpClient(asyncio.Protocol):
         self.tls_done = False
         self.authed = False
         self.resumed = False
+        self.upgrading = False   # in the STARTTLS handshake: _upgrade counts a loss
 
     # --- asyncio callbacks --------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -478,19 +482,25 @@ class SmtpClient(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         run = self.run
         run.clients.discard(self)
-        if self.pending:
-            if self.txn_fail:
-                # Refused (a pipelined 421 or 5xx) and then closed: the reply is the outcome.
-                self._outcome(self.txn_fail)
-            elif run.stopping and self.closing:
-                self.pending = False
-                self.stats.unfinished += 1
-            else:
-                self.pending = False
-                self.stats.conn_failed += 1
-                self.stats.conn_error(_errno_kind(exc) if exc else "closed by server")
+        if self.pending and not self.upgrading:
+            self._count_lost(_errno_kind(exc) if exc else "closed by server")
         self.transport = None
         run.connection_ended(self.session)
+
+    def _count_lost(self, kind: str) -> None:
+        """The connection is gone under the pending message: its one outcome."""
+        if not self.pending:
+            return
+        if self.txn_fail:
+            # Refused (a pipelined 421 or 5xx) and then closed: the reply is the outcome.
+            self._outcome(self.txn_fail)
+        elif self.run.stopping and self.closing:
+            self.pending = False
+            self.stats.unfinished += 1
+        else:
+            self.pending = False
+            self.stats.conn_failed += 1
+            self.stats.conn_error(kind)
 
     def data_received(self, data: bytes) -> None:
         self.nrecv += 1
@@ -671,15 +681,27 @@ class SmtpClient(asyncio.Protocol):
     async def _upgrade(self) -> None:
         """The TLS handshake after `220`, then EHLO again (RFC 3207)."""
         transport = self.transport
+        timeout = self.run.cfg.timeout
+        # The connection may be lost before or after the handshake fails:
+        # counted here either way, once, with the TLS failure's name.
+        self.upgrading = True
         try:
             tls = await self.run.loop.start_tls(transport, self, self.run.tls_context,
-                                                server_hostname=self.run.cfg.host)
-        except (OSError, ConnectionError, asyncio.TimeoutError, ValueError) as exc:
-            self.stats.conn_error(f"tls: {_errno_kind(exc)}")
+                                                server_hostname=self.run.cfg.host,
+                                                ssl_handshake_timeout=timeout)
+        except Exception as exc:  # whatever failed, the message is counted
+            self.upgrading = False
+            # ConnectionAbortedError: ssl_handshake_timeout ran out (our own
+            # aborts are cuts, which _count_lost counts as unfinished).
+            kind = "handshake timeout" if isinstance(exc, ConnectionAbortedError) \
+                else _errno_kind(exc)
+            self._count_lost(f"tls: {kind}")
             if transport is not None:
                 transport.abort()
             return
+        self.upgrading = False
         if self.transport is None:
+            self._count_lost("closed by server")
             tls.abort()
             return
         self.transport = tls
