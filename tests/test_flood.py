@@ -492,10 +492,11 @@ def test_tls_resume_offers_the_last_session(root, run_flood):
 
 
 class TlsScriptedServer(ScriptedServer):
-    """Offers STARTTLS, says 220 to it, then `after_220(connection)`."""
+    """Offers STARTTLS, says `reply_220` to it, then `after_220(connection)`."""
 
-    def __init__(self, after_220):
+    def __init__(self, after_220, reply_220: bytes = b"220 go ahead\r\n"):
         self.after_220 = after_220
+        self.reply_220 = reply_220
         super().__init__(None)
 
     def _session(self, c, f) -> None:
@@ -503,7 +504,7 @@ class TlsScriptedServer(ScriptedServer):
         f.readline()
         c.sendall(b"250-scripted\r\n250 STARTTLS\r\n")
         f.readline()
-        c.sendall(b"220 go ahead\r\n")
+        c.sendall(self.reply_220)
         self.after_220(c)
         while c.recv(4096):  # until the client gives up and closes
             pass
@@ -538,6 +539,20 @@ def test_starttls_garbage_is_one_tls_error(run_flood):
         srv.stop()
     assert rep["messages"]["conn_failed"] == 2
     assert rep["connections"]["errors"] == {"tls: wrong version number": 2}
+
+
+def test_starttls_cleartext_after_220_is_not_read(run_flood, caplog):
+    # Bytes in clear after "220" to STARTTLS are not replies (RFC 3207; the
+    # STARTTLS injection): they were parsed, the connection aborted as a
+    # malformed reply, and the handshake then begun on the closed transport
+    # logged a traceback from the event loop.
+    srv = TlsScriptedServer(_not_tls, b"220 go ahead\r\nnot a reply\r\n250 injected\r\n")
+    try:
+        rc, rep, _ = run_flood(srv.address, "-s", "1", "-m", "2", "--starttls", "--timeout", "5")
+    finally:
+        srv.stop()
+    assert rep["connections"]["errors"] == {"tls: wrong version number": 2}
+    assert not [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
 
 
 def test_session_cache_offers_its_session_through_openssl_and_falls_back():

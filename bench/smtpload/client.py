@@ -471,7 +471,8 @@ class SmtpClient(asyncio.Protocol):
         self.tls_done = False
         self.authed = False
         self.resumed = False
-        self.upgrading = False   # in the STARTTLS handshake: _upgrade counts a loss
+        self.upgrading = False   # from the 220 to STARTTLS to the handshake's end:
+                                 # nothing read in clear, _upgrade counts a loss
 
     # --- asyncio callbacks --------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -514,6 +515,8 @@ class SmtpClient(asyncio.Protocol):
                 if head.isdigit():
                     self._reply(expect.popleft(), int(head), data[4:eol])
                     return
+        if self.upgrading:
+            return  # sent in clear after the 220 to STARTTLS: never read (RFC 3207)
         buf = self.buf + data if self.buf else data
         pos = 0
         end = len(buf)
@@ -535,7 +538,7 @@ class SmtpClient(asyncio.Protocol):
                 return
             if self.expect:
                 self._reply(self.expect.popleft(), int(head), text)
-            if self.transport is None or self.closing and not self.expect:
+            if self.transport is None or self.upgrading or self.closing and not self.expect:
                 self.buf = b""
                 return
         rest = buf[pos:]
@@ -669,6 +672,7 @@ class SmtpClient(asyncio.Protocol):
             return
         if stage == STARTTLS or stage == AUTH:
             if code == 220 and stage == STARTTLS:
+                self.upgrading = True
                 self.run.loop.create_task(self._upgrade())
             elif code == 235 and stage == AUTH:
                 self.authed = True
@@ -681,10 +685,13 @@ class SmtpClient(asyncio.Protocol):
     async def _upgrade(self) -> None:
         """The TLS handshake after `220`, then EHLO again (RFC 3207)."""
         transport = self.transport
+        if transport is None:  # lost since the 220
+            self.upgrading = False
+            self._count_lost("closed by server")
+            return
         timeout = self.run.cfg.timeout
         # The connection may be lost before or after the handshake fails:
         # counted here either way, once, with the TLS failure's name.
-        self.upgrading = True
         try:
             tls = await self.run.loop.start_tls(transport, self, self.run.tls_context,
                                                 server_hostname=self.run.cfg.host,
