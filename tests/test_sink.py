@@ -186,6 +186,25 @@ def test_pipelined_commands_answered_in_one_batch(sinks):
         assert got == b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n250 2.1.5 ok\r\n354 go ahead\r\n"
 
 
+@pytest.mark.parametrize("delay", [[]])
+def test_a_client_that_never_reads_is_not_buffered_without_bound(sinks, delay):
+    # Commands sent without reading the replies: once its replies back up,
+    # the sink stops reading (the client's sends block) instead of queueing
+    # every reply in memory (40 MB of NOOPs grew it by ~90 MB).
+    s = sinks(*delay)
+    chunk = b"NOOP\r\n" * 10000
+    sent = 0
+    with socket.create_connection(("127.0.0.1", s.port), timeout=1) as c:
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        try:
+            while sent < 40_000_000:
+                c.sendall(chunk)  # blocks (then times out) once the sink stops reading
+                sent += len(chunk)
+        except socket.timeout:
+            pass
+    assert sent < 10_000_000
+
+
 def test_no_pipelining_option(sinks):
     s = sinks("--no-pipelining")
     with smtplib.SMTP("127.0.0.1", s.port, timeout=5) as c:

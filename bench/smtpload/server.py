@@ -179,7 +179,7 @@ def _ehlo(lines: list[str]) -> bytes:
 class SinkSession(asyncio.Protocol):
     __slots__ = ("srv", "stats", "transport", "buf", "in_data", "tail", "chunks",
                  "mail", "rcpts", "rcpt_list", "closing", "delayed", "paused", "held",
-                 "tls", "starting_tls", "lost", "pending")
+                 "tls", "starting_tls", "lost", "pending", "blocked")
 
     def __init__(self, srv: SinkServer):
         self.srv = srv
@@ -200,6 +200,7 @@ class SinkSession(asyncio.Protocol):
         self.starting_tls = False
         self.lost = False
         self.pending: list[bytes] = []
+        self.blocked = False         # our replies wait in the transport (pause_writing)
 
     def connection_made(self, transport) -> None:
         srv = self.srv
@@ -223,6 +224,17 @@ class SinkSession(asyncio.Protocol):
         self.stats.open -= 1
         self.srv.sessions.discard(self)
         self.transport = None
+
+    def pause_writing(self) -> None:
+        # A client sending commands without reading the replies: stop
+        # reading until they drain, rather than queue replies without bound.
+        self.blocked = True
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.blocked = False
+        if self.transport is not None and not (self.paused or self.starting_tls or self.closing):
+            self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         if self.starting_tls:
@@ -452,5 +464,5 @@ class SinkSession(asyncio.Protocol):
         self.held = 0                # bytes of the message held for the store
         if self.closing:
             self.transport.close()
-        else:
+        elif not self.blocked:
             self.transport.resume_reading()
