@@ -448,9 +448,12 @@ class SinkSession(asyncio.Protocol):
         # A slow server: reading stops while it "thinks", each reply costs
         # `delay`, and pipelined commands wait their turn.
         self.delayed.extend(out)
+        # Every time, not only when the pause begins: one taken for the
+        # greeting, in connection_made, is undone by uvloop, which starts
+        # reading after connection_made returns.
+        self.transport.pause_reading()
         if not self.paused:
             self.paused = True
-            self.transport.pause_reading()
             self.srv.loop.call_later(delay, self._flush_one)
 
     def _flush_one(self) -> None:
