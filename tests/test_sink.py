@@ -162,6 +162,18 @@ def test_end_of_data_found_across_chunk_boundaries(sinks, tmp_path, split):
     assert f.read_bytes().endswith(b"\r\n\r\n.dot\r\nbody\r\n")
 
 
+def test_store_removes_the_first_dot_of_every_line_that_has_one(sinks, tmp_path):
+    # RFC 5321 4.5.2 (and qmail-smtpd): the first "." of a line is deleted
+    # even when no second one follows; ".x" was stored as ".x".
+    d = tmp_path / "dots"
+    s = sinks("--store-dir", str(d))
+    got = _dialogue(s.port, [b".first\r\n.x\r\n..y\r\n...\r\n.\r\nQUIT\r\n"])
+    assert b"250 2.0.0 ok\r\n221 2.0.0 bye\r\n" in got
+    s.stop()
+    (f,) = d.glob("*.eml")
+    assert f.read_bytes().endswith(b">\r\nfirst\r\nx\r\n.y\r\n..\r\n")
+
+
 def test_end_of_data_byte_by_byte_and_empty_message(sinks):
     s = sinks()
     msg = b"x\r\n.\r\n"

@@ -64,8 +64,9 @@ def load_eml_dir(path: str, max_files: int) -> list[bytes]:
 
 
 def unstuff(wire: bytes) -> bytes:
-    """Undo dot-stuffing of a message as received (CRLF line ends kept)."""
-    if wire.startswith(b".."):
+    """Undo dot-stuffing of a message as received (CRLF line ends kept): the
+    first "." of every line that starts with one goes (RFC 5321 4.5.2)."""
+    if wire.startswith(b"."):
         wire = wire[1:]
-    return wire.replace(b"\r\n..", b"\r\n.")
+    return wire.replace(b"\r\n.", b"\r\n")
 
