@@ -433,6 +433,20 @@ def test_bad_arguments_exit_2_with_one_line(args):
     assert "Traceback" not in r.stderr
 
 
+def test_synthetic_payload_has_the_size_asked_for():
+    # -l N: N bytes of CRLF-ended lines after the headers. A rest of one byte
+    # after a full line became "\r" + "\r\n", then a bare CR made a line
+    # of it: 82 bytes for -l 79 (every N = 1 modulo 78).
+    from smtpload.message import synthetic
+
+    headers = len(synthetic(0))
+    for size in range(2, 500):
+        wire = synthetic(size)
+        assert len(wire) - headers == size, size
+        assert wire.count(b"\r") == wire.count(b"\n") == wire.count(b"\r\n")
+    assert len(synthetic(1)) - headers == 2  # the least a line can be
+
+
 def test_histogram_percentiles_are_close():
     h = LatencyHistogram()
     for us in range(1, 10001):

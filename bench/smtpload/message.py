@@ -34,15 +34,13 @@ def synthetic(size: int, sender: str = "flood@bench.invalid",
     body = bytearray()
     i = 0
     while len(body) < size:
-        n = min(_LINE, size - len(body) - 2)
-        if n <= 0:
-            body += b"\r\n"[: size - len(body)]
-            break
-        line = bytes(_FILL[(i + k) % len(_FILL)] for k in range(n))
+        left = size - len(body)
+        n = min(_LINE, left - 2)
+        if left - n - 2 == 1:
+            n -= 1  # a rest of one byte cannot be a line: this one leaves two
+        line = bytes(_FILL[(i + k) % len(_FILL)] for k in range(n))  # n < 0 only for -l 1
         body += line + b"\r\n"
         i += 1
-    if body and not body.endswith(b"\r\n"):
-        body += b"\r\n"
     return to_wire(headers + bytes(body))
 
 
