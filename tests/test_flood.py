@@ -505,6 +505,23 @@ def test_tls_resume_offers_the_last_session(root, run_flood):
         flood.main(["127.0.0.1:25", "--tls-resume"])
 
 
+def test_reply_text_with_brackets_is_printed_as_sent(run_flood):
+    # Server text is not rich markup: "[mx.example.com]" vanished from the
+    # table (read as a style) and "[/help]" ended the run in a MarkupError.
+    text = "5.7.1 rejected by [mx.example.com], see [/help]"
+
+    def reply(verb: bytes, mails: int) -> bytes:
+        return f"550 {text}\r\n".encode() if verb == b"RCPT" else b"250 ok\r\n"
+
+    srv = ScriptedServer(reply)
+    try:
+        rc, rep, out = run_flood(srv.address, "-s", "1", "-m", "1")
+    finally:
+        srv.stop()
+    assert rc == 0 and rep["replies"][0]["text"] == text
+    assert text in out
+
+
 class TlsScriptedServer(ScriptedServer):
     """Offers STARTTLS, says `reply_220` to it, then `after_220(connection)`."""
 

@@ -48,12 +48,13 @@ def build_report(stats: FloodStats, target: str, settings: dict, requested: int)
 def print_summary(report: dict, file=None) -> None:
     from rich import box
     from rich.console import Console
+    from rich.markup import escape  # server texts and names are not markup
     from rich.table import Table
 
     console = Console(file=file or sys.stdout, highlight=False)
     m = report["messages"]
     rate = report["rate"]
-    head = Table(title=f"flood → {report['target']}", box=box.SIMPLE_HEAVY,
+    head = Table(title=f"flood → {escape(report['target'])}", box=box.SIMPLE_HEAVY,
                  show_header=False, title_justify="left")
     head.add_column(style="bold")
     head.add_column(justify="right")
@@ -100,7 +101,7 @@ def print_summary(report: dict, file=None) -> None:
             rep.add_column(col, justify="right" if col in ("code", "count") else "left")
         for r in report["replies"]:
             style = "yellow" if r["code"] < 500 else "red"
-            rep.add_row(r["stage"], f"[{style}]{r['code']}[/]", r["text"], f"{r['count']:,}")
+            rep.add_row(r["stage"], f"[{style}]{r['code']}[/]", escape(r["text"]), f"{r['count']:,}")
         console.print(rep)
     errors = report["connections"]["errors"]
     if errors:
@@ -108,7 +109,7 @@ def print_summary(report: dict, file=None) -> None:
         ce.add_column("error")
         ce.add_column("count", justify="right")
         for kind, n in sorted(errors.items(), key=lambda kv: -kv[1]):
-            ce.add_row(kind, f"[red]{n:,}[/]")
+            ce.add_row(escape(kind), f"[red]{n:,}[/]")
         console.print(ce)
 
 
