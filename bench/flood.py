@@ -28,8 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from smtpload.cli import (OneLineParser, UsageError, fail, install_uvloop, nonneg_float,  # noqa: E402
-                          nonneg_int, parse_hostport, positive_int, run_main, write_json_atomic)
+from smtpload.cli import (OneLineParser, UsageError, check_writable, fail,  # noqa: E402
+                          install_uvloop, nonneg_float, nonneg_int, parse_hostport,
+                          positive_int, run_main, write_json_atomic)
 from smtpload.client import FloodConfig, FloodRun, FloodStats, validate_templates  # noqa: E402
 from smtpload.message import MessageError, load_eml_dir, synthetic  # noqa: E402
 
@@ -147,6 +148,8 @@ def config_from_args(args) -> tuple[FloodConfig, dict]:
         raise UsageError("--tls-resume needs --starttls")
     if args.auth and ":" not in args.auth:
         raise UsageError("--auth: expected USER:PASSWORD")
+    if args.json:
+        check_writable("--json", args.json)
     if args.eml:
         bodies = tuple(load_eml_dir(args.eml, MAX_EML_FILES))
         unique = b"X-Flood-Id"

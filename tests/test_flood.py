@@ -409,6 +409,21 @@ def test_unreachable_target_exits_2_with_one_line(load):
         f"flood.py: error: cannot connect to 127.0.0.1:{port}: connection refused"]
 
 
+@pytest.mark.parametrize("where", ["missing/out.json", "."])
+def test_json_that_cannot_be_written_is_refused_before_the_run(sinks, tmp_path, where):
+    # It was found out only after the run: the results (and the summary,
+    # never printed) lost, and a stray FILE.PID.tmp left beside the target.
+    s = sinks()
+    target = tmp_path / where
+    r = subprocess.run([sys.executable, str(FLOOD), s.address, "-m", "3", "-q",
+                        "--json", str(target)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.startswith(f"flood.py: error: --json {target}: ") and \
+        len(r.stderr.splitlines()) == 1, r.stderr
+    assert s.stop()["connections"] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s0"]
+
+
 @pytest.mark.parametrize("args", [
     ["127.0.0.1"],
     ["127.0.0.1:notaport"],

@@ -85,9 +85,30 @@ def percent(text: str) -> float:
 def write_json_atomic(path: str, text: str) -> None:
     """Readers polling the file never see half of it."""
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def check_writable(option: str, path: str) -> None:
+    """UsageError unless write_json_atomic(path) can work: a tool writing its
+    result at the end finds out before the run, not after it."""
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path}: Is a directory")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8"):
+            pass
+        os.unlink(tmp)
+    except OSError as exc:
+        raise UsageError(f"{option} {path}: {exc.strerror}") from None
 
 
 def run_main(main: Callable[[], int]) -> NoReturn:
