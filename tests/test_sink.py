@@ -220,6 +220,20 @@ def test_a_client_that_never_reads_is_not_buffered_without_bound(sinks, delay):
     assert sent < 10_000_000
 
 
+def test_a_line_too_long_gets_one_reply(sinks):
+    # One 500 for the whole line, however it is split: the rest of it used
+    # to be read as a command of its own (a second reply, 502), and a long
+    # line that came in one piece was not refused at all.
+    s = sinks()
+    with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c, \
+            c.makefile("rb") as f:
+        f.readline()
+        c.sendall(b"NOOP " + b"x" * 5000)
+        assert f.readline() == b"500 5.5.2 line too long\r\n"
+        c.sendall(b"x" * 5000 + b"\r\nNOOP " + b"y" * 5000 + b"\r\nQUIT\r\n")
+        assert f.read() == b"500 5.5.2 line too long\r\n221 2.0.0 bye\r\n"
+
+
 def test_no_pipelining_option(sinks):
     s = sinks("--no-pipelining")
     with smtplib.SMTP("127.0.0.1", s.port, timeout=5) as c:

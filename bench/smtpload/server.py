@@ -23,6 +23,7 @@ from .message import unstuff
 
 # A command line longer than this is answered 500 and discarded (memory bound).
 MAX_LINE = 4096
+TOO_LONG = b"500 5.5.2 line too long\r\n"
 # With --maildir/--store-dir, a message is held in memory until its end; a
 # bigger one is refused (552) rather than letting a client exhaust memory.
 MAX_STORED_MESSAGE = 64 * 1024 * 1024
@@ -179,7 +180,7 @@ def _ehlo(lines: list[str]) -> bytes:
 class SinkSession(asyncio.Protocol):
     __slots__ = ("srv", "stats", "transport", "buf", "in_data", "tail", "chunks",
                  "mail", "rcpts", "rcpt_list", "closing", "delayed", "paused", "held",
-                 "tls", "starting_tls", "lost", "pending", "blocked")
+                 "tls", "starting_tls", "lost", "pending", "blocked", "skipping")
 
     def __init__(self, srv: SinkServer):
         self.srv = srv
@@ -201,6 +202,7 @@ class SinkSession(asyncio.Protocol):
         self.lost = False
         self.pending: list[bytes] = []
         self.blocked = False         # our replies wait in the transport (pause_writing)
+        self.skipping = False        # in a line too long, answered already
 
     def connection_made(self, transport) -> None:
         srv = self.srv
@@ -259,6 +261,12 @@ class SinkSession(asyncio.Protocol):
                 break
             line = buf[pos:eol]
             pos = eol + 1
+            if self.skipping:  # the end of a line already answered 500
+                self.skipping = False
+                continue
+            if len(line) > MAX_LINE:
+                out.append(TOO_LONG)
+                continue
             self._command(line, out)
             if self.closing or self.starting_tls:
                 # After STARTTLS nothing sent in clear is kept (CVE-2011-0411).
@@ -274,7 +282,9 @@ class SinkSession(asyncio.Protocol):
                 pos = 0
         rest = buf[pos:]
         if len(rest) > MAX_LINE:
-            out.append(b"500 5.5.2 line too long\r\n")
+            if not self.skipping:
+                out.append(TOO_LONG)
+                self.skipping = True  # the rest of the line, up to its LF
             rest = b""
         self.buf = rest
         if out:
