@@ -240,6 +240,23 @@ def test_eml_directory_is_sent_verbatim(sinks, run_flood, tmp_path):
     assert all(b.startswith(b"X-Flood-Id: ") for b in bodies)
 
 
+def test_eml_files_in_turn_with_a_connection_per_message(sinks, run_flood, tmp_path):
+    # The turn was kept per connection: with one message per connection
+    # (the default) every message was the first file.
+    src = tmp_path / "eml"
+    src.mkdir()
+    for name in "abc":
+        (src / f"{name}.eml").write_bytes(f"Subject: {name}\r\n\r\nbody\r\n".encode())
+    store = tmp_path / "store"
+    s = sinks("--store-dir", str(store))
+    rc, rep, _ = run_flood(s.address, "-s", "2", "-m", "6", "--eml", str(src))
+    assert rep["messages"]["accepted"] == 6
+    s.stop()
+    subjects = sorted(line for f in store.glob("*.eml") for line in f.read_bytes().split(b"\r\n")
+                      if line.startswith(b"Subject: "))
+    assert subjects == [b"Subject: a"] * 2 + [b"Subject: b"] * 2 + [b"Subject: c"] * 2
+
+
 def test_server_closing_mid_session_is_a_connection_error(run_flood):
     # A server that greets and then hangs up: every message is a connection error.
     srv = socket.socket()

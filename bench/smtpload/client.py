@@ -440,7 +440,7 @@ class SmtpClient(asyncio.Protocol):
                  "wd_seen", "wd_idle",
                  "transport", "expect", "buf", "pipelining", "ehlo_pipelining",
                  "on_conn", "rcpt_ok", "txn_fail", "need_rset", "closing",
-                 "pending", "body_index", "quit_sent", "_rcpts_left", "rcpt_next",
+                 "pending", "quit_sent", "_rcpts_left", "rcpt_next",
                  "tls_done", "authed", "resumed", "upgrading")
 
     def __init__(self, run: FloodRun, session: int, seq: int, t_connect: float):
@@ -465,7 +465,6 @@ class SmtpClient(asyncio.Protocol):
         self.need_rset = False
         self.closing = False
         self.quit_sent = False
-        self.body_index = 0
         self._rcpts_left: list[bytes] = []
         self.rcpt_next = 0
         self.tls_done = False
@@ -757,8 +756,7 @@ class SmtpClient(asyncio.Protocol):
 
     def _send_body(self) -> None:
         run = self.run
-        i = self.body_index
-        self.body_index = i + 1 if i + 1 < len(run.bodies) else 0
+        i = self.seq % len(run.bodies)  # --eml: the files in turn over the whole run
         last = self.pipelining and self._is_last_on_conn()
         body = (run.bodies_quit if last else run.bodies)[i]
         head = run.uniq % (self.seq, run.uniq_pid)
