@@ -19,6 +19,7 @@ import asyncio
 import json
 import multiprocessing
 import multiprocessing.connection
+import resource
 import signal
 import socket
 import sys
@@ -39,6 +40,9 @@ PROG = "flood.py"
 PROGRESS_INTERVAL = 0.25
 # --eml: files read at most (all are kept in memory, pre-encoded).
 MAX_EML_FILES = 10000
+# Descriptors a process needs besides one per session (stdio, the event
+# loop's own, the pipes to worker processes).
+FD_MARGIN = 64
 
 
 def build_parser() -> OneLineParser:
@@ -184,6 +188,21 @@ def config_from_args(args) -> tuple[FloodConfig, dict]:
         "domains": [list(d) for d in cfg.domains], "timeout": cfg.timeout,
     }
     return cfg, settings
+
+
+def ensure_open_files(sessions: int, per_process: int) -> None:
+    """Room for `per_process` connections in this process and the workers it
+    forks: the soft RLIMIT_NOFILE is raised as far as needed when the hard
+    limit allows, else UsageError (every connect past it would fail with
+    EMFILE, counted as if the server had refused it)."""
+    need = per_process + FD_MARGIN
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    if hard != resource.RLIM_INFINITY and hard < need:
+        raise UsageError(f"-s {sessions} needs {need} open files per process, and the hard "
+                         f"limit (ulimit -Hn) is {hard}: fewer sessions, or more --procs")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
 
 def split_config(cfg: FloodConfig, procs: int) -> list[FloodConfig]:
@@ -376,6 +395,10 @@ def main(argv: list[str] | None = None) -> int:
 
     shares = split_config(cfg, args.procs)
     settings["procs"] = len(shares)
+    try:
+        ensure_open_files(cfg.sessions, max(share.sessions for share in shares))
+    except UsageError as exc:
+        fail(PROG, str(exc))
     progress = ProgressLine(args.target, cfg.messages, args.quiet)
     try:
         if len(shares) == 1:

@@ -441,6 +441,31 @@ def test_json_that_cannot_be_written_is_refused_before_the_run(sinks, tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s0"]
 
 
+@pytest.mark.parametrize("hard", [100, 4096])
+def test_sessions_beyond_the_open_files_limit(sinks, tmp_path, hard):
+    # -s beyond `ulimit -n` made every connect past it fail with EMFILE,
+    # counted as the server's connection errors. Now the soft limit is raised
+    # as far as the hard one allows, else a one-line error before the run.
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (100, hard))
+
+    s = sinks()
+    out = tmp_path / "fd.json"
+    r = subprocess.run([sys.executable, str(FLOOD), s.address, "-s", "150", "-m", "300", "-q",
+                        "--json", str(out)], capture_output=True, text=True, timeout=60,
+                       preexec_fn=limit)
+    if hard < 150:
+        assert r.returncode == 2 and s.stop()["connections"] == 0
+        assert r.stderr.startswith("flood.py: error: -s 150 needs ") and \
+            len(r.stderr.splitlines()) == 1, r.stderr
+    else:
+        assert r.returncode == 0, r.stderr
+        rep = json.loads(out.read_text())
+        assert rep["messages"]["accepted"] == 300 and rep["connections"]["errors"] == {}
+
+
 @pytest.mark.parametrize("args", [
     ["127.0.0.1"],
     ["127.0.0.1:notaport"],
