@@ -27,6 +27,7 @@ import json
 import multiprocessing
 import multiprocessing.connection
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -97,6 +98,18 @@ def config_from_args(args) -> tuple[SinkConfig, str, int]:
                      maildir=args.maildir, store_dir=args.store_dir, seed=args.seed,
                      max_store=args.max_store_bytes, tls_cert=args.tls_cert)
     return cfg, host, port
+
+
+def raise_open_files() -> None:
+    """The soft open-files limit up to the hard one: past it the event loop
+    accepts and at once closes connections (libuv's EMFILE handling), which
+    no count or line would show."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass  # an unlimited hard limit beyond the kernel's nr_open: keep the soft one
 
 
 def bind_socket(host: str, port: int, reuseport: bool, listen: bool) -> socket.socket:
@@ -304,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg, host, port = config_from_args(args)
+        raise_open_files()
         for d in (args.maildir, args.store_dir):
             if d:
                 os.makedirs(d, exist_ok=True)
