@@ -318,9 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, host, port = config_from_args(args)
         raise_open_files()
-        for d in (args.maildir, args.store_dir):
+        for option, d in (("--maildir", args.maildir), ("--store-dir", args.store_dir)):
             if d:
-                os.makedirs(d, exist_ok=True)
+                try:
+                    os.makedirs(d, exist_ok=True)
+                except OSError as exc:
+                    raise UsageError(f"{option} {d}: {exc.strerror or exc}") from None
         # In --procs mode this socket only reserves the port (bound, never listening:
         # the kernel hands connections to the workers' listening sockets).
         sock = bind_socket(host, port, reuseport=args.procs > 1, listen=args.procs == 1)

@@ -327,6 +327,17 @@ def test_bad_arguments_exit_2_with_one_line(args):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("option", ["--maildir", "--store-dir"])
+def test_store_directory_that_cannot_be_made_is_named(tmp_path, option):
+    # It was reported as "cannot listen on 127.0.0.1:0: Not a directory".
+    (tmp_path / "file").write_text("")
+    bad = tmp_path / "file" / "store"
+    r = subprocess.run([sys.executable, str(SINK), "--listen", "127.0.0.1:0", option, str(bad)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+    assert r.stderr == f"sink.py: error: {option} {bad}: Not a directory\n"
+
+
 def test_port_in_use_is_a_one_line_error():
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
