@@ -38,9 +38,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from smtpload.cli import (OneLineParser, UsageError, fail, install_uvloop, nonneg_float,  # noqa: E402
-                          nonneg_int, parse_hostport, percent, positive_int, run_main,
-                          write_json_atomic)
+from smtpload.cli import (OneLineParser, UsageError, check_writable, fail,  # noqa: E402
+                          install_uvloop, nonneg_float, nonneg_int, parse_hostport, percent,
+                          positive_int, run_main, write_json_atomic)
 from smtpload.server import MAX_STORED_MESSAGE, SinkConfig, SinkServer, SinkStats  # noqa: E402
 from smtpload.process import terminate, wait_port_file  # noqa: E402
 
@@ -87,6 +87,8 @@ def config_from_args(args) -> tuple[SinkConfig, str, int]:
         raise UsageError("use either --maildir or --store-dir, not both")
     if any(c in args.hostname for c in " \r\n\0") or not args.hostname:
         raise UsageError(f"--hostname: bad name {args.hostname!r}")
+    if args.json:
+        check_writable("--json", args.json)
     if args.tls_cert:
         try:
             ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(args.tls_cert)

@@ -317,6 +317,7 @@ def test_starttls_with_a_certificate(sinks, tmp_path):
     ["--fail-at", "mail"],
     ["--maildir", "a", "--store-dir", "b"],
     ["--bogus"],
+    ["--json", "/nonexistent/dir/sink.json"],  # it ran on, a line a second saying so
 ])
 def test_bad_arguments_exit_2_with_one_line(args):
     r = subprocess.run([sys.executable, str(SINK), *args], capture_output=True, text=True,
