@@ -562,6 +562,41 @@ def test_tls_resume_offers_the_last_session(root, run_flood):
         flood.main(["127.0.0.1:25", "--tls-resume"])
 
 
+class FirstWriteServer(ScriptedServer):
+    """Answers EHLO with `ehlo`, then keeps the client's first write after it."""
+
+    def __init__(self, ehlo: bytes):
+        self.ehlo = ehlo
+        self.first: list[bytes] = []
+        super().__init__(None)
+
+    def _session(self, c, f) -> None:
+        c.sendall(b"220 scripted\r\n")
+        c.recv(4096)  # EHLO
+        c.sendall(self.ehlo)
+        self.first.append(c.recv(4096))
+        c.sendall(b"421 4.3.0 that is all\r\n")
+        c.shutdown(socket.SHUT_WR)
+        while c.recv(4096):
+            pass
+
+
+@pytest.mark.parametrize("ehlo, pipelined", [
+    (b"250-scripted\r\n250 PIPELINING\r\n", True),
+    (b"250-scripted\r\n250-pipelining\r\n250 SIZE 0\r\n", True),   # keywords: any case
+    (b"250-scripted\r\n250-XPIPELINING\r\n250 SIZE 0\r\n", False),  # another keyword
+    (b"250-scripted\r\n250 X-NO-PIPELINING\r\n", False),
+])
+def test_pipelining_only_when_the_keyword_is_offered(run_flood, ehlo, pipelined):
+    srv = FirstWriteServer(ehlo)
+    try:
+        run_flood(srv.address, "-s", "1", "-m", "1", "--pipelining")
+    finally:
+        srv.stop()
+    (first,) = srv.first
+    assert first.startswith(b"MAIL FROM:") and (b"RCPT TO:" in first) == pipelined, first
+
+
 def test_reply_text_with_brackets_is_printed_as_sent(run_flood):
     # Server text is not rich markup: "[mx.example.com]" vanished from the
     # table (read as a style) and "[/help]" ended the run in a MarkupError.

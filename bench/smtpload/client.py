@@ -217,6 +217,12 @@ def validate_templates(cfg: FloodConfig) -> None:
             raise ValueError(f"{name} template {template!r} renders an invalid address")
 
 
+def _is_pipelining(text: bytes) -> bool:
+    """An EHLO reply line (after its code) names the PIPELINING keyword, in
+    any case (RFC 5321 2.4), not merely contains the word."""
+    return text[:10].upper() == b"PIPELINING" and not text[10:].strip()
+
+
 def _errno_kind(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLError):
         # Its errno is OpenSSL's error class (1 = SSL_ERROR_SSL), not an errno.
@@ -524,8 +530,7 @@ class SmtpClient(asyncio.Protocol):
             if eol < 0:
                 break
             if eol - pos >= 4 and buf[pos + 3] == 45:  # "250-..." continuation
-                if self.expect and self.expect[0] == EHLO and \
-                        buf.find(b"PIPELINING", pos, eol) >= 0:
+                if self.expect and self.expect[0] == EHLO and _is_pipelining(buf[pos + 4:eol]):
                     self.ehlo_pipelining = True
                 pos = eol + 1
                 continue
@@ -633,7 +638,7 @@ class SmtpClient(asyncio.Protocol):
             return
         if stage == EHLO or stage == HELO:
             if ok:
-                if b"PIPELINING" in text:
+                if _is_pipelining(text):
                     self.ehlo_pipelining = True
                 self.pipelining = self.run.cfg.pipelining and self.ehlo_pipelining \
                     and stage == EHLO
