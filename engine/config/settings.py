@@ -461,7 +461,7 @@ RANGES: dict[tuple[str, str], tuple[float, float | None, str]] = {
     ("spool", "max_open_segments"): (1, None, "a segment must be read"),
     ("spool", "sync_depth"): (1, 64, "a thread and a descriptor each"),
     ("spool", "max_frame_bytes"): (1024, None, "a frame holds a message"),
-    ("spool", "index_map_bytes"): (1 << 20, 1 << 44, "LMDB maps it whole: address space"),
+    ("spool", "index_map_bytes"): (4096, 1 << 44, "LMDB maps it whole: address space"),
     ("spool", "inject_buffered_bytes"): (1024 * 1024, None, "room for local users' mail"),
     ("spool", "surgery_batch"): (1, 100000, "messages per surgery transaction"),
     ("spool", "surgery_pause"): (0, 10, "seconds between surgery transactions"),
