@@ -160,7 +160,14 @@ def spool_of(root: str, *, readonly: bool, error: type[click.ClickException] = c
         try:
             spool = Spool(base / "queue", settings.spool, readonly=readonly)
         except (SpoolError, OSError) as exc:
-            raise error(str(exc)) from None
+            text = str(exc)
+            if os.getuid() == 0 and os.geteuid() != 0 and "Permission denied" in text:
+                # Root acts as the spool's owner: something in it is root's
+                # (left by an older qrelay run as root); `qrelay run` gives it back.
+                st = (base / "queue").stat()
+                text += (f" (root acts as the owner of {base / 'queue'} here: "
+                         f"chown -R {st.st_uid}:{st.st_gid} {base / 'queue'})")
+            raise error(text) from None
         try:
             yield spool
         finally:
