@@ -51,12 +51,52 @@ def enable(directory: Path | str) -> None:
         old.unlink(missing_ok=True)
     os.environ[ENV_DIR] = str(path)
     from prometheus_client import values
+    values.MmapedDict = _reserved_mmaped_dict()
     # Chosen by prometheus_client at its import from the environment; set it
     # here as well, so it does not matter who imported it first.
     values.ValueClass = values.MultiProcessValue()
     _forget()
     _bound.clear()
     _series.clear()
+
+
+def _reserved_mmaped_dict() -> type:
+    """prometheus_client's MmapedDict, with the disk space of its file taken
+    (posix_fallocate) before any of it is mapped. The library makes the file
+    with truncate, a hole, and a store into a hole of a mapped file on a full
+    disk is SIGBUS: a receiver restarted while the spool's disk was full died
+    at its first count, again and again, instead of answering 451. A
+    reservation that fails raises OSError, which the callers below drop."""
+    from prometheus_client import mmap_dict
+    from prometheus_client.mmap_dict import MmapedDict
+    initial = getattr(mmap_dict, "_INITIAL_MMAP_SIZE", 1 << 16)   # its first size
+
+    class ReservedMmapedDict(MmapedDict):
+        def __init__(self, filename: str, read_mode: bool = False) -> None:
+            if not read_mode:
+                fd = os.open(filename, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                try:
+                    size = os.fstat(fd).st_size
+                    try:
+                        os.posix_fallocate(fd, 0, max(size, initial))
+                    except OSError:
+                        if size == 0:    # made here: no headerless file for the status page
+                            os.unlink(filename)
+                        raise
+                finally:
+                    os.close(fd)
+            super().__init__(filename, read_mode)
+
+        def _init_value(self, key: str) -> None:
+            # An entry is its key, at most 11 bytes of length and padding, and two doubles.
+            need = self._used + len(key.encode("utf-8")) + 32
+            capacity = self._capacity
+            while need > capacity:
+                capacity *= 2
+            if capacity > self._capacity:    # the library grows the file with truncate
+                os.posix_fallocate(self._f.fileno(), 0, capacity)
+            super()._init_value(key)
+    return ReservedMmapedDict
 
 
 class _Series:

@@ -22,8 +22,9 @@ def multiprocess_mode(monkeypatch):
     monkeypatch.delenv(metrics.ENV_DIR, raising=False)
     yield metrics.enable
     os.environ.pop(metrics.ENV_DIR, None)
-    from prometheus_client import values
+    from prometheus_client import mmap_dict, values
     values.ValueClass = values.MutexValue
+    values.MmapedDict = mmap_dict.MmapedDict
     metrics._forget()
     metrics._bound.clear()
     metrics._series.clear()
@@ -94,3 +95,48 @@ def test_a_broken_metric_never_fails_its_caller(monkeypatch):
         metrics.flush()                                 # raised while writing, swallowed
     asyncio.run(main())
     assert not metrics._pending and not metrics._observed
+
+
+def test_metric_files_have_their_disk_space_before_they_are_mapped(tmp_path, multiprocess_mode):
+    # prometheus_client makes them with truncate: a hole, and a store into a
+    # hole of a mapped file on a full disk is SIGBUS (a receiver restarted
+    # while the spool's disk was full died at its first count, in a loop).
+    d = tmp_path / "m"
+    multiprocess_mode(d)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            metrics.message_received()
+            metrics.session_opened()                    # a livesum gauge: a file of its own
+            metrics.delivery_result("remote", "K", 0.3)
+            from prometheus_client import values
+            grown = values.MmapedDict(str(d / "grown.db"))
+            for n in range(5000):                       # past its first 64 KiB
+                grown.write_value(f"key {n}", 1.0, 0.0)
+            grown.close()
+        finally:
+            os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+    files = sorted(d.glob("*.db"))
+    assert len(files) == 3 + 1
+    for path in files:
+        st = path.stat()
+        assert st.st_blocks * 512 >= st.st_size, (path.name, st.st_blocks, st.st_size)
+    assert (d / "grown.db").stat().st_size > 1 << 16
+
+
+def test_a_metric_file_with_no_room_on_disk_drops_the_counts(tmp_path, multiprocess_mode,
+                                                              monkeypatch):
+    import errno
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    multiprocess_mode(tmp_path / "m")
+    assert metrics.message_received() is None           # written at once: dropped, not raised
+    assert list((tmp_path / "m").iterdir()) == []         # no empty file for the status page
+    monkeypatch.undo()
+    multiprocess_mode(tmp_path / "m")
+    metrics.message_received()                           # room again: counted
+    assert collected(tmp_path / "m")[
+        ("qrelay_messages_received_total", (("protocol", "smtp"), ("result", "queued")))] == 1
