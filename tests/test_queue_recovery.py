@@ -402,3 +402,24 @@ def test_a_read_the_system_refuses_keeps_the_message(tmp_path: Path, monkeypatch
         monkeypatch.setattr(SegmentReader, "_fd", real)
         assert s.read_message(m) == b"B" * 100
         assert not (q / "quarantine").exists() or not list((q / "quarantine").iterdir())
+
+
+def test_a_truncated_index_is_refused_in_one_line_not_a_bus_error(tmp_path: Path):
+    # LMDB reads pages through a map: one past the end of a cut data.mdb is
+    # SIGBUS, which killed every process opening the spool (the spool writer
+    # in a restart loop, qstat with "Bus error"). Opened in subprocesses.
+    q = tmp_path / "queue"
+    with Spool(q) as s:
+        for n in range(50):
+            s.enqueue(env("a@b"), b"x" * 3000 + b"%d" % n)
+    data = q / "index" / "data.mdb"
+    os.truncate(data, 8192)            # the two meta pages, nothing they point at
+    for readonly in (False, True):
+        code = (f"from engine.queue import Spool, SpoolError\n"
+                f"try:\n    Spool({str(q)!r}, readonly={readonly})\n"
+                f"except SpoolError as exc:\n    print(exc)\n")
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           cwd=Path(__file__).resolve().parent.parent, timeout=30)
+        assert p.returncode == 0, (readonly, p.returncode, p.stderr)
+        assert p.stdout.startswith(f"{q}: cannot open spool index: {data} is truncated "
+                                   "(8192 bytes; its pages need "), p.stdout

@@ -76,6 +76,7 @@ class SpoolIndex:
         self._where = where
         self.env = self._open(index_dir, settings, metasync)
         try:
+            self._check_size(index_dir / "data.mdb")
             self.dbs = {}
             for name in TABLES:
                 try:
@@ -107,6 +108,20 @@ class SpoolIndex:
                              readahead=False, subdir=True, map_size=settings.index_map_bytes)
         except (OSError, lmdb.Error) as exc:
             raise SpoolError(f"{self._where}: cannot open spool index: {exc}") from None
+
+    def _check_size(self, data: Path) -> None:
+        """Refuse a data.mdb shorter than the pages its meta page names (cut
+        by a copy, a restore, a damaged disk): LMDB reads its pages through a
+        map, and one past the end of the file is SIGBUS, which would kill
+        every process that opens the spool, again at each restart."""
+        need = (self.env.info()["last_pgno"] + 1) * self.env.stat()["psize"]
+        try:
+            size = os.stat(data).st_size
+        except OSError as exc:
+            raise SpoolError(f"{self._where}: cannot open spool index: {exc}") from None
+        if size < need:
+            raise SpoolError(f"{self._where}: cannot open spool index: {data} is truncated "
+                             f"({size} bytes; its pages need {need})")
 
     def _check_format(self) -> None:
         meta = self.dbs[b"meta"]
