@@ -150,9 +150,17 @@ def _spool_writer(root: Path, settings: Any) -> ChildSpec:
     from engine.queue.writer import run_writer
 
     def writer_main(slot: int) -> None:
+        from engine.queue import SpoolError
         set_title("qrelay: spool writer")
-        run_writer(root / "queue", settings=settings.spool,
-                   drain_seconds=settings.smtp.shutdown_grace + 1.0)
+        try:
+            run_writer(root / "queue", settings=settings.spool,
+                       drain_seconds=settings.smtp.shutdown_grace + 1.0)
+        except (SpoolError, OSError) as exc:
+            # A spool it cannot open (a damaged index, a newer format), a socket
+            # it cannot bind: the reason in the log at each restart, as the
+            # scheduler's, not a traceback on stderr and a bare exit status.
+            logging.getLogger("qrelay.spool-writer").error(f"cannot start: {exc}")
+            raise SystemExit(111) from None
     return ChildSpec("spool-writer", target=writer_main, forward_signals=frozenset(),
                      stop_phase=1)
 

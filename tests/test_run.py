@@ -60,6 +60,25 @@ def test_supervisor_lines_go_to_the_log(root):
     assert "info: supervisor: stopping" in service_texts(root)
 
 
+def test_a_spool_writer_that_cannot_open_the_spool_says_why_in_one_line(root):
+    # A damaged index: the writer used to die with a traceback on stderr and
+    # only "exited with status 1" in the log, at every restart.
+    index = root / "queue" / "index"
+    index.mkdir(parents=True, exist_ok=True)
+    (index / "data.mdb").write_bytes(b"\0" * 8192)
+    q = RunningQrelay(root, procs=1)
+    try:
+        wait_for(lambda: any(re.match(r"warning: supervisor: spool-writer-0 \(pid \d+\) exited"
+                                      r" with status 111; restarting$", t)
+                             for t in service_texts(root)), what="the writer's restart")
+    finally:
+        q.stop()
+    why = (f"alert: spool-writer: cannot start: {root}/queue: cannot open spool index:"
+           f" {index}: MDB_INVALID: File is not an LMDB file")
+    assert why in service_texts(root)
+    assert "Traceback" not in q.stderr_text
+
+
 # --- one instance per root, found through its lock ----------------------------
 
 def test_two_runs_started_at_once_deliver_every_message_once(root, dns, tmp_path):
