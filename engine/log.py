@@ -222,12 +222,12 @@ class QmailSendLog:
     def warning(self, text: str) -> None:
         if self.json:
             return self.event("warning", text=text)
-        self.line(f"warning: {logsafe(text)}")
+        self.line(f"warning: {readable(text)}")
 
     def alert(self, text: str) -> None:
         if self.json:
             return self.event("alert", text=text)
-        self.line(f"alert: {logsafe(text)}")
+        self.line(f"alert: {readable(text)}")
 
     def exiting(self) -> None:
         if self.json:

@@ -79,6 +79,19 @@ def test_forged_newline_cannot_make_a_line(tmp_path):
     assert got[0].endswith("from <evil/end_msg_1@x> qp 1 uid 1")
 
 
+def test_warnings_and_alerts_are_worded_lines_with_their_spaces(tmp_path):
+    # qmail-send's are ("warning: trouble opening local/4/123; will try again
+    # later"): logsafe is for a variable part, and made the scheduler's lines
+    # "warning: delivery_worker_0_killed_by_signal_9_with_3_jobs_in_flight;_restarting".
+    log = QmailSendLog(tmp_path)
+    log.warning("delivery worker 0 killed by signal 9 with 3 jobs in flight; restarting")
+    log.alert("scheduler crashed: OSError('x\nend msg 1'); restarting")
+    log.close()
+    assert [line[26:] for line in _lines(tmp_path / "current")] == [
+        "warning: delivery worker 0 killed by signal 9 with 3 jobs in flight; restarting",
+        "alert: scheduler crashed: OSError('x/end msg 1'); restarting"]
+
+
 def test_rotation_keeps_whole_lines_and_at_most_n_minus_1_files(tmp_path):
     ticks = iter(range(1700000000_000000000, 1800000000_000000000, 1_000_000))
     log = QmailSendLog(tmp_path, max_bytes=4096, max_files=3, clock_ns=lambda: next(ticks))

@@ -616,7 +616,7 @@ def test_a_failed_commit_costs_a_redelivery_not_mail(env):
     asyncio.run(settle(sched))
     assert failures == [1] and len(remote.calls) == 2      # delivered again (at least once)
     assert spool.stats().messages == 0
-    assert any("trouble_marking_results:_cannot_record_delivery_results" in t
+    assert any("trouble marking results: cannot record delivery results" in t
                for t in log_texts(tmp)), log_texts(tmp)
     assert f"end msg {mid}" in log_texts(tmp)
 
