@@ -122,7 +122,15 @@ class Supervisor:
         name = f"qrelay-{child.spec.name}-{child.slot}"
         proc = self._context.Process(target=_child_entry, args=(child.spec.target, child.slot, os.getpid()), name=name)
         proc.daemon = False
-        proc.start()
+        try:
+            proc.start()
+        except OSError as exc:
+            # No fork (EAGAIN from a full process table or the cgroup's pids.max,
+            # ENOMEM): tried again on the backoff schedule; the supervisor, and
+            # with it every other service, must not die of it.
+            log.warning("cannot start %s-%d: %s; trying again", child.spec.name, child.slot, exc)
+            child.restart_at = time.monotonic() + child.backoff.died()
+            return
         child.process = proc
         child.backoff.started()
         log.info("started %s pid %d", name, proc.pid)

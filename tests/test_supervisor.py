@@ -35,6 +35,20 @@ SCRIPT = textwrap.dedent('''
         while True:
             time.sleep(0.05)
 
+    if mode == "forkfail":
+        # The next two forks after `failfork` appears fail as under a full
+        # process table or cgroup (pids.max): EAGAIN.
+        real_fork = os.fork
+        def fork():
+            if (work / "failfork").exists() and len(lines_of("forkfailed")) < 2:
+                note("forkfailed", "x")
+                raise BlockingIOError(11, "Resource temporarily unavailable")
+            return real_fork()
+        os.fork = fork
+
+    def lines_of(name):
+        return (work / name).read_text().split() if (work / name).exists() else []
+
     checks = []
     def reload_check():
         checks.append(1)
@@ -128,6 +142,23 @@ def test_crashing_child_backs_off(supervise, tmp_path):
     p.send_signal(signal.SIGTERM)
     assert p.wait(5) == 0
     assert any(line.endswith(") exited with status 3; restarting") for line in p.stderr.read().splitlines())
+
+
+def test_a_failed_fork_is_retried_with_backoff_not_the_end_of_the_supervisor(supervise, tmp_path):
+    p = supervise("forkfail")
+    assert wait_for(lambda: lines(tmp_path / "start-0") and lines(tmp_path / "start-1"))
+    (tmp_path / "failfork").touch()
+    first = int(lines(tmp_path / "start-1")[0])
+    os.kill(first, signal.SIGKILL)
+    # Restarted once the forks work again (0.1 + 0.2 + 0.4 s of backoff).
+    assert wait_for(lambda: len(lines(tmp_path / "start-1")) == 2)
+    assert len(lines(tmp_path / "forkfailed")) == 2 and p.poll() is None
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(5) == 0
+    err = p.stderr.read().splitlines()
+    assert err.count("cannot start worker-1: [Errno 11] Resource temporarily unavailable;"
+                     " trying again") == 2, err
+    assert not any("Traceback" in line for line in err)
 
 
 def test_exit_reason_words():
