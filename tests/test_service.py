@@ -256,3 +256,26 @@ def test_a_scheduler_that_cannot_start_says_why_on_stderr_and_in_the_log(root):
               " 'sink.test:127.0.0.1:26x26' (a number from 1 to 65535)")
     assert r.stderr.strip().splitlines() == [f"qrelay: scheduler: alert: {reason}"]
     assert texts(root)[-1] == f"alert: {reason}"
+
+
+def test_a_pid_file_that_cannot_be_written_does_not_stop_the_scheduler(root, dns):
+    # log/scheduler.pid is for an operator's eyes; on a full disk its write
+    # failed (ENOSPC) and the scheduler died at every restart, a traceback
+    # each time, so nothing was delivered and nothing freed the disk. Here
+    # the write fails because its temporary name is a directory.
+    (root / "qrelay.toml").write_text(f'[delivery]\ndns_servers = ["{dns.address}"]\n')
+    (root / "log" / "scheduler.pid").write_text("1\n")          # a dead scheduler's
+    (root / "log" / "scheduler.pid.tmp").mkdir()
+    code = "import sys; from pathlib import Path; from engine.delivery.service import run_scheduler; " \
+           f"sys.exit(run_scheduler(Path({str(root)!r})))"
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        ready(root)
+        assert f"warning: cannot write {root / 'log' / 'scheduler.pid'}: Is a directory" in texts(root)
+        assert not (root / "log" / "scheduler.pid").exists()
+    finally:
+        p.terminate()
+        status = p.wait(30)
+        stderr = p.stderr.read()
+        p.stderr.close()
+    assert status == 0 and "Traceback" not in stderr, stderr

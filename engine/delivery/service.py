@@ -158,10 +158,7 @@ def run_scheduler(root: Path) -> int:
         return 111
     try:
         spool.recover()
-        path = pid_file(root)
-        tmp = path.with_name(PID_FILE + ".tmp")
-        tmp.write_text(f"{os.getpid()}\n")
-        os.replace(tmp, path)
+        write_pid_file(root, log)
         uvloop.run(_serve(root, spool, log, config))
     finally:
         try:
@@ -172,6 +169,24 @@ def run_scheduler(root: Path) -> int:
         spool.close()
         log.close()
     return 0
+
+
+def write_pid_file(root: Path, log) -> None:
+    """log/scheduler.pid, for an operator's eyes only: a full disk must not stop
+    the scheduler, whose deliveries are what frees it. Not written, the old
+    one goes (it would name a dead process)."""
+    path = pid_file(root)
+    tmp = path.with_name(PID_FILE + ".tmp")
+    try:
+        tmp.write_text(f"{os.getpid()}\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning(f"cannot write {path}: {exc.strerror or exc}")
+        for stale in (tmp, path):
+            try:
+                stale.unlink()
+            except OSError:
+                pass
 
 
 async def start_workers(root: Path, procs: int, name: str, spool, log):
