@@ -3,6 +3,7 @@ orphan and abandoned segments, the warn hook."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -423,3 +424,30 @@ def test_a_truncated_index_is_refused_in_one_line_not_a_bus_error(tmp_path: Path
         assert p.returncode == 0, (readonly, p.returncode, p.stderr)
         assert p.stdout.startswith(f"{q}: cannot open spool index: {data} is truncated "
                                    "(8192 bytes; its pages need "), p.stdout
+
+
+def test_a_tail_whose_index_commit_fails_is_not_said_to_be_indexed(tmp_path: Path):
+    # The "indexed N message(s)" line was said inside the transaction: with a
+    # full map (or disk) every try logged it, then "cannot index ...".
+    q = tmp_path / "queue"
+    code = ("import os, sys\n"
+            "from engine.config.settings import SpoolSettings\n"
+            "from engine.queue import Envelope, Spool, SpoolWriteError\n"
+            f"s = Spool({str(q)!r}, SpoolSettings(index_map_bytes=512 * 1024))\n"
+            "try:\n"
+            "    while True:\n"
+            "        s.enqueue(Envelope('a@b', ('c@d',)), b'x' * 100)\n"
+            "except SpoolWriteError:\n"
+            "    os._exit(0)      # a writer that died, its last batch answered, not indexed\n")
+    subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                   check=True, timeout=120)
+    lines: list[str] = []
+    with Spool(q, SpoolSettings(index_map_bytes=512 * 1024), warn=lines.append) as s:
+        assert s.adopt_tails() == 0
+    assert lines and all(line.startswith("warning: cannot index what a stopped writer left: "
+                                         "the spool index is full") for line in lines), lines
+    lines.clear()
+    with Spool(q, warn=lines.append) as s:                  # room again
+        assert s.stats().messages > 0
+    assert len(lines) == 1 and re.match(r"warning: indexed \d+ message\(s\) that a writer which"
+                                        r" stopped left unindexed in segment \d+$", lines[0]), lines

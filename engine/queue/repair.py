@@ -152,7 +152,7 @@ class Repair:
             for segid, raw in segs.items():
                 report.segments_fixed += self._fix_segment(txn, segid, raw,
                                                            live.get(segid, 0), own, now,
-                                                           unlink)
+                                                           unlink, lines)
         for line in lines:
             self._core.warn(line)
         self._core.files.remove(unlink)
@@ -160,7 +160,7 @@ class Repair:
         return report
 
     def _fix_segment(self, txn: lmdb.Transaction, segid: int, raw: bytes, want: int,
-                     own: int | None, now: float, unlink: list[int]) -> int:
+                     own: int | None, now: float, unlink: list[int], lines: list[str]) -> int:
         """Make segment `segid`'s record say what recover() counted (`want`
         live messages), sealing it if its writer is gone (C9) and letting it
         go if it is empty and sealed. Returns 1 if it changed, else 0."""
@@ -175,7 +175,7 @@ class Repair:
             return 0
         gone = not seg.sealed and segid != own and self._writer_gone(seg)
         if gone:  # what it answered but never indexed goes in first (C9)
-            n = self._adopt_tail_now(txn, segid, seg)
+            n = self._adopt_tail_now(txn, segid, seg, lines)
             if n:
                 seg = SegmentRecord.decode(txn.get(R.u64(segid), db=segdb))
                 want += n
@@ -231,14 +231,18 @@ class Repair:
         and the segments of live writers are theirs to index. After a machine
         restart every writer is gone, and ids move past every id and segment
         file on disk (the id counter's last commit may be undone too)."""
+        lines: list[str] = []
         try:
             with self._index.write("index what a stopped writer left") as txn:
-                return self._reindex(txn, after_reboot and bool(self._boot_id))
+                restored = self._reindex(txn, after_reboot and bool(self._boot_id), lines)
         except SpoolError as exc:  # e.g. a full map: the bytes wait for the next try
             self._core.warn(f"warning: {exc}")
             return 0
+        for line in lines:
+            self._core.warn(line)
+        return restored
 
-    def _reindex(self, txn: lmdb.Transaction, after_reboot: bool) -> int:
+    def _reindex(self, txn: lmdb.Transaction, after_reboot: bool, lines: list[str]) -> int:
         dbs = self._index.dbs
         meta = dbs[b"meta"]
         if after_reboot:
@@ -259,7 +263,7 @@ class Repair:
                 continue  # recover() rebuilds it
             if seg.sealed or seg.end < 0 or not (after_reboot or self._writer_gone(seg)):
                 continue
-            restored += self._adopt_tail_now(txn, R.read_u64(key), seg)
+            restored += self._adopt_tail_now(txn, R.read_u64(key), seg, lines)
         if after_reboot:
             txn.put(b"boot_id", self._boot_id.encode(), db=meta)
         return restored
@@ -276,16 +280,18 @@ class Repair:
         now = process_start(seg.pid) if seg.started else 0
         return now != 0 and now != seg.started   # another process has its pid now
 
-    def _adopt_tail_now(self, txn: lmdb.Transaction, segid: int, seg: SegmentRecord) -> int:
+    def _adopt_tail_now(self, txn: lmdb.Transaction, segid: int, seg: SegmentRecord,
+                        lines: list[str]) -> int:
         """_adopt_tail, with the id counter moved past what it found and a
-        warning; returns how many messages it indexed."""
+        warning added to `lines` (the caller's to say once txn is committed);
+        returns how many messages it indexed."""
         n, last = self._adopt_tail(txn, segid, seg)
         meta = self._index.dbs[b"meta"]
         if last >= R.read_u64(txn.get(b"next_id", db=meta)):
             txn.put(b"next_id", R.u64(last + 1), db=meta)
         if n:
-            self._core.warn(f"warning: indexed {n} message(s) that a writer which stopped left "
-                       f"unindexed in segment {segid}")
+            lines.append(f"warning: indexed {n} message(s) that a writer which stopped left "
+                         f"unindexed in segment {segid}")
         return n
 
     def _adopt_tail(self, txn: lmdb.Transaction, segid: int,
@@ -381,16 +387,21 @@ class Repair:
         if seg.live > 0 or seg.sealed or (pid_alive(seg.pid) and age < self._grace):
             return False
         segdb = self._index.dbs[b"segments"]
+        lines: list[str] = []
         with self._index.write(f"forget empty segment {segid}") as txn:
             if txn.get(R.u64(segid), db=segdb) != raw:
                 return False
+            adopted = False
             if 0 <= seg.end < path.stat().st_size:  # bytes past the indexed end
                 if not self._writer_gone(seg):
                     return False
-                if self._adopt_tail_now(txn, segid, seg):
-                    return False  # it holds answered messages after all
-            txn.delete(R.u64(segid), db=segdb)
-        return True
+                # it holds answered messages after all: it stays
+                adopted = self._adopt_tail_now(txn, segid, seg, lines) > 0
+            if not adopted:
+                txn.delete(R.u64(segid), db=segdb)
+        for line in lines:
+            self._core.warn(line)
+        return not adopted
 
 
 def _dangling_entries(txn: lmdb.Transaction, dbs: dict) -> list[tuple[bytes, bytes]]:
