@@ -279,3 +279,29 @@ def test_a_pid_file_that_cannot_be_written_does_not_stop_the_scheduler(root, dns
         stderr = p.stderr.read()
         p.stderr.close()
     assert status == 0 and "Traceback" not in stderr, stderr
+
+
+def test_a_scheduler_whose_spool_recovery_fails_says_why_in_one_line(root):
+    # A full index map (or disk) and a stopped writer's segment to seal: the
+    # recovery's commit failed and the scheduler died with a traceback, the
+    # log saying nothing of why, at every restart.
+    (root / "qrelay.toml").write_text("[spool]\nindex_map_bytes = 524288\n")
+    fill = ("import os\n"
+            "from engine.config.settings import SpoolSettings\n"
+            "from engine.queue import Envelope, Spool, SpoolWriteError\n"
+            f"s = Spool({str(root / 'queue')!r}, SpoolSettings(index_map_bytes=524288))\n"
+            "try:\n"
+            "    while True:\n"
+            "        s.enqueue(Envelope('a@b', ('c@d',)), b'x' * 100)\n"
+            "except SpoolWriteError:\n"
+            "    os._exit(0)\n")
+    subprocess.run([sys.executable, "-c", fill], cwd=REPO, check=True, timeout=120)
+    code = "import sys; from pathlib import Path; from engine.delivery.service import run_scheduler; " \
+           f"sys.exit(run_scheduler(Path({str(root)!r})))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 111, r.stderr
+    reason = ("cannot start: cannot repair the spool index: the spool index is full (its map of"
+              " 524288 bytes is used up; raise [spool] index_map_bytes)")
+    assert r.stderr.strip().splitlines() == [f"qrelay: scheduler: alert: {reason}"]
+    assert texts(root)[-1] == f"alert: {reason}"

@@ -147,6 +147,11 @@ def run_scheduler(root: Path) -> int:
         # tail indexed) are worded lines of their own: into qmail-send's log.
         spool = Spool(root / "queue", config.settings.spool,
                       warn=lambda text: log.line(readable(text)))
+        try:
+            spool.recover()    # a full index map or disk: nothing could be recorded
+        except SpoolError:
+            spool.close()
+            raise
     except (SettingsError, DeliveryConfigError, SpoolError, OSError) as exc:
         # The reason goes to the log and to stderr (the supervisor's, so the
         # operator sees why the scheduler keeps restarting, not just its status).
@@ -157,7 +162,6 @@ def run_scheduler(root: Path) -> int:
             log.close()
         return 111
     try:
-        spool.recover()
         write_pid_file(root, log)
         uvloop.run(_serve(root, spool, log, config))
     finally:
