@@ -506,6 +506,20 @@ def test_a_busy_local_worker_dies_with_its_scheduler(start, gate, root):
     assert died, "the local worker outlived its scheduler"
 
 
+def test_term_leaves_no_program_of_an_abandoned_delivery_running(start, gate, root):
+    # The worker gave the delivery up at the stop; its `|program` (a session of
+    # its own) ran on, orphaned and with no time limit, and ran again at the
+    # next start. Now the worker kills it as a timeout would.
+    q = start()
+    with smtplib.SMTP("127.0.0.1", q.port, timeout=10) as s:
+        assert s.sendmail("a@src.test", ["slow@example.com"], body_of("abandoned")) == {}
+    wait_for(lambda: len(gate.pids()) == 1, what="the delivery waiting in the program")
+    [program] = gate.pids()
+    assert q.stop() == 0
+    assert within(lambda: not alive(program), 5), "the program outlived qrelay run"
+    assert queue_count(root) == 1                     # tried again at the next start
+
+
 def test_the_lspawn_socket_is_born_0600_and_its_owner_set_without_following_links(tmp_path):
     # queue/ is the run user's: the socket's mode comes with the bind (no chmod by
     # name), and a link in its place is never followed by root's chown.

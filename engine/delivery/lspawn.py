@@ -103,6 +103,12 @@ class LocalDeliverer:
     async def close(self) -> None:
         await asyncio.to_thread(self.delivery.close)
 
+    def abandon(self) -> None:
+        """A stopping worker's: kill the `|program`s still running (their
+        results can no longer be reported; the deliveries are tried again)."""
+        from engine.delivery.local.program import abandon
+        abandon()
+
 
 class _Refusals:
     """The courier of the recipients nobody may deliver to: each gets its

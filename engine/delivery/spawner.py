@@ -205,8 +205,9 @@ class WorkerServer:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
             if self._pool is not None:
                 # Jobs not started yet get no answer (the spawner fails them:
-                # deferred); running ones finish in their threads, and
-                # deliverer.close() waits for them.
+                # deferred); running ones finish in their threads (but for
+                # their programs: _worker_serve), and deliverer.close() waits
+                # for them.
                 with self._lock:
                     self._backlog.clear()
                 self._pool.shutdown(wait=False, cancel_futures=True)
@@ -371,6 +372,11 @@ async def _worker_serve(sock: socket.socket, spool, deliverer, max_frame: int) -
         pass
     finally:
         writer.close()
+        # Jobs still running were given up with the connection: nothing
+        # they start may outlive this worker (a `|program`: engine.delivery.lspawn).
+        abandon = getattr(deliverer, "abandon", None)
+        if abandon is not None:
+            abandon()
         try:
             await asyncio.wait_for(deliverer.close(), 2)
         except (asyncio.TimeoutError, OSError):

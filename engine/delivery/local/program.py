@@ -23,6 +23,10 @@ from dataclasses import dataclass
 from engine.delivery.local.dotqmail import error_str
 
 PERMANENT_EXITS = frozenset({100, 64, 65, 70, 76, 77, 78, 112})
+# The programs this process runs now (process state by nature, like its
+# children): a delivery worker that stops with deliveries in flight kills
+# them (abandon), else each would run on, orphaned, past program_timeout.
+_running: set[subprocess.Popen] = set()
 TEXT_CRASHED = "Aack, child crashed. (#4.3.0)\n"
 TEXT_TIMEOUT = "Program timed out. (#4.3.0)\n"       # ours: qmail has no limit
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -76,6 +80,23 @@ def run(command: str, *, cwd: str, env: dict[str, str], stdin_fd: int,
                               None)
         return ProgramRun("temporary",
                           f"Unable to run /bin/sh: {error_str(exc.errno)}. (#4.3.0)\n", None)
+    _running.add(proc)
+    try:
+        return _wait(proc, timeout, output_max)
+    finally:
+        _running.discard(proc)
+
+
+def abandon() -> None:
+    """Kill every program this process runs now, each with its process group,
+    as at a timeout: their deliveries were given up (the worker stops) and
+    are tried again, so none may run on without a limit or twice at once."""
+    for proc in list(_running):
+        if proc.returncode is None:
+            _kill_group(proc)
+
+
+def _wait(proc: subprocess.Popen, timeout: float, output_max: int) -> ProgramRun:
     kept = bytearray()
     timed_out = False
     deadline = time.monotonic() + timeout
