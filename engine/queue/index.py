@@ -77,6 +77,7 @@ class SpoolIndex:
         self.env = self._open(index_dir, settings, metasync)
         try:
             self._check_size(index_dir / "data.mdb")
+            self.free_dead_readers()     # e.g. of the process this one replaces
             self.dbs = {}
             for name in TABLES:
                 try:
@@ -148,6 +149,15 @@ class SpoolIndex:
 
     def close(self) -> None:
         self.env.close()
+
+    def free_dead_readers(self) -> int:
+        """Free the reader slots of processes that died inside a read
+        transaction (kill -9): while one stays, LMDB reuses no page freed
+        after its snapshot, and the index file grows with every commit."""
+        try:
+            return self.env.reader_check()
+        except lmdb.Error:
+            return 0
 
     # ---------------------------------------------------------------- the one way to write
 

@@ -198,7 +198,9 @@ class Repair:
         """Index what writers that are gone left unindexed (C2); the scheduler
         calls it every few seconds, so a receiver that died while the rest
         ran on does not leave its answered messages waiting for a restart.
-        Cheap when there is nothing to do: no write transaction then."""
+        Cheap when there is nothing to do: no write transaction then. The
+        reader slots dead processes left go too (SpoolIndex.free_dead_readers)."""
+        self._index.free_dead_readers()
         with self._index.env.begin() as txn:
             segs = self._index.segments(txn)
         for segid, raw in segs.items():
