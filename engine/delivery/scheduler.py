@@ -85,6 +85,11 @@ RESCAN_SECONDS = 30.0
 # ...and after reaching the end of what is due, from the start again at most
 # this often while keys were forgotten (the skip memory was full).
 RESCAN_MIN_SECONDS = 1.0
+# Results a commit could not record (a full disk) are committed again after
+# this, doubling to UNRECORDED_RETRY_MAX; their recipients stay in flight
+# meanwhile, so they are not delivered again at every pass.
+UNRECORDED_RETRY = 0.5
+UNRECORDED_RETRY_MAX = 10.0
 
 
 Classify = Callable[[str], tuple[str, str]]
@@ -393,6 +398,11 @@ class Scheduler:
         self.deferred = DeferredByDomain(config.recovered_index_max)
         # (lane, domain, delivery number, spool Result, K/Z/D, report text)
         self._results: list[tuple[Lane, str, int, object, str, str]] = []
+        # Results (lane, domain, K/Z/D, spool Result) whose commit failed, logged
+        # already: committed again at _unrecorded_due.
+        self._unrecorded: list[tuple[Lane, str, str, object]] = []
+        self._unrecorded_due = 0.0
+        self._unrecorded_delay = UNRECORDED_RETRY
         # The spool writes waiting for the commit thread (see step 2), and the
         # one commit it runs: its future, and what it carries.
         self._reschedules: list[tuple[Lane, Deferred]] = []
@@ -737,22 +747,23 @@ class Scheduler:
     # recipient out again), and the commit's outcome is taken in on the loop
     # by the next pass (_collect), so nothing here is touched by two threads.
     def _writes_waiting(self) -> bool:
-        return bool(self._results or self._reschedules or self._to_preprocess
-                    or self._flush_pending)
+        return bool(self._results or self._unrecorded or self._reschedules
+                    or self._to_preprocess or self._flush_pending)
 
     def _maybe_commit(self) -> None:
         if self._commit is not None:
             return
         if self._to_preprocess or self._flush_pending or self._reschedules or (
                 self._results and (len(self._results) >= self.config.mark_batch
-                                   or self.monotonic() >= self._results_due)):
+                                   or self.monotonic() >= self._results_due)) or (
+                self._unrecorded and self.monotonic() >= self._unrecorded_due):
             self._start_commit()
 
     def _start_commit(self) -> None:
         """Hand everything waiting to the commit thread (at most mark_delay
         after the first result, or at once for new mail or a flush)."""
         batch, self._results = self._results, []
-        results = []
+        results, self._unrecorded = self._unrecorded, []
         for lane, domain, number, result, status, text in batch:
             self.log.delivery(number, status, text)
             if status == "K":
@@ -804,10 +815,14 @@ class Scheduler:
         now = self.clock()
         if c.error is not None:
             if c.results:
-                # Not recorded: they will be delivered again (at least once),
-                # as qmail's "trouble marking" case.
+                # Not recorded: tried again later, the recipients kept in
+                # flight; a stop before that means they are delivered again
+                # (at least once), as qmail's "trouble marking" case.
                 self.log.warning(f"trouble marking results: {c.error}; "
-                                 "message will be delivered twice!")
+                                 "will try again, or the message will be delivered twice!")
+                self._unrecorded = c.results + self._unrecorded
+                self._unrecorded_due = self.monotonic() + self._unrecorded_delay
+                self._unrecorded_delay = min(UNRECORDED_RETRY_MAX, self._unrecorded_delay * 2)
             if c.reschedules:
                 self.log.warning(f"trouble rescheduling deferred recipients: {c.error}")
             if c.flush:
@@ -819,10 +834,12 @@ class Scheduler:
                 lane.scan_after = None  # due entries unchanged, maybe behind the watermark
         self._preprocessing.difference_update(item[0] for item in c.preprocess)
         recovered: set[tuple[Lane, str]] = set()
+        if c.results and c.error is None:
+            self._unrecorded_delay = UNRECORDED_RETRY
         for lane, domain, status, result in c.results:
-            self.inflight.discard((result.msgid, result.index))
             if c.error is not None:
-                continue
+                continue        # still in flight: in _unrecorded
+            self.inflight.discard((result.msgid, result.index))
             if status == "K":
                 recovered.add((lane, domain))
             elif isinstance(result, Deferred) and result.next_try <= now:
@@ -851,8 +868,10 @@ class Scheduler:
         """Commit everything gathered, and wait for it (at stop)."""
         while True:
             if self._commit is not None:
-                await asyncio.wrap_future(self._commit)
+                c = await asyncio.wrap_future(self._commit)
                 self._collect()
+                if c.error is not None:
+                    return      # what is not recorded is delivered again after the restart
             if not self._writes_waiting():
                 return
             self._start_commit()
