@@ -112,6 +112,28 @@ def test_corrupt_message_bytes_quarantined_on_read(tmp_path: Path):
         assert any(p.suffix == ".seg" for p in (q / "quarantine").iterdir())
 
 
+def test_a_segment_that_cannot_be_read_now_costs_a_retry_not_the_message(tmp_path: Path):
+    # An OSError is no proof of corruption, for recover(verify_bytes) either:
+    # here a directory stands where the segment was (pread says EISDIR).
+    from engine.queue import MessageUnreadable
+    q = tmp_path / "q"
+    with Spool(q) as s:
+        m = s.enqueue(env("a@b"), b"A" * 100)
+    seg = next((q / "segments").iterdir())
+    seg.rename(tmp_path / "aside")
+    seg.mkdir()
+    with Spool(q) as s:
+        with pytest.raises(MessageUnreadable, match=f"#{m}: "):
+            s.read_message(m)
+        assert s.recover(verify_bytes=True).quarantined == []
+        assert s.stats().messages == 1
+    seg.rmdir()
+    (tmp_path / "aside").rename(seg)
+    with Spool(q) as s:
+        assert s.read_message(m) == b"A" * 100
+    assert not (q / "quarantine").exists() or list((q / "quarantine").iterdir()) == []
+
+
 def test_torn_segment_tail_found_by_verify(tmp_path: Path):
     q = tmp_path / "q"
     with Spool(q) as s:

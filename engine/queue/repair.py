@@ -133,8 +133,11 @@ class Repair:
                 for msgid, rec in good:
                     try:
                         self._core.files.reader.read(rec.segid, rec.offset, msgid, rec.length)
-                    except (SegmentError, OSError) as exc:
+                    except SegmentError as exc:
                         bad[msgid] = str(exc)
+                    except OSError as exc:   # no proof of corruption: left queued
+                        self._core.warn(f"warning: cannot read #{msgid} in segment "
+                                        f"{rec.segid}: {exc.strerror or exc}")
             for msgid, rec in good:
                 if msgid not in bad:
                     live[rec.segid] = live.get(rec.segid, 0) + 1
