@@ -139,6 +139,46 @@ def test_no_writer_is_a_write_error(tmp_path: Path):
         SpoolClient(tmp_path / "nobody.sock").enqueue(Envelope("a", ("b",)), b"x")
 
 
+def test_a_writer_that_stops_reading_never_stops_the_event_loop(tmp_path: Path):
+    """A writer stuck in the kernel (a dying disk) or SIGSTOPped reads
+    nothing: the rest of a message the socket cannot take goes from a thread,
+    so the receiver's loop goes on serving other sessions (it froze in
+    sendall: no greeting, no TERM), and the client is answered 451 after
+    reply_timeout instead of waiting for its own timeout."""
+    import socket as socketlib
+    import time
+    path = tmp_path / "stuck.sock"
+    listener = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen()
+    client = SpoolClient(path, reply_timeout=0.5)
+    ticks: list[float] = []
+
+    async def other_sessions() -> None:
+        for _ in range(20):
+            ticks.append(time.monotonic())
+            await asyncio.sleep(0.02)
+
+    async def main() -> float:
+        others = asyncio.get_running_loop().create_task(other_sessions())
+        start = time.monotonic()
+        with pytest.raises(SpoolWriteError, match="did not answer in 0.5 s"):
+            await client.submit(Envelope("a@b", ("c@d",)), b"x" * (8 << 20))
+        await others
+        return time.monotonic() - start
+    try:
+        conn = None
+        waited = asyncio.run(main())
+        conn, _ = listener.accept()          # it connected; nothing was ever read
+        assert 0.5 <= waited < 5
+        assert len(ticks) == 20 and max(b - a for a, b in zip(ticks, ticks[1:])) < 0.3
+    finally:
+        client.close()
+        if conn is not None:
+            conn.close()
+        listener.close()
+
+
 def test_open_spool_writer_falls_back_to_direct_then_uses_the_writer(tmp_path: Path):
     from engine.queue.writer import WRITER_SOCKET, open_spool_writer
     q = tmp_path / "queue"

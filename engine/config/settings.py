@@ -115,6 +115,9 @@ class SpoolSettings:
     # Largest request frame the single spool writer accepts from a receiver
     # (a message plus its envelope); above smtp.max_message_bytes on purpose.
     max_frame_bytes: int = 80 * 1024 * 1024
+    # Seconds a receiver waits for the spool writer's answer to a message before
+    # it gives the client 451 (a writer stuck on a dying disk, or stopped).
+    writer_reply_timeout: float = 120.0
     # Request bytes queue/inject.sock holds at once, over all its connections
     # (local users: PHP's mail(), cron); past it a sender waits. One request
     # alone always fits.
@@ -461,6 +464,7 @@ RANGES: dict[tuple[str, str], tuple[float, float | None, str]] = {
     ("spool", "max_open_segments"): (1, None, "a segment must be read"),
     ("spool", "sync_depth"): (1, 64, "a thread and a descriptor each"),
     ("spool", "max_frame_bytes"): (1024, None, "a frame holds a message"),
+    ("spool", "writer_reply_timeout"): (1, None, "a commit takes time"),
     ("spool", "index_map_bytes"): (4096, 1 << 44, "LMDB maps it whole: address space"),
     ("spool", "inject_buffered_bytes"): (1024 * 1024, None, "room for local users' mail"),
     ("spool", "surgery_batch"): (1, 100000, "messages per surgery transaction"),

@@ -38,7 +38,8 @@ import re
 import socket
 import threading
 import time
-from concurrent.futures import Future
+from collections import deque
+from concurrent.futures import Future, InvalidStateError
 from pathlib import Path
 from typing import Callable
 
@@ -254,12 +255,23 @@ class SpoolClient:
     like Spool's, one connection per process (open it after fork)."""
 
     def __init__(self, socket_path: Path | str, timeout: float = 30.0,
-                 fallback: Callable[[], Spool] | None = None, retry_seconds: float = 1.0):
+                 fallback: Callable[[], Spool] | None = None, retry_seconds: float = 1.0,
+                 reply_timeout: float = 120.0):
         """`fallback`, if given, opens a direct Spool used while the writer is
         unreachable (LMDB's lock keeps that safe beside a running writer);
-        the writer is tried again every `retry_seconds`."""
+        the writer is tried again every `retry_seconds`. `timeout` bounds the
+        connect; `reply_timeout` how long `submit` waits for the writer's
+        answer (then SpoolWriteError: the client gets 451, and the message may
+        still be committed later — at least once)."""
         self.socket_path = str(socket_path)
         self._timeout = timeout
+        self._reply_timeout = reply_timeout
+        # What a send could not hand to the kernel at once (the writer reads
+        # slowly, or not at all): sent in order by a thread of its own, never
+        # by the event loop, which must go on serving every other session.
+        self._backlog: deque[tuple[socket.socket, memoryview]] = deque()
+        self._sending = False
+        self._sender: threading.Thread | None = None
         self._fallback_factory = fallback
         self._fallback: Spool | None = None
         self._retry_seconds = retry_seconds
@@ -267,6 +279,7 @@ class SpoolClient:
         self._pid = os.getpid()
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
+        self._wake_sender = threading.Condition(self._lock)
         # request id -> (connection it was sent on, its future)
         self._pending: dict[int, tuple[socket.socket, Future[int]]] = {}
         self._sock: socket.socket | None = None
@@ -309,13 +322,51 @@ class SpoolClient:
                 self._retry_at = time.monotonic() + self._retry_seconds
                 return self._open_fallback()._put(envelope, message)
             self._pending[reqid] = (sock, future)
+            if self._backlog or self._sending:
+                self._queue(sock, memoryview(frame))     # behind what waits: frames in order
+                return future
             try:
-                sock.sendall(frame)
+                sent = sock.send(frame, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
             except OSError as exc:
                 self._pending.pop(reqid, None)
                 self._drop(sock, f"spool writer connection lost: {exc.strerror or exc}")
                 raise SpoolWriteError(f"spool writer connection lost: {exc}") from None
+            if sent < len(frame):
+                self._queue(sock, memoryview(frame)[sent:])
         return future
+
+    def _queue(self, sock: socket.socket, rest: memoryview) -> None:
+        # called with self._lock held
+        self._backlog.append((sock, rest))
+        if self._sender is None:
+            self._sender = threading.Thread(target=self._send_backlog, name="spool-client-send",
+                                            daemon=True)
+            self._sender.start()
+        else:
+            self._wake_sender.notify()
+
+    def _send_backlog(self) -> None:
+        """The sender thread: blocking sends of the backlog, one frame's rest
+        at a time, outside the lock so the event loop can go on queueing."""
+        while True:
+            with self._lock:
+                while not self._backlog and not self._closed:
+                    self._wake_sender.wait()
+                if self._closed:
+                    return
+                sock, data = self._backlog.popleft()
+                self._sending = True
+            error = None
+            try:
+                sock.sendall(data)
+            except OSError as exc:
+                error = exc
+            with self._lock:
+                self._sending = False
+                if error is not None:
+                    self._drop(sock, f"spool writer connection lost: {error.strerror or error}")
 
     def _direct(self) -> Spool | None:
         # called with self._lock held: the fallback spool while the writer
@@ -339,7 +390,14 @@ class SpoolClient:
         return self._put(envelope, message).result()
 
     async def submit(self, envelope: Envelope, message: bytes) -> int:
-        return await asyncio.wrap_future(self._put(envelope, message))
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(self._put(envelope, message)),
+                                          self._reply_timeout)
+        except asyncio.TimeoutError:
+            # A writer stuck in the kernel (a dying disk) or stopped: the
+            # client is answered instead of waiting for its own timeout.
+            raise SpoolWriteError(f"spool writer did not answer in {self._reply_timeout:g} s") \
+                from None
 
     def _read_responses(self, sock: socket.socket) -> None:
         frames = ipc.FrameBuffer(MAX_RESPONSE)
@@ -356,12 +414,18 @@ class SpoolClient:
                     if entry is None:
                         continue
                     future = entry[1]
-                    if status == OK:
-                        future.set_result(ipc.U64.unpack(payload)[0])
-                    elif status == WRITE_ERROR:
-                        future.set_exception(SpoolWriteError(payload.decode("utf-8", "replace")))
-                    else:
-                        future.set_exception(SpoolError(payload.decode("utf-8", "replace")))
+                    if future.done():
+                        continue        # its submit gave up waiting (reply_timeout)
+                    try:
+                        if status == OK:
+                            future.set_result(ipc.U64.unpack(payload)[0])
+                        elif status == WRITE_ERROR:
+                            future.set_exception(
+                                SpoolWriteError(payload.decode("utf-8", "replace")))
+                        else:
+                            future.set_exception(SpoolError(payload.decode("utf-8", "replace")))
+                    except InvalidStateError:
+                        pass            # cancelled that moment
         except OSError as exc:
             reason = f"spool writer connection lost: {exc.strerror or exc}"
         except FrameError as exc:
@@ -371,6 +435,7 @@ class SpoolClient:
 
     def _drop(self, sock: socket.socket, reason: str) -> None:
         # called with self._lock held: fail everything in flight on this connection
+        self._backlog = deque(item for item in self._backlog if item[0] is not sock)
         if self._sock is sock:
             self._sock = None
             try:
@@ -387,6 +452,7 @@ class SpoolClient:
     def close(self) -> None:
         with self._lock:
             self._closed = True
+            self._wake_sender.notify()
             if self._sock is not None:
                 self._drop(self._sock, "spool client closed")
             fallback, self._fallback = self._fallback, None
@@ -405,7 +471,8 @@ def open_spool_writer(queue_dir: Path | str,
     if not settings.single_writer:
         return Spool(queue_dir, settings)
     return SpoolClient(Path(queue_dir) / WRITER_SOCKET,
-                       fallback=lambda: Spool(queue_dir, settings))
+                       fallback=lambda: Spool(queue_dir, settings),
+                       reply_timeout=settings.writer_reply_timeout)
 
 
 def run_writer(queue_dir: Path | str, socket_path: Path | str | None = None,
