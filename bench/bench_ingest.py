@@ -33,13 +33,14 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH))
+
+from qrelay_process import work_dir  # noqa: E402
 
 TARGET = 0.25
 
@@ -118,8 +119,7 @@ def main() -> int:
         p.error("-s takes one number unless --slow-ratio is given")
     args.sessions = sessions[0]
 
-    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
-        work = Path(tmp)
+    with work_dir("bench-ingest-") as work:     # as root, the run user must reach ROOT
         try:
             sink1 = run_sink(work, args, 1)
             qrelay, queued = run_qrelay(work, args, args.slow_sync_ms)
@@ -156,8 +156,7 @@ SLOW_TARGET = 0.8
 def slow_ratio(args: argparse.Namespace, sessions: list[int]) -> int:
     """qrelay on the plain disk vs every sync args.slow_ratio ms slower."""
     rows = []
-    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
-        work = Path(tmp)
+    with work_dir("bench-ingest-") as work:
         for n in sessions:
             args.sessions = n
             plain, slow, ratios = [], [], []
