@@ -403,7 +403,10 @@ async def _lspawn_serve(root: Path, listener: socket.socket, clients: frozenset[
                 await WorkerServer(None, dispatch, reader, writer, max_frame).serve()
             elif kind == SPAWN:
                 await _start_worker(root, fields, user, writer, log)
-        except (ipc.FrameError, ConnectionError) as exc:
+        except ConnectionError as exc:
+            # The scheduler or a worker went away (killed, restarted): no request was bad.
+            log.info("local spawner: connection from uid %d lost: %s", user[0], exc)
+        except ipc.FrameError as exc:
             log.warning("local spawner: a bad request from uid %d: %s", user[0], exc)
         except asyncio.CancelledError:
             pass    # stopping: asyncio's server callback must not see it raised
