@@ -439,3 +439,13 @@ def test_sync_depth_is_capped(tmp_path: Path):
     with Spool(tmp_path / "q", SpoolSettings(sync_depth=10**6)) as s:
         assert s.read_message(s.enqueue(env("a@b"), b"x")) == b"x"
         assert threading.active_count() - before <= 64 + 2   # sync slots, write and index
+
+
+def test_the_default_warning_is_not_prefixed_twice(caplog):
+    """Spool warnings are worded for qmail-send's log (`warning: …`); through
+    the logger, whose line says `warning: queue:` itself, not twice."""
+    import logging
+    from engine.queue.spool import log_warning
+    with caplog.at_level(logging.WARNING, logger="qrelay.queue"):
+        log_warning("warning: quarantined #7: bad crc")
+    assert [r.getMessage() for r in caplog.records] == ["quarantined #7: bad crc"]

@@ -62,8 +62,10 @@ def current_boot_id() -> str:
 
 
 def log_warning(text: str) -> None:
-    """The default `warn` of a Spool: a warning of the `qrelay.queue` logger."""
-    log.warning(text)
+    """The default `warn` of a Spool: a warning of the `qrelay.queue` logger.
+    The texts are worded for qmail-send's log (`warning: quarantined #N …`); the
+    logger's line says `warning: queue:` itself."""
+    log.warning(text.removeprefix("warning: "))
 
 
 def _never_raising(warn: Callable[[str], None]) -> Callable[[str], None]:
