@@ -360,6 +360,41 @@ def test_a_corrupt_table_is_set_aside(tmp_path: Path, clock: Clock) -> None:
         run(t.close())
 
 
+def test_a_truncated_table_is_set_aside_not_read_past_its_end(tmp_path: Path) -> None:
+    """A data.mdb cut short (a restore stopped half way): LMDB opens it, and a
+    read of a page past its end is SIGBUS, in every receiver and at each
+    restart. It is set aside like a corrupt one. In a subprocess (SIGBUS)."""
+    import subprocess
+    import sys
+    code = f"""
+import asyncio, os, sys
+from engine.config.settings import Settings
+from engine.relay import open_relay_table
+root = {str(tmp_path)!r}
+async def fill():
+    t = open_relay_table(root, Settings())
+    for i in range(3000):
+        await t.grant(f"10.0.{{i // 250}}.{{i % 250}}", ttl=600)
+    await t.close()
+if sys.argv[1] == "fill":
+    asyncio.run(fill())
+    os.truncate(os.path.join(root, "relay", "data.mdb"), 8192)
+else:
+    async def check():
+        t = open_relay_table(root, Settings())
+        print(await t.allows("10.0.11.249"))
+        await t.close()
+    asyncio.run(check())
+"""
+    repo = Path(__file__).resolve().parent.parent
+    for step in ("fill", "check"):
+        done = subprocess.run([sys.executable, "-c", code, step], capture_output=True,
+                              text=True, cwd=repo, timeout=60)
+        assert done.returncode == 0, (step, done.returncode, done.stderr)
+    assert done.stdout == "False\n"            # the grants went with the cut file
+    assert [p.name.startswith("relay.broken-") for p in tmp_path.iterdir()].count(True) == 1
+
+
 def test_unwritable_store_fails_closed(tmp_path: Path, clock: Clock) -> None:
     (tmp_path / "relay").write_text("a file where the directory should be")
     t = open_relay_table(tmp_path, Settings(), clock=clock)

@@ -111,18 +111,16 @@ class SpoolIndex:
             raise SpoolError(f"{self._where}: cannot open spool index: {exc}") from None
 
     def _check_size(self, data: Path) -> None:
-        """Refuse a data.mdb shorter than the pages its meta page names (cut
-        by a copy, a restore, a damaged disk): LMDB reads its pages through a
-        map, and one past the end of the file is SIGBUS, which would kill
-        every process that opens the spool, again at each restart."""
-        need = (self.env.info()["last_pgno"] + 1) * self.env.stat()["psize"]
+        """Refuse a data.mdb shorter than the pages its meta page names
+        (engine.lmdbfile: reading past its end would be SIGBUS in every
+        process that opens the spool)."""
+        from engine.lmdbfile import truncation
         try:
-            size = os.stat(data).st_size
+            why = truncation(self.env, data)
         except OSError as exc:
             raise SpoolError(f"{self._where}: cannot open spool index: {exc}") from None
-        if size < need:
-            raise SpoolError(f"{self._where}: cannot open spool index: {data} is truncated "
-                             f"({size} bytes; its pages need {need})")
+        if why is not None:
+            raise SpoolError(f"{self._where}: cannot open spool index: {why}")
 
     def _check_format(self) -> None:
         meta = self.dbs[b"meta"]

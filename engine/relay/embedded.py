@@ -195,8 +195,18 @@ class EmbeddedRelayTable(RelayTable):
             os.chown(self.path, owner.st_uid, owner.st_gid)
 
     def _open_env(self) -> lmdb.Environment:
-        return lmdb.open(str(self.path), map_size=self.settings.map_bytes, max_dbs=5,
-                         sync=False, readahead=False, max_readers=512)
+        from engine.lmdbfile import truncation
+        env = lmdb.open(str(self.path), map_size=self.settings.map_bytes, max_dbs=5,
+                        sync=False, readahead=False, max_readers=512)
+        try:
+            why = truncation(env, self.path / "data.mdb")
+        except OSError:
+            why = None          # lmdb.open made it: there is one
+        if why is not None:
+            # Read, its missing pages would be SIGBUS in every receiver: set aside.
+            env.close()
+            raise lmdb.CorruptedError(why)
+        return env
 
     async def _write(self, work: Callable[[lmdb.Transaction, float, list[bytes]], object]) -> object:
         """Run `work(txn, now, changed)` in the writer thread's next write
