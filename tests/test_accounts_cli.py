@@ -475,3 +475,44 @@ def test_domain_mkpasswd_makes_a_hand_edit_of_vpasswd_take_effect(droot):
     bad(qrelay("domain", "mkpasswd", str(droot), "nowhere.test"), "nowhere.test: no such domain")
     (dom / "vpasswd").unlink()
     bad(qrelay("domain", "mkpasswd", str(droot), "example.com"), "vpasswd is missing")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="acting as another user needs root")
+def test_root_never_follows_a_link_the_domain_owner_put_in_its_tree(droot, tmp_path):
+    """A domain's tree is its owner's (by default the run user, whom the network
+    reaches): a .vpasswd.lock, a maildirsize or a user directory swapped for a
+    link made root's `user add`/`quota` open, chown or create what it points
+    at (/etc/shadow given to the owner). Root works there as the owner now."""
+    import pwd
+    import shutil
+    import subprocess
+    nobody = pwd.getpwnam("nobody")
+    assert qrelay("domain", "add", str(droot), "own.example", "--uid", str(nobody.pw_uid),
+                  "--gid", str(nobody.pw_gid)).exit_code == 0
+    dom = droot / "domains" / "own.example"
+    assert qrelay("user", "add", str(droot), "joe@own.example", input="pw\n").exit_code == 0
+    secret = tmp_path / "secret"
+    secret.write_text("root:only\n")
+    secret.chmod(0o600)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o755)
+
+    def as_owner(*argv: str) -> None:
+        done = subprocess.run(argv, user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[],
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+    as_owner("ln", "-sf", str(secret), str(dom / ".vpasswd.lock"))
+    as_owner("ln", "-sf", str(secret), str(dom / "joe" / "Maildir" / "maildirsize"))
+    for args in (("user", "add", str(droot), "ann@own.example"),
+                 ("user", "quota", str(droot), "joe@own.example", "1MB"),
+                 ("alias", "add", str(droot), "info@own.example", "joe@own.example")):
+        qrelay(*args, input="pw\n")
+        assert secret.read_text() == "root:only\n", args
+        assert (secret.stat().st_uid, secret.stat().st_mode & 0o7777) == (0, 0o600), args
+    # A user directory made a link: the new Maildir is not made where it points.
+    as_owner("rm", "-f", str(dom / ".vpasswd.lock"))
+    as_owner("ln", "-s", str(elsewhere), str(dom / "bob"))
+    r = qrelay("user", "add", str(droot), "bob@own.example", input="pw\n")
+    assert r.exit_code != 0 and "Traceback" not in r.output + r.stderr
+    assert list(elsewhere.iterdir()) == []
+    shutil.rmtree(elsewhere)

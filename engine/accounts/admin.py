@@ -56,6 +56,7 @@ from engine.config.cdb import CdbError, CdbFile, newmrh
 from engine.config.control import read_list
 from engine.config.domains import ascii_lower
 from engine.config.settings import AccountsSettings, SettingsError, load_settings
+from engine.privilege import acting_as
 
 VDELIVERMAIL = "/home/vpopmail/bin/vdelivermail"
 # vadddomain stops adding to rcpthosts at 50 lines and uses morercpthosts.
@@ -116,6 +117,15 @@ class DomainRef:
         return self.uid, self.gid
 
 
+def _in_tree(ref: DomainRef):
+    """Work in a domain's tree as its owner (engine.privilege.acting_as): the
+    tree is that user's (the run user's, by default), and a link it put there
+    (a .vpasswd.lock or a maildirsize to /etc/shadow, a user directory to /etc)
+    must lead root nowhere that user could not write itself. Not root: nothing
+    changes."""
+    return acting_as(ref.uid, ref.gid)
+
+
 def find_domain(root: Path, domain: str) -> DomainRef:
     """A vpopmail domain by its users/assign `+DOMAIN-` line (as vget_assign)."""
     try:
@@ -159,7 +169,7 @@ def rebuild_cdb(root: os.PathLike | str, domain: str) -> tuple[DomainRef, int, l
     hand edit of vpasswd takes effect. Returns the domain, how many users the
     cdb holds and vpasswd's malformed lines (vpasswd.malformed_lines)."""
     ref = find_domain(check_root(root), domain)
-    with file_lock(ref.directory / VPASSWD_LOCK, ref.owner):
+    with _in_tree(ref), file_lock(ref.directory / VPASSWD_LOCK, ref.owner):
         got = read_whole(ref.directory / VPASSWD)
         if got is None:
             raise AdminError(f"{ref.name}: {ref.directory / VPASSWD} is missing: "
@@ -321,9 +331,11 @@ def add_domain(root: os.PathLike | str, domain: str, *, uid: int | None = None,
             raise AdminError(f"{directory}: exists; remove it or pick another domain")
         make_dir(directory, DIR_MODE, owner)
         ref = DomainRef(name, directory, *owner)
-        write_users(ref, [])
-        atomic_write(directory / ".qmail-default", qmail_default_line("bounce-no-mailbox").encode(),
-                     mode=SECRET_MODE, owner=owner)
+        with _in_tree(ref):
+            write_users(ref, [])
+            atomic_write(directory / ".qmail-default",
+                         qmail_default_line("bounce-no-mailbox").encode(), mode=SECRET_MODE,
+                         owner=owner)
         line = AssignLine(True, f"{name}-", name, str(owner[0]), str(owner[1]), str(directory), "-", "")
         _add_domain_lines(base, name, lines + [line.text()])
     return ref
@@ -481,7 +493,9 @@ def set_catchall(root: os.PathLike | str, domain: str, target: str) -> str:
     else:
         raise AdminError(f"{target!r}: give an address (user@domain), `bounce` or `delete`")
     line = qmail_default_line(argument)
-    atomic_write(ref.directory / ".qmail-default", line.encode("utf-8"), mode=SECRET_MODE, owner=ref.owner)
+    with _in_tree(ref):
+        atomic_write(ref.directory / ".qmail-default", line.encode("utf-8"), mode=SECRET_MODE,
+                     owner=ref.owner)
     return line.rstrip("\n")
 
 
@@ -570,7 +584,7 @@ def add_user(root: os.PathLike | str, address: str, password: str, *, quota: str
         quota_field = _default_quota(ref)
     gecos_text = (gecos if gecos is not None else name).replace(":", "").replace("\n", " ")[:48]
     crypted = passwords.hash_password(password)
-    with file_lock(ref.directory / VPASSWD_LOCK, ref.owner):
+    with _in_tree(ref), file_lock(ref.directory / VPASSWD_LOCK, ref.owner):
         users = read_users(ref.directory)
         if any(ascii_lower(u.name) == name for u in users):
             raise AdminError(f"{name}@{domain}: user exists")
@@ -594,6 +608,11 @@ def delete_user(root: os.PathLike | str, address: str) -> VUser:
     """vdeluser: the vpasswd line and the user's directory tree."""
     _, ref, name = find_user(root, address)
     default = parse_qmail_default(_read_text(ref.directory / ".qmail-default"))
+    with _in_tree(ref):
+        return _delete_user(ref, name, default)
+
+
+def _delete_user(ref: DomainRef, name: str, default) -> VUser:
     with file_lock(ref.directory / VPASSWD_LOCK, ref.owner):
         users = read_users(ref.directory)
         user = next((u for u in users if ascii_lower(u.name) == name), None)
@@ -627,7 +646,7 @@ def set_password(root: os.PathLike | str, address: str, password: str) -> VUser:
 def _update_users(ref: DomainRef, name: str | None, change) -> list[VUser]:
     """Rewrite the vpasswd line of user `name` (None: of every user) as
     change(old), under the domain's lock; the new lines."""
-    with file_lock(ref.directory / VPASSWD_LOCK, ref.owner):
+    with _in_tree(ref), file_lock(ref.directory / VPASSWD_LOCK, ref.owner):
         users = read_users(ref.directory)
         changed = []
         for i, u in enumerate(users):
@@ -650,12 +669,11 @@ def set_quota(root: os.PathLike | str, address: str, quota: str) -> VUser:
     field_7 = _quota(quota)
     user = _update_users(ref, name, lambda u: replace(u, quota=field_7))[0]
     maildir = Path(user.directory) / "Maildir"
-    (maildir / "maildirsize").unlink(missing_ok=True)
-    limit = maildirquota.parse_quota(field_7)
-    if limit is not None and maildir.is_dir():
-        maildirquota.rebuild(str(maildir), limit)
-        if os.geteuid() == 0:
-            os.chown(maildir / "maildirsize", *ref.owner)   # vdelivermail appends to it
+    with _in_tree(ref):         # made as the owner, whose deliveries append to it
+        (maildir / "maildirsize").unlink(missing_ok=True)
+        limit = maildirquota.parse_quota(field_7)
+        if limit is not None and maildir.is_dir():
+            maildirquota.rebuild(str(maildir), limit)
     return user
 
 
@@ -863,7 +881,8 @@ def import_users(root: os.PathLike | str, lines: Iterable[str], *, source: str =
             planned: dict[str, tuple[list[VUser], list[tuple[str, str, str, Path]]]] = {}
             for domain in sorted(wanted):  # one order for every importer: no lock cycles
                 ref = refs[domain]
-                locks.enter_context(file_lock(ref.directory / VPASSWD_LOCK, ref.owner))
+                with _in_tree(ref):
+                    locks.enter_context(file_lock(ref.directory / VPASSWD_LOCK, ref.owner))
                 users = read_users(ref.directory)
                 names = {ascii_lower(u.name) for u in users}
                 dirs = []
@@ -880,11 +899,12 @@ def import_users(root: os.PathLike | str, lines: Iterable[str], *, source: str =
             n = 0
             for domain, (_, dirs) in planned.items():
                 made: set[str] = set()
-                for _, _, _, user_dir in dirs:
-                    _make_hash_dirs(refs[domain], user_dir, made)
-                    _make_maildir(user_dir, refs[domain].owner)
-                    n += 1
-                    tell("Maildirs made", n, total)
+                with _in_tree(refs[domain]):
+                    for _, _, _, user_dir in dirs:
+                        _make_hash_dirs(refs[domain], user_dir, made)
+                        _make_maildir(user_dir, refs[domain].owner)
+                        n += 1
+                        tell("Maildirs made", n, total)
             hashes = iter(hasher.results(lambda done: tell("passwords hashed", done, total)))
             crypted = {domain: [next(hashes) for _ in wanted[domain]] for domain in wanted}
             for k, domain in enumerate(sorted(wanted)):
@@ -892,7 +912,8 @@ def import_users(root: os.PathLike | str, lines: Iterable[str], *, source: str =
                 users, dirs = planned[domain]
                 new = [VUser(name, h, 1, 0, name, str(user_dir), quota_field, password if keep else None)
                        for (name, password, quota_field, user_dir), h in zip(dirs, crypted[domain])]
-                write_users(refs[domain], users + new)
+                with _in_tree(refs[domain]):
+                    write_users(refs[domain], users + new)
                 report.per_domain[domain] = len(new)
                 report.added += len(new)
     finally:
@@ -923,7 +944,7 @@ def add_alias(root: os.PathLike | str, address: str, targets: Iterable[str]) -> 
     for t in targets:
         if not _TARGET.match(t) or t.startswith(("|", "/", ".", "&", "#", "+")):
             raise AdminError(f"{t!r}: a target must be an address (user@domain)")
-    with file_lock(ref.directory / VPASSWD_LOCK, ref.owner):
+    with _in_tree(ref), file_lock(ref.directory / VPASSWD_LOCK, ref.owner):
         lines = [line for line in _read_text(path).split("\n") if line]
         for t in targets:
             if f"&{t}" not in lines:
@@ -939,7 +960,8 @@ def delete_alias(root: os.PathLike | str, address: str) -> Path:
     ref = find_domain(base, domain)
     path = _alias_path(ref, local, address)
     try:
-        os.unlink(path)
+        with _in_tree(ref):
+            os.unlink(path)
     except FileNotFoundError:
         raise AdminError(f"{address}: no such alias") from None
     return path

@@ -120,14 +120,20 @@ def chown_if_allowed(target: int | os.PathLike | str, owner: tuple[int, int]) ->
 
 
 def make_dir(path: os.PathLike | str, mode: int, owner: tuple[int, int] | None) -> bool:
-    """mkdir with an exact mode and owner; False when it already existed."""
+    """mkdir with an exact mode and owner; False when it already existed. The
+    mode and owner are set through the new directory's descriptor, never by a
+    name another user could have swapped for a link meanwhile."""
     try:
         os.mkdir(path, mode)
     except FileExistsError:
         return False
-    os.chmod(path, mode)
-    if owner is not None:
-        chown_if_allowed(path, owner)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fchmod(fd, mode)
+        if owner is not None:
+            chown_if_allowed(fd, owner)
+    finally:
+        os.close(fd)
     return True
 
 
