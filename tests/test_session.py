@@ -786,3 +786,33 @@ def test_message_memory_is_bounded_per_receiver(make_server, connect):
     c.close()                                                         # dropped mid-DATA
     wait_for(lambda: srv.receiver.buffered == 0, what="a dropped client's bytes given back")
     assert len(srv.spool.messages) == 2
+
+
+def test_mail_gets_452_while_the_spool_filesystem_is_below_min_free(make_server, connect,
+                                                                  monkeypatch):
+    """Postfix's queue_minfree: below [spool] min_free_bytes (and below 1.5 x a
+    SIZE= on top) MAIL is refused with 452 before the client sends its message,
+    so deliveries, which free space, can still be recorded."""
+    import os as oslib
+    from types import SimpleNamespace
+    free = {"bytes": 1_100_000_000}
+    real = oslib.statvfs
+
+    def statvfs(path):
+        if str(path).endswith("queue"):
+            return SimpleNamespace(f_bavail=free["bytes"] // 4096, f_frsize=4096)
+        return real(path)
+    monkeypatch.setattr("os.statvfs", statvfs)
+    srv = make_server(qrelay_toml="[spool]\nmin_free_bytes = 1048576000\n")
+    c = connect(srv.port)
+    c.line()
+    assert c.cmd(b"MAIL FROM:<a@example.org> SIZE=5000") == b"250 ok\r\n"
+    # 1.1 GB free: 60 MB more (x 1.5) would go below the 1000 MiB kept free.
+    assert c.cmd(b"MAIL FROM:<a@example.org> SIZE=60000000").startswith(b"452 ")
+    free["bytes"] = 500 << 20
+    srv.receiver._space_at = 0            # as a second later
+    assert c.cmd(b"MAIL FROM:<a@example.org>") == (
+        b"452 sorry, not enough free space in the queue here; try again later (#4.3.1)\r\n")
+    free["bytes"] = 1_100_000_000
+    srv.receiver._space_at = 0
+    assert OK_RE.match(transaction(c))

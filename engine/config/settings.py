@@ -115,6 +115,11 @@ class SpoolSettings:
     # Largest request frame the single spool writer accepts from a receiver
     # (a message plus its envelope); above smtp.max_message_bytes on purpose.
     max_frame_bytes: int = 80 * 1024 * 1024
+    # Free bytes the spool's filesystem keeps: below it (and below 1.5 x a MAIL's
+    # SIZE= on top), MAIL gets 452, so a full disk never stops deliveries (which
+    # free space) from being recorded, nor the index from growing (Postfix's
+    # queue_minfree). 0: off.
+    min_free_bytes: int = 256 * 1024 * 1024
     # Seconds a receiver waits for the spool writer's answer to a message before
     # it gives the client 451 (a writer stuck on a dying disk, or stopped).
     writer_reply_timeout: float = 120.0

@@ -79,6 +79,10 @@ class Receiver:
         self.sweeper: asyncio.Task | None = None
         self.stopped = asyncio.Event()
         self.host_resolver: RemoteHostResolver | None = None
+        # spool_space_short's last look at the spool's filesystem.
+        self._space_at = 0.0
+        self._space_free: int | None = None
+        self._space_short = False
         self._tls: ServerTls | None = None
         # POP-before-SMTP table and login throttle (engine.relay), set by
         # receiver_main after the fork; None: no relay table (in-process tests).
@@ -129,6 +133,31 @@ class Receiver:
             self._schedule_log_flush()
 
     # --- used by sessions -------------------------------------------------------------
+
+    def spool_space_short(self, size: int = 0) -> bool:
+        """Is the spool's filesystem below [spool] min_free_bytes (plus 1.5 x
+        `size`, a MAIL's SIZE=, as Postfix asks)? Looked up at most once a
+        second; a filesystem that cannot be asked is not short."""
+        need = self.config.settings.spool.min_free_bytes
+        if need <= 0:
+            return False
+        now = time.monotonic()
+        if now >= self._space_at:
+            self._space_at = now + 1.0
+            try:
+                vfs = os.statvfs(self.config.root / "queue")
+                free = vfs.f_bavail * vfs.f_frsize
+            except OSError:
+                free = None
+            short = free is not None and free < need
+            if short != self._space_short and self.log is not None:
+                self.log.warning(
+                    f"spool filesystem has {free} bytes free, below [spool] min_free_bytes "
+                    f"{need}: MAIL gets 452" if short else
+                    "spool filesystem has room again: MAIL accepted")
+            self._space_free, self._space_short = free, short
+        return self._space_short or (size > 0 and self._space_free is not None
+                                     and self._space_free < need + size * 3 // 2)
 
     def remote_hosts(self) -> RemoteHostResolver:
         """PTR lookups for settings.smtp.reverse_dns (created on first use)."""

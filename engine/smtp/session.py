@@ -77,6 +77,7 @@ R_QQ_TEMP = b"451 qq temporary problem (#4.3.0)\r\n"
 # The receiver's [smtp] max_buffered_bytes was spent while this message came in.
 R_NO_MEMORY = b"452 sorry, insufficient system storage, try again later (#4.3.1)\r\n"
 R_TOO_MANY_RCPTS = b"452 sorry, too many recipients (#4.5.3)\r\n"
+R_NO_SPACE = b"452 sorry, not enough free space in the queue here; try again later (#4.3.1)\r\n"
 R_LINE_TOO_LONG = b"500 sorry, that command line is too long (#5.5.2)\r\n"
 R_NUL_CMD = b"501 sorry, NUL bytes are not allowed in commands (#5.5.2)\r\n"
 R_TIMEOUT = b"451 timeout (#4.4.2)\r\n"
@@ -507,13 +508,17 @@ class SmtpSession(asyncio.Protocol):
             self._refuse(R_SYNTAX, "MAIL")
             return
         addr, rest = parsed
-        if rest and self.databytes > 0:
-            params = parse_params(rest)
-            if params:
-                for key, value in params:
-                    if key == b"SIZE" and value is not None and value.isdigit() and int(value) > self.databytes:
-                        self._refuse(R_TOO_BIG, f"MAIL <{_text(addr)}> SIZE={_text(value)}")
-                        return
+        size = 0
+        if rest:
+            for key, value in parse_params(rest) or ():
+                if key == b"SIZE" and value is not None and value.isdigit() and len(value) < 20:
+                    size = int(value)
+            if self.databytes > 0 and size > self.databytes:
+                self._refuse(R_TOO_BIG, f"MAIL <{_text(addr)}> SIZE={size}")
+                return
+        if self.receiver.spool_space_short(size):
+            self._refuse(R_NO_SPACE, f"MAIL <{_text(addr)}>" + (f" SIZE={size}" if size else ""))
+            return
         sender = self._address(addr)
         if address_syntax_error(sender):
             self._refuse(R_SYNTAX, f"MAIL <{sender}>")
