@@ -363,6 +363,10 @@ def test_disk_space_below_the_setting(box):
     f = findings(report, "disk")[0]
     assert "451" in f["why"] and f["what"].startswith("only ")
     assert notes(report, "disk")[0]["free_bytes"] > 0
+    # Below the receivers' floor: they refuse MAIL now, and doctor says so.
+    toml(box, "[spool]\nmin_free_bytes = 1125899906842624\n")
+    (f,) = findings(doctor(box)[1], "disk")
+    assert "below [spool] min_free_bytes (1024.0 TiB)" in f["what"] and "452" in f["why"]
 
 
 def test_open_smtp_size_and_an_entry_clearopensmtp_should_have_removed(box):

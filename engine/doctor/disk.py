@@ -23,7 +23,13 @@ def check(ctx: Context, report: Report) -> None:
     limits = ctx.doctor
     report.note("disk", f"{where}: {_size(free)} free of {_size(total)} ({percent:.0f} %)",
                 free_bytes=free, total_bytes=total)
-    if percent < limits.disk_min_free_percent or free < limits.disk_min_free_bytes:
+    floor = ctx.settings.spool.min_free_bytes
+    if 0 < floor and free < floor:
+        report.problem("disk", f"only {_size(free)} free on the spool's filesystem ({where}), "
+                       f"below [spool] min_free_bytes ({_size(floor)})",
+                       "every MAIL is refused with 452 (not enough free space in the queue) "
+                       "until there is room again", f"du -sh {ctx.arg(ctx.root)}/* | sort -h")
+    elif percent < limits.disk_min_free_percent or free < limits.disk_min_free_bytes:
         report.problem("disk", f"only {_size(free)} ({percent:.1f} %) free on the spool's "
                        f"filesystem ({where})",
                        "when it is full every message is refused with 451 (qq write error or "
