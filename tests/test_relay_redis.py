@@ -248,3 +248,33 @@ def test_grant_many_pipelines(redis_server, tmp_path: Path) -> None:
             await table.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("url", ["redis://:hunter2@127.0.0.1:{port}/0",
+                                 "redis://app:hunter2@127.0.0.1:{port}/0",
+                                 "redis://127.0.0.1:{port}/0?password=hunter2",
+                                 "unix:///nonexistent/redis.sock?db=1&password=hunter2"])
+def test_the_password_is_never_logged(tmp_path: Path, caplog, url: str) -> None:
+    """redis-py takes the password in the address or as ?password=: neither
+    reaches the log or a CLI's error line."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]       # closed once the block ends: refused
+    url = url.format(port=port)
+
+    async def scenario() -> str:
+        table = open_relay_table(tmp_path, settings_for(url))
+        try:
+            with pytest.raises(RelayStoreError) as raised:
+                await table.grant("192.0.2.1")
+            return str(raised.value)
+        finally:
+            await table.close()
+
+    with caplog.at_level(logging.WARNING, logger="qrelay.relay"):
+        error = asyncio.run(scenario())
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "unreachable" in logged and "unreachable" in error
+    assert "hunter2" not in logged and "hunter2" not in error
+    assert "***" in error

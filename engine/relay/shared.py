@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
@@ -45,15 +45,20 @@ GRANT_BATCH = 1000
 
 
 def _redacted(url: str) -> str:
-    """The store's address without a password, for the log."""
+    """The store's address without a password (in it or as redis-py's
+    `?password=`), for the log."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username}:***@{host}" if parts.username else f":***@{host}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    netloc, query = parts.netloc, parts.query
+    if parts.password is not None:
+        host = parts.hostname or ""
+        netloc = f"{parts.username}:***@{host}" if parts.username else f":***@{host}"
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+    if query:
+        query = "?" + "&".join("password=***" if item.partition("=")[0] == "password" else item
+                               for item in query.split("&"))
+    # (Not urlunsplit: it writes unix:///path as unix:/path.)
+    return f"{parts.scheme}://{netloc}{parts.path}{query}"
 
 
 class RedisRelayTable(RelayTable):
