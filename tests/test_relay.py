@@ -441,6 +441,22 @@ def test_relay_settings_are_checked(tmp_path: Path) -> None:
     assert s.login.lockout_seconds == 60
 
 
+
+@pytest.mark.parametrize("store", ["redis://:pw@h:abc/0", "redis://127.0.0.1:abc/0",
+                                   "redis://127.0.0.1:6379/1x", "redis://127.0.0.1/0?db=abc",
+                                   "unix://", "unix://?db=1"])
+def test_a_malformed_redis_address_is_refused_at_load(tmp_path: Path, store: str) -> None:
+    """Not at the receivers' first check (a traceback and a restart loop for
+    a bad port with a password; "unreachable" for ever, or db 0 for /1x)."""
+    (tmp_path / "qrelay.toml").write_text(f'[relay]\nstore = "{store}"\n')
+    with pytest.raises(SettingsError, match=r"\[relay\] store") as raised:
+        load_settings(tmp_path)
+    assert "\n" not in str(raised.value) and ":pw@" not in str(raised.value)
+    for good in ("redis://127.0.0.1:6379", "redis://:pw@[::1]:6379/15", "rediss://h/2?password=x",
+                 "unix:///run/redis/redis.sock?db=3"):
+        (tmp_path / "qrelay.toml").write_text(f'[relay]\nstore = "{good}"\n')
+        assert load_settings(tmp_path).relay.store == good
+
 # --- open-smtp -----------------------------------------------------------------------
 
 def test_parse_open_smtp() -> None:

@@ -638,7 +638,28 @@ def load_settings(root: Path | str) -> Settings:
     if store and not store.startswith(RELAY_STORE_SCHEMES):
         raise SettingsError(f"{path}: [relay] store = {store!r}: expected \"\" (embedded) "
                             f"or a redis://HOST:PORT/DB address")
+    if store:
+        _check_relay_store(path, store)
     return settings
+
+
+def _check_relay_store(path: Path, store: str) -> None:
+    """A Redis address redis-py reads as meant: it reads it only at a
+    receiver's first check, and takes a /DB that is no number for db 0."""
+    from urllib.parse import unquote, urlsplit
+
+    from redis.asyncio.connection import parse_url
+    try:
+        parsed = parse_url(store)
+        db = unquote(urlsplit(store).path).replace("/", "")
+    except ValueError as exc:
+        raise SettingsError(f"{path}: [relay] store: {exc}") from None
+    if store.startswith("unix://"):
+        if not parsed.get("path"):
+            raise SettingsError(f"{path}: [relay] store: expected unix:///PATH/TO/redis.sock")
+    elif db and not (db.isascii() and db.isdigit()):
+        raise SettingsError(f"{path}: [relay] store: database {db!r} is not a number "
+                            f"(redis://HOST:PORT/DB)")
 
 
 # [relay] store: "" (embedded) or one of these (redis-py's URL schemes).
