@@ -137,3 +137,18 @@ def test_import_never_grants_more_than_a_login_would(root: Path, tmp_path: Path)
     got = entries(root)
     assert set(got) == {"192.0.2.1", "192.0.2.2"}
     assert all(until <= time.time() + 10800 for until in got.values())
+
+
+def test_import_of_a_login_time_too_long_for_a_number(root: Path, tmp_path: Path) -> None:
+    # Past a float (400 digits) or Python's int() limit (5000): far in the
+    # future, so now, as any other; not a traceback.
+    now = int(time.time())
+    open_smtp = tmp_path / "open-smtp"
+    open_smtp.write_text(f"192.0.2.1:{RULE}\t{'9' * 400}\n192.0.2.2:{RULE}\t{'9' * 5000}\n"
+                         f"192.0.2.3:{RULE}\t{now}\n")
+    done = run_cli("relayclients", "import", str(root), str(open_smtp))
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert done.stdout == "qrelay: imported 3, skipped 0 expired, 0 malformed\n"
+    got = entries(root)
+    assert set(got) == {"192.0.2.1", "192.0.2.2", "192.0.2.3"}
+    assert all(until <= time.time() + 10800 for until in got.values())

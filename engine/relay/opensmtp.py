@@ -65,7 +65,8 @@ def parse_open_smtp(text: str) -> tuple[list[OpenSmtpLine], list[tuple[int, str]
         if parsed_rule.env.get("RELAYCLIENT") != "":
             bad.append((number, 'no RELAYCLIENT="": the rule lets the IP connect, not relay'))
             continue
-        lines.append(OpenSmtpLine(number, ip, float(int(stamp))))
+        # (float, not int: a login time of 400 digits is inf, far in the future)
+        lines.append(OpenSmtpLine(number, ip, float(stamp)))
     return lines, bad
 
 
