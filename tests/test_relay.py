@@ -100,6 +100,10 @@ def test_addresses_have_one_spelling(table) -> None:
     assert run(table.allows("not-an-ip")) is False     # never raises
     with pytest.raises(ValueError):
         run(table.grant("192.0.2.1", ttl=0))
+    with pytest.raises(ValueError):
+        run(table.grant("192.0.2.1", ttl=1e300))
+    with pytest.raises(ValueError):
+        run(table.grant_many([("192.0.2.1", 1e300)]))
 
 
 def test_entries_sorted_unexpired_only(table, clock: Clock) -> None:
@@ -428,6 +432,9 @@ def test_relay_settings_are_checked(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match=r"\[relay\] store"):
         load_settings(tmp_path)
     (tmp_path / "qrelay.toml").write_text('[relay]\ntimeout = 60\n')
+    with pytest.raises(SettingsError, match="out of range"):
+        load_settings(tmp_path)
+    (tmp_path / "qrelay.toml").write_text('[relay]\npop_before_smtp_ttl = 100000000000000000\n')
     with pytest.raises(SettingsError, match="out of range"):
         load_settings(tmp_path)
     (tmp_path / "qrelay.toml").write_text('[login]\nmax_failures = 0\n')

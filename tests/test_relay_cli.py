@@ -88,6 +88,7 @@ def test_export_round_trip(root: Path, tmp_path: Path) -> None:
 def test_bad_input_is_one_line_exit_2(root: Path, tmp_path: Path) -> None:
     for args in (("add", str(root), "192.0.2.300"),
                  ("add", str(root), "192.0.2.1", "--ttl", "0"),
+                 ("add", str(root), "192.0.2.1", "--ttl", "1e300"),   # no expiry fits it
                  ("del", str(root), "nonsense"),
                  ("import", str(root), str(tmp_path / "missing")),
                  ("list", str(tmp_path / "no-root"))):

@@ -55,6 +55,9 @@ def test_grant_allows_revoke_entries(redis_server, tmp_path: Path) -> None:
             assert not await table.allows("192.0.2.1")
             assert await other.revoke("192.0.2.1") is False
             assert not await table.allows("not an ip")
+            with pytest.raises(ValueError):      # past Redis's PX: no outage either
+                await table.grant("192.0.2.2", ttl=1e300)
+            assert await table.allows("192.0.2.2")
         finally:
             await table.close()
             await other.close()

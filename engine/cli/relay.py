@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import math
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -110,9 +109,10 @@ def relayclients_add(root: str, ip: str, ttl: float | None) -> None:
     Writes the relay table (ROOT/relay/ or [relay] store); every receiver of
     a running `qrelay run` sees it at once. An IP already there gets the new expiry.
     """
+    from engine.relay import MAX_TTL
     ip = _ip(ip)
-    if ttl is not None and not 0 < ttl < math.inf:
-        raise BadInput(f"--ttl {ttl:g}: expected seconds above 0")
+    if ttl is not None and not 0 < ttl <= MAX_TTL:
+        raise BadInput(f"--ttl {ttl:g}: expected seconds above 0, at most {MAX_TTL}")
     until = _with_table(root, lambda table, settings: table.grant(ip, ttl))
     click.echo(f"qrelay: {ip} may relay {_when(until, time.time())}")
 

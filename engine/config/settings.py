@@ -491,7 +491,8 @@ RANGES: dict[tuple[str, str], tuple[float, float | None, str]] = {
     ("scheduler", "mark_batch"): (1, None, "a batch holds a result"),
     ("scheduler", "retry_skip_remote"): (1, None, "0 makes every deferral due at once, in a loop"),
     ("scheduler", "retry_skip_local"): (1, None, "0 makes every deferral due at once, in a loop"),
-    ("relay", "pop_before_smtp_ttl"): (1, None, "a grant must last"),
+    ("relay", "pop_before_smtp_ttl"): (1, 100 * 365 * 86400, "seconds a grant lasts: "
+                                       "a century at most, engine.relay.MAX_TTL"),
     ("relay", "timeout"): (0.001, 10, "a relay check must not hold a session"),
     ("relay", "retry_seconds"): (0.01, None, "a busy loop otherwise"),
     ("relay", "map_bytes"): (1024 * 1024, 1 << 44, "room for the table, in address space"),

@@ -43,6 +43,9 @@ __all__ = ["RelayStoreError", "RelayTable", "address_order", "normalize_ip", "op
 
 # Directory of the embedded table under ROOT.
 RELAY_DIR = "relay"
+# Longest grant, in seconds (a century): its expiry in ms fits Redis's PX and
+# the embedded table's 8-byte expiry keys.
+MAX_TTL = 100 * 365 * 86400
 
 
 class RelayStoreError(Exception):
@@ -92,8 +95,8 @@ class RelayTable:
 
     def _ttl(self, ttl: float | None) -> float:
         ttl = self.default_ttl if ttl is None else ttl
-        if not ttl > 0:
-            raise ValueError(f"ttl must be positive, not {ttl}")
+        if not 0 < ttl <= MAX_TTL:
+            raise ValueError(f"ttl must be above 0 and at most {MAX_TTL} seconds, not {ttl:g}")
         return ttl
 
     async def grant(self, ip: str, ttl: float | None = None) -> float:
