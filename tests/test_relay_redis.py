@@ -97,6 +97,22 @@ def test_key_prefix_separates_clusters(redis_server, tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
+def test_a_prefix_with_glob_characters_lists_its_own_keys(redis_server, tmp_path: Path) -> None:
+    """entries() SCANs with MATCH PREFIXrelay:*: the prefix is matched as written."""
+    async def scenario() -> None:
+        a = open_relay_table(tmp_path, settings_for(redis_server.url(), key_prefix="mx[1]*:"))
+        b = open_relay_table(tmp_path, settings_for(redis_server.url(), key_prefix="mx1-b:"))
+        try:
+            await a.grant("192.0.2.1", ttl=60)
+            await b.grant("192.0.2.2", ttl=60)
+            assert [ip for ip, _ in await a.entries()] == ["192.0.2.1"]
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(scenario())
+
+
 def test_throttle_counts_across_nodes(redis_server, tmp_path: Path) -> None:
     login = LoginSettings(failure_delay=1.0, max_delay=3.0, max_failures=4, window=60,
                           lockout_seconds=1)

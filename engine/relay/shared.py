@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -147,7 +148,8 @@ class RedisRelayTable(RelayTable):
         return bool(await self._call(lambda r: r.delete(key), what="revoke"))
 
     async def entries(self) -> list[tuple[str, float]]:
-        match = f"{self.prefix}relay:*"
+        # The prefix as written, not as a pattern: `mx[1]*:` matches no other cluster's keys.
+        match = re.sub(r"([*?\[\]\\])", r"\\\1", self.prefix) + "relay:*"
         start = len(self.prefix) + len("relay:")
 
         async def scan(r: Any) -> list[tuple[str, float]]:
