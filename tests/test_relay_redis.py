@@ -140,6 +140,25 @@ def test_throttle_counts_across_nodes(redis_server, tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
+def test_a_lock_value_that_is_no_number_never_raises(redis_server, tmp_path: Path) -> None:
+    """A lock key someone set by hand (redis-cli SET qrelay:lock:IP yes):
+    locked_until and the throttle still answer, as when the store fails."""
+    import redis as redis_py
+    settings = settings_for(redis_server.url())
+    with redis_py.Redis.from_url(redis_server.url()) as r:
+        r.set("qrelay:lock:192.0.2.1", "yes", ex=60)
+
+    async def scenario() -> None:
+        table = open_relay_table(tmp_path, settings)
+        try:
+            assert await table.locked_until("192.0.2.1") == 0
+            assert await LoginThrottle(table, settings).attempt("192.0.2.1") == 1
+        finally:
+            await table.close()
+
+    asyncio.run(scenario())
+
+
 def test_unreachable_redis_fails_closed_logs_once_and_recovers(
         redis_server, tmp_path: Path, caplog) -> None:
     settings = settings_for(redis_server.url(), retry_seconds=0.1)

@@ -204,9 +204,10 @@ class RedisRelayTable(RelayTable):
         try:
             key = self._key("lock", ip)
             value = await self._call(lambda r: r.get(key), what="lockout check")
+            # (A value set by hand that is no number: as if the store failed.)
+            return float(value) if value is not None else 0.0
         except (RelayStoreError, ValueError):
             return 0.0
-        return float(value) if value is not None else 0.0
 
     async def clear_failures(self, ip: str) -> None:
         try:
