@@ -374,7 +374,8 @@ def test_open_smtp_size_and_an_entry_clearopensmtp_should_have_removed(box):
     etc.mkdir()
     now = int(time.time())
     (etc / "open-smtp").write_text(f'192.0.2.1:allow,RELAYCLIENT="",RBLSMTPD=""\t{now - 86400}\n'
-                                   f'192.0.2.2:allow,RELAYCLIENT="",RBLSMTPD=""\t{now}\n')
+                                   f'192.0.2.2:allow,RELAYCLIENT="",RBLSMTPD=""\t{now}\n'
+                                   f'192.0.2.3:allow,RELAYCLIENT="",RBLSMTPD=""\t{"9" * 5000}\n')
     _, report = doctor(box)
     note = next(n for n in notes(report, "relay") if "open-smtp" in n["text"])
     assert note["entries"] == 2 and note["oldest"] == now - 86400

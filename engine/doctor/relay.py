@@ -106,11 +106,11 @@ def _open_smtp(ctx: Context, report: Report, path: Path) -> None:
         report.problem("relay", f"{path}: {exc.strerror}", "its relay clients are unknown",
                        f"ls -l {ctx.arg(path)}")
         return
-    stamps = []
-    for line in text.splitlines():
-        stamp = line.rpartition("\t")[2].strip()
-        if stamp.isdigit():
-            stamps.append(int(stamp))
+    from engine.relay.opensmtp import parse_open_smtp
+    # Its relaying lines, read as `qrelay relayclients import` reads them (a
+    # time of thousands of digits is far in the future, not a traceback).
+    stamps = [int(line.login_time) for line in parse_open_smtp(text)[0]
+              if line.login_time <= ctx.now]
     if not stamps:
         report.note("relay", f"{path}: empty", entries=0)
         return
