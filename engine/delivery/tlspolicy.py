@@ -316,12 +316,20 @@ def read_client_cert(root: Path | str) -> tuple[str, tuple]:
     """control/clientcert.pem's path and (inode, size, mtime), or ("", ()) when
     there is none; TlsPolicyError when it exists but does not load."""
     path = Path(root) / CLIENT_CERT_FILE
+    asked: list[bool] = []
+
+    def no_passphrase() -> bytes:
+        asked.append(True)
+        return b""
     try:
         st = path.stat()
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(path)
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(path, password=no_passphrase)
     except FileNotFoundError:
         return "", ()
     except ssl.SSLError as exc:
+        if asked:
+            raise TlsPolicyError(f"{path}: the private key is encrypted; qmail-tls reads it "
+                                 f"without a passphrase (store it unencrypted, mode 640)") from None
         raise TlsPolicyError(f"{path}: cannot load the certificate and key: "
                              f"{ssl_reason(exc)}") from None
     except OSError as exc:
@@ -361,7 +369,8 @@ class TlsContexts:
             ctx.set_ciphers(ciphers)
         if self.client_cert:
             try:
-                ctx.load_cert_chain(self.client_cert)
+                # Never OpenSSL's passphrase prompt (it waits on the terminal or stdin).
+                ctx.load_cert_chain(self.client_cert, password=lambda: b"")
             except (ssl.SSLError, OSError):
                 # Broken since it was read: the reload that follows the change
                 # says so (and keeps this courier); meanwhile, no certificate.
