@@ -130,6 +130,10 @@ def test_verp_sender_loses_suffix():
     b = build_bounce(CFG, sender="list-@lists.test-@[]", original=ORIGINAL, now=NOW,
                      failures=[Failure("p@x", "no (#5.1.1)\n")])
     assert b.recipient == "list-@lists.test"
+    # qmail-send strips the sender before it writes anything: the copy's
+    # Return-Path is the address the bounce goes to, never the `-@[]` form.
+    assert b"Return-Path: <list-@lists.test>\r\n" in b.message
+    assert b"-@[]" not in b.message
 
 
 def test_big_original_returns_headers_only():

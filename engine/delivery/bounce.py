@@ -240,7 +240,8 @@ def build_bounce(config: BounceConfig, *, sender: str, failures: Sequence[Failur
         if diag:
             dsn.append(f"Diagnostic-Code: {diag}\n")
 
-    copy = f"Return-Path: <{wire_sender(sender)}>\n".encode().replace(b"\n", b"\r\n") + original
+    # The sender as qmail-send has it by now: a VERP sender already stripped.
+    copy = f"Return-Path: <{'' if double else recipient}>\n".encode().replace(b"\n", b"\r\n") + original
     if len(copy) <= config.max_copy_bytes:
         copy_type = "message/rfc822"
     else:
