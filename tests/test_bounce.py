@@ -136,6 +136,18 @@ def test_verp_sender_loses_suffix():
     assert b"-@[]" not in b.message
 
 
+def test_a_sender_that_is_not_utf8_is_bounced_as_its_bytes():
+    # The receiver keeps an address's bytes (utf-8, surrogateescape): MAIL
+    # FROM:<a\xff@src.test> is accepted, and its bounce once crashed the
+    # scheduler on the copy's Return-Path, again at every restart.
+    sender = b"a\xff@src.test".decode("utf-8", "surrogateescape")
+    b = build_bounce(CFG, sender=sender, original=ORIGINAL, now=NOW,
+                     failures=[Failure("p@x", "no (#5.1.1)\n")])
+    assert b.recipient == sender
+    assert b"\r\nTo: \"a\xff\"@src.test\r\n" in b.message
+    assert b"\r\nReturn-Path: <a\xff@src.test>\r\nReceived: (qmail 29203" in b.message
+
+
 def test_big_original_returns_headers_only():
     cfg = BounceConfig(bouncehost="h", max_copy_bytes=1000)
     big = b"Subject: big\r\nX-A: 1\r\n\r\n" + b"x" * 5000 + b"\r\n"

@@ -241,7 +241,7 @@ def build_bounce(config: BounceConfig, *, sender: str, failures: Sequence[Failur
             dsn.append(f"Diagnostic-Code: {diag}\n")
 
     # The sender as qmail-send has it by now: a VERP sender already stripped.
-    copy = f"Return-Path: <{'' if double else recipient}>\n".encode().replace(b"\n", b"\r\n") + original
+    copy = _crlf(f"Return-Path: <{'' if double else recipient}>\n") + original
     if len(copy) <= config.max_copy_bytes:
         copy_type = "message/rfc822"
     else:
