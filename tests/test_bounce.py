@@ -145,7 +145,7 @@ def test_a_sender_that_is_not_utf8_is_bounced_as_its_bytes():
                      failures=[Failure("p@x", "no (#5.1.1)\n")])
     assert b.recipient == sender
     assert b"\r\nTo: \"a\xff\"@src.test\r\n" in b.message
-    assert b"\r\nReturn-Path: <a\xff@src.test>\r\nReceived: (qmail 29203" in b.message
+    assert b"\r\nReturn-Path: <\"a\xff\"@src.test>\r\nReceived: (qmail 29203" in b.message
 
 
 def test_big_original_returns_headers_only():
@@ -168,6 +168,18 @@ def test_quote_address():
     # bounce's To: must not quote it a second time.
     assert quote_address('"a b"@h') == '"a b"@h'
     assert quote_address('"a\\"b"@h') == '"a\\"b"@h'
+
+
+
+def test_return_path_is_quoted_as_qmail_send_quotes_it():
+    # qmail-send: `Return-Path: <` quote2(sender) `>`, the same quoting as To:.
+    for sender, shown in [("a..b@x.test", '"a..b"@x.test'), (".a@x.test", '".a"@x.test'),
+                          ("first.last@x.test", "first.last@x.test"),
+                          ('"a b"@x.test', '"a b"@x.test')]:
+        b = build_bounce(CFG, sender=sender, original=ORIGINAL, now=NOW,
+                         failures=[Failure("p@x", "no (#5.1.1)\n")])
+        assert f"\r\nTo: {shown}\r\n".encode() in b.message
+        assert f"\r\nReturn-Path: <{shown}>\r\nReceived: (qmail 29203".encode() in b.message
 
 
 def test_load_bounce_config_defaults_and_files(root):

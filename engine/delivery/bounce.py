@@ -240,8 +240,9 @@ def build_bounce(config: BounceConfig, *, sender: str, failures: Sequence[Failur
         if diag:
             dsn.append(f"Diagnostic-Code: {diag}\n")
 
-    # The sender as qmail-send has it by now: a VERP sender already stripped.
-    copy = _crlf(f"Return-Path: <{'' if double else recipient}>\n") + original
+    # The sender as qmail-send has it by now (a VERP sender already
+    # stripped), quoted as in To: (qmail's quote2).
+    copy = _crlf(f"Return-Path: <{'' if double else quote_address(recipient)}>\n") + original
     if len(copy) <= config.max_copy_bytes:
         copy_type = "message/rfc822"
     else:
