@@ -115,6 +115,22 @@ def test_double_bounce():
     assert wire_sender(b.sender) == ""
 
 
+@pytest.mark.parametrize("report, shown", [
+    ("a\n\nb\n", "a\n/b\n"),
+    ("a\n\n\nb\n", "a\n//b\n"),         # every newline after a newline
+    ("\nleading\n", "/leading\n"),        # the one ending "<addr>:" counts
+    ("no newline", "no newline\n"),
+    ("", ""),                              # nothing added to an empty report
+])
+def test_report_paragraph_escaping_is_qmail_sends(report, shown):
+    # qmail-send's addbounce: `\n` after `\n` becomes `/` (except the last
+    # byte), so no report can end its paragraph early or add an empty one.
+    b = build_bounce(CFG, sender="a@b.test", original=ORIGINAL, now=NOW,
+                     failures=[Failure("r@x.test", report)])
+    text = _parse(b.message).get_payload()[0].get_payload().replace("\r\n", "\n")
+    assert f"<r@x.test>:\n{shown}\n--- Below this line" in text
+
+
 def test_triple_bounce_and_discard():
     assert build_bounce(CFG, sender=DOUBLE_BOUNCE_SENDER, original=ORIGINAL, now=NOW,
                         failures=[Failure("p@x", "no (#5.1.1)\n")]) is None

@@ -46,6 +46,7 @@ DOUBLE_BOUNCE_SENDER = "#@[]"
 
 _DSN_CODE = re.compile(r"\(#([245])\.(\d{1,3})\.(\d{1,3})\)")
 _REMOTE_SAID = re.compile(r"Remote host said: (\d{3})(?:[ -]([245])\.(\d{1,3})\.(\d{1,3}))?([^\n]*)")
+_NEWLINE_AFTER_NEWLINE = re.compile(r"(?<=\n)\n")
 # RFC 5322 specials that force a quoted local part (qmail quote.c's idea).
 _NEEDS_QUOTE = re.compile(r'[\x00-\x20()<>@,;:\\".\[\]\x7f-\U0010ffff]')
 # A local part that is already a quoted string: the receiver keeps `"a b"@c`
@@ -143,11 +144,13 @@ def quote_address(addr: str) -> str:
 
 
 def _report_paragraph(f: Failure) -> str:
-    """`<addr>:\\n<report>\\n` + `\\n` with qmail's escaping of the two parts."""
-    addr = f.recipient.replace("\n", "_")
-    text = f.text if f.text.endswith("\n") else f.text + "\n"
-    text = text.replace("\n\n", "\n/")
-    return f"<{addr}>:\n{text}\n"
+    """qmail-send's addbounce: `<addr>:\\n<report>` (`\\n` in addr as `_`; a
+    `\\n` added unless the report ends in one or is empty), every `\\n` that
+    follows a `\\n` made `/` but in the last byte, then `\\n`."""
+    text = f"<{f.recipient.replace(chr(10), '_')}>:\n{f.text}"
+    if f.text and not f.text.endswith("\n"):
+        text += "\n"
+    return _NEWLINE_AFTER_NEWLINE.sub("/", text[:-1]) + text[-1] + "\n"
 
 
 def dsn_status(text: str) -> str:
