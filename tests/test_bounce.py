@@ -175,6 +175,31 @@ def test_big_original_returns_headers_only():
     assert b"Return-Path: <a@b.test>\r\nSubject: big\r\nX-A: 1\r\n" in b.message
 
 
+@pytest.mark.parametrize("big", [
+    b"no header at all, no blank line\r\n" * 200,               # a script's bare body
+    b"Subject: big\r\n" + b"X-Junk: x\r\n" * 500 + b"\r\nbody\r\n",
+    b"X-Long: " + b"y" * 5000 + b"\r\n\r\nbody\r\n",            # one line over the limit
+])
+def test_a_header_bigger_than_the_limit_is_cut_too(big):
+    # "Header only" must still be bounded: a message without a blank line is
+    # all header, and a bounce must not cost its size.
+    cfg = BounceConfig(bouncehost="h", max_copy_bytes=1000)
+    b = build_bounce(cfg, sender="a@b.test", original=big, now=NOW,
+                     failures=[Failure("p@x", "no (#5.1.1)\n")])
+    copy = _parse(b.message).get_payload()[2]
+    assert copy.get_content_type() == "text/rfc822-headers"
+    start = b.message.index(b"Return-Path: <a@b.test>\r\n")
+    end = b.message.index(b"\r\n--", start)
+    assert end - start <= 1000
+    first = big.split(b"\r\n", 1)[0]
+    assert (first in b.message) == (len(first) < 900)    # whole lines only
+    # Even a limit of 0 returns the Return-Path line, and nothing that is cut.
+    b = build_bounce(BounceConfig(bouncehost="h", max_copy_bytes=0), sender="a@b.test",
+                     original=big, now=NOW, failures=[Failure("p@x", "no (#5.1.1)\n")])
+    assert b"Content-Description: Undelivered message\r\n\r\nReturn-Path: <a@b.test>\r\n\r\n--" \
+        in b.message
+
+
 def test_quote_address():
     assert quote_address("MAILER-DAEMON@h.test") == "MAILER-DAEMON@h.test"
     assert quote_address("a b@h") == '"a b"@h'

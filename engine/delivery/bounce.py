@@ -182,11 +182,18 @@ def _crlf(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape").replace(b"\n", b"\r\n")
 
 
-def _header_block(message: bytes) -> bytes:
-    end = message.find(b"\r\n\r\n")
-    if end < 0:
-        return message if message.endswith(b"\r\n") else message + b"\r\n"
-    return message[:end + 2]
+def _header_block(message: bytes, limit: int) -> bytes:
+    """The header of `message`, at most `limit` bytes: cut after its last
+    whole line when longer (a message without a blank line is all header),
+    its first line (the Return-Path) kept whatever the limit."""
+    limit = max(limit, 0)
+    end = message.find(b"\r\n\r\n", 0, limit + 2)
+    if end >= 0:
+        return message[:end + 2]
+    cut = message.rfind(b"\r\n", 0, limit)
+    if cut < 0:
+        cut = message.find(b"\r\n")
+    return message[:cut + 2] if cut >= 0 else message
 
 
 def build_bounce(config: BounceConfig, *, sender: str, failures: Sequence[Failure],
@@ -250,7 +257,7 @@ def build_bounce(config: BounceConfig, *, sender: str, failures: Sequence[Failur
         copy_type = "message/rfc822"
     else:
         copy_type = "text/rfc822-headers"
-        copy = _header_block(copy)
+        copy = _header_block(copy, config.max_copy_bytes)
     if not copy.endswith(b"\r\n"):
         copy += b"\r\n"
 
