@@ -177,6 +177,16 @@ def test_a_relay_given_as_an_ip_is_verified_by_its_ip_address(fake_dns, ca, ca_f
     assert sink.messages[0].tls
 
 
+def test_sni_is_the_relay_name_without_its_trailing_dot(fake_dns, ca, ca_file):
+    # RFC 6066 3: "without a trailing dot"; an smtproutes relay may be
+    # written with one (and still names the host the certificate is for).
+    ctx = server_context(ca)
+    sent = []
+    ctx.sni_callback = lambda obj, name, c: sent.append(name)
+    (result,), sink, _ = deliver(fake_dns, f"~{MX}:{ca_file}\n", route=f"{MX}.", tls_context=ctx)
+    assert result == [TLS_OK] and sent == [MX]
+
+
 @pytest.mark.parametrize("rule, names, ok, why", [
     ("=tls.test", (MX,), True, ""),
     ("=tls.test", ("*.tls.test",), False, "certificate contains no matching dNSNnames"),

@@ -181,7 +181,7 @@ class SmtpConnection:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(
                     ip, port, limit=MAX_REPLY_LINE, local_addr=local_addr,
-                    **({"ssl": context, "server_hostname": tls.server_name or None,
+                    **({"ssl": context, "server_hostname": _sni(tls.server_name),
                         "ssl_handshake_timeout": handshake_timeout} if implicit else {})),
                 timeoutconnect + (handshake_timeout if implicit else 0))
         except asyncio.TimeoutError:
@@ -236,7 +236,7 @@ class SmtpConnection:
                                 f" connected to {ip}.\n", fallback=not required)
         try:
             await asyncio.wait_for(
-                self._writer.start_tls(context, server_hostname=tls.server_name or None,
+                self._writer.start_tls(context, server_hostname=_sni(tls.server_name),
                                        ssl_handshake_timeout=handshake_timeout),
                 handshake_timeout + 1)
         except (ssl.SSLError, OSError, EOFError, asyncio.TimeoutError) as exc:
@@ -472,6 +472,12 @@ def _required_text(what: str, needs: str, policy, ip: str) -> str:
     if policy.rule.startswith("tlshosts/"):
         return f"{what} while control/{policy.rule} exists; connecting to {ip}.\n"
     return f"{what} while control/tlsdestinations requires {needs} ({policy.rule}); connected to {ip}.\n"
+
+
+def _sni(name: str) -> str | None:
+    """The name sent as SNI: without a trailing dot (RFC 6066 3), which an
+    smtproutes relay may be written with."""
+    return name.rstrip(".") or None
 
 
 def _tls_error_text(exc: BaseException, tls: TlsRequest | None,
