@@ -161,6 +161,20 @@ def test_verified_with_a_wrong_ca_defers(fake_dns, ca, tmp_path):
     assert not sink.messages
 
 
+def test_a_ca_file_that_does_not_load_defers_or_goes_in_clear(fake_dns, ca, tmp_path):
+    # The file exists (tlsdestinations is loaded) but is no PEM bundle, or is
+    # replaced after the load: no courier crash at every delivery. Required
+    # TLS defers with s/qmail's text, opportunistic goes on in clear.
+    garbage = tmp_path / "ca.pem"
+    garbage.write_text("not a certificate\n")
+    (result,), sink, _ = deliver(fake_dns, f"tls.test:{garbage}\n", tls_context=server_context(ca))
+    assert result == [RecipientResult("x@tls.test", "Z", f"I wasn't able to set up CAFILE: {garbage}"
+                                      " or CADIR:  for TLS. (#4.4.1)\n")]
+    assert not sink.connections
+    (result,), sink, _ = deliver(fake_dns, f"*:{garbage}\n", tls_context=server_context(ca))
+    assert result == [CLEAR_OK] and b"STARTTLS" not in commands(sink.connections[0])
+
+
 def test_verified_with_the_system_cas_refuses_a_private_ca(fake_dns, ca):
     (result,), _, _ = deliver(fake_dns, "+*:\n", tls_context=server_context(ca))
     assert result[0].status == "Z"

@@ -175,7 +175,17 @@ class SmtpConnection:
             tls = None
         context = None
         if tls is not None:
-            context = (contexts or TlsContexts()).get(tls.policy)
+            contexts = contexts or TlsContexts()
+            try:
+                context = contexts.get(tls.policy)
+            except (ssl.SSLError, OSError):
+                # A CA file that is no PEM bundle (or went away since it was
+                # read): s/qmail's deferral; opportunistic goes on in clear.
+                if tls.policy.required:
+                    cafile = tls.policy.cafile or ("" if tls.policy.capath else contexts.default_cafile)
+                    raise TlsFailed(ip, f"I wasn't able to set up CAFILE: {cafile} or CADIR: "
+                                        f"{tls.policy.capath} for TLS. (#4.4.1)\n") from None
+                tls = None
         implicit = tls is not None and port == SMTPS_PORT
         try:
             reader, writer = await asyncio.wait_for(
