@@ -761,3 +761,30 @@ def test_a_bounce_waits_when_its_message_cannot_be_read_now(env, monkeypatch):
     asyncio.run(settle(sched))
     ((_, raw),) = _bounces(remote)
     assert b"hello" in raw and spool.stats().messages == 0
+
+
+def test_a_bounce_that_fails_to_build_stops_nothing_else(env, monkeypatch):
+    """A bug met by one message's bounce (969fd90: a sender no code expected)
+    crashed the scheduler at every restart: nothing was delivered for anyone.
+    It is an alert line for that message, retried later; the rest goes on."""
+    import engine.delivery.scheduler as scheduler_module
+    sched, spool, remote, clock, log, tmp = env
+    remote.rules["bad@d1.test"] = ("D", NOUSER)
+    real = scheduler_module.build_bounce
+
+    def broken(*args, **kwargs):
+        raise UnicodeEncodeError("utf-8", "\udcff", 0, 1, "surrogates not allowed")
+    monkeypatch.setattr(scheduler_module, "build_bounce", broken)
+    bad = spool.enqueue(Envelope("a@src.test", ("bad@d1.test",)), MSG)
+    asyncio.run(settle(sched))
+    good = spool.enqueue(Envelope("a@src.test", ("x@d2.test",)), MSG)
+    asyncio.run(settle(sched))
+    assert ("d2.test", "a@src.test", ("x@d2.test",)) in remote.calls
+    assert spool.message_info(bad).bouncing and f"end msg {good}" in log_texts(tmp)
+    assert any(t.startswith(f"alert: trouble bouncing msg {bad}: UnicodeEncodeError")
+               for t in log_texts(tmp))
+    monkeypatch.setattr(scheduler_module, "build_bounce", real)
+    clock.now += 124
+    sched._next_bounce_scan = 0
+    asyncio.run(settle(sched))
+    assert len(_bounces(remote)) == 1 and spool.stats().messages == 0

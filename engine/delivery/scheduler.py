@@ -860,7 +860,7 @@ class Scheduler:
             self._log_status()
         for f in c.applied + c.preprocessed:
             if f is not None:
-                self._complete(f)
+                self._finish(f)
         for lane, domain in recovered:
             self._recover_domain(lane, domain, now)
 
@@ -912,7 +912,17 @@ class Scheduler:
         for f in self.spool.bouncing(self.config.todo_batch):
             if f.msgid in self.bouncing_now or self._bounce_retry_at.get(f.msgid, 0) > now:
                 continue
+            self._finish(f)
+
+    def _finish(self, f: Finished) -> None:
+        """_complete, where a failure is this message's alone: a bug met by one
+        message's bounce (a sender no code expected) would otherwise crash the
+        scheduler at every restart, and nothing would be delivered for anyone."""
+        try:
             self._complete(f)
+        except Exception as exc:  # noqa: BLE001 - one message must not stop every delivery
+            self.log.alert(f"trouble bouncing msg {f.msgid}: {exc!r}; will try again later")
+            self._bounce_retry_at[f.msgid] = self.clock() + 123
 
     def _complete(self, f: Finished) -> None:
         if not f.failed:
