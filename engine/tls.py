@@ -129,6 +129,13 @@ def build_context(root: Path | str, settings: Any) -> ssl.SSLContext:
         except ssl.SSLError:
             where = "[tls] ciphers" if settings.ciphers else CIPHERS_FILE
             raise TlsError(f"{where}: no cipher matches {ciphers!r}") from None
+    load_certificate(ctx, path, CERT_FILE)
+    return ctx
+
+
+def load_certificate(ctx: ssl.SSLContext, path: Path, name: str) -> None:
+    """ctx.load_cert_chain(path), never asking for a passphrase; TlsError
+    naming the file (`name`) in one line."""
     asked: list[bool] = []
 
     def no_passphrase() -> bytes:
@@ -140,13 +147,12 @@ def build_context(root: Path | str, settings: Any) -> ssl.SSLContext:
         ctx.load_cert_chain(path, password=no_passphrase)
     except ssl.SSLError as exc:
         if asked:
-            raise TlsError(f"{CERT_FILE}: the private key is encrypted; qmail-tls reads it "
+            raise TlsError(f"{name}: the private key is encrypted; qmail-tls reads it "
                            f"without a passphrase (store it unencrypted, mode 640)") from None
-        raise TlsError(f"{CERT_FILE}: cannot load the certificate and key: "
+        raise TlsError(f"{name}: cannot load the certificate and key: "
                        f"{ssl_reason(exc)}") from None
     except OSError as exc:
-        raise TlsError(f"{CERT_FILE}: {exc.strerror}") from None
-    return ctx
+        raise TlsError(f"{name}: {exc.strerror}") from None
 
 
 class ServerTls:

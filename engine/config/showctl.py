@@ -275,14 +275,13 @@ def _servercert(out: _Out) -> None:
     if not path.exists():
         return out.say("servercert.pem", "(Default.) No certificate: no STARTTLS, "
                                          "no submissions or pop3s listener.")
+    from engine.tls import TlsError, load_certificate
     try:
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(path)
-    except ssl.SSLError as exc:
-        from engine.tls import ssl_reason
-        return out.oops("servercert.pem", f"Cannot load the certificate and key: "
-                                          f"{ssl_reason(exc)}: qrelay refuses to start.")
-    except OSError as exc:
-        return out.oops("servercert.pem", f"{exc.strerror}.")
+        # Never a passphrase prompt: an encrypted key hung showctl on the terminal.
+        load_certificate(ssl.create_default_context(ssl.Purpose.CLIENT_AUTH), path, "")
+    except TlsError as exc:
+        why = str(exc).removeprefix(": ")
+        return out.oops("servercert.pem", f"{why[:1].upper()}{why[1:]}: qrelay refuses to start.")
     out.say("servercert.pem", "Certificate and key for STARTTLS, submissions and pop3s.")
 
 
