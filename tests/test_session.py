@@ -226,6 +226,18 @@ def test_size_over_databytes_refused_at_mail(make_server, connect):
     c.close()
 
 
+def test_size_of_any_number_of_digits_is_answered(make_server, connect):
+    """int() refuses 4300+ digits: a SIZE= that long (a command line may be
+    longer than the default 4096) must get its 552, not kill the session."""
+    srv = make_server(databytes="1000\n", qrelay_toml="[smtp]\nmax_line_length = 10000\n")
+    c = connect(srv.port)
+    c.line()
+    assert c.cmd(b"MAIL FROM:<a@b> SIZE=" + b"9" * 5000) == (
+        b"552 sorry, that message size exceeds my databytes limit (#5.3.4)\r\n")
+    assert c.cmd(b"MAIL FROM:<a@b> SIZE=" + b"0" * 5000 + b"1000") == b"250 ok\r\n"
+    c.close()
+
+
 def test_a_refused_mail_ends_the_open_transaction(server, client):
     """A pipelining client whose new MAIL is refused gets 503 for the RCPT and
     DATA sent with it: they never join the transaction it left open (that

@@ -103,6 +103,13 @@ def _text(b: bytes) -> str:
     return b.decode("utf-8", "surrogateescape")
 
 
+def _size(digits: bytes) -> int:
+    """A SIZE= value (ASCII digits, any length): int() alone refuses 4300
+    digits or more; a number past 2**63 is more than any limit anyway."""
+    digits = digits.lstrip(b"0")
+    return int(digits or b"0") if len(digits) <= 18 else 1 << 63
+
+
 class SmtpSession(asyncio.Protocol):
     """qmail-smtpd for one connection (see the module docstring)."""
 
@@ -511,8 +518,8 @@ class SmtpSession(asyncio.Protocol):
         size = 0
         if rest:
             for key, value in parse_params(rest) or ():
-                if key == b"SIZE" and value is not None and value.isdigit() and len(value) < 20:
-                    size = int(value)
+                if key == b"SIZE" and value is not None and value.isdigit():
+                    size = _size(value)
             if self.databytes > 0 and size > self.databytes:
                 self._refuse(R_TOO_BIG, f"MAIL <{_text(addr)}> SIZE={size}")
                 return
