@@ -171,6 +171,25 @@ def test_over_long_line_is_logged_once(make_server, root):
     c.close()
 
 
+def test_nul_in_a_command_is_a_logged_refusal(make_server, root):
+    """A sender or recipient refused for a NUL gets its log line like any
+    other 555 (the NUL itself never reaches the log)."""
+    srv, _ = make_server()
+    c = greet(srv.port)
+    assert c.cmd(b"MAIL FROM:<a\0@example.org>") == b"555 syntax error (#5.5.4)\r\n"
+    assert c.cmd(b"MAIL FROM:<a@example.org>") == b"250 ok\r\n"
+    assert c.cmd(b"RCPT TO:<x\0@sink.test>") == b"555 syntax error (#5.5.4)\r\n"
+    assert c.cmd(b"NOOP \0") == b"501 sorry, NUL bytes are not allowed in commands (#5.5.2)\r\n"
+    c.close()
+    got = lines(root, until="501 sorry")
+    n = got[1].split()[2]
+    assert [t for t in got if t.startswith("smtpd: ")] == [
+        f"smtpd: pid {n} from 127.0.0.1: MAIL: 555 syntax error (#5.5.4)",
+        f"smtpd: pid {n} from 127.0.0.1: RCPT: 555 syntax error (#5.5.4)",
+        f"smtpd: pid {n} from 127.0.0.1: 501 sorry, NUL bytes are not allowed in commands (#5.5.2)",
+    ]
+
+
 def test_lines_are_written_by_one_timer_not_one_write_each(make_server, root):
     srv, smtpd_log = make_server()
     start = time.monotonic()

@@ -443,8 +443,11 @@ class SmtpSession(asyncio.Protocol):
         verb, arg = parse_command(line)
         if _NUL in line:
             # In an address it is the policy's 555 (a NUL would split an envelope
-            # record); anywhere else a 501.
-            out.append(R_SYNTAX if verb in (b"MAIL", b"RCPT") else R_NUL_CMD)
+            # record); anywhere else a 501. Logged without the line: no NUL in the log.
+            if verb in (b"MAIL", b"RCPT"):
+                self._refuse(R_SYNTAX, verb.decode("ascii"))
+            else:
+                self._refuse(R_NUL_CMD)
             return
         if verb == b"RCPT":
             self._rcpt(arg)
