@@ -700,6 +700,42 @@ def test_client_that_never_reads_is_throttled(server, connect):
         s.close()
 
 
+def test_replies_to_one_read_stay_bounded_when_the_client_never_reads(server):
+    """An empty line is 1 byte and its 502 is 28: the commands of one read
+    must not all be answered into the transport's buffer (megabytes for a
+    client that never reads). Past the high-water mark the rest wait in the
+    line reader, and every one is answered once the client reads."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(5.0)
+    s.connect(("127.0.0.1", server.port))
+    f = s.makefile("rb")
+    try:
+        assert f.readline().startswith(b"220 ")
+        (session,) = server.receiver.sessions
+
+        def small_buffers() -> None:
+            session.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            session.transport.set_write_buffer_limits(high=1024)
+            session.transport.pause_reading()
+        server.call(small_buffers)
+        count = 60_000
+        s.sendall(b"\n" * count)            # waits in the kernel: one read once resumed
+        server.call(session.transport.resume_reading)
+        deadline = time.monotonic() + 5
+        while not server.call(lambda: session.paused_for_write) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        held = server.call(lambda: session.transport.get_write_buffer_size() + sum(map(len, session.out)))
+        assert held < 64 * 1024, held
+        for _ in range(count):
+            assert f.readline() == b"502 unimplemented (#5.5.1)\r\n"
+        s.sendall(b"NOOP\r\n")
+        assert f.readline() == b"250 ok\r\n"
+    finally:
+        f.close()
+        s.close()
+
+
 def _replies_back_up(srv, port: int, commands: bytes, count: int):
     """A client that sends `commands` (`count` replies) in one write without
     reading: the session's writes back up past a small high-water mark (it

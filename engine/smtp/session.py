@@ -10,7 +10,10 @@ committed the message, and never queue anything of a message that was refused.
 
 Hot path: every complete command in one `data_received` chunk is handled in one
 batch and the replies go out in one `transport.write` (qmail flushes only when
-it would block on input, so pipelined clients get their replies together).
+it would block on input, so pipelined clients get their replies together);
+past MAX_PENDING_REPLIES they go out mid-batch, and once the transport is over
+its high-water mark the rest of the commands wait in the line reader until it
+drains: a client that never reads cannot turn one read into megabytes of replies.
 While the spool commits a message, reading is paused; the pipelined commands
 that followed the end marker wait in the line reader until the 250 is written.
 
@@ -90,6 +93,10 @@ R_NOT_YOURS = b"553 sorry, that sender address is not yours (#5.7.1)\r\n"
 # bytes: the client is not speaking SMTP; its 500 went out when the limit was
 # passed, now the connection is closed (the line's bytes were never kept).
 LONG_LINE_CLOSE_FACTOR = 64
+
+# Replies held before they are written mid-batch (an empty line is 1 byte of
+# input and 28 of reply: the replies to one read must not pile up unwritten).
+MAX_PENDING_REPLIES = 256
 
 # tcpserver's `end N status S` prints the child's wait status: 0 after QUIT
 # (qmail-smtpd exits 0), 256 when qmail-smtpd exits 1 (EOF, timeout, bare LF,
@@ -329,9 +336,19 @@ class SmtpSession(asyncio.Protocol):
         self.write_paused = False
         if self.paused_for_write:
             self.paused_for_write = False
+            if self.paused_for_commit:
+                return
+            # The commands left in the reader when the replies backed up.
+            if self.state in (CMD, AUTH):
+                self._run_commands()
+            elif self.state == RBL:
+                self._run_rbl_commands()
+            if self.out and self.state != CLOSED:
+                self._flush()
             # Every state that reads the client (an AUTH exchange and
             # rblsmtpd's dialogue too, or the session hangs until its timeout).
-            if not self.paused_for_commit and self.state in (CMD, DATA, AUTH, RBL):
+            if (not self.paused_for_write and not self.paused_for_commit
+                    and self.state in (CMD, DATA, AUTH, RBL)):
                 self.transport.resume_reading()
 
     def eof_received(self) -> bool:
@@ -397,6 +414,10 @@ class SmtpSession(asyncio.Protocol):
             state = self.state
             if state != CMD and state != AUTH:
                 return
+            if len(self.out) >= MAX_PENDING_REPLIES:
+                self._flush()
+                if self.write_paused and not self.eof:
+                    return          # the rest when the client reads (resume_writing)
             line = reader.next_line()
             if line is None:
                 if reader.unterminated > self.max_line + 1:
@@ -890,6 +911,10 @@ class SmtpSession(asyncio.Protocol):
     def _run_rbl_commands(self) -> None:
         reader = self.reader
         while self.state == RBL:
+            if len(self.out) >= MAX_PENDING_REPLIES:
+                self._flush()
+                if self.write_paused:
+                    return          # the rest when the client reads (resume_writing)
             line = reader.next_line()
             if line is None:
                 if reader.unterminated > self.max_line + 1:
