@@ -254,7 +254,8 @@ def session_refused(why: str, protocol: str = "smtp") -> None:
 
 
 def message_received(result: str = "queued", protocol: str = "smtp") -> None:
-    """A message at the end of DATA: "queued" (250) or "tempfail" (451 from the spool)."""
+    """A message at the end of DATA: "queued" (250), "tempfail" (451 from the
+    spool) or "refused" (552: stored, it is over the spool writer's frame limit)."""
     _add(("received", protocol, result, "inc"))
 
 

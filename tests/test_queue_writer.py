@@ -318,3 +318,23 @@ def test_injection_socket_holds_at_most_its_byte_budget(tmp_path: Path):
             await server.close()
             spool.close()
     asyncio.run(asyncio.wait_for(go(), 30))
+
+
+def test_a_message_over_the_frame_limit_fails_alone(writer: Writer):
+    """databytes counts a CRLF as one byte (qmail's count), the spool stores
+    both: a message within the limit can be over [spool] max_frame_bytes.
+    Sent, the writer closed the connection and every message in flight on
+    it failed; it is refused before it is sent, and the connection goes on."""
+    from engine.queue import MessageTooBig
+    client = SpoolClient(writer.sock, max_frame=4096)
+
+    async def main():
+        small = client.submit(Envelope("a@b", ("c@d",)), b"x" * 100)
+        with pytest.raises(MessageTooBig, match="frame limit"):
+            await client.submit(Envelope("a@b", ("c@d",)), b"\r\n" * 4000)
+        return await small, await client.submit(Envelope("a@b", ("c@d",)), b"y" * 100)
+    try:
+        first, second = asyncio.run(main())
+    finally:
+        client.close()
+    assert first > 0 and second > first

@@ -219,14 +219,16 @@ are in the README's Development section.
 from engine.queue.records import FORMAT_VERSION
 from engine.queue.spool import (Deferred, Delivered, Envelope, Failed, Finished,
                                 ImportedMessage, ImportedRecipient, Job,
-                                MessageNotFound, MessageQuarantined, MessageUnreadable,
+                                MessageNotFound, MessageQuarantined, MessageTooBig,
+                                MessageUnreadable,
                                 QueuedMessage,
                                 RecipientView, RecoveryReport, Result, Spool, SpoolError,
                                 SpoolStats, SpoolVersionError, SpoolWriteError)
 
 __all__ = ["FORMAT_VERSION", "Deferred", "Delivered", "Envelope", "Failed", "Finished",
            "ImportedMessage", "ImportedRecipient", "Job",
-           "MessageNotFound", "MessageQuarantined", "MessageUnreadable", "QueuedMessage",
+           "MessageNotFound", "MessageQuarantined", "MessageTooBig", "MessageUnreadable",
+           "QueuedMessage",
            "RecipientView",
            "RecoveryReport", "Result", "Spool", "SpoolError", "SpoolStats",
            "SpoolVersionError", "SpoolWriteError"]

@@ -41,7 +41,7 @@ from engine.queue.segments import SegmentIO
 from engine.queue.surgery import Selection, Shape, Surgery
 from engine.queue.values import (  # noqa: F401 - re-exported for engine.queue
     Deferred, Delivered, Envelope, Failed, Finished, ImportedMessage, ImportedRecipient, Job,
-    MessageNotFound, MessageQuarantined, MessageUnreadable,
+    MessageNotFound, MessageQuarantined, MessageTooBig, MessageUnreadable,
     QueuedMessage, RecipientView, RecoveryReport, Result, SpoolError, SpoolStats,
     SpoolVersionError, SpoolWriteError)
 

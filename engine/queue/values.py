@@ -30,6 +30,11 @@ class MessageQuarantined(SpoolError):
     """The message's records or bytes were corrupt; it was moved to quarantine."""
 
 
+class MessageTooBig(SpoolError):
+    """The message and its envelope are more than the spool writer takes in
+    one frame ([spool] max_frame_bytes): refused before it is sent."""
+
+
 class MessageUnreadable(SpoolError):
     """The message's bytes could not be read just now (EACCES, EIO, EMFILE...):
     nothing says they are corrupt, so it stays queued for the next try."""

@@ -48,7 +48,7 @@ from engine.config.settings import SpoolSettings
 from engine.ipc import FrameError
 from engine.queue import records as R
 from engine.queue.spool import Spool
-from engine.queue.values import Envelope, SpoolError, SpoolWriteError
+from engine.queue.values import Envelope, MessageTooBig, SpoolError, SpoolWriteError
 
 OK, WRITE_ERROR, OTHER_ERROR = 0, 1, 2
 WRITER_SOCKET = "writer.sock"     # in the queue directory
@@ -256,7 +256,7 @@ class SpoolClient:
 
     def __init__(self, socket_path: Path | str, timeout: float = 30.0,
                  fallback: Callable[[], Spool] | None = None, retry_seconds: float = 1.0,
-                 reply_timeout: float = 120.0):
+                 reply_timeout: float = 120.0, max_frame: int = 0):
         """`fallback`, if given, opens a direct Spool used while the writer is
         unreachable (LMDB's lock keeps that safe beside a running writer);
         the writer is tried again every `retry_seconds`. `timeout` bounds the
@@ -266,6 +266,10 @@ class SpoolClient:
         self.socket_path = str(socket_path)
         self._timeout = timeout
         self._reply_timeout = reply_timeout
+        # The writer's [spool] max_frame_bytes (0: not known): a larger frame is
+        # refused here, for that message alone; sent, the writer would close
+        # the connection and every message in flight on it would fail.
+        self._max_frame = max_frame
         # What a send could not hand to the kernel at once (the writer reads
         # slowly, or not at all): sent in order by a thread of its own, never
         # by the event loop, which must go on serving every other session.
@@ -311,6 +315,12 @@ class SpoolClient:
         with self._lock:
             reqid = next(self._ids)
             frame = encode_request(reqid, envelope, bytes(message))
+            if self._max_frame and len(frame) - ipc.LEN.size > self._max_frame:
+                # A message within databytes, counted as qmail counts it (CRLF
+                # as one byte), may be up to twice that stored.
+                raise MessageTooBig(f"message of {len(message)} bytes is over the spool "
+                                    f"writer's frame limit ([spool] max_frame_bytes "
+                                    f"{self._max_frame})")
             direct = self._direct()
             if direct is not None:
                 return direct._put(envelope, message)  # thread-safe future
@@ -472,7 +482,8 @@ def open_spool_writer(queue_dir: Path | str,
         return Spool(queue_dir, settings)
     return SpoolClient(Path(queue_dir) / WRITER_SOCKET,
                        fallback=lambda: Spool(queue_dir, settings),
-                       reply_timeout=settings.writer_reply_timeout)
+                       reply_timeout=settings.writer_reply_timeout,
+                       max_frame=settings.max_frame_bytes)
 
 
 def run_writer(queue_dir: Path | str, socket_path: Path | str | None = None,

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine import metrics
 from engine._smtpcore import TOO_LONG, DataScanner, LineReader, parse_command, parse_params, parse_path
-from engine.queue import Envelope, SpoolError, SpoolWriteError
+from engine.queue import Envelope, MessageTooBig, SpoolError, SpoolWriteError
 from engine.smtp import auth
 from engine.smtp.listeners import IMPLICIT_TLS_SCHEMES
 from engine.smtp.policy import (address_syntax_error, mailbox_refusal, plain_address,
@@ -692,6 +692,10 @@ class SmtpSession(asyncio.Protocol):
         """Queue the message; reply 250 only once the spool says it is durable."""
         try:
             msgid = await self.receiver.spool.submit(envelope, message)
+        except MessageTooBig as exc:
+            log.warning("pid %d from %s: %s", self.number, self.remoteip, exc)
+            reply = R_TOO_BIG       # stored with CRLF it is over the limit: no retry helps
+            metrics.message_received("refused", self.scheme)
         except SpoolWriteError as exc:
             log.warning("pid %d from %s: spool write error: %s", self.number, self.remoteip, exc)
             reply = R_QQ_WRITE
