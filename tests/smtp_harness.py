@@ -25,8 +25,16 @@ class FakeSpool:
         self.delay = 0.0
         self.next_id = 1000
         self.closed = False
+        self.submitting = 0         # submits begun and not yet answered
 
     async def submit(self, envelope, message: bytes) -> int:
+        self.submitting += 1
+        try:
+            return await self._submit(envelope, message)
+        finally:
+            self.submitting -= 1
+
+    async def _submit(self, envelope, message: bytes) -> int:
         if self.delay:
             await asyncio.sleep(self.delay)
         if self.fail is not None:

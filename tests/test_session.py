@@ -12,6 +12,7 @@ import pytest
 
 from engine.queue import SpoolWriteError
 from tests.smtp_harness import FakeSpool, InProcessServer, RawClient
+from tests.test_delivery_e2e import wait_for
 
 ME = "mx.example.com"
 OK_RE = re.compile(rb"^250 ok (\d+) qp (\d+)\r\n$")
@@ -441,7 +442,8 @@ def test_concurrencyincoming_caps_connections(make_server, connect):
     assert c.closed()
     a.cmd(b"QUIT")
     a.closed()
-    time.sleep(0.1)
+    wait_for(lambda: len(srv.receiver.sessions) == 1 or None, timeout=10,
+             what="the closed session's slot given back")
     d = connect(srv.port)
     assert d.line().startswith(b"220")
     for x in (b, c, d):
@@ -524,7 +526,7 @@ def test_graceful_shutdown_finishes_the_message_in_flight(make_server, connect):
     busy.cmd(b"RCPT TO:<x@sink.test>")
     busy.cmd(b"DATA")
     busy.send(b"Subject: late\r\n\r\nbody\r\n.\r\n")
-    time.sleep(0.1)  # the commit is now in flight
+    wait_for(lambda: spool.submitting or None, timeout=10, what="the commit in flight")
     start = time.monotonic()
     srv.shutdown(grace=3.0)
     assert time.monotonic() - start < 2.5
@@ -808,7 +810,6 @@ def test_message_memory_is_bounded_per_receiver(make_server, connect):
     # [smtp] max_buffered_bytes: the messages all sessions hold at once. Past it a
     # message is read to its end and answered 452 (try again), unless it is the
     # only one held; what a session held is given back when its message ends.
-    from tests.test_delivery_e2e import wait_for
     srv = make_server(qrelay_toml=f"[smtp]\nmax_buffered_bytes = {1 << 20}\n")
     big = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 700     # 700 KB
     a, b = connect(srv.port), connect(srv.port)
