@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -256,6 +257,34 @@ def install_certificate(root: Path, name: str = "mx.example.com", ca=None):
     cert.private_key_and_cert_chain_pem.write_to_path(str(tmp))
     os.replace(tmp, path)
     return ca
+
+
+def encrypted_certificate(name: str) -> bytes:
+    """A trustme certificate chain for `name` and its key encrypted with a
+    passphrase, as one PEM (what qmail-tls cannot read)."""
+    import trustme
+    from cryptography.hazmat.primitives import serialization
+
+    cert = trustme.CA().issue_cert(name)
+    key = serialization.load_pem_private_key(cert.private_key_pem.bytes(), None)
+    encrypted = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.BestAvailableEncryption(b"passphrase"))
+    return b"".join(p.bytes() for p in cert.cert_chain_pems) + encrypted
+
+
+def run_without_a_terminal(argv: list[str]) -> "subprocess.CompletedProcess":
+    """argv with a stdin that stays open and no controlling terminal: what
+    OpenSSL's passphrase prompt would wait on. The test fails if it waits."""
+    import pytest
+    read_end, write_end = os.pipe()
+    try:
+        return subprocess.run(argv, stdin=read_end, capture_output=True, text=True, timeout=20,
+                              start_new_session=True, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{argv[:4]} waited for a passphrase")
+    finally:
+        os.close(read_end)
+        os.close(write_end)
 
 
 def client_context(ca) -> "ssl.SSLContext":

@@ -142,20 +142,10 @@ def test_cli(root, tmp_path):
 def test_an_encrypted_server_key_is_an_oops_not_a_passphrase_prompt(root):
     """showctl loaded servercert.pem without a passphrase callback: an
     encrypted key made OpenSSL prompt on the terminal (or read stdin) and wait."""
-    import subprocess
     import sys
 
-    import trustme
-    from cryptography.hazmat.primitives import serialization
-    cert = trustme.CA().issue_cert("mx.example.com")
-    key = serialization.load_pem_private_key(cert.private_key_pem.bytes(), password=None)
-    encrypted = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.BestAvailableEncryption(b"secret"))
-    (root / "control" / "servercert.pem").write_bytes(
-        encrypted + b"".join(blob.bytes() for blob in cert.cert_chain_pems))
-    done = subprocess.run([sys.executable, "-m", "engine.cli", "showctl", str(root)],
-                          input="", capture_output=True, text=True, timeout=30,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    line = next(l for l in done.stdout.splitlines() if "servercert.pem" in l or "encrypted" in l)
+    from tests.smtp_harness import encrypted_certificate, run_without_a_terminal
+    (root / "control" / "servercert.pem").write_bytes(encrypted_certificate("mx.example.com"))
+    done = run_without_a_terminal([sys.executable, "-m", "engine.cli", "showctl", str(root)])
     assert "The private key is encrypted" in done.stdout, done.stdout
-    assert "Enter PEM pass phrase" not in done.stdout + done.stderr, line
+    assert "pass phrase" not in (done.stdout + done.stderr).lower()

@@ -159,32 +159,15 @@ def test_an_encrypted_key_is_refused_without_asking_for_a_passphrase(root: Path)
     """OpenSSL's default for an encrypted key is to prompt on the terminal (or
     read stdin) and wait: a receiver would hang on its event loop. The file is
     refused instead, saying why."""
-    import subprocess
     import sys
 
-    import trustme
-    from cryptography.hazmat.primitives import serialization
-
-    cert = trustme.CA().issue_cert(NAME)
-    key = serialization.load_pem_private_key(cert.private_key_pem.bytes(), None)
-    encrypted = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.BestAvailableEncryption(b"passphrase"))
-    (root / CERT_FILE).write_bytes(b"".join(p.bytes() for p in cert.cert_chain_pems) + encrypted)
+    from tests.smtp_harness import encrypted_certificate, run_without_a_terminal
+    (root / CERT_FILE).write_bytes(encrypted_certificate(NAME))
     code = ("import sys; from engine.tls import build_context, TlsError\n"
             "from engine.config.settings import TlsSettings\n"
             "try:\n    build_context(sys.argv[1], TlsSettings())\nexcept TlsError as exc:\n"
             "    print(exc)\nelse:\n    print('loaded')\n")
-    # A stdin that stays open and no terminal: what a prompt would wait on.
-    read_end, write_end = os.pipe()
-    try:
-        proc = subprocess.run([sys.executable, "-c", code, str(root)], stdin=read_end,
-                              capture_output=True, text=True, timeout=20, start_new_session=True,
-                              cwd=Path(__file__).resolve().parent.parent)
-    except subprocess.TimeoutExpired:
-        pytest.fail("loading an encrypted key waited for a passphrase")
-    finally:
-        os.close(read_end)
-        os.close(write_end)
+    proc = run_without_a_terminal([sys.executable, "-c", code, str(root)])
     out, err = proc.stdout, proc.stderr
     assert "pass phrase" not in err.lower()
     line = out.strip()

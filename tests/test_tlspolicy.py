@@ -172,36 +172,17 @@ def test_an_encrypted_client_key_is_refused_without_asking_for_a_passphrase(root
     """Without a password callback OpenSSL prompts on the terminal (or reads
     stdin) for control/clientcert.pem's passphrase: `qrelay run` would wait
     at start, a courier on its event loop. Refused instead, saying why."""
-    import os
-    import subprocess
     import sys
-    from pathlib import Path
 
-    import trustme
-    from cryptography.hazmat.primitives import serialization
-
-    cert = trustme.CA().issue_cert("relay.test")
-    key = serialization.load_pem_private_key(cert.private_key_pem.bytes(), None)
-    encrypted = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.BestAvailableEncryption(b"passphrase"))
+    from tests.smtp_harness import encrypted_certificate, run_without_a_terminal
     path = root / "control" / "clientcert.pem"
-    path.write_bytes(b"".join(p.bytes() for p in cert.cert_chain_pems) + encrypted)
+    path.write_bytes(encrypted_certificate("relay.test"))
     code = ("import sys; from engine.delivery.tlspolicy import read_client_cert, TlsPolicyError\n"
             "from engine.delivery.tlspolicy import TlsContexts, DEFAULT_POLICY\n"
             "TlsContexts(client_cert=sys.argv[1] + '/control/clientcert.pem').get(DEFAULT_POLICY)\n"
             "try:\n    read_client_cert(sys.argv[1])\nexcept TlsPolicyError as exc:\n"
             "    print(exc)\nelse:\n    print('loaded')\n")
-    # A stdin that stays open and no terminal: what a prompt would wait on.
-    read_end, write_end = os.pipe()
-    try:
-        proc = subprocess.run([sys.executable, "-c", code, str(root)], stdin=read_end,
-                              capture_output=True, text=True, timeout=20, start_new_session=True,
-                              cwd=Path(__file__).resolve().parent.parent)
-    except subprocess.TimeoutExpired:
-        pytest.fail("loading an encrypted client key waited for a passphrase")
-    finally:
-        os.close(read_end)
-        os.close(write_end)
+    proc = run_without_a_terminal([sys.executable, "-c", code, str(root)])
     assert "pass phrase" not in proc.stderr.lower()
     assert proc.stdout == f"{path}: the private key is encrypted; qmail-tls reads it without" \
                           " a passphrase (store it unencrypted, mode 640)\n"
