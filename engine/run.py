@@ -247,6 +247,34 @@ def hold_queue(root: Path) -> int:
     return fd
 
 
+def check_spool_index(root: Path, settings: Any) -> None:
+    """A spool index LMDB cannot open, or one cut short (its pages past the
+    end would be SIGBUS), stops the start in one line, instead of a spool
+    writer that restarts with an alert while the receivers answer 451 to
+    everyone. Looked at read-only, without a lock, as the queue's owner (root
+    never opens the run user's files), under the queue's lock; what a first
+    start killed early left (no tables yet) is the writer's to finish."""
+    import lmdb
+
+    from engine.lmdbfile import truncation
+    from engine.smtp.config import ConfigError
+    index = root / "queue" / "index"
+    if not (index / "data.mdb").exists():
+        return
+    with acting_as_owner(root / "queue"):
+        try:
+            env = lmdb.open(str(index), readonly=True, lock=False, subdir=True,
+                            map_size=settings.spool.index_map_bytes, max_dbs=16)
+            try:
+                why = truncation(env, index / "data.mdb")
+            finally:
+                env.close()
+        except (lmdb.Error, OSError) as exc:
+            why = str(exc)
+    if why is not None:
+        raise ConfigError(f"cannot start: {root / 'queue'}: cannot open spool index: {why}")
+
+
 def _lock_pid(fd: int) -> int | None:
     try:
         text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
@@ -448,6 +476,7 @@ def serve(root: Path, listen: list[ListenAddress], procs: int,
     mutex = hold_queue(root)
     lspawn = None
     try:
+        check_spool_index(root, config.settings)
         # Before the first fork, under the lock: this run's counters only.
         # As run/'s owner: root emptying a run/metrics the run user made a
         # link would delete the *.db files wherever it points.

@@ -61,13 +61,24 @@ def test_supervisor_lines_go_to_the_log(root):
 
 
 def test_a_spool_writer_that_cannot_open_the_spool_says_why_in_one_line(root):
-    # A damaged index: the writer used to die with a traceback on stderr and
-    # only "exited with status 1" in the log, at every restart.
+    # An index damaged while qrelay runs (a damaged one at start stops the
+    # start: test_a_damaged_spool_index_stops_the_start_in_one_line): the
+    # restarted writer used to die with a traceback on stderr and only
+    # "exited with status 1" in the log, at every restart.
+    import signal
+
+    from tests.smtp_harness import children_of, process_title
     index = root / "queue" / "index"
-    index.mkdir(parents=True, exist_ok=True)
-    (index / "data.mdb").write_bytes(b"\0" * 8192)
     q = RunningQrelay(root, procs=1)
     try:
+        [writer] = wait_for(lambda: [p for p in children_of(q.proc.pid)
+                                     if process_title(p).endswith("spool writer")] or None,
+                            what="the spool writer")
+        (index / "data.mdb").unlink(missing_ok=True)
+        (index / "data.mdb").write_bytes(b"\0" * 8192)
+        owner = index.stat()                    # the run user's, as the writer is
+        os.chown(index / "data.mdb", owner.st_uid, owner.st_gid)
+        os.kill(writer, signal.SIGKILL)
         wait_for(lambda: any(re.match(r"warning: supervisor: spool-writer-0 \(pid \d+\) exited"
                                       r" with status 111; restarting$", t)
                              for t in service_texts(root)), what="the writer's restart")
@@ -342,3 +353,28 @@ def test_an_inherited_umask_of_000_makes_nothing_world_writable(root):
             assert d.stat().st_mode & 0o022 == 0, (d, oct(d.stat().st_mode))
     finally:
         assert q.stop() == 0
+
+
+def test_a_damaged_spool_index_stops_the_start_in_one_line(root):
+    """A data.mdb cut short (a restore stopped half way) or not an LMDB file:
+    `qrelay run` says so and exits, instead of starting a spool writer that
+    restarts with an alert while every client gets 451."""
+    import subprocess
+    import sys
+
+    from engine.queue import Envelope, Spool
+    with Spool(root / "queue") as s:
+        for n in range(50):
+            s.enqueue(Envelope("a@b", ("c@d",)), b"x" * 3000 + b"%d" % n)
+    data = root / "queue" / "index" / "data.mdb"
+    os.truncate(data, 8192)
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "run", str(root), "--listen",
+                        "127.0.0.1:0"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.startswith(f"Error: cannot start: {root}/queue: cannot open spool index: "
+                               f"{data} is truncated (8192 bytes; its pages need "), r.stderr
+    data.write_bytes(b"not an LMDB file" * 1000)
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "run", str(root), "--listen",
+                        "127.0.0.1:0"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"Error: cannot start: {root}/queue: cannot open spool index: ")
