@@ -307,6 +307,20 @@ def test_wrong_owner_of_maildirs_is_one_line_per_domain_past_the_limit(box):
     assert doctor(box)[0] == 0
 
 
+@pytest.mark.skipif(os.getuid() != 0, reason="changing a file's owner needs root")
+def test_a_dot_qmail_root_made_is_no_finding_one_another_user_owns_is(box):
+    """qmail's INSTALL.alias: `touch ~alias/.qmail-postmaster` as root. Root
+    owning a .qmail file changes nothing; another user owning it does."""
+    domain = box / "domains" / "example.org"
+    made = domain / ".qmail-abuse"
+    made.write_text("&joe@example.org\n")
+    os.chown(made, 0, 0)
+    assert findings(doctor(box)[1], "perms") == []
+    os.chown(made, 4343, 4343)
+    (f,) = findings(doctor(box)[1], "perms")
+    assert f["what"] == f"{made} is owned by uid 4343, users/assign says {UID}"
+
+
 def _queue(root: Path, deferred: int, todo: int, domain: str = "slow.test") -> None:
     spool = Spool(root / "queue")
     try:

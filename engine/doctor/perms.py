@@ -270,7 +270,9 @@ def _check_qmail_files(ctx: Context, kinds: _Kinds, home: str, directory: str,
             kinds.add(home, "writable", f"{path} is writable by everyone",
                       f"every delivery through it defers ({WRITABLE_QMAIL})",
                       f"chmod o-w {ctx.arg(path)}")
-        if st.st_uid != want[0]:
+        # Root's own .qmail files are as qmail's INSTALL.alias makes them
+        # (`touch ~alias/.qmail-postmaster` as root): only root can change them.
+        if st.st_uid not in (want[0], 0):
             kinds.add(home, "owner", f"{path} is owned by uid {st.st_uid}, users/assign says "
                       f"{want[0]}", "the mailbox owner cannot edit it; anyone owning it "
                       "decides where this mail goes", f"chown {want[0]}:{want[1]} {ctx.arg(path)}")
