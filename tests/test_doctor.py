@@ -472,6 +472,23 @@ def test_address_routes_locally_through_assign_qmail_default_and_vpasswd(box):
     assert rc == 1 and "bounce-no-mailbox" in f["what"]
 
 
+def test_address_whose_dot_qmail_is_empty_gets_the_default_delivery(box):
+    """qmail's INSTALL.alias makes empty ~alias/.qmail-postmaster files: an
+    empty .qmail means the default delivery, which doctor checks instead."""
+    domain = box / "domains" / "example.org"
+    (domain / ".qmail-abuse").write_text("")
+    rc, report = doctor(box, "abuse@example.org")
+    got = notes(report, "route")
+    assert got[3]["text"] == ("it is empty: the default delivery (control/defaultdelivery, "
+                              "else ./Maildir/)")
+    assert (got[4]["kind"], got[4]["target"]) == ("maildir", str(domain / "Maildir"))
+    (f,) = findings(report, "route")          # the domain directory has no Maildir/
+    assert rc == 1 and f["what"] == f"{domain / 'Maildir'} is not a Maildir (no new/)"
+    (box / "control" / "defaultdelivery").write_text("&joe@example.org\n")
+    rc, report = doctor(box, "abuse@example.org")
+    assert rc == 0 and notes(report, "route")[4]["target"] == "joe@example.org"
+
+
 def test_address_routes_remotely_in_order_without_sending(box, dns, sinks):
     sink = sinks()
     dns.zone["far.test"] = {"MX": [(20, "b.far.test"), (10, "a.far.test")]}

@@ -101,6 +101,11 @@ def _local(ctx: Context, report: Report, address: str, rewritten: str) -> None:
     report.note("route", f".qmail file: {path}" + (f" ($DEFAULT {dq.default!r})"
                                                    if dq.default is not None else ""),
                 qmail=path)
+    if not text:        # qmail-local: an empty .qmail file means the default delivery
+        from engine.delivery.local.courier import load_local_config
+        report.note("route", "it is empty: the default delivery (control/defaultdelivery, "
+                    "else ./Maildir/)")
+        text = load_local_config(ctx.root).default_delivery
     try:
         lines = parse_lines(text)
     except LocalTemporary as exc:
