@@ -387,14 +387,30 @@ def test_open_smtp_size_and_an_entry_clearopensmtp_should_have_removed(box):
     etc = box / "etc"
     etc.mkdir()
     now = int(time.time())
-    (etc / "open-smtp").write_text(f'192.0.2.1:allow,RELAYCLIENT="",RBLSMTPD=""\t{now - 86400}\n'
+    (etc / "open-smtp").write_text(f'192.0.2.9:allow,RELAYCLIENT="",RBLSMTPD=""\t{now - 86400}\n'
                                    f'192.0.2.2:allow,RELAYCLIENT="",RBLSMTPD=""\t{now}\n'
                                    f'192.0.2.3:allow,RELAYCLIENT="",RBLSMTPD=""\t{"9" * 5000}\n')
+    # vchkpw's tcp.smtp.cdb: the static rules, then each open-smtp line's rule
+    with open(box / "control" / "tcp.smtp", "a") as f:
+        f.write('192.0.2.9:allow,RELAYCLIENT="",RBLSMTPD=""\n')
     _, report = doctor(box)
     note = next(n for n in notes(report, "relay") if "open-smtp" in n["text"])
     assert note["entries"] == 2 and note["oldest"] == now - 86400
     (f,) = findings(report, "relay")
     assert "clearopensmtp" in f["why"] and "1 d" in f["what"]
+
+
+def test_open_smtp_left_over_from_vpopmail_is_no_finding(box):
+    """qrelay reads control/tcp.smtp, not open-smtp: an old line whose IP
+    has no rule there lets nobody relay (the README says to drop the
+    clearopensmtp cron line after `qrelay relayclients import`)."""
+    etc = box / "etc"
+    etc.mkdir()
+    now = int(time.time())
+    (etc / "open-smtp").write_text(f'192.0.2.9:allow,RELAYCLIENT="",RBLSMTPD=""\t{now - 86400}\n')
+    rc, report = doctor(box)
+    assert rc == 0 and findings(report, "relay") == []
+    assert any("qrelay does not read it" in n["text"] for n in notes(report, "relay"))
 
 
 # ---------------------------------------------------------------- DOMAIN

@@ -6,7 +6,10 @@ creates one). vpopmail's `open-smtp` (ETC/open-smtp beside the vpopmail
 domains users/assign points at, or ROOT/etc/open-smtp) is read too: there,
 nothing expires a line but the `clearopensmtp` cron job, so a line older
 than `[doctor] relay_max_age` means that job is not running and every IP
-that ever logged in may still relay.
+that ever logged in may still relay — through the tcp.smtp.cdb it rebuilds.
+qrelay reads only control/tcp.smtp(.cdb), so such a line is a problem only
+when those rules let its IP relay (a cdb vchkpw built, copied over);
+otherwise the file is left over from vpopmail (`relayclients import`).
 """
 from __future__ import annotations
 
@@ -106,18 +109,30 @@ def _open_smtp(ctx: Context, report: Report, path: Path) -> None:
         report.problem("relay", f"{path}: {exc.strerror}", "its relay clients are unknown",
                        f"ls -l {ctx.arg(path)}")
         return
+    from engine.config.tcprules import TcpRules, TcpRulesError
     from engine.relay.opensmtp import parse_open_smtp
     # Its relaying lines, read as `qrelay relayclients import` reads them (a
     # time of thousands of digits is far in the future, not a traceback).
-    stamps = [int(line.login_time) for line in parse_open_smtp(text)[0]
-              if line.login_time <= ctx.now]
-    if not stamps:
+    lines = [line for line in parse_open_smtp(text)[0] if line.login_time <= ctx.now]
+    if not lines:
         report.note("relay", f"{path}: empty", entries=0)
         return
-    oldest = min(stamps)
-    report.note("relay", f"{path}: {len(stamps)} clients may relay, the oldest since "
-                f"{ago(ctx.now - oldest)}", entries=len(stamps), oldest=oldest)
-    if ctx.now - oldest > ctx.doctor.relay_max_age:
+    oldest = int(min(line.login_time for line in lines))
+    report.note("relay", f"{path}: {len(lines)} clients, the oldest since "
+                f"{ago(ctx.now - oldest)}", entries=len(lines), oldest=oldest)
+    old = [line for line in lines if ctx.now - line.login_time > ctx.doctor.relay_max_age]
+    try:
+        # vchkpw's tcprules run gives each line's IP a rule of its own
+        rules = dict(TcpRules.load(ctx.root / "control").items())
+    except (TcpRulesError, OSError):
+        rules = None        # the controls check reports a broken tcp.smtp
+    if rules is not None and old and not any(
+            "RELAYCLIENT" in getattr(rules.get(line.ip), "env", ()) for line in old):
+        report.note("relay", f"{path}: its old lines do not let their clients relay here "
+                    "(control/tcp.smtp has no rule for them); qrelay does not read it")
+        return
+    if old:
+        oldest = int(min(line.login_time for line in old))
         clear = path.parent.parent / "bin" / "clearopensmtp"
         report.problem("relay", f"{path} has an entry {ago(ctx.now - oldest)} old",
                        "nothing removes old lines (vpopmail's clearopensmtp cron job is not "
