@@ -356,6 +356,16 @@ def test_queue_health_deferred_per_destination_and_not_preprocessed(box):
     assert notes(report, "queue")[0]["held"] == 1
 
 
+def test_no_log_directory_yet_is_no_finding(box):
+    """A qmail home turned qrelay root has no log/ until `qrelay run`
+    makes it (and gives it to [run] user): nothing to fix before then."""
+    import shutil
+    shutil.rmtree(box / "log")
+    rc, report = doctor(box)
+    assert rc == 0 and findings(report, "logs") == []
+    assert notes(report, "logs")[0]["text"] == f"{box / 'log'} does not exist yet: qrelay run creates it"
+
+
 def test_logs_not_rotating_and_not_pruned(box):
     toml(box, "[log]\nmax_bytes = 4096\nmax_files = 3\n[doctor]\ndisk_min_free_bytes = 0\n"
          "disk_min_free_percent = 0.0\n")
