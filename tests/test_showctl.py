@@ -109,6 +109,18 @@ def test_files_qrelay_run_refuses_are_oops_lines(root):
                                  " header): qrelay refuses it."]
 
 
+def test_rule_variables_qrelay_ignores_are_named(root):
+    """A moved box's tcp.smtp may run a scanner through QMAILQUEUE: nothing
+    does that here, and showctl, the list of what does not carry over, says so."""
+    control = root / "control"
+    (control / "tcp.smtp").write_text('127.:allow,RELAYCLIENT="",DATABYTES="5000"\n'
+                                      ':allow,QMAILQUEUE="/var/qmail/bin/simscan",CHKUSER_START="1"\n')
+    assert sections(show(root))["tcp.smtp.cdb"] == [
+        "(Default.) tcp.smtp is read as it is.",
+        "Rule variable CHKUSER_START: I have no idea what it does; qrelay ignores it.",
+        "Rule variable QMAILQUEUE: I have no idea what it does; qrelay ignores it."]
+
+
 def test_a_broken_qrelay_toml_is_said_after_the_header(root):
     (root / "qrelay.toml").write_text("[smtp\n")
     text = show(root)

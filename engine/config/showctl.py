@@ -261,6 +261,7 @@ def _qrelay_files(out: _Out, settings) -> None:
         if cdb.startswith("Oops! tcp.smtp exists but"):
             cdb = "(Default.) tcp.smtp is read as it is."
         out.say("tcp.smtp.cdb", cdb)
+    _rule_variables(out)
     _ciphers(out, "tlsclientciphers")
     if not out.refused("tlsdestinations", lambda: TlsDestinations.load(control.parent),
                        TlsPolicyError):
@@ -268,6 +269,24 @@ def _qrelay_files(out: _Out, settings) -> None:
                   "TLS destination: ", "")
     _host_dir(out, "tlshosts", "TLS required to ")
     _ciphers(out, "tlsserverciphers")
+
+
+# The tcp.smtp variables qrelay acts on (engine/smtp/session.py). Any other a
+# moved box's rules set (QMAILQUEUE for a scanner, CHKUSER_*, SMTPAUTH ...)
+# changes nothing here, which is worth knowing before the move.
+RULE_VARIABLES = frozenset(("RELAYCLIENT", "RBLSMTPD", "DATABYTES", "TCPLOCALHOST",
+                            "TCPREMOTEHOST", "TCPREMOTEINFO"))
+
+
+def _rule_variables(out: _Out) -> None:
+    """A line for each variable the rules qrelay reads set and qrelay ignores."""
+    try:
+        rules = TcpRules.load(out.control)
+    except (TcpRulesError, OSError):
+        return          # said above
+    names = sorted({n for _, rule in rules.items() for n in rule.env} - RULE_VARIABLES)
+    out.lines += [f"Rule variable {_safe(n)}: I have no idea what it does; qrelay ignores it."
+                  for n in names]
 
 
 def _servercert(out: _Out) -> None:
