@@ -260,6 +260,26 @@ def test_a_hand_edited_or_malformed_vpasswd_and_the_fix(box):
     assert findings(doctor(box)[1], "perms") == []
 
 
+def test_a_vpasswd_user_without_a_directory_and_the_fix(box):
+    """vpasswd's 6th field may be empty (vpopmail makes the directory at the
+    next delivery; qrelay bounces with #5.9.8): one finding naming the user,
+    not an empty path, and a fix that works once the field is filled in."""
+    domain = box / "domains" / "example.org"
+    vpasswd = domain / "vpasswd"
+    joe = user_dir(box, "joe@example.org")
+    good = vpasswd.read_text()
+    vpasswd.write_text(good.replace(f":{joe}:", "::"))
+    run_fix(f"qrelay domain mkpasswd {box} example.org")
+    (f,) = findings(doctor(box)[1], "perms")
+    assert f["what"] == f"{domain}/vpasswd gives user joe no directory"
+    assert "#5.9.8" in f["why"]
+    edit, rest = f["fix"].split(" && ", 1)
+    assert edit == f"${{EDITOR:-vi}} {vpasswd} (6th field: {domain}/joe)"
+    vpasswd.write_text(good.replace(f":{joe}:", f":{domain}/joe:"))     # the operator's edit
+    run_fix(rest)
+    assert findings(doctor(box)[1], "perms") == []
+
+
 @pytest.mark.skipif(os.getuid() != 0, reason="the receivers run as the caller when not root")
 def test_a_domain_the_receivers_cannot_read_and_the_fix(box, monkeypatch):
     from types import SimpleNamespace

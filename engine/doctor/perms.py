@@ -118,6 +118,19 @@ def check(ctx: Context, report: Report) -> None:
                     break
                 mailboxes += 1
                 udir = user.directory
+                if not udir:
+                    # vpopmail would make one at the next delivery; qrelay bounces instead
+                    # (engine/delivery/local/vdelivermail.py), and _stat("") is no answer.
+                    made = os.path.join(a.home, user.name)
+                    vpasswd = ctx.arg(os.path.join(a.home, "vpasswd"))
+                    kinds.add(a.home, "missing", f"{a.home}/vpasswd gives user {user.name} "
+                              "no directory", "its mail bounces (Auto creation of maildir "
+                              "failed. (#5.9.8))",
+                              f"${{EDITOR:-vi}} {vpasswd} (6th field: {made}) && mkdir -p "
+                              f"{ctx.arg(made)}/Maildir/{{cur,new,tmp}} && chown -R "
+                              f"{a.uid}:{a.gid} {ctx.arg(made)} && qrelay domain mkpasswd "
+                              f"{ctx.arg(ctx.root)} {a.user}")
+                    continue
                 ust = _stat(udir)
                 if ust is None:
                     kinds.add(a.home, "missing", f"{udir} (user {user.name}) does not exist",
