@@ -164,6 +164,17 @@ def test_user_dotqmail_forward_and_keep(vp):
     assert got.startswith(b"Return-Path: <s@x.example>\nDelivered-To: joe@example.com\n")
 
 
+def test_user_dotqmail_relative_maildir_line_names_the_user(vp):
+    """`./Maildir/` in a user's .qmail (vpopmail 5.4.33 takes `./` paths):
+    the Delivered-To line names the user, never `.@domain`."""
+    udir = vp.ddir / "joe"
+    write_qmail(udir, ".qmail", "&other@example.net\n./Maildir/\n")
+    r = vp.deliver("example.com-joe@example.com", sender="s@x.example")
+    assert (r.status, r.text) == ("K", "did 0+0+1\n")
+    [got] = new_messages(udir / "Maildir")
+    assert got.startswith(b"Return-Path: <s@x.example>\nDelivered-To: joe@example.com\n")
+
+
 def test_user_dotqmail_comment_only_drops_mail(vp):
     write_qmail(vp.ddir / "joe", ".qmail", "# nothing\n")
     assert vp.deliver("example.com-joe@example.com").status == "K"

@@ -265,8 +265,10 @@ class Vdelivermail:
             q = maildirquota.maildirsize_quota(maildir)
         else:
             q = maildirquota.parse_quota(quota_arg)
-        email = "" if not_found_target else maildir_to_email(address if address.startswith("/")
-                                                             else maildir + "/")
+        # `./Maildir/` joined to the user directory reads `…/joe/./Maildir`: the
+        # user is the directory above Maildir once the `.` is gone.
+        email = "" if not_found_target else maildir_to_email(
+            address if address.startswith("/") else os.path.normpath(maildir) + "/")
         if not email:
             email = f"{self.user}@{self.domain}"
         if q is not None:
