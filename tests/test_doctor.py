@@ -477,6 +477,9 @@ def test_domain_that_does_not_exist_and_a_busy_smtproutes_relay(box, dns, sinks)
     rc, report = doctor(box, "nowhere.test")
     (f,) = findings(report, "network")
     assert "couldn't find any host named nowhere.test" in f["what"] and f["why"] == "its mail bounces"
+    # The fix asks the server delivery asks, on its port: not port 53 of its host.
+    host, port = dns.address.rsplit(":", 1)
+    assert f["fix"] == f"dig mx nowhere.test @{host} -p {port}"
     rc, report = doctor(box, "busy.test")
     assert any("smtproutes: busy.test goes to 127.0.0.1" in n["text"] for n in notes(report, "network"))
     got = findings(report, "network")

@@ -73,8 +73,7 @@ async def _remote(ctx: Context, report: Report, domain: str, config) -> None:
             report.problem("network", f"{domain}: {exc.text.strip()} (via {servers})",
                            "its mail defers until DNS answers" if soft else
                            "its mail bounces", f"dig mx {domain}" + (
-                               f" @{config.dns_servers[0].split(':')[0]}"
-                               if config.dns_servers else ""))
+                               _dig_server(config.dns_servers[0]) if config.dns_servers else ""))
             return
         reached = 0
         seen: set[str] = set()
@@ -90,6 +89,18 @@ async def _remote(ctx: Context, report: Report, domain: str, config) -> None:
         _tcpto(ctx, report, [t.ip for t in targets])
     finally:
         await resolver.close()
+
+
+def _dig_server(server: str) -> str:
+    """dig's ` @HOST [-p PORT]` for a `dns_servers` entry: "host", "host:port",
+    "[v6]:port" or a bare IPv6 address."""
+    host, port = server, ""
+    if server.startswith("["):
+        host, _, rest = server[1:].partition("]")
+        port = rest[1:]
+    elif server.count(":") == 1:
+        host, port = server.split(":")
+    return f" @{host}" + (f" -p {port}" if port and port != "53" else "")
 
 
 async def _probe(ctx: Context, report: Report, domain: str, target, port: int,
