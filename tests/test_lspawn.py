@@ -131,6 +131,14 @@ def test_user_spawner_splits_by_owner_and_refuses_root(root, tmp_path):
 
 
 
+def test_delivery_program_timeout_reaches_the_local_deliverer(root):
+    """`[delivery] program_timeout` in qrelay.toml is what a `|program` line gets."""
+    from engine.config.settings import load_settings
+    assert open_deliverer(root, load_settings(root)).delivery.config.program_timeout == 1200
+    (root / "qrelay.toml").write_text("[delivery]\nprogram_timeout = 30\n")
+    assert open_deliverer(root, load_settings(root)).delivery.config.program_timeout == 30
+
+
 def test_a_recipient_with_no_user_never_runs_here_even_if_its_user_appears_meanwhile(root, tmp_path):
     """A recipient `user_of` found no owner for is answered without running
     anything in this process (root, in the local spawner): a passwd entry

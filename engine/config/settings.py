@@ -195,6 +195,9 @@ class DeliverySettings:
     # since, 1 to 6 cost what no limit costs. Where a sync takes
     # milliseconds, a limit caps the rate at local_active per sync time.
     local_active: int = 0
+    # Seconds one `|program` line of a .qmail file may run (qmail: no limit);
+    # then it is killed and the delivery defers (`Program timed out. (#4.3.0)`).
+    program_timeout: float = 1200.0
     # Outbound TLS (control/tlsdestinations says where it is required): the
     # oldest protocol accepted, "TLSv1.2" or "TLSv1.3" (never lower).
     tls_min_version: str = "TLSv1.2"
@@ -480,6 +483,7 @@ RANGES: dict[tuple[str, str], tuple[float, float | None, str]] = {
     ("delivery", "dns_tries"): (1, None, "no lookup would be made"),
     ("delivery", "mx_port"): (1, 65535, "a TCP port"),
     ("delivery", "local_active"): (0, 1024, "0 = no limit"),
+    ("delivery", "program_timeout"): (1, None, "no program would finish"),
     ("delivery", "max_messages_per_connection"): (1, None, "a connection carries a message"),
     ("delivery", "max_connections_per_host"): (1, None, "0 would never connect"),
     ("delivery", "tls_handshake_timeout"): (0.1, None, "no handshake would finish"),

@@ -130,9 +130,13 @@ def _channel_results(got) -> list[RecipientResult]:
 
 def open_deliverer(root, settings=None, log=None) -> LocalDeliverer:
     from engine.delivery.local import LocalDelivery
-    from engine.delivery.local.courier import ACTIVE_DEFAULT
-    active = settings.delivery.local_active if settings is not None else ACTIVE_DEFAULT
-    return LocalDeliverer(LocalDelivery.for_root(root, active=active))
+    from engine.delivery.local.accounts import DeliveryAccounts
+    from engine.delivery.local.courier import load_local_config
+    if settings is None:
+        return LocalDeliverer(LocalDelivery.for_root(root))
+    config = load_local_config(root, program_timeout=settings.delivery.program_timeout)
+    return LocalDeliverer(LocalDelivery(config, DeliveryAccounts.at(root),
+                                        active=settings.delivery.local_active))
 
 
 class UserSpawner:
