@@ -185,6 +185,32 @@ def test_pop3s_with_qrelay_run(tmp_path):
     assert "Traceback" not in q.stderr_text
 
 
+def test_pop3s_counts_its_handshakes_ok_and_failed(tmp_path, server, monkeypatch):
+    """qrelay_tls_total counts a pop3s handshake that works, not only one
+    that fails (both, like its sessions, under protocol="pop3")."""
+    from engine import metrics
+    from tests.test_delivery_e2e import wait_for
+    got: list[tuple[str, str]] = []
+    monkeypatch.setattr(metrics, "tls_result", lambda outcome, protocol="smtp":
+                        got.append(("tls", outcome, protocol)))
+    monkeypatch.setattr(metrics, "session_opened", lambda protocol="smtp":
+                        got.append(("session", protocol)))
+    root = make_root(tmp_path)
+    ca = install_certificate(root, NAME)
+    srv = server(root, scheme="pop3s")
+    pop = poplib.POP3_SSL("127.0.0.1", srv.port, context=client_context(ca), timeout=10)
+    try:
+        log_in(pop)
+        pop.quit()
+    finally:
+        pop.close()
+    assert got == [("tls", "ok", "pop3"), ("session", "pop3")]
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as raw:
+        raw.sendall(b"this is not a TLS client hello\r\n" * 4)
+        wait_for(lambda: len(got) == 3, what="the failed handshake counted")
+    assert got[2] == ("tls", "failed", "pop3")
+
+
 def test_pop3s_needs_a_certificate_at_start(tmp_path):
     from qrelay_process import QrelayStartError    # bench/, on the path through smtp_harness
     root = make_root(tmp_path)

@@ -115,6 +115,8 @@ class Pop3Session(asyncio.Protocol):
         self.remoteip = peer[0] if peer else "unknown"
         own = transport.get_extra_info("sockname")
         self.private = bool(peer and own and peer[0] == own[0])
+        if self.tls:        # pop3s: the listener's handshake (its failures count in engine.tls)
+            metrics.tls_result("ok", "pop3")
         receiver = self.receiver
         number = receiver.counter.next_number()
         st = self.settings
