@@ -349,6 +349,19 @@ def test_a_login_without_its_domain_is_in_the_default_domain(tmp_path, server):
     assert c.login("joe@") == b"-ERR authorization failed\r\n"
 
 
+def test_a_default_domain_set_in_qrelay_toml_counts_after_a_reload(tmp_path, server):
+    # HUP rereads qrelay.toml for new connections: [accounts] default_domain too.
+    root = make_root(tmp_path, '[auth]\nfailure_delay = 0\n')
+    srv = server(root)
+    c = Client(srv.port)
+    assert c.login("joe") == b"-ERR authorization failed\r\n"
+    c.close()
+    (root / "qrelay.toml").write_text('[auth]\nfailure_delay = 0\n[accounts]\ndefault_domain = "example.com"\n')
+    assert srv.reload()
+    c = Client(srv.port)
+    assert c.login("joe") == b"+OK \r\n"
+
+
 def test_apop(tmp_path, server):
     root = make_root(tmp_path)           # joe: no cleartext kept
     (root / "qrelay.toml").write_text("[accounts]\nkeep_cleartext = true\n[auth]\nfailure_delay = 0\n")

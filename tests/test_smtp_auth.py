@@ -353,6 +353,26 @@ def test_a_login_without_its_domain_is_in_the_default_domain(accounts, ca, make_
         c.close()
 
 
+def test_a_default_domain_set_later_counts_after_a_reload(accounts, ca, make_server, greeted):
+    # HUP rereads qrelay.toml: a session after it logs `joe` in to the new default domain.
+    toml = accounts / "qrelay.toml"
+    srv = make_server()
+
+    def login() -> bytes:
+        c = greeted(srv.port)
+        starttls(c, ca)
+        assert c.cmd(b"EHLO client.test") == EHLO_TLS
+        try:
+            return c.cmd(b"AUTH PLAIN " + plain("joe"))
+        finally:
+            c.close()
+
+    assert login() == b"535 authorization failed (#5.7.0)\r\n"
+    toml.write_text(toml.read_text() + '[accounts]\ndefault_domain = "example.org"\n')
+    assert srv.reload()
+    assert login() == b"235 ok, go ahead (#2.0.0)\r\n"
+
+
 def test_plain_and_login_refused_before_tls_unless_allowed(accounts, make_server, greeted):
     srv = make_server()
     c = greeted(srv.port)

@@ -301,6 +301,10 @@ class Accounts:
         return Mailbox(address, domain, assignment.home, self._with_limits(assignment.home, user),
                        assignment)
 
+    def set_default_domain(self, default_domain: str) -> None:
+        """`[accounts] default_domain` after a reload (engine.smtp.receiver)."""
+        self._default_domain = ascii_lower(default_domain.strip())
+
     def default_domain(self) -> str | None:
         """vchkpw's domain for a login without one (`[accounts] default_domain`,
         else the first line of ~vpopmail/etc/defaultdomain), or None."""

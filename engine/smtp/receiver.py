@@ -256,6 +256,12 @@ class Receiver:
         self.config = config
         if self._tls is not None:
             self._tls.reload(config.settings.tls)
+        # Logins without a domain: AUTH's and POP3's accounts were made with the old one.
+        default_domain = config.settings.accounts.default_domain
+        if self._passwords is not None:
+            self._passwords.accounts.set_default_domain(default_domain)
+        if self.pop3 is not None:
+            self.pop3.accounts.set_default_domain(default_domain)
         log.info("configuration reloaded")
         return True
 
