@@ -23,8 +23,11 @@ def check(ctx: Context, report: Report) -> None:
     from engine.tls import CERT_FILE, TlsError, build_context
     server = ctx.root / CERT_FILE
     if not server.exists():
-        report.note("tls", f"{CERT_FILE} is missing: STARTTLS is not offered, and so neither "
-                    "is AUTH (customers cannot send through this box)")
+        report.note("tls", f"{CERT_FILE} is missing: STARTTLS is not offered, and AUTH only as "
+                    "CRAM-MD5 (accounts whose cleartext is kept: [accounts] keep_cleartext)"
+                    if not ctx.settings.auth.allow_plaintext else
+                    f"{CERT_FILE} is missing: STARTTLS is not offered, and AUTH LOGIN/PLAIN "
+                    "passwords cross the wire in clear ([auth] allow_plaintext)")
     else:
         try:
             build_context(ctx.root, ctx.settings.tls)
