@@ -51,6 +51,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -216,9 +217,15 @@ def hold_queue(root: Path) -> int:
     # would truncate and write the file it points to), nor one it made of
     # lock/ itself (root would create or truncate a sendmutex wherever that is).
     try:
-        with acting_as_owner(root / "queue"):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = open_own_file(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            with acting_as_owner(root / "queue"):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd = open_own_file(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except PermissionError:
+            if not _adopt_qmail_lock(root / "queue"):
+                raise
+            with acting_as_owner(root / "queue"):
+                fd = open_own_file(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except NotRegularFile:
         raise ConfigError(f"cannot start: {path} is not a regular file (a link, or a special "
                           "file): remove it") from None
@@ -273,6 +280,37 @@ def check_spool_index(root: Path, settings: Any) -> None:
             why = str(exc)
     if why is not None:
         raise ConfigError(f"cannot start: {root / 'queue'}: cannot open spool index: {why}")
+
+
+def _adopt_qmail_lock(queue: Path) -> bool:
+    """qmail's own queue/lock/ (qmails's, or root's after `qrelay import-qmail`
+    as root) in a queue/ whose owner is another user: give that directory and
+    its files to queue/'s owner, as give_tree does after the start, so the lock
+    opens as that owner. Root only; the directory is opened without following
+    a link and its files are chowned as give_tree does (no link, no file with
+    other hard links). False if there was nothing to give."""
+    if os.geteuid() != 0:
+        return False
+    try:
+        owner = os.stat(queue, follow_symlinks=False)
+        fd = os.open(queue / "lock", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        ids = (owner.st_uid, owner.st_gid)
+        st = os.fstat(fd)
+        if (st.st_uid, st.st_gid) == ids:
+            return False
+        for name in os.listdir(fd):
+            entry = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISREG(entry.st_mode) and entry.st_nlink == 1:
+                os.chown(name, *ids, dir_fd=fd, follow_symlinks=False)
+        os.fchown(fd, *ids)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _lock_pid(fd: int) -> int | None:

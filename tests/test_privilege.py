@@ -283,6 +283,29 @@ def test_a_link_the_run_user_puts_in_place_of_the_lock_is_refused_not_followed(r
     assert (secret.stat().st_uid, secret.stat().st_mode & 0o7777) == (0, 0o600)
 
 
+@as_root
+def test_qmails_lock_directory_in_a_queue_the_run_user_owns_is_handed_over(root):
+    """A qmail home turned qrelay root (README: import-qmail, then `qrelay
+    run`) keeps qmail's queue/lock/ (qmails's, or root's after an import as
+    root) while queue/ is the run user's: the lock, opened as queue/'s owner,
+    was refused (`Permission denied`). Its real directory and sendmutex are
+    given to queue/'s owner first, as give_tree would after the start."""
+    from engine.run import hold_queue
+    give_tree(root, RunUser("nobody", NOBODY.pw_uid, NOBODY.pw_gid))
+    lock = root / "queue" / "lock"
+    lock.mkdir(mode=0o750, exist_ok=True)
+    (lock / "sendmutex").touch(mode=0o600)
+    for p in (lock, lock / "sendmutex"):
+        os.chown(p, 0, 0)
+    fd = hold_queue(root)
+    try:
+        assert (lock / "sendmutex").read_text() == f"{os.getpid()}\n"
+        for p in (lock, lock / "sendmutex"):
+            assert (p.stat().st_uid, p.stat().st_gid) == (NOBODY.pw_uid, NOBODY.pw_gid)
+    finally:
+        os.close(fd)
+
+
 def test_acting_as_changes_the_effective_ids_for_its_duration_only(tmp_path):
     from engine.privilege import acting_as, acting_as_owner
     before = (os.getuid(), os.geteuid(), os.getegid(), os.getgroups())
