@@ -254,6 +254,31 @@ def hold_queue(root: Path) -> int:
     return fd
 
 
+# qrelay.toml sections read once, when `qrelay run` starts (README: a change
+# needs a restart, not a HUP).
+START_ONLY_SECTIONS = ("run", "relay", "login")
+
+
+def start_only_warning(root: Path, started: Any, warned: list[tuple]) -> None:
+    """One log line when a reload finds a START_ONLY_SECTIONS section of
+    qrelay.toml changed since the start (once per such change): the HUP that
+    follows applies everything else, and without a word the operator would
+    believe it applied that too."""
+    from engine.config.settings import SettingsError, load_settings
+    try:
+        now = load_settings(root)
+    except SettingsError:
+        return              # the children's reloads say why
+    changed = tuple(name for name in START_ONLY_SECTIONS
+                    if getattr(now, name) != getattr(started, name))
+    seen = tuple((name, getattr(now, name)) for name in changed)
+    if changed and seen != warned[0]:
+        sections = ", ".join(f"[{name}]" for name in changed)
+        logging.getLogger("qrelay.run").warning(
+            f"qrelay.toml: {sections} changed; read when qrelay run starts: restart it to apply")
+    warned[0] = seen
+
+
 def check_spool_index(root: Path, settings: Any) -> None:
     """A spool index LMDB cannot open, or one cut short (its pages past the
     end would be SIGBUS), stops the start in one line, instead of a spool
@@ -558,11 +583,14 @@ def serve(root: Path, listen: list[ListenAddress], procs: int,
         tls = config.settings.tls
         tickets = TicketKeys(tls.ticket_key_seconds) if tls.ticket_key_seconds > 0 else None
 
+        warned: list[tuple] = [()]
+
         def control_files_changed() -> bool:
             if tickets is not None:
                 tickets.epoch()     # a receiver restarted later is forked with a current key
             if watch.changed():
                 stale_rules_warning(root)
+                start_only_warning(root, config.settings, warned)
                 return True
             return False
 

@@ -378,3 +378,24 @@ def test_a_damaged_spool_index_stops_the_start_in_one_line(root):
                         "127.0.0.1:0"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith(f"Error: cannot start: {root}/queue: cannot open spool index: ")
+
+
+def test_a_change_to_a_section_read_at_start_is_said_on_reload(root):
+    """[relay], [login] and [run] are read when qrelay run starts: an edit is
+    reloaded for everything else, and one log line says this part waits for a
+    restart (once), instead of the operator believing it applied."""
+    (root / "qrelay.toml").write_text("[smtp]\nreload_poll_seconds = 0.1\n")
+    q = RunningQrelay(root, procs=1)
+    try:
+        toml = root / "qrelay.toml"
+        toml.write_text(toml.read_text() + "[relay]\npop_before_smtp_ttl = 600\n")
+        line = ("warning: run: qrelay.toml: [relay] changed; read when qrelay run starts: "
+                "restart it to apply")
+        wait_for(lambda: line in service_texts(root) or None, what="the start-only warning")
+        os.utime(toml)                      # another reload, the same change: said once
+        wait_for(lambda: service_texts(root).count("info: supervisor: control files changed: "
+                                                   "reloading") >= 2 or None,
+                 what="the second reload")
+        assert service_texts(root).count(line) == 1
+    finally:
+        q.stop()
