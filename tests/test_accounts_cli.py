@@ -516,3 +516,19 @@ def test_root_never_follows_a_link_the_domain_owner_put_in_its_tree(droot, tmp_p
     assert r.exit_code != 0 and "Traceback" not in r.output + r.stderr
     assert list(elsewhere.iterdir()) == []
     shutil.rmtree(elsewhere)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="acting as another user needs root")
+def test_a_domain_its_owner_cannot_reach_is_one_line_naming_the_cure(tmp_path):
+    """Root works in a domain's tree as its owner: a ROOT under a directory
+    that owner may not search fails at once, saying why (its deliveries, made
+    as that owner, would fail there too)."""
+    from engine.home import init_home
+    hidden = tmp_path / "hidden"
+    hidden.mkdir(mode=0o700)
+    hidden.chmod(0o700)
+    root = init_home(hidden / "qrelay", me="mx.example.com")
+    r = qrelay("domain", "add", str(root), "example.com", *OWNER)
+    assert r.exit_code == 2, r.output
+    assert "Permission denied as uid 89, the owner of example.com, who delivers its mail: every " \
+           "directory above" in r.stderr and "Traceback" not in r.output + r.stderr

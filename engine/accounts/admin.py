@@ -117,13 +117,21 @@ class DomainRef:
         return self.uid, self.gid
 
 
+@contextlib.contextmanager
 def _in_tree(ref: DomainRef):
     """Work in a domain's tree as its owner (engine.privilege.acting_as): the
     tree is that user's (the run user's, by default), and a link it put there
     (a .vpasswd.lock or a maildirsize to /etc/shadow, a user directory to /etc)
     must lead root nowhere that user could not write itself. Not root: nothing
-    changes."""
-    return acting_as(ref.uid, ref.gid)
+    changes. A tree its owner cannot reach is an AdminError saying so (its
+    deliveries, made as that owner, could not reach it either)."""
+    with acting_as(ref.uid, ref.gid):
+        try:
+            yield
+        except PermissionError as exc:
+            raise AdminError(f"{exc.filename}: {exc.strerror} as uid {ref.uid}, the owner of "
+                             f"{ref.name}, who delivers its mail: every directory above "
+                             f"{ref.directory} must be searchable by it (chmod o+x)") from None
 
 
 def find_domain(root: Path, domain: str) -> DomainRef:
