@@ -51,6 +51,19 @@ def read_line(path: os.PathLike | str, default: str | None = None) -> str | None
     return _decode(line)
 
 
+def scan_ulong(text: bytes) -> int | None:
+    """qmail's scan_ulong: the number its leading ASCII digits spell, or None
+    when there are none or more than MAX_DIGITS (qmail's unsigned long would
+    wrap; int() refuses 4300+ digits)."""
+    end = 0
+    while end < len(text) and 48 <= text[end] <= 57:
+        end += 1
+    digits = text[:end].lstrip(b"0")
+    if not end or len(digits) > MAX_DIGITS:
+        return None
+    return int(digits or b"0")
+
+
 def read_int(path: os.PathLike | str, default: int) -> int:
     """Leading decimal digits of the first line (a leading `-` is allowed)."""
     raw = _read(Path(path))
@@ -60,18 +73,8 @@ def read_int(path: os.PathLike | str, default: int) -> int:
     sign = 1
     if text[:1] == b"-":
         sign, text = -1, text[1:]
-    digits = bytearray()
-    for c in text:
-        if 48 <= c <= 57:
-            digits.append(c)
-        else:
-            break
-    if not digits:
-        return default
-    digits = digits.lstrip(b"0") or b"0"
-    if len(digits) > MAX_DIGITS:
-        return default          # qmail's unsigned long would wrap; int() refuses 4300+ digits
-    return sign * int(digits)
+    value = scan_ulong(text)
+    return default if value is None else sign * value
 
 
 def read_number(path: os.PathLike | str, default: int, *, minimum: int = 0) -> int:

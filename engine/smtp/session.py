@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine import metrics
 from engine._smtpcore import TOO_LONG, DataScanner, LineReader, parse_command, parse_params, parse_path
+from engine.config.control import scan_ulong
 from engine.queue import Envelope, MessageTooBig, SpoolError, SpoolWriteError
 from engine.smtp import auth
 from engine.smtp.listeners import IMPLICIT_TLS_SCHEMES
@@ -111,10 +112,10 @@ def _text(b: bytes) -> str:
 
 
 def _size(digits: bytes) -> int:
-    """A SIZE= value (ASCII digits, any length): int() alone refuses 4300
-    digits or more; a number past 2**63 is more than any limit anyway."""
-    digits = digits.lstrip(b"0")
-    return int(digits or b"0") if len(digits) <= 18 else 1 << 63
+    """A SIZE= value (ASCII digits, any length): one too long for scan_ulong
+    is more than any limit anyway."""
+    value = scan_ulong(digits)
+    return (1 << 63) if value is None else value
 
 
 class SmtpSession(asyncio.Protocol):
@@ -278,15 +279,9 @@ class SmtpSession(asyncio.Protocol):
         if "DATABYTES" in env:
             # qmail: the DATABYTES variable wins over control/databytes.
             # Its leading ASCII digits, as qmail's scan_ulong (str.isdigit
-            # takes "²" too); more than 18 is no limit anyone means and
-            # int() refuses 4300+: 0, so the cap below applies.
-            digits = ""
-            for c in env["DATABYTES"]:
-                if not "0" <= c <= "9":
-                    break
-                digits += c
-            digits = digits.lstrip("0")
-            databytes = int(digits) if 0 < len(digits) <= 18 else 0
+            # takes "²" too); none, or too many to be a limit anyone
+            # means: 0, so the cap below applies.
+            databytes = scan_ulong(env["DATABYTES"].encode("utf-8", "surrogateescape")) or 0
         # The limit actually enforced: databytes, else the max_message_bytes cap
         # (0 only if that is switched off too). EHLO's SIZE and MAIL's SIZE= use it.
         self.databytes = databytes if databytes > 0 else st.max_message_bytes
