@@ -102,12 +102,17 @@ def wire_sender(spool_sender: str) -> str:
     return "" if spool_sender == DOUBLE_BOUNCE_SENDER else spool_sender
 
 
+def is_verp(sender: str) -> bool:
+    """A sender `pre@host-@[]`: one of its own for each recipient (verp_sender)."""
+    return sender.endswith("-@[]")
+
+
 def verp_sender(sender: str, recipient: str) -> str:
     """qmail-send's VERP: a sender `pre@host-@[]` is sent as `pre<rbox>=<rhost>@host`
     to recipient `rbox@rhost` (the recipient's last `@` made `=`), so a list
     manager (ezmlm, or a .qmail -owner-default) learns from the bounce which
     address failed. Any other sender is sent as it is."""
-    if not sender.endswith("-@[]"):
+    if not is_verp(sender):
         return sender
     base = sender[:-4]
     at = base.rfind("@")
@@ -214,7 +219,7 @@ def build_bounce(config: BounceConfig, *, sender: str, failures: Sequence[Failur
         env_sender = DOUBLE_BOUNCE_SENDER
     else:
         # A VERP sender `pre@host-@[]` is answered at `pre@host`.
-        recipient = sender[:-4] if sender.endswith("-@[]") else sender
+        recipient = sender[:-4] if is_verp(sender) else sender
         env_sender = ""
     boundary = boundary or f"qrelay-{int(now)}-{os.urandom(8).hex()}"
 

@@ -67,7 +67,7 @@ from pathlib import Path
 from engine import metrics
 from engine.config.control import read_number
 from engine.delivery.bounce import (BounceConfig, Failure, build_bounce, bounce_kind,
-                                   verp_sender, wire_sender)
+                                   is_verp, verp_sender, wire_sender)
 from engine.delivery.channels import CHANNELS, Courier, Group, RecipientResult, all_results
 from engine.delivery.retry import RetryPolicy
 from engine.log import QmailSendLog
@@ -78,6 +78,8 @@ from engine.queue import (Deferred, Delivered, Envelope, Failed, Finished, Job,
 CRASHED_TEXT = "qmail-{channel} crashed.\n"
 # Seconds between scans of the spool for finished messages whose bounce is not queued.
 BOUNCE_SCAN_INTERVAL = 5.0
+# Seconds before a bounce that could not be made or queued is tried again.
+BOUNCE_RETRY_SECONDS = 123
 # The due table is read from the scan watermark on (see Scheduler.dispatch);
 # at least this often it is read from the start again, as a safety net for a
 # due entry that landed behind the watermark some way not foreseen below.
@@ -674,7 +676,7 @@ class Scheduler:
         results: list[RecipientResult] = []
         try:
             try:
-                if group.sender.endswith("-@[]"):
+                if is_verp(group.sender):
                     # VERP: a sender of its own for each recipient, so one
                     # envelope each (a remote connection is reused for the next).
                     for j in jobs:
@@ -922,7 +924,7 @@ class Scheduler:
             self._complete(f)
         except Exception as exc:  # noqa: BLE001 - one message must not stop every delivery
             self.log.alert(f"trouble bouncing msg {f.msgid}: {exc!r}; will try again later")
-            self._bounce_retry_at[f.msgid] = self.clock() + 123
+            self._bounce_retry_at[f.msgid] = self.clock() + BOUNCE_RETRY_SECONDS
 
     def _complete(self, f: Finished) -> None:
         if not f.failed:
@@ -945,7 +947,7 @@ class Scheduler:
             # Whole but not readable now: bounce it with its text later.
             self.log.warning(f"trouble reading msg {f.msgid} for its bounce: {exc}, "
                              "will try later")
-            self._bounce_retry_at[f.msgid] = self.clock() + 123
+            self._bounce_retry_at[f.msgid] = self.clock() + BOUNCE_RETRY_SECONDS
             return
         except SpoolError:
             original = b""      # quarantined: the bounce says what failed, without it
@@ -968,7 +970,7 @@ class Scheduler:
                                                 indexed=True)
         except Exception:
             self.log.warning("trouble injecting bounce message, will try later")
-            self._bounce_retry_at[msgid] = self.clock() + 123
+            self._bounce_retry_at[msgid] = self.clock() + BOUNCE_RETRY_SECONDS
             return
         finally:
             self.bouncing_now.discard(msgid)
