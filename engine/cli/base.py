@@ -7,7 +7,7 @@ has one, may be left out: it defaults to $QRELAY_ROOT, else /var/qrelay.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import click
@@ -131,13 +131,13 @@ def spool_started(base) -> bool:
 def spool_of(root: str, *, readonly: bool, error: type[click.ClickException] = click.ClickException,
              empty: str | None = None):
     """ROOT's spool for a command: opened, used and closed as the spool's owner
-    (engine.privilege.acting_as_owner), so a root tool never opens, as root, a
+    (engine.queue.spool.owners_spool), so a root tool never opens, as root, a
     file the run user could have swapped for a link. Yields None when nothing
     was ever queued there, or raises error(empty) if `empty` is given; a root
     that is not one, or a spool that cannot be opened, is error(one line)."""
     from engine.config.settings import SettingsError, load_settings
-    from engine.privilege import acting_as_owner
-    from engine.queue import Spool, SpoolError
+    from engine.queue import SpoolError
+    from engine.queue.spool import owners_spool
     base = Path(root)
     if not base.is_dir():
         raise error(f"{root}: no such qrelay root")
@@ -156,22 +156,21 @@ def spool_of(root: str, *, readonly: bool, error: type[click.ClickException] = c
         settings = load_settings(base)      # as root: qrelay.toml may be root's alone
     except SettingsError as exc:
         raise error(str(exc)) from None
-    with acting_as_owner(base / "queue"):
+    with ExitStack() as stack:
         try:
-            spool = Spool(base / "queue", settings.spool, readonly=readonly)
+            spool = stack.enter_context(owners_spool(base / "queue", settings.spool,
+                                                     readonly=readonly))
         except (SpoolError, OSError) as exc:
             text = str(exc)
-            if os.getuid() == 0 and os.geteuid() != 0 and "Permission denied" in text:
-                # Root acts as the spool's owner: something in it is root's
-                # (left by an older qrelay run as root); `qrelay run` gives it back.
+            if os.geteuid() == 0 and "Permission denied" in text:
                 st = (base / "queue").stat()
-                text += (f" (root acts as the owner of {base / 'queue'} here: "
-                         f"chown -R {st.st_uid}:{st.st_gid} {base / 'queue'})")
+                if st.st_uid != 0:
+                    # Root acted as the spool's owner: something in it is root's
+                    # (left by an older qrelay run as root); `qrelay run` gives it back.
+                    text += (f" (root acts as the owner of {base / 'queue'} here: "
+                             f"chown -R {st.st_uid}:{st.st_gid} {base / 'queue'})")
             raise error(text) from None
-        try:
-            yield spool
-        finally:
-            spool.close()
+        yield spool
 
 
 class Progress:

@@ -187,20 +187,20 @@ def _tcpto(ctx: Context, report: Report, ips: list[str]) -> None:
 
 
 def _queue(ctx: Context, report: Report, domain: str) -> None:
-    from engine.privilege import acting_as_owner
-    from engine.queue import Spool, SpoolError
+    from contextlib import ExitStack
+
+    from engine.queue import SpoolError
     from engine.queue.health import queue_health
+    from engine.queue.spool import owners_spool
     if not (ctx.root / "queue" / "index" / "data.mdb").exists():
         return
-    with acting_as_owner(ctx.root / "queue"):  # never open the run user's files as root
+    with ExitStack() as stack:
         try:
-            spool = Spool(ctx.root / "queue", ctx.settings.spool, readonly=True)
+            spool = stack.enter_context(owners_spool(ctx.root / "queue", ctx.settings.spool,
+                                                     readonly=True))
         except (SpoolError, OSError):
             return      # the no-argument check reports an unreadable spool
-        try:
-            health = queue_health(spool, 0, domain)
-        finally:
-            spool.close()
+        health = queue_health(spool, 0, domain)
     for d in health.destinations:
         report.note("network", f"queue: {d.deferred} recipients at {domain} deferred, next "
                     f"retry in {ago(d.next_try - ctx.now)}; last error: {d.last_error.strip()}",

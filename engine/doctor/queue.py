@@ -8,27 +8,27 @@ from engine.doctor import Context, Report, ago
 
 
 def check(ctx: Context, report: Report) -> None:
-    from engine.privilege import acting_as_owner
-    from engine.queue import Spool, SpoolError
+    from contextlib import ExitStack
+
+    from engine.queue import SpoolError
     from engine.queue.health import queue_health
+    from engine.queue.spool import owners_spool
     from engine.run import running_instance
     root = ctx.root
     arg = ctx.arg(root)
     if not (root / "queue" / "index" / "data.mdb").exists():
         report.note("queue", "empty (nothing was ever queued here)", messages=0)
         return
-    with acting_as_owner(root / "queue"):      # never open the run user's files as root
+    with ExitStack() as stack:
         try:
-            spool = Spool(root / "queue", ctx.settings.spool, readonly=True)
+            spool = stack.enter_context(owners_spool(root / "queue", ctx.settings.spool,
+                                                     readonly=True))
         except (SpoolError, OSError) as exc:
             report.problem("queue", f"the spool cannot be opened ({exc})",
                            "nothing can be received or delivered", f"qrelay qstat {arg}")
             return
-        try:
-            health = queue_health(spool, ctx.doctor.top_destinations)
-            quarantined = len(spool.quarantined())
-        finally:
-            spool.close()
+        health = queue_health(spool, ctx.doctor.top_destinations)
+        quarantined = len(spool.quarantined())
     oldest = f", the oldest {ago(ctx.now - health.oldest_birth)} old" if health.oldest_birth else ""
     report.note("queue", f"{health.messages} messages{oldest}; "
                 f"{health.not_preprocessed} not yet preprocessed"

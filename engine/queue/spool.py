@@ -27,6 +27,7 @@ import logging
 import os
 import time
 from concurrent.futures import Future
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Container, Iterable, Iterator, Sequence
 
@@ -399,3 +400,19 @@ class Spool:
     def quarantined(self) -> list[str]:
         """Names of quarantined items (one .info file per message)."""
         return self.repair.quarantined()
+
+
+@contextmanager
+def owners_spool(queue_dir: Path | str, settings: SpoolSettings | None = None, *,
+                 readonly: bool = False) -> Iterator[Spool]:
+    """The spool at `queue_dir`, opened, used and closed as the directory's
+    owner (engine.privilege.acting_as_owner): a root tool (qstat, hold, doctor)
+    never opens, as root, a file the run user could have swapped for a link
+    (LMDB writes lock.mdb). Opening raises as Spool() does."""
+    from engine.privilege import acting_as_owner
+    with acting_as_owner(queue_dir):
+        spool = Spool(queue_dir, settings, readonly=readonly)
+        try:
+            yield spool
+        finally:
+            spool.close()
