@@ -24,16 +24,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine.config.settings import SpoolSettings  # noqa: E402
 from engine.queue import Envelope, Spool  # noqa: E402
 
-def slowsync_env(workdir: Path, ms: int) -> dict[str, str]:
-    """Environment that makes every sync of a process `ms` ms slower: the
-    LD_PRELOAD shim spool_slowsync.c, built into `workdir` once."""
+def preload_shim(workdir: Path, name: str) -> str:
+    """bench/NAME.c built into `workdir` once, as a library for LD_PRELOAD."""
     import subprocess
-    so = Path(workdir) / "spool_slowsync.so"
+    so = Path(workdir) / f"{name}.so"
     if not so.exists():
         subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", str(so),
-                        str(Path(__file__).resolve().parent / "spool_slowsync.c"), "-ldl"],
+                        str(Path(__file__).resolve().parent / f"{name}.c"), "-ldl"],
                        check=True)
-    return {"LD_PRELOAD": str(so), "SLOWSYNC_MS": str(ms)}
+    return str(so)
+
+
+def slowsync_env(workdir: Path, ms: int) -> dict[str, str]:
+    """Environment that makes every sync of a process `ms` ms slower: the
+    LD_PRELOAD shim spool_slowsync.c."""
+    return {"LD_PRELOAD": preload_shim(workdir, "spool_slowsync"), "SLOWSYNC_MS": str(ms)}
 
 
 MESSAGE = (b"Received: from bench\r\nSubject: spool bench\r\n\r\n" + b"x" * 1024)[:1024]
