@@ -2,6 +2,7 @@
 delivery as their owner) against flood → qrelay run → sink.py, small counts."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -40,3 +41,25 @@ def test_bad_owner_is_one_line():
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "bench_mx.py: error: --owner: mail is never delivered as root: '0:0'"]
+
+
+def test_no_worker_sync_shim_skips_only_the_workers_syncs(tmp_path):
+    """--no-worker-sync's shim: fsync of a pipe is EINVAL, unless the shim
+    returns before the kernel sees it, which it does only in the worker."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from spool_bench_lib import preload_shim
+    so = preload_shim(tmp_path, "worker_nosync")
+    probe = ("import ctypes, os, sys\n"
+             "ctypes.CDLL(None).prctl(15, sys.argv[1].encode())  # PR_SET_NAME\n"
+             "r, w = os.pipe()\n"
+             "for sync in (os.fsync, os.fdatasync):\n"
+             "    try:\n"
+             "        sync(r); print('skipped')\n"
+             "    except OSError as exc:\n"
+             "        print(exc.errno)\n")
+    def run(name: str) -> list[str]:
+        r = subprocess.run([sys.executable, "-c", probe, name], capture_output=True, text=True,
+                           timeout=60, env={**os.environ, "LD_PRELOAD": so}, check=True)
+        return r.stdout.split()
+    assert run("qrelay: delivery worker local") == ["skipped", "skipped"]
+    assert run("qrelay: scheduler") == [str(errno.EINVAL)] * 2
