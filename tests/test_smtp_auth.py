@@ -320,6 +320,18 @@ def test_cram_md5_needs_the_cleartext_and_works_before_tls(accounts, make_server
     assert cram_answer(c, CLEAR_USER, CLEAR_PASSWORD) == b"235 ok, go ahead (#2.0.0)\r\n"
 
 
+def test_a_cram_md5_answer_that_is_not_hex_is_a_wrong_password(accounts, make_server, greeted):
+    """Not a 454 (that told which users exist and keep a cleartext)."""
+    srv = make_server()
+    c = greeted(srv.port)
+    c.cmd(b"EHLO client.test")
+    for user in (CLEAR_USER, "who@example.org"):
+        for answer in ("\u00e9t\u00e9", "0123\udcff"):
+            assert c.cmd(b"AUTH CRAM-MD5").startswith(b"334 ")
+            assert c.cmd(b64(f"{user} {answer}".encode("utf-8", "surrogateescape"))) == (
+                b"535 authorization failed (#5.7.0)\r\n"), (user, answer)
+
+
 def test_malformed_cancelled_unknown_and_out_of_place(tls_client):
     c = tls_client
     assert c.cmd(b"AUTH PLAIN !!notbase64") == b"501 malformed auth input (#5.5.4)\r\n"

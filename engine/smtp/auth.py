@@ -243,7 +243,10 @@ class PasswordChecker:
                 return False, "no such user" if user is None else "no cleartext kept for CRAM-MD5"
             expected = hmac.new(clear.encode("utf-8", "surrogateescape"),
                                 creds.challenge.encode(), "md5").hexdigest()
-            if not hmac.compare_digest(expected, ascii_lower(creds.secret)):
+            # As bytes: compare_digest refuses str with non-ASCII characters,
+            # and the client's answer may hold any.
+            answer = ascii_lower(creds.secret).encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(expected.encode(), answer):
                 return False, "wrong password"
         else:
             if user is None or not user.crypted:
