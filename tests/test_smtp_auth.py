@@ -713,6 +713,32 @@ def test_verified_logins_are_remembered_not_guesses(accounts):
     off.checker.close()
 
 
+def test_an_unknown_login_costs_a_hash_of_the_scheme_in_use(accounts):
+    """vpopmail 5.4 wrote $1$ hashes (0.1 ms to check); a $6$ dummy (1.4 ms)
+    for unknown logins, or for an account whose hash no password matches,
+    told them from real accounts by the time of the 535."""
+    from passlib.hash import md5_crypt
+    ref = admin.find_domain(accounts, "example.org")
+    admin.add_user(accounts, "locked@example.org", PASSWORD)
+    admin.write_users(ref, [
+        dataclasses.replace(u, crypted=md5_crypt.hash(PASSWORD)) if u.name == "joe"
+        else dataclasses.replace(u, crypted="!" + md5_crypt.hash(PASSWORD)) if u.name == "locked"
+        else u for u in admin.read_users(ref.directory)])
+    c = CountingChecker(accounts)
+    hashed: list[str] = []
+    counted = c.checker._verify
+
+    async def recorded(password: str, crypted: str) -> bool:
+        hashed.append(crypted)
+        return await counted(password, crypted)
+    c.checker._verify = recorded
+    assert not c.check(USER, "guess")
+    assert not c.check("who@example.org", "guess")
+    assert not c.check("locked@example.org", PASSWORD)
+    assert c.hashes == 3 and all(h.startswith("$1$") for h in hashed), hashed
+    c.checker.close()
+
+
 def test_hash_threads_run_below_the_loop(accounts):
     import os
     c = CountingChecker(accounts)
