@@ -25,3 +25,20 @@ def test_best_effort(tmp_path):
     (tmp_path / "lastauth").symlink_to(tmp_path / "elsewhere")   # never followed
     assert not lastauth.record(str(tmp_path), "192.0.2.7")
     assert (tmp_path / "elsewhere").read_text() == "x"
+
+
+def test_read_follows_no_link_and_waits_on_no_fifo(tmp_path):
+    """`qrelay user show` reads it as root in a directory the domain's owner
+    writes: a link to a file only root may read was shown as the address."""
+    secret = tmp_path / "secret"
+    secret.write_text("root:$6$only-root-may-read-this")
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "lastauth").symlink_to(secret)
+    assert lastauth.read(str(user)) is None
+    (user / "lastauth").unlink()
+    os.mkfifo(user / "lastauth")              # no writer: an open without O_NONBLOCK hangs
+    assert lastauth.read(str(user)) is None
+    (user / "lastauth").unlink()
+    (user / "lastauth").write_bytes(b"192.0.2.7" + b"x" * 1_000_000)
+    assert lastauth.read(str(user))[0] == "192.0.2.7" + "x" * (lastauth.MAX_READ - 9)
