@@ -41,6 +41,15 @@ def test_flags_are_vpopmails_bits():
     assert parse_vpasswd_line("u:x:1:2050:u:/d:NOQUOTA").flag_names == ["no_pop", "no_smtp"]
 
 
+def test_uid_and_gid_are_read_as_atoi_reads_them():
+    # vgetent / auth_getpw: atoi(), so trailing garbage keeps the leading number
+    # (a hand-edited `2x` is NO_POP to vpopmail) and a rewrite keeps the flag.
+    u = parse_vpasswd_line("u:x:1x: 2050 junk:u:/d:NOQUOTA")
+    assert (u.uid, u.gid) == (1, 2050) and u.no_pop and u.no_smtp
+    assert u.line() == "u:x:1:2050:u:/d:NOQUOTA"
+    assert parse_vpasswd_line("u:x::zz:u:/d:NOQUOTA").gid == 0
+
+
 @pytest.mark.parametrize("text,expected", [
     ("NOQUOTA", (None, None)),
     ("", (None, None)),

@@ -220,11 +220,13 @@ class VUser:
         return ":".join(fields)
 
 
+_ATOI = re.compile(r"[ \t\n\v\f\r]*([-+]?[0-9]+)")
+
+
 def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        return 0  # vpopmail's atoi
+    """vpopmail's atoi: the leading number (`2x` is 2), 0 when there is none."""
+    m = _ATOI.match(text)
+    return int(m.group(1)) if m else 0
 
 
 def parse_vpasswd_line(line: str) -> VUser | None:
