@@ -211,6 +211,19 @@ def test_user_del_removes_line_and_tree_but_not_the_catch_all(droot):
                         f"(qrelay alias del {droot} ALIAS)\n")
 
 
+def test_user_del_removes_every_line_of_a_name_vpasswd_holds_twice(droot):
+    """vdeluser (auth_deluser) drops every vpasswd line with the name: a
+    hand-made second line must not come back as the user once the first is gone."""
+    assert qrelay("user", "add", str(droot), "joe@example.com", input="pw\n").exit_code == 0
+    dom = droot / "domains" / "example.com"
+    joe = (dom / "vpasswd").read_text()
+    (dom / "vpasswd").write_text(joe + joe.replace(":1:0:joe:", ":1:0:joe again:"))
+    assert qrelay("user", "del", str(droot), "joe@example.com").exit_code == 0
+    assert (dom / "vpasswd").read_text() == ""
+    assert Accounts(droot, recheck_seconds=0).mailbox("joe@example.com") is None
+    bad(qrelay("user", "del", str(droot), "joe@example.com"), "no such user")
+
+
 def test_catchall(droot):
     default = droot / "domains" / "example.com" / ".qmail-default"
     accounts = Accounts(droot, recheck_seconds=0)

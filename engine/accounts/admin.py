@@ -630,7 +630,8 @@ def _delete_user(ref: DomainRef, name: str, default) -> VUser:
                 user.directory.rstrip("/"), f"{name}@{ref.name}"):
             raise AdminError(f"{name}@{ref.name}: is the domain's catch-all; change it first "
                              f"(qrelay domain catchall)")
-        write_users(ref, [u for u in users if u is not user])
+        # every line with the name, as auth_deluser: a second one would be the user again
+        write_users(ref, [u for u in users if ascii_lower(u.name) != name])
     user_dir = Path(user.directory)
     # Only ever remove a tree inside the domain directory, whatever vpasswd says.
     if user.directory and user_dir.is_dir() and ref.directory.resolve() in user_dir.resolve().parents:
