@@ -224,6 +224,23 @@ def test_user_del_removes_every_line_of_a_name_vpasswd_holds_twice(droot):
     bad(qrelay("user", "del", str(droot), "joe@example.com"), "no such user")
 
 
+def test_commands_that_rewrite_vpasswd_keep_the_lines_they_cannot_read(droot):
+    """vpopmail copies every line it does not change verbatim (auth_setpw,
+    auth_adduser, auth_deluser): a line short of fields is still a password
+    and a directory an operator may mean to repair, never ours to drop."""
+    assert qrelay("user", "add", str(droot), "joe@example.com", input="pw\n").exit_code == 0
+    dom = droot / "domains" / "example.com"
+    short = f"old:$1$abcdefgh$N6kqD.QY6E1ZTtWTWZb1e.:1:0:Old:{dom}/old"
+    (dom / "vpasswd").write_text((dom / "vpasswd").read_text() + short + "\n")
+    assert qrelay("user", "passwd", str(droot), "joe@example.com", input="new\n").exit_code == 0
+    assert qrelay("user", "add", str(droot), "ann@example.com", input="pw\n").exit_code == 0
+    assert qrelay("user", "mod", str(droot), "example.com", "--no-pop").exit_code == 0
+    assert qrelay("user", "quota", str(droot), "joe@example.com", "1M").exit_code == 0
+    assert qrelay("user", "del", str(droot), "ann@example.com").exit_code == 0
+    lines = (dom / "vpasswd").read_text().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["joe", "old"] and lines[1] == short
+
+
 def test_catchall(droot):
     default = droot / "domains" / "example.com" / ".qmail-default"
     accounts = Accounts(droot, recheck_seconds=0)

@@ -49,8 +49,8 @@ from engine.accounts.store import parse_qmail_default, safe_ext
 from engine.accounts.vpasswd import (
     BOUNCE_MAIL, NO_IMAP, NO_PASSWD_CHNG, NO_POP, NO_RELAY, NO_SMTP, NO_WEBMAIL, VPASSWD,
     VPASSWD_CDB, VPASSWD_LOCK, QuotaError, VUser, format_quota, hash_subdir, normalize_quota,
-    malformed_lines, parse_vpasswd, valid_domain_name, valid_user_name, vpasswd_cdb,
-    vpasswd_text,
+    malformed_lines, parse_vpasswd, unread_lines, valid_domain_name, valid_user_name,
+    vpasswd_cdb, vpasswd_text,
 )
 from engine.config.cdb import CdbError, CdbFile, newmrh
 from engine.config.control import read_list
@@ -165,9 +165,13 @@ def read_users(directory: Path) -> list[VUser]:
 
 
 def write_users(ref: DomainRef, users: Iterable[VUser]) -> None:
-    """vpasswd then vpasswd.cdb (what lookups read), each atomically."""
+    """vpasswd then vpasswd.cdb (what lookups read), each atomically. The
+    lines of the old vpasswd that read_users could not read stay (at the end)."""
     users = list(users)
-    atomic_write(ref.directory / VPASSWD, vpasswd_text(users).encode("utf-8", "surrogateescape"),
+    got = read_whole(ref.directory / VPASSWD)
+    unread = unread_lines(got[0].decode("utf-8", "surrogateescape")) if got is not None else []
+    atomic_write(ref.directory / VPASSWD,
+                 vpasswd_text(users, unread).encode("utf-8", "surrogateescape"),
                  mode=SECRET_MODE, owner=ref.owner)
     atomic_write(ref.directory / VPASSWD_CDB, vpasswd_cdb(users), mode=SECRET_MODE, owner=ref.owner)
 

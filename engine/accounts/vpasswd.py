@@ -269,9 +269,17 @@ def malformed_lines(text: str) -> list[str]:
     return out
 
 
-def vpasswd_text(users: Iterable[VUser]) -> str:
-    """The whole file, sorted by name as vpopmail keeps it."""
-    return "".join(u.line() + "\n" for u in sorted(users, key=lambda u: u.name))
+def unread_lines(text: str) -> list[str]:
+    """The non-blank lines parse_vpasswd leaves out, as they are: a rewrite
+    keeps them (vpopmail copies every line it does not change verbatim)."""
+    return [line for line in (raw.rstrip("\r") for raw in text.split("\n"))
+            if line and parse_vpasswd_line(line) is None]
+
+
+def vpasswd_text(users: Iterable[VUser], unread: Iterable[str] = ()) -> str:
+    """The whole file, sorted by name as vpopmail keeps it; `unread` lines last."""
+    return ("".join(u.line() + "\n" for u in sorted(users, key=lambda u: u.name))
+            + "".join(line + "\n" for line in unread))
 
 
 def vpasswd_cdb(users: Iterable[VUser]) -> bytes:
