@@ -145,6 +145,24 @@ def test_domain_del_removes_everything(droot):
     bad(qrelay("domain", "del", str(droot), "example.com"), "no such domain")
 
 
+def test_a_bad_users_assign_line_stops_domain_commands_before_they_write(droot):
+    """qmail-newu would refuse the file: say so before anything changes, not
+    after a domain directory and a rewritten users/assign are left behind."""
+    assign = droot / "users" / "assign"
+    before = "=broken\n" + assign.read_text()
+    assign.write_text(before)
+    control = {p.name: p.read_text() for p in (droot / "control").iterdir() if p.is_file()}
+    for args in (("domain", "add", str(droot), "second.com", *OWNER),
+                 ("domain", "alias", str(droot), "alias.com", "example.com"),
+                 ("domain", "del", str(droot), "example.com")):
+        bad(qrelay(*args), "users/assign")
+        assert assign.read_text() == before
+        assert {p.name: p.read_text() for p in (droot / "control").iterdir() if p.is_file()} == control
+    assert sorted(p.name for p in (droot / "domains").iterdir()) == ["example.com"]
+    assign.write_text(before.replace("=broken\n", ""))
+    assert qrelay("domain", "add", str(droot), "second.com", *OWNER).exit_code == 0
+
+
 def test_user_add_then_deliverable_and_password_checks(droot):
     r = qrelay("user", "add", str(droot), "Joe@Example.com", "--quota", "10MB", input="s3cret\n")
     assert r.exit_code == 0, r.stderr

@@ -220,11 +220,18 @@ def _remove_lines(path: Path, drop) -> bool:
 
 
 def _read_assign_lines(root: Path) -> list[str]:
-    """users/assign without its `.` end line (a missing file is an empty one)."""
+    """users/assign without its `.` end line (a missing file is an empty one).
+    A line qmail-newu would refuse is an AdminError now, before the caller
+    writes anything (users/cdb could not be compiled afterwards)."""
     text = _read_text(root / ASSIGN_FILE)
     lines = text.split("\n")
     for i, line in enumerate(lines):
         if line.startswith("."):
+            for n, kept in enumerate(lines[:i], 1):
+                try:
+                    parse_assign_line(kept, n)
+                except AssignError as exc:
+                    raise AdminError(f"{root / ASSIGN_FILE}: {exc}; fix it by hand") from None
             return lines[:i]
     if text.strip():
         raise AdminError(f"{root / ASSIGN_FILE}: bad format (no `.` line at the end); fix it by hand")
