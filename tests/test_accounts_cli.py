@@ -410,6 +410,30 @@ def test_user_quota_sets_field_7_and_rebuilds_maildirsize(droot):
     bad(qrelay("user", "quota", str(droot), "nobody@example.com", "1MB"), "no such user")
 
 
+def test_a_user_without_a_directory_never_touches_the_current_directorys_maildir(
+        droot, tmp_path, monkeypatch):
+    """vpasswd's dir field may be empty (vdelivermail makes it at the next
+    delivery): quota and show must not read or rebuild ./Maildir instead."""
+    qrelay("user", "add", str(droot), "joe@example.com", input="pw\n")
+    vpasswd = droot / "domains" / "example.com" / "vpasswd"
+    fields = vpasswd.read_text().rstrip("\n").split(":")
+    fields[5] = ""
+    vpasswd.write_text(":".join(fields) + "\n")
+    here = tmp_path / "cwd"
+    for sub in ("new", "cur", "tmp"):
+        (here / "Maildir" / sub).mkdir(parents=True)
+    (here / "Maildir" / "maildirsize").write_text("5S\n999 9\n")
+    (here / "lastauth").write_text("192.0.2.1")
+    if os.geteuid() == 0:   # as the domain's owner (89) would find it: its own files
+        for path in [tmp_path, here, *here.rglob("*")]:
+            os.chown(path, 89, 89)
+    monkeypatch.chdir(here)
+    assert qrelay("user", "quota", str(droot), "joe@example.com", "1MB").exit_code == 0
+    assert (here / "Maildir" / "maildirsize").read_text() == "5S\n999 9\n"
+    out = qrelay("user", "show", str(droot), "joe@example.com").output
+    assert "usage:     0 bytes, 0 messages" in out and "last login: never" in out
+
+
 def test_user_mod_sets_and_clears_flags_for_one_or_all(droot):
     for name in ("joe", "ann"):
         qrelay("user", "add", str(droot), f"{name}@example.com", input="pw\n")

@@ -688,6 +688,8 @@ def set_quota(root: os.PathLike | str, address: str, quota: str) -> VUser:
     _, ref, name = find_user(root, address)
     field_7 = _quota(quota)
     user = _update_users(ref, name, lambda u: replace(u, quota=field_7))[0]
+    if not user.directory:
+        return user             # no directory yet (vdelivermail makes it): no maildirsize
     maildir = Path(user.directory) / "Maildir"
     with _in_tree(ref):         # made as the owner, whose deliveries append to it
         (maildir / "maildirsize").unlink(missing_ok=True)
@@ -781,7 +783,9 @@ def show_user(root: os.PathLike | str, address: str) -> UserReport:
     user = next((u for u in read_users(ref.directory) if ascii_lower(u.name) == name), None)
     if user is None:
         raise AdminError(f"{name}@{ref.name}: no such user")
-    size, count, source = maildir_usage(Path(user.directory) / "Maildir")
+    # An empty dir field is no directory yet, not the current one.
+    size, count, source = (maildir_usage(Path(user.directory) / "Maildir") if user.directory
+                           else (0, 0, "walk"))
     return UserReport(f"{user.name}@{ref.name}", user, user.maildir, size, count, source,
                       passwords.scheme(user.crypted), _domain_limits(ref))
 

@@ -41,6 +41,8 @@ def read(user_dir: str) -> tuple[str, float] | None:
     it is not a plain file). `qrelay user show` calls this as root in a
     directory the domain's owner writes: no link is followed, no FIFO
     waited on, and no more than MAX_READ bytes are read."""
+    if not user_dir:
+        return None             # no directory yet, not the current one
     try:
         fd = os.open(os.path.join(user_dir, LASTAUTH),
                      os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
