@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import threading
 import time
 
 import pytest
@@ -325,6 +326,34 @@ def test_maildirsize_rebuild_rules(tmp_path):
     (md / "maildirsize").write_text("1000S,10C\n" + "0 0\n" * 1300)
     quota.check(str(md), q, 10)
     assert (md / "maildirsize").read_text() == "1000S,10C\n170 2\n"
+
+
+def test_concurrent_rebuilds_in_one_process_never_share_a_tmp_file(tmp_path):
+    """Local deliveries run in threads of one process: a burst for one user
+    after 15 idle minutes rebuilds maildirsize in several threads in the same
+    second. Each must write its own tmp file, or one renames the other's away
+    and that delivery fails (`can not open new email file`, deferred)."""
+    md = make_maildir(tmp_path / "Maildir")
+    (md / "cur" / "1.a.h,S=100:2,S").write_bytes(b"")
+    q = quota.parse_quota("1000S")
+    barrier = threading.Barrier(2)
+    failed: list[OSError] = []
+
+    def rebuilds() -> None:
+        for _ in range(50):
+            barrier.wait()
+            try:
+                quota.rebuild(str(md), q, clock=lambda: 1700000000)
+            except OSError as exc:
+                failed.append(exc)
+    threads = [threading.Thread(target=rebuilds) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failed == []
+    assert (md / "maildirsize").read_text() == "1000S\n100 1\n"
+    assert os.listdir(md / "tmp") == []
 
 
 def test_parse_quota_forms():

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import threading
 import time
 from dataclasses import dataclass
 
@@ -173,8 +174,11 @@ def scan(maildir: str) -> tuple[Usage, bool]:
 
 def rebuild(maildir: str, quota: Quota, clock=time.time) -> tuple[Usage, bool]:
     usage, stable = scan(maildir)
-    tmp = os.path.join(maildir, "tmp",
-                       f"{int(clock())}.{os.getpid()}_NeWmAiLdIrSiZe.{socket.gethostname()}")
+    # Courier's TIME.PID_NeWmAiLdIrSiZe.HOST, plus the thread: deliveries are
+    # threads of one process, and two rebuilding in the same second must not
+    # share a tmp file (one would rename the other's away and fail).
+    tmp = os.path.join(maildir, "tmp", f"{int(clock())}.{os.getpid()}_{threading.get_ident()}"
+                                       f"_NeWmAiLdIrSiZe.{socket.gethostname()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, f"{quota.line()}\n{usage.bytes} {usage.count}\n".encode())
