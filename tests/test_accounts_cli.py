@@ -268,6 +268,15 @@ def test_catchall(droot):
     qrelay("domain", "catchall", str(droot), "example.com", "bounce")
     assert default.read_text().endswith("'' bounce-no-mailbox\n") and not accounts.accepts("x@example.com")
     bad(qrelay("domain", "catchall", str(droot), "example.com", "|rm -rf /"), "give an address")
+    # The line is a `|` program line qmail-local runs with sh -c: an address
+    # with a shell character would run a command, not forward the mail.
+    kept = default.read_text()
+    for target in ("a;touch${IFS}x;b@x.com", "a$(id)@x.com", "a`id`@x.com", "a|b@x.com",
+                   "a&b@x.com", "a>b@x.com", "a*@x.com", "a@x.com;id"):
+        bad(qrelay("domain", "catchall", str(droot), "example.com", target), "give an address")
+    assert default.read_text() == kept
+    assert qrelay("domain", "catchall", str(droot), "example.com", "Sales.Team+x=y@ex-ample.org").exit_code == 0
+    assert default.read_text().endswith("'' Sales.Team+x=y@ex-ample.org\n")
     bad(qrelay("domain", "catchall", str(droot), "nowhere.com", "bounce"), "no such domain")
 
 

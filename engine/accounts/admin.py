@@ -65,6 +65,9 @@ DIR_MODE = 0o700
 SECRET_MODE = 0o600
 PUBLIC_MODE = 0o644
 _TARGET = re.compile(r"^[^\s@]+@[^\s@]+$")
+# A catch-all address goes on .qmail-default's `|` line, which qmail-local
+# runs with sh -c: only characters the shell takes literally.
+_CATCHALL_TARGET = re.compile(r"^[A-Za-z0-9._+=%-]+@[A-Za-z0-9.-]+$")
 
 
 class AdminError(Exception):
@@ -507,10 +510,11 @@ def set_catchall(root: os.PathLike | str, domain: str, target: str) -> str:
         argument = "bounce-no-mailbox"
     elif target == "delete":
         argument = "delete"
-    elif _TARGET.match(target) and not target.startswith(("|", "/", "&", "-")) and "'" not in target:
+    elif _CATCHALL_TARGET.match(target) and not target.startswith("-"):
         argument = target
     else:
-        raise AdminError(f"{target!r}: give an address (user@domain), `bounce` or `delete`")
+        raise AdminError(f"{target!r}: give an address (user@domain, letters, digits and "
+                         f"._+=%- only: the shell reads this line), `bounce` or `delete`")
     line = qmail_default_line(argument)
     with _in_tree(ref):
         atomic_write(ref.directory / ".qmail-default", line.encode("utf-8"), mode=SECRET_MODE,
