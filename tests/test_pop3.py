@@ -736,3 +736,39 @@ def test_guesses_sent_at_once_are_checked_at_most_max_failures_times(tmp_path, s
         assert c.line() == b"+OK \r\n" and c.line() == b"-ERR authorization failed\r\n"
     outcomes = sorted(line.split(": ")[1].split(" joe")[0] for line in log)
     assert outcomes == ["locked out"] * 5 + ["password fail"] * 3
+
+
+def test_an_unknown_or_locked_user_costs_a_hash_of_the_scheme_in_use(tmp_path, monkeypatch):
+    """vpopmail 5.4 wrote $1$ hashes (0.1 ms to check): a $6$ dummy (1.4 ms)
+    for unknown users, or none at all for a hash no password matches, told
+    them from real accounts by the time of the -ERR."""
+    import dataclasses
+    from passlib.hash import md5_crypt
+    from engine.accounts import admin, passwords
+    from engine.accounts.store import Accounts
+    from engine.pop3 import login as logins
+    root = make_root(tmp_path)
+    add_user(root, "locked@example.com", "secret")
+    ref = admin.find_domain(root, "example.com")
+    admin.write_users(ref, [
+        dataclasses.replace(u, crypted=md5_crypt.hash("secret")) if u.name == "joe"
+        else dataclasses.replace(u, crypted="!" + md5_crypt.hash("secret"))
+        for u in admin.read_users(ref.directory)])
+    dummy = [passwords.hash_password("x")]
+    hashed: list[str] = []
+    real_verify = passwords.verify
+
+    def verify(secret: str, crypted: str) -> bool:
+        hashed.append(crypted)
+        return real_verify(secret, crypted)
+    monkeypatch.setattr(passwords, "verify", verify)
+    accounts = Accounts(root, recheck_seconds=0)
+
+    def check(login: str, secret: str) -> str:
+        return logins.check_login(accounts, login, secret, apop_timestamp=None, max_messages=100,
+                                  dummy_hash=lambda: dummy[0],
+                                  hash_seen=lambda c: dummy.__setitem__(0, c)).outcome
+    assert check("joe@example.com", "guess") == logins.BAD_PASSWORD
+    assert check("who@example.com", "guess") == logins.NOT_FOUND
+    assert check("locked@example.com", "secret") == logins.BAD_PASSWORD
+    assert len(hashed) == 3 and all(h.startswith("$1$") for h in hashed), hashed

@@ -57,10 +57,13 @@ def apop_digest(timestamp: str, secret: str) -> str:
 
 def check_login(accounts: Accounts, login: str, secret: str, *, apop_timestamp: str | None,
                 max_messages: int, dummy_hash: Callable[[], str],
-                webmail: bool = False, remoteip: str = "") -> LoginResult:
+                webmail: bool = False, remoteip: str = "",
+                hash_seen: Callable[[str], None] = lambda crypted: None) -> LoginResult:
     """USER/PASS (apop_timestamp None) or APOP (secret = the digest); `webmail`:
     the client is one of `[pop3] webmail_addresses` (vchkpw's WEBMAIL). A login
-    that passes is recorded in USERDIR/lastauth (`remoteip`), as vchkpw does."""
+    that passes is recorded in USERDIR/lastauth (`remoteip`), as vchkpw does.
+    `hash_seen` is told each stored hash checked, for `dummy_hash` to follow
+    the scheme the accounts use."""
     try:
         name, user = accounts.login(login)
     except (AccountsError, VpasswdError, OSError):
@@ -70,6 +73,12 @@ def check_login(accounts: Accounts, login: str, secret: str, *, apop_timestamp: 
             passwords.verify(secret, dummy_hash())     # the same time as a real check
         return LoginResult(NOT_FOUND, name)
     if apop_timestamp is None:
+        if passwords.scheme(user.crypted) is None:
+            # A hash no password matches (`!$1$…`) would answer at once:
+            # as long as an unknown user's, so the time tells nothing.
+            passwords.verify(secret, dummy_hash())
+            return LoginResult(BAD_PASSWORD, name, user)
+        hash_seen(user.crypted)
         right = passwords.verify(secret, user.crypted)
     else:
         # An empty eighth field (vadduser -e) keeps no cleartext: never a match.

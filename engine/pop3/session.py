@@ -370,8 +370,8 @@ class Pop3Session(asyncio.Protocol):
         if attempt is not None:
             check = partial(logins.check_login, self.service.accounts, name, secret,
                             apop_timestamp=apop, max_messages=self.settings.max_messages,
-                            dummy_hash=self.service.dummy_hash, webmail=self._webmail(),
-                            remoteip=ip)
+                            dummy_hash=self.service.dummy_hash, hash_seen=self.service.hash_seen,
+                            webmail=self._webmail(), remoteip=ip)
             result = await self.service.run(check)
         outcome = result.outcome if result is not None else "locked out"
         mechanism = "apop" if apop is not None else "user"
