@@ -133,6 +133,7 @@ class QmailSendLog:
         self.clock_ns = clock_ns
         self.dropped = 0
         self._lines: list[bytes] = []
+        self._done = 0                      # of _lines, written whole (in a flush)
         self._fd: int | None = None
         self._writers: int | None = None    # `lock`, held shared while writing
         self._ino = 0
@@ -327,37 +328,48 @@ class QmailSendLog:
         soft_limit = self.max_bytes - 2000
         size = self._size
         n = len(lines)
-        chunk_start = done = i = 0
+        chunk_start = i = 0
+        self._done = 0
         try:
             while i < n:
                 line = lines[i]
                 if size > 0 and size + len(line) > self.max_bytes:
-                    self._emit(lines[chunk_start:i])
-                    done = i
+                    self._emit(chunk_start, i)
                     self._rotate()
                     size, chunk_start = 0, i
                     continue
                 size += len(line)
                 i += 1
                 if size >= soft_limit:
-                    self._emit(lines[chunk_start:i])
-                    done = i
+                    self._emit(chunk_start, i)
                     self._rotate()
                     size, chunk_start = 0, i
-            self._emit(lines[chunk_start:n])
-            done = n
+            self._emit(chunk_start, n)
         finally:
             # Only lines known to be written leave the buffer.
-            del lines[:done]
+            del lines[:self._done]
 
-    def _emit(self, chunk: list[bytes]) -> None:
-        if not chunk:
-            return
-        view = memoryview(b"".join(chunk))
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
-            self._size += written
+    def _emit(self, start: int, end: int) -> None:
+        """Write self._lines[start:end]; self._done = the lines written whole."""
+        lines = self._lines
+        view = memoryview(b"".join(lines[start:end]))
+        sent = 0
+        try:
+            while sent < len(view):
+                written = os.write(self._fd, view[sent:])
+                sent += written
+                self._size += written
+        finally:
+            # A write the disk filled part way: the line it cut keeps only its
+            # unwritten rest, so the retry finishes it (as multilog retries its
+            # write) instead of tearing it and writing the lines before it twice.
+            i = start
+            while i < end and sent >= len(lines[i]):
+                sent -= len(lines[i])
+                i += 1
+            if sent:
+                lines[i] = lines[i][sent:]
+            self._done = i
 
     def _rotate(self) -> None:
         assert self._fd is not None

@@ -149,6 +149,40 @@ def test_buffer_is_bounded(tmp_path):
     assert len(_lines(tmp_path / "current")) == 10
 
 
+def test_disk_full_part_way_through_a_write_neither_tears_nor_repeats_a_line(tmp_path, monkeypatch):
+    """A write the disk fills part way through (some bytes written, then
+    ENOSPC): the next flush goes on from the byte it stopped at, as multilog
+    retries its write, so the file holds every line once and whole."""
+    import errno
+    log = QmailSendLog(tmp_path)
+    log.new_msg(0)
+    log.flush()
+    real_write = os.write
+    room = [150]        # bytes the disk takes before it is full
+
+    def full_disk_write(fd, data):
+        if fd != log._fd:
+            return real_write(fd, data)
+        if room[0] == 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        n = real_write(fd, bytes(data[:room[0]]))
+        room[0] -= n
+        return n
+
+    monkeypatch.setattr(os, "write", full_disk_write)
+    for i in range(1, 10):
+        log.new_msg(i)
+    log.flush()                             # 150 bytes go in, then the disk is full
+    log.flush()                             # still full: nothing more
+    room[0] = 1 << 20                       # space again
+    log.new_msg(10)
+    log.flush()
+    log.close()
+    got = _lines(tmp_path / "current")
+    assert [line.split(" ", 1)[1] for line in got] == [f"new msg {i}" for i in range(11)]
+    assert all(STAMP.match(line) for line in got)
+
+
 def test_several_processes_write_one_log(tmp_path):
     """The supervisor, the receivers and the scheduler all write ROOT/log: a
     later writer does not take the `current` in use for a crash's, and a
