@@ -18,7 +18,8 @@ fsync'd before it is renamed, as multilog does.
 
 This module must never raise into the scheduler because the disk is full: a
 failed write is retried at the next flush, and lines beyond the buffer bound
-are dropped and counted (delivery matters more than its log).
+are dropped and counted (delivery matters more than its log); once lines are
+written again, one `warning:` line says how many were lost.
 
 `[log] format = "json"` (`fmt="json"`) writes the same events, one JSON
 object per line, for log shippers: `{"time": "<RFC 3339 UTC>", "event":
@@ -132,6 +133,7 @@ class QmailSendLog:
         self.max_buffered_lines = max_buffered_lines
         self.clock_ns = clock_ns
         self.dropped = 0
+        self._dropped_told = 0              # of those, already reported in the log
         self._lines: list[bytes] = []
         self._done = 0                      # of _lines, written whole (in a flush)
         self._fd: int | None = None
@@ -242,6 +244,11 @@ class QmailSendLog:
             return
         try:
             self._write_lines()
+            if self.dropped != self._dropped_told:
+                # The log takes lines again: say how many it lost meanwhile.
+                lost, self._dropped_told = self.dropped - self._dropped_told, self.dropped
+                self.warning(f"{lost} log lines dropped while the log could not be written")
+                self._write_lines()
         except OSError:
             # Disk full or similar: keep the lines (bounded) and retry next flush.
             pass

@@ -145,8 +145,13 @@ def test_buffer_is_bounded(tmp_path):
     for i in range(25):
         log.new_msg(i)
     assert log.dropped == 15
+    log.flush()
+    log.new_msg(25)
     log.close()
-    assert len(_lines(tmp_path / "current")) == 10
+    got = _lines(tmp_path / "current")
+    # the lines kept, then how many were lost (never silently, and said once)
+    assert [line.split(" ", 1)[1] for line in got] == [f"new msg {i}" for i in range(10)] + [
+        "warning: 15 log lines dropped while the log could not be written", "new msg 25"]
 
 
 def test_disk_full_part_way_through_a_write_neither_tears_nor_repeats_a_line(tmp_path, monkeypatch):
