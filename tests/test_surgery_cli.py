@@ -98,6 +98,21 @@ def test_requeue_retries_now_and_qshape_shows_the_destination(relay, sink, root)
     wait_for(lambda: queue_count(root) == 0, what="empty queue")
 
 
+def test_qshape_prints_a_destination_as_qread_prints_an_address():
+    """A domain is whatever a sender wrote (a bounce goes to it): its bytes
+    outside 32..126 print as `_`, as qread's, so none reaches the terminal as
+    an escape sequence, and the columns stay aligned."""
+    from engine.cli.surgery import format_shape
+    from engine.queue.surgery import Shape
+    shape = Shape((5, 10), (2, 0, 0), (("evil\x1b[2J\x07.test", 1, (1, 0, 0)),
+                                      ("caf\udcff.test", 1, (1, 0, 0))), 2)
+    lines = format_shape(shape).splitlines()
+    assert lines == ["               T 5 10 10+",
+                     "         TOTAL 2 2  0   0",
+                     "evil_[2J_.test 1 1  0   0",
+                     "     caf_.test 1 1  0   0"]
+
+
 def test_bad_input_is_one_line_exit_2(root, tmp_path):
     with Spool(root / "queue") as s:
         s.enqueue(Envelope("a@src.test", ("x@sink.test",)), b"x")

@@ -126,9 +126,12 @@ _surgery_command("delete", "Deleted",
 
 def format_shape(shape) -> str:
     """Postfix qshape's table: destination, total T, one column per age bucket
-    (minutes; the last is `N+`), a TOTAL line first."""
+    (minutes; the last is `N+`), a TOTAL line first. A domain's bytes outside
+    32..126 print as `_`, as qread prints an address (a sender wrote it)."""
+    from engine.queue.tools import safe
     heads = ["T", *(str(b) for b in shape.buckets), f"{shape.buckets[-1]}+"]
-    lines = [("TOTAL", sum(shape.total), shape.total)] + list(shape.rows)
+    lines = [("TOTAL", sum(shape.total), shape.total)] + [
+        (safe(dom), tot, counts) for dom, tot, counts in shape.rows]
     dom_w = max([5] + [len(d) for d, _, _ in lines])
     widths = [max(len(h), *(len(str(([t] + list(c))[i])) for _, t, c in lines))
               for i, h in enumerate(heads)]
