@@ -376,6 +376,19 @@ def test_queue_health_deferred_per_destination_and_not_preprocessed(box):
     assert notes(report, "queue")[0]["held"] == 1
 
 
+def test_a_remote_reply_or_domain_cannot_put_control_characters_on_the_terminal(box):
+    """The last error is a remote server's text, the domain a sender's: their
+    controls (ESC, BEL, backspace, a C1 CSI) print as `_`, so doctor's output
+    on a terminal runs no escape sequence and each finding stays one line."""
+    _queue(box, deferred=1, todo=0, domain="evil\x1bc.test")
+    with Spool(box / "queue") as spool:
+        spool.apply([Deferred(1, 0, time.time() + 600, "550 \x1b[2J\x07gone\x08\x9b31m ok\r\n")])
+    r = CliRunner().invoke(cli, ["doctor", str(box)], env={"QRELAY_ROOT": ""})
+    line = next(ln for ln in r.output.splitlines() if ln.startswith("ok: queue: deferred:"))
+    assert line == "ok: queue: deferred: evil_c.test: 1 recipients, last error: 550 _[2J_gone__31m ok"
+    assert all(c.isprintable() for c in r.output.replace("\n", ""))
+
+
 def test_no_log_directory_yet_is_no_finding(box):
     """A qmail home turned qrelay root has no log/ until `qrelay run`
     makes it (and gives it to [run] user): nothing to fix before then."""

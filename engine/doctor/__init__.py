@@ -95,7 +95,9 @@ class Context:
 
 
 def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
+    # A remote server's reply or a sender's domain lands here: a control
+    # character (ESC, BEL, a C1 CSI) prints as `_`, never to the terminal.
+    return "".join(c if c.isprintable() else "_" for c in " ".join(str(text).split()))
 
 
 def context(root: Path | str, now: float | None = None) -> Context:
