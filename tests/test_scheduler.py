@@ -123,6 +123,28 @@ def test_delivers_groups_by_domain_and_keeps_local_pending(env):
     assert f"end msg {mid}" not in texts     # the local recipient is still queued
 
 
+def test_a_forward_is_logged_with_the_qp_of_its_copy_as_qmail_local_says_it(env):
+    """qmail-local ends a forwarding delivery's report with `qp N`, the qp of
+    the copy it queued (`delivery 5: success: did_0+1+0/qp_1234/`): one grep
+    follows the message to its forwarded copy (`info msg …: … qp 1234`)."""
+    from engine.delivery.channels import Forward
+    sched, spool, remote, clock, log, tmp = env
+
+    class Forwarding:
+        async def deliver(self, domain, sender, recipients, message):
+            return [RecipientResult(r, "K", "did 0+1+0\n",
+                                    (Forward(sender, ("fwd@d1.test",), b"Delivered-To: me@mx.test\r\n"),))
+                    for r in recipients]
+
+    sched.lanes[0].courier = ReadingCourier(spool, Forwarding())
+    mid = spool.enqueue(Envelope("a@src.test", ("me@mx.test",)), MSG)
+    asyncio.run(settle(sched))
+    texts = log_texts(tmp)
+    (copy,) = [int(t.split()[2]) for t in texts if t.startswith("new msg ") and t != f"new msg {mid}"]
+    assert f"info msg {copy}: bytes {len(MSG) + 26} from <a@src.test> qp {copy} uid 0" in texts
+    assert any(t.endswith(f": success: did_0+1+0/qp_{copy}/") for t in texts), texts
+
+
 def test_message_finishes_and_logs_end(env):
     sched, spool, remote, clock, log, tmp = env
     mid = spool.enqueue(Envelope("a@src.test", ("x@d1.test",)), MSG)

@@ -727,15 +727,21 @@ class Scheduler:
     async def _forward(self, job: Job, got: RecipientResult) -> RecipientResult:
         """Queue what a local delivery forwards (qmail-local's own qmail-queue
         call), indexed before the recipient's result is recorded: a crash in
-        between costs a duplicate forward, never a lost one."""
+        between costs a duplicate forward, never a lost one. A success's report
+        ends, as qmail-local's, with `qp N`: the copy's id, its `info msg`'s qp."""
+        qps = []
         try:
             original = self.spool.read_message(job.msgid)
             for fwd in got.forwards:
-                await self.spool.submit(Envelope(fwd.sender, fwd.recipients, self.qp, 0, "local"),
-                                        fwd.prefix + original, indexed=True)
+                qps.append(await self.spool.submit(
+                    Envelope(fwd.sender, fwd.recipients, self.qp, 0, "local"),
+                    fwd.prefix + original, indexed=True))
         except (SpoolError, OSError) as exc:
             return RecipientResult(got.address, "Z", f"Unable to forward message: {exc} (#4.3.0)\n")
-        return got
+        if got.status != "K":
+            return got      # qmail-local says qp only in a success's report
+        return RecipientResult(got.address, got.status,
+                               got.text + "".join(f"qp {qp}\n" for qp in qps), got.forwards)
 
     # --- step 2: the commit thread: results, flush, preprocessing ------------------
     # The scheduler's spool writes wait in memory and go to the spool in ONE
