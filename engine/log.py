@@ -92,7 +92,7 @@ def rfc3339_ns(t_ns: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) + f".{ns // 1000:06d}Z"
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     # Bytes from the wire arrive as surrogate escapes: a JSON parser may
     # refuse a lone surrogate, so they become U+FFFD.
     if isinstance(value, str) and not value.isascii():
@@ -104,7 +104,7 @@ def json_line(t_ns: int, event: str, fields: dict[str, Any]) -> bytes:
     """One JSON log line: time, event, then the event's fields."""
     record = {"time": rfc3339_ns(t_ns), "event": event}
     for key, value in fields.items():
-        record[key] = _json_safe(value)
+        record[key] = json_safe(value)
     return (json.dumps(record, separators=(",", ":")) + "\n").encode("ascii")
 
 

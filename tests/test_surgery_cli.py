@@ -146,3 +146,17 @@ def test_ids_out_of_range_or_given_twice_are_one_line_exit_2(root):
     r = run_cli("delete", str(root), "424242", "#424242")
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert "no message #424242 in the queue" in r.stderr and "more" not in r.stderr, r.stderr
+
+
+def test_json_output_holds_no_lone_surrogate(root):
+    """A sender's or a recipient's bytes that are not UTF-8 are surrogate
+    escapes inside: printed as `\\udcfe`, a strict JSON parser (Go's, Rust's
+    serde) refuses the line. They print as U+FFFD, as the JSON log writes them."""
+    with Spool(root / "queue") as s:
+        s.enqueue(Envelope("s\udcfe@src.test", ("r\udcff@caf\udce9.test",)), b"x")
+    for args in (("qread", str(root), "--json"), ("why", str(root), "--json", "1"),
+                 ("qshape", str(root), "--json")):
+        r = run_cli(*args)
+        assert r.returncode == 0, (args, r.stderr)
+        assert "\\udc" not in r.stdout and "\\ufffd" in r.stdout, (args, r.stdout)
+        json.loads(r.stdout)

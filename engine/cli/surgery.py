@@ -18,6 +18,7 @@ import click
 
 from engine.cli.base import ROOT, BadInput, cli, spool_of
 from engine.home import default_root
+from engine.log import json_safe
 
 _AGE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw]?)$")
 _UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -161,21 +162,24 @@ def qshape(root: str, top: int, held: bool, as_json: bool) -> None:
         click.echo(json.dumps({"buckets_minutes": list(shape.buckets),
                                "total": sum(shape.total), "total_by_bucket": list(shape.total),
                                "destinations": shape.domains,
-                               "rows": [{"domain": d, "total": t, "by_bucket": list(c)}
+                               "rows": [{"domain": json_safe(d), "total": t, "by_bucket": list(c)}
                                         for d, t, c in shape.rows]}))
         return
     click.echo(format_shape(shape), nl=False)
 
 
 def message_json(msg) -> dict:
+    """A message for `--json`: addresses and texts a client or a remote server
+    wrote keep their bytes that are not UTF-8 as U+FFFD (json_safe), as the
+    log does: a strict JSON parser refuses the lone surrogates they are here."""
     from engine.queue.tools import format_date
     return {"id": msg.msgid, "birth": msg.birth, "date": format_date(msg.birth),
-            "size": msg.size, "sender": msg.sender, "origin": msg.origin,
+            "size": msg.size, "sender": json_safe(msg.sender), "origin": msg.origin,
             "preprocessed": msg.preprocessed, "bouncing": msg.bouncing, "held": msg.held,
-            "recipients": [{"address": r.address, "channel": r.channel, "state": r.state,
-                            "done": r.done, "attempts": r.attempts,
+            "recipients": [{"address": json_safe(r.address), "channel": r.channel,
+                            "state": r.state, "done": r.done, "attempts": r.attempts,
                             "next_try": r.next_try if r.state in ("pending", "deferred")
-                            else None, "last_result": r.text}
+                            else None, "last_result": json_safe(r.text)}
                            for r in msg.recipients]}
 
 
