@@ -810,3 +810,28 @@ def test_a_bounce_that_fails_to_build_stops_nothing_else(env, monkeypatch):
     sched._next_bounce_scan = 0
     asyncio.run(settle(sched))
     assert len(_bounces(remote)) == 1 and spool.stats().messages == 0
+
+
+def test_a_bounce_names_the_recipient_without_its_virtualdomains_prepend(env):
+    """qmail-send's stripvdomprepend: a virtual domain's mailbox is delivered
+    as `prepend-joe@virt.test`, but its bounce names `joe@virt.test`, the
+    address the sender used (vpopmail's `virt.test:virt.test` made every such
+    bounce read `<virt.test-joe@virt.test>`)."""
+    sched, spool, remote, clock, log, tmp = env
+    local = FakeRemote()
+    local.rules["virt.test-joe@virt.test"] = ("D", "Sorry, no mailbox here by that name. (#5.1.1)\n")
+    local.rules["alias-ann-marie@whole.test"] = ("D", "Sorry, no mailbox here by that name. (#5.1.1)\n")
+    sched.lane("local").courier = ReadingCourier(spool, local)
+    sched.reload_domains(DomainConfig.build(
+        me="mx.test", locals=["mx.test"],
+        virtualdomains=["virt.test:virt.test", "ann-marie@whole.test:alias"]).resolve)
+    spool.enqueue(Envelope("a@src.test", ("joe@virt.test", "ann-marie@whole.test")), MSG)
+    asyncio.run(settle(sched))
+    assert sorted(c[2] for c in local.calls) == [("alias-ann-marie@whole.test",),
+                                                 ("virt.test-joe@virt.test",)]
+    ((_, raw),) = _bounces(remote)
+    text = raw.decode()
+    assert "<joe@virt.test>:\r\nSorry, no mailbox" in text
+    assert "<ann-marie@whole.test>:\r\nSorry, no mailbox" in text
+    assert "Final-Recipient: rfc822; joe@virt.test\r\n" in text
+    assert "virt.test-joe" not in text and "alias-ann" not in text

@@ -148,6 +148,21 @@ def recipient_domain(address: str) -> str:
     return address.rpartition("@")[2].lower()
 
 
+def shown_recipient(address: str, classify: Classify) -> str:
+    """The address a bounce names for a failed recipient: without the
+    virtualdomains prepend preprocessing gave it (`prepend-joe@virt.test` is
+    shown as `joe@virt.test`, as qmail-send's stripvdomprepend does). The
+    address shown is the one `classify` makes into `address` now."""
+    local, at, domain = address.rpartition("@")
+    dash = local.find("-") if at else -1
+    while dash >= 0:
+        candidate = f"{local[dash + 1:]}@{domain}"
+        if classify(candidate) == ("local", address):
+            return candidate
+        dash = local.find("-", dash + 1)
+    return address
+
+
 class DeferredByDomain:
     """Bounded memory of which messages deferred on which domain (for recovery)."""
 
@@ -957,7 +972,7 @@ class Scheduler:
             return
         except SpoolError:
             original = b""      # quarantined: the bounce says what failed, without it
-        failures = [Failure(addr, text) for addr, text in f.failed]
+        failures = [Failure(shown_recipient(addr, self.classify), text) for addr, text in f.failed]
         bounce = build_bounce(cfg, sender=f.sender, failures=failures, original=original,
                               now=self.clock(), qp=self.qp, arrival=f.birth)
         if bounce is None:
