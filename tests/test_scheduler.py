@@ -11,7 +11,8 @@ from engine.config.domains import DomainConfig
 from engine.delivery.bounce import DOUBLE_BOUNCE_SENDER, BounceConfig
 from engine.delivery.channels import ReadingCourier, RecipientResult
 from engine.delivery.retry import DYING_TEXT, RetryPolicy
-from engine.delivery.scheduler import DeferredByDomain, Scheduler, SchedulerConfig
+from engine.delivery.scheduler import (BOUNCE_RETRY_SECONDS, BOUNCE_SCAN_INTERVAL, DeferredByDomain,
+                                       Scheduler, SchedulerConfig)
 from engine.log import QmailSendLog
 from engine.queue import Envelope, Spool
 
@@ -778,7 +779,7 @@ def test_a_bounce_waits_when_its_message_cannot_be_read_now(env, monkeypatch):
     assert (f"warning: trouble reading msg {mid} for its bounce: #{mid}: Permission denied, "
             "will try later") in log_texts(tmp)
     refusing["on"] = False
-    clock.now += 124
+    sched.monotonic = lambda: time.monotonic() + BOUNCE_RETRY_SECONDS + 1   # 123 s later
     sched._next_bounce_scan = 0
     asyncio.run(settle(sched))
     ((_, raw),) = _bounces(remote)
@@ -806,7 +807,7 @@ def test_a_bounce_that_fails_to_build_stops_nothing_else(env, monkeypatch):
     assert any(t.startswith(f"alert: trouble bouncing msg {bad}: UnicodeEncodeError")
                for t in log_texts(tmp))
     monkeypatch.setattr(scheduler_module, "build_bounce", real)
-    clock.now += 124
+    sched.monotonic = lambda: time.monotonic() + BOUNCE_RETRY_SECONDS + 1   # 123 s later
     sched._next_bounce_scan = 0
     asyncio.run(settle(sched))
     assert len(_bounces(remote)) == 1 and spool.stats().messages == 0
@@ -835,3 +836,25 @@ def test_a_bounce_names_the_recipient_without_its_virtualdomains_prepend(env):
     assert "<ann-marie@whole.test>:\r\nSorry, no mailbox" in text
     assert "Final-Recipient: rfc822; joe@virt.test\r\n" in text
     assert "virt.test-joe" not in text and "alias-ann" not in text
+
+
+def test_a_clock_set_back_does_not_stop_the_scan_for_bounces_to_queue(env):
+    """The scan for finished messages whose bounce is not queued (a crash, a
+    failed injection, a message released from hold; it also indexes what a
+    stopped writer left) was timed by the wall clock: set back an hour, it
+    did not run for that hour. Its timers are monotonic."""
+    sched, spool, remote, clock, log, tmp = env
+    ahead = {"s": 0.0}
+    sched.monotonic = lambda: time.monotonic() + ahead["s"]
+    remote.rules["bad@d1.test"] = ("D", NOUSER)
+    a = spool.enqueue(Envelope("a@src.test", ("bad@d1.test",)), MSG)
+    spool.preprocess(a, ["remote"])
+    spool.mark_failed(a, 0, NOUSER)
+    assert spool.hold([a]) == 1
+    asyncio.run(settle(sched))                      # scanned: nothing to bounce (held)
+    clock.now = T0 - 3600                           # the wall clock is set back an hour
+    ahead["s"] += BOUNCE_SCAN_INTERVAL + 1
+    assert spool.release_held([a]) == 1
+    asyncio.run(settle(sched))
+    assert [c for c, _ in _bounces(remote)] == [("src.test", "", ("a@src.test",))]
+    assert spool.stats().messages == 0

@@ -410,7 +410,7 @@ class Scheduler:
         # is being queued: due()/bouncing() skip them.
         self.inflight: set[tuple[int, int]] = set()
         self.bouncing_now: set[int] = set()
-        self._bounce_retry_at: dict[int, float] = {}
+        self._bounce_retry_at: dict[int, float] = {}    # msgid -> monotonic time
         # Recovery hints, per (channel, destination).
         self.deferred = DeferredByDomain(config.recovered_index_max)
         # (lane, domain, delivery number, spool Result, K/Z/D, report text)
@@ -428,6 +428,8 @@ class Scheduler:
         self._flush_pending = False
         self._committer: concurrent.futures.ThreadPoolExecutor | None = None
         self._commit: concurrent.futures.Future | None = None
+        # The scheduler's own timers are monotonic: a clock set back must not
+        # stop them (the wall clock is for the spool's retry times only).
         self._recovered_at: dict[tuple[str, str], float] = {}
         self._results_due = 0.0
         self._next_bounce_scan = 0.0
@@ -533,13 +535,14 @@ class Scheduler:
             self._flush_requested = False
             self._flush_pending = True     # ordered after the results already gathered
         busy = self.preprocess(now)
-        if now >= self._next_bounce_scan and self._commit is None:
+        mono = self.monotonic()
+        if mono >= self._next_bounce_scan and self._commit is None:
             # Messages that finish here are completed at once; this scan finds
             # those left by a crash and bounces that failed to be queued. Only
             # between commits (the next one starts just below): a message a
             # running commit finishes would be found before its Finished
             # record is collected, and bounced twice.
-            self._next_bounce_scan = now + BOUNCE_SCAN_INTERVAL
+            self._next_bounce_scan = mono + BOUNCE_SCAN_INTERVAL
             self.complete_pending_bounces()
             self._adopt_tails()
         self._maybe_commit()
@@ -902,12 +905,13 @@ class Scheduler:
     def _recover_domain(self, lane: Lane, domain: str, now: float) -> None:
         """Make the deferred recipients we saw defer on `domain` due now."""
         key = (lane.name, domain)
-        if self._recovered_at.get(key, -1e18) + self.config.recovery_interval > now:
+        mono = self.monotonic()
+        if self._recovered_at.get(key, -1e18) + self.config.recovery_interval > mono:
             return  # e.g. a greylisting server: don't retry its deferrals in a hot loop
         ids = self.deferred.take(key)
         if not ids:
             return
-        self._recovered_at[key] = now
+        self._recovered_at[key] = mono
         if len(self._recovered_at) > 10_000:
             self._recovered_at.clear()
         for msgid in ids:
@@ -931,7 +935,7 @@ class Scheduler:
                              "will try again later")
 
     def complete_pending_bounces(self) -> None:
-        now = self.clock()
+        now = self.monotonic()
         for f in self.spool.bouncing(self.config.todo_batch):
             if f.msgid in self.bouncing_now or self._bounce_retry_at.get(f.msgid, 0) > now:
                 continue
@@ -945,7 +949,7 @@ class Scheduler:
             self._complete(f)
         except Exception as exc:  # noqa: BLE001 - one message must not stop every delivery
             self.log.alert(f"trouble bouncing msg {f.msgid}: {exc!r}; will try again later")
-            self._bounce_retry_at[f.msgid] = self.clock() + BOUNCE_RETRY_SECONDS
+            self._bounce_retry_at[f.msgid] = self.monotonic() + BOUNCE_RETRY_SECONDS
 
     def _complete(self, f: Finished) -> None:
         if not f.failed:
@@ -968,7 +972,7 @@ class Scheduler:
             # Whole but not readable now: bounce it with its text later.
             self.log.warning(f"trouble reading msg {f.msgid} for its bounce: {exc}, "
                              "will try later")
-            self._bounce_retry_at[f.msgid] = self.clock() + BOUNCE_RETRY_SECONDS
+            self._bounce_retry_at[f.msgid] = self.monotonic() + BOUNCE_RETRY_SECONDS
             return
         except SpoolError:
             original = b""      # quarantined: the bounce says what failed, without it
@@ -991,7 +995,7 @@ class Scheduler:
                                                 indexed=True)
         except Exception:
             self.log.warning("trouble injecting bounce message, will try later")
-            self._bounce_retry_at[msgid] = self.clock() + BOUNCE_RETRY_SECONDS
+            self._bounce_retry_at[msgid] = self.monotonic() + BOUNCE_RETRY_SECONDS
             return
         finally:
             self.bouncing_now.discard(msgid)
