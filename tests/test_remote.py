@@ -283,6 +283,15 @@ def test_sender_refused_then_hang_up_keeps_the_refusal(extensions, reply, status
                        RecipientResult("b@example.test", status, text)]
 
 
+def test_a_double_bounce_goes_out_with_the_null_sender():
+    # Stored with qmail's #@[] (so a local delivery and its forwards keep it,
+    # and its failure is a triple bounce); many servers refuse MAIL FROM:<#@[]>.
+    results, sink = _routed({}, ["pm@example.test"], sender="#@[]")
+    assert statuses(results) == ["K"]
+    assert [t.mail.split(b" ")[:2] for c in sink.connections for t in c.transactions] == [
+        [b"MAIL", b"FROM:<>"]]
+
+
 def test_address_with_line_break_is_refused_without_sending():
     results, sink = _routed({}, ["ok@example.test", "x@example.test\r\nRCPT TO:<evil@x>"])
     assert statuses(results) == ["K", "D"]

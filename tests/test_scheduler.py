@@ -236,7 +236,8 @@ def test_failed_bounce_double_bounces_and_failed_double_bounce_is_discarded(env)
     assert spool.stats().messages == 0
 
 
-def test_double_bounce_goes_out_with_null_sender_on_the_wire(env):
+def test_double_bounce_goes_to_doublebounceto_with_qmails_sender(env):
+    # The courier gets the stored #@[]; RemoteDelivery sends it as <> (test_remote).
     sched, spool, remote, clock, log, tmp = env
     sched.config = SchedulerConfig(bounce=BounceConfig(bouncehost="mx.test", doublebounceto="pm",
                                                        doublebouncehost="admin.test"))
@@ -244,7 +245,7 @@ def test_double_bounce_goes_out_with_null_sender_on_the_wire(env):
     spool.enqueue(Envelope("", ("a@src.test",)), MSG)   # a bounce that will fail
     asyncio.run(settle(sched))
     calls = [c for c in remote.calls if c[0] == "admin.test"]
-    assert calls == [("admin.test", "", ("pm@admin.test",))]
+    assert calls == [("admin.test", DOUBLE_BOUNCE_SENDER, ("pm@admin.test",))]
 
 
 def test_queuelifetime_expiry_turns_deferral_into_bounce(env):
@@ -857,4 +858,50 @@ def test_a_clock_set_back_does_not_stop_the_scan_for_bounces_to_queue(env):
     assert spool.release_held([a]) == 1
     asyncio.run(settle(sched))
     assert [c for c, _ in _bounces(remote)] == [("src.test", "", ("a@src.test",))]
+    assert spool.stats().messages == 0
+
+
+def test_a_double_bounce_a_local_mailbox_forwards_is_not_bounced_again(env):
+    """A double bounce is delivered locally with qmail's sender `#@[]`
+    (qmail-local writes `Return-Path: <#@[]>`), so what postmaster's .qmail
+    forwards of it keeps that sender and its failure is a triple bounce,
+    discarded. Handed `<>` instead, the failed forward became a new double
+    bounce to postmaster, forwarded again: a loop without end."""
+    from engine.delivery.channels import Forward
+    sched, spool, remote, clock, log, tmp = env
+    senders = []
+
+    class Forwarding:   # postmaster's .qmail: `&admin@far.test`, sent on with the same sender
+        async def deliver(self, domain, sender, recipients, message):
+            senders.append(sender)
+            return [RecipientResult(r, "K", "did 0+1+0/\n",
+                                    (Forward(sender, ("admin@far.test",),
+                                             b"Delivered-To: postmaster@mx.test\r\n"),))
+                    for r in recipients]
+
+        async def close(self):
+            pass
+
+    sched.lane("local").courier = ReadingCourier(spool, Forwarding())
+    remote.rules["a@src.test"] = ("D", NOUSER)
+    remote.rules["admin@far.test"] = ("D", NOUSER)
+    spool.enqueue(Envelope("", ("a@src.test",)), MSG)      # a bounce that fails
+
+    async def run():
+        sched._wake = asyncio.Event()
+        deadline = time.monotonic() + 10
+        while len(senders) < 3 and time.monotonic() < deadline:
+            sched.run_pass()
+            if sched.idle():
+                sched.run_pass()
+                if sched.idle():
+                    break
+            await asyncio.sleep(0.002)
+        sched.log.flush()
+
+    asyncio.run(run())
+    assert senders == [DOUBLE_BOUNCE_SENDER]
+    forwarded = [c for c in remote.calls if c[2] == ("admin@far.test",)]
+    assert forwarded == [("far.test", DOUBLE_BOUNCE_SENDER, ("admin@far.test",))]
+    assert sum(t.startswith("triple bounce: discarding bounce/") for t in log_texts(tmp)) == 1
     assert spool.stats().messages == 0

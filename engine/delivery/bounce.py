@@ -27,8 +27,9 @@ Format chosen (documented here because it is qrelay's, not qmail's):
 
 Double bounces: qmail gives them the envelope sender `#@[]`; qrelay keeps that
 marker *in the spool* (so a failure of a double bounce is recognised and
-discarded with qmail's `triple bounce: discarding bounce/N`), and the
-scheduler sends it as the null sender `<>` on the wire (see
+discarded with qmail's `triple bounce: discarding bounce/N`); a local
+delivery gets it as qmail-local does (`Return-Path: <#@[]>`, and forwards
+keep it), and remote delivery sends it as the null sender `<>` (see
 `wire_sender`), since `MAIL FROM:<#@[]>` is refused by many servers.
 """
 from __future__ import annotations

@@ -51,7 +51,8 @@ class Group:
     channel: str
     msgid: int
     destination: str            # the recipients' domain
-    sender: str                 # the envelope sender as it goes out ("" for bounces)
+    sender: str                 # the envelope sender as stored ("" for bounces, "#@[]" for
+                                # double bounces: RemoteDelivery sends that as "")
     recipients: tuple[str, ...]
 
 

@@ -34,6 +34,7 @@ from typing import Sequence
 
 from engine.config.control import ControlError, read_line, read_number
 from engine.config.settings import SettingsError, load_settings
+from engine.delivery.bounce import wire_sender
 from engine.delivery.channels import RecipientResult
 from engine.delivery.mx import (MxResolver, MxTarget, ResolveError, apply_ipme, host_addresses,
                                 parse_ip_literal)
@@ -222,6 +223,7 @@ class RemoteDelivery:
         transaction; one result per recipient, in the same order."""
         recipients = list(recipients)
         message = bytes(message)
+        sender = wire_sender(sender)     # a double bounce's #@[] goes out as <>
         if not recipients:
             return []
         if _unsafe(sender) or _unsafe(domain):

@@ -67,7 +67,7 @@ from pathlib import Path
 from engine import metrics
 from engine.config.control import read_number
 from engine.delivery.bounce import (BounceConfig, Failure, build_bounce, bounce_kind,
-                                   is_verp, verp_sender, wire_sender)
+                                   is_verp, verp_sender)
 from engine.delivery.channels import CHANNELS, Courier, Group, RecipientResult, all_results
 from engine.delivery.retry import RetryPolicy
 from engine.log import QmailSendLog
@@ -689,7 +689,7 @@ class Scheduler:
         opened = self.clock()
         opened_mono = self.monotonic()
         first = jobs[0]
-        group = Group(lane.name, first.msgid, domain, wire_sender(first.sender),
+        group = Group(lane.name, first.msgid, domain, first.sender,
                       tuple(j.address for j in jobs))
         results: list[RecipientResult] = []
         try:
