@@ -647,3 +647,18 @@ def test_black_holed_mx_skipped_after_two_timeouts(fake_dns):
     times = run(go())
     assert times[0] > 0.25 and times[1] > 0.25
     assert times[2] < 0.25                      # skipped without waiting
+
+
+def test_destination_unreached_names_only_what_never_reached_it():
+    from engine.delivery.mx import TEXT_DNS_SOFT
+    from engine.delivery.remote import TEXT_NO_CONNECTION, destination_unreached
+    for text in (TEXT_NO_CONNECTION, TEXT_DNS_SOFT,
+                 "Connected to 192.0.2.1 but greeting failed.\nRemote host said: 421 busy\n",
+                 "Connected to 192.0.2.1 but connection died. (#4.4.2)\n",
+                 "Connected to 192.0.2.1 but connection died. Possible duplicate! (#4.4.2)\n"):
+        assert destination_unreached(text), text
+    for text in ("192.0.2.1 does not like recipient.\nRemote host said: 452 4.2.2 full\n",
+                 "Connected to 192.0.2.1 but sender was rejected.\nRemote host said: 421 4.7.0 rate\n",
+                 "Connected to 192.0.2.1 but my name was rejected.\nRemote host said: 451 x\n",
+                 "Remote host said: 451 4.7.1 greylisted\n"):
+        assert not destination_unreached(text), text

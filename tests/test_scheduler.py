@@ -14,7 +14,7 @@ from engine.delivery.retry import DYING_TEXT, RetryPolicy
 from engine.delivery.scheduler import (BOUNCE_RETRY_SECONDS, BOUNCE_SCAN_INTERVAL, DeferredByDomain,
                                        Scheduler, SchedulerConfig)
 from engine.log import QmailSendLog
-from engine.queue import Envelope, Spool
+from engine.queue import Envelope, MessageNotFound, Spool
 
 T0 = 1_800_000_000.0
 OK = "127.0.0.1 accepted message.\nRemote host said: 250 ok\n"
@@ -330,6 +330,28 @@ def test_recovered_destination_gets_deferred_mail_at_once(env):
     asyncio.run(settle(sched))
     assert spool.stats().messages == 0                # the 5 deferred ones went too
     assert len(remote.calls) == 5 + 1 + 5
+
+
+def test_a_recipient_the_destination_deferred_waits_for_its_slot_after_a_success(env):
+    """Recovery is for mail that could not reach the destination: a recipient
+    it deferred itself (greylisting, a full mailbox, a rate limit) was pulled
+    forward by every success there, once a minute for a week on a busy domain."""
+    sched, spool, remote, clock, log, tmp = env
+    remote.rules["full@d1.test"] = ("Z", "Remote host said: 452 4.2.2 mailbox full\n")
+    full = spool.enqueue(Envelope("a@src.test", ("full@d1.test",)), MSG)
+    asyncio.run(settle(sched))
+    remote.down.add("d1.test")
+    down = spool.enqueue(Envelope("a@src.test", ("u@d1.test",)), MSG)
+    asyncio.run(settle(sched))
+    remote.down.clear()
+    clock.now = T0 + 10                               # long before the 400 s retry slot
+    spool.enqueue(Envelope("a@src.test", ("new@d1.test",)), MSG)
+    asyncio.run(settle(sched))
+    assert [c[2] for c in remote.calls].count(("full@d1.test",)) == 1    # waits for its slot
+    assert [c[2] for c in remote.calls].count(("u@d1.test",)) == 2       # recovered at once
+    assert spool.message_info(full).recipients[0].state == "deferred"
+    with pytest.raises(MessageNotFound):
+        spool.message_info(down)
 
 
 def test_deferred_by_domain_is_bounded():

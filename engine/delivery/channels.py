@@ -122,12 +122,19 @@ class ChannelSpec:
     # channel that decides for itself how the scheduler reaches its deliverer
     # (local: a worker per mailbox owner when running as root).
     courier: str = ""
+    # "module:function" -> function(text) -> bool: whether a deferral's text
+    # says the destination was not reached, so that a success there makes it
+    # due at once (the scheduler's recovery); "": every deferral does.
+    unreached: str = ""
 
     def open(self, root, settings, log=None) -> Deliverer:
         return _load(self.opener)(root, settings, log)
 
     def open_courier(self, root, spool, settings, log=None) -> Courier:
         return _load(self.courier)(root, spool, settings, log)
+
+    def recovers(self, text: str) -> bool:
+        return not self.unreached or _load(self.unreached)(text)
 
 
 def _load(where: str):
@@ -143,7 +150,7 @@ CHANNELS: tuple[ChannelSpec, ...] = (
     ChannelSpec("local", "concurrencylocal", 10, "engine.delivery.lspawn:open_deliverer",
                 courier="engine.delivery.lspawn:open_courier"),
     ChannelSpec("remote", "concurrencyremote", 20, "engine.delivery.remote:open_deliverer",
-                procs_setting="worker_procs"),
+                procs_setting="worker_procs", unreached="engine.delivery.remote:destination_unreached"),
 )
 
 

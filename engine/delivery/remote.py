@@ -36,8 +36,8 @@ from engine.config.control import ControlError, read_line, read_number
 from engine.config.settings import SettingsError, load_settings
 from engine.delivery.bounce import wire_sender
 from engine.delivery.channels import RecipientResult
-from engine.delivery.mx import (MxResolver, MxTarget, ResolveError, apply_ipme, host_addresses,
-                                parse_ip_literal)
+from engine.delivery.mx import (TEXT_DNS_SOFT, MxResolver, MxTarget, ResolveError, apply_ipme,
+                                host_addresses, parse_ip_literal)
 from engine.delivery.routes import RoutesError, SmtpRoutes
 from engine.delivery.smtpclient import (ConnectFailed, ConnectionDied, ConnectionPool,
                                         GreetingFailed, NameRejected, PoolLimits, Reply,
@@ -47,6 +47,19 @@ from engine.delivery.tlspolicy import (TlsContexts, TlsDestinations, TlsPolicyEr
 
 TEXT_NO_CONNECTION = "Sorry, I wasn't able to establish an SMTP connection. (#4.4.1)\n"
 TEXT_BAD_ADDRESS = "Sorry, that address contains a line break or NUL. (#5.1.3)\n"
+
+
+def destination_unreached(text: str) -> bool:
+    """A deferral that says the destination itself was not reached: its name
+    did not resolve, no connection, no greeting, or the connection lost. Only
+    these are made due at once when the destination takes mail again (the
+    scheduler's recovery); a recipient or message it turned away for now
+    (greylisting, a full mailbox, a rate limit) waits for its retry slot."""
+    if text.startswith((TEXT_NO_CONNECTION, TEXT_DNS_SOFT)):
+        return True
+    first = text.partition("\n")[0]
+    return first.startswith("Connected to ") and (
+        first.endswith(" but greeting failed.") or " but connection died. " in first)
 
 
 class ConnectTimeouts:

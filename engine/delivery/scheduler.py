@@ -37,8 +37,12 @@ lines): each is queued as a new message, indexed, before the recipient's
 result is recorded.
 
 Beyond qmail: when a delivery to a domain succeeds, the deferred recipients
-this process saw defer on that domain are made due at once (a recovered MX
-gets its backlog now, not at each message's next retry slot). The memory for
+this process saw defer on that domain because it could not be reached (the
+channel's `unreached` rule: for remote, no address, no connection, no
+greeting, a lost connection) are made due at once (a recovered MX gets its
+backlog now, not at each message's next retry slot); what the destination
+deferred itself (greylisting, a full mailbox, a rate limit) waits for its
+slot, or every success there would retry it. The memory for
 that is bounded by `recovered_index_max` message ids; past it, messages just
 wait for their normal retry time. A destination is pulled forward at most once
 per `recovery_interval` seconds, so a server that defers some recipients
@@ -68,7 +72,8 @@ from engine import metrics
 from engine.config.control import read_number
 from engine.delivery.bounce import (BounceConfig, Failure, build_bounce, bounce_kind,
                                    is_verp, verp_sender)
-from engine.delivery.channels import CHANNELS, Courier, Group, RecipientResult, all_results
+from engine.delivery.channels import (CHANNELS, Courier, Group, RecipientResult, all_results,
+                                      channel)
 from engine.delivery.retry import RetryPolicy
 from engine.log import QmailSendLog
 from engine.queue import (Deferred, Delivered, Envelope, Failed, Finished, Job,
@@ -796,7 +801,8 @@ class Scheduler:
                 self.delivered += 1
             elif isinstance(result, Deferred):
                 self.deferrals += 1
-                self.deferred.add((lane.name, domain), result.msgid)
+                if self._recovers(lane, text):
+                    self.deferred.add((lane.name, domain), result.msgid)
             else:
                 self.failures += 1
             results.append((lane, domain, status, result))
@@ -901,6 +907,15 @@ class Scheduler:
             if not self._writes_waiting():
                 return
             self._start_commit()
+
+    @staticmethod
+    def _recovers(lane: Lane, text: str) -> bool:
+        """Whether this deferral is one a success at its destination ends."""
+        try:
+            spec = channel(lane.name)
+        except KeyError:
+            return True
+        return spec.recovers(text)
 
     def _recover_domain(self, lane: Lane, domain: str, now: float) -> None:
         """Make the deferred recipients we saw defer on `domain` due now."""
