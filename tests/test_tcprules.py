@@ -241,6 +241,27 @@ def test_ipv4_mapped_client_matches_ipv4_rules():
     assert rules.match("::1").allow is False
 
 
+def test_ipv6_prefix_rules_end_at_a_colon(tmp_path):
+    # The IPv6 tcpserver walks a client's address back to each '.' and ':';
+    # `2001:db8:1::deny` is the key `2001:db8:1:`, a prefix.
+    text = ("2001:db8:1::deny\n"
+            'fe80::allow,X="link-local"\n'
+            '2001:db8:1:2::/64:allow,X="cidr /64"\n'
+            '2001:db8::/32:allow,X="cidr /32"\n'
+            ":allow\n")
+    compile_rules(text, tmp_path / "tcp.smtp.cdb")
+    for rules in (TcpRules.from_text(text), TcpRules.load(tmp_path)):
+        def said(ip):
+            rule = rules.match(ip)
+            return rule.allow, dict(rule.env)
+        assert said("2001:db8:1::5") == (False, {})
+        assert said("2001:db8:1:7::5") == (False, {})            # /48 beats the /32
+        assert said("2001:db8:1:2::5") == (True, {"X": "cidr /64"})  # /64 beats the /48
+        assert said("2001:db8:2::5") == (True, {"X": "cidr /32"})
+        assert said("fe80::1") == (True, {"X": "link-local"})
+        assert said("2001:db9::1") == (True, {})
+
+
 def test_cidr_rules_of_ucspi_tcp6_and_the_longest_prefix_wins(tmp_path):
     text = ("10.0.0.0/8:deny\n"
             '10.1.0.0/16:allow,RELAYCLIENT=""\n'

@@ -17,7 +17,9 @@ Text format, one rule per line (`#` lines and lines without `:` ignored):
 
 A rule `127.0.0.` is a prefix and matches 127.0.0.1; `127.0.0` (no trailing
 dot) is an exact-address key and matches only a client whose address is
-literally "127.0.0", i.e. never. ucspi-tcp6's CIDR rules (`10.0.0.0/8`,
+literally "127.0.0", i.e. never. An IPv6 client's prefixes end at a `:` as
+well (the IPv6 tcpserver's walk): `2001:db8:1::deny` (key `2001:db8:1:`)
+matches 2001:db8:1::5. ucspi-tcp6's CIDR rules (`10.0.0.0/8`,
 `2001:db8::/32`), which s/qmail boxes have, are prefixes too: of a client's
 prefixes, dotted and CIDR, the longest wins. One that is not a network is
 refused (a deny rule that never matched would let its clients in).
@@ -172,6 +174,18 @@ def _octet(text: str) -> int:
     return int(digits or "0") if len(digits) <= 3 else 256
 
 
+def _prefix_bits(ip: str, end: int) -> int:
+    """How many leading bits of `ip` its text prefix ip[:end] fixes: 8 per
+    dotted octet; 16 per IPv6 group, and past a `::` all but the groups
+    still to come."""
+    if ip[end - 1] == ".":
+        return ip.count(".", 0, end) * 8
+    if "::" not in ip[:end]:
+        return 16 * ip.count(":", 0, end)
+    rest = ip[end:]
+    return 128 - 16 * (rest.count(":") + 1) if rest else 128
+
+
 def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
     try:
         return ipaddress.ip_network(text, strict=False)
@@ -271,12 +285,12 @@ class TcpRules:
             rule = rules.get("=" + host)
             if rule is not None:
                 return rule
-        dotted = 0              # the longest dotted prefix's length in bits
+        dotted = 0              # the longest dotted (or IPv6 `:`) prefix's length in bits
         for end in range(len(ip), 0, -1):
-            if ip[end - 1] == ".":
+            if ip[end - 1] in ".:":
                 rule = rules.get(ip[:end])
                 if rule is not None:
-                    dotted = ip.count(".", 0, end) * 8
+                    dotted = _prefix_bits(ip, end)
                     break
         if self._nets:
             net_rule = self._net_match(ip, dotted)
