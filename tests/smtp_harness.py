@@ -56,7 +56,8 @@ class FakeSpool:
 class InProcessServer:
     """The receiver (Receiver + SmtpSession) on a uvloop loop in a thread."""
 
-    def __init__(self, root: Path, spool=None, rows: int = 1, scheme: str = "smtp") -> None:
+    def __init__(self, root: Path, spool=None, rows: int = 1, scheme: str = "smtp",
+                 host: str = "127.0.0.1") -> None:
         import uvloop
 
         from engine.smtp.config import load_smtp_config
@@ -68,8 +69,8 @@ class InProcessServer:
         self.spool = spool if spool is not None else FakeSpool()
         self.table = ConnectionTable(rows)
         self.loop = uvloop.new_event_loop()
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self.sock.bind((host, 0))
         self.sock.listen(1024)
         self.sock.setblocking(False)
         self.port = self.sock.getsockname()[1]

@@ -242,6 +242,17 @@ def test_rewrite_local_ip_literal():
     assert rewrite_local_ip_literal("postmaster", ips, "mx.test") == "postmaster"
 
 
+def test_rewrite_local_ip_literal_ipv6():
+    # RFC 5321's IPv6 address literal, against the address as the socket spells it.
+    ips = {"2001:db8::1", "192.0.2.1"}
+    for ours in ("postmaster@[IPv6:2001:db8::1]", "postmaster@[ipv6:2001:DB8:0::1]",
+                 "postmaster@[IPv6:::]", "postmaster@[IPv6:::ffff:192.0.2.1]"):
+        assert rewrite_local_ip_literal(ours, ips, "mx.test") == "postmaster@mx.test", ours
+    for kept in ("postmaster@[IPv6:2001:db8::2]", "postmaster@[IPv6:192.0.2.1]",
+                 "postmaster@[2001:db8::1]", "postmaster@[IPv6:nonsense]"):
+        assert rewrite_local_ip_literal(kept, ips, "mx.test") == kept
+
+
 # -- property: nothing a non-relay client gets accepted can route off-site -----------------
 
 from hypothesis import given, settings, strategies as st  # noqa: E402

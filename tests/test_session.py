@@ -26,13 +26,14 @@ def write_control(root: Path, name: str, text: str) -> None:
 def make_server(root: Path):
     servers: list[InProcessServer] = []
 
-    def make(spool=None, scheme: str = "smtp", **controls: str) -> InProcessServer:
+    def make(spool=None, scheme: str = "smtp", host: str = "127.0.0.1", **controls: str
+             ) -> InProcessServer:
         for name, text in controls.items():
             if name == "qrelay_toml":
                 (root / "qrelay.toml").write_text(text)
             else:
                 write_control(root, name.replace("_", "."), text)
-        srv = InProcessServer(root, spool, scheme=scheme)
+        srv = InProcessServer(root, spool, scheme=scheme, host=host)
         servers.append(srv)
         return srv
 
@@ -512,6 +513,18 @@ def test_localiphost_literal_is_rewritten(make_server, connect):
     c.line()
     assert OK_RE.match(transaction(c, rcpt=b"postmaster@[127.0.0.1]"))
     assert srv.spool.messages[0][0].recipients == ("postmaster@mx.example.com",)
+    c.close()
+
+
+def test_localiphost_ipv6_literal_is_rewritten(make_server, connect):
+    # A client on ::1, not a relay client: postmaster@[IPv6:::1] is this host.
+    srv = make_server(host="::1", tcp_smtp="::1:allow\n", localiphost="mx.example.com\n")
+    c = connect(srv.port, host="::1")
+    c.line()
+    assert OK_RE.match(transaction(c, rcpt=b"postmaster@[IPv6:::1]"))
+    envelope, message = srv.spool.messages[0]
+    assert envelope.recipients == ("postmaster@mx.example.com",)
+    assert b"Received: from unknown (::1)\r\n" in message
     c.close()
 
 

@@ -122,16 +122,22 @@ def rewrite_local_ip_literal(addr: str, local_ips: Collection[str], localiphost:
     """qmail-smtpd's localiphost step (spec §1.4): `u@[ip]` with ip one of ours → `u@localiphost`.
 
     `local_ips` are the addresses this host accepts on (the receiver knows its
-    sockets); 0.0.0.0 always counts, as in netqmail.
+    sockets), as the socket spells them; 0.0.0.0 always counts, as in netqmail,
+    and so does `::`. An IPv6 address is RFC 5321's `[IPv6:2001:db8::1]`.
     """
     local, domain = split_address(addr)
     if domain is None or len(domain) < 9 or domain[0] != "[" or domain[-1] != "]":
         return addr
+    text = domain[1:-1]
     try:
-        ip = ipaddress.IPv4Address(domain[1:-1])
+        if text[:5].lower() == "ipv6:":
+            ip6 = ipaddress.IPv6Address(text[5:])
+            ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ip6.ipv4_mapped or ip6
+        else:
+            ip = ipaddress.IPv4Address(text)
     except ValueError:
         return addr
-    if str(ip) in local_ips or str(ip) == "0.0.0.0":
+    if str(ip) in local_ips or ip.is_unspecified:
         return f"{local}@{localiphost}"
     return addr
 
