@@ -260,6 +260,20 @@ def test_concurrent_lookups_share_one_query(fake_dns):
     assert fake_dns.queries.count(("mx.test", "MX")) == 1
 
 
+def test_ipme_knows_our_ipv4_address_in_an_aaaa_record_and_the_any_address():
+    # An AAAA ::ffff:192.0.2.2 (or ::) connects to this host as 192.0.2.2
+    # (or 0.0.0.0) would: delivering there would loop.
+    for ours in (parse_ip_literal("::ffff:192.0.2.2"), "::"):
+        targets = [MxTarget("192.0.2.1", 10, "a"), MxTarget(ours, 20, "me"),
+                   MxTarget("192.0.2.3", 30, "c")]
+        assert apply_ipme(targets, {"0.0.0.0", "192.0.2.2"}) == targets[:1]
+        with pytest.raises(ResolveError) as info:
+            apply_ipme(targets[1:], {"0.0.0.0", "192.0.2.2"})
+        assert info.value.text == TEXT_IPME
+    assert apply_ipme([MxTarget("::ffff:c000:209", 10, "a")], {"0.0.0.0"}) == [
+        MxTarget("::ffff:c000:209", 10, "a")]
+
+
 def test_ipme_skips_our_address_and_worse():
     targets = [MxTarget("192.0.2.1", 10, "a"), MxTarget("192.0.2.2", 20, "me"),
                MxTarget("192.0.2.3", 30, "c")]

@@ -89,7 +89,7 @@ def apply_ipme(targets: Sequence[MxTarget], my_addresses: Iterable[str]) -> list
     MX for a domain we do not treat as local: delivering would loop).
     """
     mine = set(my_addresses)
-    own = [t.preference for t in targets if t.ip in mine]
+    own = [t.preference for t in targets if _ipme_form(t.ip) in mine]
     if not own:
         return list(targets)
     best_own = min(own)
@@ -97,6 +97,21 @@ def apply_ipme(targets: Sequence[MxTarget], my_addresses: Iterable[str]) -> list
     if not kept:
         raise ResolveError("D", TEXT_IPME)
     return kept
+
+
+def _ipme_form(ip: str) -> str:
+    """A target as ipme compares it: an IPv4-mapped address (an AAAA
+    record's ::ffff:127.0.0.1 reaches 127.0.0.1) as its IPv4 form, and `::`,
+    which reaches this host as 0.0.0.0 does, as 0.0.0.0."""
+    if ":" not in ip:
+        return ip
+    try:
+        address = ipaddress.IPv6Address(ip)
+    except ValueError:
+        return ip
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return "0.0.0.0" if address.is_unspecified else ip
 
 
 def host_addresses() -> frozenset[str]:
