@@ -483,6 +483,18 @@ def test_domain_mx_records_and_a_connect_greeting_ehlo_to_each(box, dns, sinks):
     assert sink.stats().get("messages", 0) == 0        # nothing was sent
 
 
+def test_domain_ipv6_mx_unreachable_gets_a_netcat_line_that_runs(box, dns, sinks):
+    sink = sinks()                                      # on 127.0.0.1: ::1 refuses
+    dns.zone["far6.test"] = {"MX": [(10, "mx.far6.test")]}
+    dns.zone["mx.far6.test"] = {"AAAA": ["::1"]}
+    _delivery(box, dns, sink.port)
+    _, report = doctor(box, "far6.test")
+    refused = next(f for f in findings(report, "network") if f["what"].startswith("connect to"))
+    assert refused["what"].startswith(f"connect to ::1 port {sink.port} (mx.far6.test")
+    # nc takes the address and the port apart: a bracketed [::1] is no host to it.
+    assert refused["fix"].startswith(f"nc -v ::1 {sink.port} ")
+
+
 def test_domain_that_does_not_exist_and_a_busy_smtproutes_relay(box, dns, sinks):
     busy = sinks("--greet-fail", "100")
     _delivery(box, dns, busy.port)

@@ -109,7 +109,6 @@ async def _probe(ctx: Context, report: Report, domain: str, target, port: int,
     from engine.delivery.smtpclient import MAX_REPLY_LINE, SmtpConnection, SmtpError
     timeout = ctx.doctor.connect_timeout
     where = f"{target.ip} port {port} ({target.name}, preference {target.preference})"
-    host = f"[{target.ip}]" if ":" in target.ip else target.ip
     started = time.monotonic()
     try:
         reader, writer = await asyncio.wait_for(
@@ -123,7 +122,7 @@ async def _probe(ctx: Context, report: Report, domain: str, target, port: int,
                        "(#4.4.1)" + ("; two timeouts 120 s apart make qrelay skip this "
                                      "address for [delivery] timeout_skip_seconds"
                                      if why == "timed out" else ""),
-                       f"nc -v {host} {port} (a firewall between, or the MX is down)")
+                       f"nc -v {target.ip} {port} (a firewall between, or the MX is down)")
         return 0
     conn = SmtpConnection(target.ip, port, helohost, reader, writer, timeout)
     try:
@@ -131,7 +130,7 @@ async def _probe(ctx: Context, report: Report, domain: str, target, port: int,
         if greeting.code != 220:
             report.problem("network", f"{where} greets with {_first(greeting.text)}",
                            "qrelay tries the next address (qmail would defer)",
-                           f"nc -v {host} {port}")
+                           f"nc -v {target.ip} {port}")
             return 0
         ehlo = await conn.command(b"EHLO " + helohost.encode("utf-8", "surrogateescape"))
         if ehlo.code != 250:
@@ -152,7 +151,7 @@ async def _probe(ctx: Context, report: Report, domain: str, target, port: int,
         return 1
     except SmtpError as exc:
         report.problem("network", f"{where}: {exc}", "delivery tries the next address",
-                       f"nc -v {host} {port}")
+                       f"nc -v {target.ip} {port}")
         return 0
     finally:
         await conn.quit(wait=timeout)
