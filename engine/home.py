@@ -34,8 +34,9 @@ DEFAULT_CONTROLS = {
     "smtproutes": "",
 }
 
-# tcprules text: loopback may relay, everyone else may connect (rcpthosts applies).
-DEFAULT_TCP_SMTP = '127.:allow,RELAYCLIENT=""\n:allow\n'
+# tcprules text: loopback may relay, IPv4 and IPv6 ("localhost" is ::1 first
+# once a listener is on [::1]); everyone else may connect (rcpthosts applies).
+DEFAULT_TCP_SMTP = '127.:allow,RELAYCLIENT=""\n::1:allow,RELAYCLIENT=""\n:allow\n'
 
 
 # Dot-separated labels of letters, digits, `-` and `_` (an IDN in its

@@ -15,7 +15,8 @@ def test_init_creates_qmail_home(tmp_path: Path, qrelay_cli):
     assert read_int(control / "queuelifetime", 0) == 604800
     assert read_int(control / "databytes", -1) == 0
     assert (control / "smtproutes").read_text() == ""
-    assert (control / "tcp.smtp").read_text() == '127.:allow,RELAYCLIENT=""\n:allow\n'
+    assert (control / "tcp.smtp").read_text() == (
+        '127.:allow,RELAYCLIENT=""\n::1:allow,RELAYCLIENT=""\n:allow\n')
     for d in ("users", "queue", "log"):
         assert (root / d).is_dir()
 
