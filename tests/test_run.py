@@ -399,3 +399,33 @@ def test_a_change_to_a_section_read_at_start_is_said_on_reload(root):
         assert service_texts(root).count(line) == 1
     finally:
         q.stop()
+
+
+def test_a_reload_never_takes_a_size_limit_the_spool_writers_frame_cannot_carry(root):
+    """The spool writer reads [spool] when it starts: a reload that raised
+    [smtp] max_message_bytes with max_frame_bytes had the receivers offer
+    SIZE 5000000 and answer 552 to a message of 2.5 MB. The receivers keep
+    the [spool] their writer has, so that reload is refused in one line."""
+    toml = root / "qrelay.toml"
+    toml.write_text("[smtp]\nreload_poll_seconds = 0.1\nmax_message_bytes = 1000000\n"
+                    "[spool]\nmax_frame_bytes = 7000000\n")
+    q = RunningQrelay(root, procs=1)
+    try:
+        toml.write_text("[smtp]\nreload_poll_seconds = 0.1\nmax_message_bytes = 5000000\n"
+                        "[spool]\nmax_frame_bytes = 12000000\n")
+        smtpd = root / "log" / "smtpd" / "current"
+        line = wait_for(lambda: smtpd.exists() and [
+                            t for t in smtpd.read_text().splitlines()
+                            if "receiver: reload" in t or "receiver: configuration" in t],
+                        what="the receiver's reload")[0]
+        assert line[26:] == (
+            "warning: receiver: reload failed, keeping the previous configuration: qrelay.toml:"
+            " [smtp] max_message_bytes 5000000 does not fit in a spool frame: [spool]"
+            " max_frame_bytes = 7000000 in qrelay.toml must be at least 10160576 (the message,"
+            " max_recipients recipients and the envelope; [spool] is read when qrelay run starts)")
+        client = RawClient(q.port)
+        client.reply()
+        assert client.cmd(b"EHLO x").endswith(b"250 SIZE 1000000\r\n")
+        client.close()
+    finally:
+        q.stop()

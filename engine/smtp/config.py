@@ -23,13 +23,15 @@ Every problem is a ConfigError with a one-line reason naming the file.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine.config.cdb import CdbError
 from engine.config.control import ControlError, read_line, read_number
-from engine.config.settings import SETTINGS_FILE, Settings, SettingsError, load_settings
+from engine.config.settings import (SETTINGS_FILE, Settings, SettingsError, SpoolSettings,
+                                    load_settings)
 from engine.config.tcprules import RULES_CDB, RULES_TEXT, TcpRules, TcpRulesError
 from engine.accounts.store import Accounts
 from engine.smtp.policy import RecipientPolicy
@@ -68,14 +70,18 @@ class SmtpConfig:
     mailboxes: Accounts | None = None
 
 
-def load_smtp_config(root: os.PathLike | str) -> SmtpConfig:
-    """Read the snapshot; raises ConfigError with a one-line reason."""
+def load_smtp_config(root: os.PathLike | str, spool: SpoolSettings | None = None) -> SmtpConfig:
+    """Read the snapshot; raises ConfigError with a one-line reason. `spool`
+    (a reload): the [spool] settings the receiver's spool writer started
+    with, kept whatever qrelay.toml says now (the writer reads them at start)."""
     root = Path(root)
     control = root / "control"
     try:
         settings = load_settings(root)
     except SettingsError as exc:
         raise ConfigError(str(exc)) from exc
+    if spool is not None:
+        settings = dataclasses.replace(settings, spool=spool)
     try:
         me = read_line(control / "me")
         if me is None:
@@ -86,7 +92,7 @@ def load_smtp_config(root: os.PathLike | str) -> SmtpConfig:
         localiphost = read_line(control / "localiphost", me) or me
         # Strict: qmail reads `10MB` as 10 bytes; a limit must not change silently.
         databytes = read_number(control / "databytes", 0)
-        _check_frame_room(databytes, settings)
+        _check_frame_room(databytes, settings, started=spool is not None)
         # Strict too: qmail reads `1m` as 1 second, `5k` as 5 connections.
         timeout = read_number(control / "timeoutsmtpd", DEFAULT_TIMEOUT)
         if timeout <= 0:
@@ -113,7 +119,7 @@ def load_smtp_config(root: os.PathLike | str) -> SmtpConfig:
     )
 
 
-def _check_frame_room(databytes: int, settings: Settings) -> None:
+def _check_frame_room(databytes: int, settings: Settings, started: bool = False) -> None:
     """Through the single spool writer a message travels in one frame of at
     most [spool] max_frame_bytes with its envelope: a size limit above that
     would have every message between the two answered 451, at every retry."""
@@ -130,7 +136,8 @@ def _check_frame_room(databytes: int, settings: Settings) -> None:
                 else f"{SETTINGS_FILE}: [smtp] max_message_bytes {limit}")
         raise ConfigError(f"{what} does not fit in a spool frame: [spool] max_frame_bytes = {frame}"
                           f" in {SETTINGS_FILE} must be at least {need} (the message,"
-                          " max_recipients recipients and the envelope)")
+                          " max_recipients recipients and the envelope"
+                          + ("; [spool] is read when qrelay run starts)" if started else ")"))
 
 
 def _rules_name(control: Path) -> str:

@@ -334,7 +334,9 @@ def receiver_main(root: str, listeners: list[Listener], counter: ConnectionCount
         logger = logging.getLogger(name)
         logger.addHandler(handler)
         logger.propagate = False
-    receiver = Receiver(config, spool, counter, load_config=lambda: load_smtp_config(rootp),
+    # A reload keeps the [spool] this process's spool writer client was made with.
+    receiver = Receiver(config, spool, counter,
+                        load_config=lambda: load_smtp_config(rootp, spool=config.settings.spool),
                         log=smtpd_log, tickets=tickets, pop3_counter=pop3_counter)
     # Opened here, after the fork (it connects lazily); its store is read at start only.
     receiver.relay = open_relay_table(rootp, config.settings)
