@@ -486,6 +486,31 @@ def test_over_quota_is_a_failure_with_vdelivermails_text(start, mailroot, root):
     assert maildir_files(root, "tiny") == []
 
 
+def test_a_message_over_the_start_size_limit_but_accepted_after_a_reload_is_delivered(start, root):
+    """The local workers took messages up to the [smtp] max_message_bytes of
+    the start (+ 1 MB): after a reload raised it, the receivers accepted a
+    4 MB message that then deferred at every try ("the delivery job is too
+    large for a worker") until it bounced. So did one under a databytes above
+    max_message_bytes. A job carries any message the spool writer takes."""
+    q = start("[smtp]\nmax_message_bytes = 1000000\nreload_poll_seconds = 0.1\n")
+    toml = root / "qrelay.toml"
+    toml.write_text(toml.read_text().replace("max_message_bytes = 1000000",
+                                             "max_message_bytes = 5000000"))
+
+    def size() -> int:
+        with smtplib.SMTP("127.0.0.1", q.port, timeout=10) as s:
+            s.ehlo("client.test")
+            return int(s.esmtp_features["size"])
+    wait_for(lambda: size() == 5000000, what="the receiver's reload")
+    with smtplib.SMTP("127.0.0.1", q.port, timeout=10) as s:
+        assert s.sendmail("a@src.test", ["joe@example.com"], body_of("big", 6_000_000)) == {}
+    [line] = wait_for(lambda: [t for t in texts(root) if re.match(r"delivery \d+: ", t)],
+                      what="the delivery's result")
+    assert ": success: " in line
+    [path] = maildir_files(root, "joe")
+    assert path.read_bytes().endswith(b"end of big\n")
+
+
 def within(pred, seconds: float) -> bool:
     """Whether pred() comes true within `seconds` (polled; never raises)."""
     try:

@@ -51,8 +51,15 @@ JOBS = "jobs"
 
 # Workers kept, one per mailbox owner; vpopmail boxes have one owner (vpopmail).
 MAX_USERS = 32
-# Largest message sent to a worker inline (a bounce carries its original).
+# Room above the largest message for a bounce, which carries its original.
 INLINE_SLACK = 1 << 20
+
+
+def inline_limit(settings) -> int:
+    """The largest message a job carries inline: any the spool writer takes
+    ([spool] max_frame_bytes bounds every message it holds, whatever databytes
+    or a reloaded [smtp] max_message_bytes allow), and a bounce of it."""
+    return max(settings.smtp.max_message_bytes, settings.spool.max_frame_bytes) + INLINE_SLACK
 
 
 class LocalDeliverer:
@@ -271,7 +278,7 @@ def spawner_service(root) -> Path | None:
 def open_courier(root, spool, settings, log=None):
     """The local channel's courier in the scheduler's process."""
     deliverer = open_deliverer(root, settings, log)
-    max_message = settings.smtp.max_message_bytes + INLINE_SLACK
+    max_message = inline_limit(settings)
     if os.geteuid() == 0:
         return UserSpawner(root, spool, deliverer, log=log, max_message=max_message)
     path = spawner_service(root)
@@ -379,7 +386,7 @@ def lspawn_main(root: str, listener: socket.socket, clients: frozenset[int]) -> 
     except Exception as exc:
         log.error("local spawner cannot start: %s", exc)
         raise SystemExit(111) from None
-    max_message = settings.smtp.max_message_bytes + INLINE_SLACK
+    max_message = inline_limit(settings)
     uvloop.run(_lspawn_serve(rootp, listener, clients, deliverer, max_message, log))
 
 
