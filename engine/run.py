@@ -254,28 +254,38 @@ def hold_queue(root: Path) -> int:
     return fd
 
 
-# qrelay.toml sections read once, when `qrelay run` starts (README: a change
-# needs a restart, not a HUP).
-START_ONLY_SECTIONS = ("run", "relay", "login")
+# qrelay.toml settings read once, when `qrelay run` (or the service that
+# reads them) starts (README: a change needs a restart, not a HUP): whole
+# sections, then single keys of the sections a HUP rereads.
+START_ONLY_SECTIONS = ("run", "relay", "login", "spool", "log", "status")
+START_ONLY_KEYS = (
+    ("smtp", "reload_poll_seconds"), ("smtp", "reuse_port"),   # the supervisor's
+    ("tls", "ticket_key_seconds"), ("tls", "handshake_threads"),
+    ("auth", "hash_threads"), ("auth", "cache_seconds"), ("auth", "cache_entries"),
+    ("scheduler", "enabled"), ("scheduler", "stop_grace"),
+    ("delivery", "program_timeout"), ("delivery", "local_active"),   # the local workers'
+)
 
 
 def start_only_warning(root: Path, started: Any, warned: list[tuple]) -> None:
-    """One log line when a reload finds a START_ONLY_SECTIONS section of
-    qrelay.toml changed since the start (once per such change): the HUP that
-    follows applies everything else, and without a word the operator would
-    believe it applied that too."""
+    """One log line when a reload finds a START_ONLY_SECTIONS section or a
+    START_ONLY_KEYS key of qrelay.toml changed since the start (once per such
+    change): the HUP that follows applies everything else, and without a word
+    the operator would believe it applied that too."""
     from engine.config.settings import SettingsError, load_settings
     try:
         now = load_settings(root)
     except SettingsError:
         return              # the children's reloads say why
-    changed = tuple(name for name in START_ONLY_SECTIONS
-                    if getattr(now, name) != getattr(started, name))
-    seen = tuple((name, getattr(now, name)) for name in changed)
-    if changed and seen != warned[0]:
-        sections = ", ".join(f"[{name}]" for name in changed)
+    seen = tuple((f"[{name}]", getattr(now, name)) for name in START_ONLY_SECTIONS
+                 if getattr(now, name) != getattr(started, name))
+    seen += tuple((f"[{section}] {key}", getattr(getattr(now, section), key))
+                  for section, key in START_ONLY_KEYS
+                  if getattr(getattr(now, section), key) != getattr(getattr(started, section), key))
+    if seen and seen != warned[0]:
+        names = ", ".join(name for name, _ in seen)
         logging.getLogger("qrelay.run").warning(
-            f"qrelay.toml: {sections} changed; read when qrelay run starts: restart it to apply")
+            f"qrelay.toml: {names} changed; read when qrelay run starts: restart it to apply")
     warned[0] = seen
 
 

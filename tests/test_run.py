@@ -429,3 +429,27 @@ def test_a_reload_never_takes_a_size_limit_the_spool_writers_frame_cannot_carry(
         client.close()
     finally:
         q.stop()
+
+
+def test_every_setting_read_only_at_start_is_said_on_reload(root, caplog):
+    """Not only [run], [relay] and [login] wait for a restart: [spool], [log]
+    and [status] are read when their services start, and so are a few keys of
+    the reloaded sections (the supervisor's poll period, the local deliveries'
+    program timeout, the hashing threads...). A reload changing them said
+    nothing, and the operator believed them applied."""
+    from engine.config.settings import load_settings
+    from engine.run import start_only_warning
+    started = load_settings(root)
+    (root / "qrelay.toml").write_text(
+        "[smtp]\nreload_poll_seconds = 1.0\nmax_recipients = 50\n"
+        "[delivery]\nprogram_timeout = 60.0\nworker_procs = 2\n[log]\nformat = \"json\"\n")
+    warned: list[tuple] = [()]
+    with caplog.at_level(logging.WARNING, logger="qrelay.run"):
+        start_only_warning(root, started, warned)
+    assert [r.getMessage() for r in caplog.records] == [
+        "qrelay.toml: [log], [smtp] reload_poll_seconds, [delivery] program_timeout changed;"
+        " read when qrelay run starts: restart it to apply"]
+    (root / "qrelay.toml").write_text("[smtp]\nmax_recipients = 50\n")   # reloaded: no word
+    caplog.clear()
+    start_only_warning(root, started, warned)
+    assert caplog.records == []
