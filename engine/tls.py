@@ -171,6 +171,8 @@ class ServerTls:
         self._epoch: int | None = None
         self._checked = 0.0
         self.error: str | None = None   # why there is no (new) context, for the log
+        # A listener that starts with TLS is served: a removed file keeps the context.
+        self.required = False
         self._pool: ThreadPoolExecutor | None = None
         self._load()
 
@@ -185,10 +187,18 @@ class ServerTls:
             return False
         self._stamp = stamp
         if stamp[0] is None:
-            # The file is gone: STARTTLS is no longer offered (qmail-tls).
-            changed = self._context is not None
-            self._context, self.error = None, f"{CERT_FILE} is missing"
-            return changed
+            # The file is gone: STARTTLS is no longer offered (qmail-tls). An
+            # implicit-TLS listener, which `qrelay run` does not start without
+            # one, keeps the last certificate, as for a broken file.
+            self.error = f"{CERT_FILE} is missing"
+            if self._context is None:
+                return False
+            if self.required:
+                log.warning("%s; keeping the previous certificate", self.error)
+                return False
+            log.warning("%s: STARTTLS is no longer offered", self.error)
+            self._context = None
+            return True
         try:
             context = self._build()
         except TlsError as exc:

@@ -146,6 +146,32 @@ def test_reload_on_change_swaps_the_context_and_keeps_old_sessions(root: Path) -
     assert tls.context() is None
 
 
+def test_a_removed_certificate_is_said_and_kept_while_an_implicit_tls_listener_needs_it(
+        root: Path, caplog) -> None:
+    """`qrelay run` does not start a submissions or pop3s listener without
+    control/servercert.pem; removed later, every connection to them was
+    reset, and no line said why. With such a listener the last certificate
+    stays, as for a broken file; without, STARTTLS goes (qmail-tls), and a
+    line says so."""
+    import logging
+    install_certificate(root, NAME)
+    tls = ServerTls(root, TlsSettings())
+    tls.required = True
+    kept = tls.context()
+    plain = ServerTls(root, TlsSettings())
+    (root / CERT_FILE).unlink()
+    with caplog.at_level(logging.WARNING, logger="qrelay.tls"):
+        tls.reload()
+        plain.reload()
+    assert tls.context() is kept and plain.context() is None
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{CERT_FILE} is missing; keeping the previous certificate",
+        f"{CERT_FILE} is missing: STARTTLS is no longer offered"]
+    second_ca = install_certificate(root, NAME)
+    tls.reload()
+    handshake(tls.context(), client_context(second_ca))
+
+
 def test_reload_with_new_settings_rebuilds(root: Path) -> None:
     install_certificate(root, NAME)
     tls = ServerTls(root, TlsSettings())

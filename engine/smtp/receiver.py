@@ -228,6 +228,7 @@ class Receiver:
         for listener in listeners:
             factory = self.protocol_factory(listener.scheme)
             if listener.scheme in IMPLICIT_TLS_SCHEMES:
+                self.tls.required = True
                 if self.tls.context() is None:       # `qrelay run` checks this before it starts
                     raise TlsError(self.tls.error or "no certificate")
                 factory = self.tls.implicit(factory, listener.scheme)
