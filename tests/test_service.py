@@ -245,6 +245,34 @@ def test_a_replaced_courier_is_closed_only_after_its_deliveries():
     asyncio.run(scenario())
 
 
+def test_a_hup_while_the_scheduler_starts_is_not_lost(root, dns):
+    """The supervisor sends one HUP for a settled change. One that came while
+    the scheduler was starting (a long spool recovery, after a restart) was
+    ignored, and the edit it was for never applied until another change."""
+    (root / "qrelay.toml").write_text(f'[delivery]\ndns_servers = ["{dns.address}"]\n')
+    code = ("import os, signal, sys\n"
+            "from pathlib import Path\n"
+            "from engine.queue import Spool\n"
+            "from engine.delivery.service import scheduler_main\n"
+            f"root = Path({str(root)!r})\n"
+            "recover = Spool.recover\n"
+            "def recover_after_an_edit(self):\n"
+            "    (root / 'control' / 'concurrencyremote').write_text('3\\n')\n"
+            "    os.kill(os.getpid(), signal.SIGHUP)    # the supervisor's, for that edit\n"
+            "    return recover(self)\n"
+            "Spool.recover = recover_after_an_edit\n"
+            "scheduler_main(str(root))\n")
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: reloads(root) == 1, what="the reload the HUP asked for")
+    finally:
+        p.terminate()
+        status = p.wait(30)
+        stderr = p.stderr.read()
+        p.stderr.close()
+    assert status == 0 and "Traceback" not in stderr, stderr
+
+
 def test_a_scheduler_that_cannot_start_says_why_on_stderr_and_in_the_log(root):
     (root / "control" / "smtproutes").write_text("sink.test:127.0.0.1:26x26\n")
     code = "import sys; from pathlib import Path; from engine.delivery.service import run_scheduler; " \

@@ -121,11 +121,18 @@ def scheduler_spec(root: Path | str) -> ChildSpec:
                      forward_signals=frozenset({signal.SIGHUP, signal.SIGALRM}))
 
 
+# HUPs that came while the scheduler was starting (a spool recovery can take
+# long): the supervisor sends one per settled change, so it is kept and
+# answered once the reload handler is in place, not ignored.
+_hup_at_start: list[int] = []
+
+
 def scheduler_main(root: str) -> None:
     """Run the scheduler until SIGTERM; exits the process with 0, or 111 on a
     configuration error (after logging `alert: cannot start: ...`)."""
     signal.signal(signal.SIGALRM, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, lambda signum, frame: _hup_at_start.append(signum))
+    signal.siginterrupt(signal.SIGHUP, False)     # a system call it lands in goes on
     set_title("qrelay: scheduler")
     sys.exit(run_scheduler(Path(root)))
 
@@ -375,6 +382,9 @@ async def _serve(root, spool, log, config: DeliveryConfig) -> None:
             remote.forget_timeouts()
     loop.add_signal_handler(signal.SIGALRM, flush)
     loop.add_signal_handler(signal.SIGHUP, reloader.request)
+    if _hup_at_start:
+        _hup_at_start.clear()
+        reloader.request()
     loop.add_signal_handler(signal.SIGTERM, scheduler.stop)
     loop.add_signal_handler(signal.SIGINT, scheduler.stop)
     try:
