@@ -629,6 +629,28 @@ def test_reverse_dns_names_the_client_and_matches_host_rules(make_server, connec
     assert c3.cmd(b"RCPT TO:<joe@far.test>").startswith(b"553 ")
 
 
+def test_reverse_dns_settings_changed_by_a_reload_apply_to_new_connections(make_server, connect,
+                                                                           root):
+    """The PTR resolver was made once, from the settings of the first lookup:
+    turning [smtp] reverse_dns_paranoid on by a reload left a PTR anyone may
+    write for their own address matching =host rules (and relaying)."""
+    srv = make_server(qrelay_toml="[smtp]\nreverse_dns = true\nreverse_dns_paranoid = false\n",
+                      tcp_smtp='=.example.net:allow,RELAYCLIENT=""\n:allow\n')
+    fake = FakePtrResolver({"1.0.0.127.in-addr.arpa": "client.example.net"},
+                           forward={"client.example.net": "192.0.2.9"})   # not the client's
+
+    def relays() -> bool:
+        srv.receiver.remote_hosts()._resolver = fake     # the resolver of the moment, faked
+        c = connect(srv.port)
+        assert c.line() == f"220 {ME} ESMTP\r\n".encode()
+        assert c.cmd(b"MAIL FROM:<a@b>") == b"250 ok\r\n"
+        return c.cmd(b"RCPT TO:<joe@far.test>") == b"250 ok\r\n"
+    assert relays()
+    (root / "qrelay.toml").write_text("[smtp]\nreverse_dns = true\nreverse_dns_paranoid = true\n")
+    assert srv.reload()
+    assert not relays()
+
+
 def test_commands_sent_before_a_delayed_greeting_are_answered_after_it(make_server, connect):
     # uvloop may hand over bytes read before pause_reading took effect: they
     # wait for the greeting instead of being dropped.

@@ -160,7 +160,8 @@ class Receiver:
                                      and self._space_free < need + size * 3 // 2)
 
     def remote_hosts(self) -> RemoteHostResolver:
-        """PTR lookups for settings.smtp.reverse_dns (created on first use)."""
+        """PTR lookups for settings.smtp.reverse_dns (created on first use, and
+        after a reload changed what it is made from)."""
         if self.host_resolver is None:
             delivery = self.config.settings.delivery
             self.host_resolver = RemoteHostResolver(
@@ -254,6 +255,8 @@ class Receiver:
         except Exception as exc:  # ConfigError or SettingsError: keep serving
             log.warning("reload failed, keeping the previous configuration: %s", exc)
             return False
+        if _resolver_settings(config) != _resolver_settings(self.config):
+            self.host_resolver = None       # lookups in flight end on the old one
         self.config = config
         if self._tls is not None:
             self._tls.reload(config.settings.tls)
@@ -301,6 +304,12 @@ class Receiver:
         if self._tls is not None:
             self._tls.close()
         self.stopped.set()
+
+
+def _resolver_settings(config: Any) -> tuple:
+    """What Receiver.remote_hosts's resolver is made from."""
+    delivery = config.settings.delivery
+    return delivery.dns_servers, delivery.dns_timeout, config.settings.smtp.reverse_dns_paranoid
 
 
 def receiver_main(root: str, listeners: list[Listener], counter: ConnectionCounter,
