@@ -259,13 +259,17 @@ class ServerTls:
         failure (engine.tls_transport)."""
         return await start_tls(transport, protocol, context, pool=self.pool(), timeout=timeout)
 
-    def implicit(self, factory: Callable[[], Any], scheme: str) -> Callable[[], asyncio.Protocol]:
+    def implicit(self, factory: Callable[[], Any], scheme: str,
+                 admit: Callable[[str, str], Callable[[], None] | None] | None = None
+                 ) -> Callable[[], asyncio.Protocol]:
         """The protocol factory of a listener that starts with TLS (RFC 8314
         submissions, pop3s): each connection's handshake with the certificate
         of the moment, in the handshake threads; then `factory()`'s protocol
-        is connection_made with the encrypted transport."""
+        is connection_made with the encrypted transport. `admit(scheme, ip)`
+        counts a connection during its handshake and returns its release, or
+        None to refuse it (closed, no handshake)."""
         label = "pop3" if scheme == "pop3s" else scheme     # as its sessions count theirs
-        return lambda: ImplicitTls(self, factory(), label)
+        return lambda: ImplicitTls(self, factory(), label, admit)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -284,22 +288,38 @@ class ImplicitTls(asyncio.Protocol):
     """A connection of an implicit-TLS listener until its handshake is done
     (engine.tls_transport.begin_tls takes its bytes from the first one)."""
 
-    def __init__(self, tls: ServerTls, app: Any, scheme: str) -> None:
+    def __init__(self, tls: ServerTls, app: Any, scheme: str,
+                 admit: Callable[[str, str], Callable[[], None] | None] | None = None) -> None:
         self.tls = tls
         self.app = app
         self.scheme = scheme
         self.handshake: Any = None
+        self.admit = admit
+        self.release: Callable[[], None] | None = None
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         context = self.tls.context()
         if context is None:           # the certificate went away: nothing to serve with
             transport.abort()
             return
+        if self.admit is not None:
+            # Counted while the handshake runs (up to handshake_timeout), as its
+            # session will be: else connections that never finish one would
+            # hold descriptors and memory past every connection cap.
+            peer = transport.get_extra_info("peername")
+            self.release = self.admit(self.scheme, peer[0] if peer else "unknown")
+            if self.release is None:
+                transport.abort()
+                return
         self.handshake = begin_tls(transport, self.app, context, pool=self.tls.pool(),
                                    timeout=self.tls.settings.handshake_timeout, connected=False)
         self.handshake.waiter.add_done_callback(self._done)
 
     def _done(self, waiter: asyncio.Future) -> None:
+        if self.release is not None:
+            # The session counts itself from here on (no await in between).
+            self.release()
+            self.release = None
         if waiter.cancelled() or waiter.exception() is not None:
             metrics.tls_result("failed", self.scheme)
             return

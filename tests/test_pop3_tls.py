@@ -211,6 +211,29 @@ def test_pop3s_counts_its_handshakes_ok_and_failed(tmp_path, server, monkeypatch
     assert got[2] == ("tls", "failed", "pop3")
 
 
+def test_pop3s_counts_connections_in_their_handshake(tmp_path, server):
+    """A pop3s connection counts against [pop3] max_connections from its
+    first byte, not only once its handshake is done: connections that never
+    finish one cannot pile up past the cap."""
+    from tests.test_delivery_e2e import wait_for
+    root = make_root(tmp_path, "[auth]\nfailure_delay = 0\n[pop3]\nmax_connections = 1\n")
+    ca = install_certificate(root, NAME)
+    srv = server(root, scheme="pop3s")
+    counter = srv.receiver.pop3_counter
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10):
+        wait_for(lambda: counter.total() == 1, 5, "the handshake counted")
+        with pytest.raises((OSError, poplib.error_proto)):
+            poplib.POP3_SSL("127.0.0.1", srv.port, context=client_context(ca), timeout=10)
+    wait_for(lambda: counter.total() == 0, 5, "its count released")
+    pop = poplib.POP3_SSL("127.0.0.1", srv.port, context=client_context(ca), timeout=10)
+    try:
+        log_in(pop)
+        assert counter.total() == 1
+        pop.quit()
+    finally:
+        pop.close()
+
+
 def test_pop3s_needs_a_certificate_at_start(tmp_path):
     from qrelay_process import QrelayStartError    # bench/, on the path through smtp_harness
     root = make_root(tmp_path)

@@ -468,6 +468,34 @@ def test_submissions_is_implicit_tls(ca, make_server):
         plain_client.close()
 
 
+def test_submissions_counts_connections_in_their_handshake(ca, make_server, connect):
+    # A connection that never finishes its handshake holds a descriptor and
+    # memory for handshake_timeout: it counts against concurrencyincoming as
+    # a session does, or a flood of them passes every connection cap.
+    srv = make_server(scheme="submissions", concurrencyincoming="2")
+    idle = [connect(srv.port), connect(srv.port)]
+    wait_for(lambda: srv.table.total() == 2, 5, "both handshakes counted")
+    refused = RawClient.__new__(RawClient)
+    refused.sock, refused.buf = socket.create_connection(("127.0.0.1", srv.port), timeout=5), b""
+    try:
+        with pytest.raises((ssl.SSLError, OSError)):
+            refused.starttls(client_context(ca))
+    finally:
+        refused.close()
+    idle[0].close()
+    wait_for(lambda: srv.table.total() == 1, 5, "a closed handshake released")
+    c = RawClient.__new__(RawClient)
+    c.sock, c.buf = socket.create_connection(("127.0.0.1", srv.port), timeout=5), b""
+    try:
+        c.starttls(client_context(ca))
+        assert c.line() == f"220 {ME} ESMTP\r\n".encode()
+        assert srv.table.total() == 2       # the session, counted once
+    finally:
+        c.close()
+    idle[1].close()
+    wait_for(lambda: srv.table.total() == 0, 5, "every count released")
+
+
 def test_submissions_handshakes_off_the_loop_with_the_certificate_of_the_moment(accounts, make_server):
     first_ca = install_certificate(accounts, ME)
     srv = make_server(scheme="submissions")

@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from engine import openfiles
+from engine import metrics, openfiles
 from engine.log import LogHandler, SmtpdLog
 from engine.relay import RelayTable, open_relay_table
 from engine.relay.throttle import LoginThrottle
@@ -72,6 +72,8 @@ class Receiver:
         self.pid = os.getpid()
         self.uid = os.getuid()
         self.sessions: set[SmtpSession] = set()
+        # Implicit-TLS connections still in their handshake (admit_handshake).
+        self.handshakes = 0
         self.tasks: set[asyncio.Task] = set()
         self.side_tasks: set[asyncio.Task] = set()
         self.servers: list[asyncio.AbstractServer] = []
@@ -193,9 +195,38 @@ class Receiver:
         """Count a new connection of `counter`'s service and return None, or
         return why not: "files" (this process is near its open-files limit),
         "total" or "ip" (the service's caps)."""
-        if len(self.sessions) >= self.room:
+        if len(self.sessions) + self.handshakes >= self.room:
             return "files"
         return counter.admit(ip, max_total, max_per_ip)
+
+    def admit_handshake(self, scheme: str, ip: str) -> Callable[[], None] | None:
+        """An implicit-TLS connection (engine.tls.ImplicitTls) counted against
+        its service's caps and the open-files room while its handshake runs;
+        the call that releases it, or None when it is refused (logged; it is
+        closed without a handshake: no reply can be read before one)."""
+        cfg = self.config
+        if scheme == "pop3":
+            counter = self.pop3_counter
+            cap, per_ip = cfg.settings.pop3.max_connections, cfg.settings.pop3.max_connections_per_ip
+        else:
+            counter = self.counter
+            cap, per_ip = cfg.concurrencyincoming, cfg.settings.smtp.max_connections_per_ip
+        refused = self.admit(counter, ip, cap, per_ip)
+        if refused is not None:
+            metrics.session_refused("limit", scheme)
+            if self.log is not None:
+                why = (f"max_connections_per_ip {per_ip}" if refused == "ip" else
+                       f"status: {counter.total()}/{cap}" if refused == "total" else
+                       f"{len(self.sessions)} sessions in this receiver: open files limit")
+                self.log.smtpd(self.counter.next_number(), ip,
+                               f"{scheme} TLS connection refused: too many connections ({why})")
+            return None
+        self.handshakes += 1
+
+        def release() -> None:
+            self.handshakes -= 1
+            counter.release(ip)
+        return release
 
     def start_task(self, coro: Any) -> asyncio.Task:
         """A side task of a session (host name lookup): cancelled at shutdown."""
@@ -232,7 +263,7 @@ class Receiver:
                 self.tls.required = True
                 if self.tls.context() is None:       # `qrelay run` checks this before it starts
                     raise TlsError(self.tls.error or "no certificate")
-                factory = self.tls.implicit(factory, listener.scheme)
+                factory = self.tls.implicit(factory, listener.scheme, self.admit_handshake)
             server = await loop.create_server(factory, sock=listener.sock, backlog=1024)
             self.servers.append(server)
         self.sweeper = loop.create_task(self._sweep())
