@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine.queue import SpoolWriteError
+from engine.smtp.session import CLOSED
 from tests.smtp_harness import FakeSpool, InProcessServer, RawClient
 from tests.test_delivery_e2e import wait_for
 
@@ -733,6 +734,31 @@ def test_client_that_never_reads_is_throttled(server, connect):
         other = connect(server.port)
         assert other.line().startswith(b"220 ")  # the receiver still serves others
         assert other.cmd(b"NOOP") == b"250 ok\r\n"
+    finally:
+        s.close()
+
+
+def test_client_that_never_reads_is_dropped_after_the_timeout(make_server):
+    """Its 451 cannot be written either: the connection must not wait for
+    ever for its replies to drain (qmail-smtpd's write timeout ends it), or
+    each such client would keep a concurrencyincoming slot for good."""
+    srv = make_server(timeoutsmtpd="1\n")
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(5.0)
+    s.connect(("127.0.0.1", srv.port))
+    try:
+        assert s.recv(100).startswith(b"220 ")
+        (session,) = srv.receiver.sessions
+
+        def small_buffers() -> None:
+            session.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            session.transport.set_write_buffer_limits(high=1024)
+        srv.call(small_buffers)
+        s.sendall(b"NOOP\r\n" * 20_000 + b"QUIT\r\n")     # never read
+        wait_for(lambda: srv.call(lambda: session.state) == CLOSED, 8, "the timeout")
+        wait_for(lambda: not srv.receiver.sessions and srv.table.total() == 0, 8,
+                 "the connection dropped and its slot released")
     finally:
         s.close()
 

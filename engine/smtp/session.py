@@ -141,6 +141,9 @@ class SmtpSession(asyncio.Protocol):
         self.auth_user: str | None = None
         self.exchange: auth.AuthExchange | None = None
         self.config = receiver.config  # the snapshot this connection keeps
+        # qmail's timeoutsmtpd (set again by _start): also bounds a closed
+        # connection's wait for its last replies to drain (check_idle).
+        self.timeout = self.config.timeout if self.config.timeout > 0 else 1
         self.transport: Any = None
         self.state = CMD
         self.out: list[bytes] = []
@@ -956,6 +959,13 @@ class SmtpSession(asyncio.Protocol):
     def check_idle(self, now: float) -> None:
         """Called about once a second: qmail's timeoutsmtpd (451, then close);
         rblsmtpd drops a blocked client after its own timeout (-t)."""
+        if self.state == CLOSED:
+            # Closed, but close() waits for replies the client does not read
+            # (its 451, a QUIT's 221 behind pipelined answers): qmail-smtpd's
+            # write timeout ends that too, or the connection kept its slot for good.
+            if now - self.last_activity >= self.timeout:
+                self.abort()
+            return
         if self.state == RBL:
             if now - self.connected_at >= self.config.settings.smtp.rblsmtpd_timeout:
                 self.state = CLOSED
