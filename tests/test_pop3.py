@@ -15,6 +15,7 @@ from engine.accounts.admin import add_domain, add_user
 from engine.accounts.vpasswd import NO_POP, NO_RELAY
 from engine.delivery.local import LocalDelivery
 from engine.home import init_home
+from engine.pop3.session import CLOSED
 from tests.smtp_harness import InProcessServer, RawClient
 from tests.test_delivery_e2e import wait_for
 
@@ -693,6 +694,32 @@ def test_a_client_that_stops_reading_is_dropped_after_the_timeout(tmp_path, serv
     wait_for(lambda: not srv.receiver.sessions, timeout=8, what="the stalled session to be dropped")
     c = Client(srv.port)           # and its mailbox lock went with it
     assert c.login() == b"+OK \r\n"
+
+
+def test_a_closed_connection_whose_client_does_not_read_is_dropped(tmp_path, server):
+    # QUIT answered behind replies the client never reads: close() waits for
+    # them to drain, and must not wait (holding a max_connections slot) for ever.
+    root = make_root(tmp_path)
+    (root / "qrelay.toml").write_text("[auth]\nfailure_delay = 0\n[pop3]\ntimeout = 1\n")
+    srv = server(root)
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(5.0)
+    s.connect(("127.0.0.1", srv.port))
+    try:
+        assert s.recv(100).startswith(b"+OK ")
+        (session,) = srv.receiver.sessions
+
+        def small_buffers() -> None:
+            session.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        srv.call(small_buffers)
+        # Replies below the transport's high-water mark, past what the sockets hold.
+        s.sendall(b"CAPA\r\n" * 500 + b"QUIT\r\n")
+        wait_for(lambda: srv.call(lambda: session.state) == CLOSED, 5, "QUIT")
+        wait_for(lambda: not srv.receiver.sessions and srv.receiver.pop3_counter.total() == 0, 8,
+                 "the connection dropped and its slot released")
+    finally:
+        s.close()
 
 
 def test_connection_caps(tmp_path, server):

@@ -601,6 +601,12 @@ class Pop3Session(asyncio.Protocol):
 
     def check_idle(self, now: float) -> None:
         """qmail's 1200-second read and write timeouts: a silent close."""
+        if self.state == CLOSED:
+            # Closed, but close() waits for answers the client does not read:
+            # the write timeout ends that too (else it keeps its slot for good).
+            if now - self.last_activity >= self.settings.timeout and self.transport is not None:
+                self.transport.abort()
+            return
         if self.state in (AUTH, TRANS, SEND) and now - self.last_activity >= self.settings.timeout:
             if self.state == SEND and not self.gate.paused:
                 return   # still sending at full speed
