@@ -189,6 +189,12 @@ def test_user_add_bad_input(droot):
     bad(qrelay("user", "add", str(droot), "jo e@example.com", input="pw\n"), "character")
     bad(qrelay("user", "add", str(droot), "bob@example.com", input=""), "no password")
     bad(qrelay("user", "add", str(droot), "bob@example.com", input="\n"), "empty password")
+    long = "p" * 129 + "\n"       # [auth] max_password_bytes: logins never check more
+    bad(qrelay("user", "add", str(droot), "bob@example.com", input=long), "at most 128 bytes")
+    bad(qrelay("user", "passwd", str(droot), "joe@example.com", input=long), "at most 128 bytes")
+    bad(qrelay("user", "import", str(droot), "-", input="bob@example.com:" + long), "at most 128 bytes")
+    assert qrelay("user", "add", str(droot), "bob@example.com", input="p" * 128 + "\n").exit_code == 0
+    qrelay("user", "del", str(droot), "bob@example.com")
     bad(qrelay("user", "add", str(droot), "bob@example.com", "--quota", "lots", input="pw\n"), "bad quota")
     bad(qrelay("user", "add", str(droot / "x"), "bob@example.com", input="pw\n"), "no such qrelay root")
     bad(qrelay("user", "del", str(droot), "bob@example.com"), "no such user")

@@ -59,6 +59,8 @@ def test_settings_defaults_and_overrides(tmp_path: Path):
      "[smtp] max_line_length = 0 is out of range: at least 512 (RFC 5321 4.5.3.1.4)"),
     ("[smtp]\nmax_line_length = 511\n", "[smtp] max_line_length = 511 is out of range"),
     ("[spool]\nsync_depth = 65\n", "[spool] sync_depth = 65 is out of range: at most 64"),
+    ("[auth]\nmax_password_bytes = 8\n",
+     "[auth] max_password_bytes = 8 is out of range: at least 16 (room for a passphrase)"),
     ('[delivery]\nmy_addresses = ["192.0.2.1", "192.0.2.300"]\n',
      "[delivery] my_addresses: '192.0.2.300' is not an IP address"),
     ('[pop3]\nwebmail_addresses = ["localhost"]\n',

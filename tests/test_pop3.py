@@ -799,3 +799,23 @@ def test_an_unknown_or_locked_user_costs_a_hash_of_the_scheme_in_use(tmp_path, m
     assert check("who@example.com", "guess") == logins.NOT_FOUND
     assert check("locked@example.com", "secret") == logins.BAD_PASSWORD
     assert len(hashed) == 3 and all(h.startswith("$1$") for h in hashed), hashed
+
+
+def test_a_password_over_max_password_bytes_is_wrong_and_never_hashed(tmp_path, monkeypatch):
+    from engine.accounts import passwords
+    from engine.accounts.store import Accounts
+    from engine.pop3 import login as logins
+    root = make_root(tmp_path)
+    hashed: list[str] = []
+    real_verify = passwords.verify
+    monkeypatch.setattr(passwords, "verify", lambda s, c: hashed.append(c) or real_verify(s, c))
+    accounts = Accounts(root, recheck_seconds=0)
+
+    def check(login: str, secret: str) -> str:
+        return logins.check_login(accounts, login, secret, apop_timestamp=None, max_messages=100,
+                                  dummy_hash=lambda: passwords.hash_password("x"),
+                                  max_password_bytes=16).outcome
+    assert check("joe@example.com", "s" * 17) == logins.BAD_PASSWORD
+    assert check("who@example.com", "s" * 17) == logins.NOT_FOUND
+    assert hashed == []
+    assert check("joe@example.com", "secret") == logins.OK

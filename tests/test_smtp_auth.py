@@ -815,3 +815,16 @@ def test_handshakes_that_timed_out_waiting_for_a_thread_cost_no_signature(accoun
     finally:
         c.close()
     assert len(signed) == 1
+
+
+def test_a_password_over_max_password_bytes_is_wrong_and_never_hashed(accounts):
+    """A $6$ check costs time in proportion to the password (48 ms for 3,000
+    bytes): 400 addresses sending such guesses kept a real login waiting 10 s
+    for the hashing thread. Over the limit is a wrong password, unhashed, for
+    a user or not alike."""
+    c = CountingChecker(accounts, max_password_bytes=16)
+    assert not c.check(USER, "x" * 17) and not c.check("who@example.org", "x" * 17)
+    assert c.hashes == 0
+    assert not c.check(USER, "x" * 16) and c.hashes == 1
+    assert c.check(USER, PASSWORD) and c.hashes == 2
+    c.checker.close()

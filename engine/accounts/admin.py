@@ -55,7 +55,7 @@ from engine.accounts.vpasswd import (
 from engine.config.cdb import CdbError, CdbFile, newmrh
 from engine.config.control import read_list
 from engine.config.domains import ascii_lower
-from engine.config.settings import AccountsSettings, SettingsError, load_settings
+from engine.config.settings import AccountsSettings, Settings, SettingsError, load_settings
 from engine.privilege import acting_as
 
 VDELIVERMAIL = "/home/vpopmail/bin/vdelivermail"
@@ -76,10 +76,19 @@ class AdminError(Exception):
 
 def load_options(root: os.PathLike | str) -> AccountsSettings:
     """The `[accounts]` settings of ROOT/qrelay.toml (engine/config/settings.py)."""
+    return _settings(root).accounts
+
+
+def _settings(root: os.PathLike | str) -> Settings:
     try:
-        return load_settings(root).accounts
+        return load_settings(root)
     except SettingsError as exc:
         raise AdminError(str(exc)) from None
+
+
+def _password_limit(root: os.PathLike | str) -> int:
+    """[auth] max_password_bytes: a longer password could never log in."""
+    return _settings(root).auth.max_password_bytes
 
 
 # -- shared checks ---------------------------------------------------------
@@ -553,11 +562,14 @@ def _make_hash_dirs(ref: DomainRef, user_dir: Path, made: set[str] | None = None
                 made.add(key)
 
 
-def _check_password(password: str) -> None:
+def _check_password(password: str, limit: int) -> None:
     if not password:
         raise AdminError("empty password")
     if "\0" in password or "\n" in password:
         raise AdminError("a password cannot contain NUL or newline characters")
+    if len(password.encode("utf-8", "surrogateescape")) > limit:
+        raise AdminError(f"a password is at most {limit} bytes ([auth] max_password_bytes): "
+                         "a longer one could never log in")
 
 
 def _clear_field(password: str, keep: bool) -> str | None:
@@ -598,7 +610,7 @@ def add_user(root: os.PathLike | str, address: str, password: str, *, quota: str
     base = check_root(root)
     local, domain = split_address(address)
     name = _check_user(local, address)
-    _check_password(password)
+    _check_password(password, _password_limit(base))
     quota_field = _quota(quota)
     keep = load_options(base).keep_cleartext
     clear = _clear_field(password, keep)
@@ -661,7 +673,7 @@ def set_password(root: os.PathLike | str, address: str, password: str) -> VUser:
     changing their own (qmailadmin, webmail), which is not this command.
     """
     base, ref, name = find_user(root, address)
-    _check_password(password)
+    _check_password(password, _password_limit(base))
     clear = _clear_field(password, load_options(base).keep_cleartext)
     crypted = passwords.hash_password(password)
     return _update_users(ref, name, lambda u: replace(u, crypted=crypted, clear=clear))[0]
@@ -866,6 +878,7 @@ def import_users(root: os.PathLike | str, lines: Iterable[str], *, source: str =
     tell = progress or (lambda what, done, total: None)
     base = check_root(root)
     keep = load_options(base).keep_cleartext
+    limit = _password_limit(base)
     refs: dict[str, DomainRef] = {}
     existing: dict[str, set[str]] = {}
     defaults: dict[str, str] = {}       # each domain's default quota
@@ -883,7 +896,7 @@ def import_users(root: os.PathLike | str, lines: Iterable[str], *, source: str =
             password, _, quota = rest.partition(":")
             local, domain = split_address(address)
             name = _check_user(local, address)
-            _check_password(password)
+            _check_password(password, limit)
             _clear_field(password, keep)
             if domain not in refs:
                 refs[domain] = find_domain(base, domain)

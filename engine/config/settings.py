@@ -297,6 +297,12 @@ class AuthSettings:
     # throttle is in use (in-process servers; `qrelay run` always has one,
     # whose [login] delays then apply). The patches sleep 5 s.
     failure_delay: float = 1.0
+    # Longest password (UTF-8 bytes) checked at login and set by the account
+    # commands: a $6$ check costs time in proportion (1.6 ms for 8 bytes, 48
+    # for 3,000), so long guesses would starve the hashing threads; a longer
+    # one is a wrong password, answered without hashing. vchkpw reads 155
+    # bytes for login, password and challenge together.
+    max_password_bytes: int = 128
 
 
 @dataclass(slots=True, frozen=True)
@@ -517,6 +523,7 @@ RANGES: dict[tuple[str, str], tuple[float, float | None, str]] = {
     ("tls", "handshake_threads"): (1, 64, "a thread runs handshakes"),
     ("tls", "ticket_key_seconds"): (0, None, "0 = no shared key"),
     ("auth", "hash_threads"): (1, 64, "a thread checks passwords"),
+    ("auth", "max_password_bytes"): (16, 4096, "room for a passphrase"),
     ("auth", "cache_entries"): (1, None, "a login is remembered"),
     ("log", "max_files"): (2, None, "multilog's smallest n"),
     ("status", "top_destinations"): (1, 1000, "one row each on the page, one series each"),

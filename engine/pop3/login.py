@@ -58,20 +58,26 @@ def apop_digest(timestamp: str, secret: str) -> str:
 def check_login(accounts: Accounts, login: str, secret: str, *, apop_timestamp: str | None,
                 max_messages: int, dummy_hash: Callable[[], str],
                 webmail: bool = False, remoteip: str = "",
-                hash_seen: Callable[[str], None] = lambda crypted: None) -> LoginResult:
+                hash_seen: Callable[[str], None] = lambda crypted: None,
+                max_password_bytes: int = 128) -> LoginResult:
     """USER/PASS (apop_timestamp None) or APOP (secret = the digest); `webmail`:
     the client is one of `[pop3] webmail_addresses` (vchkpw's WEBMAIL). A login
     that passes is recorded in USERDIR/lastauth (`remoteip`), as vchkpw does.
     `hash_seen` is told each stored hash checked, for `dummy_hash` to follow
-    the scheme the accounts use."""
+    the scheme the accounts use. A password over `max_password_bytes` is
+    wrong unhashed (its cost grows with its length)."""
+    too_long = (apop_timestamp is None
+                and len(secret.encode("utf-8", "surrogateescape")) > max_password_bytes)
     try:
         name, user = accounts.login(login)
     except (AccountsError, VpasswdError, OSError):
         return LoginResult(TEMPORARY, login.lower())
     if user is None:
-        if apop_timestamp is None:
+        if apop_timestamp is None and not too_long:
             passwords.verify(secret, dummy_hash())     # the same time as a real check
         return LoginResult(NOT_FOUND, name)
+    if too_long:
+        return LoginResult(BAD_PASSWORD, name, user)
     if apop_timestamp is None:
         if passwords.scheme(user.crypted) is None:
             # A hash no password matches (`!$1$…`) would answer at once:

@@ -371,7 +371,8 @@ class Pop3Session(asyncio.Protocol):
             check = partial(logins.check_login, self.service.accounts, name, secret,
                             apop_timestamp=apop, max_messages=self.settings.max_messages,
                             dummy_hash=self.service.dummy_hash, hash_seen=self.service.hash_seen,
-                            webmail=self._webmail(), remoteip=ip)
+                            webmail=self._webmail(), remoteip=ip,
+                            max_password_bytes=self.config.settings.auth.max_password_bytes)
             result = await self.service.run(check)
         outcome = result.outcome if result is not None else "locked out"
         mechanism = "apop" if apop is not None else "user"

@@ -185,8 +185,9 @@ class PasswordChecker:
 
     def __init__(self, accounts: Any, threads: int, *, nice: int = HASH_NICE,
                  cache_seconds: float = 0.0, cache_entries: int = 10000,
-                 clock: Any = time.monotonic) -> None:
+                 max_password_bytes: int = 128, clock: Any = time.monotonic) -> None:
         self.accounts = accounts
+        self.max_password_bytes = max_password_bytes
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="auth-hash",
                                        initializer=lower_priority, initargs=(nice,))
         self._dummy: str | None = None
@@ -250,6 +251,9 @@ class PasswordChecker:
             if not hmac.compare_digest(expected.encode(), answer):
                 return False, "wrong password"
         else:
+            if len(creds.secret.encode("utf-8", "surrogateescape")) > self.max_password_bytes:
+                # Never hashed: its cost grows with its length ([auth] max_password_bytes).
+                return False, "password longer than max_password_bytes"
             if user is None or scheme(user.crypted) is None:
                 await self._verify(creds.secret, await self._dummy_hash())   # same time as a real check
                 return False, "no such user" if user is None else "no password"

@@ -187,7 +187,8 @@ class Receiver:
                                 default_domain=self.config.settings.accounts.default_domain)
             self._passwords = PasswordChecker(accounts, st.hash_threads,
                                               cache_seconds=st.cache_seconds,
-                                              cache_entries=st.cache_entries)
+                                              cache_entries=st.cache_entries,
+                                              max_password_bytes=st.max_password_bytes)
         return self._passwords
 
     def admit(self, counter: ConnectionCounter, ip: str, max_total: int, max_per_ip: int
