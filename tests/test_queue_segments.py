@@ -160,6 +160,31 @@ def test_reader_keeps_a_bounded_number_of_files_open(tmp_path: Path):
     r.close()
 
 
+def test_reader_lets_go_of_segments_another_process_removed(tmp_path: Path):
+    # A delivery worker's read-only spool reads a segment; the scheduler or
+    # the spool writer removes it once its messages are finished. The
+    # reader's descriptor must not keep the file's space in use.
+    offs = {}
+    for segid in range(3):
+        w = SegmentWriter(tmp_path, segid, SegmentIO(), 0.0)
+        offs[segid] = append(w, encode_record(segid, b"x"))
+        w.close()
+    r = SegmentReader(tmp_path, max_open=8)
+    for segid in (0, 1):
+        assert r.read(segid, offs[segid], segid, 1) == b"x"
+
+    def removed_but_open() -> list[str]:
+        return [t for t in (os.readlink(f"/proc/self/fd/{fd}") for fd in r._fds.values())
+                if t.endswith(" (deleted)")]
+    os.unlink(tmp_path / segment_name(0))
+    os.unlink(tmp_path / segment_name(1))
+    with pytest.raises(SegmentError, match="missing"):
+        r.read(0, offs[0], 0, 1)
+    assert r.read(2, offs[2], 2, 1) == b"x"      # another segment: 1 is let go too
+    assert removed_but_open() == []
+    r.close()
+
+
 def test_scan_yields_whole_records_and_stops_at_a_torn_one(tmp_path: Path):
     from engine.queue.segments import ENV_MAGIC, REC_MAGIC, scan
     w = SegmentWriter(tmp_path, 3, SegmentIO(), 0.0)

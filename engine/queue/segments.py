@@ -250,16 +250,31 @@ class SegmentReader:
         self._lock = threading.Lock()
 
     def _fd(self, segid: int) -> int:
+        # Another process (the scheduler, the spool writer, `qrelay delete`)
+        # removes a segment once its last message is finished; a descriptor
+        # kept here would keep its space in use for as long as this process
+        # lives (a delivery worker: for ever). So a removed file is let go
+        # when it is asked for, and all of them whenever another is opened.
         fd = self._fds.get(segid)
         if fd is not None:
-            self._fds.move_to_end(segid)
-            return fd
+            if os.fstat(fd).st_nlink:
+                self._fds.move_to_end(segid)
+                return fd
+            del self._fds[segid]
+            os.close(fd)
+        self._close_removed()
         fd = os.open(self.directory / segment_name(segid), os.O_RDONLY | os.O_CLOEXEC)
         self._fds[segid] = fd
         while len(self._fds) > self.max_open:
             _, old = self._fds.popitem(last=False)
             os.close(old)
         return fd
+
+    def _close_removed(self) -> None:
+        for segid, fd in list(self._fds.items()):
+            if not os.fstat(fd).st_nlink:
+                del self._fds[segid]
+                os.close(fd)
 
     def forget(self, segid: int) -> None:
         with self._lock:
