@@ -369,6 +369,22 @@ def test_adopt_tails_picks_up_a_writer_that_died_while_the_spool_stayed_open(tmp
         assert s.todo(10) == ids
 
 
+def test_a_writer_that_died_while_the_spool_stayed_open_leaves_no_segment_behind(tmp_path: Path):
+    # Its segment was sealed only by recover(), at the scheduler's start: once
+    # its messages were delivered the file stayed until the next restart.
+    q = tmp_path / "q"
+    with Spool(q) as s:
+        ids = _die_before_the_index(q, 3)
+        assert s.adopt_tails() == 3
+        s.preprocess_many([(m, ["local"]) for m in ids])
+        s.apply([Delivered(j.msgid, j.index) for j in s.due(limit=10)])
+        assert s.stats().messages == 0
+        assert list((q / "segments").iterdir()) == []
+        last = s.env.info()["last_txnid"]
+        assert s.adopt_tails() == 0
+        assert s.env.info()["last_txnid"] == last      # sealed once: no write again
+
+
 def test_a_killed_but_unreaped_writer_counts_as_gone():
     from engine.queue.repair import pid_alive
     pid = os.fork()

@@ -198,28 +198,58 @@ class Repair:
     # ---------------------------------------------------------------- tails (C2, C9, C12)
 
     def adopt_tails(self) -> int:
-        """Index what writers that are gone left unindexed (C2); the scheduler
-        calls it every few seconds, so a receiver that died while the rest
-        ran on does not leave its answered messages waiting for a restart.
-        Cheap when there is nothing to do: no write transaction then. The
-        reader slots dead processes left go too (SpoolIndex.free_dead_readers)."""
+        """Index what writers that are gone left unindexed (C2) and seal their
+        segments (C9, as recover() does), so one goes as soon as its last
+        message is finished instead of at the scheduler's next start. The
+        scheduler calls it every few seconds, so a receiver or spool writer
+        that died while the rest ran on does not leave its answered messages
+        waiting for a restart. Cheap when there is nothing to do: no write
+        transaction then. The reader slots dead processes left go too
+        (SpoolIndex.free_dead_readers)."""
         self._index.free_dead_readers()
         with self._index.env.begin() as txn:
             segs = self._index.segments(txn)
+        gone = []
         for segid, raw in segs.items():
             try:
                 seg = SegmentRecord.decode(raw)
             except RecordError:
                 continue
-            if seg.sealed or seg.end < 0 or not self._writer_gone(seg):
-                continue
-            try:
-                size = self._core.files.path(segid).stat().st_size
-            except OSError:
-                continue
-            if size > seg.end:
-                return self.reindex(after_reboot=False)
-        return 0
+            if not seg.sealed and self._writer_gone(seg):
+                gone.append(segid)
+        if not gone:
+            return 0
+        segdb = self._index.dbs[b"segments"]
+        lines: list[str] = []
+        unlink: list[int] = []
+        restored = 0
+        try:
+            with self._index.write("index what a stopped writer left") as txn:
+                for segid in gone:
+                    key = R.u64(segid)
+                    raw = txn.get(key, db=segdb)
+                    try:
+                        seg = SegmentRecord.decode(raw) if raw is not None else None
+                    except RecordError:
+                        continue
+                    if seg is None or seg.sealed:
+                        continue
+                    n = self._adopt_tail_now(txn, segid, seg, lines)
+                    if n:
+                        seg = SegmentRecord.decode(txn.get(key, db=segdb))
+                    restored += n
+                    if seg.live <= 0:
+                        txn.delete(key, db=segdb)
+                        unlink.append(segid)
+                    else:
+                        txn.put(key, dataclasses.replace(seg, sealed=True).encode(), db=segdb)
+        except SpoolError as exc:  # e.g. a full map: the bytes wait for the next try
+            self._core.warn(f"warning: {exc}")
+            return 0
+        for line in lines:
+            self._core.warn(line)
+        self._core.files.remove(unlink)
+        return restored
 
     def reindex(self, after_reboot: bool) -> int:
         """Index what writers that are gone left past the indexed end of their
