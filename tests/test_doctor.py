@@ -376,6 +376,29 @@ def test_queue_health_deferred_per_destination_and_not_preprocessed(box):
     assert notes(report, "queue")[0]["held"] == 1
 
 
+def test_a_spool_index_near_its_map_size_is_a_finding(box):
+    """A full index map refuses every message with 451; doctor said nothing
+    of it. The way out it names (a larger map) makes room again."""
+    from engine.config.settings import SpoolSettings
+    from engine.queue import SpoolWriteError
+    small = SpoolSettings(index_map_bytes=512 * 1024)
+    with Spool(box / "queue", small) as spool:
+        with pytest.raises(SpoolWriteError, match="index is full"):
+            while True:
+                spool._write_batch([(Envelope("a@src.test", ("u@slow.test",)), b"x" * 100)] * 50)
+    base = "[doctor]\ndisk_min_free_bytes = 0\ndisk_min_free_percent = 0.0\n"
+    toml(box, base + "[spool]\nindex_map_bytes = 524288\n")
+    _, report = doctor(box)
+    (f,) = [f for f in findings(report, "queue") if "index" in f["what"]]
+    assert f["what"].startswith("the spool index holds ") and "of its 512.0 KiB map" in f["what"]
+    assert "451" in f["why"] and "[spool] index_map_bytes" in f["fix"]
+    toml(box, base + "[spool]\nindex_map_bytes = 16777216\n")
+    _, report = doctor(box)
+    assert not [f for f in findings(report, "queue") if "index" in f["what"]]
+    with Spool(box / "queue", SpoolSettings(index_map_bytes=16777216)) as spool:
+        spool.enqueue(Envelope("a@src.test", ("u@slow.test",)), b"room again")
+
+
 def test_a_remote_reply_or_domain_cannot_put_control_characters_on_the_terminal(box):
     """The last error is a remote server's text, the domain a sender's: their
     controls (ESC, BEL, backspace, a C1 CSI) print as `_`, so doctor's output

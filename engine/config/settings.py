@@ -404,6 +404,9 @@ class DoctorSettings:
     # Free space on the spool's filesystem below either bound is a finding.
     disk_min_free_percent: float = 5.0
     disk_min_free_bytes: int = 1024 * 1024 * 1024
+    # The spool index's tables taking more than this share of [spool] index_map_bytes
+    # is a finding (when the map is full every message gets 451).
+    index_max_percent: float = 75.0
     # Relay table entries older than this (seconds; vpopmail's clearopensmtp: 180 min)
     # mean nothing expires them.
     relay_max_age: int = 10800
@@ -519,6 +522,7 @@ RANGES: dict[tuple[str, str], tuple[float, float | None, str]] = {
     ("log", "max_bytes"): (4096, None, "multilog's smallest s"),
     ("doctor", "connect_timeout"): (0.01, None, "every connect would time out"),
     ("doctor", "disk_min_free_percent"): (0, 100, "a percentage"),
+    ("doctor", "index_max_percent"): (0, 100, "a percentage"),
     ("tls", "handshake_timeout"): (0.1, None, "no handshake would finish"),
     ("tls", "handshake_threads"): (1, 64, "a thread runs handshakes"),
     ("tls", "ticket_key_seconds"): (0, None, "0 = no shared key"),

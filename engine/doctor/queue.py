@@ -5,6 +5,7 @@ safe beside a running instance."""
 from __future__ import annotations
 
 from engine.doctor import Context, Report, ago
+from engine.doctor.disk import _size
 
 
 def check(ctx: Context, report: Report) -> None:
@@ -29,6 +30,7 @@ def check(ctx: Context, report: Report) -> None:
             return
         health = queue_health(spool, ctx.doctor.top_destinations)
         quarantined = len(spool.quarantined())
+        index_used, index_map = spool.index.usage()
     oldest = f", the oldest {ago(ctx.now - health.oldest_birth)} old" if health.oldest_birth else ""
     report.note("queue", f"{health.messages} messages{oldest}; "
                 f"{health.not_preprocessed} not yet preprocessed"
@@ -70,6 +72,13 @@ def check(ctx: Context, report: Report) -> None:
         report.problem("queue", f"{health.unreadable} unreadable records in the spool index",
                        "those messages are quarantined by the scheduler at its next start",
                        f"qrelay qread {arg}")
+    if index_used * 100 > index_map * ctx.doctor.index_max_percent:
+        report.problem("queue", f"the spool index holds {_size(index_used)} of its "
+                       f"{_size(index_map)} map ({100 * index_used / index_map:.0f} %)",
+                       "when the map is full every message is refused with 451 and no delivery "
+                       "can be recorded",
+                       f"raise [spool] index_map_bytes in {ctx.arg(root / 'qrelay.toml')}, "
+                       f"then restart qrelay run")
     if quarantined:
         report.problem("queue", f"{quarantined} corrupt messages in "
                        f"{root / 'queue' / 'quarantine'}",

@@ -157,6 +157,17 @@ class SpoolIndex:
         except lmdb.Error:
             return 0
 
+    def usage(self) -> tuple[int, int]:
+        """(bytes the pages of every table take, bytes of the map): how full
+        the index is. Not the file's size, a high-water mark that never
+        shrinks while LMDB reuses the pages freed below it."""
+        def pages(st: dict) -> int:
+            return st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
+        main = self.env.stat()
+        with self.env.begin() as txn:
+            used = pages(main) + sum(pages(txn.stat(db)) for db in self.dbs.values())
+        return used * main["psize"], self.env.info()["map_size"]
+
     # ---------------------------------------------------------------- the one way to write
 
     @contextmanager
