@@ -165,6 +165,20 @@ def test_relayclient_value_is_appended(make_server, root, connect):
     c.close()
 
 
+def test_mailbox_check_is_on_the_address_with_relayclient_appended(make_server, root, connect):
+    # `nobody` is queued as nobody@example.com: that is the address local
+    # delivery would bounce, not `nobody` (qualified with envnoathost).
+    from engine.accounts.admin import add_domain, add_user
+    add_domain(root, "example.com", uid=12345, gid=12345)
+    add_user(root, "joe@example.com", "secret")
+    srv = make_server(tcp_smtp='127.:allow,RELAYCLIENT="@example.com"\n')
+    c = connect(srv.port)
+    c.line()
+    assert c.cmd(b"MAIL FROM:<a@example.org>") == b"250 ok\r\n"
+    assert c.cmd(b"RCPT TO:<nobody>") == b"550 sorry, no mailbox here by that name. (#5.1.1)\r\n"
+    assert c.cmd(b"RCPT TO:<joe>") == b"250 ok\r\n"
+
+
 def test_whole_transaction_pipelined_in_one_write(server, connect):
     c = connect(server.port)
     c.line()

@@ -589,12 +589,14 @@ class SmtpSession(asyncio.Protocol):
         rcpt = self._address(parsed[0])
         policy = self.config.policy
         refusal = policy.check_rcpt(rcpt, self.relayclient)
+        final = policy.final_rcpt(rcpt, self.relayclient)
         if refusal is None and self.config.mailboxes is not None:
-            refusal = mailbox_refusal(self.config.mailboxes, rcpt)
+            # The address as queued: RELAYCLIENT's value may name the domain.
+            refusal = mailbox_refusal(self.config.mailboxes, final)
         if refusal is not None:
             self._refuse(refusal.encode("utf-8", "surrogateescape") + b"\r\n", f"RCPT <{rcpt}>")
             return
-        self.rcpts.append(policy.final_rcpt(rcpt, self.relayclient))
+        self.rcpts.append(final)
         out.append(R_RCPT_OK)
 
     def _data(self) -> None:
