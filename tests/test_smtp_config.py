@@ -200,3 +200,17 @@ def test_a_size_limit_that_no_spool_frame_can_carry_is_refused(root):
     (root / "qrelay.toml").write_text("[smtp]\nmax_message_bytes = 83886080\n"
                                       "[spool]\nsingle_writer = false\n")
     assert load_smtp_config(root).settings.smtp.max_message_bytes == 83886080
+
+
+def test_a_tcp_smtp_databytes_that_no_spool_frame_can_carry_is_refused(root):
+    # A rule's DATABYTES replaces control/databytes for its clients: over the
+    # frame, their messages between the two were read whole, then refused.
+    write(root, "tcp.smtp", '10.:allow,DATABYTES="104857600"\n127.:allow\n')
+    with pytest.raises(ConfigError) as info:
+        load_smtp_config(root)
+    assert str(info.value) == (
+        "control/tcp.smtp rule '10.': DATABYTES 104857600 does not fit in a spool frame:"
+        " [spool] max_frame_bytes = 83886080 in qrelay.toml must be at least 110018176 (the"
+        " message, max_recipients recipients and the envelope)")
+    write(root, "tcp.smtp", '10.:allow,DATABYTES="52428800"\n127.:allow,DATABYTES="0"\n')
+    assert load_smtp_config(root).rules.match("10.1.2.3").env["DATABYTES"] == "52428800"

@@ -16,7 +16,8 @@ for changes and swap the snapshot whole. Nothing here runs per command.
     control/morercpthosts.cdb     optional (the text file is only the source
                             for qmail-newmrh, as in qmail)
     control/badmailfrom     optional
-    control/tcp.smtp.cdb, else control/tcp.smtp, else every client allowed
+    control/tcp.smtp.cdb, else control/tcp.smtp, else every client allowed;
+                            a rule's DATABYTES must fit a spool frame as databytes must
     ROOT/qrelay.toml        qrelay's own settings
 
 Every problem is a ConfigError with a one-line reason naming the file.
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.config.cdb import CdbError
-from engine.config.control import ControlError, read_line, read_number
+from engine.config.control import ControlError, read_line, read_number, scan_ulong
 from engine.config.settings import (SETTINGS_FILE, Settings, SettingsError, SpoolSettings,
                                     load_settings)
 from engine.config.tcprules import RULES_CDB, RULES_TEXT, TcpRules, TcpRulesError
@@ -109,6 +110,14 @@ def load_smtp_config(root: os.PathLike | str, spool: SpoolSettings | None = None
             rules = TcpRules.load(control)
         except TcpRulesError as exc:
             raise ConfigError(f"control/{_rules_name(control)}: {exc}") from exc
+        # A rule's DATABYTES replaces control/databytes for its clients
+        # (SmtpSession._start reads it the same way): the same frame check.
+        for key, rule in rules.items():
+            value = rule.env.get("DATABYTES")
+            limit = scan_ulong(value.encode("utf-8", "surrogateescape")) if value else None
+            if limit:
+                _check_frame_room(limit, settings, started=spool is not None,
+                                  source=f"control/{_rules_name(control)} rule {key!r}: DATABYTES")
     except ControlError as exc:
         raise ConfigError(str(exc)) from exc
     return SmtpConfig(
@@ -119,7 +128,8 @@ def load_smtp_config(root: os.PathLike | str, spool: SpoolSettings | None = None
     )
 
 
-def _check_frame_room(databytes: int, settings: Settings, started: bool = False) -> None:
+def _check_frame_room(databytes: int, settings: Settings, started: bool = False,
+                      source: str = "control/databytes") -> None:
     """Through the single spool writer a message travels in one frame of at
     most [spool] max_frame_bytes with its envelope: a size limit above that
     would have every message between the two answered 451, at every retry."""
@@ -132,7 +142,7 @@ def _check_frame_room(databytes: int, settings: Settings, started: bool = False)
     need = limit + smtp.max_recipients * (smtp.max_line_length + 16) + (1 << 20)
     frame = settings.spool.max_frame_bytes
     if need > frame:
-        what = (f"control/databytes {databytes}" if databytes
+        what = (f"{source} {databytes}" if databytes
                 else f"{SETTINGS_FILE}: [smtp] max_message_bytes {limit}")
         raise ConfigError(f"{what} does not fit in a spool frame: [spool] max_frame_bytes = {frame}"
                           f" in {SETTINGS_FILE} must be at least {need} (the message,"
