@@ -121,6 +121,19 @@ def test_rblsmtpd_line(make_server, root):
     c.close()
 
 
+def test_a_blocked_client_that_leaves_ends_with_status_0(make_server, root):
+    # rblsmtpd exits 0 however its dialogue ends (QUIT, EOF, its -t timeout):
+    # tcpserver's end line says status 0, not qmail-smtpd's 256 for an EOF.
+    srv, _ = make_server(tcp_smtp='127.0.0.1:allow,RBLSMTPD="listed"\n')
+    c = RawClient(srv.port)
+    assert c.line() == b"220 rblsmtpd.local\r\n"
+    assert c.cmd(b"RCPT TO:<x@y>") == b"451 listed\r\n"
+    c.close()
+    got = lines(root, until="tcpserver: end")
+    n = got[1].split()[2]
+    assert f"tcpserver: end {n} status 0" in got, got
+
+
 def test_relay_refused_names_the_address(make_server, root):
     srv, _ = make_server(tcp_smtp="127.0.0.1:allow\n")   # no RELAYCLIENT
     c = greet(srv.port)

@@ -100,8 +100,9 @@ LONG_LINE_CLOSE_FACTOR = 64
 MAX_PENDING_REPLIES = 256
 
 # tcpserver's `end N status S` prints the child's wait status: 0 after QUIT
-# (qmail-smtpd exits 0), 256 when qmail-smtpd exits 1 (EOF, timeout, bare LF,
-# a dropped client), 25600 for a rule's deny (tcpserver's child exits 100).
+# (qmail-smtpd exits 0) and after any rblsmtpd dialogue, 256 when qmail-smtpd
+# exits 1 (EOF, timeout, bare LF, a dropped client), 25600 for a rule's deny
+# (tcpserver's child exits 100).
 END_QUIT, END_DROPPED, END_DENIED = 0, 256, 25600
 
 _NUL = b"\0"
@@ -908,6 +909,7 @@ class SmtpSession(asyncio.Protocol):
         clean = bytes(c if 32 <= c <= 126 else 63 for c in raw)
         self.rbl_reply = code.encode() + b" " + clean + b"\r\n"
         self.state = RBL
+        self.end_status = END_QUIT   # rblsmtpd exits 0 on QUIT, EOF and its timeout alike
         if self.log is not None:
             self.log.rblsmtpd(self.remoteip, self.number, self.rbl_reply[:-2].decode("ascii"))
         self.transport.write(b"220 rblsmtpd.local\r\n")
