@@ -132,7 +132,7 @@ def _check_frame_room(databytes: int, settings: Settings, started: bool = False,
                       source: str = "control/databytes") -> None:
     """Through the single spool writer a message travels in one frame of at
     most [spool] max_frame_bytes with its envelope: a size limit above that
-    would have every message between the two answered 451, at every retry."""
+    would have every message between the two read whole, then refused (552)."""
     if not settings.spool.single_writer:
         return
     smtp = settings.smtp
