@@ -263,6 +263,31 @@ def test_pipelining(spec_root, server):
     assert c.closed()
 
 
+def test_a_client_that_half_closes_after_its_commands_gets_every_answer(spec_root, server):
+    # `printf 'USER …\r\nPASS …\r\nRETR 1\r\nDELE 1\r\nQUIT\r\n' | nc` shuts its
+    # side down once sent: qmail-pop3d answers everything it read before the
+    # EOF. Closing at the EOF lost even USER's +OK, and QUIT's deletions.
+    root, maildir, (m1, _, _) = spec_root
+    srv = server(root)
+    c = Client(srv.port)
+    c.line()
+    c.send(b"USER joe@example.com\r\nPASS secret\r\nRETR 1\r\nDELE 1\r\nQUIT\r\n")
+    c.sock.shutdown(socket.SHUT_WR)
+    got = bytearray(c.buf)
+    while chunk := c.sock.recv(65536):
+        got += chunk
+    assert got.startswith(b"+OK \r\n+OK \r\n+OK \r\nReturn-Path: ")
+    assert got.endswith(b"...two dots\r\nlast\r\n\r\n.\r\n+OK \r\n+OK \r\n")
+    wait_for(lambda: not m1.exists(), what="QUIT's unlink")
+    c = Client(srv.port)             # without QUIT, nothing changes: the EOF is the end
+    c.line()
+    c.send(b"USER joe@example.com\r\nPASS secret\r\nDELE 1\r\nSTAT")
+    c.sock.shutdown(socket.SHUT_WR)
+    assert c.line() == b"+OK \r\n" and c.line() == b"+OK \r\n" and c.line() == b"+OK \r\n"
+    assert c.line() == b""         # STAT without its LF is never read, as by qmail
+    assert len(list((maildir / "cur").iterdir())) == 2
+
+
 def set_flag(root: Path, bit: int) -> None:
     """Every user of example.com gets the vpasswd gid flag `bit` (vmoduser -x)."""
     import dataclasses

@@ -100,6 +100,7 @@ class Pop3Session(asyncio.Protocol):
         self.tls = tls            # pop3s: the listener did the handshake already
         self.committing = False
         self.reading_paused = False
+        self.eof = False          # the client has shut its side: answer what it sent, then close
         self.remoteip = "unknown"
         self.private = False      # the peer is this host itself (its address is ours)
         self.timestamp = ""
@@ -160,6 +161,20 @@ class Pop3Session(asyncio.Protocol):
             # Dropped before QUIT: nothing changes, the lock goes.
             self.mailbox.close()
             self.mailbox = None
+
+    def eof_received(self) -> bool:
+        # qmail-pop3d answers every command it read before the EOF: a client
+        # that half-closes after its pipelined commands still gets their
+        # answers, and a QUIT among them its deletions. The transport stays
+        # open for writing; the session closes once the reader is drained.
+        if self.state == CLOSED:
+            return False
+        self.eof = True
+        if self.state in (AUTH, TRANS):
+            self._run_commands()
+            if self.state in (AUTH, TRANS):
+                self._flush()
+        return True
 
     def pause_writing(self) -> None:
         self.gate.pause()
@@ -246,7 +261,9 @@ class Pop3Session(asyncio.Protocol):
                 return
             line = reader.next_line()
             if line is None:
-                if reader.unterminated > LONG_LINE_CLOSE_FACTOR * self.settings.max_line_length:
+                if self.eof:
+                    self._close()          # all read is answered (a last line without LF: never read)
+                elif reader.unterminated > LONG_LINE_CLOSE_FACTOR * self.settings.max_line_length:
                     self.out.append(R_LINE_TOO_LONG)
                     self._close()
                 return
