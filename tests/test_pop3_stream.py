@@ -117,6 +117,21 @@ def test_retr_to_a_slow_reader_is_byte_exact(tmp_path, server):
     assert bytes(got) == want
 
 
+def test_retr_of_a_fifo_answers_and_blocks_no_one(tmp_path, server):
+    # A FIFO in cur/ (listed, as by qmail-pop3d, with its size 0): opening it
+    # blocked until a writer came, and it was opened on the event loop, so every
+    # SMTP and POP3 session of the receiver hung with it. Only regular files are sent.
+    root = make_root(tmp_path)
+    fifo = root / "domains" / "example.com" / "joe" / "Maildir" / "cur" / "1700000000.f.host:2,"
+    os.mkfifo(fifo)
+    os.utime(fifo, (time.time() - 10, time.time() - 10))
+    srv = server(root)
+    c = Client(srv.port)
+    assert c.login() == b"+OK \r\n"
+    assert c.cmd("RETR 1") == b"-ERR unable to open that message\r\n"
+    assert c.cmd("NOOP") == b"+OK \r\n"
+
+
 def rss_kb(pid: int) -> int:
     text = Path(f"/proc/{pid}/status").read_text()
     return int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1))

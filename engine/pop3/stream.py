@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 from typing import Any
 
 from engine._smtpcore import MessageEncoder
@@ -54,11 +55,18 @@ class WriteGate:
 async def send_file(transport: Any, gate: WriteGate, path: str, first: bytes,
                     body_lines: int, chunk_bytes: int, fd: int = -1) -> bool:
     """Write `first` (the +OK line), then the message at `path` and its
-    terminator. False when the file could not be opened (nothing written).
-    `fd`: the connection's socket when it is plain TCP (see _write), else -1."""
+    terminator. False when the file could not be opened or is not a regular
+    file (nothing written). `fd`: the connection's socket when it is plain TCP
+    (see _write), else -1."""
+    # Opened on the event loop: O_NONBLOCK, so a FIFO (or a device) left in a
+    # Maildir cannot block the open, and with it every session of the loop.
     try:
-        f = open(path, "rb", buffering=0)
+        file_fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
+        return False
+    f = open(file_fd, "rb", buffering=0)
+    if not stat.S_ISREG(os.fstat(file_fd).st_mode):
+        f.close()
         return False
     with f:
         transport.write(first)
