@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import tracemalloc
 
 import pytest
 
@@ -41,6 +42,30 @@ def test_max_messages_keeps_the_oldest(maildir):
     box = Mailbox.open(str(maildir), 2)
     assert [m.uidl for m in box.messages] == ["1.a.host", "2.b.host,S=2"]
     box.close()
+
+
+def test_the_scan_holds_no_more_than_max_messages(tmp_path):
+    # [pop3] max_messages bounds a session's memory: the scan of a catch-all
+    # never emptied kept every entry (a few hundred bytes each, 265 MB for a
+    # million messages) until it had sorted them all.
+    md = tmp_path / "Maildir"
+    for sub in ("new", "cur", "tmp"):
+        (md / sub).mkdir(parents=True)
+    for i in range(20_000):
+        path = md / "cur" / f"{T0 - i}.M{i}P12345Q{i}.mail.example.com,S=1234:2,S"
+        path.touch()
+        os.utime(path, (T0 - i, T0 - i))
+    tracemalloc.start()
+    try:
+        box = Mailbox.open(str(md), 10)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    box.close()
+    assert [m.name for m in box.messages][:2] == ["cur/1699980001.M19999P12345Q19999.mail.example.com,S=1234:2,S",
+                                                  "cur/1699980002.M19998P12345Q19998.mail.example.com,S=1234:2,S"]
+    assert len(box.messages) == 10
+    assert peak < 1 << 20, peak
 
 
 def test_lock_is_exclusive_within_one_process_and_released_by_close(maildir):

@@ -30,8 +30,10 @@ executor, never on the event loop — except opening a message to send it.
 from __future__ import annotations
 
 import fcntl
+import heapq
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from engine.accounts.files import fsync_dir
@@ -91,14 +93,14 @@ class Mailbox:
                 raise MailboxBusy(IN_USE) from None
             now = time.time() if now is None else now
             clean_tmp(path, now)
-            messages = scan(path, int(now))
+            messages = scan(path, int(now), max_messages)
         except OSError as exc:
             os.close(fd)
             raise MailboxError(SCAN_FAILED, exc.strerror or "") from None
         except BaseException:
             os.close(fd)
             raise
-        return cls(path, fd, messages[:max_messages])
+        return cls(path, fd, messages)
 
     def file(self, message: Message) -> str:
         return os.path.join(self.path, message.name)
@@ -166,20 +168,22 @@ def clean_tmp(path: str, now: float) -> None:
             pass
 
 
-def scan(path: str, now_sec: int) -> list[Message]:
-    """new/ and cur/ in mtime order; raises OSError when either cannot be read."""
-    found: list[tuple[int, str, int]] = []
-    for sub in ("new", "cur"):
-        with os.scandir(os.path.join(path, sub)) as it:
-            for entry in it:
-                if entry.name.startswith("."):
-                    continue
-                try:
-                    st = entry.stat()
-                except OSError:
-                    continue  # gone since listed (another reader, a cleaner)
-                mtime = int(st.st_mtime)
-                if mtime < now_sec:
-                    found.append((mtime, f"{sub}/{entry.name}", st.st_size))
-    found.sort()
-    return [Message(name, size) for _, name, size in found]
+def scan(path: str, now_sec: int, max_messages: int) -> list[Message]:
+    """The oldest `max_messages` of new/ and cur/, in mtime order; raises
+    OSError when either cannot be read. Only those are ever held, however
+    many the Maildir has (a catch-all never emptied: millions)."""
+    def entries() -> Iterator[tuple[int, str, int]]:
+        for sub in ("new", "cur"):
+            with os.scandir(os.path.join(path, sub)) as it:
+                for entry in it:
+                    if entry.name.startswith("."):
+                        continue
+                    try:
+                        st = entry.stat()
+                    except OSError:
+                        continue  # gone since listed (another reader, a cleaner)
+                    mtime = int(st.st_mtime)
+                    if mtime < now_sec:
+                        yield mtime, f"{sub}/{entry.name}", st.st_size
+
+    return [Message(name, size) for _, name, size in heapq.nsmallest(max_messages, entries())]
