@@ -630,6 +630,21 @@ def test_missing_maildir(tmp_path, server):
     assert line.startswith("pop3d: joe@example.com:127.0.0.1: -ERR this user has no $HOME/Maildir (")
 
 
+def test_a_message_that_cannot_be_opened_is_logged_with_the_reason(spec_root, server):
+    # README: RETR's "-ERR unable to open that message" has its reason in
+    # log/smtpd (EACCES: the receivers do not run as the mailbox owner); it had none.
+    root, _, (m1, _, _) = spec_root
+    log = Lines()
+    c = Client(server(root, log=log).port)
+    assert c.login() == b"+OK \r\n"
+    m1.unlink()                      # another program's doing
+    assert c.cmd("TOP 1 0") == b"-ERR unable to open that message\r\n"
+    assert c.cmd("NOOP") == b"+OK \r\n"
+    [line] = log
+    assert line == (f"pop3d: joe@example.com:127.0.0.1: -ERR unable to open that message "
+                    f"(new/{m1.name}: No such file or directory; this receiver runs as uid {os.getuid()})")
+
+
 def test_login_failures_are_logged_in_vchkpws_words(tmp_path, server):
     root = make_root(tmp_path, CLEAR_OK)
     log = Lines()

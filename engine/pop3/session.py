@@ -95,6 +95,7 @@ class Pop3Session(asyncio.Protocol):
         self.reader = LineReader(self.settings.max_line_length)
         self.gate = WriteGate()
         self.user: str | None = None
+        self.login = ""           # once logged in: the name as logged (lower-cased)
         self.mailbox: Mailbox | None = None
         self.last = 0
         self.tls = tls            # pop3s: the listener did the handshake already
@@ -452,6 +453,7 @@ class Pop3Session(asyncio.Protocol):
             self._close()
             return
         self.mailbox = mailbox
+        self.login = result.login
         self.out.append(OK)
         self._resume(TRANS)
 
@@ -545,18 +547,18 @@ class Pop3Session(asyncio.Protocol):
         count = _leading_digits(rest)
         body_lines = _number(count) if count else -1
         self.state = SEND
-        path = self.mailbox.file(self.mailbox.messages[i])
-        self._spawn(self._send(path, body_lines))
+        message = self.mailbox.messages[i]
+        self._spawn(self._send(self.mailbox.file(message), message.name, body_lines))
 
-    async def _send(self, path: str, body_lines: int) -> None:
+    async def _send(self, path: str, name: str, body_lines: int) -> None:
         # Replies still pending go out in the same write as the +OK.
         pending = b"".join(self.out)
         self.out.clear()
         # Plain TCP: the stream may write to the socket itself (stream._write).
         sock = None if self.tls else self.transport.get_extra_info("socket")
         try:
-            sent = await send_file(self.transport, self.gate, path, pending + OK, body_lines,
-                                   self.settings.chunk_bytes, sock.fileno() if sock is not None else -1)
+            refused = await send_file(self.transport, self.gate, path, pending + OK, body_lines,
+                                      self.settings.chunk_bytes, sock.fileno() if sock is not None else -1)
         except OSError as exc:
             # qmail-pop3d dies on a read error: truncated reply, no terminator.
             log.warning("pop3: reading %s failed: %s", path, exc)
@@ -564,7 +566,10 @@ class Pop3Session(asyncio.Protocol):
                 self.state = CLOSED
                 self.transport.abort()
             return
-        if not sent:
+        if refused is not None:
+            # EACCES here: the receivers do not run as the mailbox's owner ([run] user).
+            self._log(f"pop3d: {logsafe(self.login)}:{self.remoteip}: -ERR unable to open that message "
+                      f"({logsafe(name)}: {_one_line(refused)}; this receiver runs as uid {os.getuid()})")
             self.out.append(pending + R_NOSUCH)
         if self.receiver.closing and self.state != CLOSED:
             self._close()

@@ -53,21 +53,21 @@ class WriteGate:
 
 
 async def send_file(transport: Any, gate: WriteGate, path: str, first: bytes,
-                    body_lines: int, chunk_bytes: int, fd: int = -1) -> bool:
+                    body_lines: int, chunk_bytes: int, fd: int = -1) -> str | None:
     """Write `first` (the +OK line), then the message at `path` and its
-    terminator. False when the file could not be opened or is not a regular
-    file (nothing written). `fd`: the connection's socket when it is plain TCP
-    (see _write), else -1."""
+    terminator; None once done. When the file cannot be opened or is not a
+    regular file, nothing is written and the reason is returned, for the log.
+    `fd`: the connection's socket when it is plain TCP (see _write), else -1."""
     # Opened on the event loop: O_NONBLOCK, so a FIFO (or a device) left in a
     # Maildir cannot block the open, and with it every session of the loop.
     try:
         file_fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return False
+    except OSError as exc:
+        return exc.strerror or str(exc)
     f = open(file_fd, "rb", buffering=0)
     if not stat.S_ISREG(os.fstat(file_fd).st_mode):
         f.close()
-        return False
+        return "not a regular file"
     with f:
         transport.write(first)
         encoder = MessageEncoder(body_lines)
@@ -80,7 +80,7 @@ async def send_file(transport: Any, gate: WriteGate, path: str, first: bytes,
                 await gate.wait()
                 unyielded = 0
             if transport.is_closing():
-                return True
+                return None
             n = f.readinto(buf)
             if not n:
                 break
@@ -94,7 +94,7 @@ async def send_file(transport: Any, gate: WriteGate, path: str, first: bytes,
                 await asyncio.sleep(0)
                 unyielded = 0
         transport.write(encoder.finish())
-    return True
+    return None
 
 
 def _write(transport: Any, fd: int, data: memoryview) -> None:
