@@ -645,6 +645,24 @@ def test_a_message_that_cannot_be_opened_is_logged_with_the_reason(spec_root, se
                     f"(new/{m1.name}: No such file or directory; this receiver runs as uid {os.getuid()})")
 
 
+def test_deletions_quit_cannot_unlink_are_logged_with_the_reason(spec_root, server):
+    # qmail-pop3d's "-ERR unable to unlink all deleted messages" says neither
+    # which nor why; log/smtpd does (a Maildir the receivers may not write
+    # in: the customer's mail never goes).
+    root, _, (m1, m2, _) = spec_root
+    log = Lines()
+    c = Client(server(root, log=log).port)
+    assert c.login() == b"+OK \r\n"
+    assert c.cmd("DELE 1") == b"+OK \r\n" and c.cmd("DELE 2") == b"+OK \r\n"
+    m1.unlink()
+    assert c.cmd("QUIT") == b"-ERR unable to unlink all deleted messages\r\n"
+    assert c.line() == b"+OK \r\n"
+    assert not m2.exists()
+    assert log == [f"pop3d: joe@example.com:127.0.0.1: -ERR unable to unlink all deleted messages "
+                   f"(1 of 2: new/{m1.name}: No such file or directory; "
+                   f"this receiver runs as uid {os.getuid()})"]
+
+
 def test_login_failures_are_logged_in_vchkpws_words(tmp_path, server):
     root = make_root(tmp_path, CLEAR_OK)
     log = Lines()

@@ -109,17 +109,19 @@ class Mailbox:
         """Whether QUIT has anything to do: a deletion, or a message still in new/."""
         return any(m.deleted or m.name.startswith("new/") for m in self.messages)
 
-    def commit(self) -> int:
-        """QUIT: unlink the deleted, move the rest out of new/. Returns how many
-        unlinks failed (each gets qmail-pop3d's -ERR line)."""
-        failed = freed = unlinked = 0
+    def commit(self) -> list[tuple[str, str]]:
+        """QUIT: unlink the deleted, move the rest out of new/. Returns the
+        unlinks that failed, (name, the system's reason): each gets
+        qmail-pop3d's -ERR line, and the log says why."""
+        failed: list[tuple[str, str]] = []
+        freed = unlinked = 0
         changed: set[str] = set()     # new, cur
         for m in self.messages:
             if m.deleted:
                 try:
                     os.unlink(self.file(m))
-                except OSError:
-                    failed += 1
+                except OSError as exc:
+                    failed.append((m.name, exc.strerror or str(exc)))
                 else:
                     freed += m.size
                     unlinked += 1

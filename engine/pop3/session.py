@@ -601,8 +601,15 @@ class Pop3Session(asyncio.Protocol):
             mailbox.close()
             self.mailbox = None
             self.committing = False
+        if failed:
+            # EACCES here: the receivers do not run as the mailbox's owner ([run] user).
+            name, why = failed[0]
+            deleted = sum(m.deleted for m in mailbox.messages)
+            self._log(f"pop3d: {logsafe(self.login)}:{self.remoteip}: -ERR unable to unlink all "
+                      f"deleted messages ({len(failed)} of {deleted}: {logsafe(name)}: "
+                      f"{_one_line(why)}; this receiver runs as uid {os.getuid()})")
         if self.state != CLOSED:
-            self._quit_done(failed)
+            self._quit_done(len(failed))
 
     def _quit_done(self, failed: int) -> None:
         self.out.extend([R_NOUNLINK] * failed)
