@@ -150,7 +150,8 @@ CHANNELS: tuple[ChannelSpec, ...] = (
     ChannelSpec("local", "concurrencylocal", 10, "engine.delivery.lspawn:open_deliverer",
                 courier="engine.delivery.lspawn:open_courier"),
     ChannelSpec("remote", "concurrencyremote", 20, "engine.delivery.remote:open_deliverer",
-                procs_setting="worker_procs", unreached="engine.delivery.remote:destination_unreached"),
+                procs_setting="worker_procs",
+                unreached="engine.delivery.remote:destination_unreached"),
 )
 
 
