@@ -300,6 +300,24 @@ def test_program_time_limit(tree):
     assert (r.status, r.text) == ("Z", "started\nProgram timed out. (#4.3.0)\n")
 
 
+def test_program_that_leaves_a_daemon_succeeds_when_it_exits(tree, tmp_path):
+    # The daemon keeps the output pipe open: the program's exit, not the
+    # pipe's end, is the end of the delivery (else: "timed out", and a
+    # successful delivery made again on every retry).
+    pidfile = tmp_path / "daemon.pid"
+    write_qmail(tree.home, ".qmail",
+                f"|(sleep 60 & echo $! > {pidfile}); echo hi; exit 0\n./Maildir/\n")
+    t = Tree(tree.root, program_timeout=20)
+    started = time.monotonic()
+    try:
+        r = t.deliver("joe@mx.test")
+    finally:
+        os.kill(int(pidfile.read_text()), 9)
+    assert (r.status, r.text) == ("K", "hi\ndid 1+0+1\n")
+    assert time.monotonic() - started < 10
+    assert len(new_messages(tree.home / "Maildir")) == 1
+
+
 def test_program_killed_by_signal_defers(tree):
     write_qmail(tree.home, ".qmail", "|kill -9 $$\n")
     r = tree.deliver("joe@mx.test")

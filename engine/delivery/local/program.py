@@ -103,20 +103,39 @@ def _wait(proc: subprocess.Popen, timeout: float, output_max: int) -> ProgramRun
     pipe = proc.stdout
     assert pipe is not None
     fd = pipe.fileno()
-    with selectors.DefaultSelector() as sel:
-        sel.register(fd, selectors.EVENT_READ)
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                timed_out = True
-                break
-            if not sel.select(left):
-                continue
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            if len(kept) < output_max:
-                kept += chunk[:output_max - len(kept)]
+    # The shell's exit ends the run, not the pipe's end: a daemon it started
+    # may hold the pipe open for ever (qmail-lspawn would hang on it). Once
+    # the shell is gone, what is already in the pipe is read, then no more.
+    try:
+        exit_fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        exit_fd = None      # no pidfd: look at the shell twice a second
+    exited = False
+    try:
+        with selectors.DefaultSelector() as sel:
+            sel.register(fd, selectors.EVENT_READ)
+            if exit_fd is not None:
+                sel.register(exit_fd, selectors.EVENT_READ)
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    timed_out = True
+                    break
+                wait = 0 if exited else left if exit_fd is not None else min(left, 0.5)
+                ready = {key.fd for key, _ in sel.select(wait)}
+                if fd not in ready:
+                    if exited:
+                        break
+                    exited = exit_fd in ready if exit_fd is not None else proc.poll() is not None
+                    continue
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                if len(kept) < output_max:
+                    kept += chunk[:output_max - len(kept)]
+    finally:
+        if exit_fd is not None:
+            os.close(exit_fd)
     if timed_out:
         _kill_group(proc)
     pipe.close()
