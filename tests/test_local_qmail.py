@@ -284,6 +284,18 @@ def test_program_environment_stdin_and_cwd(tree, tmp_path):
     assert text.split(b"STDIN\n", 1)[1] == MSG_LF       # no Return-Path/Delivered-To added
 
 
+def test_program_cannot_change_the_message_later_lines_get(tree, tmp_path):
+    # qmail's programs read the queue file, which they cannot write: one
+    # program line must not truncate or overwrite what the next one reads.
+    out = tmp_path / "seen"
+    write_qmail(tree.home, ".qmail",
+                "|(: > /dev/stdin) 2>/dev/null; (echo X 1<>/dev/stdin) 2>/dev/null; exit 0\n"
+                f"|cat > {out}\n")
+    r = tree.deliver("joe@mx.test")
+    assert (r.status, r.text) == ("K", "did 0+0+2\n")
+    assert out.read_bytes() == MSG_LF
+
+
 def test_program_output_is_bounded(tree):
     write_qmail(tree.home, ".qmail", "|head -c 100000 /dev/zero | tr '\\0' a; exit 100\n")
     r = tree.deliver("joe@mx.test")

@@ -13,6 +13,7 @@ Exit codes as qmail-local: 0 ok, 99 ok and skip the remaining lines, 100 and
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import selectors
 import signal
@@ -50,17 +51,25 @@ def classify(code: int) -> str:
 
 
 def message_fd(message: bytes) -> int:
-    """A seekable descriptor holding `message` (memfd where available)."""
+    """A seekable descriptor holding `message` (memfd where available),
+    sealed against writes: a program reopening its stdin (/dev/stdin) for
+    writing must not change what the next line gets, as qmail's programs
+    cannot write the queue file they read."""
+    sealed = True
     try:
-        fd = os.memfd_create("qrelay-message", os.MFD_CLOEXEC)
+        fd = os.memfd_create("qrelay-message", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     except (AttributeError, OSError):
         import tempfile
         fd, path = tempfile.mkstemp(prefix="qrelay-msg.")
         os.unlink(path)
+        sealed = False
     view = memoryview(message)
     while view:
         n = os.write(fd, view)
         view = view[n:]
+    if sealed:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK
+                    | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
     return fd
 
 
