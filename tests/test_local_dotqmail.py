@@ -80,6 +80,19 @@ def test_line_types():
         parse_lines("\n./Maildir/\n")
 
 
+def test_nul_ends_a_line_as_in_qmail_local():
+    # qmail-local's lines are C strings: a NUL ends what the line says (a
+    # path, a command or an address with a NUL cannot even be opened or run),
+    # while the line's type is read from its first and last characters.
+    got = parse_lines("|echo hi\0junk\n./Maildir/\0x/\n./Mailbox\0x\n&a@b\0junk\n"
+                      "+list\0x\n\0junk\n")
+    assert [(i.kind, i.arg) for i in got] == [
+        ("program", "echo hi"), ("maildir", "./Maildir/"), ("mbox", "./Mailbox"),
+        ("forward", "a@b"), ("list", "+list")]
+    with pytest.raises(LocalTemporary, match=r"first line of \.qmail file is blank"):
+        parse_lines("\0|prog\n")
+
+
 def test_delivered_to_only_in_header_and_exact():
     line = b"Delivered-To: d-joe@d\n"
     assert has_delivered_to(b"A: b\nDelivered-To: d-joe@d\n\nbody\n", line)

@@ -284,12 +284,14 @@ class Instruction:
 
 def parse_lines(cmds: str) -> list[Instruction]:
     """qmail-local's loop: trailing spaces/TABs dropped; a blank first line is
-    an error (raised), later blank lines are skipped."""
+    an error (raised), later blank lines are skipped. As there, a line is a
+    C string: a NUL ends it (the type is still read from the last character)."""
     if not cmds.endswith("\n"):
         cmds += "\n"
     out: list[Instruction] = []
-    for n, line in enumerate(cmds.split("\n")[:-1]):
-        line = line.rstrip(" \t")
+    for n, whole in enumerate(cmds.split("\n")[:-1]):
+        whole = whole.rstrip(" \t")
+        line = whole.partition("\0")[0]
         if not line:
             if n == 0:
                 raise LocalTemporary(TEXT_BLANK_FIRST)
@@ -298,7 +300,7 @@ def parse_lines(cmds: str) -> list[Instruction]:
         if first == "#":
             out.append(Instruction("comment", line))
         elif first in "./":
-            out.append(Instruction("maildir" if line.endswith("/") else "mbox", line))
+            out.append(Instruction("maildir" if whole.endswith("/") else "mbox", line))
         elif first == "|":
             out.append(Instruction("program", line[1:]))
         elif first == "+":
