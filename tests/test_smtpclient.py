@@ -314,3 +314,39 @@ def test_large_message_sent_whole():
     out, sink = run(_with_sink(go))
     assert out.final.code == 250
     assert sink.messages[0].content == body
+
+
+def _one_reply_server(replies: dict[bytes, bytes], greeting: bytes = b"220 hi\r\n"):
+    """A server answering each command by its first four bytes (default 250)."""
+    async def server(reader, writer):
+        writer.write(greeting)
+        while line := await reader.readline():
+            writer.write(replies.get(line[:4], b"250 ok\r\n"))
+        writer.close()
+    return server
+
+
+async def _serve(server, fn):
+    srv = await asyncio.start_server(server, "127.0.0.2", 0)
+    try:
+        return await fn(srv.sockets[0].getsockname()[1])
+    finally:
+        srv.close()
+        await srv.wait_closed()
+
+
+def test_extensions_after_the_kept_reply_text_are_seen():
+    # Only 5000 bytes of a reply are kept for "Remote host said:", but a long
+    # EHLO reply (600 lines) still offers what its last lines name.
+    lines = ([b"250-hi"] + [b"250-X-EXT%04d with some parameters" % i for i in range(600)]
+             + [b"250-STARTTLS", b"250 PIPELINING"])
+    ehlo = b"\r\n".join(lines) + b"\r\n"
+
+    async def go(port):
+        conn = await SmtpConnection.open("127.0.0.2", port, "me.test", timeoutconnect=2,
+                                         timeoutremote=2)
+        await conn.quit()
+        return conn.extensions
+    extensions = run(_serve(_one_reply_server({b"EHLO": ehlo}), go))
+    assert "PIPELINING" in extensions and "STARTTLS" in extensions
+    assert "X-EXT0599" in extensions and len(extensions) == 602

@@ -36,6 +36,9 @@ MAX_REPLY_TEXT = 5000
 MAX_REPLY_LINES = 1000
 # StreamReader line limit: a longer reply line is a protocol error.
 MAX_REPLY_LINE = 65536
+# Of each EHLO reply line, this much is read for the extension it names
+# (RFC 5321 4.5.3.1.5: a reply line is at most 512 octets).
+MAX_EHLO_LINE = 512
 
 # Large bodies are written in pieces of this size, each under timeoutremote.
 WRITE_CHUNK = 256 * 1024
@@ -270,10 +273,14 @@ class SmtpConnection:
         self.tls = f"{obj.version()} {cipher[0] if cipher else ''}".strip()
 
     async def _introduce(self) -> None:
-        reply = await self.command(b"EHLO " + self.helohost.encode("utf-8", "surrogateescape"))
+        # Extensions come from every line, not from the reply's kept text
+        # (MAX_REPLY_TEXT), which a long EHLO reply outgrows.
+        lines: list[bytes] = []
+        await self.write(b"EHLO " + self.helohost.encode("utf-8", "surrogateescape") + b"\r\n")
+        reply = await self.read_reply(lines=lines)
         if reply.code == 250:
             self.esmtp = True
-            self.extensions = _parse_ehlo(reply.text)
+            self.extensions = _parse_ehlo(lines)
             return
         if reply.code < 500:
             raise NameRejected(self.ip, reply)
@@ -284,8 +291,11 @@ class SmtpConnection:
 
     # --- replies and commands --------------------------------------------
 
-    async def read_reply(self, after_dot: bool = False) -> Reply:
-        lines: list[bytes] = []
+    async def read_reply(self, after_dot: bool = False,
+                         lines: list[bytes] | None = None) -> Reply:
+        """The next reply; `lines`, when given, gets the start of each of its
+        lines (MAX_EHLO_LINE bytes), however much of the text is kept."""
+        kept_lines: list[bytes] = []
         kept = 0
         count = 0
         code = -1
@@ -302,6 +312,8 @@ class SmtpConnection:
             head = line[:3]
             if not head.isdigit():
                 raise ConnectionDied(self.ip, f"garbled reply {line[:40]!r}", after_dot)
+            if lines is not None:
+                lines.append(line[:MAX_EHLO_LINE])
             if code < 0:
                 code = int(head)
                 if code == 421:
@@ -309,13 +321,13 @@ class SmtpConnection:
             if kept < MAX_REPLY_TEXT:
                 clean = line.replace(b"\r", b"").replace(b"\0", b"?")
                 clean = clean[:MAX_REPLY_TEXT - kept]
-                lines.append(clean)
+                kept_lines.append(clean)
                 kept += len(clean)
             if line[3:4] != b"-":
                 break
             if count >= MAX_REPLY_LINES:
                 raise ConnectionDied(self.ip, "reply too long", after_dot)
-        text = b"".join(lines).decode("utf-8", "replace")
+        text = b"".join(kept_lines).decode("utf-8", "replace")
         if not text.endswith("\n"):
             text += "\n"
         return Reply(code, text)
@@ -509,10 +521,10 @@ def _addr(address: str) -> bytes:
     return address.encode("utf-8", "surrogateescape")
 
 
-def _parse_ehlo(text: str) -> dict[str, str]:
+def _parse_ehlo(lines: list[bytes]) -> dict[str, str]:
     extensions: dict[str, str] = {}
-    for line in text.split("\n")[1:]:   # the first line is the greeting name
-        words = line[4:].strip().split(None, 1)
+    for line in lines[1:]:   # the first line is the greeting name
+        words = line[4:].decode("utf-8", "replace").strip().split(None, 1)
         if words:
             extensions[words[0].upper()] = words[1] if len(words) > 1 else ""
     return extensions
