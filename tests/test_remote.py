@@ -271,6 +271,21 @@ def test_dialogue_failures(knobs, status, text):
                            RecipientResult("b@example.test", status, text)], pipelining
 
 
+def test_data_answered_without_354_sends_no_body():
+    # A 250 to DATA is no go-ahead: a body sent then is read as commands, and
+    # the answer to its first line taken for the final reply ("accepted
+    # message" for mail the server never took), with the replies off by one
+    # for every later message on the connection.
+    message = b"Subject: x\r\n\r\nRCPT TO:<evil@example.test>\r\n"
+    text = "127.0.0.2 failed on DATA command.\nRemote host said: 250 what DATA?\n"
+    for extensions in (["PIPELINING"], []):
+        results, sink = _routed({"data_reply": "250 what DATA?", "extensions": extensions},
+                                ["a@example.test"], message)
+        assert results == [RecipientResult("a@example.test", "Z", text)], extensions
+        assert all(b"evil" not in c and not c.startswith(b"Subject")
+                   for conn in sink.connections for c in conn.commands)
+
+
 @pytest.mark.parametrize("reply, status", [("554 5.7.1 blocked", "D"), ("421 4.7.0 go away", "Z")])
 @pytest.mark.parametrize("extensions", [["PIPELINING"], []])
 def test_sender_refused_then_hang_up_keeps_the_refusal(extensions, reply, status):

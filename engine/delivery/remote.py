@@ -393,7 +393,7 @@ def _results(ip: str, recipients: Sequence[str], outcome: TransactionOutcome,
                                 + f"Giving up on {ip}.\n")
                 for addr, reply in zip(recipients, outcome.rcpt)]
     data, final = outcome.data, outcome.final
-    if data is None or data.code >= 400:
+    if data is None or data.code // 100 != 3:     # a 2xx to DATA: smtpclient sent no body
         status = _letter(data.code) if data is not None else "Z"
         common = RecipientResult("", status, f"{ip} failed on DATA command.\n" + _said(data))
     elif final is not None and final.code >= 400:

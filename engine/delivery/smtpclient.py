@@ -387,6 +387,12 @@ class SmtpConnection:
             outcome = await self._lockstep(mail, rcpts)
         if outcome.data is None or outcome.data.code >= 400:
             return outcome
+        if outcome.data.code // 100 != 3:
+            # Only a 354 lets the body go: after any other answer the server
+            # would read it as commands (and answer its first line as if it
+            # were the final reply). The state is unknown from here.
+            self.reusable = False
+            return outcome
         accepted = any(r.code < 400 for r in outcome.rcpt) and outcome.mail.code < 400
         if not accepted:
             # A pipelined DATA the server accepted although nothing else was:
