@@ -15,7 +15,9 @@ Behaviour knobs: `greeting` (e.g. "421 busy"), `silent` (never greets),
 `drop_on_rset` (hang up, without a reply, on RSET), `close_after_mail`
 (hang up right after answering MAIL, as servers refusing a sender often do),
 `busy_after_messages` (after n messages on a connection, answer MAIL with a
-421 and hang up, as Exim's smtp_accept_max_per_connection does).
+421 and hang up, as Exim's smtp_accept_max_per_connection does),
+`hard_error_limit` (after the n-th refused RCPT on a connection, send a 421
+and hang up, as Postfix's smtpd_hard_error_limit does).
 
 TLS: `tls_context` (a server ssl.SSLContext) offers STARTTLS before TLS and
 does the handshake after `starttls_reply` (a reply not starting with 220
@@ -63,6 +65,7 @@ class RecordingSink:
         self.drop_on_rset = False
         self.close_after_mail = False
         self.busy_after_messages = 0
+        self.hard_error_limit = 0
         self.tls_context: ssl.SSLContext | None = None
         self.starttls_reply = "220 ready for tls"
         self.tls_break = False
@@ -127,6 +130,7 @@ class RecordingSink:
         if not self.greeting.startswith("220"):
             return
         current: Transaction | None = None
+        refused = 0
         while True:
             line = await reader.readuntil(b"\r\n")
             line = line[:-2]
@@ -162,6 +166,12 @@ class RecordingSink:
                     reply = "503 MAIL first"
                 elif reply.startswith("2"):
                     current.rcpts.append(line)
+                if not reply.startswith("2"):
+                    refused += 1
+                    if self.hard_error_limit and refused >= self.hard_error_limit:
+                        writer.write(reply.encode() + b"\r\n421 too many errors\r\n")
+                        await writer.drain()
+                        return
             elif verb == b"DATA":
                 if current is None or not current.rcpts:
                     reply = "554 no valid recipients"

@@ -271,6 +271,25 @@ def test_dialogue_failures(knobs, status, text):
                            RecipientResult("b@example.test", status, text)], pipelining
 
 
+@pytest.mark.parametrize("extensions", [["PIPELINING"], []])
+def test_recipients_refused_before_a_hang_up_keep_their_answer(extensions):
+    # Postfix hangs up (421) after smtpd_hard_error_limit refusals: the
+    # recipients refused before keep their answer instead of being deferred
+    # with the rest, or a batch with that many unknown users would never
+    # get through (each retry dying the same way).
+    bad = {f"bad{i}@example.test": "550 5.1.1 no such user" for i in range(3)}
+    recipients = ["ok1@example.test", *bad, "ok2@example.test"]
+    results, sink = _routed({"rcpt_replies": bad, "hard_error_limit": 3,
+                             "extensions": extensions}, recipients)
+    assert statuses(results) == ["Z", "D", "D", "D", "Z"]
+    assert results[0].text == "Connected to 127.0.0.2 but connection died. (#4.4.2)\n"
+    assert results[1].text == ("127.0.0.2 does not like recipient.\n"
+                               "Remote host said: 550 5.1.1 no such user\n")
+    assert results[4].text == ("127.0.0.2 does not like recipient.\n"
+                               "Remote host said: 421 too many errors\n")
+    assert sink.messages == []
+
+
 def test_data_answered_without_354_sends_no_body():
     # A 250 to DATA is no go-ahead: a body sent then is read as commands, and
     # the answer to its first line taken for the final reply ("accepted

@@ -393,7 +393,9 @@ def _results(ip: str, recipients: Sequence[str], outcome: TransactionOutcome,
                                 + f"Giving up on {ip}.\n")
                 for addr, reply in zip(recipients, outcome.rcpt)]
     data, final = outcome.data, outcome.final
-    if data is None or data.code // 100 != 3:     # a 2xx to DATA: smtpclient sent no body
+    if outcome.died:
+        common = RecipientResult("", "Z", f"Connected to {ip} but connection died. (#4.4.2)\n")
+    elif data is None or data.code // 100 != 3:     # a 2xx to DATA: smtpclient sent no body
         status = _letter(data.code) if data is not None else "Z"
         common = RecipientResult("", status, f"{ip} failed on DATA command.\n" + _said(data))
     elif final is not None and final.code >= 400:

@@ -137,6 +137,9 @@ class TransactionOutcome:
     rcpt: list[Reply] = field(default_factory=list)   # one per recipient, in order
     data: Reply | None = None      # reply to DATA (None: DATA not sent)
     final: Reply | None = None     # reply after the final dot (None: body not sent)
+    # The connection died before DATA's reply, after the server refused some
+    # recipients: `rcpt` holds the replies that came (see _kept_refusals).
+    died: bool = False
 
 
 class SmtpConnection:
@@ -412,14 +415,30 @@ class SmtpConnection:
         outcome = TransactionOutcome(await self.read_reply())
         if outcome.mail.code >= 400:
             return outcome
-        for rcpt in rcpts:
-            await self.write(rcpt)
-            outcome.rcpt.append(await self.read_reply())
-        if not any(r.code < 400 for r in outcome.rcpt):
-            return outcome
-        await self.write(b"DATA\r\n")
-        outcome.data = await self.read_reply()
+        try:
+            for rcpt in rcpts:
+                await self.write(rcpt)
+                outcome.rcpt.append(await self.read_reply())
+            if not any(r.code < 400 for r in outcome.rcpt):
+                return outcome
+            await self.write(b"DATA\r\n")
+            outcome.data = await self.read_reply()
+        except ConnectionDied:
+            if not self._kept_refusals(outcome):
+                raise
         return outcome
+
+    def _kept_refusals(self, outcome: TransactionOutcome) -> bool:
+        """After the connection died before DATA's reply: True (and the
+        outcome marked `died`) if the server had refused recipients. Their
+        refusals stand (Postfix hangs up after smtpd_hard_error_limit of
+        them); retrying them with the rest would die the same way each time."""
+        if not any(r.code >= 400 for r in outcome.rcpt):
+            return False
+        self.reusable = False
+        outcome.data = None
+        outcome.died = True
+        return True
 
     async def _rset(self) -> None:
         reply = await self.command(b"RSET")
@@ -443,6 +462,8 @@ class SmtpConnection:
             outcome.data = await self.read_reply()
         except ConnectionDied:
             if outcome.mail.code < 400:
+                if self._kept_refusals(outcome):
+                    return outcome
                 raise
             # A server refusing the sender often hangs up at once: the
             # refusal is its answer, as in lockstep (a 5xx must bounce, not
