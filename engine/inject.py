@@ -375,7 +375,6 @@ class Qualifier:
 
 # --------------------------------------------------------------------------- the message
 
-_LINE_END = re.compile(rb"\r\n|\r|\n")
 _FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+[ \t]*:")
 
 TO_CC = frozenset({"to", "cc"})
@@ -396,14 +395,16 @@ class Prepared:
     message: bytes             # CRLF line ends
 
 
-def split_lines(data: bytes) -> list[str]:
-    """Lines without their ends; LF, CRLF and a lone CR all end a line."""
+def crlf_lines(data: bytes) -> bytes:
+    """`data` with every line ended by CRLF; LF, CRLF and a lone CR all end a
+    line, and a last line without an end gets one."""
     if b"\0" in data:
         raise InjectError("message contains NUL bytes")
-    lines = _LINE_END.split(data)
-    if lines and lines[-1] == b"":
-        lines.pop()
-    return [line.decode("utf-8", "surrogateescape") for line in lines]
+    # Not re.sub: it would hold a piece per line end before joining them.
+    data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    if data and not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return data
 
 
 def _field_name(field: list[str]) -> str:
@@ -411,29 +412,36 @@ def _field_name(field: list[str]) -> str:
     return name.rstrip(" \t").lower()
 
 
-def read_header(lines: list[str]) -> tuple[list[list[str]], list[str]]:
-    """qmail's headerbody(): (fields, each a list of physical lines; body lines,
-    starting with the blank separator line when there is a body)."""
+def read_header(data: bytes) -> tuple[list[list[str]], bytes]:
+    """qmail's headerbody() over `data` (CRLF line ends): (fields, each a list
+    of physical lines without their ends; the body, starting with the blank
+    separator line when there is a body). The body stays bytes: a message of
+    millions of short lines is never held as one string per line."""
     fields: list[list[str]] = []
     current: list[str] | None = None
-    for i, line in enumerate(lines):
+    start = 0
+    while start < len(data):
+        end = data.index(b"\r\n", start)
+        line = data[start:end].decode("utf-8", "surrogateescape")
         if current is not None and line[:1] in (" ", "\t"):
             current.append(line)
+            start = end + 2
             continue
         if current is not None:
             fields.append(current)
             current = None
         if line == "":
-            return fields, lines[i:]
+            return fields, data[start:]
         if line.startswith("From "):
             current = ["MBOX-Line: " + line]
         elif _FIELD_NAME.match(line):
             current = [line]
         else:
-            return fields, [""] + lines[i:]   # qmail inserts the blank line
+            return fields, b"\r\n" + data[start:]   # qmail inserts the blank line
+        start = end + 2
     if current is not None:
         fields.append(current)
-    return fields, []
+    return fields, b""
 
 
 def prepare(data: bytes, *, names: InjectNames, identity: Identity, sender: str | None = None,
@@ -457,7 +465,7 @@ def prepare(data: bytes, *, names: InjectNames, identity: Identity, sender: str 
     if header_recipients is None:
         header_recipients = not arguments
 
-    fields, body = read_header(split_lines(data))
+    fields, body = read_header(crlf_lines(data))
     kept: list[str] = []
     seen: set[str] = set()
     from_header: list[str] = []          # To/Cc/Bcc/Apparently-To
@@ -517,8 +525,8 @@ def prepare(data: bytes, *, names: InjectNames, identity: Identity, sender: str 
         added.append(f"{prefix}From: {default_from(identity, q)}")
     if prefix.lower() + "to" not in seen and prefix.lower() + "cc" not in seen:
         added.append(f"{prefix}Cc: recipient list not shown: ;")
-    out = added + kept + body
-    message = "".join(line + "\r\n" for line in out).encode("utf-8", "surrogateescape")
+    header = "".join(line + "\r\n" for line in added + kept).encode("utf-8", "surrogateescape")
+    message = header + body
     return Prepared(envelope_sender, tuple(rcpts), message)
 
 

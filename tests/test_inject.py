@@ -312,6 +312,22 @@ def test_header_ends_where_qmail_ends_it():
     assert b"To: b@x.org,\r\n c@x.org\r\n" in folded.message
 
 
+def test_a_body_of_many_short_lines_is_not_held_line_by_line():
+    """A cron job mailing a big log: 64 MiB of short lines took 3 GB and 13 s
+    as one Python string per line. The body stays bytes: a few copies at most."""
+    import tracemalloc
+    data = b"Subject: log\n\n" + b"ab\n" * 1_000_000 + b"old mac\rlast"
+    tracemalloc.start()
+    try:
+        got = p(data, arguments=["b@x.org"])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got.message.endswith(b"Subject: log\r\n\r\n" + b"ab\r\n" * 1_000_000
+                                + b"old mac\r\nlast\r\n")
+    assert peak < 5 * len(data), peak
+
+
 def test_an_unparsable_to_gives_nobody_and_arguments_alone_with_a():
     assert p(b"To: Joe Smith\nCc: ok@x.org\n\nhi\n").recipients == ("ok@x.org",)
     assert p(b"To: t@x.org\n\nhi\n", arguments=["a@x.org"]).recipients == ("a@x.org",)
