@@ -140,6 +140,23 @@ def test_errors_are_one_line_with_qmail_injects_exit_codes(root, tmp_path):
     assert queued(root) == []
 
 
+def test_qmail_injects_a_h_A_H_choose_the_recipients(root):
+    """A script ported from qmail-inject: `-h` is the header's recipients
+    only (it printed the help and exited 0, the message lost)."""
+    data = b"To: t@example.net\nSubject: s\n\nhi\n"
+    for flag, expected in (("-h", ("t@example.net",)), ("-a", ("a@example.net",)),
+                           ("-A", ("a@example.net",)),
+                           ("-H", ("a@example.net", "t@example.net"))):
+        done = inject(root, "-n", flag, "a@example.net", data=data)
+        assert done.returncode == 0, (flag, done.stderr)
+        rcpts = tuple(line[len("Recipient: "):] for line in done.stdout.decode().splitlines()
+                      if line.startswith("Recipient: "))
+        assert rcpts == expected, flag
+    helped = inject(root, "--help", data=b"")
+    assert helped.returncode == 0 and b"-h " in helped.stdout
+    assert queued(root) == []
+
+
 def test_a_qmail_queue_is_not_written_into(root):
     for d in ("mess", "todo", "info"):
         (root / "queue" / d).mkdir()

@@ -36,17 +36,25 @@ def _split_root(words: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
     return default_root(), words
 
 
-@cli.command(cls=_InjectCommand)
+# qmail-inject's -h is "the header's recipients only": help is --help alone here,
+# so a script written for qmail-inject never gets the help and exit 0 instead.
+@cli.command(cls=_InjectCommand, context_settings={"help_option_names": ["--help"]})
 @click.argument("words", nargs=-1, metavar="[ROOT] [RECIPIENT]...")
 @click.option("-f", "sender", metavar="SENDER", help="envelope sender ('' or '<>' = null sender)")
-@click.option("-t", "headers", is_flag=True,
-              help="also send to the header's To/Cc/Bcc (qmail-inject -H); Bcc is removed")
+@click.option("-A", "recipients_from", flag_value="A", default=True,
+              help="the arguments, else the header's To/Cc/Bcc (the default)")
+@click.option("-a", "recipients_from", flag_value="a", help="the arguments only")
+@click.option("-h", "recipients_from", flag_value="h", help="the header's To/Cc/Bcc only")
+@click.option("-H", "-t", "recipients_from", flag_value="H",
+              help="the arguments and the header's To/Cc/Bcc; Bcc is removed in every case")
 @click.option("-n", "print_only", is_flag=True,
               help="print the envelope sender and the message instead of queueing it")
-def inject(words: tuple[str, ...], sender: str | None, headers: bool, print_only: bool) -> None:
+def inject(words: tuple[str, ...], sender: str | None, recipients_from: str,
+           print_only: bool) -> None:
     """Queue the message on stdin (qmail-inject).
 
-    Recipients: the RECIPIENT arguments, else the header's To/Cc/Bcc. Added when
+    Recipients (qmail-inject's -A, -a, -h, -H; -t = -H): the RECIPIENT
+    arguments, else the header's To/Cc/Bcc. Added when
     missing: Date, Message-ID, From (QMAILUSER/USER/LOGNAME @ control/defaulthost),
     and addresses are qualified with defaulthost/defaultdomain. Envelope sender:
     -f, else QMAILSUSER or the user @ defaulthost. Reads ROOT/control, writes
@@ -65,8 +73,10 @@ def inject(words: tuple[str, ...], sender: str | None, headers: bool, print_only
         if (base / "control").is_dir():
             limit = load_spool_settings(base).smtp.max_message_bytes
         data = read_message(getattr(sys.stdin, "buffer", None), limit)
-        prepared, _ = inject_message(base, data, sender=sender, arguments=recipients,
-                                     header_recipients=True if headers else None,
+        prepared, _ = inject_message(base, data, sender=sender,
+                                     arguments=() if recipients_from == "h" else recipients,
+                                     header_recipients={"A": None, "a": False}.get(
+                                         recipients_from, True),
                                      queue=not print_only)
     except InjectError as exc:
         raise _InjectFailure(str(exc), exc.status) from None
