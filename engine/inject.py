@@ -104,7 +104,9 @@ class InjectNames:
                 value = read_line(control / name)
                 if value is None:
                     value = me if me is not None else name   # qmail's control_rldef
-                values[name] = env.get(f"QMAIL{name.upper()}", value)
+                # one line: a CR or LF from the environment must not split a field
+                values[name] = env.get(f"QMAIL{name.upper()}", value).replace(
+                    "\r", " ").replace("\n", " ")
         except ControlError as exc:
             raise InjectError(str(exc), TEMPORARY) from None
         return cls(**values)
@@ -525,6 +527,9 @@ def prepare(data: bytes, *, names: InjectNames, identity: Identity, sender: str 
         added.append(f"{prefix}From: {default_from(identity, q)}")
     if prefix.lower() + "to" not in seen and prefix.lower() + "cc" not in seen:
         added.append(f"{prefix}Cc: recipient list not shown: ;")
+    # What is added comes from the environment (QMAILUSER, QMAILHOST...): a CR
+    # or LF there must neither start a field nor leave a bare line end.
+    added = [line.replace("\r", " ").replace("\n", " ") for line in added]
     header = "".join(line + "\r\n" for line in added + kept).encode("utf-8", "surrogateescape")
     message = header + body
     return Prepared(envelope_sender, tuple(rcpts), message)

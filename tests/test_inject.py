@@ -577,3 +577,20 @@ def test_a_full_name_with_a_line_end_stays_in_its_from_line():
                        return_user="web", return_host=None, name_as_comment=as_comment)
         message = p(b"\nhi\n", arguments=["b@x.org"], identity=who).message
         assert b"\nBcc" not in message and b"\rBcc" not in message, message
+
+
+def test_a_line_end_in_the_environment_stays_in_the_field_it_fills():
+    # QMAILIDHOST, QMAILDEFAULTHOST, QMAILUSER, QMAILHOST from a script: a CR
+    # or LF in it must neither start a field of its own nor leave a bare line end
+    # in the stored message (the next hop may read it as the end of a line).
+    import dataclasses
+    for end in ("\n", "\r", "\r\n"):
+        bad = f"X{end}X-Injected: 1"
+        env = {"QMAILIDHOST": f"h.example{end}X-Injected: 1", "QMAILDEFAULTHOST": f'"{bad}"'}
+        names = InjectNames.load("/nowhere", env)
+        who = dataclasses.replace(ALICE, user=bad, host=f'"{bad}"')    # QMAILUSER, QMAILHOST
+        for data in (b"Reply-To: bob\n\nhi\n", b"Resent-To: t@x.org\n\nhi\n"):
+            message = prepare(data, names=names, identity=who, arguments=["b@x.org"],
+                              sender="s@x.org", now=1_700_000_000, pid=4242).message
+            assert re.search(rb"\r(?!\n)|(?<!\r)\n", message) is None, message
+            assert b"\r\nX-Injected" not in message, message
