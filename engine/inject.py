@@ -643,9 +643,14 @@ def through_injection_socket(queue: Path) -> bool:
     if os.geteuid() in (0, os.stat(queue).st_uid):
         return False
     if not (queue / INJECT_SOCKET).exists():
-        raise InjectError(f"qq: {queue} belongs to another user and no qrelay run is serving "
-                          f"{INJECT_SOCKET}: start qrelay run, or queue as root", TEMPORARY)
+        raise _not_served(queue)
     return True
+
+
+def _not_served(queue: Path) -> InjectError:
+    from engine.queue.writer import INJECT_SOCKET
+    return InjectError(f"qq: {queue} belongs to another user and no qrelay run is serving "
+                       f"{INJECT_SOCKET}: start qrelay run, or queue as root", TEMPORARY)
 
 
 def queue_message(root: Path, prepared: Prepared, *, uid: int, pid: int | None = None,
@@ -653,6 +658,7 @@ def queue_message(root: Path, prepared: Prepared, *, uid: int, pid: int | None =
     """qmail-queue: prepend its Received line and enqueue; returns the message
     id once the message is durable. InjectError(TEMPORARY) on any spool failure."""
     from engine.queue import Envelope, SpoolError
+    from engine.queue.values import WriterUnreachable
     from engine.queue.writer import INJECT_SOCKET, SpoolClient, open_spool_writer
     pid = os.getpid() if pid is None else pid
     now = time.time() if now is None else now
@@ -671,6 +677,9 @@ def queue_message(root: Path, prepared: Prepared, *, uid: int, pid: int | None =
         spool = (SpoolClient(queue / INJECT_SOCKET) if local_user
                  else open_spool_writer(queue, settings.spool))
         return spool.enqueue(envelope, message)
+    except WriterUnreachable as exc:
+        # The socket a stopped qrelay run left behind (or one gone meanwhile).
+        raise (_not_served(queue) if local_user else InjectError(f"qq: {exc}", TEMPORARY)) from None
     except SpoolError as exc:
         raise InjectError(f"qq: {exc}", TEMPORARY) from None
     except OSError as exc:

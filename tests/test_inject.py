@@ -223,6 +223,9 @@ def test_any_local_user_queues_through_the_injection_socket(root):
         client.close()
     finally:
         assert server.stop() == 0
+    # A stopped qrelay run leaves the socket: the same one line as with none.
+    stale = as_nobody("bob@example.net", data=b"\nhi\n")
+    assert stale.returncode == 111 and stale.stderr == refused.stderr, (stale.stderr, refused.stderr)
     got = {envelope.recipients[0]: (info, message) for info, envelope, message in queued(root)}
     info, message = got["bob@example.net"]
     assert (info.uid, info.origin) == (65534, "local")

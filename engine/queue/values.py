@@ -18,6 +18,10 @@ class SpoolWriteError(SpoolError):
     """Disk full or write error during enqueue; nothing was committed (451)."""
 
 
+class WriterUnreachable(SpoolWriteError):
+    """No spool writer answers on its socket (none runs, or it left the file)."""
+
+
 class SpoolVersionError(SpoolError):
     """The spool was written by a newer qrelay (format version too high)."""
 

@@ -48,7 +48,8 @@ from engine.config.settings import SpoolSettings
 from engine.ipc import FrameError
 from engine.queue import records as R
 from engine.queue.spool import Spool
-from engine.queue.values import Envelope, MessageTooBig, SpoolError, SpoolWriteError
+from engine.queue.values import (Envelope, MessageTooBig, SpoolError, SpoolWriteError,
+                                 WriterUnreachable)
 
 OK, WRITE_ERROR, OTHER_ERROR = 0, 1, 2
 WRITER_SOCKET = "writer.sock"     # in the queue directory
@@ -299,7 +300,7 @@ class SpoolClient:
             s.connect(self.socket_path)
         except OSError as exc:
             s.close()
-            raise SpoolWriteError(f"spool writer unreachable: {exc.strerror or exc}") from None
+            raise WriterUnreachable(f"spool writer unreachable: {exc.strerror or exc}") from None
         s.settimeout(None)
         self._sock = s
         threading.Thread(target=self._read_responses, args=(s,), name="spool-client",
