@@ -324,3 +324,25 @@ def test_loopback_host_headers_include_ipv4_mapped_and_ipv6(root):
             assert srv.get("/status.json", headers={"Host": host})[0] == 403, host
     finally:
         srv.stop()
+
+
+def test_a_destination_that_is_not_utf8_does_not_break_metrics(root):
+    """A recipient domain with a byte that is not UTF-8 (the spool keeps it,
+    surrogate-escaped) is a label value Prometheus can read, not a 500."""
+    from engine.queue import Deferred, Envelope, Spool
+    spool = Spool(root / "queue")
+    try:
+        now = time.time()
+        ids = [spool.enqueue(Envelope("a@src.test", (rcpt,)), b"Subject: x\r\n\r\nx\r\n")
+               for rcpt in ("u@caf\udce9.test", 'v@q"uo\\te.test')]
+        spool.preprocess_many([(m, ["remote"]) for m in ids], now=now)
+        spool.apply([Deferred(m, 0, now + 600, "no host (#4.1.2)\n") for m in ids])
+    finally:
+        spool.close()
+    srv = InProcessStatus(root)
+    try:
+        samples = srv.metrics()
+        assert value(samples, "qrelay_queue_deferred_recipients", destination="caf\\xe9.test") == 1
+        assert value(samples, "qrelay_queue_deferred_recipients", destination='q"uo\\te.test') == 1
+    finally:
+        srv.stop()

@@ -167,7 +167,7 @@ class StatusFacts:
             "Deferred recipients of the destinations with the most (top [status] top_destinations)",
             labels=("destination",))
         for row in summary.deferred:
-            deferred.add_metric((row["destination"],), row["count"])
+            deferred.add_metric((_label(row["destination"]),), row["count"])
         families.append(deferred)
         families.append(GaugeMetricFamily("qrelay_queue_scan_seconds",
                                           "Time the last queue scan took", value=summary.seconds))
@@ -186,6 +186,12 @@ class StatusFacts:
 
     def close(self) -> None:
         self.reader.close()
+
+
+def _label(text: str) -> str:
+    """A spool string as a label value: bytes that are not UTF-8 (kept by the
+    spool surrogate-escaped; the exposition must be UTF-8) shown as \\xNN."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 class _Families:
