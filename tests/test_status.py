@@ -346,3 +346,30 @@ def test_a_destination_that_is_not_utf8_does_not_break_metrics(root):
         assert value(samples, "qrelay_queue_deferred_recipients", destination='q"uo\\te.test') == 1
     finally:
         srv.stop()
+
+
+def raw_request(port: int, data: bytes) -> bytes:
+    """Send DATA, read the answer until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(data)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_absolute_form_targets_are_served_and_their_host_checked(root):
+    """RFC 9112 3.2.2: a server must accept the absolute form (what a client
+    talking to a proxy sends); its authority is the host, not Host:."""
+    srv = InProcessStatus(root)
+    try:
+        port = srv.http_port
+        got = raw_request(port, f"GET http://127.0.0.1:{port}/metrics?x=1 HTTP/1.1\r\n"
+                                f"Host: 127.0.0.1:{port}\r\n\r\n".encode())
+        assert got.startswith(b"HTTP/1.1 200 ") and b"# TYPE qrelay_queue_messages gauge" in got
+        got = raw_request(port, f"GET HTTP://localhost:{port} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+        assert got.startswith(b"HTTP/1.1 200 ") and b"<title>qrelay status</title>" in got
+        got = raw_request(port, b"GET http://evil.example/metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert got.startswith(b"HTTP/1.1 403 ")
+    finally:
+        srv.stop()

@@ -133,9 +133,14 @@ class HttpConnection(asyncio.Protocol):
             self._send(text_response(405, "only GET and HEAD"), head_only=False,
                        extra=(("Allow", "GET, HEAD"),))
             return
+        host = next((ln.partition(":")[2] for ln in lines[1:]
+                     if ln.lower().startswith("host:")), "")
+        scheme, sep, rest = target.partition("://")
+        if sep and scheme.lower() in ("http", "https"):
+            # The absolute form (RFC 9112 3.2.2): its authority is the host.
+            host, _, path = rest.partition("/")
+            target = "/" + path
         if self.server.loopback_only:
-            host = next((ln.partition(":")[2] for ln in lines[1:]
-                         if ln.lower().startswith("host:")), "")
             if not loopback_host(host):
                 self._send(text_response(403, "Host must be a loopback address or localhost"),
                            head_only=method == "HEAD")
