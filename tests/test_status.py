@@ -373,3 +373,17 @@ def test_absolute_form_targets_are_served_and_their_host_checked(root):
         assert got.startswith(b"HTTP/1.1 403 ")
     finally:
         srv.stop()
+
+
+def test_a_request_with_bare_lf_line_ends_is_answered(root):
+    """RFC 9112 2.2 lets a server take a bare LF as a line end; one that does
+    not must not leave the client waiting for request_timeout in silence."""
+    (root / "qrelay.toml").write_text("[status]\nrequest_timeout = 3.0\n")
+    srv = InProcessStatus(root)
+    try:
+        got = raw_request(srv.http_port, b"GET /metrics HTTP/1.0\nHost: 127.0.0.1\n\n")
+        assert got.startswith(b"HTTP/1.1 200 ") and b"# TYPE qrelay_queue_messages gauge" in got
+        got = raw_request(srv.http_port, b"GET /metrics HTTP/1.0\nHost: evil.example\r\n\n")
+        assert got.startswith(b"HTTP/1.1 403 ")
+    finally:
+        srv.stop()

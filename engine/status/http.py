@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 MAX_HEAD = 8192
+# The blank line that ends a head; a bare LF is a line end too (RFC 9112 2.2).
+HEAD_END = re.compile(rb"\r?\n\r?\n")
 REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
            405: "Method Not Allowed", 431: "Request Header Fields Too Large",
            500: "Internal Server Error", 503: "Service Unavailable"}
@@ -106,11 +109,12 @@ class HttpConnection(asyncio.Protocol):
         if self.answered:
             return
         self.buffer += data
-        end = self.buffer.find(b"\r\n\r\n")
-        if end < 0:
+        found = HEAD_END.search(self.buffer)
+        if found is None:
             if len(self.buffer) > MAX_HEAD:
                 self._answer(text_response(431, "request head too large"))
             return
+        end = found.start()
         if end > MAX_HEAD:
             self._answer(text_response(431, "request head too large"))
             return
@@ -123,7 +127,7 @@ class HttpConnection(asyncio.Protocol):
         task.add_done_callback(self.server.tasks.discard)
 
     async def _respond(self, head: str) -> None:
-        lines = head.split("\r\n")
+        lines = [line.removesuffix("\r") for line in head.split("\n")]
         parts = lines[0].split(" ")
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
             self._send(text_response(400, "bad request line"), head_only=False)
