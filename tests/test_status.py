@@ -387,3 +387,24 @@ def test_a_request_with_bare_lf_line_ends_is_answered(root):
         assert got.startswith(b"HTTP/1.1 403 ")
     finally:
         srv.stop()
+
+
+def test_a_metrics_file_that_cannot_be_read_leaves_the_others_served(root):
+    """A process's file is empty between its creation and its first size (or
+    is damaged): the other processes' counters are still served, not a 500."""
+    from prometheus_client.mmap_dict import MmapedDict, mmap_key
+    directory = root / "run" / "metrics"
+    directory.mkdir(parents=True)
+    good = MmapedDict(str(directory / "counter_1.db"))
+    good.write_value(mmap_key("qrelay_messages_received", "qrelay_messages_received_total",
+                              ["protocol", "result"], ["smtp", "queued"], "Messages"), 3.0, 0.0)
+    good.close()
+    (directory / "counter_2.db").write_bytes(b"")                       # being made
+    (directory / "counter_3.db").write_bytes(b"\x00\x01\x00\x00" + b"\x00" * 60)   # cut short
+    srv = InProcessStatus(root)
+    try:
+        samples = srv.metrics()
+        assert value(samples, "qrelay_messages_received_total", protocol="smtp", result="queued") == 3
+        assert srv.status()["totals"]["received"] == 3
+    finally:
+        srv.stop()

@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.status.facts import (QueueSummary, Rates, SpoolReader, counter_totals,
-                                 drop_dead_gauges, recent_deliveries)
+from engine.status.facts import (QueueSummary, Rates, SpoolReader, collect_metrics,
+                                 counter_totals, drop_dead_gauges, recent_deliveries)
 from engine.status.http import HttpServer, Response, text_response
 
 log = logging.getLogger("qrelay.status")
@@ -103,13 +103,10 @@ class StatusFacts:
         """Every process's counters, summed (cached for cache_seconds)."""
         mono = self.monotonic()
         if mono - self.families_at >= min(self.settings.cache_seconds, 1.0):
-            from prometheus_client import CollectorRegistry, multiprocess
             self.families = []
             if self.metrics_dir.is_dir():
                 drop_dead_gauges(self.metrics_dir)
-                registry = CollectorRegistry()
-                multiprocess.MultiProcessCollector(registry, path=str(self.metrics_dir))
-                self.families = list(registry.collect())
+                self.families = collect_metrics(self.metrics_dir)
             self.families_at = mono
             totals = counter_totals(self.families)
             self.rates_now = self.rates.add(mono, totals)
