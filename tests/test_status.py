@@ -408,3 +408,38 @@ def test_a_metrics_file_that_cannot_be_read_leaves_the_others_served(root):
         assert srv.status()["totals"]["received"] == 3
     finally:
         srv.stop()
+
+
+def test_an_answer_slower_than_request_timeout_is_still_sent(root):
+    """request_timeout bounds the request's arrival; an answer that takes
+    longer (the first scan of a large queue) is sent, not cut off unsaid."""
+    import asyncio
+    import threading
+
+    from engine.status.http import HttpServer, text_response
+
+    async def slow(path: str):
+        await asyncio.sleep(0.6)              # three request timeouts: a long queue scan
+        return text_response(200, "scanned")
+
+    server = HttpServer(slow, max_connections=4, timeout=0.2, loopback_only=True)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    listener = asyncio.run_coroutine_threadsafe(
+        loop.create_server(server.protocol, "127.0.0.1", 0), loop).result(10)
+    try:
+        port = listener.sockets[0].getsockname()[1]
+        got = raw_request(port, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert got.startswith(b"HTTP/1.1 200 ") and got.endswith(b"\r\n\r\nscanned\n")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET / HTTP/1.1\r\n")              # and a request that never ends
+            assert s.recv(100) == b""                      # is closed after the timeout
+    finally:
+        def close() -> None:
+            listener.close()
+            server.close_all()
+            loop.stop()
+        loop.call_soon_threadsafe(close)
+        thread.join(10)
+        loop.close()

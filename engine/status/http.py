@@ -120,6 +120,8 @@ class HttpConnection(asyncio.Protocol):
             return
         self.answered = True
         self.transport.pause_reading()
+        # The request is in; its answer may wait for a first scan of a long queue.
+        self.timer.cancel()
         head = self.buffer[:end].decode("latin-1")
         self.buffer = b""
         task = asyncio.get_running_loop().create_task(self._respond(head))
@@ -171,6 +173,11 @@ class HttpConnection(asyncio.Protocol):
             f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
         self.transport.write(head.encode("latin-1") + (b"" if head_only else response.body))
         self.close()
+        # A client that does not read its answer keeps no connection for ever.
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = asyncio.get_running_loop().call_later(self.server.timeout,
+                                                           self.transport.abort)
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
