@@ -696,3 +696,17 @@ def test_destination_unreached_names_only_what_never_reached_it():
                  "Connected to 192.0.2.1 but my name was rejected.\nRemote host said: 451 x\n",
                  "Remote host said: 451 4.7.1 greylisted\n"):
         assert not destination_unreached(text), text
+
+
+def test_a_domain_that_is_no_dns_name_has_no_host_not_a_crash(fake_dns):
+    """Bytes that are not UTF-8 reach a domain (a relay client's RCPT): IDNA
+    refused to encode it and the delivery crashed, deferred for a week with
+    no cause said. qmail looks the bytes up and finds no such host."""
+    async def go():
+        rd = RemoteDelivery(config(fake_dns))
+        try:
+            return await rd.deliver("caf\udce9.test", "a@src.test", ["u@caf\udce9.test"], MSG)
+        finally:
+            await rd.close()
+    assert run(go()) == [RecipientResult("u@caf\udce9.test", "D",
+                                         "Sorry, I couldn't find any host named caf\udce9.test. (#5.1.2)\n")]

@@ -222,6 +222,10 @@ class MxResolver:
         import pycares
         try:
             result = await self._get_resolver().query_dns(name, qtype)
+        except UnicodeError:
+            # Not a DNS name at all (bytes that are not UTF-8, a label IDNA
+            # refuses): no such host, as qmail's lookup of those bytes finds.
+            return _NXDOMAIN, self._negative_ttl
         except aiodns.error.DNSError as exc:
             code = exc.args[0] if exc.args else None
             if code == pycares.errno.ARES_ENOTFOUND:
