@@ -375,6 +375,8 @@ def test_delivery_crash_costs_a_retry_not_mail(env):
     asyncio.run(settle(sched))
     r = spool.message_info(mid).recipients[0]
     assert r.state == "deferred" and r.text == "qmail-remote crashed.\n"
+    # qmail's text names no cause: the log says it, in one line
+    assert f"alert: remote delivery of msg {mid} to d1.test crashed: RuntimeError('bug')" in log_texts(tmp)
 
 
 def test_stop_waits_for_running_deliveries(env):

@@ -715,8 +715,11 @@ class Scheduler:
             except asyncio.CancelledError:
                 results = []
                 raise
-            except Exception:
-                # A bug or crash in a courier must cost a retry, never mail.
+            except Exception as exc:
+                # A bug or crash in a courier must cost a retry, never mail;
+                # and the log says why (qmail's text alone names no cause).
+                self.log.alert(f"{lane.name} delivery of msg {first.msgid} to {domain} "
+                               f"crashed: {exc!r}")
                 results = all_results(group.recipients, "Z", CRASHED_TEXT.format(channel=lane.name))
         finally:
             lane.finished(domain)
