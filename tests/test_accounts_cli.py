@@ -393,6 +393,18 @@ def test_import_refuses_a_leftover_user_tree(droot, tmp_path):
     bad(qrelay("user", "add", str(droot), "bb@example.com", input="pw\n"), "exists but is not in vpasswd")
 
 
+def test_import_names_every_leftover_tree_at_once(droot, tmp_path):
+    """An import killed part way leaves a tree per user made: its rerun named
+    the first only, so finding 5,500 took as many runs."""
+    for name in ("aa", "bb", "cc"):
+        (droot / "domains" / "example.com" / name / "Maildir" / "new").mkdir(parents=True)
+    src = tmp_path / "users.txt"
+    src.write_text("aa@example.com:pw\nbb@example.com:pw\ncc@example.com:pw\ndd@example.com:pw\n")
+    bad(qrelay("user", "import", str(droot), str(src)),
+        f"{droot}/domains/example.com/aa (and 2 more): exists but is not in vpasswd; remove them first")
+    assert qrelay("user", "list", str(droot), "example.com").output == ""
+
+
 def test_user_show_usage_from_maildirsize_or_a_walk(droot):
     qrelay("user", "add", str(droot), "joe@example.com", "--quota", "1000S,10C", input="pw\n")
     maildir = droot / "domains" / "example.com" / "joe" / "Maildir"

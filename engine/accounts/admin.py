@@ -920,6 +920,7 @@ def import_users(root: os.PathLike | str, lines: Iterable[str], *, source: str =
     try:
         with contextlib.ExitStack() as locks:
             planned: dict[str, tuple[list[VUser], list[tuple[str, str, str, Path]]]] = {}
+            leftovers: list[Path] = []
             for domain in sorted(wanted):  # one order for every importer: no lock cycles
                 ref = refs[domain]
                 with _in_tree(ref):
@@ -932,10 +933,15 @@ def import_users(root: os.PathLike | str, lines: Iterable[str], *, source: str =
                         raise AdminError(f"{name}@{domain}: user exists (added meanwhile); nothing written")
                     user_dir = _user_dir(ref, len(users) + i, name)
                     if os.path.lexists(user_dir):  # a leftover tree must not hand old mail to a new user
-                        raise AdminError(f"{user_dir}: exists but is not in vpasswd; remove it first; "
-                                         "nothing written")
+                        leftovers.append(user_dir)
                     dirs.append((name, password, quota_field, user_dir))
                 planned[domain] = (users, dirs)
+            if leftovers:
+                # All of them at once: an import killed part way leaves thousands,
+                # and naming one per run would take as many runs to find them.
+                more = f" (and {len(leftovers) - 1} more)" if len(leftovers) > 1 else ""
+                raise AdminError(f"{leftovers[0]}{more}: exists but is not in vpasswd; remove "
+                                 f"{'them' if more else 'it'} first; nothing written")
             total = len(seen)
             n = 0
             for domain, (_, dirs) in planned.items():
