@@ -11,7 +11,8 @@ a worker thread, never on an event loop.
 from __future__ import annotations
 
 import os
-import stat
+
+from engine.privilege import open_own_file
 
 LASTAUTH = "lastauth"
 # An address is what vchkpw writes; a longer file is cut here.
@@ -39,22 +40,20 @@ def record(user_dir: str, ip: str) -> bool:
 def read(user_dir: str) -> tuple[str, float] | None:
     """(address, time) of the last login, or None when there was none (or
     it is not a plain file). `qrelay user show` calls this as root in a
-    directory the domain's owner writes: no link is followed, no FIFO
-    waited on, and no more than MAX_READ bytes are read."""
+    directory the domain's owner writes: engine.privilege.open_own_file
+    follows no link and waits on no FIFO, and no more than MAX_READ bytes
+    are read."""
     if not user_dir:
         return None             # no directory yet, not the current one
     try:
-        fd = os.open(os.path.join(user_dir, LASTAUTH),
-                     os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
+        fd = open_own_file(os.path.join(user_dir, LASTAUTH), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:             # none, or a link or a special file (NotRegularFile)
         return None
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return None
+        mtime = os.fstat(fd).st_mtime
         raw = os.read(fd, MAX_READ)
     except OSError:
         return None
     finally:
         os.close(fd)
-    return raw.decode("ascii", "replace").strip(), st.st_mtime
+    return raw.decode("ascii", "replace").strip(), mtime
