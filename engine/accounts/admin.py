@@ -55,7 +55,7 @@ from engine.accounts.vpasswd import (
 from engine.config.cdb import CdbError, CdbFile, newmrh
 from engine.config.control import read_list
 from engine.config.domains import ascii_lower
-from engine.config.settings import AccountsSettings, Settings, SettingsError, load_settings
+from engine.config.settings import Settings, SettingsError, load_settings
 from engine.privilege import acting_as
 
 VDELIVERMAIL = "/home/vpopmail/bin/vdelivermail"
@@ -74,21 +74,13 @@ class AdminError(Exception):
     """Bad input for an admin command (unknown domain, existing user, bad address, ...)."""
 
 
-def load_options(root: os.PathLike | str) -> AccountsSettings:
-    """The `[accounts]` settings of ROOT/qrelay.toml (engine/config/settings.py)."""
-    return _settings(root).accounts
-
-
 def _settings(root: os.PathLike | str) -> Settings:
+    """ROOT/qrelay.toml's settings (engine/config/settings.py: `[accounts]`,
+    `[auth] max_password_bytes`), read once per command."""
     try:
         return load_settings(root)
     except SettingsError as exc:
         raise AdminError(str(exc)) from None
-
-
-def _password_limit(root: os.PathLike | str) -> int:
-    """[auth] max_password_bytes: a longer password could never log in."""
-    return _settings(root).auth.max_password_bytes
 
 
 # -- shared checks ---------------------------------------------------------
@@ -563,6 +555,7 @@ def _make_hash_dirs(ref: DomainRef, user_dir: Path, made: set[str] | None = None
 
 
 def _check_password(password: str, limit: int) -> None:
+    """`limit`: [auth] max_password_bytes (a longer password could never log in)."""
     if not password:
         raise AdminError("empty password")
     if "\0" in password or "\n" in password:
@@ -610,9 +603,10 @@ def add_user(root: os.PathLike | str, address: str, password: str, *, quota: str
     base = check_root(root)
     local, domain = split_address(address)
     name = _check_user(local, address)
-    _check_password(password, _password_limit(base))
+    settings = _settings(base)
+    _check_password(password, settings.auth.max_password_bytes)
     quota_field = _quota(quota)
-    keep = load_options(base).keep_cleartext
+    keep = settings.accounts.keep_cleartext
     clear = _clear_field(password, keep)
     ref = find_domain(base, domain)
     if quota is None:
@@ -673,8 +667,9 @@ def set_password(root: os.PathLike | str, address: str, password: str) -> VUser:
     changing their own (qmailadmin, webmail), which is not this command.
     """
     base, ref, name = find_user(root, address)
-    _check_password(password, _password_limit(base))
-    clear = _clear_field(password, load_options(base).keep_cleartext)
+    settings = _settings(base)
+    _check_password(password, settings.auth.max_password_bytes)
+    clear = _clear_field(password, settings.accounts.keep_cleartext)
     crypted = passwords.hash_password(password)
     return _update_users(ref, name, lambda u: replace(u, crypted=crypted, clear=clear))[0]
 
@@ -877,8 +872,9 @@ def import_users(root: os.PathLike | str, lines: Iterable[str], *, source: str =
     """
     tell = progress or (lambda what, done, total: None)
     base = check_root(root)
-    keep = load_options(base).keep_cleartext
-    limit = _password_limit(base)
+    settings = _settings(base)
+    keep = settings.accounts.keep_cleartext
+    limit = settings.auth.max_password_bytes
     refs: dict[str, DomainRef] = {}
     existing: dict[str, set[str]] = {}
     defaults: dict[str, str] = {}       # each domain's default quota
