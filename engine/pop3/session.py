@@ -388,7 +388,7 @@ class Pop3Session(asyncio.Protocol):
         if attempt is not None:
             check = partial(logins.check_login, self.service.accounts, name, secret,
                             apop_timestamp=apop, max_messages=self.settings.max_messages,
-                            dummy_hash=self.service.dummy_hash, hash_seen=self.service.hash_seen,
+                            dummy_hash=self.service.dummy.get, hash_seen=self.service.dummy.seen,
                             webmail=self._webmail(), remoteip=ip,
                             max_password_bytes=self.config.settings.auth.max_password_bytes)
             result = await self.service.run(check)

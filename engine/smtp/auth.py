@@ -21,7 +21,7 @@ threads, niced (Linux nice is per thread), so under a flood of guesses the
 loop thread still wins the CPU and other sessions keep their latency; checks
 beyond the pool wait their turn. An unknown login is hashed too (against a
 dummy hash: the stored hash last checked, so of the scheme and cost the
-box's accounts use) so the time to answer does not tell which addresses exist.
+box's accounts use, engine.accounts.passwords.DummyHash) so the time to answer does not tell which addresses exist.
 
 Verified logins are remembered for `[auth] cache_seconds` (Dovecot's auth
 cache): a mail client that logs in for every message costs one hash per
@@ -42,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from engine.accounts.passwords import hash_password, scheme, verify
+from engine.accounts.passwords import DummyHash, scheme, verify
 from engine.config.domains import ascii_lower
 
 R_AUTH_OK = b"235 ok, go ahead (#2.0.0)\r\n"
@@ -190,7 +190,7 @@ class PasswordChecker:
         self.max_password_bytes = max_password_bytes
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="auth-hash",
                                        initializer=lower_priority, initargs=(nice,))
-        self._dummy: str | None = None
+        self.dummy = DummyHash()
         self.cache_seconds = cache_seconds
         self.cache_entries = cache_entries
         self._clock = clock
@@ -225,10 +225,8 @@ class PasswordChecker:
         return await loop.run_in_executor(self.pool, verify, password, crypted)
 
     async def _dummy_hash(self) -> str:
-        if self._dummy is None:
-            loop = asyncio.get_running_loop()
-            self._dummy = await loop.run_in_executor(self.pool, hash_password, secrets.token_hex(8))
-        return self._dummy
+        # DummyHash.get hashes the first time: never on the event loop.
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self.dummy.get)
 
     async def check(self, creds: Credentials, remoteip: str = "") -> tuple[bool, str]:
         """(accepted, why) — `why` is for the log only, never for the client. An
@@ -257,9 +255,7 @@ class PasswordChecker:
             if user is None or scheme(user.crypted) is None:
                 await self._verify(creds.secret, await self._dummy_hash())   # same time as a real check
                 return False, "no such user" if user is None else "no password"
-            # The dummy follows the hashes in use: on a box of vpopmail 5.4's
-            # $1$ hashes (0.1 ms) a $6$ dummy (1.4 ms) told unknown logins apart.
-            self._dummy = user.crypted
+            self.dummy.seen(user.crypted)      # the dummy follows the hashes in use
             key = ascii_lower(login)
             if not self._remembered(key, user.crypted, creds.secret):
                 if not await self._verify(creds.secret, user.crypted):
