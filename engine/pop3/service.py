@@ -66,7 +66,6 @@ class Pop3Service:
         return self.receiver.tls.context()
 
 
-
 def _settle(done: asyncio.Future, result: Any, exc: BaseException | None) -> None:
     if done.cancelled():
         return
