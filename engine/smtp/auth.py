@@ -21,7 +21,8 @@ threads, niced (Linux nice is per thread), so under a flood of guesses the
 loop thread still wins the CPU and other sessions keep their latency; checks
 beyond the pool wait their turn. An unknown login is hashed too (against a
 dummy hash: the stored hash last checked, so of the scheme and cost the
-box's accounts use, engine.accounts.passwords.DummyHash) so the time to answer does not tell which addresses exist.
+box's accounts use, engine.accounts.passwords.DummyHash) so the time to
+answer does not tell which addresses exist.
 
 Verified logins are remembered for `[auth] cache_seconds` (Dovecot's auth
 cache): a mail client that logs in for every message costs one hash per
