@@ -70,7 +70,7 @@ from pathlib import Path
 from typing import Iterable
 
 from engine.config.control import read_list, read_numbered_lines
-from engine.tls import MIN_VERSIONS, ssl_reason
+from engine.tls import MIN_VERSIONS, TlsError, load_certificate
 
 NONE = "none"            # never STARTTLS
 MAY = "may"              # opportunistic
@@ -316,24 +316,17 @@ def read_client_cert(root: Path | str) -> tuple[str, tuple]:
     """control/clientcert.pem's path and (inode, size, mtime), or ("", ()) when
     there is none; TlsPolicyError when it exists but does not load."""
     path = Path(root) / CLIENT_CERT_FILE
-    asked: list[bool] = []
-
-    def no_passphrase() -> bytes:
-        asked.append(True)
-        return b""
     try:
         st = path.stat()
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(path, password=no_passphrase)
     except FileNotFoundError:
         return "", ()
-    except ssl.SSLError as exc:
-        if asked:
-            raise TlsPolicyError(f"{path}: the private key is encrypted; qmail-tls reads it "
-                                 f"without a passphrase (store it unencrypted, mode 640)") from None
-        raise TlsPolicyError(f"{path}: cannot load the certificate and key: "
-                             f"{ssl_reason(exc)}") from None
     except OSError as exc:
         raise TlsPolicyError(f"{path}: {exc.strerror}") from None
+    try:
+        # Never a passphrase prompt (engine.tls.load_certificate says so in one line).
+        load_certificate(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), path, str(path))
+    except TlsError as exc:
+        raise TlsPolicyError(str(exc)) from None
     return str(path), (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
