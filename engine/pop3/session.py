@@ -143,10 +143,9 @@ class Pop3Session(asyncio.Protocol):
         self.transport.close()
         metrics.session_refused("limit", "pop3")
         st = self.settings
-        cap = (f"{self.receiver.pop3_counter.total()}/{st.max_connections} connections"
-               if refused == "total" else
-               f"max_connections_per_ip {st.max_connections_per_ip}" if refused == "ip" else
-               f"{len(self.receiver.sessions)} sessions in this receiver: open files limit")
+        cap = self.receiver.refusal_detail(
+            refused, f"{self.receiver.pop3_counter.total()}/{st.max_connections} connections",
+            st.max_connections_per_ip)
         self._log(f"pop3: connection from {self.remoteip} refused: too many connections ({cap})")
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -200,6 +200,13 @@ class Receiver:
             return "files"
         return counter.admit(ip, max_total, max_per_ip)
 
+    def refusal_detail(self, refused: str, total: str, max_per_ip: int) -> str:
+        """The log's reason for admit()'s refusal `refused`; `total` is the
+        service's own count for "total"."""
+        return (total if refused == "total" else
+                f"max_connections_per_ip {max_per_ip}" if refused == "ip" else
+                f"{len(self.sessions)} sessions in this receiver: open files limit")
+
     def admit_handshake(self, scheme: str, ip: str) -> Callable[[], None] | None:
         """An implicit-TLS connection (engine.tls.ImplicitTls) counted against
         its service's caps and the open-files room while its handshake runs;
@@ -216,9 +223,7 @@ class Receiver:
         if refused is not None:
             metrics.session_refused("limit", scheme)
             if self.log is not None:
-                why = (f"max_connections_per_ip {per_ip}" if refused == "ip" else
-                       f"status: {counter.total()}/{cap}" if refused == "total" else
-                       f"{len(self.sessions)} sessions in this receiver: open files limit")
+                why = self.refusal_detail(refused, f"status: {counter.total()}/{cap}", per_ip)
                 self.log.smtpd(self.counter.next_number(), ip,
                                f"{scheme} TLS connection refused: too many connections ({why})")
             return None

@@ -191,9 +191,9 @@ class SmtpSession(asyncio.Protocol):
             self.state = CLOSED
             metrics.session_refused("limit", self.scheme)
             if self.log is not None:
-                cap = (f"status: {counter.total()}/{cfg.concurrencyincoming}" if refused == "total"
-                       else f"max_connections_per_ip {st.max_connections_per_ip}" if refused == "ip"
-                       else f"{len(receiver.sessions)} sessions in this receiver: open files limit")
+                cap = receiver.refusal_detail(
+                    refused, f"status: {counter.total()}/{cfg.concurrencyincoming}",
+                    st.max_connections_per_ip)
                 self.log.smtpd(self.number, self.remoteip, f"{reply} ({cap})")
             return
         self.counted = True
