@@ -631,3 +631,43 @@ def test_a_domain_its_owner_cannot_reach_is_one_line_naming_the_cure(tmp_path):
     assert r.exit_code == 2, r.output
     assert "Permission denied as uid 89, the owner of example.com, who delivers its mail: every " \
            "directory above" in r.stderr and "Traceback" not in r.output + r.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="acting as another user needs root")
+def test_domain_del_never_removes_a_tree_the_owner_pointed_its_path_at(root, tmp_path,
+                                                                        monkeypatch):
+    """A domain directory under a directory its owner writes (a qmail box's
+    /home/vpopmail/domains): the owner swaps that directory for a link while
+    `domain del` runs, and root's rm -rf of DOMDIR would follow it and remove
+    another tree of that name (/var/www/example.com). Root removes the tree
+    as the owner: only what that user could remove itself goes."""
+    import pwd
+    import subprocess
+    nobody = pwd.getpwnam("nobody")
+    vhome = tmp_path / "vpopmail"
+    vhome.mkdir()
+    os.chown(vhome, nobody.pw_uid, nobody.pw_gid)
+    assert qrelay("domain", "add", str(root), "example.com", "--uid", str(nobody.pw_uid),
+                  "--gid", str(nobody.pw_gid)).exit_code == 0
+    # As import-qmail leaves a qmail box: the domain lives under the owner's home.
+    real = vhome / "domains"
+    subprocess.run(["cp", "-a", str(root / "domains"), str(real)], check=True)
+    assign = root / "users" / "assign"
+    assign.write_text(assign.read_text().replace(str(root / "domains"), str(real)))
+    assert qrelay("newu", str(root)).exit_code == 0
+    victim = tmp_path / "www" / "example.com"
+    victim.mkdir(parents=True)
+    (victim / "index.html").write_text("root's\n")
+    (victim / "vpasswd").write_text("")
+
+    swap = admin._write_assign
+
+    def owner_swaps(*args):
+        subprocess.run(["sh", "-c", f'mv "$0/domains" "$0/moved" && ln -s "$1" "$0/domains"',
+                        str(vhome), str(victim.parent)], user=nobody.pw_uid,
+                       group=nobody.pw_gid, extra_groups=[], check=True, timeout=30)
+        swap(*args)
+    monkeypatch.setattr(admin, "_write_assign", owner_swaps)
+    r = qrelay("domain", "del", str(root), "example.com")
+    assert "Traceback" not in r.output + r.stderr
+    assert (victim / "index.html").read_text() == "root's\n"

@@ -434,11 +434,29 @@ def delete_domain(root: os.PathLike | str, domain: str) -> tuple[DomainRef, str 
         _write_assign(base, kept)
         _remove_domain_names(base / "control", names)
     if real is None:
-        if ref.directory.is_symlink():
-            ref.directory.unlink()      # vdeldomain: a linked domain loses the link, not the tree
-        else:
-            shutil.rmtree(ref.directory)
+        _remove_domain_directory(ref)
     return ref, real
+
+
+def _remove_domain_directory(ref: DomainRef) -> None:
+    """vdeldomain's rm -rf of DOMDIR, as its owner (_in_tree): the tree and
+    often the directory above it (~vpopmail/domains) are that user's, and a
+    link swapped in for one of them must not lead root's rm -rf to another
+    tree of the same name (/var/www/example.com). Root removes only the
+    emptied DOMDIR itself (its parent may be another owner's): rmdir removes
+    nothing but an empty directory, wherever a link leads."""
+    directory = ref.directory
+    with _in_tree(ref):
+        if directory.is_symlink():
+            directory.unlink()      # vdeldomain: a linked domain loses the link, not the tree
+            return
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
+    directory.rmdir()
 
 
 def _alias_of(base: Path, name: str) -> str | None:
