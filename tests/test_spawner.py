@@ -467,3 +467,39 @@ def test_pool_close_answers_callers_waiting_for_a_worker():
         assert await pool.deliver(group) == [
             RecipientResult("r@d.test", "Z", got[0].text)]
     asyncio.run(main())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a worker drops to another user only as root")
+def test_a_worker_started_as_root_imports_nothing_from_its_working_directory(
+        root, tmp_path, monkeypatch):
+    """A worker is exec'd as root and drops to the mailbox owner (or the run
+    user) only once it has loaded itself. `python -m` puts the working
+    directory first on sys.path: a `qrelay run` started in a directory a
+    lesser user writes (/tmp, ROOT/queue) would import that user's uvloop.py
+    as root. The worker's interpreter does not (-P)."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    marker = tmp_path / "ran-as"
+    # The planted module says who imported it, then steps aside for the real one.
+    (cwd / "uvloop.py").write_text(
+        "import os, sys\n"
+        f"open({str(marker)!r}, 'w').write(str(os.geteuid()))\n"
+        "here = os.path.dirname(os.path.abspath(__file__))\n"
+        "sys.path[:] = [p for p in sys.path if os.path.abspath(p or '.') != here]\n"
+        "del sys.modules[__name__]\n"
+        "import uvloop as real\n"
+        "sys.modules[__name__] = real\n")
+    monkeypatch.chdir(cwd)
+
+    async def main():
+        spawner = Spawner(root, 1, "local", user=(65534, 65534), max_message=1 << 20)
+        await spawner.start()
+        try:
+            return await spawner.deliver(
+                Group("local", 1, "mx.example.com", "a@src.test", ("nosuchuser@mx.example.com",)),
+                b"Subject: x\r\n\r\nbody\r\n")
+        finally:
+            await spawner.close()
+    [got] = asyncio.run(main())
+    assert got.status in ("Z", "D") and got.text != "", got   # the worker answered the job
+    assert not marker.exists(), marker.read_text()

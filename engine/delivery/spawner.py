@@ -388,7 +388,11 @@ async def _worker_serve(sock: socket.socket, spool, deliverer, max_frame: int) -
 
 def worker_argv(python: str, root: str, fd: int, parent_pid: int, channel: str,
                 max_frame: int, inline: bool, user: tuple[int, int] | None) -> list[str]:
-    argv = [python, "-m", "engine.delivery.spawner", root, str(fd), str(parent_pid), channel,
+    # -P: `-m` would put the working directory first on sys.path, and a worker
+    # loads itself as root (it drops afterwards): a `qrelay run` started in a
+    # directory another user writes (/tmp, ROOT/queue) would import their
+    # uvloop.py as root. qrelay is an installed package (or on PYTHONPATH).
+    argv = [python, "-P", "-m", "engine.delivery.spawner", root, str(fd), str(parent_pid), channel,
             str(max_frame), "inline" if inline else "spool"]
     if user is not None:
         argv += [str(user[0]), str(user[1])]
