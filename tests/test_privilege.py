@@ -229,6 +229,8 @@ def test_remote_workers_are_started_by_the_root_spawner_and_run_as_the_run_user(
         [worker] = children_of(kids["lspawn"])
         assert _title(worker).endswith("delivery worker remote")
         assert _status(worker)["Uid"] == [str(NOBODY.pw_uid)] * 4
+        # It reads what remote servers send: as the receivers, no set-uid program helps it.
+        assert _status(worker)["NoNewPrivs"] == ["1"]
     finally:
         _stop(q)
 

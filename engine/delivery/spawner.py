@@ -55,7 +55,7 @@ from engine import ipc
 from engine.backoff import Backoff
 from engine.delivery.channels import (UNREADABLE_TEXT, Forward, Group, RecipientResult,
                                       all_results)
-from engine.privilege import acting_as, drop_to
+from engine.privilege import acting_as, drop_to, no_new_privileges
 
 # A job without its message carries at most max_recipients_per_delivery
 # addresses (each < 1 KB in SMTP); results carry their texts.
@@ -345,6 +345,11 @@ def worker_main(root: str, fd: int, parent_pid: int, channel: str,
         deliverer = channel_spec(channel).open(rootp, settings)
         if user is not None:
             drop_to(*user)
+            if channel != "local":
+                # It reads what remote servers send: as every process that
+                # reads the network (engine.privilege.become), a set-uid
+                # program it could exec gives it nothing more.
+                no_new_privileges()
             # setuid() cleared the parent-death signal: ask again.
             if not follow_parent(parent_pid):
                 return 0
