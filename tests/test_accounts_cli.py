@@ -671,3 +671,17 @@ def test_domain_del_never_removes_a_tree_the_owner_pointed_its_path_at(root, tmp
     r = qrelay("domain", "del", str(root), "example.com")
     assert "Traceback" not in r.output + r.stderr
     assert (victim / "index.html").read_text() == "root's\n"
+
+
+def test_user_show_never_blocks_on_a_fifo_nor_reads_a_device_the_owner_put_there(droot, qrelay_cli):
+    """`qrelay user show` (root) reads maildirsize in a tree the domain's owner
+    writes: a FIFO there blocked it for ever, a link to /dev/zero filled its
+    memory. Only a regular file is read; anything else is one line, exit 1."""
+    assert qrelay("user", "add", str(droot), "joe@example.com", input="pw\n").exit_code == 0
+    size = droot / "domains" / "example.com" / "joe" / "Maildir" / "maildirsize"
+    os.mkfifo(size)
+    for _ in range(2):
+        r = qrelay_cli("user", "show", str(droot), "joe@example.com", timeout=30)
+        assert (r.returncode, r.stderr) == (1, f"Error: {size}: not a regular file\n")
+        size.unlink()
+        size.symlink_to("/dev/zero")

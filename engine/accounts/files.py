@@ -18,9 +18,11 @@ users/`assign.lock`), cooperates with vpopmail's tools on a shared tree.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import secrets
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -50,13 +52,20 @@ def read_whole(path: os.PathLike | str) -> tuple[bytes, FileKey] | None:
 
     The key comes from fstat on the descriptor that was read, so it describes
     exactly the content returned even if the file is replaced meanwhile.
+
+    Only a regular file is read (else OSError EINVAL): these files sit in
+    trees their owners write (a domain's vpasswd, a Maildir's maildirsize),
+    and a FIFO put there would block root's `qrelay user show` for ever, a
+    link to /dev/zero fill its memory.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except (FileNotFoundError, NotADirectoryError):
         return None
     try:
         st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
         chunks = []
         while True:
             chunk = os.read(fd, max(st.st_size, 65536))
