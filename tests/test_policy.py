@@ -1,9 +1,11 @@
 """Relay policy: rcpthosts (+ .suffix, morercpthosts.cdb), badmailfrom, anti-relay tricks."""
 from __future__ import annotations
 
+import struct
+
 import pytest
 
-from engine.config.cdb import CdbFile, newmrh, write_cdb
+from engine.config.cdb import CdbError, CdbFile, build_cdb, newmrh, write_cdb
 from engine.smtp.policy import (
     BADMAILFROM_REFUSED, RCPTHOSTS_REFUSED, SYNTAX_ERROR, RecipientPolicy, rewrite_local_ip_literal,
     plain_address, split_address, unquote_address,
@@ -141,6 +143,17 @@ def test_morercpthosts_cdb_only_and_text_ignored(tmp_path):
     assert policy.check_rcpt("u@cdb.test", None) is None
     assert policy.check_rcpt("u@x.cdbsub.test", None) is None
     assert policy.check_rcpt("u@cdbsub.test", None) == RELAY_553
+
+
+def test_corrupt_morercpthosts_cdb_is_refused_at_load_not_at_rcpt(tmp_path):
+    # A record length past the end of the file: only a lookup of that key
+    # reached it, and the exception killed the SMTP session at RCPT.
+    (tmp_path / "rcpthosts").write_text("local.test\n")
+    data = bytearray(build_cdb([(b"cdb.test", b"")]))
+    struct.pack_into("<I", data, 2048, 0xFFFFFFFF)
+    (tmp_path / "morercpthosts.cdb").write_bytes(bytes(data))
+    with pytest.raises(CdbError, match="morercpthosts.cdb: corrupt cdb"):
+        RecipientPolicy.load(tmp_path)
 
 
 def test_many_morercpthosts(tmp_path):

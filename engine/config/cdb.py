@@ -75,6 +75,17 @@ class CdbFile:
             raise CdbError(f"unable to read {path}: {exc.strerror}") from exc
         return cls(data, name=str(path))
 
+    def check(self) -> CdbFile:
+        """Read every record a lookup can reach: CdbError now, at load, for a
+        file whose damage a lookup would otherwise meet later. Returns self."""
+        data = self._data
+        for tpos, slots in self._header:
+            for slot in range(slots):
+                _, rpos = _PAIR.unpack_from(data, tpos + slot * 8)
+                if rpos:
+                    self._record(rpos)
+        return self
+
     def _record(self, pos: int) -> tuple[bytes, bytes, int]:
         data = self._data
         if pos + 8 > len(data):

@@ -208,7 +208,7 @@ def _rcpthosts(out: _Out) -> None:
         out.items("morercpthosts", "No rcpthosts; morercpthosts is irrelevant.",
                   "No rcpthosts; doesn't matter that morercpthosts has ", ".")
     cdb = out.control / "morercpthosts.cdb"
-    if not (cdb.exists() and out.refused("morercpthosts.cdb", lambda: CdbFile.open(cdb), CdbError)):
+    if not (cdb.exists() and out.refused("morercpthosts.cdb", lambda: CdbFile.open(cdb).check(), CdbError)):
         out.say("morercpthosts.cdb", _cdb_state(out.control, "morercpthosts", "morercpthosts.cdb",
                                                 "qrelay newmrh"))
 

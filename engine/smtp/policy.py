@@ -167,7 +167,8 @@ class RecipientPolicy:
         if rcpthosts is None:
             raise FileNotFoundError(str(control_dir / "rcpthosts"))
         try:
-            more = CdbFile.open(control_dir / "morercpthosts.cdb")
+            # Checked whole now: a lookup at RCPT time must not meet damage.
+            more = CdbFile.open(control_dir / "morercpthosts.cdb").check()
         except FileNotFoundError:
             more = None
         badmailfrom = read_list(control_dir / "badmailfrom", []) or []
