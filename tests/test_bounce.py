@@ -164,6 +164,27 @@ def test_a_sender_that_is_not_utf8_is_bounced_as_its_bytes():
     assert b"\r\nReturn-Path: <\"a\xff\"@src.test>\r\nReceived: (qmail 29203" in b.message
 
 
+def test_line_breaks_in_addresses_and_reports_never_reach_the_bounce_raw():
+    # `qrelay import-qmail` takes a sender as qmail-queue stored it (any byte
+    # but NUL), and a .qmail program's output keeps its CRs: quoted into To:,
+    # a sender's CRLF started a header of its own (here a Bcc:), and a
+    # report's CR was a bare CR in the bounce.
+    sender = "a\r\nBcc: victim@evil.test\r\nX: \"@src.test"
+    b = build_bounce(CFG, sender=sender, original=ORIGINAL, now=NOW, failures=[
+        Failure("p\r@x.test", "program said:\r\nline\rtwo\0three\n"),
+        Failure("q\n@x.test", "no (#5.1.1)\n")])
+    assert b.recipient == sender               # the envelope keeps the address as stored
+    raw = b.message
+    assert b"\n" not in raw.replace(b"\r\n", b"") and b"\r" not in raw.replace(b"\r\n", b"")
+    assert b"\0" not in raw
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    assert not any(line.startswith((b"Bcc", b"X:")) for line in head.split(b"\r\n"))
+    assert b"\r\nTo: \"a__Bcc: victim@evil.test__X: \\\"\"@src.test\r\n" in raw
+    assert b"Return-Path: <\"a__Bcc: victim@evil.test__X: \\\"\"@src.test>\r\n" in raw
+    assert b"<p_@x.test>:\r\nprogram said:\r\nlinetwo?three\r\n\r\n<q_@x.test>:\r\n" in raw
+    assert b"Final-Recipient: rfc822; p_@x.test\r\n" in raw
+
+
 def test_big_original_returns_headers_only():
     cfg = BounceConfig(bouncehost="h", max_copy_bytes=1000)
     big = b"Subject: big\r\nX-A: 1\r\n\r\n" + b"x" * 5000 + b"\r\n"

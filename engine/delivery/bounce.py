@@ -53,6 +53,12 @@ _NEEDS_QUOTE = re.compile(r'[\x00-\x20()<>@,;:\\".\[\]\x7f-\U0010ffff]')
 # A local part that is already a quoted string: the receiver keeps `"a b"@c`
 # as sent (engine.smtp.policy.plain_address), so it is never quoted again.
 _QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"\Z', re.S)
+# An address shown in the bounce is one line: qmail-send's `\n` -> `_`, for
+# CR and NUL too (a sender imported from a qmail queue may hold any of them).
+_ONE_LINE = str.maketrans("\r\n\0", "___")
+# A report is LF-separated lines: CR dropped (as qmail-remote drops it from a
+# reply), NUL shown as `?` (qmail-remote's outsmtptext).
+_REPORT_TEXT = str.maketrans({"\r": None, "\0": "?"})
 
 
 @dataclass(slots=True, frozen=True)
@@ -150,11 +156,13 @@ def quote_address(addr: str) -> str:
 
 
 def _report_paragraph(f: Failure) -> str:
-    """qmail-send's addbounce: `<addr>:\\n<report>` (`\\n` in addr as `_`; a
+    """qmail-send's addbounce: `<addr>:\\n<report>` (`\\n`, CR, NUL in addr as
+    `_`; CR dropped from the report, NUL as `?`; a
     `\\n` added unless the report ends in one or is empty), every `\\n` that
     follows a `\\n` made `/` but in the last byte, then `\\n`."""
-    text = f"<{f.recipient.replace(chr(10), '_')}>:\n{f.text}"
-    if f.text and not f.text.endswith("\n"):
+    report = f.text.translate(_REPORT_TEXT)
+    text = f"<{f.recipient.translate(_ONE_LINE)}>:\n{report}"
+    if report and not report.endswith("\n"):
         text += "\n"
     return _NEWLINE_AFTER_NEWLINE.sub("/", text[:-1]) + text[-1] + "\n"
 
@@ -226,7 +234,7 @@ def build_bounce(config: BounceConfig, *, sender: str, failures: Sequence[Failur
 
     head = (f"Date: {date822(now)}\n"
             f"From: {quote_address(config.bouncefrom + '@' + config.bouncehost)}\n"
-            f"To: {quote_address(recipient)}\n"
+            f"To: {quote_address(recipient).translate(_ONE_LINE)}\n"
             "Subject: failure notice\n"
             "MIME-Version: 1.0\n"
             f'Content-Type: multipart/report; report-type=delivery-status;\n\tboundary="{boundary}"\n'
@@ -249,7 +257,7 @@ def build_bounce(config: BounceConfig, *, sender: str, failures: Sequence[Failur
         dsn.append(f"Arrival-Date: {date822(arrival)}\n")
     for f in failures:
         dsn.append("\n")
-        dsn.append(f"Final-Recipient: rfc822; {f.recipient.replace(chr(10), '_')}\n")
+        dsn.append(f"Final-Recipient: rfc822; {f.recipient.translate(_ONE_LINE)}\n")
         dsn.append("Action: failed\n")
         dsn.append(f"Status: {dsn_status(f.text)}\n")
         diag = diagnostic_code(f.text)
@@ -258,7 +266,8 @@ def build_bounce(config: BounceConfig, *, sender: str, failures: Sequence[Failur
 
     # The sender as qmail-send has it by now (a VERP sender already
     # stripped), quoted as in To: (qmail's quote2).
-    copy = _crlf(f"Return-Path: <{'' if double else quote_address(recipient)}>\n") + original
+    shown = "" if double else quote_address(recipient).translate(_ONE_LINE)
+    copy = _crlf(f"Return-Path: <{shown}>\n") + original
     if len(copy) <= config.max_copy_bytes:
         copy_type = "message/rfc822"
     else:
