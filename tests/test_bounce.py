@@ -196,6 +196,22 @@ def test_big_original_returns_headers_only():
     assert b"Return-Path: <a@b.test>\r\nSubject: big\r\nX-A: 1\r\n" in b.message
 
 
+def test_a_huge_original_is_not_copied_to_bounce_its_header():
+    # The caller holds the message once; its bounce (header only over
+    # max_copy_bytes) must not cost a second copy of it.
+    import tracemalloc
+    big = b"Subject: big\r\n\r\n" + b"x" * (30 * 1024 * 1024)
+    tracemalloc.start()
+    try:
+        b = build_bounce(CFG, sender="a@b.test", original=big, now=NOW,
+                         failures=[Failure("p@x", "no (#5.1.1)\n")])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert b"Return-Path: <a@b.test>\r\nSubject: big\r\n\r\n--" in b.message
+    assert peak < 4 * CFG.max_copy_bytes
+
+
 @pytest.mark.parametrize("big", [
     b"no header at all, no blank line\r\n" * 200,               # a script's bare body
     b"Subject: big\r\n" + b"X-Junk: x\r\n" * 500 + b"\r\nbody\r\n",

@@ -196,18 +196,19 @@ def _crlf(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape").replace(b"\n", b"\r\n")
 
 
-def _header_block(message: bytes, limit: int) -> bytes:
-    """The header of `message`, at most `limit` bytes: cut after its last
-    whole line when longer (a message without a blank line is all header),
-    its first line (the Return-Path) kept whatever the limit."""
-    limit = max(limit, 0)
-    end = message.find(b"\r\n\r\n", 0, limit + 2)
+def _header_block(first: bytes, message: bytes, limit: int) -> bytes:
+    """`first` (the Return-Path line, kept whatever the limit) and the header
+    of `message`, at most `limit` bytes in all: cut after its last whole line
+    when longer (a message without a blank line is all header). Only the
+    header is copied: `message` may be tens of megabytes."""
+    room = max(limit - len(first), 0)
+    if message.startswith(b"\r\n"):
+        return first
+    end = message.find(b"\r\n\r\n", 0, room + 2)
     if end >= 0:
-        return message[:end + 2]
-    cut = message.rfind(b"\r\n", 0, limit)
-    if cut < 0:
-        cut = message.find(b"\r\n")
-    return message[:cut + 2] if cut >= 0 else message
+        return first + message[:end + 2]
+    cut = message.rfind(b"\r\n", 0, room)
+    return first + message[:cut + 2] if cut >= 0 else first
 
 
 def build_bounce(config: BounceConfig, *, sender: str, failures: Sequence[Failure],
@@ -267,12 +268,13 @@ def build_bounce(config: BounceConfig, *, sender: str, failures: Sequence[Failur
     # The sender as qmail-send has it by now (a VERP sender already
     # stripped), quoted as in To: (qmail's quote2).
     shown = "" if double else quote_address(recipient).translate(_ONE_LINE)
-    copy = _crlf(f"Return-Path: <{shown}>\n") + original
-    if len(copy) <= config.max_copy_bytes:
+    return_path = _crlf(f"Return-Path: <{shown}>\n")
+    if len(return_path) + len(original) <= config.max_copy_bytes:
         copy_type = "message/rfc822"
+        copy = return_path + original
     else:
         copy_type = "text/rfc822-headers"
-        copy = _header_block(copy, config.max_copy_bytes)
+        copy = _header_block(return_path, original, config.max_copy_bytes)
     if not copy.endswith(b"\r\n"):
         copy += b"\r\n"
 
