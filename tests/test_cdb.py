@@ -86,6 +86,25 @@ def test_write_replaces_atomically(tmp_path):
     assert new.get(b"a") is None and new.get(b"b") == b"2"
 
 
+def test_write_is_world_readable_whatever_the_umask_and_follows_no_link(tmp_path):
+    # tcp.smtp.cdb and morercpthosts.cdb are read by the receivers, which run
+    # as the unprivileged user: under root's umask 077 they came out 0600 and
+    # every reload failed with "Permission denied" (qmail-newmrh sets umask 033).
+    import os
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"keep")
+    path = tmp_path / "tcp.smtp.cdb"
+    (tmp_path / "tcp.smtp.cdb.tmp").symlink_to(target)
+    old = os.umask(0o077)
+    try:
+        write_cdb(path, [(b"127.", b"")])
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert CdbFile.open(path).get(b"127.") == b""
+    assert target.read_bytes() == b"keep"
+
+
 def test_truncated_and_corrupt_files(tmp_path):
     with pytest.raises(CdbError, match="truncated"):
         CdbFile(b"\0" * 100)

@@ -10,8 +10,8 @@ Owns reading and writing the on-disk format (spec Appendix A) used by
 `CdbFile` reads a whole file into memory once (a snapshot: a file replaced by
 rename later does not change it) and answers lookups without touching the
 disk again. `write_cdb` is the equivalent of qmail-newmrh / tcprules / qmail-newu
-output: write to `<name>.tmp`, fsync, rename, so a reader sees either the old
-or the new database, never half of one.
+output: write to a new temporary file, fsync, rename, so a reader sees either
+the old or the new database, never half of one.
 
 A corrupt file raises CdbError when it is opened or when a lookup walks into
 the damage; it never raises IndexError/struct.error.
@@ -167,15 +167,13 @@ def build_cdb(records: Iterable[tuple[bytes, bytes]]) -> bytes:
 
 
 def write_cdb(path: os.PathLike | str, records: Iterable[tuple[bytes, bytes]]) -> None:
-    """Atomically replace path with a cdb of records (tmp file, fsync, rename)."""
-    path = Path(path)
-    data = build_cdb(records)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Atomically replace path with a cdb of records (a new temp file, fsync,
+    rename, fsync of the directory), mode 0644 whatever the umask: the
+    receivers that read it run unprivileged (qmail-newmrh sets umask 033)."""
+    # Imported here: engine.accounts imports this module.
+    from engine.accounts.files import atomic_write
+
+    atomic_write(path, build_cdb(records), mode=0o644)
 
 
 def newmrh(control_dir: os.PathLike | str) -> int:
