@@ -674,6 +674,28 @@ def test_virtual_but_unassigned_and_not_accepted_gets_a_fix_that_works(box):
     assert left == ["postmaster@lost.test has no mailbox, alias or catch-all"], left
 
 
+def test_virtualdomains_address_and_wildcard_keys_get_fixes_for_their_own_lines(box):
+    # v.test reaches example.org's mailboxes; two more keys under it have no
+    # assign line: a whole-address key and a `.sub` wildcard. Their fixes must
+    # touch their own lines: not `v.test:example.org` (which `/^v\.test:/`
+    # deletes), and not make v.test a new vpopmail domain of its own.
+    vd = box / "control" / "virtualdomains"
+    with open(vd, "a") as f:
+        f.write("v.test:example.org\njoe@v.test:special\n.v.test:subs\n")
+    _, report = doctor(box)
+    got = [f for f in findings(report, "domains") if "users/assign has no" in f["what"]
+           and ("+special-" in f["what"] or "+subs-" in f["what"])]
+    assert len(got) == 2, findings(report, "domains")
+    for f in got:
+        run_fix(f["fix"])
+    lines = vd.read_text().splitlines()
+    assert "v.test:example.org" in lines
+    assert "joe@v.test:special" not in lines and ".v.test:subs" not in lines
+    assert not (box / "domains" / "v.test").exists()
+    wildcard = [f for f in findings(report, "domains") if f["what"].startswith(".v.test ")]
+    assert wildcard and wildcard[0]["fix"].endswith(f"echo .v.test >> {box}/control/rcpthosts")
+
+
 def test_a_missing_maildir_is_fixed_by_one_run_of_its_fix(box):
     import shutil
     joe = user_dir(box, "joe@example.org")

@@ -19,6 +19,7 @@ qmail's alias user), or its mail and every double bounce defer.
 from __future__ import annotations
 
 import os
+import re
 
 from engine.doctor import Context, Report
 
@@ -86,21 +87,27 @@ def check(ctx: Context, report: Report) -> None:
                 "this host", fix)
 
     for key, prepend in domains.virtualdomains.items():
-        domain = key.rpartition("@")[2].lstrip(".")
+        # `user@domain` and `.sub.domain` keys too: rcpthosts needs the domain,
+        # or the same `.sub.domain`.
+        host = key.rpartition("@")[2]
+        domain = host.lstrip(".")
         if not prepend or not domain:
             continue
-        if not policy.domain_listed(domain):
-            report.problem("domains", f"{domain} is in virtualdomains but not in rcpthosts",
+        if not policy.domain_listed(host):
+            report.problem("domains", f"{host} is in virtualdomains but not in rcpthosts",
                            "every sender outside gets 553 (not in my list of allowed rcpthosts)",
-                           f"echo {domain} >> {rcpthosts}")
+                           f"echo {host} >> {rcpthosts}")
         if not assigned(prepend) and domain not in accepted:
             # `qrelay domain add` refuses a domain virtualdomains has: drop the line first.
-            pattern = domain.replace(".", "\\.")
+            # The line dropped is this key's own (not `domain:` for a user@ or .sub key).
+            pattern = re.sub(r"([.*\[\]\\^$/])", r"\\\1", key)
+            fix = f"sed -i '/^{pattern}:/Id' {ctx.arg(control / 'virtualdomains')}"
+            if key == domain:
+                fix += f" && qrelay domain add {ctx.arg(root)} {domain}"
             report.problem("domains", f"{domain} is in virtualdomains ({key}:{prepend}) but "
                            f"users/assign has no +{prepend}- line",
                            "its mail goes to qmail-getpw's fallback (the alias user) or defers",
-                           f"sed -i '/^{pattern}:/Id' {ctx.arg(control / 'virtualdomains')} && "
-                           f"qrelay domain add {ctx.arg(root)} {domain}")
+                           fix)
 
     targets = {p for p in domains.virtualdomains.values() if p}
     for prefix, a in wild.items():
