@@ -115,6 +115,30 @@ def test_cli_moves_each_kind_and_leaves_the_malformed(root: Path, tmp_path: Path
         assert due == {"example.com-joe@example.com", "later@far.test"}
 
 
+def test_a_queue_file_that_is_a_link_is_left_in_place_never_read(root: Path, tmp_path: Path):
+    # qmail-queue is set-uid qmailq: whoever holds that uid could link a
+    # queue file to a file only root reads, for root's import to queue it.
+    qdir = tmp_path / "qmail" / "queue"
+    make_queue(qdir)
+    secret = tmp_path / "shadow"
+    secret.write_bytes(b"root:$6$secret:19000:0:99999:7:::\n")
+    n = add_message(qdir, b"Subject: planted\n\nx\n", "s@src.test", birth=NOW - 60,
+                    remote=[("thief@far.test", False)])
+    add_message(qdir, b"Subject: fine\n\nx\n", "s@src.test", birth=NOW - 30,
+                remote=[("a@far.test", False)])
+    mess = next(qdir.glob(f"mess/*/{n}"))
+    mess.unlink()
+    mess.symlink_to(secret)
+    r = run_cli("import-qmail", str(root), str(qdir))
+    assert r.returncode == 1
+    assert "moved 1 message" in r.stdout and "1 malformed left in place" in r.stdout
+    assert f"#{n} (mess/" in r.stderr and "symbolic links; left in place" in r.stderr
+    assert mess.is_symlink() and secret.exists()
+    with Spool(root / "queue", readonly=True) as s:
+        got = [s.read_message(m.msgid) for m in s.iter_messages()]
+    assert len(got) == 1 and b"Subject: fine" in got[0] and b"secret" not in got[0]
+
+
 def test_import_tells_how_many_messages_are_read(root: Path, tmp_path: Path):
     qdir = make_queue(tmp_path / "queue")
     for i in range(5):

@@ -47,7 +47,8 @@ def stat_key(path: os.PathLike | str) -> FileKey | None:
         return None
 
 
-def read_whole(path: os.PathLike | str) -> tuple[bytes, FileKey] | None:
+def read_whole(path: os.PathLike | str, *,
+               follow_links: bool = True) -> tuple[bytes, FileKey] | None:
     """(content, key of the inode read) or None when path does not exist.
 
     The key comes from fstat on the descriptor that was read, so it describes
@@ -56,10 +57,12 @@ def read_whole(path: os.PathLike | str) -> tuple[bytes, FileKey] | None:
     Only a regular file is read (else OSError EINVAL): these files sit in
     trees their owners write (a domain's vpasswd, a Maildir's maildirsize),
     and a FIFO put there would block root's `qrelay user show` for ever, a
-    link to /dev/zero fill its memory.
+    link to /dev/zero fill its memory. `follow_links=False`: a link as the
+    last component is refused too (OSError ELOOP).
     """
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow_links else os.O_NOFOLLOW)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        fd = os.open(path, flags)
     except (FileNotFoundError, NotADirectoryError):
         return None
     try:

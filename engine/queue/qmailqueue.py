@@ -153,7 +153,9 @@ def _failed_text(addr: str, reports: dict[str, str]) -> str | None:
 
 
 def _read(path: str) -> tuple[bytes, FileKey]:
-    got = read_whole(path)
+    # Root reads files qmailq and qmails own (qmail-queue is set-uid qmailq):
+    # a link there to /etc/shadow must not become a queued message.
+    got = read_whole(path, follow_links=False)
     if got is None:
         raise ValueError(f"{path} vanished while being read")
     return got
