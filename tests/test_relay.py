@@ -588,6 +588,43 @@ def test_a_large_copy_is_built_in_a_thread(table, clock: Clock, monkeypatch) -> 
     assert not table.allows_nowait("10.0.0.1")
 
 
+def test_a_large_catch_up_is_built_in_a_thread(table, clock: Clock, monkeypatch) -> None:
+    """More changes since the copy than INLINE_BUILD (an import of 100,000
+    grants by `qrelay relayclients import`) are not replayed by the check,
+    which would stop the receiver's event loop for 0.2 s: a new copy is built
+    in a thread, and the checks read the tree meanwhile."""
+    import engine.relay.embedded as embedded
+    monkeypatch.setattr(embedded, "INLINE_BUILD", 3)
+    run(table.grant("10.0.0.1", ttl=60))
+    assert table.allows_nowait("10.0.0.1") and table._builder is None
+    run(table.grant("10.0.0.2", ttl=60))
+    assert table.allows_nowait("10.0.0.2") and table._builder is None     # a few: replayed
+    mirror = table._mirror
+    replayed: list = []
+    monkeypatch.setattr(mirror, "put", lambda *args: replayed.append(args))
+    building = threading.Event()
+    real_load = table._load
+
+    def slow_load(into, txn) -> None:
+        building.wait(30)
+        real_load(into, txn)
+
+    monkeypatch.setattr(table, "_load", slow_load)
+    builds: list = []
+    real_build = table._build_in_thread
+    monkeypatch.setattr(table, "_build_in_thread", lambda: builds.append(1) or real_build())
+    run(table.grant_many([(f"10.0.1.{i}", 60.0) for i in range(5)]))
+    assert table.allows_nowait("10.0.1.4") and not table.allows_nowait("10.0.1.9")
+    assert replayed == [] and builds == [1] and table._builder.is_alive()
+    # While the copy is built, checks read the tree without walking the log again.
+    run(table.grant("10.0.2.1", ttl=60))
+    assert table.allows_nowait("10.0.2.1") and builds == [1]
+    building.set()
+    table._builder.join(30)
+    assert table.allows_nowait("10.0.1.0") and table.allows_nowait("10.0.2.1")
+    assert table._mirror is not mirror and table._mirror.count == 8
+
+
 def test_a_table_set_aside_by_root_stays_the_run_users(tmp_path: Path, clock: Clock) -> None:
     import os
     if os.geteuid() != 0:

@@ -69,7 +69,8 @@ _TRIMMED = bytes(8)         # key of the `changes` log's trim mark
 # rebuilds it from the grants tables (reads them all) at its next check.
 CHANGE_LOG_TXNS = 16384
 # A copy of more grants than this is built in a thread (0.18 s of CPU for
-# 100,000, not to stop an event loop); meanwhile checks read the B+tree.
+# 100,000, not to stop an event loop), and so is one that would replay more
+# logged changes than this; meanwhile checks read the B+tree.
 INLINE_BUILD = 20_000
 # Kinds of entry in the expiry index.
 KIND_GRANT4, KIND_GRANT6, KIND_FAILURE = b"4", b"6", b"f"
@@ -363,6 +364,8 @@ class EmbeddedRelayTable(RelayTable):
         if built is not None:           # a copy built in a thread: adopted, then replayed
             self._built = None
             self._mirror = built
+        elif self._builder is not None and self._builder.is_alive():
+            return None                 # one is being built: the tree meanwhile
         mirror = self._mirror
         txnid = txn.id()
         if mirror.txnid > txnid:        # built from a newer snapshot than this check's
@@ -376,15 +379,23 @@ class EmbeddedRelayTable(RelayTable):
                 return None
             self._load(mirror, txn)
             return mirror
-        changed: set[bytes] = set()
+        logged: list[bytes] = []
         cursor = txn.cursor(db=changes)
         if cursor.set_range(_TXN.pack(mirror.txnid + 1)):
-            for _, keys in cursor:
-                i = 0
-                while i < len(keys):
-                    size = 5 if keys[i:i + 1] == KIND_GRANT4 else 17
-                    changed.add(keys[i:i + size])
-                    i += size
+            logged = [keys for _, keys in cursor]
+        if sum(map(len, logged)) > 5 * INLINE_BUILD:      # 5 bytes an IPv4 change
+            # More changes than a copy built inline holds (an import by another
+            # process): replayed here they would stop the event loop as long
+            # (0.2 s for 100,000): a new copy, in a thread.
+            self._build_in_thread()
+            return None
+        changed: set[bytes] = set()
+        for keys in logged:
+            i = 0
+            while i < len(keys):
+                size = 5 if keys[i:i + 1] == KIND_GRANT4 else 17
+                changed.add(keys[i:i + size])
+                i += size
         for item in changed:
             kind, key = item[:1], item[1:]
             value = txn.get(key, db=self._grants[kind])
