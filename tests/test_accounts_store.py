@@ -227,6 +227,20 @@ def test_verdicts_are_kept_no_longer_than_their_snapshots(box, monkeypatch):
     assert walks == ["other@example.com"]
 
 
+def test_verdicts_of_overlong_addresses_are_not_kept(box):
+    """The kept answers are bounded in count and, by RFC 5321's longest path,
+    in size: a client's random recipients of 900 bytes (parse_path's most)
+    would keep 100,000 x 1 KB = 100 MB in every receiver."""
+    clock = Clock()
+    accounts = Accounts(box["root"], recheck_seconds=5.0, clock=clock)
+    old = time.time() - 60
+    os.utime(box["dom"], (old, old))
+    longest = "x" * (254 - len("@example.com")) + "@example.com"
+    for address in (longest, "y" + longest, "z" * 880 + "@example.com"):
+        assert accounts.local_verdict(address) is False
+    assert list(accounts._verdicts) == [longest]
+
+
 def test_a_racy_directory_is_never_answered_from_memory(box):
     """A listing taken within the racy window may miss a file created in the
     same tick (the directory's stat key unchanged): at the next recheck it is

@@ -46,6 +46,10 @@ _CONTROL_FILES = ("me", "locals", "virtualdomains", "percenthack", "envnoathost"
 _RACY_NS = 2_000_000_000
 # local_verdict's answers kept at most (then all are dropped and kept anew).
 _VERDICTS_MAX = 100_000
+# Longest address whose answer is kept: RFC 5321's longest path (256 octets
+# with its <>). A client's RCPTs of 900 bytes (parse_path's most) would
+# otherwise keep 100 MB in every receiver.
+_VERDICT_ADDRESS_MAX = 254
 
 
 class AccountsError(Exception):
@@ -385,7 +389,7 @@ class Accounts:
             until = entry.checked + self.recheck_seconds
             if fresh_until is None or until < fresh_until:
                 fresh_until = until
-        if fresh_until is not None and now < fresh_until:
+        if fresh_until is not None and now < fresh_until and len(address) <= _VERDICT_ADDRESS_MAX:
             if len(self._verdicts) >= _VERDICTS_MAX:
                 self._verdicts.clear()
             self._verdicts[address] = (verdict, fresh_until)
