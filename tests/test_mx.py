@@ -213,6 +213,30 @@ def test_cache_by_ttl_with_injected_clock():
     assert [t.ip for t in out[2]] == ["127.0.0.3"]
 
 
+def test_a_full_cache_is_not_walked_at_every_answer():
+    """At max_cache_entries a sweep walks the whole cache: it must free a
+    tenth of it, not only what expired. When each answer found one entry
+    expired (TTLs spread over time, as they are), every answer walked all
+    100,000 entries."""
+    clock = Clock()
+    r = MxResolver(clock=clock, resolver=StubDns({}), max_cache_entries=100)
+    walks = []
+
+    class Counting(dict):
+        def items(self):
+            walks.append(len(self))
+            return super().items()
+
+    r._cache = Counting()
+    for i in range(100):            # expiring one by one, a second apart
+        r._store((f"old{i}.test", "A"), "NODATA", clock.now + i + 0.5)
+    for i in range(100):
+        clock.now += 1
+        r._store((f"new{i}.test", "A"), "NODATA", clock.now + 1e6)
+    assert len(r._cache) <= 100 and ("new99.test", "A") in r._cache
+    assert len(walks) <= 100 // 10 + 1
+
+
 def test_negative_answers_cached_for_negative_ttl():
     clock = Clock()
     stub = StubDns({})

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import itertools
 import random
 import time
 from dataclasses import dataclass
@@ -242,13 +243,15 @@ class MxResolver:
 
     def _store(self, key: tuple[str, str], value: tuple | str, expires: float) -> None:
         if len(self._cache) >= self._max_entries:
-            # Full: drop what expired, then the oldest tenth, so the O(n) sweep
-            # runs once per many insertions, not on every one.
+            # Full: drop what expired, then the oldest down to nine tenths, so the
+            # O(n) sweep runs once per tenth of max_entries insertions, not on
+            # every one (as when each sweep found just one entry expired).
             now = self._clock()
             for k in [k for k, e in self._cache.items() if e.expires <= now]:
                 del self._cache[k]
-            if len(self._cache) >= self._max_entries:
-                for k in list(self._cache)[:max(1, self._max_entries // 10)]:
+            excess = len(self._cache) - self._max_entries * 9 // 10
+            if excess > 0:
+                for k in list(itertools.islice(self._cache, excess)):
                     del self._cache[k]
         self._cache[key] = _CacheEntry(expires, value)
 
