@@ -76,6 +76,26 @@ def test_wildchars_skip_prefixes_that_no_line_ends_with():
     assert t.lookup("a") is None
 
 
+def test_a_long_local_part_tries_no_prefix_longer_than_the_keys(table):
+    """An RCPT of 880 bytes (parse_path takes 900), a dash every other one,
+    at a vpopmail domain: the prefixes longer than the longest `+` key are
+    never tried (each was a slice and a hash: the square of its length)."""
+    local = "example.com-" + "a-" * 440
+
+    class Probes(dict):
+        def get(self, key, default=None):
+            probed.append(key)
+            return super().get(key, default)
+
+    probed: list[str] = []
+    table._wild = Probes(table._wild)
+    found = table.lookup(local)
+    assert found.home == "/home/vpopmail/domains/example.com" and found.ext == "a-" * 440
+    assert probed == ["example.com-"]
+    assert table.lookup("joe-" + "x-" * 440).ext == "x-" * 440
+    assert max(map(len, probed)) <= len("example.com-")
+
+
 @pytest.mark.parametrize("text", [
     "=joe:joe:507:100:/home/joe:::\n",               # no `.` line
     "=joe:joe:507:100:/home/joe::\n.\n",             # only 5 more colons

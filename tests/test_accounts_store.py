@@ -149,6 +149,10 @@ def test_default_candidates_match_qmail_local():
         ".qmail-a-b-c", ".qmail-a-b-default", ".qmail-a-default", ".qmail-default"]
     assert default_candidates("-", "a-") == [".qmail-a-", ".qmail-a-default", ".qmail-default"]
     assert default_candidates("-", "Joe.Smith") == [".qmail-joe:smith", ".qmail-default"]
+    # No name longer than a file name can be (an RCPT of 880 bytes was 440 names).
+    long = default_candidates("-", "a-" * 440)
+    assert long[0] == ".qmail-" + "a-" * 440 and long[-1] == ".qmail-default"
+    assert len(long) == 129 and all(len(n) <= 255 + len(".qmail-default") for n in long[1:])
 
 
 def test_sees_a_new_user_a_new_alias_and_a_new_domain(accounts, box):

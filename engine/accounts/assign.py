@@ -144,12 +144,15 @@ def _assignment(value: bytes, rest: str) -> Assignment:
 class Assign:
     """An immutable snapshot of the assign table; `lookup` never touches the disk."""
 
-    __slots__ = ("_exact", "_wild", "_wildchars")
+    __slots__ = ("_exact", "_wild", "_wildchars", "_longest")
 
     def __init__(self, exact: Mapping[str, bytes], wild: Mapping[str, bytes], wildchars: str) -> None:
         self._exact = MappingProxyType(dict(exact))
         self._wild = MappingProxyType(dict(wild))
         self._wildchars = frozenset(wildchars)
+        # No prefix longer than the longest `+` key can match: a local part of
+        # 880 bytes, a dash every other one, is no walk of 440 prefixes.
+        self._longest = max(map(len, self._wild), default=0)
 
     @classmethod
     def from_records(cls, records) -> Assign:
@@ -185,7 +188,7 @@ class Assign:
         if value is not None:
             return _assignment(value, "")
         wild, wildchars = self._wild, self._wildchars
-        for i in range(len(lower), -1, -1):
+        for i in range(min(len(lower), self._longest), -1, -1):
             if i and lower[i - 1] not in wildchars:
                 continue
             value = wild.get(lower[:i])

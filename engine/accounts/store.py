@@ -43,6 +43,7 @@ from engine.accounts.vpasswd import V_OVERRIDE, VPASSWD, VPASSWD_CDB, VpasswdErr
 from engine.config.domains import DomainConfig, DomainConfigError, ascii_lower, load_domain_config
 
 _CONTROL_FILES = ("me", "locals", "virtualdomains", "percenthack", "envnoathost")
+_NAME_MAX = 255             # the longest file name (bytes; so at most as many characters)
 _RACY_NS = 2_000_000_000
 # local_verdict's answers kept at most (then all are dropped and kept anew).
 _VERDICTS_MAX = 100_000
@@ -104,10 +105,12 @@ def safe_ext(ext: str) -> str:
 
 
 def default_candidates(dash: str, ext: str) -> list[str]:
-    """The `.qmail` names qmail-local tries for ext, in order (spec QB §3.4)."""
+    """The `.qmail` names qmail-local tries for ext, in order (spec QB §3.4),
+    but for `-default` ones too long to be a file name (NAME_MAX): an
+    extension of 880 bytes, a dash every other one, would be 440 names."""
     safe = safe_ext(ext)
     names = [f".qmail{dash}{safe}"]
-    for i in range(len(safe), -1, -1):
+    for i in range(min(len(safe), _NAME_MAX), -1, -1):
         if i == 0 or safe[i - 1] == "-":
             names.append(f".qmail{dash}{safe[:i]}default")
     return names
