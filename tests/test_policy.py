@@ -164,6 +164,33 @@ def test_many_morercpthosts(tmp_path):
     assert policy.check_rcpt("u@d5000.test", None) == RELAY_553
 
 
+def test_a_domain_longer_than_rfc_5321_allows_costs_no_lookup(tmp_path):
+    """Each suffix of a domain is a lookup in morercpthosts.cdb (a cdb hash of
+    the suffix, in Python): a domain of 890 bytes (parse_path takes 900) and
+    440 labels was 440 hashes of up to 890 bytes, 16 ms of a receiver's event
+    loop for one RCPT from any client. A domain over 255 characters is no
+    name rcpthosts can list: refused at once."""
+    (tmp_path / "rcpthosts").write_text("")
+    write_cdb(tmp_path / "morercpthosts.cdb", [(b".more.test", b"")])
+    policy = RecipientPolicy.load(tmp_path)
+    probed: list[bytes] = []
+    cdb = policy._more
+
+    class Probes:
+        def __contains__(self, key: bytes) -> bool:
+            probed.append(key)
+            return key in cdb
+
+    policy._more = Probes()
+    longest = "a." * 121 + "xyz.more.test"                # 255 characters
+    assert len(longest) == 255 and policy.check_rcpt("u@" + longest, None) is None
+    probed.clear()
+    assert policy.check_rcpt("u@a." + longest, None) == RELAY_553
+    assert policy.check_rcpt("u@" + "a." * 440 + "more.test", None) == RELAY_553
+    assert probed == []
+    assert policy.check_rcpt("u@a." + longest, "") is None          # RELAYCLIENT: not checked
+
+
 def test_empty_rcpthosts_accepts_no_domain(tmp_path):
     (tmp_path / "rcpthosts").write_text("")
     policy = RecipientPolicy.load(tmp_path)

@@ -20,9 +20,10 @@ where the local part needs them, a source route `@a,@b:` is already gone.
   refused are a local part containing `%`, `!` or `@` (quoted, escaped or
   not), a domain that is empty, starts or ends with `.`, has an empty label,
   or holds characters outside letters, digits, `-`, `_`, `.` and non-ASCII
-  (so `[1.2.3.4]` is refused), and the empty recipient `<>`. A recipient
-  without `@` (qmail qualifies it with envnoathost later) is accepted only if
-  it has none of `% ! " \\ @`.
+  (so `[1.2.3.4]` is refused), a domain longer than 255 characters (RFC
+  5321 4.5.3.1.2; each of its suffixes would cost a lookup), and the empty
+  recipient `<>`. A recipient without `@` (qmail qualifies it with
+  envnoathost later) is accepted only if it has none of `% ! " \\ @`.
 - Any client: an address with NUL, CR or LF is a syntax error (555) — those
   bytes would end an envelope record in qmail-style stores.
 
@@ -46,6 +47,8 @@ NO_MAILBOX = "550 sorry, no mailbox here by that name. (#5.1.1)"
 MAILBOXES_UNREADABLE = "451 sorry, I can't read the mailbox list right now (#4.3.0)"
 SYNTAX_ERROR = "555 syntax error (#5.5.4)"
 
+# RFC 5321 4.5.3.1.2's longest domain (octets; so at most as many characters).
+MAX_DOMAIN = 255
 # Letters, digits, '-', '_', non-ASCII (IDN in UTF-8, or undecodable bytes as
 # surrogates); dots only between non-empty labels.
 _DOMAIN_OK = re.compile(r"[A-Za-z0-9_\-\x80-\U0010FFFF]+(?:\.[A-Za-z0-9_\-\x80-\U0010FFFF]+)*\Z")
@@ -215,7 +218,7 @@ class RecipientPolicy:
             # qmail accepts an @-less recipient (qualified later with envnoathost);
             # only a plain one can never become a foreign address.
             return bool(local) and not _BARE_FORBIDDEN.search(local)
-        if _LOCAL_FORBIDDEN.search(local) or not _DOMAIN_OK.match(domain):
+        if _LOCAL_FORBIDDEN.search(local) or len(domain) > MAX_DOMAIN or not _DOMAIN_OK.match(domain):
             return False
         return self.domain_listed(ascii_lower(domain))
 
