@@ -320,6 +320,21 @@ def test_cram_md5_needs_the_cleartext_and_works_before_tls(accounts, make_server
     assert cram_answer(c, CLEAR_USER, CLEAR_PASSWORD) == b"235 ok, go ahead (#2.0.0)\r\n"
 
 
+def test_cram_md5_challenge_names_a_tcplocalhost_that_is_not_utf8(accounts, make_server, greeted):
+    """A tcp.smtp written in Latin-1: its TCPLOCALHOST byte goes into the challenge
+    as it is (the connection was dropped with a traceback)."""
+    (accounts / "control" / "tcp.smtp").write_bytes(b':allow,TCPLOCALHOST="h\xe9.test"\n')
+    srv = make_server()
+    c = greeted(srv.port)
+    c.cmd(b"EHLO client.test")
+    reply = c.cmd(b"AUTH CRAM-MD5")
+    assert reply.startswith(b"334 ") and reply.endswith(b"\r\n")
+    challenge = base64.b64decode(reply[4:-2])
+    assert re.fullmatch(rb"<\d+\.\d+@h\xe9\.test>", challenge), challenge
+    digest = hmac.new(CLEAR_PASSWORD.encode(), challenge, "md5").hexdigest()
+    assert c.cmd(b64(f"{CLEAR_USER} {digest}")) == b"235 ok, go ahead (#2.0.0)\r\n"
+
+
 def test_a_cram_md5_answer_that_is_not_hex_is_a_wrong_password(accounts, make_server, greeted):
     """Not a 454 (that told which users exist and keep a cleartext)."""
     srv = make_server()

@@ -118,7 +118,8 @@ class AuthExchange:
                 return R_PLAIN
             return self._plain(initial)
         # CRAM-MD5 takes no initial response.
-        return b"334 " + _b64encode(self.challenge.encode()) + b"\r\n"
+        # Its host part may hold any byte (a Latin-1 tcp.smtp's TCPLOCALHOST).
+        return b"334 " + _b64encode(self.challenge.encode("utf-8", "surrogateescape")) + b"\r\n"
 
     def line(self, line: bytes) -> bytes | Credentials:
         if line == b"*":
@@ -243,7 +244,7 @@ class PasswordChecker:
             if not clear:
                 return False, "no such user" if user is None else "no cleartext kept for CRAM-MD5"
             expected = hmac.new(clear.encode("utf-8", "surrogateescape"),
-                                creds.challenge.encode(), "md5").hexdigest()
+                                creds.challenge.encode("utf-8", "surrogateescape"), "md5").hexdigest()
             # As bytes: compare_digest refuses str with non-ASCII characters,
             # and the client's answer may hold any.
             answer = ascii_lower(creds.secret).encode("utf-8", "surrogateescape")
