@@ -279,6 +279,32 @@ def test_ipv6_prefix_rules_end_at_a_colon(tmp_path):
         assert said("2001:db9::1") == (True, {})
 
 
+def test_ipv6_address_rules_in_any_spelling_match(tmp_path):
+    # A client's address comes in one spelling (lower case, `::` for the
+    # longest zero run); ucspi-tcp6's tcprules reads a rule's address the same
+    # whatever its spelling. Kept as written, `2001:DB8::BAD:deny` never matched.
+    text = ("2001:DB8::BAD:deny\n"
+            '2001:0db8:0:0:0:0:0:1:allow,X="one"\n'
+            'joe@2001:DB8::2:allow,X="joe"\n'
+            "2001:db8:1:2::/64:deny\n"
+            ":allow\n")
+    compile_rules(text, tmp_path / "tcp.smtp.cdb")
+    assert CdbFile.open(tmp_path / "tcp.smtp.cdb").get(b"2001:db8::bad") == b"D\0"
+    for rules in (TcpRules.from_text(text), TcpRules.load(tmp_path)):
+        assert rules.match("2001:db8::bad").allow is False
+        assert dict(rules.match("2001:db8::1").env) == {"X": "one"}
+        assert dict(rules.match("2001:db8::2", info="joe").env) == {"X": "joe"}
+        assert rules.match("2001:db8:1:2::5").allow is False
+        assert rules.match("2001:db8::3") == Rule(True, {})
+    assert TcpRules.from_text("a:\udcff:deny\n").match("::1").allow is True  # no address: as written
+    # A cdb compiled by ucspi-tcp6's tcprules holds the address written out in full.
+    compile_rules("", tmp_path / "tcp.smtp.cdb")
+    from engine.config.cdb import write_cdb
+    write_cdb(tmp_path / "tcp.smtp.cdb",
+              [(b"2001:0DB8:0000:0000:0000:0000:0000:0BAD", b"D\0"), (b"", b"")])
+    assert TcpRules.load(tmp_path).match("2001:db8::bad").allow is False
+
+
 def test_cidr_rules_of_ucspi_tcp6_and_the_longest_prefix_wins(tmp_path):
     text = ("10.0.0.0/8:deny\n"
             '10.1.0.0/16:allow,RELAYCLIENT=""\n'

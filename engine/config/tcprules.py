@@ -19,15 +19,19 @@ A rule `127.0.0.` is a prefix and matches 127.0.0.1; `127.0.0` (no trailing
 dot) is an exact-address key and matches only a client whose address is
 literally "127.0.0", i.e. never. An IPv6 client's prefixes end at a `:` as
 well (the IPv6 tcpserver's walk): `2001:db8:1::deny` (key `2001:db8:1:`)
-matches 2001:db8:1::5. ucspi-tcp6's CIDR rules (`10.0.0.0/8`,
-`2001:db8::/32`), which s/qmail boxes have, are prefixes too: of a client's
-prefixes, dotted and CIDR, the longest wins. One that is not a network is
-refused (a deny rule that never matched would let its clients in).
+matches 2001:db8:1::5. An IPv6 address rule matches however it is spelt
+(`2001:DB8::0BAD`, or written out in full in ucspi-tcp6's cdb), as in
+ucspi-tcp6: it is kept in the spelling of a client's address. ucspi-tcp6's
+CIDR rules (`10.0.0.0/8`, `2001:db8::/32`), which s/qmail boxes have, are
+prefixes too: of a client's prefixes, dotted and CIDR, the longest wins. One
+that is not a network is refused (a deny rule that never matched would let
+its clients in).
 """
 from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,7 +157,7 @@ def _expand_address(address: str, bad: TcpRulesError) -> list[str]:
             raise bad
         return [address]
     if "=" in address or "@" in address or "-" not in address:
-        return [address]
+        return [_ipv6_spelling(address)]
     dash = address.index("-")
     left = address.rfind(".", 0, dash) + 1
     right = address.find(".", dash + 1)
@@ -166,6 +170,20 @@ def _expand_address(address: str, bad: TcpRulesError) -> list[str]:
     bot = _octet(bot_text)
     top = min(_octet(top_text), 255)
     return [f"{address[:left]}{n}{address[right:]}" for n in range(bot, top + 1)]
+
+
+def _ipv6_spelling(key: str) -> str:
+    """An IPv6 address key (also `info@` one) spelt as a client's address is
+    (lower case, `::` for the longest zero run: inet_ntop), as ucspi-tcp6
+    reads both sides; written otherwise it could never match. Other keys as they are."""
+    info, at, address = key.rpartition("@")
+    if ":" not in address:
+        return key
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, address)
+    except (OSError, ValueError):   # (UnicodeEncodeError, a NUL: ValueError)
+        return key          # a prefix (`2001:db8:`), a CIDR rule, not an address
+    return info + at + socket.inet_ntop(socket.AF_INET6, packed)
 
 
 def _octet(text: str) -> int:
@@ -237,7 +255,8 @@ class TcpRules:
             rule = decoded.get(value)
             if rule is None:
                 rule = decoded[value] = Rule.decode(value)
-            rules.setdefault(_s(key), rule)
+            # ucspi-tcp6's tcprules writes an IPv6 address out in full.
+            rules.setdefault(_ipv6_spelling(_s(key)), rule)
         return cls(rules, cdb.name)
 
     @classmethod
