@@ -305,6 +305,17 @@ def test_ipv6_address_rules_in_any_spelling_match(tmp_path):
     assert TcpRules.load(tmp_path).match("2001:db8::bad").allow is False
 
 
+@pytest.mark.parametrize("key", [b"_00001010\0", b"_0000a0b0", b"^" + b"0" * 32])
+def test_a_cdb_with_cidr_rules_compiled_by_ucspi_tcp6_is_refused(tmp_path, key):
+    """ucspi-tcp6's tcprules stores `10.0.0.0/8:deny` as a key of bits
+    (`_...` for IPv4, `^...` for IPv6) that only its tcpserver looks up:
+    read as it was, the deny silently let 10/8 in."""
+    from engine.config.cdb import write_cdb
+    write_cdb(tmp_path / "tcp.smtp.cdb", [(key, b"D\0"), (b"", b"")])
+    with pytest.raises(TcpRulesError, match="ucspi-tcp6's tcprules.*qrelay tcprules"):
+        TcpRules.load(tmp_path)
+
+
 def test_cidr_rules_of_ucspi_tcp6_and_the_longest_prefix_wins(tmp_path):
     text = ("10.0.0.0/8:deny\n"
             '10.1.0.0/16:allow,RELAYCLIENT=""\n'

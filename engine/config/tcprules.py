@@ -252,6 +252,13 @@ class TcpRules:
         # 2.4 x the time of a receiver's reload.
         decoded: dict[bytes, Rule] = {}
         for key, value in cdb.items():
+            if key[:1] in (b"_", b"^") and b"@" not in key and b"=" not in key:
+                # ucspi-tcp6's tcprules stores a CIDR rule as a string of its
+                # bits that only its tcpserver looks up: read as a plain key, a
+                # CIDR deny would never match.
+                raise TcpRulesError(
+                    f"a CIDR rule compiled by ucspi-tcp6's tcprules "
+                    f"({_printable(_s(key))}): compile control/{RULES_TEXT} with `qrelay tcprules`")
             rule = decoded.get(value)
             if rule is None:
                 rule = decoded[value] = Rule.decode(value)
