@@ -128,6 +128,18 @@ def test_smtpgreeting_and_databytes_in_ehlo(make_server, connect):
     c.close()
 
 
+def test_smtpgreeting_that_is_not_utf8_is_sent_as_it_is(root, make_server, connect):
+    """qmail-smtpd sends the file's bytes; a Latin-1 greeting made every
+    connection hang without a greeting (a traceback in the receiver)."""
+    (root / "control" / "smtpgreeting").write_bytes(b"mx.example.com bei M\xfcller\n")
+    srv = make_server()
+    c = connect(srv.port)
+    assert c.line() == b"220 mx.example.com bei M\xfcller ESMTP\r\n"
+    assert c.cmd(b"EHLO x").startswith(b"250-mx.example.com bei M\xfcller\r\n250-PIPELINING\r\n")
+    assert c.cmd(b"HELO x") == b"250 mx.example.com bei M\xfcller\r\n"
+    assert c.cmd(b"QUIT") == b"221 mx.example.com bei M\xfcller\r\n"
+
+
 def test_message_is_queued_with_qmail_received_lines(server, client):
     client.cmd(b"EHLO client.test")
     body = b"Subject: t\r\n\r\nhello\r\n..leading dot\r\n.x\r\n"

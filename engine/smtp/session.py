@@ -305,7 +305,8 @@ class SmtpSession(asyncio.Protocol):
         if rbl:
             self._start_rbl_block(rbl)
             return
-        transport.write(f"220 {self.greeting} ESMTP\r\n".encode())
+        # The greeting's bytes as in the file (a Latin-1 smtpgreeting), as qmail-smtpd sends them.
+        transport.write(f"220 {self.greeting} ESMTP\r\n".encode("utf-8", "surrogateescape"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.state != COMMIT:      # a commit in flight lets its message go itself
@@ -480,14 +481,14 @@ class SmtpSession(asyncio.Protocol):
             out.append(self._ehlo_reply())
         elif verb == b"HELO":
             self._helo(arg)
-            out.append(f"250 {self.greeting}\r\n".encode())
+            out.append(f"250 {self.greeting}\r\n".encode("utf-8", "surrogateescape"))
         elif verb == b"RSET":
             self._reset_transaction()
             out.append(R_FLUSHED)
         elif verb == b"NOOP":
             out.append(R_NOOP)
         elif verb == b"QUIT":
-            out.append(f"221 {self.greeting}\r\n".encode())
+            out.append(f"221 {self.greeting}\r\n".encode("utf-8", "surrogateescape"))
             self.end_status = END_QUIT
             self._close_after_flush()
         elif verb == b"VRFY":
@@ -507,7 +508,8 @@ class SmtpSession(asyncio.Protocol):
         # qmail-tls puts STARTTLS right after the greeting line; SIZE stays last.
         starttls = "250-STARTTLS\r\n" if self.tls is None and self.receiver.tls.context() is not None else ""
         return (f"250-{self.greeting}\r\n{starttls}250-PIPELINING\r\n250-8BITMIME\r\n"
-                f"{auth.ehlo_lines(self._mechanisms())}250 SIZE {self.databytes}\r\n").encode()
+                f"{auth.ehlo_lines(self._mechanisms())}250 SIZE {self.databytes}\r\n"
+                ).encode("utf-8", "surrogateescape")
 
     def _mechanisms(self) -> tuple[str, ...]:
         if self.tls is not None or self.config.settings.auth.allow_plaintext:
