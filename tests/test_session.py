@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from engine import metrics
 from engine.queue import SpoolWriteError
 from engine.smtp.session import CLOSED
 from tests.smtp_harness import FakeSpool, InProcessServer, RawClient
@@ -488,17 +489,23 @@ def test_per_ip_cap(make_server, connect):
     b.close()
 
 
-def test_denied_client_is_closed_without_greeting(make_server, connect):
+def test_denied_client_is_closed_without_greeting(make_server, connect, monkeypatch):
+    refused = []
+    monkeypatch.setattr(metrics, "session_refused", lambda why, protocol: refused.append(why))
     srv = make_server(tcp_smtp="127.0.0.1:deny\n")
     c = connect(srv.port)
     assert c.line() == b""
     c.close()
+    assert refused == ["denied"]            # qrelay_sessions_total{result="denied"}
 
 
-def test_rblsmtpd_temporary_and_permanent(make_server, root, connect):
+def test_rblsmtpd_temporary_and_permanent(make_server, root, connect, monkeypatch):
+    refused = []
+    monkeypatch.setattr(metrics, "session_refused", lambda why, protocol: refused.append(why))
     srv = make_server(tcp_smtp='127.0.0.1:allow,RBLSMTPD="listed at example \\001 rbl"\n')
     c = connect(srv.port)
     assert c.line() == b"220 rblsmtpd.local\r\n"
+    assert refused == ["rbl"]               # qrelay_sessions_total{result="rbl"}
     assert c.cmd(b"EHLO x") == b"250 rblsmtpd.local\r\n"
     assert c.cmd(b"MAIL FROM:<a@b>") == b"250 rblsmtpd.local\r\n"
     assert c.cmd(b"RCPT TO:<x@sink.test>") == b"451 listed at example \\001 rbl\r\n"

@@ -233,6 +233,7 @@ class SmtpSession(asyncio.Protocol):
                 (host or "", self.remoteip, "", peer[1] if peer else 0), deny=not rule.allow)
         if not rule.allow:
             # tcpserver closes a denied connection without running qmail-smtpd.
+            metrics.session_refused("denied", self.scheme)
             self.end_status = END_DENIED
             transport.close()
             self.state = CLOSED
@@ -303,6 +304,7 @@ class SmtpSession(asyncio.Protocol):
             self._encrypted(transport, "TLS")
         rbl = env.get("RBLSMTPD")
         if rbl:
+            metrics.session_refused("rbl", self.scheme)
             self._start_rbl_block(rbl)
             return
         # The greeting's bytes as in the file (a Latin-1 smtpgreeting), as qmail-smtpd sends them.
