@@ -173,7 +173,10 @@ def give_tree(root: Path, user: RunUser) -> None:
     fs.protected_hardlinks is off) is left as it is."""
     for name in OWNED_DIRS:
         top = root / name
-        top.mkdir(mode=0o755, exist_ok=True)
+        try:
+            top.mkdir(mode=0o755, exist_ok=True)
+        except FileExistsError:     # a file (or a dangling link) where the directory goes
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(top)) from None
         for _, _, filenames, dirfd in os.fwalk(top):
             for entry in [".", *filenames]:
                 st = os.stat(entry, dir_fd=dirfd, follow_symlinks=False)

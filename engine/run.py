@@ -567,8 +567,12 @@ def serve(root: Path, listen: list[ListenAddress], procs: int,
         if reuse_port:
             own = [more_listeners(receivers_listeners(listeners)) for _ in range(procs - 1)]
         if user is not None:
-            give_tree(root, user)
-            lspawn = bind_lspawn(root, user.owner)
+            try:
+                give_tree(root, user)
+                lspawn = bind_lspawn(root, user.owner)
+            except OSError as exc:   # a file where a directory goes, a full or read-only disk
+                raise ConfigError(f"cannot start: {exc.filename or root / 'queue'}: "
+                                  f"{exc.strerror}") from None
     except BaseException:
         os.close(mutex)
         raise

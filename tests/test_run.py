@@ -251,6 +251,19 @@ def test_run_refuses_a_configuration_a_service_cannot_start_with(root, setup, me
     assert not (root / "log" / "current").exists()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing users needs root")
+@pytest.mark.parametrize("name", ["log", "relay"])
+def test_a_run_user_directory_that_is_not_one_stops_the_start_in_one_line(root, name):
+    # Given to the run user after the lock is taken: a file where the
+    # directory should be used to end the start in a traceback.
+    import shutil
+    shutil.rmtree(root / name, ignore_errors=True)
+    (root / name).write_text("")
+    r = run_once(root)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [f"Error: cannot start: {root / name}: Not a directory"]
+
+
 def test_a_tcp_smtp_newer_than_its_cdb_is_a_warning_at_start(root):
     from engine.config.tcprules import compile_rules
     control = root / "control"
