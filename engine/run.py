@@ -533,6 +533,13 @@ def serve(root: Path, listen: list[ListenAddress], procs: int,
     # Every mode below is meant as written: an inherited umask of 000 (some
     # init systems) would make queue/lock/ and run/metrics/ world-writable.
     os.umask(0o022)
+    # ALRM's and HUP's default action ends a process: a `qrelay flush` (which
+    # finds us by the lock as soon as hold_queue took it), svc -h or
+    # systemctl reload must not kill a start the Supervisor has no handlers
+    # for yet. Nothing is lost: the flush marked the spool itself, and every
+    # child reads the configuration when it starts.
+    signal.signal(signal.SIGALRM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from engine.config.control import SettledChanges
     from engine.delivery.service import delivery_fingerprint
     from engine.smtp.config import ConfigError, config_fingerprint, load_smtp_config

@@ -206,6 +206,35 @@ def test_a_pid_the_run_user_wrote_into_the_lock_is_not_signalled(root):
         assert q.stop() == 0
 
 
+def test_a_flush_or_a_reload_while_it_starts_does_not_kill_it(root, tmp_path):
+    # `qrelay flush` signals the lock's holder as soon as hold_queue wrote its
+    # pid, svc -h or systemctl reload as soon as it runs: ALRM's and HUP's
+    # default action used to end the supervisor until its handlers were in.
+    import signal
+    script = ("import os, signal, sys\n"
+              "import engine.run as run\n"
+              "check = run.check_spool_index\n"
+              "def signalled(*args):\n"
+              "    os.kill(os.getpid(), signal.SIGALRM)\n"
+              "    os.kill(os.getpid(), signal.SIGHUP)\n"
+              "    check(*args)\n"
+              "run.check_spool_index = signalled\n"
+              "from engine.cli import main\n"
+              "main()\n")
+    port_file = tmp_path / "port"
+    proc = subprocess.Popen([sys.executable, "-c", script, "run", str(root), "--listen",
+                             "127.0.0.1:0", "--procs", "1", "--port-file", str(port_file)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: port_file.exists() or proc.poll() is not None, 30, "the start")
+        assert proc.poll() is None, proc.stderr.read()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        status = proc.wait(30)
+        proc.stderr.close()
+    assert status == 0
+
+
 # --- fail loudly, before binding anything -------------------------------------
 
 def run_once(root, *extra: str) -> subprocess.CompletedProcess:
