@@ -617,7 +617,9 @@ def serve(root: Path, listen: list[ListenAddress], procs: int,
 
         supervisor = Supervisor(
             services(root, config, listeners, procs, user, lspawn, tickets, own),
-            stop_grace=smtp.shutdown_grace + 2.0,
+            # Each phase waits for the longest of the receivers' and the
+            # scheduler's own grace (its running deliveries), plus margin.
+            stop_grace=max(smtp.shutdown_grace, config.settings.scheduler.stop_grace) + 2.0,
             reload_check=control_files_changed,
             reload_poll=smtp.reload_poll_seconds,
             on_stop=lambda: [sock.close() for sock in sockets],

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config.settings import LogSettings, SmtpSettings
+from engine.config.settings import LogSettings, SchedulerSettings, SmtpSettings
 from tests.conftest import REPO
 
 CONTRIB = REPO / "contrib"
@@ -62,8 +62,9 @@ def test_unit_runs_qrelay_as_the_supervisor_expects():
     assert s[("Service", "KillSignal")] == "SIGTERM"
     assert s[("Service", "Restart")] == "on-failure"
     assert int(s[("Service", "LimitNOFILE")]) >= 4096
-    # Two stop phases, each up to shutdown_grace + 2 s (engine/run.py's stop_grace).
-    assert int(s[("Service", "TimeoutStopSec")]) > 2 * (SmtpSettings().shutdown_grace + 2.0)
+    # Two stop phases, each up to the longer grace + 2 s (engine/run.py's stop_grace).
+    grace = max(SmtpSettings().shutdown_grace, SchedulerSettings().stop_grace)
+    assert int(s[("Service", "TimeoutStopSec")]) > 2 * (grace + 2.0)
     assert s[("Service", "Environment")] == "QRELAY_ROOT=/var/qrelay"
     assert s[("Install", "WantedBy")] == "multi-user.target"
 

@@ -162,6 +162,32 @@ def test_flush_finds_the_running_instance_through_its_lock_not_a_pid_file(root, 
     assert running_instance(root) is None             # the lock went with the process
 
 
+def test_the_scheduler_gets_its_own_stop_grace_on_term(root, dns):
+    # The supervisor gave every phase shutdown_grace + 2 s: a [scheduler]
+    # stop_grace longer than that had its running deliveries killed, an
+    # alert, and exit status 1.
+    from tests.smtp_harness import route_to_loopback
+    from tests.test_delivery_e2e import ThreadSink, log_lines, send
+
+    sink = ThreadSink()
+    port = sink.start()
+    sink.current.delay = 30.0                 # the delivery is still running at TERM
+    route_to_loopback(root, {"sink.test": port},
+                      f'[delivery]\ndns_servers = ["{dns.address}"]\n'
+                      "[smtp]\nshutdown_grace = 0.5\n"
+                      "[scheduler]\npoll_interval = 0.02\nstop_grace = 3.0\n")
+    q = RunningQrelay(root, procs=1)
+    try:
+        send(q.port, ["x@sink.test"])
+        wait_for(lambda: any("starting delivery" in line for line in log_lines(root)),
+                 what="the delivery's start")
+    finally:
+        status = q.stop()
+        sink.close()
+    assert "did not stop in time" not in q.stderr_text
+    assert status == 0
+
+
 def test_a_lock_held_by_something_else_is_not_a_qrelay_to_signal(root):
     import fcntl
 
