@@ -261,6 +261,33 @@ def test_a_flush_or_a_reload_while_it_starts_does_not_kill_it(root, tmp_path):
     assert status == 0
 
 
+@pytest.mark.parametrize("stdout", ["closed", "nobody reads it"])
+def test_a_stdout_it_cannot_write_does_not_stop_the_start(root, tmp_path, stdout):
+    # The `listening on` line is for a person: `qrelay run ... >&-` died in a
+    # traceback, `qrelay run ... | head -1` exited 1 without a word.
+    import signal
+    port_file = tmp_path / "port"
+    argv = [sys.executable, "-m", "engine.cli", "run", str(root), "--listen", "127.0.0.1:0",
+            "--procs", "1", "--port-file", str(port_file)]
+    if stdout == "closed":
+        proc = subprocess.Popen(argv, cwd=REPO, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: os.close(1))
+    else:
+        proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        proc.stdout.close()
+    try:
+        wait_for(lambda: port_file.exists() or proc.poll() is not None, 30, "the start")
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        status = proc.wait(30)
+        err = proc.stderr.read()
+        proc.stderr.close()
+    assert status == 0, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+
+
 # --- fail loudly, before binding anything -------------------------------------
 
 def run_once(root, *extra: str) -> subprocess.CompletedProcess:

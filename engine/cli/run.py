@@ -74,8 +74,16 @@ def run(root: str, listen: tuple[str, ...], procs: int | None, dev: bool, port_f
     def announce(bound) -> None:
         where = ", ".join(str(a) for a in bound)
         pid = os.getpid()
-        click.echo(f"qrelay: listening on {where} (root {root}); stop with Ctrl-C or kill -TERM {pid}")
-        sys.stdout.flush()
+        # The line is for a person: a stdout closed (>&-) or that nobody reads
+        # any more (`| head -1`) is never a reason to stop.
+        if sys.stdout is not None:
+            try:
+                click.echo(f"qrelay: listening on {where} (root {root}); stop with Ctrl-C or kill -TERM {pid}")
+                sys.stdout.flush()
+            except BrokenPipeError:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
         if port_file:
             tmp = port_file + ".tmp"
             with open(tmp, "w") as f:
