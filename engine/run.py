@@ -239,11 +239,19 @@ def hold_queue(root: Path) -> int:
         except BlockingIOError:
             if attempt == 4:
                 pid = _lock_pid(fd)
+                # Killed (-9), the supervisor leaves its services holding the
+                # lock while they finish what they hold (follow_parent's TERM).
+                gone = pid is not None and _holder_gone(pid, os.fstat(fd))
                 os.close(fd)
-                why = (f"qrelay is already running on {root} (pid {pid} holds"
-                       " queue/lock/sendmutex)" if pid else
-                       f"qrelay or qmail-send is already running on {root}"
-                       " (queue/lock/sendmutex is held)")
+                if gone:
+                    why = (f"the services of a killed qrelay run (pid {pid}) still hold {path}"
+                           " while they finish; start it again once they have exited")
+                elif pid:
+                    why = (f"qrelay is already running on {root} (pid {pid} holds"
+                           " queue/lock/sendmutex)")
+                else:
+                    why = (f"qrelay or qmail-send is already running on {root}"
+                           " (queue/lock/sendmutex is held)")
                 raise AlreadyRunning(f"cannot start: {why}") from None
             time.sleep(0.05)
     try:
@@ -389,6 +397,19 @@ def running_instance(root: Path) -> int | None:
     except OSError:
         return None
     return pid if b"qrelay" in cmdline or b"engine" in cmdline else None
+
+
+def _holder_gone(pid: int, st: os.stat_result) -> bool:
+    """Is the supervisor whose pid the lock holds gone (dead, a zombie, or
+    its pid reused), while others still hold the lock? False when it is
+    another user's live process, whose descriptors we may not look at."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return not _has_open(pid, st)
 
 
 def _has_open(pid: int, st: os.stat_result) -> bool:

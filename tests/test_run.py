@@ -50,6 +50,31 @@ def test_a_second_run_on_the_same_root_refuses_to_start(root):
     assert again.stop() == 0
 
 
+def test_a_start_while_a_killed_runs_services_finish_says_so(root):
+    # kill -9 of the supervisor: its services get TERM and finish what they
+    # hold (a message in DATA), sharing the lock until they exit. The refusal
+    # named the dead supervisor as the one "running", a pid nobody can signal.
+    import signal
+    (root / "qrelay.toml").write_text("[smtp]\nshutdown_grace = 20.0\n")
+    q = RunningQrelay(root, procs=1)
+    client = RawClient(q.port)
+    try:
+        assert client.reply().startswith(b"220 ")
+        for line in (b"HELO x", b"MAIL FROM:<a@example.org>", b"RCPT TO:<postmaster@mx.example.com>"):
+            assert client.cmd(line).startswith(b"250")
+        assert client.cmd(b"DATA").startswith(b"354")
+        os.kill(q.proc.pid, signal.SIGKILL)
+        q.proc.wait(10)
+        second = run_once(root)
+        assert second.returncode == 1
+        assert second.stderr.strip().splitlines() == [
+            f"Error: cannot start: the services of a killed qrelay run (pid {q.pid}) still hold"
+            f" {root}/queue/lock/sendmutex while they finish; start it again once they have exited"]
+    finally:
+        client.close()
+        q.stop()
+
+
 def test_supervisor_lines_go_to_the_log(root):
     q = RunningQrelay(root, procs=1)
     try:
