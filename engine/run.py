@@ -525,6 +525,23 @@ def _foreign_domains_warning(root: Path, user: RunUser) -> None:
             f"set [run] user to their owner (e.g. vpopmail) in qrelay.toml")
 
 
+def _assign_unreadable_warning(root: Path, user: RunUser) -> None:
+    """users/assign (or users/cdb) only root may read: lspawn delivers, but
+    the receivers, which read it as `user`, answer 451 to every RCPT check,
+    AUTH and POP3 login of its domains (engine.smtp.policy)."""
+    if not (root / "users").is_dir():
+        return
+    from engine.accounts.store import Accounts, AccountsError
+    with acting_as(user.uid, user.gid):
+        try:
+            Accounts(root).assign()
+        except AccountsError as exc:
+            logging.getLogger("qrelay.run").warning(
+                f"receivers run as {user.name} (uid {user.uid}) and cannot read the mailbox"
+                f" list ({exc}): RCPT checks, AUTH and POP3 for its domains fail with temporary"
+                f" errors; make users/ and its files readable by {user.name}")
+
+
 def open_files_warning(config: Any, schemes: set[str]) -> None:
     """Raise the open-files limit the children inherit; say when it is still
     too small for the connection caps (engine.openfiles)."""
@@ -614,6 +631,7 @@ def serve(root: Path, listen: list[ListenAddress], procs: int,
         stale_rules_warning(root)
         if user is not None:
             _foreign_domains_warning(root, user)
+            _assign_unreadable_warning(root, user)
 
         def fingerprint_now() -> tuple:
             # What the receivers read, and what the delivery side reads.

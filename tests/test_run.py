@@ -371,6 +371,25 @@ def test_a_run_user_directory_that_is_not_one_stops_the_start_in_one_line(root, 
     assert r.stderr.strip().splitlines() == [f"Error: cannot start: {root / name}: Not a directory"]
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing users needs root")
+def test_a_users_assign_the_run_user_cannot_read_is_a_warning_at_start(root):
+    # The receivers read it as [run] user for every RCPT check, AUTH and POP3
+    # login: unreadable, each of those got a 451 and the start said nothing.
+    from engine.accounts.admin import add_domain
+    add_domain(root, "example.com")
+    (root / "users").chmod(0o700)
+    q = RunningQrelay(root, procs=1)
+    assert q.stop() == 0
+    from engine.privilege import run_user
+    user = run_user("qrelay")
+    warning = (f"receivers run as qrelay (uid {user.uid}) and cannot read the mailbox list"
+               f" (trouble reading {root}/users/cdb: Permission denied): RCPT checks, AUTH and"
+               " POP3 for its domains fail with temporary errors; make users/ and its files"
+               " readable by qrelay")
+    assert f"qrelay.run: {warning}" in q.stderr_text.splitlines()
+    assert f"warning: run: {warning}" in service_texts(root)
+
+
 def test_a_tcp_smtp_newer_than_its_cdb_is_a_warning_at_start(root):
     from engine.config.tcprules import compile_rules
     control = root / "control"
