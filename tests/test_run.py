@@ -390,6 +390,15 @@ def test_a_users_assign_the_run_user_cannot_read_is_a_warning_at_start(root):
     assert f"warning: run: {warning}" in service_texts(root)
 
 
+def test_a_port_file_it_cannot_write_is_one_line(root, tmp_path):
+    port_file = tmp_path / "missing" / "port"
+    r = run_once(root, "--port-file", str(port_file))
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1:] == [
+        f"Error: cannot write --port-file {port_file}: No such file or directory"]
+    assert "Traceback" not in r.stderr
+
+
 def test_a_tcp_smtp_newer_than_its_cdb_is_a_warning_at_start(root):
     from engine.config.tcprules import compile_rules
     control = root / "control"

@@ -86,9 +86,13 @@ def run(root: str, listen: tuple[str, ...], procs: int | None, dev: bool, port_f
                 os.close(devnull)
         if port_file:
             tmp = port_file + ".tmp"
-            with open(tmp, "w") as f:
-                f.write("".join(f"{a.port}\n" for a in bound))
-            os.replace(tmp, port_file)
+            try:
+                with open(tmp, "w") as f:
+                    f.write("".join(f"{a.port}\n" for a in bound))
+                os.replace(tmp, port_file)
+            except OSError as exc:   # nothing has started yet: serve closes what it opened
+                raise click.ClickException(
+                    f"cannot write --port-file {port_file}: {exc.strerror}") from None
 
     try:
         status = serve(base, addresses, procs or os.cpu_count() or 1, announce)
