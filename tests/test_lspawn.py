@@ -108,6 +108,23 @@ def test_unknown_user_gets_550_at_rcpt_and_an_alias_fans_out(mx, root):
         assert b"Delivered-To: example.com-sales@example.com\n" in path.read_bytes()
 
 
+def test_a_program_runs_with_the_default_signal_actions(mx, root):
+    # qmail-local's programs start with HUP, INT and ALRM at their defaults; the
+    # worker ignores them (SIG_IGN survives exec), so a program that times
+    # itself out with alarm() ran for ever.
+    domain = root / "domains" / "example.com"
+    out = domain / "signals"
+    (domain / ".qmail-sig").write_text(f"|grep ^SigIgn: /proc/self/status > {out}\n")
+    os.chown(domain / ".qmail-sig", OWNER, OWNER)
+    with smtplib.SMTP("127.0.0.1", mx.port, timeout=10) as s:
+        assert s.sendmail("a@src.test", ["sig@example.com"], b"Subject: s\r\n\r\nx\r\n") == {}
+    wait_for(lambda: any(t.startswith("delivery ") and ": success: " in t for t in texts(root)),
+             what="the program's success line")
+    ignored = int(out.read_text().split()[1], 16)
+    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGALRM):
+        assert not ignored & (1 << (sig - 1)), f"{sig.name} ignored in the program"
+
+
 def test_user_spawner_splits_by_owner_and_refuses_root(root, tmp_path):
     """Recipients with no users/assign line get the deliverer's error without
     any worker; nothing runs as root."""

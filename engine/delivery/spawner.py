@@ -319,9 +319,12 @@ def worker_main(root: str, fd: int, parent_pid: int, channel: str,
     set_title(f"qrelay: delivery worker {channel}")
     # The scheduler alone takes HUP, and ALRM but for a remote worker's
     # connect timeouts (_worker_serve); INT (a terminal's ^C to the whole
-    # group) is the supervisor's to turn into an orderly TERM.
+    # group) is the supervisor's to turn into an orderly TERM. Caught and
+    # dropped, not SIG_IGN: exec resets a caught signal to its default, so a
+    # .qmail `|program` starts with qmail-local's default actions (an ignored
+    # ALRM would stop its own alarm() from ever ending it).
     for sig in (signal.SIGHUP, signal.SIGALRM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
+        signal.signal(sig, _dropped)
     if not follow_parent(parent_pid):
         return 0  # the scheduler died before we could ask to follow it
     sock = socket.socket(fileno=fd)
@@ -389,6 +392,10 @@ async def _worker_serve(sock: socket.socket, spool, deliverer, max_frame: int) -
         if spool is not None:
             spool.close()
     return 0
+
+
+def _dropped(signum: int, frame) -> None:
+    """worker_main's handler for the signals a worker leaves to others."""
 
 
 def worker_argv(python: str, root: str, fd: int, parent_pid: int, channel: str,
