@@ -152,3 +152,20 @@ def test_qrelay_flush_on_a_full_map_prints_one_line(tmp_path: Path):
     (root / "qrelay.toml").write_text("")
     r = run_cli("flush", str(root))
     assert r.returncode == 0 and r.stdout.startswith("qrelay: 400 deferred recipients due now")
+
+
+def test_the_lock_file_has_its_disk_blocks_before_lmdb_maps_it(tmp_path: Path, monkeypatch):
+    # LMDB makes lock.mdb with ftruncate (a hole) and writes it through a
+    # map: on a full disk the first start died of SIGBUS, and every restart.
+    with Spool(tmp_path / "q"):
+        pass
+    st = (tmp_path / "q" / "index" / "lock.mdb").stat()
+    assert st.st_size > 0 and st.st_blocks * 512 >= st.st_size
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(SpoolError) as err:
+        Spool(tmp_path / "new")
+    assert str(err.value) == (f"{tmp_path / 'new'}: cannot open spool index: "
+                              f"{tmp_path / 'new' / 'index' / 'lock.mdb'}: No space left on device")

@@ -54,6 +54,14 @@ def test_default_store_is_embedded_under_root(tmp_path: Path, table) -> None:
     assert (tmp_path / "relay" / "data.mdb").exists()
 
 
+def test_the_lock_file_has_its_disk_blocks_before_lmdb_maps_it(tmp_path: Path, table) -> None:
+    # engine.lmdbfile.reserve_lock_file: a hole written through a map on a
+    # full disk is SIGBUS in every receiver.
+    run(table.grant("192.0.2.1"))
+    st = (tmp_path / "relay" / "lock.mdb").stat()
+    assert st.st_size > 0 and st.st_blocks * 512 >= st.st_size
+
+
 def test_grant_allows_until_expiry(table, clock: Clock) -> None:
     until = run(table.grant("192.0.2.1", ttl=30))
     assert until == T0 + 30

@@ -48,6 +48,8 @@ TABLES = (b"meta", b"messages", b"recipients", b"due", b"todo", b"bounces", b"se
 # Added after the first release: a spool no writable open has upgraded yet
 # lacks them, and a read-only open cannot create them (readers use .get()).
 LATER_TABLES = (b"held", b"imported")
+# Reader slots in lock.mdb (LMDB: one per thread with a read transaction open).
+_MAX_READERS = 256
 # meta key: a counter every queue-surgery transaction (hold, release, delete,
 # requeue) increments, so a running scheduler knows its in-memory view is stale.
 SURGERY_KEY = b"surgery"
@@ -96,9 +98,11 @@ class SpoolIndex:
     def _open(self, index_dir: Path, settings: SpoolSettings, metasync: bool) -> lmdb.Environment:
         try:
             if not self.readonly:
+                from engine.lmdbfile import reserve_lock_file
+                reserve_lock_file(index_dir, _MAX_READERS)
                 return lmdb.open(str(index_dir), map_size=settings.index_map_bytes,
                                  max_dbs=len(TABLES), sync=True, metasync=metasync,
-                                 readahead=False, subdir=True, max_readers=256)
+                                 readahead=False, subdir=True, max_readers=_MAX_READERS)
             if not (index_dir / "data.mdb").is_file():
                 raise SpoolError(f"{self._where}: no spool here")
             # With a lock file we can read consistently beside a running
@@ -107,7 +111,10 @@ class SpoolIndex:
             lock = os.access(index_dir / "lock.mdb", os.W_OK, effective_ids=True)
             return lmdb.open(str(index_dir), readonly=True, lock=lock, max_dbs=len(TABLES),
                              readahead=False, subdir=True, map_size=settings.index_map_bytes)
-        except (OSError, lmdb.Error) as exc:
+        except OSError as exc:      # as lmdb.Error says it: `path: reason`
+            raise SpoolError(f"{self._where}: cannot open spool index: "
+                             f"{exc.filename}: {exc.strerror}") from None
+        except lmdb.Error as exc:
             raise SpoolError(f"{self._where}: cannot open spool index: {exc}") from None
 
     def _check_size(self, data: Path) -> None:

@@ -72,6 +72,8 @@ CHANGE_LOG_TXNS = 16384
 # 100,000, not to stop an event loop), and so is one that would replay more
 # logged changes than this; meanwhile checks read the B+tree.
 INLINE_BUILD = 20_000
+# Reader slots in lock.mdb (LMDB: one per thread with a read transaction open).
+_MAX_READERS = 512
 # Kinds of entry in the expiry index.
 KIND_GRANT4, KIND_GRANT6, KIND_FAILURE = b"4", b"6", b"f"
 _LITTLE = sys.byteorder == "little"
@@ -196,9 +198,10 @@ class EmbeddedRelayTable(RelayTable):
             os.chown(self.path, owner.st_uid, owner.st_gid)
 
     def _open_env(self) -> lmdb.Environment:
-        from engine.lmdbfile import truncation
+        from engine.lmdbfile import reserve_lock_file, truncation
+        reserve_lock_file(self.path, _MAX_READERS)
         env = lmdb.open(str(self.path), map_size=self.settings.map_bytes, max_dbs=5,
-                        sync=False, readahead=False, max_readers=512)
+                        sync=False, readahead=False, max_readers=_MAX_READERS)
         try:
             why = truncation(env, self.path / "data.mdb")
         except OSError:
