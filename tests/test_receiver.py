@@ -159,6 +159,24 @@ def test_unknown_mailbox_550_is_logged(make_server, root):
     c.close()
 
 
+def test_an_unreadable_mailbox_list_451_is_logged_with_its_cause(make_server, root):
+    # The client is told only "can't read the mailbox list"; the log says why.
+    from engine.accounts.admin import add_domain
+    add_domain(root, "example.com", uid=12345, gid=12345)
+    (root / "users" / "cdb").write_bytes(b"not a cdb")
+    srv, _ = make_server()
+    c = greet(srv.port)
+    assert c.cmd(b"MAIL FROM:<a@example.org>") == b"250 ok\r\n"
+    assert c.cmd(b"RCPT TO:<joe@example.com>") == \
+        b"451 sorry, I can't read the mailbox list right now (#4.3.0)\r\n"
+    got = lines(root, until="joe")
+    [line] = [t for t in got if "RCPT <joe@example.com>" in t]
+    assert line.endswith(": RCPT <joe@example.com>: 451 sorry, I can't read the mailbox list "
+                         f"right now (#4.3.0) (trouble reading users/cdb: {root}/users/cdb: "
+                         "truncated cdb (shorter than its 2048-byte header))"), line
+    c.close()
+
+
 def test_too_many_connections_is_one_line(make_server, root):
     srv, _ = make_server(concurrencyincoming="1\n")
     held = greet(srv.port)

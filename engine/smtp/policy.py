@@ -243,14 +243,17 @@ class RecipientPolicy:
         return False
 
 
-def mailbox_refusal(mailboxes, rcpt: str) -> str | None:
-    """None, or the reply for a recipient of a local domain that local delivery
-    would bounce (no mailbox, alias or catch-all: engine.accounts' `accepts`).
+def mailbox_refusal(mailboxes, rcpt: str) -> tuple[str, str] | None:
+    """None, or (the reply, why for the log) for a recipient of a local domain
+    that local delivery would bounce (no mailbox, alias or catch-all:
+    engine.accounts' `accepts`), or whose mailbox list cannot be read.
     Remote recipients are not this check's business."""
     from engine.accounts.store import AccountsError
     try:
         if mailboxes.local_verdict(rcpt) is not False:
             return None
-    except (AccountsError, OSError):
-        return MAILBOXES_UNREADABLE
-    return NO_MAILBOX
+    except AccountsError as exc:
+        return MAILBOXES_UNREADABLE, str(exc)
+    except OSError as exc:
+        return MAILBOXES_UNREADABLE, f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
+    return NO_MAILBOX, ""

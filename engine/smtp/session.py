@@ -451,11 +451,14 @@ class SmtpSession(asyncio.Protocol):
                        f"max_line_length ({self.max_line}): connection closed")
             self._close_after_flush()
 
-    def _refuse(self, reply: bytes, command: str = "") -> None:
-        """Queue a refusal reply and log it (one line, in the smtpd log)."""
+    def _refuse(self, reply: bytes, command: str = "", why: str = "") -> None:
+        """Queue a refusal reply and log it (one line, in the smtpd log; `why`,
+        a cause the client is not told, after the reply in parentheses)."""
         self.out.append(reply)
         if self.log is not None:
-            self.log.smtpd(self.number, self.remoteip, reply[:-2].decode("utf-8", "replace"), command)
+            logged = reply[:-2].decode("utf-8", "replace")
+            self.log.smtpd(self.number, self.remoteip, f"{logged} ({why})" if why else logged,
+                           command)
 
     def _note(self, text: str) -> None:
         if self.log is not None:
@@ -595,11 +598,14 @@ class SmtpSession(asyncio.Protocol):
         policy = self.config.policy
         refusal = policy.check_rcpt(rcpt, self.relayclient)
         final = policy.final_rcpt(rcpt, self.relayclient)
+        why = ""
         if refusal is None and self.config.mailboxes is not None:
             # The address as queued: RELAYCLIENT's value may name the domain.
-            refusal = mailbox_refusal(self.config.mailboxes, final)
+            refused = mailbox_refusal(self.config.mailboxes, final)
+            if refused is not None:
+                refusal, why = refused
         if refusal is not None:
-            self._refuse(refusal.encode("utf-8", "surrogateescape") + b"\r\n", f"RCPT <{rcpt}>")
+            self._refuse(refusal.encode("utf-8", "surrogateescape") + b"\r\n", f"RCPT <{rcpt}>", why)
             return
         self.rcpts.append(final)
         out.append(R_RCPT_OK)
