@@ -145,6 +145,20 @@ def test_domain_del_removes_everything(droot):
     bad(qrelay("domain", "del", str(droot), "example.com"), "no such domain")
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="acting as the owner needs root")
+def test_domain_del_of_a_tree_with_a_part_root_owns_says_which_and_how(droot):
+    # Removed as its owner, a tree holding a directory root made (a mkdir as
+    # root by hand) stops part way: the error names that part and the chown,
+    # not "every directory above must be searchable".
+    stray = droot / "domains" / "example.com" / "byhand"
+    stray.mkdir()
+    (stray / "note").write_text("root's\n")
+    bad(qrelay("domain", "del", str(droot), "example.com"),
+        f"{stray}/note: Permission denied as uid 89, the owner of example.com: "
+        f"{droot}/domains/example.com holds files it may not remove "
+        f"(chown -R 89:89 {droot}/domains/example.com, then remove what is left)")
+
+
 def test_a_bad_users_assign_line_stops_domain_commands_before_they_write(droot):
     """qmail-newu would refuse the file: say so before anything changes, not
     after a domain directory and a rewritten users/assign are left behind."""

@@ -450,13 +450,24 @@ def _remove_domain_directory(ref: DomainRef) -> None:
         if directory.is_symlink():
             directory.unlink()      # vdeldomain: a linked domain loses the link, not the tree
             return
-        with os.scandir(directory) as entries:
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(entry.path)
-                else:
-                    os.unlink(entry.path)
+        try:
+            for top, dirs, files in os.walk(directory, topdown=False, onerror=_raise):
+                for name in files:
+                    os.unlink(os.path.join(top, name))
+                for name in dirs:
+                    path = os.path.join(top, name)
+                    os.unlink(path) if os.path.islink(path) else os.rmdir(path)
+        except PermissionError as exc:
+            # Something in the tree is not the owner's (a mkdir by hand as root).
+            raise AdminError(
+                f"{exc.filename}: {exc.strerror} as uid {ref.uid}, the owner of {ref.name}: "
+                f"{directory} holds files it may not remove (chown -R {ref.uid}:{ref.gid} "
+                f"{directory}, then remove what is left)") from None
     directory.rmdir()
+
+
+def _raise(exc: OSError) -> None:
+    raise exc
 
 
 def _alias_of(base: Path, name: str) -> str | None:
