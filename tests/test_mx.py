@@ -102,6 +102,19 @@ def test_nxdomain_is_permanent(fake_dns):
     assert err.text == "Sorry, I couldn't find any host named nowhere.test. (#5.1.2)\n"
 
 
+def test_a_name_dns_cannot_carry_is_no_such_host(fake_dns):
+    # A label over 63 bytes, an empty label, a space: c-ares refuses to ask
+    # (EBADNAME). qmail's res_query fails hard on those: #5.1.2 at once, not
+    # a #4.1.2 deferral repeated until the queue lifetime ends.
+    for domain in ("a" * 64 + ".test", "a..test", "exa mple.test", "x" * 250 + ".test"):
+        err = _error(fake_dns, domain)
+        assert (err.status, err.text) == ("D", text_no_such_host(domain))
+    fake_dns.zone["badmx.test"] = {"MX": [(10, "bad name.test"), (20, "b.mx.test")]}
+    fake_dns.zone["b.mx.test"] = {"A": ["127.0.0.4"]}
+    assert [t.ip for t in run(_mx(fake_dns, "badmx.test", ipv6=False))] == ["127.0.0.4"]
+    assert fake_dns.queries == [("badmx.test", "MX"), ("b.mx.test", "A")]
+
+
 def test_null_mx_is_permanent(fake_dns):
     fake_dns.zone.update(ZONE)
     err = _error(fake_dns, "nullmx.test")

@@ -229,7 +229,10 @@ class MxResolver:
             return _NXDOMAIN, self._negative_ttl
         except aiodns.error.DNSError as exc:
             code = exc.args[0] if exc.args else None
-            if code == pycares.errno.ARES_ENOTFOUND:
+            if code in (pycares.errno.ARES_ENOTFOUND, pycares.errno.ARES_EBADNAME):
+                # EBADNAME: a name DNS cannot carry (a label over 63 bytes, an
+                # empty label, a space), never asked: qmail's lookup fails
+                # hard there too.
                 return _NXDOMAIN, self._negative_ttl
             if code == pycares.errno.ARES_ENODATA:
                 return _NODATA, self._negative_ttl
