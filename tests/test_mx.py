@@ -176,6 +176,20 @@ def test_relay_targets_use_a_only(fake_dns):
     assert ("mx.test", "MX") not in fake_dns.queries
 
 
+def test_huge_answers_are_bounded(fake_dns):
+    # 100 MX records of 50 addresses each: the best 32 exchangers are
+    # resolved, 32 addresses each kept (about what a 512-byte answer, all
+    # qmail 1.03 could read, holds), not 200 queries and 5000 targets.
+    fake_dns.zone["huge.test"] = {"MX": [(99 - i, f"h{99 - i}.huge.test") for i in range(100)]}
+    for i in range(100):
+        fake_dns.zone[f"h{i}.huge.test"] = {"A": [f"127.1.{i}.{j}" for j in range(50)]}
+    targets = run(_mx(fake_dns, "huge.test", ipv6=False))
+    assert len(targets) == 32 * 32
+    assert {t.preference for t in targets} == set(range(32))
+    assert [t.ip for t in targets if t.preference == 0] == [f"127.1.0.{j}" for j in range(32)]
+    assert len(fake_dns.queries) == 1 + 32
+
+
 class StubDns:
     """An aiodns-like resolver answering from a dict; counts questions."""
 

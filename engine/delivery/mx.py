@@ -39,6 +39,11 @@ TEXT_IPME = ("Sorry. Although I'm listed as a best-preference MX or A for that h
 _NXDOMAIN = "NXDOMAIN"
 _NODATA = "NODATA"
 _QTYPE_NUM = {"A": 1, "MX": 15, "AAAA": 28}
+# Records kept from one answer: about what a 512-byte answer holds (all that
+# qmail 1.03 could read). A domain's own DNS decides how many MX records and
+# addresses there are; over TCP one answer may hold thousands, and every MX
+# host is looked up.
+MAX_ANSWER_RECORDS = 32
 
 
 def text_no_such_host(host: str) -> str:
@@ -153,12 +158,15 @@ class MxResolver:
     `resolver`: an aiodns.DNSResolver-like object with `query_dns(name, type)`
     (tests may inject one). `rng` orders equal preferences (injectable for
     tests). `negative_ttl` caps how long NXDOMAIN/NODATA answers are kept.
+    `max_records`: records kept from one answer (the best preferences of an
+    MX answer, the first addresses of an A or AAAA answer).
     """
 
     def __init__(self, dns_servers: Sequence[str] = (), *, timeout: float = 5.0, tries: int = 2,
                  clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None,
                  negative_ttl: float = 60.0, max_cache_entries: int = 100_000,
-                 ipv6: bool = True, resolver=None) -> None:
+                 ipv6: bool = True, max_records: int = MAX_ANSWER_RECORDS,
+                 resolver=None) -> None:
         self._servers = tuple(dns_servers)
         self._timeout = timeout
         self._tries = tries
@@ -167,6 +175,7 @@ class MxResolver:
         self._negative_ttl = negative_ttl
         self._max_entries = max_cache_entries
         self._ipv6 = ipv6
+        self._max_records = max_records
         self._resolver = resolver
         self._owns_resolver = resolver is None
         self._cache: dict[tuple[str, str], _CacheEntry] = {}
@@ -241,6 +250,9 @@ class MxResolver:
         records = tuple(r for r in result.answer if r.type == want)
         if not records:
             return _NODATA, self._negative_ttl
+        if qtype == "MX":
+            records = tuple(sorted(records, key=lambda r: r.data.priority))
+        records = records[:self._max_records]
         ttl = min(r.ttl for r in records)
         return tuple(r.data for r in records), ttl
 
