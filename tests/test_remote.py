@@ -468,13 +468,14 @@ def test_load_remote_config(root):
     (control / "smtproutes").write_text("a.test:127.0.0.2:2526\n")
     (root / "qrelay.toml").write_text(
         '[delivery]\ndns_servers = ["127.0.0.1:5353"]\nmx_port = 2525\n'
-        'max_messages_per_connection = 5\nmy_addresses = ["192.0.2.1"]\n')
+        'max_messages_per_connection = 5\nmy_addresses = ["192.0.2.1"]\n'
+        'max_addresses_per_delivery = 4\n')
     cfg = load_remote_config(root)
     assert cfg.helohost == "out.example.com"
     assert (cfg.timeoutconnect, cfg.timeoutremote) == (7, 1200)
     assert cfg.routes.lookup("a.test") == Route("127.0.0.2", 2526)
     assert cfg.dns_servers == ("127.0.0.1:5353",) and cfg.mx_port == 2525
-    assert cfg.max_messages_per_connection == 5
+    assert cfg.max_messages_per_connection == 5 and cfg.max_addresses_per_delivery == 4
     # Not port 25: an MX on one of our interfaces is somebody else's service.
     assert cfg.my_addresses == frozenset({"0.0.0.0", "192.0.2.1"})
 
@@ -585,6 +586,34 @@ def test_targets_tried_once_each_in_preference_order(fake_dns):
     assert port == 2525 and tls_name == "dup.test"
     assert [(t.ip, t.preference) for t in targets] == [("127.0.0.3", 10), ("127.0.0.4", 10),
                                                        ("127.0.0.5", 20)]
+
+
+def test_a_delivery_tries_a_bounded_number_of_addresses(fake_dns):
+    # A domain's DNS decides how many addresses there are; each may cost a
+    # full timeoutconnect. RFC 5321 5.1: a configurable limit, best first.
+    fake_dns.zone.update({"many.test": {"MX": [(10, "a.many.test"), (20, "b.many.test")]},
+                          "a.many.test": {"A": [f"127.0.3.{i}" for i in range(1, 5)]},
+                          "b.many.test": {"A": ["127.0.3.9"]},
+                          "relay.many.test": {"A": [f"127.0.4.{i}" for i in range(1, 6)]}})
+
+    async def go():
+        started = await sinks(("127.0.3.9", {}))
+        port = started[0].port
+        rd = RemoteDelivery(config(fake_dns, port=port, ipv6=False, max_addresses_per_delivery=3,
+                                   routes="relayed.test:relay.many.test\n"))
+        try:
+            targets, _, _ = await rd.targets("many.test")
+            relayed, _, _ = await rd.targets("relayed.test")
+            result = await rd.deliver("many.test", "a@src.test", ["x@many.test"], MSG)
+            return targets, relayed, result, started
+        finally:
+            await stop(rd, started)
+    targets, relayed, result, (sink,) = run(go())
+    assert [t.ip for t in targets] == ["127.0.3.1", "127.0.3.2", "127.0.3.3"]
+    assert [t.ip for t in relayed] == ["127.0.4.1", "127.0.4.2", "127.0.4.3"]
+    assert result == [RecipientResult("x@many.test", "Z", TEXT_NO_CONNECTION)]
+    assert sink.messages == []
+    assert RemoteConfig(helohost="h").max_addresses_per_delivery == 30
 
 
 def test_connect_timeouts_table_as_qmail_tcpto():

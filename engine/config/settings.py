@@ -168,6 +168,10 @@ class DeliverySettings:
     max_messages_per_connection: int = 100
     # Connections open at once to one destination (ip, port).
     max_connections_per_host: int = 20
+    # Addresses one delivery tries at most, best first (the MX hosts' after
+    # ipme, or a relay's): each may cost a timeoutconnect, and the domain's
+    # DNS decides how many there are (RFC 5321 5.1). qmail tries them all.
+    max_addresses_per_delivery: int = 30
     # Seconds an unused connection is kept for the next message (0 = never reuse).
     idle_timeout: float = 30.0
     # More of our own addresses for qmail's ipme rule (an MX at or after our
@@ -495,6 +499,7 @@ RANGES: dict[tuple[str, str], tuple[float, float | None, str]] = {
     ("delivery", "program_timeout"): (1, None, "no program would finish"),
     ("delivery", "max_messages_per_connection"): (1, None, "a connection carries a message"),
     ("delivery", "max_connections_per_host"): (1, None, "0 would never connect"),
+    ("delivery", "max_addresses_per_delivery"): (1, None, "0 would never connect"),
     ("delivery", "tls_handshake_timeout"): (0.1, None, "no handshake would finish"),
     ("scheduler", "per_destination_concurrency"): (1, None, "0 would never deliver"),
     ("scheduler", "max_recipients_per_delivery"): (1, None, "a delivery has a recipient"),

@@ -119,6 +119,7 @@ class RemoteConfig:
     mx_port: int = 25
     max_messages_per_connection: int = 100
     max_connections_per_host: int = 20
+    max_addresses_per_delivery: int = 30
     idle_timeout: float = 30.0
     # ipme: our own addresses; "0.0.0.0" is always treated as ours (qmail).
     my_addresses: frozenset[str] = frozenset({"0.0.0.0"})
@@ -179,6 +180,7 @@ def load_remote_config(root: Path | str) -> RemoteConfig:
         mx_port=settings.mx_port,
         max_messages_per_connection=max(1, settings.max_messages_per_connection),
         max_connections_per_host=max(1, settings.max_connections_per_host),
+        max_addresses_per_delivery=settings.max_addresses_per_delivery,
         idle_timeout=settings.idle_timeout,
         my_addresses=frozenset(mine),
         dns_timeout=settings.dns_timeout, dns_tries=max(1, settings.dns_tries),
@@ -222,13 +224,14 @@ class RemoteDelivery:
         """Addresses to try for `domain`, best first, the port, and the name
         control/tlsdestinations is looked up by (the domain, or the relay).
         Raises ResolveError."""
+        most = self.config.max_addresses_per_delivery
         route = self.config.routes.lookup(domain)
         if route is not None:
             # A relay is resolved by A/AAAA only and the ipme check is off (qmail).
-            return await self.resolver.relay_targets(route.relay), route.port, route.relay
+            return (await self.resolver.relay_targets(route.relay))[:most], route.port, route.relay
         targets = await self.resolver.mx_targets(domain)
-        return (_unique(apply_ipme(targets, self.config.my_addresses)), self.config.mx_port,
-                domain)
+        return (_unique(apply_ipme(targets, self.config.my_addresses))[:most],
+                self.config.mx_port, domain)
 
     async def deliver(self, domain: str, sender: str, recipients: Sequence[str],
                       message: bytes) -> list[RecipientResult]:
