@@ -33,14 +33,16 @@ def truncation(env: lmdb.Environment, data: os.PathLike | str) -> str | None:
 def reserve_lock_file(directory: os.PathLike | str, max_readers: int) -> None:
     """Give `directory`/lock.mdb the disk blocks LMDB will write through its map
     (for `max_readers`, as passed to lmdb.open) before lmdb.open maps it: on a
-    full disk OSError (ENOSPC) here, not SIGBUS in every start that follows.
-    Makes `directory` if missing, as lmdb.open would."""
-    os.makedirs(directory, 0o755, exist_ok=True)
+    full disk lmdb.Error (`path: No space left on device`) here, as lmdb.open
+    says its own failures, not SIGBUS in every start that follows. Makes
+    `directory` if missing, as lmdb.open would."""
     path = os.path.join(directory, "lock.mdb")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        os.posix_fallocate(fd, 0, _LOCK_HEAD + max_readers * _READER_SLOT)
+        os.makedirs(directory, 0o755, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            os.posix_fallocate(fd, 0, _LOCK_HEAD + max_readers * _READER_SLOT)
+        finally:
+            os.close(fd)
     except OSError as exc:
-        raise OSError(exc.errno, exc.strerror, path) from None
-    finally:
-        os.close(fd)
+        raise lmdb.Error(f"{exc.filename or path}: {exc.strerror}") from None

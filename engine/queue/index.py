@@ -111,10 +111,7 @@ class SpoolIndex:
             lock = os.access(index_dir / "lock.mdb", os.W_OK, effective_ids=True)
             return lmdb.open(str(index_dir), readonly=True, lock=lock, max_dbs=len(TABLES),
                              readahead=False, subdir=True, map_size=settings.index_map_bytes)
-        except OSError as exc:      # as lmdb.Error says it: `path: reason`
-            raise SpoolError(f"{self._where}: cannot open spool index: "
-                             f"{exc.filename}: {exc.strerror}") from None
-        except lmdb.Error as exc:
+        except (OSError, lmdb.Error) as exc:
             raise SpoolError(f"{self._where}: cannot open spool index: {exc}") from None
 
     def _check_size(self, data: Path) -> None:
