@@ -87,7 +87,12 @@ class Body:
         return self
 
     def frame(self, max_frame: int) -> bytes:
-        return frame(b"".join(self.parts), max_frame)
+        # One join with the length in front: a body holding a message is
+        # copied once, not joined and then copied again behind its length.
+        n = sum(map(len, self.parts))
+        if n > max_frame:
+            raise FrameError(f"frame of {n} bytes is over the {max_frame} byte limit")
+        return b"".join((LEN.pack(n), *self.parts))
 
 
 def frame(body: bytes, max_frame: int) -> bytes:

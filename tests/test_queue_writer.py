@@ -37,6 +37,21 @@ def test_request_frames_round_trip(sender, rcpts, message, origin, pid):
     assert decode_request(frame[4:]) == (42, env, message)
 
 
+def test_a_request_frame_copies_its_message_once():
+    # The receiver holds the message while its frame is built: the frame is
+    # the one copy (it was built whole, then copied again behind its length).
+    import tracemalloc
+    message = b"x" * (20 * 1024 * 1024)
+    tracemalloc.start()
+    try:
+        frame = encode_request(1, Envelope("a@b", ("c@d",)), message)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert decode_request(frame[4:])[2] == message
+    assert peak < 1.5 * len(message), peak
+
+
 @pytest.mark.parametrize("body", [b"", b"\x00" * 5, encode_request(1, Envelope("a", ("b",)),
                                                                      b"m")[4:20]])
 def test_bad_frames_raise(body):
