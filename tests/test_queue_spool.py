@@ -45,6 +45,23 @@ def test_enqueue_is_readable_and_counted(spool: Spool):
     assert spool.envelope(b) == Envelope("joe@example.com", ("c@x", "d@y"), 4242, 89, "network")
 
 
+def test_writing_a_message_copies_it_once(spool: Spool):
+    # The spool writer holds every message of a batch while it writes them:
+    # the batch's one write buffer is the only copy (each message was first
+    # copied into a record of its own, then the records into the buffer).
+    import tracemalloc
+    spool.enqueue(env("a@x"), b"warm up")
+    message = b"x" * (20 * 1024 * 1024)
+    tracemalloc.start()
+    try:
+        [msgid] = spool._write_batch([(env("bob@example.net"), message)])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert spool.read_message(msgid) == message
+    assert peak < 1.5 * len(message), peak
+
+
 def test_ids_survive_reopen_and_never_repeat(tmp_path: Path):
     with Spool(tmp_path / "q") as s:
         first = {s.enqueue(env("a@b"), b"x") for _ in range(5)}

@@ -26,7 +26,8 @@ from engine.queue import records as R
 from engine.queue.committer import CommitRequest, GroupCommitter
 from engine.queue.core import SpoolCore
 from engine.queue.records import EnvelopeRecord, RecordError, SegmentRecord
-from engine.queue.segments import ENV_MAGIC, FILE_HEADER, SegmentIO, SegmentWriter, encode_record
+from engine.queue.segments import (ENV_MAGIC, FILE_HEADER, SegmentIO, SegmentWriter, encode_record,
+                                   record_parts, record_size)
 from engine.queue.values import Envelope, ImportedMessage, SpoolError, SpoolWriteError
 
 # `imported` table values: the spool's id, then R (reserved: ids taken, segment
@@ -333,14 +334,17 @@ class Intake:
             ids = list(range(first, first + len(items)))
         # Per message: its envelope record, then its bytes (the index points
         # at the second; the first is for re-indexing, see segments.scan).
-        envs, msgs = [], []
+        # The message records are joined from their parts: each message is
+        # copied once, into `data`, not first into a record of its own.
+        envs, parts = [], []
         for n, (msgid, (e, msg)) in enumerate(zip(ids, items)):
             birth = births[n] if births is not None else now
             envs.append(encode_record(msgid, EnvelopeRecord(birth, e.pid, e.uid, e.origin,
                                                             e.sender, tuple(e.recipients)).encode(),
                                       ENV_MAGIC))
-            msgs.append(encode_record(msgid, msg))
-        data = b"".join(part for pair in zip(envs, msgs) for part in pair)
+            parts.append(envs[-1])
+            parts.extend(record_parts(msgid, msg))
+        data = b"".join(parts)
         writer = self._writer_for(len(data), now)
         try:
             base = writer.write(data)
@@ -349,9 +353,9 @@ class Intake:
             raise SpoolWriteError(f"cannot write to spool: {exc.strerror or exc}") from None
         offsets = []
         offset = base
-        for env_rec, msg_rec in zip(envs, msgs):
+        for env_rec, (_e, msg) in zip(envs, items):
             offsets.append(offset + len(env_rec))
-            offset += len(env_rec) + len(msg_rec)
+            offset += len(env_rec) + record_size(len(msg))
         # Segments this stage moved away from are sealed by the index
         # transaction that commits this batch: by then every batch written
         # to them has been indexed (batches are indexed in order).
