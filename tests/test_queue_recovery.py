@@ -112,6 +112,37 @@ def test_corrupt_message_bytes_quarantined_on_read(tmp_path: Path):
         assert any(p.suffix == ".seg" for p in (q / "quarantine").iterdir())
 
 
+def test_a_head_read_checks_the_whole_message_and_holds_only_its_head(tmp_path: Path):
+    # read_message(limit=): a bounce needs a big message's header only; what
+    # it does not return is still checked (a flipped byte past the head is
+    # quarantined), and is read a chunk at a time, never held whole.
+    import tracemalloc
+    from engine.queue.segments import HEAD_CHUNK
+    q = tmp_path / "q"
+    body = b"Subject: s\r\n\r\n" + b"B" * (8 * HEAD_CHUNK)
+    with Spool(q) as s:
+        good = s.enqueue(env("a@b"), body)
+        bad = s.enqueue(env("a@b"), body.replace(b"B", b"C"))
+        assert s.read_message(good, limit=10 ** 9) == body
+        tracemalloc.start()
+        try:
+            assert s.read_message(good, limit=100) == body[:100]
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 2 * HEAD_CHUNK + 100_000, peak
+    seg = next((q / "segments").iterdir())
+    data = bytearray(seg.read_bytes())
+    data[data.rindex(b"C" * 100) + 50] ^= 0xFF
+    seg.write_bytes(bytes(data))
+    with Spool(q) as s:
+        with pytest.raises(MessageQuarantined, match="checksum"):
+            s.read_message(bad, limit=100)
+        with pytest.raises(MessageNotFound):
+            s.read_message(bad)
+        assert s.read_message(good, limit=100) == body[:100]
+
+
 def test_a_segment_that_cannot_be_read_now_costs_a_retry_not_the_message(tmp_path: Path):
     # An OSError is no proof of corruption, for recover(verify_bytes) either:
     # here a directory stands where the segment was (pread says EISDIR).

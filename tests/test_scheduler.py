@@ -793,10 +793,10 @@ def test_a_bounce_waits_when_its_message_cannot_be_read_now(env, monkeypatch):
     real = spool.read_message
     refusing = {"on": True}
 
-    def read_message(msgid):
+    def read_message(msgid, **kw):
         if refusing["on"] and remote.calls:         # after the delivery: the bounce's read
             raise MessageUnreadable(f"#{msgid}: Permission denied")
-        return real(msgid)
+        return real(msgid, **kw)
     monkeypatch.setattr(spool, "read_message", read_message)
     mid = spool.enqueue(Envelope("a@src.test", ("bad@d1.test",)), MSG)
     asyncio.run(settle(sched))
@@ -809,6 +809,30 @@ def test_a_bounce_waits_when_its_message_cannot_be_read_now(env, monkeypatch):
     asyncio.run(settle(sched))
     ((_, raw),) = _bounces(remote)
     assert b"hello" in raw and spool.stats().messages == 0
+
+
+def test_a_big_message_is_not_read_whole_to_bounce_its_header(env, monkeypatch):
+    """A bounce copies at most max_copy_bytes of the original, else its
+    header only: the scheduler read 64 MiB (twice over, for the check) to
+    return a few lines of it. It reads the head, the rest only for its crc."""
+    sched, spool, remote, clock, log, tmp = env
+    remote.rules["bad@d1.test"] = ("D", NOUSER)
+    real = spool.read_message
+    bounce_reads = []
+
+    def read_message(msgid, **kw):
+        got = real(msgid, **kw)
+        if remote.calls:                            # after the delivery: the bounce's read
+            bounce_reads.append(len(got))
+        return got
+    monkeypatch.setattr(spool, "read_message", read_message)
+    big = MSG + b"x" * (3 * sched.config.bounce.max_copy_bytes) + b"\r\n"
+    spool.enqueue(Envelope("a@src.test", ("bad@d1.test",)), big)
+    asyncio.run(settle(sched))
+    ((_, raw),) = _bounces(remote)
+    assert b"Content-Type: text/rfc822-headers" in raw and b"Subject: t\r\n" in raw
+    assert b"hello" not in raw and spool.stats().messages == 0
+    assert bounce_reads and max(bounce_reads) <= sched.config.bounce.max_copy_bytes + 2
 
 
 def test_a_bounce_that_fails_to_build_stops_nothing_else(env, monkeypatch):

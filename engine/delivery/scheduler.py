@@ -983,7 +983,9 @@ class Scheduler:
             self._release(f.msgid)
             return
         try:
-            original = self.spool.read_message(f.msgid)
+            # A bounce copies at most max_copy_bytes of the original (else its
+            # header only): a bigger message is not read into memory whole.
+            original = self.spool.read_message(f.msgid, limit=cfg.max_copy_bytes + 2)
         except MessageNotFound:
             return  # deleted (`qrelay delete`) since it finished: no bounce
         except MessageUnreadable as exc:

@@ -158,7 +158,7 @@ return; O(log n) each)
         #      sender, size, origin, last_error. Due entries stay until marked:
         #      pass in-flight (msgid, index) pairs as `exclude`.
     next_due(channel=None) -> float | None  # earliest due time, for sleeping
-    read_message(msgid) -> bytes            # MessageQuarantined if corrupt, MessageUnreadable (later)
+    read_message(msgid, limit=0) -> bytes   # MessageQuarantined if corrupt, MessageUnreadable (later)
     preprocess_many([(msgid, channels[, addresses])], now) -> [Finished | None]
     jobs([(msgid, index)], now, channel) -> [Job]  # those still due, in order
     apply([Delivered(m,i) | Deferred(m,i,next_try,error) | Failed(m,i,reason)])

@@ -52,15 +52,20 @@ class Ledger:
             return SpoolStats(txn.stat(self._dbs[b"messages"])["entries"],
                               txn.stat(self._dbs[b"todo"])["entries"])
 
-    def read_message(self, msgid: int) -> bytes:
-        """The message bytes. MessageNotFound if gone; MessageQuarantined if
-        corrupt; MessageUnreadable when the system would not let us read it
-        (a permission, a disk error, no descriptor left): quarantining then
-        would drop a message that is whole, and copy nothing of it."""
+    def read_message(self, msgid: int, limit: int = 0) -> bytes:
+        """The message bytes (with `limit`, only its first `limit` bytes; the
+        whole message is checked all the same). MessageNotFound if gone;
+        MessageQuarantined if corrupt; MessageUnreadable when the system
+        would not let us read it (a permission, a disk error, no descriptor
+        left): quarantining then would drop a message that is whole, and
+        copy nothing of it."""
         try:
             with self._index.env.begin() as txn:
                 rec = self._index.message(txn, msgid)
-            return self._core.files.reader.read(rec.segid, rec.offset, msgid, rec.length)
+            reader = self._core.files.reader
+            if limit:
+                return reader.read_head(rec.segid, rec.offset, msgid, rec.length, limit)
+            return reader.read(rec.segid, rec.offset, msgid, rec.length)
         except (RecordError, SegmentError) as exc:
             self._quarantine(msgid, exc)
             raise MessageQuarantined(f"#{msgid}: {exc}") from None

@@ -243,6 +243,10 @@ class SegmentWriter:
         self._sync_fds.clear()
 
 
+# Bytes read at a time by SegmentReader.read_head past the head it keeps.
+HEAD_CHUNK = 1 << 20
+
+
 class SegmentReader:
     """Reads message bytes back, keeping a few segment files open (LRU)."""
 
@@ -304,6 +308,45 @@ class SegmentReader:
         if rid != msgid or rlen != length:
             raise SegmentError(f"segment {segid}: record at {offset} is #{rid}, not #{msgid}")
         return _checked_body(raw, msgid, length, crc, f"segment {segid}")
+
+    def read_head(self, segid: int, offset: int, msgid: int, length: int, keep: int) -> bytes:
+        """The first `keep` bytes of `msgid`'s message, the whole record
+        checked as `read` checks it, but read HEAD_CHUNK bytes at a time: a
+        caller that needs only the head (a bounce returning a big message's
+        header) never holds all of it."""
+        if length <= keep:
+            return self.read(segid, offset, msgid, length)
+        with self._lock:        # a descriptor of our own: forget() may close the shared one
+            try:
+                fd = os.dup(self._fd(segid))
+            except FileNotFoundError:
+                raise SegmentError(f"segment {segid} is missing") from None
+        try:
+            head = os.pread(fd, REC_HEAD.size + keep, offset)
+            if len(head) != REC_HEAD.size + keep:
+                raise SegmentError(f"segment {segid}: record at {offset} is truncated")
+            magic, version, _flags, rid, rlen, crc = REC_HEAD.unpack_from(head)
+            if magic != REC_MAGIC or version != FORMAT_VERSION:
+                raise SegmentError(f"segment {segid}: no record header at {offset}")
+            if rid != msgid or rlen != length:
+                raise SegmentError(f"segment {segid}: record at {offset} is #{rid}, not #{msgid}")
+            head = head[REC_HEAD.size:]
+            check = zlib.crc32(head)
+            pos, end = offset + REC_HEAD.size + keep, offset + REC_HEAD.size + length
+            while pos < end:
+                chunk = os.pread(fd, min(HEAD_CHUNK, end - pos), pos)
+                if not chunk:
+                    raise SegmentError(f"segment {segid}: record at {offset} is truncated")
+                check = zlib.crc32(chunk, check)
+                pos += len(chunk)
+            tail = os.pread(fd, REC_TAIL.size, end)
+        finally:
+            os.close(fd)
+        if len(tail) != REC_TAIL.size or REC_TAIL.unpack(tail) != (END_MAGIC, msgid):
+            raise SegmentError(f"segment {segid}: record #{msgid} has no END marker")
+        if check != crc:
+            raise SegmentError(f"segment {segid}: record #{msgid} checksum mismatch")
+        return head
 
     def raw(self, segid: int, offset: int, length: int) -> bytes:
         """Whatever bytes are at the place a record should be (for quarantine)."""

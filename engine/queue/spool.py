@@ -212,10 +212,11 @@ class Spool:
         """(messages in queue, not yet preprocessed) — O(1), for qstat."""
         return self.ledger.stats()
 
-    def read_message(self, msgid: int) -> bytes:
-        """The message bytes. MessageNotFound if gone; MessageQuarantined if
-        corrupt; MessageUnreadable if the system refused the read (try later)."""
-        return self.ledger.read_message(msgid)
+    def read_message(self, msgid: int, limit: int = 0) -> bytes:
+        """The message bytes (only the first `limit` if given, all checked).
+        MessageNotFound if gone; MessageQuarantined if corrupt;
+        MessageUnreadable if the system refused the read (try later)."""
+        return self.ledger.read_message(msgid, limit)
 
     def iter_messages(self, chunk: int = 1000) -> Iterator[QueuedMessage]:
         """Every queued message in id order (for qread); corrupt ones are skipped
