@@ -630,6 +630,24 @@ cdef class DataScanner:
             return b""
         return PyBytes_FromStringAndSize(<const char *>self.out.data, self.out.len)
 
+    def take_message(self, bytes prefix=b""):
+        """prefix + the message in one new bytes object, the scanner's own
+        copy freed at once (b"" once too_big or dropped): a receiver ending
+        DATA holds the message twice at most, not three times (`message`,
+        then a join with the Received lines)."""
+        cdef bytes out
+        cdef char *dst
+        cdef Py_ssize_t n = len(prefix)
+        if self._too_big or self._dropped:
+            return b""
+        out = PyBytes_FromStringAndSize(NULL, n + self.out.len)
+        dst = PyBytes_AS_STRING(out)
+        memcpy(dst, PyBytes_AS_STRING(prefix), n)
+        if self.out.len:
+            memcpy(dst + n, self.out.data, self.out.len)
+        buf_free(&self.out)
+        return out
+
     @property
     def size(self):
         return self.out_total - self.crlf

@@ -931,6 +931,29 @@ def test_message_memory_is_bounded_per_receiver(make_server, connect):
     assert len(srv.spool.messages) == 2
 
 
+def test_the_end_of_data_copies_the_message_once(server, client):
+    # The scanner's buffer (not traced: C's malloc) becomes the one message
+    # handed to the spool, Received lines in front: it was copied out as
+    # bytes, then joined behind those lines, three copies at once.
+    import tracemalloc
+    big = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 8000     # 8 MB
+    assert client.cmd(b"MAIL FROM:<a@example.org>") == b"250 ok\r\n"
+    assert client.cmd(b"RCPT TO:<x@sink.test>") == b"250 ok\r\n"
+    assert client.cmd(b"DATA") == b"354 go ahead\r\n"
+    client.send(big)
+    wait_for(lambda: server.receiver.buffered >= len(big), what="the message held")
+    tracemalloc.start()
+    try:
+        client.send(b".\r\n")
+        assert client.line().startswith(b"250 ok ")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    ((_env, message),) = server.spool.messages
+    assert message.endswith(big) and message.startswith(b"Received: ")
+    assert peak < 1.5 * len(big), peak
+
+
 def test_mail_gets_452_while_the_spool_filesystem_is_below_min_free(make_server, connect,
                                                                   monkeypatch):
     """Postfix's queue_minfree: below [spool] min_free_bytes (and below 1.5 x a

@@ -365,6 +365,14 @@ def test_scanner_message_ends_with_crlf_before_marker():
     assert s.message == b"a\r\n" and s.size == 2 and used == 6
 
 
+def test_scanner_take_message_puts_a_prefix_in_front_and_lets_its_copy_go():
+    s, _ = scan_all(b"..a\r\nb\r\n.\r\n")
+    assert s.take_message(b"Received: x\r\n") == b"Received: x\r\n.a\r\nb\r\n"
+    assert s.buffered == 0 and s.size == 5 and s.take_message() == b""
+    big, _ = scan_all(b"x" * 50 + b"\r\n.\r\n", max_bytes=10)
+    assert big.too_big and big.take_message(b"R\r\n") == b""
+
+
 def test_scanner_not_done_without_marker():
     s, used = scan_all(b"a\r\nb\r\n")
     assert not s.done and used == 6 and s.message == b"a\r\nb\r\n"

@@ -663,7 +663,7 @@ class SmtpSession(asyncio.Protocol):
             self._refuse(R_NO_MEMORY, f"DATA from <{sender}>")
         else:
             # Held (counted in self.held) until the commit ends.
-            self._start_commit(sender, rcpts, scanner.message)
+            self._start_commit(sender, rcpts, scanner)
         if self.state != COMMIT:
             self._hold(0)
         scanner.reset()
@@ -681,17 +681,16 @@ class SmtpSession(asyncio.Protocol):
         receiver.buffered += n - self.held
         self.held = n
 
-    def _start_commit(self, sender: str, rcpts: list[str], body: bytes) -> None:
+    def _start_commit(self, sender: str, rcpts: list[str], scanner: DataScanner) -> None:
         receiver = self.receiver
         now = time.time()
         pid = receiver.pid
-        message = b"".join((
-            queue_received_line(pid=pid, origin="network", uid=receiver.uid, when=now),
-            received_line(remotehost=self.remotehost, helo=self.helo, remoteip=self.remoteip,
-                          remoteinfo=self.remoteinfo, local=self.local, when=now,
-                          protocol=self.protocol),
-            body,
-        ))
+        # The message's one copy, behind the Received lines; the scanner's is freed.
+        message = scanner.take_message(
+            queue_received_line(pid=pid, origin="network", uid=receiver.uid, when=now)
+            + received_line(remotehost=self.remotehost, helo=self.helo, remoteip=self.remoteip,
+                            remoteinfo=self.remoteinfo, local=self.local, when=now,
+                            protocol=self.protocol))
         envelope = Envelope(sender=sender, recipients=tuple(rcpts), pid=pid, uid=receiver.uid, origin="network")
         self.state = COMMIT
         if not self.paused_for_write:
