@@ -267,3 +267,34 @@ def test_close_reports_answered_batches_it_could_not_index():
     c = st.committer(10, 10**6)
     assert c.put(None, b"a").result(5) == 1
     assert c.close() is False
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_a_committed_message_is_not_kept_by_the_stages(mode):
+    # Each stage's thread held the last batch it handled (its messages, and
+    # the token that holds them too) while it waited for the next one: in the
+    # spool writer, up to sync_depth + 2 batches of big messages, for ever.
+    import gc
+    import weakref
+
+    class Message:              # the committer only asks a message its len()
+        def __len__(self):
+            return 1000
+    messages = [Message() for _ in range(3)]
+    alive = [weakref.ref(m) for m in messages]
+    indexed = threading.Event()
+    c = GroupCommitter(lambda batch: ([0] * len(batch), [r.message for r in batch]),
+                       lambda token: None, lambda tokens: indexed.set(), 10, 10**6,
+                       **{**MODES[mode], "retry_seconds": 0.02})
+    try:
+        futures = [c.put(None, m, wait_index=True) for m in messages]
+        del messages
+        assert [f.result(5) for f in futures] == [0, 0, 0] and indexed.is_set()
+        del futures
+        gc.collect()
+        deadline = time.monotonic() + 5     # the index stage finishes its turn
+        while any(r() is not None for r in alive) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert [r() for r in alive] == [None, None, None]
+    finally:
+        c.close()

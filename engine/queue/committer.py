@@ -219,6 +219,8 @@ class GroupCommitter:
     def _run_write(self) -> None:
         stop = False
         while not stop:
+            # The last batch is not kept (its messages) while the next is awaited.
+            batch = token = p = None
             # A free slot first: while every slot syncs, requests pile up
             # into the next batch instead of each waiting for a slot.
             self._slots.acquire()
@@ -258,12 +260,14 @@ class GroupCommitter:
             with self._done_cond:
                 self._done[p.seq] = p
                 self._done_cond.notify()
+            del p       # the index stage has it: not kept while the next is awaited
 
     def _run_index(self) -> None:
         next_seq = 0
         pending: list[Prepared] = []   # synced, in order, not yet indexed
         delay = self._retry
         while True:
+            waiting = synced = None     # requests of batches done with: not kept while waiting
             with self._done_cond:
                 while next_seq not in self._done and not pending:
                     if self._closed and not self._threads[0].is_alive() \
