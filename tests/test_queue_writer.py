@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -353,3 +354,25 @@ def test_a_message_over_the_frame_limit_fails_alone(writer: Writer):
     finally:
         client.close()
     assert first > 0 and second > first
+
+
+def test_a_big_request_is_not_kept_once_sent(writer: Writer):
+    # A frame the kernel does not take at once goes out from the sender
+    # thread, which kept the last one it sent while it waited for another: a
+    # receiver held its last big message for as long as no other needed it.
+    import tracemalloc
+    client = SpoolClient(writer.sock)
+    message = b"x" * (8 * 1024 * 1024)
+    tracemalloc.start()
+    try:
+        assert client.enqueue(Envelope("a@b", ("c@d",)), message) > 0
+        assert client._sender is not None          # it went the thread's way
+        deadline = time.monotonic() + 5            # the thread's turn after its send
+        while tracemalloc.get_traced_memory()[0] > len(message) // 2 \
+                and time.monotonic() < deadline:
+            time.sleep(0.005)
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+        client.close()
+    assert held < len(message) // 2, held

@@ -374,6 +374,7 @@ class SpoolClient:
                 sock.sendall(data)
             except OSError as exc:
                 error = exc
+            del data        # the frame (a whole message) is not kept while the next is awaited
             with self._lock:
                 self._sending = False
                 if error is not None:
