@@ -954,6 +954,27 @@ def test_the_end_of_data_copies_the_message_once(server, client):
     assert peak < 1.5 * len(big), peak
 
 
+@pytest.mark.parametrize("bad, reply", [
+    (b"a\0b\r\n", b"554 sorry, message contains NUL bytes (#5.6.0)\r\n"),
+    (b"a\rb\r\n", b"554 sorry, message contains a bare CR, which is not allowed (#5.6.0)\r\n"),
+])
+def test_a_message_refused_at_its_end_is_not_held_until_then(server, client, bad, reply):
+    # A NUL or a bare CR gets the message refused whatever follows: the rest
+    # was held all the same (up to databytes, twice that stored), spending
+    # the receiver's max_buffered_bytes that other sessions' mail needs.
+    part = (b"x" * 998 + b"\r\n") * 500
+    assert client.cmd(b"MAIL FROM:<a@example.org>") == b"250 ok\r\n"
+    assert client.cmd(b"RCPT TO:<x@sink.test>") == b"250 ok\r\n"
+    assert client.cmd(b"DATA") == b"354 go ahead\r\n"
+    client.send(b"Subject: t\r\n\r\n" + part)
+    wait_for(lambda: server.receiver.buffered >= len(part), what="the message held")
+    client.send(bad + part)
+    wait_for(lambda: server.receiver.buffered == 0, what="the refused message let go")
+    client.send(part + b".\r\n")
+    assert client.line() == reply
+    assert transaction(client).startswith(b"250 ok ") and len(server.spool.messages) == 1
+
+
 def test_mail_gets_452_while_the_spool_filesystem_is_below_min_free(make_server, connect,
                                                                   monkeypatch):
     """Postfix's queue_minfree: below [spool] min_free_bytes (and below 1.5 x a

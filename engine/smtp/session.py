@@ -631,6 +631,9 @@ class SmtpSession(asyncio.Protocol):
     def _feed_data(self, data: bytes) -> None:
         scanner = self.scanner
         used = scanner.feed(data)
+        if (scanner.has_nul or scanner.bare_cr and self.refuse_bare_cr) and not scanner.dropped:
+            # Refused at its end whatever follows (_end_data): not held meanwhile.
+            scanner.drop()
         self._hold(scanner.buffered)
         if scanner.bare_lf:
             # qmail answers the first bare LF at once and drops the connection:
