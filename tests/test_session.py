@@ -975,6 +975,21 @@ def test_a_message_refused_at_its_end_is_not_held_until_then(server, client, bad
     assert transaction(client).startswith(b"250 ok ") and len(server.spool.messages) == 1
 
 
+def test_a_looping_message_is_not_held_until_its_end(server, client):
+    # Past max_hops Received/Delivered-To lines the message is refused at its
+    # end (554 too many hops) whatever its body: nothing of it is held.
+    part = (b"x" * 998 + b"\r\n") * 500
+    assert client.cmd(b"MAIL FROM:<a@example.org>") == b"250 ok\r\n"
+    assert client.cmd(b"RCPT TO:<x@sink.test>") == b"250 ok\r\n"
+    assert client.cmd(b"DATA") == b"354 go ahead\r\n"
+    client.send(b"Received: x\r\n" * 101 + b"\r\n" + part)
+    wait_for(lambda: any(s.scanner.size >= len(part) for s in server.receiver.sessions),
+             what="the message read")
+    assert server.receiver.buffered == 0
+    client.send(b".\r\n")
+    assert client.line() == b"554 too many hops, this message is looping (#5.4.6)\r\n"
+
+
 def test_mail_gets_452_while_the_spool_filesystem_is_below_min_free(make_server, connect,
                                                                   monkeypatch):
     """Postfix's queue_minfree: below [spool] min_free_bytes (and below 1.5 x a

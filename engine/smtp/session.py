@@ -631,7 +631,8 @@ class SmtpSession(asyncio.Protocol):
     def _feed_data(self, data: bytes) -> None:
         scanner = self.scanner
         used = scanner.feed(data)
-        if (scanner.has_nul or scanner.bare_cr and self.refuse_bare_cr) and not scanner.dropped:
+        if (scanner.has_nul or scanner.bare_cr and self.refuse_bare_cr
+                or scanner.hops > self.max_hops) and not scanner.dropped:
             # Refused at its end whatever follows (_end_data): not held meanwhile.
             scanner.drop()
         self._hold(scanner.buffered)
