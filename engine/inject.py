@@ -658,7 +658,7 @@ def queue_message(root: Path, prepared: Prepared, *, uid: int, pid: int | None =
     """qmail-queue: prepend its Received line and enqueue; returns the message
     id once the message is durable. InjectError(TEMPORARY) on any spool failure."""
     from engine.queue import Envelope, SpoolError
-    from engine.queue.values import WriterUnreachable
+    from engine.queue.values import MessageTooBig, WriterUnreachable
     from engine.queue.writer import INJECT_SOCKET, SpoolClient, open_spool_writer
     pid = os.getpid() if pid is None else pid
     now = time.time() if now is None else now
@@ -674,9 +674,14 @@ def queue_message(root: Path, prepared: Prepared, *, uid: int, pid: int | None =
         become_spool_owner(queue)
     spool = None
     try:
-        spool = (SpoolClient(queue / INJECT_SOCKET) if local_user
-                 else open_spool_writer(queue, settings.spool))
+        # The frame limit known here, a message over it is refused before it
+        # is sent (the writer would close the connection on it).
+        spool = (SpoolClient(queue / INJECT_SOCKET, max_frame=settings.spool.max_frame_bytes)
+                 if local_user else open_spool_writer(queue, settings.spool))
         return spool.enqueue(envelope, message)
+    except MessageTooBig as exc:
+        # Stored with CRLF line ends it is over the spool's frame limit: no retry helps.
+        raise InjectError(f"qq: {exc}") from None
     except WriterUnreachable as exc:
         # The socket a stopped qrelay run left behind (or one gone meanwhile).
         raise (_not_served(queue) if local_user else InjectError(f"qq: {exc}", TEMPORARY)) from None

@@ -191,6 +191,35 @@ def test_inject_goes_through_a_running_spool_writer(root):
     assert b"Subject: live\r\n" in message
 
 
+def test_a_message_over_the_spool_frame_limit_is_a_permanent_error(root):
+    """Within max_message_bytes as read (LF line ends), a message may be
+    twice that stored (CRLF): over [spool] max_frame_bytes the writer never
+    takes it, so a 111 had the caller (cron, PHP's mail()) retry for ever.
+    It is 100, as SMTP answers 552; through queue/inject.sock (any local
+    user) too, where the writer closed the connection on it."""
+    from tests.smtp_harness import RunningQrelay
+    from tests.test_delivery_e2e import wait_for
+    (root / "qrelay.toml").write_text(
+        "[smtp]\nmax_message_bytes = 4194304\nmax_recipients = 100\nmax_line_length = 512\n"
+        "[spool]\nmax_frame_bytes = 5300000\n")
+    data = b"Subject: log\n\n" + b"\n" * (4 * 1000 * 1000)
+    server = RunningQrelay(root, procs=1)
+    try:
+        wait_for(lambda: (root / "queue" / "writer.sock").exists(), what="the spool writer's socket")
+        refused = [inject(root, "bob@example.net", data=data)]
+        if os.geteuid() == 0:
+            refused.append(subprocess.run(
+                [sys.executable, "-m", "engine.cli", "inject", str(root), "bob@example.net"],
+                input=data, cwd="/", capture_output=True, timeout=60, user=65534, group=65534,
+                extra_groups=[], env={**BASE_ENV, "PYTHONPATH": str(REPO), "USER": "www"}))
+        assert all(r.returncode == 100 for r in refused), [r.stderr for r in refused]
+        assert all(b"max_frame_bytes" in r.stderr for r in refused), [r.stderr for r in refused]
+        assert inject(root, "bob@example.net", data=b"Subject: small\n\nhi\n").returncode == 0
+    finally:
+        assert server.stop() == 0
+    assert len(queued(root)) == 1
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")
 def test_any_local_user_queues_through_the_injection_socket(root):
     """PHP's mail() as www-data: the spool belongs to the run user, so another
