@@ -19,11 +19,22 @@ from engine.delivery.local.dotqmail import LocalTemporary, error_str
 
 TEXT_SLOW_LOCK = "File has been locked for 30 seconds straight. (#4.3.0)\n"
 _FROM = re.compile(rb"^(>*From )", re.M)
+# Bytes quoted at a time: a substitution holds a piece per match until it
+# joins them (tens of bytes each), so a body of millions of `From ` lines
+# is quoted a piece of whole lines at a time.
+_QUOTE_CHUNK = 1 << 16
 
 
 def quote_from(body: bytes) -> bytes:
     """`>` before every line matching qmail's gfrom(); ensures a final LF."""
-    out = _FROM.sub(rb">\1", body)
+    parts = []
+    start = 0
+    while start < len(body):
+        end = body.find(b"\n", start + _QUOTE_CHUNK - 1)
+        end = len(body) if end < 0 else end + 1
+        parts.append(_FROM.sub(rb">\1", body[start:end]))
+        start = end
+    out = b"".join(parts)
     if out and not out.endswith(b"\n"):
         out += b"\n"
     return out
