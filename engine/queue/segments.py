@@ -247,6 +247,19 @@ class SegmentWriter:
 HEAD_CHUNK = 1 << 20
 
 
+def _checked_head(raw: bytes, want: int, segid: int, offset: int, msgid: int, length: int) -> int:
+    """The crc of the record `raw` (`want` bytes read from `offset`) begins,
+    once its header says it is `msgid`'s of `length` bytes; else SegmentError."""
+    if len(raw) != want:
+        raise SegmentError(f"segment {segid}: record at {offset} is truncated")
+    magic, version, _flags, rid, rlen, crc = REC_HEAD.unpack_from(raw)
+    if magic != REC_MAGIC or version != FORMAT_VERSION:
+        raise SegmentError(f"segment {segid}: no record header at {offset}")
+    if rid != msgid or rlen != length:
+        raise SegmentError(f"segment {segid}: record at {offset} is #{rid}, not #{msgid}")
+    return crc
+
+
 class SegmentReader:
     """Reads message bytes back, keeping a few segment files open (LRU)."""
 
@@ -300,13 +313,7 @@ class SegmentReader:
             except FileNotFoundError:
                 raise SegmentError(f"segment {segid} is missing") from None
             raw = os.pread(fd, total, offset)
-        if len(raw) != total:
-            raise SegmentError(f"segment {segid}: record at {offset} is truncated")
-        magic, version, _flags, rid, rlen, crc = REC_HEAD.unpack_from(raw)
-        if magic != REC_MAGIC or version != FORMAT_VERSION:
-            raise SegmentError(f"segment {segid}: no record header at {offset}")
-        if rid != msgid or rlen != length:
-            raise SegmentError(f"segment {segid}: record at {offset} is #{rid}, not #{msgid}")
+        crc = _checked_head(raw, total, segid, offset, msgid, length)
         return _checked_body(raw, msgid, length, crc, f"segment {segid}")
 
     def read_head(self, segid: int, offset: int, msgid: int, length: int, keep: int) -> bytes:
@@ -323,13 +330,7 @@ class SegmentReader:
                 raise SegmentError(f"segment {segid} is missing") from None
         try:
             head = os.pread(fd, REC_HEAD.size + keep, offset)
-            if len(head) != REC_HEAD.size + keep:
-                raise SegmentError(f"segment {segid}: record at {offset} is truncated")
-            magic, version, _flags, rid, rlen, crc = REC_HEAD.unpack_from(head)
-            if magic != REC_MAGIC or version != FORMAT_VERSION:
-                raise SegmentError(f"segment {segid}: no record header at {offset}")
-            if rid != msgid or rlen != length:
-                raise SegmentError(f"segment {segid}: record at {offset} is #{rid}, not #{msgid}")
+            crc = _checked_head(head, REC_HEAD.size + keep, segid, offset, msgid, length)
             head = head[REC_HEAD.size:]
             check = zlib.crc32(head)
             pos, end = offset + REC_HEAD.size + keep, offset + REC_HEAD.size + length
