@@ -170,13 +170,26 @@ def give_tree(root: Path, user: RunUser) -> None:
     Root walks a tree the run user may have changed: fwalk follows no symlink,
     even one swapped in for a directory during the walk, and a file with
     other hard links (one the run user linked in from elsewhere, where
-    fs.protected_hardlinks is off) is left as it is."""
+    fs.protected_hardlinks is off) is left as it is. ROOT/NAME itself may be
+    a link root made (a queue moved to another disk, as qmail boxes do): the
+    tree it leads to is handed over; a link anyone else owns is refused."""
     for name in OWNED_DIRS:
         top = root / name
         try:
             top.mkdir(mode=0o755, exist_ok=True)
         except FileExistsError:     # a file (or a dangling link) where the directory goes
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(top)) from None
+        if top.is_symlink():
+            owner = top.lstat().st_uid
+            if owner != 0:
+                raise PrivilegeError(f"{top} is a link owned by uid {owner}, not root: make it "
+                                     f"a directory, or a link of root's (ln -sfn DIR {top})")
+            top = top.resolve(strict=True)   # fwalk follows no link, not even its top
+            blocked = _unreachable_parent(top.parent, user)
+            if blocked is not None:
+                raise PrivilegeError(f"[run] user {user.name!r} cannot reach {top} ({root / name} "
+                                     f"leads there): {blocked} is not searchable by it "
+                                     f"(chmod o+x {blocked})")
         for _, _, filenames, dirfd in os.fwalk(top):
             for entry in [".", *filenames]:
                 st = os.stat(entry, dir_fd=dirfd, follow_symlinks=False)

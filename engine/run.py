@@ -618,6 +618,8 @@ def serve(root: Path, listen: list[ListenAddress], procs: int,
             except OSError as exc:   # a file where a directory goes, a full or read-only disk
                 raise ConfigError(f"cannot start: {exc.filename or root / 'queue'}: "
                                   f"{exc.strerror}") from None
+            except PrivilegeError as exc:   # a link to the tree it may not follow or reach
+                raise ConfigError(f"cannot start: {exc}") from None
     except BaseException:
         os.close(mutex)
         raise

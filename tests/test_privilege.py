@@ -91,6 +91,34 @@ def test_give_tree_never_hands_over_a_file_linked_in_from_outside(root, tmp_path
     assert (root / "queue").stat().st_uid == user.uid
 
 
+@as_root
+def test_give_tree_follows_a_link_root_made_for_a_directory_on_another_disk(root, tmp_path):
+    """A qmail box moved its queue to another disk with a link (ROOT/queue ->
+    /data/queue): the tree the link leads to is handed over, or every service
+    restarted in a loop on "Permission denied". A link root did not make is
+    refused in one line."""
+    moved = tmp_path / "data" / "queue"
+    (moved / "segments").mkdir(parents=True)
+    (moved / "segments" / "s1").write_bytes(b"x")
+    shutil.rmtree(root / "queue")
+    (root / "queue").symlink_to(moved)
+    user = RunUser("nobody", NOBODY.pw_uid, NOBODY.pw_gid)
+    give_tree(root, user)
+    for path in (moved, moved / "segments", moved / "segments" / "s1"):
+        assert (path.stat().st_uid, path.stat().st_gid) == user.owner, path
+    assert (root / "queue").is_symlink() and tmp_path.stat().st_uid == 0
+    os.chmod(tmp_path / "data", 0o700)          # the other disk's mount point, root's only
+    with pytest.raises(PrivilegeError, match=r"cannot reach .*data/queue .*: .*data is not searchable"):
+        give_tree(root, user)
+    os.chmod(tmp_path / "data", 0o755)
+    (root / "log").rmdir()
+    (root / "log").symlink_to(tmp_path / "data")
+    os.lchown(root / "log", user.uid, user.gid)
+    with pytest.raises(PrivilegeError, match="is a link owned by uid"):
+        give_tree(root, user)
+    assert (tmp_path / "data").stat().st_uid == 0
+
+
 def _status(pid: int) -> dict[str, list[str]]:
     with open(f"/proc/{pid}/status") as f:
         return {k: v.split() for k, v in (line.split(":", 1) for line in f)}

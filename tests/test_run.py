@@ -372,6 +372,20 @@ def test_a_run_user_directory_that_is_not_one_stops_the_start_in_one_line(root, 
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="changing users needs root")
+def test_a_log_link_the_run_user_owns_stops_the_start_in_one_line(root, tmp_path):
+    import shutil
+    shutil.rmtree(root / "log", ignore_errors=True)
+    (tmp_path / "elsewhere").mkdir()
+    (root / "log").symlink_to(tmp_path / "elsewhere")
+    os.lchown(root / "log", 65534, 65534)
+    r = run_once(root)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        f"Error: cannot start: {root / 'log'} is a link owned by uid 65534, not root: make it "
+        f"a directory, or a link of root's (ln -sfn DIR {root / 'log'})"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing users needs root")
 def test_a_users_assign_the_run_user_cannot_read_is_a_warning_at_start(root):
     # The receivers read it as [run] user for every RCPT check, AUTH and POP3
     # login: unreadable, each of those got a 451 and the start said nothing.
