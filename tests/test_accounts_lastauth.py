@@ -42,3 +42,19 @@ def test_read_follows_no_link_and_waits_on_no_fifo(tmp_path):
     (user / "lastauth").unlink()
     (user / "lastauth").write_bytes(b"192.0.2.7" + b"x" * 1_000_000)
     assert lastauth.read(str(user))[0] == "192.0.2.7" + "x" * (lastauth.MAX_READ - 9)
+
+
+def test_record_never_waits_on_a_fifo_the_owner_put_there(tmp_path):
+    # The receivers record logins in a thread of their AUTH/POP3 pool: a FIFO
+    # as lastauth (the domain's owner writes the directory) held that thread
+    # in open() for ever, and with it the logins queued behind it.
+    import threading
+    os.mkfifo(tmp_path / "lastauth")
+    got = []
+    t = threading.Thread(target=lambda: got.append(lastauth.record(str(tmp_path), "192.0.2.7")),
+                         daemon=True)
+    t.start()
+    t.join(10)
+    if t.is_alive():                          # let it go before failing
+        os.close(os.open(tmp_path / "lastauth", os.O_RDONLY | os.O_NONBLOCK))
+    assert got == [False]

@@ -24,8 +24,10 @@ def record(user_dir: str, ip: str) -> bool:
     if not user_dir:
         return False
     try:
-        fd = os.open(os.path.join(user_dir, LASTAUTH),
-                     os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        # O_NONBLOCK: a FIFO the directory's owner put there fails at once
+        # (ENXIO) instead of holding this thread in open() for good.
+        fd = os.open(os.path.join(user_dir, LASTAUTH), os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+                     | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
     except OSError:
         return False
     try:
