@@ -121,6 +121,24 @@ def test_requeue_counts_only_what_it_changed(spool):
     assert spool.requeue([a]) == 1 and not spool.message_info(a).held
 
 
+def test_a_held_message_whose_attempt_failed_is_still_selected_by_its_domain(spool):
+    """`qrelay hold --domain D` while an attempt to D runs, which fails: the
+    message is finished, its bounce waiting for the release. `qrelay release
+    --domain D` must find it, or it stays held for ever."""
+    from engine.queue import Failed
+    now = spool.test_clock.now
+    a = queue(spool, "s@x", ("a@far.test",))
+    b = queue(spool, "s@x", ("b@far.test", "c@near.test"))
+    assert spool.hold([a]) == 1
+    spool.apply([Failed(a, 0, "no"), Failed(b, 0, "no")])
+    assert spool.message_info(a).bouncing and spool.bouncing() == []
+    # b's failure at far.test is bounced with c's result: nothing left there.
+    assert spool.select(Selection(domain="far.test"), now) == ([a], [])
+    assert spool.select(Selection(domain="near.test"), now) == ([b], [])
+    assert spool.release_held([a]) == 1
+    assert [f.msgid for f in spool.bouncing()] == [a]
+
+
 def test_delete_frees_the_segment_like_completion(spool):
     ids = [queue(spool, "s@x", (f"r{i}@d.test",)) for i in range(5)]
     spool.close()

@@ -60,7 +60,8 @@ def _root_and_ids(root: str, ids: tuple[str, ...]) -> tuple[str, tuple[str, ...]
 
 def _selection_options(f):
     for opt in reversed([
-        click.option("--domain", help="messages with a recipient not yet done at DOMAIN"),
+        click.option("--domain", help="messages with a recipient not yet done at DOMAIN "
+                                       "(or failed there, its bounce not yet sent)"),
         click.option("--sender", help="messages from SENDER ('<>' or '' = the null sender)"),
         click.option("--older-than", "older_than",
                      help="messages queued longer ago than AGE (90s, 30m, 12h, 3d)"),

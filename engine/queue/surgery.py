@@ -64,7 +64,8 @@ SHAPE_BUCKETS = 10
 class Selection:
     """Which messages: `ids`, or every message whose sender is `sender`
     ("" = <>), older than `older_than` seconds and with an unfinished
-    recipient at `domain` (each given criterion must hold)."""
+    recipient at `domain`, or a failure there not yet bounced (each given
+    criterion must hold)."""
     ids: tuple[int, ...] = ()
     domain: str | None = None
     sender: str | None = None
@@ -107,10 +108,13 @@ class Surgery:
 
     def _keys(self, txn: lmdb.Transaction, domain: bytes | None) -> Iterator[bytes]:
         """Keys of the messages with recipients, in id order; with `domain`
-        (lower case), those with a recipient not yet done at it. One pass
-        over the recipients table reading the fields in place (the crc is
-        checked only where a record is used to change state), the domain
-        compared as the address's tail: no decoding, no set per message."""
+        (lower case), those with a recipient not yet done at it, or failed
+        there in a message whose bounce is not yet queued (one held as its
+        last attempt failed waits for its release: found by the domain it
+        was held by). One pass over the recipients table reading the fields
+        in place (the crc is checked only where a record is used to change
+        state), the domain compared as the address's tail: no decoding, no
+        set per message."""
         cursor = txn.cursor(db=self._dbs[b"recipients"])
         last = None
         if domain is None:
@@ -122,14 +126,17 @@ class Surgery:
         tail = b"@" + domain
         n = len(tail)
         unpack = _U16.unpack_from
+        bounces = self._dbs[b"bounces"]
         for key, raw in cursor.iternext():
-            if len(raw) < _ADDR or raw[_HEAD] not in UNFINISHED:
+            if len(raw) < _ADDR or (raw[_HEAD] not in UNFINISHED and raw[_HEAD] != R.FAILED):
                 continue
             end = _ADDR + unpack(raw, _ADDR - 2)[0]
             # The part after the last "@" (the domain holds none), or an
             # address without one that is the domain itself.
             if (end - n >= _ADDR and raw[end - n:end].lower() == tail) or \
                     (end - _ADDR == n - 1 and raw[_ADDR:end].lower() == domain):
+                if raw[_HEAD] == R.FAILED and txn.get(key[:8], db=bounces) is None:
+                    continue
                 if key[:8] != last:
                     last = key[:8]
                     yield last
