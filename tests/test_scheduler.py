@@ -603,6 +603,40 @@ def test_flush_during_an_attempt_makes_its_deferral_due_at_once(env):
     assert r.state == "deferred" and r.attempts == 2 and r.next_try == T0 + 400
 
 
+def test_an_attempt_under_way_when_requeued_that_defers_is_tried_again_at_once(env):
+    """`qrelay requeue` is a flush of some messages: as after ALRM, an attempt
+    already running when it commits and deferring just after is tried once
+    more at once, not at its next slot (400 s here). A hold, a release or a
+    requeue of other messages leaves such an attempt's next try as it was."""
+    sched, spool, remote, clock, log, tmp = env
+    remote.down.add("d1.test")
+
+    async def scenario():
+        sched._wake = asyncio.Event()
+        remote.gate = asyncio.Event()
+        mid = spool.enqueue(Envelope("a@src.test", ("x@d1.test",)), MSG)
+        other = spool.enqueue(Envelope("a@src.test", ("y@d1.test",)), MSG)
+        deadline = time.monotonic() + 10
+        while remote.running < 2 and time.monotonic() < deadline:
+            sched.run_pass()
+            await asyncio.sleep(0.002)
+        assert remote.running == 2
+        clock.now = T0 + 5
+        assert spool.requeue([mid]) == 1
+        assert spool.hold([other]) == 1 and spool.release_held([other]) == 1
+        remote.gate.set()
+        await settle(sched)
+        return mid, other
+
+    mid, other = asyncio.run(scenario())
+    assert sorted(c[2] for c in remote.calls) == [("x@d1.test",), ("x@d1.test",), ("y@d1.test",)]
+    r = spool.message_info(mid).recipients[0]
+    assert r.state == "deferred" and r.attempts == 2
+    assert r.next_try == sched.config.retry.next_try(T0, T0 + 5, "remote") > T0 + 400
+    r = spool.message_info(other).recipients[0]
+    assert r.state == "deferred" and r.attempts == 1 and r.next_try == T0 + 400
+
+
 def test_loop_keeps_dispatching_while_a_commit_waits_on_the_disk(env):
     """The scheduler's spool writes run in its commit thread: while one waits
     (a slow sync, LMDB's write lock), the loop goes on starting deliveries; a

@@ -693,6 +693,7 @@ class Scheduler:
     async def _deliver(self, lane: Lane, domain: str, jobs: list[Job], numbers: list[int]) -> None:
         opened = self.clock()
         opened_mono = self.monotonic()
+        surgery_gen = self._surgery_gen
         first = jobs[0]
         group = Group(lane.name, first.msgid, domain, first.sender,
                       tuple(j.address for j in jobs))
@@ -728,6 +729,8 @@ class Scheduler:
             next_try = retry.next_try(first.birth, opened, lane.name)
             if self._flushed_at >= opened_mono:
                 next_try = self.clock()   # flushed while running: one more try now
+            requeued = self._requeued(jobs, surgery_gen) \
+                if any(r.status not in ("K", "D") for r in results) else set()
             for job, got, number in zip(jobs, results, numbers):
                 status, text = retry.final_result(got.status, got.text, dying)
                 metrics.delivery_result(lane.name, status, opened - first.birth)
@@ -738,7 +741,9 @@ class Scheduler:
                 else:
                     if status != "Z":
                         status, text = "Z", "report mangled, will defer\n"
-                    result = Deferred(job.msgid, job.index, next_try, text)
+                    # Requeued while running: one more try now, as after a flush.
+                    result = Deferred(job.msgid, job.index,
+                                      self.clock() if job.index in requeued else next_try, text)
                 if not self._results:
                     # Results are recorded in batches (one durable spool
                     # transaction each), at most mark_delay after the first.
@@ -749,6 +754,21 @@ class Scheduler:
                 for job in jobs:
                     self.inflight.discard((job.msgid, job.index))
             self.wake()
+
+    def _requeued(self, jobs: list[Job], surgery_gen: int) -> set[int]:
+        """Indexes of these jobs (of one message) whose recipient `qrelay
+        requeue` made due again while their attempt ran: its record's next
+        try is no longer the one the job was read with. Read only when queue
+        surgery committed something since the attempt started."""
+        if self.spool.surgery_generation() == surgery_gen:
+            return set()
+        try:
+            rcpts = self.spool.message_info(jobs[0].msgid).recipients
+        except SpoolError:
+            return set()        # deleted meanwhile: its result is ignored
+        return {j.index for j in jobs if j.index < len(rcpts)
+                and rcpts[j.index].state in ("pending", "deferred")
+                and rcpts[j.index].next_try != j.next_try}
 
     async def _forward(self, job: Job, got: RecipientResult) -> RecipientResult:
         """Queue what a local delivery forwards (qmail-local's own qmail-queue

@@ -32,7 +32,8 @@ scheduler compares it before starting deliveries and throws its in-memory
 view of due work away when it moved (engine.delivery.scheduler), so a held
 or deleted message is never started afterwards. A delivery already under
 way when the command commits finishes (as with postsuper); its result for
-a deleted message is ignored, for a held one recorded without a due entry.
+a deleted message is ignored, for a held one recorded without a due entry;
+a requeued one that defers is tried again at once, as after a flush.
 """
 from __future__ import annotations
 
