@@ -437,6 +437,26 @@ def test_logs_not_rotating_and_not_pruned(box):
     assert not any("rotated files" in f["what"] for f in findings(report, "logs"))
 
 
+def test_pruning_rotated_logs_of_a_root_with_a_space_removes_only_them(tmp_path):
+    """The prune fix runs through xargs: a root with a space in its name must
+    not become two words, `rm` of a file beside the root (here `q`)."""
+    from engine.home import init_home
+    root = init_home(tmp_path / "q root", me=ME)
+    toml(root, "[log]\nmax_files = 3\n[doctor]\ndisk_min_free_bytes = 0\n"
+         "disk_min_free_percent = 0.0\n")
+    bystander = tmp_path / "q"
+    bystander.write_text("not a log\n")
+    (root / "log" / "current").write_text("x\n")
+    rotated = [f"@40000000000000{i:02d}00000000.s" for i in range(4)]
+    for name in rotated:
+        (root / "log" / name).write_text("old\n")
+    pruned = next(f for f in findings(doctor(root)[1], "logs") if "rotated files" in f["what"])
+    run_fix(pruned["fix"])
+    assert bystander.read_text() == "not a log\n"
+    assert sorted(n for n in os.listdir(root / "log") if n.startswith("@")) == rotated[2:]
+    assert not any("rotated files" in f["what"] for f in findings(doctor(root)[1], "logs"))
+
+
 def test_disk_space_below_the_setting(box):
     toml(box, "[doctor]\ndisk_min_free_percent = 100.0\n")
     _, report = doctor(box)

@@ -59,7 +59,7 @@ def check(ctx: Context, report: Report) -> None:
                            f"[log] max_files - 1 ({settings.max_files - 1})",
                            "old files are not pruned: the disk fills",
                            f"ls {arg}/@* | head -n {len(rotated) - settings.max_files + 1} "
-                           "| xargs rm")
+                           "| xargs -d '\\n' rm --")
         crashed = [n for n in rotated if n.endswith(".u")]
         report.note("logs", f"{directory}: current {st.st_size} bytes, {len(rotated)} rotated"
                     + (f" ({len(crashed)} left by a crash)" if crashed else ""),
