@@ -77,6 +77,17 @@ def _alias_user(monkeypatch):
 @pytest.fixture
 def box(root: Path) -> Path:
     """ROOT with a vpopmail domain, two users and an alias: nothing wrong with it."""
+    return healthy(root)
+
+
+@pytest.fixture
+def odd_box(tmp_path: Path) -> Path:
+    """box under a root whose name a fix must quote: a space and a quote."""
+    from engine.home import init_home
+    return healthy(init_home(tmp_path / "it's a root", me=ME))
+
+
+def healthy(root: Path) -> Path:
     admin.add_domain(root, "example.org", uid=UID, gid=GID)
     admin.add_user(root, "joe@example.org", "secret one")
     admin.add_user(root, "ann@example.org", "secret two")
@@ -692,6 +703,24 @@ def test_virtual_but_unassigned_and_not_accepted_gets_a_fix_that_works(box):
         run_fix(f["fix"])
     left = [f["what"] for f in findings(doctor(box)[1], "domains") if "lost.test" in f["what"]]
     assert left == ["postmaster@lost.test has no mailbox, alias or catch-all"], left
+
+
+def test_an_assign_line_added_by_the_fix_under_a_root_with_a_quote(odd_box):
+    """The users/assign line the fix inserts holds the root's path: the sed
+    script is one quoted word, whatever the path holds."""
+    box = odd_box
+    admin.add_domain(box, "example.net", uid=UID, gid=GID)
+    admin.add_alias(box, "postmaster@example.net", ["joe@example.org"])
+    assign = box / "users" / "assign"
+    assign.write_text("".join(line for line in assign.read_text().splitlines(True)
+                              if not line.startswith("+example.net-")))
+    admin.newu(box)
+    (f,) = findings(doctor(box)[1], "domains")
+    assert "users/assign has no +example.net- line" in f["what"]
+    run_fix(f["fix"])
+    assert findings(doctor(box)[1]) == []
+    assert f"+example.net-:example.net:{UID}:{GID}:{box}/domains/example.net:-::\n.\n" in \
+        assign.read_text()
 
 
 def test_virtualdomains_address_and_wildcard_keys_get_fixes_for_their_own_lines(box):

@@ -70,7 +70,7 @@ def check(ctx: Context, report: Report) -> None:
                     f"(virtualdomains: {domain}:{prepend}) but users/assign has no +{prepend}- line",
                     "its mail goes to qmail-getpw's fallback (the alias user) or defers with "
                     "`Unable to find alias user!`",
-                    f"sed -i '/^\\.$/i {line}' {ctx.arg(root / 'users/assign')} && "
+                    f"sed -i {ctx.arg(f'/^[.]$/i {line}')} {ctx.arg(root / 'users/assign')} && "
                     f"qrelay newu {ctx.arg(root)}")
             continue
         if routes.lookup(domain) is None:
