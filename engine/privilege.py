@@ -19,6 +19,7 @@ import errno
 import grp
 import os
 import pwd
+import shlex
 import shutil
 import stat
 import subprocess
@@ -263,7 +264,8 @@ def readable_fix(path: Path, user: RunUser) -> str | None:
         group = grp.getgrgid(user.gid).gr_name     # nobody's is nogroup on Debian
     except KeyError:
         group = str(user.gid)
-    return f"chgrp {group} {path} && chmod 640 {path}"
+    where = shlex.quote(str(path))
+    return f"chgrp {group} {where} && chmod 640 {where}"
 
 
 def ensure_system_user(name: str = DEFAULT_USER, home: str = "/nonexistent") -> RunUser:

@@ -829,3 +829,15 @@ def test_a_certificate_the_receivers_cannot_read_and_the_fix(box):
     assert f["what"] == f"[run] user nobody cannot read {cert}"
     run_fix(f["fix"])
     assert findings(doctor(box)[1], "tls") == []
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="the receivers run as the caller when not root")
+def test_the_certificate_fix_under_a_root_with_a_space_and_a_quote(odd_box):
+    box = odd_box
+    _certificate(box, ME, days=300)
+    cert = box / "control" / "servercert.pem"
+    cert.chmod(0o600)
+    toml(box, "", run='[run]\nuser = "nobody"\n')
+    (f,) = findings(doctor(box)[1], "tls")
+    run_fix(f["fix"])
+    assert findings(doctor(box)[1], "tls") == []
