@@ -841,3 +841,28 @@ def test_the_certificate_fix_under_a_root_with_a_space_and_a_quote(odd_box):
     (f,) = findings(doctor(box)[1], "tls")
     run_fix(f["fix"])
     assert findings(doctor(box)[1], "tls") == []
+
+
+def test_the_clearopensmtp_fix_under_a_root_with_a_space_and_a_quote(odd_box, tmp_path):
+    """Run now and from cron: the script's path is quoted on the command line
+    and again inside the crontab line (crontab is a stand-in here)."""
+    box = odd_box
+    (box / "etc").mkdir()
+    (box / "bin").mkdir()
+    (box / "etc" / "open-smtp").write_text(
+        f'192.0.2.9:allow,RELAYCLIENT="",RBLSMTPD=""\t{int(time.time()) - 86400}\n')
+    with open(box / "control" / "tcp.smtp", "a") as f:
+        f.write('192.0.2.9:allow,RELAYCLIENT="",RBLSMTPD=""\n')
+    clear = box / "bin" / "clearopensmtp"
+    ran = tmp_path / "ran"
+    clear.write_text(f"#!/bin/sh\n: > \"$(dirname \"$0\")/../etc/open-smtp\"\necho >> {ran}\n")
+    clear.chmod(0o755)
+    (f,) = findings(doctor(box)[1], "relay")
+    crontab = tmp_path / "crontab"
+    run_fix(f'crontab() {{ if [ "$1" = -l ]; then cat {crontab} 2>/dev/null; '
+            f'else cat > {crontab}; fi; }}\n' + f["fix"])
+    assert findings(doctor(box)[1], "relay") == []
+    (job,) = crontab.read_text().splitlines()
+    assert job.startswith("*/30 * * * * ")
+    subprocess.run(["/bin/sh", "-c", job.split(" ", 5)[5]], check=True)     # as cron runs it
+    assert ran.read_text() == "\n\n"

@@ -134,8 +134,9 @@ def _open_smtp(ctx: Context, report: Report, path: Path) -> None:
     if old:
         oldest = int(min(line.login_time for line in old))
         clear = path.parent.parent / "bin" / "clearopensmtp"
+        job = ctx.arg(f"*/30 * * * * {ctx.arg(clear)}")
         report.problem("relay", f"{path} has an entry {ago(ctx.now - oldest)} old",
                        "nothing removes old lines (vpopmail's clearopensmtp cron job is not "
                        "running): every IP that ever logged in may still relay",
-                       f"{clear} && (crontab -l; echo '*/30 * * * * {clear}') | crontab -"
-                       if os.path.exists(clear) else f"{clear} from cron every 30 minutes")
+                       f"{ctx.arg(clear)} && (crontab -l; echo {job}) | crontab -"
+                       if os.path.exists(clear) else f"{ctx.arg(clear)} from cron every 30 minutes")
