@@ -757,6 +757,28 @@ def test_a_missing_maildir_is_fixed_by_one_run_of_its_fix(box):
         assert os.stat(joe / "Maildir" / "cur").st_uid == UID
 
 
+def test_mailboxes_the_fixes_make_are_private_whatever_the_umask(box):
+    """qrelay and vpopmail make a user's directory and Maildir 0700: the
+    mkdir of a fix must not leave another user's mail readable by all."""
+    import shutil
+    joe, ann = user_dir(box, "joe@example.org"), user_dir(box, "ann@example.org")
+    shutil.rmtree(joe / "Maildir")
+    shutil.rmtree(ann)
+    old = os.umask(0o022)
+    try:
+        for f in findings(doctor(box)[1], "perms"):
+            run_fix(f["fix"])
+        assert findings(doctor(box)[1], "perms") == []
+        shutil.rmtree(joe / "Maildir")
+        (f,) = findings(doctor(box, "joe@example.org")[1], "route")
+        run_fix(f["fix"])
+    finally:
+        os.umask(old)
+    for path in (joe / "Maildir", joe / "Maildir" / "new", ann, ann / "Maildir",
+                 ann / "Maildir" / "cur"):
+        assert os.stat(path).st_mode & 0o077 == 0, path
+
+
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to run doctor as another user")
 def test_doctor_run_by_a_user_who_cannot_read_the_domains_says_so(box):
     # As nobody: the domain (0700, uid 4242) and the spool/log/relay (the run

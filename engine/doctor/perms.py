@@ -126,8 +126,8 @@ def check(ctx: Context, report: Report) -> None:
                     kinds.add(a.home, "missing", f"{a.home}/vpasswd gives user {user.name} "
                               "no directory", "its mail bounces (Auto creation of maildir "
                               "failed. (#5.9.8))",
-                              f"${{EDITOR:-vi}} {vpasswd} (6th field: {made}) && mkdir -p "
-                              f"{ctx.arg(made)}/Maildir/{{cur,new,tmp}} && chown -R "
+                              f"${{EDITOR:-vi}} {vpasswd} (6th field: {made}) && (umask 077 && "
+                              f"mkdir -p {ctx.arg(made)}/Maildir/{{cur,new,tmp}}) && chown -R "
                               f"{a.uid}:{a.gid} {ctx.arg(made)} && qrelay domain mkpasswd "
                               f"{ctx.arg(ctx.root)} {a.user}")
                     continue
@@ -135,8 +135,8 @@ def check(ctx: Context, report: Report) -> None:
                 if ust is None:
                     kinds.add(a.home, "missing", f"{udir} (user {user.name}) does not exist",
                               "vdelivermail cannot deliver to this mailbox",
-                              f"mkdir -p {ctx.arg(os.path.join(udir, 'Maildir'))}/{{cur,new,tmp}}"
-                              f" && chown -R {a.uid}:{a.gid} {ctx.arg(udir)}")
+                              f"(umask 077 && mkdir -p {ctx.arg(os.path.join(udir, 'Maildir'))}/"
+                              f"{{cur,new,tmp}}) && chown -R {a.uid}:{a.gid} {ctx.arg(udir)}")
                     continue
                 _check_path(ctx, kinds, a.home, udir, ust, want)
                 _check_qmail_files(ctx, kinds, a.home, udir, want)
@@ -145,11 +145,11 @@ def check(ctx: Context, report: Report) -> None:
                     pst = _stat(path)
                     if pst is None:
                         # No Maildir: cur, new and tmp are missing too, one fix makes all four.
-                        make = f"{ctx.arg(path)}/{{cur,new,tmp}} && chown -R" if not sub else \
-                            f"{ctx.arg(path)} && chown"
+                        make = f"{ctx.arg(path)}/{{cur,new,tmp}}) && chown -R" if not sub else \
+                            f"{ctx.arg(path)}) && chown"
                         kinds.add(a.home, "missing", f"{path} does not exist",
                                   "deliveries to this mailbox defer (Unable to chdir to maildir)",
-                                  f"mkdir -p {make} {a.uid}:{a.gid} {ctx.arg(path)}")
+                                  f"(umask 077 && mkdir -p {make} {a.uid}:{a.gid} {ctx.arg(path)}")
                         break
                     _check_path(ctx, kinds, a.home, path, pst, want)
         except PermissionError:

@@ -121,8 +121,8 @@ def _local(ctx: Context, report: Report, address: str, rewritten: str) -> None:
             if ins.kind == "maildir" and not os.path.isdir(os.path.join(target, "new")):
                 report.problem("route", f"{target} is not a Maildir (no new/)",
                                "delivery defers (Unable to chdir to maildir)",
-                               f"mkdir -p {ctx.arg(target)}/{{cur,new,tmp}} && chown -R "
-                               f"{a.uid}:{a.gid} {ctx.arg(target)}")
+                               f"(umask 077 && mkdir -p {ctx.arg(target)}/{{cur,new,tmp}}) && "
+                               f"chown -R {a.uid}:{a.gid} {ctx.arg(target)}")
         elif ins.kind == "forward":
             report.note("route", f"forward to {ins.arg}", kind="forward", target=ins.arg)
         elif ins.kind == "program":
@@ -153,8 +153,8 @@ def _vdelivermail(ctx: Context, report: Report, accounts, address: str, argument
         if not os.path.isdir(os.path.join(box.maildir, "new")):
             report.problem("route", f"{box.maildir} is missing or not a Maildir",
                            "vdelivermail cannot deliver: the mail defers",
-                           f"mkdir -p {ctx.arg(box.maildir)}{{cur,new,tmp}} && chown -R "
-                           f"{box.assignment.uid}:{box.assignment.gid} "
+                           f"(umask 077 && mkdir -p {ctx.arg(box.maildir)}{{cur,new,tmp}}) && "
+                           f"chown -R {box.assignment.uid}:{box.assignment.gid} "
                            f"{ctx.arg(box.user.directory)}")
         return
     if argument == "bounce-no-mailbox":
