@@ -319,6 +319,30 @@ def test_a_domain_the_receivers_cannot_read_and_the_fix(box, monkeypatch):
     assert os.stat(box / "domains" / "example.org" / "vpasswd").st_uid == 4343
 
 
+@pytest.mark.skipif(os.getuid() != 0, reason="the receivers run as the caller when not root")
+def test_a_domain_with_an_alias_domain_the_receivers_cannot_read_gets_a_command(box, monkeypatch):
+    """An alias domain shares its real domain's directory: one domain to give
+    to the run user, with both assign lines, not a sentence to act out."""
+    from types import SimpleNamespace
+    users = {"qrelay": (4343, 4344), "vpopmail": (UID, GID)}
+    monkeypatch.setattr("pwd.getpwnam", lambda name: SimpleNamespace(
+        pw_name=name, pw_uid=users[name][0], pw_gid=users[name][1]))
+    monkeypatch.setattr("pwd.getpwuid", lambda uid: SimpleNamespace(
+        pw_name=next(n for n, u in users.items() if u[0] == uid)))
+    toml(box, "", run="")
+    admin.add_domain(box, "mine.example", uid=4343, gid=4344)
+    admin.add_alias(box, "postmaster@mine.example", ["joe@example.org"])
+    admin.add_alias_domain(box, "alias.example", "example.org")
+    (f,) = findings(doctor(box)[1], "perms")
+    assert "alias.example, example.org" in f["what"]
+    run_fix(f["fix"])
+    assert findings(doctor(box)[1], "perms") == []
+    assert os.stat(box / "domains" / "example.org" / "vpasswd").st_uid == 4343
+    assign = (box / "users" / "assign").read_text()
+    assert "+alias.example-:example.org:4343:4344:" in assign
+    assert "+mine.example-:mine.example:4343:4344:" in assign
+
+
 @pytest.mark.skipif(os.getuid() != 0, reason="changing a file's owner needs root")
 def test_wrong_owner_of_maildirs_is_one_line_per_domain_past_the_limit(box):
     ann = user_dir(box, "ann@example.org")

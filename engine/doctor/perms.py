@@ -214,13 +214,14 @@ def _receivers(ctx: Context, report: Report) -> None:
     toml = ctx.arg(ctx.root / "qrelay.toml")
     if owner is not None and len(found) == len(domains):
         fix = f'${{EDITOR:-vi}} {toml} # [run] user = "{owner}", then restart qrelay run'
-    elif len(found) == 1:
-        # Give the one domain to the run user: its tree, then its assign line.
-        domain, directory = found[0].name, found[0].directory
-        pattern = domain.replace(".", "\\.")
-        fix = (f"chown -R {user.uid}:{user.gid} {ctx.arg(directory)} && sed -i "
-               f"'s#^\\(+{pattern}-:[^:]*:\\)[0-9]*:[0-9]*:#\\1{user.uid}:{user.gid}:#' "
-               f"{ctx.arg(ctx.root / 'users/assign')} && qrelay newu {ctx.arg(ctx.root)}")
+    elif len({d.directory for d in found}) == 1:
+        # Give the one domain to the run user: its tree, then its assign line
+        # and those of its alias domains (vaddaliasdomain's share its directory).
+        scripts = " ".join(
+            "-e " + ctx.arg(f"s#^\\(+{d.name.replace('.', '[.]')}-:[^:]*:\\)[0-9]*:[0-9]*:"
+                            f"#\\1{user.uid}:{user.gid}:#") for d in found)
+        fix = (f"chown -R {user.uid}:{user.gid} {ctx.arg(found[0].directory)} && sed -i "
+               f"{scripts} {ctx.arg(ctx.root / 'users/assign')} && qrelay newu {ctx.arg(ctx.root)}")
     else:
         fix = (f"give each to {user.name}: chown -R {user.uid}:{user.gid} its directory, set "
                f"its users/assign uid:gid to {user.uid}:{user.gid}, then qrelay newu "
