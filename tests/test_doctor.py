@@ -169,6 +169,27 @@ def test_control_files_that_do_not_parse(box):
     assert (box / "control" / "rcpthosts").read_text().strip() == ME
 
 
+def test_a_users_assign_that_does_not_parse_is_one_finding(box):
+    """One broken file, one line: the checks that need users/assign leave it
+    to the controls check instead of adding `the check could not finish`."""
+    assign = box / "users" / "assign"
+    good = assign.read_text()
+    assign.write_text("garbage\n" + good)
+    rc, report = doctor(box)
+    (f,) = findings(report)
+    assert rc == 1 and f["check"] == "controls"
+    assert f["what"] == "users/assign: bad format in users/assign (line 1: no key)"
+    assert "qrelay newu refuses it" in f["why"]
+    assert f["fix"] == f"${{EDITOR:-vi}} {assign} && qrelay newu {box}"
+    assign.write_text(good)                     # the operator's edit
+    run_fix(f["fix"].split(" && ", 1)[1])
+    assert doctor(box)[0] == 0
+    (box / "users" / "cdb").unlink()            # the text is the table: load_assign's finding
+    assign.write_text("garbage\n" + good)
+    (f,) = findings(doctor(box)[1])
+    assert f["fix"] == f"${{EDITOR:-vi}} {assign}"
+
+
 def test_stale_compiled_files_and_crlf(box):
     later = time.time() + 5
     os.utime(box / "users" / "assign", (later, later))

@@ -60,8 +60,9 @@ def check(ctx: Context, report: Report) -> None:
     except (AssignError, OSError) as exc:
         broken(f"users/assign: {exc}", "every local delivery defers "
                "(Trouble reading users/cdb in qmail-lspawn.)")
-    _stale(ctx, report, "users/assign", "users/cdb", "qrelay newu",
-           "local delivery reads only users/cdb, as qmail does")
+    if _assign_text_parses(ctx, report):
+        _stale(ctx, report, "users/assign", "users/cdb", "qrelay newu",
+               "local delivery reads only users/cdb, as qmail does")
     _stale(ctx, report, "control/morercpthosts", "control/morercpthosts.cdb", "qrelay newmrh",
            "RCPT checks read only morercpthosts.cdb, as qmail-smtpd does")
     _stale(ctx, report, "control/tcp.smtp", "control/tcp.smtp.cdb", "qrelay tcprules",
@@ -75,6 +76,26 @@ def check(ctx: Context, report: Report) -> None:
                        f"{ctx.arg(root / 'queue')} (with qmail-send stopped)")
     if not seen:
         report.note("controls", "control files, users/assign and qrelay.toml parse")
+
+
+def _assign_text_parses(ctx: Context, report: Report) -> bool:
+    """users/assign as `qrelay newu` reads it: with users/cdb built, load_assign
+    reads only the cdb, and an edit newu refuses would go unseen."""
+    from engine.accounts.assign import ASSIGN_FILE, AssignError, parse_assign_text
+    from engine.accounts.files import read_whole
+    path = ctx.root / ASSIGN_FILE
+    try:
+        got = read_whole(path)
+        if got is not None:
+            parse_assign_text(got[0].decode("utf-8", "surrogateescape"))
+        return True
+    except (AssignError, OSError) as exc:
+        if not (ctx.root / "users/cdb").exists():
+            return False        # load_assign read this text: reported above
+        report.problem("controls", f"users/assign: {exc}", "qrelay newu refuses it: its "
+                       "changes have no effect (local delivery reads users/cdb)",
+                       f"${{EDITOR:-vi}} {ctx.arg(path)} && qrelay newu {ctx.arg(ctx.root)}")
+        return False
 
 
 def _stale(ctx: Context, report: Report, source: str, compiled: str, command: str,
