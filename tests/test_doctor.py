@@ -802,6 +802,30 @@ def test_a_missing_maildir_is_fixed_by_one_run_of_its_fix(box):
         assert os.stat(joe / "Maildir" / "cur").st_uid == UID
 
 
+def test_a_vpopmail_domain_whose_directory_is_gone_is_made_again_not_left_empty(box):
+    """An empty directory in its place has no .qmail-default: every message
+    for the domain would bounce (no mailbox here by that name) where it
+    deferred, and doctor would see nothing. The fix makes the domain as
+    `domain add` does, and doctor then names what is left to do."""
+    import shutil
+    admin.add_alias_domain(box, "alias.example", "example.org")
+    domain = box / "domains" / "example.org"
+    shutil.rmtree(domain)
+    (f,) = findings(doctor(box)[1], "perms")
+    assert f["what"].startswith(f"{domain} (users/assign +example.org-:example.org:")
+    assert "mailboxes are gone" in f["why"]
+    run_fix(f["fix"])
+    _, report = doctor(box)
+    assert findings(report, "perms") == []
+    assert [x["what"] for x in findings(report)] == [
+        "postmaster@example.org has no mailbox, alias or catch-all"]
+    (bounce,) = findings(doctor(box, "joe@alias.example")[1], "route")
+    assert "bounce-no-mailbox" in bounce["what"]
+    for path, mode in ((domain, 0o700), (domain / "vpasswd", 0o600)):
+        st = os.stat(path)
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (UID, GID, mode)
+
+
 def test_mailboxes_the_fixes_make_are_private_whatever_the_umask(box):
     """qrelay and vpopmail make a user's directory and Maildir 0700: the
     mkdir of a fix must not leave another user's mail readable by all."""

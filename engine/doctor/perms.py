@@ -40,6 +40,13 @@ def _entries(root: Path):
         yield f"+{prefix}:{a.user}:{a.uid}:{a.gid}:{a.home}:{a.dash}:{a.ext}:", a
 
 
+def _vpopmail_domain(label: str, a) -> bool:
+    """vadddomain's assign line: `+DOMAIN-:DOMAIN:uid:gid:.../DOMAIN:-::` (an
+    alias domain's names the real one as user, and its directory)."""
+    return (label.startswith("+") and a.dash == "-" and "." in a.user
+            and os.path.basename(os.path.normpath(a.home)) == a.user)
+
+
 def _number(text: str) -> int:
     digits = text[:len(text) - len(text.lstrip("0123456789"))]
     return int(digits) if digits else 0
@@ -99,10 +106,20 @@ def check(ctx: Context, report: Report) -> None:
         try:
             st = _stat(a.home)
             if st is None:
+                why = f"every delivery to it defers (Unable to switch to {a.home})"
+                fix = f"mkdir -p {ctx.arg(a.home)} && chown {a.uid}:{a.gid} {ctx.arg(a.home)}"
+                if _vpopmail_domain(label, a):
+                    # An empty directory would turn the deferrals into bounces (no
+                    # .qmail-default: no mailbox here by that name): make the domain.
+                    domain, home, owner = shlex.quote(a.user), ctx.arg(a.home), \
+                        f"-o {a.uid} -g {a.gid}"
+                    why += " and its mailboxes are gone with it (restore them from a backup)"
+                    fix = (f"install -d -m 700 {owner} {home} && install -m 600 {owner} "
+                           f"/dev/null {home}/vpasswd && qrelay domain mkpasswd "
+                           f"{ctx.arg(ctx.root)} {domain} && qrelay domain catchall "
+                           f"{ctx.arg(ctx.root)} {domain} bounce")
                 report.problem("perms", f"{a.home} (users/assign {label}) does not exist",
-                               f"every delivery to it defers (Unable to switch to {a.home})",
-                               f"mkdir -p {ctx.arg(a.home)} && chown {a.uid}:{a.gid} "
-                               f"{ctx.arg(a.home)}")
+                               why, fix)
                 continue
             checked_homes += 1
             _check_path(ctx, kinds, a.home, a.home, st, want, is_home=True)
