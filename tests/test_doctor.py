@@ -853,6 +853,9 @@ def test_doctor_run_by_a_user_who_cannot_read_the_domains_says_so(box):
     # As nobody: the domain (0700, uid 4242) and the spool/log/relay (the run
     # user's) are closed. Nothing there is wrong; doctor must say what it could
     # not check, not report it broken nor offer a chown to nobody.
+    # The relay table as on a box `qrelay run` uses: its files belong to the run user.
+    assert run_cli("relayclients", "list", str(box)).returncode == 0
+    assert (box / "relay" / "lock.mdb").exists()
     r = subprocess.run([sys.executable, "-m", "engine.cli", "doctor", str(box), "--json"],
                        cwd="/", capture_output=True, text=True, timeout=60,
                        user=65534, group=65534, extra_groups=[],
@@ -863,6 +866,7 @@ def test_doctor_run_by_a_user_who_cannot_read_the_domains_says_so(box):
     unchecked = " ".join(n["text"] for n in report["notes"] if "not checked" in n["text"])
     assert f"{box}/domains/example.org" in unchecked and "as root" in unchecked, report["notes"]
     assert f"{box}/log: not checked: uid 65534 may not write it" in unchecked, report["notes"]
+    assert f"may not use {box}/relay/lock.mdb" in unchecked, report["notes"]
 
 
 def _certificate(root: Path, *names: str, days: float, name: str = "servercert.pem") -> None:

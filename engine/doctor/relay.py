@@ -64,6 +64,12 @@ def _relay_table(ctx: Context, report: Report) -> None:
     if not relay.store and not (ctx.root / "relay").exists():
         report.note("relay", "the relay table is empty (no POP3 login has granted relaying yet)")
         return
+    lock = ctx.root / "relay" / "lock.mdb"
+    if not relay.store and lock.exists() and not os.access(lock, os.R_OK | os.W_OK):
+        # LMDB readers write their slot in lock.mdb: the run user's, not ours.
+        report.note("relay", f"the relay table: not checked: uid {os.geteuid()} may not use "
+                    f"{lock} (it belongs to uid {lock.stat().st_uid}); run qrelay doctor as root")
+        return
 
     async def read() -> list:
         table = open_relay_table(ctx.root, ctx.settings)
