@@ -11,8 +11,10 @@ commit point as the 250 after SMTP's DATA.
 
 What qmail-inject does, and qrelay with it:
 - line ends: LF or CRLF in, CRLF stored. A CR that does not end a line is a
-  line end too (stored as CRLF), so the stored message never holds a bare CR
-  that a next hop could read as the end of a line (the SMTP side refuses it);
+  line end too in the body (stored as CRLF) and a space in the header (where
+  qmail-inject keeps it inside its field, so it can start no field, such as
+  a `Bcc:`, of its own), so the stored message never holds a bare CR that a
+  next hop could read as the end of a line (the SMTP side refuses it);
   a NUL byte is refused (exit 100), as the SMTP side refuses it.
 - more Received:/Delivered-To: fields than `[smtp] max_hops` is refused
   as a loop (exit 100), as the SMTP side refuses it; qmail-inject has no limit.
@@ -397,16 +399,22 @@ class Prepared:
     message: bytes             # CRLF line ends
 
 
-def crlf_lines(data: bytes) -> bytes:
-    """`data` with every line ended by CRLF; LF, CRLF and a lone CR all end a
-    line, and a last line without an end gets one."""
+def crlf_lines(data: bytes, bare_cr_ends_line: bool = True) -> bytes:
+    """`data` with every line ended by CRLF; LF, CRLF and (unless told
+    otherwise) a lone CR all end a line, and a last line without an end gets one."""
     if b"\0" in data:
         raise InjectError("message contains NUL bytes")
     # Not re.sub: it would hold a piece per line end before joining them.
-    data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    data = data.replace(b"\r\n", b"\n")
+    if bare_cr_ends_line:
+        data = data.replace(b"\r", b"\n")
+    data = data.replace(b"\n", b"\r\n")
     if data and not data.endswith(b"\r\n"):
         data += b"\r\n"
     return data
+
+
+_BARE_CR = re.compile(rb"\r(?!\n)")
 
 
 def _field_name(field: list[str]) -> str:
@@ -425,6 +433,9 @@ def read_header(data: bytes) -> tuple[list[list[str]], bytes]:
     while start < len(data):
         end = data.index(b"\r\n", start)
         line = data[start:end].decode("utf-8", "surrogateescape")
+        # A lone CR inside a line is a space: it must not start a field of its
+        # own. A line that starts with one is no field (qmail: body from there).
+        line = line[:1] + line[1:].replace("\r", " ")
         if current is not None and line[:1] in (" ", "\t"):
             current.append(line)
             start = end + 2
@@ -467,7 +478,9 @@ def prepare(data: bytes, *, names: InjectNames, identity: Identity, sender: str 
     if header_recipients is None:
         header_recipients = not arguments
 
-    fields, body = read_header(crlf_lines(data))
+    fields, body = read_header(crlf_lines(data, bare_cr_ends_line=False))
+    if _BARE_CR.search(body):
+        body = crlf_lines(body)
     kept: list[str] = []
     seen: set[str] = set()
     from_header: list[str] = []          # To/Cc/Bcc/Apparently-To

@@ -361,6 +361,23 @@ def test_header_ends_where_qmail_ends_it():
     assert b"To: b@x.org,\r\n c@x.org\r\n" in folded.message
 
 
+def test_a_bare_cr_in_the_header_starts_no_field_of_its_own():
+    """qmail-inject keeps `Subject: hi<CR>Bcc: x` as one Subject field: a bare
+    CR there (a web form's subject) must not add a Bcc recipient nor end the
+    header; in the stored header it is a space, in the body a line end."""
+    got = p(b"Subject: hi\rBcc: victim@evil.example\nTo: b@x.org\nX-A: 1\r\n\nbody\rmore\n",
+            header_recipients=True)
+    assert got.recipients == ("b@x.org",)
+    assert got.message.split(b"\r\n")[3:] == [
+        b"Subject: hi Bcc: victim@evil.example", b"To: b@x.org", b"X-A: 1", b"",
+        b"body", b"more", b""]
+    # A line that starts with a bare CR is no field: the header ends there.
+    got = p(b"To: b@x.org\n\rBcc: victim@evil.example\n\nbody\n", header_recipients=True)
+    assert got.recipients == ("b@x.org",)
+    assert got.message.split(b"\r\n")[3:] == [
+        b"To: b@x.org", b"", b"", b"Bcc: victim@evil.example", b"", b"body", b""]
+
+
 def test_a_body_of_many_short_lines_is_not_held_line_by_line():
     """A cron job mailing a big log: 64 MiB of short lines took 3 GB and 13 s
     as one Python string per line. The body stays bytes: a few copies at most."""
