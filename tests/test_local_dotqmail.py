@@ -48,6 +48,15 @@ def test_return_path_and_delivered_to_lines():
     assert quote2(".a@h") == '".a"@h'
 
 
+def test_a_sender_kept_quoted_is_not_quoted_again():
+    # The receiver queues `"a b"@c` as sent (engine.smtp.policy): qmail, which
+    # stores `a b@c`, writes `Return-Path: <"a b"@c>`, and so must qrelay.
+    assert rpline('"a b"@src.test') == 'Return-Path: <"a b"@src.test>\n'
+    assert rpline('"a\\"b"@h') == 'Return-Path: <"a\\"b"@h>\n'
+    assert quote2('"x@y"@h') == '"x@y"@h'
+    assert quote2('"a"b@h') == '"\\"a\\"b"@h'       # not one quoted string
+
+
 def test_ufline_and_myctime():
     t = 1796335099      # Thu Dec  3 21:58:19 2026 UTC
     assert myctime(t) == "Thu Dec 03 21:58:19 2026\n"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 import time
 from dataclasses import dataclass
@@ -80,6 +81,11 @@ def _quote_need(box: str) -> bool:
     return box[0] == "." or box[-1] == "." or ".." in box
 
 
+# A box that is one quoted string already: the receiver keeps `"a b"@c` as
+# sent (engine.smtp.policy), where qmail stores `a b@c` and quotes it here.
+_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"\Z', re.S)
+
+
 def quote2(address: str) -> str:
     """qmail's quote2(): quote the box (text before the last `@`) if RFC 822 needs it."""
     if not address:
@@ -87,7 +93,7 @@ def quote2(address: str) -> str:
     box, at, rest = address.rpartition("@")
     if not at:
         box, rest = address, ""
-    if _quote_need(box):
+    if _quote_need(box) and not _QUOTED.match(box):
         out = ['"']
         for ch in box:
             if ch in "\r\n\"\\":
