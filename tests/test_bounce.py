@@ -237,6 +237,28 @@ def test_a_header_bigger_than_the_limit_is_cut_too(big):
         in b.message
 
 
+def test_an_8bit_original_is_labelled_8bit():
+    """RFC 2046 5.2.1 / RFC 2045 6.4: a message/rfc822 part (and the multipart
+    around it) holding 8-bit bytes says `8bit`; unlabelled it is 7bit, and a
+    gateway downgrading for a next hop without 8BITMIME would trust that."""
+    eight = ORIGINAL.replace(b"Subject: hi", b"Subject: h\xc3\xa9")
+    b = build_bounce(CFG, sender="a@bench.local", original=eight, now=NOW,
+                     failures=[Failure("z@x.test", "no (#5.1.1)\n")])
+    msg = _parse(b.message)
+    assert msg["Content-Transfer-Encoding"] == "8bit"
+    assert msg.get_payload()[2]["Content-Transfer-Encoding"] == "8bit"
+    b = build_bounce(CFG, sender="a@bench.local", original=ORIGINAL, now=NOW,
+                     failures=[Failure("z@x.test", "no (#5.1.1)\n")])
+    msg = _parse(b.message)
+    assert msg["Content-Transfer-Encoding"] is None
+    assert msg.get_payload()[2]["Content-Transfer-Encoding"] is None
+    b = build_bounce(CFG, sender="a@bench.local", original=ORIGINAL, now=NOW,
+                     failures=[Failure("j\u00f6@x.test", "no (#5.1.1)\n")])
+    msg = _parse(b.message)
+    assert msg["Content-Transfer-Encoding"] == "8bit"
+    assert msg.get_payload()[2]["Content-Transfer-Encoding"] is None
+
+
 def test_quote_address():
     assert quote_address("MAILER-DAEMON@h.test") == "MAILER-DAEMON@h.test"
     assert quote_address("a b@h") == '"a b"@h'

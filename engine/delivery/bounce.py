@@ -233,16 +233,6 @@ def build_bounce(config: BounceConfig, *, sender: str, failures: Sequence[Failur
         env_sender = ""
     boundary = boundary or f"qrelay-{int(now)}-{os.urandom(8).hex()}"
 
-    head = (f"Date: {date822(now)}\n"
-            f"From: {quote_address(config.bouncefrom + '@' + config.bouncehost)}\n"
-            f"To: {quote_address(recipient).translate(_ONE_LINE)}\n"
-            "Subject: failure notice\n"
-            "MIME-Version: 1.0\n"
-            f'Content-Type: multipart/report; report-type=delivery-status;\n\tboundary="{boundary}"\n'
-            "\n"
-            "This is a MIME-encapsulated message.\n"
-            "\n")
-
     qsbmf = [f"Hi. This is the qmail-send program at {config.bouncehost}.\n"]
     if double:
         qsbmf.append("I tried to deliver a bounce message to this address, but the bounce bounced!\n\n")
@@ -277,6 +267,22 @@ def build_bounce(config: BounceConfig, *, sender: str, failures: Sequence[Failur
         copy = _header_block(return_path, original, config.max_copy_bytes)
     if not copy.endswith(b"\r\n"):
         copy += b"\r\n"
+    # 8-bit bytes are labelled 8bit (RFC 2046 5.2.1, RFC 2045 6.4): unlabelled
+    # is 7bit, which a gateway downgrading for a next hop would trust.
+    eight_bit = "" if copy.isascii() else "Content-Transfer-Encoding: 8bit\n"
+    texts_8bit = not all(text.isascii() for text in (*qsbmf, *dsn))
+    top_8bit = "Content-Transfer-Encoding: 8bit\n" if eight_bit or texts_8bit else ""
+
+    head = (f"Date: {date822(now)}\n"
+            f"From: {quote_address(config.bouncefrom + '@' + config.bouncehost)}\n"
+            f"To: {quote_address(recipient).translate(_ONE_LINE)}\n"
+            "Subject: failure notice\n"
+            "MIME-Version: 1.0\n"
+            f'Content-Type: multipart/report; report-type=delivery-status;\n\tboundary="{boundary}"\n'
+            f"{top_8bit}"
+            "\n"
+            "This is a MIME-encapsulated message.\n"
+            "\n")
 
     parts = [
         # qmail-queue's line, as qmail-send hands the bounce to qmail-queue.
@@ -288,7 +294,7 @@ def build_bounce(config: BounceConfig, *, sender: str, failures: Sequence[Failur
         _crlf(f"\n--{boundary}\nContent-Type: message/delivery-status\n"
               "Content-Description: Delivery report\n\n"),
         _crlf("".join(dsn)),
-        _crlf(f"\n--{boundary}\nContent-Type: {copy_type}\n"
+        _crlf(f"\n--{boundary}\nContent-Type: {copy_type}\n{eight_bit}"
               "Content-Description: Undelivered message\n\n"),
         copy,
         _crlf(f"\n--{boundary}--\n"),
