@@ -111,6 +111,25 @@ def test_commit_appends_the_unlinked_to_maildirsize(maildir):
     assert not (maildir / "maildirsize").exists()
 
 
+def test_commit_takes_off_maildirsize_only_what_the_quota_counts(maildir):
+    # An IMAP client flags a message \Deleted (`:2,…T`) without expunging it:
+    # Maildir++ no longer counts it (a rebuild skips it), so a POP3 DELE of it
+    # frees nothing. Taking it off again leaves maildirsize under the real
+    # usage, and the mailbox takes more than its quota until the next rebuild.
+    for name, body in (("9.t.host,S=5:2,ST", b"ttttt"), ("8.s.host,S=7:2,S", b"sssssss")):
+        path = maildir / "cur" / name
+        path.write_bytes(body)
+        os.utime(path, (T0 - 10, T0 - 10))
+    # as a rebuild counts: 2 + 2 (the name's ,S=) + 4 + 7, the T message not at all
+    (maildir / "maildirsize").write_text("1000S\n15 4\n")
+    box = Mailbox.open(str(maildir), 100)
+    for m in box.messages:
+        m.deleted = True
+    assert box.commit() == []
+    box.close()
+    assert (maildir / "maildirsize").read_text() == "1000S\n15 4\n-15 -4\n"
+
+
 def test_commit_syncs_the_directories_it_changed(maildir, monkeypatch):
     # QUIT's +OK tells the client its deletions are done: a crash right after
     # must not bring the messages back, so the unlinks and renames are synced.

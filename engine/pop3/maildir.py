@@ -12,7 +12,8 @@ Owns (spec vpopmail-pop3-auth.md §1.6):
 - the commit at QUIT: deleted messages unlinked, the others still in `new/`
   renamed to `cur/NAME:2,` (a failed rename is ignored, as in qmail); what was
   unlinked is appended to a Maildir++ `maildirsize` as `-bytes -count`, as
-  vpopmail's qmail-maildir++ patch does, so vdelivermail's quota check sees
+  vpopmail's qmail-maildir++ patch does (counted as the quota counts it: a
+  trashed `:2,…T` message not at all, a `,S=` name by that size), so vdelivermail's quota check sees
   the room at once. The directories changed are fsync'd before QUIT's +OK
   (qmail never syncs), so a crash cannot bring deleted messages back to a
   client told they are gone. Nothing is changed before QUIT, so a dropped
@@ -113,6 +114,8 @@ class Mailbox:
         """QUIT: unlink the deleted, move the rest out of new/. Returns the
         unlinks that failed, (name, the system's reason): each gets
         qmail-pop3d's -ERR line, and the log says why."""
+        # Imported here: the package would bring local delivery into every receiver.
+        from engine.delivery.local import quota
         failed: list[tuple[str, str]] = []
         freed = unlinked = 0
         changed: set[str] = set()     # new, cur
@@ -123,9 +126,11 @@ class Mailbox:
                 except OSError as exc:
                     failed.append((m.name, exc.strerror or str(exc)))
                 else:
-                    freed += m.size
-                    unlinked += 1
                     changed.add(m.name[:3])
+                    if quota.counted(m.name):    # what the quota counted, as it counted it
+                        size = quota.name_size(m.name)
+                        freed += m.size if size is None else size
+                        unlinked += 1
             elif m.name.startswith("new/"):
                 try:
                     os.rename(self.file(m), os.path.join(self.path, "cur", m.name[4:] + ":2,"))
@@ -139,8 +144,6 @@ class Mailbox:
             except OSError:
                 pass  # done, only not yet on disk: qmail's state, and no better answer to give
         if unlinked:
-            # Imported here: the package would bring local delivery into every receiver.
-            from engine.delivery.local import quota
             try:
                 quota.add(self.path, -freed, -unlinked)   # no maildirsize: nothing to do
             except OSError:

@@ -120,6 +120,19 @@ def _read(path: str) -> tuple[str, Usage, os.stat_result] | None:
 
 
 _TRASHED = re.compile(r":2,[A-Za-z]*T")
+_SIZE = re.compile(r",S=(\d+)")
+
+
+def counted(name: str) -> bool:
+    """Whether Maildir++ counts the message file `name`: not one flagged
+    trashed (`:2,…T`, deleted by an IMAP client, not yet expunged)."""
+    return not _TRASHED.search(name)
+
+
+def name_size(name: str) -> int | None:
+    """The `,S=` size in a message file's name, if it has one."""
+    m = _SIZE.search(name)
+    return int(m.group(1)) if m else None
 
 
 def _scan_dir(path: str) -> tuple[int, int, float]:
@@ -130,12 +143,10 @@ def _scan_dir(path: str) -> tuple[int, int, float]:
     except FileNotFoundError:
         return 0, 0, 0.0
     for name in names:
-        if name.startswith(".") or _TRASHED.search(name):
+        if name.startswith(".") or not counted(name):
             continue
-        m = re.search(r",S=(\d+)", name)
-        if m:
-            size = int(m.group(1))
-        else:
+        size = name_size(name)
+        if size is None:
             try:
                 size = os.stat(os.path.join(path, name)).st_size
             except OSError:
