@@ -424,8 +424,15 @@ def test_user_show_usage_from_maildirsize_or_a_walk(droot):
     maildir = droot / "domains" / "example.com" / "joe" / "Maildir"
     (maildir / "new" / "1700000000.1.host,S=300").write_text("x")
     (maildir / "cur" / "1700000001.1.host:2,S").write_text("12345")
+    # counted as vdelivermail's quota counts: an IMAP-deleted (`:2,…T`) message
+    # not at all, a folder's messages, but not .Trash's
+    (maildir / "cur" / "1700000002.1.host,S=400:2,ST").write_text("x")
+    (maildir / ".Sent" / "cur").mkdir(parents=True)
+    (maildir / ".Sent" / "cur" / "1700000003.1.host,S=100:2,S").write_text("x")
+    (maildir / ".Trash" / "cur").mkdir(parents=True)
+    (maildir / ".Trash" / "cur" / "1700000004.1.host,S=200:2,S").write_text("x")
     out = qrelay("user", "show", str(droot), "joe@example.com").output
-    assert "usage:     305 bytes, 2 messages (walk), 30% of bytes, 20% of messages" in out
+    assert "usage:     405 bytes, 3 messages (walk), 40% of bytes, 30% of messages" in out
     (maildir / "maildirsize").write_text("1000S,10C\n500 1\n250 2\n")
     out = qrelay("user", "show", str(droot), "joe@example.com").output
     assert "usage:     750 bytes, 3 messages (maildirsize), 75% of bytes, 30% of messages" in out

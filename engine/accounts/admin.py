@@ -780,7 +780,10 @@ class UserReport:
 
 
 def maildir_usage(maildir: Path) -> tuple[int, int, str]:
-    """(bytes, messages, source): maildirsize's sum when present, else a walk of new/ and cur/."""
+    """(bytes, messages, source): maildirsize's sum when present, else what a
+    rebuild of it would count (vdelivermail's scan: every folder but .Trash,
+    no trashed message)."""
+    from engine.delivery.local import quota as maildirquota
     got = read_whole(maildir / "maildirsize")
     if got is not None:
         size = count = 0
@@ -793,29 +796,8 @@ def maildir_usage(maildir: Path) -> tuple[int, int, str]:
                 except ValueError:
                     continue
         return size, count, "maildirsize"
-    size = count = 0
-    folders = [maildir]
-    try:
-        folders += [maildir / e.name for e in os.scandir(maildir)
-                    if e.name.startswith(".") and e.name not in (".", "..", ".Trash") and e.is_dir()]
-    except FileNotFoundError:
-        return 0, 0, "walk"
-    for folder in folders:
-        for sub in ("new", "cur"):
-            try:
-                entries = list(os.scandir(folder / sub))
-            except FileNotFoundError:
-                continue
-            for e in entries:
-                if e.name.startswith("."):
-                    continue
-                m = re.search(r",S=(\d+)", e.name)
-                try:
-                    size += int(m.group(1)) if m else e.stat().st_size
-                except FileNotFoundError:
-                    continue
-                count += 1
-    return size, count, "walk"
+    usage, _ = maildirquota.scan(str(maildir))
+    return usage.bytes, usage.count, "walk"
 
 
 def show_user(root: os.PathLike | str, address: str) -> UserReport:
