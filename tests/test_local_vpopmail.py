@@ -328,6 +328,22 @@ def test_maildirsize_rebuild_rules(tmp_path):
     assert (md / "maildirsize").read_text() == "1000S,10C\n170 2\n"
 
 
+def test_a_negative_maildirsize_is_rebuilt(tmp_path):
+    """Sums below zero (a size taken off twice: a rebuild between a POP3
+    unlink and its `-bytes -count` line, an IMAP server's expunge racing
+    ours) are wrong by construction: Courier's maildirquota recalculates
+    then. Believed, they raise the quota by as much, and a mailbox that
+    gets mail every few minutes keeps its file young and small, so neither
+    the 15-minute nor the 5120-byte rule would correct it for days."""
+    md = make_maildir(tmp_path / "Maildir")
+    (md / "cur" / "1.a.h,S=900:2,S").write_bytes(b"")
+    q = quota.parse_quota("1000S,10C")
+    (md / "maildirsize").write_text("1000S,10C\n900 1\n-900 -1\n-900 -1\n")
+    over, usage = quota.check(str(md), q, 200)
+    assert over and (usage.bytes, usage.count) == (900, 1)
+    assert (md / "maildirsize").read_text() == "1000S,10C\n900 1\n"
+
+
 def test_concurrent_rebuilds_in_one_process_never_share_a_tmp_file(tmp_path):
     """Local deliveries run in threads of one process: a burst for one user
     after 15 idle minutes rebuilds maildirsize in several threads in the same

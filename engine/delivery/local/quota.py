@@ -6,9 +6,9 @@ lines whose sum is the usage. Rebuilt (a scan of new/ and cur/ of the Maildir
 and of every `.`-folder but `.Trash`) when missing, when it is 5120 bytes or
 more, when older than 15 minutes, or when it says "over" unless it holds one
 data line and is younger than 15 minutes — vpopmail's rules, not the
-courier spec's. A rebuild is written to tmp/ and renamed over the old file.
-If a new/ or cur/ changed during the scan the answer is "not over" (EAGAIN
-in maildirquota.c).
+courier spec's — and, as Courier does, when its sums are below zero. A
+rebuild is written to tmp/ and renamed over the old file. If a new/ or cur/
+changed during the scan the answer is "not over" (EAGAIN in maildirquota.c).
 
 This module never deletes messages; it only reads names and sizes and
 writes maildirsize and its tmp file.
@@ -213,7 +213,8 @@ def check(maildir: str, quota: Quota, msgsize: int, clock=time.time) -> tuple[bo
     if got is not None:
         line1, usage, st = got
         old = now - st.st_mtime > REBUILD_AGE
-        if line1 == quota.line() and st.st_size < REBUILD_SIZE and not old:
+        negative = usage.bytes < 0 or usage.count < 0     # Courier recalculates too
+        if line1 == quota.line() and st.st_size < REBUILD_SIZE and not old and not negative:
             if not usage.over(quota, msgsize):
                 return False, usage
             if usage.lines == 1:
