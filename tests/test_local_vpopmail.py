@@ -271,6 +271,11 @@ def test_quota_warning_once_a_day(vp):
     assert len(warnings) == 1
     assert re.match(rb"Delivered-To: joe@example.com\nDate: \w{3}, \d\d \w{3} \d{4} "
                     rb"\d\d:\d\d:\d\d \+0000\nSubject: quota warning\n", warnings[0])
+    # counted like any message (vdelivermail delivers it with deliver_to_maildir,
+    # which appends it): else a POP3 DELE of it takes off what was never added
+    lines = [line.split() for line in (md / "maildirsize").read_text().splitlines()[1:]]
+    assert [sum(int(f[0]) for f in lines), sum(int(f[1]) for f in lines)] == [
+        sum(len(m) for m in new_messages(md)), len(new_messages(md))]
     assert vp.deliver("example.com-joe@example.com").status == "D"
     assert len([m for m in new_messages(md) if b"quota warning" in m]) == 1
 

@@ -319,8 +319,10 @@ class Vdelivermail:
                 pass
             date = time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime(now))
             head = f"Delivered-To: {email}\nDate: {date}\n".encode()
-            self.writer.deliver(maildir, [head, text.encode("utf-8", "surrogateescape")],
-                                size_suffix=True)
+            body = text.encode("utf-8", "surrogateescape")
+            self.writer.deliver(maildir, [head, body], size_suffix=True)
+            # counted as any delivery is (deliver_to_maildir appends it too)
+            maildirquota.add(maildir, len(head) + len(body))
         except (OSError, MaildirError):
             pass
 
