@@ -211,6 +211,27 @@ def test_dot_qmail_alias_in_domain_beats_vdelivermail(vp):
     assert r.forwards[0].prefix == b"Delivered-To: example.com-info@example.com\r\n"
 
 
+@pytest.mark.parametrize("prefix,recipient", [
+    ("example-com", "example-com-Nobody@example.com"),     # virtualdomains example.com:example-com
+    ("example.com", "example.com-Nobody@alias.com"),       # alias.com:example.com
+    ("ex", "ex-Nobody@example.com"),                       # any other prefix
+])
+def test_forward_delivered_to_whatever_the_virtualdomains_prefix(vp, prefix, recipient):
+    """vdelivermail cuts len(HOST)+1 characters off DTLINE's local part, right
+    only when the virtualdomains prefix is the domain itself; the line names
+    the address the mail was sent to (EXT@HOST) whatever the prefix."""
+    write_assign(vp.root, [f"+{prefix}-:example.com:{UID}:{GID}:{vp.ddir}:-::"])
+    write_qmail(vp.ddir, ".qmail-default", f"| {vp.vp}/bin/vdelivermail '' catch@other.example\n")
+    write_qmail(vp.ddir / "joe", ".qmail", "&other@example.net\n")
+    host = recipient.rsplit("@", 1)[1]
+    r = vp.deliver(recipient)
+    assert r.status == "K", r.text
+    assert [f.prefix for f in r.forwards] == [f"Delivered-To: Nobody@{host}\r\n".encode()]
+    r = vp.deliver(recipient.replace("Nobody", "joe"))
+    assert r.status == "K", r.text
+    assert [f.prefix for f in r.forwards] == [f"Delivered-To: joe@{host}\r\n".encode()]
+
+
 def test_alias_domain_resolves_to_real_domain(vp, tmp_path):
     write_assign(vp.root, [f"+example.com-:example.com:{UID}:{GID}:{vp.ddir}:-::",
                            f"+alias.example-:example.com:{UID}:{GID}:{vp.ddir}:-::"])

@@ -15,7 +15,9 @@ Differences from the C program, on purpose:
   fsync of the file and of new/ (vdelivermail's `TIME.PID.HOST` can collide,
   and it syncs nothing by default);
 - a forward is not piped to qmail-inject: it is returned as a `Forward`
-  (sender, address, `Delivered-To:` line) for the caller to queue;
+  (sender, address, `Delivered-To:` line) for the caller to queue; its
+  `Delivered-To:` is EXT@HOST whatever the virtualdomains prefix
+  (vdelivermail's is right only when the prefix is the domain);
 - no VALIAS, QMAIL_EXT, spamassassin, maildrop or domain-quota builds; an
   empty vpasswd directory field is not auto-created (it bounces with
   vdelivermail's `#5.9.8` text, as when creation fails);
@@ -254,7 +256,13 @@ class Vdelivermail:
             return f"Delivered-To: {address}\n"
         dt = dt[14:]
         at = dt.find("@")
-        if at >= 0:
+        ext = self.env["EXT"]
+        if at >= 0 and ext and dt[:at].endswith("-" + ext):
+            # DTLINE is `PREFIX-EXT@HOST`: the address sent to is EXT@HOST,
+            # whatever virtualdomains made PREFIX (vdelivermail assumes it is
+            # HOST and cuts len(HOST)+1 characters: `m-joe@alias.com`).
+            dt = dt[at - len(ext):]
+        elif at >= 0:
             dt = dt[len(dt) - at - 1:]
         return "Delivered-To: " + dt
 
