@@ -83,6 +83,19 @@ def test_catchall_user_directory(vp):
     assert b"Delivered-To: nobody@example.com\n" in got
 
 
+def test_catchall_user_directory_keeps_its_maildirsize_quota(vp):
+    # 5.4.33's usernotfound: deliver_mail(DIR/Maildir/, "") reads the quota from
+    # the target's maildirsize, as for a user's .qmail line (5.4.10 passed NOQUOTA).
+    catch = make_home(vp.ddir / "catch")
+    md = make_maildir(catch / "Maildir")
+    (md / "maildirsize").write_text("10S\n0 0\n")
+    write_qmail(vp.ddir, ".qmail-default", f"| {vp.vp}/bin/vdelivermail '' {catch}\n")
+    r = vp.deliver("example.com-nobody@example.com")
+    assert (r.status, r.text) == (
+        "D", f"user does not exist, but will deliver to {catch}/\nuser is over quota\n\n")
+    assert new_messages(md) == []
+
+
 def test_catchall_pointing_at_maildir_defers(vp):
     # README.vdelivermail's `.../Maildir` becomes `.../Maildir/Maildir/`: mail stuck (111).
     catch = make_maildir(vp.ddir / "catch" / "Maildir")

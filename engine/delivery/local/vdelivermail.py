@@ -178,7 +178,8 @@ class Vdelivermail:
             if self._forward_deliver(arg):
                 raise _Exit(0)
             target = arg + "Maildir/"
-        self._finish(self._deliver(target, "NOQUOTA", not_found_target=True))
+        # 5.4.33: deliver_mail(target, ""): the quota is the target maildirsize's
+        self._finish(self._deliver(target, None, not_found_target=True))
 
     def _finish(self, ret: int) -> None:
         if ret == 0:
