@@ -706,3 +706,34 @@ def test_user_show_never_blocks_on_a_fifo_nor_reads_a_device_the_owner_put_there
         assert (r.returncode, r.stderr) == (1, f"Error: {size}: not a regular file\n")
         size.unlink()
         size.symlink_to("/dev/zero")
+
+
+def test_domain_add_and_del_make_a_running_qrelay_reload_at_once(root, dns):
+    """vadddomain HUPs qmail-send; `qrelay domain add` HUPs the running `qrelay
+    run`, so the new domain's mail is taken at once, not after a settled poll
+    (an hour here: only the HUP can have done it)."""
+    import smtplib
+
+    from tests.smtp_harness import QrelayProcess
+    from tests.test_delivery_e2e import wait_for
+    (root / "qrelay.toml").write_text(f'[smtp]\nreload_poll_seconds = 3600\n'
+                                      f'[delivery]\ndns_servers = ["{dns.address}"]\n')
+    (root / "control" / "tcp.smtp").write_text("127.0.0.1:allow\n")     # no relaying
+    (root / "control" / "tcp.smtp.cdb").unlink(missing_ok=True)
+    q = QrelayProcess(root, procs=1)
+    try:
+        def rcpt(address: str) -> int:
+            with smtplib.SMTP("127.0.0.1", q.port, timeout=10) as s:
+                s.ehlo("client.test")
+                s.mail("a@src.test")
+                return s.rcpt(address)[0]
+        assert rcpt("joe@new.test") == 553
+        # Owned by [run] user (domain add's default as root): the receivers read it.
+        assert qrelay("domain", "add", str(root), "new.test").exit_code == 0
+        assert qrelay("user", "add", str(root), "joe@new.test", input="pw\n").exit_code == 0
+        wait_for(lambda: rcpt("joe@new.test") == 250, what="new.test taken after domain add")
+        assert qrelay("domain", "del", str(root), "new.test").exit_code == 0
+        wait_for(lambda: rcpt("joe@new.test") == 553, what="new.test refused after domain del")
+    finally:
+        q.stop()
+        q.proc.stderr.close()

@@ -400,11 +400,12 @@ async def _serve(root, spool, log, config: DeliveryConfig) -> None:
             await _close_courier(courier)
 
 
-def signal_running_scheduler(root: Path | str) -> int | None:
+def signal_running_scheduler(root: Path | str, sig: int = signal.SIGALRM) -> int | None:
     """Wake the scheduler of ROOT's running `qrelay run` (qmail's `kill -ALRM
     qmail-send`): SIGALRM to the supervisor that holds the root's lock, which
-    forwards it to the scheduler. Returns that supervisor's pid, or None if
-    nothing runs on ROOT.
+    forwards it to the scheduler (SIGHUP: to every service, a reload now, as
+    vadddomain's `kill -HUP qmail-send`). Returns that supervisor's pid, or
+    None if nothing runs on ROOT.
 
     The lock, not log/scheduler.pid, says who runs (engine.run.running_instance):
     a pid file can be stale or overwritten, and SIGALRM's default action would
@@ -416,7 +417,7 @@ def signal_running_scheduler(root: Path | str) -> int | None:
     if pid is None:
         return None
     try:
-        os.kill(pid, signal.SIGALRM)
+        os.kill(pid, sig)
     except (ProcessLookupError, PermissionError):
         return None
     return pid
