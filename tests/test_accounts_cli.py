@@ -60,6 +60,12 @@ def test_domain_add_bad_input(root, droot):
     bad(qrelay("domain", "add", str(root), "bad_domain.com", *OWNER), "domain name")
     bad(qrelay("domain", "add", str(root), "x.org", "--uid", "0", "--gid", "0"), "uid 0")
     bad(qrelay("domain", "add", str(root), "x.org", "--uid", "5"), "--gid")
+    # Past uid_t: refused before anything is made, not a traceback (or chown's
+    # EINVAL) with the domain directory left behind.
+    for big in (str(1 << 32), str((1 << 32) - 1), "99999999999999999999"):
+        bad(qrelay("domain", "add", str(root), "x.org", "--uid", big, "--gid", "89"), "--uid")
+        bad(qrelay("domain", "add", str(root), "x.org", "--uid", "89", "--gid", big), "--gid")
+    assert not (root / "domains" / "x.org").exists()
     bad(qrelay("domain", "add", str(root / "nope"), "x.org", *OWNER), "no such qrelay root")
 
 

@@ -6,6 +6,9 @@ import click
 
 from engine.cli.base import ROOT, BadInput, Progress, cli
 
+# The largest uid/gid: a 32-bit uid_t, whose all-ones value is chown's "leave it".
+MAX_ID = (1 << 32) - 2
+
 
 def _accounts_call(fn, *args, **kwargs):
     """Run an engine.accounts.admin function; its errors become one CLI line."""
@@ -50,8 +53,9 @@ def domain() -> None:
 @domain.command("add")
 @ROOT
 @click.argument("name", metavar="DOMAIN")
-@click.option("--uid", type=click.IntRange(min=0), default=None, help="owner uid (default: see below)")
-@click.option("--gid", type=click.IntRange(min=0), default=None, help="owner gid")
+@click.option("--uid", type=click.IntRange(min=0, max=MAX_ID), default=None,
+              help="owner uid (default: see below)")
+@click.option("--gid", type=click.IntRange(min=0, max=MAX_ID), default=None, help="owner gid")
 def domain_add(root: str, name: str, uid: int | None, gid: int | None) -> None:
     """Add DOMAIN (vadddomain): ROOT/domains/DOMAIN, rcpthosts, virtualdomains, users/assign.
 
