@@ -556,6 +556,29 @@ def test_a_closed_stdin_is_a_one_line_read_error(root):
     assert queued(root) == []
 
 
+def test_n_with_stdout_closed_or_gone_is_a_one_line_write_error(root):
+    # -n prints the message: standard output closed (>&-) or a reader gone
+    # (`| head -0`) is qmail-inject's write error, 111 and one line, never a
+    # traceback or click's silent exit 1.
+    env = {**BASE_ENV, "PYTHONPATH": str(REPO), "USER": "alice"}
+    args = [sys.executable, "-m", "engine.cli", "inject", str(root), "-n", "bob@example.net"]
+    closed = subprocess.run(args, cwd=REPO, input=b"Subject: s\n\nhi\n", stdout=None,
+                            stderr=subprocess.PIPE, timeout=60, env=env,
+                            preexec_fn=lambda: os.close(1))
+    assert (closed.returncode, closed.stderr.decode().splitlines()) == (
+        111, ["Error: write error: standard output is closed"]), closed.stderr
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        gone = subprocess.run(args, cwd=REPO, input=b"Subject: s\n\nhi\n", stdout=w,
+                              stderr=subprocess.PIPE, timeout=60, env=env)
+    finally:
+        os.close(w)
+    assert (gone.returncode, gone.stderr.decode().splitlines()) == (
+        111, ["Error: write error: Broken pipe"]), gone.stderr
+    assert queued(root) == []
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")
 def test_sendmail_bs_as_any_local_user_queues_through_the_injection_socket(root):
     """Symfony Mailer's default transport is `sendmail -bs`, run as www-data: its

@@ -81,8 +81,28 @@ def inject(words: tuple[str, ...], sender: str | None, recipients_from: str,
     except InjectError as exc:
         raise _InjectFailure(str(exc), exc.status) from None
     if print_only:
-        out = sys.stdout.buffer
+        _print_prepared(prepared)
+
+
+def _print_prepared(prepared) -> None:
+    """-n: the envelope and the message on stdout; a stdout closed (>&-) or
+    whose reader is gone is qmail-inject's write error, 111."""
+    import os
+    import sys
+
+    from engine.inject import TEMPORARY
+    out = getattr(sys.stdout, "buffer", None)
+    try:
+        if out is None:
+            raise OSError("standard output is closed")
         out.write(b"Return-Path: <" + prepared.sender.encode("utf-8", "surrogateescape") + b">\n")
         for rcpt in prepared.recipients:
             out.write(b"Recipient: " + rcpt.encode("utf-8", "surrogateescape") + b"\n")
         out.write(prepared.message.replace(b"\r\n", b"\n"))
+        out.flush()
+    except OSError as exc:
+        if out is not None:     # what is still buffered goes nowhere at exit, quietly
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, out.fileno())
+            os.close(devnull)
+        raise _InjectFailure(f"write error: {exc.strerror or exc}", TEMPORARY) from None
