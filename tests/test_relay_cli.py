@@ -86,7 +86,11 @@ def test_export_round_trip(root: Path, tmp_path: Path) -> None:
 
 
 def test_bad_input_is_one_line_exit_2(root: Path, tmp_path: Path) -> None:
-    for args in (("add", str(root), "192.0.2.300"),
+    empty = tmp_path / "empty"      # a mistyped ROOT: a directory, but no qrelay root
+    empty.mkdir()
+    for args in (("add", str(empty), "192.0.2.1"),
+                 ("list", str(empty)),
+                 ("add", str(root), "192.0.2.300"),
                  ("add", str(root), "192.0.2.1", "--ttl", "0"),
                  ("add", str(root), "192.0.2.1", "--ttl", "1e300"),   # no expiry fits it
                  ("del", str(root), "nonsense"),
@@ -95,6 +99,7 @@ def test_bad_input_is_one_line_exit_2(root: Path, tmp_path: Path) -> None:
         done = run_cli("relayclients", *args)
         assert done.returncode == 2, (args, done.stderr)
         assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    assert list(empty.iterdir()) == []      # no relay table made there
     (root / "qrelay.toml").write_text('[relay]\nstore = "bogus"\n')
     done = run_cli("relayclients", str(root))
     assert done.returncode == 1 and done.stderr.count("\n") == 1 and "[relay] store" in done.stderr

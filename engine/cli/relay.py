@@ -38,6 +38,8 @@ def _with_table(root: str, work: Callable[[Any, Any], Awaitable[T]]) -> T:
     from engine.relay import RELAY_DIR, RelayStoreError, open_relay_table
     if not Path(root).is_dir():
         raise BadInput(f"{root}: no such qrelay root")
+    if not (Path(root) / "control").is_dir():     # a mistyped ROOT gets no table of its own
+        raise BadInput(f"{root}: not a qrelay root (no control/ directory)")
     try:
         settings = load_settings(root)
     except SettingsError as exc:
