@@ -123,6 +123,22 @@ def test_usage_errors_are_one_line(args, line, root: Path):
     assert (r.exit_code, r.stderr.splitlines()) == (2, [line])
 
 
+@pytest.mark.parametrize("args", [
+    ["init", ""], ["qstat", ""], ["flush", ""], ["newu", ""], ["doctor", "", "example.com"],
+    ["domain", "add", "", "example.com", "--uid", "89", "--gid", "89"],
+    ["relayclients", "add", "", "192.0.2.1"]], ids=lambda a: " ".join(a[:2]))
+def test_an_empty_root_is_refused_not_taken_for_the_current_directory(args, root: Path,
+                                                                        monkeypatch):
+    # `qrelay domain add "$ROOT" example.com` with $ROOT unset: an empty word
+    # is no ROOT; it worked on whatever directory the shell was in.
+    monkeypatch.chdir(root)
+    before = sorted(p.name for p in root.rglob("*"))
+    r = CliRunner().invoke(cli, args, env={"QRELAY_ROOT": ""})
+    assert (r.exit_code, len(r.stderr.splitlines())) == (2, 1), r.output
+    assert "ROOT" in r.stderr and "empty" in r.stderr, r.stderr
+    assert sorted(p.name for p in root.rglob("*")) == before
+
+
 @pytest.mark.skipif(__import__("os").geteuid() != 0, reason="needs root to switch users")
 @pytest.mark.parametrize("command", [["qstat"], ["qread"], ["qshape"], ["flush"],
                                      ["why", "{root}", "1"], ["hold", "{root}", "1"]])

@@ -94,9 +94,16 @@ def _one_line_usage(ctx: click.Context):
         raise BadInput(f"{exc.format_message().rstrip('.')} (see: {ctx.command_path} --help)") from None
 
 
+def _not_empty(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    # An empty word (`"$ROOT"` unset) would be the current directory.
+    if value == "":
+        raise click.BadParameter("empty (leave ROOT out for $QRELAY_ROOT, else /var/qrelay)")
+    return value
+
+
 # ROOT: optional, first; see _RootFirstCommand.
 ROOT = click.argument("root", type=click.Path(file_okay=False), required=False,
-                       default=default_root)
+                       default=default_root, callback=_not_empty)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
