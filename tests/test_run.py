@@ -404,6 +404,17 @@ def test_a_users_assign_the_run_user_cannot_read_is_a_warning_at_start(root):
     assert f"warning: run: {warning}" in service_texts(root)
 
 
+def test_a_procs_no_box_runs_is_a_usage_error(root):
+    # It sized the receivers' shared connection table first: a traceback
+    # (ftruncate: File too large), or thousands of receivers forked.
+    r = run_once(root, "--procs", "99999999999999")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "Error: Invalid value for '--procs': 99999999999999 is not in the range 1<=x<=1024"
+        " (see: qrelay run --help)"]
+    assert not (root / "log" / "current").exists()
+
+
 def test_a_port_file_it_cannot_write_is_one_line(root, tmp_path):
     port_file = tmp_path / "missing" / "port"
     r = run_once(root, "--port-file", str(port_file))

@@ -7,13 +7,17 @@ from engine.cli.base import ROOT, cli
 from engine.smtp.listeners import SCHEMES
 from engine.home import HomeError, init_home
 
+# Receiver processes at most: each costs a Python process and a row of the
+# shared connection table (engine.smtp.connlimit, 64 KiB), sized before any start.
+MAX_PROCS = 1024
+
 
 @cli.command()
 @ROOT
 @click.option("--listen", "listen", multiple=True, metavar="[SCHEME://]HOST:PORT",
               help="address to serve on (repeatable; default smtp://0.0.0.0:25; port 0 = any "
                    "free port); SCHEME: " + ", ".join(SCHEMES))
-@click.option("--procs", type=click.IntRange(min=1), default=None,
+@click.option("--procs", type=click.IntRange(min=1, max=MAX_PROCS), default=None,
               help="receiver processes (default: the number of CPUs)")
 @click.option("--dev", is_flag=True, help="create ROOT with `qrelay init` defaults if it does not exist")
 @click.option("--port-file", type=click.Path(dir_okay=False), default=None,
