@@ -401,6 +401,16 @@ def test_real_process_one_line_exit_2(root, qrelay_cli):
     assert Accounts(root).mailbox("joe@example.com") is not None
 
 
+def test_import_from_a_closed_stdin_is_one_line(droot):
+    # `qrelay user import ROOT - <&-` (a cron job without stdin) was a traceback.
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "user", "import", str(droot), "-"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60,
+                       preexec_fn=lambda: os.close(0))
+    assert (r.returncode, r.stderr.splitlines()) == (2, ["Error: -: standard input is closed"])
+
+
 def test_import_refuses_a_leftover_user_tree(droot, tmp_path):
     leftover = droot / "domains" / "example.com" / "bb"
     (leftover / "Maildir" / "new").mkdir(parents=True)

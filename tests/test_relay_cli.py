@@ -3,14 +3,17 @@ vpopmail's open-smtp with old and fresh entries, export round trip, bad input.""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 from engine.config.settings import Settings
 from engine.relay import open_relay_table
 from engine.relay.opensmtp import RULE
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 
 
 def entries(root: Path) -> dict[str, float]:
@@ -100,6 +103,13 @@ def test_bad_input_is_one_line_exit_2(root: Path, tmp_path: Path) -> None:
         assert done.returncode == 2, (args, done.stderr)
         assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
     assert list(empty.iterdir()) == []      # no relay table made there
+    # `relayclients import ROOT - <&-`: no stdin is one line too, not a traceback.
+    closed = subprocess.run([sys.executable, "-m", "engine.cli", "relayclients", "import",
+                             str(root), "-"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, timeout=60,
+                            preexec_fn=lambda: os.close(0))
+    assert (closed.returncode, closed.stderr.splitlines()) == (
+        2, ["Error: -: standard input is closed"])
     (root / "qrelay.toml").write_text('[relay]\nstore = "bogus"\n')
     done = run_cli("relayclients", str(root))
     assert done.returncode == 1 and done.stderr.count("\n") == 1 and "[relay] store" in done.stderr

@@ -342,9 +342,12 @@ def user_import(root: str, file: str, workers: int | None) -> None:
     Every line is checked first; nothing is written if one is bad. One vpasswd
     write per domain.
     """
+    import sys
     import time
     from engine.accounts.admin import import_users
     start = time.monotonic()
+    if file == "-" and sys.stdin is None:      # descriptor 0 closed (<&-)
+        raise BadInput("-: standard input is closed")
     try:
         stream = click.open_file(file, "r", encoding="utf-8", errors="surrogateescape")
     except OSError as exc:

@@ -148,6 +148,8 @@ def relayclients_import(root: str, file: str) -> None:
     writes the relay table.
     """
     from engine.relay.opensmtp import parse_open_smtp
+    if file == "-" and sys.stdin is None:      # descriptor 0 closed (<&-)
+        raise BadInput("-: standard input is closed")
     try:
         data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
     except OSError as exc:
