@@ -98,7 +98,8 @@ def test_bad_input_is_one_line_exit_2(root: Path, tmp_path: Path) -> None:
                  ("add", str(root), "192.0.2.1", "--ttl", "1e300"),   # no expiry fits it
                  ("del", str(root), "nonsense"),
                  ("import", str(root), str(tmp_path / "missing")),
-                 ("list", str(tmp_path / "no-root"))):
+                 ("list", str(tmp_path / "no-root")),
+                 ("export", str(root), "-o", "")):
         done = run_cli("relayclients", *args)
         assert done.returncode == 2, (args, done.stderr)
         assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr

@@ -185,6 +185,8 @@ def relayclients_export(root: str, output: str) -> None:
     --output (atomically) or stdout.
     """
     from engine.relay.opensmtp import format_open_smtp
+    if not output:
+        raise BadInput("--output: an empty file name (- is stdout)")
 
     async def dump(table: Any, settings: Any) -> str:
         return format_open_smtp(await table.entries(), settings.relay.pop_before_smtp_ttl)
