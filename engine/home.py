@@ -56,7 +56,7 @@ def default_me() -> str:
 def init_home(root: Path | str, me: str | None = None, force: bool = False) -> Path:
     """Create ROOT with qmail's control files; refuse an existing root unless force."""
     root = Path(root)
-    me = me or default_me()
+    me = default_me() if me is None else me
     if not _HOST_NAME.fullmatch(me):
         # Anything else (a space, `a..b`, a trailing dot, `:port`) would be
         # matched by no recipient's domain in rcpthosts and locals.

@@ -40,7 +40,7 @@ def test_init_rejects_bad_host_name(tmp_path: Path, qrelay_cli):
     # A name no address can carry: rcpthosts and locals would never match
     # (every recipient 553), and the greeting and HELO would say it.
     for bad in ("mx example.com", "mx\texample.com", "a..example", ".example.com",
-                "mx.example.com.", "mx:25"):
+                "mx.example.com.", "mx:25", ""):     # "": `--me "$HOST"`, $HOST unset
         res = qrelay_cli("init", str(tmp_path / "r"), "--me", bad)
         assert res.returncode == 1, bad
         assert res.stderr == f"Error: invalid host name for --me: {bad!r}\n"
