@@ -857,6 +857,10 @@ def sendmail_main(argv: Sequence[str] | None = None) -> None:
     except InjectError as exc:
         sys.stderr.write(f"sendmail: fatal: {exc}\n")
         sys.exit(exc.status)
+    except OSError as exc:      # e.g. a ROOT this user may not reach
+        where = f"{exc.filename}: " if exc.filename else ""
+        sys.stderr.write(f"sendmail: fatal: {where}{exc.strerror or exc}\n")
+        sys.exit(TEMPORARY)
     sys.exit(OK)
 
 

@@ -163,3 +163,46 @@ def test_queue_commands_as_a_user_who_cannot_read_the_spool_say_so_in_one_line(t
     assert r.stderr.splitlines() == [
         f"Error: {root}/queue/index/data.mdb: Permission denied (the spool belongs to qrelay's "
         "run user: run this as root or as that user)"]
+
+
+@pytest.mark.skipif(__import__("os").geteuid() != 0, reason="needs root to switch users")
+def test_a_root_the_user_cannot_reach_is_one_line_for_every_command(tmp_path):
+    # A ROOT under a directory closed to the caller: pathlib's is_dir() raises
+    # EACCES (it is no "does not exist"), and most commands died in a traceback.
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    tmp_path.chmod(0o755)
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o700)
+    root = locked / "root"
+    qrelay = [sys.executable, "-m", "engine.cli"]
+    subprocess.run(qrelay + ["init", str(root), "--me", "mx.test"], cwd=REPO, check=True,
+                   capture_output=True)
+    (tmp_path / "qq" / "mess").mkdir(parents=True)
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(REPO)}
+    for words in (["qstat"], ["qread"], ["qshape"], ["why", "1"], ["hold", "1"], ["flush"],
+                  ["showctl"], ["newmrh"], ["relayclients"], ["relayclients", "add"],
+                  ["import-qmail"], ["run"]):
+        extra = {"relayclients add": ["192.0.2.1"], "import-qmail": [str(tmp_path / "qq")],
+                 "run": ["--listen", "127.0.0.1:0"]}.get(" ".join(words), [])
+        args = words[:1] + ([words[1]] if words[0] == "relayclients" and len(words) > 1 else [])
+        args += [str(root)] + words[len(args):] + extra
+        r = subprocess.run(qrelay + args, cwd="/", capture_output=True, text=True, timeout=60,
+                           user=65534, group=65534, extra_groups=[], env=env)
+        assert r.returncode in (1, 2), (args, r.stderr)
+        assert len(r.stderr.splitlines()) == 1 and "Permission denied" in r.stderr, (args, r.stderr)
+    inject = subprocess.run(qrelay + ["inject", str(root), "a@far.test"], input="\nhi\n",
+                            cwd="/", capture_output=True, text=True, timeout=60,
+                            user=65534, group=65534, extra_groups=[], env=env)
+    assert inject.returncode == 111, inject.stderr
+    assert len(inject.stderr.splitlines()) == 1 and "Permission denied" in inject.stderr
+    sendmail = subprocess.run([sys.executable, "-m", "engine.inject", "a@far.test"],
+                              input="\nhi\n", cwd="/", capture_output=True, text=True,
+                              timeout=60, user=65534, group=65534, extra_groups=[],
+                              env={**env, "QRELAY_ROOT": str(root)})
+    assert sendmail.returncode == 111, sendmail.stderr
+    assert sendmail.stderr.splitlines() == [
+        f"sendmail: fatal: {root}/control: Permission denied"], sendmail.stderr

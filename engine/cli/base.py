@@ -34,7 +34,14 @@ class _RootFirstCommand(click.Command):
 
     def invoke(self, ctx: click.Context):
         with _one_line_usage(ctx):      # a value the command itself finds bad
-            return super().invoke(ctx)
+            try:
+                return super().invoke(ctx)
+            except BrokenPipeError:
+                raise                   # click's: the reader is gone, nothing to say
+            except OSError as exc:
+                # A ROOT (or file in it) this user may not reach: pathlib's
+                # is_dir()/is_file() raise EACCES rather than answer False.
+                raise click.ClickException(os_error_line(exc)) from None
 
     def _with_root(self, ctx: click.Context, args: list[str]) -> list[str]:
         arguments = [p for p in self.params if isinstance(p, click.Argument)]
@@ -116,6 +123,12 @@ def cli() -> None:
     `qrelay COMMAND --help` says what each command reads and writes.
     """
 
+
+
+def os_error_line(exc: OSError) -> str:
+    """An OSError as one line: `FILE: reason`."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    return f"{where}{exc.strerror or exc}"
 
 
 class BadInput(click.ClickException):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from engine.cli.base import cli
+from engine.cli.base import cli, os_error_line
 from engine.home import default_root
 
 
@@ -65,7 +65,8 @@ def inject(words: tuple[str, ...], sender: str | None, recipients_from: str,
     import sys
     from pathlib import Path
 
-    from engine.inject import InjectError, inject as inject_message, load_spool_settings, read_message
+    from engine.inject import (TEMPORARY, InjectError, inject as inject_message,
+                               load_spool_settings, read_message)
     root, recipients = _split_root(words)
     base = Path(root)
     try:
@@ -80,6 +81,8 @@ def inject(words: tuple[str, ...], sender: str | None, recipients_from: str,
                                      queue=not print_only)
     except InjectError as exc:
         raise _InjectFailure(str(exc), exc.status) from None
+    except OSError as exc:      # e.g. a ROOT this user may not reach
+        raise _InjectFailure(os_error_line(exc), TEMPORARY) from None
     if print_only:
         _print_prepared(prepared)
 
