@@ -869,6 +869,20 @@ def test_doctor_run_by_a_user_who_cannot_read_the_domains_says_so(box):
     assert f"may not use {box}/relay/lock.mdb" in unchecked, report["notes"]
 
 
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run doctor as another user")
+def test_doctor_on_a_root_the_user_cannot_reach_says_so_not_that_there_is_none(tmp_path):
+    # os.path.isdir() answers False for EACCES too: it said "no such qrelay root".
+    from engine.home import init_home
+    tmp_path.chmod(0o755)
+    (tmp_path / "locked").mkdir(mode=0o700)
+    root = init_home(tmp_path / "locked" / "root", me="mx.example.com")
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "doctor", str(root)],
+                       cwd="/", capture_output=True, text=True, timeout=60,
+                       user=65534, group=65534, extra_groups=[],
+                       env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(REPO)})
+    assert (r.returncode, r.stderr.splitlines()) == (1, [f"Error: {root}: Permission denied"])
+
+
 def _certificate(root: Path, *names: str, days: float, name: str = "servercert.pem") -> None:
     """A trustme certificate for `names` valid for `days` more (negative: expired)."""
     import datetime

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from pathlib import Path
 
 import click
 
@@ -54,9 +55,11 @@ def doctor(root: str, target: str | None, as_json: bool) -> None:
     if target is not None and root == default_root() and "@" not in target and (
             "/" in target or os.path.isdir(target)):
         root, target = target, None
-    if not os.path.isdir(root):
+    # pathlib's is_dir, not os.path's: a root this user may not reach is
+    # "Permission denied" (one line, from the command), not "no such root".
+    if not Path(root).is_dir():
         raise BadInput(f"{root}: no such qrelay root")
-    if not os.path.isdir(os.path.join(root, "control")):
+    if not (Path(root) / "control").is_dir():
         raise BadInput(f"{root}: not a qrelay root (no control/ directory)")
     if target is not None:
         why = _target_error(target)
