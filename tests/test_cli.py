@@ -123,6 +123,19 @@ def test_usage_errors_are_one_line(args, line, root: Path):
     assert (r.exit_code, r.stderr.splitlines()) == (2, [line])
 
 
+@pytest.mark.parametrize("args", [[], ["domain"], ["relayclients"]])
+def test_a_group_alone_shows_its_help_not_an_error_made_of_it(args, root: Path):
+    # `qrelay` alone is click's help (on stderr, exit 2), not "Error: Usage: ..."
+    # with "(see: qrelay --help)" glued to the last command's line.
+    r = CliRunner().invoke(cli, args, env={"QRELAY_ROOT": str(root)})
+    if args == ["relayclients"]:
+        assert r.exit_code == 0         # `relayclients` alone lists the table
+        return
+    assert r.exit_code == 2
+    assert r.stderr.startswith(f"Usage: cli {' '.join(args)}".rstrip() + " [OPTIONS] COMMAND")
+    assert "Error" not in r.stderr and "(see:" not in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("args", [
     ["init", ""], ["qstat", ""], ["flush", ""], ["newu", ""], ["doctor", "", "example.com"],
     ["domain", "add", "", "example.com", "--uid", "89", "--gid", "89"],

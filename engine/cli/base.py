@@ -97,6 +97,8 @@ def _one_line_usage(ctx: click.Context):
     usage text, a hint and the error on three."""
     try:
         yield
+    except click.exceptions.NoArgsIsHelpError:
+        raise       # a group alone: its help, as click shows it
     except click.UsageError as exc:
         raise BadInput(f"{exc.format_message().rstrip('.')} (see: {ctx.command_path} --help)") from None
 
