@@ -18,8 +18,13 @@ def test_record_and_read(tmp_path):
     assert os.stat(tmp_path / "lastauth").st_mode & 0o777 == 0o600
 
 
-def test_best_effort(tmp_path):
+def test_best_effort(tmp_path, monkeypatch):
     assert not lastauth.record("", "192.0.2.7")
+    # A relative vpasswd directory is not resolved against the working directory.
+    (tmp_path / "joe").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert not lastauth.record("joe", "192.0.2.7")
+    assert not (tmp_path / "joe" / "lastauth").exists()
     assert not lastauth.record(str(tmp_path / "missing"), "192.0.2.7")
     (tmp_path / "elsewhere").write_text("x")
     (tmp_path / "lastauth").symlink_to(tmp_path / "elsewhere")   # never followed

@@ -630,6 +630,31 @@ def test_missing_maildir(tmp_path, server):
     assert line.startswith("pop3d: joe@example.com:127.0.0.1: -ERR this user has no $HOME/Maildir (")
 
 
+@pytest.mark.parametrize("directory", ["", "joe"])
+def test_a_user_without_an_absolute_directory_has_no_maildir(tmp_path, server, monkeypatch, directory):
+    # An empty (or relative) vpasswd directory field named the Maildir in the
+    # receiver's working directory: the login opened whatever mailbox is there.
+    import dataclasses
+    from engine.accounts.admin import find_domain, read_users, write_users
+    root = make_root(tmp_path)
+    ref = find_domain(root, "example.com")
+    write_users(ref, [dataclasses.replace(u, directory=directory) for u in read_users(ref.directory)])
+    cwd = tmp_path / "cwd"
+    for sub in ("joe/Maildir/new", "joe/Maildir/cur", "joe/Maildir/tmp",
+                "Maildir/new", "Maildir/cur", "Maildir/tmp"):
+        (cwd / sub).mkdir(parents=True)
+    (cwd / "Maildir" / "new" / "1.2.host").write_bytes(b"Subject: not joe's\n\n")
+    age(cwd / "Maildir" / "new" / "1.2.host", T0)
+    monkeypatch.chdir(cwd)
+    log = Lines()
+    c = Client(server(root, log=log).port)
+    assert c.login() == b"-ERR this user has no $HOME/Maildir\r\n"
+    assert c.closed()
+    [line] = log
+    assert line.startswith("pop3d: joe@example.com:127.0.0.1: -ERR this user has no $HOME/Maildir (")
+    assert not (cwd / "lastauth").exists() and not (cwd / "joe" / "lastauth").exists()
+
+
 def test_a_message_that_cannot_be_opened_is_logged_with_the_reason(spec_root, server):
     # README: RETR's "-ERR unable to open that message" has its reason in
     # log/smtpd (EACCES: the receivers do not run as the mailbox owner); it had none.

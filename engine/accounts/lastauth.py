@@ -21,8 +21,8 @@ MAX_READ = 256
 
 def record(user_dir: str, ip: str) -> bool:
     """Write `ip` as USERDIR/lastauth (its mtime is now); False if it could not be."""
-    if not user_dir:
-        return False
+    if not os.path.isabs(user_dir):
+        return False            # no directory in vpasswd (a relative one is no better)
     try:
         # O_NONBLOCK: a FIFO the directory's owner put there fails at once
         # (ENXIO) instead of holding this thread in open() for good.

@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from engine.accounts import lastauth, passwords
 from engine.accounts.store import Accounts, AccountsError
 from engine.accounts.vpasswd import VpasswdError, VUser
-from engine.pop3.maildir import Mailbox, MailboxError
+from engine.pop3.maildir import NO_MAILDIR, Mailbox, MailboxError
 
 # Outcomes (vchkpw's syslog words where it has them).
 OK, NOT_FOUND, BAD_PASSWORD, NO_POP, NO_WEBMAIL, MAILBOX, TEMPORARY = (
@@ -97,6 +98,11 @@ def check_login(accounts: Accounts, login: str, secret: str, *, apop_timestamp: 
             return LoginResult(NO_WEBMAIL, name, user)
     elif user.no_pop:
         return LoginResult(NO_POP, name, user)
+    if not os.path.isabs(user.directory):
+        # An empty (or relative) vpasswd directory would name the receiver's
+        # working directory: no Maildir (vchkpw makes one; this never writes).
+        return LoginResult(MAILBOX, name, user, reply=NO_MAILDIR,
+                           why=f"vpasswd directory {user.directory!r} is not absolute")
     if remoteip:
         lastauth.record(user.directory, remoteip)
     try:
