@@ -317,6 +317,8 @@ def test_a_corrupt_record_is_an_error_too(accounts, box):
 def test_logins_as_vchkpw_parses_them(box, tmp_path):
     from engine.accounts.store import split_login
     assert split_login("Joe%Example.COM") == ("joe", "example.com")
+    # ASCII only, as vchkpw's lowerit: the Kelvin sign is not a `k`.
+    assert split_login("\u212aim@example.com") == ("\u212aim", "example.com")
     vp = tmp_path / "vpopmail"
     accounts = Accounts(box["root"], vpopmail_dir=str(vp))
     assert accounts.login("joe") == ("joe", None)                     # no default domain

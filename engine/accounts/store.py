@@ -119,7 +119,7 @@ def default_candidates(dash: str, ext: str) -> list[str]:
 def split_login(login: str) -> tuple[str, str] | None:
     """(user, domain) as vchkpw's parse_email splits a login (first `@`, else
     `%`, else `/`), or None without a domain."""
-    login = login.lower()
+    login = ascii_lower(login)
     for sep in ("@", "%", "/"):
         user, found, domain = login.partition(sep)
         if found:
