@@ -694,7 +694,8 @@ def test_login_failures_are_logged_in_vchkpws_words(tmp_path, server):
     srv = server(root, log=log)
     for user, password, source in (("joe@example.com", "wrong", ELSEWHERE),
                                    ("No One%x@example.com", "secret", ELSEWHERE),
-                                   ("joe@example.com", "wrong", None)):
+                                   ("joe@example.com", "wrong", None),
+                                   ("Joe%Example.com", "wrong", ELSEWHERE)):
         c = Client(srv.port, source=source)
         assert c.login(user, password) == b"-ERR authorization failed\r\n"
         assert c.closed()
@@ -702,7 +703,9 @@ def test_login_failures_are_logged_in_vchkpws_words(tmp_path, server):
     # a login from 127.0.0.1 is a webmail's, in vchkpw's name for it.
     assert log == ["vchkpw-pop3: password fail joe@example.com:127.0.0.2",
                    "vchkpw-pop3: vpopmail user not found no_one_x@example.com:127.0.0.2",
-                   "vchkpw-webmail: password fail joe@example.com:127.0.0.1"]
+                   "vchkpw-webmail: password fail joe@example.com:127.0.0.1",
+                   # the name as vchkpw logs it: user@domain, whichever form was typed
+                   "vchkpw-pop3: password fail joe@example.com:127.0.0.2"]
 
 
 def test_webmail_addresses_setting(tmp_path):

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine import metrics
 from engine._smtpcore import TOO_LONG, LineReader, parse_command
+from engine.config.domains import ascii_lower
 from engine.log import logsafe
 from engine.pop3 import login as logins
 from engine.pop3.maildir import Mailbox, Message
@@ -400,7 +401,7 @@ class Pop3Session(asyncio.Protocol):
         if outcome == logins.TEMPORARY:
             metrics.auth_result("tempfail", mechanism, "pop3")
             self._log(f"{self._vchkpw()}: temporary failure reading accounts "
-                      f"{logsafe(name.lower())}:{ip}")
+                      f"{logsafe(ascii_lower(name))}:{ip}")
             if self.state != CLOSED:
                 self.out.append(R_TEMP)
                 self._close()
@@ -416,7 +417,9 @@ class Pop3Session(asyncio.Protocol):
             delay = await throttle.failed(ip, attempt)
             if math.isinf(delay):
                 delay = 0.0
-        self._log(f"{self._vchkpw()}: {outcome} {logsafe(name.lower())}:{ip}")
+        # vchkpw logs user@domain as it parsed them (`joe%dom`, `joe` in the default domain).
+        who = result.login if result is not None else ascii_lower(name)
+        self._log(f"{self._vchkpw()}: {outcome} {logsafe(who)}:{ip}")
         metrics.auth_result("locked_out" if result is None else "failed", mechanism, "pop3")
         if delay > 0 and self.state != CLOSED:
             await asyncio.sleep(delay)
