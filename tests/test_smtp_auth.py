@@ -448,6 +448,25 @@ def test_sender_must_match(accounts, ca, make_server, greeted):
         assert c.cmd(b"MAIL FROM:<" + other + b">") == b"553 sorry, that sender address is not yours (#5.7.1)\r\n"
 
 
+def test_sender_must_match_takes_the_users_address_in_an_alias_domain(accounts, ca, make_server,
+                                                                       greeted):
+    # vaddaliasdomain: joe@example.net is joe@example.org, the same mailbox,
+    # whichever of the two names he logs in with.
+    admin.add_alias_domain(accounts, "example.net", "example.org")
+    srv = make_server(qrelay_toml="[auth]\nsender_must_match = true\nfailure_delay = 0\n")
+    for login in (USER, "joe@example.net"):
+        c = greeted(srv.port)
+        starttls(c, ca)
+        c.cmd(b"EHLO client.test")
+        assert c.cmd(b"AUTH PLAIN " + plain(login)) == b"235 ok, go ahead (#2.0.0)\r\n"
+        for mine in (b"joe@example.org", b"Joe@Example.NET"):
+            assert c.cmd(b"MAIL FROM:<" + mine + b">") == b"250 ok\r\n", (login, mine)
+            assert c.cmd(b"RSET") == b"250 flushed\r\n"
+        assert c.cmd(b"MAIL FROM:<ann@example.net>") == \
+            b"553 sorry, that sender address is not yours (#5.7.1)\r\n"
+        c.close()
+
+
 def test_submission_needs_auth_before_mail(ca, make_server, greeted):
     srv = make_server(scheme="submission")
     c = greeted(srv.port)

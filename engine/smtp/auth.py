@@ -272,7 +272,8 @@ class PasswordChecker:
         return True, ""
 
     def sender_allowed(self, login: str, sender: str) -> bool:
-        """`[auth] sender_must_match`: the login's own address, or an alias of
+        """`[auth] sender_must_match`: the login's own address (in its domain or
+        an alias domain of it, vaddaliasdomain), or an alias of
         its domain (valias's DOMDIR/.qmail-LOCAL) with a line delivering to it
         (`&login`, `login`, or the user's directory)."""
         from engine.accounts.store import AccountsError, safe_ext
@@ -289,6 +290,8 @@ class PasswordChecker:
         assignment = routed[1]
         if assignment.home != mailbox.assignment.home or not assignment.ext:
             return False
+        if ascii_lower(assignment.ext) == ascii_lower(mailbox.assignment.ext):
+            return True     # the user's own name in another name of the domain (an alias domain)
         path = os.path.join(assignment.home, f".qmail{assignment.dash}{safe_ext(assignment.ext)}")
         try:
             with open(path, encoding="utf-8", errors="surrogateescape") as f:
