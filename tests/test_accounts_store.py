@@ -137,6 +137,15 @@ def test_catch_all_variants(accounts, box):
     assert accounts.accepts("info@example.com") is True
 
 
+@pytest.mark.parametrize("local", ['"a b"', "a(b)c", "j\u00f6e", "\u212aoe", "a,b"])
+def test_a_catch_all_refuses_what_vdelivermail_calls_an_invalid_username(accounts, box, local):
+    # vdelivermail checks EXT's characters before its ARG: `invalid username`,
+    # exit 100, so a 250 at RCPT would become a bounce.
+    atomic_write(box["dom"] / ".qmail-default", b"| /home/vpopmail/bin/vdelivermail '' joe@example.com\n")
+    assert accounts.accepts(f"{local}@example.com") is False
+    assert accounts.accepts("Nobody@example.com") is True
+
+
 def test_parse_qmail_default():
     assert parse_qmail_default(VDELIVER).bounces
     d = parse_qmail_default("# comment\n|/usr/local/vpopmail/bin/vdelivermail '' delete\n")

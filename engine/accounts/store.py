@@ -39,7 +39,8 @@ from typing import Any
 from engine.accounts.assign import ASSIGN_FILE, CDB_FILE, Assign, AssignError, Assignment, load_assign
 from engine.accounts.files import read_whole, stat_key
 from engine.accounts.limits import Limits, limits_paths, read_limits
-from engine.accounts.vpasswd import V_OVERRIDE, VPASSWD, VPASSWD_CDB, VpasswdError, VpopDomain, VUser
+from engine.accounts.vpasswd import (V_OVERRIDE, VDELIVER_DOMAIN_CHARS, VDELIVER_USER_CHARS, VPASSWD,
+                                     VPASSWD_CDB, VpasswdError, VpopDomain, VUser)
 from engine.config.domains import DomainConfig, DomainConfigError, ascii_lower, load_domain_config
 
 _CONTROL_FILES = ("me", "locals", "virtualdomains", "percenthack", "envnoathost")
@@ -430,6 +431,9 @@ class Accounts:
             return not dash
         if not default.vdelivermail:
             return True
+        if (any(ch not in VDELIVER_USER_CHARS for ch in ascii_lower(ext))
+                or any(ch not in VDELIVER_DOMAIN_CHARS for ch in ascii_lower(rewritten[at + 1:]))):
+            return False  # vdelivermail's `invalid username` / `invalid domain name`: a bounce
         used.append(("vpasswd", home))
         users = self.domain(home)
         user = self._user(users, ext) if users is not None else None

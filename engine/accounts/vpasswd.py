@@ -72,6 +72,11 @@ MAX_NAME = 32
 MAX_LINE = 255  # vpopmail 5.4 cannot build a cdb from longer lines
 _USER_CHARS = re.compile(r"^[!#$&'*+\-./0-9=?A-Z^_`a-z{|}~]+$")
 _DOMAIN_CHARS = re.compile(r"^[-.0-9A-Za-z]+$")
+# vdelivermail checks EXT and HOST (lower-cased) against these before any
+# look-up: another character is `invalid username` / `invalid domain name`
+# (exit 100), whatever the user table or the catch-all says.
+VDELIVER_USER_CHARS = frozenset("!#$&'*+-./0123456789=?^_`abcdefghijklmnopqrstuvwxyz{|}~")
+VDELIVER_DOMAIN_CHARS = frozenset("-.0123456789abcdefghijklmnopqrstuvwxyz")
 
 # bigdir.c: the first 99 users go in the domain directory itself, then 100
 # per sub-directory named by one of these characters, then two levels.

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from engine import _fileio
+from engine.accounts.vpasswd import VDELIVER_DOMAIN_CHARS, VDELIVER_USER_CHARS
 from engine.delivery.local import quota as maildirquota
 from engine.delivery.local.dotqmail import has_delivered_to
 from engine.delivery.local.maildir import MaildirError, MaildirWriter
@@ -46,9 +47,6 @@ TEXT_OVER_QUOTA = "user is over quota\n"
 TEXT_LOOP = "mail is looping\n"
 TEXT_SYSTEM = "system error\n"
 BOUNCE_MAIL = 0x10
-_USER_CHARS = frozenset("!#$&'*+-./0123456789=?^_`{|}~"
-                        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
-_DOMAIN_CHARS = frozenset("-.0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
 
 @dataclass(slots=True)
@@ -111,10 +109,10 @@ class Vdelivermail:
             raise _Exit(100)
         self.user = self.env["EXT"].lower()
         self.domain = self.env["HOST"].lower()
-        if any(ch not in _USER_CHARS for ch in self.user):
+        if any(ch not in VDELIVER_USER_CHARS for ch in self.user):
             self.say("invalid username\n")
             raise _Exit(100)
-        if any(ch not in _DOMAIN_CHARS for ch in self.domain):
+        if any(ch not in VDELIVER_DOMAIN_CHARS for ch in self.domain):
             self.say("invalid domain name\n")
             raise _Exit(100)
         # vget_assign: an alias domain's HOST becomes the real domain.
