@@ -48,6 +48,15 @@ def test_user_lookup_is_case_insensitive(vp):
     assert len(new_messages(vp.ddir / "joe" / "Maildir")) == 1
 
 
+def test_user_is_lower_cased_as_vpopmail_does_ascii_only(vp):
+    # vpopmail's lowerit() is tolower(): the Kelvin sign (U+212A) is no `k`,
+    # and stays an invalid username character, as the RCPT check says.
+    write_qmail(vp.ddir, ".qmail-default", f"| {vp.vp}/bin/vdelivermail '' delete\n")
+    set_user(vp, "koe")
+    r = vp.deliver("example.com-\u212aoe@example.com")
+    assert (r.status, r.text) == ("D", "invalid username\n")
+
+
 def test_no_user_bounce_texts(vp):
     r = vp.deliver("example.com-nobody@example.com")
     assert (r.status, r.text) == ("D", "Sorry, no mailbox here by that name. (#5.1.1)\n")

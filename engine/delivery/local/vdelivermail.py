@@ -37,6 +37,7 @@ from typing import Callable
 
 from engine import _fileio
 from engine.accounts.vpasswd import VDELIVER_DOMAIN_CHARS, VDELIVER_USER_CHARS
+from engine.config.domains import ascii_lower
 from engine.delivery.local import quota as maildirquota
 from engine.delivery.local.dotqmail import has_delivered_to
 from engine.delivery.local.maildir import MaildirError, MaildirWriter
@@ -107,8 +108,9 @@ class Vdelivermail:
         if "HOST" not in self.env:
             self.say("vdelivermail: no HOST environment varilable\n")
             raise _Exit(100)
-        self.user = self.env["EXT"].lower()
-        self.domain = self.env["HOST"].lower()
+        # lowerit(): tolower(), ASCII only (no Unicode case folding)
+        self.user = ascii_lower(self.env["EXT"])
+        self.domain = ascii_lower(self.env["HOST"])
         if any(ch not in VDELIVER_USER_CHARS for ch in self.user):
             self.say("invalid username\n")
             raise _Exit(100)
