@@ -248,6 +248,20 @@ def test_domains_accepted_but_not_delivered_and_the_reverse(box):
     assert "orphan.test" in left
 
 
+def test_a_domain_in_both_locals_and_virtualdomains(box):
+    # qmail-send tries locals first: example.org's virtualdomains line is dead,
+    # joe@example.org goes to the alias user instead of joe's Maildir.
+    with open(box / "control" / "locals", "a") as f:
+        f.write("example.org\n")
+    _, report = doctor(box)
+    [got] = [f for f in findings(report, "domains") if "both locals and virtualdomains" in f["what"]]
+    assert got["what"].startswith("example.org ")
+    run_fix(got["fix"])
+    assert "example.org" not in (box / "control" / "locals").read_text()
+    _, report = doctor(box)
+    assert not findings(report, "domains")
+
+
 def test_permissions_and_owners_with_the_guides_fix(box):
     domain = box / "domains" / "example.org"
     os.chmod(domain, 0o777)

@@ -93,6 +93,13 @@ def check(ctx: Context, report: Report) -> None:
         domain = host.lstrip(".")
         if not prepend or not domain:
             continue
+        if key == domain and domains.is_local(domain):
+            pattern = re.sub(r"([.*\[\]\\^$/])", r"\\\1", domain)
+            report.problem("domains", f"{domain} is in both locals and virtualdomains ({key}:{prepend})",
+                           "locals wins (qmail-send): the virtualdomains line is never used, and "
+                           f"mail for user@{domain} goes to users/assign, a system user or the alias "
+                           "user instead of the domain's mailboxes",
+                           f"sed -i '/^{pattern}$/Id' {ctx.arg(control / 'locals')}")
         if not policy.domain_listed(host):
             report.problem("domains", f"{host} is in virtualdomains but not in rcpthosts",
                            "every sender outside gets 553 (not in my list of allowed rcpthosts)",
