@@ -34,8 +34,10 @@ What qmail-inject does, and qrelay with it:
   when there is neither To nor Cc. With a Resent- field the Resent- forms.
 - recipients (qmail-inject -A): the arguments, or with none the header's
   To/Cc/Bcc/Apparently-To (the Resent- ones when the message is resent);
-  `-t` = qmail-inject -H (arguments and header). A header field qmail-inject
-  cannot parse gives no recipients; a bad From/Sender/Reply-To/Return-Path
+  `-t` = qmail-inject -H (arguments and header). An empty argument (`''`,
+  `<>`) is nobody, as `To: <>` is (qmail-inject queues it, and qmail-lspawn
+  drops it with exit 0). A header field qmail-inject cannot parse gives no
+  recipients; a bad From/Sender/Reply-To/Return-Path
   line is a permanent error.
 - envelope sender: `-f`, else the first Return-Path field, else QMAILSUSER @
   QMAILSHOST (each defaulting to the From user and host). `-f ''` and `-f '<>'`
@@ -366,6 +368,8 @@ class Qualifier:
         sendmail and Postfix read it; qmail would quote the `<`)."""
         if len(text) >= 2 and text[0] == "<" and text[-1] == ">":
             text = text[1:-1]
+        if not text:
+            return ""                                  # quote2: `` stays ``, i.e. <>
         local, at, domain = text.rpartition("@")
         if not at:
             local, domain = text, ""
@@ -474,7 +478,9 @@ def prepare(data: bytes, *, names: InjectNames, identity: Identity, sender: str 
     envelope_sender = None
     if sender is not None:
         envelope_sender = "" if sender in ("", "<>") else q.address(sender)
-    rcpts = [q.address(a) for a in arguments]
+    # An empty argument is <>: nobody, as `To: <>` is (qmail would queue it
+    # and qmail-lspawn drop it, exit 0: a script's unset "$RCPT" lost mail).
+    rcpts = [r for r in (q.address(a) for a in arguments) if r]
     if header_recipients is None:
         header_recipients = not arguments
 

@@ -127,6 +127,10 @@ def test_controls_and_environment_decide_the_names(root):
 def test_errors_are_one_line_with_qmail_injects_exit_codes(root, tmp_path):
     cases = [
         (inject(root, data=b"Subject: nobody\n\nhi\n"), 100, "Error: no recipients"),
+        # `qrelay inject ROOT "$RCPT"` with RCPT unset: not queued to `@defaulthost`,
+        # which local delivery drops as qmail-lspawn does (exit 0, the mail gone)
+        (inject(root, "", data=b"Subject: empty\n\nhi\n"), 100, "Error: no recipients"),
+        (inject(root, "<>", data=b"To: bob@example.net\n\nhi\n"), 100, "Error: no recipients"),
         (inject(root, "bob@example.net", data=b"Subject: x\n\nnul \0 here\n"), 100,
          "Error: message contains NUL bytes"),
         (inject(root, "bob@example.net", data=b"From: \"unterminated\n\nhi\n"), 100,
