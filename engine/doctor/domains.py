@@ -94,7 +94,7 @@ def check(ctx: Context, report: Report) -> None:
         if not prepend or not domain:
             continue
         if key == domain and domains.is_local(domain):
-            pattern = re.sub(r"([.*\[\]\\^$/])", r"\\\1", domain)
+            pattern = _sed_literal(domain)
             report.problem("domains", f"{domain} is in both locals and virtualdomains ({key}:{prepend})",
                            "locals wins (qmail-send): the virtualdomains line is never used, and "
                            f"mail for user@{domain} goes to users/assign, a system user or the alias "
@@ -107,7 +107,7 @@ def check(ctx: Context, report: Report) -> None:
         if not assigned(prepend) and domain not in accepted:
             # `qrelay domain add` refuses a domain virtualdomains has: drop the line first.
             # The line dropped is this key's own (not `domain:` for a user@ or .sub key).
-            pattern = re.sub(r"([.*\[\]\\^$/])", r"\\\1", key)
+            pattern = _sed_literal(key)
             fix = f"sed -i '/^{pattern}:/Id' {ctx.arg(control / 'virtualdomains')}"
             if key == domain:
                 fix += f" && qrelay domain add {ctx.arg(root)} {domain}"
@@ -195,3 +195,9 @@ def _owner_of(path) -> str:
         return f"{st.st_uid}:{st.st_gid}"
     except OSError:
         return "UID:GID"
+
+
+def _sed_literal(text: str) -> str:
+    """`text` matched literally in a sed address (`/^TEXT:/`): its regex
+    characters and the `/` delimiter escaped."""
+    return re.sub(r"([.*\[\]\\^$/])", r"\\\1", text)
