@@ -18,7 +18,9 @@ def test_the_floor_times_full_and_resumed_handshakes(tmp_path):
     (tmp_path / "control").mkdir()
     ca.issue_cert("bench.local", key_type=trustme.KeyType.RSA) \
         .private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "control" / "servercert.pem"))
-    floor = handshake_floor(tmp_path, n=20)
     # CPU time, not wall time: a full handshake signs with the RSA key, which a
-    # resumed one (it raises unless the client's session was resumed) never does.
-    assert floor["full"] > floor["resumed"] > 0
+    # resumed one (it raises unless the client's session was resumed) never does
+    # (1.05 against 0.71 ms here). A busy host only ever adds to a thread's CPU
+    # time (65 % once, in a full CI run): the least of three runs is compared.
+    floors = [handshake_floor(tmp_path, n=20) for _ in range(3)]
+    assert min(f["full"] for f in floors) > min(f["resumed"] for f in floors) > 0
