@@ -120,3 +120,36 @@ def test_the_sendmail_program_is_a_console_script():
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     module, _, name = scripts["qrelay-sendmail"].partition(":")
     assert callable(getattr(importlib.import_module(module), name))
+
+
+@pytest.mark.slow
+def test_the_source_distribution_builds_a_complete_wheel(tmp_path):
+    # What `python -m build` does (and pip with an sdist): the sdist first, then
+    # the wheel from the sdist alone, with the Cython sources compiled there.
+    import zipfile
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+                           cwd=REPO, capture_output=True, check=True, timeout=60).stdout
+    tree = tmp_path / "tree"
+    for name in filter(None, files.decode().split("\0")):
+        if (REPO / name).is_file():
+            (tree / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, tree / name)
+    hook = "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))"
+    done = subprocess.run([sys.executable, "-c", hook, str(tmp_path / "dist")], cwd=tree,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    sdist = tmp_path / "dist" / done.stdout.split()[-1]
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                           "--no-index", "-q", str(sdist), "-w", str(tmp_path / "wheel")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    [wheel] = (tmp_path / "wheel").glob("qrelay-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        entry_points = z.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt")))
+    assert {"engine/status/page.html", "engine/status/status.css",
+            "engine/status/status.js"} <= names
+    for core in ("_smtpcore", "_fileio"):
+        assert any(n.startswith(f"engine/{core}.") and n.endswith(".so") for n in names), core
+    assert b"qrelay = engine.cli:main" in entry_points
+    assert b"qrelay-sendmail = engine.inject:sendmail_main" in entry_points
