@@ -148,6 +148,37 @@ def test_user_spawner_splits_by_owner_and_refuses_root(root, tmp_path):
 
 
 
+def test_a_dotqmail_list_of_many_forwards_comes_back_from_the_owners_worker(root):
+    """qmail-local forwards to every `&` line of a .qmail, however many: a list
+    of 45,000 addresses (over a megabyte of them) must come back from the
+    worker that ran it, not fail the job (retried for ever, the Maildir line
+    before the forwards delivering again on every try)."""
+    import asyncio
+
+    traversable(root)
+    r = run_cli("domain", "add", str(root), "example.com", "--uid", str(OWNER), "--gid", str(OWNER))
+    assert r.returncode == 0, r.stderr
+    targets = [f"member{i:05d}@lists.example.net" for i in range(45000)]
+    dotqmail = root / "domains" / "example.com" / ".qmail-list"
+    dotqmail.write_text("".join(f"&{t}\n" for t in targets))
+    os.chown(dotqmail, OWNER, OWNER)
+    assert dotqmail.stat().st_size > 1 << 20
+
+    async def main():
+        courier = UserSpawner(root, None, open_deliverer(root), max_message=1 << 20)
+        try:
+            return await courier.deliver(Group("local", 1, "example.com", "a@src.test",
+                                              ("example.com-list@example.com",)),
+                                         b"Subject: x\r\n\r\nbody\r\n")
+        finally:
+            await courier.close()
+    [got] = asyncio.run(main())
+    assert (got.status, got.text) == ("K", "did 0+45000+0\n")
+    [fwd] = got.forwards
+    assert fwd.recipients == tuple(targets)
+    assert fwd.prefix == b"Delivered-To: example.com-list@example.com\r\n"
+
+
 def test_delivery_program_timeout_reaches_the_local_deliverer(root):
     """`[delivery] program_timeout` in qrelay.toml is what a `|program` line gets."""
     from engine.config.settings import load_settings

@@ -58,7 +58,9 @@ from engine.delivery.channels import (UNREADABLE_TEXT, Forward, Group, Recipient
 from engine.privilege import acting_as, drop_to, no_new_privileges
 
 # A job without its message carries at most max_recipients_per_delivery
-# addresses (each < 1 KB in SMTP); results carry their texts.
+# addresses (each < 1 KB in SMTP); results carry their texts. An inline
+# worker's results may be as large as its jobs: a .qmail's `&` lines come
+# back as forwards, and a list of them has no size of its own.
 MAX_FRAME = 1 << 20
 OK, BAD_JOB = 0, 2
 _FAILED = -1   # not on the wire: the spawner failed the job itself (worker died, closing)
@@ -102,13 +104,14 @@ def decode_job(body: bytes) -> tuple[int, Group, bytes | None]:
     return jobid, group, message
 
 
-def encode_results(jobid: int, results: list[RecipientResult]) -> bytes:
+def encode_results(jobid: int, results: list[RecipientResult],
+                   max_frame: int = MAX_FRAME) -> bytes:
     body = ipc.Body().u64(jobid).u8(OK).u32(len(results))
     for r in results:
         body.u8(ord(r.status[:1] or "Z")).text(r.text).u32(len(r.forwards))
         for fwd in r.forwards:
             body.text(fwd.sender).texts(fwd.recipients).raw(fwd.prefix)
-    return body.frame(MAX_FRAME)
+    return body.frame(max_frame)
 
 
 def encode_error(jobid: int, status: int, text: str) -> bytes:
@@ -280,7 +283,8 @@ class WorkerServer:
     def _run_blocking(self, jobid: int, group: Group, message: bytes) -> None:
         try:
             frame = encode_results(jobid, self._blocking(group.destination, group.sender,
-                                                         group.recipients, message, self))
+                                                         group.recipients, message, self),
+                                   self.max_frame)
         except Exception as exc:
             # A bug in a deliverer costs a retry of this job only.
             frame = encode_error(jobid, BAD_JOB, f"delivery failed: {exc!r}")
@@ -297,7 +301,7 @@ class WorkerServer:
         try:
             results = await self.deliverer.deliver(group.destination, group.sender,
                                                    group.recipients, message)
-            frame = encode_results(jobid, results)
+            frame = encode_results(jobid, results, self.max_frame)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -625,7 +629,7 @@ class Spawner:
         try:
             while True:
                 try:
-                    body = await ipc.read_frame(reader, MAX_FRAME)
+                    body = await ipc.read_frame(reader, self.max_frame)
                     if body is None:
                         break
                     self._resolve(w, body)
