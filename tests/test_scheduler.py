@@ -146,6 +146,42 @@ def test_a_forward_is_logged_with_the_qp_of_its_copy_as_qmail_local_says_it(env)
     assert any(t.endswith(f": success: did_0+1+0/qp_{copy}/") for t in texts), texts
 
 
+def test_a_forward_to_an_address_qmail_queue_refuses_is_a_failure_not_a_retry(env):
+    """qmail-queue takes addresses of at most 1002 bytes (exit 11); qmail-local
+    then dies `Unable to forward message: envelope address too long for qq
+    (#5.1.3).` (exit 100): the recipient fails and the sender gets a bounce.
+    A .qmail line of 70,000 bytes crashed the spool's write here instead
+    ("qmail-local crashed."), deferred for ever, the Maildir lines before it
+    delivering again on every try."""
+    from engine.delivery.channels import Forward
+    sched, spool, remote, clock, log, tmp = env
+    longest = "x" * (1002 - len("@far.test")) + "@far.test"
+
+    class Forwarding:   # .qmail-big: `./Maildir/` then `&` lines
+        async def deliver(self, domain, sender, recipients, message):
+            target = longest if recipients[0].startswith("ok") else "x" * 70000 + "@far.test"
+            return [RecipientResult(r, "K", "did 1+2+0\n",
+                                    (Forward(sender, ("a@far.test", target),
+                                             b"Delivered-To: big@mx.test\r\n"),))
+                    for r in recipients]
+
+    sched.lane("local").courier = ReadingCourier(spool, Forwarding())
+    big = spool.enqueue(Envelope("a@src.test", ("big@mx.test",)), MSG)
+    ok = spool.enqueue(Envelope("a@src.test", ("ok@mx.test",)), MSG)
+    asyncio.run(settle(sched))
+    texts = log_texts(tmp)
+    assert any(t.endswith(": failure: Unable_to_forward_message:_envelope_address_too_long_for_qq"
+                          "_(#5.1.3)./") for t in texts), texts
+    assert not any("crashed" in t for t in texts), texts
+    assert [c for c in remote.calls if c[2] == ("a@src.test",)] == [("src.test", "", ("a@src.test",))]
+    forwarded = sorted(c[2] for c in remote.calls if c[0] == "far.test")
+    assert forwarded == [("a@far.test", longest)]     # only ok@'s copy went; big@'s none
+    with pytest.raises(MessageNotFound):
+        spool.message_info(big)
+    with pytest.raises(MessageNotFound):
+        spool.message_info(ok)
+
+
 def test_message_finishes_and_logs_end(env):
     sched, spool, remote, clock, log, tmp = env
     mid = spool.enqueue(Envelope("a@src.test", ("x@d1.test",)), MSG)

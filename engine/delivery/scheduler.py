@@ -81,6 +81,10 @@ from engine.queue import (Deferred, Delivered, Envelope, Failed, Finished, Job,
 
 # qmail-lspawn's and qmail-rspawn's text for a courier that died: "qmail-<channel> crashed."
 CRASHED_TEXT = "qmail-{channel} crashed.\n"
+# qmail-queue's ADDR: an envelope address of this many bytes or more is
+# refused (exit 11), and qmail-local's forward of it fails for good.
+QQ_ADDRESS_MAX = 1003
+QQ_TOO_LONG_TEXT = "Unable to forward message: envelope address too long for qq (#5.1.3).\n"
 # Seconds between scans of the spool for finished messages whose bounce is not queued.
 BOUNCE_SCAN_INTERVAL = 5.0
 # Seconds before a bounce that could not be made or queued is tried again.
@@ -774,8 +778,12 @@ class Scheduler:
         """Queue what a local delivery forwards (qmail-local's own qmail-queue
         call), indexed before the recipient's result is recorded: a crash in
         between costs a duplicate forward, never a lost one. A success's report
-        ends, as qmail-local's, with `qp N`: the copy's id, its `info msg`'s qp."""
+        ends, as qmail-local's, with `qp N`: the copy's id, its `info msg`'s qp.
+        An address qmail-queue would refuse fails the recipient, nothing queued."""
         qps = []
+        if any(len(a.encode("utf-8", "surrogateescape")) >= QQ_ADDRESS_MAX
+               for fwd in got.forwards for a in (fwd.sender, *fwd.recipients)):
+            return RecipientResult(got.address, "D", QQ_TOO_LONG_TEXT)
         try:
             original = self.spool.read_message(job.msgid)
             for fwd in got.forwards:
