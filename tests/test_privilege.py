@@ -230,6 +230,35 @@ def test_the_run_users_own_mailboxes_are_delivered_by_a_worker_of_that_user(unpr
 
 
 @as_root
+def test_a_dotqmail_list_of_many_forwards_is_sent_on_whoever_owns_the_domain(root, dns):
+    """A .qmail with 45,000 `&` lines (over a megabyte of addresses) forwards
+    them all, both from the run user's own worker and through the root local
+    spawner, as qmail-local does: their results must not be cut at the
+    1 MiB frame of a job that carries no message."""
+    (root / "qrelay.toml").write_text(
+        f'[run]\nuser = "nobody"\n[smtp]\nreject_unknown_mailboxes = false\n'
+        f'[delivery]\ndns_servers = ["{dns.address}"]\n[scheduler]\npoll_interval = 0.02\n')
+    (root / "control" / "concurrencyremote").write_text("0\n")   # the copies stay queued
+    for domain, owner in (("own.example", NOBODY.pw_uid), ("other.example", OTHER)):
+        r = run_cli("domain", "add", str(root), domain, "--uid", str(owner), "--gid", str(owner))
+        assert r.returncode == 0, r.stderr
+        dotqmail = root / "domains" / domain / ".qmail-list"
+        dotqmail.write_text("".join(f"&member{i:05d}@lists.example.net\n" for i in range(45000)))
+        os.chown(dotqmail, owner, owner)
+        assert dotqmail.stat().st_size > 1 << 20
+    q = QrelayProcess(root, procs=1)
+    try:
+        with smtplib.SMTP("127.0.0.1", q.port, timeout=10) as s:
+            assert s.sendmail("a@src.test", ["list@own.example", "list@other.example"],
+                              b"Subject: x\r\n\r\nhi\r\n") == {}
+        wait_for(lambda: sum(": success: did_0+45000+0/qp_" in t for t in texts(root)) == 2
+                 or None, timeout=60, what="both lists forwarded")
+        assert not any(": deferral: " in t for t in texts(root))
+    finally:
+        _stop(q)
+
+
+@as_root
 def test_the_local_spawner_socket_is_the_run_users_alone(unprivileged, root):
     st = (root / "queue" / "lspawn.sock").stat()
     assert (st.st_uid, st.st_mode & 0o777) == (NOBODY.pw_uid, 0o600)

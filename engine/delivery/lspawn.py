@@ -184,7 +184,8 @@ class UserSpawner:
         crosses), so Maildir work runs beside the scheduler, not on its loop."""
         if self.own_worker is None:
             self.own_worker = Spawner(self.root, 1, "local", log=self.log, spool=self.spool,
-                                      inline=False, stop_grace=10.0, via=self.lspawn.path)
+                                      inline=False, max_message=self.max_message,
+                                      stop_grace=10.0, via=self.lspawn.path)
             await self.own_worker.start()
         return self.own_worker
 

@@ -498,7 +498,9 @@ class Spawner:
                  python: str = sys.executable, via: Path | None = None) -> None:
         """`spool`: the scheduler's (writable) spool: it reads inline messages and
         quarantines one a worker cannot read. `inline` (default: with `user`):
-        the message travels in the job, at most `max_message` bytes. `via`: the
+        the message travels in the job, at most `max_message` bytes; a frame
+        may be that much over MAX_FRAME either way, inline or not (a local
+        delivery's result carries its .qmail's forwards). `via`: the
         local spawner service's socket, which starts the workers (as root, then
         they become this process's user) for a scheduler that cannot run the
         interpreter itself."""
@@ -510,7 +512,7 @@ class Spawner:
         self.spool = spool
         self.user = user
         self.inline = user is not None if inline is None else inline
-        self.max_frame = MAX_FRAME + (max_message if self.inline else 0)
+        self.max_frame = MAX_FRAME + max_message
         self.stop_grace = stop_grace
         self.python = python
         self.via = via
