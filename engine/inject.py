@@ -677,6 +677,7 @@ def queue_message(root: Path, prepared: Prepared, *, uid: int, pid: int | None =
     """qmail-queue: prepend its Received line and enqueue; returns the message
     id once the message is durable. InjectError(TEMPORARY) on any spool failure."""
     from engine.queue import Envelope, SpoolError
+    from engine.queue import records
     from engine.queue.values import MessageTooBig, WriterUnreachable
     from engine.queue.writer import INJECT_SOCKET, SpoolClient, open_spool_writer
     pid = os.getpid() if pid is None else pid
@@ -691,6 +692,12 @@ def queue_message(root: Path, prepared: Prepared, *, uid: int, pid: int | None =
     else:
         message = queue_received_line(pid=pid, origin="local", uid=uid, when=now) + prepared.message
         become_spool_owner(queue)
+    # The spool refuses it too (AddressTooLong), but through the writer as a
+    # temporary error: an address no retry will shorten is permanent here.
+    if any(len(records.encode_text(a)) > records.MAX_ADDRESS_BYTES
+           for a in (envelope.sender, *envelope.recipients)):
+        raise InjectError(f"qq: an envelope address is over the spool's "
+                          f"{records.MAX_ADDRESS_BYTES} bytes")
     spool = None
     try:
         # The frame limit known here, a message over it is refused before it

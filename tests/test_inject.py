@@ -224,6 +224,16 @@ def test_a_message_over_the_spool_frame_limit_is_a_permanent_error(root):
     assert len(queued(root)) == 1
 
 
+def test_an_address_longer_than_the_spool_holds_is_a_permanent_error(root):
+    # The spool's index records hold 65,535 bytes an address: one longer
+    # stopped every index commit after it; now it is refused first, 100.
+    r = inject(root, "a" * 70_000 + "@far.test", data=b"Subject: x\n\nhi\n")
+    assert r.returncode == 100, r.stderr
+    assert b"an envelope address is over the spool's 65535 bytes" in r.stderr
+    assert inject(root, "bob@example.net", data=b"Subject: small\n\nhi\n").returncode == 0
+    assert len(queued(root)) == 1
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")
 def test_any_local_user_queues_through_the_injection_socket(root):
     """PHP's mail() as www-data: the spool belongs to the run user, so another

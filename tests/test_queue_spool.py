@@ -466,3 +466,16 @@ def test_the_default_warning_is_not_prefixed_twice(caplog):
     with caplog.at_level(logging.WARNING, logger="qrelay.queue"):
         log_warning("warning: quarantined #7: bad crc")
     assert [r.getMessage() for r in caplog.records] == ["quarantined #7: bad crc"]
+
+
+def test_an_address_the_index_cannot_hold_is_refused_before_anything_is_written(spool: Spool):
+    # Its segment records take it, its index record (a 16-bit length) not:
+    # `qrelay inject` of a 70 KB recipient wrote it, then every index commit
+    # failed, this message's and all after it ("refusing new mail").
+    from engine.queue import AddressTooLong
+    with pytest.raises(AddressTooLong, match="over the spool's 65535 bytes"):
+        spool.enqueue(env("a" * 70_000 + "@far.test"), b"x")
+    with pytest.raises(AddressTooLong):
+        spool.enqueue(env("b@far.test", sender="é" * 40_000 + "@x"), b"x")   # bytes, not characters
+    msgid = spool.enqueue(env("b@far.test"), b"next")
+    assert spool.read_message(msgid) == b"next" and spool.stats().messages == 1

@@ -224,10 +224,12 @@ from engine.queue.spool import (Deferred, Delivered, Envelope, Failed, Finished,
                                 QueuedMessage,
                                 RecipientView, RecoveryReport, Result, Spool, SpoolError,
                                 SpoolStats, SpoolVersionError, SpoolWriteError)
+from engine.queue.values import AddressTooLong
 
 __all__ = ["FORMAT_VERSION", "Deferred", "Delivered", "Envelope", "Failed", "Finished",
            "ImportedMessage", "ImportedRecipient", "Job",
-           "MessageNotFound", "MessageQuarantined", "MessageTooBig", "MessageUnreadable",
+           "AddressTooLong", "MessageNotFound", "MessageQuarantined", "MessageTooBig",
+           "MessageUnreadable",
            "QueuedMessage",
            "RecipientView",
            "RecoveryReport", "Result", "Spool", "SpoolError", "SpoolStats",

@@ -28,7 +28,8 @@ from engine.queue.core import SpoolCore
 from engine.queue.records import EnvelopeRecord, RecordError, SegmentRecord
 from engine.queue.segments import (ENV_MAGIC, FILE_HEADER, SegmentIO, SegmentWriter, encode_record,
                                    record_parts, record_size)
-from engine.queue.values import Envelope, ImportedMessage, SpoolError, SpoolWriteError
+from engine.queue.values import (AddressTooLong, Envelope, ImportedMessage, SpoolError,
+                                  SpoolWriteError)
 
 # `imported` table values: the spool's id, then R (reserved: ids taken, segment
 # maybe written, not yet indexed by the import), A (adopted: indexed from its
@@ -103,7 +104,15 @@ class Intake:
     def put(self, envelope: Envelope, message: bytes,
             loop: asyncio.AbstractEventLoop | None = None,
             wait_index: bool = False) -> "Future[int] | asyncio.Future[int]":
-        """Hand a message to the group commit; the future says its id."""
+        """Hand a message to the group commit; the future says its id.
+        AddressTooLong for an address the index cannot hold (a local user's
+        `qrelay inject` of one would otherwise stop every commit after it)."""
+        for address in (envelope.sender, *envelope.recipients):
+            # Four bytes a character at most: only a long one is encoded.
+            if len(address) * 4 > R.MAX_ADDRESS_BYTES and \
+                    len(R.encode_text(address)) > R.MAX_ADDRESS_BYTES:
+                raise AddressTooLong(f"an envelope address of {len(address)} characters is over "
+                                     f"the spool's {R.MAX_ADDRESS_BYTES} bytes")
         try:
             return self._get_committer().put(envelope, bytes(message), loop, wait_index)
         except RuntimeError:  # closed by another thread meanwhile

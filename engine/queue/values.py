@@ -39,6 +39,12 @@ class MessageTooBig(SpoolError):
     one frame ([spool] max_frame_bytes): refused before it is sent."""
 
 
+class AddressTooLong(SpoolError):
+    """An envelope address longer than the index's records hold
+    (records.MAX_ADDRESS_BYTES): refused before anything is written, since its
+    index commit would fail, and every commit of the mail behind it."""
+
+
 class MessageUnreadable(SpoolError):
     """The message's bytes could not be read just now (EACCES, EIO, EMFILE...):
     nothing says they are corrupt, so it stays queued for the next try."""
