@@ -694,10 +694,8 @@ def queue_message(root: Path, prepared: Prepared, *, uid: int, pid: int | None =
         become_spool_owner(queue)
     # The spool refuses it too (AddressTooLong), but through the writer as a
     # temporary error: an address no retry will shorten is permanent here.
-    if any(len(records.encode_text(a)) > records.MAX_ADDRESS_BYTES
-           for a in (envelope.sender, *envelope.recipients)):
-        raise InjectError(f"qq: an envelope address is over the spool's "
-                          f"{records.MAX_ADDRESS_BYTES} bytes")
+    if why := records.oversized_address((envelope.sender, *envelope.recipients)):
+        raise InjectError(f"qq: {why}")
     spool = None
     try:
         # The frame limit known here, a message over it is refused before it

@@ -107,12 +107,8 @@ class Intake:
         """Hand a message to the group commit; the future says its id.
         AddressTooLong for an address the index cannot hold (a local user's
         `qrelay inject` of one would otherwise stop every commit after it)."""
-        for address in (envelope.sender, *envelope.recipients):
-            # Four bytes a character at most: only a long one is encoded.
-            if len(address) * 4 > R.MAX_ADDRESS_BYTES and \
-                    len(R.encode_text(address)) > R.MAX_ADDRESS_BYTES:
-                raise AddressTooLong(f"an envelope address of {len(address)} characters is over "
-                                     f"the spool's {R.MAX_ADDRESS_BYTES} bytes")
+        if why := R.oversized_address((envelope.sender, *envelope.recipients)):
+            raise AddressTooLong(why)
         try:
             return self._get_committer().put(envelope, bytes(message), loop, wait_index)
         except RuntimeError:  # closed by another thread meanwhile

@@ -101,6 +101,17 @@ def encode_text(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
+def oversized_address(addresses) -> str | None:
+    """Why one of `addresses` cannot be in an index record (over
+    MAX_ADDRESS_BYTES encoded: its length is 16 bits), or None."""
+    for address in addresses:
+        # Four bytes a character at most: only a long one is encoded.
+        if len(address) * 4 > MAX_ADDRESS_BYTES and len(encode_text(address)) > MAX_ADDRESS_BYTES:
+            return (f"an envelope address is over the spool's {MAX_ADDRESS_BYTES} bytes "
+                    f"({len(address)} characters)")
+    return None
+
+
 def decode_text(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
