@@ -127,6 +127,15 @@ def cli() -> None:
 
 
 
+def discard_output(stream) -> None:
+    """Point `stream`'s descriptor at /dev/null: what is still buffered for a
+    reader that is gone (`| head -1`) goes nowhere at exit, without a second
+    BrokenPipeError from the interpreter's own flush."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+
+
 def os_error_line(exc: OSError) -> str:
     """An OSError as one line: `FILE: reason`."""
     where = f"{exc.filename}: " if exc.filename else ""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from engine.cli.base import cli, os_error_line
+from engine.cli.base import cli, discard_output, os_error_line
 from engine.home import default_root
 
 
@@ -90,7 +90,6 @@ def inject(words: tuple[str, ...], sender: str | None, recipients_from: str,
 def _print_prepared(prepared) -> None:
     """-n: the envelope and the message on stdout; a stdout closed (>&-) or
     whose reader is gone is qmail-inject's write error, 111."""
-    import os
     import sys
 
     from engine.inject import TEMPORARY
@@ -104,8 +103,6 @@ def _print_prepared(prepared) -> None:
         out.write(prepared.message.replace(b"\r\n", b"\n"))
         out.flush()
     except OSError as exc:
-        if out is not None:     # what is still buffered goes nowhere at exit, quietly
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, out.fileno())
-            os.close(devnull)
+        if out is not None:
+            discard_output(out)
         raise _InjectFailure(f"write error: {exc.strerror or exc}", TEMPORARY) from None

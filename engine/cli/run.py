@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from engine.cli.base import ROOT, cli
+from engine.cli.base import ROOT, cli, discard_output
 from engine.smtp.listeners import SCHEMES
 from engine.home import HomeError, init_home
 
@@ -85,9 +85,7 @@ def run(root: str, listen: tuple[str, ...], procs: int | None, dev: bool, port_f
                 click.echo(f"qrelay: listening on {where} (root {root}); stop with Ctrl-C or kill -TERM {pid}")
                 sys.stdout.flush()
             except BrokenPipeError:
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, sys.stdout.fileno())
-                os.close(devnull)
+                discard_output(sys.stdout)
         if port_file:
             tmp = port_file + ".tmp"
             try:
