@@ -1,6 +1,7 @@
 """qrelay domain / user / alias / newu on real roots; bad input is one line and exit status 2."""
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -266,6 +267,42 @@ def test_user_del_removes_every_line_of_a_name_vpasswd_holds_twice(droot):
     assert (dom / "vpasswd").read_text() == ""
     assert Accounts(droot, recheck_seconds=0).mailbox("joe@example.com") is None
     bad(qrelay("user", "del", str(droot), "joe@example.com"), "no such user")
+
+
+def disk_full_for(monkeypatch, word: str) -> None:
+    """os.write fails with ENOSPC (a full disk) on every file whose name has `word`."""
+    real = os.write
+
+    def write(fd, data):
+        if word in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data)
+    monkeypatch.setattr(os, "write", write)
+
+
+def failed_on_full_disk(result) -> None:
+    assert result.exit_code != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "No space left on device" in lines[0], lines
+    assert "Traceback" not in result.output + result.stderr
+
+
+def test_a_vpasswd_rewrite_the_disk_cannot_finish_changes_neither_vpasswd_nor_its_cdb(
+        droot, monkeypatch):
+    """vpasswd.cdb failing after vpasswd was replaced left the two apart: the
+    lookups still had ann, vpasswd not, and `user del` again said "no such user"."""
+    for user in ("joe", "ann"):
+        assert qrelay("user", "add", str(droot), f"{user}@example.com", input="pw\n").exit_code == 0
+    dom = droot / "domains" / "example.com"
+    before = {name: (dom / name).read_bytes() for name in ("vpasswd", "vpasswd.cdb")}
+    with monkeypatch.context() as m:
+        disk_full_for(m, "vpasswd.cdb")
+        failed_on_full_disk(qrelay("user", "del", str(droot), "ann@example.com"))
+        failed_on_full_disk(qrelay("user", "passwd", str(droot), "joe@example.com", input="new\n"))
+    assert {name: (dom / name).read_bytes() for name in before} == before
+    assert [p.name for p in dom.iterdir() if ".tmp." in p.name] == []
+    assert qrelay("user", "del", str(droot), "ann@example.com").exit_code == 0   # space is back
+    assert Accounts(droot, recheck_seconds=0).mailbox("ann@example.com") is None
 
 
 def test_commands_that_rewrite_vpasswd_keep_the_lines_they_cannot_read(droot):

@@ -43,7 +43,7 @@ from engine.accounts import passwords
 from engine.accounts.assign import (
     ASSIGN_FILE, AssignError, AssignLine, compile_assign, load_assign, parse_assign_line,
 )
-from engine.accounts.files import atomic_write, file_lock, make_dir, read_whole
+from engine.accounts.files import atomic_write, atomic_write_all, file_lock, make_dir, read_whole
 from engine.accounts.limits import NONE as NO_LIMITS, Limits, read_limits
 from engine.accounts.store import parse_qmail_default, safe_ext
 from engine.accounts.vpasswd import (
@@ -169,15 +169,16 @@ def read_users(directory: Path) -> list[VUser]:
 
 
 def write_users(ref: DomainRef, users: Iterable[VUser]) -> None:
-    """vpasswd then vpasswd.cdb (what lookups read), each atomically. The
+    """vpasswd then vpasswd.cdb (what lookups read), both written before either
+    replaces its old file: a write that fails leaves both as they were. The
     lines of the old vpasswd that read_users could not read stay (at the end)."""
     users = list(users)
     got = read_whole(ref.directory / VPASSWD)
     unread = unread_lines(got[0].decode("utf-8", "surrogateescape")) if got is not None else []
-    atomic_write(ref.directory / VPASSWD,
-                 vpasswd_text(users, unread).encode("utf-8", "surrogateescape"),
-                 mode=SECRET_MODE, owner=ref.owner)
-    atomic_write(ref.directory / VPASSWD_CDB, vpasswd_cdb(users), mode=SECRET_MODE, owner=ref.owner)
+    atomic_write_all([(ref.directory / VPASSWD,
+                       vpasswd_text(users, unread).encode("utf-8", "surrogateescape")),
+                      (ref.directory / VPASSWD_CDB, vpasswd_cdb(users))],
+                     mode=SECRET_MODE, owner=ref.owner)
 
 
 def rebuild_cdb(root: os.PathLike | str, domain: str) -> tuple[DomainRef, int, list[str]]:

@@ -96,28 +96,45 @@ def atomic_write(path: os.PathLike | str, data: bytes, *, mode: int = 0o644,
     before the rename when given and we may (root, or already that owner).
     On any error the temp file is removed and the old file is untouched.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    atomic_write_all([(path, data)], mode=mode, owner=owner, sync_dir=sync_dir)
+
+
+def atomic_write_all(files: list[tuple[os.PathLike | str, bytes]], *, mode: int = 0o644,
+                     owner: tuple[int, int] | None = None, sync_dir: bool = True) -> None:
+    """atomic_write for files that belong together (vpasswd and vpasswd.cdb):
+    every temp file is written and fsync'd before the first rename, so a
+    write that fails (a full disk, a quota) leaves every old file as it was,
+    not one file new and the other old."""
+    staged: list[tuple[Path, Path]] = []
     try:
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fchmod(fd, mode)
-            if owner is not None:
-                chown_if_allowed(fd, owner)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        for path, data in files:
+            path = Path(path)
+            tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}.{secrets.token_hex(4)}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            staged.append((tmp, path))
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fchmod(fd, mode)
+                if owner is not None:
+                    chown_if_allowed(fd, owner)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        while staged:
+            tmp, path = staged[0]
+            os.replace(tmp, path)
+            del staged[0]
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         raise
     if sync_dir:
-        fsync_dir(path.parent)
+        for directory in dict.fromkeys(Path(path).parent for path, _ in files):
+            fsync_dir(directory)
 
 
 def chown_if_allowed(target: int | os.PathLike | str, owner: tuple[int, int]) -> None:
