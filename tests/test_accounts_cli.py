@@ -305,6 +305,32 @@ def test_a_vpasswd_rewrite_the_disk_cannot_finish_changes_neither_vpasswd_nor_it
     assert Accounts(droot, recheck_seconds=0).mailbox("ann@example.com") is None
 
 
+def test_adds_the_disk_cannot_finish_leave_no_tree_the_retry_would_refuse(droot, tmp_path,
+                                                                          monkeypatch):
+    """`user add`, `user import` and `domain add` made their directories, then
+    failed to write vpasswd on a full disk: the trees stayed, and once space
+    was back the retry refused them ("exists but is not in vpasswd; remove it
+    first"), an import's by the thousand."""
+    assert qrelay("user", "add", str(droot), "joe@example.com", input="pw\n").exit_code == 0
+    qrelay("domain", "add", str(droot), "example.org", *OWNER)
+    src = tmp_path / "users.txt"
+    src.write_text("ann@example.com:pw\nbob@example.org:pw\n")
+    dom = droot / "domains" / "example.com"
+    with monkeypatch.context() as m:
+        disk_full_for(m, "vpasswd")
+        failed_on_full_disk(qrelay("user", "add", str(droot), "zed@example.com", input="pw\n"))
+        failed_on_full_disk(qrelay("user", "import", str(droot), str(src)))
+        failed_on_full_disk(qrelay("domain", "add", str(droot), "example.net", *OWNER))
+    assert sorted(p.name for p in dom.iterdir() if p.is_dir()) == ["joe"]
+    assert not (droot / "domains" / "example.org" / "bob").exists()
+    assert not (droot / "domains" / "example.net").exists()
+    # space is back: every retry works
+    assert qrelay("user", "add", str(droot), "zed@example.com", input="pw\n").exit_code == 0
+    assert qrelay("user", "import", str(droot), str(src)).exit_code == 0
+    assert qrelay("domain", "add", str(droot), "example.net", *OWNER).exit_code == 0
+    assert Accounts(droot, recheck_seconds=0).mailbox("bob@example.org") is not None
+
+
 def test_commands_that_rewrite_vpasswd_keep_the_lines_they_cannot_read(droot):
     """vpopmail copies every line it does not change verbatim (auth_setpw,
     auth_adduser, auth_deluser): a line short of fields is still a password

@@ -355,11 +355,17 @@ def add_domain(root: os.PathLike | str, domain: str, *, uid: int | None = None,
             raise AdminError(f"{directory}: exists; remove it or pick another domain")
         make_dir(directory, DIR_MODE, owner)
         ref = DomainRef(name, directory, *owner)
-        with _in_tree(ref):
-            write_users(ref, [])
-            atomic_write(directory / ".qmail-default",
-                         qmail_default_line("bounce-no-mailbox").encode(), mode=SECRET_MODE,
-                         owner=owner)
+        try:
+            with _in_tree(ref):
+                write_users(ref, [])
+                atomic_write(directory / ".qmail-default",
+                             qmail_default_line("bounce-no-mailbox").encode(), mode=SECRET_MODE,
+                             owner=owner)
+        except OSError:
+            # Not added (a full disk): the directory left would make the retry refuse.
+            with contextlib.suppress(OSError, AdminError):
+                _remove_domain_directory(ref)
+            raise
         line = AssignLine(True, f"{name}-", name, str(owner[0]), str(owner[1]), str(directory), "-", "")
         _add_domain_lines(base, name, lines + [line.text()])
     return ref
@@ -651,10 +657,25 @@ def add_user(root: os.PathLike | str, address: str, password: str, *, quota: str
         if user_dir.exists():
             raise AdminError(f"{user_dir}: exists but is not in vpasswd; remove it first")
         _make_hash_dirs(ref, user_dir)
-        _make_maildir(user_dir, ref.owner)
-        user = VUser(name, crypted, 1, 0, gecos_text, str(user_dir), quota_field, clear)
-        write_users(ref, users + [user])
+        try:
+            _make_maildir(user_dir, ref.owner)
+            user = VUser(name, crypted, 1, 0, gecos_text, str(user_dir), quota_field, clear)
+            write_users(ref, users + [user])
+        except OSError:
+            _remove_unlisted(ref, [(name, user_dir)])
+            raise
     return user
+
+
+def _remove_unlisted(ref: DomainRef, made: list[tuple[str, Path]]) -> None:
+    """After a failed add (a full disk): remove the (name, directory) trees just
+    made whose name vpasswd does not hold, so the retry does not refuse them
+    as leftovers. Best effort: the error being raised is what the operator hears."""
+    with contextlib.suppress(OSError, AdminError):
+        listed = {ascii_lower(u.name) for u in read_users(ref.directory)}
+        for name, user_dir in made:
+            if name not in listed:
+                shutil.rmtree(user_dir, ignore_errors=True)
 
 
 def find_user(root: os.PathLike | str, address: str) -> tuple[Path, DomainRef, str]:
@@ -952,25 +973,37 @@ def import_users(root: os.PathLike | str, lines: Iterable[str], *, source: str =
                                  f"{'them' if more else 'it'} first; nothing written")
             total = len(seen)
             n = 0
-            for domain, (_, dirs) in planned.items():
-                made: set[str] = set()
-                with _in_tree(refs[domain]):
-                    for _, _, _, user_dir in dirs:
-                        _make_hash_dirs(refs[domain], user_dir, made)
-                        _make_maildir(user_dir, refs[domain].owner)
-                        n += 1
-                        tell("Maildirs made", n, total)
-            hashes = iter(hasher.results(lambda done: tell("passwords hashed", done, total)))
-            crypted = {domain: [next(hashes) for _ in wanted[domain]] for domain in wanted}
-            for k, domain in enumerate(sorted(wanted)):
-                tell("domains' vpasswd written", k, len(wanted))
-                users, dirs = planned[domain]
-                new = [VUser(name, h, 1, 0, name, str(user_dir), quota_field, password if keep else None)
-                       for (name, password, quota_field, user_dir), h in zip(dirs, crypted[domain])]
-                with _in_tree(refs[domain]):
-                    write_users(refs[domain], users + new)
-                report.per_domain[domain] = len(new)
-                report.added += len(new)
+            maildirs: dict[str, list[tuple[str, Path]]] = {}  # made, per domain not yet written
+            try:
+                for domain, (_, dirs) in planned.items():
+                    made: set[str] = set()
+                    with _in_tree(refs[domain]):
+                        for name, _, _, user_dir in dirs:
+                            _make_hash_dirs(refs[domain], user_dir, made)
+                            maildirs.setdefault(domain, []).append((name, user_dir))
+                            _make_maildir(user_dir, refs[domain].owner)
+                            n += 1
+                            tell("Maildirs made", n, total)
+                hashes = iter(hasher.results(lambda done: tell("passwords hashed", done, total)))
+                crypted = {domain: [next(hashes) for _ in wanted[domain]] for domain in wanted}
+                for k, domain in enumerate(sorted(wanted)):
+                    tell("domains' vpasswd written", k, len(wanted))
+                    users, dirs = planned[domain]
+                    new = [VUser(name, h, 1, 0, name, str(user_dir), quota_field,
+                                 password if keep else None)
+                           for (name, password, quota_field, user_dir), h in zip(dirs, crypted[domain])]
+                    with _in_tree(refs[domain]):
+                        write_users(refs[domain], users + new)
+                    del maildirs[domain]
+                    report.per_domain[domain] = len(new)
+                    report.added += len(new)
+            except OSError:
+                # A full disk part way: the Maildirs of the users not written
+                # would make the retry refuse them all as leftovers.
+                for domain, made_dirs in maildirs.items():
+                    with _in_tree(refs[domain]):
+                        _remove_unlisted(refs[domain], made_dirs)
+                raise
     finally:
         hasher.close()
     report.domains = len(wanted)
