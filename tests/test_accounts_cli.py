@@ -297,7 +297,9 @@ def test_a_vpasswd_rewrite_the_disk_cannot_finish_changes_neither_vpasswd_nor_it
     before = {name: (dom / name).read_bytes() for name in ("vpasswd", "vpasswd.cdb")}
     with monkeypatch.context() as m:
         disk_full_for(m, "vpasswd.cdb")
-        failed_on_full_disk(qrelay("user", "del", str(droot), "ann@example.com"))
+        r = qrelay("user", "del", str(droot), "ann@example.com")
+        failed_on_full_disk(r)
+        assert r.stderr == f"Error: {dom / 'vpasswd.cdb'}: No space left on device\n"
         failed_on_full_disk(qrelay("user", "passwd", str(droot), "joe@example.com", input="new\n"))
     assert {name: (dom / name).read_bytes() for name in before} == before
     assert [p.name for p in dom.iterdir() if ".tmp." in p.name] == []

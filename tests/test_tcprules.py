@@ -1,7 +1,11 @@
 """tcprules text format (spec §4.1), cdb encoding, tcpserver's matching order (§4.2)."""
 from __future__ import annotations
 
+import errno
+import os
+
 import pytest
+from click.testing import CliRunner
 
 from engine.config.cdb import CdbFile
 from engine.config.tcprules import (
@@ -362,6 +366,28 @@ def test_cli_tcprules_and_newmrh(root, qrelay_cli):
     (control / "morercpthosts").unlink()
     result = qrelay_cli("newmrh", str(root))
     assert result.returncode == 1 and "no such file" in result.stderr
+
+
+def test_cli_tcprules_on_a_full_disk_names_the_file_and_keeps_the_old_cdb(root, monkeypatch):
+    """The line was `Error: [Errno 28] No space left on device`: no file named."""
+    from engine.cli import cli
+    control = root / "control"
+    (control / "tcp.smtp").write_text(":allow\n")
+    assert CliRunner().invoke(cli, ["tcprules", str(root)]).exit_code == 0
+    old = (control / "tcp.smtp.cdb").read_bytes()
+    (control / "tcp.smtp").write_text("10.:deny\n:allow\n")
+    real = os.write
+
+    def write(fd, data):
+        if "tcp.smtp.cdb" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data)
+    monkeypatch.setattr(os, "write", write)
+    result = CliRunner().invoke(cli, ["tcprules", str(root)])
+    assert result.exit_code == 1
+    assert result.stderr == f"Error: {control / 'tcp.smtp.cdb'}: No space left on device\n"
+    assert (control / "tcp.smtp.cdb").read_bytes() == old
+    assert sorted(p.name for p in control.iterdir() if ".tmp." in p.name) == []
 
 
 def test_cli_newmrh_unreadable_source_is_one_line(root, qrelay_cli):

@@ -121,6 +121,12 @@ def atomic_write_all(files: list[tuple[os.PathLike | str, bytes]], *, mode: int 
                 if owner is not None:
                     chown_if_allowed(fd, owner)
                 os.fsync(fd)
+            except OSError as exc:
+                if exc.filename is not None:
+                    raise
+                # os.write and os.fsync name no file: "No space left on device"
+                # alone would not tell the operator which file failed
+                raise OSError(exc.errno, exc.strerror, os.fspath(path)) from None
             finally:
                 os.close(fd)
         while staged:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from engine.cli.base import ROOT, cli
+from engine.cli.base import ROOT, cli, os_error_line
 from engine.home import HomeError, init_home
 
 
@@ -52,8 +52,10 @@ def newmrh(root: str) -> None:
         raise click.ClickException(f"{control / 'morercpthosts'}: no such file")
     try:
         count = compile_morercpthosts(control)
-    except (CdbError, ControlError, OSError) as exc:
+    except (CdbError, ControlError) as exc:
         raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(os_error_line(exc)) from None
     click.echo(f"qrelay: wrote {control / 'morercpthosts.cdb'} ({count} domains)")
 
 
@@ -75,8 +77,10 @@ def tcprules(root: str) -> None:
         count = compile_rules(text, control / RULES_CDB)
     except TcpRulesError as exc:
         raise click.ClickException(f"{control / RULES_TEXT}: {exc}") from None
-    except (CdbError, OSError) as exc:
+    except CdbError as exc:
         raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(os_error_line(exc)) from None
     click.echo(f"qrelay: wrote {control / RULES_CDB} ({count} keys)")
 
 
