@@ -88,6 +88,31 @@ def test_export_round_trip(root: Path, tmp_path: Path) -> None:
         assert until - 2 < after[ip] <= until      # whole seconds in the file
 
 
+def test_export_a_write_cannot_finish_keeps_the_old_file_and_leaves_no_temp(root: Path,
+                                                                         tmp_path: Path) -> None:
+    """The export wrote .FILE.tmp without fsync and left it half written when a
+    write failed (a full disk; here RLIMIT_FSIZE's EFBIG, in a child that
+    ignores SIGXFSZ)."""
+    now = int(time.time())
+    source = tmp_path / "open-smtp"
+    source.write_text("".join(f"192.0.2.{i}:{RULE}\t{now}\n" for i in range(1, 61)))
+    assert run_cli("relayclients", "import", str(root), str(source)).returncode == 0
+    out = tmp_path / "out"
+    out.write_text("old\n")
+    code = ("import resource, runpy, signal, sys\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))\n"
+            "sys.argv = ['qrelay'] + sys.argv[1:]\n"
+            "runpy.run_module('engine.cli', run_name='__main__')\n")
+    done = subprocess.run([sys.executable, "-c", code, "relayclients", "export", str(root),
+                           "-o", str(out)], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode != 0
+    assert done.stderr == f"Error: {out}: File too large\n"
+    assert out.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
 def test_bad_input_is_one_line_exit_2(root: Path, tmp_path: Path) -> None:
     empty = tmp_path / "empty"      # a mistyped ROOT: a directory, but no qrelay root
     empty.mkdir()

@@ -184,6 +184,7 @@ def relayclients_export(root: str, output: str) -> None:
     login time vpopmail would have written). Reads the relay table, writes
     --output (atomically) or stdout.
     """
+    from engine.accounts.files import atomic_write
     from engine.relay.opensmtp import format_open_smtp
     if not output:
         raise BadInput("--output: an empty file name (- is stdout)")
@@ -195,10 +196,7 @@ def relayclients_export(root: str, output: str) -> None:
     if output == "-":
         click.echo(text, nl=False)
         return
-    target = Path(output)
-    tmp = target.with_name(f".{target.name}.tmp")
     try:
-        tmp.write_text(text)
-        tmp.replace(target)
+        atomic_write(output, text.encode(), mode=0o644)
     except OSError as exc:
         raise BadInput(f"{output}: {exc.strerror or exc}") from None
