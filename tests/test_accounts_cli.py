@@ -391,6 +391,18 @@ def test_alias_commands(droot):
     assert r.exit_code == 2 and "Traceback" not in r.output
 
 
+def test_alias_add_keeps_8bit_bytes_as_given(droot):
+    # A target from argv that is not UTF-8 (it arrives with surrogates), or a
+    # line valias wrote with such bytes, is stored byte for byte, as valias -i
+    # stores it: not a traceback.
+    path = droot / "domains" / "example.com" / ".qmail-sales"
+    admin.add_alias(droot, "sales@example.com", ["j\udce9@example.org"])
+    assert path.read_bytes() == b"&j\xe9@example.org\n"
+    path.write_bytes(b"&k\xe9@example.org\n")
+    admin.add_alias(droot, "sales@example.com", ["joe@example.com"])
+    assert path.read_bytes() == b"&k\xe9@example.org\n&joe@example.com\n"
+
+
 def test_import(droot, tmp_path):
     qrelay("domain", "add", str(droot), "example.org", *OWNER)
     src = tmp_path / "users.txt"

@@ -1037,7 +1037,7 @@ def add_alias(root: os.PathLike | str, address: str, targets: Iterable[str]) -> 
         for t in targets:
             if f"&{t}" not in lines:
                 lines.append(f"&{t}")
-        atomic_write(path, "".join(line + "\n" for line in lines).encode("utf-8"),
+        atomic_write(path, "".join(line + "\n" for line in lines).encode("utf-8", "surrogateescape"),
                      mode=SECRET_MODE, owner=ref.owner)
     return path, lines
 
