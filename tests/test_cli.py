@@ -219,3 +219,28 @@ def test_a_root_the_user_cannot_reach_is_one_line_for_every_command(tmp_path):
     assert sendmail.returncode == 111, sendmail.stderr
     assert sendmail.stderr.splitlines() == [
         f"sendmail: fatal: {root}/control: Permission denied"], sendmail.stderr
+
+
+def test_names_that_are_not_utf8_are_listed_as_their_bytes_in_a_strict_utf8_locale(root: Path):
+    # A Debian box's en_US.UTF-8 gives Python a strict stdout (C.UTF-8 and C
+    # give surrogateescape): a vpasswd name or .qmail line with a byte that is
+    # no UTF-8 (vpopmail writes what it was given) must list as that byte, not
+    # end the listing in a UnicodeEncodeError traceback.
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    assert invoke(["domain", "add", str(root), "example.com", "--uid", "89", "--gid", "89"]).exit_code == 0
+    domain = root / "domains" / "example.com"
+    (domain / ".qmail-sales").write_bytes(b"&j\xe9@example.org\n")
+    with (domain / "vpasswd").open("ab") as f:
+        f.write(b"k\xe9:x:1:0:k:/nonexistent:NOQUOTA\n")
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(REPO),
+           "PYTHONIOENCODING": "utf-8:strict"}
+    for words, line in ((["alias", "list"], b"sales@example.com\t&j\xe9@example.org\n"),
+                        (["user", "list"], b"k\xe9@example.com\tNOQUOTA\t-\n")):
+        r = subprocess.run([sys.executable, "-m", "engine.cli", *words, str(root), "example.com"],
+                           cwd="/", capture_output=True, timeout=60, env=env)
+        assert (r.returncode, r.stderr) == (0, b""), r.stderr.decode(errors="replace")
+        assert line in r.stdout
