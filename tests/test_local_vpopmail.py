@@ -5,12 +5,14 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
 import threading
 import time
 
 import pytest
 
 from engine.delivery.local import quota
+from engine.delivery.local.accounts import DeliveryAccounts
 from engine.delivery.local.maildir import MaildirError
 from engine.delivery.local.vdelivermail import _write_error, maildir_to_email
 from tests.test_local_fixtures import (GID, MSG, MSG_LF, UID, make_home, make_maildir,
@@ -168,6 +170,21 @@ def test_missing_user_directory_is_recreated(vp):
     set_user(vp, "new", directory=vp.ddir / "new")
     assert vp.deliver("example.com-new@example.com").status == "K"
     assert len(new_messages(vp.ddir / "new" / "Maildir")) == 1
+
+
+def test_a_user_deleted_since_the_cached_vpasswd_is_not_given_a_new_maildir(vp):
+    # `user del` rewrites vpasswd, then removes the tree; a worker whose view of
+    # vpasswd is up to recheck_seconds old must not re-create the directory of
+    # a user who is gone (the mail would land where nobody reads it).
+    vp.accounts = DeliveryAccounts.at(vp.root, recheck_seconds=3600)
+    assert vp.deliver("example.com-joe@example.com").status == "K"
+    kept = [l for l in (vp.ddir / "vpasswd").read_text().splitlines() if not l.startswith("joe:")]
+    (vp.ddir / "vpasswd.new").write_text("".join(l + "\n" for l in kept))
+    os.replace(vp.ddir / "vpasswd.new", vp.ddir / "vpasswd")
+    shutil.rmtree(vp.ddir / "joe")
+    r = vp.deliver("example.com-joe@example.com")
+    assert (r.status, r.text) == ("D", "Sorry, no mailbox here by that name. (#5.1.1)\n")
+    assert not (vp.ddir / "joe").exists()
 
 
 def test_empty_directory_field(vp):

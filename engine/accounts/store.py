@@ -165,10 +165,12 @@ class Accounts:
 
     # -- the cache ---------------------------------------------------------
     def _cached(self, key: tuple, paths: tuple[str, ...], load: Callable[[], Any],
-                *, directory: bool = False) -> Any:
+                *, directory: bool = False, fresh: bool = False) -> Any:
+        """load()'s value, kept until one of paths changes; `fresh`: compare
+        the files now, even if they were compared under recheck_seconds ago."""
         now = self._clock()
         entry = self._cache.get(key)
-        if entry is not None and now - entry.checked < self.recheck_seconds:
+        if entry is not None and not fresh and now - entry.checked < self.recheck_seconds:
             return entry.value
         try:
             keys = tuple(stat_key(p) for p in paths)
@@ -204,8 +206,9 @@ class Accounts:
                 raise AccountsError(f"trouble reading users/cdb: {exc}") from exc
         return self._cached(("assign",), self._assign_paths, load)
 
-    def domain(self, directory: str) -> VpopDomain | None:
-        """The vpopmail users of a domain directory, or None when it has no vpasswd."""
+    def domain(self, directory: str, *, fresh: bool = False) -> VpopDomain | None:
+        """The vpopmail users of a domain directory, or None when it has no vpasswd.
+        `fresh`: as the files are now (a stat of each), not as last checked."""
         cdb_path = os.path.join(directory, VPASSWD_CDB)
         text_path = os.path.join(directory, VPASSWD)
 
@@ -220,7 +223,7 @@ class Accounts:
                 return None
             except (VpasswdError, OSError) as exc:
                 raise AccountsError(f"trouble reading {cdb_path}: {exc}") from exc
-        return self._cached(("vpasswd", directory), (cdb_path, text_path), load)
+        return self._cached(("vpasswd", directory), (cdb_path, text_path), load, fresh=fresh)
 
     def limits(self, directory: str) -> Limits:
         """The domain's vpopmail limits (engine.accounts.limits)."""

@@ -39,9 +39,11 @@ class DeliveryAccounts:
     def domain_assignment(self, domain: str) -> Assignment | None:
         return self.accounts.assign().wildcard(domain + "-")
 
-    def vpop_user(self, domain_dir: str, name: str) -> VUser | None:
+    def vpop_user(self, domain_dir: str, name: str, *, fresh: bool = False) -> VUser | None:
+        """`fresh`: from vpasswd as it is now, not as last checked (up to
+        `recheck_seconds` ago)."""
         try:
-            users = self.accounts.domain(domain_dir)
+            users = self.accounts.domain(domain_dir, fresh=fresh)
             return None if users is None else users.user(name)
         except VpasswdError as exc:
             raise AccountsError(str(exc)) from exc

@@ -142,7 +142,8 @@ class Vdelivermail:
         else:
             self._usernotfound()
 
-    def _checkuser(self, vpw) -> None:
+    def _checkuser(self, vpw, fresh: bool = False) -> None:
+        """`fresh`: vpw was read from vpasswd as it is now, not from the cache."""
         if vpw.gid & BOUNCE_MAIL:
             self.say(f"vdelivermail: account is locked email bounced {self.user}@{self.domain}\n")
             raise _Exit(100)
@@ -150,6 +151,20 @@ class Vdelivermail:
             self.say("Auto creation of maildir failed. (#5.9.8)\n")
             raise _Exit(100)
         if not _exists(vpw.directory):
+            if not fresh:
+                # The cached vpasswd may predate a `user del`, which removes
+                # the line, then the tree: only a user vpasswd has now gets
+                # a new directory, never a mailbox nobody owns any more.
+                try:
+                    vpw = self.accounts.vpop_user(self.domain_dir, self.user, fresh=True)
+                except Exception:
+                    self.say(TEXT_SYSTEM)
+                    raise _Exit(111) from None
+                if vpw is None:
+                    self._usernotfound()
+                else:
+                    self._checkuser(vpw, fresh=True)
+                return
             try:
                 os.makedirs(vpw.directory, 0o700, exist_ok=True)
                 for sub in ("cur", "new", "tmp"):
