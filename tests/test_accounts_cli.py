@@ -256,6 +256,32 @@ def test_user_del_removes_line_and_tree_but_not_the_catch_all(droot):
                         f"(qrelay alias del {droot} ALIAS)\n")
 
 
+def test_a_delivery_racing_user_del_bounces_instead_of_landing_in_the_removed_tree(droot, monkeypatch):
+    """A delivery worker's view of vpasswd may be up to a second old: one that
+    runs while `user del` removes the tree must not write into it (the message
+    would vanish with the mailbox, or make the removal fail half done)."""
+    from engine.delivery.local import deliver_one
+    from engine.delivery.local.accounts import DeliveryAccounts
+    from tests.test_local_fixtures import MSG, config
+    assert qrelay("user", "add", str(droot), "joe@example.com", input="pw\n").exit_code == 0
+    stale = DeliveryAccounts.at(droot, recheck_seconds=3600)
+
+    def deliver():
+        return deliver_one(config(), stale, "s@x.example", "example.com-joe@example.com", MSG)
+    assert deliver().status == "K"
+    rmtree, during = admin.shutil.rmtree, []
+
+    def racing_rmtree(path, *args, **kwargs):
+        during.append(deliver())
+        return rmtree(path, *args, **kwargs)
+    monkeypatch.setattr(admin.shutil, "rmtree", racing_rmtree)
+    assert qrelay("user", "del", str(droot), "joe@example.com").exit_code == 0
+    [r] = during
+    assert (r.status, r.text) == ("D", "Sorry, no mailbox here by that name. (#5.1.1)\n")
+    assert [p.name for p in (droot / "domains" / "example.com").iterdir()
+            if "joe" in p.name] == []
+
+
 def test_user_del_removes_every_line_of_a_name_vpasswd_holds_twice(droot):
     """vdeluser (auth_deluser) drops every vpasswd line with the name: a
     hand-made second line must not come back as the user once the first is gone."""

@@ -704,10 +704,18 @@ def _delete_user(ref: DomainRef, name: str, default) -> VUser:
                              f"(qrelay domain catchall)")
         # every line with the name, as auth_deluser: a second one would be the user again
         write_users(ref, [u for u in users if ascii_lower(u.name) != name])
-    user_dir = Path(user.directory)
-    # Only ever remove a tree inside the domain directory, whatever vpasswd says.
-    if user.directory and user_dir.is_dir() and ref.directory.resolve() in user_dir.resolve().parents:
-        shutil.rmtree(user_dir)
+        user_dir = Path(user.directory)
+        # Only ever remove a tree inside the domain directory, whatever vpasswd says.
+        if not (user.directory and user_dir.is_dir()
+                and ref.directory.resolve() in user_dir.resolve().parents):
+            return user
+        # Out of deliveries' way first: one still in flight (or reading a
+        # vpasswd up to a second old) finds no directory and asks vpasswd
+        # again, instead of writing into a tree being removed (a message that
+        # vanishes with it, or an rmtree that fails half done).
+        doomed = user_dir.with_name(f".{user_dir.name}.deleted.{os.getpid()}")
+        os.rename(user_dir, doomed)
+    shutil.rmtree(doomed)
     return user
 
 
