@@ -491,6 +491,42 @@ def test_newu(root):
     bad(qrelay("newu", str(root / "nope")), "no such qrelay root")
 
 
+def _lock_waiters(path: Path) -> int:
+    """Processes waiting for a POSIX lock on path (/proc/locks' `->` lines)."""
+    ino = f":{os.stat(path).st_ino} "
+    return sum(1 for line in Path("/proc/locks").read_text().splitlines()
+               if "->" in line and ino in line)
+
+
+def test_newu_beside_a_domain_add_loses_neither(root, monkeypatch):
+    """qmail-newu under vpopmail's users/assign.lock: a `domain add` that
+    writes users/assign while newu compiles must not have its line taken
+    out of users/cdb (which wins) by newu's write of the file it read before."""
+    import subprocess
+    import sys
+    import time
+    from engine.accounts import assign
+    from tests.conftest import REPO
+    (root / "users" / "assign").write_text(".\n")
+    lock = root / "users" / "assign.lock"
+    lock.touch()
+    build, adding = assign.build_cdb, []
+
+    def build_while_a_domain_is_added(records):
+        proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "domain", "add", str(root),
+                                 "new.test", *OWNER], env={**os.environ, "PYTHONPATH": str(REPO)},
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        adding.append(proc)
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and not _lock_waiters(lock) and time.monotonic() < deadline:
+            os.sched_yield()      # until it is done, or waits for our lock
+        return build(records)
+    monkeypatch.setattr(assign, "build_cdb", build_while_a_domain_is_added)
+    assert qrelay("newu", str(root)).exit_code == 0
+    assert adding[0].wait(60) == 0
+    assert CdbFile.open(root / "users" / "cdb").get(b"!new.test-") is not None
+
+
 def test_real_process_one_line_exit_2(root, qrelay_cli):
     r = qrelay_cli("user", "add", str(root), "joe@example.com")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no such domain" in r.stderr

@@ -257,10 +257,13 @@ def newu(root: os.PathLike | str) -> int:
     base = check_root(root)
     if not (base / ASSIGN_FILE).is_file():
         raise AdminError(f"{base / ASSIGN_FILE}: no such file")
-    try:
-        return compile_assign(base)
-    except AssignError as exc:
-        raise AdminError(f"{base / ASSIGN_FILE}: {exc}") from None
+    # Under the lock `domain add`/`del` hold: a users/cdb compiled from the
+    # users/assign read before one of them wrote it would undo its change.
+    with file_lock(base / "users" / "assign.lock"):
+        try:
+            return compile_assign(base)
+        except AssignError as exc:
+            raise AdminError(f"{base / ASSIGN_FILE}: {exc}") from None
 
 
 # -- domains ---------------------------------------------------------------
