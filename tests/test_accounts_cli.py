@@ -157,13 +157,15 @@ def test_domain_del_of_a_tree_with_a_part_root_owns_says_which_and_how(droot):
     # Removed as its owner, a tree holding a directory root made (a mkdir as
     # root by hand) stops part way: the error names that part and the chown,
     # not "every directory above must be searchable".
+    # The tree is first moved out of deliveries' way: the error names where it is.
     stray = droot / "domains" / "example.com" / "byhand"
     stray.mkdir()
     (stray / "note").write_text("root's\n")
+    left = droot / "domains" / f".example.com.deleted.{os.getpid()}"
     bad(qrelay("domain", "del", str(droot), "example.com"),
-        f"{stray}/note: Permission denied as uid 89, the owner of example.com: "
-        f"{droot}/domains/example.com holds files it may not remove "
-        f"(chown -R 89:89 {droot}/domains/example.com, then remove what is left)")
+        f"{left}/byhand/note: Permission denied as uid 89, the owner of example.com: "
+        f"{left} holds files it may not remove "
+        f"(chown -R 89:89 {left}, then remove what is left)")
 
 
 def test_a_bad_users_assign_line_stops_domain_commands_before_they_write(droot):
@@ -280,6 +282,33 @@ def test_a_delivery_racing_user_del_bounces_instead_of_landing_in_the_removed_tr
     assert (r.status, r.text) == ("D", "Sorry, no mailbox here by that name. (#5.1.1)\n")
     assert [p.name for p in (droot / "domains" / "example.com").iterdir()
             if "joe" in p.name] == []
+
+
+def test_a_delivery_racing_domain_del_is_deferred_not_left_in_the_removed_tree(droot, monkeypatch):
+    """As for `user del`: a delivery whose users/cdb and vpasswd are up to a
+    second old, running while `domain del` removes the tree, must not write
+    into it (reported delivered, gone with the tree; or, landing mid-walk, a
+    removal that fails half done: lines gone, tree left)."""
+    from engine.delivery.local import deliver_one
+    from engine.delivery.local.accounts import DeliveryAccounts
+    from tests.test_local_fixtures import MSG, config
+    assert qrelay("user", "add", str(droot), "joe@example.com", input="pw\n").exit_code == 0
+    stale = DeliveryAccounts.at(droot, recheck_seconds=3600)
+
+    def deliver():
+        return deliver_one(config(), stale, "s@x.example", "example.com-joe@example.com", MSG)
+    assert deliver().status == "K"
+    walk, during = admin.os.walk, []
+
+    def racing_walk(top, *args, **kwargs):
+        during.append(deliver())
+        return walk(top, *args, **kwargs)
+    monkeypatch.setattr(admin.os, "walk", racing_walk)
+    assert qrelay("domain", "del", str(droot), "example.com").exit_code == 0
+    [r] = during
+    home = droot / "domains" / "example.com"
+    assert (r.status, r.text) == ("Z", f"Unable to switch to {home}: file does not exist. (#4.3.0)\n")
+    assert os.listdir(droot / "domains") == []
 
 
 def test_user_del_removes_every_line_of_a_name_vpasswd_holds_twice(droot):

@@ -460,6 +460,15 @@ def _remove_domain_directory(ref: DomainRef) -> None:
         if directory.is_symlink():
             directory.unlink()      # vdeldomain: a linked domain loses the link, not the tree
             return
+        # Out of deliveries' way first (as `user del` does): one whose cached
+        # users/cdb still routes here finds no directory and is deferred,
+        # instead of writing into a tree being removed.
+        doomed = directory.with_name(f".{directory.name}.deleted.{os.getpid()}")
+        try:
+            os.rename(directory, doomed)
+            directory = doomed
+        except PermissionError:
+            pass                    # a parent the owner may not write: removed in place
         try:
             for top, dirs, files in os.walk(directory, topdown=False, onerror=_raise):
                 for name in files:
