@@ -390,6 +390,49 @@ def test_cli_tcprules_on_a_full_disk_names_the_file_and_keeps_the_old_cdb(root, 
     assert sorted(p.name for p in control.iterdir() if ".tmp." in p.name) == []
 
 
+def test_cli_newmrh_beside_a_domain_add_loses_neither(root, monkeypatch):
+    """As newu: `domain add` past rcpthosts' 50 lines appends to morercpthosts
+    and compiles it under users/assign.lock; a `qrelay newmrh` that read the
+    file before must not replace that cdb with one without the new domain."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from engine.cli import cli
+    from engine.config import cdb
+    from tests.conftest import REPO
+    control = root / "control"
+    (control / "rcpthosts").write_text("".join(f"d{i}.test\n" for i in range(50)))
+    (control / "morercpthosts").write_text("more.test\n")
+    lock = root / "users" / "assign.lock"
+    lock.touch()
+    ino = f":{os.stat(lock).st_ino} "
+    build, adding = cdb.build_cdb, []
+
+    def waiting_for_the_lock() -> bool:
+        return any("->" in line and ino in line
+                   for line in Path("/proc/locks").read_text().splitlines())
+
+    def build_while_a_domain_is_added(records):
+        proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "domain", "add", str(root),
+                                 "new.test", "--uid", "89", "--gid", "89"],
+                                env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        adding.append(proc)
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and not waiting_for_the_lock() and time.monotonic() < deadline:
+            os.sched_yield()      # until it is done, or waits for our lock
+        return build(records)
+    monkeypatch.setattr(cdb, "build_cdb", build_while_a_domain_is_added)
+    assert CliRunner().invoke(cli, ["newmrh", str(root)]).exit_code == 0
+    assert adding[0].wait(60) == 0
+    assert CdbFile.open(control / "morercpthosts.cdb").get(b"new.test") == b""
+
+
 def test_cli_newmrh_unreadable_source_is_one_line(root, qrelay_cli):
     # A file that exists but cannot be read (EACCES for an operator who is not
     # root; /proc/self/mem gives EIO to anyone): an error line, no traceback.

@@ -43,15 +43,22 @@ def newmrh(root: str) -> None:
     Reads ROOT/control/morercpthosts; writes ROOT/control/morercpthosts.cdb
     (atomically). Only the cdb is read by `qrelay run`, as in qmail.
     """
+    import contextlib
     from pathlib import Path
 
+    from engine.accounts.files import file_lock
     from engine.config.cdb import CdbError, newmrh as compile_morercpthosts
     from engine.config.control import ControlError
     control = Path(root) / "control"
     if not (control / "morercpthosts").is_file():
         raise click.ClickException(f"{control / 'morercpthosts'}: no such file")
+    # `domain add`/`del` change morercpthosts and its cdb under this lock: a
+    # cdb compiled from the file read before one of them wrote it would
+    # drop its domain from what RCPT reads.
+    users = Path(root) / "users"
     try:
-        count = compile_morercpthosts(control)
+        with file_lock(users / "assign.lock") if users.is_dir() else contextlib.nullcontext():
+            count = compile_morercpthosts(control)
     except (CdbError, ControlError) as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
