@@ -443,3 +443,35 @@ def test_cli_newmrh_unreadable_source_is_one_line(root, qrelay_cli):
     assert result.stderr == (f"Error: unable to read {control / 'morercpthosts'}:"
                              " Input/output error\n")
     assert not (control / "morercpthosts.cdb").exists()
+
+
+def test_cli_tcprules_makes_a_running_qrelay_use_the_new_rules_at_once(root, dns):
+    """tcpserver reads tcp.smtp.cdb at every connection, so a rule compiled by
+    tcprules holds for the next client; `qrelay tcprules` HUPs the running
+    `qrelay run` for the same (its poll alone took up to two settle periods;
+    an hour here, so only the HUP can have done it)."""
+    import smtplib
+
+    from engine.cli import cli
+    from tests.smtp_harness import QrelayProcess
+    from tests.test_delivery_e2e import wait_for
+    (root / "qrelay.toml").write_text(f'[smtp]\nreload_poll_seconds = 3600\n'
+                                      f'[delivery]\ndns_servers = ["{dns.address}"]\n')
+    control = root / "control"
+    (control / "tcp.smtp").write_text("127.0.0.1:allow\n")
+    assert CliRunner().invoke(cli, ["tcprules", str(root)]).exit_code == 0
+    q = QrelayProcess(root, procs=1)
+    try:
+        def greeting() -> int:
+            try:
+                with smtplib.SMTP("127.0.0.1", q.port, timeout=10) as s:
+                    return s.noop()[0]
+            except smtplib.SMTPServerDisconnected:
+                return 0        # tcpserver's deny: closed before any greeting
+        assert greeting() == 250
+        (control / "tcp.smtp").write_text("127.0.0.1:deny\n")
+        assert CliRunner().invoke(cli, ["tcprules", str(root)]).exit_code == 0
+        wait_for(lambda: greeting() == 0, what="127.0.0.1 denied after tcprules")
+    finally:
+        q.stop()
+        q.proc.stderr.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from engine.cli.base import ROOT, BadInput, Progress, cli
+from engine.cli.base import ROOT, BadInput, Progress, cli, reload_running
 
 # The largest uid/gid: a 32-bit uid_t, whose all-ones value is chown's "leave it".
 MAX_ID = (1 << 32) - 2
@@ -36,15 +36,6 @@ def _read_new_password() -> str:
     return line.rstrip("\r\n")
 
 
-def _reload_running(root: str) -> None:
-    """A running `qrelay run` on ROOT reloads now, not at its next settled poll
-    (vadddomain and vdeldomain HUP qmail-send): the receivers' rcpthosts and
-    the scheduler's virtualdomains change together, at once."""
-    import signal
-    from engine.delivery.service import signal_running_scheduler
-    signal_running_scheduler(root, signal.SIGHUP)
-
-
 @cli.group()
 def domain() -> None:
     """vpopmail domains: add, alias, del, list, catchall, mkpasswd."""
@@ -70,7 +61,7 @@ def domain_add(root: str, name: str, uid: int | None, gid: int | None) -> None:
     """
     from engine.accounts.admin import add_domain, receivers_cannot_read
     ref = _accounts_call(add_domain, root, name, uid=uid, gid=gid)
-    _reload_running(root)
+    reload_running(root)
     click.echo(f"qrelay: added domain {ref.name} ({ref.directory}, uid {ref.uid}, gid {ref.gid})")
     warning = receivers_cannot_read(root, ref)
     if warning:
@@ -93,7 +84,7 @@ def domain_del(root: str, name: str) -> None:
     """
     from engine.accounts.admin import delete_domain
     ref, real = _accounts_call(delete_domain, root, name)
-    _reload_running(root)
+    reload_running(root)
     if real is not None:
         click.echo(f"qrelay: deleted alias domain {ref.name} (of {real}, whose mailboxes stay)")
     else:
@@ -113,7 +104,7 @@ def domain_alias(root: str, alias: str, name: str) -> None:
     """
     from engine.accounts.admin import add_alias_domain
     ref, real = _accounts_call(add_alias_domain, root, alias, name)
-    _reload_running(root)
+    reload_running(root)
     click.echo(f"qrelay: added alias domain {ref.name} of {real} ({ref.directory})")
 
 

@@ -147,6 +147,15 @@ class BadInput(click.ClickException):
     exit_code = 2
 
 
+def reload_running(root: str) -> None:
+    """A running `qrelay run` on ROOT reloads now, not at its next settled poll:
+    vadddomain and vdeldomain HUP qmail-send, and tcpserver reads a new
+    tcp.smtp.cdb at its next connection."""
+    import signal
+    from engine.delivery.service import signal_running_scheduler
+    signal_running_scheduler(root, signal.SIGHUP)
+
+
 def spool_started(base) -> bool:
     """Was anything ever queued under the root `base` (a Path)? A one-line
     error, not a traceback, when its queue/ may not be looked into: the spool

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from engine.cli.base import ROOT, cli, os_error_line
+from engine.cli.base import ROOT, cli, os_error_line, reload_running
 from engine.home import HomeError, init_home
 
 
@@ -63,6 +63,7 @@ def newmrh(root: str) -> None:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(os_error_line(exc)) from None
+    reload_running(root)
     click.echo(f"qrelay: wrote {control / 'morercpthosts.cdb'} ({count} domains)")
 
 
@@ -88,6 +89,7 @@ def tcprules(root: str) -> None:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(os_error_line(exc)) from None
+    reload_running(root)
     click.echo(f"qrelay: wrote {control / RULES_CDB} ({count} keys)")
 
 
