@@ -227,6 +227,36 @@ def test_hangup_in_the_middle_of_a_large_body_is_no_possible_duplicate():
     assert after_dot_of_a_hangup((b"x" * 998 + b"\r\n") * 10_000, gone_early) is False
 
 
+def test_a_server_that_stops_reading_loses_its_socket_at_the_abort():
+    # The body fills the socket while the server reads nothing: the write
+    # times out, and the abort (pool.release of a dead connection) must close
+    # the socket. close() waited for the unread bytes to drain, for good: one
+    # descriptor and up to a write chunk kept per stalled delivery.
+    stalled = []
+
+    async def server(reader, writer):
+        writer.write(b"220 hi\r\n")
+        while line := await reader.readline():
+            if line.startswith(b"DATA"):
+                writer.write(b"354 go\r\n")
+                writer.transport.pause_reading()
+                stalled.append(writer)
+                return
+            writer.write(b"250 ok\r\n")
+
+    async def go(port):
+        conn = await SmtpConnection.open("127.0.0.2", port, "me.test", timeoutconnect=2,
+                                         timeoutremote=0.3)
+        with pytest.raises(ConnectionDied, match="timeout writing"):
+            await conn.transaction("s@a", ["r@b"], (b"x" * 998 + b"\r\n") * 20_000)
+        conn.abort()
+        await asyncio.wait_for(conn._writer.wait_closed(), 5)
+        assert conn._writer.transport.get_extra_info("socket").fileno() == -1
+        stalled[0].transport.abort()
+
+    run(_serve(server, go))
+
+
 # --- the pool -------------------------------------------------------------------
 
 def test_pool_reuses_with_rset_and_caps_messages():

@@ -493,11 +493,17 @@ class SmtpConnection:
     # --- closing ------------------------------------------------------------
 
     def abort(self) -> None:
-        """Close now, QUIT sent without waiting for its reply (as qmail-remote)."""
+        """Close now, QUIT sent without waiting for its reply (as qmail-remote).
+        Bytes the server has not read are dropped: close() would wait for them
+        to drain, and a server that reads nothing would keep the socket open
+        for good. (A TLS close ends within asyncio's SSL shutdown timeout.)"""
         try:
             if not self._writer.is_closing():
                 self._writer.write(b"QUIT\r\n")
-                self._writer.close()
+                if self._writer.transport.get_write_buffer_size():
+                    self._writer.transport.abort()
+                else:
+                    self._writer.close()
         except (OSError, RuntimeError):
             pass
 
