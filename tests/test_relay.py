@@ -338,6 +338,64 @@ def test_the_event_loop_never_waits_for_the_writer_mutex(tmp_path: Path, table) 
     assert proc.exitcode == 0
 
 
+def test_a_writer_mutex_never_let_go_bounds_every_login_write(tmp_path: Path, clock: Clock,
+                                                             caplog) -> None:
+    """Another process holds LMDB's writer mutex and does not let go (stopped,
+    stuck on a dying disk): a login's writes give up after [relay]
+    write_timeout as with Redis down (not counted, no grant), later ones at
+    once, one line for the whole of it; then they go through again. (They
+    waited for ever: every POP3 login and SMTP AUTH of the box hung.)"""
+    import logging
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")     # before this process opens the table
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_hold_writer_mutex, args=(tmp_path, child))
+    proc.start()
+    settings = dataclasses.replace(Settings(), relay=RelaySettings(write_timeout=0.2))
+    table = open_relay_table(tmp_path, settings, clock=clock)
+    try:
+        assert parent.poll(30) and parent.recv() == "opened"
+        table._open()
+        parent.send("hold")
+        assert parent.poll(30) and parent.recv() == "held"
+
+        async def scenario() -> None:
+            started = time.monotonic()
+            assert await table.count_failure("192.0.2.1", 60) is None
+            assert time.monotonic() - started >= 0.2
+            started = time.monotonic()
+            with pytest.raises(RelayStoreError, match="writer lock"):
+                await table.grant("192.0.2.1", ttl=60)
+            assert await table.lock_out("192.0.2.1", 60) is None
+            assert time.monotonic() - started < 0.2          # known stuck: at once
+            parent.send("release")
+
+            async def written() -> bool:
+                try:
+                    await table.grant("192.0.2.1", ttl=60)
+                except RelayStoreError:
+                    await asyncio.sleep(0.05)
+                    return False
+                return True
+            deadline = time.monotonic() + 30
+            while not await written():
+                assert time.monotonic() < deadline, "writes never went through again"
+            assert table.allows_nowait("192.0.2.1")
+
+        with caplog.at_level(logging.WARNING, logger="qrelay.relay"):
+            run(scenario())
+    finally:
+        parent.send("release")
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+        run(table.close())
+    assert proc.exitcode == 0
+    stuck = [r.getMessage() for r in caplog.records if "no write done within 0.2s" in r.getMessage()]
+    assert len(stuck) == 1, stuck
+    assert any("writes go through again" in r.getMessage() for r in caplog.records)
+
+
 def test_another_process_sees_a_grant_at_once(tmp_path: Path, table) -> None:
     """The table is open here (as in a receiver); a grant by another process
     (the CLI) is seen by the next check without reopening, and back."""

@@ -337,6 +337,11 @@ class RelaySettings:
     # later (a sync in a thread): a grant costs no fsync on the login path;
     # a machine crash may forget the last second of grants, never more.
     sync_seconds: float = 1.0
+    # Longest a login's write to the embedded table (a grant, a failure
+    # counted) waits for LMDB's writer lock, held by another process that does
+    # not let go (stopped, stuck on a dying disk); past it, as with Redis
+    # down: not counted, no grant, and writes fail at once until it is free.
+    write_timeout: float = 5.0
 
 
 @dataclass(slots=True, frozen=True)
@@ -516,6 +521,7 @@ RANGES: dict[tuple[str, str], tuple[float, float | None, str]] = {
     ("relay", "map_bytes"): (1024 * 1024, 1 << 44, "room for the table, in address space"),
     ("relay", "sweep_batch"): (1, None, "expired entries must go"),
     ("relay", "sync_seconds"): (0.01, None, "a busy loop otherwise"),
+    ("relay", "write_timeout"): (0.01, 60, "a login must not wait long for a write"),
     ("login", "max_failures"): (1, None, "0 would lock out every client"),
     ("login", "window"): (1, None, "failures are counted over a window"),
     ("login", "lockout_seconds"): (1, None, "a lockout must last"),

@@ -137,6 +137,7 @@ class EmbeddedRelayTable(RelayTable):
         self._writer = TxnWriter(self.path, settings.sync_seconds, self._transact,
                                  lambda: self._env if self._pid == os.getpid() else None)
         self._failing = False
+        self._stuck: int | None = None     # the writer's batch count when a write timed out
 
     # --- the environment -----------------------------------------------------------
 
@@ -212,12 +213,36 @@ class EmbeddedRelayTable(RelayTable):
             raise lmdb.CorruptedError(why)
         return env
 
-    async def _write(self, work: Callable[[lmdb.Transaction, float, list[bytes]], object]) -> object:
+    async def _write(self, work: Callable[[lmdb.Transaction, float, list[bytes]], object],
+                     bounded: bool = True) -> object:
         """Run `work(txn, now, changed)` in the writer thread's next write
         transaction (shared with the writes that arrive meanwhile); the grants
         keys it changed (kind + key, appended to `changed`) are logged for the
-        other processes' copies. RelayStoreError if the store fails."""
-        return await self._writer.run(work)
+        other processes' copies. RelayStoreError if the store fails, or
+        (`bounded`) if the write is not done within [relay] write_timeout:
+        LMDB's writer lock is held by a process that does not let go. Until
+        the writer thread gets through, later writes fail at once (nothing
+        piles up behind it); one line is logged for the whole of it."""
+        writer = self._writer
+        if not bounded:
+            return await writer.run(work)
+        if self._stuck is not None:
+            if writer.batches == self._stuck:
+                raise RelayStoreError(f"relay table {self.path}: waiting for its writer lock")
+            self._stuck = None
+            log.warning("relay table %s: writes go through again", self.path)
+        timeout = self.settings.write_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                return await writer.run(work)
+        except TimeoutError:
+            if self._stuck is None:
+                self._stuck = writer.batches
+                log.warning("relay table %s: no write done within %gs, its writer lock is held "
+                            "(a process stopped or stuck on the disk): no grants, logins not "
+                            "counted until it is free", self.path, timeout)
+            raise RelayStoreError(f"relay table {self.path}: no write within {timeout:g}s "
+                                  "(its writer lock is held)") from None
 
     def _transact(self, works: list) -> list[tuple[BaseException | None, object]]:
         """The writer thread's batch: one write transaction, each work in a
@@ -310,7 +335,7 @@ class EmbeddedRelayTable(RelayTable):
                 for kind, key, ttl in batch:
                     self._put_grant(txn, kind, key, now + ttl, changed)
 
-            await self._write(work)
+            await self._write(work, bounded=False)      # an import: as long as it takes
         return len(todo)
 
     def _put_grant(self, txn: lmdb.Transaction, kind: bytes, key: bytes, until: float,
