@@ -396,6 +396,65 @@ def test_a_writer_mutex_never_let_go_bounds_every_login_write(tmp_path: Path, cl
     assert any("writes go through again" in r.getMessage() for r in caplog.records)
 
 
+def test_a_first_open_never_freezes_the_process_behind_the_writer_mutex(
+        tmp_path: Path, clock: Clock) -> None:
+    """Opening the table takes LMDB's writer mutex (its databases are opened
+    in a write transaction): while another process holds it and does not let
+    go, a receiver's first check or login froze the whole process (open_db
+    waited holding the GIL, on the event loop). Now the open runs in a thread
+    that lets the loop turn; a check or a login's lookup answers no within
+    [relay] write_timeout, and the table is used once the mutex is free."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_hold_writer_mutex, args=(tmp_path, child))
+    proc.start()
+    settings = dataclasses.replace(Settings(), relay=RelaySettings(write_timeout=0.2))
+    opener = open_relay_table(tmp_path, Settings(), clock=clock)
+    opener.close_now()      # the databases exist, as in any table used before
+    table = open_relay_table(tmp_path, settings, clock=clock)
+    ticks: list[float] = []
+    try:
+        assert parent.poll(30) and parent.recv() == "opened"
+        parent.send("hold")
+        assert parent.poll(30) and parent.recv() == "held"
+
+        async def ticking() -> None:
+            while True:
+                ticks.append(time.monotonic())
+                await asyncio.sleep(0.01)
+
+        async def scenario() -> None:
+            clock_task = asyncio.ensure_future(ticking())
+            await asyncio.sleep(0)
+            started = time.monotonic()
+            assert table.allows_nowait("192.0.2.1") is None      # not open: awaited
+            assert await table.allows("192.0.2.1") is False
+            assert time.monotonic() - started < 5
+            started = time.monotonic()
+            assert await table.locked_until("192.0.2.1") == 0
+            assert await table.allows("192.0.2.1") is False
+            assert time.monotonic() - started < 0.2              # known late: at once
+            assert max(b - a for a, b in zip(ticks, ticks[1:])) < 0.15
+            parent.send("release")
+            deadline = time.monotonic() + 30
+            while table.allows_nowait("192.0.2.1") is None:
+                assert time.monotonic() < deadline, "never opened"
+                await asyncio.sleep(0.02)
+            await table.grant("192.0.2.1", ttl=60)
+            assert await table.allows("192.0.2.1")
+            clock_task.cancel()
+
+        run(asyncio.wait_for(scenario(), 60))
+    finally:
+        parent.send("release")
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+        run(table.close())
+    assert proc.exitcode == 0
+
+
 def test_another_process_sees_a_grant_at_once(tmp_path: Path, table) -> None:
     """The table is open here (as in a receiver); a grant by another process
     (the CLI) is seen by the next check without reopening, and back."""
@@ -468,7 +527,7 @@ else:
 def test_unwritable_store_fails_closed(tmp_path: Path, clock: Clock) -> None:
     (tmp_path / "relay").write_text("a file where the directory should be")
     t = open_relay_table(tmp_path, Settings(), clock=clock)
-    assert t.allows_nowait("192.0.2.1") is False
+    assert t.allows_nowait("192.0.2.1") is None          # not open: awaited
     assert run(t.allows("192.0.2.1")) is False
     with pytest.raises(RelayStoreError):
         run(t.grant("192.0.2.1"))
@@ -614,7 +673,7 @@ def test_checks_follow_another_process_writes(tmp_path: Path, table, clock: Cloc
                        args=(tmp_path, [grant, revoke_one_sweep_other, many_writes], child))
     proc.start()
     try:
-        assert not table.allows_nowait("192.0.2.1")
+        assert not run(table.allows("192.0.2.1"))        # opened here
 
         def step() -> None:
             parent.send("go")

@@ -338,9 +338,10 @@ class RelaySettings:
     # a machine crash may forget the last second of grants, never more.
     sync_seconds: float = 1.0
     # Longest a login's write to the embedded table (a grant, a failure
-    # counted) waits for LMDB's writer lock, held by another process that does
-    # not let go (stopped, stuck on a dying disk); past it, as with Redis
-    # down: not counted, no grant, and writes fail at once until it is free.
+    # counted), or a process's first open of it, waits for LMDB's writer lock,
+    # held by another process that does not let go (stopped, stuck on a dying
+    # disk); past it, as with Redis down: no relay from it, not counted, no
+    # grant, and writes fail at once until it is free.
     write_timeout: float = 5.0
 
 

@@ -113,7 +113,7 @@ class RelayTable:
 
     def allows_nowait(self, ip: str) -> bool | None:
         """The answer of `allows` when the store gives it without waiting
-        (embedded), else None: the caller then awaits `allows`."""
+        (embedded, once open in this process), else None: the caller then awaits `allows`."""
         return None
 
     async def allows(self, ip: str) -> bool:

@@ -36,6 +36,7 @@ never syncs or takes the writer mutex on an event loop.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import fcntl
 import logging
 import math
@@ -138,6 +139,8 @@ class EmbeddedRelayTable(RelayTable):
                                  lambda: self._env if self._pid == os.getpid() else None)
         self._failing = False
         self._stuck: int | None = None     # the writer's batch count when a write timed out
+        self._opening: tuple[int, concurrent.futures.Future] | None = None   # (pid, its open)
+        self._open_late = False
 
     # --- the environment -----------------------------------------------------------
 
@@ -173,19 +176,59 @@ class EmbeddedRelayTable(RelayTable):
                 env = self._open_env()
         finally:
             os.close(lock)
-        # (open_db takes LMDB's writer mutex holding the GIL: once per process,
-        # for as long as another process's write transaction lasts.)
-        self._grants = {KIND_GRANT4: env.open_db(b"grants4", integerkey=True),
-                        KIND_GRANT6: env.open_db(b"grants6")}
-        self._failures = env.open_db(b"failures")
-        self._expiry = env.open_db(b"expiry")
-        self._changes = env.open_db(b"changes")
+        # In a write transaction of our own: begun, it waits for LMDB's writer
+        # mutex without the GIL. (open_db's own waited holding it: another
+        # process holding the mutex froze every thread of this one.)
+        with env.begin(write=True) as txn:
+            self._grants = {KIND_GRANT4: env.open_db(b"grants4", txn=txn, integerkey=True),
+                            KIND_GRANT6: env.open_db(b"grants6", txn=txn)}
+            self._failures = env.open_db(b"failures", txn=txn)
+            self._expiry = env.open_db(b"expiry", txn=txn)
+            self._changes = env.open_db(b"changes", txn=txn)
         self._mirror, self._built, self._builder = GrantMirror(), None, None
         # Reader slots of processes that died (a killed receiver) are freed here,
         # so they never pin old pages and let the file grow.
         env.reader_check()
         self._env, self._pid = env, pid
         return env
+
+    async def _open_off_loop(self) -> bool:
+        """Open the table in a thread, the event loop waiting at most [relay]
+        write_timeout: opening takes LMDB's writer mutex, which a process that
+        does not let go (stopped, stuck on the disk) would make the loop wait
+        for. True when the open is over (done, or failed: the caller's _open
+        says why); False while it waits (one line logged for the wait; once
+        it is late, at once)."""
+        if self._env is not None and self._pid == os.getpid():
+            return True
+        opening = self._opening
+        if opening is None or opening[0] != os.getpid():
+            future: concurrent.futures.Future = concurrent.futures.Future()
+
+            def open_it() -> None:
+                try:
+                    self._open()
+                except BaseException as exc:
+                    future.set_exception(exc)
+                else:
+                    future.set_result(None)
+
+            self._opening = opening = (os.getpid(), future)
+            threading.Thread(target=open_it, name="relay-open", daemon=True).start()
+        timeout = self.settings.write_timeout
+        if not (self._open_late and not opening[1].done()):     # known late: no wait
+            await asyncio.wait([asyncio.wrap_future(opening[1])], timeout=timeout)
+        if not opening[1].done():
+            if not self._open_late:
+                self._open_late = True
+                log.warning("relay table %s: not opened within %gs, its writer lock is held "
+                            "(a process stopped or stuck on the disk): no relay from it until "
+                            "it opens", self.path, timeout)
+            return False
+        if self._open_late:
+            self._open_late = False
+            log.warning("relay table %s: opened", self.path)
+        return True
 
     def _set_aside(self, why: str, what: str) -> None:
         aside = self.path.with_name(f"{self.path.name}.{why}-{int(time.time())}")
@@ -350,6 +393,11 @@ class EmbeddedRelayTable(RelayTable):
         return until
 
     def allows_nowait(self, ip: str) -> bool | None:
+        if self._env is None or self._pid != os.getpid():
+            return None         # opened first, off the loop (allows)
+        return self._check(ip)
+
+    def _check(self, ip: str) -> bool:
         try:
             packed = packed_ip(ip)
         except ValueError:
@@ -459,7 +507,7 @@ class EmbeddedRelayTable(RelayTable):
         self._builder.start()
 
     async def allows(self, ip: str) -> bool:
-        return bool(self.allows_nowait(ip))
+        return await self._open_off_loop() and self._check(ip)
 
     async def revoke(self, ip: str) -> bool:
         kind, key = grant_key(ip)
@@ -544,6 +592,8 @@ class EmbeddedRelayTable(RelayTable):
         return _FAILURE.unpack(value) if value is not None else None
 
     async def locked_until(self, ip: str) -> float:
+        if not await self._open_off_loop():
+            return 0.0
         record = self._failure_record(ip)
         if record is None:
             return 0.0
@@ -556,6 +606,8 @@ class EmbeddedRelayTable(RelayTable):
 
         # Every login succeeds through here: most IPs have nothing to forget,
         # and a read costs no write transaction (nor the writer mutex).
+        if not await self._open_off_loop():
+            return
         record = self._failure_record(ip)
         if record is None or (record[0] == 0 and record[2] > self.clock()):
             return
