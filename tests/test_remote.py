@@ -123,7 +123,7 @@ def test_mx_fallback_refused_then_421_then_timeout_then_accept(fake_dns):
             "a.fall.test": {"A": ["127.0.0.3"]}, "b.fall.test": {"A": ["127.0.0.4", "127.0.0.3"]},
             "c.fall.test": {"A": ["127.0.0.5"]}, "d.fall.test": {"A": ["127.0.0.6"]},
         })
-        rd = RemoteDelivery(config(fake_dns, port=port, timeoutremote=0.5))
+        rd = RemoteDelivery(config(fake_dns, port=port, timeoutremote=0.5, max_greeting_failures=3))
         try:
             res = await rd.deliver("fall.test", "a@src.test", ["x@fall.test", "y@fall.test"], MSG)
             return res, started
@@ -135,6 +135,32 @@ def test_mx_fallback_refused_then_421_then_timeout_then_accept(fake_dns):
     assert len(busy.connections) == 1 and len(silent.connections) == 1
     assert len(good.messages) == 1
     assert good.messages[0].rcpts == [b"RCPT TO:<x@fall.test>", b"RCPT TO:<y@fall.test>"]
+
+
+def test_greeting_failures_defer_after_max_greeting_failures(fake_dns):
+    """Each address that takes the connection and fails the greeting may have
+    cost a timeoutremote (a tarpit): after [delivery] max_greeting_failures
+    (2) of them the delivery defers with the last one's text, not going on
+    through every address of the domain's MX list (30 × 20 min)."""
+    async def go():
+        started = await sinks(("127.0.0.6", {}), ("127.0.0.4", {"greeting": "421 too busy"}),
+                              ("127.0.0.5", {"greeting": "421 me too"}))
+        fake_dns.zone.update({
+            "tarpit.test": {"MX": [(10, "a.tarpit.test"), (20, "b.tarpit.test"),
+                                   (30, "c.tarpit.test")]},
+            "a.tarpit.test": {"A": ["127.0.0.4"]}, "b.tarpit.test": {"A": ["127.0.0.5"]},
+            "c.tarpit.test": {"A": ["127.0.0.6"]},
+        })
+        rd = RemoteDelivery(config(fake_dns, port=started[0].port))
+        try:
+            return await rd.deliver("tarpit.test", "a@src.test", ["x@tarpit.test"], MSG), started
+        finally:
+            await stop(rd, started)
+    (result,), (good, first, second) = run(go())
+    assert (result.status, result.text) == (
+        "Z", "Connected to 127.0.0.5 but greeting failed.\nRemote host said: 421 me too\n")
+    assert len(first.connections) == len(second.connections) == 1
+    assert good.connections == [] and good.messages == []
 
 
 def test_all_mx_fail_to_connect_is_4_4_1(fake_dns):

@@ -172,6 +172,12 @@ class DeliverySettings:
     # ipme, or a relay's): each may cost a timeoutconnect, and the domain's
     # DNS decides how many there are (RFC 5321 5.1). qmail tries them all.
     max_addresses_per_delivery: int = 30
+    # Of those, how many may take the connection and fail the greeting (a 421,
+    # a hang-up, a tarpit that waits out timeoutremote) before the delivery
+    # defers with the last one's text. qmail defers at the first; Postfix's
+    # smtp_mx_session_limit is 2. Bounds what a domain's MX list of tarpits
+    # holds a delivery slot for: this many timeoutremote.
+    max_greeting_failures: int = 2
     # Seconds an unused connection is kept for the next message (0 = never reuse).
     idle_timeout: float = 30.0
     # More of our own addresses for qmail's ipme rule (an MX at or after our
@@ -506,6 +512,7 @@ RANGES: dict[tuple[str, str], tuple[float, float | None, str]] = {
     ("delivery", "max_messages_per_connection"): (1, None, "a connection carries a message"),
     ("delivery", "max_connections_per_host"): (1, None, "0 would never connect"),
     ("delivery", "max_addresses_per_delivery"): (1, None, "0 would never connect"),
+    ("delivery", "max_greeting_failures"): (1, None, "0 would never try a second address"),
     ("delivery", "tls_handshake_timeout"): (0.1, None, "no handshake would finish"),
     ("scheduler", "per_destination_concurrency"): (1, None, "0 would never deliver"),
     ("scheduler", "max_recipients_per_delivery"): (1, None, "a delivery has a recipient"),

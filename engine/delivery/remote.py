@@ -8,7 +8,8 @@ recipient: "K" delivered, "Z" deferred, "D" failed, with qmail-remote's texts
 
 - the next address is tried on a connection failure **and** on a greeting
   that is not 220 (a 421 "too busy", a 554, a timeout or a hang-up before or
-  during EHLO) — qmail defers instead; once EHLO/HELO succeeded we stay with
+  during EHLO) — qmail defers instead —, the latter at most
+  `max_greeting_failures` times; once EHLO/HELO succeeded we stay with
   that host, as qmail does;
 - EHLO (HELO after a 5xx), PIPELINING, SIZE and 8BITMIME when offered;
   all recipients in one transaction; one connection for many messages;
@@ -120,6 +121,7 @@ class RemoteConfig:
     max_messages_per_connection: int = 100
     max_connections_per_host: int = 20
     max_addresses_per_delivery: int = 30
+    max_greeting_failures: int = 2
     idle_timeout: float = 30.0
     # ipme: our own addresses; "0.0.0.0" is always treated as ours (qmail).
     my_addresses: frozenset[str] = frozenset({"0.0.0.0"})
@@ -181,6 +183,7 @@ def load_remote_config(root: Path | str) -> RemoteConfig:
         max_messages_per_connection=max(1, settings.max_messages_per_connection),
         max_connections_per_host=max(1, settings.max_connections_per_host),
         max_addresses_per_delivery=settings.max_addresses_per_delivery,
+        max_greeting_failures=settings.max_greeting_failures,
         idle_timeout=settings.idle_timeout,
         my_addresses=frozenset(mine),
         dns_timeout=settings.dns_timeout, dns_tries=max(1, settings.dns_tries),
@@ -257,10 +260,13 @@ class RemoteDelivery:
         policy = self.config.tls.lookup(tls_name)
         port = policy.port or port
         last_failure: str | None = None
+        greeting_failures = 0
         for target in targets:
             ip = target.ip
             if self.tcpto.skipped(ip):
                 continue
+            if greeting_failures >= self.config.max_greeting_failures:
+                break       # each may have cost a timeoutremote: defer now
             # Idle connections the server dropped are met one by one; once
             # none is left the pool opens a fresh one, so this is bounded.
             retries = self.config.max_connections_per_host + 1
@@ -280,10 +286,12 @@ class RemoteDelivery:
                     break
                 except GreetingFailed as exc:
                     self.tcpto.reached(ip)
+                    greeting_failures += 1
                     last_failure = f"Connected to {ip} but greeting failed.\n" + _said(exc.reply)
                     break
                 except ConnectionDied:
                     self.tcpto.reached(ip)
+                    greeting_failures += 1
                     last_failure = f"Connected to {ip} but connection died. (#4.4.2)\n"
                     break
                 except TlsFailed as exc:
