@@ -157,7 +157,9 @@ class DeliverySettings:
     # DNS servers for remote delivery, "host:port" (port optional); empty =
     # the system's resolv.conf. Tests point this at a fake DNS server.
     dns_servers: tuple = ()
-    # Seconds per DNS try, and tries per server, before a #4.1.2 deferral.
+    # Seconds of a DNS query's first try (c-ares doubles it on each next
+    # try: 5 s and 2 tries wait 15 s), and tries per server, before a #4.1.2
+    # deferral.
     dns_timeout: float = 5.0
     dns_tries: int = 2
     # Longest time (seconds) an NXDOMAIN / no-records answer is cached.
