@@ -168,6 +168,23 @@ def test_domain_del_of_a_tree_with_a_part_root_owns_says_which_and_how(droot):
         f"(chown -R 89:89 {left}, then remove what is left)")
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="acting as the owner needs root")
+def test_a_domain_add_its_owner_cannot_reach_leaves_no_directory_the_retry_would_refuse(root):
+    """ROOT under a directory the owner may not search: `domain add` said so,
+    but left the empty domain directory it had made as root, and the retry,
+    once the operator had run the chmod it named, was refused ("exists;
+    remove it or pick another domain")."""
+    os.chmod(root.parent, 0o700)
+    try:
+        bad(qrelay("domain", "add", str(root), "example.com", *OWNER),
+            "must be searchable by it (chmod o+x)")
+        assert not (root / "domains" / "example.com").exists()
+    finally:
+        os.chmod(root.parent, 0o755)
+    r = qrelay("domain", "add", str(root), "example.com", *OWNER)
+    assert r.exit_code == 0, r.output + r.stderr
+
+
 def test_a_bad_users_assign_line_stops_domain_commands_before_they_write(droot):
     """qmail-newu would refuse the file: say so before anything changes, not
     after a domain directory and a rewritten users/assign are left behind."""

@@ -364,10 +364,13 @@ def add_domain(root: os.PathLike | str, domain: str, *, uid: int | None = None,
                 atomic_write(directory / ".qmail-default",
                              qmail_default_line("bounce-no-mailbox").encode(), mode=SECRET_MODE,
                              owner=owner)
-        except OSError:
-            # Not added (a full disk): the directory left would make the retry refuse.
+        except (OSError, AdminError):
+            # Not added (a full disk, a ROOT its owner cannot reach): the
+            # directory left would make the retry refuse.
             with contextlib.suppress(OSError, AdminError):
                 _remove_domain_directory(ref)
+            with contextlib.suppress(OSError):
+                directory.rmdir()   # unreachable by its owner, so still empty: rmdir takes only that
             raise
         line = AssignLine(True, f"{name}-", name, str(owner[0]), str(owner[1]), str(directory), "-", "")
         _add_domain_lines(base, name, lines + [line.text()])
