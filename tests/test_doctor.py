@@ -884,6 +884,37 @@ def test_doctor_run_by_a_user_who_cannot_read_the_domains_says_so(box):
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to run doctor as another user")
+def test_doctor_run_by_a_user_who_cannot_read_the_spool_or_certificate_says_so(box):
+    # On a box `qrelay run` has used: queue/index is the run user's (0700) and
+    # servercert.pem is root:run group 0640, as the README has it. Doctor run
+    # by another user reported "queue: the check could not finish
+    # (PermissionError ...); fix: qrelay doctor ROOT" (the same command again)
+    # and "tls: ... Permission denied: qrelay run refuses to start with a TLS
+    # listener", both false: the receivers read them fine.
+    from engine.privilege import ensure_system_user
+    with Spool(box / "queue") as spool:
+        spool.enqueue(Envelope("a@src.test", ("u@far.test",)), b"Subject: x\r\n\r\nx\r\n")
+    for path in (box / "queue" / "index", *(box / "queue" / "index").iterdir()):
+        os.chown(path, UID, GID)
+    (box / "queue" / "index").chmod(0o700)
+    _certificate(box, ME, days=90)
+    cert = box / "control" / "servercert.pem"
+    os.chown(cert, 0, ensure_system_user().gid)   # [run] user's group: the receivers read it
+    cert.chmod(0o640)
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "doctor", str(box), "--json"],
+                       cwd="/", capture_output=True, text=True, timeout=60,
+                       user=65534, group=65534, extra_groups=[],
+                       env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(REPO)})
+    report = json.loads(r.stdout)
+    wrong = [f for f in report["findings"] if f["check"] in ("queue", "tls")]
+    assert wrong == [], wrong
+    unchecked = " ".join(n["text"] for n in report["notes"] if "not checked" in n["text"])
+    assert f"{box}/queue/index: not checked: uid 65534 may not read it" in unchecked, \
+        report["notes"]
+    assert f"{cert}: not checked: uid 65534 may not read it" in unchecked, report["notes"]
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run doctor as another user")
 def test_doctor_on_a_root_the_user_cannot_reach_says_so_not_that_there_is_none(tmp_path):
     # os.path.isdir() answers False for EACCES too: it said "no such qrelay root".
     from engine.home import init_home

@@ -4,6 +4,8 @@ whether a `qrelay run` holds the root at all. Read-only, like `qrelay qread`:
 safe beside a running instance."""
 from __future__ import annotations
 
+import os
+
 from engine.doctor import Context, Report, ago
 from engine.doctor.disk import _size
 
@@ -17,7 +19,14 @@ def check(ctx: Context, report: Report) -> None:
     from engine.run import running_instance
     root = ctx.root
     arg = ctx.arg(root)
-    if not (root / "queue" / "index" / "data.mdb").exists():
+    index = root / "queue" / "index"
+    if index.is_dir() and not os.access(index, os.R_OK | os.X_OK) \
+            and index.stat().st_uid != os.geteuid():
+        # The run user's (`qrelay run` as root gives it queue/), not whoever runs doctor.
+        report.note("queue", f"{index}: not checked: uid {os.geteuid()} may not read it "
+                    f"(it belongs to uid {index.stat().st_uid}); run qrelay doctor as root")
+        return
+    if not (index / "data.mdb").exists():
         report.note("queue", "empty (nothing was ever queued here)", messages=0)
         return
     with ExitStack() as stack:

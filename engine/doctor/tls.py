@@ -10,6 +10,7 @@ TLS defer). Without servercert.pem there is no STARTTLS, and so no AUTH either
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -28,6 +29,8 @@ def check(ctx: Context, report: Report) -> None:
                     if not ctx.settings.auth.allow_plaintext else
                     f"{CERT_FILE} is missing: STARTTLS is not offered, and AUTH LOGIN/PLAIN "
                     "passwords cross the wire in clear ([auth] allow_plaintext)")
+    elif _not_ours_to_read(report, server):
+        _readable(ctx, report, server)
     else:
         try:
             build_context(ctx.root, ctx.settings.tls)
@@ -40,8 +43,19 @@ def check(ctx: Context, report: Report) -> None:
         _readable(ctx, report, server)
         _validity(ctx, report, server, CERT_FILE, names_for=_me(ctx))
     client = ctx.root / CLIENT_CERT_FILE
-    if client.exists():
+    if client.exists() and not _not_ours_to_read(report, client):
         _validity(ctx, report, client, CLIENT_CERT_FILE)
+
+
+def _not_ours_to_read(report: Report, path: Path) -> bool:
+    """True, with a note, when whoever runs doctor may not read `path`: it is
+    root's and the run user's group's (README: chgrp qrelay, chmod 640), so
+    that says nothing of whether `qrelay run` can load it."""
+    if os.access(path, os.R_OK):        # root may read anything
+        return False
+    report.note("tls", f"{path}: not checked: uid {os.geteuid()} may not read it; "
+                "run qrelay doctor as root")
+    return True
 
 
 def _readable(ctx: Context, report: Report, path: Path) -> None:
