@@ -141,6 +141,24 @@ def test_bad_input_is_one_line_exit_2(root: Path, tmp_path: Path) -> None:
     assert done.returncode == 1 and done.stderr.count("\n") == 1 and "[relay] store" in done.stderr
 
 
+def test_an_unreachable_redis_is_one_line_that_says_why(root: Path) -> None:
+    """The store's outage warning went to stderr beside the command's error:
+    two lines, and the error itself without the reason ('relay store ...
+    unreachable (grant)')."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]       # closed once the block ends: refused
+    (root / "qrelay.toml").write_text(f'[relay]\nstore = "redis://:hunter2@127.0.0.1:{port}/0"\n')
+    for args in (("add", str(root), "192.0.2.1"), ("list", str(root))):
+        done = run_cli("relayclients", *args)
+        lines = done.stderr.splitlines()
+        assert done.returncode == 1 and len(lines) == 1, (args, lines)
+        assert lines[0].startswith(f"Error: relay store redis://:***@127.0.0.1:{port}/0 "
+                                   "unreachable (") and f"to 127.0.0.1:{port}" in lines[0], lines
+        assert "hunter2" not in done.stderr
+
+
 def test_help_says_what_is_read_and_written() -> None:
     for cmd in ("list", "add", "del", "import", "export"):
         out = run_cli("relayclients", cmd, "--help").stdout

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -56,6 +57,8 @@ def _with_table(root: str, work: Callable[[Any, Any], Awaitable[T]]) -> T:
         finally:
             await table.close()
 
+    # The store's outage warning is for a server's log; here the error says why.
+    logging.getLogger("qrelay.relay").addHandler(logging.NullHandler())
     try:
         with acting_as_owner(Path(root) / RELAY_DIR):   # never open the run user's files as root
             return asyncio.run(run())

@@ -76,6 +76,7 @@ class RedisRelayTable(RelayTable):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._down_until = 0.0       # monotonic; 0 = believed up
         self._down = False
+        self._why = ""               # the outage's reason, for the errors raised during it
 
     def _redis(self) -> Any:
         # A client belongs to one event loop (a CLI command runs its own).
@@ -94,19 +95,20 @@ class RedisRelayTable(RelayTable):
                     timeout: float | None = None) -> T:
         """op(client) within the timeout; RelayStoreError (fast) while Redis is down."""
         if self._down and time.monotonic() < self._down_until:
-            raise RelayStoreError(f"relay store {self.name} unreachable")
+            raise RelayStoreError(f"relay store {self.name} unreachable ({self._why})")
         try:
             async with asyncio.timeout(timeout or self.timeout):
                 result = await op(self._redis())
         except Exception as exc:   # redis errors, OSError, the timeout
             self._down_until = time.monotonic() + self.settings.retry_seconds
+            self._why = "no answer within %gs" % self.timeout if isinstance(
+                exc, asyncio.TimeoutError) else (str(exc) or type(exc).__name__)
             if not self._down:
                 self._down = True
-                why = "no answer within %gs" % self.timeout if isinstance(
-                    exc, asyncio.TimeoutError) else (str(exc) or type(exc).__name__)
                 log.warning("relay store %s unreachable (%s): no relay from the shared table "
-                            "until it answers", self.name, why)
-            raise RelayStoreError(f"relay store {self.name} unreachable ({what})") from None
+                            "until it answers", self.name, self._why)
+            raise RelayStoreError(f"relay store {self.name} unreachable "
+                                  f"({what}: {self._why})") from None
         if self._down:
             self._down = False
             log.warning("relay store %s answers again", self.name)
