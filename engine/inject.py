@@ -16,7 +16,7 @@ What qmail-inject does, and qrelay with it:
   a `Bcc:`, of its own), so the stored message never holds a bare CR that a
   next hop could read as the end of a line (the SMTP side refuses it);
   a NUL byte is refused (exit 100), as the SMTP side refuses it.
-- more Received:/Delivered-To: fields than `[smtp] max_hops` is refused
+- `[smtp] max_hops` Received:/Delivered-To: fields or more are refused
   as a loop (exit 100), as the SMTP side refuses it; qmail-inject has no limit.
 - the header ends at the first empty line or at the first line that is not a
   header field (a blank line is put there, as qmail does); a leading `From `
@@ -469,7 +469,7 @@ def prepare(data: bytes, *, names: InjectNames, identity: Identity, sender: str 
     `header_recipients`: None = qmail-inject -A (arguments, or the header
     when there are none); True = -H (both); False = -a (arguments only).
     `sender`: -f (already as given; "" or "<>" = the null sender).
-    `max_hops`: more Received:/Delivered-To: fields than this is a loop (a
+    `max_hops`: this many Received:/Delivered-To: fields or more is a loop (a
     program delivery that mails the message on again), refused as the SMTP
     side refuses it; 0 = no limit (qmail-inject has none)."""
     now = time.time() if now is None else now
@@ -521,7 +521,7 @@ def prepare(data: bytes, *, names: InjectNames, identity: Identity, sender: str 
 
     if max_hops:
         hops = sum(1 for field in fields if _field_name(field) in ("received", "delivered-to"))
-        if hops > max_hops:
+        if hops >= max_hops:
             raise InjectError("too many hops, this message is looping")
     resent = bool(seen & RESENT)
     if envelope_sender is None:

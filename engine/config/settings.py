@@ -43,7 +43,8 @@ class SmtpSettings:
     max_buffered_bytes: int = 256 * 1024 * 1024
     # RFC 5321 4.5.3.1.8 requires accepting at least 100.
     max_recipients: int = 1000
-    # Hops (Received:/Delivered-To: lines) before a message is refused as looping.
+    # A message with this many hops (Received:/Delivered-To: lines) or more is
+    # refused as looping (qmail's MAXHOPS, 100).
     max_hops: int = 100
     # tcpserver -c: simultaneous connections; control/concurrencyincoming overrides.
     max_connections: int = 500
@@ -489,7 +490,7 @@ RANGES: dict[tuple[str, str], tuple[float, float | None, str]] = {
     ("smtp", "max_message_bytes"): (1024, None, "room for a header"),
     ("smtp", "max_buffered_bytes"): (1024 * 1024, None, "room for the messages coming in"),
     ("smtp", "max_recipients"): (1, None, "a message needs a recipient"),
-    ("smtp", "max_hops"): (1, None, "0 would refuse every relayed message"),
+    ("smtp", "max_hops"): (2, None, "1 would refuse every relayed message"),
     ("smtp", "max_connections"): (1, None, "0 would refuse every client"),
     ("smtp", "reload_poll_seconds"): (0.05, None, "a busy loop otherwise"),
     ("spool", "orphan_grace"): (600, None, "a segment being created must not look abandoned"),

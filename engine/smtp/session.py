@@ -632,7 +632,7 @@ class SmtpSession(asyncio.Protocol):
         scanner = self.scanner
         used = scanner.feed(data)
         if (scanner.has_nul or scanner.bare_cr and self.refuse_bare_cr
-                or scanner.hops > self.max_hops) and not scanner.dropped:
+                or scanner.hops >= self.max_hops) and not scanner.dropped:
             # Refused at its end whatever follows (_end_data): not held meanwhile.
             scanner.drop()
         self._hold(scanner.buffered)
@@ -655,7 +655,7 @@ class SmtpSession(asyncio.Protocol):
         sender, rcpts = self.sender, self.rcpts
         self._reset_transaction()  # DATA ends the transaction whatever the outcome
         self.state = CMD
-        if scanner.hops > self.max_hops:
+        if scanner.hops >= self.max_hops:
             self._refuse(R_HOPS, f"DATA from <{sender}>")
         elif scanner.too_big:
             self._refuse(R_TOO_BIG, f"DATA from <{sender}>")
