@@ -25,6 +25,7 @@ class Stages:
         self.synced: list[int] = []
         self.events: list[tuple[str, int]] = []
         self.gate = threading.Event()
+        self.held = threading.Event()         # the first prepare waits at the gate
         self.sync_gate = threading.Event()
         self.index_gate = threading.Event()
         self.index_gate.set()
@@ -50,6 +51,7 @@ class Stages:
     def prepare(self, batch):
         n = len(self.prepared)
         if self.hold and n == 0:
+            self.held.set()
             self.gate.wait(5)
         self.prepared.append(len(batch))
         if n in self.fail_prepare:
@@ -75,7 +77,7 @@ def test_requests_arriving_while_a_batch_syncs_form_the_next_batch(mode):
     st = Stages(hold_first_prepare=True)
     c = st.committer(100, 10**6, mode)
     first = c.put(None, b"0")
-    time.sleep(0.05)
+    assert st.held.wait(5)
     rest = [c.put(None, b"x") for _ in range(20)]
     st.gate.set()
     assert first.result(5) == 1
@@ -151,7 +153,8 @@ def test_asyncio_callers_are_woken_once_per_batch(mode):
             return real(cb, *args)
         loop.call_soon_threadsafe = counting
         first = c.put(None, b"0", loop)
-        await asyncio.sleep(0.05)
+        while not st.held.is_set():             # not to_thread: it calls call_soon_threadsafe
+            await asyncio.sleep(0.005)
         rest = [c.put(None, b"x", loop) for _ in range(30)]
         rest[0].cancel()                        # a caller that gave up
         st.gate.set()
@@ -182,7 +185,9 @@ def test_after_index_order_answers_only_after_the_index():
     st.index_gate.clear()
     c = st.committer(10, 10**6, "ack-after-index")
     f = c.put(None, b"a")
-    time.sleep(0.05)
+    deadline = time.monotonic() + 5
+    while not st.synced and time.monotonic() < deadline:
+        time.sleep(0.005)
     assert st.synced == [0] and not f.done()
     st.index_gate.set()
     assert f.result(5) == 1
