@@ -24,7 +24,13 @@ class RedisServer:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.proc: subprocess.Popen | None = None
-        self.start()
+        try:
+            self.start()
+        except RuntimeError:
+            if port is not None:
+                raise
+            self.port = free_port()       # another process took the free port meanwhile
+            self.start()
 
     def url(self, db: int = 0) -> str:
         return f"redis://127.0.0.1:{self.port}/{db}"
@@ -46,10 +52,16 @@ class RedisServer:
         raise RuntimeError(f"redis-server did not answer on port {self.port}")
 
     def ping(self) -> bool:
+        """True once this redis-server answers on the port: its own pid in INFO
+        (a server another run started on the port meanwhile answers PING too)."""
+        want = b"process_id:%d\r\n" % self.proc.pid
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+                s.sendall(b"INFO server\r\n")
+                got = b""
+                while want not in got and (chunk := s.recv(65536)):
+                    got += chunk
+                return want in got
         except OSError:
             return False
 

@@ -316,3 +316,41 @@ def test_the_password_is_never_logged(tmp_path: Path, caplog, url: str) -> None:
     assert "unreachable" in logged and "unreachable" in error
     assert "hunter2" not in logged and "hunter2" not in error
     assert "***" in error
+
+
+def test_a_test_redis_is_not_mistaken_for_another_server_on_its_port(tmp_path: Path) -> None:
+    # bench/redis_process.py picks a free port, then redis-server binds it: a
+    # server another test run took the port with meanwhile answers PING too.
+    import socket
+    import sys
+    import threading
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from redis_process import RedisServer
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def foreign() -> None:         # answers whatever it is sent with +PONG
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(2)
+                try:
+                    if conn.recv(1024):
+                        conn.sendall(b"+PONG\r\n")
+                except OSError:
+                    pass
+    t = threading.Thread(target=foreign)
+    t.start()
+    try:
+        with pytest.raises(RuntimeError, match="redis-server exited"):
+            server = RedisServer(tmp_path / "redis", port=listener.getsockname()[1])
+            server.stop()
+    finally:
+        stop.set()
+        t.join(5)
+        listener.close()
