@@ -211,7 +211,9 @@ class Chromium:
                 break
             except (OSError, ValueError, IndexError):
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"chromium exited with status {self.proc.returncode}")
+                    status = self.proc.returncode
+                    self.stop()                   # what it started in its group
+                    raise RuntimeError(f"chromium exited with status {status}")
                 time.sleep(0.1)
         else:
             self.stop()

@@ -209,6 +209,39 @@ def test_status_page_in_headless_chromium(status_run, sink, tmp_path):
     assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_chromium_that_exits_at_start_leaves_nothing_of_its_group(tmp_path, monkeypatch):
+    # Chromium's zygote and helpers share its process group: a browser that
+    # exits before it opened its DevTools port must not leave them running.
+    import os
+    import signal
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    helper = tmp_path / "helper.pid"
+    fake = bin_dir / "chromium"
+    fake.write_text(f"#!/bin/sh\nsleep 60 &\necho $! > {helper}\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    pid = None
+    try:
+        with pytest.raises(RuntimeError, match="chromium exited with status 1"):
+            with Chromium(tmp_path):
+                pass
+        pid = int(helper.read_text())
+        assert wait_for(lambda: not alive_process(pid), timeout=10, what="the helper to be gone")
+    finally:
+        if pid is not None and alive_process(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def alive_process(pid: int) -> bool:
+    """pid runs and is not a zombie (/proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 @pytest.mark.parametrize("fmt", ["qmail", "json"])
 def test_recent_deliveries_from_either_log_format(tmp_path, fmt):
     from engine.log import QmailSendLog
