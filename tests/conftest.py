@@ -28,6 +28,11 @@ def searchable(path: Path) -> Path:
 
 
 def pytest_configure(config):
+    # The files and directories tests make (roots, Maildirs, spools) get the
+    # modes a usual shell gives, whatever umask the suite was started under
+    # (077 made every root unreachable by the run user): tests that are about
+    # the umask set their own.
+    os.umask(0o022)
     # As root (CI), every `qrelay run` runs its children as the qrelay user,
     # who must reach the test roots: pytest's own /tmp/pytest-of-root is kept
     # 0700 by pytest, so the temporary directories go under a searchable one.
