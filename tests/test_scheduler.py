@@ -100,6 +100,17 @@ async def settle(sched: Scheduler) -> None:
     sched.log.flush()
 
 
+async def passes_until(sched: Scheduler, cond, what: str) -> None:
+    """Run passes until cond() holds: what a pass starts may first wait for the
+    commit thread (preprocessing), which a loaded machine runs late."""
+    deadline = time.monotonic() + 30
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        sched.run_pass()
+        await asyncio.sleep(0.002)
+
+
 def log_texts(tmp_path) -> list[str]:
     return [line[26:] for line in (tmp_path / "log" / "current").read_text().splitlines()]
 
@@ -313,9 +324,7 @@ def test_concurrency_limits(env):
             spool.enqueue(Envelope("a@src.test", (f"u{i}@one.test",)), MSG)
         for i in range(6):
             spool.enqueue(Envelope("a@src.test", (f"u{i}@two.test",)), MSG)
-        for _ in range(5):
-            sched.run_pass()
-            await asyncio.sleep(0.01)
+        await passes_until(sched, lambda: sched.lane("remote").active >= 3, "3 deliveries")
         assert sched.lane("remote").active == 3
         assert sorted(sched.lane("remote").per_domain.values()) == [1, 2]
         remote.gate.set()
@@ -334,10 +343,8 @@ def test_held_and_deleted_messages_in_the_ready_view_are_never_started(env):
         sched._wake = asyncio.Event()
         remote.gate = asyncio.Event()
         ids = [spool.enqueue(Envelope("a@src.test", (f"u{i}@one.test",)), MSG) for i in range(4)]
-        for _ in range(3):
-            sched.run_pass()
-            await asyncio.sleep(0.01)
         lane = sched.lane("remote")
+        await passes_until(sched, lambda: lane.active >= 1 and len(lane.ready) >= 3, "1 + 3 ready")
         assert lane.active == 1 and len(lane.ready) == 3     # three wait in memory
         # Another process (qrelay hold / delete) changes the spool under the view.
         assert spool.hold(ids[1:3]) == 2 and spool.delete([ids[3]]) == 1
@@ -422,10 +429,9 @@ def test_stop_waits_for_running_deliveries(env):
         remote.gate = asyncio.Event()
         spool.enqueue(Envelope("a@src.test", ("x@d1.test",)), MSG)
         runner = asyncio.create_task(sched.run(stop_grace=5))
-        for _ in range(100):
+        deadline = time.monotonic() + 30
+        while not remote.calls and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-            if remote.calls:
-                break
         sched.stop()
         await asyncio.sleep(0.05)
         remote.gate.set()
@@ -577,17 +583,13 @@ def test_reload_takes_new_limits_while_deliveries_run(env):
         remote.gate = asyncio.Event()
         for i in range(8):
             spool.enqueue(Envelope("a@src.test", (f"u{i}@d{i}.test",)), MSG)
-        for _ in range(5):
-            sched.run_pass()
-            await asyncio.sleep(0.01)
+        await passes_until(sched, lambda: sched.lane("remote").active >= 2, "2 deliveries")
         assert sched.lane("remote").active == 2
         # concurrencyremote raised (a HUP): the next pass starts more at once,
         # the two in flight go on under the old snapshot.
         sched.reload(SchedulerConfig(concurrency={"remote": 5}, per_destination=20, scan_batch=64,
                                      bounce=sched.config.bounce))
-        for _ in range(5):
-            sched.run_pass()
-            await asyncio.sleep(0.01)
+        await passes_until(sched, lambda: sched.lane("remote").active >= 5, "5 deliveries")
         assert sched.lane("remote").active == 5
         remote.gate.set()
         await settle(sched)
@@ -757,11 +759,8 @@ def test_results_that_cannot_be_recorded_at_stop_are_left_for_the_restart(env):
     async def scenario():
         sched._wake = asyncio.Event()
         spool.enqueue(Envelope("a@src.test", ("x@d1.test",)), MSG)
-        for _ in range(200):            # preprocessed and delivered, not yet recorded
-            sched.run_pass()
-            await asyncio.sleep(0.002)
-            if remote.calls:
-                break
+        # preprocessed and delivered, not yet recorded
+        await passes_until(sched, lambda: remote.calls, "the delivery")
         spool.commit = failing
         await asyncio.wait_for(sched.commit_all(), 5)     # one try, then it gives up
     asyncio.run(scenario())
@@ -782,9 +781,8 @@ def test_a_held_message_is_not_bounced_until_released(env):
         sched._wake = asyncio.Event()
         remote.gate = asyncio.Event()
         b = spool.enqueue(Envelope("b@src.test", ("bad@d1.test",)), MSG)
-        for _ in range(3):
-            sched.run_pass()
-            await asyncio.sleep(0.01)
+        await passes_until(sched, lambda: sched.lane("remote").per_domain.get("d1.test"),
+                           "the delivery")
         assert sched.lane("remote").per_domain.get("d1.test") == 1
         assert spool.hold([b]) == 1
         remote.gate.set()
