@@ -7,8 +7,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Hypothesis fails an example slower than 200 ms (DeadlineExceeded, or Flaky
+# when the rerun is quick): on a loaded 2-core CI machine a stall that long
+# is no bug. The property tests that set their own settings say None too.
+settings.register_profile("qrelay", deadline=None)
+settings.load_profile("qrelay")
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
