@@ -66,8 +66,14 @@ def init_home(root: Path | str, me: str | None = None, force: bool = False) -> P
     if (root / "control").exists() and not force:
         raise HomeError(f"{root} is already a qrelay/qmail home (control/ exists); use --force to overwrite")
     control = root / "control"
+    made_root = not root.exists()
     for d in (control, root / "users", root / "queue", root / "log"):
         d.mkdir(parents=True, exist_ok=True)
+    # Modes of their own, as qmail's installer sets them (hier.c): under
+    # root's umask 077 the run user could read neither the root nor control/.
+    # A root that existed keeps the mode its operator gave it.
+    for d in ((root,) if made_root else ()) + (control, root / "users"):
+        os.chmod(d, 0o755)
     files = {
         "me": me,
         "rcpthosts": me,
@@ -86,5 +92,6 @@ def _write(path: Path, text: str) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
+        os.fchmod(f.fileno(), 0o644)
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -21,6 +21,34 @@ def test_init_creates_qmail_home(tmp_path: Path, qrelay_cli):
         assert (root / d).is_dir()
 
 
+def test_init_sets_its_modes_whatever_the_umask(tmp_path: Path):
+    """Under root's umask 077 (a hardened box) the root and control/ came out
+    0700 and the control files 0600: the run user read none of them, and
+    `qrelay run` refused to start. init sets qmail's modes itself."""
+    import os
+    import stat
+    import subprocess
+    import sys
+    from tests.conftest import REPO
+    root = tmp_path / "r"
+    got = subprocess.run([sys.executable, "-c", "import os; os.umask(0o077); "
+                          "from engine.cli import main; main()",
+                          "init", str(root), "--me", "mx.example.com"],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert got.returncode == 0, got.stderr
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)   # noqa: E731
+    assert [mode(root / d) for d in ("", "control", "users")] == [0o755] * 3
+    assert {p.name: mode(p) for p in (root / "control").iterdir()} == {
+        p.name: 0o644 for p in (root / "control").iterdir()}
+    pre = tmp_path / "pre"
+    pre.mkdir(mode=0o750)
+    got = subprocess.run([sys.executable, "-c", "import os; os.umask(0o077); "
+                          "from engine.cli import main; main()", "init", str(pre)],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert got.returncode == 0, got.stderr
+    assert mode(pre) == 0o750            # the operator's own root keeps its mode
+
+
 def test_init_refuses_existing_root_unless_forced(tmp_path: Path, qrelay_cli):
     root = tmp_path / "r"
     assert qrelay_cli("init", str(root), "--me", "a.example").returncode == 0
