@@ -548,3 +548,21 @@ def test_adopt_tails_frees_the_reader_slot_of_a_process_killed_mid_read(tmp_path
         assert (q / "index" / "data.mdb").stat().st_size < 4 * 1024 * 1024
     finally:
         s.close()
+
+
+def test_recover_keeps_no_record_per_message_in_memory(tmp_path: Path):
+    """The start-up check streams the index: its memory does not grow with
+    the queue (250,000 queued messages once cost 100 MB of records)."""
+    import tracemalloc
+    q = tmp_path / "q"
+    with Spool(q) as s:
+        for _ in range(4):
+            s._write_batch([(env("r@far.test"), b"x" * 100)] * 1000)   # bulk path
+        tracemalloc.start()
+        try:
+            report = s.recover(verify_bytes=True)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert report.messages == 4000 and report.quarantined == []
+    assert peak < 100 * 4000, f"recover() held {peak} bytes for 4000 messages"

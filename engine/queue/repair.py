@@ -114,8 +114,9 @@ class Repair:
         dbs = self._index.dbs
         bad: dict[int, str] = {}
         live: dict[int, int] = {}
-        good: list[tuple[int, MessageRecord]] = []
         with self._index.env.begin() as txn:
+            # One message at a time: only the live count per segment and the
+            # bad ones are kept, never a record per queued message.
             for key, value in txn.cursor(db=dbs[b"messages"]):
                 msgid = R.read_u64(key)
                 report.messages += 1
@@ -128,19 +129,16 @@ class Repair:
                 except RecordError as exc:
                     bad[msgid] = str(exc)
                     continue
-                good.append((msgid, rec))
-            if verify_bytes:
-                for msgid, rec in good:
+                if verify_bytes:
                     try:
                         self._core.files.reader.read(rec.segid, rec.offset, msgid, rec.length)
                     except SegmentError as exc:
                         bad[msgid] = str(exc)
+                        continue
                     except OSError as exc:   # no proof of corruption: left queued
                         self._core.warn(f"warning: cannot read #{msgid} in segment "
                                         f"{rec.segid}: {exc.strerror or exc}")
-            for msgid, rec in good:
-                if msgid not in bad:
-                    live[rec.segid] = live.get(rec.segid, 0) + 1
+                live[rec.segid] = live.get(rec.segid, 0) + 1
             dangling = _dangling_entries(txn, dbs)
             segs = self._index.segments(txn)
         unlink: list[int] = []
