@@ -346,3 +346,13 @@ def test_a_read_that_loses_the_race_with_a_delete_quarantines_nothing(spool):
     # index lookup and its read (a delivery starting as the operator deletes).
     spool.repair.quarantine_after_error(a, FileNotFoundError(2, "No such file or directory"))
     assert spool.quarantined() == []
+
+
+def test_each_surgery_transaction_reports_progress(spool):
+    """A long hold/release/requeue/delete says how far it is after each
+    transaction (the CLI prints it every 2 s), not only at its end."""
+    ids = [queue(spool, "a@src.test", ("x@far.test",)) for _ in range(5)]
+    for change in (spool.hold, spool.release_held, spool.requeue, spool.delete):
+        seen = []
+        assert change(ids, progress=lambda *a: seen.append(a)) == 5
+        assert seen == [("messages", 2, 5), ("messages", 4, 5), ("messages", 5, 5)], change

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from engine.cli.base import ROOT, BadInput, cli, spool_of
+from engine.cli.base import ROOT, BadInput, Progress, cli, spool_of
 from engine.home import default_root
 from engine.log import json_safe
 
@@ -101,7 +101,8 @@ def _surgery_command(name: str, verb: str, doc: str):
             try:
                 chosen = _select(spool, ids, domain, sender, older_than)
                 n = {"hold": spool.hold, "release": spool.release_held,
-                     "requeue": spool.requeue, "delete": spool.delete}[name](chosen)
+                     "requeue": spool.requeue, "delete": spool.delete}[name](
+                    chosen, progress=Progress(name))
             except SpoolError as exc:
                 raise click.ClickException(str(exc)) from None
         click.echo(f"qrelay: {verb}: {n} message{'' if n == 1 else 's'}")

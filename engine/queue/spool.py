@@ -39,7 +39,7 @@ from engine.queue.ledger import Ledger
 from engine.queue.repair import Repair, process_start
 from engine.queue.segfiles import SegmentFiles
 from engine.queue.segments import SegmentIO
-from engine.queue.surgery import Selection, Shape, Surgery
+from engine.queue.surgery import Progress, Selection, Shape, Surgery
 from engine.queue.values import (  # noqa: F401 - re-exported for engine.queue
     Deferred, Delivered, Envelope, Failed, Finished, ImportedMessage, ImportedRecipient, Job,
     MessageNotFound, MessageQuarantined, MessageTooBig, MessageUnreadable,
@@ -373,25 +373,29 @@ class Spool:
         """qshape's destinations x age table. Read-only, one pass over the index."""
         return self.surgery.shape(self._clock() if now is None else now, top, held)
 
-    def hold(self, ids: Iterable[int], now: float | None = None) -> int:
+    def hold(self, ids: Iterable[int], now: float | None = None,
+             progress: Progress | None = None) -> int:
         """Never deliver these messages until released (see engine.queue.surgery)."""
         self._check_process()
-        return self.surgery.hold(ids, self._clock() if now is None else now)
+        return self.surgery.hold(ids, self._clock() if now is None else now, progress=progress)
 
-    def release_held(self, ids: Iterable[int], now: float | None = None) -> int:
+    def release_held(self, ids: Iterable[int], now: float | None = None,
+                     progress: Progress | None = None) -> int:
         """Take messages off hold: each recipient due at its own retry time."""
         self._check_process()
-        return self.surgery.release(ids, self._clock() if now is None else now)
+        return self.surgery.release(ids, self._clock() if now is None else now, progress=progress)
 
-    def requeue(self, ids: Iterable[int], now: float | None = None) -> int:
+    def requeue(self, ids: Iterable[int], now: float | None = None,
+                progress: Progress | None = None) -> int:
         """Every unfinished recipient of these messages due now (released if held)."""
         self._check_process()
-        return self.surgery.release(ids, self._clock() if now is None else now, requeue=True)
+        return self.surgery.release(ids, self._clock() if now is None else now, requeue=True,
+                                    progress=progress)
 
-    def delete(self, ids: Iterable[int]) -> int:
+    def delete(self, ids: Iterable[int], progress: Progress | None = None) -> int:
         """Remove these messages, no bounce; space freed as at completion."""
         self._check_process()
-        return self.surgery.delete(ids)
+        return self.surgery.delete(ids, progress)
 
     def surgery_generation(self) -> int:
         """Incremented by every hold/release/requeue/delete transaction: a

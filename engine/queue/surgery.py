@@ -60,6 +60,10 @@ UNFINISHED = (R.TODO, R.PENDING, R.DEFERRED)
 SHAPE_BUCKET_MINUTES = 5
 SHAPE_BUCKETS = 10
 
+# progress(what, done, total) after each surgery transaction (a long
+# command's operator sees how far it is: engine.cli.base.Progress).
+Progress = Callable[[str, int, int], None]
+
 
 @dataclass(slots=True, frozen=True)
 class Selection:
@@ -268,12 +272,15 @@ class Surgery:
 
     def _change(self, ids: Iterable[int], what: str,
                 batch: Callable[[lmdb.Transaction, list[int]], int],
-                after: Callable[[], None] = lambda: None) -> int:
+                after: Callable[[], None] = lambda: None,
+                progress: Progress | None = None) -> int:
         """`batch(txn, chunk)` for each `surgery_batch` of the ids, one
         transaction each (bumping the counter the scheduler watches), `after()`
-        once each has committed. Returns the sum of what `batch` returned
-        (how many messages it changed)."""
-        n = 0
+        once each has committed, then `progress("messages", done, len(ids))`.
+        Returns the sum of what `batch` returned (how many messages it
+        changed)."""
+        ids = list(ids)
+        n = done = 0
         for k, chunk in enumerate(self._chunks(ids)):
             if k and self._pause:
                 time.sleep(self._pause)   # let a waiting writer have LMDB's lock
@@ -281,6 +288,9 @@ class Surgery:
                 n += batch(txn, chunk)
                 self._index.bump_surgery(txn)
             after()
+            done += len(chunk)
+            if progress is not None:
+                progress("messages", done, len(ids))
         return n
 
     @staticmethod
@@ -289,7 +299,7 @@ class Surgery:
         """A batch that calls `one(txn, msgid)` for each message of it."""
         return lambda txn, chunk: sum(one(txn, msgid) for msgid in chunk)
 
-    def hold(self, ids: Iterable[int], now: float) -> int:
+    def hold(self, ids: Iterable[int], now: float, progress: Progress | None = None) -> int:
         """Put messages on hold; returns how many were not held before."""
         dbs = self._dbs
 
@@ -304,9 +314,10 @@ class Surgery:
                 txn.delete(R.due_key(r.channel, r.next_try, msgid, idx), db=dbs[b"due"])
             txn.put(R.u64(msgid), _BIRTH.pack(now), db=dbs[b"held"])
             return True
-        return self._change(ids, "hold messages", self._each(one))
+        return self._change(ids, "hold messages", self._each(one), progress=progress)
 
-    def release(self, ids: Iterable[int], now: float, requeue: bool = False) -> int:
+    def release(self, ids: Iterable[int], now: float, requeue: bool = False,
+                progress: Progress | None = None) -> int:
         """Take messages off hold (each recipient due at its own time), or
         with `requeue` make every unfinished recipient due now, held or not.
         Returns how many messages changed."""
@@ -329,9 +340,9 @@ class Surgery:
             txn.delete(R.u64(msgid), db=dbs[b"held"])
             return True
         return self._change(ids, "requeue messages" if requeue else "release messages",
-                            self._each(one))
+                            self._each(one), progress=progress)
 
-    def delete(self, ids: Iterable[int]) -> int:
+    def delete(self, ids: Iterable[int], progress: Progress | None = None) -> int:
         """Remove messages outright (no bounce); their space is freed as a
         completed message's is. Returns how many were deleted."""
         unlink: list[int] = []
@@ -343,4 +354,4 @@ class Surgery:
             self._core.files.remove(unlink)   # after the commit that let them go is synced
             unlink.clear()
         # In id order: drop_messages walks each table forward.
-        return self._change(sorted(set(ids)), "delete messages", drop, remove)
+        return self._change(sorted(set(ids)), "delete messages", drop, remove, progress)
