@@ -37,3 +37,21 @@ def test_an_empty_spool(tmp_path):
     with Spool(tmp_path / "queue", readonly=True) as ro:
         h = queue_health(ro)
     assert (h.messages, h.oldest_birth, h.oldest_todo_birth, h.destinations) == (0, None, None, ())
+
+
+def test_the_read_keeps_nothing_per_message(tmp_path):
+    """The status page reads this every few seconds and the doctor at each
+    run: its memory must not grow with the queue (a list of every birth once)."""
+    import tracemalloc
+    with Spool(tmp_path / "queue") as spool:
+        for _ in range(4):
+            spool._write_batch([(Envelope("a@src.test", ("u@far.test",)), b"m\r\n")] * 1000)
+    with Spool(tmp_path / "queue", readonly=True) as ro:
+        tracemalloc.start()
+        try:
+            h = queue_health(ro)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert h.messages == 4000 and h.oldest_birth is not None
+    assert peak < 20 * 4000, f"queue_health held {peak} bytes for 4000 messages"

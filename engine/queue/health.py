@@ -61,16 +61,16 @@ def queue_health(spool, top: int = 10, domain: str | None = None) -> QueueHealth
     latest: dict[bytes, tuple[float, bytes]] = {}    # domain -> (next_try, rcpt key)
     oldest = oldest_todo = None
     with index.env.begin() as txn:
-        births = []
+        messages = 0
         unpack_birth = _BIRTH.unpack_from
         for value in txn.cursor(db=dbs[b"messages"]).iternext(keys=False, values=True):
+            messages += 1
             if len(value) >= _HEAD + 8:
-                births.append(unpack_birth(value, _HEAD)[0])
+                birth = unpack_birth(value, _HEAD)[0]
+                if oldest is None or birth < oldest:
+                    oldest = birth
             else:
                 unreadable += 1
-        messages = len(births) + unreadable
-        if births:
-            oldest = min(births)
         todo = txn.cursor(db=dbs[b"todo"])
         if todo.first():
             raw = txn.get(todo.key(), db=dbs[b"messages"])
