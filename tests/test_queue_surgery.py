@@ -356,3 +356,20 @@ def test_each_surgery_transaction_reports_progress(spool):
         seen = []
         assert change(ids, progress=lambda *a: seen.append(a)) == 5
         assert seen == [("messages", 2, 5), ("messages", 4, 5), ("messages", 5, 5)], change
+
+
+def test_shape_keeps_nothing_per_held_message(tmp_path: Path):
+    """qshape (and the status page, every few seconds) reads which messages
+    are held in step with the recipients, not into a set of every held id."""
+    import tracemalloc
+    with Spool(tmp_path / "queue", SpoolSettings(surgery_batch=5000)) as s:
+        ids = s._write_batch([(Envelope("a@src.test", ("u@far.test",)), b"m\r\n")] * 4000)
+        s.hold(ids)
+        tracemalloc.start()
+        try:
+            shape = s.shape(T0, held=True)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert sum(shape.total) == 4000 and s.shape(T0).domains == 0
+    assert peak < 20 * 4000, f"shape held {peak} bytes for 4000 held messages"

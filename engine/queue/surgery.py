@@ -200,11 +200,12 @@ class Surgery:
         held_db = self._dbs.get(b"held")
         counts: dict[bytes, list[int]] = {}
         with self._index.env.begin() as txn:
-            held_keys = set()
-            if held_db is not None:
-                held_keys = set(txn.cursor(db=held_db).iternext(values=False))
-            # One pass over the recipients table with the messages table read
-            # in step beside it (both in id order): no lookup per message.
+            # One pass over the recipients table with the messages and held
+            # tables read in step beside it (all in id order): no lookup per
+            # message, and nothing kept per message.
+            held_keys = (txn.cursor(db=held_db).iternext(values=False)
+                         if held_db is not None else iter(()))
+            hkey = next(held_keys, None)
             messages = txn.cursor(db=self._dbs[b"messages"]).iternext()
             mkey, mval = next(messages, (None, None))
             last = None
@@ -217,7 +218,9 @@ class Surgery:
                     last = mk
                     while mkey is not None and mkey < mk:
                         mkey, mval = next(messages, (None, None))
-                    skip = mkey != mk or (mk in held_keys) != held
+                    while hkey is not None and hkey < mk:
+                        hkey = next(held_keys, None)
+                    skip = mkey != mk or (hkey == mk) != held
                     if not skip:
                         b = bisect.bisect_right(limits,
                                                 now - _BIRTH.unpack_from(mval, _HEAD)[0])
