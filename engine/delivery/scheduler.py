@@ -384,13 +384,15 @@ class _Commit:
     handed to its commit thread: delivery results (`results`: (lane,
     domain, status, Result), their log lines already written), recovered
     destinations' deferrals made due (`reschedules`: (lane, Deferred)), a
-    flush, and a preprocess batch. Filled in by the thread: `applied`,
+    flush, a preprocess batch, and the messages whose bounce is queued (or
+    not needed) to release (`releases`). Filled in by the thread: `applied`,
     `preprocessed` (Finished | None per item), or `error`."""
     results: list[tuple[Lane, str, str, object]]
     reschedules: list[tuple[Lane, Deferred]]
     flush: bool
     preprocess: list[tuple]
     now: float
+    releases: list[int] = field(default_factory=list)
     applied: list[Finished | None] = field(default_factory=list)
     preprocessed: list[Finished | None] = field(default_factory=list)
     error: SpoolError | None = None
@@ -434,6 +436,10 @@ class Scheduler:
         self._reschedules: list[tuple[Lane, Deferred]] = []
         self._to_preprocess: list[tuple] = []
         self._preprocessing: set[int] = set()   # ids waiting or in the commit
+        # Messages bounced (or needing no bounce) to release in the next
+        # commit, and those waiting or in it: the bounce scan passes over them.
+        self._releases: list[int] = []
+        self._releasing: set[int] = set()
         self._flush_pending = False
         self._committer: concurrent.futures.ThreadPoolExecutor | None = None
         self._commit: concurrent.futures.Future | None = None
@@ -810,12 +816,12 @@ class Scheduler:
     # by the next pass (_collect), so nothing here is touched by two threads.
     def _writes_waiting(self) -> bool:
         return bool(self._results or self._unrecorded or self._reschedules
-                    or self._to_preprocess or self._flush_pending)
+                    or self._to_preprocess or self._flush_pending or self._releases)
 
     def _maybe_commit(self) -> None:
         if self._commit is not None:
             return
-        if self._to_preprocess or self._flush_pending or self._reschedules or (
+        if self._to_preprocess or self._flush_pending or self._reschedules or self._releases or (
                 self._results and (len(self._results) >= self.config.mark_batch
                                    or self.monotonic() >= self._results_due)) or (
                 self._unrecorded and self.monotonic() >= self._unrecorded_due):
@@ -838,8 +844,9 @@ class Scheduler:
                 self.failures += 1
             results.append((lane, domain, status, result))
         commit = _Commit(results, self._reschedules, self._flush_pending, self._to_preprocess,
-                         self.clock())
+                         self.clock(), self._releases)
         self._reschedules, self._flush_pending, self._to_preprocess = [], False, []
+        self._releases = []
         if self._committer is None:
             self._committer = concurrent.futures.ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix="scheduler-commit")
@@ -863,7 +870,7 @@ class Scheduler:
         try:
             c.applied, c.preprocessed, _ = self.spool.commit(
                 [r for _, _, _, r in c.results] + [r for _, r in c.reschedules],
-                c.preprocess, c.now, c.flush)
+                c.preprocess, c.now, c.flush, releases=c.releases)
         except SpoolError as exc:
             c.error = exc
         return c
@@ -893,9 +900,17 @@ class Scheduler:
             if c.preprocess:
                 self.log.warning(f"trouble preprocessing messages: {c.error}; "
                                  "will try again later")
+            for msgid in c.releases:
+                # Still bouncing in the spool: the bounce scan finds it again
+                # (a second bounce at worst, as a crash here would cost).
+                self.log.warning(f"trouble releasing msg {msgid}: {c.error}")
             for lane in self.lanes:
                 lane.scan_after = None  # due entries unchanged, maybe behind the watermark
         self._preprocessing.difference_update(item[0] for item in c.preprocess)
+        self._releasing.difference_update(c.releases)
+        if c.error is None:
+            for msgid in c.releases:
+                self.log.end_msg(msgid)
         recovered: set[tuple[Lane, str]] = set()
         if c.results and c.error is None:
             self._unrecorded_delay = UNRECORDED_RETRY
@@ -983,7 +998,8 @@ class Scheduler:
     def complete_pending_bounces(self) -> None:
         now = self.monotonic()
         for f in self.spool.bouncing(self.config.todo_batch):
-            if f.msgid in self.bouncing_now or self._bounce_retry_at.get(f.msgid, 0) > now:
+            if f.msgid in self.bouncing_now or f.msgid in self._releasing or \
+                    self._bounce_retry_at.get(f.msgid, 0) > now:
                 continue
             self._finish(f)
 
@@ -1053,12 +1069,14 @@ class Scheduler:
         self._release(msgid)
 
     def _release(self, msgid: int) -> None:
-        try:
-            self.spool.release(msgid)
-        except SpoolError as exc:
-            self.log.warning(f"trouble releasing msg {msgid}: {exc}")
-            return
-        self.log.end_msg(msgid)
+        """Release `msgid` (its bounce queued, or none needed) in the next
+        group commit, not a durable transaction of its own on the loop:
+        thousands of messages bouncing at once (their queuelifetime passed)
+        must not stall every delivery for a sync each. `end msg` is logged
+        when that commit is done."""
+        if msgid not in self._releasing:
+            self._releasing.add(msgid)
+            self._releases.append(msgid)
 
     def _log_status(self, exiting: bool = False) -> None:
         self.log.status([(lane.name, lane.active, self.concurrency(lane)) for lane in self.lanes],

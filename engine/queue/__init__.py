@@ -168,9 +168,10 @@ return; O(log n) each)
     bouncing(limit) -> [Finished]           # finished with failures, not released nor held
     release(msgid)                          # after the bounce is queued
     reschedule_all(now) -> int              # ALRM / flush: all deferred due now
-    commit(results, preprocess, now, reschedule) -> (applied, preprocessed, moved)
-        # apply + reschedule_all + preprocess_many in ONE durable txn (the
-        # scheduler's group commit, run in its commit thread)
+    commit(results, preprocess, now, reschedule, releases) -> (applied, preprocessed, moved)
+        # apply + reschedule_all + preprocess_many + release of each bounced
+        # message in ONE durable txn (the scheduler's group commit, run in
+        # its commit thread)
     recover(verify_bytes=False) -> RecoveryReport   # at scheduler start
     adopt_tails() -> int                    # stopped writers' tails (every few s)
     cleanup(now) -> [names]                 # orphan segments (also in recover)

@@ -345,13 +345,16 @@ class Ledger:
         return self.commit(results)[0]
 
     def commit(self, results: Sequence[Result] = (), preprocess: Sequence[tuple] = (),
-               now: float | None = None, reschedule: bool = False
+               now: float | None = None, reschedule: bool = False,
+               releases: Sequence[int] = ()
                ) -> tuple[list[Finished | None], list[Finished | None], int]:
         """The scheduler's group commit: apply(results), then (with
         `reschedule`) reschedule_all(now), then preprocess_many(preprocess,
-        now), in ONE durable transaction, so all of them share its sync.
-        Returns (apply's list, preprocess_many's list, number rescheduled);
-        an index failure raises one SpoolError and changes nothing."""
+        now), then release() of each of `releases` (one gone or not finished
+        is passed over), in ONE durable transaction, so all of them share
+        its sync. Returns (apply's list, preprocess_many's list, number
+        rescheduled); an index failure raises one SpoolError and changes
+        nothing."""
         now = self._core.clock() if now is None else now
         applied: list[Finished | None] = []
         unlink: list[int] = []
@@ -366,6 +369,13 @@ class Ledger:
                     applied.append(None)
             moved = self._reschedule_in(txn, now) if reschedule else 0
             preprocessed = self._preprocess_in(txn, preprocess, now, False, unlink, corrupt)
+            for msgid in releases:
+                try:
+                    self._release_in(txn, msgid, unlink)
+                except RecordError as exc:
+                    corrupt[msgid] = exc
+                except SpoolError:
+                    pass        # gone (deleted meanwhile), or not finished
         self._tidy(unlink, corrupt)
         return applied, preprocessed, moved
 
@@ -453,16 +463,19 @@ class Ledger:
         unlink: list[int] = []
         try:
             with self._index.write(f"release #{msgid}") as txn:
-                rec = self._index.message(txn, msgid)
-                if rec.remaining > 0:
-                    raise SpoolError(f"#{msgid} still has {rec.remaining} recipients to do")
-                self._index.drop_message(txn, msgid, rec.segid, unlink)
+                self._release_in(txn, msgid, unlink)
         except MessageNotFound:
             return
         except RecordError as exc:
             self._tidy((), {msgid: exc})
             return
         self._tidy(unlink, {})
+
+    def _release_in(self, txn: lmdb.Transaction, msgid: int, unlink: list[int]) -> None:
+        rec = self._index.message(txn, msgid)
+        if rec.remaining > 0:
+            raise SpoolError(f"#{msgid} still has {rec.remaining} recipients to do")
+        self._index.drop_message(txn, msgid, rec.segid, unlink)
 
     def reschedule_all(self, now: float | None = None) -> int:
         """Make every deferred recipient due `now` (qmail's ALRM / flush).

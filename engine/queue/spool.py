@@ -311,15 +311,17 @@ class Spool:
         return self.ledger.apply(results)
 
     def commit(self, results: Sequence[Result] = (), preprocess: Sequence[tuple] = (),
-               now: float | None = None, reschedule: bool = False
+               now: float | None = None, reschedule: bool = False,
+               releases: Sequence[int] = ()
                ) -> tuple[list[Finished | None], list[Finished | None], int]:
         """apply(results), then reschedule_all(now) if `reschedule`, then
-        preprocess_many(preprocess, now) in ONE durable transaction: the
+        preprocess_many(preprocess, now), then release(m) for each of
+        `releases` (bounced messages) in ONE durable transaction: the
         scheduler's group commit, one sync for all of them. Returns (apply's
         list, preprocess_many's list, number rescheduled). Safe to call from
         one thread other than the loop reading the spool (LMDB's write lock
         serialises it with every other writer)."""
-        return self.ledger.commit(results, preprocess, now, reschedule)
+        return self.ledger.commit(results, preprocess, now, reschedule, releases)
 
     def bouncing(self, limit: int = 100) -> list[Finished]:
         """Finished messages with failures whose bounce is not yet released
