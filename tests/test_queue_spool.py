@@ -187,6 +187,27 @@ def test_reschedule_all_makes_deferred_due_now(spool: Spool):
     assert sorted(j.msgid for j in spool.due(200.0, 10)) == ids
 
 
+def test_reschedule_all_holds_a_chunk_of_keys_not_every_deferred_one(spool: Spool, monkeypatch):
+    """A flush on a big queue moved every deferred entry through one list of
+    their keys (15 MB for 250,000, in the scheduler too, at ALRM): it reads
+    them RESCHEDULE_CHUNK at a time now, in the same transaction."""
+    import tracemalloc
+
+    from engine.queue import ledger
+    monkeypatch.setattr(ledger, "RESCHEDULE_CHUNK", 100)
+    for _ in range(4):
+        ids = spool._write_batch([(env("a@far.test", "b@far.test"), b"x")] * 1000)
+        spool.preprocess_many([(m, ["remote", "local"]) for m in ids], now=10_000.0)
+    tracemalloc.start()
+    try:
+        assert spool.reschedule_all(200.0) == 8000
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(spool.due(200.0, 10_000)) == 8000 and spool.due(199.0, 10) == []
+    assert peak < 20 * 8000, f"reschedule_all held {peak} bytes for 8000 recipients"
+
+
 def test_due_is_time_ordered_and_limited(spool: Spool):
     ids = [spool.enqueue(env("a@b"), b"x") for _ in range(10)]
     for k, m in enumerate(ids):

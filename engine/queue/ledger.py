@@ -25,6 +25,10 @@ from engine.queue.values import (Deferred, Envelope, Failed, Finished, Job, Mess
                                  MessageQuarantined, MessageUnreadable, QueuedMessage,
                                  RecipientView, Result, SpoolError, SpoolStats)
 
+# reschedule_all (a flush) moves the deferred entries this many at a time:
+# what it holds in memory does not grow with the queue.
+RESCHEDULE_CHUNK = 1000
+
 
 class Ledger:
     """Reading and changing the recipients' states of one open spool.
@@ -486,32 +490,44 @@ class Ledger:
 
     def _reschedule_in(self, txn: lmdb.Transaction, now: float) -> int:
         moved = 0
-        dbs = self._dbs
         for code in (R.LOCAL, R.REMOTE):
-            cur = txn.cursor(db=dbs[b"due"])
             start = R.due_upper(code, now)
-            keys = []
-            if cur.set_range(start):
-                for key in cur.iternext(values=False):
-                    if key[0] != code:
-                        break
-                    keys.append(bytes(key))
-            for key in keys:
-                _c, _t, msgid, idx = R.split_due_key(key)
-                rkey = R.rcpt_key(msgid, idx)
-                raw = txn.get(rkey, db=dbs[b"recipients"])
-                txn.delete(key, db=dbs[b"due"])
-                if raw is None:
-                    continue
-                try:
-                    r = RecipientRecord.decode(raw)
-                except RecordError:
-                    continue
-                if r.state not in (R.PENDING, R.DEFERRED):
-                    continue
-                txn.put(rkey, RecipientRecord(r.state, r.channel, r.attempts, now,
-                                              r.address, r.text).encode(),
-                        db=dbs[b"recipients"])
-                txn.put(R.due_key(code, now, msgid, idx), b"", db=dbs[b"due"])
-                moved += 1
+            while True:
+                # RESCHEDULE_CHUNK keys at a time, not every deferred one in a
+                # list: each key read is deleted, and the entry it makes sorts
+                # before `start`, so the next read from `start` finds the rest.
+                cur = txn.cursor(db=self._dbs[b"due"])
+                keys = []
+                if cur.set_range(start):
+                    for key in cur.iternext(values=False):
+                        if key[0] != code or len(keys) >= RESCHEDULE_CHUNK:
+                            break
+                        keys.append(bytes(key))
+                if not keys:
+                    break
+                moved += self._reschedule_keys(txn, keys, code, now)
+        return moved
+
+    def _reschedule_keys(self, txn: lmdb.Transaction, keys: list[bytes], code: int,
+                         now: float) -> int:
+        moved = 0
+        dbs = self._dbs
+        for key in keys:
+            _c, _t, msgid, idx = R.split_due_key(key)
+            rkey = R.rcpt_key(msgid, idx)
+            raw = txn.get(rkey, db=dbs[b"recipients"])
+            txn.delete(key, db=dbs[b"due"])
+            if raw is None:
+                continue
+            try:
+                r = RecipientRecord.decode(raw)
+            except RecordError:
+                continue
+            if r.state not in (R.PENDING, R.DEFERRED):
+                continue
+            txn.put(rkey, RecipientRecord(r.state, r.channel, r.attempts, now,
+                                          r.address, r.text).encode(),
+                    db=dbs[b"recipients"])
+            txn.put(R.due_key(code, now, msgid, idx), b"", db=dbs[b"due"])
+            moved += 1
         return moved
