@@ -1034,3 +1034,67 @@ def test_messages_bouncing_at_once_are_released_in_group_commits(env):
     assert all(f"end msg {m}" in texts for m in ids)
     assert [w for w in writes if w.startswith("release")] == []
     assert len(writes) < 30, writes
+
+
+def test_a_hung_destination_with_more_due_than_the_skip_memory_is_not_reread(env):
+    """A destination that does not answer, with more due recipients than
+    skip_max can remember: once the due table's end was reached, it was read
+    again from the start every RESCAN_MIN_SECONDS, decoding every forgotten
+    recipient to forget it again (30 % of a core, for ever, with 250,000
+    queued for one hung domain). It is read again only once a destination
+    whose keys were forgotten can take more; other mail still goes."""
+    from engine.delivery.scheduler import ReadyJobs
+    sched, spool, remote, clock, log, tmp = env
+    sched.config = SchedulerConfig(concurrency={"remote": 4}, per_destination=2, scan_batch=20,
+                                   skip_max=50, bounce=sched.config.bounce)
+    lane = sched.lane("remote")
+    lane.ready = ReadyJobs(20, skip_max=50)
+    mono = [time.monotonic()]
+    sched.monotonic = lambda: mono[0]
+    read: list = []
+    real_due = spool.due
+
+    def counting_due(*args, **kw):
+        jobs = real_due(*args, **kw)
+        read.extend(jobs)
+        return jobs
+
+    spool.due = counting_due
+
+    async def passes(n: int) -> None:
+        for _ in range(n):
+            sched.run_pass()
+            mono[0] += 0.05         # poll_interval: RESCAN_MIN_SECONDS is 20 passes
+            await asyncio.sleep(0.001)
+
+    async def scenario():
+        sched._wake = asyncio.Event()
+        hang = asyncio.Event()
+        real = remote.deliver
+
+        async def deliver(domain, sender, rcpts, message):
+            if domain == "slow.test":
+                await hang.wait()
+            return await real(domain, sender, rcpts, message)
+
+        remote.deliver = deliver
+        for i in range(400):
+            spool.enqueue(Envelope("a@src.test", (f"u{i}@slow.test",)), MSG)
+        await passes(150)           # the end of the due table reached
+        assert lane.per_domain == {"slow.test": 2}
+        read.clear()
+        await passes(300)           # 15 s: before the 30 s safety-net read
+        assert len(read) < 100, f"{len(read)} due recipients read again for nothing"
+        clock.now += 1              # new mail, due after the backlog's last entry
+        fast = spool.enqueue(Envelope("a@src.test", ("v@fast.test",)), MSG)
+        await passes(20)
+        assert fast not in {q.msgid for q in spool.iter_messages()}
+        hang.set()
+        deadline = time.monotonic() + 20
+        while spool.stats().messages and time.monotonic() < deadline:
+            await passes(1)
+        await settle(sched)
+
+    asyncio.run(scenario())
+    assert spool.stats().messages == 0
+    assert len([c for c in remote.calls if c[0] == "slow.test"]) == 400

@@ -244,7 +244,9 @@ class ReadyJobs:
         self.skipped: set[tuple[int, int]] = set()
         # True once a due key was neither held nor remembered (skip memory
         # full): only a read of the due table from the start finds it again.
+        # `forgotten`: the destinations of such keys.
         self.forgot = False
+        self.forgotten: set[str] = set()
         self._by_domain: dict[str, deque[tuple[int, list[Job]]]] = {}
         self._count: dict[str, int] = {}
         self._skipped_by_domain: dict[str, deque[tuple[int, int]]] = {}
@@ -270,6 +272,15 @@ class ReadyJobs:
             self._skipped_by_domain.setdefault(domain, deque()).append(key)
         else:
             self.forgot = True
+            self.forgotten.add(domain)
+
+    def could_take_forgotten(self, blocked: Callable[[str], bool]) -> bool:
+        """Whether a read from the start would find room for a key it forgot:
+        the skip memory has some, or a destination whose keys were forgotten
+        can take more. Else that read would only forget them again."""
+        return len(self.skipped) < self.skip_max or any(
+            not blocked(d) and self._count.get(d, 0) < self.per_domain_cap
+            for d in self.forgotten)
 
     def add(self, jobs: Sequence[Job]) -> None:
         groups: dict[tuple[str, int], list[Job]] = {}
@@ -653,10 +664,14 @@ class Scheduler:
                 last = jobs[-1]
                 lane.scan_after = (last.next_try, last.msgid, last.index)
             ready.add(jobs)
-            if len(jobs) < room and ready.forgot and mono >= lane.rescan_min_at:
+            if len(jobs) < room and ready.forgot and mono >= lane.rescan_min_at \
+                    and ready.could_take_forgotten(blocked):
                 # The end of what is due: keys forgotten on the way are
-                # behind the watermark, so the next read starts over.
+                # behind the watermark, so the next read starts over (not
+                # while their destinations are as full as when they were
+                # forgotten: a hung one's backlog would be read for nothing).
                 ready.forgot = False
+                ready.forgotten.clear()
                 lane.scan_after = None
                 lane.rescan_min_at = mono + RESCAN_MIN_SECONDS
             started += self._dispatch_ready(lane)
