@@ -392,9 +392,10 @@ class QmailSendLog:
             except FileNotFoundError:
                 mine = False
             if mine:
-                # Through the descriptor: a name in this directory may be a link.
-                os.fchmod(self._fd, 0o744)
                 os.rename(current, self.dir / f"{self._next_label()}.s")
+                # Finished only once renamed (a refused rename leaves `current`
+                # in use, 0644); through the descriptor: a name here may be a link.
+                os.fchmod(self._fd, 0o744)
             os.close(self._fd)
             self._fd = None
             self._open()

@@ -116,6 +116,33 @@ def test_rotation_keeps_whole_lines_and_at_most_n_minus_1_files(tmp_path):
     assert nums == list(range(nums[0], 2000))
 
 
+def test_a_rotation_that_fails_leaves_current_marked_in_use(tmp_path, monkeypatch):
+    """The rename of a rotation refused (the directory unwritable, say): the
+    lines wait, and `current` is still 0644, multilog's mark of a file in use
+    (0744 would tell the next start it was closed cleanly, not left by a crash)."""
+    import errno
+    ticks = iter(range(1700000000_000000000, 1800000000_000000000, 1_000_000))
+    log = QmailSendLog(tmp_path, max_bytes=4096, max_files=10, clock_ns=lambda: next(ticks))
+    real_rename = os.rename
+
+    def refused(src, dst):
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(os, "rename", refused)
+    for i in range(200):
+        log.new_msg(i)
+    log.flush()
+    assert oct(os.stat(tmp_path / "current").st_mode & 0o777) == "0o644"
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("@")]
+    monkeypatch.setattr(os, "rename", real_rename)
+    log.flush()
+    log.close()
+    rotated = sorted(n for n in os.listdir(tmp_path) if n.startswith("@"))
+    assert rotated and all(oct(os.stat(tmp_path / n).st_mode & 0o777) == "0o744" for n in rotated)
+    lines = [line for n in [*rotated, "current"] for line in _lines(tmp_path / n)]
+    assert [int(line.rsplit(" ", 1)[1]) for line in lines] == list(range(200))
+
+
 def test_appends_to_cleanly_closed_current(tmp_path):
     (tmp_path / "current").write_text("@400000006553f10a075bcbf4 old line\n")
     os.chmod(tmp_path / "current", 0o744)
