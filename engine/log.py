@@ -7,7 +7,7 @@ the variable parts of each line go through qmail's "logsafe" (spec §6.6) so
 one address or remote reply can never forge a line.
 
 As multilog, `current` is mode 0644 while written and 0744 after a clean
-close; one found still 0644 at start was left by a crash and is renamed
+close (by the last of the processes writing it); one found still 0644 at start was left by a crash and is renamed
 `@<tai64n>.u` (kept, counted among the rotated files).
 
 Lines are buffered and written when `flush()` is called (the scheduler
@@ -261,11 +261,17 @@ class QmailSendLog:
             except OSError:
                 pass
             try:
+                # Finished (0744) only if no other process still writes it,
+                # and the `current` of now (another may have rotated it).
+                if self._writers is not None:
+                    fcntl.flock(self._writers, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    self._reopen_if_rotated()
                 os.fchmod(self._fd, 0o744)
             except OSError:
                 pass
-            os.close(self._fd)
-            self._fd = None
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
         if self._writers is not None:
             os.close(self._writers)
             self._writers = None

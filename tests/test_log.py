@@ -167,6 +167,39 @@ def test_current_left_by_a_crash_becomes_dot_u(tmp_path):
     assert _lines(tmp_path / "current")[0].endswith("end msg 6")
 
 
+def test_current_is_marked_finished_by_its_last_writer_only(tmp_path):
+    """Several processes write one `current` (the supervisor, the scheduler, a
+    queue command): the first to stop leaves it 0644, in use; the last one
+    marks it 0744, so a crash of those still writing is noticed at the next start."""
+    a = QmailSendLog(tmp_path)
+    b = QmailSendLog(tmp_path)
+    a.new_msg(1)
+    a.flush()
+    b.new_msg(2)
+    b.flush()
+    a.close()
+    assert oct(os.stat(tmp_path / "current").st_mode & 0o777) == "0o644"
+    b.new_msg(3)
+    b.close()
+    assert oct(os.stat(tmp_path / "current").st_mode & 0o777) == "0o744"
+    assert [line[26:] for line in _lines(tmp_path / "current")] == [
+        "new msg 1", "new msg 2", "new msg 3"]
+    # The last to stop marks the `current` of now, though another rotated it
+    # after this one's last line.
+    ticks = iter(range(1700000000_000000000, 1800000000_000000000, 1_000_000))
+    a = QmailSendLog(tmp_path, max_bytes=4096, clock_ns=lambda: next(ticks))
+    b = QmailSendLog(tmp_path, max_bytes=4096, clock_ns=lambda: next(ticks))
+    a.new_msg(4)
+    a.flush()
+    for i in range(200):
+        b.new_msg(i)
+    b.flush()
+    assert [n for n in os.listdir(tmp_path) if n.startswith("@")]
+    b.close()
+    a.close()
+    assert oct(os.stat(tmp_path / "current").st_mode & 0o777) == "0o744"
+
+
 def test_buffer_is_bounded(tmp_path):
     log = QmailSendLog(tmp_path, max_buffered_lines=10)
     for i in range(25):
