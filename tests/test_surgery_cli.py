@@ -113,6 +113,25 @@ def test_qshape_prints_a_destination_as_qread_prints_an_address():
                      "     caf_.test 1 1  0   0"]
 
 
+def test_surgery_leaves_its_trace_in_the_log(root):
+    """hold, release, requeue and delete say in ROOT/log/current what they did
+    and who did it; a deleted message gets its `end msg`, so a log analyser
+    (qmailanalog's matchup) sees it leave the queue instead of waiting for it
+    for good."""
+    import os
+    with Spool(root / "queue") as s:
+        ids = [s.enqueue(Envelope("a@src.test", ("x@sink.test",)), b"x") for _ in range(3)]
+    said = []
+    for args in (("hold", str(ids[0])), ("release", str(ids[0])), ("requeue", str(ids[1])),
+                 ("delete", str(ids[0]), str(ids[2]))):
+        r = run_cli(args[0], str(root), *args[1:])
+        assert r.returncode == 0, (args, r.stderr)
+        said.append(f"info: qrelay {args[0]} (uid {os.getuid()}): {r.stdout[8:-1]}")
+    assert said[0].endswith("Placed on hold: 1 message") and said[3].endswith("Deleted: 2 messages")
+    assert [line[26:] for line in (root / "log" / "current").read_text().splitlines()] == [
+        *said, f"end msg {ids[0]}", f"end msg {ids[2]}"]
+
+
 def test_bad_input_is_one_line_exit_2(root, tmp_path):
     with Spool(root / "queue") as s:
         s.enqueue(Envelope("a@src.test", ("x@sink.test",)), b"x")

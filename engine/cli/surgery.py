@@ -97,16 +97,43 @@ def _surgery_command(name: str, verb: str, doc: str):
                 older_than: str | None) -> None:
         from engine.queue import SpoolError
         root, ids = _root_and_ids(root, ids)
+        deleted: list[int] = []
         with open_spool(root, readonly=False) as spool:
             try:
                 chosen = _select(spool, ids, domain, sender, older_than)
-                n = {"hold": spool.hold, "release": spool.release_held,
-                     "requeue": spool.requeue, "delete": spool.delete}[name](
-                    chosen, progress=Progress(name))
+                if name == "delete":
+                    n = spool.delete(chosen, deleted, progress=Progress(name))
+                else:
+                    n = {"hold": spool.hold, "release": spool.release_held,
+                         "requeue": spool.requeue}[name](chosen, progress=Progress(name))
             except SpoolError as exc:
                 raise click.ClickException(str(exc)) from None
-        click.echo(f"qrelay: {verb}: {n} message{'' if n == 1 else 's'}")
+            said = f"{verb}: {n} message{'' if n == 1 else 's'}"
+            # Still as the queue's owner (open_spool): the log's files are its.
+            _log_surgery(root, name, said, deleted)
+        click.echo(f"qrelay: {said}")
     return command
+
+
+def _log_surgery(root: str, name: str, said: str, deleted: list[int]) -> None:
+    """What a surgery command did, and who did it, in ROOT/log/current beside
+    qmail-send's lines; each deleted message gets its `end msg`, so a log
+    analyser (qmailanalog's matchup) sees it leave the queue."""
+    import os
+
+    from engine.config.settings import load_settings
+    from engine.log import QmailSendLog
+    settings = load_settings(Path(root)).log     # open_spool read it already
+    try:
+        log = QmailSendLog(Path(root) / "log", max_bytes=settings.max_bytes,
+                           max_files=settings.max_files, fmt=settings.format)
+    except OSError as exc:
+        click.echo(f"qrelay: note: not logged in {Path(root) / 'log'}: {exc}", err=True)
+        return
+    log.line(f"info: qrelay {name} (uid {os.getuid()}): {said}")
+    for msgid in deleted:
+        log.end_msg(msgid)
+    log.close()
 
 
 _WHAT = ("\n\nSelect by message IDs (as qread shows them, `#` optional) and/or --domain,"

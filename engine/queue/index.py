@@ -285,14 +285,14 @@ class SpoolIndex:
             self.release_segment(txn, segid, unlink)
 
     def drop_messages(self, txn: lmdb.Transaction, keys: list[bytes],
-                      unlink: list[int]) -> int:
+                      unlink: list[int], dropped: list[int] | None = None) -> int:
         """drop_message for many messages at once (queue surgery's delete):
         `keys` (8-byte message keys) in ascending order. Walks the tables
         with one cursor each instead of a lookup per key and table, reads
         only the segment id of each message record (its crc checked: a
         segment's live count must not be lowered for a torn record), and
         lowers each segment's live count once. Returns how many of the
-        messages existed."""
+        messages existed (their ids appended to `dropped`, if given)."""
         if not keys:
             return 0
         dbs = self.dbs
@@ -308,6 +308,8 @@ class SpoolIndex:
             if raw is None:
                 continue
             gone += 1
+            if dropped is not None:
+                dropped.append(int.from_bytes(key, "big"))
             if len(raw) >= _MSG_SEGID_AT + 8 and raw[0] == R.FORMAT_VERSION and \
                     crc32(raw[5:]) == _SEAL.unpack_from(raw)[1]:
                 segid = _MSG_SEGID.unpack_from(raw, _MSG_SEGID_AT)[0]

@@ -394,10 +394,12 @@ class Spool:
         return self.surgery.release(ids, self._clock() if now is None else now, requeue=True,
                                     progress=progress)
 
-    def delete(self, ids: Iterable[int], progress: Progress | None = None) -> int:
-        """Remove these messages, no bounce; space freed as at completion."""
+    def delete(self, ids: Iterable[int], deleted: list[int] | None = None,
+               progress: Progress | None = None) -> int:
+        """Remove these messages, no bounce; space freed as at completion
+        (the ids of those removed appended to `deleted`, if given)."""
         self._check_process()
-        return self.surgery.delete(ids, progress)
+        return self.surgery.delete(ids, deleted, progress)
 
     def surgery_generation(self) -> int:
         """Incremented by every hold/release/requeue/delete transaction: a

@@ -345,16 +345,22 @@ class Surgery:
         return self._change(ids, "requeue messages" if requeue else "release messages",
                             self._each(one), progress=progress)
 
-    def delete(self, ids: Iterable[int], progress: Progress | None = None) -> int:
+    def delete(self, ids: Iterable[int], deleted: list[int] | None = None,
+               progress: Progress | None = None) -> int:
         """Remove messages outright (no bounce); their space is freed as a
-        completed message's is. Returns how many were deleted."""
+        completed message's is. Returns how many were deleted (their ids
+        appended to `deleted`, if given, once committed)."""
         unlink: list[int] = []
+        dropped: list[int] = []
 
         def drop(txn: lmdb.Transaction, chunk: list[int]) -> int:
-            return self._index.drop_messages(txn, [R.u64(m) for m in chunk], unlink)
+            dropped.clear()
+            return self._index.drop_messages(txn, [R.u64(m) for m in chunk], unlink, dropped)
 
         def remove() -> None:
             self._core.files.remove(unlink)   # after the commit that let them go is synced
             unlink.clear()
+            if deleted is not None:
+                deleted.extend(dropped)
         # In id order: drop_messages walks each table forward.
         return self._change(sorted(set(ids)), "delete messages", drop, remove, progress)
