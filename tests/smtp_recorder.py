@@ -17,7 +17,9 @@ Behaviour knobs: `greeting` (e.g. "421 busy"), `silent` (never greets),
 `busy_after_messages` (after n messages on a connection, answer MAIL with a
 421 and hang up, as Exim's smtp_accept_max_per_connection does),
 `hard_error_limit` (after the n-th refused RCPT on a connection, send a 421
-and hang up, as Postfix's smtpd_hard_error_limit does).
+and hang up, as Postfix's smtpd_hard_error_limit does), `max_rcpts` (RCPTs
+past the n-th of a transaction get `452 4.5.3 Error: too many recipients`,
+as Postfix's smtpd_recipient_limit does).
 
 TLS: `tls_context` (a server ssl.SSLContext) offers STARTTLS before TLS and
 does the handshake after `starttls_reply` (a reply not starting with 220
@@ -66,6 +68,7 @@ class RecordingSink:
         self.close_after_mail = False
         self.busy_after_messages = 0
         self.hard_error_limit = 0
+        self.max_rcpts = 0
         self.tls_context: ssl.SSLContext | None = None
         self.starttls_reply = "220 ready for tls"
         self.tls_break = False
@@ -164,6 +167,8 @@ class RecordingSink:
                 reply = self.rcpt_replies.get(addr, "250 ok")
                 if current is None:
                     reply = "503 MAIL first"
+                elif self.max_rcpts and len(current.rcpts) >= self.max_rcpts:
+                    reply = "452 4.5.3 Error: too many recipients"
                 elif reply.startswith("2"):
                     current.rcpts.append(line)
                 if not reply.startswith("2"):

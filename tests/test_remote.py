@@ -276,6 +276,28 @@ def test_all_recipients_refused_gives_up():
     assert sink.messages == []
 
 
+@pytest.mark.parametrize("extensions", [["PIPELINING"], []])
+def test_recipients_past_the_servers_limit_go_in_the_next_transaction(extensions):
+    # A server's recipient limit (Postfix's smtpd_recipient_limit) answers 452
+    # past it (RFC 5321 4.5.3.1.10): the rest go in further transactions now,
+    # not at the next retry (400 s, then 1600 s... for the last ones).
+    rcpts = [f"r{i}@example.test" for i in range(7)]
+    results, sink = _routed({"max_rcpts": 3, "extensions": extensions}, rcpts)
+    assert statuses(results) == ["K"] * 7
+    assert [len(m.rcpts) for m in sink.messages] == [3, 3, 1]
+    assert [r for m in sink.messages for r in m.rcpts] == [f"RCPT TO:<{r}>".encode() for r in rcpts]
+    assert len(sink.connections) == 1
+
+
+def test_a_452_in_a_transaction_that_delivered_nothing_defers():
+    # Nothing accepted: no next transaction (each one must deliver to someone).
+    results, sink = _routed({"max_rcpts": 2, "rcpt_replies": {"a@example.test": "452 mailbox full",
+                                                               "b@example.test": "452 mailbox full"}},
+                            ["a@example.test", "b@example.test", "c@example.test"])
+    assert statuses(results) == ["Z", "Z", "K"]
+    assert [len(m.rcpts) for m in sink.messages] == [1]
+
+
 @pytest.mark.parametrize("knobs, status, text", [
     ({"mail_reply": "553 sender refused"}, "D",
      "Connected to 127.0.0.2 but sender was rejected.\nRemote host said: 553 sender refused\n"),

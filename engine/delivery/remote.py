@@ -253,10 +253,31 @@ class RemoteDelivery:
             sent = iter(await self.deliver(domain, sender, good, message) if good else [])
             return [RecipientResult(r, "D", TEXT_BAD_ADDRESS) if b else next(sent)
                     for r, b in zip(recipients, bad)]
+        results, outcome = await self._transaction(domain, sender, recipients, message)
+        # A server's limit of recipients per transaction answers 452 past it
+        # (RFC 5321 4.5.3.1.10): once the message went to someone, the ones
+        # refused with 452 go in the next transaction now, not at their next
+        # retry. Each transaction must deliver to someone, so this ends.
+        sent, got = list(range(len(recipients))), results
+        while outcome is not None and any(r.status == "K" for r in got):
+            sent = [sent[i] for i, reply in enumerate(outcome.rcpt) if reply.code == 452]
+            if not sent:
+                break
+            got, outcome = await self._transaction(domain, sender,
+                                                   [recipients[i] for i in sent], message)
+            for i, result in zip(sent, got):
+                results[i] = result
+        return results
+
+    async def _transaction(self, domain: str, sender: str, recipients: list[str],
+                           message: bytes
+                           ) -> tuple[list[RecipientResult], TransactionOutcome | None]:
+        """One transaction (or none: no address, no connection...); the
+        results, and the server's answers when it took place."""
         try:
             targets, port, tls_name = await self.targets(domain)
         except ResolveError as exc:
-            return _all(recipients, exc.status, exc.text)
+            return _all(recipients, exc.status, exc.text), None
         policy = self.config.tls.lookup(tls_name)
         port = policy.port or port
         last_failure: str | None = None
@@ -302,7 +323,8 @@ class RemoteDelivery:
                 except NameRejected as exc:
                     self.tcpto.reached(ip)
                     return _all(recipients, "Z",
-                                f"Connected to {ip} but my name was rejected.\n" + _said(exc.reply))
+                                f"Connected to {ip} but my name was rejected.\n"
+                                + _said(exc.reply)), None
                 if not reused:
                     self.tcpto.reached(ip)
                 try:
@@ -314,7 +336,7 @@ class RemoteDelivery:
                         continue   # an idle connection the server had dropped: retry
                     dup = "Possible duplicate! " if exc.after_dot else ""
                     return _all(recipients, "Z",
-                                f"Connected to {ip} but connection died. {dup}(#4.4.2)\n")
+                                f"Connected to {ip} but connection died. {dup}(#4.4.2)\n"), None
                 except BaseException:
                     self.pool.release(conn, reusable=False)
                     raise
@@ -325,8 +347,8 @@ class RemoteDelivery:
                     retries -= 1
                     continue
                 self.pool.release(conn)
-                return _results(ip, recipients, outcome, conn.tls is not None)
-        return _all(recipients, "Z", last_failure or TEXT_NO_CONNECTION)
+                return _results(ip, recipients, outcome, conn.tls is not None), outcome
+        return _all(recipients, "Z", last_failure or TEXT_NO_CONNECTION), None
 
     def forget_timeouts(self) -> None:
         """`qrelay flush` (qmail-tcpok + ALRM): addresses skipped for their
