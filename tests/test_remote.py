@@ -787,3 +787,45 @@ def test_a_domain_that_is_no_dns_name_has_no_host_not_a_crash(fake_dns):
             await rd.close()
     assert run(go()) == [RecipientResult("u@caf\udce9.test", "D",
                                          "Sorry, I couldn't find any host named caf\udce9.test. (#5.1.2)\n")]
+
+
+# --- memory: one copy of a big message, whatever its fan-out ------------------------
+
+BIG = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 8000     # 8 MB, no dot to stuff
+
+
+def _traced(tmp_path, deliver):
+    """deliver(port) run against bench/sink.py in a process of its own (so
+    only the sending side is traced); returns (its value, peak bytes)."""
+    import sys
+    import tracemalloc
+
+    from tests.conftest import REPO
+    sys.path.insert(0, str(REPO / "bench"))
+    from sink import SinkProcess
+    sink = SinkProcess(tmp_path / "sink", "--quiet")
+    try:
+        tracemalloc.start()
+        try:
+            value = run(deliver(sink.port))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    finally:
+        sink.stop()
+    return value, peak
+
+
+def test_a_big_message_goes_out_without_a_copy_of_it(tmp_path):
+    # The final dot was appended to the dot-stuffed message: a whole copy of
+    # it for each transaction in flight.
+    async def deliver(port):
+        rd = RemoteDelivery(config(routes=f":127.0.0.1:{port}\n"))
+        try:
+            return await rd.deliver("example.test", "a@src.test", ["x@example.test"], BIG)
+        finally:
+            await rd.close()
+    results, peak = _traced(tmp_path, deliver)
+    assert statuses(results) == ["K"]
+    assert peak < len(BIG) // 4, peak
+

@@ -41,9 +41,16 @@ MAX_EHLO_LINE = 512
 
 # Large bodies are written in pieces of this size, each under timeoutremote.
 WRITE_CHUNK = 256 * 1024
+DOT = b".\r\n"        # the end of DATA
 
 def data_wire(message: bytes) -> bytes:
-    """The bytes to send after a 354: `message` dot-stuffed, ending in CRLF.CRLF.
+    """The bytes to send after a 354: `message` dot-stuffed, ending in CRLF.CRLF."""
+    return stuffed(message) + DOT
+
+
+def stuffed(message: bytes) -> bytes:
+    """data_wire without the final dot: `message` dot-stuffed, ending in CRLF
+    (or empty); the message itself when it needs no change.
 
     `message` is the stored wire form (CRLF line ends, not dot-stuffed). A bare
     CR or bare LF in it is sent as CRLF, so the transmitted stream has only
@@ -61,7 +68,7 @@ def data_wire(message: bytes) -> bytes:
         body = b"." + body
     if body and not body.endswith(b"\r\n"):
         body += b"\r\n"
-    return body + b".\r\n"
+    return body
 
 
 @dataclass(slots=True, frozen=True)
@@ -403,7 +410,13 @@ class SmtpConnection:
             await self.read_reply()
             outcome.data = None
             return outcome
-        await self.write(data_wire(message), after_dot=True)
+        body = stuffed(message)
+        if len(body) > WRITE_CHUNK:
+            # Written in pieces anyway: the dot on its own, not a copy of a
+            # message of many megabytes with it appended.
+            await self.write(body)
+            body = b""
+        await self.write(body + DOT, after_dot=True)
         outcome.final = await self.read_reply(after_dot=True)
         self.last_used = clock()
         return outcome
