@@ -794,6 +794,18 @@ def test_a_domain_that_is_no_dns_name_has_no_host_not_a_crash(fake_dns):
 BIG = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 8000     # 8 MB, no dot to stuff
 
 
+class _ReadingSpool:
+    """Spool.read_message's contract: fresh bytes at each read."""
+
+    def __init__(self, message: bytes) -> None:
+        self.message = message
+        self.reads = 0
+
+    def read_message(self, msgid: int) -> bytes:
+        self.reads += 1
+        return bytes(memoryview(self.message))     # a copy
+
+
 def _traced(tmp_path, deliver):
     """deliver(port) run against bench/sink.py in a process of its own (so
     only the sending side is traced); returns (its value, peak bytes)."""
@@ -829,3 +841,22 @@ def test_a_big_message_goes_out_without_a_copy_of_it(tmp_path):
     assert statuses(results) == ["K"]
     assert peak < len(BIG) // 4, peak
 
+
+def test_deliveries_of_one_message_at_once_share_one_read_of_it(tmp_path):
+    # A message to many domains is delivered to them at once (one transaction
+    # per domain): each read the message from the spool, a copy per domain.
+    from engine.delivery.channels import Group, ReadingCourier
+    spool = _ReadingSpool(BIG)
+
+    async def deliver(port):
+        courier = ReadingCourier(spool, RemoteDelivery(config(routes=f":127.0.0.1:{port}\n")))
+        try:
+            return await asyncio.gather(*(
+                courier.deliver(Group("remote", 7, f"d{i}.test", "a@src.test", (f"x@d{i}.test",)))
+                for i in range(5)))
+        finally:
+            await courier.close()
+    results, peak = _traced(tmp_path, deliver)
+    assert [statuses(r) for r in results] == [["K"]] * 5
+    assert spool.reads == 1
+    assert peak < 2 * len(BIG), peak

@@ -84,17 +84,31 @@ class ReadingCourier:
     def __init__(self, spool, deliverer: Deliverer) -> None:
         self.spool = spool
         self.deliverer = deliverer
+        # msgid -> [message, deliveries using it]: a message to many domains
+        # is delivered to them at once, and held once, not once per domain.
+        self._reading: dict[int, list] = {}
 
     async def deliver(self, group: Group, message: bytes | None = None) -> list[RecipientResult]:
         """`message`: given when the caller has it already (else read here)."""
         from engine.queue import SpoolError
-        if message is None:
+        if message is not None:
+            return await self.deliverer.deliver(group.destination, group.sender,
+                                                group.recipients, message)
+        held = self._reading.get(group.msgid)
+        if held is None:
             try:
-                message = self.spool.read_message(group.msgid)
+                held = [self.spool.read_message(group.msgid), 0]
             except SpoolError:
                 return all_results(group.recipients, "Z", UNREADABLE_TEXT)
-        return await self.deliverer.deliver(group.destination, group.sender, group.recipients,
-                                            message)
+            self._reading[group.msgid] = held
+        held[1] += 1
+        try:
+            return await self.deliverer.deliver(group.destination, group.sender,
+                                                group.recipients, held[0])
+        finally:
+            held[1] -= 1
+            if not held[1]:
+                del self._reading[group.msgid]
 
     def forget_timeouts(self) -> None:
         """The deliverer's (remote delivery's connect-timeout table), if it keeps one."""
