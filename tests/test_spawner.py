@@ -173,6 +173,44 @@ def serve_jobs(deliverer, frames: list[bytes]) -> dict:
     return asyncio.run(main())
 
 
+class CountingSpool(FakeSpool):
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def read_message(self, msgid: int) -> bytes:
+        self.reads += 1
+        return super().read_message(msgid)
+
+
+@pytest.mark.parametrize("deliverer", [FakeRemote, FakeBlocking])
+def test_a_workers_jobs_of_one_message_at_once_share_one_read_of_it(deliverer):
+    # One job per domain (or mailbox owner) of a message, run at once: each
+    # read the message, a copy per job (ten of a 64 MB message...). A job
+    # after they are done reads it again (nothing is kept).
+    spool = CountingSpool()
+
+    async def main():
+        a, b = socket.socketpair()
+        reader, writer = await asyncio.open_unix_connection(sock=a)
+        server = WorkerServer(spool, deliverer(), reader, writer)
+        serving = asyncio.ensure_future(server.serve())
+        creader, cwriter = await asyncio.open_unix_connection(sock=b)
+        reads = []
+        for batch in (range(1, 4), range(4, 5)):
+            for i in batch:
+                cwriter.write(encode_job(i, 7, Group(GROUP.channel, 7, f"d{i}.test", "a@s.test",
+                                                     (f"x@d{i}.test",)), None))
+            for _ in batch:
+                _, status, _ = decode_result(await ipc.read_frame(creader, MAX_FRAME))
+                assert status == OK
+            reads.append(spool.reads)
+        cwriter.close()
+        await asyncio.wait_for(serving, 5)
+        writer.close()
+        return reads
+    assert asyncio.run(main()) == [1, 2]
+
+
 def test_a_remote_worker_forgets_its_connect_timeouts_on_alrm():
     # Spawner.forget_timeouts (`qrelay flush`) sends ALRM to each worker; one
     # whose deliverer keeps a connect-timeout table takes it for that, and
