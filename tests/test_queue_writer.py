@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -14,8 +15,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from engine import ipc
 from engine.queue import Envelope, Spool, SpoolWriteError
-from engine.queue.writer import FrameError, SpoolClient, decode_request, encode_request
+from engine.queue.writer import (FrameError, SpoolClient, decode_request, decode_response,
+                                 encode_request)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -376,3 +379,58 @@ def test_a_big_request_is_not_kept_once_sent(writer: Writer):
         tracemalloc.stop()
         client.close()
     assert held < len(message) // 2, held
+
+
+def test_injection_socket_holds_at_most_its_connections(tmp_path: Path, caplog):
+    """[spool] inject_max_connections: any local user may connect to
+    inject.sock. Unbounded, connections held open used up the writer's
+    descriptors: it could not accept a receiver's connection (every SMTP
+    message waited writer_reply_timeout for a 451) nor open a segment. Past
+    the cap a connection is closed at once, with one log line; the writer
+    socket is not held to it, and a connection that closes makes room."""
+    from engine.config.settings import SpoolSettings
+    from engine.queue.writer import SpoolWriterServer
+
+    envelope = Envelope("x@example.com", ("a@example.net",))
+
+    async def answered(conn) -> int:
+        conn[1].write(encode_request(7, envelope, b"Subject: x\r\n\r\nhi\r\n"))
+        reqid, status, _ = decode_response(await ipc.read_frame(conn[0], 1 << 16))
+        return status
+
+    async def go():
+        spool = Spool(tmp_path / "queue", SpoolSettings(inject_max_connections=2))
+        inject = SpoolWriterServer(spool, tmp_path / "inject.sock", local_users=True)
+        receivers = SpoolWriterServer(spool, tmp_path / "writer.sock")
+        await inject.start()
+        await receivers.start()
+        conns = []
+        try:
+            for _ in range(4):
+                conns.append(await asyncio.open_unix_connection(str(tmp_path / "inject.sock")))
+            for _, w in conns[:2]:
+                assert await answered((_, w)) == 0
+            # past the cap: closed without a word
+            assert await asyncio.wait_for(conns[2][0].read(), 10) == b""
+            assert await asyncio.wait_for(conns[3][0].read(), 10) == b""
+            for _ in range(3):
+                conns.append(await asyncio.open_unix_connection(str(tmp_path / "writer.sock")))
+            for conn in conns[4:]:
+                assert await answered(conn) == 0
+            conns[0][1].close()
+            for _ in range(1000):            # its handler ends: room for one more
+                if len(inject._connections) == 1:
+                    break
+                await asyncio.sleep(0.01)
+            conns.append(await asyncio.open_unix_connection(str(tmp_path / "inject.sock")))
+            assert await answered(conns[-1]) == 0
+        finally:
+            for _, w in conns:
+                w.close()
+            await inject.close()
+            await receivers.close()
+            spool.close()
+    with caplog.at_level(logging.WARNING, logger="qrelay.spool-writer"):
+        asyncio.run(asyncio.wait_for(go(), 30))
+    refusals = [r.getMessage() for r in caplog.records if "inject_max_connections" in r.getMessage()]
+    assert len(refusals) == 1, refusals

@@ -128,6 +128,11 @@ class SpoolSettings:
     # (local users: PHP's mail(), cron); past it a sender waits. One request
     # alone always fits.
     inject_buffered_bytes: int = 256 * 1024 * 1024
+    # Connections queue/inject.sock holds at once (and never more than the
+    # writer's open-files limit leaves room for, engine.openfiles): past it a
+    # connection is closed at once, so local users cannot take the descriptors
+    # the writer needs for the receivers' connections and its segment files.
+    inject_max_connections: int = 256
     # Receivers enqueue through one writer process (QUEUE/writer.sock) that
     # group-commits for all of them (measured faster than each receiver
     # taking LMDB's writer lock; see engine/queue/__init__.py). While no
@@ -503,6 +508,7 @@ RANGES: dict[tuple[str, str], tuple[float, float | None, str]] = {
     ("spool", "writer_reply_timeout"): (1, None, "a commit takes time"),
     ("spool", "index_map_bytes"): (4096, 1 << 44, "LMDB maps it whole: address space"),
     ("spool", "inject_buffered_bytes"): (1024 * 1024, None, "room for local users' mail"),
+    ("spool", "inject_max_connections"): (1, None, "0 would refuse every local user"),
     ("spool", "surgery_batch"): (1, 100000, "messages per surgery transaction"),
     ("spool", "surgery_pause"): (0, 10, "seconds between surgery transactions"),
     ("spool", "import_batch"): (1, 100000, "messages per import commit"),

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import re
 import socket
@@ -43,7 +44,7 @@ from concurrent.futures import Future, InvalidStateError
 from pathlib import Path
 from typing import Callable
 
-from engine import ipc, metrics
+from engine import ipc, metrics, openfiles
 from engine.config.settings import SpoolSettings
 from engine.ipc import FrameError
 from engine.queue import records as R
@@ -56,6 +57,8 @@ WRITER_SOCKET = "writer.sock"     # in the queue directory
 INJECT_SOCKET = "inject.sock"     # in the queue directory: any local user
 # Responses are an id, a status and a short text: far below this.
 MAX_RESPONSE = 64 * 1024
+
+log = logging.getLogger("qrelay.spool-writer")
 
 
 def encode_request(reqid: int, envelope: Envelope, message: bytes) -> bytes:
@@ -122,11 +125,18 @@ class SpoolWriterServer:
 
     def __init__(self, spool: Spool, socket_path: Path | str, *, local_users: bool = False):
         """`local_users`: the injection socket (see the module docstring), its
-        requests held to [spool] inject_buffered_bytes together."""
+        requests held to [spool] inject_buffered_bytes together, its
+        connections to [spool] inject_max_connections."""
         self.spool = spool
         self.socket_path = str(socket_path)
         self.local_users = local_users
         self.budget = ByteBudget(spool.settings.inject_buffered_bytes) if local_users else None
+        # Connections past it are closed at once (None: no cap). The writer's
+        # descriptors would otherwise be anyone's to take, and then it could
+        # not accept a receiver's connection nor open a segment file.
+        self.max_connections = (min(spool.settings.inject_max_connections, openfiles.room())
+                                if local_users else None)
+        self._refused_logged_at: float | None = None    # one line a minute at most
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.StreamWriter] = set()
 
@@ -158,6 +168,15 @@ class SpoolWriterServer:
             await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.max_connections is not None and len(self._connections) >= self.max_connections:
+            now = time.monotonic()
+            if self._refused_logged_at is None or now - self._refused_logged_at >= 60:
+                self._refused_logged_at = now
+                log.warning(f"{self.socket_path}: {len(self._connections)} local users' "
+                            f"connections, the most [spool] inject_max_connections and the "
+                            f"open-files limit allow: closing more until one ends")
+            writer.close()
+            return
         limit = self.spool.settings.max_frame_bytes
         pending: set[asyncio.Task] = set()
         self._connections.add(writer)
