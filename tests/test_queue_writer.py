@@ -5,6 +5,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -434,3 +435,39 @@ def test_injection_socket_holds_at_most_its_connections(tmp_path: Path, caplog):
         asyncio.run(asyncio.wait_for(go(), 30))
     refusals = [r.getMessage() for r in caplog.records if "inject_max_connections" in r.getMessage()]
     assert len(refusals) == 1, refusals
+
+
+def test_accept_at_the_open_files_limit_is_logged_once(tmp_path: Path):
+    """A writer out of descriptors cannot accept: asyncio logs a traceback for
+    each try, a hundred a second while connections wait (thousands of lines
+    on stderr). It is one line; the waiting connections are served once
+    descriptors are free."""
+    script = WRITER.replace("import os, sys", "import os, sys, resource\n"
+                            "resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))")
+    queue, sock = tmp_path / "queue", tmp_path / "writer.sock"
+    proc = subprocess.Popen([sys.executable, "-c", script, str(queue), str(sock), str(1 << 30)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    conns = []
+    try:
+        assert proc.stdout.readline() == b"ready\n"
+        frame = encode_request(1, Envelope("x@example.com", ("a@example.net",)), b"\r\nhi\r\n")
+        for _ in range(80):             # more than its descriptors: the last ones wait
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(sock))
+            s.sendall(frame)
+            conns.append(s)
+        err = b""
+        while b"Too many open files" not in err:
+            err += proc.stderr.readline()
+        for s in conns[:-10]:
+            s.close()
+        for s in conns[-10:]:           # accepted once there is room, and answered
+            s.settimeout(30)
+            assert decode_response(ipc.FrameBuffer(1 << 16).feed(s.recv(1 << 16))[0])[1] == 0
+    finally:
+        for s in conns:
+            s.close()
+        proc.terminate()
+        err += proc.communicate(timeout=30)[1]
+    assert err.count(b"Too many open files") == 1, err.decode()[:2000]

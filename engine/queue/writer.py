@@ -36,6 +36,7 @@ import itertools
 import logging
 import os
 import re
+import resource
 import socket
 import threading
 import time
@@ -507,6 +508,29 @@ def open_spool_writer(queue_dir: Path | str,
                        max_frame=settings.max_frame_bytes)
 
 
+def _accept_errors_once_a_minute() -> Callable[[asyncio.AbstractEventLoop, dict], None]:
+    """The writer's loop's exception handler. Out of descriptors (EMFILE,
+    ENFILE...), asyncio's accept logs a traceback for each try, a hundred a
+    second while connections wait in the backlog; they wait there until a
+    descriptor is free, which one line a minute says as well."""
+    logged_at: float | None = None
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        nonlocal logged_at
+        exc = context.get("exception")
+        if not (isinstance(exc, OSError)
+                and context.get("message", "").startswith("socket.accept() out of system")):
+            loop.default_exception_handler(context)
+            return
+        now = time.monotonic()
+        if logged_at is None or now - logged_at >= 60:
+            logged_at = now
+            log.warning(f"cannot accept a connection: {exc.strerror or exc}; it waits until "
+                        f"a descriptor is free (open files limit "
+                        f"{resource.getrlimit(resource.RLIMIT_NOFILE)[0]})")
+    return handle
+
+
 def run_writer(queue_dir: Path | str, socket_path: Path | str | None = None,
                settings: SpoolSettings | None = None,
                on_ready: Callable[[], None] | None = None,
@@ -526,6 +550,7 @@ def run_writer(queue_dir: Path | str, socket_path: Path | str | None = None,
                    SpoolWriterServer(spool, Path(queue_dir) / INJECT_SOCKET, local_users=True)]
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(_accept_errors_once_a_minute())
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         try:
