@@ -15,7 +15,8 @@ import pytest
 
 from engine.delivery.mx import TEXT_DNS_SOFT, TEXT_IPME
 from engine.delivery.remote import (TEXT_NO_CONNECTION, RecipientResult, RemoteConfig,
-                                    RemoteConfigError, RemoteDelivery, load_remote_config)
+                                    RemoteConfigError, RemoteDelivery, destination_unreached,
+                                    load_remote_config)
 from engine.delivery.routes import Route, SmtpRoutes
 from tests.fakedns import fake_dns  # noqa: F401  (fixture)
 from tests.smtp_recorder import RecordingSink
@@ -178,6 +179,41 @@ def test_all_mx_fail_to_connect_is_4_4_1(fake_dns):
     (result,) = run(go())
     assert (result.status, result.text) == ("Z", TEXT_NO_CONNECTION)
     assert result.text == "Sorry, I wasn't able to establish an SMTP connection. (#4.4.1)\n"
+
+
+def test_no_descriptor_for_a_connection_is_a_local_deferral():
+    """socket() failing for want of a local resource (EMFILE at the open-files
+    limit) is not the destination's fault: qmail-remote's temp_oserr text,
+    not "wasn't able to establish an SMTP connection" (which sends the
+    operator after the network, and makes the mail look like the
+    destination's to the scheduler's recovery)."""
+    import os
+    import resource
+
+    async def go():
+        started = await sinks(("127.0.0.2", {}))
+        port = started[0].port
+        rd = RemoteDelivery(config(routes=f"full.test:127.0.0.2:{port}\n"))
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        hogs = []
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 512), hard))
+            try:
+                while True:
+                    hogs.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError:
+                pass
+            return await rd.deliver("full.test", "a@src.test", ["x@full.test"], MSG), started
+        finally:
+            for fd in hogs:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            await stop(rd, started)
+    (result,), started = run(go())
+    assert (result.status, result.text) == (
+        "Z", "System resources temporarily unavailable. (#4.3.0)\n")
+    assert not destination_unreached(result.text)
+    assert started[0].connections == []
 
 
 def test_only_busy_greetings_defer_with_the_reply(fake_dns):

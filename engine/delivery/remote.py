@@ -41,12 +41,15 @@ from engine.delivery.mx import (TEXT_DNS_SOFT, MxResolver, MxTarget, ResolveErro
                                 host_addresses, parse_ip_literal)
 from engine.delivery.routes import RoutesError, SmtpRoutes
 from engine.delivery.smtpclient import (ConnectFailed, ConnectionDied, ConnectionPool,
-                                        GreetingFailed, NameRejected, PoolLimits, Reply,
-                                        TlsFailed, TlsRequest, TransactionOutcome)
+                                        GreetingFailed, NameRejected, NoLocalResources,
+                                        PoolLimits, Reply, TlsFailed, TlsRequest,
+                                        TransactionOutcome)
 from engine.delivery.tlspolicy import (TlsContexts, TlsDestinations, TlsPolicyError,
                                        read_client_cert, read_client_ciphers)
 
 TEXT_NO_CONNECTION = "Sorry, I wasn't able to establish an SMTP connection. (#4.4.1)\n"
+# qmail-remote's temp_oserr: no socket for want of a local resource (open files).
+TEXT_NO_RESOURCES = "System resources temporarily unavailable. (#4.3.0)\n"
 TEXT_BAD_ADDRESS = "Sorry, that address contains a line break or NUL. (#5.1.3)\n"
 
 
@@ -299,6 +302,8 @@ class RemoteDelivery:
                                  parse_ip_literal(target.name) or target.name)
                 try:
                     conn, reused = await self.pool.acquire(ip, port, self.config.helohost, tls)
+                except NoLocalResources:
+                    return _all(recipients, "Z", TEXT_NO_RESOURCES), None
                 except ConnectFailed as exc:
                     if exc.timed_out:
                         self.tcpto.timed_out(ip)

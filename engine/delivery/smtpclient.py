@@ -21,6 +21,7 @@ This module never resolves names and never touches the spool.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -94,6 +95,15 @@ class ConnectFailed(SmtpError):
     def __init__(self, ip: str, detail: str = "", timed_out: bool = False) -> None:
         super().__init__(ip, None, detail)
         self.timed_out = timed_out
+
+
+class NoLocalResources(ConnectFailed):
+    """No socket for want of a local resource (EMFILE at the open-files limit,
+    ENFILE, ENOBUFS, ENOMEM): no address would do better."""
+
+
+# socket() and connect() errors that are this host's, not the destination's.
+LOCAL_RESOURCE_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
 
 class GreetingFailed(SmtpError):
@@ -213,6 +223,8 @@ class SmtpConnection:
             raise TlsFailed(ip, _tls_error_text(exc, tls, contexts, ip)) from None
         except OSError as exc:
             metrics.remote_connection(False)
+            if exc.errno in LOCAL_RESOURCE_ERRNOS:
+                raise NoLocalResources(ip, f"connect to {ip}:{port}: {exc!r}") from None
             raise ConnectFailed(ip, f"connect to {ip}:{port}: {exc!r}",
                                 timed_out=isinstance(exc, TimeoutError)) from None
         metrics.remote_connection(True)
