@@ -500,3 +500,33 @@ def test_an_address_the_index_cannot_hold_is_refused_before_anything_is_written(
         spool.enqueue(env("b@far.test", sender="é" * 40_000 + "@x"), b"x")   # bytes, not characters
     msgid = spool.enqueue(env("b@far.test"), b"next")
     assert spool.read_message(msgid) == b"next" and spool.stats().messages == 1
+
+
+def test_commit_threads_that_cannot_start_are_a_write_error_and_none_is_left(
+        spool: Spool, monkeypatch):
+    """At the run user's process limit (ulimit -u: threads count), the group
+    commit's threads could not all start: the threads started stayed, blocked
+    for ever (holding that limit's room), and every message was refused with
+    'spool is closed'. It is a write error that says why, the threads started
+    end, and the next message once threads can start is committed."""
+    started = 0
+    real_start = threading.Thread.start
+
+    def start(self):
+        nonlocal started
+        if self.name.startswith("spool-"):
+            started += 1
+            if started == 3:
+                raise RuntimeError("can't start new thread")
+        real_start(self)
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(SpoolWriteError, match="can't start new thread"):
+        spool.enqueue(Envelope("a@b", ("c@d",)), b"hi\r\n")
+    monkeypatch.undo()
+    for _ in range(1000):
+        if not any(t.name.startswith("spool-") for t in threading.enumerate()):
+            break
+        threading.Event().wait(0.01)
+    assert [t.name for t in threading.enumerate() if t.name.startswith("spool-")] == []
+    msgid = spool.enqueue(Envelope("a@b", ("c@d",)), b"hi\r\n")
+    assert spool.read_message(msgid) == b"hi\r\n"

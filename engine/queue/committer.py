@@ -163,8 +163,17 @@ class GroupCommitter:
                                           daemon=True)]
         self._syncers = [threading.Thread(target=self._run_sync, name=f"spool-sync-{i}",
                                           daemon=True) for i in range(max(1, sync_depth))]
-        for t in self._threads + self._syncers:
-            t.start()
+        try:
+            for t in self._threads + self._syncers:
+                t.start()
+        except RuntimeError:
+            # No thread to be had (the user's process limit counts threads):
+            # the ones started end instead of waiting for ever, then it is raised.
+            self._closed = True
+            self._requests.put(None)
+            for _ in self._syncers:
+                self._to_sync.put(None)
+            raise
 
     def put(self, envelope: Any, message: bytes, loop: asyncio.AbstractEventLoop | None = None,
             wait_index: bool = False) -> Future[int] | asyncio.Future[int]:

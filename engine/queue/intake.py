@@ -109,8 +109,9 @@ class Intake:
         `qrelay inject` of one would otherwise stop every commit after it)."""
         if why := R.oversized_address((envelope.sender, *envelope.recipients)):
             raise AddressTooLong(why)
+        committer = self._get_committer()
         try:
-            return self._get_committer().put(envelope, bytes(message), loop, wait_index)
+            return committer.put(envelope, bytes(message), loop, wait_index)
         except RuntimeError:  # closed by another thread meanwhile
             raise SpoolError("spool is closed") from None
 
@@ -120,11 +121,15 @@ class Intake:
             return committer
         with self._committer_lock:  # threads racing to the first enqueue
             if self._committer is None:
-                self._committer = GroupCommitter(
-                    self._prepare_requests, self.sync_stage, self.index_stage,
-                    self._settings.max_batch_messages, self._settings.max_batch_bytes,
-                    sync_depth=self._sync_depth,
-                    ack_after_index=self._settings.ack_after_index)
+                try:
+                    self._committer = GroupCommitter(
+                        self._prepare_requests, self.sync_stage, self.index_stage,
+                        self._settings.max_batch_messages, self._settings.max_batch_bytes,
+                        sync_depth=self._sync_depth,
+                        ack_after_index=self._settings.ack_after_index)
+                except RuntimeError as exc:   # tried again with the next message
+                    raise SpoolWriteError(f"cannot start the spool's commit threads: {exc}"
+                                          ) from None
             return self._committer
 
     def write_batch(self, items: Sequence[tuple[Envelope, bytes]]) -> list[int]:
