@@ -269,3 +269,27 @@ def test_a_quoted_local_part_that_needs_no_quotes_is_the_mailbox(make_server, ro
     [(envelope, _)] = srv.spool.messages
     assert (envelope.sender, envelope.recipients) == ("a@example.org", ("joe@example.com",))
     c.close()
+
+
+def test_the_log_is_written_when_its_thread_cannot_start(make_server, root, monkeypatch):
+    """At the run user's process limit (ulimit -u counts threads) the log's
+    writer thread cannot start: the flush's RuntimeError left the receiver
+    believing a write in flight, and its smtpd log stayed silent for the rest
+    of its life. The lines are written by the loop itself meanwhile."""
+    import threading
+    real_start = threading.Thread.start
+
+    def start(self):
+        if self.name.startswith("smtpd-log"):
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+    monkeypatch.setattr(threading.Thread, "start", start)
+    srv, _ = make_server(concurrencyincoming="7\n")
+    for n in (1, 2):            # and not only once
+        c = greet(srv.port)
+        assert c.cmd(b"QUIT") == f"221 {ME}\r\n".encode()
+        c.close()
+        deadline = time.monotonic() + 5
+        while lines(root).count("tcpserver: status: 0/7") < n and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert lines(root).count("tcpserver: status: 0/7") == n

@@ -124,8 +124,14 @@ class Receiver:
         if self._log_writer is None:    # stopped: the last lines, written here
             self.log.flush()
             return
+        try:
+            done = asyncio.get_running_loop().run_in_executor(self._log_writer, self.log.flush)
+        except RuntimeError:    # no thread to be had (ulimit -u counts threads): written here
+            self.log.flush()
+            if self.log.pending:      # a failed write (disk full): later
+                self._schedule_log_flush()
+            return
         self._log_writing = True
-        done = asyncio.get_running_loop().run_in_executor(self._log_writer, self.log.flush)
         done.add_done_callback(self._log_written)
 
     def _log_written(self, done: asyncio.Future) -> None:
