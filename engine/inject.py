@@ -985,6 +985,10 @@ class StdioTransport:
         except OSError:
             self.abort()
 
+    def set_protocol(self, protocol) -> None:
+        # STARTTLS: engine.tls_transport reads the handshake and records from here on.
+        self.protocol = protocol
+
     def pause_reading(self) -> None:
         self._paused = True
         self._may_read.clear()

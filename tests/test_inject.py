@@ -545,6 +545,76 @@ def test_sendmail_bs_turn_by_turn_with_stdin_left_open(root):
     assert len(queued(root)) == 1
 
 
+def test_sendmail_bs_starttls_works_on_the_pipe(root):
+    # With control/servercert.pem, -bs offers STARTTLS as qmail-smtpd does under
+    # qmail's sendmail; a client that takes the offer must get a working TLS
+    # session on stdin/stdout, not a dropped pipe after `220 ready for tls`.
+    import ssl
+
+    from tests.smtp_harness import install_certificate
+    install_certificate(root)
+    proc = subprocess.Popen([sys.executable, "-m", "engine.inject", "-bs"], cwd=REPO,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**BASE_ENV, "PYTHONPATH": str(REPO), "QRELAY_ROOT": str(root)})
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing)
+
+    def send(data: bytes) -> None:
+        proc.stdin.write(data)
+        proc.stdin.flush()
+
+    def receive() -> None:
+        send(outgoing.read())
+        data = os.read(proc.stdout.fileno(), 1 << 16)
+        assert data, "sendmail -bs closed the pipe"
+        incoming.write(data)
+
+    def say(line: bytes) -> bytes:
+        tls.write(line + b"\r\n")
+        got = b""
+        while not re.search(rb"(^|\n)\d{3} [^\n]*\r\n$", got):
+            try:
+                got += tls.read(1 << 16)
+            except ssl.SSLWantReadError:
+                receive()
+        return got
+
+    try:
+        assert proc.stdout.readline().startswith(b"220 ")
+        send(b"EHLO app\r\n")
+        ehlo = b""
+        while not ehlo.endswith(b"250 SIZE 67108864\r\n"):
+            ehlo += proc.stdout.readline()
+        assert b"250-STARTTLS\r\n" in ehlo
+        send(b"STARTTLS\r\n")
+        assert proc.stdout.readline() == b"220 ready for tls\r\n"
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                receive()
+        assert say(b"EHLO app").startswith(b"250-mx.example.com\r\n")
+        assert say(b"MAIL FROM:<app@example.com>") == b"250 ok\r\n"
+        assert say(b"RCPT TO:<b@example.net>") == b"250 ok\r\n"
+        assert say(b"DATA") == b"354 go ahead\r\n"
+        assert say(b"Subject: tls\r\n\r\nhi\r\n.").startswith(b"250 ok ")
+        assert say(b"QUIT") == b"221 mx.example.com\r\n"
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdin.close()
+        proc.stdout.close()
+        proc.stderr.close()
+    [(_, envelope, message)] = queued(root)
+    assert envelope.recipients == ("b@example.net",)
+    assert b"by localhost with ESMTPS (" in message
+
+
 def test_sendmail_f_in_angle_brackets_gives_a_plain_from(root):
     # `sendmail -f '<bounce@…>'` (as some PHP apps pass it): the brackets are the
     # address's, not its local part's; From must not become `"<bounce"@shop…>`.
