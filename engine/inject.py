@@ -835,6 +835,12 @@ def sendmail_main(argv: Sequence[str] | None = None) -> None:
     except UsageError as exc:
         sys.stderr.write(f"sendmail: {exc}; {USAGE}\n")
         sys.exit(EX_USAGE)
+    if os.path.basename(prog) == "newaliases":
+        # Debian links it to sendmail and package scripts run it: qmail's sendmail
+        # refuses it (100) rather than read stdin as a message.
+        sys.stderr.write("sendmail: fatal: newaliases: qrelay has no aliases database "
+                         "(aliases are .qmail files: qrelay alias)\n")
+        sys.exit(PERMANENT)
     root = default_root()
     if args.mode in ("list", "flush"):
         import click

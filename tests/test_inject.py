@@ -469,6 +469,29 @@ def test_sendmail_arguments_parse_like_getopt():
         parse_sendmail_args(["-bz"])
 
 
+def test_sendmail_as_newaliases_refuses_in_one_line_without_reading_stdin(root):
+    # Debian's /usr/bin/newaliases is a link to /usr/sbin/sendmail, and package
+    # scripts run it: as qmail's sendmail, one fatal line and 100; it read the
+    # (possibly never closed) stdin as a message and then said "no recipients".
+    proc = subprocess.Popen([sys.executable, "-c", "from engine.inject import sendmail_main; "
+                             "sendmail_main(['/usr/bin/newaliases'])"], cwd=REPO,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**BASE_ENV, "PYTHONPATH": str(REPO), "QRELAY_ROOT": str(root)})
+    try:
+        assert proc.wait(timeout=20) == 100
+        lines = proc.stderr.read().decode().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("sendmail: fatal: "), lines
+        assert "newaliases" in lines[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdin.close()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert queued(root) == []
+
+
 def test_sendmail_bs_speaks_smtp_on_stdin_and_stdout(root):
     dialogue = (b"EHLO client\r\nMAIL FROM:<app@example.com>\r\nRCPT TO:<far@example.net>\r\n"
                 b"DATA\r\nSubject: bs\r\n\r\nhello\r\n.\r\nQUIT\r\n")
