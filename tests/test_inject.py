@@ -433,6 +433,19 @@ def test_sendmail_t_i_as_php_calls_it(root):
     assert b"From: www-data@mx.example.com\r\n" in message
 
 
+def test_sendmail_t_to_every_local_user_by_name_is_qualified_in_linear_time(root):
+    # An admin's `sendmail -t` with To: of 200,000 host-less names: each is
+    # rewritten in place; a slice per rewrite made that minutes of CPU.
+    names = [f"u{i}" for i in range(200_000)]
+    data = ("To: " + ",\n ".join(names) + "\nSubject: all\n\nhi\n").encode()
+    done = sendmail(root, "-t", data=data)      # run()'s bound: 60 s
+    assert done.returncode == 0, done.stderr
+    [(_, envelope, message)] = queued(root)
+    assert envelope.recipients == tuple(f"{n}@mx.example.com" for n in names)
+    assert b"To: u0@mx.example.com,\r\n u1@mx.example.com,\r\n" in message
+    assert b" u199999@mx.example.com\r\nSubject: all\r\n\r\nhi\r\n" in message
+
+
 def test_sendmail_f_and_F_and_the_options_cron_and_php_pass(root):
     done = sendmail(root, "-FCronDaemon", "-i", "-B8BITMIME", "-oem", "-odi", "-oi",
                     "-fcron@example.com", "root", data=b"Subject: cron job\n\noutput\n")
