@@ -834,6 +834,13 @@ def parse_sendmail_args(argv: Sequence[str], prog: str = "sendmail") -> Sendmail
 def sendmail_main(argv: Sequence[str] | None = None) -> None:
     """The `qrelay-sendmail` program (an admin links /usr/sbin/sendmail to it).
     ROOT is $QRELAY_ROOT, else /var/qrelay."""
+    import signal
+
+    # Ctrl-C ends it by the signal, as it ends qmail-inject: no traceback, nothing queued
+    # unless already durable (Python would raise KeyboardInterrupt wherever it is).
+    # An ignored SIGINT (a script's `sendmail ... &`) stays ignored.
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
     argv = list(sys.argv if argv is None else argv)
     prog = argv[0] if argv else "sendmail"
     try:

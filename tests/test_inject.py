@@ -581,6 +581,28 @@ def test_sendmail_bs_turn_by_turn_with_stdin_left_open(root):
     assert len(queued(root)) == 1
 
 
+def test_sendmail_interrupted_dies_quietly_as_qmail_inject_does(root):
+    # Ctrl-C on `sendmail bob` being typed, or on a `sendmail -bs` dialogue:
+    # the process ends by the signal, nothing queued, no Python traceback.
+    import signal
+    proc = subprocess.Popen([sys.executable, "-m", "engine.inject", "-bs"], cwd=REPO,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**BASE_ENV, "PYTHONPATH": str(REPO), "QRELAY_ROOT": str(root)})
+    try:
+        assert proc.stdout.readline().startswith(b"220 ")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == -signal.SIGINT
+        assert proc.stderr.read() == b""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdin.close()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert queued(root) == []
+
+
 def test_sendmail_bs_starttls_works_on_the_pipe(root):
     # With control/servercert.pem, -bs offers STARTTLS as qmail-smtpd does under
     # qmail's sendmail; a client that takes the offer must get a working TLS
