@@ -732,6 +732,18 @@ def test_alias_domain_add_and_del_leaves_the_real_domain(droot):
     assert "example.org" not in (droot / "control" / "virtualdomains").read_text()
 
 
+def test_user_del_through_an_alias_domain_still_refuses_the_catch_all(droot):
+    # vdeluser maps an alias domain to the real one (vget_assign) before its
+    # checks: the catch-all is the same mailbox whichever name reaches it.
+    qrelay("user", "add", str(droot), "ann@example.com", input="pw\n")
+    qrelay("domain", "alias", str(droot), "example.net", "example.com")
+    assert qrelay("domain", "catchall", str(droot), "example.com", "ann@example.com").exit_code == 0
+    bad(qrelay("user", "del", str(droot), "ann@example.net"), "catch-all")
+    assert qrelay("domain", "catchall", str(droot), "example.com", "Ann@Example.NET").exit_code == 0
+    bad(qrelay("user", "del", str(droot), "ann@example.com"), "catch-all")
+    assert (droot / "domains" / "example.com" / "ann" / "Maildir").is_dir()
+
+
 def test_domain_del_of_a_linked_domain_directory_removes_the_link_only(root, tmp_path):
     # vpopmail boxes link big domains elsewhere (domains/DOM -> /data/DOM): vdeldomain
     # unlinks; the tree behind it is the operator's.

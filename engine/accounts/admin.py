@@ -701,20 +701,26 @@ def find_user(root: os.PathLike | str, address: str) -> tuple[Path, DomainRef, s
 
 def delete_user(root: os.PathLike | str, address: str) -> VUser:
     """vdeluser: the vpasswd line and the user's directory tree."""
-    _, ref, name = find_user(root, address)
+    base, ref, name = find_user(root, address)
     default = parse_qmail_default(_read_text(ref.directory / ".qmail-default"))
+    # The catch-all's address and the user's, each through its real domain
+    # (vget_assign): joe@ALIAS and Joe@REAL are the same mailbox.
+    catchall = default.argument.rstrip("/") if default.vdelivermail else None
+    if catchall and "@" in catchall and not catchall.startswith("/"):
+        local, _, domain = ascii_lower(catchall).rpartition("@")
+        catchall = f"{local}@{_alias_of(base, domain) or domain}"
+    real = _alias_of(base, ref.name) or ref.name
     with _in_tree(ref):
-        return _delete_user(ref, name, default)
+        return _delete_user(ref, name, catchall, real)
 
 
-def _delete_user(ref: DomainRef, name: str, default) -> VUser:
+def _delete_user(ref: DomainRef, name: str, catchall: str | None, real: str) -> VUser:
     with file_lock(ref.directory / VPASSWD_LOCK, ref.owner):
         users = read_users(ref.directory)
         user = next((u for u in users if ascii_lower(u.name) == name), None)
         if user is None:
             raise AdminError(f"{name}@{ref.name}: no such user")
-        if default.vdelivermail and default.argument.rstrip("/") in (
-                user.directory.rstrip("/"), f"{name}@{ref.name}"):
+        if catchall and catchall in (user.directory.rstrip("/"), f"{name}@{real}"):
             raise AdminError(f"{name}@{ref.name}: is the domain's catch-all; change it first "
                              f"(qrelay domain catchall)")
         # every line with the name, as auth_deluser: a second one would be the user again
