@@ -744,6 +744,27 @@ def test_user_del_through_an_alias_domain_still_refuses_the_catch_all(droot):
     assert (droot / "domains" / "example.com" / "ann" / "Maildir").is_dir()
 
 
+def test_domain_del_of_an_alias_whose_real_domain_is_gone(droot):
+    # The real domain removed by hand (or by a vdeldomain that left the alias
+    # line): the alias points at a directory that is gone, and `domain del`
+    # of the alias is how its lines go.
+    qrelay("domain", "alias", str(droot), "example.net", "example.com")
+    assign = droot / "users" / "assign"
+    assign.write_text("".join(line + "\n" for line in assign.read_text().splitlines()
+                              if not line.startswith("+example.com-")))
+    assert qrelay("newu", str(droot)).exit_code == 0
+    dom = droot / "domains" / "example.com"
+    (dom / "vpasswd").unlink()
+    (dom / "vpasswd.cdb").unlink()
+    r = qrelay("domain", "del", str(droot), "example.net")
+    assert r.output == "qrelay: deleted alias domain example.net (of example.com, whose mailboxes stay)\n"
+    assert assign.read_text() == ".\n"
+    assert "example.net" not in (droot / "control" / "rcpthosts").read_text().splitlines()
+    assert "example.net" not in (droot / "control" / "virtualdomains").read_text()
+    assert dom.is_dir()         # not a domain any more, but not the alias's to remove
+    bad(qrelay("domain", "del", str(droot), "example.net"), "no such domain")
+
+
 def test_domain_del_of_a_linked_domain_directory_removes_the_link_only(root, tmp_path):
     # vpopmail boxes link big domains elsewhere (domains/DOM -> /data/DOM): vdeldomain
     # unlinks; the tree behind it is the operator's.

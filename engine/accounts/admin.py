@@ -426,8 +426,14 @@ def delete_domain(root: os.PathLike | str, domain: str) -> tuple[DomainRef, str 
     directory untouched. Returns (the domain, the real domain it was an alias
     of, or None)."""
     base = check_root(root)
-    ref = find_domain(base, domain)
-    real = _alias_of(base, ref.name)
+    real = _alias_of(base, ascii_lower(domain))
+    if real is None:
+        ref = find_domain(base, domain)
+    else:
+        # Its own lines only, so its directory need not be a domain's any
+        # more: an alias left behind by its real domain's removal goes too.
+        a = load_assign(base).wildcard(ascii_lower(domain) + "-")
+        ref = DomainRef(ascii_lower(domain), Path(a.home), a.uid, a.gid)
     with file_lock(base / "users" / "assign.lock"):
         lines = _read_assign_lines(base)
         names = set()
