@@ -840,6 +840,33 @@ def test_a_vpopmail_domain_whose_directory_is_gone_is_made_again_not_left_empty(
         assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (UID, GID, mode)
 
 
+def test_alias_domains_left_by_a_removed_real_domain_are_deleted_by_the_fix(box):
+    """The real domain taken out by hand (its line, its directory): its alias
+    domains still point at the directory. There is no domain to make again
+    (`domain mkpasswd` of it says `no such domain`): the fix deletes every
+    alias left, and doctor then has nothing to say."""
+    import shutil
+    for alias in ("alias.example", "alias2.example"):
+        admin.add_alias_domain(box, alias, "example.org")
+    assign = box / "users" / "assign"
+    assign.write_text("".join(line + "\n" for line in assign.read_text().splitlines()
+                              if not line.startswith("+example.org-")))
+    admin.newu(box)
+    for name in ("virtualdomains", "rcpthosts"):
+        path = box / "control" / name
+        path.write_text("".join(line + "\n" for line in path.read_text().splitlines()
+                                if not line.startswith("example.org")))
+    shutil.rmtree(box / "domains" / "example.org")
+    (f,) = findings(doctor(box)[1], "perms")
+    assert f["what"].startswith(f"{box}/domains/example.org (users/assign +alias.example-:")
+    assert "example.org, the domain it is an alias of, is gone" in f["why"]
+    assert f["fix"] == (f"qrelay domain del {box} alias.example && "
+                        f"qrelay domain del {box} alias2.example")
+    run_fix(f["fix"])
+    assert findings(doctor(box)[1]) == []
+    assert assign.read_text() == ".\n"
+
+
 def test_mailboxes_the_fixes_make_are_private_whatever_the_umask(box):
     """qrelay and vpopmail make a user's directory and Maildir 0700: the
     mkdir of a fix must not leave another user's mail readable by all."""

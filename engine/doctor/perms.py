@@ -47,6 +47,21 @@ def _vpopmail_domain(label: str, a) -> bool:
             and os.path.basename(os.path.normpath(a.home)) == a.user)
 
 
+def _orphan_aliases(entries, home: str) -> list[str]:
+    """The alias domains (vaddaliasdomain's `+ALIAS-:REAL:…` lines) with this
+    home whose real domain has no `+REAL-` line any more; [] when any has one."""
+    names = {label[1:].split(":", 1)[0] for label, _ in entries if label.startswith("+")}
+    out = []
+    for label, a in entries:
+        name = label[1:].split(":", 1)[0][:-1] if label.startswith("+") else ""
+        if a is None or a.home != home or not _vpopmail_domain(label, a) or name == a.user:
+            continue
+        if f"{a.user}-" in names:
+            return []
+        out.append(name)
+    return out
+
+
 def _number(text: str) -> int:
     digits = text[:len(text) - len(text.lstrip("0123456789"))]
     return int(digits) if digits else 0
@@ -108,7 +123,14 @@ def check(ctx: Context, report: Report) -> None:
             if st is None:
                 why = f"every delivery to it defers (Unable to switch to {a.home})"
                 fix = f"mkdir -p {ctx.arg(a.home)} && chown {a.uid}:{a.gid} {ctx.arg(a.home)}"
-                if _vpopmail_domain(label, a):
+                orphans = _orphan_aliases(entries, a.home)
+                if orphans:
+                    # No domain to make again: the aliases pointing at it go.
+                    why += (f" and {a.user}, the domain it is an alias of, is gone (users/assign "
+                            f"has no +{a.user}- line)")
+                    fix = " && ".join(f"qrelay domain del {ctx.arg(ctx.root)} {shlex.quote(n)}"
+                                      for n in orphans)
+                elif _vpopmail_domain(label, a):
                     # An empty directory would turn the deferrals into bounces (no
                     # .qmail-default: no mailbox here by that name): make the domain.
                     domain, home, owner = shlex.quote(a.user), ctx.arg(a.home), \
