@@ -867,6 +867,33 @@ def test_alias_domains_left_by_a_removed_real_domain_are_deleted_by_the_fix(box)
     assert assign.read_text() == ".\n"
 
 
+def test_an_alias_domain_left_behind_by_a_moved_real_domain_follows_it(box, tmp_path):
+    """The real domain moved by hand (its directory and its assign line, not
+    its alias's): making the old directory again would turn the alias's
+    deferrals into bounces. The fix points the alias at the real domain."""
+    admin.add_alias_domain(box, "alias.example", "example.org")
+    old = box / "domains" / "example.org"
+    new = tmp_path / "big" / "example.org"
+    new.parent.mkdir()
+    old.rename(new)
+    assign = box / "users" / "assign"
+    assign.write_text(assign.read_text().replace(f"+example.org-:example.org:{UID}:{GID}:{old}:",
+                                                 f"+example.org-:example.org:{UID}:{GID}:{new}:"))
+    admin.newu(box)
+    vpasswd = new / "vpasswd"       # the users' directories too, as a move does
+    vpasswd.write_text(vpasswd.read_text().replace(str(old), str(new)))
+    admin.rebuild_cdb(box, "example.org")
+    (f,) = findings(doctor(box)[1], "perms")
+    assert f["what"].startswith(f"{old} (users/assign +alias.example-:")
+    assert f"example.org, the domain it is an alias of, is in {new}" in f["why"]
+    assert f["fix"] == (f"qrelay domain del {box} alias.example && "
+                        f"qrelay domain alias {box} alias.example example.org")
+    run_fix(f["fix"])
+    assert findings(doctor(box)[1]) == []
+    assert f"+alias.example-:example.org:{UID}:{GID}:{new}:-::" in assign.read_text()
+    assert not old.exists()
+
+
 def test_mailboxes_the_fixes_make_are_private_whatever_the_umask(box):
     """qrelay and vpopmail make a user's directory and Maildir 0700: the
     mkdir of a fix must not leave another user's mail readable by all."""

@@ -47,18 +47,20 @@ def _vpopmail_domain(label: str, a) -> bool:
             and os.path.basename(os.path.normpath(a.home)) == a.user)
 
 
-def _orphan_aliases(entries, home: str) -> list[str]:
-    """The alias domains (vaddaliasdomain's `+ALIAS-:REAL:…` lines) with this
-    home whose real domain has no `+REAL-` line any more; [] when any has one."""
-    names = {label[1:].split(":", 1)[0] for label, _ in entries if label.startswith("+")}
+def _stale_aliases(entries, home: str) -> list[tuple[str, str, str | None]]:
+    """(alias, real domain, the real domain's home or None when it has no
+    `+REAL-` line) of the alias domains (vaddaliasdomain's `+ALIAS-:REAL:…`
+    lines) with this home whose real domain is not there; [] when it is."""
+    homes = {label[1:].split(":", 1)[0]: a.home for label, a in entries if label.startswith("+")}
     out = []
     for label, a in entries:
         name = label[1:].split(":", 1)[0][:-1] if label.startswith("+") else ""
-        if a is None or a.home != home or not _vpopmail_domain(label, a) or name == a.user:
+        if a.home != home or not _vpopmail_domain(label, a) or name == a.user:
             continue
-        if f"{a.user}-" in names:
+        there = homes.get(f"{a.user}-")
+        if there == home:
             return []
-        out.append(name)
+        out.append((name, a.user, there))
     return out
 
 
@@ -123,13 +125,19 @@ def check(ctx: Context, report: Report) -> None:
             if st is None:
                 why = f"every delivery to it defers (Unable to switch to {a.home})"
                 fix = f"mkdir -p {ctx.arg(a.home)} && chown {a.uid}:{a.gid} {ctx.arg(a.home)}"
-                orphans = _orphan_aliases(entries, a.home)
-                if orphans:
-                    # No domain to make again: the aliases pointing at it go.
-                    why += (f" and {a.user}, the domain it is an alias of, is gone (users/assign "
-                            f"has no +{a.user}- line)")
-                    fix = " && ".join(f"qrelay domain del {ctx.arg(ctx.root)} {shlex.quote(n)}"
-                                      for n in orphans)
+                stale = _stale_aliases(entries, a.home)
+                if stale:
+                    # No domain to make again here: the aliases go, or follow
+                    # their real domain to its directory.
+                    real, moved = stale[0][1:]
+                    why += (f" and {real}, the domain it is an alias of, " +
+                            (f"is in {moved}" if moved else
+                             f"is gone (users/assign has no +{real}- line)"))
+                    root = ctx.arg(ctx.root)
+                    fix = " && ".join(
+                        f"qrelay domain del {root} {shlex.quote(n)}" +
+                        (f" && qrelay domain alias {root} {shlex.quote(n)} {shlex.quote(r)}"
+                         if there else "") for n, r, there in stale)
                 elif _vpopmail_domain(label, a):
                     # An empty directory would turn the deferrals into bounces (no
                     # .qmail-default: no mailbox here by that name): make the domain.
