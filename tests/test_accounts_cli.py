@@ -744,6 +744,18 @@ def test_user_del_through_an_alias_domain_still_refuses_the_catch_all(droot):
     assert (droot / "domains" / "example.com" / "ann" / "Maildir").is_dir()
 
 
+def test_user_del_names_the_aliases_forwarding_to_it_through_an_alias_domain(droot):
+    # joe@example.net is joe@example.com (vaddaliasdomain): an alias naming
+    # either forwards to the mailbox just deleted.
+    qrelay("user", "add", str(droot), "joe@example.com", input="pw\n")
+    qrelay("domain", "alias", str(droot), "example.net", "example.com")
+    qrelay("alias", "add", str(droot), "sales@example.com", "Joe@Example.NET")
+    r = qrelay("user", "del", str(droot), "joe@example.com")
+    assert r.exit_code == 0
+    assert r.stderr == (f"qrelay: note: sales@example.com still forwards to joe@example.com "
+                        f"(qrelay alias del {droot} ALIAS)\n")
+
+
 def test_domain_del_of_an_alias_whose_real_domain_is_gone(droot):
     # The real domain removed by hand (or by a vdeldomain that left the alias
     # line): the alias points at a directory that is gone, and `domain del`

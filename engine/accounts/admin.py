@@ -705,6 +705,13 @@ def find_user(root: os.PathLike | str, address: str) -> tuple[Path, DomainRef, s
     return base, find_domain(base, domain), ascii_lower(local)
 
 
+def real_address(root: os.PathLike | str, address: str) -> str:
+    """`user@domain` lower-cased, an alias domain replaced by its real one
+    (vget_assign): the one spelling of a mailbox's addresses."""
+    local, _, domain = ascii_lower(address).rpartition("@")
+    return f"{local}@{_alias_of(Path(root), domain) or domain}"
+
+
 def delete_user(root: os.PathLike | str, address: str) -> VUser:
     """vdeluser: the vpasswd line and the user's directory tree."""
     base, ref, name = find_user(root, address)
@@ -713,8 +720,7 @@ def delete_user(root: os.PathLike | str, address: str) -> VUser:
     # (vget_assign): joe@ALIAS and Joe@REAL are the same mailbox.
     catchall = default.argument.rstrip("/") if default.vdelivermail else None
     if catchall and "@" in catchall and not catchall.startswith("/"):
-        local, _, domain = ascii_lower(catchall).rpartition("@")
-        catchall = f"{local}@{_alias_of(base, domain) or domain}"
+        catchall = real_address(base, catchall)
     real = _alias_of(base, ref.name) or ref.name
     with _in_tree(ref):
         return _delete_user(ref, name, catchall, real)

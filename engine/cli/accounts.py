@@ -187,14 +187,21 @@ def user_del(root: str, address: str) -> None:
 
     Writes the domain's vpasswd and vpasswd.cdb; removes the user's directory.
     """
-    from engine.accounts.admin import delete_user, list_aliases, split_address
+    from engine.accounts.admin import delete_user, list_aliases, real_address, split_address
     u = _accounts_call(delete_user, root, address)
     gone = address.lower()
     click.echo(f"qrelay: deleted {gone} ({u.directory})")
     # As vdeluser, the domain's aliases stay: say which still forward here
-    # (their mail now bounces or goes to the catch-all).
+    # (their mail now bounces or goes to the catch-all), under either name
+    # of the domain (an alias domain's is the real one's mailbox).
+    mailbox = _accounts_call(real_address, root, gone)
+
+    def forwards_here(line: str) -> bool:
+        target = line.lstrip("&").strip().lower()
+        return (target.rpartition("@")[0] == mailbox.rpartition("@")[0]     # the cheap test first
+                and _accounts_call(real_address, root, target) == mailbox)
     still = [alias for alias, lines in _accounts_call(list_aliases, root, split_address(gone)[1])
-             if any(line.lstrip("&").strip().lower() == gone for line in lines)]
+             if any(forwards_here(line) for line in lines)]
     if still:
         click.echo(f"qrelay: note: {', '.join(still)} still forward{'s' if len(still) == 1 else ''}"
                    f" to {gone} (qrelay alias del {root} ALIAS)", err=True)
