@@ -105,7 +105,14 @@ def test_unknown_user_gets_550_at_rcpt_and_an_alias_fans_out(mx, root):
         # A forward is queued, preprocessed and delivered again: slow on a loaded box.
         [path] = wait_for(lambda: maildir_files(root, user), timeout=45,
                           what=f"the forward in {user}'s Maildir")
-        assert b"Delivered-To: example.com-sales@example.com\n" in path.read_bytes()
+        # qmail-queue's line for the copy, queued by the user that delivered.
+        assert re.match(rb"Return-Path: <a@src.test>\nDelivered-To: %s@example.com\n"
+                        rb"Received: \(qmail \d+ invoked by uid %d\); .* -0000\n"
+                        rb"Delivered-To: example.com-sales@example.com\n"
+                        rb"Received: \(qmail \d+ invoked from network\)" % (user.encode(), OWNER),
+                        path.read_bytes())
+    assert any(re.fullmatch(rf"info msg \d+: bytes \d+ from <a@src.test> qp \d+ uid {OWNER}", t)
+               for t in texts(root))
 
 
 def test_a_program_runs_with_the_default_signal_actions(mx, root):

@@ -254,6 +254,12 @@ def test_a_dotqmail_list_of_many_forwards_is_sent_on_whoever_owns_the_domain(roo
         wait_for(lambda: sum(": success: did_0+45000+0/qp_" in t for t in texts(root)) == 2
                  or None, timeout=60, what="both lists forwarded")
         assert not any(": deferral: " in t for t in texts(root))
+        # Each copy is queued for the user whose delivery made it (qmail-queue's caller).
+        copies = [int(t.rsplit("qp_", 1)[1].rstrip("/")) for t in texts(root)
+                  if ": success: did_0+45000+0/qp_" in t]
+        uids = [int(t.rsplit(" ", 1)[1]) for t in texts(root)
+                if t.startswith("info msg ") and int(t.split()[2].rstrip(":")) in copies]
+        assert sorted(uids) == sorted([NOBODY.pw_uid, OTHER])
     finally:
         _stop(q)
 

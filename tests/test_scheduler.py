@@ -145,7 +145,7 @@ def test_a_forward_is_logged_with_the_qp_of_its_copy_as_qmail_local_says_it(env)
     class Forwarding:
         async def deliver(self, domain, sender, recipients, message):
             return [RecipientResult(r, "K", "did 0+1+0\n",
-                                    (Forward(sender, ("fwd@d1.test",), b"Delivered-To: me@mx.test\r\n"),))
+                                    (Forward(sender, ("fwd@d1.test",), b"Delivered-To: me@mx.test\r\n", 0),))
                     for r in recipients]
 
     sched.lanes[0].courier = ReadingCourier(spool, Forwarding())
@@ -153,8 +153,40 @@ def test_a_forward_is_logged_with_the_qp_of_its_copy_as_qmail_local_says_it(env)
     asyncio.run(settle(sched))
     texts = log_texts(tmp)
     (copy,) = [int(t.split()[2]) for t in texts if t.startswith("new msg ") and t != f"new msg {mid}"]
-    assert f"info msg {copy}: bytes {len(MSG) + 26} from <a@src.test> qp {copy} uid 0" in texts
+    received = len(b"Received: (qmail 4242 invoked by uid 0); 15 Jan 2027 08:00:00 -0000\r\n")
+    assert f"info msg {copy}: bytes {len(MSG) + received + 26} from <a@src.test> qp {copy} uid 0" in texts
     assert any(t.endswith(f": success: did_0+1+0/qp_{copy}/") for t in texts), texts
+
+
+def test_a_forward_is_queued_as_qmail_queue_queues_it_for_the_user_that_delivered(env):
+    """qmail-local hands the copy to qmail-queue, which prepends `Received:
+    (qmail PID invoked by uid UID)` (`invoked by alias` for the alias user)
+    above the Delivered-To line, and qmail-send's `info msg` names that uid:
+    the mailbox owner's, never root's."""
+    from engine.delivery.channels import Forward
+    sched, spool, remote, clock, log, tmp = env
+    sched.alias_uid = 7790
+
+    class Forwarding:
+        async def deliver(self, domain, sender, recipients, message):
+            uid = 7790 if recipients[0].startswith("alias") else 89
+            return [RecipientResult(r, "K", "did 0+1+0\n",
+                                    (Forward(sender, ("fwd@d1.test",),
+                                             b"Delivered-To: %s\r\n" % r.encode(), uid),))
+                    for r in recipients]
+
+    sched.lanes[0].courier = ReadingCourier(spool, Forwarding())
+    spool.enqueue(Envelope("a@src.test", ("me@mx.test",)), MSG)
+    asyncio.run(settle(sched))
+    spool.enqueue(Envelope("a@src.test", ("alias-x@mx.test",)), MSG)
+    asyncio.run(settle(sched))
+    assert remote.messages == [
+        b"Received: (qmail 4242 invoked by uid 89); 15 Jan 2027 08:00:00 -0000\r\n"
+        b"Delivered-To: me@mx.test\r\n" + MSG,
+        b"Received: (qmail 4242 invoked by alias); 15 Jan 2027 08:00:00 -0000\r\n"
+        b"Delivered-To: alias-x@mx.test\r\n" + MSG]
+    infos = [t for t in log_texts(tmp) if t.startswith("info msg ")]
+    assert [t.rsplit(" ", 1)[1] for t in infos] == ["0", "89", "0", "7790"]
 
 
 def test_a_forward_to_an_address_qmail_queue_refuses_is_a_failure_not_a_retry(env):
@@ -173,7 +205,7 @@ def test_a_forward_to_an_address_qmail_queue_refuses_is_a_failure_not_a_retry(en
             target = longest if recipients[0].startswith("ok") else "x" * 70000 + "@far.test"
             return [RecipientResult(r, "K", "did 1+2+0\n",
                                     (Forward(sender, ("a@far.test", target),
-                                             b"Delivered-To: big@mx.test\r\n"),))
+                                             b"Delivered-To: big@mx.test\r\n", 0),))
                     for r in recipients]
 
     sched.lane("local").courier = ReadingCourier(spool, Forwarding())
@@ -992,7 +1024,7 @@ def test_a_double_bounce_a_local_mailbox_forwards_is_not_bounced_again(env):
             senders.append(sender)
             return [RecipientResult(r, "K", "did 0+1+0/\n",
                                     (Forward(sender, ("admin@far.test",),
-                                             b"Delivered-To: postmaster@mx.test\r\n"),))
+                                             b"Delivered-To: postmaster@mx.test\r\n", 0),))
                     for r in recipients]
 
         async def close(self):

@@ -19,7 +19,7 @@ import time
 import pytest
 
 from engine.delivery.service import (DELIVERY_FILES, DeliveryConfigError, SwappableCourier,
-                                     delivery_fingerprint, load_delivery_config)
+                                     alias_uid, delivery_fingerprint, load_delivery_config)
 from tests.conftest import REPO
 from tests.test_delivery_e2e import (free_port, relay, send, service_texts, sink,  # noqa: F401
                                      texts, wait_for)
@@ -333,3 +333,22 @@ def test_a_scheduler_whose_spool_recovery_fails_says_why_in_one_line(root):
               " 524288 bytes is used up; raise [spool] index_map_bytes)")
     assert r.stderr.strip().splitlines() == [f"qrelay: scheduler: alert: {reason}"]
     assert texts(root)[-1] == f"alert: {reason}"
+
+
+def test_the_alias_user_is_the_system_user_alias(monkeypatch):
+    """Its forwards say `invoked by alias`, as qmail-queue's auto_uida does."""
+    import pwd
+    from types import SimpleNamespace
+    real = pwd.getpwnam
+
+    def getpwnam(name: str):
+        if name == "alias":
+            return SimpleNamespace(pw_name="alias", pw_uid=7790, pw_gid=2108, pw_dir="/var/qmail/alias")
+        return real(name)
+    monkeypatch.setattr("pwd.getpwnam", getpwnam)
+    assert alias_uid() == 7790
+    monkeypatch.setattr("pwd.getpwnam", real)
+    try:
+        real("alias")
+    except KeyError:
+        assert alias_uid() is None

@@ -29,10 +29,13 @@ UNREADABLE_TEXT = "qmail-spawn unable to open message. (#4.3.0)\n"
 @dataclass(slots=True, frozen=True)
 class Forward:
     """A message a local delivery sends on (.qmail `&addr` lines, vdelivermail's
-    address argument): `prefix` (CRLF lines, its Delivered-To) + the original."""
+    address argument): `prefix` (CRLF lines, its Delivered-To) + the original.
+    `uid`: the user the delivery ran as, qmail-queue's caller (its
+    `invoked by uid` line and the copy's `info msg … uid`)."""
     sender: str
     recipients: tuple[str, ...]
     prefix: bytes
+    uid: int
 
 
 @dataclass(slots=True, frozen=True)

@@ -129,8 +129,11 @@ class _Refusals:
 
 
 def _channel_results(got) -> list[RecipientResult]:
+    # The delivery ran as this process's user (a worker has dropped to the
+    # assign line's uid): the user qmail-local would queue its forwards as.
+    uid = os.geteuid()
     return [RecipientResult(r.address, r.status, r.text,
-                            tuple(Forward(f.sender, tuple(f.recipients), f.prefix)
+                            tuple(Forward(f.sender, tuple(f.recipients), f.prefix, uid)
                                   for f in r.forwards))
             for r in got]
 

@@ -75,6 +75,7 @@ from engine.delivery.bounce import (BounceConfig, Failure, build_bounce, bounce_
 from engine.delivery.channels import (CHANNELS, Courier, Group, RecipientResult, all_results,
                                       channel)
 from engine.delivery.retry import RetryPolicy
+from engine.received import queue_received_line
 from engine.log import QmailSendLog
 from engine.queue import (Deferred, Delivered, Envelope, Failed, Finished, Job,
                           MessageNotFound, MessageUnreadable, Spool, SpoolError)
@@ -415,9 +416,11 @@ class Scheduler:
     def __init__(self, spool: Spool, couriers: Mapping[str, Courier | None], log: QmailSendLog,
                  config: SchedulerConfig, classify: Classify, *,
                  clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic, qp: int = 0) -> None:
+                 monotonic: Callable[[], float] = time.monotonic, qp: int = 0,
+                 alias_uid: int | None = None) -> None:
         """`couriers`: channel name -> its courier, in the order status lines
-        list them (engine.delivery.channels.CHANNELS)."""
+        list them (engine.delivery.channels.CHANNELS). `alias_uid`: qmail's
+        alias user, whose forwards say `invoked by alias` (None: no such user)."""
         self.spool = spool
         self.log = log
         self.config = config
@@ -425,6 +428,7 @@ class Scheduler:
         self.clock = clock
         self.monotonic = monotonic
         self.qp = qp
+        self.alias_uid = alias_uid
         self.delivery_number = 0
         self.lanes = [Lane(name, courier, scan_batch=config.scan_batch, skip_max=config.skip_max)
                       for name, courier in couriers.items()]
@@ -800,6 +804,9 @@ class Scheduler:
         call), indexed before the recipient's result is recorded: a crash in
         between costs a duplicate forward, never a lost one. A success's report
         ends, as qmail-local's, with `qp N`: the copy's id, its `info msg`'s qp.
+        Each copy is queued as qmail-queue queues it for the user that ran the
+        delivery: with that uid and its `Received: (qmail … invoked by uid …)`
+        line above the Delivered-To line.
         An address qmail-queue would refuse fails the recipient, nothing queued."""
         qps = []
         if any(len(a.encode("utf-8", "surrogateescape")) >= QQ_ADDRESS_MAX
@@ -808,9 +815,12 @@ class Scheduler:
         try:
             original = self.spool.read_message(job.msgid)
             for fwd in got.forwards:
+                origin = "alias" if fwd.uid == self.alias_uid else "local"
+                received = queue_received_line(pid=self.qp, origin=origin, uid=fwd.uid,
+                                               when=self.clock())
                 qps.append(await self.spool.submit(
-                    Envelope(fwd.sender, fwd.recipients, self.qp, 0, "local"),
-                    fwd.prefix + original, indexed=True))
+                    Envelope(fwd.sender, fwd.recipients, self.qp, fwd.uid, "local"),
+                    received + fwd.prefix + original, indexed=True))
         except (SpoolError, OSError) as exc:
             return RecipientResult(got.address, "Z", f"Unable to forward message: {exc} (#4.3.0)\n")
         if got.status != "K":

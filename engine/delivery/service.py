@@ -362,6 +362,13 @@ class DeliveryReload:
         return True
 
 
+def alias_uid() -> int | None:
+    """qmail's alias user's uid (qmail-queue's auto_uida), or None without one."""
+    from engine.delivery.local.courier import LocalConfig, system_getpw
+    pw = system_getpw(LocalConfig().alias_user)
+    return None if pw is None else pw[1]
+
+
 async def _serve(root, spool, log, config: DeliveryConfig) -> None:
     from engine.delivery.scheduler import Scheduler
 
@@ -371,7 +378,7 @@ async def _serve(root, spool, log, config: DeliveryConfig) -> None:
     if remote is not None:
         remote = couriers["remote"] = SwappableCourier(remote)
     scheduler = Scheduler(spool, couriers, log, config.scheduler, config.domains.resolve,
-                          qp=os.getpid())
+                          qp=os.getpid(), alias_uid=alias_uid())
     reloader = DeliveryReload(root, spool, log, scheduler, config, remote)
 
     def flush() -> None:

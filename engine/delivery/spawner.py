@@ -21,7 +21,7 @@ Frames (engine.ipc) on a socketpair:
              | recipients (count + texts) | inline u8 | message bytes if inline
     result   id u64 | status u8 (0 ok, 2 bad job)
              | ok: count u32 | count x (code u8 'K'/'Z'/'D' | text | forwards:
-                       count u32 | count x (sender text | recipients | prefix bytes))
+                       count u32 | count x (uid u32 | sender text | recipients | prefix bytes))
              | else: error text (utf-8)
 
 Robustness: a worker that dies (or sends a frame that breaks the protocol,
@@ -110,8 +110,13 @@ def encode_results(jobid: int, results: list[RecipientResult],
     for r in results:
         body.u8(ord(r.status[:1] or "Z")).text(r.text).u32(len(r.forwards))
         for fwd in r.forwards:
-            body.text(fwd.sender).texts(fwd.recipients).raw(fwd.prefix)
+            body.u32(fwd.uid).text(fwd.sender).texts(fwd.recipients).raw(fwd.prefix)
     return body.frame(max_frame)
+
+
+def _forward(f: ipc.Fields) -> Forward:
+    uid = f.u32()
+    return Forward(f.text(), tuple(f.texts()), f.raw(), uid)
 
 
 def encode_error(jobid: int, status: int, text: str) -> bytes:
@@ -129,7 +134,7 @@ def decode_result(body: bytes, recipients: tuple[str, ...] | None = None
     out = []
     for i in range(f.count()):
         code, text = chr(f.u8()), f.text()
-        forwards = tuple(Forward(f.text(), tuple(f.texts()), f.raw()) for _ in range(f.count()))
+        forwards = tuple(_forward(f) for _ in range(f.count()))
         address = recipients[i] if recipients is not None and i < len(recipients) else ""
         out.append(RecipientResult(address, code, text, forwards))
     f.end()
