@@ -176,6 +176,7 @@ def test_comments_and_forwards(tree):
     assert fwd.sender == "joe@sender.example"
     assert fwd.recipients == ("a@x.example", "b@y.example")
     assert fwd.prefix == b"Delivered-To: joe@mx.test\r\n"
+    assert fwd.reports_qp        # qmail-local's own: its report names the copy's qp
 
 
 def test_forward_owner_and_verp_sender(tree):

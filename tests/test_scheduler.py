@@ -145,7 +145,7 @@ def test_a_forward_is_logged_with_the_qp_of_its_copy_as_qmail_local_says_it(env)
     class Forwarding:
         async def deliver(self, domain, sender, recipients, message):
             return [RecipientResult(r, "K", "did 0+1+0\n",
-                                    (Forward(sender, ("fwd@d1.test",), b"Delivered-To: me@mx.test\r\n", 0),))
+                                    (Forward(sender, ("fwd@d1.test",), b"Delivered-To: me@mx.test\r\n", 0, True),))
                     for r in recipients]
 
     sched.lanes[0].courier = ReadingCourier(spool, Forwarding())
@@ -156,6 +156,33 @@ def test_a_forward_is_logged_with_the_qp_of_its_copy_as_qmail_local_says_it(env)
     received = len(b"Received: (qmail 4242 invoked by uid 0); 15 Jan 2027 08:00:00 -0000\r\n")
     assert f"info msg {copy}: bytes {len(MSG) + received + 26} from <a@src.test> qp {copy} uid 0" in texts
     assert any(t.endswith(f": success: did_0+1+0/qp_{copy}/") for t in texts), texts
+
+
+def test_a_vdelivermail_forward_adds_no_qp_to_the_report(env):
+    """vdelivermail forwards through qmail-inject, not qmail-local: qmail-local
+    reports `did 0+0+1` and no `qp` line; only its own `&` lines add one."""
+    from engine.delivery.channels import Forward
+    sched, spool, remote, clock, log, tmp = env
+
+    class Forwarding:   # `| vdelivermail '' joe@far.test` after a `&` line
+        async def deliver(self, domain, sender, recipients, message):
+            own = tuple(Forward(sender, ("list@d1.test",), b"Delivered-To: both@mx.test\r\n", 89,
+                                True) for _ in range(recipients[0].startswith("both")))
+            return [RecipientResult(r, "K", "did 0+%d+1\n" % len(own),
+                                    (Forward(sender, ("joe@far.test",),
+                                             b"Delivered-To: catch@mx.test\r\n", 89, False), *own))
+                    for r in recipients]
+
+    sched.lanes[0].courier = ReadingCourier(spool, Forwarding())
+    spool.enqueue(Envelope("a@src.test", ("catch@mx.test",)), MSG)
+    asyncio.run(settle(sched))
+    spool.enqueue(Envelope("a@src.test", ("both@mx.test",)), MSG)
+    asyncio.run(settle(sched))
+    texts = log_texts(tmp)
+    last = [int(t.split()[2]) for t in texts if t.startswith("new msg ")][-1]   # the `&` copy
+    assert len(remote.calls) == 3
+    reports = [t.split(": ", 1)[1] for t in texts if t.startswith("delivery ") and "did_" in t]
+    assert reports == ["success: did_0+0+1/", f"success: did_0+1+1/qp_{last}/"]
 
 
 def test_a_forward_is_queued_as_qmail_queue_queues_it_for_the_user_that_delivered(env):
@@ -172,7 +199,7 @@ def test_a_forward_is_queued_as_qmail_queue_queues_it_for_the_user_that_delivere
             uid = 7790 if recipients[0].startswith("alias") else 89
             return [RecipientResult(r, "K", "did 0+1+0\n",
                                     (Forward(sender, ("fwd@d1.test",),
-                                             b"Delivered-To: %s\r\n" % r.encode(), uid),))
+                                             b"Delivered-To: %s\r\n" % r.encode(), uid, True),))
                     for r in recipients]
 
     sched.lanes[0].courier = ReadingCourier(spool, Forwarding())
@@ -205,7 +232,7 @@ def test_a_forward_to_an_address_qmail_queue_refuses_is_a_failure_not_a_retry(en
             target = longest if recipients[0].startswith("ok") else "x" * 70000 + "@far.test"
             return [RecipientResult(r, "K", "did 1+2+0\n",
                                     (Forward(sender, ("a@far.test", target),
-                                             b"Delivered-To: big@mx.test\r\n", 0),))
+                                             b"Delivered-To: big@mx.test\r\n", 0, True),))
                     for r in recipients]
 
     sched.lane("local").courier = ReadingCourier(spool, Forwarding())
@@ -1024,7 +1051,7 @@ def test_a_double_bounce_a_local_mailbox_forwards_is_not_bounced_again(env):
             senders.append(sender)
             return [RecipientResult(r, "K", "did 0+1+0/\n",
                                     (Forward(sender, ("admin@far.test",),
-                                             b"Delivered-To: postmaster@mx.test\r\n", 0),))
+                                             b"Delivered-To: postmaster@mx.test\r\n", 0, True),))
                     for r in recipients]
 
         async def close(self):

@@ -36,8 +36,8 @@ def test_job_and_result_frames_round_trip():
     assert int.from_bytes(frame[:4], "big") == len(body)
     assert decode_job(body) == (7, GROUP, None)
     assert decode_job(encode_job(8, 12345, GROUP, b"inline\r\n")[4:]) == (8, GROUP, b"inline\r\n")
-    fwd = (Forward("a@src.test", ("f@o.test", "g@o.test"), b"Delivered-To: x\r\n", 89),
-           Forward("", ("h@o.test",), b"", 0xFFFFFFFE))
+    fwd = (Forward("a@src.test", ("f@o.test", "g@o.test"), b"Delivered-To: x\r\n", 89, True),
+           Forward("", ("h@o.test",), b"", 0xFFFFFFFE, False))
     res = encode_results(7, [RecipientResult("x", "K", "ok\n", fwd), RecipientResult("y", "D", "no\n")])
     assert decode_result(res[4:], ("x", "y")) == (7, OK, [
         RecipientResult("x", "K", "ok\n", fwd), RecipientResult("y", "D", "no\n")])

@@ -31,11 +31,14 @@ class Forward:
     """A message a local delivery sends on (.qmail `&addr` lines, vdelivermail's
     address argument): `prefix` (CRLF lines, its Delivered-To) + the original.
     `uid`: the user the delivery ran as, qmail-queue's caller (its
-    `invoked by uid` line and the copy's `info msg … uid`)."""
+    `invoked by uid` line and the copy's `info msg … uid`). `reports_qp`:
+    qmail-local's own forward, whose copy's qp ends its report (vdelivermail's
+    go through qmail-inject, which qmail-local's report never names)."""
     sender: str
     recipients: tuple[str, ...]
     prefix: bytes
     uid: int
+    reports_qp: bool
 
 
 @dataclass(slots=True, frozen=True)

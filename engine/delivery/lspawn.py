@@ -133,8 +133,8 @@ def _channel_results(got) -> list[RecipientResult]:
     # assign line's uid): the user qmail-local would queue its forwards as.
     uid = os.geteuid()
     return [RecipientResult(r.address, r.status, r.text,
-                            tuple(Forward(f.sender, tuple(f.recipients), f.prefix, uid)
-                                  for f in r.forwards))
+                            tuple(Forward(f.sender, tuple(f.recipients), f.prefix, uid,
+                                          f.reports_qp) for f in r.forwards))
             for r in got]
 
 

@@ -803,7 +803,8 @@ class Scheduler:
         """Queue what a local delivery forwards (qmail-local's own qmail-queue
         call), indexed before the recipient's result is recorded: a crash in
         between costs a duplicate forward, never a lost one. A success's report
-        ends, as qmail-local's, with `qp N`: the copy's id, its `info msg`'s qp.
+        ends, as qmail-local's, with `qp N` for qmail-local's own copy (not
+        vdelivermail's): the copy's id, its `info msg`'s qp.
         Each copy is queued as qmail-queue queues it for the user that ran the
         delivery: with that uid and its `Received: (qmail … invoked by uid …)`
         line above the Delivered-To line.
@@ -818,9 +819,11 @@ class Scheduler:
                 origin = "alias" if fwd.uid == self.alias_uid else "local"
                 received = queue_received_line(pid=self.qp, origin=origin, uid=fwd.uid,
                                                when=self.clock())
-                qps.append(await self.spool.submit(
+                qp = await self.spool.submit(
                     Envelope(fwd.sender, fwd.recipients, self.qp, fwd.uid, "local"),
-                    received + fwd.prefix + original, indexed=True))
+                    received + fwd.prefix + original, indexed=True)
+                if fwd.reports_qp:
+                    qps.append(qp)
         except (SpoolError, OSError) as exc:
             return RecipientResult(got.address, "Z", f"Unable to forward message: {exc} (#4.3.0)\n")
         if got.status != "K":

@@ -21,7 +21,8 @@ Frames (engine.ipc) on a socketpair:
              | recipients (count + texts) | inline u8 | message bytes if inline
     result   id u64 | status u8 (0 ok, 2 bad job)
              | ok: count u32 | count x (code u8 'K'/'Z'/'D' | text | forwards:
-                       count u32 | count x (uid u32 | sender text | recipients | prefix bytes))
+                       count u32 | count x (uid u32 | reports_qp u8 | sender text
+                                            | recipients | prefix bytes))
              | else: error text (utf-8)
 
 Robustness: a worker that dies (or sends a frame that breaks the protocol,
@@ -110,13 +111,16 @@ def encode_results(jobid: int, results: list[RecipientResult],
     for r in results:
         body.u8(ord(r.status[:1] or "Z")).text(r.text).u32(len(r.forwards))
         for fwd in r.forwards:
-            body.u32(fwd.uid).text(fwd.sender).texts(fwd.recipients).raw(fwd.prefix)
+            body.u32(fwd.uid).u8(fwd.reports_qp).text(fwd.sender).texts(fwd.recipients)
+            body.raw(fwd.prefix)
     return body.frame(max_frame)
 
 
 def _forward(f: ipc.Fields) -> Forward:
-    uid = f.u32()
-    return Forward(f.text(), tuple(f.texts()), f.raw(), uid)
+    uid, reports_qp = f.u32(), f.u8()
+    if reports_qp > 1:
+        raise ipc.FrameError(f"bad reports_qp flag {reports_qp}")
+    return Forward(f.text(), tuple(f.texts()), f.raw(), uid, bool(reports_qp))
 
 
 def encode_error(jobid: int, status: int, text: str) -> bytes:

@@ -108,6 +108,7 @@ class Forward:
     sender: str
     recipients: tuple[str, ...]
     prefix: bytes        # `Delivered-To: …\r\n`: queue prefix + spool message
+    reports_qp: bool     # qmail-local's own (its report ends `qp N`); not vdelivermail's
 
 
 @dataclass(slots=True, frozen=True)
@@ -343,7 +344,7 @@ class _LocalRun:
                 counts[1] += 1
                 targets.append(ins.arg)
         if targets:
-            self.forwards.append(Forward(newsender, tuple(targets), _enc(dt[:-1]) + b"\r\n"))
+            self.forwards.append(Forward(newsender, tuple(targets), _enc(dt[:-1]) + b"\r\n", True))
         self.report.add(f"did {counts[0]}+{counts[1]}+{counts[2]}\n")
         return "K"
 
@@ -376,7 +377,9 @@ class _LocalRun:
                                    self.a.home, vp_dir, self._run_program, self.clock).run()
             self.report.add(outcome.output)
             for fsender, addr, fdt in outcome.forwards:
-                self.forwards.append(Forward(fsender, (addr,), _enc(fdt.rstrip("\n")) + b"\r\n"))
+                # qmail-inject queues it: qmail-local's report says no qp for it.
+                self.forwards.append(Forward(fsender, (addr,), _enc(fdt.rstrip("\n")) + b"\r\n",
+                                             False))
             code = outcome.exit_code
             status = ("ok" if code == 0 else "stop" if code == 99 else
                       "permanent" if code in (100, 64, 65, 70, 76, 77, 78, 112) else "temporary")
