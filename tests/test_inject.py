@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -482,19 +483,16 @@ def test_sendmail_arguments_parse_like_getopt():
         parse_sendmail_args(["-bz"])
 
 
-def test_sendmail_as_newaliases_refuses_in_one_line_without_reading_stdin(root):
-    # Debian's /usr/bin/newaliases is a link to /usr/sbin/sendmail, and package
-    # scripts run it: as qmail's sendmail, one fatal line and 100; it read the
-    # (possibly never closed) stdin as a message and then said "no recipients".
-    proc = subprocess.Popen([sys.executable, "-c", "from engine.inject import sendmail_main; "
-                             "sendmail_main(['/usr/bin/newaliases'])"], cwd=REPO,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+@contextmanager
+def sendmail_process(root: Path, *args: str):
+    """This interpreter running ARGS (default `-m engine.inject -bs`, sendmail
+    -bs) on pipes for ROOT; killed if still running, pipes closed, on the way out."""
+    proc = subprocess.Popen([sys.executable, *(args or ("-m", "engine.inject", "-bs"))],
+                            cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE,
                             env={**BASE_ENV, "PYTHONPATH": str(REPO), "QRELAY_ROOT": str(root)})
     try:
-        assert proc.wait(timeout=20) == 100
-        lines = proc.stderr.read().decode().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("sendmail: fatal: "), lines
-        assert "newaliases" in lines[0]
+        yield proc
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -502,6 +500,18 @@ def test_sendmail_as_newaliases_refuses_in_one_line_without_reading_stdin(root):
         proc.stdin.close()
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_sendmail_as_newaliases_refuses_in_one_line_without_reading_stdin(root):
+    # Debian's /usr/bin/newaliases is a link to /usr/sbin/sendmail, and package
+    # scripts run it: as qmail's sendmail, one fatal line and 100; it read the
+    # (possibly never closed) stdin as a message and then said "no recipients".
+    with sendmail_process(root, "-c", "from engine.inject import sendmail_main; "
+                          "sendmail_main(['/usr/bin/newaliases'])") as proc:
+        assert proc.wait(timeout=20) == 100
+        lines = proc.stderr.read().decode().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("sendmail: fatal: "), lines
+        assert "newaliases" in lines[0]
     assert queued(root) == []
 
 
@@ -546,10 +556,7 @@ def test_sendmail_bp_lists_the_queue_and_q_flushes(root):
 def test_sendmail_bs_turn_by_turn_with_stdin_left_open(root):
     # As Symfony Mailer's `sendmail -bs` transport talks: one command, one reply,
     # and the process must exit after QUIT although stdin is still open.
-    proc = subprocess.Popen([sys.executable, "-m", "engine.inject", "-bs"], cwd=REPO,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**BASE_ENV, "PYTHONPATH": str(REPO), "QRELAY_ROOT": str(root)})
-    try:
+    with sendmail_process(root) as proc:
         def reply() -> bytes:
             lines = []
             while True:
@@ -571,13 +578,6 @@ def test_sendmail_bs_turn_by_turn_with_stdin_left_open(root):
         assert say(b"Subject: turn\r\n\r\nhi\r\n.").startswith(b"250 ok ")
         assert say(b"QUIT") == b"221 mx.example.com\r\n"
         assert proc.wait(timeout=20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdin.close()
-        proc.stdout.close()
-        proc.stderr.close()
     assert len(queued(root)) == 1
 
 
@@ -585,21 +585,11 @@ def test_sendmail_interrupted_dies_quietly_as_qmail_inject_does(root):
     # Ctrl-C on `sendmail bob` being typed, or on a `sendmail -bs` dialogue:
     # the process ends by the signal, nothing queued, no Python traceback.
     import signal
-    proc = subprocess.Popen([sys.executable, "-m", "engine.inject", "-bs"], cwd=REPO,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**BASE_ENV, "PYTHONPATH": str(REPO), "QRELAY_ROOT": str(root)})
-    try:
+    with sendmail_process(root) as proc:
         assert proc.stdout.readline().startswith(b"220 ")
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=20) == -signal.SIGINT
         assert proc.stderr.read() == b""
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdin.close()
-        proc.stdout.close()
-        proc.stderr.close()
     assert queued(root) == []
 
 
@@ -611,9 +601,6 @@ def test_sendmail_bs_starttls_works_on_the_pipe(root):
 
     from tests.smtp_harness import install_certificate
     install_certificate(root)
-    proc = subprocess.Popen([sys.executable, "-m", "engine.inject", "-bs"], cwd=REPO,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**BASE_ENV, "PYTHONPATH": str(REPO), "QRELAY_ROOT": str(root)})
     context = ssl.create_default_context()
     context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
@@ -639,7 +626,7 @@ def test_sendmail_bs_starttls_works_on_the_pipe(root):
                 receive()
         return got
 
-    try:
+    with sendmail_process(root) as proc:
         assert proc.stdout.readline().startswith(b"220 ")
         send(b"EHLO app\r\n")
         ehlo = b""
@@ -661,13 +648,6 @@ def test_sendmail_bs_starttls_works_on_the_pipe(root):
         assert say(b"Subject: tls\r\n\r\nhi\r\n.").startswith(b"250 ok ")
         assert say(b"QUIT") == b"221 mx.example.com\r\n"
         assert proc.wait(timeout=20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdin.close()
-        proc.stdout.close()
-        proc.stderr.close()
     [(_, envelope, message)] = queued(root)
     assert envelope.recipients == ("b@example.net",)
     assert b"by localhost with ESMTPS (" in message
