@@ -81,17 +81,9 @@ def init_home(root: Path | str, me: str | None = None, force: bool = False) -> P
         "locals": me,
         **DEFAULT_CONTROLS,
     }
+    from engine.accounts.files import atomic_write   # (not on every CLI command's import)
     for name, value in files.items():
-        _write(control / name, value + "\n" if value else "")
-    _write(control / "tcp.smtp", DEFAULT_TCP_SMTP)
+        atomic_write(control / name, (value + "\n" if value else "").encode(), mode=0o644)
+    atomic_write(control / "tcp.smtp", DEFAULT_TCP_SMTP.encode(), mode=0o644)
     return root
 
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fchmod(f.fileno(), 0o644)
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
