@@ -19,7 +19,8 @@ problem; the scheduler turns an exception into a deferral all the same.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -83,6 +84,41 @@ class Deliverer(Protocol):
     async def close(self) -> None: ...
 
 
+class SharedReads:
+    """Messages read from the spool, each held once while deliveries use it:
+    the deliveries of one message (one per domain, or per mailbox owner) run
+    at once, and would otherwise hold a copy each. `get` is called from one
+    thread (an event loop), so the read itself is outside the lock; `done`
+    from any thread."""
+
+    def __init__(self, read: Callable[[int], bytes]) -> None:
+        self._read = read
+        self._held: dict[int, list] = {}    # msgid -> [message, deliveries using it]
+        self._lock = threading.Lock()
+
+    def get(self, msgid: int) -> bytes:
+        """The message, read unless a delivery holds it already; raises what
+        the read raises. Every get is answered by one done."""
+        with self._lock:
+            held = self._held.get(msgid)
+            if held is not None:
+                held[1] += 1
+                return held[0]
+        message = self._read(msgid)
+        with self._lock:
+            self._held[msgid] = [message, 1]
+        return message
+
+    def done(self, msgid: int, message: bytes) -> None:
+        """A delivery is done with `message` (one not from get: nothing)."""
+        with self._lock:
+            held = self._held.get(msgid)
+            if held is not None and held[0] is message:
+                held[1] -= 1
+                if not held[1]:
+                    del self._held[msgid]
+
+
 class ReadingCourier:
     """A courier around a deliverer: reads the message from the spool, and
     answers qmail-spawn's deferral when it cannot be read."""
@@ -90,31 +126,21 @@ class ReadingCourier:
     def __init__(self, spool, deliverer: Deliverer) -> None:
         self.spool = spool
         self.deliverer = deliverer
-        # msgid -> [message, deliveries using it]: a message to many domains
-        # is delivered to them at once, and held once, not once per domain.
-        self._reading: dict[int, list] = {}
+        self._reads = SharedReads(lambda msgid: self.spool.read_message(msgid))
 
     async def deliver(self, group: Group, message: bytes | None = None) -> list[RecipientResult]:
         """`message`: given when the caller has it already (else read here)."""
         from engine.queue import SpoolError
-        if message is not None:
-            return await self.deliverer.deliver(group.destination, group.sender,
-                                                group.recipients, message)
-        held = self._reading.get(group.msgid)
-        if held is None:
+        if message is None:
             try:
-                held = [self.spool.read_message(group.msgid), 0]
+                message = self._reads.get(group.msgid)
             except SpoolError:
                 return all_results(group.recipients, "Z", UNREADABLE_TEXT)
-            self._reading[group.msgid] = held
-        held[1] += 1
         try:
             return await self.deliverer.deliver(group.destination, group.sender,
-                                                group.recipients, held[0])
+                                                group.recipients, message)
         finally:
-            held[1] -= 1
-            if not held[1]:
-                del self._reading[group.msgid]
+            self._reads.done(group.msgid, message)
 
     def forget_timeouts(self) -> None:
         """The deliverer's (remote delivery's connect-timeout table), if it keeps one."""

@@ -55,7 +55,7 @@ from pathlib import Path
 from engine import ipc
 from engine.backoff import Backoff
 from engine.delivery.channels import (UNREADABLE_TEXT, Forward, Group, RecipientResult,
-                                      all_results)
+                                      SharedReads, all_results)
 from engine.privilege import acting_as, drop_to, no_new_privileges
 
 # A job without its message carries at most max_recipients_per_delivery
@@ -187,9 +187,9 @@ class WorkerServer:
         self._running = 0
         self._backlog: deque[tuple[int, Group, bytes]] = deque()
         self._lock = threading.Lock()
-        # msgid -> [message, jobs holding it]: the jobs of one message (one per
-        # domain or mailbox owner, run at once) share one read of it.
-        self._messages: dict[int, list] = {}
+        # The jobs of one message (one per domain or mailbox owner, run at
+        # once) share one read of it (none here: a worker without a spool).
+        self._reads = SharedReads(lambda msgid: self.spool.read_message(msgid))
         self._out: ipc.FrameSender | None = None
 
     async def serve(self) -> None:
@@ -239,34 +239,12 @@ class WorkerServer:
             return None
         if message is None:
             try:
-                message = self._read(group.msgid)
+                message = self._reads.get(group.msgid)
             except Exception:  # SpoolError, LMDB trouble, no spool: the scheduler decides
                 self._send(encode_results(jobid, all_results(group.recipients, "Z",
                                                              UNREADABLE_TEXT)))
                 return None
         return jobid, group, message
-
-    def _read(self, msgid: int) -> bytes:
-        """The message, read once for the jobs that hold it (see _done). Only
-        the loop adds (so the read is outside the lock); threads release."""
-        with self._lock:
-            held = self._messages.get(msgid)
-            if held is not None:
-                held[1] += 1
-                return held[0]
-        message = self.spool.read_message(msgid)
-        with self._lock:
-            self._messages[msgid] = [message, 1]
-        return message
-
-    def _done(self, msgid: int, message: bytes) -> None:
-        """A job is done with its message (one carried in its frame: nothing)."""
-        with self._lock:
-            held = self._messages.get(msgid)
-            if held is not None and held[0] is message:
-                held[1] -= 1
-                if not held[1]:
-                    del self._messages[msgid]
 
     def _start_blocking(self, body: bytes) -> None:
         """A job for deliver_blocking: decoded (and its message read) here, run
@@ -288,7 +266,7 @@ class WorkerServer:
         many, and then this thread is the one that stops)."""
         while job is not None:
             self._run_blocking(*job)
-            self._done(job[1].msgid, job[2])
+            self._reads.done(job[1].msgid, job[2])
             with self._lock:
                 if self._backlog and self._running <= self._active:
                     job = self._backlog.popleft()
@@ -343,7 +321,7 @@ class WorkerServer:
             # A bug in a deliverer costs a retry of this job only.
             frame = encode_error(jobid, BAD_JOB, f"delivery failed: {exc!r}")
         finally:
-            self._done(group.msgid, message)
+            self._reads.done(group.msgid, message)
         self._send(frame)
 
     def _send(self, frame: bytes) -> None:
