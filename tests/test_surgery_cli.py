@@ -132,6 +132,29 @@ def test_surgery_leaves_its_trace_in_the_log(root):
         *said, f"end msg {ids[0]}", f"end msg {ids[2]}"]
 
 
+def test_surgery_as_root_logs_with_a_qrelay_toml_only_root_reads(root):
+    """Root's `qrelay hold` acts as the queue's owner; its log line's settings
+    were read then, so a qrelay.toml only root may read (spool_of reads it as
+    root for that reason) ended the command in a traceback after the hold was made."""
+    import os
+
+    import pytest
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the queue's owner must be another user")
+    with Spool(root / "queue") as s:
+        msgid = s.enqueue(Envelope("a@src.test", ("x@sink.test",)), b"x")
+    for top, dirs, files in os.walk(root / "queue"):
+        for name in (top, *(os.path.join(top, f) for f in dirs + files)):
+            os.chown(name, 65534, 65534)
+    os.chown(root / "log", 65534, 65534)
+    (root / "qrelay.toml").write_text("[log]\nmax_files = 5\n")
+    os.chmod(root / "qrelay.toml", 0o600)
+    r = run_cli("hold", str(root), str(msgid))
+    assert (r.returncode, r.stdout, r.stderr) == (0, "qrelay: Placed on hold: 1 message\n", "")
+    assert [line[26:] for line in (root / "log" / "current").read_text().splitlines()] == [
+        "info: qrelay hold (uid 0): Placed on hold: 1 message"]
+
+
 def test_bad_input_is_one_line_exit_2(root, tmp_path):
     with Spool(root / "queue") as s:
         s.enqueue(Envelope("a@src.test", ("x@sink.test",)), b"x")

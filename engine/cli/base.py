@@ -169,12 +169,13 @@ def spool_started(base) -> bool:
 
 @contextmanager
 def spool_of(root: str, *, readonly: bool, error: type[click.ClickException] = click.ClickException,
-             empty: str | None = None):
+             empty: str | None = None, settings=None):
     """ROOT's spool for a command: opened, used and closed as the spool's owner
     (engine.queue.spool.owners_spool), so a root tool never opens, as root, a
     file the run user could have swapped for a link. Yields None when nothing
     was ever queued there, or raises error(empty) if `empty` is given; a root
-    that is not one, or a spool that cannot be opened, is error(one line)."""
+    that is not one, or a spool that cannot be opened, is error(one line).
+    `settings`: ROOT's, when the caller has read them already (as root)."""
     from engine.config.settings import SettingsError, load_settings
     from engine.queue import SpoolError
     from engine.queue.spool import owners_spool
@@ -193,7 +194,8 @@ def spool_of(root: str, *, readonly: bool, error: type[click.ClickException] = c
         yield None
         return
     try:
-        settings = load_settings(base)      # as root: qrelay.toml may be root's alone
+        if settings is None:
+            settings = load_settings(base)      # as root: qrelay.toml may be root's alone
     except SettingsError as exc:
         raise error(str(exc)) from None
     with ExitStack() as stack:

@@ -44,10 +44,10 @@ def parse_ids(words: tuple[str, ...]) -> tuple[int, ...]:
     return tuple(out)
 
 
-def open_spool(root: str, readonly: bool):
+def open_spool(root: str, readonly: bool, settings=None):
     """with open_spool(ROOT, readonly) as spool: the spool of ROOT (cli.base.spool_of),
     or a one-line error, exit 2."""
-    return spool_of(root, readonly=readonly, error=BadInput,
+    return spool_of(root, readonly=readonly, error=BadInput, settings=settings,
                     empty=f"{root}: the queue is empty (nothing was ever queued here)")
 
 
@@ -95,10 +95,18 @@ def _surgery_command(name: str, verb: str, doc: str):
     @_selection_options
     def command(root: str, ids: tuple[str, ...], domain: str | None, sender: str | None,
                 older_than: str | None) -> None:
+        from engine.config.settings import SettingsError, load_settings
         from engine.queue import SpoolError
         root, ids = _root_and_ids(root, ids)
         deleted: list[int] = []
-        with open_spool(root, readonly=False) as spool:
+        try:
+            # Read here, as root: qrelay.toml may be root's alone, and below
+            # this command acts as the queue's owner. (Unreadable: open_spool
+            # says why, after its own checks of ROOT.)
+            settings = load_settings(Path(root))
+        except SettingsError:
+            settings = None
+        with open_spool(root, readonly=False, settings=settings) as spool:
             try:
                 chosen = _select(spool, ids, domain, sender, older_than)
                 if name == "delete":
@@ -110,20 +118,18 @@ def _surgery_command(name: str, verb: str, doc: str):
                 raise click.ClickException(str(exc)) from None
             said = f"{verb}: {n} message{'' if n == 1 else 's'}"
             # Still as the queue's owner (open_spool): the log's files are its.
-            _log_surgery(root, name, said, deleted)
+            _log_surgery(root, (settings or load_settings(Path(root))).log, name, said, deleted)
         click.echo(f"qrelay: {said}")
     return command
 
 
-def _log_surgery(root: str, name: str, said: str, deleted: list[int]) -> None:
+def _log_surgery(root: str, settings, name: str, said: str, deleted: list[int]) -> None:
     """What a surgery command did, and who did it, in ROOT/log/current beside
     qmail-send's lines; each deleted message gets its `end msg`, so a log
     analyser (qmailanalog's matchup) sees it leave the queue."""
     import os
 
-    from engine.config.settings import load_settings
     from engine.log import QmailSendLog
-    settings = load_settings(Path(root)).log     # open_spool read it already
     try:
         log = QmailSendLog(Path(root) / "log", max_bytes=settings.max_bytes,
                            max_files=settings.max_files, fmt=settings.format)
