@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import struct
 import subprocess
 import sys
 import threading
@@ -214,7 +215,7 @@ def test_the_writer_takes_any_bytes_like_part(tmp_path):
     assert (md / "new" / name).read_bytes() == b"a\nb\n"
 
 
-# --- mode_uid and read_file: the same answers from the caches and without them ------
+# --- mode_uid, stat_keys and read_file: the same answers from the caches and without them ------
 
 @pytest.fixture(params=[True, False], ids=["cached", "uncached"])
 def cached(request):
@@ -242,6 +243,26 @@ def test_mode_uid_raises_as_os_stat(tmp_path, cached, missing):
         _fileio.mode_uid(os.fsencode(path))
     assert (type(got.value), got.value.errno, got.value.filename) == \
         (type(want.value), want.value.errno, str(path))
+
+
+def test_stat_keys_are_os_stat(tmp_path, cached):
+    f = tmp_path / "f"
+    f.write_bytes(b"xyz")
+    f.chmod(0o640)
+    paths = (os.fsencode(f), os.fsencode(tmp_path), os.fsencode(tmp_path / "nothing"),
+             os.fsencode(f) + b"/under")
+    keys = []
+    for p in paths[:2]:
+        st = os.stat(p)
+        keys.append((st.st_dev, st.st_ino, st.st_mode, st.st_uid, st.st_size,
+                     st.st_mtime_ns, st.st_ctime_ns))
+    got = _fileio.stat_keys(paths)
+    assert list(struct.iter_unpack("7q", got)) == [*keys, (0,) * 7, (0,) * 7]
+    assert _fileio.stat_keys(()) == b""
+    with pytest.raises(ValueError):
+        _fileio.stat_keys((os.fsencode(tmp_path) + b"/a\0b",))
+    with pytest.raises(TypeError):
+        _fileio.stat_keys((str(tmp_path),))
 
 
 @pytest.mark.parametrize("size", [0, 55, 4096, (1 << 20) + 3, 3 << 20])
