@@ -6,7 +6,10 @@
 - `domain_assignment(domain)`: vget_assign — the `+DOMAIN-` line, whose user
   field is the real domain of an alias domain and whose home is the domain
   directory;
-- `vpop_user(domain_dir, name)`: vauth_getpw in that directory.
+- `vpop_user(domain_dir, name)`: vauth_getpw in that directory;
+
+and `snapshot(domain_dir)`, which a delivery plan (engine.delivery.local.
+plans) keeps to know that neither table changed since it was made.
 
 An unreadable file raises `AccountsError` (delivery defers). Nothing here
 reads a file itself or caches anything beyond what `Accounts` caches.
@@ -38,6 +41,13 @@ class DeliveryAccounts:
 
     def domain_assignment(self, domain: str) -> Assignment | None:
         return self.accounts.assign().wildcard(domain + "-")
+
+    def snapshot(self, domain_dir: str | None = None) -> tuple[object, object]:
+        """(users/assign's table, the vpasswd table of domain_dir or None) as
+        answers come from now: the same objects until a file of theirs
+        changes (`Accounts` re-reads it then), so identity says "unchanged"."""
+        return (self.accounts.assign(),
+                None if domain_dir is None else self.accounts.domain(domain_dir))
 
     def vpop_user(self, domain_dir: str, name: str, *, fresh: bool = False) -> VUser | None:
         """`fresh`: from vpasswd as it is now, not as last checked (up to

@@ -51,8 +51,9 @@ from engine.delivery.local.dotqmail import (TEXT_FILE_XBIT, TEXT_LOOP, TEXT_PROG
                                             forward_sender, has_delivered_to, parse_lines,
                                             rpline, ufline)
 from engine.delivery.local.maildir import MaildirError, MaildirWriter
+from engine.delivery.local.plans import Plans
 from engine.delivery.local.program import DEFAULT_PATH, message_fd, run
-from engine.delivery.local.vdelivermail import Vdelivermail
+from engine.delivery.local.vdelivermail import Learned, Vdelivermail
 
 TRUNCREPORT = 3000
 TEXT_TOO_LONG = "\nError report too long, sorry.\n"
@@ -64,6 +65,7 @@ TEXT_CRASHED = "qmail-local crashed.\n"
 TEXT_TEMP = "Temporary failure in qmail-lspawn.\n"
 TEXT_MAILDIR_CHDIR = "Unable to chdir to maildir. (#4.2.1)\n"
 TEXT_MAILDIR_TEMP = "Temporary error on maildir delivery. (#4.3.0)\n"
+TEXT_PLANNED = "did 0+0+1\n"    # one vdelivermail line, which delivered
 
 GetPw = Callable[[str], "tuple[str, int, int, str] | None"]   # name -> (name, uid, gid, home)
 
@@ -226,24 +228,40 @@ def _is_vdelivermail(command: str) -> tuple[str, ...] | None:
 def deliver_one(config: LocalConfig, accounts, sender: str, recipient: str, message: bytes, *,
                 writer: MaildirWriter | None = None, lf: bool = False,
                 clock: Callable[[], float] = time.time,
-                waiting: Waiting | None = None) -> LocalResult:
+                waiting: Waiting | None = None, plans: Plans | None = None) -> LocalResult:
     """Deliver `message` (spool bytes, CRLF; LF if lf=True) to one local
-    recipient (the address after qmail-send's rewrite). Never raises."""
+    recipient (the address after qmail-send's rewrite). Never raises.
+    `plans`: delivery plans to use and to keep (engine.delivery.local.plans)."""
     try:
         return _deliver_one(config, accounts, sender, recipient, message if lf else to_lf(message),
-                            writer or MaildirWriter(config.hostname), clock, waiting)
+                            writer or MaildirWriter(config.hostname), clock, waiting, plans)
     except Exception:       # a bug must cost a retry, never mail
         return LocalResult(recipient, "Z", TEXT_CRASHED)
 
 
-def _deliver_one(config, accounts, sender, recipient, body, writer, clock, waiting=None) -> LocalResult:
+def _deliver_one(config, accounts, sender, recipient, body, writer, clock, waiting=None,
+                 plans: Plans | None = None) -> LocalResult:
+    assign = None
+    if plans is not None:
+        if plans.deliver(accounts, recipient, sender, body, writer, clock):
+            return LocalResult(recipient, "K", TEXT_PLANNED)
+        started = plans.now_ns()
+        try:    # before the look-up, as Vdelivermail's vpasswd table
+            assign = accounts.snapshot()[0]
+        except AccountsError:
+            pass            # _assigned says so
     a, refused = _assigned(config, accounts, recipient)
     if refused is not None:
         return refused
     at = recipient.rfind("@")
     local, host = (recipient[:at], recipient[at + 1:]) if at >= 0 else (recipient, "")
     run_ = _LocalRun(config, accounts, a, sender, local, host, body, writer, clock, waiting)
-    return run_.go(recipient)
+    result = run_.go(recipient)
+    learned = run_.learned
+    if (assign is not None and learned is not None and result.status == "K"
+            and result.text == TEXT_PLANNED and not result.forwards):
+        plans.learn(recipient, started, assign, a.home, run_.dotqmail, _enc(run_.dt), learned)
+    return result
 
 
 def _assigned(config, accounts, recipient: str) -> tuple[Assignment | None, LocalResult | None]:
@@ -279,6 +297,11 @@ class _LocalRun:
         self.report = _Report()
         self.forwards: list[Forward] = []
         self._fd: int | None = None
+        # A run whose .qmail was one vdelivermail line that put the message
+        # into the user's Maildir: how (for a delivery plan).
+        self.learned: Learned | None = None
+        self.dotqmail: str | None = None
+        self.dt = ""
 
     def go(self, recipient: str) -> LocalResult:
         try:
@@ -302,7 +325,7 @@ class _LocalRun:
     def _run(self) -> str:
         a, home = self.a, self.a.home
         check_home(home)
-        dt = dtline(self.local, self.host)
+        dt = self.dt = dtline(self.local, self.host)
         if has_delivered_to(self.body, _enc(dt)):
             raise LocalPermanent(TEXT_LOOP)
         now = self.clock()
@@ -319,7 +342,10 @@ class _LocalRun:
         header = _enc(rpline(self.sender) + dt)
         counts = [0, 0, 0]
         targets: list[str] = []
-        for ins in parse_lines(cmds):
+        lines = parse_lines(cmds)
+        if len(lines) == 1 and dq.path is not None:
+            self.dotqmail = dq.path
+        for ins in lines:
             kind = ins.kind
             if kind == "list":
                 forward_only = True
@@ -381,6 +407,9 @@ class _LocalRun:
                 self.forwards.append(Forward(fsender, (addr,), _enc(fdt.rstrip("\n")) + b"\r\n",
                                              False))
             code = outcome.exit_code
+            if (self.dotqmail is not None and outcome.learned is not None and code == 0
+                    and not outcome.output and not outcome.forwards):
+                self.learned = outcome.learned
             status = ("ok" if code == 0 else "stop" if code == 99 else
                       "permanent" if code in (100, 64, 65, 70, 76, 77, 78, 112) else "temporary")
         else:
@@ -397,17 +426,20 @@ class _LocalRun:
 class LocalDelivery:
     """The local courier: `await deliver(sender, recipients, message, msgid=…)`.
 
-    `accounts`: a DeliveryAccounts (or any object with its three methods).
+    `accounts`: a DeliveryAccounts (or any object with its four methods).
     Deliveries run in a bounded thread pool of `max_threads`; one
     MaildirWriter (name counter, shared directory syncs) serves them all.
     `active`: how many a delivery worker runs at once (`[delivery]
-    local_active`, engine.delivery.spawner).
+    local_active`, engine.delivery.spawner). `plans`: whether deliveries to
+    vpopmail mailboxes keep and use delivery plans (engine.delivery.local.plans).
     """
 
     def __init__(self, config: LocalConfig, accounts, *, max_threads: int = 16,
-                 writer: MaildirWriter | None = None, active: int = ACTIVE_DEFAULT) -> None:
+                 writer: MaildirWriter | None = None, active: int = ACTIVE_DEFAULT,
+                 plans: Plans | bool = True) -> None:
         self.config = config
         self.accounts = accounts
+        self.plans = plans if isinstance(plans, Plans) else Plans() if plans else None
         self.writer = writer or MaildirWriter(config.hostname)
         self.max_threads = max(1, max_threads)
         self.active = max(0, active)
@@ -436,7 +468,7 @@ class LocalDelivery:
 
     def deliver_sync(self, sender: str, recipient: str, message: bytes) -> LocalResult:
         return deliver_one(self.config, self.accounts, sender, recipient, message,
-                           writer=self.writer)
+                           writer=self.writer, plans=self.plans)
 
     def deliver_blocking(self, sender: str, recipients: Sequence[str], message: bytes,
                          waiting: Waiting | None = None) -> list[LocalResult]:
@@ -446,9 +478,9 @@ class LocalDelivery:
         body = to_lf(bytes(message))
         if len(recipients) == 1:
             return [deliver_one(self.config, self.accounts, sender, recipients[0], body,
-                                writer=self.writer, lf=True, waiting=waiting)]
+                                writer=self.writer, lf=True, waiting=waiting, plans=self.plans)]
         calls = [self._executor.submit(deliver_one, self.config, self.accounts, sender, r, body,
-                                       writer=self.writer, lf=True)
+                                       writer=self.writer, lf=True, plans=self.plans)
                  for r in recipients]
         return [c.result() for c in calls]
 
@@ -460,7 +492,7 @@ class LocalDelivery:
         calls = [loop.run_in_executor(
                     self._executor,
                     partial(deliver_one, self.config, self.accounts, sender, r, body,
-                            writer=self.writer, lf=True))
+                            writer=self.writer, lf=True, plans=self.plans))
                  for r in recipients]
         return list(await asyncio.gather(*calls))
 

@@ -50,12 +50,29 @@ TEXT_SYSTEM = "system error\n"
 BOUNCE_MAIL = 0x10
 
 
+@dataclass(slots=True, frozen=True)
+class Learned:
+    """What a run that put the message into a vpasswd user's own Maildir
+    decided from, for a delivery plan (engine.delivery.local.plans): the
+    domain's vpasswd snapshot it looked the user up in (DeliveryAccounts.
+    snapshot, taken before the look-up), the user's directory (no `.qmail`
+    in it), and what every later message needs again."""
+    vpasswd: object             # the snapshot, compared by identity
+    domain_dir: str             # whose vpasswd it is
+    user_dir: str
+    maildir: str                # as MaildirWriter.deliver takes it
+    email: str                  # the Delivered-To address
+    quota: str | None           # vpasswd's field; None: MAILDIR/maildirsize's line 1
+    loops: tuple[bytes, ...]    # loop_line()s a message must not carry
+
+
 @dataclass(slots=True)
 class VdeliverOutcome:
     exit_code: int
     output: str
     forwards: list[tuple[str, str, str]] = field(default_factory=list)  # (sender, address, dt line)
     maildirs: int = 0
+    learned: Learned | None = None
 
 
 class _Exit(Exception):
@@ -84,6 +101,10 @@ class Vdelivermail:
     forwards: list[tuple[str, str, str]] = field(default_factory=list)
     maildirs: int = 0
     _header: bytes | None = None
+    _vpasswd: object = None
+    _own_qmail_absent: bool = False
+    _delivered: tuple[str, str] | None = None
+    _learned: Learned | None = None
 
     def run(self) -> VdeliverOutcome:
         try:
@@ -91,7 +112,8 @@ class Vdelivermail:
             code = 0
         except _Exit as exc:
             code = exc.code
-        return VdeliverOutcome(code, "".join(self.out), self.forwards, self.maildirs)
+        return VdeliverOutcome(code, "".join(self.out), self.forwards, self.maildirs,
+                               self._learned if code == 0 else None)
 
     def say(self, text: str) -> None:
         self.out.append(text)
@@ -133,6 +155,9 @@ class Vdelivermail:
             self.say(TEXT_LOOP)
             raise _Exit(100)
         try:
+            # before the look-up: a vpasswd re-read meanwhile makes the plan
+            # learned from this run never match, rather than match wrongly
+            self._vpasswd = self.accounts.snapshot(self.domain_dir)[1]
             vpw = self.accounts.vpop_user(self.domain_dir, self.user)
         except Exception:
             self.say(TEXT_SYSTEM)
@@ -176,7 +201,12 @@ class Vdelivermail:
             raise _Exit(0)
         maildir = os.path.join(vpw.directory, "Maildir") + "/"
         # An empty field is deliver_mail's "no quota given": line 1 of maildirsize.
-        self._finish(self._deliver(maildir, vpw.quota or None))
+        quota = vpw.quota or None
+        self._finish(self._deliver(maildir, quota))
+        if not fresh and self._own_qmail_absent and self._delivered and self.maildirs == 1:
+            self._learned = Learned(self._vpasswd, self.domain_dir, vpw.directory,
+                                    *self._delivered, quota,
+                                    (loop_line(f"{self.user}@{self.domain}"), loop_line(maildir)))
 
     def _usernotfound(self) -> None:
         arg = self.arg
@@ -221,8 +251,9 @@ class Vdelivermail:
     # --- check_forward_deliver ---------------------------------------------------------------
     def _forward_deliver(self, directory: str) -> bool:
         """USERDIR/.qmail: True if it had at least one line (all delivered)."""
-        step, _, _, raw = _fileio.read_file(os.fsencode(os.path.join(directory, ".qmail")),
-                                            os.O_NONBLOCK)
+        step, err, _, raw = _fileio.read_file(os.fsencode(os.path.join(directory, ".qmail")),
+                                              os.O_NONBLOCK)
+        self._own_qmail_absent = step == _fileio.OPEN and err == errno.ENOENT
         if step or raw is None:
             return False
         self.cwd = directory
@@ -320,6 +351,7 @@ class Vdelivermail:
             self.say(_write_error(exc))
             return -2
         self.maildirs += 1
+        self._delivered = (maildir, email)
         if q is not None:
             try:
                 maildirquota.add(maildir, len(header) + self.size)
@@ -354,14 +386,24 @@ class Vdelivermail:
     def _looping(self, target: str) -> bool:
         """is_looping(): $DTLINE or a header line equal to `Delivered-To: T`
         (case-insensitive); the header ends at the first empty line."""
-        want = ("delivered-to: " + target + "\n").lower().encode("utf-8", "surrogateescape")
+        want = loop_line(target)
         dt = self.env.get("DTLINE")
         if dt is not None and dt.lower().encode("utf-8", "surrogateescape") == want:
             return True
         if self._header is None:
-            end = self.message.find(b"\n\n")
-            self._header = (self.message if end < 0 else self.message[:end + 2]).lower()
+            self._header = header_lower(self.message)
         return has_delivered_to(self._header, want)
+
+
+def loop_line(target: str) -> bytes:
+    """The header line is_looping() looks for, lower-case."""
+    return ("delivered-to: " + target + "\n").lower().encode("utf-8", "surrogateescape")
+
+
+def header_lower(message: bytes) -> bytes:
+    """The message up to its first empty line, lower-case (is_looping() reads no further)."""
+    end = message.find(b"\n\n")
+    return (message if end < 0 else message[:end + 2]).lower()
 
 
 def _exists(path: str) -> bool:
