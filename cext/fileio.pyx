@@ -284,21 +284,26 @@ cdef ssize_t _pread_cached(int fd, char *buf, size_t n, off_t offset) noexcept:
     return got
 
 
+cdef int _stat(const char *cpath, struct_stat *st) noexcept:
+    """stat(2) from the caches with the GIL held, else with it released: 0,
+    or -1 with errno set."""
+    cdef int fd = _open_cached(cpath, O_PATH), rc
+    if fd >= 0:
+        rc = c_fstat(fd, st)
+        c_close(fd)
+        return rc
+    if fd == -1:
+        return -1
+    with nogil:
+        rc = c_stat(cpath, st)
+    return rc
+
+
 def mode_uid(bytes path):
     """os.stat(path)'s (st_mode, st_uid); OSError as os.stat raises it."""
     _check_path(path)
-    cdef const char *cpath = path
     cdef struct_stat st
-    cdef int fd = _open_cached(cpath, O_PATH), rc
-    if fd >= 0:
-        rc = c_fstat(fd, &st)
-        c_close(fd)
-    elif fd == -1:
-        rc = -1
-    else:
-        with nogil:
-            rc = c_stat(cpath, &st)
-    if rc != 0:
+    if _stat(path, &st) != 0:
         raise _os_error(errno, path)
     return (st.st_mode, st.st_uid)
 
@@ -306,18 +311,8 @@ def mode_uid(bytes path):
 cdef void _stat_key(bytes path, long long *key):
     """key[0:7] = path's dev, ino, mode, uid, size, mtime_ns, ctime_ns (zeros
     if the stat fails)."""
-    cdef const char *cpath = path
     cdef struct_stat st
-    cdef int fd = _open_cached(cpath, O_PATH), rc
-    if fd >= 0:
-        rc = c_fstat(fd, &st)
-        c_close(fd)
-    elif fd == -1:
-        rc = -1
-    else:
-        with nogil:
-            rc = c_stat(cpath, &st)
-    if rc != 0:
+    if _stat(path, &st) != 0:
         memset(key, 0, 7 * sizeof(long long))
         return
     key[0] = <long long>st.st_dev
