@@ -91,6 +91,28 @@ def test_no_plan_for_an_alias_a_forward_or_a_users_own_qmail(vp):
     assert len(vp.plans) == 0
 
 
+@pytest.mark.parametrize("where", ["alias", "own"])
+def test_no_plan_past_a_link_to_nothing(vp, where):
+    """qmail-local finds no `.qmail-joe` (nor vdelivermail the user's `.qmail`)
+    when it is a link to nothing; the file it names may appear elsewhere,
+    which no stat of the plan's would see."""
+    target = vp.root.parent / "later"
+    link = vp.ddir / ".qmail-joe" if where == "alias" else vp.ddir / "joe" / ".qmail"
+    link.symlink_to(target)
+    assert deliver(vp).status == "K" and len(vp.plans) == 0
+    target.write_text("&joe@example.net\n")
+    target.chmod(0o600)
+    assert answer(deliver(vp))[2] != ()        # forwarded now
+
+
+def test_a_plan_that_cannot_be_kept_costs_nothing(vp, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(vp.plans, "learn", broken)
+    assert answer(deliver(vp)) == ("K", "did 0+0+1\n", ())
+    assert len(new_messages(vp.ddir / "joe" / "Maildir")) == 1
+
+
 def _alias(vp):
     write_qmail(vp.ddir, ".qmail-joe", "&joe@example.net\n")
 

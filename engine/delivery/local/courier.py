@@ -46,10 +46,10 @@ from engine.config.domains import ascii_lower
 from engine.delivery.local import mbox
 from engine.delivery.local.accounts import AccountsError, Assignment, DeliveryAccounts
 from engine.delivery.local.dotqmail import (TEXT_FILE_XBIT, TEXT_LOOP, TEXT_PROG_XBIT,
-                                            LocalPermanent, LocalTemporary, check_home,
-                                            dtline, environment, error_temp, find_dotqmail,
-                                            forward_sender, has_delivered_to, parse_lines,
-                                            rpline, ufline)
+                                            LocalPermanent, LocalTemporary, candidates,
+                                            check_home, dtline, environment, error_temp,
+                                            find_dotqmail, forward_sender, has_delivered_to,
+                                            parse_lines, rpline, ufline)
 from engine.delivery.local.maildir import MaildirError, MaildirWriter
 from engine.delivery.local.plans import Plans
 from engine.delivery.local.program import DEFAULT_PATH, message_fd, run
@@ -257,10 +257,14 @@ def _deliver_one(config, accounts, sender, recipient, body, writer, clock, waiti
     local, host = (recipient[:at], recipient[at + 1:]) if at >= 0 else (recipient, "")
     run_ = _LocalRun(config, accounts, a, sender, local, host, body, writer, clock, waiting)
     result = run_.go(recipient)
-    learned = run_.learned
-    if (assign is not None and learned is not None and result.status == "K"
+    if (assign is not None and run_.learned is not None and result.status == "K"
             and result.text == TEXT_PLANNED and not result.forwards):
-        plans.learn(recipient, started, assign, a.home, run_.dotqmail, _enc(run_.dt), learned)
+        try:
+            names = [n for n, _ in candidates(a.dash, a.ext)]
+            plans.learn(recipient, started, assign, a.home, run_.dotqmail,
+                        names[:names.index(run_.dotqmail)], _enc(run_.dt), run_.learned)
+        except Exception:   # the mail is delivered: a plan is never worth a retry
+            pass
     return result
 
 

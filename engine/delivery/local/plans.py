@@ -36,6 +36,7 @@ import os
 import struct
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from engine._fileio import stat_keys
@@ -87,16 +88,27 @@ class Plans:
         return len(self._plans)
 
     def learn(self, recipient: str, started_ns: int, assign: object, home: str, dotqmail: str,
-              dt: bytes, learned: Learned) -> bool:
+              passed: Sequence[str], dt: bytes, learned: Learned) -> bool:
         """Keep the plan of a delivery that went as `learned` says, begun at
         `started_ns` (now_ns()) with users/assign's table `assign`, which
-        read `dotqmail` in `home`; False when a file changed too recently to
-        be trusted."""
+        read `dotqmail` in `home` after finding none of the `.qmail` names
+        `passed`; False when a file changed too recently to be trusted, or
+        one of those names (or the user's `.qmail`) is there after all: a
+        link to nothing, which a change elsewhere could bring to life."""
         paths = tuple(os.fsencode(p) for p in (home, os.path.join(home, dotqmail),
                                                  learned.user_dir))
         keys = stat_keys(paths)
         if any(k == _FAILED or k[_CTIME] > started_ns - _RACY_NS for k in _KEY.iter_unpack(keys)):
             return False
+        for path in [os.path.join(home, n) for n in passed] + [
+                os.path.join(learned.user_dir, ".qmail")]:
+            try:
+                os.lstat(path)
+                return False
+            except FileNotFoundError:
+                pass
+            except OSError:
+                return False
         self._keep(recipient, Plan(
             (assign, learned.vpasswd), learned.domain_dir, paths, keys, dt, learned.loops,
             learned.maildir, learned.email, maildirquota.parse_quota(learned.quota),
