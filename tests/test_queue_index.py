@@ -169,3 +169,50 @@ def test_the_lock_file_has_its_disk_blocks_before_lmdb_maps_it(tmp_path: Path, m
         Spool(tmp_path / "new")
     assert str(err.value) == (f"{tmp_path / 'new'}: cannot open spool index: "
                               f"{tmp_path / 'new' / 'index' / 'lock.mdb'}: No space left on device")
+
+
+def _hold_index_writer(index_dir: Path, conn) -> None:
+    """Hold the spool index's writer mutex (as a spool writer stopped
+    mid-commit does) until told, or for 10 s at most."""
+    env = lmdb.open(str(index_dir), max_dbs=16, subdir=True)
+    txn = env.begin(write=True)
+    conn.send("held")
+    conn.poll(10)
+    txn.abort()
+    env.close()
+
+
+def test_opening_the_index_never_freezes_the_process_behind_the_writer_mutex(tmp_path):
+    """A writable open (the scheduler's, a tool's) waits for LMDB's writer
+    mutex while another process holds it; it used to wait inside open_db
+    holding the GIL, so every other thread of the process (and its signal
+    handlers) stopped too. Now only the opening thread waits."""
+    import multiprocessing
+    import threading
+    q = tmp_path / "queue"
+    Spool(q).close()
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_hold_index_writer, args=(q / "index", child))
+    proc.start()
+    opened: list[float] = []
+    try:
+        assert parent.poll(30) and parent.recv() == "held"
+
+        def open_spool() -> None:
+            Spool(q).close()
+            opened.append(time.monotonic())
+        opener = threading.Thread(target=open_spool)
+        opener.start()
+        ticks = [time.monotonic()]
+        while ticks[-1] - ticks[0] < 0.5:
+            ticks.append(time.monotonic())
+        released = time.monotonic()
+        parent.send("release")
+        opener.join(30)
+        assert opened and opened[0] >= released      # it did wait for the mutex...
+        assert max(b - a for a, b in zip(ticks, ticks[1:])) < 1.0   # ...alone
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()

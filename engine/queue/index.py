@@ -81,12 +81,21 @@ class SpoolIndex:
             self._check_size(index_dir / "data.mdb")
             self.free_dead_readers()     # e.g. of the process this one replaces
             self.dbs = {}
-            for name in TABLES:
-                try:
-                    self.dbs[name] = self.env.open_db(name, create=not readonly)
-                except lmdb.NotFoundError:
-                    if name not in LATER_TABLES:
-                        raise
+            if readonly:
+                for name in TABLES:
+                    try:
+                        self.dbs[name] = self.env.open_db(name, create=False)
+                    except lmdb.NotFoundError:
+                        if name not in LATER_TABLES:
+                            raise
+            else:
+                # In a write transaction of our own: begun, it waits for LMDB's
+                # writer mutex without the GIL. open_db's own waits holding it:
+                # behind a spool writer stopped mid-commit, every other thread
+                # of the process opening the spool stopped too.
+                with self.env.begin(write=True) as txn:
+                    for name in TABLES:
+                        self.dbs[name] = self.env.open_db(name, txn=txn, create=True)
             self._check_format()
         except lmdb.Error as exc:
             self.env.close()
