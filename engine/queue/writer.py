@@ -62,6 +62,22 @@ MAX_RESPONSE = 64 * 1024
 log = logging.getLogger("qrelay.spool-writer")
 
 
+class _OncePer:
+    """True at most once per `seconds`: a warning repeated while its cause
+    lasts (out of descriptors, inject.sock full) is one line, not a flood."""
+
+    def __init__(self, seconds: float = 60.0) -> None:
+        self.seconds = seconds
+        self._at: float | None = None
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if self._at is not None and now - self._at < self.seconds:
+            return False
+        self._at = now
+        return True
+
+
 def encode_request(reqid: int, envelope: Envelope, message: bytes) -> bytes:
     # The writer refuses a request over [spool] max_frame_bytes (the receivers'
     # message size limit is far below it).
@@ -137,7 +153,7 @@ class SpoolWriterServer:
         # not accept a receiver's connection nor open a segment file.
         self.max_connections = (min(spool.settings.inject_max_connections, openfiles.room())
                                 if local_users else None)
-        self._refused_logged_at: float | None = None    # one line a minute at most
+        self._refusals_said = _OncePer()
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.StreamWriter] = set()
 
@@ -170,9 +186,7 @@ class SpoolWriterServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.max_connections is not None and len(self._connections) >= self.max_connections:
-            now = time.monotonic()
-            if self._refused_logged_at is None or now - self._refused_logged_at >= 60:
-                self._refused_logged_at = now
+            if self._refusals_said():
                 log.warning(f"{self.socket_path}: {len(self._connections)} local users' "
                             f"connections, the most [spool] inject_max_connections and the "
                             f"open-files limit allow: closing more until one ends")
@@ -513,18 +527,15 @@ def _accept_errors_once_a_minute() -> Callable[[asyncio.AbstractEventLoop, dict]
     ENFILE...), asyncio's accept logs a traceback for each try, a hundred a
     second while connections wait in the backlog; they wait there until a
     descriptor is free, which one line a minute says as well."""
-    logged_at: float | None = None
+    said = _OncePer()
 
     def handle(loop: asyncio.AbstractEventLoop, context: dict) -> None:
-        nonlocal logged_at
         exc = context.get("exception")
         if not (isinstance(exc, OSError)
                 and context.get("message", "").startswith("socket.accept() out of system")):
             loop.default_exception_handler(context)
             return
-        now = time.monotonic()
-        if logged_at is None or now - logged_at >= 60:
-            logged_at = now
+        if said():
             log.warning(f"cannot accept a connection: {exc.strerror or exc}; it waits until "
                         f"a descriptor is free (open files limit "
                         f"{resource.getrlimit(resource.RLIMIT_NOFILE)[0]})")
